@@ -1,0 +1,116 @@
+//! Chat prompts: the model's own Jinja chat template (from GGUF `tokenizer.chat_template` or
+//! `tokenizer_config.json`), rendered with minijinja; plain ChatML when a model has none.
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// ChatML, used when a model ships no template.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A compiled chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// Compiles a Jinja template in HF's conventions (`messages`, `add_generation_prompt`,
+    /// `raise_exception`).
+    pub fn new(source: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        Ok(Self { env })
+    }
+
+    /// Plain ChatML (`<|im_start|>role\ncontent<|im_end|>\n`).
+    pub fn chatml() -> Self {
+        Self::new(CHATML).expect("the built-in ChatML template compiles")
+    }
+
+    /// The prompt text for `messages`; with `add_generation_prompt` it ends where the
+    /// assistant's reply begins.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages_value(messages),
+            add_generation_prompt => add_generation_prompt,
+        })
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+    }
+}
+
+/// `[{role, content}, ...]` as a template value.
+fn messages_value(messages: &[ChatMessage]) -> minijinja::Value {
+    let list: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|m| {
+            minijinja::Value::from_pairs([
+                ("role", minijinja::Value::from(m.role.as_str())),
+                ("content", minijinja::Value::from(m.content.as_str())),
+            ])
+        })
+        .collect();
+    minijinja::Value::from(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M-Instruct's template, as its GGUF carries it.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn smollm2_template_adds_default_system() -> Result<()> {
+        let t = ChatTemplate::new(SMOLLM2)?;
+        let s = t.render(&[ChatMessage::new("user", "Hi?")], true)?;
+        assert_eq!(
+            s,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn chatml_fallback() -> Result<()> {
+        let s = ChatTemplate::chatml().render(
+            &[ChatMessage::new("system", "S"), ChatMessage::new("user", "U")],
+            false,
+        )?;
+        assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+        Ok(())
+    }
+
+    #[test]
+    fn broken_template_is_an_error() {
+        assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+}

@@ -1,0 +1,246 @@
+//! Model hyper-parameters, read from GGUF metadata or an HF `config.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// The decoder architectures kvquilt runs. Both are pre-norm decoders with RMSNorm, rotary
+/// position embeddings (HF "rotate_half" convention throughout, see [`crate::rope`]),
+/// grouped-query attention and a SwiGLU MLP; Qwen2 adds a bias to the Q, K and V projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+impl Architecture {
+    /// Parses the name used by GGUF's `general.architecture` and HF's `model_type`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "mistral" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How rotary frequencies are adjusted for long context.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (HF "linear").
+    Linear { factor: f32 },
+    /// Llama 3.1's piecewise frequency scaling (HF "llama3").
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+///
+/// Units: all sizes are element counts; `rope_theta` is the RoPE base; `context_length` is in
+/// tokens (the largest absolute position + 1 the model was trained for).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rms_norm_eps: f64,
+    pub context_length: usize,
+    /// The output projection reuses the token embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Q, K and V projections carry a bias (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl ModelConfig {
+    /// Query heads per KV head (the GQA group size).
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Checks the relations the forward pass relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("context_length", self.context_length),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(format!(
+                "rope_theta {} must be finite and > 1",
+                self.rope_theta
+            ));
+        }
+        Ok(())
+    }
+
+    /// The shape of Llama-3.1-8B (random weights of this shape are used for GPU benchmarks;
+    /// performance does not depend on weight values).
+    pub fn llama31_8b() -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            vocab_size: 128_256,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }),
+            rms_norm_eps: 1e-5,
+            context_length: 131_072,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+        }
+    }
+}
+
+/// The subset of an HF `config.json` that kvquilt reads.
+#[derive(Debug, Deserialize)]
+pub(crate) struct HfConfig {
+    pub model_type: Option<String>,
+    pub architectures: Option<Vec<String>>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rope_theta: Option<f32>,
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 folds `rope_theta` and `rope_scaling` into this object.
+    pub rope_parameters: Option<serde_json::Value>,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub attention_bias: Option<bool>,
+}
+
+impl HfConfig {
+    pub fn to_config(&self) -> Result<ModelConfig, String> {
+        let arch_name = self
+            .model_type
+            .clone()
+            .or_else(|| {
+                self.architectures.as_ref().and_then(|a| {
+                    a.first().map(|s| {
+                        s.trim_end_matches("ForCausalLM")
+                            .to_ascii_lowercase()
+                            .to_string()
+                    })
+                })
+            })
+            .ok_or("config.json names no model_type")?;
+        let architecture = Architecture::from_name(&arch_name)
+            .ok_or_else(|| format!("unsupported architecture `{arch_name}`"))?;
+        let rope_obj = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+                    .map(|v| v as f32)
+            })
+            .unwrap_or(10_000.0);
+        let rope_scaling = match rope_obj {
+            Some(v) => parse_rope_scaling(v)?,
+            None => None,
+        };
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        let cfg = ModelConfig {
+            architecture,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps: self.rms_norm_eps,
+            context_length: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: self
+                .attention_bias
+                .unwrap_or(architecture == Architecture::Qwen2),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>, String> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| v.get(key).and_then(|x| x.as_f64());
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor").ok_or("linear rope scaling without factor")? as f32,
+        })),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: num("factor").ok_or("llama3 rope scaling without factor")? as f32,
+            low_freq_factor: num("low_freq_factor").unwrap_or(1.0) as f32,
+            high_freq_factor: num("high_freq_factor").unwrap_or(4.0) as f32,
+            original_max_position_embeddings: num("original_max_position_embeddings")
+                .unwrap_or(8192.0) as usize,
+        })),
+        other => Err(format!("unsupported rope scaling `{other}`")),
+    }
+}

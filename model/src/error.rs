@@ -1,0 +1,52 @@
+//! The model crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading a model, tokenizing, or running the forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A model file or directory could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file exists but is not a usable GGUF file (bad magic, truncated, inconsistent).
+    #[error("{path} is not a usable GGUF file: {reason}")]
+    InvalidGguf { path: PathBuf, reason: String },
+    /// The file or directory is missing something the architecture needs, or holds
+    /// values that contradict each other.
+    #[error("invalid model {path}: {reason}")]
+    InvalidModel { path: PathBuf, reason: String },
+    /// The architecture named by the model is not one kvquilt implements.
+    #[error("unsupported model architecture `{0}` (supported: llama, qwen2)")]
+    UnsupportedArchitecture(String),
+    /// A prompt (or a prompt plus cached context) does not fit the model's context window.
+    #[error(
+        "the input needs positions up to {needed} but the model's context window is {context} tokens"
+    )]
+    ContextOverflow { needed: usize, context: usize },
+    /// The tokenizer could not be built or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// A caller passed arguments that break an API precondition (shapes, positions, indices).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Fetching the default model failed.
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub(crate) fn invalid_input(msg: impl Into<String>) -> ModelError {
+    ModelError::InvalidInput(msg.into())
+}

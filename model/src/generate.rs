@@ -1,0 +1,157 @@
+//! Greedy decoding with timing: the reference generation loop every reuse mode is compared to.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::kv::KvCache;
+use crate::transformer::Model;
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token was produced (it is included in the output).
+    Eos,
+    /// `max_tokens` were produced.
+    Length,
+}
+
+/// A generated continuation and how long it took.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// For each generated token, the `top_k` most likely `(id, log-probability)` pairs, best first.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub finish: FinishReason,
+    /// From the start of the call to the first token's logits (prefill of the prompt).
+    pub ttft: Duration,
+    /// Time spent in decode steps after the first token.
+    pub decode_time: Duration,
+}
+
+impl Generation {
+    /// Decode throughput: tokens produced by decode steps per second of decode time.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let steps = self.tokens.len().saturating_sub(1);
+        if steps == 0 || self.decode_time.is_zero() {
+            return 0.0;
+        }
+        steps as f64 / self.decode_time.as_secs_f64()
+    }
+}
+
+/// Options of [`generate_greedy`].
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    /// How many alternatives to report per token.
+    pub top_k: usize,
+    /// Token ids that stop generation.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Prefills `prompt` at positions `0..n` and decodes greedily (ties go to the lowest id, as
+/// `torch.argmax` does). `on_token` sees each token as soon as it exists.
+pub fn generate_greedy(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    let start = Instant::now();
+    let mut cache = model.empty_cache()?;
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let logits = model.prefill(prompt, &positions, &mut cache)?;
+    let ttft = start.elapsed();
+    continue_greedy(model, cache, logits, opts, ttft, &mut on_token)
+}
+
+/// Decodes greedily from `logits` (of the token at `cache`'s last position) onwards.
+/// `ttft` is reported as given: the caller measured how the first logits were obtained.
+pub fn continue_greedy(
+    model: &Model,
+    mut cache: KvCache,
+    mut logits: Tensor,
+    opts: &GenerateOptions,
+    ttft: Duration,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Generation> {
+    let mut tokens = Vec::new();
+    let mut top = Vec::new();
+    let mut finish = FinishReason::Length;
+    let decode_start = Instant::now();
+    while tokens.len() < opts.max_tokens {
+        let row = logits.to_vec1::<f32>()?;
+        let next = argmax(&row);
+        top.push(top_logprobs(&row, opts.top_k));
+        tokens.push(next);
+        on_token(next);
+        if opts.stop_ids.contains(&next) {
+            finish = FinishReason::Eos;
+            break;
+        }
+        if tokens.len() == opts.max_tokens {
+            break;
+        }
+        let pos = cache.positions.last().map_or(0, |p| p + 1);
+        logits = model.prefill(&[next], &[pos], &mut cache)?;
+    }
+    Ok(Generation {
+        tokens,
+        top_logprobs: top,
+        finish,
+        ttft,
+        decode_time: decode_start.elapsed(),
+    })
+}
+
+/// Index of the largest value; the first one on ties.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The `k` largest log-probabilities of `logits`, best first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max
+        + logits
+            .iter()
+            .map(|&x| ((x - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, logits[i as usize] - log_z)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_first_of_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn top_logprobs_are_normalised_and_sorted() {
+        let l = [0.0f32, 2.0, 1.0, -1.0];
+        let t = top_logprobs(&l, 3);
+        assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        let z: f32 = l.iter().map(|x| x.exp()).sum();
+        assert!((t[0].1 - (2f32.exp() / z).ln()).abs() < 1e-6);
+    }
+}

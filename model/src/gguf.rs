@@ -1,0 +1,262 @@
+//! Loading GGUF files (llama.cpp's format) of the `llama` and `qwen2` architectures.
+//!
+//! Quantised tensors are dequantised to f32 by candle and then cast to the compute dtype.
+//! llama.cpp's converter permutes the rows of `attn_q`/`attn_k` of `llama` models so that
+//! GGML's interleaved RoPE works; [`unpermute_rows`] undoes it so that the HF rotate_half
+//! convention (see [`crate::rope`]) holds for GGUF and HF-format models alike. `qwen2` GGUFs
+//! are not permuted.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+/// What a GGUF file yields.
+pub(crate) struct GgufModel {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+}
+
+pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
+    let invalid = |reason: String| ModelError::InvalidGguf {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
+    check_extents(&content, file_len).map_err(invalid)?;
+
+    let meta = Metadata(&content.metadata);
+    let arch_name = meta.string("general.architecture").map_err(invalid)?;
+    let architecture = Architecture::from_name(&arch_name)
+        .ok_or_else(|| ModelError::UnsupportedArchitecture(arch_name.clone()))?;
+    let config = config_from_metadata(&meta, &content, architecture).map_err(invalid)?;
+    let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
+    let chat_template = meta.string("tokenizer.chat_template").ok();
+
+    let mut source = |hf_name: &str| -> Result<Option<Tensor>> {
+        let Some(gguf_name) = gguf_name(hf_name) else {
+            return Ok(None);
+        };
+        if !content.tensor_infos.contains_key(&gguf_name) {
+            return Ok(None);
+        }
+        let q = content
+            .tensor(&mut reader, &gguf_name, &Device::Cpu)
+            .map_err(|e| invalid(format!("tensor `{gguf_name}`: {e}")))?;
+        let t = q.dequantize(&Device::Cpu)?;
+        let t = if architecture == Architecture::Llama {
+            if gguf_name.ends_with("attn_q.weight") || gguf_name.ends_with("attn_q.bias") {
+                unpermute_rows(&t, config.num_heads)?
+            } else if gguf_name.ends_with("attn_k.weight") || gguf_name.ends_with("attn_k.bias") {
+                unpermute_rows(&t, config.num_kv_heads)?
+            } else {
+                t
+            }
+        } else {
+            t
+        };
+        Ok(Some(t))
+    };
+    let weights = Weights::load(&config, dtype, device, path, &mut source)?;
+    Ok(GgufModel {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+    })
+}
+
+/// Every tensor's bytes must lie inside the file: a truncated download fails here, with the
+/// sizes, rather than half-way through loading.
+fn check_extents(content: &Content, file_len: u64) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            return Err(format!(
+                "truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Inverse of llama.cpp's Q/K row permutation: rows of each head, stored as `(d/2, 2)` pairs,
+/// go back to the `(2, d/2)` halves that rotate_half expects.
+pub(crate) fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let half = rows / heads / 2;
+    let rest: Vec<usize> = dims[1..].to_vec();
+    let mut split = vec![heads, half, 2];
+    split.extend(&rest);
+    Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let kind = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{kind}.{suffix}"))
+}
+
+struct Metadata<'a>(&'a HashMap<String, Value>);
+
+impl Metadata<'_> {
+    fn get(&self, key: &str) -> std::result::Result<&Value, String> {
+        self.0
+            .get(key)
+            .ok_or_else(|| format!("missing metadata `{key}`"))
+    }
+    fn string(&self, key: &str) -> std::result::Result<String, String> {
+        self.get(key)?
+            .to_string()
+            .cloned()
+            .map_err(|e| format!("`{key}`: {e}"))
+    }
+    fn usize(&self, key: &str) -> std::result::Result<usize, String> {
+        let v = self.get(key)?;
+        let n = match v {
+            Value::U8(x) => *x as u64,
+            Value::U16(x) => *x as u64,
+            Value::U32(x) => *x as u64,
+            Value::U64(x) => *x,
+            Value::I32(x) if *x >= 0 => *x as u64,
+            Value::I64(x) if *x >= 0 => *x as u64,
+            other => return Err(format!("`{key}` is not a count: {other:?}")),
+        };
+        usize::try_from(n).map_err(|_| format!("`{key}` = {n} is too large"))
+    }
+    fn f64(&self, key: &str) -> std::result::Result<f64, String> {
+        match self.get(key)? {
+            Value::F32(x) => Ok(*x as f64),
+            Value::F64(x) => Ok(*x),
+            other => Err(format!("`{key}` is not a float: {other:?}")),
+        }
+    }
+}
+
+fn config_from_metadata(
+    meta: &Metadata<'_>,
+    content: &Content,
+    architecture: Architecture,
+) -> std::result::Result<ModelConfig, String> {
+    let a = architecture.name();
+    let key = |k: &str| format!("{a}.{k}");
+    let hidden = meta.usize(&key("embedding_length"))?;
+    let heads = meta.usize(&key("attention.head_count"))?;
+    let kv_heads = meta
+        .usize(&key("attention.head_count_kv"))
+        .unwrap_or(heads);
+    let head_dim = meta
+        .usize(&key("attention.key_length"))
+        .or_else(|_| meta.usize(&key("rope.dimension_count")))
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match meta.get("tokenizer.ggml.tokens") {
+        Ok(Value::Array(tokens)) => tokens.len(),
+        _ => meta.usize(&key("vocab_size"))?,
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err("per-frequency RoPE factors (rope_freqs.weight) are not supported".into());
+    }
+    let rope_scaling = match meta.string(&key("rope.scaling.type")).ok().as_deref() {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling::Linear {
+            factor: meta.f64(&key("rope.scaling.factor"))? as f32,
+        }),
+        Some(other) => return Err(format!("unsupported RoPE scaling `{other}`")),
+    };
+    let cfg = ModelConfig {
+        architecture,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: meta.usize(&key("feed_forward_length"))?,
+        num_layers: meta.usize(&key("block_count"))?,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        rope_theta: meta.f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+        rope_scaling,
+        rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+        context_length: meta.usize(&key("context_length"))?,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// unpermute_rows inverts llama.cpp's permute: reshape(h, 2, d/2, in).swap(1, 2).
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        let (heads, d, inp) = (3, 8, 5);
+        let w = Tensor::arange(0f32, (heads * d * inp) as f32, &Device::Cpu)?.reshape((heads * d, inp))?;
+        let permuted = w
+            .reshape((heads, 2, d / 2, inp))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((heads * d, inp))?;
+        let back = unpermute_rows(&permuted, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn names_map() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.k_proj.bias").as_deref(),
+            Some("blk.12.attn_k.bias")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
+    }
+}

@@ -1,0 +1,51 @@
+//! The model runtime of kvquilt: tokenizer, weights, and a decoder forward pass whose KV
+//! cache belongs to the caller.
+//!
+//! kvquilt stores, moves and blends KV caches, so the forward pass takes and returns them
+//! explicitly ([`KvCache`]): prefill at any absolute positions, decode steps, and a partial
+//! forward that recomputes a chosen subset of tokens from a given layer on while attending
+//! over a full-length cache ([`Model::run_layers`] with [`Rows::Replace`]). **K is stored
+//! before RoPE** and rotated inside attention, so cached chunks can be placed at new
+//! positions for free.
+//!
+//! Architectures: `llama` and `qwen2` (QKV bias), from GGUF files or HF directories.
+//! Devices: CPU (f32 by default) and, with the `gpu` feature, CUDA (bf16 by default).
+//!
+//! ```no_run
+//! # fn main() -> kvquilt_model::Result<()> {
+//! use kvquilt_model::{load, default_dtype, Device};
+//! let m = load(std::path::Path::new("model.gguf"), &Device::Cpu, default_dtype(&Device::Cpu))?;
+//! let ids = m.tokenizer()?.encode("The capital of France is")?;
+//! let mut cache = m.model.empty_cache()?;
+//! let positions: Vec<u32> = (0..ids.len() as u32).collect();
+//! let logits = m.model.prefill(&ids, &positions, &mut cache)?; // [vocab], f32
+//! # let _ = logits; Ok(()) }
+//! ```
+
+mod attention;
+mod chat;
+mod config;
+mod device;
+mod error;
+pub mod fetch;
+mod generate;
+mod gguf;
+mod kv;
+mod load;
+mod rope;
+mod tokenizer;
+mod transformer;
+mod weights;
+
+pub use attention::ProbeRequest;
+pub use candle_core::{DType, Device, Tensor};
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use device::parse_device;
+pub use error::{ModelError, Result};
+pub use generate::{FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy, top_logprobs};
+pub use kv::{KvCache, LayerKv};
+pub use load::{LoadedModel, default_dtype, load};
+pub use rope::{Rope, RopeTables};
+pub use tokenizer::Tokenizer;
+pub use transformer::{LayersOutput, Model, Rows};

@@ -1,0 +1,144 @@
+//! Opening a model: a `.gguf` file, or an HF-format directory (`config.json` +
+//! `*.safetensors`, optionally `tokenizer.json` and `tokenizer_config.json`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::chat::ChatTemplate;
+use crate::config::HfConfig;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::transformer::Model;
+use crate::weights::Weights;
+
+/// A model with what it needs to turn text into tokens and back.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Model,
+    /// Absent for HF directories without `tokenizer.json` (e.g. tiny test models).
+    pub tokenizer: Option<Tokenizer>,
+    /// The model's own chat template, if it ships one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Where the model was read from.
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    /// The tokenizer, or an error naming the model that lacks one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| ModelError::InvalidModel {
+            path: self.path.clone(),
+            reason: "the model has no tokenizer".into(),
+        })
+    }
+}
+
+/// The compute dtype kvquilt uses by default: f32 on CPU (exact reference), bf16 on GPU.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() { DType::F32 } else { DType::BF16 }
+}
+
+/// Opens the model at `path` (a `.gguf` file or an HF directory).
+pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        return load_hf_dir(path, device, dtype);
+    }
+    let g = crate::gguf::load(path, dtype, device)?;
+    let chat_template = g.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+    Ok(LoadedModel {
+        model: Model::new(g.config, g.weights, device.clone(), dtype)?,
+        tokenizer: Some(g.tokenizer),
+        chat_template,
+        path: path.to_path_buf(),
+    })
+}
+
+fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let invalid = |reason: String| ModelError::InvalidModel {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let cfg_path = dir.join("config.json");
+    let raw = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let hf: HfConfig = serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
+    let config = hf.to_config().map_err(|e| {
+        if e.starts_with("unsupported architecture") {
+            let name = hf.model_type.clone().unwrap_or_default();
+            ModelError::UnsupportedArchitecture(name)
+        } else {
+            invalid(format!("config.json: {e}"))
+        }
+    })?;
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(invalid("no .safetensors files".into()));
+    }
+    // SAFETY: the files are mapped read-only; kvquilt never writes model files while they are
+    // loaded, and each tensor is copied out (converted to the compute dtype) before use.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| invalid(format!("safetensors: {e}")))?;
+    let mut source = |name: &str| -> Result<Option<Tensor>> {
+        match st.get(name) {
+            Ok(_) => Ok(Some(
+                st.load(name, &Device::Cpu)
+                    .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?,
+            )),
+            Err(_) => Ok(None),
+        }
+    };
+    let weights = Weights::load(&config, dtype, device, dir, &mut source)?;
+
+    let eos_ids = eos_ids(&raw);
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        let bos = serde_json::from_str::<serde_json::Value>(&raw)
+            .ok()
+            .and_then(|v| v.get("bos_token_id").and_then(|b| b.as_u64()))
+            .map(|b| b as u32);
+        Some(Tokenizer::from_file(&tok_path, eos_ids, bos)?)
+    } else {
+        None
+    };
+    let tc_path = dir.join("tokenizer_config.json");
+    let chat_template = match std::fs::read_to_string(&tc_path) {
+        Ok(s) => serde_json::from_str::<serde_json::Value>(&s)
+            .ok()
+            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(ChatTemplate::new))
+            .transpose()?,
+        Err(_) => None,
+    };
+    Ok(LoadedModel {
+        model: Model::new(config, weights, device.clone(), dtype)?,
+        tokenizer,
+        chat_template,
+        path: dir.to_path_buf(),
+    })
+}
+
+/// `eos_token_id` of a `config.json`: a number or a list of numbers.
+fn eos_ids(config_json: &str) -> Vec<u32> {
+    let v: serde_json::Value = match serde_json::from_str(config_json) {
+        Ok(v) => v,
+        Err(_) => return Vec::new(),
+    };
+    match v.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}

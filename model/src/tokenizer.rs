@@ -1,0 +1,230 @@
+//! Byte-level BPE tokenizers, built from GGUF metadata or read from `tokenizer.json`.
+//!
+//! GGUF files carry the vocabulary (`tokenizer.ggml.tokens`), the merges, token types and a
+//! pre-tokenizer name (`tokenizer.ggml.pre`). The pre-tokenizer is rebuilt to match the
+//! original model's `tokenizer.json`: `smollm` splits digits one by one before GPT-2's
+//! byte-level split; `qwen2` uses Qwen2's split regex (single digits) after NFC. Control and
+//! user-defined tokens (`<|im_start|>`, ...) become special added tokens, so they are matched
+//! as whole tokens inside text such as a rendered chat template.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+
+const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF token type of control tokens (`<|im_start|>`) and user-defined tokens.
+const TOKEN_TYPE_CONTROL: u32 = 3;
+const TOKEN_TYPE_USER_DEFINED: u32 = 4;
+
+/// A text tokenizer plus the ids of the tokens generation cares about.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Token ids that end generation (end-of-sequence, end-of-turn).
+    eos_ids: Vec<u32>,
+    bos_id: Option<u32>,
+    add_bos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("eos_ids", &self.eos_ids)
+            .finish()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by a GGUF file's metadata.
+    pub fn from_gguf(meta: &HashMap<String, Value>) -> Result<Self> {
+        let get = |k: &str| meta.get(k);
+        let model = get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| tok_err("GGUF has no tokenizer.ggml.model"))?;
+        if model != "gpt2" {
+            return Err(tok_err(format!(
+                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
+            )));
+        }
+        let tokens = string_array(get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> =
+            string_array(get("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?
+                .into_iter()
+                .map(|m| {
+                    m.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+                })
+                .collect::<Result<_>>()?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
+        let pre = get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("gpt2");
+        let byte_level = |regex: bool| ByteLevel::new(false, true, regex);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level(true).into(),
+            ])
+            .into(),
+            "qwen2" => {
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(tok_err)?;
+                split_then_bytes(QWEN2_SPLIT)?
+            }
+            "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytes(LLAMA3_SPLIT)?,
+            _ => byte_level(true).into(),
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let types = get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok());
+        if let Some(types) = types {
+            let specials: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(ty, _)| {
+                    matches!(
+                        ty.to_i32().map(|x| x as u32).or_else(|_| ty.to_u32()),
+                        Ok(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+                    )
+                })
+                .map(|(_, t)| AddedToken::from(t.clone(), true))
+                .collect();
+            inner.add_special_tokens(specials).map_err(tok_err)?;
+        }
+        let id = |k: &str| get(k).and_then(|v| v.to_u32().ok());
+        let mut eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
+        // end-of-turn tokens of chat models end generation too
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(i) = inner.token_to_id(t)
+                && !eos_ids.contains(&i)
+            {
+                eos_ids.push(i);
+            }
+        }
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            add_bos: get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+        })
+    }
+
+    /// Reads an HF `tokenizer.json`; `eos` names the end tokens (from `config.json`).
+    pub fn from_file(path: &Path, eos_ids: Vec<u32>, bos_id: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_id,
+            add_bos: false,
+        })
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are matched;
+    /// a BOS token is prepended only when the model asks for it (`add_bos_token`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos
+            && let Some(b) = self.bos_id
+        {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Token ids of `text` with no BOS, whatever the model's setting: for pieces of a prompt
+    /// (chunks, suffixes) that are spliced by token ids.
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Text of `ids`; special tokens are dropped when `skip_special` is set.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// Ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The id of a token string, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The underlying `tokenizers` tokenizer, serialisable as `tokenizer.json`.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+fn split_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
+    let split = Split::new(
+        SplitPattern::Regex(regex.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(tok_err)?;
+    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+}
+
+fn string_array(v: Option<&Value>, name: &str) -> Result<Vec<String>> {
+    let arr = v
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(|| tok_err(format!("GGUF has no array `{name}`")))?;
+    arr.iter()
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|_| tok_err(format!("`{name}` holds a non-string")))
+        })
+        .collect()
+}

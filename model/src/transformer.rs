@@ -1,0 +1,324 @@
+//! The decoder forward pass over caller-owned KV.
+//!
+//! One primitive, [`Model::run_layers`], runs a range of decoder layers for `n` query tokens
+//! that either extend the cache ([`Rows::Append`]: prefill, decode) or are rows already in it
+//! ([`Rows::Replace`]: CacheBlend's selective recompute, where only chosen tokens are
+//! recomputed while attending over a full-length cache). Everything else (prefill, decode,
+//! partial forward) is built from it, so the baseline and every reuse mode share one path.
+//!
+//! Shapes: hidden states are `[n, hidden_size]`; KV follows [`crate::kv`]; logits are f32.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention::{AttentionPlan, ProbeRequest, attend};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result, invalid_input};
+use crate::kv::{KvCache, LayerKv, check_increasing};
+use crate::rope::{Rope, RopeTables};
+use crate::weights::{LayerWeights, Weights};
+
+/// How the query tokens of a [`Model::run_layers`] call relate to the cache.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// New tokens at these absolute positions (strictly increasing, after the cache's last
+    /// position), appended to every layer. Only valid when running all layers.
+    Append(&'a [u32]),
+    /// The cache's rows at these indices (strictly increasing); their freshly computed K/V
+    /// replace the cached ones layer by layer, and they attend over the whole cache.
+    Replace(&'a [usize]),
+}
+
+/// What [`Model::run_layers`] returns.
+#[derive(Debug)]
+pub struct LayersOutput {
+    /// Residual stream of the query tokens after the last layer run, `[n, hidden_size]`.
+    pub hidden: Tensor,
+    /// With a probe: per layer run, `[num_kv_heads, group, probe rows, cache tokens]` f32
+    /// attention probabilities (query head `kv_head * group + g`).
+    pub attention: Vec<Tensor>,
+}
+
+/// Default score-matrix budget per attention block, in elements.
+fn default_score_budget(device: &Device) -> usize {
+    if device.is_cpu() { 1 << 23 } else { 1 << 28 }
+}
+
+/// A decoder-only transformer (llama / qwen2 family) with weights on one device.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    weights: Weights,
+    rope: Rope,
+    /// cos/sin for positions `0..context_length`, in the compute dtype on the device.
+    rope_tables: RopeTables,
+    device: Device,
+    dtype: DType,
+    score_budget: usize,
+}
+
+impl Model {
+    pub(crate) fn new(config: ModelConfig, weights: Weights, device: Device, dtype: DType) -> Result<Self> {
+        let rope = Rope::new(&config);
+        let all: Vec<u32> = (0..config.context_length as u32).collect();
+        let rope_tables = rope.tables(&all, &device, dtype)?;
+        Ok(Self {
+            score_budget: default_score_budget(&device),
+            config,
+            weights,
+            rope,
+            rope_tables,
+            device,
+            dtype,
+        })
+    }
+
+    /// A model of the given shape with random weights (benchmarks and tests).
+    pub fn random(config: ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
+        config.validate().map_err(invalid_input)?;
+        let weights = Weights::random(&config, dtype, device)?;
+        Self::new(config, weights, device.clone(), dtype)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype of weights, activations and KV.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Bounds the attention score matrix per query block (elements); for tests and tuning.
+    pub fn set_score_budget(&mut self, elements: usize) {
+        self.score_budget = elements.max(1);
+    }
+
+    /// An empty cache for this model.
+    pub fn empty_cache(&self) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::empty(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, &self.device)
+    }
+
+    /// Token embeddings, `[tokens.len(), hidden_size]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(invalid_input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(self.weights.embed.index_select(&ids, 0)?)
+    }
+
+    /// Final norm and output projection: `[n, hidden]` → `[n, vocab]` f32 logits.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(hidden, &self.weights.norm, self.config.rms_norm_eps as f32)?;
+        Ok(linear(&x, &self.weights.lm_head, None)?.to_dtype(DType::F32)?)
+    }
+
+    /// Rotates pre-RoPE keys `[tokens, heads, head_dim]` to the given absolute positions
+    /// (what attention does internally; exposed for re-positioning checks).
+    pub fn rotate(&self, k: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        self.tables(positions)?.apply(k)
+    }
+
+    /// Fresh pre-RoPE K and V of `hidden` (`[n, hidden]`, the residual stream entering
+    /// `layer`), without touching any cache: what CacheBlend compares with cached KV.
+    pub fn kv_projection(&self, layer: usize, hidden: &Tensor) -> Result<LayerKv> {
+        let w = self.layer(layer)?;
+        let (_, k, v) = self.qkv(w, hidden)?;
+        Ok(LayerKv { k, v })
+    }
+
+    /// Prefills `tokens` at `positions` after whatever `cache` holds, appending their KV to it.
+    /// Returns the f32 logits of the last token, `[vocab]`.
+    pub fn prefill(&self, tokens: &[u32], positions: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(invalid_input("prefill of zero tokens"));
+        }
+        let hidden = self.embed(tokens)?;
+        let out = self.run_layers(0..self.config.num_layers, hidden, Rows::Append(positions), cache, None)?;
+        let last = out.hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Runs decoder layers `layers` for the query tokens whose residual stream entering
+    /// `layers.start` is `hidden` (`[n, hidden_size]`), updating `cache` as `rows` says.
+    ///
+    /// The exact causal mask holds by absolute position: a query at position `p` attends to
+    /// every cached key at a position `<= p`. On error the cache is left as it was.
+    pub fn run_layers(
+        &self,
+        layers: Range<usize>,
+        mut hidden: Tensor,
+        rows: Rows<'_>,
+        cache: &mut KvCache,
+        probe: Option<&ProbeRequest>,
+    ) -> Result<LayersOutput> {
+        let c = &self.config;
+        if layers.start >= layers.end || layers.end > c.num_layers {
+            return Err(invalid_input(format!(
+                "layer range {layers:?} outside 0..{}",
+                c.num_layers
+            )));
+        }
+        cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
+        let (n, h) = hidden.dims2()?;
+        if h != c.hidden_size {
+            return Err(invalid_input(format!("hidden width {h}, model {}", c.hidden_size)));
+        }
+        let (q_pos, k_pos): (Vec<u32>, Vec<u32>) = match rows {
+            Rows::Append(pos) => {
+                if layers != (0..c.num_layers) {
+                    return Err(invalid_input("appending tokens requires running every layer"));
+                }
+                if pos.len() != n {
+                    return Err(invalid_input(format!("{} positions for {n} tokens", pos.len())));
+                }
+                check_increasing(pos)?;
+                if let (Some(&last), Some(&first)) = (cache.positions.last(), pos.first())
+                    && first <= last
+                {
+                    return Err(invalid_input(format!(
+                        "new tokens start at position {first}, not after the cache's last position {last}"
+                    )));
+                }
+                let mut k_pos = cache.positions.clone();
+                k_pos.extend_from_slice(pos);
+                (pos.to_vec(), k_pos)
+            }
+            Rows::Replace(idx) => {
+                if idx.len() != n {
+                    return Err(invalid_input(format!("{} rows for {n} tokens", idx.len())));
+                }
+                if idx.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(invalid_input("replaced rows must be strictly increasing"));
+                }
+                if let Some(&last) = idx.last()
+                    && last >= cache.len()
+                {
+                    return Err(invalid_input(format!(
+                        "row {last} past a cache of {} tokens",
+                        cache.len()
+                    )));
+                }
+                let q_pos = idx.iter().map(|&i| cache.positions[i]).collect();
+                (q_pos, cache.positions.clone())
+            }
+        };
+        if let Some(&max) = k_pos.last()
+            && max as usize >= c.context_length
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: max as usize + 1,
+                context: c.context_length,
+            });
+        }
+        let plan = AttentionPlan::new(&q_pos, &k_pos, c.num_heads, self.score_budget, self.dtype, &self.device)?;
+        let q_tables = self.tables(&q_pos)?;
+        let k_tables = self.tables(&k_pos)?;
+        let replace_index = match rows {
+            Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
+            Rows::Append(_) => None,
+        };
+
+        let mut new_layers: Vec<(usize, LayerKv)> = Vec::with_capacity(layers.len());
+        let mut attention = Vec::new();
+        for l in layers {
+            let w = &self.weights.layers[l];
+            let x = candle_nn::ops::rms_norm(&hidden, &w.attn_norm, c.rms_norm_eps as f32)?;
+            let (q, k_new, v_new) = self.qkv(w, &x)?;
+            let old = &cache.layers[l];
+            let kv = match &replace_index {
+                None => LayerKv::cat(&[old, &LayerKv { k: k_new, v: v_new }])?,
+                Some(index) => LayerKv {
+                    k: Tensor::cat(&[&old.k, &k_new], 0)?.index_select(index, 0)?,
+                    v: Tensor::cat(&[&old.v, &v_new], 0)?.index_select(index, 0)?,
+                },
+            };
+            let q_rot = q_tables.apply(&q)?;
+            let k_rot = k_tables.apply(&kv.k)?;
+            let (attn, probs) = attend(&plan, &q_rot, &k_rot, &kv.v, probe)?;
+            attention.extend(probs);
+            hidden = (hidden + linear(&attn, &w.wo, None)?)?;
+            let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;
+            let gate_up = linear(&x, &w.wgate_up, None)?;
+            let i = c.intermediate_size;
+            let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
+            hidden = (hidden + linear(&act, &w.wdown, None)?)?;
+            new_layers.push((l, kv));
+        }
+        for (l, kv) in new_layers {
+            cache.layers[l] = kv;
+        }
+        cache.positions = k_pos;
+        Ok(LayersOutput { hidden, attention })
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerWeights> {
+        self.weights.layers.get(layer).ok_or_else(|| {
+            invalid_input(format!("layer {layer} of a {}-layer model", self.config.num_layers))
+        })
+    }
+
+    /// Q `[n, heads, d]`, pre-RoPE K and V `[n, kv_heads, d]` of normed input `x` `[n, hidden]`.
+    fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let n = x.dims()[0];
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
+        let q = qkv.narrow(1, 0, qd)?.reshape((n, c.num_heads, c.head_dim))?;
+        let k = qkv.narrow(1, qd, kvd)?.reshape((n, c.num_kv_heads, c.head_dim))?;
+        let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((n, c.num_kv_heads, c.head_dim))?;
+        Ok((q, k, v))
+    }
+
+    /// RoPE tables for `positions`: a slice of the precomputed table when they are
+    /// consecutive, a gather otherwise.
+    fn tables(&self, positions: &[u32]) -> Result<RopeTables> {
+        if let Some(&max) = positions.iter().max()
+            && max as usize >= self.config.context_length
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: max as usize + 1,
+                context: self.config.context_length,
+            });
+        }
+        let consecutive = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        if consecutive && let Some(&first) = positions.first() {
+            return self.rope_tables.narrow(first as usize, positions.len());
+        }
+        let idx = Tensor::new(positions, &self.device)?;
+        self.rope_tables.select(&idx)
+    }
+}
+
+/// `x @ wᵀ (+ b)` for `x` `[n, in]` and `w` `[out, in]`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Index over `cat([cache rows, new rows])` that keeps cache row `t` unless it is `rows[j]`,
+/// which takes new row `j`.
+fn replacement_index(len: usize, rows: &[usize], device: &Device) -> Result<Tensor> {
+    let mut index: Vec<u32> = (0..len as u32).collect();
+    for (j, &r) in rows.iter().enumerate() {
+        index[r] = (len + j) as u32;
+    }
+    Ok(Tensor::new(index, device)?)
+}

@@ -1,0 +1,150 @@
+//! The parameter tensors of a decoder, fused for the forward pass.
+//!
+//! Loaders hand tensors over by their HF names (`model.layers.3.self_attn.q_proj.weight`, ...)
+//! in HF layout (`[out_features, in_features]`, rotate_half RoPE convention); this module
+//! checks every shape against the config and fuses Q/K/V and gate/up into single matrices so
+//! that a layer needs three matrix products before attention and two after.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// One decoder layer's parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerWeights {
+    /// RMSNorm scale before attention, `[hidden]`.
+    pub attn_norm: Tensor,
+    /// Q, K and V projections stacked: `[(num_heads + 2 * num_kv_heads) * head_dim, hidden]`.
+    pub wqkv: Tensor,
+    /// Their biases (Qwen2), `[(num_heads + 2 * num_kv_heads) * head_dim]`.
+    pub bqkv: Option<Tensor>,
+    /// Output projection, `[hidden, num_heads * head_dim]`.
+    pub wo: Tensor,
+    /// RMSNorm scale before the MLP, `[hidden]`.
+    pub mlp_norm: Tensor,
+    /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
+    pub wgate_up: Tensor,
+    /// Down projection, `[hidden, intermediate]`.
+    pub wdown: Tensor,
+}
+
+/// All parameters of a model.
+#[derive(Debug, Clone)]
+pub(crate) struct Weights {
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed: Tensor,
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm scale, `[hidden]`.
+    pub norm: Tensor,
+    /// Output projection, `[vocab, hidden]` (the embedding matrix when tied).
+    pub lm_head: Tensor,
+}
+
+/// Looks a tensor up by HF name; `Ok(None)` when the source does not have it.
+pub(crate) type TensorSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
+
+impl Weights {
+    /// Builds the weights from a source of HF-named tensors, converting to `dtype` on `device`.
+    /// `origin` names the file or directory in error messages.
+    pub fn load(
+        cfg: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+        origin: &std::path::Path,
+        source: &mut TensorSource<'_>,
+    ) -> Result<Self> {
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = source(name)?.ok_or_else(|| ModelError::InvalidModel {
+                path: origin.to_path_buf(),
+                reason: format!("missing tensor `{name}`"),
+            })?;
+            if t.dims() != shape {
+                return Err(ModelError::InvalidModel {
+                    path: origin.to_path_buf(),
+                    reason: format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                });
+            }
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
+        };
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let q = get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?;
+            let k = get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?;
+            let v = get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?;
+            let bqkv = if cfg.qkv_bias {
+                let qb = get(&format!("{p}.self_attn.q_proj.bias"), &[qd])?;
+                let kb = get(&format!("{p}.self_attn.k_proj.bias"), &[kvd])?;
+                let vb = get(&format!("{p}.self_attn.v_proj.bias"), &[kvd])?;
+                Some(Tensor::cat(&[qb, kb, vb], 0)?)
+            } else {
+                None
+            };
+            let gate = get(&format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, h])?;
+            let up = get(&format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, h])?;
+            layers.push(LayerWeights {
+                attn_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                wqkv: Tensor::cat(&[q, k, v], 0)?,
+                bqkv,
+                wo: get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                mlp_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                wgate_up: Tensor::cat(&[gate, up], 0)?,
+                wdown: get(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, cfg.intermediate_size],
+                )?,
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Random weights of the config's shape: linear layers and embeddings N(0, 0.02²), norms 1,
+    /// biases 0.02·N(0,1). For benchmarks and tests, where values do not matter.
+    pub fn random(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let normal =
+            |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?) };
+        let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d;
+        let embed = normal(&[cfg.vocab_size, h])?;
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                Ok(LayerWeights {
+                    attn_norm: ones(h)?,
+                    wqkv: normal(&[qkv, h])?,
+                    bqkv: if cfg.qkv_bias { Some(normal(&[qkv])?) } else { None },
+                    wo: normal(&[h, cfg.num_heads * d])?,
+                    mlp_norm: ones(h)?,
+                    wgate_up: normal(&[2 * cfg.intermediate_size, h])?,
+                    wdown: normal(&[h, cfg.intermediate_size])?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            normal(&[cfg.vocab_size, h])?
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm: ones(h)?,
+            lm_head,
+        })
+    }
+}

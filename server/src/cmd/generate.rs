@@ -1,0 +1,108 @@
+//! `kvquilt generate`: greedy generation from a prompt with a full prefill.
+
+use std::io::Write;
+
+use anyhow::Result;
+use kvquilt_model::{ChatMessage, ChatTemplate, GenerateOptions, generate_greedy};
+use serde::Serialize;
+
+use crate::model_source::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Serialize)]
+struct Output {
+    text: String,
+    tokens: Vec<u32>,
+    /// Per generated token, the five most likely `[id, logprob]` pairs.
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    prompt_tokens: usize,
+    finish_reason: &'static str,
+    ttft_ms: f64,
+    tokens_per_s: f64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let m = a.model.load()?;
+    let tok = m.tokenizer()?;
+    let text = if a.chat {
+        let fallback;
+        let template = match &m.chat_template {
+            Some(t) => t,
+            None => {
+                fallback = ChatTemplate::chatml();
+                &fallback
+            }
+        };
+        template.render(&[ChatMessage::new("user", a.prompt.as_str())], true)?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = tok.encode(&text)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        top_k: 5,
+        stop_ids: tok.eos_ids().to_vec(),
+    };
+    let stream = !a.json;
+    let mut printed = String::new();
+    let mut so_far: Vec<u32> = Vec::new();
+    let generation = generate_greedy(&m.model, &prompt, &opts, |t| {
+        if stream {
+            so_far.push(t);
+            if let Ok(s) = tok.decode(&so_far, true)
+                && s.len() > printed.len()
+                && s.starts_with(printed.as_str())
+            {
+                print!("{}", &s[printed.len()..]);
+                let _ = std::io::stdout().flush();
+                printed = s;
+            }
+        }
+    })?;
+    let text = tok.decode(&generation.tokens, true)?;
+    if a.json {
+        let out = Output {
+            text,
+            prompt_tokens: prompt.len(),
+            finish_reason: match generation.finish {
+                kvquilt_model::FinishReason::Eos => "stop",
+                kvquilt_model::FinishReason::Length => "length",
+            },
+            ttft_ms: generation.ttft.as_secs_f64() * 1e3,
+            tokens_per_s: generation.decode_tokens_per_s(),
+            tokens: generation.tokens,
+            top_logprobs: generation.top_logprobs,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        if printed.len() < text.len() && text.starts_with(printed.as_str()) {
+            print!("{}", &text[printed.len()..]);
+        }
+        println!();
+        eprintln!(
+            "kvquilt: {} prompt tokens, TTFT {:.1} ms, {} tokens at {:.1} tokens/s",
+            prompt.len(),
+            generation.ttft.as_secs_f64() * 1e3,
+            generation.tokens.len(),
+            generation.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}

