@@ -63,7 +63,7 @@ impl ChatTemplate {
             messages => messages_value(messages),
             add_generation_prompt => add_generation_prompt,
         })
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))
     }
 }
 
@@ -102,10 +102,16 @@ mod tests {
     #[test]
     fn chatml_fallback() -> Result<()> {
         let s = ChatTemplate::chatml().render(
-            &[ChatMessage::new("system", "S"), ChatMessage::new("user", "U")],
+            &[
+                ChatMessage::new("system", "S"),
+                ChatMessage::new("user", "U"),
+            ],
             false,
         )?;
-        assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+        assert_eq!(
+            s,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        );
         Ok(())
     }
 

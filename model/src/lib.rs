@@ -43,7 +43,10 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use device::parse_device;
 pub use error::{ModelError, Result};
-pub use generate::{FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy, top_logprobs};
+pub use generate::{
+    FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,
+    top_logprobs,
+};
 pub use kv::{KvCache, LayerKv};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};

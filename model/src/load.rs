@@ -27,16 +27,22 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// The tokenizer, or an error naming the model that lacks one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| ModelError::InvalidModel {
-            path: self.path.clone(),
-            reason: "the model has no tokenizer".into(),
-        })
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidModel {
+                path: self.path.clone(),
+                reason: "the model has no tokenizer".into(),
+            })
     }
 }
 
 /// The compute dtype kvquilt uses by default: f32 on CPU (exact reference), bf16 on GPU.
 pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cpu() { DType::F32 } else { DType::BF16 }
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
 }
 
 /// Opens the model at `path` (a `.gguf` file or an HF directory).
@@ -49,7 +55,11 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         return load_hf_dir(path, device, dtype);
     }
     let g = crate::gguf::load(path, dtype, device)?;
-    let chat_template = g.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+    let chat_template = g
+        .chat_template
+        .as_deref()
+        .map(ChatTemplate::new)
+        .transpose()?;
     Ok(LoadedModel {
         model: Model::new(g.config, g.weights, device.clone(), dtype)?,
         tokenizer: Some(g.tokenizer),
@@ -69,7 +79,8 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
     };
     let cfg_path = dir.join("config.json");
     let raw = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
-    let hf: HfConfig = serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
+    let hf: HfConfig =
+        serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
     let config = hf.to_config().map_err(|e| {
         if e.starts_with("unsupported architecture") {
             let name = hf.model_type.clone().unwrap_or_default();
@@ -118,7 +129,11 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
     let chat_template = match std::fs::read_to_string(&tc_path) {
         Ok(s) => serde_json::from_str::<serde_json::Value>(&s)
             .ok()
-            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(ChatTemplate::new))
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(ChatTemplate::new)
+            })
             .transpose()?,
         Err(_) => None,
     };
@@ -137,8 +152,14 @@ fn eos_ids(config_json: &str) -> Vec<u32> {
         Err(_) => return Vec::new(),
     };
     match v.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }

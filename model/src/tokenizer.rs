@@ -91,15 +91,11 @@ impl Tokenizer {
             .unwrap_or("gpt2");
         let byte_level = |regex: bool| ByteLevel::new(false, true, regex);
         let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level(true).into(),
-            ])
-            .into(),
+            "smollm" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into()
+            }
             "qwen2" => {
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(tok_err)?;
+                inner.with_normalizer(Some(NFC)).map_err(tok_err)?;
                 split_then_bytes(QWEN2_SPLIT)?
             }
             "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytes(LLAMA3_SPLIT)?,
@@ -213,7 +209,11 @@ fn split_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
         false,
     )
     .map_err(tok_err)?;
-    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])
+    .into())
 }
 
 fn string_array(v: Option<&Value>, name: &str) -> Result<Vec<String>> {

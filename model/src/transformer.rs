@@ -59,7 +59,12 @@ pub struct Model {
 }
 
 impl Model {
-    pub(crate) fn new(config: ModelConfig, weights: Weights, device: Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn new(
+        config: ModelConfig,
+        weights: Weights,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let rope = Rope::new(&config);
         let all: Vec<u32> = (0..config.context_length as u32).collect();
         let rope_tables = rope.tables(&all, &device, dtype)?;
@@ -106,12 +111,21 @@ impl Model {
     /// An empty cache for this model.
     pub fn empty_cache(&self) -> Result<KvCache> {
         let c = &self.config;
-        KvCache::empty(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, &self.device)
+        KvCache::empty(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Token embeddings, `[tokens.len(), hidden_size]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(invalid_input(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -123,7 +137,8 @@ impl Model {
 
     /// Final norm and output projection: `[n, hidden]` → `[n, vocab]` f32 logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = candle_nn::ops::rms_norm(hidden, &self.weights.norm, self.config.rms_norm_eps as f32)?;
+        let x =
+            candle_nn::ops::rms_norm(hidden, &self.weights.norm, self.config.rms_norm_eps as f32)?;
         Ok(linear(&x, &self.weights.lm_head, None)?.to_dtype(DType::F32)?)
     }
 
@@ -143,12 +158,23 @@ impl Model {
 
     /// Prefills `tokens` at `positions` after whatever `cache` holds, appending their KV to it.
     /// Returns the f32 logits of the last token, `[vocab]`.
-    pub fn prefill(&self, tokens: &[u32], positions: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(invalid_input("prefill of zero tokens"));
         }
         let hidden = self.embed(tokens)?;
-        let out = self.run_layers(0..self.config.num_layers, hidden, Rows::Append(positions), cache, None)?;
+        let out = self.run_layers(
+            0..self.config.num_layers,
+            hidden,
+            Rows::Append(positions),
+            cache,
+            None,
+        )?;
         let last = out.hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?)
     }
@@ -176,15 +202,23 @@ impl Model {
         cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
         let (n, h) = hidden.dims2()?;
         if h != c.hidden_size {
-            return Err(invalid_input(format!("hidden width {h}, model {}", c.hidden_size)));
+            return Err(invalid_input(format!(
+                "hidden width {h}, model {}",
+                c.hidden_size
+            )));
         }
         let (q_pos, k_pos): (Vec<u32>, Vec<u32>) = match rows {
             Rows::Append(pos) => {
                 if layers != (0..c.num_layers) {
-                    return Err(invalid_input("appending tokens requires running every layer"));
+                    return Err(invalid_input(
+                        "appending tokens requires running every layer",
+                    ));
                 }
                 if pos.len() != n {
-                    return Err(invalid_input(format!("{} positions for {n} tokens", pos.len())));
+                    return Err(invalid_input(format!(
+                        "{} positions for {n} tokens",
+                        pos.len()
+                    )));
                 }
                 check_increasing(pos)?;
                 if let (Some(&last), Some(&first)) = (cache.positions.last(), pos.first())
@@ -225,7 +259,14 @@ impl Model {
                 context: c.context_length,
             });
         }
-        let plan = AttentionPlan::new(&q_pos, &k_pos, c.num_heads, self.score_budget, self.dtype, &self.device)?;
+        let plan = AttentionPlan::new(
+            &q_pos,
+            &k_pos,
+            c.num_heads,
+            self.score_budget,
+            self.dtype,
+            &self.device,
+        )?;
         let q_tables = self.tables(&q_pos)?;
         let k_tables = self.tables(&k_pos)?;
         let replace_index = match rows {
@@ -255,7 +296,8 @@ impl Model {
             let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;
             let gate_up = linear(&x, &w.wgate_up, None)?;
             let i = c.intermediate_size;
-            let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
+            let act =
+                (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
             hidden = (hidden + linear(&act, &w.wdown, None)?)?;
             new_layers.push((l, kv));
         }
@@ -268,7 +310,10 @@ impl Model {
 
     fn layer(&self, layer: usize) -> Result<&LayerWeights> {
         self.weights.layers.get(layer).ok_or_else(|| {
-            invalid_input(format!("layer {layer} of a {}-layer model", self.config.num_layers))
+            invalid_input(format!(
+                "layer {layer} of a {}-layer model",
+                self.config.num_layers
+            ))
         })
     }
 
@@ -278,9 +323,15 @@ impl Model {
         let n = x.dims()[0];
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
-        let q = qkv.narrow(1, 0, qd)?.reshape((n, c.num_heads, c.head_dim))?;
-        let k = qkv.narrow(1, qd, kvd)?.reshape((n, c.num_kv_heads, c.head_dim))?;
-        let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((n, c.num_kv_heads, c.head_dim))?;
+        let q = qkv
+            .narrow(1, 0, qd)?
+            .reshape((n, c.num_heads, c.head_dim))?;
+        let k = qkv
+            .narrow(1, qd, kvd)?
+            .reshape((n, c.num_kv_heads, c.head_dim))?;
+        let v = qkv
+            .narrow(1, qd + kvd, kvd)?
+            .reshape((n, c.num_kv_heads, c.head_dim))?;
         Ok((q, k, v))
     }
 

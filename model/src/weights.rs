@@ -62,7 +62,10 @@ impl Weights {
             if t.dims() != shape {
                 return Err(ModelError::InvalidModel {
                     path: origin.to_path_buf(),
-                    reason: format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                    reason: format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    ),
                 });
             }
             Ok(t.to_dtype(dtype)?.to_device(device)?)
@@ -84,8 +87,14 @@ impl Weights {
             } else {
                 None
             };
-            let gate = get(&format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, h])?;
-            let up = get(&format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, h])?;
+            let gate = get(
+                &format!("{p}.mlp.gate_proj.weight"),
+                &[cfg.intermediate_size, h],
+            )?;
+            let up = get(
+                &format!("{p}.mlp.up_proj.weight"),
+                &[cfg.intermediate_size, h],
+            )?;
             layers.push(LayerWeights {
                 attn_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 wqkv: Tensor::cat(&[q, k, v], 0)?,
@@ -116,8 +125,9 @@ impl Weights {
     /// Random weights of the config's shape: linear layers and embeddings N(0, 0.02²), norms 1,
     /// biases 0.02·N(0,1). For benchmarks and tests, where values do not matter.
     pub fn random(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let normal =
-            |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?) };
+        let normal = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?)
+        };
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d;
@@ -127,7 +137,11 @@ impl Weights {
                 Ok(LayerWeights {
                     attn_norm: ones(h)?,
                     wqkv: normal(&[qkv, h])?,
-                    bqkv: if cfg.qkv_bias { Some(normal(&[qkv])?) } else { None },
+                    bqkv: if cfg.qkv_bias {
+                        Some(normal(&[qkv])?)
+                    } else {
+                        None
+                    },
                     wo: normal(&[h, cfg.num_heads * d])?,
                     mlp_norm: ones(h)?,
                     wgate_up: normal(&[2 * cfg.intermediate_size, h])?,

@@ -6,7 +6,11 @@ mod model_source;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kvquilt", version, about = "KV-cache reuse for RAG: precompute, store and blend chunk KV caches")]
+#[command(
+    name = "kvquilt",
+    version,
+    about = "KV-cache reuse for RAG: precompute, store and blend chunk KV caches"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

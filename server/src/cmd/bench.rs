@@ -1,11 +1,184 @@
-//! `kvquilt bench ...`: benchmarks that print JSON.
+//! `kvquilt bench ...`: benchmarks that print a table and write JSON.
+//!
+//! Each benchmark repeats a measurement and reports the median, with the baseline it is
+//! compared to measured in the same run.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
 use clap::Subcommand;
+use kvquilt_model::{Model, ModelConfig};
+use serde::Serialize;
+
+use crate::model_source::ModelArgs;
 
 #[derive(Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Prefill throughput at several prompt lengths and decode throughput.
+    Model(ModelBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ModelBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`).
+    #[arg(long)]
+    random: Option<String>,
+    /// Prompt lengths to prefill, in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    tokens: Vec<usize>,
+    /// Decode steps measured after a prefill of `--decode-context` tokens.
+    #[arg(long, default_value_t = 32)]
+    decode: usize,
+    #[arg(long, default_value_t = 512)]
+    decode_context: usize,
+    /// Timed repetitions per measurement (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct PrefillRow {
+    tokens: usize,
+    median_s: f64,
+    tokens_per_s: f64,
+    runs_s: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct ModelBenchReport {
+    model: String,
+    device: String,
+    dtype: String,
+    threads: usize,
+    repeats: usize,
+    prefill: Vec<PrefillRow>,
+    decode_context: usize,
+    decode_steps: usize,
+    decode_tokens_per_s_median: f64,
+}
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {}
+    match cmd {
+        BenchCommand::Model(a) => bench_model(a),
+    }
+}
+
+fn bench_model(a: ModelBenchArgs) -> Result<()> {
+    let device = a.model.device()?;
+    let dtype = a.model.dtype(&device)?;
+    let (model, name) = match a.random.as_deref() {
+        Some("llama3.1-8b") => (
+            Model::random(ModelConfig::llama31_8b(), &device, dtype)?,
+            "random weights, Llama-3.1-8B shape".to_string(),
+        ),
+        Some(other) => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b)"),
+        None => {
+            let m = a.model.load()?;
+            (m.model, m.path.display().to_string())
+        }
+    };
+    let sync = || -> Result<()> { Ok(model.device().synchronize()?) };
+    let vocab = model.config().vocab_size as u64;
+    let mut prefill = Vec::new();
+    for &n in &a.tokens {
+        let toks = pseudo_tokens(n, vocab);
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let runs = timed(a.repeats, || {
+            let mut cache = model.empty_cache()?;
+            model.prefill(&toks, &pos, &mut cache)?;
+            sync()
+        })?;
+        let median = median(&runs);
+        eprintln!(
+            "prefill {n:>6} tokens: median {median:.3} s, {:.0} tokens/s",
+            n as f64 / median
+        );
+        prefill.push(PrefillRow {
+            tokens: n,
+            median_s: median,
+            tokens_per_s: n as f64 / median,
+            runs_s: runs,
+        });
+    }
+    let ctx = pseudo_tokens(a.decode_context, vocab);
+    let pos: Vec<u32> = (0..ctx.len() as u32).collect();
+    let mut base = model.empty_cache()?;
+    model.prefill(&ctx, &pos, &mut base)?;
+    let steps = a.decode.max(1);
+    let runs = timed(a.repeats, || {
+        let mut cache = base.clone();
+        for i in 0..steps {
+            let p = (ctx.len() + i) as u32;
+            model.prefill(&[(i as u32 * 31 + 7) % vocab as u32], &[p], &mut cache)?;
+        }
+        sync()
+    })?;
+    let decode_tps = steps as f64 / median(&runs);
+    eprintln!(
+        "decode after {} tokens: {decode_tps:.1} tokens/s",
+        ctx.len()
+    );
+    let report = ModelBenchReport {
+        model: name,
+        device: format!("{:?}", model.device()),
+        dtype: format!("{:?}", model.dtype()),
+        threads: candle_threads(),
+        repeats: a.repeats,
+        prefill,
+        decode_context: ctx.len(),
+        decode_steps: steps,
+        decode_tokens_per_s_median: decode_tps,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    match a.json {
+        Some(p) => std::fs::write(&p, json).with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+/// Deterministic token ids spread over the vocabulary.
+fn pseudo_tokens(n: usize, vocab: u64) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        })
+        .collect()
+}
+
+/// One warm-up, then `repeats` timed runs, in seconds.
+fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    (0..repeats.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            Ok(Duration::as_secs_f64(&t.elapsed()))
+        })
+        .collect()
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn candle_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -19,11 +19,16 @@ pub enum ModelCommand {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Fetch { name } => {
-            let spec = KNOWN_MODELS.iter().find(|s| s.name == name).with_context(|| {
-                let names: Vec<&str> = KNOWN_MODELS.iter().map(|s| s.name).collect();
-                format!("unknown model `{name}` (known: {})", names.join(", "))
+            let spec = KNOWN_MODELS
+                .iter()
+                .find(|s| s.name == name)
+                .with_context(|| {
+                    let names: Vec<&str> = KNOWN_MODELS.iter().map(|s| s.name).collect();
+                    format!("unknown model `{name}` (known: {})", names.join(", "))
+                })?;
+            let path = fetch::fetch(spec, &fetch::cache_root(), |line| {
+                eprintln!("kvquilt: {line}")
             })?;
-            let path = fetch::fetch(spec, &fetch::cache_root(), |line| eprintln!("kvquilt: {line}"))?;
             println!("{}", path.display());
             Ok(())
         }

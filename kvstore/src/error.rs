@@ -1,0 +1,46 @@
+//! The store's error type.
+
+use crate::key::ChunkKey;
+
+/// Everything that can go wrong storing or loading KV objects.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Bytes that should be a KV object are not one (bad magic, unknown version, truncated,
+    /// inconsistent sizes). Never handed out as data.
+    #[error("corrupt KV object: {0}")]
+    Corrupt(String),
+    /// A checksum did not match: the bytes changed after they were written.
+    #[error("checksum mismatch in {what} of object {key}")]
+    Checksum { key: ChunkKey, what: String },
+    /// An object's layout or key does not match what the caller expects (another model,
+    /// dtype or RoPE setting), so its KV must not be used.
+    #[error("object mismatch: {0}")]
+    Mismatch(String),
+    /// The object does not fit: larger than the tier, or everything else is pinned or leased.
+    #[error("no room in tier {tier}: need {needed} bytes, {available} evictable of {capacity}")]
+    NoRoom {
+        tier: String,
+        needed: u64,
+        available: u64,
+        capacity: u64,
+    },
+    /// The disk is full (ENOSPC); nothing was written.
+    #[error("disk full writing to {path}: {detail}")]
+    DiskFull { path: String, detail: String },
+    /// An I/O error of the filesystem.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// RocksDB reported an error.
+    #[error("RocksDB error in {path}: {detail}")]
+    Db { path: String, detail: String },
+    /// The caller asked for something that cannot exist (layer index out of range, ...).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, StoreError>;

@@ -1,0 +1,342 @@
+//! A tier's bookkeeping: which objects it holds, their sizes, who is reading them, and the
+//! eviction order. Admission reserves bytes *before* an object is written, under one lock,
+//! so concurrent writers can never push a tier past its capacity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StoreError};
+use crate::key::ChunkKey;
+use crate::policy::{EvictionPolicy, PolicyKind};
+
+/// How an object is protected from eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pin {
+    /// Never evicted until unpinned.
+    Hard,
+    /// Not evicted before this time (seconds since the Unix epoch).
+    Soft { until_unix_s: u64 },
+}
+
+impl Pin {
+    /// A soft pin that lasts `ttl` from now.
+    pub fn soft(ttl: Duration) -> Self {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self::Soft {
+            until_unix_s: (now + ttl).as_secs(),
+        }
+    }
+
+    pub fn active(&self, now_unix_s: u64) -> bool {
+        match *self {
+            Self::Hard => true,
+            Self::Soft { until_unix_s } => now_unix_s < until_unix_s,
+        }
+    }
+}
+
+pub(crate) fn now_unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Pins of a store, shared by all its tiers (a pinned object stays in every tier it is in).
+#[derive(Debug, Default, Clone)]
+pub struct Pins(Arc<RwLock<HashMap<ChunkKey, Pin>>>);
+
+impl Pins {
+    pub fn set(&self, key: ChunkKey, pin: Pin) {
+        self.0.write().insert(key, pin);
+    }
+    pub fn clear(&self, key: &ChunkKey) -> Option<Pin> {
+        self.0.write().remove(key)
+    }
+    pub fn get(&self, key: &ChunkKey) -> Option<Pin> {
+        self.0.read().get(key).copied()
+    }
+    pub fn is_pinned(&self, key: &ChunkKey, now_unix_s: u64) -> bool {
+        self.0.read().get(key).is_some_and(|p| p.active(now_unix_s))
+    }
+}
+
+struct Entry {
+    size: u64,
+    leases: u32,
+}
+
+struct Inner {
+    entries: HashMap<ChunkKey, Entry>,
+    used: u64,
+    policy: Box<dyn EvictionPolicy>,
+}
+
+/// The index of one tier.
+pub struct TierIndex {
+    name: String,
+    capacity: u64,
+    pins: Pins,
+    inner: Mutex<Inner>,
+}
+
+/// Bytes reserved for an object being written; released unless committed.
+#[must_use = "a reservation is released when dropped unless committed"]
+pub struct Reservation<'a> {
+    index: &'a TierIndex,
+    key: ChunkKey,
+    committed: bool,
+}
+
+impl Reservation<'_> {
+    /// The object is written: it now counts as held.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.index.remove(&self.key);
+        }
+    }
+}
+
+/// A read lease: while it lives, the object cannot be evicted from this tier.
+pub struct Lease {
+    index: Arc<TierIndex>,
+    key: ChunkKey,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut g = self.index.inner.lock();
+        if let Some(e) = g.entries.get_mut(&self.key) {
+            e.leases = e.leases.saturating_sub(1);
+        }
+    }
+}
+
+impl TierIndex {
+    pub fn new(name: &str, capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
+        Self {
+            name: name.to_string(),
+            capacity,
+            pins,
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                used: 0,
+                policy: policy.build(),
+            }),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.inner.lock().used
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.inner.lock().entries.contains_key(key)
+    }
+
+    pub fn keys(&self) -> Vec<ChunkKey> {
+        self.inner.lock().entries.keys().copied().collect()
+    }
+
+    /// Records an object already present (when a tier is reopened), in eviction order.
+    pub fn restore(&self, key: ChunkKey, size: u64, cost_s: f64) {
+        let mut g = self.inner.lock();
+        if g.entries.insert(key, Entry { size, leases: 0 }).is_none() {
+            g.used += size;
+        }
+        g.policy.insert(key, size, cost_s);
+    }
+
+    /// Makes room for `size` bytes under `key` and reserves them. Returns the reservation and
+    /// the victims (with their sizes), which the caller must delete. Fails, evicting
+    /// nothing, when the object cannot fit: larger than the tier, or too much is pinned or
+    /// leased. An object already held is replaced.
+    pub fn admit(
+        &self,
+        key: ChunkKey,
+        size: u64,
+        cost_s: f64,
+    ) -> Result<(Reservation<'_>, Vec<(ChunkKey, u64)>)> {
+        let now = now_unix_s();
+        let mut g = self.inner.lock();
+        let g = &mut *g;
+        let old = g.entries.get(&key).map_or(0, |e| e.size);
+        let needed = size.saturating_sub(old);
+        let free = self.capacity.saturating_sub(g.used);
+        if needed > free {
+            // evictable bytes, not counting the object being replaced
+            let evictable: u64 = g
+                .entries
+                .iter()
+                .filter(|(k, e)| **k != key && e.leases == 0 && !self.pins.is_pinned(k, now))
+                .map(|(_, e)| e.size)
+                .sum();
+            if needed > free + evictable {
+                return Err(StoreError::NoRoom {
+                    tier: self.name.clone(),
+                    needed: size,
+                    available: free + evictable,
+                    capacity: self.capacity,
+                });
+            }
+        }
+        let mut victims = Vec::new();
+        while self.capacity.saturating_sub(g.used) < needed {
+            let entries = &g.entries;
+            let pins = &self.pins;
+            let v = g
+                .policy
+                .victim(&mut |k| {
+                    *k != key
+                        && entries.get(k).is_some_and(|e| e.leases == 0)
+                        && !pins.is_pinned(k, now)
+                })
+                .expect("evictable bytes were counted above");
+            g.policy.remove(&v);
+            let e = g.entries.remove(&v).expect("victims are tracked");
+            g.used -= e.size;
+            victims.push((v, e.size));
+        }
+        match g.entries.get_mut(&key) {
+            Some(e) => {
+                g.used = g.used - e.size + size;
+                e.size = size;
+            }
+            None => {
+                g.entries.insert(key, Entry { size, leases: 0 });
+                g.used += size;
+            }
+        }
+        g.policy.insert(key, size, cost_s);
+        Ok((
+            Reservation {
+                index: self,
+                key,
+                committed: false,
+            },
+            victims,
+        ))
+    }
+
+    /// The object was read.
+    pub fn touch(&self, key: &ChunkKey) {
+        self.inner.lock().policy.touch(key);
+    }
+
+    /// Forgets an object; returns its size if it was held.
+    pub fn remove(&self, key: &ChunkKey) -> Option<u64> {
+        let mut g = self.inner.lock();
+        let e = g.entries.remove(key)?;
+        g.used -= e.size;
+        g.policy.remove(key);
+        Some(e.size)
+    }
+
+    /// Takes a read lease on a held object.
+    pub fn lease(self: &Arc<Self>, key: &ChunkKey) -> Option<Lease> {
+        let mut g = self.inner.lock();
+        let e = g.entries.get_mut(key)?;
+        e.leases += 1;
+        Some(Lease {
+            index: Arc::clone(self),
+            key: *key,
+        })
+    }
+
+    /// Current leases on an object.
+    pub fn leases(&self, key: &ChunkKey) -> u32 {
+        self.inner.lock().entries.get(key).map_or(0, |e| e.leases)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(i: u8) -> ChunkKey {
+        ChunkKey([i; 32])
+    }
+
+    #[test]
+    fn admission_evicts_but_respects_pins_and_leases() {
+        let pins = Pins::default();
+        let idx = Arc::new(TierIndex::new("t", 100, PolicyKind::Lru, pins.clone()));
+        for i in 1..=4 {
+            let (r, v) = idx.admit(k(i), 25, 1.0).unwrap();
+            r.commit();
+            assert!(v.is_empty());
+        }
+        pins.set(k(1), Pin::Hard);
+        let lease = idx.lease(&k(2)).unwrap();
+        let (r, v) = idx.admit(k(5), 25, 1.0).unwrap();
+        r.commit();
+        assert_eq!(v, vec![(k(3), 25)]);
+        // 1 pinned, 2 leased, 4 and 5 free: 50 bytes can go, 60 cannot
+        assert!(matches!(
+            idx.admit(k(6), 60, 1.0),
+            Err(StoreError::NoRoom { .. })
+        ));
+        assert_eq!(idx.used(), 100, "a failed admission evicts nothing");
+        drop(lease);
+        let (r, v) = idx.admit(k(6), 60, 1.0).unwrap();
+        r.commit();
+        assert_eq!(v.len(), 3);
+        assert!(idx.contains(&k(1)));
+        assert!(idx.used() <= 100);
+    }
+
+    #[test]
+    fn expired_soft_pin_no_longer_protects() {
+        let pins = Pins::default();
+        let idx = TierIndex::new("t", 10, PolicyKind::Lru, pins.clone());
+        idx.admit(k(1), 10, 1.0).unwrap().0.commit();
+        pins.set(k(1), Pin::Soft { until_unix_s: 1 });
+        let (_r, v) = idx.admit(k(2), 10, 1.0).unwrap();
+        assert_eq!(v, vec![(k(1), 10)]);
+    }
+
+    #[test]
+    fn uncommitted_reservation_is_released() {
+        let idx = TierIndex::new("t", 10, PolicyKind::Lru, Pins::default());
+        {
+            let (_r, _) = idx.admit(k(1), 10, 1.0).unwrap();
+            assert_eq!(idx.used(), 10);
+        }
+        assert_eq!(idx.used(), 0);
+        assert!(!idx.contains(&k(1)));
+    }
+
+    #[test]
+    fn larger_than_the_tier() {
+        let idx = TierIndex::new("t", 10, PolicyKind::Lru, Pins::default());
+        assert!(matches!(
+            idx.admit(k(1), 11, 1.0),
+            Err(StoreError::NoRoom { .. })
+        ));
+    }
+}

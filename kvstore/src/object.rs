@@ -1,0 +1,557 @@
+//! The KV object format: a checksummed header, then one record per layer (K‖V, encoded by
+//! the object's codec, each with its own checksum). The byte layout is documented field by
+//! field in the crate docs (`lib.rs`); this module is its only reader and writer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::codec::Codec;
+use crate::error::{Result, StoreError};
+use crate::key::ChunkKey;
+use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
+
+/// First eight bytes of every object.
+pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
+/// The format this code writes; readers reject others.
+pub const FORMAT_VERSION: u16 = 1;
+/// Bytes of the fixed part of the header, before the token ids.
+pub const FIXED_HEADER_LEN: usize = 96;
+/// Bytes of one layer-table entry.
+pub const LAYER_ENTRY_LEN: usize = 56;
+/// Bytes of a BLAKE3 checksum.
+pub const CHECKSUM_LEN: usize = 32;
+/// Largest token count an object may hold (keeps a corrupt length from allocating wildly).
+pub const MAX_TOKENS: u32 = 1 << 24;
+
+/// Optional per-token statistics kept for eviction policies (e.g. accumulated attention).
+/// `values.len()` is a multiple of the token count; the meaning of `kind` belongs to the
+/// policy that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStats {
+    pub kind: u8,
+    pub values: Vec<f32>,
+}
+
+/// Where one layer's record sits and how to check it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerEntry {
+    /// Offset of the record from the start of the payload (the end of the header), bytes.
+    pub offset: u64,
+    /// Bytes of the record as stored (after the codec).
+    pub stored_len: u64,
+    /// Bytes of K‖V after decoding: `2 × tokens × kv_heads × head_dim × dtype size`.
+    pub raw_len: u64,
+    /// BLAKE3 of the stored record.
+    pub checksum: [u8; 32],
+}
+
+/// What an object holds: its key, KV layout, tokens and optional statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectInfo {
+    pub key: ChunkKey,
+    pub layout: KvLayout,
+    pub tokens: Vec<u32>,
+    pub stats: Option<TokenStats>,
+}
+
+impl ObjectInfo {
+    /// Bytes of K‖V over all layers, decoded.
+    pub fn raw_len(&self) -> u64 {
+        self.layout.layer_bytes(self.tokens.len()) as u64 * self.layout.num_layers as u64
+    }
+}
+
+/// An object's header: what the KV is, and where each layer's record is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectHeader {
+    pub info: ObjectInfo,
+    pub codec: Codec,
+    pub layers: Vec<LayerEntry>,
+}
+
+impl ObjectHeader {
+    /// Total bytes of all stored layer records.
+    pub fn payload_len(&self) -> u64 {
+        self.layers.iter().map(|l| l.stored_len).sum()
+    }
+
+    /// Bytes of the header plus all records.
+    pub fn stored_len(&self, header_len: usize) -> u64 {
+        header_len as u64 + self.payload_len()
+    }
+}
+
+/// A KV object in memory: what it is and each layer's decoded K‖V bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvObject {
+    info: Arc<ObjectInfo>,
+    /// One entry per layer: K `[tokens, kv_heads, head_dim]` then V, little-endian `dtype`.
+    layers: Vec<Bytes>,
+}
+
+impl KvObject {
+    /// Checks that every layer holds K and V for `tokens.len()` tokens of `layout`.
+    pub fn new(
+        key: ChunkKey,
+        layout: KvLayout,
+        tokens: Vec<u32>,
+        layers: Vec<Bytes>,
+        stats: Option<TokenStats>,
+    ) -> Result<Self> {
+        layout.validate()?;
+        if tokens.len() > MAX_TOKENS as usize {
+            return Err(StoreError::Invalid(format!(
+                "{} tokens in one object",
+                tokens.len()
+            )));
+        }
+        if layers.len() != layout.num_layers as usize {
+            return Err(StoreError::Invalid(format!(
+                "{} layers for a layout of {}",
+                layers.len(),
+                layout.num_layers
+            )));
+        }
+        let want = layout.layer_bytes(tokens.len());
+        if let Some((i, l)) = layers.iter().enumerate().find(|(_, l)| l.len() != want) {
+            return Err(StoreError::Invalid(format!(
+                "layer {i} has {} bytes, expected {want}",
+                l.len()
+            )));
+        }
+        if let Some(s) = &stats
+            && (tokens.is_empty() || !s.values.len().is_multiple_of(tokens.len()))
+        {
+            return Err(StoreError::Invalid(
+                "token statistics not a multiple of the tokens".into(),
+            ));
+        }
+        Ok(Self {
+            info: Arc::new(ObjectInfo {
+                key,
+                layout,
+                tokens,
+                stats,
+            }),
+            layers,
+        })
+    }
+
+    pub fn info(&self) -> &Arc<ObjectInfo> {
+        &self.info
+    }
+    pub fn key(&self) -> &ChunkKey {
+        &self.info.key
+    }
+    pub fn layout(&self) -> &KvLayout {
+        &self.info.layout
+    }
+    pub fn tokens(&self) -> &[u32] {
+        &self.info.tokens
+    }
+    pub fn stats(&self) -> Option<&TokenStats> {
+        self.info.stats.as_ref()
+    }
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `l`'s K‖V bytes.
+    pub fn layer(&self, l: usize) -> &Bytes {
+        &self.layers[l]
+    }
+
+    /// Layer `l`'s K bytes, `[tokens, kv_heads, head_dim]`.
+    pub fn k(&self, l: usize) -> &[u8] {
+        &self.layers[l][..self.info.layout.tensor_bytes(self.info.tokens.len())]
+    }
+
+    /// Layer `l`'s V bytes, `[tokens, kv_heads, head_dim]`.
+    pub fn v(&self, l: usize) -> &[u8] {
+        &self.layers[l][self.info.layout.tensor_bytes(self.info.tokens.len())..]
+    }
+
+    /// Bytes held in memory by the K/V values.
+    pub fn raw_len(&self) -> u64 {
+        self.layers.iter().map(|l| l.len() as u64).sum()
+    }
+
+    /// Encodes every layer with `codec` and builds the checksummed header.
+    pub fn encode(&self, codec: Codec) -> EncodedObject {
+        let mut offset = 0u64;
+        let mut entries = Vec::with_capacity(self.layers.len());
+        let mut records = Vec::with_capacity(self.layers.len());
+        for raw in &self.layers {
+            let stored = Bytes::from(codec.encode(raw));
+            entries.push(LayerEntry {
+                offset,
+                stored_len: stored.len() as u64,
+                raw_len: raw.len() as u64,
+                checksum: *blake3::hash(&stored).as_bytes(),
+            });
+            offset += stored.len() as u64;
+            records.push(stored);
+        }
+        let header = ObjectHeader {
+            info: (*self.info).clone(),
+            codec,
+            layers: entries,
+        };
+        EncodedObject {
+            header_bytes: Bytes::from(encode_header(&header)),
+            header,
+            records,
+        }
+    }
+
+    /// Builds the object from a verified header and its decoded layers.
+    pub fn from_parts(header: &ObjectHeader, layers: Vec<Bytes>) -> Result<Self> {
+        let i = &header.info;
+        Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())
+    }
+}
+
+/// An object as stored: header bytes and the encoded layer records.
+#[derive(Debug, Clone)]
+pub struct EncodedObject {
+    pub header: ObjectHeader,
+    /// The header's bytes, checksum included.
+    pub header_bytes: Bytes,
+    /// One stored record per layer, in layer order.
+    pub records: Vec<Bytes>,
+}
+
+impl EncodedObject {
+    /// The whole object as one byte string (header, then records).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(self.header_bytes.len() + self.header.payload_len() as usize);
+        out.extend_from_slice(&self.header_bytes);
+        for r in &self.records {
+            out.extend_from_slice(r);
+        }
+        out
+    }
+
+    /// Parses and verifies a whole object (header checksum and every layer checksum).
+    /// With `expected`, the object must also carry that key.
+    pub fn parse(bytes: &[u8], expected: Option<&ChunkKey>) -> Result<Self> {
+        let (header, header_len) = decode_header(bytes)?;
+        if let Some(k) = expected
+            && &header.info.key != k
+        {
+            return Err(StoreError::Mismatch(format!(
+                "object carries key {} but was read as {k}",
+                header.info.key
+            )));
+        }
+        let payload = &bytes[header_len..];
+        if payload.len() as u64 != header.payload_len() {
+            return Err(StoreError::Corrupt(format!(
+                "payload is {} bytes, header says {} (truncated or padded)",
+                payload.len(),
+                header.payload_len()
+            )));
+        }
+        let mut records = Vec::with_capacity(header.layers.len());
+        for (i, e) in header.layers.iter().enumerate() {
+            let rec = &payload[e.offset as usize..(e.offset + e.stored_len) as usize];
+            verify_record(&header, i, rec)?;
+            records.push(Bytes::copy_from_slice(rec));
+        }
+        Ok(Self {
+            header_bytes: Bytes::copy_from_slice(&bytes[..header_len]),
+            header,
+            records,
+        })
+    }
+
+    /// Decodes every layer (checksums are verified again).
+    pub fn decode(&self) -> Result<KvObject> {
+        let layers = self
+            .records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| decode_record(&self.header, i, r))
+            .collect::<Result<Vec<_>>>()?;
+        KvObject::from_parts(&self.header, layers)
+    }
+}
+
+/// Checks layer `i`'s stored record against the header's checksum.
+pub fn verify_record(header: &ObjectHeader, i: usize, record: &[u8]) -> Result<()> {
+    let e = header
+        .layers
+        .get(i)
+        .ok_or_else(|| StoreError::Invalid(format!("layer {i} of {}", header.layers.len())))?;
+    if record.len() as u64 != e.stored_len || blake3::hash(record).as_bytes() != &e.checksum {
+        return Err(StoreError::Checksum {
+            key: header.info.key,
+            what: format!("layer {i}"),
+        });
+    }
+    Ok(())
+}
+
+/// Verifies and decodes layer `i`'s stored record to its K‖V bytes.
+pub fn decode_record(header: &ObjectHeader, i: usize, record: &[u8]) -> Result<Bytes> {
+    verify_record(header, i, record)?;
+    let raw = header
+        .codec
+        .decode(record, header.layers[i].raw_len as usize)?;
+    Ok(Bytes::from(raw))
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, x: u8) {
+        self.0.push(x);
+    }
+    fn u16(&mut self, x: u16) {
+        self.0.extend_from_slice(&x.to_le_bytes());
+    }
+    fn u32(&mut self, x: u32) {
+        self.0.extend_from_slice(&x.to_le_bytes());
+    }
+    fn u64(&mut self, x: u64) {
+        self.0.extend_from_slice(&x.to_le_bytes());
+    }
+    fn f32(&mut self, x: f32) {
+        self.u32(x.to_bits());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+}
+
+fn stats_len(stats: &Option<TokenStats>) -> usize {
+    stats.as_ref().map_or(0, |s| 4 + 4 * s.values.len())
+}
+
+/// The header's bytes, ending in its checksum.
+pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
+    let info = &h.info;
+    let t = info.tokens.len();
+    let len = FIXED_HEADER_LEN
+        + 4 * t
+        + stats_len(&info.stats)
+        + LAYER_ENTRY_LEN * h.layers.len()
+        + CHECKSUM_LEN;
+    let mut w = Writer(Vec::with_capacity(len));
+    w.bytes(&MAGIC);
+    w.u16(FORMAT_VERSION);
+    w.u16(0); // flags
+    w.u32(len as u32);
+    w.bytes(&info.key.0);
+    w.u8(h.codec.id());
+    w.u8(0); // codec parameter
+    w.u16(0);
+    let l = &info.layout;
+    w.u32(l.num_layers);
+    w.u32(l.num_kv_heads);
+    w.u32(l.head_dim);
+    w.u8(l.dtype.code());
+    w.u8(l.k_pre_rope as u8);
+    let (kind, params) = l.rope_scaling.encode();
+    w.u8(kind);
+    w.u8(0);
+    w.f32(l.rope_theta);
+    for p in params {
+        w.f32(p);
+    }
+    w.u32(t as u32);
+    w.u32(stats_len(&info.stats) as u32);
+    debug_assert_eq!(w.0.len(), FIXED_HEADER_LEN);
+    for &tok in &info.tokens {
+        w.u32(tok);
+    }
+    if let Some(s) = &info.stats {
+        w.u8(s.kind);
+        w.bytes(&[0; 3]);
+        for &v in &s.values {
+            w.f32(v);
+        }
+    }
+    for e in &h.layers {
+        w.u64(e.offset);
+        w.u64(e.stored_len);
+        w.u64(e.raw_len);
+        w.bytes(&e.checksum);
+    }
+    let sum = blake3::hash(&w.0);
+    w.bytes(sum.as_bytes());
+    debug_assert_eq!(w.0.len(), len);
+    w.0
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "header ends early: need {n} bytes at offset {}",
+                    self.at
+                ))
+            })?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn f32(&mut self) -> Result<f32> {
+        Ok(f32::from_bits(self.u32()?))
+    }
+    fn arr32(&mut self) -> Result<[u8; 32]> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+}
+
+/// Parses and verifies the header at the start of `bytes`; returns it and its length.
+/// `bytes` may be longer (the payload may follow).
+pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
+    let corrupt = |m: String| StoreError::Corrupt(m);
+    if bytes.len() < FIXED_HEADER_LEN + CHECKSUM_LEN {
+        return Err(corrupt(format!(
+            "{} bytes is too short for an object header",
+            bytes.len()
+        )));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(corrupt("bad magic: not a kvquilt KV object".into()));
+    }
+    let mut r = Reader { b: bytes, at: 8 };
+    let version = r.u16()?;
+    if version != FORMAT_VERSION {
+        return Err(StoreError::Mismatch(format!(
+            "object format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let _flags = r.u16()?;
+    let header_len = r.u32()? as usize;
+    if header_len < FIXED_HEADER_LEN + CHECKSUM_LEN || header_len > bytes.len() {
+        return Err(corrupt(format!(
+            "header length {header_len} with {} bytes available",
+            bytes.len()
+        )));
+    }
+    let body = &bytes[..header_len - CHECKSUM_LEN];
+    if blake3::hash(body).as_bytes()[..] != bytes[header_len - CHECKSUM_LEN..header_len] {
+        let key = ChunkKey(bytes[16..48].try_into().expect("32 bytes"));
+        return Err(StoreError::Checksum {
+            key,
+            what: "header".into(),
+        });
+    }
+    let mut r = Reader { b: body, at: 16 };
+    let key = ChunkKey(r.arr32()?);
+    let codec = Codec::from_id(r.u8()?)?;
+    let _codec_param = r.u8()?;
+    let _ = r.u16()?;
+    let num_layers = r.u32()?;
+    let num_kv_heads = r.u32()?;
+    let head_dim = r.u32()?;
+    let dtype = KvDType::from_code(r.u8()?)?;
+    let k_pre_rope = r.u8()? != 0;
+    let scaling_kind = r.u8()?;
+    let _ = r.u8()?;
+    let rope_theta = r.f32()?;
+    let params = [r.f32()?, r.f32()?, r.f32()?, r.f32()?];
+    let layout = KvLayout {
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        k_pre_rope,
+        rope_theta,
+        rope_scaling: RopeScalingSpec::decode(scaling_kind, params)?,
+    };
+    layout.validate().map_err(|e| corrupt(e.to_string()))?;
+    let t = r.u32()?;
+    if t > MAX_TOKENS {
+        return Err(corrupt(format!("{t} tokens")));
+    }
+    let s_len = r.u32()? as usize;
+    let expected = FIXED_HEADER_LEN
+        + 4 * t as usize
+        + s_len
+        + LAYER_ENTRY_LEN * num_layers as usize
+        + CHECKSUM_LEN;
+    if expected != header_len {
+        return Err(corrupt(format!(
+            "header length {header_len}, fields need {expected}"
+        )));
+    }
+    let tokens = (0..t).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
+    let stats = if s_len == 0 {
+        None
+    } else {
+        if s_len < 4 || !(s_len - 4).is_multiple_of(4) {
+            return Err(corrupt(format!("statistics of {s_len} bytes")));
+        }
+        let kind = r.u8()?;
+        r.take(3)?;
+        let values = (0..(s_len - 4) / 4)
+            .map(|_| r.f32())
+            .collect::<Result<Vec<_>>>()?;
+        Some(TokenStats { kind, values })
+    };
+    let raw_len = layout.layer_bytes(t as usize) as u64;
+    let mut layers = Vec::with_capacity(num_layers as usize);
+    let mut next = 0u64;
+    for i in 0..num_layers {
+        let e = LayerEntry {
+            offset: r.u64()?,
+            stored_len: r.u64()?,
+            raw_len: r.u64()?,
+            checksum: r.arr32()?,
+        };
+        if e.offset != next || e.raw_len != raw_len {
+            return Err(corrupt(format!("layer {i} table entry {e:?} inconsistent")));
+        }
+        next = e
+            .offset
+            .checked_add(e.stored_len)
+            .ok_or_else(|| corrupt("layer length overflow".into()))?;
+        layers.push(e);
+    }
+    Ok((
+        ObjectHeader {
+            info: ObjectInfo {
+                key,
+                layout,
+                tokens,
+                stats,
+            },
+            codec,
+            layers,
+        },
+        header_len,
+    ))
+}

@@ -1,0 +1,122 @@
+//! Per-tier counters and latency histograms: lock-free to update, copied out as a plain
+//! struct ([`TierStatsSnapshot`]) that the server exports as Prometheus metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Upper bounds of the latency buckets, in seconds (Prometheus `le` labels); the last bucket
+/// is unbounded.
+pub const LATENCY_BUCKETS_S: [f64; 16] = [
+    1e-6, 4e-6, 16e-6, 64e-6, 256e-6, 1e-3, 2e-3, 4e-3, 8e-3, 16e-3, 32e-3, 64e-3, 128e-3, 256e-3,
+    1.0, 4.0,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_S.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS_S
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds_s: LATENCY_BUCKETS_S.to_vec(),
+            counts: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sum_s: self.sum_ns.load(Relaxed) as f64 * 1e-9,
+            count: self.count.load(Relaxed),
+        }
+    }
+}
+
+/// A copy of a [`Histogram`]: `counts[i]` observations fell in `(bounds_s[i-1], bounds_s[i]]`,
+/// the last count above every bound.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HistogramSnapshot {
+    pub bounds_s: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum_s: f64,
+    pub count: u64,
+}
+
+/// Live counters of one tier.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Bytes written into the tier (stored size).
+    pub bytes_in: AtomicU64,
+    /// Bytes read out of the tier (stored size).
+    pub bytes_out: AtomicU64,
+    pub puts: AtomicU64,
+    pub removes: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Reads that found bytes failing their checksum (counted as misses too).
+    pub checksum_failures: AtomicU64,
+    pub get_latency: Histogram,
+    pub put_latency: Histogram,
+}
+
+impl TierStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(
+        &self,
+        tier: &str,
+        used_bytes: u64,
+        capacity_bytes: u64,
+        objects: u64,
+    ) -> TierStatsSnapshot {
+        TierStatsSnapshot {
+            tier: tier.to_string(),
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            puts: self.puts.load(Relaxed),
+            removes: self.removes.load(Relaxed),
+            evictions: self.evictions.load(Relaxed),
+            checksum_failures: self.checksum_failures.load(Relaxed),
+            used_bytes,
+            capacity_bytes,
+            objects,
+            get_latency: self.get_latency.snapshot(),
+            put_latency: self.put_latency.snapshot(),
+        }
+    }
+}
+
+/// A plain copy of one tier's statistics.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TierStatsSnapshot {
+    pub tier: String,
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub puts: u64,
+    pub removes: u64,
+    pub evictions: u64,
+    pub checksum_failures: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub objects: u64,
+    pub get_latency: HistogramSnapshot,
+    pub put_latency: HistogramSnapshot,
+}

@@ -1,0 +1,143 @@
+//! The host-memory tier: decoded objects behind `Arc`s, weighed in bytes of K/V.
+//!
+//! Reads hand out clones of the `Arc`ed layer bytes (no copy), so an object evicted while a
+//! reader holds it stays alive for that reader; leases still keep it in the tier.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use super::{PutOutcome, Tier, TierKind};
+use crate::error::Result;
+use crate::index::{Lease, Pins, TierIndex};
+use crate::key::ChunkKey;
+use crate::object::{KvObject, ObjectInfo};
+use crate::policy::PolicyKind;
+use crate::stats::TierStats;
+
+pub struct HostTier {
+    index: Arc<TierIndex>,
+    objects: RwLock<HashMap<ChunkKey, Arc<KvObject>>>,
+    stats: TierStats,
+}
+
+impl HostTier {
+    /// A tier of `capacity` bytes of K/V.
+    pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
+        Self {
+            index: Arc::new(TierIndex::new("host", capacity, policy, pins)),
+            objects: RwLock::new(HashMap::new()),
+            stats: TierStats::default(),
+        }
+    }
+
+    fn lookup(&self, key: &ChunkKey) -> Option<Arc<KvObject>> {
+        let o = self.objects.read().get(key).cloned();
+        match &o {
+            Some(_) => {
+                TierStats::add(&self.stats.hits, 1);
+                self.index.touch(key);
+            }
+            None => TierStats::add(&self.stats.misses, 1),
+        }
+        o
+    }
+}
+
+#[async_trait]
+impl Tier for HostTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Host
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.objects.read().contains_key(key)
+    }
+
+    fn keys(&self) -> Vec<ChunkKey> {
+        self.objects.read().keys().copied().collect()
+    }
+
+    async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
+        Ok(self.lookup(key).map(|o| Arc::clone(o.info())))
+    }
+
+    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>> {
+        let t = Instant::now();
+        let Some(obj) = self.objects.read().get(key).cloned() else {
+            return Ok(None);
+        };
+        let Some(bytes) = (layer < obj.num_layers()).then(|| obj.layer(layer).clone()) else {
+            return Err(crate::StoreError::Invalid(format!(
+                "layer {layer} of {}",
+                obj.num_layers()
+            )));
+        };
+        TierStats::add(&self.stats.bytes_out, bytes.len() as u64);
+        self.stats.get_latency.record(t.elapsed());
+        Ok(Some(bytes))
+    }
+
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
+        let t = Instant::now();
+        let o = self.lookup(key);
+        if let Some(o) = &o {
+            TierStats::add(&self.stats.bytes_out, o.raw_len());
+            self.stats.get_latency.record(t.elapsed());
+        }
+        Ok(o)
+    }
+
+    async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome> {
+        let t = Instant::now();
+        let key = *obj.key();
+        if self.contains(&key) {
+            return Ok(PutOutcome::default());
+        }
+        let size = obj.raw_len();
+        let (reservation, victims) = self.index.admit(key, size, cost_s)?;
+        let mut evicted = Vec::with_capacity(victims.len());
+        {
+            let mut map = self.objects.write();
+            for (v, _) in &victims {
+                evicted.push((*v, map.remove(v)));
+            }
+            map.insert(key, obj);
+        }
+        reservation.commit();
+        TierStats::add(&self.stats.evictions, victims.len() as u64);
+        TierStats::add(&self.stats.puts, 1);
+        TierStats::add(&self.stats.bytes_in, size);
+        self.stats.put_latency.record(t.elapsed());
+        Ok(PutOutcome {
+            written: true,
+            evicted,
+        })
+    }
+
+    async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let removed = self.objects.write().remove(key).is_some();
+        self.index.remove(key);
+        if removed {
+            TierStats::add(&self.stats.removes, 1);
+        }
+        Ok(removed)
+    }
+
+    fn lease(&self, key: &ChunkKey) -> Option<Lease> {
+        self.index.lease(key)
+    }
+
+    fn stats(&self) -> crate::TierStatsSnapshot {
+        self.stats.snapshot(
+            "host",
+            self.index.used(),
+            self.index.capacity(),
+            self.index.len() as u64,
+        )
+    }
+}

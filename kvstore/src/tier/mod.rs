@@ -1,0 +1,83 @@
+//! Storage tiers behind one trait.
+//!
+//! Reads are layer-granular: [`Tier::info`] says what an object holds, then [`Tier::layer`]
+//! returns one layer's K‖V at a time, so a caller can start computing on
+//! layer 0 while later layers are still being read (see [`crate::stream_layers`]). Every
+//! read verifies checksums; a mismatch is counted, logged, the bad object dropped, and the
+//! read answered as a miss: wrong bytes are never handed out.
+
+mod gpu;
+mod host;
+mod ssd;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use gpu::{DeviceTier, TransferHandle};
+pub use host::HostTier;
+pub use ssd::{SsdConfig, SsdTier};
+
+use crate::error::Result;
+use crate::index::Lease;
+use crate::key::ChunkKey;
+use crate::object::{KvObject, ObjectInfo};
+use crate::stats::TierStatsSnapshot;
+
+/// Which tier answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierKind {
+    Gpu,
+    Host,
+    Ssd,
+}
+
+/// What a put did.
+#[derive(Debug, Default)]
+pub struct PutOutcome {
+    /// False when the object was already held (content-addressed: nothing to write).
+    pub written: bool,
+    /// Objects evicted to make room, with their in-memory copies where the tier had them
+    /// (so a write-back store can demote them).
+    pub evicted: Vec<(ChunkKey, Option<Arc<KvObject>>)>,
+}
+
+/// One level of the store.
+#[async_trait]
+pub trait Tier: Send + Sync {
+    fn kind(&self) -> TierKind;
+
+    /// Whether the tier holds `key` (no I/O, no statistics).
+    fn contains(&self, key: &ChunkKey) -> bool;
+
+    /// Keys held.
+    fn keys(&self) -> Vec<ChunkKey>;
+
+    /// What `key` holds (layout, tokens), verified, or `None` on a miss (a corrupt object is
+    /// a miss).
+    async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>>;
+
+    /// Layer `layer`'s verified, decoded K‖V bytes, or `None` on a miss.
+    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>>;
+
+    /// The whole object, verified and decoded, or `None` on a miss.
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>>;
+
+    /// Stores `obj` (whose recompute cost is `cost_s` seconds), evicting as needed.
+    async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome>;
+
+    /// Deletes `key`; false if it was not held.
+    async fn remove(&self, key: &ChunkKey) -> Result<bool>;
+
+    /// A lease that keeps `key` from being evicted while it lives.
+    fn lease(&self, key: &ChunkKey) -> Option<Lease>;
+
+    /// Makes written objects durable (no-op for memory tiers).
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn stats(&self) -> TierStatsSnapshot;
+}

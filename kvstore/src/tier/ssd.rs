@@ -1,0 +1,624 @@
+//! The SSD tier: RocksDB with large values in blob files.
+//!
+//! Layout in the database:
+//! - column family `data` (blob files on): `key ‖ b'h'` → header bytes; `key ‖ b'l' ‖ layer
+//!   (u32 big-endian)` → that layer's stored record. One layer is one value, so a layer can be
+//!   read alone.
+//! - column family `meta`: `key` → [`Meta`] (stored size, codec, times, recompute cost, pin).
+//!
+//! An object's header, records and meta are written in one `WriteBatch` with a synced WAL:
+//! after a crash an object is either wholly present or absent. What RocksDB is assumed to
+//! give: atomic, durable batches when `sync` is set, and reads that return what was written
+//! or an error. What it is not trusted with: the bytes themselves, which are checked against
+//! BLAKE3 checksums on every read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+
+use super::{PutOutcome, Tier, TierKind};
+use crate::codec::Codec;
+use crate::error::{Result, StoreError};
+use crate::index::{Lease, Pin, Pins, TierIndex};
+use crate::key::ChunkKey;
+use crate::object::{KvObject, ObjectHeader, ObjectInfo, decode_header, decode_record};
+use crate::policy::PolicyKind;
+use crate::stats::TierStats;
+
+const DATA_CF: &str = "data";
+const META_CF: &str = "meta";
+const META_VERSION: u8 = 1;
+
+/// Settings of an SSD tier.
+#[derive(Debug, Clone)]
+pub struct SsdConfig {
+    /// The RocksDB directory.
+    pub path: PathBuf,
+    /// Most stored bytes (headers + records) the tier may hold.
+    pub capacity: u64,
+    pub policy: PolicyKind,
+    /// Codec for new objects.
+    pub codec: Codec,
+    /// Sync the WAL on every write (durable puts). Off only for benchmarks of the raw path.
+    pub sync_writes: bool,
+}
+
+/// What the `meta` column family records per object.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Meta {
+    /// Header plus records, bytes.
+    stored: u64,
+    codec: Codec,
+    /// Nanoseconds since the Unix epoch, strictly increasing per tier (a tie-free order).
+    created_ns: u64,
+    last_access_ns: u64,
+    cost_s: f64,
+    pin: Option<Pin>,
+}
+
+impl Meta {
+    const LEN: usize = 1 + 8 + 1 + 8 + 8 + 8 + 1 + 8;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = META_VERSION;
+        b[1..9].copy_from_slice(&self.stored.to_le_bytes());
+        b[9] = self.codec.id();
+        b[10..18].copy_from_slice(&self.created_ns.to_le_bytes());
+        b[18..26].copy_from_slice(&self.last_access_ns.to_le_bytes());
+        b[26..34].copy_from_slice(&self.cost_s.to_le_bytes());
+        let (kind, until) = match self.pin {
+            None => (0u8, 0u64),
+            Some(Pin::Hard) => (1, 0),
+            Some(Pin::Soft { until_unix_s }) => (2, until_unix_s),
+        };
+        b[34] = kind;
+        b[35..43].copy_from_slice(&until.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != Self::LEN || b[0] != META_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "meta record of {} bytes",
+                b.len()
+            )));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let pin = match b[34] {
+            0 => None,
+            1 => Some(Pin::Hard),
+            2 => Some(Pin::Soft {
+                until_unix_s: u64_at(35),
+            }),
+            k => return Err(StoreError::Corrupt(format!("pin kind {k}"))),
+        };
+        Ok(Self {
+            stored: u64_at(1),
+            codec: Codec::from_id(b[9])?,
+            created_ns: u64_at(10),
+            last_access_ns: u64_at(18),
+            cost_s: f64::from_le_bytes(b[26..34].try_into().expect("8 bytes")),
+            pin,
+        })
+    }
+}
+
+fn header_key(key: &ChunkKey) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[..32].copy_from_slice(&key.0);
+    k[32] = b'h';
+    k
+}
+
+fn layer_key(key: &ChunkKey, layer: usize) -> [u8; 37] {
+    let mut k = [0u8; 37];
+    k[..32].copy_from_slice(&key.0);
+    k[32] = b'l';
+    k[33..].copy_from_slice(&(layer as u32).to_be_bytes());
+    k
+}
+
+struct Inner {
+    db: DB,
+    path: PathBuf,
+    config: SsdConfig,
+    index: Arc<TierIndex>,
+    pins: Pins,
+    stats: TierStats,
+    /// Last-access times not yet written to `meta` (persisted on flush).
+    touched: Mutex<HashMap<ChunkKey, u64>>,
+    /// The last timestamp handed out by [`Inner::now_ns`].
+    clock: AtomicU64,
+}
+
+/// The SSD tier. Cheap to clone.
+#[derive(Clone)]
+pub struct SsdTier(Arc<Inner>);
+
+impl Inner {
+    fn db_err(&self, e: rocksdb::Error) -> StoreError {
+        classify(&self.path, e)
+    }
+
+    fn data(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(DATA_CF)
+            .expect("data column family exists")
+    }
+
+    fn meta(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(META_CF)
+            .expect("meta column family exists")
+    }
+
+    fn write_opts(&self) -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(self.config.sync_writes);
+        w
+    }
+
+    /// Reads and verifies the header; `Ok(None)` when absent.
+    fn read_header(&self, key: &ChunkKey) -> Result<Option<ObjectHeader>> {
+        let Some(raw) = self
+            .db
+            .get_pinned_cf(self.data(), header_key(key))
+            .map_err(|e| self.db_err(e))?
+        else {
+            return Ok(None);
+        };
+        let (h, len) = decode_header(&raw)?;
+        if len != raw.len() || h.info.key != *key {
+            return Err(StoreError::Corrupt(format!(
+                "header stored under {key} does not belong to it"
+            )));
+        }
+        Ok(Some(h))
+    }
+
+    fn read_layer(&self, header: &ObjectHeader, layer: usize) -> Result<Option<Bytes>> {
+        let key = &header.info.key;
+        let Some(raw) = self
+            .db
+            .get_pinned_cf(self.data(), layer_key(key, layer))
+            .map_err(|e| self.db_err(e))?
+        else {
+            return Err(StoreError::Corrupt(format!(
+                "object {key} lacks layer {layer}"
+            )));
+        };
+        TierStats::add(&self.stats.bytes_out, raw.len() as u64);
+        decode_record(header, layer, &raw).map(Some)
+    }
+
+    /// Turns a failed verification into a miss: count it, log it, drop the object.
+    fn quarantine<T>(&self, key: &ChunkKey, r: Result<Option<T>>) -> Result<Option<T>> {
+        match r {
+            Err(
+                e
+                @ (StoreError::Checksum { .. } | StoreError::Corrupt(_) | StoreError::Mismatch(_)),
+            ) => {
+                TierStats::add(&self.stats.checksum_failures, 1);
+                tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
+                if let Err(e) = self.delete(key) {
+                    tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object");
+                }
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    fn hit(&self, key: &ChunkKey) {
+        TierStats::add(&self.stats.hits, 1);
+        self.index.touch(key);
+        let now = self.now_ns();
+        self.touched.lock().insert(*key, now);
+    }
+
+    /// Wall-clock nanoseconds, forced strictly increasing so recorded access order has no ties.
+    fn now_ns(&self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let prev = self.clock.fetch_max(wall, Ordering::Relaxed);
+        if wall > prev {
+            wall
+        } else {
+            self.clock.fetch_add(1, Ordering::Relaxed) + 1
+        }
+    }
+
+    fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        let existed = self
+            .db
+            .get_pinned_cf(self.meta(), key.0)
+            .map_err(|e| self.db_err(e))?
+            .is_some()
+            || self
+                .db
+                .get_pinned_cf(self.data(), header_key(key))
+                .map_err(|e| self.db_err(e))?
+                .is_some();
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.meta(), key.0);
+        b.delete_cf(self.data(), header_key(key));
+        let mut lo = [0u8; 33];
+        lo[..32].copy_from_slice(&key.0);
+        lo[32] = b'l';
+        let mut hi = lo;
+        hi[32] = b'm';
+        b.delete_range_cf(self.data(), lo, hi);
+        self.db
+            .write_opt(b, &self.write_opts())
+            .map_err(|e| self.db_err(e))?;
+        self.index.remove(key);
+        self.touched.lock().remove(key);
+        Ok(existed)
+    }
+
+    fn put_blocking(&self, obj: &KvObject, cost_s: f64) -> Result<PutOutcome> {
+        let key = *obj.key();
+        if self.index.contains(&key) {
+            return Ok(PutOutcome::default());
+        }
+        let enc = obj.encode(self.config.codec);
+        let stored = enc.header.stored_len(enc.header_bytes.len());
+        let (reservation, victims) = self.index.admit(key, stored, cost_s)?;
+        for (v, _) in &victims {
+            self.delete(v)?;
+        }
+        let now = self.now_ns();
+        let meta = Meta {
+            stored,
+            codec: self.config.codec,
+            created_ns: now,
+            last_access_ns: now,
+            cost_s,
+            pin: self.pins.get(&key),
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(self.data(), header_key(&key), &enc.header_bytes);
+        for (i, r) in enc.records.iter().enumerate() {
+            b.put_cf(self.data(), layer_key(&key, i), r);
+        }
+        b.put_cf(self.meta(), key.0, meta.encode());
+        // on error the reservation is dropped, releasing the bytes: nothing half-written
+        self.db
+            .write_opt(b, &self.write_opts())
+            .map_err(|e| self.db_err(e))?;
+        reservation.commit();
+        TierStats::add(&self.stats.evictions, victims.len() as u64);
+        TierStats::add(&self.stats.puts, 1);
+        TierStats::add(&self.stats.bytes_in, stored);
+        Ok(PutOutcome {
+            written: true,
+            evicted: victims.into_iter().map(|(k, _)| (k, None)).collect(),
+        })
+    }
+
+    fn flush_blocking(&self) -> Result<()> {
+        let touched: Vec<(ChunkKey, u64)> = self.touched.lock().drain().collect();
+        let mut b = WriteBatch::default();
+        for (key, at) in touched {
+            if let Some(raw) = self
+                .db
+                .get_pinned_cf(self.meta(), key.0)
+                .map_err(|e| self.db_err(e))?
+            {
+                let mut m = Meta::decode(&raw)?;
+                m.last_access_ns = m.last_access_ns.max(at);
+                m.pin = self.pins.get(&key);
+                b.put_cf(self.meta(), key.0, m.encode());
+            }
+        }
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(b, &w).map_err(|e| self.db_err(e))?;
+        self.db.flush_wal(true).map_err(|e| self.db_err(e))
+    }
+}
+
+/// Maps RocksDB errors onto the store's, recognising a full disk.
+fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
+    let detail = e.into_string();
+    let full = [
+        "No space left on device",
+        "ENOSPC",
+        "File too large",
+        "Disk quota exceeded",
+    ];
+    if full.iter().any(|m| detail.contains(m)) {
+        StoreError::DiskFull {
+            path: path.display().to_string(),
+            detail,
+        }
+    } else {
+        StoreError::Db {
+            path: path.display().to_string(),
+            detail,
+        }
+    }
+}
+
+impl SsdTier {
+    /// Opens (or creates) the tier at `config.path` and rebuilds its index from `meta`,
+    /// restoring pins into `pins`.
+    pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
+        std::fs::create_dir_all(&config.path).map_err(|source| StoreError::Io {
+            path: config.path.display().to_string(),
+            source,
+        })?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_compression_type(DBCompressionType::None);
+        let mut data_opts = Options::default();
+        data_opts.set_compression_type(DBCompressionType::None);
+        data_opts.set_enable_blob_files(true);
+        data_opts.set_min_blob_size(4096);
+        data_opts.set_blob_file_size(256 << 20);
+        data_opts.set_blob_compression_type(DBCompressionType::None);
+        data_opts.set_enable_blob_gc(true);
+        let mut meta_opts = Options::default();
+        meta_opts.set_compression_type(DBCompressionType::None);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(DATA_CF, data_opts),
+            ColumnFamilyDescriptor::new(META_CF, meta_opts),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs)
+            .map_err(|e| classify(&config.path, e))?;
+        let index = Arc::new(TierIndex::new(
+            "ssd",
+            config.capacity,
+            config.policy,
+            pins.clone(),
+        ));
+        let inner = Inner {
+            db,
+            path: config.path.clone(),
+            config,
+            index,
+            pins,
+            stats: TierStats::default(),
+            touched: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+        };
+        let mut metas = Vec::new();
+        for item in inner.db.iterator_cf(inner.meta(), IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| inner.db_err(e))?;
+            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else {
+                tracing::warn!(
+                    "SSD tier: ignoring a meta entry with a {}-byte key",
+                    k.len()
+                );
+                continue;
+            };
+            match Meta::decode(&v) {
+                Ok(m) => metas.push((ChunkKey(key), m)),
+                Err(e) => {
+                    tracing::warn!(key = %ChunkKey(key), error = %e, "SSD tier: unreadable meta entry")
+                }
+            }
+        }
+        metas.sort_by_key(|(_, m)| m.last_access_ns);
+        if let Some((_, m)) = metas.last() {
+            inner
+                .clock
+                .store(m.last_access_ns.max(m.created_ns), Ordering::Relaxed);
+        }
+        for (key, m) in metas {
+            inner.index.restore(key, m.stored, m.cost_s);
+            if let Some(p) = m.pin {
+                inner.pins.set(key, p);
+            }
+        }
+        Ok(Self(Arc::new(inner)))
+    }
+
+    /// Runs blocking RocksDB work off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Invalid(format!("SSD tier task failed: {e}")))?
+    }
+
+    /// Pins or unpins `key`, persisting the pin in `meta`.
+    pub async fn persist_pin(&self, key: ChunkKey) -> Result<()> {
+        self.blocking(move |s| {
+            if let Some(raw) =
+                s.db.get_pinned_cf(s.meta(), key.0)
+                    .map_err(|e| s.db_err(e))?
+            {
+                let mut m = Meta::decode(&raw)?;
+                m.pin = s.pins.get(&key);
+                s.db.put_cf_opt(s.meta(), key.0, m.encode(), &s.write_opts())
+                    .map_err(|e| s.db_err(e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads and verifies every object; returns the keys that failed (and were dropped).
+    pub async fn verify_all(&self) -> Result<Vec<ChunkKey>> {
+        let this = self.clone();
+        let keys = self.keys();
+        let mut bad = Vec::new();
+        for key in keys {
+            if this.get(&key).await?.is_none() {
+                bad.push(key);
+            }
+        }
+        Ok(bad)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+}
+
+#[async_trait]
+impl Tier for SsdTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Ssd
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.0.index.contains(key)
+    }
+
+    fn keys(&self) -> Vec<ChunkKey> {
+        self.0.index.keys()
+    }
+
+    async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
+        if !self.contains(key) {
+            TierStats::add(&self.0.stats.misses, 1);
+            return Ok(None);
+        }
+        let key = *key;
+        self.blocking(move |s| {
+            let t = Instant::now();
+            let h = s.read_header(&key);
+            let h = s.quarantine(&key, h)?;
+            match &h {
+                Some(_) => {
+                    s.hit(&key);
+                    s.stats.get_latency.record(t.elapsed());
+                }
+                None => TierStats::add(&s.stats.misses, 1),
+            }
+            Ok(h.map(|h| Arc::new(h.info)))
+        })
+        .await
+    }
+
+    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>> {
+        let key = *key;
+        self.blocking(move |s| {
+            let t = Instant::now();
+            let r = s.read_header(&key).and_then(|h| match h {
+                None => Ok(None),
+                Some(h) if layer >= h.layers.len() => Err(StoreError::Invalid(format!(
+                    "layer {layer} of {}",
+                    h.layers.len()
+                ))),
+                Some(h) => s.read_layer(&h, layer),
+            });
+            let r = match r {
+                Err(e @ StoreError::Invalid(_)) => return Err(e),
+                r => s.quarantine(&key, r)?,
+            };
+            if r.is_some() {
+                s.stats.get_latency.record(t.elapsed());
+            }
+            Ok(r)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
+        if !self.contains(key) {
+            TierStats::add(&self.0.stats.misses, 1);
+            return Ok(None);
+        }
+        let key = *key;
+        self.blocking(move |s| {
+            let t = Instant::now();
+            let r = s.read_header(&key).and_then(|h| match h {
+                None => Ok(None),
+                Some(h) => {
+                    let layers = (0..h.layers.len())
+                        .map(|i| {
+                            s.read_layer(&h, i)
+                                .map(|l| l.expect("read_layer returns Some or Err"))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    KvObject::from_parts(&h, layers).map(Some)
+                }
+            });
+            let r = s.quarantine(&key, r)?;
+            match &r {
+                Some(_) => {
+                    s.hit(&key);
+                    s.stats.get_latency.record(t.elapsed());
+                }
+                None => TierStats::add(&s.stats.misses, 1),
+            }
+            Ok(r.map(Arc::new))
+        })
+        .await
+    }
+
+    async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome> {
+        self.blocking(move |s| {
+            let t = Instant::now();
+            let r = s.put_blocking(&obj, cost_s);
+            s.stats.put_latency.record(t.elapsed());
+            r
+        })
+        .await
+    }
+
+    async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let key = *key;
+        self.blocking(move |s| {
+            let existed = s.delete(&key)?;
+            if existed {
+                TierStats::add(&s.stats.removes, 1);
+            }
+            Ok(existed)
+        })
+        .await
+    }
+
+    fn lease(&self, key: &ChunkKey) -> Option<Lease> {
+        self.0.index.lease(key)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.blocking(|s| s.flush_blocking()).await
+    }
+
+    fn stats(&self) -> crate::TierStatsSnapshot {
+        let i = &self.0.index;
+        self.0
+            .stats
+            .snapshot("ssd", i.used(), i.capacity(), i.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trip() {
+        let m = Meta {
+            stored: 123,
+            codec: Codec::Lz4,
+            created_ns: 5,
+            last_access_ns: 9,
+            cost_s: 0.25,
+            pin: Some(Pin::Soft { until_unix_s: 77 }),
+        };
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
+        assert!(Meta::decode(&m.encode()[..10]).is_err());
+    }
+}

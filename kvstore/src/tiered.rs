@@ -1,0 +1,328 @@
+//! The tiered store: tiers fastest first, one lookup path, promotion on hit, write-through
+//! or write-back, shared pins.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::error::{Result, StoreError};
+use crate::index::{Lease, Pin, Pins};
+use crate::key::ChunkKey;
+use crate::object::{KvObject, ObjectInfo};
+use crate::policy::PolicyKind;
+use crate::stats::TierStatsSnapshot;
+use crate::tier::{HostTier, SsdConfig, SsdTier, Tier, TierKind};
+
+/// When a put reaches the slower tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WritePolicy {
+    /// Every tier is written before `put` returns (durable at once).
+    #[default]
+    WriteThrough,
+    /// Only the fastest tier is written; slower tiers get the object when it is evicted from
+    /// the faster one, or on [`TieredStore::flush`].
+    WriteBack,
+}
+
+/// Settings of a [`TieredStore`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Host tier capacity, bytes of K/V.
+    pub host_capacity: u64,
+    pub host_policy: PolicyKind,
+    /// The SSD tier, if any.
+    pub ssd: Option<SsdConfig>,
+    pub write: WritePolicy,
+    /// Copy objects found in a slower tier into the faster ones.
+    pub promote_on_hit: bool,
+}
+
+/// A hit: what the object holds and which tier answered.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub info: Arc<ObjectInfo>,
+    pub tier: TierKind,
+}
+
+/// Layers of one object arriving in order, read ahead by a background task.
+pub struct LayerStream {
+    pub info: Arc<ObjectInfo>,
+    pub tier: TierKind,
+    rx: mpsc::Receiver<Result<Bytes>>,
+}
+
+impl LayerStream {
+    /// The next layer's K‖V, `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        self.rx.recv().await
+    }
+
+    /// The same, for callers outside the async runtime (model threads).
+    pub fn next_blocking(&mut self) -> Option<Result<Bytes>> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// KV objects in tiers, fastest first.
+pub struct TieredStore {
+    tiers: Vec<Arc<dyn Tier>>,
+    ssd: Option<SsdTier>,
+    pins: Pins,
+    write: WritePolicy,
+    promote_on_hit: bool,
+    /// Objects in the fastest tier not yet written below it (write-back).
+    dirty: Mutex<HashSet<ChunkKey>>,
+}
+
+impl TieredStore {
+    /// Opens the configured tiers (the SSD tier rebuilds its index from disk).
+    pub fn open(config: StoreConfig) -> Result<Self> {
+        let pins = Pins::default();
+        let host: Arc<dyn Tier> = Arc::new(HostTier::new(
+            config.host_capacity,
+            config.host_policy,
+            pins.clone(),
+        ));
+        let mut tiers = vec![host];
+        let ssd = match config.ssd {
+            Some(c) => {
+                let s = SsdTier::open(c, pins.clone())?;
+                tiers.push(Arc::new(s.clone()));
+                Some(s)
+            }
+            None => None,
+        };
+        Ok(Self {
+            tiers,
+            ssd,
+            pins,
+            write: config.write,
+            promote_on_hit: config.promote_on_hit,
+            dirty: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The tiers, fastest first.
+    pub fn tiers(&self) -> &[Arc<dyn Tier>] {
+        &self.tiers
+    }
+
+    /// The fastest tier holding `key`, without I/O or statistics.
+    pub fn locate(&self, key: &ChunkKey) -> Option<TierKind> {
+        self.tiers
+            .iter()
+            .find(|t| t.contains(key))
+            .map(|t| t.kind())
+    }
+
+    /// What `key` holds, from the fastest tier that has it (verified).
+    pub async fn lookup(&self, key: &ChunkKey) -> Result<Option<Found>> {
+        for t in &self.tiers {
+            if !t.contains(key) {
+                continue;
+            }
+            if let Some(info) = t.info(key).await? {
+                return Ok(Some(Found {
+                    info,
+                    tier: t.kind(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The whole object from the fastest tier that has it; promoted to faster tiers.
+    pub async fn get(&self, key: &ChunkKey) -> Result<Option<(Arc<KvObject>, TierKind)>> {
+        for (i, t) in self.tiers.iter().enumerate() {
+            if !t.contains(key) {
+                continue;
+            }
+            if let Some(obj) = t.get(key).await? {
+                if i > 0 && self.promote_on_hit {
+                    self.promote(i, &obj).await;
+                }
+                return Ok(Some((obj, t.kind())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Streams `key`'s layers in order from the fastest tier that has it, reading ahead
+    /// `read_ahead` layers; the object is leased until the stream ends and promoted after.
+    pub async fn read_layers(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+        read_ahead: usize,
+    ) -> Result<Option<LayerStream>> {
+        for (i, t) in self.tiers.iter().enumerate() {
+            let Some(lease) = t.lease(key) else { continue };
+            let Some(info) = t.info(key).await? else {
+                continue;
+            };
+            let (tx, rx) = mpsc::channel(read_ahead.max(1));
+            let (tier, store, key, n) = (
+                Arc::clone(t),
+                Arc::clone(self),
+                *key,
+                info.layout.num_layers as usize,
+            );
+            let info_task = Arc::clone(&info);
+            tokio::spawn(async move {
+                let _lease: Lease = lease;
+                let mut layers = Vec::with_capacity(n);
+                for l in 0..n {
+                    let r = match tier.layer(&key, l).await {
+                        Ok(Some(b)) => Ok(b),
+                        Ok(None) => Err(StoreError::Corrupt(format!(
+                            "object {key} lost layer {l} mid-read"
+                        ))),
+                        Err(e) => Err(e),
+                    };
+                    let ok = r.as_ref().ok().cloned();
+                    if tx.send(r).await.is_err() {
+                        return; // the reader went away
+                    }
+                    match ok {
+                        Some(b) => layers.push(b),
+                        None => return,
+                    }
+                }
+                if i > 0 && store.promote_on_hit {
+                    let i2 = &info_task;
+                    if let Ok(obj) = KvObject::new(
+                        i2.key,
+                        i2.layout,
+                        i2.tokens.clone(),
+                        layers,
+                        i2.stats.clone(),
+                    ) {
+                        store.promote(i, &Arc::new(obj)).await;
+                    }
+                }
+            });
+            return Ok(Some(LayerStream {
+                info,
+                tier: t.kind(),
+                rx,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Copies `obj`, found in tier `found_at`, into every faster tier (best effort).
+    async fn promote(&self, found_at: usize, obj: &Arc<KvObject>) {
+        for t in self.tiers[..found_at].iter().rev() {
+            match t.put(Arc::clone(obj), 0.0).await {
+                Ok(out) => self.demote(&out.evicted).await,
+                Err(e) => tracing::debug!(key = %obj.key(), error = %e, "promotion skipped"),
+            }
+        }
+    }
+
+    /// Write-back: objects evicted from the fastest tier before reaching the slower ones are
+    /// written down now.
+    async fn demote(&self, evicted: &[(ChunkKey, Option<Arc<KvObject>>)]) {
+        if self.write != WritePolicy::WriteBack {
+            return;
+        }
+        for (key, obj) in evicted {
+            if !self.dirty.lock().remove(key) {
+                continue;
+            }
+            let Some(obj) = obj else { continue };
+            for t in &self.tiers[1..] {
+                if let Err(e) = t.put(Arc::clone(obj), 0.0).await {
+                    tracing::warn!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object failed; it is lost from this tier");
+                }
+            }
+        }
+    }
+
+    /// Stores `obj`; `cost_s` is the seconds its recomputation would take (for cost-aware
+    /// eviction). Content-addressed: storing a key that is already held is a no-op.
+    pub async fn put(&self, obj: KvObject, cost_s: f64) -> Result<()> {
+        let obj = Arc::new(obj);
+        let key = *obj.key();
+        let targets: &[Arc<dyn Tier>] = match self.write {
+            WritePolicy::WriteThrough => &self.tiers,
+            WritePolicy::WriteBack => &self.tiers[..1],
+        };
+        let mut first_err = None;
+        for t in targets {
+            match t.put(Arc::clone(&obj), cost_s).await {
+                Ok(out) => {
+                    if self.write == WritePolicy::WriteBack && out.written && self.tiers.len() > 1 {
+                        self.dirty.lock().insert(key);
+                    }
+                    self.demote(&out.evicted).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes `key` from every tier; false if no tier held it.
+    pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let mut any = false;
+        for t in &self.tiers {
+            any |= t.remove(key).await?;
+        }
+        self.dirty.lock().remove(key);
+        self.pins.clear(key);
+        Ok(any)
+    }
+
+    /// Protects `key` from eviction in every tier (persisted by the SSD tier).
+    pub async fn pin(&self, key: &ChunkKey, pin: Pin) -> Result<()> {
+        self.pins.set(*key, pin);
+        if let Some(s) = &self.ssd {
+            s.persist_pin(*key).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn unpin(&self, key: &ChunkKey) -> Result<()> {
+        self.pins.clear(key);
+        if let Some(s) = &self.ssd {
+            s.persist_pin(*key).await?;
+        }
+        Ok(())
+    }
+
+    /// Leases `key` in every tier that holds it.
+    pub fn lease(&self, key: &ChunkKey) -> Vec<Lease> {
+        self.tiers.iter().filter_map(|t| t.lease(key)).collect()
+    }
+
+    /// Writes dirty objects down (write-back) and makes every tier durable.
+    pub async fn flush(&self) -> Result<()> {
+        let dirty: Vec<ChunkKey> = self.dirty.lock().drain().collect();
+        for key in dirty {
+            if let Some(obj) = self.tiers[0].get(&key).await? {
+                for t in &self.tiers[1..] {
+                    t.put(Arc::clone(&obj), 0.0).await?;
+                }
+            }
+        }
+        for t in &self.tiers {
+            t.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Vec<TierStatsSnapshot> {
+        self.tiers.iter().map(|t| t.stats()).collect()
+    }
+}

@@ -1,0 +1,52 @@
+//! Helpers shared by the kvstore integration tests.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use kvquilt_kvstore::{ChunkKey, KeyContext, KvDType, KvLayout, KvObject, RopeScalingSpec};
+
+pub fn layout(dtype: KvDType, layers: u32) -> KvLayout {
+    KvLayout {
+        num_layers: layers,
+        num_kv_heads: 2,
+        head_dim: 8,
+        dtype,
+        k_pre_rope: true,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScalingSpec::None,
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Object number `seed`: its tokens, key and K/V bytes all follow from the seed, so any
+/// reader can recompute what it must contain.
+pub fn object(seed: u64, tokens: usize, layout: KvLayout) -> KvObject {
+    let toks: Vec<u32> = (0..tokens as u32)
+        .map(|i| i.wrapping_mul(31).wrapping_add(seed as u32))
+        .collect();
+    let key = context(&layout).chunk_key(&toks);
+    let per = layout.layer_bytes(tokens);
+    let layers = (0..layout.num_layers as u64)
+        .map(|l| Bytes::from(noise(seed * 1000 + l, per)))
+        .collect();
+    KvObject::new(key, layout, toks, layers, None).unwrap()
+}
+
+pub fn context(layout: &KvLayout) -> KeyContext {
+    KeyContext::new(b"test", &[7; 32], &[8; 32], layout)
+}
+
+pub fn key_of(seed: u64, tokens: usize, layout: KvLayout) -> ChunkKey {
+    *object(seed, tokens, layout).key()
+}

@@ -1,0 +1,250 @@
+//! The SSD tier: persistence across reopen, corruption on disk, pins, and a full disk.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{layout, object};
+use kvquilt_kvstore::{
+    Codec, KvDType, Pin, Pins, PolicyKind, SsdConfig, SsdTier, StoreError, Tier,
+};
+
+fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
+    SsdConfig {
+        path: dir.to_path_buf(),
+        capacity,
+        policy: PolicyKind::Lru,
+        codec,
+        sync_writes: true,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
+        for codec in [Codec::Raw, Codec::Lz4] {
+            let path = dir.path().join(format!("{dtype:?}-{codec:?}"));
+            let obj = object(1, 33, layout(dtype, 3));
+            {
+                let t = SsdTier::open(config(&path, 1 << 30, codec), Pins::default()).unwrap();
+                assert!(t.put(Arc::new(obj.clone()), 1.0).await.unwrap().written);
+                assert!(
+                    !t.put(Arc::new(obj.clone()), 1.0).await.unwrap().written,
+                    "second put is a no-op"
+                );
+            }
+            let t = SsdTier::open(config(&path, 1 << 30, codec), Pins::default()).unwrap();
+            assert_eq!(t.keys(), vec![*obj.key()]);
+            let got = t.get(obj.key()).await.unwrap().unwrap();
+            assert_eq!(*got, obj);
+            let info = t.info(obj.key()).await.unwrap().unwrap();
+            assert_eq!(info.tokens, obj.tokens());
+            for l in 0..3 {
+                assert_eq!(t.layer(obj.key(), l).await.unwrap().unwrap(), obj.layer(l));
+            }
+            assert!(
+                t.layer(obj.key(), 3).await.is_err(),
+                "layer past the last is an error, not a miss"
+            );
+        }
+    }
+}
+
+/// Corrupt one stored value behind the tier's back: the read is a miss, counted, and the
+/// object is dropped; other objects are untouched.
+#[tokio::test]
+async fn corruption_on_disk_is_a_counted_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        object(1, 20, layout(KvDType::F32, 2)),
+        object(2, 20, layout(KvDType::F32, 2)),
+    );
+    {
+        let t = SsdTier::open(config(dir.path(), 1 << 30, Codec::Raw), Pins::default()).unwrap();
+        t.put(Arc::new(a.clone()), 1.0).await.unwrap();
+        t.put(Arc::new(b.clone()), 1.0).await.unwrap();
+    }
+    {
+        // flip one byte of layer 1 of `a`, straight in RocksDB
+        let cfs = ["data", "meta"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), cfs).unwrap();
+        let cf = db.cf_handle("data").unwrap();
+        let mut k = a.key().0.to_vec();
+        k.push(b'l');
+        k.extend_from_slice(&1u32.to_be_bytes());
+        let mut v = db.get_cf(cf, &k).unwrap().unwrap();
+        v[100] ^= 0x10;
+        db.put_cf(cf, &k, v).unwrap();
+    }
+    let t = SsdTier::open(config(dir.path(), 1 << 30, Codec::Raw), Pins::default()).unwrap();
+    assert!(t.get(a.key()).await.unwrap().is_none());
+    let s = t.stats();
+    assert_eq!(s.checksum_failures, 1);
+    assert_eq!(s.misses, 1);
+    assert!(!t.contains(a.key()), "the corrupt object was dropped");
+    assert_eq!(*t.get(b.key()).await.unwrap().unwrap(), b);
+}
+
+#[tokio::test]
+async fn pins_persist_and_protect() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layout(KvDType::F32, 2);
+    let objs: Vec<_> = (0..4).map(|i| object(i, 16, l)).collect();
+    let one = objs[0].encode(Codec::Raw).to_bytes().len() as u64;
+    {
+        let pins = Pins::default();
+        let t = SsdTier::open(config(dir.path(), 3 * one, Codec::Raw), pins.clone()).unwrap();
+        for o in &objs[..3] {
+            t.put(Arc::new(o.clone()), 1.0).await.unwrap();
+        }
+        pins.set(*objs[0].key(), Pin::Hard);
+        t.persist_pin(*objs[0].key()).await.unwrap();
+    }
+    let pins = Pins::default();
+    let t = SsdTier::open(config(dir.path(), 3 * one, Codec::Raw), pins.clone()).unwrap();
+    assert_eq!(pins.get(objs[0].key()), Some(Pin::Hard));
+    // the oldest object is pinned, so the next oldest goes
+    let out = t.put(Arc::new(objs[3].clone()), 1.0).await.unwrap();
+    assert_eq!(out.evicted.len(), 1);
+    assert_eq!(out.evicted[0].0, *objs[1].key());
+    assert!(t.contains(objs[0].key()));
+}
+
+/// A full disk: a clear error, nothing half-written, earlier objects intact.
+#[test]
+fn full_disk_is_a_clear_error() {
+    let Some(mnt) = TmpfsMount::new(6 << 20) else {
+        eprintln!(
+            "tmpfs mount not permitted; checking a full disk through RLIMIT_FSIZE in a child process"
+        );
+        return full_disk_via_rlimit();
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(fill_until_full(mnt.path.join("db")));
+    assert!(
+        outcome.written > 0,
+        "some objects fit before the disk filled"
+    );
+    assert!(
+        outcome.disk_full,
+        "the last write reported a full disk: {}",
+        outcome.error
+    );
+}
+
+struct FillOutcome {
+    written: usize,
+    disk_full: bool,
+    error: String,
+}
+
+async fn fill_until_full(path: std::path::PathBuf) -> FillOutcome {
+    let l = layout(KvDType::F32, 4);
+    let t = SsdTier::open(config(&path, u64::MAX, Codec::Raw), Pins::default()).unwrap();
+    let mut written = Vec::new();
+    let mut err = None;
+    for i in 0..10_000u64 {
+        let o = object(i, 256, l);
+        match t.put(Arc::new(o), 1.0).await {
+            Ok(_) => written.push(i),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("a 6 MiB disk fills before 10,000 objects of 128 KiB");
+    // earlier objects are intact and verify, through this handle and after reopening
+    for &i in &written {
+        let want = object(i, 256, l);
+        assert_eq!(
+            *t.get(want.key()).await.unwrap().unwrap(),
+            want,
+            "object {i} after the failed write"
+        );
+    }
+    let failed_key = *object(written.len() as u64, 256, l).key();
+    assert!(!t.contains(&failed_key), "the failed object is not listed");
+    FillOutcome {
+        written: written.len(),
+        disk_full: matches!(e, StoreError::DiskFull { .. }),
+        error: e.to_string(),
+    }
+}
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct TmpfsMount {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    fn new(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Self {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Without mount rights: re-run this test binary as a child limited to 6 MiB per file
+/// (RLIMIT_FSIZE, SIGXFSZ ignored), which makes RocksDB's writes fail like a full disk.
+fn full_disk_via_rlimit() {
+    if std::env::var_os("KVQ_FULL_DISK_CHILD").is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "full_disk_child",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env("KVQ_FULL_DISK_CHILD", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("FULL-DISK-OK"), "{stdout}");
+}
+
+#[test]
+#[ignore = "runs only as the child of full_disk_is_a_clear_error"]
+fn full_disk_child() {
+    let Some(dir) = std::env::var_os("KVQ_FULL_DISK_CHILD") else {
+        return;
+    };
+    // SAFETY: plain libc calls on this process before any file of the store is written.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let lim = libc::rlimit {
+            rlim_cur: 6 << 20,
+            rlim_max: 6 << 20,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let o = rt.block_on(fill_until_full(std::path::PathBuf::from(dir).join("db")));
+    assert!(o.written > 0 && o.disk_full, "{}", o.error);
+    println!("FULL-DISK-OK");
+}

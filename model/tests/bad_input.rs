@@ -1,0 +1,137 @@
+//! Bad input gets a clear, typed error: missing or truncated model files, files that are not
+//! GGUF, unknown architectures, prompts past the context window, out-of-vocabulary ids.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use kvquilt_model::{DType, Device, ModelError, load};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kvq-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn load_err(path: &std::path::Path) -> ModelError {
+    load(path, &Device::Cpu, DType::F32).expect_err("loading should fail")
+}
+
+#[test]
+fn missing_file() {
+    let e = load_err(std::path::Path::new("/nonexistent/model.gguf"));
+    assert!(matches!(e, ModelError::Io { .. }), "{e}");
+    assert!(e.to_string().contains("/nonexistent/model.gguf"));
+}
+
+#[test]
+fn truncated_gguf_is_named_truncated() {
+    let src = std::fs::read(common::smollm2_path()).unwrap();
+    for keep in [src.len() / 2, src.len() - 1] {
+        let p = tmp(&format!("truncated-{keep}.gguf"));
+        std::fs::write(&p, &src[..keep]).unwrap();
+        let e = load_err(&p);
+        assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+    // cut inside the header: still a clear GGUF error, not a panic
+    let p = tmp("header-only.gguf");
+    std::fs::write(&p, &src[..4096]).unwrap();
+    assert!(matches!(load_err(&p), ModelError::InvalidGguf { .. }));
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let p = tmp("noise.gguf");
+    std::fs::write(&p, b"this is not a model file at all, just some text").unwrap();
+    let e = load_err(&p);
+    assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
+}
+
+#[test]
+fn unknown_architecture_gguf() {
+    let p = tmp("mamba.gguf");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let arch = gguf_file::Value::String("mamba".into());
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
+    f.flush().unwrap();
+    let e = load_err(&p);
+    assert!(
+        matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "mamba"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_architecture_hf_dir() {
+    let dir = tmp("gpt2-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type":"gpt2","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":1e-5,"max_position_embeddings":16}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "gpt2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tmp("tiny-truncated");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = common::fixture("tiny-llama");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let st = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(matches!(e, ModelError::InvalidModel { .. }), "{e}");
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let m = common::tiny("llama");
+    let ctx = m.model.config().context_length;
+    let toks = vec![1u32; ctx + 1];
+    let pos: Vec<u32> = (0..toks.len() as u32).collect();
+    let mut cache = m.model.empty_cache().unwrap();
+    let e = m.model.prefill(&toks, &pos, &mut cache).unwrap_err();
+    assert!(
+        matches!(e, ModelError::ContextOverflow { needed, context } if needed == ctx + 1 && context == ctx),
+        "{e}"
+    );
+    assert!(
+        cache.is_empty(),
+        "a failed prefill leaves the cache as it was"
+    );
+    // a short prompt placed past the window fails the same way
+    let e = m
+        .model
+        .prefill(&[1, 2], &[ctx as u32 - 1, ctx as u32], &mut cache)
+        .unwrap_err();
+    assert!(matches!(e, ModelError::ContextOverflow { .. }), "{e}");
+}
+
+#[test]
+fn bad_token_ids_and_positions() {
+    let m = common::tiny("qwen2");
+    let mut cache = m.model.empty_cache().unwrap();
+    let e = m
+        .model
+        .prefill(&[5, 100_000], &[0, 1], &mut cache)
+        .unwrap_err();
+    assert!(matches!(e, ModelError::InvalidInput(_)), "{e}");
+    let e = m.model.prefill(&[5, 6], &[3, 3], &mut cache).unwrap_err();
+    assert!(e.to_string().contains("strictly increasing"), "{e}");
+    m.model.prefill(&[5, 6], &[0, 1], &mut cache).unwrap();
+    let e = m.model.prefill(&[7], &[1], &mut cache).unwrap_err();
+    assert!(
+        e.to_string().contains("after the cache's last position"),
+        "{e}"
+    );
+    assert_eq!(cache.len(), 2);
+}
