@@ -1,9 +1,7 @@
 #!/usr/bin/env python3
 """An independent implementation of kvquilt's chunk-key derivation (kvstore/src/key.rs), with
-the `blake3` package from PyPI. It reproduces the golden vector pinned in key.rs's tests:
-
-    pip install blake3 && scripts/key_reference.py
-    3d76b1c5d10d1a5b4bc40c877c95d0884b4733f656bb1de21caa7d779811bc3e
+the `blake3` package from PyPI. It prints the golden vectors pinned in key.rs's tests
+(`pip install blake3 && scripts/key_reference.py`).
 """
 import struct
 
@@ -23,12 +21,31 @@ def context(namespace: bytes, model: bytes, tokenizer: bytes, layers, kv_heads, 
     return h.digest()
 
 
+def token_field(tokens) -> bytes:
+    d = blake3.blake3(struct.pack(f"<{len(tokens)}I", *tokens), derive_key_context="kvquilt 2026-11 token ids")
+    return struct.pack("<Q", len(tokens)) + d.digest()
+
+
 def chunk_key(ctx: bytes, tokens) -> str:
     h = blake3.blake3(derive_key_context="kvquilt 2026-11 chunk key")
-    h.update(field(ctx) + struct.pack("<Q", len(tokens)) + struct.pack(f"<{len(tokens)}I", *tokens))
+    h.update(field(ctx) + token_field(tokens))
+    return h.hexdigest()
+
+
+def prefix_root(ctx: bytes) -> bytes:
+    return blake3.blake3(field(ctx), derive_key_context="kvquilt 2026-11 prefix root").digest()
+
+
+def prefix_key(parent: bytes, tokens) -> str:
+    h = blake3.blake3(derive_key_context="kvquilt 2026-11 prefix key")
+    h.update(field(parent) + token_field(tokens))
     return h.hexdigest()
 
 
 if __name__ == "__main__":
     c = context(b"", bytes([1] * 32), bytes([2] * 32), 30, 3, 64, 1, True, 100000.0)
     print(chunk_key(c, [504, 3575, 282, 4649, 314]))
+    print(chunk_key(c, []))
+    t = context(b"tenant-a", bytes([1] * 32), bytes([2] * 32), 30, 3, 64, 1, True, 100000.0)
+    print(chunk_key(t, [504, 3575, 282, 4649, 314]))
+    print(prefix_key(prefix_root(c), [1, 2, 3]))

@@ -281,26 +281,41 @@ impl EncodedObject {
 
 /// Checks layer `i`'s stored record against the header's checksum.
 pub fn verify_record(header: &ObjectHeader, i: usize, record: &[u8]) -> Result<()> {
-    let e = header
-        .layers
-        .get(i)
-        .ok_or_else(|| StoreError::Invalid(format!("layer {i} of {}", header.layers.len())))?;
+    let e = entry(header, i)?;
     if record.len() as u64 != e.stored_len || blake3::hash(record).as_bytes() != &e.checksum {
-        return Err(StoreError::Checksum {
-            key: header.info.key,
-            what: format!("layer {i}"),
-        });
+        return Err(checksum_error(header, i));
     }
     Ok(())
 }
 
-/// Verifies and decodes layer `i`'s stored record to its K‖V bytes.
-pub fn decode_record(header: &ObjectHeader, i: usize, record: &[u8]) -> Result<Bytes> {
+/// Verifies and decodes layer `i`'s stored record to its K‖V bytes. For the raw codec the
+/// record is returned as it is (no copy) once its checksum holds.
+pub fn decode_record(header: &ObjectHeader, i: usize, record: &Bytes) -> Result<Bytes> {
+    let e = entry(header, i)?;
     verify_record(header, i, record)?;
-    let raw = header
-        .codec
-        .decode(record, header.layers[i].raw_len as usize)?;
-    Ok(Bytes::from(raw))
+    match header.codec {
+        Codec::Raw if record.len() as u64 == e.raw_len => Ok(record.clone()),
+        Codec::Raw => Err(StoreError::Corrupt(format!(
+            "raw layer {i} is {} bytes, header says {}",
+            record.len(),
+            e.raw_len
+        ))),
+        codec => Ok(Bytes::from(codec.decode(record, e.raw_len as usize)?)),
+    }
+}
+
+fn entry(header: &ObjectHeader, i: usize) -> Result<&LayerEntry> {
+    header
+        .layers
+        .get(i)
+        .ok_or_else(|| StoreError::Invalid(format!("layer {i} of {}", header.layers.len())))
+}
+
+fn checksum_error(header: &ObjectHeader, i: usize) -> StoreError {
+    StoreError::Checksum {
+        key: header.info.key,
+        what: format!("layer {i}"),
+    }
 }
 
 struct Writer(Vec<u8>);

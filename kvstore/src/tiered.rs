@@ -252,16 +252,24 @@ impl TieredStore {
             WritePolicy::WriteThrough => &self.tiers,
             WritePolicy::WriteBack => &self.tiers[..1],
         };
+        // Write-back marks the object dirty before the fastest tier holds it: a concurrent put
+        // may evict it the moment it lands, and the eviction must find it dirty to demote it.
+        let write_back = self.write == WritePolicy::WriteBack && self.tiers.len() > 1;
+        let newly_dirty = write_back && self.dirty.lock().insert(key);
         let mut first_err = None;
         for t in targets {
             match t.put(Arc::clone(&obj), cost_s).await {
                 Ok(out) => {
-                    if self.write == WritePolicy::WriteBack && out.written && self.tiers.len() > 1 {
-                        self.dirty.lock().insert(key);
+                    if newly_dirty && !out.written {
+                        // already held: whoever stored it owns its dirtiness
+                        self.dirty.lock().remove(&key);
                     }
                     self.demote(&out.evicted).await;
                 }
                 Err(e) => {
+                    if newly_dirty {
+                        self.dirty.lock().remove(&key);
+                    }
                     tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
                     first_err.get_or_insert(e);
                 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{layout, object};
 use kvquilt_kvstore::{
-    Codec, KvDType, Pin, PolicyKind, SsdConfig, StoreConfig, Tier, TieredStore, WritePolicy,
+    Codec, KvDType, Pin, PolicyKind, SsdConfig, StoreConfig, TieredStore, WritePolicy,
 };
 
 const TOKENS: usize = 32;

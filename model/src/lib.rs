@@ -38,7 +38,7 @@ mod transformer;
 mod weights;
 
 pub use attention::ProbeRequest;
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use device::parse_device;

@@ -152,7 +152,8 @@ impl Model {
     /// `layer`), without touching any cache: what CacheBlend compares with cached KV.
     pub fn kv_projection(&self, layer: usize, hidden: &Tensor) -> Result<LayerKv> {
         let w = self.layer(layer)?;
-        let (_, k, v) = self.qkv(w, hidden)?;
+        let x = candle_nn::ops::rms_norm(hidden, &w.attn_norm, self.config.rms_norm_eps as f32)?;
+        let (_, k, v) = self.qkv(w, &x)?;
         Ok(LayerKv { k, v })
     }
 
@@ -187,10 +188,27 @@ impl Model {
     pub fn run_layers(
         &self,
         layers: Range<usize>,
+        hidden: Tensor,
+        rows: Rows<'_>,
+        cache: &mut KvCache,
+        probe: Option<&ProbeRequest>,
+    ) -> Result<LayersOutput> {
+        self.run_layers_with(layers, hidden, rows, cache, probe, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::run_layers`], calling `before_layer(l, kv)` with layer `l`'s cached KV just
+    /// before layer `l` runs, so a caller can supply that layer's KV late (layer-wise
+    /// pipelining: the store streams layer `l + 1` while layer `l` computes). What
+    /// `before_layer` leaves must keep the layer's shape; until it is called the layer may hold
+    /// placeholders.
+    pub fn run_layers_with(
+        &self,
+        layers: Range<usize>,
         mut hidden: Tensor,
         rows: Rows<'_>,
         cache: &mut KvCache,
         probe: Option<&ProbeRequest>,
+        before_layer: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
     ) -> Result<LayersOutput> {
         let c = &self.config;
         if layers.start >= layers.end || layers.end > c.num_layers {
@@ -280,7 +298,17 @@ impl Model {
             let w = &self.weights.layers[l];
             let x = candle_nn::ops::rms_norm(&hidden, &w.attn_norm, c.rms_norm_eps as f32)?;
             let (q, k_new, v_new) = self.qkv(w, &x)?;
-            let old = &cache.layers[l];
+            let mut supplied = cache.layers[l].clone();
+            before_layer(l, &mut supplied)?;
+            let want = [cache.len(), c.num_kv_heads, c.head_dim];
+            if supplied.k.dims() != want || supplied.v.dims() != want {
+                return Err(invalid_input(format!(
+                    "layer {l} KV supplied as K {:?} / V {:?}, expected {want:?}",
+                    supplied.k.dims(),
+                    supplied.v.dims()
+                )));
+            }
+            let old = &supplied;
             let kv = match &replace_index {
                 None => LayerKv::cat(&[old, &LayerKv { k: k_new, v: v_new }])?,
                 Some(index) => LayerKv {

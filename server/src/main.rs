@@ -23,6 +23,8 @@ enum Command {
     /// Manage model files.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
+    /// Answer quality and TTFT of the reuse modes beside full prefill, on real data.
+    Eval(cmd::eval::Args),
     /// Benchmarks (results as JSON and a table).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -34,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Model(c) => cmd::model::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Eval(a) => cmd::eval::run(a),
     }
 }

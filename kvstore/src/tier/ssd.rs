@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions,
+    ColumnFamilyDescriptor, DB, DBCompressionType, DBPinnableSlice, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
 };
 
 use super::{PutOutcome, Tier, TierKind};
@@ -37,6 +38,8 @@ use crate::stats::TierStats;
 const DATA_CF: &str = "data";
 const META_CF: &str = "meta";
 const META_VERSION: u8 = 1;
+/// Most threads one object read uses (one per 512 KiB of records).
+const READ_THREADS: usize = 8;
 
 /// Settings of an SSD tier.
 #[derive(Debug, Clone)]
@@ -128,6 +131,19 @@ fn layer_key(key: &ChunkKey, layer: usize) -> [u8; 37] {
     k
 }
 
+/// A RocksDB value kept alive past the read that fetched it. Fields drop in order: the
+/// slice before the database handle.
+struct PinnedValue {
+    slice: DBPinnableSlice<'static>,
+    _db: Arc<Inner>,
+}
+
+impl AsRef<[u8]> for PinnedValue {
+    fn as_ref(&self) -> &[u8] {
+        &self.slice
+    }
+}
+
 struct Inner {
     db: DB,
     path: PathBuf,
@@ -172,7 +188,7 @@ impl Inner {
     fn read_header(&self, key: &ChunkKey) -> Result<Option<ObjectHeader>> {
         let Some(raw) = self
             .db
-            .get_pinned_cf(self.data(), header_key(key))
+            .get_pinned_cf_opt(self.data(), header_key(key), &self.data_read_opts())
             .map_err(|e| self.db_err(e))?
         else {
             return Ok(None);
@@ -186,19 +202,73 @@ impl Inner {
         Ok(Some(h))
     }
 
-    fn read_layer(&self, header: &ObjectHeader, layer: usize) -> Result<Option<Bytes>> {
+    /// Options for reads of the data column family: RocksDB's own block checksums are off
+    /// there because every header and record is verified against its BLAKE3 checksum.
+    fn data_read_opts(&self) -> ReadOptions {
+        let mut r = ReadOptions::default();
+        r.set_verify_checksums(false);
+        r.fill_cache(false);
+        r
+    }
+
+    fn read_layer(self: &Arc<Self>, header: &ObjectHeader, layer: usize) -> Result<Option<Bytes>> {
         let key = &header.info.key;
-        let Some(raw) = self
+        let raw = self
             .db
-            .get_pinned_cf(self.data(), layer_key(key, layer))
+            .get_pinned_cf_opt(self.data(), layer_key(key, layer), &self.data_read_opts())
             .map_err(|e| self.db_err(e))?
-        else {
-            return Err(StoreError::Corrupt(format!(
-                "object {key} lacks layer {layer}"
-            )));
-        };
+            .ok_or_else(|| StoreError::Corrupt(format!("object {key} lacks layer {layer}")))?;
         TierStats::add(&self.stats.bytes_out, raw.len() as u64);
-        decode_record(header, layer, &raw).map(Some)
+        decode_record(header, layer, &self.pinned_bytes(raw)).map(Some)
+    }
+
+    /// The value RocksDB read, as `Bytes` that keep it (and the database) alive: a raw-codec
+    /// layer reaches the caller without a copy.
+    fn pinned_bytes(self: &Arc<Self>, slice: DBPinnableSlice<'_>) -> Bytes {
+        // SAFETY: the slice borrows `self.db`, which lives inside `Arc<Inner>`; `PinnedValue`
+        // holds that `Arc` and drops the slice before it, so the borrow never dangles.
+        let slice: DBPinnableSlice<'static> = unsafe { std::mem::transmute(slice) };
+        Bytes::from_owner(PinnedValue {
+            slice,
+            _db: Arc::clone(self),
+        })
+    }
+
+    /// Every layer of the object. Large objects are read by several threads at once (a cold
+    /// read then keeps several requests in flight on the device); each layer is verified as
+    /// soon as it arrives.
+    fn read_all_layers(self: &Arc<Self>, header: &ObjectHeader) -> Result<Vec<Bytes>> {
+        let n = header.layers.len();
+        let bytes = header.payload_len();
+        let readers = ((bytes >> 19) as usize).clamp(1, READ_THREADS).min(n);
+        if readers == 1 {
+            return (0..n)
+                .map(|l| {
+                    Ok(self
+                        .read_layer(header, l)?
+                        .expect("read_layer is Some or Err"))
+                })
+                .collect();
+        }
+        let mut out: Vec<Option<Result<Bytes>>> = (0..n).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let slots: Vec<&mut [Option<Result<Bytes>>]> =
+                out.chunks_mut(n.div_ceil(readers)).collect();
+            for (t, slot) in slots.into_iter().enumerate() {
+                let first = t * n.div_ceil(readers);
+                scope.spawn(move || {
+                    for (j, cell) in slot.iter_mut().enumerate() {
+                        *cell = Some(
+                            self.read_layer(header, first + j)
+                                .map(|b| b.expect("read_layer is Some or Err")),
+                        );
+                    }
+                });
+            }
+        });
+        out.into_iter()
+            .map(|r| r.expect("every layer slot is filled"))
+            .collect()
     }
 
     /// Turns a failed verification into a miss: count it, log it, drop the object.
@@ -326,6 +396,9 @@ impl Inner {
         let mut w = WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(b, &w).map_err(|e| self.db_err(e))?;
+        // memtables to disk: values move to blob files, the WAL can be recycled
+        self.db.flush_cf(self.data()).map_err(|e| self.db_err(e))?;
+        self.db.flush_cf(self.meta()).map_err(|e| self.db_err(e))?;
         self.db.flush_wal(true).map_err(|e| self.db_err(e))
     }
 }
@@ -364,6 +437,9 @@ impl SsdTier {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_compression_type(DBCompressionType::None);
+        // layer records are read whole and in order: let the kernel read ahead (RocksDB's
+        // default FADV_RANDOM made cold 2 MiB reads crawl in readahead-sized pieces)
+        db_opts.set_advise_random_on_open(false);
         let mut data_opts = Options::default();
         data_opts.set_compression_type(DBCompressionType::None);
         data_opts.set_enable_blob_files(true);
@@ -371,6 +447,9 @@ impl SsdTier {
         data_opts.set_blob_file_size(256 << 20);
         data_opts.set_blob_compression_type(DBCompressionType::None);
         data_opts.set_enable_blob_gc(true);
+        // values leave the memtable for blob files soon: the host tier, not RocksDB's
+        // memtable, is the in-memory copy
+        data_opts.set_write_buffer_size(16 << 20);
         let mut meta_opts = Options::default();
         meta_opts.set_compression_type(DBCompressionType::None);
         let cfs = vec![
@@ -430,7 +509,7 @@ impl SsdTier {
     /// Runs blocking RocksDB work off the async runtime.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Arc<Inner>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let inner = Arc::clone(&self.0);
         tokio::task::spawn_blocking(move || f(&inner))
@@ -544,12 +623,7 @@ impl Tier for SsdTier {
             let r = s.read_header(&key).and_then(|h| match h {
                 None => Ok(None),
                 Some(h) => {
-                    let layers = (0..h.layers.len())
-                        .map(|i| {
-                            s.read_layer(&h, i)
-                                .map(|l| l.expect("read_layer returns Some or Err"))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let layers = s.read_all_layers(&h)?;
                     KvObject::from_parts(&h, layers).map(Some)
                 }
             });

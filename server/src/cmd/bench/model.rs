@@ -1,23 +1,13 @@
-//! `kvquilt bench ...`: benchmarks that print a table and write JSON.
-//!
-//! Each benchmark repeats a measurement and reports the median, with the baseline it is
-//! compared to measured in the same run.
+//! `kvquilt bench model`: prefill throughput at several prompt lengths, and decode.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use clap::Subcommand;
+use anyhow::Result;
 use kvquilt_model::{Model, ModelConfig};
 use serde::Serialize;
 
+use super::{median, timed, write_report};
 use crate::model_source::ModelArgs;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Prefill throughput at several prompt lengths and decode throughput.
-    Model(ModelBenchArgs),
-}
 
 #[derive(clap::Args)]
 pub struct ModelBenchArgs {
@@ -63,13 +53,7 @@ struct ModelBenchReport {
     decode_tokens_per_s_median: f64,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Model(a) => bench_model(a),
-    }
-}
-
-fn bench_model(a: ModelBenchArgs) -> Result<()> {
+pub fn run(a: ModelBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, name) = match a.random.as_deref() {
@@ -128,19 +112,14 @@ fn bench_model(a: ModelBenchArgs) -> Result<()> {
         model: name,
         device: format!("{:?}", model.device()),
         dtype: format!("{:?}", model.dtype()),
-        threads: candle_threads(),
+        threads: super::threads(),
         repeats: a.repeats,
         prefill,
         decode_context: ctx.len(),
         decode_steps: steps,
         decode_tokens_per_s_median: decode_tps,
     };
-    let json = serde_json::to_string_pretty(&report)?;
-    match a.json {
-        Some(p) => std::fs::write(&p, json).with_context(|| format!("writing {}", p.display()))?,
-        None => println!("{json}"),
-    }
-    Ok(())
+    write_report(&report, a.json.as_deref())
 }
 
 /// Deterministic token ids spread over the vocabulary.
@@ -154,31 +133,4 @@ fn pseudo_tokens(n: usize, vocab: u64) -> Vec<u32> {
             (x % vocab) as u32
         })
         .collect()
-}
-
-/// One warm-up, then `repeats` timed runs, in seconds.
-fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    f()?;
-    (0..repeats.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f()?;
-            Ok(Duration::as_secs_f64(&t.elapsed()))
-        })
-        .collect()
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn candle_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

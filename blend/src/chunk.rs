@@ -1,0 +1,158 @@
+//! The one place that decides how a chunk becomes a stored object.
+//!
+//! The batch job, the HTTP API and blend's store-back all go through [`ChunkCodec`]; a second
+//! copy of any rule here is how caches silently stop matching. The contract
+//! ([`CHUNK_ENCODING`], folded into every key through [`crate::ModelIdentity`]):
+//!
+//! - **Tokenisation**: a chunk's text is tokenised alone, with no BOS and with special tokens
+//!   written in the text matched ([`ChunkCodec::tokenize`]). Callers that already hold token
+//!   ids pass them as they are.
+//! - **Positions**: a chunk is prefilled alone, at positions `0..T`, attending only to itself.
+//! - **Stored KV**: per layer, K before RoPE and V, `[T, kv_heads, head_dim]`, in the model's
+//!   compute dtype; blending places the keys at new positions by rotation.
+//! - **Key**: [`kvquilt_kvstore::KeyContext::chunk_key`] of the token ids, in the context of
+//!   the model identity and the caller's namespace.
+//!
+//! Prefix objects (exact prefix reuse) follow a second rule: segment `i` of a prompt is
+//! prefilled over the KV of segments `0..i` at its absolute positions, and stored under the
+//! prefix-chained key of segments `0..=i` ([`ChunkCodec::prefix_keys`]).
+
+use std::time::{Duration, Instant};
+
+use kvquilt_kvstore::{ChunkKey, KeyContext, KvLayout, KvObject, ObjectInfo, prefix_key};
+use kvquilt_model::{KvCache, Model, Tokenizer};
+
+use crate::error::{BlendError, Result, invalid};
+use crate::identity::ModelIdentity;
+use crate::tensor_bytes::{layer_from_bytes, layer_to_bytes};
+
+/// Names the encoding rules above; part of the model fingerprint, so changing the rules
+/// changes every key.
+pub const CHUNK_ENCODING: &str = "kvquilt.chunk.v1: alone at positions 0..T, no BOS, K pre-RoPE";
+
+/// Turns chunks into keys and stored objects, and stored objects back into KV, for one model
+/// and one namespace.
+#[derive(Debug, Clone)]
+pub struct ChunkCodec {
+    identity: ModelIdentity,
+    keys: KeyContext,
+}
+
+impl ChunkCodec {
+    /// `namespace` salts every key (a tenant's keys never match another tenant's).
+    pub fn new(identity: ModelIdentity, namespace: &[u8]) -> Self {
+        let keys = identity.key_context(namespace);
+        Self { identity, keys }
+    }
+
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.identity.layout
+    }
+
+    /// Token ids of a chunk's text: alone, no BOS, special tokens in the text matched.
+    pub fn tokenize(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        Ok(tokenizer.encode_piece(text)?)
+    }
+
+    /// The content-addressed key of a chunk.
+    pub fn key(&self, tokens: &[u32]) -> ChunkKey {
+        self.keys.chunk_key(tokens)
+    }
+
+    /// Prefix-chained keys of consecutive segments: entry `i` names segments `0..=i`.
+    pub fn prefix_keys(&self, segments: &[&[u32]]) -> Vec<ChunkKey> {
+        let mut parent = self.keys.prefix_root();
+        segments
+            .iter()
+            .map(|s| {
+                parent = prefix_key(&parent, s);
+                parent
+            })
+            .collect()
+    }
+
+    /// Positions a chunk of `len` tokens is prefilled at.
+    pub fn positions(len: usize) -> Vec<u32> {
+        (0..len as u32).collect()
+    }
+
+    /// Prefills a chunk alone at [`ChunkCodec::positions`]; returns its KV and the time taken.
+    pub fn prefill(model: &Model, tokens: &[u32]) -> Result<(KvCache, Duration)> {
+        if tokens.is_empty() {
+            return Err(invalid("a chunk of zero tokens"));
+        }
+        let start = Instant::now();
+        let mut cache = model.empty_cache()?;
+        model.prefill(tokens, &Self::positions(tokens.len()), &mut cache)?;
+        Ok((cache, start.elapsed()))
+    }
+
+    /// The object that stores `cache` (the KV of `tokens`) under `key`.
+    pub fn to_object(&self, key: ChunkKey, tokens: &[u32], cache: &KvCache) -> Result<KvObject> {
+        if cache.len() != tokens.len() {
+            return Err(invalid(format!(
+                "{} cached tokens for a chunk of {}",
+                cache.len(),
+                tokens.len()
+            )));
+        }
+        let layers = cache
+            .layers
+            .iter()
+            .map(layer_to_bytes)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvObject::new(
+            key,
+            self.identity.layout,
+            tokens.to_vec(),
+            layers,
+            None,
+        )?)
+    }
+
+    /// Prefills a chunk alone and packs it: what the batch job, the API and store-back store.
+    /// Returns the object and the prefill time (the chunk's recompute cost).
+    pub fn encode(&self, model: &Model, tokens: &[u32]) -> Result<(KvObject, Duration)> {
+        let (cache, took) = Self::prefill(model, tokens)?;
+        Ok((self.to_object(self.key(tokens), tokens, &cache)?, took))
+    }
+
+    /// Checks that a stored object was made by this model for these tokens.
+    pub fn check(&self, info: &ObjectInfo, tokens: &[u32]) -> Result<()> {
+        let mismatch = |reason: String| BlendError::Mismatch {
+            key: info.key.to_hex(),
+            reason,
+        };
+        if info.layout != self.identity.layout {
+            return Err(mismatch(format!(
+                "layout {:?}, the model's {:?}",
+                info.layout, self.identity.layout
+            )));
+        }
+        if info.tokens != tokens {
+            return Err(mismatch(format!(
+                "it holds {} other tokens than the {} requested",
+                info.tokens.len(),
+                tokens.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A stored object's KV at positions `0..T` on the model's device.
+    pub fn to_cache(&self, model: &Model, obj: &KvObject) -> Result<KvCache> {
+        self.check(obj.info(), obj.tokens())?;
+        let t = obj.tokens().len();
+        let layers = (0..obj.num_layers())
+            .map(|l| layer_from_bytes(obj.layer(l), self.layout(), t, model.device()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            positions: Self::positions(t),
+        })
+    }
+}

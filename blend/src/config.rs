@@ -1,0 +1,113 @@
+//! Reuse modes and the CacheBlend settings.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, invalid};
+use crate::select::Deviation;
+
+/// How a prompt's context is built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Mode {
+    /// Plain prefill of every token: the baseline.
+    Full,
+    /// Exact prefix reuse: the longest stored prefix chain of segments is loaded, the rest
+    /// prefilled (and stored as prefix objects). Equals `Full`.
+    Prefix,
+    /// Cached chunk KV placed at its new positions; only the suffix is computed
+    /// (TurboRAG's reordered positions, without its fine-tuning).
+    Reuse,
+    /// CacheBlend selective recompute.
+    Blend(BlendConfig),
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Prefix => "prefix",
+            Mode::Reuse => "reuse",
+            Mode::Blend(_) => "blend",
+        }
+    }
+}
+
+/// CacheBlend's selection settings. The defaults are kvquilt's; [`BlendConfig::cacheblend`]
+/// is the published algorithm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BlendConfig {
+    /// Fraction of the non-suffix tokens recomputed after the last check layer (0..=1).
+    pub ratio: f32,
+    /// Layers at which tokens are re-ranked, increasing, each in `1..num_layers`. Layers
+    /// before the first are computed for every token (CacheBlend: layer 0, check at 1).
+    pub check_layers: Vec<usize>,
+    /// Gradual filtering: the first check layer keeps `ratio · gradual` (capped at 1) and the
+    /// ratio falls linearly to `ratio` at the last check layer. 1 = no filtering schedule.
+    pub gradual: f32,
+    pub deviation: Deviation,
+    /// The first this-many tokens of every segment not at position 0 are always recomputed
+    /// (a chunk prefilled alone turns its first tokens into attention sinks; EPIC).
+    pub chunk_start: usize,
+    /// Spread the budget over the chunks in proportion to their lengths before the global
+    /// ranking takes the rest.
+    pub per_chunk: bool,
+}
+
+impl Default for BlendConfig {
+    fn default() -> Self {
+        Self::cacheblend(0.15)
+    }
+}
+
+impl BlendConfig {
+    /// The published algorithm: layer 0 in full, one check layer (1), squared V deviation.
+    pub fn cacheblend(ratio: f32) -> Self {
+        Self {
+            ratio,
+            check_layers: vec![1],
+            gradual: 1.0,
+            deviation: Deviation::V,
+            chunk_start: 0,
+            per_chunk: false,
+        }
+    }
+
+    /// Checks the settings against a model of `num_layers` layers.
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.ratio) {
+            return Err(invalid(format!("ratio {} outside 0..=1", self.ratio)));
+        }
+        if self.check_layers.is_empty() {
+            return Err(invalid("at least one check layer is needed"));
+        }
+        if self.check_layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid("check layers must be strictly increasing"));
+        }
+        if self.check_layers[0] == 0 || *self.check_layers.last().unwrap_or(&0) >= num_layers {
+            return Err(invalid(format!(
+                "check layers {:?} must lie in 1..{num_layers}",
+                self.check_layers
+            )));
+        }
+        if !(self.gradual >= 1.0 && self.gradual.is_finite()) {
+            return Err(invalid(format!("gradual factor {} below 1", self.gradual)));
+        }
+        Ok(())
+    }
+
+    /// The ratio kept at each check layer.
+    pub fn schedule(&self) -> Vec<f32> {
+        let n = self.check_layers.len();
+        let first = (self.ratio * self.gradual).min(1.0);
+        (0..n)
+            .map(|i| {
+                if n == 1 {
+                    self.ratio
+                } else {
+                    first + (self.ratio - first) * i as f32 / (n - 1) as f32
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,33 @@
+//! Errors of the blend crate.
+
+use kvquilt_kvstore::StoreError;
+use kvquilt_model::ModelError;
+
+/// What can go wrong while turning chunks into objects or assembling a context.
+#[derive(Debug, thiserror::Error)]
+pub enum BlendError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored object does not fit the running model (layout, dtype, token count).
+    #[error("stored object {key} does not match the model: {reason}")]
+    Mismatch { key: String, reason: String },
+    /// The request itself is unusable (empty, too long, bad ratio, ...).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("reading the model's weights for its fingerprint: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = BlendError> = std::result::Result<T, E>;
+
+pub(crate) fn invalid(msg: impl Into<String>) -> BlendError {
+    BlendError::Invalid(msg.into())
+}
+
+impl From<kvquilt_model::CandleError> for BlendError {
+    fn from(e: kvquilt_model::CandleError) -> Self {
+        BlendError::Model(ModelError::from(e))
+    }
+}

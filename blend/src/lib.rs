@@ -1,0 +1,35 @@
+//! kvquilt's context assembly: how chunks become stored KV, and how stored KV becomes a
+//! prompt's context.
+//!
+//! - [`ChunkCodec`] is the single contract between text and stored objects (tokenisation,
+//!   prefill positions, key inputs); the batch job, the API and store-back all call it.
+//! - [`Blender`] runs a prompt (prefix + chunks + suffix) in one of four [`Mode`]s: `full`
+//!   prefill (the baseline), exact `prefix` reuse, `reuse` of every chunk's KV at its new
+//!   positions (keys are stored before RoPE, so re-positioning is the rotation attention
+//!   applies anyway), and `blend`: CacheBlend's selective recompute with the exact causal
+//!   mask ([`BlendConfig`]).
+//! - Layers stream from the store while earlier layers compute ([`kvquilt_model::Model::run_layers_with`]),
+//!   and a [`CostModel`] chooses between loading and recomputing each chunk so that no
+//!   request is estimated slower than its full prefill.
+
+mod chunk;
+mod config;
+mod cost;
+mod engine;
+mod error;
+mod identity;
+pub mod rag;
+mod recompute;
+mod request;
+pub mod select;
+mod tensor_bytes;
+
+pub use chunk::{CHUNK_ENCODING, ChunkCodec};
+pub use config::{BlendConfig, Mode};
+pub use cost::CostModel;
+pub use engine::{Blender, Precomputed};
+pub use error::{BlendError, Result};
+pub use identity::{ModelIdentity, layout_of};
+pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
+pub use select::Deviation;
+pub use tensor_bytes::{layer_from_bytes, layer_to_bytes};

@@ -1,0 +1,94 @@
+//! The RAG prompt layout: how a system message, documents and a question become the
+//! prefix, chunks and suffix of a [`BlendRequest`].
+//!
+//! ChatML, as SmolLM2 and Qwen2 expect it; CacheBlend's layout (a fixed system prefix, each
+//! passage its own chunk, the question last):
+//!
+//! ```text
+//! prefix  <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{instruction}\n\n
+//! chunk   {document}\n\n                          (one per document; see `document_text`)
+//! suffix  Question: {question}\n{answer_hint}<|im_end|>\n<|im_start|>assistant\n
+//! ```
+//!
+//! Every part is tokenised alone ([`ChunkCodec::tokenize`]), so a document's tokens, hence
+//! its key, do not depend on its neighbours; `full` prefill runs the same token sequence.
+
+use kvquilt_model::Tokenizer;
+
+use crate::chunk::ChunkCodec;
+use crate::config::Mode;
+use crate::error::Result;
+use crate::request::BlendRequest;
+
+/// The texts of a RAG prompt.
+#[derive(Debug, Clone)]
+pub struct RagPrompt {
+    pub system: String,
+    pub instruction: String,
+    /// Document texts in prompt order, each exactly as it becomes a chunk.
+    pub documents: Vec<String>,
+    pub question: String,
+    /// Appended to the question (e.g. "Answer within 5 words."); may be empty.
+    pub answer_hint: String,
+}
+
+/// The system message used when a request does not give one.
+pub const DEFAULT_SYSTEM: &str =
+    "You are a helpful assistant. You answer questions using the passages you are given.";
+
+/// The instruction before the documents when a request does not give one.
+pub const DEFAULT_INSTRUCTION: &str =
+    "Read the passages below, then answer the question that follows them.";
+
+/// A titled passage as one document: `title\n\ntext` (its chunk appends `\n\n`), the passage
+/// format of CacheBlend's evaluation.
+pub fn document_text(title: &str, text: &str) -> String {
+    if title.is_empty() {
+        text.to_string()
+    } else {
+        format!("{title}\n\n{text}")
+    }
+}
+
+impl RagPrompt {
+    /// The prefix text (cached like a chunk; always at position 0).
+    pub fn prefix_text(&self) -> String {
+        format!(
+            "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n{}\n\n",
+            self.system, self.instruction
+        )
+    }
+
+    /// The text of document `d` as a chunk.
+    pub fn chunk_text(document: &str) -> String {
+        format!("{document}\n\n")
+    }
+
+    /// The suffix text (always computed).
+    pub fn suffix_text(&self) -> String {
+        let hint = if self.answer_hint.is_empty() {
+            String::new()
+        } else {
+            format!("\n{}", self.answer_hint)
+        };
+        format!(
+            "Question: {}{hint}<|im_end|>\n<|im_start|>assistant\n",
+            self.question
+        )
+    }
+
+    /// Tokenises every part into a request in `mode`.
+    pub fn request(&self, tokenizer: &Tokenizer, mode: Mode) -> Result<BlendRequest> {
+        let chunks = self
+            .documents
+            .iter()
+            .map(|d| ChunkCodec::tokenize(tokenizer, &Self::chunk_text(d)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BlendRequest {
+            prefix: ChunkCodec::tokenize(tokenizer, &self.prefix_text())?,
+            chunks,
+            suffix: ChunkCodec::tokenize(tokenizer, &self.suffix_text())?,
+            mode,
+        })
+    }
+}

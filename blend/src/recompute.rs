@@ -1,0 +1,168 @@
+//! CacheBlend's forward pass: layer 0 for every token, then at each check layer keep the
+//! tokens whose cached KV deviates most from their fresh KV, and recompute only those on
+//! the layers after, attending over the full-length cache with the exact causal mask.
+
+use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor};
+
+use crate::config::BlendConfig;
+use crate::error::{BlendError, Result};
+use crate::select::{Deviation, TokenRoles, select};
+
+/// A blend's outcome before the caller adds its bookkeeping.
+pub(crate) struct Recomputed {
+    /// f32 logits of the last token, `[vocab]`.
+    pub logits: Tensor,
+    /// Non-suffix tokens recomputed after the last check layer.
+    pub recomputed: usize,
+}
+
+/// Runs the blend over `cache` (every prompt token at its absolute position; suffix rows and
+/// not-yet-fetched layers may hold placeholders). `fill(l, kv)` supplies the cached KV of
+/// layer `l` (cached segments plus placeholder suffix rows) and is called once per layer, in
+/// layer order, just before the layer is needed. On return `cache` holds the blended KV.
+pub(crate) fn blend(
+    model: &Model,
+    tokens: &[u32],
+    roles: &TokenRoles,
+    cfg: &BlendConfig,
+    cache: &mut KvCache,
+    fill: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
+) -> Result<Recomputed> {
+    cfg.validate(model.config().num_layers)?;
+    with_fill(model.config().num_layers, fill, |fill_once| {
+        run(model, tokens, roles, cfg, cache, fill_once)
+    })
+}
+
+/// A model-side layer hook over `fill` that calls it at most once per layer and, when it
+/// fails, returns `fill`'s own error (the store's) rather than the model's wrapper of it.
+pub(crate) fn with_fill<T>(
+    num_layers: usize,
+    fill: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
+    body: impl FnOnce(&mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>) -> Result<T>,
+) -> Result<T> {
+    let mut filled = vec![false; num_layers];
+    let mut fill_error: Option<BlendError> = None;
+    let mut fill_once = |l: usize, kv: &mut LayerKv| -> kvquilt_model::Result<()> {
+        if !filled[l] {
+            filled[l] = true;
+            if let Err(e) = fill(l, kv) {
+                let msg = format!("fetching layer {l}: {e}");
+                fill_error = Some(e);
+                return Err(kvquilt_model::ModelError::InvalidInput(msg));
+            }
+        }
+        Ok(())
+    };
+    let result = body(&mut fill_once);
+    match (result, fill_error) {
+        (Err(_), Some(e)) => Err(e),
+        (r, _) => r,
+    }
+}
+
+fn run(
+    model: &Model,
+    tokens: &[u32],
+    roles: &TokenRoles,
+    cfg: &BlendConfig,
+    cache: &mut KvCache,
+    fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
+) -> Result<Recomputed> {
+    let num_layers = model.config().num_layers;
+    let n = tokens.len();
+    let non_suffix = n - roles.suffix_len();
+
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut hidden = model.embed(tokens)?;
+    let mut cursor = 0;
+    for (&check, ratio) in cfg.check_layers.iter().zip(cfg.schedule()) {
+        let out = model.run_layers_with(
+            cursor..check,
+            hidden,
+            Rows::Replace(&active),
+            cache,
+            None,
+            fill_once,
+        )?;
+        hidden = out.hidden;
+        fill_once(check, &mut cache.layers[check])?;
+        let fresh = model.kv_projection(check, &hidden)?;
+        let rows = Tensor::new(
+            active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            model.device(),
+        )?;
+        let cached = LayerKv {
+            k: cache.layers[check].k.index_select(&rows, 0)?,
+            v: cache.layers[check].v.index_select(&rows, 0)?,
+        };
+        let scores = deviation(&fresh, &cached, cfg.deviation)?;
+        // CacheBlend's check layer attends with fresh K/V for every token it scored.
+        cache.layers[check] = replace_rows(&cache.layers[check], &active, &fresh)?;
+        let budget = (ratio * non_suffix as f32).floor() as usize;
+        let kept = select(&active, &scores, roles, budget, ratio, cfg.per_chunk);
+        let pick: Vec<u32> = active
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| kept.binary_search(t).is_ok())
+            .map(|(i, _)| i as u32)
+            .collect();
+        hidden = hidden.index_select(&Tensor::new(pick, model.device())?, 0)?;
+        active = kept;
+        cursor = check;
+    }
+    let out = model.run_layers_with(
+        cursor..num_layers,
+        hidden,
+        Rows::Replace(&active),
+        cache,
+        None,
+        fill_once,
+    )?;
+    let last = out.hidden.narrow(0, out.hidden.dims()[0] - 1, 1)?;
+    let logits = model.logits(&last)?.squeeze(0)?;
+    let recomputed = active
+        .iter()
+        .filter(|&&t| !roles_is_suffix(roles, t))
+        .count();
+    Ok(Recomputed { logits, recomputed })
+}
+
+fn roles_is_suffix(roles: &TokenRoles, t: usize) -> bool {
+    roles.segment[t] == roles.segments
+}
+
+/// Squared L2 distance per token between fresh and cached KV, `[tokens]`.
+fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f32>> {
+    let sq = |a: &Tensor, b: &Tensor| -> Result<Vec<f32>> {
+        let d =
+            (a.to_dtype(kvquilt_model::DType::F32)? - b.to_dtype(kvquilt_model::DType::F32)?)?;
+        Ok(d.sqr()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?)
+    };
+    Ok(match how {
+        Deviation::V => sq(&fresh.v, &cached.v)?,
+        Deviation::K => sq(&fresh.k, &cached.k)?,
+        Deviation::Kv => {
+            let k = sq(&fresh.k, &cached.k)?;
+            let v = sq(&fresh.v, &cached.v)?;
+            let mean =
+                |x: &[f32]| (x.iter().sum::<f32>() / x.len().max(1) as f32).max(f32::MIN_POSITIVE);
+            let (mk, mv) = (mean(&k), mean(&v));
+            k.iter().zip(&v).map(|(a, b)| a / mk + b / mv).collect()
+        }
+    })
+}
+
+/// `layer` with rows `rows` (sorted) replaced by `new` (one row each, same order).
+fn replace_rows(layer: &LayerKv, rows: &[usize], new: &LayerKv) -> Result<LayerKv> {
+    let len = layer.len();
+    let mut index: Vec<u32> = (0..len as u32).collect();
+    for (j, &r) in rows.iter().enumerate() {
+        index[r] = (len + j) as u32;
+    }
+    let index = Tensor::new(index, layer.k.device())?;
+    Ok(LayerKv {
+        k: Tensor::cat(&[&layer.k, &new.k], 0)?.index_select(&index, 0)?,
+        v: Tensor::cat(&[&layer.v, &new.v], 0)?.index_select(&index, 0)?,
+    })
+}

@@ -1,0 +1,118 @@
+//! What a blend is asked to do and what it reports.
+
+use kvquilt_kvstore::TierKind;
+use kvquilt_model::{KvCache, Tensor};
+use serde::Serialize;
+
+use crate::config::Mode;
+
+/// One prompt: a prefix (cached like a chunk; it sits at position 0, so its cached KV is
+/// exact), retrieved chunks in prompt order, and a suffix (the question and the assistant
+/// tag) that is always computed. All token ids; the prefix may be empty, the suffix may not.
+#[derive(Debug, Clone)]
+pub struct BlendRequest {
+    pub prefix: Vec<u32>,
+    pub chunks: Vec<Vec<u32>>,
+    pub suffix: Vec<u32>,
+    pub mode: Mode,
+}
+
+impl BlendRequest {
+    /// The cached segments in prompt order: the prefix (when not empty), then the chunks.
+    pub fn segments(&self) -> Vec<&[u32]> {
+        let mut s: Vec<&[u32]> = Vec::with_capacity(self.chunks.len() + 1);
+        if !self.prefix.is_empty() {
+            s.push(&self.prefix);
+        }
+        s.extend(self.chunks.iter().map(|c| c.as_slice()));
+        s
+    }
+
+    /// Every token of the prompt in order.
+    pub fn tokens(&self) -> Vec<u32> {
+        let mut t: Vec<u32> = self.segments().concat();
+        t.extend_from_slice(&self.suffix);
+        t
+    }
+}
+
+/// How one segment's KV was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentSource {
+    /// Loaded from this tier.
+    Hit(TierKind),
+    /// Not stored: prefilled alone, then stored.
+    Miss,
+    /// Stored, but recomputing was estimated faster than loading.
+    RecomputedForSpeed,
+    /// Stored, but the object failed verification or did not match: prefilled instead.
+    Unusable,
+}
+
+/// What a blend did, for the API's stats and the evaluation harness.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlendStats {
+    /// The mode that ran: the requested one, or `full` after a fallback.
+    pub mode: &'static str,
+    /// True when the request asked for reuse but full prefill was estimated faster.
+    pub fell_back_to_full: bool,
+    pub tokens: usize,
+    pub suffix_tokens: usize,
+    /// One entry per cached segment (prefix first), in prompt order.
+    pub segments: Vec<SegmentSource>,
+    pub hits_gpu: usize,
+    pub hits_host: usize,
+    pub hits_ssd: usize,
+    pub misses: usize,
+    /// Objects written by this request (misses and new prefix objects).
+    pub stored_back: usize,
+    /// Non-suffix tokens whose KV was computed in this prompt's context (blend: after the
+    /// last check layer; full: all; reuse: none).
+    pub recomputed_tokens: usize,
+    /// `recomputed_tokens` over the non-suffix tokens.
+    pub recompute_fraction: f64,
+    /// Time from the request to the first token's logits, milliseconds.
+    pub ttft_ms: f64,
+}
+
+impl BlendStats {
+    pub(crate) fn new(mode: &'static str, tokens: usize, suffix_tokens: usize) -> Self {
+        Self {
+            mode,
+            fell_back_to_full: false,
+            tokens,
+            suffix_tokens,
+            segments: Vec::new(),
+            hits_gpu: 0,
+            hits_host: 0,
+            hits_ssd: 0,
+            misses: 0,
+            stored_back: 0,
+            recomputed_tokens: 0,
+            recompute_fraction: 0.0,
+            ttft_ms: 0.0,
+        }
+    }
+
+    pub(crate) fn count(&mut self, s: SegmentSource) {
+        match s {
+            SegmentSource::Hit(TierKind::Gpu) => self.hits_gpu += 1,
+            SegmentSource::Hit(TierKind::Host) => self.hits_host += 1,
+            SegmentSource::Hit(TierKind::Ssd) => self.hits_ssd += 1,
+            SegmentSource::Miss => self.misses += 1,
+            SegmentSource::RecomputedForSpeed | SegmentSource::Unusable => {}
+        }
+        self.segments.push(s);
+    }
+}
+
+/// A blend's result: the first token's logits and the whole prompt's KV, ready for decoding.
+#[derive(Debug)]
+pub struct BlendOutput {
+    /// f32 logits of the prompt's last token, `[vocab]`.
+    pub logits: Tensor,
+    /// KV of every prompt token at positions `0..tokens`, for decoding on.
+    pub cache: KvCache,
+    pub stats: BlendStats,
+}

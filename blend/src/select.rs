@@ -1,0 +1,189 @@
+//! Which tokens CacheBlend recomputes: the ranking and the budget.
+//!
+//! At a check layer every active token gets a deviation score (how far its freshly computed
+//! KV is from the cached one); the top of the ranking is kept for the layers after. The
+//! budget is a ratio of the non-suffix tokens (`k = floor(r · (N − S))`, as CacheBlend's
+//! reference code counts it); suffix tokens are always kept on top of it. Tokens forced in
+//! for other reasons (chunk starts) count against the budget.
+
+use serde::{Deserialize, Serialize};
+
+/// The per-token deviation a check layer ranks by (squared L2 over heads and dims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deviation {
+    /// Values only: CacheBlend's reference choice.
+    #[default]
+    V,
+    /// Pre-RoPE keys only.
+    K,
+    /// Keys and values, each normalised by its mean over the scored tokens, then summed.
+    Kv,
+}
+
+/// What each token of the assembled prompt is, for selection.
+#[derive(Debug, Clone)]
+pub struct TokenRoles {
+    /// Segment index of each token (`segments` for suffix tokens).
+    pub segment: Vec<usize>,
+    /// Number of cached segments (prefix and chunks); suffix tokens carry this index.
+    pub segments: usize,
+    /// Tokens always recomputed: the suffix, and chunk starts when configured.
+    pub forced: Vec<bool>,
+    /// Tokens whose cached KV is exact (a segment at position 0 sees nothing before it):
+    /// never worth recomputing, so per-chunk budgets skip them.
+    pub exact: Vec<bool>,
+}
+
+impl TokenRoles {
+    pub fn len(&self) -> usize {
+        self.segment.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segment.is_empty()
+    }
+
+    /// Number of suffix tokens.
+    pub fn suffix_len(&self) -> usize {
+        self.segment.iter().filter(|&&s| s == self.segments).count()
+    }
+}
+
+/// Keeps a subset of `active` (sorted token indices): every forced token, then the
+/// highest-scoring others until `budget` non-suffix tokens are kept. With `per_chunk`, each
+/// segment that is not exact first gets `floor(ratio · its length)` of the budget, filled
+/// from its own ranking; what is left goes to the global ranking. `scores[i]` belongs to
+/// `active[i]`. Returns sorted token indices.
+pub fn select(
+    active: &[usize],
+    scores: &[f32],
+    roles: &TokenRoles,
+    budget: usize,
+    ratio: f32,
+    per_chunk: bool,
+) -> Vec<usize> {
+    debug_assert_eq!(active.len(), scores.len());
+    let suffix = roles.segments;
+    let mut keep = vec![false; active.len()];
+    let mut used = 0usize;
+    for (i, &t) in active.iter().enumerate() {
+        if roles.forced[t] {
+            keep[i] = true;
+            if roles.segment[t] != suffix {
+                used += 1;
+            }
+        }
+    }
+    // candidates in descending score order; ties by position (stable)
+    let mut order: Vec<usize> = (0..active.len())
+        .filter(|&i| !keep[i] && roles.segment[active[i]] != suffix)
+        .collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+
+    if per_chunk {
+        let mut quota = vec![0usize; roles.segments];
+        let mut len = vec![0usize; roles.segments];
+        let mut forced_in = vec![0usize; roles.segments];
+        for (i, &t) in active.iter().enumerate() {
+            let s = roles.segment[t];
+            if s != suffix && !roles.exact[t] {
+                len[s] += 1;
+                forced_in[s] += keep[i] as usize;
+            }
+        }
+        for s in 0..roles.segments {
+            quota[s] = ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
+        }
+        for &i in &order {
+            if used >= budget {
+                break;
+            }
+            let s = roles.segment[active[i]];
+            if !roles.exact[active[i]] && quota[s] > 0 {
+                quota[s] -= 1;
+                keep[i] = true;
+                used += 1;
+            }
+        }
+    }
+    for &i in &order {
+        if used >= budget {
+            break;
+        }
+        if !keep[i] {
+            keep[i] = true;
+            used += 1;
+        }
+    }
+    active
+        .iter()
+        .zip(&keep)
+        .filter_map(|(&t, &k)| k.then_some(t))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(segment: Vec<usize>, segments: usize) -> TokenRoles {
+        let n = segment.len();
+        let forced = segment.iter().map(|&s| s == segments).collect();
+        TokenRoles {
+            segment,
+            segments,
+            forced,
+            exact: vec![false; n],
+        }
+    }
+
+    #[test]
+    fn keeps_suffix_and_top_scores() {
+        let r = roles(vec![0, 0, 1, 1, 2, 2], 2);
+        let active: Vec<usize> = (0..6).collect();
+        let scores = [0.1, 5.0, 3.0, 0.2, 0.0, 0.0];
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.5, false),
+            vec![1, 2, 4, 5]
+        );
+        assert_eq!(select(&active, &scores, &r, 0, 0.0, false), vec![4, 5]);
+        assert_eq!(
+            select(&active, &scores, &r, 9, 1.0, false),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn forced_tokens_count_against_the_budget() {
+        let mut r = roles(vec![0, 0, 1, 1, 2], 2);
+        r.forced[2] = true;
+        let active: Vec<usize> = (0..5).collect();
+        let scores = [0.1, 5.0, 0.0, 3.0, 0.0];
+        assert_eq!(select(&active, &scores, &r, 2, 0.5, false), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn per_chunk_spreads_the_budget() {
+        // chunk 0 has all the large scores; per chunk, chunk 1 still gets its share
+        let r = roles(vec![0, 0, 0, 0, 1, 1, 1, 1, 2], 2);
+        let active: Vec<usize> = (0..9).collect();
+        let scores = [9.0, 8.0, 7.0, 6.0, 0.1, 0.3, 0.2, 0.0, 0.0];
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.5, false),
+            vec![0, 1, 2, 3, 8]
+        );
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.5, true),
+            vec![0, 1, 5, 6, 8]
+        );
+    }
+
+    #[test]
+    fn selects_within_the_active_set() {
+        let r = roles(vec![0, 0, 0, 0, 1], 1);
+        let active = [1, 3, 4];
+        let scores = [1.0, 2.0, 0.0];
+        assert_eq!(select(&active, &scores, &r, 1, 0.25, false), vec![3, 4]);
+    }
+}

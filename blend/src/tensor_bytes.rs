@@ -1,0 +1,77 @@
+//! Between candle tensors and the store's little-endian K‖V bytes.
+//!
+//! A stored layer is K then V, each `[tokens, kv_heads, head_dim]` row-major, little-endian in
+//! the layout's dtype: exactly the memory of a contiguous candle tensor on a little-endian
+//! host, so conversion is one copy each way.
+
+use bytes::Bytes;
+use kvquilt_kvstore::KvLayout;
+use kvquilt_model::{DType, Device, LayerKv, Tensor};
+
+use crate::error::{Result, invalid};
+
+/// The candle dtype of a layout.
+pub fn dtype_of(layout: &KvLayout) -> DType {
+    match layout.dtype {
+        kvquilt_kvstore::KvDType::F32 => DType::F32,
+        kvquilt_kvstore::KvDType::F16 => DType::F16,
+        kvquilt_kvstore::KvDType::BF16 => DType::BF16,
+    }
+}
+
+/// One layer's K‖V bytes for `tokens` tokens as tensors on `device`.
+pub fn layer_from_bytes(
+    bytes: &[u8],
+    layout: &KvLayout,
+    tokens: usize,
+    device: &Device,
+) -> Result<LayerKv> {
+    let half = layout.tensor_bytes(tokens);
+    if bytes.len() != 2 * half {
+        return Err(invalid(format!(
+            "a layer of {tokens} tokens needs {} bytes, got {}",
+            2 * half,
+            bytes.len()
+        )));
+    }
+    let shape = (
+        tokens,
+        layout.num_kv_heads as usize,
+        layout.head_dim as usize,
+    );
+    let dtype = dtype_of(layout);
+    let k = Tensor::from_raw_buffer(&bytes[..half], dtype, &[shape.0, shape.1, shape.2], device)?;
+    let v = Tensor::from_raw_buffer(&bytes[half..], dtype, &[shape.0, shape.1, shape.2], device)?;
+    Ok(LayerKv { k, v })
+}
+
+/// One layer's K and V as the store's K‖V bytes.
+pub fn layer_to_bytes(kv: &LayerKv) -> Result<Bytes> {
+    let mut out = Vec::new();
+    append_le(&kv.k, &mut out)?;
+    append_le(&kv.v, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+fn append_le(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
+    let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
+    match flat.dtype() {
+        DType::F32 => {
+            for x in flat.to_vec1::<f32>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for x in flat.to_vec1::<half::f16>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for x in flat.to_vec1::<half::bf16>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        other => return Err(invalid(format!("no stored form for {other:?} KV"))),
+    }
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! Blend modes against full prefill and against contexts assembled by hand from the model's
+//! own forward pass, on tiny random models (HF-saved) and the real SmolLM2.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvquilt_blend::{
+    BlendConfig, BlendRequest, Blender, ChunkCodec, Deviation, Mode, ModelIdentity, SegmentSource,
+};
+use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore, WritePolicy};
+use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load};
+use tokio::runtime::Runtime;
+
+fn tiny(kind: &str) -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures")
+        .join(format!("tiny-{kind}"));
+    load(&dir, &Device::Cpu, DType::F32).expect("loading a tiny model")
+}
+
+struct Setup {
+    blender: Blender,
+    _rt: Runtime,
+}
+
+fn setup(loaded: LoadedModel) -> Setup {
+    setup_with(loaded, false)
+}
+
+fn setup_with(loaded: LoadedModel, fallback: bool) -> Setup {
+    let rt = Runtime::new().unwrap();
+    let identity = ModelIdentity::of(&loaded).unwrap();
+    let store = TieredStore::open(StoreConfig {
+        host_capacity: 1 << 30,
+        host_policy: PolicyKind::Lru,
+        ssd: None,
+        write: WritePolicy::WriteThrough,
+        promote_on_hit: true,
+    })
+    .unwrap();
+    // exact comparisons need each request to run its own mode
+    let blender = Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(fallback);
+    Setup { blender, _rt: rt }
+}
+
+/// Deterministic pseudo-random token ids in `1..vocab`.
+fn toks(seed: u32, n: usize, vocab: u32) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            1 + x % (vocab - 1)
+        })
+        .collect()
+}
+
+fn req(prefix: Vec<u32>, chunks: Vec<Vec<u32>>, suffix: Vec<u32>, mode: Mode) -> BlendRequest {
+    BlendRequest {
+        prefix,
+        chunks,
+        suffix,
+        mode,
+    }
+}
+
+fn vec1(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+/// max |a − b| ≤ tol × max |b|
+fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    let (a, b) = (vec1(a), vec1(b));
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= tol * scale,
+        "{what}: max |Δ| {diff} > {tol} × {scale}"
+    );
+}
+
+fn positions(start: usize, len: usize) -> Vec<u32> {
+    (start as u32..(start + len) as u32).collect()
+}
+
+/// Reuse by hand: every segment prefilled alone at `0..T`, keys moved to the prompt's
+/// positions, the suffix prefilled over them.
+fn reuse_by_hand(b: &Blender, segments: &[&[u32]], suffix: &[u32]) -> Tensor {
+    let m = b.model();
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for s in segments {
+        let (c, _) = ChunkCodec::prefill(m, s).unwrap();
+        parts.push(c.with_positions(positions(at, s.len())).unwrap());
+        at += s.len();
+    }
+    let refs: Vec<&KvCache> = parts.iter().collect();
+    let mut cache = KvCache::cat(&refs).unwrap();
+    m.prefill(suffix, &positions(at, suffix.len()), &mut cache)
+        .unwrap()
+}
+
+fn full(b: &Blender, r: &BlendRequest) -> Tensor {
+    let mut r = r.clone();
+    r.mode = Mode::Full;
+    b.run(b"", &r).unwrap().logits
+}
+
+#[test]
+fn blend_at_ratio_one_equals_full() {
+    for kind in ["qwen2", "llama"] {
+        let s = setup(tiny(kind));
+        let b = &s.blender;
+        let r = req(
+            toks(1, 9, 512),
+            vec![toks(2, 40, 512), toks(3, 25, 512), toks(4, 33, 512)],
+            toks(5, 7, 512),
+            Mode::Blend(BlendConfig::cacheblend(1.0)),
+        );
+        let want = full(b, &r);
+        let out = b.run(b"", &r).unwrap();
+        assert_close(&out.logits, &want, 1e-4, kind);
+        assert_eq!(out.stats.recompute_fraction, 1.0);
+        // gradual filtering over several check layers at ratio 1 is also exact
+        if b.model().config().num_layers > 2 {
+            let cfg = BlendConfig {
+                check_layers: vec![1, 2],
+                gradual: 2.0,
+                deviation: Deviation::Kv,
+                ..BlendConfig::cacheblend(1.0)
+            };
+            let out = b
+                .run(
+                    b"",
+                    &BlendRequest {
+                        mode: Mode::Blend(cfg),
+                        ..r.clone()
+                    },
+                )
+                .unwrap();
+            assert_close(&out.logits, &want, 1e-4, "gradual");
+        }
+    }
+}
+
+#[test]
+fn reuse_of_one_chunk_at_position_zero_equals_full() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let r = req(vec![], vec![toks(7, 50, 512)], toks(8, 6, 512), Mode::Reuse);
+    let out = b.run(b"", &r).unwrap();
+    assert_close(&out.logits, &full(b, &r), 1e-5, "reuse");
+    assert_eq!(out.stats.recompute_fraction, 0.0);
+}
+
+#[test]
+fn reuse_matches_keys_placed_by_the_models_own_positions() {
+    // A chunk's pre-RoPE keys moved to position p must act like the chunk prefilled alone
+    // starting at p: both give the same context for the suffix.
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let (prefix, chunk, suffix) = (toks(11, 37, 512), toks(12, 29, 512), toks(13, 5, 512));
+    let out = b
+        .run(
+            b"",
+            &req(
+                prefix.clone(),
+                vec![chunk.clone()],
+                suffix.clone(),
+                Mode::Reuse,
+            ),
+        )
+        .unwrap();
+    let m = b.model();
+    let mut cache = m.empty_cache().unwrap();
+    m.prefill(&prefix, &positions(0, prefix.len()), &mut cache)
+        .unwrap();
+    let mut own = m.empty_cache().unwrap();
+    m.prefill(&chunk, &positions(prefix.len(), chunk.len()), &mut own)
+        .unwrap();
+    let mut cache = KvCache::cat(&[&cache, &own]).unwrap();
+    let want = m
+        .prefill(
+            &suffix,
+            &positions(prefix.len() + chunk.len(), suffix.len()),
+            &mut cache,
+        )
+        .unwrap();
+    assert_close(&out.logits, &want, 1e-4, "re-positioned keys");
+}
+
+#[test]
+fn reorder_duplicates_partial_all_hit_all_miss() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let (p, a, c, d, q) = (
+        toks(20, 8, 512),
+        toks(21, 30, 512),
+        toks(22, 19, 512),
+        toks(23, 41, 512),
+        toks(24, 6, 512),
+    );
+    // all miss: everything computed and stored back
+    let r1 = req(
+        p.clone(),
+        vec![a.clone(), c.clone()],
+        q.clone(),
+        Mode::Reuse,
+    );
+    let out = b.run(b"", &r1).unwrap();
+    assert_eq!(out.stats.misses, 3);
+    assert_eq!(out.stats.stored_back, 3);
+    assert_close(
+        &out.logits,
+        &reuse_by_hand(b, &[&p, &a, &c], &q),
+        1e-5,
+        "all miss",
+    );
+    // all hit: the second identical request loads everything
+    let again = b.run(b"", &r1).unwrap();
+    assert_eq!(again.stats.misses, 0);
+    assert_eq!(again.stats.hits_host, 3);
+    assert_eq!(vec1(&again.logits), vec1(&out.logits));
+    // reordered chunks: still all hits, and right for the new order
+    let r2 = req(
+        p.clone(),
+        vec![c.clone(), a.clone()],
+        q.clone(),
+        Mode::Reuse,
+    );
+    let out = b.run(b"", &r2).unwrap();
+    assert_eq!(out.stats.hits_host, 3);
+    assert_close(
+        &out.logits,
+        &reuse_by_hand(b, &[&p, &c, &a], &q),
+        1e-5,
+        "reordered",
+    );
+    // a duplicate chunk: loaded once, placed twice; one new chunk: a partial hit
+    let r3 = req(
+        p.clone(),
+        vec![a.clone(), d.clone(), a.clone()],
+        q.clone(),
+        Mode::Reuse,
+    );
+    let out = b.run(b"", &r3).unwrap();
+    assert_eq!(
+        out.stats.segments,
+        vec![
+            SegmentSource::Hit(TierKind::Host),
+            SegmentSource::Hit(TierKind::Host),
+            SegmentSource::Miss,
+            SegmentSource::Hit(TierKind::Host)
+        ]
+    );
+    assert_close(
+        &out.logits,
+        &reuse_by_hand(b, &[&p, &a, &d, &a], &q),
+        1e-5,
+        "duplicates",
+    );
+    // the same shapes through blend, against full prefill at ratio 1
+    for chunks in [
+        vec![c.clone(), a.clone()],
+        vec![a.clone(), d.clone(), a.clone()],
+        vec![d.clone()],
+    ] {
+        let r = req(
+            p.clone(),
+            chunks,
+            q.clone(),
+            Mode::Blend(BlendConfig::cacheblend(1.0)),
+        );
+        let out = b.run(b"", &r).unwrap();
+        assert_eq!(out.stats.misses, 0);
+        assert_close(&out.logits, &full(b, &r), 1e-4, "blend shapes");
+    }
+    // no prefix, one chunk, blend at the default ratio runs and recomputes about that share
+    let r = req(
+        vec![],
+        vec![toks(30, 200, 512)],
+        q.clone(),
+        Mode::Blend(BlendConfig::default()),
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.recomputed_tokens, 30);
+}
+
+#[test]
+fn store_back_makes_a_second_blend_all_hits() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let cfg = BlendConfig {
+        chunk_start: 2,
+        per_chunk: true,
+        ..BlendConfig::cacheblend(0.3)
+    };
+    let r = req(
+        toks(40, 10, 512),
+        vec![toks(41, 60, 512), toks(42, 45, 512)],
+        toks(43, 8, 512),
+        Mode::Blend(cfg),
+    );
+    let first = b.run(b"", &r).unwrap();
+    assert_eq!((first.stats.misses, first.stats.stored_back), (3, 3));
+    let second = b.run(b"", &r).unwrap();
+    assert_eq!((second.stats.misses, second.stats.hits_host), (0, 3));
+    assert_eq!(vec1(&second.logits), vec1(&first.logits));
+    assert_eq!(
+        second.stats.recomputed_tokens,
+        (0.3f32 * 115.0).floor() as usize
+    );
+    // another namespace shares nothing
+    let other = b.run(b"tenant-b", &r).unwrap();
+    assert_eq!(other.stats.misses, 3);
+}
+
+#[test]
+fn prefix_mode_equals_full_and_reuses_its_chain() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let (p, a, c, q) = (
+        toks(50, 9, 512),
+        toks(51, 31, 512),
+        toks(52, 17, 512),
+        toks(53, 4, 512),
+    );
+    let r = req(
+        p.clone(),
+        vec![a.clone(), c.clone()],
+        q.clone(),
+        Mode::Prefix,
+    );
+    let first = b.run(b"", &r).unwrap();
+    assert_eq!((first.stats.misses, first.stats.stored_back), (3, 3));
+    assert_close(&first.logits, &full(b, &r), 1e-5, "prefix, cold");
+    let second = b.run(b"", &r).unwrap();
+    assert_eq!(second.stats.hits_host, 3);
+    assert_close(&second.logits, &full(b, &r), 1e-5, "prefix, warm");
+    // a different second chunk reuses only the first two links of the chain
+    let r2 = req(p, vec![a, toks(54, 12, 512)], q, Mode::Prefix);
+    let out = b.run(b"", &r2).unwrap();
+    assert_eq!((out.stats.hits_host, out.stats.misses), (2, 1));
+    assert_close(&out.logits, &full(b, &r2), 1e-5, "prefix, partial");
+}
+
+#[test]
+fn a_stored_object_that_does_not_match_is_recomputed() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let codec = b.codec(b"");
+    let (a, other, q) = (toks(60, 20, 512), toks(61, 20, 512), toks(62, 5, 512));
+    // an object under a's key that holds another chunk's tokens and KV
+    let (cache, _) = ChunkCodec::prefill(b.model(), &other).unwrap();
+    let forged: KvObject = codec.to_object(codec.key(&a), &other, &cache).unwrap();
+    s._rt.block_on(b.store().put(forged, 0.0)).unwrap();
+    let r = req(vec![], vec![a.clone()], q.clone(), Mode::Reuse);
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.segments, vec![SegmentSource::Unusable]);
+    assert_close(&out.logits, &full(b, &r), 1e-5, "recomputed");
+}
+
+#[test]
+fn never_slower_than_full_prefill() {
+    let s = setup_with(tiny("qwen2"), true);
+    let b = &s.blender;
+    let r = req(
+        vec![],
+        vec![toks(70, 40, 512), toks(71, 40, 512)],
+        toks(72, 4, 512),
+        Mode::Reuse,
+    );
+    // cold: computing every chunk costs as much as one full prefill (by the prefill rate
+    // measured on another chunk), so full runs, and the chunks are stored for next time
+    b.precompute(b"", &toks(73, 40, 512)).unwrap();
+    let cold = b.run(b"", &r).unwrap();
+    assert!(cold.stats.fell_back_to_full);
+    assert_eq!((cold.stats.misses, cold.stats.stored_back), (2, 2));
+    assert_close(&cold.logits, &full(b, &r), 1e-6, "cold");
+    let warm = b.run(b"", &r).unwrap();
+    assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 2));
+    // pretend recompute is nearly free: loading cannot win
+    for _ in 0..100 {
+        b.costs().record_prefill(1_000_000_000, 1e-9);
+    }
+    let out = b.run(b"", &r).unwrap();
+    assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
+    assert_eq!(out.stats.mode, "full");
+    assert_eq!(
+        out.stats.segments,
+        vec![
+            SegmentSource::RecomputedForSpeed,
+            SegmentSource::RecomputedForSpeed
+        ]
+    );
+    assert_close(&out.logits, &full(b, &r), 1e-6, "fallback");
+}
+
+#[test]
+fn bad_requests_are_rejected() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let bad = [
+        req(vec![], vec![toks(1, 5, 512)], vec![], Mode::Reuse),
+        req(vec![], vec![vec![]], vec![1], Mode::Reuse),
+        req(vec![], vec![vec![600]], vec![1], Mode::Reuse),
+        req(vec![], vec![toks(1, 5000, 512)], vec![1], Mode::Full),
+        req(
+            vec![],
+            vec![toks(1, 5, 512)],
+            vec![1],
+            Mode::Blend(BlendConfig::cacheblend(1.5)),
+        ),
+        req(
+            vec![],
+            vec![toks(1, 5, 512)],
+            vec![1],
+            Mode::Blend(BlendConfig {
+                check_layers: vec![2],
+                ..BlendConfig::default()
+            }),
+        ),
+    ];
+    for r in bad {
+        let e = b.run(b"", &r).unwrap_err();
+        assert!(!e.to_string().is_empty());
+    }
+}

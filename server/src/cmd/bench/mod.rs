@@ -1,0 +1,71 @@
+//! `kvquilt bench ...`: benchmarks that print a summary and write JSON.
+//!
+//! Each benchmark repeats a measurement and reports the median, with the baseline it is
+//! compared to measured in the same run, on the same data.
+
+mod model;
+mod store;
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Prefill throughput at several prompt lengths and decode throughput.
+    Model(model::ModelBenchArgs),
+    /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
+    Store(store::StoreBenchArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Model(a) => model::run(a),
+        BenchCommand::Store(a) => store::run(a),
+    }
+}
+
+/// One warm-up, then `repeats` timed runs, in seconds.
+pub(crate) fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    (0..repeats.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+pub(crate) fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub(crate) fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Prints the report as JSON, or writes it to `path`.
+pub(crate) fn write_report(report: &impl Serialize, path: Option<&Path>) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    match path {
+        Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display())),
+        None => {
+            println!("{json}");
+            Ok(())
+        }
+    }
+}

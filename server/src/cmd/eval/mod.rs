@@ -1,0 +1,377 @@
+//! `kvquilt eval`: answer quality and TTFT of every reuse mode beside full prefill, on
+//! CacheBlend's MuSiQue format or the needle task built from it.
+//!
+//! Per example: the prompt's segments are precomputed and stored (host tier) outside the
+//! timed region; then each mode runs from the store, its TTFT is the blender's time to the
+//! first token's logits, and it decodes greedily (up to `--max-tokens`, stopping at a line
+//! break or end of turn). The prediction is the first line of the answer.
+
+mod data;
+mod metrics;
+mod presets;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
+use kvquilt_blend::{Blender, Mode, ModelIdentity};
+use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
+use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
+use serde::Serialize;
+
+use crate::cmd::bench::median;
+use crate::model_source::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Examples in CacheBlend's MuSiQue format.
+    #[arg(long, default_value = "data/musique_dev.json")]
+    input: PathBuf,
+    /// `musique`: the examples as given; `needle`: plant a 4-digit value in one passage of
+    /// each example and ask for it.
+    #[arg(long, default_value = "musique")]
+    task: String,
+    /// Seed of the needle task.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Evaluate the first N examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Modes: full, prefix, reuse, blend (full always runs: it is the reference).
+    #[arg(long, value_delimiter = ',', default_value = "full,reuse,blend")]
+    modes: Vec<String>,
+    /// Recompute ratios of blend.
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.15,0.3")]
+    ratios: Vec<f32>,
+    /// Token-selection variants of blend (see `presets.rs`): cacheblend, starts, kv,
+    /// gradual, perchunk, kvquilt.
+    #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
+    variants: Vec<String>,
+    /// Most answer tokens to decode.
+    #[arg(long, default_value_t = 24)]
+    max_tokens: usize,
+    /// Host-tier capacity for the precomputed chunks, GiB.
+    #[arg(long, default_value_t = 4.0)]
+    host_gib: f64,
+    /// Write the report (rows and per-example predictions) here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the evaluated examples (e.g. the generated needles) here, in the input format.
+    #[arg(long)]
+    dump_examples: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// One evaluated configuration.
+#[derive(Debug, Clone)]
+struct Config {
+    mode: Mode,
+    ratio: Option<f32>,
+    variant: Option<String>,
+}
+
+impl Config {
+    fn label(&self) -> String {
+        match (&self.variant, self.ratio) {
+            (Some(v), Some(r)) => format!("{} {v} r={r}", self.mode.name()),
+            _ => self.mode.name().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    f1: Vec<f64>,
+    acc: Vec<f64>,
+    kl: Vec<f64>,
+    agreement: Vec<f64>,
+    ttft_ms: Vec<f64>,
+    recompute: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    mode: &'static str,
+    variant: Option<String>,
+    ratio: Option<f32>,
+    f1: f64,
+    f1_vs_full: Option<f64>,
+    acc: f64,
+    acc_vs_full: Option<f64>,
+    first_token_kl: f64,
+    answer_token_agreement: f64,
+    ttft_ms_median: f64,
+    ttft_speedup_vs_full: f64,
+    recompute_fraction: f64,
+}
+
+#[derive(Serialize)]
+struct Detail {
+    example: usize,
+    config: String,
+    prediction: String,
+    answers: Vec<String>,
+    f1: f64,
+    correct: bool,
+    ttft_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    examples: usize,
+    model: String,
+    task: String,
+    device: String,
+    prompt_tokens_median: f64,
+    rows: Vec<Row>,
+    details: Vec<Detail>,
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+fn configs(a: &Args) -> Result<Vec<Config>> {
+    let mut out = vec![Config {
+        mode: Mode::Full,
+        ratio: None,
+        variant: None,
+    }];
+    for m in &a.modes {
+        match m.as_str() {
+            "full" => {}
+            "prefix" => out.push(Config {
+                mode: Mode::Prefix,
+                ratio: None,
+                variant: None,
+            }),
+            "reuse" => out.push(Config {
+                mode: Mode::Reuse,
+                ratio: None,
+                variant: None,
+            }),
+            "blend" => {
+                for v in &a.variants {
+                    for &r in &a.ratios {
+                        out.push(Config {
+                            mode: Mode::Blend(presets::preset(v, r)?),
+                            ratio: Some(r),
+                            variant: Some(v.clone()),
+                        });
+                    }
+                }
+            }
+            other => bail!("unknown mode `{other}` (expected full, prefix, reuse or blend)"),
+        }
+    }
+    Ok(out)
+}
+
+/// Token ids whose text contains a line break: the answer's first line ends there.
+fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
+    let mut ids = tok.eos_ids().to_vec();
+    for id in 0..tok.vocab_size() as u32 {
+        if tok.decode(&[id], false)?.contains('\n') {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut examples = data::load(&a.input)?;
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+    }
+    let examples = match a.task.as_str() {
+        "musique" => examples,
+        "needle" => data::needles(&examples, a.seed),
+        other => bail!("unknown task `{other}` (expected musique or needle)"),
+    };
+    if let Some(p) = &a.dump_examples {
+        std::fs::write(p, serde_json::to_string_pretty(&examples)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let configs = configs(&a)?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let loaded = a.model.load()?;
+    let tokenizer = loaded.tokenizer()?.clone();
+    let identity = ModelIdentity::of(&loaded)?;
+    let model_name = loaded
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let store = TieredStore::open(StoreConfig {
+        host_capacity: (a.host_gib * (1u64 << 30) as f64) as u64,
+        host_policy: PolicyKind::Lru,
+        ssd: None,
+        write: WritePolicy::WriteThrough,
+        promote_on_hit: true,
+    })?;
+    let model = Arc::new(loaded.model);
+    let blender = Blender::new(
+        Arc::clone(&model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    );
+    let stop_ids = line_break_ids(&tokenizer)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        top_k: 1,
+        stop_ids,
+    };
+
+    let bar = ProgressBar::new((examples.len() * configs.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut tallies = vec![Tally::default(); configs.len()];
+    let mut details = Vec::new();
+    let mut prompt_tokens = Vec::new();
+    for (ei, ex) in examples.iter().enumerate() {
+        let prompt = RagPrompt {
+            system: DEFAULT_SYSTEM.into(),
+            instruction: DEFAULT_INSTRUCTION.into(),
+            documents: ex
+                .ctxs
+                .iter()
+                .map(|p| document_text(&p.title, &p.text))
+                .collect(),
+            question: ex.question.clone(),
+            answer_hint: "Answer within 5 words.".into(),
+        };
+        let base = prompt.request(&tokenizer, Mode::Full)?;
+        prompt_tokens.push(base.tokens().len() as f64);
+        for seg in base.segments() {
+            blender.precompute(b"", seg)?;
+        }
+        let mut reference: Option<(Vec<f32>, Vec<u32>)> = None;
+        for (ci, cfg) in configs.iter().enumerate() {
+            bar.set_message(format!("example {ei}: {}", cfg.label()));
+            let req = kvquilt_blend::BlendRequest {
+                mode: cfg.mode.clone(),
+                ..base.clone()
+            };
+            let out = blender.run(b"", &req)?;
+            let logits = out.logits.to_vec1::<f32>()?;
+            let ttft = std::time::Duration::from_secs_f64(out.stats.ttft_ms / 1e3);
+            let generation =
+                continue_greedy(&model, out.cache, out.logits, &opts, ttft, &mut |_| {})?;
+            let text = tokenizer.decode(&generation.tokens, true)?;
+            let prediction = text.trim().lines().next().unwrap_or("").trim().to_string();
+            let (f1, correct) = (
+                metrics::best_f1(&prediction, &ex.answers),
+                metrics::contains_gold(&prediction, &ex.answers),
+            );
+            let (kl, agreement) = match &reference {
+                None => {
+                    reference = Some((logits, generation.tokens.clone()));
+                    (0.0, 1.0)
+                }
+                Some((l, t)) => (
+                    metrics::kl_divergence(l, &logits),
+                    metrics::token_agreement(t, &generation.tokens),
+                ),
+            };
+            let t = &mut tallies[ci];
+            t.f1.push(f1);
+            t.acc.push(correct as u8 as f64);
+            t.kl.push(kl);
+            t.agreement.push(agreement);
+            t.ttft_ms.push(out.stats.ttft_ms);
+            t.recompute.push(out.stats.recompute_fraction);
+            details.push(Detail {
+                example: ei,
+                config: cfg.label(),
+                prediction,
+                answers: ex.answers.clone(),
+                f1,
+                correct,
+                ttft_ms: out.stats.ttft_ms,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+
+    let full = &tallies[0];
+    let (full_f1, full_acc, full_ttft) = (mean(&full.f1), mean(&full.acc), median(&full.ttft_ms));
+    let ratio_of = |x: f64, base: f64| (base > 0.0).then(|| x / base);
+    let rows: Vec<Row> = configs
+        .iter()
+        .zip(&tallies)
+        .map(|(c, t)| {
+            let (f1, acc, ttft) = (mean(&t.f1), mean(&t.acc), median(&t.ttft_ms));
+            Row {
+                mode: c.mode.name(),
+                variant: c.variant.clone(),
+                ratio: c.ratio,
+                f1,
+                f1_vs_full: ratio_of(f1, full_f1),
+                acc,
+                acc_vs_full: ratio_of(acc, full_acc),
+                first_token_kl: mean(&t.kl),
+                answer_token_agreement: mean(&t.agreement),
+                ttft_ms_median: ttft,
+                ttft_speedup_vs_full: full_ttft / ttft,
+                recompute_fraction: mean(&t.recompute),
+            }
+        })
+        .collect();
+    let report = Report {
+        examples: examples.len(),
+        model: model_name,
+        task: a.task.clone(),
+        device: a.model.device.clone(),
+        prompt_tokens_median: median(&prompt_tokens),
+        rows,
+        details,
+    };
+    print_table(&report);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}",
+        r.task, r.examples, r.prompt_tokens_median, r.model, r.device
+    );
+    println!(
+        "| mode | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL | answer agreement | TTFT median ms | speed-up | recomputed |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |v| format!("{v:.2}"));
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {:.2} | {:.0} | {:.1}× | {:.3} |",
+            row.mode,
+            row.variant.as_deref().unwrap_or("–"),
+            row.ratio.map_or_else(|| "–".to_string(), |r| r.to_string()),
+            row.f1,
+            opt(row.f1_vs_full),
+            row.acc,
+            opt(row.acc_vs_full),
+            row.first_token_kl,
+            row.answer_token_agreement,
+            row.ttft_ms_median,
+            row.ttft_speedup_vs_full,
+            row.recompute_fraction,
+        );
+    }
+}

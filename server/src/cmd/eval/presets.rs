@@ -1,0 +1,42 @@
+//! Named token-selection variants of blend, for comparing against CacheBlend.
+
+use anyhow::{Result, bail};
+use kvquilt_blend::{BlendConfig, Deviation};
+
+/// The blend settings a variant name stands for, at recompute ratio `r`.
+pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
+    let base = BlendConfig::cacheblend(r);
+    Ok(match name {
+        // the published algorithm: layer 0 full, check layer 1, squared V deviation
+        "cacheblend" => base,
+        // plus the first 4 tokens of every chunk (EPIC's attention-sink fix)
+        "starts" => BlendConfig {
+            chunk_start: 4,
+            ..base
+        },
+        // K and V deviation together
+        "kv" => BlendConfig {
+            deviation: Deviation::Kv,
+            ..base
+        },
+        // re-ranking at layers 1..=3, from 2r down to r
+        "gradual" => BlendConfig {
+            check_layers: vec![1, 2, 3],
+            gradual: 2.0,
+            ..base
+        },
+        // budget spread over chunks by length
+        "perchunk" => BlendConfig {
+            per_chunk: true,
+            ..base
+        },
+        // kvquilt's default
+        "kvquilt" => BlendConfig {
+            ratio: r,
+            ..BlendConfig::default()
+        },
+        other => bail!(
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk or kvquilt)"
+        ),
+    })
+}
