@@ -3,9 +3,10 @@
 //!
 //! Estimates are exponentially weighted moving averages of what this process measured:
 //! prefill seconds per token (every prefill the blender runs) and bytes per second per tier
-//! (every object stream, from open to last layer; read-ahead overlaps compute, so this
-//! over-estimates load time, erring towards recompute). Before a tier has been measured a
-//! conservative default applies; before any prefill has been measured, loading is chosen.
+//! (per object stream: its bytes over the time the request spent waiting for and converting
+//! its layers, i.e. what loading adds to the critical path while reads run ahead of compute).
+//! Before a tier has been measured a conservative default applies; before any prefill has
+//! been measured, loading is chosen.
 
 use std::collections::HashMap;
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{ChunkKey, KvObject, LayerStream, TierKind, TieredStore};
 use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor};
@@ -56,7 +56,9 @@ enum Source {
     /// Streaming from a tier, layer by layer.
     Stream {
         stream: LayerStream,
-        opened: Instant,
+        /// Time this request spent waiting for and converting the stream's layers (what
+        /// loading adds to the critical path when reads run ahead of compute).
+        busy: Duration,
         bytes: usize,
     },
     /// Already in memory (computed for this request).
@@ -385,20 +387,23 @@ impl Blender {
                     Source::Memory(c) => c.layers[l].clone(),
                     Source::Stream {
                         stream,
-                        opened,
+                        busy,
                         bytes,
                     } => {
+                        let t0 = Instant::now();
                         let b = stream.next_blocking().ok_or_else(|| {
                             invalid(format!(
                                 "the store ended {} before layer {l}",
                                 stream.info.key
                             ))
                         })??;
+                        let kv = layer_from_bytes(&b, &layout, seg_len, &device)?;
+                        *busy += t0.elapsed();
                         *bytes += b.len();
                         if l + 1 == layout.num_layers as usize {
-                            costs.record_load(stream.tier, *bytes, opened.elapsed().as_secs_f64());
+                            costs.record_load(stream.tier, *bytes, busy.as_secs_f64());
                         }
-                        layer_from_bytes(&b, &layout, seg_len, &device)?
+                        kv
                     }
                 });
             }
@@ -487,7 +492,7 @@ impl Blender {
                             let tier = stream.tier;
                             let source = Source::Stream {
                                 stream,
-                                opened: Instant::now(),
+                                busy: Duration::ZERO,
                                 bytes: 0,
                             };
                             return Ok((source, SegmentSource::Hit(tier)));

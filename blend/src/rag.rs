@@ -92,3 +92,29 @@ impl RagPrompt {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_chatml_with_one_chunk_per_document() {
+        let p = RagPrompt {
+            system: "S".into(),
+            instruction: "I".into(),
+            documents: vec![document_text("T", "body"), document_text("", "x")],
+            question: "Q?".into(),
+            answer_hint: "Short.".into(),
+        };
+        assert_eq!(
+            p.prefix_text(),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nI\n\n"
+        );
+        assert_eq!(RagPrompt::chunk_text(&p.documents[0]), "T\n\nbody\n\n");
+        assert_eq!(RagPrompt::chunk_text(&p.documents[1]), "x\n\n");
+        assert_eq!(
+            p.suffix_text(),
+            "Question: Q?\nShort.<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}

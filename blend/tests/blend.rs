@@ -436,3 +436,26 @@ fn bad_requests_are_rejected() {
         assert!(!e.to_string().is_empty());
     }
 }
+
+#[test]
+fn identity_changes_with_dtype_and_weights_and_keys_with_namespace() {
+    let a = ModelIdentity::of(&tiny("qwen2")).unwrap();
+    assert_eq!(
+        a,
+        ModelIdentity::of(&tiny("qwen2")).unwrap(),
+        "deterministic"
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let f16 = load(&dir, &Device::Cpu, DType::F16).unwrap();
+    let b = ModelIdentity::of(&f16).unwrap();
+    assert_ne!(a.model, b.model, "compute dtype is part of the identity");
+    assert_ne!(a.layout, b.layout);
+    let c = ModelIdentity::of(&tiny("llama")).unwrap();
+    assert_ne!(a.model, c.model);
+    let toks = toks(1, 10, 512);
+    let (k1, k2) = (
+        ChunkCodec::new(a.clone(), b"").key(&toks),
+        ChunkCodec::new(a, b"tenant").key(&toks),
+    );
+    assert_ne!(k1, k2);
+}

@@ -3,6 +3,7 @@
 //! Each benchmark repeats a measurement and reports the median, with the baseline it is
 //! compared to measured in the same run, on the same data.
 
+mod blend;
 mod model;
 mod store;
 
@@ -17,6 +18,8 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
+    /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
+    Blend(blend::BlendBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
     Store(store::StoreBenchArgs),
 }
@@ -24,6 +27,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(a) => model::run(a),
+        BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),
     }
 }

@@ -123,7 +123,7 @@ pub fn run(a: ModelBenchArgs) -> Result<()> {
 }
 
 /// Deterministic token ids spread over the vocabulary.
-fn pseudo_tokens(n: usize, vocab: u64) -> Vec<u32> {
+pub(crate) fn pseudo_tokens(n: usize, vocab: u64) -> Vec<u32> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
         .map(|_| {

@@ -1,6 +1,7 @@
 //! Evaluation examples: CacheBlend's MuSiQue format, and the needle task built from it.
 //!
-//! Format: a JSON list of `{"ctxs": [{"title", "text"}], "question", "answers": [..]}`.
+//! Format: a JSON list of `{"ctxs": [{"title", "text"}], "question", "answers": [..]}`, each
+//! optionally with an `answer_hint` (the needle task writes one).
 
 use std::path::Path;
 
@@ -19,6 +20,9 @@ pub struct Example {
     pub ctxs: Vec<Passage>,
     pub question: String,
     pub answers: Vec<String>,
+    /// What follows the question (default: CacheBlend's "Answer within 5 words.").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_hint: Option<String>,
 }
 
 pub fn load(path: &Path) -> Result<Vec<Example>> {
@@ -72,7 +76,7 @@ pub fn needles(examples: &[Example], seed: u64) -> Vec<Example> {
             let mut e = e.clone();
             let value = 1000 + rng.below(9000);
             let p = rng.below(e.ctxs.len());
-            let sentence = format!("The vault access code is {value}.");
+            let sentence = format!("The secret number is {value}.");
             let text = &e.ctxs[p].text;
             let bounds: Vec<usize> = text.match_indices(". ").map(|(i, _)| i + 2).collect();
             let at = if bounds.is_empty() {
@@ -86,8 +90,9 @@ pub fn needles(examples: &[Example], seed: u64) -> Vec<Example> {
                 format!("{}{sentence} {}", &text[..at], &text[at..])
             };
             e.ctxs[p].text = planted;
-            e.question = "What is the vault access code?".into();
+            e.question = "What is the secret number?".into();
             e.answers = vec![value.to_string()];
+            e.answer_hint = Some("Answer with the number only.".into());
             e
         })
         .collect()
@@ -107,6 +112,7 @@ mod tests {
                 .collect(),
             question: "q".into(),
             answers: vec!["a".into()],
+            answer_hint: None,
         }
     }
 

@@ -250,7 +250,10 @@ pub fn run(a: Args) -> Result<()> {
                 .map(|p| document_text(&p.title, &p.text))
                 .collect(),
             question: ex.question.clone(),
-            answer_hint: "Answer within 5 words.".into(),
+            answer_hint: ex
+                .answer_hint
+                .clone()
+                .unwrap_or_else(|| "Answer within 5 words.".into()),
         };
         let base = prompt.request(&tokenizer, Mode::Full)?;
         prompt_tokens.push(base.tokens().len() as f64);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine through the `device` tool (see BENCHMARKS.md for the exact calls).
+# Expects the GPU build of kvquilt at .devbin/kvquilt and, for the SmolLM2 quality runs, the
+# default model's GGUF at $KVQ_MODEL. Writes JSON reports under $OUT.
+#
+#   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
+#   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
+#   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
+set -euo pipefail
+: "${OUT:?set by the device tool}"
+bin=.devbin/kvquilt
+variants=cacheblend,starts,kv,gradual,perchunk
+case "${1:-perf}" in
+  perf)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+    "$bin" bench model --random llama3.1-8b --device cuda --tokens 4096 --decode 32 \
+      --decode-context 4096 --repeats 5 --json "$OUT/prefill_ours.json"
+    python3 benches/hf_prefill.py --tokens 4096 --repeats 5 --decode 32 --decode-context 4096 \
+      --json "$OUT/prefill_hf.json"
+    "$bin" bench blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.05,0.15,0.3 --repeats 5 --json "$OUT/blend_8b.json"
+    ;;
+  needle|musique)
+    "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \
+      --modes full,reuse,blend --ratios 0.05,0.15,0.3 --variants "$variants" \
+      --json "$OUT/eval_$1.json" | tee "$OUT/eval_$1.md"
+    ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,162 @@
+//! `kvquilt bench blend`: time to first token of `full`, `reuse` and `blend` on a RAG-shaped
+//! prompt (a prefix, N chunks, a question) whose chunks are already stored in the host tier.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
+use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
+use kvquilt_model::{Model, ModelConfig};
+use serde::Serialize;
+
+use super::model::pseudo_tokens;
+use super::{median, write_report};
+use crate::model_source::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct BlendBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`).
+    #[arg(long)]
+    random: Option<String>,
+    /// Retrieved chunks per prompt.
+    #[arg(long, default_value_t = 10)]
+    chunks: usize,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    chunk_tokens: usize,
+    /// Prefix and question (suffix) lengths, tokens.
+    #[arg(long, default_value_t = 64)]
+    prefix_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    suffix_tokens: usize,
+    /// Blend recompute ratios.
+    #[arg(long, value_delimiter = ',', default_value = "0.15")]
+    ratios: Vec<f32>,
+    /// Timed repetitions per mode (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    mode: &'static str,
+    ratio: Option<f32>,
+    ttft_ms_median: f64,
+    speedup_vs_full: f64,
+    runs_ms: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    dtype: String,
+    prompt_tokens: usize,
+    chunks: usize,
+    chunk_tokens: usize,
+    rows: Vec<Row>,
+}
+
+pub fn run(a: BlendBenchArgs) -> Result<()> {
+    let device = a.model.device()?;
+    let dtype = a.model.dtype(&device)?;
+    let (model, identity, name) = match a.random.as_deref() {
+        Some("llama3.1-8b") => {
+            let m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+            let id = ModelIdentity::for_weights(&m, "random:llama3.1-8b")?;
+            (m, id, "random weights, Llama-3.1-8B shape".to_string())
+        }
+        Some(other) => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b)"),
+        None => {
+            let m = a.model.load()?;
+            let id = ModelIdentity::of(&m)?;
+            let name = m.path.display().to_string();
+            (m.model, id, name)
+        }
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let store = TieredStore::open(StoreConfig {
+        host_capacity: 64 << 30,
+        host_policy: PolicyKind::Lru,
+        ssd: None,
+        write: WritePolicy::WriteThrough,
+        promote_on_hit: true,
+    })?;
+    let blender = Blender::new(
+        Arc::new(model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(false);
+    let vocab = blender.model().config().vocab_size as u64;
+    let all = pseudo_tokens(
+        a.prefix_tokens + a.chunks * a.chunk_tokens + a.suffix_tokens,
+        vocab,
+    );
+    let (prefix, rest) = all.split_at(a.prefix_tokens);
+    let (body, suffix) = rest.split_at(a.chunks * a.chunk_tokens);
+    let base = BlendRequest {
+        prefix: prefix.to_vec(),
+        chunks: body.chunks(a.chunk_tokens).map(<[u32]>::to_vec).collect(),
+        suffix: suffix.to_vec(),
+        mode: Mode::Full,
+    };
+    for seg in base.segments() {
+        blender.precompute(b"", seg)?;
+    }
+    let mut modes = vec![(Mode::Full, None), (Mode::Reuse, None)];
+    for &r in &a.ratios {
+        modes.push((Mode::Blend(BlendConfig::cacheblend(r)), Some(r)));
+    }
+    let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
+    let mut rows: Vec<Row> = Vec::new();
+    for (mode, ratio) in modes {
+        let req = BlendRequest {
+            mode: mode.clone(),
+            ..base.clone()
+        };
+        let mut runs = Vec::new();
+        for i in 0..=a.repeats.max(1) {
+            let t = std::time::Instant::now();
+            let out = blender.run(b"", &req)?;
+            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+            sync()?;
+            if i > 0 {
+                runs.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let m = median(&runs);
+        eprintln!(
+            "{:<6} {:>5}: TTFT median {m:.1} ms",
+            mode.name(),
+            ratio.map_or(String::new(), |r| r.to_string())
+        );
+        rows.push(Row {
+            mode: mode.name(),
+            ratio,
+            ttft_ms_median: m,
+            speedup_vs_full: 0.0,
+            runs_ms: runs,
+        });
+    }
+    let full = rows[0].ttft_ms_median;
+    for r in &mut rows {
+        r.speedup_vs_full = full / r.ttft_ms_median;
+    }
+    let report = Report {
+        model: name,
+        device: format!("{:?}", blender.model().device()),
+        dtype: format!("{:?}", blender.model().dtype()),
+        prompt_tokens: all.len(),
+        chunks: a.chunks,
+        chunk_tokens: a.chunk_tokens,
+        rows,
+    };
+    write_report(&report, a.json.as_deref())
+}
