@@ -217,12 +217,14 @@ pub fn run(a: Args) -> Result<()> {
         promote_on_hit: true,
     })?;
     let model = Arc::new(loaded.model);
+    // Each row measures its mode as asked: no fallback to full prefill.
     let blender = Blender::new(
         Arc::clone(&model),
         identity,
         Arc::new(store),
         rt.handle().clone(),
-    );
+    )
+    .with_fallback_to_full(false);
     let stop_ids = line_break_ids(&tokenizer)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
