@@ -2,7 +2,7 @@
 //! tokens whose cached KV deviates most from their fresh KV, and recompute only those on
 //! the layers after, attending over the full-length cache with the exact causal mask.
 
-use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor};
+use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor, replacement_index};
 
 use crate::config::BlendConfig;
 use crate::error::{BlendError, Result};
@@ -98,7 +98,8 @@ fn run(
         };
         let scores = deviation(&fresh, &cached, cfg.deviation)?;
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
-        cache.layers[check] = replace_rows(&cache.layers[check], &active, &fresh)?;
+        let index = replacement_index(n, &active, model.device())?;
+        cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
         let budget = (ratio * non_suffix as f32).floor() as usize;
         let kept = select(&active, &scores, roles, budget, ratio, cfg.per_chunk);
         let pick: Vec<u32> = active
@@ -150,19 +151,5 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
             let (mk, mv) = (mean(&k), mean(&v));
             k.iter().zip(&v).map(|(a, b)| a / mk + b / mv).collect()
         }
-    })
-}
-
-/// `layer` with rows `rows` (sorted) replaced by `new` (one row each, same order).
-fn replace_rows(layer: &LayerKv, rows: &[usize], new: &LayerKv) -> Result<LayerKv> {
-    let len = layer.len();
-    let mut index: Vec<u32> = (0..len as u32).collect();
-    for (j, &r) in rows.iter().enumerate() {
-        index[r] = (len + j) as u32;
-    }
-    let index = Tensor::new(index, layer.k.device())?;
-    Ok(LayerKv {
-        k: Tensor::cat(&[&layer.k, &new.k], 0)?.index_select(&index, 0)?,
-        v: Tensor::cat(&[&layer.v, &new.v], 0)?.index_select(&index, 0)?,
     })
 }

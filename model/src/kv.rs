@@ -43,6 +43,15 @@ impl LayerKv {
         })
     }
 
+    /// This layer with row `rows[j]` replaced by row `j` of `new`, given
+    /// `index = replacement_index(self.len(), rows, device)` (built once, reused per layer).
+    pub fn replace_rows(&self, index: &Tensor, new: &LayerKv) -> Result<Self> {
+        Ok(Self {
+            k: Tensor::cat(&[&self.k, &new.k], 0)?.index_select(index, 0)?,
+            v: Tensor::cat(&[&self.v, &new.v], 0)?.index_select(index, 0)?,
+        })
+    }
+
     /// The layers' tokens one after the other.
     pub fn cat(parts: &[&LayerKv]) -> Result<Self> {
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
@@ -163,6 +172,21 @@ impl KvCache {
         }
         check_increasing(&self.positions)
     }
+}
+
+/// Index over `cat([len layer rows, new rows])` that keeps row `t` unless it is `rows[j]`
+/// (strictly increasing, each `< len`), which takes new row `j`. See [`LayerKv::replace_rows`].
+pub fn replacement_index(len: usize, rows: &[usize], device: &Device) -> Result<Tensor> {
+    let mut index: Vec<u32> = (0..len as u32).collect();
+    for (j, &r) in rows.iter().enumerate() {
+        if r >= len {
+            return Err(invalid_input(format!(
+                "row {r} past a layer of {len} tokens"
+            )));
+        }
+        index[r] = (len + j) as u32;
+    }
+    Ok(Tensor::new(index, device)?)
 }
 
 pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {

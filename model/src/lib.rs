@@ -47,7 +47,7 @@ pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,
     top_logprobs,
 };
-pub use kv::{KvCache, LayerKv};
+pub use kv::{KvCache, LayerKv, replacement_index};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};
 pub use tokenizer::Tokenizer;

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{AttentionPlan, ProbeRequest, attend};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
-use crate::kv::{KvCache, LayerKv, check_increasing};
+use crate::kv::{KvCache, LayerKv, check_increasing, replacement_index};
 use crate::rope::{Rope, RopeTables};
 use crate::weights::{LayerWeights, Weights};
 
@@ -311,10 +311,7 @@ impl Model {
             let old = &supplied;
             let kv = match &replace_index {
                 None => LayerKv::cat(&[old, &LayerKv { k: k_new, v: v_new }])?,
-                Some(index) => LayerKv {
-                    k: Tensor::cat(&[&old.k, &k_new], 0)?.index_select(index, 0)?,
-                    v: Tensor::cat(&[&old.v, &v_new], 0)?.index_select(index, 0)?,
-                },
+                Some(index) => old.replace_rows(index, &LayerKv { k: k_new, v: v_new })?,
             };
             let q_rot = q_tables.apply(&q)?;
             let k_rot = k_tables.apply(&kv.k)?;
@@ -390,14 +387,4 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
-}
-
-/// Index over `cat([cache rows, new rows])` that keeps cache row `t` unless it is `rows[j]`,
-/// which takes new row `j`.
-fn replacement_index(len: usize, rows: &[usize], device: &Device) -> Result<Tensor> {
-    let mut index: Vec<u32> = (0..len as u32).collect();
-    for (j, &r) in rows.iter().enumerate() {
-        index[r] = (len + j) as u32;
-    }
-    Ok(Tensor::new(index, device)?)
 }
