@@ -76,16 +76,25 @@ fn run(
     let mut active: Vec<usize> = (0..n).collect();
     let mut hidden = model.embed(tokens)?;
     let mut cursor = 0;
-    for (&check, ratio) in cfg.check_layers.iter().zip(cfg.schedule()) {
-        let out = model.run_layers_with(
-            cursor..check,
-            hidden,
-            Rows::Replace(&active),
-            cache,
-            None,
-            fill_once,
-        )?;
-        hidden = out.hidden;
+    // Spans of layers between check layers; the last span ends at the top with no check.
+    let spans = cfg
+        .check_layers
+        .iter()
+        .copied()
+        .zip(cfg.schedule().into_iter().map(Some))
+        .chain(std::iter::once((num_layers, None)));
+    for (check, ratio) in spans {
+        hidden = model
+            .run_layers_with(
+                cursor..check,
+                hidden,
+                Rows::Replace(&active),
+                cache,
+                None,
+                fill_once,
+            )?
+            .hidden;
+        let Some(ratio) = ratio else { break };
         fill_once(check, &mut cache.layers[check])?;
         let fresh = model.kv_projection(check, &hidden)?;
         let rows = Tensor::new(
@@ -112,15 +121,7 @@ fn run(
         active = kept;
         cursor = check;
     }
-    let out = model.run_layers_with(
-        cursor..num_layers,
-        hidden,
-        Rows::Replace(&active),
-        cache,
-        None,
-        fill_once,
-    )?;
-    let last = out.hidden.narrow(0, out.hidden.dims()[0] - 1, 1)?;
+    let last = hidden.narrow(0, hidden.dims()[0] - 1, 1)?;
     let logits = model.logits(&last)?.squeeze(0)?;
     let recomputed = active
         .iter()
