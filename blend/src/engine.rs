@@ -246,7 +246,7 @@ impl Blender {
                 .prefill(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
         stats.ttft_ms = ms(start);
         stats.recompute_fraction = fraction(stats.recomputed_tokens, at);
-        stats.stored_back = self.store_back(new_objects);
+        stats.stored_back = self.store_back(req, new_objects);
         Ok(BlendOutput {
             logits,
             cache,
@@ -321,7 +321,7 @@ impl Blender {
                     }
                     out.stats.count(how);
                 }
-                out.stats.stored_back = self.store_back(new_objects);
+                out.stats.stored_back = self.store_back(req, new_objects);
                 return Ok(out);
             }
         }
@@ -445,7 +445,7 @@ impl Blender {
         stats.ttft_ms = ms(start);
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, non_suffix);
-        stats.stored_back = self.store_back(new_objects);
+        stats.stored_back = self.store_back(req, new_objects);
         Ok(BlendOutput {
             logits,
             cache,
@@ -525,7 +525,10 @@ impl Blender {
     /// Stores objects computed by a request (after its first token). A failed store is
     /// logged, not fatal: the request's answer does not depend on it. Returns how many were
     /// stored.
-    fn store_back(&self, objects: Vec<(KvObject, f64)>) -> usize {
+    fn store_back(&self, req: &BlendRequest, objects: Vec<(KvObject, f64)>) -> usize {
+        if !req.store_back {
+            return 0;
+        }
         let mut stored = 0;
         for (obj, cost) in objects {
             let key = *obj.key();

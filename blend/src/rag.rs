@@ -13,11 +13,11 @@
 //! Every part is tokenised alone ([`ChunkCodec::tokenize`]), so a document's tokens, hence
 //! its key, do not depend on its neighbours; `full` prefill runs the same token sequence.
 
-use kvquilt_model::Tokenizer;
+use kvquilt_model::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
-use crate::error::Result;
+use crate::error::{Result, invalid};
 use crate::request::BlendRequest;
 
 /// The texts of a RAG prompt.
@@ -77,20 +77,82 @@ impl RagPrompt {
         )
     }
 
-    /// Tokenises every part into a request in `mode`.
+    /// Tokenises every part into a request in `mode`. Each document becomes
+    /// [`document_tokens`].
     pub fn request(&self, tokenizer: &Tokenizer, mode: Mode) -> Result<BlendRequest> {
         let chunks = self
             .documents
             .iter()
-            .map(|d| ChunkCodec::tokenize(tokenizer, &Self::chunk_text(d)))
+            .map(|d| document_tokens(tokenizer, d))
             .collect::<Result<Vec<_>>>()?;
-        Ok(BlendRequest {
-            prefix: ChunkCodec::tokenize(tokenizer, &self.prefix_text())?,
+        Ok(BlendRequest::new(
+            ChunkCodec::tokenize(tokenizer, &self.prefix_text())?,
             chunks,
-            suffix: ChunkCodec::tokenize(tokenizer, &self.suffix_text())?,
+            ChunkCodec::tokenize(tokenizer, &self.suffix_text())?,
             mode,
-        })
+        ))
     }
+}
+
+/// The chunk tokens of a document given as text: [`RagPrompt::chunk_text`] tokenised alone.
+/// Every path that turns a document into a chunk (the API's chunk upload, chat documents,
+/// the precompute job, the evaluation) calls this, so they all derive the same key.
+pub fn document_tokens(tokenizer: &Tokenizer, document: &str) -> Result<Vec<u32>> {
+    ChunkCodec::tokenize(tokenizer, &RagPrompt::chunk_text(document))
+}
+
+/// Marks where documents go while the chat template renders; never in real text.
+const DOCUMENTS_MARK: &str = "\u{1}kvquilt:documents\u{1}";
+
+/// A chat conversation with documents, laid out by the model's own chat template:
+///
+/// ```text
+/// prefix  {template: every message before the last user turn}{user turn opening}{instruction}\n\n
+/// chunk   {document}\n\n                  (one per document)
+/// suffix  {last user message}{template: end of turn, assistant opening}
+/// ```
+///
+/// `chunks` are the documents' chunk tokens ([`document_tokens`] of each text, or a stored
+/// chunk's tokens). Without documents the instruction is left out and the whole conversation
+/// up to the last user message is the (cached) prefix. The last message must be the user's.
+pub fn chat_request(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    chunks: Vec<Vec<u32>>,
+    instruction: &str,
+    mode: Mode,
+) -> Result<BlendRequest> {
+    let Some(last) = messages.last().filter(|m| m.role == "user") else {
+        return Err(invalid("the last message must have the role `user`"));
+    };
+    if messages.iter().any(|m| m.content.contains(DOCUMENTS_MARK)) {
+        return Err(invalid(
+            "a message contains kvquilt's internal documents marker",
+        ));
+    }
+    let lead = if chunks.is_empty() {
+        String::new()
+    } else {
+        format!("{instruction}\n\n")
+    };
+    let mut marked = messages.to_vec();
+    if let Some(m) = marked.last_mut() {
+        m.content = format!("{lead}{DOCUMENTS_MARK}{}", last.content);
+    }
+    let text = template.render(&marked, true)?;
+    let parts: Vec<&str> = text.split(DOCUMENTS_MARK).collect();
+    let [prefix, suffix] = parts[..] else {
+        return Err(invalid(
+            "the model's chat template does not keep the last user message verbatim",
+        ));
+    };
+    Ok(BlendRequest::new(
+        ChunkCodec::tokenize(tokenizer, prefix)?,
+        chunks,
+        ChunkCodec::tokenize(tokenizer, suffix)?,
+        mode,
+    ))
 }
 
 #[cfg(test)]

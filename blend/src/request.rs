@@ -15,9 +15,23 @@ pub struct BlendRequest {
     pub chunks: Vec<Vec<u32>>,
     pub suffix: Vec<u32>,
     pub mode: Mode,
+    /// Store the KV of chunks this request computes (misses), so the next request hits.
+    /// Off when the caller may not store (e.g. a tenant over its quota).
+    pub store_back: bool,
 }
 
 impl BlendRequest {
+    /// A request that stores back what it computes.
+    pub fn new(prefix: Vec<u32>, chunks: Vec<Vec<u32>>, suffix: Vec<u32>, mode: Mode) -> Self {
+        Self {
+            prefix,
+            chunks,
+            suffix,
+            mode,
+            store_back: true,
+        }
+    }
+
     /// The cached segments in prompt order: the prefix (when not empty), then the chunks.
     pub fn segments(&self) -> Vec<&[u32]> {
         let mut s: Vec<&[u32]> = Vec::with_capacity(self.chunks.len() + 1);

@@ -63,12 +63,7 @@ fn toks(seed: u32, n: usize, vocab: u32) -> Vec<u32> {
 }
 
 fn req(prefix: Vec<u32>, chunks: Vec<Vec<u32>>, suffix: Vec<u32>, mode: Mode) -> BlendRequest {
-    BlendRequest {
-        prefix,
-        chunks,
-        suffix,
-        mode,
-    }
+    BlendRequest::new(prefix, chunks, suffix, mode)
 }
 
 fn vec1(t: &Tensor) -> Vec<f32> {

@@ -2,6 +2,8 @@
 
 mod cmd;
 mod model_source;
+mod serve;
+mod store_setup;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,10 @@ enum Command {
     Model(cmd::model::ModelCommand),
     /// Answer quality and TTFT of the reuse modes beside full prefill, on real data.
     Eval(cmd::eval::Args),
+    /// Run the HTTP sidecar (chunks, blend, OpenAI-compatible completions with documents).
+    Serve(serve::Args),
+    /// Precompute and store the KV of a corpus's chunks (resumable batch job).
+    Precompute(cmd::precompute::Args),
     /// Benchmarks (results as JSON and a table).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -37,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model(c) => cmd::model::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Precompute(a) => cmd::precompute::run(a),
     }
 }

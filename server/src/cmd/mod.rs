@@ -4,3 +4,4 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod precompute;

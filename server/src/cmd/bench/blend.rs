@@ -101,12 +101,12 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
     );
     let (prefix, rest) = all.split_at(a.prefix_tokens);
     let (body, suffix) = rest.split_at(a.chunks * a.chunk_tokens);
-    let base = BlendRequest {
-        prefix: prefix.to_vec(),
-        chunks: body.chunks(a.chunk_tokens).map(<[u32]>::to_vec).collect(),
-        suffix: suffix.to_vec(),
-        mode: Mode::Full,
-    };
+    let base = BlendRequest::new(
+        prefix.to_vec(),
+        body.chunks(a.chunk_tokens).map(<[u32]>::to_vec).collect(),
+        suffix.to_vec(),
+        Mode::Full,
+    );
     for seg in base.segments() {
         blender.precompute(b"", seg)?;
     }

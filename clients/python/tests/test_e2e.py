@@ -1,0 +1,104 @@
+"""End-to-end tests against a running `kvquilt serve` (started by the Rust integration test
+`server/tests/python_clients.rs`, which passes KVQUILT_URL and KVQUILT_TOKEN)."""
+
+import os
+
+import openai
+import pytest
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_core.vectorstores import InMemoryVectorStore
+
+from kvquilt import Client, KvquiltError
+from kvquilt.langchain import CHUNK_ID, ChatKvquilt, KvquiltRetriever, rag_chain
+
+URL = os.environ.get("KVQUILT_URL", "")
+TOKEN = os.environ.get("KVQUILT_TOKEN", "")
+pytestmark = pytest.mark.skipif(not URL, reason="needs a running kvquilt (KVQUILT_URL)")
+
+PASSAGES = [
+    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911.",
+    "Quenmoor is a fishing town on the northern coast, known for its grey stone houses.",
+    "The secret number is 4817. Nobody in Quenmoor knows who chose it.",
+    "Bicycles were first sold in Quenmoor in 1899 by a merchant named Ada Pell.",
+]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with Client(URL, token=TOKEN) as c:
+        yield c
+
+
+def test_openai_chat_completion_with_documents(client):
+    oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
+    model = oa.models.list().data[0].id
+    resp = oa.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the secret number? Answer with the number only."}],
+        max_tokens=8,
+        extra_body={"documents": PASSAGES},
+    )
+    text = resp.choices[0].message.content
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 50 and resp.usage.completion_tokens >= 1
+    assert "4817" in text, text
+    # the same documents again: every chunk is now a stored hit
+    again = oa.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Where is the Zorblat Tower?"}],
+        max_tokens=8,
+        extra_body={"documents": PASSAGES},
+    )
+    stats = again.model_extra["kvquilt"]
+    assert stats["misses"] == 0, stats
+
+
+def test_openai_streaming_and_legacy_completion(client):
+    oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
+    model = client.model()
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in oa.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the secret number? Answer with the number only."}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"documents": PASSAGES},
+        )
+        if c.choices
+    ]
+    assert "4817" in "".join(pieces)
+    comp = oa.completions.create(model=model, prompt="The capital of France is", max_tokens=4)
+    assert comp.choices[0].text.strip() != ""
+
+
+def test_openai_errors_name_the_problem():
+    bad = openai.OpenAI(base_url=URL + "/v1", api_key="wrong-token-123")
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert "not valid" in str(e.value)
+    oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_langchain_retrieve_warm_answer(client):
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=64))
+    store.add_texts(PASSAGES)
+    retriever = KvquiltRetriever(base=store.as_retriever(search_kwargs={"k": 4}), client=client)
+    docs = retriever.invoke("What is the secret number?")
+    assert len(docs) == 4
+    ids = [d.metadata[CHUNK_ID] for d in docs]
+    assert all(client.chunk(i) is not None for i in ids)
+    llm = ChatKvquilt(client=client, max_tokens=8)
+    chain = rag_chain(retriever, llm)
+    out = chain.invoke("What is the secret number? Answer with the number only.")
+    assert "4817" in out["answer"], out["answer"]
+    assert out["stats"]["misses"] == 0  # warmed by the retriever
+    assert all(d.metadata["kvquilt_warm"] for d in out["documents"])
+
+
+def test_client_errors(client):
+    with pytest.raises(KvquiltError) as e:
+        client.blend("q?", [{"id": "00" * 32}])
+    assert e.value.status == 404 and e.value.code == "unknown_chunk"

@@ -1,0 +1,38 @@
+//! The client's error type.
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server refused the request; `code` is the API's stable error code.
+    #[error("kvquilt API error {status} ({code}): {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The request did not complete (connection, timeout, ...).
+    #[error("HTTP error: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The response was not what the API documents.
+    #[error("unexpected response: {0}")]
+    Decode(String),
+}
+
+impl Error {
+    /// The API error code, if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            Error::Http(e) => e.status().map(|s| s.as_u16()),
+            Error::Decode(_) => None,
+        }
+    }
+}

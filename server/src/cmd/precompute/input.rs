@@ -1,0 +1,132 @@
+//! Precompute inputs: a JSONL file (`{"id": ..., "text": ...}` or `{"id": ..., "chunks":
+//! [...]}` per line) or a directory of text files (one document each, id = file name).
+//! Everything is read and checked before any compute starts: a bad line fails the job with
+//! its line number and nothing written.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One input document and, if the input gives them, its chunks.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The input's id, as text (numbers are printed).
+    pub id: String,
+    pub text: Option<String>,
+    pub chunks: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    id: Value,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    chunks: Option<Vec<String>>,
+    /// Free-form metadata, carried by nothing here but allowed in the input.
+    #[serde(default)]
+    #[allow(dead_code)]
+    metadata: Option<Value>,
+}
+
+pub fn read(path: &Path) -> Result<Vec<Document>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let docs = if meta.is_dir() {
+        read_dir(path)?
+    } else {
+        read_jsonl(path)?
+    };
+    if docs.is_empty() {
+        bail!("{} holds no documents", path.display());
+    }
+    Ok(docs)
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let l: Line = serde_json::from_str(line)
+            .with_context(|| format!("{}:{n}: not a valid input line", path.display()))?;
+        let id = match l.id {
+            Value::String(s) => s,
+            Value::Number(x) => x.to_string(),
+            _ => bail!("{}:{n}: `id` must be a string or a number", path.display()),
+        };
+        match (&l.text, &l.chunks) {
+            (Some(t), None) if !t.is_empty() => {}
+            (None, Some(c)) if !c.is_empty() && c.iter().all(|s| !s.is_empty()) => {}
+            _ => bail!(
+                "{}:{n}: give a non-empty `text` or a non-empty `chunks` list (not both)",
+                path.display()
+            ),
+        }
+        docs.push(Document {
+            id,
+            text: l.text,
+            chunks: l.chunks,
+        });
+    }
+    Ok(docs)
+}
+
+fn read_dir(path: &Path) -> Result<Vec<Document>> {
+    let mut entries: Vec<_> = std::fs::read_dir(path)
+        .with_context(|| format!("listing {}", path.display()))?
+        .collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut docs = Vec::new();
+    for e in entries {
+        let p = e.path();
+        if !p.is_file()
+            || p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("reading {} (text files only)", p.display()))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        docs.push(Document {
+            id: e.file_name().to_string_lossy().into_owned(),
+            text: Some(text),
+            chunks: None,
+        });
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_lines_are_checked_with_line_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(
+            &p,
+            "{\"id\": 1, \"text\": \"a\"}\n\n{\"id\": \"b\", \"chunks\": [\"x\", \"y\"]}\n",
+        )
+        .unwrap();
+        let d = read(&p).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].id, "1");
+        assert_eq!(d[1].chunks.as_ref().unwrap().len(), 2);
+        std::fs::write(&p, "{\"id\": 1, \"text\": \"a\"}\n{\"id\": 2}\n").unwrap();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains(":2:"), "{e}");
+        std::fs::write(&p, "{\"id\": 1, \"txt\": \"a\"}\n").unwrap();
+        assert!(format!("{:#}", read(&p).unwrap_err()).contains(":1:"));
+    }
+}

@@ -1,0 +1,220 @@
+//! `kvquilt serve` settings: embedded defaults, then a TOML file, then environment variables
+//! and flags (a flag beats its variable, which beats the file).
+//!
+//! ```toml
+//! listen = "127.0.0.1:8077"
+//! data_dir = "/var/lib/kvquilt"
+//! model = "smollm2-135m-instruct"     # a .gguf, an HF directory or a known name
+//! api_tokens = ["secret"]             # tokens of the default tenant
+//!
+//! [limits]
+//! max_body_bytes = 67108864
+//! max_request_tokens = 8192
+//! max_chunks = 64
+//! max_new_tokens = 512
+//! workers = 1                          # model requests computed at once
+//! max_queue = 64                       # model requests waiting; more get 503
+//!
+//! [store]
+//! host_bytes = 2147483648
+//! ssd_bytes = 68719476736
+//!
+//! [[tenants]]
+//! name = "acme"
+//! tokens = ["acme-secret"]
+//! quota_bytes = 10737418240
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// Everything the server needs, merged from all sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// The store's directory (RocksDB under `store/`).
+    pub data_dir: PathBuf,
+    /// Model path or known name; `None` is the default model.
+    pub model: Option<String>,
+    pub device: String,
+    pub dtype: Option<String>,
+    /// Bearer tokens of the default tenant.
+    pub api_tokens: Vec<String>,
+    pub tenants: Vec<TenantConfig>,
+    pub limits: Limits,
+    pub store: StoreSettings,
+    /// Log level: error, warn, info, debug, trace.
+    pub log_level: String,
+}
+
+/// A tenant: its own key salt (no cross-tenant hits), tokens and storage quota.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub tokens: Vec<String>,
+    /// Most bytes of KV (decoded) this tenant's chunks may occupy; `None` is unlimited.
+    pub quota_bytes: Option<u64>,
+}
+
+/// Request limits; every one is enforced with a 4xx that names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body, bytes (uploaded KV objects included).
+    pub max_body_bytes: usize,
+    /// Most prompt tokens in one request (all chunks, prefix and question).
+    pub max_request_tokens: usize,
+    /// Most chunks (documents) in one request.
+    pub max_chunks: usize,
+    /// Most tokens one completion may generate.
+    pub max_new_tokens: usize,
+    /// Model requests computed at once.
+    pub workers: usize,
+    /// Model requests allowed to wait for a worker; more are refused with 503.
+    pub max_queue: usize,
+    /// Quota of the default tenant, bytes (`None`: unlimited).
+    pub default_quota_bytes: Option<u64>,
+}
+
+/// Store capacities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Host-memory tier, bytes of KV.
+    pub host_bytes: u64,
+    /// SSD tier, stored bytes.
+    pub ssd_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8077)),
+            data_dir: default_data_dir(),
+            model: None,
+            device: "cpu".into(),
+            dtype: None,
+            api_tokens: Vec::new(),
+            tenants: Vec::new(),
+            limits: Limits::default(),
+            store: StoreSettings::default(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 << 20,
+            max_request_tokens: 8192,
+            max_chunks: 64,
+            max_new_tokens: 512,
+            workers: 1,
+            max_queue: 64,
+            default_quota_bytes: None,
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            host_bytes: 2 << 30,
+            ssd_bytes: 64 << 30,
+        }
+    }
+}
+
+/// `~/.local/share/kvquilt` (or `./kvquilt-data` without a home directory).
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) => Path::new(&h).join(".local/share/kvquilt"),
+        None => PathBuf::from("kvquilt-data"),
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Checks what cannot be served safely or at all.
+    pub fn validate(&self) -> Result<()> {
+        let any_token =
+            !self.api_tokens.is_empty() || self.tenants.iter().any(|t| !t.tokens.is_empty());
+        if !self.listen.ip().is_loopback() && !any_token {
+            bail!(
+                "listening on {} (not loopback) needs at least one API token: pass --api-token or set api_tokens in the config",
+                self.listen
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in self
+            .api_tokens
+            .iter()
+            .chain(self.tenants.iter().flat_map(|t| &t.tokens))
+        {
+            if t.len() < 8 {
+                bail!("an API token is shorter than 8 characters");
+            }
+            if !seen.insert(t) {
+                bail!(
+                    "an API token is given twice (tokens identify tenants, so each must be unique)"
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if t.name.is_empty() || t.name == "default" || !names.insert(&t.name) {
+                bail!(
+                    "tenant names must be unique, non-empty and not `default` (got `{}`)",
+                    t.name
+                );
+            }
+            if t.tokens.is_empty() {
+                bail!("tenant `{}` has no tokens", t.name);
+            }
+        }
+        if self.limits.workers == 0 {
+            bail!("limits.workers must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str(
+            "listen = \"0.0.0.0:9000\"\napi_tokens = [\"abcdefgh\"]\n[limits]\nmax_chunks = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.max_chunks, 3);
+        assert_eq!(c.limits.max_request_tokens, 8192);
+        c.validate().unwrap();
+        assert!(toml::from_str::<Config>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        let c = Config {
+            listen: "0.0.0.0:1".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("API token"));
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,220 @@
+//! Decoding after a blend: sampling, stop conditions and incremental text.
+//!
+//! The first token comes from the blend's logits; every later one from a decode step over
+//! the blended cache. Text is released as soon as it is final: never half a UTF-8 character
+//! (the tokenizer decodes byte pieces to U+FFFD until complete) and never the beginning of a
+//! stop string that may still complete.
+
+use kvquilt_model::{KvCache, Model, Tensor, Tokenizer, argmax, top_logprobs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::error::ApiResult;
+
+/// How tokens are picked.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// 0 (or absent in the request) is greedy.
+    pub temperature: f32,
+    /// Nucleus mass, (0, 1].
+    pub top_p: f32,
+    pub seed: Option<u64>,
+}
+
+/// When generation ends.
+#[derive(Debug, Clone)]
+pub struct Stopping {
+    pub max_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+}
+
+/// One token as it is produced.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `k` best alternatives `(id, logprob)`, when asked for.
+    pub top: Vec<(u32, f32)>,
+    /// Text that became final with this token (may be empty).
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    Length,
+    /// The receiver went away (client disconnected).
+    Cancelled,
+}
+
+impl Finish {
+    pub fn openai(self) -> &'static str {
+        match self {
+            Finish::Stop | Finish::Cancelled => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// Decodes from `logits` (of the prompt's last token at `cache`'s last position).
+/// `on_step` sees every token with the text it made final (the last step also carries any
+/// held-back text); returning false stops generation. Returns why it stopped and how many
+/// tokens were produced (an end-of-sequence token counts, its text is empty).
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    mut cache: KvCache,
+    mut logits: Tensor,
+    sampling: &Sampling,
+    stopping: &Stopping,
+    top_k: usize,
+    mut on_step: impl FnMut(Step) -> bool,
+) -> ApiResult<(Finish, usize)> {
+    let mut rng = match sampling.seed {
+        Some(s) => StdRng::seed_from_u64(s),
+        None => StdRng::from_os_rng(),
+    };
+    let mut text = TextStream::new(stopping.stop_strings.clone());
+    let mut produced = 0;
+    while produced < stopping.max_tokens {
+        let row = logits.to_vec1::<f32>()?;
+        let id = pick(&row, sampling, &mut rng);
+        produced += 1;
+        let eos = stopping.stop_ids.contains(&id);
+        let (mut released, stop_string) = if eos {
+            (text.finish(tokenizer)?, false)
+        } else {
+            text.push(tokenizer, id)?
+        };
+        let length = produced == stopping.max_tokens;
+        if length && !eos && !stop_string {
+            released.push_str(&text.finish(tokenizer)?);
+        }
+        let step = Step {
+            id,
+            logprob: log_prob(&row, id),
+            top: if top_k == 0 {
+                Vec::new()
+            } else {
+                top_logprobs(&row, top_k)
+            },
+            text: released,
+        };
+        if !on_step(step) {
+            return Ok((Finish::Cancelled, produced));
+        }
+        if eos || stop_string {
+            return Ok((Finish::Stop, produced));
+        }
+        if length {
+            break;
+        }
+        let pos = cache.positions.last().map_or(0, |p| p + 1);
+        logits = model.prefill(&[id], &[pos], &mut cache)?;
+    }
+    Ok((Finish::Length, produced))
+}
+
+fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
+    if s.temperature <= 0.0 {
+        return argmax(row);
+    }
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, (((x - max) / s.temperature) as f64).exp()))
+        .collect();
+    let z: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / z;
+        if kept >= s.top_p as f64 {
+            cut = i + 1;
+            break;
+        }
+    }
+    probs.truncate(cut);
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut u = rng.random::<f64>() * total;
+    for (id, p) in &probs {
+        u -= p;
+        if u <= 0.0 {
+            return *id;
+        }
+    }
+    probs.last().map_or(0, |p| p.0)
+}
+
+fn log_prob(row: &[f32], id: u32) -> f32 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    row[id as usize] - max - z.ln() as f32
+}
+
+/// Turns tokens into text released in final pieces, cut at the first stop string.
+#[derive(Debug)]
+pub struct TextStream {
+    tokens: Vec<u32>,
+    /// Bytes of the decoded text already released.
+    released: usize,
+    stops: Vec<String>,
+}
+
+impl TextStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            tokens: Vec::new(),
+            released: 0,
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
+    }
+
+    /// Adds a token; returns the text now final and whether a stop string ended the text.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> ApiResult<(String, bool)> {
+        self.tokens.push(id);
+        let text = tokenizer.decode(&self.tokens, true)?;
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            let out = text.get(self.released..at).unwrap_or("").to_string();
+            self.released = at.max(self.released);
+            return Ok((out, true));
+        }
+        // hold back an incomplete character and any tail that could begin a stop string
+        let mut end = text.len();
+        if text.ends_with('\u{FFFD}') {
+            end = text.trim_end_matches('\u{FFFD}').len();
+        }
+        for s in &self.stops {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && text[..end].ends_with(&s[..k]) {
+                    end = end.min(text[..end].len() - k);
+                    break;
+                }
+            }
+        }
+        if end <= self.released {
+            return Ok((String::new(), false));
+        }
+        let out = text[self.released..end].to_string();
+        self.released = end;
+        Ok((out, false))
+    }
+
+    /// Everything not yet released (at the end of generation).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> ApiResult<String> {
+        let text = tokenizer.decode(&self.tokens, true)?;
+        let out = text.get(self.released..).unwrap_or("").to_string();
+        self.released = text.len();
+        Ok(out)
+    }
+}

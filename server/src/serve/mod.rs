@@ -1,0 +1,260 @@
+//! `kvquilt serve`: the HTTP sidecar (axum on tokio).
+//!
+//! Start-up loads the model, opens the data directory's store and counts each tenant's
+//! stored bytes; then the router serves until SIGINT/SIGTERM, finishes in-flight requests,
+//! and flushes the store. Model work runs on [`pool::ModelPool`], never on the async
+//! workers, so `/health` and chunk lookups stay fast under load.
+
+pub mod config;
+pub mod error;
+mod extract;
+mod generation;
+pub mod metrics;
+pub mod openapi;
+mod pool;
+mod routes;
+mod state;
+pub mod tenants;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use kvquilt_blend::{Blender, ModelIdentity};
+use kvquilt_model::ChatTemplate;
+
+use crate::model_source::ModelArgs;
+use crate::store_setup::open_store;
+use config::Config;
+use error::ApiError;
+use metrics::{Metrics, RouteLabels, RouteOnly};
+use pool::ModelPool;
+use state::{AppState, Shared};
+use tenants::Tenants;
+
+/// `kvquilt serve` flags; each beats its environment variable, which beats the config file.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to listen on (default 127.0.0.1:8077).
+    #[arg(long, env = "KVQUILT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (the store lives in `store/` under it).
+    #[arg(long, env = "KVQUILT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Bearer token of the default tenant (repeatable; required off loopback).
+    #[arg(long = "api-token", env = "KVQUILT_API_TOKENS", value_delimiter = ',')]
+    api_tokens: Vec<String>,
+    /// TOML configuration file (see `serve::config`).
+    #[arg(long, env = "KVQUILT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model requests computed at once.
+    #[arg(long, env = "KVQUILT_WORKERS")]
+    workers: Option<usize>,
+    /// A .gguf file, an HF model directory, or a known model name (default: the default model).
+    #[arg(long, env = "KVQUILT_MODEL")]
+    model: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "KVQUILT_DEVICE")]
+    device: Option<String>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "KVQUILT_DTYPE")]
+    dtype: Option<String>,
+}
+
+impl Args {
+    /// Defaults, then the file, then flags/variables.
+    pub fn config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(l) = self.listen {
+            c.listen = l;
+        }
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if !self.api_tokens.is_empty() {
+            c.api_tokens = self.api_tokens.clone();
+        }
+        if let Some(w) = self.workers {
+            c.limits.workers = w;
+        }
+        if self.model.is_some() {
+            c.model = self.model.clone();
+        }
+        if let Some(d) = &self.device {
+            c.device = d.clone();
+        }
+        if self.dtype.is_some() {
+            c.dtype = self.dtype.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = args.config()?;
+    init_logging(&config.log_level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kvquilt-serve")
+        .build()?;
+    rt.block_on(serve(config))
+}
+
+fn init_logging(level: &str) {
+    let level = level.parse().unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Builds everything and serves until a shutdown signal.
+pub async fn serve(config: Config) -> Result<()> {
+    let model_args = ModelArgs {
+        model: config.model.clone(),
+        device: config.device.clone(),
+        dtype: config.dtype.clone(),
+    };
+    let (loaded, store) = tokio::task::spawn_blocking({
+        let c = config.clone();
+        move || -> Result<_> {
+            let loaded = model_args.load()?;
+            let store = open_store(&c.data_dir, c.store.host_bytes, c.store.ssd_bytes)?;
+            Ok((loaded, store))
+        }
+    })
+    .await??;
+    let identity = ModelIdentity::of(&loaded)?;
+    let model_name = match &config.model {
+        None => kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT.name.to_string(),
+        Some(m) => std::path::Path::new(m)
+            .file_stem()
+            .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
+    };
+    let tokenizer = loaded.tokenizer()?.clone();
+    let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
+    let store = Arc::new(store);
+    let blender = Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::clone(&store),
+        tokio::runtime::Handle::current(),
+    );
+    let shared = Arc::new(Shared {
+        blender: Arc::new(blender),
+        tokenizer: Arc::new(tokenizer),
+        template: Arc::new(template),
+        model_name,
+        tenants: Tenants::from_config(&config),
+        limits: config.limits.clone(),
+        pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
+        metrics: Metrics::new(Arc::clone(&store)),
+        started: Instant::now(),
+    });
+    let counted = shared
+        .account_existing()
+        .await
+        .map_err(|e| anyhow::anyhow!("counting stored chunks: {}", e.message))?;
+    let app = router(Arc::clone(&shared));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        model = %shared.model_name,
+        data_dir = %config.data_dir.display(),
+        stored_chunks = counted,
+        "kvquilt serving"
+    );
+    // the line scripts and tests wait for
+    eprintln!("kvquilt: listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shutting down: flushing the store");
+    store.flush().await.context("flushing the store")?;
+    eprintln!("kvquilt: stopped");
+    Ok(())
+}
+
+/// The API's routes (see [`openapi::ROUTES`]).
+pub fn router(state: AppState) -> Router {
+    use routes::{blend, chunks, openai, ops};
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/v1/stats", get(ops::stats))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chunks", post(chunks::create))
+        .route("/v1/chunks/{id}", get(chunks::info).delete(chunks::delete))
+        .route(
+            "/v1/chunks/{id}/kv",
+            get(chunks::get_kv).put(chunks::put_kv),
+        )
+        .route("/v1/blend", post(blend::blend))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .fallback(|| async {
+            ApiError::not_found("no_such_route", "no such route; see /openapi.json")
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Counts every request and its latency by route.
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .requests
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    s.metrics
+        .latency
+        .get_or_create(&RouteOnly { route })
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

@@ -1,0 +1,100 @@
+//! The model pool: model work (prefill, blend, decode) runs on blocking threads, at most
+//! `workers` at once, off the async runtime, so `/health` and lookups never wait on it.
+//! Waiters queue first come, first served (tokio's semaphore is fair); past `max_queue`
+//! waiting requests a new one is refused with 503 instead of piling up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::http::StatusCode;
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+
+#[derive(Debug)]
+pub struct ModelPool {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    running: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+impl ModelPool {
+    pub fn new(workers: usize, max_queue: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(workers)),
+            waiting: AtomicUsize::new(0),
+            running: Arc::new(AtomicUsize::new(0)),
+            max_queue,
+        }
+    }
+
+    /// Requests waiting for a worker.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests being computed.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` on a blocking thread once a worker is free. The worker stays taken until
+    /// `work` returns, even if the caller stops waiting (a client that disconnects cannot
+    /// make the pool over-commit).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                format!(
+                    "{} model requests are already waiting; retry later",
+                    self.max_queue
+                ),
+            ));
+        }
+        let permit = Arc::clone(&self.permits).acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit.map_err(|_| ApiError::internal("the model pool is closed"))?;
+        let running = Arc::clone(&self.running);
+        running.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            let out = work();
+            running.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+            out
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("a model worker failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_past_the_queue_limit() {
+        let pool = Arc::new(ModelPool::new(1, 1));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let p = Arc::clone(&pool);
+        let busy = tokio::spawn(async move { p.run(move || rx.recv().ok()).await });
+        while pool.running() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let p = Arc::clone(&pool);
+        let queued = tokio::spawn(async move { p.run(|| 1).await });
+        while pool.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = pool.run(|| 2).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        tx.send(()).unwrap();
+        assert!(busy.await.unwrap().is_ok());
+        assert_eq!(queued.await.unwrap().unwrap(), 1);
+    }
+}

@@ -1,0 +1,93 @@
+//! How a request names a chunk: a document's text, token ids, or the id of a stored chunk.
+
+use serde::{Deserialize, Serialize};
+
+use crate::serve::error::{ApiError, ApiResult};
+use crate::serve::state::Shared;
+use crate::serve::tenants::Tenant;
+
+/// A chunk in a request: `"text"`, `{"text": ...}`, `{"tokens": [...]}` or `{"id": ...}`.
+/// Text is a document: it becomes [`kvquilt_blend::rag::document_tokens`], the same tokens
+/// the precompute job and chat documents derive. Token ids are used as given.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ChunkRef {
+    Text(String),
+    Spec(ChunkSpec),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSpec {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub tokens: Option<Vec<u32>>,
+}
+
+impl ChunkRef {
+    /// The chunk's token ids; an id must name a chunk of `tenant`.
+    pub async fn resolve(&self, s: &Shared, tenant: &Tenant, i: usize) -> ApiResult<Vec<u32>> {
+        let tokens = match self {
+            ChunkRef::Text(t) => text_tokens(s, t)?,
+            ChunkRef::Spec(spec) => match (&spec.id, &spec.text, &spec.tokens) {
+                (Some(id), None, None) => {
+                    let key = Shared::parse_id(id)?;
+                    s.require_owned(tenant, &key).await?.info.tokens.clone()
+                }
+                (None, Some(t), None) => text_tokens(s, t)?,
+                (None, None, Some(t)) => t.clone(),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_chunk",
+                        format!("chunk {i} must have exactly one of `id`, `text` or `tokens`"),
+                    ));
+                }
+            },
+        };
+        if tokens.is_empty() {
+            return Err(ApiError::bad_request(
+                "empty_chunk",
+                format!("chunk {i} has no tokens"),
+            ));
+        }
+        let vocab = s.blender.model().config().vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::bad_request(
+                "invalid_token_id",
+                format!("chunk {i} has token id {bad}, the vocabulary has {vocab}"),
+            ));
+        }
+        Ok(tokens)
+    }
+}
+
+fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {
+    Ok(kvquilt_blend::rag::document_tokens(&s.tokenizer, text)?)
+}
+
+/// Checks a request's chunk count and token total against the limits.
+pub fn check_size(s: &Shared, chunks: usize, tokens: usize) -> ApiResult<()> {
+    if chunks > s.limits.max_chunks {
+        return Err(ApiError::bad_request(
+            "too_many_chunks",
+            format!(
+                "{chunks} chunks in one request; the limit is {} (limits.max_chunks)",
+                s.limits.max_chunks
+            ),
+        ));
+    }
+    let ctx = s.blender.model().config().context_length;
+    let limit = s.limits.max_request_tokens.min(ctx);
+    if tokens > limit {
+        return Err(ApiError::bad_request(
+            "too_many_tokens",
+            format!(
+                "the request has {tokens} tokens; the limit is {limit} (limits.max_request_tokens, and the model's context of {ctx})"
+            ),
+        ));
+    }
+    Ok(())
+}

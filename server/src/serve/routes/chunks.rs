@@ -1,0 +1,257 @@
+//! `/v1/chunks`: precompute and store chunks, look them up, delete them, and move their KV
+//! objects in and out (the binary object format of `kvstore`, for engines).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kvquilt_kvstore::{Codec, EncodedObject, KvLayout, TierKind};
+use serde::{Deserialize, Serialize};
+
+use super::chunk_ref::{ChunkRef, check_size};
+use crate::serve::error::{ApiError, ApiResult};
+use crate::serve::extract::{ApiBytes, ApiJson};
+use crate::serve::state::{AppState, Shared, unknown_chunk};
+use crate::serve::tenants::{Caller, Tenant};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutChunks {
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkStatus {
+    pub id: String,
+    pub tokens: usize,
+    /// `hit` (already stored) or `stored` (computed now).
+    pub status: &'static str,
+    /// The tier that held it (hits only).
+    pub tier: Option<TierKind>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PutChunksResponse {
+    pub model: String,
+    pub chunks: Vec<ChunkStatus>,
+}
+
+/// `POST /v1/chunks`: precompute and store each chunk (content-addressed: a stored chunk
+/// costs a lookup).
+pub async fn create(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    ApiJson(req): ApiJson<PutChunks>,
+) -> ApiResult<axum::Json<PutChunksResponse>> {
+    if req.chunks.is_empty() {
+        return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
+    }
+    check_size(&s, req.chunks.len(), 0)?;
+    let mut all = Vec::with_capacity(req.chunks.len());
+    for (i, c) in req.chunks.iter().enumerate() {
+        let t = c.resolve(&s, &tenant, i).await?;
+        check_size(&s, 1, t.len())?;
+        all.push(t);
+    }
+    let codec = s.blender.codec(&tenant.namespace);
+    let layout = *codec.layout();
+    let new_bytes: u64 = all
+        .iter()
+        .filter(|t| s.blender.store().locate(&codec.key(t)).is_none())
+        .map(|t| object_bytes(&layout, t.len()))
+        .sum();
+    check_quota(&s, &tenant, new_bytes)?;
+    let st = Arc::clone(&s);
+    let tenant2 = Arc::clone(&tenant);
+    let results = s
+        .pool
+        .run(move || {
+            all.iter()
+                .map(|t| st.blender.precompute(&tenant2.namespace, t))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await??;
+    let chunks = results
+        .into_iter()
+        .map(|p| {
+            tenant.add(p.key, object_bytes(&layout, p.tokens));
+            ChunkStatus {
+                id: p.key.to_hex(),
+                tokens: p.tokens,
+                status: if p.found_in.is_some() {
+                    "hit"
+                } else {
+                    "stored"
+                },
+                tier: p.found_in,
+            }
+        })
+        .collect();
+    Ok(axum::Json(PutChunksResponse {
+        model: s.model_name.clone(),
+        chunks,
+    }))
+}
+
+/// Decoded KV bytes of a chunk of `tokens` tokens (what quotas count).
+pub fn object_bytes(layout: &KvLayout, tokens: usize) -> u64 {
+    layout.layer_bytes(tokens) as u64 * layout.num_layers as u64
+}
+
+/// Refuses a write that would take `tenant` past its quota.
+pub fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
+    if extra == 0 || tenant.fits(extra, |k| s.blender.store().locate(k).is_some()) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "quota_exceeded",
+        format!(
+            "storing {extra} more bytes would exceed tenant `{}`'s quota: {} of {} bytes used",
+            tenant.name,
+            tenant.used_bytes(),
+            tenant.quota_bytes.unwrap_or(u64::MAX)
+        ),
+    ))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InfoQuery {
+    /// Include the token ids.
+    #[serde(default)]
+    pub include_tokens: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkInfo {
+    pub id: String,
+    pub tokens: usize,
+    /// The fastest tier holding it.
+    pub tier: TierKind,
+    /// Decoded KV bytes, all layers.
+    pub bytes: u64,
+    pub layout: KvLayout,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// `GET /v1/chunks/{id}` (and `HEAD`, which axum answers from it without the body).
+pub async fn info(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+    q: Result<Query<InfoQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<axum::Json<ChunkInfo>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let key = Shared::parse_id(&id)?;
+    let found = s.require_owned(&tenant, &key).await?;
+    Ok(axum::Json(ChunkInfo {
+        id: key.to_hex(),
+        tokens: found.info.tokens.len(),
+        tier: found.tier,
+        bytes: found.info.raw_len(),
+        layout: found.info.layout,
+        token_ids: q.include_tokens.then(|| found.info.tokens.clone()),
+    }))
+}
+
+/// `DELETE /v1/chunks/{id}`: removes it from every tier.
+pub async fn delete(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let key = Shared::parse_id(&id)?;
+    s.require_owned(&tenant, &key).await?;
+    if !s.blender.store().remove(&key).await? {
+        return Err(unknown_chunk(&key));
+    }
+    tenant.forget(&key);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Media type of a KV object (the format in `kvstore`'s documentation).
+pub const OBJECT_MEDIA_TYPE: &str = "application/vnd.kvquilt.kv-object";
+
+/// `GET /v1/chunks/{id}/kv`: the object's bytes (raw codec; checksums included).
+pub async fn get_kv(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let key = Shared::parse_id(&id)?;
+    s.require_owned(&tenant, &key).await?;
+    let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
+        return Err(unknown_chunk(&key));
+    };
+    let bytes = obj.encode(Codec::Raw).to_bytes();
+    let mut resp = bytes.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(OBJECT_MEDIA_TYPE),
+    );
+    Ok(resp)
+}
+
+/// `PUT /v1/chunks/{id}/kv`: stores an object made elsewhere. It must parse, every checksum
+/// must hold, its layout must be this model's, and its tokens must derive `id` for this
+/// tenant and model (so nobody can plant KV under another chunk's id).
+pub async fn put_kv(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<(StatusCode, axum::Json<ChunkStatus>)> {
+    let key = Shared::parse_id(&id)?;
+    let encoded = EncodedObject::parse(&body, Some(&key))?;
+    let codec = s.blender.codec(&tenant.namespace);
+    let info = &encoded.header.info;
+    if info.layout != *codec.layout() {
+        return Err(ApiError::bad_request(
+            "layout_mismatch",
+            format!(
+                "the object's KV layout {:?} is not this model's {:?}",
+                info.layout,
+                codec.layout()
+            ),
+        ));
+    }
+    check_size(&s, 1, info.tokens.len())?;
+    let derived = codec.key(&info.tokens);
+    if derived != key {
+        return Err(ApiError::bad_request(
+            "key_mismatch",
+            format!(
+                "the object's tokens make chunk id {derived} for this model and tenant, not {key}"
+            ),
+        ));
+    }
+    let tokens = info.tokens.len();
+    if let Some(tier) = s.blender.store().locate(&key) {
+        return Ok((
+            StatusCode::OK,
+            axum::Json(ChunkStatus {
+                id,
+                tokens,
+                status: "hit",
+                tier: Some(tier),
+            }),
+        ));
+    }
+    let bytes = object_bytes(codec.layout(), tokens);
+    check_quota(&s, &tenant, bytes)?;
+    let obj = encoded.decode()?;
+    s.blender.store().put(obj, 0.0).await?;
+    tenant.add(key, bytes);
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ChunkStatus {
+            id: key.to_hex(),
+            tokens,
+            status: "stored",
+            tier: None,
+        }),
+    ))
+}

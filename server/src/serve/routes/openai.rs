@@ -1,0 +1,627 @@
+//! OpenAI-compatible completions: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`. Extensions: `documents` (texts, or `{"id": ...}` of stored chunks),
+//! assembled through blend, and `kvquilt` (`{"mode": ..., "ratio": ...}`); responses carry
+//! the blend's stats under `kvquilt`. Streaming sends server-sent events in OpenAI's chunk
+//! format, ending with `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, StreamExt};
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
+use kvquilt_blend::{BlendRequest, BlendStats};
+use kvquilt_model::ChatMessage;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::blend::{ModeSpec, prepare};
+use super::chunk_ref::ChunkRef;
+use crate::serve::error::{ApiError, ApiResult};
+use crate::serve::extract::ApiJson;
+use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
+use crate::serve::state::{AppState, Shared};
+use crate::serve::tenants::{Caller, Tenant};
+
+/// Sampling and stopping fields shared by both endpoints (unknown OpenAI fields are ignored).
+#[derive(Debug, Deserialize, Default)]
+pub struct CommonFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub documents: Vec<ChunkRef>,
+    pub kvquilt: Option<ModeSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub messages: Vec<InMessage>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<usize>,
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// A message's content: a string, or OpenAI's list of parts (text parts only).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionBody {
+    pub prompt: Prompt,
+    /// Legacy completions' `logprobs`: how many alternatives per token.
+    pub logprobs: Option<usize>,
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Which response shape to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// What a generation job reports, in order.
+enum GenEvent {
+    Started,
+    Step(Step),
+    Done {
+        finish: Finish,
+        produced: usize,
+        stats: Box<BlendStats>,
+    },
+    Failed(ApiError),
+}
+
+/// Settings of one generation after validation.
+struct Job {
+    prepared: super::blend::Prepared,
+    sampling: Sampling,
+    stopping: Stopping,
+    top_k: usize,
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> ApiResult<Response> {
+    check_model(&s, &body.common)?;
+    let messages = body
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| to_message(i, m))
+        .collect::<ApiResult<Vec<_>>>()?;
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("no_messages", "`messages` is empty"));
+    }
+    let mode = mode_of(&body.common)?;
+    let chunks = resolve_documents(&s, &tenant, &body.common.documents).await?;
+    let req = chat_request(
+        &s.template,
+        &s.tokenizer,
+        &messages,
+        chunks,
+        DEFAULT_INSTRUCTION,
+        mode,
+    )?;
+    let top_k = if body.logprobs {
+        body.top_logprobs.unwrap_or(0).min(20)
+    } else {
+        0
+    };
+    let job = job(&s, &tenant, req, &body.common, 512, top_k)?;
+    respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
+}
+
+/// `POST /v1/completions`: documents first (one chunk each), then the prompt, computed.
+pub async fn completions(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    ApiJson(body): ApiJson<CompletionBody>,
+) -> ApiResult<Response> {
+    check_model(&s, &body.common)?;
+    let prompt = match &body.prompt {
+        Prompt::One(p) => p.clone(),
+        Prompt::Many(v) if v.len() == 1 => v[0].clone(),
+        Prompt::Many(_) => {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                "`prompt` must be one string (batches are not supported)",
+            ));
+        }
+    };
+    let mode = mode_of(&body.common)?;
+    let chunks = resolve_documents(&s, &tenant, &body.common.documents).await?;
+    let suffix = s.tokenizer.encode_piece(&prompt)?;
+    let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
+    let top_k = body.logprobs.unwrap_or(0).min(20);
+    // OpenAI's default for legacy completions is 16 tokens
+    let job = job(&s, &tenant, req, &body.common, 16, top_k)?;
+    let logprobs = body.logprobs.is_some();
+    respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<Value> {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "kvquilt"}]
+    }))
+}
+
+fn check_model(s: &Shared, c: &CommonFields) -> ApiResult<()> {
+    match c.model.as_deref() {
+        None => Ok(()),
+        Some(m) if m == s.model_name => Ok(()),
+        Some(m) => Err(ApiError::not_found(
+            "model_not_found",
+            format!(
+                "model `{m}` is not served here; this server serves `{}`",
+                s.model_name
+            ),
+        )),
+    }
+}
+
+fn mode_of(c: &CommonFields) -> ApiResult<kvquilt_blend::Mode> {
+    c.kvquilt.clone().unwrap_or_default().to_mode()
+}
+
+fn to_message(i: usize, m: &InMessage) -> ApiResult<ChatMessage> {
+    if !matches!(
+        m.role.as_str(),
+        "system" | "user" | "assistant" | "developer"
+    ) {
+        return Err(ApiError::bad_request(
+            "invalid_role",
+            format!(
+                "message {i} has role `{}` (expected system, user or assistant)",
+                m.role
+            ),
+        ));
+    }
+    let role = if m.role == "developer" {
+        "system"
+    } else {
+        &m.role
+    };
+    let content = match &m.content {
+        None => String::new(),
+        Some(Content::Text(t)) => t.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => out.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::bad_request(
+                            "unsupported_content",
+                            format!("message {i} has a `{kind}` part; only text is supported"),
+                        ));
+                    }
+                }
+            }
+            out
+        }
+    };
+    Ok(ChatMessage::new(role, content))
+}
+
+async fn resolve_documents(
+    s: &Shared,
+    tenant: &Tenant,
+    docs: &[ChunkRef],
+) -> ApiResult<Vec<Vec<u32>>> {
+    super::chunk_ref::check_size(s, docs.len(), 0)?;
+    let mut out = Vec::with_capacity(docs.len());
+    for (i, d) in docs.iter().enumerate() {
+        out.push(d.resolve(s, tenant, i).await?);
+    }
+    Ok(out)
+}
+
+fn job(
+    s: &Shared,
+    tenant: &Tenant,
+    req: BlendRequest,
+    c: &CommonFields,
+    default_max: usize,
+    top_k: usize,
+) -> ApiResult<Job> {
+    if c.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`n` must be 1",
+        ));
+    }
+    let max_tokens = c
+        .max_completion_tokens
+        .or(c.max_tokens)
+        .unwrap_or(default_max.min(s.limits.max_new_tokens));
+    if max_tokens == 0 || max_tokens > s.limits.max_new_tokens {
+        return Err(ApiError::bad_request(
+            "invalid_max_tokens",
+            format!(
+                "max_tokens must be within 1..={} (limits.max_new_tokens)",
+                s.limits.max_new_tokens
+            ),
+        ));
+    }
+    let temperature = c.temperature.unwrap_or(0.0);
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !((0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(
+            "invalid_sampling",
+            "temperature must be within 0..=2 and top_p within (0, 1]",
+        ));
+    }
+    let stop_strings = match &c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop_strings.len() > 4 {
+        return Err(ApiError::bad_request(
+            "invalid_stop",
+            "at most 4 stop sequences",
+        ));
+    }
+    let prompt_tokens = req.tokens().len();
+    let ctx = s.blender.model().config().context_length;
+    if prompt_tokens + max_tokens > ctx {
+        return Err(ApiError::bad_request(
+            "too_many_tokens",
+            format!(
+                "{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's context of {ctx}"
+            ),
+        ));
+    }
+    Ok(Job {
+        prepared: prepare(s, tenant, req)?,
+        sampling: Sampling {
+            temperature,
+            top_p,
+            seed: c.seed,
+        },
+        stopping: Stopping {
+            max_tokens,
+            stop_ids: s.stop_ids(),
+            stop_strings,
+        },
+        top_k,
+    })
+}
+
+/// Starts the job on the model pool; events arrive on the returned channel.
+fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let st = Arc::clone(&s);
+        let tx2 = tx.clone();
+        let r = s
+            .pool
+            .run(move || -> ApiResult<()> {
+                let out = job.prepared.run(&st, &tenant)?;
+                if tx2.blocking_send(GenEvent::Started).is_err() {
+                    return Ok(());
+                }
+                let model = st.blender.model();
+                let (finish, produced) = decode(
+                    model,
+                    &st.tokenizer,
+                    out.cache,
+                    out.logits,
+                    &job.sampling,
+                    &job.stopping,
+                    job.top_k,
+                    |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
+                )?;
+                st.metrics.generated_tokens.inc_by(produced as u64);
+                let _ = tx2.blocking_send(GenEvent::Done {
+                    finish,
+                    produced,
+                    stats: Box::new(out.stats),
+                });
+                Ok(())
+            })
+            .await;
+        if let Err(e) | Ok(Err(e)) = r {
+            let _ = tx.send(GenEvent::Failed(e)).await;
+        }
+    });
+    rx
+}
+
+/// Waits for the blend to succeed (so its errors get a proper status), then streams or
+/// collects the answer.
+async fn respond(
+    s: AppState,
+    tenant: Arc<Tenant>,
+    job: Job,
+    kind: Kind,
+    logprobs: bool,
+    c: &CommonFields,
+) -> ApiResult<Response> {
+    let prompt_tokens = job.prepared.req.tokens().len();
+    let mut rx = spawn(Arc::clone(&s), tenant, job);
+    match rx.recv().await {
+        Some(GenEvent::Started) => {}
+        Some(GenEvent::Failed(e)) => return Err(e),
+        _ => return Err(ApiError::internal("the generation ended before it started")),
+    }
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        &blake3::hash(&rand_bytes()).to_hex()[..24]
+    );
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let shape = Shape {
+        kind,
+        id,
+        created,
+        model: s.model_name.clone(),
+        logprobs,
+        prompt_tokens,
+    };
+    if c.stream {
+        let include_usage = c.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Ok(stream_response(s, rx, shape, include_usage))
+    } else {
+        collect_response(&s, rx, shape).await
+    }
+}
+
+/// Response fields fixed for one completion.
+#[derive(Clone)]
+struct Shape {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    prompt_tokens: usize,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    fn usage(&self, produced: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": produced,
+            "total_tokens": self.prompt_tokens + produced,
+        })
+    }
+
+    /// Logprob entries of some steps, in the endpoint's format.
+    fn logprobs(&self, s: &Shared, steps: &[Step]) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let text = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
+        match self.kind {
+            Kind::Chat => json!({"content": steps.iter().map(|st| json!({
+                "token": text(st.id),
+                "logprob": st.logprob,
+                "bytes": text(st.id).into_bytes(),
+                "top_logprobs": st.top.iter().map(|&(id, lp)| json!({
+                    "token": text(id), "logprob": lp, "bytes": text(id).into_bytes(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()}),
+            Kind::Text => json!({
+                "tokens": steps.iter().map(|st| text(st.id)).collect::<Vec<_>>(),
+                "token_logprobs": steps.iter().map(|st| st.logprob).collect::<Vec<_>>(),
+                "top_logprobs": steps.iter().map(|st| st.top.iter()
+                    .map(|&(id, lp)| (text(id), json!(lp)))
+                    .collect::<serde_json::Map<String, Value>>())
+                    .collect::<Vec<_>>(),
+            }),
+        }
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>, logprobs: Value, chunk: bool) -> Value {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            (Kind::Chat, true) => json!({
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            (Kind::Text, _) => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        }
+    }
+
+    fn envelope(&self, choices: Vec<Value>, chunk: bool) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("object".into(), json!(self.object(chunk)));
+        m.insert("created".into(), json!(self.created));
+        m.insert("model".into(), json!(self.model));
+        m.insert("choices".into(), Value::Array(choices));
+        m
+    }
+}
+
+async fn collect_response(
+    s: &Shared,
+    mut rx: mpsc::Receiver<GenEvent>,
+    shape: Shape,
+) -> ApiResult<Response> {
+    let mut steps = Vec::new();
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Started => {}
+            GenEvent::Step(st) => {
+                text.push_str(&st.text);
+                steps.push(st);
+            }
+            GenEvent::Failed(e) => return Err(e),
+            GenEvent::Done {
+                finish,
+                produced,
+                stats,
+            } => {
+                let lp = shape.logprobs(s, &steps);
+                let choice = shape.choice(&text, Some(finish.openai()), lp, false);
+                let mut body = shape.envelope(vec![choice], false);
+                body.insert("usage".into(), shape.usage(produced));
+                body.insert("kvquilt".into(), json!(stats));
+                return Ok(axum::Json(Value::Object(body)).into_response());
+            }
+        }
+    }
+    Err(ApiError::internal("the generation ended without a result"))
+}
+
+fn stream_response(
+    s: AppState,
+    rx: mpsc::Receiver<GenEvent>,
+    shape: Shape,
+    include_usage: bool,
+) -> Response {
+    let first = if shape.kind == Kind::Chat {
+        let mut role = shape.envelope(
+            vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
+            true,
+        );
+        role.remove("usage");
+        Some(Event::default().data(Value::Object(role).to_string()))
+    } else {
+        None
+    };
+    let events = stream::unfold((rx, false), move |(mut rx, done)| {
+        let shape = shape.clone();
+        let s = Arc::clone(&s);
+        async move {
+            if done {
+                return None;
+            }
+            let ev = match rx.recv().await {
+                Some(GenEvent::Started) => Event::default().comment("started"),
+                Some(GenEvent::Step(st)) => {
+                    let lp = shape.logprobs(&s, std::slice::from_ref(&st));
+                    let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
+                    Event::default().data(Value::Object(body).to_string())
+                }
+                Some(GenEvent::Done {
+                    finish,
+                    produced,
+                    stats,
+                }) => {
+                    let mut body = shape.envelope(
+                        vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
+                        true,
+                    );
+                    if include_usage {
+                        body.insert("usage".into(), shape.usage(produced));
+                    }
+                    body.insert("kvquilt".into(), json!(stats));
+                    return Some((
+                        vec![
+                            Event::default().data(Value::Object(body).to_string()),
+                            Event::default().data("[DONE]"),
+                        ],
+                        (rx, true),
+                    ));
+                }
+                Some(GenEvent::Failed(e)) => {
+                    let body = json!({"error": {"message": e.message, "code": e.code}});
+                    return Some((vec![Event::default().data(body.to_string())], (rx, true)));
+                }
+                None => return None,
+            };
+            Some((vec![ev], (rx, false)))
+        }
+    })
+    .flat_map(stream::iter);
+    let all = stream::iter(first).chain(events).map(Ok::<_, Infallible>);
+    Sse::new(all)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn rand_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b);
+    b
+}

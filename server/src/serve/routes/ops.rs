@@ -1,0 +1,53 @@
+//! Operations: `/health`, `/metrics`, `/v1/stats`, `/openapi.json`.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::serve::state::AppState;
+use crate::serve::tenants::Caller;
+
+/// `GET /health`: answers without touching the model pool or the store.
+pub async fn health(State(s): State<AppState>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "status": "ok",
+        "model": s.model_name,
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+pub async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
+    let mut resp = s.metrics.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// `GET /v1/stats`: the store's tiers, the model pool, and the caller's usage.
+pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Value> {
+    axum::Json(json!({
+        "model": s.model_name,
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+        "tiers": s.blender.store().stats(),
+        "pool": {
+            "workers": s.limits.workers,
+            "running": s.pool.running(),
+            "waiting": s.pool.waiting(),
+        },
+        "tenant": {
+            "name": tenant.name,
+            "used_bytes": tenant.used_bytes(),
+            "quota_bytes": tenant.quota_bytes,
+        },
+        "prefill_s_per_1k_tokens": s.blender.costs().prefill_s(1000),
+    }))
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> axum::Json<Value> {
+    axum::Json(crate::serve::openapi::document())
+}

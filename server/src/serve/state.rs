@@ -1,0 +1,96 @@
+//! What every handler shares: the blender (model + store), tokenizer, chat template,
+//! tenants, limits, the model pool and metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvquilt_blend::Blender;
+use kvquilt_kvstore::{ChunkKey, Found};
+use kvquilt_model::{ChatTemplate, Tokenizer};
+
+use super::config::Limits;
+use super::error::{ApiError, ApiResult};
+use super::metrics::Metrics;
+use super::pool::ModelPool;
+use super::tenants::{Tenant, Tenants};
+
+pub type AppState = Arc<Shared>;
+
+pub struct Shared {
+    pub blender: Arc<Blender>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+    /// The name `/v1/models` lists and completions answer with.
+    pub model_name: String,
+    pub tenants: Tenants,
+    pub limits: Limits,
+    pub pool: ModelPool,
+    pub metrics: Metrics,
+    pub started: Instant,
+}
+
+impl Shared {
+    /// Parses a chunk id (64 hex digits).
+    pub fn parse_id(id: &str) -> ApiResult<ChunkKey> {
+        ChunkKey::from_hex(id).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_chunk_id",
+                format!("`{id}` is not a chunk id (64 hexadecimal digits)"),
+            )
+        })
+    }
+
+    /// What chunk `key` holds, if it is stored **and** belongs to `tenant`: the id must be
+    /// the tenant's own key of the object's tokens. Another tenant's id is "unknown", exactly
+    /// like an id never stored (no existence oracle across tenants).
+    pub async fn owned_info(&self, tenant: &Tenant, key: &ChunkKey) -> ApiResult<Option<Found>> {
+        let Some(found) = self.blender.store().lookup(key).await? else {
+            return Ok(None);
+        };
+        let codec = self.blender.codec(&tenant.namespace);
+        if codec.key(&found.info.tokens) != *key || found.info.layout != *codec.layout() {
+            return Ok(None);
+        }
+        Ok(Some(found))
+    }
+
+    /// [`Shared::owned_info`], with an unknown id as a 404 naming it.
+    pub async fn require_owned(&self, tenant: &Tenant, key: &ChunkKey) -> ApiResult<Found> {
+        self.owned_info(tenant, key)
+            .await?
+            .ok_or_else(|| unknown_chunk(key))
+    }
+
+    /// Accounts every stored object to the tenant whose namespace derives its key (once, at
+    /// start-up, so quotas hold across restarts).
+    pub async fn account_existing(&self) -> ApiResult<usize> {
+        let store = self.blender.store();
+        let mut keys: Vec<ChunkKey> = store.tiers().iter().flat_map(|t| t.keys()).collect();
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup();
+        let codecs: Vec<_> = self
+            .tenants
+            .all()
+            .iter()
+            .map(|t| (t, self.blender.codec(&t.namespace)))
+            .collect();
+        let mut n = 0;
+        for key in keys {
+            let Some(found) = store.lookup(&key).await? else {
+                continue;
+            };
+            for (t, codec) in &codecs {
+                if codec.key(&found.info.tokens) == key {
+                    t.add(key, found.info.raw_len());
+                    n += 1;
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+pub fn unknown_chunk(key: &ChunkKey) -> ApiError {
+    ApiError::not_found("unknown_chunk", format!("no chunk {key} is stored"))
+}

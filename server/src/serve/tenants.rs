@@ -1,0 +1,227 @@
+//! Tenants and bearer-token authentication.
+//!
+//! Every tenant has its own key namespace: its chunk keys are salted with it, so one tenant's
+//! chunks never hit for another, and a chunk id names its owner by construction (an id is
+//! the tenant's key of the object's tokens; [`crate::serve::state::Shared::owned_info`]
+//! re-derives it). The default tenant's namespace is empty, the same as the precompute
+//! job's default, so a corpus precomputed offline is what the default tenant hits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use kvquilt_kvstore::ChunkKey;
+use parking_lot::Mutex;
+
+use super::config::Config;
+use super::error::ApiError;
+use super::state::AppState;
+
+/// One tenant.
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: String,
+    /// Salt of every key this tenant derives.
+    pub namespace: Vec<u8>,
+    /// Most decoded KV bytes its chunks may occupy.
+    pub quota_bytes: Option<u64>,
+    /// What its chunks occupy, as far as this server knows: key → decoded bytes.
+    usage: Mutex<HashMap<ChunkKey, u64>>,
+    used: AtomicU64,
+}
+
+/// The namespace of a tenant's keys (empty for the default tenant).
+pub fn namespace_of(tenant: &str) -> Vec<u8> {
+    if tenant == "default" {
+        Vec::new()
+    } else {
+        format!("tenant:{tenant}").into_bytes()
+    }
+}
+
+impl Tenant {
+    pub fn new(name: &str, quota_bytes: Option<u64>) -> Self {
+        Self {
+            name: name.to_string(),
+            namespace: namespace_of(name),
+            quota_bytes,
+            usage: Mutex::new(HashMap::new()),
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Decoded KV bytes of this tenant's known chunks.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Records that `key` (of `bytes`) is stored for this tenant.
+    pub fn add(&self, key: ChunkKey, bytes: u64) {
+        if self.usage.lock().insert(key, bytes).is_none() {
+            self.used.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub fn forget(&self, key: &ChunkKey) {
+        if let Some(b) = self.usage.lock().remove(key) {
+            self.used.fetch_sub(b, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `extra` more bytes fit the quota. Keys the store has evicted since they were
+    /// counted are dropped from the count first (`held` says whether a key is still stored).
+    pub fn fits(&self, extra: u64, held: impl Fn(&ChunkKey) -> bool) -> bool {
+        let Some(quota) = self.quota_bytes else {
+            return true;
+        };
+        if self.used_bytes() + extra <= quota {
+            return true;
+        }
+        let mut usage = self.usage.lock();
+        usage.retain(|k, b| {
+            let keep = held(k);
+            if !keep {
+                self.used.fetch_sub(*b, Ordering::Relaxed);
+            }
+            keep
+        });
+        self.used_bytes() + extra <= quota
+    }
+}
+
+/// Who may call the API, by token.
+#[derive(Debug)]
+pub struct Tenants {
+    /// BLAKE3 of each token → its tenant (hashing first keeps lookups free of timing on the
+    /// token's bytes).
+    by_token: HashMap<[u8; 32], Arc<Tenant>>,
+    all: Vec<Arc<Tenant>>,
+    default: Arc<Tenant>,
+}
+
+impl Tenants {
+    pub fn from_config(c: &Config) -> Self {
+        let default = Arc::new(Tenant::new("default", c.limits.default_quota_bytes));
+        let mut by_token = HashMap::new();
+        let mut all = vec![Arc::clone(&default)];
+        for t in &c.api_tokens {
+            by_token.insert(hash(t), Arc::clone(&default));
+        }
+        for tc in &c.tenants {
+            let t = Arc::new(Tenant::new(&tc.name, tc.quota_bytes));
+            for tok in &tc.tokens {
+                by_token.insert(hash(tok), Arc::clone(&t));
+            }
+            all.push(t);
+        }
+        Self {
+            by_token,
+            all,
+            default,
+        }
+    }
+
+    /// Every tenant, the default first.
+    pub fn all(&self) -> &[Arc<Tenant>] {
+        &self.all
+    }
+
+    /// The tenant a request's `Authorization` header names. With no tokens configured
+    /// (loopback only), every request is the default tenant.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Tenant>, ApiError> {
+        if self.by_token.is_empty() {
+            return Ok(Arc::clone(&self.default));
+        }
+        let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
+        let Some(value) = authorization else {
+            return Err(unauthorized(
+                "missing_token",
+                "this server needs an API token: send `Authorization: Bearer <token>`",
+            ));
+        };
+        let Some(token) = value.strip_prefix("Bearer ") else {
+            return Err(unauthorized(
+                "missing_token",
+                "the Authorization header must be `Bearer <token>`",
+            ));
+        };
+        self.by_token
+            .get(&hash(token.trim()))
+            .cloned()
+            .ok_or_else(|| unauthorized("invalid_token", "the API token is not valid"))
+    }
+}
+
+fn hash(token: &str) -> [u8; 32] {
+    *blake3::hash(token.as_bytes()).as_bytes()
+}
+
+/// The authenticated tenant of a request (extractor).
+pub struct Caller(pub Arc<Tenant>);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        state.tenants.authenticate(header).map(Caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::config::TenantConfig;
+
+    #[test]
+    fn tokens_pick_tenants_and_namespaces_differ() {
+        let c = Config {
+            api_tokens: vec!["default-token".into()],
+            tenants: vec![TenantConfig {
+                name: "acme".into(),
+                tokens: vec!["acme-token".into()],
+                quota_bytes: Some(10),
+            }],
+            ..Config::default()
+        };
+        let t = Tenants::from_config(&c);
+        assert_eq!(
+            t.authenticate(Some("Bearer acme-token")).unwrap().name,
+            "acme"
+        );
+        assert_eq!(
+            t.authenticate(Some("Bearer default-token"))
+                .unwrap()
+                .namespace,
+            b""
+        );
+        assert_eq!(t.authenticate(None).unwrap_err().code, "missing_token");
+        assert_eq!(
+            t.authenticate(Some("Bearer nope")).unwrap_err().code,
+            "invalid_token"
+        );
+        assert_eq!(
+            t.authenticate(Some("Basic x")).unwrap_err().code,
+            "missing_token"
+        );
+        assert_ne!(namespace_of("acme"), namespace_of("default"));
+    }
+
+    #[test]
+    fn quota_counts_each_key_once_and_drops_evicted_keys() {
+        let t = Tenant::new("acme", Some(100));
+        t.add(ChunkKey([1; 32]), 60);
+        t.add(ChunkKey([1; 32]), 60);
+        assert_eq!(t.used_bytes(), 60);
+        assert!(t.fits(40, |_| true));
+        assert!(!t.fits(41, |_| true));
+        assert!(t.fits(41, |_| false)); // the counted key was evicted
+        assert_eq!(t.used_bytes(), 0);
+    }
+}

@@ -1,0 +1,34 @@
+//! The store layout of a data directory, shared by `serve` and `precompute` so both open
+//! the same store the same way: `{data_dir}/store` is the SSD tier (RocksDB), written
+//! through with a synced WAL (an acknowledged chunk survives a crash).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use kvquilt_kvstore::{Codec, PolicyKind, SsdConfig, StoreConfig, TieredStore, WritePolicy};
+
+/// Opens (or creates) the store of `data_dir`.
+pub fn open_store(data_dir: &Path, host_bytes: u64, ssd_bytes: u64) -> Result<TieredStore> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let path = data_dir.join("store");
+    TieredStore::open(StoreConfig {
+        host_capacity: host_bytes,
+        host_policy: PolicyKind::Lru,
+        ssd: Some(SsdConfig {
+            path: path.clone(),
+            capacity: ssd_bytes,
+            policy: PolicyKind::Lru,
+            codec: Codec::Raw,
+            sync_writes: true,
+        }),
+        write: WritePolicy::WriteThrough,
+        promote_on_hit: true,
+    })
+    .with_context(|| {
+        format!(
+            "opening the store at {} (only one kvquilt process can use a data directory at a time)",
+            path.display()
+        )
+    })
+}
