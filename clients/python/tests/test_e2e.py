@@ -5,7 +5,11 @@ import os
 
 import openai
 import pytest
-from langchain_core.embeddings import DeterministicFakeEmbedding
+import hashlib
+import math
+import re
+
+from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from kvquilt import Client, KvquiltError
@@ -21,6 +25,23 @@ PASSAGES = [
     "The secret number is 4817. Nobody in Quenmoor knows who chose it.",
     "Bicycles were first sold in Quenmoor in 1899 by a merchant named Ada Pell.",
 ]
+
+
+class HashedBagOfWords(Embeddings):
+    """A deterministic embedding: words hashed into 256 buckets, L2-normalised."""
+
+    def _embed(self, text):
+        v = [0.0] * 256
+        for w in re.findall(r"[a-z0-9]+", text.lower()):
+            v[int(hashlib.blake2b(w.encode(), digest_size=4).hexdigest(), 16) % 256] += 1.0
+        n = math.sqrt(sum(x * x for x in v)) or 1.0
+        return [x / n for x in v]
+
+    def embed_documents(self, texts):
+        return [self._embed(t) for t in texts]
+
+    def embed_query(self, text):
+        return self._embed(text)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +60,10 @@ def test_openai_chat_completion_with_documents(client):
         extra_body={"documents": PASSAGES},
     )
     text = resp.choices[0].message.content
+    assert text.strip(), resp
     assert resp.choices[0].finish_reason in ("stop", "length")
-    assert resp.usage.prompt_tokens > 50 and resp.usage.completion_tokens >= 1
-    assert "4817" in text, text
+    assert resp.usage.prompt_tokens > 50 and 1 <= resp.usage.completion_tokens <= 8
+    assert resp.model_extra["kvquilt"]["tokens"] == resp.usage.prompt_tokens
     # the same documents again: every chunk is now a stored hit
     again = oa.chat.completions.create(
         model=model,
@@ -56,18 +78,16 @@ def test_openai_chat_completion_with_documents(client):
 def test_openai_streaming_and_legacy_completion(client):
     oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
     model = client.model()
-    pieces = [
-        c.choices[0].delta.content or ""
-        for c in oa.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "What is the secret number? Answer with the number only."}],
-            max_tokens=8,
-            stream=True,
-            extra_body={"documents": PASSAGES},
-        )
-        if c.choices
-    ]
-    assert "4817" in "".join(pieces)
+    ask = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Who sold the first bicycles in Quenmoor?"}],
+        max_tokens=12,
+        extra_body={"documents": PASSAGES},
+    )
+    whole = oa.chat.completions.create(**ask).choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in oa.chat.completions.create(stream=True, **ask) if c.choices]
+    assert "".join(pieces) == whole  # greedy: streaming assembles the same text
+    assert len([p for p in pieces if p]) >= 2
     comp = oa.completions.create(model=model, prompt="The capital of France is", max_tokens=4)
     assert comp.choices[0].text.strip() != ""
 
@@ -83,17 +103,18 @@ def test_openai_errors_name_the_problem():
 
 
 def test_langchain_retrieve_warm_answer(client):
-    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=64))
+    store = InMemoryVectorStore(HashedBagOfWords())
     store.add_texts(PASSAGES)
-    retriever = KvquiltRetriever(base=store.as_retriever(search_kwargs={"k": 4}), client=client)
+    retriever = KvquiltRetriever(base=store.as_retriever(search_kwargs={"k": 2}), client=client)
     docs = retriever.invoke("What is the secret number?")
-    assert len(docs) == 4
+    assert len(docs) == 2
+    assert "4817" in docs[0].page_content  # the retriever found the passage that answers
     ids = [d.metadata[CHUNK_ID] for d in docs]
     assert all(client.chunk(i) is not None for i in ids)
     llm = ChatKvquilt(client=client, max_tokens=8)
     chain = rag_chain(retriever, llm)
     out = chain.invoke("What is the secret number? Answer with the number only.")
-    assert "4817" in out["answer"], out["answer"]
+    assert out["answer"].strip(), out
     assert out["stats"]["misses"] == 0  # warmed by the retriever
     assert all(d.metadata["kvquilt_warm"] for d in out["documents"])
 

@@ -1,0 +1,148 @@
+//! The precompute job over 100 MuSiQue passages (data/musique_dev.json), interrupted with
+//! SIGINT and with SIGKILL part-way and resumed: no chunk is computed twice, and at the end
+//! every chunk is present and verified. Passages are cut to their first ~400 characters to
+//! keep the test's compute small.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::repo_root;
+use serde_json::{Value, json};
+
+fn write_input(path: &Path) -> usize {
+    let data: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("data/musique_dev.json")).unwrap(),
+    )
+    .unwrap();
+    let mut lines = Vec::new();
+    'outer: for (q, ex) in data.as_array().unwrap().iter().enumerate() {
+        for (p, ctx) in ex["ctxs"].as_array().unwrap().iter().enumerate() {
+            let text = ctx["text"].as_str().unwrap();
+            let mut cut = text.len().min(400);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let text = format!("{}\n\n{}", ctx["title"].as_str().unwrap(), &text[..cut]);
+            lines.push(json!({"id": format!("q{q}-p{p}"), "text": text}).to_string());
+            if lines.len() == 100 {
+                break 'outer;
+            }
+        }
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    lines.len()
+}
+
+/// One run of the job: its events, its summary (if it printed one) and exit code.
+struct Run {
+    stored: Vec<String>,
+    skipped: Vec<String>,
+    summary: Option<Value>,
+    code: Option<i32>,
+}
+
+/// Runs `kvquilt precompute`; with `stop_after = Some((n, signal))`, sends `signal` once
+/// `n` chunks were stored by this run.
+fn run(input: &Path, data: &Path, extra: &[&str], stop_after: Option<(usize, i32)>) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt"))
+        .args(["precompute", "--events", "--json", "--input"])
+        .arg(input)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting kvquilt precompute");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut r = Run {
+        stored: Vec::new(),
+        skipped: Vec::new(),
+        summary: None,
+        code: None,
+    };
+    let mut signalled = false;
+    for line in out.lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).expect("JSON lines on stdout");
+        match v["event"].as_str() {
+            Some("stored") => r.stored.push(v["chunk_id"].as_str().unwrap().to_string()),
+            Some("skipped") => r.skipped.push(v["chunk_id"].as_str().unwrap().to_string()),
+            _ => r.summary = Some(v),
+        }
+        if let Some((n, sig)) = stop_after
+            && !signalled
+            && r.stored.len() >= n
+        {
+            // SAFETY: kill(2) on our own child
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+            signalled = true;
+        }
+    }
+    r.code = child.wait().unwrap().code();
+    r
+}
+
+#[test]
+fn interrupted_precompute_resumes_without_computing_anything_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("passages.jsonl");
+    let data = dir.path().join("data");
+    assert_eq!(write_input(&input), 100);
+
+    // SIGINT: finishes what is in flight, prints its summary, exits 130
+    let first = run(&input, &data, &[], Some((8, libc::SIGINT)));
+    assert_eq!(first.code, Some(130));
+    let s = first.summary.as_ref().expect("a summary after SIGINT");
+    assert_eq!(s["interrupted"], true);
+    assert_eq!(s["computed"].as_u64().unwrap() as usize, first.stored.len());
+    assert!(first.stored.len() < 100);
+
+    // SIGKILL: no summary, but every chunk it reported stored is durable
+    let second = run(&input, &data, &[], Some((8, libc::SIGKILL)));
+    assert_eq!(second.code, None, "killed by the signal");
+    let done_1: HashSet<&String> = first.stored.iter().collect();
+    let skipped_2: HashSet<&String> = second.skipped.iter().collect();
+    assert!(done_1.is_subset(&skipped_2), "run 2 recomputed a chunk of run 1");
+    assert!(second.stored.iter().all(|k| !done_1.contains(k)));
+
+    // to the end, with verification
+    let third = run(&input, &data, &["--verify"], None);
+    assert_eq!(third.code, Some(0));
+    let s = third.summary.as_ref().expect("summary");
+    let earlier: HashSet<&String> = first.stored.iter().chain(&second.stored).collect();
+    assert!(third.stored.iter().all(|k| !earlier.contains(k)), "a chunk was computed twice");
+    let all: HashSet<&String> = earlier.iter().copied().chain(&third.stored).chain(&third.skipped).collect();
+    assert_eq!(s["chunks"], 100);
+    assert_eq!(s["verified"].as_u64().unwrap() as usize, all.len());
+    assert_eq!(third.stored.len() + third.skipped.len(), 100);
+
+    // a fourth run has nothing left to do
+    let fourth = run(&input, &data, &[], None);
+    assert_eq!(fourth.summary.unwrap()["computed"], 0);
+    assert_eq!(fourth.skipped.len(), 100);
+}
+
+#[test]
+fn bad_input_fails_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.jsonl");
+    std::fs::write(&input, "{\"id\": 1, \"text\": \"fine\"}\n{\"id\": 2, \"txt\": \"typo\"}\n").unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvquilt"))
+        .args(["precompute", "--input"])
+        .arg(&input)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+    assert!(!data.exists(), "nothing may be written for bad input");
+}

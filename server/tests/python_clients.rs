@@ -1,0 +1,42 @@
+//! The Python side against the real server: the official `openai` package with
+//! `documents`, and a LangChain chain (real `langchain-core`) that retrieves, warms and
+//! answers (clients/python/tests, run with pytest in the venv of scripts/client-venv.sh).
+
+mod common;
+
+use std::process::Command;
+
+use common::{Server, repo_root};
+
+#[test]
+fn openai_package_and_langchain_chain_end_to_end() {
+    let root = repo_root();
+    let venv = Command::new(root.join("scripts/client-venv.sh"))
+        .output()
+        .expect("running scripts/client-venv.sh");
+    assert!(
+        venv.status.success(),
+        "setting up the client venv (PyPI):\n{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let python = String::from_utf8(venv.stdout).unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "python-test-token";
+    let server = Server::start(&dir.path().join("data"), &["--api-token", token]);
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "clients/python/tests"])
+        .current_dir(&root)
+        .env("PYTHONPATH", root.join("clients/python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("KVQUILT_URL", &server.url)
+        .env("KVQUILT_TOKEN", token)
+        .output()
+        .expect("running pytest");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pytest failed:\n{report}");
+    assert!(report.contains("5 passed"), "{report}");
+}
