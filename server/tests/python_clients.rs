@@ -24,7 +24,14 @@ fn openai_package_and_langchain_chain_end_to_end() {
     let token = "python-test-token";
     let server = Server::start(&dir.path().join("data"), &["--api-token", token]);
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "clients/python/tests"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "clients/python/tests",
+        ])
         .current_dir(&root)
         .env("PYTHONPATH", root.join("clients/python"))
         .env("PYTHONDONTWRITEBYTECODE", "1")

@@ -4,6 +4,7 @@
 //! compared to measured in the same run, on the same data.
 
 mod blend;
+mod load;
 mod model;
 mod store;
 
@@ -22,6 +23,8 @@ pub enum BenchCommand {
     Blend(blend::BlendBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
     Store(store::StoreBenchArgs),
+    /// HTTP load on a real server: chunk lookups and blend requests at several concurrencies.
+    Load(load::LoadBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -29,6 +32,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Model(a) => model::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),
+        BenchCommand::Load(a) => load::run(a),
     }
 }
 
@@ -56,6 +60,20 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The CPU model and core count (Linux), for reports.
+pub(crate) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} threads", threads())
 }
 
 pub(crate) fn threads() -> usize {

@@ -1,0 +1,358 @@
+//! `kvquilt bench load`: HTTP load against a real `kvquilt serve` child process.
+//!
+//! Starts the server (this binary) on loopback with a fresh data directory, stores a set of
+//! chunks, then drives chunk lookups (`GET /v1/chunks/{id}`) and blend requests
+//! (`POST /v1/blend` over stored chunks) at each concurrency for a fixed time. Reports
+//! throughput, p50/p99 latency, errors (non-2xx or transport) and the server's RSS before
+//! and after. The load generator shares the machine with the server: the numbers are what
+//! both together reach on it.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kvquilt_client::{BlendRequest, ChunkRef, Client};
+use serde::Serialize;
+
+use super::write_report;
+
+#[derive(clap::Args)]
+pub struct LoadBenchArgs {
+    /// Concurrent clients per level.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds per lookup level.
+    #[arg(long, default_value_t = 10.0)]
+    lookup_s: f64,
+    /// Seconds per blend level.
+    #[arg(long, default_value_t = 20.0)]
+    blend_s: f64,
+    /// Stored chunks the lookups cycle through.
+    #[arg(long, default_value_t = 64)]
+    chunks: usize,
+    /// Chunks per blend request.
+    #[arg(long, default_value_t = 4)]
+    chunks_per_blend: usize,
+    /// Blend mode of the blend requests (`reuse`, `blend`, `full`).
+    #[arg(long, default_value = "blend")]
+    mode: String,
+    /// Model requests the server computes at once.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Level {
+    kind: &'static str,
+    concurrency: usize,
+    requests: usize,
+    errors: usize,
+    seconds: f64,
+    per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// `/health` probed every 50 ms during the level: its slowest answer, ms.
+    health_max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    chunks: usize,
+    chunk_tokens_mean: f64,
+    blend_mode: String,
+    server_workers: usize,
+    rss_mib_before: f64,
+    rss_mib_after: f64,
+    levels: Vec<Level>,
+}
+
+/// The server child; killed when dropped.
+struct ServerChild(Child);
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(a: LoadBenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir().context("a scratch data directory")?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers"])
+        .arg(a.workers.to_string())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kvquilt serve")?;
+    let stderr = child.stderr.take().context("server stderr")?;
+    let server = ServerChild(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("kvquilt: listening on ") {
+                    break u.trim().to_string();
+                }
+            }
+            _ => bail!("kvquilt serve exited before listening"),
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let pid = server.0.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(drive(&a, &url, pid))?;
+    eprintln!(
+        "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12}",
+        "kind", "conc", "requests", "errors", "per s", "p50 ms", "p99 ms", "health max"
+    );
+    for l in &report.levels {
+        eprintln!(
+            "{:<8} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>12.3}",
+            l.kind,
+            l.concurrency,
+            l.requests,
+            l.errors,
+            l.per_s,
+            l.p50_ms,
+            l.p99_ms,
+            l.health_max_ms
+        );
+    }
+    eprintln!(
+        "server RSS: {:.1} MiB before, {:.1} MiB after",
+        report.rss_mib_before, report.rss_mib_after
+    );
+    if a.json {
+        write_report(&report, None)?;
+    }
+    if let Some(p) = &a.out {
+        write_report(&report, Some(p))?;
+    }
+    drop(server);
+    Ok(())
+}
+
+async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
+    let client = Client::new(url);
+    // distinct passages of ~60 tokens
+    let texts: Vec<String> = (0..a.chunks)
+        .map(|i| {
+            format!(
+                "Passage {i}. The harbour of town number {i} was rebuilt in {} after a storm; \
+                 its lighthouse keeper, the {i}th of that name, kept a log of every ship that passed.",
+                1800 + i
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut tokens = 0usize;
+    for batch in texts.chunks(16) {
+        let refs: Vec<ChunkRef> = batch.iter().map(ChunkRef::text).collect();
+        let r = client.put_chunks(&refs).await?;
+        tokens += r.chunks.iter().map(|c| c.tokens).sum::<usize>();
+        ids.extend(r.chunks.into_iter().map(|c| c.id));
+    }
+    let ids = Arc::new(ids);
+    let rss_before = rss_mib(pid);
+    let mut levels = Vec::new();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    for &c in &a.concurrency {
+        let probe = health_probe(&http, url);
+        let mut l = lookups(&http, url, &ids, c, a.lookup_s).await;
+        l.health_max_ms = probe.finish().await;
+        levels.push(l);
+    }
+    for &c in &a.concurrency {
+        let probe = health_probe(&http, url);
+        let mut l = blends(&client, &ids, c, a.blend_s, a.chunks_per_blend, &a.mode).await;
+        l.health_max_ms = probe.finish().await;
+        levels.push(l);
+    }
+    Ok(Report {
+        machine: super::machine(),
+        chunks: ids.len(),
+        chunk_tokens_mean: tokens as f64 / ids.len().max(1) as f64,
+        blend_mode: a.mode.clone(),
+        server_workers: a.workers,
+        rss_mib_before: rss_before,
+        rss_mib_after: rss_mib(pid),
+        levels,
+    })
+}
+
+async fn lookups(
+    http: &reqwest::Client,
+    url: &str,
+    ids: &Arc<Vec<String>>,
+    conc: usize,
+    secs: f64,
+) -> Level {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|t| {
+            let (http, ids) = (http.clone(), Arc::clone(ids));
+            let base = format!("{url}/v1/chunks/");
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                let mut i = t;
+                while Instant::now() < deadline {
+                    let u = format!("{base}{}", ids[i % ids.len()]);
+                    i += conc;
+                    let t0 = Instant::now();
+                    let ok = match http.get(&u).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    lat.push(t0.elapsed().as_secs_f64());
+                    if !ok {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    collect("lookup", conc, tasks, start).await
+}
+
+async fn blends(
+    client: &Client,
+    ids: &Arc<Vec<String>>,
+    conc: usize,
+    secs: f64,
+    per: usize,
+    mode: &str,
+) -> Level {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|t| {
+            let (client, ids, mode) = (client.clone(), Arc::clone(ids), mode.to_string());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                let mut i = t;
+                while Instant::now() < deadline {
+                    let refs: Vec<ChunkRef> = (0..per)
+                        .map(|j| ChunkRef::id(&ids[(i * 7 + j * 13) % ids.len()]))
+                        .collect();
+                    i += conc;
+                    let req = BlendRequest::question("Which year was the harbour rebuilt?", refs)
+                        .mode(&mode, None);
+                    let t0 = Instant::now();
+                    let ok = client.blend(&req).await.is_ok();
+                    lat.push(t0.elapsed().as_secs_f64());
+                    if !ok {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    collect("blend", conc, tasks, start).await
+}
+
+async fn collect(
+    kind: &'static str,
+    conc: usize,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, usize)>>,
+    start: Instant,
+) -> Level {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok((l, e)) => {
+                lat.extend(l);
+                errors += e;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize] * 1e3
+        }
+    };
+    Level {
+        kind,
+        concurrency: conc,
+        requests: lat.len(),
+        errors,
+        seconds,
+        per_s: lat.len() as f64 / seconds,
+        p50_ms: q(0.50),
+        p99_ms: q(0.99),
+        health_max_ms: f64::NAN,
+    }
+}
+
+/// Polls `/health` until finished; reports the slowest answer.
+struct HealthProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<f64>,
+}
+
+fn health_probe(http: &reqwest::Client, url: &str) -> HealthProbe {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (http, u, s) = (http.clone(), format!("{url}/health"), Arc::clone(&stop));
+    let task = tokio::spawn(async move {
+        let mut worst: f64 = 0.0;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let t0 = Instant::now();
+            let ok = matches!(http.get(&u).send().await, Ok(r) if r.status().is_success());
+            let ms = if ok {
+                t0.elapsed().as_secs_f64() * 1e3
+            } else {
+                f64::INFINITY
+            };
+            worst = worst.max(ms);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worst
+    });
+    HealthProbe { stop, task }
+}
+
+impl HealthProbe {
+    async fn finish(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap_or(f64::NAN)
+    }
+}
+
+/// Resident set of a process, MiB (Linux `/proc`).
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
