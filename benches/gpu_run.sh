@@ -6,10 +6,12 @@
 #   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
+# KVQ_VARIANTS and KVQ_RATIOS override the blend variants and ratios of the eval steps.
 set -euo pipefail
 : "${OUT:?set by the device tool}"
 bin=.devbin/kvquilt
-variants=cacheblend,starts,kv,gradual,perchunk
+variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
+ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
 case "${1:-perf}" in
   perf)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
@@ -22,7 +24,7 @@ case "${1:-perf}" in
     ;;
   needle|musique)
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \
-      --modes full,reuse,blend --ratios 0.05,0.15,0.3 --variants "$variants" \
+      --modes full,reuse,blend --ratios "$ratios" --variants "$variants" \
       --json "$OUT/eval_$1.json" | tee "$OUT/eval_$1.md"
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;

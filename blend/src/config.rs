@@ -52,6 +52,12 @@ pub struct BlendConfig {
     /// Spread the budget over the chunks in proportion to their lengths before the global
     /// ranking takes the rest.
     pub per_chunk: bool,
+    /// Query-aware ranking (kvquilt, beyond CacheBlend): weight in `0..=1` of the attention
+    /// the suffix pays each token, against KV deviation. Before layer 0, the suffix alone is
+    /// run through every layer over the cached KV (what `reuse` computes), its attention
+    /// probabilities summed per token; each score is normalised by its mean over the ranked
+    /// tokens, then mixed: `(1 − w)·deviation + w·attention`. 0 is CacheBlend's ranking.
+    pub query_weight: f32,
 }
 
 impl Default for BlendConfig {
@@ -70,6 +76,7 @@ impl BlendConfig {
             deviation: Deviation::V,
             chunk_start: 0,
             per_chunk: false,
+            query_weight: 0.0,
         }
     }
 
@@ -88,6 +95,12 @@ impl BlendConfig {
             return Err(invalid(format!(
                 "check layers {:?} must lie in 1..{num_layers}",
                 self.check_layers
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.query_weight) {
+            return Err(invalid(format!(
+                "query weight {} outside 0..=1",
+                self.query_weight
             )));
         }
         if !(self.gradual >= 1.0 && self.gradual.is_finite()) {

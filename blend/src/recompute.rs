@@ -2,7 +2,7 @@
 //! tokens whose cached KV deviates most from their fresh KV, and recompute only those on
 //! the layers after, attending over the full-length cache with the exact causal mask.
 
-use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor, replacement_index};
+use kvquilt_model::{KvCache, LayerKv, Model, ProbeRequest, Rows, Tensor, replacement_index};
 
 use crate::config::BlendConfig;
 use crate::error::{BlendError, Result};
@@ -73,6 +73,13 @@ fn run(
     let n = tokens.len();
     let non_suffix = n - roles.suffix_len();
 
+    let attention = if cfg.query_weight > 0.0 {
+        Some(suffix_attention(
+            model, tokens, non_suffix, cache, fill_once,
+        )?)
+    } else {
+        None
+    };
     let mut active: Vec<usize> = (0..n).collect();
     let mut hidden = model.embed(tokens)?;
     let mut cursor = 0;
@@ -105,7 +112,10 @@ fn run(
             k: cache.layers[check].k.index_select(&rows, 0)?,
             v: cache.layers[check].v.index_select(&rows, 0)?,
         };
-        let scores = deviation(&fresh, &cached, cfg.deviation)?;
+        let mut scores = deviation(&fresh, &cached, cfg.deviation)?;
+        if let Some(att) = &attention {
+            mix(&mut scores, &active, att, non_suffix, cfg.query_weight);
+        }
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
         let index = replacement_index(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
@@ -128,6 +138,54 @@ fn run(
         .filter(|&&t| !roles_is_suffix(roles, t))
         .count();
     Ok(Recomputed { logits, recomputed })
+}
+
+/// Attention the suffix pays each token, summed over layers, heads and suffix rows, `[n]`:
+/// the suffix alone is run over the cached KV (as `reuse` would). Its rows in `cache` are
+/// overwritten; the blend recomputes them anyway.
+fn suffix_attention(
+    model: &Model,
+    tokens: &[u32],
+    non_suffix: usize,
+    cache: &mut KvCache,
+    fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
+) -> Result<Vec<f32>> {
+    let n = tokens.len();
+    let rows: Vec<usize> = (non_suffix..n).collect();
+    let hidden = model.embed(&tokens[non_suffix..])?;
+    let probe = ProbeRequest {
+        rows: (0..rows.len()).collect(),
+    };
+    let out = model.run_layers_with(
+        0..model.config().num_layers,
+        hidden,
+        Rows::Replace(&rows),
+        cache,
+        Some(&probe),
+        fill_once,
+    )?;
+    let mut total = vec![0f32; n];
+    for probs in out.attention {
+        // [kv_heads, group, rows, n] -> [n]
+        let per_token = probs.flatten_to(2)?.sum(0)?.to_vec1::<f32>()?;
+        for (t, p) in total.iter_mut().zip(per_token) {
+            *t += p;
+        }
+    }
+    Ok(total)
+}
+
+/// Mixes each active token's deviation score with its suffix attention, each normalised by
+/// its mean over the active non-suffix tokens.
+fn mix(scores: &mut [f32], active: &[usize], attention: &[f32], non_suffix: usize, w: f32) {
+    let ranked = || active.iter().enumerate().filter(|(_, t)| **t < non_suffix);
+    let count = ranked().count().max(1) as f32;
+    let mean_dev = (ranked().map(|(i, _)| scores[i]).sum::<f32>() / count).max(f32::MIN_POSITIVE);
+    let mean_att =
+        (ranked().map(|(_, &t)| attention[t]).sum::<f32>() / count).max(f32::MIN_POSITIVE);
+    for (i, &t) in active.iter().enumerate() {
+        scores[i] = (1.0 - w) * scores[i] / mean_dev + w * attention[t] / mean_att;
+    }
 }
 
 fn roles_is_suffix(roles: &TokenRoles, t: usize) -> bool {
@@ -153,4 +211,23 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
             k.iter().zip(&v).map(|(a, b)| a / mk + b / mv).collect()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mix;
+
+    #[test]
+    fn mix_normalises_each_score_by_its_mean() {
+        // tokens 0..3 ranked, token 3 is the suffix
+        let active = [0, 1, 2, 3];
+        let att = [1.0, 0.0, 2.0, 50.0];
+        let mut s = [4.0, 2.0, 0.0, 9.0];
+        mix(&mut s, &active, &att, 3, 0.5);
+        // deviation mean 2, attention mean 1
+        assert_eq!(&s[..3], &[1.5, 0.5, 1.0]);
+        let mut only_att = [4.0, 2.0, 0.0, 9.0];
+        mix(&mut only_att, &active, &att, 3, 1.0);
+        assert_eq!(&only_att[..3], &[1.0, 0.0, 2.0]);
+    }
 }

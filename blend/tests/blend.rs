@@ -145,6 +145,23 @@ fn blend_at_ratio_one_equals_full() {
                 .unwrap();
             assert_close(&out.logits, &want, 1e-4, "gradual");
         }
+        // query-aware ranking (a suffix pass over the cache first) is exact at ratio 1 too
+        for w in [0.5, 1.0] {
+            let cfg = BlendConfig {
+                query_weight: w,
+                ..BlendConfig::cacheblend(1.0)
+            };
+            let out = b
+                .run(
+                    b"",
+                    &BlendRequest {
+                        mode: Mode::Blend(cfg),
+                        ..r.clone()
+                    },
+                )
+                .unwrap();
+            assert_close(&out.logits, &want, 1e-4, "query-aware");
+        }
     }
 }
 

@@ -91,6 +91,21 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The model's end-of-turn and end-of-sequence token ids.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.tokenizer.eos_ids().to_vec();
+        for t in ["<|im_end|>", "<|endoftext|>"] {
+            if let Some(id) = self.tokenizer.token_id(t)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}
+
 pub fn unknown_chunk(key: &ChunkKey) -> ApiError {
     ApiError::not_found("unknown_chunk", format!("no chunk {key} is stored"))
 }

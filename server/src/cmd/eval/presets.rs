@@ -30,13 +30,23 @@ pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             per_chunk: true,
             ..base
         },
+        // query-aware: rank by the attention the question pays each token (a reuse pass)
+        "query" => BlendConfig {
+            query_weight: 1.0,
+            ..base
+        },
+        // half query attention, half V deviation
+        "mixed" => BlendConfig {
+            query_weight: 0.5,
+            ..base
+        },
         // kvquilt's default
         "kvquilt" => BlendConfig {
             ratio: r,
             ..BlendConfig::default()
         },
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, mixed or kvquilt)"
         ),
     })
 }

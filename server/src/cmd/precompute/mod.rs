@@ -202,23 +202,21 @@ pub fn run(a: Args) -> Result<()> {
                     }
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(u) = units.get(i) else { return };
-                    let first = seen.lock().insert(u.key);
-                    let outcome = if first {
-                        blender.precompute(&namespace, &u.tokens)
+                    // a duplicate within the input is stored by its first occurrence
+                    let outcome = if seen.lock().insert(u.key) {
+                        blender
+                            .precompute(&namespace, &u.tokens)
+                            .map(|p| p.found_in.is_none())
                     } else {
-                        Ok(kvquilt_blend::Precomputed {
-                            key: u.key,
-                            tokens: u.tokens.len(),
-                            found_in: Some(kvquilt_kvstore::TierKind::Host),
-                        })
+                        Ok(false)
                     };
                     match outcome {
-                        Ok(p) => {
-                            let stored = p.found_in.is_none();
+                        Ok(stored) => {
                             if stored {
                                 computed.fetch_add(1, Ordering::SeqCst);
-                                tokens_computed.fetch_add(p.tokens as u64, Ordering::SeqCst);
-                                let b = layout.layer_bytes(p.tokens) * layout.num_layers as usize;
+                                tokens_computed.fetch_add(u.tokens.len() as u64, Ordering::SeqCst);
+                                let b =
+                                    layout.layer_bytes(u.tokens.len()) * layout.num_layers as usize;
                                 bytes_written.fetch_add(b as u64, Ordering::SeqCst);
                             } else {
                                 skipped.fetch_add(1, Ordering::SeqCst);
@@ -229,7 +227,7 @@ pub fn run(a: Args) -> Result<()> {
                                     "id": docs[u.doc].id,
                                     "chunk": u.index,
                                     "chunk_id": u.key.to_hex(),
-                                    "tokens": p.tokens,
+                                    "tokens": u.tokens.len(),
                                 });
                                 let mut out = stdout.lock();
                                 let _ = writeln!(out, "{line}");

@@ -9,7 +9,7 @@ use kvquilt_blend::{BlendConfig, BlendOutput, BlendRequest, BlendStats, Mode};
 use kvquilt_model::top_logprobs;
 use serde::{Deserialize, Serialize};
 
-use super::chunk_ref::{ChunkRef, check_size};
+use super::chunk_ref::{ChunkRef, check_chunk_count, check_tokens, resolve_all};
 use super::chunks::{check_quota, object_bytes};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
@@ -104,11 +104,7 @@ pub async fn blend(
     }
     .to_mode()?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
-    let mut chunks = Vec::with_capacity(body.chunks.len());
-    check_size(&s, body.chunks.len(), 0)?;
-    for (i, c) in body.chunks.iter().enumerate() {
-        chunks.push(c.resolve(&s, &tenant, i).await?);
-    }
+    let chunks = resolve_all(&s, &tenant, &body.chunks).await?;
     let req = match (&body.prefix_tokens, &body.suffix_tokens) {
         (None, None) => {
             let question = body.question.clone().ok_or_else(|| {
@@ -189,7 +185,8 @@ pub struct Prepared {
 /// Checks a request's size and decides store-back: a tenant over its quota still gets its
 /// answer, its misses are just not stored.
 pub fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<Prepared> {
-    check_size(s, req.chunks.len(), req.tokens().len())?;
+    check_chunk_count(s, req.chunks.len())?;
+    check_tokens(s, req.tokens().len())?;
     if req.suffix.is_empty() {
         return Err(ApiError::bad_request(
             "empty_question",
@@ -234,20 +231,5 @@ impl Prepared {
             .get_or_create(&labels)
             .observe(out.stats.recompute_fraction);
         Ok(out)
-    }
-}
-
-impl Shared {
-    /// The model's end-of-turn and end-of-sequence token ids.
-    pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids = self.tokenizer.eos_ids().to_vec();
-        for t in ["<|im_end|>", "<|endoftext|>"] {
-            if let Some(id) = self.tokenizer.token_id(t)
-                && !ids.contains(&id)
-            {
-                ids.push(id);
-            }
-        }
-        ids
     }
 }

@@ -68,8 +68,8 @@ fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {
     Ok(kvquilt_blend::rag::document_tokens(&s.tokenizer, text)?)
 }
 
-/// Checks a request's chunk count and token total against the limits.
-pub fn check_size(s: &Shared, chunks: usize, tokens: usize) -> ApiResult<()> {
+/// Checks a request's chunk count against `limits.max_chunks`.
+pub fn check_chunk_count(s: &Shared, chunks: usize) -> ApiResult<()> {
     if chunks > s.limits.max_chunks {
         return Err(ApiError::bad_request(
             "too_many_chunks",
@@ -79,6 +79,12 @@ pub fn check_size(s: &Shared, chunks: usize, tokens: usize) -> ApiResult<()> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Checks a token count (one chunk, or a whole prompt) against `limits.max_request_tokens`
+/// and the model's context.
+pub fn check_tokens(s: &Shared, tokens: usize) -> ApiResult<()> {
     let ctx = s.blender.model().config().context_length;
     let limit = s.limits.max_request_tokens.min(ctx);
     if tokens > limit {
@@ -90,4 +96,18 @@ pub fn check_size(s: &Shared, chunks: usize, tokens: usize) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+/// Resolves a request's chunks in order, after checking their count.
+pub async fn resolve_all(
+    s: &Shared,
+    tenant: &Tenant,
+    chunks: &[ChunkRef],
+) -> ApiResult<Vec<Vec<u32>>> {
+    check_chunk_count(s, chunks.len())?;
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        out.push(c.resolve(s, tenant, i).await?);
+    }
+    Ok(out)
 }

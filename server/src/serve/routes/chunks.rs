@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use kvquilt_kvstore::{Codec, EncodedObject, KvLayout, TierKind};
 use serde::{Deserialize, Serialize};
 
-use super::chunk_ref::{ChunkRef, check_size};
+use super::chunk_ref::{ChunkRef, check_tokens, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::{ApiBytes, ApiJson};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
@@ -47,12 +47,9 @@ pub async fn create(
     if req.chunks.is_empty() {
         return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
     }
-    check_size(&s, req.chunks.len(), 0)?;
-    let mut all = Vec::with_capacity(req.chunks.len());
-    for (i, c) in req.chunks.iter().enumerate() {
-        let t = c.resolve(&s, &tenant, i).await?;
-        check_size(&s, 1, t.len())?;
-        all.push(t);
+    let all = resolve_all(&s, &tenant, &req.chunks).await?;
+    for t in &all {
+        check_tokens(&s, t.len())?;
     }
     let codec = s.blender.codec(&tenant.namespace);
     let layout = *codec.layout();
@@ -218,7 +215,7 @@ pub async fn put_kv(
             ),
         ));
     }
-    check_size(&s, 1, info.tokens.len())?;
+    check_tokens(&s, info.tokens.len())?;
     let derived = codec.key(&info.tokens);
     if derived != key {
         return Err(ApiError::bad_request(

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::blend::{ModeSpec, prepare};
-use super::chunk_ref::ChunkRef;
+use super::chunk_ref::{ChunkRef, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
@@ -151,7 +151,7 @@ pub async fn chat(
         return Err(ApiError::bad_request("no_messages", "`messages` is empty"));
     }
     let mode = mode_of(&body.common)?;
-    let chunks = resolve_documents(&s, &tenant, &body.common.documents).await?;
+    let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let req = chat_request(
         &s.template,
         &s.tokenizer,
@@ -187,7 +187,7 @@ pub async fn completions(
         }
     };
     let mode = mode_of(&body.common)?;
-    let chunks = resolve_documents(&s, &tenant, &body.common.documents).await?;
+    let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let suffix = s.tokenizer.encode_piece(&prompt)?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = body.logprobs.unwrap_or(0).min(20);
@@ -261,19 +261,6 @@ fn to_message(i: usize, m: &InMessage) -> ApiResult<ChatMessage> {
         }
     };
     Ok(ChatMessage::new(role, content))
-}
-
-async fn resolve_documents(
-    s: &Shared,
-    tenant: &Tenant,
-    docs: &[ChunkRef],
-) -> ApiResult<Vec<Vec<u32>>> {
-    super::chunk_ref::check_size(s, docs.len(), 0)?;
-    let mut out = Vec::with_capacity(docs.len());
-    for (i, d) in docs.iter().enumerate() {
-        out.push(d.resolve(s, tenant, i).await?);
-    }
-    Ok(out)
 }
 
 fn job(
@@ -577,7 +564,8 @@ fn stream_response(
                 return None;
             }
             let ev = match rx.recv().await {
-                Some(GenEvent::Started) => Event::default().comment("started"),
+                // consumed by `respond` before streaming began; nothing to send
+                Some(GenEvent::Started) => return Some((Vec::new(), (rx, false))),
                 Some(GenEvent::Step(st)) => {
                     let lp = shape.logprobs(&s, std::slice::from_ref(&st));
                     let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
