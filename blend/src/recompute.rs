@@ -116,6 +116,9 @@ fn run(
         if let Some(att) = &attention {
             mix(&mut scores, &active, att, non_suffix, cfg.query_weight);
         }
+        if cfg.span > 0 {
+            scores = dilate(&scores, &active, &roles.segment, cfg.span);
+        }
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
         let index = replacement_index(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
@@ -188,6 +191,30 @@ fn mix(scores: &mut [f32], active: &[usize], attention: &[f32], non_suffix: usiz
     }
 }
 
+/// Each active token's score becomes the largest score of the active tokens of its segment
+/// within `span` positions of it (ties keep the earlier order).
+fn dilate(scores: &[f32], active: &[usize], segment: &[usize], span: usize) -> Vec<f32> {
+    (0..active.len())
+        .map(|i| {
+            let (t, seg) = (active[i], segment[active[i]]);
+            let mut best = scores[i];
+            for j in (0..i).rev() {
+                if t - active[j] > span || segment[active[j]] != seg {
+                    break;
+                }
+                best = best.max(scores[j]);
+            }
+            for j in i + 1..active.len() {
+                if active[j] - t > span || segment[active[j]] != seg {
+                    break;
+                }
+                best = best.max(scores[j]);
+            }
+            best
+        })
+        .collect()
+}
+
 fn roles_is_suffix(roles: &TokenRoles, t: usize) -> bool {
     roles.segment[t] == roles.segments
 }
@@ -215,7 +242,16 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
 
 #[cfg(test)]
 mod tests {
-    use super::mix;
+    use super::{dilate, mix};
+
+    #[test]
+    fn dilate_spreads_peaks_within_a_segment() {
+        let active = [0, 1, 2, 3, 5, 6];
+        let segment = [0, 0, 0, 1, 1, 1, 1];
+        let s = dilate(&[0.0, 9.0, 0.0, 1.0, 0.0, 0.0], &active, &segment, 1);
+        // token 3 is in segment 1: the 9 of token 1 does not cross; 5 is 2 away from 3
+        assert_eq!(s, vec![9.0, 9.0, 9.0, 1.0, 0.0, 0.0]);
+    }
 
     #[test]
     fn mix_normalises_each_score_by_its_mean() {

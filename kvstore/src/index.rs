@@ -71,6 +71,15 @@ impl Pins {
 struct Entry {
     size: u64,
     leases: u32,
+    /// Admitted but not yet committed: the object is still being written, so it cannot be
+    /// chosen as a victim (its eviction would find nothing to delete or demote).
+    writing: bool,
+}
+
+impl Entry {
+    fn evictable(&self) -> bool {
+        self.leases == 0 && !self.writing
+    }
 }
 
 struct Inner {
@@ -96,9 +105,12 @@ pub struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
-    /// The object is written: it now counts as held.
+    /// The object is written: it now counts as held, and may be evicted.
     pub fn commit(mut self) {
         self.committed = true;
+        if let Some(e) = self.index.inner.lock().entries.get_mut(&self.key) {
+            e.writing = false;
+        }
     }
 }
 
@@ -166,7 +178,12 @@ impl TierIndex {
     /// Records an object already present (when a tier is reopened), in eviction order.
     pub fn restore(&self, key: ChunkKey, size: u64, cost_s: f64) {
         let mut g = self.inner.lock();
-        if g.entries.insert(key, Entry { size, leases: 0 }).is_none() {
+        let entry = Entry {
+            size,
+            leases: 0,
+            writing: false,
+        };
+        if g.entries.insert(key, entry).is_none() {
             g.used += size;
         }
         g.policy.insert(key, size, cost_s);
@@ -193,7 +210,7 @@ impl TierIndex {
             let evictable: u64 = g
                 .entries
                 .iter()
-                .filter(|(k, e)| **k != key && e.leases == 0 && !self.pins.is_pinned(k, now))
+                .filter(|(k, e)| **k != key && e.evictable() && !self.pins.is_pinned(k, now))
                 .map(|(_, e)| e.size)
                 .sum();
             if needed > free + evictable {
@@ -213,7 +230,7 @@ impl TierIndex {
                 .policy
                 .victim(&mut |k| {
                     *k != key
-                        && entries.get(k).is_some_and(|e| e.leases == 0)
+                        && entries.get(k).is_some_and(Entry::evictable)
                         && !pins.is_pinned(k, now)
                 })
                 .expect("evictable bytes were counted above");
@@ -226,9 +243,15 @@ impl TierIndex {
             Some(e) => {
                 g.used = g.used - e.size + size;
                 e.size = size;
+                e.writing = true;
             }
             None => {
-                g.entries.insert(key, Entry { size, leases: 0 });
+                let entry = Entry {
+                    size,
+                    leases: 0,
+                    writing: true,
+                };
+                g.entries.insert(key, entry);
                 g.used += size;
             }
         }
@@ -329,6 +352,24 @@ mod tests {
         }
         assert_eq!(idx.used(), 0);
         assert!(!idx.contains(&k(1)));
+    }
+
+    #[test]
+    fn an_object_still_being_written_is_never_a_victim() {
+        let idx = TierIndex::new("t", 20, PolicyKind::Lru, Pins::default());
+        idx.admit(k(1), 10, 1.0).unwrap().0.commit();
+        let (writing, _) = idx.admit(k(2), 10, 1.0).unwrap();
+        // k(2) is the only other entry once k(1) goes, but it is not written yet
+        let (r, v) = idx.admit(k(3), 10, 1.0).unwrap();
+        assert_eq!(v, vec![(k(1), 10)]);
+        r.commit();
+        assert!(matches!(
+            idx.admit(k(4), 20, 1.0),
+            Err(StoreError::NoRoom { .. })
+        ));
+        writing.commit();
+        let (_r, v) = idx.admit(k(4), 20, 1.0).unwrap();
+        assert_eq!(v.len(), 2, "committed, it can go");
     }
 
     #[test]

@@ -315,13 +315,17 @@ impl TieredStore {
     }
 
     /// Writes dirty objects down (write-back) and makes every tier durable.
+    ///
+    /// A key leaves the dirty set only once it is written below, so an eviction racing the
+    /// flush still finds it dirty and demotes it (a double write is a no-op).
     pub async fn flush(&self) -> Result<()> {
-        let dirty: Vec<ChunkKey> = self.dirty.lock().drain().collect();
+        let dirty: Vec<ChunkKey> = self.dirty.lock().iter().copied().collect();
         for key in dirty {
             if let Some(obj) = self.tiers[0].get(&key).await? {
                 for t in &self.tiers[1..] {
                     t.put(Arc::clone(&obj), 0.0).await?;
                 }
+                self.dirty.lock().remove(&key);
             }
         }
         for t in &self.tiers {

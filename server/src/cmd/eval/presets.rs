@@ -35,6 +35,12 @@ pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             query_weight: 1.0,
             ..base
         },
+        // query-aware, ranking spans of ±2 tokens around the peaks
+        "qspan" => BlendConfig {
+            query_weight: 1.0,
+            span: 2,
+            ..base
+        },
         // half query attention, half V deviation
         "mixed" => BlendConfig {
             query_weight: 0.5,
@@ -46,7 +52,7 @@ pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             ..BlendConfig::default()
         },
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, mixed or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, qspan, mixed or kvquilt)"
         ),
     })
 }
