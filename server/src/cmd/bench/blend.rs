@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
+use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
 use kvquilt_model::{Model, ModelConfig};
 use serde::Serialize;
@@ -35,6 +35,9 @@ pub struct BlendBenchArgs {
     /// Blend recompute ratios.
     #[arg(long, value_delimiter = ',', default_value = "0.15")]
     ratios: Vec<f32>,
+    /// Token-selection variants of blend (as `kvquilt eval --variants`).
+    #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
+    variants: Vec<String>,
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -45,6 +48,8 @@ pub struct BlendBenchArgs {
 #[derive(Serialize)]
 struct Row {
     mode: &'static str,
+    /// Blend's token-selection variant.
+    variant: Option<String>,
     ratio: Option<f32>,
     ttft_ms_median: f64,
     speedup_vs_full: f64,
@@ -110,13 +115,16 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
     for seg in base.segments() {
         blender.precompute(b"", seg)?;
     }
-    let mut modes = vec![(Mode::Full, None), (Mode::Reuse, None)];
-    for &r in &a.ratios {
-        modes.push((Mode::Blend(BlendConfig::cacheblend(r)), Some(r)));
+    let mut modes = vec![(Mode::Full, None, None), (Mode::Reuse, None, None)];
+    for v in &a.variants {
+        for &r in &a.ratios {
+            let cfg = crate::cmd::eval::presets::preset(v, r)?;
+            modes.push((Mode::Blend(cfg), Some(r), Some(v.clone())));
+        }
     }
     let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
     let mut rows: Vec<Row> = Vec::new();
-    for (mode, ratio) in modes {
+    for (mode, ratio, variant) in modes {
         let req = BlendRequest {
             mode: mode.clone(),
             ..base.clone()
@@ -133,12 +141,14 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
         }
         let m = median(&runs);
         eprintln!(
-            "{:<6} {:>5}: TTFT median {m:.1} ms",
+            "{:<6} {:<10} {:>5}: TTFT median {m:.1} ms",
             mode.name(),
+            variant.as_deref().unwrap_or(""),
             ratio.map_or(String::new(), |r| r.to_string())
         );
         rows.push(Row {
             mode: mode.name(),
+            variant,
             ratio,
             ttft_ms_median: m,
             speedup_vs_full: 0.0,

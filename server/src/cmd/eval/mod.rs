@@ -8,7 +8,7 @@
 
 mod data;
 mod metrics;
-mod presets;
+pub(crate) mod presets;
 
 use std::path::PathBuf;
 use std::sync::Arc;
