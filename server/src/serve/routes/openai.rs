@@ -547,11 +547,11 @@ fn stream_response(
     include_usage: bool,
 ) -> Response {
     let first = if shape.kind == Kind::Chat {
-        let mut role = shape.envelope(
+        // OpenAI's first chunk names the role
+        let role = shape.envelope(
             vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
             true,
         );
-        role.remove("usage");
         Some(Event::default().data(Value::Object(role).to_string()))
     } else {
         None
