@@ -111,6 +111,11 @@ fn full(b: &Blender, r: &BlendRequest) -> Tensor {
     b.run(b"", &r).unwrap().logits
 }
 
+/// `r` in another mode.
+fn with_mode(r: &BlendRequest, mode: Mode) -> BlendRequest {
+    BlendRequest { mode, ..r.clone() }
+}
+
 #[test]
 fn blend_at_ratio_one_equals_full() {
     for kind in ["qwen2", "llama"] {
@@ -134,15 +139,7 @@ fn blend_at_ratio_one_equals_full() {
                 deviation: Deviation::Kv,
                 ..BlendConfig::cacheblend(1.0)
             };
-            let out = b
-                .run(
-                    b"",
-                    &BlendRequest {
-                        mode: Mode::Blend(cfg),
-                        ..r.clone()
-                    },
-                )
-                .unwrap();
+            let out = b.run(b"", &with_mode(&r, Mode::Blend(cfg))).unwrap();
             assert_close(&out.logits, &want, 1e-4, "gradual");
         }
         // query-aware ranking (a suffix pass over the cache first) is exact at ratio 1 too
@@ -151,15 +148,7 @@ fn blend_at_ratio_one_equals_full() {
                 query_weight: w,
                 ..BlendConfig::cacheblend(1.0)
             };
-            let out = b
-                .run(
-                    b"",
-                    &BlendRequest {
-                        mode: Mode::Blend(cfg),
-                        ..r.clone()
-                    },
-                )
-                .unwrap();
+            let out = b.run(b"", &with_mode(&r, Mode::Blend(cfg))).unwrap();
             assert_close(&out.logits, &want, 1e-4, "query-aware");
         }
     }

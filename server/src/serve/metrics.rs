@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use kvquilt_kvstore::TieredStore;
+use kvquilt_kvstore::{TierStatsSnapshot, TieredStore};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -98,8 +99,27 @@ impl Metrics {
     }
 }
 
+/// One metric family with a sample per tier, each written by `sample`.
+fn encode_per_tier(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    stats: &[TierStatsSnapshot],
+    sample: impl Fn(&TierStatsSnapshot, prometheus_client::encoding::MetricEncoder) -> std::fmt::Result,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for s in stats {
+        let labels = TierLabels {
+            tier: s.tier.clone(),
+        };
+        sample(s, family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// Reads one statistic of a tier.
-type StatFn = fn(&kvquilt_kvstore::TierStatsSnapshot) -> u64;
+type StatFn = fn(&TierStatsSnapshot) -> u64;
 
 /// Reads the store's tier statistics on each scrape.
 struct StoreCollector(Arc<TieredStore>);
@@ -143,18 +163,14 @@ impl Collector for StoreCollector {
             ),
         ];
         for (name, help, get) in counters {
-            let mut family = encoder.encode_descriptor(
+            encode_per_tier(
+                &mut encoder,
                 name,
                 help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+                MetricType::Counter,
+                &stats,
+                |v, m| ConstCounter::new(get(v)).encode(m),
             )?;
-            for s in &stats {
-                let labels = TierLabels {
-                    tier: s.tier.clone(),
-                };
-                ConstCounter::new(get(s)).encode(family.encode_family(&labels)?)?;
-            }
         }
         let gauges: [(&str, &str, StatFn); 3] = [
             ("store_used_bytes", "Bytes held by the tier", |s| {
@@ -166,18 +182,14 @@ impl Collector for StoreCollector {
             ("store_objects", "Objects held by the tier", |s| s.objects),
         ];
         for (name, help, get) in gauges {
-            let mut family = encoder.encode_descriptor(
+            encode_per_tier(
+                &mut encoder,
                 name,
                 help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                MetricType::Gauge,
+                &stats,
+                |v, m| ConstGauge::new(get(v) as i64).encode(m),
             )?;
-            for s in &stats {
-                let labels = TierLabels {
-                    tier: s.tier.clone(),
-                };
-                ConstGauge::new(get(s) as i64).encode(family.encode_family(&labels)?)?;
-            }
         }
         Ok(())
     }

@@ -204,34 +204,17 @@ async fn lookups(
     conc: usize,
     secs: f64,
 ) -> Level {
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..conc)
-        .map(|t| {
-            let (http, ids) = (http.clone(), Arc::clone(ids));
-            let base = format!("{url}/v1/chunks/");
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0;
-                let mut i = t;
-                while Instant::now() < deadline {
-                    let u = format!("{base}{}", ids[i % ids.len()]);
-                    i += conc;
-                    let t0 = Instant::now();
-                    let ok = match http.get(&u).send().await {
-                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                        Err(_) => false,
-                    };
-                    lat.push(t0.elapsed().as_secs_f64());
-                    if !ok {
-                        errors += 1;
-                    }
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    collect("lookup", conc, tasks, start).await
+    let (http, ids, base) = (http.clone(), Arc::clone(ids), format!("{url}/v1/chunks/"));
+    level("lookup", conc, secs, move |i| {
+        let (http, u) = (http.clone(), format!("{base}{}", ids[i % ids.len()]));
+        async move {
+            match http.get(&u).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
 }
 
 async fn blends(
@@ -242,34 +225,47 @@ async fn blends(
     per: usize,
     mode: &str,
 ) -> Level {
+    let (client, ids, mode) = (client.clone(), Arc::clone(ids), mode.to_string());
+    level("blend", conc, secs, move |i| {
+        let refs: Vec<ChunkRef> = (0..per)
+            .map(|j| ChunkRef::id(&ids[(i * 7 + j * 13) % ids.len()]))
+            .collect();
+        let req =
+            BlendRequest::question("Which year was the harbour rebuilt?", refs).mode(&mode, None);
+        let client = client.clone();
+        async move { client.blend(&req).await.is_ok() }
+    })
+    .await
+}
+
+/// Runs `conc` tasks for `secs` seconds, each sending `request(i)` (true: success) for its
+/// own sequence of `i` (task `t` sends `t`, `t + conc`, ...), and measures them.
+async fn level<F, Fut>(kind: &'static str, conc: usize, secs: f64, request: F) -> Level
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|t| {
-            let (client, ids, mode) = (client.clone(), Arc::clone(ids), mode.to_string());
+            let request = request.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0;
                 let mut i = t;
                 while Instant::now() < deadline {
-                    let refs: Vec<ChunkRef> = (0..per)
-                        .map(|j| ChunkRef::id(&ids[(i * 7 + j * 13) % ids.len()]))
-                        .collect();
-                    i += conc;
-                    let req = BlendRequest::question("Which year was the harbour rebuilt?", refs)
-                        .mode(&mode, None);
                     let t0 = Instant::now();
-                    let ok = client.blend(&req).await.is_ok();
+                    let ok = request(i).await;
                     lat.push(t0.elapsed().as_secs_f64());
-                    if !ok {
-                        errors += 1;
-                    }
+                    errors += usize::from(!ok);
+                    i += conc;
                 }
                 (lat, errors)
             })
         })
         .collect();
-    collect("blend", conc, tasks, start).await
+    collect(kind, conc, tasks, start).await
 }
 
 async fn collect(
