@@ -6,6 +6,10 @@
 #   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
+#   benches/gpu_run.sh cpu TASK FIRST END STEP
+#                                # the same eval on the host's CPU, examples FIRST..END in
+#                                # parts of STEP (one JSON each, merged by merge_eval.py);
+#                                # starts no part after KVQ_DEADLINE_S seconds (default 480)
 # KVQ_VARIANTS and KVQ_RATIOS override the blend variants and ratios of the eval steps.
 set -euo pipefail
 : "${OUT:?set by the device tool}"
@@ -26,6 +30,18 @@ case "${1:-perf}" in
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \
       --modes full,reuse,blend --ratios "$ratios" --variants "$variants" \
       --json "$OUT/eval_$1.json" | tee "$OUT/eval_$1.md"
+    ;;
+  cpu)
+    lscpu | grep -E '^(Model name|CPU\(s\)|Thread)' > "$OUT/cpu.txt"
+    task=${2:?task}; first=${3:?first}; end=${4:?end}; step=${5:?step}
+    for ((s = first; s < end; s += step)); do
+      if ((SECONDS > ${KVQ_DEADLINE_S:-480})); then echo "deadline: next part starts at $s"; break; fi
+      "$bin" eval --model "${KVQ_MODEL:?}" --device cpu --task "$task" --skip "$s" \
+        --limit "$((step < end - s ? step : end - s))" --modes full,reuse,blend \
+        --ratios "$ratios" --variants "$variants" --json "$OUT/eval_${task}_cpu_$s.json" \
+        > "$OUT/eval_${task}_cpu_$s.md"
+      echo "part $s done at ${SECONDS}s"
+    done
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

@@ -203,11 +203,13 @@ impl Inner {
     }
 
     /// Options for reads of the data column family: RocksDB's own block checksums are off
-    /// there because every header and record is verified against its BLAKE3 checksum.
+    /// there because every header and record is verified against its BLAKE3 checksum. The
+    /// table blocks a read passes through (small: headers and blob indexes) stay in RocksDB's
+    /// block cache, so a cold read goes to the disk for the layer records alone; the records
+    /// themselves live in blob files, which that cache does not hold.
     fn data_read_opts(&self) -> ReadOptions {
         let mut r = ReadOptions::default();
         r.set_verify_checksums(false);
-        r.fill_cache(false);
         r
     }
 

@@ -112,7 +112,8 @@ pub fn run(a: LoadBenchArgs) -> Result<()> {
     };
     std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
     let pid = server.0.id();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the generator takes at most one of the cores it shares with the server.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let report = rt.block_on(drive(&a, &url, pid))?;
@@ -175,7 +176,7 @@ async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
         .build()?;
     for &c in &a.concurrency {
         let probe = health_probe(&http, url);
-        let mut l = lookups(&http, url, &ids, c, a.lookup_s).await;
+        let mut l = lookups(url, &ids, c, a.lookup_s).await;
         l.health_max_ms = probe.finish().await;
         levels.push(l);
     }
@@ -197,24 +198,76 @@ async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
     })
 }
 
-async fn lookups(
-    http: &reqwest::Client,
-    url: &str,
-    ids: &Arc<Vec<String>>,
-    conc: usize,
-    secs: f64,
-) -> Level {
-    let (http, ids, base) = (http.clone(), Arc::clone(ids), format!("{url}/v1/chunks/"));
-    level("lookup", conc, secs, move |i| {
-        let (http, u) = (http.clone(), format!("{base}{}", ids[i % ids.len()]));
-        async move {
-            match http.get(&u).send().await {
-                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                Err(_) => false,
+/// Lookups over one keep-alive HTTP/1.1 connection per concurrent client (hyper's client
+/// connection: no pool, redirects or URL parsing per request, so the generator's share of
+/// the two cores stays small).
+async fn lookups(url: &str, ids: &Arc<Vec<String>>, conc: usize, secs: f64) -> Level {
+    let host = Arc::new(url.trim_start_matches("http://").to_string());
+    let paths: Arc<Vec<String>> =
+        Arc::new(ids.iter().map(|id| format!("/v1/chunks/{id}")).collect());
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|t| {
+            let (host, paths) = (Arc::clone(&host), Arc::clone(&paths));
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                let mut conn = None;
+                let mut i = t;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let ok = lookup_once(&mut conn, &host, &paths[i % paths.len()]).await;
+                    lat.push(t0.elapsed().as_secs_f64());
+                    errors += usize::from(!ok);
+                    i += conc;
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    collect("lookup", conc, tasks, start).await
+}
+
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// One `GET path` on `conn` (connected first if need be; dropped after a transport error).
+async fn lookup_once(conn: &mut Option<Conn>, host: &str, path: &str) -> bool {
+    use http_body_util::BodyExt;
+    if conn.is_none() {
+        *conn = connect(host).await.ok();
+    }
+    let Some(c) = conn.as_mut() else { return false };
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(http_body_util::Empty::new());
+    let (Ok(req), Ok(())) = (req, c.ready().await) else {
+        *conn = None;
+        return false;
+    };
+    match c.send_request(req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            if resp.into_body().collect().await.is_err() {
+                *conn = None;
+                return false;
             }
+            ok
         }
-    })
-    .await
+        Err(_) => {
+            *conn = None;
+            false
+        }
+    }
+}
+
+async fn connect(host: &str) -> Result<Conn> {
+    let stream = tokio::net::TcpStream::connect(host).await?;
+    stream.set_nodelay(true)?;
+    let (send, driver) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(driver);
+    Ok(send)
 }
 
 async fn blends(

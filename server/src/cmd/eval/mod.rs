@@ -36,9 +36,13 @@ pub struct Args {
     /// Seed of the needle task.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Evaluate the first N examples.
+    /// Evaluate the first N examples (after `--skip`).
     #[arg(long)]
     limit: Option<usize>,
+    /// Leave out the first N examples, e.g. to split one evaluation over machines; needles
+    /// are planted as in an unsplit run, and details keep each example's index.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// Modes: full, prefix, reuse, blend (full always runs: it is the reference).
     #[arg(long, value_delimiter = ',', default_value = "full,reuse,blend")]
     modes: Vec<String>,
@@ -116,7 +120,10 @@ struct Detail {
     answers: Vec<String>,
     f1: f64,
     correct: bool,
+    first_token_kl: f64,
+    answer_token_agreement: f64,
     ttft_ms: f64,
+    recompute_fraction: f64,
 }
 
 #[derive(Serialize)]
@@ -188,13 +195,21 @@ fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
 pub fn run(a: Args) -> Result<()> {
     let mut examples = data::load(&a.input)?;
     if let Some(n) = a.limit {
-        examples.truncate(n);
+        examples.truncate(a.skip.saturating_add(n));
     }
-    let examples = match a.task.as_str() {
+    let mut examples = match a.task.as_str() {
         "musique" => examples,
         "needle" => data::needles(&examples, a.seed),
         other => bail!("unknown task `{other}` (expected musique or needle)"),
     };
+    if a.skip >= examples.len() {
+        bail!(
+            "--skip {} leaves none of the {} examples",
+            a.skip,
+            examples.len()
+        );
+    }
+    let examples = examples.split_off(a.skip);
     if let Some(p) = &a.dump_examples {
         std::fs::write(p, serde_json::to_string_pretty(&examples)?)
             .with_context(|| format!("writing {}", p.display()))?;
@@ -298,13 +313,16 @@ pub fn run(a: Args) -> Result<()> {
             t.ttft_ms.push(out.stats.ttft_ms);
             t.recompute.push(out.stats.recompute_fraction);
             details.push(Detail {
-                example: ei,
+                example: a.skip + ei,
                 config: cfg.label(),
                 prediction,
                 answers: ex.answers.clone(),
                 f1,
                 correct,
+                first_token_kl: kl,
+                answer_token_agreement: agreement,
                 ttft_ms: out.stats.ttft_ms,
+                recompute_fraction: out.stats.recompute_fraction,
             });
             bar.inc(1);
         }
