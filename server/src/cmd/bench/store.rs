@@ -36,7 +36,7 @@ pub struct StoreBenchArgs {
     /// Object sizes, MiB.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     sizes_mib: Vec<usize>,
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 15)]
     repeats: usize,
     /// Print the report as one JSON object on stdout (the summary table goes to stderr).
     #[arg(long)]
