@@ -61,6 +61,13 @@ pub struct BlendConfig {
     /// Rank each token by the best score within this many tokens of it in its own segment,
     /// so selection takes whole spans around the peaks (a fact spans several tokens). 0: off.
     pub span: usize,
+    /// Rank whole segments: the budget takes the segments with the highest mean score
+    /// (leaving out each segment's first `chunk_sink` tokens, the attention sinks of a chunk
+    /// prefilled alone), whole, one after another; within the last one taken, tokens by their
+    /// own score. Segments whose KV is exact (at position 0) come last.
+    pub whole_segments: bool,
+    /// Tokens at the start of each segment left out of its mean under `whole_segments`.
+    pub chunk_sink: usize,
 }
 
 impl Default for BlendConfig {
@@ -87,6 +94,8 @@ impl BlendConfig {
             per_chunk: false,
             query_weight: 0.0,
             span: 0,
+            whole_segments: false,
+            chunk_sink: 4,
         }
     }
 

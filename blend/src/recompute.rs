@@ -119,6 +119,9 @@ fn run(
         if cfg.span > 0 {
             scores = dilate(&scores, &active, &roles.segment, cfg.span);
         }
+        if cfg.whole_segments {
+            scores = by_segment(&scores, &active, roles, cfg.chunk_sink);
+        }
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
         let index = replacement_index(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
@@ -215,6 +218,47 @@ fn dilate(scores: &[f32], active: &[usize], segment: &[usize], span: usize) -> V
         .collect()
 }
 
+/// Replaces each active token's score by its rank (higher first) in the order: segments by
+/// the mean score of their active tokens past the first `sink` of the segment, descending
+/// (segments whose KV is exact last); then, within a segment, the token's own score.
+fn by_segment(scores: &[f32], active: &[usize], roles: &TokenRoles, sink: usize) -> Vec<f32> {
+    let mut start = vec![usize::MAX; roles.segments + 1];
+    for (t, &s) in roles.segment.iter().enumerate() {
+        start[s] = start[s].min(t);
+    }
+    let (mut sum, mut count) = (
+        vec![0f64; roles.segments + 1],
+        vec![0usize; roles.segments + 1],
+    );
+    for (i, &t) in active.iter().enumerate() {
+        let s = roles.segment[t];
+        if t - start[s] >= sink {
+            sum[s] += f64::from(scores[i]);
+            count[s] += 1;
+        }
+    }
+    let mean = |t: usize| {
+        let s = roles.segment[t];
+        if roles.exact[t] || count[s] == 0 {
+            f64::NEG_INFINITY
+        } else {
+            sum[s] / count[s] as f64
+        }
+    };
+    let mut order: Vec<usize> = (0..active.len()).collect();
+    order.sort_by(|&a, &b| {
+        mean(active[b])
+            .total_cmp(&mean(active[a]))
+            .then(roles.segment[active[a]].cmp(&roles.segment[active[b]]))
+            .then(scores[b].total_cmp(&scores[a]))
+    });
+    let mut ranked = vec![0f32; active.len()];
+    for (rank, &i) in order.iter().enumerate() {
+        ranked[i] = (active.len() - rank) as f32;
+    }
+    ranked
+}
+
 fn roles_is_suffix(roles: &TokenRoles, t: usize) -> bool {
     roles.segment[t] == roles.segments
 }
@@ -242,7 +286,28 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
 
 #[cfg(test)]
 mod tests {
-    use super::{dilate, mix};
+    use super::{by_segment, dilate, mix};
+    use crate::select::{TokenRoles, select};
+
+    #[test]
+    fn by_segment_takes_the_best_segment_whole() {
+        // segment 1's mean past its first token (5.5) beats segment 0's (4.5), though segment
+        // 0 holds the largest score past a sink
+        let roles = TokenRoles {
+            segment: vec![0, 0, 0, 1, 1, 1, 2],
+            segments: 2,
+            forced: vec![false, false, false, false, false, false, true],
+            exact: vec![false; 7],
+        };
+        let active: Vec<usize> = (0..7).collect();
+        let scores = [0.0, 9.0, 0.0, 50.0, 6.0, 5.0, 0.0];
+        let ranked = by_segment(&scores, &active, &roles, 1);
+        let kept = select(&active, &ranked, &roles, 3, 0.5, false);
+        assert_eq!(kept, vec![3, 4, 5, 6]);
+        // with one token left for segment 0, its own best comes next
+        let kept = select(&active, &ranked, &roles, 4, 0.67, false);
+        assert_eq!(kept, vec![1, 3, 4, 5, 6]);
+    }
 
     #[test]
     fn dilate_spreads_peaks_within_a_segment() {

@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.15,0.3")]
     ratios: Vec<f32>,
     /// Token-selection variants of blend (see `presets.rs`): cacheblend, starts, kv,
-    /// gradual, perchunk, kvquilt.
+    /// gradual, perchunk, query, qspan, qchunk, vchunk, mixed, kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
     /// Most answer tokens to decode.

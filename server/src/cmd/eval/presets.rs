@@ -41,6 +41,17 @@ pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             span: 2,
             ..base
         },
+        // query-aware, whole chunks: those the question attends to most, one after another
+        "qchunk" => BlendConfig {
+            query_weight: 1.0,
+            whole_segments: true,
+            ..base
+        },
+        // CacheBlend's V deviation, whole chunks
+        "vchunk" => BlendConfig {
+            whole_segments: true,
+            ..base
+        },
         // half query attention, half V deviation
         "mixed" => BlendConfig {
             query_weight: 0.5,
@@ -52,7 +63,7 @@ pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             ..BlendConfig::default()
         },
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, qspan, mixed or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, qspan, qchunk, vchunk, mixed or kvquilt)"
         ),
     })
 }
