@@ -10,10 +10,12 @@
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
 #                                # starts no part after KVQ_DEADLINE_S seconds (default 480)
+#                                # and skips parts already in $OUT (a run can resume)
+# KVQ_BIN overrides the binary (e.g. a CPU build when the cpu step runs on another machine).
 # KVQ_VARIANTS and KVQ_RATIOS override the blend variants and ratios of the eval steps.
 set -euo pipefail
 : "${OUT:?set by the device tool}"
-bin=.devbin/kvquilt
+bin=${KVQ_BIN:-.devbin/kvquilt}
 variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
 ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
 case "${1:-perf}" in
@@ -35,6 +37,7 @@ case "${1:-perf}" in
     lscpu | grep -E '^(Model name|CPU\(s\)|Thread)' > "$OUT/cpu.txt"
     task=${2:?task}; first=${3:?first}; end=${4:?end}; step=${5:?step}
     for ((s = first; s < end; s += step)); do
+      if [[ -s "$OUT/eval_${task}_cpu_$s.json" ]]; then continue; fi
       if ((SECONDS > ${KVQ_DEADLINE_S:-480})); then echo "deadline: next part starts at $s"; break; fi
       "$bin" eval --model "${KVQ_MODEL:?}" --device cpu --task "$task" --skip "$s" \
         --limit "$((step < end - s ? step : end - s))" --modes full,reuse,blend \
