@@ -31,8 +31,8 @@ def main():
             reports.append(json.load(f))
     first = reports[0]
     for r in reports[1:]:
-        for field in ("task", "model", "device"):
-            if r[field] != first[field]:
+        for field in ("task", "model", "device", "chunk_encoding"):
+            if r.get(field) != first.get(field):
                 sys.exit(f"parts differ in {field}: {first[field]!r} vs {r[field]!r}")
         if [(x["mode"], x["variant"], x["ratio"]) for x in r["rows"]] != [
             (x["mode"], x["variant"], x["ratio"]) for x in first["rows"]

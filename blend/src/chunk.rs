@@ -2,16 +2,21 @@
 //!
 //! The batch job, the HTTP API and blend's store-back all go through [`ChunkCodec`]; a second
 //! copy of any rule here is how caches silently stop matching. The contract
-//! ([`CHUNK_ENCODING`], folded into every key through [`crate::ModelIdentity`]):
+//! ([`ChunkEncoding::descriptor`], folded into every key through [`crate::ModelIdentity`]):
 //!
 //! - **Tokenisation**: a chunk's text is tokenised alone, with no BOS and with special tokens
 //!   written in the text matched ([`ChunkCodec::tokenize`]). Callers that already hold token
 //!   ids pass them as they are.
-//! - **Positions**: a chunk is prefilled alone, at positions `0..T`, attending only to itself.
+//! - **Positions and context** ([`ChunkEncoding`]): under `Sink(s)` (the default for a model
+//!   whose tokenizer has a BOS token: `s` = [BOS]), a chunk is prefilled behind the sink
+//!   tokens, `s ‖ chunk` at positions `0..S+T`, and only its own `T` rows are kept; a chunk
+//!   that already begins with `s` is prefilled alone. Under `Alone` (CacheBlend's encoding,
+//!   and the default for a model without a BOS token) it is prefilled alone at `0..T`.
+//!   Either way a chunk attends only to itself (and the sink), never to other chunks.
 //! - **Stored KV**: per layer, K before RoPE and V, `[T, kv_heads, head_dim]`, in the model's
 //!   compute dtype; blending places the keys at new positions by rotation.
 //! - **Key**: [`kvquilt_kvstore::KeyContext::chunk_key`] of the token ids, in the context of
-//!   the model identity and the caller's namespace.
+//!   the model identity (which includes the encoding) and the caller's namespace.
 //!
 //! Prefix objects (exact prefix reuse) follow a second rule: segment `i` of a prompt is
 //! prefilled over the KV of segments `0..i` at its absolute positions, and stored under the
@@ -26,9 +31,59 @@ use crate::error::{BlendError, Result, invalid};
 use crate::identity::ModelIdentity;
 use crate::tensor_bytes::{layer_from_bytes, layer_to_bytes};
 
-/// Names the encoding rules above; part of the model fingerprint, so changing the rules
-/// changes every key.
-pub const CHUNK_ENCODING: &str = "kvquilt.chunk.v1: alone at positions 0..T, no BOS, K pre-RoPE";
+/// Names the encoding rules above; with the [`ChunkEncoding`] it is part of the model
+/// fingerprint, so changing the rules changes every key.
+pub const CHUNK_ENCODING: &str = "kvquilt.chunk.v2: K pre-RoPE";
+
+/// What a chunk is prefilled behind.
+///
+/// A chunk prefilled alone turns its own first tokens into attention sinks: every token of
+/// it dumps attention there, which a chunk in the middle of a real prompt never does (the
+/// prompt's first token is the sink). Prefilling behind the model's BOS gives the chunk the
+/// sink it will have in the prompt, so its KV is closer to what full prefill computes
+/// (measured: BENCHMARKS.md §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkEncoding {
+    /// Alone at positions `0..T` (CacheBlend, TurboRAG).
+    Alone,
+    /// Behind these tokens (non-empty), which are not stored.
+    Sink(Vec<u32>),
+}
+
+impl ChunkEncoding {
+    /// `Sink([bos])` when the model's tokenizer has a BOS token, else `Alone`.
+    pub fn default_for(bos: Option<u32>) -> Self {
+        match bos {
+            Some(b) => Self::Sink(vec![b]),
+            None => Self::Alone,
+        }
+    }
+
+    /// The canonical description folded into the model fingerprint.
+    pub fn descriptor(&self) -> String {
+        match self {
+            Self::Alone => format!("{CHUNK_ENCODING}; alone at 0..T"),
+            Self::Sink(s) => {
+                let ids: Vec<String> = s.iter().map(u32::to_string).collect();
+                format!("{CHUNK_ENCODING}; behind sink [{}]", ids.join(","))
+            }
+        }
+    }
+
+    /// The tokens `chunk` is prefilled behind (empty: alone).
+    pub fn sink_for(&self, chunk: &[u32]) -> &[u32] {
+        match self {
+            Self::Sink(s) if !chunk.starts_with(s) => s,
+            _ => &[],
+        }
+    }
+
+    /// Whether a chunk's stored KV is exactly what full prefill computes when the chunk opens
+    /// a prompt (position 0): true when it was prefilled alone.
+    pub fn exact_at_start(&self, chunk: &[u32]) -> bool {
+        self.sink_for(chunk).is_empty()
+    }
+}
 
 /// Turns chunks into keys and stored objects, and stored objects back into KV, for one model
 /// and one namespace.
@@ -75,19 +130,33 @@ impl ChunkCodec {
             .collect()
     }
 
-    /// Positions a chunk of `len` tokens is prefilled at.
+    pub fn encoding(&self) -> &ChunkEncoding {
+        &self.identity.encoding
+    }
+
+    /// Positions `0..len`: where a stored chunk's KV sits until blending moves it.
     pub fn positions(len: usize) -> Vec<u32> {
         (0..len as u32).collect()
     }
 
-    /// Prefills a chunk alone at [`ChunkCodec::positions`]; returns its KV and the time taken.
-    pub fn prefill(model: &Model, tokens: &[u32]) -> Result<(KvCache, Duration)> {
+    /// Prefills a chunk by the [`ChunkEncoding`]; returns its KV at positions `0..T` and the
+    /// time taken.
+    pub fn prefill(&self, model: &Model, tokens: &[u32]) -> Result<(KvCache, Duration)> {
         if tokens.is_empty() {
             return Err(invalid("a chunk of zero tokens"));
         }
         let start = Instant::now();
         let mut cache = model.empty_cache()?;
-        model.prefill(tokens, &Self::positions(tokens.len()), &mut cache)?;
+        let sink = self.encoding().sink_for(tokens);
+        if sink.is_empty() {
+            model.prefill(tokens, &Self::positions(tokens.len()), &mut cache)?;
+            return Ok((cache, start.elapsed()));
+        }
+        let all = [sink, tokens].concat();
+        model.prefill(&all, &Self::positions(all.len()), &mut cache)?;
+        let cache = cache
+            .narrow(sink.len(), tokens.len())?
+            .with_positions(Self::positions(tokens.len()))?;
         Ok((cache, start.elapsed()))
     }
 
@@ -114,10 +183,10 @@ impl ChunkCodec {
         )?)
     }
 
-    /// Prefills a chunk alone and packs it: what the batch job, the API and store-back store.
+    /// Prefills a chunk and packs it: what the batch job, the API and store-back store.
     /// Returns the object and the prefill time (the chunk's recompute cost).
     pub fn encode(&self, model: &Model, tokens: &[u32]) -> Result<(KvObject, Duration)> {
-        let (cache, took) = Self::prefill(model, tokens)?;
+        let (cache, took) = self.prefill(model, tokens)?;
         Ok((self.to_object(self.key(tokens), tokens, &cache)?, took))
     }
 

@@ -8,13 +8,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvquilt_kvstore::{ChunkKey, KvObject, LayerStream, TierKind, TieredStore};
+use kvquilt_kvstore::{
+    ChunkKey, KvObject, LayerStream, PolicyKind, TierKind, TierStatsSnapshot, TieredStore,
+};
 use kvquilt_model::{KvCache, LayerKv, Model, Rows, Tensor};
 use tokio::runtime::Handle;
 
-use crate::chunk::ChunkCodec;
+use crate::chunk::{ChunkCodec, ChunkEncoding};
 use crate::config::{BlendConfig, Mode};
 use crate::cost::CostModel;
+use crate::device_tier::{DeviceChunk, DeviceTier};
 use crate::error::{Result, invalid};
 use crate::identity::ModelIdentity;
 use crate::recompute::{blend, with_fill};
@@ -42,11 +45,16 @@ pub struct Blender {
     rt: Handle,
     costs: CostModel,
     fallback_to_full: bool,
+    /// Chunk KV resident on the model's device, above the store's tiers; `None`: off.
+    device_tier: Option<Arc<DeviceTier>>,
 }
 
 /// What a request will do for one unique segment.
 #[derive(Debug, Clone, Copy)]
 enum Plan {
+    /// Resident in the device tier.
+    Device,
+    /// Read from the store.
     Load,
     Compute(SegmentSource),
 }
@@ -60,7 +68,12 @@ enum Source {
         /// loading adds to the critical path when reads run ahead of compute).
         busy: Duration,
         bytes: usize,
+        /// The layers read so far, kept when the device tier is on (to make them resident
+        /// after the request).
+        kept: Option<Vec<LayerKv>>,
     },
+    /// Resident in the device tier.
+    Device(DeviceChunk),
     /// Already in memory (computed for this request).
     Memory(KvCache),
 }
@@ -79,7 +92,37 @@ impl Blender {
             rt,
             costs: CostModel::default(),
             fallback_to_full: true,
+            device_tier: None,
         }
+    }
+
+    /// Keeps up to `capacity` bytes of chunk KV resident on the model's device (GPU memory
+    /// under CUDA), evicting by `policy` and honouring the store's pins. Chunks enter after a
+    /// `reuse` or `blend` request has read or computed them; later requests take them from
+    /// there without a store read or a host→device copy. 0 bytes: off.
+    pub fn with_device_tier(mut self, capacity: u64, policy: PolicyKind) -> Self {
+        self.device_tier = (capacity > 0)
+            .then(|| Arc::new(DeviceTier::new(capacity, policy, self.store.pins().clone())));
+        self
+    }
+
+    /// The device tier, when on.
+    pub fn device_tier(&self) -> Option<&DeviceTier> {
+        self.device_tier.as_deref()
+    }
+
+    /// Statistics of every tier a request reads, top first: the device tier (when on), then
+    /// the store's.
+    pub fn tier_stats(&self) -> Vec<TierStatsSnapshot> {
+        let mut all: Vec<_> = self.device_tier.iter().map(|d| d.stats()).collect();
+        all.extend(self.store.stats());
+        all
+    }
+
+    /// Deletes a chunk from the device tier and every store tier; false if none held it.
+    pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let on_device = self.device_tier.as_ref().is_some_and(|d| d.remove(key));
+        Ok(self.store.remove(key).await? || on_device)
     }
 
     /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to
@@ -316,7 +359,7 @@ impl Blender {
                             .iter()
                             .any(|(o, _): &(KvObject, f64)| o.key() == key)
                     {
-                        let (cache, took) = ChunkCodec::prefill(&self.model, seg)?;
+                        let (cache, took) = codec.prefill(&self.model, seg)?;
                         new_objects.push((codec.to_object(*key, seg, &cache)?, took.as_secs_f64()));
                     }
                     out.stats.count(how);
@@ -385,10 +428,12 @@ impl Blender {
                 let seg_len = source_len[i];
                 layer_of.push(match src {
                     Source::Memory(c) => c.layers[l].clone(),
+                    Source::Device(c) => c[l].clone(),
                     Source::Stream {
                         stream,
                         busy,
                         bytes,
+                        kept,
                     } => {
                         let t0 = Instant::now();
                         let b = stream.next_blocking().ok_or_else(|| {
@@ -402,6 +447,9 @@ impl Blender {
                         *bytes += b.len();
                         if l + 1 == layout.num_layers as usize {
                             costs.record_load(stream.tier, *bytes, busy.as_secs_f64());
+                        }
+                        if let Some(kept) = kept {
+                            kept.push(kv.clone());
                         }
                         kv
                     }
@@ -421,7 +469,13 @@ impl Blender {
 
         let (logits, recomputed) = match cfg {
             Some(cfg) => {
-                let roles = roles(&segments, &starts, req.suffix.len(), cfg.chunk_start);
+                let roles = roles(
+                    &segments,
+                    &starts,
+                    req.suffix.len(),
+                    cfg.chunk_start,
+                    codec.encoding(),
+                );
                 let r = blend(&self.model, &tokens, &roles, cfg, &mut cache, &mut fill)?;
                 (r.logits, r.recomputed)
             }
@@ -445,6 +499,7 @@ impl Blender {
         stats.ttft_ms = ms(start);
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, non_suffix);
+        self.make_resident(&plans, sources);
         stats.stored_back = self.store_back(req, new_objects);
         Ok(BlendOutput {
             logits,
@@ -458,6 +513,9 @@ impl Blender {
         let layout = codec.layout();
         let bytes = layout.layer_bytes(seg.len()) * layout.num_layers as usize;
         let recompute_s = self.costs.prefill_s(seg.len());
+        if self.device_tier.as_ref().is_some_and(|d| d.contains(key)) {
+            return (Plan::Device, self.costs.load_s(TierKind::Gpu, bytes));
+        }
         match self.store.locate(key) {
             Some(tier) => {
                 let load_s = self.costs.load_s(tier, bytes);
@@ -483,9 +541,22 @@ impl Blender {
         plan: Plan,
         new_objects: &mut Vec<(KvObject, f64)>,
     ) -> Result<(Source, SegmentSource)> {
+        let device = match plan {
+            Plan::Device => self.device_tier.as_ref().and_then(|d| d.get(&key)),
+            _ => None,
+        };
+        if let Some(chunk) = device {
+            if chunk.first().is_some_and(|l| l.len() == seg.len()) {
+                return Ok((Source::Device(chunk), SegmentSource::Hit(TierKind::Gpu)));
+            }
+            tracing::warn!(%key, "device-tier entry of another length; dropping it");
+            if let Some(d) = &self.device_tier {
+                d.remove(&key);
+            }
+        }
         let how = match plan {
             Plan::Compute(how) => how,
-            Plan::Load => {
+            Plan::Device | Plan::Load => {
                 match self.rt.block_on(self.store.read_layers(&key, READ_AHEAD)) {
                     Ok(Some(stream)) => match codec.check(&stream.info, seg) {
                         Ok(()) => {
@@ -494,6 +565,7 @@ impl Blender {
                                 stream,
                                 busy: Duration::ZERO,
                                 bytes: 0,
+                                kept: self.device_tier.as_ref().map(|_| Vec::new()),
                             };
                             return Ok((source, SegmentSource::Hit(tier)));
                         }
@@ -511,7 +583,7 @@ impl Blender {
                 }
             }
         };
-        let (cache, took) = ChunkCodec::prefill(&self.model, seg)?;
+        let (cache, took) = codec.prefill(&self.model, seg)?;
         self.costs.record_prefill(seg.len(), took.as_secs_f64());
         // a miss, or a bad object the store has dropped: store the good one
         let store = how == SegmentSource::Miss
@@ -520,6 +592,28 @@ impl Blender {
             new_objects.push((codec.to_object(key, seg, &cache)?, took.as_secs_f64()));
         }
         Ok((Source::Memory(cache), how))
+    }
+
+    /// After a request's first token: makes the chunks it read from the store or computed
+    /// resident in the device tier (when on), every layer of each.
+    fn make_resident(&self, plans: &[(ChunkKey, &[u32], Plan)], sources: Vec<Source>) {
+        let Some(tier) = &self.device_tier else {
+            return;
+        };
+        let num_layers = self.model.config().num_layers;
+        for ((key, seg, _), source) in plans.iter().zip(sources) {
+            let layers = match source {
+                Source::Stream {
+                    kept: Some(kept), ..
+                } => kept,
+                Source::Memory(cache) => cache.layers,
+                Source::Stream { kept: None, .. } | Source::Device(_) => continue,
+            };
+            if layers.len() == num_layers {
+                let cost_s = self.costs.prefill_s(seg.len()).unwrap_or(0.0);
+                tier.put(*key, layers, cost_s);
+            }
+        }
     }
 
     /// Stores objects computed by a request (after its first token). A failed store is
@@ -542,16 +636,23 @@ impl Blender {
 }
 
 /// Roles of every prompt token for selection.
-fn roles(segments: &[&[u32]], starts: &[usize], suffix: usize, chunk_start: usize) -> TokenRoles {
+fn roles(
+    segments: &[&[u32]],
+    starts: &[usize],
+    suffix: usize,
+    chunk_start: usize,
+    encoding: &ChunkEncoding,
+) -> TokenRoles {
     let n: usize = segments.iter().map(|s| s.len()).sum::<usize>() + suffix;
     let mut segment = Vec::with_capacity(n);
     let mut forced = Vec::with_capacity(n);
     let mut exact = Vec::with_capacity(n);
     for (i, (seg, &start)) in segments.iter().zip(starts).enumerate() {
+        let is_exact = start == 0 && encoding.exact_at_start(seg);
         for j in 0..seg.len() {
             segment.push(i);
-            forced.push(start > 0 && j < chunk_start);
-            exact.push(start == 0);
+            forced.push(!is_exact && j < chunk_start);
+            exact.push(is_exact);
         }
     }
     for _ in 0..suffix {

@@ -10,23 +10,29 @@ use std::path::Path;
 use kvquilt_kvstore::{Fingerprint, KeyContext, KvDType, KvLayout, RopeScalingSpec};
 use kvquilt_model::{DType, LoadedModel, Model, ModelConfig, RopeScaling};
 
-use crate::chunk::CHUNK_ENCODING;
+use crate::chunk::ChunkEncoding;
 use crate::error::{Result, invalid};
 
 /// The model-side inputs of a chunk key, computed once per loaded model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelIdentity {
     /// Architecture, every config value, the weights' BLAKE3, the compute dtype and the chunk
-    /// encoding ([`CHUNK_ENCODING`]).
+    /// encoding ([`ChunkEncoding::descriptor`]).
     pub model: [u8; 32],
     /// The tokenizer's serialized form (vocabulary, merges, pre-tokenizer, special tokens).
     pub tokenizer: [u8; 32],
     /// Shape and encoding of the KV the model produces.
     pub layout: KvLayout,
+    /// How chunks are prefilled for storage.
+    pub encoding: ChunkEncoding,
+    /// The weights' digest, kept to re-derive `model` under another encoding.
+    weights: [u8; 32],
 }
 
 impl ModelIdentity {
     /// The identity of a loaded model; hashes its weights file(s) once (BLAKE3, ~1 GB/s).
+    /// Chunks are encoded behind the tokenizer's BOS token when it has one
+    /// ([`ChunkEncoding::default_for`]).
     pub fn of(loaded: &LoadedModel) -> Result<Self> {
         let weights = weights_digest(&loaded.path)?;
         let tokenizer = match &loaded.tokenizer {
@@ -46,28 +52,55 @@ impl ModelIdentity {
             }
             None => Fingerprint::new().field("tokenizer", b"none").finish(),
         };
-        Self::from_parts(&loaded.model, &weights, tokenizer)
+        let bos = loaded.tokenizer.as_ref().and_then(|t| t.bos_id());
+        Self::from_parts(
+            &loaded.model,
+            &weights,
+            tokenizer,
+            ChunkEncoding::default_for(bos),
+        )
     }
 
     /// The identity of a model whose weights are named by `weights_id` rather than a file
-    /// (random-weight models in tests and benchmarks: give the seed or shape name).
+    /// (random-weight models in tests and benchmarks: give the seed or shape name). Chunks
+    /// are encoded alone (no tokenizer, no BOS).
     pub fn for_weights(model: &Model, weights_id: &str) -> Result<Self> {
         let weights = *blake3::hash(weights_id.as_bytes()).as_bytes();
         let tokenizer = Fingerprint::new().field("tokenizer", b"none").finish();
-        Self::from_parts(model, &weights, tokenizer)
+        Self::from_parts(model, &weights, tokenizer, ChunkEncoding::Alone)
     }
 
-    fn from_parts(model: &Model, weights: &[u8; 32], tokenizer: [u8; 32]) -> Result<Self> {
+    /// The same model under another chunk encoding (its keys all differ).
+    pub fn with_encoding(self, model: &Model, encoding: ChunkEncoding) -> Result<Self> {
+        if let ChunkEncoding::Sink(s) = &encoding {
+            let vocab = model.config().vocab_size;
+            if s.is_empty() || s.iter().any(|&t| t as usize >= vocab) {
+                return Err(invalid(format!(
+                    "sink tokens {s:?}: need one or more ids below {vocab}"
+                )));
+            }
+        }
+        Self::from_parts(model, &self.weights, self.tokenizer, encoding)
+    }
+
+    fn from_parts(
+        model: &Model,
+        weights: &[u8; 32],
+        tokenizer: [u8; 32],
+        encoding: ChunkEncoding,
+    ) -> Result<Self> {
         let layout = layout_of(model.config(), model.dtype())?;
         let fp = config_fields(Fingerprint::new(), model.config())
             .field("weights.blake3", weights)
             .field("compute_dtype", format!("{:?}", model.dtype()).as_bytes())
-            .field("chunk_encoding", CHUNK_ENCODING.as_bytes())
+            .field("chunk_encoding", encoding.descriptor().as_bytes())
             .finish();
         Ok(Self {
             model: fp,
             tokenizer,
             layout,
+            encoding,
+            weights: *weights,
         })
     }
 

@@ -11,10 +11,13 @@
 //! - Layers stream from the store while earlier layers compute ([`kvquilt_model::Model::run_layers_with`]),
 //!   and a [`CostModel`] chooses between loading and recomputing each chunk so that no
 //!   request is estimated slower than its full prefill.
+//! - A [`DeviceTier`] keeps recently used chunk KV resident on the model's device (GPU
+//!   memory), above the store's host and SSD tiers.
 
 mod chunk;
 mod config;
 mod cost;
+mod device_tier;
 mod engine;
 mod error;
 mod identity;
@@ -24,9 +27,10 @@ mod request;
 pub mod select;
 mod tensor_bytes;
 
-pub use chunk::{CHUNK_ENCODING, ChunkCodec};
+pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, Mode};
 pub use cost::CostModel;
+pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{Blender, Precomputed};
 pub use error::{BlendError, Result};
 pub use identity::{ModelIdentity, layout_of};

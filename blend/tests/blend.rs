@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvquilt_blend::{
-    BlendConfig, BlendRequest, Blender, ChunkCodec, Deviation, Mode, ModelIdentity, SegmentSource,
+    BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, Deviation, Mode, ModelIdentity,
+    SegmentSource,
 };
 use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore, WritePolicy};
 use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load};
@@ -28,8 +29,22 @@ fn setup(loaded: LoadedModel) -> Setup {
 }
 
 fn setup_with(loaded: LoadedModel, fallback: bool) -> Setup {
+    setup_custom(loaded, fallback, None, 0)
+}
+
+/// A blender under `encoding` (the model's default when `None`), with a device tier of
+/// `device_bytes` (0: off).
+fn setup_custom(
+    loaded: LoadedModel,
+    fallback: bool,
+    encoding: Option<ChunkEncoding>,
+    device_bytes: u64,
+) -> Setup {
     let rt = Runtime::new().unwrap();
-    let identity = ModelIdentity::of(&loaded).unwrap();
+    let mut identity = ModelIdentity::of(&loaded).unwrap();
+    if let Some(e) = encoding {
+        identity = identity.with_encoding(&loaded.model, e).unwrap();
+    }
     let store = TieredStore::open(StoreConfig {
         host_capacity: 1 << 30,
         host_policy: PolicyKind::Lru,
@@ -45,7 +60,8 @@ fn setup_with(loaded: LoadedModel, fallback: bool) -> Setup {
         Arc::new(store),
         rt.handle().clone(),
     )
-    .with_fallback_to_full(fallback);
+    .with_fallback_to_full(fallback)
+    .with_device_tier(device_bytes, PolicyKind::Lru);
     Setup { blender, _rt: rt }
 }
 
@@ -95,7 +111,7 @@ fn reuse_by_hand(b: &Blender, segments: &[&[u32]], suffix: &[u32]) -> Tensor {
     let mut parts = Vec::new();
     let mut at = 0;
     for s in segments {
-        let (c, _) = ChunkCodec::prefill(m, s).unwrap();
+        let (c, _) = b.codec(b"").prefill(m, s).unwrap();
         parts.push(c.with_positions(positions(at, s.len())).unwrap());
         at += s.len();
     }
@@ -294,7 +310,7 @@ fn reorder_duplicates_partial_all_hit_all_miss() {
         Mode::Blend(BlendConfig::default()),
     );
     let out = b.run(b"", &r).unwrap();
-    assert_eq!(out.stats.recomputed_tokens, 30);
+    assert_eq!(out.stats.recomputed_tokens, 60);
 }
 
 #[test]
@@ -362,7 +378,7 @@ fn a_stored_object_that_does_not_match_is_recomputed() {
     let codec = b.codec(b"");
     let (a, other, q) = (toks(60, 20, 512), toks(61, 20, 512), toks(62, 5, 512));
     // an object under a's key that holds another chunk's tokens and KV
-    let (cache, _) = ChunkCodec::prefill(b.model(), &other).unwrap();
+    let (cache, _) = codec.prefill(b.model(), &other).unwrap();
     let forged: KvObject = codec.to_object(codec.key(&a), &other, &cache).unwrap();
     s._rt.block_on(b.store().put(forged, 0.0)).unwrap();
     let r = req(vec![], vec![a.clone()], q.clone(), Mode::Reuse);
@@ -459,4 +475,128 @@ fn identity_changes_with_dtype_and_weights_and_keys_with_namespace() {
         ChunkCodec::new(a, b"tenant").key(&toks),
     );
     assert_ne!(k1, k2);
+}
+
+#[test]
+fn sink_encoding_keeps_the_chunk_rows_of_a_prefill_behind_the_sink() {
+    let loaded = tiny("llama");
+    let alone = ModelIdentity::of(&loaded).unwrap();
+    assert_eq!(alone.encoding, ChunkEncoding::Alone, "no tokenizer, no BOS");
+    let s = setup_custom(loaded, false, Some(ChunkEncoding::Sink(vec![1])), 0);
+    let b = &s.blender;
+    let codec = b.codec(b"");
+    let m = b.model();
+    let chunk = toks(70, 23, 512);
+    assert_ne!(chunk[0], 1);
+    // the stored KV is rows 1.. of prefilling [1] ‖ chunk
+    let (got, _) = codec.prefill(m, &chunk).unwrap();
+    let mut want = m.empty_cache().unwrap();
+    m.prefill(&[&[1][..], &chunk].concat(), &positions(0, 24), &mut want)
+        .unwrap();
+    assert_eq!(got.positions, positions(0, 23));
+    for (g, w) in got.layers.iter().zip(&want.layers) {
+        assert_eq!(
+            g.k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            w.k.narrow(0, 1, 23)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+    // the encoding is part of every key
+    assert_ne!(codec.key(&chunk), ChunkCodec::new(alone, b"").key(&chunk));
+    // a chunk that opens with the sink is prefilled alone, so a prompt's first segment that
+    // opens with it is exact: reuse of that one chunk equals full prefill
+    let first = [&[1][..], &toks(71, 30, 512)].concat();
+    let r = req(vec![], vec![first], toks(72, 5, 512), Mode::Reuse);
+    let out = b.run(b"", &r).unwrap();
+    assert_close(&out.logits, &full(b, &r), 1e-5, "opening chunk");
+    // blend at ratio 1 still equals full prefill under this encoding, and a prefix that does
+    // not open with the sink is recomputed rather than taken as exact
+    let r = req(
+        toks(73, 9, 512),
+        vec![chunk.clone(), toks(74, 17, 512)],
+        toks(75, 6, 512),
+        Mode::Blend(BlendConfig::cacheblend(1.0)),
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert_close(&out.logits, &full(b, &r), 1e-4, "blend r=1, sink");
+    let r = with_mode(&r, Mode::Blend(BlendConfig::cacheblend(0.0)));
+    assert_eq!(b.run(b"", &r).unwrap().stats.recomputed_tokens, 0);
+    // bad sinks are refused
+    let m = tiny("llama");
+    let id = ModelIdentity::of(&m).unwrap();
+    assert!(
+        id.clone()
+            .with_encoding(&m.model, ChunkEncoding::Sink(vec![]))
+            .is_err()
+    );
+    assert!(
+        id.with_encoding(&m.model, ChunkEncoding::Sink(vec![100_000]))
+            .is_err()
+    );
+}
+
+#[test]
+fn the_device_tier_serves_repeat_chunks_and_forgets_deleted_ones() {
+    let s = setup_custom(tiny("qwen2"), false, None, 1 << 20);
+    let b = &s.blender;
+    let (p, a, c, q) = (
+        toks(80, 8, 512),
+        toks(81, 30, 512),
+        toks(82, 19, 512),
+        toks(83, 6, 512),
+    );
+    let r = req(
+        p.clone(),
+        vec![a.clone(), c.clone()],
+        q.clone(),
+        Mode::Reuse,
+    );
+    // first: all miss, computed chunks become resident
+    let first = b.run(b"", &r).unwrap();
+    assert_eq!(first.stats.misses, 3);
+    let tier = b.device_tier().expect("device tier on");
+    assert_eq!(tier.stats().objects, 3);
+    // second: every chunk from the device tier, same logits
+    let second = b.run(b"", &r).unwrap();
+    assert_eq!((second.stats.hits_gpu, second.stats.hits_host), (3, 0));
+    assert_eq!(vec1(&second.logits), vec1(&first.logits));
+    // blend reads them the same way, and is exact at ratio 1
+    let rb = with_mode(&r, Mode::Blend(BlendConfig::cacheblend(1.0)));
+    let out = b.run(b"", &rb).unwrap();
+    assert_eq!(out.stats.hits_gpu, 3);
+    assert_close(
+        &out.logits,
+        &full(b, &rb),
+        1e-4,
+        "blend from the device tier",
+    );
+    // chunks read from the host tier become resident too
+    let d = toks(84, 12, 512);
+    b.precompute(b"", &d).unwrap();
+    let r2 = req(p.clone(), vec![d.clone()], q.clone(), Mode::Reuse);
+    let once = b.run(b"", &r2).unwrap().stats;
+    assert_eq!(
+        (once.hits_gpu, once.hits_host),
+        (1, 1),
+        "the prefix resident, d not"
+    );
+    let twice = b.run(b"", &r2).unwrap().stats;
+    assert_eq!((twice.hits_gpu, twice.hits_host), (2, 0));
+    // deleting a chunk drops it from the device tier and the store
+    let key = b.codec(b"").key(&a);
+    assert!(s._rt.block_on(b.remove(&key)).unwrap());
+    assert!(!tier.contains(&key));
+    let third = b.run(b"", &r).unwrap();
+    assert_eq!(third.stats.misses, 1);
+    assert_eq!(vec1(&third.logits), vec1(&first.logits));
+    // a tier too small for a chunk holds nothing and changes no answer
+    let small = setup_custom(tiny("qwen2"), false, None, 64);
+    let out = small.blender.run(b"", &r).unwrap();
+    let out2 = small.blender.run(b"", &r).unwrap();
+    assert_eq!(out2.stats.hits_gpu, 0);
+    assert_eq!(vec1(&out2.logits), vec1(&out.logits));
 }

@@ -309,6 +309,12 @@ impl TieredStore {
         Ok(())
     }
 
+    /// The pins every tier honours (shared with tiers kept outside the store, e.g. blend's
+    /// device tier).
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
     /// Leases `key` in every tier that holds it.
     pub fn lease(&self, key: &ChunkKey) -> Vec<Lease> {
         self.tiers.iter().filter_map(|t| t.lease(key)).collect()

@@ -181,6 +181,12 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
+    /// The beginning-of-sequence token, if the model defines one (whether or not
+    /// [`Tokenizer::encode`] prepends it).
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
     /// Ids that end generation.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids

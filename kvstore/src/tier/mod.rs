@@ -6,7 +6,6 @@
 //! read verifies checksums; a mismatch is counted, logged, the bad object dropped, and the
 //! read answered as a miss: wrong bytes are never handed out.
 
-mod gpu;
 mod host;
 mod ssd;
 
@@ -15,7 +14,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use gpu::{DeviceTier, TransferHandle};
 pub use host::HostTier;
 pub use ssd::{SsdConfig, SsdTier};
 

@@ -17,6 +17,7 @@
 //!
 //! [store]
 //! host_bytes = 2147483648
+//! device_bytes = 4294967296            # chunk KV kept in GPU memory (CUDA devices only)
 //! ssd_bytes = 68719476736
 //!
 //! [[tenants]]
@@ -87,6 +88,9 @@ pub struct Limits {
 pub struct StoreSettings {
     /// Host-memory tier, bytes of KV.
     pub host_bytes: u64,
+    /// Device tier (chunk KV resident in GPU memory), bytes of KV; used only when the model
+    /// runs on a GPU (on the CPU the host tier already holds chunks in memory). 0: off.
+    pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
 }
@@ -126,6 +130,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             host_bytes: 2 << 30,
+            device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
         }
     }

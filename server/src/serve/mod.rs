@@ -28,6 +28,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use kvquilt_blend::{Blender, ModelIdentity};
+use kvquilt_kvstore::PolicyKind;
 use kvquilt_model::ChatTemplate;
 
 use crate::model_source::ModelArgs;
@@ -145,21 +146,28 @@ pub async fn serve(config: Config) -> Result<()> {
     let tokenizer = loaded.tokenizer()?.clone();
     let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     let store = Arc::new(store);
-    let blender = Blender::new(
-        Arc::new(loaded.model),
-        identity,
-        Arc::clone(&store),
-        tokio::runtime::Handle::current(),
+    let on_gpu = !loaded.model.device().is_cpu();
+    let blender = Arc::new(
+        Blender::new(
+            Arc::new(loaded.model),
+            identity,
+            Arc::clone(&store),
+            tokio::runtime::Handle::current(),
+        )
+        .with_device_tier(
+            if on_gpu { config.store.device_bytes } else { 0 },
+            PolicyKind::Lru,
+        ),
     );
     let shared = Arc::new(Shared {
-        blender: Arc::new(blender),
+        blender: Arc::clone(&blender),
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
         model_name,
         tenants: Tenants::from_config(&config),
         limits: config.limits.clone(),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
-        metrics: Metrics::new(Arc::clone(&store)),
+        metrics: Metrics::new(blender),
         started: Instant::now(),
     });
     let counted = shared

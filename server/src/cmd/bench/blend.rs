@@ -1,5 +1,6 @@
 //! `kvquilt bench blend`: time to first token of `full`, `reuse` and `blend` on a RAG-shaped
-//! prompt (a prefix, N chunks, a question) whose chunks are already stored in the host tier.
+//! prompt (a prefix, N chunks, a question) whose chunks are already stored in the host tier,
+//! and, with `--device-tier`, resident in the device tier (GPU memory) instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,10 @@ pub struct BlendBenchArgs {
     /// Token-selection variants of blend (as `kvquilt eval --variants`).
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
+    /// Also time `reuse` and `blend` with the chunks resident in the device tier (the
+    /// warm-up run makes them resident), beside the host-tier rows.
+    #[arg(long)]
+    device_tier: bool,
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -48,6 +53,9 @@ pub struct BlendBenchArgs {
 #[derive(Serialize)]
 struct Row {
     mode: &'static str,
+    /// Where the chunks came from: `host` (host tier, copied to the device layer by layer)
+    /// or `gpu` (resident in the device tier); `-` for full prefill.
+    tier: &'static str,
     /// Blend's token-selection variant.
     variant: Option<String>,
     ratio: Option<f32>,
@@ -92,13 +100,19 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
         write: WritePolicy::WriteThrough,
         promote_on_hit: true,
     })?;
+    let (model, store) = (Arc::new(model), Arc::new(store));
     let blender = Blender::new(
-        Arc::new(model),
-        identity,
-        Arc::new(store),
+        Arc::clone(&model),
+        identity.clone(),
+        Arc::clone(&store),
         rt.handle().clone(),
     )
     .with_fallback_to_full(false);
+    let resident = a.device_tier.then(|| {
+        Blender::new(model, identity, store, rt.handle().clone())
+            .with_fallback_to_full(false)
+            .with_device_tier(u64::MAX, PolicyKind::Lru)
+    });
     let vocab = blender.model().config().vocab_size as u64;
     let all = pseudo_tokens(
         a.prefix_tokens + a.chunks * a.chunk_tokens + a.suffix_tokens,
@@ -115,16 +129,25 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
     for seg in base.segments() {
         blender.precompute(b"", seg)?;
     }
-    let mut modes = vec![(Mode::Full, None, None), (Mode::Reuse, None, None)];
+    let mut reusing = vec![(Mode::Reuse, None, None)];
     for v in &a.variants {
         for &r in &a.ratios {
             let cfg = crate::cmd::eval::presets::preset(v, r)?;
-            modes.push((Mode::Blend(cfg), Some(r), Some(v.clone())));
+            reusing.push((Mode::Blend(cfg), Some(r), Some(v.clone())));
         }
+    }
+    let mut modes = vec![(&blender, "-", Mode::Full, None, None)];
+    modes.extend(
+        reusing
+            .iter()
+            .map(|(m, r, v)| (&blender, "host", m.clone(), *r, v.clone())),
+    );
+    if let Some(b) = &resident {
+        modes.extend(reusing.into_iter().map(|(m, r, v)| (b, "gpu", m, r, v)));
     }
     let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
     let mut rows: Vec<Row> = Vec::new();
-    for (mode, ratio, variant) in modes {
+    for (blender, tier, mode, ratio, variant) in modes {
         let req = BlendRequest {
             mode: mode.clone(),
             ..base.clone()
@@ -141,13 +164,15 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
         }
         let m = median(&runs);
         eprintln!(
-            "{:<6} {:<10} {:>5}: TTFT median {m:.1} ms",
+            "{:<6} {:<4} {:<10} {:>5}: TTFT median {m:.1} ms",
             mode.name(),
+            tier,
             variant.as_deref().unwrap_or(""),
             ratio.map_or(String::new(), |r| r.to_string())
         );
         rows.push(Row {
             mode: mode.name(),
+            tier,
             variant,
             ratio,
             ttft_ms_median: m,

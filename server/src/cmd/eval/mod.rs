@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
-use kvquilt_blend::{Blender, Mode, ModelIdentity};
+use kvquilt_blend::{Blender, ChunkEncoding, Mode, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
 use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
 use serde::Serialize;
@@ -53,6 +53,10 @@ pub struct Args {
     /// gradual, perchunk, query, qspan, qchunk, vchunk, mixed, kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
+    /// How chunks are prefilled for storage: `auto` (the model's default: behind its BOS
+    /// token when it has one), `alone` (CacheBlend's encoding), or `sink` (behind the BOS).
+    #[arg(long, default_value = "auto")]
+    chunk_encoding: String,
     /// Most answer tokens to decode.
     #[arg(long, default_value_t = 24)]
     max_tokens: usize,
@@ -132,6 +136,8 @@ struct Report {
     model: String,
     task: String,
     device: String,
+    /// How chunks were prefilled for storage ([`kvquilt_blend::ChunkEncoding::descriptor`]).
+    chunk_encoding: String,
     prompt_tokens_median: f64,
     rows: Vec<Row>,
     details: Vec<Detail>,
@@ -220,6 +226,17 @@ pub fn run(a: Args) -> Result<()> {
     let loaded = a.model.load()?;
     let tokenizer = loaded.tokenizer()?.clone();
     let identity = ModelIdentity::of(&loaded)?;
+    let encoding = match a.chunk_encoding.as_str() {
+        "auto" => identity.encoding.clone(),
+        "alone" => ChunkEncoding::Alone,
+        "sink" => match tokenizer.bos_id() {
+            Some(bos) => ChunkEncoding::Sink(vec![bos]),
+            None => bail!("--chunk-encoding sink: the model's tokenizer has no BOS token"),
+        },
+        other => bail!("unknown chunk encoding `{other}` (expected auto, alone or sink)"),
+    };
+    let identity = identity.with_encoding(&loaded.model, encoding)?;
+    let chunk_encoding = identity.encoding.descriptor();
     let model_name = loaded
         .path
         .file_name()
@@ -358,6 +375,7 @@ pub fn run(a: Args) -> Result<()> {
         model: model_name,
         task: a.task.clone(),
         device: a.model.device.clone(),
+        chunk_encoding,
         prompt_tokens_median: median(&prompt_tokens),
         rows,
         details,
@@ -372,8 +390,8 @@ pub fn run(a: Args) -> Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}",
-        r.task, r.examples, r.prompt_tokens_median, r.model, r.device
+        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}, chunks {}",
+        r.task, r.examples, r.prompt_tokens_median, r.model, r.device, r.chunk_encoding
     );
     println!(
         "| mode | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL | answer agreement | TTFT median ms | speed-up | recomputed |"

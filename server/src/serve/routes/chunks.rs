@@ -162,7 +162,7 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let key = Shared::parse_id(&id)?;
     s.require_owned(&tenant, &key).await?;
-    if !s.blender.store().remove(&key).await? {
+    if !s.blender.remove(&key).await? {
         return Err(unknown_chunk(&key));
     }
     tenant.forget(&key);

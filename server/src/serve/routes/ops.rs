@@ -32,7 +32,7 @@ pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::J
     axum::Json(json!({
         "model": s.model_name,
         "uptime_s": s.started.elapsed().as_secs_f64(),
-        "tiers": s.blender.store().stats(),
+        "tiers": s.blender.tier_stats(),
         "pool": {
             "workers": s.limits.workers,
             "running": s.pool.running(),
