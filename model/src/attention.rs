@@ -4,7 +4,9 @@
 //! (`num_heads × block × keys`) stays within a fixed element budget whatever the sequence
 //! length. Because key positions are strictly increasing, a block whose largest query
 //! position is `p` only needs the keys up to the last one at a position `<= p`; the mask is
-//! needed only for keys past the block's smallest query position. The plan (blocks, key
+//! needed only for keys past the block's smallest query position. A block also spans at most
+//! `block` positions, so sparse queries (blend's selected tokens) waste no more masked
+//! scores per query than contiguous ones: at most `block` keys past a query's own position. The plan (blocks, key
 //! ranges, masks) depends on positions alone, so it is built once per forward call and
 //! reused by every layer.
 
@@ -63,7 +65,9 @@ impl AttentionPlan {
         let mut blocks = Vec::new();
         let mut q_start = 0;
         while q_start < q_pos.len() {
-            let q_end = (q_start + block).min(q_pos.len());
+            let limit = (q_start + block).min(q_pos.len());
+            let span_end = q_pos[q_start].saturating_add(block as u32);
+            let q_end = q_start + q_pos[q_start..limit].partition_point(|&p| p < span_end);
             let (lo, hi) = (q_pos[q_start], q_pos[q_end - 1]);
             let k_len = k_pos.partition_point(|&p| p <= hi);
             // keys 0..k_free are at positions <= lo, visible to every query of the block
@@ -235,6 +239,16 @@ mod tests {
         let want = naive(&q, &k, &v, &qp, &kp);
         for budget in [1, 50, 200, 10_000] {
             let plan = AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev)?;
+            // a block holds at most `block` queries within `block` positions
+            let block = (budget / (h * kp.len())).clamp(1, qp.len());
+            for b in &plan.blocks {
+                assert!(b.q_end - b.q_start <= block);
+                assert!((qp[b.q_end - 1] - qp[b.q_start]) < block as u32);
+            }
+            if budget == 200 {
+                let starts: Vec<usize> = plan.blocks.iter().map(|b| b.q_start).collect();
+                assert_eq!(starts, vec![0, 1, 3], "positions 2 | 6 7 | 11 12");
+            }
             let probe = ProbeRequest { rows: vec![4, 0] };
             let (got, probs) = attend(&plan, &q, &k, &v, Some(&probe))?;
             let got = got.to_vec2::<f32>()?;
