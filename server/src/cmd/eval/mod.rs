@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
-use kvquilt_blend::{Blender, ChunkEncoding, Mode, ModelIdentity};
+use kvquilt_blend::{Blender, ChunkCodec, ChunkEncoding, Mode, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
 use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
 use serde::Serialize;
@@ -54,7 +54,9 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
     /// How chunks are prefilled for storage: `auto` (the model's default: behind its BOS
-    /// token when it has one), `alone` (CacheBlend's encoding), or `sink` (behind the BOS).
+    /// token when it has one), `alone` (CacheBlend's encoding), `sink` (behind the BOS), or
+    /// `prefix` (behind the whole RAG prefix: system message and instruction, which every
+    /// evaluated prompt shares).
     #[arg(long, default_value = "auto")]
     chunk_encoding: String,
     /// Most answer tokens to decode.
@@ -233,7 +235,17 @@ pub fn run(a: Args) -> Result<()> {
             Some(bos) => ChunkEncoding::Sink(vec![bos]),
             None => bail!("--chunk-encoding sink: the model's tokenizer has no BOS token"),
         },
-        other => bail!("unknown chunk encoding `{other}` (expected auto, alone or sink)"),
+        "prefix" => {
+            let prompt = RagPrompt {
+                system: DEFAULT_SYSTEM.into(),
+                instruction: DEFAULT_INSTRUCTION.into(),
+                documents: Vec::new(),
+                question: String::new(),
+                answer_hint: String::new(),
+            };
+            ChunkEncoding::Sink(ChunkCodec::tokenize(&tokenizer, &prompt.prefix_text())?)
+        }
+        other => bail!("unknown chunk encoding `{other}` (expected auto, alone, sink or prefix)"),
     };
     let identity = identity.with_encoding(&loaded.model, encoding)?;
     let chunk_encoding = identity.encoding.descriptor();
