@@ -131,7 +131,7 @@ impl ChunkCodec {
     }
 
     pub fn encoding(&self) -> &ChunkEncoding {
-        &self.identity.encoding
+        self.identity.encoding()
     }
 
     /// Positions `0..len`: where a stored chunk's KV sits until blending moves it.

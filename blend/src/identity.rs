@@ -23,8 +23,9 @@ pub struct ModelIdentity {
     pub tokenizer: [u8; 32],
     /// Shape and encoding of the KV the model produces.
     pub layout: KvLayout,
-    /// How chunks are prefilled for storage.
-    pub encoding: ChunkEncoding,
+    /// How chunks are prefilled for storage; private so that it cannot drift from `model`
+    /// (change it with [`ModelIdentity::with_encoding`]).
+    encoding: ChunkEncoding,
     /// The weights' digest, kept to re-derive `model` under another encoding.
     weights: [u8; 32],
 }
@@ -68,6 +69,11 @@ impl ModelIdentity {
         let weights = *blake3::hash(weights_id.as_bytes()).as_bytes();
         let tokenizer = Fingerprint::new().field("tokenizer", b"none").finish();
         Self::from_parts(model, &weights, tokenizer, ChunkEncoding::Alone)
+    }
+
+    /// How chunks are prefilled for storage (folded into `model`).
+    pub fn encoding(&self) -> &ChunkEncoding {
+        &self.encoding
     }
 
     /// The same model under another chunk encoding (its keys all differ).

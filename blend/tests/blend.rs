@@ -481,7 +481,11 @@ fn identity_changes_with_dtype_and_weights_and_keys_with_namespace() {
 fn sink_encoding_keeps_the_chunk_rows_of_a_prefill_behind_the_sink() {
     let loaded = tiny("llama");
     let alone = ModelIdentity::of(&loaded).unwrap();
-    assert_eq!(alone.encoding, ChunkEncoding::Alone, "no tokenizer, no BOS");
+    assert_eq!(
+        alone.encoding(),
+        &ChunkEncoding::Alone,
+        "no tokenizer, no BOS"
+    );
     let s = setup_custom(loaded, false, Some(ChunkEncoding::Sink(vec![1])), 0);
     let b = &s.blender;
     let codec = b.codec(b"");

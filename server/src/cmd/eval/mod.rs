@@ -229,7 +229,7 @@ pub fn run(a: Args) -> Result<()> {
     let tokenizer = loaded.tokenizer()?.clone();
     let identity = ModelIdentity::of(&loaded)?;
     let encoding = match a.chunk_encoding.as_str() {
-        "auto" => identity.encoding.clone(),
+        "auto" => identity.encoding().clone(),
         "alone" => ChunkEncoding::Alone,
         "sink" => match tokenizer.bos_id() {
             Some(bos) => ChunkEncoding::Sink(vec![bos]),
@@ -248,7 +248,7 @@ pub fn run(a: Args) -> Result<()> {
         other => bail!("unknown chunk encoding `{other}` (expected auto, alone, sink or prefix)"),
     };
     let identity = identity.with_encoding(&loaded.model, encoding)?;
-    let chunk_encoding = identity.encoding.descriptor();
+    let chunk_encoding = identity.encoding().descriptor();
     let model_name = loaded
         .path
         .file_name()
