@@ -124,6 +124,12 @@ impl KvLayout {
         2 * self.tensor_bytes(tokens)
     }
 
+    /// Bytes of every layer's K and V for `tokens` tokens, uncompressed: what an object of
+    /// that many tokens decodes to (quotas and cost estimates count this).
+    pub fn object_bytes(&self, tokens: usize) -> u64 {
+        self.layer_bytes(tokens) as u64 * self.num_layers as u64
+    }
+
     /// Checks that the numbers can describe real KV.
     pub fn validate(&self) -> Result<()> {
         if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {

@@ -58,7 +58,7 @@ pub struct ObjectInfo {
 impl ObjectInfo {
     /// Bytes of K‖V over all layers, decoded.
     pub fn raw_len(&self) -> u64 {
-        self.layout.layer_bytes(self.tokens.len()) as u64 * self.layout.num_layers as u64
+        self.layout.object_bytes(self.tokens.len())
     }
 }
 

@@ -42,6 +42,28 @@ pub struct StoreConfig {
     pub promote_on_hit: bool,
 }
 
+impl StoreConfig {
+    /// Host memory only (`capacity` bytes, LRU), write-through, promoting hits.
+    pub fn host_only(capacity: u64) -> Self {
+        Self {
+            host_capacity: capacity,
+            host_policy: PolicyKind::Lru,
+            ssd: None,
+            write: WritePolicy::WriteThrough,
+            promote_on_hit: true,
+        }
+    }
+
+    /// Host memory (`host_capacity` bytes, LRU) above an SSD tier, write-through, promoting
+    /// hits.
+    pub fn with_ssd(host_capacity: u64, ssd: SsdConfig) -> Self {
+        Self {
+            ssd: Some(ssd),
+            ..Self::host_only(host_capacity)
+        }
+    }
+}
+
 /// A hit: what the object holds and which tier answered.
 #[derive(Debug, Clone)]
 pub struct Found {

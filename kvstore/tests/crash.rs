@@ -15,11 +15,8 @@ const TOKENS: usize = 48;
 
 fn config(dir: &std::path::Path) -> SsdConfig {
     SsdConfig {
-        path: dir.to_path_buf(),
-        capacity: u64::MAX,
-        policy: PolicyKind::Lru,
         codec: Codec::Lz4,
-        sync_writes: true,
+        ..SsdConfig::new(dir, u64::MAX)
     }
 }
 

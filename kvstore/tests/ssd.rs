@@ -11,11 +11,8 @@ use kvquilt_kvstore::{
 
 fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
     SsdConfig {
-        path: dir.to_path_buf(),
-        capacity,
-        policy: PolicyKind::Lru,
         codec,
-        sync_writes: true,
+        ..SsdConfig::new(dir, capacity)
     }
 }
 

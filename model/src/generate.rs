@@ -61,7 +61,7 @@ pub fn generate_greedy(
 ) -> Result<Generation> {
     let start = Instant::now();
     let mut cache = model.empty_cache()?;
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let positions = crate::kv::positions(0, prompt.len());
     let logits = model.prefill(prompt, &positions, &mut cache)?;
     let ttft = start.elapsed();
     continue_greedy(model, cache, logits, opts, ttft, &mut on_token)

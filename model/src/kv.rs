@@ -12,6 +12,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Result, invalid_input};
 
+/// The absolute positions `start..start + len`: a segment of `len` tokens placed at `start`.
+pub fn positions(start: usize, len: usize) -> Vec<u32> {
+    (start as u32..(start + len) as u32).collect()
+}
+
 /// One layer's keys (pre-RoPE) and values, `[tokens, num_kv_heads, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerKv {

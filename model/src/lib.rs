@@ -17,8 +17,7 @@
 //! let m = load(std::path::Path::new("model.gguf"), &Device::Cpu, default_dtype(&Device::Cpu))?;
 //! let ids = m.tokenizer()?.encode("The capital of France is")?;
 //! let mut cache = m.model.empty_cache()?;
-//! let positions: Vec<u32> = (0..ids.len() as u32).collect();
-//! let logits = m.model.prefill(&ids, &positions, &mut cache)?; // [vocab], f32
+//! let logits = m.model.prefill(&ids, &kvquilt_model::positions(0, ids.len()), &mut cache)?; // [vocab], f32
 //! # let _ = logits; Ok(()) }
 //! ```
 
@@ -47,7 +46,7 @@ pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,
     top_logprobs,
 };
-pub use kv::{KvCache, LayerKv, replacement_index};
+pub use kv::{KvCache, LayerKv, positions, replacement_index};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};
 pub use tokenizer::Tokenizer;

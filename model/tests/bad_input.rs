@@ -97,7 +97,7 @@ fn prompt_longer_than_context() {
     let m = common::tiny("llama");
     let ctx = m.model.config().context_length;
     let toks = vec![1u32; ctx + 1];
-    let pos: Vec<u32> = (0..toks.len() as u32).collect();
+    let pos = kvquilt_model::positions(0, toks.len());
     let mut cache = m.model.empty_cache().unwrap();
     let e = m.model.prefill(&toks, &pos, &mut cache).unwrap_err();
     assert!(

@@ -5,26 +5,17 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kvquilt_kvstore::{Codec, PolicyKind, SsdConfig, StoreConfig, TieredStore, WritePolicy};
+use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
 
 /// Opens (or creates) the store of `data_dir`.
 pub fn open_store(data_dir: &Path, host_bytes: u64, ssd_bytes: u64) -> Result<TieredStore> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let path = data_dir.join("store");
-    TieredStore::open(StoreConfig {
-        host_capacity: host_bytes,
-        host_policy: PolicyKind::Lru,
-        ssd: Some(SsdConfig {
-            path: path.clone(),
-            capacity: ssd_bytes,
-            policy: PolicyKind::Lru,
-            codec: Codec::Raw,
-            sync_writes: true,
-        }),
-        write: WritePolicy::WriteThrough,
-        promote_on_hit: true,
-    })
+    TieredStore::open(StoreConfig::with_ssd(
+        host_bytes,
+        SsdConfig::new(path.clone(), ssd_bytes),
+    ))
     .with_context(|| {
         format!(
             "opening the store at {} (only one kvquilt process can use a data directory at a time)",

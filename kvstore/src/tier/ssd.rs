@@ -55,6 +55,19 @@ pub struct SsdConfig {
     pub sync_writes: bool,
 }
 
+impl SsdConfig {
+    /// A durable tier at `path`: LRU, raw codec, synced writes.
+    pub fn new(path: impl Into<PathBuf>, capacity: u64) -> Self {
+        Self {
+            path: path.into(),
+            capacity,
+            policy: PolicyKind::Lru,
+            codec: Codec::Raw,
+            sync_writes: true,
+        }
+    }
+}
+
 /// What the `meta` column family records per object.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Meta {

@@ -66,7 +66,7 @@ pub fn reference(name: &str) -> Reference {
 }
 
 pub fn positions(n: usize) -> Vec<u32> {
-    (0..n as u32).collect()
+    kvquilt_model::positions(0, n)
 }
 
 /// Largest absolute difference between two tensors, and the largest magnitude of `b`.

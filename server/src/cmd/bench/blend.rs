@@ -93,13 +93,7 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
         }
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let store = TieredStore::open(StoreConfig {
-        host_capacity: 64 << 30,
-        host_policy: PolicyKind::Lru,
-        ssd: None,
-        write: WritePolicy::WriteThrough,
-        promote_on_hit: true,
-    })?;
+    let store = TieredStore::open(StoreConfig::host_only(64 << 30))?;
     let (model, store) = (Arc::new(model), Arc::new(store));
     let blender = Blender::new(
         Arc::clone(&model),

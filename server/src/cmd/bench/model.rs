@@ -72,7 +72,7 @@ pub fn run(a: ModelBenchArgs) -> Result<()> {
     let mut prefill = Vec::new();
     for &n in &a.tokens {
         let toks = pseudo_tokens(n, vocab);
-        let pos: Vec<u32> = (0..n as u32).collect();
+        let pos = kvquilt_model::positions(0, n);
         let runs = timed(a.repeats, || {
             let mut cache = model.empty_cache()?;
             model.prefill(&toks, &pos, &mut cache)?;
@@ -91,7 +91,7 @@ pub fn run(a: ModelBenchArgs) -> Result<()> {
         });
     }
     let ctx = pseudo_tokens(a.decode_context, vocab);
-    let pos: Vec<u32> = (0..ctx.len() as u32).collect();
+    let pos = kvquilt_model::positions(0, ctx.len());
     let mut base = model.empty_cache()?;
     model.prefill(&ctx, &pos, &mut base)?;
     let steps = a.decode.max(1);

@@ -165,7 +165,7 @@ pub fn run(a: StoreBenchArgs) -> Result<()> {
 }
 
 async fn run_in(a: &StoreBenchArgs, dir: &Path) -> Result<StoreBenchReport> {
-    let per_token = layout().layer_bytes(1) as u64 * layout().num_layers as u64;
+    let per_token = layout().object_bytes(1);
     let mut sizes = Vec::new();
     for (i, &mib) in a.sizes_mib.iter().enumerate() {
         let tokens = ((mib as u64) << 20).div_ceil(per_token) as usize;
@@ -220,13 +220,7 @@ async fn run_in(a: &StoreBenchArgs, dir: &Path) -> Result<StoreBenchReport> {
         let ssd_dir = dir.join(format!("ssd-{mib}"));
         let _ = std::fs::remove_dir_all(&ssd_dir);
         let ssd = SsdTier::open(
-            SsdConfig {
-                path: ssd_dir.clone(),
-                capacity: u64::MAX,
-                policy: PolicyKind::Lru,
-                codec: Codec::Raw,
-                sync_writes: true,
-            },
+            SsdConfig::new(ssd_dir.clone(), u64::MAX),
             Pins::default(),
         )?;
         let ssd_put = time_async(a.repeats, || async {

@@ -253,13 +253,9 @@ pub fn run(a: Args) -> Result<()> {
         .path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let store = TieredStore::open(StoreConfig {
-        host_capacity: (a.host_gib * (1u64 << 30) as f64) as u64,
-        host_policy: PolicyKind::Lru,
-        ssd: None,
-        write: WritePolicy::WriteThrough,
-        promote_on_hit: true,
-    })?;
+    let store = TieredStore::open(StoreConfig::host_only(
+        (a.host_gib * (1u64 << 30) as f64) as u64,
+    ))?;
     let model = Arc::new(loaded.model);
     // Each row measures its mode as asked: no fallback to full prefill.
     let blender = Blender::new(

@@ -215,9 +215,8 @@ pub fn run(a: Args) -> Result<()> {
                             if stored {
                                 computed.fetch_add(1, Ordering::SeqCst);
                                 tokens_computed.fetch_add(u.tokens.len() as u64, Ordering::SeqCst);
-                                let b =
-                                    layout.layer_bytes(u.tokens.len()) * layout.num_layers as usize;
-                                bytes_written.fetch_add(b as u64, Ordering::SeqCst);
+                                let b = layout.object_bytes(u.tokens.len());
+                                bytes_written.fetch_add(b, Ordering::SeqCst);
                             } else {
                                 skipped.fetch_add(1, Ordering::SeqCst);
                             }

@@ -93,7 +93,7 @@ pub async fn create(
 
 /// Decoded KV bytes of a chunk of `tokens` tokens (what quotas count).
 pub fn object_bytes(layout: &KvLayout, tokens: usize) -> u64 {
-    layout.layer_bytes(tokens) as u64 * layout.num_layers as u64
+    layout.object_bytes(tokens)
 }
 
 /// Refuses a write that would take `tenant` past its quota.
