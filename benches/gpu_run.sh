@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine through the `device` tool (see BENCHMARKS.md for the exact calls).
-# Expects the GPU build of kvquilt at .devbin/kvquilt and, for the SmolLM2 quality runs, the
-# default model's GGUF at $KVQ_MODEL. Writes JSON reports under $OUT.
+# Expects the GPU build of kvquilt at .devbin/kvquilt with the harness binary beside it
+# (.devbin/kvquilt-bench: `kvquilt bench` and `kvquilt eval` run it) and, for the SmolLM2
+# quality runs, the default model's GGUF at $KVQ_MODEL. Writes JSON reports under $OUT.
 #
 #   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)

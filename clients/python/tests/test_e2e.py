@@ -1,48 +1,28 @@
 """End-to-end tests against a running `kvquilt serve` (started by the Rust integration test
-`server/tests/python_clients.rs`, which passes KVQUILT_URL and KVQUILT_TOKEN)."""
+`tests/python_clients.rs`, which passes KVQUILT_URL and KVQUILT_TOKEN)."""
 
+import importlib.util
 import os
+import pathlib
 
 import openai
 import pytest
-import hashlib
-import math
-import re
-
-from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from kvquilt import Client, KvquiltError
 from kvquilt.langchain import CHUNK_ID, ChatKvquilt, KvquiltRetriever, rag_chain
 
+# the README's example: its passages and embedding serve these tests too
+_EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "langchain_rag.py"
+_spec = importlib.util.spec_from_file_location("langchain_rag", _EXAMPLE)
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+PASSAGES = example.PASSAGES
+HashedBagOfWords = example.HashedBagOfWords
+
 URL = os.environ.get("KVQUILT_URL", "")
 TOKEN = os.environ.get("KVQUILT_TOKEN", "")
 pytestmark = pytest.mark.skipif(not URL, reason="needs a running kvquilt (KVQUILT_URL)")
-
-PASSAGES = [
-    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911.",
-    "Quenmoor is a fishing town on the northern coast, known for its grey stone houses.",
-    "The secret number is 4817. Nobody in Quenmoor knows who chose it.",
-    "Bicycles were first sold in Quenmoor in 1899 by a merchant named Ada Pell.",
-]
-
-
-class HashedBagOfWords(Embeddings):
-    """A deterministic embedding: words hashed into 256 buckets, L2-normalised."""
-
-    def _embed(self, text):
-        v = [0.0] * 256
-        for w in re.findall(r"[a-z0-9]+", text.lower()):
-            v[int(hashlib.blake2b(w.encode(), digest_size=4).hexdigest(), 16) % 256] += 1.0
-        n = math.sqrt(sum(x * x for x in v)) or 1.0
-        return [x / n for x in v]
-
-    def embed_documents(self, texts):
-        return [self._embed(t) for t in texts]
-
-    def embed_query(self, text):
-        return self._embed(text)
-
 
 @pytest.fixture(scope="module")
 def client():
@@ -123,3 +103,11 @@ def test_client_errors(client):
     with pytest.raises(KvquiltError) as e:
         client.blend("q?", [{"id": "00" * 32}])
     assert e.value.status == 404 and e.value.code == "unknown_chunk"
+
+
+def test_readme_example_runs():
+    """The example the package README points to (examples/langchain_rag.py) works as written."""
+    out = example.run(URL, TOKEN, "What is the secret number? Answer with the number only.")
+    assert out["answer"].strip(), out
+    assert out["stats"]["misses"] == 0  # the second ask hits every document
+    assert len(out["documents"]) == 2

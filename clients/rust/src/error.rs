@@ -6,8 +6,11 @@ pub enum Error {
     /// The server refused the request; `code` is the API's stable error code.
     #[error("kvquilt API error {status} ({code}): {message}")]
     Api {
+        /// The HTTP status (200 for an error event inside a stream).
         status: u16,
+        /// The stable machine-readable code (`unknown_chunk`, ...).
         code: String,
+        /// The sentence naming the problem.
         message: String,
     },
     /// The request did not complete (connection, timeout, ...).

@@ -14,20 +14,28 @@
 //!
 //! Every API error arrives as [`Error::Api`] with the server's status, code and message.
 
+#![warn(missing_docs)]
+
 mod error;
-mod types;
 
 pub use error::Error;
-pub use types::*;
+/// The wire format the server shares (every body, the error shape, the route list).
+pub use kvquilt_api as api;
+pub use kvquilt_api::openai::{
+    AssistantMessage, ChatChoice, ChatMessage, ChatRequest, ChatResponse, CommonFields,
+    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelList, Stop, Usage,
+};
+pub use kvquilt_api::{
+    BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkOutcome, ChunkRef, ChunkStatus,
+    Health, Layout, ModeSpec, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
+    SegmentSource, Stats, Tier, TokenLogprob,
+};
 
 use bytes::Bytes;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-
-/// Media type of a KV object.
-pub const OBJECT_MEDIA_TYPE: &str = "application/vnd.kvquilt.kv-object";
 
 /// A kvquilt server.
 #[derive(Debug, Clone)]
@@ -81,21 +89,22 @@ impl Client {
     }
 
     /// `GET /health`.
-    pub async fn health(&self) -> Result<Value, Error> {
+    pub async fn health(&self) -> Result<Health, Error> {
         self.json(self.request(Method::GET, "/health")).await
     }
 
     /// `GET /v1/models`: the served model's id.
     pub async fn model(&self) -> Result<String, Error> {
-        let v: Value = self.json(self.request(Method::GET, "/v1/models")).await?;
-        v["data"][0]["id"]
-            .as_str()
-            .map(str::to_string)
+        let list: ModelList = self.json(self.request(Method::GET, "/v1/models")).await?;
+        list.data
+            .into_iter()
+            .next()
+            .map(|m| m.id)
             .ok_or_else(|| Error::Decode("no model in /v1/models".into()))
     }
 
     /// `GET /v1/stats`.
-    pub async fn stats(&self) -> Result<Value, Error> {
+    pub async fn stats(&self) -> Result<Stats, Error> {
         self.json(self.request(Method::GET, "/v1/stats")).await
     }
 
@@ -114,8 +123,10 @@ impl Client {
 
     /// `POST /v1/chunks`: precompute and store chunks (hits cost a lookup).
     pub async fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<PutChunksResponse, Error> {
-        self.post("/v1/chunks", &serde_json::json!({ "chunks": chunks }))
-            .await
+        let body = PutChunksRequest {
+            chunks: chunks.to_vec(),
+        };
+        self.post("/v1/chunks", &body).await
     }
 
     /// `GET /v1/chunks/{id}`; `None` when the id is unknown (to this tenant).
@@ -190,8 +201,8 @@ impl Client {
     /// `POST /v1/chat/completions` with `stream: true`: the content pieces in order, and the
     /// final chunk (finish reason, usage, stats).
     pub async fn chat_stream(&self, req: &ChatRequest) -> Result<(Vec<String>, Value), Error> {
-        let mut body = serde_json::to_value(req).map_err(|e| Error::Decode(e.to_string()))?;
-        body["stream"] = Value::Bool(true);
+        let mut body = req.clone();
+        body.common.stream = true;
         let resp = check(
             self.request(Method::POST, "/v1/chat/completions")
                 .json(&body)

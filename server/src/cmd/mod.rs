@@ -1,7 +1,5 @@
-//! One module per subcommand.
+//! One module per subcommand (`serve` has its own module, [`crate::serve`]).
 
-pub mod bench;
-pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod precompute;

@@ -5,8 +5,10 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use kvquilt_api::{ErrorBody, ErrorDetail};
 use kvquilt_blend::BlendError;
-use serde_json::json;
+use kvquilt_kvstore::StoreError;
+use kvquilt_model::ModelError;
 
 /// A failed request: status, a stable machine-readable code, and a message for people.
 #[derive(Debug)]
@@ -55,8 +57,13 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
-        let body =
-            json!({"error": {"message": self.message, "type": self.kind(), "code": self.code}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.kind().to_string(),
+                code: self.code.to_string(),
+            },
+        };
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
@@ -68,19 +75,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+// Errors map by their innermost cause: a store or model error gets the same status whether
+// the store, the model or the blend engine reports it (`error::tests` pins this).
+
 impl From<BlendError> for ApiError {
     fn from(e: BlendError) -> Self {
         match e {
+            BlendError::Store(s) => s.into(),
+            BlendError::Model(m) => m.into(),
             BlendError::Invalid(m) => Self::bad_request("invalid_request", m),
             BlendError::Mismatch { .. } => Self::bad_request("object_mismatch", e.to_string()),
-            other => Self::internal(other.to_string()),
+            BlendError::Io(_) => Self::internal(e.to_string()),
         }
     }
 }
 
-impl From<kvquilt_kvstore::StoreError> for ApiError {
-    fn from(e: kvquilt_kvstore::StoreError) -> Self {
-        use kvquilt_kvstore::StoreError as S;
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        use StoreError as S;
         match e {
             S::Corrupt(_) | S::Checksum { .. } => {
                 Self::bad_request("corrupt_object", e.to_string())
@@ -92,19 +104,83 @@ impl From<kvquilt_kvstore::StoreError> for ApiError {
                 "store_full",
                 e.to_string(),
             ),
-            other => Self::internal(other.to_string()),
+            S::Io { .. } | S::Db { .. } => Self::internal(e.to_string()),
         }
     }
 }
 
-impl From<kvquilt_model::ModelError> for ApiError {
-    fn from(e: kvquilt_model::ModelError) -> Self {
-        Self::internal(e.to_string())
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        use ModelError as M;
+        match e {
+            M::InvalidInput(_) | M::ContextOverflow { .. } => {
+                Self::bad_request("invalid_request", e.to_string())
+            }
+            M::Tokenizer(_) | M::ChatTemplate(_) => {
+                Self::bad_request("invalid_input_text", e.to_string())
+            }
+            M::Io { .. }
+            | M::InvalidGguf { .. }
+            | M::InvalidModel { .. }
+            | M::UnsupportedArchitecture(_)
+            | M::Fetch(_)
+            | M::Candle(_) => Self::internal(e.to_string()),
+        }
     }
 }
 
 impl From<kvquilt_model::CandleError> for ApiError {
     fn from(e: kvquilt_model::CandleError) -> Self {
         Self::internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_room() -> StoreError {
+        StoreError::NoRoom {
+            tier: "host".into(),
+            needed: 10,
+            available: 0,
+            capacity: 5,
+        }
+    }
+
+    #[test]
+    fn a_cause_gets_one_status_whichever_layer_reports_it() {
+        let cases: Vec<(ApiError, ApiError)> = vec![
+            (no_room().into(), BlendError::Store(no_room()).into()),
+            (
+                ModelError::InvalidInput("bad positions".into()).into(),
+                BlendError::Model(ModelError::InvalidInput("bad positions".into())).into(),
+            ),
+            (
+                StoreError::Corrupt("truncated".into()).into(),
+                BlendError::Store(StoreError::Corrupt("truncated".into())).into(),
+            ),
+            (
+                ModelError::ContextOverflow {
+                    needed: 9,
+                    context: 8,
+                }
+                .into(),
+                BlendError::Model(ModelError::ContextOverflow {
+                    needed: 9,
+                    context: 8,
+                })
+                .into(),
+            ),
+        ];
+        for (bare, wrapped) in cases {
+            assert_eq!(bare.status, wrapped.status, "{}", bare.message);
+            assert_eq!(bare.code, wrapped.code);
+            assert_eq!(bare.message, wrapped.message);
+        }
+        let full: ApiError = BlendError::Store(no_room()).into();
+        assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
+        let input: ApiError = BlendError::Model(ModelError::InvalidInput("x".into())).into();
+        assert_eq!(input.status, StatusCode::BAD_REQUEST);
     }
 }

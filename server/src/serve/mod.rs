@@ -13,8 +13,9 @@ pub mod metrics;
 pub mod openapi;
 mod pool;
 mod routes;
-mod state;
+pub mod state;
 pub mod tenants;
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,10 +27,11 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
+use kvquilt_api::Method;
 use kvquilt_blend::{Blender, ModelIdentity};
-use kvquilt_kvstore::PolicyKind;
-use kvquilt_model::ChatTemplate;
+use kvquilt_kvstore::{PolicyKind, TieredStore};
+use kvquilt_model::{ChatTemplate, LoadedModel};
 
 use crate::model_source::ModelArgs;
 use crate::store_setup::open_store;
@@ -136,40 +138,8 @@ pub async fn serve(config: Config) -> Result<()> {
         }
     })
     .await??;
-    let identity = ModelIdentity::of(&loaded)?;
-    let model_name = match &config.model {
-        None => kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT.name.to_string(),
-        Some(m) => std::path::Path::new(m)
-            .file_stem()
-            .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
-    };
-    let tokenizer = loaded.tokenizer()?.clone();
-    let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     let store = Arc::new(store);
-    let on_gpu = !loaded.model.device().is_cpu();
-    let blender = Arc::new(
-        Blender::new(
-            Arc::new(loaded.model),
-            identity,
-            Arc::clone(&store),
-            tokio::runtime::Handle::current(),
-        )
-        .with_device_tier(
-            if on_gpu { config.store.device_bytes } else { 0 },
-            PolicyKind::Lru,
-        ),
-    );
-    let shared = Arc::new(Shared {
-        blender: Arc::clone(&blender),
-        tokenizer: Arc::new(tokenizer),
-        template: Arc::new(template),
-        model_name,
-        tenants: Tenants::from_config(&config),
-        limits: config.limits.clone(),
-        pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
-        metrics: Metrics::new(blender),
-        started: Instant::now(),
-    });
+    let shared = app_state(&config, loaded, Arc::clone(&store))?;
     let counted = shared
         .account_existing()
         .await
@@ -196,26 +166,101 @@ pub async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// The API's routes (see [`openapi::ROUTES`]).
-pub fn router(state: AppState) -> Router {
-    use routes::{blend, chunks, openai, ops};
-    let limit = state.limits.max_body_bytes;
-    Router::new()
-        .route("/health", get(ops::health))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi))
-        .route("/v1/stats", get(ops::stats))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/chunks", post(chunks::create))
-        .route("/v1/chunks/{id}", get(chunks::info).delete(chunks::delete))
-        .route(
-            "/v1/chunks/{id}/kv",
-            get(chunks::get_kv).put(chunks::put_kv),
+/// What every handler shares, built from a loaded model and an open store (in `serve`, or
+/// by a test around a tiny model and a host-only store). Call inside a tokio runtime: the
+/// blender keeps its handle for store reads.
+pub fn app_state(config: &Config, loaded: LoadedModel, store: Arc<TieredStore>) -> Result<AppState> {
+    let identity = ModelIdentity::of(&loaded)?;
+    let model_name = match &config.model {
+        None => kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT.name.to_string(),
+        Some(m) => std::path::Path::new(m)
+            .file_stem()
+            .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
+    };
+    let tokenizer = loaded.tokenizer()?.clone();
+    let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
+    let on_gpu = !loaded.model.device().is_cpu();
+    let blender = Arc::new(
+        Blender::new(
+            Arc::new(loaded.model),
+            identity,
+            store,
+            tokio::runtime::Handle::current(),
         )
-        .route("/v1/blend", post(blend::blend))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/chat/completions", post(openai::chat))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .with_device_tier(
+            if on_gpu { config.store.device_bytes } else { 0 },
+            PolicyKind::Lru,
+        ),
+    );
+    Ok(Arc::new(Shared {
+        blender: Arc::clone(&blender),
+        tokenizer: Arc::new(tokenizer),
+        template: Arc::new(template),
+        model_name,
+        tenants: Tenants::from_config(config),
+        limits: config.limits.clone(),
+        pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
+        metrics: Metrics::new(blender),
+        started: Instant::now(),
+    }))
+}
+
+/// One row of the route table: a method on a path (OpenAPI template syntax) and its handler.
+pub struct RouteEntry {
+    /// The method.
+    pub method: Method,
+    /// The path, as `kvquilt_api::ROUTES` spells it.
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn entry(method: Method, path: &'static str, handler: MethodRouter<AppState>) -> RouteEntry {
+    RouteEntry {
+        method,
+        path,
+        handler,
+    }
+}
+
+/// The route table the router is built from: every route the API serves, once. Tests compare
+/// it with `kvquilt_api::ROUTES` (and so with the OpenAPI document) in both directions.
+pub fn routes() -> Vec<RouteEntry> {
+    use axum::routing::{delete, head, put};
+    use routes::{blend, chunks, openai, ops};
+    vec![
+        entry(Method::Get, "/health", get(ops::health)),
+        entry(Method::Get, "/metrics", get(ops::metrics)),
+        entry(Method::Get, "/openapi.json", get(ops::openapi)),
+        entry(Method::Get, "/v1/stats", get(ops::stats)),
+        entry(Method::Get, "/v1/models", get(openai::models)),
+        entry(Method::Post, "/v1/chunks", post(chunks::create)),
+        entry(Method::Get, "/v1/chunks/{id}", get(chunks::info)),
+        entry(Method::Head, "/v1/chunks/{id}", head(chunks::info)),
+        entry(Method::Delete, "/v1/chunks/{id}", delete(chunks::delete)),
+        entry(Method::Get, "/v1/chunks/{id}/kv", get(chunks::get_kv)),
+        entry(Method::Put, "/v1/chunks/{id}/kv", put(chunks::put_kv)),
+        entry(Method::Post, "/v1/blend", post(blend::blend)),
+        entry(Method::Post, "/v1/completions", post(openai::completions)),
+        entry(Method::Post, "/v1/chat/completions", post(openai::chat)),
+    ]
+}
+
+/// The API's router, built from [`routes`]: auth and limits per handler, metrics per
+/// matched route, a JSON 404 for anything else.
+pub fn router(state: AppState) -> Router {
+    let limit = state.limits.max_body_bytes;
+    let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
+    for r in routes() {
+        match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, m)) => *m = std::mem::take(m).merge(r.handler),
+            None => by_path.push((r.path, r.handler)),
+        }
+    }
+    let mut app = Router::new();
+    for (path, handler) in by_path {
+        app = app.route(path, handler);
+    }
+    app.route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .fallback(|| async {
             ApiError::not_found("no_such_route", "no such route; see /openapi.json")
         })

@@ -1,105 +1,166 @@
-//! The OpenAPI 3.1 description served at `/openapi.json`. Written out by hand beside the
-//! handlers; a test checks that every routed path and method is described.
+//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the wire types
+//! (`kvquilt_api`, JSON Schemas by `schemars`) and the route list (`kvquilt_api::ROUTES`), so
+//! neither the bodies nor the routes can drift from what the server parses and serves.
 
-use serde_json::{Value, json};
+use kvquilt_api::openai::{
+    ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelList,
+};
+use kvquilt_api::{
+    BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, Method,
+    OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
+};
+use schemars::generate::{SchemaGenerator, SchemaSettings};
+use schemars::JsonSchema;
+use serde_json::{Map, Value, json};
 
-/// Every route the server answers: (method, OpenAPI path). Kept beside the router by the
-/// tests here and in `serve::tests`.
-#[cfg(test)]
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/health"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-    ("get", "/v1/stats"),
-    ("get", "/v1/models"),
-    ("post", "/v1/chunks"),
-    ("get", "/v1/chunks/{id}"),
-    ("head", "/v1/chunks/{id}"),
-    ("delete", "/v1/chunks/{id}"),
-    ("get", "/v1/chunks/{id}/kv"),
-    ("put", "/v1/chunks/{id}/kv"),
-    ("post", "/v1/blend"),
-    ("post", "/v1/completions"),
-    ("post", "/v1/chat/completions"),
-];
-
-fn op(summary: &str, body: Option<Value>, ok: Value) -> Value {
-    let mut o = json!({
-        "summary": summary,
-        "responses": {
-            "200": ok,
-            "4XX": {"description": "Rejected; the body names the problem", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        },
-    });
-    if let Some(b) = body {
-        o["requestBody"] =
-            json!({"required": true, "content": {"application/json": {"schema": b}}});
-    }
-    o
+/// What a route takes and returns, beyond its method, path and summary.
+struct Operation {
+    /// Request body: (media type, schema).
+    request: Option<(&'static str, Value)>,
+    /// Success status and its response (an OpenAPI response object).
+    ok: (&'static str, Value),
+    /// Path and query parameters.
+    parameters: Vec<Value>,
+    /// Answered without a bearer token.
+    public: bool,
 }
 
-fn json_ok(schema: Value) -> Value {
+fn json_body<T: JsonSchema>(g: &mut SchemaGenerator) -> Value {
+    g.subschema_for::<T>().to_value()
+}
+
+fn json_response(schema: Value) -> Value {
     json!({"description": "OK", "content": {"application/json": {"schema": schema}}})
 }
 
+fn object_bytes() -> Value {
+    json!({"type": "string", "format": "binary", "description": "kvstore's object format (checksummed header and per-layer records)"})
+}
+
 fn id_param() -> Value {
-    json!([{"name": "id", "in": "path", "required": true, "description": "Chunk id: 64 hex digits", "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}])
+    json!({"name": "id", "in": "path", "required": true, "description": "Chunk id: 64 hex digits", "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}})
+}
+
+fn op(request: Option<(&'static str, Value)>, ok: Value) -> Operation {
+    Operation {
+        request,
+        ok: ("200", ok),
+        parameters: Vec::new(),
+        public: false,
+    }
+}
+
+/// The operation of one listed route; `None` for a route this function does not know (a
+/// test requires every listed route to be known).
+fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
+    use Method::*;
+    const JSON: &str = "application/json";
+    let o = match (route.method, route.path) {
+        (Get, "/health") => Operation {
+            public: true,
+            ..op(None, json_response(json_body::<Health>(g)))
+        },
+        (Get, "/metrics") => op(
+            None,
+            json!({"description": "Metrics", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}),
+        ),
+        (Get, "/openapi.json") => Operation {
+            public: true,
+            ..op(None, json_response(json!({"type": "object"})))
+        },
+        (Get, "/v1/stats") => op(None, json_response(json_body::<Stats>(g))),
+        (Get, "/v1/models") => op(None, json_response(json_body::<ModelList>(g))),
+        (Post, "/v1/chunks") => op(
+            Some((JSON, json_body::<PutChunksRequest>(g))),
+            json_response(json_body::<PutChunksResponse>(g)),
+        ),
+        (Get, "/v1/chunks/{id}") => Operation {
+            parameters: vec![
+                id_param(),
+                json!({"name": "include_tokens", "in": "query", "schema": {"type": "boolean"}}),
+            ],
+            ..op(None, json_response(json_body::<ChunkInfo>(g)))
+        },
+        (Head, "/v1/chunks/{id}") => Operation {
+            parameters: vec![id_param()],
+            ..op(None, json!({"description": "Stored"}))
+        },
+        (Delete, "/v1/chunks/{id}") => Operation {
+            ok: ("204", json!({"description": "Deleted"})),
+            parameters: vec![id_param()],
+            ..op(None, Value::Null)
+        },
+        (Get, "/v1/chunks/{id}/kv") => Operation {
+            parameters: vec![id_param()],
+            ..op(
+                None,
+                json!({"description": "The object", "content": {OBJECT_MEDIA_TYPE: {"schema": object_bytes()}}}),
+            )
+        },
+        (Put, "/v1/chunks/{id}/kv") => Operation {
+            ok: ("201", json_response(json_body::<ChunkStatus>(g))),
+            parameters: vec![id_param()],
+            ..op(Some((OBJECT_MEDIA_TYPE, object_bytes())), Value::Null)
+        },
+        (Post, "/v1/blend") => op(
+            Some((JSON, json_body::<BlendRequest>(g))),
+            json_response(json_body::<BlendResponse>(g)),
+        ),
+        (Post, "/v1/completions") => op(
+            Some((JSON, json_body::<CompletionRequest>(g))),
+            json_response(json_body::<CompletionResponse>(g)),
+        ),
+        (Post, "/v1/chat/completions") => op(
+            Some((JSON, json_body::<ChatRequest>(g))),
+            json_response(json_body::<ChatResponse>(g)),
+        ),
+        _ => return None,
+    };
+    Some(o)
+}
+
+fn render(route: &Route, o: Operation, error: &Value) -> Value {
+    let mut responses = Map::new();
+    responses.insert(o.ok.0.into(), o.ok.1);
+    if o.ok.0 == "201" {
+        // an upload of an object already held answers 200 with the same body
+        responses.insert("200".into(), responses["201"].clone());
+    }
+    responses.insert(
+        "4XX".into(),
+        json!({"description": "Rejected; the body names the problem", "content": {"application/json": {"schema": error}}}),
+    );
+    responses.insert(
+        "5XX".into(),
+        json!({"description": "Failed or overloaded (503 carries Retry-After)", "content": {"application/json": {"schema": error}}}),
+    );
+    let mut v = json!({"summary": route.summary, "responses": responses});
+    if let Some((media, schema)) = o.request {
+        v["requestBody"] = json!({"required": true, "content": {media: {"schema": schema}}});
+    }
+    if !o.parameters.is_empty() {
+        v["parameters"] = Value::Array(o.parameters);
+    }
+    if o.public {
+        v["security"] = json!([]);
+    }
+    v
 }
 
 /// The document.
 pub fn document() -> Value {
-    let chunk_ref = json!({"$ref": "#/components/schemas/ChunkRef"});
-    let mut chunk_get = op(
-        "A stored chunk's metadata",
-        None,
-        json_ok(json!({"$ref": "#/components/schemas/ChunkInfo"})),
-    );
-    chunk_get["parameters"] = json!([
-        id_param()[0],
-        {"name": "include_tokens", "in": "query", "schema": {"type": "boolean"}}
-    ]);
-    let mut chunk_head = op(
-        "Whether a chunk is stored",
-        None,
-        json!({"description": "Stored"}),
-    );
-    chunk_head["parameters"] = id_param();
-    let mut chunk_delete = op(
-        "Delete a chunk from every tier",
-        None,
-        json!({"description": "Deleted"}),
-    );
-    chunk_delete["responses"]["204"] = json!({"description": "Deleted"});
-    chunk_delete["parameters"] = id_param();
-    let mut kv_get = op(
-        "A chunk's KV object (kvstore object format, version 1)",
-        None,
-        json!({"description": "The object", "content": {"application/vnd.kvquilt.kv-object": {"schema": {"type": "string", "format": "binary"}}}}),
-    );
-    kv_get["parameters"] = id_param();
-    let mut kv_put = op(
-        "Store a KV object made elsewhere (layout, checksums and id are verified)",
-        None,
-        json_ok(json!({"$ref": "#/components/schemas/ChunkStatus"})),
-    );
-    kv_put["requestBody"] = json!({"required": true, "content": {"application/vnd.kvquilt.kv-object": {"schema": {"type": "string", "format": "binary"}}}});
-    kv_put["responses"]["201"] = json_ok(json!({"$ref": "#/components/schemas/ChunkStatus"}));
-    kv_put["parameters"] = id_param();
-    let openai_ext = json!({
-        "documents": {"type": "array", "items": chunk_ref, "description": "kvquilt: documents assembled through blend, each its own cached chunk"},
-        "kvquilt": {"$ref": "#/components/schemas/ModeSpec"},
-        "model": {"type": "string"},
-        "max_tokens": {"type": "integer"},
-        "temperature": {"type": "number"},
-        "top_p": {"type": "number"},
-        "seed": {"type": "integer"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "stream": {"type": "boolean"},
-    });
-    let mut chat_props = openai_ext.clone();
-    chat_props["messages"] = json!({"type": "array", "items": {"type": "object", "required": ["role", "content"], "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}});
-    let mut text_props = openai_ext;
-    text_props["prompt"] = json!({"type": "string"});
+    let mut settings = SchemaSettings::draft2020_12();
+    settings.definitions_path = "/components/schemas".into();
+    let mut g = settings.into_generator();
+    let error = json_body::<ErrorBody>(&mut g);
+    let mut paths = Map::new();
+    for route in ROUTES {
+        let o = operation(route, &mut g).unwrap_or_else(|| op(None, Value::Null));
+        let item = paths
+            .entry(route.path)
+            .or_insert_with(|| Value::Object(Map::new()));
+        item[route.method.openapi_name()] = render(route, o, &error);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -109,67 +170,10 @@ pub fn document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                    "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"}}}}},
-                "ChunkRef": {"oneOf": [
-                    {"type": "string", "description": "A document's text"},
-                    {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-                    {"type": "object", "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}}, "required": ["tokens"]},
-                    {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
-                ]},
-                "ChunkStatus": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "tokens": {"type": "integer"},
-                    "status": {"enum": ["hit", "stored"]}, "tier": {"enum": ["gpu", "host", "ssd", null]}}},
-                "ChunkInfo": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "tokens": {"type": "integer"}, "tier": {"type": "string"},
-                    "bytes": {"type": "integer"}, "layout": {"type": "object"},
-                    "token_ids": {"type": "array", "items": {"type": "integer"}}}},
-                "ModeSpec": {"type": "object", "properties": {
-                    "mode": {"enum": ["full", "prefix", "reuse", "blend"]},
-                    "ratio": {"type": "number", "minimum": 0, "maximum": 1}}},
-                "BlendStats": {"type": "object", "description": "mode, fell_back_to_full, tokens, suffix_tokens, segments, hits_gpu, hits_host, hits_ssd, misses, stored_back, recomputed_tokens, recompute_fraction, ttft_ms"},
-            },
+            "schemas": g.take_definitions(true),
         },
         "security": [{"bearer": []}],
-        "paths": {
-            "/health": {"get": {"summary": "Liveness (no auth, never waits on the model)", "security": [], "responses": {"200": {"description": "OK"}}}},
-            "/metrics": {"get": {"summary": "Prometheus/OpenMetrics text", "responses": {"200": {"description": "Metrics", "content": {"application/openmetrics-text": {}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}},
-            "/v1/stats": {"get": op("Store tiers, model pool and the caller's usage", None, json_ok(json!({"type": "object"})))},
-            "/v1/models": {"get": op("The served model", None, json_ok(json!({"type": "object"})))},
-            "/v1/chunks": {"post": op(
-                "Precompute and store chunks",
-                Some(json!({"type": "object", "required": ["chunks"], "properties": {"chunks": {"type": "array", "items": chunk_ref}}})),
-                json_ok(json!({"type": "object", "properties": {"model": {"type": "string"}, "chunks": {"type": "array", "items": {"$ref": "#/components/schemas/ChunkStatus"}}}})),
-            )},
-            "/v1/chunks/{id}": {"get": chunk_get, "head": chunk_head, "delete": chunk_delete},
-            "/v1/chunks/{id}/kv": {"get": kv_get, "put": kv_put},
-            "/v1/blend": {"post": op(
-                "First token of a RAG prompt assembled from chunks",
-                Some(json!({"type": "object", "properties": {
-                    "system": {"type": "string"}, "instruction": {"type": "string"}, "question": {"type": "string"},
-                    "prefix_tokens": {"type": "array", "items": {"type": "integer"}},
-                    "suffix_tokens": {"type": "array", "items": {"type": "integer"}},
-                    "chunks": {"type": "array", "items": chunk_ref},
-                    "mode": {"enum": ["full", "prefix", "reuse", "blend"]}, "ratio": {"type": "number"},
-                    "top_logprobs": {"type": "integer"}}})),
-                json_ok(json!({"type": "object", "properties": {
-                    "token": {"type": "object"}, "top_logprobs": {"type": "array"},
-                    "chunk_ids": {"type": "array", "items": {"type": "string"}},
-                    "stats": {"$ref": "#/components/schemas/BlendStats"}}})),
-            )},
-            "/v1/completions": {"post": op(
-                "OpenAI-compatible text completion, with `documents`",
-                Some(json!({"type": "object", "required": ["prompt"], "properties": text_props})),
-                json_ok(json!({"type": "object"})),
-            )},
-            "/v1/chat/completions": {"post": op(
-                "OpenAI-compatible chat completion, with `documents`",
-                Some(json!({"type": "object", "required": ["messages"], "properties": chat_props})),
-                json_ok(json!({"type": "object"})),
-            )},
-        },
+        "paths": paths,
     })
 }
 
@@ -178,24 +182,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_route_is_described() {
+    fn every_listed_route_is_described_and_nothing_else() {
         let doc = document();
-        for (method, path) in ROUTES {
+        let mut g = SchemaGenerator::default();
+        for r in ROUTES {
             assert!(
-                doc["paths"][path][method].is_object(),
-                "{method} {path} missing from the OpenAPI document"
+                operation(r, &mut g).is_some(),
+                "{:?} {} has no operation in openapi.rs",
+                r.method,
+                r.path
             );
+            let o = &doc["paths"][r.path][r.method.openapi_name()];
+            assert!(o.is_object(), "{:?} {} missing", r.method, r.path);
         }
         let described: usize = doc["paths"]
             .as_object()
-            .unwrap()
-            .values()
-            .map(|p| p.as_object().unwrap().len())
-            .sum();
-        assert_eq!(
-            described,
-            ROUTES.len(),
-            "the document describes routes that do not exist"
-        );
+            .map(|p| p.values().filter_map(Value::as_object).map(Map::len).sum())
+            .unwrap_or(0);
+        assert_eq!(described, ROUTES.len());
+    }
+
+    #[test]
+    fn every_reference_resolves_to_a_component() {
+        let doc = document();
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+        for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = part.split('"').next().unwrap_or_default();
+            assert!(schemas.contains_key(name), "dangling $ref {name}");
+        }
+        assert!(schemas.contains_key("BlendStats"));
+        assert!(schemas.contains_key("ChunkRef"));
     }
 }

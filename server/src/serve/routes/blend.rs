@@ -4,93 +4,18 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use kvquilt_api::{BlendRequest as BlendBody, BlendResponse, TokenLogprob};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
-use kvquilt_blend::{BlendConfig, BlendOutput, BlendRequest, BlendStats, Mode};
+use kvquilt_blend::{BlendOutput, BlendRequest};
 use kvquilt_model::top_logprobs;
-use serde::{Deserialize, Serialize};
 
-use super::chunk_ref::{ChunkRef, check_chunk_count, check_tokens, resolve_all};
-use super::chunks::{check_quota, object_bytes};
+use super::chunk_ref::{check_chunk_count, check_tokens, resolve_all};
+use super::chunks::check_quota;
 use crate::serve::error::{ApiError, ApiResult};
+use crate::serve::wire;
 use crate::serve::extract::ApiJson;
 use crate::serve::state::{AppState, Shared};
 use crate::serve::tenants::{Caller, Tenant};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlendBody {
-    /// RAG layout (see `kvquilt_blend::rag`): system and instruction open the prompt...
-    pub system: Option<String>,
-    pub instruction: Option<String>,
-    /// ...the question closes it.
-    pub question: Option<String>,
-    /// Or the raw layout: prefix and suffix token ids (instead of system/instruction/question).
-    pub prefix_tokens: Option<Vec<u32>>,
-    pub suffix_tokens: Option<Vec<u32>>,
-    #[serde(default)]
-    pub chunks: Vec<ChunkRef>,
-    /// See [`ModeSpec`].
-    pub mode: Option<String>,
-    pub ratio: Option<f32>,
-    /// Alternatives reported for the first token (default 5, at most 20).
-    pub top_logprobs: Option<usize>,
-}
-
-/// `mode` (`full`, `prefix`, `reuse`, `blend`; default `blend`) and, for blend, `ratio`
-/// (the recomputed fraction; default kvquilt's).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-pub struct ModeSpec {
-    pub mode: Option<String>,
-    pub ratio: Option<f32>,
-}
-
-impl ModeSpec {
-    pub fn to_mode(&self) -> ApiResult<Mode> {
-        let bad = |m: String| ApiError::bad_request("invalid_mode", m);
-        let mode = match self.mode.as_deref().unwrap_or("blend") {
-            "full" => Mode::Full,
-            "prefix" => Mode::Prefix,
-            "reuse" => Mode::Reuse,
-            "blend" => {
-                let mut c = BlendConfig::default();
-                if let Some(r) = self.ratio {
-                    if !(0.0..=1.0).contains(&r) || !r.is_finite() {
-                        return Err(bad(format!("ratio {r} is not within 0..=1")));
-                    }
-                    c.ratio = r;
-                }
-                return Ok(Mode::Blend(c));
-            }
-            other => {
-                return Err(bad(format!(
-                    "unknown mode `{other}` (expected full, prefix, reuse or blend)"
-                )));
-            }
-        };
-        if self.ratio.is_some() {
-            return Err(bad("`ratio` applies to mode `blend` only".into()));
-        }
-        Ok(mode)
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct TokenLogprob {
-    pub id: u32,
-    pub text: String,
-    pub logprob: f32,
-}
-
-#[derive(Debug, Serialize)]
-pub struct BlendResponse {
-    pub model: String,
-    /// The most likely first token.
-    pub token: TokenLogprob,
-    pub top_logprobs: Vec<TokenLogprob>,
-    /// Ids of the chunks in prompt order.
-    pub chunk_ids: Vec<String>,
-    pub stats: BlendStats,
-}
 
 /// `POST /v1/blend`.
 pub async fn blend(
@@ -98,11 +23,7 @@ pub async fn blend(
     Caller(tenant): Caller,
     ApiJson(body): ApiJson<BlendBody>,
 ) -> ApiResult<axum::Json<BlendResponse>> {
-    let mode = ModeSpec {
-        mode: body.mode.clone(),
-        ratio: body.ratio,
-    }
-    .to_mode()?;
+    let mode = wire::mode(body.mode.as_deref(), body.ratio)?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
     let chunks = resolve_all(&s, &tenant, &body.chunks).await?;
     let req = match (&body.prefix_tokens, &body.suffix_tokens) {
@@ -171,15 +92,14 @@ pub async fn blend(
         },
         top_logprobs: top,
         chunk_ids,
-        stats: out.stats,
+        stats: wire::stats(&out.stats),
     }))
 }
 
 /// A blend request that passed the size check, with store-back decided by the quota.
 pub struct Prepared {
+    /// The engine request.
     pub req: BlendRequest,
-    /// Segments not stored before the request: (key, tokens).
-    misses: Vec<(kvquilt_kvstore::ChunkKey, usize)>,
 }
 
 /// Checks a request's size and decides store-back: a tenant over its quota still gets its
@@ -195,29 +115,23 @@ pub fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<
     }
     let codec = s.blender.codec(&tenant.namespace);
     let layout = *codec.layout();
-    let misses: Vec<_> = req
+    let extra: u64 = req
         .segments()
         .iter()
-        .map(|seg| (codec.key(seg), seg.len()))
-        .filter(|(k, _)| s.blender.store().locate(k).is_none())
-        .collect();
-    let extra: u64 = misses.iter().map(|(_, n)| object_bytes(&layout, *n)).sum();
+        .filter(|seg| s.blender.store().locate(&codec.key(seg)).is_none())
+        .map(|seg| layout.object_bytes(seg.len()))
+        .sum();
     req.store_back = check_quota(s, tenant, extra).is_ok();
-    Ok(Prepared { req, misses })
+    Ok(Prepared { req })
 }
 
 impl Prepared {
     /// Runs the blend (blocking: call on the model pool) and records its metrics and the
-    /// tenant's new objects.
+    /// tenant's new objects (what the engine reports it stored).
     pub fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
         let out = s.blender.run(&tenant.namespace, &self.req)?;
-        if out.stats.stored_back > 0 {
-            let layout = s.blender.identity().layout;
-            for (k, n) in &self.misses {
-                if s.blender.store().locate(k).is_some() {
-                    tenant.add(*k, object_bytes(&layout, *n));
-                }
-            }
+        for obj in &out.stored {
+            tenant.add(obj.key, obj.bytes);
         }
         let labels = crate::serve::metrics::ModeLabels {
             mode: out.stats.mode.to_string(),

@@ -1,67 +1,51 @@
 //! How a request names a chunk: a document's text, token ids, or the id of a stored chunk.
 
-use serde::{Deserialize, Serialize};
+use kvquilt_api::ChunkRef;
 
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::state::Shared;
 use crate::serve::tenants::Tenant;
 
-/// A chunk in a request: `"text"`, `{"text": ...}`, `{"tokens": [...]}` or `{"id": ...}`.
-/// Text is a document: it becomes [`kvquilt_blend::rag::document_tokens`], the same tokens
-/// the precompute job and chat documents derive. Token ids are used as given.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum ChunkRef {
-    Text(String),
-    Spec(ChunkSpec),
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChunkSpec {
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub text: Option<String>,
-    #[serde(default)]
-    pub tokens: Option<Vec<u32>>,
-}
-
-impl ChunkRef {
-    /// The chunk's token ids; an id must name a chunk of `tenant`.
-    pub async fn resolve(&self, s: &Shared, tenant: &Tenant, i: usize) -> ApiResult<Vec<u32>> {
-        let tokens = match self {
-            ChunkRef::Text(t) => text_tokens(s, t)?,
-            ChunkRef::Spec(spec) => match (&spec.id, &spec.text, &spec.tokens) {
-                (Some(id), None, None) => {
-                    let key = Shared::parse_id(id)?;
-                    s.require_owned(tenant, &key).await?.info.tokens.clone()
-                }
-                (None, Some(t), None) => text_tokens(s, t)?,
-                (None, None, Some(t)) => t.clone(),
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "invalid_chunk",
-                        format!("chunk {i} must have exactly one of `id`, `text` or `tokens`"),
-                    ));
-                }
-            },
-        };
-        if tokens.is_empty() {
-            return Err(ApiError::bad_request(
-                "empty_chunk",
-                format!("chunk {i} has no tokens"),
-            ));
-        }
-        let vocab = s.blender.model().config().vocab_size as u32;
-        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
-            return Err(ApiError::bad_request(
-                "invalid_token_id",
-                format!("chunk {i} has token id {bad}, the vocabulary has {vocab}"),
-            ));
-        }
-        Ok(tokens)
+/// A chunk's token ids. Text is a document: it becomes
+/// [`kvquilt_blend::rag::document_tokens`], the same tokens the precompute job and chat
+/// documents derive; token ids are used as given; an id must name a chunk of `tenant`.
+pub async fn resolve(
+    s: &Shared,
+    tenant: &Tenant,
+    chunk: &ChunkRef,
+    i: usize,
+) -> ApiResult<Vec<u32>> {
+    let tokens = match chunk {
+        ChunkRef::Text(t) => text_tokens(s, t)?,
+        ChunkRef::Spec(spec) => match (&spec.id, &spec.text, &spec.tokens) {
+            (Some(id), None, None) => {
+                let key = Shared::parse_id(id)?;
+                s.require_owned(tenant, &key).await?.info.tokens.clone()
+            }
+            (None, Some(t), None) => text_tokens(s, t)?,
+            (None, None, Some(t)) => t.clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_chunk",
+                    format!("chunk {i} must have exactly one of `id`, `text` or `tokens`"),
+                ));
+            }
+        },
+    };
+    if tokens.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_chunk",
+            format!("chunk {i} has no tokens"),
+        ));
     }
+    let vocab = s.blender.model().config().vocab_size as u32;
+    if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::bad_request(
+            "invalid_token_id",
+            format!("chunk {i} has token id {bad}, the vocabulary has {vocab}"),
+        ));
+    }
+    Ok(tokens)
 }
 
 fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {
@@ -107,7 +91,7 @@ pub async fn resolve_all(
     check_chunk_count(s, chunks.len())?;
     let mut out = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
-        out.push(c.resolve(s, tenant, i).await?);
+        out.push(resolve(s, tenant, c, i).await?);
     }
     Ok(out)
 }

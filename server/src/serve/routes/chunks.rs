@@ -6,43 +6,26 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kvquilt_kvstore::{Codec, EncodedObject, KvLayout, TierKind};
-use serde::{Deserialize, Serialize};
+use kvquilt_api::chunks::ChunkOutcome;
+use kvquilt_api::{
+    ChunkInfo, ChunkInfoQuery, ChunkStatus, OBJECT_MEDIA_TYPE, PutChunksRequest,
+    PutChunksResponse,
+};
+use kvquilt_kvstore::{Codec, EncodedObject};
 
-use super::chunk_ref::{ChunkRef, check_tokens, resolve_all};
+use super::chunk_ref::{check_tokens, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::{ApiBytes, ApiJson};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
 use crate::serve::tenants::{Caller, Tenant};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutChunks {
-    pub chunks: Vec<ChunkRef>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChunkStatus {
-    pub id: String,
-    pub tokens: usize,
-    /// `hit` (already stored) or `stored` (computed now).
-    pub status: &'static str,
-    /// The tier that held it (hits only).
-    pub tier: Option<TierKind>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PutChunksResponse {
-    pub model: String,
-    pub chunks: Vec<ChunkStatus>,
-}
+use crate::serve::wire;
 
 /// `POST /v1/chunks`: precompute and store each chunk (content-addressed: a stored chunk
 /// costs a lookup).
 pub async fn create(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    ApiJson(req): ApiJson<PutChunks>,
+    ApiJson(req): ApiJson<PutChunksRequest>,
 ) -> ApiResult<axum::Json<PutChunksResponse>> {
     if req.chunks.is_empty() {
         return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
@@ -56,7 +39,7 @@ pub async fn create(
     let new_bytes: u64 = all
         .iter()
         .filter(|t| s.blender.store().locate(&codec.key(t)).is_none())
-        .map(|t| object_bytes(&layout, t.len()))
+        .map(|t| layout.object_bytes(t.len()))
         .sum();
     check_quota(&s, &tenant, new_bytes)?;
     let st = Arc::clone(&s);
@@ -72,16 +55,16 @@ pub async fn create(
     let chunks = results
         .into_iter()
         .map(|p| {
-            tenant.add(p.key, object_bytes(&layout, p.tokens));
+            tenant.add(p.key, layout.object_bytes(p.tokens));
             ChunkStatus {
                 id: p.key.to_hex(),
                 tokens: p.tokens,
                 status: if p.found_in.is_some() {
-                    "hit"
+                    ChunkOutcome::Hit
                 } else {
-                    "stored"
+                    ChunkOutcome::Stored
                 },
-                tier: p.found_in,
+                tier: p.found_in.map(wire::tier),
             }
         })
         .collect();
@@ -89,11 +72,6 @@ pub async fn create(
         model: s.model_name.clone(),
         chunks,
     }))
-}
-
-/// Decoded KV bytes of a chunk of `tokens` tokens (what quotas count).
-pub fn object_bytes(layout: &KvLayout, tokens: usize) -> u64 {
-    layout.object_bytes(tokens)
 }
 
 /// Refuses a write that would take `tenant` past its quota.
@@ -113,33 +91,12 @@ pub fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
     ))
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct InfoQuery {
-    /// Include the token ids.
-    #[serde(default)]
-    pub include_tokens: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChunkInfo {
-    pub id: String,
-    pub tokens: usize,
-    /// The fastest tier holding it.
-    pub tier: TierKind,
-    /// Decoded KV bytes, all layers.
-    pub bytes: u64,
-    pub layout: KvLayout,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_ids: Option<Vec<u32>>,
-}
-
 /// `GET /v1/chunks/{id}` (and `HEAD`, which axum answers from it without the body).
 pub async fn info(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
-    q: Result<Query<InfoQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ChunkInfoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
     let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let key = Shared::parse_id(&id)?;
@@ -147,9 +104,9 @@ pub async fn info(
     Ok(axum::Json(ChunkInfo {
         id: key.to_hex(),
         tokens: found.info.tokens.len(),
-        tier: found.tier,
+        tier: wire::tier(found.tier),
         bytes: found.info.raw_len(),
-        layout: found.info.layout,
+        layout: wire::layout(&found.info.layout),
         token_ids: q.include_tokens.then(|| found.info.tokens.clone()),
     }))
 }
@@ -168,9 +125,6 @@ pub async fn delete(
     tenant.forget(&key);
     Ok(StatusCode::NO_CONTENT)
 }
-
-/// Media type of a KV object (the format in `kvstore`'s documentation).
-pub const OBJECT_MEDIA_TYPE: &str = "application/vnd.kvquilt.kv-object";
 
 /// `GET /v1/chunks/{id}/kv`: the object's bytes (raw codec; checksums included).
 pub async fn get_kv(
@@ -232,12 +186,12 @@ pub async fn put_kv(
             axum::Json(ChunkStatus {
                 id,
                 tokens,
-                status: "hit",
-                tier: Some(tier),
+                status: ChunkOutcome::Hit,
+                tier: Some(wire::tier(tier)),
             }),
         ));
     }
-    let bytes = object_bytes(codec.layout(), tokens);
+    let bytes = codec.layout().object_bytes(tokens);
     check_quota(&s, &tenant, bytes)?;
     let obj = encoded.decode()?;
     s.blender.store().put(obj, 0.0).await?;
@@ -247,7 +201,7 @@ pub async fn put_kv(
         axum::Json(ChunkStatus {
             id: key.to_hex(),
             tokens,
-            status: "stored",
+            status: ChunkOutcome::Stored,
             tier: None,
         }),
     ))

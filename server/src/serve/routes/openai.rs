@@ -13,99 +13,24 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
+use kvquilt_api::openai::{
+    self as api, AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CommonFields,
+    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList,
+    Prompt, Stop, Usage,
+};
 use kvquilt_blend::{BlendRequest, BlendStats};
 use kvquilt_model::ChatMessage;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::blend::{ModeSpec, prepare};
-use super::chunk_ref::{ChunkRef, resolve_all};
+use super::blend::prepare;
+use super::chunk_ref::resolve_all;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
 use crate::serve::state::{AppState, Shared};
 use crate::serve::tenants::{Caller, Tenant};
-
-/// Sampling and stopping fields shared by both endpoints (unknown OpenAI fields are ignored).
-#[derive(Debug, Deserialize, Default)]
-pub struct CommonFields {
-    pub model: Option<String>,
-    pub max_tokens: Option<usize>,
-    pub max_completion_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub n: Option<usize>,
-    #[serde(default)]
-    pub documents: Vec<ChunkRef>,
-    pub kvquilt: Option<ModeSpec>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize, Default)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatBody {
-    pub messages: Vec<InMessage>,
-    #[serde(default)]
-    pub logprobs: bool,
-    pub top_logprobs: Option<usize>,
-    #[serde(flatten)]
-    pub common: CommonFields,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct InMessage {
-    pub role: String,
-    #[serde(default)]
-    pub content: Option<Content>,
-}
-
-/// A message's content: a string, or OpenAI's list of parts (text parts only).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Part {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CompletionBody {
-    pub prompt: Prompt,
-    /// Legacy completions' `logprobs`: how many alternatives per token.
-    pub logprobs: Option<usize>,
-    #[serde(flatten)]
-    pub common: CommonFields,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
+use crate::serve::wire;
 
 /// Which response shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +63,7 @@ struct Job {
 pub async fn chat(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    ApiJson(body): ApiJson<ChatBody>,
+    ApiJson(body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
     let messages = body
@@ -150,7 +75,7 @@ pub async fn chat(
     if messages.is_empty() {
         return Err(ApiError::bad_request("no_messages", "`messages` is empty"));
     }
-    let mode = mode_of(&body.common)?;
+    let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let req = chat_request(
         &s.template,
@@ -173,7 +98,7 @@ pub async fn chat(
 pub async fn completions(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    ApiJson(body): ApiJson<CompletionBody>,
+    ApiJson(body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
     let prompt = match &body.prompt {
@@ -186,7 +111,7 @@ pub async fn completions(
             ));
         }
     };
-    let mode = mode_of(&body.common)?;
+    let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let suffix = s.tokenizer.encode_piece(&prompt)?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
@@ -198,11 +123,16 @@ pub async fn completions(
 }
 
 /// `GET /v1/models`.
-pub async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<Value> {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "kvquilt"}]
-    }))
+pub async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<ModelList> {
+    axum::Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: s.model_name.clone(),
+            object: "model".into(),
+            created: 0,
+            owned_by: "kvquilt".into(),
+        }],
+    })
 }
 
 fn check_model(s: &Shared, c: &CommonFields) -> ApiResult<()> {
@@ -219,11 +149,7 @@ fn check_model(s: &Shared, c: &CommonFields) -> ApiResult<()> {
     }
 }
 
-fn mode_of(c: &CommonFields) -> ApiResult<kvquilt_blend::Mode> {
-    c.kvquilt.clone().unwrap_or_default().to_mode()
-}
-
-fn to_message(i: usize, m: &InMessage) -> ApiResult<ChatMessage> {
+fn to_message(i: usize, m: &api::ChatMessage) -> ApiResult<ChatMessage> {
     if !matches!(
         m.role.as_str(),
         "system" | "user" | "assistant" | "developer"
@@ -440,12 +366,50 @@ impl Shape {
         }
     }
 
-    fn usage(&self, produced: usize) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": produced,
-            "total_tokens": self.prompt_tokens + produced,
-        })
+    fn usage(&self, produced: usize) -> Usage {
+        Usage::new(self.prompt_tokens, produced)
+    }
+
+    /// The whole (not streamed) answer.
+    fn response(&self, text: String, finish: &str, logprobs: Value, usage: Usage, stats: &BlendStats) -> Response {
+        let logprobs = (!logprobs.is_null()).then_some(logprobs);
+        let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
+        let kvquilt = wire::stats(stats);
+        match self.kind {
+            Kind::Chat => axum::Json(ChatResponse {
+                id,
+                object: self.object(false).into(),
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: text,
+                    },
+                    logprobs,
+                    finish_reason: finish.into(),
+                }],
+                usage,
+                kvquilt,
+            })
+            .into_response(),
+            Kind::Text => axum::Json(CompletionResponse {
+                id,
+                object: self.object(false).into(),
+                created,
+                model,
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    text,
+                    logprobs,
+                    finish_reason: finish.into(),
+                }],
+                usage,
+                kvquilt,
+            })
+            .into_response(),
+        }
     }
 
     /// Logprob entries of some steps, in the endpoint's format.
@@ -529,11 +493,8 @@ async fn collect_response(
                 stats,
             } => {
                 let lp = shape.logprobs(s, &steps);
-                let choice = shape.choice(&text, Some(finish.openai()), lp, false);
-                let mut body = shape.envelope(vec![choice], false);
-                body.insert("usage".into(), shape.usage(produced));
-                body.insert("kvquilt".into(), json!(stats));
-                return Ok(axum::Json(Value::Object(body)).into_response());
+                let usage = shape.usage(produced);
+                return Ok(shape.response(text, finish.openai(), lp, usage, &stats));
             }
         }
     }
@@ -581,9 +542,9 @@ fn stream_response(
                         true,
                     );
                     if include_usage {
-                        body.insert("usage".into(), shape.usage(produced));
+                        body.insert("usage".into(), json!(shape.usage(produced)));
                     }
-                    body.insert("kvquilt".into(), json!(stats));
+                    body.insert("kvquilt".into(), json!(wire::stats(&stats)));
                     return Some((
                         vec![
                             Event::default().data(Value::Object(body).to_string()),
@@ -593,7 +554,13 @@ fn stream_response(
                     ));
                 }
                 Some(GenEvent::Failed(e)) => {
-                    let body = json!({"error": {"message": e.message, "code": e.code}});
+                    let body = json!(kvquilt_api::ErrorBody {
+                        error: kvquilt_api::ErrorDetail {
+                            message: e.message,
+                            kind: "server_error".into(),
+                            code: e.code.into(),
+                        },
+                    });
                     return Some((vec![Event::default().data(body.to_string())], (rx, true)));
                 }
                 None => return None,

@@ -3,18 +3,21 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use kvquilt_api::ops::{PoolStats, TenantUsage};
+use kvquilt_api::{Health, Stats};
+use serde_json::Value;
 
 use crate::serve::state::AppState;
 use crate::serve::tenants::Caller;
+use crate::serve::wire;
 
 /// `GET /health`: answers without touching the model pool or the store.
-pub async fn health(State(s): State<AppState>) -> axum::Json<Value> {
-    axum::Json(json!({
-        "status": "ok",
-        "model": s.model_name,
-        "uptime_s": s.started.elapsed().as_secs_f64(),
-    }))
+pub async fn health(State(s): State<AppState>) -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+        model: s.model_name.clone(),
+        uptime_s: s.started.elapsed().as_secs_f64(),
+    })
 }
 
 /// `GET /metrics`: Prometheus/OpenMetrics text.
@@ -28,23 +31,23 @@ pub async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
 }
 
 /// `GET /v1/stats`: the store's tiers, the model pool, and the caller's usage.
-pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Value> {
-    axum::Json(json!({
-        "model": s.model_name,
-        "uptime_s": s.started.elapsed().as_secs_f64(),
-        "tiers": s.blender.tier_stats(),
-        "pool": {
-            "workers": s.limits.workers,
-            "running": s.pool.running(),
-            "waiting": s.pool.waiting(),
+pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Stats> {
+    axum::Json(Stats {
+        model: s.model_name.clone(),
+        uptime_s: s.started.elapsed().as_secs_f64(),
+        tiers: s.blender.tier_stats().iter().map(wire::tier_stats).collect(),
+        pool: PoolStats {
+            workers: s.limits.workers,
+            running: s.pool.running(),
+            waiting: s.pool.waiting(),
         },
-        "tenant": {
-            "name": tenant.name,
-            "used_bytes": tenant.used_bytes(),
-            "quota_bytes": tenant.quota_bytes,
+        tenant: TenantUsage {
+            name: tenant.name.clone(),
+            used_bytes: tenant.used_bytes(),
+            quota_bytes: tenant.quota_bytes,
         },
-        "prefill_s_per_1k_tokens": s.blender.costs().prefill_s(1000),
-    }))
+        prefill_s_per_1k_tokens: s.blender.costs().prefill_s(1000),
+    })
 }
 
 /// `GET /openapi.json`.

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn kvquilt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kvquilt"))
+    Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
 }
 
 #[test]

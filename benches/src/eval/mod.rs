@@ -21,8 +21,8 @@ use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
 use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
 use serde::Serialize;
 
-use crate::cmd::bench::median;
-use crate::model_source::ModelArgs;
+use crate::bench::median;
+use kvquilt::model_source::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {

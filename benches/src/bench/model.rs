@@ -7,7 +7,7 @@ use kvquilt_model::{Model, ModelConfig};
 use serde::Serialize;
 
 use super::{median, timed, write_report};
-use crate::model_source::ModelArgs;
+use kvquilt::model_source::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct ModelBenchArgs {

@@ -1,6 +1,6 @@
 //! `kvquilt bench load`: HTTP load against a real `kvquilt serve` child process.
 //!
-//! Starts the server (this binary) on loopback with a fresh data directory, stores a set of
+//! Starts the server (the `kvquilt` binary beside this one) on loopback with a fresh data directory, stores a set of
 //! chunks, then drives chunk lookups (`GET /v1/chunks/{id}`) and blend requests
 //! (`POST /v1/blend` over stored chunks) at each concurrency for a fixed time. Reports
 //! throughput, p50/p99 latency, errors (non-2xx or transport) and the server's RSS before
@@ -88,7 +88,7 @@ impl Drop for ServerChild {
 
 pub fn run(a: LoadBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("a scratch data directory")?;
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(crate::kvquilt_binary()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--workers"])
         .arg(a.workers.to_string())
         .arg("--data-dir")

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::model::pseudo_tokens;
 use super::{median, write_report};
-use crate::model_source::ModelArgs;
+use kvquilt::model_source::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct BlendBenchArgs {
@@ -126,7 +126,7 @@ pub fn run(a: BlendBenchArgs) -> Result<()> {
     let mut reusing = vec![(Mode::Reuse, None, None)];
     for v in &a.variants {
         for &r in &a.ratios {
-            let cfg = crate::cmd::eval::presets::preset(v, r)?;
+            let cfg = crate::eval::presets::preset(v, r)?;
             reusing.push((Mode::Blend(cfg), Some(r), Some(v.clone())));
         }
     }

@@ -48,7 +48,7 @@ struct Run {
 /// Runs `kvquilt precompute`; with `stop_after = Some((n, signal))`, sends `signal` once
 /// `n` chunks were stored by this run.
 fn run(input: &Path, data: &Path, extra: &[&str], stop_after: Option<(usize, i32)>) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
         .args(["precompute", "--events", "--json", "--input"])
         .arg(input)
         .arg("--data-dir")
@@ -149,7 +149,7 @@ fn bad_input_fails_before_anything_is_written() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_kvquilt"))
+    let out = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
         .args(["precompute", "--input"])
         .arg(&input)
         .arg("--data-dir")

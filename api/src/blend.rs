@@ -1,0 +1,148 @@
+//! `POST /v1/blend` and the stats every assembled request reports.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunks::{ChunkRef, Tier};
+
+/// `POST /v1/blend`: a RAG prompt assembled from chunks. Give either `question` (with
+/// optional `system` and `instruction`; the server's defaults otherwise) or the raw layout
+/// `suffix_tokens` (with optional `prefix_tokens`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BlendRequest {
+    /// System message opening the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Instruction after the system message, before the documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+    /// The question closing the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
+    /// Raw layout: token ids before the chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_tokens: Option<Vec<u32>>,
+    /// Raw layout: token ids after the chunks (never empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix_tokens: Option<Vec<u32>>,
+    /// The chunks, in prompt order.
+    #[serde(default)]
+    pub chunks: Vec<ChunkRef>,
+    /// `full`, `prefix`, `reuse` or `blend` (default `blend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Blend only: the fraction of chunk tokens recomputed, `0..=1` (default kvquilt's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f32>,
+    /// Alternatives reported for the first token (default 5, at most 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<usize>,
+}
+
+impl BlendRequest {
+    /// A RAG prompt with the server's default system message and instruction.
+    pub fn question(q: impl Into<String>, chunks: Vec<ChunkRef>) -> Self {
+        Self {
+            question: Some(q.into()),
+            chunks,
+            ..Self::default()
+        }
+    }
+
+    /// The same request in another mode (`ratio` for `blend` only).
+    pub fn mode(mut self, mode: &str, ratio: Option<f32>) -> Self {
+        self.mode = Some(mode.to_string());
+        self.ratio = ratio;
+        self
+    }
+}
+
+/// kvquilt's extension of the OpenAI requests (`"kvquilt": {...}`): how `documents` are
+/// assembled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ModeSpec {
+    /// `full`, `prefix`, `reuse` or `blend` (default `blend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Blend only: the fraction of chunk tokens recomputed, `0..=1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f32>,
+}
+
+/// A token with its log-probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Its text.
+    pub text: String,
+    /// Natural-log probability.
+    pub logprob: f32,
+}
+
+/// `POST /v1/blend`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct BlendResponse {
+    /// The served model's name.
+    pub model: String,
+    /// The most likely first token.
+    pub token: TokenLogprob,
+    /// The most likely first tokens, most likely first.
+    pub top_logprobs: Vec<TokenLogprob>,
+    /// Ids of the chunks in prompt order.
+    pub chunk_ids: Vec<String>,
+    /// What the blend did.
+    pub stats: BlendStats,
+}
+
+/// How one cached segment's KV was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentSource {
+    /// Loaded from this tier.
+    Hit(Tier),
+    /// Not stored: prefilled alone (and stored when the tenant's quota allows).
+    Miss,
+    /// Stored, but recomputing was estimated faster than loading.
+    RecomputedForSpeed,
+    /// Stored, but the object failed verification or did not match: prefilled instead.
+    Unusable,
+}
+
+/// What an assembled request did (`/v1/blend`'s `stats`, the completions' `kvquilt`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct BlendStats {
+    /// The mode that ran: the requested one, or `full` after a fallback.
+    pub mode: String,
+    /// True when the request asked for reuse but full prefill was estimated faster.
+    pub fell_back_to_full: bool,
+    /// Prompt tokens.
+    pub tokens: usize,
+    /// Tokens after the chunks (the question), always computed.
+    pub suffix_tokens: usize,
+    /// One entry per cached segment (prefix first), in prompt order.
+    #[serde(default)]
+    pub segments: Vec<SegmentSource>,
+    /// Segments loaded from GPU memory.
+    pub hits_gpu: usize,
+    /// Segments loaded from host memory.
+    pub hits_host: usize,
+    /// Segments loaded from SSD.
+    pub hits_ssd: usize,
+    /// Segments not stored before the request.
+    pub misses: usize,
+    /// Objects this request stored.
+    pub stored_back: usize,
+    /// Chunk tokens whose KV was computed in this prompt's context.
+    pub recomputed_tokens: usize,
+    /// `recomputed_tokens` over the chunk tokens, `0..=1`.
+    pub recompute_fraction: f64,
+    /// Time from the request to the first token's logits, milliseconds.
+    pub ttft_ms: f64,
+}

@@ -1,0 +1,165 @@
+//! `/v1/chunks`: chunks named in requests, and what storing and looking them up returns.
+
+use serde::{Deserialize, Serialize};
+
+/// A chunk in a request: `"text"`, `{"text": ...}`, `{"tokens": [...]}` or `{"id": ...}`.
+///
+/// Text is a document: the server tokenises it by the same rule the precompute job and chat
+/// `documents` use, so warming a chunk by any path hits in the others. Token ids are used as
+/// given. An id must name a chunk stored by the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum ChunkRef {
+    /// A document's text.
+    Text(String),
+    /// Exactly one of `id`, `text` or `tokens`.
+    Spec(ChunkSpec),
+}
+
+impl ChunkRef {
+    /// A document's text.
+    pub fn text(t: impl Into<String>) -> Self {
+        ChunkRef::Text(t.into())
+    }
+
+    /// Token ids, used as given.
+    pub fn tokens(t: Vec<u32>) -> Self {
+        ChunkRef::Spec(ChunkSpec {
+            tokens: Some(t),
+            ..ChunkSpec::default()
+        })
+    }
+
+    /// A stored chunk's id (64 hex digits).
+    pub fn id(id: impl Into<String>) -> Self {
+        ChunkRef::Spec(ChunkSpec {
+            id: Some(id.into()),
+            ..ChunkSpec::default()
+        })
+    }
+}
+
+/// The object form of [`ChunkRef`]; exactly one field is set (the server says which chunk
+/// breaks the rule).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSpec {
+    /// A stored chunk's id (64 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A document's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Token ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<u32>>,
+}
+
+/// `POST /v1/chunks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PutChunksRequest {
+    /// The chunks to precompute and store (at least one).
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// A store tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// GPU memory (the device tier).
+    Gpu,
+    /// Host memory.
+    Host,
+    /// SSD (RocksDB).
+    Ssd,
+}
+
+/// What storing one chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkOutcome {
+    /// Already stored (content-addressed: it cost a lookup).
+    Hit,
+    /// Computed (or uploaded) and stored now.
+    Stored,
+}
+
+/// One chunk after `POST /v1/chunks` or a KV upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChunkStatus {
+    /// The chunk's id in the caller's tenant (64 hex digits).
+    pub id: String,
+    /// Its token count.
+    pub tokens: usize,
+    /// Whether it was already stored.
+    pub status: ChunkOutcome,
+    /// The tier that held it (hits only).
+    pub tier: Option<Tier>,
+}
+
+/// `POST /v1/chunks`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct PutChunksResponse {
+    /// The served model's name.
+    pub model: String,
+    /// One entry per requested chunk, in request order.
+    pub chunks: Vec<ChunkStatus>,
+}
+
+/// `GET /v1/chunks/{id}`'s query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ChunkInfoQuery {
+    /// Include the token ids in the answer.
+    #[serde(default)]
+    pub include_tokens: bool,
+}
+
+/// How a stored object's K and V bytes are laid out (see `kvstore`'s object format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Layout {
+    /// Transformer layers.
+    pub num_layers: u32,
+    /// KV heads per layer.
+    pub num_kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Element type: `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// K captured before the rotary embedding (always true for kvquilt's objects).
+    pub k_pre_rope: bool,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RoPE frequency scaling: `{"type": "none"}`, `{"type": "linear", "factor"}` or
+    /// `{"type": "llama3", ...}`.
+    pub rope_scaling: serde_json::Value,
+}
+
+/// `GET /v1/chunks/{id}`: a stored chunk's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChunkInfo {
+    /// The chunk's id (64 hex digits).
+    pub id: String,
+    /// Token count.
+    pub tokens: usize,
+    /// The fastest tier holding it.
+    pub tier: Tier,
+    /// Decoded KV bytes, all layers.
+    pub bytes: u64,
+    /// The object's layout.
+    pub layout: Layout,
+    /// The token ids, when asked for with `include_tokens=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}

@@ -1,0 +1,316 @@
+//! OpenAI-compatible completions (`/v1/chat/completions`, `/v1/completions`, `/v1/models`)
+//! with kvquilt's extensions: `documents` (chunks assembled through blend) in requests and
+//! `kvquilt` (the blend's [`BlendStats`]) in responses. Unknown OpenAI request fields are
+//! ignored, so OpenAI SDKs can send theirs.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::blend::{BlendStats, ModeSpec};
+use crate::chunks::ChunkRef;
+
+/// Sampling, stopping and kvquilt fields both completion endpoints take.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CommonFields {
+    /// The served model's name (optional; another name is a 404).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<usize>,
+    /// Sampling temperature, `0..=2` (0: greedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass, `(0, 1]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Seed of the sampler (same seed, same request: same tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Stream server-sent events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Completions per request (only 1 is served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+    /// kvquilt: retrieved documents, each a cached chunk of the prompt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<ChunkRef>,
+    /// kvquilt: how the documents are assembled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvquilt: Option<ModeSpec>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several stop strings.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChatRequest {
+    /// The conversation; the last message is the user's question.
+    pub messages: Vec<ChatMessage>,
+    /// Return each generated token's log-probability.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logprobs: bool,
+    /// Alternatives per generated token (with `logprobs`), at most 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<usize>,
+    /// Sampling, stopping, documents.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+impl ChatRequest {
+    /// A conversation with no documents and the server's defaults.
+    pub fn new(messages: Vec<ChatMessage>) -> Self {
+        Self {
+            messages,
+            ..Self::default()
+        }
+    }
+}
+
+/// A message of a chat request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Its text (absent content is empty).
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with text `content`.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_string(),
+            content: Some(Content::Text(content.into())),
+        }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+}
+
+/// A message's content: a string, or OpenAI's list of parts (text parts only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts; only `{"type": "text", "text": ...}` is served.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ContentPart {
+    /// The part's type (`text`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CompletionRequest {
+    /// The prompt (one string; a list of one string is accepted).
+    pub prompt: Prompt,
+    /// Legacy completions' `logprobs`: how many alternatives per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
+    /// Sampling, stopping, documents.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+impl CompletionRequest {
+    /// A prompt with no documents and the server's defaults.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: Prompt::One(prompt.into()),
+            logprobs: None,
+            common: CommonFields::default(),
+        }
+    }
+}
+
+/// `prompt`: one string, or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One prompt.
+    One(String),
+    /// Several prompts (only one is served).
+    Many(Vec<String>),
+}
+
+/// Token counts of a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    /// Usage of `completion` tokens generated after `prompt` tokens.
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
+/// The assistant's answer in a chat response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: String,
+    /// The generated text.
+    pub content: String,
+}
+
+/// One choice of a chat response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChatChoice {
+    /// Always 0 (one choice is served).
+    pub index: usize,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// OpenAI's chat log-probability object (`{"content": [...]}`) when asked for.
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// `POST /v1/chat/completions`'s answer (not streamed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChatResponse {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's name.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// What assembling the prompt did.
+    pub kvquilt: BlendStats,
+}
+
+/// One choice of a completion response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CompletionChoice {
+    /// Always 0 (one choice is served).
+    pub index: usize,
+    /// The generated text.
+    pub text: String,
+    /// Legacy completions' log-probability object when asked for.
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// `POST /v1/completions`'s answer (not streamed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CompletionResponse {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's name.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// What assembling the prompt did.
+    pub kvquilt: BlendStats,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ModelList {
+    /// `list`.
+    pub object: String,
+    /// The served model.
+    pub data: Vec<ModelCard>,
+}
+
+/// One served model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ModelCard {
+    /// Its name.
+    pub id: String,
+    /// `model`.
+    pub object: String,
+    /// Unix seconds (0: unknown).
+    pub created: u64,
+    /// `kvquilt`.
+    pub owned_by: String,
+}

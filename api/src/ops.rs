@@ -1,0 +1,106 @@
+//! Operations: `/health` and `/v1/stats`.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /health`: answered without the model pool or the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Health {
+    /// Always `ok` when the server answers.
+    pub status: String,
+    /// The served model's name.
+    pub model: String,
+    /// Seconds since start-up.
+    pub uptime_s: f64,
+}
+
+/// A latency histogram: `counts[i]` observations fell in `(bounds_s[i-1], bounds_s[i]]`, the
+/// last count above every bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Histogram {
+    /// Upper bounds, seconds.
+    pub bounds_s: Vec<f64>,
+    /// Observations per bucket (one more than `bounds_s`).
+    pub counts: Vec<u64>,
+    /// Sum of all observations, seconds.
+    pub sum_s: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+/// One tier's counters since start-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct TierStats {
+    /// `gpu`, `host` or `ssd`.
+    pub tier: String,
+    /// Lookups it answered.
+    pub hits: u64,
+    /// Lookups it could not answer.
+    pub misses: u64,
+    /// Bytes written into it (stored size).
+    pub bytes_in: u64,
+    /// Bytes read out of it (stored size).
+    pub bytes_out: u64,
+    /// Objects written.
+    pub puts: u64,
+    /// Objects removed on request.
+    pub removes: u64,
+    /// Objects evicted for room.
+    pub evictions: u64,
+    /// Reads that failed verification (each dropped the object).
+    pub checksum_failures: u64,
+    /// Bytes held now.
+    pub used_bytes: u64,
+    /// Most bytes it may hold.
+    pub capacity_bytes: u64,
+    /// Objects held now.
+    pub objects: u64,
+    /// Read latency.
+    pub get_latency: Histogram,
+    /// Write latency.
+    pub put_latency: Histogram,
+}
+
+/// The model pool's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct PoolStats {
+    /// Model requests computed at once.
+    pub workers: usize,
+    /// Requests computing now.
+    pub running: usize,
+    /// Requests waiting for a worker.
+    pub waiting: usize,
+}
+
+/// The caller's tenant and its storage use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct TenantUsage {
+    /// The tenant's name (`default` without tenants).
+    pub name: String,
+    /// Decoded KV bytes of its stored chunks.
+    pub used_bytes: u64,
+    /// Its quota, bytes; absent: unlimited.
+    pub quota_bytes: Option<u64>,
+}
+
+/// `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Stats {
+    /// The served model's name.
+    pub model: String,
+    /// Seconds since start-up.
+    pub uptime_s: f64,
+    /// Every tier a request reads, fastest first.
+    pub tiers: Vec<TierStats>,
+    /// The model pool.
+    pub pool: PoolStats,
+    /// The caller's tenant.
+    pub tenant: TenantUsage,
+    /// Measured prefill time of 1,000 tokens, seconds (absent before the first prefill).
+    pub prefill_s_per_1k_tokens: Option<f64>,
+}

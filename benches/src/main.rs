@@ -1,0 +1,29 @@
+//! `kvquilt-bench`: the harness binary behind `kvquilt bench …` and `kvquilt eval …`.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kvquilt bench",
+    version,
+    about = "kvquilt's benchmarks (model, blend, store, load) and evaluation harness (eval)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Bench(kvquilt_bench::bench::BenchCommand),
+    /// Answer quality and TTFT of the reuse modes beside full prefill, on real data.
+    Eval(kvquilt_bench::eval::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Bench(c) => kvquilt_bench::bench::run(c),
+        Command::Eval(a) => kvquilt_bench::eval::run(a),
+    }
+}

@@ -1,0 +1,106 @@
+//! The `kvquilt` command line: argument parsing and dispatch to [`crate::cmd`] and
+//! [`crate::serve`]. `bench` and `eval` hand their arguments to the `kvquilt-bench` binary.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::{cmd, serve};
+
+/// Name of the harness binary `bench` and `eval` run.
+pub const BENCH_BINARY: &str = "kvquilt-bench";
+
+#[derive(Parser)]
+#[command(
+    name = "kvquilt",
+    version,
+    about = "KV-cache reuse for RAG: precompute, store and blend chunk KV caches"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt (greedy), the full-prefill reference path.
+    Generate(cmd::generate::Args),
+    /// Manage model files.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Run the HTTP sidecar (chunks, blend, OpenAI-compatible completions with documents).
+    Serve(serve::Args),
+    /// Precompute and store the KV of a corpus's chunks (resumable batch job).
+    Precompute(cmd::precompute::Args),
+    /// Benchmarks: model, blend, store, load (runs `kvquilt-bench`; `kvquilt bench --help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for `kvquilt-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Answer quality and TTFT of the reuse modes beside full prefill, on real data (runs
+    /// `kvquilt-bench eval`).
+    #[command(disable_help_flag = true)]
+    Eval {
+        /// Arguments for `kvquilt-bench eval`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// Runs the command line; errors are printed with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd::generate::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Model(c) => cmd::model::run(c).map(|()| ExitCode::SUCCESS),
+        Command::Serve(a) => serve::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Precompute(a) => cmd::precompute::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Bench { args } => run_bench(None, args),
+        Command::Eval { args } => run_bench(Some("eval"), args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `kvquilt-bench [first] ARGS…` and passes its exit code on.
+fn run_bench(first: Option<&str>, args: Vec<OsString>) -> Result<ExitCode> {
+    let bin = bench_binary()?;
+    let status = std::process::Command::new(&bin)
+        .args(first)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+}
+
+/// `kvquilt-bench` beside this executable (where cargo and `scripts/run.sh` build it), else
+/// on `PATH`.
+fn bench_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the kvquilt executable")?;
+    let beside = exe.with_file_name(BENCH_BINARY);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(BENCH_BINARY))
+            .find(|c| c.is_file())
+    });
+    on_path.with_context(|| {
+        format!(
+            "`{BENCH_BINARY}` is not installed beside {} nor on PATH; build it with \
+             `cargo build --release -p kvquilt-bench` (scripts/run.sh builds both)",
+            exe.display()
+        )
+    })
+}

@@ -1,0 +1,109 @@
+//! The edge between the engine and the wire: engine structs (`kvquilt_blend`,
+//! `kvquilt_kvstore`) become `kvquilt_api` types here and nowhere else, so an engine change
+//! shows up as a compile error in this file rather than as a silent change of the API.
+
+use kvquilt_api as api;
+use kvquilt_blend::{BlendConfig, BlendStats, Mode, SegmentSource};
+use kvquilt_kvstore::{HistogramSnapshot, KvLayout, TierKind, TierStatsSnapshot};
+
+use super::error::{ApiError, ApiResult};
+
+/// A tier's wire name.
+pub(crate) fn tier(t: TierKind) -> api::Tier {
+    match t {
+        TierKind::Gpu => api::Tier::Gpu,
+        TierKind::Host => api::Tier::Host,
+        TierKind::Ssd => api::Tier::Ssd,
+    }
+}
+
+/// An object layout on the wire.
+pub(crate) fn layout(l: &KvLayout) -> api::Layout {
+    api::Layout {
+        num_layers: l.num_layers,
+        num_kv_heads: l.num_kv_heads,
+        head_dim: l.head_dim,
+        dtype: serde_json::to_value(l.dtype)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        k_pre_rope: l.k_pre_rope,
+        rope_theta: l.rope_theta,
+        rope_scaling: serde_json::to_value(l.rope_scaling).unwrap_or_default(),
+    }
+}
+
+/// How a segment's KV was obtained, on the wire.
+pub(crate) fn segment(s: SegmentSource) -> api::SegmentSource {
+    match s {
+        SegmentSource::Hit(t) => api::SegmentSource::Hit(tier(t)),
+        SegmentSource::Miss => api::SegmentSource::Miss,
+        SegmentSource::RecomputedForSpeed => api::SegmentSource::RecomputedForSpeed,
+        SegmentSource::Unusable => api::SegmentSource::Unusable,
+    }
+}
+
+/// A blend's stats on the wire.
+pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
+    api::BlendStats {
+        mode: s.mode.to_string(),
+        fell_back_to_full: s.fell_back_to_full,
+        tokens: s.tokens,
+        suffix_tokens: s.suffix_tokens,
+        segments: s.segments.iter().copied().map(segment).collect(),
+        hits_gpu: s.hits_gpu,
+        hits_host: s.hits_host,
+        hits_ssd: s.hits_ssd,
+        misses: s.misses,
+        stored_back: s.stored_back,
+        recomputed_tokens: s.recomputed_tokens,
+        recompute_fraction: s.recompute_fraction,
+        ttft_ms: s.ttft_ms,
+    }
+}
+
+/// The engine mode a request asks for (`mode`, `ratio`; default: blend at kvquilt's ratio).
+pub(crate) fn mode(mode: Option<&str>, ratio: Option<f32>) -> ApiResult<Mode> {
+    let default = Mode::Blend(BlendConfig::default());
+    Mode::parse(mode.unwrap_or(default.name()), ratio).map_err(|e| match e {
+        kvquilt_blend::BlendError::Invalid(m) => ApiError::bad_request("invalid_mode", m),
+        other => other.into(),
+    })
+}
+
+/// [`mode`] of the OpenAI endpoints' `kvquilt` field.
+pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<Mode> {
+    match spec {
+        Some(s) => mode(s.mode.as_deref(), s.ratio),
+        None => mode(None, None),
+    }
+}
+
+fn histogram(h: &HistogramSnapshot) -> api::ops::Histogram {
+    api::ops::Histogram {
+        bounds_s: h.bounds_s.clone(),
+        counts: h.counts.clone(),
+        sum_s: h.sum_s,
+        count: h.count,
+    }
+}
+
+/// One tier's counters on the wire.
+pub(crate) fn tier_stats(t: &TierStatsSnapshot) -> api::ops::TierStats {
+    api::ops::TierStats {
+        tier: t.tier.clone(),
+        hits: t.hits,
+        misses: t.misses,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
+        puts: t.puts,
+        removes: t.removes,
+        evictions: t.evictions,
+        checksum_failures: t.checksum_failures,
+        used_bytes: t.used_bytes,
+        capacity_bytes: t.capacity_bytes,
+        objects: t.objects,
+        get_latency: histogram(&t.get_latency),
+        put_latency: histogram(&t.put_latency),
+    }
+}

@@ -1,0 +1,346 @@
+//! The router in-process (tower's `oneshot`) on a tiny model: request validation, errors,
+//! auth, tenants, quotas, uploads, and the route list against `kvquilt_api::ROUTES`. Each
+//! rejection is a JSON error naming the problem, and leaves the store as it was.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use axum::http::StatusCode;
+use common::{TestApp, assert_err};
+use kvquilt::serve::config::{Config, TenantConfig};
+use kvquilt_api::openai::{ChatResponse, CompletionResponse};
+use kvquilt_api::{BlendResponse, ChunkInfo, PutChunksResponse, ROUTES, Stats};
+use kvquilt_kvstore::{Codec, EncodedObject, KvObject};
+use serde_json::{Value, json};
+
+const DEFAULT_TOKEN: &str = "default-token-1";
+const ACME_TOKEN: &str = "acme-token-123";
+const T: Option<&str> = Some(DEFAULT_TOKEN);
+const DOCS: [&str; 3] = [
+    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911.",
+    "The secret number is 4817.",
+    "Quenmoor is a fishing town on the northern coast.",
+];
+
+/// Bearer tokens, small limits, and a tenant `acme` whose quota holds one short chunk of the
+/// tiny model (512 bytes of KV per token) but not two long ones.
+fn limited() -> Config {
+    let mut c = Config::default();
+    c.api_tokens = vec![DEFAULT_TOKEN.into()];
+    c.limits.max_body_bytes = 1 << 20;
+    c.limits.max_request_tokens = 200;
+    c.limits.max_chunks = 4;
+    c.tenants = vec![TenantConfig {
+        name: "acme".into(),
+        tokens: vec![ACME_TOKEN.into()],
+        quota_bytes: Some(20_000),
+    }];
+    c
+}
+
+async fn stats(app: &TestApp, token: Option<&str>) -> Stats {
+    let (status, v) = app.call("GET", "/v1/stats", token, None, "").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    serde_json::from_value(v).expect("a Stats body")
+}
+
+fn objects(s: &Stats) -> u64 {
+    s.tiers.iter().map(|t| t.objects).max().unwrap_or(0)
+}
+
+async fn put_text(app: &TestApp, token: Option<&str>, text: &str) -> PutChunksResponse {
+    let (status, v) = app
+        .json("POST", "/v1/chunks", token, json!({"chunks": [text]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    serde_json::from_value(v).expect("a PutChunksResponse")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_required_off_health() {
+    let app = TestApp::new(limited());
+    let r = app.call("GET", "/v1/stats", None, None, "").await;
+    assert_err(&r, 401, "missing_token", "Bearer");
+    let r = app.call("GET", "/v1/stats", Some("wrong-token-x"), None, "").await;
+    assert_err(&r, 401, "invalid_token", "not valid");
+    let (status, v) = app.call("GET", "/health", None, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["status"], "ok");
+    let (status, _) = app.call("GET", "/openapi.json", None, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let r = app.call("GET", "/v1/nothing-here", T, None, "").await;
+    assert_err(&r, 404, "no_such_route", "openapi");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_name_the_problem_and_change_nothing() {
+    let app = TestApp::new(limited());
+    put_text(&app, T, DOCS[1]).await;
+    let before = stats(&app, T).await;
+    let body = |s: &str| Some(axum::body::Body::from(s.to_string()));
+    let r = app
+        .call("POST", "/v1/chunks", T, body("{\"chunks\": [\"a\","), "application/json")
+        .await;
+    assert_err(&r, 400, "malformed_json", "EOF");
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": [{"text": "a", "tokens": [1]}]}))
+        .await;
+    assert_err(&r, 400, "invalid_chunk", "exactly one");
+    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": []})).await;
+    assert_err(&r, 400, "no_chunks", "empty");
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": [{"tokens": [1, 9999]}]}))
+        .await;
+    assert_err(&r, 400, "invalid_token_id", "9999");
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "mode": "fast"}))
+        .await;
+    assert_err(&r, 400, "invalid_mode", "fast");
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "mode": "reuse", "ratio": 0.5}))
+        .await;
+    assert_err(&r, 400, "invalid_mode", "ratio");
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "ratio": 1.5}))
+        .await;
+    assert_err(&r, 400, "invalid_mode", "1.5");
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "surprise": 1}))
+        .await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST, "{}", r.1);
+    let r = app
+        .json("POST", "/v1/chat/completions", T, json!({"messages": [{"role": "robot", "content": "hi"}]}))
+        .await;
+    assert_err(&r, 400, "invalid_role", "robot");
+    let now = stats(&app, T).await;
+    assert_eq!(objects(&now), objects(&before), "the store changed");
+    assert_eq!(now.tenant.used_bytes, before.tenant.used_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_chunk_ids() {
+    let app = TestApp::new(limited());
+    let unknown = "ab".repeat(32);
+    let r = app.call("GET", &format!("/v1/chunks/{unknown}"), T, None, "").await;
+    assert_err(&r, 404, "unknown_chunk", &unknown);
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "chunks": [{"id": unknown}]}))
+        .await;
+    assert_err(&r, 404, "unknown_chunk", &unknown);
+    let r = app.call("GET", "/v1/chunks/xyz", T, None, "").await;
+    assert_err(&r, 400, "invalid_chunk_id", "xyz");
+    let r = app.call("DELETE", &format!("/v1/chunks/{unknown}"), T, None, "").await;
+    assert_err(&r, 404, "unknown_chunk", &unknown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_enforced_by_name() {
+    let app = TestApp::new(limited());
+    let big = "word ".repeat(300_000);
+    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": [big]})).await;
+    assert_err(&r, 413, "body_too_large", "max_body_bytes");
+    let long = "The tower is old. ".repeat(60);
+    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": [long]})).await;
+    assert_err(&r, 400, "too_many_tokens", "max_request_tokens");
+    let r = app
+        .json("POST", "/v1/blend", T, json!({"question": "q?", "chunks": ["a", "b", "c", "d", "e"]}))
+        .await;
+    assert_err(&r, 400, "too_many_chunks", "max_chunks");
+    let r = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            T,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
+        )
+        .await;
+    assert_err(&r, 400, "invalid_max_tokens", "max_new_tokens");
+    assert_eq!(objects(&stats(&app, T).await), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_and_quotas_hold() {
+    let app = TestApp::new(limited());
+    let acme = Some(ACME_TOKEN);
+    let id = put_text(&app, T, DOCS[1]).await.chunks[0].id.clone();
+    // another tenant's chunk id is unknown to acme, and acme cannot delete it
+    let other = format!("/v1/chunks/{id}");
+    let r = app.call("GET", &other, acme, None, "").await;
+    assert_err(&r, 404, "unknown_chunk", &id);
+    let r = app.call("DELETE", &other, acme, None, "").await;
+    assert_err(&r, 404, "unknown_chunk", &id);
+    let r = app
+        .json("POST", "/v1/blend", acme, json!({"question": "q?", "chunks": [{"id": id}]}))
+        .await;
+    assert_err(&r, 404, "unknown_chunk", &id);
+    let (status, _) = app.call("HEAD", &other, T, None, "").await;
+    assert_eq!(status, StatusCode::OK, "still there for its owner");
+    // the same text is a different chunk for acme (no cross-tenant hits)
+    let mine = put_text(&app, acme, DOCS[1]).await;
+    assert_ne!(mine.chunks[0].id, id);
+    assert_eq!(mine.chunks[0].status, kvquilt_api::ChunkOutcome::Stored);
+    let used = stats(&app, acme).await.tenant.used_bytes;
+    assert_eq!(used, 512 * mine.chunks[0].tokens as u64, "512 bytes of KV per token");
+    // acme's quota (20 kB) holds no more such chunks
+    let r = app
+        .json("POST", "/v1/chunks", acme, json!({"chunks": [DOCS[0], DOCS[2]]}))
+        .await;
+    assert_err(&r, 403, "quota_exceeded", "acme");
+    // a blend over acme's misses still answers, but stores nothing past the quota
+    let (status, v) = app
+        .json("POST", "/v1/blend", acme, json!({"question": "q?", "chunks": [DOCS[0], DOCS[2]], "mode": "reuse"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let b: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
+    assert_eq!(b.stats.stored_back, 0);
+    assert_eq!(stats(&app, acme).await.tenant.used_bytes, used);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_objects_are_verified_before_they_are_stored() {
+    let app = TestApp::new(limited());
+    let put = put_text(&app, T, DOCS[1]).await;
+    let id = put.chunks[0].id.clone();
+    let kv_url = format!("/v1/chunks/{id}/kv");
+    let (status, kv) = app.bytes("GET", &kv_url, T, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.call("DELETE", &format!("/v1/chunks/{id}"), T, None, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let before = stats(&app, T).await;
+    let to_json = |(s, b): (StatusCode, Vec<u8>)| (s, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null));
+
+    let obj = EncodedObject::parse(&kv, None).unwrap().decode().unwrap();
+    let mut layout = *obj.layout();
+    layout.rope_theta *= 2.0;
+    let layers: Vec<_> = (0..obj.num_layers()).map(|l| obj.layer(l).clone()).collect();
+    let wrong = KvObject::new(*obj.key(), layout, obj.tokens().to_vec(), layers, None).unwrap();
+    let r = app.bytes("PUT", &kv_url, T, Some(wrong.encode(Codec::Raw).to_bytes().to_vec())).await;
+    assert_err(&to_json(r), 400, "layout_mismatch", "layout");
+    let mut flipped = kv.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    let r = app.bytes("PUT", &kv_url, T, Some(flipped)).await;
+    assert_err(&to_json(r), 400, "corrupt_object", "checksum");
+    let r = app.bytes("PUT", &kv_url, T, Some(kv[..kv.len() / 2].to_vec())).await;
+    assert_err(&to_json(r), 400, "corrupt_object", "truncated");
+    let unknown = "ab".repeat(32);
+    let r = app.bytes("PUT", &format!("/v1/chunks/{unknown}/kv"), T, Some(kv.clone())).await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST);
+    // nor under acme's id: its tokens derive the default tenant's id
+    let mine = put_text(&app, Some(ACME_TOKEN), DOCS[1]).await.chunks[0].id.clone();
+    let r = app.bytes("PUT", &format!("/v1/chunks/{mine}/kv"), Some(ACME_TOKEN), Some(kv.clone())).await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST);
+    let now = stats(&app, T).await;
+    assert_eq!(now.tenant.used_bytes, before.tenant.used_bytes, "nothing was stored");
+    // the intact object goes back in, then is a hit
+    let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv.clone())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = app.call("GET", &format!("/v1/chunks/{id}?include_tokens=true"), T, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let info: ChunkInfo = serde_json::from_value(v).expect("a ChunkInfo");
+    assert_eq!(info.token_ids.map(|t| t.len()), Some(info.tokens));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blend_reports_what_it_stored_and_r1_equals_full() {
+    let app = TestApp::new(Config::default());
+    let chunks = json!([DOCS[0], DOCS[1], DOCS[2]]);
+    let (status, v) = app
+        .json("POST", "/v1/blend", None, json!({"question": "What is the number?", "chunks": chunks, "mode": "full"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let full: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
+    assert_eq!(full.stats.mode, "full");
+    let used = stats(&app, None).await.tenant.used_bytes;
+    assert!(used > 0, "the misses were stored back and charged to the tenant");
+    let (status, v) = app
+        .json("POST", "/v1/blend", None, json!({"question": "What is the number?", "chunks": chunks, "mode": "blend", "ratio": 1.0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let one: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
+    assert_eq!(one.stats.misses, 0);
+    assert_eq!(one.stats.stored_back, 0);
+    assert_eq!(stats(&app, None).await.tenant.used_bytes, used, "hits store nothing");
+    assert_eq!(full.token.id, one.token.id);
+    for (a, b) in full.top_logprobs.iter().zip(&one.top_logprobs) {
+        assert_eq!(a.id, b.id);
+        assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_parse_as_the_wire_types() {
+    let app = TestApp::new(Config::default());
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [{"role": "user", "content": "hi"}], "documents": [DOCS[1]], "max_tokens": 3, "logprobs": true, "top_logprobs": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let chat: ChatResponse = serde_json::from_value(v).expect("a ChatResponse");
+    assert_eq!(chat.object, "chat.completion");
+    assert!(chat.usage.completion_tokens >= 1 && chat.usage.completion_tokens <= 3);
+    assert_eq!(chat.usage.prompt_tokens, chat.kvquilt.tokens);
+    assert!(chat.choices[0].logprobs.is_some());
+    let (status, v) = app
+        .json("POST", "/v1/completions", None, json!({"prompt": "The tower", "max_tokens": 2}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let text: CompletionResponse = serde_json::from_value(v).expect("a CompletionResponse");
+    assert_eq!(text.usage.completion_tokens, 2);
+    let r = app
+        .json("POST", "/v1/completions", None, json!({"prompt": "x", "model": "gpt-9"}))
+        .await;
+    assert_err(&r, 404, "model_not_found", "gpt-9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_serves_exactly_the_listed_routes() {
+    let table: BTreeSet<_> = kvquilt::serve::routes()
+        .iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    let listed: BTreeSet<_> = ROUTES.iter().map(|r| (r.method, r.path)).collect();
+    assert_eq!(table, listed, "serve::routes() and kvquilt_api::ROUTES differ");
+    assert_eq!(table.len(), kvquilt::serve::routes().len(), "a route is in the table twice");
+    // and the router built from the table answers each of them (no 404 route miss, no 405)
+    let app = TestApp::new(Config::default());
+    let id = "ab".repeat(32);
+    for r in ROUTES {
+        let uri = r.path.replace("{id}", &id);
+        let method = match r.method {
+            kvquilt_api::Method::Get => "GET",
+            kvquilt_api::Method::Head => "HEAD",
+            kvquilt_api::Method::Post => "POST",
+            kvquilt_api::Method::Put => "PUT",
+            kvquilt_api::Method::Delete => "DELETE",
+        };
+        let (status, v) = app.call(method, &uri, None, None, "").await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_ne!(v["error"]["code"], "no_such_route", "{method} {uri}");
+    }
+    // the OpenAPI document describes the same routes
+    let (_, doc) = app.call("GET", "/openapi.json", None, None, "").await;
+    let described: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(p, ops)| {
+            ops.as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .map(move |m| (m.clone(), p.clone()))
+        })
+        .collect();
+    let listed: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|r| (r.method.openapi_name().to_string(), r.path.to_string()))
+        .collect();
+    assert_eq!(described, listed);
+}

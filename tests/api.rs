@@ -1,0 +1,165 @@
+//! The HTTP API end to end: `kvquilt serve` on loopback with the real default model, driven
+//! by the Rust client (`clients/rust`), and a restart on the same data directory. Request
+//! validation, errors, auth, tenants and quotas are tested in-process on a tiny model
+//! (`server/tests/router.rs`).
+
+mod common;
+
+use common::{Server, rt};
+use kvquilt_client::{
+    BlendRequest, ChatMessage, ChatRequest, ChunkOutcome, ChunkRef, Client, CommonFields, CompletionRequest,
+    ModeSpec, Stats, Tier,
+};
+use kvquilt_kvstore::EncodedObject;
+
+const DOCS: [&str; 3] = [
+    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911.",
+    "The secret number is 4817.",
+    "Quenmoor is a fishing town on the northern coast.",
+];
+
+fn objects(s: &Stats) -> u64 {
+    s.tiers.iter().map(|t| t.objects).max().unwrap_or(0)
+}
+
+#[test]
+fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let rt = rt();
+    let server = Server::start(&data, &[]);
+    let c = Client::new(&server.url);
+    let (ids, blend_again) = rt.block_on(async {
+        assert_eq!(c.health().await.unwrap().status, "ok");
+        let model = c.model().await.unwrap();
+        assert_eq!(model, "smollm2-135m-instruct");
+        let doc = c.openapi().await.unwrap();
+        assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
+
+        // chunks: store, look up, move the object out and back in
+        let put = c.put_chunks(&DOCS.map(ChunkRef::text)).await.unwrap();
+        assert_eq!(put.chunks.len(), 3);
+        assert!(put.chunks.iter().all(|s| s.status == ChunkOutcome::Stored));
+        let again = c.put_chunks(&[ChunkRef::text(DOCS[0])]).await.unwrap();
+        assert_eq!(again.chunks[0].status, ChunkOutcome::Hit);
+        assert_eq!(again.chunks[0].id, put.chunks[0].id);
+        let ids: Vec<String> = put.chunks.iter().map(|s| s.id.clone()).collect();
+        let info = c.chunk(&ids[1], true).await.unwrap().expect("stored");
+        assert_eq!(info.tokens, put.chunks[1].tokens);
+        assert_eq!(info.token_ids.as_ref().map(Vec::len), Some(info.tokens));
+        assert!(c.chunk_exists(&ids[1]).await.unwrap());
+        let kv = c.chunk_kv(&ids[1]).await.unwrap().expect("object");
+        let parsed = EncodedObject::parse(&kv, None).expect("the object format");
+        assert_eq!(parsed.header.info.tokens, info.token_ids.clone().unwrap());
+        assert!(c.delete_chunk(&ids[1]).await.unwrap());
+        assert!(!c.chunk_exists(&ids[1]).await.unwrap());
+        assert!(!c.delete_chunk(&ids[1]).await.unwrap());
+        assert_eq!(
+            c.put_chunk_kv(&ids[1], kv.clone()).await.unwrap().status,
+            ChunkOutcome::Stored
+        );
+        assert_eq!(
+            c.put_chunk_kv(&ids[1], kv).await.unwrap().status,
+            ChunkOutcome::Hit
+        );
+
+        // blend over stored ids; r = 1 equals full
+        let refs: Vec<ChunkRef> = ids.iter().map(ChunkRef::id).collect();
+        let q = "What is the secret number?";
+        let b = c
+            .blend(&BlendRequest::question(q, refs.clone()))
+            .await
+            .unwrap();
+        assert_eq!(b.chunk_ids, ids);
+        assert!(b.stats.hits_host + b.stats.hits_ssd >= 3 || b.stats.fell_back_to_full);
+        let full = c
+            .blend(&BlendRequest::question(q, refs.clone()).mode("full", None))
+            .await
+            .unwrap();
+        let one = c
+            .blend(&BlendRequest::question(q, refs.clone()).mode("blend", Some(1.0)))
+            .await
+            .unwrap();
+        assert_eq!(full.token.id, one.token.id);
+        for (a, b) in full.top_logprobs.iter().zip(&one.top_logprobs) {
+            assert_eq!(a.id, b.id);
+            assert!(
+                (a.logprob - b.logprob).abs() < 1e-3,
+                "{} vs {}",
+                a.logprob,
+                b.logprob
+            );
+        }
+
+        // OpenAI-compatible endpoints; streaming gives the same greedy text
+        let chat = ChatRequest {
+            messages: vec![ChatMessage::user(
+                "What is the secret number? Answer with the number only.",
+            )],
+            common: CommonFields {
+                model: Some(model.clone()),
+                documents: vec![
+                    ChunkRef::id(&ids[0]),
+                    ChunkRef::id(&ids[1]),
+                    ChunkRef::text("A new passage about boats."),
+                ],
+                max_tokens: Some(6),
+                kvquilt: Some(ModeSpec {
+                    mode: Some("blend".into()),
+                    ratio: Some(0.3),
+                }),
+                ..CommonFields::default()
+            },
+            ..ChatRequest::default()
+        };
+        let r = c.chat(&chat).await.unwrap();
+        assert!(!r.choices[0].message.content.is_empty());
+        assert_eq!(r.usage.prompt_tokens, r.kvquilt.tokens);
+        assert!(r.usage.completion_tokens >= 1 && r.usage.completion_tokens <= 6);
+        let (pieces, last) = c.chat_stream(&chat).await.unwrap();
+        assert_eq!(pieces.concat(), r.choices[0].message.content);
+        assert_eq!(
+            last["kvquilt"]["misses"], 0,
+            "the new passage was stored back"
+        );
+        let comp = c
+            .completion(&CompletionRequest {
+                common: CommonFields {
+                    max_tokens: Some(4),
+                    ..CommonFields::default()
+                },
+                ..CompletionRequest::new("The capital of France is")
+            })
+            .await
+            .unwrap();
+        assert!(!comp.choices[0].text.is_empty());
+        assert_eq!(comp.usage.completion_tokens, 4);
+
+        let stats = c.stats().await.unwrap();
+        assert_eq!(stats.tiers.len(), 2);
+        assert!(objects(&stats) >= 3);
+        let metrics = c.metrics().await.unwrap();
+        assert!(metrics.contains("kvquilt_http_requests_total{"));
+        assert!(metrics.contains("kvquilt_store_objects{tier=\"ssd\"}"));
+        assert!(metrics.contains("kvquilt_ttft_seconds_bucket"));
+        (ids, BlendRequest::question(q, refs))
+    });
+    assert_eq!(server.stop(), Some(0), "graceful shutdown exits 0");
+
+    // a restart keeps every chunk (the SSD tier), and blends hit it
+    let server = Server::start(&data, &[]);
+    let c = Client::new(&server.url);
+    rt.block_on(async {
+        for id in &ids {
+            let info = c
+                .chunk(id, false)
+                .await
+                .unwrap()
+                .expect("kept across restart");
+            assert_eq!(info.tier, Tier::Ssd);
+        }
+        let b = c.blend(&blend_again.mode("reuse", None)).await.unwrap();
+        assert_eq!(b.stats.misses, 0);
+        assert_eq!(b.stats.hits_ssd + b.stats.hits_host, 4, "{:?}", b.stats);
+    });
+}
