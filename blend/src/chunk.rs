@@ -25,7 +25,7 @@
 use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{ChunkKey, KeyContext, KvLayout, KvObject, ObjectInfo, prefix_key};
-use kvquilt_model::{KvCache, Model, Tokenizer};
+use kvquilt_model::{KvCache, Model, Tokenizer, positions};
 
 use crate::error::{BlendError, Result, invalid};
 use crate::identity::ModelIdentity;
@@ -100,10 +100,12 @@ impl ChunkCodec {
         Self { identity, keys }
     }
 
+    /// The model identity every key and object of this codec is made under.
     pub fn identity(&self) -> &ModelIdentity {
         &self.identity
     }
 
+    /// The layout of the objects this codec makes and accepts.
     pub fn layout(&self) -> &KvLayout {
         &self.identity.layout
     }
@@ -130,13 +132,9 @@ impl ChunkCodec {
             .collect()
     }
 
+    /// How this codec prefills chunks (the identity's encoding).
     pub fn encoding(&self) -> &ChunkEncoding {
         self.identity.encoding()
-    }
-
-    /// Positions `0..len`: where a stored chunk's KV sits until blending moves it.
-    pub fn positions(len: usize) -> Vec<u32> {
-        (0..len as u32).collect()
     }
 
     /// Prefills a chunk by the [`ChunkEncoding`]; returns its KV at positions `0..T` and the
@@ -149,14 +147,14 @@ impl ChunkCodec {
         let mut cache = model.empty_cache()?;
         let sink = self.encoding().sink_for(tokens);
         if sink.is_empty() {
-            model.prefill(tokens, &Self::positions(tokens.len()), &mut cache)?;
+            model.prefill(tokens, &positions(0, tokens.len()), &mut cache)?;
             return Ok((cache, start.elapsed()));
         }
         let all = [sink, tokens].concat();
-        model.prefill(&all, &Self::positions(all.len()), &mut cache)?;
+        model.prefill(&all, &positions(0, all.len()), &mut cache)?;
         let cache = cache
             .narrow(sink.len(), tokens.len())?
-            .with_positions(Self::positions(tokens.len()))?;
+            .with_positions(positions(0, tokens.len()))?;
         Ok((cache, start.elapsed()))
     }
 
@@ -221,7 +219,7 @@ impl ChunkCodec {
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
-            positions: Self::positions(t),
+            positions: positions(0, t),
         })
     }
 }

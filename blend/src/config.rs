@@ -22,6 +22,8 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's name, as requests give it and statistics report it: the one place the
+    /// names are spelled.
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Full => "full",
@@ -29,6 +31,41 @@ impl Mode {
             Mode::Reuse => "reuse",
             Mode::Blend(_) => "blend",
         }
+    }
+
+    /// The mode named `name` ([`Mode::name`]). `ratio`, when given, is the recomputed
+    /// fraction of `blend`, which otherwise runs [`BlendConfig::default`]; it must be
+    /// finite and within `0..=1`, and is refused for every other mode. Errors are
+    /// [`crate::BlendError::Invalid`].
+    pub fn parse(name: &str, ratio: Option<f32>) -> Result<Mode> {
+        let blend = Mode::Blend(BlendConfig::default());
+        if name == blend.name() {
+            let mut c = BlendConfig::default();
+            if let Some(r) = ratio {
+                if !(0.0..=1.0).contains(&r) || !r.is_finite() {
+                    return Err(invalid(format!("ratio {r} is not within 0..=1")));
+                }
+                c.ratio = r;
+            }
+            return Ok(Mode::Blend(c));
+        }
+        let plain = [Mode::Full, Mode::Prefix, Mode::Reuse];
+        let Some(mode) = plain.into_iter().find(|m| m.name() == name) else {
+            return Err(invalid(format!(
+                "unknown mode `{name}` (expected {}, {}, {} or {})",
+                Mode::Full.name(),
+                Mode::Prefix.name(),
+                Mode::Reuse.name(),
+                blend.name()
+            )));
+        };
+        if ratio.is_some() {
+            return Err(invalid(format!(
+                "`ratio` applies to mode `{}` only",
+                blend.name()
+            )));
+        }
+        Ok(mode)
     }
 }
 
@@ -45,6 +82,7 @@ pub struct BlendConfig {
     /// Gradual filtering: the first check layer keeps `ratio · gradual` (capped at 1) and the
     /// ratio falls linearly to `ratio` at the last check layer. 1 = no filtering schedule.
     pub gradual: f32,
+    /// The per-token deviation check layers rank by.
     pub deviation: Deviation,
     /// The first this-many tokens of every segment not at position 0 are always recomputed
     /// (a chunk prefilled alone turns its first tokens into attention sinks; EPIC).
@@ -144,5 +182,81 @@ impl BlendConfig {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::BlendError;
+
+    /// The message of an `Invalid` error; panics on anything else.
+    fn invalid_message(r: Result<Mode>) -> String {
+        match r {
+            Err(BlendError::Invalid(m)) => m,
+            other => panic!("expected an invalid-request error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_names_every_mode() {
+        assert_eq!(Mode::parse("full", None).unwrap(), Mode::Full);
+        assert_eq!(Mode::parse("prefix", None).unwrap(), Mode::Prefix);
+        assert_eq!(Mode::parse("reuse", None).unwrap(), Mode::Reuse);
+        assert_eq!(
+            Mode::parse("blend", None).unwrap(),
+            Mode::Blend(BlendConfig::default())
+        );
+        let with_ratio = BlendConfig {
+            ratio: 0.15,
+            ..BlendConfig::default()
+        };
+        assert_eq!(
+            Mode::parse("blend", Some(0.15)).unwrap(),
+            Mode::Blend(with_ratio)
+        );
+        for m in [
+            Mode::Full,
+            Mode::Prefix,
+            Mode::Reuse,
+            Mode::Blend(BlendConfig::default()),
+        ] {
+            assert_eq!(Mode::parse(m.name(), None).unwrap(), m);
+        }
+        // the bounds are inclusive
+        assert!(Mode::parse("blend", Some(0.0)).is_ok());
+        assert!(Mode::parse("blend", Some(1.0)).is_ok());
+    }
+
+    #[test]
+    fn parse_refuses_bad_names_and_ratios() {
+        assert_eq!(
+            invalid_message(Mode::parse("fast", None)),
+            "unknown mode `fast` (expected full, prefix, reuse or blend)"
+        );
+        assert_eq!(
+            invalid_message(Mode::parse("Blend", Some(0.5))),
+            "unknown mode `Blend` (expected full, prefix, reuse or blend)"
+        );
+        for name in ["full", "prefix", "reuse"] {
+            assert_eq!(
+                invalid_message(Mode::parse(name, Some(0.5))),
+                "`ratio` applies to mode `blend` only"
+            );
+        }
+        assert_eq!(
+            invalid_message(Mode::parse("blend", Some(1.5))),
+            "ratio 1.5 is not within 0..=1"
+        );
+        assert_eq!(
+            invalid_message(Mode::parse("blend", Some(-0.1))),
+            "ratio -0.1 is not within 0..=1"
+        );
+        for r in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(
+                invalid_message(Mode::parse("blend", Some(r))),
+                format!("ratio {r} is not within 0..=1")
+            );
+        }
     }
 }

@@ -102,6 +102,7 @@ impl DeviceTier {
         removed
     }
 
+    /// The tier's statistics (named `gpu`), with its used and total capacity in bytes.
     pub fn stats(&self) -> TierStatsSnapshot {
         self.stats.snapshot(
             "gpu",

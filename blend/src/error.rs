@@ -6,22 +6,32 @@ use kvquilt_model::ModelError;
 /// What can go wrong while turning chunks into objects or assembling a context.
 #[derive(Debug, thiserror::Error)]
 pub enum BlendError {
+    /// The model failed (compute, shapes, tokenizer).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The store failed (I/O, verification, capacity).
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored object does not fit the running model (layout, dtype, token count).
     #[error("stored object {key} does not match the model: {reason}")]
-    Mismatch { key: String, reason: String },
+    Mismatch {
+        /// The object's key, hex.
+        key: String,
+        /// What does not match.
+        reason: String,
+    },
     /// The request itself is unusable (empty, too long, bad ratio, ...).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Reading the model's weights failed.
     #[error("reading the model's weights for its fingerprint: {0}")]
     Io(#[from] std::io::Error),
 }
 
+/// The blend crate's result (its error by default).
 pub type Result<T, E = BlendError> = std::result::Result<T, E>;
 
+/// An [`BlendError::Invalid`] with `msg`.
 pub(crate) fn invalid(msg: impl Into<String>) -> BlendError {
     BlendError::Invalid(msg.into())
 }

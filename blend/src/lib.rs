@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! kvquilt's context assembly: how chunks become stored KV, and how stored KV becomes a
 //! prompt's context.
 //!
@@ -34,6 +35,6 @@ pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{Blender, Precomputed};
 pub use error::{BlendError, Result};
 pub use identity::{ModelIdentity, layout_of};
-pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
+pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource, StoredObject};
 pub use select::Deviation;
 pub use tensor_bytes::{layer_from_bytes, layer_to_bytes};

@@ -23,10 +23,13 @@ use crate::request::BlendRequest;
 /// The texts of a RAG prompt.
 #[derive(Debug, Clone)]
 pub struct RagPrompt {
+    /// The system message.
     pub system: String,
+    /// What the user asks done with the documents, before them.
     pub instruction: String,
     /// Document texts in prompt order, each exactly as it becomes a chunk.
     pub documents: Vec<String>,
+    /// The question, after the documents.
     pub question: String,
     /// Appended to the question (e.g. "Answer within 5 words."); may be empty.
     pub answer_hint: String,

@@ -11,9 +11,9 @@ use crate::select::{Deviation, TokenRoles, select};
 /// A blend's outcome before the caller adds its bookkeeping.
 pub(crate) struct Recomputed {
     /// f32 logits of the last token, `[vocab]`.
-    pub logits: Tensor,
+    pub(crate) logits: Tensor,
     /// Non-suffix tokens recomputed after the last check layer.
-    pub recomputed: usize,
+    pub(crate) recomputed: usize,
 }
 
 /// Runs the blend over `cache` (every prompt token at its absolute position; suffix rows and
@@ -61,6 +61,7 @@ pub(crate) fn with_fill<T>(
     }
 }
 
+/// The blend proper, under `fill_once` (see [`blend`]).
 fn run(
     model: &Model,
     tokens: &[u32],
@@ -259,6 +260,7 @@ fn by_segment(scores: &[f32], active: &[usize], roles: &TokenRoles, sink: usize)
     ranked
 }
 
+/// Whether token `t` is a suffix token.
 fn roles_is_suffix(roles: &TokenRoles, t: usize) -> bool {
     roles.segment[t] == roles.segments
 }

@@ -1,6 +1,6 @@
 //! What a blend is asked to do and what it reports.
 
-use kvquilt_kvstore::TierKind;
+use kvquilt_kvstore::{ChunkKey, TierKind};
 use kvquilt_model::{KvCache, Tensor};
 use serde::Serialize;
 
@@ -11,9 +11,13 @@ use crate::config::Mode;
 /// tag) that is always computed. All token ids; the prefix may be empty, the suffix may not.
 #[derive(Debug, Clone)]
 pub struct BlendRequest {
+    /// Token ids of the prefix (may be empty).
     pub prefix: Vec<u32>,
+    /// Token ids of each retrieved chunk, in prompt order (none empty).
     pub chunks: Vec<Vec<u32>>,
+    /// Token ids of the suffix (not empty).
     pub suffix: Vec<u32>,
+    /// How the context is built.
     pub mode: Mode,
     /// Store the KV of chunks this request computes (misses), so the next request hits.
     /// Off when the caller may not store (e.g. a tenant over its quota).
@@ -71,15 +75,22 @@ pub struct BlendStats {
     pub mode: &'static str,
     /// True when the request asked for reuse but full prefill was estimated faster.
     pub fell_back_to_full: bool,
+    /// Tokens in the prompt (prefix, chunks and suffix).
     pub tokens: usize,
+    /// Tokens in the suffix.
     pub suffix_tokens: usize,
     /// One entry per cached segment (prefix first), in prompt order.
     pub segments: Vec<SegmentSource>,
+    /// Segments taken from the device tier.
     pub hits_gpu: usize,
+    /// Segments loaded from the store's host tier.
     pub hits_host: usize,
+    /// Segments loaded from the store's SSD tier.
     pub hits_ssd: usize,
+    /// Segments held nowhere (computed, and stored back when allowed).
     pub misses: usize,
-    /// Objects written by this request (misses and new prefix objects).
+    /// Objects written by this request (misses and new prefix objects): the length of
+    /// [`BlendOutput::stored`].
     pub stored_back: usize,
     /// Non-suffix tokens whose KV was computed in this prompt's context (blend: after the
     /// last check layer; full: all; reuse: none).
@@ -91,9 +102,11 @@ pub struct BlendStats {
 }
 
 impl BlendStats {
-    pub(crate) fn new(mode: &'static str, tokens: usize, suffix_tokens: usize) -> Self {
+    /// Empty statistics of a request running as `mode` over `tokens` prompt tokens, of
+    /// which `suffix_tokens` are the suffix's.
+    pub(crate) fn new(mode: &Mode, tokens: usize, suffix_tokens: usize) -> Self {
         Self {
-            mode,
+            mode: mode.name(),
             fell_back_to_full: false,
             tokens,
             suffix_tokens,
@@ -109,6 +122,7 @@ impl BlendStats {
         }
     }
 
+    /// Records how the next segment (in prompt order) was obtained.
     pub(crate) fn count(&mut self, s: SegmentSource) {
         match s {
             SegmentSource::Hit(TierKind::Gpu) => self.hits_gpu += 1,
@@ -128,5 +142,39 @@ pub struct BlendOutput {
     pub logits: Tensor,
     /// KV of every prompt token at positions `0..tokens`, for decoding on.
     pub cache: KvCache,
+    /// What the request did.
     pub stats: BlendStats,
+    /// The objects this request stored (store-back), in the order computed; empty when it
+    /// stored nothing.
+    pub stored: Vec<StoredObject>,
+}
+
+impl BlendOutput {
+    /// The output of a request that stored `stored`; `stats.stored_back` is set to its count.
+    pub(crate) fn new(
+        logits: Tensor,
+        cache: KvCache,
+        mut stats: BlendStats,
+        stored: Vec<StoredObject>,
+    ) -> Self {
+        stats.stored_back = stored.len();
+        Self {
+            logits,
+            cache,
+            stats,
+            stored,
+        }
+    }
+}
+
+/// An object a request stored back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StoredObject {
+    /// The object's key (in the request's namespace).
+    pub key: ChunkKey,
+    /// The chunk's length in tokens.
+    pub tokens: usize,
+    /// Its uncompressed KV size in bytes, every layer's K and V
+    /// ([`kvquilt_kvstore::KvLayout::object_bytes`]): what quotas count.
+    pub bytes: u64,
 }

@@ -36,10 +36,12 @@ pub struct TokenRoles {
 }
 
 impl TokenRoles {
+    /// Number of prompt tokens.
     pub fn len(&self) -> usize {
         self.segment.len()
     }
 
+    /// Whether the prompt has no tokens.
     pub fn is_empty(&self) -> bool {
         self.segment.is_empty()
     }

@@ -11,7 +11,7 @@ use kvquilt_model::{DType, Device, LayerKv, Tensor};
 use crate::error::{Result, invalid};
 
 /// The candle dtype of a layout.
-pub fn dtype_of(layout: &KvLayout) -> DType {
+pub(crate) fn dtype_of(layout: &KvLayout) -> DType {
     match layout.dtype {
         kvquilt_kvstore::KvDType::F32 => DType::F32,
         kvquilt_kvstore::KvDType::F16 => DType::F16,

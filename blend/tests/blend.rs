@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use kvquilt_blend::{
     BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, Deviation, Mode, ModelIdentity,
-    SegmentSource,
+    SegmentSource, StoredObject,
 };
-use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore, WritePolicy};
-use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load};
+use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore};
+use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load, positions};
 use tokio::runtime::Runtime;
 
 fn tiny(kind: &str) -> LoadedModel {
@@ -45,14 +45,7 @@ fn setup_custom(
     if let Some(e) = encoding {
         identity = identity.with_encoding(&loaded.model, e).unwrap();
     }
-    let store = TieredStore::open(StoreConfig {
-        host_capacity: 1 << 30,
-        host_policy: PolicyKind::Lru,
-        ssd: None,
-        write: WritePolicy::WriteThrough,
-        promote_on_hit: true,
-    })
-    .unwrap();
+    let store = TieredStore::open(StoreConfig::host_only(1 << 30)).unwrap();
     // exact comparisons need each request to run its own mode
     let blender = Blender::new(
         Arc::new(loaded.model),
@@ -98,10 +91,6 @@ fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
         diff <= tol * scale,
         "{what}: max |Δ| {diff} > {tol} × {scale}"
     );
-}
-
-fn positions(start: usize, len: usize) -> Vec<u32> {
-    (start as u32..(start + len) as u32).collect()
 }
 
 /// Reuse by hand: every segment prefilled alone at `0..T`, keys moved to the prompt's
@@ -330,8 +319,21 @@ fn store_back_makes_a_second_blend_all_hits() {
     );
     let first = b.run(b"", &r).unwrap();
     assert_eq!((first.stats.misses, first.stats.stored_back), (3, 3));
+    // the output names what was stored: every segment's key, length and KV bytes
+    let (codec, layout) = (b.codec(b""), b.identity().layout);
+    let want: Vec<StoredObject> = r
+        .segments()
+        .iter()
+        .map(|s| StoredObject {
+            key: codec.key(s),
+            tokens: s.len(),
+            bytes: layout.object_bytes(s.len()),
+        })
+        .collect();
+    assert_eq!(first.stored, want);
     let second = b.run(b"", &r).unwrap();
     assert_eq!((second.stats.misses, second.stats.hits_host), (0, 3));
+    assert!(second.stored.is_empty());
     assert_eq!(vec1(&second.logits), vec1(&first.logits));
     assert_eq!(
         second.stats.recomputed_tokens,
@@ -340,6 +342,16 @@ fn store_back_makes_a_second_blend_all_hits() {
     // another namespace shares nothing
     let other = b.run(b"tenant-b", &r).unwrap();
     assert_eq!(other.stats.misses, 3);
+    // a request that may not store computes the same and stores nothing
+    let r = BlendRequest {
+        store_back: false,
+        ..r
+    };
+    let barred = b.run(b"tenant-c", &r).unwrap();
+    assert_eq!((barred.stats.misses, barred.stats.stored_back), (3, 0));
+    assert!(barred.stored.is_empty());
+    assert_eq!(vec1(&barred.logits), vec1(&first.logits));
+    assert_eq!(b.run(b"tenant-c", &r).unwrap().stats.misses, 3);
 }
 
 #[test]
@@ -360,6 +372,9 @@ fn prefix_mode_equals_full_and_reuses_its_chain() {
     );
     let first = b.run(b"", &r).unwrap();
     assert_eq!((first.stats.misses, first.stats.stored_back), (3, 3));
+    let chain = b.codec(b"").prefix_keys(&r.segments());
+    let stored: Vec<_> = first.stored.iter().map(|o| o.key).collect();
+    assert_eq!(stored, chain, "one prefix object per link");
     assert_close(&first.logits, &full(b, &r), 1e-5, "prefix, cold");
     let second = b.run(b"", &r).unwrap();
     assert_eq!(second.stats.hits_host, 3);
@@ -403,6 +418,7 @@ fn never_slower_than_full_prefill() {
     let cold = b.run(b"", &r).unwrap();
     assert!(cold.stats.fell_back_to_full);
     assert_eq!((cold.stats.misses, cold.stats.stored_back), (2, 2));
+    assert_eq!(cold.stored.len(), 2);
     assert_close(&cold.logits, &full(b, &r), 1e-6, "cold");
     let warm = b.run(b"", &r).unwrap();
     assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 2));

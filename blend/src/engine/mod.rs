@@ -1,0 +1,218 @@
+//! The blender: resolves each segment of a prompt to stored KV (or computes and stores it),
+//! then assembles the context by the requested mode.
+//!
+//! Its methods block (model compute, and store reads through `rt`): call them from a
+//! blocking thread (`spawn_blocking`, a model pool), never from inside an async task.
+//!
+//! The steps of a request, one module each:
+//! - [`plan`]: per unique segment, where its KV will come from and what that is estimated to
+//!   cost; and when the whole request runs as full prefill instead.
+//! - [`sources`]: materialising the plan (streams, device-tier hits, computed segments),
+//!   feeding the forward pass layer by layer, and making chunks resident afterwards.
+//! - [`modes`]: one runner per [`Mode`].
+//! - [`store_back`]: storing what a request computed, after its first token.
+
+mod modes;
+mod plan;
+mod sources;
+mod store_back;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvquilt_kvstore::{ChunkKey, PolicyKind, TierKind, TierStatsSnapshot, TieredStore};
+use kvquilt_model::Model;
+use tokio::runtime::Handle;
+
+use crate::chunk::ChunkCodec;
+use crate::config::Mode;
+use crate::cost::CostModel;
+use crate::device_tier::DeviceTier;
+use crate::error::{Result, invalid};
+use crate::identity::ModelIdentity;
+use crate::request::{BlendOutput, BlendRequest};
+
+/// What [`Blender::precompute`] did for one chunk.
+#[derive(Debug, Clone)]
+pub struct Precomputed {
+    /// The chunk's key in the caller's namespace.
+    pub key: ChunkKey,
+    /// The chunk's length in tokens.
+    pub tokens: usize,
+    /// The tier that already held it, or `None` when it was computed and stored now.
+    pub found_in: Option<TierKind>,
+}
+
+/// A model, its identity and a store: everything a request needs.
+///
+/// Shared by every request of a process; each request's own state lives in its runner
+/// ([`modes`]).
+pub struct Blender {
+    model: Arc<Model>,
+    identity: ModelIdentity,
+    store: Arc<TieredStore>,
+    /// The runtime store futures are driven on (with `block_on`, from a blocking thread).
+    rt: Handle,
+    costs: CostModel,
+    /// Whether `reuse` and `blend` may run as full prefill ([`Blender::with_fallback_to_full`]).
+    fallback_to_full: bool,
+    /// Chunk KV resident on the model's device, above the store's tiers; `None`: off.
+    device_tier: Option<Arc<DeviceTier>>,
+}
+
+impl Blender {
+    /// A blender over `model` (whose identity is `identity`) and `store`, driving store
+    /// futures on `rt`; fallback to full prefill on, device tier off.
+    pub fn new(
+        model: Arc<Model>,
+        identity: ModelIdentity,
+        store: Arc<TieredStore>,
+        rt: Handle,
+    ) -> Self {
+        Self {
+            model,
+            identity,
+            store,
+            rt,
+            costs: CostModel::default(),
+            fallback_to_full: true,
+            device_tier: None,
+        }
+    }
+
+    /// Keeps up to `capacity` bytes of chunk KV resident on the model's device (GPU memory
+    /// under CUDA), evicting by `policy` and honouring the store's pins. Chunks enter after a
+    /// `reuse` or `blend` request has read or computed them; later requests take them from
+    /// there without a store read or a host→device copy. 0 bytes: off.
+    pub fn with_device_tier(mut self, capacity: u64, policy: PolicyKind) -> Self {
+        self.device_tier = (capacity > 0)
+            .then(|| Arc::new(DeviceTier::new(capacity, policy, self.store.pins().clone())));
+        self
+    }
+
+    /// The device tier, when on.
+    pub fn device_tier(&self) -> Option<&DeviceTier> {
+        self.device_tier.as_deref()
+    }
+
+    /// Statistics of every tier a request reads, top first: the device tier (when on), then
+    /// the store's.
+    pub fn tier_stats(&self) -> Vec<TierStatsSnapshot> {
+        let mut all: Vec<_> = self.device_tier.iter().map(|d| d.stats()).collect();
+        all.extend(self.store.stats());
+        all
+    }
+
+    /// Deletes a chunk from the device tier and every store tier; false if none held it.
+    pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let on_device = self.device_tier.as_ref().is_some_and(|d| d.remove(key));
+        Ok(self.store.remove(key).await? || on_device)
+    }
+
+    /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to
+    /// reach the first token sooner (default true; the rule: `Plan::full_is_faster` in
+    /// `engine/plan.rs`). Off, a request always runs its mode: for tests and measurements of
+    /// the modes themselves.
+    pub fn with_fallback_to_full(mut self, on: bool) -> Self {
+        self.fallback_to_full = on;
+        self
+    }
+
+    /// The model every request runs on.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The store chunks are read from and stored back to.
+    pub fn store(&self) -> &Arc<TieredStore> {
+        &self.store
+    }
+
+    /// The model's identity (the model-side inputs of every key).
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    /// The running load and prefill cost estimates, shared by every request.
+    pub fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
+    /// The chunk codec of a namespace (tenant salt; empty for the default namespace).
+    pub fn codec(&self, namespace: &[u8]) -> ChunkCodec {
+        ChunkCodec::new(self.identity.clone(), namespace)
+    }
+
+    /// Makes sure a chunk's KV is stored: the precompute job's unit of work, and what the
+    /// API's chunk upload runs. Content-addressed, so a chunk already held costs a lookup.
+    pub fn precompute(&self, namespace: &[u8], tokens: &[u32]) -> Result<Precomputed> {
+        let codec = self.codec(namespace);
+        let key = codec.key(tokens);
+        if let Some(tier) = self.store.locate(&key) {
+            return Ok(Precomputed {
+                key,
+                tokens: tokens.len(),
+                found_in: Some(tier),
+            });
+        }
+        let (obj, took) = codec.encode(&self.model, tokens)?;
+        self.costs.record_prefill(tokens.len(), took.as_secs_f64());
+        self.rt.block_on(self.store.put(obj, took.as_secs_f64()))?;
+        Ok(Precomputed {
+            key,
+            tokens: tokens.len(),
+            found_in: None,
+        })
+    }
+
+    /// Runs one prompt. See [`Mode`] for what each mode computes.
+    pub fn run(&self, namespace: &[u8], req: &BlendRequest) -> Result<BlendOutput> {
+        let start = Instant::now();
+        self.validate(req)?;
+        match &req.mode {
+            Mode::Full => modes::full::run(self, req, start),
+            Mode::Prefix => modes::prefix::run(self, namespace, req, start),
+            Mode::Reuse => modes::reuse::run(self, namespace, req, start),
+            Mode::Blend(cfg) => {
+                cfg.validate(self.model.config().num_layers)?;
+                modes::blend::run(self, namespace, req, cfg, start)
+            }
+        }
+    }
+
+    /// Checks what every mode needs: a non-empty suffix, no empty chunk, and a prompt that
+    /// fits the model's context.
+    fn validate(&self, req: &BlendRequest) -> Result<()> {
+        if req.suffix.is_empty() {
+            return Err(invalid(
+                "the suffix (question) is empty; the first token needs at least one computed token",
+            ));
+        }
+        if req.chunks.iter().any(|c| c.is_empty()) {
+            return Err(invalid("a chunk has zero tokens"));
+        }
+        let n =
+            req.prefix.len() + req.chunks.iter().map(Vec::len).sum::<usize>() + req.suffix.len();
+        let ctx = self.model.config().context_length;
+        if n > ctx {
+            return Err(invalid(format!(
+                "the prompt has {n} tokens, the model's context is {ctx}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since `start`.
+fn ms(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// `part / whole`, 0 when `whole` is 0.
+fn fraction(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}

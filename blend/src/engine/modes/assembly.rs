@@ -1,0 +1,141 @@
+//! What `reuse` and `blend` share: planning the request (or falling back to full prefill),
+//! materialising its sources, the placeholder cache their forward pass fills, and the steps
+//! after the first token.
+
+use std::time::Instant;
+
+use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
+
+use super::full;
+use crate::chunk::ChunkCodec;
+use crate::engine::plan::{Held, Plan};
+use crate::engine::sources::Sources;
+use crate::engine::store_back::{Pending, store_back};
+use crate::engine::{Blender, fraction, ms};
+use crate::error::Result;
+use crate::request::{BlendOutput, BlendRequest, BlendStats};
+
+/// A `reuse` or `blend` request ready for its forward pass.
+pub(super) struct Assembly<'r> {
+    /// The codec of the request's namespace.
+    pub(super) codec: ChunkCodec,
+    /// The cached segments in prompt order (prefix first when not empty).
+    pub(super) segments: Vec<&'r [u32]>,
+    /// Every prompt token in order.
+    pub(super) tokens: Vec<u32>,
+    /// The plan the sources were opened by.
+    plan: Plan<'r>,
+    /// Every unique segment's KV, layer by layer.
+    pub(super) sources: Sources,
+    /// Computed objects to store after the first token.
+    pending: Pending,
+    /// The request's statistics so far (mode and segment sources recorded).
+    stats: BlendStats,
+}
+
+/// What [`prepare`] came to.
+pub(super) enum Prepared<'r> {
+    /// The request ran as full prefill: its output.
+    FellBack(BlendOutput),
+    /// The request runs its own mode (boxed: the codec makes it large).
+    Ready(Box<Assembly<'r>>),
+}
+
+/// Plans `req` (a `reuse` or `blend` request, validated) in `namespace`; runs it as full
+/// prefill when the blender allows fallback and the plan says full prefill is no slower
+/// (`recompute_share`: see `plan::recompute_share`); else opens every source and counts how
+/// each segment's KV is obtained.
+pub(super) fn prepare<'r>(
+    b: &Blender,
+    namespace: &[u8],
+    req: &'r BlendRequest,
+    recompute_share: f64,
+    start: Instant,
+) -> Result<Prepared<'r>> {
+    let codec = b.codec(namespace);
+    let segments = req.segments();
+    let tokens = req.tokens();
+    let plan = Plan::build(
+        &segments,
+        |seg| codec.key(seg),
+        |key| held(b, key),
+        codec.layout(),
+        &b.costs,
+    );
+    if b.fallback_to_full
+        && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share)
+    {
+        return Ok(Prepared::FellBack(full::fall_back(
+            b, &codec, req, &plan, start,
+        )?));
+    }
+    let mut stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
+    let mut pending = Pending::default();
+    let (sources, placed) = Sources::open(b, &codec, &plan, &mut pending)?;
+    for how in placed {
+        stats.count(how);
+    }
+    Ok(Prepared::Ready(Box::new(Assembly {
+        codec,
+        segments,
+        tokens,
+        plan,
+        sources,
+        pending,
+        stats,
+    })))
+}
+
+/// Where `key` is held now: the device tier (when on) first, then the store.
+fn held(b: &Blender, key: &kvquilt_kvstore::ChunkKey) -> Option<Held> {
+    if b.device_tier.as_ref().is_some_and(|d| d.contains(key)) {
+        return Some(Held::Device);
+    }
+    b.store.locate(key).map(Held::Store)
+}
+
+impl Assembly<'_> {
+    /// After the first token: records the time to it and `recomputed` (non-suffix tokens
+    /// recomputed in context) in the stats, makes the sources resident in the device tier,
+    /// stores back what was computed, and returns the output.
+    pub(super) fn finish(
+        self,
+        b: &Blender,
+        req: &BlendRequest,
+        start: Instant,
+        logits: Tensor,
+        cache: KvCache,
+        recomputed: usize,
+    ) -> BlendOutput {
+        let mut stats = self.stats;
+        stats.ttft_ms = ms(start);
+        stats.recomputed_tokens = recomputed;
+        stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
+        self.sources.make_resident(b, &self.plan.entries);
+        let stored = store_back(b, req, self.pending);
+        BlendOutput::new(logits, cache, stats, stored)
+    }
+}
+
+/// Zero K and V rows `[rows, kv_heads, head_dim]` in the model's dtype, on its device.
+pub(super) fn zero_rows(model: &Model, rows: usize) -> Result<LayerKv> {
+    let c = model.config();
+    let zeros = Tensor::zeros(
+        (rows, c.num_kv_heads, c.head_dim),
+        model.dtype(),
+        model.device(),
+    )?;
+    Ok(LayerKv {
+        k: zeros.clone(),
+        v: zeros,
+    })
+}
+
+/// A cache of `rows` tokens at positions `0..rows` whose every layer is zero placeholder
+/// rows, for the forward pass to fill layer by layer ([`Sources::fill`]).
+pub(super) fn placeholder_cache(model: &Model, rows: usize) -> Result<KvCache> {
+    Ok(KvCache {
+        layers: vec![zero_rows(model, rows)?; model.config().num_layers],
+        positions: positions(0, rows),
+    })
+}

@@ -1,0 +1,82 @@
+//! `blend`: CacheBlend's selective recompute over the assembled cache (`crate::recompute`):
+//! the cache holds every prompt token, the suffix's rows as placeholders, and the tokens
+//! whose cached KV deviates most are recomputed in context.
+
+use std::time::Instant;
+
+use kvquilt_model::LayerKv;
+
+use super::assembly::{Prepared, placeholder_cache, prepare, zero_rows};
+use crate::chunk::ChunkEncoding;
+use crate::config::BlendConfig;
+use crate::engine::Blender;
+use crate::engine::plan::recompute_share;
+use crate::error::Result;
+use crate::recompute::blend;
+use crate::request::{BlendOutput, BlendRequest};
+use crate::select::TokenRoles;
+
+/// Runs `req` (validated, `cfg` validated against the model) by selective recompute in
+/// `namespace`.
+pub(crate) fn run(
+    b: &Blender,
+    namespace: &[u8],
+    req: &BlendRequest,
+    cfg: &BlendConfig,
+    start: Instant,
+) -> Result<BlendOutput> {
+    let share = recompute_share(Some(cfg), b.model.config().num_layers);
+    let mut a = match prepare(b, namespace, req, share, start)? {
+        Prepared::FellBack(out) => return Ok(out),
+        Prepared::Ready(a) => *a,
+    };
+    let mut cache = placeholder_cache(&b.model, a.tokens.len())?;
+    a.sources
+        .append_suffix(zero_rows(&b.model, req.suffix.len())?);
+    let roles = roles(
+        &a.segments,
+        req.suffix.len(),
+        cfg.chunk_start,
+        a.codec.encoding(),
+    );
+    let mut fill = |l: usize, kv: &mut LayerKv| a.sources.fill(l, kv, &b.costs);
+    let r = blend(&b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill)?;
+    Ok(a.finish(b, req, start, r.logits, cache, r.recomputed))
+}
+
+/// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`
+/// suffix tokens (always recomputed). A segment at position 0 whose stored KV is exact there
+/// (`encoding`) is marked exact; in every other segment the first `chunk_start` tokens are
+/// forced.
+fn roles(
+    segments: &[&[u32]],
+    suffix: usize,
+    chunk_start: usize,
+    encoding: &ChunkEncoding,
+) -> TokenRoles {
+    let n: usize = segments.iter().map(|s| s.len()).sum::<usize>() + suffix;
+    let mut segment = Vec::with_capacity(n);
+    let mut forced = Vec::with_capacity(n);
+    let mut exact = Vec::with_capacity(n);
+    let mut start = 0usize;
+    for (i, seg) in segments.iter().enumerate() {
+        let is_exact = start == 0 && encoding.exact_at_start(seg);
+        for j in 0..seg.len() {
+            segment.push(i);
+            forced.push(!is_exact && j < chunk_start);
+            exact.push(is_exact);
+        }
+        start += seg.len();
+    }
+    for _ in 0..suffix {
+        segment.push(segments.len());
+        forced.push(true);
+        exact.push(false);
+    }
+    TokenRoles {
+        segment,
+        segments: segments.len(),
+        forced,
+        exact,
+    }
+}

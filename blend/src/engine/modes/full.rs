@@ -1,0 +1,75 @@
+//! `full`: plain prefill of the whole prompt (the baseline), and the fallback of `reuse` and
+//! `blend` to it.
+
+use std::time::Instant;
+
+use kvquilt_model::{KvCache, Tensor, positions};
+
+use crate::chunk::ChunkCodec;
+use crate::config::Mode;
+use crate::engine::plan::{Origin, Plan, Why};
+use crate::engine::store_back::{Pending, store_back};
+use crate::engine::{Blender, ms};
+use crate::error::Result;
+use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
+
+/// Runs `req` as full prefill: every prompt token at positions `0..N`. Stores nothing.
+pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<BlendOutput> {
+    let (logits, cache, stats) = prefill_all(b, req, start, false)?;
+    Ok(BlendOutput::new(logits, cache, stats, Vec::new()))
+}
+
+/// Runs a planned `reuse` or `blend` request as full prefill (the plan said it is no
+/// slower: `Plan::full_is_faster`). Its stats say so: mode `full`, `fell_back_to_full`, and
+/// per segment `Miss` for a planned miss and `RecomputedForSpeed` for any other. Planned
+/// misses are still prefilled alone by the chunk contract (after the first token) and
+/// stored back, so the next request can reuse them.
+pub(crate) fn fall_back(
+    b: &Blender,
+    codec: &ChunkCodec,
+    req: &BlendRequest,
+    plan: &Plan<'_>,
+    start: Instant,
+) -> Result<BlendOutput> {
+    let (logits, cache, mut stats) = prefill_all(b, req, start, true)?;
+    let miss = Origin::Compute(Why::Miss);
+    let mut pending = Pending::default();
+    for e in plan.entries.iter().filter(|e| e.origin == miss) {
+        let (kv, took) = codec.prefill(&b.model, e.tokens)?;
+        pending.push(codec.to_object(e.key, e.tokens, &kv)?, took.as_secs_f64());
+    }
+    for &i in &plan.placement {
+        stats.count(if plan.entries[i].origin == miss {
+            SegmentSource::Miss
+        } else {
+            SegmentSource::RecomputedForSpeed
+        });
+    }
+    let stored = store_back(b, req, pending);
+    Ok(BlendOutput::new(logits, cache, stats, stored))
+}
+
+/// Prefills the whole prompt (recording the prefill rate); returns the last token's logits,
+/// the prompt's KV and the stats of a `full` run (`fell_back` marks a fallback), the time
+/// to the first token included.
+fn prefill_all(
+    b: &Blender,
+    req: &BlendRequest,
+    start: Instant,
+    fell_back: bool,
+) -> Result<(Tensor, KvCache, BlendStats)> {
+    let tokens = req.tokens();
+    let mut cache = b.model.empty_cache()?;
+    let t0 = Instant::now();
+    let logits = b
+        .model
+        .prefill(&tokens, &positions(0, tokens.len()), &mut cache)?;
+    b.costs
+        .record_prefill(tokens.len(), t0.elapsed().as_secs_f64());
+    let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
+    stats.fell_back_to_full = fell_back;
+    stats.recomputed_tokens = tokens.len() - req.suffix.len();
+    stats.recompute_fraction = 1.0;
+    stats.ttft_ms = ms(start);
+    Ok((logits, cache, stats))
+}

@@ -1,0 +1,299 @@
+//! The plan of a `reuse` or `blend` request, made before anything is read or computed: for
+//! every unique segment of the prompt, where its KV will come from and what that is
+//! estimated to cost; the placement of every prompt segment onto those entries; and the rule
+//! that runs the whole request as full prefill instead ([`Plan::full_is_faster`]).
+//!
+//! Planning reads the cost estimates and where chunks are held; it changes nothing.
+
+use std::collections::HashMap;
+
+use kvquilt_kvstore::{ChunkKey, KvLayout, TierKind};
+
+use crate::config::BlendConfig;
+use crate::cost::CostModel;
+use crate::request::SegmentSource;
+
+/// Where a chunk is held when the plan is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Resident in the blender's device tier.
+    Device,
+    /// In this store tier (the fastest that holds it).
+    Store(TierKind),
+}
+
+/// Why a unique segment is computed rather than loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// Held nowhere.
+    Miss,
+    /// Held in the store, but recomputing it is estimated faster than loading it.
+    Faster,
+}
+
+impl Why {
+    /// How a segment computed for this reason is reported.
+    pub(crate) fn source(self) -> SegmentSource {
+        match self {
+            Why::Miss => SegmentSource::Miss,
+            Why::Faster => SegmentSource::RecomputedForSpeed,
+        }
+    }
+}
+
+/// Where one unique segment's KV will come from. Materialising may still end up computing
+/// a planned load (the object evicted, unreadable or not matching since it was located).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Taken from the device tier (no read, no copy).
+    Device,
+    /// Streamed from the store; the tier is where it was located when planned.
+    Load(TierKind),
+    /// Prefilled alone by the chunk contract ([`crate::ChunkCodec::prefill`]).
+    Compute(Why),
+}
+
+/// One unique segment of a prompt.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry<'a> {
+    /// Its content-addressed key in the request's namespace.
+    pub(crate) key: ChunkKey,
+    /// Its tokens (non-empty: requests are validated first).
+    pub(crate) tokens: &'a [u32],
+    /// Where its KV will come from.
+    pub(crate) origin: Origin,
+    /// Estimated seconds to obtain its KV by `origin`: load time (object bytes over the
+    /// tier's measured bandwidth) or prefill time; 0 for a miss before any prefill has been
+    /// measured.
+    pub(crate) cost_s: f64,
+}
+
+impl<'a> Entry<'a> {
+    /// Plans one segment held at `held`: a device-tier entry is taken from there; a stored
+    /// one is loaded unless recomputing it is estimated strictly faster; anything else is
+    /// computed as a miss.
+    fn new(
+        key: ChunkKey,
+        tokens: &'a [u32],
+        held: Option<Held>,
+        layout: &KvLayout,
+        costs: &CostModel,
+    ) -> Self {
+        let bytes = usize::try_from(layout.object_bytes(tokens.len())).unwrap_or(usize::MAX);
+        let recompute_s = costs.prefill_s(tokens.len());
+        let (origin, cost_s) = match held {
+            Some(Held::Device) => (Origin::Device, costs.load_s(TierKind::Gpu, bytes)),
+            Some(Held::Store(tier)) => {
+                let load_s = costs.load_s(tier, bytes);
+                match recompute_s {
+                    Some(r) if r < load_s => (Origin::Compute(Why::Faster), r),
+                    _ => (Origin::Load(tier), load_s),
+                }
+            }
+            None => (Origin::Compute(Why::Miss), recompute_s.unwrap_or(0.0)),
+        };
+        Self {
+            key,
+            tokens,
+            origin,
+            cost_s,
+        }
+    }
+}
+
+/// What a request will do for each of its segments.
+///
+/// Invariants: `entries` holds one entry per distinct key, in order of first appearance;
+/// `placement` has one index into `entries` per prompt segment, in prompt order (a duplicate
+/// segment maps to the entry of its first appearance, so its KV is obtained once and placed
+/// twice).
+#[derive(Debug, Clone)]
+pub(crate) struct Plan<'a> {
+    /// The unique segments.
+    pub(crate) entries: Vec<Entry<'a>>,
+    /// For each prompt segment, the index of its entry.
+    pub(crate) placement: Vec<usize>,
+}
+
+impl<'a> Plan<'a> {
+    /// Plans `segments` (in prompt order): `key_of` names a segment, `held` says where a key
+    /// is held now, `layout` sizes the objects and `costs` estimates loads and prefills.
+    pub(crate) fn build(
+        segments: &[&'a [u32]],
+        key_of: impl Fn(&[u32]) -> ChunkKey,
+        held: impl Fn(&ChunkKey) -> Option<Held>,
+        layout: &KvLayout,
+        costs: &CostModel,
+    ) -> Self {
+        let mut index: HashMap<ChunkKey, usize> = HashMap::new();
+        let mut entries: Vec<Entry<'a>> = Vec::new();
+        let mut placement = Vec::with_capacity(segments.len());
+        for &tokens in segments {
+            let key = key_of(tokens);
+            let i = *index.entry(key).or_insert_with(|| {
+                entries.push(Entry::new(key, tokens, held(&key), layout, costs));
+                entries.len() - 1
+            });
+            placement.push(i);
+        }
+        Self { entries, placement }
+    }
+
+    /// The sum of the entries' estimates, seconds: what obtaining every unique segment's KV
+    /// is estimated to take.
+    pub(crate) fn estimate_s(&self) -> f64 {
+        self.entries.iter().fold(0.0, |sum, e| sum + e.cost_s)
+    }
+
+    /// Whether any entry is to be streamed from the store (device-tier entries are not).
+    pub(crate) fn loads(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(e.origin, Origin::Load(_)))
+    }
+
+    /// Whether the request should run as full prefill: never slower than full prefill.
+    ///
+    /// The rule: only once a prefill rate has been measured (before that, never). Then full
+    /// prefill runs when nothing is to be loaded from the store (computing chunks alone
+    /// cannot beat computing them together; device-tier entries do not count as loads), or
+    /// when `estimate_s + recompute_share · full_s + suffix_s ≥ full_s`, where `full_s` and
+    /// `suffix_s` are the estimated prefill seconds of the whole prompt (`prompt_tokens`)
+    /// and of its suffix (`suffix_tokens`), and `recompute_share` is the share of a full
+    /// prefill the mode spends recomputing ([`recompute_share`]).
+    pub(crate) fn full_is_faster(
+        &self,
+        costs: &CostModel,
+        prompt_tokens: usize,
+        suffix_tokens: usize,
+        recompute_share: f64,
+    ) -> bool {
+        let Some(full_s) = costs.prefill_s(prompt_tokens) else {
+            return false;
+        };
+        let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
+        !self.loads() || self.estimate_s() + recompute_share * full_s + suffix_s >= full_s
+    }
+}
+
+/// The share of a full prefill's compute a mode spends recomputing cached tokens, in `0..=1`:
+/// `reuse` (`cfg` = None) none; `blend` every token through the layers before the first check
+/// layer `f`, then `ratio` of them through the rest: `(f + ratio · (L − f)) / L` for a model
+/// of `L = num_layers` layers. `cfg` must be validated.
+pub(crate) fn recompute_share(cfg: Option<&BlendConfig>, num_layers: usize) -> f64 {
+    match cfg {
+        Some(c) => {
+            let l = num_layers as f64;
+            let first = c.check_layers.first().copied().unwrap_or(0) as f64;
+            (first + c.ratio as f64 * (l - first)) / l
+        }
+        None => 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvquilt_kvstore::{KvDType, RopeScalingSpec};
+
+    use super::*;
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 4,
+            dtype: KvDType::F32,
+            k_pre_rope: true,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScalingSpec::None,
+        }
+    }
+
+    /// A key named by a segment's first token.
+    fn key_of(tokens: &[u32]) -> ChunkKey {
+        ChunkKey([tokens[0] as u8; 32])
+    }
+
+    #[test]
+    fn a_duplicate_segment_maps_to_one_entry() {
+        let (a, b) = (vec![1, 2, 3], vec![2, 3]);
+        let segments: Vec<&[u32]> = vec![&a, &b, &a];
+        let plan = Plan::build(
+            &segments,
+            key_of,
+            |_| None,
+            &layout(),
+            &CostModel::default(),
+        );
+        assert_eq!(plan.entries.len(), 2);
+        assert_eq!(plan.placement, vec![0, 1, 0]);
+        assert_eq!(plan.entries[0].tokens, &a[..]);
+        assert_eq!(plan.entries[1].key, key_of(&b));
+        // nothing measured: misses are estimated free
+        assert_eq!(plan.entries[0].origin, Origin::Compute(Why::Miss));
+        assert_eq!(plan.estimate_s(), 0.0);
+    }
+
+    #[test]
+    fn origins_follow_where_chunks_are_held_and_what_is_cheaper() {
+        let (a, b, c) = (vec![1; 10], vec![2; 10], vec![3; 10]);
+        let segments: Vec<&[u32]> = vec![&a, &b, &c];
+        let held = |k: &ChunkKey| match k.0[0] {
+            1 => Some(Held::Device),
+            2 => Some(Held::Store(TierKind::Ssd)),
+            _ => None,
+        };
+        let costs = CostModel::default();
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs);
+        let origins: Vec<Origin> = plan.entries.iter().map(|e| e.origin).collect();
+        assert_eq!(
+            origins,
+            vec![
+                Origin::Device,
+                Origin::Load(TierKind::Ssd),
+                Origin::Compute(Why::Miss)
+            ]
+        );
+        // 10 tokens · 2 layers · (K + V) · 2 heads · 4 dims · 4 bytes = 1,280 bytes at 1 GB/s
+        assert!((plan.entries[1].cost_s - 1_280.0 / 1e9).abs() < 1e-15);
+        // recompute nearly free: the stored chunk is recomputed for speed
+        costs.record_prefill(1_000_000, 1e-9);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs);
+        assert_eq!(plan.entries[0].origin, Origin::Device);
+        assert_eq!(plan.entries[1].origin, Origin::Compute(Why::Faster));
+        assert_eq!(Why::Faster.source(), SegmentSource::RecomputedForSpeed);
+    }
+
+    #[test]
+    fn full_prefill_wins_without_loads_or_when_estimated_no_slower() {
+        let (a, b) = (vec![1; 100], vec![2; 100]);
+        let segments: Vec<&[u32]> = vec![&a, &b];
+        let stored = |_: &ChunkKey| Some(Held::Store(TierKind::Host));
+        let costs = CostModel::default();
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs);
+        // no prefill measured: never
+        assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
+        // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
+        costs.record_prefill(1, 1e-3);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs);
+        assert!(plan.loads());
+        assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
+        // recomputing everything plus the loads is slower than full prefill
+        assert!(plan.full_is_faster(&costs, 204, 4, 1.0));
+        // nothing to load (misses, or only device-tier entries): full prefill
+        let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs);
+        assert!(plan.full_is_faster(&costs, 204, 4, 0.0));
+        let device = |_: &ChunkKey| Some(Held::Device);
+        let plan = Plan::build(&segments, key_of, device, &layout(), &costs);
+        assert!(!plan.loads() && plan.full_is_faster(&costs, 204, 4, 0.0));
+    }
+
+    #[test]
+    fn blend_recomputes_the_layers_before_the_first_check_and_its_ratio_after() {
+        assert_eq!(recompute_share(None, 24), 0.0);
+        let cfg = BlendConfig::cacheblend(0.5);
+        // (1 + 0.5 · 3) / 4
+        assert!((recompute_share(Some(&cfg), 4) - 0.625).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,271 @@
+//! Materialising a [`Plan`]: every unique segment gets a [`Source`] of its KV (a stream from
+//! a store tier, a device-tier hit, or KV computed now); [`Sources::fill`] then feeds the
+//! forward pass one layer at a time, and [`Sources::make_resident`] keeps what was read or
+//! computed in the device tier afterwards.
+
+use std::time::{Duration, Instant};
+
+use kvquilt_kvstore::{KvLayout, LayerStream, TierKind};
+use kvquilt_model::{Device, KvCache, LayerKv};
+
+use super::Blender;
+use super::plan::{Entry, Origin, Plan};
+use super::store_back::Pending;
+use crate::chunk::ChunkCodec;
+use crate::cost::CostModel;
+use crate::device_tier::DeviceChunk;
+use crate::error::{Result, invalid};
+use crate::request::SegmentSource;
+use crate::tensor_bytes::layer_from_bytes;
+
+/// Layers a stream reads ahead of the layer being computed.
+const READ_AHEAD: usize = 4;
+
+/// Where one unique segment's KV comes from during assembly. Every variant yields the KV
+/// of the segment's tokens at positions `0..T` (K before RoPE), one layer at a time.
+enum Source {
+    /// Streaming from a store tier, layer by layer.
+    Stream(Streamed),
+    /// Resident in the device tier.
+    Device(DeviceChunk),
+    /// Already in memory (computed for this request).
+    Memory(KvCache),
+}
+
+/// An object being read from a store tier, with what reading it has cost so far.
+struct Streamed {
+    /// The checked object's layers, in layer order.
+    stream: LayerStream,
+    /// Time this request spent waiting for and converting the stream's layers (what
+    /// loading adds to the critical path when reads run ahead of compute).
+    busy: Duration,
+    /// Bytes read so far.
+    bytes: usize,
+    /// The layers read so far, kept when the device tier is on (to make them resident
+    /// after the request).
+    kept: Option<Vec<LayerKv>>,
+}
+
+impl Streamed {
+    /// Reads layer `l` (the stream's next) of a segment of `tokens` tokens onto `device`.
+    /// After the last layer, the stream's bytes over its busy time are recorded as a load
+    /// measurement of its tier.
+    fn next_layer(
+        &mut self,
+        l: usize,
+        tokens: usize,
+        layout: &KvLayout,
+        device: &Device,
+        costs: &CostModel,
+    ) -> Result<LayerKv> {
+        let t0 = Instant::now();
+        let b = self.stream.next_blocking().ok_or_else(|| {
+            invalid(format!(
+                "the store ended {} before layer {l}",
+                self.stream.info.key
+            ))
+        })??;
+        let kv = layer_from_bytes(&b, layout, tokens, device)?;
+        self.busy += t0.elapsed();
+        self.bytes += b.len();
+        if l + 1 == layout.num_layers as usize {
+            costs.record_load(self.stream.tier, self.bytes, self.busy.as_secs_f64());
+        }
+        if let Some(kept) = &mut self.kept {
+            kept.push(kv.clone());
+        }
+        Ok(kv)
+    }
+}
+
+/// The sources of every unique segment of a plan, and how the prompt places them.
+///
+/// Invariants: `sources`, `lens` and the plan's entries are parallel; `placement` is the
+/// plan's (one entry index per prompt segment, in prompt order).
+pub(crate) struct Sources {
+    /// One source per unique segment.
+    sources: Vec<Source>,
+    /// Each unique segment's length in tokens.
+    lens: Vec<usize>,
+    /// For each prompt segment, the index of its source.
+    placement: Vec<usize>,
+    /// Placeholder rows appended after the segments in every layer (the suffix's, for
+    /// `blend`); none for `reuse`.
+    suffix: Option<LayerKv>,
+    /// The stored objects' layout.
+    layout: KvLayout,
+    /// Where the layers are placed: the model's device.
+    device: Device,
+}
+
+impl Sources {
+    /// Materialises every entry of `plan` in order (opening streams, taking device-tier
+    /// hits, computing the rest; computed objects that should be stored go to `pending`).
+    /// Returns the sources and how each prompt segment's KV was obtained, in prompt order.
+    pub(crate) fn open(
+        b: &Blender,
+        codec: &ChunkCodec,
+        plan: &Plan<'_>,
+        pending: &mut Pending,
+    ) -> Result<(Self, Vec<SegmentSource>)> {
+        let mut sources = Vec::with_capacity(plan.entries.len());
+        let mut how = Vec::with_capacity(plan.entries.len());
+        for entry in &plan.entries {
+            let (source, h) = materialize(b, codec, entry, pending)?;
+            sources.push(source);
+            how.push(h);
+        }
+        let placed = plan.placement.iter().map(|&i| how[i]).collect();
+        let this = Self {
+            sources,
+            lens: plan.entries.iter().map(|e| e.tokens.len()).collect(),
+            placement: plan.placement.clone(),
+            suffix: None,
+            layout: *codec.layout(),
+            device: b.model.device().clone(),
+        };
+        Ok((this, placed))
+    }
+
+    /// Appends `rows` (placeholder K and V, `[suffix, kv_heads, head_dim]`) after the
+    /// segments in every layer [`Sources::fill`] writes.
+    pub(crate) fn append_suffix(&mut self, rows: LayerKv) {
+        self.suffix = Some(rows);
+    }
+
+    /// Writes layer `l` of the assembled context into `kv`: every unique source's layer `l`
+    /// (each read once; duplicates share it), placed in prompt order, then the suffix rows
+    /// when set. Call once per layer, in increasing layer order (streams yield layers in
+    /// order).
+    pub(crate) fn fill(&mut self, l: usize, kv: &mut LayerKv, costs: &CostModel) -> Result<()> {
+        let mut layer_of: Vec<LayerKv> = Vec::with_capacity(self.sources.len());
+        for (src, &len) in self.sources.iter_mut().zip(&self.lens) {
+            layer_of.push(match src {
+                Source::Memory(c) => c.layers[l].clone(),
+                Source::Device(c) => c[l].clone(),
+                Source::Stream(s) => s.next_layer(l, len, &self.layout, &self.device, costs)?,
+            });
+        }
+        let mut parts: Vec<&LayerKv> = self.placement.iter().map(|&i| &layer_of[i]).collect();
+        if let Some(suffix) = &self.suffix {
+            parts.push(suffix);
+        }
+        *kv = LayerKv::cat(&parts)?;
+        Ok(())
+    }
+
+    /// After a request's first token: makes the chunks it read from the store or computed
+    /// resident in the device tier (when on), every layer of each (a stream not read to its
+    /// end is left out). `entries` are the plan's.
+    pub(crate) fn make_resident(self, b: &Blender, entries: &[Entry<'_>]) {
+        let Some(tier) = &b.device_tier else {
+            return;
+        };
+        let num_layers = b.model.config().num_layers;
+        for (entry, source) in entries.iter().zip(self.sources) {
+            let layers = match source {
+                Source::Stream(Streamed {
+                    kept: Some(kept), ..
+                }) => kept,
+                Source::Memory(cache) => cache.layers,
+                Source::Stream(_) | Source::Device(_) => continue,
+            };
+            if layers.len() == num_layers {
+                let cost_s = b.costs.prefill_s(entry.tokens.len()).unwrap_or(0.0);
+                tier.put(entry.key, layers, cost_s);
+            }
+        }
+    }
+}
+
+/// Obtains one entry's source: a device-tier hit, a checked stream, or — for a planned
+/// compute, or a planned load whose object turns out missing or unusable — the segment
+/// prefilled alone. Returns how its KV was obtained.
+fn materialize(
+    b: &Blender,
+    codec: &ChunkCodec,
+    entry: &Entry<'_>,
+    pending: &mut Pending,
+) -> Result<(Source, SegmentSource)> {
+    if entry.origin == Origin::Device
+        && let Some(chunk) = device_hit(b, entry)
+    {
+        return Ok((Source::Device(chunk), SegmentSource::Hit(TierKind::Gpu)));
+    }
+    let how = match entry.origin {
+        Origin::Compute(why) => why.source(),
+        Origin::Device | Origin::Load(_) => match open_stream(b, codec, entry) {
+            Ok(streamed) => {
+                let tier = streamed.stream.tier;
+                return Ok((Source::Stream(streamed), SegmentSource::Hit(tier)));
+            }
+            Err(how) => how,
+        },
+    };
+    let cache = compute(b, codec, entry, how, pending)?;
+    Ok((Source::Memory(cache), how))
+}
+
+/// The entry's device-tier KV, when resident and of the entry's length; an entry of another
+/// length is dropped from the tier (and `None` returned).
+fn device_hit(b: &Blender, entry: &Entry<'_>) -> Option<DeviceChunk> {
+    let tier = b.device_tier.as_ref()?;
+    let chunk = tier.get(&entry.key)?;
+    if chunk.first().is_some_and(|l| l.len() == entry.tokens.len()) {
+        return Some(chunk);
+    }
+    tracing::warn!(key = %entry.key, "device-tier entry of another length; dropping it");
+    tier.remove(&entry.key);
+    None
+}
+
+/// Opens the entry's object as a layer stream, checked against the entry's tokens. `Err`
+/// says why it must be computed instead: `Miss` (evicted since it was located) or
+/// `Unusable` (the read failed, or the object does not match; logged).
+fn open_stream(
+    b: &Blender,
+    codec: &ChunkCodec,
+    entry: &Entry<'_>,
+) -> Result<Streamed, SegmentSource> {
+    let key = entry.key;
+    match b.rt.block_on(b.store.read_layers(&key, READ_AHEAD)) {
+        Ok(Some(stream)) => match codec.check(&stream.info, entry.tokens) {
+            Ok(()) => Ok(Streamed {
+                stream,
+                busy: Duration::ZERO,
+                bytes: 0,
+                kept: b.device_tier.as_ref().map(|_| Vec::new()),
+            }),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "stored chunk unusable; recomputing");
+                Err(SegmentSource::Unusable)
+            }
+        },
+        Ok(None) => Err(SegmentSource::Miss),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "chunk read failed; recomputing");
+            Err(SegmentSource::Unusable)
+        }
+    }
+}
+
+/// Prefills the entry alone by the chunk contract (recording the prefill rate). A miss, or
+/// an unusable object the store has since dropped, is queued in `pending` to be stored.
+fn compute(
+    b: &Blender,
+    codec: &ChunkCodec,
+    entry: &Entry<'_>,
+    how: SegmentSource,
+    pending: &mut Pending,
+) -> Result<KvCache> {
+    let (cache, took) = codec.prefill(&b.model, entry.tokens)?;
+    b.costs
+        .record_prefill(entry.tokens.len(), took.as_secs_f64());
+    let store = how == SegmentSource::Miss
+        || (how == SegmentSource::Unusable && b.store.locate(&entry.key).is_none());
+    if store {
+        let obj = codec.to_object(entry.key, entry.tokens, &cache)?;
+        pending.push(obj, took.as_secs_f64());
+    }
+    Ok(cache)
+}
