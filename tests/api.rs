@@ -7,8 +7,8 @@ mod common;
 
 use common::{Server, rt};
 use kvquilt_client::{
-    BlendRequest, ChatMessage, ChatRequest, ChunkOutcome, ChunkRef, Client, CommonFields, CompletionRequest,
-    ModeSpec, Stats, Tier,
+    BlendRequest, ChatMessage, ChatRequest, ChunkOutcome, ChunkRef, Client, CommonFields,
+    CompletionRequest, ModeSpec, Stats, Tier,
 };
 use kvquilt_kvstore::EncodedObject;
 

@@ -23,8 +23,8 @@ mod routes;
 
 pub use blend::{BlendRequest, BlendResponse, BlendStats, ModeSpec, SegmentSource, TokenLogprob};
 pub use chunks::{
-    ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout, PutChunksRequest,
-    PutChunksResponse, Tier,
+    ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout,
+    PutChunksRequest, PutChunksResponse, Tier,
 };
 pub use error::{ErrorBody, ErrorDetail};
 pub use ops::{Health, Stats};

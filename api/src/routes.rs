@@ -53,17 +53,49 @@ pub const ROUTES: &[Route] = &[
     route(Method::Get, "/health", "Liveness; never waits on the model"),
     route(Method::Get, "/metrics", "Prometheus metrics"),
     route(Method::Get, "/openapi.json", "This document"),
-    route(Method::Get, "/v1/stats", "Store tiers, the caller's tenant, and the model pool"),
+    route(
+        Method::Get,
+        "/v1/stats",
+        "Store tiers, the caller's tenant, and the model pool",
+    ),
     route(Method::Get, "/v1/models", "The served model (OpenAI shape)"),
-    route(Method::Post, "/v1/chunks", "Precompute and store chunks; returns their ids"),
+    route(
+        Method::Post,
+        "/v1/chunks",
+        "Precompute and store chunks; returns their ids",
+    ),
     route(Method::Get, "/v1/chunks/{id}", "A stored chunk's metadata"),
     route(Method::Head, "/v1/chunks/{id}", "Whether a chunk is stored"),
-    route(Method::Delete, "/v1/chunks/{id}", "Remove a chunk from every tier"),
-    route(Method::Get, "/v1/chunks/{id}/kv", "The chunk's KV object (binary format)"),
-    route(Method::Put, "/v1/chunks/{id}/kv", "Upload a KV object (verified before it is stored)"),
-    route(Method::Post, "/v1/blend", "First token of a RAG prompt assembled from chunks"),
-    route(Method::Post, "/v1/completions", "OpenAI-compatible completion over `documents`"),
-    route(Method::Post, "/v1/chat/completions", "OpenAI-compatible chat completion over `documents`"),
+    route(
+        Method::Delete,
+        "/v1/chunks/{id}",
+        "Remove a chunk from every tier",
+    ),
+    route(
+        Method::Get,
+        "/v1/chunks/{id}/kv",
+        "The chunk's KV object (binary format)",
+    ),
+    route(
+        Method::Put,
+        "/v1/chunks/{id}/kv",
+        "Upload a KV object (verified before it is stored)",
+    ),
+    route(
+        Method::Post,
+        "/v1/blend",
+        "First token of a RAG prompt assembled from chunks",
+    ),
+    route(
+        Method::Post,
+        "/v1/completions",
+        "OpenAI-compatible completion over `documents`",
+    ),
+    route(
+        Method::Post,
+        "/v1/chat/completions",
+        "OpenAI-compatible chat completion over `documents`",
+    ),
 ];
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! harness ([`eval`]) scores answer quality and time to first token of the reuse modes
 //! beside full prefill on real data. Results and the exact commands are in BENCHMARKS.md.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod eval;
 

@@ -80,7 +80,9 @@ fn run_bench(first: Option<&str>, args: Vec<OsString>) -> Result<ExitCode> {
         .args(args)
         .status()
         .with_context(|| format!("running {}", bin.display()))?;
-    Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
 }
 
 /// `kvquilt-bench` beside this executable (where cargo and `scripts/run.sh` build it), else

@@ -10,6 +10,8 @@
 //! `kvquilt eval …` run the `kvquilt-bench` binary installed beside `kvquilt` (crate
 //! `benches/`), so the production binary carries none of their dependencies.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod cmd;
 pub mod model_source;

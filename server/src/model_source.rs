@@ -23,10 +23,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The device named by `--device`.
     pub fn device(&self) -> Result<Device> {
         Ok(kvquilt_model::parse_device(&self.device)?)
     }
 
+    /// The compute dtype: `--dtype`, or the device's default.
     pub fn dtype(&self, device: &Device) -> Result<DType> {
         match self.dtype.as_deref() {
             None => Ok(kvquilt_model::default_dtype(device)),
@@ -45,6 +47,7 @@ impl ModelArgs {
         Ok(PathBuf::from(name))
     }
 
+    /// Loads the model (fetching it first when needed) on the chosen device and dtype.
     pub fn load(&self) -> Result<LoadedModel> {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
@@ -54,6 +57,7 @@ impl ModelArgs {
     }
 }
 
+/// Parses `f32`, `f16` or `bf16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
         "f32" => Ok(DType::F32),

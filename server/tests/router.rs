@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
 use common::{TestApp, assert_err};
-use kvquilt::serve::config::{Config, TenantConfig};
+use kvquilt::serve::config::{Config, Limits, TenantConfig};
 use kvquilt_api::openai::{ChatResponse, CompletionResponse};
 use kvquilt_api::{BlendResponse, ChunkInfo, PutChunksResponse, ROUTES, Stats};
 use kvquilt_kvstore::{Codec, EncodedObject, KvObject};
@@ -26,17 +26,22 @@ const DOCS: [&str; 3] = [
 /// Bearer tokens, small limits, and a tenant `acme` whose quota holds one short chunk of the
 /// tiny model (512 bytes of KV per token) but not two long ones.
 fn limited() -> Config {
-    let mut c = Config::default();
-    c.api_tokens = vec![DEFAULT_TOKEN.into()];
-    c.limits.max_body_bytes = 1 << 20;
-    c.limits.max_request_tokens = 200;
-    c.limits.max_chunks = 4;
-    c.tenants = vec![TenantConfig {
-        name: "acme".into(),
-        tokens: vec![ACME_TOKEN.into()],
-        quota_bytes: Some(20_000),
-    }];
-    c
+    let defaults = Config::default();
+    Config {
+        api_tokens: vec![DEFAULT_TOKEN.into()],
+        limits: Limits {
+            max_body_bytes: 1 << 20,
+            max_request_tokens: 200,
+            max_chunks: 4,
+            ..defaults.limits.clone()
+        },
+        tenants: vec![TenantConfig {
+            name: "acme".into(),
+            tokens: vec![ACME_TOKEN.into()],
+            quota_bytes: Some(20_000),
+        }],
+        ..defaults
+    }
 }
 
 async fn stats(app: &TestApp, token: Option<&str>) -> Stats {
@@ -62,7 +67,9 @@ async fn auth_is_required_off_health() {
     let app = TestApp::new(limited());
     let r = app.call("GET", "/v1/stats", None, None, "").await;
     assert_err(&r, 401, "missing_token", "Bearer");
-    let r = app.call("GET", "/v1/stats", Some("wrong-token-x"), None, "").await;
+    let r = app
+        .call("GET", "/v1/stats", Some("wrong-token-x"), None, "")
+        .await;
     assert_err(&r, 401, "invalid_token", "not valid");
     let (status, v) = app.call("GET", "/health", None, None, "").await;
     assert_eq!(status, StatusCode::OK);
@@ -80,37 +87,80 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
     let before = stats(&app, T).await;
     let body = |s: &str| Some(axum::body::Body::from(s.to_string()));
     let r = app
-        .call("POST", "/v1/chunks", T, body("{\"chunks\": [\"a\","), "application/json")
+        .call(
+            "POST",
+            "/v1/chunks",
+            T,
+            body("{\"chunks\": [\"a\","),
+            "application/json",
+        )
         .await;
     assert_err(&r, 400, "malformed_json", "EOF");
     let r = app
-        .json("POST", "/v1/chunks", T, json!({"chunks": [{"text": "a", "tokens": [1]}]}))
+        .json(
+            "POST",
+            "/v1/chunks",
+            T,
+            json!({"chunks": [{"text": "a", "tokens": [1]}]}),
+        )
         .await;
     assert_err(&r, 400, "invalid_chunk", "exactly one");
-    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": []})).await;
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": []}))
+        .await;
     assert_err(&r, 400, "no_chunks", "empty");
     let r = app
-        .json("POST", "/v1/chunks", T, json!({"chunks": [{"tokens": [1, 9999]}]}))
+        .json(
+            "POST",
+            "/v1/chunks",
+            T,
+            json!({"chunks": [{"tokens": [1, 9999]}]}),
+        )
         .await;
     assert_err(&r, 400, "invalid_token_id", "9999");
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "mode": "fast"}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "mode": "fast"}),
+        )
         .await;
     assert_err(&r, 400, "invalid_mode", "fast");
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "mode": "reuse", "ratio": 0.5}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "mode": "reuse", "ratio": 0.5}),
+        )
         .await;
     assert_err(&r, 400, "invalid_mode", "ratio");
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "ratio": 1.5}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "ratio": 1.5}),
+        )
         .await;
     assert_err(&r, 400, "invalid_mode", "1.5");
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "surprise": 1}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "surprise": 1}),
+        )
         .await;
     assert_eq!(r.0, StatusCode::BAD_REQUEST, "{}", r.1);
     let r = app
-        .json("POST", "/v1/chat/completions", T, json!({"messages": [{"role": "robot", "content": "hi"}]}))
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            T,
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+        )
         .await;
     assert_err(&r, 400, "invalid_role", "robot");
     let now = stats(&app, T).await;
@@ -122,15 +172,24 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
 async fn unknown_and_malformed_chunk_ids() {
     let app = TestApp::new(limited());
     let unknown = "ab".repeat(32);
-    let r = app.call("GET", &format!("/v1/chunks/{unknown}"), T, None, "").await;
+    let r = app
+        .call("GET", &format!("/v1/chunks/{unknown}"), T, None, "")
+        .await;
     assert_err(&r, 404, "unknown_chunk", &unknown);
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "chunks": [{"id": unknown}]}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "chunks": [{"id": unknown}]}),
+        )
         .await;
     assert_err(&r, 404, "unknown_chunk", &unknown);
     let r = app.call("GET", "/v1/chunks/xyz", T, None, "").await;
     assert_err(&r, 400, "invalid_chunk_id", "xyz");
-    let r = app.call("DELETE", &format!("/v1/chunks/{unknown}"), T, None, "").await;
+    let r = app
+        .call("DELETE", &format!("/v1/chunks/{unknown}"), T, None, "")
+        .await;
     assert_err(&r, 404, "unknown_chunk", &unknown);
 }
 
@@ -138,13 +197,22 @@ async fn unknown_and_malformed_chunk_ids() {
 async fn limits_are_enforced_by_name() {
     let app = TestApp::new(limited());
     let big = "word ".repeat(300_000);
-    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": [big]})).await;
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": [big]}))
+        .await;
     assert_err(&r, 413, "body_too_large", "max_body_bytes");
     let long = "The tower is old. ".repeat(60);
-    let r = app.json("POST", "/v1/chunks", T, json!({"chunks": [long]})).await;
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": [long]}))
+        .await;
     assert_err(&r, 400, "too_many_tokens", "max_request_tokens");
     let r = app
-        .json("POST", "/v1/blend", T, json!({"question": "q?", "chunks": ["a", "b", "c", "d", "e"]}))
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q?", "chunks": ["a", "b", "c", "d", "e"]}),
+        )
         .await;
     assert_err(&r, 400, "too_many_chunks", "max_chunks");
     let r = app
@@ -171,7 +239,12 @@ async fn tenants_are_isolated_and_quotas_hold() {
     let r = app.call("DELETE", &other, acme, None, "").await;
     assert_err(&r, 404, "unknown_chunk", &id);
     let r = app
-        .json("POST", "/v1/blend", acme, json!({"question": "q?", "chunks": [{"id": id}]}))
+        .json(
+            "POST",
+            "/v1/blend",
+            acme,
+            json!({"question": "q?", "chunks": [{"id": id}]}),
+        )
         .await;
     assert_err(&r, 404, "unknown_chunk", &id);
     let (status, _) = app.call("HEAD", &other, T, None, "").await;
@@ -181,15 +254,29 @@ async fn tenants_are_isolated_and_quotas_hold() {
     assert_ne!(mine.chunks[0].id, id);
     assert_eq!(mine.chunks[0].status, kvquilt_api::ChunkOutcome::Stored);
     let used = stats(&app, acme).await.tenant.used_bytes;
-    assert_eq!(used, 512 * mine.chunks[0].tokens as u64, "512 bytes of KV per token");
+    assert_eq!(
+        used,
+        512 * mine.chunks[0].tokens as u64,
+        "512 bytes of KV per token"
+    );
     // acme's quota (20 kB) holds no more such chunks
     let r = app
-        .json("POST", "/v1/chunks", acme, json!({"chunks": [DOCS[0], DOCS[2]]}))
+        .json(
+            "POST",
+            "/v1/chunks",
+            acme,
+            json!({"chunks": [DOCS[0], DOCS[2]]}),
+        )
         .await;
     assert_err(&r, 403, "quota_exceeded", "acme");
     // a blend over acme's misses still answers, but stores nothing past the quota
     let (status, v) = app
-        .json("POST", "/v1/blend", acme, json!({"question": "q?", "chunks": [DOCS[0], DOCS[2]], "mode": "reuse"}))
+        .json(
+            "POST",
+            "/v1/blend",
+            acme,
+            json!({"question": "q?", "chunks": [DOCS[0], DOCS[2]], "mode": "reuse"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let b: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
@@ -205,40 +292,85 @@ async fn uploaded_objects_are_verified_before_they_are_stored() {
     let kv_url = format!("/v1/chunks/{id}/kv");
     let (status, kv) = app.bytes("GET", &kv_url, T, None).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = app.call("DELETE", &format!("/v1/chunks/{id}"), T, None, "").await;
+    let (status, _) = app
+        .call("DELETE", &format!("/v1/chunks/{id}"), T, None, "")
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let before = stats(&app, T).await;
-    let to_json = |(s, b): (StatusCode, Vec<u8>)| (s, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null));
+    let to_json = |(s, b): (StatusCode, Vec<u8>)| {
+        (
+            s,
+            serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+        )
+    };
 
     let obj = EncodedObject::parse(&kv, None).unwrap().decode().unwrap();
     let mut layout = *obj.layout();
     layout.rope_theta *= 2.0;
-    let layers: Vec<_> = (0..obj.num_layers()).map(|l| obj.layer(l).clone()).collect();
+    let layers: Vec<_> = (0..obj.num_layers())
+        .map(|l| obj.layer(l).clone())
+        .collect();
     let wrong = KvObject::new(*obj.key(), layout, obj.tokens().to_vec(), layers, None).unwrap();
-    let r = app.bytes("PUT", &kv_url, T, Some(wrong.encode(Codec::Raw).to_bytes().to_vec())).await;
+    let r = app
+        .bytes(
+            "PUT",
+            &kv_url,
+            T,
+            Some(wrong.encode(Codec::Raw).to_bytes().to_vec()),
+        )
+        .await;
     assert_err(&to_json(r), 400, "layout_mismatch", "layout");
     let mut flipped = kv.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0x40;
     let r = app.bytes("PUT", &kv_url, T, Some(flipped)).await;
     assert_err(&to_json(r), 400, "corrupt_object", "checksum");
-    let r = app.bytes("PUT", &kv_url, T, Some(kv[..kv.len() / 2].to_vec())).await;
+    let r = app
+        .bytes("PUT", &kv_url, T, Some(kv[..kv.len() / 2].to_vec()))
+        .await;
     assert_err(&to_json(r), 400, "corrupt_object", "truncated");
     let unknown = "ab".repeat(32);
-    let r = app.bytes("PUT", &format!("/v1/chunks/{unknown}/kv"), T, Some(kv.clone())).await;
+    let r = app
+        .bytes(
+            "PUT",
+            &format!("/v1/chunks/{unknown}/kv"),
+            T,
+            Some(kv.clone()),
+        )
+        .await;
     assert_eq!(r.0, StatusCode::BAD_REQUEST);
     // nor under acme's id: its tokens derive the default tenant's id
-    let mine = put_text(&app, Some(ACME_TOKEN), DOCS[1]).await.chunks[0].id.clone();
-    let r = app.bytes("PUT", &format!("/v1/chunks/{mine}/kv"), Some(ACME_TOKEN), Some(kv.clone())).await;
+    let mine = put_text(&app, Some(ACME_TOKEN), DOCS[1]).await.chunks[0]
+        .id
+        .clone();
+    let r = app
+        .bytes(
+            "PUT",
+            &format!("/v1/chunks/{mine}/kv"),
+            Some(ACME_TOKEN),
+            Some(kv.clone()),
+        )
+        .await;
     assert_eq!(r.0, StatusCode::BAD_REQUEST);
     let now = stats(&app, T).await;
-    assert_eq!(now.tenant.used_bytes, before.tenant.used_bytes, "nothing was stored");
+    assert_eq!(
+        now.tenant.used_bytes, before.tenant.used_bytes,
+        "nothing was stored"
+    );
     // the intact object goes back in, then is a hit
     let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv.clone())).await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv)).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, v) = app.call("GET", &format!("/v1/chunks/{id}?include_tokens=true"), T, None, "").await;
+    let (status, v) = app
+        .call(
+            "GET",
+            &format!("/v1/chunks/{id}?include_tokens=true"),
+            T,
+            None,
+            "",
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     let info: ChunkInfo = serde_json::from_value(v).expect("a ChunkInfo");
     assert_eq!(info.token_ids.map(|t| t.len()), Some(info.tokens));
@@ -249,13 +381,21 @@ async fn blend_reports_what_it_stored_and_r1_equals_full() {
     let app = TestApp::new(Config::default());
     let chunks = json!([DOCS[0], DOCS[1], DOCS[2]]);
     let (status, v) = app
-        .json("POST", "/v1/blend", None, json!({"question": "What is the number?", "chunks": chunks, "mode": "full"}))
+        .json(
+            "POST",
+            "/v1/blend",
+            None,
+            json!({"question": "What is the number?", "chunks": chunks, "mode": "full"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let full: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
     assert_eq!(full.stats.mode, "full");
     let used = stats(&app, None).await.tenant.used_bytes;
-    assert!(used > 0, "the misses were stored back and charged to the tenant");
+    assert!(
+        used > 0,
+        "the misses were stored back and charged to the tenant"
+    );
     let (status, v) = app
         .json("POST", "/v1/blend", None, json!({"question": "What is the number?", "chunks": chunks, "mode": "blend", "ratio": 1.0}))
         .await;
@@ -263,11 +403,20 @@ async fn blend_reports_what_it_stored_and_r1_equals_full() {
     let one: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
     assert_eq!(one.stats.misses, 0);
     assert_eq!(one.stats.stored_back, 0);
-    assert_eq!(stats(&app, None).await.tenant.used_bytes, used, "hits store nothing");
+    assert_eq!(
+        stats(&app, None).await.tenant.used_bytes,
+        used,
+        "hits store nothing"
+    );
     assert_eq!(full.token.id, one.token.id);
     for (a, b) in full.top_logprobs.iter().zip(&one.top_logprobs) {
         assert_eq!(a.id, b.id);
-        assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
+        assert!(
+            (a.logprob - b.logprob).abs() < 1e-3,
+            "{} vs {}",
+            a.logprob,
+            b.logprob
+        );
     }
 }
 
@@ -289,13 +438,23 @@ async fn openai_responses_parse_as_the_wire_types() {
     assert_eq!(chat.usage.prompt_tokens, chat.kvquilt.tokens);
     assert!(chat.choices[0].logprobs.is_some());
     let (status, v) = app
-        .json("POST", "/v1/completions", None, json!({"prompt": "The tower", "max_tokens": 2}))
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": "The tower", "max_tokens": 2}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let text: CompletionResponse = serde_json::from_value(v).expect("a CompletionResponse");
     assert_eq!(text.usage.completion_tokens, 2);
     let r = app
-        .json("POST", "/v1/completions", None, json!({"prompt": "x", "model": "gpt-9"}))
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": "x", "model": "gpt-9"}),
+        )
         .await;
     assert_err(&r, 404, "model_not_found", "gpt-9");
 }
@@ -307,8 +466,15 @@ async fn the_router_serves_exactly_the_listed_routes() {
         .map(|r| (r.method, r.path))
         .collect();
     let listed: BTreeSet<_> = ROUTES.iter().map(|r| (r.method, r.path)).collect();
-    assert_eq!(table, listed, "serve::routes() and kvquilt_api::ROUTES differ");
-    assert_eq!(table.len(), kvquilt::serve::routes().len(), "a route is in the table twice");
+    assert_eq!(
+        table, listed,
+        "serve::routes() and kvquilt_api::ROUTES differ"
+    );
+    assert_eq!(
+        table.len(),
+        kvquilt::serve::routes().len(),
+        "a route is in the table twice"
+    );
     // and the router built from the table answers each of them (no 404 route miss, no 405)
     let app = TestApp::new(Config::default());
     let id = "ab".repeat(32);

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running server; killed when dropped.
-pub struct Server {
+pub(crate) struct Server {
     child: Option<Child>,
     pub url: String,
     pub log: PathBuf,
@@ -17,7 +17,7 @@ pub struct Server {
 impl Server {
     /// Starts `kvquilt serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and waits until it
     /// listens (the model loads first: seconds).
-    pub fn start(data_dir: &Path, args: &[&str]) -> Server {
+    pub(crate) fn start(data_dir: &Path, args: &[&str]) -> Server {
         let log = data_dir.with_extension(format!("{}.log", std::process::id()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -64,7 +64,7 @@ impl Server {
     }
 
     /// SIGTERM, then waits for the graceful exit; returns the exit status code.
-    pub fn stop(mut self) -> Option<i32> {
+    pub(crate) fn stop(mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         // SAFETY: plain kill(2) on our own child's pid
         unsafe {
@@ -85,7 +85,7 @@ impl Drop for Server {
 }
 
 /// The repository root.
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate sits in the workspace")
@@ -93,7 +93,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// A tokio runtime for the async client.
-pub fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

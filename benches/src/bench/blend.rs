@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
-use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
+use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::{Model, ModelConfig};
 use serde::Serialize;
 
@@ -75,7 +75,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-pub fn run(a: BlendBenchArgs) -> Result<()> {
+pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, identity, name) = match a.random.as_deref() {

@@ -86,7 +86,7 @@ impl Drop for ServerChild {
     }
 }
 
-pub fn run(a: LoadBenchArgs) -> Result<()> {
+pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("a scratch data directory")?;
     let mut child = Command::new(crate::kvquilt_binary()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--workers"])

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
 
+/// The benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Prefill throughput at several prompt lengths and decode throughput.
@@ -27,6 +28,7 @@ pub enum BenchCommand {
     Load(load::LoadBenchArgs),
 }
 
+/// Runs one benchmark: prints a summary table and writes its JSON report.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(a) => model::run(a),

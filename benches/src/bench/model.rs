@@ -53,7 +53,7 @@ struct ModelBenchReport {
     decode_tokens_per_s_median: f64,
 }
 
-pub fn run(a: ModelBenchArgs) -> Result<()> {
+pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, name) = match a.random.as_deref() {

@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use kvquilt_kvstore::{
-    Codec, HostTier, KeyContext, KvDType, KvLayout, KvObject, Pins, PolicyKind, RopeScalingSpec,
+    HostTier, KeyContext, KvDType, KvLayout, KvObject, Pins, PolicyKind, RopeScalingSpec,
     SsdConfig, SsdTier, Tier,
 };
 use serde::Serialize;
@@ -138,7 +138,7 @@ struct StoreBenchReport {
     hashing: Vec<HashRow>,
 }
 
-pub fn run(a: StoreBenchArgs) -> Result<()> {
+pub(crate) fn run(a: StoreBenchArgs) -> Result<()> {
     let (dir, owned) = match &a.dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -219,10 +219,7 @@ async fn run_in(a: &StoreBenchArgs, dir: &Path) -> Result<StoreBenchReport> {
 
         let ssd_dir = dir.join(format!("ssd-{mib}"));
         let _ = std::fs::remove_dir_all(&ssd_dir);
-        let ssd = SsdTier::open(
-            SsdConfig::new(ssd_dir.clone(), u64::MAX),
-            Pins::default(),
-        )?;
+        let ssd = SsdTier::open(SsdConfig::new(ssd_dir.clone(), u64::MAX), Pins::default())?;
         let ssd_put = time_async(a.repeats, || async {
             ssd.remove(&key).await?;
             ssd.put(Arc::clone(&obj), 1.0).await?;

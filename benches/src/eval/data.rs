@@ -9,14 +9,14 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Passage {
+pub(crate) struct Passage {
     #[serde(default)]
     pub title: String,
     pub text: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Example {
+pub(crate) struct Example {
     pub ctxs: Vec<Passage>,
     pub question: String,
     pub answers: Vec<String>,
@@ -25,7 +25,7 @@ pub struct Example {
     pub answer_hint: Option<String>,
 }
 
-pub fn load(path: &Path) -> Result<Vec<Example>> {
+pub(crate) fn load(path: &Path) -> Result<Vec<Example>> {
     let raw = std::fs::read_to_string(path)
         .with_context(|| format!("reading evaluation input {}", path.display()))?;
     let examples: Vec<Example> = serde_json::from_str(&raw).with_context(|| {
@@ -68,7 +68,7 @@ impl SplitMix {
 /// The needle task: in each example, one sentence stating a random 4-digit value is planted
 /// at a sentence boundary of one random passage, and the question asks for that value.
 /// Deterministic in `seed`.
-pub fn needles(examples: &[Example], seed: u64) -> Vec<Example> {
+pub(crate) fn needles(examples: &[Example], seed: u64) -> Vec<Example> {
     let mut rng = SplitMix(seed);
     examples
         .iter()

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 /// Lower-case, punctuation removed, the articles a/an/the removed, spaces collapsed.
-pub fn normalize(s: &str) -> String {
+pub(crate) fn normalize(s: &str) -> String {
     let lower: String = s
         .to_lowercase()
         .chars()
@@ -18,7 +18,7 @@ pub fn normalize(s: &str) -> String {
 }
 
 /// Token F1 of a prediction against one gold answer, both normalised.
-pub fn f1(prediction: &str, gold: &str) -> f64 {
+pub(crate) fn f1(prediction: &str, gold: &str) -> f64 {
     let (p, g) = (normalize(prediction), normalize(gold));
     let p: Vec<&str> = p.split_whitespace().collect();
     let g: Vec<&str> = g.split_whitespace().collect();
@@ -47,12 +47,12 @@ pub fn f1(prediction: &str, gold: &str) -> f64 {
 }
 
 /// Best F1 over the gold answers.
-pub fn best_f1(prediction: &str, golds: &[String]) -> f64 {
+pub(crate) fn best_f1(prediction: &str, golds: &[String]) -> f64 {
     golds.iter().map(|g| f1(prediction, g)).fold(0.0, f64::max)
 }
 
 /// Whether the normalised prediction contains a normalised gold answer.
-pub fn contains_gold(prediction: &str, golds: &[String]) -> bool {
+pub(crate) fn contains_gold(prediction: &str, golds: &[String]) -> bool {
     let p = normalize(prediction);
     golds.iter().any(|g| {
         let g = normalize(g);
@@ -61,7 +61,7 @@ pub fn contains_gold(prediction: &str, golds: &[String]) -> bool {
 }
 
 /// KL(P‖Q) in nats between the softmax distributions of two logit rows.
-pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+pub(crate) fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let log_softmax = |x: &[f32]| -> Vec<f64> {
         let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
         let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
@@ -76,7 +76,7 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 }
 
 /// Fraction of the reference's tokens that the other sequence has at the same place.
-pub fn token_agreement(reference: &[u32], other: &[u32]) -> f64 {
+pub(crate) fn token_agreement(reference: &[u32], other: &[u32]) -> f64 {
     if reference.is_empty() {
         return other.is_empty() as u8 as f64;
     }

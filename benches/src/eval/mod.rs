@@ -17,13 +17,14 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
 use kvquilt_blend::{Blender, ChunkCodec, ChunkEncoding, Mode, ModelIdentity};
-use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore, WritePolicy};
+use kvquilt_kvstore::{StoreConfig, TieredStore};
 use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
 use serde::Serialize;
 
 use crate::bench::median;
 use kvquilt::model_source::ModelArgs;
 
+/// `eval` flags: the data, the task, which modes, ratios and variants to run.
 #[derive(clap::Args)]
 pub struct Args {
     /// Examples in CacheBlend's MuSiQue format.
@@ -200,6 +201,7 @@ fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Runs the evaluation: stores every example's chunks (untimed), then runs each mode from the store and prints the table.
 pub fn run(a: Args) -> Result<()> {
     let mut examples = data::load(&a.input)?;
     if let Some(n) = a.limit {

@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 use kvquilt_blend::{BlendConfig, Deviation};
 
 /// The blend settings a variant name stands for, at recompute ratio `r`.
-pub fn preset(name: &str, r: f32) -> Result<BlendConfig> {
+pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
     let base = BlendConfig::cacheblend(r);
     Ok(match name {
         // the published algorithm: layer 0 full, check layer 1, squared V deviation

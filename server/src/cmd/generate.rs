@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::model_source::ModelArgs;
 
+/// `kvquilt generate` flags.
 #[derive(clap::Args)]
 pub struct Args {
     /// The prompt text.
@@ -38,6 +39,7 @@ struct Output {
     tokens_per_s: f64,
 }
 
+/// Generates greedily from a prompt with full prefill (the reference path) and prints the text, or one JSON object with `--json`.
 pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
     let tok = m.tokenizer()?;

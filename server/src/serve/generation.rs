@@ -13,7 +13,7 @@ use super::error::ApiResult;
 
 /// How tokens are picked.
 #[derive(Debug, Clone)]
-pub struct Sampling {
+pub(crate) struct Sampling {
     /// 0 (or absent in the request) is greedy.
     pub temperature: f32,
     /// Nucleus mass, (0, 1].
@@ -23,7 +23,7 @@ pub struct Sampling {
 
 /// When generation ends.
 #[derive(Debug, Clone)]
-pub struct Stopping {
+pub(crate) struct Stopping {
     pub max_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
@@ -31,7 +31,7 @@ pub struct Stopping {
 
 /// One token as it is produced.
 #[derive(Debug, Clone)]
-pub struct Step {
+pub(crate) struct Step {
     pub id: u32,
     pub logprob: f32,
     /// The `k` best alternatives `(id, logprob)`, when asked for.
@@ -41,7 +41,7 @@ pub struct Step {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
+pub(crate) enum Finish {
     /// An end-of-sequence token or a stop string.
     Stop,
     Length,
@@ -50,7 +50,7 @@ pub enum Finish {
 }
 
 impl Finish {
-    pub fn openai(self) -> &'static str {
+    pub(crate) fn openai(self) -> &'static str {
         match self {
             Finish::Stop | Finish::Cancelled => "stop",
             Finish::Length => "length",
@@ -63,7 +63,7 @@ impl Finish {
 /// held-back text); returning false stops generation. Returns why it stopped and how many
 /// tokens were produced (an end-of-sequence token counts, its text is empty).
 #[allow(clippy::too_many_arguments)]
-pub fn decode(
+pub(crate) fn decode(
     model: &Model,
     tokenizer: &Tokenizer,
     mut cache: KvCache,
@@ -159,7 +159,7 @@ fn log_prob(row: &[f32], id: u32) -> f32 {
 
 /// Turns tokens into text released in final pieces, cut at the first stop string.
 #[derive(Debug)]
-pub struct TextStream {
+pub(crate) struct TextStream {
     tokens: Vec<u32>,
     /// Bytes of the decoded text already released.
     released: usize,
@@ -167,7 +167,7 @@ pub struct TextStream {
 }
 
 impl TextStream {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub(crate) fn new(stops: Vec<String>) -> Self {
         Self {
             tokens: Vec::new(),
             released: 0,
@@ -176,7 +176,7 @@ impl TextStream {
     }
 
     /// Adds a token; returns the text now final and whether a stop string ended the text.
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> ApiResult<(String, bool)> {
+    pub(crate) fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> ApiResult<(String, bool)> {
         self.tokens.push(id);
         let text = tokenizer.decode(&self.tokens, true)?;
         if let Some(at) = self
@@ -211,7 +211,7 @@ impl TextStream {
     }
 
     /// Everything not yet released (at the end of generation).
-    pub fn finish(&mut self, tokenizer: &Tokenizer) -> ApiResult<String> {
+    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> ApiResult<String> {
         let text = tokenizer.decode(&self.tokens, true)?;
         let out = text.get(self.released..).unwrap_or("").to_string();
         self.released = text.len();

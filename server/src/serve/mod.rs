@@ -104,6 +104,7 @@ impl Args {
     }
 }
 
+/// `kvquilt serve`: merges the configuration, starts logging and a tokio runtime, and serves until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<()> {
     let config = args.config()?;
     init_logging(&config.log_level);
@@ -169,7 +170,11 @@ pub async fn serve(config: Config) -> Result<()> {
 /// What every handler shares, built from a loaded model and an open store (in `serve`, or
 /// by a test around a tiny model and a host-only store). Call inside a tokio runtime: the
 /// blender keeps its handle for store reads.
-pub fn app_state(config: &Config, loaded: LoadedModel, store: Arc<TieredStore>) -> Result<AppState> {
+pub fn app_state(
+    config: &Config,
+    loaded: LoadedModel,
+    store: Arc<TieredStore>,
+) -> Result<AppState> {
     let identity = ModelIdentity::of(&loaded)?;
     let model_name = match &config.model {
         None => kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT.name.to_string(),

@@ -9,8 +9,8 @@ use kvquilt_api::{
     BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, Method,
     OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
 };
-use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::JsonSchema;
+use schemars::generate::{SchemaGenerator, SchemaSettings};
 use serde_json::{Map, Value, json};
 
 /// What a route takes and returns, beyond its method, path and summary.

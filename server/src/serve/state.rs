@@ -14,18 +14,28 @@ use super::metrics::Metrics;
 use super::pool::ModelPool;
 use super::tenants::{Tenant, Tenants};
 
+/// What handlers receive: the shared state behind an `Arc`.
 pub type AppState = Arc<Shared>;
 
+/// Everything the handlers share; built once by [`super::app_state`].
 pub struct Shared {
+    /// The model, its identity and the store.
     pub blender: Arc<Blender>,
+    /// The model's tokenizer.
     pub tokenizer: Arc<Tokenizer>,
+    /// The model's chat template (ChatML when it ships none).
     pub template: Arc<ChatTemplate>,
     /// The name `/v1/models` lists and completions answer with.
     pub model_name: String,
+    /// Bearer tokens → tenants.
     pub tenants: Tenants,
+    /// Request limits.
     pub limits: Limits,
+    /// The bounded pool model work runs on.
     pub pool: ModelPool,
+    /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Start-up time (for `uptime_s`).
     pub started: Instant,
 }
 
@@ -106,6 +116,7 @@ impl Shared {
     }
 }
 
+/// The 404 for a chunk id the caller's tenant does not hold.
 pub fn unknown_chunk(key: &ChunkKey) -> ApiError {
     ApiError::not_found("unknown_chunk", format!("no chunk {key} is stored"))
 }

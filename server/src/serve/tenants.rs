@@ -23,6 +23,7 @@ use super::state::AppState;
 /// One tenant.
 #[derive(Debug)]
 pub struct Tenant {
+    /// Its name.
     pub name: String,
     /// Salt of every key this tenant derives.
     pub namespace: Vec<u8>,
@@ -43,6 +44,7 @@ pub fn namespace_of(tenant: &str) -> Vec<u8> {
 }
 
 impl Tenant {
+    /// A tenant with no stored objects yet.
     pub fn new(name: &str, quota_bytes: Option<u64>) -> Self {
         Self {
             name: name.to_string(),
@@ -65,6 +67,7 @@ impl Tenant {
         }
     }
 
+    /// Stops counting `key` (deleted).
     pub fn forget(&self, key: &ChunkKey) {
         if let Some(b) = self.usage.lock().remove(key) {
             self.used.fetch_sub(b, Ordering::Relaxed);
@@ -103,6 +106,7 @@ pub struct Tenants {
 }
 
 impl Tenants {
+    /// The default tenant and the configured ones, with their tokens.
     pub fn from_config(c: &Config) -> Self {
         let default = Arc::new(Tenant::new("default", c.limits.default_quota_bytes));
         let mut by_token = HashMap::new();

@@ -45,8 +45,9 @@ fn byte_chars() -> Vec<(u8, char)> {
 
 /// Writes the tiny chat model (weights linked from the fixture, config and tokenizer made
 /// here) into `dir`.
-pub fn write_tiny_chat_model(dir: &Path) -> PathBuf {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-llama");
+pub(crate) fn write_tiny_chat_model(dir: &Path) -> PathBuf {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-llama");
     std::fs::create_dir_all(dir).expect("model dir");
     let mut config: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture.join("config.json")).expect("fixture config"),
@@ -55,8 +56,11 @@ pub fn write_tiny_chat_model(dir: &Path) -> PathBuf {
     config["bos_token_id"] = json!(256);
     config["eos_token_id"] = json!(258);
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
-    std::fs::copy(fixture.join("model.safetensors"), dir.join("model.safetensors"))
-        .expect("weights");
+    std::fs::copy(
+        fixture.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .expect("weights");
     let vocab: serde_json::Map<String, Value> = byte_chars()
         .into_iter()
         .map(|(b, c)| (c.to_string(), json!(b)))
@@ -84,7 +88,7 @@ pub fn write_tiny_chat_model(dir: &Path) -> PathBuf {
 
 /// A router over the tiny model and a host-only store, with `config` (its model and data
 /// directory are ignored). Keep the temporary directory alive while using it.
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub state: AppState,
     pub router: Router,
     _dir: tempfile::TempDir,
@@ -92,7 +96,7 @@ pub struct TestApp {
 
 impl TestApp {
     /// Call inside a multi-threaded tokio runtime (the blender blocks on store reads).
-    pub fn new(config: Config) -> TestApp {
+    pub(crate) fn new(config: Config) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_tiny_chat_model(&dir.path().join("tiny-chat"));
         let loaded = kvquilt_model::load(&path, &Device::Cpu, DType::F32).expect("tiny model");
@@ -106,7 +110,7 @@ impl TestApp {
     }
 
     /// One request: (status, JSON body or `null`).
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         uri: &str,
@@ -126,17 +130,38 @@ impl TestApp {
         let resp = self.router.clone().oneshot(req).await.expect("infallible");
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     /// A JSON request.
-    pub async fn json(&self, method: &str, uri: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
-        self.call(method, uri, token, Some(Body::from(body.to_string())), "application/json")
-            .await
+    pub(crate) async fn json(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.call(
+            method,
+            uri,
+            token,
+            Some(Body::from(body.to_string())),
+            "application/json",
+        )
+        .await
     }
 
     /// A request's raw response bytes and status (for binary bodies).
-    pub async fn bytes(&self, method: &str, uri: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (StatusCode, Vec<u8>) {
+    pub(crate) async fn bytes(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Vec<u8>) {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
@@ -157,9 +182,12 @@ impl TestApp {
 
 /// Asserts an error response's status and code, and that its message names the problem.
 #[track_caller]
-pub fn assert_err(got: &(StatusCode, Value), status: u16, code: &str, says: &str) {
+pub(crate) fn assert_err(got: &(StatusCode, Value), status: u16, code: &str, says: &str) {
     assert_eq!(got.0.as_u16(), status, "{}", got.1);
     assert_eq!(got.1["error"]["code"], code, "{}", got.1);
     let msg = got.1["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains(says), "message `{msg}` does not mention `{says}`");
+    assert!(
+        msg.contains(says),
+        "message `{msg}` does not mention `{says}`"
+    );
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// One input document and, if the input gives them, its chunks.
 #[derive(Debug, Clone)]
-pub struct Document {
+pub(crate) struct Document {
     /// The input's id, as text (numbers are printed).
     pub id: String,
     pub text: Option<String>,
@@ -32,7 +32,7 @@ struct Line {
     metadata: Option<Value>,
 }
 
-pub fn read(path: &Path) -> Result<Vec<Document>> {
+pub(crate) fn read(path: &Path) -> Result<Vec<Document>> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     let docs = if meta.is_dir() {
         read_dir(path)?

@@ -34,6 +34,7 @@ use crate::model_source::ModelArgs;
 use crate::serve::tenants::namespace_of;
 use crate::store_setup::open_store;
 
+/// `kvquilt precompute` flags.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A JSONL file (`{"id": ..., "text": ...}` per line, or `"chunks": [...]` instead of
@@ -100,6 +101,7 @@ struct Summary {
     verified: Option<usize>,
 }
 
+/// Runs the batch job: chunks the input, computes what the store lacks, prints a summary (exit 130 after Ctrl-C, with what was done kept).
 pub fn run(a: Args) -> Result<()> {
     if a.chunk_tokens > 0 && a.overlap >= a.chunk_tokens {
         bail!("--overlap must be smaller than --chunk-tokens");

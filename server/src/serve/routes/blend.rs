@@ -12,13 +12,13 @@ use kvquilt_model::top_logprobs;
 use super::chunk_ref::{check_chunk_count, check_tokens, resolve_all};
 use super::chunks::check_quota;
 use crate::serve::error::{ApiError, ApiResult};
-use crate::serve::wire;
 use crate::serve::extract::ApiJson;
 use crate::serve::state::{AppState, Shared};
 use crate::serve::tenants::{Caller, Tenant};
+use crate::serve::wire;
 
 /// `POST /v1/blend`.
-pub async fn blend(
+pub(crate) async fn blend(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ApiJson(body): ApiJson<BlendBody>,
@@ -97,14 +97,14 @@ pub async fn blend(
 }
 
 /// A blend request that passed the size check, with store-back decided by the quota.
-pub struct Prepared {
+pub(crate) struct Prepared {
     /// The engine request.
     pub req: BlendRequest,
 }
 
 /// Checks a request's size and decides store-back: a tenant over its quota still gets its
 /// answer, its misses are just not stored.
-pub fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<Prepared> {
+pub(crate) fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<Prepared> {
     check_chunk_count(s, req.chunks.len())?;
     check_tokens(s, req.tokens().len())?;
     if req.suffix.is_empty() {
@@ -128,7 +128,7 @@ pub fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<
 impl Prepared {
     /// Runs the blend (blocking: call on the model pool) and records its metrics and the
     /// tenant's new objects (what the engine reports it stored).
-    pub fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
+    pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
         let out = s.blender.run(&tenant.namespace, &self.req)?;
         for obj in &out.stored {
             tenant.add(obj.key, obj.bytes);

@@ -9,7 +9,7 @@ use crate::serve::tenants::Tenant;
 /// A chunk's token ids. Text is a document: it becomes
 /// [`kvquilt_blend::rag::document_tokens`], the same tokens the precompute job and chat
 /// documents derive; token ids are used as given; an id must name a chunk of `tenant`.
-pub async fn resolve(
+pub(crate) async fn resolve(
     s: &Shared,
     tenant: &Tenant,
     chunk: &ChunkRef,
@@ -53,7 +53,7 @@ fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {
 }
 
 /// Checks a request's chunk count against `limits.max_chunks`.
-pub fn check_chunk_count(s: &Shared, chunks: usize) -> ApiResult<()> {
+pub(crate) fn check_chunk_count(s: &Shared, chunks: usize) -> ApiResult<()> {
     if chunks > s.limits.max_chunks {
         return Err(ApiError::bad_request(
             "too_many_chunks",
@@ -68,7 +68,7 @@ pub fn check_chunk_count(s: &Shared, chunks: usize) -> ApiResult<()> {
 
 /// Checks a token count (one chunk, or a whole prompt) against `limits.max_request_tokens`
 /// and the model's context.
-pub fn check_tokens(s: &Shared, tokens: usize) -> ApiResult<()> {
+pub(crate) fn check_tokens(s: &Shared, tokens: usize) -> ApiResult<()> {
     let ctx = s.blender.model().config().context_length;
     let limit = s.limits.max_request_tokens.min(ctx);
     if tokens > limit {
@@ -83,7 +83,7 @@ pub fn check_tokens(s: &Shared, tokens: usize) -> ApiResult<()> {
 }
 
 /// Resolves a request's chunks in order, after checking their count.
-pub async fn resolve_all(
+pub(crate) async fn resolve_all(
     s: &Shared,
     tenant: &Tenant,
     chunks: &[ChunkRef],

@@ -8,8 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kvquilt_api::chunks::ChunkOutcome;
 use kvquilt_api::{
-    ChunkInfo, ChunkInfoQuery, ChunkStatus, OBJECT_MEDIA_TYPE, PutChunksRequest,
-    PutChunksResponse,
+    ChunkInfo, ChunkInfoQuery, ChunkStatus, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
 };
 use kvquilt_kvstore::{Codec, EncodedObject};
 
@@ -22,7 +21,7 @@ use crate::serve::wire;
 
 /// `POST /v1/chunks`: precompute and store each chunk (content-addressed: a stored chunk
 /// costs a lookup).
-pub async fn create(
+pub(crate) async fn create(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ApiJson(req): ApiJson<PutChunksRequest>,
@@ -75,7 +74,7 @@ pub async fn create(
 }
 
 /// Refuses a write that would take `tenant` past its quota.
-pub fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
+pub(crate) fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
     if extra == 0 || tenant.fits(extra, |k| s.blender.store().locate(k).is_some()) {
         return Ok(());
     }
@@ -92,7 +91,7 @@ pub fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
 }
 
 /// `GET /v1/chunks/{id}` (and `HEAD`, which axum answers from it without the body).
-pub async fn info(
+pub(crate) async fn info(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
@@ -112,7 +111,7 @@ pub async fn info(
 }
 
 /// `DELETE /v1/chunks/{id}`: removes it from every tier.
-pub async fn delete(
+pub(crate) async fn delete(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
@@ -127,7 +126,7 @@ pub async fn delete(
 }
 
 /// `GET /v1/chunks/{id}/kv`: the object's bytes (raw codec; checksums included).
-pub async fn get_kv(
+pub(crate) async fn get_kv(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
@@ -149,7 +148,7 @@ pub async fn get_kv(
 /// `PUT /v1/chunks/{id}/kv`: stores an object made elsewhere. It must parse, every checksum
 /// must hold, its layout must be this model's, and its tokens must derive `id` for this
 /// tenant and model (so nobody can plant KV under another chunk's id).
-pub async fn put_kv(
+pub(crate) async fn put_kv(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,

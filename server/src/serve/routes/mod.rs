@@ -1,7 +1,7 @@
 //! HTTP handlers, one module per resource.
 
-pub mod blend;
-pub mod chunk_ref;
-pub mod chunks;
-pub mod openai;
-pub mod ops;
+pub(crate) mod blend;
+pub(crate) mod chunk_ref;
+pub(crate) mod chunks;
+pub(crate) mod openai;
+pub(crate) mod ops;

@@ -12,12 +12,12 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
-use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
 use kvquilt_api::openai::{
     self as api, AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CommonFields,
-    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList,
-    Prompt, Stop, Usage,
+    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList, Prompt,
+    Stop, Usage,
 };
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
 use kvquilt_blend::{BlendRequest, BlendStats};
 use kvquilt_model::ChatMessage;
 use serde_json::{Value, json};
@@ -60,7 +60,7 @@ struct Job {
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(
+pub(crate) async fn chat(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ApiJson(body): ApiJson<ChatRequest>,
@@ -95,7 +95,7 @@ pub async fn chat(
 }
 
 /// `POST /v1/completions`: documents first (one chunk each), then the prompt, computed.
-pub async fn completions(
+pub(crate) async fn completions(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ApiJson(body): ApiJson<CompletionRequest>,
@@ -123,7 +123,7 @@ pub async fn completions(
 }
 
 /// `GET /v1/models`.
-pub async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<ModelList> {
+pub(crate) async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<ModelList> {
     axum::Json(ModelList {
         object: "list".into(),
         data: vec![ModelCard {
@@ -371,7 +371,14 @@ impl Shape {
     }
 
     /// The whole (not streamed) answer.
-    fn response(&self, text: String, finish: &str, logprobs: Value, usage: Usage, stats: &BlendStats) -> Response {
+    fn response(
+        &self,
+        text: String,
+        finish: &str,
+        logprobs: Value,
+        usage: Usage,
+        stats: &BlendStats,
+    ) -> Response {
         let logprobs = (!logprobs.is_null()).then_some(logprobs);
         let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
         let kvquilt = wire::stats(stats);

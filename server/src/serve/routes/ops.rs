@@ -12,7 +12,7 @@ use crate::serve::tenants::Caller;
 use crate::serve::wire;
 
 /// `GET /health`: answers without touching the model pool or the store.
-pub async fn health(State(s): State<AppState>) -> axum::Json<Health> {
+pub(crate) async fn health(State(s): State<AppState>) -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".into(),
         model: s.model_name.clone(),
@@ -21,7 +21,7 @@ pub async fn health(State(s): State<AppState>) -> axum::Json<Health> {
 }
 
 /// `GET /metrics`: Prometheus/OpenMetrics text.
-pub async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
+pub(crate) async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
     let mut resp = s.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -31,11 +31,16 @@ pub async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
 }
 
 /// `GET /v1/stats`: the store's tiers, the model pool, and the caller's usage.
-pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Stats> {
+pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Stats> {
     axum::Json(Stats {
         model: s.model_name.clone(),
         uptime_s: s.started.elapsed().as_secs_f64(),
-        tiers: s.blender.tier_stats().iter().map(wire::tier_stats).collect(),
+        tiers: s
+            .blender
+            .tier_stats()
+            .iter()
+            .map(wire::tier_stats)
+            .collect(),
         pool: PoolStats {
             workers: s.limits.workers,
             running: s.pool.running(),
@@ -51,6 +56,6 @@ pub async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::J
 }
 
 /// `GET /openapi.json`.
-pub async fn openapi() -> axum::Json<Value> {
+pub(crate) async fn openapi() -> axum::Json<Value> {
     axum::Json(crate::serve::openapi::document())
 }
