@@ -62,6 +62,12 @@ async fn put_text(app: &TestApp, token: Option<&str>, text: &str) -> PutChunksRe
     serde_json::from_value(v).expect("a PutChunksResponse")
 }
 
+async fn blend(app: &TestApp, body: Value) -> BlendResponse {
+    let (status, v) = app.json("POST", "/v1/blend", None, body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    serde_json::from_value(v).expect("a BlendResponse")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_is_required_off_health() {
     let app = TestApp::new(limited());
@@ -275,7 +281,7 @@ async fn tenants_are_isolated_and_quotas_hold() {
             "POST",
             "/v1/blend",
             acme,
-            json!({"question": "q?", "chunks": [DOCS[0], DOCS[2]], "mode": "reuse"}),
+            json!({"suffix_tokens": [81, 63], "chunks": [DOCS[0], DOCS[2]], "mode": "reuse"}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
@@ -377,47 +383,34 @@ async fn uploaded_objects_are_verified_before_they_are_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blend_reports_what_it_stored_and_r1_equals_full() {
+async fn blend_reports_what_it_stored_and_the_tenant_is_charged_for_exactly_that() {
     let app = TestApp::new(Config::default());
-    let chunks = json!([DOCS[0], DOCS[1], DOCS[2]]);
-    let (status, v) = app
-        .json(
-            "POST",
-            "/v1/blend",
-            None,
-            json!({"question": "What is the number?", "chunks": chunks, "mode": "full"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    let full: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
-    assert_eq!(full.stats.mode, "full");
+    let body =
+        |mode: &str| json!({"question": "What is the number?", "chunks": DOCS, "mode": mode});
+    // the first sight computes every segment and stores it; the tenant is charged for
+    // exactly what the engine reports it stored (512 bytes of KV per token here)
+    let first = blend(&app, body("reuse")).await;
+    assert_eq!(first.stats.misses, 4, "the prefix and three chunks");
+    assert_eq!(first.stats.stored_back, 4);
     let used = stats(&app, None).await.tenant.used_bytes;
-    assert!(
-        used > 0,
-        "the misses were stored back and charged to the tenant"
-    );
-    let (status, v) = app
-        .json("POST", "/v1/blend", None, json!({"question": "What is the number?", "chunks": chunks, "mode": "blend", "ratio": 1.0}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    let one: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
-    assert_eq!(one.stats.misses, 0);
-    assert_eq!(one.stats.stored_back, 0);
+    let tokens = first.stats.tokens - first.stats.suffix_tokens;
+    assert_eq!(used, 512 * tokens as u64);
+    // later requests find every segment stored (whether they load it or, estimated faster
+    // on this tiny model, recompute it) and store nothing more
+    for mode in ["reuse", "blend", "full"] {
+        let again = blend(&app, body(mode)).await;
+        assert_eq!(
+            (again.stats.misses, again.stats.stored_back),
+            (0, 0),
+            "{mode}"
+        );
+        assert_eq!(again.chunk_ids, first.chunk_ids);
+    }
     assert_eq!(
         stats(&app, None).await.tenant.used_bytes,
         used,
         "hits store nothing"
     );
-    assert_eq!(full.token.id, one.token.id);
-    for (a, b) in full.top_logprobs.iter().zip(&one.top_logprobs) {
-        assert_eq!(a.id, b.id);
-        assert!(
-            (a.logprob - b.logprob).abs() < 1e-3,
-            "{} vs {}",
-            a.logprob,
-            b.logprob
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
