@@ -1,5 +1,8 @@
 //! Blend modes against full prefill and against contexts assembled by hand from the model's
 //! own forward pass, on tiny random models (HF-saved) and the real SmolLM2.
+//!
+//! Longer than the ~600-line guide on purpose: every mode is checked here against full
+//! prefill on the same fixtures and setup helpers, with what it stored beside its output.
 
 use std::path::PathBuf;
 use std::sync::Arc;

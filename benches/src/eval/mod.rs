@@ -161,19 +161,9 @@ fn configs(a: &Args) -> Result<Vec<Config>> {
         variant: None,
     }];
     for m in &a.modes {
-        match m.as_str() {
-            "full" => {}
-            "prefix" => out.push(Config {
-                mode: Mode::Prefix,
-                ratio: None,
-                variant: None,
-            }),
-            "reuse" => out.push(Config {
-                mode: Mode::Reuse,
-                ratio: None,
-                variant: None,
-            }),
-            "blend" => {
+        match Mode::parse(m, None)? {
+            Mode::Full => {}
+            Mode::Blend(_) => {
                 for v in &a.variants {
                     for &r in &a.ratios {
                         out.push(Config {
@@ -184,7 +174,11 @@ fn configs(a: &Args) -> Result<Vec<Config>> {
                     }
                 }
             }
-            other => bail!("unknown mode `{other}` (expected full, prefix, reuse or blend)"),
+            mode => out.push(Config {
+                mode,
+                ratio: None,
+                variant: None,
+            }),
         }
     }
     Ok(out)
