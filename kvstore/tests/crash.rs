@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::{layout, object};
-use kvquilt_kvstore::{Codec, KvDType, Pins, PolicyKind, SsdConfig, SsdTier, Tier};
+use kvquilt_kvstore::{Codec, KvDType, Pins, SsdConfig, SsdTier, Tier};
 
 const OBJECTS: u64 = 1000;
 const TOKENS: usize = 48;

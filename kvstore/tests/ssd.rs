@@ -5,9 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{layout, object};
-use kvquilt_kvstore::{
-    Codec, KvDType, Pin, Pins, PolicyKind, SsdConfig, SsdTier, StoreError, Tier,
-};
+use kvquilt_kvstore::{Codec, KvDType, Pin, Pins, SsdConfig, SsdTier, StoreError, Tier};
 
 fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
     SsdConfig {
