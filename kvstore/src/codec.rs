@@ -25,7 +25,8 @@ impl Codec {
         }
     }
 
-    pub fn from_id(id: u8) -> Result<Self> {
+    /// The codec of a stored id; an unknown id means the bytes are corrupt.
+    pub(crate) fn from_id(id: u8) -> Result<Self> {
         match id {
             0 => Ok(Self::Raw),
             1 => Ok(Self::Lz4),

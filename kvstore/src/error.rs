@@ -11,7 +11,12 @@ pub enum StoreError {
     Corrupt(String),
     /// A checksum did not match: the bytes changed after they were written.
     #[error("checksum mismatch in {what} of object {key}")]
-    Checksum { key: ChunkKey, what: String },
+    Checksum {
+        /// The object whose bytes failed (for a bad header, the key that header names).
+        key: ChunkKey,
+        /// Which part failed (`header`, `layer 3`, ...).
+        what: String,
+    },
     /// An object's layout or key does not match what the caller expects (another model,
     /// dtype or RoPE setting), so its KV must not be used.
     #[error("object mismatch: {0}")]
@@ -19,24 +24,41 @@ pub enum StoreError {
     /// The object does not fit: larger than the tier, or everything else is pinned or leased.
     #[error("no room in tier {tier}: need {needed} bytes, {available} evictable of {capacity}")]
     NoRoom {
+        /// Name of the tier (`host`, `ssd`, `gpu`).
         tier: String,
+        /// Bytes the object takes in the tier.
         needed: u64,
+        /// Bytes free or evictable (not pinned, leased or still being written) when the
+        /// object was refused.
         available: u64,
+        /// The tier's capacity in bytes.
         capacity: u64,
     },
     /// The disk is full (ENOSPC); nothing was written.
     #[error("disk full writing to {path}: {detail}")]
-    DiskFull { path: String, detail: String },
+    DiskFull {
+        /// The RocksDB directory written to.
+        path: String,
+        /// RocksDB's message.
+        detail: String,
+    },
     /// An I/O error of the filesystem.
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file or directory the operation was on.
         path: String,
+        /// What the operating system reported.
         #[source]
         source: std::io::Error,
     },
     /// RocksDB reported an error.
     #[error("RocksDB error in {path}: {detail}")]
-    Db { path: String, detail: String },
+    Db {
+        /// The RocksDB directory.
+        path: String,
+        /// RocksDB's message.
+        detail: String,
+    },
     /// The caller asked for something that cannot exist (layer index out of range, ...).
     #[error("invalid request: {0}")]
     Invalid(String),

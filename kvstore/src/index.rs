@@ -20,7 +20,11 @@ pub enum Pin {
     /// Never evicted until unpinned.
     Hard,
     /// Not evicted before this time (seconds since the Unix epoch).
-    Soft { until_unix_s: u64 },
+    Soft {
+        /// The pin protects the object while the clock reads less than this (seconds since
+        /// the Unix epoch).
+        until_unix_s: u64,
+    },
 }
 
 impl Pin {
@@ -34,7 +38,9 @@ impl Pin {
         }
     }
 
-    pub fn active(&self, now_unix_s: u64) -> bool {
+    /// Whether the pin still protects its object at `now_unix_s` (seconds since the Unix
+    /// epoch).
+    pub(crate) fn active(&self, now_unix_s: u64) -> bool {
         match *self {
             Self::Hard => true,
             Self::Soft { until_unix_s } => now_unix_s < until_unix_s,
@@ -54,16 +60,21 @@ pub(crate) fn now_unix_s() -> u64 {
 pub struct Pins(Arc<RwLock<HashMap<ChunkKey, Pin>>>);
 
 impl Pins {
+    /// Pins `key`, replacing any pin it had. Memory only: [`crate::TieredStore::pin`] also
+    /// persists it.
     pub fn set(&self, key: ChunkKey, pin: Pin) {
         self.0.write().insert(key, pin);
     }
-    pub fn clear(&self, key: &ChunkKey) -> Option<Pin> {
+    /// Unpins `key`; returns the pin it had.
+    pub(crate) fn clear(&self, key: &ChunkKey) -> Option<Pin> {
         self.0.write().remove(key)
     }
+    /// `key`'s pin, expired or not.
     pub fn get(&self, key: &ChunkKey) -> Option<Pin> {
         self.0.read().get(key).copied()
     }
-    pub fn is_pinned(&self, key: &ChunkKey, now_unix_s: u64) -> bool {
+    /// Whether `key` has a pin that is active at `now_unix_s` (seconds since the Unix epoch).
+    pub(crate) fn is_pinned(&self, key: &ChunkKey, now_unix_s: u64) -> bool {
         self.0.read().get(key).is_some_and(|p| p.active(now_unix_s))
     }
 }
@@ -138,6 +149,8 @@ impl Drop for Lease {
 }
 
 impl TierIndex {
+    /// An empty index of a tier named `name` (in errors and statistics) that holds at most
+    /// `capacity` bytes, evicts by `policy` and honours `pins`.
     pub fn new(name: &str, capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
         Self {
             name: name.to_string(),
@@ -151,27 +164,34 @@ impl TierIndex {
         }
     }
 
+    /// Most bytes the tier may hold.
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
 
+    /// Bytes held, reservations of objects still being written included. Admission keeps
+    /// this within [`TierIndex::capacity`]; objects restored on reopen are counted as found.
     pub fn used(&self) -> u64 {
         self.inner.lock().used
     }
 
+    /// Objects held or being written.
     pub fn len(&self) -> usize {
         self.inner.lock().entries.len()
     }
 
+    /// Whether no object is held or being written.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn contains(&self, key: &ChunkKey) -> bool {
+    /// Whether `key` is held or being written.
+    pub(crate) fn contains(&self, key: &ChunkKey) -> bool {
         self.inner.lock().entries.contains_key(key)
     }
 
-    pub fn keys(&self) -> Vec<ChunkKey> {
+    /// Keys held or being written, in no particular order.
+    pub(crate) fn keys(&self) -> Vec<ChunkKey> {
         self.inner.lock().entries.keys().copied().collect()
     }
 

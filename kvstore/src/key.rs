@@ -37,10 +37,12 @@ const TOKENS_DOMAIN: &str = "kvquilt 2026-11 token ids";
 pub struct ChunkKey(pub [u8; 32]);
 
 impl ChunkKey {
+    /// The 32 bytes of the address.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
+    /// 64 lower-case hex digits (what `Display` prints and [`ChunkKey::from_hex`] parses).
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -243,6 +245,7 @@ impl Default for Fingerprint {
 }
 
 impl Fingerprint {
+    /// A fingerprint with no fields yet.
     pub fn new() -> Self {
         Self(Canonical::new(FINGERPRINT_DOMAIN))
     }
@@ -253,6 +256,7 @@ impl Fingerprint {
         self
     }
 
+    /// The 32-byte digest of the fields, in the order they were added.
     pub fn finish(self) -> [u8; 32] {
         self.0.finish()
     }

@@ -9,8 +9,11 @@ use crate::error::{Result, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDType {
+    /// IEEE 754 binary32, 4 bytes (header code 1).
     F32,
+    /// IEEE 754 binary16, 2 bytes (header code 2).
     F16,
+    /// bfloat16 (the top half of an f32), 2 bytes (header code 3).
     BF16,
 }
 
@@ -45,14 +48,24 @@ impl KvDType {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum RopeScalingSpec {
+    /// Frequencies as `rope_theta` gives them (kind 0).
     None,
+    /// Every frequency divided by `factor` (kind 1, HF "linear").
     Linear {
+        /// The divisor.
         factor: f32,
     },
+    /// Llama 3.1's piecewise scaling (kind 2, HF "llama3").
     Llama3 {
+        /// Divisor of the low frequencies.
         factor: f32,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` positions
+        /// are divided by `factor`.
         low_freq_factor: f32,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` positions
+        /// are kept; those in between are interpolated.
         high_freq_factor: f32,
+        /// Pre-training context length, tokens (stored as an f32 in the object header).
         original_max_position_embeddings: u32,
     },
 }
@@ -104,12 +117,20 @@ impl RopeScalingSpec {
 /// so); `rope_theta` and `rope_scaling` say how it is to be rotated.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct KvLayout {
+    /// Decoder layers: an object holds one K‖V record per layer ([`KvLayout::validate`]
+    /// accepts 1..=4096).
     pub num_layers: u32,
+    /// KV heads per layer (1..=4096).
     pub num_kv_heads: u32,
+    /// Elements per head (1..=65536).
     pub head_dim: u32,
+    /// Element type of K and V.
     pub dtype: KvDType,
+    /// K was captured before RoPE (kvquilt always stores it so).
     pub k_pre_rope: bool,
+    /// RoPE base the keys are rotated with (if pre-RoPE: are to be rotated with); finite.
     pub rope_theta: f32,
+    /// Scaling of the rotary frequencies.
     pub rope_scaling: RopeScalingSpec,
 }
 

@@ -58,6 +58,9 @@
 //! crate that picks its own victims cannot honour pins or leases, so every tier keeps a
 //! [`index::TierIndex`] that reserves bytes before writing and asks the policy for victims.
 
+#![warn(missing_docs, unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod codec;
 mod error;
 pub mod index;

@@ -29,7 +29,9 @@ pub const MAX_TOKENS: u32 = 1 << 24;
 /// policy that wrote it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenStats {
+    /// What the values are, in the numbering of the policy that wrote them.
     pub kind: u8,
+    /// The values: a non-zero multiple of the token count, ordered as the policy chose.
     pub values: Vec<f32>,
 }
 
@@ -49,9 +51,13 @@ pub struct LayerEntry {
 /// What an object holds: its key, KV layout, tokens and optional statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectInfo {
+    /// The key the object is stored under.
     pub key: ChunkKey,
+    /// Shape and encoding of its K/V.
     pub layout: KvLayout,
+    /// The token ids whose KV it holds, in order; one K and V row per token.
     pub tokens: Vec<u32>,
+    /// Per-token statistics, if the writer kept any.
     pub stats: Option<TokenStats>,
 }
 
@@ -65,8 +71,11 @@ impl ObjectInfo {
 /// An object's header: what the KV is, and where each layer's record is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectHeader {
+    /// What the object holds.
     pub info: ObjectInfo,
+    /// How every layer record is encoded.
     pub codec: Codec,
+    /// One entry per layer, in layer order; records follow each other with no gaps.
     pub layers: Vec<LayerEntry>,
 }
 
@@ -138,21 +147,27 @@ impl KvObject {
         })
     }
 
+    /// What the object holds (shared, cheap to clone).
     pub fn info(&self) -> &Arc<ObjectInfo> {
         &self.info
     }
+    /// The key the object is stored under.
     pub fn key(&self) -> &ChunkKey {
         &self.info.key
     }
+    /// Shape and encoding of the K/V bytes.
     pub fn layout(&self) -> &KvLayout {
         &self.info.layout
     }
+    /// The token ids whose KV the object holds.
     pub fn tokens(&self) -> &[u32] {
         &self.info.tokens
     }
+    /// Per-token statistics, if any.
     pub fn stats(&self) -> Option<&TokenStats> {
         self.info.stats.as_ref()
     }
+    /// Number of layers (`layout().num_layers`).
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -215,6 +230,7 @@ impl KvObject {
 /// An object as stored: header bytes and the encoded layer records.
 #[derive(Debug, Clone)]
 pub struct EncodedObject {
+    /// The parsed header.
     pub header: ObjectHeader,
     /// The header's bytes, checksum included.
     pub header_bytes: Bytes,

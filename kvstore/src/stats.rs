@@ -22,7 +22,8 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn record(&self, d: Duration) {
+    /// Counts one observation of `d`.
+    pub(crate) fn record(&self, d: Duration) {
         let s = d.as_secs_f64();
         let i = LATENCY_BUCKETS_S
             .iter()
@@ -33,7 +34,8 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    /// The counts so far.
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
             bounds_s: LATENCY_BUCKETS_S.to_vec(),
             counts: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
@@ -47,35 +49,49 @@ impl Histogram {
 /// the last count above every bound.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets in seconds, increasing ([`LATENCY_BUCKETS_S`]).
     pub bounds_s: Vec<f64>,
+    /// Observations per bucket (not cumulative); one more entry than `bounds_s`.
     pub counts: Vec<u64>,
+    /// Sum of all observations, seconds.
     pub sum_s: f64,
+    /// Number of observations (the sum of `counts`).
     pub count: u64,
 }
 
 /// Live counters of one tier.
 #[derive(Debug, Default)]
 pub struct TierStats {
+    /// Lookups that found the object.
     pub hits: AtomicU64,
+    /// Lookups that did not (failed verifications included).
     pub misses: AtomicU64,
     /// Bytes written into the tier (stored size).
     pub bytes_in: AtomicU64,
     /// Bytes read out of the tier (stored size).
     pub bytes_out: AtomicU64,
+    /// Objects written (puts of an object already held are not counted).
     pub puts: AtomicU64,
+    /// Objects deleted on request (evictions not included).
     pub removes: AtomicU64,
+    /// Objects evicted to make room.
     pub evictions: AtomicU64,
     /// Reads that found bytes failing their checksum (counted as misses too).
     pub checksum_failures: AtomicU64,
+    /// Time of reads that found the object.
     pub get_latency: Histogram,
+    /// Time of puts.
     pub put_latency: Histogram,
 }
 
 impl TierStats {
+    /// Adds `n` to one of the counters (relaxed: counters order nothing).
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// A copy of the counters, labelled `tier`, with the occupancy the tier's index reports
+    /// (`used_bytes` of `capacity_bytes`, in `objects` objects).
     pub fn snapshot(
         &self,
         tier: &str,
@@ -105,18 +121,32 @@ impl TierStats {
 /// A plain copy of one tier's statistics.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TierStatsSnapshot {
+    /// The tier's name (`gpu`, `host`, `ssd`).
     pub tier: String,
+    /// See [`TierStats::hits`].
     pub hits: u64,
+    /// See [`TierStats::misses`].
     pub misses: u64,
+    /// See [`TierStats::bytes_in`].
     pub bytes_in: u64,
+    /// See [`TierStats::bytes_out`].
     pub bytes_out: u64,
+    /// See [`TierStats::puts`].
     pub puts: u64,
+    /// See [`TierStats::removes`].
     pub removes: u64,
+    /// See [`TierStats::evictions`].
     pub evictions: u64,
+    /// See [`TierStats::checksum_failures`].
     pub checksum_failures: u64,
+    /// Bytes held (reserved for objects being written included), as the tier counts them.
     pub used_bytes: u64,
+    /// Most bytes the tier may hold.
     pub capacity_bytes: u64,
+    /// Objects held.
     pub objects: u64,
+    /// See [`TierStats::get_latency`].
     pub get_latency: HistogramSnapshot,
+    /// See [`TierStats::put_latency`].
     pub put_latency: HistogramSnapshot,
 }

@@ -34,9 +34,11 @@ pub enum WritePolicy {
 pub struct StoreConfig {
     /// Host tier capacity, bytes of K/V.
     pub host_capacity: u64,
+    /// Eviction policy of the host tier.
     pub host_policy: PolicyKind,
     /// The SSD tier, if any.
     pub ssd: Option<SsdConfig>,
+    /// When puts reach the SSD tier.
     pub write: WritePolicy,
     /// Copy objects found in a slower tier into the faster ones.
     pub promote_on_hit: bool,
@@ -67,13 +69,18 @@ impl StoreConfig {
 /// A hit: what the object holds and which tier answered.
 #[derive(Debug, Clone)]
 pub struct Found {
+    /// What the object holds (verified).
     pub info: Arc<ObjectInfo>,
+    /// The fastest tier holding it.
     pub tier: TierKind,
 }
 
 /// Layers of one object arriving in order, read ahead by a background task.
 pub struct LayerStream {
+    /// What the object holds; the stream yields its `info.layout.num_layers` layers in
+    /// order, or stops after an error.
     pub info: Arc<ObjectInfo>,
+    /// The tier the layers are read from.
     pub tier: TierKind,
     rx: mpsc::Receiver<Result<Bytes>>,
 }
@@ -323,6 +330,7 @@ impl TieredStore {
         Ok(())
     }
 
+    /// Removes `key`'s pin, in memory and on the SSD tier; it is then evicted like any other.
     pub async fn unpin(&self, key: &ChunkKey) -> Result<()> {
         self.pins.clear(key);
         if let Some(s) = &self.ssd {
@@ -362,6 +370,7 @@ impl TieredStore {
         Ok(())
     }
 
+    /// Statistics of every tier, fastest first.
     pub fn stats(&self) -> Vec<TierStatsSnapshot> {
         self.tiers.iter().map(|t| t.stats()).collect()
     }

@@ -39,7 +39,7 @@ pub(crate) struct AttentionPlan {
 impl AttentionPlan {
     /// `q_pos` and `k_pos` must be strictly increasing; every query must see at least one key.
     /// `score_budget` bounds `num_heads × block × keys` elements per block.
-    pub fn new(
+    pub(crate) fn new(
         q_pos: &[u32],
         k_pos: &[u32],
         num_heads: usize,
@@ -107,6 +107,7 @@ impl AttentionPlan {
 /// `rows` are indices into the call's queries (0-based, any order, no duplicates needed).
 #[derive(Debug, Clone)]
 pub struct ProbeRequest {
+    /// Indices of the query rows to report; the result holds them in this order.
     pub rows: Vec<usize>,
 }
 

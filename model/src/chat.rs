@@ -11,10 +11,12 @@ use crate::error::{ModelError, Result};
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The text of the message, handed to the template unchanged.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message from `role` (`system`, `user` or `assistant`) saying `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),

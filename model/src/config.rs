@@ -3,12 +3,14 @@
 use serde::{Deserialize, Serialize};
 
 /// The decoder architectures kvquilt runs. Both are pre-norm decoders with RMSNorm, rotary
-/// position embeddings (HF "rotate_half" convention throughout, see [`crate::rope`]),
+/// position embeddings (HF "rotate_half" convention throughout, see [`crate::Rope`]),
 /// grouped-query attention and a SwiGLU MLP; Qwen2 adds a bias to the Q, K and V projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
+    /// Llama (Mistral checkpoints load as this too); by default no Q/K/V biases.
     Llama,
+    /// Qwen2: Llama's layout plus biases on the Q, K and V projections.
     Qwen2,
 }
 
@@ -22,6 +24,8 @@ impl Architecture {
         }
     }
 
+    /// The canonical name (`llama`, `qwen2`), as GGUF and HF spell it; part of a model's
+    /// fingerprint, so it must not change.
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
@@ -35,12 +39,22 @@ impl Architecture {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum RopeScaling {
     /// Positions divided by `factor` (HF "linear").
-    Linear { factor: f32 },
+    Linear {
+        /// Divisor of every rotary frequency (> 1 stretches the context).
+        factor: f32,
+    },
     /// Llama 3.1's piecewise frequency scaling (HF "llama3").
     Llama3 {
+        /// Divisor of the low frequencies (wavelengths longer than
+        /// `original_max_position_embeddings / low_freq_factor` positions).
         factor: f32,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are fully
+        /// scaled by `factor`.
         low_freq_factor: f32,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are left
+        /// as they are; those in between are interpolated.
         high_freq_factor: f32,
+        /// The context length, in tokens, the model was pre-trained with before scaling.
         original_max_position_embeddings: usize,
     },
 }
@@ -51,17 +65,30 @@ pub enum RopeScaling {
 /// tokens (the largest absolute position + 1 the model was trained for).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Which decoder layout the weights follow.
     pub architecture: Architecture,
+    /// Token ids are `0..vocab_size`; also the width of the logits.
     pub vocab_size: usize,
+    /// Width of the residual stream (embeddings, hidden states).
     pub hidden_size: usize,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Decoder layers; a [`crate::KvCache`] of this model holds one entry per layer.
     pub num_layers: usize,
+    /// Query heads per layer; a multiple of `num_kv_heads`.
     pub num_heads: usize,
+    /// Key/value heads per layer (grouped-query attention).
     pub num_kv_heads: usize,
+    /// Elements per attention head, for queries, keys and values alike; even (RoPE pairs).
     pub head_dim: usize,
+    /// RoPE base: pair `i` rotates by `position × rope_theta^(-2i/head_dim)` radians (before
+    /// `rope_scaling`); finite and > 1.
     pub rope_theta: f32,
+    /// Long-context adjustment of the rotary frequencies, if any.
     pub rope_scaling: Option<RopeScaling>,
+    /// Epsilon added to the mean square in every RMSNorm.
     pub rms_norm_eps: f64,
+    /// Context window in tokens: absolute positions run `0..context_length`.
     pub context_length: usize,
     /// The output projection reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
@@ -161,7 +188,7 @@ pub(crate) struct HfConfig {
 }
 
 impl HfConfig {
-    pub fn to_config(&self) -> Result<ModelConfig, String> {
+    pub(crate) fn to_config(&self) -> Result<ModelConfig, String> {
         let arch_name = self
             .model_type
             .clone()

@@ -8,17 +8,29 @@ pub enum ModelError {
     /// A model file or directory could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file or directory that could not be read.
         path: PathBuf,
+        /// What the operating system reported.
         #[source]
         source: std::io::Error,
     },
     /// The file exists but is not a usable GGUF file (bad magic, truncated, inconsistent).
     #[error("{path} is not a usable GGUF file: {reason}")]
-    InvalidGguf { path: PathBuf, reason: String },
+    InvalidGguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The file or directory is missing something the architecture needs, or holds
     /// values that contradict each other.
     #[error("invalid model {path}: {reason}")]
-    InvalidModel { path: PathBuf, reason: String },
+    InvalidModel {
+        /// The model file or directory.
+        path: PathBuf,
+        /// What is missing or inconsistent.
+        reason: String,
+    },
     /// The architecture named by the model is not one kvquilt implements.
     #[error("unsupported model architecture `{0}` (supported: llama, qwen2)")]
     UnsupportedArchitecture(String),
@@ -26,7 +38,12 @@ pub enum ModelError {
     #[error(
         "the input needs positions up to {needed} but the model's context window is {context} tokens"
     )]
-    ContextOverflow { needed: usize, context: usize },
+    ContextOverflow {
+        /// Context the input needs: its largest position plus one (tokens).
+        needed: usize,
+        /// The model's context window (tokens).
+        context: usize,
+    },
     /// The tokenizer could not be built or failed on input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

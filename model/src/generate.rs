@@ -20,9 +20,12 @@ pub enum FinishReason {
 /// A generated continuation and how long it took.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generated token ids, in order (an end-of-sequence token that stopped generation
+    /// included).
     pub tokens: Vec<u32>,
     /// For each generated token, the `top_k` most likely `(id, log-probability)` pairs, best first.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Why generation stopped.
     pub finish: FinishReason,
     /// From the start of the call to the first token's logits (prefill of the prompt).
     pub ttft: Duration,
@@ -44,6 +47,7 @@ impl Generation {
 /// Options of [`generate_greedy`].
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// Most tokens to generate (the stop token included); 0 generates nothing.
     pub max_tokens: usize,
     /// How many alternatives to report per token.
     pub top_k: usize,

@@ -20,7 +20,9 @@ pub fn positions(start: usize, len: usize) -> Vec<u32> {
 /// One layer's keys (pre-RoPE) and values, `[tokens, num_kv_heads, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerKv {
+    /// Keys before RoPE, `[tokens, num_kv_heads, head_dim]`.
     pub k: Tensor,
+    /// Values, `[tokens, num_kv_heads, head_dim]`.
     pub v: Tensor,
 }
 
@@ -36,6 +38,7 @@ impl LayerKv {
         self.k.dims()[0]
     }
 
+    /// Whether the layer holds no tokens.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -98,6 +101,7 @@ impl KvCache {
         self.positions.len()
     }
 
+    /// Whether the cache holds no tokens.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }

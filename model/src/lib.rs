@@ -21,6 +21,9 @@
 //! # let _ = logits; Ok(()) }
 //! ```
 
+#![warn(missing_docs, unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod attention;
 mod chat;
 mod config;

@@ -15,6 +15,7 @@ use crate::weights::Weights;
 /// A model with what it needs to turn text into tokens and back.
 #[derive(Debug)]
 pub struct LoadedModel {
+    /// The weights and forward pass, on the device asked for.
     pub model: Model,
     /// Absent for HF directories without `tokenizer.json` (e.g. tiny test models).
     pub tokenizer: Option<Tokenizer>,

@@ -23,7 +23,8 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &ModelConfig) -> Self {
+    /// The frequencies of `cfg`'s head dimension, RoPE base and scaling.
+    pub(crate) fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.head_dim;
         let mut inv_freq: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))

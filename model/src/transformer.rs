@@ -86,10 +86,12 @@ impl Model {
         Self::new(config, weights, device.clone(), dtype)
     }
 
+    /// The model's shape and hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
+    /// The device holding the weights; caches and inputs must live there too.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -99,6 +101,7 @@ impl Model {
         self.dtype
     }
 
+    /// The model's rotary frequencies (the ones attention rotates keys with).
     pub fn rope(&self) -> &Rope {
         &self.rope
     }

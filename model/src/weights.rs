@@ -47,7 +47,7 @@ pub(crate) type TensorSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + '
 impl Weights {
     /// Builds the weights from a source of HF-named tensors, converting to `dtype` on `device`.
     /// `origin` names the file or directory in error messages.
-    pub fn load(
+    pub(crate) fn load(
         cfg: &ModelConfig,
         dtype: DType,
         device: &Device,
@@ -124,7 +124,7 @@ impl Weights {
 
     /// Random weights of the config's shape: linear layers and embeddings N(0, 0.02²), norms 1,
     /// biases 0.02·N(0,1). For benchmarks and tests, where values do not matter.
-    pub fn random(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+    pub(crate) fn random(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let normal = |shape: &[usize]| -> Result<Tensor> {
             Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?)
         };

@@ -17,6 +17,7 @@ fn prio(l: Prio, freq: u64, cost_s: f64, size: u64) -> Prio {
     l.saturating_add((freq as f64 * per_byte * 1e15) as u64)
 }
 
+/// Orders objects by GreedyDual-Size-Frequency priority; the lowest goes first.
 #[derive(Default)]
 pub struct CostAware {
     inflation: Prio,

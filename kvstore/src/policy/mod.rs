@@ -47,7 +47,8 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub fn build(self) -> Box<dyn EvictionPolicy> {
+    /// A new, empty policy of this kind.
+    pub(crate) fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
             Self::Lru => Box::new(Lru::default()),
             Self::Lfu => Box::new(Lfu::default()),
@@ -56,6 +57,7 @@ impl PolicyKind {
         }
     }
 
+    /// Parses `lru`, `lfu`, `s3fifo` (or `s3-fifo`), `cost-aware` (or `cost`, `gdsf`).
     pub fn from_name(s: &str) -> Option<Self> {
         match s {
             "lru" => Some(Self::Lru),

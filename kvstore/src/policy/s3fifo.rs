@@ -19,6 +19,9 @@ enum Queue {
     Main,
 }
 
+/// Small, main and ghost FIFOs (see the module docs). Victims come first from the small FIFO
+/// while it holds more than 10% of the tracked bytes (or the main FIFO is empty), otherwise
+/// first from the main FIFO.
 #[derive(Default)]
 pub struct S3Fifo {
     small: VecDeque<ChunkKey>,

@@ -19,6 +19,7 @@ use crate::object::{KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
 
+/// Decoded objects in host memory, bounded in bytes of K/V; nothing survives the process.
 pub struct HostTier {
     index: Arc<TierIndex>,
     objects: RwLock<HashMap<ChunkKey, Arc<KvObject>>>,

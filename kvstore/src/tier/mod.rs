@@ -1,8 +1,8 @@
 //! Storage tiers behind one trait.
 //!
 //! Reads are layer-granular: [`Tier::info`] says what an object holds, then [`Tier::layer`]
-//! returns one layer's K‖V at a time, so a caller can start computing on
-//! layer 0 while later layers are still being read (see [`crate::stream_layers`]). Every
+//! returns one layer's K‖V at a time, so a caller can start computing on layer 0 while later
+//! layers are still being read (see [`crate::TieredStore::read_layers`]). Every
 //! read verifies checksums; a mismatch is counted, logged, the bad object dropped, and the
 //! read answered as a miss: wrong bytes are never handed out.
 
@@ -27,8 +27,12 @@ use crate::stats::TierStatsSnapshot;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TierKind {
+    /// Device memory: blend's device tier, which holds model tensors rather than store
+    /// objects (no [`Tier`] of this crate reports it).
     Gpu,
+    /// Host memory ([`HostTier`]).
     Host,
+    /// RocksDB on local disk ([`SsdTier`]).
     Ssd,
 }
 
@@ -45,6 +49,7 @@ pub struct PutOutcome {
 /// One level of the store.
 #[async_trait]
 pub trait Tier: Send + Sync {
+    /// Which level this is.
     fn kind(&self) -> TierKind;
 
     /// Whether the tier holds `key` (no I/O, no statistics).
@@ -77,5 +82,6 @@ pub trait Tier: Send + Sync {
         Ok(())
     }
 
+    /// The tier's counters and occupancy.
     fn stats(&self) -> TierStatsSnapshot;
 }

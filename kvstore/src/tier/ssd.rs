@@ -48,6 +48,7 @@ pub struct SsdConfig {
     pub path: PathBuf,
     /// Most stored bytes (headers + records) the tier may hold.
     pub capacity: u64,
+    /// Eviction policy.
     pub policy: PolicyKind,
     /// Codec for new objects.
     pub codec: Codec,
@@ -240,8 +241,9 @@ impl Inner {
     /// The value RocksDB read, as `Bytes` that keep it (and the database) alive: a raw-codec
     /// layer reaches the caller without a copy.
     fn pinned_bytes(self: &Arc<Self>, slice: DBPinnableSlice<'_>) -> Bytes {
-        // SAFETY: the slice borrows `self.db`, which lives inside `Arc<Inner>`; `PinnedValue`
-        // holds that `Arc` and drops the slice before it, so the borrow never dangles.
+        // SAFETY: the transmute changes only the lifetime parameter (same type, same layout).
+        // The slice borrows `self.db`, which lives inside `Arc<Inner>`; `PinnedValue` holds
+        // that `Arc` and drops the slice before it (field order), so the borrow never dangles.
         let slice: DBPinnableSlice<'static> = unsafe { std::mem::transmute(slice) };
         Bytes::from_owner(PinnedValue {
             slice,
@@ -562,6 +564,7 @@ impl SsdTier {
         Ok(bad)
     }
 
+    /// The RocksDB directory.
     pub fn path(&self) -> &Path {
         &self.0.path
     }
