@@ -443,6 +443,15 @@ fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
 }
 
 impl SsdTier {
+    /// Whether the index holds `key`; counts a miss when it does not (no I/O).
+    fn held_or_miss(&self, key: &ChunkKey) -> bool {
+        let held = self.0.index.contains(key);
+        if !held {
+            TierStats::add(&self.0.stats.misses, 1);
+        }
+        held
+    }
+
     /// Opens (or creates) the tier at `config.path` and rebuilds its index from `meta`,
     /// restoring pins into `pins`.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
@@ -585,8 +594,7 @@ impl Tier for SsdTier {
     }
 
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
-        if !self.contains(key) {
-            TierStats::add(&self.0.stats.misses, 1);
+        if !self.held_or_miss(key) {
             return Ok(None);
         }
         let key = *key;
@@ -631,8 +639,7 @@ impl Tier for SsdTier {
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
-        if !self.contains(key) {
-            TierStats::add(&self.0.stats.misses, 1);
+        if !self.held_or_miss(key) {
             return Ok(None);
         }
         let key = *key;

@@ -71,20 +71,13 @@ pub(crate) fn positions(n: usize) -> Vec<u32> {
 
 /// Largest absolute difference between two tensors, and the largest magnitude of `b`.
 pub(crate) fn max_diff(a: &kvquilt_model::Tensor, b: &kvquilt_model::Tensor) -> (f32, f32) {
-    let a = a
-        .to_dtype(kvquilt_model::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(kvquilt_model::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let values = |t: &kvquilt_model::Tensor| {
+        t.to_dtype(kvquilt_model::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+    };
+    let (a, b) = (values(a), values(b));
     assert_eq!(a.len(), b.len());
     let d = a
         .iter()
