@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "kvquilt bench",
+    bin_name = "kvquilt bench",
     version,
     about = "kvquilt's benchmarks (model, blend, store, load) and evaluation harness (eval)"
 )]
