@@ -4,7 +4,7 @@
 
 use kvquilt_api as api;
 use kvquilt_blend::{BlendConfig, BlendStats, Mode, SegmentSource};
-use kvquilt_kvstore::{HistogramSnapshot, KvLayout, TierKind, TierStatsSnapshot};
+use kvquilt_kvstore::{HistogramSnapshot, KvDType, KvLayout, TierKind, TierStatsSnapshot};
 
 use super::error::{ApiError, ApiResult};
 
@@ -23,10 +23,12 @@ pub(crate) fn layout(l: &KvLayout) -> api::Layout {
         num_layers: l.num_layers,
         num_kv_heads: l.num_kv_heads,
         head_dim: l.head_dim,
-        dtype: serde_json::to_value(l.dtype)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        dtype: match l.dtype {
+            KvDType::F32 => "f32",
+            KvDType::F16 => "f16",
+            KvDType::BF16 => "bf16",
+        }
+        .to_string(),
         k_pre_rope: l.k_pre_rope,
         rope_theta: l.rope_theta,
         rope_scaling: serde_json::to_value(l.rope_scaling).unwrap_or_default(),
