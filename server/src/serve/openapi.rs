@@ -132,7 +132,7 @@ fn render(route: &Route, o: Operation, error: &Value) -> Value {
     );
     responses.insert(
         "5XX".into(),
-        json!({"description": "Failed or overloaded (503 carries Retry-After)", "content": {"application/json": {"schema": error}}}),
+        json!({"description": "Failed (500), store full (507) or overloaded (503: retry later)", "content": {"application/json": {"schema": error}}}),
     );
     let mut v = json!({"summary": route.summary, "responses": responses});
     if let Some((media, schema)) = o.request {
