@@ -16,6 +16,11 @@
 # KVQ_VARIANTS and KVQ_RATIOS override the blend variants and ratios of the eval steps.
 set -euo pipefail
 : "${OUT:?set by the device tool}"
+# the GPU binaries are ~70 MB each stripped, over the device tool's 64 MiB carry: carry them
+# gzipped (.devbin/kvquilt.gz, .devbin/kvquilt-bench.gz) and unpack them here
+for f in .devbin/*.gz; do
+  [ -e "$f" ] && gunzip -f "$f" && chmod +x "${f%.gz}"
+done
 bin=${KVQ_BIN:-.devbin/kvquilt}
 variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
 ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
