@@ -5,6 +5,9 @@
 # quality runs, the default model's GGUF at $KVQ_MODEL. Writes JSON reports under $OUT.
 #
 #   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
+#   benches/gpu_run.sh attention # fused attention: --check on random cases, kernel timings;
+#                                # prefill/decode with reference vs fused attention beside HF;
+#                                # blend TTFT with the fused kernel (random 8B shape)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
@@ -22,6 +25,7 @@ for f in .devbin/*.gz; do
   [ -e "$f" ] && gunzip -f "$f" && chmod +x "${f%.gz}"
 done
 bin=${KVQ_BIN:-.devbin/kvquilt}
+bench=${KVQ_BENCH:-.devbin/kvquilt-bench}
 variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
 ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
 case "${1:-perf}" in
@@ -33,6 +37,20 @@ case "${1:-perf}" in
       --json "$OUT/prefill_hf.json"
     "$bin" bench blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
       --ratios 0.05,0.15,0.3 --repeats 5 --json "$OUT/blend_8b.json"
+    ;;
+  attention)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+    "$bench" attention --check --repeats 10 --json "$OUT/attention.json" 2> "$OUT/attention.log" \
+      || echo "attention: check FAILED (see attention.log)"
+    for k in reference fused; do
+      KVQ_ATTENTION=$k "$bench" model --random llama3.1-8b --device cuda --tokens 4096,8192 \
+        --decode 32 --decode-context 4096 --repeats 3 --json "$OUT/model_$k.json" || echo "model $k failed"
+    done
+    python3 benches/hf_prefill.py --tokens 4096 5216 8192 --repeats 3 --decode 32 --decode-context 4096 \
+      --json "$OUT/prefill_hf.json" || echo "hf failed"
+    KVQ_ATTENTION=fused "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --repeats 5 \
+      --json "$OUT/blend_fused.json" || echo "blend failed"
     ;;
   needle|musique)
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \

@@ -36,6 +36,51 @@ pub(crate) struct AttentionPlan {
     num_keys: usize,
 }
 
+/// Which attention implementation a forward pass uses ([`crate::Model::set_attention_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// The fused kernel where it applies (CUDA, bf16 or f16, head dim 64 or 128); the
+    /// reference elsewhere. On CUDA, a shape the kernel cannot run is a counted fallback
+    /// ([`crate::Model::attention_fallbacks`]) with a warning.
+    #[default]
+    Auto,
+    /// Always the reference: scores materialised per query block (exact f32 on the CPU).
+    Reference,
+    /// The fused kernel; where it cannot run, the reference as a counted, logged fallback.
+    Fused,
+}
+
+impl AttentionKernel {
+    /// `auto`, `reference` or `fused` (also `flash`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            "reference" | "ref" => Ok(Self::Reference),
+            "fused" | "flash" => Ok(Self::Fused),
+            other => Err(invalid_input(format!(
+                "unknown attention kernel `{other}` (expected auto, reference or fused)"
+            ))),
+        }
+    }
+}
+
+/// Checks what every attention implementation assumes: at least one query, both position
+/// lists strictly increasing, and a key at or before the first query (so every query sees one).
+pub(crate) fn check_visible(q_pos: &[u32], k_pos: &[u32]) -> Result<()> {
+    if q_pos.is_empty() {
+        return Err(invalid_input("attention with zero queries"));
+    }
+    check_increasing(q_pos)?;
+    check_increasing(k_pos)?;
+    match k_pos.first() {
+        Some(&k0) if k0 <= q_pos[0] => Ok(()),
+        _ => Err(invalid_input(format!(
+            "the query at position {} has no key at or before it",
+            q_pos[0]
+        ))),
+    }
+}
+
 impl AttentionPlan {
     /// `q_pos` and `k_pos` must be strictly increasing; every query must see at least one key.
     /// `score_budget` bounds `num_heads × block × keys` elements per block.
@@ -47,20 +92,7 @@ impl AttentionPlan {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if q_pos.is_empty() {
-            return Err(invalid_input("attention with zero queries"));
-        }
-        check_increasing(q_pos)?;
-        check_increasing(k_pos)?;
-        match k_pos.first() {
-            Some(&k0) if k0 <= q_pos[0] => {}
-            _ => {
-                return Err(invalid_input(format!(
-                    "the query at position {} has no key at or before it",
-                    q_pos[0]
-                )));
-            }
-        }
+        check_visible(q_pos, k_pos)?;
         let block = (score_budget / (num_heads * k_pos.len()).max(1)).clamp(1, q_pos.len());
         let mut blocks = Vec::new();
         let mut q_start = 0;

@@ -32,6 +32,7 @@ mod error;
 pub mod fetch;
 mod generate;
 mod gguf;
+mod kernels;
 mod kv;
 mod load;
 mod rope;
@@ -39,7 +40,7 @@ mod tokenizer;
 mod transformer;
 mod weights;
 
-pub use attention::ProbeRequest;
+pub use attention::{AttentionKernel, ProbeRequest};
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};

@@ -93,6 +93,18 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// The cosines, `[positions, head_dim / 2]`.
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+    pub(crate) fn cos(&self) -> &Tensor {
+        &self.cos
+    }
+
+    /// The sines, `[positions, head_dim / 2]`.
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+    pub(crate) fn sin(&self) -> &Tensor {
+        &self.sin
+    }
+
     /// Rotates `x` of shape `[tokens, heads, head_dim]` (token `t` at the table's position `t`).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.unsqueeze(0)?.contiguous()?;

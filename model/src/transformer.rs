@@ -9,10 +9,11 @@
 //! Shapes: hidden states are `[n, hidden_size]`; KV follows [`crate::kv`]; logits are f32.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{AttentionPlan, ProbeRequest, attend};
+use crate::attention::{AttentionKernel, AttentionPlan, ProbeRequest, attend, check_visible};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::kv::{KvCache, LayerKv, check_increasing, replacement_index};
@@ -56,6 +57,22 @@ pub struct Model {
     device: Device,
     dtype: DType,
     score_budget: usize,
+    attention_kernel: AttentionKernel,
+    /// Forward calls that wanted the fused attention kernel and ran the reference instead.
+    attention_fallbacks: AtomicU64,
+}
+
+/// How one forward call attends (chosen once per call, used by every layer).
+enum LayerAttention {
+    /// Materialised scores per query block, over keys rotated by `k_tables`.
+    Reference {
+        plan: AttentionPlan,
+        q_tables: RopeTables,
+        k_tables: RopeTables,
+    },
+    /// The fused kernel, rotating pre-RoPE Q and K as it loads them.
+    #[cfg(feature = "gpu")]
+    Fused(crate::kernels::FusedAttention),
 }
 
 impl Model {
@@ -76,6 +93,8 @@ impl Model {
             rope_tables,
             device,
             dtype,
+            attention_kernel: AttentionKernel::default(),
+            attention_fallbacks: AtomicU64::new(0),
         })
     }
 
@@ -109,6 +128,205 @@ impl Model {
     /// Bounds the attention score matrix per query block (elements); for tests and tuning.
     pub fn set_score_budget(&mut self, elements: usize) {
         self.score_budget = elements.max(1);
+    }
+
+    /// Chooses the attention implementation of later forward calls (default
+    /// [`AttentionKernel::Auto`]).
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention_kernel = kernel;
+    }
+
+    /// The attention implementation forward calls ask for.
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention_kernel
+    }
+
+    /// Forward calls so far that wanted the fused attention kernel but ran the reference
+    /// because the kernel does not support this model's shape, dtype or device.
+    pub fn attention_fallbacks(&self) -> u64 {
+        self.attention_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Why the fused attention kernel cannot run this model, or `None` when it can.
+    pub fn fused_attention_unsupported(&self) -> Option<String> {
+        let c = &self.config;
+        if !cfg!(feature = "gpu") {
+            return Some("kvquilt was built without the `gpu` feature".into());
+        }
+        if !self.device.is_cuda() {
+            return Some("the model is not on a CUDA device".into());
+        }
+        if !matches!(self.dtype, DType::BF16 | DType::F16) {
+            return Some(format!(
+                "dtype {:?} (the kernel takes bf16 or f16)",
+                self.dtype
+            ));
+        }
+        if ![64, 128].contains(&c.head_dim) {
+            return Some(format!(
+                "head dim {} (the kernel has 64 and 128)",
+                c.head_dim
+            ));
+        }
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) || c.num_heads / c.num_kv_heads > 64 {
+            return Some(format!(
+                "{} heads over {} KV heads",
+                c.num_heads, c.num_kv_heads
+            ));
+        }
+        None
+    }
+
+    /// Attention of pre-RoPE queries `q` `[n, num_heads, head_dim]` at `q_pos` over pre-RoPE
+    /// keys `k` and values `v` `[t, num_kv_heads, head_dim]` at `k_pos`, with the exact
+    /// position mask, by the given implementation (no fallback: [`AttentionKernel::Fused`]
+    /// fails where the kernel cannot run). Returns `[n, num_heads * head_dim]`. For kernel
+    /// checks and benchmarks; the forward pass calls the same code.
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        kernel: AttentionKernel,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, h, d) = q.dims3()?;
+        if (h, d) != (c.num_heads, c.head_dim) || n != q_pos.len() {
+            return Err(invalid_input(format!(
+                "q is {:?}, expected [{}, {}, {}]",
+                q.dims(),
+                q_pos.len(),
+                c.num_heads,
+                c.head_dim
+            )));
+        }
+        let want = [k_pos.len(), c.num_kv_heads, c.head_dim];
+        if k.dims() != want || v.dims() != want {
+            return Err(invalid_input(format!(
+                "k {:?} / v {:?}, expected {want:?}",
+                k.dims(),
+                v.dims()
+            )));
+        }
+        if kernel == AttentionKernel::Fused
+            && let Some(why) = self.fused_attention_unsupported()
+        {
+            return Err(invalid_input(format!("fused attention unavailable: {why}")));
+        }
+        let how = self.layer_attention(q_pos, k_pos, false, kernel)?;
+        let q2 = q.reshape((n, h * d))?;
+        let (out, _) = self.attend_layer(&how, &q2, k, v, None)?;
+        Ok(out)
+    }
+
+    /// Chooses and prepares the attention of one forward call.
+    fn layer_attention(
+        &self,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        probe: bool,
+        kernel: AttentionKernel,
+    ) -> Result<LayerAttention> {
+        check_visible(q_pos, k_pos)?;
+        let c = &self.config;
+        if let Some(&max) = q_pos.iter().chain(k_pos).max()
+            && max as usize >= c.context_length
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: max as usize + 1,
+                context: c.context_length,
+            });
+        }
+        // Probes need the probabilities, which only the reference materialises.
+        let fused = !probe
+            && match kernel {
+                AttentionKernel::Reference => false,
+                AttentionKernel::Auto if self.device.is_cpu() => false,
+                AttentionKernel::Auto | AttentionKernel::Fused => {
+                    match self.fused_attention_unsupported() {
+                        None => true,
+                        Some(why) => {
+                            self.note_fallback(&why);
+                            false
+                        }
+                    }
+                }
+            };
+        #[cfg(feature = "gpu")]
+        if fused {
+            return Ok(LayerAttention::Fused(crate::kernels::FusedAttention::new(
+                q_pos,
+                k_pos,
+                self.rope_tables.cos(),
+                self.rope_tables.sin(),
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                &self.device,
+            )?));
+        }
+        debug_assert!(!fused || !cfg!(feature = "gpu"));
+        Ok(LayerAttention::Reference {
+            plan: AttentionPlan::new(
+                q_pos,
+                k_pos,
+                c.num_heads,
+                self.score_budget,
+                self.dtype,
+                &self.device,
+            )?,
+            q_tables: self.tables(q_pos)?,
+            k_tables: self.tables(k_pos)?,
+        })
+    }
+
+    /// Counts a fallback to the reference attention; warns on the first one.
+    fn note_fallback(&self, why: &str) {
+        if self.attention_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "fused attention cannot run ({why}); using the reference attention (counted in attention_fallbacks)"
+            );
+        }
+    }
+
+    /// One layer's attention: pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be a strided
+    /// view) over the layer's pre-RoPE K and V.
+    fn attend_layer(
+        &self,
+        how: &LayerAttention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        probe: Option<&ProbeRequest>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match how {
+            LayerAttention::Reference {
+                plan,
+                q_tables,
+                k_tables,
+            } => {
+                let c = &self.config;
+                let n = q.dims()[0];
+                let q = q.reshape((n, c.num_heads, c.head_dim))?;
+                let q_rot = q_tables.apply(&q)?;
+                let k_rot = k_tables.apply(k)?;
+                attend(plan, &q_rot, &k_rot, v, probe)
+            }
+            #[cfg(feature = "gpu")]
+            LayerAttention::Fused(f) => Ok((f.attend(q, k, v)?, None)),
+        }
+    }
+
+    /// `silu(gate) * up` of the fused gate/up projection `[n, 2 * intermediate]`.
+    fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "gpu")]
+        if crate::kernels::swiglu_supported(gate_up) {
+            return crate::kernels::swiglu(gate_up);
+        }
+        let i = self.config.intermediate_size;
+        Ok((candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?)
     }
 
     /// An empty cache for this model.
@@ -280,16 +498,7 @@ impl Model {
                 context: c.context_length,
             });
         }
-        let plan = AttentionPlan::new(
-            &q_pos,
-            &k_pos,
-            c.num_heads,
-            self.score_budget,
-            self.dtype,
-            &self.device,
-        )?;
-        let q_tables = self.tables(&q_pos)?;
-        let k_tables = self.tables(&k_pos)?;
+        let how = self.layer_attention(&q_pos, &k_pos, probe.is_some(), self.attention_kernel)?;
         let replace_index = match rows {
             Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
@@ -316,16 +525,12 @@ impl Model {
                 None => LayerKv::cat(&[old, &LayerKv { k: k_new, v: v_new }])?,
                 Some(index) => old.replace_rows(index, &LayerKv { k: k_new, v: v_new })?,
             };
-            let q_rot = q_tables.apply(&q)?;
-            let k_rot = k_tables.apply(&kv.k)?;
-            let (attn, probs) = attend(&plan, &q_rot, &k_rot, &kv.v, probe)?;
+            let (attn, probs) = self.attend_layer(&how, &q, &kv.k, &kv.v, probe)?;
             attention.extend(probs);
             hidden = (hidden + linear(&attn, &w.wo, None)?)?;
             let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;
             let gate_up = linear(&x, &w.wgate_up, None)?;
-            let i = c.intermediate_size;
-            let act =
-                (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
+            let act = self.swiglu(&gate_up)?;
             hidden = (hidden + linear(&act, &w.wdown, None)?)?;
             new_layers.push((l, kv));
         }
@@ -345,15 +550,14 @@ impl Model {
         })
     }
 
-    /// Q `[n, heads, d]`, pre-RoPE K and V `[n, kv_heads, d]` of normed input `x` `[n, hidden]`.
+    /// Pre-RoPE Q `[n, heads * d]` (a strided view of the fused projection), K and V
+    /// `[n, kv_heads, d]` of normed input `x` `[n, hidden]`.
     fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let n = x.dims()[0];
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
-        let q = qkv
-            .narrow(1, 0, qd)?
-            .reshape((n, c.num_heads, c.head_dim))?;
+        let q = qkv.narrow(1, 0, qd)?;
         let k = qkv
             .narrow(1, qd, kvd)?
             .reshape((n, c.num_kv_heads, c.head_dim))?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
-use kvquilt_model::{DType, Device, LoadedModel};
+use kvquilt_model::{AttentionKernel, DType, Device, LoadedModel};
 
 /// `--model` and `--device` as given on the command line.
 #[derive(clap::Args, Debug, Clone)]
@@ -20,6 +20,10 @@ pub struct ModelArgs {
     /// Compute dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Attention implementation: auto (the fused kernel on CUDA where it applies), reference
+    /// or fused.
+    #[arg(long, env = "KVQ_ATTENTION", default_value = "auto")]
+    pub attention: String,
 }
 
 impl ModelArgs {
@@ -34,6 +38,11 @@ impl ModelArgs {
             None => Ok(kvquilt_model::default_dtype(device)),
             Some(s) => parse_dtype(s),
         }
+    }
+
+    /// The attention implementation named by `--attention`.
+    pub fn attention_kernel(&self) -> Result<AttentionKernel> {
+        Ok(AttentionKernel::parse(&self.attention)?)
     }
 
     /// The model file or directory, fetching the named or default model when needed.
@@ -51,9 +60,12 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
+        let kernel = self.attention_kernel()?;
         let path = self.path()?;
-        kvquilt_model::load(&path, &device, dtype)
-            .with_context(|| format!("loading {}", path.display()))
+        let mut loaded = kvquilt_model::load(&path, &device, dtype)
+            .with_context(|| format!("loading {}", path.display()))?;
+        loaded.model.set_attention_kernel(kernel);
+        Ok(loaded)
     }
 }
 

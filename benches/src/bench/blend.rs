@@ -80,7 +80,8 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
     let dtype = a.model.dtype(&device)?;
     let (model, identity, name) = match a.random.as_deref() {
         Some("llama3.1-8b") => {
-            let m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+            let mut m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+            m.set_attention_kernel(a.model.attention_kernel()?);
             let id = ModelIdentity::for_weights(&m, "random:llama3.1-8b")?;
             (m, id, "random weights, Llama-3.1-8B shape".to_string())
         }

@@ -3,6 +3,7 @@
 //! Each benchmark repeats a measurement and reports the median, with the baseline it is
 //! compared to measured in the same run, on the same data.
 
+mod attention;
 mod blend;
 mod load;
 mod model;
@@ -18,6 +19,8 @@ use serde::Serialize;
 /// The benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The fused attention kernel beside the reference: `--check` on random cases, and timings.
+    Attention(attention::AttentionBenchArgs),
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
@@ -31,6 +34,7 @@ pub enum BenchCommand {
 /// Runs one benchmark: prints a summary table and writes its JSON report.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Attention(a) => attention::run(a),
         BenchCommand::Model(a) => model::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),

@@ -45,6 +45,9 @@ struct ModelBenchReport {
     model: String,
     device: String,
     dtype: String,
+    /// The attention implementation asked for, and how many calls fell back to the reference.
+    attention: String,
+    attention_fallbacks: u64,
     threads: usize,
     repeats: usize,
     prefill: Vec<PrefillRow>,
@@ -57,10 +60,11 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, name) = match a.random.as_deref() {
-        Some("llama3.1-8b") => (
-            Model::random(ModelConfig::llama31_8b(), &device, dtype)?,
-            "random weights, Llama-3.1-8B shape".to_string(),
-        ),
+        Some("llama3.1-8b") => {
+            let mut m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+            m.set_attention_kernel(a.model.attention_kernel()?);
+            (m, "random weights, Llama-3.1-8B shape".to_string())
+        }
         Some(other) => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b)"),
         None => {
             let m = a.model.load()?;
@@ -112,6 +116,8 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
         model: name,
         device: format!("{:?}", model.device()),
         dtype: format!("{:?}", model.dtype()),
+        attention: format!("{:?}", model.attention_kernel()),
+        attention_fallbacks: model.attention_fallbacks(),
         threads: super::threads(),
         repeats: a.repeats,
         prefill,

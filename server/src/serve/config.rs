@@ -46,6 +46,9 @@ pub struct Config {
     pub device: String,
     /// Compute dtype (`f32`, `f16`, `bf16`); `None` is the device's default.
     pub dtype: Option<String>,
+    /// Attention implementation: `auto` (the fused kernel on CUDA where it applies),
+    /// `reference` or `fused`.
+    pub attention: String,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
     /// Tenants besides the default one.
@@ -111,6 +114,7 @@ impl Default for Config {
             model: None,
             device: "cpu".into(),
             dtype: None,
+            attention: "auto".into(),
             api_tokens: Vec::new(),
             tenants: Vec::new(),
             limits: Limits::default(),
@@ -162,6 +166,7 @@ impl Config {
 
     /// Checks what cannot be served safely or at all.
     pub fn validate(&self) -> Result<()> {
+        kvquilt_model::AttentionKernel::parse(&self.attention)?;
         let any_token =
             !self.api_tokens.is_empty() || self.tenants.iter().any(|t| !t.tokens.is_empty());
         if !self.listen.ip().is_loopback() && !any_token {

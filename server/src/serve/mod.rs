@@ -69,6 +69,9 @@ pub struct Args {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "KVQUILT_DTYPE")]
     dtype: Option<String>,
+    /// Attention implementation: auto, reference or fused.
+    #[arg(long, env = "KVQUILT_ATTENTION")]
+    attention: Option<String>,
 }
 
 impl Args {
@@ -98,6 +101,9 @@ impl Args {
         }
         if self.dtype.is_some() {
             c.dtype = self.dtype.clone();
+        }
+        if let Some(a) = &self.attention {
+            c.attention = a.clone();
         }
         c.validate()?;
         Ok(c)
@@ -129,6 +135,7 @@ pub async fn serve(config: Config) -> Result<()> {
         model: config.model.clone(),
         device: config.device.clone(),
         dtype: config.dtype.clone(),
+        attention: config.attention.clone(),
     };
     let (loaded, store) = tokio::task::spawn_blocking({
         let c = config.clone();

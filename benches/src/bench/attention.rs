@@ -1,0 +1,353 @@
+//! `kvquilt bench attention`: the fused attention kernel beside the reference attention.
+//!
+//! `--check` runs random cases (head dims, GQA ratios, sparse queries, holes in positions, a
+//! query that sees one key, decode, split-KV) and compares the fused kernel in bf16 with the
+//! reference computed in f32, against the error of the reference itself in bf16; any mismatch,
+//! NaN or run-to-run difference makes the command fail. This is the kernel's test on the GPU
+//! machine, which has no Rust toolchain: the one carried binary tests and measures.
+//!
+//! The timing part runs Llama-3.1-8B's attention shape (32 heads, 8 KV heads, head dim 128)
+//! for a prefill, a blend's sparse recompute and a decode step. A timed call is one layer's
+//! attention with its per-call setup (position upload for the fused kernel; block plan and
+//! masks for the reference, which a forward pass shares across its layers).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kvquilt_model::{AttentionKernel, DType, Device, Model, ModelConfig, Tensor};
+use serde::Serialize;
+
+use super::{median, write_report};
+
+#[derive(clap::Args)]
+pub struct AttentionBenchArgs {
+    /// cuda or cuda:N (the fused kernel is CUDA only).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Compare fused with reference on random cases; fail on a mismatch.
+    #[arg(long)]
+    check: bool,
+    /// Shapes to time (Llama-3.1-8B heads): prefillN, decodeN (one query after N keys),
+    /// blendNrP (N keys, P% of them recomputed plus the last 32).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "prefill4096,blend5216r15,decode4096"
+    )]
+    shapes: Vec<String>,
+    /// Timed repetitions per shape (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct CaseReport {
+    case: String,
+    queries: usize,
+    keys: usize,
+    /// max |fused(bf16) - reference(f32)|
+    fused_max_err: f32,
+    /// max |reference(bf16) - reference(f32)|: the error budget's scale
+    reference_bf16_max_err: f32,
+    fused_mean_err: f32,
+    reference_bf16_mean_err: f32,
+    deterministic: bool,
+    pass: bool,
+}
+
+#[derive(Serialize)]
+struct TimingReport {
+    shape: String,
+    queries: usize,
+    keys: usize,
+    reference_ms: f64,
+    fused_ms: f64,
+    speedup: f64,
+    /// Useful FLOPs (4 · head_dim · heads · visible keys per query) per second of the fused run.
+    fused_tflops: f64,
+}
+
+#[derive(Serialize)]
+struct AttentionBenchReport {
+    device: String,
+    checks: Vec<CaseReport>,
+    timings: Vec<TimingReport>,
+}
+
+pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
+    let device = kvquilt_model::parse_device(&a.device)?;
+    let mut report = AttentionBenchReport {
+        device: a.device.clone(),
+        checks: Vec::new(),
+        timings: Vec::new(),
+    };
+    if a.check {
+        report.checks = check(&device)?;
+    }
+    for shape in &a.shapes {
+        report.timings.push(time_shape(&device, shape, a.repeats)?);
+    }
+    write_report(&report, a.json.as_deref())?;
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.case.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "fused attention mismatches in {} cases: {failed:?}",
+            failed.len()
+        );
+    }
+    Ok(())
+}
+
+/// A one-layer model with the given attention heads (its weights are never used here).
+fn attention_model(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    let mut c = ModelConfig::llama31_8b();
+    c.vocab_size = 256;
+    c.num_layers = 1;
+    c.num_heads = heads;
+    c.num_kv_heads = kv_heads;
+    c.head_dim = head_dim;
+    c.hidden_size = heads * head_dim;
+    c.intermediate_size = 64;
+    c.context_length = 16_384;
+    Ok(Model::random(c, device, dtype)?)
+}
+
+/// Deterministic pseudo-random generator for positions and subsets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Key positions: `t` keys from `start`, with random gaps when `holes`.
+fn key_positions(t: usize, start: u32, holes: bool, rng: &mut Rng) -> Vec<u32> {
+    let mut p = start;
+    (0..t)
+        .map(|_| {
+            let here = p;
+            p += 1 + if holes { rng.below(4) as u32 } else { 0 };
+            here
+        })
+        .collect()
+}
+
+/// Query positions for a pattern over the keys' positions.
+fn query_positions(pattern: &str, kp: &[u32], rng: &mut Rng) -> Vec<u32> {
+    let t = kp.len();
+    match pattern {
+        "all" => kp.to_vec(),
+        "last" => vec![kp[t - 1]],
+        "first" => vec![kp[0]],
+        "suffix32" => kp[t.saturating_sub(32)..].to_vec(),
+        "sparse15" | "sparse5" | "sparse30" => {
+            let pct: u64 = pattern.trim_start_matches("sparse").parse().unwrap_or(15);
+            let mut q: Vec<u32> = kp
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i == 0 || i + 32 >= t || rng.below(100) < pct)
+                .map(|(_, &p)| p)
+                .collect();
+            q.dedup();
+            q
+        }
+        // positions between keys (the keys have holes) and one past the last key
+        "between" => {
+            let mut q: Vec<u32> = kp
+                .windows(2)
+                .filter(|w| w[1] > w[0] + 1 && rng.below(3) == 0)
+                .map(|w| w[0] + 1)
+                .collect();
+            q.push(kp[t - 1] + 1);
+            q
+        }
+        other => unreachable!("unknown query pattern {other}"),
+    }
+}
+
+fn check(device: &Device) -> Result<Vec<CaseReport>> {
+    // (head_dim, heads, kv_heads, keys, key start, holes, query pattern, input scale)
+    #[rustfmt::skip]
+    let cases: &[(usize, usize, usize, usize, u32, bool, &str, f64)] = &[
+        (128, 32, 8, 1, 0, false, "all", 1.0),
+        (128, 32, 8, 64, 0, false, "all", 1.0),
+        (128, 32, 8, 65, 0, false, "all", 1.0),
+        (128, 32, 8, 1000, 0, false, "all", 1.0),
+        (128, 32, 8, 1000, 0, false, "all", 3.0),
+        (128, 32, 8, 5216, 0, false, "sparse15", 1.0),
+        (128, 32, 8, 5216, 0, true, "sparse5", 1.0),
+        (128, 32, 8, 4096, 0, false, "last", 1.0),
+        (128, 32, 8, 4096, 0, false, "suffix32", 1.0),
+        (128, 32, 8, 777, 1000, true, "first", 1.0),
+        (128, 32, 8, 777, 1000, true, "between", 1.0),
+        (128, 8, 8, 300, 0, false, "all", 1.0),
+        (128, 4, 1, 129, 5, true, "all", 1.0),
+        (128, 14, 2, 500, 0, true, "sparse30", 1.0),
+        (64, 9, 3, 1000, 0, false, "all", 1.0),
+        (64, 9, 3, 2000, 0, true, "sparse15", 2.0),
+        (64, 9, 3, 3000, 0, false, "last", 1.0),
+        (64, 2, 1, 63, 0, false, "all", 1.0),
+        (64, 6, 2, 127, 10, true, "between", 1.0),
+        (64, 1, 1, 17, 0, false, "all", 1.0),
+        (64, 64, 1, 200, 0, false, "all", 1.0),
+    ];
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut out = Vec::new();
+    for &(d, h, kvh, t, start, holes, pattern, scale) in cases {
+        let m32 = attention_model(h, kvh, d, DType::F32, device)?;
+        let m16 = attention_model(h, kvh, d, DType::BF16, device)?;
+        let kp = key_positions(t, start, holes, &mut rng);
+        let qp = query_positions(pattern, &kp, &mut rng);
+        let n = qp.len();
+        let q = (Tensor::randn(0f32, 1.0, (n, h, d), device)? * scale)?;
+        let k = (Tensor::randn(0f32, 1.0, (t, kvh, d), device)? * scale)?;
+        let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?;
+        let reference = m32.attention(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)?;
+        let (q16, k16, v16) = (
+            q.to_dtype(DType::BF16)?,
+            k.to_dtype(DType::BF16)?,
+            v.to_dtype(DType::BF16)?,
+        );
+        let ref16 = m16.attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Reference)?;
+        let fused = m16
+            .attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)
+            .context("fused attention")?;
+        let again = m16.attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)?;
+        let deterministic = fused
+            .to_dtype(DType::F32)?
+            .eq(&again.to_dtype(DType::F32)?)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?
+            == 1.0;
+        let err = |x: &Tensor| -> Result<(f32, f32)> {
+            let e = (x.to_dtype(DType::F32)? - &reference)?.abs()?;
+            Ok((
+                e.max_all()?.to_scalar::<f32>()?,
+                e.mean_all()?.to_scalar::<f32>()?,
+            ))
+        };
+        let (fmax, fmean) = err(&fused)?;
+        let (rmax, rmean) = err(&ref16)?;
+        let pass = fmax.is_finite()
+            && fmean.is_finite()
+            && fmax <= 2.0 * rmax + 1e-3
+            && fmean <= 2.0 * rmean + 1e-4
+            && deterministic;
+        let case = format!(
+            "d{d} h{h}/{kvh} t{t}@{start}{} q={pattern} x{scale}",
+            if holes { " holes" } else { "" }
+        );
+        eprintln!(
+            "{} {case}: fused max {fmax:.2e} mean {fmean:.2e} | reference bf16 max {rmax:.2e} mean {rmean:.2e}",
+            if pass { "ok  " } else { "FAIL" }
+        );
+        out.push(CaseReport {
+            case,
+            queries: n,
+            keys: t,
+            fused_max_err: fmax,
+            reference_bf16_max_err: rmax,
+            fused_mean_err: fmean,
+            reference_bf16_mean_err: rmean,
+            deterministic,
+            pass,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses `prefillN`, `decodeN` or `blendNrP` into (query positions, key positions).
+fn shape_positions(shape: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let num = |s: &str| -> Result<usize> {
+        s.parse()
+            .with_context(|| format!("bad number in shape `{shape}`"))
+    };
+    if let Some(n) = shape.strip_prefix("prefill") {
+        let kp = kvquilt_model::positions(0, num(n)?);
+        return Ok((kp.clone(), kp));
+    }
+    if let Some(n) = shape.strip_prefix("decode") {
+        let kp = kvquilt_model::positions(0, num(n)? + 1);
+        return Ok((vec![*kp.last().unwrap_or(&0)], kp));
+    }
+    if let Some(rest) = shape.strip_prefix("blend")
+        && let Some((n, pct)) = rest.split_once('r')
+    {
+        let kp = kvquilt_model::positions(0, num(n)?);
+        let pct = num(pct)? as u64;
+        let mut rng = Rng(0xB1E4_D000_0000_0001);
+        let t = kp.len();
+        let qp = kp
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i + 32 >= t || rng.below(100) < pct)
+            .map(|(_, &p)| p)
+            .collect();
+        return Ok((qp, kp));
+    }
+    bail!("unknown shape `{shape}` (prefillN, decodeN or blendNrP)")
+}
+
+fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingReport> {
+    let (h, kvh, d) = (32, 8, 128);
+    let (qp, kp) = shape_positions(shape)?;
+    let (n, t) = (qp.len(), kp.len());
+    let m = attention_model(h, kvh, d, DType::BF16, device)?;
+    let q = Tensor::randn(0f32, 1.0, (n, h, d), device)?.to_dtype(DType::BF16)?;
+    let k = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
+    let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
+    let time = |kernel: AttentionKernel| -> Result<f64> {
+        let mut runs = Vec::new();
+        for i in 0..=repeats.max(1) {
+            device.synchronize()?;
+            let start = Instant::now();
+            m.attention(&q, &k, &v, &qp, &kp, kernel)?;
+            device.synchronize()?;
+            if i > 0 {
+                runs.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(median(&runs))
+    };
+    let reference_ms = time(AttentionKernel::Reference)?;
+    let fused_ms = time(AttentionKernel::Fused)?;
+    let visible: usize = qp.iter().map(|&p| kp.partition_point(|&k| k <= p)).sum();
+    let flops = 4.0 * (d * h) as f64 * visible as f64;
+    let r = TimingReport {
+        shape: shape.to_string(),
+        queries: n,
+        keys: t,
+        reference_ms,
+        fused_ms,
+        speedup: reference_ms / fused_ms,
+        fused_tflops: flops / (fused_ms * 1e-3) / 1e12,
+    };
+    eprintln!(
+        "{shape}: reference {:.3} ms, fused {:.3} ms ({:.1}x, {:.0} TFLOP/s)",
+        r.reference_ms, r.fused_ms, r.speedup, r.fused_tflops
+    );
+    Ok(r)
+}

@@ -1,0 +1,458 @@
+// Fused attention with the exact position mask, for kvquilt's GPU path.
+//
+// out[q, h] = softmax_j( rope(q_pre[q, h], q_pos[q]) . rope(k_pre[j, h/G], k_pos[j]) / sqrt(D) ) v[j, h/G]
+// over exactly the keys j with k_pos[j] <= q_pos[q]. Both position lists are strictly increasing;
+// queries may be any subset of positions (a prefill, a decode step, blend's selected rows) and
+// keys may have holes. K and Q arrive *before* RoPE and are rotated as they are loaded into
+// shared memory (HF rotate_half: dimension i pairs with i + D/2; cos/sin tables are indexed by
+// absolute position), so a cache never needs a rotated copy. Scores never leave registers.
+//
+// Layout of one CTA (128 threads, 4 warps): BM = 64 rows, each row a (query, head-in-group) pair
+// of one KV head (GQA packing: row r is query q0 + r / G, head kv_head * G + r % G), so K/V
+// tiles are loaded once for all G heads that read them; a warp owns 16 rows. Keys stream in
+// tiles of BN = 64. Tensor cores: mma.sync m16n8k16 (bf16 or f16 in, f32 accumulate); the
+// softmax is FlashAttention-2's online form in base 2. Split-KV (gridDim.z > 1) gives each split
+// a contiguous range of key tiles and writes unnormalised partials that attn_combine merges.
+//
+// Built to PTX by model/build.rs (feature `gpu`) and launched from model/src/kernels/flash.rs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define BM 64
+#define BN 64
+#define NTHREADS 128
+#define NEG_INF __int_as_float(0xff800000)
+
+template <typename T> struct Elem;
+
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&u));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    return __half22float2(*reinterpret_cast<__half2 *>(&u));
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, const void *p) {
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *p) {
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// 16-byte asynchronous global->shared copy of `src`, or 16 zero bytes when !valid (then
+// nothing is read; `src` must still be a global address).
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+  uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
+
+// Issues asynchronous copies of `rows` rows of D elements into smem (row stride D + 8);
+// `src(r)` is the row's global pointer or nullptr for a padding row (zeros); `base` is any
+// valid global address (the source operand of a zero-filling copy).
+template <typename T, int D, typename Src>
+__device__ __forceinline__ void copy_async(T *dst, int rows, Src src, const T *base) {
+  for (int item = threadIdx.x; item < rows * (D / 8); item += NTHREADS) {
+    const int r = item / (D / 8), c = item % (D / 8);
+    const T *p = src(r);
+    cp_async16(dst + r * (D + 8) + 8 * c, p != nullptr ? p + 8 * c : base, p != nullptr);
+  }
+}
+
+// Number of entries of the strictly increasing `pos[0..len)` that are <= x.
+__device__ __forceinline__ int count_le(const uint32_t *pos, int len, uint32_t x) {
+  int lo = 0, hi = len;
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (pos[mid] <= x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Rotates 8 pairs (x1[i], x2[i]) = (dim 8c+i, dim D/2+8c+i) by the angles whose cos/sin are
+// given, in f32, rounding once: r1 = x1 cos - x2 sin, r2 = x2 cos + x1 sin.
+template <typename T>
+__device__ __forceinline__ void rotate8(const uint4 &x1, const uint4 &x2, const uint4 &c,
+                                        const uint4 &s, uint4 &o1, uint4 &o2) {
+  const uint32_t *a = &x1.x, *b = &x2.x, *cc = &c.x, *ss = &s.x;
+  uint32_t *r1 = &o1.x, *r2 = &o2.x;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 fa = Elem<T>::unpack(a[i]), fb = Elem<T>::unpack(b[i]);
+    float2 fc = Elem<T>::unpack(cc[i]), fs = Elem<T>::unpack(ss[i]);
+    r1[i] = Elem<T>::pack(fa.x * fc.x - fb.x * fs.x, fa.y * fc.y - fb.y * fs.y);
+    r2[i] = Elem<T>::pack(fb.x * fc.x + fa.x * fs.x, fb.y * fc.y + fa.y * fs.y);
+  }
+}
+
+// Loads `rows` rows of D pre-RoPE elements into smem (row stride D + 8), rotated to `pos(row)`.
+// `src(row)` returns the row's global pointer or nullptr for a padding row (written as zeros).
+template <typename T, int D, typename Src, typename Pos>
+__device__ __forceinline__ void load_rotated(T *dst, int rows, Src src, Pos pos, const T *cos,
+                                             const T *sin) {
+  constexpr int HALF = D / 2, CH = HALF / 8;
+  for (int item = threadIdx.x; item < rows * CH; item += NTHREADS) {
+    const int r = item / CH, c = item % CH;
+    const T *p = src(r);
+    uint4 o1 = make_uint4(0, 0, 0, 0), o2 = o1;
+    if (p != nullptr) {
+      const size_t at = static_cast<size_t>(pos(r)) * HALF + 8 * c;
+      const uint4 x1 = *reinterpret_cast<const uint4 *>(p + 8 * c);
+      const uint4 x2 = *reinterpret_cast<const uint4 *>(p + HALF + 8 * c);
+      const uint4 cs = *reinterpret_cast<const uint4 *>(cos + at);
+      const uint4 sn = *reinterpret_cast<const uint4 *>(sin + at);
+      rotate8<T>(x1, x2, cs, sn, o1, o2);
+    }
+    *reinterpret_cast<uint4 *>(dst + r * (D + 8) + 8 * c) = o1;
+    *reinterpret_cast<uint4 *>(dst + r * (D + 8) + HALF + 8 * c) = o2;
+  }
+}
+
+// ROT_K: K arrives pre-RoPE and is rotated on load (synchronous loads; decode and other calls
+// with few query tiles). Otherwise K was rotated once for the call (rope_rows) and K/V tiles
+// stream with cp.async: K(kt+1) loads during tile kt's softmax and PV, V(kt+1) during tile
+// kt+1's QK^T, in the same smem (no extra buffers).
+template <typename T, int D, bool ROT_K>
+__device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
+                                         const T *__restrict__ k, int k_stride,
+                                         const T *__restrict__ v, int v_stride,
+                                         const uint32_t *__restrict__ q_pos,
+                                         const uint32_t *__restrict__ k_pos,
+                                         const T *__restrict__ cos, const T *__restrict__ sin,
+                                         T *__restrict__ out, float *__restrict__ ws_o,
+                                         float *__restrict__ ws_ml, int n, int t, int H, int kvh,
+                                         float scale_log2) {
+  constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
+  __shared__ __align__(16) T Ks[BN * LD];
+  __shared__ __align__(16) T Vs[BN * LD];
+  __shared__ uint32_t kp_s[BN];
+  __shared__ int bounds[2];
+  T *Qs = Ks;  // Q is staged through the K buffer once, before the first key tile
+
+  const int G = H / kvh;
+  const int QT = BM / G;  // queries per tile
+  const int tile = gridDim.x - 1 - blockIdx.x;  // the tiles with the most keys start first
+  const int kh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int q0 = tile * QT;
+  const int qn = min(QT, n - q0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+
+  // the two rows this thread accumulates: warp*16 + g and + 8
+  int qi[2];
+  uint32_t qp[2];
+  const uint32_t last_pos = q_pos[q0 + qn - 1];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + rr * 8;
+    qi[rr] = r < G * qn ? q0 + r / G : -1;
+    qp[rr] = qi[rr] >= 0 ? q_pos[qi[rr]] : last_pos;
+  }
+  if (threadIdx.x == 0) {
+    bounds[0] = count_le(k_pos, t, last_pos);   // keys any row of the tile can see
+    bounds[1] = count_le(k_pos, t, q_pos[q0]);  // keys every row sees (no mask needed)
+  }
+  load_rotated<T, D>(
+      Qs, BM,
+      [&](int r) -> const T * {
+        return r < G * qn ? q + static_cast<size_t>(q0 + r / G) * q_stride + (kh * G + r % G) * D
+                          : nullptr;
+      },
+      [&](int r) { return q_pos[q0 + min(r / G, qn - 1)]; }, cos, sin);
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 +
+                            (lane >> 4) * 8);
+  const int k_end = bounds[0], k_free = bounds[1];
+  __syncthreads();  // Qs is overwritten by the first K tile
+
+  const int n_tiles = (k_end + BN - 1) / BN;
+  const int per = (n_tiles + splits - 1) / splits;
+  const int kt_begin = split * per, kt_end = min(n_tiles, kt_begin + per);
+
+  auto k_row = [&](int kbase) {
+    return [=](int j) -> const T * {
+      return kbase + j < t ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
+    };
+  };
+  auto v_row = [&](int kbase) {
+    return [=](int j) -> const T * {
+      return kbase + j < t ? v + static_cast<size_t>(kbase + j) * v_stride + kh * D : nullptr;
+    };
+  };
+  auto issue_k = [&](int kt) {  // async K tile + its positions (padding: masked by index)
+    const int kbase = kt * BN;
+    copy_async<T, D>(Ks, BN, k_row(kbase), k);
+    for (int j = threadIdx.x; j < BN; j += NTHREADS)
+      kp_s[j] = kbase + j < t ? k_pos[kbase + j] : 0xffffffffu;
+  };
+  if (!ROT_K && kt_begin < kt_end) {
+    issue_k(kt_begin);
+    cp_async_commit();
+    copy_async<T, D>(Vs, BN, v_row(kt_begin * BN), v);
+    cp_async_commit();
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+
+  for (int kt = kt_begin; kt < kt_end; ++kt) {
+    const int kbase = kt * BN;
+    if (ROT_K) {
+      load_rotated<T, D>(Ks, BN, k_row(kbase), [&](int j) { return k_pos[kbase + j]; }, cos, sin);
+      for (int item = threadIdx.x; item < BN * (D / 8); item += NTHREADS) {
+        const int j = item / (D / 8), c = item % (D / 8);
+        uint4 x = make_uint4(0, 0, 0, 0);  // padding keys must hold zeros, not NaN garbage
+        if (kbase + j < t)
+          x = *reinterpret_cast<const uint4 *>(v + static_cast<size_t>(kbase + j) * v_stride +
+                                               kh * D + 8 * c);
+        *reinterpret_cast<uint4 *>(Vs + j * LD + 8 * c) = x;
+      }
+      for (int j = threadIdx.x; j < BN; j += NTHREADS)
+        kp_s[j] = kbase + j < t ? k_pos[kbase + j] : 0xffffffffu;
+    } else {
+      cp_async_wait_all_but_one();  // K(kt) has landed; V(kt) may be in flight
+    }
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows x BN keys
+    float s[BN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ks += 2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
+        Elem<T>::mma(s[nt], qf[ks], kb[0], kb[1]);
+        Elem<T>::mma(s[nt], qf[ks + 1], kb[2], kb[3]);
+      }
+    }
+    const bool need_mask = kbase + BN > k_free;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * scale_log2;
+        if (need_mask && kp_s[nt * 8 + tq * 2 + (e & 1)] > qp[e >> 1]) x = NEG_INF;
+        s[nt][e] = x;
+      }
+    if (!ROT_K) {
+      __syncthreads();  // every warp is done with Ks and kp_s
+      if (kt + 1 < kt_end) issue_k(kt + 1);
+      cp_async_commit();
+      cp_async_wait_all_but_one();  // V(kt) has landed; K(kt+1) may be in flight
+      __syncthreads();
+    }
+    // online softmax, base 2
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = NEG_INF;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[rr], mx);
+      const float m_use = m_new == NEG_INF ? 0.f : m_new;  // no (-inf) - (-inf)
+      const float alpha = exp2f(m[rr] - m_use);
+      l[rr] *= alpha;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[nd][2 * rr] *= alpha;
+        o[nd][2 * rr + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        s[nt][2 * rr] = exp2f(s[nt][2 * rr] - m_use);
+        s[nt][2 * rr + 1] = exp2f(s[nt][2 * rr + 1] - m_use);
+        l[rr] += s[nt][2 * rr] + s[nt][2 * rr + 1];
+      }
+      m[rr] = m_new;
+    }
+    // O += P V
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 8; nd += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, Vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
+                                  (lane >> 4) * 8);
+        Elem<T>::mma(o[nd], a, vb[0], vb[1]);
+        Elem<T>::mma(o[nd + 1], a, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with Vs (and, with ROT_K, Ks)
+    if (!ROT_K) {
+      if (kt + 1 < kt_end) copy_async<T, D>(Vs, BN, v_row((kt + 1) * BN), v);
+      cp_async_commit();
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float lt = l[rr];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    if (qi[rr] < 0) continue;
+    const int r = warp * 16 + g + rr * 8;
+    const int head = kh * G + r % G;
+    if (splits == 1) {
+      const float inv = lt > 0.f ? 1.f / lt : 0.f;
+      T *dst = out + (static_cast<size_t>(qi[rr]) * H + head) * D + tq * 2;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t *>(dst + nd * 8) =
+            Elem<T>::pack(o[nd][2 * rr] * inv, o[nd][2 * rr + 1] * inv);
+    } else {
+      const size_t row = (static_cast<size_t>(split) * n + qi[rr]) * H + head;
+      float *dst = ws_o + row * D + tq * 2;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        dst[nd * 8] = o[nd][2 * rr];
+        dst[nd * 8 + 1] = o[nd][2 * rr + 1];
+      }
+      if (tq == 0) {
+        ws_ml[row * 2] = m[rr];
+        ws_ml[row * 2 + 1] = lt;
+      }
+    }
+  }
+}
+
+// Rotates rows of pre-RoPE keys to their positions once per call: out[j, h] = rope(k[j, h],
+// pos[j]); k rows have stride `stride`, out is [t, kvh, D] packed.
+template <typename T, int D>
+__device__ __forceinline__ void rope_rows(const T *__restrict__ k, int stride,
+                                          const uint32_t *__restrict__ pos,
+                                          const T *__restrict__ cos, const T *__restrict__ sin,
+                                          T *__restrict__ out, int t, int kvh) {
+  constexpr int HALF = D / 2, CH = HALF / 8;
+  const size_t total = static_cast<size_t>(t) * kvh * CH;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int c = i % CH;
+    const size_t jh = i / CH;
+    const int h = jh % kvh;
+    const size_t j = jh / kvh;
+    const T *src = k + j * stride + h * D;
+    T *dst = out + jh * D;
+    const size_t at = static_cast<size_t>(pos[j]) * HALF + 8 * c;
+    uint4 o1, o2;
+    rotate8<T>(*reinterpret_cast<const uint4 *>(src + 8 * c),
+               *reinterpret_cast<const uint4 *>(src + HALF + 8 * c),
+               *reinterpret_cast<const uint4 *>(cos + at), *reinterpret_cast<const uint4 *>(sin + at),
+               o1, o2);
+    *reinterpret_cast<uint4 *>(dst + 8 * c) = o1;
+    *reinterpret_cast<uint4 *>(dst + HALF + 8 * c) = o2;
+  }
+}
+
+// Merges split-KV partials: one block per (query, head) row, one thread per dimension.
+template <typename T>
+__device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
+                                             const float *__restrict__ ws_ml, T *__restrict__ out,
+                                             int rows, int D, int splits) {
+  const int row = blockIdx.x, d = threadIdx.x;
+  if (d >= D) return;
+  float mx = NEG_INF;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ws_ml[(static_cast<size_t>(s) * rows + row) * 2]);
+  float num = 0.f, den = 0.f;
+  if (mx != NEG_INF) {
+    for (int s = 0; s < splits; ++s) {
+      const size_t at = static_cast<size_t>(s) * rows + row;
+      const float w = exp2f(ws_ml[at * 2] - mx);
+      den += w * ws_ml[at * 2 + 1];
+      num += w * ws_o[at * D + d];
+    }
+  }
+  out[static_cast<size_t>(row) * D + d] = Elem<T>::from_float(den > 0.f ? num / den : 0.f);
+}
+
+#define ATTN_ENTRY(NAME, T, D, ROT_K)                                                            \
+  extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \
+      const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \
+      const uint32_t *q_pos, const uint32_t *k_pos, const T *cos, const T *sin, T *out,           \
+      float *ws_o, float *ws_ml, int n, int t, int H, int kvh, float scale_log2) {               \
+    attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, cos, sin, out,    \
+                          ws_o, ws_ml, n, t, H, kvh, scale_log2);                                \
+  }
+
+ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)
+ATTN_ENTRY(attn_pos_bf16_d128, __nv_bfloat16, 128, true)
+ATTN_ENTRY(attn_pos_f16_d64, __half, 64, true)
+ATTN_ENTRY(attn_pos_f16_d128, __half, 128, true)
+ATTN_ENTRY(attn_rot_bf16_d64, __nv_bfloat16, 64, false)
+ATTN_ENTRY(attn_rot_bf16_d128, __nv_bfloat16, 128, false)
+ATTN_ENTRY(attn_rot_f16_d64, __half, 64, false)
+ATTN_ENTRY(attn_rot_f16_d128, __half, 128, false)
+
+#define ROPE_ENTRY(NAME, T, D)                                                                   \
+  extern "C" __global__ void NAME(const T *k, int stride, const uint32_t *pos, const T *cos,     \
+                                  const T *sin, T *out, int t, int kvh) {                        \
+    rope_rows<T, D>(k, stride, pos, cos, sin, out, t, kvh);                                      \
+  }
+
+ROPE_ENTRY(rope_rows_bf16_d64, __nv_bfloat16, 64)
+ROPE_ENTRY(rope_rows_bf16_d128, __nv_bfloat16, 128)
+ROPE_ENTRY(rope_rows_f16_d64, __half, 64)
+ROPE_ENTRY(rope_rows_f16_d128, __half, 128)
+
+extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_ml,
+                                             __nv_bfloat16 *out, int rows, int D, int splits) {
+  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, rows, D, splits);
+}
+
+extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
+                                            int rows, int D, int splits) {
+  attn_combine<__half>(ws_o, ws_ml, out, rows, D, splits);
+}

@@ -1,0 +1,339 @@
+//! Launching `attention.cu`: fused attention with the exact position mask (see the kernel's
+//! header for the algorithm). One [`FusedAttention`] is built per forward call from that call's
+//! positions and reused by every layer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+};
+
+use crate::error::{Result, invalid_input};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const MODULE: &str = "kvquilt_attention";
+/// Query rows and keys per tile, as compiled into the kernel (`BM`, `BN`).
+const BM: usize = 64;
+const BN: usize = 64;
+/// Enough CTAs to fill an H200 (132 SMs) twice; fewer get split-KV.
+const TARGET_CTAS: usize = 264;
+/// From this many query tiles on, K is rotated once per call instead of per tile.
+const ROTATE_FIRST_TILES: usize = 4;
+
+/// Head dims the kernel is compiled for.
+const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Fused attention for one forward call: the positions on the device and the RoPE tables.
+#[derive(Debug)]
+pub(crate) struct FusedAttention {
+    q_pos: Tensor,
+    k_pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    num_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    num_queries: usize,
+    num_keys: usize,
+    splits: usize,
+    /// Rotate K once per call into a scratch buffer and stream it with `cp.async`
+    /// (`attn_rot_*`), rather than rotating each tile as it loads (`attn_pos_*`): pays when
+    /// several query tiles read the same keys.
+    rotate_first: bool,
+}
+
+impl FusedAttention {
+    /// `cos`/`sin` are the model's full tables `[context, head_dim / 2]` (row = absolute
+    /// position), in the compute dtype. Positions must be strictly increasing (checked by the
+    /// caller) and below the tables' length.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        q_pos: &[u32],
+        k_pos: &[u32],
+        cos: &Tensor,
+        sin: &Tensor,
+        num_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if !HEAD_DIMS.contains(&head_dim) {
+            return Err(invalid_input(format!(
+                "fused attention supports head dims {HEAD_DIMS:?}, not {head_dim}"
+            )));
+        }
+        if !num_heads.is_multiple_of(kv_heads) || num_heads / kv_heads > BM {
+            return Err(invalid_input(format!(
+                "fused attention needs heads ({num_heads}) a multiple of kv heads ({kv_heads}), at most {BM} per group"
+            )));
+        }
+        let group = num_heads / kv_heads;
+        let q_tiles = q_pos.len().div_ceil(BM / group);
+        let ctas = q_tiles * kv_heads;
+        let key_tiles = k_pos.len().div_ceil(BN);
+        let splits = if ctas >= TARGET_CTAS / 2 {
+            1
+        } else {
+            (TARGET_CTAS / ctas).clamp(1, (key_tiles / 2).max(1))
+        };
+        Ok(Self {
+            q_pos: Tensor::new(q_pos, device)?,
+            k_pos: Tensor::new(k_pos, device)?,
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            num_heads,
+            kv_heads,
+            head_dim,
+            num_queries: q_pos.len(),
+            num_keys: k_pos.len(),
+            splits,
+            rotate_first: q_tiles >= ROTATE_FIRST_TILES,
+        })
+    }
+
+    /// Attention of pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be strided, e.g. a view
+    /// of the fused QKV projection) over pre-RoPE `k` and `v` `[t, kv_heads, head_dim]`.
+    /// Returns `[n, num_heads * head_dim]`.
+    pub(crate) fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let k = contiguous_rows(k)?;
+        let v = contiguous_rows(v)?;
+        Ok(q.apply_op3_no_bwd(&k, &v, self)?)
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        (q, lq): (&CudaStorage, &Layout),
+        (k, lk): (&CudaStorage, &Layout),
+        (v, lv): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let (n, t, h, kvh, d) = (
+            self.num_queries,
+            self.num_keys,
+            self.num_heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        let q_stride = row_stride(lq, &[n, h * d], "q")?;
+        let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
+        let v_stride = row_stride(lv, &[t, kvh, d], "v")?;
+        for (what, off) in [
+            ("q", lq.start_offset()),
+            ("k", lk.start_offset()),
+            ("v", lv.start_offset()),
+        ] {
+            if !off.is_multiple_of(8) {
+                candle_core::bail!(
+                    "fused attention: {what} starts at element {off}, not 16-byte aligned"
+                );
+            }
+        }
+        if [q_stride, k_stride, v_stride]
+            .iter()
+            .any(|s| !s.is_multiple_of(8))
+        {
+            candle_core::bail!(
+                "fused attention: row strides {q_stride}/{k_stride}/{v_stride} not multiples of 8"
+            );
+        }
+        let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
+        let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+        let vs = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+        let (qp_guard, qp_l) = self.q_pos.storage_and_layout();
+        let (kp_guard, kp_l) = self.k_pos.storage_and_layout();
+        let (cos_guard, cos_l) = self.cos.storage_and_layout();
+        let (sin_guard, sin_l) = self.sin.storage_and_layout();
+        let qp = cuda(&qp_guard)?
+            .as_cuda_slice::<u32>()?
+            .slice(qp_l.start_offset()..);
+        let kp = cuda(&kp_guard)?
+            .as_cuda_slice::<u32>()?
+            .slice(kp_l.start_offset()..);
+        let cos = cuda(&cos_guard)?
+            .as_cuda_slice::<T>()?
+            .slice(cos_l.start_offset()..);
+        let sin = cuda(&sin_guard)?
+            .as_cuda_slice::<T>()?
+            .slice(sin_l.start_offset()..);
+
+        let group = h / kvh;
+        let q_tiles = n.div_ceil(BM / group);
+        let splits = self.splits;
+        // SAFETY: every element of `out` is written by the kernel (splits == 1) or the combine
+        // kernel (splits > 1): each (query, head) row is owned by exactly one tile.
+        let out = unsafe { dev.alloc::<T>(n * h * d)? };
+        let partials = if splits > 1 { splits * n * h } else { 1 };
+        // SAFETY: with splits > 1 every split writes its rows' partials (empty splits write
+        // m = -inf, l = 0); with splits == 1 the buffers are never read.
+        let ws_o = unsafe { dev.alloc::<f32>(partials * if splits > 1 { d } else { 1 })? };
+        // SAFETY: as above.
+        let ws_ml = unsafe { dev.alloc::<f32>(partials * 2)? };
+        let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
+        let (q_stride_i, v_stride_i) = (q_stride as i32, v_stride as i32);
+
+        // K rotated once for the call, or rotated per tile by the kernel
+        let rotated = if self.rotate_first {
+            // SAFETY: rope_rows writes all t * kvh * d elements (grid-stride loop).
+            let out = unsafe { dev.alloc::<T>(t * kvh * d)? };
+            let (k_stride_i, t_i, kvh_i) = (k_stride as i32, t as i32, kvh as i32);
+            let rope =
+                dev.get_or_load_custom_func(&format!("rope_rows_{suffix}_d{d}"), MODULE, PTX)?;
+            let mut b = rope.builder();
+            b.arg(&ks);
+            b.arg(&k_stride_i);
+            b.arg(&kp);
+            b.arg(&cos);
+            b.arg(&sin);
+            b.arg(&out);
+            b.arg(&t_i);
+            b.arg(&kvh_i);
+            let items = t * kvh * d / 16;
+            let cfg = LaunchConfig {
+                grid_dim: (items.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `ROPE_ENTRY` in attention.cu; reads `t` rows of `k_stride`,
+            // positions `t`, tables at positions below the context; writes `out` packed.
+            unsafe { b.launch(cfg) }.w()?;
+            Some(out)
+        } else {
+            None
+        };
+        let (kernel, k_arg, k_stride_i) = match &rotated {
+            Some(r) => ("attn_rot", r.slice(0..), (kvh * d) as i32),
+            None => ("attn_pos", ks, k_stride as i32),
+        };
+
+        let func = dev.get_or_load_custom_func(&format!("{kernel}_{suffix}_d{d}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&qs);
+        b.arg(&q_stride_i);
+        b.arg(&k_arg);
+        b.arg(&k_stride_i);
+        b.arg(&vs);
+        b.arg(&v_stride_i);
+        b.arg(&qp);
+        b.arg(&kp);
+        b.arg(&cos);
+        b.arg(&sin);
+        b.arg(&out);
+        b.arg(&ws_o);
+        b.arg(&ws_ml);
+        b.arg(&n_i);
+        b.arg(&t_i);
+        b.arg(&h_i);
+        b.arg(&kvh_i);
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (q_tiles as u32, kvh as u32, splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument list matches `ATTN_ENTRY` in attention.cu; bounds: q rows `n` of
+        // `q_stride`, k/v rows `t` of their strides (checked against the layouts above), positions
+        // `n`/`t` (their tensors were built from slices of those lengths), tables indexed by
+        // positions below the context (checked by the forward pass).
+        unsafe { b.launch(cfg) }.w()?;
+
+        if splits > 1 {
+            let rows_i = (n * h) as i32;
+            let (d_i, splits_i) = (d as i32, splits as i32);
+            let combine =
+                dev.get_or_load_custom_func(&format!("attn_combine_{suffix}"), MODULE, PTX)?;
+            let mut b = combine.builder();
+            b.arg(&ws_o);
+            b.arg(&ws_ml);
+            b.arg(&out);
+            b.arg(&rows_i);
+            b.arg(&d_i);
+            b.arg(&splits_i);
+            let cfg = LaunchConfig {
+                grid_dim: ((n * h) as u32, 1, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `attn_combine_*`; workspace sized `splits * n * h` rows above.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "kvquilt-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = q.device().clone();
+        let args = ((q, lq), (k, lk), (v, lv));
+        let out = match q.dtype() {
+            DType::BF16 => self.launch::<half::bf16>(&dev, args.0, args.1, args.2, "bf16")?,
+            DType::F16 => self.launch::<half::f16>(&dev, args.0, args.1, args.2, "f16")?,
+            other => candle_core::bail!("fused attention supports bf16 and f16, not {other:?}"),
+        };
+        Ok((
+            out,
+            Shape::from((self.num_queries, self.num_heads * self.head_dim)),
+        ))
+    }
+}
+
+fn cuda(s: &Storage) -> candle_core::Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("fused attention: a tensor is not on the CUDA device"),
+    }
+}
+
+/// The stride of dim 0 of a tensor whose other dims are packed (`[rows, ...]`, inner dims
+/// contiguous), after checking its dims.
+fn row_stride(l: &Layout, dims: &[usize], what: &str) -> candle_core::Result<usize> {
+    if l.dims() != dims {
+        candle_core::bail!(
+            "fused attention: {what} is {:?}, expected {dims:?}",
+            l.dims()
+        );
+    }
+    let stride = l.stride();
+    let inner: usize = dims[1..].iter().product();
+    let mut expect = 1;
+    for i in (1..dims.len()).rev() {
+        if stride[i] != expect && dims[i] > 1 {
+            candle_core::bail!("fused attention: {what}'s inner dims are not packed ({stride:?})");
+        }
+        expect *= dims[i];
+    }
+    Ok(if dims[0] > 1 { stride[0] } else { inner })
+}
+
+/// `x` itself when its inner dims are packed, else a contiguous copy.
+fn contiguous_rows(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let packed = row_stride(x.layout(), dims, "kv").is_ok();
+    Ok(if packed { x.clone() } else { x.contiguous()? })
+}

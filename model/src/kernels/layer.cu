@@ -1,0 +1,48 @@
+// Element-wise layer kernels for kvquilt's GPU path. Built to PTX by model/build.rs (feature `gpu`).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float2 unpack(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 unpack(__half2 h) { return __half22float2(h); }
+template <typename T2> __device__ __forceinline__ T2 pack2(float a, float b);
+template <> __device__ __forceinline__ __nv_bfloat162 pack2(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+template <> __device__ __forceinline__ __half2 pack2(float a, float b) { return __floats2half2_rn(a, b); }
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// SwiGLU: out[r, c] = silu(gate_up[r, c]) * gate_up[r, inter + c], computed in f32 and rounded
+// once. gate_up is [rows, 2 * inter] row-major with row stride `stride` (elements); out is
+// [rows, inter] contiguous. Eight elements per thread (inter % 8 == 0, 16-byte aligned rows).
+template <typename T2>
+__device__ __forceinline__ void swiglu(const T2 *gate_up, T2 *out, int rows, int inter, int stride) {
+  const int per_row = inter / 8;
+  const size_t total = static_cast<size_t>(rows) * per_row;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t r = i / per_row, c = (i % per_row) * 8;
+    const uint4 g = *reinterpret_cast<const uint4 *>(gate_up + (r * stride + c) / 2);
+    const uint4 u = *reinterpret_cast<const uint4 *>(gate_up + (r * stride + inter + c) / 2);
+    uint4 o;
+    const T2 *gp = reinterpret_cast<const T2 *>(&g), *up = reinterpret_cast<const T2 *>(&u);
+    T2 *op = reinterpret_cast<T2 *>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = unpack(gp[j]), b = unpack(up[j]);
+      op[j] = pack2<T2>(silu(a.x) * b.x, silu(a.y) * b.y);
+    }
+    *reinterpret_cast<uint4 *>(out + (r * inter + c) / 2) = o;
+  }
+}
+
+extern "C" __global__ void swiglu_bf16(const __nv_bfloat162 *gate_up, __nv_bfloat162 *out, int rows,
+                                       int inter, int stride) {
+  swiglu(gate_up, out, rows, inter, stride);
+}
+
+extern "C" __global__ void swiglu_f16(const __half2 *gate_up, __half2 *out, int rows, int inter,
+                                      int stride) {
+  swiglu(gate_up, out, rows, inter, stride);
+}

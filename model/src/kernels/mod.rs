@@ -1,0 +1,17 @@
+//! kvquilt's own CUDA kernels (feature `gpu`): fused attention with the exact position mask
+//! (`attention.cu`, launched by `flash.rs`) and fused layer element-wise ops (`layer.cu`,
+//! `layer.rs`). `build.rs` compiles the `.cu` files to PTX with nvcc; candle loads the PTX into
+//! its CUDA context on first use and launches on its stream.
+//!
+//! Without the feature this module is empty and the forward pass uses the reference
+//! attention (`crate::attention`) and candle's ops.
+
+#[cfg(feature = "gpu")]
+mod flash;
+#[cfg(feature = "gpu")]
+mod layer;
+
+#[cfg(feature = "gpu")]
+pub(crate) use flash::FusedAttention;
+#[cfg(feature = "gpu")]
+pub(crate) use layer::{swiglu, swiglu_supported};
