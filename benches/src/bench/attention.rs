@@ -187,10 +187,12 @@ fn query_positions(pattern: &str, kp: &[u32], rng: &mut Rng) -> Vec<u32> {
     }
 }
 
+/// (head_dim, heads, kv_heads, keys, first key position, holes, query pattern, input scale)
+type Case = (usize, usize, usize, usize, u32, bool, &'static str, f64);
+
 fn check(device: &Device) -> Result<Vec<CaseReport>> {
-    // (head_dim, heads, kv_heads, keys, key start, holes, query pattern, input scale)
     #[rustfmt::skip]
-    let cases: &[(usize, usize, usize, usize, u32, bool, &str, f64)] = &[
+    let cases: &[Case] = &[
         (128, 32, 8, 1, 0, false, "all", 1.0),
         (128, 32, 8, 64, 0, false, "all", 1.0),
         (128, 32, 8, 65, 0, false, "all", 1.0),
