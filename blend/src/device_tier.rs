@@ -129,7 +129,7 @@ mod tests {
 
     fn chunk(tokens: usize, layers: usize) -> Vec<LayerKv> {
         let t = Tensor::zeros((tokens, 2, 4), DType::F32, &Device::Cpu).unwrap();
-        vec![LayerKv { k: t.clone(), v: t }; layers]
+        vec![LayerKv::new(t.clone(), t); layers]
     }
 
     fn key(i: u8) -> ChunkKey {

@@ -109,10 +109,10 @@ fn run(
             active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             model.device(),
         )?;
-        let cached = LayerKv {
-            k: cache.layers[check].k.index_select(&rows, 0)?,
-            v: cache.layers[check].v.index_select(&rows, 0)?,
-        };
+        let cached = LayerKv::new(
+            cache.layers[check].k.index_select(&rows, 0)?,
+            cache.layers[check].v.index_select(&rows, 0)?,
+        );
         let mut scores = deviation(&fresh, &cached, cfg.deviation)?;
         if let Some(att) = &attention {
             mix(&mut scores, &active, att, non_suffix, cfg.query_weight);
@@ -171,15 +171,19 @@ fn suffix_attention(
         Some(&probe),
         fill_once,
     )?;
-    let mut total = vec![0f32; n];
+    // summed on the device, read back once: [kv_heads, group, rows, n] -> [n] per layer
+    let mut total: Option<Tensor> = None;
     for probs in out.attention {
-        // [kv_heads, group, rows, n] -> [n]
-        let per_token = probs.flatten_to(2)?.sum(0)?.to_vec1::<f32>()?;
-        for (t, p) in total.iter_mut().zip(per_token) {
-            *t += p;
-        }
+        let per_token = probs.flatten_to(2)?.sum(0)?;
+        total = Some(match total {
+            None => per_token,
+            Some(t) => (t + per_token)?,
+        });
     }
-    Ok(total)
+    match total {
+        Some(t) => Ok(t.to_vec1::<f32>()?),
+        None => Ok(vec![0f32; n]),
+    }
 }
 
 /// Mixes each active token's deviation score with its suffix attention, each normalised by

@@ -42,7 +42,7 @@ pub fn layer_from_bytes(
     let dtype = dtype_of(layout);
     let k = Tensor::from_raw_buffer(&bytes[..half], dtype, &[shape.0, shape.1, shape.2], device)?;
     let v = Tensor::from_raw_buffer(&bytes[half..], dtype, &[shape.0, shape.1, shape.2], device)?;
-    Ok(LayerKv { k, v })
+    Ok(LayerKv::new(k, v))
 }
 
 /// One layer's K and V as the store's K‖V bytes.

@@ -8,9 +8,15 @@
 //! `positions[t]` is the absolute position of token `t`; positions are strictly increasing.
 //! A query at position `p` attends to exactly the keys at positions `<= p`.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::error::{Result, invalid_input};
+
+/// Appends reserve room for at least this many rows (and round capacity up to it).
+const GROWTH_ROWS: usize = 256;
 
 /// The absolute positions `start..start + len`: a segment of `len` tokens placed at `start`.
 pub fn positions(start: usize, len: usize) -> Vec<u32> {
@@ -18,19 +24,112 @@ pub fn positions(start: usize, len: usize) -> Vec<u32> {
 }
 
 /// One layer's keys (pre-RoPE) and values, `[tokens, num_kv_heads, head_dim]` each.
+///
+/// A layer built by [`LayerKv::append`] is a view of the first rows of larger buffers, so the
+/// next append writes in place instead of copying the layer (capacity doubles when full).
+/// Only the view that ends at the buffers' written frontier appends in place; any other
+/// (an older clone, or a layer whose `k`/`v` were reassigned) copies into new buffers, so a
+/// view's rows never change under it (pinned by `appends_in_place_without_disturbing_clones`).
 #[derive(Debug, Clone)]
 pub struct LayerKv {
     /// Keys before RoPE, `[tokens, num_kv_heads, head_dim]`.
     pub k: Tensor,
     /// Values, `[tokens, num_kv_heads, head_dim]`.
     pub v: Tensor,
+    /// The buffers `k` and `v` are views of, when they came from [`LayerKv::append`].
+    growth: Option<GrowthRef>,
+}
+
+/// Preallocated K/V rows, `[capacity, kv_heads, head_dim]` each.
+#[derive(Debug)]
+struct Growth {
+    k: Tensor,
+    v: Tensor,
+    /// Rows written so far: the length of the one view that may append in place.
+    frontier: AtomicUsize,
+}
+
+/// A view's link to its buffers, with the ids of the exact `k`/`v` tensors it handed out.
+#[derive(Debug, Clone)]
+struct GrowthRef {
+    buf: Arc<Growth>,
+    k_id: TensorId,
+    v_id: TensorId,
 }
 
 impl LayerKv {
+    /// A layer holding `k` and `v` (`[tokens, kv_heads, head_dim]` each).
+    pub fn new(k: Tensor, v: Tensor) -> Self {
+        Self { k, v, growth: None }
+    }
+
     /// An empty layer (zero tokens).
     pub fn empty(kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
         let z = Tensor::zeros((0, kv_heads, head_dim), dtype, device)?;
-        Ok(Self { k: z.clone(), v: z })
+        Ok(Self::new(z.clone(), z))
+    }
+
+    /// This layer followed by `k`/`v` (`[n, kv_heads, head_dim]`): in place in this layer's
+    /// buffers when it owns their frontier and they have room, else by copying into buffers
+    /// with room to grow (capacity at least doubles, in multiples of 256 rows). `self` still
+    /// reads its own rows afterwards either way.
+    pub fn append(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (len, n) = (self.len(), k.dims()[0]);
+        let row = &self.k.dims()[1..];
+        if &k.dims()[1..] != row || v.dims() != k.dims() {
+            return Err(invalid_input(format!(
+                "appending K {:?} / V {:?} to rows of {row:?}",
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        if let Some(g) = &self.growth
+            && g.k_id == self.k.id()
+            && g.v_id == self.v.id()
+            && len + n <= g.buf.k.dims()[0]
+            && g.buf
+                .frontier
+                .compare_exchange(len, len + n, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            g.buf.k.slice_set(&k, 0, len)?;
+            g.buf.v.slice_set(&v, 0, len)?;
+            return Self::view(Arc::clone(&g.buf), len + n);
+        }
+        let cap = (len + n).max(2 * len).next_multiple_of(GROWTH_ROWS);
+        let shape = (cap, row[0], row[1]);
+        let buf = Growth {
+            k: Tensor::zeros(shape, self.k.dtype(), self.k.device())?,
+            v: Tensor::zeros(shape, self.v.dtype(), self.v.device())?,
+            frontier: AtomicUsize::new(len + n),
+        };
+        if len > 0 {
+            buf.k.slice_set(&self.k.contiguous()?, 0, 0)?;
+            buf.v.slice_set(&self.v.contiguous()?, 0, 0)?;
+        }
+        buf.k.slice_set(&k, 0, len)?;
+        buf.v.slice_set(&v, 0, len)?;
+        Self::view(Arc::new(buf), len + n)
+    }
+
+    /// Rows `0..len` of `buf`, linked to it.
+    fn view(buf: Arc<Growth>, len: usize) -> Result<Self> {
+        let k = buf.k.narrow(0, 0, len)?;
+        let v = buf.v.narrow(0, 0, len)?;
+        let growth = Some(GrowthRef {
+            k_id: k.id(),
+            v_id: v.id(),
+            buf,
+        });
+        Ok(Self { k, v, growth })
+    }
+
+    /// Rows the buffers behind this layer hold (its own length when it has none).
+    pub fn capacity(&self) -> usize {
+        self.growth
+            .as_ref()
+            .map_or(self.len(), |g| g.buf.k.dims()[0])
     }
 
     /// Number of tokens held.
@@ -45,29 +144,26 @@ impl LayerKv {
 
     /// Tokens `start..start+len` of this layer.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            k: self.k.narrow(0, start, len)?,
-            v: self.v.narrow(0, start, len)?,
-        })
+        Ok(Self::new(
+            self.k.narrow(0, start, len)?,
+            self.v.narrow(0, start, len)?,
+        ))
     }
 
     /// This layer with row `rows[j]` replaced by row `j` of `new`, given
     /// `index = replacement_index(self.len(), rows, device)` (built once, reused per layer).
     pub fn replace_rows(&self, index: &Tensor, new: &LayerKv) -> Result<Self> {
-        Ok(Self {
-            k: Tensor::cat(&[&self.k, &new.k], 0)?.index_select(index, 0)?,
-            v: Tensor::cat(&[&self.v, &new.v], 0)?.index_select(index, 0)?,
-        })
+        Ok(Self::new(
+            Tensor::cat(&[&self.k, &new.k], 0)?.index_select(index, 0)?,
+            Tensor::cat(&[&self.v, &new.v], 0)?.index_select(index, 0)?,
+        ))
     }
 
     /// The layers' tokens one after the other.
     pub fn cat(parts: &[&LayerKv]) -> Result<Self> {
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
         let vs: Vec<&Tensor> = parts.iter().map(|p| &p.v).collect();
-        Ok(Self {
-            k: Tensor::cat(&ks, 0)?,
-            v: Tensor::cat(&vs, 0)?,
-        })
+        Ok(Self::new(Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
     }
 }
 
@@ -206,4 +302,56 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(start: f32, n: usize) -> Tensor {
+        Tensor::arange(start, start + (n * 2) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n, 1, 2))
+            .unwrap()
+    }
+
+    fn values(l: &LayerKv) -> Vec<f32> {
+        l.k.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn appends_in_place_without_disturbing_clones() -> Result<()> {
+        let empty = LayerKv::empty(1, 2, DType::F32, &Device::Cpu)?;
+        let a = empty.append(&rows(0.0, 3), &rows(0.0, 3))?;
+        assert_eq!(a.capacity(), GROWTH_ROWS);
+        // the frontier owner appends in place: same buffers, longer view
+        let b = a.append(&rows(100.0, 2), &rows(100.0, 2))?;
+        assert_eq!(b.len(), 5);
+        assert_eq!(b.capacity(), GROWTH_ROWS);
+        assert_eq!(values(&b)[6..], [100.0, 101.0, 102.0, 103.0]);
+        // `a` still reads its 3 rows, and appending to it again must not overwrite b's rows
+        assert_eq!(values(&a), values(&b)[..6]);
+        let c = a.append(&rows(200.0, 2), &rows(200.0, 2))?;
+        assert_eq!(values(&c)[6..], [200.0, 201.0, 202.0, 203.0]);
+        assert_eq!(values(&b)[6..], [100.0, 101.0, 102.0, 103.0]);
+        // a layer whose k was reassigned is not trusted to own the buffers
+        let mut d = b.clone();
+        d.k = d.k.copy()?;
+        let e = d.append(&rows(300.0, 1), &rows(300.0, 1))?;
+        assert_eq!(values(&e)[10..], [300.0, 301.0]);
+        assert_eq!(b.len(), 5);
+        // growing past capacity copies into buffers at least twice as large
+        let big = b.append(&rows(0.0, GROWTH_ROWS), &rows(0.0, GROWTH_ROWS))?;
+        assert_eq!(big.len(), GROWTH_ROWS + 5);
+        assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
+        assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn append_rejects_mismatched_rows() {
+        let empty = LayerKv::empty(1, 2, DType::F32, &Device::Cpu).unwrap();
+        let bad = Tensor::zeros((2, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(empty.append(&bad, &bad).is_err());
+    }
 }

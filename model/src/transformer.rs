@@ -375,7 +375,7 @@ impl Model {
         let w = self.layer(layer)?;
         let x = candle_nn::ops::rms_norm(hidden, &w.attn_norm, self.config.rms_norm_eps as f32)?;
         let (_, k, v) = self.qkv(w, &x)?;
-        Ok(LayerKv { k, v })
+        Ok(LayerKv::new(k, v))
     }
 
     /// Prefills `tokens` at `positions` after whatever `cache` holds, appending their KV to it.
@@ -522,8 +522,8 @@ impl Model {
             }
             let old = &supplied;
             let kv = match &replace_index {
-                None => LayerKv::cat(&[old, &LayerKv { k: k_new, v: v_new }])?,
-                Some(index) => old.replace_rows(index, &LayerKv { k: k_new, v: v_new })?,
+                None => old.append(&k_new, &v_new)?,
+                Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
             };
             let (attn, probs) = self.attend_layer(&how, &q, &kv.k, &kv.v, probe)?;
             attention.extend(probs);

@@ -125,10 +125,7 @@ pub(super) fn zero_rows(model: &Model, rows: usize) -> Result<LayerKv> {
         model.dtype(),
         model.device(),
     )?;
-    Ok(LayerKv {
-        k: zeros.clone(),
-        v: zeros,
-    })
+    Ok(LayerKv::new(zeros.clone(), zeros))
 }
 
 /// A cache of `rows` tokens at positions `0..rows` whose every layer is zero placeholder
