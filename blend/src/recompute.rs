@@ -2,10 +2,13 @@
 //! tokens whose cached KV deviates most from their fresh KV, and recompute only those on
 //! the layers after, attending over the full-length cache with the exact causal mask.
 
+use std::cell::RefCell;
+
 use kvquilt_model::{KvCache, LayerKv, Model, ProbeRequest, Rows, Tensor, replacement_index};
 
 use crate::config::BlendConfig;
 use crate::error::{BlendError, Result};
+use crate::phases::PhaseClock;
 use crate::select::{Deviation, TokenRoles, select};
 
 /// A blend's outcome before the caller adds its bookkeeping.
@@ -20,6 +23,8 @@ pub(crate) struct Recomputed {
 /// not-yet-fetched layers may hold placeholders). `fill(l, kv)` supplies the cached KV of
 /// layer `l` (cached segments plus placeholder suffix rows) and is called once per layer, in
 /// layer order, just before the layer is needed. On return `cache` holds the blended KV.
+/// `clock` is charged the query pass, the layers before the first check, the check layers
+/// (scoring and selection), the recompute layers and the head.
 pub(crate) fn blend(
     model: &Model,
     tokens: &[u32],
@@ -27,10 +32,11 @@ pub(crate) fn blend(
     cfg: &BlendConfig,
     cache: &mut KvCache,
     fill: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
+    clock: &RefCell<PhaseClock>,
 ) -> Result<Recomputed> {
     cfg.validate(model.config().num_layers)?;
     with_fill(model.config().num_layers, fill, |fill_once| {
-        run(model, tokens, roles, cfg, cache, fill_once)
+        run(model, tokens, roles, cfg, cache, fill_once, clock)
     })
 }
 
@@ -69,12 +75,15 @@ fn run(
     cfg: &BlendConfig,
     cache: &mut KvCache,
     fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
+    clock: &RefCell<PhaseClock>,
 ) -> Result<Recomputed> {
     let num_layers = model.config().num_layers;
     let n = tokens.len();
     let non_suffix = n - roles.suffix_len();
+    let enter = |phase: &'static str| clock.borrow_mut().enter(phase).map(|_| ());
 
     let attention = if cfg.query_weight > 0.0 {
+        enter("query pass")?;
         Some(suffix_attention(
             model, tokens, non_suffix, cache, fill_once,
         )?)
@@ -92,6 +101,11 @@ fn run(
         .zip(cfg.schedule().into_iter().map(Some))
         .chain(std::iter::once((num_layers, None)));
     for (check, ratio) in spans {
+        enter(if cursor == 0 {
+            "layers before check"
+        } else {
+            "recompute layers"
+        })?;
         hidden = model
             .run_layers_with(
                 cursor..check,
@@ -104,6 +118,7 @@ fn run(
             .hidden;
         let Some(ratio) = ratio else { break };
         fill_once(check, &mut cache.layers[check])?;
+        enter("check layer")?;
         let fresh = model.kv_projection(check, &hidden)?;
         let rows = Tensor::new(
             active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -138,6 +153,7 @@ fn run(
         active = kept;
         cursor = check;
     }
+    enter("head")?;
     let last = hidden.narrow(0, hidden.dims()[0] - 1, 1)?;
     let logits = model.logits(&last)?.squeeze(0)?;
     let recomputed = active

@@ -22,6 +22,9 @@ pub struct BlendRequest {
     /// Store the KV of chunks this request computes (misses), so the next request hits.
     /// Off when the caller may not store (e.g. a tenant over its quota).
     pub store_back: bool,
+    /// Time the request's phases ([`BlendStats::phases`]; blend mode). Synchronises the
+    /// device at each phase change, so leave off except to see where time goes.
+    pub time_phases: bool,
 }
 
 impl BlendRequest {
@@ -33,6 +36,7 @@ impl BlendRequest {
             suffix,
             mode,
             store_back: true,
+            time_phases: false,
         }
     }
 
@@ -99,6 +103,8 @@ pub struct BlendStats {
     pub recompute_fraction: f64,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,
+    /// Per-phase times when the request asked for them ([`BlendRequest::time_phases`]).
+    pub phases: Vec<crate::PhaseTime>,
 }
 
 impl BlendStats {
@@ -119,6 +125,7 @@ impl BlendStats {
             recomputed_tokens: 0,
             recompute_fraction: 0.0,
             ttft_ms: 0.0,
+            phases: Vec::new(),
         }
     }
 

@@ -172,7 +172,8 @@ pub(crate) fn attend(
     let v = v.transpose(0, 1)?.contiguous()?;
 
     let mut outs = Vec::with_capacity(plan.blocks.len());
-    let mut probed: Vec<(usize, Tensor)> = Vec::new();
+    let mut probed: Vec<Tensor> = Vec::new();
+    let mut probed_slots: Vec<usize> = Vec::new();
     for b in &plan.blocks {
         let nb = b.q_end - b.q_start;
         let qb = q
@@ -190,14 +191,22 @@ pub(crate) fn attend(
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         if let Some(p) = probe {
-            for (slot, &row) in p.rows.iter().enumerate() {
-                if row >= b.q_start && row < b.q_end {
-                    let r = probs
-                        .reshape((kv_heads, group, nb, b.k_len))?
-                        .narrow(2, row - b.q_start, 1)?
-                        .pad_with_zeros(D::Minus1, 0, t - b.k_len)?;
-                    probed.push((slot, r));
-                }
+            // the probed rows of this block in one gather (slot = place in the request)
+            let picks: Vec<(usize, u32)> = p
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|&(_, &row)| row >= b.q_start && row < b.q_end)
+                .map(|(slot, &row)| (slot, (row - b.q_start) as u32))
+                .collect();
+            if !picks.is_empty() {
+                let idx: Vec<u32> = picks.iter().map(|&(_, r)| r).collect();
+                let r = probs
+                    .reshape((kv_heads, group, nb, b.k_len))?
+                    .index_select(&Tensor::new(idx, q.device())?, 2)?
+                    .pad_with_zeros(D::Minus1, 0, t - b.k_len)?;
+                probed_slots.extend(picks.iter().map(|&(slot, _)| slot));
+                probed.push(r);
             }
         }
         let ob = probs.matmul(&vb)?; // [kv_heads, group*nb, d]
@@ -216,9 +225,18 @@ pub(crate) fn attend(
                     "probe row {bad} past the {n} queries"
                 )));
             }
-            probed.sort_by_key(|(slot, _)| *slot);
-            let rows: Vec<Tensor> = probed.into_iter().map(|(_, r)| r).collect();
-            Some(Tensor::cat(&rows, 2)?.to_dtype(DType::F32)?)
+            // rows come block by block; put them in the order asked
+            let rows = Tensor::cat(&probed, 2)?;
+            let rows = if probed_slots.windows(2).all(|w| w[0] < w[1]) {
+                rows
+            } else {
+                let mut at = vec![0u32; probed_slots.len()];
+                for (pos, &slot) in probed_slots.iter().enumerate() {
+                    at[slot] = pos as u32;
+                }
+                rows.index_select(&Tensor::new(at, rows.device())?, 2)?
+            };
+            Some(rows.to_dtype(DType::F32)?)
         }
     };
     Ok((out, probe_out))

@@ -164,6 +164,29 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The shape of SmolLM2-135M-Instruct, the default model (for GPU benchmarks of the small
+    /// model with random weights of its shape).
+    pub fn smollm2_135m() -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            vocab_size: 49_152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            rope_theta: 100_000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            context_length: 8192,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+        }
+    }
+}
+
 /// The subset of an HF `config.json` that kvquilt reads.
 #[derive(Debug, Deserialize)]
 pub(crate) struct HfConfig {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
-use kvquilt_model::{Model, ModelConfig};
+use kvquilt_model::{Model, Rows};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
@@ -19,7 +19,8 @@ use kvquilt::model_source::ModelArgs;
 pub struct BlendBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`).
+    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`,
+    /// `smollm2-135m`).
     #[arg(long)]
     random: Option<String>,
     /// Retrieved chunks per prompt.
@@ -43,6 +44,12 @@ pub struct BlendBenchArgs {
     /// warm-up run makes them resident), beside the host-tier rows.
     #[arg(long)]
     device_tier: bool,
+    /// After each blend row's timed runs, one more run with per-phase timing (device
+    /// synchronised at each phase change) for a breakdown of where the time goes; and the
+    /// compute floor of each CacheBlend ratio (its rows recomputed over a resident cache,
+    /// no loading, no selection).
+    #[arg(long)]
+    phases: bool,
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -62,6 +69,20 @@ struct Row {
     ttft_ms_median: f64,
     speedup_vs_full: f64,
     runs_ms: Vec<f64>,
+    /// With `--phases`: one extra run's per-phase times (blend rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    phases: Vec<kvquilt_blend::PhaseTime>,
+}
+
+/// The compute a blend cannot avoid: layers before the check for every token, the check
+/// layer's K/V projection for every token, and the recomputed rows (as many as the blend
+/// recomputed, spread evenly, plus the suffix) on the layers after, over a resident cache.
+#[derive(Serialize)]
+struct FloorRow {
+    ratio: f32,
+    recomputed_tokens: usize,
+    floor_ms_median: f64,
+    runs_ms: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -73,19 +94,21 @@ struct Report {
     chunks: usize,
     chunk_tokens: usize,
     rows: Vec<Row>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    floors: Vec<FloorRow>,
 }
 
 pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, identity, name) = match a.random.as_deref() {
-        Some("llama3.1-8b") => {
-            let mut m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+        Some(shape) => {
+            let (config, name) = super::random_shape(shape)?;
+            let mut m = Model::random(config, &device, dtype)?;
             m.set_attention_kernel(a.model.attention_kernel()?);
-            let id = ModelIdentity::for_weights(&m, "random:llama3.1-8b")?;
-            (m, id, "random weights, Llama-3.1-8B shape".to_string())
+            let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
+            (m, id, name)
         }
-        Some(other) => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b)"),
         None => {
             let m = a.model.load()?;
             let id = ModelIdentity::of(&m)?;
@@ -142,6 +165,7 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
     }
     let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
     let mut rows: Vec<Row> = Vec::new();
+    let mut recomputed: Vec<(f32, usize)> = Vec::new();
     for (blender, tier, mode, ratio, variant) in modes {
         let req = BlendRequest {
             mode: mode.clone(),
@@ -165,6 +189,26 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             variant.as_deref().unwrap_or(""),
             ratio.map_or(String::new(), |r| r.to_string())
         );
+        let mut phases = Vec::new();
+        if a.phases && matches!(mode, Mode::Blend(_)) {
+            let timed = BlendRequest {
+                time_phases: true,
+                ..req.clone()
+            };
+            let out = blender.run(b"", &timed)?;
+            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+            let line: Vec<String> = out
+                .stats
+                .phases
+                .iter()
+                .map(|p| format!("{} {:.1}", p.phase, p.ms))
+                .collect();
+            eprintln!("         phases (ms): {}", line.join(", "));
+            if tier == "gpu" && variant.as_deref() == Some("cacheblend") {
+                recomputed.push((ratio.unwrap_or(0.0), out.stats.recomputed_tokens));
+            }
+            phases = out.stats.phases;
+        }
         rows.push(Row {
             mode: mode.name(),
             tier,
@@ -172,6 +216,19 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             ratio,
             ttft_ms_median: m,
             speedup_vs_full: 0.0,
+            runs_ms: runs,
+            phases,
+        });
+    }
+    let mut floors = Vec::new();
+    for (ratio, count) in recomputed {
+        let runs = floor_runs(blender.model(), &all, a.suffix_tokens, count, a.repeats)?;
+        let m = median(&runs);
+        eprintln!("floor  gpu  cacheblend {ratio:>5}: {m:.1} ms ({count} tokens recomputed)");
+        floors.push(FloorRow {
+            ratio,
+            recomputed_tokens: count,
+            floor_ms_median: m,
             runs_ms: runs,
         });
     }
@@ -187,6 +244,57 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         chunks: a.chunks,
         chunk_tokens: a.chunk_tokens,
         rows,
+        floors,
     };
     write_report(&report, a.json.as_deref())
+}
+
+/// Timed runs (ms) of a blend's unavoidable compute over a resident full-prefill cache of
+/// `tokens`: every token through layer 0 and the check layer's K/V projection (CacheBlend's
+/// check layer is 1), then `count` non-suffix rows spread evenly plus the suffix through
+/// layers 1.., then the head. Nothing is loaded or selected.
+fn floor_runs(
+    model: &Model,
+    tokens: &[u32],
+    suffix: usize,
+    count: usize,
+    repeats: usize,
+) -> Result<Vec<f64>> {
+    let n = tokens.len();
+    let layers = model.config().num_layers;
+    let mut cache = model.empty_cache()?;
+    model.prefill(tokens, &kvquilt_model::positions(0, n), &mut cache)?;
+    let non_suffix = n - suffix;
+    let step = non_suffix as f64 / count.max(1) as f64;
+    let mut rows: Vec<usize> = (0..count.min(non_suffix))
+        .map(|i| (i as f64 * step) as usize)
+        .collect();
+    rows.dedup();
+    rows.extend(non_suffix..n);
+    let all: Vec<usize> = (0..n).collect();
+    let pick = kvquilt_model::Tensor::new(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        model.device(),
+    )?;
+    let mut runs = Vec::new();
+    for i in 0..=repeats.max(1) {
+        let mut c = cache.clone();
+        model.device().synchronize()?;
+        let t = std::time::Instant::now();
+        let hidden = model.embed(tokens)?;
+        let h = model
+            .run_layers(0..1, hidden, Rows::Replace(&all), &mut c, None)?
+            .hidden;
+        let _check_kv = model.kv_projection(1, &h)?;
+        let h = h.index_select(&pick, 0)?;
+        let h = model
+            .run_layers(1..layers, h, Rows::Replace(&rows), &mut c, None)?
+            .hidden;
+        let logits = model.logits(&h.narrow(0, rows.len() - 1, 1)?)?;
+        let _first = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        if i > 0 {
+            runs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(runs)
 }

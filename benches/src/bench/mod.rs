@@ -42,6 +42,22 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// The model config and report name of a `--random` shape.
+pub(crate) fn random_shape(name: &str) -> Result<(kvquilt_model::ModelConfig, String)> {
+    use kvquilt_model::ModelConfig;
+    match name {
+        "llama3.1-8b" => Ok((
+            ModelConfig::llama31_8b(),
+            "random weights, Llama-3.1-8B shape".into(),
+        )),
+        "smollm2-135m" => Ok((
+            ModelConfig::smollm2_135m(),
+            "random weights, SmolLM2-135M shape".into(),
+        )),
+        other => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b, smollm2-135m)"),
+    }
+}
+
 /// One warm-up, then `repeats` timed runs, in seconds.
 pub(crate) fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;

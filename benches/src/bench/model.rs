@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use kvquilt_model::{Model, ModelConfig};
+use kvquilt_model::Model;
 use serde::Serialize;
 
 use super::{median, timed, write_report};
@@ -13,7 +13,8 @@ use kvquilt::model_source::ModelArgs;
 pub struct ModelBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`).
+    /// Use random weights of a known shape instead of a model file (`llama3.1-8b`,
+    /// `smollm2-135m`).
     #[arg(long)]
     random: Option<String>,
     /// Prompt lengths to prefill, in tokens.
@@ -60,12 +61,12 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, name) = match a.random.as_deref() {
-        Some("llama3.1-8b") => {
-            let mut m = Model::random(ModelConfig::llama31_8b(), &device, dtype)?;
+        Some(shape) => {
+            let (config, name) = super::random_shape(shape)?;
+            let mut m = Model::random(config, &device, dtype)?;
             m.set_attention_kernel(a.model.attention_kernel()?);
-            (m, "random weights, Llama-3.1-8B shape".to_string())
+            (m, name)
         }
-        Some(other) => anyhow::bail!("unknown random shape `{other}` (known: llama3.1-8b)"),
         None => {
             let m = a.model.load()?;
             (m.model, m.path.display().to_string())

@@ -36,7 +36,7 @@ pub(super) struct Assembly<'r> {
 /// What [`prepare`] came to.
 pub(super) enum Prepared<'r> {
     /// The request ran as full prefill: its output.
-    FellBack(BlendOutput),
+    FellBack(Box<BlendOutput>),
     /// The request runs its own mode (boxed: the codec makes it large).
     Ready(Box<Assembly<'r>>),
 }
@@ -65,9 +65,9 @@ pub(super) fn prepare<'r>(
     if b.fallback_to_full
         && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share)
     {
-        return Ok(Prepared::FellBack(full::fall_back(
+        return Ok(Prepared::FellBack(Box::new(full::fall_back(
             b, &codec, req, &plan, start,
-        )?));
+        )?)));
     }
     let mut stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
     let mut pending = Pending::default();

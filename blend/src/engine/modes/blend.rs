@@ -2,6 +2,7 @@
 //! the cache holds every prompt token, the suffix's rows as placeholders, and the tokens
 //! whose cached KV deviates most are recomputed in context.
 
+use std::cell::RefCell;
 use std::time::Instant;
 
 use kvquilt_model::LayerKv;
@@ -12,6 +13,7 @@ use crate::config::BlendConfig;
 use crate::engine::Blender;
 use crate::engine::plan::recompute_share;
 use crate::error::Result;
+use crate::phases::PhaseClock;
 use crate::recompute::blend;
 use crate::request::{BlendOutput, BlendRequest};
 use crate::select::TokenRoles;
@@ -25,9 +27,14 @@ pub(crate) fn run(
     cfg: &BlendConfig,
     start: Instant,
 ) -> Result<BlendOutput> {
+    let clock = RefCell::new(PhaseClock::new(
+        req.time_phases,
+        b.model.device(),
+        "assemble",
+    ));
     let share = recompute_share(Some(cfg), b.model.config().num_layers);
     let mut a = match prepare(b, namespace, req, share, start)? {
-        Prepared::FellBack(out) => return Ok(out),
+        Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
     let mut cache = placeholder_cache(&b.model, a.tokens.len())?;
@@ -39,9 +46,19 @@ pub(crate) fn run(
         cfg.chunk_start,
         a.codec.encoding(),
     );
-    let mut fill = |l: usize, kv: &mut LayerKv| a.sources.fill(l, kv, &b.costs);
-    let r = blend(&b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill)?;
-    Ok(a.finish(b, req, start, r.logits, cache, r.recomputed))
+    let mut fill = |l: usize, kv: &mut LayerKv| {
+        let was = clock.borrow_mut().enter("load")?;
+        a.sources.fill(l, kv, &b.costs)?;
+        clock.borrow_mut().enter(was)?;
+        Ok(())
+    };
+    let r = blend(
+        &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock,
+    )?;
+    let phases = clock.into_inner().finish()?;
+    let mut out = a.finish(b, req, start, r.logits, cache, r.recomputed);
+    out.stats.phases = phases;
+    Ok(out)
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`

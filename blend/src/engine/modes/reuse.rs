@@ -19,7 +19,7 @@ pub(crate) fn run(
     start: Instant,
 ) -> Result<BlendOutput> {
     let mut a = match prepare(b, namespace, req, 0.0, start)? {
-        Prepared::FellBack(out) => return Ok(out),
+        Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
     let num_layers = b.model.config().num_layers;

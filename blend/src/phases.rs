@@ -1,0 +1,69 @@
+//! Optional per-phase timing of one blend request ([`crate::BlendRequest::time_phases`]), so a
+//! benchmark can show where a request's time goes. Each phase change synchronises the device
+//! so GPU work is charged to the phase that enqueued it; that perturbs what it measures, so
+//! it is off by default, and then costs nothing.
+
+use std::time::Instant;
+
+use kvquilt_model::Device;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// Time spent in one phase of a request, summed over its visits.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    /// The phase: `assemble`, `load`, `query pass`, `layers before check`, `check layer`,
+    /// `recompute layers`, `head`.
+    pub phase: &'static str,
+    /// Milliseconds (device-synchronised wall time).
+    pub ms: f64,
+}
+
+/// Charges wall time to the current phase; a no-op unless built with [`PhaseClock::on`].
+#[derive(Debug)]
+pub(crate) struct PhaseClock {
+    /// The device to synchronise; `None` when timing is off.
+    device: Option<Device>,
+    current: &'static str,
+    since: Instant,
+    spent: Vec<PhaseTime>,
+}
+
+impl PhaseClock {
+    /// A clock in `first` phase, timing when `on`.
+    pub(crate) fn new(on: bool, device: &Device, first: &'static str) -> Self {
+        Self {
+            device: on.then(|| device.clone()),
+            current: first,
+            since: Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    /// Ends the current phase and starts `phase`; returns the phase that ended.
+    pub(crate) fn enter(&mut self, phase: &'static str) -> Result<&'static str> {
+        let previous = self.current;
+        if let Some(d) = &self.device {
+            d.synchronize()?;
+            let now = Instant::now();
+            let ms = now.duration_since(self.since).as_secs_f64() * 1e3;
+            match self.spent.iter_mut().find(|p| p.phase == previous) {
+                Some(p) => p.ms += ms,
+                None => self.spent.push(PhaseTime {
+                    phase: previous,
+                    ms,
+                }),
+            }
+            self.since = now;
+        }
+        self.current = phase;
+        Ok(previous)
+    }
+
+    /// Ends the current phase; the phases in first-visit order (empty when off).
+    pub(crate) fn finish(mut self) -> Result<Vec<PhaseTime>> {
+        self.enter("")?;
+        Ok(self.spent)
+    }
+}
