@@ -5,9 +5,10 @@
 # quality runs, the default model's GGUF at $KVQ_MODEL. Writes JSON reports under $OUT.
 #
 #   benches/gpu_run.sh perf      # prefill vs HF transformers, blend TTFT (random 8B shape)
-#   benches/gpu_run.sh attention # fused attention: --check on random cases, kernel timings;
-#                                # prefill/decode with reference vs fused attention beside HF;
-#                                # blend TTFT with the fused kernel (random 8B shape)
+#   benches/gpu_run.sh gpu-path  # the GPU path (issue 12): fused attention --check and timings;
+#                                # prefill/decode, reference vs fused attention, beside HF;
+#                                # blend TTFT with phases and compute floor, device tier; the
+#                                # same for SmolLM2-135M's shape (random weights throughout)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
@@ -38,19 +39,27 @@ case "${1:-perf}" in
     "$bin" bench blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
       --ratios 0.05,0.15,0.3 --repeats 5 --json "$OUT/blend_8b.json"
     ;;
-  attention)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
-    "$bench" attention --check --repeats 10 --json "$OUT/attention.json" 2> "$OUT/attention.log" \
-      || echo "attention: check FAILED (see attention.log)"
+  gpu-path)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    # the kernel's test (exit status 1 on a mismatch) and its timings
+    "$bench" attention --check --shapes prefill4096,prefill8192,blend5216r15,decode4096 \
+      --json "$OUT/attention.json" 2>&1 | grep -v '^ok ' || echo "attention: check FAILED"
+    # Llama-3.1-8B shape: prefill and decode, reference vs fused attention, beside HF
     for k in reference fused; do
       KVQ_ATTENTION=$k "$bench" model --random llama3.1-8b --device cuda --tokens 4096,8192 \
-        --decode 32 --decode-context 4096 --repeats 3 --json "$OUT/model_$k.json" || echo "model $k failed"
+        --decode 32 --decode-context 4096 --repeats 3 --json "$OUT/model_8b_$k.json" || echo "model $k failed"
     done
-    python3 benches/hf_prefill.py --tokens 4096 5216 8192 --repeats 3 --decode 32 --decode-context 4096 \
-      --json "$OUT/prefill_hf.json" || echo "hf failed"
-    KVQ_ATTENTION=fused "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
-      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --repeats 5 \
-      --json "$OUT/blend_fused.json" || echo "blend failed"
+    python3 benches/hf_prefill.py --tokens 4096 5216 8192 --repeats 3 --decode 32 \
+      --decode-context 4096 --json "$OUT/hf_8b.json" || echo "hf 8b failed"
+    "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --phases --repeats 5 \
+      --json "$OUT/blend_8b.json" || echo "blend 8b failed"
+    # the default model's shape (SmolLM2-135M), bf16, a 6,240-token RAG prompt
+    python3 benches/hf_prefill.py --shape smollm2-135m --tokens 6240 --repeats 5 --decode 32 \
+      --decode-context 4096 --json "$OUT/hf_small.json" || echo "hf small failed"
+    "$bench" blend --random smollm2-135m --device cuda --chunks 12 --chunk-tokens 512 \
+      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --phases --repeats 5 \
+      --json "$OUT/blend_small.json" || echo "blend small failed"
     ;;
   needle|musique)
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \
