@@ -51,6 +51,7 @@ case "${1:-perf}" in
     done
     python3 benches/hf_prefill.py --tokens 4096 5216 8192 --repeats 3 --decode 32 \
       --decode-context 4096 --json "$OUT/hf_8b.json" || echo "hf 8b failed"
+    "$bench" upload --device cuda --json "$OUT/upload.json" || echo "upload failed"
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
       --ratios 0.15,0.3 --variants cacheblend,query --device-tier --phases --repeats 5 \
       --json "$OUT/blend_8b.json" || echo "blend 8b failed"

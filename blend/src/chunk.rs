@@ -215,7 +215,7 @@ impl ChunkCodec {
         self.check(obj.info(), obj.tokens())?;
         let t = obj.tokens().len();
         let layers = (0..obj.num_layers())
-            .map(|l| layer_from_bytes(obj.layer(l), self.layout(), t, model.device()))
+            .map(|l| layer_from_bytes(obj.layer(l), self.layout(), t, model.device(), None))
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use kvquilt_kvstore::KvLayout;
+use kvquilt_model::staging::Uploader;
 use kvquilt_model::{DType, Device, LayerKv, Tensor};
 
 use crate::error::{Result, invalid};
@@ -19,12 +20,14 @@ pub(crate) fn dtype_of(layout: &KvLayout) -> DType {
     }
 }
 
-/// One layer's K‖V bytes for `tokens` tokens as tensors on `device`.
+/// One layer's K‖V bytes for `tokens` tokens as tensors on `device`: one upload through
+/// `uploader` (pinned staging on CUDA) when given, else a plain copy of each half.
 pub fn layer_from_bytes(
     bytes: &[u8],
     layout: &KvLayout,
     tokens: usize,
     device: &Device,
+    uploader: Option<&Uploader>,
 ) -> Result<LayerKv> {
     let half = layout.tensor_bytes(tokens);
     if bytes.len() != 2 * half {
@@ -40,6 +43,15 @@ pub fn layer_from_bytes(
         layout.head_dim as usize,
     );
     let dtype = dtype_of(layout);
+    if let Some(up) = uploader {
+        // K‖V in one copy; K and V are contiguous views of its halves
+        let elems = half / dtype.size_in_bytes();
+        let kv = up.upload(bytes, dtype, &[2 * elems], device)?;
+        return Ok(LayerKv::new(
+            kv.narrow(0, 0, elems)?.reshape(shape)?,
+            kv.narrow(0, elems, elems)?.reshape(shape)?,
+        ));
+    }
     let k = Tensor::from_raw_buffer(&bytes[..half], dtype, &[shape.0, shape.1, shape.2], device)?;
     let v = Tensor::from_raw_buffer(&bytes[half..], dtype, &[shape.0, shape.1, shape.2], device)?;
     Ok(LayerKv::new(k, v))

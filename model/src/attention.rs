@@ -26,6 +26,9 @@ struct Block {
     /// `[q_end - q_start, k_len]`, 0 where visible and -inf where not; `None` when every query
     /// sees every key `0..k_len`.
     mask: Option<Tensor>,
+    /// The probed rows in this block: their places in the request, and their rows within
+    /// the block (`None` when that is every row in order).
+    probe: Option<(Vec<usize>, Option<Tensor>)>,
 }
 
 /// Which keys each query may attend to, precomputed for one forward call.
@@ -34,6 +37,9 @@ pub(crate) struct AttentionPlan {
     blocks: Vec<Block>,
     num_queries: usize,
     num_keys: usize,
+    /// With a probe: the permutation from block order to the order asked (`None` when they
+    /// agree).
+    probe_order: Option<Tensor>,
 }
 
 /// Which attention implementation a forward pass uses ([`crate::Model::set_attention_kernel`]).
@@ -83,7 +89,8 @@ pub(crate) fn check_visible(q_pos: &[u32], k_pos: &[u32]) -> Result<()> {
 
 impl AttentionPlan {
     /// `q_pos` and `k_pos` must be strictly increasing; every query must see at least one key.
-    /// `score_budget` bounds `num_heads × block × keys` elements per block.
+    /// `score_budget` bounds `num_heads × block × keys` elements per block. With `probe`, the
+    /// gathers of its rows are prepared here, once for every layer that uses the plan.
     pub(crate) fn new(
         q_pos: &[u32],
         k_pos: &[u32],
@@ -91,8 +98,15 @@ impl AttentionPlan {
         score_budget: usize,
         dtype: DType,
         device: &Device,
+        probe: Option<&ProbeRequest>,
     ) -> Result<Self> {
         check_visible(q_pos, k_pos)?;
+        if let Some(&bad) = probe.and_then(|p| p.rows.iter().find(|&&r| r >= q_pos.len())) {
+            return Err(invalid_input(format!(
+                "probe row {bad} past the {} queries",
+                q_pos.len()
+            )));
+        }
         let block = (score_budget / (num_heads * k_pos.len()).max(1)).clamp(1, q_pos.len());
         let mut blocks = Vec::new();
         let mut q_start = 0;
@@ -118,20 +132,74 @@ impl AttentionPlan {
                 }
                 Some(Tensor::from_vec(m, (rows, k_len), device)?.to_dtype(dtype)?)
             };
+            let probe = match probe {
+                Some(p) => block_probe(p, q_start, q_end, device)?,
+                None => None,
+            };
             blocks.push(Block {
                 q_start,
                 q_end,
                 k_len,
                 mask,
+                probe,
             });
             q_start = q_end;
         }
+        let slots: Vec<usize> = blocks
+            .iter()
+            .filter_map(|b| b.probe.as_ref())
+            .flat_map(|(slots, _)| slots.iter().copied())
+            .collect();
+        let probe_order = if slots.windows(2).all(|w| w[0] < w[1]) {
+            None
+        } else {
+            let mut at = vec![0u32; slots.len()];
+            for (pos, &slot) in slots.iter().enumerate() {
+                at[slot] = pos as u32;
+            }
+            Some(Tensor::new(at, device)?)
+        };
         Ok(Self {
             blocks,
             num_queries: q_pos.len(),
             num_keys: k_pos.len(),
+            probe_order,
         })
     }
+}
+
+/// The probed rows of block `q_start..q_end`: (places in the request, gather index within
+/// the block or `None` for all rows in order), or `None` when no probed row is in it.
+fn block_probe(
+    p: &ProbeRequest,
+    q_start: usize,
+    q_end: usize,
+    device: &Device,
+) -> Result<Option<(Vec<usize>, Option<Tensor>)>> {
+    let picks: Vec<(usize, u32)> = p
+        .rows
+        .iter()
+        .enumerate()
+        .filter(|&(_, &row)| row >= q_start && row < q_end)
+        .map(|(slot, &row)| (slot, (row - q_start) as u32))
+        .collect();
+    if picks.is_empty() {
+        return Ok(None);
+    }
+    let whole = picks.len() == q_end - q_start
+        && picks.iter().enumerate().all(|(i, &(_, r))| r as usize == i);
+    let index = if whole {
+        None
+    } else {
+        Some(Tensor::new(
+            picks.iter().map(|&(_, r)| r).collect::<Vec<_>>(),
+            device,
+        )?)
+    };
+    Ok(Some((
+        picks.into_iter().map(|(slot, _)| slot).collect(),
+        index,
+    )))
 }
 
 /// Attention probabilities of chosen query rows, for eviction policies.
@@ -147,14 +215,13 @@ pub struct ProbeRequest {
 ///
 /// Shapes: `q` `[n, num_heads, d]` (rotated), `k` `[t, kv_heads, d]` (rotated), `v`
 /// `[t, kv_heads, d]`. Query head `h` reads KV head `h / group` (HF `repeat_kv` order).
-/// Returns `[n, num_heads * d]` and, when `probe` is given, the probabilities of the probed
-/// rows as `[kv_heads, group, probe.rows.len(), t]` (rows in the order asked).
+/// Returns `[n, num_heads * d]` and, when the plan was built with a probe, the probabilities
+/// of the probed rows as `[kv_heads, group, probe.rows.len(), t]` (rows in the order asked).
 pub(crate) fn attend(
     plan: &AttentionPlan,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    probe: Option<&ProbeRequest>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (n, num_heads, d) = q.dims3()?;
     let (t, kv_heads, _) = k.dims3()?;
@@ -173,7 +240,6 @@ pub(crate) fn attend(
 
     let mut outs = Vec::with_capacity(plan.blocks.len());
     let mut probed: Vec<Tensor> = Vec::new();
-    let mut probed_slots: Vec<usize> = Vec::new();
     for b in &plan.blocks {
         let nb = b.q_end - b.q_start;
         let qb = q
@@ -190,24 +256,12 @@ pub(crate) fn attend(
                 .reshape((kv_heads, group * nb, b.k_len))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        if let Some(p) = probe {
-            // the probed rows of this block in one gather (slot = place in the request)
-            let picks: Vec<(usize, u32)> = p
-                .rows
-                .iter()
-                .enumerate()
-                .filter(|&(_, &row)| row >= b.q_start && row < b.q_end)
-                .map(|(slot, &row)| (slot, (row - b.q_start) as u32))
-                .collect();
-            if !picks.is_empty() {
-                let idx: Vec<u32> = picks.iter().map(|&(_, r)| r).collect();
-                let r = probs
-                    .reshape((kv_heads, group, nb, b.k_len))?
-                    .index_select(&Tensor::new(idx, q.device())?, 2)?
-                    .pad_with_zeros(D::Minus1, 0, t - b.k_len)?;
-                probed_slots.extend(picks.iter().map(|&(slot, _)| slot));
-                probed.push(r);
+        if let Some((_, index)) = &b.probe {
+            let mut r = probs.reshape((kv_heads, group, nb, b.k_len))?;
+            if let Some(index) = index {
+                r = r.index_select(index, 2)?;
             }
+            probed.push(r.pad_with_zeros(D::Minus1, 0, t - b.k_len)?);
         }
         let ob = probs.matmul(&vb)?; // [kv_heads, group*nb, d]
         let ob = ob
@@ -217,27 +271,16 @@ pub(crate) fn attend(
         outs.push(ob);
     }
     let out = Tensor::cat(&outs, 0)?;
-    let probe_out = match probe {
-        None => None,
-        Some(p) => {
-            if let Some(&bad) = p.rows.iter().find(|&&r| r >= n) {
-                return Err(invalid_input(format!(
-                    "probe row {bad} past the {n} queries"
-                )));
-            }
-            // rows come block by block; put them in the order asked
-            let rows = Tensor::cat(&probed, 2)?;
-            let rows = if probed_slots.windows(2).all(|w| w[0] < w[1]) {
-                rows
-            } else {
-                let mut at = vec![0u32; probed_slots.len()];
-                for (pos, &slot) in probed_slots.iter().enumerate() {
-                    at[slot] = pos as u32;
-                }
-                rows.index_select(&Tensor::new(at, rows.device())?, 2)?
-            };
-            Some(rows.to_dtype(DType::F32)?)
-        }
+    let probe_out = if probed.is_empty() {
+        None
+    } else {
+        // rows come block by block; put them in the order asked
+        let rows = Tensor::cat(&probed, 2)?;
+        let rows = match &plan.probe_order {
+            None => rows,
+            Some(order) => rows.index_select(order, 2)?,
+        };
+        Some(rows.to_dtype(DType::F32)?)
     };
     Ok((out, probe_out))
 }
@@ -289,7 +332,8 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev)?;
         let want = naive(&q, &k, &v, &qp, &kp);
         for budget in [1, 50, 200, 10_000] {
-            let plan = AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev)?;
+            let probe = ProbeRequest { rows: vec![4, 0] };
+            let plan = AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev, Some(&probe))?;
             // a block holds at most `block` queries within `block` positions
             let block = (budget / (h * kp.len())).clamp(1, qp.len());
             for b in &plan.blocks {
@@ -300,8 +344,7 @@ mod tests {
                 let starts: Vec<usize> = plan.blocks.iter().map(|b| b.q_start).collect();
                 assert_eq!(starts, vec![0, 1, 3], "positions 2 | 6 7 | 11 12");
             }
-            let probe = ProbeRequest { rows: vec![4, 0] };
-            let (got, probs) = attend(&plan, &q, &k, &v, Some(&probe))?;
+            let (got, probs) = attend(&plan, &q, &k, &v)?;
             let got = got.to_vec2::<f32>()?;
             for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!((a - b).abs() < 1e-5, "budget {budget}: {a} vs {b}");
@@ -323,7 +366,7 @@ mod tests {
 
     #[test]
     fn query_without_visible_key_is_rejected() {
-        let r = AttentionPlan::new(&[1], &[2, 3], 1, 100, DType::F32, &Device::Cpu);
+        let r = AttentionPlan::new(&[1], &[2, 3], 1, 100, DType::F32, &Device::Cpu, None);
         assert!(r.is_err());
     }
 }

@@ -7,11 +7,13 @@ use crate::error::{ModelError, Result};
 /// `cpu`, `cuda` (GPU 0) or `cuda:N`. CUDA needs a build with the `gpu` feature.
 pub fn parse_device(name: &str) -> Result<Device> {
     let cuda = |i: usize| {
-        Device::new_cuda(i).map_err(|e| {
+        let device = Device::new_cuda(i).map_err(|e| {
             ModelError::InvalidInput(format!(
                 "device `{name}`: {e} (CUDA needs a kvquilt built with `--features gpu` and a GPU)"
             ))
-        })
+        })?;
+        skip_event_tracking(&device)?;
+        Ok(device)
     };
     match name {
         "cpu" => Ok(Device::Cpu),
@@ -23,4 +25,24 @@ pub fn parse_device(name: &str) -> Result<Device> {
             ))),
         },
     }
+}
+
+/// Stops cudarc from creating two CUDA events per allocation (its cross-stream tracking,
+/// on by default): kvquilt launches everything on candle's one stream per host thread,
+/// where cudarc never uses those events (it only does once a context creates a second
+/// stream), so they cost an event create and destroy per tensor for nothing.
+#[cfg(feature = "gpu")]
+fn skip_event_tracking(device: &Device) -> Result<()> {
+    let cuda = device.as_cuda_device()?;
+    // SAFETY: the precondition is that no tensor is shared across streams without
+    // synchronisation. kvquilt creates no stream of its own; candle's device uses the
+    // calling thread's default stream, and cudarc counts no extra stream for it, so it
+    // would not have used the events either (`is_managing_stream_synchronization`).
+    unsafe { cuda.disable_event_tracking() };
+    Ok(())
+}
+
+#[cfg(not(feature = "gpu"))]
+fn skip_event_tracking(_: &Device) -> Result<()> {
+    Ok(())
 }

@@ -36,6 +36,7 @@ mod kernels;
 mod kv;
 mod load;
 mod rope;
+pub mod staging;
 mod tokenizer;
 mod transformer;
 mod weights;

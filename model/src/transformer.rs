@@ -215,9 +215,9 @@ impl Model {
         {
             return Err(invalid_input(format!("fused attention unavailable: {why}")));
         }
-        let how = self.layer_attention(q_pos, k_pos, false, kernel)?;
+        let how = self.layer_attention(q_pos, k_pos, None, kernel)?;
         let q2 = q.reshape((n, h * d))?;
-        let (out, _) = self.attend_layer(&how, &q2, k, v, None)?;
+        let (out, _) = self.attend_layer(&how, &q2, k, v)?;
         Ok(out)
     }
 
@@ -226,7 +226,7 @@ impl Model {
         &self,
         q_pos: &[u32],
         k_pos: &[u32],
-        probe: bool,
+        probe: Option<&ProbeRequest>,
         kernel: AttentionKernel,
     ) -> Result<LayerAttention> {
         check_visible(q_pos, k_pos)?;
@@ -240,7 +240,7 @@ impl Model {
             });
         }
         // Probes need the probabilities, which only the reference materialises.
-        let fused = !probe
+        let fused = probe.is_none()
             && match kernel {
                 AttentionKernel::Reference => false,
                 AttentionKernel::Auto if self.device.is_cpu() => false,
@@ -276,6 +276,7 @@ impl Model {
                 self.score_budget,
                 self.dtype,
                 &self.device,
+                probe,
             )?,
             q_tables: self.tables(q_pos)?,
             k_tables: self.tables(k_pos)?,
@@ -292,14 +293,14 @@ impl Model {
     }
 
     /// One layer's attention: pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be a strided
-    /// view) over the layer's pre-RoPE K and V.
+    /// view) over the layer's pre-RoPE K and V; with the probed rows' probabilities when the
+    /// call was prepared with a probe.
     fn attend_layer(
         &self,
         how: &LayerAttention,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        probe: Option<&ProbeRequest>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         match how {
             LayerAttention::Reference {
@@ -312,7 +313,7 @@ impl Model {
                 let q = q.reshape((n, c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
                 let k_rot = k_tables.apply(k)?;
-                attend(plan, &q_rot, &k_rot, v, probe)
+                attend(plan, &q_rot, &k_rot, v)
             }
             #[cfg(feature = "gpu")]
             LayerAttention::Fused(f) => Ok((f.attend(q, k, v)?, None)),
@@ -498,7 +499,7 @@ impl Model {
                 context: c.context_length,
             });
         }
-        let how = self.layer_attention(&q_pos, &k_pos, probe.is_some(), self.attention_kernel)?;
+        let how = self.layer_attention(&q_pos, &k_pos, probe, self.attention_kernel)?;
         let replace_index = match rows {
             Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
@@ -525,7 +526,7 @@ impl Model {
                 None => old.append(&k_new, &v_new)?,
                 Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
             };
-            let (attn, probs) = self.attend_layer(&how, &q, &kv.k, &kv.v, probe)?;
+            let (attn, probs) = self.attend_layer(&how, &q, &kv.k, &kv.v)?;
             attention.extend(probs);
             hidden = (hidden + linear(&attn, &w.wo, None)?)?;
             let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;

@@ -8,6 +8,7 @@ mod blend;
 mod load;
 mod model;
 mod store;
+mod upload;
 
 use std::path::Path;
 use std::time::Instant;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Blend(blend::BlendBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
     Store(store::StoreBenchArgs),
+    /// Host→device copies of store hits: pinned staging vs pageable, beside the pinned peak.
+    Upload(upload::UploadBenchArgs),
     /// HTTP load on a real server: chunk lookups and blend requests at several concurrencies.
     Load(load::LoadBenchArgs),
 }
@@ -39,6 +42,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),
         BenchCommand::Load(a) => load::run(a),
+        BenchCommand::Upload(a) => upload::run(a),
     }
 }
 

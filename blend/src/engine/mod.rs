@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use kvquilt_kvstore::{ChunkKey, PolicyKind, TierKind, TierStatsSnapshot, TieredStore};
 use kvquilt_model::Model;
+use kvquilt_model::staging::Uploader;
 use tokio::runtime::Handle;
 
 use crate::chunk::ChunkCodec;
@@ -58,6 +59,8 @@ pub struct Blender {
     fallback_to_full: bool,
     /// Chunk KV resident on the model's device, above the store's tiers; `None`: off.
     device_tier: Option<Arc<DeviceTier>>,
+    /// Host→device copies of store hits (pinned staging on CUDA), shared by all requests.
+    uploader: Arc<Uploader>,
 }
 
 impl Blender {
@@ -77,6 +80,7 @@ impl Blender {
             costs: CostModel::default(),
             fallback_to_full: true,
             device_tier: None,
+            uploader: Arc::new(Uploader::new()),
         }
     }
 

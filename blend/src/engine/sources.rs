@@ -3,9 +3,11 @@
 //! forward pass one layer at a time, and [`Sources::make_resident`] keeps what was read or
 //! computed in the device tier afterwards.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{KvLayout, LayerStream, TierKind};
+use kvquilt_model::staging::Uploader;
 use kvquilt_model::{Device, KvCache, LayerKv};
 
 use super::Blender;
@@ -56,6 +58,7 @@ impl Streamed {
         tokens: usize,
         layout: &KvLayout,
         device: &Device,
+        uploader: &Uploader,
         costs: &CostModel,
     ) -> Result<LayerKv> {
         let t0 = Instant::now();
@@ -65,7 +68,7 @@ impl Streamed {
                 self.stream.info.key
             ))
         })??;
-        let kv = layer_from_bytes(&b, layout, tokens, device)?;
+        let kv = layer_from_bytes(&b, layout, tokens, device, Some(uploader))?;
         self.busy += t0.elapsed();
         self.bytes += b.len();
         if l + 1 == layout.num_layers as usize {
@@ -96,6 +99,8 @@ pub(crate) struct Sources {
     layout: KvLayout,
     /// Where the layers are placed: the model's device.
     device: Device,
+    /// How streamed layers get there (pinned staging on CUDA).
+    uploader: Arc<Uploader>,
 }
 
 impl Sources {
@@ -123,6 +128,7 @@ impl Sources {
             suffix: None,
             layout: *codec.layout(),
             device: b.model.device().clone(),
+            uploader: Arc::clone(&b.uploader),
         };
         Ok((this, placed))
     }
@@ -143,7 +149,9 @@ impl Sources {
             layer_of.push(match src {
                 Source::Memory(c) => c.layers[l].clone(),
                 Source::Device(c) => c[l].clone(),
-                Source::Stream(s) => s.next_layer(l, len, &self.layout, &self.device, costs)?,
+                Source::Stream(s) => {
+                    s.next_layer(l, len, &self.layout, &self.device, &self.uploader, costs)?
+                }
             });
         }
         let mut parts: Vec<&LayerKv> = self.placement.iter().map(|&i| &layer_of[i]).collect();
