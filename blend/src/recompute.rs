@@ -176,9 +176,7 @@ fn suffix_attention(
     let n = tokens.len();
     let rows: Vec<usize> = (non_suffix..n).collect();
     let hidden = model.embed(&tokens[non_suffix..])?;
-    let probe = ProbeRequest {
-        rows: (0..rows.len()).collect(),
-    };
+    let probe = ProbeRequest::summed_over_all(rows.len());
     let out = model.run_layers_with(
         0..model.config().num_layers,
         hidden,
@@ -187,10 +185,9 @@ fn suffix_attention(
         Some(&probe),
         fill_once,
     )?;
-    // summed on the device, read back once: [kv_heads, group, rows, n] -> [n] per layer
+    // summed on the device, read back once: [n] per layer
     let mut total: Option<Tensor> = None;
-    for probs in out.attention {
-        let per_token = probs.flatten_to(2)?.sum(0)?;
+    for per_token in out.attention {
         total = Some(match total {
             None => per_token,
             Some(t) => (t + per_token)?,

@@ -202,13 +202,41 @@ fn block_probe(
     )))
 }
 
-/// Attention probabilities of chosen query rows, for eviction policies.
+/// Attention probabilities of chosen query rows, for eviction policies and query-aware
+/// selection.
 ///
 /// `rows` are indices into the call's queries (0-based, any order, no duplicates needed).
 #[derive(Debug, Clone)]
 pub struct ProbeRequest {
     /// Indices of the query rows to report; the result holds them in this order.
     pub rows: Vec<usize>,
+    /// Report only each key's probability summed over the rows and every head, `[keys]`
+    /// f32 per layer, instead of `[kv_heads, group, rows, keys]`. Probing every row in
+    /// order this way runs on the fused kernel path (no probabilities materialised).
+    pub summed: bool,
+}
+
+impl ProbeRequest {
+    /// The probabilities of `rows`, per head.
+    pub fn rows(rows: Vec<usize>) -> Self {
+        Self {
+            rows,
+            summed: false,
+        }
+    }
+
+    /// Each key's probability summed over every one of `n` query rows and every head.
+    pub fn summed_over_all(n: usize) -> Self {
+        Self {
+            rows: (0..n).collect(),
+            summed: true,
+        }
+    }
+
+    /// Whether this asks for the sum over all `n` rows of a call, in order.
+    pub(crate) fn is_summed_over_all(&self, n: usize) -> bool {
+        self.summed && self.rows.len() == n && self.rows.iter().enumerate().all(|(i, &r)| i == r)
+    }
 }
 
 /// Computes `softmax(q kᵀ / √d + mask) v`.
@@ -332,7 +360,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev)?;
         let want = naive(&q, &k, &v, &qp, &kp);
         for budget in [1, 50, 200, 10_000] {
-            let probe = ProbeRequest { rows: vec![4, 0] };
+            let probe = ProbeRequest::rows(vec![4, 0]);
             let plan = AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev, Some(&probe))?;
             // a block holds at most `block` queries within `block` positions
             let block = (budget / (h * kp.len())).clamp(1, qp.len());

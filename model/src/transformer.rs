@@ -37,7 +37,8 @@ pub struct LayersOutput {
     /// Residual stream of the query tokens after the last layer run, `[n, hidden_size]`.
     pub hidden: Tensor,
     /// With a probe: per layer run, `[num_kv_heads, group, probe rows, cache tokens]` f32
-    /// attention probabilities (query head `kv_head * group + g`).
+    /// attention probabilities (query head `kv_head * group + g`), or with a summed probe
+    /// `[cache tokens]` (summed over the probed rows and every head).
     pub attention: Vec<Tensor>,
 }
 
@@ -64,15 +65,21 @@ pub struct Model {
 
 /// How one forward call attends (chosen once per call, used by every layer).
 enum LayerAttention {
-    /// Materialised scores per query block, over keys rotated by `k_tables`.
+    /// Materialised scores per query block, over keys rotated by `k_tables`; a probe's
+    /// probabilities summed to `[keys]` when `summed`.
     Reference {
         plan: AttentionPlan,
         q_tables: RopeTables,
         k_tables: RopeTables,
+        summed: bool,
     },
-    /// The fused kernel, rotating pre-RoPE Q and K as it loads them.
+    /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
+    /// the probabilities per key when `summed` (a summed probe of every row).
     #[cfg(feature = "gpu")]
-    Fused(crate::kernels::FusedAttention),
+    Fused {
+        kernel: crate::kernels::FusedAttention,
+        summed: bool,
+    },
 }
 
 impl Model {
@@ -191,6 +198,36 @@ impl Model {
         k_pos: &[u32],
         kernel: AttentionKernel,
     ) -> Result<Tensor> {
+        Ok(self.attention_with(q, k, v, q_pos, k_pos, kernel, false)?.0)
+    }
+
+    /// [`Model::attention`] and each key's probability summed over every query and head,
+    /// `[t]` f32 (a summed probe of every row, as query-aware blend asks for).
+    pub fn attention_column_sums(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        kernel: AttentionKernel,
+    ) -> Result<(Tensor, Tensor)> {
+        let (out, sums) = self.attention_with(q, k, v, q_pos, k_pos, kernel, true)?;
+        let sums = sums.ok_or_else(|| invalid_input("no column sums came back"))?;
+        Ok((out, sums))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        kernel: AttentionKernel,
+        summed: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.config;
         let (n, h, d) = q.dims3()?;
         if (h, d) != (c.num_heads, c.head_dim) || n != q_pos.len() {
@@ -215,10 +252,10 @@ impl Model {
         {
             return Err(invalid_input(format!("fused attention unavailable: {why}")));
         }
-        let how = self.layer_attention(q_pos, k_pos, None, kernel)?;
+        let probe = summed.then(|| ProbeRequest::summed_over_all(n));
+        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel)?;
         let q2 = q.reshape((n, h * d))?;
-        let (out, _) = self.attend_layer(&how, &q2, k, v)?;
-        Ok(out)
+        self.attend_layer(&how, &q2, k, v)
     }
 
     /// Chooses and prepares the attention of one forward call.
@@ -239,8 +276,10 @@ impl Model {
                 context: c.context_length,
             });
         }
-        // Probes need the probabilities, which only the reference materialises.
-        let fused = probe.is_none()
+        // Per-row probes need the probabilities, which only the reference materialises; a
+        // summed probe of every row has its own kernels.
+        let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
+        let fused = (probe.is_none() || summed)
             && match kernel {
                 AttentionKernel::Reference => false,
                 AttentionKernel::Auto if self.device.is_cpu() => false,
@@ -256,7 +295,7 @@ impl Model {
             };
         #[cfg(feature = "gpu")]
         if fused {
-            return Ok(LayerAttention::Fused(crate::kernels::FusedAttention::new(
+            let kernel = crate::kernels::FusedAttention::new(
                 q_pos,
                 k_pos,
                 self.rope_tables.cos(),
@@ -265,7 +304,8 @@ impl Model {
                 c.num_kv_heads,
                 c.head_dim,
                 &self.device,
-            )?));
+            )?;
+            return Ok(LayerAttention::Fused { kernel, summed });
         }
         debug_assert!(!fused || !cfg!(feature = "gpu"));
         Ok(LayerAttention::Reference {
@@ -280,6 +320,7 @@ impl Model {
             )?,
             q_tables: self.tables(q_pos)?,
             k_tables: self.tables(k_pos)?,
+            summed: probe.is_some_and(|p| p.summed),
         })
     }
 
@@ -307,16 +348,30 @@ impl Model {
                 plan,
                 q_tables,
                 k_tables,
+                summed,
             } => {
                 let c = &self.config;
                 let n = q.dims()[0];
                 let q = q.reshape((n, c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
                 let k_rot = k_tables.apply(k)?;
-                attend(plan, &q_rot, &k_rot, v)
+                let (out, probs) = attend(plan, &q_rot, &k_rot, v)?;
+                let probs = match probs {
+                    Some(p) if *summed => Some(p.flatten_to(2)?.sum(0)?),
+                    p => p,
+                };
+                Ok((out, probs))
             }
             #[cfg(feature = "gpu")]
-            LayerAttention::Fused(f) => Ok((f.attend(q, k, v)?, None)),
+            LayerAttention::Fused { kernel, summed } => {
+                let out = kernel.attend(q, k, v)?;
+                let sums = if *summed {
+                    Some(kernel.column_sums(q, k)?)
+                } else {
+                    None
+                };
+                Ok((out, sums))
+            }
         }
     }
 

@@ -142,9 +142,7 @@ fn attention_probe_rows_are_distributions() {
     let toks: Vec<u32> = (0..33).map(|i| (i * 7 % 512) as u32).collect();
     let n = toks.len();
     let mut cache = m.model.empty_cache().unwrap();
-    let probe = ProbeRequest {
-        rows: vec![n - 1, 3],
-    };
+    let probe = ProbeRequest::rows(vec![n - 1, 3]);
     let layers = m.model.config().num_layers;
     let out = m
         .model
@@ -181,5 +179,43 @@ fn attention_probe_rows_are_distributions() {
             .to_vec1::<f32>()
             .unwrap();
         assert!(row3[4..].iter().all(|&p| p == 0.0));
+    }
+}
+
+/// The summed probe (what query-aware blend ranks by) is the per-row probabilities summed
+/// over rows and heads: every (row, head) contributes one unit, and no key past the last
+/// query's position receives any.
+#[test]
+fn column_sums_add_up_the_probabilities() {
+    use kvquilt_model::{AttentionKernel, Device};
+    let m = common::tiny("qwen2");
+    let c = m.model.config().clone();
+    let dev = Device::Cpu;
+    let kp: Vec<u32> = vec![0, 1, 2, 5, 6, 7, 9, 10, 11, 12];
+    let qp: Vec<u32> = vec![2, 6, 7];
+    let q = Tensor::randn(0f32, 1.0, (qp.len(), c.num_heads, c.head_dim), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (kp.len(), c.num_kv_heads, c.head_dim), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (kp.len(), c.num_kv_heads, c.head_dim), &dev).unwrap();
+    let (out, sums) = m
+        .model
+        .attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)
+        .unwrap();
+    let plain = m
+        .model
+        .attention(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)
+        .unwrap();
+    assert!(max_diff(&out, &plain).0 < 1e-6);
+    let sums = sums.to_vec1::<f32>().unwrap();
+    assert_eq!(sums.len(), kp.len());
+    let total: f32 = sums.iter().sum();
+    assert!(
+        (total - (qp.len() * c.num_heads) as f32).abs() < 1e-3,
+        "{total}"
+    );
+    for (j, s) in sums.iter().enumerate() {
+        assert!(*s >= 0.0);
+        if kp[j] > 7 {
+            assert_eq!(*s, 0.0, "key at {} is past every query", kp[j]);
+        }
     }
 }

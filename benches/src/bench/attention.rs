@@ -56,6 +56,9 @@ struct CaseReport {
     fused_mean_err: f32,
     reference_bf16_mean_err: f32,
     deterministic: bool,
+    /// Each key's probability summed over queries and heads (query-aware blend's signal):
+    /// max |fused - reference(f32)| over max |reference|.
+    column_sums_max_rel_err: f32,
     pass: bool,
 }
 
@@ -253,7 +256,19 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
         };
         let (fmax, fmean) = err(&fused)?;
         let (rmax, rmean) = err(&ref16)?;
+        let (_, sums_ref) =
+            m32.attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)?;
+        let (_, sums) =
+            m16.attention_column_sums(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)?;
+        let scale = sums_ref
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            .max(f32::MIN_POSITIVE);
+        let sums_err = (sums - &sums_ref)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
         let pass = fmax.is_finite()
+            && sums_err.is_finite()
+            && sums_err <= 2e-2
             && fmean.is_finite()
             && fmax <= 2.0 * rmax + 1e-3
             && fmean <= 2.0 * rmean + 1e-4
@@ -263,7 +278,7 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
             if holes { " holes" } else { "" }
         );
         eprintln!(
-            "{} {case}: fused max {fmax:.2e} mean {fmean:.2e} | reference bf16 max {rmax:.2e} mean {rmean:.2e}",
+            "{} {case}: fused max {fmax:.2e} mean {fmean:.2e} | reference bf16 max {rmax:.2e} mean {rmean:.2e} | column sums {sums_err:.1e}",
             if pass { "ok  " } else { "FAIL" }
         );
         out.push(CaseReport {
@@ -275,6 +290,7 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
             fused_mean_err: fmean,
             reference_bf16_mean_err: rmean,
             deterministic,
+            column_sums_max_rel_err: sums_err,
             pass,
         });
     }

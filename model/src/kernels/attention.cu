@@ -418,6 +418,97 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
   out[static_cast<size_t>(row) * D + d] = Elem<T>::from_float(den > 0.f ? num / den : 0.f);
 }
 
+// Query-aware scoring (blend's suffix pass) needs, per key, the attention probability summed
+// over the probed query rows and all heads. Two small SIMT kernels over rotated Q and K
+// (rope_rows outputs, packed): attn_lse gives each (row, head) its log2-sum-exp2 of scaled
+// scores over the keys it sees; attn_colsum adds exp2(s - lse) for each key.
+
+// One warp per (row, head); lanes stride over the visible keys.
+template <typename T, int D>
+__device__ __forceinline__ void attn_lse(const T *__restrict__ q_rot, const T *__restrict__ k_rot,
+                                         const uint32_t *__restrict__ q_pos,
+                                         const uint32_t *__restrict__ k_pos,
+                                         float *__restrict__ lse, int n, int t, int H, int kvh,
+                                         float scale_log2) {
+  const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  if (w >= n * H) return;
+  const int r = w / H, h = w % H, kh = h / (H / kvh);
+  const int visible = count_le(k_pos, t, q_pos[r]);
+  const T *qr = q_rot + static_cast<size_t>(w) * D;
+  float m = NEG_INF, l = 0.f;
+  for (int j = lane; j < visible; j += 32) {
+    const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D;
+    float s = 0.f;
+#pragma unroll 8
+    for (int x = 0; x < D; ++x) s += Elem<T>::to_float(qr[x]) * Elem<T>::to_float(kr[x]);
+    s *= scale_log2;
+    const float m_new = fmaxf(m, s);
+    l = l * exp2f(m - m_new) + exp2f(s - m_new);
+    m = m_new;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l2 = __shfl_xor_sync(0xffffffffu, l, off);
+    const float m_new = fmaxf(m, m2);
+    if (m_new != NEG_INF) {
+      l = l * exp2f(m - m_new) + l2 * exp2f(m2 - m_new);
+      m = m_new;
+    }
+  }
+  if (lane == 0) lse[w] = m + log2f(l);
+}
+
+// One thread per (key, KV head): acc[key] += sum over rows that see it and the group's heads
+// of exp2(scaled score - lse).
+template <typename T, int D>
+__device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
+                                            const T *__restrict__ k_rot,
+                                            const uint32_t *__restrict__ q_pos,
+                                            const uint32_t *__restrict__ k_pos,
+                                            const float *__restrict__ lse, float *__restrict__ acc,
+                                            int n, int t, int H, int kvh, float scale_log2) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x, kh = blockIdx.y;
+  if (j >= t) return;
+  const int G = H / kvh;
+  float kf[D];
+  const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D;
+#pragma unroll
+  for (int x = 0; x < D; ++x) kf[x] = Elem<T>::to_float(kr[x]);
+  const uint32_t kp = k_pos[j];
+  float sum = 0.f;
+  for (int r = 0; r < n; ++r) {
+    if (q_pos[r] < kp) continue;
+    for (int g = 0; g < G; ++g) {
+      const int h = kh * G + g;
+      const T *qr = q_rot + (static_cast<size_t>(r) * H + h) * D;
+      float s = 0.f;
+#pragma unroll
+      for (int x = 0; x < D; ++x) s += Elem<T>::to_float(qr[x]) * kf[x];
+      sum += exp2f(s * scale_log2 - lse[r * H + h]);
+    }
+  }
+  atomicAdd(acc + j, sum);
+}
+
+#define COLSUM_ENTRY(T, SUF, D)                                                                  \
+  extern "C" __global__ void attn_lse_##SUF##_d##D(const T *q_rot, const T *k_rot,              \
+                                                   const uint32_t *q_pos, const uint32_t *k_pos, \
+                                                   float *lse, int n, int t, int H, int kvh,     \
+                                                   float scale_log2) {                           \
+    attn_lse<T, D>(q_rot, k_rot, q_pos, k_pos, lse, n, t, H, kvh, scale_log2);                  \
+  }                                                                                              \
+  extern "C" __global__ void attn_colsum_##SUF##_d##D(                                           \
+      const T *q_rot, const T *k_rot, const uint32_t *q_pos, const uint32_t *k_pos,             \
+      const float *lse, float *acc, int n, int t, int H, int kvh, float scale_log2) {           \
+    attn_colsum<T, D>(q_rot, k_rot, q_pos, k_pos, lse, acc, n, t, H, kvh, scale_log2);          \
+  }
+
+COLSUM_ENTRY(__nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(__nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(__half, f16, 64)
+COLSUM_ENTRY(__half, f16, 128)
+
 #define ATTN_ENTRY(NAME, T, D, ROT_K)                                                            \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \
       const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \

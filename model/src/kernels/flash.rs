@@ -3,10 +3,13 @@
 //! positions and reused by every layer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape,
+    Storage, Tensor,
 };
 
 use crate::error::{Result, invalid_input};
@@ -23,6 +26,28 @@ const ROTATE_FIRST_TILES: usize = 4;
 
 /// Head dims the kernel is compiled for.
 const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// The positions and tables of a call as device views: (q_pos, k_pos, cos, sin).
+macro_rules! call_views {
+    ($self:ident, $t:ty, $qp:ident, $kp:ident, $cos:ident, $sin:ident) => {
+        let (qp_guard, qp_l) = $self.q_pos.storage_and_layout();
+        let (kp_guard, kp_l) = $self.k_pos.storage_and_layout();
+        let (cos_guard, cos_l) = $self.cos.storage_and_layout();
+        let (sin_guard, sin_l) = $self.sin.storage_and_layout();
+        let $qp = cuda(&qp_guard)?
+            .as_cuda_slice::<u32>()?
+            .slice(qp_l.start_offset()..);
+        let $kp = cuda(&kp_guard)?
+            .as_cuda_slice::<u32>()?
+            .slice(kp_l.start_offset()..);
+        let $cos = cuda(&cos_guard)?
+            .as_cuda_slice::<$t>()?
+            .slice(cos_l.start_offset()..);
+        let $sin = cuda(&sin_guard)?
+            .as_cuda_slice::<$t>()?
+            .slice(sin_l.start_offset()..);
+    };
+}
 
 /// Fused attention for one forward call: the positions on the device and the RoPE tables.
 #[derive(Debug)]
@@ -141,22 +166,7 @@ impl FusedAttention {
         let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
         let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
         let vs = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
-        let (qp_guard, qp_l) = self.q_pos.storage_and_layout();
-        let (kp_guard, kp_l) = self.k_pos.storage_and_layout();
-        let (cos_guard, cos_l) = self.cos.storage_and_layout();
-        let (sin_guard, sin_l) = self.sin.storage_and_layout();
-        let qp = cuda(&qp_guard)?
-            .as_cuda_slice::<u32>()?
-            .slice(qp_l.start_offset()..);
-        let kp = cuda(&kp_guard)?
-            .as_cuda_slice::<u32>()?
-            .slice(kp_l.start_offset()..);
-        let cos = cuda(&cos_guard)?
-            .as_cuda_slice::<T>()?
-            .slice(cos_l.start_offset()..);
-        let sin = cuda(&sin_guard)?
-            .as_cuda_slice::<T>()?
-            .slice(sin_l.start_offset()..);
+        call_views!(self, T, qp, kp, cos, sin);
 
         let group = h / kvh;
         let q_tiles = n.div_ceil(BM / group);
@@ -176,30 +186,9 @@ impl FusedAttention {
 
         // K rotated once for the call, or rotated per tile by the kernel
         let rotated = if self.rotate_first {
-            // SAFETY: rope_rows writes all t * kvh * d elements (grid-stride loop).
-            let out = unsafe { dev.alloc::<T>(t * kvh * d)? };
-            let (k_stride_i, t_i, kvh_i) = (k_stride as i32, t as i32, kvh as i32);
-            let rope =
-                dev.get_or_load_custom_func(&format!("rope_rows_{suffix}_d{d}"), MODULE, PTX)?;
-            let mut b = rope.builder();
-            b.arg(&ks);
-            b.arg(&k_stride_i);
-            b.arg(&kp);
-            b.arg(&cos);
-            b.arg(&sin);
-            b.arg(&out);
-            b.arg(&t_i);
-            b.arg(&kvh_i);
-            let items = t * kvh * d / 16;
-            let cfg = LaunchConfig {
-                grid_dim: (items.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: matches `ROPE_ENTRY` in attention.cu; reads `t` rows of `k_stride`,
-            // positions `t`, tables at positions below the context; writes `out` packed.
-            unsafe { b.launch(cfg) }.w()?;
-            Some(out)
+            Some(rope_rows(
+                dev, suffix, d, &ks, k_stride, &kp, &cos, &sin, t, kvh,
+            )?)
         } else {
             None
         };
@@ -260,6 +249,175 @@ impl FusedAttention {
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+/// `rows` rows of `heads` pre-RoPE vectors (row stride `stride`) rotated to `pos`, packed
+/// `[rows, heads, d]`.
+#[allow(clippy::too_many_arguments)]
+fn rope_rows<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    suffix: &str,
+    d: usize,
+    src: &CudaView<'_, T>,
+    stride: usize,
+    pos: &CudaView<'_, u32>,
+    cos: &CudaView<'_, T>,
+    sin: &CudaView<'_, T>,
+    rows: usize,
+    heads: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: rope_rows writes all rows * heads * d elements (grid-stride loop).
+    let out = unsafe { dev.alloc::<T>(rows * heads * d)? };
+    let (stride_i, rows_i, heads_i) = (stride as i32, rows as i32, heads as i32);
+    let rope = dev.get_or_load_custom_func(&format!("rope_rows_{suffix}_d{d}"), MODULE, PTX)?;
+    let mut b = rope.builder();
+    b.arg(src);
+    b.arg(&stride_i);
+    b.arg(pos);
+    b.arg(cos);
+    b.arg(sin);
+    b.arg(&out);
+    b.arg(&rows_i);
+    b.arg(&heads_i);
+    let items = rows * heads * d / 16;
+    let cfg = LaunchConfig {
+        grid_dim: (items.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `ROPE_ENTRY` in attention.cu; reads `rows` rows of `stride` elements,
+    // `rows` positions, tables at positions below the context (checked by the forward
+    // pass); writes `out` packed.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+impl FusedAttention {
+    /// Each key's attention probability summed over every query row and head, `[t]` f32,
+    /// for pre-RoPE `q` `[n, num_heads * head_dim]` (strided rows allowed) and `k`
+    /// `[t, kv_heads, head_dim]`: what query-aware blend ranks tokens by, without
+    /// materialising the probabilities.
+    pub(crate) fn column_sums(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let k = contiguous_rows(k)?;
+        Ok(q.apply_op2_no_bwd(&k, &ColumnSums(self))?)
+    }
+
+    fn launch_column_sums<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        (q, lq): (&CudaStorage, &Layout),
+        (k, lk): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let (n, t, h, kvh, d) = (
+            self.num_queries,
+            self.num_keys,
+            self.num_heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        let q_stride = row_stride(lq, &[n, h * d], "q")?;
+        let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
+        if [lq.start_offset(), lk.start_offset(), q_stride, k_stride]
+            .iter()
+            .any(|s| !s.is_multiple_of(8))
+        {
+            candle_core::bail!("column sums: q/k offsets and strides must be multiples of 8");
+        }
+        let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
+        let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+        call_views!(self, T, qp, kp, cos, sin);
+        let q_rot = rope_rows(dev, suffix, d, &qs, q_stride, &qp, &cos, &sin, n, h)?;
+        let k_rot = rope_rows(dev, suffix, d, &ks, k_stride, &kp, &cos, &sin, t, kvh)?;
+        // SAFETY: attn_lse writes one value per (row, head).
+        let lse = unsafe { dev.alloc::<f32>(n * h)? };
+        let acc = dev.alloc_zeros::<f32>(t)?;
+        let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
+
+        let f = dev.get_or_load_custom_func(&format!("attn_lse_{suffix}_d{d}"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&q_rot);
+        b.arg(&k_rot);
+        b.arg(&qp);
+        b.arg(&kp);
+        b.arg(&lse);
+        b.arg(&n_i);
+        b.arg(&t_i);
+        b.arg(&h_i);
+        b.arg(&kvh_i);
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * h * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `COLSUM_ENTRY`'s attn_lse; packed q_rot [n, h, d], k_rot [t, kvh, d],
+        // positions n / t, lse n * h.
+        unsafe { b.launch(cfg) }.w()?;
+
+        let f = dev.get_or_load_custom_func(&format!("attn_colsum_{suffix}_d{d}"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&q_rot);
+        b.arg(&k_rot);
+        b.arg(&qp);
+        b.arg(&kp);
+        b.arg(&lse);
+        b.arg(&acc);
+        b.arg(&n_i);
+        b.arg(&t_i);
+        b.arg(&h_i);
+        b.arg(&kvh_i);
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(128) as u32, kvh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `COLSUM_ENTRY`'s attn_colsum; as above, acc has t entries.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(acc, dev.clone()))
+    }
+}
+
+/// [`FusedAttention::column_sums`] as a candle op over (q, k).
+struct ColumnSums<'a>(&'a FusedAttention);
+
+impl CustomOp2 for ColumnSums<'_> {
+    fn name(&self) -> &'static str {
+        "kvquilt-attention-column-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention column sums run on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = q.device().clone();
+        let out = match q.dtype() {
+            DType::BF16 => {
+                self.0
+                    .launch_column_sums::<half::bf16>(&dev, (q, lq), (k, lk), "bf16")?
+            }
+            DType::F16 => self
+                .0
+                .launch_column_sums::<half::f16>(&dev, (q, lq), (k, lk), "f16")?,
+            other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
+        };
+        Ok((out, Shape::from(self.0.num_keys)))
     }
 }
 
