@@ -128,7 +128,7 @@ mod ring {
             if let Some(done) = slot.copied.take() {
                 done.synchronize().w()?;
             }
-            if !slot.buf.as_ref().is_some_and(|b| b.len() >= bytes.len()) {
+            if slot.buf.as_ref().is_none_or(|b| b.len() < bytes.len()) {
                 slot.buf = None; // free the smaller buffer first
                 // SAFETY: the buffer is written below before any copy reads it.
                 let fresh = unsafe {
