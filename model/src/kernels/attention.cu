@@ -423,36 +423,44 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // (rope_rows outputs, packed): attn_lse gives each (row, head) its log2-sum-exp2 of scaled
 // scores over the keys it sees; attn_colsum adds exp2(s - lse) for each key.
 
-// One warp per (row, head); lanes stride over the visible keys.
+// One warp per (row, head); the lanes split each key's dot product (D / 32 dimensions each,
+// coalesced) and walk the visible keys together, four at a time.
 template <typename T, int D>
 __device__ __forceinline__ void attn_lse(const T *__restrict__ q_rot, const T *__restrict__ k_rot,
                                          const uint32_t *__restrict__ q_pos,
                                          const uint32_t *__restrict__ k_pos,
                                          float *__restrict__ lse, int n, int t, int H, int kvh,
                                          float scale_log2) {
+  constexpr int PER = D / 32;
   const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (w >= n * H) return;
   const int r = w / H, h = w % H, kh = h / (H / kvh);
   const int visible = count_le(k_pos, t, q_pos[r]);
-  const T *qr = q_rot + static_cast<size_t>(w) * D;
-  float m = NEG_INF, l = 0.f;
-  for (int j = lane; j < visible; j += 32) {
-    const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D;
-    float s = 0.f;
-#pragma unroll 8
-    for (int x = 0; x < D; ++x) s += Elem<T>::to_float(qr[x]) * Elem<T>::to_float(kr[x]);
-    s *= scale_log2;
-    const float m_new = fmaxf(m, s);
-    l = l * exp2f(m - m_new) + exp2f(s - m_new);
-    m = m_new;
-  }
+  float qf[PER];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l2 = __shfl_xor_sync(0xffffffffu, l, off);
-    const float m_new = fmaxf(m, m2);
-    if (m_new != NEG_INF) {
-      l = l * exp2f(m - m_new) + l2 * exp2f(m2 - m_new);
+  for (int x = 0; x < PER; ++x)
+    qf[x] = Elem<T>::to_float(q_rot[static_cast<size_t>(w) * D + lane * PER + x]) * scale_log2;
+  float m = NEG_INF, l = 0.f;
+  for (int j0 = 0; j0 < visible; j0 += 4) {
+    float s[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = min(j0 + u, visible - 1);
+      const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D + lane * PER;
+      float acc = 0.f;
+#pragma unroll
+      for (int x = 0; x < PER; ++x) acc += qf[x] * Elem<T>::to_float(kr[x]);
+      s[u] = acc;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (j0 + u >= visible) break;
+      const float m_new = fmaxf(m, s[u]);
+      l = l * exp2f(m - m_new) + exp2f(s[u] - m_new);
       m = m_new;
     }
   }
