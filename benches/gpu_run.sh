@@ -42,7 +42,7 @@ case "${1:-perf}" in
   gpu-path)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     # the kernel's test (exit status 1 on a mismatch) and its timings
-    "$bench" attention --check --shapes prefill4096,prefill8192,blend5216r15,decode4096 \
+    "$bench" attention --check --shapes prefill4096,prefill8192,blend5216r15,decode4096,suffix5216 \
       --json "$OUT/attention.json" 2>&1 | grep -v '^ok ' || echo "attention: check FAILED"
     # Llama-3.1-8B shape: prefill and decode, reference vs fused attention, beside HF
     for k in reference fused; do

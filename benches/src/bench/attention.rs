@@ -72,6 +72,10 @@ struct TimingReport {
     speedup: f64,
     /// Useful FLOPs (4 · head_dim · heads · visible keys per query) per second of the fused run.
     fused_tflops: f64,
+    /// Attention plus each key's probability summed over queries and heads (query-aware
+    /// blend's suffix pass): reference (materialised) and fused (attn_lse + attn_colsum).
+    reference_column_sums_ms: f64,
+    fused_column_sums_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -307,6 +311,10 @@ fn shape_positions(shape: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let kp = kvquilt_model::positions(0, num(n)?);
         return Ok((kp.clone(), kp));
     }
+    if let Some(n) = shape.strip_prefix("suffix") {
+        let kp = kvquilt_model::positions(0, num(n)?);
+        return Ok((kp[kp.len().saturating_sub(32)..].to_vec(), kp));
+    }
     if let Some(n) = shape.strip_prefix("decode") {
         let kp = kvquilt_model::positions(0, num(n)? + 1);
         return Ok((vec![*kp.last().unwrap_or(&0)], kp));
@@ -326,7 +334,7 @@ fn shape_positions(shape: &str) -> Result<(Vec<u32>, Vec<u32>)> {
             .collect();
         return Ok((qp, kp));
     }
-    bail!("unknown shape `{shape}` (prefillN, decodeN or blendNrP)")
+    bail!("unknown shape `{shape}` (prefillN, decodeN, suffixN or blendNrP)")
 }
 
 fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingReport> {
@@ -337,12 +345,16 @@ fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingRepo
     let q = Tensor::randn(0f32, 1.0, (n, h, d), device)?.to_dtype(DType::BF16)?;
     let k = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
     let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
-    let time = |kernel: AttentionKernel| -> Result<f64> {
+    let time = |kernel: AttentionKernel, sums: bool| -> Result<f64> {
         let mut runs = Vec::new();
         for i in 0..=repeats.max(1) {
             device.synchronize()?;
             let start = Instant::now();
-            m.attention(&q, &k, &v, &qp, &kp, kernel)?;
+            if sums {
+                m.attention_column_sums(&q, &k, &v, &qp, &kp, kernel)?;
+            } else {
+                m.attention(&q, &k, &v, &qp, &kp, kernel)?;
+            }
             device.synchronize()?;
             if i > 0 {
                 runs.push(start.elapsed().as_secs_f64() * 1e3);
@@ -350,8 +362,10 @@ fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingRepo
         }
         Ok(median(&runs))
     };
-    let reference_ms = time(AttentionKernel::Reference)?;
-    let fused_ms = time(AttentionKernel::Fused)?;
+    let reference_ms = time(AttentionKernel::Reference, false)?;
+    let fused_ms = time(AttentionKernel::Fused, false)?;
+    let reference_column_sums_ms = time(AttentionKernel::Reference, true)?;
+    let fused_column_sums_ms = time(AttentionKernel::Fused, true)?;
     let visible: usize = qp.iter().map(|&p| kp.partition_point(|&k| k <= p)).sum();
     let flops = 4.0 * (d * h) as f64 * visible as f64;
     let r = TimingReport {
@@ -362,10 +376,17 @@ fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingRepo
         fused_ms,
         speedup: reference_ms / fused_ms,
         fused_tflops: flops / (fused_ms * 1e-3) / 1e12,
+        reference_column_sums_ms,
+        fused_column_sums_ms,
     };
     eprintln!(
-        "{shape}: reference {:.3} ms, fused {:.3} ms ({:.1}x, {:.0} TFLOP/s)",
-        r.reference_ms, r.fused_ms, r.speedup, r.fused_tflops
+        "{shape}: reference {:.3} ms, fused {:.3} ms ({:.1}x, {:.0} TFLOP/s); with column sums: reference {:.3} ms, fused {:.3} ms",
+        r.reference_ms,
+        r.fused_ms,
+        r.speedup,
+        r.fused_tflops,
+        r.reference_column_sums_ms,
+        r.fused_column_sums_ms
     );
     Ok(r)
 }

@@ -467,8 +467,8 @@ __device__ __forceinline__ void attn_lse(const T *__restrict__ q_rot, const T *_
   if (lane == 0) lse[w] = m + log2f(l);
 }
 
-// One thread per (key, KV head): acc[key] += sum over rows that see it and the group's heads
-// of exp2(scaled score - lse).
+// One thread per (key, head): acc[key] += sum over the rows that see the key of
+// exp2(scaled score - lse); four partial dot products keep the FMA pipes busy.
 template <typename T, int D>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
                                             const T *__restrict__ k_rot,
@@ -476,25 +476,27 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
                                             const uint32_t *__restrict__ k_pos,
                                             const float *__restrict__ lse, float *__restrict__ acc,
                                             int n, int t, int H, int kvh, float scale_log2) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x, kh = blockIdx.y;
+  const int j = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y;
   if (j >= t) return;
-  const int G = H / kvh;
+  const int kh = h / (H / kvh);
   float kf[D];
   const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D;
 #pragma unroll
-  for (int x = 0; x < D; ++x) kf[x] = Elem<T>::to_float(kr[x]);
+  for (int x = 0; x < D; ++x) kf[x] = Elem<T>::to_float(kr[x]) * scale_log2;
   const uint32_t kp = k_pos[j];
   float sum = 0.f;
   for (int r = 0; r < n; ++r) {
     if (q_pos[r] < kp) continue;
-    for (int g = 0; g < G; ++g) {
-      const int h = kh * G + g;
-      const T *qr = q_rot + (static_cast<size_t>(r) * H + h) * D;
-      float s = 0.f;
+    const T *qr = q_rot + (static_cast<size_t>(r) * H + h) * D;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
-      for (int x = 0; x < D; ++x) s += Elem<T>::to_float(qr[x]) * kf[x];
-      sum += exp2f(s * scale_log2 - lse[r * H + h]);
+    for (int x = 0; x < D; x += 4) {
+      s0 += Elem<T>::to_float(qr[x]) * kf[x];
+      s1 += Elem<T>::to_float(qr[x + 1]) * kf[x + 1];
+      s2 += Elem<T>::to_float(qr[x + 2]) * kf[x + 2];
+      s3 += Elem<T>::to_float(qr[x + 3]) * kf[x + 3];
     }
+    sum += exp2f((s0 + s1) + (s2 + s3) - lse[r * H + h]);
   }
   atomicAdd(acc + j, sum);
 }

@@ -371,11 +371,12 @@ impl FusedAttention {
         b.arg(&kvh_i);
         b.arg(&scale_log2);
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(128) as u32, kvh as u32, 1),
+            grid_dim: (t.div_ceil(128) as u32, h as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `COLSUM_ENTRY`'s attn_colsum; as above, acc has t entries.
+        // SAFETY: matches `COLSUM_ENTRY`'s attn_colsum (one thread per key and head); as
+        // above, acc has t entries.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(acc, dev.clone()))
     }
