@@ -148,6 +148,7 @@ impl ChunkCodec {
         let sink = self.encoding().sink_for(tokens);
         if sink.is_empty() {
             model.prefill(tokens, &positions(0, tokens.len()), &mut cache)?;
+            model.device().synchronize()?; // launches return before kernels run
             return Ok((cache, start.elapsed()));
         }
         let all = [sink, tokens].concat();
@@ -155,6 +156,7 @@ impl ChunkCodec {
         let cache = cache
             .narrow(sink.len(), tokens.len())?
             .with_positions(positions(0, tokens.len()))?;
+        model.device().synchronize()?;
         Ok((cache, start.elapsed()))
     }
 

@@ -207,9 +207,17 @@ impl Blender {
     }
 }
 
-/// Milliseconds since `start`.
-fn ms(start: Instant) -> f64 {
-    start.elapsed().as_secs_f64() * 1e3
+/// Time since `start` once `model`'s device has run everything enqueued so far. GPU launches
+/// return before their kernels run, so a timer read without waiting would measure only the
+/// enqueueing: time to first token and the cost model's prefill rates are taken through this.
+pub(crate) fn device_elapsed(model: &Model, start: Instant) -> Result<std::time::Duration> {
+    model.device().synchronize()?;
+    Ok(start.elapsed())
+}
+
+/// Milliseconds since `start`, the device's work included ([`device_elapsed`]).
+fn ms(model: &Model, start: Instant) -> Result<f64> {
+    Ok(device_elapsed(model, start)?.as_secs_f64() * 1e3)
 }
 
 /// `part / whole`, 0 when `whole` is 0.

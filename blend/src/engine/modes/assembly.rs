@@ -106,14 +106,14 @@ impl Assembly<'_> {
         logits: Tensor,
         cache: KvCache,
         recomputed: usize,
-    ) -> BlendOutput {
+    ) -> Result<BlendOutput> {
         let mut stats = self.stats;
-        stats.ttft_ms = ms(start);
+        stats.ttft_ms = ms(&b.model, start)?;
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
         self.sources.make_resident(b, &self.plan.entries);
         let stored = store_back(b, req, self.pending);
-        BlendOutput::new(logits, cache, stats, stored)
+        Ok(BlendOutput::new(logits, cache, stats, stored))
     }
 }
 

@@ -56,7 +56,7 @@ pub(crate) fn run(
         &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock,
     )?;
     let phases = clock.into_inner().finish()?;
-    let mut out = a.finish(b, req, start, r.logits, cache, r.recomputed);
+    let mut out = a.finish(b, req, start, r.logits, cache, r.recomputed)?;
     out.stats.phases = phases;
     Ok(out)
 }

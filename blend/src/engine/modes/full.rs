@@ -9,7 +9,7 @@ use crate::chunk::ChunkCodec;
 use crate::config::Mode;
 use crate::engine::plan::{Origin, Plan, Why};
 use crate::engine::store_back::{Pending, store_back};
-use crate::engine::{Blender, ms};
+use crate::engine::{Blender, device_elapsed, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
@@ -65,11 +65,11 @@ fn prefill_all(
         .model
         .prefill(&tokens, &positions(0, tokens.len()), &mut cache)?;
     b.costs
-        .record_prefill(tokens.len(), t0.elapsed().as_secs_f64());
+        .record_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
     let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
     stats.fell_back_to_full = fell_back;
     stats.recomputed_tokens = tokens.len() - req.suffix.len();
     stats.recompute_fraction = 1.0;
-    stats.ttft_ms = ms(start);
+    stats.ttft_ms = ms(&b.model, start)?;
     Ok((logits, cache, stats))
 }

@@ -10,7 +10,7 @@ use kvquilt_model::{KvCache, positions};
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
 use crate::engine::store_back::{Pending, store_back};
-use crate::engine::{Blender, fraction, ms};
+use crate::engine::{Blender, device_elapsed, fraction, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
@@ -52,7 +52,7 @@ pub(crate) fn run(
     let logits = b
         .model
         .prefill(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
-    stats.ttft_ms = ms(start);
+    stats.ttft_ms = ms(&b.model, start)?;
     stats.recompute_fraction = fraction(stats.recomputed_tokens, at);
     let stored = store_back(b, req, pending);
     Ok(BlendOutput::new(logits, cache, stats, stored))
@@ -96,14 +96,11 @@ fn compute_link(
 ) -> Result<()> {
     let t0 = Instant::now();
     b.model.prefill(seg, &positions(at, seg.len()), cache)?;
-    b.costs
-        .record_prefill(seg.len(), t0.elapsed().as_secs_f64());
+    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
+    b.costs.record_prefill(seg.len(), took);
     let part = cache
         .narrow(at, seg.len())?
         .with_positions(positions(0, seg.len()))?;
-    pending.push(
-        codec.to_object(key, seg, &part)?,
-        t0.elapsed().as_secs_f64(),
-    );
+    pending.push(codec.to_object(key, seg, &part)?, took);
     Ok(())
 }

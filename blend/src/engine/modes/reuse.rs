@@ -41,5 +41,5 @@ pub(crate) fn run(
     })?;
     let last = out.hidden.narrow(0, req.suffix.len() - 1, 1)?;
     let logits = b.model.logits(&last)?.squeeze(0)?;
-    Ok(a.finish(b, req, start, logits, cache, 0))
+    a.finish(b, req, start, logits, cache, 0)
 }
