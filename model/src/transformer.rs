@@ -169,10 +169,11 @@ impl Model {
                 self.dtype
             ));
         }
-        if ![64, 128].contains(&c.head_dim) {
+        if !crate::kernels::HEAD_DIMS.contains(&c.head_dim) {
             return Some(format!(
-                "head dim {} (the kernel has 64 and 128)",
-                c.head_dim
+                "head dim {} (the kernel has {:?})",
+                c.head_dim,
+                crate::kernels::HEAD_DIMS
             ));
         }
         if !c.num_heads.is_multiple_of(c.num_kv_heads) || c.num_heads / c.num_kv_heads > 64 {

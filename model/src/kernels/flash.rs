@@ -24,8 +24,7 @@ const TARGET_CTAS: usize = 264;
 /// From this many query tiles on, K is rotated once per call instead of per tile.
 const ROTATE_FIRST_TILES: usize = 4;
 
-/// Head dims the kernel is compiled for.
-const HEAD_DIMS: [usize; 2] = [64, 128];
+use super::HEAD_DIMS;
 
 /// The positions and tables of a call as device views: (q_pos, k_pos, cos, sin).
 macro_rules! call_views {

@@ -6,6 +6,9 @@
 //! Without the feature this module is empty and the forward pass uses the reference
 //! attention (`crate::attention`) and candle's ops.
 
+/// Head dims the attention kernels are compiled for (`ATTN_ENTRY` in `attention.cu`).
+pub(crate) const HEAD_DIMS: [usize; 2] = [64, 128];
+
 #[cfg(feature = "gpu")]
 mod flash;
 #[cfg(feature = "gpu")]
