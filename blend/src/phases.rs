@@ -67,3 +67,25 @@ impl PhaseClock {
         Ok(self.spent)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_off_clock_records_nothing_and_an_on_clock_sums_each_phase() -> Result<()> {
+        let mut off = PhaseClock::new(false, &Device::Cpu, "a");
+        assert_eq!(off.enter("b")?, "a");
+        assert!(off.finish()?.is_empty());
+
+        let mut on = PhaseClock::new(true, &Device::Cpu, "a");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(on.enter("b")?, "a");
+        on.enter("a")?; // a second visit adds to the first entry
+        let spent = on.finish()?;
+        let names: Vec<&str> = spent.iter().map(|p| p.phase).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(spent[0].ms >= 2.0, "{spent:?}");
+        Ok(())
+    }
+}

@@ -159,6 +159,34 @@ fn blend_at_ratio_one_equals_full() {
             let out = b.run(b"", &with_mode(&r, Mode::Blend(cfg))).unwrap();
             assert_close(&out.logits, &want, 1e-4, "query-aware");
         }
+        // timing the phases changes nothing but the stats
+        let timed = BlendRequest {
+            time_phases: true,
+            ..with_mode(&r, Mode::Blend(BlendConfig::default()))
+        };
+        let out = b.run(b"", &timed).unwrap();
+        let untimed = b
+            .run(
+                b"",
+                &BlendRequest {
+                    time_phases: false,
+                    ..timed.clone()
+                },
+            )
+            .unwrap();
+        assert_eq!(vec1(&out.logits), vec1(&untimed.logits));
+        assert!(untimed.stats.phases.is_empty());
+        let phases: Vec<&str> = out.stats.phases.iter().map(|p| p.phase).collect();
+        for want in [
+            "assemble",
+            "query pass",
+            "layers before check",
+            "check layer",
+            "recompute layers",
+            "head",
+        ] {
+            assert!(phases.contains(&want), "{want} missing from {phases:?}");
+        }
     }
 }
 
