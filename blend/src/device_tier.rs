@@ -34,6 +34,8 @@ pub struct DeviceTier {
     index: Arc<TierIndex>,
     chunks: RwLock<HashMap<ChunkKey, DeviceChunk>>,
     stats: TierStats,
+    /// The store's pins (also inside `index`), for [`DeviceTier::shed`].
+    pins: Pins,
 }
 
 impl DeviceTier {
@@ -41,9 +43,10 @@ impl DeviceTier {
     /// store's, so a pinned chunk stays resident here too).
     pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
         Self {
-            index: Arc::new(TierIndex::new("gpu", capacity, policy, pins)),
+            index: Arc::new(TierIndex::new("gpu", capacity, policy, pins.clone())),
             chunks: RwLock::new(HashMap::new()),
             stats: TierStats::default(),
+            pins,
         }
     }
 
@@ -100,6 +103,16 @@ impl DeviceTier {
             TierStats::add(&self.stats.removes, 1);
         }
         removed
+    }
+
+    /// Drops every resident chunk that carries no pin (after the device ran out of memory, so
+    /// the next request finds room); returns how many were dropped. Requests still using one
+    /// keep it alive until they finish.
+    pub fn shed(&self) -> usize {
+        let keys: Vec<ChunkKey> = self.chunks.read().keys().copied().collect();
+        keys.iter()
+            .filter(|k| self.pins.get(k).is_none() && self.remove(k))
+            .count()
     }
 
     /// The tier's statistics (named `gpu`), with its used and total capacity in bytes.
@@ -165,5 +178,22 @@ mod tests {
         assert!(tier.put(key(1), chunk(10, 2), 1.0));
         assert!(!tier.put(key(2), chunk(10, 2), 1.0));
         assert!(tier.contains(&key(1)));
+    }
+
+    #[test]
+    fn shedding_keeps_only_pinned_chunks() {
+        let pins = Pins::default();
+        pins.set(key(1), kvquilt_kvstore::Pin::Hard);
+        let tier = DeviceTier::new(1 << 20, PolicyKind::Lru, pins);
+        for k in 1..=3 {
+            assert!(tier.put(key(k), chunk(10, 2), 1.0));
+        }
+        assert_eq!(tier.shed(), 2);
+        assert!(tier.contains(&key(1)));
+        assert!(!tier.contains(&key(2)) && !tier.contains(&key(3)));
+        assert_eq!(
+            tier.stats().used_bytes,
+            chunk_bytes(&Arc::new(chunk(10, 2)))
+        );
     }
 }

@@ -36,6 +36,13 @@ pub(crate) fn invalid(msg: impl Into<String>) -> BlendError {
     BlendError::Invalid(msg.into())
 }
 
+impl BlendError {
+    /// Whether the model's device ran out of memory ([`ModelError::is_out_of_device_memory`]).
+    pub fn is_out_of_device_memory(&self) -> bool {
+        matches!(self, Self::Model(m) if m.is_out_of_device_memory())
+    }
+}
+
 impl From<kvquilt_model::CandleError> for BlendError {
     fn from(e: kvquilt_model::CandleError) -> Self {
         BlendError::Model(ModelError::from(e))

@@ -61,9 +61,40 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+impl ModelError {
+    /// Whether the device ran out of memory (a CUDA allocation or cuBLAS workspace failed):
+    /// transient, worth a retry once memory is freed, unlike every other error here.
+    pub fn is_out_of_device_memory(&self) -> bool {
+        match self {
+            Self::Candle(e) => {
+                let msg = e.to_string();
+                msg.contains("OUT_OF_MEMORY") || msg.contains("ALLOC_FAILED")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 pub(crate) fn invalid_input(msg: impl Into<String>) -> ModelError {
     ModelError::InvalidInput(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_out_of_memory_is_told_apart() {
+        // how cudarc reports a failed allocation through candle
+        let oom = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        assert!(ModelError::from(oom).is_out_of_device_memory());
+        let other = candle_core::Error::Msg("shape mismatch".into());
+        assert!(!ModelError::from(other).is_out_of_device_memory());
+        assert!(!invalid_input("out of memory").is_out_of_device_memory());
+    }
 }

@@ -170,10 +170,14 @@ impl Blender {
     }
 
     /// Runs one prompt. See [`Mode`] for what each mode computes.
+    ///
+    /// When the device runs out of memory the request fails (the error says so:
+    /// [`BlendError::is_out_of_device_memory`]) and the device tier sheds its unpinned
+    /// residents, so a retry finds the memory they held.
     pub fn run(&self, namespace: &[u8], req: &BlendRequest) -> Result<BlendOutput> {
         let start = Instant::now();
         self.validate(req)?;
-        match &req.mode {
+        let out = match &req.mode {
             Mode::Full => modes::full::run(self, req, start),
             Mode::Prefix => modes::prefix::run(self, namespace, req, start),
             Mode::Reuse => modes::reuse::run(self, namespace, req, start),
@@ -181,7 +185,15 @@ impl Blender {
                 cfg.validate(self.model.config().num_layers)?;
                 modes::blend::run(self, namespace, req, cfg, start)
             }
+        };
+        if let Err(e) = &out
+            && e.is_out_of_device_memory()
+            && let Some(tier) = &self.device_tier
+        {
+            let shed = tier.shed();
+            tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
         }
+        out
     }
 
     /// Checks what every mode needs: a non-empty suffix, no empty chunk, and a prompt that

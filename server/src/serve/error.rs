@@ -74,6 +74,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -121,6 +127,13 @@ impl From<StoreError> for ApiError {
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         use ModelError as M;
+        if e.is_out_of_device_memory() {
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "device_out_of_memory",
+                format!("the GPU ran out of memory ({e}); resident chunks were released, retry"),
+            );
+        }
         match e {
             M::InvalidInput(_) | M::ContextOverflow { .. } => {
                 Self::bad_request("invalid_request", e.to_string())
@@ -191,5 +204,17 @@ mod tests {
         assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
         let input: ApiError = BlendError::Model(ModelError::InvalidInput("x".into())).into();
         assert_eq!(input.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn device_out_of_memory_is_a_retryable_503() {
+        let oom = kvquilt_model::CandleError::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let api = ApiError::from(BlendError::Model(ModelError::Candle(oom)));
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.code, "device_out_of_memory");
+        let resp = api.into_response();
+        assert_eq!(resp.headers()[axum::http::header::RETRY_AFTER], "1");
     }
 }
