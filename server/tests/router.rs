@@ -503,3 +503,16 @@ async fn the_router_serves_exactly_the_listed_routes() {
         .collect();
     assert_eq!(described, listed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_attention_fallbacks() {
+    let app = TestApp::new(limited());
+    let (status, body) = app.bytes("GET", "/metrics", T, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).expect("utf-8");
+    // on the CPU the reference attention is the choice, not a fallback
+    assert!(
+        text.contains("kvquilt_attention_fallbacks_total 0"),
+        "{text}"
+    );
+}

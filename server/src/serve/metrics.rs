@@ -205,6 +205,13 @@ impl Collector for StoreCollector {
                 |v, m| ConstGauge::new(get(v) as i64).encode(m),
             )?;
         }
+        let fallbacks = encoder.encode_descriptor(
+            "attention_fallbacks",
+            "Forward calls that wanted the fused attention kernel and ran the reference",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.0.model().attention_fallbacks()).encode(fallbacks)?;
         Ok(())
     }
 }
