@@ -162,8 +162,8 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
                                          const uint32_t *__restrict__ k_pos,
                                          const T *__restrict__ cos, const T *__restrict__ sin,
                                          T *__restrict__ out, float *__restrict__ ws_o,
-                                         float *__restrict__ ws_ml, int n, int t, int H, int kvh,
-                                         float scale_log2) {
+                                         float *__restrict__ ws_ml, float *__restrict__ lse,
+                                         int n, int t, int H, int kvh, float scale_log2) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Vs[BN * LD];
@@ -347,6 +347,8 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
     const int r = warp * 16 + g + rr * 8;
     const int head = kh * G + r % G;
     if (splits == 1) {
+      // log2-sum-exp2 of the row's scaled scores, for attn_colsum
+      if (lse != nullptr && tq == 0) lse[static_cast<size_t>(qi[rr]) * H + head] = m[rr] + log2f(lt);
       const float inv = lt > 0.f ? 1.f / lt : 0.f;
       T *dst = out + (static_cast<size_t>(qi[rr]) * H + head) * D + tq * 2;
 #pragma unroll
@@ -401,7 +403,8 @@ __device__ __forceinline__ void rope_rows(const T *__restrict__ k, int stride,
 template <typename T>
 __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
                                              const float *__restrict__ ws_ml, T *__restrict__ out,
-                                             int rows, int D, int splits) {
+                                             float *__restrict__ lse, int rows, int D,
+                                             int splits) {
   const int row = blockIdx.x, d = threadIdx.x;
   if (d >= D) return;
   float mx = NEG_INF;
@@ -416,56 +419,13 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
     }
   }
   out[static_cast<size_t>(row) * D + d] = Elem<T>::from_float(den > 0.f ? num / den : 0.f);
+  if (lse != nullptr && d == 0) lse[row] = mx + log2f(den);
 }
 
 // Query-aware scoring (blend's suffix pass) needs, per key, the attention probability summed
-// over the probed query rows and all heads. Two small SIMT kernels over rotated Q and K
-// (rope_rows outputs, packed): attn_lse gives each (row, head) its log2-sum-exp2 of scaled
-// scores over the keys it sees; attn_colsum adds exp2(s - lse) for each key.
-
-// One warp per (row, head); the lanes split each key's dot product (D / 32 dimensions each,
-// coalesced) and walk the visible keys together, four at a time.
-template <typename T, int D>
-__device__ __forceinline__ void attn_lse(const T *__restrict__ q_rot, const T *__restrict__ k_rot,
-                                         const uint32_t *__restrict__ q_pos,
-                                         const uint32_t *__restrict__ k_pos,
-                                         float *__restrict__ lse, int n, int t, int H, int kvh,
-                                         float scale_log2) {
-  constexpr int PER = D / 32;
-  const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-  if (w >= n * H) return;
-  const int r = w / H, h = w % H, kh = h / (H / kvh);
-  const int visible = count_le(k_pos, t, q_pos[r]);
-  float qf[PER];
-#pragma unroll
-  for (int x = 0; x < PER; ++x)
-    qf[x] = Elem<T>::to_float(q_rot[static_cast<size_t>(w) * D + lane * PER + x]) * scale_log2;
-  float m = NEG_INF, l = 0.f;
-  for (int j0 = 0; j0 < visible; j0 += 4) {
-    float s[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int j = min(j0 + u, visible - 1);
-      const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D + lane * PER;
-      float acc = 0.f;
-#pragma unroll
-      for (int x = 0; x < PER; ++x) acc += qf[x] * Elem<T>::to_float(kr[x]);
-      s[u] = acc;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      if (j0 + u >= visible) break;
-      const float m_new = fmaxf(m, s[u]);
-      l = l * exp2f(m - m_new) + exp2f(s[u] - m_new);
-      m = m_new;
-    }
-  }
-  if (lane == 0) lse[w] = m + log2f(l);
-}
+// over the probed query rows and all heads. The attention kernel (or the split-KV combine)
+// leaves each (row, head)'s log2-sum-exp2 of scaled scores in `lse`; attn_colsum, over rotated
+// Q and K (rope_rows outputs, packed), adds exp2(s - lse) for each key.
 
 // One thread per (key, head): acc[key] += sum over the rows that see the key of
 // exp2(scaled score - lse); four partial dot products keep the FMA pipes busy.
@@ -502,12 +462,6 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
 }
 
 #define COLSUM_ENTRY(T, SUF, D)                                                                  \
-  extern "C" __global__ void attn_lse_##SUF##_d##D(const T *q_rot, const T *k_rot,              \
-                                                   const uint32_t *q_pos, const uint32_t *k_pos, \
-                                                   float *lse, int n, int t, int H, int kvh,     \
-                                                   float scale_log2) {                           \
-    attn_lse<T, D>(q_rot, k_rot, q_pos, k_pos, lse, n, t, H, kvh, scale_log2);                  \
-  }                                                                                              \
   extern "C" __global__ void attn_colsum_##SUF##_d##D(                                           \
       const T *q_rot, const T *k_rot, const uint32_t *q_pos, const uint32_t *k_pos,             \
       const float *lse, float *acc, int n, int t, int H, int kvh, float scale_log2) {           \
@@ -523,9 +477,9 @@ COLSUM_ENTRY(__half, f16, 128)
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \
       const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \
       const uint32_t *q_pos, const uint32_t *k_pos, const T *cos, const T *sin, T *out,           \
-      float *ws_o, float *ws_ml, int n, int t, int H, int kvh, float scale_log2) {               \
+      float *ws_o, float *ws_ml, float *lse, int n, int t, int H, int kvh, float scale_log2) {   \
     attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, cos, sin, out,    \
-                          ws_o, ws_ml, n, t, H, kvh, scale_log2);                                \
+                          ws_o, ws_ml, lse, n, t, H, kvh, scale_log2);                           \
   }
 
 ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)
@@ -549,11 +503,12 @@ ROPE_ENTRY(rope_rows_f16_d64, __half, 64)
 ROPE_ENTRY(rope_rows_f16_d128, __half, 128)
 
 extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_ml,
-                                             __nv_bfloat16 *out, int rows, int D, int splits) {
-  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, rows, D, splits);
+                                             __nv_bfloat16 *out, float *lse, int rows, int D,
+                                             int splits) {
+  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, splits);
 }
 
 extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
-                                            int rows, int D, int splits) {
-  attn_combine<__half>(ws_o, ws_ml, out, rows, D, splits);
+                                            float *lse, int rows, int D, int splits) {
+  attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, splits);
 }

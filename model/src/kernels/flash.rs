@@ -125,6 +125,23 @@ impl FusedAttention {
         Ok(q.apply_op3_no_bwd(&k, &v, self)?)
     }
 
+    /// The launches of one call in the inputs' dtype; `lse` receives each row's
+    /// log-sum-exp when given.
+    fn run(
+        &self,
+        dev: &CudaDevice,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+        lse: Option<&CudaSlice<f32>>,
+    ) -> candle_core::Result<CudaStorage> {
+        match q.0.dtype() {
+            DType::BF16 => self.launch::<half::bf16>(dev, q, k, v, "bf16", lse),
+            DType::F16 => self.launch::<half::f16>(dev, q, k, v, "f16", lse),
+            other => candle_core::bail!("fused attention supports bf16 and f16, not {other:?}"),
+        }
+    }
+
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
         dev: &CudaDevice,
@@ -132,6 +149,7 @@ impl FusedAttention {
         (k, lk): (&CudaStorage, &Layout),
         (v, lv): (&CudaStorage, &Layout),
         suffix: &str,
+        lse: Option<&CudaSlice<f32>>,
     ) -> candle_core::Result<CudaStorage> {
         let (n, t, h, kvh, d) = (
             self.num_queries,
@@ -211,6 +229,11 @@ impl FusedAttention {
         b.arg(&out);
         b.arg(&ws_o);
         b.arg(&ws_ml);
+        let null_lse: u64 = 0; // a null `float*`: no lse wanted
+        match lse {
+            Some(l) => b.arg(l),
+            None => b.arg(&null_lse),
+        };
         b.arg(&n_i);
         b.arg(&t_i);
         b.arg(&h_i);
@@ -236,6 +259,10 @@ impl FusedAttention {
             b.arg(&ws_o);
             b.arg(&ws_ml);
             b.arg(&out);
+            match lse {
+                Some(l) => b.arg(l),
+                None => b.arg(&null_lse),
+            };
             b.arg(&rows_i);
             b.arg(&d_i);
             b.arg(&splits_i);
@@ -293,13 +320,30 @@ fn rope_rows<T: CudaDType + DeviceRepr>(
 }
 
 impl FusedAttention {
-    /// Each key's attention probability summed over every query row and head, `[t]` f32,
-    /// for pre-RoPE `q` `[n, num_heads * head_dim]` (strided rows allowed) and `k`
-    /// `[t, kv_heads, head_dim]`: what query-aware blend ranks tokens by, without
-    /// materialising the probabilities.
-    pub(crate) fn column_sums(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    /// [`FusedAttention::attend`], plus each key's attention probability summed over every
+    /// query row and head, `[t]` f32: what query-aware blend ranks tokens by, without
+    /// materialising the probabilities (the kernel leaves each row's log-sum-exp behind and
+    /// `attn_colsum` adds up `exp2(score - lse)` per key).
+    pub(crate) fn attend_and_column_sums(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let k = contiguous_rows(k)?;
-        Ok(q.apply_op2_no_bwd(&k, &ColumnSums(self))?)
+        let v = contiguous_rows(v)?;
+        let op = KeepingLse {
+            attention: self,
+            lse: std::sync::Mutex::new(None),
+        };
+        let out = q.apply_op3_no_bwd(&k, &v, &op)?;
+        let lse = op
+            .lse
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
+        let sums = q.apply_op2_no_bwd(&k, &ColumnSums(self, &lse))?;
+        Ok((out, sums))
     }
 
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
@@ -307,6 +351,7 @@ impl FusedAttention {
         dev: &CudaDevice,
         (q, lq): (&CudaStorage, &Layout),
         (k, lk): (&CudaStorage, &Layout),
+        lse: &CudaSlice<f32>,
         suffix: &str,
     ) -> candle_core::Result<CudaStorage> {
         let (n, t, h, kvh, d) = (
@@ -329,40 +374,16 @@ impl FusedAttention {
         call_views!(self, T, qp, kp, cos, sin);
         let q_rot = rope_rows(dev, suffix, d, &qs, q_stride, &qp, &cos, &sin, n, h)?;
         let k_rot = rope_rows(dev, suffix, d, &ks, k_stride, &kp, &cos, &sin, t, kvh)?;
-        // SAFETY: attn_lse writes one value per (row, head).
-        let lse = unsafe { dev.alloc::<f32>(n * h)? };
         let acc = dev.alloc_zeros::<f32>(t)?;
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
-
-        let f = dev.get_or_load_custom_func(&format!("attn_lse_{suffix}_d{d}"), MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&q_rot);
-        b.arg(&k_rot);
-        b.arg(&qp);
-        b.arg(&kp);
-        b.arg(&lse);
-        b.arg(&n_i);
-        b.arg(&t_i);
-        b.arg(&h_i);
-        b.arg(&kvh_i);
-        b.arg(&scale_log2);
-        let cfg = LaunchConfig {
-            grid_dim: ((n * h * 32).div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches `COLSUM_ENTRY`'s attn_lse; packed q_rot [n, h, d], k_rot [t, kvh, d],
-        // positions n / t, lse n * h.
-        unsafe { b.launch(cfg) }.w()?;
-
         let f = dev.get_or_load_custom_func(&format!("attn_colsum_{suffix}_d{d}"), MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&q_rot);
         b.arg(&k_rot);
         b.arg(&qp);
         b.arg(&kp);
-        b.arg(&lse);
+        b.arg(lse);
         b.arg(&acc);
         b.arg(&n_i);
         b.arg(&t_i);
@@ -374,15 +395,60 @@ impl FusedAttention {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `COLSUM_ENTRY`'s attn_colsum (one thread per key and head); as
-        // above, acc has t entries.
+        // SAFETY: matches `COLSUM_ENTRY` (one thread per key and head): packed q_rot
+        // [n, h, d] and k_rot [t, kvh, d], positions n / t, lse n * h (written by the
+        // attention launch of this call), acc t.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(acc, dev.clone()))
     }
 }
 
-/// [`FusedAttention::column_sums`] as a candle op over (q, k).
-struct ColumnSums<'a>(&'a FusedAttention);
+/// The attention launch of [`FusedAttention::attend_and_column_sums`], which also keeps each
+/// row's log-sum-exp for the column sums.
+struct KeepingLse<'a> {
+    attention: &'a FusedAttention,
+    lse: std::sync::Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl CustomOp3 for KeepingLse<'_> {
+    fn name(&self) -> &'static str {
+        "kvquilt-fused-attention-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let a = self.attention;
+        let dev = q.device().clone();
+        // SAFETY: the kernel (or the split-KV combine) writes one value per (row, head).
+        let lse = unsafe { dev.alloc::<f32>(a.num_queries * a.num_heads)? };
+        let out = a.run(&dev, (q, lq), (k, lk), (v, lv), Some(&lse))?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((out, Shape::from((a.num_queries, a.num_heads * a.head_dim))))
+    }
+}
+
+/// The column sums of [`FusedAttention::attend_and_column_sums`] as a candle op over (q, k),
+/// with the log-sum-exp its attention launch left.
+struct ColumnSums<'a>(&'a FusedAttention, &'a CudaSlice<f32>);
 
 impl CustomOp2 for ColumnSums<'_> {
     fn name(&self) -> &'static str {
@@ -410,11 +476,12 @@ impl CustomOp2 for ColumnSums<'_> {
         let out = match q.dtype() {
             DType::BF16 => {
                 self.0
-                    .launch_column_sums::<half::bf16>(&dev, (q, lq), (k, lk), "bf16")?
+                    .launch_column_sums::<half::bf16>(&dev, (q, lq), (k, lk), self.1, "bf16")?
             }
-            DType::F16 => self
-                .0
-                .launch_column_sums::<half::f16>(&dev, (q, lq), (k, lk), "f16")?,
+            DType::F16 => {
+                self.0
+                    .launch_column_sums::<half::f16>(&dev, (q, lq), (k, lk), self.1, "f16")?
+            }
             other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
         };
         Ok((out, Shape::from(self.0.num_keys)))
@@ -448,12 +515,7 @@ impl CustomOp3 for FusedAttention {
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = q.device().clone();
-        let args = ((q, lq), (k, lk), (v, lv));
-        let out = match q.dtype() {
-            DType::BF16 => self.launch::<half::bf16>(&dev, args.0, args.1, args.2, "bf16")?,
-            DType::F16 => self.launch::<half::f16>(&dev, args.0, args.1, args.2, "f16")?,
-            other => candle_core::bail!("fused attention supports bf16 and f16, not {other:?}"),
-        };
+        let out = self.run(&dev, (q, lq), (k, lk), (v, lv), None)?;
         Ok((
             out,
             Shape::from((self.num_queries, self.num_heads * self.head_dim)),

@@ -262,13 +262,12 @@ impl Model {
             }
             #[cfg(feature = "gpu")]
             LayerAttention::Fused { kernel, summed } => {
-                let out = kernel.attend(q, k, v)?;
-                let sums = if *summed {
-                    Some(kernel.column_sums(q, k)?)
+                if *summed {
+                    let (out, sums) = kernel.attend_and_column_sums(q, k, v)?;
+                    Ok((out, Some(sums)))
                 } else {
-                    None
-                };
-                Ok((out, sums))
+                    Ok((kernel.attend(q, k, v)?, None))
+                }
             }
         }
     }
