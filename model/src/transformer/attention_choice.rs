@@ -171,12 +171,9 @@ impl Model {
                 context: c.context_length,
             });
         }
-        // Per-row probes need the probabilities, which only the reference materialises. A
-        // summed probe of every row has fused kernels (attn_lse + attn_colsum), but they run
-        // only when asked for by name: on the H200 the reference is faster for blend's suffix
-        // pass (0.76 vs 1.57 ms per layer at 32 x 5,216, BENCHMARKS.md §7).
-        let summed = kernel == AttentionKernel::Fused
-            && probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
+        // Per-row probes need the probabilities, which only the reference materialises; a
+        // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum).
+        let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
         let fused = (probe.is_none() || summed)
             && match kernel {
                 AttentionKernel::Reference => false,
