@@ -122,7 +122,7 @@ impl FusedAttention {
     pub(crate) fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
-        Ok(q.apply_op3_no_bwd(&k, &v, self)?)
+        Ok(q.apply_op3_no_bwd(&k, &v, &Launch::new(self, false))?)
     }
 
     /// The launches of one call in the inputs' dtype; `lse` receives each row's
@@ -332,10 +332,7 @@ impl FusedAttention {
     ) -> Result<(Tensor, Tensor)> {
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
-        let op = KeepingLse {
-            attention: self,
-            lse: std::sync::Mutex::new(None),
-        };
+        let op = Launch::new(self, true);
         let out = q.apply_op3_no_bwd(&k, &v, &op)?;
         let lse = op
             .lse
@@ -403,16 +400,27 @@ impl FusedAttention {
     }
 }
 
-/// The attention launch of [`FusedAttention::attend_and_column_sums`], which also keeps each
-/// row's log-sum-exp for the column sums.
-struct KeepingLse<'a> {
+/// One call's attention launch as a candle op over (q, k, v); with `keep_lse`, it also keeps
+/// each row's log-sum-exp (in `lse`) for [`FusedAttention::attend_and_column_sums`].
+struct Launch<'a> {
     attention: &'a FusedAttention,
+    keep_lse: bool,
     lse: std::sync::Mutex<Option<CudaSlice<f32>>>,
 }
 
-impl CustomOp3 for KeepingLse<'_> {
+impl<'a> Launch<'a> {
+    fn new(attention: &'a FusedAttention, keep_lse: bool) -> Self {
+        Self {
+            attention,
+            keep_lse,
+            lse: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl CustomOp3 for Launch<'_> {
     fn name(&self) -> &'static str {
-        "kvquilt-fused-attention-lse"
+        "kvquilt-fused-attention"
     }
 
     fn cpu_fwd(
@@ -438,11 +446,15 @@ impl CustomOp3 for KeepingLse<'_> {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let a = self.attention;
         let dev = q.device().clone();
+        let shape = Shape::from((a.num_queries, a.num_heads * a.head_dim));
+        if !self.keep_lse {
+            return Ok((a.run(&dev, (q, lq), (k, lk), (v, lv), None)?, shape));
+        }
         // SAFETY: the kernel (or the split-KV combine) writes one value per (row, head).
         let lse = unsafe { dev.alloc::<f32>(a.num_queries * a.num_heads)? };
         let out = a.run(&dev, (q, lq), (k, lk), (v, lv), Some(&lse))?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((out, Shape::from((a.num_queries, a.num_heads * a.head_dim))))
+        Ok((out, shape))
     }
 }
 
@@ -485,41 +497,6 @@ impl CustomOp2 for ColumnSums<'_> {
             other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
         };
         Ok((out, Shape::from(self.0.num_keys)))
-    }
-}
-
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "kvquilt-fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("fused attention runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        lq: &Layout,
-        k: &CudaStorage,
-        lk: &Layout,
-        v: &CudaStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = q.device().clone();
-        let out = self.run(&dev, (q, lq), (k, lk), (v, lv), None)?;
-        Ok((
-            out,
-            Shape::from((self.num_queries, self.num_heads * self.head_dim)),
-        ))
     }
 }
 
