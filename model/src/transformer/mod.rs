@@ -291,14 +291,7 @@ impl Model {
                 (q_pos, cache.positions.clone())
             }
         };
-        if let Some(&max) = k_pos.last()
-            && max as usize >= c.context_length
-        {
-            return Err(ModelError::ContextOverflow {
-                needed: max as usize + 1,
-                context: c.context_length,
-            });
-        }
+        // checks positions against each other and the context, for either attention
         let how = self.layer_attention(&q_pos, &k_pos, probe, self.attention_kernel)?;
         let replace_index = match rows {
             Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
