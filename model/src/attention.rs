@@ -45,8 +45,9 @@ pub(crate) struct AttentionPlan {
 /// Which attention implementation a forward pass uses ([`crate::Model::set_attention_kernel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionKernel {
-    /// The fused kernel where it applies (CUDA, bf16 or f16, head dim 64 or 128); the
-    /// reference elsewhere. On CUDA, a shape the kernel cannot run is a counted fallback
+    /// The fused kernel where it applies (CUDA, bf16 or f16, head dim 64 or 128); on the
+    /// CPU in f32 the tiled online-softmax attention (`tiled.rs`) for calls without a
+    /// probe; the reference elsewhere. On CUDA, a shape the kernel cannot run is a counted fallback
     /// ([`crate::Model::attention_fallbacks`]) with a warning.
     #[default]
     Auto,

@@ -37,6 +37,7 @@ mod kv;
 mod load;
 mod rope;
 pub mod staging;
+mod tiled;
 mod tokenizer;
 mod transformer;
 mod weights;

@@ -6,10 +6,11 @@
 //! NaN or run-to-run difference makes the command fail. This is the kernel's test on the GPU
 //! machine, which has no Rust toolchain: the one carried binary tests and measures.
 //!
-//! The timing part runs Llama-3.1-8B's attention shape (32 heads, 8 KV heads, head dim 128)
-//! for a prefill, a blend's sparse recompute and a decode step. A timed call is one layer's
-//! attention with its per-call setup (position upload for the fused kernel; block plan and
-//! masks for the reference, which a forward pass shares across its layers).
+//! The timing part runs Llama-3.1-8B's attention shape (32 heads, 8 KV heads, head dim 128;
+//! `--heads` picks another) for a prefill, a blend's sparse recompute and a decode step. A
+//! timed call is one layer's attention with its per-call setup (position upload for the fused
+//! kernel; block plan and masks for the reference, which a forward pass shares across its
+//! layers). On the CPU the "fused" column is the tiled online-softmax attention, in f32.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,9 +23,13 @@ use super::{median, write_report};
 
 #[derive(clap::Args)]
 pub struct AttentionBenchArgs {
-    /// cuda or cuda:N (the fused kernel is CUDA only).
+    /// cuda or cuda:N (the fused kernel); cpu times the tiled CPU attention in f32 instead
+    /// (`--check` is CUDA only).
     #[arg(long, default_value = "cuda")]
     device: String,
+    /// Attention heads of the timed shapes: heads/kv_heads/head_dim (SmolLM2: 9/3/64).
+    #[arg(long, default_value = "32/8/128")]
+    heads: String,
     /// Compare fused with reference on random cases; fail on a mismatch.
     #[arg(long)]
     check: bool,
@@ -95,8 +100,11 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
     if a.check {
         report.checks = check(&device)?;
     }
+    let heads = parse_heads(&a.heads)?;
     for shape in &a.shapes {
-        report.timings.push(time_shape(&device, shape, a.repeats)?);
+        report
+            .timings
+            .push(time_shape(&device, heads, shape, a.repeats)?);
     }
     write_report(&report, a.json.as_deref())?;
     let failed: Vec<&str> = report
@@ -337,14 +345,36 @@ fn shape_positions(shape: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     bail!("unknown shape `{shape}` (prefillN, decodeN, suffixN or blendNrP)")
 }
 
-fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingReport> {
-    let (h, kvh, d) = (32, 8, 128);
+/// `heads/kv_heads/head_dim`.
+fn parse_heads(s: &str) -> Result<(usize, usize, usize)> {
+    let parts: Vec<usize> = s
+        .split('/')
+        .map(|p| p.parse().with_context(|| format!("bad --heads `{s}`")))
+        .collect::<Result<_>>()?;
+    match parts[..] {
+        [h, kvh, d] if kvh > 0 && h % kvh == 0 && d > 0 => Ok((h, kvh, d)),
+        _ => bail!("--heads takes heads/kv_heads/head_dim with kv_heads dividing heads, got `{s}`"),
+    }
+}
+
+fn time_shape(
+    device: &Device,
+    (h, kvh, d): (usize, usize, usize),
+    shape: &str,
+    repeats: usize,
+) -> Result<TimingReport> {
     let (qp, kp) = shape_positions(shape)?;
     let (n, t) = (qp.len(), kp.len());
-    let m = attention_model(h, kvh, d, DType::BF16, device)?;
-    let q = Tensor::randn(0f32, 1.0, (n, h, d), device)?.to_dtype(DType::BF16)?;
-    let k = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
-    let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(DType::BF16)?;
+    // the CPU's own fused path is the tiled attention, in f32 (chosen by `auto`)
+    let (dtype, fused) = if device.is_cpu() {
+        (DType::F32, AttentionKernel::Auto)
+    } else {
+        (DType::BF16, AttentionKernel::Fused)
+    };
+    let m = attention_model(h, kvh, d, dtype, device)?;
+    let q = Tensor::randn(0f32, 1.0, (n, h, d), device)?.to_dtype(dtype)?;
+    let k = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(dtype)?;
+    let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(dtype)?;
     let time = |kernel: AttentionKernel, sums: bool| -> Result<f64> {
         let mut runs = Vec::new();
         for i in 0..=repeats.max(1) {
@@ -363,9 +393,9 @@ fn time_shape(device: &Device, shape: &str, repeats: usize) -> Result<TimingRepo
         Ok(median(&runs))
     };
     let reference_ms = time(AttentionKernel::Reference, false)?;
-    let fused_ms = time(AttentionKernel::Fused, false)?;
+    let fused_ms = time(fused, false)?;
     let reference_column_sums_ms = time(AttentionKernel::Reference, true)?;
-    let fused_column_sums_ms = time(AttentionKernel::Fused, true)?;
+    let fused_column_sums_ms = time(fused, true)?;
     let visible: usize = qp.iter().map(|&p| kp.partition_point(|&k| k <= p)).sum();
     let flops = 4.0 * (d * h) as f64 * visible as f64;
     let r = TimingReport {

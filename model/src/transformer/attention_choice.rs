@@ -21,6 +21,13 @@ pub(super) enum LayerAttention {
         k_tables: RopeTables,
         summed: bool,
     },
+    /// Tiled online-softmax attention on the CPU (f32, no probe): keys rotated by
+    /// `k_tables`, no score matrix beyond one tile.
+    Tiled {
+        plan: crate::tiled::TiledPlan,
+        q_tables: RopeTables,
+        k_tables: RopeTables,
+    },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
     /// the probabilities per key when `summed` (a summed probe of every row).
     #[cfg(feature = "gpu")]
@@ -203,6 +210,18 @@ impl Model {
             return Ok(LayerAttention::Fused { kernel, summed });
         }
         debug_assert!(!fused || !cfg!(feature = "gpu"));
+        // The CPU's own fused path: tiled online softmax, for calls with no probe.
+        if probe.is_none()
+            && kernel == AttentionKernel::Auto
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+        {
+            return Ok(LayerAttention::Tiled {
+                plan: crate::tiled::TiledPlan::new(q_pos, k_pos)?,
+                q_tables: self.tables(q_pos)?,
+                k_tables: self.tables(k_pos)?,
+            });
+        }
         Ok(LayerAttention::Reference {
             plan: AttentionPlan::new(
                 q_pos,
@@ -256,6 +275,18 @@ impl Model {
                     p => p,
                 };
                 Ok((out, probs))
+            }
+            LayerAttention::Tiled {
+                plan,
+                q_tables,
+                k_tables,
+            } => {
+                let c = &self.config;
+                let n = q.dims()[0];
+                let q = q.reshape((n, c.num_heads, c.head_dim))?;
+                let q_rot = q_tables.apply(&q)?;
+                let k_rot = k_tables.apply(k)?;
+                Ok((crate::tiled::attend(plan, &q_rot, &k_rot, v)?, None))
             }
             #[cfg(feature = "gpu")]
             LayerAttention::Fused { kernel, summed } => {

@@ -1,0 +1,547 @@
+//! Tiled attention on the CPU: FlashAttention's online softmax over key tiles, so no score
+//! matrix larger than one tile (`rows × KEY_TILE` f32) ever exists, whatever the sequence
+//! length.
+//!
+//! The work is split into units of one KV head × one query tile; a unit's rows are the
+//! `group` query heads that read that KV head times the tile's queries, so K and V tiles are
+//! loaded once for the whole GQA group. Each unit walks the key tiles its queries can see
+//! (keys at positions up to the tile's last query), computes `S = Q Kᵀ` for one key tile with
+//! `gemm`, turns it into probabilities relative to the running row maximum (base 2, with a
+//! vectorised `exp2`), rescales the running output and adds `P V`. Because key positions
+//! are strictly increasing, the keys a query may not see form a suffix of each key tile:
+//! masking is a per-row length, never a -inf matrix. Units run on rayon's pool.
+//!
+//! Same contract as the reference ([`crate::attention::attend`]): Q and K rotated, f32,
+//! `q` `[n, num_heads, d]`, `k`/`v` `[t, kv_heads, d]`, output `[n, num_heads * d]`. Pinned
+//! against a naive per-query softmax by `tests::matches_naive_on_random_shapes`.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::attention::check_visible;
+use crate::error::{Result, invalid_input};
+
+/// Query positions per tile (rows per unit are `group ×` this) for long calls, where fewer,
+/// larger tiles read K and V fewer times (measured on SmolLM2's shape at 8,192 tokens: 128
+/// beat 64 and 256)...
+const QUERY_TILE: usize = 128;
+/// ... and for calls under [`LONG_CALL`] queries, where smaller tiles keep every core busy.
+const SHORT_QUERY_TILE: usize = 64;
+const LONG_CALL: usize = 2048;
+/// Keys per tile: the score tile of a unit is `rows × KEY_TILE` f32.
+const KEY_TILE: usize = 512;
+
+/// One query tile and the keys it may see.
+#[derive(Debug, Clone, Copy)]
+struct QueryTile {
+    /// Queries `q_start..q_end`.
+    q_start: usize,
+    q_end: usize,
+    /// Keys `0..k_len` are visible to at least one query of the tile.
+    k_len: usize,
+    /// Keys `0..k_free` are visible to every query of the tile.
+    k_free: usize,
+}
+
+/// The tiles of one forward call; depends on positions alone, so every layer reuses it.
+#[derive(Debug)]
+pub(crate) struct TiledPlan {
+    q_pos: Vec<u32>,
+    k_pos: Vec<u32>,
+    tiles: Vec<QueryTile>,
+}
+
+impl TiledPlan {
+    /// Both position lists strictly increasing, a key at or before the first query.
+    /// A tile holds at most `tile` queries spanning fewer than `tile` positions, so sparse
+    /// queries waste no more masked work than contiguous ones.
+    pub(crate) fn new(q_pos: &[u32], k_pos: &[u32]) -> Result<Self> {
+        check_visible(q_pos, k_pos)?;
+        let tile = if q_pos.len() >= LONG_CALL {
+            QUERY_TILE
+        } else {
+            SHORT_QUERY_TILE
+        };
+        let mut tiles = Vec::with_capacity(q_pos.len().div_ceil(tile));
+        let mut q_start = 0;
+        while q_start < q_pos.len() {
+            let limit = (q_start + tile).min(q_pos.len());
+            let span_end = q_pos[q_start].saturating_add(tile as u32);
+            let q_end = q_start + q_pos[q_start..limit].partition_point(|&p| p < span_end);
+            tiles.push(QueryTile {
+                q_start,
+                q_end,
+                k_len: k_pos.partition_point(|&p| p <= q_pos[q_end - 1]),
+                k_free: k_pos.partition_point(|&p| p <= q_pos[q_start]),
+            });
+            q_start = q_end;
+        }
+        Ok(Self {
+            q_pos: q_pos.to_vec(),
+            k_pos: k_pos.to_vec(),
+            tiles,
+        })
+    }
+}
+
+/// `softmax(q kᵀ / √d) v` with the exact position mask of `plan`; see the module docs.
+pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (n, num_heads, d) = q.dims3()?;
+    let (t, kv_heads, dk) = k.dims3()?;
+    if n != plan.q_pos.len() || t != plan.k_pos.len() || dk != d || v.dims() != k.dims() {
+        return Err(invalid_input(format!(
+            "tiled attention planned for {}x{} keys used with q {:?}, k {:?}, v {:?}",
+            plan.q_pos.len(),
+            plan.k_pos.len(),
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if kv_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
+        return Err(invalid_input(format!(
+            "{num_heads} heads over {kv_heads} KV heads"
+        )));
+    }
+    let shape = Shape {
+        num_heads,
+        kv_heads,
+        group: num_heads / kv_heads,
+        d,
+    };
+    let (q, k, v) = (contiguous_f32(q)?, contiguous_f32(k)?, contiguous_f32(v)?);
+    let units: Vec<(usize, QueryTile)> = (0..kv_heads)
+        .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
+        .collect();
+    let results: Vec<Vec<f32>> = with_slices(&q, &k, &v, |qs, ks, vs| {
+        units
+            .par_iter()
+            .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs))
+            .collect()
+    })?;
+    // scatter each unit's rows (g, i) to output row q_start + i, head kh * group + g
+    let mut out = vec![0f32; n * num_heads * d];
+    for (&(kh, tile), o) in units.iter().zip(&results) {
+        let nb = tile.q_end - tile.q_start;
+        for g in 0..shape.group {
+            for i in 0..nb {
+                let at = (tile.q_start + i) * num_heads * d + (kh * shape.group + g) * d;
+                out[at..at + d].copy_from_slice(&o[(g * nb + i) * d..][..d]);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, num_heads * d), &Device::Cpu)?)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    num_heads: usize,
+    kv_heads: usize,
+    group: usize,
+    d: usize,
+}
+
+fn contiguous_f32(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Err(invalid_input(format!(
+            "tiled attention takes f32 on the CPU, got {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        )));
+    }
+    Ok(x.contiguous()?)
+}
+
+/// Runs `f` over the f32 contents of three contiguous CPU tensors.
+fn with_slices<R>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
+) -> Result<R> {
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    match (&*qs, &*ks, &*vs) {
+        (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => {
+            fn slice<'a>(
+                s: &'a candle_core::CpuStorage,
+                l: &candle_core::Layout,
+                len: usize,
+            ) -> candle_core::Result<&'a [f32]> {
+                Ok(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + len])
+            }
+            Ok(f(
+                slice(qs, ql, q.elem_count())?,
+                slice(ks, kl, k.elem_count())?,
+                slice(vs, vl, v.elem_count())?,
+            ))
+        }
+        _ => Err(invalid_input("tiled attention takes CPU tensors")),
+    }
+}
+
+/// One KV head × one query tile: returns `[group * nb, d]`, row `g * nb + i` for query
+/// `q_start + i` of head `kh * group + g`.
+fn unit(
+    plan: &TiledPlan,
+    s: Shape,
+    kh: usize,
+    tile: QueryTile,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    let nb = tile.q_end - tile.q_start;
+    let rows = s.group * nb;
+    let d = s.d;
+    // queries scaled so that scores come out in base 2: exp(x / √d) = 2^(x log2(e) / √d)
+    let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
+    let mut qt = vec![0f32; rows * d];
+    for g in 0..s.group {
+        for i in 0..nb {
+            let src = (tile.q_start + i) * s.num_heads * d + (kh * s.group + g) * d;
+            for (o, x) in qt[(g * nb + i) * d..][..d].iter_mut().zip(&q[src..src + d]) {
+                *o = x * scale;
+            }
+        }
+    }
+    let mut out = vec![0f32; rows * d];
+    let mut row_max = vec![f32::NEG_INFINITY; rows];
+    let mut row_sum = vec![0f32; rows];
+    let mut scores = vec![0f32; rows * KEY_TILE];
+    let kv_stride = s.kv_heads * d;
+    let mut k0 = 0;
+    while k0 < tile.k_len {
+        let w = KEY_TILE.min(tile.k_len - k0);
+        let kt = &k[k0 * kv_stride + kh * d..];
+        let vt = &v[k0 * kv_stride + kh * d..];
+        // S[rows, w] = Qt[rows, d] · K[k0.., kh, :]ᵀ
+        // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
+        // with row stride d; rhs element (x, c) is kt[c * kv_stride + x], and the last one read,
+        // (d-1, w-1), lies within k because key k0 + w - 1 < t. No aliasing: dst is our own.
+        unsafe {
+            gemm::gemm(
+                rows,
+                w,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                KEY_TILE as isize,
+                false,
+                qt.as_ptr(),
+                1,
+                d as isize,
+                kt.as_ptr(),
+                kv_stride as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let masked = k0 + w > tile.k_free;
+        let keys = &plan.k_pos[k0..k0 + w];
+        for r in 0..rows {
+            let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
+            let visible = if masked {
+                let qp = plan.q_pos[tile.q_start + r % nb];
+                keys.partition_point(|&p| p <= qp)
+            } else {
+                w
+            };
+            row[visible..].fill(0.0);
+            if visible == 0 {
+                continue; // nothing seen here; the row's state is unchanged
+            }
+            let seen = &mut row[..visible];
+            let m_new = row_max[r].max(max_of(seen));
+            let alpha = (row_max[r] - m_new).exp2(); // 0 on the first tile (max was -inf)
+            row_sum[r] = row_sum[r] * alpha + exp2_in_place(seen, m_new);
+            row_max[r] = m_new;
+            if alpha != 1.0 {
+                out[r * d..(r + 1) * d].iter_mut().for_each(|o| *o *= alpha);
+            }
+        }
+        // out[rows, d] += P[rows, w] · V[k0.., kh, :]
+        // SAFETY: dst is rows × d with row stride d; lhs is the score tile (row stride
+        // KEY_TILE, w columns written above); rhs element (c, x) is vt[c * kv_stride + x],
+        // the last one, (w-1, d-1), within v like K above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                d,
+                w,
+                out.as_mut_ptr(),
+                1,
+                d as isize,
+                true,
+                scores.as_ptr(),
+                1,
+                KEY_TILE as isize,
+                vt.as_ptr(),
+                1,
+                kv_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        k0 += w;
+    }
+    for (r, o) in out.chunks_exact_mut(d).enumerate() {
+        let inv = 1.0 / row_sum[r];
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+    out
+}
+
+/// The largest value of a non-empty slice (eight lanes, so it vectorises).
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    lanes.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Replaces each `x` by `2^(x - m)` (every `x <= m`) and returns their sum. Dispatches to an
+/// AVX-512 or AVX2 build of the same loop where the CPU has it.
+fn exp2_in_place(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+            return unsafe { exp2_avx512(x, m) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
+            return unsafe { exp2_avx2(x, m) };
+        }
+    }
+    exp2_portable(x, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp2_avx512(x: &mut [f32], m: f32) -> f32 {
+    exp2_portable(x, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp2_avx2(x: &mut [f32], m: f32) -> f32 {
+    exp2_portable(x, m)
+}
+
+#[inline(always)]
+fn exp2_portable(x: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        let c: &mut [f32; 16] = c.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            c[i] = exp2_nonpositive(c[i] - m);
+            lanes[i] += c[i];
+        }
+    }
+    let mut sum: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp2_nonpositive(*v - m);
+        sum += *v;
+    }
+    lanes.iter().sum::<f32>() + sum
+}
+
+/// `2^x` for `x <= 0` to about 2e-7 relative error (Cephes' exp2f polynomial on
+/// `[-0.5, 0.5]`); below -126 it returns `2^-126`, which is 0 for every sum it enters.
+/// Branch-free so that loops over it vectorise.
+#[inline(always)]
+fn exp2_nonpositive(x: f32) -> f32 {
+    // round to nearest by the float trick: adding 1.5 × 2^23 leaves no fraction bits
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -126.0 { -126.0 } else { x };
+    let shifted = x + ROUND;
+    let n = shifted - ROUND;
+    let f = x - n; // in [-0.5, 0.5]
+    let p = 1.535_336_2e-4_f32;
+    let p = p * f + 1.339_887_4e-3;
+    let p = p * f + 9.618_437e-3;
+    let p = p * f + 5.550_332_5e-2;
+    let p = p * f + 2.402_264_8e-1;
+    let p = p * f + 6.931_472e-1;
+    let two_f = p * f + 1.0;
+    // the low mantissa bits of `shifted` hold n (two's complement): 2^n's exponent field
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    two_f * two_n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every query against every visible key, one at a time, in f64.
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<f32> {
+        let (n, h, d) = q.dims3().unwrap();
+        let kvh = k.dims()[1];
+        let g = h / kvh;
+        let q = q.to_vec3::<f32>().unwrap();
+        let k = k.to_vec3::<f32>().unwrap();
+        let v = v.to_vec3::<f32>().unwrap();
+        let mut out = vec![0f32; n * h * d];
+        for i in 0..n {
+            for head in 0..h {
+                let kh = head / g;
+                let vis: Vec<usize> = (0..kp.len()).filter(|&j| kp[j] <= qp[i]).collect();
+                let s: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|x| q[i][head][x] as f64 * k[j][kh][x] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (w, &j) in e.iter().zip(&vis) {
+                    for x in 0..d {
+                        out[i * h * d + head * d + x] += (w / z * v[j][kh][x] as f64) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exp2_is_accurate_over_its_range() {
+        let mut xs: Vec<f32> = (0..=200_000).map(|i| -(i as f32) * 1e-3 * 0.6).collect();
+        let want: Vec<f64> = xs.iter().map(|&x| (x as f64).exp2()).collect();
+        let sum = exp2_in_place(&mut xs, 0.0);
+        for (g, w) in xs.iter().zip(&want) {
+            assert!(((*g as f64) - w).abs() <= 3e-7 * w, "{g} vs {w}");
+        }
+        assert!((sum as f64 - want.iter().sum::<f64>()).abs() < 1e-4 * sum as f64);
+        let mut tiny = [-1000.0f32, f32::MIN];
+        exp2_in_place(&mut tiny, 0.0);
+        assert!(tiny.iter().all(|&x| x.is_finite() && x < 1e-37));
+    }
+
+    /// Strictly increasing positions: `len` of them from `start`, with random gaps.
+    fn increasing(start: u32, gaps: &[u32]) -> Vec<u32> {
+        let mut p = start;
+        gaps.iter()
+            .map(|g| {
+                let at = p;
+                p += 1 + g;
+                at
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random GQA shapes, keys with holes, sparse or contiguous queries, one key, lengths
+        /// across tile boundaries: against an f64 naive softmax, no worse than twice the
+        /// reference attention's f32 error on the same inputs.
+        #[test]
+        fn matches_naive_on_random_shapes(
+            (kv_heads, group) in (1usize..4, 1usize..5),
+            d in prop::sample::select(vec![4usize, 16, 64]),
+            key_gaps in prop::collection::vec(prop::sample::select(vec![0u32, 0, 0, 1, 3]), 1..600),
+            k_start in 0u32..50,
+            picks in prop::collection::vec(any::<bool>(), 1..600),
+            sparse in any::<bool>(),
+            seed_scale in 0.5f64..3.0,
+        ) {
+            let kp = increasing(k_start, &key_gaps);
+            let last = *kp.last().unwrap();
+            // queries: a subset of [k_start, last + 3], always including the first key's position
+            let mut qp: Vec<u32> = (k_start..=last + 3)
+                .zip(picks.iter().cycle())
+                .filter(|&(p, &keep)| p == k_start || !sparse || keep)
+                .map(|(p, _)| p)
+                .collect();
+            qp.truncate(700);
+            let h = kv_heads * group;
+            let dev = Device::Cpu;
+            let q = (Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap() * seed_scale).unwrap();
+            let k = (Tensor::randn(0f32, 1.0, (kp.len(), kv_heads, d), &dev).unwrap() * seed_scale).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kp.len(), kv_heads, d), &dev).unwrap();
+            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            let got = attend(&plan, &q, &k, &v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = naive(&q, &k, &v, &qp, &kp);
+            // the reference attention in f32 on the same inputs sets the tolerance
+            let rotated_plan = crate::attention::AttentionPlan::new(
+                &qp, &kp, h, 1 << 16, DType::F32, &dev, None,
+            ).unwrap();
+            let reference = crate::attention::attend(&rotated_plan, &q, &k, &v).unwrap().0
+                .flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let max_err = |x: &[f32]| x.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let (ours, theirs) = (max_err(&got), max_err(&reference));
+            prop_assert!(ours <= 2.0 * theirs + 2e-6, "tiled error {} vs reference {}", ours, theirs);
+            prop_assert!(ours < 1e-4, "tiled error {}", ours);
+        }
+    }
+
+    /// A call long enough for the larger query tiles, keys with holes.
+    #[test]
+    fn long_calls_match_naive() {
+        let kp: Vec<u32> = (0..2300u32).filter(|p| p % 7 != 3).collect();
+        let qp: Vec<u32> = (0..2300u32).filter(|p| p % 11 != 5).collect();
+        assert!(qp.len() >= LONG_CALL);
+        let (h, kvh, d) = (4, 2, 8);
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let plan = TiledPlan::new(&qp, &kp).unwrap();
+        assert!(
+            plan.tiles
+                .iter()
+                .any(|t| t.q_end - t.q_start > SHORT_QUERY_TILE)
+        );
+        let got = attend(&plan, &q, &k, &v).unwrap().flatten_all().unwrap();
+        let want = naive(&q, &k, &v, &qp, &kp);
+        for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_the_reference_rejects() {
+        assert!(
+            TiledPlan::new(&[1], &[2, 3]).is_err(),
+            "no key at or before the query"
+        );
+        assert!(
+            TiledPlan::new(&[3, 2], &[0, 1]).is_err(),
+            "queries out of order"
+        );
+        let plan = TiledPlan::new(&[0, 1], &[0, 1]).unwrap();
+        let x = Tensor::zeros((3, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            attend(&plan, &x, &x, &x).is_err(),
+            "shape other than planned"
+        );
+    }
+}
