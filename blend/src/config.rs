@@ -96,6 +96,11 @@ pub struct BlendConfig {
     /// probabilities summed per token; each score is normalised by its mean over the ranked
     /// tokens, then mixed: `(1 − w)·deviation + w·attention`. 0 is CacheBlend's ranking.
     pub query_weight: f32,
+    /// With query-aware ranking, the suffix pass runs (and its attention is summed over)
+    /// only the first this-many layers; 0: every layer. Fewer layers make the pass cheaper
+    /// (it costs about a `reuse` of the suffix per layer); what it costs in fidelity is
+    /// measured by the eval harness (BENCHMARKS.md).
+    pub query_layers: usize,
     /// Rank each token by the best score within this many tokens of it in its own segment,
     /// so selection takes whole spans around the peaks (a fact spans several tokens). 0: off.
     pub span: usize,
@@ -134,6 +139,7 @@ impl BlendConfig {
             chunk_start: 0,
             per_chunk: false,
             query_weight: 0.0,
+            query_layers: 0,
             span: 0,
             whole_segments: false,
             chunk_sink: 4,
@@ -161,6 +167,12 @@ impl BlendConfig {
             return Err(invalid(format!(
                 "query weight {} outside 0..=1",
                 self.query_weight
+            )));
+        }
+        if self.query_layers > num_layers {
+            return Err(invalid(format!(
+                "query layers {} beyond the model's {num_layers}",
+                self.query_layers
             )));
         }
         if !(self.gradual >= 1.0 && self.gradual.is_finite()) {

@@ -13,7 +13,8 @@
 //!   and a [`CostModel`] chooses between loading and recomputing each chunk so that no
 //!   request is estimated slower than its full prefill.
 //! - A [`DeviceTier`] keeps recently used chunk KV resident on the model's device (GPU
-//!   memory), above the store's host and SSD tiers.
+//!   memory), above the store's host and SSD tiers; on a GPU the host tier holds its objects
+//!   in page-locked memory (`pinned_host.rs`), so its hits upload by DMA.
 
 mod chunk;
 mod config;
@@ -23,6 +24,7 @@ mod engine;
 mod error;
 mod identity;
 mod phases;
+mod pinned_host;
 pub mod rag;
 mod recompute;
 mod request;

@@ -84,8 +84,12 @@ fn run(
 
     let attention = if cfg.query_weight > 0.0 {
         enter("query pass")?;
+        let layers = match cfg.query_layers {
+            0 => num_layers,
+            n => n.min(num_layers),
+        };
         Some(suffix_attention(
-            model, tokens, non_suffix, cache, fill_once,
+            model, tokens, non_suffix, layers, cache, fill_once,
         )?)
     } else {
         None
@@ -163,13 +167,14 @@ fn run(
     Ok(Recomputed { logits, recomputed })
 }
 
-/// Attention the suffix pays each token, summed over layers, heads and suffix rows, `[n]`:
-/// the suffix alone is run over the cached KV (as `reuse` would). Its rows in `cache` are
-/// overwritten; the blend recomputes them anyway.
+/// Attention the suffix pays each token, summed over layers `0..layers`, heads and suffix
+/// rows, `[n]`: the suffix alone is run over the cached KV (as `reuse` would). Its rows in
+/// those layers of `cache` are overwritten; the blend recomputes them anyway.
 fn suffix_attention(
     model: &Model,
     tokens: &[u32],
     non_suffix: usize,
+    layers: usize,
     cache: &mut KvCache,
     fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
 ) -> Result<Vec<f32>> {
@@ -178,7 +183,7 @@ fn suffix_attention(
     let hidden = model.embed(&tokens[non_suffix..])?;
     let probe = ProbeRequest::summed_over_all(rows.len());
     let out = model.run_layers_with(
-        0..model.config().num_layers,
+        0..layers,
         hidden,
         Rows::Replace(&rows),
         cache,

@@ -21,9 +21,10 @@ pub(crate) fn dtype_of(layout: &KvLayout) -> DType {
 }
 
 /// One layer's K‖V bytes for `tokens` tokens as tensors on `device`: one upload through
-/// `uploader` (pinned staging on CUDA) when given, else a plain copy of each half.
+/// `uploader` when given (on CUDA a direct DMA when the bytes are the host tier's page-locked
+/// memory, pinned staging otherwise), else a plain copy of each half.
 pub fn layer_from_bytes(
-    bytes: &[u8],
+    bytes: &Bytes,
     layout: &KvLayout,
     tokens: usize,
     device: &Device,
@@ -46,7 +47,7 @@ pub fn layer_from_bytes(
     if let Some(up) = uploader {
         // K‖V in one copy; K and V are contiguous views of its halves
         let elems = half / dtype.size_in_bytes();
-        let kv = up.upload(bytes, dtype, &[2 * elems], device)?;
+        let kv = up.upload_shared(bytes, dtype, &[2 * elems], device)?;
         return Ok(LayerKv::new(
             kv.narrow(0, 0, elems)?.reshape(shape)?,
             kv.narrow(0, elems, elems)?.reshape(shape)?,

@@ -151,14 +151,23 @@ fn blend_at_ratio_one_equals_full() {
             assert_close(&out.logits, &want, 1e-4, "gradual");
         }
         // query-aware ranking (a suffix pass over the cache first) is exact at ratio 1 too
-        for w in [0.5, 1.0] {
+        // (also with the suffix pass over the first layer only: the rows it leaves stale in
+        // the layers above are recomputed by the blend like every other)
+        for (w, layers) in [(0.5, 0), (1.0, 0), (1.0, 1)] {
             let cfg = BlendConfig {
                 query_weight: w,
+                query_layers: layers,
                 ..BlendConfig::cacheblend(1.0)
             };
             let out = b.run(b"", &with_mode(&r, Mode::Blend(cfg))).unwrap();
             assert_close(&out.logits, &want, 1e-4, "query-aware");
         }
+        let too_many = BlendConfig {
+            query_weight: 1.0,
+            query_layers: b.model().config().num_layers + 1,
+            ..BlendConfig::cacheblend(0.5)
+        };
+        assert!(b.run(b"", &with_mode(&r, Mode::Blend(too_many))).is_err());
         // timing the phases changes nothing but the stats
         let timed = BlendRequest {
             time_phases: true,

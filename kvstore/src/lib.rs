@@ -80,5 +80,5 @@ pub use layout::{KvDType, KvLayout, RopeScalingSpec};
 pub use object::{EncodedObject, KvObject, ObjectHeader, ObjectInfo, TokenStats};
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
-pub use tier::{HostTier, SsdConfig, SsdTier, Tier, TierKind};
+pub use tier::{HostMemory, HostTier, SsdConfig, SsdTier, Tier, TierKind};
 pub use tiered::{Found, LayerStream, StoreConfig, TieredStore, WritePolicy};

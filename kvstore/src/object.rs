@@ -147,6 +147,31 @@ impl KvObject {
         })
     }
 
+    /// The same object over other bytes of the same lengths (its layers placed in other
+    /// memory, e.g. page-locked for DMA; the contents must be equal).
+    pub fn with_layers(&self, layers: Vec<Bytes>) -> Result<Self> {
+        let same = layers.len() == self.layers.len()
+            && layers
+                .iter()
+                .zip(&self.layers)
+                .all(|(a, b)| a.len() == b.len());
+        if !same {
+            return Err(StoreError::Invalid(
+                "replacement layers differ in number or length".into(),
+            ));
+        }
+        debug_assert!(layers.iter().zip(&self.layers).all(|(a, b)| a == b));
+        Ok(Self {
+            info: Arc::clone(&self.info),
+            layers,
+        })
+    }
+
+    /// The layers' bytes, in layer order.
+    pub fn layers(&self) -> &[Bytes] {
+        &self.layers
+    }
+
     /// What the object holds (shared, cheap to clone).
     pub fn info(&self) -> &Arc<ObjectInfo> {
         &self.info

@@ -15,7 +15,7 @@ use crate::key::ChunkKey;
 use crate::object::{KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
 use crate::stats::TierStatsSnapshot;
-use crate::tier::{HostTier, SsdConfig, SsdTier, Tier, TierKind};
+use crate::tier::{HostMemory, HostTier, SsdConfig, SsdTier, Tier, TierKind};
 
 /// When a put reaches the slower tiers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -100,6 +100,8 @@ impl LayerStream {
 /// KV objects in tiers, fastest first.
 pub struct TieredStore {
     tiers: Vec<Arc<dyn Tier>>,
+    /// The fastest tier (also `tiers[0]`), typed: its memory can be set.
+    host: Arc<HostTier>,
     ssd: Option<SsdTier>,
     pins: Pins,
     write: WritePolicy,
@@ -112,12 +114,12 @@ impl TieredStore {
     /// Opens the configured tiers (the SSD tier rebuilds its index from disk).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let pins = Pins::default();
-        let host: Arc<dyn Tier> = Arc::new(HostTier::new(
+        let host = Arc::new(HostTier::new(
             config.host_capacity,
             config.host_policy,
             pins.clone(),
         ));
-        let mut tiers = vec![host];
+        let mut tiers: Vec<Arc<dyn Tier>> = vec![host.clone()];
         let ssd = match config.ssd {
             Some(c) => {
                 let s = SsdTier::open(c, pins.clone())?;
@@ -128,12 +130,19 @@ impl TieredStore {
         };
         Ok(Self {
             tiers,
+            host,
             ssd,
             pins,
             write: config.write,
             promote_on_hit: config.promote_on_hit,
             dirty: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Places objects the host tier admits from now on in `memory` (page-locked memory on a
+    /// GPU host, so hits upload by DMA). Once per store: false if a memory was already set.
+    pub fn set_host_memory(&self, memory: Arc<dyn HostMemory>) -> bool {
+        self.host.set_memory(memory)
     }
 
     /// The tiers, fastest first.

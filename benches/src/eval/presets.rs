@@ -62,8 +62,20 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             ratio: r,
             ..BlendConfig::default()
         },
+        // query-aware with the suffix pass over the first N layers only (`query8`: 8)
+        other
+            if other
+                .strip_prefix("query")
+                .is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n > 0)) =>
+        {
+            BlendConfig {
+                query_weight: 1.0,
+                query_layers: other["query".len()..].parse()?,
+                ..base
+            }
+        }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, qspan, qchunk, vchunk, mixed or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qchunk, vchunk, mixed or kvquilt)"
         ),
     })
 }

@@ -31,6 +31,7 @@ use crate::cost::CostModel;
 use crate::device_tier::DeviceTier;
 use crate::error::{Result, invalid};
 use crate::identity::ModelIdentity;
+use crate::pinned_host::PinnedHost;
 use crate::request::{BlendOutput, BlendRequest};
 
 /// What [`Blender::precompute`] did for one chunk.
@@ -65,13 +66,21 @@ pub struct Blender {
 
 impl Blender {
     /// A blender over `model` (whose identity is `identity`) and `store`, driving store
-    /// futures on `rt`; fallback to full prefill on, device tier off.
+    /// futures on `rt`; fallback to full prefill on, device tier off. With the model on a
+    /// CUDA device, the store's host tier places objects it admits from now on in
+    /// page-locked memory of this blender's uploader (`pinned_host.rs`), unless the store's
+    /// host memory was already set.
     pub fn new(
         model: Arc<Model>,
         identity: ModelIdentity,
         store: Arc<TieredStore>,
         rt: Handle,
     ) -> Self {
+        let uploader = Arc::new(Uploader::new());
+        if model.device().is_cuda() {
+            let pinned = PinnedHost::new(Arc::clone(&uploader), model.device().clone());
+            store.set_host_memory(Arc::new(pinned));
+        }
         Self {
             model,
             identity,
@@ -80,7 +89,7 @@ impl Blender {
             costs: CostModel::default(),
             fallback_to_full: true,
             device_tier: None,
-            uploader: Arc::new(Uploader::new()),
+            uploader,
         }
     }
 

@@ -2,9 +2,16 @@
 //!
 //! Reads hand out clones of the `Arc`ed layer bytes (no copy), so an object evicted while a
 //! reader holds it stays alive for that reader; leases still keep it in the tier.
+//!
+//! Where the bytes live is the tier's [`HostMemory`]: by default wherever the object was
+//! built (the heap); a GPU deployment sets page-locked memory
+//! ([`crate::TieredStore::set_host_memory`]) so that a host-tier hit crosses to the device
+//! by DMA with no staging copy. The tier knows nothing of devices: it only asks the memory to
+//! place an object's layers as it admits it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -19,11 +26,23 @@ use crate::object::{KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
 
+/// Where a host tier keeps its objects' bytes.
+pub trait HostMemory: Send + Sync + fmt::Debug {
+    /// `layers` copied into this memory, in order and of the same lengths; an error leaves
+    /// the object where it was built (the tier still admits it).
+    fn place(&self, layers: &[Bytes]) -> std::result::Result<Vec<Bytes>, String>;
+
+    /// Whether `bytes` already lie in this memory (then [`HostMemory::place`] is skipped).
+    fn holds(&self, bytes: &Bytes) -> bool;
+}
+
 /// Decoded objects in host memory, bounded in bytes of K/V; nothing survives the process.
 pub struct HostTier {
     index: Arc<TierIndex>,
     objects: RwLock<HashMap<ChunkKey, Arc<KvObject>>>,
     stats: TierStats,
+    /// Where admitted objects are placed; unset: left where they were built.
+    memory: OnceLock<Arc<dyn HostMemory>>,
 }
 
 impl HostTier {
@@ -33,6 +52,35 @@ impl HostTier {
             index: Arc::new(TierIndex::new("host", capacity, policy, pins)),
             objects: RwLock::new(HashMap::new()),
             stats: TierStats::default(),
+            memory: OnceLock::new(),
+        }
+    }
+
+    /// Places objects admitted from now on in `memory` (objects already held stay where they
+    /// are). Once per tier: false if a memory was already set.
+    pub fn set_memory(&self, memory: Arc<dyn HostMemory>) -> bool {
+        self.memory.set(memory).is_ok()
+    }
+
+    /// `obj` in the tier's memory (itself when no memory is set, it is there already, or
+    /// placing fails: a warning, and the object is admitted as built).
+    fn placed(&self, obj: Arc<KvObject>) -> Arc<KvObject> {
+        let Some(memory) = self.memory.get() else {
+            return obj;
+        };
+        if obj.layers().iter().all(|l| memory.holds(l)) {
+            return obj;
+        }
+        match memory
+            .place(obj.layers())
+            .map_err(crate::StoreError::Invalid)
+            .and_then(|layers| obj.with_layers(layers))
+        {
+            Ok(placed) => Arc::new(placed),
+            Err(e) => {
+                tracing::warn!("host tier: keeping {} in ordinary memory ({e})", obj.key());
+                obj
+            }
         }
     }
 
@@ -101,6 +149,7 @@ impl Tier for HostTier {
         }
         let size = obj.raw_len();
         let (reservation, victims) = self.index.admit(key, size, cost_s)?;
+        let obj = self.placed(obj);
         let mut evicted = Vec::with_capacity(victims.len());
         {
             let mut map = self.objects.write();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use host::HostTier;
+pub use host::{HostMemory, HostTier};
 pub use ssd::{SsdConfig, SsdTier};
 
 use crate::error::Result;

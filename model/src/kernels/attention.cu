@@ -428,7 +428,12 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // Q and K (rope_rows outputs, packed), adds exp2(s - lse) for each key.
 
 // One thread per (key, head): acc[key] += sum over the rows that see the key of
-// exp2(scaled score - lse); four partial dot products keep the FMA pipes busy.
+// exp2(scaled score - lse). The block's rows of Q (its head h) are staged in shared memory as
+// f32, COLSUM_ROWS at a time, and read as float4 broadcasts (every thread of the block reads
+// the same row); the key's row is read in 16-byte loads; four partial dot products keep the
+// FMA pipes busy.
+constexpr int COLSUM_ROWS = 32;
+
 template <typename T, int D>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
                                             const T *__restrict__ k_rot,
@@ -436,29 +441,57 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
                                             const uint32_t *__restrict__ k_pos,
                                             const float *__restrict__ lse, float *__restrict__ acc,
                                             int n, int t, int H, int kvh, float scale_log2) {
+  __shared__ float4 qs[COLSUM_ROWS * D / 4];
+  __shared__ float ls[COLSUM_ROWS];
+  __shared__ uint32_t qps[COLSUM_ROWS];
   const int j = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y;
-  if (j >= t) return;
+  const bool live = j < t;  // no early return: every thread takes part in the staging
   const int kh = h / (H / kvh);
   float kf[D];
-  const T *kr = k_rot + (static_cast<size_t>(j) * kvh + kh) * D;
+  uint32_t kp = 0;
+  if (live) {
+    // the key's row in 16-byte loads (rows are D * 2 bytes, so 16-byte aligned)
+    const uint4 *kr = reinterpret_cast<const uint4 *>(k_rot + (static_cast<size_t>(j) * kvh + kh) * D);
 #pragma unroll
-  for (int x = 0; x < D; ++x) kf[x] = Elem<T>::to_float(kr[x]) * scale_log2;
-  const uint32_t kp = k_pos[j];
-  float sum = 0.f;
-  for (int r = 0; r < n; ++r) {
-    if (q_pos[r] < kp) continue;
-    const T *qr = q_rot + (static_cast<size_t>(r) * H + h) * D;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int c = 0; c < D / 8; ++c) {
+      const uint4 u = kr[c];
+      const T *e = reinterpret_cast<const T *>(&u);
 #pragma unroll
-    for (int x = 0; x < D; x += 4) {
-      s0 += Elem<T>::to_float(qr[x]) * kf[x];
-      s1 += Elem<T>::to_float(qr[x + 1]) * kf[x + 1];
-      s2 += Elem<T>::to_float(qr[x + 2]) * kf[x + 2];
-      s3 += Elem<T>::to_float(qr[x + 3]) * kf[x + 3];
+      for (int i = 0; i < 8; ++i) kf[8 * c + i] = Elem<T>::to_float(e[i]) * scale_log2;
     }
-    sum += exp2f((s0 + s1) + (s2 + s3) - lse[r * H + h]);
+    kp = k_pos[j];
   }
-  atomicAdd(acc + j, sum);
+  float sum = 0.f;
+  for (int r0 = 0; r0 < n; r0 += COLSUM_ROWS) {
+    const int rows = min(COLSUM_ROWS, n - r0);
+    __syncthreads();  // the previous rows are no longer read
+    float *qf = reinterpret_cast<float *>(qs);
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+      const int r = i / D, x = i % D;
+      qf[i] = Elem<T>::to_float(q_rot[(static_cast<size_t>(r0 + r) * H + h) * D + x]);
+    }
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+      ls[r] = lse[static_cast<size_t>(r0 + r) * H + h];
+      qps[r] = q_pos[r0 + r];
+    }
+    __syncthreads();
+    if (!live) continue;
+    for (int r = 0; r < rows; ++r) {
+      if (qps[r] < kp) continue;
+      const float4 *qr = qs + r * (D / 4);
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll
+      for (int x = 0; x < D / 4; ++x) {
+        const float4 qv = qr[x];
+        s0 += qv.x * kf[4 * x];
+        s1 += qv.y * kf[4 * x + 1];
+        s2 += qv.z * kf[4 * x + 2];
+        s3 += qv.w * kf[4 * x + 3];
+      }
+      sum += exp2f((s0 + s1) + (s2 + s3) - ls[r]);
+    }
+  }
+  if (live) atomicAdd(acc + j, sum);
 }
 
 #define COLSUM_ENTRY(T, SUF, D)                                                                  \

@@ -1,0 +1,122 @@
+//! The host tier's memory hook: admitted objects are placed in the configured memory
+//! (page-locked on a GPU host), reads hand out the placed bytes, objects promoted from the SSD
+//! tier are placed too, and a memory that fails to place leaves the object admitted as built.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use kvquilt_kvstore::{HostMemory, KvDType, SsdConfig, StoreConfig, TieredStore};
+
+use common::{layout, object};
+
+const READ_AHEAD: usize = 2;
+
+/// Copies layers into one buffer per object and remembers the buffers' address ranges.
+#[derive(Debug, Default)]
+struct Arena {
+    ranges: parking_lot::Mutex<Vec<(usize, usize)>>,
+    placed: AtomicUsize,
+    fail: bool,
+}
+
+impl HostMemory for Arena {
+    fn place(&self, layers: &[Bytes]) -> Result<Vec<Bytes>, String> {
+        if self.fail {
+            return Err("no page-locked memory left".into());
+        }
+        let all = Bytes::from(layers.concat());
+        self.ranges.lock().push((all.as_ptr() as usize, all.len()));
+        self.placed.fetch_add(1, Ordering::Relaxed);
+        let mut at = 0;
+        Ok(layers
+            .iter()
+            .map(|l| {
+                at += l.len();
+                all.slice(at - l.len()..at)
+            })
+            .collect())
+    }
+
+    fn holds(&self, bytes: &Bytes) -> bool {
+        let p = bytes.as_ptr() as usize;
+        self.ranges
+            .lock()
+            .iter()
+            .any(|&(a, n)| p >= a && p + bytes.len() <= a + n)
+    }
+}
+
+#[tokio::test]
+async fn admitted_objects_live_in_the_tier_memory() {
+    let store = Arc::new(TieredStore::open(StoreConfig::host_only(1 << 20)).unwrap());
+    let arena = Arc::new(Arena::default());
+    assert!(store.set_host_memory(arena.clone()));
+    assert!(
+        !store.set_host_memory(Arc::new(Arena::default())),
+        "set once"
+    );
+    let lay = layout(KvDType::F16, 3);
+    let obj = object(1, 5, lay);
+    store.put(obj.clone(), 0.0).await.unwrap();
+    assert_eq!(arena.placed.load(Ordering::Relaxed), 1);
+    let (got, _) = store.get(obj.key()).await.unwrap().unwrap();
+    for l in 0..3 {
+        assert_eq!(got.layer(l), obj.layer(l), "same contents");
+        assert!(arena.holds(got.layer(l)), "layer {l} read from the arena");
+        assert!(!arena.holds(obj.layer(l)));
+    }
+    let mut stream = store
+        .read_layers(obj.key(), READ_AHEAD)
+        .await
+        .unwrap()
+        .unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(
+        arena.holds(&first),
+        "streamed layers come from the arena too"
+    );
+}
+
+#[tokio::test]
+async fn promoted_objects_are_placed() {
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(KvDType::BF16, 2);
+    let obj = object(2, 7, lay);
+    {
+        let store = TieredStore::open(StoreConfig::with_ssd(
+            1 << 20,
+            SsdConfig::new(dir.path(), 1 << 24),
+        ))
+        .unwrap();
+        store.put(obj.clone(), 0.0).await.unwrap();
+    }
+    // a fresh process: the object is only on the SSD until a hit promotes it
+    let store = TieredStore::open(StoreConfig::with_ssd(
+        1 << 20,
+        SsdConfig::new(dir.path(), 1 << 24),
+    ))
+    .unwrap();
+    let arena = Arc::new(Arena::default());
+    store.set_host_memory(arena.clone());
+    store.get(obj.key()).await.unwrap().unwrap();
+    let (got, _) = store.get(obj.key()).await.unwrap().unwrap();
+    assert_eq!(arena.placed.load(Ordering::Relaxed), 1);
+    assert!(arena.holds(got.layer(1)));
+    assert_eq!(got.layer(1), obj.layer(1));
+}
+
+#[tokio::test]
+async fn a_memory_that_cannot_place_leaves_the_object_admitted() {
+    let store = TieredStore::open(StoreConfig::host_only(1 << 20)).unwrap();
+    store.set_host_memory(Arc::new(Arena {
+        fail: true,
+        ..Arena::default()
+    }));
+    let obj = object(3, 4, layout(KvDType::F32, 2));
+    store.put(obj.clone(), 0.0).await.unwrap();
+    let (got, _) = store.get(obj.key()).await.unwrap().unwrap();
+    assert_eq!(got.layer(0), obj.layer(0));
+}
