@@ -228,6 +228,10 @@ mod ring {
                     .remove(&self.ptr);
             }
             debug_assert_eq!(self.host.num_bytes(), self.len);
+            // the last owner may be any thread (an eviction on a store task): make the
+            // context current there before `host` is freed right after this body
+            let ctx = self.host.context();
+            ctx.record_err(ctx.bind_to_thread());
         }
     }
 

@@ -57,7 +57,14 @@ pub(crate) fn run(a: UploadBenchArgs) -> Result<()> {
     let device = kvquilt_model::parse_device(&a.device)?;
     let piece = ((a.piece_mib * (1 << 20) as f64) as usize / 2) * 2;
     // distinct host buffers, as store hits are (a few, reused round robin)
-    let sources: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i; piece]).collect();
+    // varied bytes (every high byte below 0x70: finite bf16 values, so equality is exact)
+    let sources: Vec<Vec<u8>> = (0..16usize)
+        .map(|i| {
+            (0..piece)
+                .map(|j| ((j * 31 + i * 7) % 0x70) as u8)
+                .collect()
+        })
+        .collect();
     let shape = [piece / 2];
     let total = (piece * a.pieces) as f64;
     let uploader = Uploader::new();
@@ -94,6 +101,20 @@ pub(crate) fn run(a: UploadBenchArgs) -> Result<()> {
             &device,
         )?)
     })?;
+    // the direct path must deliver the same bytes as a plain copy
+    for i in [0, sources.len() - 1] {
+        let got = uploader.upload_shared(&pinned[i], DType::BF16, &shape, &device)?;
+        let want = Tensor::from_raw_buffer(&sources[i], DType::BF16, &shape, &device)?;
+        let differ = got
+            .ne(&want)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        anyhow::ensure!(
+            differ == 0.0,
+            "direct upload of piece {i}: {differ} elements differ"
+        );
+    }
     let peak = pinned_peak_gbps(&device, 256 << 20, a.repeats)?;
     eprintln!(
         "host->device: pinned peak {peak:.1} GB/s, direct from the host tier's pinned memory {direct:.1} GB/s ({:.0}% of peak), staged {staged:.1} GB/s ({:.0}%), pageable {pageable:.1} GB/s",
