@@ -1,69 +1,45 @@
-//! Codecs applied to each layer's K‖V bytes. The codec id and its parameter are recorded in
-//! the object header, so a reader always knows how a layer was encoded; ids are never reused.
+//! The store's side of the KV codecs: which codec a tier writes is a
+//! [`kvquilt_compression::CodecSpec`] (re-exported here as [`Codec`]); this module turns an
+//! object's layout and token count into the codec's [`LayerShape`] and the codec's errors into
+//! store errors. The object header records the codec id and its parameter block (format v2,
+//! `lib.rs`), so a reader always knows how a layer was encoded; ids are never reused.
+//!
+//! Lossy codecs can be set programmatically (`SsdConfig::codec`); the sidecar's configuration
+//! does not offer them until a lossy hit is reported as such (issue 13).
 
-use serde::{Deserialize, Serialize};
+pub use kvquilt_compression::CodecSpec as Codec;
+use kvquilt_compression::{CodecError, ElemType, LayerShape};
 
 use crate::error::{Result, StoreError};
+use crate::layout::{KvDType, KvLayout};
 
-/// How a layer's bytes are encoded at rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Codec {
-    /// The bytes as they are (id 0).
-    Raw,
-    /// LZ4 block format, lossless (id 1). KV floats compress little, but zero padding,
-    /// repeated tokens and low-entropy heads do.
-    Lz4,
+/// The codec's view of one layer of `tokens` tokens of `layout`.
+pub(crate) fn shape_of(layout: &KvLayout, tokens: usize) -> LayerShape {
+    LayerShape {
+        tokens,
+        kv_heads: layout.num_kv_heads as usize,
+        head_dim: layout.head_dim as usize,
+        elem: match layout.dtype {
+            KvDType::F32 => ElemType::F32,
+            KvDType::F16 => ElemType::F16,
+            KvDType::BF16 => ElemType::Bf16,
+        },
+    }
 }
 
-impl Codec {
-    /// Stored id; 2.. are open for lossy codecs (quantisation), which will carry parameters.
-    pub fn id(self) -> u8 {
-        match self {
-            Self::Raw => 0,
-            Self::Lz4 => 1,
-        }
-    }
+/// Parses a header's codec id and parameter block; a bad one means the header is corrupt.
+pub(crate) fn from_header(id: u8, params: &[u8]) -> Result<Codec> {
+    Codec::from_header(id, params).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
 
-    /// The codec of a stored id; an unknown id means the bytes are corrupt.
-    pub(crate) fn from_id(id: u8) -> Result<Self> {
-        match id {
-            0 => Ok(Self::Raw),
-            1 => Ok(Self::Lz4),
-            _ => Err(StoreError::Corrupt(format!("unknown codec id {id}"))),
-        }
-    }
-
-    /// Parses `raw` or `lz4`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "raw" => Some(Self::Raw),
-            "lz4" => Some(Self::Lz4),
-            _ => None,
-        }
-    }
-
-    /// Encodes one layer's bytes.
-    pub fn encode(self, raw: &[u8]) -> Vec<u8> {
-        match self {
-            Self::Raw => raw.to_vec(),
-            Self::Lz4 => lz4_flex::block::compress(raw),
-        }
-    }
-
-    /// Decodes one layer back to exactly `raw_len` bytes.
-    pub fn decode(self, stored: &[u8], raw_len: usize) -> Result<Vec<u8>> {
-        let out = match self {
-            Self::Raw => stored.to_vec(),
-            Self::Lz4 => lz4_flex::block::decompress(stored, raw_len)
-                .map_err(|e| StoreError::Corrupt(format!("lz4: {e}")))?,
-        };
-        if out.len() != raw_len {
-            return Err(StoreError::Corrupt(format!(
-                "layer decodes to {} bytes, header says {raw_len}",
-                out.len()
-            )));
-        }
-        Ok(out)
-    }
+/// Decodes a stored record of a layer of `tokens` tokens; any mismatch is corruption.
+pub(crate) fn decode(
+    codec: Codec,
+    layout: &KvLayout,
+    tokens: usize,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    codec
+        .decode(&shape_of(layout, tokens), stored)
+        .map_err(|e: CodecError| StoreError::Corrupt(e.to_string()))
 }

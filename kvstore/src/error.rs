@@ -17,6 +17,18 @@ pub enum StoreError {
         /// Which part failed (`header`, `layer 3`, ...).
         what: String,
     },
+    /// An object written by a newer kvquilt, in a format version this build cannot read.
+    /// Tiers leave it in place (a newer process sharing the store may read it) and treat it
+    /// as a miss.
+    #[error(
+        "object format version {version} is newer than this build reads ({reads}); left in place"
+    )]
+    NewerFormat {
+        /// The object's version.
+        version: u16,
+        /// The newest version this build reads.
+        reads: u16,
+    },
     /// An object's layout or key does not match what the caller expects (another model,
     /// dtype or RoPE setting), so its KV must not be used.
     #[error("object mismatch: {0}")]

@@ -13,21 +13,21 @@
 //! header and every layer record carries a BLAKE3 checksum, verified on every read. A
 //! mismatch is a miss (counted in `checksum_failures`, logged, the object dropped), never data.
 //!
-//! # Object format, version 1
+//! # Object format, version 2
 //!
 //! All integers little-endian; checksums are BLAKE3-256. `T` = token count, `L` = layers,
-//! `S` = bytes of the optional statistics block.
+//! `S` = bytes of the optional statistics block, `P` = bytes of the codec's parameter block.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVQUILT\0` |
-//! | 8 | 2 | format version (`1`) |
+//! | 8 | 2 | format version (`2`; `1` is read too, see below) |
 //! | 10 | 2 | flags (0) |
 //! | 12 | 4 | header length `H` in bytes, checksum included |
 //! | 16 | 32 | chunk key the object was stored under |
-//! | 48 | 1 | codec id (0 raw, 1 LZ4 block; 2.. reserved for lossy codecs) |
-//! | 49 | 1 | codec parameter (0) |
-//! | 50 | 2 | reserved (0) |
+//! | 48 | 1 | codec id (0 raw, 1 LZ4 block, 2 fp8 e4m3, 3 int8, 4 KIVI; ids are never reused) |
+//! | 49 | 1 | reserved (0) |
+//! | 50 | 2 | `P` |
 //! | 52 | 4 | `L`, decoder layers |
 //! | 56 | 4 | KV heads |
 //! | 60 | 4 | head dim |
@@ -41,15 +41,44 @@
 //! | 92 | 4 | `S` (0 when absent) |
 //! | 96 | 4·T | token ids, u32 |
 //! | 96+4T | S | statistics: kind u8, 3 zero bytes, f32 values (a multiple of `T`) |
-//! | 96+4T+S | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
+//! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8 and int8: flags u8 (bit 0: lz4 after); KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
+//! | 96+4T+S+P | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
 //! | H−32 | 32 | BLAKE3 of bytes `0..H−32` |
 //! | H | … | payload: the `L` records in layer order |
 //!
 //! A record is the codec's encoding of the layer's K then V, each `[T, kv_heads, head_dim]`
-//! row-major in the dtype: decoded length `2·T·kv_heads·head_dim·dtype size`. Layer-major
+//! row-major in the dtype: decoded length `2·T·kv_heads·head_dim·dtype size`. A lossy
+//! codec's record layout (scales, codes, the exact residual tokens) is documented with the
+//! codec in `kvquilt-compression` (`codec/{fp8,int8,kivi}.rs`); its length is fixed by the
+//! shape and parameters, and a record of any other length is corrupt. Layer-major
 //! records let one layer be read, verified and used alone. The SSD tier stores the header
 //! and each record as separate RocksDB values (see [`tier::SsdTier`]); the byte string above
 //! is the form objects take on the wire and in files.
+//!
+//! ## Version changes
+//!
+//! - **1 → 2** (2026-11-30): bytes 49..52 were "codec parameter (0)" and "reserved (0)"; they
+//!   became "reserved (0)" and `P`, and the parameter block was inserted before the layer
+//!   table. A v1 object is therefore a v2 object with `P = 0` and a raw or lz4 codec: this
+//!   build reads both (a v1 header with `P ≠ 0` is corrupt). A v1 build refuses v2 objects
+//!   by their version field. A version newer than this build's is
+//!   [`StoreError::NewerFormat`]: a miss, and the object is **left in place** (the SSD tier
+//!   does not delete it), so a newer process sharing the store can still use it.
+//!   Test: `tests/format.rs::version_1_objects_still_read`.
+//!
+//! ## What a crash leaves
+//!
+//! The SSD tier writes an object as one RocksDB `WriteBatch` (header, every record, meta)
+//! with a synced WAL, so each step below leaves either no object or the whole object:
+//! 1. *Encoding* (in memory): nothing written; a lossy codec that cannot hold the values
+//!    falls back to raw before anything is written.
+//! 2. *Batch built, not committed*: nothing on disk; the reservation is released.
+//! 3. *WAL synced*: on restart RocksDB replays the batch; the index is rebuilt from meta.
+//! 4. *Torn or rotted bytes later*: the header checksum or a record's checksum fails on read:
+//!    a counted miss, the object dropped (never data); the codec's parameter block is inside
+//!    the header checksum, and a parameter out of range (bits, group, flags, codec id) is
+//!    caught by `CodecSpec::from_header` even if re-checksummed
+//!    (`tests/format.rs::bad_codec_parameters_name_the_field`).
 //!
 //! # Why the tiers do their own eviction
 //!

@@ -13,8 +13,9 @@ use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
 
 /// First eight bytes of every object.
 pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
-/// The format this code writes; readers reject others.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format this code writes. It reads this one and every earlier one (v1 is v2 with no
+/// codec parameters); a later version is refused with [`StoreError::Mismatch`].
+pub const FORMAT_VERSION: u16 = 2;
 /// Bytes of the fixed part of the header, before the token ids.
 pub const FIXED_HEADER_LEN: usize = 96;
 /// Bytes of one layer-table entry.
@@ -217,13 +218,17 @@ impl KvObject {
         self.layers.iter().map(|l| l.len() as u64).sum()
     }
 
-    /// Encodes every layer with `codec` and builds the checksummed header.
-    pub fn encode(&self, codec: Codec) -> EncodedObject {
+    /// Encodes every layer with `codec` and builds the checksummed header. Fails only when
+    /// a lossy codec cannot represent the values (e.g. KIVI's f16 group parameters).
+    pub fn encode(&self, codec: Codec) -> Result<EncodedObject> {
         let mut offset = 0u64;
         let mut entries = Vec::with_capacity(self.layers.len());
         let mut records = Vec::with_capacity(self.layers.len());
+        let shape = crate::codec::shape_of(&self.info.layout, self.info.tokens.len());
         for raw in &self.layers {
-            let stored = Bytes::from(codec.encode(raw));
+            let stored = Bytes::from(codec.encode(&shape, raw).map_err(|e| {
+                StoreError::Invalid(format!("encoding {} with {codec}: {e}", self.info.key))
+            })?);
             entries.push(LayerEntry {
                 offset,
                 stored_len: stored.len() as u64,
@@ -238,11 +243,11 @@ impl KvObject {
             codec,
             layers: entries,
         };
-        EncodedObject {
+        Ok(EncodedObject {
             header_bytes: Bytes::from(encode_header(&header)),
             header,
             records,
-        }
+        })
     }
 
     /// Builds the object from a verified header and its decoded layers.
@@ -341,7 +346,18 @@ pub fn decode_record(header: &ObjectHeader, i: usize, record: &Bytes) -> Result<
             record.len(),
             e.raw_len
         ))),
-        codec => Ok(Bytes::from(codec.decode(record, e.raw_len as usize)?)),
+        codec => {
+            let t = header.info.tokens.len();
+            let out = crate::codec::decode(codec, &header.info.layout, t, record)?;
+            if out.len() as u64 != e.raw_len {
+                return Err(StoreError::Corrupt(format!(
+                    "layer {i} decodes to {} bytes, header says {}",
+                    out.len(),
+                    e.raw_len
+                )));
+            }
+            Ok(Bytes::from(out))
+        }
     }
 }
 
@@ -390,9 +406,11 @@ fn stats_len(stats: &Option<TokenStats>) -> usize {
 pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
     let info = &h.info;
     let t = info.tokens.len();
+    let codec_params = h.codec.params();
     let len = FIXED_HEADER_LEN
         + 4 * t
         + stats_len(&info.stats)
+        + codec_params.len()
         + LAYER_ENTRY_LEN * h.layers.len()
         + CHECKSUM_LEN;
     let mut w = Writer(Vec::with_capacity(len));
@@ -402,8 +420,8 @@ pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
     w.u32(len as u32);
     w.bytes(&info.key.0);
     w.u8(h.codec.id());
-    w.u8(0); // codec parameter
-    w.u16(0);
+    w.u8(0); // reserved
+    w.u16(codec_params.len() as u16);
     let l = &info.layout;
     w.u32(l.num_layers);
     w.u32(l.num_kv_heads);
@@ -430,6 +448,7 @@ pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
             w.f32(v);
         }
     }
+    w.bytes(&codec_params);
     for e in &h.layers {
         w.u64(e.offset);
         w.u64(e.stored_len);
@@ -504,10 +523,14 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
     }
     let mut r = Reader { b: bytes, at: 8 };
     let version = r.u16()?;
-    if version != FORMAT_VERSION {
-        return Err(StoreError::Mismatch(format!(
-            "object format version {version}, this build reads {FORMAT_VERSION}"
-        )));
+    if version > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            version,
+            reads: FORMAT_VERSION,
+        });
+    }
+    if version == 0 {
+        return Err(corrupt("object format version 0".into()));
     }
     let _flags = r.u16()?;
     let header_len = r.u32()? as usize;
@@ -527,9 +550,14 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
     }
     let mut r = Reader { b: body, at: 16 };
     let key = ChunkKey(r.arr32()?);
-    let codec = Codec::from_id(r.u8()?)?;
-    let _codec_param = r.u8()?;
-    let _ = r.u16()?;
+    let codec_id = r.u8()?;
+    let _reserved = r.u8()?; // v1: the unused codec parameter, always 0
+    let params_len = r.u16()? as usize; // v1: reserved, always 0
+    if version == 1 && params_len != 0 {
+        return Err(corrupt(format!(
+            "a version 1 header with {params_len} codec parameter bytes"
+        )));
+    }
     let num_layers = r.u32()?;
     let num_kv_heads = r.u32()?;
     let head_dim = r.u32()?;
@@ -557,6 +585,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
     let expected = FIXED_HEADER_LEN
         + 4 * t as usize
         + s_len
+        + params_len
         + LAYER_ENTRY_LEN * num_layers as usize
         + CHECKSUM_LEN;
     if expected != header_len {
@@ -578,6 +607,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
             .collect::<Result<Vec<_>>>()?;
         Some(TokenStats { kind, values })
     };
+    let codec = crate::codec::from_header(codec_id, r.take(params_len)?)?;
     let raw_len = layout.layer_bytes(t as usize) as u64;
     let mut layers = Vec::with_capacity(num_layers as usize);
     let mut next = 0u64;

@@ -46,6 +46,48 @@ async fn round_trip_survives_reopen() {
     }
 }
 
+/// A tier configured with a lossy codec stores it and reads back values within its bound;
+/// values the codec cannot hold (random bit patterns: NaNs, beyond f16) are stored exactly.
+#[tokio::test]
+async fn lossy_codec_tier_reads_back_close_values_or_stores_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layout(KvDType::F32, 2);
+    let base = object(5, 64, l);
+    let n = l.layer_bytes(64) / 4;
+    let values: Vec<f32> = (0..n).map(|i| (i % 53) as f32 / 13.0 - 2.0).collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sane = kvquilt_kvstore::KvObject::new(
+        *base.key(),
+        l,
+        base.tokens().to_vec(),
+        vec![bytes::Bytes::from(bytes); 2],
+        None,
+    )
+    .unwrap();
+    let hostile = object(6, 64, l);
+    let t = SsdTier::open(config(dir.path(), 1 << 30, Codec::kivi(4)), Pins::default()).unwrap();
+    t.put(Arc::new(sane.clone()), 1.0).await.unwrap();
+    t.put(Arc::new(hostile.clone()), 1.0).await.unwrap();
+    let got = t.get(sane.key()).await.unwrap().unwrap();
+    let back: Vec<f32> = got
+        .layer(1)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    // KIVI-4 over values spanning 4.0 in groups: step ≤ 4/15, error ≤ step/2 plus f16 rounding
+    let worst = values
+        .iter()
+        .zip(&back)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst > 0.0 && worst < 0.14, "worst error {worst}");
+    assert_eq!(
+        *t.get(hostile.key()).await.unwrap().unwrap(),
+        hostile,
+        "stored raw"
+    );
+}
+
 /// Corrupt one stored value behind the tier's back: the read is a miss, counted, and the
 /// object is dropped; other objects are untouched.
 #[tokio::test]
@@ -86,7 +128,7 @@ async fn pins_persist_and_protect() {
     let dir = tempfile::tempdir().unwrap();
     let l = layout(KvDType::F32, 2);
     let objs: Vec<_> = (0..4).map(|i| object(i, 16, l)).collect();
-    let one = objs[0].encode(Codec::Raw).to_bytes().len() as u64;
+    let one = objs[0].encode(Codec::Raw).unwrap().to_bytes().len() as u64;
     {
         let pins = Pins::default();
         let t = SsdTier::open(config(dir.path(), 3 * one, Codec::Raw), pins.clone()).unwrap();

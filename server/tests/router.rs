@@ -322,7 +322,7 @@ async fn uploaded_objects_are_verified_before_they_are_stored() {
             "PUT",
             &kv_url,
             T,
-            Some(wrong.encode(Codec::Raw).to_bytes().to_vec()),
+            Some(wrong.encode(Codec::Raw).unwrap().to_bytes().to_vec()),
         )
         .await;
     assert_err(&to_json(r), 400, "layout_mismatch", "layout");

@@ -5,6 +5,7 @@
 
 mod attention;
 mod blend;
+mod codec;
 mod load;
 mod model;
 mod store;
@@ -22,6 +23,8 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// The fused attention kernel beside the reference: `--check` on random cases, and timings.
     Attention(attention::AttentionBenchArgs),
+    /// KV codecs on real chunk KV: ratio, encode/decode throughput on one core, error.
+    Codec(codec::CodecBenchArgs),
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
@@ -38,6 +41,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(a) => attention::run(a),
+        BenchCommand::Codec(a) => codec::run(a),
         BenchCommand::Model(a) => model::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),

@@ -6,7 +6,7 @@
 //! first token's logits, and it decodes greedily (up to `--max-tokens`, stopping at a line
 //! break or end of turn). The prediction is the first line of the answer.
 
-mod data;
+pub(crate) mod data;
 mod metrics;
 pub(crate) mod presets;
 

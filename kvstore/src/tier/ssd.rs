@@ -74,7 +74,8 @@ impl SsdConfig {
 struct Meta {
     /// Header plus records, bytes.
     stored: u64,
-    codec: Codec,
+    /// The object's codec id (its parameters are in the object header).
+    codec_id: u8,
     /// Nanoseconds since the Unix epoch, strictly increasing per tier (a tie-free order).
     created_ns: u64,
     last_access_ns: u64,
@@ -89,7 +90,7 @@ impl Meta {
         let mut b = [0u8; Self::LEN];
         b[0] = META_VERSION;
         b[1..9].copy_from_slice(&self.stored.to_le_bytes());
-        b[9] = self.codec.id();
+        b[9] = self.codec_id;
         b[10..18].copy_from_slice(&self.created_ns.to_le_bytes());
         b[18..26].copy_from_slice(&self.last_access_ns.to_le_bytes());
         b[26..34].copy_from_slice(&self.cost_s.to_le_bytes());
@@ -121,7 +122,7 @@ impl Meta {
         };
         Ok(Self {
             stored: u64_at(1),
-            codec: Codec::from_id(b[9])?,
+            codec_id: b[9],
             created_ns: u64_at(10),
             last_access_ns: u64_at(18),
             cost_s: f64::from_le_bytes(b[26..34].try_into().expect("8 bytes")),
@@ -289,8 +290,14 @@ impl Inner {
     }
 
     /// Turns a failed verification into a miss: count it, log it, drop the object.
+    /// An object from a newer format version is a miss too, but stays on disk.
     fn quarantine<T>(&self, key: &ChunkKey, r: Result<Option<T>>) -> Result<Option<T>> {
         match r {
+            Err(e @ StoreError::NewerFormat { .. }) => {
+                TierStats::add(&self.stats.misses, 1);
+                tracing::warn!(%key, error = %e, "SSD tier: skipping an object of a newer format");
+                Ok(None)
+            }
             Err(
                 e
                 @ (StoreError::Checksum { .. } | StoreError::Corrupt(_) | StoreError::Mismatch(_)),
@@ -360,7 +367,15 @@ impl Inner {
         if self.index.contains(&key) {
             return Ok(PutOutcome::default());
         }
-        let enc = obj.encode(self.config.codec);
+        let enc = match obj.encode(self.config.codec) {
+            Ok(enc) => enc,
+            // a lossy codec that cannot hold these values: store them exactly instead
+            Err(e) if self.config.codec.is_lossy() => {
+                tracing::warn!(%key, error = %e, "stored raw");
+                obj.encode(Codec::Raw)?
+            }
+            Err(e) => return Err(e),
+        };
         let stored = enc.header.stored_len(enc.header_bytes.len());
         let (reservation, victims) = self.index.admit(key, stored, cost_s)?;
         for (v, _) in &victims {
@@ -369,7 +384,7 @@ impl Inner {
         let now = self.now_ns();
         let meta = Meta {
             stored,
-            codec: self.config.codec,
+            codec_id: enc.header.codec.id(),
             created_ns: now,
             last_access_ns: now,
             cost_s,
@@ -711,7 +726,7 @@ mod tests {
     fn meta_round_trip() {
         let m = Meta {
             stored: 123,
-            codec: Codec::Lz4,
+            codec_id: Codec::Lz4.id(),
             created_ns: 5,
             last_access_ns: 9,
             cost_s: 0.25,

@@ -113,6 +113,7 @@ impl From<StoreError> for ApiError {
                 Self::bad_request("corrupt_object", e.to_string())
             }
             S::Mismatch(_) => Self::bad_request("object_mismatch", e.to_string()),
+            S::NewerFormat { .. } => Self::bad_request("unsupported_object_version", e.to_string()),
             S::Invalid(_) => Self::bad_request("invalid_request", e.to_string()),
             S::NoRoom { .. } | S::DiskFull { .. } => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,

@@ -136,7 +136,7 @@ pub(crate) async fn get_kv(
     let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
         return Err(unknown_chunk(&key));
     };
-    let bytes = obj.encode(Codec::Raw).to_bytes();
+    let bytes = obj.encode(Codec::Raw)?.to_bytes();
     let mut resp = bytes.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -1,0 +1,446 @@
+//! Codecs for one stored layer: K then V, each `[tokens, kv_heads, head_dim]` row-major,
+//! little-endian in the layer's element type.
+//!
+//! A codec is a value, [`CodecSpec`]: its id and parameter bytes are what an object header
+//! records ([`CodecSpec::id`], [`CodecSpec::params`], parsed back and validated by
+//! [`CodecSpec::from_header`]). Encoding needs the layer's [`LayerShape`]; the encoded bytes
+//! carry no shape, and decoding checks their length against the shape exactly, so a
+//! truncated or padded record is an error, never a short read.
+//!
+//! Error bounds (each pinned by a property test in this module's files), per element `x` of a
+//! layer decoded back to its element type, `ε` that type's rounding (0 for f32, 2⁻¹¹·|x| for
+//! f16, 2⁻⁸·|x| for bf16):
+//! - `raw`, `lz4`: exact.
+//! - `fp8` (e4m3, scale `s` = amax/448 per K or V and head): `2⁻⁴·|x| + 2⁻¹⁰·s + ε`.
+//! - `int8` (symmetric, K per (head, channel) over tokens, V per (token, head)):
+//!   `s/2 + ε` with `s` = amax/127 of that channel or row.
+//! - `kiviB` (asymmetric `B`-bit, K per (group of G tokens, head, channel), V per (token,
+//!   head, group of G channels); min and step stored as f16):
+//!   `step/2 + 2⁻¹⁰·(|min| + range) + 2⁻²⁵·2^B + ε` (the third term is f16's subnormal
+//!   spacing, for tiny values); the last `R` tokens (and any tokens short of a full group
+//!   before them) are stored exactly.
+
+mod elems;
+mod fp8;
+mod int8;
+mod kivi;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use elems::ElemType;
+
+/// What a layer holds: `tokens` rows of `kv_heads × head_dim` elements of `elem`, for K
+/// and again for V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Tokens in the layer.
+    pub tokens: usize,
+    /// KV heads per token.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Element type of the raw bytes.
+    pub elem: ElemType,
+}
+
+impl LayerShape {
+    /// Elements of K (and of V).
+    pub fn half_elems(&self) -> usize {
+        self.tokens * self.kv_heads * self.head_dim
+    }
+
+    /// Raw bytes of the layer: K‖V.
+    pub fn raw_bytes(&self) -> usize {
+        2 * self.half_elems() * self.elem.size()
+    }
+}
+
+/// Why a codec could not be parsed, or a layer could not be encoded or decoded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// A codec id this build does not know (written by a newer kvquilt, or corrupt).
+    #[error("unknown codec id {0}")]
+    UnknownId(u8),
+    /// A codec name that does not parse.
+    #[error(
+        "unknown codec `{0}` (expected raw, lz4, fp8, int8, kivi2, kivi4 or kivi8, optionally +lz4)"
+    )]
+    UnknownName(String),
+    /// A parameter out of range or a parameter block of the wrong size; names the field.
+    #[error("codec {codec}: bad parameter `{field}`: {why}")]
+    BadParam {
+        /// The codec's name.
+        codec: &'static str,
+        /// The parameter.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The raw bytes given to the encoder do not match the shape.
+    #[error("{got} bytes for a layer of {want} bytes")]
+    RawLength {
+        /// Bytes given.
+        got: usize,
+        /// Bytes the shape needs.
+        want: usize,
+    },
+    /// Stored bytes that cannot be this codec's encoding of this shape.
+    #[error("corrupt {codec} record: {why}")]
+    Corrupt {
+        /// The codec's name.
+        codec: &'static str,
+        /// What does not fit.
+        why: String,
+    },
+}
+
+/// Result of codec operations.
+pub type Result<T> = std::result::Result<T, CodecError>;
+
+/// Defaults of KIVI's group size G and exact residual R (KIVI's example settings).
+pub const KIVI_GROUP: u16 = 32;
+/// See [`KIVI_GROUP`].
+pub const KIVI_RESIDUAL: u16 = 32;
+
+/// A codec and its parameters. Ids are never reused: 0 raw, 1 lz4, 2 fp8, 3 int8, 4 KIVI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum CodecSpec {
+    /// The bytes as they are.
+    Raw,
+    /// LZ4 block format, lossless.
+    Lz4,
+    /// fp8 e4m3 (OCP "fn": max 448, no infinities) with one f32 scale per K/V and head.
+    Fp8 {
+        /// Followed by lz4.
+        lz4: bool,
+    },
+    /// Symmetric int8: K per (head, channel) over the tokens, V per (token, head).
+    Int8 {
+        /// Followed by lz4.
+        lz4: bool,
+    },
+    /// KIVI-style asymmetric quantisation: K per channel in groups of `group` tokens, V per
+    /// token in groups of `group` channels, the last `residual` tokens exact.
+    Kivi {
+        /// Bits per element: 2, 4 or 8.
+        bits: u8,
+        /// Group size, ≥ 1.
+        group: u16,
+        /// Trailing tokens kept exact.
+        residual: u16,
+        /// Followed by lz4.
+        lz4: bool,
+    },
+}
+
+const LZ4_FLAG: u8 = 1;
+
+impl CodecSpec {
+    /// KIVI with `bits` and the default group and residual.
+    pub fn kivi(bits: u8) -> Self {
+        Self::Kivi {
+            bits,
+            group: KIVI_GROUP,
+            residual: KIVI_RESIDUAL,
+            lz4: false,
+        }
+    }
+
+    /// The id recorded in an object header.
+    pub fn id(self) -> u8 {
+        match self {
+            Self::Raw => 0,
+            Self::Lz4 => 1,
+            Self::Fp8 { .. } => 2,
+            Self::Int8 { .. } => 3,
+            Self::Kivi { .. } => 4,
+        }
+    }
+
+    /// The name without parameters: raw, lz4, fp8, int8, kivi.
+    pub fn family(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Lz4 => "lz4",
+            Self::Fp8 { .. } => "fp8",
+            Self::Int8 { .. } => "int8",
+            Self::Kivi { .. } => "kivi",
+        }
+    }
+
+    /// Whether decoding gives back other values than were encoded.
+    pub fn is_lossy(self) -> bool {
+        !matches!(self, Self::Raw | Self::Lz4)
+    }
+
+    fn lz4_after(self) -> bool {
+        match self {
+            Self::Raw | Self::Lz4 => false,
+            Self::Fp8 { lz4 } | Self::Int8 { lz4 } | Self::Kivi { lz4, .. } => lz4,
+        }
+    }
+
+    /// The parameter block recorded in an object header (empty for raw and lz4; fp8/int8:
+    /// flags; KIVI: flags, bits, group u16 LE, residual u16 LE). Flags: bit 0 = lz4 after.
+    pub fn params(self) -> Vec<u8> {
+        let flags = if self.lz4_after() { LZ4_FLAG } else { 0 };
+        match self {
+            Self::Raw | Self::Lz4 => Vec::new(),
+            Self::Fp8 { .. } | Self::Int8 { .. } => vec![flags],
+            Self::Kivi {
+                bits,
+                group,
+                residual,
+                ..
+            } => {
+                let mut p = vec![flags, bits];
+                p.extend_from_slice(&group.to_le_bytes());
+                p.extend_from_slice(&residual.to_le_bytes());
+                p
+            }
+        }
+    }
+
+    /// Parses and validates a header's codec id and parameter block.
+    pub fn from_header(id: u8, params: &[u8]) -> Result<Self> {
+        let bad = |codec, field, why: String| CodecError::BadParam { codec, field, why };
+        let need = |codec: &'static str, n: usize| {
+            if params.len() == n {
+                Ok(())
+            } else {
+                Err(bad(
+                    codec,
+                    "parameter block",
+                    format!("{} bytes, expected {n}", params.len()),
+                ))
+            }
+        };
+        let flags = |codec: &'static str| -> Result<bool> {
+            match params[0] {
+                0 => Ok(false),
+                LZ4_FLAG => Ok(true),
+                f => Err(bad(codec, "flags", format!("unknown bits {f:#04x}"))),
+            }
+        };
+        let spec = match id {
+            0 => {
+                need("raw", 0)?;
+                Self::Raw
+            }
+            1 => {
+                need("lz4", 0)?;
+                Self::Lz4
+            }
+            2 => {
+                need("fp8", 1)?;
+                Self::Fp8 { lz4: flags("fp8")? }
+            }
+            3 => {
+                need("int8", 1)?;
+                Self::Int8 {
+                    lz4: flags("int8")?,
+                }
+            }
+            4 => {
+                need("kivi", 6)?;
+                Self::Kivi {
+                    lz4: flags("kivi")?,
+                    bits: params[1],
+                    group: u16::from_le_bytes([params[2], params[3]]),
+                    residual: u16::from_le_bytes([params[4], params[5]]),
+                }
+            }
+            other => return Err(CodecError::UnknownId(other)),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks the parameters: KIVI bits 2, 4 or 8 and a group of at least 1.
+    pub fn validate(self) -> Result<()> {
+        if let Self::Kivi { bits, group, .. } = self {
+            if !matches!(bits, 2 | 4 | 8) {
+                return Err(CodecError::BadParam {
+                    codec: "kivi",
+                    field: "bits",
+                    why: format!("{bits} (expected 2, 4 or 8)"),
+                });
+            }
+            if group == 0 {
+                return Err(CodecError::BadParam {
+                    codec: "kivi",
+                    field: "group",
+                    why: "0 (expected at least 1)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses `raw`, `lz4`, `fp8`, `int8`, `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
+    /// R = 32), each lossy one optionally with `+lz4`.
+    pub fn parse(name: &str) -> Result<Self> {
+        let unknown = || CodecError::UnknownName(name.to_string());
+        let (base, lz4) = match name.strip_suffix("+lz4") {
+            Some(b) => (b, true),
+            None => (name, false),
+        };
+        let spec = match base {
+            "raw" if !lz4 => Self::Raw,
+            "lz4" if !lz4 => Self::Lz4,
+            "fp8" => Self::Fp8 { lz4 },
+            "int8" => Self::Int8 { lz4 },
+            "kivi2" | "kivi4" | "kivi8" => Self::Kivi {
+                bits: base[4..].parse().map_err(|_| unknown())?,
+                group: KIVI_GROUP,
+                residual: KIVI_RESIDUAL,
+                lz4,
+            },
+            _ => return Err(unknown()),
+        };
+        Ok(spec)
+    }
+
+    /// Encodes one layer's raw K‖V bytes of `shape`.
+    pub fn encode(self, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
+        self.validate()?;
+        if raw.len() != shape.raw_bytes() {
+            return Err(CodecError::RawLength {
+                got: raw.len(),
+                want: shape.raw_bytes(),
+            });
+        }
+        let inner = match self {
+            Self::Raw => return Ok(raw.to_vec()),
+            Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
+            Self::Fp8 { .. } => fp8::encode(shape, raw),
+            Self::Int8 { .. } => int8::encode(shape, raw),
+            Self::Kivi {
+                bits,
+                group,
+                residual,
+                ..
+            } => kivi::Params::new(shape, bits, group, residual).encode(raw)?,
+        };
+        Ok(if self.lz4_after() {
+            lz4_flex::block::compress_prepend_size(&inner)
+        } else {
+            inner
+        })
+    }
+
+    /// Decodes a stored layer of `shape` into `out`, which must be `shape.raw_bytes()` long.
+    pub fn decode_into(self, shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Result<()> {
+        self.validate()?;
+        if out.len() != shape.raw_bytes() {
+            return Err(CodecError::RawLength {
+                got: out.len(),
+                want: shape.raw_bytes(),
+            });
+        }
+        let corrupt = |why: String| CodecError::Corrupt {
+            codec: self.family(),
+            why,
+        };
+        let unpacked;
+        let inner = if self.lz4_after() {
+            unpacked = lz4_flex::block::decompress_size_prepended(stored)
+                .map_err(|e| corrupt(format!("lz4: {e}")))?;
+            &unpacked[..]
+        } else {
+            stored
+        };
+        match self {
+            Self::Raw => {
+                if stored.len() != out.len() {
+                    return Err(corrupt(format!(
+                        "{} bytes, expected {}",
+                        stored.len(),
+                        out.len()
+                    )));
+                }
+                out.copy_from_slice(stored);
+                Ok(())
+            }
+            Self::Lz4 => {
+                let n = lz4_flex::block::decompress_into(stored, out)
+                    .map_err(|e| corrupt(format!("lz4: {e}")))?;
+                if n != out.len() {
+                    return Err(corrupt(format!(
+                        "decodes to {n} bytes, expected {}",
+                        out.len()
+                    )));
+                }
+                Ok(())
+            }
+            Self::Fp8 { .. } => fp8::decode(shape, inner, out),
+            Self::Int8 { .. } => int8::decode(shape, inner, out),
+            Self::Kivi {
+                bits,
+                group,
+                residual,
+                ..
+            } => kivi::Params::new(shape, bits, group, residual).decode(inner, out),
+        }
+    }
+
+    /// [`CodecSpec::decode_into`] a new buffer.
+    pub fn decode(self, shape: &LayerShape, stored: &[u8]) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; shape.raw_bytes()];
+        self.decode_into(shape, stored, &mut out)?;
+        Ok(out)
+    }
+}
+
+impl fmt::Display for CodecSpec {
+    /// The name [`CodecSpec::parse`] reads (KIVI with other than the default group and
+    /// residual shows them: `kivi4/g64r16`, which does not parse).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Raw => f.write_str("raw")?,
+            Self::Lz4 => f.write_str("lz4")?,
+            Self::Fp8 { .. } => f.write_str("fp8")?,
+            Self::Int8 { .. } => f.write_str("int8")?,
+            Self::Kivi {
+                bits,
+                group,
+                residual,
+                ..
+            } => {
+                write!(f, "kivi{bits}")?;
+                if (group, residual) != (KIVI_GROUP, KIVI_RESIDUAL) {
+                    write!(f, "/g{group}r{residual}")?;
+                }
+            }
+        }
+        if self.lz4_after() {
+            f.write_str("+lz4")?;
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<String> for CodecSpec {
+    type Error = CodecError;
+    fn try_from(s: String) -> Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl From<CodecSpec> for String {
+    fn from(c: CodecSpec) -> Self {
+        c.to_string()
+    }
+}
+
+/// Reads the `i`-th little-endian f32 of `b` (callers check lengths first).
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+#[cfg(test)]
+mod tests;

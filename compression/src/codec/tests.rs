@@ -1,0 +1,294 @@
+//! Round trips within the documented bounds, header parsing, and corrupt records.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const ALL: [&str; 10] = [
+    "raw",
+    "lz4",
+    "fp8",
+    "fp8+lz4",
+    "int8",
+    "int8+lz4",
+    "kivi2",
+    "kivi4",
+    "kivi8",
+    "kivi4+lz4",
+];
+
+/// Values of a layer: normal-ish noise, with a few outlier K channels (as real K has).
+fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let hd = shape.kv_heads * shape.head_dim;
+    (0..2 * shape.half_elems())
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            let outlier = i < shape.half_elems() && (i % hd) % 7 == 3;
+            u * scale * if outlier { 8.0 } else { 1.0 }
+        })
+        .collect()
+}
+
+fn raw_of(shape: &LayerShape, v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * shape.elem.size()];
+    shape.elem.put_all(v, &mut out);
+    out
+}
+
+/// The documented bound on |decoded − x| for every element (before the output rounding).
+fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
+    let (t, h, d, half) = (
+        shape.tokens,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.half_elems(),
+    );
+    let hd = h * d;
+    let amax = |it: &mut dyn Iterator<Item = f32>| it.fold(0f32, |a, v| a.max(v.abs()));
+    match spec {
+        CodecSpec::Raw | CodecSpec::Lz4 => vec![0.0; x.len()],
+        CodecSpec::Fp8 { .. } => {
+            // amax per (K/V, head)
+            let mut m = vec![0f32; 2 * h];
+            for (i, v) in x.iter().enumerate() {
+                let at = (i / half) * h + (i / d) % h;
+                m[at] = m[at].max(v.abs());
+            }
+            (0..x.len())
+                .map(|i| x[i].abs() / 16.0 + m[(i / half) * h + (i / d) % h] / 448.0 / 1024.0)
+                .collect()
+        }
+        CodecSpec::Int8 { .. } => (0..x.len())
+            .map(|i| {
+                let s = if i < half {
+                    amax(&mut (0..t).map(|tt| x[tt * hd + i % hd]))
+                } else {
+                    let row = (i - half) / d;
+                    amax(&mut (0..d).map(|c| x[half + row * d + c]))
+                } / 127.0;
+                s / 2.0
+            })
+            .collect(),
+        CodecSpec::Kivi {
+            bits,
+            group,
+            residual,
+            ..
+        } => {
+            let (g, r) = (group as usize, residual as usize);
+            let tq = if t > r { (t - r) / g * g } else { 0 };
+            let levels = ((1u32 << bits) - 1) as f32;
+            (0..x.len())
+                .map(|i| {
+                    let (kv, j) = (i / half, i % half);
+                    let tok = j / hd;
+                    if tok >= tq {
+                        return 0.0;
+                    }
+                    let members: Vec<f32> = if kv == 0 {
+                        let g0 = tok / g * g;
+                        (g0..g0 + g).map(|tt| x[tt * hd + j % hd]).collect()
+                    } else {
+                        let c0 = (j % d) / g * g;
+                        let base = j - j % d;
+                        (c0..(c0 + g).min(d)).map(|c| x[half + base + c]).collect()
+                    };
+                    let lo = members.iter().copied().fold(f32::MAX, f32::min);
+                    let hi = members.iter().copied().fold(f32::MIN, f32::max);
+                    (hi - lo) / levels / 2.0
+                        + (lo.abs() + (hi - lo)) / 1024.0
+                        + (1.0 + levels) / (1u32 << 25) as f32
+                })
+                .collect()
+        }
+    }
+}
+
+fn shape_strategy() -> impl Strategy<Value = LayerShape> {
+    (
+        1usize..90,
+        1usize..4,
+        prop::sample::select(vec![4usize, 6, 16, 64]),
+        prop::sample::select(vec![ElemType::F32, ElemType::F16, ElemType::Bf16]),
+    )
+        .prop_map(|(tokens, kv_heads, head_dim, elem)| LayerShape {
+            tokens,
+            kv_heads,
+            head_dim,
+            elem,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every codec decodes within its documented bound (lossless ones exactly), at several
+    /// value scales, for every element type.
+    #[test]
+    fn round_trips_within_the_documented_bounds(
+        shape in shape_strategy(),
+        seed in any::<u64>(),
+        scale in prop::sample::select(vec![0.01f32, 1.0, 30.0]),
+        group in prop::sample::select(vec![1u16, 8, 32]),
+        residual in prop::sample::select(vec![0u16, 5, 32]),
+    ) {
+        let x0 = values(&shape, seed, scale);
+        let raw = raw_of(&shape, &x0);
+        // the values as the raw type holds them
+        let x = shape.elem.to_f32_vec(&raw);
+        let mut specs: Vec<CodecSpec> = ALL.iter().map(|n| CodecSpec::parse(n).unwrap()).collect();
+        specs.push(CodecSpec::Kivi { bits: 2, group, residual, lz4: false });
+        for spec in specs {
+            let stored = spec.encode(&shape, &raw).unwrap();
+            let back = spec.decode(&shape, &stored).unwrap();
+            if !spec.is_lossy() {
+                prop_assert!(back == raw, "{} not exact", spec);
+                continue;
+            }
+            let y = shape.elem.to_f32_vec(&back);
+            let eps = shape.elem.rounding();
+            for (i, (b, (&xi, &yi))) in bounds(spec, &shape, &x).iter().zip(x.iter().zip(&y)).enumerate() {
+                let allowed = (b + eps * (xi.abs() + b)) * 1.001 + 1e-30;
+                prop_assert!((xi - yi).abs() <= allowed,
+                    "{} {:?}: element {} {} decoded {} (bound {})", spec, shape, i, xi, yi, allowed);
+            }
+        }
+    }
+
+    /// Any truncation or extension of a record is an error, never a panic or a short read.
+    #[test]
+    fn cut_or_padded_records_are_errors(shape in shape_strategy(), seed in any::<u64>(), cut in 1usize..40) {
+        let raw = raw_of(&shape, &values(&shape, seed, 1.0));
+        for name in ALL {
+            let spec = CodecSpec::parse(name).unwrap();
+            let stored = spec.encode(&shape, &raw).unwrap();
+            let short = &stored[..stored.len().saturating_sub(cut)];
+            prop_assert!(spec.decode(&shape, short).is_err(), "{} accepted a cut record", name);
+            let mut long = stored.clone();
+            long.extend(std::iter::repeat_n(0u8, cut));
+            prop_assert!(spec.decode(&shape, &long).is_err(), "{} accepted a padded record", name);
+        }
+    }
+}
+
+#[test]
+fn names_and_headers_round_trip() {
+    for name in ALL {
+        let spec = CodecSpec::parse(name).unwrap();
+        assert_eq!(spec.to_string(), name);
+        assert_eq!(
+            CodecSpec::from_header(spec.id(), &spec.params()).unwrap(),
+            spec
+        );
+        assert_eq!(spec.is_lossy(), !matches!(name, "raw" | "lz4"));
+    }
+    let custom = CodecSpec::Kivi {
+        bits: 4,
+        group: 64,
+        residual: 16,
+        lz4: true,
+    };
+    assert_eq!(CodecSpec::from_header(4, &custom.params()).unwrap(), custom);
+    assert_eq!(custom.to_string(), "kivi4/g64r16+lz4");
+    for bad in [
+        "", "raw+lz4", "lz4+lz4", "kivi3", "kivi", "int4", "fp8+zstd",
+    ] {
+        assert!(
+            matches!(CodecSpec::parse(bad), Err(CodecError::UnknownName(_))),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn bad_headers_name_the_field() {
+    let field = |r: Result<CodecSpec>| match r {
+        Err(CodecError::BadParam { field, .. }) => field,
+        other => panic!("expected a bad parameter, got {other:?}"),
+    };
+    assert_eq!(
+        CodecSpec::from_header(9, &[]),
+        Err(CodecError::UnknownId(9))
+    );
+    assert_eq!(field(CodecSpec::from_header(0, &[1])), "parameter block");
+    assert_eq!(field(CodecSpec::from_header(2, &[])), "parameter block");
+    assert_eq!(field(CodecSpec::from_header(3, &[0x80])), "flags");
+    assert_eq!(
+        field(CodecSpec::from_header(4, &[0, 3, 32, 0, 32, 0])),
+        "bits"
+    );
+    assert_eq!(
+        field(CodecSpec::from_header(4, &[0, 4, 0, 0, 32, 0])),
+        "group"
+    );
+    assert_eq!(
+        field(CodecSpec::from_header(4, &[0, 4, 32, 0, 32])),
+        "parameter block"
+    );
+}
+
+#[test]
+fn wrong_raw_lengths_and_hostile_values_are_errors() {
+    let shape = LayerShape {
+        tokens: 80,
+        kv_heads: 1,
+        head_dim: 4,
+        elem: ElemType::F32,
+    };
+    let raw = vec![0u8; shape.raw_bytes()];
+    for name in ALL {
+        let spec = CodecSpec::parse(name).unwrap();
+        assert!(matches!(
+            spec.encode(&shape, &raw[1..]),
+            Err(CodecError::RawLength { .. })
+        ));
+        let mut out = vec![0u8; 3];
+        assert!(
+            spec.decode_into(&shape, &spec.encode(&shape, &raw).unwrap(), &mut out)
+                .is_err()
+        );
+    }
+    // a group beyond f16's range cannot be stored by KIVI: an error, not silent garbage
+    let mut v = vec![0f32; 2 * shape.half_elems()];
+    v[0] = 1e6;
+    assert!(
+        CodecSpec::kivi(4)
+            .encode(&shape, &raw_of(&shape, &v))
+            .is_err()
+    );
+}
+
+#[test]
+fn ratios_against_f16_are_as_designed() {
+    let shape = LayerShape {
+        tokens: 512,
+        kv_heads: 3,
+        head_dim: 64,
+        elem: ElemType::F16,
+    };
+    let raw = raw_of(&shape, &values(&shape, 7, 1.0));
+    let ratio = |n: &str| {
+        raw.len() as f64
+            / CodecSpec::parse(n)
+                .unwrap()
+                .encode(&shape, &raw)
+                .unwrap()
+                .len() as f64
+    };
+    assert!((ratio("fp8") - 2.0).abs() < 0.01);
+    assert!((ratio("int8") - 1.95).abs() < 0.05);
+    // KIVI-B at G = 32: B bits + 32 bits of (min, step) per 32 elements (K and V alike) for
+    // the 480 quantised tokens, 16 bits for the R = 32 exact ones
+    for (name, b) in [("kivi4", 4.0), ("kivi2", 2.0)] {
+        let bits = (480.0 * (b + 1.0) + 32.0 * 16.0) / 512.0;
+        assert!(
+            (ratio(name) - 16.0 / bits).abs() < 0.01,
+            "{name}: {}",
+            ratio(name)
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! KV compression for kvquilt. This crate knows no model runtime: it works on plain arrays
+//! with a layout, so the store (which knows nothing of models) can depend on it.
+//!
+//! - [`codec`]: how one stored layer's K‖V bytes are encoded at rest. [`CodecSpec`] names a
+//!   codec and its parameters (what an object header records); [`CodecSpec::encode`] and
+//!   [`CodecSpec::decode_into`] run it over a [`LayerShape`]. Lossless: `raw`, `lz4`. Lossy:
+//!   `fp8` (e4m3, one scale per head), `int8` (K per channel, V per token) and KIVI-style
+//!   `kivi4` / `kivi2` (K per channel and V per token in groups of G, the last R tokens
+//!   exact); each lossy codec optionally followed by lz4 (`int8+lz4`).
+//!
+//! Token policies (which KV entries to keep) are the other half of compression and will
+//! live here too (issue 14).
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod codec;
+
+pub use codec::{CodecError, CodecSpec, ElemType, LayerShape};
