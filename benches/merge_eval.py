@@ -34,9 +34,10 @@ def main():
         for field in ("task", "model", "device", "chunk_encoding"):
             if r.get(field) != first.get(field):
                 sys.exit(f"parts differ in {field}: {first[field]!r} vs {r[field]!r}")
-        if [(x["mode"], x["variant"], x["ratio"]) for x in r["rows"]] != [
-            (x["mode"], x["variant"], x["ratio"]) for x in first["rows"]
-        ]:
+        def configs(rep):
+            return [(x["mode"], x.get("codec", "raw"), x["variant"], x["ratio"]) for x in rep["rows"]]
+
+        if configs(r) != configs(first):
             sys.exit("parts evaluated different configurations")
 
     details = [d for r in reports for d in r["details"]]
@@ -69,7 +70,10 @@ def main():
     rows = []
     for row in first["rows"]:
         mode, variant, ratio = row["mode"], row["variant"], row["ratio"]
+        codec = row.get("codec", "raw")
         label = mode if variant is None else f"{mode} {variant} r={fmt_ratio(ratio)}"
+        if codec != "raw":
+            label = f"{label} [{codec}]"
         ds = by_config.get(label)
         if ds is None or len(ds) != examples:
             sys.exit(f"{label}: {0 if ds is None else len(ds)} of {examples} examples")
@@ -77,6 +81,7 @@ def main():
         rows.append(
             {
                 "mode": mode,
+                "codec": codec,
                 "variant": variant,
                 "ratio": ratio,
                 "f1": s["f1"],
@@ -93,14 +98,14 @@ def main():
 
     print(f"{first['task']} task, {examples} examples, model {first['model']}, device {first['device']}")
     print(
-        "| mode | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL "
+        "| mode | codec | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL "
         "| answer agreement | TTFT median ms | speed-up | recomputed |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     opt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         print(
-            f"| {r['mode']} | {r['variant'] or '–'} | "
+            f"| {r['mode']} | {r['codec']} | {r['variant'] or '–'} | "
             f"{'–' if r['ratio'] is None else fmt_ratio(r['ratio'])} | {r['f1']:.3f} | "
             f"{opt(r['f1_vs_full'])} | {r['acc']:.3f} | {opt(r['acc_vs_full'])} | "
             f"{r['first_token_kl']:.3f} | {r['answer_token_agreement']:.2f} | "

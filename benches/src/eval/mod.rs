@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
 use kvquilt_blend::{Blender, ChunkCodec, ChunkEncoding, Mode, ModelIdentity};
-use kvquilt_kvstore::{StoreConfig, TieredStore};
+use kvquilt_compression::CodecSpec;
+use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
 use kvquilt_model::{GenerateOptions, Tokenizer, continue_greedy};
 use serde::Serialize;
 
@@ -63,6 +64,12 @@ pub struct Args {
     /// Most answer tokens to decode.
     #[arg(long, default_value_t = 24)]
     max_tokens: usize,
+    /// KV codecs the chunks are read through (`raw`, `lz4`, `fp8`, `int8`, `kivi4`, `kivi2`,
+    /// …): every mode other than `full` runs once per codec. Raw reads from host memory; any
+    /// other codec from an SSD tier (a temporary directory) that stores the chunks with it, the
+    /// host copies dropped, so every read decodes.
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    codecs: Vec<String>,
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
@@ -82,13 +89,22 @@ struct Config {
     mode: Mode,
     ratio: Option<f32>,
     variant: Option<String>,
+    /// Index into the evaluated codecs (0: raw).
+    codec: usize,
+    /// The codec's name.
+    codec_name: String,
 }
 
 impl Config {
     fn label(&self) -> String {
-        match (&self.variant, self.ratio) {
+        let base = match (&self.variant, self.ratio) {
             (Some(v), Some(r)) => format!("{} {v} r={r}", self.mode.name()),
             _ => self.mode.name().to_string(),
+        };
+        if self.codec == 0 {
+            base
+        } else {
+            format!("{base} [{}]", self.codec_name)
         }
     }
 }
@@ -101,11 +117,17 @@ struct Tally {
     agreement: Vec<f64>,
     ttft_ms: Vec<f64>,
     recompute: Vec<f64>,
+    /// Codec rows: first-token KL and answer agreement against the same configuration read
+    /// raw (the codec's own cost, apart from the mode's).
+    kl_vs_raw: Vec<f64>,
+    agreement_vs_raw: Vec<f64>,
 }
 
 #[derive(Serialize)]
 struct Row {
     mode: &'static str,
+    /// The codec chunks were read through.
+    codec: String,
     variant: Option<String>,
     ratio: Option<f32>,
     f1: f64,
@@ -117,6 +139,10 @@ struct Row {
     ttft_ms_median: f64,
     ttft_speedup_vs_full: f64,
     recompute_fraction: f64,
+    /// Codec rows: first-token KL against the same configuration read raw.
+    kl_vs_raw: Option<f64>,
+    /// Codec rows: answer-token agreement with the same configuration read raw.
+    agreement_vs_raw: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -154,11 +180,45 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
+/// The evaluated codecs: raw first (the host-memory baseline), then the others as asked.
+fn codecs(a: &Args) -> Result<Vec<CodecSpec>> {
+    let mut out = vec![CodecSpec::Raw];
+    for name in &a.codecs {
+        let c = CodecSpec::parse(name).with_context(|| format!("--codecs {name}"))?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 fn configs(a: &Args) -> Result<Vec<Config>> {
+    let base = base_configs(a)?;
+    let codecs = codecs(a)?;
+    let mut out = base.clone();
+    for (ci, c) in codecs.iter().enumerate().skip(1) {
+        // full prefill reads no chunk: one row for every codec
+        out.extend(
+            base.iter()
+                .filter(|b| b.mode != Mode::Full)
+                .map(|b| Config {
+                    codec: ci,
+                    codec_name: c.to_string(),
+                    ..b.clone()
+                }),
+        );
+    }
+    Ok(out)
+}
+
+fn base_configs(a: &Args) -> Result<Vec<Config>> {
+    let raw = || CodecSpec::Raw.to_string();
     let mut out = vec![Config {
         mode: Mode::Full,
         ratio: None,
         variant: None,
+        codec: 0,
+        codec_name: raw(),
     }];
     for m in &a.modes {
         match Mode::parse(m, None)? {
@@ -170,6 +230,8 @@ fn configs(a: &Args) -> Result<Vec<Config>> {
                             mode: Mode::Blend(presets::preset(v, r)?),
                             ratio: Some(r),
                             variant: Some(v.clone()),
+                            codec: 0,
+                            codec_name: raw(),
                         });
                     }
                 }
@@ -178,6 +240,8 @@ fn configs(a: &Args) -> Result<Vec<Config>> {
                 mode,
                 ratio: None,
                 variant: None,
+                codec: 0,
+                codec_name: raw(),
             }),
         }
     }
@@ -249,18 +313,40 @@ pub fn run(a: Args) -> Result<()> {
         .path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let store = TieredStore::open(StoreConfig::host_only(
-        (a.host_gib * (1u64 << 30) as f64) as u64,
-    ))?;
+    let host_bytes = (a.host_gib * (1u64 << 30) as f64) as u64;
     let model = Arc::new(loaded.model);
-    // Each row measures its mode as asked: no fallback to full prefill.
-    let blender = Blender::new(
-        Arc::clone(&model),
-        identity,
-        Arc::new(store),
-        rt.handle().clone(),
-    )
-    .with_fallback_to_full(false);
+    // One blender per codec: raw over host memory, the others over an SSD tier storing
+    // chunks with that codec (kept in temporary directories for the run). Each row measures
+    // its mode as asked: no fallback to full prefill.
+    let mut dirs = Vec::new();
+    let mut blenders = Vec::new();
+    for codec in codecs(&a)? {
+        let config = if codec == CodecSpec::Raw {
+            StoreConfig::host_only(host_bytes)
+        } else {
+            let dir = tempfile::tempdir()?;
+            let ssd = SsdConfig {
+                codec,
+                ..SsdConfig::new(dir.path(), 64 << 30)
+            };
+            dirs.push(dir);
+            StoreConfig {
+                promote_on_hit: false,
+                ..StoreConfig::with_ssd(host_bytes, ssd)
+            }
+        };
+        let store = Arc::new(TieredStore::open(config)?);
+        blenders.push((
+            codec,
+            Blender::new(
+                Arc::clone(&model),
+                identity.clone(),
+                store,
+                rt.handle().clone(),
+            )
+            .with_fallback_to_full(false),
+        ));
+    }
     let stop_ids = line_break_ids(&tokenizer)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -295,17 +381,26 @@ pub fn run(a: Args) -> Result<()> {
         };
         let base = prompt.request(&tokenizer, Mode::Full)?;
         prompt_tokens.push(base.tokens().len() as f64);
-        for seg in base.segments() {
-            blender.precompute(b"", seg)?;
+        for (codec, blender) in &blenders {
+            for seg in base.segments() {
+                let done = blender.precompute(b"", seg)?;
+                if *codec != CodecSpec::Raw {
+                    // reads must come from the codec's tier: drop the host tier's copy
+                    rt.block_on(blender.store().tiers()[0].remove(&done.key))?;
+                }
+            }
         }
         let mut reference: Option<(Vec<f32>, Vec<u32>)> = None;
+        // each raw configuration's first-token logits and answer, the baseline of its codec rows
+        let mut raw_rows: std::collections::HashMap<String, (Vec<f32>, Vec<u32>)> =
+            std::collections::HashMap::new();
         for (ci, cfg) in configs.iter().enumerate() {
             bar.set_message(format!("example {ei}: {}", cfg.label()));
             let req = kvquilt_blend::BlendRequest {
                 mode: cfg.mode.clone(),
                 ..base.clone()
             };
-            let out = blender.run(b"", &req)?;
+            let out = blenders[cfg.codec].1.run(b"", &req)?;
             let logits = out.logits.to_vec1::<f32>()?;
             let ttft = std::time::Duration::from_secs_f64(out.stats.ttft_ms / 1e3);
             let generation =
@@ -318,7 +413,7 @@ pub fn run(a: Args) -> Result<()> {
             );
             let (kl, agreement) = match &reference {
                 None => {
-                    reference = Some((logits, generation.tokens.clone()));
+                    reference = Some((logits.clone(), generation.tokens.clone()));
                     (0.0, 1.0)
                 }
                 Some((l, t)) => (
@@ -333,6 +428,18 @@ pub fn run(a: Args) -> Result<()> {
             t.agreement.push(agreement);
             t.ttft_ms.push(out.stats.ttft_ms);
             t.recompute.push(out.stats.recompute_fraction);
+            let base = Config {
+                codec: 0,
+                ..cfg.clone()
+            }
+            .label();
+            if cfg.codec == 0 {
+                raw_rows.insert(base, (logits.clone(), generation.tokens.clone()));
+            } else if let Some((l, toks)) = raw_rows.get(&base) {
+                t.kl_vs_raw.push(metrics::kl_divergence(l, &logits));
+                t.agreement_vs_raw
+                    .push(metrics::token_agreement(toks, &generation.tokens));
+            }
             details.push(Detail {
                 example: a.skip + ei,
                 config: cfg.label(),
@@ -360,6 +467,7 @@ pub fn run(a: Args) -> Result<()> {
             let (f1, acc, ttft) = (mean(&t.f1), mean(&t.acc), median(&t.ttft_ms));
             Row {
                 mode: c.mode.name(),
+                codec: c.codec_name.clone(),
                 variant: c.variant.clone(),
                 ratio: c.ratio,
                 f1,
@@ -371,6 +479,9 @@ pub fn run(a: Args) -> Result<()> {
                 ttft_ms_median: ttft,
                 ttft_speedup_vs_full: full_ttft / ttft,
                 recompute_fraction: mean(&t.recompute),
+                kl_vs_raw: (!t.kl_vs_raw.is_empty()).then(|| mean(&t.kl_vs_raw)),
+                agreement_vs_raw: (!t.agreement_vs_raw.is_empty())
+                    .then(|| mean(&t.agreement_vs_raw)),
             }
         })
         .collect();
@@ -398,14 +509,15 @@ fn print_table(r: &Report) {
         r.task, r.examples, r.prompt_tokens_median, r.model, r.device, r.chunk_encoding
     );
     println!(
-        "| mode | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL | answer agreement | TTFT median ms | speed-up | recomputed |"
+        "| mode | codec | variant | ratio | F1 | F1/full | acc | acc/full | first-token KL | answer agreement | TTFT median ms | speed-up | recomputed | KL vs raw | agreement vs raw |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |v| format!("{v:.2}"));
     for row in &r.rows {
         println!(
-            "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {:.2} | {:.0} | {:.1}× | {:.3} |",
+            "| {} | {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {:.2} | {:.0} | {:.1}× | {:.3} | {} | {} |",
             row.mode,
+            row.codec,
             row.variant.as_deref().unwrap_or("–"),
             row.ratio.map_or_else(|| "–".to_string(), |r| r.to_string()),
             row.f1,
@@ -417,6 +529,9 @@ fn print_table(r: &Report) {
             row.ttft_ms_median,
             row.ttft_speedup_vs_full,
             row.recompute_fraction,
+            row.kl_vs_raw
+                .map_or_else(|| "–".to_string(), |v| format!("{v:.4}")),
+            opt(row.agreement_vs_raw),
         );
     }
 }
