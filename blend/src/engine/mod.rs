@@ -124,8 +124,9 @@ impl Blender {
 
     /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to
     /// reach the first token sooner (default true; the rule: `Plan::full_is_faster` in
-    /// `engine/plan.rs`). Off, a request always runs its mode: for tests and measurements of
-    /// the modes themselves.
+    /// `engine/plan.rs`), and stored chunks are recomputed when that is estimated faster than
+    /// loading them. Off, a request always runs its mode and loads every stored chunk: for
+    /// tests and measurements of the modes themselves (e.g. reads through a lossy codec).
     pub fn with_fallback_to_full(mut self, on: bool) -> Self {
         self.fallback_to_full = on;
         self

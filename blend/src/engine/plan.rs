@@ -70,14 +70,15 @@ pub(crate) struct Entry<'a> {
 
 impl<'a> Entry<'a> {
     /// Plans one segment held at `held`: a device-tier entry is taken from there; a stored
-    /// one is loaded unless recomputing it is estimated strictly faster; anything else is
-    /// computed as a miss.
+    /// one is loaded unless `may_recompute` and recomputing it is estimated strictly faster;
+    /// anything else is computed as a miss.
     fn new(
         key: ChunkKey,
         tokens: &'a [u32],
         held: Option<Held>,
         layout: &KvLayout,
         costs: &CostModel,
+        may_recompute: bool,
     ) -> Self {
         let bytes = usize::try_from(layout.object_bytes(tokens.len())).unwrap_or(usize::MAX);
         let recompute_s = costs.prefill_s(tokens.len());
@@ -86,7 +87,7 @@ impl<'a> Entry<'a> {
             Some(Held::Store(tier)) => {
                 let load_s = costs.load_s(tier, bytes);
                 match recompute_s {
-                    Some(r) if r < load_s => (Origin::Compute(Why::Faster), r),
+                    Some(r) if may_recompute && r < load_s => (Origin::Compute(Why::Faster), r),
                     _ => (Origin::Load(tier), load_s),
                 }
             }
@@ -117,13 +118,17 @@ pub(crate) struct Plan<'a> {
 
 impl<'a> Plan<'a> {
     /// Plans `segments` (in prompt order): `key_of` names a segment, `held` says where a key
-    /// is held now, `layout` sizes the objects and `costs` estimates loads and prefills.
+    /// is held now, `layout` sizes the objects and `costs` estimates loads and prefills;
+    /// stored segments are recomputed when that is estimated faster only if `may_recompute`
+    /// (off, every stored segment is loaded: a request measured as its mode reads what is
+    /// stored, e.g. through a lossy codec).
     pub(crate) fn build(
         segments: &[&'a [u32]],
         key_of: impl Fn(&[u32]) -> ChunkKey,
         held: impl Fn(&ChunkKey) -> Option<Held>,
         layout: &KvLayout,
         costs: &CostModel,
+        may_recompute: bool,
     ) -> Self {
         let mut index: HashMap<ChunkKey, usize> = HashMap::new();
         let mut entries: Vec<Entry<'a>> = Vec::new();
@@ -131,7 +136,14 @@ impl<'a> Plan<'a> {
         for &tokens in segments {
             let key = key_of(tokens);
             let i = *index.entry(key).or_insert_with(|| {
-                entries.push(Entry::new(key, tokens, held(&key), layout, costs));
+                entries.push(Entry::new(
+                    key,
+                    tokens,
+                    held(&key),
+                    layout,
+                    costs,
+                    may_recompute,
+                ));
                 entries.len() - 1
             });
             placement.push(i);
@@ -224,6 +236,7 @@ mod tests {
             |_| None,
             &layout(),
             &CostModel::default(),
+            true,
         );
         assert_eq!(plan.entries.len(), 2);
         assert_eq!(plan.placement, vec![0, 1, 0]);
@@ -244,7 +257,7 @@ mod tests {
             _ => None,
         };
         let costs = CostModel::default();
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
         let origins: Vec<Origin> = plan.entries.iter().map(|e| e.origin).collect();
         assert_eq!(
             origins,
@@ -258,10 +271,13 @@ mod tests {
         assert!((plan.entries[1].cost_s - 1_280.0 / 1e9).abs() < 1e-15);
         // recompute nearly free: the stored chunk is recomputed for speed
         costs.record_prefill(1_000_000, 1e-9);
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
         assert_eq!(plan.entries[0].origin, Origin::Device);
         assert_eq!(plan.entries[1].origin, Origin::Compute(Why::Faster));
         assert_eq!(Why::Faster.source(), SegmentSource::RecomputedForSpeed);
+        // ... unless the caller measures the mode as asked: then what is stored is loaded
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, false);
+        assert_eq!(plan.entries[1].origin, Origin::Load(TierKind::Ssd));
     }
 
     #[test]
@@ -270,22 +286,22 @@ mod tests {
         let segments: Vec<&[u32]> = vec![&a, &b];
         let stored = |_: &ChunkKey| Some(Held::Store(TierKind::Host));
         let costs = CostModel::default();
-        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true);
         // no prefill measured: never
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
-        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true);
         assert!(plan.loads());
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
         // recomputing everything plus the loads is slower than full prefill
         assert!(plan.full_is_faster(&costs, 204, 4, 1.0));
         // nothing to load (misses, or only device-tier entries): full prefill
-        let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true);
         assert!(plan.full_is_faster(&costs, 204, 4, 0.0));
         let device = |_: &ChunkKey| Some(Held::Device);
-        let plan = Plan::build(&segments, key_of, device, &layout(), &costs);
+        let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true);
         assert!(!plan.loads() && plan.full_is_faster(&costs, 204, 4, 0.0));
     }
 

@@ -61,6 +61,7 @@ pub(super) fn prepare<'r>(
         |key| held(b, key),
         codec.layout(),
         &b.costs,
+        b.fallback_to_full,
     );
     if b.fallback_to_full
         && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share)
