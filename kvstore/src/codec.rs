@@ -11,6 +11,7 @@ pub use kvquilt_compression::CodecSpec as Codec;
 use kvquilt_compression::{CodecError, ElemType, LayerShape};
 
 use crate::error::{Result, StoreError};
+use crate::key::ChunkKey;
 use crate::layout::{KvDType, KvLayout};
 
 /// The codec's view of one layer of `tokens` tokens of `layout`.
@@ -27,9 +28,10 @@ pub(crate) fn shape_of(layout: &KvLayout, tokens: usize) -> LayerShape {
     }
 }
 
-/// Parses a header's codec id and parameter block; a bad one means the header is corrupt.
-pub(crate) fn from_header(id: u8, params: &[u8]) -> Result<Codec> {
-    Codec::from_header(id, params).map_err(|e| StoreError::Corrupt(e.to_string()))
+/// Parses the codec id and parameter block of `key`'s header; a bad one means the header is
+/// corrupt (the error names the key and the field).
+pub(crate) fn from_header(key: &ChunkKey, id: u8, params: &[u8]) -> Result<Codec> {
+    Codec::from_header(id, params).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
 }
 
 /// Decodes a stored record of a layer of `tokens` tokens; any mismatch is corruption.

@@ -346,16 +346,11 @@ pub fn decode_record(header: &ObjectHeader, i: usize, record: &Bytes) -> Result<
             record.len(),
             e.raw_len
         ))),
+        // the codec decodes to exactly the layer's size, which the header parse checked
+        // `raw_len` against
         codec => {
             let t = header.info.tokens.len();
             let out = crate::codec::decode(codec, &header.info.layout, t, record)?;
-            if out.len() as u64 != e.raw_len {
-                return Err(StoreError::Corrupt(format!(
-                    "layer {i} decodes to {} bytes, header says {}",
-                    out.len(),
-                    e.raw_len
-                )));
-            }
             Ok(Bytes::from(out))
         }
     }
@@ -607,7 +602,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
             .collect::<Result<Vec<_>>>()?;
         Some(TokenStats { kind, values })
     };
-    let codec = crate::codec::from_header(codec_id, r.take(params_len)?)?;
+    let codec = crate::codec::from_header(&key, codec_id, r.take(params_len)?)?;
     let raw_len = layout.layer_bytes(t as usize) as u64;
     let mut layers = Vec::with_capacity(num_layers as usize);
     let mut next = 0u64;

@@ -108,7 +108,10 @@ fn bad_codec_parameters_name_the_field() {
         let sum = blake3::hash(&bad[..h - 32]);
         bad[h - 32..h].copy_from_slice(sum.as_bytes());
         match decode_header(&bad) {
-            Err(StoreError::Corrupt(m)) => assert!(m.contains(field), "{m}"),
+            Err(StoreError::Corrupt(m)) => {
+                assert!(m.contains(field), "{m}");
+                assert!(m.contains(&obj.key().to_string()), "names the key: {m}");
+            }
             other => panic!("{field}: {other:?}"),
         }
     }

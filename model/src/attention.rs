@@ -315,34 +315,38 @@ pub(crate) fn attend(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// Reference: every query against every key, masked one at a time.
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<Vec<f32>> {
+    /// Every query against every visible key, one at a time, in f64; `[n, h·d]` flattened.
+    /// (Also the reference of the tiled attention's tests.)
+    pub(crate) fn naive(q: &Tensor, k: &Tensor, v: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<f32> {
         let (n, h, d) = q.dims3().unwrap();
         let kvh = k.dims()[1];
         let g = h / kvh;
         let q = q.to_vec3::<f32>().unwrap();
         let k = k.to_vec3::<f32>().unwrap();
         let v = v.to_vec3::<f32>().unwrap();
-        let mut out = vec![vec![0f32; h * d]; n];
+        let mut out = vec![0f32; n * h * d];
         for i in 0..n {
             for head in 0..h {
                 let kh = head / g;
                 let vis: Vec<usize> = (0..kp.len()).filter(|&j| kp[j] <= qp[i]).collect();
-                let s: Vec<f32> = vis
+                let s: Vec<f64> = vis
                     .iter()
                     .map(|&j| {
-                        (0..d).map(|x| q[i][head][x] * k[j][kh][x]).sum::<f32>() / (d as f32).sqrt()
+                        (0..d)
+                            .map(|x| q[i][head][x] as f64 * k[j][kh][x] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
                     })
                     .collect();
-                let m = s.iter().cloned().fold(f32::MIN, f32::max);
-                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f32 = e.iter().sum();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
                 for (w, &j) in e.iter().zip(&vis) {
                     for x in 0..d {
-                        out[i][head * d + x] += w / z * v[j][kh][x];
+                        out[i * h * d + head * d + x] += (w / z * v[j][kh][x] as f64) as f32;
                     }
                 }
             }
@@ -375,7 +379,7 @@ mod tests {
             }
             let (got, probs) = attend(&plan, &q, &k, &v)?;
             let got = got.to_vec2::<f32>()?;
-            for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+            for (a, b) in got.iter().flatten().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "budget {budget}: {a} vs {b}");
             }
             let probs = probs.unwrap();

@@ -394,42 +394,8 @@ fn exp2_nonpositive(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::tests::naive;
     use proptest::prelude::*;
-
-    /// Every query against every visible key, one at a time, in f64.
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<f32> {
-        let (n, h, d) = q.dims3().unwrap();
-        let kvh = k.dims()[1];
-        let g = h / kvh;
-        let q = q.to_vec3::<f32>().unwrap();
-        let k = k.to_vec3::<f32>().unwrap();
-        let v = v.to_vec3::<f32>().unwrap();
-        let mut out = vec![0f32; n * h * d];
-        for i in 0..n {
-            for head in 0..h {
-                let kh = head / g;
-                let vis: Vec<usize> = (0..kp.len()).filter(|&j| kp[j] <= qp[i]).collect();
-                let s: Vec<f64> = vis
-                    .iter()
-                    .map(|&j| {
-                        (0..d)
-                            .map(|x| q[i][head][x] as f64 * k[j][kh][x] as f64)
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (w, &j) in e.iter().zip(&vis) {
-                    for x in 0..d {
-                        out[i * h * d + head * d + x] += (w / z * v[j][kh][x] as f64) as f32;
-                    }
-                }
-            }
-        }
-        out
-    }
 
     #[test]
     fn exp2_is_accurate_over_its_range() {

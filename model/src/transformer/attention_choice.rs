@@ -247,6 +247,21 @@ impl Model {
         }
     }
 
+    /// `q` `[n, num_heads * head_dim]` and `k` rotated to their positions, `q` as
+    /// `[n, num_heads, head_dim]` (the host attentions' inputs; the fused kernel rotates as it
+    /// loads).
+    fn rotate_qk(
+        &self,
+        q: &Tensor,
+        q_tables: &RopeTables,
+        k: &Tensor,
+        k_tables: &RopeTables,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
+        Ok((q_tables.apply(&q)?, k_tables.apply(k)?))
+    }
+
     /// One layer's attention: pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be a strided
     /// view) over the layer's pre-RoPE K and V; with the probed rows' probabilities when the
     /// call was prepared with a probe.
@@ -264,11 +279,7 @@ impl Model {
                 k_tables,
                 summed,
             } => {
-                let c = &self.config;
-                let n = q.dims()[0];
-                let q = q.reshape((n, c.num_heads, c.head_dim))?;
-                let q_rot = q_tables.apply(&q)?;
-                let k_rot = k_tables.apply(k)?;
+                let (q_rot, k_rot) = self.rotate_qk(q, q_tables, k, k_tables)?;
                 let (out, probs) = attend(plan, &q_rot, &k_rot, v)?;
                 let probs = match probs {
                     Some(p) if *summed => Some(p.flatten_to(2)?.sum(0)?),
@@ -281,11 +292,7 @@ impl Model {
                 q_tables,
                 k_tables,
             } => {
-                let c = &self.config;
-                let n = q.dims()[0];
-                let q = q.reshape((n, c.num_heads, c.head_dim))?;
-                let q_rot = q_tables.apply(&q)?;
-                let k_rot = k_tables.apply(k)?;
+                let (q_rot, k_rot) = self.rotate_qk(q, q_tables, k, k_tables)?;
                 Ok((crate::tiled::attend(plan, &q_rot, &k_rot, v)?, None))
             }
             #[cfg(feature = "gpu")]
