@@ -47,9 +47,9 @@ impl ChunkKey {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Parses 64 hex digits.
+    /// Parses 64 hex digits (either case; nothing else: no sign, no spaces).
     pub fn from_hex(s: &str) -> Option<Self> {
-        if s.len() != 64 || !s.is_ascii() {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut out = [0u8; 32];
@@ -367,6 +367,11 @@ mod tests {
     fn hex_round_trip() {
         let k = ctx(b"").chunk_key(&[1]);
         assert_eq!(ChunkKey::from_hex(&k.to_hex()), Some(k));
+        assert_eq!(ChunkKey::from_hex(&k.to_hex().to_uppercase()), Some(k));
+        // `from_str_radix` alone would take a sign in each digit pair
+        let signed = format!("+{}", &k.to_hex()[1..]);
+        assert_eq!(ChunkKey::from_hex(&signed), None);
+        assert_eq!(ChunkKey::from_hex(&format!("{} ", &k.to_hex()[1..])), None);
         assert_eq!(ChunkKey::from_hex("zz"), None);
     }
 }

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::error::{Result, StoreError};
+use crate::error::Result;
 use crate::index::{Lease, Pin, Pins};
 use crate::key::ChunkKey;
 use crate::object::{KvObject, ObjectInfo};
@@ -199,28 +199,18 @@ impl TieredStore {
     ) -> Result<Option<LayerStream>> {
         for (i, t) in self.tiers.iter().enumerate() {
             let Some(lease) = t.lease(key) else { continue };
-            let Some(info) = t.info(key).await? else {
+            let Some(mut reader) = t.reader(key).await? else {
                 continue;
             };
+            let info = Arc::clone(reader.info());
+            let n = info.layout.num_layers as usize;
             let (tx, rx) = mpsc::channel(read_ahead.max(1));
-            let (tier, store, key, n) = (
-                Arc::clone(t),
-                Arc::clone(self),
-                *key,
-                info.layout.num_layers as usize,
-            );
-            let info_task = Arc::clone(&info);
+            let (store, info_task) = (Arc::clone(self), Arc::clone(&info));
             tokio::spawn(async move {
                 let _lease: Lease = lease;
                 let mut layers = Vec::with_capacity(n);
                 for l in 0..n {
-                    let r = match tier.layer(&key, l).await {
-                        Ok(Some(b)) => Ok(b),
-                        Ok(None) => Err(StoreError::Corrupt(format!(
-                            "object {key} lost layer {l} mid-read"
-                        ))),
-                        Err(e) => Err(e),
-                    };
+                    let r = reader.layer(l).await;
                     let ok = r.as_ref().ok().cloned();
                     if tx.send(r).await.is_err() {
                         return; // the reader went away
@@ -230,6 +220,7 @@ impl TieredStore {
                         None => return,
                     }
                 }
+                drop(reader);
                 if i > 0 && store.promote_on_hit {
                     let i2 = &info_task;
                     if let Ok(obj) = KvObject::new(
@@ -253,11 +244,25 @@ impl TieredStore {
     }
 
     /// Copies `obj`, found in tier `found_at`, into every faster tier (best effort).
+    ///
+    /// A removal racing the promotion wins: after copying, the source tier must still hold
+    /// the object, else the copies are removed again. With [`TieredStore::remove`] going
+    /// slowest tier first, either this check sees the source's removal, or the removal
+    /// reaches the faster tiers after the copy landed (pinned by
+    /// `streams::a_removed_object_stays_readable_by_an_open_stream`).
     async fn promote(&self, found_at: usize, obj: &Arc<KvObject>) {
+        let key = obj.key();
         for t in self.tiers[..found_at].iter().rev() {
             match t.put(Arc::clone(obj), 0.0).await {
                 Ok(out) => self.demote(&out.evicted).await,
-                Err(e) => tracing::debug!(key = %obj.key(), error = %e, "promotion skipped"),
+                Err(e) => tracing::debug!(%key, error = %e, "promotion skipped"),
+            }
+        }
+        if !self.tiers[found_at].contains(key) {
+            for t in &self.tiers[..found_at] {
+                if let Err(e) = t.remove(key).await {
+                    tracing::warn!(%key, error = %e, "undoing the promotion of a removed object failed");
+                }
             }
         }
     }
@@ -319,10 +324,11 @@ impl TieredStore {
         }
     }
 
-    /// Deletes `key` from every tier; false if no tier held it.
+    /// Deletes `key` from every tier, slowest first (see [`TieredStore::promote`]); false if
+    /// no tier held it.
     pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
         let mut any = false;
-        for t in &self.tiers {
+        for t in self.tiers.iter().rev() {
             any |= t.remove(key).await?;
         }
         self.dirty.lock().remove(key);

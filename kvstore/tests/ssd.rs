@@ -35,11 +35,13 @@ async fn round_trip_survives_reopen() {
             assert_eq!(*got, obj);
             let info = t.info(obj.key()).await.unwrap().unwrap();
             assert_eq!(info.tokens, obj.tokens());
+            let mut r = t.reader(obj.key()).await.unwrap().unwrap();
+            assert_eq!(r.info().tokens, obj.tokens());
             for l in 0..3 {
-                assert_eq!(t.layer(obj.key(), l).await.unwrap().unwrap(), obj.layer(l));
+                assert_eq!(r.layer(l).await.unwrap(), obj.layer(l));
             }
             assert!(
-                t.layer(obj.key(), 3).await.is_err(),
+                r.layer(3).await.is_err(),
                 "layer past the last is an error, not a miss"
             );
         }

@@ -124,6 +124,16 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
         )
         .await;
     assert_err(&r, 400, "invalid_token_id", "9999");
+    // the same answer wherever an id appears (issue 16, defect 5: these were 500s)
+    for body in [
+        json!({"suffix_tokens": [999999]}),
+        json!({"prefix_tokens": [5, 999999], "suffix_tokens": [7]}),
+        json!({"prefix_tokens": [999999], "suffix_tokens": [7], "chunks": [DOCS[1]], "mode": "prefix"}),
+        json!({"suffix_tokens": [7, 999999], "chunks": [DOCS[1]], "mode": "blend"}),
+    ] {
+        let r = app.json("POST", "/v1/blend", T, body.clone()).await;
+        assert_err(&r, 400, "invalid_token_id", "999999");
+    }
     let r = app
         .json(
             "POST",
@@ -169,6 +179,13 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
         )
         .await;
     assert_err(&r, 400, "invalid_role", "robot");
+    // a known path with another method: a JSON 405 naming what it takes
+    let r = app.call("PATCH", "/v1/blend", T, None, "").await;
+    assert_err(&r, 405, "method_not_allowed", "POST");
+    // a chunk id with a sign in it is not an id
+    let signed = format!("/v1/chunks/+{}", "a".repeat(63));
+    let r = app.call("GET", &signed, T, None, "").await;
+    assert_err(&r, 400, "invalid_chunk_id", "64 hexadecimal");
     let now = stats(&app, T).await;
     assert_eq!(objects(&now), objects(&before), "the store changed");
     assert_eq!(now.tenant.used_bytes, before.tenant.used_bytes);
@@ -288,6 +305,36 @@ async fn tenants_are_isolated_and_quotas_hold() {
     let b: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
     assert_eq!(b.stats.stored_back, 0);
     assert_eq!(stats(&app, acme).await.tenant.used_bytes, used);
+}
+
+/// Eight concurrent writes by one tenant, each fitting its quota alone, any two not: one is
+/// stored, seven are refused, and the usage stays within the quota (issue 16, defect 7: all
+/// eight used to succeed, each checked before any had stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_never_pass_the_quota() {
+    let app = std::sync::Arc::new(TestApp::new(limited()));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let app = std::sync::Arc::clone(&app);
+            let text = format!("Note {i}: the harbour opens at dawn.");
+            tokio::spawn(async move {
+                let body = json!({ "chunks": [text] });
+                app.json("POST", "/v1/chunks", Some(ACME_TOKEN), body).await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.0 == StatusCode::OK {
+            stored += 1;
+        } else {
+            assert_err(&r, 403, "quota_exceeded", "acme");
+        }
+    }
+    assert_eq!(stored, 1);
+    let used = stats(&app, Some(ACME_TOKEN)).await.tenant.used_bytes;
+    assert!(used > 10_000 && used <= 20_000, "used {used} of 20000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

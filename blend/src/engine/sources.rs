@@ -1,7 +1,13 @@
 //! Materialising a [`Plan`]: every unique segment gets a [`Source`] of its KV (a stream from
 //! a store tier, a device-tier hit, or KV computed now); [`Sources::fill`] then feeds the
-//! forward pass one layer at a time, and [`Sources::make_resident`] keeps what was read or
+//! forward pass one layer at a time, and [`Sources::finish`] keeps what was read or
 //! computed in the device tier afterwards.
+//!
+//! A stream that fails part-way (a record fails verification, the tier errs) costs a
+//! recompute, never the request: the segment is prefilled alone by the chunk contract, its
+//! remaining layers come from that KV, and it is reported `Unusable` (pinned by
+//! `blend/tests/faults.rs`). The layers already consumed were verified, and the chunk
+//! contract's prefill is what they were made by, so both halves are the same chunk's KV.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +17,8 @@ use kvquilt_model::staging::Uploader;
 use kvquilt_model::{Device, KvCache, LayerKv};
 
 use super::Blender;
+use kvquilt_kvstore::ChunkKey;
+
 use super::plan::{Entry, Origin, Plan};
 use super::store_back::Pending;
 use crate::chunk::ChunkCodec;
@@ -83,13 +91,20 @@ impl Streamed {
 
 /// The sources of every unique segment of a plan, and how the prompt places them.
 ///
-/// Invariants: `sources`, `lens` and the plan's entries are parallel; `placement` is the
-/// plan's (one entry index per prompt segment, in prompt order).
-pub(crate) struct Sources {
+/// Invariants: `sources`, `segments`, `how` and the plan's entries are parallel;
+/// `placement` is the plan's (one entry index per prompt segment, in prompt order).
+pub(crate) struct Sources<'r> {
     /// One source per unique segment.
     sources: Vec<Source>,
-    /// Each unique segment's length in tokens.
-    lens: Vec<usize>,
+    /// Each unique segment's key and tokens.
+    segments: Vec<(ChunkKey, &'r [u32])>,
+    /// How each unique segment's KV was obtained (a stream that failed part-way is
+    /// `Unusable`).
+    how: Vec<SegmentSource>,
+    /// The namespace's codec (recomputes a segment whose stream failed).
+    codec: ChunkCodec,
+    /// Computed objects to store after the first token.
+    pending: Pending,
     /// For each prompt segment, the index of its source.
     placement: Vec<usize>,
     /// Placeholder rows appended after the segments in every layer (the suffix's, for
@@ -103,34 +118,37 @@ pub(crate) struct Sources {
     uploader: Arc<Uploader>,
 }
 
-impl Sources {
+impl<'r> Sources<'r> {
     /// Materialises every entry of `plan` in order (opening streams, taking device-tier
-    /// hits, computing the rest; computed objects that should be stored go to `pending`).
-    /// Returns the sources and how each prompt segment's KV was obtained, in prompt order.
-    pub(crate) fn open(
-        b: &Blender,
-        codec: &ChunkCodec,
-        plan: &Plan<'_>,
-        pending: &mut Pending,
-    ) -> Result<(Self, Vec<SegmentSource>)> {
+    /// hits, computing the rest; computed objects that should be stored are kept for
+    /// [`Sources::finish`]).
+    pub(crate) fn open(b: &Blender, codec: &ChunkCodec, plan: &Plan<'r>) -> Result<Self> {
+        let mut pending = Pending::default();
         let mut sources = Vec::with_capacity(plan.entries.len());
         let mut how = Vec::with_capacity(plan.entries.len());
         for entry in &plan.entries {
-            let (source, h) = materialize(b, codec, entry, pending)?;
+            let (source, h) = materialize(b, codec, entry, &mut pending)?;
             sources.push(source);
             how.push(h);
         }
-        let placed = plan.placement.iter().map(|&i| how[i]).collect();
-        let this = Self {
+        Ok(Self {
             sources,
-            lens: plan.entries.iter().map(|e| e.tokens.len()).collect(),
+            segments: plan.entries.iter().map(|e| (e.key, e.tokens)).collect(),
+            how,
+            codec: codec.clone(),
+            pending,
             placement: plan.placement.clone(),
             suffix: None,
             layout: *codec.layout(),
             device: b.model.device().clone(),
             uploader: Arc::clone(&b.uploader),
-        };
-        Ok((this, placed))
+        })
+    }
+
+    /// How each prompt segment's KV was obtained, in prompt order (final once every layer
+    /// was filled).
+    pub(crate) fn placed(&self) -> impl Iterator<Item = SegmentSource> + '_ {
+        self.placement.iter().map(|&i| self.how[i])
     }
 
     /// Appends `rows` (placeholder K and V, `[suffix, kv_heads, head_dim]`) after the
@@ -143,16 +161,34 @@ impl Sources {
     /// (each read once; duplicates share it), placed in prompt order, then the suffix rows
     /// when set. Call once per layer, in increasing layer order (streams yield layers in
     /// order).
-    pub(crate) fn fill(&mut self, l: usize, kv: &mut LayerKv, costs: &CostModel) -> Result<()> {
+    pub(crate) fn fill(&mut self, b: &Blender, l: usize, kv: &mut LayerKv) -> Result<()> {
         let mut layer_of: Vec<LayerKv> = Vec::with_capacity(self.sources.len());
-        for (src, &len) in self.sources.iter_mut().zip(&self.lens) {
-            layer_of.push(match src {
+        for i in 0..self.sources.len() {
+            let (key, tokens) = self.segments[i];
+            let layer = match &mut self.sources[i] {
                 Source::Memory(c) => c.layers[l].clone(),
                 Source::Device(c) => c[l].clone(),
-                Source::Stream(s) => {
-                    s.next_layer(l, len, &self.layout, &self.device, &self.uploader, costs)?
-                }
-            });
+                Source::Stream(s) => match s.next_layer(
+                    l,
+                    tokens.len(),
+                    &self.layout,
+                    &self.device,
+                    &self.uploader,
+                    &b.costs,
+                ) {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        tracing::warn!(%key, layer = l, error = %e, "stored chunk failed mid-read; recomputing it");
+                        let how = SegmentSource::Unusable;
+                        let cache = compute(b, &self.codec, key, tokens, how, &mut self.pending)?;
+                        let layer = cache.layers[l].clone();
+                        self.sources[i] = Source::Memory(cache);
+                        self.how[i] = how;
+                        layer
+                    }
+                },
+            };
+            layer_of.push(layer);
         }
         let mut parts: Vec<&LayerKv> = self.placement.iter().map(|&i| &layer_of[i]).collect();
         if let Some(suffix) = &self.suffix {
@@ -164,13 +200,13 @@ impl Sources {
 
     /// After a request's first token: makes the chunks it read from the store or computed
     /// resident in the device tier (when on), every layer of each (a stream not read to its
-    /// end is left out). `entries` are the plan's.
-    pub(crate) fn make_resident(self, b: &Blender, entries: &[Entry<'_>]) {
+    /// end is left out). Returns the objects computed that should be stored.
+    pub(crate) fn finish(self, b: &Blender) -> Pending {
         let Some(tier) = &b.device_tier else {
-            return;
+            return self.pending;
         };
         let num_layers = b.model.config().num_layers;
-        for (entry, source) in entries.iter().zip(self.sources) {
+        for (&(key, tokens), source) in self.segments.iter().zip(self.sources) {
             let layers = match source {
                 Source::Stream(Streamed {
                     kept: Some(kept), ..
@@ -179,10 +215,11 @@ impl Sources {
                 Source::Stream(_) | Source::Device(_) => continue,
             };
             if layers.len() == num_layers {
-                let cost_s = b.costs.prefill_s(entry.tokens.len()).unwrap_or(0.0);
-                tier.put(entry.key, layers, cost_s);
+                let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
+                tier.put(key, layers, cost_s);
             }
         }
+        self.pending
     }
 }
 
@@ -210,7 +247,7 @@ fn materialize(
             Err(how) => how,
         },
     };
-    let cache = compute(b, codec, entry, how, pending)?;
+    let cache = compute(b, codec, entry.key, entry.tokens, how, pending)?;
     Ok((Source::Memory(cache), how))
 }
 
@@ -257,22 +294,23 @@ fn open_stream(
     }
 }
 
-/// Prefills the entry alone by the chunk contract (recording the prefill rate). A miss, or
-/// an unusable object the store has since dropped, is queued in `pending` to be stored.
+/// Prefills the segment `tokens` (of key `key`) alone by the chunk contract (recording the
+/// prefill rate). A miss, or an unusable object the store has since dropped, is queued in
+/// `pending` to be stored.
 fn compute(
     b: &Blender,
     codec: &ChunkCodec,
-    entry: &Entry<'_>,
+    key: ChunkKey,
+    tokens: &[u32],
     how: SegmentSource,
     pending: &mut Pending,
 ) -> Result<KvCache> {
-    let (cache, took) = codec.prefill(&b.model, entry.tokens)?;
-    b.costs
-        .record_prefill(entry.tokens.len(), took.as_secs_f64());
+    let (cache, took) = codec.prefill(&b.model, tokens)?;
+    b.costs.record_prefill(tokens.len(), took.as_secs_f64());
     let store = how == SegmentSource::Miss
-        || (how == SegmentSource::Unusable && b.store.locate(&entry.key).is_none());
+        || (how == SegmentSource::Unusable && b.store.locate(&key).is_none());
     if store {
-        let obj = codec.to_object(entry.key, entry.tokens, &cache)?;
+        let obj = codec.to_object(key, tokens, &cache)?;
         pending.push(obj, took.as_secs_f64());
     }
     Ok(cache)

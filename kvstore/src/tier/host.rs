@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use super::{PutOutcome, Tier, TierKind};
+use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::error::Result;
 use crate::index::{Lease, Pins, TierIndex};
 use crate::key::ChunkKey;
@@ -115,20 +115,14 @@ impl Tier for HostTier {
         Ok(self.lookup(key).map(|o| Arc::clone(o.info())))
     }
 
-    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>> {
+    async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
         let t = Instant::now();
-        let Some(obj) = self.objects.read().get(key).cloned() else {
+        let Some(obj) = self.lookup(key) else {
             return Ok(None);
         };
-        let Some(bytes) = (layer < obj.num_layers()).then(|| obj.layer(layer).clone()) else {
-            return Err(crate::StoreError::Invalid(format!(
-                "layer {layer} of {}",
-                obj.num_layers()
-            )));
-        };
-        TierStats::add(&self.stats.bytes_out, bytes.len() as u64);
+        TierStats::add(&self.stats.bytes_out, obj.raw_len());
         self.stats.get_latency.record(t.elapsed());
-        Ok(Some(bytes))
+        Ok(Some(Box::new(HostReader(obj))))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
@@ -189,5 +183,25 @@ impl Tier for HostTier {
             self.index.capacity(),
             self.index.len() as u64,
         )
+    }
+}
+
+/// A host-tier object open for reading: the object itself, kept alive by the reader.
+struct HostReader(Arc<KvObject>);
+
+#[async_trait]
+impl LayerReader for HostReader {
+    fn info(&self) -> &Arc<ObjectInfo> {
+        self.0.info()
+    }
+
+    async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        if layer >= self.0.num_layers() {
+            return Err(crate::StoreError::Invalid(format!(
+                "layer {layer} of {}",
+                self.0.num_layers()
+            )));
+        }
+        Ok(self.0.layer(layer).clone())
     }
 }

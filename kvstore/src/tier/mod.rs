@@ -1,8 +1,10 @@
 //! Storage tiers behind one trait.
 //!
-//! Reads are layer-granular: [`Tier::info`] says what an object holds, then [`Tier::layer`]
-//! returns one layer's K‖V at a time, so a caller can start computing on layer 0 while later
-//! layers are still being read (see [`crate::TieredStore::read_layers`]). Every
+//! Reads are layer-granular: [`Tier::reader`] opens an object and its [`LayerReader`] returns
+//! one layer's K‖V at a time, so a caller can start computing on layer 0 while later layers
+//! are still being read (see [`crate::TieredStore::read_layers`]). A reader is a consistent
+//! view: removing the object while it is open (a `DELETE`, an eviction) does not change what
+//! it returns. Every
 //! read verifies checksums; a mismatch is counted, logged, the bad object dropped, and the
 //! read answered as a miss: wrong bytes are never handed out.
 
@@ -46,6 +48,17 @@ pub struct PutOutcome {
     pub evicted: Vec<(ChunkKey, Option<Arc<KvObject>>)>,
 }
 
+/// An object opened for reading layer by layer ([`Tier::reader`]).
+#[async_trait]
+pub trait LayerReader: Send {
+    /// What the object holds.
+    fn info(&self) -> &Arc<ObjectInfo>;
+
+    /// Layer `layer`'s verified, decoded K‖V bytes. A record that fails verification is an
+    /// error (the tier drops the object, as for any failed read).
+    async fn layer(&mut self, layer: usize) -> Result<Bytes>;
+}
+
 /// One level of the store.
 #[async_trait]
 pub trait Tier: Send + Sync {
@@ -62,8 +75,10 @@ pub trait Tier: Send + Sync {
     /// a miss).
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>>;
 
-    /// Layer `layer`'s verified, decoded K‖V bytes, or `None` on a miss.
-    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>>;
+    /// Opens `key` for reading layer by layer (a hit, verified header), or `None` on a miss.
+    /// The reader keeps answering for the object as it was when opened, whatever happens to
+    /// the tier's copy meanwhile (pinned by `tiered::tests::a_removed_object_stays_readable_by_an_open_stream`).
+    async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>>;
 
     /// The whole object, verified and decoded, or `None` on a miss.
     async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>>;

@@ -23,10 +23,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rocksdb::{
     ColumnFamilyDescriptor, DB, DBCompressionType, DBPinnableSlice, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions,
 };
 
-use super::{PutOutcome, Tier, TierKind};
+use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::{Lease, Pin, Pins, TierIndex};
@@ -159,6 +159,74 @@ impl AsRef<[u8]> for PinnedValue {
     }
 }
 
+/// A RocksDB snapshot kept alive past the call that took it: reads through it see the
+/// database as it was then, whatever is deleted or compacted since. Fields drop in order:
+/// the snapshot before the database handle.
+struct PinnedSnapshot {
+    snapshot: SnapshotWithThreadMode<'static, DB>,
+    inner: Arc<Inner>,
+}
+
+impl PinnedSnapshot {
+    fn take(inner: &Arc<Inner>) -> Self {
+        // SAFETY: the transmute changes only the lifetime parameter (same type, same layout).
+        // The snapshot borrows `inner.db`, which lives inside the `Arc<Inner>` this struct
+        // holds and drops after the snapshot (field order), so the borrow never dangles.
+        let snapshot: SnapshotWithThreadMode<'static, DB> =
+            unsafe { std::mem::transmute(inner.db.snapshot()) };
+        Self {
+            snapshot,
+            inner: Arc::clone(inner),
+        }
+    }
+
+    /// [`Inner::data_read_opts`] reading at this snapshot. The options point at the
+    /// snapshot: they must not outlive `self` (they are built per read).
+    fn read_opts(&self) -> ReadOptions {
+        let mut r = self.inner.data_read_opts();
+        r.set_snapshot(&self.snapshot);
+        r
+    }
+}
+
+/// An SSD-tier object open for reading: its verified header and a snapshot taken before
+/// the header was read, so a `DELETE` or an eviction while the reader lives does not take
+/// the layers from under it.
+struct SsdReader {
+    snap: Arc<PinnedSnapshot>,
+    header: Arc<ObjectHeader>,
+    info: Arc<ObjectInfo>,
+}
+
+#[async_trait]
+impl LayerReader for SsdReader {
+    fn info(&self) -> &Arc<ObjectInfo> {
+        &self.info
+    }
+
+    async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        let n = self.header.layers.len();
+        if layer >= n {
+            return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
+        }
+        let (snap, header) = (Arc::clone(&self.snap), Arc::clone(&self.header));
+        tokio::task::spawn_blocking(move || {
+            let s = &snap.inner;
+            let t = Instant::now();
+            let r = s.read_layer(&header, layer, &snap.read_opts());
+            match &r {
+                Ok(_) => s.stats.get_latency.record(t.elapsed()),
+                Err(e) => {
+                    s.drop_if_corrupt(&header.info.key, e);
+                }
+            }
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(format!("SSD tier task failed: {e}")))?
+    }
+}
+
 struct Inner {
     db: DB,
     path: PathBuf,
@@ -199,11 +267,12 @@ impl Inner {
         w
     }
 
-    /// Reads and verifies the header; `Ok(None)` when absent.
-    fn read_header(&self, key: &ChunkKey) -> Result<Option<ObjectHeader>> {
+    /// Reads (by `opts`: [`Inner::data_read_opts`], or a snapshot's) and verifies the
+    /// header; `Ok(None)` when absent.
+    fn read_header(&self, key: &ChunkKey, opts: &ReadOptions) -> Result<Option<ObjectHeader>> {
         let Some(raw) = self
             .db
-            .get_pinned_cf_opt(self.data(), header_key(key), &self.data_read_opts())
+            .get_pinned_cf_opt(self.data(), header_key(key), opts)
             .map_err(|e| self.db_err(e))?
         else {
             return Ok(None);
@@ -228,15 +297,21 @@ impl Inner {
         r
     }
 
-    fn read_layer(self: &Arc<Self>, header: &ObjectHeader, layer: usize) -> Result<Option<Bytes>> {
+    /// Reads (by `opts`) and verifies layer `layer` of the object `header` describes.
+    fn read_layer(
+        self: &Arc<Self>,
+        header: &ObjectHeader,
+        layer: usize,
+        opts: &ReadOptions,
+    ) -> Result<Bytes> {
         let key = &header.info.key;
         let raw = self
             .db
-            .get_pinned_cf_opt(self.data(), layer_key(key, layer), &self.data_read_opts())
+            .get_pinned_cf_opt(self.data(), layer_key(key, layer), opts)
             .map_err(|e| self.db_err(e))?
             .ok_or_else(|| StoreError::Corrupt(format!("object {key} lacks layer {layer}")))?;
         TierStats::add(&self.stats.bytes_out, raw.len() as u64);
-        decode_record(header, layer, &self.pinned_bytes(raw)).map(Some)
+        decode_record(header, layer, &self.pinned_bytes(raw))
     }
 
     /// The value RocksDB read, as `Bytes` that keep it (and the database) alive: a raw-codec
@@ -260,13 +335,8 @@ impl Inner {
         let bytes = header.payload_len();
         let readers = ((bytes >> 19) as usize).clamp(1, READ_THREADS).min(n);
         if readers == 1 {
-            return (0..n)
-                .map(|l| {
-                    Ok(self
-                        .read_layer(header, l)?
-                        .expect("read_layer is Some or Err"))
-                })
-                .collect();
+            let opts = self.data_read_opts();
+            return (0..n).map(|l| self.read_layer(header, l, &opts)).collect();
         }
         let mut out: Vec<Option<Result<Bytes>>> = (0..n).map(|_| None).collect();
         std::thread::scope(|scope| {
@@ -275,11 +345,9 @@ impl Inner {
             for (t, slot) in slots.into_iter().enumerate() {
                 let first = t * n.div_ceil(readers);
                 scope.spawn(move || {
+                    let opts = self.data_read_opts();
                     for (j, cell) in slot.iter_mut().enumerate() {
-                        *cell = Some(
-                            self.read_layer(header, first + j)
-                                .map(|b| b.expect("read_layer is Some or Err")),
-                        );
+                        *cell = Some(self.read_layer(header, first + j, &opts));
                     }
                 });
             }
@@ -289,28 +357,33 @@ impl Inner {
             .collect()
     }
 
-    /// Turns a failed verification into a miss: count it, log it, drop the object.
-    /// An object from a newer format version is a miss too, but stays on disk.
+    /// Turns a failed verification into a miss ([`Inner::drop_if_corrupt`]).
     fn quarantine<T>(&self, key: &ChunkKey, r: Result<Option<T>>) -> Result<Option<T>> {
         match r {
-            Err(e @ StoreError::NewerFormat { .. }) => {
+            Err(e) if self.drop_if_corrupt(key, &e) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// When `e` says the object failed verification: counts it, logs it, drops the object
+    /// and returns true. An object from a newer format version counts as a miss but stays on
+    /// disk (true as well). Any other error: false, nothing done.
+    fn drop_if_corrupt(&self, key: &ChunkKey, e: &StoreError) -> bool {
+        match e {
+            StoreError::NewerFormat { .. } => {
                 TierStats::add(&self.stats.misses, 1);
                 tracing::warn!(%key, error = %e, "SSD tier: skipping an object of a newer format");
-                Ok(None)
             }
-            Err(
-                e
-                @ (StoreError::Checksum { .. } | StoreError::Corrupt(_) | StoreError::Mismatch(_)),
-            ) => {
+            StoreError::Checksum { .. } | StoreError::Corrupt(_) | StoreError::Mismatch(_) => {
                 TierStats::add(&self.stats.checksum_failures, 1);
                 tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
                 if let Err(e) = self.delete(key) {
                     tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object");
                 }
-                Ok(None)
             }
-            other => other,
+            _ => return false,
         }
+        true
     }
 
     fn hit(&self, key: &ChunkKey) {
@@ -615,7 +688,7 @@ impl Tier for SsdTier {
         let key = *key;
         self.blocking(move |s| {
             let t = Instant::now();
-            let h = s.read_header(&key);
+            let h = s.read_header(&key, &s.data_read_opts());
             let h = s.quarantine(&key, h)?;
             match &h {
                 Some(_) => {
@@ -629,26 +702,27 @@ impl Tier for SsdTier {
         .await
     }
 
-    async fn layer(&self, key: &ChunkKey, layer: usize) -> Result<Option<Bytes>> {
+    async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
+        if !self.held_or_miss(key) {
+            return Ok(None);
+        }
         let key = *key;
         self.blocking(move |s| {
             let t = Instant::now();
-            let r = s.read_header(&key).and_then(|h| match h {
-                None => Ok(None),
-                Some(h) if layer >= h.layers.len() => Err(StoreError::Invalid(format!(
-                    "layer {layer} of {}",
-                    h.layers.len()
-                ))),
-                Some(h) => s.read_layer(&h, layer),
-            });
-            let r = match r {
-                Err(e @ StoreError::Invalid(_)) => return Err(e),
-                r => s.quarantine(&key, r)?,
+            let snap = PinnedSnapshot::take(s);
+            let h = s.read_header(&key, &snap.read_opts());
+            let Some(header) = s.quarantine(&key, h)? else {
+                TierStats::add(&s.stats.misses, 1);
+                return Ok(None);
             };
-            if r.is_some() {
-                s.stats.get_latency.record(t.elapsed());
-            }
-            Ok(r)
+            s.hit(&key);
+            s.stats.get_latency.record(t.elapsed());
+            let reader = SsdReader {
+                info: Arc::new(header.info.clone()),
+                header: Arc::new(header),
+                snap: Arc::new(snap),
+            };
+            Ok(Some(Box::new(reader) as Box<dyn LayerReader>))
         })
         .await
     }
@@ -660,13 +734,15 @@ impl Tier for SsdTier {
         let key = *key;
         self.blocking(move |s| {
             let t = Instant::now();
-            let r = s.read_header(&key).and_then(|h| match h {
-                None => Ok(None),
-                Some(h) => {
-                    let layers = s.read_all_layers(&h)?;
-                    KvObject::from_parts(&h, layers).map(Some)
-                }
-            });
+            let r = s
+                .read_header(&key, &s.data_read_opts())
+                .and_then(|h| match h {
+                    None => Ok(None),
+                    Some(h) => {
+                        let layers = s.read_all_layers(&h)?;
+                        KvObject::from_parts(&h, layers).map(Some)
+                    }
+                });
             let r = s.quarantine(&key, r)?;
             match &r {
                 Some(_) => {

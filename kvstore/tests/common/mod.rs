@@ -50,3 +50,19 @@ pub(crate) fn context(layout: &KvLayout) -> KeyContext {
 pub(crate) fn key_of(seed: u64, tokens: usize, layout: KvLayout) -> ChunkKey {
     *object(seed, tokens, layout).key()
 }
+
+/// Flips 16 bytes in the middle of layer `layer`'s record of `key`, straight in the RocksDB
+/// database of a closed SSD tier at `dir`.
+pub(crate) fn corrupt_ssd_record(dir: &std::path::Path, key: &ChunkKey, layer: u32) {
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir, ["data", "meta"]).unwrap();
+    let cf = db.cf_handle("data").unwrap();
+    let mut k = key.0.to_vec();
+    k.push(b'l');
+    k.extend_from_slice(&layer.to_be_bytes());
+    let mut v = db.get_cf(cf, &k).unwrap().expect("the record exists");
+    let mid = v.len() / 2;
+    for b in &mut v[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    db.put_cf(cf, &k, v).unwrap();
+}

@@ -258,19 +258,23 @@ pub fn routes() -> Vec<RouteEntry> {
 }
 
 /// The API's router, built from [`routes`]: auth and limits per handler, metrics per
-/// matched route, a JSON 404 for anything else.
+/// matched route, a JSON 404 for anything else and a JSON 405 (with `Allow`) for a known
+/// path asked with another method.
 pub fn router(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
-    let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
+    let mut by_path: Vec<(&'static str, MethodRouter<AppState>, Vec<Method>)> = Vec::new();
     for r in routes() {
-        match by_path.iter_mut().find(|(p, _)| *p == r.path) {
-            Some((_, m)) => *m = std::mem::take(m).merge(r.handler),
-            None => by_path.push((r.path, r.handler)),
+        match by_path.iter_mut().find(|(p, ..)| *p == r.path) {
+            Some((_, m, methods)) => {
+                *m = std::mem::take(m).merge(r.handler);
+                methods.push(r.method);
+            }
+            None => by_path.push((r.path, r.handler, vec![r.method])),
         }
     }
     let mut app = Router::new();
-    for (path, handler) in by_path {
-        app = app.route(path, handler);
+    for (path, handler, methods) in by_path {
+        app = app.route(path, handler.merge(method_not_allowed(&methods)));
     }
     app.route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .fallback(|| async {
@@ -278,6 +282,29 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// A JSON 405 naming the methods `path` takes (in `Allow` and in the message).
+fn method_not_allowed(methods: &[Method]) -> MethodRouter<AppState> {
+    use axum::http::{HeaderValue, StatusCode, header::ALLOW};
+    use axum::response::IntoResponse;
+    let allow = methods
+        .iter()
+        .map(|m| m.openapi_name().to_uppercase())
+        .collect::<Vec<_>>()
+        .join(", ");
+    MethodRouter::new().fallback(move || {
+        let allow = allow.clone();
+        async move {
+            let msg = format!("this route does not take that method; it takes {allow}");
+            let mut out = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg)
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                out.headers_mut().insert(ALLOW, v);
+            }
+            out
+        }
+    })
 }
 
 /// Counts every request and its latency by route.

@@ -29,9 +29,37 @@ pub struct Tenant {
     pub namespace: Vec<u8>,
     /// Most decoded KV bytes its chunks may occupy.
     pub quota_bytes: Option<u64>,
-    /// What its chunks occupy, as far as this server knows: key → decoded bytes.
-    usage: Mutex<HashMap<ChunkKey, u64>>,
+    /// What its chunks occupy, and what writes in flight have reserved.
+    usage: Mutex<Usage>,
+    /// `usage.by_key`'s total, readable without the lock.
     used: AtomicU64,
+}
+
+/// A tenant's accounting, under one lock so that a check and a reservation are one step.
+#[derive(Debug, Default)]
+struct Usage {
+    /// Its stored chunks, as far as this server knows: key → decoded bytes.
+    by_key: HashMap<ChunkKey, u64>,
+    /// Bytes reserved by writes in flight ([`QuotaReservation`]).
+    reserved: u64,
+}
+
+/// Bytes a write reserved against its tenant's quota before writing
+/// ([`Tenant::reserve`]); released when dropped, by which time the write has added what it
+/// stored ([`Tenant::add`]). Concurrent writes of one tenant thus never pass its quota
+/// together (pinned by `router::concurrent_writes_never_pass_the_quota`).
+#[must_use = "the reservation is released when dropped"]
+#[derive(Debug)]
+pub struct QuotaReservation {
+    tenant: Arc<Tenant>,
+    bytes: u64,
+}
+
+impl Drop for QuotaReservation {
+    fn drop(&mut self) {
+        let mut u = self.tenant.usage.lock();
+        u.reserved = u.reserved.saturating_sub(self.bytes);
+    }
 }
 
 /// The namespace of a tenant's keys (empty for the default tenant).
@@ -50,7 +78,7 @@ impl Tenant {
             name: name.to_string(),
             namespace: namespace_of(name),
             quota_bytes,
-            usage: Mutex::new(HashMap::new()),
+            usage: Mutex::new(Usage::default()),
             used: AtomicU64::new(0),
         }
     }
@@ -62,36 +90,51 @@ impl Tenant {
 
     /// Records that `key` (of `bytes`) is stored for this tenant.
     pub fn add(&self, key: ChunkKey, bytes: u64) {
-        if self.usage.lock().insert(key, bytes).is_none() {
+        if self.usage.lock().by_key.insert(key, bytes).is_none() {
             self.used.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
     /// Stops counting `key` (deleted).
     pub fn forget(&self, key: &ChunkKey) {
-        if let Some(b) = self.usage.lock().remove(key) {
+        if let Some(b) = self.usage.lock().by_key.remove(key) {
             self.used.fetch_sub(b, Ordering::Relaxed);
         }
     }
 
-    /// Whether `extra` more bytes fit the quota. Keys the store has evicted since they were
-    /// counted are dropped from the count first (`held` says whether a key is still stored).
-    pub fn fits(&self, extra: u64, held: impl Fn(&ChunkKey) -> bool) -> bool {
-        let Some(quota) = self.quota_bytes else {
-            return true;
+    /// Reserves `extra` bytes for a write, or `None` when they do not fit the quota beside
+    /// what is stored and what other writes have reserved. Keys the store has evicted since
+    /// they were counted are dropped from the count first (`held` says whether a key is
+    /// still stored). A tenant without a quota always gets a reservation.
+    pub fn reserve(
+        self: &Arc<Self>,
+        extra: u64,
+        held: impl Fn(&ChunkKey) -> bool,
+    ) -> Option<QuotaReservation> {
+        let reservation = |bytes| QuotaReservation {
+            tenant: Arc::clone(self),
+            bytes,
         };
-        if self.used_bytes() + extra <= quota {
-            return true;
-        }
-        let mut usage = self.usage.lock();
-        usage.retain(|k, b| {
-            let keep = held(k);
-            if !keep {
-                self.used.fetch_sub(*b, Ordering::Relaxed);
+        let Some(quota) = self.quota_bytes else {
+            return Some(reservation(0));
+        };
+        let mut u = self.usage.lock();
+        let fits = |u: &Usage| self.used_bytes() + u.reserved + extra <= quota;
+        if !fits(&u) {
+            u.by_key.retain(|k, b| {
+                let keep = held(k);
+                if !keep {
+                    self.used.fetch_sub(*b, Ordering::Relaxed);
+                }
+                keep
+            });
+            if !fits(&u) {
+                return None;
             }
-            keep
-        });
-        self.used_bytes() + extra <= quota
+        }
+        u.reserved += extra;
+        drop(u);
+        Some(reservation(extra))
     }
 }
 
@@ -146,11 +189,15 @@ impl Tenants {
                 "this server needs an API token: send `Authorization: Bearer <token>`",
             ));
         };
-        let Some(token) = value.strip_prefix("Bearer ") else {
-            return Err(unauthorized(
-                "missing_token",
-                "the Authorization header must be `Bearer <token>`",
-            ));
+        // the scheme is case-insensitive (RFC 9110 §11.1)
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+            _ => {
+                return Err(unauthorized(
+                    "missing_token",
+                    "the Authorization header must be `Bearer <token>`",
+                ));
+            }
         };
         self.by_token
             .get(&hash(token.trim()))
@@ -214,18 +261,35 @@ mod tests {
             t.authenticate(Some("Basic x")).unwrap_err().code,
             "missing_token"
         );
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            let h = format!("{scheme} acme-token");
+            assert_eq!(t.authenticate(Some(&h)).unwrap().name, "acme", "{h}");
+        }
         assert_ne!(namespace_of("acme"), namespace_of("default"));
     }
 
     #[test]
     fn quota_counts_each_key_once_and_drops_evicted_keys() {
-        let t = Tenant::new("acme", Some(100));
+        let t = Arc::new(Tenant::new("acme", Some(100)));
         t.add(ChunkKey([1; 32]), 60);
         t.add(ChunkKey([1; 32]), 60);
         assert_eq!(t.used_bytes(), 60);
-        assert!(t.fits(40, |_| true));
-        assert!(!t.fits(41, |_| true));
-        assert!(t.fits(41, |_| false)); // the counted key was evicted
+        assert!(t.reserve(40, |_| true).is_some());
+        assert!(t.reserve(41, |_| true).is_none());
+        assert!(t.reserve(41, |_| false).is_some()); // the counted key was evicted
         assert_eq!(t.used_bytes(), 0);
+    }
+
+    #[test]
+    fn reservations_count_until_dropped() {
+        let t = Arc::new(Tenant::new("acme", Some(100)));
+        let a = t.reserve(70, |_| true).expect("fits");
+        assert!(t.reserve(31, |_| true).is_none(), "70 reserved + 31 > 100");
+        let b = t.reserve(30, |_| true).expect("70 + 30 fits");
+        drop(a);
+        assert!(t.reserve(70, |_| true).is_some(), "released");
+        drop(b);
+        let unlimited = Arc::new(Tenant::new("default", None));
+        assert!(unlimited.reserve(u64::MAX, |_| true).is_some());
     }
 }

@@ -10,7 +10,7 @@ use super::full;
 use crate::chunk::ChunkCodec;
 use crate::engine::plan::{Held, Plan};
 use crate::engine::sources::Sources;
-use crate::engine::store_back::{Pending, store_back};
+use crate::engine::store_back::store_back;
 use crate::engine::{Blender, fraction, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats};
@@ -23,13 +23,10 @@ pub(super) struct Assembly<'r> {
     pub(super) segments: Vec<&'r [u32]>,
     /// Every prompt token in order.
     pub(super) tokens: Vec<u32>,
-    /// The plan the sources were opened by.
-    plan: Plan<'r>,
     /// Every unique segment's KV, layer by layer.
-    pub(super) sources: Sources,
-    /// Computed objects to store after the first token.
-    pending: Pending,
-    /// The request's statistics so far (mode and segment sources recorded).
+    pub(super) sources: Sources<'r>,
+    /// The request's statistics so far (mode recorded; segment sources are counted when
+    /// it finishes, a failed stream having become a recompute).
     stats: BlendStats,
 }
 
@@ -70,19 +67,13 @@ pub(super) fn prepare<'r>(
             b, &codec, req, &plan, start,
         )?)));
     }
-    let mut stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
-    let mut pending = Pending::default();
-    let (sources, placed) = Sources::open(b, &codec, &plan, &mut pending)?;
-    for how in placed {
-        stats.count(how);
-    }
+    let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
+    let sources = Sources::open(b, &codec, &plan)?;
     Ok(Prepared::Ready(Box::new(Assembly {
         codec,
         segments,
         tokens,
-        plan,
         sources,
-        pending,
         stats,
     })))
 }
@@ -96,9 +87,10 @@ fn held(b: &Blender, key: &kvquilt_kvstore::ChunkKey) -> Option<Held> {
 }
 
 impl Assembly<'_> {
-    /// After the first token: records the time to it and `recomputed` (non-suffix tokens
-    /// recomputed in context) in the stats, makes the sources resident in the device tier,
-    /// stores back what was computed, and returns the output.
+    /// After the first token: records how each segment's KV was obtained, the time to the
+    /// token and `recomputed` (non-suffix tokens recomputed in context) in the stats, makes
+    /// the sources resident in the device tier, stores back what was computed, and returns
+    /// the output.
     pub(super) fn finish(
         self,
         b: &Blender,
@@ -109,11 +101,14 @@ impl Assembly<'_> {
         recomputed: usize,
     ) -> Result<BlendOutput> {
         let mut stats = self.stats;
+        for how in self.sources.placed() {
+            stats.count(how);
+        }
         stats.ttft_ms = ms(&b.model, start)?;
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
-        self.sources.make_resident(b, &self.plan.entries);
-        let stored = store_back(b, req, self.pending);
+        let pending = self.sources.finish(b);
+        let stored = store_back(b, req, pending);
         Ok(BlendOutput::new(logits, cache, stats, stored))
     }
 }

@@ -48,7 +48,7 @@ pub(crate) fn run(
     );
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
-        a.sources.fill(l, kv, &b.costs)?;
+        a.sources.fill(b, l, kv)?;
         clock.borrow_mut().enter(was)?;
         Ok(())
     };

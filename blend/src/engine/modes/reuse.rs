@@ -28,7 +28,7 @@ pub(crate) fn run(
     let mut cache = placeholder_cache(&b.model, non_suffix)?;
     let hidden = b.model.embed(&req.suffix)?;
     let pos = positions(non_suffix, req.suffix.len());
-    let mut fill = |l: usize, kv: &mut LayerKv| a.sources.fill(l, kv, &b.costs);
+    let mut fill = |l: usize, kv: &mut LayerKv| a.sources.fill(b, l, kv);
     let out = with_fill(num_layers, &mut fill, |f| {
         Ok(b.model.run_layers_with(
             0..num_layers,

@@ -9,12 +9,12 @@ use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
 use kvquilt_blend::{BlendOutput, BlendRequest};
 use kvquilt_model::top_logprobs;
 
-use super::chunk_ref::{check_chunk_count, check_tokens, resolve_all};
+use super::chunk_ref::{check_chunk_count, check_token_ids, check_tokens, resolve_all};
 use super::chunks::check_quota;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::state::{AppState, Shared};
-use crate::serve::tenants::{Caller, Tenant};
+use crate::serve::tenants::{Caller, QuotaReservation, Tenant};
 use crate::serve::wire;
 
 /// `POST /v1/blend`.
@@ -100,13 +100,22 @@ pub(crate) async fn blend(
 pub(crate) struct Prepared {
     /// The engine request.
     pub req: BlendRequest,
+    /// The quota its store-back reserved (`None`: it stores nothing); released when the
+    /// request is dropped, after [`Prepared::run`] added what was stored.
+    _quota: Option<QuotaReservation>,
 }
 
 /// Checks a request's size and decides store-back: a tenant over its quota still gets its
 /// answer, its misses are just not stored.
-pub(crate) fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> ApiResult<Prepared> {
+pub(crate) fn prepare(
+    s: &Shared,
+    tenant: &Arc<Tenant>,
+    mut req: BlendRequest,
+) -> ApiResult<Prepared> {
     check_chunk_count(s, req.chunks.len())?;
     check_tokens(s, req.tokens().len())?;
+    check_token_ids(s, "prefix_tokens", &req.prefix)?;
+    check_token_ids(s, "suffix_tokens", &req.suffix)?;
     if req.suffix.is_empty() {
         return Err(ApiError::bad_request(
             "empty_question",
@@ -121,8 +130,9 @@ pub(crate) fn prepare(s: &Shared, tenant: &Tenant, mut req: BlendRequest) -> Api
         .filter(|seg| s.blender.store().locate(&codec.key(seg)).is_none())
         .map(|seg| layout.object_bytes(seg.len()))
         .sum();
-    req.store_back = check_quota(s, tenant, extra).is_ok();
-    Ok(Prepared { req })
+    let quota = check_quota(s, tenant, extra).ok();
+    req.store_back = quota.is_some();
+    Ok(Prepared { req, _quota: quota })
 }
 
 impl Prepared {

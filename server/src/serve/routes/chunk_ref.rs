@@ -38,14 +38,21 @@ pub(crate) async fn resolve(
             format!("chunk {i} has no tokens"),
         ));
     }
-    let vocab = s.blender.model().config().vocab_size as u32;
-    if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::bad_request(
-            "invalid_token_id",
-            format!("chunk {i} has token id {bad}, the vocabulary has {vocab}"),
-        ));
-    }
+    check_token_ids(s, &format!("chunk {i}"), &tokens)?;
     Ok(tokens)
+}
+
+/// Checks that every id of `tokens` (the request part named `what`) is in the model's
+/// vocabulary: one 400 `invalid_token_id` wherever an id appears (chunks, prefix, suffix).
+pub(crate) fn check_token_ids(s: &Shared, what: &str, tokens: &[u32]) -> ApiResult<()> {
+    let vocab = s.blender.model().config().vocab_size as u32;
+    match tokens.iter().find(|&&t| t >= vocab) {
+        Some(bad) => Err(ApiError::bad_request(
+            "invalid_token_id",
+            format!("{what} has token id {bad}, the vocabulary has {vocab}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {

@@ -16,7 +16,7 @@ use super::chunk_ref::{check_tokens, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::{ApiBytes, ApiJson};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
-use crate::serve::tenants::{Caller, Tenant};
+use crate::serve::tenants::{Caller, QuotaReservation, Tenant};
 use crate::serve::wire;
 
 /// `POST /v1/chunks`: precompute and store each chunk (content-addressed: a stored chunk
@@ -40,7 +40,7 @@ pub(crate) async fn create(
         .filter(|t| s.blender.store().locate(&codec.key(t)).is_none())
         .map(|t| layout.object_bytes(t.len()))
         .sum();
-    check_quota(&s, &tenant, new_bytes)?;
+    let _quota = check_quota(&s, &tenant, new_bytes)?;
     let st = Arc::clone(&s);
     let tenant2 = Arc::clone(&tenant);
     let results = s
@@ -73,10 +73,15 @@ pub(crate) async fn create(
     }))
 }
 
-/// Refuses a write that would take `tenant` past its quota.
-pub(crate) fn check_quota(s: &Shared, tenant: &Tenant, extra: u64) -> ApiResult<()> {
-    if extra == 0 || tenant.fits(extra, |k| s.blender.store().locate(k).is_some()) {
-        return Ok(());
+/// Reserves `extra` bytes of `tenant`'s quota for a write (hold the reservation until what
+/// was stored is added to the tenant), or refuses a write that would pass the quota.
+pub(crate) fn check_quota(
+    s: &Shared,
+    tenant: &Arc<Tenant>,
+    extra: u64,
+) -> ApiResult<QuotaReservation> {
+    if let Some(r) = tenant.reserve(extra, |k| s.blender.store().locate(k).is_some()) {
+        return Ok(r);
     }
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
@@ -191,7 +196,7 @@ pub(crate) async fn put_kv(
         ));
     }
     let bytes = codec.layout().object_bytes(tokens);
-    check_quota(&s, &tenant, bytes)?;
+    let _quota = check_quota(&s, &tenant, bytes)?;
     let obj = encoded.decode()?;
     s.blender.store().put(obj, 0.0).await?;
     tenant.add(key, bytes);

@@ -191,7 +191,7 @@ fn to_message(i: usize, m: &api::ChatMessage) -> ApiResult<ChatMessage> {
 
 fn job(
     s: &Shared,
-    tenant: &Tenant,
+    tenant: &Arc<Tenant>,
     req: BlendRequest,
     c: &CommonFields,
     default_max: usize,
