@@ -51,6 +51,10 @@ pub struct TierStats {
     pub evictions: u64,
     /// Reads that failed verification (each dropped the object).
     pub checksum_failures: u64,
+    /// Times the tier found its files damaged at start and repaired them or moved them
+    /// aside (a cache never refuses to start over its own files).
+    #[serde(default)]
+    pub recoveries: u64,
     /// Bytes held now.
     pub used_bytes: u64,
     /// Most bytes it may hold.

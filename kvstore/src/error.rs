@@ -63,6 +63,25 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// RocksDB found its own files damaged (a truncated blob or table file, a bad block).
+    /// A read that meets it is a miss and drops the object, like a failed checksum.
+    #[error("damaged store files in {path}: {detail}")]
+    Damaged {
+        /// The RocksDB directory.
+        path: String,
+        /// RocksDB's message.
+        detail: String,
+    },
+    /// Another process holds the data directory (RocksDB's lock).
+    #[error(
+        "{path} is in use by another process (one kvquilt process per data directory): {detail}"
+    )]
+    Locked {
+        /// The RocksDB directory.
+        path: String,
+        /// RocksDB's message.
+        detail: String,
+    },
     /// RocksDB reported an error.
     #[error("RocksDB error in {path}: {detail}")]
     Db {

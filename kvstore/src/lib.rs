@@ -109,5 +109,7 @@ pub use layout::{KvDType, KvLayout, RopeScalingSpec};
 pub use object::{EncodedObject, KvObject, ObjectHeader, ObjectInfo, TokenStats};
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
-pub use tier::{HostMemory, HostTier, LayerReader, SsdConfig, SsdTier, Tier, TierKind};
+pub use tier::{
+    DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, SsdConfig, SsdTier, Tier, TierKind,
+};
 pub use tiered::{Found, LayerStream, StoreConfig, TieredStore, WritePolicy};

@@ -78,6 +78,9 @@ pub struct TierStats {
     pub evictions: AtomicU64,
     /// Reads that found bytes failing their checksum (counted as misses too).
     pub checksum_failures: AtomicU64,
+    /// Times the tier found its own files damaged when opening and repaired them, or moved
+    /// them aside and started empty.
+    pub recoveries: AtomicU64,
     /// Time of reads that found the object.
     pub get_latency: Histogram,
     /// Time of puts.
@@ -109,6 +112,7 @@ impl TierStats {
             removes: self.removes.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             checksum_failures: self.checksum_failures.load(Relaxed),
+            recoveries: self.recoveries.load(Relaxed),
             used_bytes,
             capacity_bytes,
             objects,
@@ -139,6 +143,8 @@ pub struct TierStatsSnapshot {
     pub evictions: u64,
     /// See [`TierStats::checksum_failures`].
     pub checksum_failures: u64,
+    /// See [`TierStats::recoveries`].
+    pub recoveries: u64,
     /// Bytes held (reserved for objects being written included), as the tier counts them.
     pub used_bytes: u64,
     /// Most bytes the tier may hold.

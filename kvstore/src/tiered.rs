@@ -288,6 +288,9 @@ impl TieredStore {
 
     /// Stores `obj`; `cost_s` is the seconds its recomputation would take (for cost-aware
     /// eviction). Content-addressed: storing a key that is already held is a no-op.
+    ///
+    /// `Ok` means the last tier written holds the object (the SSD tier when written
+    /// through: durable); an error means no tier answers for it as a result of this call.
     pub async fn put(&self, obj: KvObject, cost_s: f64) -> Result<()> {
         let obj = Arc::new(obj);
         let key = *obj.key();
@@ -299,29 +302,42 @@ impl TieredStore {
         // may evict it the moment it lands, and the eviction must find it dirty to demote it.
         let write_back = self.write == WritePolicy::WriteBack && self.tiers.len() > 1;
         let newly_dirty = write_back && self.dirty.lock().insert(key);
-        let mut first_err = None;
-        for t in targets {
-            match t.put(Arc::clone(&obj), cost_s).await {
+        let mut written = Vec::new();
+        let mut last = Ok(());
+        for (i, t) in targets.iter().enumerate() {
+            last = match t.put(Arc::clone(&obj), cost_s).await {
                 Ok(out) => {
                     if newly_dirty && !out.written {
                         // already held: whoever stored it owns its dirtiness
                         self.dirty.lock().remove(&key);
                     }
+                    if out.written {
+                        written.push(i);
+                    }
                     self.demote(&out.evicted).await;
+                    Ok(())
                 }
                 Err(e) => {
                     if newly_dirty {
                         self.dirty.lock().remove(&key);
                     }
                     tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
-                    first_err.get_or_insert(e);
+                    Err(e)
+                }
+            };
+        }
+        // The put stands or falls with the last tier written (the durable one, written
+        // through): a faster tier without room is only a slower first hit, but copies of an
+        // object the durable tier refused are removed, so that nothing answers a hit for a
+        // write that was not acknowledged (pinned by `full_disk::a_refused_write_leaves_no_hit`).
+        if last.is_err() {
+            for &i in &written {
+                if let Err(e) = targets[i].remove(&key).await {
+                    tracing::warn!(%key, error = %e, "removing the copy of a refused write failed");
                 }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        last
     }
 
     /// Deletes `key` from every tier, slowest first (see [`TieredStore::promote`]); false if

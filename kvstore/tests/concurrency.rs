@@ -25,11 +25,10 @@ fn store(
             host_capacity: host,
             host_policy: policy,
             ssd: Some(SsdConfig {
-                path: dir.to_path_buf(),
-                capacity: ssd,
                 policy,
                 codec: Codec::Raw,
                 sync_writes: false,
+                ..SsdConfig::new(dir, ssd)
             }),
             write,
             promote_on_hit: true,

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{layout, object};
+use common::{Tmpfs, layout, object};
 use kvquilt_kvstore::{Codec, KvDType, Pin, Pins, SsdConfig, SsdTier, StoreError, Tier};
 
 fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
@@ -153,7 +153,7 @@ async fn pins_persist_and_protect() {
 /// A full disk: a clear error, nothing half-written, earlier objects intact.
 #[test]
 fn full_disk_is_a_clear_error() {
-    let Some(mnt) = TmpfsMount::new(6 << 20) else {
+    let Some(mnt) = Tmpfs::new(6 << 20) else {
         eprintln!(
             "tmpfs mount not permitted; checking a full disk through RLIMIT_FSIZE in a child process"
         );
@@ -180,7 +180,12 @@ struct FillOutcome {
 
 async fn fill_until_full(path: std::path::PathBuf) -> FillOutcome {
     let l = layout(KvDType::F32, 4);
-    let t = SsdTier::open(config(&path, u64::MAX, Codec::Raw), Pins::default()).unwrap();
+    // no reserve: the filesystem itself fills (the reserve is `full_disk.rs`'s subject)
+    let c = SsdConfig {
+        min_free_bytes: 0,
+        ..config(&path, u64::MAX, Codec::Raw)
+    };
+    let t = SsdTier::open(c, Pins::default()).unwrap();
     let mut written = Vec::new();
     let mut err = None;
     for i in 0..10_000u64 {
@@ -209,35 +214,6 @@ async fn fill_until_full(path: std::path::PathBuf) -> FillOutcome {
         written: written.len(),
         disk_full: matches!(e, StoreError::DiskFull { .. }),
         error: e.to_string(),
-    }
-}
-
-/// A small tmpfs mounted for one test, unmounted on drop.
-struct TmpfsMount {
-    path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TmpfsMount {
-    fn new(bytes: u64) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .is_ok_and(|o| o.status.success());
-        ok.then(|| Self {
-            path: dir.path().to_path_buf(),
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.path)
-            .status();
     }
 }
 

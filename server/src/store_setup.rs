@@ -16,10 +16,5 @@ pub fn open_store(data_dir: &Path, host_bytes: u64, ssd_bytes: u64) -> Result<Ti
         host_bytes,
         SsdConfig::new(path.clone(), ssd_bytes),
     ))
-    .with_context(|| {
-        format!(
-            "opening the store at {} (only one kvquilt process can use a data directory at a time)",
-            path.display()
-        )
-    })
+    .with_context(|| format!("opening the store at {}", path.display()))
 }

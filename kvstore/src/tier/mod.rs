@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use host::{HostMemory, HostTier};
-pub use ssd::{SsdConfig, SsdTier};
+pub use ssd::{DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 
 use crate::error::Result;
 use crate::index::Lease;

@@ -54,7 +54,18 @@ pub struct SsdConfig {
     pub codec: Codec,
     /// Sync the WAL on every write (durable puts). Off only for benchmarks of the raw path.
     pub sync_writes: bool,
+    /// Bytes of the filesystem a write leaves free (default [`DEFAULT_MIN_FREE_BYTES`]),
+    /// beyond the data RocksDB's memtables still have to flush: a put that would leave less
+    /// is refused with [`StoreError::DiskFull`] before RocksDB writes anything. RocksDB itself needs room to flush its memtables; a write that
+    /// fails inside RocksDB for lack of space stops every later write until RocksDB's
+    /// recovery sees free space again (checked every 5 s), while this check answers
+    /// again the moment space is freed (pinned by `full_disk::writes_resume_when_space_is_freed`).
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`SsdConfig::min_free_bytes`]: 64 MiB of headroom for RocksDB's logs,
+/// compactions and the meta column family.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 << 20;
 
 impl SsdConfig {
     /// A durable tier at `path`: LRU, raw codec, synced writes.
@@ -65,8 +76,26 @@ impl SsdConfig {
             policy: PolicyKind::Lru,
             codec: Codec::Raw,
             sync_writes: true,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
+}
+
+/// Bytes available to this process on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by the call before it
+    // is read (only on success).
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        st.assume_init()
+    };
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// What the `meta` column family records per object.
@@ -374,7 +403,10 @@ impl Inner {
                 TierStats::add(&self.stats.misses, 1);
                 tracing::warn!(%key, error = %e, "SSD tier: skipping an object of a newer format");
             }
-            StoreError::Checksum { .. } | StoreError::Corrupt(_) | StoreError::Mismatch(_) => {
+            StoreError::Checksum { .. }
+            | StoreError::Corrupt(_)
+            | StoreError::Mismatch(_)
+            | StoreError::Damaged { .. } => {
                 TierStats::add(&self.stats.checksum_failures, 1);
                 tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
                 if let Err(e) = self.delete(key) {
@@ -450,6 +482,7 @@ impl Inner {
             Err(e) => return Err(e),
         };
         let stored = enc.header.stored_len(enc.header_bytes.len());
+        self.check_free_space(stored)?;
         let (reservation, victims) = self.index.admit(key, stored, cost_s)?;
         for (v, _) in &victims {
             self.delete(v)?;
@@ -480,6 +513,34 @@ impl Inner {
         Ok(PutOutcome {
             written: true,
             evicted: victims.into_iter().map(|(k, _)| (k, None)).collect(),
+        })
+    }
+
+    /// Refuses a write of `stored` bytes that would leave less than
+    /// [`SsdConfig::min_free_bytes`] free on the filesystem, counting as used the data its
+    /// memtables hold (their flush writes it to blob and table files before the log is
+    /// dropped).
+    fn check_free_space(&self, stored: u64) -> Result<()> {
+        let free = free_bytes(&self.path).map_err(|source| StoreError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        let unflushed = self
+            .db
+            .property_int_value_cf(self.data(), rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let reserve = self.config.min_free_bytes;
+        let needed = stored.saturating_add(unflushed).saturating_add(reserve);
+        if free >= needed {
+            return Ok(());
+        }
+        Err(StoreError::DiskFull {
+            path: self.path.display().to_string(),
+            detail: format!(
+                "{free} bytes free; this object needs {stored}, unflushed memtables {unflushed}, and {reserve} must stay free (min_free_bytes)"
+            ),
         })
     }
 
@@ -517,17 +578,75 @@ fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
         "File too large",
         "Disk quota exceeded",
     ];
+    let path = path.display().to_string();
     if full.iter().any(|m| detail.contains(m)) {
-        StoreError::DiskFull {
-            path: path.display().to_string(),
-            detail,
-        }
+        StoreError::DiskFull { path, detail }
+    } else if detail.contains("Corruption:") {
+        StoreError::Damaged { path, detail }
+    } else if detail.contains("lock") && detail.contains("LOCK") {
+        StoreError::Locked { path, detail }
     } else {
-        StoreError::Db {
-            path: path.display().to_string(),
-            detail,
-        }
+        StoreError::Db { path, detail }
     }
+}
+
+/// Options of the whole database (column families have their own, in
+/// [`SsdTier::open_as_is`]).
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_compression_type(DBCompressionType::None);
+    // layer records are read whole and in order: let the kernel read ahead (RocksDB's
+    // default FADV_RANDOM made cold 2 MiB reads crawl in readahead-sized pieces)
+    o.set_advise_random_on_open(false);
+    o
+}
+
+/// Whether `e` says the database's files are damaged (what a repair, or starting over,
+/// can fix): RocksDB's corruption reports, and its I/O errors on files it expected (a
+/// missing table or blob file). Not: another process's lock, a full disk, no permission.
+fn is_damage(e: &StoreError) -> bool {
+    match e {
+        StoreError::Damaged { .. } => true,
+        StoreError::Db { detail, .. } => {
+            detail.contains("No such file") || detail.contains("unexpected EOF")
+        }
+        _ => false,
+    }
+}
+
+/// Renames the directory `path` to `<path>.damaged-<unix seconds>` (a numbered suffix if
+/// taken); returns the new path.
+fn move_aside(path: &Path) -> Result<PathBuf> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let name = path
+        .file_name()
+        .map_or_else(|| "store".into(), |n| n.to_string_lossy().into_owned());
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    for n in 0..100 {
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let to = path.with_file_name(format!("{name}.damaged-{now}{suffix}"));
+        if to.exists() {
+            continue;
+        }
+        std::fs::rename(path, &to).map_err(io)?;
+        std::fs::create_dir_all(path).map_err(io)?;
+        return Ok(to);
+    }
+    Err(io(std::io::Error::other(
+        "no free name to move the damaged store aside",
+    )))
 }
 
 impl SsdTier {
@@ -542,18 +661,48 @@ impl SsdTier {
 
     /// Opens (or creates) the tier at `config.path` and rebuilds its index from `meta`,
     /// restoring pins into `pins`.
+    ///
+    /// A cache never refuses to start over its own files: when RocksDB finds them damaged
+    /// (a truncated blob or table file, a bad MANIFEST), the tier repairs the database and
+    /// opens what survives; when that fails too, it moves the directory aside
+    /// (`<path>.damaged-<unix seconds>`, kept for inspection) and starts empty. Either is
+    /// logged and counted ([`TierStats::recoveries`]); objects lost are misses, recomputed
+    /// on demand. Errors that are not damage (another process holds the directory, a full
+    /// disk, no permission) are returned: moving files aside cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
         std::fs::create_dir_all(&config.path).map_err(|source| StoreError::Io {
             path: config.path.display().to_string(),
             source,
         })?;
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_compression_type(DBCompressionType::None);
-        // layer records are read whole and in order: let the kernel read ahead (RocksDB's
-        // default FADV_RANDOM made cold 2 MiB reads crawl in readahead-sized pieces)
-        db_opts.set_advise_random_on_open(false);
+        let damage = match Self::open_as_is(&config, &pins) {
+            Err(e) if is_damage(&e) => e,
+            other => return other,
+        };
+        let path = config.path.display().to_string();
+        tracing::warn!(%path, error = %damage, "SSD tier: damaged store files; repairing");
+        let repaired = DB::repair(&db_options(), &config.path)
+            .map_err(|e| classify(&config.path, e))
+            .and_then(|()| Self::open_as_is(&config, &pins));
+        let tier = match repaired {
+            Ok(t) => {
+                tracing::warn!(%path, "SSD tier: repaired; objects whose records were lost read as misses");
+                t
+            }
+            Err(e) if is_damage(&e) => {
+                let aside = move_aside(&config.path)?;
+                tracing::error!(%path, error = %e, moved_to = %aside.display(), "SSD tier: repair failed; damaged files moved aside, starting empty");
+                Self::open_as_is(&config, &pins)?
+            }
+            Err(e) => return Err(e),
+        };
+        TierStats::add(&tier.0.stats.recoveries, 1);
+        Ok(tier)
+    }
+
+    /// Opens the database at `config.path` as it is (no repair) and rebuilds the index.
+    fn open_as_is(config: &SsdConfig, pins: &Pins) -> Result<Self> {
+        let config = config.clone();
+        let pins = pins.clone();
         let mut data_opts = Options::default();
         data_opts.set_compression_type(DBCompressionType::None);
         data_opts.set_enable_blob_files(true);
@@ -566,11 +715,14 @@ impl SsdTier {
         data_opts.set_write_buffer_size(16 << 20);
         let mut meta_opts = Options::default();
         meta_opts.set_compression_type(DBCompressionType::None);
+        // meta entries are ~50 bytes: a small memtable (the default 64 MiB would also size
+        // every preallocated log file)
+        meta_opts.set_write_buffer_size(1 << 20);
         let cfs = vec![
             ColumnFamilyDescriptor::new(DATA_CF, data_opts),
             ColumnFamilyDescriptor::new(META_CF, meta_opts),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs)
+        let db = DB::open_cf_descriptors(&db_options(), &config.path, cfs)
             .map_err(|e| classify(&config.path, e))?;
         let index = Arc::new(TierIndex::new(
             "ssd",

@@ -120,7 +120,12 @@ impl From<StoreError> for ApiError {
                 "store_full",
                 e.to_string(),
             ),
-            S::Io { .. } | S::Db { .. } => Self::internal(e.to_string()),
+            S::Damaged { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_damaged",
+                format!("{e}; the damaged objects are dropped as they are met, retry"),
+            ),
+            S::Io { .. } | S::Db { .. } | S::Locked { .. } => Self::internal(e.to_string()),
         }
     }
 }

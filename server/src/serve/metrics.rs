@@ -152,7 +152,7 @@ struct TierLabels {
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.0.tier_stats();
-        let counters: [(&str, &str, StatFn); 8] = [
+        let counters: [(&str, &str, StatFn); 9] = [
             ("store_hits", "Lookups answered by the tier", |s| s.hits),
             ("store_misses", "Lookups the tier could not answer", |s| {
                 s.misses
@@ -172,8 +172,13 @@ impl Collector for StoreCollector {
             }),
             (
                 "store_checksum_failures",
-                "Objects dropped for a checksum mismatch",
+                "Objects dropped for a checksum mismatch or damaged store files",
                 |s| s.checksum_failures,
+            ),
+            (
+                "store_recoveries",
+                "Times the tier repaired its damaged files at start, or moved them aside",
+                |s| s.recoveries,
             ),
         ];
         for (name, help, get) in counters {

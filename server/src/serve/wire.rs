@@ -102,6 +102,7 @@ pub(crate) fn tier_stats(t: &TierStatsSnapshot) -> api::ops::TierStats {
         removes: t.removes,
         evictions: t.evictions,
         checksum_failures: t.checksum_failures,
+        recoveries: t.recoveries,
         used_bytes: t.used_bytes,
         capacity_bytes: t.capacity_bytes,
         objects: t.objects,

@@ -27,8 +27,8 @@ pub(crate) fn tiny_chat_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-chat")
 }
 
-/// A router over the tiny model and a host-only store, with `config` (its model and data
-/// directory are ignored).
+/// A router over the tiny model and a store (host-only unless given), with `config` (its
+/// model and data directory are ignored).
 pub(crate) struct TestApp {
     pub state: AppState,
     pub router: Router,
@@ -37,9 +37,14 @@ pub(crate) struct TestApp {
 impl TestApp {
     /// Call inside a multi-threaded tokio runtime (the blender blocks on store reads).
     pub(crate) fn new(config: Config) -> TestApp {
+        let store = TieredStore::open(StoreConfig::host_only(1 << 30)).expect("store");
+        Self::with_store(config, store)
+    }
+
+    /// The same over `store`.
+    pub(crate) fn with_store(config: Config, store: TieredStore) -> TestApp {
         let loaded =
             kvquilt_model::load(&tiny_chat_model(), &Device::Cpu, DType::F32).expect("tiny model");
-        let store = TieredStore::open(StoreConfig::host_only(1 << 30)).expect("store");
         let state = app_state(&config, loaded, Arc::new(store)).expect("app state");
         TestApp {
             router: router(Arc::clone(&state)),
@@ -128,4 +133,34 @@ pub(crate) fn assert_err(got: &(StatusCode, Value), status: u16, code: &str, say
         msg.contains(says),
         "message `{msg}` does not mention `{says}`"
     );
+}
+
+/// A tmpfs of `bytes` mounted for one test, unmounted on drop.
+pub(crate) struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` where mounting is not permitted (not root).
+    pub(crate) fn new(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Self {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
 }

@@ -43,28 +43,45 @@ pub(crate) async fn create(
     let _quota = check_quota(&s, &tenant, new_bytes)?;
     let st = Arc::clone(&s);
     let tenant2 = Arc::clone(&tenant);
-    let results = s
+    // stops at the first failure (a full disk: 507); what was stored before it is counted
+    let (results, failed) = s
         .pool
         .run(move || {
-            all.iter()
-                .map(|t| st.blender.precompute(&tenant2.namespace, t))
-                .collect::<Result<Vec<_>, _>>()
+            let mut done = Vec::with_capacity(all.len());
+            for t in &all {
+                match st.blender.precompute(&tenant2.namespace, t) {
+                    Ok(p) => done.push(p),
+                    Err(e) => return (done, Some(e)),
+                }
+            }
+            (done, None)
         })
-        .await??;
+        .await?;
+    for p in &results {
+        tenant.add(p.key, layout.object_bytes(p.tokens));
+    }
+    if let Some(e) = failed {
+        let mut err = ApiError::from(e);
+        if !results.is_empty() {
+            err.message = format!(
+                "{} (the {} chunk(s) before it were stored)",
+                err.message,
+                results.len()
+            );
+        }
+        return Err(err);
+    }
     let chunks = results
         .into_iter()
-        .map(|p| {
-            tenant.add(p.key, layout.object_bytes(p.tokens));
-            ChunkStatus {
-                id: p.key.to_hex(),
-                tokens: p.tokens,
-                status: if p.found_in.is_some() {
-                    ChunkOutcome::Hit
-                } else {
-                    ChunkOutcome::Stored
-                },
-                tier: p.found_in.map(wire::tier),
-            }
+        .map(|p| ChunkStatus {
+            id: p.key.to_hex(),
+            tokens: p.tokens,
+            status: if p.found_in.is_some() {
+                ChunkOutcome::Hit
+            } else {
+                ChunkOutcome::Stored
+            },
+            tier: p.found_in.map(wire::tier),
         })
         .collect();
     Ok(axum::Json(PutChunksResponse {

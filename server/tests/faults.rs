@@ -1,0 +1,84 @@
+//! The API over a failing store (issue 16): a full disk answers 507 naming the condition,
+//! acknowledges nothing it did not store durably, and recovers as soon as space exists.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::{TestApp, Tmpfs, assert_err};
+use kvquilt::serve::config::Config;
+use kvquilt_api::{ChunkOutcome, PutChunksResponse, Stats};
+use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
+use serde_json::json;
+
+/// Document `i`: 400 bytes, 400 tokens of the tiny model (200 KB of KV).
+fn doc(i: usize) -> String {
+    let line = format!("Document {i:05} says the tide turns at {i} past the hour. ");
+    line.repeat(400 / line.len() + 1)[..400].to_string()
+}
+
+async fn objects_on_ssd(app: &TestApp) -> u64 {
+    let (status, v) = app.call("GET", "/v1/stats", None, None, "").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let s: Stats = serde_json::from_value(v).unwrap();
+    s.tiers.iter().find(|t| t.tier == "ssd").unwrap().objects
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_507_and_recovers_when_space_is_freed() {
+    let Some(fs) = Tmpfs::new(64 << 20) else {
+        eprintln!("tmpfs mount not permitted here; kvstore's full_disk tests cover the tier");
+        return;
+    };
+    let filler = fs.path.join("filler");
+    std::fs::write(&filler, vec![1u8; 24 << 20]).unwrap();
+    let ssd = SsdConfig {
+        min_free_bytes: 8 << 20,
+        ..SsdConfig::new(fs.path.join("store"), u64::MAX)
+    };
+    let store = TieredStore::open(StoreConfig::with_ssd(1 << 30, ssd)).unwrap();
+    let app = TestApp::with_store(Config::default(), store);
+    let mut stored = 0;
+    let refused = loop {
+        let r = app
+            .json(
+                "POST",
+                "/v1/chunks",
+                None,
+                json!({ "chunks": [doc(stored)] }),
+            )
+            .await;
+        if r.0 != StatusCode::OK {
+            break r;
+        }
+        stored += 1;
+        assert!(stored < 1000, "the disk never filled");
+    };
+    assert!(stored > 0);
+    assert_err(&refused, 507, "store_full", "free");
+    // nothing answers for the refused chunk: a blend over it computes it (a miss)
+    let r = app
+        .json(
+            "POST",
+            "/v1/blend",
+            None,
+            json!({"suffix_tokens": [70, 71], "chunks": [doc(stored)], "mode": "reuse"}),
+        )
+        .await;
+    assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+    assert_eq!(r.1["stats"]["misses"], 1, "{}", r.1);
+    assert_eq!(objects_on_ssd(&app).await, stored as u64);
+    // space is freed: the next request stores it
+    std::fs::remove_file(&filler).unwrap();
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            None,
+            json!({ "chunks": [doc(stored)] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let p: PutChunksResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(p.chunks[0].status, ChunkOutcome::Stored);
+    assert_eq!(objects_on_ssd(&app).await, stored as u64 + 1);
+}
