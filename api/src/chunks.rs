@@ -31,6 +31,14 @@ impl ChunkRef {
         })
     }
 
+    /// Bytes of text this reference carries (0 for ids and token ids).
+    pub fn text_len(&self) -> usize {
+        match self {
+            ChunkRef::Text(t) => t.len(),
+            ChunkRef::Spec(s) => s.text.as_ref().map_or(0, String::len),
+        }
+    }
+
     /// A stored chunk's id (64 hex digits).
     pub fn id(id: impl Into<String>) -> Self {
         ChunkRef::Spec(ChunkSpec {

@@ -99,7 +99,8 @@ pub struct Stats {
     pub model: String,
     /// Seconds since start-up.
     pub uptime_s: f64,
-    /// Every tier a request reads, fastest first.
+    /// Every tier a request reads, fastest first: store-wide figures, shown to the default
+    /// tenant (the operator) only; empty for any other tenant.
     pub tiers: Vec<TierStats>,
     /// The model pool.
     pub pool: PoolStats,

@@ -51,12 +51,16 @@ const fn route(method: Method, path: &'static str, summary: &'static str) -> Rou
 /// is checked against this list in both directions (`server/tests/router.rs`).
 pub const ROUTES: &[Route] = &[
     route(Method::Get, "/health", "Liveness; never waits on the model"),
-    route(Method::Get, "/metrics", "Prometheus metrics"),
+    route(
+        Method::Get,
+        "/metrics",
+        "Prometheus metrics (store-wide: the default tenant only)",
+    ),
     route(Method::Get, "/openapi.json", "This document"),
     route(
         Method::Get,
         "/v1/stats",
-        "Store tiers, the caller's tenant, and the model pool",
+        "Store tiers (the default tenant only), the caller's tenant, and the model pool",
     ),
     route(Method::Get, "/v1/models", "The served model (OpenAI shape)"),
     route(

@@ -32,6 +32,8 @@ fn limited() -> Config {
         limits: Limits {
             max_body_bytes: 1 << 20,
             max_request_tokens: 200,
+            max_document_bytes: 4096,
+            max_text_bytes: 8192,
             max_chunks: 4,
             ..defaults.limits.clone()
         },
@@ -229,6 +231,58 @@ async fn limits_are_enforced_by_name() {
         .json("POST", "/v1/chunks", T, json!({"chunks": [long]}))
         .await;
     assert_err(&r, 400, "too_many_tokens", "max_request_tokens");
+    // byte bounds come before any tokenizing (issue 16, defect 6)
+    let (doc, half) = ("d".repeat(5000), "h".repeat(3000));
+    let r = app
+        .json("POST", "/v1/chunks", T, json!({"chunks": ["ok", doc]}))
+        .await;
+    assert_err(&r, 400, "document_too_large", "chunk 1 has 5000 bytes");
+    let r = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            T,
+            json!({"chunks": [half, half, half]}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "max_text_bytes");
+    let r = app
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": "q".repeat(9000)}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "9000 bytes");
+    let r = app
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"question": half, "system": half, "chunks": [half]}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "9000 bytes");
+    let msg = json!({"role": "user", "content": half});
+    let r = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            T,
+            json!({"messages": [msg, msg, msg]}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "max_text_bytes");
+    let r = app
+        .json(
+            "POST",
+            "/v1/completions",
+            T,
+            json!({"prompt": half, "documents": [half, half]}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "max_text_bytes");
     let r = app
         .json(
             "POST",
@@ -257,8 +311,13 @@ async fn tenants_are_isolated_and_quotas_hold() {
     let id = put_text(&app, T, DOCS[1]).await.chunks[0].id.clone();
     // another tenant's chunk id is unknown to acme, and acme cannot delete it
     let other = format!("/v1/chunks/{id}");
+    let lookups = |s: &Stats| s.tiers.iter().map(|t| t.hits + t.misses).sum::<u64>();
+    let before = lookups(&stats(&app, T).await);
     let r = app.call("GET", &other, acme, None, "").await;
     assert_err(&r, 404, "unknown_chunk", &id);
+    // ... answered without touching the store: as cheap as an id never stored (issue 16,
+    // defect 8: the object's header was read first, a timing oracle)
+    assert_eq!(lookups(&stats(&app, T).await), before);
     let r = app.call("DELETE", &other, acme, None, "").await;
     assert_err(&r, 404, "unknown_chunk", &id);
     let r = app
@@ -305,6 +364,11 @@ async fn tenants_are_isolated_and_quotas_hold() {
     let b: BlendResponse = serde_json::from_value(v).expect("a BlendResponse");
     assert_eq!(b.stats.stored_back, 0);
     assert_eq!(stats(&app, acme).await.tenant.used_bytes, used);
+    // store-wide figures are the operator's (the default tenant's) alone
+    assert!(stats(&app, acme).await.tiers.is_empty());
+    assert!(!stats(&app, T).await.tiers.is_empty());
+    let r = app.call("GET", "/metrics", acme, None, "").await;
+    assert_err(&r, 403, "operator_only", "default tenant");
 }
 
 /// Eight concurrent writes by one tenant, each fitting its quota alone, any two not: one is

@@ -10,6 +10,8 @@
 //! [limits]
 //! max_body_bytes = 67108864
 //! max_request_tokens = 8192
+//! max_document_bytes = 262144          # one document's text, checked before tokenizing
+//! max_text_bytes = 1048576             # all text of one request, checked first
 //! max_chunks = 64
 //! max_new_tokens = 512
 //! workers = 1                          # model requests computed at once
@@ -81,6 +83,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most prompt tokens in one request (all chunks, prefix and question).
     pub max_request_tokens: usize,
+    /// Most bytes of one document's text, checked before it is tokenized.
+    pub max_document_bytes: usize,
+    /// Most bytes of text in one request (documents, question, system and instruction,
+    /// messages, prompt), checked before anything is tokenized.
+    pub max_text_bytes: usize,
     /// Most chunks (documents) in one request.
     pub max_chunks: usize,
     /// Most tokens one completion may generate.
@@ -129,6 +136,8 @@ impl Default for Limits {
         Self {
             max_body_bytes: 64 << 20,
             max_request_tokens: 8192,
+            max_document_bytes: 256 << 10,
+            max_text_bytes: 1 << 20,
             max_chunks: 64,
             max_new_tokens: 512,
             workers: 1,

@@ -40,7 +40,7 @@ use error::ApiError;
 use metrics::{Metrics, RouteLabels, RouteOnly};
 use pool::ModelPool;
 use state::{AppState, Shared};
-use tenants::Tenants;
+use tenants::{NamespaceKey, Tenants};
 
 /// `kvquilt serve` flags; each beats its environment variable, which beats the config file.
 #[derive(clap::Args, Debug)]
@@ -137,17 +137,23 @@ pub async fn serve(config: Config) -> Result<()> {
         dtype: config.dtype.clone(),
         attention: config.attention.clone(),
     };
-    let (loaded, store) = tokio::task::spawn_blocking({
+    let (loaded, store, key) = tokio::task::spawn_blocking({
         let c = config.clone();
         move || -> Result<_> {
             let loaded = model_args.load()?;
             let store = open_store(&c.data_dir, c.store.host_bytes, c.store.ssd_bytes)?;
-            Ok((loaded, store))
+            let key = tenants::namespace_key(&c.data_dir).with_context(|| {
+                format!(
+                    "reading the tenant namespace key in {}",
+                    c.data_dir.display()
+                )
+            })?;
+            Ok((loaded, store, key))
         }
     })
     .await??;
     let store = Arc::new(store);
-    let shared = app_state(&config, loaded, Arc::clone(&store))?;
+    let shared = app_state(&config, loaded, Arc::clone(&store), &key)?;
     let counted = shared
         .account_existing()
         .await
@@ -185,6 +191,7 @@ pub fn app_state(
     config: &Config,
     loaded: LoadedModel,
     store: Arc<TieredStore>,
+    namespace_key: &NamespaceKey,
 ) -> Result<AppState> {
     let identity = ModelIdentity::of(&loaded)?;
     let model_name = match &config.model {
@@ -213,7 +220,7 @@ pub fn app_state(
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
         model_name,
-        tenants: Tenants::from_config(config),
+        tenants: Tenants::from_config(config, namespace_key),
         limits: config.limits.clone(),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         metrics: Metrics::new(blender),

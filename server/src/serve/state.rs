@@ -50,10 +50,15 @@ impl Shared {
         })
     }
 
-    /// What chunk `key` holds, if it is stored **and** belongs to `tenant`: the id must be
-    /// the tenant's own key of the object's tokens. Another tenant's id is "unknown", exactly
-    /// like an id never stored (no existence oracle across tenants).
+    /// What chunk `key` holds, if it is stored **and** belongs to `tenant`: the tenant must
+    /// know it as its own ([`Tenant::owns`], checked in memory first, so that another
+    /// tenant's id costs what an id never stored costs: no timing oracle), and the id must
+    /// be the tenant's own key of the object's tokens. Another tenant's id is "unknown",
+    /// exactly like an id never stored.
     pub async fn owned_info(&self, tenant: &Tenant, key: &ChunkKey) -> ApiResult<Option<Found>> {
+        if !tenant.owns(key) {
+            return Ok(None);
+        }
         let Some(found) = self.blender.store().lookup(key).await? else {
             return Ok(None);
         };

@@ -7,6 +7,7 @@
 //! job's default, so a corpus precomputed offline is what the default tenant hits.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,21 +63,72 @@ impl Drop for QuotaReservation {
     }
 }
 
-/// The namespace of a tenant's keys (empty for the default tenant).
-pub fn namespace_of(tenant: &str) -> Vec<u8> {
+/// The secret that salts tenant namespaces ([`namespace_of`]), 32 bytes.
+pub type NamespaceKey = [u8; 32];
+
+/// The file in the data directory holding the [`NamespaceKey`].
+pub const NAMESPACE_KEY_FILE: &str = "tenant-namespace.key";
+
+/// The namespace of a tenant's keys: empty for the default tenant (whose ids anyone may
+/// derive from a text, as the precompute job and clients do); for any other tenant a keyed
+/// BLAKE3 hash of its name under `key`, so that its chunk ids cannot be derived from a
+/// guessed text and its public name.
+pub fn namespace_of(tenant: &str, key: &NamespaceKey) -> Vec<u8> {
     if tenant == "default" {
         Vec::new()
     } else {
-        format!("tenant:{tenant}").into_bytes()
+        let name = format!("tenant:{tenant}");
+        blake3::keyed_hash(key, name.as_bytes()).as_bytes().to_vec()
     }
 }
 
+/// The data directory's [`NamespaceKey`], created (32 bytes from the system's random
+/// source, mode 0600) on first use. Losing it makes other tenants' stored chunks
+/// unreachable (recomputed on demand), never wrong.
+pub fn namespace_key(data_dir: &Path) -> std::io::Result<NamespaceKey> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(NAMESPACE_KEY_FILE);
+    let read = |path: &Path| -> std::io::Result<NamespaceKey> {
+        let bytes = std::fs::read(path)?;
+        bytes.try_into().map_err(|b: Vec<u8>| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} holds {} bytes, not 32", path.display(), b.len()),
+            )
+        })
+    };
+    if path.exists() {
+        return read(&path);
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let tmp = data_dir.join(format!("{NAMESPACE_KEY_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    // a concurrent first start may have won: keep whichever key is on disk
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::remove_file(&tmp)?;
+    read(&path)
+}
+
 impl Tenant {
-    /// A tenant with no stored objects yet.
-    pub fn new(name: &str, quota_bytes: Option<u64>) -> Self {
+    /// A tenant with no stored objects yet, its namespace salted by `key`.
+    pub fn new(name: &str, quota_bytes: Option<u64>, key: &NamespaceKey) -> Self {
         Self {
             name: name.to_string(),
-            namespace: namespace_of(name),
+            namespace: namespace_of(name, key),
             quota_bytes,
             usage: Mutex::new(Usage::default()),
             used: AtomicU64::new(0),
@@ -93,6 +145,12 @@ impl Tenant {
         if self.usage.lock().by_key.insert(key, bytes).is_none() {
             self.used.fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+
+    /// Whether this server knows `key` as one of this tenant's stored chunks (memory only:
+    /// the same cost for another tenant's id as for an id never stored).
+    pub fn owns(&self, key: &ChunkKey) -> bool {
+        self.usage.lock().by_key.contains_key(key)
     }
 
     /// Stops counting `key` (deleted).
@@ -150,15 +208,15 @@ pub struct Tenants {
 
 impl Tenants {
     /// The default tenant and the configured ones, with their tokens.
-    pub fn from_config(c: &Config) -> Self {
-        let default = Arc::new(Tenant::new("default", c.limits.default_quota_bytes));
+    pub fn from_config(c: &Config, key: &NamespaceKey) -> Self {
+        let default = Arc::new(Tenant::new("default", c.limits.default_quota_bytes, key));
         let mut by_token = HashMap::new();
         let mut all = vec![Arc::clone(&default)];
         for t in &c.api_tokens {
             by_token.insert(hash(t), Arc::clone(&default));
         }
         for tc in &c.tenants {
-            let t = Arc::new(Tenant::new(&tc.name, tc.quota_bytes));
+            let t = Arc::new(Tenant::new(&tc.name, tc.quota_bytes, key));
             for tok in &tc.tokens {
                 by_token.insert(hash(tok), Arc::clone(&t));
             }
@@ -241,7 +299,7 @@ mod tests {
             }],
             ..Config::default()
         };
-        let t = Tenants::from_config(&c);
+        let t = Tenants::from_config(&c, &[7; 32]);
         assert_eq!(
             t.authenticate(Some("Bearer acme-token")).unwrap().name,
             "acme"
@@ -265,12 +323,20 @@ mod tests {
             let h = format!("{scheme} acme-token");
             assert_eq!(t.authenticate(Some(&h)).unwrap().name, "acme", "{h}");
         }
-        assert_ne!(namespace_of("acme"), namespace_of("default"));
+        assert_ne!(
+            namespace_of("acme", &[7; 32]),
+            namespace_of("default", &[7; 32])
+        );
+        assert_ne!(
+            namespace_of("acme", &[7; 32]),
+            namespace_of("acme", &[8; 32])
+        );
+        assert_eq!(namespace_of("default", &[7; 32]), b"");
     }
 
     #[test]
     fn quota_counts_each_key_once_and_drops_evicted_keys() {
-        let t = Arc::new(Tenant::new("acme", Some(100)));
+        let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
         t.add(ChunkKey([1; 32]), 60);
         t.add(ChunkKey([1; 32]), 60);
         assert_eq!(t.used_bytes(), 60);
@@ -281,15 +347,36 @@ mod tests {
     }
 
     #[test]
+    fn the_namespace_key_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = namespace_key(dir.path()).unwrap();
+        assert_eq!(namespace_key(dir.path()).unwrap(), a);
+        let meta = std::fs::metadata(dir.path().join(NAMESPACE_KEY_FILE)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            namespace_key(other.path()).unwrap(),
+            a,
+            "random per data directory"
+        );
+        std::fs::write(dir.path().join(NAMESPACE_KEY_FILE), b"short").unwrap();
+        assert!(
+            namespace_key(dir.path()).is_err(),
+            "a damaged key is an error, not a new key"
+        );
+    }
+
+    #[test]
     fn reservations_count_until_dropped() {
-        let t = Arc::new(Tenant::new("acme", Some(100)));
+        let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
         let a = t.reserve(70, |_| true).expect("fits");
         assert!(t.reserve(31, |_| true).is_none(), "70 reserved + 31 > 100");
         let b = t.reserve(30, |_| true).expect("70 + 30 fits");
         drop(a);
         assert!(t.reserve(70, |_| true).is_some(), "released");
         drop(b);
-        let unlimited = Arc::new(Tenant::new("default", None));
+        let unlimited = Arc::new(Tenant::new("default", None, &[0; 32]));
         assert!(unlimited.reserve(u64::MAX, |_| true).is_some());
     }
 }

@@ -45,7 +45,7 @@ impl TestApp {
     pub(crate) fn with_store(config: Config, store: TieredStore) -> TestApp {
         let loaded =
             kvquilt_model::load(&tiny_chat_model(), &Device::Cpu, DType::F32).expect("tiny model");
-        let state = app_state(&config, loaded, Arc::new(store)).expect("app state");
+        let state = app_state(&config, loaded, Arc::new(store), &[42; 32]).expect("app state");
         TestApp {
             router: router(Arc::clone(&state)),
             state,

@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::model_source::ModelArgs;
-use crate::serve::tenants::namespace_of;
+use crate::serve::tenants::{namespace_key, namespace_of};
 use crate::store_setup::open_store;
 
 /// `kvquilt precompute` flags.
@@ -126,7 +126,9 @@ pub fn run(a: Args) -> Result<()> {
         Arc::clone(&store),
         rt.handle().clone(),
     );
-    let namespace = namespace_of(&a.tenant);
+    let key = namespace_key(&data_dir)
+        .with_context(|| format!("reading the tenant namespace key in {}", data_dir.display()))?;
+    let namespace = namespace_of(&a.tenant, &key);
     let codec = blender.codec(&namespace);
     let ctx = blender.model().config().context_length;
 

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use kvquilt_api::{BlendRequest as BlendBody, BlendResponse, TokenLogprob};
+use kvquilt_api::{BlendRequest as BlendBody, BlendResponse, ChunkRef, TokenLogprob};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
 use kvquilt_blend::{BlendOutput, BlendRequest};
 use kvquilt_model::top_logprobs;
 
-use super::chunk_ref::{check_chunk_count, check_token_ids, check_tokens, resolve_all};
+use super::chunk_ref::{
+    check_chunk_count, check_text_bytes, check_token_ids, check_tokens, off_runtime, resolve_all,
+};
 use super::chunks::check_quota;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
@@ -25,6 +27,14 @@ pub(crate) async fn blend(
 ) -> ApiResult<axum::Json<BlendResponse>> {
     let mode = wire::mode(body.mode.as_deref(), body.ratio)?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
+    let texts = [&body.question, &body.system, &body.instruction];
+    check_text_bytes(
+        &s,
+        body.chunks
+            .iter()
+            .map(ChunkRef::text_len)
+            .chain(texts.iter().map(|t| t.as_ref().map_or(0, String::len))),
+    )?;
     let chunks = resolve_all(&s, &tenant, &body.chunks).await?;
     let req = match (&body.prefix_tokens, &body.suffix_tokens) {
         (None, None) => {
@@ -44,7 +54,8 @@ pub(crate) async fn blend(
                 question,
                 answer_hint: String::new(),
             };
-            let mut r = prompt.request(&s.tokenizer, mode)?;
+            let tokenizer = Arc::clone(&s.tokenizer);
+            let mut r = off_runtime(move || Ok(prompt.request(&tokenizer, mode)?)).await?;
             r.chunks = chunks;
             r
         }

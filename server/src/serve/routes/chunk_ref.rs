@@ -1,5 +1,7 @@
 //! How a request names a chunk: a document's text, token ids, or the id of a stored chunk.
 
+use std::sync::Arc;
+
 use kvquilt_api::ChunkRef;
 
 use crate::serve::error::{ApiError, ApiResult};
@@ -16,13 +18,13 @@ pub(crate) async fn resolve(
     i: usize,
 ) -> ApiResult<Vec<u32>> {
     let tokens = match chunk {
-        ChunkRef::Text(t) => text_tokens(s, t)?,
+        ChunkRef::Text(t) => text_tokens(s, t, i).await?,
         ChunkRef::Spec(spec) => match (&spec.id, &spec.text, &spec.tokens) {
             (Some(id), None, None) => {
                 let key = Shared::parse_id(id)?;
                 s.require_owned(tenant, &key).await?.info.tokens.clone()
             }
-            (None, Some(t), None) => text_tokens(s, t)?,
+            (None, Some(t), None) => text_tokens(s, t, i).await?,
             (None, None, Some(t)) => t.clone(),
             _ => {
                 return Err(ApiError::bad_request(
@@ -55,8 +57,49 @@ pub(crate) fn check_token_ids(s: &Shared, what: &str, tokens: &[u32]) -> ApiResu
     }
 }
 
-fn text_tokens(s: &Shared, text: &str) -> ApiResult<Vec<u32>> {
-    Ok(kvquilt_blend::rag::document_tokens(&s.tokenizer, text)?)
+/// Document `i`'s chunk tokens, after its size check, tokenized off the async workers.
+async fn text_tokens(s: &Shared, text: &str, i: usize) -> ApiResult<Vec<u32>> {
+    let limit = s.limits.max_document_bytes;
+    if text.len() > limit {
+        return Err(ApiError::bad_request(
+            "document_too_large",
+            format!(
+                "chunk {i} has {} bytes of text; the limit is {limit} (limits.max_document_bytes)",
+                text.len()
+            ),
+        ));
+    }
+    let (tokenizer, text) = (Arc::clone(&s.tokenizer), text.to_owned());
+    off_runtime(move || Ok(kvquilt_blend::rag::document_tokens(&tokenizer, &text)?)).await
+}
+
+/// Runs `f` (tokenizing) on a blocking thread: a long text must not hold an async worker,
+/// which would stall every request on it (`/health` included).
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("a tokenizer task failed: {e}")))?
+}
+
+/// Checks the bytes of text one request carries (`parts`: its documents, question,
+/// messages, ...) against `limits.max_text_bytes`, before any of it is tokenized.
+pub(crate) fn check_text_bytes(
+    s: &Shared,
+    parts: impl IntoIterator<Item = usize>,
+) -> ApiResult<()> {
+    let total: usize = parts.into_iter().sum();
+    let limit = s.limits.max_text_bytes;
+    if total > limit {
+        return Err(ApiError::bad_request(
+            "text_too_large",
+            format!(
+                "the request carries {total} bytes of text; the limit is {limit} (limits.max_text_bytes)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a request's chunk count against `limits.max_chunks`.
@@ -96,6 +139,7 @@ pub(crate) async fn resolve_all(
     chunks: &[ChunkRef],
 ) -> ApiResult<Vec<Vec<u32>>> {
     check_chunk_count(s, chunks.len())?;
+    check_text_bytes(s, chunks.iter().map(ChunkRef::text_len))?;
     let mut out = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
         out.push(resolve(s, tenant, c, i).await?);

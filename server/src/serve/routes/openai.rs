@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
+use kvquilt_api::ChunkRef;
 use kvquilt_api::openai::{
     self as api, AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CommonFields,
     CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList, Prompt,
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::blend::prepare;
-use super::chunk_ref::resolve_all;
+use super::chunk_ref::{check_text_bytes, off_runtime, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
@@ -75,16 +76,28 @@ pub(crate) async fn chat(
     if messages.is_empty() {
         return Err(ApiError::bad_request("no_messages", "`messages` is empty"));
     }
+    check_text_bytes(
+        &s,
+        body.common
+            .documents
+            .iter()
+            .map(ChunkRef::text_len)
+            .chain(messages.iter().map(|m| m.content.len())),
+    )?;
     let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
-    let req = chat_request(
-        &s.template,
-        &s.tokenizer,
-        &messages,
-        chunks,
-        DEFAULT_INSTRUCTION,
-        mode,
-    )?;
+    let (template, tokenizer) = (Arc::clone(&s.template), Arc::clone(&s.tokenizer));
+    let req = off_runtime(move || {
+        Ok(chat_request(
+            &template,
+            &tokenizer,
+            &messages,
+            chunks,
+            DEFAULT_INSTRUCTION,
+            mode,
+        )?)
+    })
+    .await?;
     let top_k = if body.logprobs {
         body.top_logprobs.unwrap_or(0).min(20)
     } else {
@@ -111,9 +124,18 @@ pub(crate) async fn completions(
             ));
         }
     };
+    check_text_bytes(
+        &s,
+        body.common
+            .documents
+            .iter()
+            .map(ChunkRef::text_len)
+            .chain([prompt.len()]),
+    )?;
     let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
-    let suffix = s.tokenizer.encode_piece(&prompt)?;
+    let tokenizer = Arc::clone(&s.tokenizer);
+    let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = body.logprobs.unwrap_or(0).min(20);
     // OpenAI's default for legacy completions is 16 tokens

@@ -1,14 +1,15 @@
 //! Operations: `/health`, `/metrics`, `/v1/stats`, `/openapi.json`.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kvquilt_api::ops::{PoolStats, TenantUsage};
 use kvquilt_api::{Health, Stats};
 use serde_json::Value;
 
+use crate::serve::error::ApiError;
 use crate::serve::state::AppState;
-use crate::serve::tenants::Caller;
+use crate::serve::tenants::{Caller, Tenant};
 use crate::serve::wire;
 
 /// `GET /health`: answers without touching the model pool or the store.
@@ -20,27 +21,50 @@ pub(crate) async fn health(State(s): State<AppState>) -> axum::Json<Health> {
     })
 }
 
-/// `GET /metrics`: Prometheus/OpenMetrics text.
-pub(crate) async fn metrics(State(s): State<AppState>, Caller(_): Caller) -> Response {
+/// `GET /metrics`: Prometheus/OpenMetrics text, store-wide: the default tenant's (the
+/// operator's) only; another tenant gets 403.
+pub(crate) async fn metrics(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+) -> Result<Response, ApiError> {
+    operator_only(&tenant, "/metrics")?;
     let mut resp = s.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
-    resp
+    Ok(resp)
 }
 
-/// `GET /v1/stats`: the store's tiers, the model pool, and the caller's usage.
+/// Refuses store-wide figures to a tenant other than the default (they would show it how
+/// much other tenants store, and when their objects come and go).
+fn operator_only(tenant: &Tenant, what: &str) -> Result<(), ApiError> {
+    if tenant.name == "default" {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "operator_only",
+        format!("{what} shows store-wide figures; only the default tenant's tokens may read it"),
+    ))
+}
+
+/// `GET /v1/stats`: the store's tiers (to the default tenant only), the model pool, and the
+/// caller's usage.
 pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Stats> {
-    axum::Json(Stats {
-        model: s.model_name.clone(),
-        uptime_s: s.started.elapsed().as_secs_f64(),
-        tiers: s
+    let tiers = match operator_only(&tenant, "tiers") {
+        Ok(()) => s
             .blender
             .tier_stats()
             .iter()
             .map(wire::tier_stats)
             .collect(),
+        Err(_) => Vec::new(),
+    };
+    axum::Json(Stats {
+        model: s.model_name.clone(),
+        uptime_s: s.started.elapsed().as_secs_f64(),
+        tiers,
         pool: PoolStats {
             workers: s.limits.workers,
             running: s.pool.running(),
