@@ -70,9 +70,11 @@ fn a_layer_that_fails_verification_mid_stream_is_recomputed() {
     // a corrupt first, middle and last layer; the middle chunk's object is the bad one
     for bad_layer in [0, num_layers / 2, num_layers - 1] {
         for mode in &modes {
+            // each phase has its own runtime: dropping it ends the store's tasks, so the
+            // database is closed before the next phase opens it
             let dir = tempfile::tempdir().unwrap();
-            let rt = Runtime::new().unwrap();
             let key = {
+                let rt = Runtime::new().unwrap();
                 let b = blender(dir.path(), &rt);
                 for c in &chunks {
                     b.precompute(b"", c).unwrap();
@@ -82,12 +84,14 @@ fn a_layer_that_fails_verification_mid_stream_is_recomputed() {
             };
             let req = BlendRequest::new(vec![], chunks.to_vec(), suffix.clone(), mode.clone());
             let clean = {
+                let rt = Runtime::new().unwrap();
                 let b = blender(dir.path(), &rt);
                 let out = b.run(b"", &req).unwrap();
                 assert_eq!(out.stats.hits_ssd, 3);
                 out.logits
             };
             corrupt(dir.path(), &key, bad_layer);
+            let rt = Runtime::new().unwrap();
             let b = blender(dir.path(), &rt);
             let out = b
                 .run(b"", &req)
