@@ -135,6 +135,9 @@ pub struct BlendStats {
     pub hits_host: usize,
     /// Segments loaded from SSD.
     pub hits_ssd: usize,
+    /// Loaded segments whose KV was decoded from a lossy codec (also counted in `hits_*`).
+    #[serde(default)]
+    pub lossy_hits: usize,
     /// Segments not stored before the request.
     pub misses: usize,
     /// Objects this request stored.

@@ -55,6 +55,9 @@ pub struct TierStats {
     /// aside (a cache never refuses to start over its own files).
     #[serde(default)]
     pub recoveries: u64,
+    /// Hits by the codec family of the object served (`raw`, `lz4`, `fp8`, `int8`, `kivi`).
+    #[serde(default)]
+    pub hits_by_codec: std::collections::BTreeMap<String, u64>,
     /// Bytes held now.
     pub used_bytes: u64,
     /// Most bytes it may hold.

@@ -91,6 +91,9 @@ pub struct BlendStats {
     pub hits_host: usize,
     /// Segments loaded from the store's SSD tier.
     pub hits_ssd: usize,
+    /// Loaded segments whose KV was decoded from a lossy codec (counted in `hits_*` too):
+    /// their values are close to, not equal to, the chunk's KV.
+    pub lossy_hits: usize,
     /// Segments held nowhere (computed, and stored back when allowed).
     pub misses: usize,
     /// Objects written by this request (misses and new prefix objects): the length of
@@ -120,6 +123,7 @@ impl BlendStats {
             hits_gpu: 0,
             hits_host: 0,
             hits_ssd: 0,
+            lossy_hits: 0,
             misses: 0,
             stored_back: 0,
             recomputed_tokens: 0,

@@ -98,6 +98,10 @@ pub struct KvObject {
     info: Arc<ObjectInfo>,
     /// One entry per layer: K `[tokens, kv_heads, head_dim]` then V, little-endian `dtype`.
     layers: Vec<Bytes>,
+    /// The lossy codec these values were decoded from; `None`: the values are exact (as
+    /// computed, or through a lossless codec). A lossy object is reported as such by every
+    /// tier that serves it and is never encoded again ([`KvObject::encode`]).
+    lossy: Option<Codec>,
 }
 
 impl KvObject {
@@ -145,6 +149,7 @@ impl KvObject {
                 stats,
             }),
             layers,
+            lossy: None,
         })
     }
 
@@ -165,7 +170,22 @@ impl KvObject {
         Ok(Self {
             info: Arc::clone(&self.info),
             layers,
+            lossy: self.lossy,
         })
+    }
+
+    /// The lossy codec these values were decoded from, or `None` when they are exact.
+    pub fn lossy(&self) -> Option<Codec> {
+        self.lossy
+    }
+
+    /// The object, marked as decoded from `codec` when that codec is lossy (for objects
+    /// rebuilt from a stream's layers; see [`KvObject::lossy`]).
+    pub fn decoded_from(mut self, codec: Option<Codec>) -> Self {
+        if let Some(c) = codec.filter(|c| c.is_lossy()) {
+            self.lossy = Some(c);
+        }
+        self
     }
 
     /// The layers' bytes, in layer order.
@@ -218,9 +238,17 @@ impl KvObject {
         self.layers.iter().map(|l| l.len() as u64).sum()
     }
 
-    /// Encodes every layer with `codec` and builds the checksummed header. Fails only when
-    /// a lossy codec cannot represent the values (e.g. KIVI's f16 group parameters).
+    /// Encodes every layer with `codec` and builds the checksummed header. Fails when a
+    /// lossy codec cannot represent the values (e.g. KIVI's f16 group parameters), and for
+    /// an object whose values came from a lossy codec: they are never encoded again (the
+    /// copy would lose the mark of what it costs, or compound the error).
     pub fn encode(&self, codec: Codec) -> Result<EncodedObject> {
+        if let Some(from) = self.lossy {
+            return Err(StoreError::Invalid(format!(
+                "{} holds values decoded from {from}; lossy values are never encoded again",
+                self.info.key
+            )));
+        }
         let mut offset = 0u64;
         let mut entries = Vec::with_capacity(self.layers.len());
         let mut records = Vec::with_capacity(self.layers.len());
@@ -250,10 +278,13 @@ impl KvObject {
         })
     }
 
-    /// Builds the object from a verified header and its decoded layers.
+    /// Builds the object from a verified header and its decoded layers (marked lossy when
+    /// the header's codec is).
     pub fn from_parts(header: &ObjectHeader, layers: Vec<Bytes>) -> Result<Self> {
         let i = &header.info;
-        Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())
+        let mut o = Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())?;
+        o.lossy = header.codec.is_lossy().then_some(header.codec);
+        Ok(o)
     }
 }
 

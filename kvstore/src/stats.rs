@@ -81,16 +81,29 @@ pub struct TierStats {
     /// Times the tier found its own files damaged when opening and repaired them, or moved
     /// them aside and started empty.
     pub recoveries: AtomicU64,
+    /// Hits by the codec of the object served, indexed by codec id (`Codec::id`; a host
+    /// tier's exact objects count as raw).
+    pub hits_by_codec: [AtomicU64; CODEC_IDS],
     /// Time of reads that found the object.
     pub get_latency: Histogram,
     /// Time of puts.
     pub put_latency: Histogram,
 }
 
+/// Codec ids counted in [`TierStats::hits_by_codec`] (0 raw, 1 lz4, 2 fp8, 3 int8, 4 KIVI).
+pub const CODEC_IDS: usize = crate::Codec::FAMILIES.len();
+
 impl TierStats {
     /// Adds `n` to one of the counters (relaxed: counters order nothing).
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Counts a hit on an object stored with `codec` in [`TierStats::hits_by_codec`].
+    pub fn hit_codec(&self, codec: crate::Codec) {
+        if let Some(c) = self.hits_by_codec.get(codec.id() as usize) {
+            c.fetch_add(1, Relaxed);
+        }
     }
 
     /// A copy of the counters, labelled `tier`, with the occupancy the tier's index reports
@@ -113,6 +126,12 @@ impl TierStats {
             evictions: self.evictions.load(Relaxed),
             checksum_failures: self.checksum_failures.load(Relaxed),
             recoveries: self.recoveries.load(Relaxed),
+            hits_by_codec: crate::Codec::FAMILIES
+                .iter()
+                .zip(&self.hits_by_codec)
+                .map(|(name, n)| (name.to_string(), n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             used_bytes,
             capacity_bytes,
             objects,
@@ -145,6 +164,9 @@ pub struct TierStatsSnapshot {
     pub checksum_failures: u64,
     /// See [`TierStats::recoveries`].
     pub recoveries: u64,
+    /// Hits by codec family (`raw`, `lz4`, `fp8`, `int8`, `kivi`); codecs without hits are
+    /// left out.
+    pub hits_by_codec: std::collections::BTreeMap<String, u64>,
     /// Bytes held (reserved for objects being written included), as the tier counts them.
     pub used_bytes: u64,
     /// Most bytes the tier may hold.

@@ -82,6 +82,8 @@ pub struct LayerStream {
     pub info: Arc<ObjectInfo>,
     /// The tier the layers are read from.
     pub tier: TierKind,
+    /// The lossy codec the layers are decoded from (`None`: exact values).
+    pub lossy: Option<crate::Codec>,
     rx: mpsc::Receiver<Result<Bytes>>,
 }
 
@@ -203,6 +205,7 @@ impl TieredStore {
                 continue;
             };
             let info = Arc::clone(reader.info());
+            let lossy = reader.lossy();
             let n = info.layout.num_layers as usize;
             let (tx, rx) = mpsc::channel(read_ahead.max(1));
             let (store, info_task) = (Arc::clone(self), Arc::clone(&info));
@@ -230,13 +233,14 @@ impl TieredStore {
                         layers,
                         i2.stats.clone(),
                     ) {
-                        store.promote(i, &Arc::new(obj)).await;
+                        store.promote(i, &Arc::new(obj.decoded_from(lossy))).await;
                     }
                 }
             });
             return Ok(Some(LayerStream {
                 info,
                 tier: t.kind(),
+                lossy,
                 rx,
             }));
         }

@@ -10,6 +10,7 @@ use kvquilt_kvstore::{Codec, KvDType, Pin, Pins, SsdConfig, SsdTier, StoreError,
 fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
     SsdConfig {
         codec,
+        serve_lossy: codec.is_lossy(),
         ..SsdConfig::new(dir, capacity)
     }
 }
@@ -88,6 +89,36 @@ async fn lossy_codec_tier_reads_back_close_values_or_stores_raw() {
         hostile,
         "stored raw"
     );
+    // the lossy object says so, and is counted by codec; its values are never encoded again
+    assert_eq!(got.lossy(), Some(Codec::kivi(4)));
+    assert_eq!(t.get(hostile.key()).await.unwrap().unwrap().lossy(), None);
+    let by_codec = t.stats().hits_by_codec;
+    assert_eq!((by_codec["kivi"], by_codec["raw"]), (1, 2));
+    assert!(got.encode(Codec::Raw).is_err(), "lossy values re-encoded");
+    // without serve_lossy, the lossy object is a miss left on disk; the exact one is served
+    drop(t);
+    let exact_only =
+        SsdTier::open(config(dir.path(), 1 << 30, Codec::Raw), Pins::default()).unwrap();
+    assert!(exact_only.get(sane.key()).await.unwrap().is_none());
+    assert!(exact_only.reader(sane.key()).await.unwrap().is_none());
+    assert!(exact_only.contains(sane.key()), "left on disk");
+    assert!(exact_only.get(hostile.key()).await.unwrap().is_some());
+    drop(exact_only);
+    let lossy_ok =
+        SsdTier::open(config(dir.path(), 1 << 30, Codec::kivi(4)), Pins::default()).unwrap();
+    let r = lossy_ok.reader(sane.key()).await.unwrap().unwrap();
+    assert_eq!(r.lossy(), Some(Codec::kivi(4)));
+    // a lossy codec must be chosen explicitly
+    let unchosen = SsdConfig {
+        serve_lossy: false,
+        ..config(dir.path(), 1 << 30, Codec::kivi(4))
+    };
+    drop(r);
+    drop(lossy_ok);
+    let e = SsdTier::open(unchosen, Pins::default())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("serve_lossy"), "{e}");
 }
 
 /// Corrupt one stored value behind the tier's back: the read is a miss, counted, and the

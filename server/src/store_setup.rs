@@ -1,20 +1,30 @@
 //! The store layout of a data directory, shared by `serve` and `precompute` so both open
 //! the same store the same way: `{data_dir}/store` is the SSD tier (RocksDB), written
-//! through with a synced WAL (an acknowledged chunk survives a crash).
+//! through with a synced WAL (an acknowledged chunk survives a crash), encoded by the
+//! configured codec (`[store.codecs]`; raw unless a deployment opts into another).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
 
-/// Opens (or creates) the store of `data_dir`.
-pub fn open_store(data_dir: &Path, host_bytes: u64, ssd_bytes: u64) -> Result<TieredStore> {
+use crate::serve::config::CodecSettings;
+
+/// Opens (or creates) the store of `data_dir`, its SSD tier encoding with `codecs.ssd`.
+pub fn open_store(
+    data_dir: &Path,
+    host_bytes: u64,
+    ssd_bytes: u64,
+    codecs: &CodecSettings,
+) -> Result<TieredStore> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let path = data_dir.join("store");
-    TieredStore::open(StoreConfig::with_ssd(
-        host_bytes,
-        SsdConfig::new(path.clone(), ssd_bytes),
-    ))
-    .with_context(|| format!("opening the store at {}", path.display()))
+    let ssd = SsdConfig {
+        codec: codecs.ssd_codec()?,
+        serve_lossy: codecs.allow_lossy,
+        ..SsdConfig::new(path.clone(), ssd_bytes)
+    };
+    TieredStore::open(StoreConfig::with_ssd(host_bytes, ssd))
+        .with_context(|| format!("opening the store at {}", path.display()))
 }

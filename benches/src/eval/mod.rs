@@ -327,6 +327,7 @@ pub fn run(a: Args) -> Result<()> {
             let dir = tempfile::tempdir()?;
             let ssd = SsdConfig {
                 codec,
+                serve_lossy: true,
                 ..SsdConfig::new(dir.path(), 64 << 30)
             };
             dirs.push(dir);

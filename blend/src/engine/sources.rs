@@ -52,7 +52,8 @@ struct Streamed {
     /// Bytes read so far.
     bytes: usize,
     /// The layers read so far, kept when the device tier is on (to make them resident
-    /// after the request).
+    /// after the request); `None` as well for a lossy object (the device tier holds exact
+    /// KV only).
     kept: Option<Vec<LayerKv>>,
 }
 
@@ -146,9 +147,12 @@ impl<'r> Sources<'r> {
     }
 
     /// How each prompt segment's KV was obtained, in prompt order (final once every layer
-    /// was filled).
-    pub(crate) fn placed(&self) -> impl Iterator<Item = SegmentSource> + '_ {
-        self.placement.iter().map(|&i| self.how[i])
+    /// was filled), and whether it was decoded from a lossy codec.
+    pub(crate) fn placed(&self) -> impl Iterator<Item = (SegmentSource, bool)> + '_ {
+        self.placement.iter().map(|&i| {
+            let lossy = matches!(&self.sources[i], Source::Stream(s) if s.stream.lossy.is_some());
+            (self.how[i], lossy)
+        })
     }
 
     /// Appends `rows` (placeholder K and V, `[suffix, kv_heads, head_dim]`) after the
@@ -211,6 +215,7 @@ impl<'r> Sources<'r> {
                 Source::Stream(Streamed {
                     kept: Some(kept), ..
                 }) => kept,
+                // (a lossy stream keeps nothing: `kept` is `None`)
                 Source::Memory(cache) => cache.layers,
                 Source::Stream(_) | Source::Device(_) => continue,
             };
@@ -276,10 +281,14 @@ fn open_stream(
     match b.rt.block_on(b.store.read_layers(&key, READ_AHEAD)) {
         Ok(Some(stream)) => match codec.check(&stream.info, entry.tokens) {
             Ok(()) => Ok(Streamed {
+                kept: b
+                    .device_tier
+                    .as_ref()
+                    .filter(|_| stream.lossy.is_none())
+                    .map(|_| Vec::new()),
                 stream,
                 busy: Duration::ZERO,
                 bytes: 0,
-                kept: b.device_tier.as_ref().map(|_| Vec::new()),
             }),
             Err(e) => {
                 tracing::warn!(%key, error = %e, "stored chunk unusable; recomputing");

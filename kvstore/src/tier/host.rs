@@ -87,8 +87,9 @@ impl HostTier {
     fn lookup(&self, key: &ChunkKey) -> Option<Arc<KvObject>> {
         let o = self.objects.read().get(key).cloned();
         match &o {
-            Some(_) => {
+            Some(o) => {
                 TierStats::add(&self.stats.hits, 1);
+                self.stats.hit_codec(o.lossy().unwrap_or(crate::Codec::Raw));
                 self.index.touch(key);
             }
             None => TierStats::add(&self.stats.misses, 1),
@@ -193,6 +194,10 @@ struct HostReader(Arc<KvObject>);
 impl LayerReader for HostReader {
     fn info(&self) -> &Arc<ObjectInfo> {
         self.0.info()
+    }
+
+    fn lossy(&self) -> Option<crate::Codec> {
+        self.0.lossy()
     }
 
     async fn layer(&mut self, layer: usize) -> Result<Bytes> {

@@ -54,6 +54,11 @@ pub trait LayerReader: Send {
     /// What the object holds.
     fn info(&self) -> &Arc<ObjectInfo>;
 
+    /// The lossy codec the layers are decoded from (`None`: exact values).
+    fn lossy(&self) -> Option<crate::Codec> {
+        None
+    }
+
     /// Layer `layer`'s verified, decoded K‖V bytes. A record that fails verification is an
     /// error (the tier drops the object, as for any failed read).
     async fn layer(&mut self, layer: usize) -> Result<Bytes>;

@@ -61,6 +61,10 @@ pub struct SsdConfig {
     /// recovery sees free space again (checked every 5 s), while this check answers
     /// again the moment space is freed (pinned by `full_disk::writes_resume_when_space_is_freed`).
     pub min_free_bytes: u64,
+    /// Whether objects stored with a lossy codec may be served (and `codec` may be lossy).
+    /// Off by default: a lossy copy never stands in for an exact one unless the deployment
+    /// chose it (its accuracy cost is measured in BENCHMARKS.md §6).
+    pub serve_lossy: bool,
 }
 
 /// Default of [`SsdConfig::min_free_bytes`]: 64 MiB of headroom for RocksDB's logs,
@@ -77,6 +81,7 @@ impl SsdConfig {
             codec: Codec::Raw,
             sync_writes: true,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            serve_lossy: false,
         }
     }
 }
@@ -231,6 +236,10 @@ struct SsdReader {
 impl LayerReader for SsdReader {
     fn info(&self) -> &Arc<ObjectInfo> {
         &self.info
+    }
+
+    fn lossy(&self) -> Option<Codec> {
+        self.header.codec.is_lossy().then_some(self.header.codec)
     }
 
     async fn layer(&mut self, layer: usize) -> Result<Bytes> {
@@ -418,8 +427,21 @@ impl Inner {
         true
     }
 
-    fn hit(&self, key: &ChunkKey) {
+    /// Whether an object of `header` may be served: a lossy one only when the tier's
+    /// config allows lossy objects ([`SsdConfig::serve_lossy`]); otherwise it is a miss,
+    /// left on disk (the config may allow it again).
+    fn usable(&self, header: &ObjectHeader) -> bool {
+        let ok = !header.codec.is_lossy() || self.config.serve_lossy;
+        if !ok {
+            tracing::debug!(key = %header.info.key, codec = %header.codec, "SSD tier: lossy object not served (serve_lossy is off)");
+        }
+        ok
+    }
+
+    /// Counts a hit of `key`, stored with `codec`.
+    fn hit(&self, key: &ChunkKey, codec: Codec) {
         TierStats::add(&self.stats.hits, 1);
+        self.stats.hit_codec(codec);
         self.index.touch(key);
         let now = self.now_ns();
         self.touched.lock().insert(*key, now);
@@ -670,6 +692,12 @@ impl SsdTier {
     /// on demand. Errors that are not damage (another process holds the directory, a full
     /// disk, no permission) are returned: moving files aside cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
+        if config.codec.is_lossy() && !config.serve_lossy {
+            return Err(StoreError::Invalid(format!(
+                "the SSD codec {} is lossy: it needs serve_lossy (a lossy copy stands in for an exact one only when chosen)",
+                config.codec
+            )));
+        }
         std::fs::create_dir_all(&config.path).map_err(|source| StoreError::Io {
             path: config.path.display().to_string(),
             source,
@@ -841,10 +869,10 @@ impl Tier for SsdTier {
         self.blocking(move |s| {
             let t = Instant::now();
             let h = s.read_header(&key, &s.data_read_opts());
-            let h = s.quarantine(&key, h)?;
+            let h = s.quarantine(&key, h)?.filter(|h| s.usable(h));
             match &h {
-                Some(_) => {
-                    s.hit(&key);
+                Some(h) => {
+                    s.hit(&key, h.codec);
                     s.stats.get_latency.record(t.elapsed());
                 }
                 None => TierStats::add(&s.stats.misses, 1),
@@ -863,11 +891,11 @@ impl Tier for SsdTier {
             let t = Instant::now();
             let snap = PinnedSnapshot::take(s);
             let h = s.read_header(&key, &snap.read_opts());
-            let Some(header) = s.quarantine(&key, h)? else {
+            let Some(header) = s.quarantine(&key, h)?.filter(|h| s.usable(h)) else {
                 TierStats::add(&s.stats.misses, 1);
                 return Ok(None);
             };
-            s.hit(&key);
+            s.hit(&key, header.codec);
             s.stats.get_latency.record(t.elapsed());
             let reader = SsdReader {
                 info: Arc::new(header.info.clone()),
@@ -889,16 +917,16 @@ impl Tier for SsdTier {
             let r = s
                 .read_header(&key, &s.data_read_opts())
                 .and_then(|h| match h {
-                    None => Ok(None),
-                    Some(h) => {
+                    Some(h) if s.usable(&h) => {
                         let layers = s.read_all_layers(&h)?;
                         KvObject::from_parts(&h, layers).map(Some)
                     }
+                    _ => Ok(None),
                 });
             let r = s.quarantine(&key, r)?;
             match &r {
-                Some(_) => {
-                    s.hit(&key);
+                Some(o) => {
+                    s.hit(&key, o.lossy().unwrap_or(Codec::Raw));
                     s.stats.get_latency.record(t.elapsed());
                 }
                 None => TierStats::add(&s.stats.misses, 1),

@@ -22,6 +22,10 @@
 //! device_bytes = 4294967296            # chunk KV kept in GPU memory (CUDA devices only)
 //! ssd_bytes = 68719476736
 //!
+//! [store.codecs]
+//! ssd = "raw"                          # lz4; lossy: fp8, int8, kivi4, kivi2 (+lz4)
+//! allow_lossy = false                  # lossy codecs cost accuracy: opt in
+//!
 //! [[tenants]]
 //! name = "acme"
 //! tokens = ["acme-secret"]
@@ -111,6 +115,45 @@ pub struct StoreSettings {
     pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
+    /// How the tiers encode objects (`[store.codecs]`).
+    pub codecs: CodecSettings,
+}
+
+/// Codecs of the store's tiers. The host tier keeps exact decoded KV (the device tier
+/// too); the SSD tier encodes what it writes with `ssd`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecSettings {
+    /// The SSD tier's codec: `raw`, `lz4`, or a lossy one (`fp8`, `int8`, `kivi4`, `kivi2`,
+    /// `kivi8`, each optionally `+lz4`), which needs `allow_lossy`.
+    pub ssd: String,
+    /// Whether lossy codecs may be used and lossy objects served (they cost accuracy:
+    /// BENCHMARKS.md §6). Off: objects stored lossy earlier are misses, left on disk.
+    pub allow_lossy: bool,
+}
+
+impl Default for CodecSettings {
+    fn default() -> Self {
+        Self {
+            ssd: "raw".into(),
+            allow_lossy: false,
+        }
+    }
+}
+
+impl CodecSettings {
+    /// The SSD codec, checked against `allow_lossy`.
+    pub fn ssd_codec(&self) -> Result<kvquilt_kvstore::Codec> {
+        let codec = kvquilt_kvstore::Codec::parse(&self.ssd)
+            .map_err(|e| anyhow::anyhow!("store.codecs.ssd: {e}"))?;
+        if codec.is_lossy() && !self.allow_lossy {
+            bail!(
+                "store.codecs.ssd = \"{}\" is lossy: its KV is close to, not equal to, the chunk's (accuracy cost in BENCHMARKS.md §6); set store.codecs.allow_lossy = true to choose it",
+                self.ssd
+            );
+        }
+        Ok(codec)
+    }
 }
 
 impl Default for Config {
@@ -153,6 +196,7 @@ impl Default for StoreSettings {
             host_bytes: 2 << 30,
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
+            codecs: CodecSettings::default(),
         }
     }
 }
@@ -214,6 +258,7 @@ impl Config {
         if self.limits.workers == 0 {
             bail!("limits.workers must be at least 1");
         }
+        self.store.codecs.ssd_codec()?;
         Ok(())
     }
 }
@@ -233,6 +278,23 @@ mod tests {
         assert_eq!(c.limits.max_request_tokens, 8192);
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_lossy_codec_must_be_chosen_explicitly() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert!(parse("[store.codecs]\nssd = \"lz4\"\n").validate().is_ok());
+        let e = parse("[store.codecs]\nssd = \"int8+lz4\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("allow_lossy"), "{e}");
+        let c = parse("[store.codecs]\nssd = \"int8+lz4\"\nallow_lossy = true\n");
+        assert!(c.validate().is_ok());
+        assert!(c.store.codecs.ssd_codec().unwrap().is_lossy());
+        let e = parse("[store.codecs]\nssd = \"int7\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("store.codecs.ssd"), "{e}");
     }
 
     #[test]

@@ -141,7 +141,12 @@ pub async fn serve(config: Config) -> Result<()> {
         let c = config.clone();
         move || -> Result<_> {
             let loaded = model_args.load()?;
-            let store = open_store(&c.data_dir, c.store.host_bytes, c.store.ssd_bytes)?;
+            let store = open_store(
+                &c.data_dir,
+                c.store.host_bytes,
+                c.store.ssd_bytes,
+                &c.store.codecs,
+            )?;
             let key = tenants::namespace_key(&c.data_dir).with_context(|| {
                 format!(
                     "reading the tenant namespace key in {}",

@@ -101,8 +101,9 @@ impl Assembly<'_> {
         recomputed: usize,
     ) -> Result<BlendOutput> {
         let mut stats = self.stats;
-        for how in self.sources.placed() {
+        for (how, lossy) in self.sources.placed() {
             stats.count(how);
+            stats.lossy_hits += usize::from(lossy);
         }
         stats.ttft_ms = ms(&b.model, start)?;
         stats.recomputed_tokens = recomputed;

@@ -74,6 +74,14 @@ pub struct Args {
     /// SSD tier capacity, bytes.
     #[arg(long, default_value_t = 64 << 30)]
     ssd_bytes: u64,
+    /// The SSD tier's codec (`raw`, `lz4`; lossy: `fp8`, `int8`, `kivi4`, `kivi2`, each
+    /// optionally `+lz4`, with --allow-lossy). The server serves lossy objects only when
+    /// its `store.codecs.allow_lossy` is set.
+    #[arg(long, default_value = "raw")]
+    ssd_codec: String,
+    /// Allow a lossy --ssd-codec (its accuracy cost: BENCHMARKS.md §6).
+    #[arg(long)]
+    allow_lossy: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -119,7 +127,11 @@ pub fn run(a: Args) -> Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(crate::serve::config::default_data_dir);
-    let store = Arc::new(open_store(&data_dir, a.host_bytes, a.ssd_bytes)?);
+    let codecs = crate::serve::config::CodecSettings {
+        ssd: a.ssd_codec.clone(),
+        allow_lossy: a.allow_lossy,
+    };
+    let store = Arc::new(open_store(&data_dir, a.host_bytes, a.ssd_bytes, &codecs)?);
     let blender = Blender::new(
         Arc::new(loaded.model),
         identity,

@@ -165,6 +165,7 @@ impl Prepared {
             .recompute_fraction
             .get_or_create(&labels)
             .observe(out.stats.recompute_fraction);
+        s.metrics.lossy_segments.inc_by(out.stats.lossy_hits as u64);
         Ok(out)
     }
 }

@@ -158,6 +158,13 @@ pub(crate) async fn get_kv(
     let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
         return Err(unknown_chunk(&key));
     };
+    if let Some(codec) = obj.lossy() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "lossy_object",
+            format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
+        ));
+    }
     let bytes = obj.encode(Codec::Raw)?.to_bytes();
     let mut resp = bytes.into_response();
     resp.headers_mut().insert(
