@@ -41,6 +41,14 @@ pub struct CodecBenchArgs {
     /// Timed decode passes over all layers (median).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Codecs whose SSD hit is also measured from a cold page cache: load time and a
+    /// `reuse` request's TTFT over the same chunks (raw always runs first, as the baseline;
+    /// empty: skip).
+    #[arg(long, value_delimiter = ',', default_value = "raw,int8,kivi4")]
+    cold_codecs: Vec<String>,
+    /// Timed cold runs per codec (median).
+    #[arg(long, default_value_t = 5)]
+    cold_repeats: usize,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -70,6 +78,8 @@ struct CodecReport {
     tokens: usize,
     layers_per_chunk: usize,
     rows: Vec<Row>,
+    /// The SSD hit per codec from a cold page cache (`codec_cold.rs`).
+    cold_ssd: Vec<super::codec_cold::ColdRow>,
 }
 
 pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
@@ -78,7 +88,14 @@ pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
         .iter()
         .map(|n| CodecSpec::parse(n).with_context(|| format!("--codecs {n}")))
         .collect::<Result<_>>()?;
+    let cold_specs: Vec<CodecSpec> = a
+        .cold_codecs
+        .iter()
+        .filter(|n| !n.is_empty())
+        .map(|n| CodecSpec::parse(n).with_context(|| format!("--cold-codecs {n}")))
+        .collect::<Result<_>>()?;
     let loaded = a.model.load()?;
+    let identity = kvquilt_blend::ModelIdentity::of(&loaded)?;
     let model = &loaded.model;
     let tokenizer = loaded.tokenizer()?;
     let examples = data::load(&a.input)?;
@@ -94,12 +111,14 @@ pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
     // the f32 values of every layer of every chunk, and each chunk's token count
     let mut layers: Vec<(usize, Vec<f32>)> = Vec::new();
     let mut tokens = 0;
+    let mut chunk_ids = Vec::new();
     for ex in &examples[..a.chunks] {
         let text: Vec<&str> = ex.ctxs.iter().map(|p| p.text.as_str()).collect();
         let mut ids = tokenizer.encode(&text.join("\n"))?;
         ids.truncate(a.chunk_tokens);
         let t = ids.len();
         tokens += t;
+        chunk_ids.push(ids.clone());
         let mut cache = model.empty_cache()?;
         model.prefill(&ids, &kvquilt_model::positions(0, t), &mut cache)?;
         for l in &cache.layers {
@@ -206,12 +225,29 @@ pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
             rows.push(row);
         }
     }
+    let question = tokenizer.encode(&format!("\nQuestion: {}\nAnswer:", examples[0].question))?;
+    let num_layers = c.num_layers;
+    let path = loaded.path.display().to_string();
+    let cold_ssd = if cold_specs.is_empty() {
+        Vec::new()
+    } else {
+        let model = std::sync::Arc::new(loaded.model);
+        super::codec_cold::run(
+            model,
+            &identity,
+            &chunk_ids,
+            &question,
+            &cold_specs,
+            a.cold_repeats,
+        )?
+    };
     let report = CodecReport {
-        model: loaded.path.display().to_string(),
+        model: path,
         chunks: a.chunks,
         tokens,
-        layers_per_chunk: c.num_layers,
+        layers_per_chunk: num_layers,
         rows,
+        cold_ssd,
     };
     write_report(&report, a.json.as_deref())
 }

@@ -6,6 +6,7 @@
 mod attention;
 mod blend;
 mod codec;
+mod codec_cold;
 mod load;
 mod model;
 mod store;

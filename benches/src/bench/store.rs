@@ -363,15 +363,21 @@ where
     Ok(out)
 }
 
-/// Asks the kernel to drop the cached pages of `path` (a file, or every file under a folder).
-fn drop_page_cache(path: &Path) -> Result<()> {
+/// Asks the kernel to drop the cached pages of `path` (a file, or every file under a folder;
+/// a file that disappears meanwhile is skipped).
+pub(crate) fn drop_page_cache(path: &Path) -> Result<()> {
     if path.is_dir() {
         for e in std::fs::read_dir(path)? {
             drop_page_cache(&e?.path())?;
         }
         return Ok(());
     }
-    let f = File::open(path)?;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        // RocksDB removed it meanwhile (an obsolete log or table file): nothing to drop
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     f.sync_all()?;
     // SAFETY: a valid open descriptor; the call only gives the kernel advice.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
