@@ -63,6 +63,17 @@ impl Server {
         }
     }
 
+    /// SIGKILL: the process dies wherever it is.
+    pub(crate) fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM, then waits for the graceful exit; returns the exit status code.
     pub(crate) fn stop(mut self) -> Option<i32> {
         let mut child = self.child.take()?;
