@@ -36,6 +36,9 @@ pub struct StoreConfig {
     pub host_capacity: u64,
     /// Eviction policy of the host tier.
     pub host_policy: PolicyKind,
+    /// How the host tier holds exact objects (`HostTier::with_codec`; raw: decoded). A
+    /// lossy one needs write-through: a write-back store would demote lossy values.
+    pub host_codec: crate::Codec,
     /// The SSD tier, if any.
     pub ssd: Option<SsdConfig>,
     /// When puts reach the SSD tier.
@@ -50,6 +53,7 @@ impl StoreConfig {
         Self {
             host_capacity: capacity,
             host_policy: PolicyKind::Lru,
+            host_codec: crate::Codec::Raw,
             ssd: None,
             write: WritePolicy::WriteThrough,
             promote_on_hit: true,
@@ -116,11 +120,16 @@ impl TieredStore {
     /// Opens the configured tiers (the SSD tier rebuilds its index from disk).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let pins = Pins::default();
-        let host = Arc::new(HostTier::new(
-            config.host_capacity,
-            config.host_policy,
-            pins.clone(),
-        ));
+        if config.host_codec.is_lossy() && config.write == WritePolicy::WriteBack {
+            return Err(crate::StoreError::Invalid(format!(
+                "a lossy host codec ({}) with write-back would demote lossy values to the slower tiers",
+                config.host_codec
+            )));
+        }
+        let host = Arc::new(
+            HostTier::new(config.host_capacity, config.host_policy, pins.clone())
+                .with_codec(config.host_codec),
+        );
         let mut tiers: Vec<Arc<dyn Tier>> = vec![host.clone()];
         let ssd = match config.ssd {
             Some(c) => {

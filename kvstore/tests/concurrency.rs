@@ -22,7 +22,6 @@ fn store(
 ) -> Arc<TieredStore> {
     Arc::new(
         TieredStore::open(StoreConfig {
-            host_capacity: host,
             host_policy: policy,
             ssd: Some(SsdConfig {
                 policy,
@@ -31,7 +30,7 @@ fn store(
                 ..SsdConfig::new(dir, ssd)
             }),
             write,
-            promote_on_hit: true,
+            ..StoreConfig::host_only(host)
         })
         .unwrap(),
     )

@@ -2,33 +2,13 @@
 
 mod common;
 
-use common::{layout, object};
+use common::{layout, object, sane};
 use kvquilt_kvstore::object::decode_header;
 use kvquilt_kvstore::{Codec, EncodedObject, KvDType, StoreError, TokenStats};
 
-/// An object whose K/V hold sane values (not random bit patterns, which include NaNs and
-/// values beyond f16), as lossy codecs need.
+/// An object whose K/V hold sane values (as lossy codecs need).
 fn sane_object(seed: u64, tokens: usize, dtype: KvDType) -> kvquilt_kvstore::KvObject {
-    let l = layout(dtype, 3);
-    let o = object(seed, tokens, l);
-    let n = l.layer_bytes(tokens) / dtype.size();
-    let layers = (0..3)
-        .map(|layer| {
-            let vals =
-                (0..n).map(|i| ((i * 7 + layer * 13 + seed as usize) % 97) as f32 / 24.0 - 2.0);
-            let bytes: Vec<u8> = match dtype {
-                KvDType::F32 => vals.flat_map(|v| v.to_le_bytes()).collect(),
-                KvDType::F16 => vals
-                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-                KvDType::BF16 => vals
-                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-            };
-            bytes::Bytes::from(bytes)
-        })
-        .collect();
-    kvquilt_kvstore::KvObject::new(*o.key(), l, o.tokens().to_vec(), layers, None).unwrap()
+    sane(&object(seed, tokens, layout(dtype, 3)), seed)
 }
 
 /// Every codec of the compression crate: lossless ones exactly, lossy ones parse back with

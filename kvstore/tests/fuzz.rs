@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{layout, object};
+use common::{layout, object, sane};
 use kvquilt_kvstore::object::decode_header;
 use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, KvDType, KvObject};
 use proptest::prelude::*;
@@ -18,37 +18,11 @@ use proptest::prelude::*;
 /// A small valid object, encoded by one of the codecs.
 fn encoded(seed: u64, tokens: usize, codec: usize) -> (KvObject, Vec<u8>) {
     let dtype = [KvDType::F32, KvDType::F16, KvDType::BF16][seed as usize % 3];
-    let o = sane(object(seed, tokens, layout(dtype, 2)));
+    let o = sane(&object(seed, tokens, layout(dtype, 2)), seed);
     let codecs = ["raw", "lz4", "fp8", "int8+lz4", "kivi4", "kivi2+lz4"];
     let c = Codec::parse(codecs[codec % codecs.len()]).unwrap();
     let bytes = o.encode(c).unwrap().to_bytes();
     (o, bytes)
-}
-
-/// The object with small finite values in place of random bit patterns (lossy codecs need
-/// finite values).
-fn sane(o: KvObject) -> KvObject {
-    let dtype = o.layout().dtype;
-    let layers = o
-        .layers()
-        .iter()
-        .enumerate()
-        .map(|(l, b)| {
-            let n = b.len() / dtype.size();
-            let vals = (0..n).map(move |i| ((i * 7 + l * 13) % 61) as f32 / 16.0 - 2.0);
-            let out: Vec<u8> = match dtype {
-                KvDType::F32 => vals.flat_map(|v| v.to_le_bytes()).collect(),
-                KvDType::F16 => vals
-                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-                KvDType::BF16 => vals
-                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-            };
-            bytes::Bytes::from(out)
-        })
-        .collect();
-    KvObject::new(*o.key(), *o.layout(), o.tokens().to_vec(), layers, None).unwrap()
 }
 
 /// One edit of a byte string.

@@ -10,7 +10,7 @@ use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
 
 use crate::serve::config::CodecSettings;
 
-/// Opens (or creates) the store of `data_dir`, its SSD tier encoding with `codecs.ssd`.
+/// Opens (or creates) the store of `data_dir`, its tiers encoding as `codecs` says.
 pub fn open_store(
     data_dir: &Path,
     host_bytes: u64,
@@ -25,6 +25,9 @@ pub fn open_store(
         serve_lossy: codecs.allow_lossy,
         ..SsdConfig::new(path.clone(), ssd_bytes)
     };
-    TieredStore::open(StoreConfig::with_ssd(host_bytes, ssd))
-        .with_context(|| format!("opening the store at {}", path.display()))
+    let config = StoreConfig {
+        host_codec: codecs.host_codec()?,
+        ..StoreConfig::with_ssd(host_bytes, ssd)
+    };
+    TieredStore::open(config).with_context(|| format!("opening the store at {}", path.display()))
 }

@@ -1,7 +1,9 @@
-//! The host-memory tier: decoded objects behind `Arc`s, weighed in bytes of K/V.
+//! The host-memory tier: objects behind `Arc`s, decoded (the default) or encoded with the
+//! tier's codec, weighed in the bytes they occupy.
 //!
-//! Reads hand out clones of the `Arc`ed layer bytes (no copy), so an object evicted while a
-//! reader holds it stays alive for that reader; leases still keep it in the tier.
+//! Reads hand out clones of the `Arc`ed layer bytes (no copy; an encoded object's layer is
+//! decoded per read), so an object evicted while a reader holds it stays alive for that
+//! reader; leases still keep it in the tier.
 //!
 //! Where the bytes live is the tier's [`HostMemory`]: by default wherever the object was
 //! built (the heap); a GPU deployment sets page-locked memory
@@ -19,10 +21,11 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::{LayerReader, PutOutcome, Tier, TierKind};
+use crate::codec::Codec;
 use crate::error::Result;
 use crate::index::{Lease, Pins, TierIndex};
 use crate::key::ChunkKey;
-use crate::object::{KvObject, ObjectInfo};
+use crate::object::{EncodedObject, KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
 
@@ -36,24 +39,82 @@ pub trait HostMemory: Send + Sync + fmt::Debug {
     fn holds(&self, bytes: &Bytes) -> bool;
 }
 
-/// Decoded objects in host memory, bounded in bytes of K/V; nothing survives the process.
+/// Objects in host memory, bounded in bytes held; nothing survives the process.
+///
+/// With the raw codec (the default) an object is held decoded: reads hand out its layers
+/// with no copy. With another codec ([`HostTier::with_codec`]) an exact object is held
+/// encoded (its records and checksummed header) and each read decodes the layer it asks
+/// for, so the same memory holds several times more chunks of a lossy codec; an object that
+/// cannot be encoded (lossy values, values the codec cannot hold) is held decoded.
 pub struct HostTier {
     index: Arc<TierIndex>,
-    objects: RwLock<HashMap<ChunkKey, Arc<KvObject>>>,
+    objects: RwLock<HashMap<ChunkKey, Held>>,
     stats: TierStats,
-    /// Where admitted objects are placed; unset: left where they were built.
+    /// Where admitted decoded objects are placed; unset: left where they were built.
     memory: OnceLock<Arc<dyn HostMemory>>,
+    /// How admitted exact objects are held.
+    codec: Codec,
+}
+
+/// What the tier holds for one key.
+#[derive(Clone)]
+enum Held {
+    /// Decoded layers (exact, or marked lossy by the codec they came from).
+    Decoded(Arc<KvObject>),
+    /// Records of the tier's codec, decoded on read.
+    Encoded(Arc<EncodedObject>),
+}
+
+impl Held {
+    /// Bytes it occupies (what the index weighs).
+    fn size(&self) -> u64 {
+        match self {
+            Held::Decoded(o) => o.raw_len(),
+            Held::Encoded(e) => e.header.stored_len(e.header_bytes.len()),
+        }
+    }
+
+    /// The codec a hit on it is counted under.
+    fn codec(&self) -> Codec {
+        match self {
+            Held::Decoded(o) => o.lossy().unwrap_or(Codec::Raw),
+            Held::Encoded(e) => e.header.codec,
+        }
+    }
+
+    fn info(&self) -> Arc<ObjectInfo> {
+        match self {
+            Held::Decoded(o) => Arc::clone(o.info()),
+            Held::Encoded(e) => Arc::new(e.header.info.clone()),
+        }
+    }
+
+    /// The whole object, decoded (marked lossy when its codec is).
+    fn decoded(&self) -> Result<Arc<KvObject>> {
+        match self {
+            Held::Decoded(o) => Ok(Arc::clone(o)),
+            Held::Encoded(e) => Ok(Arc::new(e.decode()?)),
+        }
+    }
 }
 
 impl HostTier {
-    /// A tier of `capacity` bytes of K/V.
+    /// A tier of `capacity` bytes, holding objects decoded.
     pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
         Self {
             index: Arc::new(TierIndex::new("host", capacity, policy, pins)),
             objects: RwLock::new(HashMap::new()),
             stats: TierStats::default(),
             memory: OnceLock::new(),
+            codec: Codec::Raw,
         }
+    }
+
+    /// The tier holding exact objects encoded with `codec` (raw: decoded). A lossy codec
+    /// is the caller's choice to make explicitly (the sidecar's `store.codecs.allow_lossy`).
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// Places objects admitted from now on in `memory` (objects already held stay where they
@@ -84,12 +145,24 @@ impl HostTier {
         }
     }
 
-    fn lookup(&self, key: &ChunkKey) -> Option<Arc<KvObject>> {
+    /// How `obj` is held: encoded with the tier's codec when it is not raw and the object
+    /// is exact and encodes; decoded (and placed) otherwise.
+    fn to_held(&self, obj: Arc<KvObject>) -> Held {
+        if self.codec != Codec::Raw && obj.lossy().is_none() {
+            match obj.encode(self.codec) {
+                Ok(e) => return Held::Encoded(Arc::new(e)),
+                Err(e) => tracing::debug!(key = %obj.key(), error = %e, "host tier: held decoded"),
+            }
+        }
+        Held::Decoded(self.placed(obj))
+    }
+
+    fn lookup(&self, key: &ChunkKey) -> Option<Held> {
         let o = self.objects.read().get(key).cloned();
         match &o {
             Some(o) => {
                 TierStats::add(&self.stats.hits, 1);
-                self.stats.hit_codec(o.lossy().unwrap_or(crate::Codec::Raw));
+                self.stats.hit_codec(o.codec());
                 self.index.touch(key);
             }
             None => TierStats::add(&self.stats.misses, 1),
@@ -113,27 +186,34 @@ impl Tier for HostTier {
     }
 
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
-        Ok(self.lookup(key).map(|o| Arc::clone(o.info())))
+        Ok(self.lookup(key).map(|o| o.info()))
     }
 
     async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
         let t = Instant::now();
-        let Some(obj) = self.lookup(key) else {
+        let Some(held) = self.lookup(key) else {
             return Ok(None);
         };
-        TierStats::add(&self.stats.bytes_out, obj.raw_len());
+        TierStats::add(&self.stats.bytes_out, held.size());
         self.stats.get_latency.record(t.elapsed());
-        Ok(Some(Box::new(HostReader(obj))))
+        Ok(Some(match held {
+            Held::Decoded(o) => Box::new(HostReader(o)),
+            Held::Encoded(e) => Box::new(EncodedReader {
+                info: Arc::new(e.header.info.clone()),
+                object: e,
+            }),
+        }))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
         let t = Instant::now();
-        let o = self.lookup(key);
-        if let Some(o) = &o {
-            TierStats::add(&self.stats.bytes_out, o.raw_len());
-            self.stats.get_latency.record(t.elapsed());
-        }
-        Ok(o)
+        let Some(held) = self.lookup(key) else {
+            return Ok(None);
+        };
+        TierStats::add(&self.stats.bytes_out, held.size());
+        let o = held.decoded()?;
+        self.stats.get_latency.record(t.elapsed());
+        Ok(Some(o))
     }
 
     async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome> {
@@ -142,16 +222,17 @@ impl Tier for HostTier {
         if self.contains(&key) {
             return Ok(PutOutcome::default());
         }
-        let size = obj.raw_len();
+        let held = self.to_held(obj);
+        let size = held.size();
         let (reservation, victims) = self.index.admit(key, size, cost_s)?;
-        let obj = self.placed(obj);
         let mut evicted = Vec::with_capacity(victims.len());
         {
             let mut map = self.objects.write();
             for (v, _) in &victims {
-                evicted.push((*v, map.remove(v)));
+                let copy = map.remove(v).and_then(|h| h.decoded().ok());
+                evicted.push((*v, copy));
             }
-            map.insert(key, obj);
+            map.insert(key, held);
         }
         reservation.commit();
         TierStats::add(&self.stats.evictions, victims.len() as u64);
@@ -187,7 +268,7 @@ impl Tier for HostTier {
     }
 }
 
-/// A host-tier object open for reading: the object itself, kept alive by the reader.
+/// A decoded host-tier object open for reading: the object itself, kept alive by the reader.
 struct HostReader(Arc<KvObject>);
 
 #[async_trait]
@@ -196,7 +277,7 @@ impl LayerReader for HostReader {
         self.0.info()
     }
 
-    fn lossy(&self) -> Option<crate::Codec> {
+    fn lossy(&self) -> Option<Codec> {
         self.0.lossy()
     }
 
@@ -208,5 +289,32 @@ impl LayerReader for HostReader {
             )));
         }
         Ok(self.0.layer(layer).clone())
+    }
+}
+
+/// An encoded host-tier object open for reading: each layer decoded (and its checksum
+/// verified) as it is asked for.
+struct EncodedReader {
+    object: Arc<EncodedObject>,
+    info: Arc<ObjectInfo>,
+}
+
+#[async_trait]
+impl LayerReader for EncodedReader {
+    fn info(&self) -> &Arc<ObjectInfo> {
+        &self.info
+    }
+
+    fn lossy(&self) -> Option<Codec> {
+        let c = self.object.header.codec;
+        c.is_lossy().then_some(c)
+    }
+
+    async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        let n = self.object.records.len();
+        if layer >= n {
+            return Err(crate::StoreError::Invalid(format!("layer {layer} of {n}")));
+        }
+        crate::object::decode_record(&self.object.header, layer, &self.object.records[layer])
     }
 }

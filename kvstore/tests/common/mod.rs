@@ -43,6 +43,33 @@ pub(crate) fn object(seed: u64, tokens: usize, layout: KvLayout) -> KvObject {
     KvObject::new(key, layout, toks, layers, None).unwrap()
 }
 
+/// `o` with small finite values (`seed` varies them) in place of random bit patterns, which
+/// include NaNs and values beyond f16 and so defeat lossy codecs.
+pub(crate) fn sane(o: &KvObject, seed: u64) -> KvObject {
+    let dtype = o.layout().dtype;
+    let layers = o
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(layer, b)| {
+            let n = b.len() / dtype.size();
+            let vals = (0..n)
+                .map(move |i| ((i * 7 + layer * 13 + seed as usize) % 97) as f32 / 24.0 - 2.0);
+            let bytes: Vec<u8> = match dtype {
+                KvDType::F32 => vals.flat_map(|v| v.to_le_bytes()).collect(),
+                KvDType::F16 => vals
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                KvDType::BF16 => vals
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            };
+            Bytes::from(bytes)
+        })
+        .collect();
+    KvObject::new(*o.key(), *o.layout(), o.tokens().to_vec(), layers, None).unwrap()
+}
+
 pub(crate) fn context(layout: &KvLayout) -> KeyContext {
     KeyContext::new(b"test", &[7; 32], &[8; 32], layout)
 }

@@ -24,6 +24,7 @@
 //!
 //! [store.codecs]
 //! ssd = "raw"                          # lz4; lossy: fp8, int8, kivi4, kivi2 (+lz4)
+//! host = "raw"                         # raw: decoded; a lossy one holds more chunks
 //! allow_lossy = false                  # lossy codecs cost accuracy: opt in
 //!
 //! [[tenants]]
@@ -119,14 +120,18 @@ pub struct StoreSettings {
     pub codecs: CodecSettings,
 }
 
-/// Codecs of the store's tiers. The host tier keeps exact decoded KV (the device tier
-/// too); the SSD tier encodes what it writes with `ssd`.
+/// Codecs of the store's tiers: the SSD tier encodes what it writes with `ssd`; the host
+/// tier holds exact objects encoded with `host` (raw: decoded, the default). The device
+/// tier always holds exact decoded KV.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CodecSettings {
     /// The SSD tier's codec: `raw`, `lz4`, or a lossy one (`fp8`, `int8`, `kivi4`, `kivi2`,
     /// `kivi8`, each optionally `+lz4`), which needs `allow_lossy`.
     pub ssd: String,
+    /// The host tier's codec (the same names): a lossy one holds several times more chunks
+    /// in the same memory, each read decoding its layers on the CPU.
+    pub host: String,
     /// Whether lossy codecs may be used and lossy objects served (they cost accuracy:
     /// BENCHMARKS.md §6). Off: objects stored lossy earlier are misses, left on disk.
     pub allow_lossy: bool,
@@ -136,6 +141,7 @@ impl Default for CodecSettings {
     fn default() -> Self {
         Self {
             ssd: "raw".into(),
+            host: "raw".into(),
             allow_lossy: false,
         }
     }
@@ -144,12 +150,20 @@ impl Default for CodecSettings {
 impl CodecSettings {
     /// The SSD codec, checked against `allow_lossy`.
     pub fn ssd_codec(&self) -> Result<kvquilt_kvstore::Codec> {
-        let codec = kvquilt_kvstore::Codec::parse(&self.ssd)
-            .map_err(|e| anyhow::anyhow!("store.codecs.ssd: {e}"))?;
+        self.checked("ssd", &self.ssd)
+    }
+
+    /// The host tier's codec, checked against `allow_lossy`.
+    pub fn host_codec(&self) -> Result<kvquilt_kvstore::Codec> {
+        self.checked("host", &self.host)
+    }
+
+    fn checked(&self, tier: &str, name: &str) -> Result<kvquilt_kvstore::Codec> {
+        let codec = kvquilt_kvstore::Codec::parse(name)
+            .map_err(|e| anyhow::anyhow!("store.codecs.{tier}: {e}"))?;
         if codec.is_lossy() && !self.allow_lossy {
             bail!(
-                "store.codecs.ssd = \"{}\" is lossy: its KV is close to, not equal to, the chunk's (accuracy cost in BENCHMARKS.md §6); set store.codecs.allow_lossy = true to choose it",
-                self.ssd
+                "store.codecs.{tier} = \"{name}\" is lossy: its KV is close to, not equal to, the chunk's (accuracy cost in BENCHMARKS.md §6); set store.codecs.allow_lossy = true to choose it"
             );
         }
         Ok(codec)
@@ -259,6 +273,7 @@ impl Config {
             bail!("limits.workers must be at least 1");
         }
         self.store.codecs.ssd_codec()?;
+        self.store.codecs.host_codec()?;
         Ok(())
     }
 }
@@ -291,6 +306,10 @@ mod tests {
         let c = parse("[store.codecs]\nssd = \"int8+lz4\"\nallow_lossy = true\n");
         assert!(c.validate().is_ok());
         assert!(c.store.codecs.ssd_codec().unwrap().is_lossy());
+        let e = parse("[store.codecs]\nhost = \"kivi4\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("store.codecs.host"), "{e}");
         let e = parse("[store.codecs]\nssd = \"int7\"\n")
             .validate()
             .unwrap_err();

@@ -130,6 +130,7 @@ pub fn run(a: Args) -> Result<()> {
     let codecs = crate::serve::config::CodecSettings {
         ssd: a.ssd_codec.clone(),
         allow_lossy: a.allow_lossy,
+        ..Default::default()
     };
     let store = Arc::new(open_store(&data_dir, a.host_bytes, a.ssd_bytes, &codecs)?);
     let blender = Blender::new(
