@@ -130,14 +130,17 @@ def health_prober(port, deadline, latencies):
         time.sleep(0.1)
 
 
-def sample_process(pid, deadline, samples):
+def sample_process(pid, port, deadline, samples):
+    c = Client(port, timeout=10)
     while time.time() < deadline:
         try:
             with open(f"/proc/{pid}/status") as f:
                 rss_kb = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
             fds = len(os.listdir(f"/proc/{pid}/fd"))
-            samples.append({"t": time.time(), "rss_mb": rss_kb / 1024, "fds": fds})
-        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            status, raw = c.call("GET", "/v1/stats")
+            tiers = {t["tier"]: t["used_bytes"] / 2**20 for t in json.loads(raw)["tiers"]} if status == 200 else {}
+            samples.append({"t": time.time(), "rss_mb": rss_kb / 1024, "fds": fds, "tier_used_mb": tiers})
+        except (FileNotFoundError, StopIteration, ProcessLookupError, ValueError):
             pass
         time.sleep(5)
 
@@ -192,7 +195,7 @@ def main():
     stats, ids, ids_lock = Stats(), set(), threading.Lock()
     latencies, samples = [], []
     threads = [threading.Thread(target=health_prober, args=(port, deadline, latencies), daemon=True)]
-    threads.append(threading.Thread(target=sample_process, args=(proc.pid, deadline, samples), daemon=True))
+    threads.append(threading.Thread(target=sample_process, args=(proc.pid, port, deadline, samples), daemon=True))
     threads += [
         threading.Thread(target=worker, args=(port, deadline, stats, ids, ids_lock, docs, i), daemon=True)
         for i in range(a.concurrency)
@@ -226,6 +229,11 @@ def main():
         "health": {"probes": len(latencies), "failed": health_bad, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": p(1.0)},
         "rss_mb": {"first": rss[0] if rss else None, "max": max(rss) if rss else None, "last": rss[-1] if rss else None, "levels_off": levels_off(rss)},
         "fds": {"first": fds[0] if fds else None, "max": max(fds) if fds else None, "last": fds[-1] if fds else None, "levels_off": levels_off(fds)},
+        # every sixth sample (30 s apart): RSS beside what the tiers hold
+        "rss_vs_tiers": [
+            {"t_s": round(s["t"] - samples[0]["t"]), "rss_mb": round(s["rss_mb"]), "tier_used_mb": {k: round(v) for k, v in s["tier_used_mb"].items()}}
+            for s in samples[::6]
+        ],
         "server_exit": exit_code,
         "data_dir": data,
     }

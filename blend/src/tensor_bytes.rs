@@ -58,9 +58,12 @@ pub fn layer_from_bytes(
     Ok(LayerKv::new(k, v))
 }
 
-/// One layer's K and V as the store's K‖V bytes.
+/// One layer's K and V as the store's K‖V bytes, in an allocation of exactly their length
+/// (`Bytes` keeps a `Vec`'s whole capacity alive: a growing `Vec` would hold up to twice
+/// the bytes for as long as the object lives in the host tier).
 pub fn layer_to_bytes(kv: &LayerKv) -> Result<Bytes> {
-    let mut out = Vec::new();
+    let len = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let mut out = Vec::with_capacity(len(&kv.k) + len(&kv.v));
     append_le(&kv.k, &mut out)?;
     append_le(&kv.v, &mut out)?;
     Ok(Bytes::from(out))
