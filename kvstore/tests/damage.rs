@@ -57,6 +57,14 @@ fn harm(path: &Path, how: Harm) {
     std::fs::write(path, b).unwrap();
 }
 
+/// Stores `objs` and flushes them to RocksDB's files.
+async fn store_all(t: &SsdTier, objs: &[KvObject]) {
+    for o in objs {
+        t.put(Arc::new(o.clone()), 1.0).await.unwrap();
+    }
+    t.flush().await.unwrap();
+}
+
 /// Every read is the stored object or a miss, never an error or other bytes.
 async fn reads_are_right_or_missing(t: &SsdTier, objs: &[KvObject]) -> usize {
     let mut right = 0;
@@ -77,11 +85,8 @@ async fn reads_are_right_or_missing(t: &SsdTier, objs: &[KvObject]) -> usize {
 /// after a reopen.
 async fn keeps_storing(dir: &Path, t: SsdTier) {
     let fresh = objects(100);
-    for o in &fresh {
-        t.put(Arc::new(o.clone()), 1.0).await.unwrap();
-    }
+    store_all(&t, &fresh).await;
     assert_eq!(reads_are_right_or_missing(&t, &fresh).await, fresh.len());
-    t.flush().await.unwrap();
     drop(t);
     let t = open(dir);
     assert_eq!(reads_are_right_or_missing(&t, &fresh).await, fresh.len());
@@ -101,13 +106,7 @@ async fn damaged_files_at_rest_never_stop_the_tier() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("store");
         let objs = objects(1);
-        {
-            let t = open(&dir);
-            for o in &objs {
-                t.put(Arc::new(o.clone()), 1.0).await.unwrap();
-            }
-            t.flush().await.unwrap();
-        }
+        store_all(&open(&dir), &objs).await;
         let targets = files(&dir, pick);
         assert!(!targets.is_empty(), "no {pick} file");
         for f in &targets {
@@ -132,10 +131,7 @@ async fn a_blob_file_truncated_while_serving_costs_misses() {
     let dir = root.path().join("store");
     let objs = objects(1);
     let t = open(&dir);
-    for o in &objs {
-        t.put(Arc::new(o.clone()), 1.0).await.unwrap();
-    }
-    t.flush().await.unwrap();
+    store_all(&t, &objs).await;
     for f in files(&dir, ".blob") {
         harm(&f, Harm::Truncate);
     }

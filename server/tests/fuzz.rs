@@ -205,6 +205,17 @@ fn config() -> Config {
     }
 }
 
+/// A runtime and the app on the tiny model (built inside it).
+fn app() -> (tokio::runtime::Runtime, TestApp) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(async { TestApp::new(config()) });
+    (rt, app)
+}
+
 fn runner() -> TestRunner {
     // the failure file is for crates with a lib.rs beside the test; minimised cases are
     // printed instead, to be kept as named regression tests
@@ -216,12 +227,7 @@ fn runner() -> TestRunner {
 
 #[test]
 fn api_bodies_never_get_a_5xx() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let app = rt.block_on(async { TestApp::new(config()) });
+    let (rt, app) = app();
     let strategy = proptest::sample::select(ROUTES)
         .prop_flat_map(|(method, uri)| (Just((method, uri)), body(uri)));
     let statuses = std::cell::RefCell::new(std::collections::BTreeMap::<u16, u64>::new());
@@ -252,12 +258,7 @@ fn api_bodies_never_get_a_5xx() {
 
 #[test]
 fn uploaded_object_bytes_never_get_a_5xx() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let app = rt.block_on(async { TestApp::new(config()) });
+    let (rt, app) = app();
     // a real object of the served model to mutate
     let (id, object) = rt.block_on(async {
         let (s, v) = app
