@@ -36,8 +36,8 @@ pub struct StoreConfig {
     pub host_capacity: u64,
     /// Eviction policy of the host tier.
     pub host_policy: PolicyKind,
-    /// How the host tier holds exact objects (`HostTier::with_codec`; raw: decoded). A
-    /// lossy one needs write-through: a write-back store would demote lossy values.
+    /// How the host tier holds exact objects (`HostTier::with_codec`; raw: decoded). Any
+    /// other needs write-through (write-back demotes evicted objects).
     pub host_codec: crate::Codec,
     /// The SSD tier, if any.
     pub ssd: Option<SsdConfig>,
@@ -120,9 +120,9 @@ impl TieredStore {
     /// Opens the configured tiers (the SSD tier rebuilds its index from disk).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let pins = Pins::default();
-        if config.host_codec.is_lossy() && config.write == WritePolicy::WriteBack {
+        if config.host_codec != crate::Codec::Raw && config.write == WritePolicy::WriteBack {
             return Err(crate::StoreError::Invalid(format!(
-                "a lossy host codec ({}) with write-back would demote lossy values to the slower tiers",
+                "a host codec ({}) needs write-through: write-back demotes evicted objects, which the host tier then holds encoded (and lossy values are never encoded again)",
                 config.host_codec
             )));
         }

@@ -61,8 +61,8 @@ pub struct HostTier {
 enum Held {
     /// Decoded layers (exact, or marked lossy by the codec they came from).
     Decoded(Arc<KvObject>),
-    /// Records of the tier's codec, decoded on read.
-    Encoded(Arc<EncodedObject>),
+    /// Records of the tier's codec, decoded on read, and what the header says they hold.
+    Encoded(Arc<EncodedObject>, Arc<ObjectInfo>),
 }
 
 impl Held {
@@ -70,7 +70,7 @@ impl Held {
     fn size(&self) -> u64 {
         match self {
             Held::Decoded(o) => o.raw_len(),
-            Held::Encoded(e) => e.header.stored_len(e.header_bytes.len()),
+            Held::Encoded(e, _) => e.header.stored_len(e.header_bytes.len()),
         }
     }
 
@@ -78,14 +78,14 @@ impl Held {
     fn codec(&self) -> Codec {
         match self {
             Held::Decoded(o) => o.lossy().unwrap_or(Codec::Raw),
-            Held::Encoded(e) => e.header.codec,
+            Held::Encoded(e, _) => e.header.codec,
         }
     }
 
-    fn info(&self) -> Arc<ObjectInfo> {
+    fn info(&self) -> &Arc<ObjectInfo> {
         match self {
-            Held::Decoded(o) => Arc::clone(o.info()),
-            Held::Encoded(e) => Arc::new(e.header.info.clone()),
+            Held::Decoded(o) => o.info(),
+            Held::Encoded(_, info) => info,
         }
     }
 
@@ -93,7 +93,7 @@ impl Held {
     fn decoded(&self) -> Result<Arc<KvObject>> {
         match self {
             Held::Decoded(o) => Ok(Arc::clone(o)),
-            Held::Encoded(e) => Ok(Arc::new(e.decode()?)),
+            Held::Encoded(e, _) => Ok(Arc::new(e.decode()?)),
         }
     }
 }
@@ -112,6 +112,7 @@ impl HostTier {
 
     /// The tier holding exact objects encoded with `codec` (raw: decoded). A lossy codec
     /// is the caller's choice to make explicitly (the sidecar's `store.codecs.allow_lossy`).
+    /// Evicting an encoded object gives no copy to demote: use it with write-through.
     pub fn with_codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
         self
@@ -150,7 +151,10 @@ impl HostTier {
     fn to_held(&self, obj: Arc<KvObject>) -> Held {
         if self.codec != Codec::Raw && obj.lossy().is_none() {
             match obj.encode(self.codec) {
-                Ok(e) => return Held::Encoded(Arc::new(e)),
+                Ok(e) => {
+                    let info = Arc::new(e.header.info.clone());
+                    return Held::Encoded(Arc::new(e), info);
+                }
                 Err(e) => tracing::debug!(key = %obj.key(), error = %e, "host tier: held decoded"),
             }
         }
@@ -186,7 +190,7 @@ impl Tier for HostTier {
     }
 
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
-        Ok(self.lookup(key).map(|o| o.info()))
+        Ok(self.lookup(key).map(|o| Arc::clone(o.info())))
     }
 
     async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
@@ -198,10 +202,7 @@ impl Tier for HostTier {
         self.stats.get_latency.record(t.elapsed());
         Ok(Some(match held {
             Held::Decoded(o) => Box::new(HostReader(o)),
-            Held::Encoded(e) => Box::new(EncodedReader {
-                info: Arc::new(e.header.info.clone()),
-                object: e,
-            }),
+            Held::Encoded(object, info) => Box::new(EncodedReader { object, info }),
         }))
     }
 
@@ -229,7 +230,13 @@ impl Tier for HostTier {
         {
             let mut map = self.objects.write();
             for (v, _) in &victims {
-                let copy = map.remove(v).and_then(|h| h.decoded().ok());
+                // an encoded entry gives no copy: a host codec requires write-through, where
+                // nothing is demoted (`TieredStore::open`), and decoding it here would be
+                // wasted work under the lock
+                let copy = match map.remove(v) {
+                    Some(Held::Decoded(o)) => Some(o),
+                    _ => None,
+                };
                 evicted.push((*v, copy));
             }
             map.insert(key, held);

@@ -919,19 +919,19 @@ impl Tier for SsdTier {
                 .and_then(|h| match h {
                     Some(h) if s.usable(&h) => {
                         let layers = s.read_all_layers(&h)?;
-                        KvObject::from_parts(&h, layers).map(Some)
+                        Ok(Some((KvObject::from_parts(&h, layers)?, h.codec)))
                     }
                     _ => Ok(None),
                 });
             let r = s.quarantine(&key, r)?;
             match &r {
-                Some(o) => {
-                    s.hit(&key, o.lossy().unwrap_or(Codec::Raw));
+                Some((_, codec)) => {
+                    s.hit(&key, *codec);
                     s.stats.get_latency.record(t.elapsed());
                 }
                 None => TierStats::add(&s.stats.misses, 1),
             }
-            Ok(r.map(Arc::new))
+            Ok(r.map(|(o, _)| Arc::new(o)))
         })
         .await
     }

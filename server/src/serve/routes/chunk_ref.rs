@@ -139,7 +139,6 @@ pub(crate) async fn resolve_all(
     chunks: &[ChunkRef],
 ) -> ApiResult<Vec<Vec<u32>>> {
     check_chunk_count(s, chunks.len())?;
-    check_text_bytes(s, chunks.iter().map(ChunkRef::text_len))?;
     let mut out = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
         out.push(resolve(s, tenant, c, i).await?);

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kvquilt_api::ChunkRef;
 use kvquilt_api::chunks::ChunkOutcome;
 use kvquilt_api::{
     ChunkInfo, ChunkInfoQuery, ChunkStatus, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
 };
 use kvquilt_kvstore::{Codec, EncodedObject};
 
-use super::chunk_ref::{check_tokens, resolve_all};
+use super::chunk_ref::{check_text_bytes, check_tokens, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::{ApiBytes, ApiJson};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
@@ -29,6 +30,7 @@ pub(crate) async fn create(
     if req.chunks.is_empty() {
         return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
     }
+    check_text_bytes(&s, req.chunks.iter().map(ChunkRef::text_len))?;
     let all = resolve_all(&s, &tenant, &req.chunks).await?;
     for t in &all {
         check_tokens(&s, t.len())?;
