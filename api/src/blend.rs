@@ -135,6 +135,9 @@ pub struct BlendStats {
     pub hits_host: usize,
     /// Segments loaded from SSD.
     pub hits_ssd: usize,
+    /// Segments loaded from the remote tier shared by several sidecars.
+    #[serde(default)]
+    pub hits_remote: usize,
     /// Loaded segments whose KV was decoded from a lossy codec (also counted in `hits_*`).
     #[serde(default)]
     pub lossy_hits: usize,

@@ -85,6 +85,9 @@ pub enum Tier {
     Host,
     /// SSD (RocksDB).
     Ssd,
+    /// The remote tier shared by several sidecars (Redis Cluster); any tier other than
+    /// the three local ones is reported as this.
+    Remote,
 }
 
 /// What storing one chunk did.

@@ -16,12 +16,24 @@ use parking_lot::Mutex;
 /// Weight of the newest measurement in the moving averages.
 const ALPHA: f64 = 0.3;
 
-/// Bytes per second assumed for a tier not yet measured.
+/// Bytes per second assumed for a tier not yet measured (any tier other than the local
+/// ones is assumed to be across a network).
 fn default_bandwidth(tier: TierKind) -> f64 {
     match tier {
-        TierKind::Gpu => 200e9,
-        TierKind::Host => 8e9,
-        TierKind::Ssd => 1e9,
+        TierKind::GPU => 200e9,
+        TierKind::HOST => 8e9,
+        TierKind::SSD => 1e9,
+        _ => 0.5e9,
+    }
+}
+
+/// Seconds from asking a tier for an object to holding its verified header, assumed for a
+/// tier not yet measured.
+fn default_latency(tier: TierKind) -> f64 {
+    match tier {
+        TierKind::GPU | TierKind::HOST => 0.0,
+        TierKind::SSD => 1e-4,
+        _ => 1e-3,
     }
 }
 
@@ -35,6 +47,7 @@ pub struct CostModel {
 struct Costs {
     prefill_s_per_token: Option<f64>,
     bandwidth: HashMap<TierKind, f64>,
+    latency: HashMap<TierKind, f64>,
 }
 
 fn ewma(old: Option<f64>, new: f64) -> f64 {
@@ -64,16 +77,31 @@ impl CostModel {
         c.bandwidth.insert(tier, ewma(old, bytes as f64 / seconds));
     }
 
-    /// Seconds to load `bytes` from `tier`.
+    /// Records that opening an object in `tier` (header read and verified) took `seconds`.
+    pub fn record_latency(&self, tier: TierKind, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let mut c = self.inner.lock();
+        let old = c.latency.get(&tier).copied();
+        c.latency.insert(tier, ewma(old, seconds));
+    }
+
+    /// Seconds to load `bytes` from `tier`: its open latency plus the bytes over its
+    /// bandwidth.
     pub fn load_s(&self, tier: TierKind, bytes: usize) -> f64 {
-        let bw = self
-            .inner
-            .lock()
+        let c = self.inner.lock();
+        let bw = c
             .bandwidth
             .get(&tier)
             .copied()
             .unwrap_or_else(|| default_bandwidth(tier));
-        bytes as f64 / bw
+        let lat = c
+            .latency
+            .get(&tier)
+            .copied()
+            .unwrap_or_else(|| default_latency(tier));
+        lat + bytes as f64 / bw
     }
 
     /// Seconds to prefill `tokens` tokens, if any prefill has been measured.
@@ -98,10 +126,16 @@ mod tests {
         c.record_prefill(100, 2.0);
         let s = c.prefill_s(1).unwrap();
         assert!(s > 0.01 && s < 0.02);
-        assert!((c.load_s(TierKind::Ssd, 1_000_000_000) - 1.0).abs() < 1e-9);
-        c.record_load(TierKind::Ssd, 100, 1.0);
-        assert!((c.load_s(TierKind::Ssd, 100) - 1.0).abs() < 1e-9);
-        c.record_load(TierKind::Ssd, 0, 0.0); // ignored
-        assert!((c.load_s(TierKind::Ssd, 100) - 1.0).abs() < 1e-9);
+        c.record_latency(TierKind::SSD, 0.0);
+        assert!((c.load_s(TierKind::SSD, 1_000_000_000) - 1.0).abs() < 1e-9);
+        c.record_load(TierKind::SSD, 100, 1.0);
+        assert!((c.load_s(TierKind::SSD, 100) - 1.0).abs() < 1e-9);
+        c.record_load(TierKind::SSD, 0, 0.0); // ignored
+        assert!((c.load_s(TierKind::SSD, 100) - 1.0).abs() < 1e-9);
+        // a remote tier: latency dominates small objects
+        let remote = TierKind::REMOTE;
+        c.record_latency(remote, 0.002);
+        c.record_load(remote, 1_000_000, 0.001);
+        assert!((c.load_s(remote, 1_000) - 0.002001).abs() < 1e-9);
     }
 }

@@ -91,6 +91,9 @@ pub struct BlendStats {
     pub hits_host: usize,
     /// Segments loaded from the store's SSD tier.
     pub hits_ssd: usize,
+    /// Segments loaded from a tier shared over the network (every tier other than the
+    /// device, host and SSD tiers counts here).
+    pub hits_remote: usize,
     /// Loaded segments whose KV was decoded from a lossy codec (counted in `hits_*` too):
     /// their values are close to, not equal to, the chunk's KV.
     pub lossy_hits: usize,
@@ -123,6 +126,7 @@ impl BlendStats {
             hits_gpu: 0,
             hits_host: 0,
             hits_ssd: 0,
+            hits_remote: 0,
             lossy_hits: 0,
             misses: 0,
             stored_back: 0,
@@ -136,9 +140,10 @@ impl BlendStats {
     /// Records how the next segment (in prompt order) was obtained.
     pub(crate) fn count(&mut self, s: SegmentSource) {
         match s {
-            SegmentSource::Hit(TierKind::Gpu) => self.hits_gpu += 1,
-            SegmentSource::Hit(TierKind::Host) => self.hits_host += 1,
-            SegmentSource::Hit(TierKind::Ssd) => self.hits_ssd += 1,
+            SegmentSource::Hit(TierKind::GPU) => self.hits_gpu += 1,
+            SegmentSource::Hit(TierKind::HOST) => self.hits_host += 1,
+            SegmentSource::Hit(TierKind::SSD) => self.hits_ssd += 1,
+            SegmentSource::Hit(_) => self.hits_remote += 1,
             SegmentSource::Miss => self.misses += 1,
             SegmentSource::RecomputedForSpeed | SegmentSource::Unusable => {}
         }

@@ -303,10 +303,10 @@ fn reorder_duplicates_partial_all_hit_all_miss() {
     assert_eq!(
         out.stats.segments,
         vec![
-            SegmentSource::Hit(TierKind::Host),
-            SegmentSource::Hit(TierKind::Host),
+            SegmentSource::Hit(TierKind::HOST),
+            SegmentSource::Hit(TierKind::HOST),
             SegmentSource::Miss,
-            SegmentSource::Hit(TierKind::Host)
+            SegmentSource::Hit(TierKind::HOST)
         ]
     );
     assert_close(

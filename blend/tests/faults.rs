@@ -99,9 +99,9 @@ fn a_layer_that_fails_verification_mid_stream_is_recomputed() {
             assert_eq!(
                 out.stats.segments,
                 vec![
-                    SegmentSource::Hit(TierKind::Ssd),
+                    SegmentSource::Hit(TierKind::SSD),
                     SegmentSource::Unusable,
-                    SegmentSource::Hit(TierKind::Ssd)
+                    SegmentSource::Hit(TierKind::SSD)
                 ],
                 "layer {bad_layer}, {mode:?}"
             );

@@ -90,6 +90,10 @@ pub enum StoreError {
         /// RocksDB's message.
         detail: String,
     },
+    /// The remote tier's engine failed a read (timed out, unreachable, marked down): the
+    /// reader recomputes what it could not load.
+    #[error("remote tier: {0}")]
+    Remote(String),
     /// The caller asked for something that cannot exist (layer index out of range, ...).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -137,6 +137,7 @@ impl TierStats {
             objects,
             get_latency: self.get_latency.snapshot(),
             put_latency: self.put_latency.snapshot(),
+            extra: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -177,4 +178,8 @@ pub struct TierStatsSnapshot {
     pub get_latency: HistogramSnapshot,
     /// See [`TierStats::put_latency`].
     pub put_latency: HistogramSnapshot,
+    /// Counters only some tiers have (the remote tier's timeouts, breaker state, dropped
+    /// puts, ...), by name.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, u64>,
 }

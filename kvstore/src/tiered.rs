@@ -116,9 +116,52 @@ pub struct TieredStore {
     dirty: Mutex<HashSet<ChunkKey>>,
 }
 
+/// Stacks tiers into a [`TieredStore`]: the host tier first, then the SSD tier the config
+/// names, then any tiers added with [`StoreBuilder::tier`] (slower ones last: a remote tier
+/// goes at the bottom).
+pub struct StoreBuilder {
+    host: Arc<HostTier>,
+    ssd: Option<SsdTier>,
+    tiers: Vec<Arc<dyn Tier>>,
+    pins: Pins,
+    write: WritePolicy,
+    promote_on_hit: bool,
+}
+
+impl StoreBuilder {
+    /// The pins every tier honours (a tier built outside may share them).
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Adds `tier` below the tiers stacked so far.
+    pub fn tier(mut self, tier: Arc<dyn Tier>) -> Self {
+        self.tiers.push(tier);
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> TieredStore {
+        TieredStore {
+            tiers: self.tiers,
+            host: self.host,
+            ssd: self.ssd,
+            pins: self.pins,
+            write: self.write,
+            promote_on_hit: self.promote_on_hit,
+            dirty: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
 impl TieredStore {
     /// Opens the configured tiers (the SSD tier rebuilds its index from disk).
     pub fn open(config: StoreConfig) -> Result<Self> {
+        Ok(Self::builder(config)?.build())
+    }
+
+    /// Opens the configured tiers into a builder, to stack more below them.
+    pub fn builder(config: StoreConfig) -> Result<StoreBuilder> {
         let pins = Pins::default();
         if config.host_codec != crate::Codec::Raw && config.write == WritePolicy::WriteBack {
             return Err(crate::StoreError::Invalid(format!(
@@ -139,14 +182,13 @@ impl TieredStore {
             }
             None => None,
         };
-        Ok(Self {
-            tiers,
+        Ok(StoreBuilder {
             host,
             ssd,
+            tiers,
             pins,
             write: config.write,
             promote_on_hit: config.promote_on_hit,
-            dirty: Mutex::new(HashSet::new()),
         })
     }
 
@@ -161,7 +203,8 @@ impl TieredStore {
         &self.tiers
     }
 
-    /// The fastest tier holding `key`, without I/O or statistics.
+    /// The fastest tier holding `key`, without I/O or statistics (a remote tier answers
+    /// from its hint: see [`TieredStore::probe`]).
     pub fn locate(&self, key: &ChunkKey) -> Option<TierKind> {
         self.tiers
             .iter()
@@ -169,10 +212,31 @@ impl TieredStore {
             .map(|t| t.kind())
     }
 
+    /// Where each of `keys` is held, asking remote tiers about keys no local tier holds
+    /// (concurrently: one round trip for the lot, each within the remote's deadline).
+    /// Afterwards [`TieredStore::locate`] answers the same for keys found remote.
+    pub async fn probe(&self, keys: &[ChunkKey]) -> Vec<Option<TierKind>> {
+        let mut found: Vec<Option<TierKind>> = keys.iter().map(|k| self.locate(k)).collect();
+        for t in self.tiers.iter().filter(|t| t.is_remote()) {
+            let ask: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+            if ask.is_empty() {
+                break;
+            }
+            let answers =
+                futures_util::future::join_all(ask.iter().map(|&i| t.probe(&keys[i]))).await;
+            for (&i, yes) in ask.iter().zip(answers) {
+                if yes {
+                    found[i] = Some(t.kind());
+                }
+            }
+        }
+        found
+    }
+
     /// What `key` holds, from the fastest tier that has it (verified).
     pub async fn lookup(&self, key: &ChunkKey) -> Result<Option<Found>> {
         for t in &self.tiers {
-            if !t.contains(key) {
+            if !t.contains(key) && !t.is_remote() {
                 continue;
             }
             if let Some(info) = t.info(key).await? {
@@ -188,7 +252,7 @@ impl TieredStore {
     /// The whole object from the fastest tier that has it; promoted to faster tiers.
     pub async fn get(&self, key: &ChunkKey) -> Result<Option<(Arc<KvObject>, TierKind)>> {
         for (i, t) in self.tiers.iter().enumerate() {
-            if !t.contains(key) {
+            if !t.contains(key) && !t.is_remote() {
                 continue;
             }
             if let Some(obj) = t.get(key).await? {
@@ -209,7 +273,12 @@ impl TieredStore {
         read_ahead: usize,
     ) -> Result<Option<LayerStream>> {
         for (i, t) in self.tiers.iter().enumerate() {
-            let Some(lease) = t.lease(key) else { continue };
+            // a local tier is leased (kept from eviction) while the stream reads it; a remote
+            // one is asked directly (its reader misses fast when the key is known absent)
+            let lease = t.lease(key);
+            if lease.is_none() && !t.is_remote() {
+                continue;
+            }
             let Some(mut reader) = t.reader(key).await? else {
                 continue;
             };
@@ -219,7 +288,7 @@ impl TieredStore {
             let (tx, rx) = mpsc::channel(read_ahead.max(1));
             let (store, info_task) = (Arc::clone(self), Arc::clone(&info));
             tokio::spawn(async move {
-                let _lease: Lease = lease;
+                let _lease: Option<Lease> = lease;
                 let mut layers = Vec::with_capacity(n);
                 for l in 0..n {
                     let r = reader.layer(l).await;
@@ -302,8 +371,9 @@ impl TieredStore {
     /// Stores `obj`; `cost_s` is the seconds its recomputation would take (for cost-aware
     /// eviction). Content-addressed: storing a key that is already held is a no-op.
     ///
-    /// `Ok` means the last tier written holds the object (the SSD tier when written
+    /// `Ok` means the last local tier written holds the object (the SSD tier when written
     /// through: durable); an error means no tier answers for it as a result of this call.
+    /// A remote tier is handed the object too, but writes it off the request path.
     pub async fn put(&self, obj: KvObject, cost_s: f64) -> Result<()> {
         let obj = Arc::new(obj);
         let key = *obj.key();
@@ -318,6 +388,17 @@ impl TieredStore {
         let mut written = Vec::new();
         let mut last = Ok(());
         for (i, t) in targets.iter().enumerate() {
+            if t.is_remote() {
+                // queued off the request path, and only once the local tiers hold the object
+                // (remote tiers sit below them); a failure there is the remote's to count
+                if last.is_err() {
+                    continue;
+                }
+                if let Err(e) = t.put(Arc::clone(&obj), cost_s).await {
+                    tracing::debug!(%key, tier = %t.kind(), error = %e, "remote put not queued");
+                }
+                continue;
+            }
             last = match t.put(Arc::clone(&obj), cost_s).await {
                 Ok(out) => {
                     if newly_dirty && !out.written {

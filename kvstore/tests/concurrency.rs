@@ -138,7 +138,7 @@ async fn pinned_and_leased_objects_survive_pressure() {
     for o in [&pinned, &soft, &leased] {
         assert_eq!(
             s.locate(o.key()),
-            Some(kvquilt_kvstore::TierKind::Host),
+            Some(kvquilt_kvstore::TierKind::HOST),
             "{:?} was evicted",
             o.key()
         );

@@ -38,7 +38,7 @@ async fn a_removed_object_stays_readable_by_an_open_stream() {
         let s = store(dir.path(), ssd);
         let obj = object(3, 40, layout(KvDType::F32, 6));
         put(&s, &obj).await;
-        let want = if ssd { TierKind::Ssd } else { TierKind::Host };
+        let want = if ssd { TierKind::SSD } else { TierKind::HOST };
         assert_eq!(s.locate(obj.key()), Some(want));
         // read-ahead 1: most layers are still unread when the object is removed
         let mut stream = s.read_layers(obj.key(), 1).await.unwrap().unwrap();

@@ -1,33 +1,42 @@
 //! The store layout of a data directory, shared by `serve` and `precompute` so both open
 //! the same store the same way: `{data_dir}/store` is the SSD tier (RocksDB), written
 //! through with a synced WAL (an acknowledged chunk survives a crash), encoded by the
-//! configured codec (`[store.codecs]`; raw unless a deployment opts into another).
+//! configured codec (`[store.codecs]`; raw unless a deployment opts into another); with
+//! `[store.remote]` seeds, a shared remote tier (Redis Cluster) below it.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
+use kvquilt_kvstore::{RemoteTier, SsdConfig, StoreConfig, TieredStore};
 
-use crate::serve::config::CodecSettings;
+use crate::serve::config::StoreSettings;
 
-/// Opens (or creates) the store of `data_dir`, its tiers encoding as `codecs` says.
-pub fn open_store(
-    data_dir: &Path,
-    host_bytes: u64,
-    ssd_bytes: u64,
-    codecs: &CodecSettings,
-) -> Result<TieredStore> {
+/// Opens (or creates) the store of `data_dir` as `settings` say. Must run inside a tokio
+/// runtime when a remote tier is configured (it connects in the background: start-up never
+/// waits for the remote).
+pub fn open_store(data_dir: &Path, settings: &StoreSettings) -> Result<TieredStore> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let codecs = &settings.codecs;
     let path = data_dir.join("store");
     let ssd = SsdConfig {
         codec: codecs.ssd_codec()?,
         serve_lossy: codecs.allow_lossy,
-        ..SsdConfig::new(path.clone(), ssd_bytes)
+        ..SsdConfig::new(path.clone(), settings.ssd_bytes)
     };
     let config = StoreConfig {
         host_codec: codecs.host_codec()?,
-        ..StoreConfig::with_ssd(host_bytes, ssd)
+        ..StoreConfig::with_ssd(settings.host_bytes, ssd)
     };
-    TieredStore::open(config).with_context(|| format!("opening the store at {}", path.display()))
+    let mut builder = TieredStore::builder(config)
+        .with_context(|| format!("opening the store at {}", path.display()))?;
+    if let Some(remote) = settings.remote.config(codecs)? {
+        let seeds = &settings.remote.seeds;
+        let tier = RemoteTier::redis(remote, seeds)
+            .with_context(|| format!("setting up the remote tier on {seeds:?}"))?;
+        tracing::info!(?seeds, "remote tier on (Redis Cluster)");
+        builder = builder.tier(Arc::new(tier));
+    }
+    Ok(builder.build())
 }

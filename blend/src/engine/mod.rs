@@ -162,7 +162,7 @@ impl Blender {
     pub fn precompute(&self, namespace: &[u8], tokens: &[u32]) -> Result<Precomputed> {
         let codec = self.codec(namespace);
         let key = codec.key(tokens);
-        if let Some(tier) = self.store.locate(&key) {
+        if let Some(Some(tier)) = self.rt.block_on(self.store.probe(&[key])).pop() {
             return Ok(Precomputed {
                 key,
                 tokens: tokens.len(),

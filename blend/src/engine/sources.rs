@@ -240,7 +240,7 @@ fn materialize(
     if entry.origin == Origin::Device
         && let Some(chunk) = device_hit(b, entry)
     {
-        return Ok((Source::Device(chunk), SegmentSource::Hit(TierKind::Gpu)));
+        return Ok((Source::Device(chunk), SegmentSource::Hit(TierKind::GPU)));
     }
     let how = match entry.origin {
         Origin::Compute(why) => why.source(),
@@ -278,18 +278,24 @@ fn open_stream(
     entry: &Entry<'_>,
 ) -> Result<Streamed, SegmentSource> {
     let key = entry.key;
+    let opened = Instant::now();
     match b.rt.block_on(b.store.read_layers(&key, READ_AHEAD)) {
         Ok(Some(stream)) => match codec.check(&stream.info, entry.tokens) {
-            Ok(()) => Ok(Streamed {
-                kept: b
-                    .device_tier
-                    .as_ref()
-                    .filter(|_| stream.lossy.is_none())
-                    .map(|_| Vec::new()),
-                stream,
-                busy: Duration::ZERO,
-                bytes: 0,
-            }),
+            Ok(()) => {
+                // what opening cost (header read and verified): the tier's latency term
+                b.costs
+                    .record_latency(stream.tier, opened.elapsed().as_secs_f64());
+                Ok(Streamed {
+                    kept: b
+                        .device_tier
+                        .as_ref()
+                        .filter(|_| stream.lossy.is_none())
+                        .map(|_| Vec::new()),
+                    stream,
+                    busy: Duration::ZERO,
+                    bytes: 0,
+                })
+            }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "stored chunk unusable; recomputing");
                 Err(SegmentSource::Unusable)

@@ -178,7 +178,7 @@ impl HostTier {
 #[async_trait]
 impl Tier for HostTier {
     fn kind(&self) -> TierKind {
-        TierKind::Host
+        TierKind::HOST
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {

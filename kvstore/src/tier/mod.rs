@@ -9,6 +9,7 @@
 //! read answered as a miss: wrong bytes are never handed out.
 
 mod host;
+pub mod remote;
 mod ssd;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use host::{HostMemory, HostTier};
+pub use remote::{RemoteConfig, RemoteStore, RemoteTier};
 pub use ssd::{DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 
 use crate::error::Result;
@@ -25,17 +27,44 @@ use crate::key::ChunkKey;
 use crate::object::{KvObject, ObjectInfo};
 use crate::stats::TierStatsSnapshot;
 
-/// Which tier answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TierKind {
+/// Which tier answered: a tier's name. Kinds are open: a new tier names itself
+/// (`TierKind::new("s3")`) without changing this crate; the constants are the tiers kvquilt
+/// ships. The cost model, statistics and the wire key their entries by this name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TierKind(&'static str);
+
+impl TierKind {
     /// Device memory: blend's device tier, which holds model tensors rather than store
     /// objects (no [`Tier`] of this crate reports it).
-    Gpu,
+    pub const GPU: Self = Self("gpu");
     /// Host memory ([`HostTier`]).
-    Host,
+    pub const HOST: Self = Self("host");
     /// RocksDB on local disk ([`SsdTier`]).
-    Ssd,
+    pub const SSD: Self = Self("ssd");
+    /// A store shared by several processes over the network ([`RemoteTier`]).
+    pub const REMOTE: Self = Self("remote");
+
+    /// A tier kind named `name` (lowercase, as it appears in statistics and metrics).
+    pub const fn new(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    /// The kind's name.
+    pub const fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for TierKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl serde::Serialize for TierKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
 }
 
 /// What a put did.
@@ -70,8 +99,21 @@ pub trait Tier: Send + Sync {
     /// Which level this is.
     fn kind(&self) -> TierKind;
 
-    /// Whether the tier holds `key` (no I/O, no statistics).
+    /// Whether the tier holds `key` (no I/O, no statistics). For a remote tier, a hint:
+    /// keys this process wrote or saw present recently.
     fn contains(&self, key: &ChunkKey) -> bool;
+
+    /// Whether the tier is shared over the network: it is written off the request path (its
+    /// put never decides whether a store's put succeeded), and [`Tier::probe`] asks it.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
+    /// Whether the tier holds `key`, asking it if need be (a remote: one round trip within
+    /// its deadline; false when it fails). Local tiers answer [`Tier::contains`].
+    async fn probe(&self, key: &ChunkKey) -> bool {
+        self.contains(key)
+    }
 
     /// Keys held.
     fn keys(&self) -> Vec<ChunkKey>;

@@ -850,7 +850,7 @@ impl SsdTier {
 #[async_trait]
 impl Tier for SsdTier {
     fn kind(&self) -> TierKind {
-        TierKind::Ssd
+        TierKind::SSD
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {

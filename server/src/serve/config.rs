@@ -26,6 +26,21 @@
 //! ssd = "raw"                          # lz4; lossy: fp8, int8, kivi4, kivi2 (+lz4)
 //! host = "raw"                         # raw: decoded; a lossy one holds more chunks
 //! allow_lossy = false                  # lossy codecs cost accuracy: opt in
+//! remote = "raw"                       # the remote tier's codec
+//!
+//! [store.remote]                       # a tier shared by several sidecars (Redis Cluster)
+//! seeds = ["10.0.0.5:6379"]            # empty (the default): no remote tier
+//! namespace = "default"                # processes share chunks within one namespace
+//! stripe_bytes = 4194304               # larger records are striped over several values
+//! window = 4                           # layers fetched ahead of the one being read
+//! connect_timeout_ms = 500
+//! op_timeout_min_ms = 50               # each call's deadline: from measured RTT and
+//! op_timeout_max_ms = 2000             #   bandwidth, within these bounds
+//! ttl_s = 86400                        # refreshed on every hit; eviction is the engine's
+//! queue = 64                           # objects waiting to be written; more are dropped
+//! negative_ttl_ms = 1000               # a miss is remembered this long
+//! breaker_failures = 3                 # consecutive failures that mark the remote down
+//! breaker_open_ms = 2000               # down this long, then probed
 //!
 //! [[tenants]]
 //! name = "acme"
@@ -118,6 +133,94 @@ pub struct StoreSettings {
     pub ssd_bytes: u64,
     /// How the tiers encode objects (`[store.codecs]`).
     pub codecs: CodecSettings,
+    /// The shared remote tier (`[store.remote]`); off without seeds.
+    pub remote: RemoteSettings,
+}
+
+/// The remote tier shared by several sidecars: a Redis Cluster (or Valkey) reached through
+/// `seeds`. Field meanings: `kvquilt_kvstore::RemoteConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteSettings {
+    /// Seed nodes, `host:port`; empty: no remote tier.
+    pub seeds: Vec<String>,
+    /// Deployment namespace (hashed into every key).
+    pub namespace: String,
+    /// Most bytes of one value.
+    pub stripe_bytes: usize,
+    /// Layers fetched ahead.
+    pub window: usize,
+    /// Connect timeout, ms.
+    pub connect_timeout_ms: u64,
+    /// Lower bound of a call's deadline, ms.
+    pub op_timeout_min_ms: u64,
+    /// Upper bound of a call's deadline, ms.
+    pub op_timeout_max_ms: u64,
+    /// Time to live of written objects, seconds.
+    pub ttl_s: u64,
+    /// Write queue length, objects.
+    pub queue: usize,
+    /// How long a miss is remembered, ms.
+    pub negative_ttl_ms: u64,
+    /// Consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open, ms.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        let d = kvquilt_kvstore::RemoteConfig::default();
+        Self {
+            seeds: Vec::new(),
+            namespace: d.namespace,
+            stripe_bytes: d.stripe_bytes,
+            window: d.window,
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            op_timeout_min_ms: d.op_timeout_min.as_millis() as u64,
+            op_timeout_max_ms: d.op_timeout_max.as_millis() as u64,
+            ttl_s: d.ttl.as_secs(),
+            queue: d.queue,
+            negative_ttl_ms: d.negative_ttl.as_millis() as u64,
+            breaker_failures: d.breaker_failures,
+            breaker_open_ms: d.breaker_open.as_millis() as u64,
+        }
+    }
+}
+
+impl RemoteSettings {
+    /// The remote tier's config, `None` without seeds; values out of range are errors.
+    pub fn config(&self, codecs: &CodecSettings) -> Result<Option<kvquilt_kvstore::RemoteConfig>> {
+        use std::time::Duration;
+        if self.seeds.is_empty() {
+            return Ok(None);
+        }
+        if self.stripe_bytes < 4096 || self.stripe_bytes > 512 << 20 {
+            bail!("store.remote.stripe_bytes must be between 4096 and 536870912");
+        }
+        if self.op_timeout_min_ms == 0 || self.op_timeout_min_ms > self.op_timeout_max_ms {
+            bail!("store.remote: need 0 < op_timeout_min_ms <= op_timeout_max_ms");
+        }
+        if self.window == 0 || self.queue == 0 || self.ttl_s == 0 {
+            bail!("store.remote: window, queue and ttl_s must be at least 1");
+        }
+        Ok(Some(kvquilt_kvstore::RemoteConfig {
+            namespace: self.namespace.clone(),
+            stripe_bytes: self.stripe_bytes,
+            window: self.window,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
+            op_timeout_min: Duration::from_millis(self.op_timeout_min_ms),
+            op_timeout_max: Duration::from_millis(self.op_timeout_max_ms),
+            ttl: Duration::from_secs(self.ttl_s),
+            queue: self.queue,
+            negative_ttl: Duration::from_millis(self.negative_ttl_ms),
+            breaker_failures: self.breaker_failures.max(1),
+            breaker_open: Duration::from_millis(self.breaker_open_ms.max(1)),
+            codec: codecs.remote_codec()?,
+            serve_lossy: codecs.allow_lossy,
+            ..kvquilt_kvstore::RemoteConfig::default()
+        }))
+    }
 }
 
 /// Codecs of the store's tiers: the SSD tier encodes what it writes with `ssd`; the host
@@ -132,6 +235,8 @@ pub struct CodecSettings {
     /// The host tier's codec (the same names): a lossy one holds several times more chunks
     /// in the same memory, each read decoding its layers on the CPU.
     pub host: String,
+    /// The remote tier's codec (the same names).
+    pub remote: String,
     /// Whether lossy codecs may be used and lossy objects served (they cost accuracy:
     /// BENCHMARKS.md §6). Off: objects stored lossy earlier are misses, left on disk.
     pub allow_lossy: bool,
@@ -142,6 +247,7 @@ impl Default for CodecSettings {
         Self {
             ssd: "raw".into(),
             host: "raw".into(),
+            remote: "raw".into(),
             allow_lossy: false,
         }
     }
@@ -156,6 +262,11 @@ impl CodecSettings {
     /// The host tier's codec, checked against `allow_lossy`.
     pub fn host_codec(&self) -> Result<kvquilt_kvstore::Codec> {
         self.checked("host", &self.host)
+    }
+
+    /// The remote tier's codec, checked against `allow_lossy`.
+    pub fn remote_codec(&self) -> Result<kvquilt_kvstore::Codec> {
+        self.checked("remote", &self.remote)
     }
 
     fn checked(&self, tier: &str, name: &str) -> Result<kvquilt_kvstore::Codec> {
@@ -211,6 +322,7 @@ impl Default for StoreSettings {
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
             codecs: CodecSettings::default(),
+            remote: RemoteSettings::default(),
         }
     }
 }
@@ -274,6 +386,7 @@ impl Config {
         }
         self.store.codecs.ssd_codec()?;
         self.store.codecs.host_codec()?;
+        self.store.remote.config(&self.store.codecs)?;
         Ok(())
     }
 }

@@ -120,6 +120,11 @@ impl From<StoreError> for ApiError {
                 "store_full",
                 e.to_string(),
             ),
+            S::Remote(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "remote_unavailable",
+                format!("{e}; retry (the chunk is recomputed when the remote stays down)"),
+            ),
             S::Damaged { .. } => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_damaged",

@@ -240,6 +240,44 @@ impl Collector for StoreCollector {
                 ConstCounter::new(*n).encode(by_codec.encode_family(&labels)?)?;
             }
         }
+        // tier-specific counters (the remote tier's timeouts, breaker, ...): one family each,
+        // a gauge for the values that go down
+        let names: std::collections::BTreeSet<&String> =
+            stats.iter().flat_map(|s| s.extra.keys()).collect();
+        for name in names {
+            let gauge = matches!(
+                name.as_str(),
+                "pending_writes" | "breaker_state" | "rtt_us" | "bandwidth_bytes_per_s"
+            );
+            let (metric, help) = (
+                format!("store_{name}"),
+                format!("Tier-specific statistic `{name}` (see /v1/stats `extra`)"),
+            );
+            let mut family = encoder.encode_descriptor(
+                &metric,
+                &help,
+                None,
+                if gauge {
+                    MetricType::Gauge
+                } else {
+                    MetricType::Counter
+                },
+            )?;
+            for s in stats.iter() {
+                let Some(&v) = s.extra.get(name) else {
+                    continue;
+                };
+                let labels = TierLabels {
+                    tier: s.tier.clone(),
+                };
+                let m = family.encode_family(&labels)?;
+                if gauge {
+                    ConstGauge::new(v as i64).encode(m)?;
+                } else {
+                    ConstCounter::new(v).encode(m)?;
+                }
+            }
+        }
         let fallbacks = encoder.encode_descriptor(
             "attention_fallbacks",
             "Forward calls that wanted the fused attention kernel and ran the reference",

@@ -72,6 +72,10 @@ pub struct Args {
     /// Attention implementation: auto, reference or fused.
     #[arg(long, env = "KVQUILT_ATTENTION")]
     attention: Option<String>,
+    /// Seed nodes of the shared remote tier (Redis Cluster, `host:port`, comma-separated);
+    /// the rest of `[store.remote]` comes from the config file.
+    #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
+    remote_seeds: Vec<String>,
 }
 
 impl Args {
@@ -104,6 +108,9 @@ impl Args {
         }
         if let Some(a) = &self.attention {
             c.attention = a.clone();
+        }
+        if !self.remote_seeds.is_empty() {
+            c.store.remote.seeds = self.remote_seeds.clone();
         }
         c.validate()?;
         Ok(c)
@@ -141,12 +148,7 @@ pub async fn serve(config: Config) -> Result<()> {
         let c = config.clone();
         move || -> Result<_> {
             let loaded = model_args.load()?;
-            let store = open_store(
-                &c.data_dir,
-                c.store.host_bytes,
-                c.store.ssd_bytes,
-                &c.store.codecs,
-            )?;
+            let store = open_store(&c.data_dir, &c.store)?;
             let key = tenants::namespace_key(&c.data_dir).with_context(|| {
                 format!(
                     "reading the tenant namespace key in {}",

@@ -11,9 +11,10 @@ use super::error::{ApiError, ApiResult};
 /// A tier's wire name.
 pub(crate) fn tier(t: TierKind) -> api::Tier {
     match t {
-        TierKind::Gpu => api::Tier::Gpu,
-        TierKind::Host => api::Tier::Host,
-        TierKind::Ssd => api::Tier::Ssd,
+        TierKind::GPU => api::Tier::Gpu,
+        TierKind::HOST => api::Tier::Host,
+        TierKind::SSD => api::Tier::Ssd,
+        _ => api::Tier::Remote,
     }
 }
 
@@ -56,6 +57,7 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         hits_gpu: s.hits_gpu,
         hits_host: s.hits_host,
         hits_ssd: s.hits_ssd,
+        hits_remote: s.hits_remote,
         lossy_hits: s.lossy_hits,
         misses: s.misses,
         stored_back: s.stored_back,
@@ -110,5 +112,6 @@ pub(crate) fn tier_stats(t: &TierStatsSnapshot) -> api::ops::TierStats {
         objects: t.objects,
         get_latency: histogram(&t.get_latency),
         put_latency: histogram(&t.put_latency),
+        extra: t.extra.clone(),
     }
 }

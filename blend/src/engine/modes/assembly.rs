@@ -52,6 +52,10 @@ pub(super) fn prepare<'r>(
     let codec = b.codec(namespace);
     let segments = req.segments();
     let tokens = req.tokens();
+    // segments no local tier holds are asked of remote tiers (one round trip for all), so
+    // that the plan can weigh loading them from there against recomputing
+    let keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
+    b.rt.block_on(b.store.probe(&keys));
     let plan = Plan::build(
         &segments,
         |seg| codec.key(seg),

@@ -79,6 +79,10 @@ pub struct Args {
     /// its `store.codecs.allow_lossy` is set.
     #[arg(long, default_value = "raw")]
     ssd_codec: String,
+    /// Seed nodes of a shared remote tier (Redis Cluster, `host:port`, comma-separated):
+    /// chunks computed here are written there too, and chunks found there are not computed.
+    #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
+    remote_seeds: Vec<String>,
     /// Allow a lossy --ssd-codec (its accuracy cost: BENCHMARKS.md §6).
     #[arg(long)]
     allow_lossy: bool,
@@ -127,12 +131,24 @@ pub fn run(a: Args) -> Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(crate::serve::config::default_data_dir);
-    let codecs = crate::serve::config::CodecSettings {
-        ssd: a.ssd_codec.clone(),
-        allow_lossy: a.allow_lossy,
+    let settings = crate::serve::config::StoreSettings {
+        host_bytes: a.host_bytes,
+        ssd_bytes: a.ssd_bytes,
+        codecs: crate::serve::config::CodecSettings {
+            ssd: a.ssd_codec.clone(),
+            allow_lossy: a.allow_lossy,
+            ..Default::default()
+        },
+        remote: crate::serve::config::RemoteSettings {
+            seeds: a.remote_seeds.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let store = Arc::new(open_store(&data_dir, a.host_bytes, a.ssd_bytes, &codecs)?);
+    let store = {
+        let _rt = rt.enter(); // the remote tier's tasks run on the job's runtime
+        Arc::new(open_store(&data_dir, &settings)?)
+    };
     let blender = Blender::new(
         Arc::new(loaded.model),
         identity,

@@ -1,0 +1,852 @@
+//! The remote tier: chunk KV shared by several kvquilt processes through an existing
+//! distributed key-value engine ([`RemoteStore`]; Redis Cluster in [`RedisCluster`]).
+//!
+//! Nothing read from the remote is trusted more than a local disk: the header's checksum, the
+//! key it names and every record's checksum are verified before use, so another node's bug, a
+//! partial write, an eviction of some stripes or a copied-in value is a counted miss (the
+//! object's keys unlinked, a short negative-cache entry set), never data.
+//!
+//! The remote is never on the critical path longer than it is worth:
+//! - every call has a deadline from the measured round trip and bandwidth
+//!   ([`health::Health::deadline`]), within `[op_timeout_min, op_timeout_max]`;
+//! - consecutive failures open a circuit breaker: while open, the tier answers misses at
+//!   once and drops puts (counted), then lets one call probe the remote back;
+//! - writes leave the request path through a bounded queue (full: dropped and counted);
+//!   records first, then the header as the commit marker, each `SET NX` with the TTL;
+//! - start-up does not wait: the first connection is made in the background.
+//!
+//! Presence: [`Tier::contains`] answers from a hint of keys this process wrote or saw
+//! (no I/O); [`Tier::probe`] asks the remote (one round trip) and fills the hint.
+//! Eviction is the engine's (`maxmemory` with an LRU policy; hits refresh the TTL).
+
+mod health;
+mod names;
+mod redis_cluster;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+pub use health::{BreakerState, Health};
+pub use names::{NAMING_VERSION, ObjectNames, Records, envelope, namespace_hash, parse_envelope};
+pub use redis_cluster::RedisCluster;
+
+use super::{LayerReader, PutOutcome, Tier, TierKind};
+use crate::codec::Codec;
+use crate::error::{Result, StoreError};
+use crate::index::Lease;
+use crate::key::ChunkKey;
+use crate::object::{KvObject, ObjectHeader, ObjectInfo, decode_record};
+use crate::stats::{TierStats, TierStatsSnapshot};
+
+/// What a remote engine call can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    /// No answer within the deadline.
+    #[error("remote call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The engine cannot be reached (connection refused or lost).
+    #[error("remote unavailable: {0}")]
+    Unavailable(String),
+    /// The breaker is open: the remote was not asked.
+    #[error("remote marked down (circuit breaker open)")]
+    Down,
+    /// The engine answered with an error (out of memory, wrong type, ...).
+    #[error("remote engine error: {0}")]
+    Engine(String),
+    /// The client could not be set up (bad seed address).
+    #[error("remote configuration: {0}")]
+    Config(String),
+}
+
+/// A distributed key-value engine as the remote tier sees it: byte values under string keys.
+/// Every call's keys belong to one object (one hash tag), so an engine that shards by hash
+/// tag answers it from one shard.
+#[async_trait]
+pub trait RemoteStore: Send + Sync + 'static {
+    /// The engine's name (logs).
+    fn name(&self) -> &str;
+
+    /// The values of `keys`, `None` for a missing key.
+    async fn get(&self, keys: &[String]) -> std::result::Result<Vec<Option<Bytes>>, RemoteError>;
+
+    /// Sets every `(key, value)` that does not exist yet, expiring after `ttl`.
+    async fn set_nx(
+        &self,
+        items: &[(String, Bytes)],
+        ttl: Duration,
+    ) -> std::result::Result<(), RemoteError>;
+
+    /// Whether `key` exists.
+    async fn exists(&self, key: &str) -> std::result::Result<bool, RemoteError>;
+
+    /// Removes `keys` (missing ones are ignored).
+    async fn delete(&self, keys: &[String]) -> std::result::Result<(), RemoteError>;
+
+    /// Sets the time to live of `keys` to `ttl` (missing ones are ignored).
+    async fn expire(&self, keys: &[String], ttl: Duration) -> std::result::Result<(), RemoteError>;
+}
+
+/// Settings of a [`RemoteTier`] (`[store.remote]` in the sidecar's config).
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Deployment namespace: processes share objects only within one (hashed into keys).
+    pub namespace: String,
+    /// Most bytes of one value; larger records are striped.
+    pub stripe_bytes: usize,
+    /// Layers fetched ahead of the one being read.
+    pub window: usize,
+    /// Connecting may take this long.
+    pub connect_timeout: Duration,
+    /// Lower bound of a call's deadline.
+    pub op_timeout_min: Duration,
+    /// Upper bound of a call's deadline (and the deadline before anything was measured).
+    pub op_timeout_max: Duration,
+    /// Time to live of written objects, refreshed on every hit.
+    pub ttl: Duration,
+    /// Objects waiting to be written; a put finding the queue full is dropped (counted).
+    pub queue: usize,
+    /// Objects written at once.
+    pub write_concurrency: usize,
+    /// How long a miss is remembered (no remote call for that key meanwhile).
+    pub negative_ttl: Duration,
+    /// How long a key seen present is assumed present without asking.
+    pub hint_ttl: Duration,
+    /// Consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before probing.
+    pub breaker_open: Duration,
+    /// How objects are encoded on the remote.
+    pub codec: Codec,
+    /// Whether objects of a lossy codec are served (else they are misses, left in place).
+    pub serve_lossy: bool,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            stripe_bytes: 4 << 20,
+            window: 4,
+            connect_timeout: Duration::from_millis(500),
+            op_timeout_min: Duration::from_millis(50),
+            op_timeout_max: Duration::from_secs(2),
+            ttl: Duration::from_secs(24 * 3600),
+            queue: 64,
+            write_concurrency: 2,
+            negative_ttl: Duration::from_secs(1),
+            hint_ttl: Duration::from_secs(60),
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(2),
+            codec: Codec::Raw,
+            serve_lossy: false,
+        }
+    }
+}
+
+/// Counters of the remote tier beyond [`TierStats`] (reported in the snapshot's `extra`).
+#[derive(Debug, Default)]
+struct RemoteCounters {
+    /// Reads that found a stripe missing (a partial object: evicted or half-written).
+    partial_reads: AtomicU64,
+    /// Calls that missed their deadline.
+    timeouts: AtomicU64,
+    /// Calls that failed otherwise (connection, engine errors).
+    errors: AtomicU64,
+    /// Calls skipped because the breaker was open.
+    skipped_down: AtomicU64,
+    /// Puts dropped: queue full or remote down.
+    dropped_puts: AtomicU64,
+    /// Writes that failed after leaving the queue.
+    put_failures: AtomicU64,
+    /// Lookups answered by the negative cache.
+    negative_hits: AtomicU64,
+    /// Bytes written by this process, stored size.
+    bytes_written: AtomicU64,
+}
+
+struct Inner {
+    store: Arc<dyn RemoteStore>,
+    config: RemoteConfig,
+    ns: String,
+    health: Health,
+    stats: TierStats,
+    counters: RemoteCounters,
+    /// Keys seen present (written or probed), for `contains`.
+    present: moka::sync::Cache<ChunkKey, ()>,
+    /// Keys seen absent or bad, answered as misses without a call.
+    absent: moka::sync::Cache<ChunkKey, ()>,
+    queue: mpsc::Sender<Arc<KvObject>>,
+    /// Objects accepted by `put` and not yet written or given up.
+    pending: AtomicU64,
+}
+
+/// A tier on a shared remote engine. Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteTier(Arc<Inner>);
+
+/// An object's verified header as read from the remote.
+struct Opened {
+    header: Arc<ObjectHeader>,
+    records: Arc<Records>,
+    names: ObjectNames,
+}
+
+/// Why reading one layer failed.
+enum Fail {
+    /// A stripe is missing.
+    Partial(usize),
+    /// The bytes failed verification.
+    Bad(StoreError),
+    /// The call failed (timeout, connection, breaker).
+    Call(RemoteError),
+}
+
+impl RemoteTier {
+    /// A tier on `store`. Must be called inside a tokio runtime: the writer and the first
+    /// connection run as tasks (start-up does not wait for the remote).
+    pub fn new(config: RemoteConfig, store: Arc<dyn RemoteStore>) -> Result<Self> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Invalid("the remote tier needs a tokio runtime to start in".into())
+        })?;
+        if config.stripe_bytes == 0 || config.stripe_bytes > names::MAX_STRIPE_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "remote stripe_bytes {} out of range (1 ..= {})",
+                config.stripe_bytes,
+                names::MAX_STRIPE_BYTES
+            )));
+        }
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let inner = Arc::new(Inner {
+            ns: namespace_hash(&config.namespace),
+            health: Health::new(
+                config.breaker_failures,
+                config.breaker_open,
+                config.op_timeout_min,
+                config.op_timeout_max,
+            ),
+            stats: TierStats::default(),
+            counters: RemoteCounters::default(),
+            present: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(config.hint_ttl)
+                .build(),
+            absent: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(config.negative_ttl)
+                .build(),
+            queue: tx,
+            pending: AtomicU64::new(0),
+            store,
+            config,
+        });
+        rt.spawn(writer(Arc::downgrade(&inner), rx));
+        let warm = Arc::clone(&inner);
+        rt.spawn(async move {
+            // connects and measures a first round trip; a remote down at start opens the
+            // breaker at once instead of costing the first requests a timeout each
+            let t = Instant::now();
+            let probe = warm.store.exists("kvq:ping");
+            match warm.call(0, probe).await {
+                Ok(_) => {
+                    warm.health.record_rtt(t.elapsed());
+                    tracing::info!(engine = warm.store.name(), rtt_us = t.elapsed().as_micros() as u64, "remote tier connected");
+                }
+                Err(e) => {
+                    warm.health.trip();
+                    tracing::warn!(engine = warm.store.name(), error = %e, "remote tier unreachable at start; serving without it until it answers");
+                }
+            }
+        });
+        Ok(Self(inner))
+    }
+
+    /// A tier on the Redis Cluster seeded by `seeds` (`host:port`).
+    pub fn redis(config: RemoteConfig, seeds: &[String]) -> Result<Self> {
+        let store = RedisCluster::new(seeds, config.connect_timeout, config.op_timeout_max)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        Self::new(config, Arc::new(store))
+    }
+
+    /// The breaker's state.
+    pub fn breaker(&self) -> BreakerState {
+        self.0.health.state()
+    }
+
+    /// Measured round trip and bandwidth (seconds, bytes per second), when measured.
+    pub fn measured(&self) -> (Option<f64>, Option<f64>) {
+        (self.0.health.rtt_s(), self.0.health.bytes_per_s())
+    }
+
+    /// Objects accepted for writing and not yet written (queued or in flight).
+    pub fn pending_writes(&self) -> u64 {
+        self.0.pending.load(Relaxed)
+    }
+
+    /// Waits until every accepted write is done, at most `timeout` (tests, benchmarks, a
+    /// graceful stop). False on timeout.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while self.pending_writes() > 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+impl Inner {
+    /// Runs one engine call under the breaker and a deadline for `bytes` bytes; a timeout or
+    /// a lost connection counts against the breaker, an answer (even an engine error) for it.
+    async fn call<T>(
+        &self,
+        bytes: usize,
+        fut: impl Future<Output = std::result::Result<T, RemoteError>>,
+    ) -> std::result::Result<T, RemoteError> {
+        if !self.health.allow() {
+            TierStats::add(&self.counters.skipped_down, 1);
+            return Err(RemoteError::Down);
+        }
+        let deadline = self.health.deadline(bytes);
+        match tokio::time::timeout(deadline, fut).await {
+            Err(_) => {
+                TierStats::add(&self.counters.timeouts, 1);
+                self.health.failure();
+                Err(RemoteError::Timeout(deadline))
+            }
+            Ok(Err(e @ (RemoteError::Timeout(_) | RemoteError::Unavailable(_)))) => {
+                let c = match e {
+                    RemoteError::Timeout(_) => &self.counters.timeouts,
+                    _ => &self.counters.errors,
+                };
+                TierStats::add(c, 1);
+                self.health.failure();
+                Err(e)
+            }
+            Ok(Err(e)) => {
+                TierStats::add(&self.counters.errors, 1);
+                self.health.success();
+                Err(e)
+            }
+            Ok(Ok(v)) => {
+                self.health.success();
+                Ok(v)
+            }
+        }
+    }
+
+    /// Reads and verifies `key`'s header: `None` on a miss (absent, unreadable, bad, lossy
+    /// while lossy objects are not served, or the remote failing), counted.
+    async fn open(&self, key: &ChunkKey) -> Option<Opened> {
+        if self.absent.contains_key(key) {
+            TierStats::add(&self.counters.negative_hits, 1);
+            TierStats::add(&self.stats.misses, 1);
+            return None;
+        }
+        let names = ObjectNames::new(&self.ns, key);
+        let t = Instant::now();
+        let got = self.call(0, self.store.get(&[names.header()])).await;
+        let value = match got {
+            Ok(mut v) => {
+                self.health.record_rtt(t.elapsed());
+                v.pop().flatten()
+            }
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "remote tier: header read failed; a miss");
+                TierStats::add(&self.stats.misses, 1);
+                return None;
+            }
+        };
+        let Some(bytes) = value else {
+            self.absent.insert(*key, ());
+            self.present.invalidate(key);
+            TierStats::add(&self.stats.misses, 1);
+            return None;
+        };
+        match parse_envelope(&bytes, key) {
+            Ok((header, stripe_bytes)) => {
+                if header.codec.is_lossy() && !self.config.serve_lossy {
+                    tracing::debug!(%key, codec = %header.codec, "remote tier: lossy object not served");
+                    TierStats::add(&self.stats.misses, 1);
+                    return None;
+                }
+                self.present.insert(*key, ());
+                TierStats::add(&self.stats.hits, 1);
+                self.stats.hit_codec(header.codec);
+                self.stats.get_latency.record(t.elapsed());
+                let records = names.records(&bytes[names::ENVELOPE_LEN..], stripe_bytes);
+                Some(Opened {
+                    header: Arc::new(header),
+                    records: Arc::new(records),
+                    names,
+                })
+            }
+            Err(e @ StoreError::NewerFormat { .. }) => {
+                tracing::warn!(%key, error = %e, "remote tier: skipping an object of a newer format");
+                TierStats::add(&self.stats.misses, 1);
+                None
+            }
+            Err(e) => {
+                TierStats::add(&self.stats.checksum_failures, 1);
+                TierStats::add(&self.stats.misses, 1);
+                tracing::warn!(%key, error = %e, "remote tier: header failed verification; unlinked, a miss");
+                self.forget(key, vec![names.header()]).await;
+                None
+            }
+        }
+    }
+
+    /// Marks `key` absent here and unlinks `keys` on the remote (best effort).
+    async fn forget(&self, key: &ChunkKey, keys: Vec<String>) {
+        self.absent.insert(*key, ());
+        self.present.invalidate(key);
+        if let Err(e) = self.call(0, self.store.delete(&keys)).await {
+            tracing::debug!(%key, error = %e, "remote tier: unlinking a bad object failed (its TTL removes it)");
+        }
+    }
+
+    /// Reads, verifies and decodes layer `layer` of an opened object.
+    async fn read_layer(
+        &self,
+        header: &ObjectHeader,
+        records: &Records,
+        layer: usize,
+    ) -> std::result::Result<Bytes, Fail> {
+        let n = header.layers.len();
+        let Some(e) = header.layers.get(layer) else {
+            return Err(Fail::Bad(StoreError::Invalid(format!(
+                "layer {layer} of {n}"
+            ))));
+        };
+        let len = e.stored_len as usize;
+        let keys = records.stripes(layer, len);
+        let t = Instant::now();
+        let parts = self
+            .call(len, self.store.get(&keys))
+            .await
+            .map_err(Fail::Call)?;
+        if parts.len() != keys.len() {
+            return Err(Fail::Partial(layer));
+        }
+        let mut parts: Vec<Bytes> = match parts.into_iter().collect::<Option<Vec<_>>>() {
+            Some(p) => p,
+            None => return Err(Fail::Partial(layer)),
+        };
+        let record = if parts.len() == 1 {
+            parts.pop().unwrap_or_default()
+        } else {
+            let mut b = BytesMut::with_capacity(len);
+            for p in &parts {
+                b.extend_from_slice(p);
+            }
+            b.freeze()
+        };
+        self.health.record_transfer(record.len(), t.elapsed());
+        TierStats::add(&self.stats.bytes_out, record.len() as u64);
+        decode_record(header, layer, &record).map_err(Fail::Bad)
+    }
+
+    /// Writes `obj` (called by the writer task): skipped when the remote already has it,
+    /// records in pipelines of about `stripe_bytes`·4, the header last.
+    async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
+        let key = *obj.key();
+        let names = ObjectNames::new(&self.ns, &key);
+        if self.present.contains_key(&key) {
+            return;
+        }
+        match self.call(0, self.store.exists(&names.header())).await {
+            Ok(true) => {
+                self.present.insert(key, ());
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                TierStats::add(&self.counters.put_failures, 1);
+                tracing::debug!(%key, error = %e, "remote tier: put abandoned");
+                return;
+            }
+        }
+        let codec = self.config.codec;
+        let enc = tokio::task::spawn_blocking(move || match obj.encode(codec) {
+            Err(e) if codec.is_lossy() => {
+                tracing::warn!(key = %obj.key(), error = %e, "remote tier: stored raw");
+                obj.encode(Codec::Raw)
+            }
+            r => r,
+        })
+        .await;
+        let enc = match enc {
+            Ok(Ok(enc)) => enc,
+            Ok(Err(e)) => {
+                TierStats::add(&self.counters.put_failures, 1);
+                tracing::warn!(%key, error = %e, "remote tier: encoding failed; not written");
+                return;
+            }
+            Err(e) => {
+                TierStats::add(&self.counters.put_failures, 1);
+                tracing::warn!(%key, error = %e, "remote tier: encoding task failed");
+                return;
+            }
+        };
+        let t = Instant::now();
+        let stripe = self.config.stripe_bytes;
+        let records = names.records(&enc.header_bytes, stripe);
+        let batch_limit = stripe.saturating_mul(4).max(1);
+        let mut batch: Vec<(String, Bytes)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut stored = enc.header_bytes.len() as u64;
+        for (l, rec) in enc.records.iter().enumerate() {
+            stored += rec.len() as u64;
+            for (s, k) in records.stripes(l, rec.len()).into_iter().enumerate() {
+                let lo = (s * stripe).min(rec.len());
+                let hi = ((s + 1) * stripe).min(rec.len());
+                batch_bytes += hi - lo;
+                batch.push((k, rec.slice(lo..hi)));
+                if batch_bytes >= batch_limit {
+                    let items = std::mem::take(&mut batch);
+                    if !self.set(&key, &items, batch_bytes).await {
+                        return;
+                    }
+                    batch_bytes = 0;
+                }
+            }
+        }
+        if !batch.is_empty() && !self.set(&key, &batch, batch_bytes).await {
+            return;
+        }
+        let env = Bytes::from(envelope(&enc.header_bytes, stripe));
+        if !self.set(&key, &[(names.header(), env)], 0).await {
+            return;
+        }
+        self.present.insert(key, ());
+        self.absent.invalidate(&key);
+        TierStats::add(&self.stats.puts, 1);
+        TierStats::add(&self.stats.bytes_in, stored);
+        TierStats::add(&self.counters.bytes_written, stored);
+        self.stats.put_latency.record(t.elapsed());
+    }
+
+    /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
+    async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
+        match self
+            .call(bytes, self.store.set_nx(items, self.config.ttl))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                TierStats::add(&self.counters.put_failures, 1);
+                tracing::warn!(%key, error = %e, "remote tier: write failed; the object is not committed (its records expire)");
+                false
+            }
+        }
+    }
+}
+
+/// The write queue's consumer: writes objects, `write_concurrency` at once, until the tier
+/// is dropped.
+async fn writer(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Arc<KvObject>>) {
+    let permits = match inner.upgrade() {
+        Some(i) => Arc::new(Semaphore::new(i.config.write_concurrency.max(1))),
+        None => return,
+    };
+    while let Some(obj) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            inner.write(obj).await;
+            inner.pending.fetch_sub(1, Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+/// A remote object open for reading: layers are fetched `window` ahead of the one asked
+/// for, each verified against the header before it is handed out.
+struct RemoteReader {
+    inner: Arc<Inner>,
+    opened: Opened,
+    info: Arc<ObjectInfo>,
+    fetches: std::collections::BTreeMap<usize, JoinHandle<std::result::Result<Bytes, Fail>>>,
+}
+
+impl RemoteReader {
+    fn fetch(&mut self, layer: usize) {
+        if self.fetches.contains_key(&layer) || layer >= self.opened.header.layers.len() {
+            return;
+        }
+        let (inner, header, records) = (
+            Arc::clone(&self.inner),
+            Arc::clone(&self.opened.header),
+            Arc::clone(&self.opened.records),
+        );
+        let h = tokio::spawn(async move { inner.read_layer(&header, &records, layer).await });
+        self.fetches.insert(layer, h);
+    }
+
+    /// Every key of the object (records, then the header).
+    fn all_keys(&self) -> Vec<String> {
+        let mut keys = self.opened.records.all(&self.opened.header);
+        keys.push(self.opened.names.header());
+        keys
+    }
+}
+
+impl Drop for RemoteReader {
+    fn drop(&mut self) {
+        for (_, h) in std::mem::take(&mut self.fetches) {
+            h.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl LayerReader for RemoteReader {
+    fn info(&self) -> &Arc<ObjectInfo> {
+        &self.info
+    }
+
+    fn lossy(&self) -> Option<Codec> {
+        let c = self.opened.header.codec;
+        c.is_lossy().then_some(c)
+    }
+
+    async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        let n = self.opened.header.layers.len();
+        if layer >= n {
+            return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
+        }
+        for l in layer..(layer + self.inner.config.window.max(1)).min(n) {
+            self.fetch(l);
+        }
+        let Some(h) = self.fetches.remove(&layer) else {
+            return Err(StoreError::Invalid(format!("layer {layer} not fetched")));
+        };
+        let r = h
+            .await
+            .unwrap_or_else(|e| Err(Fail::Call(RemoteError::Engine(format!("fetch task: {e}")))));
+        let key = self.info.key;
+        match r {
+            Ok(b) => {
+                if layer + 1 == n {
+                    // a hit keeps the object alive: refresh its TTL (best effort, off the path)
+                    let (inner, keys) = (Arc::clone(&self.inner), self.all_keys());
+                    tokio::spawn(async move {
+                        let ttl = inner.config.ttl;
+                        let _ = inner.call(0, inner.store.expire(&keys, ttl)).await;
+                    });
+                }
+                Ok(b)
+            }
+            Err(Fail::Partial(l)) => {
+                TierStats::add(&self.inner.counters.partial_reads, 1);
+                tracing::warn!(%key, layer = l, "remote tier: a stripe is missing (evicted or half-written); unlinked, recomputing");
+                self.inner.forget(&key, self.all_keys()).await;
+                Err(StoreError::Corrupt(format!(
+                    "remote object {key}: layer {l} has a missing stripe"
+                )))
+            }
+            Err(Fail::Bad(e)) => {
+                TierStats::add(&self.inner.stats.checksum_failures, 1);
+                tracing::warn!(%key, error = %e, "remote tier: a record failed verification; unlinked, recomputing");
+                self.inner.forget(&key, self.all_keys()).await;
+                Err(e)
+            }
+            Err(Fail::Call(e)) => Err(StoreError::Remote(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl Tier for RemoteTier {
+    fn kind(&self) -> TierKind {
+        TierKind::REMOTE
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.0.present.contains_key(key) && self.0.health.state() != BreakerState::Open
+    }
+
+    async fn probe(&self, key: &ChunkKey) -> bool {
+        let s = &self.0;
+        if s.absent.contains_key(key) {
+            TierStats::add(&s.counters.negative_hits, 1);
+            return false;
+        }
+        if self.contains(key) {
+            return true;
+        }
+        let t = Instant::now();
+        let header = ObjectNames::new(&s.ns, key).header();
+        match s.call(0, s.store.exists(&header)).await {
+            Ok(true) => {
+                s.health.record_rtt(t.elapsed());
+                s.present.insert(*key, ());
+                true
+            }
+            Ok(false) => {
+                s.health.record_rtt(t.elapsed());
+                s.absent.insert(*key, ());
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn keys(&self) -> Vec<ChunkKey> {
+        Vec::new()
+    }
+
+    async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
+        Ok(self
+            .0
+            .open(key)
+            .await
+            .map(|o| Arc::new(o.header.info.clone())))
+    }
+
+    async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
+        let Some(opened) = self.0.open(key).await else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(RemoteReader {
+            inner: Arc::clone(&self.0),
+            info: Arc::new(opened.header.info.clone()),
+            opened,
+            fetches: Default::default(),
+        })))
+    }
+
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
+        let Some(mut r) = self.reader(key).await? else {
+            return Ok(None);
+        };
+        let n = r.info().layout.num_layers as usize;
+        let mut layers = Vec::with_capacity(n);
+        for l in 0..n {
+            match r.layer(l).await {
+                Ok(b) => layers.push(b),
+                // a failed read is a miss here (the object was unlinked if it was bad)
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "remote tier: whole-object read failed; a miss");
+                    return Ok(None);
+                }
+            }
+        }
+        let info = r.info();
+        let obj = KvObject::new(
+            info.key,
+            info.layout,
+            info.tokens.clone(),
+            layers,
+            info.stats.clone(),
+        )?
+        .decoded_from(r.lossy());
+        Ok(Some(Arc::new(obj)))
+    }
+
+    async fn put(&self, obj: Arc<KvObject>, _cost_s: f64) -> Result<PutOutcome> {
+        let s = &self.0;
+        if obj.lossy().is_some() || s.present.contains_key(obj.key()) {
+            // lossy values are never encoded again; a present object needs no write
+            return Ok(PutOutcome::default());
+        }
+        if s.health.state() == BreakerState::Open {
+            TierStats::add(&s.counters.dropped_puts, 1);
+            return Ok(PutOutcome::default());
+        }
+        s.pending.fetch_add(1, Relaxed);
+        if s.queue.try_send(obj).is_err() {
+            s.pending.fetch_sub(1, Relaxed);
+            TierStats::add(&s.counters.dropped_puts, 1);
+            tracing::debug!("remote tier: write queue full; put dropped");
+        }
+        Ok(PutOutcome::default())
+    }
+
+    async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let s = &self.0;
+        s.present.invalidate(key);
+        let names = ObjectNames::new(&s.ns, key);
+        let mut keys = vec![names.header()];
+        let got = s.call(0, s.store.get(&[names.header()])).await;
+        let existed = match got {
+            Ok(mut v) => match v.pop().flatten() {
+                Some(b) => {
+                    if let Ok((h, stripe)) = parse_envelope(&b, key) {
+                        keys = names.records(&b[names::ENVELOPE_LEN..], stripe).all(&h);
+                        keys.push(names.header());
+                    }
+                    true
+                }
+                None => false,
+            },
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "remote tier: could not remove an object (the remote may still serve it until its TTL)");
+                return Ok(false);
+            }
+        };
+        s.absent.insert(*key, ());
+        if let Err(e) = s.call(0, s.store.delete(&keys)).await {
+            tracing::warn!(%key, error = %e, "remote tier: unlinking failed (the remote may still serve it until its TTL)");
+            return Ok(false);
+        }
+        if existed {
+            TierStats::add(&s.stats.removes, 1);
+        }
+        Ok(existed)
+    }
+
+    fn lease(&self, _key: &ChunkKey) -> Option<Lease> {
+        None
+    }
+
+    /// Waits for queued writes (a graceful stop), at most four times the call deadline cap.
+    async fn flush(&self) -> Result<()> {
+        if !self.drain(self.0.config.op_timeout_max * 4).await {
+            tracing::warn!(
+                pending = self.pending_writes(),
+                "remote tier: stopping with writes still queued; they are lost (recomputed on a miss)"
+            );
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> TierStatsSnapshot {
+        let s = &self.0;
+        let c = &s.counters;
+        let mut snap = s.stats.snapshot("remote", 0, 0, 0);
+        let (rtt, bw) = self.measured();
+        for (name, v) in [
+            ("partial_reads", c.partial_reads.load(Relaxed)),
+            ("timeouts", c.timeouts.load(Relaxed)),
+            ("errors", c.errors.load(Relaxed)),
+            ("skipped_down", c.skipped_down.load(Relaxed)),
+            ("dropped_puts", c.dropped_puts.load(Relaxed)),
+            ("put_failures", c.put_failures.load(Relaxed)),
+            ("negative_hits", c.negative_hits.load(Relaxed)),
+            ("bytes_written", c.bytes_written.load(Relaxed)),
+            ("pending_writes", s.pending.load(Relaxed)),
+            ("breaker_state", s.health.state() as u64),
+            ("breaker_opens", s.health.opens.load(Relaxed)),
+            ("rtt_us", rtt.map_or(0, |r| (r * 1e6) as u64)),
+            ("bandwidth_bytes_per_s", bw.map_or(0, |b| b as u64)),
+        ] {
+            snap.extra.insert(name.to_string(), v);
+        }
+        snap
+    }
+}

@@ -1,0 +1,392 @@
+//! The remote tier against a real 6-node Redis Cluster (scripts/redis-cluster.sh): sharing
+//! between processes, every way a remote object can be bad, and a remote that is down,
+//! paused or failing over. Each test starts its own cluster.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+use common::{layout, object};
+use kvquilt_kvstore::tier::remote::{BreakerState, ObjectNames, namespace_hash};
+use kvquilt_kvstore::{
+    KvDType, KvLayout, KvObject, RemoteConfig, RemoteTier, StoreConfig, Tier, TierKind, TieredStore,
+};
+
+/// Small stripes, so that every record spans several values; short breaker and deadlines.
+fn config() -> RemoteConfig {
+    RemoteConfig {
+        stripe_bytes: 1000,
+        op_timeout_max: Duration::from_millis(500),
+        breaker_open: Duration::from_millis(500),
+        negative_ttl: Duration::from_millis(200),
+        ..RemoteConfig::default()
+    }
+}
+
+/// A layout of `layers` layers whose records are ~2.5 stripes at 40 tokens.
+fn lay(layers: u32) -> KvLayout {
+    layout(KvDType::F32, layers)
+}
+
+/// A remote tier on `c` (a separate client: another process as far as the cluster knows).
+fn tier(c: &Cluster, config: RemoteConfig) -> RemoteTier {
+    RemoteTier::redis(config, &c.seeds).unwrap()
+}
+
+async fn put(t: &RemoteTier, obj: &KvObject) {
+    t.put(Arc::new(obj.clone()), 1.0).await.unwrap();
+    assert!(t.drain(Duration::from_secs(10)).await, "write drained");
+}
+
+/// Every layer of `key` read through `t`'s reader.
+async fn read_all(t: &RemoteTier, obj: &KvObject) -> Option<Vec<bytes::Bytes>> {
+    let mut r = t.reader(obj.key()).await.unwrap()?;
+    let mut out = Vec::new();
+    for l in 0..obj.num_layers() {
+        match r.layer(l).await {
+            Ok(b) => out.push(b),
+            Err(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn header_key(obj: &KvObject) -> String {
+    ObjectNames::new(&namespace_hash("default"), obj.key()).header()
+}
+
+fn extra(t: &RemoteTier, name: &str) -> u64 {
+    t.stats().extra.get(name).copied().unwrap_or(0)
+}
+
+/// One sidecar stores, another (its own client) hits and reads the same verified bytes; a
+/// store stacked on it streams the object and promotes it into its host tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_stores_another_hits() {
+    let c = Cluster::start();
+    let (a, b) = (tier(&c, config()), tier(&c, config()));
+    let obj = object(1, 40, lay(6));
+    assert!(!b.probe(obj.key()).await, "not there yet");
+    put(&a, &obj).await;
+    assert!(a.contains(obj.key()), "the writer knows");
+    tokio::time::sleep(Duration::from_millis(250)).await; // b's negative entry expires
+    assert!(b.probe(obj.key()).await, "the other process finds it");
+    let layers = read_all(&b, &obj).await.expect("a hit");
+    assert_eq!(layers, obj.layers());
+    let whole = b.get(obj.key()).await.unwrap().unwrap();
+    assert_eq!(whole.layers(), obj.layers());
+    // the record keys are striped: 40 tokens × 2 heads × 8 dims × 4 B × 2 = 5120 B per layer
+    let keys = c.keys(&format!(
+        "kvq:1:{{{}:{}}}:*",
+        namespace_hash("default"),
+        obj.key()
+    ));
+    assert_eq!(
+        keys.len(),
+        1 + 6 * 6,
+        "header + 6 stripes per layer: {keys:?}"
+    );
+
+    let store = Arc::new(
+        TieredStore::builder(StoreConfig::host_only(1 << 30))
+            .unwrap()
+            .tier(Arc::new(tier(&c, config())))
+            .build(),
+    );
+    assert_eq!(store.locate(obj.key()), None);
+    assert_eq!(
+        store.probe(&[*obj.key()]).await,
+        vec![Some(TierKind::REMOTE)]
+    );
+    let mut s = store.read_layers(obj.key(), 2).await.unwrap().unwrap();
+    assert_eq!(s.tier, TierKind::REMOTE);
+    for l in 0..6 {
+        assert_eq!(s.next().await.unwrap().unwrap(), obj.layer(l));
+    }
+    assert!(s.next().await.is_none());
+    for _ in 0..100 {
+        if store.locate(obj.key()) == Some(TierKind::HOST) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.locate(obj.key()), Some(TierKind::HOST), "promoted");
+    // a store's put reaches the remote off the request path
+    let other = object(2, 40, lay(6));
+    store.put(other.clone(), 1.0).await.unwrap();
+    store.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(read_all(&b, &other).await.unwrap(), other.layers());
+    // removing through the store unlinks every remote key
+    assert!(store.remove(other.key()).await.unwrap());
+    let left = c.keys(&format!(
+        "kvq:1:{{{}:{}}}:*",
+        namespace_hash("default"),
+        other.key()
+    ));
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Each way a remote object can be bad is a counted miss, unlinks the object, and a new put
+/// restores it: a flipped byte in a stripe, another object's stripe copied in, a deleted
+/// stripe, a truncated header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_remote_objects_are_counted_misses_and_unlinked() {
+    let c = Cluster::start();
+    let t = tier(&c, config());
+    let donor = object(99, 40, lay(4));
+    put(&t, &donor).await;
+    let donor_stripe = {
+        let k = c.keys(&format!("*{}*:l1:0", donor.key()));
+        assert_eq!(k.len(), 1, "{k:?}");
+        let key = k[0].clone();
+        c.on_primary(&key, |conn| {
+            redis::cmd("GET").arg(&key).query::<Vec<u8>>(conn).unwrap()
+        })
+    };
+    type Damage = Box<dyn Fn(&Cluster, &KvObject)>;
+    let stripe_of = |c: &Cluster, o: &KvObject| c.keys(&format!("*{}*:l2:1", o.key()))[0].clone();
+    let cases: Vec<(&str, Damage)> = vec![
+        (
+            "flipped byte",
+            Box::new(move |c: &Cluster, o: &KvObject| {
+                let k = stripe_of(c, o);
+                c.on_primary(&k, |conn| {
+                    let mut v: Vec<u8> = redis::cmd("GET").arg(&k).query(conn).unwrap();
+                    v[10] ^= 0xff;
+                    let _: () = redis::cmd("SET").arg(&k).arg(v).query(conn).unwrap();
+                });
+            }),
+        ),
+        (
+            "another object's stripe",
+            Box::new(move |c: &Cluster, o: &KvObject| {
+                let k = stripe_of(c, o);
+                let v = donor_stripe.clone();
+                c.on_primary(&k, |conn| {
+                    let _: () = redis::cmd("SET").arg(&k).arg(v).query(conn).unwrap();
+                });
+            }),
+        ),
+        (
+            "deleted stripe",
+            Box::new(move |c: &Cluster, o: &KvObject| {
+                let k = stripe_of(c, o);
+                c.on_primary(&k, |conn| {
+                    let _: () = redis::cmd("DEL").arg(&k).query(conn).unwrap();
+                });
+            }),
+        ),
+        (
+            "truncated header",
+            Box::new(|c: &Cluster, o: &KvObject| {
+                let k = header_key(o);
+                c.on_primary(&k, |conn| {
+                    let mut v: Vec<u8> = redis::cmd("GET").arg(&k).query(conn).unwrap();
+                    v.truncate(v.len() - 7);
+                    let _: () = redis::cmd("SET").arg(&k).arg(v).query(conn).unwrap();
+                });
+            }),
+        ),
+    ];
+    for (i, (what, damage)) in cases.iter().enumerate() {
+        let obj = object(10 + i as u64, 40, lay(4));
+        put(&t, &obj).await;
+        damage(&c, &obj);
+        let before = t.stats();
+        let (checksums, partial) = (before.checksum_failures, extra(&t, "partial_reads"));
+        assert!(
+            read_all(&t, &obj).await.is_none(),
+            "{what}: a miss, not data"
+        );
+        let after = t.stats();
+        if *what == "deleted stripe" {
+            assert_eq!(extra(&t, "partial_reads"), partial + 1, "{what}");
+        } else {
+            assert_eq!(after.checksum_failures, checksums + 1, "{what}");
+        }
+        let left = c.keys(&format!("*{}*", obj.key()));
+        let header_left = left.iter().any(|k| k.ends_with(":h"));
+        assert!(!header_left, "{what}: header unlinked ({left:?})");
+        assert!(
+            t.reader(obj.key()).await.unwrap().is_none(),
+            "{what}: negative entry"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        put(&t, &obj).await;
+        assert_eq!(
+            read_all(&t, &obj).await.as_deref(),
+            Some(obj.layers()),
+            "{what}: a new put restores it"
+        );
+    }
+    assert_eq!(extra(&t, "timeouts"), 0);
+}
+
+/// Two processes writing the same object at once leave one readable, verified object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_one_key() {
+    let c = Cluster::start();
+    let (a, b) = (tier(&c, config()), tier(&c, config()));
+    for seed in 0..5 {
+        let obj = object(200 + seed, 40, lay(4));
+        let (ra, rb) = tokio::join!(put(&a, &obj), put(&b, &obj));
+        let _ = (ra, rb);
+        assert_eq!(read_all(&a, &obj).await.as_deref(), Some(obj.layers()));
+        assert_eq!(read_all(&b, &obj).await.as_deref(), Some(obj.layers()));
+    }
+}
+
+/// Every node down from the start: the tier is created at once, the first calls fail within
+/// the connect timeout, the breaker opens, reads are misses and puts are dropped (counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_down_at_start_costs_nothing() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // closed again: connections are refused
+    let t0 = Instant::now();
+    let t = RemoteTier::redis(config(), &[format!("127.0.0.1:{port}")]).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(100),
+        "start-up did not wait"
+    );
+    let obj = object(3, 40, lay(4));
+    let t1 = Instant::now();
+    let mut probes = 0;
+    while t.breaker() != BreakerState::Open && t1.elapsed() < Duration::from_secs(3) {
+        assert!(!t.probe(obj.key()).await);
+        probes += 1;
+    }
+    assert_eq!(t.breaker(), BreakerState::Open, "after {probes} probes");
+    let t2 = Instant::now();
+    assert!(t.reader(obj.key()).await.unwrap().is_none());
+    t.put(Arc::new(obj.clone()), 1.0).await.unwrap();
+    assert!(
+        t2.elapsed() < Duration::from_millis(20),
+        "open breaker: no waiting"
+    );
+    assert_eq!(extra(&t, "dropped_puts"), 1);
+    assert!(extra(&t, "breaker_opens") >= 1);
+}
+
+/// A primary paused for 5 s (SIGSTOP): reads of its objects time out within the deadline
+/// and are misses, the breaker opens, nothing hangs; after SIGCONT the remote is probed back
+/// and hits resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_times_out_then_recovers() {
+    let c = Cluster::start();
+    let t = tier(&c, config());
+    let obj = object(4, 40, lay(4));
+    put(&t, &obj).await;
+    assert!(read_all(&t, &obj).await.is_some());
+    let port = c.primary_of(&header_key(&obj));
+    c.signal(port, "-STOP");
+    let paused = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while paused.elapsed() < Duration::from_secs(3) {
+        let t0 = Instant::now();
+        assert!(read_all(&t, &obj).await.is_none(), "paused: a miss");
+        slowest = slowest.max(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slowest <= Duration::from_millis(700),
+        "bounded by the deadline: {slowest:?}"
+    );
+    assert!(extra(&t, "timeouts") >= 1);
+    assert!(extra(&t, "breaker_opens") >= 1);
+    let left = Duration::from_secs(5).saturating_sub(paused.elapsed());
+    tokio::time::sleep(left).await;
+    c.signal(port, "-CONT");
+    let resumed = Instant::now();
+    let mut back = false;
+    while resumed.elapsed() < Duration::from_secs(15) {
+        if read_all(&t, &obj).await.as_deref() == Some(obj.layers()) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "hits resume after SIGCONT");
+    assert_eq!(t.breaker(), BreakerState::Closed);
+}
+
+/// A primary killed (SIGKILL): reads fail fast as misses; after the replica takes over,
+/// hits resume (the object was replicated before the kill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_fails_over() {
+    let c = Cluster::start();
+    let t = tier(&c, config());
+    let obj = object(5, 40, lay(4));
+    put(&t, &obj).await;
+    let hk = header_key(&obj);
+    let port = c.primary_of(&hk);
+    // WAIT covers this connection's writes; replication is one ordered stream, so a marker
+    // written on the object's slot and acknowledged means the object is replicated too
+    c.on_primary(&hk, |conn| {
+        let marker = format!("{hk}:marker");
+        let _: () = redis::cmd("SET").arg(&marker).arg(1).query(conn).unwrap();
+        let n: i64 = redis::cmd("WAIT").arg(1).arg(1500).query(conn).unwrap();
+        assert_eq!(n, 1, "replicated");
+    });
+    c.signal(port, "-9");
+    let killed = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut back = false;
+    while killed.elapsed() < Duration::from_secs(20) {
+        let t0 = Instant::now();
+        let got = read_all(&t, &obj).await;
+        slowest = slowest.max(t0.elapsed());
+        if got.as_deref() == Some(obj.layers()) {
+            back = true;
+            break;
+        }
+        assert!(got.is_none());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "hits resume after failover");
+    assert!(
+        slowest <= Duration::from_millis(1500),
+        "each try bounded: {slowest:?}"
+    );
+}
+
+/// Filling the cluster past `maxmemory` (allkeys-lru) evicts stripes and headers of any
+/// object (Redis evicts keys, not objects): every read is then a verified hit or a counted
+/// miss, never an error or wrong bytes, and the cluster keeps taking new objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_maxmemory_partial_objects_are_misses() {
+    let c = Cluster::start_with("6mb");
+    let t = tier(&c, config());
+    // 160 KiB each: 19 MiB against 3 primaries of 6 MiB
+    let objs: Vec<KvObject> = (0..120).map(|i| object(300 + i, 160, lay(8))).collect();
+    for o in &objs {
+        put(&t, o).await;
+    }
+    let (mut hits, mut misses) = (0, 0);
+    for o in &objs {
+        match read_all(&t, o).await {
+            Some(layers) => {
+                assert_eq!(layers, o.layers());
+                hits += 1;
+            }
+            None => misses += 1,
+        }
+    }
+    let s = t.stats();
+    assert!(misses > 0, "the cluster evicted something ({hits} hits)");
+    assert!(
+        extra(&t, "partial_reads") > 0,
+        "some objects lost only part: {s:?}"
+    );
+    assert_eq!(extra(&t, "timeouts") + extra(&t, "errors"), 0, "{s:?}");
+    let fresh = object(999, 40, lay(4));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    put(&t, &fresh).await;
+    assert_eq!(read_all(&t, &fresh).await.as_deref(), Some(fresh.layers()));
+}

@@ -1,0 +1,113 @@
+//! Two sidecars sharing a remote tier on a real Redis Cluster (issue 15): one stores, the
+//! other hits; the remote's statistics reach `/v1/stats` and `/metrics`; a remote that goes
+//! away mid-run costs recomputes, never an error.
+
+#[path = "../../kvstore/tests/support/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use cluster::Cluster;
+use common::TestApp;
+use kvquilt::serve::config::{Config, RemoteSettings, StoreSettings};
+use kvquilt::store_setup::open_store;
+use kvquilt_api::{BlendResponse, Stats};
+use serde_json::json;
+
+const DOCS: [&str; 3] = [
+    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911.",
+    "Quenmoor is a fishing town on the northern coast.",
+    "Its harbour freezes in most winters, and the boats stay in the sheds.",
+];
+
+/// A sidecar with its own data directory over the cluster seeded by `seeds`.
+fn sidecar(dir: &std::path::Path, seeds: &[String]) -> TestApp {
+    let settings = StoreSettings {
+        host_bytes: 1 << 30,
+        ssd_bytes: 1 << 30,
+        remote: RemoteSettings {
+            seeds: seeds.to_vec(),
+            op_timeout_max_ms: 500,
+            breaker_open_ms: 500,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    TestApp::with_store(Config::default(), open_store(dir, &settings).unwrap())
+}
+
+async fn blend(app: &TestApp) -> BlendResponse {
+    let (s, v) = app
+        .json(
+            "POST",
+            "/v1/blend",
+            None,
+            json!({"question": "When was the tower finished?", "chunks": DOCS, "mode": "reuse"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sidecar_stores_the_other_hits() {
+    let c = Cluster::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = sidecar(da.path(), &c.seeds);
+    let (s, v) = a
+        .json("POST", "/v1/chunks", None, json!({"chunks": DOCS}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let on_a = blend(&a).await; // stores the prompt's prefix segment too
+    let segments = on_a.stats.segments.len();
+    assert_eq!(segments, 4, "{:?}", on_a.stats);
+    a.state.blender.store().flush().await.unwrap(); // the remote writes are done
+
+    let b = sidecar(db.path(), &c.seeds);
+    let first = blend(&b).await;
+    assert_eq!(first.stats.hits_remote, segments, "{:?}", first.stats);
+    assert_eq!(first.stats.misses, 0);
+    // promoted: the next request hits locally
+    let mut second = blend(&b).await;
+    for _ in 0..50 {
+        if second.stats.hits_host == segments {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        second = blend(&b).await;
+    }
+    assert_eq!(second.stats.hits_host, segments, "{:?}", second.stats);
+    assert_eq!(first.token, second.token, "the same first token");
+
+    let (_, v) = b.call("GET", "/v1/stats", None, None, "").await;
+    let stats: Stats = serde_json::from_value(v).unwrap();
+    let remote = stats.tiers.iter().find(|t| t.tier == "remote").unwrap();
+    assert_eq!(remote.hits, segments as u64);
+    assert_eq!(remote.extra.get("breaker_state"), Some(&0));
+    let (_, metrics) = b.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        text.contains(&format!(
+            "kvquilt_store_hits_total{{tier=\"remote\"}} {segments}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvquilt_store_breaker_state{tier=\"remote\"} 0"),
+        "{text}"
+    );
+
+    // the cluster goes away: a third sidecar recomputes within its deadlines
+    drop(c);
+    let dc = tempfile::tempdir().unwrap();
+    let cside = sidecar(dc.path(), &["127.0.0.1:1".to_string()]);
+    let t0 = Instant::now();
+    let r = blend(&cside).await;
+    assert_eq!(r.stats.misses, segments, "{:?}", r.stats);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // and a sidecar whose remote died after start-up keeps answering
+    let r = blend(&b).await;
+    assert_eq!(r.stats.hits_host, segments, "local hits need no remote");
+}
