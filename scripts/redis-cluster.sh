@@ -11,6 +11,8 @@
 # Defaults: PORT_BASE 30001, DIR ~/.cache/kvquilt/redis-cluster-PORT_BASE. Node settings
 # come from KVQ_REDIS_MAXMEMORY (default 256mb, policy allkeys-lru) and
 # KVQ_REDIS_NODE_TIMEOUT_MS (default 2000: how long a silent primary takes to fail over).
+# Replicas get a 1 GiB output buffer: with Redis's default (256 MiB) a burst of large KV
+# writes disconnects them and forces a full resync (fork + RDB), stalling the primary.
 set -euo pipefail
 
 cmd="${1:-start}"
@@ -69,6 +71,7 @@ case "$cmd" in
         --cluster-node-timeout "$node_timeout" --cluster-require-full-coverage no \
         --save '' --appendonly no --protected-mode no \
         --maxmemory "$maxmemory" --maxmemory-policy allkeys-lru \
+        --client-output-buffer-limit "replica 1gb 512mb 60" \
         --daemonize yes --pidfile "$dir/$p.pid" --logfile "$dir/$p.log"
     done
     for p in "${ports[@]}"; do

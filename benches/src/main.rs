@@ -23,6 +23,11 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // warnings of the engine (a failed remote write, a recompute) on stderr
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Command::Bench(c) => kvquilt_bench::bench::run(c),
         Command::Eval(a) => kvquilt_bench::eval::run(a),

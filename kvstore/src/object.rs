@@ -254,12 +254,17 @@ impl KvObject {
         let mut records = Vec::with_capacity(self.layers.len());
         let shape = crate::codec::shape_of(&self.info.layout, self.info.tokens.len());
         for raw in &self.layers {
-            let mut stored = codec.encode(&shape, raw).map_err(|e| {
-                StoreError::Invalid(format!("encoding {} with {codec}: {e}", self.info.key))
-            })?;
-            // a record may live long in the host tier: no spare capacity kept alive with it
-            stored.shrink_to_fit();
-            let stored = Bytes::from(stored);
+            let stored = if codec == Codec::Raw {
+                // a raw record is the layer's bytes: shared, not copied
+                raw.clone()
+            } else {
+                let mut stored = codec.encode(&shape, raw).map_err(|e| {
+                    StoreError::Invalid(format!("encoding {} with {codec}: {e}", self.info.key))
+                })?;
+                // a record may live long in the host tier: no spare capacity kept alive with it
+                stored.shrink_to_fit();
+                Bytes::from(stored)
+            };
             entries.push(LayerEntry {
                 offset,
                 stored_len: stored.len() as u64,

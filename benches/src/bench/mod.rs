@@ -9,6 +9,7 @@ mod codec;
 mod codec_cold;
 mod load;
 mod model;
+mod remote;
 mod store;
 mod upload;
 
@@ -32,6 +33,9 @@ pub enum BenchCommand {
     Blend(blend::BlendBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
     Store(store::StoreBenchArgs),
+    /// The remote tier on a real Redis Cluster: throughput beside the raw client, TTFT by
+    /// tier, the cost model's choice, a paused primary.
+    Remote(remote::RemoteBenchArgs),
     /// Host→device copies of store hits: pinned staging vs pageable, beside the pinned peak.
     Upload(upload::UploadBenchArgs),
     /// HTTP load on a real server: chunk lookups and blend requests at several concurrencies.
@@ -48,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Store(a) => store::run(a),
         BenchCommand::Load(a) => load::run(a),
         BenchCommand::Upload(a) => upload::run(a),
+        BenchCommand::Remote(a) => remote::run(a),
     }
 }
 

@@ -34,7 +34,7 @@
 //! stripe_bytes = 4194304               # larger records are striped over several values
 //! window = 4                           # layers fetched ahead of the one being read
 //! connect_timeout_ms = 500
-//! op_timeout_min_ms = 50               # each call's deadline: from measured RTT and
+//! op_timeout_min_ms = 100              # each call's deadline: from measured RTT and
 //! op_timeout_max_ms = 2000             #   bandwidth, within these bounds
 //! ttl_s = 86400                        # refreshed on every hit; eviction is the engine's
 //! queue = 64                           # objects waiting to be written; more are dropped

@@ -23,6 +23,9 @@ pub enum BreakerState {
 const ALPHA: f64 = 0.2;
 /// A deadline is this many times the expected duration of the operation.
 const SLACK: f64 = 4.0;
+/// Bytes per second assumed before a transfer was measured (conservative: a deadline too
+/// long costs only time, one too short a spurious failure).
+const ASSUMED_BYTES_PER_S: f64 = 100e6;
 
 /// Breaker and latency model of one remote.
 #[derive(Debug)]
@@ -40,11 +43,23 @@ pub struct Health {
     model: Mutex<Model>,
 }
 
+/// Round trip and throughput as measured. Throughput is the connection's, not one call's:
+/// bytes completed over the time any call was in flight, sampled every [`SAMPLE`].
 #[derive(Debug, Default)]
 struct Model {
     rtt_s: Option<f64>,
     bytes_per_s: Option<f64>,
+    /// Bytes of calls in flight: a new call waits behind them.
+    in_flight: u64,
+    /// Since when some call has been in flight (`None`: idle).
+    busy_since: Option<Instant>,
+    /// Bytes completed and busy time of the current sample.
+    sample_bytes: u64,
+    sample_busy: Duration,
 }
+
+/// Busy time (and at least 1 MiB) per throughput sample.
+const SAMPLE: Duration = Duration::from_millis(50);
 
 impl Health {
     /// A closed breaker that opens after `failures_to_open` consecutive failures for
@@ -137,16 +152,6 @@ impl Health {
         m.rtt_s = Some(ewma(m.rtt_s, d.as_secs_f64()));
     }
 
-    /// Records `bytes` read in `d` (one request; its round trip included).
-    pub fn record_transfer(&self, bytes: usize, d: Duration) {
-        let mut m = self.model.lock();
-        let rtt = m.rtt_s.unwrap_or(0.0);
-        let t = (d.as_secs_f64() - rtt).max(1e-6);
-        if bytes >= 64 << 10 {
-            m.bytes_per_s = Some(ewma(m.bytes_per_s, bytes as f64 / t));
-        }
-    }
-
     /// Measured round trip, seconds (`None` before the first).
     pub fn rtt_s(&self) -> Option<f64> {
         self.model.lock().rtt_s
@@ -157,17 +162,72 @@ impl Health {
         self.model.lock().bytes_per_s
     }
 
-    /// How long an operation moving `bytes` may take: [`SLACK`] times the expected time
-    /// (round trip plus bytes over bandwidth), within the configured bounds; the upper
-    /// bound before anything was measured.
+    /// How long an operation moving `bytes` may take: [`SLACK`] times the expected time —
+    /// a round trip plus its bytes and those of the calls already in flight (which share
+    /// the connection) over the measured throughput — within the configured bounds; the
+    /// upper bound before a round trip was measured.
     pub fn deadline(&self, bytes: usize) -> Duration {
         let m = self.model.lock();
         let Some(rtt) = m.rtt_s else {
             return self.max_deadline;
         };
-        let transfer = m.bytes_per_s.map_or(0.0, |bw| bytes as f64 / bw);
+        let queued = m.in_flight as f64 + bytes as f64;
+        let transfer = queued / m.bytes_per_s.unwrap_or(ASSUMED_BYTES_PER_S);
         let d = Duration::from_secs_f64((SLACK * (rtt + transfer)).min(3600.0));
         d.clamp(self.min_deadline, self.max_deadline)
+    }
+
+    /// Counts a call moving `bytes` as in flight until [`InFlight::done`] (or the guard
+    /// drops: a call that did not complete).
+    pub fn in_flight(&self, bytes: usize) -> InFlight<'_> {
+        let mut m = self.model.lock();
+        if m.in_flight == 0 {
+            m.busy_since = Some(Instant::now());
+        }
+        m.in_flight += bytes as u64;
+        InFlight {
+            health: self,
+            bytes: bytes as u64,
+            completed: false,
+        }
+    }
+
+    fn finish(&self, bytes: u64, completed: bool) {
+        let mut m = self.model.lock();
+        let now = Instant::now();
+        m.in_flight = m.in_flight.saturating_sub(bytes);
+        if completed {
+            m.sample_bytes += bytes;
+        }
+        if let Some(since) = m.busy_since {
+            m.sample_busy += now - since;
+            m.busy_since = (m.in_flight > 0).then_some(now);
+        }
+        if m.sample_busy >= SAMPLE && m.sample_bytes >= 1 << 20 {
+            let rate = m.sample_bytes as f64 / m.sample_busy.as_secs_f64();
+            m.bytes_per_s = Some(ewma(m.bytes_per_s, rate));
+            (m.sample_bytes, m.sample_busy) = (0, Duration::ZERO);
+        }
+    }
+}
+
+/// A call in flight ([`Health::in_flight`]).
+pub struct InFlight<'a> {
+    health: &'a Health,
+    bytes: u64,
+    completed: bool,
+}
+
+impl InFlight<'_> {
+    /// The call completed: its bytes count toward the measured throughput.
+    pub fn done(mut self) {
+        self.completed = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.health.finish(self.bytes, self.completed);
     }
 }
 
@@ -220,11 +280,31 @@ mod tests {
         assert_eq!(h.deadline(1), Duration::from_secs(2), "unmeasured: the cap");
         h.record_rtt(Duration::from_micros(100));
         assert_eq!(h.deadline(1), Duration::from_millis(10), "floor");
-        h.record_transfer(100 << 20, Duration::from_millis(100)); // ~1 GB/s
-        let d = h.deadline(100 << 20);
+        // 100 MB/s assumed until measured
+        let d = h.deadline(10_000_000);
         assert!(
-            d > Duration::from_millis(300) && d < Duration::from_millis(500),
+            d > Duration::from_millis(390) && d < Duration::from_millis(410),
             "{d:?}"
         );
+        {
+            let _busy = h.in_flight(40_000_000);
+            let d = h.deadline(10_000_000);
+            assert_eq!(d, Duration::from_secs(2), "waits behind 40 MB in flight");
+        }
+        // two calls of 50 MB completing over ~60 ms of busy time: ~1.6 GB/s
+        let (a, b) = (h.in_flight(50 << 20), h.in_flight(50 << 20));
+        std::thread::sleep(Duration::from_millis(60));
+        a.done();
+        b.done();
+        let bw = h.bytes_per_s().unwrap();
+        assert!(bw > 0.5e9 && bw < 1.9e9, "{bw}");
+        assert_eq!(
+            h.deadline(0),
+            Duration::from_millis(10),
+            "nothing in flight"
+        );
+        // an abandoned call frees its bytes but adds none to the throughput
+        drop(h.in_flight(1 << 30));
+        assert_eq!(h.bytes_per_s(), Some(bw));
     }
 }

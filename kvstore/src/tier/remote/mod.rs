@@ -100,7 +100,8 @@ pub struct RemoteConfig {
     pub namespace: String,
     /// Most bytes of one value; larger records are striped.
     pub stripe_bytes: usize,
-    /// Layers fetched ahead of the one being read.
+    /// Layers fetched ahead of the one being read (fewer when they would hold more than four
+    /// stripes' bytes).
     pub window: usize,
     /// Connecting may take this long.
     pub connect_timeout: Duration,
@@ -135,7 +136,7 @@ impl Default for RemoteConfig {
             stripe_bytes: 4 << 20,
             window: 4,
             connect_timeout: Duration::from_millis(500),
-            op_timeout_min: Duration::from_millis(50),
+            op_timeout_min: Duration::from_millis(100),
             op_timeout_max: Duration::from_secs(2),
             ttl: Duration::from_secs(24 * 3600),
             queue: 64,
@@ -304,10 +305,31 @@ impl RemoteTier {
 }
 
 impl Inner {
-    /// Runs one engine call under the breaker and a deadline for `bytes` bytes; a timeout or
-    /// a lost connection counts against the breaker, an answer (even an engine error) for it.
+    /// Runs one engine call on the request path under the breaker and a deadline for
+    /// `bytes` bytes ([`Health::deadline`]); a timeout or a lost connection counts against
+    /// the breaker, an answer (even an engine error) for it.
     async fn call<T>(
         &self,
+        bytes: usize,
+        fut: impl Future<Output = std::result::Result<T, RemoteError>>,
+    ) -> std::result::Result<T, RemoteError> {
+        self.call_within(None, bytes, fut).await
+    }
+
+    /// [`Inner::call`] for a write off the request path: its deadline is the upper bound
+    /// (a slow write costs no request time; abandoning it wastes the work done).
+    async fn call_off_path<T>(
+        &self,
+        bytes: usize,
+        fut: impl Future<Output = std::result::Result<T, RemoteError>>,
+    ) -> std::result::Result<T, RemoteError> {
+        self.call_within(Some(self.config.op_timeout_max), bytes, fut)
+            .await
+    }
+
+    async fn call_within<T>(
+        &self,
+        deadline: Option<Duration>,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
@@ -315,8 +337,22 @@ impl Inner {
             TierStats::add(&self.counters.skipped_down, 1);
             return Err(RemoteError::Down);
         }
-        let deadline = self.health.deadline(bytes);
-        match tokio::time::timeout(deadline, fut).await {
+        let deadline = deadline.unwrap_or_else(|| self.health.deadline(bytes));
+        let in_flight = self.health.in_flight(bytes);
+        let r = self.settle(tokio::time::timeout(deadline, fut).await, deadline);
+        if r.is_ok() {
+            in_flight.done();
+        }
+        r
+    }
+
+    /// Counts a call's outcome and tells the breaker.
+    fn settle<T>(
+        &self,
+        r: std::result::Result<std::result::Result<T, RemoteError>, tokio::time::error::Elapsed>,
+        deadline: Duration,
+    ) -> std::result::Result<T, RemoteError> {
+        match r {
             Err(_) => {
                 TierStats::add(&self.counters.timeouts, 1);
                 self.health.failure();
@@ -428,7 +464,6 @@ impl Inner {
         };
         let len = e.stored_len as usize;
         let keys = records.stripes(layer, len);
-        let t = Instant::now();
         let parts = self
             .call(len, self.store.get(&keys))
             .await
@@ -449,30 +484,19 @@ impl Inner {
             }
             b.freeze()
         };
-        self.health.record_transfer(record.len(), t.elapsed());
         TierStats::add(&self.stats.bytes_out, record.len() as u64);
         decode_record(header, layer, &record).map_err(Fail::Bad)
     }
 
-    /// Writes `obj` (called by the writer task): skipped when the remote already has it,
-    /// records in pipelines of about `stripe_bytes`·4, the header last.
+    /// Writes `obj` (called by the writer task): skipped when this process knows the remote
+    /// has it, records in pipelines of about `stripe_bytes`, the header last.
     async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
         let key = *obj.key();
         let names = ObjectNames::new(&self.ns, &key);
+        // no existence check first: a sidecar puts what it just computed as a miss, so the
+        // remote rarely has it, and `SET NX` makes a duplicate write a no-op anyway
         if self.present.contains_key(&key) {
             return;
-        }
-        match self.call(0, self.store.exists(&names.header())).await {
-            Ok(true) => {
-                self.present.insert(key, ());
-                return;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                TierStats::add(&self.counters.put_failures, 1);
-                tracing::debug!(%key, error = %e, "remote tier: put abandoned");
-                return;
-            }
         }
         let codec = self.config.codec;
         let enc = tokio::task::spawn_blocking(move || match obj.encode(codec) {
@@ -499,7 +523,9 @@ impl Inner {
         let t = Instant::now();
         let stripe = self.config.stripe_bytes;
         let records = names.records(&enc.header_bytes, stripe);
-        let batch_limit = stripe.saturating_mul(4).max(1);
+        // one pipeline carries about one stripe: small records batch together, and what a
+        // write keeps in flight (and in the engine's replication buffers) stays bounded
+        let batch_limit = stripe.max(1);
         let mut batch: Vec<(String, Bytes)> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut stored = enc.header_bytes.len() as u64;
@@ -537,7 +563,7 @@ impl Inner {
     /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
     async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
         match self
-            .call(bytes, self.store.set_nx(items, self.config.ttl))
+            .call_off_path(bytes, self.store.set_nx(items, self.config.ttl))
             .await
         {
             Ok(()) => true,
@@ -593,6 +619,22 @@ impl RemoteReader {
         self.fetches.insert(layer, h);
     }
 
+    /// Layers in flight: `window`, fewer for records so large that the window would hold
+    /// more than four stripes (a reader's share of the connection stays bounded).
+    fn window(&self) -> usize {
+        let c = &self.inner.config;
+        let largest = self
+            .opened
+            .header
+            .layers
+            .iter()
+            .map(|e| e.stored_len as usize)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        c.window.min((4 * c.stripe_bytes / largest).max(1)).max(1)
+    }
+
     /// Every key of the object (records, then the header).
     fn all_keys(&self) -> Vec<String> {
         let mut keys = self.opened.records.all(&self.opened.header);
@@ -625,7 +667,7 @@ impl LayerReader for RemoteReader {
         if layer >= n {
             return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
         }
-        for l in layer..(layer + self.inner.config.window.max(1)).min(n) {
+        for l in layer..(layer + self.window()).min(n) {
             self.fetch(l);
         }
         let Some(h) = self.fetches.remove(&layer) else {

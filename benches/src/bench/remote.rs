@@ -1,0 +1,598 @@
+//! `kvquilt bench remote`: the remote tier on a real Redis Cluster.
+//!
+//! 1. **Throughput beside the raw client**: `SET`/`GET` of values of 0.25–8 MiB with the
+//!    `redis` crate at concurrency 1/4/16 (one request at a time per task), beside the
+//!    remote tier's put (queued, `EXISTS`, `SET NX` pipelines, header last) and read (header,
+//!    then every layer verified, a window in flight) of objects whose 8 layer records are
+//!    values of that size, on the same cluster: the same bytes in values of the same size.
+//! 2. **Time to first token** of a `reuse` request over one chunk of 128–2,048 tokens and over
+//!    a 10-chunk RAG prompt (the default model on this machine), the chunks coming from the
+//!    host tier, the SSD tier (page cache warm), the remote tier, or recomputed (a miss);
+//!    p50/p99 of each, and what the cost model chooses between the remote and a recompute
+//!    beside which was measured faster.
+//! 3. **Degraded**: the 10-chunk prompt from the remote with one primary paused (SIGSTOP),
+//!    p99 against recompute's p99 plus the configured deadline.
+//!
+//! Without `--seeds`, a 6-node cluster is started with `scripts/redis-cluster.sh` (run from
+//! the repository root) and stopped at the end.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use kvquilt::model_source::ModelArgs;
+use kvquilt_blend::{BlendRequest, Blender, Mode, SegmentSource};
+use kvquilt_kvstore::{
+    KvDType, KvLayout, KvObject, RemoteConfig, RemoteTier, RopeScalingSpec, SsdConfig, StoreConfig,
+    Tier, TieredStore,
+};
+use serde::Serialize;
+
+use super::{machine, median, write_report};
+use crate::eval::data;
+
+#[derive(clap::Args)]
+pub struct RemoteBenchArgs {
+    /// Seed nodes of a running cluster (`host:port`, comma-separated); none: start one.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// First port of the cluster started when no seeds are given.
+    #[arg(long, default_value_t = 30101)]
+    port_base: u16,
+    /// Value sizes of the throughput part, KiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096,8192")]
+    sizes_kib: Vec<usize>,
+    /// Concurrencies of the throughput part.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Megabytes moved per throughput cell (each direction).
+    #[arg(long, default_value_t = 256)]
+    cell_mb: usize,
+    /// Chunk lengths of the TTFT part, tokens.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    chunk_tokens: Vec<usize>,
+    /// Only the throughput part (no model).
+    #[arg(long)]
+    no_model: bool,
+    /// Chunks of the RAG prompt and their length.
+    #[arg(long, default_value_t = 10)]
+    rag_chunks: usize,
+    #[arg(long, default_value_t = 512)]
+    rag_chunk_tokens: usize,
+    /// Timed requests per TTFT cell (after one untimed).
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    #[arg(long, default_value = "data/musique_dev.json")]
+    input: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct ThroughputRow {
+    value_kib: usize,
+    concurrency: usize,
+    raw_set_mb_s: f64,
+    tier_put_mb_s: f64,
+    put_vs_raw: f64,
+    raw_get_mb_s: f64,
+    tier_get_mb_s: f64,
+    get_vs_raw: f64,
+}
+
+#[derive(Serialize)]
+struct TtftRow {
+    prompt: String,
+    tokens: usize,
+    /// p50/p99 TTFT, ms, by where the chunks came from.
+    host: (f64, f64),
+    ssd: (f64, f64),
+    remote: (f64, f64),
+    recompute: (f64, f64),
+    /// What the cost model chose for the remote chunks (`load` or `recompute`).
+    chosen: String,
+    /// Which of remote and recompute measured faster (p50).
+    faster: String,
+}
+
+#[derive(Serialize)]
+struct DegradedRow {
+    prompt: String,
+    paused_primaries: usize,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    recompute_p99_ms: f64,
+    deadline_ms: f64,
+    bound_ms: f64,
+    within_bound: bool,
+    hits_remote: usize,
+    misses_or_recomputed: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    command: String,
+    throughput: Vec<ThroughputRow>,
+    ttft: Vec<TtftRow>,
+    degraded: Vec<DegradedRow>,
+    choice_agreement: f64,
+}
+
+/// A cluster this benchmark started (stopped on drop).
+struct Started {
+    port_base: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .args([
+                "scripts/redis-cluster.sh",
+                "stop",
+                &self.port_base.to_string(),
+            ])
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+pub(crate) fn run(a: RemoteBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    let (seeds, started) = if a.seeds.is_empty() {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new("bash")
+            .args([
+                "scripts/redis-cluster.sh",
+                "start",
+                &a.port_base.to_string(),
+            ])
+            .arg(dir.path())
+            .env("KVQ_REDIS_MAXMEMORY", "2gb")
+            .output()
+            .context("running scripts/redis-cluster.sh (run from the repository root)")?;
+        if !out.status.success() {
+            bail!(
+                "starting a Redis cluster: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let seeds: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let s = Started {
+            port_base: a.port_base,
+            dir,
+        };
+        (seeds, Some(s))
+    } else {
+        (a.seeds.clone(), None)
+    };
+    let mut report = Report {
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        throughput: Vec::new(),
+        ttft: Vec::new(),
+        degraded: Vec::new(),
+        choice_agreement: f64::NAN,
+    };
+    for &kib in &a.sizes_kib {
+        for &c in &a.concurrency {
+            let row = rt.block_on(throughput(&seeds, kib << 10, c, a.cell_mb << 20))?;
+            eprintln!(
+                "{:>5} KiB × {:>2}: SET {:>7.0} MB/s, tier put {:>7.0} MB/s ({:.2}); GET {:>7.0} MB/s, tier read {:>7.0} MB/s ({:.2})",
+                kib,
+                c,
+                row.raw_set_mb_s,
+                row.tier_put_mb_s,
+                row.put_vs_raw,
+                row.raw_get_mb_s,
+                row.tier_get_mb_s,
+                row.get_vs_raw
+            );
+            report.throughput.push(row);
+            rt.block_on(flushall(&seeds))?;
+        }
+    }
+    if !a.no_model {
+        ttft(&a, &rt, &seeds, started.as_ref(), &mut report)?;
+    }
+    write_report(&report, a.json.as_deref())
+}
+
+/// Deletes every key (between throughput cells, so memory never fills).
+async fn flushall(seeds: &[String]) -> Result<()> {
+    for s in seeds {
+        let c = redis::Client::open(format!("redis://{s}"))?;
+        let mut conn = c.get_multiplexed_async_connection().await?;
+        // replicas refuse writes: ignore their answer
+        let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut conn).await;
+    }
+    Ok(())
+}
+
+/// An object of 8 layers of about `layer_bytes` bytes each (f16 K/V, 8 heads of 128).
+fn object(seed: u64, layer_bytes: usize) -> KvObject {
+    let layout = KvLayout {
+        num_layers: 8,
+        num_kv_heads: 8,
+        head_dim: 128,
+        dtype: KvDType::F16,
+        k_pre_rope: true,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScalingSpec::None,
+    };
+    let tokens = (layer_bytes / layout.layer_bytes(1)).max(1);
+    let toks: Vec<u32> = (0..tokens as u32)
+        .map(|i| i ^ (seed as u32 * 7919))
+        .collect();
+    let key =
+        kvquilt_kvstore::KeyContext::new(b"bench", &[7; 32], &[8; 32], &layout).chunk_key(&toks);
+    let per = layout.layer_bytes(tokens);
+    let layers = (0..8u64)
+        .map(|l| {
+            let mut x = (seed << 8 | l) | 1;
+            Bytes::from(
+                (0..per)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect::<Vec<u8>>(),
+            )
+        })
+        .collect();
+    KvObject::new(key, layout, toks, layers, None).expect("a consistent object")
+}
+
+async fn throughput(
+    seeds: &[String],
+    value: usize,
+    conc: usize,
+    cell: usize,
+) -> Result<ThroughputRow> {
+    // the tier moves objects of 8 layer records of `value` bytes; raw moves as many values
+    let objects = (cell / (8 * value)).max(conc).div_ceil(conc) * conc;
+    let ops = objects * 8;
+    let per_task = ops / conc;
+    let client = redis::cluster::ClusterClient::new(
+        seeds
+            .iter()
+            .map(|s| format!("redis://{s}"))
+            .collect::<Vec<_>>(),
+    )?;
+    let conn = client.get_async_connection().await?;
+    let payload = Bytes::from(vec![7u8; value]);
+    // raw: one value per key, `conc` tasks of pipelined single-key requests
+    let run_raw = |get: bool| {
+        let conn = conn.clone();
+        let payload = payload.clone();
+        async move {
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for task in 0..conc {
+                let mut conn = conn.clone();
+                let payload = payload.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..per_task {
+                        let key = format!("raw:{{{task}:{i}}}");
+                        if get {
+                            let v: Vec<u8> =
+                                redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+                            std::hint::black_box(v);
+                        } else {
+                            let _: () = redis::cmd("SET")
+                                .arg(&key)
+                                .arg(payload.as_ref())
+                                .query_async(&mut conn)
+                                .await?;
+                        }
+                    }
+                    Ok::<(), redis::RedisError>(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64())
+        }
+    };
+    let set_s = run_raw(false).await?;
+    let get_s = run_raw(true).await?;
+    // the tier: objects of the same size
+    // generous deadlines: this part measures throughput, not the handling of a slow remote
+    let config = RemoteConfig {
+        queue: objects + 1,
+        write_concurrency: conc,
+        op_timeout_min: Duration::from_secs(1),
+        op_timeout_max: Duration::from_secs(30),
+        ..RemoteConfig::default()
+    };
+    let tier = RemoteTier::redis(config, seeds)?;
+    let objs: Vec<Arc<KvObject>> = (0..objects as u64)
+        .map(|i| Arc::new(object(i + 1, value)))
+        .collect();
+    let moved: usize = objs.iter().map(|o| o.raw_len() as usize).sum();
+    let t = Instant::now();
+    for o in &objs {
+        tier.put(Arc::clone(o), 1.0).await?;
+    }
+    ensure!(tier.drain(Duration::from_secs(600)).await, "writes drained");
+    let put_s = t.elapsed().as_secs_f64();
+    let written = tier.stats().puts;
+    ensure!(
+        written as usize == objects,
+        "{written} of {objects} objects written: {:?}",
+        tier.stats().extra
+    );
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..conc {
+        let (tier, objs) = (tier.clone(), objs.clone());
+        tasks.push(tokio::spawn(async move {
+            for o in objs.iter().skip(task).step_by(conc) {
+                let mut r = tier.reader(o.key()).await?.context("a written object")?;
+                for l in 0..o.num_layers() {
+                    std::hint::black_box(r.layer(l).await?);
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    let mb = |bytes: usize, s: f64| bytes as f64 / s / 1e6;
+    let raw_bytes = value * ops;
+    let (rs, rg) = (mb(raw_bytes, set_s), mb(raw_bytes, get_s));
+    let (tp, tg) = (mb(moved, put_s), mb(moved, read_s));
+    Ok(ThroughputRow {
+        value_kib: value >> 10,
+        concurrency: conc,
+        raw_set_mb_s: rs,
+        tier_put_mb_s: tp,
+        put_vs_raw: tp / rs,
+        raw_get_mb_s: rg,
+        tier_get_mb_s: tg,
+        get_vs_raw: tg / rg,
+    })
+}
+
+fn p50_p99(xs: &[f64]) -> (f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let p99 = v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1];
+    (median(xs), p99)
+}
+
+/// The model parts: TTFT by source, the cost model's choice, the degraded run.
+fn ttft(
+    a: &RemoteBenchArgs,
+    rt: &tokio::runtime::Runtime,
+    seeds: &[String],
+    started: Option<&Started>,
+    report: &mut Report,
+) -> Result<()> {
+    let loaded = a.model.load()?;
+    let identity = kvquilt_blend::ModelIdentity::of(&loaded)?;
+    let tokenizer = loaded.tokenizer()?.clone();
+    let model = Arc::new(loaded.model);
+    let examples = data::load(&a.input)?;
+    let text: String = examples
+        .iter()
+        .flat_map(|e| e.ctxs.iter().map(|p| p.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let all = tokenizer.encode(&text)?;
+    let question = tokenizer.encode("\nQuestion: what is the passage about?\nAnswer:")?;
+    let mut prompts: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
+    let mut at = 0;
+    let mut take = |n: usize| -> Result<Vec<u32>> {
+        ensure!(at + n <= all.len(), "not enough text for {n} more tokens");
+        at += n;
+        Ok(all[at - n..at].to_vec())
+    };
+    for &t in &a.chunk_tokens {
+        prompts.push((format!("1 chunk × {t}"), vec![take(t)?]));
+    }
+    let rag: Vec<Vec<u32>> = (0..a.rag_chunks)
+        .map(|_| take(a.rag_chunk_tokens))
+        .collect::<Result<_>>()?;
+    let rag_name = format!("{} chunks × {}", a.rag_chunks, a.rag_chunk_tokens);
+    prompts.push((rag_name.clone(), rag.clone()));
+
+    let dir = tempfile::tempdir()?;
+    let _guard = rt.enter();
+    let blender = |store: Arc<TieredStore>, fallback: bool| {
+        Blender::new(
+            Arc::clone(&model),
+            identity.clone(),
+            store,
+            rt.handle().clone(),
+        )
+        .with_fallback_to_full(fallback)
+    };
+    let no_promote = |c: StoreConfig| StoreConfig {
+        promote_on_hit: false,
+        ..c
+    };
+    let host = Arc::new(TieredStore::open(StoreConfig::host_only(8 << 30))?);
+    let ssd = Arc::new(TieredStore::open(no_promote(StoreConfig::with_ssd(
+        0,
+        SsdConfig::new(dir.path().join("ssd"), u64::MAX),
+    )))?);
+    let remote_config = RemoteConfig::default();
+    let deadline_ms = remote_config.op_timeout_max.as_secs_f64() * 1e3;
+    let writer = RemoteTier::redis(remote_config.clone(), seeds)?;
+    let remote_store = |config: RemoteConfig| -> Result<Arc<TieredStore>> {
+        Ok(Arc::new(
+            TieredStore::builder(no_promote(StoreConfig::host_only(0)))?
+                .tier(Arc::new(RemoteTier::redis(config, seeds)?))
+                .build(),
+        ))
+    };
+    let remote = remote_store(remote_config.clone())?;
+    let (b_host, b_ssd, b_remote) = (
+        blender(Arc::clone(&host), false),
+        blender(Arc::clone(&ssd), false),
+        blender(Arc::clone(&remote), false),
+    );
+    // store every chunk in each place
+    for (_, chunks) in &prompts {
+        for c in chunks {
+            b_host.precompute(b"", c)?;
+            b_ssd.precompute(b"", c)?;
+            let key = b_host.codec(b"").key(c);
+            let (obj, _) = rt.block_on(host.get(&key))?.context("precomputed")?;
+            rt.block_on(writer.put(obj, 1.0))?;
+        }
+    }
+    rt.block_on(ssd.flush())?;
+    ensure!(
+        rt.block_on(writer.drain(Duration::from_secs(600))),
+        "remote writes drained"
+    );
+    let time = |b: &Blender,
+                req: &BlendRequest,
+                check: &dyn Fn(&kvquilt_blend::BlendStats) -> bool|
+     -> Result<Vec<f64>> {
+        let mut out = Vec::new();
+        for rep in 0..=a.repeats {
+            let o = b.run(b"", req)?;
+            ensure!(
+                check(&o.stats),
+                "unexpected sources: {:?}",
+                o.stats.segments
+            );
+            if rep > 0 {
+                out.push(o.stats.ttft_ms);
+            }
+        }
+        Ok(out)
+    };
+    let mut agree = 0;
+    for (name, chunks) in &prompts {
+        let req = BlendRequest::new(Vec::new(), chunks.clone(), question.clone(), Mode::Reuse);
+        let n = chunks.len();
+        let tokens = chunks.iter().map(Vec::len).sum::<usize>() + question.len();
+        let th = time(&b_host, &req, &|s| s.hits_host == n)?;
+        let ts = time(&b_ssd, &req, &|s| s.hits_ssd == n)?;
+        let tr = time(&b_remote, &req, &|s| s.hits_remote == n)?;
+        // recompute: a store that holds nothing and keeps nothing
+        let empty = blender(
+            Arc::new(TieredStore::open(StoreConfig::host_only(0))?),
+            false,
+        );
+        let tc = time(&empty, &req, &|s| s.misses == n)?;
+        // the cost model's choice: a blender that may recompute, having measured both
+        let chooser = blender(remote_store(remote_config.clone())?, true);
+        let warm = BlendRequest::new(Vec::new(), vec![take(256)?], question.clone(), Mode::Reuse);
+        chooser.run(b"", &warm)?; // a miss: measures prefill
+        chooser.run(b"", &req)?; // measures the remote
+        let o = chooser.run(b"", &req)?;
+        let recomputed = o.stats.fell_back_to_full
+            || o.stats
+                .segments
+                .contains(&SegmentSource::RecomputedForSpeed);
+        let chosen = if recomputed { "recompute" } else { "load" };
+        let faster = if median(&tr) <= median(&tc) {
+            "load"
+        } else {
+            "recompute"
+        };
+        agree += usize::from(chosen == faster);
+        let row = TtftRow {
+            prompt: name.clone(),
+            tokens,
+            host: p50_p99(&th),
+            ssd: p50_p99(&ts),
+            remote: p50_p99(&tr),
+            recompute: p50_p99(&tc),
+            chosen: chosen.into(),
+            faster: faster.into(),
+        };
+        eprintln!(
+            "{name:<16} TTFT p50/p99 ms: host {:.1}/{:.1}, ssd {:.1}/{:.1}, remote {:.1}/{:.1}, recompute {:.1}/{:.1}; cost model: {chosen} (faster: {faster})",
+            row.host.0,
+            row.host.1,
+            row.ssd.0,
+            row.ssd.1,
+            row.remote.0,
+            row.remote.1,
+            row.recompute.0,
+            row.recompute.1
+        );
+        report.ttft.push(row);
+    }
+    report.choice_agreement = agree as f64 / prompts.len() as f64;
+
+    // degraded: one primary paused while the RAG prompt reads from the remote
+    if let Some(s) = started {
+        let req = BlendRequest::new(Vec::new(), rag.clone(), question.clone(), Mode::Reuse);
+        let fresh = blender(remote_store(remote_config.clone())?, false);
+        let port = s.port_base; // a primary (the script makes the first three primaries)
+        let pid: i32 = std::fs::read_to_string(s.dir.path().join(format!("{port}.pid")))?
+            .trim()
+            .parse()?;
+        let signal = |sig: &str| Command::new("kill").args([sig, &pid.to_string()]).status();
+        signal("-STOP")?;
+        let r = (|| -> Result<(Vec<f64>, usize, usize)> {
+            let (mut t, mut hits, mut other) = (Vec::new(), 0, 0);
+            for rep in 0..=a.repeats {
+                let o = fresh.run(b"", &req)?;
+                if rep > 0 {
+                    t.push(o.stats.ttft_ms);
+                    hits += o.stats.hits_remote;
+                    other += o.stats.misses
+                        + o.stats
+                            .segments
+                            .iter()
+                            .filter(|s| matches!(s, SegmentSource::Unusable))
+                            .count();
+                }
+            }
+            Ok((t, hits, other))
+        })();
+        signal("-CONT")?;
+        let (t, hits, other) = r?;
+        let recompute_p99 = report
+            .ttft
+            .iter()
+            .find(|r| r.prompt == rag_name)
+            .map_or(f64::NAN, |r| r.recompute.1);
+        let (p50, p99) = p50_p99(&t);
+        let bound = recompute_p99 + deadline_ms;
+        let row = DegradedRow {
+            prompt: rag_name.clone(),
+            paused_primaries: 1,
+            ttft_p50_ms: p50,
+            ttft_p99_ms: p99,
+            recompute_p99_ms: recompute_p99,
+            deadline_ms,
+            bound_ms: bound,
+            within_bound: p99 <= bound,
+            hits_remote: hits,
+            misses_or_recomputed: other,
+        };
+        eprintln!(
+            "degraded ({rag_name}, 1 primary paused): TTFT p50 {p50:.1} ms, p99 {p99:.1} ms; bound recompute p99 + deadline = {bound:.1} ms ({}); {hits} remote hits, {other} recomputed",
+            if row.within_bound { "held" } else { "MISSED" }
+        );
+        report.degraded.push(row);
+    }
+    Ok(())
+}
