@@ -275,8 +275,8 @@ async fn a_remote_down_at_start_costs_nothing() {
 }
 
 /// A primary paused for 5 s (SIGSTOP): reads of its objects time out within the deadline
-/// and are misses, the breaker opens, nothing hangs; after SIGCONT the remote is probed back
-/// and hits resume.
+/// and are misses, its shard's breaker opens, nothing hangs, and objects on the other
+/// primaries keep hitting; after SIGCONT the shard is probed back and hits resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_primary_times_out_then_recovers() {
     let c = Cluster::start();
@@ -285,6 +285,13 @@ async fn a_paused_primary_times_out_then_recovers() {
     put(&t, &obj).await;
     assert!(read_all(&t, &obj).await.is_some());
     let port = c.primary_of(&header_key(&obj));
+    // an object on another primary
+    let other = (500..)
+        .map(|s| object(s, 40, lay(4)))
+        .find(|o| c.primary_of(&header_key(o)) != port)
+        .unwrap();
+    put(&t, &other).await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // the tier learns the topology
     c.signal(port, "-STOP");
     let paused = Instant::now();
     let mut slowest = Duration::ZERO;
@@ -300,6 +307,16 @@ async fn a_paused_primary_times_out_then_recovers() {
     );
     assert!(extra(&t, "timeouts") >= 1);
     assert!(extra(&t, "breaker_opens") >= 1);
+    assert_eq!(
+        extra(&t, "shards_down"),
+        1,
+        "only the paused primary's shard"
+    );
+    assert_eq!(
+        read_all(&t, &other).await.as_deref(),
+        Some(other.layers()),
+        "the other primaries serve on"
+    );
     let left = Duration::from_secs(5).saturating_sub(paused.elapsed());
     tokio::time::sleep(left).await;
     c.signal(port, "-CONT");
@@ -314,6 +331,7 @@ async fn a_paused_primary_times_out_then_recovers() {
     }
     assert!(back, "hits resume after SIGCONT");
     assert_eq!(t.breaker(), BreakerState::Closed);
+    assert_eq!(extra(&t, "shards_down"), 0);
 }
 
 /// A primary killed (SIGKILL): reads fail fast as misses; after the replica takes over,

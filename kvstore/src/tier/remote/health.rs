@@ -1,6 +1,8 @@
 //! How the remote is doing: a circuit breaker over consecutive failures, and deadlines
 //! derived from the round trips and bandwidth measured so far.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -27,19 +29,117 @@ const SLACK: f64 = 4.0;
 /// long costs only time, one too short a spurious failure).
 const ASSUMED_BYTES_PER_S: f64 = 100e6;
 
-/// Breaker and latency model of one remote.
+/// One circuit breaker: opens after consecutive failures, then lets one call probe.
+#[derive(Debug)]
+pub struct Breaker {
+    /// What it guards (`remote`, or a shard's address), for logs.
+    name: String,
+    failures_to_open: u32,
+    open_for: Duration,
+    consecutive_failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+    /// Set while the one half-open probe is in flight.
+    probing: AtomicBool,
+    /// Times any breaker of the remote opened (shared).
+    opens: Arc<AtomicU64>,
+}
+
+impl Breaker {
+    fn new(name: String, failures_to_open: u32, open_for: Duration, opens: Arc<AtomicU64>) -> Self {
+        Self {
+            name,
+            failures_to_open: failures_to_open.max(1),
+            open_for,
+            consecutive_failures: AtomicU32::new(0),
+            open_until: Mutex::new(None),
+            probing: AtomicBool::new(false),
+            opens,
+        }
+    }
+
+    /// The breaker's state now.
+    pub fn state(&self) -> BreakerState {
+        match *self.open_until.lock() {
+            None => BreakerState::Closed,
+            Some(t) if Instant::now() < t => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Whether a call may go now. In the half-open state only one caller gets `true` until
+    /// [`Breaker::success`] or [`Breaker::failure`] settles it.
+    pub fn allow(&self) -> bool {
+        match self.state() {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen => self
+                .probing
+                .compare_exchange(false, true, Relaxed, Relaxed)
+                .is_ok(),
+        }
+    }
+
+    /// A call succeeded: the breaker closes.
+    pub fn success(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+        let mut g = self.open_until.lock();
+        if g.is_some() {
+            tracing::info!(breaker = %self.name, "remote tier: answers again; breaker closed");
+        }
+        *g = None;
+        self.probing.store(false, Relaxed);
+    }
+
+    /// A call failed (timed out, connection lost): after enough in a row, or a failed
+    /// half-open probe, the breaker opens.
+    pub fn failure(&self) {
+        let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let mut g = self.open_until.lock();
+        let half_open = g.is_some_and(|t| Instant::now() >= t);
+        if n >= self.failures_to_open || half_open {
+            if g.is_none_or(|t| Instant::now() >= t) {
+                self.opens.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    breaker = %self.name,
+                    failures = n,
+                    open_ms = self.open_for.as_millis() as u64,
+                    "remote tier: marking it down"
+                );
+            }
+            *g = Some(Instant::now() + self.open_for);
+        }
+        self.probing.store(false, Relaxed);
+    }
+
+    /// Opens the breaker now (the remote was found unreachable outright, e.g. at start).
+    pub fn trip(&self) {
+        let mut g = self.open_until.lock();
+        if g.is_none_or(|t| Instant::now() >= t) {
+            self.opens.fetch_add(1, Relaxed);
+        }
+        *g = Some(Instant::now() + self.open_for);
+        self.probing.store(false, Relaxed);
+    }
+}
+
+/// Breakers and latency model of one remote.
+///
+/// A remote that shards (Redis Cluster) gets a breaker per shard, so one paused or failed
+/// node marks only its objects down; the remote-wide breaker guards calls of no shard and
+/// opens when the remote is unreachable as a whole (at start). While the remote-wide breaker
+/// is open, no call goes out; any success closes it.
 #[derive(Debug)]
 pub struct Health {
     failures_to_open: u32,
     open_for: Duration,
     min_deadline: Duration,
     max_deadline: Duration,
-    consecutive_failures: AtomicU32,
-    open_until: Mutex<Option<Instant>>,
-    /// Set while the one half-open probe is in flight.
-    probing: AtomicBool,
-    /// Times the breaker opened.
-    pub opens: AtomicU64,
+    /// The remote-wide breaker.
+    global: Arc<Breaker>,
+    /// One breaker per shard seen.
+    shards: Mutex<HashMap<String, Arc<Breaker>>>,
+    /// Times any breaker opened.
+    opens: Arc<AtomicU64>,
     model: Mutex<Model>,
 }
 
@@ -62,7 +162,7 @@ struct Model {
 const SAMPLE: Duration = Duration::from_millis(50);
 
 impl Health {
-    /// A closed breaker that opens after `failures_to_open` consecutive failures for
+    /// Closed breakers that open after `failures_to_open` consecutive failures for
     /// `open_for`; deadlines between `min_deadline` and `max_deadline`.
     pub fn new(
         failures_to_open: u32,
@@ -70,80 +170,79 @@ impl Health {
         min_deadline: Duration,
         max_deadline: Duration,
     ) -> Self {
+        let opens = Arc::new(AtomicU64::new(0));
         Self {
-            failures_to_open: failures_to_open.max(1),
+            failures_to_open,
             open_for,
             min_deadline,
             max_deadline: max_deadline.max(min_deadline),
-            consecutive_failures: AtomicU32::new(0),
-            open_until: Mutex::new(None),
-            probing: AtomicBool::new(false),
-            opens: AtomicU64::new(0),
+            global: Arc::new(Breaker::new(
+                "remote".into(),
+                failures_to_open,
+                open_for,
+                Arc::clone(&opens),
+            )),
+            shards: Mutex::new(HashMap::new()),
+            opens,
             model: Mutex::new(Model::default()),
         }
     }
 
-    /// The breaker's state now.
+    /// The remote-wide breaker's state.
     pub fn state(&self) -> BreakerState {
-        match *self.open_until.lock() {
-            None => BreakerState::Closed,
-            Some(t) if Instant::now() < t => BreakerState::Open,
-            Some(_) => BreakerState::HalfOpen,
+        self.global.state()
+    }
+
+    /// The breaker guarding calls to `shard` (the remote-wide one for `None`).
+    pub fn breaker(&self, shard: Option<&str>) -> Arc<Breaker> {
+        match shard {
+            None => Arc::clone(&self.global),
+            Some(s) => Arc::clone(self.shards.lock().entry(s.to_string()).or_insert_with(|| {
+                Arc::new(Breaker::new(
+                    s.to_string(),
+                    self.failures_to_open,
+                    self.open_for,
+                    Arc::clone(&self.opens),
+                ))
+            })),
         }
     }
 
-    /// Whether an operation may go to the remote now. In the half-open state only one
-    /// caller gets `true` until [`Health::success`] or [`Health::failure`] settles it.
-    pub fn allow(&self) -> bool {
-        match self.state() {
-            BreakerState::Closed => true,
-            BreakerState::Open => false,
-            BreakerState::HalfOpen => self
-                .probing
-                .compare_exchange(false, true, Relaxed, Relaxed)
-                .is_ok(),
-        }
+    /// The remote-wide breaker.
+    pub fn global(&self) -> &Breaker {
+        &self.global
     }
 
-    /// An operation succeeded: the breaker closes.
-    pub fn success(&self) {
-        self.consecutive_failures.store(0, Relaxed);
-        let mut g = self.open_until.lock();
-        if g.is_some() {
-            tracing::info!("remote tier: the remote answers again; breaker closed");
+    /// Whether calls to `shard` are marked down (no I/O).
+    pub fn is_down(&self, shard: Option<&str>) -> bool {
+        if self.global.state() == BreakerState::Open {
+            return true;
         }
-        *g = None;
-        self.probing.store(false, Relaxed);
+        shard.is_some_and(|s| {
+            self.shards
+                .lock()
+                .get(s)
+                .is_some_and(|b| b.state() == BreakerState::Open)
+        })
     }
 
-    /// An operation failed (timed out, connection lost): after enough in a row, or a failed
-    /// half-open probe, the breaker opens.
-    pub fn failure(&self) {
-        let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        let mut g = self.open_until.lock();
-        let half_open = g.is_some_and(|t| Instant::now() >= t);
-        if n >= self.failures_to_open || half_open {
-            if g.is_none_or(|t| Instant::now() >= t) {
-                self.opens.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    failures = n,
-                    open_ms = self.open_for.as_millis() as u64,
-                    "remote tier: marking the remote down"
-                );
-            }
-            *g = Some(Instant::now() + self.open_for);
-        }
-        self.probing.store(false, Relaxed);
+    /// Shards whose breaker is open now.
+    pub fn shards_down(&self) -> usize {
+        self.shards
+            .lock()
+            .values()
+            .filter(|b| b.state() == BreakerState::Open)
+            .count()
     }
 
-    /// Opens the breaker now (the remote was found unreachable outright, e.g. at start).
+    /// Times any breaker opened.
+    pub fn opens(&self) -> u64 {
+        self.opens.load(Relaxed)
+    }
+
+    /// Opens the remote-wide breaker now.
     pub fn trip(&self) {
-        let mut g = self.open_until.lock();
-        if g.is_none_or(|t| Instant::now() >= t) {
-            self.opens.fetch_add(1, Relaxed);
-        }
-        *g = Some(Instant::now() + self.open_for);
-        self.probing.store(false, Relaxed);
+        self.global.trip();
     }
 
     /// Records a round trip (a small request) that took `d`.
@@ -250,23 +349,41 @@ mod tests {
             Duration::from_millis(1),
             Duration::from_secs(1),
         );
-        assert!(h.allow());
-        h.failure();
-        assert_eq!(h.state(), BreakerState::Closed);
-        h.failure();
+        let b = h.breaker(None);
+        assert!(b.allow());
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.failure();
         assert_eq!(h.state(), BreakerState::Open);
-        assert!(!h.allow());
+        assert!(!b.allow());
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(h.state(), BreakerState::HalfOpen);
-        assert!(h.allow(), "one probe");
-        assert!(!h.allow(), "only one probe");
-        h.failure();
-        assert_eq!(h.state(), BreakerState::Open, "a failed probe re-opens");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.allow(), "one probe");
+        assert!(!b.allow(), "only one probe");
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open, "a failed probe re-opens");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(h.allow());
-        h.success();
-        assert_eq!(h.state(), BreakerState::Closed);
-        assert_eq!(h.opens.load(Relaxed), 2);
+        assert!(b.allow());
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(h.opens(), 2);
+    }
+
+    #[test]
+    fn a_shard_goes_down_alone() {
+        let h = Health::new(
+            1,
+            Duration::from_secs(10),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        );
+        h.breaker(Some("10.0.0.1:7000")).failure();
+        assert!(h.is_down(Some("10.0.0.1:7000")));
+        assert!(!h.is_down(Some("10.0.0.2:7000")), "other shards serve");
+        assert!(!h.is_down(None));
+        assert_eq!(h.shards_down(), 1);
+        h.trip();
+        assert!(h.is_down(Some("10.0.0.2:7000")), "remote-wide: everything");
     }
 
     #[test]

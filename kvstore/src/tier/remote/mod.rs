@@ -33,7 +33,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-pub use health::{BreakerState, Health};
+pub use health::{Breaker, BreakerState, Health};
 pub use names::{NAMING_VERSION, ObjectNames, Records, envelope, namespace_hash, parse_envelope};
 pub use redis_cluster::RedisCluster;
 
@@ -91,6 +91,18 @@ pub trait RemoteStore: Send + Sync + 'static {
 
     /// Sets the time to live of `keys` to `ttl` (missing ones are ignored).
     async fn expire(&self, keys: &[String], ttl: Duration) -> std::result::Result<(), RemoteError>;
+
+    /// The server holding `key` (e.g. `host:port` of a cluster primary), when the engine
+    /// knows its topology: each gets its own circuit breaker. `None`: one breaker for all.
+    fn shard(&self, _key: &str) -> Option<String> {
+        None
+    }
+
+    /// Refreshes what [`RemoteStore::shard`] knows (called every few seconds, off the
+    /// request path).
+    async fn refresh_topology(&self) -> std::result::Result<(), RemoteError> {
+        Ok(())
+    }
 }
 
 /// Settings of a [`RemoteTier`] (`[store.remote]` in the sidecar's config).
@@ -248,13 +260,14 @@ impl RemoteTier {
             config,
         });
         rt.spawn(writer(Arc::downgrade(&inner), rx));
+        rt.spawn(topology(Arc::downgrade(&inner)));
         let warm = Arc::clone(&inner);
         rt.spawn(async move {
             // connects and measures a first round trip; a remote down at start opens the
             // breaker at once instead of costing the first requests a timeout each
             let t = Instant::now();
             let probe = warm.store.exists("kvq:ping");
-            match warm.call(0, probe).await {
+            match warm.call(None, 0, probe).await {
                 Ok(_) => {
                     warm.health.record_rtt(t.elapsed());
                     tracing::info!(engine = warm.store.name(), rtt_us = t.elapsed().as_micros() as u64, "remote tier connected");
@@ -305,41 +318,62 @@ impl RemoteTier {
 }
 
 impl Inner {
-    /// Runs one engine call on the request path under the breaker and a deadline for
-    /// `bytes` bytes ([`Health::deadline`]); a timeout or a lost connection counts against
-    /// the breaker, an answer (even an engine error) for it.
+    /// The shard holding `key`'s object, when the engine knows its topology.
+    fn shard(&self, key: &ChunkKey) -> Option<String> {
+        self.store.shard(&ObjectNames::new(&self.ns, key).header())
+    }
+
+    /// Runs one engine call on the request path about the object of `key` (`None`: no
+    /// object) under its shard's breaker and a deadline for `bytes` bytes
+    /// ([`Health::deadline`]); a timeout or a lost connection counts against the breaker,
+    /// an answer (even an engine error) for it.
     async fn call<T>(
         &self,
+        key: Option<&ChunkKey>,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        self.call_within(None, bytes, fut).await
+        self.call_within(None, key, bytes, fut).await
     }
 
     /// [`Inner::call`] for a write off the request path: its deadline is the upper bound
     /// (a slow write costs no request time; abandoning it wastes the work done).
     async fn call_off_path<T>(
         &self,
+        key: &ChunkKey,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        self.call_within(Some(self.config.op_timeout_max), bytes, fut)
+        self.call_within(Some(self.config.op_timeout_max), Some(key), bytes, fut)
             .await
     }
 
     async fn call_within<T>(
         &self,
         deadline: Option<Duration>,
+        key: Option<&ChunkKey>,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        if !self.health.allow() {
+        let shard = key.and_then(|k| self.shard(k));
+        let breaker = self.health.breaker(shard.as_deref());
+        let global = self.health.global();
+        let allowed = match shard {
+            // a shard's call goes unless the remote as a whole is marked down
+            Some(_) => global.state() != BreakerState::Open && breaker.allow(),
+            None => breaker.allow(),
+        };
+        if !allowed {
             TierStats::add(&self.counters.skipped_down, 1);
             return Err(RemoteError::Down);
         }
         let deadline = deadline.unwrap_or_else(|| self.health.deadline(bytes));
         let in_flight = self.health.in_flight(bytes);
-        let r = self.settle(tokio::time::timeout(deadline, fut).await, deadline);
+        let r = self.settle(
+            tokio::time::timeout(deadline, fut).await,
+            deadline,
+            &breaker,
+        );
         if r.is_ok() {
             in_flight.done();
         }
@@ -351,11 +385,16 @@ impl Inner {
         &self,
         r: std::result::Result<std::result::Result<T, RemoteError>, tokio::time::error::Elapsed>,
         deadline: Duration,
+        breaker: &Breaker,
     ) -> std::result::Result<T, RemoteError> {
+        let answered = || {
+            breaker.success();
+            self.health.global().success();
+        };
         match r {
             Err(_) => {
                 TierStats::add(&self.counters.timeouts, 1);
-                self.health.failure();
+                breaker.failure();
                 Err(RemoteError::Timeout(deadline))
             }
             Ok(Err(e @ (RemoteError::Timeout(_) | RemoteError::Unavailable(_)))) => {
@@ -364,16 +403,16 @@ impl Inner {
                     _ => &self.counters.errors,
                 };
                 TierStats::add(c, 1);
-                self.health.failure();
+                breaker.failure();
                 Err(e)
             }
             Ok(Err(e)) => {
                 TierStats::add(&self.counters.errors, 1);
-                self.health.success();
+                answered();
                 Err(e)
             }
             Ok(Ok(v)) => {
-                self.health.success();
+                answered();
                 Ok(v)
             }
         }
@@ -389,7 +428,9 @@ impl Inner {
         }
         let names = ObjectNames::new(&self.ns, key);
         let t = Instant::now();
-        let got = self.call(0, self.store.get(&[names.header()])).await;
+        let got = self
+            .call(Some(key), 0, self.store.get(&[names.header()]))
+            .await;
         let value = match got {
             Ok(mut v) => {
                 self.health.record_rtt(t.elapsed());
@@ -444,7 +485,7 @@ impl Inner {
     async fn forget(&self, key: &ChunkKey, keys: Vec<String>) {
         self.absent.insert(*key, ());
         self.present.invalidate(key);
-        if let Err(e) = self.call(0, self.store.delete(&keys)).await {
+        if let Err(e) = self.call(Some(key), 0, self.store.delete(&keys)).await {
             tracing::debug!(%key, error = %e, "remote tier: unlinking a bad object failed (its TTL removes it)");
         }
     }
@@ -465,7 +506,7 @@ impl Inner {
         let len = e.stored_len as usize;
         let keys = records.stripes(layer, len);
         let parts = self
-            .call(len, self.store.get(&keys))
+            .call(Some(&header.info.key), len, self.store.get(&keys))
             .await
             .map_err(Fail::Call)?;
         if parts.len() != keys.len() {
@@ -563,7 +604,7 @@ impl Inner {
     /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
     async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
         match self
-            .call_off_path(bytes, self.store.set_nx(items, self.config.ttl))
+            .call_off_path(key, bytes, self.store.set_nx(items, self.config.ttl))
             .await
         {
             Ok(()) => true,
@@ -573,6 +614,24 @@ impl Inner {
                 false
             }
         }
+    }
+}
+
+/// Seconds between refreshes of the remote's topology.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(5);
+
+/// Refreshes the engine's view of its shards until the tier is dropped.
+async fn topology(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let limit = i.config.op_timeout_max;
+        match tokio::time::timeout(limit, i.store.refresh_topology()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "remote tier: topology refresh failed"),
+            Err(_) => tracing::debug!("remote tier: topology refresh timed out"),
+        }
+        drop(i);
+        tokio::time::sleep(TOPOLOGY_EVERY).await;
     }
 }
 
@@ -684,7 +743,9 @@ impl LayerReader for RemoteReader {
                     let (inner, keys) = (Arc::clone(&self.inner), self.all_keys());
                     tokio::spawn(async move {
                         let ttl = inner.config.ttl;
-                        let _ = inner.call(0, inner.store.expire(&keys, ttl)).await;
+                        let _ = inner
+                            .call(Some(&key), 0, inner.store.expire(&keys, ttl))
+                            .await;
                     });
                 }
                 Ok(b)
@@ -719,7 +780,8 @@ impl Tier for RemoteTier {
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {
-        self.0.present.contains_key(key) && self.0.health.state() != BreakerState::Open
+        let s = &self.0;
+        s.present.contains_key(key) && !s.health.is_down(s.shard(key).as_deref())
     }
 
     async fn probe(&self, key: &ChunkKey) -> bool {
@@ -733,7 +795,7 @@ impl Tier for RemoteTier {
         }
         let t = Instant::now();
         let header = ObjectNames::new(&s.ns, key).header();
-        match s.call(0, s.store.exists(&header)).await {
+        match s.call(Some(key), 0, s.store.exists(&header)).await {
             Ok(true) => {
                 s.health.record_rtt(t.elapsed());
                 s.present.insert(*key, ());
@@ -806,7 +868,7 @@ impl Tier for RemoteTier {
             // lossy values are never encoded again; a present object needs no write
             return Ok(PutOutcome::default());
         }
-        if s.health.state() == BreakerState::Open {
+        if s.health.is_down(s.shard(obj.key()).as_deref()) {
             TierStats::add(&s.counters.dropped_puts, 1);
             return Ok(PutOutcome::default());
         }
@@ -824,7 +886,7 @@ impl Tier for RemoteTier {
         s.present.invalidate(key);
         let names = ObjectNames::new(&s.ns, key);
         let mut keys = vec![names.header()];
-        let got = s.call(0, s.store.get(&[names.header()])).await;
+        let got = s.call(Some(key), 0, s.store.get(&[names.header()])).await;
         let existed = match got {
             Ok(mut v) => match v.pop().flatten() {
                 Some(b) => {
@@ -842,7 +904,7 @@ impl Tier for RemoteTier {
             }
         };
         s.absent.insert(*key, ());
-        if let Err(e) = s.call(0, s.store.delete(&keys)).await {
+        if let Err(e) = s.call(Some(key), 0, s.store.delete(&keys)).await {
             tracing::warn!(%key, error = %e, "remote tier: unlinking failed (the remote may still serve it until its TTL)");
             return Ok(false);
         }
@@ -883,7 +945,8 @@ impl Tier for RemoteTier {
             ("bytes_written", c.bytes_written.load(Relaxed)),
             ("pending_writes", s.pending.load(Relaxed)),
             ("breaker_state", s.health.state() as u64),
-            ("breaker_opens", s.health.opens.load(Relaxed)),
+            ("breaker_opens", s.health.opens()),
+            ("shards_down", s.health.shards_down() as u64),
             ("rtt_us", rtt.map_or(0, |r| (r * 1e6) as u64)),
             ("bandwidth_bytes_per_s", bw.map_or(0, |b| b as u64)),
         ] {

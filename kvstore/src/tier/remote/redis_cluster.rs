@@ -23,6 +23,51 @@ pub struct RedisCluster {
     /// The connection once made (it multiplexes every call); `None` until then or after
     /// connecting failed.
     conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// Slot ranges and the primary serving each (`CLUSTER SLOTS`), sorted by start.
+    slots: parking_lot::RwLock<Vec<(u16, u16, String)>>,
+}
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (or of the whole key when it
+/// has none) modulo 16384, as Redis Cluster computes it.
+pub(super) fn slot_of(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tag = b
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &b[open + 1..];
+            let close = rest.iter().position(|&c| c == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(b);
+    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
+}
+
+/// Slot ranges from a `CLUSTER SLOTS` reply: `[start, end, [ip, port, ...], replicas...]`.
+fn parse_slots(v: &redis::Value) -> Option<Vec<(u16, u16, String)>> {
+    use redis::Value as V;
+    let int = |v: &V| match v {
+        V::Int(i) => Some(*i),
+        _ => None,
+    };
+    let text = |v: &V| match v {
+        V::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        V::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let V::Array(ranges) = v else { return None };
+    let mut out = Vec::new();
+    for r in ranges {
+        let V::Array(r) = r else { return None };
+        let (start, end) = (int(r.first()?)?, int(r.get(1)?)?);
+        let V::Array(primary) = r.get(2)? else {
+            return None;
+        };
+        let addr = format!("{}:{}", text(primary.first()?)?, int(primary.get(1)?)?);
+        out.push((u16::try_from(start).ok()?, u16::try_from(end).ok()?, addr));
+    }
+    out.sort();
+    Some(out)
 }
 
 impl RedisCluster {
@@ -60,6 +105,7 @@ impl RedisCluster {
             seeds: seeds.to_vec(),
             connect_timeout,
             conn: tokio::sync::Mutex::new(None),
+            slots: parking_lot::RwLock::new(Vec::new()),
         })
     }
 
@@ -143,6 +189,27 @@ impl RemoteStore for RedisCluster {
         p.query_async::<()>(&mut c).await.map_err(engine)
     }
 
+    fn shard(&self, key: &str) -> Option<String> {
+        let slot = slot_of(key);
+        let slots = self.slots.read();
+        let i = slots.partition_point(|(start, _, _)| *start <= slot);
+        let (_, end, addr) = slots.get(i.checked_sub(1)?)?;
+        (slot <= *end).then(|| addr.clone())
+    }
+
+    async fn refresh_topology(&self) -> Result<(), RemoteError> {
+        let mut c = self.conn().await?;
+        let v: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut c)
+            .await
+            .map_err(engine)?;
+        let slots = parse_slots(&v)
+            .ok_or_else(|| RemoteError::Engine("unexpected CLUSTER SLOTS reply".into()))?;
+        *self.slots.write() = slots;
+        Ok(())
+    }
+
     async fn expire(&self, keys: &[String], ttl: Duration) -> Result<(), RemoteError> {
         if keys.is_empty() {
             return Ok(());
@@ -153,5 +220,26 @@ impl RemoteStore for RedisCluster {
             p.cmd("EXPIRE").arg(k).arg(ttl.as_secs().max(1)).ignore();
         }
         p.query_async::<()>(&mut c).await.map_err(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // values from the Redis Cluster specification's examples and `CLUSTER KEYSLOT`
+        assert_eq!(slot_of("123456789"), 0x31C3 % 16384);
+        assert_eq!(
+            slot_of("{user1000}.following"),
+            slot_of("{user1000}.followers")
+        );
+        assert_eq!(
+            slot_of("foo{}{bar}"),
+            slot_of("foo{}{bar}"),
+            "empty tag: whole key"
+        );
+        assert_eq!(slot_of("a{b}c"), slot_of("b"));
     }
 }
