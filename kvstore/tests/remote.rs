@@ -4,6 +4,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/proxy.rs"]
+mod proxy;
 mod common;
 
 use std::sync::Arc;
@@ -34,7 +36,7 @@ fn lay(layers: u32) -> KvLayout {
 
 /// A remote tier on `c` (a separate client: another process as far as the cluster knows).
 fn tier(c: &Cluster, config: RemoteConfig) -> RemoteTier {
-    RemoteTier::redis(config, &c.seeds).unwrap()
+    RemoteTier::redis(config, &c.seeds, &[]).unwrap()
 }
 
 async fn put(t: &RemoteTier, obj: &KvObject) {
@@ -250,7 +252,7 @@ async fn a_remote_down_at_start_costs_nothing() {
         l.local_addr().unwrap().port()
     }; // closed again: connections are refused
     let t0 = Instant::now();
-    let t = RemoteTier::redis(config(), &[format!("127.0.0.1:{port}")]).unwrap();
+    let t = RemoteTier::redis(config(), &[format!("127.0.0.1:{port}")], &[]).unwrap();
     assert!(
         t0.elapsed() < Duration::from_millis(100),
         "start-up did not wait"
@@ -407,4 +409,46 @@ async fn past_maxmemory_partial_objects_are_misses() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     put(&t, &fresh).await;
     assert_eq!(read_all(&t, &fresh).await.as_deref(), Some(fresh.layers()));
+}
+
+/// Every node behind a proxy adding 15 ms each way and limiting each connection to 20 MB/s:
+/// the tier measures the round trip and throughput, its deadlines follow them (no call times
+/// out although each takes far longer than on loopback), and reads stay verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_network_is_measured_and_waited_for() {
+    let c = Cluster::start();
+    let slow = proxy::Throttle {
+        delay: Duration::from_millis(15),
+        bytes_per_s: 20e6,
+    };
+    let mut proxies = Vec::new();
+    let mut map = Vec::new();
+    for i in 0..6 {
+        let node: std::net::SocketAddr = format!("127.0.0.1:{}", c.base + i).parse().unwrap();
+        let p = proxy::Proxy::start(node, slow).await;
+        map.push((node.to_string(), p.addr.to_string()));
+        proxies.push(p);
+    }
+    let seeds = vec![proxies[0].addr.to_string()];
+    let t = RemoteTier::redis(
+        RemoteConfig {
+            op_timeout_max: Duration::from_secs(5),
+            ..config()
+        },
+        &seeds,
+        &map,
+    )
+    .unwrap();
+    let objs: Vec<KvObject> = (0..4).map(|i| object(700 + i, 400, lay(4))).collect();
+    for o in &objs {
+        put(&t, o).await;
+    }
+    for o in &objs {
+        assert_eq!(read_all(&t, o).await.as_deref(), Some(o.layers()));
+    }
+    let rtt_us = extra(&t, "rtt_us");
+    assert!(rtt_us >= 30_000, "the round trip includes both delays: {rtt_us} us");
+    let bw = extra(&t, "bandwidth_bytes_per_s");
+    assert!(bw > 0 && bw < 60_000_000, "throughput measured near the limit: {bw}");
+    assert_eq!(extra(&t, "timeouts"), 0, "{:?}", t.stats().extra);
 }

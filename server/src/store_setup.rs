@@ -33,7 +33,13 @@ pub fn open_store(data_dir: &Path, settings: &StoreSettings) -> Result<TieredSto
         .with_context(|| format!("opening the store at {}", path.display()))?;
     if let Some(remote) = settings.remote.config(codecs)? {
         let seeds = &settings.remote.seeds;
-        let tier = RemoteTier::redis(remote, seeds)
+        let map: Vec<(String, String)> = settings
+            .remote
+            .address_map
+            .iter()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect();
+        let tier = RemoteTier::redis(remote, seeds, &map)
             .with_context(|| format!("setting up the remote tier on {seeds:?}"))?;
         tracing::info!(?seeds, "remote tier on (Redis Cluster)");
         builder = builder.tier(Arc::new(tier));

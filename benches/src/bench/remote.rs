@@ -10,7 +10,10 @@
 //!    host tier, the SSD tier (page cache warm), the remote tier, or recomputed (a miss);
 //!    p50/p99 of each, and what the cost model chooses between the remote and a recompute
 //!    beside which was measured faster.
-//! 3. **Degraded**: the 10-chunk prompt from the remote with one primary paused (SIGSTOP),
+//! 3. **A slow network**: every node behind a proxy adding latency and limiting bandwidth
+//!    (`--slow`, e.g. 1 ms + 100 MB/s and 1 ms + 10 MB/s): the single-chunk prompts' TTFT
+//!    from the remote, and the cost model's choice beside the measured faster.
+//! 4. **Degraded**: the 10-chunk prompt from the remote with one primary paused (SIGSTOP),
 //!    p99 against recompute's p99 plus the configured deadline.
 //!
 //! Without `--seeds`, a 6-node cluster is started with `scripts/redis-cluster.sh` (run from
@@ -33,6 +36,10 @@ use serde::Serialize;
 
 use super::{machine, median, write_report};
 use crate::eval::data;
+
+/// The throttling TCP proxy the remote tier's tests use (latency + bandwidth per direction).
+#[path = "../../../kvstore/tests/support/proxy.rs"]
+mod proxy;
 
 #[derive(clap::Args)]
 pub struct RemoteBenchArgs {
@@ -62,6 +69,9 @@ pub struct RemoteBenchArgs {
     rag_chunks: usize,
     #[arg(long, default_value_t = 512)]
     rag_chunk_tokens: usize,
+    /// Slow networks to put between the tier and the cluster: `delay_ms:MB_per_s`, ...
+    #[arg(long, value_delimiter = ',', default_value = "1:100,1:10")]
+    slow: Vec<String>,
     /// Timed requests per TTFT cell (after one untimed).
     #[arg(long, default_value_t = 10)]
     repeats: usize,
@@ -94,6 +104,8 @@ struct TtftRow {
     ssd: (f64, f64),
     remote: (f64, f64),
     recompute: (f64, f64),
+    /// The network between the tier and the cluster (`loopback`, or the proxy's throttle).
+    network: String,
     /// What the cost model chose for the remote chunks (`load` or `recompute`).
     chosen: String,
     /// Which of remote and recompute measured faster (p50).
@@ -321,7 +333,7 @@ async fn throughput(
         op_timeout_max: Duration::from_secs(30),
         ..RemoteConfig::default()
     };
-    let tier = RemoteTier::redis(config, seeds)?;
+    let tier = RemoteTier::redis(config, seeds, &[])?;
     let objs: Vec<Arc<KvObject>> = (0..objects as u64)
         .map(|i| Arc::new(object(i + 1, value)))
         .collect();
@@ -437,11 +449,11 @@ fn ttft(
     )))?);
     let remote_config = RemoteConfig::default();
     let deadline_ms = remote_config.op_timeout_max.as_secs_f64() * 1e3;
-    let writer = RemoteTier::redis(remote_config.clone(), seeds)?;
+    let writer = RemoteTier::redis(remote_config.clone(), seeds, &[])?;
     let remote_store = |config: RemoteConfig| -> Result<Arc<TieredStore>> {
         Ok(Arc::new(
             TieredStore::builder(no_promote(StoreConfig::host_only(0)))?
-                .tier(Arc::new(RemoteTier::redis(config, seeds)?))
+                .tier(Arc::new(RemoteTier::redis(config, seeds, &[])?))
                 .build(),
         ))
     };
@@ -517,6 +529,7 @@ fn ttft(
         agree += usize::from(chosen == faster);
         let row = TtftRow {
             prompt: name.clone(),
+            network: "loopback".into(),
             tokens,
             host: p50_p99(&th),
             ssd: p50_p99(&ts),
@@ -538,7 +551,94 @@ fn ttft(
         );
         report.ttft.push(row);
     }
-    report.choice_agreement = agree as f64 / prompts.len() as f64;
+    let mut cases = prompts.len();
+    for spec in &a.slow {
+        let (delay_ms, mb_s) = spec
+            .split_once(':')
+            .and_then(|(d, b)| Some((d.parse::<f64>().ok()?, b.parse::<f64>().ok()?)))
+            .with_context(|| format!("--slow {spec}: expected DELAY_MS:MB_PER_S"))?;
+        let throttle = proxy::Throttle {
+            delay: Duration::from_secs_f64(delay_ms / 1e3),
+            bytes_per_s: mb_s * 1e6,
+        };
+        // a proxy in front of every node; the tier reaches the announced addresses through them
+        let mut proxies = Vec::new();
+        let mut map = Vec::new();
+        for s in seeds {
+            let node: std::net::SocketAddr = s.parse().context("seed as an address")?;
+            let p = rt.block_on(proxy::Proxy::start(node, throttle));
+            map.push((node.to_string(), p.addr.to_string()));
+            proxies.push(p);
+        }
+        let via: Vec<String> = proxies.iter().map(|p| p.addr.to_string()).collect();
+        let slow_store = |config: RemoteConfig| -> Result<Arc<TieredStore>> {
+            Ok(Arc::new(
+                TieredStore::builder(no_promote(StoreConfig::host_only(0)))?
+                    .tier(Arc::new(RemoteTier::redis(config, &via, &map)?))
+                    .build(),
+            ))
+        };
+        let slow_config = RemoteConfig {
+            op_timeout_max: Duration::from_secs(30),
+            ..remote_config.clone()
+        };
+        let network = format!("+{delay_ms} ms, {mb_s} MB/s");
+        for (name, chunks) in prompts.iter().filter(|(_, c)| c.len() == 1) {
+            let req = BlendRequest::new(Vec::new(), chunks.clone(), question.clone(), Mode::Reuse);
+            let tokens = chunks.iter().map(Vec::len).sum::<usize>() + question.len();
+            let b_slow = blender(slow_store(slow_config.clone())?, false);
+            let reps = a.repeats.min(3);
+            let mut tr = Vec::new();
+            for rep in 0..=reps {
+                let o = b_slow.run(b"", &req)?;
+                ensure!(o.stats.hits_remote == 1, "slow remote: {:?}", o.stats.segments);
+                if rep > 0 {
+                    tr.push(o.stats.ttft_ms);
+                }
+            }
+            let chooser = blender(slow_store(slow_config.clone())?, true);
+            let warm = BlendRequest::new(Vec::new(), vec![take(256)?], question.clone(), Mode::Reuse);
+            chooser.run(b"", &warm)?;
+            chooser.run(b"", &req)?;
+            let o = chooser.run(b"", &req)?;
+            let recomputed = o.stats.fell_back_to_full
+                || o.stats.segments.contains(&SegmentSource::RecomputedForSpeed);
+            let chosen = if recomputed { "recompute" } else { "load" };
+            let base = report
+                .ttft
+                .iter()
+                .find(|r| &r.prompt == name && r.network == "loopback")
+                .context("the loopback row")?;
+            let faster = if median(&tr) <= base.recompute.0 {
+                "load"
+            } else {
+                "recompute"
+            };
+            agree += usize::from(chosen == faster);
+            cases += 1;
+            let row = TtftRow {
+                prompt: name.clone(),
+                network: network.clone(),
+                tokens,
+                host: base.host,
+                ssd: base.ssd,
+                remote: p50_p99(&tr),
+                recompute: base.recompute,
+                chosen: chosen.into(),
+                faster: faster.into(),
+            };
+            eprintln!(
+                "{name:<16} over {network}: remote TTFT p50/p99 {:.1}/{:.1} ms, recompute {:.1} ms; cost model: {chosen} (faster: {faster})",
+                row.remote.0, row.remote.1, row.recompute.0
+            );
+            report.ttft.push(row);
+        }
+    }
+    report.choice_agreement = agree as f64 / cases as f64;
+    eprintln!(
+        "cost model chose the faster source in {agree} of {cases} cases ({:.0}%)",
+        report.choice_agreement * 100.0
+    );
 
     // degraded: one primary paused while the RAG prompt reads from the remote
     if let Some(s) = started {

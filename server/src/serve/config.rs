@@ -30,6 +30,7 @@
 //!
 //! [store.remote]                       # a tier shared by several sidecars (Redis Cluster)
 //! seeds = ["10.0.0.5:6379"]            # empty (the default): no remote tier
+//! address_map = {}                     # announced node "host:port" -> reachable "host:port"
 //! namespace = "default"                # processes share chunks within one namespace
 //! stripe_bytes = 4194304               # larger records are striped over several values
 //! window = 4                           # layers fetched ahead of the one being read
@@ -144,6 +145,9 @@ pub struct StoreSettings {
 pub struct RemoteSettings {
     /// Seed nodes, `host:port`; empty: no remote tier.
     pub seeds: Vec<String>,
+    /// Node addresses the cluster announces (`host:port`) → where this sidecar reaches
+    /// them (NAT, proxies).
+    pub address_map: std::collections::BTreeMap<String, String>,
     /// Deployment namespace (hashed into every key).
     pub namespace: String,
     /// Most bytes of one value.
@@ -173,6 +177,7 @@ impl Default for RemoteSettings {
         let d = kvquilt_kvstore::RemoteConfig::default();
         Self {
             seeds: Vec::new(),
+            address_map: Default::default(),
             namespace: d.namespace,
             stripe_bytes: d.stripe_bytes,
             window: d.window,

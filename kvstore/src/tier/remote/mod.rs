@@ -198,6 +198,22 @@ struct Inner {
     queue: mpsc::Sender<Arc<KvObject>>,
     /// Objects accepted by `put` and not yet written or given up.
     pending: AtomicU64,
+    /// Record reads in flight across every reader, in MiB ([`READ_BUDGET_STRIPES`]): many
+    /// readers with deep windows (or writers with large objects) would otherwise queue far
+    /// more bytes than the link moves in a deadline, and crowd memory and the engine's
+    /// replication buffers.
+    read_budget: Arc<Semaphore>,
+    /// The same for record writes.
+    write_budget: Arc<Semaphore>,
+}
+
+/// Stripes' worth of record bytes all readers of a tier keep in flight at most (and at
+/// least 16 MiB).
+const READ_BUDGET_STRIPES: usize = 16;
+
+/// The read budget of a tier configured by `c`, MiB.
+fn read_budget_mib(c: &RemoteConfig) -> u32 {
+    ((READ_BUDGET_STRIPES * c.stripe_bytes).div_ceil(1 << 20)).max(16) as u32
 }
 
 /// A tier on a shared remote engine. Cheap to clone.
@@ -256,6 +272,8 @@ impl RemoteTier {
                 .build(),
             queue: tx,
             pending: AtomicU64::new(0),
+            read_budget: Arc::new(Semaphore::new(read_budget_mib(&config) as usize)),
+            write_budget: Arc::new(Semaphore::new(read_budget_mib(&config) as usize)),
             store,
             config,
         });
@@ -281,10 +299,20 @@ impl RemoteTier {
         Ok(Self(inner))
     }
 
-    /// A tier on the Redis Cluster seeded by `seeds` (`host:port`).
-    pub fn redis(config: RemoteConfig, seeds: &[String]) -> Result<Self> {
-        let store = RedisCluster::new(seeds, config.connect_timeout, config.op_timeout_max)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    /// A tier on the Redis Cluster seeded by `seeds` (`host:port`), reaching announced
+    /// node addresses through `address_map` where it names them ([`RedisCluster::new`]).
+    pub fn redis(
+        config: RemoteConfig,
+        seeds: &[String],
+        address_map: &[(String, String)],
+    ) -> Result<Self> {
+        let store = RedisCluster::new(
+            seeds,
+            address_map,
+            config.connect_timeout,
+            config.op_timeout_max,
+        )
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
         Self::new(config, Arc::new(store))
     }
 
@@ -318,6 +346,11 @@ impl RemoteTier {
 }
 
 impl Inner {
+    /// The read budget's size, MiB.
+    fn read_budget_mib(&self) -> u32 {
+        read_budget_mib(&self.config)
+    }
+
     /// The shard holding `key`'s object, when the engine knows its topology.
     fn shard(&self, key: &ChunkKey) -> Option<String> {
         self.store.shard(&ObjectNames::new(&self.ns, key).header())
@@ -505,6 +538,13 @@ impl Inner {
         };
         let len = e.stored_len as usize;
         let keys = records.stripes(layer, len);
+        // a share of the read budget (waiting for it is not the remote's slowness: the
+        // deadline starts once the call is made)
+        let mib = (len.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
+        let _budget = Arc::clone(&self.read_budget)
+            .acquire_many_owned(mib)
+            .await
+            .map_err(|_| Fail::Call(RemoteError::Down))?;
         let parts = self
             .call(Some(&header.info.key), len, self.store.get(&keys))
             .await
@@ -530,7 +570,7 @@ impl Inner {
     }
 
     /// Writes `obj` (called by the writer task): skipped when this process knows the remote
-    /// has it, records in pipelines of about `stripe_bytes`, the header last.
+    /// has it, records in pipelines of about `stripe_bytes` (at least 1 MiB), the header last.
     async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
         let key = *obj.key();
         let names = ObjectNames::new(&self.ns, &key);
@@ -564,9 +604,10 @@ impl Inner {
         let t = Instant::now();
         let stripe = self.config.stripe_bytes;
         let records = names.records(&enc.header_bytes, stripe);
-        // one pipeline carries about one stripe: small records batch together, and what a
-        // write keeps in flight (and in the engine's replication buffers) stays bounded
-        let batch_limit = stripe.max(1);
+        // one pipeline carries about one stripe (at least 1 MiB): small records batch
+        // together, and what a write keeps in flight (and in the engine's replication
+        // buffers) stays bounded
+        let batch_limit = stripe.max(1 << 20);
         let mut batch: Vec<(String, Bytes)> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut stored = enc.header_bytes.len() as u64;
@@ -603,6 +644,10 @@ impl Inner {
 
     /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
     async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
+        let mib = (bytes.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
+        let Ok(_budget) = Arc::clone(&self.write_budget).acquire_many_owned(mib).await else {
+            return false;
+        };
         match self
             .call_off_path(key, bytes, self.store.set_nx(items, self.config.ttl))
             .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::cluster::ClusterClient;
+use redis::cluster::{ClusterClient, NodeAddress};
 use redis::cluster_async::ClusterConnection;
 
 use super::{RemoteError, RemoteStore};
@@ -74,8 +74,11 @@ impl RedisCluster {
     /// A client of the cluster seeded by `seeds` (`host:port`, or `redis://host:port`);
     /// nothing is connected until the first call. `connect_timeout` bounds connecting;
     /// `response_timeout` any one reply (the tier sets tighter deadlines per call).
+    /// `address_map` (`host:port` → `host:port`) rewrites the node addresses the cluster
+    /// announces before connecting (NAT, proxies); the topology keeps the announced ones.
     pub fn new(
         seeds: &[String],
+        address_map: &[(String, String)],
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Self, RemoteError> {
@@ -92,7 +95,22 @@ impl RedisCluster {
                 }
             })
             .collect();
-        let client = ClusterClient::builder(urls)
+        let node = |s: &str| -> Result<NodeAddress, RemoteError> {
+            let (host, port) = s
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| RemoteError::Config(format!("`{s}` is not host:port")))?;
+            Ok(NodeAddress::new(host.to_string(), port))
+        };
+        let map = address_map
+            .iter()
+            .map(|(from, to)| Ok((node(from)?, node(to)?)))
+            .collect::<Result<std::collections::HashMap<_, _>, RemoteError>>()?;
+        let mut builder = ClusterClient::builder(urls);
+        if !map.is_empty() {
+            builder = builder.node_address_map(map);
+        }
+        let client = builder
             .connection_timeout(connect_timeout)
             .response_timeout(response_timeout)
             .retries(1)
