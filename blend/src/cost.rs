@@ -45,10 +45,19 @@ pub struct CostModel {
 
 #[derive(Debug, Default, Clone)]
 struct Costs {
-    prefill_s_per_token: Option<f64>,
+    prefill: Affine,
     bandwidth: HashMap<TierKind, f64>,
     latency: HashMap<TierKind, f64>,
+    /// Loads declined for a recompute since the tier was last loaded from.
+    declined: HashMap<TierKind, u64>,
+    /// Loads measured per tier. The first is provisional (it may carry one-time costs: a
+    /// connection set up, staging buffers allocated): the second replaces it.
+    loads: HashMap<TierKind, u32>,
 }
+
+/// After this many loads declined in a row, one is taken anyway to measure the tier again
+/// (a remote that was slow may be fast now; the cost is one slower request in this many).
+pub(crate) const EXPLORE_EVERY: u64 = 32;
 
 fn ewma(old: Option<f64>, new: f64) -> f64 {
     match old {
@@ -63,8 +72,7 @@ impl CostModel {
         if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
             return;
         }
-        let mut c = self.inner.lock();
-        c.prefill_s_per_token = Some(ewma(c.prefill_s_per_token, seconds / tokens as f64));
+        self.inner.lock().prefill.add(tokens as f64, seconds);
     }
 
     /// Records `bytes` read from `tier` in `seconds`.
@@ -73,7 +81,14 @@ impl CostModel {
             return;
         }
         let mut c = self.inner.lock();
-        let old = c.bandwidth.get(&tier).copied();
+        c.declined.remove(&tier);
+        let n = c.loads.entry(tier).or_insert(0);
+        *n = n.saturating_add(1);
+        let old = if *n == 2 {
+            None // the provisional first sample is replaced
+        } else {
+            c.bandwidth.get(&tier).copied()
+        };
         c.bandwidth.insert(tier, ewma(old, bytes as f64 / seconds));
     }
 
@@ -104,12 +119,77 @@ impl CostModel {
         lat + bytes as f64 / bw
     }
 
+    /// Whether a load from `tier` that recomputing is estimated to beat should be taken
+    /// anyway, to measure the tier: always until two loads were measured (its default
+    /// estimate is a guess, and a guess that always loses is never corrected; the first
+    /// measurement is provisional), then once every [`EXPLORE_EVERY`] declines. Counts the
+    /// decline otherwise.
+    pub fn explore(&self, tier: TierKind) -> bool {
+        let mut c = self.inner.lock();
+        if c.loads.get(&tier).copied().unwrap_or(0) < 2 {
+            return true;
+        }
+        let n = c.declined.entry(tier).or_insert(0);
+        *n += 1;
+        if *n >= EXPLORE_EVERY {
+            *n = 0;
+            return true;
+        }
+        false
+    }
+
     /// Seconds to prefill `tokens` tokens, if any prefill has been measured.
     pub fn prefill_s(&self, tokens: usize) -> Option<f64> {
-        self.inner
-            .lock()
-            .prefill_s_per_token
-            .map(|s| s * tokens as f64)
+        self.inner.lock().prefill.predict(tokens as f64)
+    }
+}
+
+/// Weight of the newest sample in the prefill fit (a window of about ten prefills).
+const FIT_ALPHA: f64 = 0.1;
+
+/// Prefill seconds as a fixed cost plus a cost per token, fitted by exponentially weighted
+/// least squares over recent prefills (`y = a + b·x`, `x` tokens). A prefill has a fixed
+/// part (kernel launches, per-layer work independent of length) that a cost per token alone
+/// spreads over the tokens: it then under-estimates short chunks and over-estimates long
+/// ones. Until prefills of more than one length were seen, the fit is proportional.
+#[derive(Debug, Default, Clone)]
+struct Affine {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl Affine {
+    fn add(&mut self, x: f64, y: f64) {
+        let keep = 1.0 - FIT_ALPHA;
+        let first = self.w == 0.0;
+        let k = if first { 0.0 } else { keep };
+        self.w = self.w * k + 1.0;
+        self.x = self.x * k + x;
+        self.y = self.y * k + y;
+        self.xx = self.xx * k + x * x;
+        self.xy = self.xy * k + x * y;
+    }
+
+    fn predict(&self, x: f64) -> Option<f64> {
+        if self.w == 0.0 {
+            return None;
+        }
+        let (mx, my) = (self.x / self.w, self.y / self.w);
+        let var = self.xx / self.w - mx * mx;
+        let proportional = my / mx * x;
+        // one length seen (or nearly): no fixed part can be told apart
+        if var <= (0.05 * mx).powi(2) {
+            return Some(proportional);
+        }
+        let b = (self.xy / self.w - mx * my) / var;
+        let a = my - b * mx;
+        if b <= 0.0 || a < 0.0 {
+            return Some(proportional);
+        }
+        Some(a + b * x)
     }
 }
 
@@ -137,5 +217,38 @@ mod tests {
         c.record_latency(remote, 0.002);
         c.record_load(remote, 1_000_000, 0.001);
         assert!((c.load_s(remote, 1_000) - 0.002001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_prefill_fit_finds_the_fixed_part() {
+        let c = CostModel::default();
+        // 10 ms fixed + 0.1 ms per token, prefills of two lengths
+        for _ in 0..5 {
+            c.record_prefill(128, 0.010 + 128e-4);
+            c.record_prefill(1024, 0.010 + 1024e-4);
+        }
+        let est = c.prefill_s(512).unwrap();
+        assert!((est - (0.010 + 512e-4)).abs() < 1e-6, "{est}");
+        assert!((c.prefill_s(64).unwrap() - (0.010 + 64e-4)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_unmeasured_tier_is_tried_then_rechecked_now_and_then() {
+        let c = CostModel::default();
+        let t = TierKind::REMOTE;
+        assert!(c.explore(t) && c.explore(t), "never measured: always load");
+        c.record_load(t, 1_000, 100.0); // a cold first load
+        assert!(c.explore(t), "the first measurement is provisional");
+        c.record_load(t, 1_000, 1.0);
+        assert!(
+            (c.load_s(t, 1_000) - c.load_s(t, 0) - 1.0).abs() < 1e-9,
+            "replaced"
+        );
+        let taken = (0..3 * EXPLORE_EVERY).filter(|_| c.explore(t)).count();
+        assert_eq!(taken, 3, "one in {EXPLORE_EVERY}");
+        assert!(!c.explore(t));
+        c.record_load(t, 1_000, 1.0); // a load resets the count
+        assert!((1..EXPLORE_EVERY).all(|_| !c.explore(t)));
+        assert!(c.explore(t));
     }
 }

@@ -4,9 +4,9 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+mod common;
 #[path = "support/proxy.rs"]
 mod proxy;
-mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -447,8 +447,14 @@ async fn a_slow_network_is_measured_and_waited_for() {
         assert_eq!(read_all(&t, o).await.as_deref(), Some(o.layers()));
     }
     let rtt_us = extra(&t, "rtt_us");
-    assert!(rtt_us >= 30_000, "the round trip includes both delays: {rtt_us} us");
+    assert!(
+        rtt_us >= 30_000,
+        "the round trip includes both delays: {rtt_us} us"
+    );
     let bw = extra(&t, "bandwidth_bytes_per_s");
-    assert!(bw > 0 && bw < 60_000_000, "throughput measured near the limit: {bw}");
+    assert!(
+        bw > 0 && bw < 60_000_000,
+        "throughput measured near the limit: {bw}"
+    );
     assert_eq!(extra(&t, "timeouts"), 0, "{:?}", t.stats().extra);
 }

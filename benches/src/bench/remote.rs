@@ -77,6 +77,10 @@ pub struct RemoteBenchArgs {
     repeats: usize,
     #[arg(long, default_value = "data/musique_dev.json")]
     input: PathBuf,
+    /// Random weights of a known shape (`llama3.1-8b`) and pseudo-random tokens instead of
+    /// the model and real text (the GPU runs).
+    #[arg(long)]
+    random: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long)]
@@ -384,6 +388,13 @@ async fn throughput(
     })
 }
 
+/// Lets a new store's remote tier connect and learn the cluster (a running sidecar's state),
+/// so that its first measured load is not a connection set-up.
+fn settle(rt: &tokio::runtime::Runtime, b: &Blender) {
+    let _ = rt.block_on(b.store().probe(&[kvquilt_kvstore::ChunkKey([0; 32])]));
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 fn p50_p99(xs: &[f64]) -> (f64, f64) {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -399,18 +410,39 @@ fn ttft(
     started: Option<&Started>,
     report: &mut Report,
 ) -> Result<()> {
-    let loaded = a.model.load()?;
-    let identity = kvquilt_blend::ModelIdentity::of(&loaded)?;
-    let tokenizer = loaded.tokenizer()?.clone();
-    let model = Arc::new(loaded.model);
-    let examples = data::load(&a.input)?;
-    let text: String = examples
-        .iter()
-        .flat_map(|e| e.ctxs.iter().map(|p| p.text.clone()))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let all = tokenizer.encode(&text)?;
-    let question = tokenizer.encode("\nQuestion: what is the passage about?\nAnswer:")?;
+    let (model, identity, all, question) = match a.random.as_deref() {
+        Some(shape) => {
+            let device = a.model.device()?;
+            let dtype = a.model.dtype(&device)?;
+            let (config, _) = super::random_shape(shape)?;
+            let mut m = kvquilt_model::Model::random(config, &device, dtype)?;
+            m.set_attention_kernel(a.model.attention_kernel()?);
+            let id = kvquilt_blend::ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
+            let vocab = m.config().vocab_size as u64;
+            let need = a.chunk_tokens.iter().sum::<usize>()
+                + a.rag_chunks * a.rag_chunk_tokens
+                + 1152 * (a.chunk_tokens.len() + 1) * (a.slow.len() + 1)
+                + 64;
+            let all = super::model::pseudo_tokens(need, vocab);
+            let question = all[..32].to_vec();
+            (m, id, all[32..].to_vec(), question)
+        }
+        None => {
+            let loaded = a.model.load()?;
+            let identity = kvquilt_blend::ModelIdentity::of(&loaded)?;
+            let tokenizer = loaded.tokenizer()?.clone();
+            let examples = data::load(&a.input)?;
+            let text: String = examples
+                .iter()
+                .flat_map(|e| e.ctxs.iter().map(|p| p.text.clone()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let all = tokenizer.encode(&text)?;
+            let question = tokenizer.encode("\nQuestion: what is the passage about?\nAnswer:")?;
+            (loaded.model, identity, all, question)
+        }
+    };
+    let model = Arc::new(model);
     let mut prompts: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
     let mut at = 0;
     let mut take = |n: usize| -> Result<Vec<u32>> {
@@ -512,9 +544,15 @@ fn ttft(
         let tc = time(&empty, &req, &|s| s.misses == n)?;
         // the cost model's choice: a blender that may recompute, having measured both
         let chooser = blender(remote_store(remote_config.clone())?, true);
-        let warm = BlendRequest::new(Vec::new(), vec![take(256)?], question.clone(), Mode::Reuse);
-        chooser.run(b"", &warm)?; // a miss: measures prefill
-        chooser.run(b"", &req)?; // measures the remote
+        settle(rt, &chooser);
+        // a sidecar that has served traffic: prefills of two lengths measured
+        for t in [128, 1024] {
+            let warm = BlendRequest::new(Vec::new(), vec![take(t)?], question.clone(), Mode::Reuse);
+            chooser.run(b"", &warm)?;
+        }
+        // two loads measure the remote (the cost model takes the first as provisional)
+        chooser.run(b"", &req)?;
+        chooser.run(b"", &req)?;
         let o = chooser.run(b"", &req)?;
         let recomputed = o.stats.fell_back_to_full
             || o.stats
@@ -591,18 +629,30 @@ fn ttft(
             let mut tr = Vec::new();
             for rep in 0..=reps {
                 let o = b_slow.run(b"", &req)?;
-                ensure!(o.stats.hits_remote == 1, "slow remote: {:?}", o.stats.segments);
+                ensure!(
+                    o.stats.hits_remote == 1,
+                    "slow remote: {:?}",
+                    o.stats.segments
+                );
                 if rep > 0 {
                     tr.push(o.stats.ttft_ms);
                 }
             }
             let chooser = blender(slow_store(slow_config.clone())?, true);
-            let warm = BlendRequest::new(Vec::new(), vec![take(256)?], question.clone(), Mode::Reuse);
-            chooser.run(b"", &warm)?;
+            settle(rt, &chooser);
+            // a sidecar that has served traffic: prefills of two lengths measured
+            for t in [128, 1024] {
+                let warm =
+                    BlendRequest::new(Vec::new(), vec![take(t)?], question.clone(), Mode::Reuse);
+                chooser.run(b"", &warm)?;
+            }
+            chooser.run(b"", &req)?;
             chooser.run(b"", &req)?;
             let o = chooser.run(b"", &req)?;
             let recomputed = o.stats.fell_back_to_full
-                || o.stats.segments.contains(&SegmentSource::RecomputedForSpeed);
+                || o.stats
+                    .segments
+                    .contains(&SegmentSource::RecomputedForSpeed);
             let chosen = if recomputed { "recompute" } else { "load" };
             let base = report
                 .ttft
@@ -644,6 +694,9 @@ fn ttft(
     if let Some(s) = started {
         let req = BlendRequest::new(Vec::new(), rag.clone(), question.clone(), Mode::Reuse);
         let fresh = blender(remote_store(remote_config.clone())?, false);
+        // a running sidecar: connected, the cluster's topology known
+        fresh.run(b"", &req)?;
+        std::thread::sleep(Duration::from_secs(1));
         let port = s.port_base; // a primary (the script makes the first three primaries)
         let pid: i32 = std::fs::read_to_string(s.dir.path().join(format!("{port}.pid")))?
             .trim()

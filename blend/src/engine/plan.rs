@@ -66,12 +66,16 @@ pub(crate) struct Entry<'a> {
     /// tier's measured bandwidth) or prefill time; 0 for a miss before any prefill has been
     /// measured.
     pub(crate) cost_s: f64,
+    /// Loaded although recomputing was estimated faster, to measure its tier
+    /// ([`CostModel::explore`]).
+    pub(crate) explores: bool,
 }
 
 impl<'a> Entry<'a> {
     /// Plans one segment held at `held`: a device-tier entry is taken from there; a stored
-    /// one is loaded unless `may_recompute` and recomputing it is estimated strictly faster;
-    /// anything else is computed as a miss.
+    /// one is loaded unless `may_recompute` and recomputing it is estimated strictly faster
+    /// (and the cost model does not want the load to measure the tier:
+    /// [`CostModel::explore`]); anything else is computed as a miss.
     fn new(
         key: ChunkKey,
         tokens: &'a [u32],
@@ -82,12 +86,20 @@ impl<'a> Entry<'a> {
     ) -> Self {
         let bytes = usize::try_from(layout.object_bytes(tokens.len())).unwrap_or(usize::MAX);
         let recompute_s = costs.prefill_s(tokens.len());
+        let mut explores = false;
         let (origin, cost_s) = match held {
             Some(Held::Device) => (Origin::Device, costs.load_s(TierKind::GPU, bytes)),
             Some(Held::Store(tier)) => {
                 let load_s = costs.load_s(tier, bytes);
                 match recompute_s {
-                    Some(r) if may_recompute && r < load_s => (Origin::Compute(Why::Faster), r),
+                    Some(r) if may_recompute && r < load_s => {
+                        if costs.explore(tier) {
+                            explores = true;
+                            (Origin::Load(tier), load_s)
+                        } else {
+                            (Origin::Compute(Why::Faster), r)
+                        }
+                    }
                     _ => (Origin::Load(tier), load_s),
                 }
             }
@@ -98,6 +110,7 @@ impl<'a> Entry<'a> {
             tokens,
             origin,
             cost_s,
+            explores,
         }
     }
 }
@@ -166,7 +179,8 @@ impl<'a> Plan<'a> {
 
     /// Whether the request should run as full prefill: never slower than full prefill.
     ///
-    /// The rule: only once a prefill rate has been measured (before that, never). Then full
+    /// The rule: only once a prefill rate has been measured (before that, never), and never
+    /// when a load is taken to measure its tier ([`Entry::explores`]). Then full
     /// prefill runs when nothing is to be loaded from the store (computing chunks alone
     /// cannot beat computing them together; device-tier entries do not count as loads), or
     /// when `estimate_s + recompute_share · full_s + suffix_s ≥ full_s`, where `full_s` and
@@ -183,6 +197,9 @@ impl<'a> Plan<'a> {
         let Some(full_s) = costs.prefill_s(prompt_tokens) else {
             return false;
         };
+        if self.entries.iter().any(|e| e.explores) {
+            return false; // a load taken to measure its tier is not overruled
+        }
         let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
         !self.loads() || self.estimate_s() + recompute_share * full_s + suffix_s >= full_s
     }
@@ -270,8 +287,17 @@ mod tests {
         // 10 tokens · 2 layers · (K + V) · 2 heads · 4 dims · 4 bytes = 1,280 bytes at 1 GB/s,
         // after the SSD's assumed 0.1 ms to open an object
         assert!((plan.entries[1].cost_s - (1e-4 + 1_280.0 / 1e9)).abs() < 1e-12);
-        // recompute nearly free: the stored chunk is recomputed for speed
+        // recompute nearly free: the stored chunk is recomputed for speed, once the SSD tier
+        // has been measured (before that, it is loaded to measure it)
         costs.record_prefill(1_000_000, 1e-9);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
+        assert_eq!(
+            plan.entries[1].origin,
+            Origin::Load(TierKind::SSD),
+            "explored"
+        );
+        costs.record_load(TierKind::SSD, 1_280, 1.28e-6);
+        costs.record_load(TierKind::SSD, 1_280, 1.28e-6);
         let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
         assert_eq!(plan.entries[0].origin, Origin::Device);
         assert_eq!(plan.entries[1].origin, Origin::Compute(Why::Faster));

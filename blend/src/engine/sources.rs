@@ -325,8 +325,7 @@ fn compute(
     let store = how == SegmentSource::Miss
         || (how == SegmentSource::Unusable && b.store.locate(&key).is_none());
     if store {
-        let obj = codec.to_object(key, tokens, &cache)?;
-        pending.push(obj, took.as_secs_f64());
+        pending.push(codec, key, tokens, cache.clone(), took.as_secs_f64());
     }
     Ok(cache)
 }

@@ -91,22 +91,21 @@ async fn pump(
             }
         }
     });
+    // pacing keeps a schedule (when the bytes sent so far may have left at the limit), so
+    // the timer's millisecond granularity does not cap the rate
+    let mut free_at = Instant::now();
     while let Some((at, bytes)) = rx.recv().await {
         let th = *t.lock();
-        let due = at + th.delay;
+        let due = (at + th.delay).max(free_at);
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
         }
-        let started = Instant::now();
         if to.write_all(&bytes).await.is_err() {
             break;
         }
         if th.bytes_per_s > 0.0 {
             let pace = Duration::from_secs_f64(bytes.len() as f64 / th.bytes_per_s);
-            let spent = started.elapsed();
-            if pace > spent {
-                tokio::time::sleep(pace - spent).await;
-            }
+            free_at = due.max(free_at) + pace;
         }
     }
     reader.abort();

@@ -36,7 +36,7 @@ pub(crate) fn fall_back(
     let mut pending = Pending::default();
     for e in plan.entries.iter().filter(|e| e.origin == miss) {
         let (kv, took) = codec.prefill(&b.model, e.tokens)?;
-        pending.push(codec.to_object(e.key, e.tokens, &kv)?, took.as_secs_f64());
+        pending.push(codec, e.key, e.tokens, kv, took.as_secs_f64());
     }
     for &i in &plan.placement {
         stats.count(if plan.entries[i].origin == miss {

@@ -101,6 +101,6 @@ fn compute_link(
     let part = cache
         .narrow(at, seg.len())?
         .with_positions(positions(0, seg.len()))?;
-    pending.push(codec.to_object(key, seg, &part)?, took);
+    pending.push(codec, key, seg, part, took);
     Ok(())
 }

@@ -98,10 +98,10 @@ pub trait RemoteStore: Send + Sync + 'static {
         None
     }
 
-    /// Refreshes what [`RemoteStore::shard`] knows (called every few seconds, off the
-    /// request path).
-    async fn refresh_topology(&self) -> std::result::Result<(), RemoteError> {
-        Ok(())
+    /// One round trip to the engine, refreshing what [`RemoteStore::shard`] knows where it
+    /// can (called at start and every few seconds, off the request path).
+    async fn ping(&self) -> std::result::Result<(), RemoteError> {
+        self.exists("kvq:ping").await.map(|_| ())
     }
 }
 
@@ -278,24 +278,8 @@ impl RemoteTier {
             config,
         });
         rt.spawn(writer(Arc::downgrade(&inner), rx));
+        // connects, learns the topology and a first round trip, off the start-up path
         rt.spawn(topology(Arc::downgrade(&inner)));
-        let warm = Arc::clone(&inner);
-        rt.spawn(async move {
-            // connects and measures a first round trip; a remote down at start opens the
-            // breaker at once instead of costing the first requests a timeout each
-            let t = Instant::now();
-            let probe = warm.store.exists("kvq:ping");
-            match warm.call(None, 0, probe).await {
-                Ok(_) => {
-                    warm.health.record_rtt(t.elapsed());
-                    tracing::info!(engine = warm.store.name(), rtt_us = t.elapsed().as_micros() as u64, "remote tier connected");
-                }
-                Err(e) => {
-                    warm.health.trip();
-                    tracing::warn!(engine = warm.store.name(), error = %e, "remote tier unreachable at start; serving without it until it answers");
-                }
-            }
-        });
         Ok(Self(inner))
     }
 
@@ -662,19 +646,44 @@ impl Inner {
     }
 }
 
-/// Seconds between refreshes of the remote's topology.
+/// Time between pings (and topology refreshes) of the remote.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(5);
 
-/// Refreshes the engine's view of its shards until the tier is dropped.
+/// Pings the remote and refreshes the engine's view of its shards, now and every
+/// [`TOPOLOGY_EVERY`], until the tier is dropped. The first ping is the tier's connection:
+/// a remote that refuses it (down at start) opens the remote-wide breaker at once instead
+/// of costing the first requests a timeout each; one that is only slow counts a failure.
 async fn topology(inner: std::sync::Weak<Inner>) {
+    let mut first = true;
     loop {
         let Some(i) = inner.upgrade() else { return };
-        let limit = i.config.op_timeout_max;
-        match tokio::time::timeout(limit, i.store.refresh_topology()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "remote tier: topology refresh failed"),
-            Err(_) => tracing::debug!("remote tier: topology refresh timed out"),
+        let t = Instant::now();
+        match tokio::time::timeout(i.config.op_timeout_max, i.store.ping()).await {
+            Ok(Ok(())) => {
+                i.health.record_rtt(t.elapsed());
+                i.health.global().success();
+                if first {
+                    tracing::info!(
+                        engine = i.store.name(),
+                        rtt_us = t.elapsed().as_micros() as u64,
+                        "remote tier connected"
+                    );
+                }
+            }
+            Ok(Err(e @ (RemoteError::Unavailable(_) | RemoteError::Config(_)))) if first => {
+                i.health.trip();
+                tracing::warn!(engine = i.store.name(), error = %e, "remote tier unreachable at start; serving without it until it answers");
+            }
+            Ok(Err(e)) => {
+                i.health.global().failure();
+                tracing::debug!(error = %e, "remote tier: ping failed");
+            }
+            Err(_) => {
+                i.health.global().failure();
+                tracing::debug!("remote tier: ping timed out");
+            }
         }
+        first = false;
         drop(i);
         tokio::time::sleep(TOPOLOGY_EVERY).await;
     }
