@@ -388,6 +388,31 @@ async fn throughput(
     })
 }
 
+/// What `chooser` (a blender that may recompute) decides for `req` once it has served
+/// traffic: two misses of 128 and 1,024 fresh tokens (prefill measured), then two loads of
+/// `req` (the cost model takes the first as provisional); `load` or `recompute`.
+fn choice(
+    rt: &tokio::runtime::Runtime,
+    chooser: &Blender,
+    req: &BlendRequest,
+    question: &[u32],
+    fresh: &mut impl FnMut(usize) -> Result<Vec<u32>>,
+) -> Result<&'static str> {
+    settle(rt, chooser);
+    for t in [128, 1024] {
+        let warm = BlendRequest::new(Vec::new(), vec![fresh(t)?], question.to_vec(), Mode::Reuse);
+        chooser.run(b"", &warm)?;
+    }
+    chooser.run(b"", req)?;
+    chooser.run(b"", req)?;
+    let o = chooser.run(b"", req)?;
+    let recomputed = o.stats.fell_back_to_full
+        || o.stats
+            .segments
+            .contains(&SegmentSource::RecomputedForSpeed);
+    Ok(if recomputed { "recompute" } else { "load" })
+}
+
 /// Lets a new store's remote tier connect and learn the cluster (a running sidecar's state),
 /// so that its first measured load is not a connection set-up.
 fn settle(rt: &tokio::runtime::Runtime, b: &Blender) {
@@ -544,21 +569,7 @@ fn ttft(
         let tc = time(&empty, &req, &|s| s.misses == n)?;
         // the cost model's choice: a blender that may recompute, having measured both
         let chooser = blender(remote_store(remote_config.clone())?, true);
-        settle(rt, &chooser);
-        // a sidecar that has served traffic: prefills of two lengths measured
-        for t in [128, 1024] {
-            let warm = BlendRequest::new(Vec::new(), vec![take(t)?], question.clone(), Mode::Reuse);
-            chooser.run(b"", &warm)?;
-        }
-        // two loads measure the remote (the cost model takes the first as provisional)
-        chooser.run(b"", &req)?;
-        chooser.run(b"", &req)?;
-        let o = chooser.run(b"", &req)?;
-        let recomputed = o.stats.fell_back_to_full
-            || o.stats
-                .segments
-                .contains(&SegmentSource::RecomputedForSpeed);
-        let chosen = if recomputed { "recompute" } else { "load" };
+        let chosen = choice(rt, &chooser, &req, &question, &mut take)?;
         let faster = if median(&tr) <= median(&tc) {
             "load"
         } else {
@@ -639,21 +650,7 @@ fn ttft(
                 }
             }
             let chooser = blender(slow_store(slow_config.clone())?, true);
-            settle(rt, &chooser);
-            // a sidecar that has served traffic: prefills of two lengths measured
-            for t in [128, 1024] {
-                let warm =
-                    BlendRequest::new(Vec::new(), vec![take(t)?], question.clone(), Mode::Reuse);
-                chooser.run(b"", &warm)?;
-            }
-            chooser.run(b"", &req)?;
-            chooser.run(b"", &req)?;
-            let o = chooser.run(b"", &req)?;
-            let recomputed = o.stats.fell_back_to_full
-                || o.stats
-                    .segments
-                    .contains(&SegmentSource::RecomputedForSpeed);
-            let chosen = if recomputed { "recompute" } else { "load" };
+            let chosen = choice(rt, &chooser, &req, &question, &mut take)?;
             let base = report
                 .ttft
                 .iter()

@@ -28,6 +28,8 @@ struct Computed {
 impl Pending {
     /// Queues chunk `key` of `tokens`, whose KV `cache` (positions `0..T`, the chunk
     /// contract's) took `cost_s` seconds to compute; `codec` makes it an object later.
+    /// Holding the tensors until then is safe: a KV view's rows never change under it
+    /// (`model/src/kv.rs::appends_in_place_without_disturbing_clones`).
     pub(crate) fn push(
         &mut self,
         codec: &ChunkCodec,

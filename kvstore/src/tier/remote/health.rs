@@ -402,7 +402,11 @@ mod tests {
         );
         assert_eq!(h.deadline(1), Duration::from_secs(2), "unmeasured: the cap");
         h.record_rtt(Duration::from_micros(100));
-        assert_eq!(h.deadline(1), Duration::from_millis(10), "floor");
+        assert_eq!(
+            h.deadline(0),
+            Duration::from_millis(10),
+            "a small call: the floor"
+        );
         // a transfer before any throughput was measured: the cap
         assert_eq!(h.deadline(10_000_000), Duration::from_secs(2));
         {
