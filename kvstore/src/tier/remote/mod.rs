@@ -15,13 +15,19 @@
 //!   records first, then the header as the commit marker, each `SET NX` with the TTL;
 //! - start-up does not wait: the first connection is made in the background.
 //!
+//! Code map: `names.rs` key names and the header envelope, `health.rs` breakers and
+//! deadlines, `reader.rs` reading an object, `writer.rs` the write queue, `redis_cluster.rs`
+//! the engine; this file the trait, the config and the `Tier` implementation.
+//!
 //! Presence: [`Tier::contains`] answers from a hint of keys this process wrote or saw
 //! (no I/O); [`Tier::probe`] asks the remote (one round trip) and fills the hint.
 //! Eviction is the engine's (`maxmemory` with an LRU policy; hits refresh the TTL).
 
 mod health;
 mod names;
+mod reader;
 mod redis_cluster;
+mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,20 +35,21 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
 
 pub use health::{Breaker, BreakerState, Health};
 pub use names::{NAMING_VERSION, ObjectNames, Records, envelope, namespace_hash, parse_envelope};
 pub use redis_cluster::RedisCluster;
+
+use reader::{Opened, RemoteReader};
 
 use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::Lease;
 use crate::key::ChunkKey;
-use crate::object::{KvObject, ObjectHeader, ObjectInfo, decode_record};
+use crate::object::{KvObject, ObjectInfo};
 use crate::stats::{TierStats, TierStatsSnapshot};
 
 /// What a remote engine call can fail with.
@@ -220,23 +227,6 @@ fn read_budget_mib(c: &RemoteConfig) -> u32 {
 #[derive(Clone)]
 pub struct RemoteTier(Arc<Inner>);
 
-/// An object's verified header as read from the remote.
-struct Opened {
-    header: Arc<ObjectHeader>,
-    records: Arc<Records>,
-    names: ObjectNames,
-}
-
-/// Why reading one layer failed.
-enum Fail {
-    /// A stripe is missing.
-    Partial(usize),
-    /// The bytes failed verification.
-    Bad(StoreError),
-    /// The call failed (timeout, connection, breaker).
-    Call(RemoteError),
-}
-
 impl RemoteTier {
     /// A tier on `store`. Must be called inside a tokio runtime: the writer and the first
     /// connection run as tasks (start-up does not wait for the remote).
@@ -277,7 +267,7 @@ impl RemoteTier {
             store,
             config,
         });
-        rt.spawn(writer(Arc::downgrade(&inner), rx));
+        rt.spawn(writer::writer(Arc::downgrade(&inner), rx));
         // connects, learns the topology and a first round trip, off the start-up path
         rt.spawn(topology(Arc::downgrade(&inner)));
         Ok(Self(inner))
@@ -506,144 +496,6 @@ impl Inner {
             tracing::debug!(%key, error = %e, "remote tier: unlinking a bad object failed (its TTL removes it)");
         }
     }
-
-    /// Reads, verifies and decodes layer `layer` of an opened object.
-    async fn read_layer(
-        &self,
-        header: &ObjectHeader,
-        records: &Records,
-        layer: usize,
-    ) -> std::result::Result<Bytes, Fail> {
-        let n = header.layers.len();
-        let Some(e) = header.layers.get(layer) else {
-            return Err(Fail::Bad(StoreError::Invalid(format!(
-                "layer {layer} of {n}"
-            ))));
-        };
-        let len = e.stored_len as usize;
-        let keys = records.stripes(layer, len);
-        // a share of the read budget (waiting for it is not the remote's slowness: the
-        // deadline starts once the call is made)
-        let mib = (len.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
-        let _budget = Arc::clone(&self.read_budget)
-            .acquire_many_owned(mib)
-            .await
-            .map_err(|_| Fail::Call(RemoteError::Down))?;
-        let parts = self
-            .call(Some(&header.info.key), len, self.store.get(&keys))
-            .await
-            .map_err(Fail::Call)?;
-        if parts.len() != keys.len() {
-            return Err(Fail::Partial(layer));
-        }
-        let mut parts: Vec<Bytes> = match parts.into_iter().collect::<Option<Vec<_>>>() {
-            Some(p) => p,
-            None => return Err(Fail::Partial(layer)),
-        };
-        let record = if parts.len() == 1 {
-            parts.pop().unwrap_or_default()
-        } else {
-            let mut b = BytesMut::with_capacity(len);
-            for p in &parts {
-                b.extend_from_slice(p);
-            }
-            b.freeze()
-        };
-        TierStats::add(&self.stats.bytes_out, record.len() as u64);
-        decode_record(header, layer, &record).map_err(Fail::Bad)
-    }
-
-    /// Writes `obj` (called by the writer task): skipped when this process knows the remote
-    /// has it, records in pipelines of about `stripe_bytes` (at least 1 MiB), the header last.
-    async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
-        let key = *obj.key();
-        let names = ObjectNames::new(&self.ns, &key);
-        // no existence check first: a sidecar puts what it just computed as a miss, so the
-        // remote rarely has it, and `SET NX` makes a duplicate write a no-op anyway
-        if self.present.contains_key(&key) {
-            return;
-        }
-        let codec = self.config.codec;
-        let enc = tokio::task::spawn_blocking(move || match obj.encode(codec) {
-            Err(e) if codec.is_lossy() => {
-                tracing::warn!(key = %obj.key(), error = %e, "remote tier: stored raw");
-                obj.encode(Codec::Raw)
-            }
-            r => r,
-        })
-        .await;
-        let enc = match enc {
-            Ok(Ok(enc)) => enc,
-            Ok(Err(e)) => {
-                TierStats::add(&self.counters.put_failures, 1);
-                tracing::warn!(%key, error = %e, "remote tier: encoding failed; not written");
-                return;
-            }
-            Err(e) => {
-                TierStats::add(&self.counters.put_failures, 1);
-                tracing::warn!(%key, error = %e, "remote tier: encoding task failed");
-                return;
-            }
-        };
-        let t = Instant::now();
-        let stripe = self.config.stripe_bytes;
-        let records = names.records(&enc.header_bytes, stripe);
-        // one pipeline carries about one stripe (at least 1 MiB): small records batch
-        // together, and what a write keeps in flight (and in the engine's replication
-        // buffers) stays bounded
-        let batch_limit = stripe.max(1 << 20);
-        let mut batch: Vec<(String, Bytes)> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut stored = enc.header_bytes.len() as u64;
-        for (l, rec) in enc.records.iter().enumerate() {
-            stored += rec.len() as u64;
-            for (s, k) in records.stripes(l, rec.len()).into_iter().enumerate() {
-                let lo = (s * stripe).min(rec.len());
-                let hi = ((s + 1) * stripe).min(rec.len());
-                batch_bytes += hi - lo;
-                batch.push((k, rec.slice(lo..hi)));
-                if batch_bytes >= batch_limit {
-                    let items = std::mem::take(&mut batch);
-                    if !self.set(&key, &items, batch_bytes).await {
-                        return;
-                    }
-                    batch_bytes = 0;
-                }
-            }
-        }
-        if !batch.is_empty() && !self.set(&key, &batch, batch_bytes).await {
-            return;
-        }
-        let env = Bytes::from(envelope(&enc.header_bytes, stripe));
-        if !self.set(&key, &[(names.header(), env)], 0).await {
-            return;
-        }
-        self.present.insert(key, ());
-        self.absent.invalidate(&key);
-        TierStats::add(&self.stats.puts, 1);
-        TierStats::add(&self.stats.bytes_in, stored);
-        TierStats::add(&self.counters.bytes_written, stored);
-        self.stats.put_latency.record(t.elapsed());
-    }
-
-    /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
-    async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
-        let mib = (bytes.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
-        let Ok(_budget) = Arc::clone(&self.write_budget).acquire_many_owned(mib).await else {
-            return false;
-        };
-        match self
-            .call_off_path(key, bytes, self.store.set_nx(items, self.config.ttl))
-            .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                TierStats::add(&self.counters.put_failures, 1);
-                tracing::warn!(%key, error = %e, "remote tier: write failed; the object is not committed (its records expire)");
-                false
-            }
-        }
-    }
 }
 
 /// Time between pings (and topology refreshes) of the remote.
@@ -686,140 +538,6 @@ async fn topology(inner: std::sync::Weak<Inner>) {
         first = false;
         drop(i);
         tokio::time::sleep(TOPOLOGY_EVERY).await;
-    }
-}
-
-/// The write queue's consumer: writes objects, `write_concurrency` at once, until the tier
-/// is dropped.
-async fn writer(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Arc<KvObject>>) {
-    let permits = match inner.upgrade() {
-        Some(i) => Arc::new(Semaphore::new(i.config.write_concurrency.max(1))),
-        None => return,
-    };
-    while let Some(obj) = rx.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            inner.write(obj).await;
-            inner.pending.fetch_sub(1, Relaxed);
-            drop(permit);
-        });
-    }
-}
-
-/// A remote object open for reading: layers are fetched `window` ahead of the one asked
-/// for, each verified against the header before it is handed out.
-struct RemoteReader {
-    inner: Arc<Inner>,
-    opened: Opened,
-    info: Arc<ObjectInfo>,
-    fetches: std::collections::BTreeMap<usize, JoinHandle<std::result::Result<Bytes, Fail>>>,
-}
-
-impl RemoteReader {
-    fn fetch(&mut self, layer: usize) {
-        if self.fetches.contains_key(&layer) || layer >= self.opened.header.layers.len() {
-            return;
-        }
-        let (inner, header, records) = (
-            Arc::clone(&self.inner),
-            Arc::clone(&self.opened.header),
-            Arc::clone(&self.opened.records),
-        );
-        let h = tokio::spawn(async move { inner.read_layer(&header, &records, layer).await });
-        self.fetches.insert(layer, h);
-    }
-
-    /// Layers in flight: `window`, fewer for records so large that the window would hold
-    /// more than four stripes (a reader's share of the connection stays bounded).
-    fn window(&self) -> usize {
-        let c = &self.inner.config;
-        let largest = self
-            .opened
-            .header
-            .layers
-            .iter()
-            .map(|e| e.stored_len as usize)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        c.window.min((4 * c.stripe_bytes / largest).max(1)).max(1)
-    }
-
-    /// Every key of the object (records, then the header).
-    fn all_keys(&self) -> Vec<String> {
-        let mut keys = self.opened.records.all(&self.opened.header);
-        keys.push(self.opened.names.header());
-        keys
-    }
-}
-
-impl Drop for RemoteReader {
-    fn drop(&mut self) {
-        for (_, h) in std::mem::take(&mut self.fetches) {
-            h.abort();
-        }
-    }
-}
-
-#[async_trait]
-impl LayerReader for RemoteReader {
-    fn info(&self) -> &Arc<ObjectInfo> {
-        &self.info
-    }
-
-    fn lossy(&self) -> Option<Codec> {
-        let c = self.opened.header.codec;
-        c.is_lossy().then_some(c)
-    }
-
-    async fn layer(&mut self, layer: usize) -> Result<Bytes> {
-        let n = self.opened.header.layers.len();
-        if layer >= n {
-            return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
-        }
-        for l in layer..(layer + self.window()).min(n) {
-            self.fetch(l);
-        }
-        let Some(h) = self.fetches.remove(&layer) else {
-            return Err(StoreError::Invalid(format!("layer {layer} not fetched")));
-        };
-        let r = h
-            .await
-            .unwrap_or_else(|e| Err(Fail::Call(RemoteError::Engine(format!("fetch task: {e}")))));
-        let key = self.info.key;
-        match r {
-            Ok(b) => {
-                if layer + 1 == n {
-                    // a hit keeps the object alive: refresh its TTL (best effort, off the path)
-                    let (inner, keys) = (Arc::clone(&self.inner), self.all_keys());
-                    tokio::spawn(async move {
-                        let ttl = inner.config.ttl;
-                        let _ = inner
-                            .call(Some(&key), 0, inner.store.expire(&keys, ttl))
-                            .await;
-                    });
-                }
-                Ok(b)
-            }
-            Err(Fail::Partial(l)) => {
-                TierStats::add(&self.inner.counters.partial_reads, 1);
-                tracing::warn!(%key, layer = l, "remote tier: a stripe is missing (evicted or half-written); unlinked, recomputing");
-                self.inner.forget(&key, self.all_keys()).await;
-                Err(StoreError::Corrupt(format!(
-                    "remote object {key}: layer {l} has a missing stripe"
-                )))
-            }
-            Err(Fail::Bad(e)) => {
-                TierStats::add(&self.inner.stats.checksum_failures, 1);
-                tracing::warn!(%key, error = %e, "remote tier: a record failed verification; unlinked, recomputing");
-                self.inner.forget(&key, self.all_keys()).await;
-                Err(e)
-            }
-            Err(Fail::Call(e)) => Err(StoreError::Remote(e.to_string())),
-        }
     }
 }
 
@@ -880,12 +598,10 @@ impl Tier for RemoteTier {
         let Some(opened) = self.0.open(key).await else {
             return Ok(None);
         };
-        Ok(Some(Box::new(RemoteReader {
-            inner: Arc::clone(&self.0),
-            info: Arc::new(opened.header.info.clone()),
+        Ok(Some(Box::new(RemoteReader::new(
+            Arc::clone(&self.0),
             opened,
-            fetches: Default::default(),
-        })))
+        ))))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
