@@ -6,7 +6,7 @@ mod common;
 use axum::http::StatusCode;
 use common::TestApp;
 use kvquilt::serve::config::Config;
-use kvquilt_api::{BlendResponse, Stats};
+use kvquilt_api::Stats;
 use kvquilt_kvstore::{Codec, SsdConfig, StoreConfig, TieredStore};
 use serde_json::json;
 
@@ -34,16 +34,9 @@ async fn a_lossy_hit_says_so_everywhere() {
         .json("POST", "/v1/chunks", None, json!({"chunks": DOCS}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let (s, v) = app
-        .json(
-            "POST",
-            "/v1/blend",
-            None,
-            json!({"question": "When was the tower finished?", "chunks": DOCS, "mode": "reuse"}),
-        )
+    let b = app
+        .blend(json!({"question": "When was the tower finished?", "chunks": DOCS, "mode": "reuse"}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let b: BlendResponse = serde_json::from_value(v).unwrap();
     assert_eq!((b.stats.hits_ssd, b.stats.lossy_hits), (2, 2));
     let (_, v) = app.call("GET", "/v1/stats", None, None, "").await;
     let stats: Stats = serde_json::from_value(v).unwrap();

@@ -39,16 +39,8 @@ fn sidecar(dir: &std::path::Path, seeds: &[String]) -> TestApp {
 }
 
 async fn blend(app: &TestApp) -> BlendResponse {
-    let (s, v) = app
-        .json(
-            "POST",
-            "/v1/blend",
-            None,
-            json!({"question": "When was the tower finished?", "chunks": DOCS, "mode": "reuse"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    serde_json::from_value(v).unwrap()
+    app.blend(json!({"question": "When was the tower finished?", "chunks": DOCS, "mode": "reuse"}))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,13 @@ impl TestApp {
         )
     }
 
+    /// `POST /v1/blend` with `body`, which must succeed: its answer.
+    pub(crate) async fn blend(&self, body: Value) -> kvquilt_api::BlendResponse {
+        let (s, v) = self.json("POST", "/v1/blend", None, body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        serde_json::from_value(v).expect("a blend answer")
+    }
+
     /// A JSON request.
     pub(crate) async fn json(
         &self,
