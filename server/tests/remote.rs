@@ -103,3 +103,56 @@ async fn one_sidecar_stores_the_other_hits() {
     let r = blend(&b).await;
     assert_eq!(r.stats.hits_host, segments, "local hits need no remote");
 }
+
+/// A primary killed (SIGKILL) while a sidecar serves requests that read the remote: every
+/// answer is the one recompute gives (the chunks' KV is the same bytes either way), none
+/// fails, and each ends within a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load_changes_no_answer() {
+    let c = Cluster::start();
+    let (da, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = sidecar(da.path(), &c.seeds);
+    blend(&a).await;
+    a.state.blender.store().flush().await.unwrap();
+    // the reference: a sidecar with no remote recomputes every chunk
+    let reference = blend(&sidecar_local(dr.path())).await.token;
+
+    let victim = c.base; // the script's first node is a primary
+    let mut after_kill = Vec::new();
+    for round in 0..6 {
+        if round == 2 {
+            c.signal(victim, "-9");
+        }
+        // three fresh sidecars a round (nothing promoted yet): every request reads the remote
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let bs: Vec<TestApp> = dirs.iter().map(|d| sidecar(d.path(), &c.seeds)).collect();
+        let t0 = Instant::now();
+        let (r1, r2, r3) = tokio::join!(blend(&bs[0]), blend(&bs[1]), blend(&bs[2]));
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "round {round}: {:?}",
+            t0.elapsed()
+        );
+        for r in [r1, r2, r3] {
+            assert_eq!(r.token, reference, "round {round}: {:?}", r.stats);
+            if round >= 2 {
+                after_kill.push(r);
+            }
+        }
+    }
+    let remote_hits: usize = after_kill.iter().map(|r| r.stats.hits_remote).sum();
+    assert!(
+        remote_hits > 0,
+        "the other primaries (or the promoted replica) serve on"
+    );
+}
+
+/// A sidecar with no remote tier (host memory only).
+fn sidecar_local(dir: &std::path::Path) -> TestApp {
+    let settings = StoreSettings {
+        host_bytes: 1 << 30,
+        ssd_bytes: 1 << 30,
+        ..Default::default()
+    };
+    TestApp::with_store(Config::default(), open_store(dir, &settings).unwrap())
+}
