@@ -71,7 +71,7 @@ pub struct TierStats {
     /// Counters only some tiers have, by name. The remote tier: `partial_reads` (a stripe
     /// missing), `timeouts`, `errors`, `skipped_down` (calls not made, breaker open),
     /// `dropped_puts` (queue full or remote down), `put_failures`, `negative_hits`,
-    /// `bytes_written`, `pending_writes`, `breaker_state` (0 closed, 1 open, 2 half-open),
+    /// `pending_writes`, `breaker_state` (0 closed, 1 open, 2 half-open),
     /// `breaker_opens`, `rtt_us`, `bandwidth_bytes_per_s` (as measured).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub extra: std::collections::BTreeMap<String, u64>,

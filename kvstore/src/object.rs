@@ -286,6 +286,18 @@ impl KvObject {
         })
     }
 
+    /// [`KvObject::encode`], falling back to raw when a lossy `codec` cannot hold these
+    /// values (logged): what a tier stores is then exact, never refused for its values.
+    pub fn encode_or_raw(&self, codec: Codec) -> Result<EncodedObject> {
+        match self.encode(codec) {
+            Err(e) if codec.is_lossy() && self.lossy.is_none() => {
+                tracing::warn!(key = %self.info.key, error = %e, "{codec} cannot hold these values; stored raw");
+                self.encode(Codec::Raw)
+            }
+            r => r,
+        }
+    }
+
     /// Builds the object from a verified header and its decoded layers (marked lossy when
     /// the header's codec is).
     pub fn from_parts(header: &ObjectHeader, layers: Vec<Bytes>) -> Result<Self> {

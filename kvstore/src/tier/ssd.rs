@@ -494,15 +494,7 @@ impl Inner {
         if self.index.contains(&key) {
             return Ok(PutOutcome::default());
         }
-        let enc = match obj.encode(self.config.codec) {
-            Ok(enc) => enc,
-            // a lossy codec that cannot hold these values: store them exactly instead
-            Err(e) if self.config.codec.is_lossy() => {
-                tracing::warn!(%key, error = %e, "stored raw");
-                obj.encode(Codec::Raw)?
-            }
-            Err(e) => return Err(e),
-        };
+        let enc = obj.encode_or_raw(self.config.codec)?;
         let stored = enc.header.stored_len(enc.header_bytes.len());
         self.check_free_space(stored)?;
         let (reservation, victims) = self.index.admit(key, stored, cost_s)?;

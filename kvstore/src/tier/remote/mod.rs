@@ -187,8 +187,6 @@ struct RemoteCounters {
     put_failures: AtomicU64,
     /// Lookups answered by the negative cache.
     negative_hits: AtomicU64,
-    /// Bytes written by this process, stored size.
-    bytes_written: AtomicU64,
 }
 
 struct Inner {
@@ -205,7 +203,7 @@ struct Inner {
     queue: mpsc::Sender<Arc<KvObject>>,
     /// Objects accepted by `put` and not yet written or given up.
     pending: AtomicU64,
-    /// Record reads in flight across every reader, in MiB ([`READ_BUDGET_STRIPES`]): many
+    /// Record reads in flight across every reader, in MiB ([`BUDGET_STRIPES`]): many
     /// readers with deep windows (or writers with large objects) would otherwise queue far
     /// more bytes than the link moves in a deadline, and crowd memory and the engine's
     /// replication buffers.
@@ -214,13 +212,13 @@ struct Inner {
     write_budget: Arc<Semaphore>,
 }
 
-/// Stripes' worth of record bytes all readers of a tier keep in flight at most (and at
-/// least 16 MiB).
-const READ_BUDGET_STRIPES: usize = 16;
+/// Stripes' worth of record bytes all readers (and, separately, all writers) of a tier keep
+/// in flight at most (and at least 16 MiB).
+const BUDGET_STRIPES: usize = 16;
 
-/// The read budget of a tier configured by `c`, MiB.
-fn read_budget_mib(c: &RemoteConfig) -> u32 {
-    ((READ_BUDGET_STRIPES * c.stripe_bytes).div_ceil(1 << 20)).max(16) as u32
+/// The read (and the write) budget of a tier configured by `c`, MiB.
+fn budget_mib(c: &RemoteConfig) -> u32 {
+    ((BUDGET_STRIPES * c.stripe_bytes).div_ceil(1 << 20)).max(16) as u32
 }
 
 /// A tier on a shared remote engine. Cheap to clone.
@@ -262,8 +260,8 @@ impl RemoteTier {
                 .build(),
             queue: tx,
             pending: AtomicU64::new(0),
-            read_budget: Arc::new(Semaphore::new(read_budget_mib(&config) as usize)),
-            write_budget: Arc::new(Semaphore::new(read_budget_mib(&config) as usize)),
+            read_budget: Arc::new(Semaphore::new(budget_mib(&config) as usize)),
+            write_budget: Arc::new(Semaphore::new(budget_mib(&config) as usize)),
             store,
             config,
         });
@@ -320,9 +318,16 @@ impl RemoteTier {
 }
 
 impl Inner {
-    /// The read budget's size, MiB.
-    fn read_budget_mib(&self) -> u32 {
-        read_budget_mib(&self.config)
+    /// A share of `budget` for a call moving `bytes` (whole MiB, at least one, at most the
+    /// budget), held until the guard drops. Waiting for it is not the remote's slowness:
+    /// a call's deadline starts once it is made.
+    async fn budget_share(
+        &self,
+        budget: &Arc<Semaphore>,
+        bytes: usize,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mib = (bytes.div_ceil(1 << 20) as u32).clamp(1, budget_mib(&self.config));
+        Arc::clone(budget).acquire_many_owned(mib).await.ok()
     }
 
     /// The shard holding `key`'s object, when the engine knows its topology.
@@ -712,7 +717,6 @@ impl Tier for RemoteTier {
             ("dropped_puts", c.dropped_puts.load(Relaxed)),
             ("put_failures", c.put_failures.load(Relaxed)),
             ("negative_hits", c.negative_hits.load(Relaxed)),
-            ("bytes_written", c.bytes_written.load(Relaxed)),
             ("pending_writes", s.pending.load(Relaxed)),
             ("breaker_state", s.health.state() as u64),
             ("breaker_opens", s.health.opens()),

@@ -49,13 +49,10 @@ impl Inner {
         };
         let len = e.stored_len as usize;
         let keys = records.stripes(layer, len);
-        // a share of the read budget (waiting for it is not the remote's slowness: the
-        // deadline starts once the call is made)
-        let mib = (len.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
-        let _budget = Arc::clone(&self.read_budget)
-            .acquire_many_owned(mib)
+        let _budget = self
+            .budget_share(&self.read_budget, len)
             .await
-            .map_err(|_| Fail::Call(RemoteError::Down))?;
+            .ok_or(Fail::Call(RemoteError::Down))?;
         let parts = self
             .call(Some(&header.info.key), len, self.store.get(&keys))
             .await

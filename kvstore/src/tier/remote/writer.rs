@@ -10,7 +10,6 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::Inner;
 use super::names::{ObjectNames, envelope};
-use crate::codec::Codec;
 use crate::key::ChunkKey;
 use crate::object::KvObject;
 use crate::stats::TierStats;
@@ -47,14 +46,7 @@ impl Inner {
             return;
         }
         let codec = self.config.codec;
-        let enc = tokio::task::spawn_blocking(move || match obj.encode(codec) {
-            Err(e) if codec.is_lossy() => {
-                tracing::warn!(key = %obj.key(), error = %e, "remote tier: stored raw");
-                obj.encode(Codec::Raw)
-            }
-            r => r,
-        })
-        .await;
+        let enc = tokio::task::spawn_blocking(move || obj.encode_or_raw(codec)).await;
         let enc = match enc {
             Ok(Ok(enc)) => enc,
             Ok(Err(e)) => {
@@ -105,14 +97,12 @@ impl Inner {
         self.absent.invalidate(&key);
         TierStats::add(&self.stats.puts, 1);
         TierStats::add(&self.stats.bytes_in, stored);
-        TierStats::add(&self.counters.bytes_written, stored);
         self.stats.put_latency.record(t.elapsed());
     }
 
     /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
     async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
-        let mib = (bytes.div_ceil(1 << 20) as u32).clamp(1, self.read_budget_mib());
-        let Ok(_budget) = Arc::clone(&self.write_budget).acquire_many_owned(mib).await else {
+        let Some(_budget) = self.budget_share(&self.write_budget, bytes).await else {
             return false;
         };
         match self
