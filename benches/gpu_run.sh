@@ -11,6 +11,8 @@
 #                                # same for SmolLM2-135M's shape (random weights throughout)
 #   benches/gpu_run.sh needle N  # eval, needle task, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
+#   benches/gpu_run.sh policies N # token policies beside full KV, needle + MuSiQue, N examples
+#                                # each (SmolLM2, f32); decode over compressed caches (8B shape)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -66,6 +68,18 @@ case "${1:-perf}" in
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \
       --modes full,reuse,blend --ratios "$ratios" --variants "$variants" \
       --json "$OUT/eval_$1.json" | tee "$OUT/eval_$1.md"
+    ;;
+  policies)
+    # token policies (issue 14): needle and MuSiQue on SmolLM2 (f32), one observed prefill per
+    # example and awareness; decode over compressed caches on the 8B shape at 8k context
+    for task in needle musique; do
+      "$bench" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$task" \
+        --limit "${2:-30}" --policies "${KVQ_POLICIES:-full,streaming,h2o,snapkv,sage}" \
+        --compression 2,4,8 --query-aware yes,no --json "$OUT/policies_$task.json" \
+        > "$OUT/policies_$task.md" || echo "policies $task failed"
+    done
+    "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 2,4,8 \
+      --context 8192 --steps 32 --repeats 3 --json "$OUT/decode_8b.json" || echo "decode 8b failed"
     ;;
   cpu)
     lscpu | grep -E '^(Model name|CPU\(s\)|Thread)' > "$OUT/cpu.txt"

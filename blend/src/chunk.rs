@@ -219,9 +219,6 @@ impl ChunkCodec {
         let layers = (0..obj.num_layers())
             .map(|l| layer_from_bytes(obj.layer(l), self.layout(), t, model.device(), None))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            layers,
-            positions: positions(0, t),
-        })
+        Ok(KvCache::new(layers, positions(0, t)))
     }
 }

@@ -23,6 +23,9 @@ pub enum BlendError {
     /// The request itself is unusable (empty, too long, bad ratio, ...).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A token policy could not compress (bad budget or parameter, missing observation).
+    #[error(transparent)]
+    Policy(#[from] kvquilt_compression::policy::PolicyError),
     /// Reading the model's weights failed.
     #[error("reading the model's weights for its fingerprint: {0}")]
     Io(#[from] std::io::Error),

@@ -12,11 +12,15 @@
 //! - Layers stream from the store while earlier layers compute ([`kvquilt_model::Model::run_layers_with`]),
 //!   and a [`CostModel`] chooses between loading and recomputing each chunk so that no
 //!   request is estimated slower than its full prefill.
+//! - [`compress`] applies a token policy (`kvquilt_compression::policy`) to a prompt's
+//!   cache: attention observed layer by layer while it prefills, a keep set per layer and KV
+//!   head, a pruned cache (`KvCache::retain`).
 //! - A [`DeviceTier`] keeps recently used chunk KV resident on the model's device (GPU
 //!   memory), above the store's host and SSD tiers; on a GPU the host tier holds its objects
 //!   in page-locked memory (`pinned_host.rs`), so its hits upload by DMA.
 
 mod chunk;
+pub mod compress;
 mod config;
 mod cost;
 mod device_tier;

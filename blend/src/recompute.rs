@@ -4,7 +4,10 @@
 
 use std::cell::RefCell;
 
-use kvquilt_model::{KvCache, LayerKv, Model, ProbeRequest, Rows, Tensor, replacement_index};
+use kvquilt_model::{
+    FillLayers, HookError, KvCache, LayerHook, LayerKv, LayerProbe, Model, ProbeRequest, Rows,
+    Tensor, replacement_index,
+};
 
 use crate::config::BlendConfig;
 use crate::error::{BlendError, Result};
@@ -116,8 +119,7 @@ fn run(
                 hidden,
                 Rows::Replace(&active),
                 cache,
-                None,
-                fill_once,
+                &mut FillLayers(&mut *fill_once),
             )?
             .hidden;
         let Some(ratio) = ratio else { break };
@@ -181,26 +183,52 @@ fn suffix_attention(
     let n = tokens.len();
     let rows: Vec<usize> = (non_suffix..n).collect();
     let hidden = model.embed(&tokens[non_suffix..])?;
-    let probe = ProbeRequest::summed_over_all(rows.len());
-    let out = model.run_layers_with(
-        0..layers,
-        hidden,
-        Rows::Replace(&rows),
-        cache,
-        Some(&probe),
-        fill_once,
-    )?;
-    // summed on the device, read back once: [n] per layer
-    let mut total: Option<Tensor> = None;
-    for per_token in out.attention {
-        total = Some(match total {
-            None => per_token,
-            Some(t) => (t + per_token)?,
-        });
-    }
-    match total {
+    let mut hook = SuffixAttention {
+        probe: ProbeRequest::summed_over_all(rows.len()),
+        fill: fill_once,
+        total: None,
+    };
+    model.run_layers_with(0..layers, hidden, Rows::Replace(&rows), cache, &mut hook)?;
+    // summed on the device layer by layer, read back once
+    match hook.total {
         Some(t) => Ok(t.to_vec1::<f32>()?),
         None => Ok(vec![0f32; n]),
+    }
+}
+
+/// Supplies each layer's KV and adds up its summed suffix attention, `[n]`, on the device.
+struct SuffixAttention<'a> {
+    probe: ProbeRequest,
+    fill: &'a mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
+    total: Option<Tensor>,
+}
+
+impl LayerHook for SuffixAttention<'_> {
+    fn probe(&self) -> Option<&ProbeRequest> {
+        Some(&self.probe)
+    }
+
+    fn before_layer(
+        &mut self,
+        layer: usize,
+        kv: &mut LayerKv,
+    ) -> std::result::Result<(), HookError> {
+        (self.fill)(layer, kv).map_err(HookError::new)
+    }
+
+    fn after_attention(
+        &mut self,
+        _layer: usize,
+        probe: LayerProbe,
+    ) -> std::result::Result<(), HookError> {
+        let Some(per_token) = probe.rows else {
+            return Err(HookError::msg("the summed probe reported nothing"));
+        };
+        self.total = Some(match self.total.take() {
+            None => per_token,
+            Some(t) => (t + per_token).map_err(HookError::new)?,
+        });
+        Ok(())
     }
 }
 

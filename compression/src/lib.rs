@@ -8,11 +8,13 @@
 //!   `kivi4` / `kivi2` (K per channel and V per token in groups of G, the last R tokens
 //!   exact); each lossy codec optionally followed by lz4 (`int8+lz4`).
 //!
-//! Token policies (which KV entries to keep) are the other half of compression and will
-//! live here too (issue 14).
+//! - [`policy`]: which KV entries of a prompt's cache to keep, per layer and KV head
+//!   ([`policy::TokenPolicy`]; StreamingLLM, H2O, SnapKV, SAGE-KV), from attention the model
+//!   observed, under a budget. The model runtime applies the resulting [`policy::KeepSet`].
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod codec;
+pub mod policy;
 
 pub use codec::{CodecError, CodecSpec, ElemType, LayerShape};

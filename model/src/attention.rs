@@ -40,6 +40,8 @@ pub(crate) struct AttentionPlan {
     /// With a probe: the permutation from block order to the order asked (`None` when they
     /// agree).
     probe_order: Option<Tensor>,
+    /// Whether the probe asked for per-KV-head column sums.
+    column_sums: bool,
 }
 
 /// Which attention implementation a forward pass uses ([`crate::Model::set_attention_kernel`]).
@@ -165,6 +167,7 @@ impl AttentionPlan {
             num_queries: q_pos.len(),
             num_keys: k_pos.len(),
             probe_order,
+            column_sums: probe.is_some_and(|p| p.column_sums),
         })
     }
 }
@@ -203,11 +206,12 @@ fn block_probe(
     )))
 }
 
-/// Attention probabilities of chosen query rows, for eviction policies and query-aware
-/// selection.
+/// What to observe in a forward call's attention: probabilities of chosen query rows (for
+/// query-aware selection and policies that read the last rows) and/or each key's attention
+/// summed over every query per KV head (H2O's accumulated attention).
 ///
-/// `rows` are indices into the call's queries (0-based, any order, no duplicates needed).
-#[derive(Debug, Clone)]
+/// `rows` are indices into the call's queries (0-based, any order).
+#[derive(Debug, Clone, Default)]
 pub struct ProbeRequest {
     /// Indices of the query rows to report; the result holds them in this order.
     pub rows: Vec<usize>,
@@ -215,6 +219,10 @@ pub struct ProbeRequest {
     /// f32 per layer, instead of `[kv_heads, group, rows, keys]`. Probing every row in
     /// order this way runs on the fused kernel path (no probabilities materialised).
     pub summed: bool,
+    /// Also report `[kv_heads, keys]` f32: each key's probability summed over every query
+    /// row of the call and the query heads of its KV head, reduced block by block (no
+    /// `rows × keys` matrix is kept).
+    pub column_sums: bool,
 }
 
 impl ProbeRequest {
@@ -222,7 +230,7 @@ impl ProbeRequest {
     pub fn rows(rows: Vec<usize>) -> Self {
         Self {
             rows,
-            summed: false,
+            ..Self::default()
         }
     }
 
@@ -231,13 +239,33 @@ impl ProbeRequest {
         Self {
             rows: (0..n).collect(),
             summed: true,
+            column_sums: false,
         }
     }
 
-    /// Whether this asks for the sum over all `n` rows of a call, in order.
-    pub(crate) fn is_summed_over_all(&self, n: usize) -> bool {
-        self.summed && self.rows.len() == n && self.rows.iter().enumerate().all(|(i, &r)| i == r)
+    /// This request, also asking for per-KV-head column sums over every row.
+    pub fn with_column_sums(mut self) -> Self {
+        self.column_sums = true;
+        self
     }
+
+    /// Whether this asks for the sum over all `n` rows of a call, in order, and nothing else.
+    pub(crate) fn is_summed_over_all(&self, n: usize) -> bool {
+        self.summed
+            && !self.column_sums
+            && self.rows.len() == n
+            && self.rows.iter().enumerate().all(|(i, &r)| i == r)
+    }
+}
+
+/// What [`attend`] returns: the output and what the plan's probe asked for.
+pub(crate) struct Attended {
+    /// `[n, num_heads * d]`.
+    pub(crate) out: Tensor,
+    /// The probed rows, `[kv_heads, group, rows, t]` f32 in the order asked.
+    pub(crate) rows: Option<Tensor>,
+    /// `[kv_heads, t]` f32 column sums over every query and the group.
+    pub(crate) column_sums: Option<Tensor>,
 }
 
 /// Computes `softmax(q kᵀ / √d + mask) v`.
@@ -245,13 +273,16 @@ impl ProbeRequest {
 /// Shapes: `q` `[n, num_heads, d]` (rotated), `k` `[t, kv_heads, d]` (rotated), `v`
 /// `[t, kv_heads, d]`. Query head `h` reads KV head `h / group` (HF `repeat_kv` order).
 /// Returns `[n, num_heads * d]` and, when the plan was built with a probe, the probabilities
-/// of the probed rows as `[kv_heads, group, probe.rows.len(), t]` (rows in the order asked).
+/// of the probed rows as `[kv_heads, group, probe.rows.len(), t]` (rows in the order asked)
+/// and the column sums asked for. `key_bias` (`[kv_heads, b]`, `b <= t`, 0 or -inf) masks keys
+/// `0..b` per KV head on top of the position mask (a pruned cache's padding).
 pub(crate) fn attend(
     plan: &AttentionPlan,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-) -> Result<(Tensor, Option<Tensor>)> {
+    key_bias: Option<&Tensor>,
+) -> Result<Attended> {
     let (n, num_heads, d) = q.dims3()?;
     let (t, kv_heads, _) = k.dims3()?;
     if n != plan.num_queries || t != plan.num_keys {
@@ -267,8 +298,20 @@ pub(crate) fn attend(
     let k = k.transpose(0, 1)?.contiguous()?; // [kv_heads, t, d]
     let v = v.transpose(0, 1)?.contiguous()?;
 
+    // [kv_heads, 1, t]: the bias padded with zeros over keys it does not cover
+    let key_bias = match key_bias {
+        Some(b) => {
+            let covered = b.dims()[1];
+            Some(
+                b.pad_with_zeros(1, 0, t.saturating_sub(covered))?
+                    .unsqueeze(1)?,
+            )
+        }
+        None => None,
+    };
     let mut outs = Vec::with_capacity(plan.blocks.len());
     let mut probed: Vec<Tensor> = Vec::new();
+    let mut column_sums: Option<Tensor> = None;
     for b in &plan.blocks {
         let nb = b.q_end - b.q_start;
         let qb = q
@@ -284,7 +327,20 @@ pub(crate) fn attend(
                 .broadcast_add(mask)?
                 .reshape((kv_heads, group * nb, b.k_len))?;
         }
+        if let Some(bias) = &key_bias {
+            scores = scores.broadcast_add(&bias.narrow(2, 0, b.k_len)?)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        if plan.column_sums {
+            let sums = probs
+                .to_dtype(DType::F32)?
+                .sum(1)?
+                .pad_with_zeros(1, 0, t - b.k_len)?;
+            column_sums = Some(match column_sums {
+                None => sums,
+                Some(acc) => (acc + sums)?,
+            });
+        }
         if let Some((_, index)) = &b.probe {
             let mut r = probs.reshape((kv_heads, group, nb, b.k_len))?;
             if let Some(index) = index {
@@ -311,7 +367,11 @@ pub(crate) fn attend(
         };
         Some(rows.to_dtype(DType::F32)?)
     };
-    Ok((out, probe_out))
+    Ok(Attended {
+        out,
+        rows: probe_out,
+        column_sums,
+    })
 }
 
 #[cfg(test)]
@@ -377,7 +437,8 @@ pub(crate) mod tests {
                 let starts: Vec<usize> = plan.blocks.iter().map(|b| b.q_start).collect();
                 assert_eq!(starts, vec![0, 1, 3], "positions 2 | 6 7 | 11 12");
             }
-            let (got, probs) = attend(&plan, &q, &k, &v)?;
+            let a = attend(&plan, &q, &k, &v, None)?;
+            let (got, probs) = (a.out, a.rows);
             let got = got.to_vec2::<f32>()?;
             for (a, b) in got.iter().flatten().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "budget {budget}: {a} vs {b}");

@@ -56,6 +56,9 @@ pub enum ModelError {
     /// Fetching the default model failed.
     #[error("model fetch: {0}")]
     Fetch(String),
+    /// A [`crate::LayerHook`] stopped the forward pass.
+    #[error(transparent)]
+    Hook(#[from] crate::hook::HookError),
     /// A tensor operation failed inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -98,8 +98,7 @@ pub fn continue_greedy(
         if tokens.len() == opts.max_tokens {
             break;
         }
-        let pos = cache.positions.last().map_or(0, |p| p + 1);
-        logits = model.prefill(&[next], &[pos], &mut cache)?;
+        logits = model.decode_step(next, &mut cache, &mut ())?;
     }
     Ok(Generation {
         tokens,

@@ -7,6 +7,15 @@
 //!
 //! `positions[t]` is the absolute position of token `t`; positions are strictly increasing.
 //! A query at position `p` attends to exactly the keys at positions `<= p`.
+//!
+//! **Pruned caches.** [`KvCache::retain`] keeps a different set of tokens per layer and KV head
+//! (what token policies decide). Row `r < rows` of head `h` in layer `l` then holds the head's
+//! `r`-th kept token, rotated by that token's own position (kept per layer and head); heads that
+//! keep fewer than `rows` entries are padded and masked. Rows appended afterwards (decode,
+//! a question) are shared by every head as usual. `positions` then lists stand-in positions
+//! for the pruned rows (strictly increasing, below every later token), which is all the
+//! causal mask needs: every later query sees every kept key. Pinned by
+//! `kv_policies::a_pruned_cache_attends_like_the_reference_over_its_kept_keys`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -172,11 +181,195 @@ impl LayerKv {
 pub struct KvCache {
     /// One entry per decoder layer.
     pub layers: Vec<LayerKv>,
-    /// Absolute position of each cached token, strictly increasing.
+    /// Absolute position of each cached token, strictly increasing (stand-ins for the
+    /// per-head rows of a pruned cache: see the module docs).
     pub positions: Vec<u32>,
+    /// Per-(layer, KV head) positions of the first rows, when the cache was pruned.
+    pruned: Option<Arc<Pruned>>,
+}
+
+/// The per-head part of a pruned cache: its first `rows` rows of every layer.
+#[derive(Debug)]
+pub(crate) struct Pruned {
+    /// Rows of every layer that are per head.
+    pub(crate) rows: usize,
+    /// One entry per layer.
+    pub(crate) layers: Vec<PrunedLayer>,
+}
+
+/// One layer's per-head rows.
+#[derive(Debug)]
+pub(crate) struct PrunedLayer {
+    /// `[rows * kv_heads]`, row-major (row, head): each entry's absolute position (0 for
+    /// padding).
+    pub(crate) host_positions: Vec<u32>,
+    /// The same on the cache's device (u32), for gathering rotation tables.
+    pub(crate) positions: Tensor,
+    /// Entries each KV head holds (the rest of its rows are padding).
+    pub(crate) counts: Vec<usize>,
+    /// `[kv_heads, rows]`, 0 for held entries and -inf for padding, in the cache's dtype;
+    /// `None` when every head holds `rows` entries.
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl KvCache {
+    /// A cache of `layers` over tokens at `positions` (every layer must hold
+    /// `positions.len()` rows; [`KvCache::check_shape`] checks).
+    pub fn new(layers: Vec<LayerKv>, positions: Vec<u32>) -> Self {
+        Self {
+            layers,
+            positions,
+            pruned: None,
+        }
+    }
+
+    /// Whether [`KvCache::retain`] pruned this cache per layer and head.
+    pub fn is_pruned(&self) -> bool {
+        self.pruned.is_some()
+    }
+
+    /// The per-head part of a pruned cache.
+    pub(crate) fn pruned(&self) -> Option<&Pruned> {
+        self.pruned.as_deref()
+    }
+
+    /// Entries held per layer and KV head (padding excluded): what a pruned cache stores,
+    /// `len()` for every head of an unpruned one.
+    pub fn entries_per_head(&self) -> Vec<Vec<usize>> {
+        let heads = self.layers.first().map_or(0, |l| l.k.dims()[1]);
+        match &self.pruned {
+            None => vec![vec![self.len(); heads]; self.layers.len()],
+            Some(p) => p
+                .layers
+                .iter()
+                .map(|l| l.counts.iter().map(|c| c + self.len() - p.rows).collect())
+                .collect(),
+        }
+    }
+
+    /// Each layer and KV head keeping only rows `keep[layer][head]` (strictly increasing,
+    /// each below `len()`, at least one per head), K still pre-RoPE and rotated by each
+    /// entry's own position. Every layer gets `max` kept rows; heads keeping fewer are padded
+    /// and masked. Works on an already pruned cache too (rows index its current rows).
+    pub fn retain(&self, keep: &[Vec<Vec<u32>>]) -> Result<Self> {
+        let Some(first) = self.layers.first() else {
+            return Err(invalid_input("retaining from a cache with no layers"));
+        };
+        let (len, heads, dev, dtype) = (
+            self.len(),
+            first.k.dims()[1],
+            first.k.device().clone(),
+            first.k.dtype(),
+        );
+        if keep.len() != self.layers.len() {
+            return Err(invalid_input(format!(
+                "a keep set of {} layers for a cache of {}",
+                keep.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, per_head) in keep.iter().enumerate() {
+            if per_head.len() != heads {
+                return Err(invalid_input(format!(
+                    "layer {l}: a keep set of {} KV heads for {heads}",
+                    per_head.len()
+                )));
+            }
+            for (h, rows) in per_head.iter().enumerate() {
+                if rows.is_empty() {
+                    return Err(invalid_input(format!("layer {l} head {h} keeps nothing")));
+                }
+                if rows.windows(2).any(|w| w[0] >= w[1]) || rows[rows.len() - 1] as usize >= len {
+                    return Err(invalid_input(format!(
+                        "layer {l} head {h}: kept rows must be strictly increasing and below {len}"
+                    )));
+                }
+            }
+        }
+        let rows = keep.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        let mut layers = Vec::with_capacity(keep.len());
+        let mut pruned = Vec::with_capacity(keep.len());
+        let mut last = 0u32;
+        for (l, per_head) in keep.iter().enumerate() {
+            // flat (row, head) gathers over [len * heads, d]
+            let mut index = Vec::with_capacity(rows * heads);
+            let mut host_positions = Vec::with_capacity(rows * heads);
+            let mut bias = Vec::with_capacity(rows * heads);
+            for r in 0..rows {
+                for (h, kept) in per_head.iter().enumerate() {
+                    let (src, pad) = match kept.get(r) {
+                        Some(&t) => (t as usize, false),
+                        None => (kept[kept.len() - 1] as usize, true),
+                    };
+                    index.push((src * heads + h) as u32);
+                    let pos = if pad {
+                        0
+                    } else {
+                        self.head_position(l, h, src)
+                    };
+                    last = last.max(pos);
+                    host_positions.push(pos);
+                    bias.push(if pad { f32::NEG_INFINITY } else { 0.0 });
+                }
+            }
+            let index = Tensor::new(index, &dev)?;
+            let layer = &self.layers[l];
+            let gather = |x: &Tensor| -> Result<Tensor> {
+                let d = x.dims()[2];
+                Ok(x.contiguous()?
+                    .reshape((len * heads, d))?
+                    .index_select(&index, 0)?
+                    .reshape((rows, heads, d))?)
+            };
+            layers.push(LayerKv::new(gather(&layer.k)?, gather(&layer.v)?));
+            let counts: Vec<usize> = per_head.iter().map(Vec::len).collect();
+            let bias = if counts.iter().all(|&c| c == rows) {
+                None
+            } else {
+                // [rows, heads] → [heads, rows]
+                let b = Tensor::from_vec(bias, (rows, heads), &dev)?;
+                Some(b.t()?.contiguous()?.to_dtype(dtype)?)
+            };
+            pruned.push(PrunedLayer {
+                positions: Tensor::new(host_positions.as_slice(), &dev)?,
+                host_positions,
+                counts,
+                bias,
+            });
+        }
+        // stand-in positions: strictly increasing, ending at the last kept position
+        let start = last + 1 - rows as u32;
+        Ok(Self {
+            layers,
+            positions: positions(start as usize, rows),
+            pruned: Some(Arc::new(Pruned {
+                rows,
+                layers: pruned,
+            })),
+        })
+    }
+
+    /// The absolute position of row `row` of KV head `head` in layer `layer`.
+    fn head_position(&self, layer: usize, head: usize, row: usize) -> u32 {
+        match &self.pruned {
+            Some(p) if row < p.rows => {
+                let heads = p.layers[layer].counts.len();
+                p.layers[layer].host_positions[row * heads + head]
+            }
+            _ => self.positions[row],
+        }
+    }
+
+    /// Fails for a pruned cache: `what` needs one position per row.
+    fn unpruned(&self, what: &str) -> Result<()> {
+        if self.pruned.is_some() {
+            return Err(invalid_input(format!(
+                "{what} needs a cache that was not pruned per head"
+            )));
+        }
+        Ok(())
+    }
+
     /// An empty cache for a model with the given shape.
     pub fn empty(
         num_layers: usize,
@@ -186,10 +379,7 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         let layer = LayerKv::empty(kv_heads, head_dim, dtype, device)?;
-        Ok(Self {
-            layers: vec![layer; num_layers],
-            positions: Vec::new(),
-        })
+        Ok(Self::new(vec![layer; num_layers], Vec::new()))
     }
 
     /// Number of cached tokens.
@@ -202,8 +392,9 @@ impl KvCache {
         self.positions.is_empty()
     }
 
-    /// Tokens `start..start+len`, positions included.
+    /// Tokens `start..start+len`, positions included (not for a pruned cache).
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        self.unpruned("narrowing")?;
         if start + len > self.len() {
             return Err(invalid_input(format!(
                 "narrow {start}+{len} past a cache of {} tokens",
@@ -217,11 +408,14 @@ impl KvCache {
                 .map(|l| l.narrow(start, len))
                 .collect::<Result<_>>()?,
             positions: self.positions[start..start + len].to_vec(),
+            pruned: None,
         })
     }
 
-    /// The same keys and values placed at other positions (pre-RoPE K makes this free).
+    /// The same keys and values placed at other positions (pre-RoPE K makes this free; not
+    /// for a pruned cache).
     pub fn with_positions(mut self, positions: Vec<u32>) -> Result<Self> {
+        self.unpruned("re-positioning")?;
         if positions.len() != self.len() {
             return Err(invalid_input(format!(
                 "{} positions for a cache of {} tokens",
@@ -234,11 +428,14 @@ impl KvCache {
         Ok(self)
     }
 
-    /// Caches one after the other; their positions must continue to increase.
+    /// Caches one after the other; their positions must continue to increase (none pruned).
     pub fn cat(parts: &[&KvCache]) -> Result<Self> {
         let Some(first) = parts.first() else {
             return Err(invalid_input("concatenating zero caches"));
         };
+        for p in parts {
+            p.unpruned("concatenating")?;
+        }
         let num_layers = first.layers.len();
         if parts.iter().any(|p| p.layers.len() != num_layers) {
             return Err(invalid_input("caches with different layer counts"));
@@ -254,7 +451,7 @@ impl KvCache {
             .flat_map(|p| p.positions.iter().copied())
             .collect();
         check_increasing(&positions)?;
-        Ok(Self { layers, positions })
+        Ok(Self::new(layers, positions))
     }
 
     /// Checks that every layer holds `positions.len()` tokens of the expected shape.

@@ -32,6 +32,7 @@ mod error;
 pub mod fetch;
 mod generate;
 mod gguf;
+mod hook;
 mod kernels;
 mod kv;
 mod load;
@@ -52,6 +53,7 @@ pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,
     top_logprobs,
 };
+pub use hook::{CollectProbes, FillLayers, HookError, LayerHook, LayerProbe};
 pub use kv::{KvCache, LayerKv, positions, replacement_index};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};

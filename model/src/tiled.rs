@@ -460,11 +460,14 @@ mod tests {
             let rotated_plan = crate::attention::AttentionPlan::new(
                 &qp, &kp, h, 1 << 16, DType::F32, &dev, None,
             ).unwrap();
-            let reference = crate::attention::attend(&rotated_plan, &q, &k, &v).unwrap().0
+            let reference = crate::attention::attend(&rotated_plan, &q, &k, &v, None)
+                .unwrap()
+                .out
                 .flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let max_err = |x: &[f32]| x.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let (ours, theirs) = (max_err(&got), max_err(&reference));
-            prop_assert!(ours <= 2.0 * theirs + 2e-6, "tiled error {} vs reference {}", ours, theirs);
+            // 1e-5 absolute: f32 summation-order noise (a 2e-6 floor failed once in ~50 CI runs at 5.2e-6)
+            prop_assert!(ours <= 2.0 * theirs + 1e-5, "tiled error {} vs reference {}", ours, theirs);
             prop_assert!(ours < 1e-4, "tiled error {}", ours);
         }
     }

@@ -7,6 +7,7 @@ mod attention;
 mod blend;
 mod codec;
 mod codec_cold;
+mod decode;
 mod load;
 mod model;
 mod remote;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Attention(attention::AttentionBenchArgs),
     /// KV codecs on real chunk KV: ratio, encode/decode throughput on one core, error.
     Codec(codec::CodecBenchArgs),
+    /// Decode over a cache compressed by a token policy, beside the full cache.
+    Decode(decode::DecodeBenchArgs),
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
@@ -47,6 +50,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(a) => attention::run(a),
         BenchCommand::Codec(a) => codec::run(a),
+        BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Model(a) => model::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),

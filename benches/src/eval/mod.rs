@@ -8,6 +8,7 @@
 
 pub(crate) mod data;
 mod metrics;
+mod policies;
 pub(crate) mod presets;
 
 use std::path::PathBuf;
@@ -70,6 +71,18 @@ pub struct Args {
     /// host copies dropped, so every read decodes.
     #[arg(long, value_delimiter = ',', default_value = "raw")]
     codecs: Vec<String>,
+    /// Token policies to compare with full KV instead of reuse modes (`full`, `streaming`,
+    /// `h2o`, `snapkv`, `sage`, each optionally `:key=value`…; see `PolicySpec`): one
+    /// observed prefill per example and awareness, every policy compresses a copy of it.
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Compression factors of `--policies` (N× less KV per KV head).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    compression: Vec<f32>,
+    /// Whether `--policies` score the prompt with the question (`yes`) or compress the
+    /// context before the question is known (`no`).
+    #[arg(long, value_delimiter = ',', default_value = "yes,no")]
+    query_aware: Vec<String>,
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
@@ -281,6 +294,31 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.dump_examples {
         std::fs::write(p, serde_json::to_string_pretty(&examples)?)
             .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if !a.policies.is_empty() {
+        // checked before the model loads: a bad policy or factor runs nothing
+        let pa = policies::PolicyArgs::parse(&a.policies, &a.compression, &a.query_aware)?;
+        let loaded = a.model.load()?;
+        let tokenizer = loaded.tokenizer()?.clone();
+        let model_name = loaded
+            .path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let opts = GenerateOptions {
+            max_tokens: a.max_tokens,
+            top_k: 1,
+            stop_ids: line_break_ids(&tokenizer)?,
+        };
+        return policies::run(
+            &pa,
+            &examples,
+            a.skip,
+            &loaded.model,
+            &tokenizer,
+            &opts,
+            (model_name, a.task.clone(), a.model.device.clone()),
+            a.json.as_deref(),
+        );
     }
     let configs = configs(&a)?;
 

@@ -9,6 +9,8 @@ use candle_core::{DType, Tensor};
 use super::Model;
 use crate::attention::{AttentionKernel, AttentionPlan, ProbeRequest, attend, check_visible};
 use crate::error::{ModelError, Result, invalid_input};
+use crate::hook::LayerProbe;
+use crate::kv::{Pruned, PrunedLayer};
 use crate::rope::RopeTables;
 
 /// How one forward call attends (chosen once per call, used by every layer).
@@ -155,18 +157,23 @@ impl Model {
             return Err(invalid_input(format!("fused attention unavailable: {why}")));
         }
         let probe = summed.then(|| ProbeRequest::summed_over_all(n));
-        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel)?;
+        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None)?;
         let q2 = q.reshape((n, h * d))?;
-        self.attend_layer(&how, &q2, k, v)
+        let (out, probe) = self.attend_layer(&how, &q2, k, v, None)?;
+        Ok((out, probe.rows))
     }
 
-    /// Chooses and prepares the attention of one forward call.
+    /// Chooses and prepares the attention of one forward call. Over a pruned cache (per-head
+    /// positions) the host attentions run: they rotate keys before attending, while the fused
+    /// kernel rotates by one position list as it loads; padded heads and column sums need
+    /// the reference.
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
         k_pos: &[u32],
         probe: Option<&ProbeRequest>,
         kernel: AttentionKernel,
+        pruned: Option<&Pruned>,
     ) -> Result<LayerAttention> {
         check_visible(q_pos, k_pos)?;
         let c = &self.config;
@@ -181,7 +188,9 @@ impl Model {
         // Per-row probes need the probabilities, which only the reference materialises; a
         // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum).
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
+        let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
         let fused = (probe.is_none() || summed)
+            && pruned.is_none()
             && match kernel {
                 AttentionKernel::Reference => false,
                 AttentionKernel::Auto if self.device.is_cpu() => false,
@@ -212,6 +221,7 @@ impl Model {
         debug_assert!(!fused || !cfg!(feature = "gpu"));
         // The CPU's own fused path: tiled online softmax, for calls with no probe.
         if probe.is_none()
+            && !padded
             && kernel == AttentionKernel::Auto
             && self.device.is_cpu()
             && self.dtype == DType::F32
@@ -247,31 +257,42 @@ impl Model {
         }
     }
 
-    /// `q` `[n, num_heads * head_dim]` and `k` rotated to their positions, `q` as
-    /// `[n, num_heads, head_dim]` (the host attentions' inputs; the fused kernel rotates as it
-    /// loads).
-    fn rotate_qk(
+    /// Keys rotated to their positions: by `k_tables`, except a pruned layer's first rows,
+    /// each rotated by its own (layer, head) position.
+    fn rotate_keys(
         &self,
-        q: &Tensor,
-        q_tables: &RopeTables,
         k: &Tensor,
         k_tables: &RopeTables,
-    ) -> Result<(Tensor, Tensor)> {
-        let c = &self.config;
-        let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
-        Ok((q_tables.apply(&q)?, k_tables.apply(k)?))
+        pruned: Option<(&PrunedLayer, usize)>,
+    ) -> Result<Tensor> {
+        let Some((layer, rows)) = pruned else {
+            return k_tables.apply(k);
+        };
+        let (t, heads, d) = k.dims3()?;
+        let per_head = self.rope_tables.select(&layer.positions)?;
+        let head_rows = per_head
+            .apply(&k.narrow(0, 0, rows)?.reshape((rows * heads, 1, d))?)?
+            .reshape((rows, heads, d))?;
+        if rows == t {
+            return Ok(head_rows);
+        }
+        let shared = k_tables
+            .narrow(rows, t - rows)?
+            .apply(&k.narrow(0, rows, t - rows)?)?;
+        Ok(Tensor::cat(&[&head_rows, &shared], 0)?)
     }
 
     /// One layer's attention: pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be a strided
-    /// view) over the layer's pre-RoPE K and V; with the probed rows' probabilities when the
-    /// call was prepared with a probe.
+    /// view) over the layer's pre-RoPE K and V (the first `rows` of them per head when the
+    /// cache is pruned); with what the call's probe asked for.
     pub(super) fn attend_layer(
         &self,
         how: &LayerAttention,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        pruned: Option<(&PrunedLayer, usize)>,
+    ) -> Result<(Tensor, LayerProbe)> {
         match how {
             LayerAttention::Reference {
                 plan,
@@ -279,31 +300,181 @@ impl Model {
                 k_tables,
                 summed,
             } => {
-                let (q_rot, k_rot) = self.rotate_qk(q, q_tables, k, k_tables)?;
-                let (out, probs) = attend(plan, &q_rot, &k_rot, v)?;
-                let probs = match probs {
+                let c = &self.config;
+                let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
+                let q_rot = q_tables.apply(&q)?;
+                let k_rot = self.rotate_keys(k, k_tables, pruned)?;
+                let bias = pruned.and_then(|(l, _)| l.bias.as_ref());
+                let a = attend(plan, &q_rot, &k_rot, v, bias)?;
+                let rows = match a.rows {
                     Some(p) if *summed => Some(p.flatten_to(2)?.sum(0)?),
                     p => p,
                 };
-                Ok((out, probs))
+                Ok((
+                    a.out,
+                    LayerProbe {
+                        rows,
+                        column_sums: a.column_sums,
+                    },
+                ))
             }
             LayerAttention::Tiled {
                 plan,
                 q_tables,
                 k_tables,
             } => {
-                let (q_rot, k_rot) = self.rotate_qk(q, q_tables, k, k_tables)?;
-                Ok((crate::tiled::attend(plan, &q_rot, &k_rot, v)?, None))
+                if pruned.is_some_and(|(l, _)| l.bias.is_some()) {
+                    return Err(invalid_input(
+                        "tiled attention over a padded pruned layer (the reference masks padding)",
+                    ));
+                }
+                let c = &self.config;
+                let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
+                let q_rot = q_tables.apply(&q)?;
+                let k_rot = self.rotate_keys(k, k_tables, pruned)?;
+                let out = crate::tiled::attend(plan, &q_rot, &k_rot, v)?;
+                Ok((out, LayerProbe::default()))
             }
             #[cfg(feature = "gpu")]
             LayerAttention::Fused { kernel, summed } => {
+                if pruned.is_some() {
+                    return Err(invalid_input(
+                        "the fused kernel cannot attend over a pruned cache's per-head positions",
+                    ));
+                }
                 if *summed {
                     let (out, sums) = kernel.attend_and_column_sums(q, k, v)?;
-                    Ok((out, Some(sums)))
+                    Ok((
+                        out,
+                        LayerProbe {
+                            rows: Some(sums),
+                            column_sums: None,
+                        },
+                    ))
                 } else {
-                    Ok((kernel.attend(q, k, v)?, None))
+                    Ok((kernel.attend(q, k, v)?, LayerProbe::default()))
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::config::{Architecture, ModelConfig};
+    use crate::kv::{KvCache, LayerKv};
+
+    fn model() -> Model {
+        let config = ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 32,
+            hidden_size: 32,
+            intermediate_size: 16,
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            context_length: 64,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+        };
+        Model::random(config, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    /// Heads keeping different tokens (one padded and masked) attend exactly over their own
+    /// kept keys, each rotated by its own position, plus the rows appended after pruning.
+    #[test]
+    fn ragged_heads_attend_over_their_own_kept_keys() -> Result<()> {
+        let m = model();
+        let dev = Device::Cpu;
+        let (t, heads, kvh, d) = (12usize, 4usize, 2usize, 8usize);
+        let k = Tensor::randn(0f32, 1.0, (t, kvh, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (t, kvh, d), &dev)?;
+        let cache = KvCache::new(
+            vec![LayerKv::new(k.clone(), v.clone())],
+            (0..t as u32).collect(),
+        );
+        let keep: Vec<Vec<u32>> = vec![vec![0, 3, 4, 9, 11], vec![1, 7, 10]];
+        let pruned = cache.retain(std::slice::from_ref(&keep))?;
+        // two rows appended to every head at positions 12 and 13
+        let k_new = Tensor::randn(0f32, 1.0, (2, kvh, d), &dev)?;
+        let v_new = Tensor::randn(0f32, 1.0, (2, kvh, d), &dev)?;
+        let layer = pruned.layers[0].append(&k_new, &v_new)?;
+        let mut k_pos = pruned.positions.clone();
+        k_pos.extend([12, 13]);
+        let q_pos = [12u32, 13];
+        let q = Tensor::randn(0f32, 1.0, (2, heads * d), &dev)?;
+        let p = pruned.pruned().unwrap();
+        let how = m.layer_attention(&q_pos, &k_pos, None, AttentionKernel::Auto, Some(p))?;
+        let (got, _) =
+            m.attend_layer(&how, &q, &layer.k, &layer.v, Some((&p.layers[0], p.rows)))?;
+        let got = got.to_vec2::<f32>()?;
+
+        // naive: per query head, its KV head's kept keys then the appended ones, causal
+        let qr = m
+            .rotate(&q.reshape((2, heads, d))?, &q_pos)?
+            .to_vec3::<f32>()?;
+        for (i, &qp) in q_pos.iter().enumerate() {
+            for head in 0..heads {
+                let kh = head / (heads / kvh);
+                let mut keys: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+                for &row in &keep[kh] {
+                    let kk = m.rotate(&k.narrow(0, row as usize, 1)?, &[row])?;
+                    keys.push((
+                        kk.narrow(1, kh, 1)?.flatten_all()?.to_vec1()?,
+                        v.narrow(0, row as usize, 1)?
+                            .narrow(1, kh, 1)?
+                            .flatten_all()?
+                            .to_vec1()?,
+                    ));
+                }
+                for (j, p) in [12u32, 13]
+                    .into_iter()
+                    .enumerate()
+                    .filter(|&(_, p)| p <= qp)
+                {
+                    let kk = m.rotate(&k_new.narrow(0, j, 1)?, &[p])?;
+                    keys.push((
+                        kk.narrow(1, kh, 1)?.flatten_all()?.to_vec1()?,
+                        v_new
+                            .narrow(0, j, 1)?
+                            .narrow(1, kh, 1)?
+                            .flatten_all()?
+                            .to_vec1()?,
+                    ));
+                }
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|(kk, _)| {
+                        (0..d)
+                            .map(|x| qr[i][head][x] as f64 * kk[x] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for x in 0..d {
+                    let want: f64 = e
+                        .iter()
+                        .zip(&keys)
+                        .map(|(w, (_, vv))| w / z * vv[x] as f64)
+                        .sum();
+                    let g = got[i][head * d + x] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "query {i} head {head}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{AttentionKernel, ProbeRequest};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
+use crate::hook::{CollectProbes, LayerHook};
 use crate::kv::{KvCache, LayerKv, check_increasing, replacement_index};
 use crate::rope::{Rope, RopeTables};
 use crate::weights::{LayerWeights, Weights};
@@ -38,8 +39,9 @@ pub enum Rows<'a> {
 pub struct LayersOutput {
     /// Residual stream of the query tokens after the last layer run, `[n, hidden_size]`.
     pub hidden: Tensor,
-    /// With a probe: per layer run, `[num_kv_heads, group, probe rows, cache tokens]` f32
-    /// attention probabilities (query head `kv_head * group + g`), or with a summed probe
+    /// With a probe ([`Model::run_layers`] only; a [`LayerHook`] sees them layer by layer):
+    /// per layer run, `[num_kv_heads, group, probe rows, cache tokens]` f32 attention
+    /// probabilities (query head `kv_head * group + g`), or with a summed probe
     /// `[cache tokens]` (summed over the probed rows and every head).
     pub attention: Vec<Tensor>,
 }
@@ -187,19 +189,44 @@ impl Model {
         positions: &[u32],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.prefill_with(tokens, positions, cache, &mut ())
+    }
+
+    /// [`Model::prefill`] with a [`LayerHook`] around every layer (e.g. observing attention
+    /// for a token policy).
+    pub fn prefill_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(invalid_input("prefill of zero tokens"));
         }
         let hidden = self.embed(tokens)?;
-        let out = self.run_layers(
+        let out = self.run_layers_with(
             0..self.config.num_layers,
             hidden,
             Rows::Append(positions),
             cache,
-            None,
+            hook,
         )?;
         let last = out.hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// One decode step: `token` at the position after `cache`'s last, appended to it;
+    /// returns the next token's f32 logits `[vocab]`. The one step every decode loop runs
+    /// (`generate`, the server), with `hook` around each layer.
+    pub fn decode_step(
+        &self,
+        token: u32,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Tensor> {
+        let pos = cache.positions.last().map_or(0, |p| p + 1);
+        self.prefill_with(&[token], &[pos], cache, hook)
     }
 
     /// Runs decoder layers `layers` for the query tokens whose residual stream entering
@@ -215,22 +242,24 @@ impl Model {
         cache: &mut KvCache,
         probe: Option<&ProbeRequest>,
     ) -> Result<LayersOutput> {
-        self.run_layers_with(layers, hidden, rows, cache, probe, &mut |_, _| Ok(()))
+        let mut collect = CollectProbes::new(probe.cloned());
+        let mut out = self.run_layers_with(layers, hidden, rows, cache, &mut collect)?;
+        out.attention = collect.layers.into_iter().filter_map(|p| p.rows).collect();
+        Ok(out)
     }
 
-    /// [`Model::run_layers`], calling `before_layer(l, kv)` with layer `l`'s cached KV just
-    /// before layer `l` runs, so a caller can supply that layer's KV late (layer-wise
-    /// pipelining: the store streams layer `l + 1` while layer `l` computes). What
-    /// `before_layer` leaves must keep the layer's shape; until it is called the layer may hold
-    /// placeholders.
+    /// [`Model::run_layers`] with a [`LayerHook`]: its `before_layer` sees layer `l`'s cached
+    /// KV just before layer `l` runs (so a caller can supply that layer's KV late: layer-wise
+    /// pipelining), and its `after_attention` what its probe asked to observe, layer by layer.
+    /// A hook error aborts the call with the cache unchanged. `attention` in the output is
+    /// empty: the hook had every layer's report.
     pub fn run_layers_with(
         &self,
         layers: Range<usize>,
         mut hidden: Tensor,
         rows: Rows<'_>,
         cache: &mut KvCache,
-        probe: Option<&ProbeRequest>,
-        before_layer: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
+        hook: &mut dyn LayerHook,
     ) -> Result<LayersOutput> {
         let c = &self.config;
         if layers.start >= layers.end || layers.end > c.num_layers {
@@ -272,6 +301,11 @@ impl Model {
                 k_pos.extend_from_slice(pos);
                 (pos.to_vec(), k_pos)
             }
+            Rows::Replace(_) if cache.is_pruned() => {
+                return Err(invalid_input(
+                    "recomputing rows of a cache pruned per head (its rows are not tokens)",
+                ));
+            }
             Rows::Replace(idx) => {
                 if idx.len() != n {
                     return Err(invalid_input(format!("{} rows for {n} tokens", idx.len())));
@@ -292,20 +326,27 @@ impl Model {
             }
         };
         // checks positions against each other and the context, for either attention
-        let how = self.layer_attention(&q_pos, &k_pos, probe, self.attention_kernel)?;
+        let probe = hook.probe().cloned();
+        let pruned = cache.pruned();
+        let how = self.layer_attention(
+            &q_pos,
+            &k_pos,
+            probe.as_ref(),
+            self.attention_kernel,
+            pruned,
+        )?;
         let replace_index = match rows {
             Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
         };
 
         let mut new_layers: Vec<(usize, LayerKv)> = Vec::with_capacity(layers.len());
-        let mut attention = Vec::new();
         for l in layers {
             let w = &self.weights.layers[l];
             let x = candle_nn::ops::rms_norm(&hidden, &w.attn_norm, c.rms_norm_eps as f32)?;
             let (q, k_new, v_new) = self.qkv(w, &x)?;
             let mut supplied = cache.layers[l].clone();
-            before_layer(l, &mut supplied)?;
+            hook.before_layer(l, &mut supplied)?;
             let want = [cache.len(), c.num_kv_heads, c.head_dim];
             if supplied.k.dims() != want || supplied.v.dims() != want {
                 return Err(invalid_input(format!(
@@ -319,8 +360,9 @@ impl Model {
                 None => old.append(&k_new, &v_new)?,
                 Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
             };
-            let (attn, probs) = self.attend_layer(&how, &q, &kv.k, &kv.v)?;
-            attention.extend(probs);
+            let heads = pruned.map(|p| (&p.layers[l], p.rows));
+            let (attn, seen) = self.attend_layer(&how, &q, &kv.k, &kv.v, heads)?;
+            hook.after_attention(l, seen)?;
             hidden = (hidden + linear(&attn, &w.wo, None)?)?;
             let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;
             let gate_up = linear(&x, &w.wgate_up, None)?;
@@ -332,7 +374,10 @@ impl Model {
             cache.layers[l] = kv;
         }
         cache.positions = k_pos;
-        Ok(LayersOutput { hidden, attention })
+        Ok(LayersOutput {
+            hidden,
+            attention: Vec::new(),
+        })
     }
 
     fn layer(&self, layer: usize) -> Result<&LayerWeights> {

@@ -100,6 +100,7 @@ impl From<BlendError> for ApiError {
             BlendError::Model(m) => m.into(),
             BlendError::Invalid(m) => Self::bad_request("invalid_request", m),
             BlendError::Mismatch { .. } => Self::bad_request("object_mismatch", e.to_string()),
+            BlendError::Policy(_) => Self::bad_request("invalid_compression", e.to_string()),
             BlendError::Io(_) => Self::internal(e.to_string()),
         }
     }
@@ -151,6 +152,14 @@ impl From<ModelError> for ApiError {
             }
             M::Tokenizer(_) | M::ChatTemplate(_) => {
                 Self::bad_request("invalid_input_text", e.to_string())
+            }
+            // a hook's failure maps by what caused it
+            M::Hook(h) => {
+                let msg = h.to_string();
+                match h.into_source().map(|s| s.downcast::<ModelError>()) {
+                    Some(Ok(inner)) => Self::from(*inner),
+                    _ => Self::internal(msg),
+                }
             }
             M::Io { .. }
             | M::InvalidGguf { .. }

@@ -112,8 +112,7 @@ pub(crate) fn decode(
         if length {
             break;
         }
-        let pos = cache.positions.last().map_or(0, |p| p + 1);
-        logits = model.prefill(&[id], &[pos], &mut cache)?;
+        logits = model.decode_step(id, &mut cache, &mut ())?;
     }
     Ok((Finish::Length, produced))
 }

@@ -132,8 +132,8 @@ pub(super) fn zero_rows(model: &Model, rows: usize) -> Result<LayerKv> {
 /// A cache of `rows` tokens at positions `0..rows` whose every layer is zero placeholder
 /// rows, for the forward pass to fill layer by layer ([`Sources::fill`]).
 pub(super) fn placeholder_cache(model: &Model, rows: usize) -> Result<KvCache> {
-    Ok(KvCache {
-        layers: vec![zero_rows(model, rows)?; model.config().num_layers],
-        positions: positions(0, rows),
-    })
+    Ok(KvCache::new(
+        vec![zero_rows(model, rows)?; model.config().num_layers],
+        positions(0, rows),
+    ))
 }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use kvquilt_model::{LayerKv, Rows, positions};
+use kvquilt_model::{FillLayers, LayerKv, Rows, positions};
 
 use super::assembly::{Prepared, placeholder_cache, prepare};
 use crate::engine::Blender;
@@ -35,8 +35,7 @@ pub(crate) fn run(
             hidden,
             Rows::Append(&pos),
             &mut cache,
-            None,
-            f,
+            &mut FillLayers(f),
         )?)
     })?;
     let last = out.hidden.narrow(0, req.suffix.len() - 1, 1)?;

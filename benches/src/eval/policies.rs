@@ -1,0 +1,384 @@
+//! `kvquilt eval --policies …`: token policies beside full KV on the same prompts.
+//!
+//! Per example and query awareness, one prefill observes what every asked policy reads
+//! ([`kvquilt_blend::compress::observe_prefill`]); each policy × compression then prunes a
+//! copy of that cache and the rest of the prompt runs over it:
+//! - query-aware (`yes`): everything but the prompt's last token is scored and compressed
+//!   with the question inside it; the last token then runs over the pruned cache;
+//! - query-agnostic (`no`): the RAG context (system, instruction, passages) is compressed
+//!   before the question is known, as a shared cached context would be; the question then
+//!   runs over the pruned cache.
+//!
+//! Full KV is the same prefill continued without pruning (chunked prefill equals one
+//! prefill). Every row decodes greedily and is scored against the gold answers and against
+//! full KV (first-token KL, answer-token agreement).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use kvquilt_blend::Mode;
+use kvquilt_blend::compress::{compress, observe_prefill};
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
+use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, Shape, check_budget};
+use kvquilt_model::{GenerateOptions, KvCache, Model, Tensor, Tokenizer, continue_greedy};
+use serde::Serialize;
+
+use super::data::Example;
+use super::{mean, metrics};
+use crate::bench::median;
+
+/// What the policy evaluation compares.
+pub(crate) struct PolicyArgs {
+    pub(crate) policies: Vec<PolicySpec>,
+    pub(crate) compression: Vec<f32>,
+    /// `true`: query-aware, `false`: query-agnostic.
+    pub(crate) awareness: Vec<bool>,
+}
+
+impl PolicyArgs {
+    /// Parses and checks everything before any example runs: unknown policies, bad
+    /// parameters and bad compression factors are errors here.
+    pub(crate) fn parse(
+        policies: &[String],
+        compression: &[f32],
+        aware: &[String],
+    ) -> Result<Self> {
+        let mut specs = Vec::new();
+        for p in policies {
+            let spec: PolicySpec = p.parse().with_context(|| format!("--policies {p}"))?;
+            if spec != PolicySpec::Full {
+                specs.push(spec);
+            }
+        }
+        for &n in compression {
+            Budget::Compression(n)
+                .validate()
+                .with_context(|| format!("--compression {n}"))?;
+        }
+        let awareness = aware
+            .iter()
+            .map(|a| match a.as_str() {
+                "yes" | "true" => Ok(true),
+                "no" | "false" => Ok(false),
+                other => bail!("--query-aware {other}: expected yes or no"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if specs.is_empty() || compression.is_empty() || awareness.is_empty() {
+            bail!("--policies, --compression and --query-aware each need a value besides full");
+        }
+        Ok(Self {
+            policies: specs,
+            compression: compression.to_vec(),
+            awareness,
+        })
+    }
+
+    /// Checks every policy × compression against the shortest cache it will compress.
+    fn check(&self, model: &Model, shortest: usize) -> Result<()> {
+        let c = model.config();
+        let shape = Shape {
+            tokens: shortest,
+            kv_heads: c.num_kv_heads,
+            group: c.group_size(),
+            layers: c.num_layers,
+        };
+        for spec in &self.policies {
+            let Some(policy) = spec.policy() else {
+                continue;
+            };
+            for &n in &self.compression {
+                check_budget(
+                    policy,
+                    &shape,
+                    Budget::Compression(n),
+                    &BudgetSplit::Uniform,
+                )
+                .with_context(|| format!("{spec} at {n}× on a {shortest}-token context"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default, Clone)]
+struct Tally {
+    f1: Vec<f64>,
+    acc: Vec<f64>,
+    kl: Vec<f64>,
+    agreement: Vec<f64>,
+    kept: Vec<f64>,
+    policy_ms: Vec<f64>,
+    decode_tok_s: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    policy: String,
+    compression: Option<f32>,
+    query_aware: bool,
+    f1: f64,
+    acc: f64,
+    acc_vs_full: Option<f64>,
+    first_token_kl: f64,
+    answer_token_agreement: f64,
+    /// Kept entries over all entries of the compressed part.
+    kept_fraction: f64,
+    policy_ms_median: f64,
+    decode_tok_s_median: f64,
+}
+
+#[derive(Serialize)]
+struct Detail {
+    example: usize,
+    config: String,
+    prediction: String,
+    answers: Vec<String>,
+    correct: bool,
+    first_token_kl: f64,
+    answer_token_agreement: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    examples: usize,
+    model: String,
+    task: String,
+    device: String,
+    prompt_tokens_median: f64,
+    rows: Vec<Row>,
+    details: Vec<Detail>,
+}
+
+/// Greedy continuation of `cache` after running `rest` at `start..` over it: the first
+/// token's logits, the answer tokens and the decode rate.
+fn answer(
+    model: &Model,
+    mut cache: KvCache,
+    rest: &[u32],
+    start: usize,
+    opts: &GenerateOptions,
+) -> Result<(Vec<f32>, Vec<u32>, f64)> {
+    let pos = kvquilt_model::positions(start, rest.len());
+    let logits: Tensor = model.prefill(rest, &pos, &mut cache)?;
+    let first = logits.to_vec1::<f32>()?;
+    let g = continue_greedy(model, cache, logits, opts, Default::default(), &mut |_| {})?;
+    let rate = g.decode_tokens_per_s();
+    Ok((first, g.tokens, rate))
+}
+
+/// Runs the policy evaluation over `examples` (already chosen and planted).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    pa: &PolicyArgs,
+    examples: &[Example],
+    skip: usize,
+    model: &Model,
+    tokenizer: &Tokenizer,
+    opts: &GenerateOptions,
+    header: (String, String, String),
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    let prompts = examples
+        .iter()
+        .map(|ex| {
+            let prompt = RagPrompt {
+                system: DEFAULT_SYSTEM.into(),
+                instruction: DEFAULT_INSTRUCTION.into(),
+                documents: ex
+                    .ctxs
+                    .iter()
+                    .map(|p| document_text(&p.title, &p.text))
+                    .collect(),
+                question: ex.question.clone(),
+                answer_hint: ex
+                    .answer_hint
+                    .clone()
+                    .unwrap_or_else(|| "Answer within 5 words.".into()),
+            };
+            let req = prompt.request(tokenizer, Mode::Full)?;
+            Ok((req.tokens(), req.suffix.len()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shortest = prompts.iter().map(|(t, s)| t.len() - s).min().unwrap_or(0);
+    pa.check(model, shortest)?;
+    let needs: Vec<_> = pa
+        .policies
+        .iter()
+        .filter_map(|p| p.policy().map(|p| p.needs()))
+        .collect();
+
+    let mut tallies: BTreeMap<(usize, usize, bool), Tally> = BTreeMap::new();
+    let mut full = Tally::default();
+    let mut details = Vec::new();
+    let total = examples.len() * pa.awareness.len();
+    let mut done = 0;
+    for (ei, (ex, (tokens, suffix))) in examples.iter().zip(&prompts).enumerate() {
+        let mut reference: Option<(Vec<f32>, Vec<u32>)> = None;
+        for &aware in &pa.awareness {
+            done += 1;
+            eprintln!("example {ei} ({done}/{total}), query-aware {aware}");
+            let split = if aware {
+                tokens.len() - 1
+            } else {
+                tokens.len() - suffix
+            };
+            let mut cache = model.empty_cache()?;
+            let positions = kvquilt_model::positions(0, split);
+            let (_, observations) =
+                observe_prefill(model, &tokens[..split], &positions, &mut cache, &needs)?;
+            if reference.is_none() {
+                let (first, toks, rate) =
+                    answer(model, cache.clone(), &tokens[split..], split, opts)?;
+                let prediction = prediction(tokenizer, &toks)?;
+                full.acc
+                    .push(metrics::contains_gold(&prediction, &ex.answers) as u8 as f64);
+                full.f1.push(metrics::best_f1(&prediction, &ex.answers));
+                full.kl.push(0.0);
+                full.agreement.push(1.0);
+                full.kept.push(1.0);
+                full.decode_tok_s.push(rate);
+                details.push(Detail {
+                    example: skip + ei,
+                    config: "full".into(),
+                    correct: metrics::contains_gold(&prediction, &ex.answers),
+                    prediction,
+                    answers: ex.answers.clone(),
+                    first_token_kl: 0.0,
+                    answer_token_agreement: 1.0,
+                });
+                reference = Some((first, toks));
+            }
+            let Some((ref_logits, ref_tokens)) = &reference else {
+                unreachable!("set above")
+            };
+            for (pi, spec) in pa.policies.iter().enumerate() {
+                let Some(policy) = spec.policy() else {
+                    continue;
+                };
+                for (ni, &n) in pa.compression.iter().enumerate() {
+                    let c = compress(
+                        model,
+                        &cache,
+                        &observations,
+                        policy,
+                        Budget::Compression(n),
+                        &BudgetSplit::Uniform,
+                    )?;
+                    let (first, toks, rate) =
+                        answer(model, c.cache, &tokens[split..], split, opts)?;
+                    let prediction = prediction(tokenizer, &toks)?;
+                    let correct = metrics::contains_gold(&prediction, &ex.answers);
+                    let kl = metrics::kl_divergence(ref_logits, &first);
+                    let agreement = metrics::token_agreement(ref_tokens, &toks);
+                    let t = tallies.entry((pi, ni, aware)).or_default();
+                    t.acc.push(correct as u8 as f64);
+                    t.f1.push(metrics::best_f1(&prediction, &ex.answers));
+                    t.kl.push(kl);
+                    t.agreement.push(agreement);
+                    t.kept
+                        .push(c.stats.entries_kept as f64 / c.stats.entries_before as f64);
+                    t.policy_ms.push(c.stats.policy_ms);
+                    t.decode_tok_s.push(rate);
+                    details.push(Detail {
+                        example: skip + ei,
+                        config: format!("{} {n}x aware={aware}", spec.name()),
+                        prediction,
+                        answers: ex.answers.clone(),
+                        correct,
+                        first_token_kl: kl,
+                        answer_token_agreement: agreement,
+                    });
+                }
+            }
+        }
+    }
+
+    let full_acc = mean(&full.acc);
+    let row = |policy: String, compression: Option<f32>, aware: bool, t: &Tally| Row {
+        policy,
+        compression,
+        query_aware: aware,
+        f1: mean(&t.f1),
+        acc: mean(&t.acc),
+        acc_vs_full: (full_acc > 0.0).then(|| mean(&t.acc) / full_acc),
+        first_token_kl: mean(&t.kl),
+        answer_token_agreement: mean(&t.agreement),
+        kept_fraction: mean(&t.kept),
+        policy_ms_median: if t.policy_ms.is_empty() {
+            0.0
+        } else {
+            median(&t.policy_ms)
+        },
+        decode_tok_s_median: median(&t.decode_tok_s),
+    };
+    let mut rows = vec![row("full".into(), None, true, &full)];
+    for ((pi, ni, aware), t) in &tallies {
+        rows.push(row(
+            pa.policies[*pi].to_string(),
+            Some(pa.compression[*ni]),
+            *aware,
+            t,
+        ));
+    }
+    let (model_name, task, device) = header;
+    let report = Report {
+        examples: examples.len(),
+        model: model_name,
+        task,
+        device,
+        prompt_tokens_median: median(
+            &prompts
+                .iter()
+                .map(|(t, _)| t.len() as f64)
+                .collect::<Vec<_>>(),
+        ),
+        rows,
+        details,
+    };
+    print_table(&report);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn prediction(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<String> {
+    let text = tokenizer.decode(tokens, true)?;
+    Ok(text.trim().lines().next().unwrap_or("").trim().to_string())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}",
+        r.task, r.examples, r.prompt_tokens_median, r.model, r.device
+    );
+    println!(
+        "| policy | compression | query-aware | F1 | acc | acc/full | first-token KL | answer agreement | kept | policy ms | decode tok/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {} | {:.3} | {:.3} | {} | {:.3} | {:.2} | {:.3} | {:.1} | {:.1} |",
+            row.policy,
+            row.compression
+                .map_or_else(|| "–".to_string(), |n| format!("{n}×")),
+            if row.compression.is_none() {
+                "–"
+            } else if row.query_aware {
+                "yes"
+            } else {
+                "no"
+            },
+            row.f1,
+            row.acc,
+            row.acc_vs_full
+                .map_or_else(|| "–".to_string(), |v| format!("{v:.2}")),
+            row.first_token_kl,
+            row.answer_token_agreement,
+            row.kept_fraction,
+            row.policy_ms_median,
+            row.decode_tok_s_median,
+        );
+    }
+}

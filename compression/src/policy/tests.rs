@@ -1,0 +1,250 @@
+//! Hand-computed cases for every policy, the budget rules and the text form.
+
+use super::*;
+
+fn shape(tokens: usize, kv_heads: usize, group: usize, layers: usize) -> Shape {
+    Shape {
+        tokens,
+        kv_heads,
+        group,
+        layers,
+    }
+}
+
+/// An observation of the mean over the last `rows` rows.
+fn rows_obs(probs: Vec<f32>, rows: usize) -> Observation {
+    Observation {
+        windows: vec![WindowMean { rows, probs }],
+        column_sums: None,
+    }
+}
+
+fn keep(
+    p: &dyn TokenPolicy,
+    obs: Observation,
+    s: Shape,
+    b: Budget,
+) -> Result<Vec<Vec<u32>>, PolicyError> {
+    Ok(select(p, &[obs], &s, b, &BudgetSplit::Uniform)?
+        .layers
+        .remove(0))
+}
+
+#[test]
+fn streaming_keeps_sinks_and_the_most_recent() {
+    let p = StreamingLlm { sinks: 2 };
+    let k = keep(
+        &p,
+        Observation::default(),
+        shape(10, 2, 1, 1),
+        Budget::Compression(2.0),
+    );
+    assert_eq!(k.unwrap(), vec![vec![0, 1, 7, 8, 9]; 2]);
+}
+
+#[test]
+fn sage_takes_the_last_rows_attention_mean_over_the_group() {
+    let p = SageKv {
+        sinks: 1,
+        recent: 2,
+    };
+    // one KV head, two query heads, the last row only
+    let q0 = [0.1, 0.0, 0.3, 0.0, 0.2, 0.1, 0.2, 0.1];
+    let q1 = [0.1, 0.2, 0.1, 0.0, 0.4, 0.0, 0.1, 0.1];
+    let probs = q0.iter().chain(&q1).copied().collect();
+    // mean over the group of rows 1..6: .1 .2 0 .3 .05 → top two are 4 and 2
+    let k = keep(
+        &p,
+        rows_obs(probs, 1),
+        shape(8, 1, 2, 1),
+        Budget::Entries(5),
+    );
+    assert_eq!(k.unwrap(), vec![vec![0, 2, 4, 6, 7]]);
+}
+
+#[test]
+fn snapkv_averages_the_window_then_pools() {
+    // rows (.1 .5 .1 .1 .2 0) and (.3 .1 .1 .2 .2 .1): their mean
+    let probs = vec![0.2, 0.3, 0.1, 0.15, 0.2, 0.05];
+    let s = shape(6, 1, 1, 1);
+    // window mean over keys 0..4: .2 .3 .1 .15
+    let plain = SnapKv {
+        window: 2,
+        kernel: 1,
+        pooling: Pooling::Avg,
+    };
+    let k = keep(&plain, rows_obs(probs.clone(), 2), s, Budget::Entries(4));
+    assert_eq!(k.unwrap(), vec![vec![0, 1, 4, 5]]);
+    // avg-pooled over 3 (zero padding counts): .167 .2 .183 .083 → 1 and 2
+    let pooled = SnapKv { kernel: 3, ..plain };
+    let k = keep(&pooled, rows_obs(probs, 2), s, Budget::Entries(4));
+    assert_eq!(k.unwrap(), vec![vec![1, 2, 4, 5]]);
+}
+
+#[test]
+fn h2o_normalises_by_the_queries_that_see_each_token() {
+    let sums = vec![1.2, 1.0, 0.9, 0.9, 0.1, 0.1];
+    let obs = Observation {
+        windows: Vec::new(),
+        column_sums: Some(sums),
+    };
+    let s = shape(6, 1, 1, 1);
+    // normalised: 1.2/6 1.0/5 .9/4 .9/3 → 3 and 2, plus the recent half {4, 5}
+    let k = keep(&H2o::default(), obs.clone(), s, Budget::Entries(4));
+    assert_eq!(k.unwrap(), vec![vec![2, 3, 4, 5]]);
+    let raw = H2o {
+        normalise: false,
+        ..H2o::default()
+    };
+    assert_eq!(
+        keep(&raw, obs, s, Budget::Entries(4)).unwrap(),
+        vec![vec![0, 1, 4, 5]]
+    );
+}
+
+#[test]
+fn a_budget_below_the_kept_regions_is_an_error_naming_the_limit() {
+    let p = SageKv::default();
+    let obs = rows_obs(vec![0.01; 100], 1);
+    let e = keep(&p, obs, shape(100, 1, 1, 1), Budget::Compression(2.0)).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            PolicyError::BudgetTooSmall {
+                budget: 50,
+                needed: 68,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("4 sinks + 64 recent"), "{e}");
+    for bad in [1.0, 0.5, f32::NAN, f32::INFINITY] {
+        assert!(matches!(
+            Budget::Compression(bad).validate(),
+            Err(PolicyError::BadCompression(_))
+        ));
+    }
+    // a cache no longer than the budget keeps everything, regions or not
+    let short = keep(
+        &p,
+        rows_obs(vec![0.1; 10], 1),
+        shape(10, 1, 1, 1),
+        Budget::Entries(10),
+    );
+    assert_eq!(short.unwrap(), vec![(0..10).collect::<Vec<u32>>()]);
+}
+
+#[test]
+fn missing_or_misshaped_observations_are_errors() {
+    let s = shape(6, 1, 1, 1);
+    let snap = SnapKv {
+        window: 2,
+        ..SnapKv::default()
+    };
+    let e = keep(&snap, Observation::default(), s, Budget::Entries(3));
+    assert!(matches!(e, Err(PolicyError::BadObservation { .. })));
+    let sage = SageKv {
+        sinks: 1,
+        recent: 1,
+    };
+    let e = keep(&sage, rows_obs(vec![0.1; 5], 1), s, Budget::Entries(3));
+    assert!(matches!(e, Err(PolicyError::BadObservation { .. })));
+    // a window of another size than the policy's
+    let e = keep(&snap, rows_obs(vec![0.1; 6], 3), s, Budget::Entries(3));
+    assert!(matches!(e, Err(PolicyError::BadObservation { .. })));
+    let two_layers = select(
+        &StreamingLlm { sinks: 1 },
+        &[Observation::default()],
+        &shape(6, 1, 1, 2),
+        Budget::Entries(3),
+        &BudgetSplit::Uniform,
+    );
+    assert!(matches!(
+        two_layers,
+        Err(PolicyError::BadObservation { .. })
+    ));
+}
+
+#[test]
+fn per_head_budgets_follow_scores_across_heads_above_a_floor() {
+    // head 0 has every high score; with a floor of half the budget head 1 keeps 2 of 4
+    let s0 = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0];
+    let s1 = [0.5, 0.1, 0.4, 0.1, 0.3, 0.1, 0.2, 0.1];
+    let sums = s0.iter().chain(&s1).copied().collect();
+    let obs = Observation {
+        windows: Vec::new(),
+        column_sums: Some(sums),
+    };
+    let raw = H2o {
+        normalise: false,
+        recent_fraction: 0.0,
+    };
+    // recent = max(1, 0) = 1 row always kept per head
+    let set = select(
+        &raw,
+        &[obs],
+        &shape(8, 2, 1, 1),
+        Budget::Entries(4),
+        &BudgetSplit::PerHead { floor: 0.5 },
+    )
+    .unwrap();
+    assert_eq!(set.layers[0][0], vec![0, 1, 2, 3, 4, 7]);
+    assert_eq!(set.layers[0][1], vec![0, 7]);
+    assert_eq!(set.entries(), 8);
+    assert_eq!(set.max_per_head(), 6);
+}
+
+#[test]
+fn per_layer_weights_scale_each_layers_budget() {
+    let set = select(
+        &StreamingLlm { sinks: 0 },
+        &[Observation::default(), Observation::default()],
+        &shape(10, 1, 1, 2),
+        Budget::Entries(3),
+        &BudgetSplit::PerLayer(vec![1.0, 2.0]),
+    )
+    .unwrap();
+    assert_eq!(set.layers[0][0], vec![8, 9]);
+    assert_eq!(set.layers[1][0], vec![6, 7, 8, 9]);
+    let bad = select(
+        &StreamingLlm::default(),
+        &[Observation::default()],
+        &shape(10, 1, 1, 1),
+        Budget::Entries(3),
+        &BudgetSplit::PerLayer(vec![f32::NAN]),
+    );
+    assert!(matches!(bad, Err(PolicyError::BadParameter { .. })));
+}
+
+#[test]
+fn specs_parse_print_and_reject_what_they_do_not_know() {
+    for text in [
+        "full",
+        "streaming:sinks=4",
+        "h2o:recent=0.5:normalise=true",
+        "snapkv:window=32:kernel=7:pool=max",
+        "sage:sinks=4:recent=64",
+    ] {
+        let spec: PolicySpec = text.parse().unwrap();
+        assert_eq!(spec.to_string(), text);
+        assert_eq!(spec.to_string().parse::<PolicySpec>().unwrap(), spec);
+    }
+    assert_eq!("snapkv".parse::<PolicySpec>().unwrap().name(), "snapkv");
+    assert!(matches!(
+        "pyramid".parse::<PolicySpec>(),
+        Err(PolicyError::UnknownPolicy(_))
+    ));
+    for bad in [
+        "snapkv:kernel=4",
+        "snapkv:window=0",
+        "snapkv:pool=median",
+        "sage:window=3",
+        "h2o:recent=1.5",
+        "streaming:sinks=-1",
+        "streaming:sinks",
+    ] {
+        let e = bad.parse::<PolicySpec>().unwrap_err();
+        assert!(matches!(e, PolicyError::BadParameter { .. }), "{bad}: {e}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Pruned caches (kept entries per layer and KV head, as token policies leave them) and the
+//! layer hook, on tiny random models.
+
+mod common;
+
+use common::{max_diff, positions};
+use kvquilt_model::{
+    HookError, KvCache, LayerHook, LayerKv, LayerProbe, LoadedModel, ModelError, ProbeRequest,
+    Rows, Tensor,
+};
+
+fn models() -> Vec<LoadedModel> {
+    vec![common::tiny("llama"), common::tiny("qwen2")]
+}
+
+fn close(a: &Tensor, b: &Tensor, what: &str) {
+    let (d, m) = max_diff(a, b);
+    assert!(d <= 1e-4 * m.max(1e-3), "{what}: max diff {d} (scale {m})");
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + 11) % 500).collect()
+}
+
+/// The same rows kept by every head of every layer must behave exactly like a dense cache of
+/// those rows at their own positions (holes included): one decode step, a multi-token
+/// append, and another step.
+#[test]
+fn a_pruned_cache_attends_like_the_reference_over_its_kept_keys() {
+    for m in models() {
+        let model = &m.model;
+        let toks = prompt(40);
+        let mut cache = model.empty_cache().unwrap();
+        model.prefill(&toks, &positions(40), &mut cache).unwrap();
+        let kept: Vec<u32> = vec![0, 1, 2, 3, 9, 17, 18, 30, 36, 37, 38, 39];
+        let heads = cache.layers[0].k.dims()[1];
+        let keep = vec![vec![kept.clone(); heads]; cache.layers.len()];
+        let mut pruned = cache.retain(&keep).unwrap();
+        assert!(pruned.is_pruned());
+        assert_eq!(pruned.len(), kept.len());
+        let idx = Tensor::new(kept.as_slice(), model.device()).unwrap();
+        let layers = cache
+            .layers
+            .iter()
+            .map(|l| {
+                LayerKv::new(
+                    l.k.index_select(&idx, 0).unwrap(),
+                    l.v.index_select(&idx, 0).unwrap(),
+                )
+            })
+            .collect();
+        let mut dense = KvCache::new(layers, kept.clone());
+
+        let a = model.decode_step(7, &mut pruned, &mut ()).unwrap();
+        let b = model.prefill(&[7], &[40], &mut dense).unwrap();
+        close(&a, &b, "decode step");
+        let q = [5u32, 6, 8];
+        let a = model.prefill(&q, &[41, 42, 43], &mut pruned).unwrap();
+        let b = model.prefill(&q, &[41, 42, 43], &mut dense).unwrap();
+        close(&a, &b, "appended question");
+        let a = model.decode_step(9, &mut pruned, &mut ()).unwrap();
+        let b = model.decode_step(9, &mut dense, &mut ()).unwrap();
+        close(&a, &b, "second step");
+        assert_eq!(pruned.positions.last(), Some(&44));
+        assert_eq!(pruned.entries_per_head()[0], vec![kept.len() + 5; heads]);
+    }
+}
+
+/// Heads keeping different rows (padded and masked) decode without error, and pruning again
+/// keeps composing positions; the unpruned full keep set changes nothing.
+#[test]
+fn ragged_and_repeated_pruning() {
+    for m in models() {
+        let model = &m.model;
+        let toks = prompt(30);
+        let mut cache = model.empty_cache().unwrap();
+        model.prefill(&toks, &positions(30), &mut cache).unwrap();
+        let heads = cache.layers[0].k.dims()[1];
+        let layers = cache.layers.len();
+
+        let all: Vec<u32> = (0..30).collect();
+        let mut same = cache.retain(&vec![vec![all; heads]; layers]).unwrap();
+        let a = model.decode_step(3, &mut same, &mut ()).unwrap();
+        let b = model.decode_step(3, &mut cache.clone(), &mut ()).unwrap();
+        close(&a, &b, "keeping everything");
+
+        let keep: Vec<Vec<Vec<u32>>> = (0..layers)
+            .map(|l| {
+                (0..heads)
+                    .map(|h| {
+                        (0..30u32)
+                            .filter(|&t| (t as usize + h + l).is_multiple_of(h + 2))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut ragged = cache.retain(&keep).unwrap();
+        let counts = ragged.entries_per_head();
+        for l in 0..layers {
+            for h in 0..heads {
+                assert_eq!(counts[l][h], keep[l][h].len());
+            }
+        }
+        let logits = model.decode_step(3, &mut ragged, &mut ()).unwrap();
+        assert!(
+            logits
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .all(|x| x.is_finite())
+        );
+        // prune the pruned cache again: row 0 of every head and the decoded token
+        let rows = ragged.len() as u32;
+        let again = ragged
+            .retain(&vec![vec![vec![0, rows - 1]; heads]; layers])
+            .unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again.positions.last(), Some(&30));
+    }
+}
+
+#[test]
+fn bad_keep_sets_and_row_operations_on_pruned_caches_are_refused() {
+    let m = common::tiny("llama");
+    let model = &m.model;
+    let mut cache = model.empty_cache().unwrap();
+    model
+        .prefill(&prompt(10), &positions(10), &mut cache)
+        .unwrap();
+    let heads = cache.layers[0].k.dims()[1];
+    let layers = cache.layers.len();
+    let with = |rows: Vec<u32>| vec![vec![rows; heads]; layers];
+    for bad in [
+        with(vec![]),
+        with(vec![3, 2]),
+        with(vec![1, 1]),
+        with(vec![0, 10]),
+        vec![vec![vec![0]; heads]; layers - 1],
+        vec![vec![vec![0]; heads + 1]; layers],
+    ] {
+        let e = cache.retain(&bad).unwrap_err();
+        assert!(matches!(e, ModelError::InvalidInput(_)), "{e}");
+    }
+    let pruned = cache.retain(&with(vec![0, 4, 9])).unwrap();
+    assert!(pruned.narrow(0, 1).is_err());
+    assert!(pruned.clone().with_positions(vec![0, 1, 2]).is_err());
+    assert!(KvCache::cat(&[&pruned]).is_err());
+    let hidden = model.embed(&[1]).unwrap();
+    let e = model
+        .run_layers(
+            0..layers,
+            hidden,
+            Rows::Replace(&[1]),
+            &mut pruned.clone(),
+            None,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("pruned"), "{e}");
+    // new tokens must come after every kept position
+    assert!(model.prefill(&[1], &[9], &mut pruned.clone()).is_err());
+}
+
+/// A hook that counts calls, checks the probe reports, and fails on request.
+struct Counting {
+    probe: ProbeRequest,
+    before: Vec<usize>,
+    after: Vec<LayerProbe>,
+    fail_at: Option<usize>,
+}
+
+impl LayerHook for Counting {
+    fn probe(&self) -> Option<&ProbeRequest> {
+        Some(&self.probe)
+    }
+
+    fn before_layer(&mut self, layer: usize, _kv: &mut LayerKv) -> Result<(), HookError> {
+        self.before.push(layer);
+        Ok(())
+    }
+
+    fn after_attention(&mut self, layer: usize, probe: LayerProbe) -> Result<(), HookError> {
+        if self.fail_at == Some(layer) {
+            return Err(HookError::msg("policy gave up"));
+        }
+        self.after.push(probe);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_hook_sees_every_layer_and_column_sums_add_up_the_rows() {
+    let m = common::tiny("qwen2");
+    let model = &m.model;
+    let toks = prompt(24);
+    let n = toks.len();
+    let mut hook = Counting {
+        probe: ProbeRequest::rows((0..n).collect()).with_column_sums(),
+        before: Vec::new(),
+        after: Vec::new(),
+        fail_at: None,
+    };
+    let mut cache = model.empty_cache().unwrap();
+    let logits = model
+        .prefill_with(&toks, &positions(n), &mut cache, &mut hook)
+        .unwrap();
+    let layers = model.config().num_layers;
+    assert_eq!(hook.before, (0..layers).collect::<Vec<_>>());
+    assert_eq!(hook.after.len(), layers);
+    for p in &hook.after {
+        let rows = p.rows.as_ref().unwrap(); // [kv_heads, group, n, n]
+        let sums = p.column_sums.as_ref().unwrap(); // [kv_heads, n]
+        let want = rows.sum(1).unwrap().sum(1).unwrap();
+        close(sums, &want, "column sums");
+    }
+    // the plain prefill gives the same logits
+    let mut plain = model.empty_cache().unwrap();
+    let want = model.prefill(&toks, &positions(n), &mut plain).unwrap();
+    close(&logits, &want, "logits with a hook");
+
+    // a failing hook aborts with its error and leaves the cache as it was
+    let mut hook = Counting {
+        probe: ProbeRequest::rows(vec![1]),
+        before: Vec::new(),
+        after: Vec::new(),
+        fail_at: Some(1),
+    };
+    let before = cache.len();
+    let e = model
+        .prefill_with(&[3, 4], &[n as u32, n as u32 + 1], &mut cache, &mut hook)
+        .unwrap_err();
+    assert!(matches!(e, ModelError::Hook(_)), "{e}");
+    assert_eq!(cache.len(), before);
+}
