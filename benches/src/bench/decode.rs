@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use kvquilt_blend::compress::{compress, observe_prefill};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec};
-use kvquilt_model::{KvCache, Model};
+use kvquilt_model::{AttentionKernel, KvCache, Model, argmax};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
@@ -50,6 +50,10 @@ struct Row {
     /// `full` or the compression factor.
     cache: String,
     kv_bytes: usize,
+    /// The first step's logits with the chosen attention against the reference attention
+    /// over the same cache: largest absolute difference, and whether the argmax agrees.
+    check_max_abs_diff: f32,
+    check_same_argmax: bool,
     tokens_per_s: f64,
     speedup_vs_full: f64,
     runs_s: Vec<f64>,
@@ -68,6 +72,25 @@ struct Report {
     rows: Vec<Row>,
 }
 
+/// One decode step over `base` with `kernel` against the reference attention: the largest
+/// absolute logit difference and whether the argmax agrees.
+fn check(model: &mut Model, kernel: AttentionKernel, base: &KvCache) -> Result<(f32, bool)> {
+    model.set_attention_kernel(AttentionKernel::Reference);
+    let want = model
+        .decode_step(7, &mut base.clone(), &mut ())?
+        .to_vec1::<f32>()?;
+    model.set_attention_kernel(kernel);
+    let got = model
+        .decode_step(7, &mut base.clone(), &mut ())?
+        .to_vec1::<f32>()?;
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    Ok((diff, argmax(&got) == argmax(&want)))
+}
+
 pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
     let spec: PolicySpec = a.policy.parse().context("--policy")?;
     let policy = spec
@@ -80,19 +103,21 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
     }
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
-    let (model, name) = match a.random.as_deref() {
+    let kernel = a.model.attention_kernel()?;
+    let (mut model, name) = match a.random.as_deref() {
         Some(shape) => {
             let (config, name) = super::random_shape(shape)?;
             let mut m = Model::random(config, &device, dtype)?;
-            m.set_attention_kernel(a.model.attention_kernel()?);
+            m.set_attention_kernel(kernel);
             (m, name)
         }
         None => {
-            let m = a.model.load()?;
+            let mut m = a.model.load()?;
+            m.model.set_attention_kernel(kernel);
             (m.model, m.path.display().to_string())
         }
     };
-    let c = model.config();
+    let c = model.config().clone();
     let entry_bytes = 2 * c.head_dim * model.dtype().size_in_bytes();
     let vocab = c.vocab_size as u64;
     let ctx = pseudo_tokens(a.context, vocab);
@@ -100,6 +125,25 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
     let mut full = model.empty_cache()?;
     let (_, observations) = observe_prefill(&model, &ctx, &pos, &mut full, &[policy.needs()])?;
     let steps = a.steps.max(1);
+    let full_check = check(&mut model, kernel, &full)?;
+    let mut pruned = Vec::new();
+    for &n in &a.compression {
+        let c = compress(
+            &model,
+            &full,
+            &observations,
+            policy,
+            Budget::Compression(n),
+            &BudgetSplit::Uniform,
+        )?;
+        let checked = check(&mut model, kernel, &c.cache)?;
+        eprintln!(
+            "{n}×: attention {kernel:?} vs reference, max |Δlogit| {:.4}, same argmax {}",
+            checked.0, checked.1
+        );
+        pruned.push((n, c, checked));
+    }
+    let model = &model;
     let decode = |base: &KvCache| -> Result<Vec<f64>> {
         timed(a.repeats, || {
             let mut cache = base.clone();
@@ -116,19 +160,13 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
     let mut rows = vec![Row {
         cache: "full".into(),
         kv_bytes: full.len() * c.num_kv_heads * c.num_layers * entry_bytes,
+        check_max_abs_diff: full_check.0,
+        check_same_argmax: full_check.1,
         tokens_per_s: full_tps,
         speedup_vs_full: 1.0,
         runs_s: full_runs,
     }];
-    for &n in &a.compression {
-        let pruned = compress(
-            &model,
-            &full,
-            &observations,
-            policy,
-            Budget::Compression(n),
-            &BudgetSplit::Uniform,
-        )?;
+    for (n, pruned, checked) in pruned {
         let runs = decode(&pruned.cache)?;
         let tps = steps as f64 / median(&runs);
         eprintln!(
@@ -138,20 +176,26 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         rows.push(Row {
             cache: format!("{n}x"),
             kv_bytes: pruned.stats.kv_bytes_after,
+            check_max_abs_diff: checked.0,
+            check_same_argmax: checked.1,
             tokens_per_s: tps,
             speedup_vs_full: tps / full_tps,
             runs_s: runs,
         });
     }
-    println!("| cache | KV MB | decode tok/s | vs full |");
-    println!("|---|---|---|---|");
+    println!(
+        "| cache | KV MB | decode tok/s | vs full | max abs Δlogit vs reference | same argmax |"
+    );
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {:.2}× |",
+            "| {} | {:.1} | {:.1} | {:.2}× | {:.4} | {} |",
             r.cache,
             r.kv_bytes as f64 / 1e6,
             r.tokens_per_s,
-            r.speedup_vs_full
+            r.speedup_vs_full,
+            r.check_max_abs_diff,
+            r.check_same_argmax
         );
     }
     let report = Report {

@@ -160,6 +160,7 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
                                          const T *__restrict__ v, int v_stride,
                                          const uint32_t *__restrict__ q_pos,
                                          const uint32_t *__restrict__ k_pos,
+                                         const uint32_t *__restrict__ k_head_pos, int head_rows,
                                          const T *__restrict__ cos, const T *__restrict__ sin,
                                          T *__restrict__ out, float *__restrict__ ws_o,
                                          float *__restrict__ ws_ml, float *__restrict__ lse,
@@ -244,7 +245,15 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int kbase = kt * BN;
     if (ROT_K) {
-      load_rotated<T, D>(Ks, BN, k_row(kbase), [&](int j) { return k_pos[kbase + j]; }, cos, sin);
+      // a pruned cache's first `head_rows` keys are rotated by their own (row, KV head)
+      // position; k_pos (the mask's positions) stands in for them otherwise
+      load_rotated<T, D>(
+          Ks, BN, k_row(kbase),
+          [&](int j) {
+            const int r = kbase + j;
+            return r < head_rows ? k_head_pos[static_cast<size_t>(r) * kvh + kh] : k_pos[r];
+          },
+          cos, sin);
       for (int item = threadIdx.x; item < BN * (D / 8); item += NTHREADS) {
         const int j = item / (D / 8), c = item % (D / 8);
         uint4 x = make_uint4(0, 0, 0, 0);  // padding keys must hold zeros, not NaN garbage
@@ -509,10 +518,11 @@ COLSUM_ENTRY(__half, f16, 128)
 #define ATTN_ENTRY(NAME, T, D, ROT_K)                                                            \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \
       const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \
-      const uint32_t *q_pos, const uint32_t *k_pos, const T *cos, const T *sin, T *out,           \
-      float *ws_o, float *ws_ml, float *lse, int n, int t, int H, int kvh, float scale_log2) {   \
-    attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, cos, sin, out,    \
-                          ws_o, ws_ml, lse, n, t, H, kvh, scale_log2);                           \
+      const uint32_t *q_pos, const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows,   \
+      const T *cos, const T *sin, T *out, float *ws_o, float *ws_ml, float *lse, int n, int t,   \
+      int H, int kvh, float scale_log2) {                                                        \
+    attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, k_head_pos,       \
+                          head_rows, cos, sin, out, ws_o, ws_ml, lse, n, t, H, kvh, scale_log2); \
   }
 
 ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)

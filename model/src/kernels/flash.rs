@@ -125,6 +125,51 @@ impl FusedAttention {
         Ok(q.apply_op3_no_bwd(&k, &v, &Launch::new(self, false))?)
     }
 
+    /// [`FusedAttention::attend`] over a pruned cache: its first `rows` keys rotated by
+    /// `head_pos` (`[rows * kv_heads]` u32, row-major (row, KV head)), the rest by the call's
+    /// key positions, which the causal mask uses for every key. Only without `rotate_first`
+    /// (few query tiles: decode); otherwise the caller rotates and calls
+    /// [`FusedAttention::attend_rotated`].
+    pub(crate) fn attend_pruned(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        head_pos: &Tensor,
+        rows: usize,
+    ) -> Result<Tensor> {
+        if self.rotate_first || head_pos.dims1()? != rows * self.kv_heads || rows > self.num_keys {
+            return Err(invalid_input(format!(
+                "per-head key positions: {:?} for {rows} rows of {} KV heads (rotate first: {})",
+                head_pos.dims(),
+                self.kv_heads,
+                self.rotate_first
+            )));
+        }
+        let k = contiguous_rows(k)?;
+        let v = contiguous_rows(v)?;
+        let mut launch = Launch::new(self, false);
+        launch.head_pos = Some((head_pos, rows));
+        Ok(q.apply_op3_no_bwd(&k, &v, &launch)?)
+    }
+
+    /// Whether K is rotated once per call (then a pruned cache's keys are rotated by the
+    /// caller: [`FusedAttention::attend_rotated`]).
+    pub(crate) fn rotates_first(&self) -> bool {
+        self.rotate_first
+    }
+
+    /// [`FusedAttention::attend`] over keys the caller already rotated (a pruned cache's keys,
+    /// each at its own (layer, head) position): the kernel rotates only Q, and uses the call's
+    /// key positions for the causal mask alone.
+    pub(crate) fn attend_rotated(&self, q: &Tensor, k_rot: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let k = contiguous_rows(k_rot)?;
+        let v = contiguous_rows(v)?;
+        let mut launch = Launch::new(self, false);
+        launch.k_rotated = true;
+        Ok(q.apply_op3_no_bwd(&k, &v, &launch)?)
+    }
+
     /// The launches of one call in the inputs' dtype; `lse` receives each row's
     /// log-sum-exp when given.
     fn run(
@@ -134,10 +179,11 @@ impl FusedAttention {
         k: (&CudaStorage, &Layout),
         v: (&CudaStorage, &Layout),
         lse: Option<&CudaSlice<f32>>,
+        keys: KeyRotation<'_>,
     ) -> candle_core::Result<CudaStorage> {
         match q.0.dtype() {
-            DType::BF16 => self.launch::<half::bf16>(dev, q, k, v, "bf16", lse),
-            DType::F16 => self.launch::<half::f16>(dev, q, k, v, "f16", lse),
+            DType::BF16 => self.launch::<half::bf16>(dev, q, k, v, ("bf16", keys), lse),
+            DType::F16 => self.launch::<half::f16>(dev, q, k, v, ("f16", keys), lse),
             other => candle_core::bail!("fused attention supports bf16 and f16, not {other:?}"),
         }
     }
@@ -148,9 +194,10 @@ impl FusedAttention {
         (q, lq): (&CudaStorage, &Layout),
         (k, lk): (&CudaStorage, &Layout),
         (v, lv): (&CudaStorage, &Layout),
-        suffix: &str,
+        (suffix, keys): (&str, KeyRotation<'_>),
         lse: Option<&CudaSlice<f32>>,
     ) -> candle_core::Result<CudaStorage> {
+        let k_rotated = matches!(keys, KeyRotation::Done);
         let (n, t, h, kvh, d) = (
             self.num_queries,
             self.num_keys,
@@ -201,8 +248,8 @@ impl FusedAttention {
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
         let (q_stride_i, v_stride_i) = (q_stride as i32, v_stride as i32);
 
-        // K rotated once for the call, or rotated per tile by the kernel
-        let rotated = if self.rotate_first {
+        // K rotated by the caller, once for the call here, or per tile by the kernel
+        let rotated = if self.rotate_first && !k_rotated {
             Some(rope_rows(
                 dev, suffix, d, &ks, k_stride, &kp, &cos, &sin, t, kvh,
             )?)
@@ -211,6 +258,7 @@ impl FusedAttention {
         };
         let (kernel, k_arg, k_stride_i) = match &rotated {
             Some(r) => ("attn_rot", r.slice(0..), (kvh * d) as i32),
+            None if k_rotated => ("attn_rot", ks, k_stride as i32),
             None => ("attn_pos", ks, k_stride as i32),
         };
 
@@ -224,6 +272,27 @@ impl FusedAttention {
         b.arg(&v_stride_i);
         b.arg(&qp);
         b.arg(&kp);
+        // per-head positions of a pruned cache's first rows (decode path only)
+        let head_guard = match keys {
+            KeyRotation::PerHead(t, rows) => Some((t.storage_and_layout(), rows as i32)),
+            _ => None,
+        };
+        let null_pos: u64 = 0; // a null `uint32_t*`: no per-head rows
+        let zero_rows: i32 = 0;
+        let head_view = match &head_guard {
+            Some(((g, l), _)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
+            None => None,
+        };
+        match (&head_view, &head_guard) {
+            (Some(view), Some((_, rows))) => {
+                b.arg(view);
+                b.arg(rows);
+            }
+            _ => {
+                b.arg(&null_pos);
+                b.arg(&zero_rows);
+            }
+        }
         b.arg(&cos);
         b.arg(&sin);
         b.arg(&out);
@@ -402,9 +471,25 @@ impl FusedAttention {
 
 /// One call's attention launch as a candle op over (q, k, v); with `keep_lse`, it also keeps
 /// each row's log-sum-exp (in `lse`) for [`FusedAttention::attend_and_column_sums`].
+/// How a launch's keys are rotated.
+#[derive(Clone, Copy)]
+enum KeyRotation<'a> {
+    /// By the call's key positions (in the kernel, or once per call first).
+    Positions,
+    /// Already rotated by the caller ([`FusedAttention::attend_rotated`]).
+    Done,
+    /// The first rows by a per-(row, KV head) position table, the rest by the call's key
+    /// positions ([`FusedAttention::attend_pruned`]).
+    PerHead(&'a Tensor, usize),
+}
+
 struct Launch<'a> {
     attention: &'a FusedAttention,
     keep_lse: bool,
+    /// K arrives rotated ([`FusedAttention::attend_rotated`]).
+    k_rotated: bool,
+    /// A pruned cache's per-head positions and how many rows they cover.
+    head_pos: Option<(&'a Tensor, usize)>,
     lse: std::sync::Mutex<Option<CudaSlice<f32>>>,
 }
 
@@ -413,6 +498,8 @@ impl<'a> Launch<'a> {
         Self {
             attention,
             keep_lse,
+            k_rotated: false,
+            head_pos: None,
             lse: std::sync::Mutex::new(None),
         }
     }
@@ -446,13 +533,18 @@ impl CustomOp3 for Launch<'_> {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let a = self.attention;
         let dev = q.device().clone();
+        let keys = match (self.k_rotated, self.head_pos) {
+            (true, _) => KeyRotation::Done,
+            (false, Some((t, rows))) => KeyRotation::PerHead(t, rows),
+            (false, None) => KeyRotation::Positions,
+        };
         let shape = Shape::from((a.num_queries, a.num_heads * a.head_dim));
         if !self.keep_lse {
-            return Ok((a.run(&dev, (q, lq), (k, lk), (v, lv), None)?, shape));
+            return Ok((a.run(&dev, (q, lq), (k, lk), (v, lv), None, keys)?, shape));
         }
         // SAFETY: the kernel (or the split-KV combine) writes one value per (row, head).
         let lse = unsafe { dev.alloc::<f32>(a.num_queries * a.num_heads)? };
-        let out = a.run(&dev, (q, lq), (k, lk), (v, lv), Some(&lse))?;
+        let out = a.run(&dev, (q, lq), (k, lk), (v, lv), Some(&lse), keys)?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((out, shape))
     }

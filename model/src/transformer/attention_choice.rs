@@ -36,6 +36,9 @@ pub(super) enum LayerAttention {
     Fused {
         kernel: crate::kernels::FusedAttention,
         summed: bool,
+        /// Over a pruned cache: the tables of the rows appended after pruning (keys are then
+        /// rotated before the kernel, each pruned row by its own position).
+        tail_tables: Option<(usize, RopeTables)>,
     },
 }
 
@@ -164,9 +167,9 @@ impl Model {
     }
 
     /// Chooses and prepares the attention of one forward call. Over a pruned cache (per-head
-    /// positions) the host attentions run: they rotate keys before attending, while the fused
-    /// kernel rotates by one position list as it loads; padded heads and column sums need
-    /// the reference.
+    /// positions) keys are rotated before attending (each pruned row by its own position) and
+    /// the fused kernel, where it runs, rotates only Q; padded heads and column sums need the
+    /// reference.
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -190,7 +193,8 @@ impl Model {
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
         let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
         let fused = (probe.is_none() || summed)
-            && pruned.is_none()
+            && !(summed && pruned.is_some())
+            && !padded
             && match kernel {
                 AttentionKernel::Reference => false,
                 AttentionKernel::Auto if self.device.is_cpu() => false,
@@ -216,7 +220,15 @@ impl Model {
                 c.head_dim,
                 &self.device,
             )?;
-            return Ok(LayerAttention::Fused { kernel, summed });
+            let tail_tables = match pruned {
+                Some(p) => Some((p.rows, self.tables(&k_pos[p.rows..])?)),
+                None => None,
+            };
+            return Ok(LayerAttention::Fused {
+                kernel,
+                summed,
+                tail_tables,
+            });
         }
         debug_assert!(!fused || !cfg!(feature = "gpu"));
         // The CPU's own fused path: tiled online softmax, for calls with no probe.
@@ -265,9 +277,24 @@ impl Model {
         k_tables: &RopeTables,
         pruned: Option<(&PrunedLayer, usize)>,
     ) -> Result<Tensor> {
-        let Some((layer, rows)) = pruned else {
-            return k_tables.apply(k);
-        };
+        match pruned {
+            None => k_tables.apply(k),
+            Some((layer, rows)) => {
+                let t = k.dims()[0];
+                self.rotate_pruned(k, layer, rows, &k_tables.narrow(rows, t - rows)?)
+            }
+        }
+    }
+
+    /// A pruned layer's keys rotated: rows `0..rows` per head by `layer`'s positions, the
+    /// rest by `tail` (their tables, in order).
+    fn rotate_pruned(
+        &self,
+        k: &Tensor,
+        layer: &PrunedLayer,
+        rows: usize,
+        tail: &RopeTables,
+    ) -> Result<Tensor> {
         let (t, heads, d) = k.dims3()?;
         let per_head = self.rope_tables.select(&layer.positions)?;
         let head_rows = per_head
@@ -276,9 +303,7 @@ impl Model {
         if rows == t {
             return Ok(head_rows);
         }
-        let shared = k_tables
-            .narrow(rows, t - rows)?
-            .apply(&k.narrow(0, rows, t - rows)?)?;
+        let shared = tail.apply(&k.narrow(0, rows, t - rows)?)?;
         Ok(Tensor::cat(&[&head_rows, &shared], 0)?)
     }
 
@@ -336,11 +361,25 @@ impl Model {
                 Ok((out, LayerProbe::default()))
             }
             #[cfg(feature = "gpu")]
-            LayerAttention::Fused { kernel, summed } => {
-                if pruned.is_some() {
-                    return Err(invalid_input(
-                        "the fused kernel cannot attend over a pruned cache's per-head positions",
-                    ));
+            LayerAttention::Fused {
+                kernel,
+                summed,
+                tail_tables,
+            } => {
+                if let Some((layer, rows)) = pruned {
+                    let (Some((_, tail)), false, None) = (tail_tables, *summed, &layer.bias) else {
+                        return Err(invalid_input(
+                            "fused attention over a pruned cache needs unpadded heads, no probe and its tail tables",
+                        ));
+                    };
+                    // decode: the kernel rotates each pruned row by its own position as it
+                    // loads; calls that rotate K once first get keys rotated here
+                    if !kernel.rotates_first() {
+                        let out = kernel.attend_pruned(q, k, v, &layer.positions, rows)?;
+                        return Ok((out, LayerProbe::default()));
+                    }
+                    let k_rot = self.rotate_pruned(k, layer, rows, tail)?;
+                    return Ok((kernel.attend_rotated(q, &k_rot, v)?, LayerProbe::default()));
                 }
                 if *summed {
                     let (out, sums) = kernel.attend_and_column_sums(q, k, v)?;
