@@ -107,6 +107,7 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
                 kvquilt: Some(ModeSpec {
                     mode: Some("blend".into()),
                     ratio: Some(0.3),
+                    ..ModeSpec::default()
                 }),
                 ..CommonFields::default()
             },

@@ -38,6 +38,10 @@ pub struct BlendRequest {
     /// Alternatives reported for the first token (default 5, at most 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<usize>,
+    /// A token policy applied to the prompt's KV (reported in `stats.compression`; the first
+    /// token is the uncompressed prompt's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<CompressSpec>,
 }
 
 impl BlendRequest {
@@ -56,6 +60,12 @@ impl BlendRequest {
         self.ratio = ratio;
         self
     }
+
+    /// The same request with a token policy (reported in `stats.compression`).
+    pub fn compress(mut self, spec: CompressSpec) -> Self {
+        self.compress = Some(spec);
+        self
+    }
 }
 
 /// kvquilt's extension of the OpenAI requests (`"kvquilt": {...}`): how `documents` are
@@ -69,6 +79,55 @@ pub struct ModeSpec {
     /// Blend only: the fraction of chunk tokens recomputed, `0..=1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f32>,
+    /// Compress the prompt's KV with a token policy before decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<CompressSpec>,
+}
+
+/// A token policy for a request's decode: after the first token, the prompt's KV is pruned
+/// per layer and KV head to the budget, and decoding attends over what is kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CompressSpec {
+    /// `streaming`, `snapkv` or `sage`, optionally with parameters
+    /// (`snapkv:window=8:kernel=7:pool=max`).
+    pub policy: String,
+    /// N× less KV per KV head (a number > 1). Give this or `budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<f32>,
+    /// Entries kept per KV head (≥ 1). Give this or `compression`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usize>,
+    /// Attention sinks always kept (`streaming`, `sage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<usize>,
+    /// Recent tokens always kept (`sage`), or the observation window (`snapkv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+}
+
+/// What a request's token policy did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CompressionStats {
+    /// The policy with every parameter.
+    pub policy: String,
+    /// False when the policy failed and decoding ran over the uncompressed KV.
+    pub applied: bool,
+    /// Why the policy failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// KV entries (tokens × layers × KV heads) before.
+    pub entries_before: usize,
+    /// KV entries kept.
+    pub entries_kept: usize,
+    /// K and V bytes before.
+    pub kv_bytes_before: usize,
+    /// K and V bytes held after (padding of uneven heads included).
+    pub kv_bytes_after: usize,
+    /// Time the policy took to choose, milliseconds.
+    pub policy_ms: f64,
 }
 
 /// A token with its log-probability.
@@ -151,4 +210,7 @@ pub struct BlendStats {
     pub recompute_fraction: f64,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,
+    /// What the request's token policy did, when it asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
 }

@@ -21,7 +21,10 @@ pub mod openai;
 pub mod ops;
 mod routes;
 
-pub use blend::{BlendRequest, BlendResponse, BlendStats, ModeSpec, SegmentSource, TokenLogprob};
+pub use blend::{
+    BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, ModeSpec,
+    SegmentSource, TokenLogprob,
+};
 pub use chunks::{
     ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout,
     PutChunksRequest, PutChunksResponse, Tier,

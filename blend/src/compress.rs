@@ -11,9 +11,10 @@
 use std::time::Instant;
 
 use kvquilt_compression::policy::{
-    Budget, BudgetSplit, Observation, ProbeNeeds, Shape, TokenPolicy, WindowMean, select,
+    Budget, BudgetSplit, Observation, PolicyError, PolicySpec, ProbeNeeds, Shape, TokenPolicy,
+    WindowMean, check_budget, select,
 };
-use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Tensor};
+use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Rows, Tensor};
 
 use crate::error::{BlendError, Result};
 
@@ -159,12 +160,7 @@ pub fn compress(
     split: &BudgetSplit,
 ) -> Result<Compressed> {
     let c = model.config();
-    let shape = Shape {
-        tokens: cache.len(),
-        kv_heads: c.num_kv_heads,
-        group: c.group_size(),
-        layers: c.num_layers,
-    };
+    let shape = shape(model, cache.len());
     let t0 = Instant::now();
     let keep = select(policy, observations, &shape, budget, split)?;
     let policy_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -185,4 +181,259 @@ pub fn compress(
         cache: pruned,
         stats,
     })
+}
+
+/// A token policy and budget for one request's decode ([`compress_for_decode`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressPlan {
+    /// The policy (never `full`).
+    pub spec: PolicySpec,
+    /// Entries kept per KV head.
+    pub budget: Budget,
+}
+
+impl CompressPlan {
+    /// A plan for `spec` under `budget`. Refused: `full` (nothing to do), a bad budget, and
+    /// policies that read every prompt row's attention (H2O's column sums): a served request
+    /// re-observes only the prompt's last rows over its assembled cache.
+    pub fn new(spec: PolicySpec, budget: Budget) -> std::result::Result<Self, PolicyError> {
+        budget.validate()?;
+        let Some(policy) = spec.policy() else {
+            return Err(PolicyError::BadParameter {
+                policy: "full".into(),
+                field: "policy".into(),
+                why: "`full` compresses nothing; leave `compress` out instead".into(),
+            });
+        };
+        if policy.needs().column_sums {
+            return Err(PolicyError::BadParameter {
+                policy: policy.name().into(),
+                field: "policy".into(),
+                why: "it reads every prompt row's attention, which a served request does not \
+                      observe (use streaming, snapkv or sage)"
+                    .into(),
+            });
+        }
+        Ok(Self { spec, budget })
+    }
+
+    /// Checks the budget against a `tokens`-token prompt of `model` (what the policy always
+    /// keeps must fit), before anything runs.
+    pub fn check(&self, model: &Model, tokens: usize) -> std::result::Result<(), PolicyError> {
+        let Some(policy) = self.spec.policy() else {
+            return Ok(());
+        };
+        check_budget(
+            policy,
+            &shape(model, tokens),
+            self.budget,
+            &BudgetSplit::Uniform,
+        )
+    }
+}
+
+/// What compressing a request's cache did, for its stats.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CompressReport {
+    /// The policy with every parameter (`PolicySpec`'s text form).
+    pub policy: String,
+    /// `None` when the policy failed and decoding ran over the uncompressed cache.
+    pub stats: Option<CompressStats>,
+    /// Why the policy failed, when it did.
+    pub error: Option<String>,
+}
+
+/// The prompt's last rows re-run over `cache` (a prompt's assembled cache, any mode) to
+/// observe what policies with `needs` read: `w` rows of compute for a `w`-row window. Their
+/// K/V are recomputed in place (the suffix's rows: the same values the request computed).
+pub fn observe_last_rows(
+    model: &Model,
+    tokens: &[u32],
+    cache: &mut KvCache,
+    needs: &[ProbeNeeds],
+) -> Result<Vec<Observation>> {
+    let n = tokens.len();
+    if cache.len() != n || n == 0 {
+        return Err(BlendError::Invalid(format!(
+            "observing the last rows of a {n}-token prompt over a cache of {}",
+            cache.len()
+        )));
+    }
+    let widest = needs.iter().map(|x| x.last_rows.min(n)).max().unwrap_or(0);
+    let layers = model.config().num_layers;
+    if widest == 0 {
+        return Ok(vec![Observation::default(); layers]);
+    }
+    let rows: Vec<usize> = (n - widest..n).collect();
+    let mut observer = Observer::new(widest, needs);
+    let hidden = model.embed(&tokens[n - widest..])?;
+    model.run_layers_with(
+        0..layers,
+        hidden,
+        Rows::Replace(&rows),
+        cache,
+        &mut observer,
+    )?;
+    Ok(observer.into_observations())
+}
+
+/// `cache` (of `tokens`, as the request assembled it) compressed by `plan` for decoding.
+/// Never fails: if observing or the policy fails, decoding runs over the uncompressed cache
+/// and the report says why (the caller counts it). Observing recomputes the last rows in
+/// place, so on failure the cache is the one those rows were recomputed over (equal values).
+pub fn compress_for_decode(
+    model: &Model,
+    tokens: &[u32],
+    mut cache: KvCache,
+    plan: &CompressPlan,
+) -> (KvCache, CompressReport) {
+    let policy_name = plan.spec.to_string();
+    let Some(policy) = plan.spec.policy() else {
+        return (
+            cache,
+            CompressReport {
+                policy: policy_name,
+                stats: None,
+                error: Some("`full` compresses nothing".into()),
+            },
+        );
+    };
+    let result =
+        observe_last_rows(model, tokens, &mut cache, &[policy.needs()]).and_then(|observations| {
+            compress(
+                model,
+                &cache,
+                &observations,
+                policy,
+                plan.budget,
+                &BudgetSplit::Uniform,
+            )
+        });
+    fall_back_on_error(cache, policy_name, result)
+}
+
+/// The compressed cache and its stats, or the uncompressed cache and the error.
+fn fall_back_on_error(
+    cache: KvCache,
+    policy: String,
+    result: Result<Compressed>,
+) -> (KvCache, CompressReport) {
+    match result {
+        Ok(c) => (
+            c.cache,
+            CompressReport {
+                policy,
+                stats: Some(c.stats),
+                error: None,
+            },
+        ),
+        Err(e) => {
+            tracing::warn!("token policy {policy} failed, decoding uncompressed: {e}");
+            (
+                cache,
+                CompressReport {
+                    policy,
+                    stats: None,
+                    error: Some(e.to_string()),
+                },
+            )
+        }
+    }
+}
+
+fn shape(model: &Model, tokens: usize) -> Shape {
+    let c = model.config();
+    Shape {
+        tokens,
+        kv_heads: c.num_kv_heads,
+        group: c.group_size(),
+        layers: c.num_layers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvquilt_compression::policy::{SageKv, StreamingLlm};
+    use kvquilt_model::{DType, Device, ModelConfig};
+
+    use super::*;
+
+    fn model() -> Model {
+        let mut c = ModelConfig::smollm2_135m();
+        c.num_layers = 2;
+        c.hidden_size = 64;
+        c.intermediate_size = 32;
+        c.num_heads = 4;
+        c.num_kv_heads = 2;
+        c.head_dim = 16;
+        c.vocab_size = 64;
+        Model::random(c, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn prompt_cache(m: &Model, n: usize) -> (Vec<u32>, KvCache) {
+        let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 64).collect();
+        let mut cache = m.empty_cache().unwrap();
+        m.prefill(&tokens, &kvquilt_model::positions(0, n), &mut cache)
+            .unwrap();
+        (tokens, cache)
+    }
+
+    #[test]
+    fn a_served_request_compresses_to_its_budget() {
+        let m = model();
+        let (tokens, cache) = prompt_cache(&m, 40);
+        let plan = CompressPlan::new(
+            PolicySpec::Sage(SageKv {
+                sinks: 2,
+                recent: 4,
+            }),
+            Budget::Compression(4.0),
+        )
+        .unwrap();
+        plan.check(&m, tokens.len()).unwrap();
+        let (pruned, report) = compress_for_decode(&m, &tokens, cache, &plan);
+        let stats = report.stats.expect("applied");
+        assert_eq!(report.error, None);
+        assert_eq!(stats.entries_kept, 10 * 2 * 2);
+        assert_eq!(stats.entries_before, 40 * 2 * 2);
+        assert!(pruned.is_pruned());
+        assert_eq!(pruned.len(), 10);
+        // decoding goes on over the pruned cache
+        let mut pruned = pruned;
+        m.decode_step(5, &mut pruned, &mut ()).unwrap();
+    }
+
+    #[test]
+    fn plans_refuse_what_a_request_cannot_run() {
+        let m = model();
+        let h2o = "h2o".parse().unwrap();
+        assert!(CompressPlan::new(h2o, Budget::Compression(2.0)).is_err());
+        assert!(CompressPlan::new(PolicySpec::Full, Budget::Compression(2.0)).is_err());
+        let s = PolicySpec::Streaming(StreamingLlm::default());
+        assert!(CompressPlan::new(s.clone(), Budget::Compression(1.0)).is_err());
+        // 4 sinks do not fit 2 entries per head of a 40-token prompt
+        let plan = CompressPlan::new(s, Budget::Entries(2)).unwrap();
+        assert!(matches!(
+            plan.check(&m, 40),
+            Err(PolicyError::BudgetTooSmall { needed: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn a_failing_policy_falls_back_to_the_uncompressed_cache() {
+        let m = model();
+        let (_, cache) = prompt_cache(&m, 12);
+        let err = Err(BlendError::Invalid("policy broke".into()));
+        let (kept, report) = fall_back_on_error(cache.clone(), "sage".into(), err);
+        assert!(!kept.is_pruned());
+        assert_eq!(kept.len(), cache.len());
+        assert_eq!(report.stats, None);
+        assert!(report.error.unwrap().contains("policy broke"));
+        // observing over a cache that does not match the prompt is such a failure
+        let plan = CompressPlan::new("snapkv:window=4".parse().unwrap(), Budget::Compression(2.0))
+            .unwrap();
+        let (kept, report) = compress_for_decode(&m, &[1, 2, 3], cache, &plan);
+        assert!(!kept.is_pruned());
+        assert!(report.error.is_some());
+    }
 }

@@ -111,6 +111,9 @@ pub struct BlendStats {
     pub ttft_ms: f64,
     /// Per-phase times when the request asked for them ([`BlendRequest::time_phases`]).
     pub phases: Vec<crate::PhaseTime>,
+    /// What a token policy did to the cache for decoding, when the request asked for one
+    /// ([`crate::compress::compress_for_decode`]; set by the caller, not the engine).
+    pub compression: Option<crate::compress::CompressReport>,
 }
 
 impl BlendStats {
@@ -134,6 +137,7 @@ impl BlendStats {
             recompute_fraction: 0.0,
             ttft_ms: 0.0,
             phases: Vec::new(),
+            compression: None,
         }
     }
 

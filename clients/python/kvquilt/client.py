@@ -159,13 +159,20 @@ class Client:
         mode: Optional[str] = None,
         ratio: Optional[float] = None,
         top_logprobs: int = 5,
+        compress: Optional[Dict[str, Any]] = None,
     ) -> BlendResult:
-        """The first token of a RAG prompt over ``chunks`` and what the blend did."""
+        """The first token of a RAG prompt over ``chunks`` and what the blend did.
+
+        ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) reports what a token
+        policy would keep (``stats["compression"]``); the first token is the full prompt's.
+        """
         body: Dict[str, Any] = {"question": question, "chunks": list(chunks), "top_logprobs": top_logprobs}
         if mode is not None:
             body["mode"] = mode
         if ratio is not None:
             body["ratio"] = ratio
+        if compress is not None:
+            body["compress"] = compress
         r = self._json("POST", "/v1/blend", json=body)
         return BlendResult(r["token"], r["top_logprobs"], r["chunk_ids"], r["stats"])
 
@@ -178,9 +185,15 @@ class Client:
         stop: Optional[List[str]] = None,
         mode: Optional[str] = None,
         ratio: Optional[float] = None,
+        compress: Optional[Dict[str, Any]] = None,
     ) -> ChatResult:
-        """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend."""
-        body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio)
+        """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend.
+
+        ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) prunes the prompt's KV
+        with a token policy before decoding; ``stats["compression"]`` says what was kept.
+        """
+        body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+                               compress)
         r = self._json("POST", "/v1/chat/completions", json=body)
         choice = r["choices"][0]
         return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}))
@@ -196,7 +209,7 @@ class Client:
         import json
 
         body = self._chat_body(question_or_messages, documents, max_tokens, kw.get("temperature"),
-                               kw.get("stop"), kw.get("mode"), kw.get("ratio"))
+                               kw.get("stop"), kw.get("mode"), kw.get("ratio"), kw.get("compress"))
         body["stream"] = True
         with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
             if not r.is_success:
@@ -217,7 +230,8 @@ class Client:
                     yield piece
 
     @staticmethod
-    def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio) -> Dict[str, Any]:
+    def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+                   compress=None) -> Dict[str, Any]:
         messages = (
             [{"role": "user", "content": question_or_messages}]
             if isinstance(question_or_messages, str)
@@ -228,7 +242,7 @@ class Client:
             body["temperature"] = temperature
         if stop:
             body["stop"] = stop
-        ext = {k: v for k, v in (("mode", mode), ("ratio", ratio)) if v is not None}
+        ext = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("compress", compress)) if v is not None}
         if ext:
             body["kvquilt"] = ext
         return body

@@ -99,6 +99,16 @@ def test_langchain_retrieve_warm_answer(client):
     assert all(d.metadata["kvquilt_warm"] for d in out["documents"])
 
 
+def test_chat_with_a_token_policy(client):
+    r = client.chat("Where is the Zorblat Tower?", PASSAGES, max_tokens=6,
+                    compress={"policy": "snapkv", "window": 8, "compression": 4})
+    c = r.stats["compression"]
+    assert c["applied"] and c["entries_kept"] * 4 <= c["entries_before"], c
+    with pytest.raises(KvquiltError) as e:
+        client.chat("Where?", PASSAGES, compress={"policy": "snapkv", "compression": 1})
+    assert e.value.status == 400 and e.value.code == "invalid_compression"
+
+
 def test_client_errors(client):
     with pytest.raises(KvquiltError) as e:
         client.blend("q?", [{"id": "00" * 32}])

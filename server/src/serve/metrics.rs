@@ -38,6 +38,15 @@ pub struct ModeLabels {
     pub mode: String,
 }
 
+/// Labels of the token-policy counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// The policy's name.
+    pub policy: String,
+    /// `applied`, or `fell_back` when the policy failed and decoding ran uncompressed.
+    pub outcome: &'static str,
+}
+
 /// The server's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +62,12 @@ pub struct Metrics {
     pub generated_tokens: Counter,
     /// Segments served from objects decoded from a lossy codec.
     pub lossy_segments: Counter,
+    /// Requests that asked for a token policy, by policy and outcome.
+    pub compressed_requests: Family<PolicyLabels, Counter>,
+    /// KV entries (tokens × layers × KV heads) of compressed requests before compression.
+    pub kv_entries_before: Counter,
+    /// KV entries those requests kept.
+    pub kv_entries_kept: Counter,
 }
 
 impl Metrics {
@@ -71,6 +86,24 @@ impl Metrics {
         });
         let generated_tokens = Counter::default();
         let lossy_segments = Counter::default();
+        let compressed_requests = Family::<PolicyLabels, Counter>::default();
+        let kv_entries_before = Counter::default();
+        let kv_entries_kept = Counter::default();
+        registry.register(
+            "compressed_requests",
+            "Requests that asked for a token policy, by policy and outcome (fell_back: the policy failed, decoding ran over the uncompressed KV)",
+            compressed_requests.clone(),
+        );
+        registry.register(
+            "kv_entries_before_compression",
+            "KV entries (tokens x layers x KV heads) of compressed requests before their token policy",
+            kv_entries_before.clone(),
+        );
+        registry.register(
+            "kv_entries_kept",
+            "KV entries compressed requests kept for decoding",
+            kv_entries_kept.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -110,6 +143,26 @@ impl Metrics {
             recompute_fraction,
             generated_tokens,
             lossy_segments,
+            compressed_requests,
+            kv_entries_before,
+            kv_entries_kept,
+        }
+    }
+
+    /// Counts one request's token policy.
+    pub fn record_compression(&self, policy: &str, r: &kvquilt_blend::compress::CompressReport) {
+        let labels = PolicyLabels {
+            policy: policy.to_string(),
+            outcome: if r.stats.is_some() {
+                "applied"
+            } else {
+                "fell_back"
+            },
+        };
+        self.compressed_requests.get_or_create(&labels).inc();
+        if let Some(s) = r.stats {
+            self.kv_entries_before.inc_by(s.entries_before as u64);
+            self.kv_entries_kept.inc_by(s.entries_kept as u64);
         }
     }
 

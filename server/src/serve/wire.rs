@@ -3,7 +3,9 @@
 //! shows up as a compile error in this file rather than as a silent change of the API.
 
 use kvquilt_api as api;
+use kvquilt_blend::compress::{CompressPlan, CompressReport};
 use kvquilt_blend::{BlendConfig, BlendStats, Mode, SegmentSource};
+use kvquilt_compression::policy::{Budget, PolicySpec};
 use kvquilt_kvstore::{HistogramSnapshot, KvDType, KvLayout, TierKind, TierStatsSnapshot};
 
 use super::error::{ApiError, ApiResult};
@@ -64,7 +66,56 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         recomputed_tokens: s.recomputed_tokens,
         recompute_fraction: s.recompute_fraction,
         ttft_ms: s.ttft_ms,
+        compression: s.compression.as_ref().map(compression),
     }
+}
+
+/// A token policy's report on the wire.
+fn compression(r: &CompressReport) -> api::CompressionStats {
+    let s = r.stats;
+    api::CompressionStats {
+        policy: r.policy.clone(),
+        applied: s.is_some(),
+        error: r.error.clone(),
+        entries_before: s.map_or(0, |s| s.entries_before),
+        entries_kept: s.map_or(0, |s| s.entries_kept),
+        kv_bytes_before: s.map_or(0, |s| s.kv_bytes_before),
+        kv_bytes_after: s.map_or(0, |s| s.kv_bytes_after),
+        policy_ms: s.map_or(0.0, |s| s.policy_ms),
+    }
+}
+
+/// The engine plan of a request's `compress` (400 `invalid_compression` naming what is
+/// wrong: an unknown policy or parameter, a policy a request cannot run, a bad budget).
+pub(crate) fn compress_plan(spec: Option<&api::CompressSpec>) -> ApiResult<Option<CompressPlan>> {
+    let Some(c) = spec else { return Ok(None) };
+    let bad = |msg: String| ApiError::bad_request("invalid_compression", msg);
+    let mut text = c.policy.trim().to_string();
+    let name = text.split(':').next().unwrap_or_default().to_string();
+    if let Some(sinks) = c.sinks {
+        text.push_str(&format!(":sinks={sinks}"));
+    }
+    if let Some(window) = c.window {
+        match name.as_str() {
+            "sage" | "sage-kv" | "sagekv" => text.push_str(&format!(":recent={window}")),
+            _ => text.push_str(&format!(":window={window}")),
+        }
+    }
+    let policy: PolicySpec = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let budget = match (c.compression, c.budget) {
+        (Some(n), None) => Budget::Compression(n),
+        (None, Some(0)) => return Err(bad("`budget` must be at least 1 entry per KV head".into())),
+        (None, Some(n)) => Budget::Entries(n),
+        _ => {
+            return Err(bad(
+                "give exactly one of `compression` (N× less KV, > 1) and `budget` (entries per KV head)"
+                    .into(),
+            ));
+        }
+    };
+    CompressPlan::new(policy, budget)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// The engine mode a request asks for (`mode`, `ratio`; default: blend at kvquilt's ratio).

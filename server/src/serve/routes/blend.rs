@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use kvquilt_api::{BlendRequest as BlendBody, BlendResponse, ChunkRef, TokenLogprob};
+use kvquilt_blend::compress::{CompressPlan, compress_for_decode};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
 use kvquilt_blend::{BlendOutput, BlendRequest};
 use kvquilt_model::top_logprobs;
@@ -26,6 +27,7 @@ pub(crate) async fn blend(
     ApiJson(body): ApiJson<BlendBody>,
 ) -> ApiResult<axum::Json<BlendResponse>> {
     let mode = wire::mode(body.mode.as_deref(), body.ratio)?;
+    let compress = wire::compress_plan(body.compress.as_ref())?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
     let texts = [&body.question, &body.system, &body.instruction];
     check_text_bytes(
@@ -78,7 +80,7 @@ pub(crate) async fn blend(
         let codec = s.blender.codec(&tenant.namespace);
         req.chunks.iter().map(|c| codec.key(c).to_hex()).collect()
     };
-    let prepared = prepare(&s, &tenant, req)?;
+    let prepared = prepare(&s, &tenant, req, compress)?;
     let (st, t) = (Arc::clone(&s), Arc::clone(&tenant));
     let out = s.pool.run(move || prepared.run(&st, &t)).await??;
     let row = out
@@ -111,6 +113,8 @@ pub(crate) async fn blend(
 pub(crate) struct Prepared {
     /// The engine request.
     pub req: BlendRequest,
+    /// The token policy applied to the prompt's KV after the first token, if asked for.
+    compress: Option<CompressPlan>,
     /// The quota its store-back reserved (`None`: it stores nothing); released when the
     /// request is dropped, after [`Prepared::run`] added what was stored.
     _quota: Option<QuotaReservation>,
@@ -122,9 +126,14 @@ pub(crate) fn prepare(
     s: &Shared,
     tenant: &Arc<Tenant>,
     mut req: BlendRequest,
+    compress: Option<CompressPlan>,
 ) -> ApiResult<Prepared> {
     check_chunk_count(s, req.chunks.len())?;
     check_tokens(s, req.tokens().len())?;
+    if let Some(plan) = &compress {
+        plan.check(s.blender.model(), req.tokens().len())
+            .map_err(|e| ApiError::bad_request("invalid_compression", e.to_string()))?;
+    }
     check_token_ids(s, "prefix_tokens", &req.prefix)?;
     check_token_ids(s, "suffix_tokens", &req.suffix)?;
     if req.suffix.is_empty() {
@@ -143,14 +152,27 @@ pub(crate) fn prepare(
         .sum();
     let quota = check_quota(s, tenant, extra).ok();
     req.store_back = quota.is_some();
-    Ok(Prepared { req, _quota: quota })
+    Ok(Prepared {
+        req,
+        compress,
+        _quota: quota,
+    })
 }
 
 impl Prepared {
     /// Runs the blend (blocking: call on the model pool) and records its metrics and the
     /// tenant's new objects (what the engine reports it stored).
+    /// With a token policy, the returned cache is the compressed one (or, if the policy
+    /// failed, the uncompressed one: counted, never an error).
     pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
-        let out = s.blender.run(&tenant.namespace, &self.req)?;
+        let mut out = s.blender.run(&tenant.namespace, &self.req)?;
+        if let Some(plan) = &self.compress {
+            let tokens = self.req.tokens();
+            let (cache, report) = compress_for_decode(s.blender.model(), &tokens, out.cache, plan);
+            out.cache = cache;
+            s.metrics.record_compression(plan.spec.name(), &report);
+            out.stats.compression = Some(report);
+        }
         for obj in &out.stored {
             tenant.add(obj.key, obj.bytes);
         }

@@ -18,6 +18,7 @@ use kvquilt_api::openai::{
     CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList, Prompt,
     Stop, Usage,
 };
+use kvquilt_blend::compress::CompressPlan;
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
 use kvquilt_blend::{BlendRequest, BlendStats};
 use kvquilt_model::ChatMessage;
@@ -103,7 +104,13 @@ pub(crate) async fn chat(
     } else {
         0
     };
-    let job = job(&s, &tenant, req, &body.common, 512, top_k)?;
+    let compress = wire::compress_plan(
+        body.common
+            .kvquilt
+            .as_ref()
+            .and_then(|k| k.compress.as_ref()),
+    )?;
+    let job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
     respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
 }
 
@@ -139,7 +146,13 @@ pub(crate) async fn completions(
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = body.logprobs.unwrap_or(0).min(20);
     // OpenAI's default for legacy completions is 16 tokens
-    let job = job(&s, &tenant, req, &body.common, 16, top_k)?;
+    let compress = wire::compress_plan(
+        body.common
+            .kvquilt
+            .as_ref()
+            .and_then(|k| k.compress.as_ref()),
+    )?;
+    let job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
 }
@@ -218,6 +231,7 @@ fn job(
     c: &CommonFields,
     default_max: usize,
     top_k: usize,
+    compress: Option<CompressPlan>,
 ) -> ApiResult<Job> {
     if c.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_request(
@@ -268,7 +282,7 @@ fn job(
         ));
     }
     Ok(Job {
-        prepared: prepare(s, tenant, req)?,
+        prepared: prepare(s, tenant, req, compress)?,
         sampling: Sampling {
             temperature,
             top_p,

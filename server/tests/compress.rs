@@ -1,0 +1,184 @@
+//! Token policies through the API (issue 14): `kvquilt.compress` on chat completions and
+//! `/v1/blend` prunes the prompt's KV for decoding and says what it kept; bad specs are 400
+//! `invalid_compression` naming the problem and run nothing.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::TestApp;
+use kvquilt::serve::config::Config;
+use serde_json::{Value, json};
+
+const DOCS: [&str; 3] = [
+    "The Zorblat Tower stands in the town of Quenmoor. It was finished in 1911 by a guild of masons.",
+    "Quenmoor is a fishing town on the northern coast, known for its grey stone harbour walls.",
+    "The harbour of Quenmoor was rebuilt after the storm of 1953, which broke the old pier.",
+];
+
+fn chat(compress: Value) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": "When was the tower finished?"}],
+        "documents": DOCS,
+        "max_tokens": 8,
+        "temperature": 0,
+        "kvquilt": {"mode": "full", "compress": compress},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_completion_decodes_over_the_compressed_kv_and_says_what_it_kept() {
+    let app = TestApp::new(Config::default());
+    let (s, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            chat(json!({"policy": "snapkv", "window": 4, "compression": 4})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["kvquilt"]["compression"];
+    assert_eq!(c["applied"], true, "{v}");
+    assert!(
+        c["policy"].as_str().unwrap().starts_with("snapkv:window=4"),
+        "{c}"
+    );
+    let (before, kept) = (
+        c["entries_before"].as_u64().unwrap(),
+        c["entries_kept"].as_u64().unwrap(),
+    );
+    let tokens = v["kvquilt"]["tokens"].as_u64().unwrap();
+    let config = app.state.blender.model().config().clone();
+    let per_token = (config.num_layers * config.num_kv_heads) as u64;
+    assert_eq!(before, tokens * per_token);
+    assert_eq!(kept, tokens / 4 * per_token);
+    assert!(c["kv_bytes_after"].as_u64().unwrap() < c["kv_bytes_before"].as_u64().unwrap());
+    assert!(!v["choices"][0]["message"]["content"].is_null());
+
+    // a budget in entries, and the other policies a request can run
+    for spec in [
+        json!({"policy": "sage", "sinks": 2, "window": 8, "budget": 24}),
+        json!({"policy": "streaming", "sinks": 4, "compression": 2}),
+    ] {
+        let (s, v) = app
+            .json("POST", "/v1/chat/completions", None, chat(spec.clone()))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{spec}: {v}");
+        assert_eq!(v["kvquilt"]["compression"]["applied"], true, "{v}");
+    }
+    let (s, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            chat(json!({"policy": "sage", "budget": 24, "sinks": 2, "window": 8})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v["kvquilt"]["compression"]["entries_kept"].as_u64(),
+        Some(24 * per_token)
+    );
+
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        text.contains("kvquilt_compressed_requests_total{policy=\"snapkv\",outcome=\"applied\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvquilt_compressed_requests_total{policy=\"sage\",outcome=\"applied\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("kvquilt_kv_entries_kept_total"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blend_reports_compression_and_keeps_the_uncompressed_first_token() {
+    let app = TestApp::new(Config::default());
+    let q = "When was the tower finished?";
+    let plain = app
+        .blend(json!({"question": q, "chunks": DOCS, "mode": "full"}))
+        .await;
+    assert!(plain.stats.compression.is_none());
+    let packed = app
+        .blend(json!({"question": q, "chunks": DOCS, "mode": "full",
+            "compress": {"policy": "streaming", "compression": 3}}))
+        .await;
+    let c = packed.stats.compression.expect("compression stats");
+    assert!(c.applied, "{c:?}");
+    assert_eq!(
+        c.entries_kept,
+        packed.stats.tokens / 3 * c.entries_before / packed.stats.tokens
+    );
+    assert_eq!(packed.token.id, plain.token.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_compression_specs_are_refused_before_anything_runs() {
+    let app = TestApp::new(Config::default());
+    let cases = [
+        (json!({"policy": "pyramid", "compression": 2}), "pyramid"),
+        (json!({"policy": "snapkv", "compression": 1}), "> 1"),
+        (json!({"policy": "snapkv", "compression": 0.5}), "> 1"),
+        (json!({"policy": "snapkv"}), "exactly one"),
+        (
+            json!({"policy": "snapkv", "compression": 2, "budget": 8}),
+            "exactly one",
+        ),
+        (json!({"policy": "snapkv", "budget": 0}), "at least 1"),
+        (
+            json!({"policy": "h2o", "compression": 2}),
+            "every prompt row",
+        ),
+        (
+            json!({"policy": "full", "compression": 2}),
+            "compresses nothing",
+        ),
+        (
+            json!({"policy": "snapkv:kernel=4", "compression": 2}),
+            "kernel",
+        ),
+        (
+            json!({"policy": "streaming", "window": 8, "compression": 2}),
+            "window",
+        ),
+        // 4 sinks + 64 recent do not fit 10 entries per head
+        (
+            json!({"policy": "sage", "budget": 10}),
+            "4 sinks + 64 recent",
+        ),
+    ];
+    for (spec, says) in cases {
+        let r = app
+            .json("POST", "/v1/chat/completions", None, chat(spec.clone()))
+            .await;
+        common::assert_err(&r, 400, "invalid_compression", says);
+        let r = app
+            .json(
+                "POST",
+                "/v1/blend",
+                None,
+                json!({"question": "Why?", "chunks": DOCS, "compress": spec}),
+            )
+            .await;
+        common::assert_err(&r, 400, "invalid_compression", says);
+    }
+    // an unknown field is a malformed body
+    let (s, _) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            chat(json!({"policy": "snapkv", "compression": 2, "ratio": 4})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // nothing ran: no request was counted
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        !text.contains("kvquilt_compressed_requests_total{"),
+        "{text}"
+    );
+}
