@@ -13,6 +13,7 @@
 #   benches/gpu_run.sh musique N # eval, MuSiQue, N examples (SmolLM2, f32)
 #   benches/gpu_run.sh policies N # token policies beside full KV, needle + MuSiQue, N examples
 #                                # each (SmolLM2, f32); decode over compressed caches (8B shape)
+#   benches/gpu_run.sh longgen N # SCOPE and decoding baselines, 1,024-token generations (SmolLM2)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -80,6 +81,13 @@ case "${1:-perf}" in
     done
     "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 2,4,8 \
       --context 8192 --steps 32 --repeats 3 --json "$OUT/decode_8b.json" || echo "decode 8b failed"
+    ;;
+  longgen)
+    # decode-time eviction (SCOPE, H2O, StreamingLLM decoding) on long generations (issue 14)
+    "$bench" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task longgen \
+      --limit "${2:-3}" --passages 5 --new-tokens 1024 --decode-pool 0.25,0.125 \
+      --policies scope-slide,scope-adaptive,scope-discontinuous,h2o,streaming \
+      --json "$OUT/longgen.json" > "$OUT/longgen.md"
     ;;
   cpu)
     lscpu | grep -E '^(Model name|CPU\(s\)|Thread)' > "$OUT/cpu.txt"

@@ -11,8 +11,8 @@
 use std::time::Instant;
 
 use kvquilt_compression::policy::{
-    Budget, BudgetSplit, Observation, PolicyError, PolicySpec, ProbeNeeds, Shape, TokenPolicy,
-    WindowMean, check_budget, select,
+    Budget, BudgetSplit, DecodePool, DecodePoolSpec, Observation, PolicyError, PolicySpec,
+    ProbeNeeds, Shape, TokenPolicy, WindowMean, check_budget, select,
 };
 use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Rows, Tensor};
 
@@ -353,7 +353,7 @@ fn shape(model: &Model, tokens: usize) -> Shape {
 
 #[cfg(test)]
 mod tests {
-    use kvquilt_compression::policy::{SageKv, StreamingLlm};
+    use kvquilt_compression::policy::{SageKv, Schedule, Scorer, StreamingLlm};
     use kvquilt_model::{DType, Device, ModelConfig};
 
     use super::*;
@@ -403,6 +403,79 @@ mod tests {
         m.decode_step(5, &mut pruned, &mut ()).unwrap();
     }
 
+    fn pool(budget: usize, recent: usize, scorer: Scorer, schedule: Schedule) -> DecodePoolSpec {
+        DecodePoolSpec {
+            budget,
+            recent,
+            max_new: 40,
+            scorer,
+            schedule,
+        }
+    }
+
+    #[test]
+    fn a_decode_pool_holds_the_cache_to_prompt_plus_budget() {
+        let m = model();
+        let (_, cache) = prompt_cache(&m, 20);
+        for (scorer, schedule) in [
+            (Scorer::Instantaneous, Schedule::Slide),
+            (Scorer::Cumulative, Schedule::Slide),
+            (Scorer::Recency, Schedule::Slide),
+            (Scorer::Instantaneous, Schedule::Adaptive),
+        ] {
+            let mut d =
+                PooledDecoder::new(&m, cache.clone(), pool(8, 4, scorer, schedule)).unwrap();
+            for t in 0..30 {
+                d.step(&m, (t * 5 + 1) % 64).unwrap();
+                assert!(d.cache().len() <= 20 + 8, "{scorer:?} {schedule:?}");
+            }
+            // slide fills to its budget at once; adaptive's budget is 4 + ⌊t / 9⌋ = 7 at t = 30
+            let peak = if schedule == Schedule::Slide { 8 } else { 7 };
+            assert_eq!(d.peak_rows(), 20 + peak + 1, "{scorer:?} {schedule:?}");
+            assert!(d.evictions() > 0);
+            assert_eq!(d.cache().positions.last(), Some(&49));
+        }
+        // discontinuous overshoots by at most δ = ⌊(40 − 4) / (8 − 4)⌋ = 9
+        let mut d = PooledDecoder::new(
+            &m,
+            cache.clone(),
+            pool(8, 4, Scorer::Instantaneous, Schedule::Discontinuous),
+        )
+        .unwrap();
+        for t in 0..30 {
+            d.step(&m, (t * 5 + 1) % 64).unwrap();
+        }
+        assert!(d.peak_rows() <= 20 + 8 + 9, "{}", d.peak_rows());
+    }
+
+    #[test]
+    fn a_pool_that_never_fills_decodes_like_the_full_cache() {
+        let m = model();
+        let (_, cache) = prompt_cache(&m, 12);
+        let mut full = cache.clone();
+        let mut d = PooledDecoder::new(
+            &m,
+            cache,
+            pool(30, 4, Scorer::Instantaneous, Schedule::Slide),
+        )
+        .unwrap();
+        for t in 0..10u32 {
+            let a = d.step(&m, t + 3).unwrap().to_vec1::<f32>().unwrap();
+            let b = m
+                .decode_step(t + 3, &mut full, &mut ())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "step {t}: {diff}");
+        }
+        assert_eq!(d.evictions(), 0);
+    }
+
     #[test]
     fn plans_refuse_what_a_request_cannot_run() {
         let m = model();
@@ -435,5 +508,100 @@ mod tests {
         let (kept, report) = compress_for_decode(&m, &[1, 2, 3], cache, &plan);
         assert!(!kept.is_pruned());
         assert!(report.error.is_some());
+    }
+}
+
+/// Decoding with a decode pool (SCOPE, H2O or StreamingLLM decoding): each step appends its
+/// token, the pool observes the step's attention per KV head, and when the pool is due the
+/// cache is pruned to its selection ([`KvCache::retain`]). The prompt's rows are never
+/// evicted; the cache holds at most prompt + pool budget rows (+ `δ` for `discontinuous`).
+#[derive(Debug)]
+pub struct PooledDecoder {
+    pool: DecodePool,
+    cache: KvCache,
+    /// Reselections so far.
+    evictions: usize,
+    /// Most rows the cache held.
+    peak_rows: usize,
+}
+
+/// A step's attention over every cache row, summed over each KV head's query heads.
+struct StepAttention {
+    probe: Option<ProbeRequest>,
+    /// `[layer][kv_head][row]`.
+    per_layer: Vec<Vec<Vec<f32>>>,
+}
+
+impl LayerHook for StepAttention {
+    fn probe(&self) -> Option<&ProbeRequest> {
+        self.probe.as_ref()
+    }
+
+    fn after_attention(
+        &mut self,
+        _layer: usize,
+        probe: LayerProbe,
+    ) -> std::result::Result<(), HookError> {
+        let Some(rows) = probe.rows else {
+            return Ok(());
+        };
+        // [kv_heads, group, 1, keys] → [kv_heads, keys]
+        let sums = rows
+            .sum(1)
+            .and_then(|s| s.squeeze(1))
+            .and_then(|s| s.to_vec2::<f32>())
+            .map_err(HookError::new)?;
+        self.per_layer.push(sums);
+        Ok(())
+    }
+}
+
+impl PooledDecoder {
+    /// Decoding over `cache` (the whole prompt: its rows are the prefill region).
+    pub fn new(model: &Model, cache: KvCache, spec: DecodePoolSpec) -> Result<Self> {
+        let c = model.config();
+        let pool = DecodePool::new(spec, cache.len(), c.num_layers, c.num_kv_heads)?;
+        Ok(Self {
+            peak_rows: cache.len(),
+            pool,
+            cache,
+            evictions: 0,
+        })
+    }
+
+    /// Appends `token` and returns the next token's logits; prunes the pool when it is due.
+    pub fn step(&mut self, model: &Model, token: u32) -> Result<Tensor> {
+        let mut hook = StepAttention {
+            probe: self
+                .pool
+                .spec()
+                .reads_attention()
+                .then(|| ProbeRequest::rows(vec![0])),
+            per_layer: Vec::new(),
+        };
+        let logits = model.decode_step(token, &mut self.cache, &mut hook)?;
+        self.peak_rows = self.peak_rows.max(self.cache.len());
+        self.pool.observe(&hook.per_layer)?;
+        if self.pool.due() {
+            let keep = self.pool.select();
+            self.cache = self.cache.retain(&keep)?;
+            self.evictions += 1;
+        }
+        Ok(logits)
+    }
+
+    /// The cache as it stands.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// How many times the pool was reselected.
+    pub fn evictions(&self) -> usize {
+        self.evictions
+    }
+
+    /// The most rows the cache held at once.
+    pub fn peak_rows(&self) -> usize {
+        self.peak_rows
     }
 }

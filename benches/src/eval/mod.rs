@@ -7,6 +7,7 @@
 //! break or end of turn). The prediction is the first line of the answer.
 
 pub(crate) mod data;
+mod longgen;
 mod metrics;
 mod policies;
 pub(crate) mod presets;
@@ -83,6 +84,15 @@ pub struct Args {
     /// context before the question is known (`no`).
     #[arg(long, value_delimiter = ',', default_value = "yes,no")]
     query_aware: Vec<String>,
+    /// `--task longgen`: decode pools as fractions of `--new-tokens`.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
+    decode_pool: Vec<f32>,
+    /// `--task longgen`: tokens generated per example.
+    #[arg(long, default_value_t = 1024)]
+    new_tokens: usize,
+    /// `--task longgen`: passages of each example in the prompt.
+    #[arg(long, default_value_t = 5)]
+    passages: usize,
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
@@ -279,9 +289,9 @@ pub fn run(a: Args) -> Result<()> {
         examples.truncate(a.skip.saturating_add(n));
     }
     let mut examples = match a.task.as_str() {
-        "musique" => examples,
+        "musique" | "longgen" => examples,
         "needle" => data::needles(&examples, a.seed),
-        other => bail!("unknown task `{other}` (expected musique or needle)"),
+        other => bail!("unknown task `{other}` (expected musique, needle or longgen)"),
     };
     if a.skip >= examples.len() {
         bail!(
@@ -294,6 +304,30 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.dump_examples {
         std::fs::write(p, serde_json::to_string_pretty(&examples)?)
             .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.task == "longgen" {
+        let la = longgen::LonggenArgs {
+            policies: a.policies.clone(),
+            pools: a.decode_pool.clone(),
+            new_tokens: a.new_tokens,
+            passages: a.passages,
+        };
+        let loaded = a.model.load()?;
+        let tokenizer = loaded.tokenizer()?.clone();
+        let model_name = loaded
+            .path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let stop_ids = tokenizer.eos_ids().to_vec();
+        return longgen::run(
+            &la,
+            &examples,
+            &loaded.model,
+            &tokenizer,
+            &stop_ids,
+            (model_name, a.model.device.clone()),
+            a.json.as_deref(),
+        );
     }
     if !a.policies.is_empty() {
         // checked before the model loads: a bad policy or factor runs nothing

@@ -22,6 +22,7 @@
 //! each token, plus a recent half), [`SageKv`] (one-time top-k by the last prompt token's
 //! attention, plus sinks and a recent window). [`PolicySpec`] names them and their parameters.
 
+mod decode;
 mod h2o;
 mod sage;
 mod select;
@@ -36,6 +37,7 @@ use std::ops::Range;
 
 use thiserror::Error;
 
+pub use decode::{DecodePool, DecodePoolSpec, Schedule, Scorer};
 pub use h2o::H2o;
 pub use sage::SageKv;
 pub use select::{check_budget, select};

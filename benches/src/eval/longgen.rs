@@ -1,0 +1,281 @@
+//! `kvquilt eval --task longgen --policies scope-slide,… --decode-pool 0.25,0.125`: decode-time
+//! eviction (SCOPE and decoding baselines) on long generations, against full KV.
+//!
+//! Per example: a RAG prompt of the example's first `--passages` passages asking for a
+//! passage-by-passage summary; full KV generates `--new-tokens` greedily with end-of-turn
+//! suppressed (the reference continuation and its logits at every step). Each variant then
+//! decodes the same continuation teacher-forced (fed the reference tokens) over a decode pool
+//! of `fraction × new tokens` rows, `R` = half of it (SCOPE's D = 512, R = 256 ratio), the
+//! prompt's KV untouched; per step it scores top-1 agreement with the reference token and
+//! KL(full ‖ variant) of the next-token distribution. Tokens/s are of the whole teacher-forced
+//! loop (decode steps, observation and eviction).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kvquilt_blend::Mode;
+use kvquilt_blend::compress::PooledDecoder;
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
+use kvquilt_compression::policy::{DecodePoolSpec, Schedule, Scorer};
+use kvquilt_model::{Model, Tokenizer, argmax};
+use serde::Serialize;
+
+use super::data::Example;
+use super::{mean, metrics};
+use crate::bench::median;
+
+/// The summary request closing every prompt.
+const REQUEST: &str = "Summarize each of the passages above in turn, in order, one detailed \
+    paragraph per passage, starting with the first.";
+
+/// A decode-time variant by name.
+fn variant(name: &str) -> Result<(Scorer, Schedule)> {
+    Ok(match name {
+        "scope-slide" => (Scorer::Instantaneous, Schedule::Slide),
+        "scope-adaptive" => (Scorer::Instantaneous, Schedule::Adaptive),
+        "scope-discontinuous" => (Scorer::Instantaneous, Schedule::Discontinuous),
+        "scope-cumulative" => (Scorer::Cumulative, Schedule::Slide),
+        "h2o" => (Scorer::Cumulative, Schedule::Slide),
+        "streaming" => (Scorer::Recency, Schedule::Slide),
+        other => bail!(
+            "unknown decode policy `{other}` for --task longgen (expected scope-slide, \
+             scope-adaptive, scope-discontinuous, scope-cumulative, h2o or streaming)"
+        ),
+    })
+}
+
+/// What the longgen evaluation compares.
+pub(crate) struct LonggenArgs {
+    pub(crate) policies: Vec<String>,
+    pub(crate) pools: Vec<f32>,
+    pub(crate) new_tokens: usize,
+    pub(crate) passages: usize,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Tally {
+    agreement: Vec<f64>,
+    kl: Vec<f64>,
+    tok_s: Vec<f64>,
+    peak_rows: Vec<f64>,
+    evictions: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    policy: String,
+    pool_fraction: Option<f32>,
+    pool_rows: Option<usize>,
+    top1_agreement: f64,
+    kl: f64,
+    tokens_per_s_median: f64,
+    peak_rows_mean: f64,
+    evictions_mean: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    examples: usize,
+    model: String,
+    device: String,
+    new_tokens: usize,
+    prompt_tokens_median: f64,
+    rows: Vec<Row>,
+}
+
+/// Runs the longgen evaluation.
+pub(crate) fn run(
+    a: &LonggenArgs,
+    examples: &[Example],
+    model: &Model,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+    header: (String, String),
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    let variants = a
+        .policies
+        .iter()
+        .filter(|p| p.as_str() != "full")
+        .map(|p| Ok((p.clone(), variant(p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    if variants.is_empty() || a.pools.is_empty() || a.new_tokens < 2 {
+        bail!("--task longgen needs decode policies, --decode-pool fractions and --new-tokens ≥ 2");
+    }
+    let specs: Vec<(usize, usize, f32, DecodePoolSpec)> = variants
+        .iter()
+        .enumerate()
+        .flat_map(|(vi, (_, (scorer, schedule)))| {
+            a.pools.iter().enumerate().map(move |(pi, &f)| {
+                let budget = ((a.new_tokens as f32 * f).round() as usize).max(2);
+                (
+                    vi,
+                    pi,
+                    f,
+                    DecodePoolSpec {
+                        budget,
+                        recent: budget / 2,
+                        max_new: a.new_tokens,
+                        scorer: *scorer,
+                        schedule: *schedule,
+                    },
+                )
+            })
+        })
+        .collect();
+    for (_, _, f, s) in &specs {
+        s.validate()
+            .with_context(|| format!("--decode-pool {f} of {} tokens", a.new_tokens))?;
+    }
+    let mut full = Tally::default();
+    let mut tallies = vec![Tally::default(); specs.len()];
+    let mut prompt_tokens = Vec::new();
+    for (ei, ex) in examples.iter().enumerate() {
+        let prompt = RagPrompt {
+            system: DEFAULT_SYSTEM.into(),
+            instruction: DEFAULT_INSTRUCTION.into(),
+            documents: ex
+                .ctxs
+                .iter()
+                .take(a.passages)
+                .map(|p| document_text(&p.title, &p.text))
+                .collect(),
+            question: REQUEST.into(),
+            answer_hint: String::new(),
+        };
+        let tokens = prompt.request(tokenizer, Mode::Full)?.tokens();
+        prompt_tokens.push(tokens.len() as f64);
+        if tokens.len() + a.new_tokens > model.config().context_length {
+            bail!(
+                "example {ei}: {} prompt + {} new tokens exceed the context",
+                tokens.len(),
+                a.new_tokens
+            );
+        }
+        let mut cache = model.empty_cache()?;
+        let first = model.prefill(
+            &tokens,
+            &kvquilt_model::positions(0, tokens.len()),
+            &mut cache,
+        )?;
+        let prompt_cache = cache.clone();
+        // the reference: greedy with end-of-turn suppressed, every step's logits kept
+        let mut ref_logits = vec![first.to_vec1::<f32>()?];
+        let mut ref_tokens = Vec::with_capacity(a.new_tokens);
+        let t0 = Instant::now();
+        for _ in 0..a.new_tokens {
+            let mut row = ref_logits[ref_logits.len() - 1].clone();
+            for &s in stop_ids {
+                if let Some(x) = row.get_mut(s as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            let next = argmax(&row);
+            ref_tokens.push(next);
+            if ref_tokens.len() == a.new_tokens {
+                break;
+            }
+            ref_logits.push(
+                model
+                    .decode_step(next, &mut cache, &mut ())?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        model.device().synchronize()?;
+        full.tok_s
+            .push((a.new_tokens - 1) as f64 / t0.elapsed().as_secs_f64());
+        full.peak_rows.push(cache.len() as f64);
+        eprintln!(
+            "example {ei}: {} prompt tokens, reference of {} tokens",
+            tokens.len(),
+            ref_tokens.len()
+        );
+        for (si, (vi, _, f, spec)) in specs.iter().enumerate() {
+            let mut d = PooledDecoder::new(model, prompt_cache.clone(), *spec)?;
+            let (mut agree, mut kl) = (0usize, 0f64);
+            let t0 = Instant::now();
+            // step t feeds reference token t and predicts token t + 1
+            for t in 0..a.new_tokens - 1 {
+                let logits = d.step(model, ref_tokens[t])?.to_vec1::<f32>()?;
+                agree += (argmax(&logits) == ref_tokens[t + 1]) as usize;
+                kl += metrics::kl_divergence(&ref_logits[t + 1], &logits);
+            }
+            model.device().synchronize()?;
+            let steps = (a.new_tokens - 1) as f64;
+            let t = &mut tallies[si];
+            t.agreement.push(agree as f64 / steps);
+            t.kl.push(kl / steps);
+            t.tok_s.push(steps / t0.elapsed().as_secs_f64());
+            t.peak_rows.push(d.peak_rows() as f64);
+            t.evictions.push(d.evictions() as f64);
+            eprintln!(
+                "  {} pool {f}: agreement {:.3}, KL {:.4}",
+                variants[*vi].0,
+                agree as f64 / steps,
+                kl / steps
+            );
+        }
+    }
+    let mut rows = vec![Row {
+        policy: "full".into(),
+        pool_fraction: None,
+        pool_rows: None,
+        top1_agreement: 1.0,
+        kl: 0.0,
+        tokens_per_s_median: median(&full.tok_s),
+        peak_rows_mean: mean(&full.peak_rows),
+        evictions_mean: 0.0,
+    }];
+    for ((vi, _, f, spec), t) in specs.iter().zip(&tallies) {
+        rows.push(Row {
+            policy: variants[*vi].0.clone(),
+            pool_fraction: Some(*f),
+            pool_rows: Some(spec.budget),
+            top1_agreement: mean(&t.agreement),
+            kl: mean(&t.kl),
+            tokens_per_s_median: median(&t.tok_s),
+            peak_rows_mean: mean(&t.peak_rows),
+            evictions_mean: mean(&t.evictions),
+        });
+    }
+    let (model_name, device) = header;
+    let report = Report {
+        examples: examples.len(),
+        model: model_name,
+        device,
+        new_tokens: a.new_tokens,
+        prompt_tokens_median: median(&prompt_tokens),
+        rows,
+    };
+    println!(
+        "longgen, {} examples (median {:.0} prompt tokens), {} new tokens, model {}, device {}",
+        report.examples,
+        report.prompt_tokens_median,
+        report.new_tokens,
+        report.model,
+        report.device
+    );
+    println!(
+        "| policy | decode pool | pool rows | top-1 agreement | KL | tok/s | peak rows | reselections |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &report.rows {
+        println!(
+            "| {} | {} | {} | {:.3} | {:.4} | {:.1} | {:.0} | {:.0} |",
+            r.policy,
+            r.pool_fraction
+                .map_or_else(|| "–".into(), |f| format!("{:.1}%", f * 100.0)),
+            r.pool_rows.map_or_else(|| "–".into(), |n| n.to_string()),
+            r.top1_agreement,
+            r.kl,
+            r.tokens_per_s_median,
+            r.peak_rows_mean,
+            r.evictions_mean
+        );
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Decode-time eviction (SCOPE and decoding baselines): the prompt's KV is left whole and the
+//! KV of generated tokens is held to a budget, chosen again as generation goes on.
+//!
+//! The cache's rows are the prefill region `[0, P)` — never evicted — followed by the decode
+//! pool. Once the pool outgrows its budget `D_t`, it keeps its last `R` rows and the best
+//! `D_t − R` of the rest by the [`Scorer`]; the [`Schedule`] says when that happens
+//! (SCOPE, Wu et al. 2024, and its reference code `Linking-ai/SCOPE`, as summarised in
+//! `../shared/research/compression.md` §1):
+//! - `slide`: `D_t = D`, reselected whenever the pool exceeds it (one row leaves per step);
+//! - `adaptive`: `D_t = R + ⌊t / δ⌋` (capped at `D`), reselected whenever exceeded;
+//! - `discontinuous`: `D_t` as adaptive, reselected only every `δ` steps (the pool may
+//!   overshoot by up to `δ` rows in between), so the cache is rebuilt `δ` times less often;
+//!
+//! with `δ = ⌊(T − R) / (D − R)⌋` for `T` new tokens at most (15 for T = 4096, D = 512,
+//! R = 256). Scorers: SCOPE's instantaneous one (the current query's attention), a cumulative
+//! one (attention summed since the row arrived: H2O's decode rule), and recency (StreamingLLM:
+//! the pool is a sliding window). Scores are per KV head (summed over its query heads), so
+//! heads keep different rows; every head keeps the same count.
+
+use super::PolicyError;
+
+/// How decode-pool rows are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scorer {
+    /// The current step's attention (SCOPE's default).
+    Instantaneous,
+    /// Attention summed over every step since the row arrived (H2O's decode rule).
+    Cumulative,
+    /// Newer rows first (StreamingLLM's window).
+    Recency,
+}
+
+/// When the pool is reselected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Budget `D` from the start; reselect whenever exceeded.
+    Slide,
+    /// Budget `R + ⌊t/δ⌋`; reselect whenever exceeded.
+    Adaptive,
+    /// Budget `R + ⌊t/δ⌋`; reselect every `δ` steps.
+    Discontinuous,
+}
+
+/// A decode pool's parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodePoolSpec {
+    /// Pool budget `D` (rows per KV head), above `recent`.
+    pub budget: usize,
+    /// Rows always kept at the pool's end, `R`.
+    pub recent: usize,
+    /// Most new tokens the request will generate, `T` (sets `δ`).
+    pub max_new: usize,
+    /// How rows are ranked.
+    pub scorer: Scorer,
+    /// When the pool is reselected.
+    pub schedule: Schedule,
+}
+
+impl DecodePoolSpec {
+    /// Checks `R < D` and `T ≥ 1`.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let bad = |field: &str, why: String| PolicyError::BadParameter {
+            policy: "decode pool".into(),
+            field: field.into(),
+            why,
+        };
+        if self.recent >= self.budget {
+            return Err(bad(
+                "recent",
+                format!(
+                    "{} recent rows leave nothing to select in a pool of {}",
+                    self.recent, self.budget
+                ),
+            ));
+        }
+        if self.max_new == 0 {
+            return Err(bad("max_new", "no tokens to generate".into()));
+        }
+        Ok(())
+    }
+
+    /// `δ = ⌊(T − R) / (D − R)⌋`, at least 1.
+    pub fn delta(&self) -> usize {
+        (self.max_new.saturating_sub(self.recent) / (self.budget - self.recent)).max(1)
+    }
+
+    /// The pool's budget after `step` generated tokens.
+    pub fn budget_at(&self, step: usize) -> usize {
+        match self.schedule {
+            Schedule::Slide => self.budget,
+            Schedule::Adaptive | Schedule::Discontinuous => {
+                (self.recent + step / self.delta()).min(self.budget)
+            }
+        }
+    }
+
+    /// Whether the scorer reads attention (else nothing needs observing).
+    pub fn reads_attention(&self) -> bool {
+        self.scorer != Scorer::Recency
+    }
+}
+
+/// A decode pool's state over one generation: scores per layer, KV head and cache row.
+#[derive(Debug, Clone)]
+pub struct DecodePool {
+    spec: DecodePoolSpec,
+    /// Rows of the prefill region, never evicted.
+    prefill: usize,
+    /// `scores[layer][head][row]` for every current cache row (prefill rows unused).
+    scores: Vec<Vec<Vec<f32>>>,
+    /// Tokens generated so far (decode steps observed).
+    step: usize,
+}
+
+impl DecodePool {
+    /// A pool after a `prefill`-row prompt, for a model of `layers` × `kv_heads`.
+    pub fn new(
+        spec: DecodePoolSpec,
+        prefill: usize,
+        layers: usize,
+        kv_heads: usize,
+    ) -> Result<Self, PolicyError> {
+        spec.validate()?;
+        Ok(Self {
+            spec,
+            prefill,
+            scores: vec![vec![vec![0.0; prefill]; kv_heads]; layers],
+            step: 0,
+        })
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &DecodePoolSpec {
+        &self.spec
+    }
+
+    /// Rows the cache should hold now (prefill + pool).
+    pub fn rows(&self) -> usize {
+        self.scores
+            .first()
+            .and_then(|l| l.first())
+            .map_or(0, Vec::len)
+    }
+
+    /// Records one decode step that appended one row: `attention[layer][head][row]` is the
+    /// step's attention over every current row (summed over the KV head's query heads), or
+    /// empty for a scorer that reads none.
+    pub fn observe(&mut self, attention: &[Vec<Vec<f32>>]) -> Result<(), PolicyError> {
+        self.step += 1;
+        let rows = self.rows() + 1;
+        for (l, layer) in self.scores.iter_mut().enumerate() {
+            for (h, s) in layer.iter_mut().enumerate() {
+                s.push(0.0);
+                if !self.spec.reads_attention() {
+                    continue;
+                }
+                let a = attention
+                    .get(l)
+                    .and_then(|x| x.get(h))
+                    .filter(|a| a.len() == rows)
+                    .ok_or_else(|| PolicyError::BadObservation {
+                        policy: "decode pool".into(),
+                        layer: l,
+                        why: format!("no attention over {rows} rows for KV head {h}"),
+                    })?;
+                match self.spec.scorer {
+                    Scorer::Instantaneous => s.copy_from_slice(a),
+                    Scorer::Cumulative => s.iter_mut().zip(a).for_each(|(x, y)| *x += y),
+                    Scorer::Recency => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the pool is to be reselected now.
+    pub fn due(&self) -> bool {
+        let pool = self.rows() - self.prefill;
+        let budget = self.spec.budget_at(self.step);
+        match self.spec.schedule {
+            Schedule::Slide | Schedule::Adaptive => pool > budget,
+            Schedule::Discontinuous => pool > budget && self.step.is_multiple_of(self.spec.delta()),
+        }
+    }
+
+    /// The rows to keep now, per layer and KV head (every current row is an index), and the
+    /// pool's scores compacted to them. Call when [`DecodePool::due`].
+    pub fn select(&mut self) -> Vec<Vec<Vec<u32>>> {
+        let rows = self.rows();
+        let budget = self.spec.budget_at(self.step);
+        let recent_from = rows.saturating_sub(self.spec.recent).max(self.prefill);
+        let pick = budget.saturating_sub(rows - recent_from);
+        let mut keep_all = Vec::with_capacity(self.scores.len());
+        for layer in &mut self.scores {
+            let mut keep_layer = Vec::with_capacity(layer.len());
+            for s in layer.iter_mut() {
+                let mut middle: Vec<u32> = (self.prefill as u32..recent_from as u32).collect();
+                if pick < middle.len() {
+                    let order = |a: &u32, b: &u32| match self.spec.scorer {
+                        Scorer::Recency => b.cmp(a),
+                        _ => s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b)),
+                    };
+                    if pick > 0 {
+                        middle.select_nth_unstable_by(pick - 1, order);
+                    }
+                    middle.truncate(pick);
+                    middle.sort_unstable();
+                }
+                let keep: Vec<u32> = (0..self.prefill as u32)
+                    .chain(middle)
+                    .chain(recent_from as u32..rows as u32)
+                    .collect();
+                *s = keep.iter().map(|&r| s[r as usize]).collect();
+                keep_layer.push(keep);
+            }
+            keep_all.push(keep_layer);
+        }
+        keep_all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(scorer: Scorer, schedule: Schedule) -> DecodePoolSpec {
+        DecodePoolSpec {
+            budget: 4,
+            recent: 2,
+            max_new: 10,
+            scorer,
+            schedule,
+        }
+    }
+
+    /// One layer, one head; `att` over the rows after the step's row is appended.
+    fn step(p: &mut DecodePool, att: &[f32]) {
+        p.observe(&[vec![att.to_vec()]]).unwrap();
+    }
+
+    #[test]
+    fn delta_and_budgets_follow_scope() {
+        let s = DecodePoolSpec {
+            budget: 512,
+            recent: 256,
+            max_new: 4096,
+            scorer: Scorer::Instantaneous,
+            schedule: Schedule::Adaptive,
+        };
+        assert_eq!(s.delta(), 15);
+        assert_eq!(s.budget_at(0), 256);
+        assert_eq!(s.budget_at(150), 266);
+        assert_eq!(s.budget_at(10_000), 512);
+        let slide = DecodePoolSpec {
+            schedule: Schedule::Slide,
+            ..s
+        };
+        assert_eq!(slide.budget_at(0), 512);
+        assert!(DecodePoolSpec { recent: 512, ..s }.validate().is_err());
+    }
+
+    #[test]
+    fn slide_keeps_prefill_the_best_middle_and_the_recent_rows() {
+        // prefill 2 rows; pool budget 4 with 2 recent
+        let mut p = DecodePool::new(spec(Scorer::Instantaneous, Schedule::Slide), 2, 1, 1).unwrap();
+        for _ in 0..4 {
+            let rows = p.rows() + 1;
+            step(&mut p, &vec![0.1; rows]);
+            assert!(!p.due());
+        }
+        // a fifth pool row: rows 2..7, recent {5, 6}; the step's attention favours 3 and 2
+        step(&mut p, &[0.0, 0.0, 0.3, 0.4, 0.1, 0.1, 0.1]);
+        assert!(p.due());
+        let keep = p.select();
+        assert_eq!(keep, vec![vec![vec![0, 1, 2, 3, 5, 6]]]);
+        assert_eq!(p.rows(), 6);
+        assert!(!p.due());
+    }
+
+    #[test]
+    fn cumulative_scores_add_up_and_follow_the_kept_rows() {
+        let mut p = DecodePool::new(spec(Scorer::Cumulative, Schedule::Slide), 1, 1, 1).unwrap();
+        // rows after each step: 2, 3, 4, 5, 6 (pool 1..=5)
+        step(&mut p, &[0.5, 0.5]);
+        step(&mut p, &[0.4, 0.0, 0.6]);
+        step(&mut p, &[0.4, 0.0, 0.0, 0.6]);
+        step(&mut p, &[0.4, 0.0, 0.0, 0.0, 0.6]);
+        step(&mut p, &[0.4, 0.1, 0.0, 0.0, 0.0, 0.5]);
+        // pool rows 1..6 scored .6 .6 .6 .6 .5; recent {4, 5}; best middle of 1..4: 1, 2
+        assert!(p.due());
+        assert_eq!(p.select(), vec![vec![vec![0, 1, 2, 4, 5]]]);
+    }
+
+    #[test]
+    fn recency_slides_a_window_and_discontinuous_waits_for_delta() {
+        let mut w = DecodePool::new(spec(Scorer::Recency, Schedule::Slide), 1, 1, 1).unwrap();
+        for _ in 0..5 {
+            w.observe(&[]).unwrap();
+        }
+        assert!(w.due());
+        assert_eq!(w.select(), vec![vec![vec![0, 2, 3, 4, 5]]]);
+        // δ = ⌊(10 − 2) / (4 − 2)⌋ = 4: budget 2 + ⌊t/4⌋, reselected at steps 4, 8
+        let mut d =
+            DecodePool::new(spec(Scorer::Recency, Schedule::Discontinuous), 1, 1, 1).unwrap();
+        let mut due_at = Vec::new();
+        for t in 1..=9 {
+            d.observe(&[]).unwrap();
+            if d.due() {
+                due_at.push(t);
+                d.select();
+            }
+        }
+        assert_eq!(due_at, vec![4, 8]);
+        let mut a = DecodePool::new(spec(Scorer::Recency, Schedule::Adaptive), 1, 1, 1).unwrap();
+        let mut adaptive = Vec::new();
+        for t in 1..=9 {
+            a.observe(&[]).unwrap();
+            if a.due() {
+                adaptive.push(t);
+                a.select();
+            }
+        }
+        assert_eq!(adaptive, vec![3, 5, 6, 7, 9]);
+    }
+
+    #[test]
+    fn missing_attention_is_an_error() {
+        let mut p = DecodePool::new(spec(Scorer::Instantaneous, Schedule::Slide), 1, 1, 1).unwrap();
+        assert!(p.observe(&[vec![vec![0.5]]]).is_err());
+    }
+}
