@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,6 +24,27 @@ pub(crate) struct Example {
     /// What follows the question (default: CacheBlend's "Answer within 5 words.").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_hint: Option<String>,
+}
+
+impl Example {
+    /// The example as kvquilt's RAG prompt: the default system message and instruction, one
+    /// document per passage, the question and its answer hint (default: CacheBlend's).
+    pub(crate) fn rag_prompt(&self) -> RagPrompt {
+        RagPrompt {
+            system: DEFAULT_SYSTEM.into(),
+            instruction: DEFAULT_INSTRUCTION.into(),
+            documents: self
+                .ctxs
+                .iter()
+                .map(|p| document_text(&p.title, &p.text))
+                .collect(),
+            question: self.question.clone(),
+            answer_hint: self
+                .answer_hint
+                .clone()
+                .unwrap_or_else(|| "Answer within 5 words.".into()),
+        }
+    }
 }
 
 pub(crate) fn load(path: &Path) -> Result<Vec<Example>> {

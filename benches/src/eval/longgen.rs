@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use kvquilt_blend::Mode;
 use kvquilt_blend::compress::PooledDecoder;
-use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
+use kvquilt_blend::rag::RagPrompt;
 use kvquilt_compression::policy::{DecodePoolSpec, Schedule, Scorer};
 use kvquilt_model::{Model, Tokenizer, argmax};
 use serde::Serialize;
@@ -131,18 +131,12 @@ pub(crate) fn run(
     let mut tallies = vec![Tally::default(); specs.len()];
     let mut prompt_tokens = Vec::new();
     for (ei, ex) in examples.iter().enumerate() {
-        let prompt = RagPrompt {
-            system: DEFAULT_SYSTEM.into(),
-            instruction: DEFAULT_INSTRUCTION.into(),
-            documents: ex
-                .ctxs
-                .iter()
-                .take(a.passages)
-                .map(|p| document_text(&p.title, &p.text))
-                .collect(),
+        let mut prompt = RagPrompt {
             question: REQUEST.into(),
             answer_hint: String::new(),
+            ..ex.rag_prompt()
         };
+        prompt.documents.truncate(a.passages);
         let tokens = prompt.request(tokenizer, Mode::Full)?.tokens();
         prompt_tokens.push(tokens.len() as f64);
         if tokens.len() + a.new_tokens > model.config().context_length {

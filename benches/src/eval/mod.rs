@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
+use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
 use kvquilt_blend::{Blender, ChunkCodec, ChunkEncoding, Mode, ModelIdentity};
 use kvquilt_compression::CodecSpec;
 use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
@@ -272,6 +272,14 @@ fn base_configs(a: &Args) -> Result<Vec<Config>> {
 }
 
 /// Token ids whose text contains a line break: the answer's first line ends there.
+/// The model file's name, for reports.
+fn file_name(loaded: &kvquilt_model::LoadedModel) -> String {
+    loaded
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
 fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
     let mut ids = tok.eos_ids().to_vec();
     for id in 0..tok.vocab_size() as u32 {
@@ -314,10 +322,6 @@ pub fn run(a: Args) -> Result<()> {
         };
         let loaded = a.model.load()?;
         let tokenizer = loaded.tokenizer()?.clone();
-        let model_name = loaded
-            .path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let stop_ids = tokenizer.eos_ids().to_vec();
         return longgen::run(
             &la,
@@ -325,7 +329,7 @@ pub fn run(a: Args) -> Result<()> {
             &loaded.model,
             &tokenizer,
             &stop_ids,
-            (model_name, a.model.device.clone()),
+            (file_name(&loaded), a.model.device.clone()),
             a.json.as_deref(),
         );
     }
@@ -334,10 +338,6 @@ pub fn run(a: Args) -> Result<()> {
         let pa = policies::PolicyArgs::parse(&a.policies, &a.compression, &a.query_aware)?;
         let loaded = a.model.load()?;
         let tokenizer = loaded.tokenizer()?.clone();
-        let model_name = loaded
-            .path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let opts = GenerateOptions {
             max_tokens: a.max_tokens,
             top_k: 1,
@@ -350,7 +350,7 @@ pub fn run(a: Args) -> Result<()> {
             &loaded.model,
             &tokenizer,
             &opts,
-            (model_name, a.task.clone(), a.model.device.clone()),
+            (file_name(&loaded), a.task.clone(), a.model.device.clone()),
             a.json.as_deref(),
         );
     }
@@ -381,10 +381,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let identity = identity.with_encoding(&loaded.model, encoding)?;
     let chunk_encoding = identity.encoding().descriptor();
-    let model_name = loaded
-        .path
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let model_name = file_name(&loaded);
     let host_bytes = (a.host_gib * (1u64 << 30) as f64) as u64;
     let model = Arc::new(loaded.model);
     // One blender per codec: raw over host memory, the others over an SSD tier storing
@@ -438,21 +435,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut details = Vec::new();
     let mut prompt_tokens = Vec::new();
     for (ei, ex) in examples.iter().enumerate() {
-        let prompt = RagPrompt {
-            system: DEFAULT_SYSTEM.into(),
-            instruction: DEFAULT_INSTRUCTION.into(),
-            documents: ex
-                .ctxs
-                .iter()
-                .map(|p| document_text(&p.title, &p.text))
-                .collect(),
-            question: ex.question.clone(),
-            answer_hint: ex
-                .answer_hint
-                .clone()
-                .unwrap_or_else(|| "Answer within 5 words.".into()),
-        };
-        let base = prompt.request(&tokenizer, Mode::Full)?;
+        let base = ex.rag_prompt().request(&tokenizer, Mode::Full)?;
         prompt_tokens.push(base.tokens().len() as f64);
         for (codec, blender) in &blenders {
             for seg in base.segments() {

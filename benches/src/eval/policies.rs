@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, bail};
 use kvquilt_blend::Mode;
 use kvquilt_blend::compress::{compress, observe_prefill};
-use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt, document_text};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, Shape, check_budget};
 use kvquilt_model::{GenerateOptions, KvCache, Model, Tensor, Tokenizer, continue_greedy};
 use serde::Serialize;
@@ -181,21 +180,7 @@ pub(crate) fn run(
     let prompts = examples
         .iter()
         .map(|ex| {
-            let prompt = RagPrompt {
-                system: DEFAULT_SYSTEM.into(),
-                instruction: DEFAULT_INSTRUCTION.into(),
-                documents: ex
-                    .ctxs
-                    .iter()
-                    .map(|p| document_text(&p.title, &p.text))
-                    .collect(),
-                question: ex.question.clone(),
-                answer_hint: ex
-                    .answer_hint
-                    .clone()
-                    .unwrap_or_else(|| "Answer within 5 words.".into()),
-            };
-            let req = prompt.request(tokenizer, Mode::Full)?;
+            let req = ex.rag_prompt().request(tokenizer, Mode::Full)?;
             Ok((req.tokens(), req.suffix.len()))
         })
         .collect::<Result<Vec<_>>>()?;

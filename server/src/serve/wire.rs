@@ -127,11 +127,15 @@ pub(crate) fn mode(mode: Option<&str>, ratio: Option<f32>) -> ApiResult<Mode> {
     })
 }
 
-/// [`mode`] of the OpenAI endpoints' `kvquilt` field.
-pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<Mode> {
+/// [`mode`] and [`compress_plan`] of the OpenAI endpoints' `kvquilt` field, both checked
+/// before the request stores or runs anything.
+pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<(Mode, Option<CompressPlan>)> {
     match spec {
-        Some(s) => mode(s.mode.as_deref(), s.ratio),
-        None => mode(None, None),
+        Some(s) => Ok((
+            mode(s.mode.as_deref(), s.ratio)?,
+            compress_plan(s.compress.as_ref())?,
+        )),
+        None => Ok((mode(None, None)?, None)),
     }
 }
 

@@ -85,7 +85,7 @@ pub(crate) async fn chat(
             .map(ChunkRef::text_len)
             .chain(messages.iter().map(|m| m.content.len())),
     )?;
-    let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
+    let (mode, compress) = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let (template, tokenizer) = (Arc::clone(&s.template), Arc::clone(&s.tokenizer));
     let req = off_runtime(move || {
@@ -104,12 +104,6 @@ pub(crate) async fn chat(
     } else {
         0
     };
-    let compress = wire::compress_plan(
-        body.common
-            .kvquilt
-            .as_ref()
-            .and_then(|k| k.compress.as_ref()),
-    )?;
     let job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
     respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
 }
@@ -139,19 +133,13 @@ pub(crate) async fn completions(
             .map(ChunkRef::text_len)
             .chain([prompt.len()]),
     )?;
-    let mode = wire::mode_spec(body.common.kvquilt.as_ref())?;
+    let (mode, compress) = wire::mode_spec(body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let tokenizer = Arc::clone(&s.tokenizer);
     let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = body.logprobs.unwrap_or(0).min(20);
     // OpenAI's default for legacy completions is 16 tokens
-    let compress = wire::compress_plan(
-        body.common
-            .kvquilt
-            .as_ref()
-            .and_then(|k| k.compress.as_ref()),
-    )?;
     let job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
