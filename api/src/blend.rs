@@ -91,8 +91,10 @@ pub struct ModeSpec {
 #[serde(deny_unknown_fields)]
 pub struct CompressSpec {
     /// `streaming`, `snapkv` or `sage`, optionally with parameters
-    /// (`snapkv:window=8:kernel=7:pool=max`).
-    pub policy: String,
+    /// (`snapkv:window=8:kernel=7:pool=max`): prunes the prompt's KV. Optional when `decode`
+    /// is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// N× less KV per KV head (a number > 1). Give this or `budget`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<f32>,
@@ -105,6 +107,24 @@ pub struct CompressSpec {
     /// Recent tokens always kept (`sage`), or the observation window (`snapkv`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<usize>,
+    /// Hold the KV of generated tokens to a budget while decoding (SCOPE); the prompt's KV
+    /// is never evicted by it. Chat and text completions only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<DecodeSpec>,
+}
+
+/// A decode pool: generated tokens' KV kept to `budget` rows per KV head.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSpec {
+    /// `scope-slide`, `scope-adaptive`, `scope-discontinuous`, `h2o` or `streaming`.
+    pub policy: String,
+    /// Pool rows per KV head (`D`).
+    pub budget: usize,
+    /// Newest rows always kept (`R`, default `budget / 2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<usize>,
 }
 
 /// What a request's token policy did.

@@ -22,7 +22,7 @@ pub mod ops;
 mod routes;
 
 pub use blend::{
-    BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, ModeSpec,
+    BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, DecodeSpec, ModeSpec,
     SegmentSource, TokenLogprob,
 };
 pub use chunks::{

@@ -164,6 +164,17 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
             .await;
         common::assert_err(&r, 400, "invalid_compression", says);
     }
+    // a decode pool where nothing is decoded
+    let r = app
+        .json(
+            "POST",
+            "/v1/blend",
+            None,
+            json!({"question": "Why?", "chunks": DOCS,
+                "compress": {"decode": {"policy": "scope-slide", "budget": 8}}}),
+        )
+        .await;
+    common::assert_err(&r, 400, "invalid_compression", "first token only");
     // an unknown field is a malformed body
     let (s, _) = app
         .json(
@@ -181,4 +192,69 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
         !text.contains("kvquilt_compressed_requests_total{"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_pool_holds_generated_kv_to_its_budget() {
+    let app = TestApp::new(Config::default());
+    let ask = |compress: Value| {
+        let mut body = chat(compress);
+        body["max_tokens"] = json!(24);
+        body["kvquilt"] = json!({"mode": "full", "compress": body["kvquilt"]["compress"].clone()});
+        body
+    };
+    let plain = {
+        let mut body = chat(Value::Null);
+        body["max_tokens"] = json!(24);
+        body["kvquilt"] = json!({"mode": "full"});
+        let (s, v) = app.json("POST", "/v1/chat/completions", None, body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v
+    };
+    // a pool larger than the generation never evicts: the same greedy answer
+    let (s, roomy) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            ask(json!({"decode": {"policy": "scope-slide", "budget": 64}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{roomy}");
+    assert_eq!(
+        roomy["choices"][0]["message"]["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    assert!(
+        roomy["kvquilt"]["compression"].is_null(),
+        "no prompt policy: {roomy}"
+    );
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        text.contains("kvquilt_decode_pool_reselections_total 0"),
+        "{text}"
+    );
+    // a 4-row pool over 24 generated tokens is reselected as it fills, and decoding goes on
+    for policy in ["scope-slide", "scope-discontinuous", "h2o", "streaming"] {
+        let (s, v) = app
+            .json(
+                "POST",
+                "/v1/chat/completions",
+                None,
+                ask(json!({"policy": "snapkv", "window": 4, "compression": 2,
+                    "decode": {"policy": policy, "budget": 4}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{policy}: {v}");
+        assert_eq!(v["kvquilt"]["compression"]["applied"], true, "{v}");
+    }
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    let reselections: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kvquilt_decode_pool_reselections_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the counter");
+    assert!(reselections > 0, "{text}");
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use kvquilt_blend::Mode;
 use kvquilt_blend::compress::PooledDecoder;
 use kvquilt_blend::rag::RagPrompt;
-use kvquilt_compression::policy::{DecodePoolSpec, Schedule, Scorer};
+use kvquilt_compression::policy::DecodePoolSpec;
 use kvquilt_model::{Model, Tokenizer, argmax};
 use serde::Serialize;
 
@@ -27,22 +27,6 @@ use crate::bench::median;
 /// The summary request closing every prompt.
 const REQUEST: &str = "Summarize each of the passages above in turn, in order, one detailed \
     paragraph per passage, starting with the first.";
-
-/// A decode-time variant by name.
-fn variant(name: &str) -> Result<(Scorer, Schedule)> {
-    Ok(match name {
-        "scope-slide" => (Scorer::Instantaneous, Schedule::Slide),
-        "scope-adaptive" => (Scorer::Instantaneous, Schedule::Adaptive),
-        "scope-discontinuous" => (Scorer::Instantaneous, Schedule::Discontinuous),
-        "scope-cumulative" => (Scorer::Cumulative, Schedule::Slide),
-        "h2o" => (Scorer::Cumulative, Schedule::Slide),
-        "streaming" => (Scorer::Recency, Schedule::Slide),
-        other => bail!(
-            "unknown decode policy `{other}` for --task longgen (expected scope-slide, \
-             scope-adaptive, scope-discontinuous, scope-cumulative, h2o or streaming)"
-        ),
-    })
-}
 
 /// What the longgen evaluation compares.
 pub(crate) struct LonggenArgs {
@@ -93,39 +77,18 @@ pub(crate) fn run(
     header: (String, String),
     json: Option<&std::path::Path>,
 ) -> Result<()> {
-    let variants = a
-        .policies
-        .iter()
-        .filter(|p| p.as_str() != "full")
-        .map(|p| Ok((p.clone(), variant(p)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let variants: Vec<&String> = a.policies.iter().filter(|p| p.as_str() != "full").collect();
     if variants.is_empty() || a.pools.is_empty() || a.new_tokens < 2 {
         bail!("--task longgen needs decode policies, --decode-pool fractions and --new-tokens ≥ 2");
     }
-    let specs: Vec<(usize, usize, f32, DecodePoolSpec)> = variants
-        .iter()
-        .enumerate()
-        .flat_map(|(vi, (_, (scorer, schedule)))| {
-            a.pools.iter().enumerate().map(move |(pi, &f)| {
-                let budget = ((a.new_tokens as f32 * f).round() as usize).max(2);
-                (
-                    vi,
-                    pi,
-                    f,
-                    DecodePoolSpec {
-                        budget,
-                        recent: budget / 2,
-                        max_new: a.new_tokens,
-                        scorer: *scorer,
-                        schedule: *schedule,
-                    },
-                )
-            })
-        })
-        .collect();
-    for (_, _, f, s) in &specs {
-        s.validate()
-            .with_context(|| format!("--decode-pool {f} of {} tokens", a.new_tokens))?;
+    let mut specs: Vec<(usize, f32, DecodePoolSpec)> = Vec::new();
+    for (vi, name) in variants.iter().enumerate() {
+        for &f in &a.pools {
+            let budget = ((a.new_tokens as f32 * f).round() as usize).max(2);
+            let spec = DecodePoolSpec::named(name, budget, None, a.new_tokens)
+                .with_context(|| format!("--policies {name} with --decode-pool {f}"))?;
+            specs.push((vi, f, spec));
+        }
     }
     let mut full = Tally::default();
     let mut tallies = vec![Tally::default(); specs.len()];
@@ -184,7 +147,7 @@ pub(crate) fn run(
             tokens.len(),
             ref_tokens.len()
         );
-        for (si, (vi, _, f, spec)) in specs.iter().enumerate() {
+        for (si, (vi, f, spec)) in specs.iter().enumerate() {
             let mut d = PooledDecoder::new(model, prompt_cache.clone(), *spec)?;
             let (mut agree, mut kl) = (0usize, 0f64);
             let t0 = Instant::now();
@@ -204,7 +167,7 @@ pub(crate) fn run(
             t.evictions.push(d.evictions() as f64);
             eprintln!(
                 "  {} pool {f}: agreement {:.3}, KL {:.4}",
-                variants[*vi].0,
+                variants[*vi],
                 agree as f64 / steps,
                 kl / steps
             );
@@ -220,9 +183,9 @@ pub(crate) fn run(
         peak_rows_mean: mean(&full.peak_rows),
         evictions_mean: 0.0,
     }];
-    for ((vi, _, f, spec), t) in specs.iter().zip(&tallies) {
+    for ((vi, f, spec), t) in specs.iter().zip(&tallies) {
         rows.push(Row {
-            policy: variants[*vi].0.clone(),
+            policy: variants[*vi].clone(),
             pool_fraction: Some(*f),
             pool_rows: Some(spec.budget),
             top1_agreement: mean(&t.agreement),

@@ -57,6 +57,44 @@ pub struct DecodePoolSpec {
 }
 
 impl DecodePoolSpec {
+    /// The pool of a named decode policy — `scope-slide`, `scope-adaptive`,
+    /// `scope-discontinuous`, `scope-cumulative` (slide with the cumulative scorer), `h2o`
+    /// (the same: H2O's decode rule) or `streaming` (a sliding window) — with budget `D`,
+    /// `recent` rows (default `D / 2`, SCOPE's D = 512, R = 256 ratio) and `max_new` tokens;
+    /// validated.
+    pub fn named(
+        name: &str,
+        budget: usize,
+        recent: Option<usize>,
+        max_new: usize,
+    ) -> Result<Self, PolicyError> {
+        let (scorer, schedule) = match name {
+            "scope-slide" => (Scorer::Instantaneous, Schedule::Slide),
+            "scope-adaptive" => (Scorer::Instantaneous, Schedule::Adaptive),
+            "scope-discontinuous" => (Scorer::Instantaneous, Schedule::Discontinuous),
+            "scope-cumulative" | "h2o" => (Scorer::Cumulative, Schedule::Slide),
+            "streaming" => (Scorer::Recency, Schedule::Slide),
+            other => {
+                return Err(PolicyError::BadParameter {
+                    policy: other.into(),
+                    field: "decode policy".into(),
+                    why: "unknown (expected scope-slide, scope-adaptive, scope-discontinuous, \
+                          scope-cumulative, h2o or streaming)"
+                        .into(),
+                });
+            }
+        };
+        let spec = Self {
+            budget,
+            recent: recent.unwrap_or(budget / 2),
+            max_new,
+            scorer,
+            schedule,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
     /// Checks `R < D` and `T ≥ 1`.
     pub fn validate(&self) -> Result<(), PolicyError> {
         let bad = |field: &str, why: String| PolicyError::BadParameter {
@@ -321,6 +359,21 @@ mod tests {
             }
         }
         assert_eq!(adaptive, vec![3, 5, 6, 7, 9]);
+    }
+
+    #[test]
+    fn named_pools() {
+        let s = DecodePoolSpec::named("scope-discontinuous", 512, None, 4096).unwrap();
+        assert_eq!((s.recent, s.delta()), (256, 15));
+        assert_eq!(s.schedule, Schedule::Discontinuous);
+        assert_eq!(
+            DecodePoolSpec::named("h2o", 8, Some(2), 10).unwrap().scorer,
+            Scorer::Cumulative
+        );
+        assert!(DecodePoolSpec::named("scope", 8, None, 10).is_err());
+        assert!(DecodePoolSpec::named("streaming", 8, Some(8), 10).is_err());
+        assert!(DecodePoolSpec::named("streaming", 1, None, 10).is_ok());
+        assert!(DecodePoolSpec::named("streaming", 0, None, 10).is_err());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! (the tokenizer decodes byte pieces to U+FFFD until complete) and never the beginning of a
 //! stop string that may still complete.
 
+use kvquilt_blend::compress::PooledDecoder;
+use kvquilt_compression::policy::DecodePoolSpec;
 use kvquilt_model::{KvCache, Model, Tensor, Tokenizer, argmax, top_logprobs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -58,21 +60,25 @@ impl Finish {
     }
 }
 
-/// Decodes from `logits` (of the prompt's last token at `cache`'s last position).
-/// `on_step` sees every token with the text it made final (the last step also carries any
-/// held-back text); returning false stops generation. Returns why it stopped and how many
-/// tokens were produced (an end-of-sequence token counts, its text is empty).
+/// Decodes from `logits` (of the prompt's last token at `cache`'s last position), over a
+/// decode pool when given. `on_step` sees every token with the text it made final (the last
+/// step also carries any held-back text); returning false stops generation. Returns why it
+/// stopped, how many tokens were produced (an end-of-sequence token counts, its text is
+/// empty) and how many times the decode pool was reselected.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode(
     model: &Model,
     tokenizer: &Tokenizer,
-    mut cache: KvCache,
+    cache: KvCache,
     mut logits: Tensor,
+    pool: Option<DecodePoolSpec>,
     sampling: &Sampling,
     stopping: &Stopping,
     top_k: usize,
     mut on_step: impl FnMut(Step) -> bool,
-) -> ApiResult<(Finish, usize)> {
+) -> ApiResult<(Finish, usize, usize)> {
+    // with a decode pool, generated tokens' KV is held to its budget (SCOPE)
+    let mut steps = Steps::new(model, cache, pool)?;
     let mut rng = match sampling.seed {
         Some(s) => StdRng::seed_from_u64(s),
         None => StdRng::from_os_rng(),
@@ -104,17 +110,46 @@ pub(crate) fn decode(
             text: released,
         };
         if !on_step(step) {
-            return Ok((Finish::Cancelled, produced));
+            return Ok((Finish::Cancelled, produced, steps.evictions()));
         }
         if eos || stop_string {
-            return Ok((Finish::Stop, produced));
+            return Ok((Finish::Stop, produced, steps.evictions()));
         }
         if length {
             break;
         }
-        logits = model.decode_step(id, &mut cache, &mut ())?;
+        logits = steps.step(model, id)?;
     }
-    Ok((Finish::Length, produced))
+    Ok((Finish::Length, produced, steps.evictions()))
+}
+
+/// One decode step at a time: over the cache as it is, or under a decode pool.
+enum Steps {
+    Plain(KvCache),
+    Pooled(Box<PooledDecoder>),
+}
+
+impl Steps {
+    fn new(model: &Model, cache: KvCache, pool: Option<DecodePoolSpec>) -> ApiResult<Self> {
+        Ok(match pool {
+            None => Self::Plain(cache),
+            Some(spec) => Self::Pooled(Box::new(PooledDecoder::new(model, cache, spec)?)),
+        })
+    }
+
+    fn step(&mut self, model: &Model, token: u32) -> ApiResult<Tensor> {
+        Ok(match self {
+            Self::Plain(cache) => model.decode_step(token, cache, &mut ())?,
+            Self::Pooled(d) => d.step(model, token)?,
+        })
+    }
+
+    fn evictions(&self) -> usize {
+        match self {
+            Self::Plain(_) => 0,
+            Self::Pooled(d) => d.evictions(),
+        }
+    }
 }
 
 fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {

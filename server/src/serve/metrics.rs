@@ -68,6 +68,8 @@ pub struct Metrics {
     pub kv_entries_before: Counter,
     /// KV entries those requests kept.
     pub kv_entries_kept: Counter,
+    /// Times a decode pool was reselected (`kvquilt.compress.decode`).
+    pub decode_pool_reselections: Counter,
 }
 
 impl Metrics {
@@ -89,6 +91,12 @@ impl Metrics {
         let compressed_requests = Family::<PolicyLabels, Counter>::default();
         let kv_entries_before = Counter::default();
         let kv_entries_kept = Counter::default();
+        let decode_pool_reselections = Counter::default();
+        registry.register(
+            "decode_pool_reselections",
+            "Times a request's decode pool was reselected (generated tokens' KV evicted to its budget)",
+            decode_pool_reselections.clone(),
+        );
         registry.register(
             "compressed_requests",
             "Requests that asked for a token policy, by policy and outcome (fell_back: the policy failed, decoding ran over the uncompressed KV)",
@@ -146,6 +154,7 @@ impl Metrics {
             compressed_requests,
             kv_entries_before,
             kv_entries_kept,
+            decode_pool_reselections,
         }
     }
 

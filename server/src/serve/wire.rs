@@ -5,7 +5,7 @@
 use kvquilt_api as api;
 use kvquilt_blend::compress::{CompressPlan, CompressReport};
 use kvquilt_blend::{BlendConfig, BlendStats, Mode, SegmentSource};
-use kvquilt_compression::policy::{Budget, PolicySpec};
+use kvquilt_compression::policy::{Budget, DecodePoolSpec, PolicySpec};
 use kvquilt_kvstore::{HistogramSnapshot, KvDType, KvLayout, TierKind, TierStatsSnapshot};
 
 use super::error::{ApiError, ApiResult};
@@ -66,12 +66,12 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         recomputed_tokens: s.recomputed_tokens,
         recompute_fraction: s.recompute_fraction,
         ttft_ms: s.ttft_ms,
-        compression: s.compression.as_ref().map(compression),
+        compression: s.compression.as_ref().map(compression_stats),
     }
 }
 
 /// A token policy's report on the wire.
-fn compression(r: &CompressReport) -> api::CompressionStats {
+fn compression_stats(r: &CompressReport) -> api::CompressionStats {
     let s = r.stats;
     api::CompressionStats {
         policy: r.policy.clone(),
@@ -85,12 +85,77 @@ fn compression(r: &CompressReport) -> api::CompressionStats {
     }
 }
 
-/// The engine plan of a request's `compress` (400 `invalid_compression` naming what is
-/// wrong: an unknown policy or parameter, a policy a request cannot run, a bad budget).
-pub(crate) fn compress_plan(spec: Option<&api::CompressSpec>) -> ApiResult<Option<CompressPlan>> {
-    let Some(c) = spec else { return Ok(None) };
+/// What a request's `compress` asks for, checked: a token policy over the prompt's KV, and
+/// a decode pool (its `max_new` is set per request by [`Compression::decode_pool`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Compression {
+    /// Prunes the prompt's KV after the first token.
+    pub(crate) prompt: Option<CompressPlan>,
+    /// Holds the generated tokens' KV to a budget.
+    decode: Option<api::DecodeSpec>,
+}
+
+impl Compression {
+    /// The decode pool for a request generating at most `max_new` tokens.
+    pub(crate) fn decode_pool(&self, max_new: usize) -> ApiResult<Option<DecodePoolSpec>> {
+        let Some(d) = &self.decode else {
+            return Ok(None);
+        };
+        DecodePoolSpec::named(&d.policy, d.budget, d.recent, max_new)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request("invalid_compression", e.to_string()))
+    }
+
+    /// Refuses a decode pool where nothing is decoded (`/v1/blend`).
+    pub(crate) fn without_decode(self, route: &str) -> ApiResult<Option<CompressPlan>> {
+        if self.decode.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_compression",
+                format!(
+                    "`compress.decode` applies to generation; {route} returns the first token only"
+                ),
+            ));
+        }
+        Ok(self.prompt)
+    }
+}
+
+/// A request's `compress`, checked (400 `invalid_compression` naming what is wrong: an
+/// unknown policy or parameter, a policy a request cannot run, a bad budget or pool).
+pub(crate) fn compression(spec: Option<&api::CompressSpec>) -> ApiResult<Compression> {
+    let Some(c) = spec else {
+        return Ok(Compression::default());
+    };
     let bad = |msg: String| ApiError::bad_request("invalid_compression", msg);
-    let mut text = c.policy.trim().to_string();
+    if let Some(d) = &c.decode {
+        // the name, budget and recent rows are checked now; `max_new` per request
+        DecodePoolSpec::named(&d.policy, d.budget, d.recent, 1).map_err(|e| bad(e.to_string()))?;
+    }
+    let prompt = match &c.policy {
+        Some(p) => Some(prompt_plan(c, p).map_err(bad)?),
+        None if c.decode.is_some() => {
+            if c.compression.is_some()
+                || c.budget.is_some()
+                || c.sinks.is_some()
+                || c.window.is_some()
+            {
+                return Err(bad(
+                    "`compression`, `budget`, `sinks` and `window` need a `policy`".into(),
+                ));
+            }
+            None
+        }
+        None => return Err(bad("give a `policy`, a `decode` pool, or both".into())),
+    };
+    Ok(Compression {
+        prompt,
+        decode: c.decode.clone(),
+    })
+}
+
+/// The prompt policy `policy` with the spec's budget and overrides.
+fn prompt_plan(c: &api::CompressSpec, policy: &str) -> Result<CompressPlan, String> {
+    let mut text = policy.trim().to_string();
     let name = text.split(':').next().unwrap_or_default().to_string();
     if let Some(sinks) = c.sinks {
         text.push_str(&format!(":sinks={sinks}"));
@@ -101,21 +166,19 @@ pub(crate) fn compress_plan(spec: Option<&api::CompressSpec>) -> ApiResult<Optio
             _ => text.push_str(&format!(":window={window}")),
         }
     }
-    let policy: PolicySpec = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let policy: PolicySpec = text.parse().map_err(|e| format!("{e}"))?;
     let budget = match (c.compression, c.budget) {
         (Some(n), None) => Budget::Compression(n),
-        (None, Some(0)) => return Err(bad("`budget` must be at least 1 entry per KV head".into())),
+        (None, Some(0)) => return Err("`budget` must be at least 1 entry per KV head".into()),
         (None, Some(n)) => Budget::Entries(n),
         _ => {
-            return Err(bad(
+            return Err(
                 "give exactly one of `compression` (N× less KV, > 1) and `budget` (entries per KV head)"
                     .into(),
-            ));
+            );
         }
     };
-    CompressPlan::new(policy, budget)
-        .map(Some)
-        .map_err(|e| bad(e.to_string()))
+    CompressPlan::new(policy, budget).map_err(|e| e.to_string())
 }
 
 /// The engine mode a request asks for (`mode`, `ratio`; default: blend at kvquilt's ratio).
@@ -127,15 +190,15 @@ pub(crate) fn mode(mode: Option<&str>, ratio: Option<f32>) -> ApiResult<Mode> {
     })
 }
 
-/// [`mode`] and [`compress_plan`] of the OpenAI endpoints' `kvquilt` field, both checked
+/// [`mode`] and [`compression`] of the OpenAI endpoints' `kvquilt` field, both checked
 /// before the request stores or runs anything.
-pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<(Mode, Option<CompressPlan>)> {
+pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<(Mode, Compression)> {
     match spec {
         Some(s) => Ok((
             mode(s.mode.as_deref(), s.ratio)?,
-            compress_plan(s.compress.as_ref())?,
+            compression(s.compress.as_ref())?,
         )),
-        None => Ok((mode(None, None)?, None)),
+        None => Ok((mode(None, None)?, Compression::default())),
     }
 }
 

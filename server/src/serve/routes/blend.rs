@@ -27,7 +27,7 @@ pub(crate) async fn blend(
     ApiJson(body): ApiJson<BlendBody>,
 ) -> ApiResult<axum::Json<BlendResponse>> {
     let mode = wire::mode(body.mode.as_deref(), body.ratio)?;
-    let compress = wire::compress_plan(body.compress.as_ref())?;
+    let compress = wire::compression(body.compress.as_ref())?.without_decode("/v1/blend")?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
     let texts = [&body.question, &body.system, &body.instruction];
     check_text_bytes(

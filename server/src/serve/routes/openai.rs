@@ -18,9 +18,9 @@ use kvquilt_api::openai::{
     CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList, Prompt,
     Stop, Usage,
 };
-use kvquilt_blend::compress::CompressPlan;
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
 use kvquilt_blend::{BlendRequest, BlendStats};
+use kvquilt_compression::policy::DecodePoolSpec;
 use kvquilt_model::ChatMessage;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -33,6 +33,7 @@ use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
 use crate::serve::state::{AppState, Shared};
 use crate::serve::tenants::{Caller, Tenant};
 use crate::serve::wire;
+use crate::serve::wire::Compression;
 
 /// Which response shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,8 @@ enum GenEvent {
 /// Settings of one generation after validation.
 struct Job {
     prepared: super::blend::Prepared,
+    /// Holds the generated tokens' KV to a budget (`kvquilt.compress.decode`).
+    decode_pool: Option<DecodePoolSpec>,
     sampling: Sampling,
     stopping: Stopping,
     top_k: usize,
@@ -219,7 +222,7 @@ fn job(
     c: &CommonFields,
     default_max: usize,
     top_k: usize,
-    compress: Option<CompressPlan>,
+    compress: Compression,
 ) -> ApiResult<Job> {
     if c.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_request(
@@ -270,7 +273,8 @@ fn job(
         ));
     }
     Ok(Job {
-        prepared: prepare(s, tenant, req, compress)?,
+        decode_pool: compress.decode_pool(max_tokens)?,
+        prepared: prepare(s, tenant, req, compress.prompt)?,
         sampling: Sampling {
             temperature,
             top_p,
@@ -299,17 +303,19 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                     return Ok(());
                 }
                 let model = st.blender.model();
-                let (finish, produced) = decode(
+                let (finish, produced, evictions) = decode(
                     model,
                     &st.tokenizer,
                     out.cache,
                     out.logits,
+                    job.decode_pool,
                     &job.sampling,
                     &job.stopping,
                     job.top_k,
                     |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
                 )?;
                 st.metrics.generated_tokens.inc_by(produced as u64);
+                st.metrics.decode_pool_reselections.inc_by(evictions as u64);
                 let _ = tx2.blocking_send(GenEvent::Done {
                     finish,
                     produced,
