@@ -84,6 +84,11 @@ pub struct Args {
     /// context before the question is known (`no`).
     #[arg(long, value_delimiter = ',', default_value = "yes,no")]
     query_aware: Vec<String>,
+    /// How `--policies` spread each budget: `uniform` (the same per KV head), or `per-head`
+    /// (`per-head:FLOOR`, AdaKV-style: each layer's total by score across its heads, every
+    /// head keeping at least FLOOR of the uniform share; default 0.2).
+    #[arg(long, default_value = "uniform")]
+    budget_split: String,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -335,7 +340,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     if !a.policies.is_empty() {
         // checked before the model loads: a bad policy or factor runs nothing
-        let pa = policies::PolicyArgs::parse(&a.policies, &a.compression, &a.query_aware)?;
+        let pa = policies::PolicyArgs::parse(
+            &a.policies,
+            &a.compression,
+            &a.query_aware,
+            &a.budget_split,
+        )?;
         let loaded = a.model.load()?;
         let tokenizer = loaded.tokenizer()?.clone();
         let opts = GenerateOptions {

@@ -32,6 +32,8 @@ pub(crate) struct PolicyArgs {
     pub(crate) compression: Vec<f32>,
     /// `true`: query-aware, `false`: query-agnostic.
     pub(crate) awareness: Vec<bool>,
+    /// How each budget spreads over layers and heads.
+    pub(crate) split: BudgetSplit,
 }
 
 impl PolicyArgs {
@@ -41,7 +43,22 @@ impl PolicyArgs {
         policies: &[String],
         compression: &[f32],
         aware: &[String],
+        split: &str,
     ) -> Result<Self> {
+        let split = match split.split_once(':') {
+            None if split == "uniform" => BudgetSplit::Uniform,
+            None if split == "per-head" => BudgetSplit::PerHead { floor: 0.2 },
+            Some(("per-head", f)) => BudgetSplit::PerHead {
+                floor: f
+                    .parse()
+                    .ok()
+                    .filter(|f: &f32| (0.0..=1.0).contains(f))
+                    .with_context(|| {
+                        format!("--budget-split per-head:{f}: a floor within 0..=1")
+                    })?,
+            },
+            _ => bail!("--budget-split {split}: expected uniform or per-head[:FLOOR]"),
+        };
         let mut specs = Vec::new();
         for p in policies {
             let spec: PolicySpec = p.parse().with_context(|| format!("--policies {p}"))?;
@@ -69,6 +86,7 @@ impl PolicyArgs {
             policies: specs,
             compression: compression.to_vec(),
             awareness,
+            split,
         })
     }
 
@@ -86,13 +104,8 @@ impl PolicyArgs {
                 continue;
             };
             for &n in &self.compression {
-                check_budget(
-                    policy,
-                    &shape,
-                    Budget::Compression(n),
-                    &BudgetSplit::Uniform,
-                )
-                .with_context(|| format!("{spec} at {n}× on a {shortest}-token context"))?;
+                check_budget(policy, &shape, Budget::Compression(n), &self.split)
+                    .with_context(|| format!("{spec} at {n}× on a {shortest}-token context"))?;
             }
         }
         Ok(())
@@ -139,6 +152,8 @@ struct Detail {
 
 #[derive(Serialize)]
 struct Report {
+    /// How budgets spread over layers and heads.
+    budget_split: String,
     examples: usize,
     model: String,
     task: String,
@@ -247,7 +262,7 @@ pub(crate) fn run(
                         &observations,
                         policy,
                         Budget::Compression(n),
-                        &BudgetSplit::Uniform,
+                        &pa.split,
                     )?;
                     let (first, toks, rate) =
                         answer(model, c.cache, &tokens[split..], split, opts)?;
@@ -307,6 +322,7 @@ pub(crate) fn run(
     }
     let (model_name, task, device) = header;
     let report = Report {
+        budget_split: format!("{:?}", pa.split),
         examples: examples.len(),
         model: model_name,
         task,
@@ -335,8 +351,8 @@ fn prediction(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<String> {
 
 fn print_table(r: &Report) {
     println!(
-        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}",
-        r.task, r.examples, r.prompt_tokens_median, r.model, r.device
+        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}, budgets {}",
+        r.task, r.examples, r.prompt_tokens_median, r.model, r.device, r.budget_split
     );
     println!(
         "| policy | compression | query-aware | F1 | acc | acc/full | first-token KL | answer agreement | kept | policy ms | decode tok/s |"
