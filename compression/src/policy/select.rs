@@ -16,7 +16,7 @@ pub fn select(
     budget: Budget,
     split: &BudgetSplit,
 ) -> Result<KeepSet, PolicyError> {
-    check_budget(policy, shape, budget, split)?;
+    let per_layer = checked_layer_budgets(policy, shape, budget, split)?;
     if observations.len() != shape.layers {
         return Err(PolicyError::BadObservation {
             policy: policy.name().into(),
@@ -28,8 +28,6 @@ pub fn select(
             ),
         });
     }
-    let n = budget.per_head(shape.tokens);
-    let per_layer = layer_budgets(policy, shape, n, split)?;
     let mut layers = Vec::with_capacity(shape.layers);
     for (l, (obs, &n_l)) in observations.iter().zip(&per_layer).enumerate() {
         let regions = policy.regions(shape, n_l);
@@ -57,12 +55,22 @@ pub fn check_budget(
     budget: Budget,
     split: &BudgetSplit,
 ) -> Result<(), PolicyError> {
+    checked_layer_budgets(policy, shape, budget, split).map(|_| ())
+}
+
+/// Entries per head for each layer, each checked to hold the policy's regions.
+fn checked_layer_budgets(
+    policy: &dyn TokenPolicy,
+    shape: &Shape,
+    budget: Budget,
+    split: &BudgetSplit,
+) -> Result<Vec<usize>, PolicyError> {
     budget.validate()?;
-    let n = budget.per_head(shape.tokens);
-    for n_l in layer_budgets(policy, shape, n, split)? {
+    let per_layer = layer_budgets(policy, shape, budget.per_head(shape.tokens), split)?;
+    for &n_l in &per_layer {
         check_room(policy, &policy.regions(shape, n_l), shape.tokens, n_l)?;
     }
-    Ok(())
+    Ok(per_layer)
 }
 
 /// Entries per head for each layer.
