@@ -164,3 +164,48 @@ fn bad_input_fails_before_anything_is_written() {
     assert!(err.contains("bad.jsonl:2"), "{err}");
     assert!(!data.exists(), "nothing may be written for bad input");
 }
+
+/// A data directory on a read-only filesystem: the job stops before computing anything,
+/// naming the condition (the sidecar serves such a store; the job's whole point is writing
+/// to it). On a real tmpfs, remounted read-only after a first run stored into it.
+#[test]
+fn a_read_only_store_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |opts: &str| {
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !mount("size=256m") {
+        eprintln!("tmpfs mount not permitted here; kvstore's read_only tests cover the tier");
+        return;
+    }
+    let input = dir.path().join("docs.jsonl");
+    write_input(&input);
+    let data = mnt.join("data");
+    let first = run(&input, &data, &[], None);
+    assert_eq!(first.code, Some(0));
+    let remounted = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
+        .args(["precompute", "--model"])
+        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(remounted, "remount read-only");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read-only"), "{err}");
+}

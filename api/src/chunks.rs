@@ -113,6 +113,15 @@ pub struct ChunkStatus {
     pub status: ChunkOutcome,
     /// The tier that held it (hits only).
     pub tier: Option<Tier>,
+    /// Whether the chunk is held where it survives a restart (the SSD or remote tier).
+    /// False: in memory only (the sidecar has no SSD tier, or its data directory is
+    /// read-only). Absent in answers of older sidecars, which always wrote through: true.
+    #[serde(default = "durable_by_default")]
+    pub durable: bool,
+}
+
+fn durable_by_default() -> bool {
+    true
 }
 
 /// `POST /v1/chunks`'s answer.

@@ -47,6 +47,9 @@ pub struct CostModel {
 struct Costs {
     prefill: Affine,
     bandwidth: HashMap<TierKind, f64>,
+    /// The highest bandwidth measured per tier: what it does when healthy (stall
+    /// deadlines are set from it, so a stall never lengthens the next one's wait).
+    peak: HashMap<TierKind, f64>,
     latency: HashMap<TierKind, f64>,
     /// Loads declined for a recompute since the tier was last loaded from.
     declined: HashMap<TierKind, u64>,
@@ -89,7 +92,10 @@ impl CostModel {
         } else {
             c.bandwidth.get(&tier).copied()
         };
-        c.bandwidth.insert(tier, ewma(old, bytes as f64 / seconds));
+        let rate = bytes as f64 / seconds;
+        c.bandwidth.insert(tier, ewma(old, rate));
+        let peak = c.peak.entry(tier).or_insert(0.0);
+        *peak = peak.max(rate);
     }
 
     /// Records that opening an object in `tier` (header read and verified) took `seconds`.
@@ -117,6 +123,18 @@ impl CostModel {
             .copied()
             .unwrap_or_else(|| default_latency(tier));
         lat + bytes as f64 / bw
+    }
+
+    /// Seconds `bytes` take from `tier` when it is healthy: at the highest bandwidth measured
+    /// (the default before any), no open latency. What stall deadlines are multiples of.
+    pub fn healthy_load_s(&self, tier: TierKind, bytes: usize) -> f64 {
+        let c = self.inner.lock();
+        let bw = c
+            .peak
+            .get(&tier)
+            .copied()
+            .unwrap_or_else(|| default_bandwidth(tier));
+        bytes as f64 / bw
     }
 
     /// Whether a load from `tier` that recomputing is estimated to beat should be taken

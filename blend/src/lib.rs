@@ -39,7 +39,7 @@ pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, Mode};
 pub use cost::CostModel;
 pub use device_tier::{DeviceChunk, DeviceTier};
-pub use engine::{Blender, Precomputed};
+pub use engine::{Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR};
 pub use error::{BlendError, Result};
 pub use identity::{ModelIdentity, layout_of};
 pub use phases::PhaseTime;

@@ -116,3 +116,192 @@ fn a_layer_that_fails_verification_mid_stream_is_recomputed() {
         }
     }
 }
+
+/// A slow or hung disk (issue 16, fault injection), without FUSE: the real SSD tier behind
+/// a wrapper that delays opening objects (`open_delay`) or reading each layer
+/// (`layer_delay`), as a disk that stopped answering would.
+mod slow_disk {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use kvquilt_kvstore::{
+        ChunkKey, KvObject, LayerReader, Lease, ObjectInfo, PutOutcome, Result, SsdConfig, SsdTier,
+        StoreConfig, Tier, TierKind, TierStatsSnapshot, TieredStore,
+    };
+
+    use super::*;
+
+    struct Slow {
+        inner: SsdTier,
+        open_delay: Duration,
+        layer_delay: Duration,
+        /// Reads that reached the slow disk (opens and layers).
+        reads: Arc<AtomicUsize>,
+    }
+
+    struct SlowReader {
+        inner: Box<dyn LayerReader>,
+        delay: Duration,
+        reads: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl LayerReader for SlowReader {
+        fn info(&self) -> &Arc<ObjectInfo> {
+            self.inner.info()
+        }
+
+        async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.inner.layer(layer).await
+        }
+    }
+
+    #[async_trait]
+    impl Tier for Slow {
+        fn kind(&self) -> TierKind {
+            TierKind::SSD
+        }
+        fn contains(&self, key: &ChunkKey) -> bool {
+            self.inner.contains(key)
+        }
+        fn keys(&self) -> Vec<ChunkKey> {
+            self.inner.keys()
+        }
+        async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
+            self.inner.info(key).await
+        }
+        async fn reader(&self, key: &ChunkKey) -> Result<Option<Box<dyn LayerReader>>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.open_delay).await;
+            let reader = self.inner.reader(key).await?;
+            Ok(reader.map(|inner| {
+                Box::new(SlowReader {
+                    inner,
+                    delay: self.layer_delay,
+                    reads: Arc::clone(&self.reads),
+                }) as Box<dyn LayerReader>
+            }))
+        }
+        async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome> {
+            self.inner.put(obj, cost_s).await
+        }
+        async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+            self.inner.remove(key).await
+        }
+        fn lease(&self, key: &ChunkKey) -> Option<Lease> {
+            self.inner.lease(key)
+        }
+        fn stats(&self) -> TierStatsSnapshot {
+            self.inner.stats()
+        }
+    }
+
+    /// A blender whose store is an empty host tier over the SSD tier at `dir`, slowed
+    /// by `open_delay`/`layer_delay` (zero: the plain tier), stalls counted past `floor`.
+    fn slow_blender(
+        dir: &Path,
+        rt: &Runtime,
+        open_delay: Duration,
+        layer_delay: Duration,
+        floor: Duration,
+    ) -> (Blender, Arc<AtomicUsize>) {
+        let fixture =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+        let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
+        let identity = ModelIdentity::of(&loaded).unwrap();
+        let mut config = StoreConfig::host_only(1 << 30);
+        config.promote_on_hit = false;
+        let builder = TieredStore::builder(config).unwrap();
+        let ssd = SsdTier::open(SsdConfig::new(dir, 1 << 30), builder.pins().clone()).unwrap();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let slow = Slow {
+            inner: ssd,
+            open_delay,
+            layer_delay,
+            reads: Arc::clone(&reads),
+        };
+        let store = builder.tier(Arc::new(slow)).build();
+        let b = Blender::new(
+            Arc::new(loaded.model),
+            identity,
+            Arc::new(store),
+            rt.handle().clone(),
+        )
+        .with_stall_floor(floor);
+        (b, reads)
+    }
+
+    /// A disk that stops answering while a request reads it costs that request a recompute
+    /// of the stalled chunks (the answer unchanged) plus one stall wait each — never the
+    /// request, never a hang — and the cost model then stops reading from it.
+    #[test]
+    fn a_stalled_disk_costs_a_recompute_and_is_then_avoided() {
+        let chunks = [toks(1, 24), toks(2, 30), toks(3, 18)];
+        let suffix = toks(4, 6);
+        let floor = Duration::from_millis(100);
+        let hung = Duration::from_secs(30);
+        for (open_delay, layer_delay) in [(Duration::ZERO, hung), (hung, Duration::ZERO)] {
+            for mode in [Mode::Reuse, Mode::Blend(BlendConfig::default())] {
+                let dir = tempfile::tempdir().unwrap();
+                let req = BlendRequest::new(vec![], chunks.to_vec(), suffix.clone(), mode.clone());
+                let clean = {
+                    let rt = Runtime::new().unwrap();
+                    let zero = Duration::ZERO;
+                    let (b, _) = slow_blender(dir.path(), &rt, zero, zero, floor);
+                    for c in &chunks {
+                        b.precompute(b"", c).unwrap();
+                    }
+                    rt.block_on(b.store().flush()).unwrap();
+                    let out = b.run(b"", &req).unwrap();
+                    assert_eq!(out.stats.hits_host, 3);
+                    out.logits
+                };
+                let rt = Runtime::new().unwrap();
+                let (b, reads) = slow_blender(dir.path(), &rt, open_delay, layer_delay, floor);
+                let t = Instant::now();
+                let out = b.run(b"", &req).unwrap();
+                let took = t.elapsed();
+                let case = format!("open {open_delay:?}, layer {layer_delay:?}, {mode:?}");
+                assert!(
+                    out.stats
+                        .segments
+                        .iter()
+                        .all(|s| *s == SegmentSource::Unusable),
+                    "{case}: {:?}",
+                    out.stats.segments
+                );
+                // three stall waits, then recompute: far from the 30 s the disk would take
+                assert!(took < Duration::from_secs(5), "{case}: took {took:?}");
+                let d = max_diff(&out.logits, &clean);
+                assert!(d < 1e-4, "{case}: logits moved by {d}");
+                // the waits were measured: the tier is now estimated slower than recompute
+                let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+                let again = b.run(b"", &req).unwrap();
+                assert_eq!(again.stats.hits_ssd, 0, "{case}");
+                assert_eq!(
+                    reads.load(std::sync::atomic::Ordering::SeqCst),
+                    before,
+                    "{case}: the stalled tier was read again"
+                );
+                // (recomputing every chunk may make full prefill the faster plan)
+                let want = if again.stats.fell_back_to_full {
+                    let full =
+                        BlendRequest::new(vec![], chunks.to_vec(), suffix.clone(), Mode::Full);
+                    b.run(b"", &full).unwrap().logits
+                } else {
+                    clean
+                };
+                let d = max_diff(&again.logits, &want);
+                assert!(d < 1e-4, "{case}: logits moved by {d}");
+            }
+        }
+    }
+}

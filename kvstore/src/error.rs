@@ -94,6 +94,19 @@ pub enum StoreError {
     /// reader recomputes what it could not load.
     #[error("remote tier: {0}")]
     Remote(String),
+    /// A read took longer than its caller was willing to wait (a hung or slow disk, a
+    /// remote that stopped answering): the reader recomputes what it could not load.
+    #[error("store read stalled: {0}")]
+    Stalled(String),
+    /// A tier's directory is on a read-only filesystem or not writable: it serves what it
+    /// holds, but stores nothing new.
+    #[error("{path} is read-only: {detail}")]
+    ReadOnly {
+        /// The directory.
+        path: String,
+        /// What the operating system or RocksDB reported.
+        detail: String,
+    },
     /// The caller asked for something that cannot exist (layer index out of range, ...).
     #[error("invalid request: {0}")]
     Invalid(String),

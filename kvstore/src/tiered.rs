@@ -388,6 +388,11 @@ impl TieredStore {
         let mut written = Vec::new();
         let mut last = Ok(());
         for (i, t) in targets.iter().enumerate() {
+            if i > 0 && t.read_only() {
+                // a read-only tier serves what it holds: the object stays in the tiers
+                // above it (memory only; [`TieredStore::writes_durable`] says so)
+                continue;
+            }
             if t.is_remote() {
                 // queued off the request path, and only once the local tiers hold the object
                 // (remote tiers sit below them); a failure there is the remote's to count
@@ -432,6 +437,22 @@ impl TieredStore {
             }
         }
         last
+    }
+
+    /// Whether a put acknowledged now survives a restart: written through to a local tier
+    /// below the host tier that can write (false: no such tier, write-back, or its directory
+    /// is read-only, and new objects are held in memory only).
+    pub fn writes_durable(&self) -> bool {
+        self.write == WritePolicy::WriteThrough
+            && self.tiers[1..]
+                .iter()
+                .any(|t| !t.is_remote() && !t.read_only())
+    }
+
+    /// Whether `key` is held where it survives a restart: by a tier below the host tier
+    /// (for a remote tier, by its presence hint).
+    pub fn held_durably(&self, key: &ChunkKey) -> bool {
+        self.tiers[1..].iter().any(|t| t.contains(key))
     }
 
     /// Deletes `key` from every tier, slowest first (see [`TieredStore::promote`]); false if

@@ -82,3 +82,67 @@ async fn a_full_disk_is_a_507_and_recovers_when_space_is_freed() {
     assert_eq!(p.chunks[0].status, ChunkOutcome::Stored);
     assert_eq!(objects_on_ssd(&app).await, stored as u64 + 1);
 }
+
+/// A data directory on a read-only filesystem (issue 16, fault injection): the sidecar
+/// starts over it, serves the chunks it holds, keeps new ones in memory and says so
+/// (`durable: false`), refuses to delete what it cannot by name, and shows the condition in
+/// `/v1/stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_directory_is_served_and_says_so() {
+    let Some(fs) = Tmpfs::new(256 << 20) else {
+        eprintln!("tmpfs mount not permitted here; kvstore's read_only tests cover the tier");
+        return;
+    };
+    let open = || {
+        let ssd = SsdConfig::new(fs.path.join("store"), u64::MAX);
+        TieredStore::open(StoreConfig::with_ssd(1 << 30, ssd)).unwrap()
+    };
+    let held = {
+        let app = TestApp::with_store(Config::default(), open());
+        let c = put(&app, 0).await;
+        assert!(c.durable, "written through to the SSD tier");
+        c.id
+    };
+    assert!(fs.set_read_only(true), "remount read-only");
+    let app = TestApp::with_store(Config::default(), open());
+    assert_eq!(
+        app.state.account_existing().await.unwrap(),
+        1,
+        "as `serve` does at start"
+    );
+    let (status, v) = app.call("GET", "/v1/stats", None, None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let stats: Stats = serde_json::from_value(v).unwrap();
+    let ssd = stats.tiers.iter().find(|t| t.tier == "ssd").unwrap();
+    assert_eq!(ssd.extra.get("read_only"), Some(&1));
+    assert_eq!(ssd.objects, 1);
+    // the held chunk is served from the read-only disk
+    let out = app
+        .blend(json!({ "chunks": [{ "id": held }], "question": "When?", "mode": "reuse" }))
+        .await;
+    assert_eq!(out.stats.hits_ssd, 1, "{:?}", out.stats);
+    // a new chunk is acknowledged as memory-only, and is served from memory
+    let c = put(&app, 1).await;
+    assert_eq!(c.status, ChunkOutcome::Stored);
+    assert!(!c.durable);
+    let again = put(&app, 1).await;
+    assert_eq!(again.status, ChunkOutcome::Hit);
+    // deleting what the read-only disk holds is refused, by name
+    let r = app
+        .call("DELETE", &format!("/v1/chunks/{held}"), None, None, "")
+        .await;
+    assert_err(&r, 503, "store_read_only", "read-only");
+    assert!(fs.set_read_only(false));
+}
+
+/// `POST /v1/chunks` of document `i`: its one status.
+async fn put(app: &TestApp, i: usize) -> kvquilt_api::ChunkStatus {
+    let (status, v) = app
+        .json("POST", "/v1/chunks", None, json!({ "chunks": [doc(i)] }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    serde_json::from_value::<PutChunksResponse>(v)
+        .unwrap()
+        .chunks[0]
+        .clone()
+}

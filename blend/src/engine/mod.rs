@@ -18,7 +18,7 @@ mod sources;
 mod store_back;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{ChunkKey, PolicyKind, TierKind, TierStatsSnapshot, TieredStore};
 use kvquilt_model::Model;
@@ -33,6 +33,14 @@ use crate::error::{Result, invalid};
 use crate::identity::ModelIdentity;
 use crate::pinned_host::PinnedHost;
 use crate::request::{BlendOutput, BlendRequest};
+
+/// Default of [`Blender::with_stall_floor`]: a local read never legitimately takes this
+/// long for one layer or header, and a recompute of a typical chunk costs about as much.
+pub const DEFAULT_STALL_FLOOR: Duration = Duration::from_millis(250);
+
+/// A store read counts as stalled past this many times its estimated duration (and past
+/// the floor).
+pub const STALL_FACTOR: f64 = 8.0;
 
 /// What [`Blender::precompute`] did for one chunk.
 #[derive(Debug, Clone)]
@@ -62,6 +70,8 @@ pub struct Blender {
     device_tier: Option<Arc<DeviceTier>>,
     /// Host→device copies of store hits (pinned staging on CUDA), shared by all requests.
     uploader: Arc<Uploader>,
+    /// The shortest wait for a store read before it counts as stalled ([`Blender::with_stall_floor`]).
+    stall_floor: Duration,
 }
 
 impl Blender {
@@ -90,7 +100,18 @@ impl Blender {
             fallback_to_full: true,
             device_tier: None,
             uploader,
+            stall_floor: DEFAULT_STALL_FLOOR,
         }
+    }
+
+    /// How long a store read may take before it counts as stalled: opening an object, or
+    /// one layer, that takes longer than `floor` and [`STALL_FACTOR`] times the cost model's
+    /// estimate for it is abandoned and the chunk recomputed (a hung or slow disk, a remote
+    /// that stops answering costs a recompute plus this wait, never the request). Default
+    /// [`DEFAULT_STALL_FLOOR`].
+    pub fn with_stall_floor(mut self, floor: Duration) -> Self {
+        self.stall_floor = floor;
+        self
     }
 
     /// Keeps up to `capacity` bytes of chunk KV resident on the model's device (GPU memory

@@ -9,22 +9,19 @@
 //! `blend/tests/faults.rs`). The layers already consumed were verified, and the chunk
 //! contract's prefill is what they were made by, so both halves are the same chunk's KV.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvquilt_kvstore::{KvLayout, LayerStream, TierKind};
-use kvquilt_model::staging::Uploader;
+use kvquilt_kvstore::{KvLayout, LayerStream, StoreError, TierKind};
 use kvquilt_model::{Device, KvCache, LayerKv};
 
-use super::Blender;
+use super::{Blender, STALL_FACTOR};
 use kvquilt_kvstore::ChunkKey;
 
 use super::plan::{Entry, Origin, Plan};
 use super::store_back::Pending;
 use crate::chunk::ChunkCodec;
-use crate::cost::CostModel;
 use crate::device_tier::DeviceChunk;
-use crate::error::{Result, invalid};
+use crate::error::{BlendError, Result, invalid};
 use crate::request::SegmentSource;
 use crate::tensor_bytes::layer_from_bytes;
 
@@ -60,34 +57,62 @@ struct Streamed {
 impl Streamed {
     /// Reads layer `l` (the stream's next) of a segment of `tokens` tokens onto `device`.
     /// After the last layer, the stream's bytes over its busy time are recorded as a load
-    /// measurement of its tier.
+    /// measurement of its tier. A layer that does not arrive within the stall deadline
+    /// ([`stall_deadline`]) is an error (the caller recomputes the segment), and the wait
+    /// is recorded as a load, so the cost model learns the tier is slow.
     fn next_layer(
         &mut self,
         l: usize,
         tokens: usize,
-        layout: &KvLayout,
+        b: &Blender,
         device: &Device,
-        uploader: &Uploader,
-        costs: &CostModel,
+        layout: &KvLayout,
     ) -> Result<LayerKv> {
         let t0 = Instant::now();
-        let b = self.stream.next_blocking().ok_or_else(|| {
-            invalid(format!(
-                "the store ended {} before layer {l}",
-                self.stream.info.key
-            ))
-        })??;
-        let kv = layer_from_bytes(&b, layout, tokens, device, Some(uploader))?;
+        let tier = self.stream.tier;
+        let expected = layout.layer_bytes(tokens);
+        let deadline = stall_deadline(b, tier, expected);
+        // (the timer is made inside `block_on`: it needs the runtime's context)
+        let next = async { tokio::time::timeout(deadline, self.stream.next()).await };
+        let b_layer = match b.rt.block_on(next) {
+            Ok(Some(r)) => r?,
+            Ok(None) => {
+                return Err(invalid(format!(
+                    "the store ended {} before layer {l}",
+                    self.stream.info.key
+                )));
+            }
+            Err(_) => {
+                let waited = self.busy + t0.elapsed();
+                b.costs
+                    .record_load(tier, self.bytes + expected, waited.as_secs_f64());
+                return Err(BlendError::Store(StoreError::Stalled(format!(
+                    "layer {l} of {} from the {tier} tier took over {deadline:?}",
+                    self.stream.info.key
+                ))));
+            }
+        };
+        let kv = layer_from_bytes(&b_layer, layout, tokens, device, Some(&b.uploader))?;
         self.busy += t0.elapsed();
-        self.bytes += b.len();
+        self.bytes += b_layer.len();
         if l + 1 == layout.num_layers as usize {
-            costs.record_load(self.stream.tier, self.bytes, self.busy.as_secs_f64());
+            b.costs
+                .record_load(tier, self.bytes, self.busy.as_secs_f64());
         }
         if let Some(kept) = &mut self.kept {
             kept.push(kv.clone());
         }
         Ok(kv)
     }
+}
+
+/// How long a read of `bytes` from `tier` may take before it counts as stalled: the
+/// blender's floor, or [`STALL_FACTOR`] times what the tier takes when healthy
+/// ([`CostModel::healthy_load_s`](crate::CostModel::healthy_load_s)) when longer.
+fn stall_deadline(b: &Blender, tier: TierKind, bytes: usize) -> Duration {
+    let estimate = b.costs.healthy_load_s(tier, bytes) * STALL_FACTOR;
+    b.stall_floor
+        .max(Duration::from_secs_f64(estimate.min(3600.0)))
 }
 
 /// The sources of every unique segment of a plan, and how the prompt places them.
@@ -115,8 +140,6 @@ pub(crate) struct Sources<'r> {
     layout: KvLayout,
     /// Where the layers are placed: the model's device.
     device: Device,
-    /// How streamed layers get there (pinned staging on CUDA).
-    uploader: Arc<Uploader>,
 }
 
 impl<'r> Sources<'r> {
@@ -142,7 +165,6 @@ impl<'r> Sources<'r> {
             suffix: None,
             layout: *codec.layout(),
             device: b.model.device().clone(),
-            uploader: Arc::clone(&b.uploader),
         })
     }
 
@@ -172,25 +194,21 @@ impl<'r> Sources<'r> {
             let layer = match &mut self.sources[i] {
                 Source::Memory(c) => c.layers[l].clone(),
                 Source::Device(c) => c[l].clone(),
-                Source::Stream(s) => match s.next_layer(
-                    l,
-                    tokens.len(),
-                    &self.layout,
-                    &self.device,
-                    &self.uploader,
-                    &b.costs,
-                ) {
-                    Ok(kv) => kv,
-                    Err(e) => {
-                        tracing::warn!(%key, layer = l, error = %e, "stored chunk failed mid-read; recomputing it");
-                        let how = SegmentSource::Unusable;
-                        let cache = compute(b, &self.codec, key, tokens, how, &mut self.pending)?;
-                        let layer = cache.layers[l].clone();
-                        self.sources[i] = Source::Memory(cache);
-                        self.how[i] = how;
-                        layer
+                Source::Stream(s) => {
+                    match s.next_layer(l, tokens.len(), b, &self.device, &self.layout) {
+                        Ok(kv) => kv,
+                        Err(e) => {
+                            tracing::warn!(%key, layer = l, error = %e, "stored chunk failed mid-read; recomputing it");
+                            let how = SegmentSource::Unusable;
+                            let cache =
+                                compute(b, &self.codec, key, tokens, how, &mut self.pending)?;
+                            let layer = cache.layers[l].clone();
+                            self.sources[i] = Source::Memory(cache);
+                            self.how[i] = how;
+                            layer
+                        }
                     }
-                },
+                }
             };
             layer_of.push(layer);
         }
@@ -279,7 +297,24 @@ fn open_stream(
 ) -> Result<Streamed, SegmentSource> {
     let key = entry.key;
     let opened = Instant::now();
-    match b.rt.block_on(b.store.read_layers(&key, READ_AHEAD)) {
+    let tier = match entry.origin {
+        Origin::Load(tier) => tier,
+        _ => TierKind::HOST,
+    };
+    let deadline = stall_deadline(b, tier, 0);
+    let open =
+        async { tokio::time::timeout(deadline, b.store.read_layers(&key, READ_AHEAD)).await };
+    let read = b.rt.block_on(open);
+    let Ok(read) = read else {
+        tracing::warn!(%key, %tier, ?deadline, "opening a stored chunk stalled; recomputing it");
+        let waited = opened.elapsed().as_secs_f64();
+        b.costs.record_latency(tier, waited);
+        let bytes = codec.layout().object_bytes(entry.tokens.len());
+        b.costs
+            .record_load(tier, usize::try_from(bytes).unwrap_or(usize::MAX), waited);
+        return Err(SegmentSource::Unusable);
+    };
+    match read {
         Ok(Some(stream)) => match codec.check(&stream.info, entry.tokens) {
             Ok(()) => {
                 // what opening cost (header read and verified): the tier's latency term

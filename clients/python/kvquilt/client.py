@@ -30,6 +30,8 @@ class ChunkStatus:
     tokens: int
     status: str  #: ``hit`` or ``stored``
     tier: Optional[str] = None
+    #: held where it survives a restart (false: memory only, e.g. a read-only data dir)
+    durable: bool = True
 
 
 @dataclass

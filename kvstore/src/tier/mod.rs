@@ -109,6 +109,12 @@ pub trait Tier: Send + Sync {
         false
     }
 
+    /// Whether the tier stores nothing new now (its directory is read-only): a store's puts
+    /// pass it by, and what it holds is still served.
+    fn read_only(&self) -> bool {
+        false
+    }
+
     /// Whether the tier holds `key`, asking it if need be (a remote: one round trip within
     /// its deadline; false when it fails). Local tiers answer [`Tier::contains`].
     async fn probe(&self, key: &ChunkKey) -> bool {

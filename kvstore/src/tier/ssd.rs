@@ -88,6 +88,18 @@ impl SsdConfig {
 
 /// Bytes available to this process on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    Ok(fs_status(path)?.free)
+}
+
+/// What the filesystem holding a directory allows.
+struct FsStatus {
+    /// Bytes an unprivileged write may still take.
+    free: u64,
+    /// Mounted read-only, or the directory not writable by this process.
+    read_only: bool,
+}
+
+fn fs_status(path: &Path) -> std::io::Result<FsStatus> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -100,7 +112,12 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
         }
         st.assume_init()
     };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    // SAFETY: `c` is a valid NUL-terminated path; `access` only reads it.
+    let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0;
+    Ok(FsStatus {
+        free: (st.f_bavail as u64).saturating_mul(st.f_frsize as u64),
+        read_only: st.f_flag & libc::ST_RDONLY != 0 || !writable,
+    })
 }
 
 /// What the `meta` column family records per object.
@@ -276,6 +293,9 @@ struct Inner {
     touched: Mutex<HashMap<ChunkKey, u64>>,
     /// The last timestamp handed out by [`Inner::now_ns`].
     clock: AtomicU64,
+    /// Opened with RocksDB's read-only mode (the directory could not be written at start):
+    /// serves what it holds, never writes.
+    opened_read_only: bool,
 }
 
 /// The SSD tier. Cheap to clone.
@@ -285,6 +305,29 @@ pub struct SsdTier(Arc<Inner>);
 impl Inner {
     fn db_err(&self, e: rocksdb::Error) -> StoreError {
         classify(&self.path, e)
+    }
+
+    /// Whether the tier cannot write now: opened read-only, or its filesystem turned
+    /// read-only (remounted after errors) or unwritable since. Checked before every write,
+    /// so RocksDB never meets the condition itself (a write failing inside RocksDB would
+    /// stop its writes until a restart).
+    fn is_read_only(&self) -> bool {
+        self.opened_read_only || fs_status(&self.path).is_ok_and(|f| f.read_only)
+    }
+
+    /// [`StoreError::ReadOnly`] when the tier cannot write now.
+    fn check_writable(&self) -> Result<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        Err(StoreError::ReadOnly {
+            path: self.path.display().to_string(),
+            detail: if self.opened_read_only {
+                "opened read-only at start: serving what it holds, storing nothing new".into()
+            } else {
+                "the filesystem is read-only or the directory not writable: serving what it holds, storing nothing new".into()
+            },
+        })
     }
 
     fn data(&self) -> &rocksdb::ColumnFamily {
@@ -462,6 +505,10 @@ impl Inner {
     }
 
     fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        if self.is_read_only() && !self.index.contains(key) {
+            return Ok(false); // nothing of it here to refuse
+        }
+        self.check_writable()?;
         let existed = self
             .db
             .get_pinned_cf(self.meta(), key.0)
@@ -494,6 +541,7 @@ impl Inner {
         if self.index.contains(&key) {
             return Ok(PutOutcome::default());
         }
+        self.check_writable()?;
         let enc = obj.encode_or_raw(self.config.codec)?;
         let stored = enc.header.stored_len(enc.header_bytes.len());
         self.check_free_space(stored)?;
@@ -559,6 +607,11 @@ impl Inner {
     }
 
     fn flush_blocking(&self) -> Result<()> {
+        if self.is_read_only() {
+            // nothing was written; recent access times are not persisted
+            self.touched.lock().clear();
+            return Ok(());
+        }
         let touched: Vec<(ChunkKey, u64)> = self.touched.lock().drain().collect();
         let mut b = WriteBatch::default();
         for (key, at) in touched {
@@ -593,8 +646,11 @@ fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
         "Disk quota exceeded",
     ];
     let path = path.display().to_string();
+    let read_only = ["Read-only file system", "EROFS", "Permission denied"];
     if full.iter().any(|m| detail.contains(m)) {
         StoreError::DiskFull { path, detail }
+    } else if read_only.iter().any(|m| detail.contains(m)) {
+        StoreError::ReadOnly { path, detail }
     } else if detail.contains("Corruption:") {
         StoreError::Damaged { path, detail }
     } else if detail.contains("lock") && detail.contains("LOCK") {
@@ -681,8 +737,9 @@ impl SsdTier {
     /// opens what survives; when that fails too, it moves the directory aside
     /// (`<path>.damaged-<unix seconds>`, kept for inspection) and starts empty. Either is
     /// logged and counted ([`TierStats::recoveries`]); objects lost are misses, recomputed
-    /// on demand. Errors that are not damage (another process holds the directory, a full
-    /// disk, no permission) are returned: moving files aside cannot fix them.
+    /// on demand. A directory that cannot be written is opened read-only
+    /// ([`SsdTier::open_read_only`]). Other errors that are not damage (another process
+    /// holds the directory, a full disk) are returned: moving files aside cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
         if config.codec.is_lossy() && !config.serve_lossy {
             return Err(StoreError::Invalid(format!(
@@ -690,19 +747,29 @@ impl SsdTier {
                 config.codec
             )));
         }
-        std::fs::create_dir_all(&config.path).map_err(|source| StoreError::Io {
-            path: config.path.display().to_string(),
-            source,
+        std::fs::create_dir_all(&config.path).map_err(|source| {
+            let path = config.path.display().to_string();
+            match source.raw_os_error() {
+                Some(libc::EROFS | libc::EACCES | libc::EPERM) => StoreError::ReadOnly {
+                    path,
+                    detail: format!("cannot create the store directory: {source}"),
+                },
+                _ => StoreError::Io { path, source },
+            }
         })?;
-        let damage = match Self::open_as_is(&config, &pins) {
+        if fs_status(&config.path).is_ok_and(|f| f.read_only) {
+            return Self::open_read_only(&config, &pins);
+        }
+        let damage = match Self::open_as_is(&config, &pins, false) {
             Err(e) if is_damage(&e) => e,
+            Err(StoreError::ReadOnly { .. }) => return Self::open_read_only(&config, &pins),
             other => return other,
         };
         let path = config.path.display().to_string();
         tracing::warn!(%path, error = %damage, "SSD tier: damaged store files; repairing");
         let repaired = DB::repair(&db_options(), &config.path)
             .map_err(|e| classify(&config.path, e))
-            .and_then(|()| Self::open_as_is(&config, &pins));
+            .and_then(|()| Self::open_as_is(&config, &pins, false));
         let tier = match repaired {
             Ok(t) => {
                 tracing::warn!(%path, "SSD tier: repaired; objects whose records were lost read as misses");
@@ -711,7 +778,7 @@ impl SsdTier {
             Err(e) if is_damage(&e) => {
                 let aside = move_aside(&config.path)?;
                 tracing::error!(%path, error = %e, moved_to = %aside.display(), "SSD tier: repair failed; damaged files moved aside, starting empty");
-                Self::open_as_is(&config, &pins)?
+                Self::open_as_is(&config, &pins, false)?
             }
             Err(e) => return Err(e),
         };
@@ -719,8 +786,28 @@ impl SsdTier {
         Ok(tier)
     }
 
-    /// Opens the database at `config.path` as it is (no repair) and rebuilds the index.
-    fn open_as_is(config: &SsdConfig, pins: &Pins) -> Result<Self> {
+    /// Opens the database at an unwritable `config.path` with RocksDB's read-only mode
+    /// (no lock, no log, nothing written): a store shipped on a read-only volume, or a
+    /// filesystem remounted read-only after errors, still serves its objects; puts and
+    /// deletes answer [`StoreError::ReadOnly`] and the [`crate::TieredStore`] keeps new
+    /// objects in memory only. A directory holding no database cannot be opened so.
+    fn open_read_only(config: &SsdConfig, pins: &Pins) -> Result<Self> {
+        let path = config.path.display().to_string();
+        match Self::open_as_is(config, pins, true) {
+            Ok(t) => {
+                tracing::warn!(%path, objects = t.0.index.len(), "SSD tier: the directory is read-only; serving what it holds, storing nothing new (new chunks stay in memory)");
+                Ok(t)
+            }
+            Err(e) => Err(StoreError::ReadOnly {
+                path,
+                detail: format!("cannot be written, and opening it read-only failed: {e}"),
+            }),
+        }
+    }
+
+    /// Opens the database at `config.path` as it is (no repair) and rebuilds the index
+    /// (`read_only`: with RocksDB's read-only mode).
+    fn open_as_is(config: &SsdConfig, pins: &Pins, read_only: bool) -> Result<Self> {
         let config = config.clone();
         let pins = pins.clone();
         let mut data_opts = Options::default();
@@ -742,8 +829,12 @@ impl SsdTier {
             ColumnFamilyDescriptor::new(DATA_CF, data_opts),
             ColumnFamilyDescriptor::new(META_CF, meta_opts),
         ];
-        let db = DB::open_cf_descriptors(&db_options(), &config.path, cfs)
-            .map_err(|e| classify(&config.path, e))?;
+        let db = if read_only {
+            DB::open_cf_descriptors_read_only(&db_options(), &config.path, cfs, false)
+        } else {
+            DB::open_cf_descriptors(&db_options(), &config.path, cfs)
+        }
+        .map_err(|e| classify(&config.path, e))?;
         let index = Arc::new(TierIndex::new(
             "ssd",
             config.capacity,
@@ -759,6 +850,7 @@ impl SsdTier {
             stats: TierStats::default(),
             touched: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
+            opened_read_only: read_only,
         };
         let mut metas = Vec::new();
         for item in inner.db.iterator_cf(inner.meta(), IteratorMode::Start) {
@@ -806,6 +898,10 @@ impl SsdTier {
     /// Pins or unpins `key`, persisting the pin in `meta`.
     pub async fn persist_pin(&self, key: ChunkKey) -> Result<()> {
         self.blocking(move |s| {
+            if s.is_read_only() && !s.index.contains(&key) {
+                return Ok(()); // held in memory only: so is its pin
+            }
+            s.check_writable()?;
             if let Some(raw) =
                 s.db.get_pinned_cf(s.meta(), key.0)
                     .map_err(|e| s.db_err(e))?
@@ -847,6 +943,10 @@ impl Tier for SsdTier {
 
     fn contains(&self, key: &ChunkKey) -> bool {
         self.0.index.contains(key)
+    }
+
+    fn read_only(&self) -> bool {
+        self.0.is_read_only()
     }
 
     fn keys(&self) -> Vec<ChunkKey> {
@@ -960,9 +1060,13 @@ impl Tier for SsdTier {
 
     fn stats(&self) -> crate::TierStatsSnapshot {
         let i = &self.0.index;
-        self.0
+        let mut s = self
+            .0
             .stats
-            .snapshot("ssd", i.used(), i.capacity(), i.len() as u64)
+            .snapshot("ssd", i.used(), i.capacity(), i.len() as u64);
+        s.extra
+            .insert("read_only".into(), u64::from(self.0.is_read_only()));
+        s
     }
 }
 

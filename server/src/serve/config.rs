@@ -132,6 +132,11 @@ pub struct StoreSettings {
     pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
+    /// Milliseconds a store read (opening a chunk, or one layer of it) may take before it
+    /// counts as stalled and the chunk is recomputed instead (or 8× what the tier takes when
+    /// healthy, if longer): a hung disk or a remote that stops answering costs this much,
+    /// never the request (`kvquilt_blend::Blender::with_stall_floor`).
+    pub stall_ms: u64,
     /// How the tiers encode objects (`[store.codecs]`).
     pub codecs: CodecSettings,
     /// The shared remote tier (`[store.remote]`); off without seeds.
@@ -326,6 +331,7 @@ impl Default for StoreSettings {
             host_bytes: 2 << 30,
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
+            stall_ms: kvquilt_blend::DEFAULT_STALL_FLOOR.as_millis() as u64,
             codecs: CodecSettings::default(),
             remote: RemoteSettings::default(),
         }
@@ -388,6 +394,12 @@ impl Config {
         }
         if self.limits.workers == 0 {
             bail!("limits.workers must be at least 1");
+        }
+        if !(1..=600_000).contains(&self.store.stall_ms) {
+            bail!(
+                "store.stall_ms must be 1..=600000 milliseconds (got {})",
+                self.store.stall_ms
+            );
         }
         self.store.codecs.ssd_codec()?;
         self.store.codecs.host_codec()?;

@@ -131,6 +131,16 @@ impl From<StoreError> for ApiError {
                 "store_damaged",
                 format!("{e}; the damaged objects are dropped as they are met, retry"),
             ),
+            S::Stalled(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_stalled",
+                format!("{e}; retry"),
+            ),
+            S::ReadOnly { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_read_only",
+                format!("{e}; chunks it holds are served, new ones are kept in memory only"),
+            ),
             S::Io { .. } | S::Db { .. } | S::Locked { .. } => Self::internal(e.to_string()),
         }
     }

@@ -309,7 +309,11 @@ impl Collector for StoreCollector {
         for name in names {
             let gauge = matches!(
                 name.as_str(),
-                "pending_writes" | "breaker_state" | "rtt_us" | "bandwidth_bytes_per_s"
+                "pending_writes"
+                    | "breaker_state"
+                    | "rtt_us"
+                    | "bandwidth_bytes_per_s"
+                    | "read_only"
             );
             let (metric, help) = (
                 format!("store_{name}"),

@@ -220,7 +220,8 @@ pub fn app_state(
         .with_device_tier(
             if on_gpu { config.store.device_bytes } else { 0 },
             PolicyKind::Lru,
-        ),
+        )
+        .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms)),
     );
     Ok(Arc::new(Shared {
         blender: Arc::clone(&blender),

@@ -164,6 +164,23 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Remounts it read-only (`true`) or read-write; false where the remount failed (a file
+    /// still open for writing keeps it from turning read-only).
+    pub(crate) fn set_read_only(&self, read_only: bool) -> bool {
+        let opt = if read_only {
+            "remount,ro"
+        } else {
+            "remount,rw"
+        };
+        std::process::Command::new("mount")
+            .args(["-o", opt])
+            .arg(&self.path)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")

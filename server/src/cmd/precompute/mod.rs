@@ -149,6 +149,12 @@ pub fn run(a: Args) -> Result<()> {
         let _rt = rt.enter(); // the remote tier's tasks run on the job's runtime
         Arc::new(open_store(&data_dir, &settings)?)
     };
+    if !store.writes_durable() {
+        anyhow::bail!(
+            "the store in {} cannot be written (read-only filesystem or directory): precompute needs to write there",
+            data_dir.display()
+        );
+    }
     let blender = Blender::new(
         Arc::new(loaded.model),
         identity,

@@ -73,6 +73,7 @@ pub(crate) async fn create(
         }
         return Err(err);
     }
+    let store = s.blender.store();
     let chunks = results
         .into_iter()
         .map(|p| ChunkStatus {
@@ -84,6 +85,7 @@ pub(crate) async fn create(
                 ChunkOutcome::Stored
             },
             tier: p.found_in.map(wire::tier),
+            durable: store.held_durably(&p.key),
         })
         .collect();
     Ok(axum::Json(PutChunksResponse {
@@ -218,6 +220,7 @@ pub(crate) async fn put_kv(
                 tokens,
                 status: ChunkOutcome::Hit,
                 tier: Some(wire::tier(tier)),
+                durable: s.blender.store().held_durably(&key),
             }),
         ));
     }
@@ -233,6 +236,7 @@ pub(crate) async fn put_kv(
             tokens,
             status: ChunkOutcome::Stored,
             tier: None,
+            durable: s.blender.store().held_durably(&key),
         }),
     ))
 }
