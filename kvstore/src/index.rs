@@ -133,17 +133,25 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// A read lease: while it lives, the object cannot be evicted from this tier.
+/// A read lease: while it lives, the object cannot be evicted from the tier that gave it.
+/// Dropping it releases the object (the tier's release callback runs once).
 pub struct Lease {
-    index: Arc<TierIndex>,
-    key: ChunkKey,
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Lease {
+    /// A lease whose end runs `release` (the tier's bookkeeping).
+    pub(crate) fn new(release: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self {
+            release: Some(Box::new(release)),
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut g = self.index.inner.lock();
-        if let Some(e) = g.entries.get_mut(&self.key) {
-            e.leases = e.leases.saturating_sub(1);
+        if let Some(release) = self.release.take() {
+            release();
         }
     }
 }
@@ -305,10 +313,13 @@ impl TierIndex {
         let mut g = self.inner.lock();
         let e = g.entries.get_mut(key)?;
         e.leases += 1;
-        Some(Lease {
-            index: Arc::clone(self),
-            key: *key,
-        })
+        let (index, key) = (Arc::clone(self), *key);
+        Some(Lease::new(move || {
+            let mut g = index.inner.lock();
+            if let Some(e) = g.entries.get_mut(&key) {
+                e.leases = e.leases.saturating_sub(1);
+            }
+        }))
     }
 
     /// Current leases on an object.

@@ -110,7 +110,7 @@ pub use object::{EncodedObject, KvObject, ObjectHeader, ObjectInfo, TokenStats};
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{
-    DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, PutOutcome, RemoteConfig,
-    RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier, TierKind,
+    DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, PutOutcome,
+    RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier, TierKind,
 };
 pub use tiered::{Found, LayerStream, StoreBuilder, StoreConfig, TieredStore, WritePolicy};

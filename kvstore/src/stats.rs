@@ -78,8 +78,8 @@ pub struct TierStats {
     pub evictions: AtomicU64,
     /// Reads that found bytes failing their checksum (counted as misses too).
     pub checksum_failures: AtomicU64,
-    /// Times the tier found its own files damaged when opening and repaired them, or moved
-    /// them aside and started empty.
+    /// Times the tier found its own files damaged (at open, or writes stopped by damage in
+    /// the last run) and moved them aside, starting empty.
     pub recoveries: AtomicU64,
     /// Hits by the codec of the object served, indexed by codec id (`Codec::id`; a host
     /// tier's exact objects count as raw).

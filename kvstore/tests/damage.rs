@@ -155,3 +155,44 @@ fn a_second_process_is_refused_by_name() {
     assert!(e.to_string().contains("another process"), "{e}");
     assert!(dir.path().exists() && files(dir.path(), "damaged").is_empty());
 }
+
+/// A damaged table among healthy ones (found by a probe of `kvquilt serve`): two flushes
+/// make two table + blob file pairs; the second's tables are cut. RocksDB's repair would
+/// delete every blob file and leave the healthy tables pointing at them, so a later
+/// compaction stops all writes, restart after restart. The tier moves the damaged store
+/// aside instead and starts empty: reads are misses, writes work, and keep working across
+/// reopens and compactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_table_among_healthy_ones_never_stops_writes() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("store");
+    let (first, second) = (objects(1), objects(10));
+    let before = {
+        let t = open(&dir);
+        store_all(&t, &first).await;
+        let before = files(&dir, ".sst");
+        store_all(&t, &second).await;
+        before
+    };
+    for f in files(&dir, ".sst") {
+        if !before.contains(&f) {
+            harm(&f, Harm::Truncate);
+        }
+    }
+    let t = open(&dir);
+    let right = reads_are_right_or_missing(&t, &first).await
+        + reads_are_right_or_missing(&t, &second).await;
+    eprintln!(
+        "{right} of 8 objects survive, recoveries {}",
+        t.stats().recoveries
+    );
+    for round in 0..3 {
+        let fresh = objects(100 + 10 * round);
+        store_all(&t, &fresh).await;
+        assert_eq!(reads_are_right_or_missing(&t, &fresh).await, fresh.len());
+    }
+    drop(t);
+    let t = open(&dir);
+    store_all(&t, &objects(200)).await;
+    assert!(!t.read_only(), "writes were stopped");
+}

@@ -27,6 +27,7 @@ pub fn open_store(data_dir: &Path, settings: &StoreSettings) -> Result<TieredSto
     };
     let config = StoreConfig {
         host_codec: codecs.host_codec()?,
+        host_policy: settings.host_policy()?,
         ..StoreConfig::with_ssd(settings.host_bytes, ssd)
     };
     let mut builder = TieredStore::builder(config)

@@ -12,6 +12,7 @@ mod load;
 mod model;
 mod remote;
 mod store;
+mod trace;
 mod upload;
 
 use std::path::Path;
@@ -39,6 +40,9 @@ pub enum BenchCommand {
     /// The remote tier on a real Redis Cluster: throughput beside the raw client, TTFT by
     /// tier, the cost model's choice, a paused primary.
     Remote(remote::RemoteBenchArgs),
+    /// A RAG query stream (Zipf popularity, novel documents) replayed against the real store
+    /// once per host-tier eviction policy: hit rates by tier and TTFT vs full per window.
+    Trace(trace::TraceBenchArgs),
     /// Host→device copies of store hits: pinned staging vs pageable, beside the pinned peak.
     Upload(upload::UploadBenchArgs),
     /// HTTP load on a real server: chunk lookups and blend requests at several concurrencies.
@@ -57,6 +61,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Load(a) => load::run(a),
         BenchCommand::Upload(a) => upload::run(a),
         BenchCommand::Remote(a) => remote::run(a),
+        BenchCommand::Trace(a) => trace::run(a),
     }
 }
 

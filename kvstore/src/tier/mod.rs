@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 pub use host::{HostMemory, HostTier};
 pub use remote::{RemoteConfig, RemoteStore, RemoteTier};
-pub use ssd::{DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
+pub use ssd::{DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 
 use crate::error::Result;
 use crate::index::Lease;

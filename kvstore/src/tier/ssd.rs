@@ -296,6 +296,10 @@ struct Inner {
     /// Opened with RocksDB's read-only mode (the directory could not be written at start):
     /// serves what it holds, never writes.
     opened_read_only: bool,
+    /// Why RocksDB stopped accepting writes (damage found while serving), once it has: the
+    /// tier then serves what it can read and stores nothing new until the next start moves
+    /// it aside ([`DAMAGE_MARKER`]).
+    writes_stopped: Mutex<Option<String>>,
 }
 
 /// The SSD tier. Cheap to clone.
@@ -312,7 +316,33 @@ impl Inner {
     /// so RocksDB never meets the condition itself (a write failing inside RocksDB would
     /// stop its writes until a restart).
     fn is_read_only(&self) -> bool {
-        self.opened_read_only || fs_status(&self.path).is_ok_and(|f| f.read_only)
+        self.opened_read_only
+            || self.writes_stopped.lock().is_some()
+            || fs_status(&self.path).is_ok_and(|f| f.read_only)
+    }
+
+    /// A write's error: damage RocksDB found (it stops all writes from then on) makes the
+    /// tier read-only for this run and leaves the [`DAMAGE_MARKER`] for the next start.
+    fn write_err(&self, e: rocksdb::Error) -> StoreError {
+        let e = self.db_err(e);
+        if let StoreError::Damaged { detail, .. } = &e {
+            self.stop_writes(detail);
+        }
+        e
+    }
+
+    /// Stops writing for this run after damage (`detail`, RocksDB's message) and leaves
+    /// the [`DAMAGE_MARKER`] so the next start moves the store aside.
+    fn stop_writes(&self, detail: &str) {
+        let mut stopped = self.writes_stopped.lock();
+        if stopped.is_some() {
+            return;
+        }
+        tracing::error!(path = %self.path.display(), error = %detail, "SSD tier: RocksDB stopped writes after finding damage; serving what it can read, storing nothing new; the store is moved aside at the next start");
+        if let Err(io) = std::fs::write(self.path.join(DAMAGE_MARKER), detail) {
+            tracing::error!(error = %io, "SSD tier: could not leave the damage marker; remove the store directory by hand");
+        }
+        *stopped = Some(detail.to_string());
     }
 
     /// [`StoreError::ReadOnly`] when the tier cannot write now.
@@ -324,6 +354,10 @@ impl Inner {
             path: self.path.display().to_string(),
             detail: if self.opened_read_only {
                 "opened read-only at start: serving what it holds, storing nothing new".into()
+            } else if let Some(why) = self.writes_stopped.lock().as_ref() {
+                format!(
+                    "RocksDB stopped writes after finding damage ({why}): serving what it can read, storing nothing new until the next start moves the store aside"
+                )
             } else {
                 "the filesystem is read-only or the directory not writable: serving what it holds, storing nothing new".into()
             },
@@ -530,7 +564,7 @@ impl Inner {
         b.delete_range_cf(self.data(), lo, hi);
         self.db
             .write_opt(b, &self.write_opts())
-            .map_err(|e| self.db_err(e))?;
+            .map_err(|e| self.write_err(e))?;
         self.index.remove(key);
         self.touched.lock().remove(key);
         Ok(existed)
@@ -567,7 +601,7 @@ impl Inner {
         // on error the reservation is dropped, releasing the bytes: nothing half-written
         self.db
             .write_opt(b, &self.write_opts())
-            .map_err(|e| self.db_err(e))?;
+            .map_err(|e| self.write_err(e))?;
         reservation.commit();
         TierStats::add(&self.stats.evictions, victims.len() as u64);
         TierStats::add(&self.stats.puts, 1);
@@ -628,11 +662,15 @@ impl Inner {
         }
         let mut w = WriteOptions::default();
         w.set_sync(true);
-        self.db.write_opt(b, &w).map_err(|e| self.db_err(e))?;
+        self.db.write_opt(b, &w).map_err(|e| self.write_err(e))?;
         // memtables to disk: values move to blob files, the WAL can be recycled
-        self.db.flush_cf(self.data()).map_err(|e| self.db_err(e))?;
-        self.db.flush_cf(self.meta()).map_err(|e| self.db_err(e))?;
-        self.db.flush_wal(true).map_err(|e| self.db_err(e))
+        self.db
+            .flush_cf(self.data())
+            .map_err(|e| self.write_err(e))?;
+        self.db
+            .flush_cf(self.meta())
+            .map_err(|e| self.write_err(e))?;
+        self.db.flush_wal(true).map_err(|e| self.write_err(e))
     }
 }
 
@@ -673,7 +711,7 @@ fn db_options() -> Options {
     o
 }
 
-/// Whether `e` says the database's files are damaged (what a repair, or starting over,
+/// Whether `e` says the database's files are damaged (what starting over
 /// can fix): RocksDB's corruption reports, and its I/O errors on files it expected (a
 /// missing table or blob file). Not: another process's lock, a full disk, no permission.
 fn is_damage(e: &StoreError) -> bool {
@@ -688,6 +726,15 @@ fn is_damage(e: &StoreError) -> bool {
 
 /// Renames the directory `path` to `<path>.damaged-<unix seconds>` (a numbered suffix if
 /// taken); returns the new path.
+/// Written into the store's directory when RocksDB stops writes after finding damage while
+/// serving; at the next open the store is moved aside and started empty.
+pub const DAMAGE_MARKER: &str = "KVQUILT-DAMAGED";
+
+/// What the damage marker in `path` says, if there is one.
+fn needs_recovery(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path.join(DAMAGE_MARKER)).ok()
+}
+
 fn move_aside(path: &Path) -> Result<PathBuf> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -733,14 +780,24 @@ impl SsdTier {
     /// restoring pins into `pins`.
     ///
     /// A cache never refuses to start over its own files: when RocksDB finds them damaged
-    /// (a truncated blob or table file, a bad MANIFEST), the tier repairs the database and
-    /// opens what survives; when that fails too, it moves the directory aside
-    /// (`<path>.damaged-<unix seconds>`, kept for inspection) and starts empty. Either is
-    /// logged and counted ([`TierStats::recoveries`]); objects lost are misses, recomputed
-    /// on demand. A directory that cannot be written is opened read-only
+    /// (a truncated table file, a bad MANIFEST), or the last run's writes were stopped by
+    /// damage RocksDB found while serving (the [`DAMAGE_MARKER`] file), the tier moves the
+    /// directory aside (`<path>.damaged-<unix seconds>`, kept for inspection; delete it to
+    /// reclaim the space) and starts empty, logged and counted ([`TierStats::recoveries`]);
+    /// objects lost are misses, recomputed on demand. It does not run RocksDB's repair:
+    /// repair drops every blob file (where all layer records live) and leaves the tables
+    /// that survive pointing at them, so a later compaction stops all writes, restart after
+    /// restart (pinned by `damage::a_damaged_table_among_healthy_ones_never_stops_writes`).
+    /// A truncated or altered blob file does not stop the open: its objects fail
+    /// verification as they are read, and are misses. A directory that cannot be written is opened read-only
     /// ([`SsdTier::open_read_only`]). Other errors that are not damage (another process
     /// holds the directory, a full disk) are returned: moving files aside cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
+        if config.policy == PolicyKind::TinyLfu {
+            return Err(StoreError::Invalid(
+                "tinylfu is a host-tier policy (moka); the SSD tier evicts by lru, lfu, s3fifo or cost-aware".into(),
+            ));
+        }
         if config.codec.is_lossy() && !config.serve_lossy {
             return Err(StoreError::Invalid(format!(
                 "the SSD codec {} is lossy: it needs serve_lossy (a lossy copy stands in for an exact one only when chosen)",
@@ -760,28 +817,21 @@ impl SsdTier {
         if fs_status(&config.path).is_ok_and(|f| f.read_only) {
             return Self::open_read_only(&config, &pins);
         }
+        if let Some(why) = needs_recovery(&config.path) {
+            let aside = move_aside(&config.path)?;
+            tracing::error!(path = %config.path.display(), %why, moved_to = %aside.display(), "SSD tier: RocksDB stopped writes after finding damage in the last run; store moved aside, starting empty");
+            let tier = Self::open_as_is(&config, &pins, false)?;
+            TierStats::add(&tier.0.stats.recoveries, 1);
+            return Ok(tier);
+        }
         let damage = match Self::open_as_is(&config, &pins, false) {
             Err(e) if is_damage(&e) => e,
             Err(StoreError::ReadOnly { .. }) => return Self::open_read_only(&config, &pins),
             other => return other,
         };
-        let path = config.path.display().to_string();
-        tracing::warn!(%path, error = %damage, "SSD tier: damaged store files; repairing");
-        let repaired = DB::repair(&db_options(), &config.path)
-            .map_err(|e| classify(&config.path, e))
-            .and_then(|()| Self::open_as_is(&config, &pins, false));
-        let tier = match repaired {
-            Ok(t) => {
-                tracing::warn!(%path, "SSD tier: repaired; objects whose records were lost read as misses");
-                t
-            }
-            Err(e) if is_damage(&e) => {
-                let aside = move_aside(&config.path)?;
-                tracing::error!(%path, error = %e, moved_to = %aside.display(), "SSD tier: repair failed; damaged files moved aside, starting empty");
-                Self::open_as_is(&config, &pins, false)?
-            }
-            Err(e) => return Err(e),
-        };
+        let aside = move_aside(&config.path)?;
+        tracing::error!(path = %config.path.display(), error = %damage, moved_to = %aside.display(), "SSD tier: damaged store files moved aside; starting empty");
+        let tier = Self::open_as_is(&config, &pins, false)?;
         TierStats::add(&tier.0.stats.recoveries, 1);
         Ok(tier)
     }
@@ -851,6 +901,7 @@ impl SsdTier {
             touched: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             opened_read_only: read_only,
+            writes_stopped: Mutex::new(None),
         };
         let mut metas = Vec::new();
         for item in inner.db.iterator_cf(inner.meta(), IteratorMode::Start) {
@@ -909,7 +960,7 @@ impl SsdTier {
                 let mut m = Meta::decode(&raw)?;
                 m.pin = s.pins.get(&key);
                 s.db.put_cf_opt(s.meta(), key.0, m.encode(), &s.write_opts())
-                    .map_err(|e| s.db_err(e))?;
+                    .map_err(|e| s.write_err(e))?;
             }
             Ok(())
         })
@@ -1073,6 +1124,40 @@ impl Tier for SsdTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a write failing on damage does (RocksDB stops all writes once it finds damage
+    /// in a compaction or a flush; `write_err` calls `stop_writes` on such an error): the
+    /// tier turns read-only for the run, a flush is a no-op, and the next open moves the
+    /// store aside and writes again.
+    #[tokio::test]
+    async fn writes_stopped_by_damage_heal_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let config = SsdConfig::new(&path, 1 << 30);
+        let t = SsdTier::open(config.clone(), Pins::default()).unwrap();
+        assert!(!t.read_only());
+        t.0.stop_writes("Corruption: VersionBuilder: Blob file #10 not found");
+        assert!(t.read_only());
+        let e = t.0.check_writable().unwrap_err();
+        assert!(e.to_string().contains("Blob file #10"), "{e}");
+        assert!(path.join(DAMAGE_MARKER).exists());
+        t.flush().await.unwrap();
+        drop(t);
+        let t = SsdTier::open(config, Pins::default()).unwrap();
+        assert_eq!(t.stats().recoveries, 1);
+        assert!(!t.read_only());
+        assert!(!path.join(DAMAGE_MARKER).exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("store.damaged-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "the damaged store is kept aside");
+    }
 
     #[test]
     fn meta_round_trip() {

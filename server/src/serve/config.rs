@@ -132,6 +132,10 @@ pub struct StoreSettings {
     pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
+    /// How the host tier chooses what leaves: `tinylfu` (moka: a new chunk is admitted only
+    /// when it is used more often than what it would evict), `lru`, `lfu`, `s3fifo` or
+    /// `cost-aware`. Compared on a RAG query stream in BENCHMARKS.md §10.
+    pub host_policy: String,
     /// Milliseconds a store read (opening a chunk, or one layer of it) may take before it
     /// counts as stalled and the chunk is recomputed instead (or 8× what the tier takes when
     /// healthy, if longer): a hung disk or a remote that stops answering costs this much,
@@ -325,12 +329,25 @@ impl Default for Limits {
     }
 }
 
+impl StoreSettings {
+    /// The host tier's eviction policy ([`StoreSettings::host_policy`]).
+    pub fn host_policy(&self) -> Result<kvquilt_kvstore::PolicyKind> {
+        kvquilt_kvstore::PolicyKind::from_name(&self.host_policy).with_context(|| {
+            format!(
+                "store.host_policy `{}` is not one of tinylfu, lru, lfu, s3fifo, cost-aware",
+                self.host_policy
+            )
+        })
+    }
+}
+
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             host_bytes: 2 << 30,
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
+            host_policy: "lru".into(),
             stall_ms: kvquilt_blend::DEFAULT_STALL_FLOOR.as_millis() as u64,
             codecs: CodecSettings::default(),
             remote: RemoteSettings::default(),
@@ -395,6 +412,7 @@ impl Config {
         if self.limits.workers == 0 {
             bail!("limits.workers must be at least 1");
         }
+        self.store.host_policy()?;
         if !(1..=600_000).contains(&self.store.stall_ms) {
             bail!(
                 "store.stall_ms must be 1..=600000 milliseconds (got {})",
@@ -444,6 +462,23 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("store.codecs.ssd"), "{e}");
+    }
+
+    #[test]
+    fn store_policies_and_stall_are_checked() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        let c = parse("[store]\nhost_policy = \"tinylfu\"\nstall_ms = 100\n");
+        c.validate().unwrap();
+        assert_eq!(
+            c.store.host_policy().unwrap(),
+            kvquilt_kvstore::PolicyKind::TinyLfu
+        );
+        let e = parse("[store]\nhost_policy = \"fifo\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("store.host_policy"), "{e}");
+        let e = parse("[store]\nstall_ms = 0\n").validate().unwrap_err();
+        assert!(e.to_string().contains("store.stall_ms"), "{e}");
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl Collector for StoreCollector {
             ),
             (
                 "store_recoveries",
-                "Times the tier repaired its damaged files at start, or moved them aside",
+                "Times the tier found its files damaged at start and moved them aside",
                 |s| s.recoveries,
             ),
         ];

@@ -140,6 +140,11 @@ impl Tenant {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Bytes reserved by writes in flight (not yet in [`Tenant::used_bytes`]).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.usage.lock().reserved
+    }
+
     /// Records that `key` (of `bytes`) is stored for this tenant.
     pub fn add(&self, key: ChunkKey, bytes: u64) {
         if self.usage.lock().by_key.insert(key, bytes).is_none() {

@@ -65,10 +65,12 @@ pub(crate) async fn create(
     if let Some(e) = failed {
         let mut err = ApiError::from(e);
         if !results.is_empty() {
+            let ids: Vec<String> = results.iter().map(|p| p.key.to_hex()).collect();
             err.message = format!(
-                "{} (the {} chunk(s) before it were stored)",
+                "{} (the {} chunk(s) before it were stored: {})",
                 err.message,
-                results.len()
+                results.len(),
+                ids.join(", ")
             );
         }
         return Err(err);
@@ -108,10 +110,11 @@ pub(crate) fn check_quota(
         StatusCode::FORBIDDEN,
         "quota_exceeded",
         format!(
-            "storing {extra} more bytes would exceed tenant `{}`'s quota: {} of {} bytes used",
+            "storing {extra} more bytes would exceed tenant `{}`'s quota: {} of {} bytes used, {} reserved by writes in flight",
             tenant.name,
             tenant.used_bytes(),
-            tenant.quota_bytes.unwrap_or(u64::MAX)
+            tenant.quota_bytes.unwrap_or(u64::MAX),
+            tenant.reserved_bytes()
         ),
     ))
 }
