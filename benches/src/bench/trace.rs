@@ -53,6 +53,10 @@ pub struct TraceBenchArgs {
     /// under a quarter of it is dropped).
     #[arg(long, default_value_t = 128)]
     chunk_tokens: usize,
+    /// Keep only the first this-many corpus chunks (0: all), so that a short trace (`--real`)
+    /// reaches a steady state.
+    #[arg(long, default_value_t = 0)]
+    corpus_limit: usize,
     /// Queries in the trace.
     #[arg(long, default_value_t = 2400)]
     queries: usize,
@@ -296,6 +300,9 @@ fn corpus(a: &TraceBenchArgs, tokenizer: &kvquilt_model::Tokenizer) -> Result<Ve
                 chunks.push(piece.to_vec());
             }
         }
+    }
+    if a.corpus_limit > 0 {
+        chunks.truncate(a.corpus_limit);
     }
     if chunks.len() < 2 * a.k {
         bail!("{} makes only {} chunks", a.input.display(), chunks.len());
