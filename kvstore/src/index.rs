@@ -133,25 +133,17 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// A read lease: while it lives, the object cannot be evicted from the tier that gave it.
-/// Dropping it releases the object (the tier's release callback runs once).
+/// A read lease: while it lives, the object cannot be evicted from this tier.
 pub struct Lease {
-    release: Option<Box<dyn FnOnce() + Send + Sync>>,
-}
-
-impl Lease {
-    /// A lease whose end runs `release` (the tier's bookkeeping).
-    pub(crate) fn new(release: impl FnOnce() + Send + Sync + 'static) -> Self {
-        Self {
-            release: Some(Box::new(release)),
-        }
-    }
+    index: Arc<TierIndex>,
+    key: ChunkKey,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            release();
+        let mut g = self.index.inner.lock();
+        if let Some(e) = g.entries.get_mut(&self.key) {
+            e.leases = e.leases.saturating_sub(1);
         }
     }
 }
@@ -313,13 +305,10 @@ impl TierIndex {
         let mut g = self.inner.lock();
         let e = g.entries.get_mut(key)?;
         e.leases += 1;
-        let (index, key) = (Arc::clone(self), *key);
-        Some(Lease::new(move || {
-            let mut g = index.inner.lock();
-            if let Some(e) = g.entries.get_mut(&key) {
-                e.leases = e.leases.saturating_sub(1);
-            }
-        }))
+        Some(Lease {
+            index: Arc::clone(self),
+            key: *key,
+        })
     }
 
     /// Current leases on an object.

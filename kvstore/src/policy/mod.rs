@@ -44,10 +44,6 @@ pub enum PolicyKind {
     S3Fifo,
     /// GreedyDual-Size-Frequency: keeps what saves the most recompute time per byte.
     CostAware,
-    /// TinyLFU on moka (host tier only): a new object is admitted only when it is used
-    /// more often than what it would evict. Other tiers refuse it (the SSD tier's open
-    /// fails naming it); an index built with it orders victims by LFU.
-    TinyLfu,
 }
 
 impl PolicyKind {
@@ -58,17 +54,12 @@ impl PolicyKind {
             Self::Lfu => Box::new(Lfu::default()),
             Self::S3Fifo => Box::new(S3Fifo::default()),
             Self::CostAware => Box::new(CostAware::default()),
-            // the host tier runs TinyLFU on moka and never builds this; the SSD tier refuses
-            // it; any other index (blend's device tier) gets LFU, TinyLFU's eviction order
-            Self::TinyLfu => Box::new(Lfu::default()),
         }
     }
 
-    /// Parses `lru`, `lfu`, `s3fifo` (or `s3-fifo`), `cost-aware` (or `cost`, `gdsf`),
-    /// `tinylfu` (or `moka`).
+    /// Parses `lru`, `lfu`, `s3fifo` (or `s3-fifo`), `cost-aware` (or `cost`, `gdsf`).
     pub fn from_name(s: &str) -> Option<Self> {
         match s {
-            "tinylfu" | "tiny-lfu" | "moka" => Some(Self::TinyLfu),
             "lru" => Some(Self::Lru),
             "lfu" => Some(Self::Lfu),
             "s3fifo" | "s3-fifo" => Some(Self::S3Fifo),

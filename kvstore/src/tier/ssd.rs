@@ -793,11 +793,6 @@ impl SsdTier {
     /// ([`SsdTier::open_read_only`]). Other errors that are not damage (another process
     /// holds the directory, a full disk) are returned: moving files aside cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
-        if config.policy == PolicyKind::TinyLfu {
-            return Err(StoreError::Invalid(
-                "tinylfu is a host-tier policy (moka); the SSD tier evicts by lru, lfu, s3fifo or cost-aware".into(),
-            ));
-        }
         if config.codec.is_lossy() && !config.serve_lossy {
             return Err(StoreError::Invalid(format!(
                 "the SSD codec {} is lossy: it needs serve_lossy (a lossy copy stands in for an exact one only when chosen)",

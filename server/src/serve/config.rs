@@ -132,9 +132,8 @@ pub struct StoreSettings {
     pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
-    /// How the host tier chooses what leaves: `tinylfu` (moka: a new chunk is admitted only
-    /// when it is used more often than what it would evict), `lru`, `lfu`, `s3fifo` or
-    /// `cost-aware`. Compared on a RAG query stream in BENCHMARKS.md §10.
+    /// How the host tier chooses what leaves: `s3fifo` (the default: the best hit rate on
+    /// a RAG query stream, BENCHMARKS.md §10), `lfu`, `cost-aware` or `lru`.
     pub host_policy: String,
     /// Milliseconds a store read (opening a chunk, or one layer of it) may take before it
     /// counts as stalled and the chunk is recomputed instead (or 8× what the tier takes when
@@ -334,7 +333,7 @@ impl StoreSettings {
     pub fn host_policy(&self) -> Result<kvquilt_kvstore::PolicyKind> {
         kvquilt_kvstore::PolicyKind::from_name(&self.host_policy).with_context(|| {
             format!(
-                "store.host_policy `{}` is not one of tinylfu, lru, lfu, s3fifo, cost-aware",
+                "store.host_policy `{}` is not one of s3fifo, lfu, cost-aware, lru",
                 self.host_policy
             )
         })
@@ -347,7 +346,7 @@ impl Default for StoreSettings {
             host_bytes: 2 << 30,
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
-            host_policy: "lru".into(),
+            host_policy: "s3fifo".into(),
             stall_ms: kvquilt_blend::DEFAULT_STALL_FLOOR.as_millis() as u64,
             codecs: CodecSettings::default(),
             remote: RemoteSettings::default(),
@@ -467,11 +466,15 @@ mod tests {
     #[test]
     fn store_policies_and_stall_are_checked() {
         let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
-        let c = parse("[store]\nhost_policy = \"tinylfu\"\nstall_ms = 100\n");
+        assert_eq!(
+            Config::default().store.host_policy().unwrap(),
+            kvquilt_kvstore::PolicyKind::S3Fifo
+        );
+        let c = parse("[store]\nhost_policy = \"lru\"\nstall_ms = 100\n");
         c.validate().unwrap();
         assert_eq!(
             c.store.host_policy().unwrap(),
-            kvquilt_kvstore::PolicyKind::TinyLfu
+            kvquilt_kvstore::PolicyKind::Lru
         );
         let e = parse("[store]\nhost_policy = \"fifo\"\n")
             .validate()

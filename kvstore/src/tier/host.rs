@@ -11,26 +11,23 @@
 //! by DMA with no staging copy. The tier knows nothing of devices: it only asks the memory to
 //! place an object's layers as it admits it.
 
-mod slots;
-mod tinylfu;
-
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::RwLock;
 
 use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::codec::Codec;
 use crate::error::Result;
-use crate::index::{Lease, Pins};
+use crate::index::{Lease, Pins, TierIndex};
 use crate::key::ChunkKey;
 use crate::object::{EncodedObject, KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
-use slots::{IndexedSlots, Slots};
-use tinylfu::MokaSlots;
 
 /// Where a host tier keeps its objects' bytes.
 pub trait HostMemory: Send + Sync + fmt::Debug {
@@ -50,9 +47,8 @@ pub trait HostMemory: Send + Sync + fmt::Debug {
 /// for, so the same memory holds several times more chunks of a lossy codec; an object that
 /// cannot be encoded (lossy values, values the codec cannot hold) is held decoded.
 pub struct HostTier {
-    /// What holds the objects and decides which leave (by the policy the tier was built
-    /// with: [`PolicyKind::TinyLfu`] on moka, the others on kvquilt's own index).
-    slots: Box<dyn Slots>,
+    index: Arc<TierIndex>,
+    objects: RwLock<HashMap<ChunkKey, Held>>,
     stats: TierStats,
     /// Where admitted decoded objects are placed; unset: left where they were built.
     memory: OnceLock<Arc<dyn HostMemory>>,
@@ -93,15 +89,6 @@ impl Held {
         }
     }
 
-    /// The decoded object an eviction hands back for demotion (an encoded entry gives
-    /// none: see [`HostTier::with_codec`]).
-    fn into_copy(self) -> Option<Arc<KvObject>> {
-        match self {
-            Held::Decoded(o) => Some(o),
-            Held::Encoded(..) => None,
-        }
-    }
-
     /// The whole object, decoded (marked lossy when its codec is).
     fn decoded(&self) -> Result<Arc<KvObject>> {
         match self {
@@ -112,14 +99,11 @@ impl Held {
 }
 
 impl HostTier {
-    /// A tier of `capacity` bytes, holding objects decoded, evicting by `policy`.
+    /// A tier of `capacity` bytes, holding objects decoded.
     pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
-        let slots: Box<dyn Slots> = match policy {
-            PolicyKind::TinyLfu => Box::new(MokaSlots::new(capacity, pins)),
-            other => Box::new(IndexedSlots::new(capacity, other, pins)),
-        };
         Self {
-            slots,
+            index: Arc::new(TierIndex::new("host", capacity, policy, pins)),
+            objects: RwLock::new(HashMap::new()),
             stats: TierStats::default(),
             memory: OnceLock::new(),
             codec: Codec::Raw,
@@ -178,11 +162,12 @@ impl HostTier {
     }
 
     fn lookup(&self, key: &ChunkKey) -> Option<Held> {
-        let o = self.slots.get(key);
+        let o = self.objects.read().get(key).cloned();
         match &o {
             Some(o) => {
                 TierStats::add(&self.stats.hits, 1);
                 self.stats.hit_codec(o.codec());
+                self.index.touch(key);
             }
             None => TierStats::add(&self.stats.misses, 1),
         }
@@ -197,11 +182,11 @@ impl Tier for HostTier {
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {
-        self.slots.contains(key)
+        self.objects.read().contains_key(key)
     }
 
     fn keys(&self) -> Vec<ChunkKey> {
-        self.slots.keys()
+        self.objects.read().keys().copied().collect()
     }
 
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
@@ -240,22 +225,36 @@ impl Tier for HostTier {
         }
         let held = self.to_held(obj);
         let size = held.size();
-        let admitted = self.slots.insert(key, held, size, cost_s)?;
-        let left = admitted.evicted.iter().filter(|(k, _)| *k != key).count();
-        TierStats::add(&self.stats.evictions, left as u64);
-        if admitted.held {
-            TierStats::add(&self.stats.puts, 1);
-            TierStats::add(&self.stats.bytes_in, size);
+        let (reservation, victims) = self.index.admit(key, size, cost_s)?;
+        let mut evicted = Vec::with_capacity(victims.len());
+        {
+            let mut map = self.objects.write();
+            for (v, _) in &victims {
+                // an encoded entry gives no copy: a host codec requires write-through, where
+                // nothing is demoted (`TieredStore::open`), and decoding it here would be
+                // wasted work under the lock
+                let copy = match map.remove(v) {
+                    Some(Held::Decoded(o)) => Some(o),
+                    _ => None,
+                };
+                evicted.push((*v, copy));
+            }
+            map.insert(key, held);
         }
+        reservation.commit();
+        TierStats::add(&self.stats.evictions, victims.len() as u64);
+        TierStats::add(&self.stats.puts, 1);
+        TierStats::add(&self.stats.bytes_in, size);
         self.stats.put_latency.record(t.elapsed());
         Ok(PutOutcome {
             written: true,
-            evicted: admitted.evicted,
+            evicted,
         })
     }
 
     async fn remove(&self, key: &ChunkKey) -> Result<bool> {
-        let removed = self.slots.remove(key);
+        let removed = self.objects.write().remove(key).is_some();
+        self.index.remove(key);
         if removed {
             TierStats::add(&self.stats.removes, 1);
         }
@@ -263,18 +262,16 @@ impl Tier for HostTier {
     }
 
     fn lease(&self, key: &ChunkKey) -> Option<Lease> {
-        self.slots.lease(key)
+        self.index.lease(key)
     }
 
     fn stats(&self) -> crate::TierStatsSnapshot {
-        let s = &self.slots;
-        let mut snap = self
-            .stats
-            .snapshot("host", s.used(), s.capacity(), s.len() as u64);
-        for (name, v) in s.extra() {
-            snap.extra.insert(name.into(), v);
-        }
-        snap
+        self.stats.snapshot(
+            "host",
+            self.index.used(),
+            self.index.capacity(),
+            self.index.len() as u64,
+        )
     }
 }
 
