@@ -14,6 +14,9 @@
 #   benches/gpu_run.sh policies N # token policies beside full KV, needle + MuSiQue, N examples
 #                                # each (SmolLM2, f32); decode over compressed caches (8B shape)
 #   benches/gpu_run.sh longgen N # SCOPE and decoding baselines, 1,024-token generations (SmolLM2)
+#   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
+#                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
+#                                # then a short trace of real blends, lru vs s3fifo
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -33,6 +36,13 @@ bench=${KVQ_BENCH:-.devbin/kvquilt-bench}
 variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
 ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
 case "${1:-perf}" in
+  trace)
+    "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" \
+      --json "$OUT/trace_8b.json"
+    "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --real \
+      --corpus-limit 600 --queries 480 --warmup 160 --window 80 --zipf 0.8 \
+      --policies lru,s3fifo --hit-threads 1 --json "$OUT/trace_8b_real.json"
+    ;;
   perf)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
     "$bin" bench model --random llama3.1-8b --device cuda --tokens 4096 --decode 32 \

@@ -29,6 +29,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use kvquilt_blend::rag::document_text;
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
+use kvquilt_model::DType;
 use kvquilt_kvstore::{
     ChunkKey, KeyContext, KvDType, KvLayout, KvObject, PolicyKind, RopeScalingSpec, SsdConfig,
     SsdTier, StoreConfig, Tier, TieredStore,
@@ -46,6 +47,10 @@ const SCALE: u64 = 60;
 pub struct TraceBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Use random weights of a known shape (`llama3.1-8b`, `smollm2-135m`) for the model's
+    /// time; the corpus is still tokenized by the model file's tokenizer.
+    #[arg(long)]
+    random: Option<String>,
     /// Examples whose passages make the corpus (MuSiQue format).
     #[arg(long, default_value = "data/musique_dev.json")]
     input: PathBuf,
@@ -726,14 +731,35 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 .with_context(|| format!("unknown policy `{p}`"))
         })
         .collect::<Result<_>>()?;
-    let loaded = a.model.load()?;
-    let identity = ModelIdentity::of(&loaded)?;
-    let name = loaded.path.display().to_string();
-    let tokenizer = loaded.tokenizer()?.clone();
+    let (model, identity, name, tokenizer) = match a.random.as_deref() {
+        // random weights of a shape; the corpus is tokenized by the model file's tokenizer
+        // (loaded on the CPU, its weights dropped): its ids are valid in the shape's vocab
+        Some(shape) => {
+            let text_model =
+                kvquilt_model::load(&a.model.path()?, &kvquilt_model::Device::Cpu, DType::F32)?;
+            let tokenizer = text_model.tokenizer()?.clone();
+            let (config, name) = super::random_shape(shape)?;
+            if tokenizer.vocab_size() > config.vocab_size {
+                bail!("the tokenizer's vocabulary does not fit the {shape} shape");
+            }
+            let device = a.model.device()?;
+            let mut m = kvquilt_model::Model::random(config, &device, a.model.dtype(&device)?)?;
+            m.set_attention_kernel(a.model.attention_kernel()?);
+            let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
+            (m, id, name, tokenizer)
+        }
+        None => {
+            let loaded = a.model.load()?;
+            let identity = ModelIdentity::of(&loaded)?;
+            let name = loaded.path.display().to_string();
+            let tokenizer = loaded.tokenizer()?.clone();
+            (loaded.model, identity, name, tokenizer)
+        }
+    };
     let chunks = corpus(&a, &tokenizer)?;
     let question = tokenizer.encode("Question: Which of these documents answers the question asked here? Answer within 5 words.")?;
     let rt = tokio::runtime::Runtime::new()?;
-    let model = Arc::new(loaded.model);
+    let model = Arc::new(model);
     let blender = Blender::new(
         Arc::clone(&model),
         identity.clone(),
