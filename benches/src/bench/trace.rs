@@ -29,11 +29,11 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use kvquilt_blend::rag::document_text;
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
-use kvquilt_model::DType;
 use kvquilt_kvstore::{
     ChunkKey, KeyContext, KvDType, KvLayout, KvObject, PolicyKind, RopeScalingSpec, SsdConfig,
     SsdTier, StoreConfig, Tier, TieredStore,
 };
+use kvquilt_model::DType;
 use serde::Serialize;
 
 use super::{machine, median, write_report};
