@@ -660,3 +660,60 @@ fn the_device_tier_serves_repeat_chunks_and_forgets_deleted_ones() {
     assert_eq!(out2.stats.hits_gpu, 0);
     assert_eq!(vec1(&out2.logits), vec1(&out.logits));
 }
+
+/// A held chunk a request uses without reading it (the request ran as full prefill because
+/// that was faster) still counts as used: the host tier's LRU keeps it over a chunk no
+/// request used since (found by `kvquilt bench trace --real`, where most requests fell back).
+#[test]
+fn chunks_used_by_a_fallback_keep_their_standing_in_eviction() {
+    let loaded = tiny("qwen2");
+    let rt = Runtime::new().unwrap();
+    let identity = ModelIdentity::of(&loaded).unwrap();
+    let one = ChunkCodec::new(identity.clone(), b"")
+        .layout()
+        .object_bytes(40);
+    let store = TieredStore::open(StoreConfig::host_only(3 * one)).unwrap();
+    let b = Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    );
+    let (a, bb, c, d) = (
+        toks(80, 40, 512),
+        toks(81, 40, 512),
+        toks(82, 40, 512),
+        toks(83, 40, 512),
+    );
+    for t in [&a, &bb, &c] {
+        b.precompute(b"", t).unwrap();
+    }
+    // two loads of C measure the host tier (until then every plan loads, to measure it);
+    // C is now the most recently used
+    let only_c = req(vec![], vec![c.clone()], toks(85, 4, 512), Mode::Reuse);
+    for _ in 0..2 {
+        assert_eq!(b.run(b"", &only_c).unwrap().stats.hits_host, 1);
+    }
+    // recompute nearly free: the request runs as full prefill and reads nothing
+    for _ in 0..100 {
+        b.costs().record_prefill(1_000_000_000, 1e-9);
+    }
+    let r = req(
+        vec![],
+        vec![a.clone(), bb.clone()],
+        toks(84, 4, 512),
+        Mode::Reuse,
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
+    assert_eq!(out.stats.hits_host, 0);
+    // room for D: the least recently used is C now (a and b were used by the request)
+    b.precompute(b"", &d).unwrap();
+    let codec = b.codec(b"");
+    let held = |t: &[u32]| b.store().locate(&codec.key(t)).is_some();
+    assert!(
+        held(&a) && held(&bb) && held(&d),
+        "used chunks were evicted"
+    );
+    assert!(!held(&c), "the unused chunk stays");
+}

@@ -449,6 +449,17 @@ impl TieredStore {
                 .any(|t| !t.is_remote() && !t.read_only())
     }
 
+    /// Counts a use of each of `keys` that did not read it (see [`Tier::touch`]) in every
+    /// local tier holding it, so that chunks a request recomputed for speed keep their
+    /// standing in eviction. Remote tiers refresh their TTL on reads only.
+    pub fn touch(&self, keys: &[ChunkKey]) {
+        for t in self.tiers.iter().filter(|t| !t.is_remote()) {
+            for k in keys {
+                t.touch(k);
+            }
+        }
+    }
+
     /// Whether `key` is held where it survives a restart: by a tier below the host tier
     /// (for a remote tier, by its presence hint).
     pub fn held_durably(&self, key: &ChunkKey) -> bool {

@@ -189,6 +189,12 @@ impl Tier for HostTier {
         self.objects.read().keys().copied().collect()
     }
 
+    fn touch(&self, key: &ChunkKey) {
+        if self.contains(key) {
+            self.index.touch(key);
+        }
+    }
+
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
         Ok(self.lookup(key).map(|o| Arc::clone(o.info())))
     }

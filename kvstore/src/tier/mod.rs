@@ -109,6 +109,11 @@ pub trait Tier: Send + Sync {
         false
     }
 
+    /// Counts a use of `key` that did not read it (a request recomputed the held chunk
+    /// because that was estimated faster): its eviction policy sees it as used, as a hit
+    /// would. No I/O, no hit statistics; nothing for a key the tier does not hold.
+    fn touch(&self, _key: &ChunkKey) {}
+
     /// Whether the tier stores nothing new now (its directory is read-only): a store's puts
     /// pass it by, and what it holds is still served.
     fn read_only(&self) -> bool {

@@ -995,6 +995,15 @@ impl Tier for SsdTier {
         self.0.is_read_only()
     }
 
+    fn touch(&self, key: &ChunkKey) {
+        let s = &self.0;
+        if s.index.contains(key) {
+            s.index.touch(key);
+            let now = s.now_ns();
+            s.touched.lock().insert(*key, now);
+        }
+    }
+
     fn keys(&self) -> Vec<ChunkKey> {
         self.0.index.keys()
     }

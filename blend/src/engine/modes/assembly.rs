@@ -8,7 +8,7 @@ use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
 
 use super::full;
 use crate::chunk::ChunkCodec;
-use crate::engine::plan::{Held, Plan};
+use crate::engine::plan::{Held, Origin, Plan, Why};
 use crate::engine::sources::Sources;
 use crate::engine::store_back::store_back;
 use crate::engine::{Blender, fraction, ms};
@@ -64,9 +64,22 @@ pub(super) fn prepare<'r>(
         &b.costs,
         b.fallback_to_full,
     );
-    if b.fallback_to_full
-        && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share)
-    {
+    let fall_back = b.fallback_to_full
+        && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
+    // held chunks this request uses without reading them (recomputed because that is
+    // faster, or the whole request run as full prefill) still count as used for eviction
+    let unread: Vec<_> = plan
+        .entries
+        .iter()
+        .filter(|e| match e.origin {
+            Origin::Compute(Why::Faster) => true,
+            Origin::Compute(_) => false,
+            Origin::Load(_) | Origin::Device => fall_back,
+        })
+        .map(|e| e.key)
+        .collect();
+    b.store.touch(&unread);
+    if fall_back {
         return Ok(Prepared::FellBack(Box::new(full::fall_back(
             b, &codec, req, &plan, start,
         )?)));
