@@ -1,0 +1,153 @@
+//! What the real model and store cost, measured at start on the trace's corpus; a query's
+//! TTFT in the modelled trace is computed from these.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode};
+use kvquilt_kvstore::{SsdConfig, SsdTier, Tier};
+use serde::Serialize;
+
+use super::TraceBenchArgs;
+use crate::bench::median;
+
+/// What the real model and store cost, measured at start (seconds).
+#[derive(Serialize, Clone)]
+pub(super) struct Costs {
+    /// Full prefill of an n-token prompt: `full_fixed_s + full_per_token_s · n`.
+    pub(super) full_fixed_s: f64,
+    pub(super) full_per_token_s: f64,
+    /// A chunk prefilled alone (a miss): `chunk_fixed_s + chunk_per_token_s · n`.
+    pub(super) chunk_fixed_s: f64,
+    pub(super) chunk_per_token_s: f64,
+    /// The default blend's TTFT with every chunk in the host tier, over full prefill's.
+    pub(super) warm_blend_fraction: f64,
+    /// Real-size SSD reads (RocksDB, warm page cache), bytes per second.
+    pub(super) ssd_bytes_per_s: f64,
+    /// Real KV bytes per token of the model.
+    pub(super) bytes_per_token: u64,
+    /// The blend configuration timed.
+    pub(super) blend: String,
+}
+
+impl Costs {
+    pub(super) fn full_s(&self, n: usize) -> f64 {
+        self.full_fixed_s + self.full_per_token_s * n as f64
+    }
+
+    pub(super) fn chunk_s(&self, n: usize) -> f64 {
+        (self.chunk_fixed_s + self.chunk_per_token_s * n as f64).max(0.0)
+    }
+}
+
+/// Fits `y = a + b·x` by least squares.
+pub(super) fn affine(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (mut sxx, mut sxy) = (0.0, 0.0);
+    for &(x, y) in points {
+        sxx += (x - mx) * (x - mx);
+        sxy += (x - mx) * (y - my);
+    }
+    let b = if sxx > 0.0 { sxy / sxx } else { my / mx };
+    (my - b * mx, b)
+}
+
+/// Times the real model and store on this corpus (see the module doc).
+pub(super) fn measure(
+    a: &TraceBenchArgs,
+    blender: &Blender,
+    rt: &tokio::runtime::Runtime,
+    chunks: &[Vec<u32>],
+    question: &[u32],
+) -> Result<Costs> {
+    let repeats = a.repeats.max(1);
+    let codec = blender.codec(b"");
+    // a chunk prefilled alone, at the corpus's lengths
+    let mut chunk_points = Vec::new();
+    for c in chunks.iter().step_by((chunks.len() / 12).max(1)).take(12) {
+        let mut runs = Vec::new();
+        for _ in 0..=repeats {
+            runs.push(codec.prefill(blender.model(), c)?.1.as_secs_f64());
+        }
+        chunk_points.push((c.len() as f64, median(&runs[1..])));
+    }
+    let (chunk_fixed_s, chunk_per_token_s) = affine(&chunk_points);
+    // full prefill at k/2, k and 3k/2 chunks; the default blend over stored chunks at k
+    let time = |req: &BlendRequest| -> Result<f64> {
+        let mut runs = Vec::new();
+        for _ in 0..=repeats {
+            let t = Instant::now();
+            let out = blender.run(b"", req)?;
+            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+            blender.model().device().synchronize()?;
+            runs.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(&runs[1..]))
+    };
+    let mut full_points = Vec::new();
+    let mut fractions = Vec::new();
+    for (i, n) in [a.k / 2, a.k, a.k + a.k / 2].into_iter().enumerate() {
+        let picked: Vec<Vec<u32>> = chunks.iter().skip(i * 37).take(n.max(1)).cloned().collect();
+        let req = BlendRequest::new(vec![], picked.clone(), question.to_vec(), Mode::Full);
+        let full = time(&req)?;
+        full_points.push((req.tokens().len() as f64, full));
+        if n == a.k {
+            for c in &picked {
+                blender.precompute(b"", c)?;
+            }
+            let blend = BlendRequest {
+                mode: Mode::Blend(BlendConfig::default()),
+                ..req
+            };
+            fractions.push(time(&blend)? / full);
+        }
+    }
+    let (full_fixed_s, full_per_token_s) = affine(&full_points);
+    // real-size objects read back from an SSD tier
+    let dir = tempfile::tempdir()?;
+    let ssd = SsdTier::open(SsdConfig::new(dir.path(), u64::MAX), Default::default())?;
+    let mut keys = Vec::new();
+    for c in chunks.iter().take(8) {
+        let (obj, _) = codec.encode(blender.model(), c)?;
+        keys.push((*obj.key(), obj.raw_len()));
+        rt.block_on(ssd.put(Arc::new(obj), 0.0))?;
+    }
+    rt.block_on(ssd.flush())?;
+    let mut rates = Vec::new();
+    for _ in 0..=repeats {
+        let t = Instant::now();
+        let mut bytes = 0;
+        for (k, len) in &keys {
+            rt.block_on(ssd.get(k))?.context("an SSD object vanished")?;
+            bytes += len;
+        }
+        rates.push(bytes as f64 / t.elapsed().as_secs_f64());
+    }
+    let bytes_per_token = codec.layout().object_bytes(1);
+    Ok(Costs {
+        full_fixed_s,
+        full_per_token_s,
+        chunk_fixed_s,
+        chunk_per_token_s,
+        warm_blend_fraction: median(&fractions),
+        ssd_bytes_per_s: median(&rates[1..]),
+        bytes_per_token,
+        blend: "default (query-aware, ratio 0.3)".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affine_fit_recovers_a_line() {
+        let (a, b) = affine(&[(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)]);
+        assert!((a - 1.0).abs() < 1e-9 && (b - 2.0).abs() < 1e-9, "{a} {b}");
+    }
+}

@@ -1,0 +1,313 @@
+//! `kvquilt bench trace`: a stream of RAG queries over a corpus made from the vendored data,
+//! replayed against the real store once per host-tier eviction policy.
+//!
+//! The corpus is the vendored MuSiQue passages (each as the document text the RAG prompt
+//! uses), tokenized by the model's tokenizer and cut into chunks of `--chunk-tokens`. Each
+//! query retrieves `--k` distinct chunks: with probability `--novel` a chunk never seen
+//! before (a new document), otherwise a corpus chunk drawn by Zipf(s) popularity over a
+//! seeded random ranking. The store is a real [`TieredStore`]: a host tier of
+//! `--host-capacity` × the corpus's bytes under the policy tried, and with
+//! `--ssd-capacity` > 0 an SSD tier (RocksDB, LRU) below it. A query reads its chunks (hits
+//! are real reads, promoted from the SSD), then stores its misses, as the sidecar's
+//! store-back does.
+//!
+//! Objects are held at 1/`SCALE` of their real size (a layout of the same bytes per token
+//! over 60), so a trace of thousands of queries runs in seconds; capacities scale with
+//! them, and bytes reported are real-size. Model time comes from the measured cost model,
+//! not from running the model per query: at start the real model (and blender) is timed on
+//! real prompts of this corpus — full prefill at three lengths (an affine fit), a chunk's
+//! prefill alone (fit), the default blend with every chunk in the host tier (its fraction
+//! of full prefill), and real-size SSD reads — and a query's TTFT is the warm blend plus a
+//! chunk prefill per miss plus the SSD reads, capped at full prefill (the engine falls back
+//! to full when that is faster: `Plan::full_is_faster`).
+
+mod costs;
+mod replay;
+mod stream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use kvquilt::model_source::ModelArgs;
+use kvquilt_blend::{Blender, ModelIdentity};
+use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
+use kvquilt_model::DType;
+use serde::Serialize;
+
+use super::{machine, median, write_report};
+use costs::{Costs, measure};
+use replay::{SCALE, Window, replay, replay_real, scaled_layout};
+use stream::{StreamSpec, corpus, stream};
+
+#[derive(clap::Args)]
+pub struct TraceBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use random weights of a known shape (`llama3.1-8b`, `smollm2-135m`) for the model's
+    /// time; the corpus is still tokenized by the model file's tokenizer.
+    #[arg(long)]
+    random: Option<String>,
+    /// Examples whose passages make the corpus (MuSiQue format).
+    #[arg(long, default_value = "data/musique_dev.json")]
+    input: PathBuf,
+    /// Tokens per corpus chunk (passages are cut into pieces of this many; a last piece
+    /// under a quarter of it is dropped).
+    #[arg(long, default_value_t = 128)]
+    chunk_tokens: usize,
+    /// Keep only the first this-many corpus chunks (0: all), so that a short trace (`--real`)
+    /// reaches a steady state.
+    #[arg(long, default_value_t = 0)]
+    corpus_limit: usize,
+    /// Queries in the trace.
+    #[arg(long, default_value_t = 2400)]
+    queries: usize,
+    /// Queries before measurement starts (the cache fills).
+    #[arg(long, default_value_t = 400)]
+    warmup: usize,
+    /// Queries per reported window.
+    #[arg(long, default_value_t = 200)]
+    window: usize,
+    /// Chunks retrieved per query.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Zipf exponents of document popularity, one trace each.
+    #[arg(long, value_delimiter = ',', default_value = "0.8,1.1")]
+    zipf: Vec<f64>,
+    /// Probability that a retrieved chunk is a new document, never seen before.
+    #[arg(long, default_value_t = 0.2)]
+    novel: f64,
+    /// Host tier capacity as a fraction of the corpus's KV bytes.
+    #[arg(long, default_value_t = 0.2)]
+    host_capacity: f64,
+    /// SSD tier capacity as a fraction of the corpus's KV bytes (0: no SSD tier).
+    #[arg(long, default_value_t = 0.0)]
+    ssd_capacity: f64,
+    /// Host-tier eviction policies compared.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lru,lfu,s3fifo,cost-aware"
+    )]
+    policies: Vec<String>,
+    /// Seed of the ranking, the query stream and the novel chunks.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run the real blender per query (real chunk KV in the store, the model computing
+    /// misses and the default blend; fallback to full prefill and store-back as served)
+    /// instead of the cost model; TTFT is measured, full prefill's from the measured fit.
+    /// For short traces: a query costs a real blend.
+    #[arg(long)]
+    real: bool,
+    /// After each replay: host-tier hit throughput with this many threads reading the warm
+    /// store at once (each a list; empty: skipped).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    hit_threads: Vec<usize>,
+    /// Timed repetitions of each cost measurement (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Run {
+    zipf: f64,
+    policy: String,
+    windows: Vec<Window>,
+    /// Over the queries after warm-up.
+    host_hit_rate: f64,
+    hit_rate: f64,
+    speedup_median: f64,
+    /// The first window after warm-up (the warm cache's speedup), the lowest later window,
+    /// and their ratio (the target: ≥ 0.8).
+    warm_speedup: f64,
+    lowest_later_speedup: f64,
+    kept_fraction: f64,
+    seconds: f64,
+    /// Lookups per second on the warm store by thread count (`--hit-threads`).
+    hit_throughput: Vec<(usize, f64)>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    machine: String,
+    corpus_chunks: usize,
+    corpus_tokens: usize,
+    corpus_bytes: u64,
+    chunk_tokens: usize,
+    queries: usize,
+    warmup: usize,
+    k: usize,
+    novel: f64,
+    host_capacity: f64,
+    ssd_capacity: f64,
+    scale: u64,
+    costs: Costs,
+    /// Full prefill's TTFT over a query's with every chunk a host hit.
+    ideal_speedup: f64,
+    /// Whether each query ran the real blender (`--real`) or the cost model.
+    real_blends: bool,
+    runs: Vec<Run>,
+}
+
+pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
+    if a.k == 0 || a.queries <= a.warmup || a.window == 0 || !a.warmup.is_multiple_of(a.window) {
+        bail!("need k ≥ 1, queries > warmup, and warmup a multiple of window");
+    }
+    if !(0.0..1.0).contains(&a.novel) || a.host_capacity <= 0.0 || a.ssd_capacity < 0.0 {
+        bail!("novel must be in [0, 1), host capacity > 0, SSD capacity ≥ 0");
+    }
+    let policies: Vec<(String, PolicyKind)> = a
+        .policies
+        .iter()
+        .map(|p| {
+            PolicyKind::from_name(p)
+                .map(|k| (p.clone(), k))
+                .with_context(|| format!("unknown policy `{p}`"))
+        })
+        .collect::<Result<_>>()?;
+    let (model, identity, name, tokenizer) = match a.random.as_deref() {
+        // random weights of a shape; the corpus is tokenized by the model file's tokenizer
+        // (loaded on the CPU, its weights dropped): its ids are valid in the shape's vocab
+        Some(shape) => {
+            let text_model =
+                kvquilt_model::load(&a.model.path()?, &kvquilt_model::Device::Cpu, DType::F32)?;
+            let tokenizer = text_model.tokenizer()?.clone();
+            let (config, name) = super::random_shape(shape)?;
+            if tokenizer.vocab_size() > config.vocab_size {
+                bail!("the tokenizer's vocabulary does not fit the {shape} shape");
+            }
+            let device = a.model.device()?;
+            let mut m = kvquilt_model::Model::random(config, &device, a.model.dtype(&device)?)?;
+            m.set_attention_kernel(a.model.attention_kernel()?);
+            let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
+            (m, id, name, tokenizer)
+        }
+        None => {
+            let loaded = a.model.load()?;
+            let identity = ModelIdentity::of(&loaded)?;
+            let name = loaded.path.display().to_string();
+            let tokenizer = loaded.tokenizer()?.clone();
+            (loaded.model, identity, name, tokenizer)
+        }
+    };
+    let chunks = corpus(&a, &tokenizer)?;
+    let question = tokenizer.encode("Question: Which of these documents answers the question asked here? Answer within 5 words.")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let model = Arc::new(model);
+    let blender = Blender::new(
+        Arc::clone(&model),
+        identity.clone(),
+        Arc::new(TieredStore::open(StoreConfig::host_only(64 << 30))?),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(false);
+    eprintln!(
+        "measuring the model and the SSD on this corpus ({} chunks)…",
+        chunks.len()
+    );
+    let costs = measure(&a, &blender, &rt, &chunks, &question)?;
+    let corpus_tokens: usize = chunks.iter().map(Vec::len).sum();
+    let layout = scaled_layout(costs.bytes_per_token);
+    let corpus_bytes: u64 = chunks.iter().map(|c| layout.object_bytes(c.len())).sum();
+    let ideal_speedup = 1.0 / costs.warm_blend_fraction;
+    eprintln!(
+        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; warm blend {:.2} of full (ideal speedup {ideal_speedup:.2}×); SSD {:.2} GB/s",
+        costs.full_fixed_s * 1e3,
+        costs.full_per_token_s * 1e3,
+        costs.chunk_fixed_s * 1e3,
+        costs.chunk_per_token_s * 1e3,
+        costs.warm_blend_fraction,
+        costs.ssd_bytes_per_s / 1e9
+    );
+    let mut runs = Vec::new();
+    for &s in &a.zipf {
+        let spec = StreamSpec {
+            queries: a.queries,
+            k: a.k,
+            novel: a.novel,
+            s,
+            seed: a.seed,
+        };
+        let queries = stream(spec, chunks.len());
+        for (pname, policy) in &policies {
+            let (windows, seconds, hit_throughput) = if a.real {
+                replay_real(
+                    &a, &model, &identity, &rt, *policy, &queries, &chunks, &question, &costs,
+                )?
+            } else {
+                replay(
+                    &a,
+                    &rt,
+                    *policy,
+                    &queries,
+                    &chunks,
+                    question.len(),
+                    &costs,
+                    corpus_bytes,
+                )?
+            };
+            let after: Vec<&Window> = windows.iter().filter(|w| !w.warmup).collect();
+            let mean = |f: &dyn Fn(&Window) -> f64| {
+                after.iter().map(|w| f(w)).sum::<f64>() / after.len().max(1) as f64
+            };
+            let warm_speedup = after.first().map_or(f64::NAN, |w| w.speedup_median);
+            // (no later window: the warm one)
+            let lowest_later_speedup = after
+                .iter()
+                .skip(1)
+                .map(|w| w.speedup_median)
+                .reduce(f64::min)
+                .unwrap_or(warm_speedup);
+            let run = Run {
+                zipf: s,
+                policy: pname.clone(),
+                host_hit_rate: mean(&|w| w.host_hit_rate),
+                hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
+                speedup_median: median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>()),
+                warm_speedup,
+                lowest_later_speedup,
+                kept_fraction: lowest_later_speedup / warm_speedup,
+                windows,
+                seconds,
+                hit_throughput,
+            };
+            eprintln!(
+                "zipf {s:<4} {pname:<10} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                run.host_hit_rate,
+                run.hit_rate,
+                run.speedup_median,
+                run.warm_speedup,
+                run.lowest_later_speedup,
+                run.kept_fraction,
+                run.seconds
+            );
+            for (n, rate) in &run.hit_throughput {
+                eprintln!("    {n} thread(s): {:.0} lookups/s", rate);
+            }
+            runs.push(run);
+        }
+    }
+    let report = Report {
+        model: name,
+        machine: machine(),
+        corpus_chunks: chunks.len(),
+        corpus_tokens,
+        corpus_bytes: corpus_bytes * SCALE,
+        chunk_tokens: a.chunk_tokens,
+        queries: a.queries,
+        warmup: a.warmup,
+        k: a.k,
+        novel: a.novel,
+        host_capacity: a.host_capacity,
+        ssd_capacity: a.ssd_capacity,
+        scale: SCALE,
+        costs,
+        ideal_speedup,
+        real_blends: a.real,
+        runs,
+    };
+    write_report(&report, a.json.as_deref())
+}
