@@ -42,7 +42,7 @@ impl Costs {
 }
 
 /// Fits `y = a + b·x` by least squares.
-pub(super) fn affine(points: &[(f64, f64)]) -> (f64, f64) {
+fn affine(points: &[(f64, f64)]) -> (f64, f64) {
     let n = points.len() as f64;
     let (sx, sy) = points
         .iter()

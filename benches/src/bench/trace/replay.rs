@@ -24,22 +24,22 @@ pub(super) const SCALE: u64 = 60;
 #[derive(Serialize)]
 pub(super) struct Window {
     /// First query of the window (0-based).
-    pub(super) from: usize,
+    from: usize,
     pub(super) warmup: bool,
     pub(super) host_hit_rate: f64,
     pub(super) ssd_hit_rate: f64,
-    pub(super) miss_rate: f64,
+    miss_rate: f64,
     /// Tokens recomputed (misses) over tokens retrieved.
-    pub(super) recompute_fraction: f64,
+    recompute_fraction: f64,
     /// Full prefill's TTFT over the query's, median and mean over the window's queries.
     pub(super) speedup_median: f64,
-    pub(super) speedup_mean: f64,
+    speedup_mean: f64,
     /// Real-size bytes the window's store-backs wrote.
-    pub(super) bytes_written: u64,
+    bytes_written: u64,
     /// New objects the host tier's admission filter turned away (a policy with one).
-    pub(super) admission_rejections: u64,
+    admission_rejections: u64,
     /// Fraction of the window's queries the engine ran as full prefill (`--real`).
-    pub(super) fell_back_to_full: f64,
+    fell_back_to_full: f64,
 }
 
 /// The layout of the trace's stored objects: the model's bytes per token over [`SCALE`].
@@ -58,7 +58,7 @@ pub(super) fn scaled_layout(bytes_per_token: u64) -> KvLayout {
 
 /// The store a trace runs on: a host tier of `host` bytes evicting by `policy`, and an SSD
 /// tier of `ssd` bytes (LRU) in `dir` when `ssd` > 0.
-pub(super) fn trace_store(
+fn trace_store(
     dir: &std::path::Path,
     policy: PolicyKind,
     host: u64,
@@ -78,20 +78,20 @@ pub(super) fn trace_store(
 
 /// Counters of one window while it runs.
 #[derive(Default)]
-pub(super) struct Tally {
-    pub(super) host_hits: usize,
-    pub(super) ssd_hits: usize,
-    pub(super) misses: usize,
-    pub(super) tokens: usize,
-    pub(super) recomputed: usize,
-    pub(super) written: u64,
-    pub(super) speedups: Vec<f64>,
+struct Tally {
+    host_hits: usize,
+    ssd_hits: usize,
+    misses: usize,
+    tokens: usize,
+    recomputed: usize,
+    written: u64,
+    speedups: Vec<f64>,
     /// Queries the engine ran as full prefill (`--real` only).
-    pub(super) fell_back: usize,
+    fell_back: usize,
 }
 
 impl Tally {
-    pub(super) fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
+    fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
         let lookups = (self.host_hits + self.ssd_hits + self.misses).max(1) as f64;
         let n = self.speedups.len().max(1) as f64;
         Window {
@@ -110,7 +110,7 @@ impl Tally {
     }
 }
 
-pub(super) fn rejections(s: &TieredStore) -> u64 {
+fn rejections(s: &TieredStore) -> u64 {
     s.stats()
         .iter()
         .filter_map(|t| t.extra.get("admission_rejections"))
@@ -291,7 +291,7 @@ pub(super) fn replay(
 
 /// Lookups per second of `keys` (hits and misses as the store holds them) by `threads`
 /// threads at once, each going through the list from its own offset for at least 0.3 s.
-pub(super) fn lookups_per_s(
+fn lookups_per_s(
     rt: &tokio::runtime::Runtime,
     store: &TieredStore,
     keys: &[ChunkKey],
