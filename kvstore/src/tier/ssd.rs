@@ -496,7 +496,10 @@ impl Inner {
                 TierStats::add(&self.stats.checksum_failures, 1);
                 tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
                 if let Err(e) = self.delete(key) {
-                    tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object");
+                    // (a read-only tier keeps the bytes; forgetting the object stops the
+                    // same miss from being met again and again)
+                    self.index.remove(key);
+                    tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object; forgotten for this run");
                 }
             }
             _ => return false,
@@ -789,9 +792,10 @@ impl SsdTier {
     /// that survive pointing at them, so a later compaction stops all writes, restart after
     /// restart (pinned by `damage::a_damaged_table_among_healthy_ones_never_stops_writes`).
     /// A truncated or altered blob file does not stop the open: its objects fail
-    /// verification as they are read, and are misses. A directory that cannot be written is opened read-only
-    /// ([`SsdTier::open_read_only`]). Other errors that are not damage (another process
-    /// holds the directory, a full disk) are returned: moving files aside cannot fix them.
+    /// verification as they are read, and are misses. A directory that cannot be written
+    /// is opened read-only ([`SsdTier::open_read_only`]). Other errors that are not damage
+    /// (another process holds the directory, a full disk) are returned: moving files aside
+    /// cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
         if config.codec.is_lossy() && !config.serve_lossy {
             return Err(StoreError::Invalid(format!(
