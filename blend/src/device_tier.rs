@@ -4,9 +4,10 @@
 //! ~110 ms over PCIe from pageable host memory).
 //!
 //! It lives in `blend`, not `kvstore`, because what it holds are model tensors on the model's
-//! device, and kvstore knows nothing of models. It reuses the store's index (capacity,
-//! eviction policies, pins shared with the [`kvquilt_kvstore::TieredStore`]), so it behaves
-//! as the store's tiers do.
+//! device, and kvstore knows nothing of models. It is the store's in-memory tier type
+//! ([`kvquilt_kvstore::MemoryTier`], which the host tier is built on too: capacity, eviction
+//! policies, pins shared with the [`kvquilt_kvstore::TieredStore`]) holding tensors, so it
+//! behaves as the store's tiers do.
 //!
 //! Invariants:
 //! - An entry holds the KV of exactly one stored chunk object, decoded: per layer, K before
@@ -17,24 +18,20 @@
 //! - An entry evicted while a request still uses it stays alive for that request (the
 //!   request holds an `Arc`); device memory may exceed the capacity by those entries.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use kvquilt_kvstore::index::TierIndex;
 use kvquilt_kvstore::stats::TierStats;
-use kvquilt_kvstore::{ChunkKey, Pins, PolicyKind, TierStatsSnapshot};
+use kvquilt_kvstore::{ChunkKey, MemoryTier, Pins, PolicyKind, TierStatsSnapshot};
 use kvquilt_model::LayerKv;
-use parking_lot::RwLock;
 
 /// One chunk's KV on the device, every layer.
 pub type DeviceChunk = Arc<Vec<LayerKv>>;
 
-/// Chunk KV in device memory, bounded in bytes.
+/// Chunk KV in device memory, bounded in bytes: the store's in-memory tier type
+/// ([`MemoryTier`], as the host tier) holding device tensors.
 pub struct DeviceTier {
-    index: Arc<TierIndex>,
-    chunks: RwLock<HashMap<ChunkKey, DeviceChunk>>,
-    stats: TierStats,
-    /// The store's pins (also inside `index`), for [`DeviceTier::shed`].
+    chunks: MemoryTier<DeviceChunk>,
+    /// The store's pins (also honoured by `chunks`), for [`DeviceTier::shed`].
     pins: Pins,
 }
 
@@ -43,28 +40,21 @@ impl DeviceTier {
     /// store's, so a pinned chunk stays resident here too).
     pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
         Self {
-            index: Arc::new(TierIndex::new("gpu", capacity, policy, pins.clone())),
-            chunks: RwLock::new(HashMap::new()),
-            stats: TierStats::default(),
+            chunks: MemoryTier::new("gpu", capacity, policy, pins.clone()),
             pins,
         }
     }
 
     /// Whether `key` is resident (no statistics).
     pub fn contains(&self, key: &ChunkKey) -> bool {
-        self.chunks.read().contains_key(key)
+        self.chunks.contains(key)
     }
 
     /// The resident KV of `key`, counted as a hit or a miss.
     pub fn get(&self, key: &ChunkKey) -> Option<DeviceChunk> {
-        let found = self.chunks.read().get(key).cloned();
-        match &found {
-            Some(c) => {
-                TierStats::add(&self.stats.hits, 1);
-                TierStats::add(&self.stats.bytes_out, chunk_bytes(c));
-                self.index.touch(key);
-            }
-            None => TierStats::add(&self.stats.misses, 1),
+        let found = self.chunks.get(key);
+        if let Some(c) = &found {
+            TierStats::add(&self.chunks.counters().bytes_out, chunk_bytes(c));
         }
         found
     }
@@ -78,51 +68,29 @@ impl DeviceTier {
         }
         let chunk = Arc::new(layers);
         let size = chunk_bytes(&chunk);
-        let Ok((reservation, victims)) = self.index.admit(key, size, cost_s) else {
-            return false;
-        };
-        {
-            let mut map = self.chunks.write();
-            for (v, _) in &victims {
-                map.remove(v);
-            }
-            map.insert(key, chunk);
-        }
-        reservation.commit();
-        TierStats::add(&self.stats.evictions, victims.len() as u64);
-        TierStats::add(&self.stats.puts, 1);
-        TierStats::add(&self.stats.bytes_in, size);
-        true
+        // evicted chunks are dropped here (requests still using one hold their `Arc`)
+        self.chunks.insert(key, chunk, size, cost_s).is_ok()
     }
 
     /// Drops `key`; false if it was not resident.
     pub fn remove(&self, key: &ChunkKey) -> bool {
-        let removed = self.chunks.write().remove(key).is_some();
-        self.index.remove(key);
-        if removed {
-            TierStats::add(&self.stats.removes, 1);
-        }
-        removed
+        self.chunks.remove(key)
     }
 
     /// Drops every resident chunk that carries no pin (after the device ran out of memory, so
     /// the next request finds room); returns how many were dropped. Requests still using one
     /// keep it alive until they finish.
     pub fn shed(&self) -> usize {
-        let keys: Vec<ChunkKey> = self.chunks.read().keys().copied().collect();
-        keys.iter()
+        self.chunks
+            .keys()
+            .iter()
             .filter(|k| self.pins.get(k).is_none() && self.remove(k))
             .count()
     }
 
     /// The tier's statistics (named `gpu`), with its used and total capacity in bytes.
     pub fn stats(&self) -> TierStatsSnapshot {
-        self.stats.snapshot(
-            "gpu",
-            self.index.used(),
-            self.index.capacity(),
-            self.index.len() as u64,
-        )
+        self.chunks.snapshot()
     }
 }
 

@@ -85,7 +85,9 @@
 //! Eviction here must skip pinned and leased objects, follow a configurable policy (LRU,
 //! LFU, S3-FIFO, cost-aware), and count capacity exactly under concurrent writers. A cache
 //! crate that picks its own victims cannot honour pins or leases, so every tier keeps a
-//! [`index::TierIndex`] that reserves bytes before writing and asks the policy for victims.
+//! [`index::TierIndex`] that reserves bytes before writing and asks the policy for victims
+//! (measured too: moka's TinyLFU as the host tier lost every stream of `kvquilt bench trace`
+//! to S3-FIFO, BENCHMARKS.md §10). The memory levels share one tier type, [`MemoryTier`].
 
 #![warn(missing_docs, unreachable_pub)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -110,7 +112,7 @@ pub use object::{EncodedObject, KvObject, ObjectHeader, ObjectInfo, TokenStats};
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{
-    DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, PutOutcome,
-    RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier, TierKind,
+    DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, MemoryTier,
+    PutOutcome, RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier, TierKind,
 };
 pub use tiered::{Found, LayerStream, StoreBuilder, StoreConfig, TieredStore, WritePolicy};

@@ -11,19 +11,18 @@
 //! by DMA with no staging copy. The tier knows nothing of devices: it only asks the memory to
 //! place an object's layers as it admits it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::RwLock;
 
+use super::memory::MemoryTier;
 use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::codec::Codec;
 use crate::error::Result;
-use crate::index::{Lease, Pins, TierIndex};
+use crate::index::{Lease, Pins};
 use crate::key::ChunkKey;
 use crate::object::{EncodedObject, KvObject, ObjectInfo};
 use crate::policy::PolicyKind;
@@ -47,9 +46,8 @@ pub trait HostMemory: Send + Sync + fmt::Debug {
 /// for, so the same memory holds several times more chunks of a lossy codec; an object that
 /// cannot be encoded (lossy values, values the codec cannot hold) is held decoded.
 pub struct HostTier {
-    index: Arc<TierIndex>,
-    objects: RwLock<HashMap<ChunkKey, Held>>,
-    stats: TierStats,
+    /// The held entries, their byte accounting, eviction and counters.
+    slots: MemoryTier<Held>,
     /// Where admitted decoded objects are placed; unset: left where they were built.
     memory: OnceLock<Arc<dyn HostMemory>>,
     /// How admitted exact objects are held.
@@ -102,9 +100,7 @@ impl HostTier {
     /// A tier of `capacity` bytes, holding objects decoded.
     pub fn new(capacity: u64, policy: PolicyKind, pins: Pins) -> Self {
         Self {
-            index: Arc::new(TierIndex::new("host", capacity, policy, pins)),
-            objects: RwLock::new(HashMap::new()),
-            stats: TierStats::default(),
+            slots: MemoryTier::new("host", capacity, policy, pins),
             memory: OnceLock::new(),
             codec: Codec::Raw,
         }
@@ -162,14 +158,9 @@ impl HostTier {
     }
 
     fn lookup(&self, key: &ChunkKey) -> Option<Held> {
-        let o = self.objects.read().get(key).cloned();
-        match &o {
-            Some(o) => {
-                TierStats::add(&self.stats.hits, 1);
-                self.stats.hit_codec(o.codec());
-                self.index.touch(key);
-            }
-            None => TierStats::add(&self.stats.misses, 1),
+        let o = self.slots.get(key);
+        if let Some(o) = &o {
+            self.slots.counters().hit_codec(o.codec());
         }
         o
     }
@@ -182,17 +173,15 @@ impl Tier for HostTier {
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {
-        self.objects.read().contains_key(key)
+        self.slots.contains(key)
     }
 
     fn keys(&self) -> Vec<ChunkKey> {
-        self.objects.read().keys().copied().collect()
+        self.slots.keys()
     }
 
     fn touch(&self, key: &ChunkKey) {
-        if self.contains(key) {
-            self.index.touch(key);
-        }
+        self.slots.touch(key);
     }
 
     async fn info(&self, key: &ChunkKey) -> Result<Option<Arc<ObjectInfo>>> {
@@ -204,8 +193,9 @@ impl Tier for HostTier {
         let Some(held) = self.lookup(key) else {
             return Ok(None);
         };
-        TierStats::add(&self.stats.bytes_out, held.size());
-        self.stats.get_latency.record(t.elapsed());
+        let stats = self.slots.counters();
+        TierStats::add(&stats.bytes_out, held.size());
+        stats.get_latency.record(t.elapsed());
         Ok(Some(match held {
             Held::Decoded(o) => Box::new(HostReader(o)),
             Held::Encoded(object, info) => Box::new(EncodedReader { object, info }),
@@ -217,9 +207,10 @@ impl Tier for HostTier {
         let Some(held) = self.lookup(key) else {
             return Ok(None);
         };
-        TierStats::add(&self.stats.bytes_out, held.size());
+        let stats = self.slots.counters();
+        TierStats::add(&stats.bytes_out, held.size());
         let o = held.decoded()?;
-        self.stats.get_latency.record(t.elapsed());
+        stats.get_latency.record(t.elapsed());
         Ok(Some(o))
     }
 
@@ -231,27 +222,18 @@ impl Tier for HostTier {
         }
         let held = self.to_held(obj);
         let size = held.size();
-        let (reservation, victims) = self.index.admit(key, size, cost_s)?;
-        let mut evicted = Vec::with_capacity(victims.len());
-        {
-            let mut map = self.objects.write();
-            for (v, _) in &victims {
-                // an encoded entry gives no copy: a host codec requires write-through, where
-                // nothing is demoted (`TieredStore::open`), and decoding it here would be
-                // wasted work under the lock
-                let copy = match map.remove(v) {
-                    Some(Held::Decoded(o)) => Some(o),
-                    _ => None,
-                };
-                evicted.push((*v, copy));
-            }
-            map.insert(key, held);
-        }
-        reservation.commit();
-        TierStats::add(&self.stats.evictions, victims.len() as u64);
-        TierStats::add(&self.stats.puts, 1);
-        TierStats::add(&self.stats.bytes_in, size);
-        self.stats.put_latency.record(t.elapsed());
+        // an encoded entry gives no copy: a host codec requires write-through, where nothing
+        // is demoted (`TieredStore::open`)
+        let evicted = self
+            .slots
+            .insert(key, held, size, cost_s)?
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(Held::Decoded(o)) => (k, Some(o)),
+                _ => (k, None),
+            })
+            .collect();
+        self.slots.counters().put_latency.record(t.elapsed());
         Ok(PutOutcome {
             written: true,
             evicted,
@@ -259,25 +241,15 @@ impl Tier for HostTier {
     }
 
     async fn remove(&self, key: &ChunkKey) -> Result<bool> {
-        let removed = self.objects.write().remove(key).is_some();
-        self.index.remove(key);
-        if removed {
-            TierStats::add(&self.stats.removes, 1);
-        }
-        Ok(removed)
+        Ok(self.slots.remove(key))
     }
 
     fn lease(&self, key: &ChunkKey) -> Option<Lease> {
-        self.index.lease(key)
+        self.slots.lease(key)
     }
 
     fn stats(&self) -> crate::TierStatsSnapshot {
-        self.stats.snapshot(
-            "host",
-            self.index.used(),
-            self.index.capacity(),
-            self.index.len() as u64,
-        )
+        self.slots.snapshot()
     }
 }
 

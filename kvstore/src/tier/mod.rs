@@ -9,6 +9,7 @@
 //! read answered as a miss: wrong bytes are never handed out.
 
 mod host;
+mod memory;
 pub mod remote;
 mod ssd;
 
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use host::{HostMemory, HostTier};
+pub use memory::MemoryTier;
 pub use remote::{RemoteConfig, RemoteStore, RemoteTier};
 pub use ssd::{DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 

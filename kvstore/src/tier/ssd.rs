@@ -793,7 +793,7 @@ impl SsdTier {
     /// restart (pinned by `damage::a_damaged_table_among_healthy_ones_never_stops_writes`).
     /// A truncated or altered blob file does not stop the open: its objects fail
     /// verification as they are read, and are misses. A directory that cannot be written
-    /// is opened read-only ([`SsdTier::open_read_only`]). Other errors that are not damage
+    /// is opened read-only (`SsdTier::open_read_only`). Other errors that are not damage
     /// (another process holds the directory, a full disk) are returned: moving files aside
     /// cannot fix them.
     pub fn open(config: SsdConfig, pins: Pins) -> Result<Self> {
