@@ -522,6 +522,11 @@ impl Inner {
     fn hit(&self, key: &ChunkKey, codec: Codec) {
         TierStats::add(&self.stats.hits, 1);
         self.stats.hit_codec(codec);
+        self.used(key);
+    }
+
+    /// Records a use of `key` for eviction and its last-access time (persisted on flush).
+    fn used(&self, key: &ChunkKey) {
         self.index.touch(key);
         let now = self.now_ns();
         self.touched.lock().insert(*key, now);
@@ -1000,11 +1005,8 @@ impl Tier for SsdTier {
     }
 
     fn touch(&self, key: &ChunkKey) {
-        let s = &self.0;
-        if s.index.contains(key) {
-            s.index.touch(key);
-            let now = s.now_ns();
-            s.touched.lock().insert(*key, now);
+        if self.0.index.contains(key) {
+            self.0.used(key);
         }
     }
 

@@ -5,28 +5,7 @@ use anyhow::{Result, bail};
 use kvquilt_blend::rag::document_text;
 
 use super::TraceBenchArgs;
-use crate::eval::data;
-
-/// SplitMix64: the trace's only randomness, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use crate::eval::data::{self, SplitMix};
 
 /// One retrieved chunk: a corpus chunk (its index) or a new document (a serial number and
 /// the token count of the corpus chunk it borrows its length from).
@@ -58,7 +37,7 @@ pub(super) fn stream(spec: StreamSpec, corpus: usize) -> Vec<Vec<Pick>> {
         s,
         seed,
     } = spec;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix(seed);
     // popularity rank → corpus index: a seeded shuffle
     let mut order: Vec<usize> = (0..corpus).collect();
     for i in (1..corpus).rev() {
