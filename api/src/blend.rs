@@ -233,4 +233,8 @@ pub struct BlendStats {
     /// What the request's token policy did, when it asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<CompressionStats>,
+    /// How the model's calibration decided the mode of a `blend` that named no ratio: the
+    /// certified ratio and its record, or (no record) that it was served as `prefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<String>,
 }

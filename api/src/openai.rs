@@ -313,4 +313,22 @@ pub struct ModelCard {
     pub created: u64,
     /// `kvquilt`.
     pub owned_by: String,
+    /// kvquilt's calibration of the model: what `blend` means for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvquilt: Option<ModelCalibration>,
+}
+
+/// What `blend` means for a served model (`kvquilt calibrate` writes the record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ModelCalibration {
+    /// A calibration record certifies a blend ratio for this model.
+    pub calibrated: bool,
+    /// The ratio `blend` runs when a request names none; absent when such requests are
+    /// served as `prefix` (uncalibrated, not opted in).
+    pub blend_ratio: Option<f32>,
+    /// The record's file (or `built-in …`), when calibrated.
+    pub record: Option<String>,
+    /// One line for people.
+    pub note: String,
 }

@@ -20,6 +20,9 @@ enum Command {
     Bench(kvquilt_bench::bench::BenchCommand),
     /// Answer quality and TTFT of the reuse modes beside full prefill, on real data.
     Eval(kvquilt_bench::eval::Args),
+    /// Check that a model blends exactly and find its smallest faithful recompute ratio;
+    /// writes the calibration record `kvquilt serve` reads.
+    Calibrate(kvquilt_bench::eval::calibrate::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +34,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(c) => kvquilt_bench::bench::run(c),
         Command::Eval(a) => kvquilt_bench::eval::run(a),
+        Command::Calibrate(a) => kvquilt_bench::eval::calibrate::run(a),
     }
 }

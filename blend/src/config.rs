@@ -38,9 +38,15 @@ impl Mode {
     /// finite and within `0..=1`, and is refused for every other mode. Errors are
     /// [`crate::BlendError::Invalid`].
     pub fn parse(name: &str, ratio: Option<f32>) -> Result<Mode> {
+        Self::parse_with(name, ratio, BlendConfig::default())
+    }
+
+    /// [`Mode::parse`] with `blend`'s settings taken from `base` (a calibration record's)
+    /// instead of [`BlendConfig::default`]; `ratio` replaces only its ratio.
+    pub fn parse_with(name: &str, ratio: Option<f32>, base: BlendConfig) -> Result<Mode> {
         let blend = Mode::Blend(BlendConfig::default());
         if name == blend.name() {
-            let mut c = BlendConfig::default();
+            let mut c = base;
             if let Some(r) = ratio {
                 if !(0.0..=1.0).contains(&r) || !r.is_finite() {
                     return Err(invalid(format!("ratio {r} is not within 0..=1")));

@@ -15,10 +15,13 @@
 //! - [`compress`] applies a token policy (`kvquilt_compression::policy`) to a prompt's
 //!   cache: attention observed layer by layer while it prefills, a keep set per layer and KV
 //!   head, a pruned cache (`KvCache::retain`).
+//! - [`calibration`] files what `kvquilt calibrate` measured per model identity and turns it
+//!   into what `blend` means when a request names no ratio ([`calibration::BlendDefault`]).
 //! - A [`DeviceTier`] keeps recently used chunk KV resident on the model's device (GPU
 //!   memory), above the store's host and SSD tiers; on a GPU the host tier holds its objects
 //!   in page-locked memory (`pinned_host.rs`), so its hits upload by DMA.
 
+pub mod calibration;
 mod chunk;
 pub mod compress;
 mod config;

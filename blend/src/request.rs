@@ -114,6 +114,9 @@ pub struct BlendStats {
     /// What a token policy did to the cache for decoding, when the request asked for one
     /// ([`crate::compress::compress_for_decode`]; set by the caller, not the engine).
     pub compression: Option<crate::compress::CompressReport>,
+    /// How the model's calibration decided the mode, for a `blend` that named no ratio
+    /// (served as `prefix` without a record, or the record's ratio); set by the caller.
+    pub calibration: Option<String>,
 }
 
 impl BlendStats {
@@ -138,6 +141,7 @@ impl BlendStats {
             ttft_ms: 0.0,
             phases: Vec::new(),
             compression: None,
+            calibration: None,
         }
     }
 

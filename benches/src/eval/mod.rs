@@ -6,6 +6,7 @@
 //! first token's logits, and it decodes greedily (up to `--max-tokens`, stopping at a line
 //! break or end of turn). The prediction is the first line of the answer.
 
+pub mod calibrate;
 pub(crate) mod data;
 mod longgen;
 mod metrics;
@@ -276,16 +277,16 @@ fn base_configs(a: &Args) -> Result<Vec<Config>> {
     Ok(out)
 }
 
-/// Token ids whose text contains a line break: the answer's first line ends there.
 /// The model file's name, for reports.
-fn file_name(loaded: &kvquilt_model::LoadedModel) -> String {
+pub(crate) fn file_name(loaded: &kvquilt_model::LoadedModel) -> String {
     loaded
         .path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
-fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
+/// Token ids whose text contains a line break: the answer's first line ends there.
+pub(crate) fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
     let mut ids = tok.eos_ids().to_vec();
     for id in 0..tok.vocab_size() as u32 {
         if tok.decode(&[id], false)?.contains('\n') {

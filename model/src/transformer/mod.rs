@@ -97,6 +97,22 @@ impl Model {
         Self::new(config, weights, device.clone(), dtype)
     }
 
+    /// The same weights under another RoPE base (`rope_theta`): the model then computes, and
+    /// its identity names, that base. A wrong base is how a mis-declared model looks
+    /// (`kvquilt calibrate --rope-theta` uses it as the gate's negative control). The base must
+    /// be finite and > 1.
+    pub fn with_rope_theta(self, theta: f32) -> Result<Self> {
+        let config = ModelConfig {
+            rope_theta: theta,
+            ..self.config
+        };
+        config.validate().map_err(invalid_input)?;
+        let mut m = Self::new(config, self.weights, self.device, self.dtype)?;
+        m.score_budget = self.score_budget;
+        m.attention_kernel = self.attention_kernel;
+        Ok(m)
+    }
+
     /// The model's shape and hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config

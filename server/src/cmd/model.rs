@@ -36,7 +36,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         }
         ModelCommand::List => {
             for s in KNOWN_MODELS {
-                println!("{}\t{}\t{}", s.name, s.requirement, s.file_name);
+                println!("{}\t{}\t{}", s.name, s.requirements(), s.file_name);
             }
             Ok(())
         }

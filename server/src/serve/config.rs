@@ -43,6 +43,11 @@
 //! breaker_failures = 3                 # consecutive failures that mark the remote down
 //! breaker_open_ms = 2000               # down this long, then probed
 //!
+//! [blend]
+//! calibration_dir = "/var/lib/kvquilt/calibration"   # default: <cache root>/calibration
+//! uncalibrated = "prefix"              # a model without a calibration record serves `blend`
+//!                                      # (no ratio) as exact prefix reuse; "blend": opt in
+//!
 //! [[tenants]]
 //! name = "acme"
 //! tokens = ["acme-secret"]
@@ -80,6 +85,8 @@ pub struct Config {
     pub limits: Limits,
     /// Tier capacities.
     pub store: StoreSettings,
+    /// What `blend` means for this model (its calibration).
+    pub blend: BlendSettings,
     /// Log level: error, warn, info, debug, trace.
     pub log_level: String,
 }
@@ -307,6 +314,7 @@ impl Default for Config {
             tenants: Vec::new(),
             limits: Limits::default(),
             store: StoreSettings::default(),
+            blend: BlendSettings::default(),
             log_level: "info".into(),
         }
     }
@@ -351,6 +359,46 @@ impl Default for StoreSettings {
             codecs: CodecSettings::default(),
             remote: RemoteSettings::default(),
         }
+    }
+}
+
+/// `[blend]`: where calibration records are, and what an uncalibrated model does with
+/// `blend` requests that name no ratio.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlendSettings {
+    /// Folder of calibration records (`kvquilt calibrate --out`); `None`: the default,
+    /// `<cache root>/calibration`. The records built into kvquilt are consulted after it.
+    pub calibration_dir: Option<PathBuf>,
+    /// A model without a certified record: `prefix` (default) serves `blend` requests that
+    /// give no ratio as exact prefix reuse; `blend` runs kvquilt's uncalibrated default.
+    pub uncalibrated: String,
+}
+
+impl Default for BlendSettings {
+    fn default() -> Self {
+        Self {
+            calibration_dir: None,
+            uncalibrated: "prefix".into(),
+        }
+    }
+}
+
+impl BlendSettings {
+    /// Whether an uncalibrated model blends anyway (`uncalibrated = "blend"`).
+    pub fn blend_uncalibrated(&self) -> Result<bool> {
+        match self.uncalibrated.as_str() {
+            "prefix" => Ok(false),
+            "blend" => Ok(true),
+            other => bail!("blend.uncalibrated `{other}` is not one of prefix, blend"),
+        }
+    }
+
+    /// The calibration folder.
+    pub fn calibration_dir(&self) -> PathBuf {
+        self.calibration_dir
+            .clone()
+            .unwrap_or_else(kvquilt_blend::calibration::default_dir)
     }
 }
 
@@ -412,6 +460,7 @@ impl Config {
             bail!("limits.workers must be at least 1");
         }
         self.store.host_policy()?;
+        self.blend.blend_uncalibrated()?;
         if !(1..=600_000).contains(&self.store.stall_ms) {
             bail!(
                 "store.stall_ms must be 1..=600000 milliseconds (got {})",

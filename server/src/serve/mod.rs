@@ -29,6 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, get, post};
 use kvquilt_api::Method;
+use kvquilt_blend::calibration::{self, BlendDefault};
 use kvquilt_blend::{Blender, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, TieredStore};
 use kvquilt_model::{ChatTemplate, LoadedModel};
@@ -207,6 +208,7 @@ pub fn app_state(
             .file_stem()
             .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
     };
+    let blend_default = blend_default(config, &identity)?;
     let tokenizer = loaded.tokenizer()?.clone();
     let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     let on_gpu = !loaded.model.device().is_cpu();
@@ -228,12 +230,49 @@ pub fn app_state(
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
         model_name,
+        blend_default,
         tenants: Tenants::from_config(config, namespace_key),
         limits: config.limits.clone(),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         metrics: Metrics::new(blender),
         started: Instant::now(),
     }))
+}
+
+/// What `blend` means for the served model: its calibration record (the configured folder,
+/// then the built-in records), or `prefix` unless the configuration opts in. Logged once.
+fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefault> {
+    let dir = config.blend.calibration_dir();
+    let found = calibration::find(Some(&dir), identity).with_context(|| {
+        format!(
+            "reading the calibration record of this model (folder {})",
+            dir.display()
+        )
+    })?;
+    let default = BlendDefault::from_record(found.as_ref(), config.blend.blend_uncalibrated()?);
+    match &default {
+        BlendDefault::Calibrated { config, source } => tracing::info!(
+            ratio = config.ratio,
+            record = %source,
+            "calibrated: blend requests without a ratio recompute {:.0}% of chunk tokens",
+            config.ratio * 100.0
+        ),
+        BlendDefault::Uncalibrated {
+            reason,
+            opt_in: None,
+        } => tracing::warn!(
+            key = %calibration::calibration_key(identity),
+            "{reason}: blend requests without a ratio are served as prefix (exact); run `kvquilt calibrate` or set blend.uncalibrated = \"blend\""
+        ),
+        BlendDefault::Uncalibrated {
+            reason,
+            opt_in: Some(c),
+        } => tracing::warn!(
+            ratio = c.ratio,
+            "{reason}: blending anyway at the uncalibrated default (blend.uncalibrated = \"blend\")"
+        ),
+    }
+    Ok(default)
 }
 
 /// One row of the route table: a method on a path (OpenAPI template syntax) and its handler.

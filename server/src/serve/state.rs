@@ -1,6 +1,7 @@
 //! What every handler shares: the blender (model + store), tokenizer, chat template,
 //! tenants, limits, the model pool and metrics.
 
+use kvquilt_blend::calibration::BlendDefault;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +28,8 @@ pub struct Shared {
     pub template: Arc<ChatTemplate>,
     /// The name `/v1/models` lists and completions answer with.
     pub model_name: String,
+    /// What `blend` without a ratio runs: the model's calibration record, or `prefix`.
+    pub blend_default: BlendDefault,
     /// Bearer tokens → tenants.
     pub tenants: Tenants,
     /// Request limits.

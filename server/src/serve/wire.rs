@@ -3,8 +3,9 @@
 //! shows up as a compile error in this file rather than as a silent change of the API.
 
 use kvquilt_api as api;
+use kvquilt_blend::calibration::BlendDefault;
 use kvquilt_blend::compress::{CompressPlan, CompressReport};
-use kvquilt_blend::{BlendConfig, BlendStats, Mode, SegmentSource};
+use kvquilt_blend::{BlendStats, Mode, SegmentSource};
 use kvquilt_compression::policy::{Budget, DecodePoolSpec, PolicySpec};
 use kvquilt_kvstore::{HistogramSnapshot, KvDType, KvLayout, TierKind, TierStatsSnapshot};
 
@@ -67,6 +68,33 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         recompute_fraction: s.recompute_fraction,
         ttft_ms: s.ttft_ms,
         compression: s.compression.as_ref().map(compression_stats),
+        calibration: s.calibration.clone(),
+    }
+}
+
+/// The served model's calibration on the wire (`/v1/models`).
+pub(crate) fn calibration(d: &BlendDefault) -> api::openai::ModelCalibration {
+    match d {
+        BlendDefault::Calibrated { config, source } => api::openai::ModelCalibration {
+            calibrated: true,
+            blend_ratio: Some(config.ratio),
+            record: Some(source.clone()),
+            note: format!(
+                "blend without a ratio recomputes {:.0}% of chunk tokens (calibrated)",
+                config.ratio * 100.0
+            ),
+        },
+        BlendDefault::Uncalibrated { reason, opt_in } => api::openai::ModelCalibration {
+            calibrated: false,
+            blend_ratio: opt_in.as_ref().map(|c| c.ratio),
+            record: None,
+            note: match opt_in {
+                None => format!("{reason}: blend without a ratio is served as prefix (exact)"),
+                Some(_) => {
+                    format!("{reason}: blend runs the uncalibrated default by configuration")
+                }
+            },
+        },
     }
 }
 
@@ -181,10 +209,14 @@ fn prompt_plan(c: &api::CompressSpec, policy: &str) -> Result<CompressPlan, Stri
     CompressPlan::new(policy, budget).map_err(|e| e.to_string())
 }
 
-/// The engine mode a request asks for (`mode`, `ratio`; default: blend at kvquilt's ratio).
-pub(crate) fn mode(mode: Option<&str>, ratio: Option<f32>) -> ApiResult<Mode> {
-    let default = Mode::Blend(BlendConfig::default());
-    Mode::parse(mode.unwrap_or(default.name()), ratio).map_err(|e| match e {
+/// The engine mode a request asks for (`mode`, default `blend`; `ratio`), as the model's
+/// calibration decides it ([`BlendDefault::mode`]), with the note its stats carry.
+pub(crate) fn mode(
+    default: &BlendDefault,
+    mode: Option<&str>,
+    ratio: Option<f32>,
+) -> ApiResult<(Mode, Option<String>)> {
+    default.mode(mode, ratio).map_err(|e| match e {
         kvquilt_blend::BlendError::Invalid(m) => ApiError::bad_request("invalid_mode", m),
         other => other.into(),
     })
@@ -192,13 +224,16 @@ pub(crate) fn mode(mode: Option<&str>, ratio: Option<f32>) -> ApiResult<Mode> {
 
 /// [`mode`] and [`compression`] of the OpenAI endpoints' `kvquilt` field, both checked
 /// before the request stores or runs anything.
-pub(crate) fn mode_spec(spec: Option<&api::ModeSpec>) -> ApiResult<(Mode, Compression)> {
+pub(crate) fn mode_spec(
+    default: &BlendDefault,
+    spec: Option<&api::ModeSpec>,
+) -> ApiResult<((Mode, Option<String>), Compression)> {
     match spec {
         Some(s) => Ok((
-            mode(s.mode.as_deref(), s.ratio)?,
+            mode(default, s.mode.as_deref(), s.ratio)?,
             compression(s.compress.as_ref())?,
         )),
-        None => Ok((mode(None, None)?, Compression::default())),
+        None => Ok((mode(default, None, None)?, Compression::default())),
     }
 }
 

@@ -26,7 +26,7 @@ pub(crate) async fn blend(
     Caller(tenant): Caller,
     ApiJson(body): ApiJson<BlendBody>,
 ) -> ApiResult<axum::Json<BlendResponse>> {
-    let mode = wire::mode(body.mode.as_deref(), body.ratio)?;
+    let (mode, calibration) = wire::mode(&s.blend_default, body.mode.as_deref(), body.ratio)?;
     let compress = wire::compression(body.compress.as_ref())?.without_decode("/v1/blend")?;
     let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
     let texts = [&body.question, &body.system, &body.instruction];
@@ -80,7 +80,8 @@ pub(crate) async fn blend(
         let codec = s.blender.codec(&tenant.namespace);
         req.chunks.iter().map(|c| codec.key(c).to_hex()).collect()
     };
-    let prepared = prepare(&s, &tenant, req, compress)?;
+    let mut prepared = prepare(&s, &tenant, req, compress)?;
+    prepared.calibration = calibration;
     let (st, t) = (Arc::clone(&s), Arc::clone(&tenant));
     let out = s.pool.run(move || prepared.run(&st, &t)).await??;
     let row = out
@@ -115,6 +116,8 @@ pub(crate) struct Prepared {
     pub req: BlendRequest,
     /// The token policy applied to the prompt's KV after the first token, if asked for.
     compress: Option<CompressPlan>,
+    /// How the calibration decided the mode ([`kvquilt_blend::BlendStats::calibration`]).
+    pub calibration: Option<String>,
     /// The quota its store-back reserved (`None`: it stores nothing); released when the
     /// request is dropped, after [`Prepared::run`] added what was stored.
     _quota: Option<QuotaReservation>,
@@ -155,6 +158,7 @@ pub(crate) fn prepare(
     Ok(Prepared {
         req,
         compress,
+        calibration: None,
         _quota: quota,
     })
 }
@@ -166,6 +170,7 @@ impl Prepared {
     /// failed, the uncompressed one: counted, never an error).
     pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
         let mut out = s.blender.run(&tenant.namespace, &self.req)?;
+        out.stats.calibration = self.calibration.clone();
         if let Some(plan) = &self.compress {
             let tokens = self.req.tokens();
             let (cache, report) = compress_for_decode(s.blender.model(), &tokens, out.cache, plan);

