@@ -8,10 +8,11 @@
 //!   written in the text matched ([`ChunkCodec::tokenize`]). Callers that already hold token
 //!   ids pass them as they are.
 //! - **Positions and context** ([`ChunkEncoding`]): under `Sink(s)` (the default for a model
-//!   whose tokenizer has a BOS token: `s` = [BOS]), a chunk is prefilled behind the sink
+//!   whose prompts open with a special token: `s` = [that token], [`crate::prompt_opening`]),
+//!   a chunk is prefilled behind the sink
 //!   tokens, `s ‖ chunk` at positions `0..S+T`, and only its own `T` rows are kept; a chunk
 //!   that already begins with `s` is prefilled alone. Under `Alone` (CacheBlend's encoding,
-//!   and the default for a model without a BOS token) it is prefilled alone at `0..T`.
+//!   and the default for a model without such a token) it is prefilled alone at `0..T`.
 //!   Either way a chunk attends only to itself (and the sink), never to other chunks.
 //! - **Stored KV**: per layer, K before RoPE and V, `[T, kv_heads, head_dim]`, in the model's
 //!   compute dtype; blending places the keys at new positions by rotation.
@@ -39,9 +40,9 @@ pub const CHUNK_ENCODING: &str = "kvquilt.chunk.v2: K pre-RoPE";
 ///
 /// A chunk prefilled alone turns its own first tokens into attention sinks: every token of
 /// it dumps attention there, which a chunk in the middle of a real prompt never does (the
-/// prompt's first token is the sink). Prefilling behind the model's BOS gives the chunk the
-/// sink it will have in the prompt, so its KV is closer to what full prefill computes
-/// (measured: BENCHMARKS.md §3).
+/// prompt's first token is the sink). Prefilling behind the token the model's prompts open
+/// with gives the chunk the sink it will have in the prompt, so its KV is closer to what full
+/// prefill computes (measured: BENCHMARKS.md §3 for SmolLM2, §11 for Qwen2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkEncoding {
     /// Alone at positions `0..T` (CacheBlend, TurboRAG).
@@ -51,9 +52,11 @@ pub enum ChunkEncoding {
 }
 
 impl ChunkEncoding {
-    /// `Sink([bos])` when the model's tokenizer has a BOS token, else `Alone`.
-    pub fn default_for(bos: Option<u32>) -> Self {
-        match bos {
+    /// `Sink([t])` for the token `t` the model's prompts open with
+    /// ([`crate::prompt_opening`]: its chat template's first special token, else its BOS),
+    /// else `Alone`.
+    pub fn default_for(opening: Option<u32>) -> Self {
+        match opening {
             Some(b) => Self::Sink(vec![b]),
             None => Self::Alone,
         }

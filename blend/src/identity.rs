@@ -8,7 +8,9 @@ use std::fs::File;
 use std::path::Path;
 
 use kvquilt_kvstore::{Fingerprint, KeyContext, KvDType, KvLayout, RopeScalingSpec};
-use kvquilt_model::{DType, LoadedModel, Model, ModelConfig, RopeScaling};
+use kvquilt_model::{
+    ChatMessage, ChatTemplate, DType, LoadedModel, Model, ModelConfig, RopeScaling,
+};
 
 use crate::chunk::ChunkEncoding;
 use crate::error::{Result, invalid};
@@ -32,8 +34,8 @@ pub struct ModelIdentity {
 
 impl ModelIdentity {
     /// The identity of a loaded model; hashes its weights file(s) once (BLAKE3, ~1 GB/s).
-    /// Chunks are encoded behind the tokenizer's BOS token when it has one
-    /// ([`ChunkEncoding::default_for`]).
+    /// Chunks are encoded behind the token its prompts open with ([`prompt_opening`]), when
+    /// it has one ([`ChunkEncoding::default_for`]).
     pub fn of(loaded: &LoadedModel) -> Result<Self> {
         let weights = weights_digest(&loaded.path)?;
         let tokenizer = match &loaded.tokenizer {
@@ -53,12 +55,11 @@ impl ModelIdentity {
             }
             None => Fingerprint::new().field("tokenizer", b"none").finish(),
         };
-        let bos = loaded.tokenizer.as_ref().and_then(|t| t.bos_id());
         Self::from_parts(
             &loaded.model,
             &weights,
             tokenizer,
-            ChunkEncoding::default_for(bos),
+            ChunkEncoding::default_for(prompt_opening(loaded)),
         )
     }
 
@@ -114,6 +115,31 @@ impl ModelIdentity {
     pub fn key_context(&self, namespace: &[u8]) -> KeyContext {
         KeyContext::new(namespace, &self.model, &self.tokenizer, &self.layout)
     }
+}
+
+/// The special token every prompt of this model opens with, which chunks are prefilled
+/// behind so that their KV forms around the attention sink they will have in the prompt: the
+/// first token of the model's chat template (ChatML when it ships none, as the sidecar does)
+/// rendered over one user message, when that token is a special one; else the tokenizer's
+/// BOS. SmolLM2: `<|im_start|>`, which is also its BOS. Qwen2: `<|im_start|>`, not its BOS
+/// `<|endoftext|>`, which its prompts never contain (BENCHMARKS.md §11).
+pub fn prompt_opening(loaded: &LoadedModel) -> Option<u32> {
+    let t = loaded.tokenizer.as_ref()?;
+    let chatml;
+    let template = match &loaded.chat_template {
+        Some(c) => c,
+        None => {
+            chatml = ChatTemplate::chatml();
+            &chatml
+        }
+    };
+    let opening = template
+        .render(&[ChatMessage::new("user", "x")], true)
+        .ok()
+        .and_then(|text| t.encode_piece(&text).ok())
+        .and_then(|ids| ids.first().copied())
+        .filter(|&id| t.decode(&[id], true).is_ok_and(|s| s.is_empty()));
+    opening.or_else(|| t.bos_id())
 }
 
 /// The KV layout a model of `config` computing in `dtype` produces (K always pre-RoPE).

@@ -44,7 +44,7 @@ pub use cost::CostModel;
 pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR};
 pub use error::{BlendError, Result};
-pub use identity::{ModelIdentity, layout_of};
+pub use identity::{ModelIdentity, layout_of, prompt_opening};
 pub use phases::PhaseTime;
 pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource, StoredObject};
 pub use select::Deviation;

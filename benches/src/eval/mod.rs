@@ -61,7 +61,7 @@ pub struct Args {
     /// How chunks are prefilled for storage: `auto` (the model's default: behind its BOS
     /// token when it has one), `alone` (CacheBlend's encoding), `sink` (behind the BOS), or
     /// `prefix` (behind the whole RAG prefix: system message and instruction, which every
-    /// evaluated prompt shares).
+    /// evaluated prompt shares), or `sink:ID[,ID…]` (behind these token ids).
     #[arg(long, default_value = "auto")]
     chunk_encoding: String,
     /// Most answer tokens to decode.
@@ -388,7 +388,18 @@ pub fn run(a: Args) -> Result<()> {
             };
             ChunkEncoding::Sink(ChunkCodec::tokenize(&tokenizer, &prompt.prefix_text())?)
         }
-        other => bail!("unknown chunk encoding `{other}` (expected auto, alone, sink or prefix)"),
+        other => match other.strip_prefix("sink:") {
+            // explicit sink token ids, e.g. `sink:151644` (Qwen2's `<|im_start|>`)
+            Some(ids) => ChunkEncoding::Sink(
+                ids.split(',')
+                    .map(|t| t.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("--chunk-encoding {other}: token ids"))?,
+            ),
+            None => bail!(
+                "unknown chunk encoding `{other}` (expected auto, alone, sink, sink:ID[,ID…] or prefix)"
+            ),
+        },
     };
     let identity = identity.with_encoding(&loaded.model, encoding)?;
     let chunk_encoding = identity.encoding().descriptor();

@@ -57,6 +57,31 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             query_weight: 0.5,
             ..base
         },
+        // query-aware plus the first 4 tokens of every chunk (EPIC's fix with query ranking)
+        "qstarts" => BlendConfig {
+            query_weight: 1.0,
+            chunk_start: 4,
+            ..base
+        },
+        // query-aware, re-ranked at layers 1..=3 from 2r down to r
+        "qgradual" => BlendConfig {
+            query_weight: 1.0,
+            check_layers: vec![1, 2, 3],
+            gradual: 2.0,
+            ..base
+        },
+        // query-aware, the budget spread over chunks by length first
+        "qperchunk" => BlendConfig {
+            query_weight: 1.0,
+            per_chunk: true,
+            ..base
+        },
+        // query-aware, ranking spans of ±4 tokens around the peaks
+        "qspan4" => BlendConfig {
+            query_weight: 1.0,
+            span: 4,
+            ..base
+        },
         // kvquilt's default
         "kvquilt" => BlendConfig {
             ratio: r,
@@ -75,7 +100,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qchunk, vchunk, mixed or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk or kvquilt)"
         ),
     })
 }
