@@ -717,3 +717,27 @@ fn chunks_used_by_a_fallback_keep_their_standing_in_eviction() {
     );
     assert!(!held(&c), "the unused chunk stays");
 }
+
+/// Chunks are prefilled behind the special token prompts open with: the chat template's
+/// first token (ChatML when the model ships none), not a BOS its prompts never contain.
+#[test]
+fn chunks_are_encoded_behind_the_token_prompts_open_with() {
+    let chat = tiny("chat");
+    let im_start = chat
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.token_id("<|im_start|>"))
+        .unwrap();
+    assert_eq!(kvquilt_blend::prompt_opening(&chat), Some(im_start));
+    assert_eq!(
+        ModelIdentity::of(&chat).unwrap().encoding(),
+        &ChunkEncoding::Sink(vec![im_start])
+    );
+    // no tokenizer: nothing to open with, chunks are prefilled alone
+    let bare = tiny("llama");
+    assert_eq!(kvquilt_blend::prompt_opening(&bare), None);
+    assert_eq!(
+        ModelIdentity::of(&bare).unwrap().encoding(),
+        &ChunkEncoding::Alone
+    );
+}
