@@ -33,6 +33,14 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
         assert_eq!(c.health().await.unwrap().status, "ok");
         let model = c.model().await.unwrap();
         assert_eq!(model, "smollm2-135m-instruct");
+        // the default model ships its calibration record: blend without a ratio is r = 0.3
+        let cal = c
+            .calibration()
+            .await
+            .unwrap()
+            .expect("calibration in /v1/models");
+        assert!(cal.calibrated, "{}", cal.note);
+        assert_eq!(cal.blend_ratio, Some(0.3));
         let doc = c.openapi().await.unwrap();
         assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
 

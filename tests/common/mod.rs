@@ -22,6 +22,10 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            // records a developer wrote with `kvquilt calibrate` stay out of the tests: only
+            // the built-in ones (an empty, absent folder)
+            .arg("--calibration-dir")
+            .arg(data_dir.join("no-calibration-records"))
             .args(args)
             .env_remove("KVQUILT_API_TOKENS")
             .stdout(Stdio::null())

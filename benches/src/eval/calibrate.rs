@@ -33,10 +33,10 @@ use kvquilt_blend::calibration::{
 };
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, ChunkEncoding, Mode, ModelIdentity};
 use kvquilt_kvstore::{StoreConfig, TieredStore};
-use kvquilt_model::{DType, GenerateOptions, Model, Tokenizer, continue_greedy};
+use kvquilt_model::{DType, GenerateOptions, Model, Tokenizer};
 
 use super::data::{self, Example};
-use super::{file_name, line_break_ids, metrics, presets};
+use super::{answer, file_name, line_break_ids, metrics, presets};
 use crate::bench::median;
 use kvquilt::model_source::ModelArgs;
 
@@ -97,41 +97,6 @@ pub struct Args {
     host_gib: f64,
     #[command(flatten)]
     model: ModelArgs,
-}
-
-/// What one configuration produced on one example.
-struct Answer {
-    logits: Vec<f32>,
-    tokens: Vec<u32>,
-    prediction: String,
-    ttft_ms: f64,
-}
-
-/// Runs `req` and decodes its answer greedily.
-fn answer(
-    blender: &Blender,
-    tokenizer: &Tokenizer,
-    opts: &GenerateOptions,
-    req: &BlendRequest,
-) -> Result<Answer> {
-    let out = blender.run(b"", req)?;
-    let logits = out.logits.to_vec1::<f32>()?;
-    let ttft = std::time::Duration::from_secs_f64(out.stats.ttft_ms / 1e3);
-    let generation = continue_greedy(
-        blender.model(),
-        out.cache,
-        out.logits,
-        opts,
-        ttft,
-        &mut |_| {},
-    )?;
-    let text = tokenizer.decode(&generation.tokens, true)?;
-    Ok(Answer {
-        logits,
-        tokens: generation.tokens,
-        prediction: text.trim().lines().next().unwrap_or("").trim().to_string(),
-        ttft_ms: out.stats.ttft_ms,
-    })
 }
 
 fn argmax(x: &[f32]) -> usize {

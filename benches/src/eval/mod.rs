@@ -58,10 +58,11 @@ pub struct Args {
     /// gradual, perchunk, query, qspan, qchunk, vchunk, mixed, kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
-    /// How chunks are prefilled for storage: `auto` (the model's default: behind its BOS
-    /// token when it has one), `alone` (CacheBlend's encoding), `sink` (behind the BOS), or
-    /// `prefix` (behind the whole RAG prefix: system message and instruction, which every
-    /// evaluated prompt shares), or `sink:ID[,ID…]` (behind these token ids).
+    /// How chunks are prefilled for storage: `auto` (the model's default: behind the special
+    /// token its prompts open with, `kvquilt_blend::prompt_opening`), `alone` (CacheBlend's
+    /// encoding), `sink` (behind the BOS), `prefix` (behind the whole RAG prefix: system
+    /// message and instruction, which every evaluated prompt shares), or `sink:ID[,ID…]`
+    /// (behind these token ids).
     #[arg(long, default_value = "auto")]
     chunk_encoding: String,
     /// Most answer tokens to decode.
@@ -296,6 +297,49 @@ pub(crate) fn line_break_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// What one configuration produced on one example.
+pub(crate) struct Answer {
+    /// The first token's logits.
+    pub(crate) logits: Vec<f32>,
+    /// The greedy answer's tokens.
+    pub(crate) tokens: Vec<u32>,
+    /// The answer's first line, trimmed.
+    pub(crate) prediction: String,
+    /// Time to the first token's logits, ms.
+    pub(crate) ttft_ms: f64,
+    /// Fraction of chunk tokens recomputed.
+    pub(crate) recompute_fraction: f64,
+}
+
+/// Runs `req` on `blender` and decodes its answer greedily (up to `opts.max_tokens`,
+/// stopping at a line break or end of turn).
+pub(crate) fn answer(
+    blender: &Blender,
+    tokenizer: &Tokenizer,
+    opts: &GenerateOptions,
+    req: &kvquilt_blend::BlendRequest,
+) -> Result<Answer> {
+    let out = blender.run(b"", req)?;
+    let logits = out.logits.to_vec1::<f32>()?;
+    let ttft = std::time::Duration::from_secs_f64(out.stats.ttft_ms / 1e3);
+    let generation = continue_greedy(
+        blender.model(),
+        out.cache,
+        out.logits,
+        opts,
+        ttft,
+        &mut |_| {},
+    )?;
+    let text = tokenizer.decode(&generation.tokens, true)?;
+    Ok(Answer {
+        logits,
+        tokens: generation.tokens,
+        prediction: text.trim().lines().next().unwrap_or("").trim().to_string(),
+        ttft_ms: out.stats.ttft_ms,
+        recompute_fraction: out.stats.recompute_fraction,
+    })
+}
+
 /// Runs the evaluation: stores every example's chunks (untimed), then runs each mode from the store and prints the table.
 pub fn run(a: Args) -> Result<()> {
     let mut examples = data::load(&a.input)?;
@@ -478,25 +522,21 @@ pub fn run(a: Args) -> Result<()> {
                 mode: cfg.mode.clone(),
                 ..base.clone()
             };
-            let out = blenders[cfg.codec].1.run(b"", &req)?;
-            let logits = out.logits.to_vec1::<f32>()?;
-            let ttft = std::time::Duration::from_secs_f64(out.stats.ttft_ms / 1e3);
-            let generation =
-                continue_greedy(&model, out.cache, out.logits, &opts, ttft, &mut |_| {})?;
-            let text = tokenizer.decode(&generation.tokens, true)?;
-            let prediction = text.trim().lines().next().unwrap_or("").trim().to_string();
+            let out = answer(&blenders[cfg.codec].1, &tokenizer, &opts, &req)?;
+            let (logits, prediction) = (out.logits, out.prediction);
+            let generation = out.tokens;
             let (f1, correct) = (
                 metrics::best_f1(&prediction, &ex.answers),
                 metrics::contains_gold(&prediction, &ex.answers),
             );
             let (kl, agreement) = match &reference {
                 None => {
-                    reference = Some((logits.clone(), generation.tokens.clone()));
+                    reference = Some((logits.clone(), generation.clone()));
                     (0.0, 1.0)
                 }
                 Some((l, t)) => (
                     metrics::kl_divergence(l, &logits),
-                    metrics::token_agreement(t, &generation.tokens),
+                    metrics::token_agreement(t, &generation),
                 ),
             };
             let t = &mut tallies[ci];
@@ -504,19 +544,19 @@ pub fn run(a: Args) -> Result<()> {
             t.acc.push(correct as u8 as f64);
             t.kl.push(kl);
             t.agreement.push(agreement);
-            t.ttft_ms.push(out.stats.ttft_ms);
-            t.recompute.push(out.stats.recompute_fraction);
+            t.ttft_ms.push(out.ttft_ms);
+            t.recompute.push(out.recompute_fraction);
             let base = Config {
                 codec: 0,
                 ..cfg.clone()
             }
             .label();
             if cfg.codec == 0 {
-                raw_rows.insert(base, (logits.clone(), generation.tokens.clone()));
+                raw_rows.insert(base, (logits.clone(), generation.clone()));
             } else if let Some((l, toks)) = raw_rows.get(&base) {
                 t.kl_vs_raw.push(metrics::kl_divergence(l, &logits));
                 t.agreement_vs_raw
-                    .push(metrics::token_agreement(toks, &generation.tokens));
+                    .push(metrics::token_agreement(toks, &generation));
             }
             details.push(Detail {
                 example: a.skip + ei,
@@ -527,8 +567,8 @@ pub fn run(a: Args) -> Result<()> {
                 correct,
                 first_token_kl: kl,
                 answer_token_agreement: agreement,
-                ttft_ms: out.stats.ttft_ms,
-                recompute_fraction: out.stats.recompute_fraction,
+                ttft_ms: out.ttft_ms,
+                recompute_fraction: out.recompute_fraction,
             });
             bar.inc(1);
         }

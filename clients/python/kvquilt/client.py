@@ -107,6 +107,12 @@ class Client:
         """The served model's id (what OpenAI clients pass as ``model``)."""
         return self._json("GET", "/v1/models")["data"][0]["id"]
 
+    def calibration(self) -> Dict[str, Any]:
+        """What ``blend`` means for the served model (``kvquilt calibrate``): ``calibrated``,
+        ``blend_ratio`` (``None``: a blend that names no ratio is served as exact prefix
+        reuse), ``record`` and a ``note`` for people."""
+        return self._json("GET", "/v1/models")["data"][0].get("kvquilt") or {}
+
     def stats(self) -> Dict[str, Any]:
         return self._json("GET", "/v1/stats")
 

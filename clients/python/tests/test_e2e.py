@@ -55,6 +55,16 @@ def test_openai_chat_completion_with_documents(client):
     assert stats["misses"] == 0, stats
 
 
+def test_the_default_model_is_calibrated(client):
+    cal = client.calibration()
+    assert cal["calibrated"] is True, cal
+    assert cal["blend_ratio"] == pytest.approx(0.3), cal
+    assert cal["record"].startswith("built-in"), cal
+    # a blend without a ratio runs the record's ratio and says so
+    out = client.blend("What is the secret number?", ["The secret number is 4817."])
+    assert "calibrated: ratio 0.3" in out.stats["calibration"], out.stats
+
+
 def test_openai_streaming_and_legacy_completion(client):
     oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
     model = client.model()

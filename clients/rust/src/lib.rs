@@ -23,7 +23,8 @@ pub use error::Error;
 pub use kvquilt_api as api;
 pub use kvquilt_api::openai::{
     AssistantMessage, ChatChoice, ChatMessage, ChatRequest, ChatResponse, CommonFields,
-    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelList, Stop, Usage,
+    CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCalibration, ModelList,
+    Stop, Usage,
 };
 pub use kvquilt_api::{
     BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkOutcome, ChunkRef, ChunkStatus,
@@ -100,6 +101,16 @@ impl Client {
             .into_iter()
             .next()
             .map(|m| m.id)
+            .ok_or_else(|| Error::Decode("no model in /v1/models".into()))
+    }
+
+    /// `GET /v1/models`: what `blend` means for the served model (its calibration).
+    pub async fn calibration(&self) -> Result<Option<ModelCalibration>, Error> {
+        let list: ModelList = self.json(self.request(Method::GET, "/v1/models")).await?;
+        list.data
+            .into_iter()
+            .next()
+            .map(|m| m.kvquilt)
             .ok_or_else(|| Error::Decode("no model in /v1/models".into()))
     }
 

@@ -77,6 +77,10 @@ pub struct Args {
     /// the rest of `[store.remote]` comes from the config file.
     #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
     remote_seeds: Vec<String>,
+    /// Folder of calibration records (`[blend] calibration_dir`; default
+    /// `<cache root>/calibration`, then the built-in records).
+    #[arg(long, env = "KVQUILT_CALIBRATION_DIR")]
+    calibration_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -112,6 +116,9 @@ impl Args {
         }
         if !self.remote_seeds.is_empty() {
             c.store.remote.seeds = self.remote_seeds.clone();
+        }
+        if let Some(d) = &self.calibration_dir {
+            c.blend.calibration_dir = Some(d.clone());
         }
         c.validate()?;
         Ok(c)
