@@ -33,7 +33,7 @@ use kvquilt_blend::calibration::{
 };
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, ChunkEncoding, Mode, ModelIdentity};
 use kvquilt_kvstore::{StoreConfig, TieredStore};
-use kvquilt_model::{DType, GenerateOptions, Model, Tokenizer};
+use kvquilt_model::{DType, GenerateOptions, Model, Tokenizer, argmax};
 
 use super::data::{self, Example};
 use super::{answer, file_name, line_break_ids, metrics, presets};
@@ -97,15 +97,6 @@ pub struct Args {
     host_gib: f64,
     #[command(flatten)]
     model: ModelArgs,
-}
-
-fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv { (i, v) } else { (bi, bv) }
-        })
-        .0
 }
 
 /// Accumulates one exactness check over examples.
