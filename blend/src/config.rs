@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, invalid};
-use crate::select::Deviation;
+use crate::select::{Deviation, Spread};
 
 /// How a prompt's context is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +96,10 @@ pub struct BlendConfig {
     /// Spread the budget over the chunks in proportion to their lengths before the global
     /// ranking takes the rest.
     pub per_chunk: bool,
+    /// Spread the budget over the chunks in proportion to their score mass (with
+    /// query-aware ranking: the question's attention) before the global ranking takes the
+    /// rest (Cache-Craft's per-chunk budgets). Excludes `per_chunk`.
+    pub chunk_mass: bool,
     /// Query-aware ranking (kvquilt, beyond CacheBlend): weight in `0..=1` of the attention
     /// the suffix pays each token, against KV deviation. Before layer 0, the suffix alone is
     /// run through every layer over the cached KV (what `reuse` computes), its attention
@@ -144,6 +148,7 @@ impl BlendConfig {
             deviation: Deviation::V,
             chunk_start: 0,
             per_chunk: false,
+            chunk_mass: false,
             query_weight: 0.0,
             query_layers: 0,
             span: 0,
@@ -181,10 +186,26 @@ impl BlendConfig {
                 self.query_layers
             )));
         }
+        if self.per_chunk && self.chunk_mass {
+            return Err(invalid(
+                "per_chunk and chunk_mass both spread the budget: choose one",
+            ));
+        }
         if !(self.gradual >= 1.0 && self.gradual.is_finite()) {
             return Err(invalid(format!("gradual factor {} below 1", self.gradual)));
         }
         Ok(())
+    }
+
+    /// How the budget is spread over the chunks before the global ranking.
+    pub fn spread(&self) -> Spread {
+        if self.per_chunk {
+            Spread::ByLength
+        } else if self.chunk_mass {
+            Spread::ByMass
+        } else {
+            Spread::Global
+        }
     }
 
     /// The ratio kept at each check layer.
@@ -244,6 +265,31 @@ mod tests {
         // the bounds are inclusive
         assert!(Mode::parse("blend", Some(0.0)).is_ok());
         assert!(Mode::parse("blend", Some(1.0)).is_ok());
+    }
+
+    #[test]
+    fn one_budget_spread_at_a_time() {
+        let base = BlendConfig::default();
+        assert_eq!(base.spread(), Spread::Global);
+        let by_len = BlendConfig {
+            per_chunk: true,
+            ..base.clone()
+        };
+        assert_eq!(by_len.spread(), Spread::ByLength);
+        let by_mass = BlendConfig {
+            chunk_mass: true,
+            ..base.clone()
+        };
+        assert_eq!(by_mass.spread(), Spread::ByMass);
+        let both = BlendConfig {
+            per_chunk: true,
+            chunk_mass: true,
+            ..base
+        };
+        match both.validate(30) {
+            Err(BlendError::Invalid(m)) => assert!(m.contains("choose one"), "{m}"),
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
     }
 
     #[test]

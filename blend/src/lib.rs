@@ -47,5 +47,5 @@ pub use error::{BlendError, Result};
 pub use identity::{ModelIdentity, layout_of, prompt_opening};
 pub use phases::PhaseTime;
 pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource, StoredObject};
-pub use select::Deviation;
+pub use select::{Deviation, Spread};
 pub use tensor_bytes::{layer_from_bytes, layer_to_bytes};

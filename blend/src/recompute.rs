@@ -148,7 +148,7 @@ fn run(
         let index = replacement_index(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
         let budget = (ratio * non_suffix as f32).floor() as usize;
-        let kept = select(&active, &scores, roles, budget, ratio, cfg.per_chunk);
+        let kept = select(&active, &scores, roles, budget, ratio, cfg.spread());
         let pick: Vec<u32> = active
             .iter()
             .enumerate()
@@ -339,7 +339,7 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
 #[cfg(test)]
 mod tests {
     use super::{by_segment, dilate, mix};
-    use crate::select::{TokenRoles, select};
+    use crate::select::{Spread, TokenRoles, select};
 
     #[test]
     fn by_segment_takes_the_best_segment_whole() {
@@ -354,10 +354,10 @@ mod tests {
         let active: Vec<usize> = (0..7).collect();
         let scores = [0.0, 9.0, 0.0, 50.0, 6.0, 5.0, 0.0];
         let ranked = by_segment(&scores, &active, &roles, 1);
-        let kept = select(&active, &ranked, &roles, 3, 0.5, false);
+        let kept = select(&active, &ranked, &roles, 3, 0.5, Spread::Global);
         assert_eq!(kept, vec![3, 4, 5, 6]);
         // with one token left for segment 0, its own best comes next
-        let kept = select(&active, &ranked, &roles, 4, 0.67, false);
+        let kept = select(&active, &ranked, &roles, 4, 0.67, Spread::Global);
         assert_eq!(kept, vec![1, 3, 4, 5, 6]);
     }
 

@@ -52,18 +52,34 @@ impl TokenRoles {
     }
 }
 
+/// How the budget is spread over the cached segments before the global ranking takes what
+/// is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Spread {
+    /// One global ranking (CacheBlend).
+    #[default]
+    Global,
+    /// Each segment that is not exact first gets `floor(ratio · its length)`.
+    ByLength,
+    /// Each segment that is not exact first gets the budget left after forced tokens in
+    /// proportion to its candidates' score mass (the sum of their positive scores; with
+    /// query-aware ranking, the attention the question pays the segment): Cache-Craft's
+    /// per-chunk budgets.
+    ByMass,
+}
+
 /// Keeps a subset of `active` (sorted token indices): every forced token, then the
-/// highest-scoring others until `budget` non-suffix tokens are kept. With `per_chunk`, each
-/// segment that is not exact first gets `floor(ratio · its length)` of the budget, filled
-/// from its own ranking; what is left goes to the global ranking. `scores[i]` belongs to
-/// `active[i]`. Returns sorted token indices.
+/// highest-scoring others until `budget` non-suffix tokens are kept. Under a [`Spread`]
+/// other than `Global`, each segment that is not exact first gets its share of the budget,
+/// filled from its own ranking; what is left goes to the global ranking. `scores[i]` belongs
+/// to `active[i]`. Returns sorted token indices.
 pub fn select(
     active: &[usize],
     scores: &[f32],
     roles: &TokenRoles,
     budget: usize,
     ratio: f32,
-    per_chunk: bool,
+    spread: Spread,
 ) -> Vec<usize> {
     debug_assert_eq!(active.len(), scores.len());
     let suffix = roles.segments;
@@ -83,19 +99,40 @@ pub fn select(
         .collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
 
-    if per_chunk {
+    if spread != Spread::Global {
         let mut quota = vec![0usize; roles.segments];
-        let mut len = vec![0usize; roles.segments];
-        let mut forced_in = vec![0usize; roles.segments];
-        for (i, &t) in active.iter().enumerate() {
-            let s = roles.segment[t];
-            if s != suffix && !roles.exact[t] {
-                len[s] += 1;
-                forced_in[s] += keep[i] as usize;
+        match spread {
+            Spread::ByLength => {
+                let mut len = vec![0usize; roles.segments];
+                let mut forced_in = vec![0usize; roles.segments];
+                for (i, &t) in active.iter().enumerate() {
+                    let s = roles.segment[t];
+                    if s != suffix && !roles.exact[t] {
+                        len[s] += 1;
+                        forced_in[s] += keep[i] as usize;
+                    }
+                }
+                for s in 0..roles.segments {
+                    quota[s] =
+                        ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
+                }
             }
-        }
-        for s in 0..roles.segments {
-            quota[s] = ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
+            Spread::ByMass => {
+                let mut mass = vec![0f64; roles.segments];
+                for &i in &order {
+                    if !roles.exact[active[i]] {
+                        mass[roles.segment[active[i]]] += scores[i].max(0.0) as f64;
+                    }
+                }
+                let total: f64 = mass.iter().sum();
+                let left = budget.saturating_sub(used) as f64;
+                if total > 0.0 {
+                    for s in 0..roles.segments {
+                        quota[s] = (left * mass[s] / total).floor() as usize;
+                    }
+                }
+            }
+            Spread::Global => {}
         }
         for &i in &order {
             if used >= budget {
@@ -146,12 +183,15 @@ mod tests {
         let active: Vec<usize> = (0..6).collect();
         let scores = [0.1, 5.0, 3.0, 0.2, 0.0, 0.0];
         assert_eq!(
-            select(&active, &scores, &r, 2, 0.5, false),
+            select(&active, &scores, &r, 2, 0.5, Spread::Global),
             vec![1, 2, 4, 5]
         );
-        assert_eq!(select(&active, &scores, &r, 0, 0.0, false), vec![4, 5]);
         assert_eq!(
-            select(&active, &scores, &r, 9, 1.0, false),
+            select(&active, &scores, &r, 0, 0.0, Spread::Global),
+            vec![4, 5]
+        );
+        assert_eq!(
+            select(&active, &scores, &r, 9, 1.0, Spread::Global),
             vec![0, 1, 2, 3, 4, 5]
         );
     }
@@ -162,7 +202,10 @@ mod tests {
         r.forced[2] = true;
         let active: Vec<usize> = (0..5).collect();
         let scores = [0.1, 5.0, 0.0, 3.0, 0.0];
-        assert_eq!(select(&active, &scores, &r, 2, 0.5, false), vec![1, 2, 4]);
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.5, Spread::Global),
+            vec![1, 2, 4]
+        );
     }
 
     #[test]
@@ -172,12 +215,35 @@ mod tests {
         let active: Vec<usize> = (0..9).collect();
         let scores = [9.0, 8.0, 7.0, 6.0, 0.1, 0.3, 0.2, 0.0, 0.0];
         assert_eq!(
-            select(&active, &scores, &r, 4, 0.5, false),
+            select(&active, &scores, &r, 4, 0.5, Spread::Global),
             vec![0, 1, 2, 3, 8]
         );
         assert_eq!(
-            select(&active, &scores, &r, 4, 0.5, true),
+            select(&active, &scores, &r, 4, 0.5, Spread::ByLength),
             vec![0, 1, 5, 6, 8]
+        );
+    }
+
+    #[test]
+    fn by_mass_gives_a_chunk_of_many_medium_scores_its_share() {
+        // chunk 0 holds the two best tokens (mass 10), chunk 1 four medium ones (mass 16):
+        // globally chunk 0 takes the budget, by mass chunk 1 gets floor(2 · 16/26) = 1 first
+        let r = roles(vec![0, 0, 0, 0, 1, 1, 1, 1, 2], 2);
+        let active: Vec<usize> = (0..9).collect();
+        let scores = [5.0, 5.0, 0.0, 0.0, 4.0, 4.0, 4.0, 4.0, 0.0];
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.25, Spread::Global),
+            vec![0, 1, 8]
+        );
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.25, Spread::ByMass),
+            vec![0, 4, 8]
+        );
+        // no positive mass anywhere: the global ranking alone
+        let zeros = [0.0; 9];
+        assert_eq!(
+            select(&active, &zeros, &r, 2, 0.25, Spread::ByMass),
+            select(&active, &zeros, &r, 2, 0.25, Spread::Global)
         );
     }
 
@@ -186,6 +252,9 @@ mod tests {
         let r = roles(vec![0, 0, 0, 0, 1], 1);
         let active = [1, 3, 4];
         let scores = [1.0, 2.0, 0.0];
-        assert_eq!(select(&active, &scores, &r, 1, 0.25, false), vec![3, 4]);
+        assert_eq!(
+            select(&active, &scores, &r, 1, 0.25, Spread::Global),
+            vec![3, 4]
+        );
     }
 }

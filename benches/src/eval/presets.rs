@@ -76,6 +76,12 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             per_chunk: true,
             ..base
         },
+        // query-aware, the budget first spread over chunks by the question's attention mass
+        "qmass" => BlendConfig {
+            query_weight: 1.0,
+            chunk_mass: true,
+            ..base
+        },
         // query-aware, ranking spans of ±4 tokens around the peaks
         "qspan4" => BlendConfig {
             query_weight: 1.0,
@@ -100,7 +106,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass or kvquilt)"
         ),
     })
 }
