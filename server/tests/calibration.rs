@@ -210,3 +210,19 @@ async fn a_damaged_record_stops_the_start_by_name() {
     let msg = format!("{:#}", bad.validate().unwrap_err());
     assert!(msg.contains("blend.uncalibrated"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_model_is_listed_by_its_name() {
+    // (the name only labels the served model; the tiny model is what runs)
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::new(Config {
+        model: Some("qwen2.5-coder-0.5b-instruct".into()),
+        ..config(dir.path(), "prefix")
+    });
+    assert_eq!(models(&app).await.data[0].id, "qwen2.5-coder-0.5b-instruct");
+    let app = TestApp::new(Config {
+        model: Some("/models/My-Model.Q4_K_M.gguf".into()),
+        ..config(dir.path(), "prefix")
+    });
+    assert_eq!(models(&app).await.data[0].id, "My-Model.Q4_K_M");
+}

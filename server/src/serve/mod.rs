@@ -209,8 +209,16 @@ pub fn app_state(
     namespace_key: &NamespaceKey,
 ) -> Result<AppState> {
     let identity = ModelIdentity::of(&loaded)?;
+    // a known model's name as given (its dots are not an extension), a path's file stem
     let model_name = match &config.model {
         None => kvquilt_model::fetch::SMOLLM2_135M_INSTRUCT.name.to_string(),
+        Some(m)
+            if kvquilt_model::fetch::KNOWN_MODELS
+                .iter()
+                .any(|s| s.name == m) =>
+        {
+            m.clone()
+        }
         Some(m) => std::path::Path::new(m)
             .file_stem()
             .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
