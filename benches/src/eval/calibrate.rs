@@ -282,12 +282,31 @@ fn redecide(a: &Args, path: &std::path::Path) -> Result<CalibrationRecord> {
     Ok(r)
 }
 
+/// The folder records are written to: `--out`, else the calibration folder.
+fn out_dir(a: &Args) -> PathBuf {
+    a.out.clone().unwrap_or_else(calibration::default_dir)
+}
+
+/// Fails now, not after an hour of measuring, when the record could not be written.
+fn check_writable(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| tempfile::NamedTempFile::new_in(dir).map(drop))
+        .with_context(|| {
+            format!(
+                "the calibration folder {} is not writable (choose another with --out)",
+                dir.display()
+            )
+        })
+}
+
 /// Writes `record` to `--out` (default: the calibration folder), prints it, and fails when
 /// it certifies nothing.
 fn finish(a: &Args, record: &CalibrationRecord) -> Result<()> {
     print_record(record);
-    let dir = a.out.clone().unwrap_or_else(calibration::default_dir);
-    let path = record.save(&dir)?;
+    let dir = out_dir(a);
+    let path = record
+        .save(&dir)
+        .with_context(|| format!("writing the calibration record to {}", dir.display()))?;
     println!("record: {}", path.display());
     if record.certified.is_none() {
         bail!("not certified: {}", record.verdict);
@@ -298,11 +317,13 @@ fn finish(a: &Args, record: &CalibrationRecord) -> Result<()> {
 /// Runs the calibration and writes the record.
 pub fn run(a: Args) -> Result<()> {
     if let Some(path) = &a.from_record {
+        check_writable(&out_dir(&a))?;
         let record = redecide(&a, path)?;
         return finish(&a, &record);
     }
     let started = Instant::now();
     ensure!(a.examples > 0, "--examples must be at least 1");
+    check_writable(&out_dir(&a))?;
     let mut ratios = a.ratios.clone();
     ensure!(!ratios.is_empty(), "--ratios is empty");
     for &r in &ratios {
@@ -543,4 +564,20 @@ fn print_record(r: &CalibrationRecord) {
         );
     }
     println!("verdict: {}", r.verdict);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritable_record_folder_is_refused_before_measuring() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(&dir.path().join("records")).is_ok());
+        // a folder that cannot exist: below a regular file
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_writable(&file.join("records")).unwrap_err();
+        assert!(format!("{err:#}").contains("not writable"), "{err:#}");
+    }
 }
