@@ -327,26 +327,39 @@ pub struct FoundRecord {
 
 /// The record for `identity`: `<dir>/<key>.json` when `dir` holds one, else a built-in one,
 /// else `None`. Errors: a record file that cannot be read or parsed, has an unknown format,
-/// or names another model.
+/// names another model, or certifies settings the model cannot run.
 pub fn find(dir: Option<&Path>, identity: &ModelIdentity) -> Result<Option<FoundRecord>> {
     let key = calibration_key(identity);
+    let found = |json: &str, source: String| -> Result<Option<FoundRecord>> {
+        let record = CalibrationRecord::parse(json, &key, &source)?;
+        if let Some(c) = &record.certified {
+            let checked = match c.validate(identity.layout.num_layers as usize) {
+                Err(BlendError::Invalid(m)) => Err(m),
+                Err(e) => Err(e.to_string()),
+                Ok(()) if !(c.ratio > 0.0 && c.ratio <= 1.0) => {
+                    Err(format!("ratio {} outside (0, 1]", c.ratio))
+                }
+                Ok(()) => Ok(()),
+            };
+            checked.map_err(|m| {
+                invalid(format!(
+                    "calibration record {source} certifies settings this model cannot run ({m}); run `kvquilt calibrate` again"
+                ))
+            })?;
+        }
+        Ok(Some(FoundRecord { record, source }))
+    };
     if let Some(dir) = dir {
         let path = dir.join(format!("{key}.json"));
         match std::fs::read_to_string(&path) {
-            Ok(json) => {
-                let source = path.display().to_string();
-                let record = CalibrationRecord::parse(&json, &key, &source)?;
-                return Ok(Some(FoundRecord { record, source }));
-            }
+            Ok(json) => return found(&json, path.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(BlendError::Io(e)),
         }
     }
     for (name, json) in BUILT_IN {
         if name.strip_suffix(".json") == Some(key.as_str()) {
-            let source = format!("built-in {name}");
-            let record = CalibrationRecord::parse(json, &key, &source)?;
-            return Ok(Some(FoundRecord { record, source }));
+            return found(json, format!("built-in {name}"));
         }
     }
     Ok(None)

@@ -121,6 +121,26 @@ fn damaged_foreign_or_future_records_are_refused_by_name() {
     let m = invalid(calibration::find(Some(dir.path()), &id));
     assert!(m.contains("written for model 0000"), "{m}");
 
+    // settings the model cannot run: a ratio past 1, a check layer past its last layer
+    for bad in [
+        BlendConfig {
+            ratio: 1.5,
+            ..BlendConfig::default()
+        },
+        BlendConfig {
+            check_layers: vec![99],
+            ..BlendConfig::default()
+        },
+    ] {
+        std::fs::write(
+            &path,
+            serde_json::to_string(&record(&key, Some(bad))).unwrap(),
+        )
+        .unwrap();
+        let m = invalid(calibration::find(Some(dir.path()), &id));
+        assert!(m.contains("cannot run"), "{m}");
+    }
+
     let mut future = record(&key, None);
     future.format = RECORD_FORMAT + 1;
     std::fs::write(&path, serde_json::to_string(&future).unwrap()).unwrap();
