@@ -10,7 +10,8 @@
 //! Where records are found ([`find`]): `<dir>/<key>.json` first (the calibration folder,
 //! by default `<cache root>/calibration`), then the records built into this crate
 //! (`blend/calibrations/`: the default model's). A record that is unreadable, of an unknown
-//! format or written for another model is an error, never silently ignored.
+//! format, written for another model, or certifying settings the model cannot run is an
+//! error, never silently ignored.
 //!
 //! [`BlendDefault`] turns the lookup into serving policy: a certified record gives `blend`
 //! its settings; without one, `blend` requests that name no ratio run as `prefix` (exact)
@@ -28,7 +29,7 @@ use crate::identity::ModelIdentity;
 pub const RECORD_FORMAT: u32 = 1;
 
 /// Records shipped with kvquilt: the default model (SmolLM2-135M-Instruct Q4_1, chunks
-/// behind its BOS) in f32 (the CPU default) and bf16 (the GPU default), measured on the H200
+/// behind its prompt opening `<|im_start|>`, also its BOS) in f32 (the CPU default) and bf16 (the GPU default), measured on the H200
 /// (BENCHMARKS.md §11). File name = key.
 const BUILT_IN: &[(&str, &str)] = &[
     (

@@ -7,12 +7,12 @@
 //! - **Tokenisation**: a chunk's text is tokenised alone, with no BOS and with special tokens
 //!   written in the text matched ([`ChunkCodec::tokenize`]). Callers that already hold token
 //!   ids pass them as they are.
-//! - **Positions and context** ([`ChunkEncoding`]): under `Sink(s)` (the default for a model
-//!   whose prompts open with a special token: `s` = [that token], [`crate::prompt_opening`]),
-//!   a chunk is prefilled behind the sink
-//!   tokens, `s ‖ chunk` at positions `0..S+T`, and only its own `T` rows are kept; a chunk
-//!   that already begins with `s` is prefilled alone. Under `Alone` (CacheBlend's encoding,
-//!   and the default for a model without such a token) it is prefilled alone at `0..T`.
+//! - **Positions and context** ([`ChunkEncoding`]): under `Sink(s)` (the default: `s` =
+//!   [the special token the model's prompts open with, else its BOS],
+//!   [`crate::prompt_opening`]), a chunk is prefilled behind the sink tokens, `s ‖ chunk` at
+//!   positions `0..S+T`, and only its own `T` rows are kept; a chunk that already begins
+//!   with `s` is prefilled alone. Under `Alone` (CacheBlend's encoding, and the default for a
+//!   model with neither, e.g. one without a tokenizer) it is prefilled alone at `0..T`.
 //!   Either way a chunk attends only to itself (and the sink), never to other chunks.
 //! - **Stored KV**: per layer, K before RoPE and V, `[T, kv_heads, head_dim]`, in the model's
 //!   compute dtype; blending places the keys at new positions by rotation.

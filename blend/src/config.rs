@@ -124,7 +124,10 @@ pub struct BlendConfig {
 }
 
 impl Default for BlendConfig {
-    /// kvquilt's default: query-aware ranking at ratio 0.3, the smallest measured ratio whose
+    /// kvquilt's uncalibrated default — what `[blend] uncalibrated = "blend"` runs and what the
+    /// default model's calibration records certify (a served model's `blend` comes from its
+    /// record, `crate::calibration::BlendDefault`): query-aware ranking at ratio 0.3, the
+    /// smallest measured ratio whose
     /// needle accuracy reaches 95% of full prefill's (0.767 vs 0.800 with chunks encoded
     /// behind the BOS sink; CacheBlend's ranking: 0.467 at 0.3, 0.50 at 0.15), with MuSiQue
     /// first-token KL 0.016 (CacheBlend at 0.15: 0.109) and F1 0.97 of full's. Its TTFT is

@@ -1,5 +1,6 @@
 //! The `kvquilt` command line: argument parsing and dispatch to [`crate::cmd`] and
-//! [`crate::serve`]. `bench` and `eval` hand their arguments to the `kvquilt-bench` binary.
+//! [`crate::serve`]. `bench`, `eval` and `calibrate` hand their arguments to the `kvquilt-bench`
+//! binary.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{cmd, serve};
 
-/// Name of the harness binary `bench` and `eval` run.
+/// Name of the harness binary `bench`, `eval` and `calibrate` run.
 pub const BENCH_BINARY: &str = "kvquilt-bench";
 
 #[derive(Parser)]

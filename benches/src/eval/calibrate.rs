@@ -14,8 +14,8 @@
 //! 3. **Ladder**: blend with the chosen selection variant at each ratio; a ratio meets the
 //!    target when its needle accuracy is at least `target × full's` and its MuSiQue
 //!    first-token KL at most the bound. The certified ratio is the smallest one that meets
-//!    the target together with every larger ratio measured (one lucky rung does not
-//!    certify). Nothing is certified when a check fails or full prefill itself finds fewer
+//!    the target while every larger ratio measured stays within one needle example of it
+//!    and within the KL bound ([`calibration::decide`]; one lucky rung does not certify). Nothing is certified when a check fails or full prefill itself finds fewer
 //!    than `--min-full-accuracy` of the needles.
 //!
 //! The record goes to `<cache root>/calibration/<key>.json` (`--out` to change), keyed by

@@ -55,7 +55,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.15,0.3")]
     ratios: Vec<f32>,
     /// Token-selection variants of blend (see `presets.rs`): cacheblend, starts, kv,
-    /// gradual, perchunk, query, qspan, qchunk, vchunk, mixed, kvquilt.
+    /// gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts,
+    /// qgradual, qperchunk, qmass, kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
     /// How chunks are prefilled for storage: `auto` (the model's default: behind the special
