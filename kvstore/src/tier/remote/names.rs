@@ -1,6 +1,6 @@
 //! Where an object lives in a remote key-value engine: key names and the header envelope.
 //!
-//! One object is one hash tag, so a cluster keeps all of it on one shard and one connection
+//! One object is one hash tag, so a cluster keeps all of it on one shard and one call
 //! pipelines it:
 //!
 //! | key | value |

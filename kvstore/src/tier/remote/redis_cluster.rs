@@ -20,12 +20,18 @@ pub struct RedisCluster {
     client: ClusterClient,
     seeds: Vec<String>,
     connect_timeout: Duration,
-    /// The connection once made (it multiplexes every call); `None` until then or after
-    /// connecting failed.
-    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// The connections once made, [`CONNECTIONS`] of them (each multiplexes the calls given
+    /// to it: one TCP connection per node); `None` until then or after connecting failed.
+    conns: tokio::sync::Mutex<Option<Vec<ClusterConnection>>>,
+    /// Round-robin cursor over `conns`.
+    next: std::sync::atomic::AtomicUsize,
     /// Slot ranges and the primary serving each (`CLUSTER SLOTS`), sorted by start.
     slots: parking_lot::RwLock<Vec<(u16, u16, String)>>,
 }
+
+/// Cluster connections per sidecar: calls are spread over them round-robin, so one large
+/// object's pipeline does not hold up the replies of every other call on one socket per node.
+const CONNECTIONS: usize = 4;
 
 /// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (or of the whole key when it
 /// has none) modulo 16384, as Redis Cluster computes it.
@@ -122,23 +128,30 @@ impl RedisCluster {
             client,
             seeds: seeds.to_vec(),
             connect_timeout,
-            conn: tokio::sync::Mutex::new(None),
+            conns: tokio::sync::Mutex::new(None),
+            next: std::sync::atomic::AtomicUsize::new(0),
             slots: parking_lot::RwLock::new(Vec::new()),
         })
     }
 
     async fn conn(&self) -> Result<ClusterConnection, RemoteError> {
-        let mut g = self.conn.lock().await;
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut g = self.conns.lock().await;
         if let Some(c) = &*g {
-            return Ok(c.clone());
+            return Ok(c[i % c.len()].clone());
         }
-        let c = tokio::time::timeout(self.connect_timeout, self.client.get_async_connection())
-            .await
-            .map_err(|_| RemoteError::Timeout(self.connect_timeout))?
-            .map_err(|e| {
-                RemoteError::Unavailable(format!("connecting to {:?}: {e}", self.seeds))
-            })?;
-        *g = Some(c.clone());
+        let mut made = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            let c = tokio::time::timeout(self.connect_timeout, self.client.get_async_connection())
+                .await
+                .map_err(|_| RemoteError::Timeout(self.connect_timeout))?
+                .map_err(|e| {
+                    RemoteError::Unavailable(format!("connecting to {:?}: {e}", self.seeds))
+                })?;
+            made.push(c);
+        }
+        let c = made[i % made.len()].clone();
+        *g = Some(made);
         Ok(c)
     }
 }
