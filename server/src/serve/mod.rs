@@ -267,7 +267,7 @@ fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefau
     let default = BlendDefault::from_record(found.as_ref(), config.blend.blend_uncalibrated()?);
     match &default {
         BlendDefault::Calibrated { config, source } => tracing::info!(
-            ratio = config.ratio,
+            ratio = %config.ratio,
             record = %source,
             "calibrated: blend requests without a ratio recompute {:.0}% of chunk tokens",
             config.ratio * 100.0
@@ -283,7 +283,7 @@ fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefau
             reason,
             opt_in: Some(c),
         } => tracing::warn!(
-            ratio = c.ratio,
+            ratio = %c.ratio,
             "{reason}: blending anyway at the uncalibrated default (blend.uncalibrated = \"blend\")"
         ),
     }
