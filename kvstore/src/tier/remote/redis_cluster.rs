@@ -21,8 +21,9 @@ pub struct RedisCluster {
     seeds: Vec<String>,
     connect_timeout: Duration,
     /// The connections once made, [`CONNECTIONS`] of them (each multiplexes the calls given
-    /// to it: one TCP connection per node); `None` until then or after connecting failed.
-    conns: tokio::sync::Mutex<Option<Vec<ClusterConnection>>>,
+    /// to it: one TCP connection per node); empty until then, and connecting is tried again
+    /// by the next call after a failure. Calls after that take no lock.
+    conns: tokio::sync::OnceCell<Vec<ClusterConnection>>,
     /// Round-robin cursor over `conns`.
     next: std::sync::atomic::AtomicUsize,
     /// Slot ranges and the primary serving each (`CLUSTER SLOTS`), sorted by start.
@@ -128,31 +129,34 @@ impl RedisCluster {
             client,
             seeds: seeds.to_vec(),
             connect_timeout,
-            conns: tokio::sync::Mutex::new(None),
+            conns: tokio::sync::OnceCell::new(),
             next: std::sync::atomic::AtomicUsize::new(0),
             slots: parking_lot::RwLock::new(Vec::new()),
         })
     }
 
     async fn conn(&self) -> Result<ClusterConnection, RemoteError> {
+        let conns = self
+            .conns
+            .get_or_try_init(|| async {
+                let mut made = Vec::with_capacity(CONNECTIONS);
+                for _ in 0..CONNECTIONS {
+                    let c = tokio::time::timeout(
+                        self.connect_timeout,
+                        self.client.get_async_connection(),
+                    )
+                    .await
+                    .map_err(|_| RemoteError::Timeout(self.connect_timeout))?
+                    .map_err(|e| {
+                        RemoteError::Unavailable(format!("connecting to {:?}: {e}", self.seeds))
+                    })?;
+                    made.push(c);
+                }
+                Ok::<_, RemoteError>(made)
+            })
+            .await?;
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut g = self.conns.lock().await;
-        if let Some(c) = &*g {
-            return Ok(c[i % c.len()].clone());
-        }
-        let mut made = Vec::with_capacity(CONNECTIONS);
-        for _ in 0..CONNECTIONS {
-            let c = tokio::time::timeout(self.connect_timeout, self.client.get_async_connection())
-                .await
-                .map_err(|_| RemoteError::Timeout(self.connect_timeout))?
-                .map_err(|e| {
-                    RemoteError::Unavailable(format!("connecting to {:?}: {e}", self.seeds))
-                })?;
-            made.push(c);
-        }
-        let c = made[i % made.len()].clone();
-        *g = Some(made);
-        Ok(c)
+        Ok(conns[i % conns.len()].clone())
     }
 }
 
