@@ -17,6 +17,12 @@
 #   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
+#   benches/gpu_run.sh codecs N  # issue 13 on the GPU: the dequant kernel (bits vs the CPU
+#                                # decoder, throughput beside a device copy and pinned PCIe);
+#                                # host-tier hits of the 8B shape per codec, dequantised on the
+#                                # device vs on the CPU; answer agreement of fp8/int8 beside the
+#                                # floor of exact arithmetic (reference vs fused attention over
+#                                # the same raw chunks), N examples per task (SmolLM2, bf16)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -42,6 +48,22 @@ case "${1:-perf}" in
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --real \
       --corpus-limit 600 --queries 480 --warmup 160 --window 80 --zipf 0.8 \
       --policies lru,s3fifo --hit-threads 1 --json "$OUT/trace_8b_real.json"
+    ;;
+  codecs)
+    "$bench" codec --model "$KVQ_MODEL" --device cuda --codecs fp8,int8 --cold-codecs "" \
+      --json "$OUT/codec_device.json"
+    "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.15 --host-codecs raw,int8,fp8 --phases --repeats 7 --json "$OUT/blend_codecs.json"
+    "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.15 --host-codecs raw,int8,fp8 --cpu-decode --phases --repeats 7 \
+      --json "$OUT/blend_codecs_cpu_decode.json"
+    for task in needle musique; do
+      for att in fused reference; do
+        "$bench" eval --model "$KVQ_MODEL" --device cuda --attention "$att" --task "$task" \
+          --limit "${2:-30}" --modes full,reuse,blend --variants kvquilt --ratios 0.3 \
+          --codecs fp8,int8 --json "$OUT/eval_${task}_${att}.json"
+      done
+    done
     ;;
   perf)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"

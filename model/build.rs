@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["attention", "layer"];
+const KERNELS: &[&str] = &["attention", "dequant", "layer"];
 
 fn main() {
     println!("cargo::rerun-if-changed=src/kernels");

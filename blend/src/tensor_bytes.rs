@@ -5,7 +5,9 @@
 //! host, so conversion is one copy each way.
 
 use bytes::Bytes;
+use kvquilt_compression::{CodecSpec as Codec, ElemType, LayerShape};
 use kvquilt_kvstore::KvLayout;
+use kvquilt_model::dequant;
 use kvquilt_model::staging::Uploader;
 use kvquilt_model::{DType, Device, LayerKv, Tensor};
 
@@ -56,6 +58,51 @@ pub fn layer_from_bytes(
     let k = Tensor::from_raw_buffer(&bytes[..half], dtype, &[shape.0, shape.1, shape.2], device)?;
     let v = Tensor::from_raw_buffer(&bytes[half..], dtype, &[shape.0, shape.1, shape.2], device)?;
     Ok(LayerKv::new(k, v))
+}
+
+/// One layer of `tokens` tokens from its stored `record` of `codec`: an 8-bit codec's record
+/// is uploaded as it is (a quarter of f32's bytes, half of bf16's, across PCIe) and
+/// dequantised where the model runs (`kvquilt_model::dequant`: the kernel on CUDA, the
+/// same formula on the CPU); any other record is decoded on the CPU and uploaded decoded.
+pub fn layer_from_record(
+    codec: Codec,
+    record: &Bytes,
+    layout: &KvLayout,
+    tokens: usize,
+    device: &Device,
+    uploader: Option<&Uploader>,
+) -> Result<LayerKv> {
+    let dtype = dtype_of(layout);
+    let shape = LayerShape {
+        tokens,
+        kv_heads: layout.num_kv_heads as usize,
+        head_dim: layout.head_dim as usize,
+        elem: match layout.dtype {
+            kvquilt_kvstore::KvDType::F32 => ElemType::F32,
+            kvquilt_kvstore::KvDType::F16 => ElemType::F16,
+            kvquilt_kvstore::KvDType::BF16 => ElemType::Bf16,
+        },
+    };
+    let plan = codec
+        .scaled8(&shape)
+        .filter(|p| !device.is_cuda() || dequant::decodes_on_device(device, p));
+    let Some(plan) = plan else {
+        let raw = codec
+            .decode(&shape, record)
+            .map_err(|e| invalid(format!("layer record: {e}")))?;
+        return layer_from_bytes(&Bytes::from(raw), layout, tokens, device, uploader);
+    };
+    let rec = match uploader {
+        Some(up) => up.upload_shared(record, DType::U8, &[record.len()], device)?,
+        None => Tensor::from_raw_buffer(record, DType::U8, &[record.len()], device)?,
+    };
+    let kv = dequant::dequantize(&rec, &plan, dtype)?;
+    let elems = plan.half;
+    let dims = (shape.tokens, shape.kv_heads, shape.head_dim);
+    Ok(LayerKv::new(
+        kv.narrow(0, 0, elems)?.reshape(dims)?,
+        kv.narrow(0, elems, elems)?.reshape(dims)?,
+    ))
 }
 
 /// One layer's K and V as the store's K‖V bytes, in an allocation of exactly their length

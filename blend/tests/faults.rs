@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
-use kvquilt_kvstore::{ChunkKey, SsdConfig, StoreConfig, TierKind, TieredStore};
+use kvquilt_kvstore::{SsdConfig, StoreConfig, TierKind, TieredStore};
 use kvquilt_model::{DType, Device, Tensor, load};
 use tokio::runtime::Runtime;
+
+mod support;
+use support::corrupt;
 
 /// A blender over the tiny qwen2 model and a store opened over the SSD tier at `dir`: its
 /// host tier starts empty, and with promotion off the objects on disk are read from there.
@@ -33,21 +36,6 @@ fn toks(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| 1 + (i * 37 + seed * 101) % 500)
         .collect()
-}
-
-/// Flips 16 bytes inside layer `layer`'s record of `key` in the closed SSD tier at `dir`.
-fn corrupt(dir: &Path, key: &ChunkKey, layer: u32) {
-    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir, ["data", "meta"]).unwrap();
-    let cf = db.cf_handle("data").unwrap();
-    let mut k = key.0.to_vec();
-    k.push(b'l');
-    k.extend_from_slice(&layer.to_be_bytes());
-    let mut v = db.get_cf(cf, &k).unwrap().expect("the record exists");
-    let mid = v.len() / 2;
-    for b in &mut v[mid..mid + 16] {
-        *b ^= 0x5a;
-    }
-    db.put_cf(cf, &k, v).unwrap();
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

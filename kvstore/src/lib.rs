@@ -41,7 +41,7 @@
 //! | 92 | 4 | `S` (0 when absent) |
 //! | 96 | 4·T | token ids, u32 |
 //! | 96+4T | S | statistics: kind u8, 3 zero bytes, f32 values (a multiple of `T`) |
-//! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8 and int8: flags u8 (bit 0: lz4 after); KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
+//! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8: flags u8 (bit 0: lz4 after); int8: flags u8, then (v3, K scales per group of tokens) group u16 ≥ 1; KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
 //! | 96+4T+S+P | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
 //! | H−32 | 32 | BLAKE3 of bytes `0..H−32` |
 //! | H | … | payload: the `L` records in layer order |
@@ -65,6 +65,13 @@
 //!   [`StoreError::NewerFormat`]: a miss, and the object is **left in place** (the SSD tier
 //!   does not delete it), so a newer process sharing the store can still use it.
 //!   Test: `tests/format.rs::version_1_objects_still_read`.
+//! - **2 → 3** (2026-12-01): int8 gained K scales per group of tokens (`int8/gN`), recorded
+//!   as a 3-byte parameter block (flags, group u16). Only objects of grouped int8 are
+//!   written as v3; every other object is still written as v2, byte for byte
+//!   ([`object::version_for`]), so a v2 build keeps reading them and meets a grouped object
+//!   as [`StoreError::NewerFormat`] (a miss, left in place) instead of as a corrupt
+//!   parameter block (which it would drop). This build reads all three; a v2 header holding
+//!   a grouped int8 block is corrupt. Test: `tests/format.rs::grouped_int8_objects_are_version_3_and_nothing_else_is`.
 //!
 //! ## What a crash leaves
 //!
@@ -108,7 +115,10 @@ pub use error::{Result, StoreError};
 pub use index::{Lease, Pin, Pins};
 pub use key::{ChunkKey, Fingerprint, KEY_FORMAT_VERSION, KeyContext, prefix_key};
 pub use layout::{KvDType, KvLayout, RopeScalingSpec};
-pub use object::{EncodedObject, KvObject, ObjectHeader, ObjectInfo, TokenStats};
+pub use object::{
+    EncodedObject, KeepEncoded, KvObject, ObjectHeader, ObjectInfo, StreamLayer, TokenStats,
+    decode_all,
+};
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{

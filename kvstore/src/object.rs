@@ -13,9 +13,20 @@ use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
 
 /// First eight bytes of every object.
 pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
-/// The format this code writes. It reads this one and every earlier one (v1 is v2 with no
-/// codec parameters); a later version is refused with [`StoreError::Mismatch`].
-pub const FORMAT_VERSION: u16 = 2;
+/// The newest format this code writes. It reads this one and every earlier one (v1 is v2
+/// with no codec parameters; v2 is v3 without grouped int8); a later version is refused
+/// with [`StoreError::NewerFormat`]. Each object is written in the oldest version that
+/// describes it ([`version_for`]), so older builds keep reading every object they can.
+pub const FORMAT_VERSION: u16 = 3;
+
+/// The oldest format version that can describe an object stored with `codec`: 3 for int8
+/// with K scales per group of tokens (its 3-byte parameter block), 2 otherwise.
+pub fn version_for(codec: Codec) -> u16 {
+    match codec {
+        Codec::Int8 { group, .. } if group > 0 => 3,
+        _ => 2,
+    }
+}
 /// Bytes of the fixed part of the header, before the token ids.
 pub const FIXED_HEADER_LEN: usize = 96;
 /// Bytes of one layer-table entry.
@@ -89,6 +100,48 @@ impl ObjectHeader {
     /// Bytes of the header plus all records.
     pub fn stored_len(&self, header_len: usize) -> u64 {
         header_len as u64 + self.payload_len()
+    }
+}
+
+/// One layer as a reader hands it over ([`crate::LayerReader::layer_as`],
+/// [`crate::LayerStream::next_layer`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamLayer {
+    /// K‖V bytes in the layout's element type.
+    Decoded(Bytes),
+    /// The layer's record as stored, verified against its checksum, of a codec the reader was
+    /// asked to keep encoded: the caller decodes it (the GPU path dequantises on the device).
+    Encoded {
+        /// The codec the record is in.
+        codec: Codec,
+        /// The record.
+        record: Bytes,
+    },
+}
+
+impl StreamLayer {
+    /// Bytes handed over (a record's stored length, or the decoded length).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Decoded(b) => b.len(),
+            Self::Encoded { record, .. } => record.len(),
+        }
+    }
+
+    /// Whether no bytes were handed over.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The layer's K‖V bytes for `tokens` tokens of `layout`, decoding a kept record on the
+    /// CPU.
+    pub fn decoded(self, layout: &KvLayout, tokens: usize) -> Result<Bytes> {
+        match self {
+            Self::Decoded(b) => Ok(b),
+            Self::Encoded { codec, record } => {
+                crate::codec::decode(codec, layout, tokens, &record).map(Bytes::from)
+            }
+        }
     }
 }
 
@@ -385,6 +438,34 @@ pub fn verify_record(header: &ObjectHeader, i: usize, record: &[u8]) -> Result<(
     Ok(())
 }
 
+/// Which codecs' records a reader hands over as stored ([`StreamLayer::Encoded`]) for the
+/// caller to decode; the others it decodes.
+pub type KeepEncoded = fn(Codec) -> bool;
+
+/// A [`KeepEncoded`] that keeps nothing encoded.
+pub fn decode_all(_: Codec) -> bool {
+    false
+}
+
+/// Verifies layer `i`'s stored record and hands it over as a [`StreamLayer`]: the record
+/// itself when `keep` says so for its codec (the caller decodes it), else decoded as
+/// [`decode_record`] does.
+pub fn record_as(
+    header: &ObjectHeader,
+    i: usize,
+    record: &Bytes,
+    keep: KeepEncoded,
+) -> Result<StreamLayer> {
+    if keep(header.codec) {
+        verify_record(header, i, record)?;
+        return Ok(StreamLayer::Encoded {
+            codec: header.codec,
+            record: record.clone(),
+        });
+    }
+    decode_record(header, i, record).map(StreamLayer::Decoded)
+}
+
 /// Verifies and decodes layer `i`'s stored record to its K‖V bytes. For the raw codec the
 /// record is returned as it is (no copy) once its checksum holds.
 pub fn decode_record(header: &ObjectHeader, i: usize, record: &Bytes) -> Result<Bytes> {
@@ -461,7 +542,7 @@ pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
         + CHECKSUM_LEN;
     let mut w = Writer(Vec::with_capacity(len));
     w.bytes(&MAGIC);
-    w.u16(FORMAT_VERSION);
+    w.u16(version_for(h.codec));
     w.u16(0); // flags
     w.u32(len as u32);
     w.bytes(&info.key.0);
@@ -654,6 +735,13 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
         Some(TokenStats { kind, values })
     };
     let codec = crate::codec::from_header(&key, codec_id, r.take(params_len)?)?;
+    // (v1 is v2 without parameters, checked above)
+    if version_for(codec) > version.max(2) {
+        return Err(corrupt(format!(
+            "{key}: codec {codec} in a version {version} header (needs {})",
+            version_for(codec)
+        )));
+    }
     let raw_len = layout.layer_bytes(t as usize) as u64;
     let mut layers = Vec::with_capacity(num_layers as usize);
     let mut next = 0u64;

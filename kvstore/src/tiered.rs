@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::index::{Lease, Pin, Pins};
 use crate::key::ChunkKey;
-use crate::object::{KvObject, ObjectInfo};
+use crate::object::{KeepEncoded, KvObject, ObjectInfo, StreamLayer, decode_all};
 use crate::policy::PolicyKind;
 use crate::stats::TierStatsSnapshot;
 use crate::tier::{HostMemory, HostTier, SsdConfig, SsdTier, Tier, TierKind};
@@ -88,18 +88,26 @@ pub struct LayerStream {
     pub tier: TierKind,
     /// The lossy codec the layers are decoded from (`None`: exact values).
     pub lossy: Option<crate::Codec>,
-    rx: mpsc::Receiver<Result<Bytes>>,
+    rx: mpsc::Receiver<Result<StreamLayer>>,
 }
 
 impl LayerStream {
-    /// The next layer's K‖V, `None` after the last.
-    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+    /// The next layer as the tier handed it over (a record of a codec the stream was opened
+    /// to keep stays encoded: [`TieredStore::read_layers_keeping`]), `None` after the last.
+    pub async fn next_layer(&mut self) -> Option<Result<StreamLayer>> {
         self.rx.recv().await
     }
 
-    /// The same, for callers outside the async runtime (model threads).
+    /// The next layer's K‖V (a kept record decoded here, on the CPU), `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        let layer = self.rx.recv().await?;
+        Some(layer.and_then(|l| l.decoded(&self.info.layout, self.info.tokens.len())))
+    }
+
+    /// [`LayerStream::next`] for callers outside the async runtime (model threads).
     pub fn next_blocking(&mut self) -> Option<Result<Bytes>> {
-        self.rx.blocking_recv()
+        let layer = self.rx.blocking_recv()?;
+        Some(layer.and_then(|l| l.decoded(&self.info.layout, self.info.tokens.len())))
     }
 }
 
@@ -272,6 +280,20 @@ impl TieredStore {
         key: &ChunkKey,
         read_ahead: usize,
     ) -> Result<Option<LayerStream>> {
+        self.read_layers_keeping(key, read_ahead, decode_all).await
+    }
+
+    /// [`TieredStore::read_layers`], handing over records of the codecs `keep` names as stored
+    /// ([`StreamLayer::Encoded`], verified) for the caller to decode: the GPU path
+    /// dequantises them on the device. Tiers that cannot hand records over decode as usual.
+    /// Promotion after the stream decodes kept records on a blocking thread, off the
+    /// request's path.
+    pub async fn read_layers_keeping(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+        read_ahead: usize,
+        keep: KeepEncoded,
+    ) -> Result<Option<LayerStream>> {
         for (i, t) in self.tiers.iter().enumerate() {
             // a local tier is leased (kept from eviction) while the stream reads it; a remote
             // one is asked directly (its reader misses fast when the key is known absent)
@@ -291,7 +313,7 @@ impl TieredStore {
                 let _lease: Option<Lease> = lease;
                 let mut layers = Vec::with_capacity(n);
                 for l in 0..n {
-                    let r = reader.layer(l).await;
+                    let r = reader.layer_as(l, keep).await;
                     let ok = r.as_ref().ok().cloned();
                     if tx.send(r).await.is_err() {
                         return; // the reader went away
@@ -304,6 +326,17 @@ impl TieredStore {
                 drop(reader);
                 if i > 0 && store.promote_on_hit {
                     let i2 = &info_task;
+                    let (layout, tokens) = (i2.layout, i2.tokens.len());
+                    let decoded = tokio::task::spawn_blocking(move || {
+                        layers
+                            .into_iter()
+                            .map(|l| l.decoded(&layout, tokens))
+                            .collect::<Result<Vec<Bytes>>>()
+                    })
+                    .await;
+                    let Ok(Ok(layers)) = decoded else {
+                        return;
+                    };
                     if let Ok(obj) = KvObject::new(
                         i2.key,
                         i2.layout,

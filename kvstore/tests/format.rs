@@ -15,16 +15,18 @@ fn sane_object(seed: u64, tokens: usize, dtype: KvDType) -> kvquilt_kvstore::KvO
 /// their parameters and decode to the right length (their error bounds are the compression
 /// crate's tests).
 fn all_codecs() -> Vec<Codec> {
-    ["raw", "lz4", "fp8", "int8+lz4", "kivi4", "kivi2"]
-        .iter()
-        .map(|n| Codec::parse(n).unwrap())
-        .chain([Codec::Kivi {
-            bits: 4,
-            group: 4,
-            residual: 3,
-            lz4: true,
-        }])
-        .collect()
+    [
+        "raw", "lz4", "fp8", "int8+lz4", "int8/g16", "kivi4", "kivi2",
+    ]
+    .iter()
+    .map(|n| Codec::parse(n).unwrap())
+    .chain([Codec::Kivi {
+        bits: 4,
+        group: 4,
+        residual: 3,
+        lz4: true,
+    }])
+    .collect()
 }
 
 #[test]
@@ -211,12 +213,44 @@ fn wrong_key_or_version_is_a_mismatch() {
         Err(StoreError::Mismatch(_))
     ));
     // a version from the future is its own error (skipped, not taken for corruption)
-    let mut v3 = bytes.clone();
-    v3[8] = 3;
+    let mut v4 = bytes.clone();
+    v4[8] = 4;
     assert!(matches!(
-        decode_header(&v3),
-        Err(StoreError::NewerFormat { version: 3, .. })
+        decode_header(&v4),
+        Err(StoreError::NewerFormat { version: 4, .. })
     ));
+}
+
+/// Objects are written in the oldest version that describes them: grouped int8 (its 3-byte
+/// parameter block) as v3, everything else as v2, so a v2 build still reads every object it
+/// can and meets a grouped one as a newer format (left in place), never as corruption. A v2
+/// header holding a grouped int8 block is corrupt.
+#[test]
+fn grouped_int8_objects_are_version_3_and_nothing_else_is() {
+    let obj = sane_object(31, 40, KvDType::BF16);
+    let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
+    for name in ["raw", "lz4", "fp8", "int8", "int8+lz4", "kivi4"] {
+        let bytes = obj.encode(Codec::parse(name).unwrap()).unwrap().to_bytes();
+        assert_eq!(version(&bytes), 2, "{name}");
+    }
+    for name in ["int8/g32", "int8/g7+lz4"] {
+        let codec = Codec::parse(name).unwrap();
+        let bytes = obj.encode(codec).unwrap().to_bytes();
+        assert_eq!(version(&bytes), 3, "{name}");
+        let parsed = EncodedObject::parse(&bytes, Some(obj.key())).unwrap();
+        assert_eq!(parsed.header.codec, codec);
+        assert_eq!(parsed.decode().unwrap().layer(2).len(), obj.layer(2).len());
+        // the same bytes claiming v2 (re-checksummed): corrupt
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        let h = u32::from_le_bytes(v2[12..16].try_into().unwrap()) as usize;
+        let sum = blake3::hash(&v2[..h - 32]);
+        v2[h - 32..h].copy_from_slice(sum.as_bytes());
+        assert!(
+            matches!(decode_header(&v2), Err(StoreError::Corrupt(_))),
+            "{name}"
+        );
+    }
 }
 
 #[test]

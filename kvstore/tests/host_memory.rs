@@ -120,3 +120,58 @@ async fn a_memory_that_cannot_place_leaves_the_object_admitted() {
     let (got, _) = store.get(obj.key()).await.unwrap().unwrap();
     assert_eq!(got.layer(0), obj.layer(0));
 }
+
+/// A host tier holding objects encoded places their records in its memory too, and a stream
+/// asked to keep the codec hands those placed records over as stored (verified): on a GPU
+/// host they cross to the device by DMA and are dequantised there.
+#[tokio::test]
+async fn encoded_records_are_placed_and_handed_over_as_stored() {
+    use kvquilt_kvstore::{Codec, StreamLayer};
+    let int8 = Codec::Int8 {
+        lz4: false,
+        group: 0,
+    };
+    let config = StoreConfig {
+        host_codec: int8,
+        ..StoreConfig::host_only(1 << 20)
+    };
+    let store = Arc::new(TieredStore::open(config).unwrap());
+    let arena = Arc::new(Arena::default());
+    assert!(store.set_host_memory(arena.clone()));
+    let lay = layout(KvDType::BF16, 3);
+    let obj = common::sane(&object(2, 9, lay), 2);
+    store.put(obj.clone(), 0.0).await.unwrap();
+    assert_eq!(
+        arena.placed.load(Ordering::Relaxed),
+        1,
+        "the records were placed"
+    );
+    let mut kept = store
+        .read_layers_keeping(obj.key(), READ_AHEAD, |c| c.has_scaled8())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut decoded = store
+        .read_layers(obj.key(), READ_AHEAD)
+        .await
+        .unwrap()
+        .unwrap();
+    for l in 0..3 {
+        let layer = kept.next_layer().await.unwrap().unwrap();
+        let StreamLayer::Encoded { codec, record } = &layer else {
+            panic!("layer {l} was decoded: {layer:?}");
+        };
+        assert_eq!(*codec, int8);
+        assert!(
+            arena.holds(record),
+            "layer {l}'s record comes from the arena"
+        );
+        assert!(
+            record.len() < obj.layer(l).len(),
+            "smaller than the decoded layer"
+        );
+        let want = decoded.next().await.unwrap().unwrap();
+        assert_eq!(layer.decoded(&lay, 9).unwrap(), want, "layer {l}");
+    }
+    assert!(kept.next_layer().await.is_none());
+}

@@ -27,6 +27,7 @@
 mod attention;
 mod chat;
 mod config;
+pub mod dequant;
 mod device;
 mod error;
 pub mod fetch;

@@ -376,9 +376,11 @@ mod ring {
             DType::BF16 => copy_as!(half::bf16),
             DType::F16 => copy_as!(half::f16),
             DType::F32 => copy_as!(f32),
+            // a stored record, dequantised on the device (`crate::dequant`)
+            DType::U8 => copy_as!(u8),
             other => {
                 return Err(invalid_input(format!(
-                    "uploads take bf16, f16 or f32, not {other:?}"
+                    "uploads take bf16, f16, f32 or u8, not {other:?}"
                 )));
             }
         })

@@ -9,10 +9,13 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file;
 use kvquilt_model::{DType, Device, ModelError, load};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kvq-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+/// A fresh directory for one test's files, removed when the test ends (pass or fail).
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn at(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
 }
 
 fn load_err(path: &std::path::Path) -> ModelError {
@@ -29,22 +32,24 @@ fn missing_file() {
 #[test]
 fn truncated_gguf_is_named_truncated() {
     let src = std::fs::read(common::smollm2_path()).unwrap();
+    let d = scratch();
     for keep in [src.len() / 2, src.len() - 1] {
-        let p = tmp(&format!("truncated-{keep}.gguf"));
+        let p = at(&d, &format!("truncated-{keep}.gguf"));
         std::fs::write(&p, &src[..keep]).unwrap();
         let e = load_err(&p);
         assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
         assert!(e.to_string().contains("truncated"), "{e}");
     }
     // cut inside the header: still a clear GGUF error, not a panic
-    let p = tmp("header-only.gguf");
+    let p = at(&d, "header-only.gguf");
     std::fs::write(&p, &src[..4096]).unwrap();
     assert!(matches!(load_err(&p), ModelError::InvalidGguf { .. }));
 }
 
 #[test]
 fn not_a_gguf_file() {
-    let p = tmp("noise.gguf");
+    let d = scratch();
+    let p = at(&d, "noise.gguf");
     std::fs::write(&p, b"this is not a model file at all, just some text").unwrap();
     let e = load_err(&p);
     assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
@@ -52,7 +57,8 @@ fn not_a_gguf_file() {
 
 #[test]
 fn unknown_architecture_gguf() {
-    let p = tmp("mamba.gguf");
+    let d = scratch();
+    let p = at(&d, "mamba.gguf");
     let mut f = std::fs::File::create(&p).unwrap();
     let arch = gguf_file::Value::String("mamba".into());
     gguf_file::write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
@@ -66,7 +72,8 @@ fn unknown_architecture_gguf() {
 
 #[test]
 fn unknown_architecture_hf_dir() {
-    let dir = tmp("gpt2-dir");
+    let d = scratch();
+    let dir = at(&d, "gpt2-dir");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("config.json"),
@@ -82,7 +89,8 @@ fn unknown_architecture_hf_dir() {
 
 #[test]
 fn truncated_safetensors() {
-    let dir = tmp("tiny-truncated");
+    let d = scratch();
+    let dir = at(&d, "tiny-truncated");
     std::fs::create_dir_all(&dir).unwrap();
     let src = common::fixture("tiny-llama");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();

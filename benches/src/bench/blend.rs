@@ -1,13 +1,15 @@
 //! `kvquilt bench blend`: time to first token of `full`, `reuse` and `blend` on a RAG-shaped
 //! prompt (a prefix, N chunks, a question) whose chunks are already stored in the host tier,
-//! and, with `--device-tier`, resident in the device tier (GPU memory) instead.
+//! and, with `--device-tier`, resident in the device tier (GPU memory) instead. With
+//! `--host-codecs` the host-tier rows repeat for each codec the host tier holds objects in
+//! (8-bit codecs cross to the device encoded and are dequantised there on CUDA).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
 use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
-use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
+use kvquilt_kvstore::{Codec, PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::{Model, Rows};
 use serde::Serialize;
 
@@ -53,6 +55,14 @@ pub struct BlendBenchArgs {
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Codecs the host tier holds the chunks in, one set of host rows each (`raw` first is
+    /// the baseline; a lossy codec's rows read lossy KV).
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    host_codecs: Vec<String>,
+    /// With a lossy host codec, decode its records on the CPU (in the store) instead of on
+    /// the model's device.
+    #[arg(long)]
+    cpu_decode: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -66,6 +76,12 @@ struct Row {
     /// Blend's token-selection variant.
     variant: Option<String>,
     ratio: Option<f32>,
+    /// The codec the host tier held the chunks in (host rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    codec: Option<String>,
+    /// Bytes the host tier held for the chunks (host rows): what a hit moves to the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held_bytes: Option<u64>,
     ttft_ms_median: f64,
     speedup_vs_full: f64,
     runs_ms: Vec<f64>,
@@ -116,22 +132,17 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             (m.model, id, name)
         }
     };
+    let codecs: Vec<Codec> = a
+        .host_codecs
+        .iter()
+        .map(|c| Codec::parse(c).map_err(|e| anyhow::anyhow!("--host-codecs {c}: {e}")))
+        .collect::<Result<_>>()?;
+    if codecs.is_empty() {
+        anyhow::bail!("--host-codecs names no codec");
+    }
     let rt = tokio::runtime::Runtime::new()?;
-    let store = TieredStore::open(StoreConfig::host_only(64 << 30))?;
-    let (model, store) = (Arc::new(model), Arc::new(store));
-    let blender = Blender::new(
-        Arc::clone(&model),
-        identity.clone(),
-        Arc::clone(&store),
-        rt.handle().clone(),
-    )
-    .with_fallback_to_full(false);
-    let resident = a.device_tier.then(|| {
-        Blender::new(model, identity, store, rt.handle().clone())
-            .with_fallback_to_full(false)
-            .with_device_tier(u64::MAX, PolicyKind::Lru)
-    });
-    let vocab = blender.model().config().vocab_size as u64;
+    let model = Arc::new(model);
+    let vocab = model.config().vocab_size as u64;
     let all = pseudo_tokens(
         a.prefix_tokens + a.chunks * a.chunk_tokens + a.suffix_tokens,
         vocab,
@@ -144,9 +155,40 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         suffix.to_vec(),
         Mode::Full,
     );
-    for seg in base.segments() {
-        blender.precompute(b"", seg)?;
+    // one store and blender per host codec, the chunks stored in each
+    let mut hosts: Vec<(Codec, Blender, u64)> = Vec::new();
+    for &codec in &codecs {
+        let config = StoreConfig {
+            host_codec: codec,
+            ..StoreConfig::host_only(64 << 30)
+        };
+        let store = Arc::new(TieredStore::open(config)?);
+        let b = Blender::new(
+            Arc::clone(&model),
+            identity.clone(),
+            Arc::clone(&store),
+            rt.handle().clone(),
+        )
+        .with_fallback_to_full(false)
+        .with_device_decode(!a.cpu_decode && model.device().is_cuda());
+        for seg in base.segments() {
+            b.precompute(b"", seg)?;
+        }
+        let held = store.stats()[0].used_bytes;
+        eprintln!("host tier in {codec}: {:.1} MB held", held as f64 / 1e6);
+        hosts.push((codec, b, held));
     }
+    let blender = &hosts[0].1;
+    let resident = a.device_tier.then(|| {
+        Blender::new(
+            Arc::clone(&model),
+            identity.clone(),
+            Arc::clone(blender.store()),
+            rt.handle().clone(),
+        )
+        .with_fallback_to_full(false)
+        .with_device_tier(u64::MAX, PolicyKind::Lru)
+    });
     let mut reusing = vec![(Mode::Reuse, None, None)];
     for v in &a.variants {
         for &r in &a.ratios {
@@ -154,19 +196,25 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             reusing.push((Mode::Blend(cfg), Some(r), Some(v.clone())));
         }
     }
-    let mut modes = vec![(&blender, "-", Mode::Full, None, None)];
-    modes.extend(
-        reusing
-            .iter()
-            .map(|(m, r, v)| (&blender, "host", m.clone(), *r, v.clone())),
-    );
+    let mut modes = vec![(blender, "-", Mode::Full, None, None, None)];
+    for (codec, b, held) in &hosts {
+        modes.extend(
+            reusing
+                .iter()
+                .map(|(m, r, v)| (b, "host", m.clone(), *r, v.clone(), Some((*codec, *held)))),
+        );
+    }
     if let Some(b) = &resident {
-        modes.extend(reusing.into_iter().map(|(m, r, v)| (b, "gpu", m, r, v)));
+        modes.extend(
+            reusing
+                .into_iter()
+                .map(|(m, r, v)| (b, "gpu", m, r, v, None)),
+        );
     }
     let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
     let mut rows: Vec<Row> = Vec::new();
     let mut recomputed: Vec<(f32, usize)> = Vec::new();
-    for (blender, tier, mode, ratio, variant) in modes {
+    for (blender, tier, mode, ratio, variant, held) in modes {
         let req = BlendRequest {
             mode: mode.clone(),
             ..base.clone()
@@ -177,15 +225,28 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             let out = blender.run(b"", &req)?;
             let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
             sync()?;
+            // a row measures reads: a chunk that failed to load (and was recomputed) voids it
+            if let Some(bad) = out
+                .stats
+                .segments
+                .iter()
+                .find(|s| matches!(s, kvquilt_blend::SegmentSource::Unusable))
+            {
+                anyhow::bail!(
+                    "{} over the {tier} tier: a stored chunk could not be used ({bad:?}); see the log",
+                    mode.name()
+                );
+            }
             if i > 0 {
                 runs.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         let m = median(&runs);
         eprintln!(
-            "{:<6} {:<4} {:<10} {:>5}: TTFT median {m:.1} ms",
+            "{:<6} {:<4} {:<6} {:<10} {:>5}: TTFT median {m:.1} ms",
             mode.name(),
             tier,
+            held.map_or(String::new(), |(c, _)| c.to_string()),
             variant.as_deref().unwrap_or(""),
             ratio.map_or(String::new(), |r| r.to_string())
         );
@@ -214,6 +275,8 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             tier,
             variant,
             ratio,
+            codec: held.map(|(c, _)| c.to_string()),
+            held_bytes: held.map(|(_, b)| b),
             ttft_ms_median: m,
             speedup_vs_full: 0.0,
             runs_ms: runs,

@@ -49,6 +49,10 @@ pub struct CodecBenchArgs {
     /// Timed cold runs per codec (median).
     #[arg(long, default_value_t = 5)]
     cold_repeats: usize,
+    /// Skip the device section (8-bit records dequantised where the model runs:
+    /// `codec_device.rs`).
+    #[arg(long)]
+    no_device: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -80,6 +84,10 @@ struct CodecReport {
     rows: Vec<Row>,
     /// The SSD hit per codec from a cold page cache (`codec_cold.rs`).
     cold_ssd: Vec<super::codec_cold::ColdRow>,
+    /// The device the device section ran on.
+    device: String,
+    /// 8-bit records dequantised on the model's device (`codec_device.rs`).
+    on_device: Vec<super::codec_device::DeviceRow>,
 }
 
 pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
@@ -225,6 +233,12 @@ pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
             rows.push(row);
         }
     }
+    let device = model.device().clone();
+    let on_device = if a.no_device {
+        Vec::new()
+    } else {
+        super::codec_device::run(&device, &layers, c.num_kv_heads, c.head_dim, a.repeats)?
+    };
     let question = tokenizer.encode(&format!("\nQuestion: {}\nAnswer:", examples[0].question))?;
     let num_layers = c.num_layers;
     let path = loaded.path.display().to_string();
@@ -248,6 +262,8 @@ pub(crate) fn run(a: CodecBenchArgs) -> Result<()> {
         layers_per_chunk: num_layers,
         rows,
         cold_ssd,
+        device: format!("{device:?}"),
+        on_device,
     };
     write_report(&report, a.json.as_deref())
 }

@@ -7,6 +7,7 @@ mod attention;
 mod blend;
 mod codec;
 mod codec_cold;
+mod codec_device;
 mod decode;
 mod load;
 mod model;

@@ -20,7 +20,9 @@ mod store_back;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvquilt_kvstore::{ChunkKey, PolicyKind, TierKind, TierStatsSnapshot, TieredStore};
+use kvquilt_kvstore::{
+    ChunkKey, KeepEncoded, PolicyKind, TierKind, TierStatsSnapshot, TieredStore, decode_all,
+};
 use kvquilt_model::Model;
 use kvquilt_model::staging::Uploader;
 use tokio::runtime::Handle;
@@ -72,6 +74,15 @@ pub struct Blender {
     uploader: Arc<Uploader>,
     /// The shortest wait for a store read before it counts as stalled ([`Blender::with_stall_floor`]).
     stall_floor: Duration,
+    /// Which codecs' records are dequantised where the model runs ([`Blender::with_device_decode`]).
+    device_codecs: KeepEncoded,
+}
+
+/// The codecs [`Blender::with_device_decode`] keeps encoded up to the model's device: the
+/// 8-bit ones stored without lz4 (`CodecSpec::has_scaled8`: their records are what the
+/// dequant kernel reads).
+pub fn device_decoded(codec: kvquilt_kvstore::Codec) -> bool {
+    codec.has_scaled8()
 }
 
 impl Blender {
@@ -87,6 +98,11 @@ impl Blender {
         rt: Handle,
     ) -> Self {
         let uploader = Arc::new(Uploader::new());
+        let device_codecs: KeepEncoded = if model.device().is_cuda() {
+            device_decoded
+        } else {
+            decode_all
+        };
         if model.device().is_cuda() {
             let pinned = PinnedHost::new(Arc::clone(&uploader), model.device().clone());
             store.set_host_memory(Arc::new(pinned));
@@ -101,7 +117,19 @@ impl Blender {
             device_tier: None,
             uploader,
             stall_floor: DEFAULT_STALL_FLOOR,
+            device_codecs,
         }
+    }
+
+    /// Whether stored layers of an 8-bit codec ([`device_decoded`]) cross to the model's
+    /// device as stored and are dequantised there (`kvquilt_model::dequant`), instead of
+    /// being decoded on the CPU by the store. Default: on for a CUDA model (a quarter of
+    /// f32's bytes, half of bf16's, over PCIe, and no CPU decode on the path), off on the CPU
+    /// (on, the CPU runs the same formula after the read instead of inside it; both give the
+    /// same bits, pinned by `blend/tests/device_decode.rs`).
+    pub fn with_device_decode(mut self, on: bool) -> Self {
+        self.device_codecs = if on { device_decoded } else { decode_all };
+        self
     }
 
     /// How long a store read may take before it counts as stalled: opening an object, or

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvquilt_kvstore::{KvLayout, LayerStream, StoreError, TierKind};
+use kvquilt_kvstore::{KvLayout, LayerStream, StoreError, StreamLayer, TierKind};
 use kvquilt_model::{Device, KvCache, LayerKv};
 
 use super::{Blender, STALL_FACTOR};
@@ -23,7 +23,7 @@ use crate::chunk::ChunkCodec;
 use crate::device_tier::DeviceChunk;
 use crate::error::{BlendError, Result, invalid};
 use crate::request::SegmentSource;
-use crate::tensor_bytes::layer_from_bytes;
+use crate::tensor_bytes::{layer_from_bytes, layer_from_record};
 
 /// Layers a stream reads ahead of the layer being computed.
 const READ_AHEAD: usize = 4;
@@ -73,7 +73,7 @@ impl Streamed {
         let expected = layout.layer_bytes(tokens);
         let deadline = stall_deadline(b, tier, expected);
         // (the timer is made inside `block_on`: it needs the runtime's context)
-        let next = async { tokio::time::timeout(deadline, self.stream.next()).await };
+        let next = async { tokio::time::timeout(deadline, self.stream.next_layer()).await };
         let b_layer = match b.rt.block_on(next) {
             Ok(Some(r)) => r?,
             Ok(None) => {
@@ -92,9 +92,18 @@ impl Streamed {
                 ))));
             }
         };
-        let kv = layer_from_bytes(&b_layer, layout, tokens, device, Some(&b.uploader))?;
+        let kv = match &b_layer {
+            StreamLayer::Decoded(bytes) => {
+                layer_from_bytes(bytes, layout, tokens, device, Some(&b.uploader))?
+            }
+            StreamLayer::Encoded { codec, record } => {
+                layer_from_record(*codec, record, layout, tokens, device, Some(&b.uploader))?
+            }
+        };
         self.busy += t0.elapsed();
-        self.bytes += b_layer.len();
+        // the cost model reasons in decoded bytes (what an object's layout says it holds), so
+        // a tier read encoded shows as the faster tier it is
+        self.bytes += expected;
         if l + 1 == layout.num_layers as usize {
             b.costs
                 .record_load(tier, self.bytes, self.busy.as_secs_f64());
@@ -302,8 +311,12 @@ fn open_stream(
         _ => TierKind::HOST,
     };
     let deadline = stall_deadline(b, tier, 0);
-    let open =
-        async { tokio::time::timeout(deadline, b.store.read_layers(&key, READ_AHEAD)).await };
+    let open = async {
+        let read = b
+            .store
+            .read_layers_keeping(&key, READ_AHEAD, b.device_codecs);
+        tokio::time::timeout(deadline, read).await
+    };
     let read = b.rt.block_on(open);
     let Ok(read) = read else {
         tracing::warn!(%key, %tier, ?deadline, "opening a stored chunk stalled; recomputing it");

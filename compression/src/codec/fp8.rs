@@ -10,7 +10,7 @@ use super::{CodecError, LayerShape, Result, f32_at};
 const MAX: f32 = 448.0;
 
 /// The f32 value of each of the 256 codes (NaN for 0x7F and 0xFF).
-fn table() -> [f32; 256] {
+pub(super) fn table() -> [f32; 256] {
     let mut t = [0f32; 256];
     for (c, v) in t.iter_mut().enumerate() {
         let (sign, e, m) = ((c >> 7) & 1, (c >> 3) & 0xF, c & 7);

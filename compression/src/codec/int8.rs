@@ -1,9 +1,11 @@
-//! Symmetric int8: K per (head, channel) over the tokens (a few K channels are persistent
-//! outliers, so a channel's scale fits it), V per (token, head). `x ≈ code · scale`,
-//! scale = amax / 127.
+//! Symmetric int8: K per (head, channel) over the tokens, or over each group of `group`
+//! tokens (a few K channels are persistent outliers, so a channel's scale fits it; a group
+//! also follows how a channel's magnitude drifts along the chunk), V per (token, head).
+//! `x ≈ code · scale`, scale = amax / 127.
 //!
-//! Record: K's `kv_heads × head_dim` scales, then V's `tokens × kv_heads` scales (f32 LE),
-//! then K's codes and V's codes (i8) in the raw layout's order.
+//! Record: K's scales (`groups × kv_heads × head_dim`, group-major; one group when `group`
+//! is 0), then V's `tokens × kv_heads` scales (f32 LE), then K's codes and V's codes (i8) in
+//! the raw layout's order.
 
 use super::{CodecError, LayerShape, Result, f32_at};
 
@@ -19,14 +21,40 @@ fn quantise(x: f32, inv: f32) -> u8 {
     ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8
 }
 
-pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Vec<u8> {
-    let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
+/// Tokens per K scale group for a layer of `tokens` tokens (`group` 0: all of them, at
+/// least 1 so that an empty layer still has one group of scales).
+pub(super) fn group_len(tokens: usize, group: u16) -> usize {
+    if group == 0 {
+        tokens.max(1)
+    } else {
+        group as usize
+    }
+}
+
+/// K scale groups of a layer of `tokens` tokens.
+pub(super) fn k_groups(tokens: usize, group: u16) -> usize {
+    if group == 0 {
+        1
+    } else {
+        tokens.div_ceil(group as usize)
+    }
+}
+
+pub(super) fn encode(shape: &LayerShape, group: u16, raw: &[u8]) -> Vec<u8> {
+    let (t, h, d, half) = (
+        shape.tokens,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.half_elems(),
+    );
     let hd = h * d;
     let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
     let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
-    let mut k_amax = vec![0f32; hd];
-    for row in k.chunks_exact(hd) {
-        for (a, x) in k_amax.iter_mut().zip(row) {
+    let g = group_len(t, group);
+    let mut k_amax = vec![0f32; k_groups(t, group) * hd];
+    for (r, row) in k.chunks_exact(hd).enumerate() {
+        let amax = &mut k_amax[(r / g) * hd..][..hd];
+        for (a, x) in amax.iter_mut().zip(row) {
             *a = a.max(x.abs());
         }
     }
@@ -35,13 +63,14 @@ pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Vec<u8> {
         .chunks_exact(d)
         .map(|r| scale_of(r.iter().fold(0f32, |a, x| a.max(x.abs()))))
         .collect();
-    let mut out = Vec::with_capacity(4 * (hd + v_scale.len()) + 2 * half);
+    let mut out = Vec::with_capacity(4 * (k_scale.len() + v_scale.len()) + 2 * half);
     for s in k_scale.iter().chain(&v_scale) {
         out.extend_from_slice(&s.to_le_bytes());
     }
     let k_inv: Vec<f32> = k_scale.iter().map(|s| 1.0 / s).collect();
-    for row in k.chunks_exact(hd) {
-        out.extend(row.iter().zip(&k_inv).map(|(&x, &inv)| quantise(x, inv)));
+    for (r, row) in k.chunks_exact(hd).enumerate() {
+        let inv = &k_inv[(r / g) * hd..][..hd];
+        out.extend(row.iter().zip(inv).map(|(&x, &inv)| quantise(x, inv)));
     }
     for (row, s) in v.chunks_exact(d).zip(&v_scale) {
         let inv = 1.0 / s;
@@ -50,7 +79,7 @@ pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Vec<u8> {
     out
 }
 
-pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Result<()> {
+pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u8]) -> Result<()> {
     let (t, h, d, half) = (
         shape.tokens,
         shape.kv_heads,
@@ -58,7 +87,8 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
         shape.half_elems(),
     );
     let hd = h * d;
-    let scales = hd + t * h;
+    let k_scales = k_groups(t, group) * hd;
+    let scales = k_scales + t * h;
     let want = 4 * scales + 2 * half;
     if stored.len() != want {
         return Err(CodecError::Corrupt {
@@ -66,16 +96,19 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
             why: format!("{} bytes, expected {want}", stored.len()),
         });
     }
-    let k_scale: Vec<f32> = (0..hd).map(|i| f32_at(stored, i)).collect();
+    let k_scale: Vec<f32> = (0..k_scales).map(|i| f32_at(stored, i)).collect();
+    let g = group_len(t, group);
     let codes = &stored[4 * scales..];
     let esize = shape.elem.size();
     let (k_out, v_out) = out.split_at_mut(half * esize);
     let mut row = vec![0f32; hd];
-    for (src, dst) in codes[..half]
+    for (r, (src, dst)) in codes[..half]
         .chunks_exact(hd)
         .zip(k_out.chunks_exact_mut(hd * esize))
+        .enumerate()
     {
-        for ((x, &c), s) in row.iter_mut().zip(src).zip(&k_scale) {
+        let scale = &k_scale[(r / g) * hd..][..hd];
+        for ((x, &c), s) in row.iter_mut().zip(src).zip(scale) {
             *x = (c as i8) as f32 * s;
         }
         shape.elem.put_all(&row, dst);
@@ -86,7 +119,7 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
         .zip(v_out.chunks_exact_mut(d * esize))
         .enumerate()
     {
-        let s = f32_at(stored, hd + r);
+        let s = f32_at(stored, k_scales + r);
         for (x, &c) in row.iter_mut().zip(src) {
             *x = (c as i8) as f32 * s;
         }

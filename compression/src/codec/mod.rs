@@ -12,8 +12,9 @@
 //! f16, 2⁻⁸·|x| for bf16):
 //! - `raw`, `lz4`: exact.
 //! - `fp8` (e4m3, scale `s` = amax/448 per K or V and head): `2⁻⁴·|x| + 2⁻¹⁰·s + ε`.
-//! - `int8` (symmetric, K per (head, channel) over tokens, V per (token, head)):
-//!   `s/2 + ε` with `s` = amax/127 of that channel or row.
+//! - `int8` (symmetric, K per (head, channel) over all tokens or, `int8/gN`, over each group
+//!   of N tokens; V per (token, head)): `s/2 + ε` with `s` = amax/127 of that channel (in
+//!   that group) or row.
 //! - `kiviB` (asymmetric `B`-bit, K per (group of G tokens, head, channel), V per (token,
 //!   head, group of G channels); min and step stored as f16):
 //!   `step/2 + 2⁻¹⁰·(|min| + range) + 2⁻²⁵·2^B + ε` (the third term is f16's subnormal
@@ -24,6 +25,7 @@ mod elems;
 mod fp8;
 mod int8;
 mod kivi;
+mod scaled8;
 
 use std::fmt;
 
@@ -31,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use elems::ElemType;
+pub use scaled8::{Code8, ScaleMap, Scaled8};
 
 /// What a layer holds: `tokens` rows of `kv_heads × head_dim` elements of `elem`, for K
 /// and again for V.
@@ -66,7 +69,7 @@ pub enum CodecError {
     UnknownId(u8),
     /// A codec name that does not parse.
     #[error(
-        "unknown codec `{0}` (expected raw, lz4, fp8, int8, kivi2, kivi4 or kivi8, optionally +lz4)"
+        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, kivi2, kivi4 or kivi8, optionally +lz4)"
     )]
     UnknownName(String),
     /// A parameter out of range or a parameter block of the wrong size; names the field.
@@ -118,10 +121,13 @@ pub enum CodecSpec {
         /// Followed by lz4.
         lz4: bool,
     },
-    /// Symmetric int8: K per (head, channel) over the tokens, V per (token, head).
+    /// Symmetric int8: K per (head, channel) over each group of `group` tokens (0: over all
+    /// the layer's tokens), V per (token, head).
     Int8 {
         /// Followed by lz4.
         lz4: bool,
+        /// Tokens sharing a K scale; 0: all of the layer's tokens (one scale per channel).
+        group: u16,
     },
     /// KIVI-style asymmetric quantisation: K per channel in groups of `group` tokens, V per
     /// token in groups of `group` channels, the last `residual` tokens exact.
@@ -177,17 +183,24 @@ impl CodecSpec {
     fn lz4_after(self) -> bool {
         match self {
             Self::Raw | Self::Lz4 => false,
-            Self::Fp8 { lz4 } | Self::Int8 { lz4 } | Self::Kivi { lz4, .. } => lz4,
+            Self::Fp8 { lz4 } | Self::Int8 { lz4, .. } | Self::Kivi { lz4, .. } => lz4,
         }
     }
 
-    /// The parameter block recorded in an object header (empty for raw and lz4; fp8/int8:
-    /// flags; KIVI: flags, bits, group u16 LE, residual u16 LE). Flags: bit 0 = lz4 after.
+    /// The parameter block recorded in an object header (empty for raw and lz4; fp8: flags;
+    /// int8: flags, then group u16 LE when grouped (a 1-byte block: one group, as written
+    /// before groups existed); KIVI: flags, bits, group u16 LE, residual u16 LE). Flags:
+    /// bit 0 = lz4 after.
     pub fn params(self) -> Vec<u8> {
         let flags = if self.lz4_after() { LZ4_FLAG } else { 0 };
         match self {
             Self::Raw | Self::Lz4 => Vec::new(),
-            Self::Fp8 { .. } | Self::Int8 { .. } => vec![flags],
+            Self::Fp8 { .. } | Self::Int8 { group: 0, .. } => vec![flags],
+            Self::Int8 { group, .. } => {
+                let mut p = vec![flags];
+                p.extend_from_slice(&group.to_le_bytes());
+                p
+            }
             Self::Kivi {
                 bits,
                 group,
@@ -237,9 +250,22 @@ impl CodecSpec {
                 Self::Fp8 { lz4: flags("fp8")? }
             }
             3 => {
-                need("int8", 1)?;
-                Self::Int8 {
-                    lz4: flags("int8")?,
+                if params.len() == 3 {
+                    let group = u16::from_le_bytes([params[1], params[2]]);
+                    if group == 0 {
+                        // one group is written as the 1-byte block: one encoding per meaning
+                        return Err(bad("int8", "group", "0 in a grouped block".into()));
+                    }
+                    Self::Int8 {
+                        lz4: flags("int8")?,
+                        group,
+                    }
+                } else {
+                    need("int8", 1)?;
+                    Self::Int8 {
+                        lz4: flags("int8")?,
+                        group: 0,
+                    }
                 }
             }
             4 => {
@@ -278,7 +304,8 @@ impl CodecSpec {
         Ok(())
     }
 
-    /// Parses `raw`, `lz4`, `fp8`, `int8`, `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
+    /// Parses `raw`, `lz4`, `fp8`, `int8` (one K scale per channel), `int8/gN` (K scales per
+    /// channel and group of N ≥ 1 tokens), `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
     /// R = 32), each lossy one optionally with `+lz4`.
     pub fn parse(name: &str) -> Result<Self> {
         let unknown = || CodecError::UnknownName(name.to_string());
@@ -290,7 +317,14 @@ impl CodecSpec {
             "raw" if !lz4 => Self::Raw,
             "lz4" if !lz4 => Self::Lz4,
             "fp8" => Self::Fp8 { lz4 },
-            "int8" => Self::Int8 { lz4 },
+            "int8" => Self::Int8 { lz4, group: 0 },
+            b if b.starts_with("int8/g") => {
+                let group: u16 = b["int8/g".len()..].parse().map_err(|_| unknown())?;
+                if group == 0 {
+                    return Err(unknown());
+                }
+                Self::Int8 { lz4, group }
+            }
             "kivi2" | "kivi4" | "kivi8" => Self::Kivi {
                 bits: base[4..].parse().map_err(|_| unknown())?,
                 group: KIVI_GROUP,
@@ -315,7 +349,7 @@ impl CodecSpec {
             Self::Raw => return Ok(raw.to_vec()),
             Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
             Self::Fp8 { .. } => fp8::encode(shape, raw),
-            Self::Int8 { .. } => int8::encode(shape, raw),
+            Self::Int8 { group, .. } => int8::encode(shape, group, raw),
             Self::Kivi {
                 bits,
                 group,
@@ -375,7 +409,7 @@ impl CodecSpec {
                 Ok(())
             }
             Self::Fp8 { .. } => fp8::decode(shape, inner, out),
-            Self::Int8 { .. } => int8::decode(shape, inner, out),
+            Self::Int8 { group, .. } => int8::decode(shape, group, inner, out),
             Self::Kivi {
                 bits,
                 group,
@@ -401,7 +435,8 @@ impl fmt::Display for CodecSpec {
             Self::Raw => f.write_str("raw")?,
             Self::Lz4 => f.write_str("lz4")?,
             Self::Fp8 { .. } => f.write_str("fp8")?,
-            Self::Int8 { .. } => f.write_str("int8")?,
+            Self::Int8 { group: 0, .. } => f.write_str("int8")?,
+            Self::Int8 { group, .. } => write!(f, "int8/g{group}")?,
             Self::Kivi {
                 bits,
                 group,

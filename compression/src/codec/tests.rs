@@ -4,13 +4,15 @@ use proptest::prelude::*;
 
 use super::*;
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 12] = [
     "raw",
     "lz4",
     "fp8",
     "fp8+lz4",
     "int8",
     "int8+lz4",
+    "int8/g32",
+    "int8/g7+lz4",
     "kivi2",
     "kivi4",
     "kivi8",
@@ -62,10 +64,13 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
                 .map(|i| x[i].abs() / 16.0 + m[(i / half) * h + (i / d) % h] / 448.0 / 1024.0)
                 .collect()
         }
-        CodecSpec::Int8 { .. } => (0..x.len())
+        CodecSpec::Int8 { group, .. } => (0..x.len())
             .map(|i| {
                 let s = if i < half {
-                    amax(&mut (0..t).map(|tt| x[tt * hd + i % hd]))
+                    // the channel over its group's tokens (group 0: every token)
+                    let g = if group == 0 { t } else { group as usize };
+                    let g0 = (i / hd) / g * g;
+                    amax(&mut (g0..(g0 + g).min(t)).map(|tt| x[tt * hd + i % hd]))
                 } else {
                     let row = (i - half) / d;
                     amax(&mut (0..d).map(|c| x[half + row * d + c]))
@@ -195,7 +200,17 @@ fn names_and_headers_round_trip() {
     assert_eq!(CodecSpec::from_header(4, &custom.params()).unwrap(), custom);
     assert_eq!(custom.to_string(), "kivi4/g64r16+lz4");
     for bad in [
-        "", "raw+lz4", "lz4+lz4", "kivi3", "kivi", "int4", "fp8+zstd",
+        "",
+        "raw+lz4",
+        "lz4+lz4",
+        "kivi3",
+        "kivi",
+        "int4",
+        "fp8+zstd",
+        "int8/g0",
+        "int8/g",
+        "int8/gx",
+        "int8/g70000",
     ] {
         assert!(
             matches!(CodecSpec::parse(bad), Err(CodecError::UnknownName(_))),
@@ -229,6 +244,24 @@ fn bad_headers_name_the_field() {
         field(CodecSpec::from_header(4, &[0, 4, 32, 0, 32])),
         "parameter block"
     );
+    // int8: a 1-byte block is one group (as written before groups), a 3-byte one names it
+    assert_eq!(
+        CodecSpec::from_header(3, &[0]).unwrap(),
+        CodecSpec::Int8 {
+            lz4: false,
+            group: 0
+        }
+    );
+    assert_eq!(
+        CodecSpec::from_header(3, &[1, 64, 0]).unwrap(),
+        CodecSpec::Int8 {
+            lz4: true,
+            group: 64
+        }
+    );
+    assert_eq!(field(CodecSpec::from_header(3, &[0, 0, 0])), "group");
+    assert_eq!(field(CodecSpec::from_header(3, &[0, 1])), "parameter block");
+    assert_eq!(field(CodecSpec::from_header(3, &[0x80, 8, 0])), "flags");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use crate::codec::Codec;
 use crate::error::Result;
 use crate::index::{Lease, Pins};
 use crate::key::ChunkKey;
-use crate::object::{EncodedObject, KvObject, ObjectInfo};
+use crate::object::{EncodedObject, KeepEncoded, KvObject, ObjectInfo, StreamLayer, record_as};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
 
@@ -142,6 +142,23 @@ impl HostTier {
         }
     }
 
+    /// `e` with its records in the tier's memory (as built when no memory is set or placing
+    /// fails), so that a record handed over encoded crosses to the device by DMA too.
+    fn placed_records(&self, mut e: EncodedObject) -> EncodedObject {
+        let Some(memory) = self.memory.get() else {
+            return e;
+        };
+        match memory.place(&e.records) {
+            Ok(records) if records.len() == e.records.len() => e.records = records,
+            Ok(_) => tracing::warn!("host tier: the memory placed the wrong number of records"),
+            Err(why) => tracing::warn!(
+                "host tier: keeping {}'s records in ordinary memory ({why})",
+                e.header.info.key
+            ),
+        }
+        e
+    }
+
     /// How `obj` is held: encoded with the tier's codec when it is not raw and the object
     /// is exact and encodes; decoded (and placed) otherwise.
     fn to_held(&self, obj: Arc<KvObject>) -> Held {
@@ -149,7 +166,7 @@ impl HostTier {
             match obj.encode(self.codec) {
                 Ok(e) => {
                     let info = Arc::new(e.header.info.clone());
-                    return Held::Encoded(Arc::new(e), info);
+                    return Held::Encoded(Arc::new(self.placed_records(e)), info);
                 }
                 Err(e) => tracing::debug!(key = %obj.key(), error = %e, "host tier: held decoded"),
             }
@@ -301,5 +318,18 @@ impl LayerReader for EncodedReader {
             return Err(crate::StoreError::Invalid(format!("layer {layer} of {n}")));
         }
         crate::object::decode_record(&self.object.header, layer, &self.object.records[layer])
+    }
+
+    async fn layer_as(&mut self, layer: usize, keep: KeepEncoded) -> Result<StreamLayer> {
+        let n = self.object.records.len();
+        if layer >= n {
+            return Err(crate::StoreError::Invalid(format!("layer {layer} of {n}")));
+        }
+        record_as(
+            &self.object.header,
+            layer,
+            &self.object.records[layer],
+            keep,
+        )
     }
 }

@@ -26,7 +26,7 @@ pub use ssd::{DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 use crate::error::Result;
 use crate::index::Lease;
 use crate::key::ChunkKey;
-use crate::object::{KvObject, ObjectInfo};
+use crate::object::{KeepEncoded, KvObject, ObjectInfo, StreamLayer};
 use crate::stats::TierStatsSnapshot;
 
 /// Which tier answered: a tier's name. Kinds are open: a new tier names itself
@@ -93,6 +93,14 @@ pub trait LayerReader: Send {
     /// Layer `layer`'s verified, decoded K‖V bytes. A record that fails verification is an
     /// error (the tier drops the object, as for any failed read).
     async fn layer(&mut self, layer: usize) -> Result<Bytes>;
+
+    /// Layer `layer` verified, handed over as stored when `keep` says so for its codec (the
+    /// caller decodes it: the GPU path dequantises on the device), decoded otherwise. The
+    /// default decodes always; tiers that hold records encoded override it.
+    async fn layer_as(&mut self, layer: usize, keep: KeepEncoded) -> Result<StreamLayer> {
+        let _ = keep;
+        self.layer(layer).await.map(StreamLayer::Decoded)
+    }
 }
 
 /// One level of the store.

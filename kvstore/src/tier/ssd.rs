@@ -31,7 +31,10 @@ use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::{Lease, Pin, Pins, TierIndex};
 use crate::key::ChunkKey;
-use crate::object::{KvObject, ObjectHeader, ObjectInfo, decode_header, decode_record};
+use crate::object::{
+    KeepEncoded, KvObject, ObjectHeader, ObjectInfo, StreamLayer, decode_all, decode_header,
+    record_as,
+};
 use crate::policy::PolicyKind;
 use crate::stats::TierStats;
 
@@ -260,6 +263,14 @@ impl LayerReader for SsdReader {
     }
 
     async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        let layout = self.info.layout;
+        let tokens = self.info.tokens.len();
+        self.layer_as(layer, decode_all)
+            .await?
+            .decoded(&layout, tokens)
+    }
+
+    async fn layer_as(&mut self, layer: usize, keep: KeepEncoded) -> Result<StreamLayer> {
         let n = self.header.layers.len();
         if layer >= n {
             return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
@@ -268,7 +279,7 @@ impl LayerReader for SsdReader {
         tokio::task::spawn_blocking(move || {
             let s = &snap.inner;
             let t = Instant::now();
-            let r = s.read_layer(&header, layer, &snap.read_opts());
+            let r = s.read_layer(&header, layer, &snap.read_opts(), keep);
             match &r {
                 Ok(_) => s.stats.get_latency.record(t.elapsed()),
                 Err(e) => {
@@ -412,13 +423,15 @@ impl Inner {
         r
     }
 
-    /// Reads (by `opts`) and verifies layer `layer` of the object `header` describes.
+    /// Reads (by `opts`) and verifies layer `layer` of the object `header` describes, kept
+    /// encoded when its codec is one of `keep`, decoded otherwise.
     fn read_layer(
         self: &Arc<Self>,
         header: &ObjectHeader,
         layer: usize,
         opts: &ReadOptions,
-    ) -> Result<Bytes> {
+        keep: KeepEncoded,
+    ) -> Result<StreamLayer> {
         let key = &header.info.key;
         let raw = self
             .db
@@ -426,7 +439,18 @@ impl Inner {
             .map_err(|e| self.db_err(e))?
             .ok_or_else(|| StoreError::Corrupt(format!("object {key} lacks layer {layer}")))?;
         TierStats::add(&self.stats.bytes_out, raw.len() as u64);
-        decode_record(header, layer, &self.pinned_bytes(raw))
+        record_as(header, layer, &self.pinned_bytes(raw), keep)
+    }
+
+    /// [`Inner::read_layer`] decoded (a raw layer without a copy).
+    fn read_decoded(
+        self: &Arc<Self>,
+        header: &ObjectHeader,
+        layer: usize,
+        opts: &ReadOptions,
+    ) -> Result<Bytes> {
+        self.read_layer(header, layer, opts, decode_all)?
+            .decoded(&header.info.layout, header.info.tokens.len())
     }
 
     /// The value RocksDB read, as `Bytes` that keep it (and the database) alive: a raw-codec
@@ -451,7 +475,9 @@ impl Inner {
         let readers = ((bytes >> 19) as usize).clamp(1, READ_THREADS).min(n);
         if readers == 1 {
             let opts = self.data_read_opts();
-            return (0..n).map(|l| self.read_layer(header, l, &opts)).collect();
+            return (0..n)
+                .map(|l| self.read_decoded(header, l, &opts))
+                .collect();
         }
         let mut out: Vec<Option<Result<Bytes>>> = (0..n).map(|_| None).collect();
         std::thread::scope(|scope| {
@@ -462,7 +488,7 @@ impl Inner {
                 scope.spawn(move || {
                     let opts = self.data_read_opts();
                     for (j, cell) in slot.iter_mut().enumerate() {
-                        *cell = Some(self.read_layer(header, first + j, &opts));
+                        *cell = Some(self.read_decoded(header, first + j, &opts));
                     }
                 });
             }

@@ -1,6 +1,6 @@
 //! kvquilt's own CUDA kernels (feature `gpu`): fused attention with the exact position mask
-//! (`attention.cu`, launched by `flash.rs`) and fused layer element-wise ops (`layer.cu`,
-//! `layer.rs`). `build.rs` compiles the `.cu` files to PTX with nvcc; candle loads the PTX into
+//! (`attention.cu`, launched by `flash.rs`), fused layer element-wise ops (`layer.cu`,
+//! `layer.rs`) and the dequantisation of stored 8-bit KV (`dequant.cu`, `dequant.rs`). `build.rs` compiles the `.cu` files to PTX with nvcc; candle loads the PTX into
 //! its CUDA context on first use and launches on its stream.
 //!
 //! Without the feature this module is empty and the forward pass uses the reference
@@ -10,10 +10,14 @@
 pub(crate) const HEAD_DIMS: [usize; 2] = [64, 128];
 
 #[cfg(feature = "gpu")]
+mod dequant;
+#[cfg(feature = "gpu")]
 mod flash;
 #[cfg(feature = "gpu")]
 mod layer;
 
+#[cfg(feature = "gpu")]
+pub(crate) use dequant::dequant;
 #[cfg(feature = "gpu")]
 pub(crate) use flash::FusedAttention;
 #[cfg(feature = "gpu")]

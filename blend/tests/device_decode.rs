@@ -1,0 +1,204 @@
+//! Records of the 8-bit codecs handed over encoded and dequantised where the model runs
+//! (`Blender::with_device_decode`; on CUDA the kernel in `model/src/kernels/dequant.cu`, here
+//! the same formula on the CPU): the same bits as the store's own decode, every failure of
+//! an encoded record still a recompute.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvquilt_blend::{
+    BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource, device_decoded,
+    layer_from_bytes, layer_from_record,
+};
+use kvquilt_compression::{CodecSpec, ElemType, LayerShape};
+use kvquilt_kvstore::{
+    Codec, KeepEncoded, KvDType, KvLayout, RopeScalingSpec, SsdConfig, StoreConfig, StreamLayer,
+    TierKind, TieredStore, decode_all,
+};
+use kvquilt_model::{DType, Device, Tensor, load};
+use tokio::runtime::Runtime;
+
+mod support;
+
+/// A blender over the tiny qwen2 model and an SSD tier at `dir` storing with `codec`
+/// (lossy objects served, no promotion: every read comes from the disk).
+fn blender(dir: &Path, rt: &Runtime, codec: Codec, device_decode: bool) -> Blender {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
+    let identity = ModelIdentity::of(&loaded).unwrap();
+    let mut ssd = SsdConfig::new(dir, 1 << 30);
+    ssd.codec = codec;
+    ssd.serve_lossy = true;
+    let mut config = StoreConfig::with_ssd(1 << 30, ssd);
+    config.promote_on_hit = false;
+    Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::new(TieredStore::open(config).unwrap()),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(false)
+    .with_device_decode(device_decode)
+}
+
+fn toks(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 1 + (i * 41 + seed * 97) % 500)
+        .collect()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.into_iter().map(f32::to_bits).collect()
+}
+
+#[test]
+fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
+        for (tokens, heads, dim) in [(1, 1, 4), (13, 2, 8), (40, 3, 64)] {
+            let layout = KvLayout {
+                num_layers: 1,
+                num_kv_heads: heads,
+                head_dim: dim,
+                dtype,
+                k_pre_rope: true,
+                rope_theta: 10_000.0,
+                rope_scaling: RopeScalingSpec::None,
+            };
+            let elem = match dtype {
+                KvDType::F32 => ElemType::F32,
+                KvDType::F16 => ElemType::F16,
+                KvDType::BF16 => ElemType::Bf16,
+            };
+            let shape = LayerShape {
+                tokens,
+                kv_heads: heads as usize,
+                head_dim: dim as usize,
+                elem,
+            };
+            // K with a few outlier channels, V plain
+            let n = shape.half_elems();
+            let values: Vec<f32> = (0..2 * n)
+                .map(|i| {
+                    let x = ((i * 7919) % 2003) as f32 / 1001.0 - 1.0;
+                    if i < n && i % 29 == 5 { 9.0 * x } else { x }
+                })
+                .collect();
+            let raw = Tensor::new(values.as_slice(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(match dtype {
+                    KvDType::F32 => DType::F32,
+                    KvDType::F16 => DType::F16,
+                    KvDType::BF16 => DType::BF16,
+                })
+                .unwrap();
+            let kv = kvquilt_model::LayerKv::new(
+                raw.narrow(0, 0, n).unwrap(),
+                raw.narrow(0, n, n).unwrap(),
+            );
+            let raw = kvquilt_blend::layer_to_bytes(&kv).unwrap();
+            for name in ["fp8", "int8", "int8/g16", "kivi4"] {
+                let codec = CodecSpec::parse(name).unwrap();
+                let record = bytes::Bytes::from(codec.encode(&shape, &raw).unwrap());
+                let decoded = bytes::Bytes::from(codec.decode(&shape, &record).unwrap());
+                let want = layer_from_bytes(&decoded, &layout, tokens, &Device::Cpu, None).unwrap();
+                let got =
+                    layer_from_record(codec, &record, &layout, tokens, &Device::Cpu, None).unwrap();
+                let what = format!("{codec} {dtype:?} {tokens}×{heads}×{dim}");
+                assert_eq!(got.k.dims(), want.k.dims(), "{what}");
+                assert_eq!(bits(&got.k), bits(&want.k), "{what}: K");
+                assert_eq!(bits(&got.v), bits(&want.v), "{what}: V");
+                // a truncated record is an error, never a short read
+                let short = record.slice(..record.len() - 1);
+                assert!(
+                    layer_from_record(codec, &short, &layout, tokens, &Device::Cpu, None).is_err(),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn requests_over_records_kept_encoded_give_the_same_logits() {
+    let chunks = [toks(1, 24), toks(2, 30), toks(3, 18)];
+    let suffix = toks(4, 6);
+    for codec in ["fp8", "int8", "int8/g16"].map(|c| Codec::parse(c).unwrap()) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = {
+            let rt = Runtime::new().unwrap();
+            let b = blender(dir.path(), &rt, codec, false);
+            for c in &chunks {
+                b.precompute(b"", c).unwrap();
+            }
+            rt.block_on(b.store().flush()).unwrap();
+            b.codec(b"").key(&chunks[1])
+        };
+        for mode in [Mode::Reuse, Mode::Blend(BlendConfig::default())] {
+            let req = BlendRequest::new(vec![], chunks.to_vec(), suffix.clone(), mode.clone());
+            let run = |device_decode: bool| {
+                let rt = Runtime::new().unwrap();
+                let b = blender(dir.path(), &rt, codec, device_decode);
+                // the stream hands this codec's records over as stored only when asked to
+                let keep: KeepEncoded = if device_decode {
+                    device_decoded
+                } else {
+                    decode_all
+                };
+                let mut s = rt
+                    .block_on(b.store().read_layers_keeping(&key, 2, keep))
+                    .unwrap()
+                    .unwrap();
+                let first = rt.block_on(s.next_layer()).unwrap().unwrap();
+                match (&first, device_decode) {
+                    (StreamLayer::Encoded { codec: c, .. }, true) => assert_eq!(*c, codec),
+                    (StreamLayer::Decoded(_), false) => {}
+                    other => panic!("{codec}: {other:?}"),
+                }
+                drop(s);
+                let out = b.run(b"", &req).unwrap();
+                assert_eq!(out.stats.hits_ssd, 3, "{codec} {mode:?}");
+                assert_eq!(out.stats.lossy_hits, 3, "{codec} {mode:?}");
+                out.logits
+            };
+            let (cpu, kept) = (run(false), run(true));
+            assert_eq!(bits(&cpu), bits(&kept), "{codec} {mode:?}");
+        }
+    }
+}
+
+#[test]
+fn an_encoded_record_that_fails_verification_is_recomputed() {
+    let chunks = [toks(5, 20), toks(6, 28)];
+    let suffix = toks(7, 5);
+    let codec = Codec::Int8 {
+        lz4: false,
+        group: 0,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = {
+        let rt = Runtime::new().unwrap();
+        let b = blender(dir.path(), &rt, codec, true);
+        for c in &chunks {
+            b.precompute(b"", c).unwrap();
+        }
+        rt.block_on(b.store().flush()).unwrap();
+        b.codec(b"").key(&chunks[0])
+    };
+    support::corrupt(dir.path(), &key, 1);
+    let rt = Runtime::new().unwrap();
+    let b = blender(dir.path(), &rt, codec, true);
+    let req = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Reuse);
+    let out = b.run(b"", &req).unwrap();
+    assert_eq!(
+        out.stats.segments,
+        vec![SegmentSource::Unusable, SegmentSource::Hit(TierKind::SSD)]
+    );
+}

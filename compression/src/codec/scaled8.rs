@@ -1,0 +1,301 @@
+//! The record layout of the 8-bit codecs (`fp8`, `int8`, without lz4) as plain numbers, for
+//! decoders outside this crate: the GPU dequantisation kernel decodes a record where it is
+//! needed, on the device, from this description alone.
+//!
+//! A record is `scales` (f32 LE) then one code byte per element, K's then V's, in the raw
+//! layout's order. Element `i` (0-based within its half) of half `h` (0 = K, 1 = V) decodes as
+//!
+//! ```text
+//! value(code[codes_at + h · half + i]) · scale[m.base + (i / m.div) % m.modulo + (i / m.outer_div) · m.outer_stride]
+//! ```
+//!
+//! with `m = map[h]`.
+//!
+//! computed in f32 and rounded once to the layer's element type. [`Scaled8::decode_into`] is
+//! that formula on the CPU; the test `scaled8_matches_each_codec_s_own_decoder` pins it to
+//! each codec's decoder byte for byte, so a kernel that follows the formula decodes what the
+//! codec would.
+
+use super::{CodecError, CodecSpec, ElemType, LayerShape, Result, f32_at, fp8, int8};
+
+/// How a code byte becomes a number before scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code8 {
+    /// Two's-complement int8.
+    Int8,
+    /// fp8 e4m3fn (bias 7, max 448, 0x7F/0xFF NaN).
+    E4m3,
+}
+
+/// Which scale an element `i` of one half (K or V) uses:
+/// `base + (i / div) % modulo + (i / outer_div) · outer_stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScaleMap {
+    /// Index of the half's first scale.
+    pub base: usize,
+    /// Elements that share a scale in a run (1: per channel; `head_dim`: per head row).
+    pub div: usize,
+    /// Runs before the pattern repeats (≥ 1).
+    pub modulo: usize,
+    /// Elements per outer block (a group of tokens), ≥ 1.
+    pub outer_div: usize,
+    /// Scales per outer block (0: one set of scales for the whole half).
+    pub outer_stride: usize,
+}
+
+impl ScaleMap {
+    /// A map without outer blocks: `base + (i / div) % modulo`.
+    fn flat(base: usize, div: usize, modulo: usize) -> Self {
+        Self {
+            base,
+            div,
+            modulo,
+            outer_div: 1,
+            outer_stride: 0,
+        }
+    }
+
+    fn index(&self, i: usize) -> usize {
+        self.base + (i / self.div) % self.modulo + (i / self.outer_div) * self.outer_stride
+    }
+}
+
+/// One 8-bit codec's record for one layer shape (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scaled8 {
+    /// How codes read.
+    pub code: Code8,
+    /// Number of f32 scales at the start of the record.
+    pub scales: usize,
+    /// Byte offset of the first code (`4 · scales`).
+    pub codes_at: usize,
+    /// Elements in each half (K and V): `tokens · kv_heads · head_dim`.
+    pub half: usize,
+    /// K's scale map, then V's.
+    pub maps: [ScaleMap; 2],
+}
+
+impl Scaled8 {
+    /// The record's length in bytes.
+    pub fn record_len(&self) -> usize {
+        self.codes_at + 2 * self.half
+    }
+
+    /// Checks that every scale index the formula can form lies among the record's scales
+    /// and that no run or period is empty (what a decoder may rely on before indexing).
+    pub fn check(&self) -> Result<()> {
+        for (h, m) in self.maps.iter().enumerate() {
+            let last = if self.half == 0 || m.div == 0 || m.modulo == 0 || m.outer_div == 0 {
+                0
+            } else {
+                m.index(self.half - 1).max(m.base + m.modulo - 1)
+            };
+            if m.div == 0 || m.modulo == 0 || m.outer_div == 0 || last >= self.scales {
+                return Err(CodecError::BadParam {
+                    codec: "scaled8",
+                    field: if h == 0 { "K scale map" } else { "V scale map" },
+                    why: format!("{m:?} over {} scales", self.scales),
+                });
+            }
+        }
+        if self.codes_at != 4 * self.scales {
+            return Err(CodecError::BadParam {
+                codec: "scaled8",
+                field: "codes_at",
+                why: format!("{} with {} scales", self.codes_at, self.scales),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes `record` into `out` (K‖V as `elem`, `2 · half` elements), by the module's
+    /// formula.
+    pub fn decode_into(&self, elem: ElemType, record: &[u8], out: &mut [u8]) -> Result<()> {
+        let codec = match self.code {
+            Code8::Int8 => "int8",
+            Code8::E4m3 => "fp8",
+        };
+        self.check()?;
+        if record.len() != self.record_len() {
+            return Err(CodecError::Corrupt {
+                codec,
+                why: format!("{} bytes, expected {}", record.len(), self.record_len()),
+            });
+        }
+        if out.len() != 2 * self.half * elem.size() {
+            return Err(CodecError::RawLength {
+                got: out.len(),
+                want: 2 * self.half * elem.size(),
+            });
+        }
+        let table = fp8::table();
+        let value = |c: u8| match self.code {
+            Code8::Int8 => (c as i8) as f32,
+            Code8::E4m3 => table[c as usize],
+        };
+        let scales: Vec<f32> = (0..self.scales).map(|i| f32_at(record, i)).collect();
+        let esize = elem.size();
+        let mut row = Vec::with_capacity(self.half);
+        for (h, map) in self.maps.iter().enumerate() {
+            let codes = &record[self.codes_at + h * self.half..][..self.half];
+            row.clear();
+            row.extend(
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| value(c) * scales[map.index(i)]),
+            );
+            elem.put_all(&row, &mut out[h * self.half * esize..][..self.half * esize]);
+        }
+        Ok(())
+    }
+}
+
+impl CodecSpec {
+    /// Whether [`CodecSpec::scaled8`] describes this codec's records (`fp8` and `int8`
+    /// without lz4).
+    pub fn has_scaled8(self) -> bool {
+        matches!(
+            self,
+            Self::Fp8 { lz4: false } | Self::Int8 { lz4: false, .. }
+        )
+    }
+
+    /// The record layout of this codec for `shape` as [`Scaled8`], when it is an 8-bit codec
+    /// with one f32 scale per group (`fp8`, `int8`) stored without lz4; `None` otherwise
+    /// (those records are decoded by [`CodecSpec::decode_into`] only).
+    pub fn scaled8(self, shape: &LayerShape) -> Option<Scaled8> {
+        let (t, h, d) = (shape.tokens, shape.kv_heads, shape.head_dim);
+        let half = shape.half_elems();
+        let (code, scales, maps) = match self {
+            // fp8: one scale per K/V and head
+            Self::Fp8 { lz4: false } => (
+                Code8::E4m3,
+                2 * h,
+                [ScaleMap::flat(0, d, h), ScaleMap::flat(h, d, h)],
+            ),
+            // int8: K per (token group, head, channel), V per (token, head)
+            Self::Int8 { lz4: false, group } => {
+                let hd = h * d;
+                let k_scales = int8::k_groups(t, group) * hd;
+                let k = ScaleMap {
+                    outer_div: int8::group_len(t, group) * hd,
+                    outer_stride: hd,
+                    ..ScaleMap::flat(0, 1, hd)
+                };
+                (
+                    Code8::Int8,
+                    k_scales + t * h,
+                    [k, ScaleMap::flat(k_scales, d, (t * h).max(1))],
+                )
+            }
+            _ => return None,
+        };
+        Some(Scaled8 {
+            code,
+            scales,
+            codes_at: 4 * scales,
+            half,
+            maps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let x = (s % 20_001) as f32 / 10_000.0 - 1.0;
+                // a few outlier channels, as real K has
+                if i % 37 == 3 { 12.0 * x } else { x }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scaled8_matches_each_codec_s_own_decoder() {
+        for elem in [ElemType::F32, ElemType::F16, ElemType::Bf16] {
+            for (tokens, heads, dim) in [(1, 1, 4), (7, 3, 8), (64, 2, 64), (33, 5, 128)] {
+                let shape = LayerShape {
+                    tokens,
+                    kv_heads: heads,
+                    head_dim: dim,
+                    elem,
+                };
+                let mut raw = vec![0u8; shape.raw_bytes()];
+                elem.put_all(&values(2 * shape.half_elems(), tokens as u32), &mut raw);
+                for name in ["fp8", "int8", "int8/g32", "int8/g5"] {
+                    let codec = CodecSpec::parse(name).unwrap();
+                    let record = codec.encode(&shape, &raw).unwrap();
+                    let plan = codec.scaled8(&shape).unwrap();
+                    assert_eq!(plan.record_len(), record.len(), "{codec} {shape:?}");
+                    let want = codec.decode(&shape, &record).unwrap();
+                    let mut got = vec![0u8; shape.raw_bytes()];
+                    plan.decode_into(elem, &record, &mut got).unwrap();
+                    assert!(
+                        got == want,
+                        "{codec} {shape:?}: differs from the codec's decoder"
+                    );
+                    // a truncated record is refused, not read short
+                    assert!(
+                        plan.decode_into(elem, &record[1..], &mut got).is_err(),
+                        "{codec}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_layout_whose_maps_leave_the_scales_is_refused() {
+        let shape = LayerShape {
+            tokens: 3,
+            kv_heads: 2,
+            head_dim: 4,
+            elem: ElemType::F32,
+        };
+        let good = CodecSpec::parse("int8/g2")
+            .unwrap()
+            .scaled8(&shape)
+            .unwrap();
+        assert!(good.check().is_ok());
+        let mut bad = good;
+        bad.maps[1].modulo += 1;
+        let record = vec![0u8; bad.record_len()];
+        let mut out = vec![0u8; shape.raw_bytes()];
+        assert!(bad.decode_into(ElemType::F32, &record, &mut out).is_err());
+        let mut bad = good;
+        bad.maps[0].div = 0;
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn only_unpacked_8_bit_codecs_have_a_scaled8_layout() {
+        let shape = LayerShape {
+            tokens: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            elem: ElemType::Bf16,
+        };
+        for c in [
+            "raw", "lz4", "fp8+lz4", "int8+lz4", "kivi8", "kivi4", "kivi2",
+        ] {
+            let c = CodecSpec::parse(c).unwrap();
+            assert_eq!(c.scaled8(&shape), None, "{c}");
+            assert!(!c.has_scaled8(), "{c}");
+        }
+        for c in ["fp8", "int8"] {
+            assert!(
+                CodecSpec::parse(c).unwrap().scaled8(&shape).is_some(),
+                "{c}"
+            );
+        }
+    }
+}

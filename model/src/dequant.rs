@@ -1,0 +1,100 @@
+//! Stored 8-bit KV records decoded where the model runs ([`dequantize`]): on CUDA by
+//! kvquilt's kernel (`kernels/dequant.cu`), so an encoded layer crosses PCIe at a quarter
+//! (bf16: half) of its decoded size; elsewhere by the codec's own formula on the CPU.
+//!
+//! The record's layout comes from the codec ([`Scaled8`]); both paths compute
+//! `value(code) · scale` in f32 and round once to the output type, so they agree bit for bit
+//! (checked on the H200 by `kvquilt bench codec --device cuda`).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use kvquilt_compression::codec::{ElemType, Scaled8};
+
+use crate::error::{Result, invalid_input};
+
+/// Decodes `record` (a 1-D u8 tensor holding one layer's record as [`Scaled8`] describes it)
+/// into that layer's K‖V: a 1-D tensor of `2 · plan.half` elements of `dtype` (f32, f16 or
+/// bf16) on the record's device.
+pub fn dequantize(record: &Tensor, plan: &Scaled8, dtype: DType) -> Result<Tensor> {
+    if record.dtype() != DType::U8 || record.rank() != 1 {
+        return Err(invalid_input(format!(
+            "a record is a 1-D u8 tensor, not {:?} {:?}",
+            record.dtype(),
+            record.dims()
+        )));
+    }
+    if record.elem_count() != plan.record_len() {
+        return Err(invalid_input(format!(
+            "the record has {} bytes, its layout {}",
+            record.elem_count(),
+            plan.record_len()
+        )));
+    }
+    let elem = elem_of(dtype)?;
+    Ok(record.apply_op1_no_bwd(&Dequant { plan: *plan, elem })?)
+}
+
+/// Whether [`dequantize`] runs on the device for this layout (CUDA, 4-element-aligned halves
+/// of under 2³⁰ elements); otherwise it decodes on the CPU and copies the result over.
+pub fn decodes_on_device(device: &candle_core::Device, plan: &Scaled8) -> bool {
+    device.is_cuda() && plan.half.is_multiple_of(4) && plan.half < 1 << 30
+}
+
+fn elem_of(dtype: DType) -> Result<ElemType> {
+    Ok(match dtype {
+        DType::F32 => ElemType::F32,
+        DType::F16 => ElemType::F16,
+        DType::BF16 => ElemType::Bf16,
+        other => return Err(invalid_input(format!("cannot decode KV into {other:?}"))),
+    })
+}
+
+/// The op: the record in, K‖V out.
+pub(crate) struct Dequant {
+    pub(crate) plan: Scaled8,
+    pub(crate) elem: ElemType,
+}
+
+impl Dequant {
+    fn dtype(&self) -> DType {
+        match self.elem {
+            ElemType::F32 => DType::F32,
+            ElemType::F16 => DType::F16,
+            ElemType::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl CustomOp1 for Dequant {
+    fn name(&self) -> &'static str {
+        "kvquilt-dequant8"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::U8(all) = s else {
+            candle_core::bail!("a record is u8");
+        };
+        let Some(record) = l.contiguous_offsets().and_then(|(a, b)| all.get(a..b)) else {
+            candle_core::bail!("a record must be contiguous");
+        };
+        let n = 2 * self.plan.half;
+        let mut bytes = vec![0u8; n * self.elem.size()];
+        self.plan
+            .decode_into(self.elem, record, &mut bytes)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let t = Tensor::from_raw_buffer(&bytes, self.dtype(), &[n], &candle_core::Device::Cpu)?;
+        let (storage, _) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("decoded on the CPU");
+        };
+        Ok((cpu.clone(), Shape::from(n)))
+    }
+
+    #[cfg(feature = "gpu")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::dequant(self, s, l)
+    }
+}

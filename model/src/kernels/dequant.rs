@@ -1,0 +1,100 @@
+//! Launching `dequant.cu`: an 8-bit KV record decoded on the device (see `crate::dequant`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{CudaStorage, Layout, Shape};
+use kvquilt_compression::codec::{Code8, ElemType};
+
+use crate::dequant::Dequant;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
+const MODULE: &str = "kvquilt_dequant";
+
+/// Threads per block; each thread decodes four elements per step of a grid-stride loop.
+const THREADS: u32 = 256;
+
+pub(crate) fn dequant(
+    op: &Dequant,
+    s: &CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let plan = &op.plan;
+    let n = 2 * plan.half;
+    if !l.is_contiguous()
+        || !l.start_offset().is_multiple_of(4)
+        || !plan.half.is_multiple_of(4)
+        || plan.half >= 1 << 30
+        || l.shape().elem_count() != plan.record_len()
+    {
+        candle_core::bail!(
+            "the dequant kernel needs a contiguous, 4-byte aligned record of its layout's length with halves of a multiple of 4 elements under 2^30"
+        );
+    }
+    plan.check()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let dev = s.device().clone();
+    let quads = (n / 4) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (quads.div_ceil(THREADS).clamp(1, 65_535), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let [k, v] = plan.maps;
+    let fields = [
+        plan.codes_at,
+        plan.half,
+        k.base,
+        k.div,
+        k.modulo,
+        k.outer_div,
+        k.outer_stride,
+        v.base,
+        v.div,
+        v.modulo,
+        v.outer_div,
+        v.outer_stride,
+    ];
+    // (`check` above: no zero divisor, every index within the scales)
+    let args: Vec<u32> = fields
+        .iter()
+        .filter_map(|&x| u32::try_from(x).ok())
+        .collect();
+    if args.len() != fields.len() {
+        candle_core::bail!("a record layout out of the kernel's range: {plan:?}");
+    }
+    let rec = s.as_cuda_slice::<u8>()?.slice(l.start_offset()..);
+    let code = match plan.code {
+        Code8::Int8 => "int8",
+        Code8::E4m3 => "fp8",
+    };
+    macro_rules! go {
+        ($t:ty, $suffix:literal) => {{
+            // SAFETY: the kernel writes every one of the `n` outputs (grid-stride over n / 4
+            // quads).
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let name = match code {
+                "int8" => concat!("dequant_int8_", $suffix),
+                _ => concat!("dequant_fp8_", $suffix),
+            };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&rec);
+            for a in &args {
+                b.arg(a);
+            }
+            b.arg(&out);
+            // SAFETY: matches `DEQUANT_ENTRY` in dequant.cu: reads `record_len` bytes (the
+            // scales it indexes lie below `codes_at`: the layout's maps stay within
+            // `scales`, pinned by compression's scaled8 tests), writes `n` outputs.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match op.elem {
+        ElemType::F32 => go!(f32, "f32"),
+        ElemType::Bf16 => go!(half::bf16, "bf16"),
+        ElemType::F16 => go!(half::f16, "f16"),
+    };
+    Ok((out, Shape::from(n)))
+}
