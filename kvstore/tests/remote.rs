@@ -458,3 +458,68 @@ async fn a_slow_network_is_measured_and_waited_for() {
     );
     assert_eq!(extra(&t, "timeouts"), 0, "{:?}", t.stats().extra);
 }
+
+/// A remote tier storing int8 hands a stream asked to keep 8-bit records those records as
+/// stored (verified; the GPU dequantises them), and the same object decoded to a stream
+/// that is not; promotion after a kept stream still lands a decoded (lossy-marked) copy in
+/// the host tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_records_stream_from_the_remote_as_stored() {
+    use kvquilt_kvstore::{Codec, StreamLayer};
+    let c = Cluster::start();
+    let int8 = Codec::Int8 {
+        lz4: false,
+        group: 0,
+    };
+    let lossy = RemoteConfig {
+        codec: int8,
+        serve_lossy: true,
+        ..config()
+    };
+    let writer = tier(&c, lossy.clone());
+    let obj = common::sane(&object(7, 40, lay(4)), 7);
+    put(&writer, &obj).await;
+    // two sidecars with their own host tiers over the same remote
+    let sidecar = || {
+        Arc::new(
+            TieredStore::builder(StoreConfig::host_only(1 << 30))
+                .unwrap()
+                .tier(Arc::new(tier(&c, lossy.clone())))
+                .build(),
+        )
+    };
+    let (plain, store) = (sidecar(), sidecar());
+    let mut decoded = plain.read_layers(obj.key(), 2).await.unwrap().unwrap();
+    let want: Vec<bytes::Bytes> = {
+        let mut v = Vec::new();
+        while let Some(l) = decoded.next().await {
+            v.push(l.unwrap());
+        }
+        v
+    };
+    assert_eq!(want.len(), 4);
+    let mut kept = store
+        .read_layers_keeping(obj.key(), 2, |c| c.has_scaled8())
+        .await
+        .unwrap()
+        .expect("a remote hit");
+    assert_eq!(kept.tier, TierKind::REMOTE);
+    for (l, want) in want.iter().enumerate() {
+        let layer = kept.next_layer().await.unwrap().unwrap();
+        let StreamLayer::Encoded { codec, .. } = &layer else {
+            panic!("layer {l} decoded: {layer:?}");
+        };
+        assert_eq!(*codec, int8);
+        assert_eq!(&layer.decoded(obj.layout(), 40).unwrap(), want, "layer {l}");
+    }
+    for _ in 0..100 {
+        if store.locate(obj.key()) == Some(TierKind::HOST) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (promoted, tier) = store.get(obj.key()).await.unwrap().unwrap();
+    assert_eq!(tier, TierKind::HOST, "promoted after a kept stream");
+    assert_eq!(promoted.lossy(), Some(int8));
+    assert_eq!(promoted.layers(), want.as_slice());
+}

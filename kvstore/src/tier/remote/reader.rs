@@ -12,7 +12,7 @@ use super::names::{ObjectNames, Records};
 use super::{Inner, RemoteError};
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
-use crate::object::{ObjectHeader, ObjectInfo, decode_record};
+use crate::object::{KeepEncoded, ObjectHeader, ObjectInfo, StreamLayer, decode_all, record_as};
 use crate::stats::TierStats;
 use crate::tier::LayerReader;
 
@@ -34,13 +34,15 @@ pub(super) enum Fail {
 }
 
 impl Inner {
-    /// Reads, verifies and decodes layer `layer` of an opened object.
+    /// Reads and verifies layer `layer` of an opened object, decoded unless `keep` says to
+    /// hand its codec's record over as stored.
     pub(super) async fn read_layer(
         &self,
         header: &ObjectHeader,
         records: &Records,
         layer: usize,
-    ) -> std::result::Result<Bytes, Fail> {
+        keep: KeepEncoded,
+    ) -> std::result::Result<StreamLayer, Fail> {
         let n = header.layers.len();
         let Some(e) = header.layers.get(layer) else {
             return Err(Fail::Bad(StoreError::Invalid(format!(
@@ -74,7 +76,7 @@ impl Inner {
             b.freeze()
         };
         TierStats::add(&self.stats.bytes_out, record.len() as u64);
-        decode_record(header, layer, &record).map_err(Fail::Bad)
+        record_as(header, layer, &record, keep).map_err(Fail::Bad)
     }
 }
 
@@ -84,7 +86,10 @@ pub(super) struct RemoteReader {
     inner: Arc<Inner>,
     opened: Opened,
     info: Arc<ObjectInfo>,
-    fetches: std::collections::BTreeMap<usize, JoinHandle<std::result::Result<Bytes, Fail>>>,
+    fetches: std::collections::BTreeMap<usize, JoinHandle<std::result::Result<StreamLayer, Fail>>>,
+    /// Which codecs' records are handed over as stored (set by the first `layer_as`, before
+    /// anything is fetched; [`decode_all`] for `layer`).
+    keep: KeepEncoded,
 }
 
 impl RemoteReader {
@@ -94,6 +99,7 @@ impl RemoteReader {
             inner,
             opened,
             fetches: Default::default(),
+            keep: decode_all,
         }
     }
 
@@ -106,7 +112,8 @@ impl RemoteReader {
             Arc::clone(&self.opened.header),
             Arc::clone(&self.opened.records),
         );
-        let h = tokio::spawn(async move { inner.read_layer(&header, &records, layer).await });
+        let keep = self.keep;
+        let h = tokio::spawn(async move { inner.read_layer(&header, &records, layer, keep).await });
         self.fetches.insert(layer, h);
     }
 
@@ -154,6 +161,17 @@ impl LayerReader for RemoteReader {
     }
 
     async fn layer(&mut self, layer: usize) -> Result<Bytes> {
+        let (layout, tokens) = (self.info.layout, self.info.tokens.len());
+        self.layer_as(layer, self.keep)
+            .await?
+            .decoded(&layout, tokens)
+    }
+
+    async fn layer_as(&mut self, layer: usize, keep: KeepEncoded) -> Result<StreamLayer> {
+        if self.fetches.is_empty() {
+            // layers in flight were fetched under the previous choice; a stream keeps one
+            self.keep = keep;
+        }
         let n = self.opened.header.layers.len();
         if layer >= n {
             return Err(StoreError::Invalid(format!("layer {layer} of {n}")));
