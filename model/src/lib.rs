@@ -29,6 +29,7 @@ mod chat;
 mod config;
 pub mod dequant;
 mod device;
+pub mod embed;
 mod error;
 pub mod fetch;
 mod generate;

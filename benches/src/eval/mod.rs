@@ -7,6 +7,7 @@
 //! break or end of turn). The prediction is the first line of the answer.
 
 pub mod calibrate;
+pub(crate) mod conv;
 pub(crate) mod data;
 mod longgen;
 mod metrics;
@@ -341,16 +342,71 @@ pub(crate) fn answer(
     })
 }
 
+/// The `conv` task (`conv.rs`): `--limit` conversations (default 20) built from all of the
+/// input's examples, `--skip` of them passed over; token policies only (`--policies`), every
+/// question of a conversation answered over the same compressed cache (query-agnostic).
+fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
+    if a.policies.is_empty() {
+        bail!("--task conv compares token policies: give --policies (e.g. streaming,snapkv)");
+    }
+    let pa =
+        policies::PolicyArgs::parse(&a.policies, &a.compression, &a.query_aware, &a.budget_split)?;
+    let count = a.skip.saturating_add(a.limit.unwrap_or(20));
+    let mut convs = conv::conversations(examples, count, a.seed)?;
+    if a.skip >= convs.len() {
+        bail!(
+            "--skip {} leaves none of the {} conversations",
+            a.skip,
+            convs.len()
+        );
+    }
+    let convs = convs.split_off(a.skip);
+    if let Some(p) = &a.dump_examples {
+        std::fs::write(p, serde_json::to_string_pretty(&convs)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let loaded = a.model.load()?;
+    let tokenizer = loaded.tokenizer()?.clone();
+    let chatml;
+    let template = match &loaded.chat_template {
+        Some(t) => t,
+        None => {
+            chatml = kvquilt_model::ChatTemplate::chatml();
+            &chatml
+        }
+    };
+    let items = conv::items(&convs, template, &tokenizer)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        top_k: 1,
+        stop_ids: line_break_ids(&tokenizer)?,
+    };
+    policies::run(
+        &pa,
+        &items,
+        a.skip,
+        &loaded.model,
+        &tokenizer,
+        &opts,
+        (file_name(&loaded), a.task.clone(), a.model.device.clone()),
+        a.json.as_deref(),
+    )
+}
+
 /// Runs the evaluation: stores every example's chunks (untimed), then runs each mode from the store and prints the table.
 pub fn run(a: Args) -> Result<()> {
     let mut examples = data::load(&a.input)?;
+    if a.task == "conv" {
+        // (--limit and --skip count conversations, built from every example)
+        return run_conv(&a, &examples);
+    }
     if let Some(n) = a.limit {
         examples.truncate(a.skip.saturating_add(n));
     }
     let mut examples = match a.task.as_str() {
         "musique" | "longgen" => examples,
         "needle" => data::needles(&examples, a.seed),
-        other => bail!("unknown task `{other}` (expected musique, needle or longgen)"),
+        other => bail!("unknown task `{other}` (expected musique, needle, conv or longgen)"),
     };
     if a.skip >= examples.len() {
         bail!(
@@ -399,9 +455,13 @@ pub fn run(a: Args) -> Result<()> {
             top_k: 1,
             stop_ids: line_break_ids(&tokenizer)?,
         };
+        let items = examples
+            .iter()
+            .map(|ex| policies::Item::rag(ex, &tokenizer))
+            .collect::<Result<Vec<_>>>()?;
         return policies::run(
             &pa,
-            &examples,
+            &items,
             a.skip,
             &loaded.model,
             &tokenizer,

@@ -142,6 +142,8 @@ struct Row {
 #[derive(Serialize)]
 struct Detail {
     example: usize,
+    /// Which of the example's questions (0 unless several share one context).
+    question: usize,
     config: String,
     prediction: String,
     answers: Vec<String>,
@@ -155,6 +157,8 @@ struct Report {
     /// How budgets spread over layers and heads.
     budget_split: String,
     examples: usize,
+    /// Questions over all examples (each answered by every row).
+    questions: usize,
     model: String,
     task: String,
     device: String,
@@ -180,11 +184,33 @@ fn answer(
     Ok((first, g.tokens, rate))
 }
 
-/// Runs the policy evaluation over `examples` (already chosen and planted).
+/// One evaluated context and the questions asked over it (one for needle and MuSiQue;
+/// several for `conv`, all answered on the same compressed cache).
+pub(crate) struct Item {
+    /// The context's tokens (compressed when query-agnostic).
+    pub(crate) context: Vec<u32>,
+    /// Each question's tokens (what follows the context) and gold answers.
+    pub(crate) questions: Vec<(Vec<u32>, Vec<String>)>,
+}
+
+impl Item {
+    /// A RAG example: the context is everything before the question's suffix.
+    pub(crate) fn rag(ex: &Example, tokenizer: &Tokenizer) -> Result<Self> {
+        let req = ex.rag_prompt().request(tokenizer, Mode::Full)?;
+        let tokens = req.tokens();
+        let split = tokens.len() - req.suffix.len();
+        Ok(Self {
+            context: tokens[..split].to_vec(),
+            questions: vec![(tokens[split..].to_vec(), ex.answers.clone())],
+        })
+    }
+}
+
+/// Runs the policy evaluation over `items` (already built: examples chosen and planted).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     pa: &PolicyArgs,
-    examples: &[Example],
+    items: &[Item],
     skip: usize,
     model: &Model,
     tokenizer: &Tokenizer,
@@ -192,14 +218,12 @@ pub(crate) fn run(
     header: (String, String, String),
     json: Option<&std::path::Path>,
 ) -> Result<()> {
-    let prompts = examples
-        .iter()
-        .map(|ex| {
-            let req = ex.rag_prompt().request(tokenizer, Mode::Full)?;
-            Ok((req.tokens(), req.suffix.len()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let shortest = prompts.iter().map(|(t, s)| t.len() - s).min().unwrap_or(0);
+    if pa.awareness.contains(&true) && items.iter().any(|i| i.questions.len() != 1) {
+        bail!(
+            "--query-aware yes scores the question inside the compressed prompt: it needs one question per context (conv asks several over one cache: use --query-aware no)"
+        );
+    }
+    let shortest = items.iter().map(|i| i.context.len()).min().unwrap_or(0);
     pa.check(model, shortest)?;
     let needs: Vec<_> = pa
         .policies
@@ -210,47 +234,55 @@ pub(crate) fn run(
     let mut tallies: BTreeMap<(usize, usize, bool), Tally> = BTreeMap::new();
     let mut full = Tally::default();
     let mut details = Vec::new();
-    let total = examples.len() * pa.awareness.len();
+    let total = items.len() * pa.awareness.len();
     let mut done = 0;
-    for (ei, (ex, (tokens, suffix))) in examples.iter().zip(&prompts).enumerate() {
-        let mut reference: Option<(Vec<f32>, Vec<u32>)> = None;
+    for (ei, item) in items.iter().enumerate() {
+        // full KV's first-token logits and answer per question (the reference of every row)
+        let mut reference: Vec<(Vec<f32>, Vec<u32>)> = Vec::new();
         for &aware in &pa.awareness {
             done += 1;
             eprintln!("example {ei} ({done}/{total}), query-aware {aware}");
-            let split = if aware {
-                tokens.len() - 1
+            // query-aware: the one question is inside the scored prompt, its last token
+            // runs over the pruned cache; agnostic: the context alone is scored
+            let whole: Vec<u32>;
+            let (prefix, rests): (&[u32], Vec<&[u32]>) = if aware {
+                whole = [item.context.as_slice(), item.questions[0].0.as_slice()].concat();
+                let (head, last) = whole.split_at(whole.len() - 1);
+                (head, vec![last])
             } else {
-                tokens.len() - suffix
+                (
+                    item.context.as_slice(),
+                    item.questions.iter().map(|(q, _)| q.as_slice()).collect(),
+                )
             };
+            let split = prefix.len();
             let mut cache = model.empty_cache()?;
             let positions = kvquilt_model::positions(0, split);
-            let (_, observations) =
-                observe_prefill(model, &tokens[..split], &positions, &mut cache, &needs)?;
-            if reference.is_none() {
-                let (first, toks, rate) =
-                    answer(model, cache.clone(), &tokens[split..], split, opts)?;
-                let prediction = prediction(tokenizer, &toks)?;
-                full.acc
-                    .push(metrics::contains_gold(&prediction, &ex.answers) as u8 as f64);
-                full.f1.push(metrics::best_f1(&prediction, &ex.answers));
-                full.kl.push(0.0);
-                full.agreement.push(1.0);
-                full.kept.push(1.0);
-                full.decode_tok_s.push(rate);
-                details.push(Detail {
-                    example: skip + ei,
-                    config: "full".into(),
-                    correct: metrics::contains_gold(&prediction, &ex.answers),
-                    prediction,
-                    answers: ex.answers.clone(),
-                    first_token_kl: 0.0,
-                    answer_token_agreement: 1.0,
-                });
-                reference = Some((first, toks));
+            let (_, observations) = observe_prefill(model, prefix, &positions, &mut cache, &needs)?;
+            if reference.is_empty() {
+                for (qi, (rest, (_, answers))) in rests.iter().zip(&item.questions).enumerate() {
+                    let (first, toks, rate) = answer(model, cache.clone(), rest, split, opts)?;
+                    let prediction = prediction(tokenizer, &toks)?;
+                    let correct = metrics::contains_gold(&prediction, answers);
+                    full.acc.push(correct as u8 as f64);
+                    full.f1.push(metrics::best_f1(&prediction, answers));
+                    full.kl.push(0.0);
+                    full.agreement.push(1.0);
+                    full.kept.push(1.0);
+                    full.decode_tok_s.push(rate);
+                    details.push(Detail {
+                        example: skip + ei,
+                        question: qi,
+                        config: "full".into(),
+                        correct,
+                        prediction,
+                        answers: answers.clone(),
+                        first_token_kl: 0.0,
+                        answer_token_agreement: 1.0,
+                    });
+                    reference.push((first, toks));
+                }
             }
-            let Some((ref_logits, ref_tokens)) = &reference else {
-                unreachable!("set above")
-            };
             for (pi, spec) in pa.policies.iter().enumerate() {
                 let Some(policy) = spec.policy() else {
                     continue;
@@ -264,30 +296,36 @@ pub(crate) fn run(
                         Budget::Compression(n),
                         &pa.split,
                     )?;
-                    let (first, toks, rate) =
-                        answer(model, c.cache, &tokens[split..], split, opts)?;
-                    let prediction = prediction(tokenizer, &toks)?;
-                    let correct = metrics::contains_gold(&prediction, &ex.answers);
-                    let kl = metrics::kl_divergence(ref_logits, &first);
-                    let agreement = metrics::token_agreement(ref_tokens, &toks);
                     let t = tallies.entry((pi, ni, aware)).or_default();
-                    t.acc.push(correct as u8 as f64);
-                    t.f1.push(metrics::best_f1(&prediction, &ex.answers));
-                    t.kl.push(kl);
-                    t.agreement.push(agreement);
-                    t.kept
-                        .push(c.stats.entries_kept as f64 / c.stats.entries_before as f64);
                     t.policy_ms.push(c.stats.policy_ms);
-                    t.decode_tok_s.push(rate);
-                    details.push(Detail {
-                        example: skip + ei,
-                        config: format!("{} {n}x aware={aware}", spec.name()),
-                        prediction,
-                        answers: ex.answers.clone(),
-                        correct,
-                        first_token_kl: kl,
-                        answer_token_agreement: agreement,
-                    });
+                    let kept = c.stats.entries_kept as f64 / c.stats.entries_before as f64;
+                    // every question runs over the same compressed cache
+                    for (qi, (rest, (_, answers))) in rests.iter().zip(&item.questions).enumerate()
+                    {
+                        let (ref_logits, ref_tokens) = &reference[qi];
+                        let (first, toks, rate) =
+                            answer(model, c.cache.clone(), rest, split, opts)?;
+                        let prediction = prediction(tokenizer, &toks)?;
+                        let correct = metrics::contains_gold(&prediction, answers);
+                        let kl = metrics::kl_divergence(ref_logits, &first);
+                        let agreement = metrics::token_agreement(ref_tokens, &toks);
+                        t.acc.push(correct as u8 as f64);
+                        t.f1.push(metrics::best_f1(&prediction, answers));
+                        t.kl.push(kl);
+                        t.agreement.push(agreement);
+                        t.kept.push(kept);
+                        t.decode_tok_s.push(rate);
+                        details.push(Detail {
+                            example: skip + ei,
+                            question: qi,
+                            config: format!("{} {n}x aware={aware}", spec.name()),
+                            prediction,
+                            answers: answers.clone(),
+                            correct,
+                            first_token_kl: kl,
+                            answer_token_agreement: agreement,
+                        });
+                    }
                 }
             }
         }
@@ -323,14 +361,15 @@ pub(crate) fn run(
     let (model_name, task, device) = header;
     let report = Report {
         budget_split: format!("{:?}", pa.split),
-        examples: examples.len(),
+        examples: items.len(),
+        questions: items.iter().map(|i| i.questions.len()).sum(),
         model: model_name,
         task,
         device,
         prompt_tokens_median: median(
-            &prompts
+            &items
                 .iter()
-                .map(|(t, _)| t.len() as f64)
+                .map(|i| (i.context.len() + i.questions[0].0.len()) as f64)
                 .collect::<Vec<_>>(),
         ),
         rows,
@@ -351,8 +390,8 @@ fn prediction(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<String> {
 
 fn print_table(r: &Report) {
     println!(
-        "{} task, {} examples (median {:.0} prompt tokens), model {}, device {}, budgets {}",
-        r.task, r.examples, r.prompt_tokens_median, r.model, r.device, r.budget_split
+        "{} task, {} examples, {} questions (median {:.0} prompt tokens), model {}, device {}, budgets {}",
+        r.task, r.examples, r.questions, r.prompt_tokens_median, r.model, r.device, r.budget_split
     );
     println!(
         "| policy | compression | query-aware | F1 | acc | acc/full | first-token KL | answer agreement | kept | policy ms | decode tok/s |"
