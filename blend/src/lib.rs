@@ -21,6 +21,7 @@
 //!   memory), above the store's host and SSD tiers; on a GPU the host tier holds its objects
 //!   in page-locked memory (`pinned_host.rs`), so its hits upload by DMA.
 
+pub mod block_prefill;
 pub mod calibration;
 mod chunk;
 pub mod compress;

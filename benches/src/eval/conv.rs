@@ -126,6 +126,30 @@ pub(crate) struct Conversation {
     pub questions: Vec<Question>,
 }
 
+impl Conversation {
+    /// The utterances as EpiCache segments them: `{speaker} said, "{text}"` per line.
+    pub(crate) fn utterances(&self) -> Vec<String> {
+        self.turns
+            .iter()
+            .map(|t| {
+                let who = match t.speaker {
+                    Speaker::User => "User",
+                    Speaker::Assistant => "Assistant",
+                };
+                format!("{who} said, \"{}\"\n", t.text)
+            })
+            .collect()
+    }
+
+    /// The turn that plants topic `topic`'s fact.
+    pub(crate) fn fact_turn(&self, topic: usize) -> Option<usize> {
+        let code = self.codes.get(topic)?;
+        self.turns
+            .iter()
+            .position(|t| t.text.contains(code.as_str()))
+    }
+}
+
 /// `count` conversations from `examples` (each topic one example, used once until every
 /// example has been used), deterministic in `seed`.
 pub(crate) fn conversations(

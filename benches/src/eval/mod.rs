@@ -9,6 +9,7 @@
 pub mod calibrate;
 pub(crate) mod conv;
 pub(crate) mod data;
+mod episodic;
 mod longgen;
 mod metrics;
 mod policies;
@@ -93,6 +94,11 @@ pub struct Args {
     /// head keeping at least FLOOR of the uniform share; default 0.2).
     #[arg(long, default_value = "uniform")]
     budget_split: String,
+    /// `--task conv`: compare EpiCache with full KV, block-prefill SnapKV and StreamingLLM at
+    /// these KV budgets, fractions of each conversation (e.g. `0.125,0.25,0.5`), instead of
+    /// `--policies`.
+    #[arg(long, value_delimiter = ',')]
+    episodic: Vec<f32>,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -346,11 +352,27 @@ pub(crate) fn answer(
 /// input's examples, `--skip` of them passed over; token policies only (`--policies`), every
 /// question of a conversation answered over the same compressed cache (query-agnostic).
 fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
-    if a.policies.is_empty() {
-        bail!("--task conv compares token policies: give --policies (e.g. streaming,snapkv)");
+    if a.policies.is_empty() && a.episodic.is_empty() {
+        bail!(
+            "--task conv compares token policies: give --policies (e.g. streaming,snapkv) or --episodic (e.g. 0.125,0.25,0.5)"
+        );
     }
-    let pa =
-        policies::PolicyArgs::parse(&a.policies, &a.compression, &a.query_aware, &a.budget_split)?;
+    let pa = if a.episodic.is_empty() {
+        Some(policies::PolicyArgs::parse(
+            &a.policies,
+            &a.compression,
+            &a.query_aware,
+            &a.budget_split,
+        )?)
+    } else {
+        if a.episodic.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+            bail!(
+                "--episodic takes budget fractions strictly between 0 and 1, got {:?}",
+                a.episodic
+            );
+        }
+        None
+    };
     let count = a.skip.saturating_add(a.limit.unwrap_or(20));
     let mut convs = conv::conversations(examples, count, a.seed)?;
     if a.skip >= convs.len() {
@@ -375,12 +397,24 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
             &chatml
         }
     };
-    let items = conv::items(&convs, template, &tokenizer)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         top_k: 1,
         stop_ids: line_break_ids(&tokenizer)?,
     };
+    let Some(pa) = pa else {
+        return episodic::run(
+            &convs,
+            &a.episodic,
+            &loaded.model,
+            &tokenizer,
+            template,
+            &opts,
+            (file_name(&loaded), a.model.device.clone()),
+            a.json.as_deref(),
+        );
+    };
+    let items = conv::items(&convs, template, &tokenizer)?;
     policies::run(
         &pa,
         &items,

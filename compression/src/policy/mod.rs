@@ -23,6 +23,8 @@
 //! attention, plus sinks and a recent window). [`PolicySpec`] names them and their parameters.
 
 mod decode;
+pub mod episodes;
+mod episodic;
 mod h2o;
 mod sage;
 mod select;
@@ -38,6 +40,7 @@ use std::ops::Range;
 use thiserror::Error;
 
 pub use decode::{DecodePool, DecodePoolSpec, Schedule, Scorer};
+pub use episodic::Episodic;
 pub use h2o::H2o;
 pub use sage::SageKv;
 pub use select::{check_budget, select};

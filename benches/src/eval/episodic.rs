@@ -1,0 +1,355 @@
+//! `kvquilt eval --task conv --episodic ⅛,¼,½`: EpiCache beside full KV, block-prefill SnapKV
+//! and StreamingLLM on the `conv` task, at KV budgets given as fractions of each
+//! conversation's length (entries per KV head).
+//!
+//! Per conversation: full KV is one prefill of the conversation; StreamingLLM prunes that
+//! cache to the budget; block-prefill SnapKV prefills it in blocks of [`BLOCK`] evicting by
+//! each block's last 64 rows; EpiCache segments the utterances ([`SEGMENT_UTTERANCES`] per
+//! segment), embeds them (all-MiniLM-L6-v2), clusters them into [`EPISODES`] episodes, builds
+//! one cache per episode by block prefill scored with that episode's medoid segments, and
+//! answers each question on the cache of the episode its embedding is routed to. Every
+//! question of a conversation is answered over the same cache(s); accuracy, first-token KL and
+//! answer agreement against full KV; routing accuracy (the routed episode holds the segment
+//! that planted the asked fact); peak cache rows.
+
+use anyhow::{Context, Result, bail};
+use kvquilt_blend::ChunkCodec;
+use kvquilt_blend::block_prefill::{BlockScorer, block_prefill};
+use kvquilt_blend::compress::compress;
+use kvquilt_compression::policy::episodes::{
+    EPISODES, Episodes, MEDOIDS, RESTARTS, SEED, SEGMENT_UTTERANCES, segments,
+};
+use kvquilt_compression::policy::{Budget, BudgetSplit, SnapKv, StreamingLlm};
+use kvquilt_model::embed::Embedder;
+use kvquilt_model::{
+    ChatMessage, ChatTemplate, Device, GenerateOptions, KvCache, Model, Tokenizer, continue_greedy,
+    positions,
+};
+use serde::Serialize;
+
+use super::conv::{self, Conversation};
+use super::{mean, metrics};
+use crate::bench::median;
+
+/// Tokens of each medoid segment in a scoring prompt (the embedder's window, 256).
+pub(crate) const MEDOID_TOKENS: usize = Embedder::MAX_TOKENS;
+
+/// Tokens per prefill block (the reference uses 2,048 for 8k budgets; conversations here
+/// are ~5.5k tokens).
+pub(crate) const BLOCK: usize = 512;
+
+#[derive(Default)]
+struct Tally {
+    acc: Vec<f64>,
+    kl: Vec<f64>,
+    agreement: Vec<f64>,
+    peak_rows: Vec<f64>,
+    routed: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    method: String,
+    budget_fraction: Option<f32>,
+    acc: f64,
+    acc_vs_full: Option<f64>,
+    first_token_kl: f64,
+    answer_token_agreement: f64,
+    /// Median of the most rows a cache held while built (full: the conversation).
+    peak_rows_median: f64,
+    /// EpiCache: questions routed to the episode holding their fact.
+    routing_accuracy: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Detail {
+    conversation: usize,
+    question: usize,
+    method: String,
+    prediction: String,
+    answer: String,
+    correct: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    conversations: usize,
+    questions: usize,
+    model: String,
+    device: String,
+    block: usize,
+    context_tokens_median: f64,
+    rows: Vec<Row>,
+    details: Vec<Detail>,
+}
+
+/// What every method answers against: full KV's first-token logits and answer tokens.
+struct Reference {
+    logits: Vec<f32>,
+    tokens: Vec<u32>,
+}
+
+/// Greedy answer to `question` over `cache` (a context of `len` positions).
+fn answer(
+    model: &Model,
+    mut cache: KvCache,
+    question: &[u32],
+    len: usize,
+    opts: &GenerateOptions,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let logits = model.prefill(question, &positions(len, question.len()), &mut cache)?;
+    let first = logits.to_vec1::<f32>()?;
+    let g = continue_greedy(model, cache, logits, opts, Default::default(), &mut |_| {})?;
+    Ok((first, g.tokens))
+}
+
+/// Runs the comparison over `convs` at each budget fraction in `fractions`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    convs: &[Conversation],
+    fractions: &[f32],
+    model: &Model,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    opts: &GenerateOptions,
+    header: (String, String),
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    if fractions.is_empty() || fractions.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+        bail!("--episodic takes budget fractions strictly between 0 and 1, got {fractions:?}");
+    }
+    let embedder_dir = kvquilt_model::fetch::fetch_file_set(
+        &kvquilt_model::fetch::ALL_MINILM_L6_V2,
+        &kvquilt_model::fetch::cache_root(),
+        |l| eprintln!("kvquilt: {l}"),
+    )?;
+    let embedder = Embedder::load(&embedder_dir, &Device::Cpu)?;
+    let items = conv::items(convs, template, tokenizer)?;
+    let sinks = ChunkCodec::tokenize(
+        tokenizer,
+        &template.render(&[ChatMessage::new("system", conv::SYSTEM)], false)?,
+    )?
+    .len();
+    let mut methods: Vec<(String, Option<f32>)> = vec![("full".into(), None)];
+    for &f in fractions {
+        for m in ["streaming", "block-snapkv", "epicache"] {
+            methods.push((m.into(), Some(f)));
+        }
+    }
+    let mut tallies: Vec<Tally> = methods.iter().map(|_| Tally::default()).collect();
+    let mut details = Vec::new();
+    for (ci, (c, item)) in convs.iter().zip(&items).enumerate() {
+        eprintln!(
+            "conversation {ci} ({}/{}): {} tokens, {} questions",
+            ci + 1,
+            convs.len(),
+            item.context.len(),
+            item.questions.len()
+        );
+        let len = item.context.len();
+        let mut full = model.empty_cache()?;
+        model.prefill(&item.context, &positions(0, len), &mut full)?;
+        // episodes from the utterances; each question routed by its text
+        let segs = segments(&c.utterances(), SEGMENT_UTTERANCES);
+        let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let vectors = embedder.embed(&seg_refs)?;
+        let episodes = Episodes::cluster(&vectors, EPISODES.min(vectors.len()), RESTARTS, SEED)?;
+        let medoids = episodes.medoids(&vectors, MEDOIDS);
+        let prompts: Vec<Vec<u32>> = medoids
+            .iter()
+            .map(|m| scoring_prompt(&c.utterances(), m, template, tokenizer))
+            .collect::<Result<_>>()?;
+        let q_texts: Vec<&str> = c.questions.iter().map(|q| q.text.as_str()).collect();
+        let routes: Vec<usize> = embedder
+            .embed(&q_texts)?
+            .iter()
+            .map(|v| episodes.route(v))
+            .collect();
+        let mut reference: Vec<Reference> = Vec::new();
+        for (mi, (method, fraction)) in methods.iter().enumerate() {
+            let budget = fraction.map(|f| ((len as f32 * f) as usize).max(sinks + 1));
+            // the cache(s) this method answers over: one, or one per episode
+            let (caches, peak): (Vec<KvCache>, usize) = match (method.as_str(), budget) {
+                ("full", _) => (vec![full.clone()], len),
+                ("streaming", Some(n)) => {
+                    let p = StreamingLlm { sinks };
+                    let obs = vec![Default::default(); model.config().num_layers];
+                    let c = compress(
+                        model,
+                        &full,
+                        &obs,
+                        &p,
+                        Budget::Entries(n),
+                        &BudgetSplit::Uniform,
+                    )?;
+                    (vec![c.cache], len)
+                }
+                ("block-snapkv", Some(n)) => {
+                    let b = block_prefill(
+                        model,
+                        &item.context,
+                        BLOCK,
+                        n,
+                        sinks,
+                        &BudgetSplit::Uniform,
+                        &BlockScorer::Window(SnapKv::default()),
+                    )?;
+                    (vec![b.cache], b.peak_rows)
+                }
+                ("epicache", Some(n)) => {
+                    let mut caches = Vec::with_capacity(prompts.len());
+                    let mut peak = 0;
+                    for p in &prompts {
+                        let b = block_prefill(
+                            model,
+                            &item.context,
+                            BLOCK,
+                            n,
+                            sinks,
+                            &BudgetSplit::Uniform,
+                            &BlockScorer::Prompt(p),
+                        )?;
+                        peak = peak.max(b.peak_rows);
+                        caches.push(b.cache);
+                    }
+                    (caches, peak)
+                }
+                _ => bail!("method {method} without a budget"),
+            };
+            let t = &mut tallies[mi];
+            t.peak_rows.push(peak as f64);
+            for (qi, ((question, answers), q)) in
+                item.questions.iter().zip(&c.questions).enumerate()
+            {
+                let cache = if caches.len() == 1 {
+                    caches[0].clone()
+                } else {
+                    let fact_segment = c.fact_turn(q.topic).map(|f| f / SEGMENT_UTTERANCES);
+                    let routed = routes[qi];
+                    t.routed.push(
+                        (fact_segment.map(|s| episodes.assignment[s]) == Some(routed)) as u8 as f64,
+                    );
+                    caches[routed].clone()
+                };
+                let (first, toks) = answer(model, cache, question, len, opts)?;
+                let prediction = tokenizer.decode(&toks, true)?;
+                let prediction = prediction.trim().lines().next().unwrap_or("").to_string();
+                let correct = metrics::contains_gold(&prediction, answers);
+                if reference.len() <= qi {
+                    reference.push(Reference {
+                        logits: first.clone(),
+                        tokens: toks.clone(),
+                    });
+                }
+                let r = &reference[qi];
+                t.acc.push(correct as u8 as f64);
+                t.kl.push(metrics::kl_divergence(&r.logits, &first));
+                t.agreement.push(metrics::token_agreement(&r.tokens, &toks));
+                details.push(Detail {
+                    conversation: ci,
+                    question: qi,
+                    method: label(method, *fraction),
+                    prediction,
+                    answer: answers[0].clone(),
+                    correct,
+                });
+            }
+        }
+    }
+    let full_acc = mean(&tallies[0].acc);
+    let rows: Vec<Row> = methods
+        .iter()
+        .zip(&tallies)
+        .map(|((m, f), t)| Row {
+            method: m.clone(),
+            budget_fraction: *f,
+            acc: mean(&t.acc),
+            acc_vs_full: (full_acc > 0.0).then(|| mean(&t.acc) / full_acc),
+            first_token_kl: mean(&t.kl),
+            answer_token_agreement: mean(&t.agreement),
+            peak_rows_median: median(&t.peak_rows),
+            routing_accuracy: (!t.routed.is_empty()).then(|| mean(&t.routed)),
+        })
+        .collect();
+    let (model_name, device) = header;
+    let report = Report {
+        conversations: convs.len(),
+        questions: items.iter().map(|i| i.questions.len()).sum(),
+        model: model_name,
+        device,
+        block: BLOCK,
+        context_tokens_median: median(
+            &items
+                .iter()
+                .map(|i| i.context.len() as f64)
+                .collect::<Vec<_>>(),
+        ),
+        rows,
+        details,
+    };
+    print_table(&report);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn label(method: &str, fraction: Option<f32>) -> String {
+    match fraction {
+        Some(f) => format!("{method} {f}"),
+        None => method.to_string(),
+    }
+}
+
+/// An episode's scoring prompt: a user turn asking about its medoid segments (in time
+/// order), and the assistant's opening, as the chat template continues a conversation.
+fn scoring_prompt(
+    utterances: &[String],
+    medoids: &[usize],
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<u32>> {
+    // each medoid as much as the embedder saw of it (its first tokens): this task's
+    // utterances are whole passages, and four whole segments would outweigh the budget
+    let segs = segments(utterances, SEGMENT_UTTERANCES);
+    let mut text = String::new();
+    for seg in medoids.iter().filter_map(|&m| segs.get(m)) {
+        let ids = ChunkCodec::tokenize(tokenizer, seg)?;
+        let head = &ids[..ids.len().min(MEDOID_TOKENS)];
+        text.push_str(&tokenizer.decode(head, false)?);
+        text.push('\n');
+    }
+    let ask = format!(
+        "Recall the parts of our conversation like the following, to answer questions about them:\n{text}"
+    );
+    let rendered = template.render(&[ChatMessage::new("user", ask)], true)?;
+    Ok(ChunkCodec::tokenize(tokenizer, &rendered)?)
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "conv task, {} conversations, {} questions (median {:.0} context tokens), model {}, device {}, block {}",
+        r.conversations, r.questions, r.context_tokens_median, r.model, r.device, r.block
+    );
+    println!(
+        "| method | budget | acc | acc/full | first-token KL | answer agreement | peak rows | routing |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {:.3} | {} | {:.3} | {:.2} | {:.0} | {} |",
+            row.method,
+            row.budget_fraction
+                .map_or_else(|| "–".to_string(), |f| format!("{f}")),
+            row.acc,
+            row.acc_vs_full
+                .map_or_else(|| "–".to_string(), |v| format!("{v:.2}")),
+            row.first_token_kl,
+            row.answer_token_agreement,
+            row.peak_rows_median,
+            row.routing_accuracy
+                .map_or_else(|| "–".to_string(), |v| format!("{v:.2}")),
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Block prefill under a budget (EpiCache's build and block-prefill SnapKV), on the tiny
+//! qwen2 model: without eviction it is plain prefill; with eviction the cache never holds
+//! more than budget + block (+ the scoring prompt), ends at the budget, and decoding goes on.
+
+use std::path::PathBuf;
+
+use kvquilt_blend::block_prefill::{BlockScorer, block_prefill};
+use kvquilt_compression::policy::{BudgetSplit, SnapKv};
+use kvquilt_model::{DType, Device, Model, Tensor, load, positions};
+
+fn model() -> Model {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    load(&fixture, &Device::Cpu, DType::F32).unwrap().model
+}
+
+fn toks(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 1 + (i * 31 + seed * 7) % 400)
+        .collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn without_eviction_it_is_plain_prefill() {
+    let m = model();
+    let context = toks(70, 1);
+    let question = toks(5, 2);
+    let mut plain = m.empty_cache().unwrap();
+    m.prefill(&context, &positions(0, 70), &mut plain).unwrap();
+    let want = m.prefill(&question, &positions(70, 5), &mut plain).unwrap();
+    let prompt = toks(6, 3);
+    for scorer in [
+        BlockScorer::Window(SnapKv::default()),
+        BlockScorer::Prompt(&prompt),
+    ] {
+        let b = block_prefill(&m, &context, 16, 100, 4, &BudgetSplit::Uniform, &scorer).unwrap();
+        assert_eq!((b.evictions, b.next_position, b.cache.len()), (0, 70, 70));
+        let mut cache = b.cache;
+        let got = m.prefill(&question, &positions(70, 5), &mut cache).unwrap();
+        let d = max_diff(&want, &got);
+        assert!(d < 1e-4, "{scorer:?}: logits moved by {d}");
+    }
+}
+
+#[test]
+fn eviction_bounds_the_cache_and_decoding_goes_on() {
+    let m = model();
+    let layers = m.config().num_layers;
+    let kv_heads = m.config().num_kv_heads;
+    let context = toks(130, 4);
+    let prompt = toks(6, 5);
+    let snap = SnapKv {
+        window: 8,
+        ..SnapKv::default()
+    };
+    for (scorer, extra) in [
+        (BlockScorer::Window(snap), 0),
+        (BlockScorer::Prompt(&prompt), 6),
+    ] {
+        let b = block_prefill(&m, &context, 16, 40, 4, &BudgetSplit::Uniform, &scorer).unwrap();
+        assert!(b.evictions >= 5, "{scorer:?}: {} evictions", b.evictions);
+        assert!(
+            b.peak_rows <= 40 + 16 + extra,
+            "{scorer:?}: peak {}",
+            b.peak_rows
+        );
+        assert_eq!(b.next_position, 130);
+        assert_eq!(b.cache.entries_per_head(), vec![vec![40; kv_heads]; layers]);
+        let mut cache = b.cache;
+        let logits = m
+            .prefill(&toks(5, 6), &positions(130, 5), &mut cache)
+            .unwrap();
+        let v: Vec<f32> = logits.to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{scorer:?}");
+    }
+}
+
+#[test]
+fn a_budget_that_cannot_hold_the_sinks_is_refused() {
+    let m = model();
+    let snap = BlockScorer::Window(SnapKv::default());
+    assert!(block_prefill(&m, &toks(50, 1), 16, 4, 4, &BudgetSplit::Uniform, &snap).is_err());
+    assert!(block_prefill(&m, &toks(50, 1), 0, 20, 4, &BudgetSplit::Uniform, &snap).is_err());
+    assert!(block_prefill(&m, &[], 16, 20, 4, &BudgetSplit::Uniform, &snap).is_err());
+    let empty: [u32; 0] = [];
+    let prompt = BlockScorer::Prompt(&empty);
+    assert!(block_prefill(&m, &toks(50, 1), 16, 20, 4, &BudgetSplit::Uniform, &prompt).is_err());
+}
