@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use kvquilt_blend::block_prefill::{BlockScorer, block_prefill};
 use kvquilt_compression::policy::{BudgetSplit, SnapKv};
-use kvquilt_model::{DType, Device, Model, Tensor, load, positions};
+use kvquilt_model::{DType, Device, Model, load, positions};
+
+mod support;
+use support::max_diff;
 
 fn model() -> Model {
     let fixture =
@@ -18,13 +21,6 @@ fn toks(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| 1 + (i * 31 + seed * 7) % 400)
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[test]

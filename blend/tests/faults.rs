@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
 use kvquilt_kvstore::{SsdConfig, StoreConfig, TierKind, TieredStore};
-use kvquilt_model::{DType, Device, Tensor, load};
+use kvquilt_model::{DType, Device, load};
 use tokio::runtime::Runtime;
 
 mod support;
-use support::corrupt;
+use support::{corrupt, max_diff};
 
 /// A blender over the tiny qwen2 model and a store opened over the SSD tier at `dir`: its
 /// host tier starts empty, and with promotion off the objects on disk are read from there.
@@ -36,13 +36,6 @@ fn toks(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| 1 + (i * 37 + seed * 101) % 500)
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[test]

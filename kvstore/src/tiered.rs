@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 use crate::index::{Lease, Pin, Pins};
 use crate::key::ChunkKey;
 use crate::object::{KeepEncoded, KvObject, ObjectInfo, StreamLayer, decode_all};
@@ -312,6 +312,7 @@ impl TieredStore {
             tokio::spawn(async move {
                 let _lease: Option<Lease> = lease;
                 let mut layers = Vec::with_capacity(n);
+                let mut kept_any = false;
                 for l in 0..n {
                     let r = reader.layer_as(l, keep).await;
                     let ok = r.as_ref().ok().cloned();
@@ -319,7 +320,10 @@ impl TieredStore {
                         return; // the reader went away
                     }
                     match ok {
-                        Some(b) => layers.push(b),
+                        Some(b) => {
+                            kept_any |= matches!(b, StreamLayer::Encoded { .. });
+                            layers.push(b);
+                        }
                         None => return,
                     }
                 }
@@ -327,14 +331,21 @@ impl TieredStore {
                 if i > 0 && store.promote_on_hit {
                     let i2 = &info_task;
                     let (layout, tokens) = (i2.layout, i2.tokens.len());
-                    let decoded = tokio::task::spawn_blocking(move || {
+                    let decode = move || {
                         layers
                             .into_iter()
                             .map(|l| l.decoded(&layout, tokens))
                             .collect::<Result<Vec<Bytes>>>()
-                    })
-                    .await;
-                    let Ok(Ok(layers)) = decoded else {
+                    };
+                    // records kept encoded are decoded off the runtime's threads
+                    let decoded = if kept_any {
+                        tokio::task::spawn_blocking(decode)
+                            .await
+                            .unwrap_or_else(|e| Err(StoreError::Invalid(e.to_string())))
+                    } else {
+                        decode()
+                    };
+                    let Ok(layers) = decoded else {
                         return;
                     };
                     if let Ok(obj) = KvObject::new(

@@ -54,16 +54,6 @@ pub(crate) struct Dequant {
     pub(crate) elem: ElemType,
 }
 
-impl Dequant {
-    fn dtype(&self) -> DType {
-        match self.elem {
-            ElemType::F32 => DType::F32,
-            ElemType::F16 => DType::F16,
-            ElemType::Bf16 => DType::BF16,
-        }
-    }
-}
-
 impl CustomOp1 for Dequant {
     fn name(&self) -> &'static str {
         "kvquilt-dequant8"
@@ -81,12 +71,27 @@ impl CustomOp1 for Dequant {
         self.plan
             .decode_into(self.elem, record, &mut bytes)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let t = Tensor::from_raw_buffer(&bytes, self.dtype(), &[n], &candle_core::Device::Cpu)?;
-        let (storage, _) = t.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("decoded on the CPU");
+        let storage = match self.elem {
+            ElemType::F32 => CpuStorage::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            ElemType::F16 => CpuStorage::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+            ElemType::Bf16 => CpuStorage::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
         };
-        Ok((cpu.clone(), Shape::from(n)))
+        Ok((storage, Shape::from(n)))
     }
 
     #[cfg(feature = "gpu")]

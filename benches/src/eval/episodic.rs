@@ -157,7 +157,7 @@ pub(crate) fn run(
         let medoids = episodes.medoids(&vectors, MEDOIDS);
         let prompts: Vec<Vec<u32>> = medoids
             .iter()
-            .map(|m| scoring_prompt(&c.utterances(), m, template, tokenizer))
+            .map(|m| scoring_prompt(&segs, m, template, tokenizer))
             .collect::<Result<_>>()?;
         let q_texts: Vec<&str> = c.questions.iter().map(|q| q.text.as_str()).collect();
         let routes: Vec<usize> = embedder
@@ -305,14 +305,13 @@ fn label(method: &str, fraction: Option<f32>) -> String {
 /// An episode's scoring prompt: a user turn asking about its medoid segments (in time
 /// order), and the assistant's opening, as the chat template continues a conversation.
 fn scoring_prompt(
-    utterances: &[String],
+    segs: &[String],
     medoids: &[usize],
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
 ) -> Result<Vec<u32>> {
     // each medoid as much as the embedder saw of it (its first tokens): this task's
     // utterances are whole passages, and four whole segments would outweigh the budget
-    let segs = segments(utterances, SEGMENT_UTTERANCES);
     let mut text = String::new();
     for seg in medoids.iter().filter_map(|&m| segs.get(m)) {
         let ids = ChunkCodec::tokenize(tokenizer, seg)?;
