@@ -115,9 +115,7 @@ pub(crate) fn run(
     header: (String, String),
     json: Option<&std::path::Path>,
 ) -> Result<()> {
-    if fractions.is_empty() || fractions.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
-        bail!("--episodic takes budget fractions strictly between 0 and 1, got {fractions:?}");
-    }
+    check_fractions(fractions)?;
     let embedder_dir = kvquilt_model::fetch::fetch_file_set(
         &kvquilt_model::fetch::ALL_MINILM_L6_V2,
         &kvquilt_model::fetch::cache_root(),
@@ -291,6 +289,14 @@ pub(crate) fn run(
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// `--episodic`'s budget fractions: at least one, each strictly between 0 and 1.
+pub(crate) fn check_fractions(fractions: &[f32]) -> Result<()> {
+    if fractions.is_empty() || fractions.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+        bail!("--episodic takes budget fractions strictly between 0 and 1, got {fractions:?}");
     }
     Ok(())
 }

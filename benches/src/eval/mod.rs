@@ -348,6 +348,15 @@ pub(crate) fn answer(
     })
 }
 
+/// Writes the evaluated examples (or conversations) to `--dump-examples`, when given.
+fn dump_examples(a: &Args, examples: &impl serde::Serialize) -> Result<()> {
+    if let Some(p) = &a.dump_examples {
+        std::fs::write(p, serde_json::to_string_pretty(examples)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// The `conv` task (`conv.rs`): `--limit` conversations (default 20) built from all of the
 /// input's examples, `--skip` of them passed over; token policies only (`--policies`), every
 /// question of a conversation answered over the same compressed cache (query-agnostic).
@@ -365,12 +374,8 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
             &a.budget_split,
         )?)
     } else {
-        if a.episodic.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
-            bail!(
-                "--episodic takes budget fractions strictly between 0 and 1, got {:?}",
-                a.episodic
-            );
-        }
+        // checked before the model loads
+        episodic::check_fractions(&a.episodic)?;
         None
     };
     let count = a.skip.saturating_add(a.limit.unwrap_or(20));
@@ -383,10 +388,7 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
         );
     }
     let convs = convs.split_off(a.skip);
-    if let Some(p) = &a.dump_examples {
-        std::fs::write(p, serde_json::to_string_pretty(&convs)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
+    dump_examples(a, &convs)?;
     let loaded = a.model.load()?;
     let tokenizer = loaded.tokenizer()?.clone();
     let chatml;
@@ -450,10 +452,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let examples = examples.split_off(a.skip);
-    if let Some(p) = &a.dump_examples {
-        std::fs::write(p, serde_json::to_string_pretty(&examples)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
+    dump_examples(&a, &examples)?;
     if a.task == "longgen" {
         let la = longgen::LonggenArgs {
             policies: a.policies.clone(),
