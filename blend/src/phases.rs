@@ -1,7 +1,9 @@
 //! Optional per-phase timing of one blend request ([`crate::BlendRequest::time_phases`]), so a
 //! benchmark can show where a request's time goes. Each phase change synchronises the device
 //! so GPU work is charged to the phase that enqueued it; that perturbs what it measures, so
-//! it is off by default, and then costs nothing.
+//! it is off by default, and then costs nothing. Each phase also reports how long the host
+//! took to enqueue its work: a phase whose host time is close to its total is bound by
+//! launches (host overhead per kernel), not by the device's arithmetic or memory.
 
 use std::time::Instant;
 
@@ -14,10 +16,13 @@ use crate::error::Result;
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseTime {
     /// The phase: `assemble`, `load`, `query pass`, `layers before check`, `check layer`,
-    /// `recompute layers`, `head`.
+    /// `recompute layers`, `head` (blend); `assemble`, `load`, `suffix layers`, `head` (reuse).
     pub phase: &'static str,
     /// Milliseconds (device-synchronised wall time).
     pub ms: f64,
+    /// Milliseconds the host spent issuing the phase's work (before waiting for the device);
+    /// equal to `ms` on the CPU.
+    pub host_ms: f64,
 }
 
 /// Charges wall time to the current phase; a no-op unless built with [`PhaseClock::on`].
@@ -45,14 +50,20 @@ impl PhaseClock {
     pub(crate) fn enter(&mut self, phase: &'static str) -> Result<&'static str> {
         let previous = self.current;
         if let Some(d) = &self.device {
+            let issued = Instant::now();
             d.synchronize()?;
             let now = Instant::now();
             let ms = now.duration_since(self.since).as_secs_f64() * 1e3;
+            let host_ms = issued.duration_since(self.since).as_secs_f64() * 1e3;
             match self.spent.iter_mut().find(|p| p.phase == previous) {
-                Some(p) => p.ms += ms,
+                Some(p) => {
+                    p.ms += ms;
+                    p.host_ms += host_ms;
+                }
                 None => self.spent.push(PhaseTime {
                     phase: previous,
                     ms,
+                    host_ms,
                 }),
             }
             self.since = now;
@@ -86,6 +97,11 @@ mod tests {
         let names: Vec<&str> = spent.iter().map(|p| p.phase).collect();
         assert_eq!(names, ["a", "b"]);
         assert!(spent[0].ms >= 2.0, "{spent:?}");
+        // on the CPU nothing is queued: the host's time is the phase's time
+        assert!(
+            spent[0].host_ms >= 2.0 && spent[0].host_ms <= spent[0].ms,
+            "{spent:?}"
+        );
         Ok(())
     }
 }

@@ -5,8 +5,8 @@
 use std::cell::RefCell;
 
 use kvquilt_model::{
-    FillLayers, HookError, KvCache, LayerHook, LayerKv, LayerProbe, Model, ProbeRequest, Rows,
-    Tensor, replacement_index,
+    FillLayers, HookError, KvCache, LayerHook, LayerKv, LayerProbe, Model, ProbeRequest,
+    RowReplacement, Rows, Tensor,
 };
 
 use crate::config::BlendConfig;
@@ -126,14 +126,19 @@ fn run(
         fill_once(check, &mut cache.layers[check])?;
         enter("check layer")?;
         let fresh = model.kv_projection(check, &hidden)?;
-        let rows = Tensor::new(
-            active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            model.device(),
-        )?;
-        let cached = LayerKv::new(
-            cache.layers[check].k.index_select(&rows, 0)?,
-            cache.layers[check].v.index_select(&rows, 0)?,
-        );
+        let cached = if active.len() == n {
+            // every row is active (the first check): the layer as it is, no gather
+            cache.layers[check].clone()
+        } else {
+            let rows = Tensor::new(
+                active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                model.device(),
+            )?;
+            LayerKv::new(
+                cache.layers[check].k.index_select(&rows, 0)?,
+                cache.layers[check].v.index_select(&rows, 0)?,
+            )
+        };
         let mut scores = deviation(&fresh, &cached, cfg.deviation)?;
         if let Some(att) = &attention {
             mix(&mut scores, &active, att, non_suffix, cfg.query_weight);
@@ -145,7 +150,7 @@ fn run(
             scores = by_segment(&scores, &active, roles, cfg.chunk_sink);
         }
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
-        let index = replacement_index(n, &active, model.device())?;
+        let index = RowReplacement::new(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
         let budget = (ratio * non_suffix as f32).floor() as usize;
         let kept = select(&active, &scores, roles, budget, ratio, cfg.spread());

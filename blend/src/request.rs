@@ -22,7 +22,7 @@ pub struct BlendRequest {
     /// Store the KV of chunks this request computes (misses), so the next request hits.
     /// Off when the caller may not store (e.g. a tenant over its quota).
     pub store_back: bool,
-    /// Time the request's phases ([`BlendStats::phases`]; blend mode). Synchronises the
+    /// Time the request's phases ([`BlendStats::phases`]; blend and reuse modes). Synchronises the
     /// device at each phase change, so leave off except to see where time goes.
     pub time_phases: bool,
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::error::{Result, invalid_input};
+use crate::rows::{RowReplacement, SetRows, concat, set_rows_supported};
 
 /// Appends reserve room for at least this many rows (and round capacity up to it).
 const GROWTH_ROWS: usize = 256;
@@ -159,12 +160,32 @@ impl LayerKv {
         ))
     }
 
-    /// This layer with row `rows[j]` replaced by row `j` of `new`, given
-    /// `index = replacement_index(self.len(), rows, device)` (built once, reused per layer).
-    pub fn replace_rows(&self, index: &Tensor, new: &LayerKv) -> Result<Self> {
+    /// This layer with row `rows[j]` replaced by row `j` of `new`, given the replacement of
+    /// `rows` (built once per call, reused per layer). `self` is left as it was: the result
+    /// is a copy of the layer with the new rows scattered into it (see [`crate::rows`]).
+    pub fn replace_rows(&self, r: &RowReplacement, new: &LayerKv) -> Result<Self> {
+        if self.len() != r.len || new.len() != r.n || new.k.dims()[1..] != self.k.dims()[1..] {
+            return Err(invalid_input(format!(
+                "replacing {} rows of a {}-row layer with K {:?} into {:?}",
+                r.n,
+                r.len,
+                new.k.dims(),
+                self.k.dims()
+            )));
+        }
+        let replace = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
+            let new = new.contiguous()?;
+            if set_rows_supported(old.dtype(), &new) {
+                // a fresh, packed copy: the scatter writes nothing anyone else reads
+                let out = old.force_contiguous()?;
+                out.inplace_op3(&new, &r.rows, &SetRows)?;
+                return Ok(out);
+            }
+            Ok(Tensor::cat(&[old, &new], 0)?.index_select(&r.gather, 0)?)
+        };
         Ok(Self::new(
-            Tensor::cat(&[&self.k, &new.k], 0)?.index_select(index, 0)?,
-            Tensor::cat(&[&self.v, &new.v], 0)?.index_select(index, 0)?,
+            replace(&self.k, &new.k)?,
+            replace(&self.v, &new.v)?,
         ))
     }
 
@@ -172,7 +193,7 @@ impl LayerKv {
     pub fn cat(parts: &[&LayerKv]) -> Result<Self> {
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
         let vs: Vec<&Tensor> = parts.iter().map(|p| &p.v).collect();
-        Ok(Self::new(Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+        Ok(Self::new(concat(&ks)?, concat(&vs)?))
     }
 }
 
@@ -476,21 +497,6 @@ impl KvCache {
     }
 }
 
-/// Index over `cat([len layer rows, new rows])` that keeps row `t` unless it is `rows[j]`
-/// (strictly increasing, each `< len`), which takes new row `j`. See [`LayerKv::replace_rows`].
-pub fn replacement_index(len: usize, rows: &[usize], device: &Device) -> Result<Tensor> {
-    let mut index: Vec<u32> = (0..len as u32).collect();
-    for (j, &r) in rows.iter().enumerate() {
-        if r >= len {
-            return Err(invalid_input(format!(
-                "row {r} past a layer of {len} tokens"
-            )));
-        }
-        index[r] = (len + j) as u32;
-    }
-    Ok(Tensor::new(index, device)?)
-}
-
 pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     if let Some(w) = positions.windows(2).find(|w| w[0] >= w[1]) {
         return Err(invalid_input(format!(
@@ -543,6 +549,75 @@ mod tests {
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
         Ok(())
+    }
+
+    /// The replaced layer, re-derived row by row on the host.
+    fn replaced_by_hand(old: &[f32], new: &[f32], rows: &[usize], row: usize) -> Vec<f32> {
+        let mut out = old.to_vec();
+        for (j, &r) in rows.iter().enumerate() {
+            out[r * row..(r + 1) * row].copy_from_slice(&new[j * row..(j + 1) * row]);
+        }
+        out
+    }
+
+    #[test]
+    fn replacing_rows_scatters_into_a_copy_in_every_float_dtype() -> Result<()> {
+        let dev = Device::Cpu;
+        let (len, heads, d) = (11, 2, 3);
+        let row = heads * d;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let old_k = Tensor::arange(0f32, (len * row) as f32, &dev)?.reshape((len, heads, d))?;
+            let old = LayerKv::new(old_k.to_dtype(dtype)?, (old_k * 2.0)?.to_dtype(dtype)?);
+            for rows in [
+                vec![],
+                vec![0],
+                vec![10],
+                vec![1, 4, 5, 9],
+                (0..len).collect(),
+            ] {
+                let n = rows.len();
+                let new_k = (Tensor::arange(0f32, (n * row) as f32, &dev)?
+                    .reshape((n, heads, d))?
+                    + 1000.0)?;
+                let new = LayerKv::new(new_k.to_dtype(dtype)?, (new_k * 3.0)?.to_dtype(dtype)?);
+                let before = values_as_f32(&old);
+                let r = RowReplacement::new(len, &rows, &dev)?;
+                let out = old.replace_rows(&r, &new)?;
+                let want = replaced_by_hand(&before, &values_as_f32(&new), &rows, row);
+                assert_eq!(values_as_f32(&out), want, "{dtype:?} rows {rows:?}");
+                let want_v: Vec<f32> = replaced_by_hand(&flat(&old.v)?, &flat(&new.v)?, &rows, row);
+                assert_eq!(flat(&out.v)?, want_v, "{dtype:?} rows {rows:?} (V)");
+                // the layer it was called on is untouched
+                assert_eq!(values_as_f32(&old), before);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_replacement_is_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        assert!(RowReplacement::new(4, &[4], &dev).is_err(), "past the end");
+        assert!(RowReplacement::new(4, &[2, 2], &dev).is_err(), "repeated");
+        assert!(RowReplacement::new(4, &[3, 1], &dev).is_err(), "decreasing");
+        let layer = LayerKv::new(rows(0.0, 4), rows(0.0, 4));
+        let r = RowReplacement::new(4, &[1, 2], &dev)?;
+        let one = LayerKv::new(rows(0.0, 1), rows(0.0, 1));
+        assert!(layer.replace_rows(&r, &one).is_err(), "one new row for two");
+        let short = LayerKv::new(rows(0.0, 3), rows(0.0, 3));
+        assert!(
+            short.replace_rows(&r, &layer.narrow(0, 2)?).is_err(),
+            "wrong layer length"
+        );
+        Ok(())
+    }
+
+    fn flat(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+
+    fn values_as_f32(l: &LayerKv) -> Vec<f32> {
+        flat(&l.k).unwrap()
     }
 
     #[test]

@@ -39,6 +39,7 @@ mod kernels;
 mod kv;
 mod load;
 mod rope;
+mod rows;
 pub mod staging;
 mod tiled;
 mod tokenizer;
@@ -56,8 +57,9 @@ pub use generate::{
     top_logprobs,
 };
 pub use hook::{CollectProbes, FillLayers, HookError, LayerHook, LayerProbe};
-pub use kv::{KvCache, LayerKv, positions, replacement_index};
+pub use kv::{KvCache, LayerKv, positions};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};
+pub use rows::RowReplacement;
 pub use tokenizer::Tokenizer;
 pub use transformer::{LayersOutput, Model, Rows};

@@ -4,7 +4,9 @@
 //! query that sees one key, decode, split-KV) and compares the fused kernel in bf16 with the
 //! reference computed in f32, against the error of the reference itself in bf16; any mismatch,
 //! NaN or run-to-run difference makes the command fail. This is the kernel's test on the GPU
-//! machine, which has no Rust toolchain: the one carried binary tests and measures.
+//! machine, which has no Rust toolchain: the one carried binary tests and measures. It also
+//! checks the row scatter of selective recompute (`LayerKv::replace_rows`) bit for bit against
+//! a gather built here, per dtype and row width.
 //!
 //! The timing part runs Llama-3.1-8B's attention shape (32 heads, 8 KV heads, head dim 128;
 //! `--heads` picks another) for a prefill, a blend's sparse recompute and a decode step. A
@@ -83,10 +85,18 @@ struct TimingReport {
     fused_column_sums_ms: f64,
 }
 
+/// One row-replacement case: the scatter against a gather, bit for bit.
+#[derive(Serialize)]
+struct RowsReport {
+    case: String,
+    pass: bool,
+}
+
 #[derive(Serialize)]
 struct AttentionBenchReport {
     device: String,
     checks: Vec<CaseReport>,
+    row_checks: Vec<RowsReport>,
     timings: Vec<TimingReport>,
 }
 
@@ -95,10 +105,12 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
     let mut report = AttentionBenchReport {
         device: a.device.clone(),
         checks: Vec::new(),
+        row_checks: Vec::new(),
         timings: Vec::new(),
     };
     if a.check {
         report.checks = check(&device)?;
+        report.row_checks = check_rows(&device)?;
     }
     let heads = parse_heads(&a.heads)?;
     for shape in &a.shapes {
@@ -119,7 +131,100 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
             failed.len()
         );
     }
+    let failed: Vec<&str> = report
+        .row_checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.case.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("row replacement mismatches: {failed:?}");
+    }
     Ok(())
+}
+
+/// `LayerKv::replace_rows` (a copy plus the scatter kernel on CUDA) against
+/// `cat([layer, new])` gathered by an index built here, and `LayerKv::cat` (one launch on
+/// CUDA) of the layer cut into parts against the layer, compared bit for bit: every float
+/// dtype, row widths that take 16-, 4- and 2-byte words, few and many rows.
+fn check_rows(device: &Device) -> Result<Vec<RowsReport>> {
+    let mut rng = Rng(0x5EED_0000_0000_0077);
+    let mut out = Vec::new();
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for (len, heads, d, pct) in [
+            (5216, 8, 128, 15),
+            (5216, 8, 128, 100),
+            (6240, 3, 64, 30),
+            (300, 1, 3, 50),
+            (17, 1, 1, 5),
+        ] {
+            let mut rows: Vec<usize> = (0..len).filter(|_| rng.below(100) < pct).collect();
+            if rows.is_empty() {
+                rows.push(len - 1);
+            }
+            let n = rows.len();
+            // drawn on the host: curand draws normals in pairs, and these counts may be odd
+            let randn = |rows: usize| -> Result<Tensor> {
+                Ok(Tensor::randn(0f32, 1.0, (rows, heads, d), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?)
+            };
+            let old = kvquilt_model::LayerKv::new(randn(len)?, randn(len)?);
+            let new = kvquilt_model::LayerKv::new(randn(n)?, randn(n)?);
+            let mut gather: Vec<u32> = (0..len as u32).collect();
+            for (j, &r) in rows.iter().enumerate() {
+                gather[r] = (len + j) as u32;
+            }
+            let gather = Tensor::new(gather, device)?;
+            let by_gather = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                Ok(Tensor::cat(&[a, b], 0)?.index_select(&gather, 0)?)
+            };
+            let before = old
+                .k
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let r = kvquilt_model::RowReplacement::new(len, &rows, device)?;
+            let got = old.replace_rows(&r, &new)?;
+            let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+            };
+            // the layer reassembled from parts (views at offsets, fresh copies, an empty part)
+            let mut parts = Vec::new();
+            let mut at = 0;
+            while at < len {
+                let take = (1 + rng.below(len as u64 / 3 + 1) as usize).min(len - at);
+                let part = old.narrow(at, take)?;
+                parts.push(if parts.len() % 2 == 0 {
+                    part
+                } else {
+                    kvquilt_model::LayerKv::new(part.k.copy()?, part.v.copy()?)
+                });
+                at += take;
+            }
+            parts.push(old.narrow(len, 0)?);
+            let reassembled = kvquilt_model::LayerKv::cat(&parts.iter().collect::<Vec<_>>())?;
+            let untouched = old
+                .k
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                == before;
+            let pass = same(&got.k, &by_gather(&old.k, &new.k)?)?
+                && same(&got.v, &by_gather(&old.v, &new.v)?)?
+                && untouched
+                && same(&reassembled.k, &old.k)?
+                && same(&reassembled.v, &old.v)?;
+            let case = format!(
+                "rows {dtype:?} {len}x{heads}x{d}, {n} replaced, {} parts",
+                parts.len()
+            );
+            eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
+            out.push(RowsReport { case, pass });
+        }
+    }
+    Ok(out)
 }
 
 /// A one-layer model with the given attention heads (its weights are never used here).

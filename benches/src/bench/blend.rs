@@ -251,7 +251,7 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             ratio.map_or(String::new(), |r| r.to_string())
         );
         let mut phases = Vec::new();
-        if a.phases && matches!(mode, Mode::Blend(_)) {
+        if a.phases && matches!(mode, Mode::Blend(_) | Mode::Reuse) {
             let timed = BlendRequest {
                 time_phases: true,
                 ..req.clone()
@@ -262,9 +262,12 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
                 .stats
                 .phases
                 .iter()
-                .map(|p| format!("{} {:.1}", p.phase, p.ms))
+                .map(|p| format!("{} {:.1} (host {:.1})", p.phase, p.ms, p.host_ms))
                 .collect();
-            eprintln!("         phases (ms): {}", line.join(", "));
+            eprintln!(
+                "         phases, ms (host: issuing it): {}",
+                line.join(", ")
+            );
             if tier == "gpu" && variant.as_deref() == Some("cacheblend") {
                 recomputed.push((ratio.unwrap_or(0.0), out.stats.recomputed_tokens));
             }

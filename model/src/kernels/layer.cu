@@ -46,3 +46,56 @@ extern "C" __global__ void swiglu_f16(const __half2 *gate_up, __half2 *out, int 
                                       int stride) {
   swiglu(gate_up, out, rows, inter, stride);
 }
+
+// Row scatter: dst row idx[r] = src row r for r < n, rows of `words` machine words of type W
+// (16-byte, 4-byte or 2-byte, whichever divides the row's bytes and both bases). idx holds
+// distinct rows (checked on the host), so no two threads write one word.
+template <typename W>
+__device__ __forceinline__ void set_rows(W *dst, const W *src, const uint32_t *idx, int n, int words) {
+  const size_t total = static_cast<size_t>(n) * words;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t r = i / words, c = i % words;
+    dst[static_cast<size_t>(idx[r]) * words + c] = src[i];
+  }
+}
+
+extern "C" __global__ void set_rows_w16(uint4 *dst, const uint4 *src, const uint32_t *idx, int n,
+                                        int words) {
+  set_rows(dst, src, idx, n, words);
+}
+
+extern "C" __global__ void set_rows_w4(uint32_t *dst, const uint32_t *src, const uint32_t *idx,
+                                       int n, int words) {
+  set_rows(dst, src, idx, n, words);
+}
+
+extern "C" __global__ void set_rows_w2(uint16_t *dst, const uint16_t *src, const uint32_t *idx,
+                                       int n, int words) {
+  set_rows(dst, src, idx, n, words);
+}
+
+// Concatenation along rows in one launch: part p (blockIdx.y) copies `words[p]` words of type W
+// from `src[p]` to `dst + dst_word[p]`. The table travels as a kernel parameter.
+#define CAT_MAX_PARTS 48
+struct CatTable {
+  unsigned long long src[CAT_MAX_PARTS];
+  unsigned long long dst_word[CAT_MAX_PARTS];
+  unsigned long long words[CAT_MAX_PARTS];
+};
+
+template <typename W>
+__device__ __forceinline__ void cat_rows(W *dst, const CatTable &t) {
+  const int p = blockIdx.y;
+  const W *src = reinterpret_cast<const W *>(t.src[p]);
+  W *out = dst + t.dst_word[p];
+  const size_t words = t.words[p];
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    out[i] = src[i];
+  }
+}
+
+extern "C" __global__ void cat_rows_w16(uint4 *dst, const CatTable t) { cat_rows(dst, t); }
+extern "C" __global__ void cat_rows_w4(uint32_t *dst, const CatTable t) { cat_rows(dst, t); }
+extern "C" __global__ void cat_rows_w2(uint16_t *dst, const CatTable t) { cat_rows(dst, t); }

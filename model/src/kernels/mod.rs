@@ -21,4 +21,6 @@ pub(crate) use dequant::dequant;
 #[cfg(feature = "gpu")]
 pub(crate) use flash::FusedAttention;
 #[cfg(feature = "gpu")]
-pub(crate) use layer::{swiglu, swiglu_supported};
+pub(crate) use layer::{
+    CAT_MAX_PARTS, cat_rows, set_rows, set_rows_supported, swiglu, swiglu_supported,
+};

@@ -17,8 +17,9 @@ use crate::attention::{AttentionKernel, ProbeRequest};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::{CollectProbes, LayerHook};
-use crate::kv::{KvCache, LayerKv, check_increasing, replacement_index};
+use crate::kv::{KvCache, LayerKv, check_increasing};
 use crate::rope::{Rope, RopeTables};
+use crate::rows::RowReplacement;
 use crate::weights::{LayerWeights, Weights};
 
 mod attention_choice;
@@ -352,7 +353,7 @@ impl Model {
             pruned,
         )?;
         let replace_index = match rows {
-            Rows::Replace(idx) => Some(replacement_index(cache.len(), idx, &self.device)?),
+            Rows::Replace(idx) => Some(RowReplacement::new(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
         };
 

@@ -1,6 +1,7 @@
 //! `reuse`: every segment's cached KV placed at its prompt positions (keys rotated there by
 //! attention's RoPE); only the suffix is computed, appended over the assembled cache.
 
+use std::cell::RefCell;
 use std::time::Instant;
 
 use kvquilt_model::{FillLayers, LayerKv, Rows, positions};
@@ -8,6 +9,7 @@ use kvquilt_model::{FillLayers, LayerKv, Rows, positions};
 use super::assembly::{Prepared, placeholder_cache, prepare};
 use crate::engine::Blender;
 use crate::error::Result;
+use crate::phases::PhaseClock;
 use crate::recompute::with_fill;
 use crate::request::{BlendOutput, BlendRequest};
 
@@ -18,6 +20,11 @@ pub(crate) fn run(
     req: &BlendRequest,
     start: Instant,
 ) -> Result<BlendOutput> {
+    let clock = RefCell::new(PhaseClock::new(
+        req.time_phases,
+        b.model.device(),
+        "assemble",
+    ));
     let mut a = match prepare(b, namespace, req, 0.0, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
@@ -28,7 +35,13 @@ pub(crate) fn run(
     let mut cache = placeholder_cache(&b.model, non_suffix)?;
     let hidden = b.model.embed(&req.suffix)?;
     let pos = positions(non_suffix, req.suffix.len());
-    let mut fill = |l: usize, kv: &mut LayerKv| a.sources.fill(b, l, kv);
+    clock.borrow_mut().enter("suffix layers")?;
+    let mut fill = |l: usize, kv: &mut LayerKv| {
+        let was = clock.borrow_mut().enter("load")?;
+        a.sources.fill(b, l, kv)?;
+        clock.borrow_mut().enter(was)?;
+        Ok(())
+    };
     let out = with_fill(num_layers, &mut fill, |f| {
         Ok(b.model.run_layers_with(
             0..num_layers,
@@ -38,7 +51,11 @@ pub(crate) fn run(
             &mut FillLayers(f),
         )?)
     })?;
+    clock.borrow_mut().enter("head")?;
     let last = out.hidden.narrow(0, req.suffix.len() - 1, 1)?;
     let logits = b.model.logits(&last)?.squeeze(0)?;
-    a.finish(b, req, start, logits, cache, 0)
+    let phases = clock.into_inner().finish()?;
+    let mut out = a.finish(b, req, start, logits, cache, 0)?;
+    out.stats.phases = phases;
+    Ok(out)
 }

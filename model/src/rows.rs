@@ -1,0 +1,195 @@
+//! Replacing chosen rows of a layer's K/V: what selective recompute does on every layer it
+//! runs (the recomputed tokens' fresh K/V take the place of their cached rows).
+//!
+//! [`RowReplacement`] is built once per forward call from the rows (strictly increasing, each
+//! below the layer length) and reused for every layer. [`LayerKv::replace_rows`] copies the
+//! layer once (a plain device copy) and scatters the `n` new rows into the copy in place
+//! ([`SetRows`]: a loop on the CPU, one kernel on CUDA): the layer it was called on never
+//! changes. Before this, the same result came from `cat([layer, new])` followed by a gather of
+//! every row (two full-layer passes, the gather an element-wise kernel), kept as the fallback
+//! for layouts the scatter does not take (pinned by `kv::tests::replacing_rows_*`).
+//!
+//! [`concat`] puts layers' rows one after the other (a request's cache assembled from its
+//! chunks): on CUDA in one launch for all parts (candle's `cat` launches one copy per part).
+//!
+//! [`LayerKv::replace_rows`]: crate::LayerKv::replace_rows
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
+
+use crate::error::{Result, invalid_input};
+
+/// The rows of a `len`-row layer that new rows replace: new row `j` becomes row `rows[j]`.
+#[derive(Debug, Clone)]
+pub struct RowReplacement {
+    /// Rows of the layer.
+    pub(crate) len: usize,
+    /// How many rows are replaced.
+    pub(crate) n: usize,
+    /// `[n]` u32: the replaced rows, strictly increasing.
+    pub(crate) rows: Tensor,
+    /// `[len]` u32 over `cat([layer, new])`: row `t` unless it is `rows[j]`, then `len + j`
+    /// (the fallback gather).
+    pub(crate) gather: Tensor,
+}
+
+impl RowReplacement {
+    /// The replacement of `rows` (strictly increasing, each `< len`) in a `len`-row layer.
+    pub fn new(len: usize, rows: &[usize], device: &Device) -> Result<Self> {
+        if let Some(w) = rows.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(invalid_input(format!(
+                "replaced rows must be strictly increasing, found {} then {}",
+                w[0], w[1]
+            )));
+        }
+        let mut gather: Vec<u32> = (0..len as u32).collect();
+        for (j, &r) in rows.iter().enumerate() {
+            if r >= len {
+                return Err(invalid_input(format!(
+                    "row {r} past a layer of {len} tokens"
+                )));
+            }
+            gather[r] = (len + j) as u32;
+        }
+        let as_u32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(Self {
+            len,
+            n: rows.len(),
+            rows: Tensor::new(as_u32, device)?,
+            gather: Tensor::new(gather, device)?,
+        })
+    }
+
+    /// Rows of the layer it applies to.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no row is replaced.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// `parts` (rows of one shape and dtype) one after the other along dim 0.
+pub(crate) fn concat(parts: &[&Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "gpu")]
+    if parts.len() > 1
+        && parts.len() <= crate::kernels::CAT_MAX_PARTS
+        && parts.iter().all(|p| {
+            p.device().is_cuda()
+                && p.is_contiguous()
+                && p.dtype() == parts[0].dtype()
+                && matches!(p.dtype(), DType::BF16 | DType::F16 | DType::F32)
+                && p.rank() >= 2
+                && p.dims()[1..] == parts[0].dims()[1..]
+        })
+    {
+        return crate::kernels::cat_rows(parts);
+    }
+    Ok(Tensor::cat(parts, 0)?)
+}
+
+/// `dst[rows[j], ..] = src[j, ..]` in place: `dst` `[len, ...]` and `src` `[n, ...]` with the
+/// same row shape, `rows` `[n]` u32 (distinct, each `< len`; [`RowReplacement`] checks).
+pub(crate) struct SetRows;
+
+/// Whether [`SetRows`] takes `src` (contiguous) into a fresh packed copy of a layer of
+/// `dtype` (else the caller gathers instead).
+pub(crate) fn set_rows_supported(dtype: DType, src: &Tensor) -> bool {
+    if !src.is_contiguous() || src.dtype() != dtype {
+        return false;
+    }
+    match src.device() {
+        Device::Cpu => matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        #[cfg(feature = "gpu")]
+        Device::Cuda(_) => crate::kernels::set_rows_supported(src),
+        _ => false,
+    }
+}
+
+/// Row width in elements of a `[rows, ...]` layout.
+fn row_elems(l: &Layout) -> usize {
+    l.shape().dims()[1..].iter().product()
+}
+
+/// Checks what both back ends assume; returns `(n, row elements)`.
+pub(crate) fn check_set_rows(
+    dst: &Layout,
+    src: &Layout,
+    rows: &Layout,
+) -> candle_core::Result<(usize, usize)> {
+    let row = row_elems(dst);
+    let n = src.shape().dims().first().copied().unwrap_or(0);
+    if row_elems(src) != row || rows.shape().elem_count() != n {
+        candle_core::bail!(
+            "set_rows: {n} rows of {:?} into {:?} by {:?}",
+            src.shape(),
+            dst.shape(),
+            rows.shape()
+        );
+    }
+    if !dst.is_contiguous() || !src.is_contiguous() || !rows.is_contiguous() {
+        candle_core::bail!("set_rows needs contiguous operands");
+    }
+    Ok((n, row))
+}
+
+fn scatter<T: Copy>(dst: &mut [T], src: &[T], rows: &[u32], row: usize) -> candle_core::Result<()> {
+    for (j, &r) in rows.iter().enumerate() {
+        let at = r as usize * row;
+        let Some(out) = dst.get_mut(at..at + row) else {
+            candle_core::bail!("set_rows: row {r} past the layer");
+        };
+        out.copy_from_slice(&src[j * row..(j + 1) * row]);
+    }
+    Ok(())
+}
+
+impl InplaceOp3 for SetRows {
+    fn name(&self) -> &'static str {
+        "kvquilt-set-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (n, row) = check_set_rows(l1, l2, l3)?;
+        let CpuStorage::U32(rows) = s3 else {
+            candle_core::bail!("set_rows: rows must be u32");
+        };
+        let rows = &rows[l3.start_offset()..l3.start_offset() + n];
+        let (o1, o2) = (l1.start_offset(), l2.start_offset());
+        let len1 = l1.shape().elem_count();
+        match (s1, s2) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => {
+                scatter(&mut d[o1..o1 + len1], &s[o2..o2 + n * row], rows, row)
+            }
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => {
+                scatter(&mut d[o1..o1 + len1], &s[o2..o2 + n * row], rows, row)
+            }
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => {
+                scatter(&mut d[o1..o1 + len1], &s[o2..o2 + n * row], rows, row)
+            }
+            _ => candle_core::bail!("set_rows: f32, f16 or bf16 of one dtype"),
+        }
+    }
+
+    #[cfg(feature = "gpu")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::kernels::set_rows(s1, l1, s2, l2, s3, l3)
+    }
+}
