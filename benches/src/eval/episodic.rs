@@ -83,6 +83,119 @@ struct Report {
     details: Vec<Detail>,
 }
 
+/// How EpiCache cuts and groups a conversation (`--segment-utterances`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segmenting {
+    /// Utterances per segment (the reference's 4; 2 = one exchange).
+    pub(crate) utterances: usize,
+}
+
+impl Default for Segmenting {
+    fn default() -> Self {
+        Self {
+            utterances: SEGMENT_UTTERANCES,
+        }
+    }
+}
+
+/// One conversation's episodes: its segments, their clustering, and each question's route.
+struct Episodic {
+    segs: Vec<String>,
+    /// Each segment's embedding.
+    vectors: Vec<Vec<f32>>,
+    episodes: Episodes,
+    /// Each question's episode.
+    routes: Vec<usize>,
+    /// Each question: whether its episode holds the segment that planted its fact.
+    routed_right: Vec<bool>,
+}
+
+impl Episodic {
+    fn build(c: &Conversation, embedder: &Embedder, how: Segmenting) -> Result<Self> {
+        let per = how.utterances.max(1);
+        let segs = segments(&c.utterances(), per);
+        let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let vectors = embedder.embed(&seg_refs)?;
+        let episodes = Episodes::cluster(&vectors, EPISODES.min(vectors.len()), RESTARTS, SEED)?;
+        let q_texts: Vec<&str> = c.questions.iter().map(|q| q.text.as_str()).collect();
+        let routes: Vec<usize> = embedder
+            .embed(&q_texts)?
+            .iter()
+            .map(|v| episodes.route(v))
+            .collect();
+        let routed_right = c
+            .questions
+            .iter()
+            .zip(&routes)
+            .map(|(q, &routed)| {
+                let fact_segment = c.fact_turn(q.topic).map(|f| f / per);
+                fact_segment.map(|s| episodes.assignment[s]) == Some(routed)
+            })
+            .collect();
+        Ok(Self {
+            segs,
+            vectors,
+            episodes,
+            routes,
+            routed_right,
+        })
+    }
+}
+
+fn load_embedder() -> Result<Embedder> {
+    let embedder_dir = kvquilt_model::fetch::fetch_file_set(
+        &kvquilt_model::fetch::ALL_MINILM_L6_V2,
+        &kvquilt_model::fetch::cache_root(),
+        |l| eprintln!("kvquilt: {l}"),
+    )?;
+    Ok(Embedder::load(&embedder_dir, &Device::Cpu)?)
+}
+
+/// `--routing-only`: EpiCache's routing accuracy per conversation (no model runs): how many
+/// questions go to the episode holding their fact.
+pub(crate) fn routing(convs: &[Conversation], how: Segmenting) -> Result<()> {
+    let embedder = load_embedder()?;
+    let (mut right, mut total) = (0usize, 0usize);
+    for (ci, c) in convs.iter().enumerate() {
+        let e = Episodic::build(c, &embedder, how)?;
+        let r = e.routed_right.iter().filter(|&&b| b).count();
+        // what each episode holds: segments by the topic of their first utterance, `f` for
+        // a segment holding a planted fact
+        let per = how.utterances.max(1);
+        let facts: Vec<usize> = (0..c.labels.len())
+            .filter_map(|t| c.fact_turn(t).map(|f| f / per))
+            .collect();
+        let held: Vec<String> = (0..e.episodes.centroids.len())
+            .map(|k| {
+                let members: Vec<String> = (0..e.segs.len())
+                    .filter(|&s| e.episodes.assignment[s] == k)
+                    .map(|s| {
+                        let topic = c.turns.get(s * per).map_or(0, |t| t.topic);
+                        let fact = if facts.contains(&s) { "f" } else { "" };
+                        format!("{topic}{fact}")
+                    })
+                    .collect();
+                format!("[{}]", members.join(" "))
+            })
+            .collect();
+        println!(
+            "conversation {ci}: {} segments, episodes {}, routing {r}/{}",
+            e.segs.len(),
+            held.join(" "),
+            e.routed_right.len()
+        );
+        right += r;
+        total += e.routed_right.len();
+    }
+    println!(
+        "routing accuracy {:.3} ({right}/{total}), {} utterances per segment, {} conversations",
+        right as f64 / total.max(1) as f64,
+        how.utterances,
+        convs.len()
+    );
+    Ok(())
+}
+
 /// What every method answers against: full KV's first-token logits and answer tokens.
 struct Reference {
     logits: Vec<f32>,
@@ -112,16 +225,12 @@ pub(crate) fn run(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     opts: &GenerateOptions,
+    how: Segmenting,
     header: (String, String),
     json: Option<&std::path::Path>,
 ) -> Result<()> {
     check_fractions(fractions)?;
-    let embedder_dir = kvquilt_model::fetch::fetch_file_set(
-        &kvquilt_model::fetch::ALL_MINILM_L6_V2,
-        &kvquilt_model::fetch::cache_root(),
-        |l| eprintln!("kvquilt: {l}"),
-    )?;
-    let embedder = Embedder::load(&embedder_dir, &Device::Cpu)?;
+    let embedder = load_embedder()?;
     let items = conv::items(convs, template, tokenizer)?;
     let sinks = ChunkCodec::tokenize(
         tokenizer,
@@ -148,21 +257,12 @@ pub(crate) fn run(
         let mut full = model.empty_cache()?;
         model.prefill(&item.context, &positions(0, len), &mut full)?;
         // episodes from the utterances; each question routed by its text
-        let segs = segments(&c.utterances(), SEGMENT_UTTERANCES);
-        let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
-        let vectors = embedder.embed(&seg_refs)?;
-        let episodes = Episodes::cluster(&vectors, EPISODES.min(vectors.len()), RESTARTS, SEED)?;
-        let medoids = episodes.medoids(&vectors, MEDOIDS);
+        let ep = Episodic::build(c, &embedder, how)?;
+        let medoids = ep.episodes.medoids(&ep.vectors, MEDOIDS);
         let prompts: Vec<Vec<u32>> = medoids
             .iter()
-            .map(|m| scoring_prompt(&segs, m, template, tokenizer))
+            .map(|m| scoring_prompt(&ep.segs, m, template, tokenizer))
             .collect::<Result<_>>()?;
-        let q_texts: Vec<&str> = c.questions.iter().map(|q| q.text.as_str()).collect();
-        let routes: Vec<usize> = embedder
-            .embed(&q_texts)?
-            .iter()
-            .map(|v| episodes.route(v))
-            .collect();
         let mut reference: Vec<Reference> = Vec::new();
         for (mi, (method, fraction)) in methods.iter().enumerate() {
             let budget = fraction.map(|f| ((len as f32 * f) as usize).max(sinks + 1));
@@ -216,18 +316,12 @@ pub(crate) fn run(
             };
             let t = &mut tallies[mi];
             t.peak_rows.push(peak as f64);
-            for (qi, ((question, answers), q)) in
-                item.questions.iter().zip(&c.questions).enumerate()
-            {
+            for (qi, (question, answers)) in item.questions.iter().enumerate() {
                 let cache = if caches.len() == 1 {
                     caches[0].clone()
                 } else {
-                    let fact_segment = c.fact_turn(q.topic).map(|f| f / SEGMENT_UTTERANCES);
-                    let routed = routes[qi];
-                    t.routed.push(
-                        (fact_segment.map(|s| episodes.assignment[s]) == Some(routed)) as u8 as f64,
-                    );
-                    caches[routed].clone()
+                    t.routed.push(ep.routed_right[qi] as u8 as f64);
+                    caches[ep.routes[qi]].clone()
                 };
                 let (first, toks) = answer(model, cache, question, len, opts)?;
                 let prediction = tokenizer.decode(&toks, true)?;
@@ -356,5 +450,39 @@ fn print_table(r: &Report) {
             row.routing_accuracy
                 .map_or_else(|| "–".to_string(), |v| format!("{v:.2}")),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::data;
+
+    /// EpiCache's routing on the real embedder: with one exchange per segment every question
+    /// of these conversations goes to the episode holding its fact; the reference's
+    /// 4-utterance segments (each spanning two topics of this task) do not manage it.
+    #[test]
+    fn exchange_segments_route_every_question_to_its_fact() -> Result<()> {
+        let examples = data::parse(
+            include_str!("../../../data/musique_dev.json"),
+            "data/musique_dev.json",
+        )?;
+        let convs = conv::conversations(&examples, 3, 0)?;
+        let embedder = load_embedder()?;
+        let (mut by_exchange, mut by_four, mut total) = (0, 0, 0);
+        for c in &convs {
+            let two = Episodic::build(c, &embedder, Segmenting { utterances: 2 })?;
+            let four = Episodic::build(c, &embedder, Segmenting::default())?;
+            by_exchange += two.routed_right.iter().filter(|&&b| b).count();
+            by_four += four.routed_right.iter().filter(|&&b| b).count();
+            total += c.questions.len();
+            assert_eq!(two.routes.len(), c.questions.len());
+        }
+        assert_eq!(
+            by_exchange, total,
+            "exchange segments: {by_exchange}/{total}"
+        );
+        assert!(by_four < total, "4-utterance segments: {by_four}/{total}");
+        Ok(())
     }
 }

@@ -99,6 +99,13 @@ pub struct Args {
     /// `--policies`.
     #[arg(long, value_delimiter = ',')]
     episodic: Vec<f32>,
+    /// `--episodic`: utterances per EpiCache segment (the reference's 4; 2 = one exchange).
+    #[arg(long, default_value_t = kvquilt_compression::policy::episodes::SEGMENT_UTTERANCES)]
+    segment_utterances: usize,
+    /// `--episodic`: report EpiCache's routing accuracy per conversation and stop (embeds
+    /// only; no model runs).
+    #[arg(long)]
+    routing_only: bool,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -389,6 +396,15 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
     }
     let convs = convs.split_off(a.skip);
     dump_examples(a, &convs)?;
+    if a.segment_utterances == 0 {
+        bail!("--segment-utterances must be at least 1");
+    }
+    let segmenting = episodic::Segmenting {
+        utterances: a.segment_utterances,
+    };
+    if a.routing_only {
+        return episodic::routing(&convs, segmenting);
+    }
     let loaded = a.model.load()?;
     let tokenizer = loaded.tokenizer()?.clone();
     let chatml;
@@ -412,6 +428,7 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
             &tokenizer,
             template,
             &opts,
+            segmenting,
             (file_name(&loaded), a.model.device.clone()),
             a.json.as_deref(),
         );
