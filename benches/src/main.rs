@@ -19,7 +19,7 @@ enum Command {
     #[command(flatten)]
     Bench(kvquilt_bench::bench::BenchCommand),
     /// Answer quality and TTFT of the reuse modes beside full prefill, on real data.
-    Eval(kvquilt_bench::eval::Args),
+    Eval(Box<kvquilt_bench::eval::Args>),
     /// Check that a model blends exactly and find its smallest faithful recompute ratio;
     /// writes the calibration record `kvquilt serve` reads.
     Calibrate(kvquilt_bench::eval::calibrate::Args),
@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Bench(c) => kvquilt_bench::bench::run(c),
-        Command::Eval(a) => kvquilt_bench::eval::run(a),
+        Command::Eval(a) => kvquilt_bench::eval::run(*a),
         Command::Calibrate(a) => kvquilt_bench::eval::calibrate::run(a),
     }
 }

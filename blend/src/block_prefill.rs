@@ -8,6 +8,10 @@
 //! medoid segments) to a copy of the cache, observes the attention its rows pay every
 //! cached entry, and drops it ([`Episodic`]); [`BlockScorer::Window`] observes the block's own
 //! last rows while it prefills ([`SnapKv`]).
+//!
+//! Layer budgets: [`key_sensitivity`] measures how much each layer's keys depend on context
+//! beyond a block (EpiCache's profile), and [`layer_weights`] turns it into the
+//! [`BudgetSplit::PerLayer`] weights its build uses.
 
 use kvquilt_compression::policy::{
     Budget, BudgetSplit, Episodic, Observation, SnapKv, TokenPolicy, WindowMean,
@@ -167,4 +171,101 @@ fn observe_prompt(
             })
         })
         .collect()
+}
+
+/// Tokens per window of EpiCache's sensitivity average (reference: 100).
+pub const SENSITIVITY_WINDOW: usize = 100;
+
+/// EpiCache's per-layer key sensitivity `s_l = 1 − σ_l` of `tokens` (one long sample): `σ_l`
+/// is the cosine similarity of each token's key (pre-RoPE, per KV head) computed with full
+/// attention and computed with only the `sinks` first tokens and the last half block in view
+/// (the sample prefilled in blocks of `block`, the cache cut back to those after each block),
+/// averaged over heads within windows of [`SENSITIVITY_WINDOW`] tokens and then over windows.
+/// Layers whose keys change most without distant context get the largest `s_l`. The first
+/// block sees the same context both ways (its keys agree up to arithmetic).
+pub fn key_sensitivity(
+    model: &Model,
+    tokens: &[u32],
+    block: usize,
+    sinks: usize,
+) -> Result<Vec<f32>> {
+    if block < 2 || tokens.len() <= block {
+        return Err(BlendError::Invalid(format!(
+            "a sensitivity profile needs a sample longer than one block of at least 2 (got {} tokens, block {block})",
+            tokens.len()
+        )));
+    }
+    let n = tokens.len();
+    let mut full = model.empty_cache()?;
+    model.prefill(tokens, &positions(0, n), &mut full)?;
+    let layers = model.config().num_layers;
+    let mut windowed: Vec<Vec<kvquilt_model::Tensor>> = vec![Vec::new(); layers];
+    let mut cache = model.empty_cache()?;
+    let keep_recent = block / 2;
+    let mut at = 0usize;
+    while at < n {
+        let len = block.min(n - at);
+        model.prefill(&tokens[at..at + len], &positions(at, len), &mut cache)?;
+        for (l, w) in windowed.iter_mut().enumerate() {
+            w.push(cache.layers[l].k.narrow(0, cache.len() - len, len)?);
+        }
+        at += len;
+        // what the next block may see: the sinks and the last half block
+        let head = sinks.min(cache.len());
+        let tail = keep_recent.min(cache.len() - head);
+        cache = KvCache::cat(&[
+            &cache.narrow(0, head)?,
+            &cache.narrow(cache.len() - tail, tail)?,
+        ])?;
+    }
+    let mut out = Vec::with_capacity(layers);
+    for (l, parts) in windowed.iter().enumerate() {
+        let block_k = kvquilt_model::Tensor::cat(parts, 0)?.to_dtype(kvquilt_model::DType::F32)?;
+        let full_k = full.layers[l].k.to_dtype(kvquilt_model::DType::F32)?;
+        // cosine per (token, head): [n, kv_heads]
+        let dot = (&full_k * &block_k)?.sum(2)?;
+        let norms = (full_k.sqr()?.sum(2)?.sqrt()? * block_k.sqr()?.sum(2)?.sqrt()?)?;
+        let cos = (dot / norms.clamp(1e-12, f64::INFINITY)?)?
+            .mean(1)?
+            .to_vec1::<f32>()?;
+        let windows: Vec<f32> = cos
+            .chunks(SENSITIVITY_WINDOW)
+            .map(|w| w.iter().sum::<f32>() / w.len() as f32)
+            .collect();
+        let sigma = windows.iter().sum::<f32>() / windows.len().max(1) as f32;
+        out.push(1.0 - sigma);
+    }
+    Ok(out)
+}
+
+/// Exponent of the sensitivity in the layer budgets (the reference's scripts: 1.1).
+pub const SENSITIVITY_ALPHA: f32 = 1.1;
+
+/// [`BudgetSplit::PerLayer`] weights from a sensitivity profile as the reference code builds
+/// them: the profile min-max normalised, raised to `alpha`, as shares of the total budget,
+/// with every layer keeping at least a quarter of the uniform share. The weights sum to
+/// the layer count (weight 1 = the uniform share). A flat profile gives uniform weights.
+pub fn layer_weights(sensitivity: &[f32], alpha: f32) -> Vec<f32> {
+    let l = sensitivity.len();
+    if l == 0 {
+        return Vec::new();
+    }
+    let (lo, hi) = sensitivity
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &s| {
+            (a.min(s), b.max(s))
+        });
+    if !(hi - lo).is_finite() || hi - lo <= f32::EPSILON {
+        return vec![1.0; l];
+    }
+    let raw: Vec<f32> = sensitivity
+        .iter()
+        .map(|&s| ((s - lo) / (hi - lo)).powf(alpha))
+        .collect();
+    let total: f32 = raw.iter().sum();
+    let floor = 1.0 / (4.0 * l as f32);
+    // shares with the floor, then rescaled so they sum to one again
+    let shares: Vec<f32> = raw.iter().map(|r| (r / total).max(floor)).collect();
+    let sum: f32 = shares.iter().sum();
+    shares.iter().map(|s| s / sum * l as f32).collect()
 }

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use kvquilt_blend::block_prefill::{BlockScorer, block_prefill};
+use kvquilt_blend::block_prefill::{
+    BlockScorer, SENSITIVITY_ALPHA, block_prefill, key_sensitivity, layer_weights,
+};
 use kvquilt_compression::policy::{BudgetSplit, SnapKv};
 use kvquilt_model::{DType, Device, Model, load, positions};
 
@@ -88,4 +90,39 @@ fn a_budget_that_cannot_hold_the_sinks_is_refused() {
     let empty: [u32; 0] = [];
     let prompt = BlockScorer::Prompt(&empty);
     assert!(block_prefill(&m, &toks(50, 1), 16, 20, 4, &BudgetSplit::Uniform, &prompt).is_err());
+}
+
+#[test]
+fn key_sensitivity_is_zero_where_nothing_is_cut_and_at_layer_zero() {
+    let m = model();
+    let sample = toks(64, 5);
+    // sinks + half a block cover everything before each block: keys equal full prefill's
+    let whole = key_sensitivity(&m, &sample, 40, 32).unwrap();
+    assert_eq!(whole.len(), m.config().num_layers);
+    assert!(whole.iter().all(|s| s.abs() < 1e-4), "{whole:?}");
+    // blocks of 8 with 2 sinks: later blocks lose most of their context
+    let cut = key_sensitivity(&m, &sample, 8, 2).unwrap();
+    // layer 0's keys are a projection of the token alone
+    assert!(cut[0].abs() < 1e-4, "{cut:?}");
+    assert!(cut[1..].iter().all(|&s| s > 1e-4 && s <= 2.0), "{cut:?}");
+    // a sample of one block has nothing to cut
+    assert!(key_sensitivity(&m, &toks(8, 1), 8, 2).is_err());
+}
+
+#[test]
+fn layer_weights_follow_the_profile_with_a_floor() {
+    // min-max normalised to 0, 0.5, 1 → shares 0, 0.5^a, 1 (of their sum), floor 1/12
+    let w = layer_weights(&[0.1, 0.2, 0.3], SENSITIVITY_ALPHA);
+    assert!((w.iter().sum::<f32>() - 3.0).abs() < 1e-5, "{w:?}");
+    assert!(w[0] < w[1] && w[1] < w[2], "{w:?}");
+    let half = 0.5f32.powf(SENSITIVITY_ALPHA);
+    let (s1, s2) = (half / (1.0 + half), 1.0 / (1.0 + half));
+    let sum = 1.0 / 12.0 + s1 + s2;
+    let want = [1.0 / 12.0 / sum * 3.0, s1 / sum * 3.0, s2 / sum * 3.0];
+    for (a, b) in w.iter().zip(want) {
+        assert!((a - b).abs() < 1e-5, "{w:?} vs {want:?}");
+    }
+    // a flat profile is uniform
+    assert_eq!(layer_weights(&[0.3, 0.3], 1.1), vec![1.0, 1.0]);
+    assert!(layer_weights(&[], 1.1).is_empty());
 }

@@ -14,7 +14,9 @@
 
 use anyhow::{Context, Result, bail};
 use kvquilt_blend::ChunkCodec;
-use kvquilt_blend::block_prefill::{BlockScorer, block_prefill};
+use kvquilt_blend::block_prefill::{
+    BlockScorer, SENSITIVITY_ALPHA, block_prefill, key_sensitivity, layer_weights,
+};
 use kvquilt_blend::compress::compress;
 use kvquilt_compression::policy::episodes::{
     EPISODES, Episodes, MEDOIDS, RESTARTS, SEED, SEGMENT_UTTERANCES, segments,
@@ -37,6 +39,10 @@ pub(crate) const MEDOID_TOKENS: usize = Embedder::MAX_TOKENS;
 /// Tokens per prefill block (the reference uses 2,048 for 8k budgets; conversations here
 /// are ~5.5k tokens).
 pub(crate) const BLOCK: usize = 512;
+
+/// Block of the sensitivity profile's restricted prefill (the reference: 4,096 on samples of
+/// tens of thousands of tokens; here a conversation of ~5.5k).
+pub(crate) const SENSITIVITY_BLOCK: usize = 1024;
 
 #[derive(Default)]
 struct Tally {
@@ -97,6 +103,20 @@ impl Default for Segmenting {
         }
     }
 }
+
+/// What `--episodic` runs beside full KV.
+#[derive(Debug, Clone)]
+pub(crate) struct EpisodicRun {
+    pub(crate) segmenting: Segmenting,
+    /// Methods beside full KV: `streaming`, `block-snapkv`, `epicache`.
+    pub(crate) methods: Vec<String>,
+    /// EpiCache's layer budgets from the key-sensitivity profile (measured once, on the
+    /// first conversation) instead of the same budget in every layer.
+    pub(crate) layer_budgets: bool,
+}
+
+/// The methods `--episodic-methods` may name.
+pub(crate) const METHODS: [&str; 3] = ["streaming", "block-snapkv", "epicache"];
 
 /// One conversation's episodes: its segments, their clustering, and each question's route.
 struct Episodic {
@@ -225,7 +245,7 @@ pub(crate) fn run(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     opts: &GenerateOptions,
-    how: Segmenting,
+    run: &EpisodicRun,
     header: (String, String),
     json: Option<&std::path::Path>,
 ) -> Result<()> {
@@ -237,12 +257,34 @@ pub(crate) fn run(
         &template.render(&[ChatMessage::new("system", conv::SYSTEM)], false)?,
     )?
     .len();
+    let how = run.segmenting;
     let mut methods: Vec<(String, Option<f32>)> = vec![("full".into(), None)];
     for &f in fractions {
-        for m in ["streaming", "block-snapkv", "epicache"] {
-            methods.push((m.into(), Some(f)));
+        for m in METHODS
+            .iter()
+            .filter(|m| run.methods.iter().any(|x| x == *m))
+        {
+            methods.push((m.to_string(), Some(f)));
         }
     }
+    // EpiCache's layer budgets: the key-sensitivity profile of the first conversation
+    let epicache_split = match (run.layer_budgets, items.first()) {
+        (true, Some(first)) => {
+            let s = key_sensitivity(model, &first.context, SENSITIVITY_BLOCK, sinks)?;
+            let w = layer_weights(&s, SENSITIVITY_ALPHA);
+            eprintln!(
+                "key sensitivity per layer: {:?}\nlayer budget weights: {:?}",
+                s.iter()
+                    .map(|x| (x * 1e4).round() / 1e4)
+                    .collect::<Vec<_>>(),
+                w.iter()
+                    .map(|x| (x * 100.0).round() / 100.0)
+                    .collect::<Vec<_>>()
+            );
+            BudgetSplit::PerLayer(w)
+        }
+        _ => BudgetSplit::Uniform,
+    };
     let mut tallies: Vec<Tally> = methods.iter().map(|_| Tally::default()).collect();
     let mut details = Vec::new();
     for (ci, (c, item)) in convs.iter().zip(&items).enumerate() {
@@ -304,7 +346,7 @@ pub(crate) fn run(
                             BLOCK,
                             n,
                             sinks,
-                            &BudgetSplit::Uniform,
+                            &epicache_split,
                             &BlockScorer::Prompt(p),
                         )?;
                         peak = peak.max(b.peak_rows);

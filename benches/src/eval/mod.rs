@@ -106,6 +106,17 @@ pub struct Args {
     /// only; no model runs).
     #[arg(long)]
     routing_only: bool,
+    /// `--episodic`: the methods run beside full KV (streaming, block-snapkv, epicache).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "streaming,block-snapkv,epicache"
+    )]
+    episodic_methods: Vec<String>,
+    /// `--episodic`: EpiCache's budget spread over layers by the key-sensitivity profile
+    /// (measured on the first conversation; the reference's α 1.1 and floor of ¼).
+    #[arg(long)]
+    layer_budgets: bool,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -402,6 +413,16 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
     let segmenting = episodic::Segmenting {
         utterances: a.segment_utterances,
     };
+    if let Some(bad) = a
+        .episodic_methods
+        .iter()
+        .find(|m| !episodic::METHODS.contains(&m.as_str()))
+    {
+        bail!(
+            "--episodic-methods: unknown method {bad} (known: {})",
+            episodic::METHODS.join(", ")
+        );
+    }
     if a.routing_only {
         return episodic::routing(&convs, segmenting);
     }
@@ -428,7 +449,11 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
             &tokenizer,
             template,
             &opts,
-            segmenting,
+            &episodic::EpisodicRun {
+                segmenting,
+                methods: a.episodic_methods.clone(),
+                layer_budgets: a.layer_budgets,
+            },
             (file_name(&loaded), a.model.device.clone()),
             a.json.as_deref(),
         );
