@@ -181,7 +181,7 @@ impl LayerKv {
                 out.inplace_op3(&new, &r.rows, &SetRows)?;
                 return Ok(out);
             }
-            Ok(Tensor::cat(&[old, &new], 0)?.index_select(&r.gather, 0)?)
+            Ok(Tensor::cat(&[old, &new], 0)?.index_select(r.gather()?, 0)?)
         };
         Ok(Self::new(
             replace(&self.k, &new.k)?,

@@ -14,12 +14,14 @@
 //!
 //! [`LayerKv::replace_rows`]: crate::LayerKv::replace_rows
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
 
 use crate::error::{Result, invalid_input};
 
 /// The rows of a `len`-row layer that new rows replace: new row `j` becomes row `rows[j]`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RowReplacement {
     /// Rows of the layer.
     pub(crate) len: usize,
@@ -27,9 +29,11 @@ pub struct RowReplacement {
     pub(crate) n: usize,
     /// `[n]` u32: the replaced rows, strictly increasing.
     pub(crate) rows: Tensor,
-    /// `[len]` u32 over `cat([layer, new])`: row `t` unless it is `rows[j]`, then `len + j`
-    /// (the fallback gather).
-    pub(crate) gather: Tensor,
+    /// The same rows on the host (for the fallback's index).
+    host_rows: Vec<usize>,
+    /// `[len]` u32 over `cat([layer, new])`: row `t` unless it is `rows[j]`, then `len + j`;
+    /// built on first use, by layouts the scatter does not take.
+    gather: OnceLock<Tensor>,
 }
 
 impl RowReplacement {
@@ -41,22 +45,32 @@ impl RowReplacement {
                 w[0], w[1]
             )));
         }
-        let mut gather: Vec<u32> = (0..len as u32).collect();
-        for (j, &r) in rows.iter().enumerate() {
-            if r >= len {
-                return Err(invalid_input(format!(
-                    "row {r} past a layer of {len} tokens"
-                )));
-            }
-            gather[r] = (len + j) as u32;
+        if let Some(&r) = rows.iter().find(|&&r| r >= len) {
+            return Err(invalid_input(format!(
+                "row {r} past a layer of {len} tokens"
+            )));
         }
         let as_u32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         Ok(Self {
             len,
             n: rows.len(),
             rows: Tensor::new(as_u32, device)?,
-            gather: Tensor::new(gather, device)?,
+            host_rows: rows.to_vec(),
+            gather: OnceLock::new(),
         })
+    }
+
+    /// The fallback's index over `cat([layer, new])` (built once).
+    pub(crate) fn gather(&self) -> Result<&Tensor> {
+        if let Some(g) = self.gather.get() {
+            return Ok(g);
+        }
+        let mut index: Vec<u32> = (0..self.len as u32).collect();
+        for (j, &r) in self.host_rows.iter().enumerate() {
+            index[r] = (self.len + j) as u32;
+        }
+        let t = Tensor::new(index, self.rows.device())?;
+        Ok(self.gather.get_or_init(|| t))
     }
 
     /// Rows of the layer it applies to.

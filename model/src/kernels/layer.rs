@@ -220,42 +220,61 @@ impl CustomOp1 for CatRows {
         let dims = l.shape().dims().to_vec();
         let row: usize = dims[1..].iter().product();
         let size = s.dtype().size_in_bytes();
-        let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
-        let mut parts: Vec<(&CudaStorage, &Layout)> = vec![(s, l)];
-        for (g, pl) in &guards {
-            let candle_core::Storage::Cuda(cs) = &**g else {
-                candle_core::bail!("cat_rows: a part is not on CUDA");
-            };
+        if !l.is_contiguous() {
+            candle_core::bail!("cat_rows: parts must be contiguous");
+        }
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        // each part's base address (its storage lock held only while reading it: the op
+        // holds the tensors, so their memory outlives the launch) and rows
+        let mut ptrs: Vec<u64> = Vec::with_capacity(self.rest.len() + 1);
+        let mut rows: Vec<usize> = Vec::with_capacity(self.rest.len() + 1);
+        let mut base = |cs: &CudaStorage, pl: &Layout| -> candle_core::Result<()> {
             if pl.shape().dims()[1..] != dims[1..] || cs.dtype() != s.dtype() || !pl.is_contiguous()
             {
                 candle_core::bail!("cat_rows: parts of different row shapes or dtypes");
             }
-            parts.push((cs, pl));
+            let at = pl.start_offset();
+            let ptr = match cs.dtype() {
+                DType::BF16 => {
+                    cs.as_cuda_slice::<half::bf16>()?
+                        .slice(at..)
+                        .device_ptr(&stream)
+                        .0
+                }
+                DType::F16 => {
+                    cs.as_cuda_slice::<half::f16>()?
+                        .slice(at..)
+                        .device_ptr(&stream)
+                        .0
+                }
+                DType::F32 => cs.as_cuda_slice::<f32>()?.slice(at..).device_ptr(&stream).0,
+                other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
+            };
+            ptrs.push(ptr);
+            rows.push(pl.shape().dims()[0]);
+            Ok(())
+        };
+        base(s, l)?;
+        for t in &self.rest {
+            let (g, pl) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*g else {
+                candle_core::bail!("cat_rows: a part is not on CUDA");
+            };
+            base(cs, pl)?;
         }
-        if !l.is_contiguous() {
-            candle_core::bail!("cat_rows: parts must be contiguous");
-        }
-        let rows: Vec<usize> = parts.iter().map(|(_, pl)| pl.shape().dims()[0]).collect();
         let total: usize = rows.iter().sum();
-        let dev = s.device().clone();
-        let stream = dev.cuda_stream();
         let mut table = CatTable {
             src: [0; CAT_MAX_PARTS],
             dst_word: [0; CAT_MAX_PARTS],
             words: [0; CAT_MAX_PARTS],
         };
+        let mut bytes = vec![row * size];
+        bytes.extend(ptrs.iter().map(|&p| p as usize));
         macro_rules! go {
             ($t:ty) => {{
                 // SAFETY: every one of the `total * row` elements is written below.
                 let out = unsafe { dev.alloc::<$t>(total * row)? };
-                let mut ptrs = Vec::with_capacity(parts.len());
-                let mut bytes = vec![row * size];
-                for (ps, pl) in &parts {
-                    let view = ps.as_cuda_slice::<$t>()?.slice(pl.start_offset()..);
-                    let (ptr, _sync) = view.device_ptr(&stream);
-                    ptrs.push(ptr);
-                    bytes.push(ptr as usize);
-                }
                 let word = word_bytes(&bytes);
                 if word < 2 {
                     candle_core::bail!("cat_rows: unaligned parts");
@@ -271,7 +290,7 @@ impl CustomOp1 for CatRows {
                 let cfg = LaunchConfig {
                     grid_dim: (
                         most.div_ceil(256).clamp(1, 1024) as u32,
-                        parts.len() as u32,
+                        ptrs.len() as u32,
                         1,
                     ),
                     block_dim: (256, 1, 1),
