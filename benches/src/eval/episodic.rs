@@ -12,7 +12,7 @@
 //! answer agreement against full KV; routing accuracy (the routed episode holds the segment
 //! that planted the asked fact); peak cache rows.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use kvquilt_blend::ChunkCodec;
 use kvquilt_blend::block_prefill::{
     BlockScorer, SENSITIVITY_ALPHA, block_prefill, key_sensitivity, layer_weights,
@@ -422,11 +422,7 @@ pub(crate) fn run(
         details,
     };
     print_table(&report);
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    super::write_json(&report, json)
 }
 
 /// `--episodic`'s budget fractions: at least one, each strictly between 0 and 1.

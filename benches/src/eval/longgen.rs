@@ -230,9 +230,5 @@ pub(crate) fn run(
             r.evictions_mean
         );
     }
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    super::write_json(&report, json)
 }

@@ -367,12 +367,20 @@ pub(crate) fn answer(
 }
 
 /// Writes the evaluated examples (or conversations) to `--dump-examples`, when given.
-fn dump_examples(a: &Args, examples: &impl serde::Serialize) -> Result<()> {
-    if let Some(p) = &a.dump_examples {
-        std::fs::write(p, serde_json::to_string_pretty(examples)?)
+/// Writes `value` as pretty JSON to `path`, when one is given.
+pub(crate) fn write_json(
+    value: &impl serde::Serialize,
+    path: Option<&std::path::Path>,
+) -> Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_string_pretty(value)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+fn dump_examples(a: &Args, examples: &impl serde::Serialize) -> Result<()> {
+    write_json(examples, a.dump_examples.as_deref())
 }
 
 /// The `conv` task (`conv.rs`): `--limit` conversations (default 20) built from all of the
@@ -750,11 +758,7 @@ pub fn run(a: Args) -> Result<()> {
         details,
     };
     print_table(&report);
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    write_json(&report, a.json.as_deref())
 }
 
 fn print_table(r: &Report) {

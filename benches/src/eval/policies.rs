@@ -376,11 +376,7 @@ pub(crate) fn run(
         details,
     };
     print_table(&report);
-    if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    super::write_json(&report, json)
 }
 
 fn prediction(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<String> {
