@@ -96,6 +96,9 @@ case "${1:-perf}" in
     "$bench" blend --random smollm2-135m --device cuda --chunks 12 --chunk-tokens 512 \
       --ratios 0.15,0.3 --variants cacheblend,query --device-tier --phases --repeats 5 \
       --json "$OUT/blend_small.json" || echo "blend small failed"
+    # what the host pays per op of one SmolLM2-shape layer (a question pass, blend's recompute)
+    "$bench" ops --rows 32 --json "$OUT/ops_small_32.json" || echo "ops failed"
+    "$bench" ops --rows 931 --json "$OUT/ops_small_931.json" || echo "ops failed"
     ;;
   needle|musique)
     "$bin" eval --model "${KVQ_MODEL:?}" --device cuda --dtype f32 --task "$1" --limit "${2:-30}" \

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::error::{Result, invalid_input};
-use crate::rows::{RowReplacement, SetRows, concat, set_rows_supported};
+use crate::rows::{
+    RowReplacement, SetRows, concat, concat_with_room, put_rows, set_rows_supported,
+};
 
 /// Appends reserve room for at least this many rows (and round capacity up to it).
 const GROWTH_ROWS: usize = 256;
@@ -93,7 +95,6 @@ impl LayerKv {
                 v.dims()
             )));
         }
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
         if let Some(g) = &self.growth
             && g.k_id == self.k.id()
             && g.v_id == self.v.id()
@@ -103,23 +104,17 @@ impl LayerKv {
                 .compare_exchange(len, len + n, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            g.buf.k.slice_set(&k, 0, len)?;
-            g.buf.v.slice_set(&v, 0, len)?;
+            put_rows(&g.buf.k, len, k)?;
+            put_rows(&g.buf.v, len, v)?;
             return Self::view(Arc::clone(&g.buf), len + n);
         }
         let cap = (len + n).max(2 * len).next_multiple_of(GROWTH_ROWS);
-        let shape = (cap, row[0], row[1]);
+        // rows len + n.. are written by later appends before any view covers them
         let buf = Growth {
-            k: Tensor::zeros(shape, self.k.dtype(), self.k.device())?,
-            v: Tensor::zeros(shape, self.v.dtype(), self.v.device())?,
+            k: concat_with_room(&[&self.k, k], cap)?,
+            v: concat_with_room(&[&self.v, v], cap)?,
             frontier: AtomicUsize::new(len + n),
         };
-        if len > 0 {
-            buf.k.slice_set(&self.k.contiguous()?, 0, 0)?;
-            buf.v.slice_set(&self.v.contiguous()?, 0, 0)?;
-        }
-        buf.k.slice_set(&k, 0, len)?;
-        buf.v.slice_set(&v, 0, len)?;
         Self::view(Arc::new(buf), len + n)
     }
 
@@ -174,7 +169,12 @@ impl LayerKv {
             )));
         }
         let replace = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
-            let new = new.contiguous()?;
+            // the scatter reads strided rows on CUDA; the CPU's wants them packed
+            let new = if set_rows_supported(old.dtype(), new) {
+                new.clone()
+            } else {
+                new.contiguous()?
+            };
             if set_rows_supported(old.dtype(), &new) {
                 // a fresh, packed copy: the scatter writes nothing anyone else reads
                 let out = old.force_contiguous()?;
@@ -194,6 +194,37 @@ impl LayerKv {
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
         let vs: Vec<&Tensor> = parts.iter().map(|p| &p.v).collect();
         Ok(Self::new(concat(&ks)?, concat(&vs)?))
+    }
+
+    /// [`LayerKv::cat`] into buffers with room for at least `room` more rows, which the next
+    /// [`LayerKv::append`] of up to `room` rows then writes in place (a request's cache
+    /// assembled from its chunks, before the forward pass appends the question: one copy of
+    /// the context per layer instead of two).
+    pub fn cat_with_room(parts: &[&LayerKv], room: usize) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            return Err(invalid_input("concatenating zero layers"));
+        };
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.k.dims()[1..] != first.k.dims()[1..])
+        {
+            return Err(invalid_input(format!(
+                "concatenating layers of rows {:?} and {:?}",
+                &first.k.dims()[1..],
+                &p.k.dims()[1..]
+            )));
+        }
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let cap = (len + room).next_multiple_of(GROWTH_ROWS);
+        let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
+        let vs: Vec<&Tensor> = parts.iter().map(|p| &p.v).collect();
+        // rows len.. are written by later appends before any view covers them
+        let buf = Growth {
+            k: concat_with_room(&ks, cap)?,
+            v: concat_with_room(&vs, cap)?,
+            frontier: AtomicUsize::new(len),
+        };
+        Self::view(Arc::new(buf), len)
     }
 }
 
@@ -548,6 +579,64 @@ mod tests {
         assert_eq!(big.len(), GROWTH_ROWS + 5);
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    /// A layer assembled with room takes the next append in place, reading the parts' rows.
+    #[test]
+    fn a_layer_assembled_with_room_appends_in_place() -> Result<()> {
+        let a = LayerKv::new(rows(0.0, 2), rows(0.0, 2));
+        let b = LayerKv::new(rows(10.0, 3), rows(10.0, 3));
+        let joined = LayerKv::cat_with_room(&[&a, &b], 4)?;
+        assert_eq!(joined.len(), 5);
+        assert_eq!(values(&joined), values(&LayerKv::cat(&[&a, &b])?));
+        let cap = joined.capacity();
+        assert!(cap >= 9);
+        let grown = joined.append(&rows(100.0, 4), &rows(100.0, 4))?;
+        assert_eq!(grown.capacity(), cap, "appended in place");
+        assert_eq!(values(&grown)[..10], values(&joined)[..]);
+        assert_eq!(
+            values(&grown)[10..],
+            [100.0, 101.0, 102.0, 103.0, 104.0, 105.0, 106.0, 107.0]
+        );
+        let odd = LayerKv::new(
+            Tensor::zeros((1, 2, 2), DType::F32, &Device::Cpu)?,
+            rows(0.0, 1),
+        );
+        assert!(LayerKv::cat_with_room(&[&a, &odd], 1).is_err());
+        Ok(())
+    }
+
+    /// K and V read straight out of a fused projection (strided views, as the forward pass
+    /// hands them over) append the same rows as packed copies, fresh and in place.
+    #[test]
+    fn appending_strided_rows_equals_appending_packed_copies() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d) = (4, 2, 3);
+        let proj = |n: usize, base: f32| -> Result<(Tensor, Tensor)> {
+            let width = (heads + 2 * kv_heads) * d;
+            let vals: Vec<f32> = (0..n * width).map(|i| base + i as f32).collect();
+            let p = Tensor::from_vec(vals, (n, heads + 2 * kv_heads, d), &dev)?;
+            Ok((
+                p.narrow(1, heads, kv_heads)?,
+                p.narrow(1, heads + kv_heads, kv_heads)?,
+            ))
+        };
+        let (k1, v1) = proj(3, 0.0)?;
+        let (k2, v2) = proj(2, 1000.0)?;
+        assert!(!k1.is_contiguous());
+        let strided = LayerKv::empty(kv_heads, d, DType::F32, &dev)?
+            .append(&k1, &v1)?
+            .append(&k2, &v2)?;
+        let packed = LayerKv::empty(kv_heads, d, DType::F32, &dev)?
+            .append(&k1.contiguous()?, &v1.contiguous()?)?
+            .append(&k2.contiguous()?, &v2.contiguous()?)?;
+        assert_eq!(values(&strided), values(&packed));
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        assert_eq!(
+            flat(&strided.v)?,
+            flat(&Tensor::cat(&[&v1.contiguous()?, &v2.contiguous()?], 0)?)?
+        );
         Ok(())
     }
 

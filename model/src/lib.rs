@@ -57,6 +57,8 @@ pub use generate::{
     top_logprobs,
 };
 pub use hook::{CollectProbes, FillLayers, HookError, LayerHook, LayerProbe};
+#[cfg(feature = "gpu")]
+pub use kernels::{NormErrors, norm_kernel_errors};
 pub use kv::{KvCache, LayerKv, positions};
 pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};

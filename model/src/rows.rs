@@ -11,8 +11,12 @@
 //!
 //! [`concat`] puts layers' rows one after the other (a request's cache assembled from its
 //! chunks): on CUDA in one launch for all parts (candle's `cat` launches one copy per part).
+//! [`concat_with_room`] does the same into a buffer with spare rows and [`put_rows`] writes
+//! rows into such a buffer in place: how [`LayerKv::append`] grows a cache, one launch per
+//! tensor on CUDA, reading new rows straight out of the QKV projection (no packing copy).
 //!
 //! [`LayerKv::replace_rows`]: crate::LayerKv::replace_rows
+//! [`LayerKv::append`]: crate::LayerKv::append
 
 use std::sync::OnceLock;
 
@@ -86,35 +90,81 @@ impl RowReplacement {
 
 /// `parts` (rows of one shape and dtype) one after the other along dim 0.
 pub(crate) fn concat(parts: &[&Tensor]) -> Result<Tensor> {
+    let total = parts
+        .iter()
+        .map(|p| p.dims().first().copied().unwrap_or(0))
+        .sum();
+    concat_with_room(parts, total)
+}
+
+/// `parts` (rows of one shape and dtype; rows may be strided views, e.g. K inside the fused
+/// QKV projection) one after the other along dim 0, in a buffer of `capacity` rows (at least
+/// their total). Rows past the total are zeros on the CPU and unwritten on CUDA (one launch
+/// for every part, no fill): the caller writes them before anything reads them.
+pub(crate) fn concat_with_room(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        return Err(invalid_input("concatenating no parts"));
+    };
+    let total: usize = parts
+        .iter()
+        .map(|p| p.dims().first().copied().unwrap_or(0))
+        .sum();
     #[cfg(feature = "gpu")]
-    if parts.len() > 1
-        && parts.len() <= crate::kernels::CAT_MAX_PARTS
-        && parts.iter().all(|p| {
-            p.device().is_cuda()
-                && p.is_contiguous()
-                && p.dtype() == parts[0].dtype()
-                && matches!(p.dtype(), DType::BF16 | DType::F16 | DType::F32)
-                && p.rank() >= 2
-                && p.dims()[1..] == parts[0].dims()[1..]
-        })
     {
-        return crate::kernels::cat_rows(parts);
+        // empty parts (an empty cache's layer) copy nothing and need no address
+        let filled: Vec<&Tensor> = parts.iter().copied().filter(|p| p.dims()[0] > 0).collect();
+        if !filled.is_empty()
+            && filled.len() <= crate::kernels::CAT_MAX_PARTS
+            && filled.iter().all(|p| {
+                crate::kernels::rows_supported(p)
+                    && p.dtype() == first.dtype()
+                    && p.dims()[1..] == first.dims()[1..]
+            })
+        {
+            return crate::kernels::cat_rows(&filled, capacity);
+        }
     }
-    Ok(Tensor::cat(parts, 0)?)
+    if capacity <= total {
+        return Ok(Tensor::cat(parts, 0)?);
+    }
+    let mut shape = first.dims().to_vec();
+    shape[0] = capacity;
+    let out = Tensor::zeros(shape, first.dtype(), first.device())?;
+    let mut at = 0;
+    for p in parts {
+        if p.dims()[0] > 0 {
+            out.slice_set(&p.contiguous()?, 0, at)?;
+        }
+        at += p.dims()[0];
+    }
+    Ok(out)
+}
+
+/// Writes `src`'s rows into `dst` (packed, same row shape) at rows `at..`: one launch on CUDA
+/// for any row stride of `src`; a copy into place otherwise.
+pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
+    #[cfg(feature = "gpu")]
+    if crate::kernels::rows_supported(src) && dst.is_contiguous() && dst.dtype() == src.dtype() {
+        return crate::kernels::put_rows(dst, at, src);
+    }
+    Ok(dst.slice_set(&src.contiguous()?, 0, at)?)
 }
 
 /// `dst[rows[j], ..] = src[j, ..]` in place: `dst` `[len, ...]` and `src` `[n, ...]` with the
 /// same row shape, `rows` `[n]` u32 (distinct, each `< len`; [`RowReplacement`] checks).
 pub(crate) struct SetRows;
 
-/// Whether [`SetRows`] takes `src` (contiguous) into a fresh packed copy of a layer of
-/// `dtype` (else the caller gathers instead).
+/// Whether [`SetRows`] takes `src` into a fresh packed copy of a layer of `dtype` (else the
+/// caller packs it or gathers instead): contiguous on the CPU; on CUDA, rows that are each
+/// packed at any row stride (K or V straight out of the QKV projection).
 pub(crate) fn set_rows_supported(dtype: DType, src: &Tensor) -> bool {
-    if !src.is_contiguous() || src.dtype() != dtype {
+    if src.dtype() != dtype {
         return false;
     }
     match src.device() {
-        Device::Cpu => matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        Device::Cpu => {
+            src.is_contiguous() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        }
         #[cfg(feature = "gpu")]
         Device::Cuda(_) => crate::kernels::set_rows_supported(src),
         _ => false,
@@ -126,7 +176,8 @@ fn row_elems(l: &Layout) -> usize {
     l.shape().dims()[1..].iter().product()
 }
 
-/// Checks what both back ends assume; returns `(n, row elements)`.
+/// Checks what both back ends assume (the CUDA kernel also reads `src` rows at a stride: it
+/// checks `src` itself and passes a packed stand-in layout here); returns `(n, row elements)`.
 pub(crate) fn check_set_rows(
     dst: &Layout,
     src: &Layout,

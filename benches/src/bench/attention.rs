@@ -224,7 +224,121 @@ fn check_rows(device: &Device) -> Result<Vec<RowsReport>> {
             out.push(RowsReport { case, pass });
         }
     }
+    out.extend(check_appends(device, &mut rng)?);
+    out.extend(check_norms(device)?);
     Ok(out)
+}
+
+/// `LayerKv::append` of rows read straight out of a fused QKV projection (strided views):
+/// into fresh buffers (one launch per tensor on CUDA), then in place at the frontier, then
+/// from an empty layer; each against `Tensor::cat` of packed copies, bit for bit, with the
+/// older view unchanged by the in-place append.
+fn check_appends(device: &Device, rng: &mut Rng) -> Result<Vec<RowsReport>> {
+    let mut out = Vec::new();
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for (len, heads, kv_heads, d) in [(6240, 9, 3, 64), (5216, 32, 8, 128), (7, 2, 1, 4)] {
+            let randn = |shape: &[usize]| -> Result<Tensor> {
+                Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?)
+            };
+            // K and V of `n` rows as views of a [n, heads + 2 kv_heads, d] projection
+            let projected = |n: usize| -> Result<(Tensor, Tensor)> {
+                let p = randn(&[n, heads + 2 * kv_heads, d])?;
+                Ok((
+                    p.narrow(1, heads, kv_heads)?,
+                    p.narrow(1, heads + kv_heads, kv_heads)?,
+                ))
+            };
+            let same = |a: &Tensor, parts: &[&Tensor]| -> Result<bool> {
+                let want = Tensor::cat(
+                    &parts
+                        .iter()
+                        .map(|p| p.contiguous())
+                        .collect::<std::result::Result<Vec<_>, _>>()?,
+                    0,
+                )?;
+                let (a, b) = (a.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+                Ok(a.dims() == b.dims()
+                    && a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let old = kvquilt_model::LayerKv::new(
+                randn(&[len, kv_heads, d])?,
+                randn(&[len, kv_heads, d])?,
+            );
+            let n1 = 1 + rng.below(40) as usize;
+            let n2 = 1 + rng.below(40) as usize;
+            let (k1, v1) = projected(n1)?;
+            let (k2, v2) = projected(n2)?;
+            let a1 = old.append(&k1, &v1)?;
+            let first = same(&a1.k, &[&old.k, &k1])? && same(&a1.v, &[&old.v, &v1])?;
+            let a2 = a1.append(&k2, &v2)?;
+            let in_place = a2.capacity() == a1.capacity()
+                && same(&a2.k, &[&old.k, &k1, &k2])?
+                && same(&a2.v, &[&old.v, &v1, &v2])?
+                && same(&a1.k, &[&old.k, &k1])?;
+            let empty = kvquilt_model::LayerKv::empty(kv_heads, d, dtype, device)?;
+            let e1 = empty.append(&k1, &v1)?;
+            let from_empty = same(&e1.k, &[&k1])? && same(&e1.v, &[&v1])?;
+            // the same strided rows replacing rows of the layer (selective recompute)
+            let mut rows: Vec<usize> = (0..len).collect();
+            for i in (1..len).rev() {
+                rows.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut rows = rows[..n1.min(len)].to_vec();
+            rows.sort_unstable();
+            let (kr, vr) = (k1.narrow(0, 0, rows.len())?, v1.narrow(0, 0, rows.len())?);
+            let replacement = kvquilt_model::RowReplacement::new(len, &rows, device)?;
+            let replaced = old.replace_rows(
+                &replacement,
+                &kvquilt_model::LayerKv::new(kr.clone(), vr.clone()),
+            )?;
+            let mut gather: Vec<u32> = (0..len as u32).collect();
+            for (j, &r) in rows.iter().enumerate() {
+                gather[r] = (len + j) as u32;
+            }
+            let gather = Tensor::new(gather, device)?;
+            let by_gather = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                Ok(Tensor::cat(&[a, &b.contiguous()?], 0)?.index_select(&gather, 0)?)
+            };
+            let scattered = same(&replaced.k, &[&by_gather(&old.k, &kr)?])?
+                && same(&replaced.v, &[&by_gather(&old.v, &vr)?])?;
+            let pass = first && in_place && from_empty && scattered;
+            let case = format!(
+                "append {dtype:?} {len}x{kv_heads}x{d} + {n1} + {n2} strided rows (fresh {first}, in place {in_place}, from empty {from_empty}, replacing {scattered})"
+            );
+            eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
+            out.push(RowsReport { case, pass });
+        }
+    }
+    Ok(out)
+}
+
+/// The RMSNorm kernels (norm alone, and fused after the residual add) beside candle's
+/// `rms_norm` in the same dtype, both against an f32 reference: the fused sum must equal
+/// candle's rounded add bit for bit, and each norm stay within 1.5× candle's own error.
+#[cfg(feature = "gpu")]
+fn check_norms(device: &Device) -> Result<Vec<RowsReport>> {
+    let mut out = Vec::new();
+    for dtype in [DType::BF16, DType::F16] {
+        for (rows, hidden) in [(1, 576), (936, 576), (32, 4096), (3, 10)] {
+            let e = kvquilt_model::norm_kernel_errors(device, dtype, rows, hidden)?;
+            let budget = 1.5 * e.candle + 1e-6;
+            let pass = e.sum_exact && e.add_norm <= budget && e.norm <= budget;
+            let case = format!(
+                "rms_norm {dtype:?} {rows}x{hidden}: sum exact {}, add+norm {:.2e}, norm {:.2e}, candle {:.2e}",
+                e.sum_exact, e.add_norm, e.norm, e.candle
+            );
+            eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
+            out.push(RowsReport { case, pass });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn check_norms(_: &Device) -> Result<Vec<RowsReport>> {
+    Ok(Vec::new())
 }
 
 /// A one-layer model with the given attention heads (its weights are never used here).

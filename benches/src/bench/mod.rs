@@ -11,6 +11,7 @@ mod codec_device;
 mod decode;
 mod load;
 mod model;
+mod ops;
 mod remote;
 mod store;
 mod trace;
@@ -34,6 +35,8 @@ pub enum BenchCommand {
     Decode(decode::DecodeBenchArgs),
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
+    /// Host issuing time of one decoder layer's operations beside their end-to-end time.
+    Ops(ops::OpsBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
     Blend(blend::BlendBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
@@ -57,6 +60,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Codec(a) => codec::run(a),
         BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Model(a) => model::run(a),
+        BenchCommand::Ops(a) => ops::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),
         BenchCommand::Load(a) => load::run(a),

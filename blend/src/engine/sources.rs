@@ -145,6 +145,9 @@ pub(crate) struct Sources<'r> {
     /// Placeholder rows appended after the segments in every layer (the suffix's, for
     /// `blend`); none for `reuse`.
     suffix: Option<LayerKv>,
+    /// Rows every filled layer has room for after its own (the suffix the forward pass
+    /// appends, for `reuse`); 0 for `blend`, whose suffix rows are placeholders in the layer.
+    room: usize,
     /// The stored objects' layout.
     layout: KvLayout,
     /// Where the layers are placed: the model's device.
@@ -172,6 +175,7 @@ impl<'r> Sources<'r> {
             pending,
             placement: plan.placement.clone(),
             suffix: None,
+            room: 0,
             layout: *codec.layout(),
             device: b.model.device().clone(),
         })
@@ -190,6 +194,12 @@ impl<'r> Sources<'r> {
     /// segments in every layer [`Sources::fill`] writes.
     pub(crate) fn append_suffix(&mut self, rows: LayerKv) {
         self.suffix = Some(rows);
+    }
+
+    /// Leaves room for `rows` more rows in every layer [`Sources::fill`] writes, so the
+    /// forward pass appends them in place (`reuse`: the suffix).
+    pub(crate) fn leave_room(&mut self, rows: usize) {
+        self.room = rows;
     }
 
     /// Writes layer `l` of the assembled context into `kv`: every unique source's layer `l`
@@ -225,7 +235,10 @@ impl<'r> Sources<'r> {
         if let Some(suffix) = &self.suffix {
             parts.push(suffix);
         }
-        *kv = LayerKv::cat(&parts)?;
+        *kv = match self.room {
+            0 => LayerKv::cat(&parts)?,
+            room => LayerKv::cat_with_room(&parts, room)?,
+        };
         Ok(())
     }
 

@@ -19,12 +19,38 @@ const MODULE: &str = "kvquilt_attention";
 /// Query rows and keys per tile, as compiled into the kernel (`BM`, `BN`).
 const BM: usize = 64;
 const BN: usize = 64;
-/// Enough CTAs to fill an H200 (132 SMs) twice; fewer get split-KV.
-const TARGET_CTAS: usize = 264;
+/// CTAs of the attention kernels resident on one SM (sm_90: 137 registers × 128 threads and
+/// 18.7 KB of shared memory per CTA → 3 by registers). A call with fewer CTAs than
+/// `SMs × CTAS_PER_SM` splits its keys (split-KV) until it fills them: with one 4-warp CTA per
+/// SM the kernel waits on memory instead of overlapping it (blend's 936 recomputed rows of
+/// SmolLM2, 135 CTAs, ran at 33 TFLOP/s before this).
+const CTAS_PER_SM: usize = 3;
+/// Key tiles each split gets at least when a call has several query tiles. Measured on the
+/// H200 (BENCHMARKS §5, "Fourth pass"): 2 slowed the 8B shape's 32-row question pass by a
+/// quarter, 8 slowed decode; 4 kept both and sped blend's recompute up.
+const MIN_TILES_PER_SPLIT: usize = 4;
+/// SMs assumed when the device does not say (an H200's).
+const DEFAULT_SMS: usize = 132;
 /// From this many query tiles on, K is rotated once per call instead of per tile.
 const ROTATE_FIRST_TILES: usize = 4;
 
 use super::HEAD_DIMS;
+
+/// The device's SM count (one driver query per forward call).
+fn sm_count(device: &Device) -> usize {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    match device {
+        Device::Cuda(c) => c
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(DEFAULT_SMS),
+        _ => DEFAULT_SMS,
+    }
+}
 
 /// The positions and tables of a call as device views: (q_pos, k_pos, cos, sin).
 macro_rules! call_views {
@@ -96,10 +122,16 @@ impl FusedAttention {
         let q_tiles = q_pos.len().div_ceil(BM / group);
         let ctas = q_tiles * kv_heads;
         let key_tiles = k_pos.len().div_ceil(BN);
-        let splits = if ctas >= TARGET_CTAS / 2 {
+        let resident = CTAS_PER_SM * sm_count(device);
+        // each split's fixed cost (its Q tile, its partials, their merge) wants enough key
+        // tiles behind it; a single query tile (decode) has little of the first
+        let min_tiles = if q_tiles == 1 { 2 } else { MIN_TILES_PER_SPLIT };
+        let splits = if ctas >= resident {
             1
         } else {
-            (TARGET_CTAS / ctas).clamp(1, (key_tiles / 2).max(1))
+            resident
+                .div_ceil(ctas)
+                .clamp(1, (key_tiles / min_tiles).max(1))
         };
         Ok(Self {
             q_pos: Tensor::new(q_pos, device)?,

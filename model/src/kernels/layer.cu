@@ -48,40 +48,48 @@ extern "C" __global__ void swiglu_f16(const __half2 *gate_up, __half2 *out, int 
 }
 
 // Row scatter: dst row idx[r] = src row r for r < n, rows of `words` machine words of type W
-// (16-byte, 4-byte or 2-byte, whichever divides the row's bytes and both bases). idx holds
-// distinct rows (checked on the host), so no two threads write one word.
+// (16-byte, 4-byte or 2-byte, whichever divides the row's bytes, both bases and the source's
+// row stride), source rows `src_stride` words apart. idx holds distinct rows (checked on the
+// host), so no two threads write one word.
 template <typename W>
-__device__ __forceinline__ void set_rows(W *dst, const W *src, const uint32_t *idx, int n, int words) {
+__device__ __forceinline__ void set_rows(W *dst, const W *src, const uint32_t *idx, int n, int words,
+                                         long long src_stride) {
   const size_t total = static_cast<size_t>(n) * words;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t r = i / words, c = i % words;
-    dst[static_cast<size_t>(idx[r]) * words + c] = src[i];
+    dst[static_cast<size_t>(idx[r]) * words + c] = src[r * src_stride + c];
   }
 }
 
 extern "C" __global__ void set_rows_w16(uint4 *dst, const uint4 *src, const uint32_t *idx, int n,
-                                        int words) {
-  set_rows(dst, src, idx, n, words);
+                                        int words, long long src_stride) {
+  set_rows(dst, src, idx, n, words, src_stride);
 }
 
 extern "C" __global__ void set_rows_w4(uint32_t *dst, const uint32_t *src, const uint32_t *idx,
-                                       int n, int words) {
-  set_rows(dst, src, idx, n, words);
+                                       int n, int words, long long src_stride) {
+  set_rows(dst, src, idx, n, words, src_stride);
 }
 
 extern "C" __global__ void set_rows_w2(uint16_t *dst, const uint16_t *src, const uint32_t *idx,
-                                       int n, int words) {
-  set_rows(dst, src, idx, n, words);
+                                       int n, int words, long long src_stride) {
+  set_rows(dst, src, idx, n, words, src_stride);
 }
 
 // Concatenation along rows in one launch: part p (blockIdx.y) copies `words[p]` words of type W
-// from `src[p]` to `dst + dst_word[p]`. The table travels as a kernel parameter.
+// from `src[p]` to `dst + dst_word[p]`, reading rows of `row_words` words that start
+// `src_stride[p]` words apart (== row_words: a packed part, copied flat; larger: a strided view
+// such as K or V inside the fused QKV projection). The table travels as a kernel parameter.
+// The same kernel writes into a fresh buffer (a concatenation) or an existing one (rows put at
+// an offset of a preallocated cache).
 #define CAT_MAX_PARTS 48
 struct CatTable {
   unsigned long long src[CAT_MAX_PARTS];
   unsigned long long dst_word[CAT_MAX_PARTS];
   unsigned long long words[CAT_MAX_PARTS];
+  unsigned long long src_stride[CAT_MAX_PARTS];
+  unsigned long long row_words;
 };
 
 template <typename W>
@@ -89,13 +97,75 @@ __device__ __forceinline__ void cat_rows(W *dst, const CatTable &t) {
   const int p = blockIdx.y;
   const W *src = reinterpret_cast<const W *>(t.src[p]);
   W *out = dst + t.dst_word[p];
-  const size_t words = t.words[p];
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    out[i] = src[i];
+  const size_t words = t.words[p], row = t.row_words, stride = t.src_stride[p];
+  const size_t step = static_cast<size_t>(gridDim.x) * blockDim.x;
+  if (stride == row) {
+    for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words; i += step) {
+      out[i] = src[i];
+    }
+  } else {
+    for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words; i += step) {
+      const size_t r = i / row;
+      out[i] = src[r * stride + (i - r * row)];
+    }
   }
 }
 
 extern "C" __global__ void cat_rows_w16(uint4 *dst, const CatTable t) { cat_rows(dst, t); }
 extern "C" __global__ void cat_rows_w4(uint32_t *dst, const CatTable t) { cat_rows(dst, t); }
 extern "C" __global__ void cat_rows_w2(uint16_t *dst, const CatTable t) { cat_rows(dst, t); }
+
+// RMSNorm of each row, optionally after a residual add; one block per row. With `r`: h_out = h +
+// r (rounded to T once) and x_out = norm(h_out); without (`r` and `h_out` null): x_out = norm(h).
+// norm(y) = y * rsqrt(mean(y^2) + eps) * w, in f32 from the rounded y (what an unfused add then
+// candle's rms_norm computes, up to the order of the row's sum of squares). Rows are packed,
+// `hidden` is even, the block holds at most 32 warps.
+template <typename T2>
+__device__ __forceinline__ void add_rms_norm(const T2 *h, const T2 *r, const T2 *w, T2 *h_out,
+                                             T2 *x_out, int rows, int hidden, float eps) {
+  const int row = blockIdx.x;
+  if (row >= rows) return;
+  const int pairs = hidden / 2;
+  const size_t base = static_cast<size_t>(row) * pairs;
+  float sq = 0.f;
+  for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+    T2 y = h[base + i];
+    if (r != nullptr) {
+      const float2 a = unpack(y), b = unpack(r[base + i]);
+      y = pack2<T2>(a.x + b.x, a.y + b.y);
+      h_out[base + i] = y;
+    }
+    const float2 f = unpack(y);
+    sq += f.x * f.x + f.y * f.y;
+  }
+  __shared__ float warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = sq;
+  __syncthreads();
+  if (warp == 0) {
+    sq = lane < (blockDim.x + 31) / 32 ? warp_sums[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+    if (lane == 0) warp_sums[0] = sq;
+  }
+  __syncthreads();
+  const float scale = rsqrtf(warp_sums[0] / hidden + eps);
+  // each thread reads back only the elements it wrote above
+  const T2 *y = (r != nullptr ? h_out : h) + base;
+  for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const float2 f = unpack(y[i]), g = unpack(w[i]);
+    x_out[base + i] = pack2<T2>(f.x * scale * g.x, f.y * scale * g.y);
+  }
+}
+
+extern "C" __global__ void add_rms_norm_bf16(const __nv_bfloat162 *h, const __nv_bfloat162 *r,
+                                             const __nv_bfloat162 *w, __nv_bfloat162 *h_out,
+                                             __nv_bfloat162 *x_out, int rows, int hidden, float eps) {
+  add_rms_norm(h, r, w, h_out, x_out, rows, hidden, eps);
+}
+
+extern "C" __global__ void add_rms_norm_f16(const __half2 *h, const __half2 *r, const __half2 *w,
+                                            __half2 *h_out, __half2 *x_out, int rows, int hidden,
+                                            float eps) {
+  add_rms_norm(h, r, w, h_out, x_out, rows, hidden, eps);
+}

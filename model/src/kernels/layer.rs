@@ -1,12 +1,16 @@
-//! Launching `layer.cu`: fused element-wise layer kernels and the row scatter of
-//! [`crate::rows::SetRows`].
+//! Launching `layer.cu`: fused element-wise layer kernels (SwiGLU, residual add + RMSNorm),
+//! the row scatter of [`crate::rows::SetRows`], and row copies (concatenation, rows put into a
+//! preallocated cache).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape,
+    Tensor,
+};
 
 use crate::error::Result;
 
@@ -86,11 +90,10 @@ impl CustomOp1 for SwiGlu {
     }
 }
 
-/// Whether [`set_rows`] takes `src` (contiguous, 2- or 4-byte elements) into a fresh copy.
+/// Whether [`set_rows`] takes `src` (rows each packed, at any row stride; 2- or 4-byte
+/// elements) into a fresh copy.
 pub(crate) fn set_rows_supported(src: &Tensor) -> bool {
-    src.device().is_cuda()
-        && matches!(src.dtype(), DType::BF16 | DType::F16 | DType::F32)
-        && src.is_contiguous()
+    rows_supported(src)
 }
 
 /// The widest word (16, 4 or 2 bytes) dividing every one of `sizes` (bytes).
@@ -110,7 +113,12 @@ pub(crate) fn set_rows(
     rows: &CudaStorage,
     lr: &Layout,
 ) -> candle_core::Result<()> {
-    let (n, row) = crate::rows::check_set_rows(ld, ls, lr)?;
+    let Some(src_stride) = row_stride(ls) else {
+        candle_core::bail!("set_rows: the source's rows are not packed");
+    };
+    // the shared checks see a packed stand-in of the source (this kernel reads its stride)
+    let packed = Layout::contiguous_with_offset(ls.shape(), ls.start_offset());
+    let (n, row) = crate::rows::check_set_rows(ld, &packed, lr)?;
     if n == 0 || row == 0 {
         return Ok(());
     }
@@ -119,6 +127,7 @@ pub(crate) fn set_rows(
         row * size,
         ld.start_offset() * size,
         ls.start_offset() * size,
+        src_stride * size,
     ]);
     if word < 2 || src.dtype() != dst.dtype() {
         candle_core::bail!(
@@ -136,6 +145,7 @@ pub(crate) fn set_rows(
         shared_mem_bytes: 0,
     };
     let (n_i, words_i) = (n as i32, words as i32);
+    let stride_words = (src_stride * size / word) as i64;
     let name = match word {
         16 => "set_rows_w16",
         4 => "set_rows_w4",
@@ -154,9 +164,12 @@ pub(crate) fn set_rows(
             b.arg(&idx);
             b.arg(&n_i);
             b.arg(&words_i);
+            b.arg(&stride_words);
             // SAFETY: matches `set_rows_w*` in layer.cu: `n` rows of `words` words read from
-            // `src`, written to `dst` at rows `idx[r]` (distinct and below the layer's length,
-            // checked when the `RowReplacement` was built); bases and rows are word-aligned.
+            // `src`, `stride_words` apart (its layout's row stride: every row it reads is in
+            // the tensor), written to `dst` at rows `idx[r]` (distinct and below the layer's
+            // length, checked when the `RowReplacement` was built); bases, rows and the
+            // stride are word-aligned.
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
@@ -179,26 +192,172 @@ struct CatTable {
     src: [u64; CAT_MAX_PARTS],
     dst_word: [u64; CAT_MAX_PARTS],
     words: [u64; CAT_MAX_PARTS],
+    src_stride: [u64; CAT_MAX_PARTS],
+    row_words: u64,
 }
 
 // SAFETY: plain old data with the C layout of `CatTable` in layer.cu.
 unsafe impl DeviceRepr for CatTable {}
 
-/// `parts` (contiguous, one dtype, rows of one shape, on CUDA; at most [`CAT_MAX_PARTS`])
-/// one after the other along dim 0, in one launch.
-pub(crate) fn cat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+/// Whether `t` is rows [`cat_rows`] and [`put_rows`] read: on CUDA, bf16/f16/f32, rank ≥ 2,
+/// each row packed (rows themselves may be strided, e.g. K inside the fused QKV projection).
+pub(crate) fn rows_supported(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::BF16 | DType::F16 | DType::F32)
+        && t.rank() >= 2
+        && row_stride(t.layout()).is_some()
+}
+
+/// The distance between consecutive rows (elements) of a layout whose rows (dims `1..`) are
+/// each packed; `None` when they are not.
+fn row_stride(l: &Layout) -> Option<usize> {
+    let (dims, strides) = (l.shape().dims(), l.stride());
+    let row: usize = dims[1..].iter().product();
+    let mut packed = 1;
+    for i in (1..dims.len()).rev() {
+        if dims[i] > 1 && strides[i] != packed {
+            return None;
+        }
+        packed *= dims[i];
+    }
+    Some(if dims[0] > 1 { strides[0] } else { row })
+}
+
+/// `parts` (rows of one shape and dtype on CUDA, each passing [`rows_supported`]; at most
+/// [`CAT_MAX_PARTS`]) one after the other along dim 0, in one launch, into a fresh buffer of
+/// `capacity` rows (at least the parts' total): rows past the total are left unwritten, for
+/// the caller to fill before it reads them.
+pub(crate) fn cat_rows(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
     let first = parts
         .first()
         .ok_or_else(|| crate::error::invalid_input("concatenating no parts"))?;
     Ok(first.apply_op1_no_bwd(&CatRows {
         rest: parts[1..].iter().map(|t| (*t).clone()).collect(),
+        capacity,
     })?)
+}
+
+/// Writes `src`'s rows (passing [`rows_supported`]) into `dst` (packed, same row shape and
+/// dtype) at rows `at..at + src rows`, in one launch.
+pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
+    Ok(dst.inplace_op2(src, &PutRows { at })?)
+}
+
+/// One part's address, row count and row stride (elements).
+struct Part {
+    ptr: u64,
+    rows: usize,
+    stride: usize,
+}
+
+/// Checks a part against the first part's row shape and dtype and reads its address.
+fn part(
+    cs: &CudaStorage,
+    pl: &Layout,
+    row_dims: &[usize],
+    dtype: DType,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> candle_core::Result<Part> {
+    if pl.shape().dims().get(1..) != Some(row_dims) || cs.dtype() != dtype {
+        candle_core::bail!("cat_rows: parts of different row shapes or dtypes");
+    }
+    let Some(stride) = row_stride(pl) else {
+        candle_core::bail!("cat_rows: a part's rows are not packed");
+    };
+    let at = pl.start_offset();
+    let ptr = match cs.dtype() {
+        DType::BF16 => {
+            cs.as_cuda_slice::<half::bf16>()?
+                .slice(at..)
+                .device_ptr(stream)
+                .0
+        }
+        DType::F16 => {
+            cs.as_cuda_slice::<half::f16>()?
+                .slice(at..)
+                .device_ptr(stream)
+                .0
+        }
+        DType::F32 => cs.as_cuda_slice::<f32>()?.slice(at..).device_ptr(stream).0,
+        other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
+    };
+    Ok(Part {
+        ptr,
+        rows: pl.shape().dims()[0],
+        stride,
+    })
+}
+
+/// Launches `cat_rows_w*` copying `parts` to `dst` (a device address) from row `at` on:
+/// chooses the widest word dividing every address, stride and row, and fills the table.
+fn launch_cat(
+    dev: &candle_core::CudaDevice,
+    dst: u64,
+    at: usize,
+    parts: &[Part],
+    row: usize,
+    size: usize,
+) -> candle_core::Result<()> {
+    let mut bytes = vec![row * size, dst as usize, at * row * size];
+    for p in parts {
+        bytes.extend([p.ptr as usize, p.stride * size]);
+    }
+    let word = word_bytes(&bytes);
+    if word < 2 {
+        candle_core::bail!("cat_rows: unaligned parts");
+    }
+    let row_words = row * size / word;
+    let mut table = CatTable {
+        src: [0; CAT_MAX_PARTS],
+        dst_word: [0; CAT_MAX_PARTS],
+        words: [0; CAT_MAX_PARTS],
+        src_stride: [0; CAT_MAX_PARTS],
+        row_words: row_words as u64,
+    };
+    let mut next = at;
+    for (i, p) in parts.iter().enumerate() {
+        table.src[i] = p.ptr;
+        table.dst_word[i] = (next * row_words) as u64;
+        table.words[i] = (p.rows * row_words) as u64;
+        table.src_stride[i] = (p.stride * size / word) as u64;
+        next += p.rows;
+    }
+    let most = parts.iter().map(|p| p.rows).max().unwrap_or(0) * row_words;
+    if most == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (
+            most.div_ceil(256).clamp(1, 1024) as u32,
+            parts.len() as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = match word {
+        16 => "cat_rows_w16",
+        4 => "cat_rows_w4",
+        _ => "cat_rows_w2",
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&dst);
+    b.arg(&table);
+    // SAFETY: matches `cat_rows_w*` in layer.cu. Part `i` reads `rows` rows of `row_words`
+    // words, `src_stride` words apart, from its own live storage (its layout was checked:
+    // packed rows, that stride, that many rows), and writes them packed at its row offset of
+    // `dst`, which the callers size to hold row `at + Σ rows` (checked there). The parts
+    // outlive the launch in stream order (a freed part is released on this stream, after it).
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 /// [`cat_rows`] as an op on its first part (candle hands that part's storage over; the
 /// others are read through their own storage).
 struct CatRows {
     rest: Vec<Tensor>,
+    capacity: usize,
 }
 
 impl CustomOp1 for CatRows {
@@ -218,98 +377,33 @@ impl CustomOp1 for CatRows {
             );
         }
         let dims = l.shape().dims().to_vec();
+        if dims.len() < 2 {
+            candle_core::bail!("cat_rows: parts need rows (rank ≥ 2)");
+        }
         let row: usize = dims[1..].iter().product();
         let size = s.dtype().size_in_bytes();
-        if !l.is_contiguous() {
-            candle_core::bail!("cat_rows: parts must be contiguous");
-        }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        // each part's base address (its storage lock held only while reading it: the op
-        // holds the tensors, so their memory outlives the launch) and rows
-        let mut ptrs: Vec<u64> = Vec::with_capacity(self.rest.len() + 1);
-        let mut rows: Vec<usize> = Vec::with_capacity(self.rest.len() + 1);
-        let mut base = |cs: &CudaStorage, pl: &Layout| -> candle_core::Result<()> {
-            if pl.shape().dims()[1..] != dims[1..] || cs.dtype() != s.dtype() || !pl.is_contiguous()
-            {
-                candle_core::bail!("cat_rows: parts of different row shapes or dtypes");
-            }
-            let at = pl.start_offset();
-            let ptr = match cs.dtype() {
-                DType::BF16 => {
-                    cs.as_cuda_slice::<half::bf16>()?
-                        .slice(at..)
-                        .device_ptr(&stream)
-                        .0
-                }
-                DType::F16 => {
-                    cs.as_cuda_slice::<half::f16>()?
-                        .slice(at..)
-                        .device_ptr(&stream)
-                        .0
-                }
-                DType::F32 => cs.as_cuda_slice::<f32>()?.slice(at..).device_ptr(&stream).0,
-                other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
-            };
-            ptrs.push(ptr);
-            rows.push(pl.shape().dims()[0]);
-            Ok(())
-        };
-        base(s, l)?;
+        // each part's storage lock is held only while reading its address: the op holds the
+        // tensors, so their memory outlives the launch
+        let mut parts = Vec::with_capacity(self.rest.len() + 1);
+        parts.push(part(s, l, &dims[1..], s.dtype(), &stream)?);
         for t in &self.rest {
             let (g, pl) = t.storage_and_layout();
             let candle_core::Storage::Cuda(cs) = &*g else {
                 candle_core::bail!("cat_rows: a part is not on CUDA");
             };
-            base(cs, pl)?;
+            parts.push(part(cs, pl, &dims[1..], s.dtype(), &stream)?);
         }
-        let total: usize = rows.iter().sum();
-        let mut table = CatTable {
-            src: [0; CAT_MAX_PARTS],
-            dst_word: [0; CAT_MAX_PARTS],
-            words: [0; CAT_MAX_PARTS],
-        };
-        let mut bytes = vec![row * size];
-        bytes.extend(ptrs.iter().map(|&p| p as usize));
+        let total: usize = parts.iter().map(|p| p.rows).sum();
+        let capacity = self.capacity.max(total);
         macro_rules! go {
             ($t:ty) => {{
-                // SAFETY: every one of the `total * row` elements is written below.
-                let out = unsafe { dev.alloc::<$t>(total * row)? };
-                let word = word_bytes(&bytes);
-                if word < 2 {
-                    candle_core::bail!("cat_rows: unaligned parts");
-                }
-                let mut at = 0usize;
-                for (i, (&ptr, &r)) in ptrs.iter().zip(&rows).enumerate() {
-                    table.src[i] = ptr;
-                    table.dst_word[i] = (at * row * size / word) as u64;
-                    table.words[i] = (r * row * size / word) as u64;
-                    at += r;
-                }
-                let most = rows.iter().max().copied().unwrap_or(0) * row * size / word;
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        most.div_ceil(256).clamp(1, 1024) as u32,
-                        ptrs.len() as u32,
-                        1,
-                    ),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let name = match word {
-                    16 => "cat_rows_w16",
-                    4 => "cat_rows_w4",
-                    _ => "cat_rows_w2",
-                };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&out);
-                b.arg(&table);
-                // SAFETY: matches `cat_rows_w*` in layer.cu: part `i` reads `words[i]` words
-                // from its own (live, contiguous) storage and writes them at its offset in
-                // `out`, which holds exactly the parts' rows; the parts outlive the launch in
-                // stream order (a freed part is released on this stream, after it).
-                unsafe { b.launch(cfg) }.w()?;
+                // SAFETY: rows `0..total` are written by the launch below; rows past it are
+                // the caller's to write before reading (`cat_rows`'s contract).
+                let out = unsafe { dev.alloc::<$t>(capacity * row)? };
+                let dst = out.device_ptr(&stream).0;
+                launch_cat(&dev, dst, 0, &parts, row, size)?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -320,7 +414,305 @@ impl CustomOp1 for CatRows {
             other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
         };
         let mut shape = dims;
-        shape[0] = total;
+        shape[0] = capacity;
         Ok((out, Shape::from(shape)))
     }
+}
+
+/// [`put_rows`] as an in-place op on the destination.
+struct PutRows {
+    at: usize,
+}
+
+impl InplaceOp2 for PutRows {
+    fn name(&self) -> &'static str {
+        "kvquilt-put-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("put_rows runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        ld: &Layout,
+        src: &CudaStorage,
+        ls: &Layout,
+    ) -> candle_core::Result<()> {
+        let dims = ld.shape().dims();
+        if dims.len() < 2 || !ld.is_contiguous() || src.dtype() != dst.dtype() {
+            candle_core::bail!("put_rows: a packed destination of the source's dtype");
+        }
+        let row: usize = dims[1..].iter().product();
+        let size = dst.dtype().size_in_bytes();
+        let dev = dst.device().clone();
+        let stream = dev.cuda_stream();
+        let p = part(src, ls, &dims[1..], dst.dtype(), &stream)?;
+        if self.at + p.rows > dims[0] {
+            candle_core::bail!(
+                "put_rows: rows {}..{} of a {}-row buffer",
+                self.at,
+                self.at + p.rows,
+                dims[0]
+            );
+        }
+        let at = ld.start_offset();
+        let base = match dst.dtype() {
+            DType::BF16 => {
+                dst.as_cuda_slice_mut::<half::bf16>()?
+                    .slice_mut(at..)
+                    .device_ptr_mut(&stream)
+                    .0
+            }
+            DType::F16 => {
+                dst.as_cuda_slice_mut::<half::f16>()?
+                    .slice_mut(at..)
+                    .device_ptr_mut(&stream)
+                    .0
+            }
+            DType::F32 => {
+                dst.as_cuda_slice_mut::<f32>()?
+                    .slice_mut(at..)
+                    .device_ptr_mut(&stream)
+                    .0
+            }
+            other => candle_core::bail!("put_rows: bf16, f16 or f32, not {other:?}"),
+        };
+        launch_cat(&dev, base, self.at, &[p], row, size)
+    }
+}
+
+/// Whether [`rms_norm`] and [`add_rms_norm`] take these operands: CUDA, bf16/f16, packed
+/// `[n, hidden]` rows with an even `hidden`, a packed `[hidden]` weight of the same dtype.
+pub(crate) fn norm_supported(h: &Tensor, w: &Tensor) -> bool {
+    h.device().is_cuda()
+        && matches!(h.dtype(), DType::BF16 | DType::F16)
+        && w.dtype() == h.dtype()
+        && h.rank() == 2
+        && w.dims() == [h.dims()[1]]
+        && h.dims()[1].is_multiple_of(2)
+        && h.is_contiguous()
+        && w.is_contiguous()
+}
+
+/// `rms_norm(h) · w` per row (f32 math, one rounding), by the kernel [`add_rms_norm`] uses,
+/// so a layer range split across calls computes the same bits as one call.
+pub(crate) fn rms_norm(h: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(h.apply_op2_no_bwd(w, &RmsNorm { eps })?)
+}
+
+/// `(h + r, rms_norm(h + r) · w)` in one launch: the residual add rounded once, the norm of
+/// the rounded sum in f32 (what `h + r` followed by [`rms_norm`] computes). `r` as `h`.
+pub(crate) fn add_rms_norm(
+    h: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let both = h.apply_op3_no_bwd(r, w, &AddRmsNorm { eps })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+/// Launches `add_rms_norm_*` over `h` (with `r` when adding) and returns `[halves, rows,
+/// hidden]`: with `r`, the sum then the norm; without, the norm.
+fn launch_norm(
+    (h, lh): (&CudaStorage, &Layout),
+    r: Option<(&CudaStorage, &Layout)>,
+    (w, lw): (&CudaStorage, &Layout),
+    eps: f32,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (rows, hidden) = lh.shape().dims2()?;
+    let packed = |l: &Layout| l.is_contiguous() && l.start_offset().is_multiple_of(2);
+    if lw.shape().dims() != [hidden]
+        || !hidden.is_multiple_of(2)
+        || !packed(lh)
+        || !packed(lw)
+        || r.is_some_and(|(_, lr)| lr.shape().dims() != [rows, hidden] || !packed(lr))
+    {
+        candle_core::bail!("rms_norm kernel: packed [n, even hidden] rows and a [hidden] weight");
+    }
+    let dev = h.device().clone();
+    let halves = if r.is_some() { 2 } else { 1 };
+    let pairs = hidden / 2;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (pairs.next_multiple_of(32).clamp(32, 1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, hidden_i) = (rows as i32, hidden as i32);
+    let null: u64 = 0;
+    macro_rules! go {
+        ($t:ty, $name:literal) => {{
+            let hs = h.as_cuda_slice::<$t>()?.slice(lh.start_offset()..);
+            let ws = w.as_cuda_slice::<$t>()?.slice(lw.start_offset()..);
+            // SAFETY: the kernel writes every one of the `halves * rows * hidden` outputs.
+            let out = unsafe { dev.alloc::<$t>(halves * rows * hidden)? };
+            if rows > 0 {
+                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(&hs);
+                let rs = match r {
+                    Some((r, lr)) => Some(r.as_cuda_slice::<$t>()?.slice(lr.start_offset()..)),
+                    None => None,
+                };
+                let x_out = out.slice(rows * hidden * (halves - 1)..);
+                match &rs {
+                    Some(rs) => {
+                        b.arg(rs);
+                        b.arg(&ws);
+                        b.arg(&out);
+                    }
+                    None => {
+                        b.arg(&null);
+                        b.arg(&ws);
+                        b.arg(&null);
+                    }
+                }
+                b.arg(&x_out);
+                b.arg(&rows_i);
+                b.arg(&hidden_i);
+                b.arg(&eps);
+                // SAFETY: matches `add_rms_norm_*` in layer.cu: one block per row reads
+                // `hidden` elements of `h` (and `r`) and the weight; with `r` it writes its row
+                // of the sum (first half of `out`) and of the norm (second half), without it
+                // the norm (all of `out`); at most 1024 threads per block.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match h.dtype() {
+        DType::BF16 => go!(half::bf16, "add_rms_norm_bf16"),
+        DType::F16 => go!(half::f16, "add_rms_norm_f16"),
+        other => candle_core::bail!("rms_norm kernel: bf16 or f16, not {other:?}"),
+    };
+    let shape = if halves == 2 {
+        Shape::from((2, rows, hidden))
+    } else {
+        Shape::from((rows, hidden))
+    };
+    Ok((out, shape))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "kvquilt-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the rms_norm kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &CudaStorage,
+        lh: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        launch_norm((h, lh), None, (w, lw), self.eps)
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "kvquilt-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused add + rms_norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &CudaStorage,
+        lh: &Layout,
+        r: &CudaStorage,
+        lr: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        launch_norm((h, lh), Some((r, lr)), (w, lw), self.eps)
+    }
+}
+
+/// How the RMSNorm kernels compare with candle on random rows (the GPU machine's check,
+/// run by `kvquilt bench attention --check`): max |error| against an f32 reference computed
+/// from the same rounded inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct NormErrors {
+    /// The fused kernel's sum `h + r` equals candle's rounded add, bit for bit.
+    pub sum_exact: bool,
+    /// The fused add + norm's normed output.
+    pub add_norm: f32,
+    /// The norm-only kernel.
+    pub norm: f32,
+    /// candle's `rms_norm` in the same dtype: the error budget's scale.
+    pub candle: f32,
+}
+
+/// Runs both RMSNorm kernels on random `[rows, hidden]` inputs in `dtype` (bf16 or f16) on a
+/// CUDA `device` beside candle's ops; see [`NormErrors`].
+pub fn norm_kernel_errors(
+    device: &candle_core::Device,
+    dtype: DType,
+    rows: usize,
+    hidden: usize,
+) -> Result<NormErrors> {
+    let eps = 1e-5f32;
+    let randn = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+    };
+    let (h, r, w) = (
+        randn(&[rows, hidden])?,
+        randn(&[rows, hidden])?,
+        randn(&[hidden])?,
+    );
+    let max_err = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    };
+    let sum = (&h + &r)?;
+    let reference =
+        candle_nn::ops::rms_norm(&sum.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
+    let (fused_sum, fused_x) = add_rms_norm(&h, &r, &w, eps)?;
+    let sum_exact = max_err(&fused_sum, &sum.to_dtype(DType::F32)?)? == 0.0;
+    Ok(NormErrors {
+        sum_exact,
+        add_norm: max_err(&fused_x, &reference)?,
+        norm: max_err(&rms_norm(&sum, &w, eps)?, &reference)?,
+        candle: max_err(&candle_nn::ops::rms_norm(&sum, &w, eps)?, &reference)?,
+    })
 }

@@ -139,6 +139,33 @@ impl Model {
         self.score_budget = elements.max(1);
     }
 
+    /// RMSNorm of `x` `[n, hidden]` with weight `w`: on CUDA (bf16/f16) the kernel the fused
+    /// residual add uses ([`Model::add_norm`]), so a forward split into layer ranges computes
+    /// the same bits as one call; candle's `rms_norm` elsewhere.
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        #[cfg(feature = "gpu")]
+        if crate::kernels::norm_supported(x, w) {
+            return crate::kernels::rms_norm(x, w, eps);
+        }
+        Ok(candle_nn::ops::rms_norm(x, w, eps)?)
+    }
+
+    /// The residual add `hidden + r` and the RMSNorm of the sum with weight `w` (the next
+    /// block's input): one kernel on CUDA (bf16/f16), the two ops elsewhere.
+    fn add_norm(&self, hidden: &Tensor, r: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "gpu")]
+        if crate::kernels::norm_supported(hidden, w)
+            && r.is_contiguous()
+            && r.dims() == hidden.dims()
+        {
+            return crate::kernels::add_rms_norm(hidden, r, w, self.config.rms_norm_eps as f32);
+        }
+        let h = (hidden + r)?;
+        let x = self.norm(&h, w)?;
+        Ok((h, x))
+    }
+
     /// `silu(gate) * up` of the fused gate/up projection `[n, 2 * intermediate]`.
     fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "gpu")]
@@ -178,8 +205,7 @@ impl Model {
 
     /// Final norm and output projection: `[n, hidden]` → `[n, vocab]` f32 logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x =
-            candle_nn::ops::rms_norm(hidden, &self.weights.norm, self.config.rms_norm_eps as f32)?;
+        let x = self.norm(hidden, &self.weights.norm)?;
         Ok(linear(&x, &self.weights.lm_head, None)?.to_dtype(DType::F32)?)
     }
 
@@ -193,9 +219,9 @@ impl Model {
     /// `layer`), without touching any cache: what CacheBlend compares with cached KV.
     pub fn kv_projection(&self, layer: usize, hidden: &Tensor) -> Result<LayerKv> {
         let w = self.layer(layer)?;
-        let x = candle_nn::ops::rms_norm(hidden, &w.attn_norm, self.config.rms_norm_eps as f32)?;
+        let x = self.norm(hidden, &w.attn_norm)?;
         let (_, k, v) = self.qkv(w, &x)?;
-        Ok(LayerKv::new(k, v))
+        Ok(LayerKv::new(k.contiguous()?, v.contiguous()?))
     }
 
     /// Prefills `tokens` at `positions` after whatever `cache` holds, appending their KV to it.
@@ -358,9 +384,15 @@ impl Model {
         };
 
         let mut new_layers: Vec<(usize, LayerKv)> = Vec::with_capacity(layers.len());
+        // the next layer's normed input, when the previous layer's residual add produced it
+        let mut normed: Option<Tensor> = None;
+        let end = layers.end;
         for l in layers {
             let w = &self.weights.layers[l];
-            let x = candle_nn::ops::rms_norm(&hidden, &w.attn_norm, c.rms_norm_eps as f32)?;
+            let x = match normed.take() {
+                Some(x) => x,
+                None => self.norm(&hidden, &w.attn_norm)?,
+            };
             let (q, k_new, v_new) = self.qkv(w, &x)?;
             let mut supplied = cache.layers[l].clone();
             hook.before_layer(l, &mut supplied)?;
@@ -380,11 +412,18 @@ impl Model {
             let heads = pruned.map(|p| (&p.layers[l], p.rows));
             let (attn, seen) = self.attend_layer(&how, &q, &kv.k, &kv.v, heads)?;
             hook.after_attention(l, seen)?;
-            hidden = (hidden + linear(&attn, &w.wo, None)?)?;
-            let x = candle_nn::ops::rms_norm(&hidden, &w.mlp_norm, c.rms_norm_eps as f32)?;
+            let (h, x) = self.add_norm(&hidden, &linear(&attn, &w.wo, None)?, &w.mlp_norm)?;
             let gate_up = linear(&x, &w.wgate_up, None)?;
             let act = self.swiglu(&gate_up)?;
-            hidden = (hidden + linear(&act, &w.wdown, None)?)?;
+            let down = linear(&act, &w.wdown, None)?;
+            hidden = match self.weights.layers.get(l + 1).filter(|_| l + 1 < end) {
+                Some(next) => {
+                    let (h, x) = self.add_norm(&h, &down, &next.attn_norm)?;
+                    normed = Some(x);
+                    h
+                }
+                None => (h + down)?,
+            };
             new_layers.push((l, kv));
         }
         for (l, kv) in new_layers {
@@ -406,20 +445,17 @@ impl Model {
         })
     }
 
-    /// Pre-RoPE Q `[n, heads * d]` (a strided view of the fused projection), K and V
-    /// `[n, kv_heads, d]` of normed input `x` `[n, hidden]`.
+    /// Pre-RoPE Q `[n, heads * d]`, K and V `[n, kv_heads, d]` of normed input `x`
+    /// `[n, hidden]`: all three strided views of the fused projection (no copies; appending
+    /// and attention read rows at any stride).
     fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let n = x.dims()[0];
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
-        let q = qkv.narrow(1, 0, qd)?;
-        let k = qkv
-            .narrow(1, qd, kvd)?
-            .reshape((n, c.num_kv_heads, c.head_dim))?;
-        let v = qkv
-            .narrow(1, qd + kvd, kvd)?
-            .reshape((n, c.num_kv_heads, c.head_dim))?;
+        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?.contiguous()?;
+        let q = qkv.narrow(1, 0, c.num_heads * c.head_dim)?;
+        let heads = qkv.reshape((n, c.num_heads + 2 * c.num_kv_heads, c.head_dim))?;
+        let k = heads.narrow(1, c.num_heads, c.num_kv_heads)?;
+        let v = heads.narrow(1, c.num_heads + c.num_kv_heads, c.num_kv_heads)?;
         Ok((q, k, v))
     }
 

@@ -35,6 +35,8 @@ pub(crate) fn run(
     let mut cache = placeholder_cache(&b.model, non_suffix)?;
     let hidden = b.model.embed(&req.suffix)?;
     let pos = positions(non_suffix, req.suffix.len());
+    // the forward pass appends the suffix's rows in place after each filled layer
+    a.sources.leave_room(req.suffix.len());
     clock.borrow_mut().enter("suffix layers")?;
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
