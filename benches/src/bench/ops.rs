@@ -204,6 +204,35 @@ pub(crate) fn run(a: OpsBenchArgs) -> Result<()> {
             pass.host_us, pass.wall_us
         );
     }
+    // selective recompute's pattern: `--rows` rows spread evenly over the cached tokens
+    // recomputed in place through layers 1.. (each layer's rows replaced in a copy)
+    let step = (t / n).max(1);
+    let rows: Vec<usize> = (0..n).map(|j| (j * step).min(t - 1)).collect();
+    let mut rows_unique = rows.clone();
+    rows_unique.dedup();
+    let hidden_rows = randn(&[rows_unique.len(), c.hidden_size])?;
+    let layers = 1..c.num_layers;
+    ops.push(time("recompute pass (layers 1..)", passes, &mut || {
+        let mut cache = cache.clone();
+        model.run_layers(
+            layers.clone(),
+            hidden_rows.clone(),
+            kvquilt_model::Rows::Replace(&rows_unique),
+            &mut cache,
+            None,
+        )?;
+        Ok(())
+    })?);
+    if let Some(pass) = ops.last_mut() {
+        let per = (c.num_layers - 1) as f64;
+        pass.op = format!("recompute pass per layer ({} layers)", c.num_layers - 1);
+        pass.host_us /= per;
+        pass.wall_us /= per;
+        println!(
+            "  = per layer: host {:.2} µs, wall {:.2} µs",
+            pass.host_us, pass.wall_us
+        );
+    }
     let report = OpsReport {
         device: a.device,
         shape: shape_name,
