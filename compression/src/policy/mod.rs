@@ -44,7 +44,7 @@ pub use episodic::Episodic;
 pub use h2o::H2o;
 pub use sage::SageKv;
 pub use select::{check_budget, select};
-pub use snapkv::{Pooling, SnapKv};
+pub use snapkv::{GroupReduce, Pooling, SnapKv};
 pub use spec::PolicySpec;
 pub use streaming::StreamingLlm;
 

@@ -12,10 +12,21 @@ pub enum Pooling {
     Max,
 }
 
+/// How SnapKV reduces the scores of a KV head's query heads (its GQA group) to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupReduce {
+    /// The mean over the group (kvpress).
+    Mean,
+    /// The maximum over the group: a token one query head attends to strongly is kept even
+    /// when the others ignore it (EpiCache reduces its scoring rows and group this way).
+    Max,
+}
+
 /// Scores every token by the attention of the prompt's last `window` rows (causal inside the
-/// window), averaged over those rows, smoothed by a `kernel`-wide pool, then averaged over the
-/// KV head's query heads; the window itself is always kept. Defaults w = 64, kernel 5, average
-/// pooling, as in kvpress's `SnapKVPress` (`../shared/research/compression.md` §1).
+/// window), averaged over those rows, smoothed by a `kernel`-wide pool, then reduced over the
+/// KV head's query heads (`group`); the window itself is always kept. Defaults w = 64,
+/// kernel 5, average pooling, mean over the group, as in kvpress's `SnapKVPress`
+/// (`../shared/research/compression.md` §1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapKv {
     /// Observation window: the last rows observed (and always kept).
@@ -24,6 +35,8 @@ pub struct SnapKv {
     pub kernel: usize,
     /// Pooling kind.
     pub pooling: Pooling,
+    /// How the group's query heads are combined.
+    pub group: GroupReduce,
 }
 
 impl Default for SnapKv {
@@ -32,6 +45,7 @@ impl Default for SnapKv {
             window: 64,
             kernel: 5,
             pooling: Pooling::Avg,
+            group: GroupReduce::Mean,
         }
     }
 }
@@ -61,11 +75,15 @@ impl TokenPolicy for SnapKv {
             .map(|h| {
                 let mut head = vec![0f32; t];
                 for q in 0..g {
-                    // the window's mean, pooled, then averaged over the group
+                    // the window's mean, pooled, then reduced over the group
                     let base = (h * g + q) * t;
                     let mean = &w.probs[base..base + scored];
                     for (x, p) in head.iter_mut().zip(pool(mean, self.kernel, self.pooling)) {
-                        *x += p / g as f32;
+                        match self.group {
+                            GroupReduce::Mean => *x += p / g as f32,
+                            // probabilities are ≥ 0, so the zero start is the identity
+                            GroupReduce::Max => *x = x.max(p),
+                        }
                     }
                 }
                 head
@@ -100,6 +118,40 @@ fn pool(x: &[f32], kernel: usize, how: Pooling) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two query heads of one KV head: the mean halves a token only one of them attends to,
+    /// the maximum keeps its full score.
+    #[test]
+    fn the_group_is_reduced_by_mean_or_max() {
+        use crate::policy::{Observation, Shape, WindowMean};
+        let shape = Shape {
+            tokens: 4,
+            kv_heads: 1,
+            group: 2,
+            layers: 1,
+        };
+        // a window of 1 row (the last token), per query head: probabilities over 4 tokens
+        let obs = Observation {
+            windows: vec![WindowMean {
+                rows: 1,
+                probs: vec![0.8, 0.0, 0.1, 0.1, 0.0, 0.6, 0.3, 0.1],
+            }],
+            column_sums: None,
+        };
+        let score = |group| {
+            let p = SnapKv {
+                window: 1,
+                kernel: 1,
+                pooling: Pooling::Max,
+                group,
+            };
+            p.score(0, &obs, &shape).unwrap()
+        };
+        let mean = score(GroupReduce::Mean);
+        let max = score(GroupReduce::Max);
+        assert_eq!(mean[0][..3], [0.4, 0.3, 0.2]);
+        assert_eq!(max[0][..3], [0.8, 0.6, 0.3]);
+    }
 
     #[test]
     fn pooling_counts_padding() {

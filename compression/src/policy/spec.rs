@@ -3,13 +3,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{H2o, PolicyError, Pooling, SageKv, SnapKv, StreamingLlm, TokenPolicy};
+use super::{GroupReduce, H2o, PolicyError, Pooling, SageKv, SnapKv, StreamingLlm, TokenPolicy};
 
 /// A token policy by name, with its parameters (defaults as each policy documents).
 ///
 /// Text form: `name[:key=value]*`. Names and keys: `full` (keeps everything);
 /// `streaming` (`sinks`); `h2o` (`recent` fraction, `normalise` true|false); `snapkv`
-/// (`window`, `kernel`, `pool` avg|max); `sage` (`sinks`, `recent`). Unknown names or keys and
+/// (`window`, `kernel`, `pool` avg|max, `group` mean|max); `sage` (`sinks`, `recent`). Unknown names or keys and
 /// out-of-range values are errors naming them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicySpec {
@@ -107,6 +107,13 @@ impl PolicySpec {
                     other => return Err(bad(format!("`{other}` (expected avg or max)"))),
                 }
             }
+            (Self::SnapKv(p), "group") => {
+                p.group = match value {
+                    "mean" | "avg" => GroupReduce::Mean,
+                    "max" => GroupReduce::Max,
+                    other => return Err(bad(format!("`{other}` (expected mean or max)"))),
+                }
+            }
             (Self::H2o(p), "recent") => {
                 let f: f32 = value
                     .parse()
@@ -140,12 +147,16 @@ impl fmt::Display for PolicySpec {
             ),
             Self::SnapKv(p) => write!(
                 f,
-                "snapkv:window={}:kernel={}:pool={}",
+                "snapkv:window={}:kernel={}:pool={}:group={}",
                 p.window,
                 p.kernel,
                 match p.pooling {
                     Pooling::Avg => "avg",
                     Pooling::Max => "max",
+                },
+                match p.group {
+                    GroupReduce::Mean => "mean",
+                    GroupReduce::Max => "max",
                 }
             ),
             Self::Sage(p) => write!(f, "sage:sinks={}:recent={}", p.sinks, p.recent),

@@ -72,6 +72,7 @@ fn snapkv_averages_the_window_then_pools() {
         window: 2,
         kernel: 1,
         pooling: Pooling::Avg,
+        ..SnapKv::default()
     };
     let k = keep(&plain, rows_obs(probs.clone(), 2), s, Budget::Entries(4));
     assert_eq!(k.unwrap(), vec![vec![0, 1, 4, 5]]);
@@ -223,7 +224,8 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
         "full",
         "streaming:sinks=4",
         "h2o:recent=0.5:normalise=true",
-        "snapkv:window=32:kernel=7:pool=max",
+        "snapkv:window=32:kernel=7:pool=max:group=mean",
+        "snapkv:window=8:kernel=7:pool=max:group=max",
         "sage:sinks=4:recent=64",
     ] {
         let spec: PolicySpec = text.parse().unwrap();
@@ -239,6 +241,7 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
         "snapkv:kernel=4",
         "snapkv:window=0",
         "snapkv:pool=median",
+        "snapkv:group=sum",
         "sage:window=3",
         "h2o:recent=1.5",
         "streaming:sinks=-1",
