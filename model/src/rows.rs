@@ -90,29 +90,28 @@ impl RowReplacement {
 
 /// `parts` (rows of one shape and dtype) one after the other along dim 0.
 pub(crate) fn concat(parts: &[&Tensor]) -> Result<Tensor> {
-    let total = parts
-        .iter()
-        .map(|p| p.dims().first().copied().unwrap_or(0))
-        .sum();
-    concat_with_room(parts, total)
+    concat_with_room(parts, 0)
 }
 
 /// `parts` (rows of one shape and dtype; rows may be strided views, e.g. K inside the fused
-/// QKV projection) one after the other along dim 0, in a buffer of `capacity` rows (at least
-/// their total). Rows past the total are zeros on the CPU and unwritten on CUDA (one launch
-/// for every part, no fill): the caller writes them before anything reads them.
+/// QKV projection) one after the other along dim 0, in a buffer of `capacity` rows (or their
+/// total, when larger). Rows past the total are zeros on the CPU and unwritten on CUDA (one
+/// launch for every part, no fill): the caller writes them before anything reads them. A
+/// single part with no room asked is returned as it is.
 pub(crate) fn concat_with_room(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
     let Some(first) = parts.first() else {
         return Err(invalid_input("concatenating no parts"));
     };
-    let total: usize = parts
-        .iter()
-        .map(|p| p.dims().first().copied().unwrap_or(0))
-        .sum();
+    let rows = |p: &Tensor| p.dims().first().copied().unwrap_or(0);
+    let total: usize = parts.iter().map(|p| rows(p)).sum();
+    if parts.len() == 1 && capacity <= total {
+        // nothing to join: the part itself, as `Tensor::cat` of one part returns it
+        return Ok((*first).clone());
+    }
     #[cfg(feature = "gpu")]
     {
         // empty parts (an empty cache's layer) copy nothing and need no address
-        let filled: Vec<&Tensor> = parts.iter().copied().filter(|p| p.dims()[0] > 0).collect();
+        let filled: Vec<&Tensor> = parts.iter().copied().filter(|p| rows(p) > 0).collect();
         if !filled.is_empty()
             && filled.len() <= crate::kernels::CAT_MAX_PARTS
             && filled.iter().all(|p| {
@@ -132,10 +131,10 @@ pub(crate) fn concat_with_room(parts: &[&Tensor], capacity: usize) -> Result<Ten
     let out = Tensor::zeros(shape, first.dtype(), first.device())?;
     let mut at = 0;
     for p in parts {
-        if p.dims()[0] > 0 {
+        if rows(p) > 0 {
             out.slice_set(&p.contiguous()?, 0, at)?;
         }
-        at += p.dims()[0];
+        at += rows(p);
     }
     Ok(out)
 }

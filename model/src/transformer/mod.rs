@@ -158,6 +158,7 @@ impl Model {
         if crate::kernels::norm_supported(hidden, w)
             && r.is_contiguous()
             && r.dims() == hidden.dims()
+            && r.dtype() == hidden.dtype()
         {
             return crate::kernels::add_rms_norm(hidden, r, w, self.config.rms_norm_eps as f32);
         }
@@ -451,7 +452,7 @@ impl Model {
     fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let n = x.dims()[0];
-        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?.contiguous()?;
+        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
         let q = qkv.narrow(1, 0, c.num_heads * c.head_dim)?;
         let heads = qkv.reshape((n, c.num_heads + 2 * c.num_kv_heads, c.head_dim))?;
         let k = heads.narrow(1, c.num_heads, c.num_kv_heads)?;
