@@ -376,6 +376,56 @@ async fn a_killed_primary_fails_over() {
     );
 }
 
+/// A hit keeps what it read alive: reading an object sets every key it read (header and
+/// stripes) back to the configured time to live, so TTL expiry spares objects in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_refreshes_the_time_to_live_of_what_it_read() {
+    let c = Cluster::start();
+    let config = RemoteConfig {
+        ttl: Duration::from_secs(3600),
+        ..config()
+    };
+    let (a, b) = (tier(&c, config.clone()), tier(&c, config));
+    let obj = object(3, 40, lay(4));
+    put(&a, &obj).await;
+    let keys = c.keys(&format!(
+        "kvq:1:{{{}:{}}}:*",
+        namespace_hash("default"),
+        obj.key()
+    ));
+    assert_eq!(keys.len(), 1 + 4 * 6, "header + 6 stripes per layer");
+    let ttl =
+        |k: &str| -> i64 { c.on_primary(k, |conn| redis::cmd("TTL").arg(k).query(conn).unwrap()) };
+    // the object has aged: a minute left on every key
+    for k in &keys {
+        c.on_primary(k, |conn| {
+            redis::cmd("EXPIRE")
+                .arg(k)
+                .arg(60)
+                .query::<i64>(conn)
+                .unwrap()
+        });
+        assert!(ttl(k) <= 60);
+    }
+    assert_eq!(read_all(&b, &obj).await.expect("a hit"), obj.layers());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let low: Vec<(&String, i64)> = keys
+            .iter()
+            .map(|k| (k, ttl(k)))
+            .filter(|(_, t)| *t < 3000)
+            .collect();
+        if low.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keys not refreshed by the hit: {low:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Filling the cluster past `maxmemory` (allkeys-lru) evicts stripes and headers of any
 /// object (Redis evicts keys, not objects): every read is then a verified hit or a counted
 /// miss, never an error or wrong bytes, and the cluster keeps taking new objects.

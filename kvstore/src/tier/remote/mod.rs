@@ -21,7 +21,8 @@
 //!
 //! Presence: [`Tier::contains`] answers from a hint of keys this process wrote or saw
 //! (no I/O); [`Tier::probe`] asks the remote (one round trip) and fills the hint.
-//! Eviction is the engine's (`maxmemory` with an LRU policy; hits refresh the TTL).
+//! Eviction is the engine's (`maxmemory` with an LRU policy; hits refresh the TTL of every
+//! key they read, in the reads themselves: `RemoteStore::get_touch`).
 
 mod health;
 mod names;
@@ -98,6 +99,20 @@ pub trait RemoteStore: Send + Sync + 'static {
 
     /// Sets the time to live of `keys` to `ttl` (missing ones are ignored).
     async fn expire(&self, keys: &[String], ttl: Duration) -> std::result::Result<(), RemoteError>;
+
+    /// [`RemoteStore::get`] that also sets each key it finds to live `ttl` longer: what a hit
+    /// reads stays alive. Engines that can do both in one command override it (Redis's
+    /// `GETEX`); the default reads, then sets the TTLs (best effort: a failure to refresh
+    /// does not fail the read).
+    async fn get_touch(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+    ) -> std::result::Result<Vec<Option<Bytes>>, RemoteError> {
+        let got = self.get(keys).await?;
+        let _ = self.expire(keys, ttl).await;
+        Ok(got)
+    }
 
     /// The server holding `key` (e.g. `host:port` of a cluster primary), when the engine
     /// knows its topology: each gets its own circuit breaker. `None`: one breaker for all.
@@ -441,7 +456,11 @@ impl Inner {
         let names = ObjectNames::new(&self.ns, key);
         let t = Instant::now();
         let got = self
-            .call(Some(key), 0, self.store.get(&[names.header()]))
+            .call(
+                Some(key),
+                0,
+                self.store.get_touch(&[names.header()], self.config.ttl),
+            )
             .await;
         let value = match got {
             Ok(mut v) => {

@@ -56,7 +56,11 @@ impl Inner {
             .await
             .ok_or(Fail::Call(RemoteError::Down))?;
         let parts = self
-            .call(Some(&header.info.key), len, self.store.get(&keys))
+            .call(
+                Some(&header.info.key),
+                len,
+                self.store.get_touch(&keys, self.config.ttl),
+            )
             .await
             .map_err(Fail::Call)?;
         if parts.len() != keys.len() {
@@ -187,19 +191,8 @@ impl LayerReader for RemoteReader {
             .unwrap_or_else(|e| Err(Fail::Call(RemoteError::Engine(format!("fetch task: {e}")))));
         let key = self.info.key;
         match r {
-            Ok(b) => {
-                if layer + 1 == n {
-                    // a hit keeps the object alive: refresh its TTL (best effort, off the path)
-                    let (inner, keys) = (Arc::clone(&self.inner), self.all_keys());
-                    tokio::spawn(async move {
-                        let ttl = inner.config.ttl;
-                        let _ = inner
-                            .call(Some(&key), 0, inner.store.expire(&keys, ttl))
-                            .await;
-                    });
-                }
-                Ok(b)
-            }
+            // (the reads refreshed the TTL of every key they found: `get_touch`)
+            Ok(b) => Ok(b),
             Err(Fail::Partial(l)) => {
                 TierStats::add(&self.inner.counters.partial_reads, 1);
                 tracing::warn!(%key, layer = l, "remote tier: a stripe is missing (evicted or half-written); unlinked, recomputing");

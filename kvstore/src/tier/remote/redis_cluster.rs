@@ -186,6 +186,23 @@ impl RemoteStore for RedisCluster {
         Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
     }
 
+    /// `GETEX key EX ttl` per key, pipelined: the read and the refresh in one command
+    /// (Redis ≥ 6.2, Valkey).
+    async fn get_touch(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+    ) -> Result<Vec<Option<Bytes>>, RemoteError> {
+        let mut c = self.conn().await?;
+        let mut p = redis::pipe();
+        let ttl_s = ttl.as_secs().max(1);
+        for k in keys {
+            p.cmd("GETEX").arg(k).arg("EX").arg(ttl_s);
+        }
+        let v: Vec<Option<Vec<u8>>> = p.query_async(&mut c).await.map_err(engine)?;
+        Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
+    }
+
     async fn set_nx(&self, items: &[(String, Bytes)], ttl: Duration) -> Result<(), RemoteError> {
         let mut c = self.conn().await?;
         let mut p = redis::pipe();
