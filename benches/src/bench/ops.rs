@@ -178,7 +178,7 @@ pub(crate) fn run(a: OpsBenchArgs) -> Result<()> {
         let _ = model.attention(&q, &k_all, &v_all, &q_pos, &k_pos, kernel)?;
         Ok(())
     })?);
-    ops.push(time("zero-size tensor to device", r, &mut || {
+    ops.push(time("4-value tensor to device", r, &mut || {
         let _ = Tensor::new(&[0u32; 4], &device)?;
         Ok(())
     })?);
@@ -190,49 +190,31 @@ pub(crate) fn run(a: OpsBenchArgs) -> Result<()> {
         .map(|j| (j * 7 + 3) % c.vocab_size as u32)
         .collect();
     let passes = (r / 10).max(3);
-    ops.push(time("pass (all layers + head)", passes, &mut || {
+    let pass = time("pass (all layers + head)", passes, &mut || {
         let mut cache = cache.clone();
         let _ = model.prefill(&tokens, &q_pos, &mut cache)?;
         Ok(())
-    })?);
-    if let Some(pass) = ops.last_mut() {
-        pass.op = format!("pass per layer ({} layers)", c.num_layers);
-        pass.host_us /= c.num_layers as f64;
-        pass.wall_us /= c.num_layers as f64;
-        println!(
-            "  = per layer: host {:.2} µs, wall {:.2} µs",
-            pass.host_us, pass.wall_us
-        );
-    }
+    })?;
+    ops.push(per_layer(pass, "pass", c.num_layers));
     // selective recompute's pattern: `--rows` rows spread evenly over the cached tokens
     // recomputed in place through layers 1.. (each layer's rows replaced in a copy)
     let step = (t / n).max(1);
-    let rows: Vec<usize> = (0..n).map(|j| (j * step).min(t - 1)).collect();
-    let mut rows_unique = rows.clone();
-    rows_unique.dedup();
-    let hidden_rows = randn(&[rows_unique.len(), c.hidden_size])?;
+    let mut rows: Vec<usize> = (0..n).map(|j| (j * step).min(t - 1)).collect();
+    rows.dedup();
+    let hidden_rows = randn(&[rows.len(), c.hidden_size])?;
     let layers = 1..c.num_layers;
-    ops.push(time("recompute pass (layers 1..)", passes, &mut || {
+    let pass = time("recompute pass (layers 1..)", passes, &mut || {
         let mut cache = cache.clone();
         model.run_layers(
             layers.clone(),
             hidden_rows.clone(),
-            kvquilt_model::Rows::Replace(&rows_unique),
+            kvquilt_model::Rows::Replace(&rows),
             &mut cache,
             None,
         )?;
         Ok(())
-    })?);
-    if let Some(pass) = ops.last_mut() {
-        let per = (c.num_layers - 1) as f64;
-        pass.op = format!("recompute pass per layer ({} layers)", c.num_layers - 1);
-        pass.host_us /= per;
-        pass.wall_us /= per;
-        println!(
-            "  = per layer: host {:.2} µs, wall {:.2} µs",
-            pass.host_us, pass.wall_us
-        );
-    }
+    })?;
+    ops.push(per_layer(pass, "recompute pass", c.num_layers - 1));
     let report = OpsReport {
         device: a.device,
         shape: shape_name,
@@ -242,4 +224,16 @@ pub(crate) fn run(a: OpsBenchArgs) -> Result<()> {
         ops,
     };
     write_report(&report, a.json.as_deref())
+}
+
+/// A whole pass's row turned into per-layer figures (printed).
+fn per_layer(mut pass: OpReport, what: &str, layers: usize) -> OpReport {
+    pass.op = format!("{what} per layer ({layers} layers)");
+    pass.host_us /= layers as f64;
+    pass.wall_us /= layers as f64;
+    println!(
+        "  = per layer: host {:.2} µs, wall {:.2} µs",
+        pass.host_us, pass.wall_us
+    );
+    pass
 }
