@@ -165,7 +165,7 @@ pub(crate) fn set_rows_supported(dtype: DType, src: &Tensor) -> bool {
             src.is_contiguous() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
         }
         #[cfg(feature = "gpu")]
-        Device::Cuda(_) => crate::kernels::set_rows_supported(src),
+        Device::Cuda(_) => crate::kernels::rows_supported(src),
         _ => false,
     }
 }

@@ -90,12 +90,6 @@ impl CustomOp1 for SwiGlu {
     }
 }
 
-/// Whether [`set_rows`] takes `src` (rows each packed, at any row stride; 2- or 4-byte
-/// elements) into a fresh copy.
-pub(crate) fn set_rows_supported(src: &Tensor) -> bool {
-    rows_supported(src)
-}
-
 /// The widest word (16, 4 or 2 bytes) dividing every one of `sizes` (bytes).
 fn word_bytes(sizes: &[usize]) -> usize {
     [16, 4, 2]
@@ -199,8 +193,9 @@ struct CatTable {
 // SAFETY: plain old data with the C layout of `CatTable` in layer.cu.
 unsafe impl DeviceRepr for CatTable {}
 
-/// Whether `t` is rows [`cat_rows`] and [`put_rows`] read: on CUDA, bf16/f16/f32, rank ≥ 2,
-/// each row packed (rows themselves may be strided, e.g. K inside the fused QKV projection).
+/// Whether `t` is rows [`cat_rows`], [`put_rows`] and [`set_rows`] read: on CUDA,
+/// bf16/f16/f32, rank ≥ 2, each row packed (rows themselves may be strided, e.g. K inside the
+/// fused QKV projection).
 pub(crate) fn rows_supported(t: &Tensor) -> bool {
     t.device().is_cuda()
         && matches!(t.dtype(), DType::BF16 | DType::F16 | DType::F32)
