@@ -661,6 +661,32 @@ fn the_device_tier_serves_repeat_chunks_and_forgets_deleted_ones() {
     assert_eq!(vec1(&out2.logits), vec1(&out.logits));
 }
 
+/// Chunks resident in the device tier are the cheapest KV there is: a request that finds all
+/// of them there runs its own mode, not full prefill (the plan once counted only store loads
+/// as "something to load", so with fallback on every all-device request ran as full).
+#[test]
+fn a_request_served_from_the_device_tier_runs_its_mode() {
+    let s = setup_custom(tiny("qwen2"), true, None, 1 << 20);
+    let b = &s.blender;
+    let r = req(
+        toks(90, 8, 512),
+        vec![toks(91, 40, 512), toks(92, 40, 512)],
+        toks(93, 4, 512),
+        Mode::Reuse,
+    );
+    // a prefill rate is measured (the fallback rule applies from then on)
+    b.precompute(b"", &toks(94, 40, 512)).unwrap();
+    let cold = b.run(b"", &r).unwrap();
+    assert!(cold.stats.fell_back_to_full, "{:?}", cold.stats);
+    // the chunks are stored; read from the host tier, they become resident
+    let warm = b.run(b"", &r).unwrap();
+    assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 3));
+    let hot = b.run(b"", &r).unwrap();
+    assert!(!hot.stats.fell_back_to_full, "{:?}", hot.stats);
+    assert_eq!((hot.stats.mode, hot.stats.hits_gpu), ("reuse", 3));
+    assert_eq!(vec1(&hot.logits), vec1(&warm.logits));
+}
+
 /// A held chunk a request uses without reading it (the request ran as full prefill because
 /// that was faster) still counts as used: the host tier's LRU keeps it over a chunk no
 /// request used since (found by `kvquilt bench trace --real`, where most requests fell back).

@@ -170,19 +170,20 @@ impl<'a> Plan<'a> {
         self.entries.iter().fold(0.0, |sum, e| sum + e.cost_s)
     }
 
-    /// Whether any entry is to be streamed from the store (device-tier entries are not).
-    pub(crate) fn loads(&self) -> bool {
+    /// Whether any entry's KV is held somewhere (the device tier, or a store tier to
+    /// stream it from) rather than computed for this request.
+    pub(crate) fn holds_any(&self) -> bool {
         self.entries
             .iter()
-            .any(|e| matches!(e.origin, Origin::Load(_)))
+            .any(|e| matches!(e.origin, Origin::Load(_) | Origin::Device))
     }
 
     /// Whether the request should run as full prefill: never slower than full prefill.
     ///
     /// The rule: only once a prefill rate has been measured (before that, never), and never
     /// when a load is taken to measure its tier ([`Entry::explores`]). Then full
-    /// prefill runs when nothing is to be loaded from the store (computing chunks alone
-    /// cannot beat computing them together; device-tier entries do not count as loads), or
+    /// prefill runs when no entry is held (computing chunks alone cannot beat computing
+    /// them together; a device-tier entry is held, the cheapest of all), or
     /// when `estimate_s + recompute_share · full_s + suffix_s ≥ full_s`, where `full_s` and
     /// `suffix_s` are the estimated prefill seconds of the whole prompt (`prompt_tokens`)
     /// and of its suffix (`suffix_tokens`), and `recompute_share` is the share of a full
@@ -201,7 +202,7 @@ impl<'a> Plan<'a> {
             return false; // a load taken to measure its tier is not overruled
         }
         let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
-        !self.loads() || self.estimate_s() + recompute_share * full_s + suffix_s >= full_s
+        !self.holds_any() || self.estimate_s() + recompute_share * full_s + suffix_s >= full_s
     }
 }
 
@@ -319,17 +320,20 @@ mod tests {
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true);
-        assert!(plan.loads());
+        assert!(plan.holds_any());
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
         // recomputing everything plus the loads is slower than full prefill
         assert!(plan.full_is_faster(&costs, 204, 4, 1.0));
-        // nothing to load (misses, or only device-tier entries): full prefill
+        // nothing held (every entry a miss): full prefill
         let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true);
-        assert!(plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(!plan.holds_any() && plan.full_is_faster(&costs, 204, 4, 0.0));
+        // every entry in the device tier: never full prefill for a mode that recomputes
+        // less than all of it
         let device = |_: &ChunkKey| Some(Held::Device);
         let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true);
-        assert!(!plan.loads() && plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(plan.holds_any() && !plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
     }
 
     #[test]
