@@ -14,8 +14,10 @@ mod support;
 use support::max_diff;
 
 fn model() -> Model {
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let fixture = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures/tiny-qwen2");
     load(&fixture, &Device::Cpu, DType::F32).unwrap().model
 }
 

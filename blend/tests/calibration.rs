@@ -11,9 +11,11 @@ use kvquilt_blend::{BlendConfig, BlendError, Mode, ModelIdentity};
 use kvquilt_model::{DType, Device, LoadedModel, load};
 
 fn tiny(kind: &str) -> LoadedModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../model/tests/fixtures")
-        .join(format!("tiny-{kind}"));
+    let dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures")
+    .join(format!("tiny-{kind}"));
     load(&dir, &Device::Cpu, DType::F32).expect("loading a tiny model")
 }
 

@@ -23,8 +23,10 @@ mod support;
 /// A blender over the tiny qwen2 model and an SSD tier at `dir` storing with `codec`
 /// (lossy objects served, no promotion: every read comes from the disk).
 fn blender(dir: &Path, rt: &Runtime, codec: Codec, device_decode: bool) -> Blender {
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let fixture = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures/tiny-qwen2");
     let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
     let identity = ModelIdentity::of(&loaded).unwrap();
     let mut ssd = SsdConfig::new(dir, 1 << 30);

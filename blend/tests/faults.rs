@@ -16,8 +16,10 @@ use support::{corrupt, max_diff};
 /// A blender over the tiny qwen2 model and a store opened over the SSD tier at `dir`: its
 /// host tier starts empty, and with promotion off the objects on disk are read from there.
 fn blender(dir: &Path, rt: &Runtime) -> Blender {
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let fixture = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures/tiny-qwen2");
     let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
     let identity = ModelIdentity::of(&loaded).unwrap();
     let mut config = StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir, 1 << 30));
@@ -194,8 +196,11 @@ mod slow_disk {
         layer_delay: Duration,
         floor: Duration,
     ) -> (Blender, Arc<AtomicUsize>) {
-        let fixture =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+        let fixture = PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../model/tests/fixtures/tiny-qwen2");
         let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
         let identity = ModelIdentity::of(&loaded).unwrap();
         let mut config = StoreConfig::host_only(1 << 30);

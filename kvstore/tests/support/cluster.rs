@@ -16,8 +16,14 @@ pub(crate) struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
+/// `scripts/redis-cluster.sh` of the checkout being tested: `cargo test` names the package's
+/// folder at run time; the folder baked in at compile time is the fallback (a test binary
+/// shared through a target dir by two checkouts must not reach into the other one).
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.join("../scripts/redis-cluster.sh")
 }
 
 /// Whether the node ports `base..base+6` and their cluster-bus ports (+10000) are free.

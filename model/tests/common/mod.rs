@@ -21,9 +21,11 @@ pub(crate) fn smollm2() -> LoadedModel {
 }
 
 pub(crate) fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/fixtures")
+    .join(name)
 }
 
 /// A tiny random model saved by HF transformers (`scripts/hf_reference.py`).

@@ -24,7 +24,10 @@ use tower::ServiceExt;
 /// The tiny chat model: `model/tests/fixtures/tiny-chat` (written by
 /// `scripts/tiny_chat_fixture.py`).
 pub(crate) fn tiny_chat_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-chat")
+    PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures/tiny-chat")
 }
 
 /// A router over the tiny model and a store (host-only unless given), with `config` (its
