@@ -43,7 +43,9 @@ pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, Mode};
 pub use cost::CostModel;
 pub use device_tier::{DeviceChunk, DeviceTier};
-pub use engine::{Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, device_decoded};
+pub use engine::{
+    Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack, device_decoded,
+};
 pub use error::{BlendError, Result};
 pub use identity::{ModelIdentity, layout_of, prompt_opening};
 pub use phases::PhaseTime;

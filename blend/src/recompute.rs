@@ -141,7 +141,7 @@ fn run(
         };
         let mut scores = deviation(&fresh, &cached, cfg.deviation)?;
         if let Some(att) = &attention {
-            mix(&mut scores, &active, att, non_suffix, cfg.query_weight);
+            mix(&mut scores, &active, att, roles, cfg.query_weight);
         }
         if cfg.span > 0 {
             scores = dilate(&scores, &active, &roles.segment, cfg.span);
@@ -152,7 +152,7 @@ fn run(
         // CacheBlend's check layer attends with fresh K/V for every token it scored.
         let index = RowReplacement::new(n, &active, model.device())?;
         cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
-        let budget = (ratio * non_suffix as f32).floor() as usize;
+        let budget = (ratio * roles.cached_len() as f32).floor() as usize;
         let kept = select(&active, &scores, roles, budget, ratio, cfg.spread());
         let pick: Vec<u32> = active
             .iter()
@@ -238,9 +238,15 @@ impl LayerHook for SuffixAttention<'_> {
 }
 
 /// Mixes each active token's deviation score with its suffix attention, each normalised by
-/// its mean over the active non-suffix tokens.
-fn mix(scores: &mut [f32], active: &[usize], attention: &[f32], non_suffix: usize, w: f32) {
-    let ranked = || active.iter().enumerate().filter(|(_, t)| **t < non_suffix);
+/// its mean over the active tokens that are ranked (non-suffix, with cached KV: a computed
+/// token's placeholder rows deviate by their whole size).
+fn mix(scores: &mut [f32], active: &[usize], attention: &[f32], roles: &TokenRoles, w: f32) {
+    let ranked = || {
+        active
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| roles.segment[**t] != roles.segments && !roles.computed[**t])
+    };
     let count = ranked().count().max(1) as f32;
     let mean_dev = (ranked().map(|(i, _)| scores[i]).sum::<f32>() / count).max(f32::MIN_POSITIVE);
     let mean_att =
@@ -355,6 +361,7 @@ mod tests {
             segments: 2,
             forced: vec![false, false, false, false, false, false, true],
             exact: vec![false; 7],
+            computed: vec![false; 7],
         };
         let active: Vec<usize> = (0..7).collect();
         let scores = [0.0, 9.0, 0.0, 50.0, 6.0, 5.0, 0.0];
@@ -378,14 +385,34 @@ mod tests {
     #[test]
     fn mix_normalises_each_score_by_its_mean() {
         // tokens 0..3 ranked, token 3 is the suffix
+        let roles = TokenRoles {
+            segment: vec![0, 0, 0, 1],
+            segments: 1,
+            forced: vec![false, false, false, true],
+            exact: vec![false; 4],
+            computed: vec![false; 4],
+        };
         let active = [0, 1, 2, 3];
         let att = [1.0, 0.0, 2.0, 50.0];
         let mut s = [4.0, 2.0, 0.0, 9.0];
-        mix(&mut s, &active, &att, 3, 0.5);
+        mix(&mut s, &active, &att, &roles, 0.5);
         // deviation mean 2, attention mean 1
         assert_eq!(&s[..3], &[1.5, 0.5, 1.0]);
         let mut only_att = [4.0, 2.0, 0.0, 9.0];
-        mix(&mut only_att, &active, &att, 3, 1.0);
+        mix(&mut only_att, &active, &att, &roles, 1.0);
         assert_eq!(&only_att[..3], &[1.0, 0.0, 2.0]);
+        // a computed token (placeholder rows: a huge deviation) is not in the means
+        let roles = TokenRoles {
+            segment: vec![0, 0, 0, 0, 1],
+            segments: 1,
+            forced: vec![false, false, false, false, true],
+            exact: vec![false; 5],
+            computed: vec![false, false, false, true, false],
+        };
+        let active = [0, 1, 2, 3, 4];
+        let att = [1.0, 0.0, 2.0, 7.0, 50.0];
+        let mut with_computed = [4.0, 2.0, 0.0, 1e6, 9.0];
+        mix(&mut with_computed, &active, &att, &roles, 0.5);
+        assert_eq!(&with_computed[..3], &[1.5, 0.5, 1.0]);
     }
 }

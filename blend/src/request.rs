@@ -169,25 +169,25 @@ pub struct BlendOutput {
     /// What the request did.
     pub stats: BlendStats,
     /// The objects this request stored (store-back), in the order computed; empty when it
-    /// stored nothing.
+    /// stored nothing, or before its store-back ran ([`crate::Blender::run_deferring`]).
     pub stored: Vec<StoredObject>,
 }
 
 impl BlendOutput {
-    /// The output of a request that stored `stored`; `stats.stored_back` is set to its count.
-    pub(crate) fn new(
-        logits: Tensor,
-        cache: KvCache,
-        mut stats: BlendStats,
-        stored: Vec<StoredObject>,
-    ) -> Self {
-        stats.stored_back = stored.len();
+    /// The output of a request whose store-back has not run yet (nothing stored).
+    pub(crate) fn new(logits: Tensor, cache: KvCache, stats: BlendStats) -> Self {
         Self {
             logits,
             cache,
             stats,
-            stored,
+            stored: Vec::new(),
         }
+    }
+
+    /// Records what the request's store-back stored (`stats.stored_back` is its count).
+    pub fn set_stored(&mut self, stored: Vec<StoredObject>) {
+        self.stats.stored_back = stored.len();
+        self.stored = stored;
     }
 }
 

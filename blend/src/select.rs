@@ -4,7 +4,9 @@
 //! KV is from the cached one); the top of the ranking is kept for the layers after. The
 //! budget is a ratio of the non-suffix tokens (`k = floor(r · (N − S))`, as CacheBlend's
 //! reference code counts it); suffix tokens are always kept on top of it. Tokens forced in
-//! for other reasons (chunk starts) count against the budget.
+//! for other reasons (chunk starts) count against the budget. Tokens with no cached KV (a
+//! segment computed in the pass) are kept on top of it too, and the budget is a ratio of the
+//! tokens that have cached KV.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +35,9 @@ pub struct TokenRoles {
     /// Tokens whose cached KV is exact (a segment at position 0 sees nothing before it):
     /// never worth recomputing, so per-chunk budgets skip them.
     pub exact: Vec<bool>,
+    /// Tokens with no cached KV (their segment is computed in the pass, its rows
+    /// placeholders): recomputed in every layer, outside the budget, never ranked.
+    pub computed: Vec<bool>,
 }
 
 impl TokenRoles {
@@ -49,6 +54,13 @@ impl TokenRoles {
     /// Number of suffix tokens.
     pub fn suffix_len(&self) -> usize {
         self.segment.iter().filter(|&&s| s == self.segments).count()
+    }
+
+    /// Number of non-suffix tokens with cached KV (what a ratio's budget is counted over).
+    pub fn cached_len(&self) -> usize {
+        (0..self.len())
+            .filter(|&t| self.segment[t] != self.segments && !self.computed[t])
+            .count()
     }
 }
 
@@ -68,8 +80,8 @@ pub enum Spread {
     ByMass,
 }
 
-/// Keeps a subset of `active` (sorted token indices): every forced token, then the
-/// highest-scoring others until `budget` non-suffix tokens are kept. Under a [`Spread`]
+/// Keeps a subset of `active` (sorted token indices): every forced and every computed token,
+/// then the highest-scoring others until `budget` tokens with cached KV are kept. Under a [`Spread`]
 /// other than `Global`, each segment that is not exact first gets its share of the budget,
 /// filled from its own ranking; what is left goes to the global ranking. `scores[i]` belongs
 /// to `active[i]`. Returns sorted token indices.
@@ -86,7 +98,9 @@ pub fn select(
     let mut keep = vec![false; active.len()];
     let mut used = 0usize;
     for (i, &t) in active.iter().enumerate() {
-        if roles.forced[t] {
+        if roles.computed[t] {
+            keep[i] = true;
+        } else if roles.forced[t] {
             keep[i] = true;
             if roles.segment[t] != suffix {
                 used += 1;
@@ -107,7 +121,7 @@ pub fn select(
                 let mut forced_in = vec![0usize; roles.segments];
                 for (i, &t) in active.iter().enumerate() {
                     let s = roles.segment[t];
-                    if s != suffix && !roles.exact[t] {
+                    if s != suffix && !roles.exact[t] && !roles.computed[t] {
                         len[s] += 1;
                         forced_in[s] += keep[i] as usize;
                     }
@@ -174,6 +188,7 @@ mod tests {
             segments,
             forced,
             exact: vec![false; n],
+            computed: vec![false; n],
         }
     }
 
@@ -205,6 +220,29 @@ mod tests {
         assert_eq!(
             select(&active, &scores, &r, 2, 0.5, Spread::Global),
             vec![1, 2, 4]
+        );
+    }
+
+    #[test]
+    fn computed_tokens_are_kept_outside_the_budget() {
+        // segment 1 is computed in the pass: its rows are kept whatever their scores (its
+        // placeholder rows deviate most), and the budget of 2 goes to segments 0 and 2
+        let mut r = roles(vec![0, 0, 1, 1, 2, 2, 3], 3);
+        r.computed[2] = true;
+        r.computed[3] = true;
+        assert_eq!(r.cached_len(), 4);
+        let active: Vec<usize> = (0..7).collect();
+        let scores = [0.1, 5.0, 90.0, 80.0, 3.0, 0.2, 0.0];
+        for spread in [Spread::Global, Spread::ByLength, Spread::ByMass] {
+            assert_eq!(
+                select(&active, &scores, &r, 2, 0.5, spread),
+                vec![1, 2, 3, 4, 6],
+                "{spread:?}"
+            );
+        }
+        assert_eq!(
+            select(&active, &scores, &r, 0, 0.0, Spread::Global),
+            vec![2, 3, 6]
         );
     }
 

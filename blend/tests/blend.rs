@@ -16,9 +16,11 @@ use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load, positions
 use tokio::runtime::Runtime;
 
 fn tiny(kind: &str) -> LoadedModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../model/tests/fixtures")
-        .join(format!("tiny-{kind}"));
+    let dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures")
+    .join(format!("tiny-{kind}"));
     load(&dir, &Device::Cpu, DType::F32).expect("loading a tiny model")
 }
 
@@ -332,12 +334,14 @@ fn reorder_duplicates_partial_all_hit_all_miss() {
         assert_close(&out.logits, &full(b, &r), 1e-4, "blend shapes");
     }
     // no prefix, one chunk, blend at the default ratio runs and recomputes about that share
+    // (once the chunk is stored: a miss is computed whole in the pass)
     let r = req(
         vec![],
         vec![toks(30, 200, 512)],
         q.clone(),
         Mode::Blend(BlendConfig::default()),
     );
+    assert_eq!(b.run(b"", &r).unwrap().stats.recomputed_tokens, 200);
     let out = b.run(b"", &r).unwrap();
     assert_eq!(out.stats.recomputed_tokens, 60);
 }
@@ -359,6 +363,14 @@ fn store_back_makes_a_second_blend_all_hits() {
     );
     let first = b.run(b"", &r).unwrap();
     assert_eq!((first.stats.misses, first.stats.stored_back), (3, 3));
+    // every segment a miss: the pass computed them all, which is full prefill
+    assert_eq!(first.stats.recomputed_tokens, 115);
+    assert_close(
+        &first.logits,
+        &full(b, &r),
+        1e-4,
+        "all computed in the pass",
+    );
     // the output names what was stored: every segment's key, length and KV bytes
     let (codec, layout) = (b.codec(b""), b.identity().layout);
     let want: Vec<StoredObject> = r
@@ -374,11 +386,19 @@ fn store_back_makes_a_second_blend_all_hits() {
     let second = b.run(b"", &r).unwrap();
     assert_eq!((second.stats.misses, second.stats.hits_host), (0, 3));
     assert!(second.stored.is_empty());
-    assert_eq!(vec1(&second.logits), vec1(&first.logits));
     assert_eq!(
         second.stats.recomputed_tokens,
         (0.3f32 * 115.0).floor() as usize
     );
+    // what was stored is the chunk contract's KV: a blend over it equals one over chunks
+    // precomputed by the batch path
+    let fresh = setup(tiny("qwen2"));
+    for seg in r.segments() {
+        fresh.blender.precompute(b"", seg).unwrap();
+    }
+    let batch = fresh.blender.run(b"", &r).unwrap();
+    assert_eq!(batch.stats.hits_host, 3);
+    assert_eq!(vec1(&second.logits), vec1(&batch.logits));
     // another namespace shares nothing
     let other = b.run(b"tenant-b", &r).unwrap();
     assert_eq!(other.stats.misses, 3);
@@ -392,6 +412,106 @@ fn store_back_makes_a_second_blend_all_hits() {
     assert!(barred.stored.is_empty());
     assert_eq!(vec1(&barred.logits), vec1(&first.logits));
     assert_eq!(b.run(b"tenant-c", &r).unwrap().stats.misses, 3);
+}
+
+/// A blend computes its misses inside its own pass: their rows run every layer in context
+/// (outside the ratio's budget, which counts the cached tokens), nothing is prefilled alone
+/// before the first token, and the misses are prefilled alone afterwards to be stored.
+#[test]
+fn a_blend_computes_its_misses_in_its_own_pass() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let (d, a, c, q) = (
+        toks(100, 24, 512),
+        toks(101, 40, 512),
+        toks(102, 36, 512),
+        toks(103, 5, 512),
+    );
+    for seg in [&a, &c] {
+        b.precompute(b"", seg).unwrap();
+    }
+    // d (a miss) first, then two hits; nothing recomputed among the hits
+    let r = req(
+        vec![],
+        vec![d.clone(), a.clone(), c.clone()],
+        q.clone(),
+        Mode::Blend(BlendConfig::cacheblend(0.0)),
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!((out.stats.misses, out.stats.hits_host), (1, 2));
+    assert_eq!(
+        out.stats.recomputed_tokens, 24,
+        "d alone: its rows, every layer"
+    );
+    assert_eq!(out.stored.len(), 1);
+    // at position 0, d's rows see only themselves: every layer equals full prefill's rows
+    let mut whole = b.model().empty_cache().unwrap();
+    let tokens = r.tokens();
+    b.model()
+        .prefill(&tokens, &positions(0, tokens.len()), &mut whole)
+        .unwrap();
+    for (l, (got, want)) in out.cache.layers.iter().zip(&whole.layers).enumerate() {
+        for (g, w) in [(&got.k, &want.k), (&got.v, &want.v)] {
+            let (g, w) = (g.narrow(0, 0, 24).unwrap(), w.narrow(0, 0, 24).unwrap());
+            assert_close(
+                &g.flatten_all().unwrap(),
+                &w.flatten_all().unwrap(),
+                1e-4,
+                &format!("layer {l}"),
+            );
+        }
+    }
+    // the budget is a ratio of the cached tokens: 0.5 · 76 of them on top of d's 24
+    let half = with_mode(&r, Mode::Blend(BlendConfig::cacheblend(0.5)));
+    let fresh = setup(tiny("llama"));
+    for seg in [&a, &c] {
+        fresh.blender.precompute(b"", seg).unwrap();
+    }
+    let out = fresh.blender.run(b"", &half).unwrap();
+    assert_eq!(out.stats.recomputed_tokens, 24 + 38);
+    // at ratio 1 a miss between hits changes nothing: still full prefill
+    let mid = req(
+        vec![],
+        vec![a.clone(), toks(104, 30, 512), c.clone()],
+        q.clone(),
+        Mode::Blend(BlendConfig::cacheblend(1.0)),
+    );
+    let out = b.run(b"", &mid).unwrap();
+    assert_eq!(out.stats.misses, 1);
+    assert_close(&out.logits, &full(b, &mid), 1e-4, "a miss between hits");
+    // stored afterwards, as the chunk contract makes it: the next request hits it
+    let again = b.run(b"", &r).unwrap();
+    assert_eq!((again.stats.misses, again.stats.hits_host), (0, 3));
+    // answered first: nothing is prefilled alone or stored until its store-back runs
+    let f = toks(106, 28, 512);
+    let later = req(
+        vec![],
+        vec![a.clone(), f.clone()],
+        q.clone(),
+        Mode::Blend(BlendConfig::cacheblend(0.3)),
+    );
+    let (out, work) = b.run_deferring(b"", &later).unwrap();
+    assert!(out.stored.is_empty() && !work.is_empty());
+    assert_eq!((out.stats.misses, out.stats.stored_back), (1, 0));
+    let key = b.codec(b"").key(&f);
+    assert!(b.store().locate(&key).is_none());
+    let stored = b.store_back(work);
+    assert_eq!(stored.iter().map(|o| o.key).collect::<Vec<_>>(), vec![key]);
+    assert!(b.store().locate(&key).is_some());
+    // a request that may not store, with no device tier, leaves nothing behind
+    let e = toks(105, 20, 512);
+    let barred = BlendRequest {
+        store_back: false,
+        ..req(
+            vec![],
+            vec![e.clone(), a.clone()],
+            q.clone(),
+            Mode::Blend(BlendConfig::cacheblend(0.3)),
+        )
+    };
+    let out = b.run(b"", &barred).unwrap();
+    assert_eq!((out.stats.misses, out.stored.len()), (1, 0));
+    assert!(b.store().locate(&b.codec(b"").key(&e)).is_none());
 }
 
 #[test]
@@ -518,7 +638,10 @@ fn identity_changes_with_dtype_and_weights_and_keys_with_namespace() {
         ModelIdentity::of(&tiny("qwen2")).unwrap(),
         "deterministic"
     );
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    let dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../model/tests/fixtures/tiny-qwen2");
     let f16 = load(&dir, &Device::Cpu, DType::F16).unwrap();
     let b = ModelIdentity::of(&f16).unwrap();
     assert_ne!(a.model, b.model, "compute dtype is part of the identity");
@@ -678,13 +801,17 @@ fn a_request_served_from_the_device_tier_runs_its_mode() {
     b.precompute(b"", &toks(94, 40, 512)).unwrap();
     let cold = b.run(b"", &r).unwrap();
     assert!(cold.stats.fell_back_to_full, "{:?}", cold.stats);
-    // the chunks are stored; read from the host tier, they become resident
-    let warm = b.run(b"", &r).unwrap();
-    assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 3));
+    assert_eq!(cold.stored.len(), 3);
+    // its store-back prefilled the misses alone, stored them and made them resident
     let hot = b.run(b"", &r).unwrap();
     assert!(!hot.stats.fell_back_to_full, "{:?}", hot.stats);
     assert_eq!((hot.stats.mode, hot.stats.hits_gpu), ("reuse", 3));
-    assert_eq!(vec1(&hot.logits), vec1(&warm.logits));
+    assert_close(
+        &hot.logits,
+        &reuse_by_hand(b, &r.segments(), &r.suffix),
+        1e-5,
+        "hot",
+    );
 }
 
 /// A held chunk a request uses without reading it (the request ran as full prefill because

@@ -17,6 +17,8 @@ mod plan;
 mod sources;
 mod store_back;
 
+pub use store_back::StoreBack;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,7 @@ use crate::device_tier::DeviceTier;
 use crate::error::{Result, invalid};
 use crate::identity::ModelIdentity;
 use crate::pinned_host::PinnedHost;
-use crate::request::{BlendOutput, BlendRequest};
+use crate::request::{BlendOutput, BlendRequest, StoredObject};
 
 /// Default of [`Blender::with_stall_floor`]: a local read never legitimately takes this
 /// long for one layer or header, and a recompute of a typical chunk costs about as much.
@@ -228,12 +230,27 @@ impl Blender {
         })
     }
 
-    /// Runs one prompt. See [`Mode`] for what each mode computes.
+    /// Runs one prompt, its store-back included (see [`Blender::run_deferring`] to answer
+    /// first). See [`Mode`] for what each mode computes.
+    pub fn run(&self, namespace: &[u8], req: &BlendRequest) -> Result<BlendOutput> {
+        let (mut out, work) = self.run_deferring(namespace, req)?;
+        out.set_stored(self.store_back(work));
+        Ok(out)
+    }
+
+    /// Runs one prompt up to its first token's logits, and returns the store-back it leaves
+    /// (prefilling alone the misses it computed in its pass, storing what it computed):
+    /// run it with [`Blender::store_back`] once the answer is on its way; until then the
+    /// output's `stored` is empty.
     ///
     /// When the device runs out of memory the request fails (the error says so:
     /// [`BlendError::is_out_of_device_memory`]) and the device tier sheds its unpinned
     /// residents, so a retry finds the memory they held.
-    pub fn run(&self, namespace: &[u8], req: &BlendRequest) -> Result<BlendOutput> {
+    pub fn run_deferring(
+        &self,
+        namespace: &[u8],
+        req: &BlendRequest,
+    ) -> Result<(BlendOutput, StoreBack)> {
         let start = Instant::now();
         self.validate(req)?;
         let out = match &req.mode {
@@ -253,6 +270,12 @@ impl Blender {
             tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
         }
         out
+    }
+
+    /// Runs a request's store-back ([`Blender::run_deferring`]); returns what it stored, in
+    /// the order computed. Its failures are logged, not returned: the answer is already out.
+    pub fn store_back(&self, work: StoreBack) -> Vec<StoredObject> {
+        store_back::run(self, work)
     }
 
     /// Checks what every mode needs: a non-empty suffix, no empty chunk, and a prompt that

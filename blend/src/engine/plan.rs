@@ -51,6 +51,18 @@ pub(crate) enum Origin {
     Load(TierKind),
     /// Prefilled alone by the chunk contract ([`crate::ChunkCodec::prefill`]).
     Compute(Why),
+    /// Computed inside the request's own forward pass (`blend`): no cached KV is read, its
+    /// rows are recomputed in every layer in context, outside the recompute budget. A
+    /// miss is prefilled alone by the chunk contract after the first token, to be stored.
+    InPass(Why),
+}
+
+impl Origin {
+    /// Whether the segment is held nowhere (computed, one way or the other, and to be
+    /// stored).
+    pub(crate) fn is_miss(self) -> bool {
+        matches!(self, Origin::Compute(Why::Miss) | Origin::InPass(Why::Miss))
+    }
 }
 
 /// One unique segment of a prompt.
@@ -62,9 +74,10 @@ pub(crate) struct Entry<'a> {
     pub(crate) tokens: &'a [u32],
     /// Where its KV will come from.
     pub(crate) origin: Origin,
-    /// Estimated seconds to obtain its KV by `origin`: load time (object bytes over the
-    /// tier's measured bandwidth) or prefill time; 0 for a miss before any prefill has been
-    /// measured.
+    /// Estimated seconds to obtain its KV by `origin` before the pass: load time (object
+    /// bytes over the tier's measured bandwidth) or prefill time; 0 for a miss before any
+    /// prefill has been measured, and for a segment computed in the pass (its cost is the
+    /// pass's: [`Plan::full_is_faster`]).
     pub(crate) cost_s: f64,
     /// Loaded although recomputing was estimated faster, to measure its tier
     /// ([`CostModel::explore`]).
@@ -75,7 +88,8 @@ impl<'a> Entry<'a> {
     /// Plans one segment held at `held`: a device-tier entry is taken from there; a stored
     /// one is loaded unless `may_recompute` and recomputing it is estimated strictly faster
     /// (and the cost model does not want the load to measure the tier:
-    /// [`CostModel::explore`]); anything else is computed as a miss.
+    /// [`CostModel::explore`]); anything else is computed as a miss. What is computed is
+    /// computed in the pass when `in_pass`, else prefilled alone.
     fn new(
         key: ChunkKey,
         tokens: &'a [u32],
@@ -83,6 +97,7 @@ impl<'a> Entry<'a> {
         layout: &KvLayout,
         costs: &CostModel,
         may_recompute: bool,
+        in_pass: bool,
     ) -> Self {
         let bytes = usize::try_from(layout.object_bytes(tokens.len())).unwrap_or(usize::MAX);
         let recompute_s = costs.prefill_s(tokens.len());
@@ -104,6 +119,10 @@ impl<'a> Entry<'a> {
                 }
             }
             None => (Origin::Compute(Why::Miss), recompute_s.unwrap_or(0.0)),
+        };
+        let (origin, cost_s) = match origin {
+            Origin::Compute(why) if in_pass => (Origin::InPass(why), 0.0),
+            _ => (origin, cost_s),
         };
         Self {
             key,
@@ -134,7 +153,8 @@ impl<'a> Plan<'a> {
     /// is held now, `layout` sizes the objects and `costs` estimates loads and prefills;
     /// stored segments are recomputed when that is estimated faster only if `may_recompute`
     /// (off, every stored segment is loaded: a request measured as its mode reads what is
-    /// stored, e.g. through a lossy codec).
+    /// stored, e.g. through a lossy codec); segments to compute are computed in the pass
+    /// when `in_pass` (`blend`: [`Origin::InPass`]), else prefilled alone first.
     pub(crate) fn build(
         segments: &[&'a [u32]],
         key_of: impl Fn(&[u32]) -> ChunkKey,
@@ -142,6 +162,7 @@ impl<'a> Plan<'a> {
         layout: &KvLayout,
         costs: &CostModel,
         may_recompute: bool,
+        in_pass: bool,
     ) -> Self {
         let mut index: HashMap<ChunkKey, usize> = HashMap::new();
         let mut entries: Vec<Entry<'a>> = Vec::new();
@@ -156,6 +177,7 @@ impl<'a> Plan<'a> {
                     layout,
                     costs,
                     may_recompute,
+                    in_pass,
                 ));
                 entries.len() - 1
             });
@@ -168,6 +190,16 @@ impl<'a> Plan<'a> {
     /// is estimated to take.
     pub(crate) fn estimate_s(&self) -> f64 {
         self.entries.iter().fold(0.0, |sum, e| sum + e.cost_s)
+    }
+
+    /// Prompt tokens whose segment is computed in the pass (every placement counted).
+    pub(crate) fn in_pass_tokens(&self) -> usize {
+        self.placement
+            .iter()
+            .map(|&i| &self.entries[i])
+            .filter(|e| matches!(e.origin, Origin::InPass(_)))
+            .map(|e| e.tokens.len())
+            .sum()
     }
 
     /// Whether any entry's KV is held somewhere (the device tier, or a store tier to
@@ -184,10 +216,12 @@ impl<'a> Plan<'a> {
     /// when a load is taken to measure its tier ([`Entry::explores`]). Then full
     /// prefill runs when no entry is held (computing chunks alone cannot beat computing
     /// them together; a device-tier entry is held, the cheapest of all), or
-    /// when `estimate_s + recompute_share · full_s + suffix_s ≥ full_s`, where `full_s` and
+    /// when `estimate_s + share · full_s + suffix_s ≥ full_s`, where `full_s` and
     /// `suffix_s` are the estimated prefill seconds of the whole prompt (`prompt_tokens`)
-    /// and of its suffix (`suffix_tokens`), and `recompute_share` is the share of a full
-    /// prefill the mode spends recomputing ([`recompute_share`]).
+    /// and of its suffix (`suffix_tokens`), and `share = m + (1 − m) · recompute_share`:
+    /// the share of a full prefill the mode spends recomputing held tokens
+    /// ([`recompute_share`]), with the fraction `m` of the non-suffix tokens computed in
+    /// the pass ([`Plan::in_pass_tokens`]) run through every layer.
     pub(crate) fn full_is_faster(
         &self,
         costs: &CostModel,
@@ -202,7 +236,10 @@ impl<'a> Plan<'a> {
             return false; // a load taken to measure its tier is not overruled
         }
         let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
-        !self.holds_any() || self.estimate_s() + recompute_share * full_s + suffix_s >= full_s
+        let cached = prompt_tokens.saturating_sub(suffix_tokens).max(1);
+        let m = (self.in_pass_tokens() as f64 / cached as f64).min(1.0);
+        let share = m + (1.0 - m) * recompute_share;
+        !self.holds_any() || self.estimate_s() + share * full_s + suffix_s >= full_s
     }
 }
 
@@ -255,6 +292,7 @@ mod tests {
             &layout(),
             &CostModel::default(),
             true,
+            false,
         );
         assert_eq!(plan.entries.len(), 2);
         assert_eq!(plan.placement, vec![0, 1, 0]);
@@ -275,7 +313,7 @@ mod tests {
             _ => None,
         };
         let costs = CostModel::default();
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true, false);
         let origins: Vec<Origin> = plan.entries.iter().map(|e| e.origin).collect();
         assert_eq!(
             origins,
@@ -291,7 +329,7 @@ mod tests {
         // recompute nearly free: the stored chunk is recomputed for speed, once the SSD tier
         // has been measured (before that, it is loaded to measure it)
         costs.record_prefill(1_000_000, 1e-9);
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true, false);
         assert_eq!(
             plan.entries[1].origin,
             Origin::Load(TierKind::SSD),
@@ -299,12 +337,12 @@ mod tests {
         );
         costs.record_load(TierKind::SSD, 1_280, 1.28e-6);
         costs.record_load(TierKind::SSD, 1_280, 1.28e-6);
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true, false);
         assert_eq!(plan.entries[0].origin, Origin::Device);
         assert_eq!(plan.entries[1].origin, Origin::Compute(Why::Faster));
         assert_eq!(Why::Faster.source(), SegmentSource::RecomputedForSpeed);
         // ... unless the caller measures the mode as asked: then what is stored is loaded
-        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, false);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, false, false);
         assert_eq!(plan.entries[1].origin, Origin::Load(TierKind::SSD));
     }
 
@@ -314,26 +352,59 @@ mod tests {
         let segments: Vec<&[u32]> = vec![&a, &b];
         let stored = |_: &ChunkKey| Some(Held::Store(TierKind::HOST));
         let costs = CostModel::default();
-        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         // no prefill measured: never
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
-        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         assert!(plan.holds_any());
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
         // recomputing everything plus the loads is slower than full prefill
         assert!(plan.full_is_faster(&costs, 204, 4, 1.0));
         // nothing held (every entry a miss): full prefill
-        let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, false);
         assert!(!plan.holds_any() && plan.full_is_faster(&costs, 204, 4, 0.0));
         // every entry in the device tier: never full prefill for a mode that recomputes
         // less than all of it
         let device = |_: &ChunkKey| Some(Held::Device);
-        let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true);
+        let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true, false);
         assert!(plan.holds_any() && !plan.full_is_faster(&costs, 204, 4, 0.0));
         assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
+    }
+
+    #[test]
+    fn a_blend_computes_its_misses_in_the_pass_and_weighs_them_as_recomputed() {
+        let (a, b) = (vec![1; 100], vec![2; 60]);
+        // b twice: 160 of the 260 cached tokens are b's
+        let segments: Vec<&[u32]> = vec![&a, &b, &b];
+        let held = |k: &ChunkKey| (k.0[0] == 1).then_some(Held::Store(TierKind::HOST));
+        let costs = CostModel::default();
+        costs.record_prefill(1, 1e-3);
+        let plan = Plan::build(&segments, key_of, held, &layout(), &costs, true, true);
+        assert_eq!(plan.entries[1].origin, Origin::InPass(Why::Miss));
+        assert_eq!(plan.entries[1].cost_s, 0.0, "its cost is the pass's");
+        assert_eq!(plan.in_pass_tokens(), 120);
+        // alone first, the same miss costs its prefill before the pass
+        let alone = Plan::build(&segments, key_of, held, &layout(), &costs, true, false);
+        assert_eq!(alone.entries[1].origin, Origin::Compute(Why::Miss));
+        assert!((alone.entries[1].cost_s - 0.06).abs() < 1e-9);
+        assert_eq!(alone.in_pass_tokens(), 0);
+        // 1 ms per token, 264 prompt tokens (4 suffix): the pass recomputes 120/260 of the
+        // cached tokens whole and `share` of the rest; a's 100 × 40 bytes · 2 · 2 · 4 load in
+        // well under a millisecond
+        let (full_s, suffix_s) = (0.264, 0.004);
+        let m = 120.0 / 260.0;
+        for share in [0.1, 0.3, 0.5] {
+            let want = plan.estimate_s() + (m + (1.0 - m) * share) * full_s + suffix_s >= full_s;
+            assert_eq!(plan.full_is_faster(&costs, 264, 4, share), want, "{share}");
+        }
+        assert!(!plan.full_is_faster(&costs, 264, 4, 0.3));
+        assert!(plan.full_is_faster(&costs, 264, 4, 0.99));
+        // nothing held: full prefill, as for misses prefilled alone
+        let none = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, true);
+        assert!(none.full_is_faster(&costs, 264, 4, 0.0));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Materialising a [`Plan`]: every unique segment gets a [`Source`] of its KV (a stream from
-//! a store tier, a device-tier hit, or KV computed now); [`Sources::fill`] then feeds the
-//! forward pass one layer at a time, and [`Sources::finish`] keeps what was read or
-//! computed in the device tier afterwards.
+//! a store tier, a device-tier hit, KV computed now, or placeholder rows for a segment the
+//! pass computes itself); [`Sources::fill`] then feeds the forward pass one layer at a time,
+//! and [`Sources::finish`] keeps what was read or computed in the device tier afterwards and
+//! hands over the request's store-back (where the misses the pass computed are prefilled
+//! alone, to be stored).
 //!
 //! A stream that fails part-way (a record fails verification, the tier errs) costs a
 //! recompute, never the request: the segment is prefilled alone by the chunk contract, its
@@ -12,24 +14,25 @@
 use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{KvLayout, LayerStream, StoreError, StreamLayer, TierKind};
-use kvquilt_model::{Device, KvCache, LayerKv};
+use kvquilt_model::{Device, KvCache, LayerKv, Tensor};
 
 use super::{Blender, STALL_FACTOR};
 use kvquilt_kvstore::ChunkKey;
 
 use super::plan::{Entry, Origin, Plan};
-use super::store_back::Pending;
+use super::store_back::{Pending, StoreBack};
 use crate::chunk::ChunkCodec;
 use crate::device_tier::DeviceChunk;
 use crate::error::{BlendError, Result, invalid};
-use crate::request::SegmentSource;
+use crate::request::{BlendRequest, SegmentSource};
 use crate::tensor_bytes::{layer_from_bytes, layer_from_record};
 
 /// Layers a stream reads ahead of the layer being computed.
 const READ_AHEAD: usize = 4;
 
-/// Where one unique segment's KV comes from during assembly. Every variant yields the KV
-/// of the segment's tokens at positions `0..T` (K before RoPE), one layer at a time.
+/// Where one unique segment's KV comes from during assembly. Every variant but `InPass`
+/// yields the KV of the segment's tokens at positions `0..T` (K before RoPE), one layer at a
+/// time; `InPass` yields placeholder rows the forward pass overwrites.
 enum Source {
     /// Streaming from a store tier, layer by layer.
     Stream(Streamed),
@@ -37,6 +40,9 @@ enum Source {
     Device(DeviceChunk),
     /// Already in memory (computed for this request).
     Memory(KvCache),
+    /// Computed by the request's own forward pass ([`Origin::InPass`]): every layer is these
+    /// zero rows, `[T, kv_heads, head_dim]`, which the pass replaces.
+    InPass(LayerKv),
 }
 
 /// An object being read from a store tier, with what reading it has cost so far.
@@ -181,6 +187,15 @@ impl<'r> Sources<'r> {
         })
     }
 
+    /// Whether each prompt segment, in prompt order, is computed by the pass (its rows are
+    /// placeholders: [`crate::select::TokenRoles::computed`]).
+    pub(crate) fn computed_in_pass(&self) -> Vec<bool> {
+        self.placement
+            .iter()
+            .map(|&i| matches!(self.sources[i], Source::InPass(_)))
+            .collect()
+    }
+
     /// How each prompt segment's KV was obtained, in prompt order (final once every layer
     /// was filled), and whether it was decoded from a lossy codec.
     pub(crate) fn placed(&self) -> impl Iterator<Item = (SegmentSource, bool)> + '_ {
@@ -213,6 +228,7 @@ impl<'r> Sources<'r> {
             let layer = match &mut self.sources[i] {
                 Source::Memory(c) => c.layers[l].clone(),
                 Source::Device(c) => c[l].clone(),
+                Source::InPass(zeros) => zeros.clone(),
                 Source::Stream(s) => {
                     match s.next_layer(l, tokens.len(), b, &self.device, &self.layout) {
                         Ok(kv) => kv,
@@ -244,10 +260,17 @@ impl<'r> Sources<'r> {
 
     /// After a request's first token: makes the chunks it read from the store or computed
     /// resident in the device tier (when on), every layer of each (a stream not read to its
-    /// end is left out). Returns the objects computed that should be stored.
-    pub(crate) fn finish(self, b: &Blender) -> Pending {
+    /// end is left out), and returns its store-back: the objects computed, and the misses
+    /// the pass computed, to be prefilled alone later ([`StoreBack`]).
+    pub(crate) fn finish(self, b: &Blender, req: &BlendRequest) -> StoreBack {
+        let mut work = StoreBack::new(req, self.pending);
+        for (i, &(key, tokens)) in self.segments.iter().enumerate() {
+            if matches!(self.sources[i], Source::InPass(_)) && self.how[i] == SegmentSource::Miss {
+                work.defer(&self.codec, key, tokens);
+            }
+        }
         let Some(tier) = &b.device_tier else {
-            return self.pending;
+            return work;
         };
         let num_layers = b.model.config().num_layers;
         for (&(key, tokens), source) in self.segments.iter().zip(self.sources) {
@@ -257,14 +280,14 @@ impl<'r> Sources<'r> {
                 }) => kept,
                 // (a lossy stream keeps nothing: `kept` is `None`)
                 Source::Memory(cache) => cache.layers,
-                Source::Stream(_) | Source::Device(_) => continue,
+                Source::Stream(_) | Source::Device(_) | Source::InPass(_) => continue,
             };
             if layers.len() == num_layers {
                 let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
                 tier.put(key, layers, cost_s);
             }
         }
-        self.pending
+        work
     }
 }
 
@@ -283,6 +306,16 @@ fn materialize(
         return Ok((Source::Device(chunk), SegmentSource::Hit(TierKind::GPU)));
     }
     let how = match entry.origin {
+        Origin::InPass(why) => {
+            let (kvh, dim) = (b.model.config().num_kv_heads, b.model.config().head_dim);
+            let zeros = Tensor::zeros(
+                (entry.tokens.len(), kvh, dim),
+                b.model.dtype(),
+                b.model.device(),
+            )?;
+            let rows = LayerKv::new(zeros.clone(), zeros);
+            return Ok((Source::InPass(rows), why.source()));
+        }
         Origin::Compute(why) => why.source(),
         Origin::Device | Origin::Load(_) => match open_stream(b, codec, entry) {
             Ok(streamed) => {

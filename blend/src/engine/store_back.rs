@@ -1,7 +1,10 @@
-//! Store-back: the chunks a request computed (misses, new prefix objects) are queued while
-//! it runs and stored after its first token, so the next request that needs them hits.
-//! Turning computed KV into a stored object (a device-to-host copy on a GPU) happens then
-//! too: it is not on the path to the first token.
+//! Store-back: what a request leaves for after its first token, so the next request that
+//! needs the same chunks hits. Two kinds of work: misses the request never prefilled alone
+//! (a `blend` computed them inside its own pass, or the request ran as full prefill) are
+//! prefilled alone by the chunk contract now; then every computed chunk becomes a stored
+//! object (a device-to-host copy on a GPU). None of it is on the path to the first token:
+//! [`crate::Blender::run_deferring`] hands it back as a [`StoreBack`] for the caller to run
+//! when the answer is out ([`crate::Blender::store_back`]).
 
 use kvquilt_kvstore::{ChunkKey, KvObject};
 use kvquilt_model::KvCache;
@@ -48,12 +51,80 @@ impl Pending {
     }
 }
 
-/// Stores `pending` when the request allows it (`req.store_back`; otherwise nothing is
-/// stored). A failed conversion or store is logged, not fatal: the request's answer does
-/// not depend on it. Returns what was stored, in the order computed; each object's `bytes`
-/// is its uncompressed KV size ([`kvquilt_kvstore::KvLayout::object_bytes`]).
-pub(crate) fn store_back(b: &Blender, req: &BlendRequest, pending: Pending) -> Vec<StoredObject> {
-    if !req.store_back {
+/// A miss to prefill alone after the first token.
+struct Deferred {
+    codec: ChunkCodec,
+    key: ChunkKey,
+    tokens: Vec<u32>,
+}
+
+/// The work a request left for after its first token ([`crate::Blender::run_deferring`]).
+/// Run it with [`crate::Blender::store_back`]; dropped, nothing is prefilled or stored.
+#[must_use = "a request's misses are stored only when its store-back is run"]
+pub struct StoreBack {
+    /// Misses to prefill alone by the chunk contract (when something will keep them).
+    prefill: Vec<Deferred>,
+    /// Chunks already computed, to store.
+    pending: Pending,
+    /// Whether the request may store (`BlendRequest::store_back`).
+    store: bool,
+}
+
+impl StoreBack {
+    /// The store-back of `req` for the chunks in `pending`.
+    pub(crate) fn new(req: &BlendRequest, pending: Pending) -> Self {
+        Self {
+            prefill: Vec::new(),
+            pending,
+            store: req.store_back,
+        }
+    }
+
+    /// Queues miss `key` of `tokens` to be prefilled alone after the first token.
+    pub(crate) fn defer(&mut self, codec: &ChunkCodec, key: ChunkKey, tokens: &[u32]) {
+        self.prefill.push(Deferred {
+            codec: codec.clone(),
+            key,
+            tokens: tokens.to_vec(),
+        });
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.prefill.is_empty() && self.pending.chunks.is_empty()
+    }
+}
+
+/// Runs `work`: prefills its deferred misses (only when something keeps them: the request
+/// may store, or the device tier is on, where they become resident), then stores every
+/// computed chunk when the request allows it. A failed prefill, conversion or store is
+/// logged, not fatal: the request's answer does not depend on it. Returns what was stored,
+/// in the order computed; each object's `bytes` is its uncompressed KV size
+/// ([`kvquilt_kvstore::KvLayout::object_bytes`]).
+pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
+    let StoreBack {
+        prefill,
+        mut pending,
+        store,
+    } = work;
+    if store || b.device_tier.is_some() {
+        for d in prefill {
+            let (cache, took) = match d.codec.prefill(&b.model, &d.tokens) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %d.key, error = %e, "prefilling a miss to store it failed");
+                    continue;
+                }
+            };
+            let cost_s = took.as_secs_f64();
+            b.costs.record_prefill(d.tokens.len(), cost_s);
+            if let Some(tier) = &b.device_tier {
+                tier.put(d.key, cache.layers.clone(), cost_s);
+            }
+            pending.push(&d.codec, d.key, &d.tokens, cache, cost_s);
+        }
+    }
+    if !store {
         return Vec::new();
     }
     let mut stored = Vec::with_capacity(pending.chunks.len());

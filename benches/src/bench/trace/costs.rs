@@ -23,6 +23,11 @@ pub(super) struct Costs {
     pub(super) chunk_per_token_s: f64,
     /// The default blend's TTFT with every chunk in the host tier, over full prefill's.
     pub(super) warm_blend_fraction: f64,
+    /// The default blend's TTFT over full prefill's when a fraction `m` of the retrieved
+    /// tokens are misses (computed in the blend's pass; their store-back comes after the
+    /// first token): `blend_fixed + blend_per_missed · m` (fit at m = 0, ⅓, ⅔).
+    pub(super) blend_fixed: f64,
+    pub(super) blend_per_missed: f64,
     /// Real-size SSD reads (RocksDB, warm page cache), bytes per second.
     pub(super) ssd_bytes_per_s: f64,
     /// Real KV bytes per token of the model.
@@ -38,6 +43,12 @@ impl Costs {
 
     pub(super) fn chunk_s(&self, n: usize) -> f64 {
         (self.chunk_fixed_s + self.chunk_per_token_s * n as f64).max(0.0)
+    }
+
+    /// The default blend's TTFT over full prefill's with a fraction `missed` of the retrieved
+    /// tokens missing (before any SSD reads).
+    pub(super) fn blend_fraction(&self, missed: f64) -> f64 {
+        (self.blend_fixed + self.blend_per_missed * missed).max(0.0)
     }
 }
 
@@ -91,6 +102,7 @@ pub(super) fn measure(
     };
     let mut full_points = Vec::new();
     let mut fractions = Vec::new();
+    let mut miss_points = Vec::new();
     for (i, n) in [a.k / 2, a.k, a.k + a.k / 2].into_iter().enumerate() {
         let picked: Vec<Vec<u32>> = chunks.iter().skip(i * 37).take(n.max(1)).cloned().collect();
         let req = BlendRequest::new(vec![], picked.clone(), question.to_vec(), Mode::Full);
@@ -104,10 +116,39 @@ pub(super) fn measure(
                 mode: Mode::Blend(BlendConfig::default()),
                 ..req
             };
-            fractions.push(time(&blend)? / full);
+            let warm = time(&blend)?;
+            fractions.push(warm / full);
+            miss_points.push((0.0, warm, blend.tokens().len()));
+            // the first j chunks replaced by chunks never stored (taken from the corpus's
+            // end), and nothing stored back, so every run misses them alike
+            for j in [n.div_ceil(3), (2 * n).div_ceil(3)] {
+                let mut mixed = picked.clone();
+                for (slot, fresh) in mixed.iter_mut().zip(chunks.iter().rev()).take(j) {
+                    *slot = fresh.clone();
+                }
+                let missed: usize = mixed.iter().take(j).map(Vec::len).sum();
+                let retrieved: usize = mixed.iter().map(Vec::len).sum();
+                let req = BlendRequest {
+                    store_back: false,
+                    ..BlendRequest::new(
+                        vec![],
+                        mixed,
+                        question.to_vec(),
+                        Mode::Blend(BlendConfig::default()),
+                    )
+                };
+                let m = missed as f64 / retrieved as f64;
+                miss_points.push((m, time(&req)?, req.tokens().len()));
+            }
         }
     }
     let (full_fixed_s, full_per_token_s) = affine(&full_points);
+    // each blend over full prefill's fitted time at its own length
+    let miss_points: Vec<(f64, f64)> = miss_points
+        .into_iter()
+        .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
+        .collect();
+    let (blend_fixed, blend_per_missed) = affine(&miss_points);
     // real-size objects read back from an SSD tier
     let dir = tempfile::tempdir()?;
     let ssd = SsdTier::open(SsdConfig::new(dir.path(), u64::MAX), Default::default())?;
@@ -135,6 +176,8 @@ pub(super) fn measure(
         chunk_fixed_s,
         chunk_per_token_s,
         warm_blend_fraction: median(&fractions),
+        blend_fixed,
+        blend_per_missed,
         ssd_bytes_per_s: median(&rates[1..]),
         bytes_per_token,
         blend: "default (query-aware, ratio 0.3)".into(),

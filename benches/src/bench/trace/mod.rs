@@ -16,10 +16,12 @@
 //! them, and bytes reported are real-size. Model time comes from the measured cost model,
 //! not from running the model per query: at start the real model (and blender) is timed on
 //! real prompts of this corpus — full prefill at three lengths (an affine fit), a chunk's
-//! prefill alone (fit), the default blend with every chunk in the host tier (its fraction
-//! of full prefill), and real-size SSD reads — and a query's TTFT is the warm blend plus a
-//! chunk prefill per miss plus the SSD reads, capped at full prefill (the engine falls back
-//! to full when that is faster: `Plan::full_is_faster`).
+//! prefill alone (fit: what a miss's store-back costs), the default blend with every chunk
+//! in the host tier and with a third and two thirds of them missing (its fraction of full
+//! prefill, fit against the fraction of tokens missed: a blend computes its misses in its
+//! own pass), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
+//! fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
+//! that is faster: `Plan::full_is_faster`).
 
 mod costs;
 mod replay;
@@ -95,8 +97,9 @@ pub struct TraceBenchArgs {
     seed: u64,
     /// Run the real blender per query (real chunk KV in the store, the model computing
     /// misses and the default blend; fallback to full prefill and store-back as served)
-    /// instead of the cost model; TTFT is measured, full prefill's from the measured fit.
-    /// For short traces: a query costs a real blend.
+    /// instead of the cost model; TTFT is measured, and so is full prefill's, of the same
+    /// prompt right after (on a blender of its own). For short traces: a query costs a real
+    /// blend and a full prefill.
     #[arg(long)]
     real: bool,
     /// After each replay: host-tier hit throughput with this many threads reading the warm
@@ -214,12 +217,14 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     let corpus_bytes: u64 = chunks.iter().map(|c| layout.object_bytes(c.len())).sum();
     let ideal_speedup = 1.0 / costs.warm_blend_fraction;
     eprintln!(
-        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; warm blend {:.2} of full (ideal speedup {ideal_speedup:.2}×); SSD {:.2} GB/s",
+        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; warm blend {:.2} of full (ideal speedup {ideal_speedup:.2}×); blend with a fraction m of tokens missed {:.2} + {:.2}·m of full; SSD {:.2} GB/s",
         costs.full_fixed_s * 1e3,
         costs.full_per_token_s * 1e3,
         costs.chunk_fixed_s * 1e3,
         costs.chunk_per_token_s * 1e3,
         costs.warm_blend_fraction,
+        costs.blend_fixed,
+        costs.blend_per_missed,
         costs.ssd_bytes_per_s / 1e9
     );
     let mut runs = Vec::new();

@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
 
-use super::full;
+use super::{Ran, full};
 use crate::chunk::ChunkCodec;
 use crate::engine::plan::{Held, Origin, Plan, Why};
 use crate::engine::sources::Sources;
-use crate::engine::store_back::store_back;
 use crate::engine::{Blender, fraction, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats};
@@ -33,7 +32,7 @@ pub(super) struct Assembly<'r> {
 /// What [`prepare`] came to.
 pub(super) enum Prepared<'r> {
     /// The request ran as full prefill: its output.
-    FellBack(Box<BlendOutput>),
+    FellBack(Box<Ran>),
     /// The request runs its own mode (boxed: the codec makes it large).
     Ready(Box<Assembly<'r>>),
 }
@@ -41,12 +40,14 @@ pub(super) enum Prepared<'r> {
 /// Plans `req` (a `reuse` or `blend` request, validated) in `namespace`; runs it as full
 /// prefill when the blender allows fallback and the plan says full prefill is no slower
 /// (`recompute_share`: see `plan::recompute_share`); else opens every source and counts how
-/// each segment's KV is obtained.
+/// each segment's KV is obtained. With `in_pass` (`blend`), segments to compute are computed
+/// by the request's own pass (`plan::Origin::InPass`) instead of prefilled alone first.
 pub(super) fn prepare<'r>(
     b: &Blender,
     namespace: &[u8],
     req: &'r BlendRequest,
     recompute_share: f64,
+    in_pass: bool,
     start: Instant,
 ) -> Result<Prepared<'r>> {
     let codec = b.codec(namespace);
@@ -63,6 +64,7 @@ pub(super) fn prepare<'r>(
         codec.layout(),
         &b.costs,
         b.fallback_to_full,
+        in_pass,
     );
     let fall_back = b.fallback_to_full
         && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
@@ -72,8 +74,8 @@ pub(super) fn prepare<'r>(
         .entries
         .iter()
         .filter(|e| match e.origin {
-            Origin::Compute(Why::Faster) => true,
-            Origin::Compute(_) => false,
+            Origin::Compute(Why::Faster) | Origin::InPass(Why::Faster) => true,
+            Origin::Compute(_) | Origin::InPass(_) => false,
             Origin::Load(_) | Origin::Device => fall_back,
         })
         .map(|e| e.key)
@@ -116,7 +118,7 @@ impl Assembly<'_> {
         logits: Tensor,
         cache: KvCache,
         recomputed: usize,
-    ) -> Result<BlendOutput> {
+    ) -> Result<Ran> {
         let mut stats = self.stats;
         for (how, lossy) in self.sources.placed() {
             stats.count(how);
@@ -125,9 +127,8 @@ impl Assembly<'_> {
         stats.ttft_ms = ms(&b.model, start)?;
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
-        let pending = self.sources.finish(b);
-        let stored = store_back(b, req, pending);
-        Ok(BlendOutput::new(logits, cache, stats, stored))
+        let work = self.sources.finish(b, req);
+        Ok((BlendOutput::new(logits, cache, stats), work))
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use kvquilt_model::LayerKv;
 
+use super::Ran;
 use super::assembly::{Prepared, placeholder_cache, prepare, zero_rows};
 use crate::chunk::ChunkEncoding;
 use crate::config::BlendConfig;
@@ -15,7 +16,7 @@ use crate::engine::plan::recompute_share;
 use crate::error::Result;
 use crate::phases::PhaseClock;
 use crate::recompute::blend;
-use crate::request::{BlendOutput, BlendRequest};
+use crate::request::BlendRequest;
 use crate::select::TokenRoles;
 
 /// Runs `req` (validated, `cfg` validated against the model) by selective recompute in
@@ -26,14 +27,14 @@ pub(crate) fn run(
     req: &BlendRequest,
     cfg: &BlendConfig,
     start: Instant,
-) -> Result<BlendOutput> {
+) -> Result<Ran> {
     let clock = RefCell::new(PhaseClock::new(
         req.time_phases,
         b.model.device(),
         "assemble",
     ));
     let share = recompute_share(Some(cfg), b.model.config().num_layers);
-    let mut a = match prepare(b, namespace, req, share, start)? {
+    let mut a = match prepare(b, namespace, req, share, true, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
@@ -42,6 +43,7 @@ pub(crate) fn run(
         .append_suffix(zero_rows(&b.model, req.suffix.len())?);
     let roles = roles(
         &a.segments,
+        &a.sources.computed_in_pass(),
         req.suffix.len(),
         cfg.chunk_start,
         a.codec.encoding(),
@@ -56,17 +58,19 @@ pub(crate) fn run(
         &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock,
     )?;
     let phases = clock.into_inner().finish()?;
-    let mut out = a.finish(b, req, start, r.logits, cache, r.recomputed)?;
+    let (mut out, work) = a.finish(b, req, start, r.logits, cache, r.recomputed)?;
     out.stats.phases = phases;
-    Ok(out)
+    Ok((out, work))
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`
-/// suffix tokens (always recomputed). A segment at position 0 whose stored KV is exact there
-/// (`encoding`) is marked exact; in every other segment the first `chunk_start` tokens are
-/// forced.
+/// suffix tokens (always recomputed). A segment the pass computes (`computed`, parallel to
+/// `segments`) has every token computed; otherwise a segment at position 0 whose stored KV
+/// is exact there (`encoding`) is marked exact, and in every other segment the first
+/// `chunk_start` tokens are forced.
 fn roles(
     segments: &[&[u32]],
+    computed: &[bool],
     suffix: usize,
     chunk_start: usize,
     encoding: &ChunkEncoding,
@@ -75,13 +79,15 @@ fn roles(
     let mut segment = Vec::with_capacity(n);
     let mut forced = Vec::with_capacity(n);
     let mut exact = Vec::with_capacity(n);
+    let mut in_pass = Vec::with_capacity(n);
     let mut start = 0usize;
-    for (i, seg) in segments.iter().enumerate() {
-        let is_exact = start == 0 && encoding.exact_at_start(seg);
+    for (i, (seg, &computed)) in segments.iter().zip(computed).enumerate() {
+        let is_exact = !computed && start == 0 && encoding.exact_at_start(seg);
         for j in 0..seg.len() {
             segment.push(i);
-            forced.push(!is_exact && j < chunk_start);
+            forced.push(!computed && !is_exact && j < chunk_start);
             exact.push(is_exact);
+            in_pass.push(computed);
         }
         start += seg.len();
     }
@@ -89,11 +95,13 @@ fn roles(
         segment.push(segments.len());
         forced.push(true);
         exact.push(false);
+        in_pass.push(false);
     }
     TokenRoles {
         segment,
         segments: segments.len(),
         forced,
         exact,
+        computed: in_pass,
     }
 }

@@ -5,48 +5,47 @@ use std::time::Instant;
 
 use kvquilt_model::{KvCache, Tensor, positions};
 
+use super::Ran;
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
-use crate::engine::plan::{Origin, Plan, Why};
-use crate::engine::store_back::{Pending, store_back};
+use crate::engine::plan::Plan;
+use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
 /// Runs `req` as full prefill: every prompt token at positions `0..N`. Stores nothing.
-pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<BlendOutput> {
+pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<Ran> {
     let (logits, cache, stats) = prefill_all(b, req, start, false)?;
-    Ok(BlendOutput::new(logits, cache, stats, Vec::new()))
+    let work = StoreBack::new(req, Pending::default());
+    Ok((BlendOutput::new(logits, cache, stats), work))
 }
 
 /// Runs a planned `reuse` or `blend` request as full prefill (the plan said it is no
 /// slower: `Plan::full_is_faster`). Its stats say so: mode `full`, `fell_back_to_full`, and
 /// per segment `Miss` for a planned miss and `RecomputedForSpeed` for any other. Planned
-/// misses are still prefilled alone by the chunk contract (after the first token) and
-/// stored back, so the next request can reuse them.
+/// misses are still prefilled alone by the chunk contract (in the store-back, after the
+/// first token) and stored back, so the next request can reuse them.
 pub(crate) fn fall_back(
     b: &Blender,
     codec: &ChunkCodec,
     req: &BlendRequest,
     plan: &Plan<'_>,
     start: Instant,
-) -> Result<BlendOutput> {
+) -> Result<Ran> {
     let (logits, cache, mut stats) = prefill_all(b, req, start, true)?;
-    let miss = Origin::Compute(Why::Miss);
-    let mut pending = Pending::default();
-    for e in plan.entries.iter().filter(|e| e.origin == miss) {
-        let (kv, took) = codec.prefill(&b.model, e.tokens)?;
-        pending.push(codec, e.key, e.tokens, kv, took.as_secs_f64());
+    let mut work = StoreBack::new(req, Pending::default());
+    for e in plan.entries.iter().filter(|e| e.origin.is_miss()) {
+        work.defer(codec, e.key, e.tokens);
     }
     for &i in &plan.placement {
-        stats.count(if plan.entries[i].origin == miss {
+        stats.count(if plan.entries[i].origin.is_miss() {
             SegmentSource::Miss
         } else {
             SegmentSource::RecomputedForSpeed
         });
     }
-    let stored = store_back(b, req, pending);
-    Ok(BlendOutput::new(logits, cache, stats, stored))
+    Ok((BlendOutput::new(logits, cache, stats), work))
 }
 
 /// Prefills the whole prompt (recording the prefill rate); returns the last token's logits,

@@ -7,9 +7,10 @@ use std::time::Instant;
 use kvquilt_kvstore::{ChunkKey, TierKind};
 use kvquilt_model::{KvCache, positions};
 
+use super::Ran;
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
-use crate::engine::store_back::{Pending, store_back};
+use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, fraction, ms};
 use crate::error::Result;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
@@ -20,7 +21,7 @@ pub(crate) fn run(
     namespace: &[u8],
     req: &BlendRequest,
     start: Instant,
-) -> Result<BlendOutput> {
+) -> Result<Ran> {
     let codec = b.codec(namespace);
     let segments = req.segments();
     let keys = codec.prefix_keys(&segments);
@@ -54,8 +55,10 @@ pub(crate) fn run(
         .prefill(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
     stats.ttft_ms = ms(&b.model, start)?;
     stats.recompute_fraction = fraction(stats.recomputed_tokens, at);
-    let stored = store_back(b, req, pending);
-    Ok(BlendOutput::new(logits, cache, stats, stored))
+    Ok((
+        BlendOutput::new(logits, cache, stats),
+        StoreBack::new(req, pending),
+    ))
 }
 
 /// The stored prefix object under `key`, as KV at positions `0..T`, and the tier that held

@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use kvquilt_model::{FillLayers, LayerKv, Rows, positions};
 
+use super::Ran;
 use super::assembly::{Prepared, placeholder_cache, prepare};
 use crate::engine::Blender;
 use crate::error::Result;
 use crate::phases::PhaseClock;
 use crate::recompute::with_fill;
-use crate::request::{BlendOutput, BlendRequest};
+use crate::request::BlendRequest;
 
 /// Runs `req` (validated) by full reuse in `namespace`.
 pub(crate) fn run(
@@ -19,13 +20,13 @@ pub(crate) fn run(
     namespace: &[u8],
     req: &BlendRequest,
     start: Instant,
-) -> Result<BlendOutput> {
+) -> Result<Ran> {
     let clock = RefCell::new(PhaseClock::new(
         req.time_phases,
         b.model.device(),
         "assemble",
     ));
-    let mut a = match prepare(b, namespace, req, 0.0, start)? {
+    let mut a = match prepare(b, namespace, req, 0.0, false, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
@@ -57,7 +58,7 @@ pub(crate) fn run(
     let last = out.hidden.narrow(0, req.suffix.len() - 1, 1)?;
     let logits = b.model.logits(&last)?.squeeze(0)?;
     let phases = clock.into_inner().finish()?;
-    let mut out = a.finish(b, req, start, logits, cache, 0)?;
+    let (mut out, work) = a.finish(b, req, start, logits, cache, 0)?;
     out.stats.phases = phases;
-    Ok(out)
+    Ok((out, work))
 }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use kvquilt_api::{BlendRequest as BlendBody, BlendResponse, ChunkRef, TokenLogprob};
 use kvquilt_blend::compress::{CompressPlan, compress_for_decode};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
-use kvquilt_blend::{BlendOutput, BlendRequest};
+use kvquilt_blend::{BlendOutput, BlendRequest, StoreBack, StoredObject};
 use kvquilt_model::top_logprobs;
 
 use super::chunk_ref::{
@@ -83,7 +83,16 @@ pub(crate) async fn blend(
     let mut prepared = prepare(&s, &tenant, req, compress)?;
     prepared.calibration = calibration;
     let (st, t) = (Arc::clone(&s), Arc::clone(&tenant));
-    let out = s.pool.run(move || prepared.run(&st, &t)).await??;
+    // the answer is the first token: its store-back runs before it is sent, so that the
+    // stats say exactly what was stored (a chat completion stores after its last token)
+    let out = s
+        .pool
+        .run(move || -> ApiResult<BlendOutput> {
+            let (mut out, work) = prepared.run(&st, &t)?;
+            out.set_stored(prepared.store_back(&st, &t, work));
+            Ok(out)
+        })
+        .await??;
     let row = out
         .logits
         .to_vec1::<f32>()
@@ -164,12 +173,13 @@ pub(crate) fn prepare(
 }
 
 impl Prepared {
-    /// Runs the blend (blocking: call on the model pool) and records its metrics and the
-    /// tenant's new objects (what the engine reports it stored).
+    /// Runs the blend up to its first token (blocking: call on the model pool) and records
+    /// its metrics; returns the output and the store-back it leaves, for
+    /// [`Prepared::store_back`] once the answer is on its way.
     /// With a token policy, the returned cache is the compressed one (or, if the policy
     /// failed, the uncompressed one: counted, never an error).
-    pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<BlendOutput> {
-        let mut out = s.blender.run(&tenant.namespace, &self.req)?;
+    pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<(BlendOutput, StoreBack)> {
+        let (mut out, work) = s.blender.run_deferring(&tenant.namespace, &self.req)?;
         out.stats.calibration = self.calibration.clone();
         if let Some(plan) = &self.compress {
             let tokens = self.req.tokens();
@@ -177,9 +187,6 @@ impl Prepared {
             out.cache = cache;
             s.metrics.record_compression(plan.spec.name(), &report);
             out.stats.compression = Some(report);
-        }
-        for obj in &out.stored {
-            tenant.add(obj.key, obj.bytes);
         }
         let labels = crate::serve::metrics::ModeLabels {
             mode: out.stats.mode.to_string(),
@@ -193,6 +200,22 @@ impl Prepared {
             .get_or_create(&labels)
             .observe(out.stats.recompute_fraction);
         s.metrics.lossy_segments.inc_by(out.stats.lossy_hits as u64);
-        Ok(out)
+        Ok((out, work))
+    }
+
+    /// Runs the store-back of this request's blend (blocking: on the model pool) and charges
+    /// the tenant for exactly what it stored (the quota reserved for it is released when
+    /// `self` is dropped); returns what was stored.
+    pub(crate) fn store_back(
+        &self,
+        s: &Shared,
+        tenant: &Tenant,
+        work: StoreBack,
+    ) -> Vec<StoredObject> {
+        let stored = s.blender.store_back(work);
+        for obj in &stored {
+            tenant.add(obj.key, obj.bytes);
+        }
+        stored
     }
 }
