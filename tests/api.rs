@@ -112,9 +112,12 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
                     ChunkRef::text("A new passage about boats."),
                 ],
                 max_tokens: Some(6),
+                // ratio 1: whether a request blends or runs as full prefill (each request's
+                // measured time teaches the cost model, so two in a row may differ), the
+                // greedy answer is the same
                 kvquilt: Some(ModeSpec {
                     mode: Some("blend".into()),
-                    ratio: Some(0.3),
+                    ratio: Some(1.0),
                     ..ModeSpec::default()
                 }),
                 ..CommonFields::default()
@@ -127,10 +130,15 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
         assert!(r.usage.completion_tokens >= 1 && r.usage.completion_tokens <= 6);
         // the first request computed the new passage (and may have run as full prefill, as
         // the cost model saw fit); streaming now must give what the same request does
-        // without streaming in the same state
+        // without streaming
         let (pieces, last) = c.chat_stream(&chat).await.unwrap();
         let again = c.chat(&chat).await.unwrap();
-        assert_eq!(last["kvquilt"]["mode"], again.kvquilt.mode.as_str());
+        for mode in [
+            last["kvquilt"]["mode"].as_str(),
+            Some(again.kvquilt.mode.as_str()),
+        ] {
+            assert!(matches!(mode, Some("blend" | "full")), "{mode:?}");
+        }
         assert_eq!(pieces.concat(), again.choices[0].message.content);
         assert_eq!(
             last["kvquilt"]["misses"], 0,

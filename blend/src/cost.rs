@@ -7,6 +7,14 @@
 //! its layers, i.e. what loading adds to the critical path while reads run ahead of compute).
 //! Before a tier has been measured a conservative default applies; before any prefill has
 //! been measured, loading is chosen.
+//!
+//! A plan's estimate of a whole `reuse` or `blend` request (loads, plus its recomputed share
+//! of a full prefill) leaves out what the mode costs beyond that — the question's pass over
+//! the cache, the check layer's scoring, per-layer launches on a GPU — which on short prompts
+//! is most of it. So each mode's estimates are corrected by what its requests then took to
+//! their first token (an affine fit of measured over estimated seconds, [`PlannedMode`]), and a
+//! request the corrected estimate sends to full prefill runs its mode anyway now and then
+//! ([`CostModel::explore_mode`]), so the correction follows the machine.
 
 use std::collections::HashMap;
 
@@ -37,6 +45,16 @@ fn default_latency(tier: TierKind) -> f64 {
     }
 }
 
+/// A mode whose whole-request estimates are corrected by measurements
+/// ([`CostModel::record_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PlannedMode {
+    /// Every cached segment reused as is; only the suffix computed.
+    Reuse,
+    /// Selective recompute.
+    Blend,
+}
+
 /// Running cost estimates, shared by every request of one blender.
 #[derive(Debug, Default)]
 pub struct CostModel {
@@ -56,6 +74,10 @@ struct Costs {
     /// Loads measured per tier. The first is provisional (it may carry one-time costs: a
     /// connection set up, staging buffers allocated): the second replaces it.
     loads: HashMap<TierKind, u32>,
+    /// Per mode, measured seconds to the first token against the plan's estimate.
+    modes: HashMap<PlannedMode, Affine>,
+    /// Per mode, requests sent to full prefill by the correction since one last ran it.
+    modes_declined: HashMap<PlannedMode, u64>,
 }
 
 /// After this many loads declined in a row, one is taken anyway to measure the tier again
@@ -160,16 +182,53 @@ impl CostModel {
     pub fn prefill_s(&self, tokens: usize) -> Option<f64> {
         self.inner.lock().prefill.predict(tokens as f64)
     }
+
+    /// Records that a request run in `mode`, planned at `estimated_s` seconds, took
+    /// `seconds` to its first token.
+    pub fn record_mode(&self, mode: PlannedMode, estimated_s: f64, seconds: f64) {
+        let valid = |x: f64| x.is_finite() && x > 0.0;
+        if !valid(estimated_s) || !valid(seconds) {
+            return;
+        }
+        let mut c = self.inner.lock();
+        c.modes_declined.remove(&mode);
+        c.modes.entry(mode).or_default().add(estimated_s, seconds);
+    }
+
+    /// What a request of `mode` planned at `estimated_s` seconds is expected to take, by
+    /// what such requests measured (the estimate itself before any was measured).
+    pub fn mode_s(&self, mode: PlannedMode, estimated_s: f64) -> f64 {
+        let c = self.inner.lock();
+        c.modes
+            .get(&mode)
+            .and_then(|fit| fit.predict(estimated_s))
+            .unwrap_or(estimated_s)
+    }
+
+    /// Whether a request of `mode` that the correction alone sends to full prefill should run
+    /// its mode anyway, to measure it again: once every [`EXPLORE_EVERY`] such requests.
+    /// Counts the decline otherwise.
+    pub fn explore_mode(&self, mode: PlannedMode) -> bool {
+        let mut c = self.inner.lock();
+        let n = c.modes_declined.entry(mode).or_insert(0);
+        *n += 1;
+        if *n >= EXPLORE_EVERY {
+            *n = 0;
+            return true;
+        }
+        false
+    }
 }
 
-/// Weight of the newest sample in the prefill fit (a window of about ten prefills).
+/// Weight of the newest sample in the fits (a window of about ten samples).
 const FIT_ALPHA: f64 = 0.1;
 
-/// Prefill seconds as a fixed cost plus a cost per token, fitted by exponentially weighted
-/// least squares over recent prefills (`y = a + b·x`, `x` tokens). A prefill has a fixed
-/// part (kernel launches, per-layer work independent of length) that a cost per token alone
-/// spreads over the tokens: it then under-estimates short chunks and over-estimates long
-/// ones. Until prefills of more than one length were seen, the fit is proportional.
+/// `y = a + b·x` fitted by exponentially weighted least squares over recent samples: prefill
+/// seconds against tokens (a prefill has a fixed part — kernel launches, per-layer work
+/// independent of length — that a cost per token alone spreads over the tokens: it then
+/// under-estimates short chunks and over-estimates long ones), or a mode's measured seconds
+/// against its estimate. Until samples of more than one `x` were seen, the fit is
+/// proportional.
 #[derive(Debug, Default, Clone)]
 struct Affine {
     w: f64,
@@ -248,6 +307,35 @@ mod tests {
         let est = c.prefill_s(512).unwrap();
         assert!((est - (0.010 + 512e-4)).abs() < 1e-6, "{est}");
         assert!((c.prefill_s(64).unwrap() - (0.010 + 64e-4)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_modes_estimates_are_corrected_by_what_it_measured() {
+        let c = CostModel::default();
+        assert_eq!(
+            c.mode_s(PlannedMode::Blend, 0.5),
+            0.5,
+            "nothing measured: the estimate"
+        );
+        // blends take a fixed 20 ms beyond the plan's estimate
+        for _ in 0..5 {
+            c.record_mode(PlannedMode::Blend, 0.010, 0.030);
+            c.record_mode(PlannedMode::Blend, 0.050, 0.070);
+        }
+        assert!((c.mode_s(PlannedMode::Blend, 0.030) - 0.050).abs() < 1e-9);
+        assert_eq!(c.mode_s(PlannedMode::Reuse, 0.030), 0.030, "per mode");
+        c.record_mode(PlannedMode::Reuse, 0.0, 1.0); // ignored
+        c.record_mode(PlannedMode::Reuse, 0.010, f64::NAN); // ignored
+        assert_eq!(c.mode_s(PlannedMode::Reuse, 0.030), 0.030);
+        // declined requests run the mode once in EXPLORE_EVERY; a measurement resets it
+        let taken = (0..2 * EXPLORE_EVERY)
+            .filter(|_| c.explore_mode(PlannedMode::Blend))
+            .count();
+        assert_eq!(taken, 2);
+        assert!(!c.explore_mode(PlannedMode::Blend));
+        c.record_mode(PlannedMode::Blend, 0.010, 0.030);
+        assert!((1..EXPLORE_EVERY).all(|_| !c.explore_mode(PlannedMode::Blend)));
+        assert!(c.explore_mode(PlannedMode::Blend));
     }
 
     #[test]

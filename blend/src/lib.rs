@@ -41,7 +41,7 @@ mod tensor_bytes;
 
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, Mode};
-pub use cost::CostModel;
+pub use cost::{CostModel, PlannedMode};
 pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{
     Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack, device_decoded,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use kvquilt_blend::{
     BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, Deviation, Mode, ModelIdentity,
-    SegmentSource, StoredObject,
+    PlannedMode, SegmentSource, StoredObject,
 };
 use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore};
 use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load, positions};
@@ -597,6 +597,23 @@ fn never_slower_than_full_prefill() {
         ]
     );
     assert_close(&out.logits, &full(b, &r), 1e-6, "fallback");
+    // a blend the plan estimates faster than full prefill still runs as full prefill when
+    // blends measured here took far longer than their estimates (fixed costs the plan does
+    // not model): the measurements correct the estimate
+    let s = setup_with(tiny("qwen2"), true);
+    let b = &s.blender;
+    let rb = with_mode(&r, Mode::Blend(BlendConfig::cacheblend(0.2)));
+    b.precompute(b"", &toks(73, 40, 512)).unwrap();
+    for c in &rb.chunks {
+        b.precompute(b"", c).unwrap();
+    }
+    let ran = b.run(b"", &rb).unwrap();
+    assert_eq!((ran.stats.mode, ran.stats.hits_host), ("blend", 2));
+    for x in [1e-4, 1e-3, 1e-2] {
+        b.costs().record_mode(PlannedMode::Blend, x, 100.0 * x);
+    }
+    let out = b.run(b"", &rb).unwrap();
+    assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use kvquilt_kvstore::{ChunkKey, KvLayout, TierKind};
 
 use crate::config::BlendConfig;
-use crate::cost::CostModel;
+use crate::cost::{CostModel, PlannedMode};
 use crate::request::SegmentSource;
 
 /// Where a chunk is held when the plan is made.
@@ -210,21 +210,43 @@ impl<'a> Plan<'a> {
             .any(|e| matches!(e.origin, Origin::Load(_) | Origin::Device))
     }
 
+    /// The plan's estimate of the whole request in its mode, seconds to the first token:
+    /// `estimate_s + share · full_s + suffix_s`, where `full_s` and `suffix_s` are the
+    /// estimated prefill seconds of the whole prompt (`prompt_tokens`) and of its suffix
+    /// (`suffix_tokens`), and `share = m + (1 − m) · recompute_share`: the share of a full
+    /// prefill the mode spends recomputing held tokens ([`recompute_share`]), with the
+    /// fraction `m` of the non-suffix tokens computed in the pass
+    /// ([`Plan::in_pass_tokens`]) run through every layer. `None` before any prefill was
+    /// measured.
+    pub(crate) fn mode_estimate_s(
+        &self,
+        costs: &CostModel,
+        prompt_tokens: usize,
+        suffix_tokens: usize,
+        recompute_share: f64,
+    ) -> Option<f64> {
+        let full_s = costs.prefill_s(prompt_tokens)?;
+        let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
+        let cached = prompt_tokens.saturating_sub(suffix_tokens).max(1);
+        let m = (self.in_pass_tokens() as f64 / cached as f64).min(1.0);
+        let share = m + (1.0 - m) * recompute_share;
+        Some(self.estimate_s() + share * full_s + suffix_s)
+    }
+
     /// Whether the request should run as full prefill: never slower than full prefill.
     ///
     /// The rule: only once a prefill rate has been measured (before that, never), and never
     /// when a load is taken to measure its tier ([`Entry::explores`]). Then full
     /// prefill runs when no entry is held (computing chunks alone cannot beat computing
-    /// them together; a device-tier entry is held, the cheapest of all), or
-    /// when `estimate_s + share · full_s + suffix_s ≥ full_s`, where `full_s` and
-    /// `suffix_s` are the estimated prefill seconds of the whole prompt (`prompt_tokens`)
-    /// and of its suffix (`suffix_tokens`), and `share = m + (1 − m) · recompute_share`:
-    /// the share of a full prefill the mode spends recomputing held tokens
-    /// ([`recompute_share`]), with the fraction `m` of the non-suffix tokens computed in
-    /// the pass ([`Plan::in_pass_tokens`]) run through every layer.
+    /// them together; a device-tier entry is held, the cheapest of all), or when the
+    /// mode's estimate ([`Plan::mode_estimate_s`]) is no less than full prefill's, once
+    /// corrected by what requests of `mode` measured ([`CostModel::mode_s`]) — except
+    /// that a request only the correction sends to full runs its mode now and then, to
+    /// measure it again ([`CostModel::explore_mode`]).
     pub(crate) fn full_is_faster(
         &self,
         costs: &CostModel,
+        mode: PlannedMode,
         prompt_tokens: usize,
         suffix_tokens: usize,
         recompute_share: f64,
@@ -235,11 +257,18 @@ impl<'a> Plan<'a> {
         if self.entries.iter().any(|e| e.explores) {
             return false; // a load taken to measure its tier is not overruled
         }
-        let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
-        let cached = prompt_tokens.saturating_sub(suffix_tokens).max(1);
-        let m = (self.in_pass_tokens() as f64 / cached as f64).min(1.0);
-        let share = m + (1.0 - m) * recompute_share;
-        !self.holds_any() || self.estimate_s() + share * full_s + suffix_s >= full_s
+        if !self.holds_any() {
+            return true;
+        }
+        let Some(estimate) =
+            self.mode_estimate_s(costs, prompt_tokens, suffix_tokens, recompute_share)
+        else {
+            return false;
+        };
+        if estimate >= full_s {
+            return true;
+        }
+        costs.mode_s(mode, estimate) >= full_s && !costs.explore_mode(mode)
     }
 }
 
@@ -354,24 +383,24 @@ mod tests {
         let costs = CostModel::default();
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         // no prefill measured: never
-        assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         assert!(plan.holds_any());
-        assert!(!plan.full_is_faster(&costs, 204, 4, 0.0));
-        assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.9));
         // recomputing everything plus the loads is slower than full prefill
-        assert!(plan.full_is_faster(&costs, 204, 4, 1.0));
+        assert!(plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 1.0));
         // nothing held (every entry a miss): full prefill
         let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, false);
-        assert!(!plan.holds_any() && plan.full_is_faster(&costs, 204, 4, 0.0));
+        assert!(!plan.holds_any() && plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
         // every entry in the device tier: never full prefill for a mode that recomputes
         // less than all of it
         let device = |_: &ChunkKey| Some(Held::Device);
         let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true, false);
-        assert!(plan.holds_any() && !plan.full_is_faster(&costs, 204, 4, 0.0));
-        assert!(!plan.full_is_faster(&costs, 204, 4, 0.9));
+        assert!(plan.holds_any() && !plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.9));
     }
 
     #[test]
@@ -398,13 +427,42 @@ mod tests {
         let m = 120.0 / 260.0;
         for share in [0.1, 0.3, 0.5] {
             let want = plan.estimate_s() + (m + (1.0 - m) * share) * full_s + suffix_s >= full_s;
-            assert_eq!(plan.full_is_faster(&costs, 264, 4, share), want, "{share}");
+            assert_eq!(
+                plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, share),
+                want,
+                "{share}"
+            );
         }
-        assert!(!plan.full_is_faster(&costs, 264, 4, 0.3));
-        assert!(plan.full_is_faster(&costs, 264, 4, 0.99));
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.3));
+        assert!(plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.99));
         // nothing held: full prefill, as for misses prefilled alone
         let none = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, true);
-        assert!(none.full_is_faster(&costs, 264, 4, 0.0));
+        assert!(none.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.0));
+    }
+
+    #[test]
+    fn what_a_mode_measured_corrects_its_estimate() {
+        let (a, b) = (vec![1; 100], vec![2; 100]);
+        let segments: Vec<&[u32]> = vec![&a, &b];
+        let stored = |_: &ChunkKey| Some(Held::Store(TierKind::HOST));
+        let costs = CostModel::default();
+        costs.record_prefill(1, 1e-3);
+        let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, true);
+        let estimate = plan.mode_estimate_s(&costs, 204, 4, 0.5).unwrap();
+        // half of 204 ms recomputed, 4 ms of suffix and the loads: well under full prefill
+        assert!(estimate < 0.204 && estimate > 0.106, "{estimate}");
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Blend, 204, 4, 0.5));
+        // blends measured at twice their estimates: full prefill, but for one request in
+        // EXPLORE_EVERY, which runs the blend to measure it again
+        for x in [0.05, 0.1, 0.2] {
+            costs.record_mode(PlannedMode::Blend, x, 2.0 * x);
+        }
+        let fulls = (0..crate::cost::EXPLORE_EVERY)
+            .filter(|_| plan.full_is_faster(&costs, PlannedMode::Blend, 204, 4, 0.5))
+            .count() as u64;
+        assert_eq!(fulls, crate::cost::EXPLORE_EVERY - 1);
+        // reuse has measurements of its own
+        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.5));
     }
 
     #[test]

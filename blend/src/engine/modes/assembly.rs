@@ -8,6 +8,7 @@ use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
 
 use super::{Ran, full};
 use crate::chunk::ChunkCodec;
+use crate::cost::PlannedMode;
 use crate::engine::plan::{Held, Origin, Plan, Why};
 use crate::engine::sources::Sources;
 use crate::engine::{Blender, fraction, ms};
@@ -27,6 +28,11 @@ pub(super) struct Assembly<'r> {
     /// The request's statistics so far (mode recorded; segment sources are counted when
     /// it finishes, a failed stream having become a recompute).
     stats: BlendStats,
+    /// The request's mode, as the cost model knows it.
+    mode: PlannedMode,
+    /// What the plan estimated the request to take to its first token (`None` before any
+    /// prefill was measured); its measured time corrects such estimates.
+    estimate_s: Option<f64>,
 }
 
 /// What [`prepare`] came to.
@@ -40,16 +46,18 @@ pub(super) enum Prepared<'r> {
 /// Plans `req` (a `reuse` or `blend` request, validated) in `namespace`; runs it as full
 /// prefill when the blender allows fallback and the plan says full prefill is no slower
 /// (`recompute_share`: see `plan::recompute_share`); else opens every source and counts how
-/// each segment's KV is obtained. With `in_pass` (`blend`), segments to compute are computed
-/// by the request's own pass (`plan::Origin::InPass`) instead of prefilled alone first.
+/// each segment's KV is obtained. In `blend` (`mode`), segments to compute are computed by
+/// the request's own pass (`plan::Origin::InPass`) instead of prefilled alone first; the
+/// request's time to its first token then corrects the cost model's estimates for `mode`.
 pub(super) fn prepare<'r>(
     b: &Blender,
     namespace: &[u8],
     req: &'r BlendRequest,
+    mode: PlannedMode,
     recompute_share: f64,
-    in_pass: bool,
     start: Instant,
 ) -> Result<Prepared<'r>> {
+    let in_pass = mode == PlannedMode::Blend;
     let codec = b.codec(namespace);
     let segments = req.segments();
     let tokens = req.tokens();
@@ -67,7 +75,15 @@ pub(super) fn prepare<'r>(
         in_pass,
     );
     let fall_back = b.fallback_to_full
-        && plan.full_is_faster(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
+        && plan.full_is_faster(
+            &b.costs,
+            mode,
+            tokens.len(),
+            req.suffix.len(),
+            recompute_share,
+        );
+    let estimate_s =
+        plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
     // held chunks this request uses without reading them (recomputed because that is
     // faster, or the whole request run as full prefill) still count as used for eviction
     let unread: Vec<_> = plan
@@ -94,6 +110,8 @@ pub(super) fn prepare<'r>(
         tokens,
         sources,
         stats,
+        mode,
+        estimate_s,
     })))
 }
 
@@ -125,6 +143,10 @@ impl Assembly<'_> {
             stats.lossy_hits += usize::from(lossy);
         }
         stats.ttft_ms = ms(&b.model, start)?;
+        if let Some(estimate) = self.estimate_s {
+            b.costs
+                .record_mode(self.mode, estimate, stats.ttft_ms / 1e3);
+        }
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
         let work = self.sources.finish(b, req);

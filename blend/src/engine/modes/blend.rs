@@ -11,6 +11,7 @@ use super::Ran;
 use super::assembly::{Prepared, placeholder_cache, prepare, zero_rows};
 use crate::chunk::ChunkEncoding;
 use crate::config::BlendConfig;
+use crate::cost::PlannedMode;
 use crate::engine::Blender;
 use crate::engine::plan::recompute_share;
 use crate::error::Result;
@@ -34,7 +35,7 @@ pub(crate) fn run(
         "assemble",
     ));
     let share = recompute_share(Some(cfg), b.model.config().num_layers);
-    let mut a = match prepare(b, namespace, req, share, true, start)? {
+    let mut a = match prepare(b, namespace, req, PlannedMode::Blend, share, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };

@@ -8,6 +8,7 @@ use kvquilt_model::{FillLayers, LayerKv, Rows, positions};
 
 use super::Ran;
 use super::assembly::{Prepared, placeholder_cache, prepare};
+use crate::cost::PlannedMode;
 use crate::engine::Blender;
 use crate::error::Result;
 use crate::phases::PhaseClock;
@@ -26,7 +27,7 @@ pub(crate) fn run(
         b.model.device(),
         "assemble",
     ));
-    let mut a = match prepare(b, namespace, req, 0.0, false, start)? {
+    let mut a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
