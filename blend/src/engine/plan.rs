@@ -243,15 +243,15 @@ impl<'a> Plan<'a> {
     /// corrected by what requests of `mode` measured ([`CostModel::mode_s`]) — except
     /// that a request only the correction sends to full runs its mode now and then, to
     /// measure it again ([`CostModel::explore_mode`]).
+    /// `estimate_s` is [`Plan::mode_estimate_s`]'s (`None`: no prefill measured yet).
     pub(crate) fn full_is_faster(
         &self,
         costs: &CostModel,
         mode: PlannedMode,
         prompt_tokens: usize,
-        suffix_tokens: usize,
-        recompute_share: f64,
+        estimate_s: Option<f64>,
     ) -> bool {
-        let Some(full_s) = costs.prefill_s(prompt_tokens) else {
+        let (Some(full_s), Some(estimate)) = (costs.prefill_s(prompt_tokens), estimate_s) else {
             return false;
         };
         if self.entries.iter().any(|e| e.explores) {
@@ -260,11 +260,6 @@ impl<'a> Plan<'a> {
         if !self.holds_any() {
             return true;
         }
-        let Some(estimate) =
-            self.mode_estimate_s(costs, prompt_tokens, suffix_tokens, recompute_share)
-        else {
-            return false;
-        };
         if estimate >= full_s {
             return true;
         }
@@ -383,24 +378,65 @@ mod tests {
         let costs = CostModel::default();
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         // no prefill measured: never
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.0)
+        ));
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         assert!(plan.holds_any());
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.9));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.0)
+        ));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.9)
+        ));
         // recomputing everything plus the loads is slower than full prefill
-        assert!(plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 1.0));
+        assert!(plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 1.0)
+        ));
         // nothing held (every entry a miss): full prefill
         let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, false);
-        assert!(!plan.holds_any() && plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(
+            !plan.holds_any()
+                && plan.full_is_faster(
+                    &costs,
+                    PlannedMode::Reuse,
+                    204,
+                    plan.mode_estimate_s(&costs, 204, 4, 0.0)
+                )
+        );
         // every entry in the device tier: never full prefill for a mode that recomputes
         // less than all of it
         let device = |_: &ChunkKey| Some(Held::Device);
         let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true, false);
-        assert!(plan.holds_any() && !plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.0));
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.9));
+        assert!(
+            plan.holds_any()
+                && !plan.full_is_faster(
+                    &costs,
+                    PlannedMode::Reuse,
+                    204,
+                    plan.mode_estimate_s(&costs, 204, 4, 0.0)
+                )
+        );
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.9)
+        ));
     }
 
     #[test]
@@ -428,16 +464,36 @@ mod tests {
         for share in [0.1, 0.3, 0.5] {
             let want = plan.estimate_s() + (m + (1.0 - m) * share) * full_s + suffix_s >= full_s;
             assert_eq!(
-                plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, share),
+                plan.full_is_faster(
+                    &costs,
+                    PlannedMode::Blend,
+                    264,
+                    plan.mode_estimate_s(&costs, 264, 4, share)
+                ),
                 want,
                 "{share}"
             );
         }
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.3));
-        assert!(plan.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.99));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Blend,
+            264,
+            plan.mode_estimate_s(&costs, 264, 4, 0.3)
+        ));
+        assert!(plan.full_is_faster(
+            &costs,
+            PlannedMode::Blend,
+            264,
+            plan.mode_estimate_s(&costs, 264, 4, 0.99)
+        ));
         // nothing held: full prefill, as for misses prefilled alone
         let none = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, true);
-        assert!(none.full_is_faster(&costs, PlannedMode::Blend, 264, 4, 0.0));
+        assert!(none.full_is_faster(
+            &costs,
+            PlannedMode::Blend,
+            264,
+            none.mode_estimate_s(&costs, 264, 4, 0.0)
+        ));
     }
 
     #[test]
@@ -451,18 +507,35 @@ mod tests {
         let estimate = plan.mode_estimate_s(&costs, 204, 4, 0.5).unwrap();
         // half of 204 ms recomputed, 4 ms of suffix and the loads: well under full prefill
         assert!(estimate < 0.204 && estimate > 0.106, "{estimate}");
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Blend, 204, 4, 0.5));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Blend,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.5)
+        ));
         // blends measured at twice their estimates: full prefill, but for one request in
         // EXPLORE_EVERY, which runs the blend to measure it again
         for x in [0.05, 0.1, 0.2] {
             costs.record_mode(PlannedMode::Blend, x, 2.0 * x);
         }
         let fulls = (0..crate::cost::EXPLORE_EVERY)
-            .filter(|_| plan.full_is_faster(&costs, PlannedMode::Blend, 204, 4, 0.5))
+            .filter(|_| {
+                plan.full_is_faster(
+                    &costs,
+                    PlannedMode::Blend,
+                    204,
+                    plan.mode_estimate_s(&costs, 204, 4, 0.5),
+                )
+            })
             .count() as u64;
         assert_eq!(fulls, crate::cost::EXPLORE_EVERY - 1);
         // reuse has measurements of its own
-        assert!(!plan.full_is_faster(&costs, PlannedMode::Reuse, 204, 4, 0.5));
+        assert!(!plan.full_is_faster(
+            &costs,
+            PlannedMode::Reuse,
+            204,
+            plan.mode_estimate_s(&costs, 204, 4, 0.5)
+        ));
     }
 
     #[test]

@@ -14,11 +14,12 @@
 use std::time::{Duration, Instant};
 
 use kvquilt_kvstore::{KvLayout, LayerStream, StoreError, StreamLayer, TierKind};
-use kvquilt_model::{Device, KvCache, LayerKv, Tensor};
+use kvquilt_model::{Device, KvCache, LayerKv};
 
 use super::{Blender, STALL_FACTOR};
 use kvquilt_kvstore::ChunkKey;
 
+use super::modes::assembly::zero_rows;
 use super::plan::{Entry, Origin, Plan};
 use super::store_back::{Pending, StoreBack};
 use crate::chunk::ChunkCodec;
@@ -307,13 +308,7 @@ fn materialize(
     }
     let how = match entry.origin {
         Origin::InPass(why) => {
-            let (kvh, dim) = (b.model.config().num_kv_heads, b.model.config().head_dim);
-            let zeros = Tensor::zeros(
-                (entry.tokens.len(), kvh, dim),
-                b.model.dtype(),
-                b.model.device(),
-            )?;
-            let rows = LayerKv::new(zeros.clone(), zeros);
+            let rows = zero_rows(&b.model, entry.tokens.len())?;
             return Ok((Source::InPass(rows), why.source()));
         }
         Origin::Compute(why) => why.source(),

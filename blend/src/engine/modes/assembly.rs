@@ -74,16 +74,10 @@ pub(super) fn prepare<'r>(
         b.fallback_to_full,
         in_pass,
     );
-    let fall_back = b.fallback_to_full
-        && plan.full_is_faster(
-            &b.costs,
-            mode,
-            tokens.len(),
-            req.suffix.len(),
-            recompute_share,
-        );
     let estimate_s =
         plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
+    let fall_back =
+        b.fallback_to_full && plan.full_is_faster(&b.costs, mode, tokens.len(), estimate_s);
     // held chunks this request uses without reading them (recomputed because that is
     // faster, or the whole request run as full prefill) still count as used for eviction
     let unread: Vec<_> = plan
@@ -155,7 +149,7 @@ impl Assembly<'_> {
 }
 
 /// Zero K and V rows `[rows, kv_heads, head_dim]` in the model's dtype, on its device.
-pub(super) fn zero_rows(model: &Model, rows: usize) -> Result<LayerKv> {
+pub(crate) fn zero_rows(model: &Model, rows: usize) -> Result<LayerKv> {
     let c = model.config();
     let zeros = Tensor::zeros(
         (rows, c.num_kv_heads, c.head_dim),

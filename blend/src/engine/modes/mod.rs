@@ -2,7 +2,7 @@
 //! (the first token's logits, the whole prompt's KV at positions `0..N`, its statistics)
 //! and its store-back, the work left for after the first token.
 
-mod assembly;
+pub(crate) mod assembly;
 pub(crate) mod blend;
 pub(crate) mod full;
 pub(crate) mod prefix;
