@@ -300,6 +300,19 @@ mod tests {
         }
     }
 
+    /// [`Plan::full_is_faster`] on the plan's own estimate.
+    fn full_wins(
+        plan: &Plan<'_>,
+        costs: &CostModel,
+        mode: PlannedMode,
+        prompt: usize,
+        suffix: usize,
+        share: f64,
+    ) -> bool {
+        let estimate = plan.mode_estimate_s(costs, prompt, suffix, share);
+        plan.full_is_faster(costs, mode, prompt, estimate)
+    }
+
     /// A key named by a segment's first token.
     fn key_of(tokens: &[u32]) -> ChunkKey {
         ChunkKey([tokens[0] as u8; 32])
@@ -378,65 +391,24 @@ mod tests {
         let costs = CostModel::default();
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         // no prefill measured: never
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.0)
-        ));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.0));
         // 1 ms per token: loading 2 × 12,800 bytes from the host is far cheaper
         costs.record_prefill(1, 1e-3);
         let plan = Plan::build(&segments, key_of, stored, &layout(), &costs, true, false);
         assert!(plan.holds_any());
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.0)
-        ));
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.9)
-        ));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.9));
         // recomputing everything plus the loads is slower than full prefill
-        assert!(plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 1.0)
-        ));
+        assert!(full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 1.0));
         // nothing held (every entry a miss): full prefill
         let plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, false);
-        assert!(
-            !plan.holds_any()
-                && plan.full_is_faster(
-                    &costs,
-                    PlannedMode::Reuse,
-                    204,
-                    plan.mode_estimate_s(&costs, 204, 4, 0.0)
-                )
-        );
+        assert!(!plan.holds_any() && full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.0));
         // every entry in the device tier: never full prefill for a mode that recomputes
         // less than all of it
         let device = |_: &ChunkKey| Some(Held::Device);
         let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true, false);
-        assert!(
-            plan.holds_any()
-                && !plan.full_is_faster(
-                    &costs,
-                    PlannedMode::Reuse,
-                    204,
-                    plan.mode_estimate_s(&costs, 204, 4, 0.0)
-                )
-        );
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.9)
-        ));
+        assert!(plan.holds_any() && !full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.0));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.9));
     }
 
     #[test]
@@ -464,36 +436,16 @@ mod tests {
         for share in [0.1, 0.3, 0.5] {
             let want = plan.estimate_s() + (m + (1.0 - m) * share) * full_s + suffix_s >= full_s;
             assert_eq!(
-                plan.full_is_faster(
-                    &costs,
-                    PlannedMode::Blend,
-                    264,
-                    plan.mode_estimate_s(&costs, 264, 4, share)
-                ),
+                full_wins(&plan, &costs, PlannedMode::Blend, 264, 4, share),
                 want,
                 "{share}"
             );
         }
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Blend,
-            264,
-            plan.mode_estimate_s(&costs, 264, 4, 0.3)
-        ));
-        assert!(plan.full_is_faster(
-            &costs,
-            PlannedMode::Blend,
-            264,
-            plan.mode_estimate_s(&costs, 264, 4, 0.99)
-        ));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Blend, 264, 4, 0.3));
+        assert!(full_wins(&plan, &costs, PlannedMode::Blend, 264, 4, 0.99));
         // nothing held: full prefill, as for misses prefilled alone
         let none = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, true);
-        assert!(none.full_is_faster(
-            &costs,
-            PlannedMode::Blend,
-            264,
-            none.mode_estimate_s(&costs, 264, 4, 0.0)
-        ));
+        assert!(full_wins(&none, &costs, PlannedMode::Blend, 264, 4, 0.0));
     }
 
     #[test]
@@ -507,35 +459,18 @@ mod tests {
         let estimate = plan.mode_estimate_s(&costs, 204, 4, 0.5).unwrap();
         // half of 204 ms recomputed, 4 ms of suffix and the loads: well under full prefill
         assert!(estimate < 0.204 && estimate > 0.106, "{estimate}");
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Blend,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.5)
-        ));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Blend, 204, 4, 0.5));
         // blends measured at twice their estimates: full prefill, but for one request in
         // EXPLORE_EVERY, which runs the blend to measure it again
         for x in [0.05, 0.1, 0.2] {
             costs.record_mode(PlannedMode::Blend, x, 2.0 * x);
         }
         let fulls = (0..crate::cost::EXPLORE_EVERY)
-            .filter(|_| {
-                plan.full_is_faster(
-                    &costs,
-                    PlannedMode::Blend,
-                    204,
-                    plan.mode_estimate_s(&costs, 204, 4, 0.5),
-                )
-            })
+            .filter(|_| full_wins(&plan, &costs, PlannedMode::Blend, 204, 4, 0.5))
             .count() as u64;
         assert_eq!(fulls, crate::cost::EXPLORE_EVERY - 1);
         // reuse has measurements of its own
-        assert!(!plan.full_is_faster(
-            &costs,
-            PlannedMode::Reuse,
-            204,
-            plan.mode_estimate_s(&costs, 204, 4, 0.5)
-        ));
+        assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.5));
     }
 
     #[test]
