@@ -129,6 +129,12 @@ pub struct Args {
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
+    /// Every this-many-th document of each prompt (the 1st, the (n+1)-th, …) is not stored
+    /// when the `reuse` and `blend` rows run (0: all stored), so they meet misses: `blend`
+    /// computes them in its own pass, `reuse` prefills them alone first. Nothing is stored
+    /// back by those rows (the next row finds the same store).
+    #[arg(long, default_value_t = 0)]
+    unstored_every: usize,
     /// Write the report (rows and per-example predictions) here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -664,9 +670,30 @@ pub fn run(a: Args) -> Result<()> {
             bar.set_message(format!("example {ei}: {}", cfg.label()));
             let req = kvquilt_blend::BlendRequest {
                 mode: cfg.mode.clone(),
+                store_back: a.unstored_every == 0,
                 ..base.clone()
             };
-            let out = answer(&blenders[cfg.codec].1, &tokenizer, &opts, &req)?;
+            let blender = &blenders[cfg.codec].1;
+            let unstored: Vec<&[u32]> = if a.unstored_every > 0 && cfg.mode != Mode::Full {
+                base.chunks
+                    .iter()
+                    .step_by(a.unstored_every)
+                    .map(Vec::as_slice)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for seg in &unstored {
+                rt.block_on(blender.remove(&blender.codec(b"").key(seg)))?;
+            }
+            let out = answer(blender, &tokenizer, &opts, &req);
+            for seg in &unstored {
+                let done = blender.precompute(b"", seg)?;
+                if blenders[cfg.codec].0 != CodecSpec::Raw {
+                    rt.block_on(blender.store().tiers()[0].remove(&done.key))?;
+                }
+            }
+            let out = out?;
             let (logits, prediction) = (out.logits, out.prediction);
             let generation = out.tokens;
             let (f1, correct) = (
