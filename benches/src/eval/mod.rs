@@ -653,13 +653,18 @@ pub fn run(a: Args) -> Result<()> {
     for (ei, ex) in examples.iter().enumerate() {
         let base = ex.rag_prompt().request(&tokenizer, Mode::Full)?;
         prompt_tokens.push(base.tokens().len() as f64);
+        // stores a segment as the codec's rows read it
+        let store = |codec: CodecSpec, blender: &Blender, seg: &[u32]| -> Result<()> {
+            let done = blender.precompute(b"", seg)?;
+            if codec != CodecSpec::Raw {
+                // reads must come from the codec's tier: drop the host tier's copy
+                rt.block_on(blender.store().tiers()[0].remove(&done.key))?;
+            }
+            Ok(())
+        };
         for (codec, blender) in &blenders {
             for seg in base.segments() {
-                let done = blender.precompute(b"", seg)?;
-                if *codec != CodecSpec::Raw {
-                    // reads must come from the codec's tier: drop the host tier's copy
-                    rt.block_on(blender.store().tiers()[0].remove(&done.key))?;
-                }
+                store(*codec, blender, seg)?;
             }
         }
         let mut reference: Option<(Vec<f32>, Vec<u32>)> = None;
@@ -688,10 +693,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             let out = answer(blender, &tokenizer, &opts, &req);
             for seg in &unstored {
-                let done = blender.precompute(b"", seg)?;
-                if blenders[cfg.codec].0 != CodecSpec::Raw {
-                    rt.block_on(blender.store().tiers()[0].remove(&done.key))?;
-                }
+                store(blenders[cfg.codec].0, blender, seg)?;
             }
             let out = out?;
             let (logits, prediction) = (out.logits, out.prediction);
