@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use kvquilt_kvstore::{
     ChunkKey, KeepEncoded, PolicyKind, TierKind, TierStatsSnapshot, TieredStore, decode_all,
 };
-use kvquilt_model::Model;
 use kvquilt_model::staging::Uploader;
+use kvquilt_model::{KvCache, Model};
 use tokio::runtime::Handle;
 
 use crate::chunk::ChunkCodec;
@@ -270,6 +270,15 @@ impl Blender {
             tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
         }
         out
+    }
+
+    /// Prefills `tokens` alone by `codec`'s chunk contract and records the prefill rate in the
+    /// cost model; returns the KV (positions `0..T`) and the seconds it took.
+    fn prefill_chunk(&self, codec: &ChunkCodec, tokens: &[u32]) -> Result<(KvCache, f64)> {
+        let (cache, took) = codec.prefill(&self.model, tokens)?;
+        let seconds = took.as_secs_f64();
+        self.costs.record_prefill(tokens.len(), seconds);
+        Ok((cache, seconds))
     }
 
     /// Runs a request's store-back ([`Blender::run_deferring`]); returns what it stored, in

@@ -409,12 +409,11 @@ fn compute(
     how: SegmentSource,
     pending: &mut Pending,
 ) -> Result<KvCache> {
-    let (cache, took) = codec.prefill(&b.model, tokens)?;
-    b.costs.record_prefill(tokens.len(), took.as_secs_f64());
+    let (cache, took_s) = b.prefill_chunk(codec, tokens)?;
     let store = how == SegmentSource::Miss
         || (how == SegmentSource::Unusable && b.store.locate(&key).is_none());
     if store {
-        pending.push(codec, key, tokens, cache.clone(), took.as_secs_f64());
+        pending.push(codec, key, tokens, cache.clone(), took_s);
     }
     Ok(cache)
 }

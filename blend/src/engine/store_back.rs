@@ -109,15 +109,13 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
     } = work;
     if store || b.device_tier.is_some() {
         for d in prefill {
-            let (cache, took) = match d.codec.prefill(&b.model, &d.tokens) {
+            let (cache, cost_s) = match b.prefill_chunk(&d.codec, &d.tokens) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(key = %d.key, error = %e, "prefilling a miss to store it failed");
                     continue;
                 }
             };
-            let cost_s = took.as_secs_f64();
-            b.costs.record_prefill(d.tokens.len(), cost_s);
             if let Some(tier) = &b.device_tier {
                 tier.put(d.key, cache.layers.clone(), cost_s);
             }
