@@ -501,8 +501,6 @@ impl FusedAttention {
     }
 }
 
-/// One call's attention launch as a candle op over (q, k, v); with `keep_lse`, it also keeps
-/// each row's log-sum-exp (in `lse`) for [`FusedAttention::attend_and_column_sums`].
 /// How a launch's keys are rotated.
 #[derive(Clone, Copy)]
 enum KeyRotation<'a> {
@@ -515,6 +513,8 @@ enum KeyRotation<'a> {
     PerHead(&'a Tensor, usize),
 }
 
+/// One call's attention launch as a candle op over (q, k, v); with `keep_lse`, it also keeps
+/// each row's log-sum-exp (in `lse`) for [`FusedAttention::attend_and_column_sums`].
 struct Launch<'a> {
     attention: &'a FusedAttention,
     keep_lse: bool,
