@@ -10,7 +10,7 @@ use kvquilt_model::{
 };
 
 use crate::config::BlendConfig;
-use crate::error::{BlendError, Result};
+use crate::error::{BlendError, Result, invalid};
 use crate::phases::PhaseClock;
 use crate::select::{Deviation, TokenRoles, select};
 
@@ -92,7 +92,7 @@ fn run(
             n => n.min(num_layers),
         };
         Some(suffix_attention(
-            model, tokens, non_suffix, layers, cache, fill_once,
+            model, tokens, non_suffix, layers, roles, cache, fill_once,
         )?)
     } else {
         None
@@ -177,28 +177,88 @@ fn run(
 /// Attention the suffix pays each token, summed over layers `0..layers`, heads and suffix
 /// rows, `[n]`: the suffix alone is run over the cached KV (as `reuse` would). Its rows in
 /// those layers of `cache` are overwritten; the blend recomputes them anyway.
+///
+/// Tokens computed in the pass (`roles.computed`) have no KV yet, only placeholder rows: the
+/// suffix is run over the other tokens alone (at their own positions) and the computed ones
+/// get no attention, so the ranking of the cached tokens is what it would be if the missing
+/// segments were not in the prompt (test
+/// `tests::the_question_pass_sees_only_the_tokens_that_have_kv`), not skewed by attention
+/// paid to zero keys. That pass gathers the held rows of each layer it runs through into a
+/// second cache, held until it returns.
 fn suffix_attention(
     model: &Model,
     tokens: &[u32],
     non_suffix: usize,
     layers: usize,
+    roles: &TokenRoles,
     cache: &mut KvCache,
     fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
 ) -> Result<Vec<f32>> {
     let n = tokens.len();
-    let rows: Vec<usize> = (non_suffix..n).collect();
     let hidden = model.embed(&tokens[non_suffix..])?;
+    let probe = ProbeRequest::summed_over_all(n - non_suffix);
+    if !roles.computed.iter().any(|&c| c) {
+        let rows: Vec<usize> = (non_suffix..n).collect();
+        let mut hook = SuffixAttention {
+            probe,
+            fill: fill_once,
+            total: None,
+        };
+        model.run_layers_with(0..layers, hidden, Rows::Replace(&rows), cache, &mut hook)?;
+        return hook.sums(n);
+    }
+    if roles.computed[non_suffix..].iter().any(|&c| c) {
+        return Err(invalid("a suffix token is marked computed in the pass"));
+    }
+    // the held tokens as runs of rows; the suffix is the last run's tail
+    let mut held: Vec<std::ops::Range<usize>> = Vec::new();
+    for t in (0..n).filter(|&t| !roles.computed[t]) {
+        match held.last_mut() {
+            Some(r) if r.end == t => r.end = t + 1,
+            _ => held.push(t..t + 1),
+        }
+    }
+    let m: usize = held.iter().map(|r| r.len()).sum();
+    let positions: Vec<u32> = held
+        .iter()
+        .flat_map(|r| cache.positions[r.clone()].iter().copied())
+        .collect();
+    let shape = cache.layers[0].k.dims().to_vec();
+    let zeros = Tensor::zeros(
+        (m, shape[1], shape[2]),
+        cache.layers[0].k.dtype(),
+        model.device(),
+    )?;
+    let placeholder = LayerKv::new(zeros.clone(), zeros);
+    let mut held_cache = KvCache::new(vec![placeholder; cache.layers.len()], positions);
+    let mut fill_held = |l: usize, kv: &mut LayerKv| -> kvquilt_model::Result<()> {
+        fill_once(l, &mut cache.layers[l])?;
+        let parts = held
+            .iter()
+            .map(|r| cache.layers[l].narrow(r.start, r.len()))
+            .collect::<kvquilt_model::Result<Vec<_>>>()?;
+        *kv = LayerKv::cat(&parts.iter().collect::<Vec<_>>())?;
+        Ok(())
+    };
+    let rows: Vec<usize> = (m - (n - non_suffix)..m).collect();
     let mut hook = SuffixAttention {
-        probe: ProbeRequest::summed_over_all(rows.len()),
-        fill: fill_once,
+        probe,
+        fill: &mut fill_held,
         total: None,
     };
-    model.run_layers_with(0..layers, hidden, Rows::Replace(&rows), cache, &mut hook)?;
-    // summed on the device layer by layer, read back once
-    match hook.total {
-        Some(t) => Ok(t.to_vec1::<f32>()?),
-        None => Ok(vec![0f32; n]),
+    model.run_layers_with(
+        0..layers,
+        hidden,
+        Rows::Replace(&rows),
+        &mut held_cache,
+        &mut hook,
+    )?;
+    let sums = hook.sums(m)?;
+    let mut out = vec![0f32; n];
+    for (t, s) in held.into_iter().flatten().zip(sums) {
+        out[t] = s;
     }
+    Ok(out)
 }
 
 /// Supplies each layer's KV and adds up its summed suffix attention, `[n]`, on the device.
@@ -206,6 +266,17 @@ struct SuffixAttention<'a> {
     probe: ProbeRequest,
     fill: &'a mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
     total: Option<Tensor>,
+}
+
+impl SuffixAttention<'_> {
+    /// The summed attention per cached token, `[tokens]` (zeros when no layer ran),
+    /// read back once.
+    fn sums(self, tokens: usize) -> Result<Vec<f32>> {
+        match self.total {
+            Some(t) => Ok(t.to_vec1::<f32>()?),
+            None => Ok(vec![0f32; tokens]),
+        }
+    }
 }
 
 impl LayerHook for SuffixAttention<'_> {
@@ -349,8 +420,143 @@ fn deviation(fresh: &LayerKv, cached: &LayerKv, how: Deviation) -> Result<Vec<f3
 
 #[cfg(test)]
 mod tests {
-    use super::{by_segment, dilate, mix};
+    use super::{by_segment, dilate, mix, suffix_attention};
     use crate::select::{Spread, TokenRoles, select};
+    use kvquilt_model::{DType, Device, KvCache, LayerKv, Model, Tensor, load, positions};
+
+    fn tiny_llama() -> Model {
+        let dir = std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../model/tests/fixtures/tiny-llama");
+        load(&dir, &Device::Cpu, DType::F32)
+            .expect("loading a tiny model")
+            .model
+    }
+
+    /// `tokens` rows of `cache` in every layer (positions too).
+    fn rows_of(cache: &KvCache, tokens: &[usize]) -> KvCache {
+        let idx = Tensor::new(
+            tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        KvCache::new(
+            cache
+                .layers
+                .iter()
+                .map(|l| {
+                    LayerKv::new(
+                        l.k.index_select(&idx, 0).unwrap(),
+                        l.v.index_select(&idx, 0).unwrap(),
+                    )
+                })
+                .collect(),
+            tokens.iter().map(|&t| cache.positions[t]).collect(),
+        )
+    }
+
+    /// A segment computed in the pass has only placeholder (zero) rows when the question
+    /// pass runs: the question must attend over the held tokens alone, at their own
+    /// positions, and pay the computed tokens nothing.
+    #[test]
+    fn the_question_pass_sees_only_the_tokens_that_have_kv() {
+        let model = tiny_llama();
+        let layers = model.config().num_layers;
+        // A (10 tokens), B (8, computed in the pass), C (12), suffix (5)
+        let tokens: Vec<u32> = (0..35u32).map(|i| (i * 37 + 11) % 500).collect();
+        let segment: Vec<usize> = (0..35)
+            .map(|t| match t {
+                0..10 => 0,
+                10..18 => 1,
+                18..30 => 2,
+                _ => 3,
+            })
+            .collect();
+        let computed: Vec<bool> = segment.iter().map(|&s| s == 1).collect();
+        let roles = TokenRoles {
+            segments: 3,
+            forced: segment.iter().map(|&s| s == 3).collect(),
+            exact: vec![false; 35],
+            computed: computed.clone(),
+            segment: segment.clone(),
+        };
+        // the assembled cache: full prefill's rows, B's and the suffix's zeroed
+        let mut full = model.empty_cache().unwrap();
+        model
+            .prefill(&tokens, &positions(0, 35), &mut full)
+            .unwrap();
+        let mask: Vec<f32> = (0..35)
+            .map(|t| if computed[t] || t >= 30 { 0.0 } else { 1.0 })
+            .collect();
+        let mask = Tensor::new(mask, &Device::Cpu)
+            .unwrap()
+            .reshape((35, 1, 1))
+            .unwrap();
+        let mut assembled = full.clone();
+        for l in &mut assembled.layers {
+            *l = LayerKv::new(
+                l.k.broadcast_mul(&mask).unwrap(),
+                l.v.broadcast_mul(&mask).unwrap(),
+            );
+        }
+        let mut noop = |_: usize, _: &mut LayerKv| -> kvquilt_model::Result<()> { Ok(()) };
+        let got = suffix_attention(
+            &model,
+            &tokens,
+            30,
+            layers,
+            &roles,
+            &mut assembled.clone(),
+            &mut noop,
+        )
+        .unwrap();
+        // the reference: the prompt without B, every other token at its own position
+        let held: Vec<usize> = (0..35).filter(|&t| !computed[t]).collect();
+        let held_tokens: Vec<u32> = held.iter().map(|&t| tokens[t]).collect();
+        let held_roles = TokenRoles {
+            segment: held.iter().map(|&t| segment[t]).collect(),
+            segments: 3,
+            forced: held.iter().map(|&t| t >= 30).collect(),
+            exact: vec![false; 27],
+            computed: vec![false; 27],
+        };
+        let want = suffix_attention(
+            &model,
+            &held_tokens,
+            22,
+            layers,
+            &held_roles,
+            &mut rows_of(&assembled, &held),
+            &mut noop,
+        )
+        .unwrap();
+        for (i, &t) in held.iter().enumerate() {
+            assert!(
+                (got[t] - want[i]).abs() <= 1e-5 * want[i].abs().max(1.0),
+                "token {t}: {} vs {}",
+                got[t],
+                want[i]
+            );
+        }
+        assert!(computed.iter().zip(&got).all(|(&c, &g)| !c || g == 0.0));
+        // what the pass paid before: attention to B's zero keys shifted the held tokens'
+        let mut as_cached = roles.clone();
+        as_cached.computed = vec![false; 35];
+        let before = suffix_attention(
+            &model,
+            &tokens,
+            30,
+            layers,
+            &as_cached,
+            &mut assembled.clone(),
+            &mut noop,
+        )
+        .unwrap();
+        let shift: f32 = held.iter().map(|&t| (before[t] - got[t]).abs()).sum();
+        assert!(shift > 1e-3, "zero keys took no attention ({shift})");
+    }
 
     #[test]
     fn by_segment_takes_the_best_segment_whole() {
