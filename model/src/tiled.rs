@@ -14,6 +14,12 @@
 //! Same contract as the reference ([`crate::attention::attend`]): Q and K rotated, f32,
 //! `q` `[n, num_heads, d]`, `k`/`v` `[t, kv_heads, d]`, output `[n, num_heads * d]`. Pinned
 //! against a naive per-query softmax by `tests::matches_naive_on_random_shapes`.
+//!
+//! [`attend_summed`] also returns each key's probability summed over every query and head
+//! (query-aware blend's question pass): once a unit knows its rows' final maxima and sums, a
+//! second sweep recomputes `Q Kᵀ` tile by tile and adds `2^(s - max) / sum` per key, so the
+//! probabilities are still never held beyond one tile (pinned against the naive sums by the
+//! same test).
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -86,6 +92,31 @@ impl TiledPlan {
 
 /// `softmax(q kᵀ / √d) v` with the exact position mask of `plan`; see the module docs.
 pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    Ok(run(plan, q, k, v, false)?.0)
+}
+
+/// [`attend`], plus each key's attention probability summed over every query row and head,
+/// `[t]` f32 (what [`crate::attention::ProbeRequest::summed_over_all`] asks for).
+pub(crate) fn attend_summed(
+    plan: &TiledPlan,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (out, sums) = run(plan, q, k, v, true)?;
+    let sums = sums.unwrap_or_else(|| vec![0f32; plan.k_pos.len()]);
+    let t = sums.len();
+    Ok((out, Tensor::from_vec(sums, t, &Device::Cpu)?))
+}
+
+/// The units of one call on rayon's pool; with `sums`, the per-key probability sums too.
+fn run(
+    plan: &TiledPlan,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sums: bool,
+) -> Result<(Tensor, Option<Vec<f32>>)> {
     let (n, num_heads, d) = q.dims3()?;
     let (t, kv_heads, dk) = k.dims3()?;
     if n != plan.q_pos.len() || t != plan.k_pos.len() || dk != d || v.dims() != k.dims() {
@@ -113,15 +144,19 @@ pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Re
     let units: Vec<(usize, QueryTile)> = (0..kv_heads)
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
-    let results: Vec<Vec<f32>> = with_slices(&q, &k, &v, |qs, ks, vs| {
+    let results: Vec<(Vec<f32>, Vec<f32>)> = with_slices(&q, &k, &v, |qs, ks, vs| {
         units
             .par_iter()
-            .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs))
+            .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs, sums))
             .collect()
     })?;
     // scatter each unit's rows (g, i) to output row q_start + i, head kh * group + g
     let mut out = vec![0f32; n * num_heads * d];
-    for (&(kh, tile), o) in units.iter().zip(&results) {
+    let mut key_sums = sums.then(|| vec![0f32; t]);
+    for (&(kh, tile), (o, col)) in units.iter().zip(&results) {
+        if let Some(total) = &mut key_sums {
+            total.iter_mut().zip(col).for_each(|(a, b)| *a += b);
+        }
         let nb = tile.q_end - tile.q_start;
         for g in 0..shape.group {
             for i in 0..nb {
@@ -130,7 +165,10 @@ pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Re
             }
         }
     }
-    Ok(Tensor::from_vec(out, (n, num_heads * d), &Device::Cpu)?)
+    Ok((
+        Tensor::from_vec(out, (n, num_heads * d), &Device::Cpu)?,
+        key_sums,
+    ))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -182,7 +220,9 @@ fn with_slices<R>(
 }
 
 /// One KV head × one query tile: returns `[group * nb, d]`, row `g * nb + i` for query
-/// `q_start + i` of head `kh * group + g`.
+/// `q_start + i` of head `kh * group + g`; with `sums`, also the unit's probabilities summed
+/// per key over its rows, `[k_len]` (empty otherwise).
+#[allow(clippy::too_many_arguments)]
 fn unit(
     plan: &TiledPlan,
     s: Shape,
@@ -191,7 +231,8 @@ fn unit(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-) -> Vec<f32> {
+    sums: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let nb = tile.q_end - tile.q_start;
     let rows = s.group * nb;
     let d = s.d;
@@ -216,43 +257,10 @@ fn unit(
         let w = KEY_TILE.min(tile.k_len - k0);
         let kt = &k[k0 * kv_stride + kh * d..];
         let vt = &v[k0 * kv_stride + kh * d..];
-        // S[rows, w] = Qt[rows, d] · K[k0.., kh, :]ᵀ
-        // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
-        // with row stride d; rhs element (x, c) is kt[c * kv_stride + x], and the last one read,
-        // (d-1, w-1), lies within k because key k0 + w - 1 < t. No aliasing: dst is our own.
-        unsafe {
-            gemm::gemm(
-                rows,
-                w,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                KEY_TILE as isize,
-                false,
-                qt.as_ptr(),
-                1,
-                d as isize,
-                kt.as_ptr(),
-                kv_stride as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        let masked = k0 + w > tile.k_free;
-        let keys = &plan.k_pos[k0..k0 + w];
+        score_tile(&mut scores, &qt, kt, rows, w, d, kv_stride);
         for r in 0..rows {
             let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
-            let visible = if masked {
-                let qp = plan.q_pos[tile.q_start + r % nb];
-                keys.partition_point(|&p| p <= qp)
-            } else {
-                w
-            };
+            let visible = visible_keys(plan, tile, k0, w, r % nb);
             row[visible..].fill(0.0);
             if visible == 0 {
                 continue; // nothing seen here; the row's state is unchanged
@@ -295,11 +303,88 @@ fn unit(
         }
         k0 += w;
     }
-    for (r, o) in out.chunks_exact_mut(d).enumerate() {
-        let inv = 1.0 / row_sum[r];
+    let inv: Vec<f32> = row_sum.iter().map(|s| 1.0 / s).collect();
+    for (o, inv) in out.chunks_exact_mut(d).zip(&inv) {
         o.iter_mut().for_each(|x| *x *= inv);
     }
-    out
+    if !sums {
+        return (out, Vec::new());
+    }
+    // second sweep: each row's probabilities, now that its max and sum are final, added per key
+    let mut col = vec![0f32; tile.k_len];
+    let mut k0 = 0;
+    while k0 < tile.k_len {
+        let w = KEY_TILE.min(tile.k_len - k0);
+        score_tile(
+            &mut scores,
+            &qt,
+            &k[k0 * kv_stride + kh * d..],
+            rows,
+            w,
+            d,
+            kv_stride,
+        );
+        for r in 0..rows {
+            let visible = visible_keys(plan, tile, k0, w, r % nb);
+            let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
+            exp2_in_place(seen, row_max[r]);
+            for (c, p) in col[k0..k0 + visible].iter_mut().zip(seen.iter()) {
+                *c += p * inv[r];
+            }
+        }
+        k0 += w;
+    }
+    (out, col)
+}
+
+/// `S[rows, w] = Qt[rows, d] · K[.., kh, :]ᵀ` into the score tile (row stride `KEY_TILE`):
+/// `kt` starts at the tile's first key of this KV head, rows `kv_stride` apart.
+fn score_tile(
+    scores: &mut [f32],
+    qt: &[f32],
+    kt: &[f32],
+    rows: usize,
+    w: usize,
+    d: usize,
+    kv_stride: usize,
+) {
+    assert!(scores.len() >= rows * KEY_TILE && w <= KEY_TILE && qt.len() >= rows * d);
+    assert!(w == 0 || kt.len() >= (w - 1) * kv_stride + d);
+    // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
+    // with row stride d; rhs element (x, c) is kt[c * kv_stride + x], and the last one read,
+    // (d-1, w-1), lies within kt (asserted above). No aliasing: dst is our own.
+    unsafe {
+        gemm::gemm(
+            rows,
+            w,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            KEY_TILE as isize,
+            false,
+            qt.as_ptr(),
+            1,
+            d as isize,
+            kt.as_ptr(),
+            kv_stride as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Keys of the tile `k0..k0 + w` that query `i` of `tile` sees (a prefix of the tile).
+fn visible_keys(plan: &TiledPlan, tile: QueryTile, k0: usize, w: usize, i: usize) -> usize {
+    if k0 + w <= tile.k_free {
+        return w;
+    }
+    let qp = plan.q_pos[tile.q_start + i];
+    plan.k_pos[k0..k0 + w].partition_point(|&p| p <= qp)
 }
 
 /// The largest value of a non-empty slice (eight lanes, so it vectorises).
@@ -469,7 +554,52 @@ mod tests {
             // 1e-5 absolute: f32 summation-order noise (a 2e-6 floor failed once in ~50 CI runs at 5.2e-6)
             prop_assert!(ours <= 2.0 * theirs + 1e-5, "tiled error {} vs reference {}", ours, theirs);
             prop_assert!(ours < 1e-4, "tiled error {}", ours);
+            // the summed probe: the same output, and each key's probability summed over
+            // every query and head against f64
+            let (out, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
+            prop_assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), got);
+            let sums = sums.to_vec1::<f32>().unwrap();
+            let want = naive_key_sums(&q, &k, &qp, &kp);
+            for (j, (g, w)) in sums.iter().zip(&want).enumerate() {
+                prop_assert!(
+                    ((*g as f64) - w).abs() <= 1e-5 * w.max(1.0),
+                    "key {}: {} vs {}", j, g, w
+                );
+            }
         }
+    }
+
+    /// Each key's softmax probability summed over every query and head, in f64 (`q`, `k`
+    /// rotated; query head `h` reads KV head `h / group`).
+    fn naive_key_sums(q: &Tensor, k: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<f64> {
+        let (n, h, d) = q.dims3().unwrap();
+        let kvh = k.dims()[1];
+        let q = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let k = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut sums = vec![0f64; kp.len()];
+        for i in 0..n {
+            let seen = kp.partition_point(|&p| p <= qp[i]);
+            for head in 0..h {
+                let kh = head / (h / kvh);
+                let qr = &q[(i * h + head) * d..][..d];
+                let s: Vec<f64> = (0..seen)
+                    .map(|j| {
+                        let kr = &k[(j * kvh + kh) * d..][..d];
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, x) in s.iter().enumerate() {
+                    sums[j] += (x - m).exp() / z;
+                }
+            }
+        }
+        sums
     }
 
     /// A call long enough for the larger query tiles, keys with holes.

@@ -23,12 +23,13 @@ pub(super) enum LayerAttention {
         k_tables: RopeTables,
         summed: bool,
     },
-    /// Tiled online-softmax attention on the CPU (f32, no probe): keys rotated by
-    /// `k_tables`, no score matrix beyond one tile.
+    /// Tiled online-softmax attention on the CPU (f32; no probe, or a summed probe of every
+    /// row when `summed`): keys rotated by `k_tables`, no score matrix beyond one tile.
     Tiled {
         plan: crate::tiled::TiledPlan,
         q_tables: RopeTables,
         k_tables: RopeTables,
+        summed: bool,
     },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
     /// the probabilities per key when `summed` (a summed probe of every row).
@@ -231,8 +232,9 @@ impl Model {
             });
         }
         debug_assert!(!fused || !cfg!(feature = "gpu"));
-        // The CPU's own fused path: tiled online softmax, for calls with no probe.
-        if probe.is_none()
+        // The CPU's own fused path: tiled online softmax, for calls with no probe or a summed
+        // probe of every row (not over a pruned cache, as on the GPU).
+        if (probe.is_none() || (summed && pruned.is_none()))
             && !padded
             && kernel == AttentionKernel::Auto
             && self.device.is_cpu()
@@ -242,6 +244,7 @@ impl Model {
                 plan: crate::tiled::TiledPlan::new(q_pos, k_pos)?,
                 q_tables: self.tables(q_pos)?,
                 k_tables: self.tables(k_pos)?,
+                summed,
             });
         }
         Ok(LayerAttention::Reference {
@@ -347,6 +350,7 @@ impl Model {
                 plan,
                 q_tables,
                 k_tables,
+                summed,
             } => {
                 if pruned.is_some_and(|(l, _)| l.bias.is_some()) {
                     return Err(invalid_input(
@@ -357,6 +361,16 @@ impl Model {
                 let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
                 let k_rot = self.rotate_keys(k, k_tables, pruned)?;
+                if *summed {
+                    let (out, sums) = crate::tiled::attend_summed(plan, &q_rot, &k_rot, v)?;
+                    return Ok((
+                        out,
+                        LayerProbe {
+                            rows: Some(sums),
+                            column_sums: None,
+                        },
+                    ));
+                }
                 let out = crate::tiled::attend(plan, &q_rot, &k_rot, v)?;
                 Ok((out, LayerProbe::default()))
             }
@@ -424,6 +438,41 @@ mod tests {
             qkv_bias: false,
         };
         Model::random(config, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    /// A summed probe of every row (query-aware blend's question pass) runs tiled on the CPU
+    /// and reports what the reference reports: each key's probability summed over every
+    /// query and head, with the same output.
+    #[test]
+    fn the_cpu_sums_every_rows_attention_per_key_as_the_reference_does() -> Result<()> {
+        let m = model();
+        let dev = Device::Cpu;
+        let kp: Vec<u32> = (0..40).filter(|p| p % 5 != 2).collect();
+        let qp: Vec<u32> = vec![3, 9, 17, 30, 38, 39];
+        let q = Tensor::randn(0f32, 1.0, (qp.len(), 4, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
+        let how = m.layer_attention(
+            &qp,
+            &kp,
+            Some(&ProbeRequest::summed_over_all(qp.len())),
+            AttentionKernel::Auto,
+            None,
+        )?;
+        assert!(matches!(how, LayerAttention::Tiled { summed: true, .. }));
+        let (out, sums) = m.attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Auto)?;
+        let (want_out, want_sums) =
+            m.attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)?;
+        for (a, b) in [(&out, &want_out), (&sums, &want_sums)] {
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "tiled vs reference: {diff}");
+        }
+        let total = sums.sum_all()?.to_scalar::<f32>()?;
+        assert!(
+            (total - (qp.len() * 4) as f32).abs() < 1e-3,
+            "every row sums to 1: {total}"
+        );
+        Ok(())
     }
 
     /// Heads keeping different tokens (one padded and masked) attend exactly over their own
