@@ -25,8 +25,14 @@ use crate::error::{BlendError, Result};
 #[derive(Debug, Clone)]
 pub enum BlockScorer<'a> {
     /// The attention of this prompt's rows, appended after the cache and dropped (EpiCache:
-    /// an episode's scoring prompt).
-    Prompt(&'a [u32]),
+    /// an episode's scoring prompt), reduced over the rows by their mean, or by their
+    /// maximum with `row_max` (the reference code's).
+    Prompt {
+        /// The scoring prompt.
+        tokens: &'a [u32],
+        /// Reduce its rows by their maximum.
+        row_max: bool,
+    },
     /// SnapKV over the block's last rows (block-prefill SnapKV).
     Window(SnapKv),
 }
@@ -73,7 +79,7 @@ pub fn block_prefill(
                 window: s.window.min(blk.len()),
                 ..s.clone()
             }),
-            BlockScorer::Prompt(_) => None,
+            BlockScorer::Prompt { .. } => None,
         };
         let observed: Option<Vec<Observation>> = match &snap {
             Some(snap) => {
@@ -101,10 +107,17 @@ pub fn block_prefill(
                     "a window scorer without its window".into(),
                 ));
             }
-            (BlockScorer::Prompt(prompt), None) => {
+            (
+                BlockScorer::Prompt {
+                    tokens: prompt,
+                    row_max,
+                },
+                None,
+            ) => {
                 let policy = Episodic {
                     rows: prompt.len(),
                     sinks,
+                    row_max: *row_max,
                 };
                 let obs = observe_prompt(model, &cache, prompt, at, &policy)?;
                 peak = peak.max(cache.len() + prompt.len());
@@ -123,8 +136,9 @@ pub fn block_prefill(
 }
 
 /// The attention `prompt`'s rows (at positions `at..`) pay each entry of `cache`, observed
-/// on a copy that is then dropped: per layer, the mean over the prompt's rows per query head,
-/// over exactly the cache's entries (the prompt's own keys cut off).
+/// on a copy that is then dropped: per layer, the mean (and the maximum, when the policy
+/// reduces by it) over the prompt's rows per query head, over exactly the cache's entries
+/// (the prompt's own keys cut off).
 fn observe_prompt(
     model: &Model,
     cache: &KvCache,
@@ -158,10 +172,13 @@ fn observe_prompt(
                             w.probs.len()
                         )));
                     }
-                    let probs = w.probs.chunks(keys).flat_map(|r| r[..t].to_vec()).collect();
+                    let cut = |v: &[f32]| -> Vec<f32> {
+                        v.chunks(keys).flat_map(|r| r[..t].to_vec()).collect()
+                    };
                     Ok(WindowMean {
                         rows: w.rows,
-                        probs,
+                        probs: cut(&w.probs),
+                        max: w.max.as_deref().map(cut),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

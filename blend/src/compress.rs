@@ -19,13 +19,15 @@ use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeReque
 use crate::error::{BlendError, Result};
 
 /// A [`LayerHook`] that keeps, per layer, what a set of policies reads: the mean attention of
-/// the call's last `w` query rows per query head for each window `w`, and per-KV-head column
-/// sums over every row.
+/// the call's last `w` query rows per query head for each window `w` (and their maximum when
+/// a policy asks), and per-KV-head column sums over every row.
 #[derive(Debug)]
 pub struct Observer {
     probe: Option<ProbeRequest>,
     /// Window sizes, ascending and distinct; the probe asks for the last `max` rows.
     windows: Vec<usize>,
+    /// Whether each window's maximum over its rows is kept too.
+    row_max: bool,
     /// One entry per layer run, in order.
     observations: Vec<Observation>,
 }
@@ -41,6 +43,7 @@ impl Observer {
         windows.sort_unstable();
         windows.dedup();
         let column_sums = needs.iter().any(|n| n.column_sums);
+        let row_max = needs.iter().any(|n| n.row_max && n.last_rows > 0);
         let widest = windows.last().copied().unwrap_or(0);
         let probe = (widest > 0 || column_sums).then(|| ProbeRequest {
             rows: (rows - widest..rows).collect(),
@@ -50,6 +53,7 @@ impl Observer {
         Self {
             probe,
             windows,
+            row_max,
             observations: Vec::new(),
         }
     }
@@ -68,10 +72,15 @@ impl Observer {
             // [kv_heads, group, widest, keys]
             let widest = rows.dims()[2];
             for &w in &self.windows {
-                let mean = rows.narrow(2, widest - w, w)?.mean(2)?;
+                let window = rows.narrow(2, widest - w, w)?;
+                let max = match self.row_max {
+                    true => Some(window.max(2)?.flatten_all()?.to_vec1::<f32>()?),
+                    false => None,
+                };
                 windows.push(WindowMean {
                     rows: w,
-                    probs: mean.flatten_all()?.to_vec1::<f32>()?,
+                    probs: window.mean(2)?.flatten_all()?.to_vec1::<f32>()?,
+                    max,
                 });
             }
         }

@@ -38,7 +38,14 @@ fn without_eviction_it_is_plain_prefill() {
     let prompt = toks(6, 3);
     for scorer in [
         BlockScorer::Window(SnapKv::default()),
-        BlockScorer::Prompt(&prompt),
+        BlockScorer::Prompt {
+            tokens: &prompt,
+            row_max: false,
+        },
+        BlockScorer::Prompt {
+            tokens: &prompt,
+            row_max: true,
+        },
     ] {
         let b = block_prefill(&m, &context, 16, 100, 4, &BudgetSplit::Uniform, &scorer).unwrap();
         assert_eq!((b.evictions, b.next_position, b.cache.len()), (0, 70, 70));
@@ -62,7 +69,20 @@ fn eviction_bounds_the_cache_and_decoding_goes_on() {
     };
     for (scorer, extra) in [
         (BlockScorer::Window(snap), 0),
-        (BlockScorer::Prompt(&prompt), 6),
+        (
+            BlockScorer::Prompt {
+                tokens: &prompt,
+                row_max: false,
+            },
+            6,
+        ),
+        (
+            BlockScorer::Prompt {
+                tokens: &prompt,
+                row_max: true,
+            },
+            6,
+        ),
     ] {
         let b = block_prefill(&m, &context, 16, 40, 4, &BudgetSplit::Uniform, &scorer).unwrap();
         assert!(b.evictions >= 5, "{scorer:?}: {} evictions", b.evictions);
@@ -82,6 +102,31 @@ fn eviction_bounds_the_cache_and_decoding_goes_on() {
     }
 }
 
+/// The scoring prompt's rows reduced by their maximum (the reference code's) keep other
+/// entries than their mean does: the option reaches the selection.
+#[test]
+fn a_prompt_scored_by_its_rows_maximum_keeps_other_entries() {
+    let m = model();
+    let context = toks(130, 4);
+    let prompt = toks(6, 5);
+    let kept = |row_max| {
+        let scorer = BlockScorer::Prompt {
+            tokens: &prompt,
+            row_max,
+        };
+        block_prefill(&m, &context, 16, 40, 4, &BudgetSplit::Uniform, &scorer)
+            .unwrap()
+            .cache
+    };
+    let (mean, max) = (kept(false), kept(true));
+    let differs = mean
+        .layers
+        .iter()
+        .zip(&max.layers)
+        .any(|(a, b)| max_diff(&a.k.flatten_all().unwrap(), &b.k.flatten_all().unwrap()) > 0.0);
+    assert!(differs, "the same entries kept by mean and by maximum");
+}
+
 #[test]
 fn a_budget_that_cannot_hold_the_sinks_is_refused() {
     let m = model();
@@ -90,7 +135,10 @@ fn a_budget_that_cannot_hold_the_sinks_is_refused() {
     assert!(block_prefill(&m, &toks(50, 1), 0, 20, 4, &BudgetSplit::Uniform, &snap).is_err());
     assert!(block_prefill(&m, &[], 16, 20, 4, &BudgetSplit::Uniform, &snap).is_err());
     let empty: [u32; 0] = [];
-    let prompt = BlockScorer::Prompt(&empty);
+    let prompt = BlockScorer::Prompt {
+        tokens: &empty,
+        row_max: false,
+    };
     assert!(block_prefill(&m, &toks(50, 1), 16, 20, 4, &BudgetSplit::Uniform, &prompt).is_err());
 }
 

@@ -113,6 +113,8 @@ pub(crate) struct EpisodicRun {
     /// EpiCache's layer budgets from the key-sensitivity profile (measured once, on the
     /// first conversation) instead of the same budget in every layer.
     pub(crate) layer_budgets: bool,
+    /// EpiCache's scoring prompt's rows reduced by their maximum instead of their mean.
+    pub(crate) row_max: bool,
 }
 
 /// The methods `--episodic-methods` may name.
@@ -347,7 +349,10 @@ pub(crate) fn run(
                             n,
                             sinks,
                             &epicache_split,
-                            &BlockScorer::Prompt(p),
+                            &BlockScorer::Prompt {
+                                tokens: p,
+                                row_max: run.row_max,
+                            },
                         )?;
                         peak = peak.max(b.peak_rows);
                         caches.push(b.cache);

@@ -117,6 +117,10 @@ pub struct Args {
     /// (measured on the first conversation; the reference's α 1.1 and floor of ¼).
     #[arg(long)]
     layer_budgets: bool,
+    /// `--episodic`: EpiCache scores entries by the maximum attention over its scoring
+    /// prompt's rows (the reference code's) instead of their mean.
+    #[arg(long)]
+    episodic_row_max: bool,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -467,6 +471,7 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
                 segmenting,
                 methods: a.episodic_methods.clone(),
                 layer_budgets: a.layer_budgets,
+                row_max: a.episodic_row_max,
             },
             (file_name(&loaded), a.model.device.clone()),
             a.json.as_deref(),

@@ -33,6 +33,7 @@ impl TokenPolicy for H2o {
         ProbeNeeds {
             last_rows: 0,
             column_sums: true,
+            row_max: false,
         }
     }
 

@@ -117,6 +117,9 @@ pub struct ProbeNeeds {
     pub last_rows: usize,
     /// Each key's attention summed over every query row and the GQA group, per KV head.
     pub column_sums: bool,
+    /// With `last_rows`: also the maximum attention over those rows
+    /// ([`WindowMean::max`]).
+    pub row_max: bool,
 }
 
 /// The mean attention of the prompt's last `rows` rows in one layer, per query head:
@@ -128,6 +131,9 @@ pub struct WindowMean {
     pub rows: usize,
     /// The means, `kv_heads * group * tokens` values.
     pub probs: Vec<f32>,
+    /// The maximum over the same rows, laid out as `probs`, when a policy asked for it
+    /// ([`ProbeNeeds::row_max`]).
+    pub max: Option<Vec<f32>>,
 }
 
 /// What the model observed in one layer while the prompt ran.

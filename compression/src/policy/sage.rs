@@ -34,6 +34,7 @@ impl TokenPolicy for SageKv {
         ProbeNeeds {
             last_rows: 1,
             column_sums: false,
+            row_max: false,
         }
     }
 

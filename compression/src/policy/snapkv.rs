@@ -59,6 +59,7 @@ impl TokenPolicy for SnapKv {
         ProbeNeeds {
             last_rows: self.window,
             column_sums: false,
+            row_max: false,
         }
     }
 
@@ -135,6 +136,7 @@ mod tests {
             windows: vec![WindowMean {
                 rows: 1,
                 probs: vec![0.8, 0.0, 0.1, 0.1, 0.0, 0.6, 0.3, 0.1],
+                max: None,
             }],
             column_sums: None,
         };

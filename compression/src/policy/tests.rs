@@ -14,7 +14,11 @@ fn shape(tokens: usize, kv_heads: usize, group: usize, layers: usize) -> Shape {
 /// An observation of the mean over the last `rows` rows.
 fn rows_obs(probs: Vec<f32>, rows: usize) -> Observation {
     Observation {
-        windows: vec![WindowMean { rows, probs }],
+        windows: vec![WindowMean {
+            rows,
+            probs,
+            max: None,
+        }],
         column_sums: None,
     }
 }
