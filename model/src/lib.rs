@@ -44,6 +44,7 @@ pub mod staging;
 mod tiled;
 mod tokenizer;
 mod transformer;
+mod vmath;
 mod weights;
 
 pub use attention::{AttentionKernel, ProbeRequest};

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use crate::attention::check_visible;
 use crate::error::{Result, invalid_input};
+use crate::vmath::{exp2_in_place, max_of};
 
 /// Query positions per tile (rows per unit are `group ×` this) for long calls, where fewer,
 /// larger tiles read K and V fewer times (measured on SmolLM2's shape at 8,192 tokens: 128
@@ -387,114 +388,11 @@ fn visible_keys(plan: &TiledPlan, tile: QueryTile, k0: usize, w: usize, i: usize
     plan.k_pos[k0..k0 + w].partition_point(|&p| p <= qp)
 }
 
-/// The largest value of a non-empty slice (eight lanes, so it vectorises).
-fn max_of(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    lanes.iter().fold(tail, |a, &b| a.max(b))
-}
-
-/// Replaces each `x` by `2^(x - m)` (every `x <= m`) and returns their sum. Dispatches to an
-/// AVX-512 or AVX2 build of the same loop where the CPU has it.
-fn exp2_in_place(x: &mut [f32], m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
-            return unsafe { exp2_avx512(x, m) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
-            return unsafe { exp2_avx2(x, m) };
-        }
-    }
-    exp2_portable(x, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp2_avx512(x: &mut [f32], m: f32) -> f32 {
-    exp2_portable(x, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp2_avx2(x: &mut [f32], m: f32) -> f32 {
-    exp2_portable(x, m)
-}
-
-#[inline(always)]
-fn exp2_portable(x: &mut [f32], m: f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = x.chunks_exact_mut(16);
-    for c in &mut chunks {
-        let c: &mut [f32; 16] = c.try_into().expect("chunks of 16");
-        for i in 0..16 {
-            c[i] = exp2_nonpositive(c[i] - m);
-            lanes[i] += c[i];
-        }
-    }
-    let mut sum: f32 = 0.0;
-    for v in chunks.into_remainder() {
-        *v = exp2_nonpositive(*v - m);
-        sum += *v;
-    }
-    lanes.iter().sum::<f32>() + sum
-}
-
-/// `2^x` for `x <= 0` to about 2e-7 relative error (Cephes' exp2f polynomial on
-/// `[-0.5, 0.5]`); below -126 it returns `2^-126`, which is 0 for every sum it enters.
-/// Branch-free so that loops over it vectorise.
-#[inline(always)]
-fn exp2_nonpositive(x: f32) -> f32 {
-    // round to nearest by the float trick: adding 1.5 × 2^23 leaves no fraction bits
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -126.0 { -126.0 } else { x };
-    let shifted = x + ROUND;
-    let n = shifted - ROUND;
-    let f = x - n; // in [-0.5, 0.5]
-    let p = 1.535_336_2e-4_f32;
-    let p = p * f + 1.339_887_4e-3;
-    let p = p * f + 9.618_437e-3;
-    let p = p * f + 5.550_332_5e-2;
-    let p = p * f + 2.402_264_8e-1;
-    let p = p * f + 6.931_472e-1;
-    let two_f = p * f + 1.0;
-    // the low mantissa bits of `shifted` hold n (two's complement): 2^n's exponent field
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    two_f * two_n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::attention::tests::naive;
     use proptest::prelude::*;
-
-    #[test]
-    fn exp2_is_accurate_over_its_range() {
-        let mut xs: Vec<f32> = (0..=200_000).map(|i| -(i as f32) * 1e-3 * 0.6).collect();
-        let want: Vec<f64> = xs.iter().map(|&x| (x as f64).exp2()).collect();
-        let sum = exp2_in_place(&mut xs, 0.0);
-        for (g, w) in xs.iter().zip(&want) {
-            assert!(((*g as f64) - w).abs() <= 3e-7 * w, "{g} vs {w}");
-        }
-        assert!((sum as f64 - want.iter().sum::<f64>()).abs() < 1e-4 * sum as f64);
-        let mut tiny = [-1000.0f32, f32::MIN];
-        exp2_in_place(&mut tiny, 0.0);
-        assert!(tiny.iter().all(|&x| x.is_finite() && x < 1e-37));
-    }
 
     /// Strictly increasing positions: `len` of them from `start`, with random gaps.
     fn increasing(start: u32, gaps: &[u32]) -> Vec<u32> {

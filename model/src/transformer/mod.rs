@@ -174,6 +174,9 @@ impl Model {
             return crate::kernels::swiglu(gate_up);
         }
         let i = self.config.intermediate_size;
+        if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
+            return crate::vmath::swiglu(gate_up, i);
+        }
         Ok((candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?)
     }
 
