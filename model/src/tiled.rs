@@ -105,19 +105,19 @@ pub(crate) fn attend_summed(
     v: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (out, sums) = run(plan, q, k, v, true)?;
-    let sums = sums.unwrap_or_else(|| vec![0f32; plan.k_pos.len()]);
     let t = sums.len();
     Ok((out, Tensor::from_vec(sums, t, &Device::Cpu)?))
 }
 
-/// The units of one call on rayon's pool; with `sums`, the per-key probability sums too.
+/// The units of one call on rayon's pool; with `sums`, the per-key probability sums too
+/// (`[t]`; empty without).
 fn run(
     plan: &TiledPlan,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     sums: bool,
-) -> Result<(Tensor, Option<Vec<f32>>)> {
+) -> Result<(Tensor, Vec<f32>)> {
     let (n, num_heads, d) = q.dims3()?;
     let (t, kv_heads, dk) = k.dims3()?;
     if n != plan.q_pos.len() || t != plan.k_pos.len() || dk != d || v.dims() != k.dims() {
@@ -153,11 +153,9 @@ fn run(
     })?;
     // scatter each unit's rows (g, i) to output row q_start + i, head kh * group + g
     let mut out = vec![0f32; n * num_heads * d];
-    let mut key_sums = sums.then(|| vec![0f32; t]);
+    let mut key_sums = if sums { vec![0f32; t] } else { Vec::new() };
     for (&(kh, tile), (o, col)) in units.iter().zip(&results) {
-        if let Some(total) = &mut key_sums {
-            total.iter_mut().zip(col).for_each(|(a, b)| *a += b);
-        }
+        key_sums.iter_mut().zip(col).for_each(|(a, b)| *a += b);
         let nb = tile.q_end - tile.q_start;
         for g in 0..shape.group {
             for i in 0..nb {
