@@ -556,6 +556,29 @@ mod tests {
         .unwrap();
         let shift: f32 = held.iter().map(|&t| (before[t] - got[t]).abs()).sum();
         assert!(shift > 1e-3, "zero keys took no attention ({shift})");
+        // every document missing: the question attends to itself alone
+        let mut none_held = roles.clone();
+        none_held.computed = (0..35).map(|t| t < 30).collect();
+        let alone = suffix_attention(
+            &model,
+            &tokens,
+            30,
+            layers,
+            &none_held,
+            &mut assembled.clone(),
+            &mut noop,
+        )
+        .unwrap();
+        assert!(alone[..30].iter().all(|&a| a == 0.0));
+        let total: f32 = alone[30..].iter().sum();
+        let want = (layers * 5 * model.config().num_heads) as f32;
+        assert!((total - want).abs() < 1e-3 * want, "{total} vs {want}");
+        // a suffix token marked computed is refused
+        let mut bad = roles.clone();
+        bad.computed[33] = true;
+        assert!(
+            suffix_attention(&model, &tokens, 30, layers, &bad, &mut assembled, &mut noop).is_err()
+        );
     }
 
     #[test]
