@@ -37,6 +37,11 @@ const SHORT_QUERY_TILE: usize = 64;
 const LONG_CALL: usize = 2048;
 /// Keys per tile: the score tile of a unit is `rows × KEY_TILE` f32.
 const KEY_TILE: usize = 512;
+/// A call with fewer units than this many per thread (a decode step: one unit per KV head) cuts
+/// each unit's keys into parts of [`SPLIT_KEYS`], merged afterwards, so every core has work.
+const SPLIT_BELOW_UNITS_PER_THREAD: usize = 4;
+/// Keys per part of a split unit (whole key tiles).
+const SPLIT_KEYS: usize = 2 * KEY_TILE;
 
 /// One query tile and the keys it may see.
 #[derive(Debug, Clone, Copy)]
@@ -145,11 +150,18 @@ fn run(
     let units: Vec<(usize, QueryTile)> = (0..kv_heads)
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
+    let split = !sums
+        && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
+        && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
     let results: Vec<(Vec<f32>, Vec<f32>)> = with_slices(&q, &k, &v, |qs, ks, vs| {
-        units
-            .par_iter()
-            .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs, sums))
-            .collect()
+        if split {
+            split_units(plan, shape, &units, qs, ks, vs)
+        } else {
+            units
+                .par_iter()
+                .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs, sums))
+                .collect()
+        }
     })?;
     // scatter each unit's rows (g, i) to output row q_start + i, head kh * group + g
     let mut out = vec![0f32; n * num_heads * d];
@@ -218,6 +230,102 @@ fn with_slices<R>(
     }
 }
 
+/// Units with few of them per thread, each cut into parts of [`SPLIT_KEYS`] keys run on
+/// rayon's pool, then merged per unit: the same results as [`unit`] without sums, up to the
+/// order of the sums.
+fn split_units(
+    plan: &TiledPlan,
+    s: Shape,
+    units: &[(usize, QueryTile)],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let parts: Vec<(usize, std::ops::Range<usize>)> = units
+        .iter()
+        .enumerate()
+        .flat_map(|(u, (_, tile))| {
+            (0..tile.k_len.div_ceil(SPLIT_KEYS).max(1))
+                .map(move |p| (u, p * SPLIT_KEYS..((p + 1) * SPLIT_KEYS).min(tile.k_len)))
+        })
+        .collect();
+    let partials: Vec<Partial> = parts
+        .par_iter()
+        .map(|(u, keys)| {
+            let (kh, tile) = units[*u];
+            let qt = scaled_queries(s, kh, tile, q);
+            partial(plan, s, kh, tile, &qt, k, v, keys.clone())
+        })
+        .collect();
+    let mut merged: Vec<Option<Partial>> = (0..units.len()).map(|_| None).collect();
+    for ((u, _), p) in parts.iter().zip(partials) {
+        merged[*u] = Some(match merged[*u].take() {
+            None => p,
+            Some(acc) => acc.merge(p, s.d),
+        });
+    }
+    merged
+        .into_iter()
+        .map(|p| (p.map(|p| p.normalised(s.d)).unwrap_or_default(), Vec::new()))
+        .collect()
+}
+
+/// One unit's online-softmax state over some of its keys: output not yet divided by the row
+/// sums, each row's running maximum (base 2) and sum relative to it.
+struct Partial {
+    out: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl Partial {
+    /// The state over both parts' keys.
+    fn merge(mut self, other: Partial, d: usize) -> Partial {
+        for r in 0..self.max.len() {
+            let m = self.max[r].max(other.max[r]);
+            if m == f32::NEG_INFINITY {
+                continue; // neither part saw a key for this row
+            }
+            let (a, b) = ((self.max[r] - m).exp2(), (other.max[r] - m).exp2());
+            self.sum[r] = self.sum[r] * a + other.sum[r] * b;
+            self.max[r] = m;
+            let (o, p) = (
+                &mut self.out[r * d..(r + 1) * d],
+                &other.out[r * d..(r + 1) * d],
+            );
+            o.iter_mut().zip(p).for_each(|(x, y)| *x = *x * a + y * b);
+        }
+        self
+    }
+
+    /// The attention output, each row divided by its sum.
+    fn normalised(mut self, d: usize) -> Vec<f32> {
+        for (o, s) in self.out.chunks_exact_mut(d).zip(&self.sum) {
+            let inv = 1.0 / s;
+            o.iter_mut().for_each(|x| *x *= inv);
+        }
+        self.out
+    }
+}
+
+/// A unit's queries `[group * nb, d]`, row `g * nb + i` for query `q_start + i` of head
+/// `kh * group + g`, scaled so that scores come out in base 2: exp(x / √d) = 2^(x log2(e) / √d).
+fn scaled_queries(s: Shape, kh: usize, tile: QueryTile, q: &[f32]) -> Vec<f32> {
+    let nb = tile.q_end - tile.q_start;
+    let d = s.d;
+    let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
+    let mut qt = vec![0f32; s.group * nb * d];
+    for g in 0..s.group {
+        for i in 0..nb {
+            let src = (tile.q_start + i) * s.num_heads * d + (kh * s.group + g) * d;
+            for (o, x) in qt[(g * nb + i) * d..][..d].iter_mut().zip(&q[src..src + d]) {
+                *o = x * scale;
+            }
+        }
+    }
+    qt
+}
+
 /// One KV head × one query tile: returns `[group * nb, d]`, row `g * nb + i` for query
 /// `q_start + i` of head `kh * group + g`; with `sums`, also the unit's probabilities summed
 /// per key over its rows, `[k_len]` (empty otherwise).
@@ -235,28 +343,70 @@ fn unit(
     let nb = tile.q_end - tile.q_start;
     let rows = s.group * nb;
     let d = s.d;
-    // queries scaled so that scores come out in base 2: exp(x / √d) = 2^(x log2(e) / √d)
-    let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
-    let mut qt = vec![0f32; rows * d];
-    for g in 0..s.group {
-        for i in 0..nb {
-            let src = (tile.q_start + i) * s.num_heads * d + (kh * s.group + g) * d;
-            for (o, x) in qt[(g * nb + i) * d..][..d].iter_mut().zip(&q[src..src + d]) {
-                *o = x * scale;
+    let kv_stride = s.kv_heads * d;
+    let qt = scaled_queries(s, kh, tile, q);
+    let mut state = partial(plan, s, kh, tile, &qt, k, v, 0..tile.k_len);
+    if !sums {
+        return (state.normalised(d), Vec::new());
+    }
+    let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
+    let row_max = std::mem::take(&mut state.max);
+    let out = state.normalised(d);
+    // second sweep: each row's probabilities, now that its max and sum are final, added per key
+    let mut scores = vec![0f32; rows * KEY_TILE];
+    let mut col = vec![0f32; tile.k_len];
+    let mut k0 = 0;
+    while k0 < tile.k_len {
+        let w = KEY_TILE.min(tile.k_len - k0);
+        score_tile(
+            &mut scores,
+            &qt,
+            &k[k0 * kv_stride + kh * d..],
+            rows,
+            w,
+            d,
+            kv_stride,
+        );
+        for r in 0..rows {
+            let visible = visible_keys(plan, tile, k0, w, r % nb);
+            let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
+            exp2_in_place(seen, row_max[r]);
+            for (c, p) in col[k0..k0 + visible].iter_mut().zip(seen.iter()) {
+                *c += p * inv[r];
             }
         }
+        k0 += w;
     }
+    (out, col)
+}
+
+/// The online-softmax state of one unit over keys `keys` (a whole unit: `0..k_len`; a
+/// split unit's part: a range of whole key tiles), from its scaled queries `qt`.
+#[allow(clippy::too_many_arguments)]
+fn partial(
+    plan: &TiledPlan,
+    s: Shape,
+    kh: usize,
+    tile: QueryTile,
+    qt: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: std::ops::Range<usize>,
+) -> Partial {
+    let nb = tile.q_end - tile.q_start;
+    let rows = s.group * nb;
+    let d = s.d;
     let mut out = vec![0f32; rows * d];
     let mut row_max = vec![f32::NEG_INFINITY; rows];
     let mut row_sum = vec![0f32; rows];
     let mut scores = vec![0f32; rows * KEY_TILE];
     let kv_stride = s.kv_heads * d;
-    let mut k0 = 0;
-    while k0 < tile.k_len {
-        let w = KEY_TILE.min(tile.k_len - k0);
+    let mut k0 = keys.start;
+    while k0 < keys.end {
+        let w = KEY_TILE.min(keys.end - k0);
         let kt = &k[k0 * kv_stride + kh * d..];
         let vt = &v[k0 * kv_stride + kh * d..];
-        score_tile(&mut scores, &qt, kt, rows, w, d, kv_stride);
+        score_tile(&mut scores, qt, kt, rows, w, d, kv_stride);
         for r in 0..rows {
             let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
             let visible = visible_keys(plan, tile, k0, w, r % nb);
@@ -302,38 +452,11 @@ fn unit(
         }
         k0 += w;
     }
-    let inv: Vec<f32> = row_sum.iter().map(|s| 1.0 / s).collect();
-    for (o, inv) in out.chunks_exact_mut(d).zip(&inv) {
-        o.iter_mut().for_each(|x| *x *= inv);
+    Partial {
+        out,
+        max: row_max,
+        sum: row_sum,
     }
-    if !sums {
-        return (out, Vec::new());
-    }
-    // second sweep: each row's probabilities, now that its max and sum are final, added per key
-    let mut col = vec![0f32; tile.k_len];
-    let mut k0 = 0;
-    while k0 < tile.k_len {
-        let w = KEY_TILE.min(tile.k_len - k0);
-        score_tile(
-            &mut scores,
-            &qt,
-            &k[k0 * kv_stride + kh * d..],
-            rows,
-            w,
-            d,
-            kv_stride,
-        );
-        for r in 0..rows {
-            let visible = visible_keys(plan, tile, k0, w, r % nb);
-            let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
-            exp2_in_place(seen, row_max[r]);
-            for (c, p) in col[k0..k0 + visible].iter_mut().zip(seen.iter()) {
-                *c += p * inv[r];
-            }
-        }
-        k0 += w;
-    }
-    (out, col)
 }
 
 /// `S[rows, w] = Qt[rows, d] · K[.., kh, :]ᵀ` into the score tile (row stride `KEY_TILE`):
@@ -519,6 +642,29 @@ mod tests {
         let want = naive(&q, &k, &v, &qp, &kp);
         for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// Decode steps and short question passes over long caches (one unit per KV head) cut
+    /// each unit's keys into parts and merge them: still the naive softmax, including a
+    /// query that sees only the first part's keys.
+    #[test]
+    fn split_units_match_naive() {
+        let kp: Vec<u32> = (0..3400u32).filter(|p| p % 9 != 4).collect();
+        let last = *kp.last().unwrap();
+        let (h, kvh, d) = (4, 1, 16);
+        let dev = Device::Cpu;
+        for qp in [vec![last + 1], vec![700, last - 3, last, last + 2], vec![5]] {
+            let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            assert!(plan.tiles.len() * kvh < SPLIT_BELOW_UNITS_PER_THREAD);
+            let got = attend(&plan, &q, &k, &v).unwrap().flatten_all().unwrap();
+            let want = naive(&q, &k, &v, &qp, &kp);
+            for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{qp:?}: {a} vs {b}");
+            }
         }
     }
 
