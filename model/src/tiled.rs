@@ -15,6 +15,10 @@
 //! `q` `[n, num_heads, d]`, `k`/`v` `[t, kv_heads, d]`, output `[n, num_heads * d]`. Pinned
 //! against a naive per-query softmax by `tests::matches_naive_on_random_shapes`.
 //!
+//! A call with few units per thread (a decode step, a short question pass: one unit per KV
+//! head) cuts each unit's keys into parts run in parallel and merges their softmax states
+//! (pinned by `tests::split_units_match_naive`).
+//!
 //! [`attend_summed`] also returns each key's probability summed over every query and head
 //! (query-aware blend's question pass): once a unit knows its rows' final maxima and sums, a
 //! second sweep recomputes `Q Kᵀ` tile by tile and adds `2^(s - max) / sum` per key, so the
