@@ -1,4 +1,4 @@
-//! Choosing a compute device by name.
+//! Choosing a compute device by name, and settling the CPU's thread count.
 
 use candle_core::Device;
 
@@ -45,4 +45,20 @@ fn skip_event_tracking(device: &Device) -> Result<()> {
 #[cfg(not(feature = "gpu"))]
 fn skip_event_tracking(_: &Device) -> Result<()> {
     Ok(())
+}
+
+/// Fixes the CPU thread count candle's matmul uses, at candle's own default (physical cores),
+/// by setting `RAYON_NUM_THREADS` when it is unset. Without it candle asks for the count on
+/// every CPU matmul and, on Linux, re-reads `/proc/cpuinfo` each time: 7% of a SmolLM2 decode
+/// step at 6k context (BENCHMARKS §5). Rayon's pool, built later, takes the same count.
+///
+/// # Safety
+/// Sets an environment variable: call it first thing in `main`, before the process has
+/// started any other thread.
+pub unsafe fn settle_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: the caller guarantees that no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
 }

@@ -17,8 +17,8 @@
 //! causal mask needs: every later query sees every kept key. Pinned by
 //! `kv_policies::a_pruned_cache_attends_like_the_reference_over_its_kept_keys`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, TensorId};
 
@@ -59,6 +59,24 @@ struct Growth {
     v: Tensor,
     /// Rows written so far: the length of the one view that may append in place.
     frontier: AtomicUsize,
+    /// The keys rotated to the positions they were last attended at, when a caller asked
+    /// for them ([`LayerKv::rotated_keys`]); filled lazily.
+    rotated: Mutex<Option<Rotated>>,
+}
+
+/// Rotated copies of a [`Growth`] buffer's leading keys: row `i < positions.len()` of `k`
+/// (`[rows, kv_heads, head_dim]`: the first rotation as it came, later ones with the buffer's
+/// capacity) is the buffer's pre-RoPE key row `i` rotated to `positions[i]`. Rows are written
+/// once, past `positions.len()`: a call at other positions (or other per-head positions)
+/// starts a new buffer, so a view handed out never changes under its reader (the buffer's own
+/// key rows below the frontier never change either).
+#[derive(Debug)]
+struct Rotated {
+    k: Tensor,
+    positions: Vec<u32>,
+    /// A pruned layer's per-head positions its first rows were rotated by (see
+    /// [`PrunedLayer::host_positions`]); `None` for a layer of tokens.
+    per_head: Option<Vec<u32>>,
 }
 
 /// A view's link to its buffers, with the ids of the exact `k`/`v` tensors it handed out.
@@ -114,6 +132,7 @@ impl LayerKv {
             k: concat_with_room(&[&self.k, k], cap)?,
             v: concat_with_room(&[&self.v, v], cap)?,
             frontier: AtomicUsize::new(len + n),
+            rotated: Mutex::new(None),
         };
         Self::view(Arc::new(buf), len + n)
     }
@@ -128,6 +147,80 @@ impl LayerKv {
             buf,
         });
         Ok(Self { k, v, growth })
+    }
+
+    /// This layer's keys rotated to `positions` (one per row), `[tokens, kv_heads, head_dim]`;
+    /// for a pruned layer, `per_head` names the per-head positions its first rows are rotated
+    /// by ([`PrunedLayer::host_positions`]). `rotate(rows, start)` rotates the pre-RoPE key
+    /// rows `start..` (those that sit at `positions[start..start + rows.len()]`). A layer backed by growth buffers keeps what it
+    /// rotated beside them, so a later call over the same rows at the same positions rotates
+    /// only the rows appended since (a decode step rotates one key, not the whole context);
+    /// any other layer rotates every row each call. The result equals `rotate(&self.k, 0)`
+    /// whatever was kept (pinned by `kv::tests::rotated_keys_are_kept_per_position`).
+    pub(crate) fn rotated_keys(
+        &self,
+        positions: &[u32],
+        per_head: Option<&[u32]>,
+        rotate: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let t = self.len();
+        if positions.len() != t {
+            return Err(invalid_input(format!(
+                "{} positions for a layer of {t} rows",
+                positions.len()
+            )));
+        }
+        let Some(g) = self
+            .growth
+            .as_ref()
+            .filter(|g| g.k_id == self.k.id() && g.v_id == self.v.id())
+        else {
+            return rotate(&self.k, 0);
+        };
+        // a panic while the lock was held left at worst rows past `positions` written
+        let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = match slot.as_ref() {
+            Some(r) if r.per_head.as_deref() == per_head => r
+                .positions
+                .iter()
+                .zip(positions)
+                .take_while(|(a, b)| a == b)
+                .count(),
+            _ => 0,
+        };
+        if let Some(r) = slot.as_ref()
+            && kept == t
+        {
+            return Ok(r.k.narrow(0, 0, t)?);
+        }
+        let fresh = rotate(&self.k.narrow(0, kept, t - kept)?, kept)?;
+        match slot.as_mut() {
+            Some(r) if kept == r.positions.len() && r.k.dims()[0] >= t => {
+                // rows past `kept` were never handed out: written in place
+                put_rows(&r.k, kept, &fresh)?;
+                r.positions.extend_from_slice(&positions[kept..]);
+            }
+            old => {
+                let k = match old {
+                    Some(r) if kept > 0 => {
+                        let cap = g.buf.k.dims()[0];
+                        concat_with_room(&[&r.k.narrow(0, 0, kept)?, &fresh], cap)?
+                    }
+                    // a first rotation is kept as it came (no copy): a call that only
+                    // prefills pays nothing, and the first append makes room
+                    _ => fresh,
+                };
+                *slot = Some(Rotated {
+                    k,
+                    positions: positions.to_vec(),
+                    per_head: per_head.map(<[u32]>::to_vec),
+                });
+            }
+        }
+        let r = slot
+            .as_ref()
+            .ok_or_else(|| invalid_input("rotated keys went missing"))?;
+        Ok(r.k.narrow(0, 0, t)?)
     }
 
     /// Rows the buffers behind this layer hold (its own length when it has none).
@@ -223,6 +316,7 @@ impl LayerKv {
             k: concat_with_room(&ks, cap)?,
             v: concat_with_room(&vs, cap)?,
             frontier: AtomicUsize::new(len),
+            rotated: Mutex::new(None),
         };
         Self::view(Arc::new(buf), len)
     }
@@ -579,6 +673,84 @@ mod tests {
         assert_eq!(big.len(), GROWTH_ROWS + 5);
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    /// Keys kept rotated beside growth buffers: a later call at the same positions rotates
+    /// only the rows appended since; other positions, or a layer without growth buffers,
+    /// rotate again; views handed out earlier never change; the result always equals
+    /// rotating every row.
+    #[test]
+    fn rotated_keys_are_kept_per_position() -> Result<()> {
+        use std::cell::Cell;
+        // a stand-in rotation that depends on position: adds it to every element
+        let rotated_rows = Cell::new(0);
+        let call = |l: &LayerKv, pos: &[u32]| -> Result<Vec<f32>> {
+            let k = l.rotated_keys(pos, None, |rows, start| {
+                let n = rows.dims()[0];
+                rotated_rows.set(rotated_rows.get() + n);
+                let p: Vec<f32> = pos[start..start + n].iter().map(|&p| p as f32).collect();
+                let p = Tensor::from_vec(p, (n, 1, 1), &Device::Cpu)?;
+                Ok(rows.broadcast_add(&p)?)
+            })?;
+            Ok(k.flatten_all()?.to_vec1()?)
+        };
+        let expect = |l: &LayerKv, pos: &[u32]| -> Vec<f32> {
+            values(l)
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x + pos[i / 2] as f32)
+                .collect()
+        };
+        let count = |f: &dyn Fn() -> Result<Vec<f32>>| -> Result<(Vec<f32>, usize)> {
+            rotated_rows.set(0);
+            let got = f()?;
+            Ok((got, rotated_rows.get()))
+        };
+        let empty = LayerKv::empty(1, 2, DType::F32, &Device::Cpu)?;
+        let a = empty.append(&rows(0.0, 3), &rows(0.0, 3))?;
+        let p3: Vec<u32> = vec![0, 1, 2];
+        assert_eq!(count(&|| call(&a, &p3))?, (expect(&a, &p3), 3));
+        assert_eq!(count(&|| call(&a, &p3))?, (expect(&a, &p3), 0));
+        // a decode step: one more row at the next position, only it is rotated
+        let b = a.append(&rows(100.0, 2), &rows(100.0, 2))?;
+        let p5: Vec<u32> = (0..5).collect();
+        assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 2));
+        let before = b.rotated_keys(&p5, None, |_, _| Err(invalid_input("must not rotate")))?;
+        let before_values: Vec<f32> = before.flatten_all()?.to_vec1()?;
+        // the older, shorter view reads the kept rows
+        assert_eq!(count(&|| call(&a, &p3))?, (expect(&a, &p3), 0));
+        // other positions (a cache moved elsewhere) rotate again, from the first that differs
+        let moved: Vec<u32> = vec![0, 1, 2, 7, 8];
+        assert_eq!(count(&|| call(&b, &moved))?, (expect(&b, &moved), 2));
+        let elsewhere: Vec<u32> = (10..15).collect();
+        assert_eq!(
+            count(&|| call(&b, &elsewhere))?,
+            (expect(&b, &elsewhere), 5)
+        );
+        assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 5));
+        assert_eq!(before.flatten_all()?.to_vec1::<f32>()?, before_values);
+        // a layer without growth buffers, or whose K was reassigned, rotates every row
+        let plain = LayerKv::new(rows(0.0, 3), rows(0.0, 3));
+        assert_eq!(count(&|| call(&plain, &p3))?, (expect(&plain, &p3), 3));
+        assert_eq!(count(&|| call(&plain, &p3))?, (expect(&plain, &p3), 3));
+        let mut swapped = b.clone();
+        swapped.k = (swapped.k.clone() + 1.0)?;
+        assert_eq!(count(&|| call(&swapped, &p5))?, (expect(&swapped, &p5), 5));
+        assert!(b.rotated_keys(&p3, None, |r, _| Ok(r.clone())).is_err());
+        // a pruned layer's rows are kept only under the same per-head positions
+        let rotate_all = |l: &LayerKv, heads: &[u32]| -> Result<usize> {
+            rotated_rows.set(0);
+            l.rotated_keys(&p5, Some(heads), |rows, _| {
+                rotated_rows.set(rotated_rows.get() + rows.dims()[0]);
+                Ok(rows.clone())
+            })?;
+            Ok(rotated_rows.get())
+        };
+        assert_eq!(rotate_all(&b, &[3, 9])?, 5);
+        assert_eq!(rotate_all(&b, &[3, 9])?, 0);
+        assert_eq!(rotate_all(&b, &[3, 8])?, 5);
+        assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 5));
         Ok(())
     }
 

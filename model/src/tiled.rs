@@ -6,7 +6,8 @@
 //! `group` query heads that read that KV head times the tile's queries, so K and V tiles are
 //! loaded once for the whole GQA group. Each unit walks the key tiles its queries can see
 //! (keys at positions up to the tile's last query), computes `S = Q Kᵀ` for one key tile with
-//! `gemm`, turns it into probabilities relative to the running row maximum (base 2, with a
+//! `gemm` (row by row for units of a few rows, a decode step's, where `gemm`'s packing would
+//! cost more than the products), turns it into probabilities relative to the running row maximum (base 2, with a
 //! vectorised `exp2`), rescales the running output and adds `P V`. Because key positions
 //! are strictly increasing, the keys a query may not see form a suffix of each key tile:
 //! masking is a per-row length, never a -inf matrix. Units run on rayon's pool.
@@ -30,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::attention::check_visible;
 use crate::error::{Result, invalid_input};
-use crate::vmath::{exp2_in_place, max_of};
+use crate::vmath::{FewRows, exp2_in_place, max_of};
 
 /// Query positions per tile (rows per unit are `group ×` this) for long calls, where fewer,
 /// larger tiles read K and V fewer times (measured on SmolLM2's shape at 8,192 tokens: 128
@@ -46,6 +47,10 @@ const KEY_TILE: usize = 512;
 const SPLIT_BELOW_UNITS_PER_THREAD: usize = 4;
 /// Keys per part of a split unit (whole key tiles).
 const SPLIT_KEYS: usize = 2 * KEY_TILE;
+/// Units of at most this many rows (a decode step's GQA group) take the products row by row
+/// ([`FewRows`]) instead of `gemm`, whose packing of K and V dominates at this shape
+/// (measured: SmolLM2 decode at 6k context, BENCHMARKS §5).
+const FEW_ROWS: usize = 8;
 
 /// One query tile and the keys it may see.
 #[derive(Debug, Clone, Copy)]
@@ -427,33 +432,7 @@ fn partial(
                 out[r * d..(r + 1) * d].iter_mut().for_each(|o| *o *= alpha);
             }
         }
-        // out[rows, d] += P[rows, w] · V[k0.., kh, :]
-        // SAFETY: dst is rows × d with row stride d; lhs is the score tile (row stride
-        // KEY_TILE, w columns written above); rhs element (c, x) is vt[c * kv_stride + x],
-        // the last one, (w-1, d-1), within v like K above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                d,
-                w,
-                out.as_mut_ptr(),
-                1,
-                d as isize,
-                true,
-                scores.as_ptr(),
-                1,
-                KEY_TILE as isize,
-                vt.as_ptr(),
-                1,
-                kv_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        add_weighted(&mut out, &scores, vt, rows, w, d, kv_stride);
         k0 += w;
     }
     Partial {
@@ -476,6 +455,16 @@ fn score_tile(
 ) {
     assert!(scores.len() >= rows * KEY_TILE && w <= KEY_TILE && qt.len() >= rows * d);
     assert!(w == 0 || kt.len() >= (w - 1) * kv_stride + d);
+    if rows <= FEW_ROWS {
+        let shape = FewRows {
+            rows,
+            w,
+            d,
+            kv_stride,
+            score_stride: KEY_TILE,
+        };
+        return shape.scores(scores, qt, kt);
+    }
     // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
     // with row stride d; rhs element (x, c) is kt[c * kv_stride + x], and the last one read,
     // (d-1, w-1), lies within kt (asserted above). No aliasing: dst is our own.
@@ -495,6 +484,57 @@ fn score_tile(
             kv_stride as isize,
             1,
             0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out[rows, d] += P[rows, w] · V` for the probability tile `p` (row stride `KEY_TILE`) and
+/// `vt` starting at the tile's first value of this KV head, rows `kv_stride` apart.
+fn add_weighted(
+    out: &mut [f32],
+    p: &[f32],
+    vt: &[f32],
+    rows: usize,
+    w: usize,
+    d: usize,
+    kv_stride: usize,
+) {
+    assert!(p.len() >= rows * KEY_TILE && w <= KEY_TILE && out.len() >= rows * d);
+    assert!(w == 0 || vt.len() >= (w - 1) * kv_stride + d);
+    if rows <= FEW_ROWS {
+        let shape = FewRows {
+            rows,
+            w,
+            d,
+            kv_stride,
+            score_stride: KEY_TILE,
+        };
+        return shape.add_weighted(out, p, vt);
+    }
+    // SAFETY: dst is rows × d with row stride d (asserted above); lhs is the probability
+    // tile (row stride KEY_TILE, w columns); rhs element (c, x) is vt[c * kv_stride + x],
+    // the last one, (w-1, d-1), within vt (asserted above).
+    unsafe {
+        gemm::gemm(
+            rows,
+            d,
+            w,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            true,
+            p.as_ptr(),
+            1,
+            KEY_TILE as isize,
+            vt.as_ptr(),
+            1,
+            kv_stride as isize,
+            1.0,
             1.0,
             false,
             false,
@@ -652,6 +692,37 @@ mod tests {
     /// Decode steps and short question passes over long caches (one unit per KV head) cut
     /// each unit's keys into parts and merge them: still the naive softmax, including a
     /// query that sees only the first part's keys.
+    /// Units of at most [`FEW_ROWS`] rows (a decode step, a short question over few heads)
+    /// take the row-by-row products: outputs and per-key sums as the naive softmax's.
+    #[test]
+    fn few_row_units_match_naive() {
+        let kp: Vec<u32> = (0..1300u32).filter(|p| p % 7 != 3).collect();
+        let last = *kp.last().unwrap();
+        let (h, kvh, d) = (6, 2, 64);
+        let dev = Device::Cpu;
+        for qp in [vec![last + 1], vec![40, 600, last]] {
+            let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            assert!(
+                plan.tiles
+                    .iter()
+                    .all(|t| (t.q_end - t.q_start) * h / kvh <= FEW_ROWS)
+            );
+            let (got, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
+            let want = naive(&q, &k, &v, &qp, &kp);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{qp:?}: {a} vs {b}");
+            }
+            let want_sums = naive_key_sums(&q, &k, &qp, &kp);
+            for (a, b) in sums.to_vec1::<f32>().unwrap().iter().zip(&want_sums) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{qp:?}: sum {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn split_units_match_naive() {
         let kp: Vec<u32> = (0..3400u32).filter(|p| p % 9 != 4).collect();

@@ -1,5 +1,6 @@
 //! Vectorised f32 math for the CPU paths: a maximum, `2^x` over slices (the tiled
-//! attention's softmax), and SwiGLU (`silu(gate) * up`) in one pass. Loops are written so
+//! attention's softmax), the tiled attention's products for tiles of few query rows
+//! ([`FewRows`]), and SwiGLU (`silu(gate) * up`) in one pass. Loops are written so
 //! that they vectorise; where the CPU has AVX-512 or AVX2 + FMA, a build of the same loop for
 //! those features is chosen at run time.
 
@@ -174,6 +175,163 @@ fn swiglu_portable(g: &[f32], u: &[f32], o: &mut [f32]) {
     }
 }
 
+/// A tile of few query rows against strided key or value rows (a decode step's unit: one row
+/// per query head of a GQA group). Both products read each key or value row once, with no
+/// packing, which is what a general matmul spends most of its time on at this shape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FewRows {
+    /// Query rows, each `d` long and packed.
+    pub(crate) rows: usize,
+    /// Keys (values) in the tile.
+    pub(crate) w: usize,
+    /// Elements per row of `q`, K and V.
+    pub(crate) d: usize,
+    /// Elements from one key (value) row to the next.
+    pub(crate) kv_stride: usize,
+    /// Elements from one score row to the next.
+    pub(crate) score_stride: usize,
+}
+
+impl FewRows {
+    /// `scores[r * score_stride + c] = q[r] · k[c * kv_stride..][..d]` for `r < rows`, `c < w`.
+    pub(crate) fn scores(self, scores: &mut [f32], q: &[f32], k: &[f32]) {
+        self.check(scores, q.len(), k.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+                return unsafe { few_scores_avx512(self, scores, q, k) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
+                return unsafe { few_scores_avx2(self, scores, q, k) };
+            }
+        }
+        few_scores(self, scores, q, k)
+    }
+
+    /// `out[r * d..][..d] += Σ_c p[r * score_stride + c] · v[c * kv_stride..][..d]`.
+    pub(crate) fn add_weighted(self, out: &mut [f32], p: &[f32], v: &[f32]) {
+        self.check(p, out.len(), v.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+                return unsafe { few_weighted_avx512(self, out, p, v) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
+                return unsafe { few_weighted_avx2(self, out, p, v) };
+            }
+        }
+        few_weighted(self, out, p, v)
+    }
+
+    /// Panics unless every slice holds what the shape reads or writes (a caller's bug).
+    fn check(self, scores: &[f32], rows_len: usize, kv_len: usize) {
+        assert!(self.w <= self.score_stride || self.rows == 0);
+        assert!(scores.len() >= self.rows.saturating_sub(1) * self.score_stride + self.w);
+        assert!(rows_len >= self.rows * self.d);
+        assert!(self.w == 0 || kv_len >= (self.w - 1) * self.kv_stride + self.d);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn few_scores_avx512(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+    few_scores(s, scores, q, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn few_scores_avx2(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+    few_scores(s, scores, q, k)
+}
+
+#[inline(always)]
+fn few_scores(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+    for c in 0..s.w {
+        if c + PREFETCH_ROWS < s.w {
+            prefetch(&k[(c + PREFETCH_ROWS) * s.kv_stride..][..s.d]);
+        }
+        let key = &k[c * s.kv_stride..][..s.d];
+        for r in 0..s.rows {
+            scores[r * s.score_stride + c] = dot(&q[r * s.d..][..s.d], key);
+        }
+    }
+}
+
+/// Key (value) rows ahead of the one read that [`FewRows`] asks the cache for: the rows are
+/// strided, one KV head's part of each, and waiting for them is what bounds the loops.
+const PREFETCH_ROWS: usize = 8;
+
+/// Asks the CPU to bring `row`'s cache lines in (a hint; no effect on results).
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch reads nothing architecturally; the address is within `row`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// `a · b` in sixteen lanes (so that it vectorises), then the tail.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn few_weighted_avx512(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+    few_weighted(s, out, p, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn few_weighted_avx2(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+    few_weighted(s, out, p, v)
+}
+
+#[inline(always)]
+fn few_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+    for c in 0..s.w {
+        if c + PREFETCH_ROWS < s.w {
+            prefetch(&v[(c + PREFETCH_ROWS) * s.kv_stride..][..s.d]);
+        }
+        let value = &v[c * s.kv_stride..][..s.d];
+        for r in 0..s.rows {
+            let weight = p[r * s.score_stride + c];
+            if weight == 0.0 {
+                continue; // a masked key (or one whose 2^x underflowed)
+            }
+            for (o, x) in out[r * s.d..][..s.d].iter_mut().zip(value) {
+                *o += weight * x;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +348,54 @@ mod tests {
         let mut tiny = [-1000.0f32, f32::MIN];
         exp2_in_place(&mut tiny, 0.0);
         assert!(tiny.iter().all(|&x| x.is_finite() && x < 1e-37));
+    }
+
+    /// Few-row scores and weighted sums against f64 loops, at a head size with a tail past
+    /// the sixteen lanes, strided rows and a score row wider than the tile.
+    #[test]
+    fn few_rows_match_plain_loops() {
+        let (rows, w, d, kv_stride, score_stride) = (3, 37, 70, 3 * 70 + 5, 40);
+        let shape = FewRows {
+            rows,
+            w,
+            d,
+            kv_stride,
+            score_stride,
+        };
+        let val = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
+        let q: Vec<f32> = (0..rows * d).map(val).collect();
+        let kv: Vec<f32> = (0..w * kv_stride).map(|i| val(i + 17)).collect();
+        let mut scores = vec![f32::NAN; rows * score_stride];
+        shape.scores(&mut scores, &q, &kv);
+        for r in 0..rows {
+            for c in 0..w {
+                let want: f64 = (0..d)
+                    .map(|x| q[r * d + x] as f64 * kv[c * kv_stride + x] as f64)
+                    .sum();
+                let got = scores[r * score_stride + c] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "score ({r}, {c}): {got} vs {want}"
+                );
+            }
+        }
+        // weights with masked (zero) entries, added onto what `out` holds
+        let p: Vec<f32> = (0..rows * score_stride)
+            .map(|i| if i % 5 == 0 { 0.0 } else { val(i + 3).abs() })
+            .collect();
+        let mut out: Vec<f32> = (0..rows * d).map(|i| val(i + 11)).collect();
+        let before = out.clone();
+        shape.add_weighted(&mut out, &p, &kv);
+        for r in 0..rows {
+            for x in 0..d {
+                let want = before[r * d + x] as f64
+                    + (0..w)
+                        .map(|c| p[r * score_stride + c] as f64 * kv[c * kv_stride + x] as f64)
+                        .sum::<f64>();
+                let got = out[r * d + x] as f64;
+                assert!((got - want).abs() < 1e-4, "out ({r}, {x}): {got} vs {want}");
+            }
+        }
     }
 
     /// The fused SwiGLU against candle's `silu(gate) * up` on values across the range the

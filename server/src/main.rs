@@ -1,5 +1,7 @@
 //! The `kvquilt` command line (see [`kvquilt::cli`]).
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { kvquilt_model::settle_cpu_threads() };
     kvquilt::cli::main()
 }

@@ -10,7 +10,7 @@ use super::Model;
 use crate::attention::{AttentionKernel, AttentionPlan, ProbeRequest, attend, check_visible};
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::LayerProbe;
-use crate::kv::{Pruned, PrunedLayer};
+use crate::kv::{LayerKv, Pruned, PrunedLayer};
 use crate::rope::RopeTables;
 
 /// How one forward call attends (chosen once per call, used by every layer).
@@ -21,6 +21,7 @@ pub(super) enum LayerAttention {
         plan: AttentionPlan,
         q_tables: RopeTables,
         k_tables: RopeTables,
+        k_pos: Vec<u32>,
         summed: bool,
     },
     /// Tiled online-softmax attention on the CPU (f32; no probe, or a summed probe of every
@@ -29,6 +30,7 @@ pub(super) enum LayerAttention {
         plan: crate::tiled::TiledPlan,
         q_tables: RopeTables,
         k_tables: RopeTables,
+        k_pos: Vec<u32>,
         summed: bool,
     },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
@@ -163,7 +165,8 @@ impl Model {
         let probe = summed.then(|| ProbeRequest::summed_over_all(n));
         let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None)?;
         let q2 = q.reshape((n, h * d))?;
-        let (out, probe) = self.attend_layer(&how, &q2, k, v, None)?;
+        let kv = LayerKv::new(k.clone(), v.clone());
+        let (out, probe) = self.attend_layer(&how, &q2, &kv, None)?;
         Ok((out, probe.rows))
     }
 
@@ -244,6 +247,7 @@ impl Model {
                 plan: crate::tiled::TiledPlan::new(q_pos, k_pos)?,
                 q_tables: self.tables(q_pos)?,
                 k_tables: self.tables(k_pos)?,
+                k_pos: k_pos.to_vec(),
                 summed,
             });
         }
@@ -259,6 +263,7 @@ impl Model {
             )?,
             q_tables: self.tables(q_pos)?,
             k_tables: self.tables(k_pos)?,
+            k_pos: k_pos.to_vec(),
             summed: probe.is_some_and(|p| p.summed),
         })
     }
@@ -272,19 +277,37 @@ impl Model {
         }
     }
 
-    /// Keys rotated to their positions: by `k_tables`, except a pruned layer's first rows,
-    /// each rotated by its own (layer, head) position.
+    /// Keys rotated to their positions `k_pos`: by `k_tables`, except a pruned layer's first
+    /// rows, each rotated by its own (layer, head) position. On the CPU the rotated keys are
+    /// kept beside the layer's buffers ([`LayerKv::rotated_keys`]), so a decode step rotates
+    /// its own key only, not the whole context (or every kept entry) in every layer.
     fn rotate_keys(
         &self,
-        k: &Tensor,
+        kv: &LayerKv,
         k_tables: &RopeTables,
+        k_pos: &[u32],
         pruned: Option<(&PrunedLayer, usize)>,
     ) -> Result<Tensor> {
+        let t = kv.len();
+        let cpu = self.device.is_cpu();
         match pruned {
-            None => k_tables.apply(k),
+            None if cpu => kv.rotated_keys(k_pos, None, |part, start| {
+                k_tables.narrow(start, part.dims()[0])?.apply(part)
+            }),
+            None => k_tables.apply(&kv.k),
+            Some((layer, rows)) if cpu => {
+                kv.rotated_keys(k_pos, Some(&layer.host_positions), |part, start| {
+                    if start >= rows {
+                        // rows appended after pruning: shared positions
+                        return k_tables.narrow(start, part.dims()[0])?.apply(part);
+                    }
+                    let tail = k_tables.narrow(rows, t - rows)?;
+                    let all = self.rotate_pruned(&kv.k, layer, rows, &tail)?;
+                    Ok(all.narrow(0, start, t - start)?)
+                })
+            }
             Some((layer, rows)) => {
-                let t = k.dims()[0];
-                self.rotate_pruned(k, layer, rows, &k_tables.narrow(rows, t - rows)?)
+                self.rotate_pruned(&kv.k, layer, rows, &k_tables.narrow(rows, t - rows)?)
             }
         }
     }
@@ -317,21 +340,22 @@ impl Model {
         &self,
         how: &LayerAttention,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        kv: &LayerKv,
         pruned: Option<(&PrunedLayer, usize)>,
     ) -> Result<(Tensor, LayerProbe)> {
+        let v = &kv.v;
         match how {
             LayerAttention::Reference {
                 plan,
                 q_tables,
                 k_tables,
+                k_pos,
                 summed,
             } => {
                 let c = &self.config;
                 let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
-                let k_rot = self.rotate_keys(k, k_tables, pruned)?;
+                let k_rot = self.rotate_keys(kv, k_tables, k_pos, pruned)?;
                 let bias = pruned.and_then(|(l, _)| l.bias.as_ref());
                 let a = attend(plan, &q_rot, &k_rot, v, bias)?;
                 let rows = match a.rows {
@@ -350,6 +374,7 @@ impl Model {
                 plan,
                 q_tables,
                 k_tables,
+                k_pos,
                 summed,
             } => {
                 if pruned.is_some_and(|(l, _)| l.bias.is_some()) {
@@ -360,7 +385,7 @@ impl Model {
                 let c = &self.config;
                 let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
-                let k_rot = self.rotate_keys(k, k_tables, pruned)?;
+                let k_rot = self.rotate_keys(kv, k_tables, k_pos, pruned)?;
                 if *summed {
                     let (out, sums) = crate::tiled::attend_summed(plan, &q_rot, &k_rot, v)?;
                     return Ok((
@@ -380,6 +405,7 @@ impl Model {
                 summed,
                 tail_tables,
             } => {
+                let k = &kv.k;
                 if let Some((layer, rows)) = pruned {
                     let (Some((_, tail)), false, None) = (tail_tables, *summed, &layer.bias) else {
                         return Err(invalid_input(
@@ -500,8 +526,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, heads * d), &dev)?;
         let p = pruned.pruned().unwrap();
         let how = m.layer_attention(&q_pos, &k_pos, None, AttentionKernel::Auto, Some(p))?;
-        let (got, _) =
-            m.attend_layer(&how, &q, &layer.k, &layer.v, Some((&p.layers[0], p.rows)))?;
+        let (got, _) = m.attend_layer(&how, &q, &layer, Some((&p.layers[0], p.rows)))?;
         let got = got.to_vec2::<f32>()?;
 
         // naive: per query head, its KV head's kept keys then the appended ones, causal

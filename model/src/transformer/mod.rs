@@ -414,7 +414,7 @@ impl Model {
                 Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
             };
             let heads = pruned.map(|p| (&p.layers[l], p.rows));
-            let (attn, seen) = self.attend_layer(&how, &q, &kv.k, &kv.v, heads)?;
+            let (attn, seen) = self.attend_layer(&how, &q, &kv, heads)?;
             hook.after_attention(l, seen)?;
             let (h, x) = self.add_norm(&hidden, &linear(&attn, &w.wo, None)?, &w.mlp_norm)?;
             let gate_up = linear(&x, &w.wgate_up, None)?;
