@@ -100,6 +100,10 @@ pub struct BlendConfig {
     /// query-aware ranking: the question's attention) before the global ranking takes the
     /// rest (Cache-Craft's per-chunk budgets). Excludes `per_chunk`.
     pub chunk_mass: bool,
+    /// This many chunks with the most score mass (with query-aware ranking: the question's
+    /// attention) are recomputed whole, best tokens first, before the global ranking takes
+    /// the rest of the budget. 0: off. Excludes `per_chunk` and `chunk_mass`.
+    pub top_chunks_whole: usize,
     /// Query-aware ranking (kvquilt, beyond CacheBlend): weight in `0..=1` of the attention
     /// the suffix pays each token, against KV deviation. Before layer 0, the suffix alone is
     /// run through every layer over the cached KV (what `reuse` computes), its attention
@@ -152,6 +156,7 @@ impl BlendConfig {
             chunk_start: 0,
             per_chunk: false,
             chunk_mass: false,
+            top_chunks_whole: 0,
             query_weight: 0.0,
             query_layers: 0,
             span: 0,
@@ -189,9 +194,14 @@ impl BlendConfig {
                 self.query_layers
             )));
         }
-        if self.per_chunk && self.chunk_mass {
+        if [self.per_chunk, self.chunk_mass, self.top_chunks_whole > 0]
+            .iter()
+            .filter(|&&on| on)
+            .count()
+            > 1
+        {
             return Err(invalid(
-                "per_chunk and chunk_mass both spread the budget: choose one",
+                "per_chunk, chunk_mass and top_chunks_whole each spread the budget: choose one",
             ));
         }
         if !(self.gradual >= 1.0 && self.gradual.is_finite()) {
@@ -206,6 +216,8 @@ impl BlendConfig {
             Spread::ByLength
         } else if self.chunk_mass {
             Spread::ByMass
+        } else if self.top_chunks_whole > 0 {
+            Spread::TopWhole(self.top_chunks_whole)
         } else {
             Spread::Global
         }
@@ -284,6 +296,16 @@ mod tests {
             ..base.clone()
         };
         assert_eq!(by_mass.spread(), Spread::ByMass);
+        let top = BlendConfig {
+            top_chunks_whole: 1,
+            ..base.clone()
+        };
+        assert_eq!(top.spread(), Spread::TopWhole(1));
+        let mass_and_top = BlendConfig {
+            chunk_mass: true,
+            ..top
+        };
+        assert!(mass_and_top.validate(30).is_err());
         let both = BlendConfig {
             per_chunk: true,
             chunk_mass: true,

@@ -78,6 +78,11 @@ pub enum Spread {
     /// query-aware ranking, the attention the question pays the segment): Cache-Craft's
     /// per-chunk budgets.
     ByMass,
+    /// The this-many segments that are not exact with the most score mass (with query-aware
+    /// ranking: the chunks the question attends to most) take all their tokens first, best
+    /// first, then the global ranking takes what is left: the most-attended chunk recomputed
+    /// whole beside token-level ranking.
+    TopWhole(usize),
 }
 
 /// Keeps a subset of `active` (sorted token indices): every forced and every computed token,
@@ -131,14 +136,29 @@ pub fn select(
                         ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
                 }
             }
-            Spread::ByMass => {
+            Spread::ByMass | Spread::TopWhole(_) => {
                 let mut mass = vec![0f64; roles.segments];
+                let mut len = vec![0usize; roles.segments];
                 for &i in &order {
                     if !roles.exact[active[i]] {
                         mass[roles.segment[active[i]]] += scores[i].max(0.0) as f64;
+                        len[roles.segment[active[i]]] += 1;
                     }
                 }
-                let total: f64 = mass.iter().sum();
+                if let Spread::TopWhole(n) = spread {
+                    // segments by mass, ties by order; none without positive mass
+                    let mut by_mass: Vec<usize> =
+                        (0..roles.segments).filter(|&s| mass[s] > 0.0).collect();
+                    by_mass.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]).then(a.cmp(&b)));
+                    for &s in by_mass.iter().take(n) {
+                        quota[s] = len[s];
+                    }
+                }
+                let total: f64 = if spread == Spread::ByMass {
+                    mass.iter().sum()
+                } else {
+                    0.0
+                };
                 let left = budget.saturating_sub(used) as f64;
                 if total > 0.0 {
                     for s in 0..roles.segments {
@@ -240,6 +260,11 @@ mod tests {
                 "{spread:?}"
             );
         }
+        // the most-attended cached chunk (0: mass 5.1 against 3.2) whole, within the budget
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.5, Spread::TopWhole(1)),
+            vec![0, 1, 2, 3, 6]
+        );
         assert_eq!(
             select(&active, &scores, &r, 0, 0.0, Spread::Global),
             vec![2, 3, 6]
@@ -282,6 +307,43 @@ mod tests {
         assert_eq!(
             select(&active, &zeros, &r, 2, 0.25, Spread::ByMass),
             select(&active, &zeros, &r, 2, 0.25, Spread::Global)
+        );
+    }
+
+    #[test]
+    fn the_most_attended_segment_is_taken_whole_first() {
+        // chunk 1 has the most mass (12) but chunk 0 the best token: top-1 whole takes all of
+        // chunk 1 (3 of the budget of 4), the global ranking the best of the rest
+        let r = roles(vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 3], 3);
+        let active: Vec<usize> = (0..10).collect();
+        let scores = [9.0, 0.0, 0.0, 4.0, 4.0, 4.0, 1.0, 2.0, 0.0, 0.0];
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.4, Spread::Global),
+            vec![0, 3, 4, 5, 9]
+        );
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.4, Spread::TopWhole(1)),
+            vec![0, 3, 4, 5, 9]
+        );
+        let scores = [9.0, 0.0, 0.0, 4.0, 4.0, 4.0, 5.0, 5.0, 0.0, 0.0];
+        // globally: 9, 5, 5, then a 4; top-1 whole: chunk 1 (12 > 10 > 9) whole, then the 9
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.4, Spread::Global),
+            vec![0, 3, 6, 7, 9]
+        );
+        assert_eq!(
+            select(&active, &scores, &r, 4, 0.4, Spread::TopWhole(1)),
+            vec![0, 3, 4, 5, 9]
+        );
+        // a whole segment past the budget is cut at the budget, best tokens first
+        assert_eq!(
+            select(&active, &scores, &r, 2, 0.2, Spread::TopWhole(1)),
+            vec![3, 4, 9]
+        );
+        // two segments whole: chunks 1 and 2, nothing left for chunk 0's 9
+        assert_eq!(
+            select(&active, &scores, &r, 6, 0.6, Spread::TopWhole(2)),
+            vec![3, 4, 5, 6, 7, 8, 9]
         );
     }
 

@@ -82,6 +82,20 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             chunk_mass: true,
             ..base
         },
+        // query-aware, the chunk the question attends to most recomputed whole first
+        "qtop" => BlendConfig {
+            query_weight: 1.0,
+            top_chunks_whole: 1,
+            ..base
+        },
+        // qgradual's ranking with qtop's most-attended chunk recomputed whole first
+        "qgtop" => BlendConfig {
+            query_weight: 1.0,
+            check_layers: vec![1, 2, 3],
+            gradual: 2.0,
+            top_chunks_whole: 1,
+            ..base
+        },
         // query-aware, ranking spans of ±4 tokens around the peaks
         "qspan4" => BlendConfig {
             query_weight: 1.0,
@@ -106,7 +120,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop or kvquilt)"
         ),
     })
 }
