@@ -152,11 +152,13 @@ impl LayerKv {
     /// This layer's keys rotated to `positions` (one per row), `[tokens, kv_heads, head_dim]`;
     /// for a pruned layer, `per_head` names the per-head positions its first rows are rotated
     /// by ([`PrunedLayer::host_positions`]). `rotate(rows, start)` rotates the pre-RoPE key
-    /// rows `start..` (those that sit at `positions[start..start + rows.len()]`). A layer backed by growth buffers keeps what it
-    /// rotated beside them, so a later call over the same rows at the same positions rotates
-    /// only the rows appended since (a decode step rotates one key, not the whole context);
-    /// any other layer rotates every row each call. The result equals `rotate(&self.k, 0)`
-    /// whatever was kept (pinned by `kv::tests::rotated_keys_are_kept_per_position`).
+    /// rows `start..` (those that sit at `positions[start..start + rows.len()]`).
+    ///
+    /// A layer backed by growth buffers keeps what it rotated beside them, so a later call
+    /// over the same rows at the same positions rotates only the rows appended since (a
+    /// decode step rotates one key, not the whole context); any other layer rotates every row
+    /// each call. The result equals `rotate(&self.k, 0)` whatever was kept (pinned by
+    /// `kv::tests::rotated_keys_are_kept_per_position`).
     pub(crate) fn rotated_keys(
         &self,
         positions: &[u32],

@@ -7,10 +7,11 @@
 //! loaded once for the whole GQA group. Each unit walks the key tiles its queries can see
 //! (keys at positions up to the tile's last query), computes `S = Q Kᵀ` for one key tile with
 //! `gemm` (row by row for units of a few rows, a decode step's, where `gemm`'s packing would
-//! cost more than the products), turns it into probabilities relative to the running row maximum (base 2, with a
-//! vectorised `exp2`), rescales the running output and adds `P V`. Because key positions
-//! are strictly increasing, the keys a query may not see form a suffix of each key tile:
-//! masking is a per-row length, never a -inf matrix. Units run on rayon's pool.
+//! cost more than the products), turns it into probabilities relative to the running row
+//! maximum (base 2, with a vectorised `exp2`), rescales the running output and adds `P V`
+//! (the same way). Because key positions are strictly increasing, the keys a query may not
+//! see form a suffix of each key tile: masking is a per-row length, never a -inf matrix.
+//! Units run on rayon's pool.
 //!
 //! Same contract as the reference ([`crate::attention::attend`]): Q and K rotated, f32,
 //! `q` `[n, num_heads, d]`, `k`/`v` `[t, kv_heads, d]`, output `[n, num_heads * d]`. Pinned
@@ -689,9 +690,6 @@ mod tests {
         }
     }
 
-    /// Decode steps and short question passes over long caches (one unit per KV head) cut
-    /// each unit's keys into parts and merge them: still the naive softmax, including a
-    /// query that sees only the first part's keys.
     /// Units of at most [`FEW_ROWS`] rows (a decode step, a short question over few heads)
     /// take the row-by-row products: outputs and per-key sums as the naive softmax's.
     #[test]
@@ -723,6 +721,9 @@ mod tests {
         }
     }
 
+    /// Decode steps and short question passes over long caches (one unit per KV head) cut
+    /// each unit's keys into parts and merge them: still the naive softmax, including a
+    /// query that sees only the first part's keys.
     #[test]
     fn split_units_match_naive() {
         let kp: Vec<u32> = (0..3400u32).filter(|p| p % 9 != 4).collect();
