@@ -399,7 +399,9 @@ mod tests {
     }
 
     /// The fused SwiGLU against candle's `silu(gate) * up` on values across the range the
-    /// polynomial covers (|x| up to 100), rows split over several tasks.
+    /// polynomial covers (|x| up to 100), rows split over several tasks: within 4e-6
+    /// relative (both sides round in f32 with different `exp`s; 1e-6 failed about one run
+    /// in a hundred on random inputs, at 1.06e-6).
     #[test]
     fn swiglu_matches_candle() {
         let (n, inter) = (37, 53);
@@ -421,7 +423,7 @@ mod tests {
         );
         for (i, (a, b)) in g.iter().zip(&w).enumerate() {
             assert!(
-                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                (a - b).abs() <= 4e-6 * b.abs().max(1e-3),
                 "element {i}: {a} vs {b}"
             );
         }
