@@ -456,14 +456,7 @@ fn score_tile(
 ) {
     assert!(scores.len() >= rows * KEY_TILE && w <= KEY_TILE && qt.len() >= rows * d);
     assert!(w == 0 || kt.len() >= (w - 1) * kv_stride + d);
-    if rows <= FEW_ROWS {
-        let shape = FewRows {
-            rows,
-            w,
-            d,
-            kv_stride,
-            score_stride: KEY_TILE,
-        };
+    if let Some(shape) = few_rows(rows, w, d, kv_stride) {
         return shape.scores(scores, qt, kt);
     }
     // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
@@ -494,6 +487,18 @@ fn score_tile(
     }
 }
 
+/// The row-by-row products of a tile of at most [`FEW_ROWS`] rows (score rows `KEY_TILE`
+/// apart), or `None` for a larger tile, which `gemm` takes.
+fn few_rows(rows: usize, w: usize, d: usize, kv_stride: usize) -> Option<FewRows> {
+    (rows <= FEW_ROWS).then_some(FewRows {
+        rows,
+        w,
+        d,
+        kv_stride,
+        score_stride: KEY_TILE,
+    })
+}
+
 /// `out[rows, d] += P[rows, w] · V` for the probability tile `p` (row stride `KEY_TILE`) and
 /// `vt` starting at the tile's first value of this KV head, rows `kv_stride` apart.
 fn add_weighted(
@@ -507,14 +512,7 @@ fn add_weighted(
 ) {
     assert!(p.len() >= rows * KEY_TILE && w <= KEY_TILE && out.len() >= rows * d);
     assert!(w == 0 || vt.len() >= (w - 1) * kv_stride + d);
-    if rows <= FEW_ROWS {
-        let shape = FewRows {
-            rows,
-            w,
-            d,
-            kv_stride,
-            score_stride: KEY_TILE,
-        };
+    if let Some(shape) = few_rows(rows, w, d, kv_stride) {
         return shape.add_weighted(out, p, vt);
     }
     // SAFETY: dst is rows × d with row stride d (asserted above); lhs is the probability
