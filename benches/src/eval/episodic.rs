@@ -36,8 +36,8 @@ use crate::bench::median;
 /// Tokens of each medoid segment in a scoring prompt (the embedder's window, 256).
 pub(crate) const MEDOID_TOKENS: usize = Embedder::MAX_TOKENS;
 
-/// Tokens per prefill block (the reference uses 2,048 for 8k budgets; conversations here
-/// are ~5.5k tokens).
+/// Tokens per prefill block by default (the reference uses 2,048 for 8k budgets;
+/// conversations here are ~5.5k tokens); `--episodic-block` sets it.
 pub(crate) const BLOCK: usize = 512;
 
 /// Block of the sensitivity profile's restricted prefill (the reference: 4,096 on samples of
@@ -84,6 +84,8 @@ struct Report {
     model: String,
     device: String,
     block: usize,
+    /// EpiCache's budget split over layers and heads.
+    epicache_split: String,
     context_tokens_median: f64,
     rows: Vec<Row>,
     details: Vec<Detail>,
@@ -115,6 +117,11 @@ pub(crate) struct EpisodicRun {
     pub(crate) layer_budgets: bool,
     /// EpiCache's scoring prompt's rows reduced by their maximum instead of their mean.
     pub(crate) row_max: bool,
+    /// Tokens per prefill block of block-prefill SnapKV and EpiCache.
+    pub(crate) block: usize,
+    /// How EpiCache spreads its budget over each layer's heads (`--budget-split`; replaced
+    /// by per-layer weights under `layer_budgets`). Block-prefill SnapKV stays uniform.
+    pub(crate) split: BudgetSplit,
 }
 
 /// The methods `--episodic-methods` may name.
@@ -285,7 +292,7 @@ pub(crate) fn run(
             );
             BudgetSplit::PerLayer(w)
         }
-        _ => BudgetSplit::Uniform,
+        _ => run.split.clone(),
     };
     let mut tallies: Vec<Tally> = methods.iter().map(|_| Tally::default()).collect();
     let mut details = Vec::new();
@@ -330,7 +337,7 @@ pub(crate) fn run(
                     let b = block_prefill(
                         model,
                         &item.context,
-                        BLOCK,
+                        run.block,
                         n,
                         sinks,
                         &BudgetSplit::Uniform,
@@ -345,7 +352,7 @@ pub(crate) fn run(
                         let b = block_prefill(
                             model,
                             &item.context,
-                            BLOCK,
+                            run.block,
                             n,
                             sinks,
                             &epicache_split,
@@ -416,7 +423,8 @@ pub(crate) fn run(
         questions: items.iter().map(|i| i.questions.len()).sum(),
         model: model_name,
         device,
-        block: BLOCK,
+        block: run.block,
+        epicache_split: format!("{epicache_split:?}"),
         context_tokens_median: median(
             &items
                 .iter()
@@ -471,8 +479,14 @@ fn scoring_prompt(
 
 fn print_table(r: &Report) {
     println!(
-        "conv task, {} conversations, {} questions (median {:.0} context tokens), model {}, device {}, block {}",
-        r.conversations, r.questions, r.context_tokens_median, r.model, r.device, r.block
+        "conv task, {} conversations, {} questions (median {:.0} context tokens), model {}, device {}, block {}, EpiCache split {}",
+        r.conversations,
+        r.questions,
+        r.context_tokens_median,
+        r.model,
+        r.device,
+        r.block,
+        r.epicache_split
     );
     println!(
         "| method | budget | acc | acc/full | first-token KL | answer agreement | peak rows | routing |"

@@ -89,9 +89,10 @@ pub struct Args {
     /// context before the question is known (`no`).
     #[arg(long, value_delimiter = ',', default_value = "yes,no")]
     query_aware: Vec<String>,
-    /// How `--policies` spread each budget: `uniform` (the same per KV head), or `per-head`
-    /// (`per-head:FLOOR`, AdaKV-style: each layer's total by score across its heads, every
-    /// head keeping at least FLOOR of the uniform share; default 0.2).
+    /// How `--policies` (and, with `--episodic`, EpiCache) spread each budget: `uniform` (the
+    /// same per KV head), or `per-head` (`per-head:FLOOR`, AdaKV-style: each layer's total by
+    /// score across its heads, every head keeping at least FLOOR of the uniform share;
+    /// default 0.2; `per-head:0` is the EpiCache reference code's default `pair`).
     #[arg(long, default_value = "uniform")]
     budget_split: String,
     /// `--task conv`: compare EpiCache with full KV, block-prefill SnapKV and StreamingLLM at
@@ -121,6 +122,10 @@ pub struct Args {
     /// prompt's rows (the reference code's) instead of their mean.
     #[arg(long)]
     episodic_row_max: bool,
+    /// `--episodic`: tokens per prefill block of block-prefill SnapKV and EpiCache (the
+    /// reference's 2,048 is a quarter of its 8k budgets).
+    #[arg(long, default_value_t = episodic::BLOCK)]
+    episodic_block: usize,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.125")]
     decode_pool: Vec<f32>,
@@ -412,6 +417,7 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
     } else {
         // checked before the model loads
         episodic::check_fractions(&a.episodic)?;
+        policies::parse_split(&a.budget_split)?;
         None
     };
     let count = a.skip.saturating_add(a.limit.unwrap_or(20));
@@ -427,6 +433,9 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
     dump_examples(a, &convs)?;
     if a.segment_utterances == 0 {
         bail!("--segment-utterances must be at least 1");
+    }
+    if a.episodic_block == 0 {
+        bail!("--episodic-block must be at least 1 token");
     }
     let segmenting = episodic::Segmenting {
         utterances: a.segment_utterances,
@@ -472,6 +481,8 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
                 methods: a.episodic_methods.clone(),
                 layer_budgets: a.layer_budgets,
                 row_max: a.episodic_row_max,
+                block: a.episodic_block,
+                split: policies::parse_split(&a.budget_split)?,
             },
             (file_name(&loaded), a.model.device.clone()),
             a.json.as_deref(),

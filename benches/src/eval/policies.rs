@@ -36,6 +36,23 @@ pub(crate) struct PolicyArgs {
     pub(crate) split: BudgetSplit,
 }
 
+/// `--budget-split`: `uniform`, or `per-head[:FLOOR]` (AdaKV-style; FLOOR 0.2 when not
+/// given, 0 is EpiCache's `pair`: one top-k per layer across its heads).
+pub(crate) fn parse_split(split: &str) -> Result<BudgetSplit> {
+    Ok(match split.split_once(':') {
+        None if split == "uniform" => BudgetSplit::Uniform,
+        None if split == "per-head" => BudgetSplit::PerHead { floor: 0.2 },
+        Some(("per-head", f)) => BudgetSplit::PerHead {
+            floor: f
+                .parse()
+                .ok()
+                .filter(|f: &f32| (0.0..=1.0).contains(f))
+                .with_context(|| format!("--budget-split per-head:{f}: a floor within 0..=1"))?,
+        },
+        _ => bail!("--budget-split {split}: expected uniform or per-head[:FLOOR]"),
+    })
+}
+
 impl PolicyArgs {
     /// Parses and checks everything before any example runs: unknown policies, bad
     /// parameters and bad compression factors are errors here.
@@ -45,20 +62,7 @@ impl PolicyArgs {
         aware: &[String],
         split: &str,
     ) -> Result<Self> {
-        let split = match split.split_once(':') {
-            None if split == "uniform" => BudgetSplit::Uniform,
-            None if split == "per-head" => BudgetSplit::PerHead { floor: 0.2 },
-            Some(("per-head", f)) => BudgetSplit::PerHead {
-                floor: f
-                    .parse()
-                    .ok()
-                    .filter(|f: &f32| (0.0..=1.0).contains(f))
-                    .with_context(|| {
-                        format!("--budget-split per-head:{f}: a floor within 0..=1")
-                    })?,
-            },
-            _ => bail!("--budget-split {split}: expected uniform or per-head[:FLOOR]"),
-        };
+        let split = parse_split(split)?;
         let mut specs = Vec::new();
         for p in policies {
             let spec: PolicySpec = p.parse().with_context(|| format!("--policies {p}"))?;
@@ -416,5 +420,27 @@ fn print_table(r: &Report) {
             row.policy_ms_median,
             row.decode_tok_s_median,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_splits_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_split("uniform").unwrap(), BudgetSplit::Uniform);
+        assert_eq!(
+            parse_split("per-head").unwrap(),
+            BudgetSplit::PerHead { floor: 0.2 }
+        );
+        assert_eq!(
+            parse_split("per-head:0").unwrap(),
+            BudgetSplit::PerHead { floor: 0.0 }
+        );
+        for bad in ["pair", "per-head:1.5", "per-head:x", "per-head:-0.1", ""] {
+            let e = parse_split(bad).unwrap_err();
+            assert!(format!("{e:#}").contains("--budget-split"), "{bad}: {e:#}");
+        }
     }
 }
