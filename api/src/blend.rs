@@ -72,6 +72,7 @@ impl BlendRequest {
 /// assembled.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct ModeSpec {
     /// `full`, `prefix`, `reuse` or `blend` (default `blend`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

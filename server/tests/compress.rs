@@ -148,6 +148,15 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
             json!({"policy": "sage", "budget": 10}),
             "4 sinks + 64 recent",
         ),
+        // a window as wide as a u64 once wrapped around and was applied
+        (
+            json!({"policy": "sage", "budget": 6, "window": u64::MAX}),
+            "recent",
+        ),
+        (
+            json!({"policy": "snapkv", "compression": 2, "window": u64::MAX}),
+            "recent",
+        ),
     ];
     for (spec, says) in cases {
         let r = app
@@ -185,6 +194,11 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // so is a misspelled field of `kvquilt` (it once ran the default mode instead)
+    let mut typo = chat(json!({"policy": "snapkv", "compression": 2}));
+    typo["kvquilt"]["mdoe"] = json!("prefix");
+    let r = app.json("POST", "/v1/chat/completions", None, typo).await;
+    common::assert_err(&r, 400, "malformed_json", "mdoe");
     // nothing ran: no request was counted
     let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
     let text = String::from_utf8(metrics).unwrap();

@@ -188,6 +188,53 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
     let signed = format!("/v1/chunks/+{}", "a".repeat(63));
     let r = app.call("GET", &signed, T, None, "").await;
     assert_err(&r, 400, "invalid_chunk_id", "64 hexadecimal");
+    // ... nor is one that is not UTF-8, whatever the method (was a plain-text 400)
+    for method in ["GET", "HEAD", "DELETE"] {
+        let r = app.call(method, "/v1/chunks/%FF%FE", T, None, "").await;
+        assert_eq!(r.0, StatusCode::BAD_REQUEST, "{method}");
+        if method != "HEAD" {
+            assert_err(&r, 400, "invalid_chunk_id", "64 hexadecimal");
+        }
+    }
+    let r = app.call("GET", "/v1/chunks/%FF/kv", T, None, "").await;
+    assert_err(&r, 400, "invalid_chunk_id", "64 hexadecimal");
+    // an instruction beside token ids is refused, not dropped
+    let r = app
+        .json(
+            "POST",
+            "/v1/blend",
+            T,
+            json!({"instruction": "i", "suffix_tokens": [5]}),
+        )
+        .await;
+    assert_err(&r, 400, "invalid_layout", "suffix_tokens");
+    // a text part without its text says so
+    let r = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            T,
+            json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+        )
+        .await;
+    assert_err(&r, 400, "unsupported_content", "without its `text` field");
+    // more alternatives per token than OpenAI's 20 are refused, not quietly cut to 20
+    let hi = json!({"role": "user", "content": "hi"});
+    for (path, body, says) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "logprobs": true, "top_logprobs": 21}),
+            "`top_logprobs` is 21",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "logprobs": 100}),
+            "`logprobs` is 100",
+        ),
+    ] {
+        let r = app.json("POST", path, T, body).await;
+        assert_err(&r, 400, "invalid_logprobs", says);
+    }
     let now = stats(&app, T).await;
     assert_eq!(objects(&now), objects(&before), "the store changed");
     assert_eq!(now.tenant.used_bytes, before.tenant.used_bytes);
@@ -231,6 +278,17 @@ async fn limits_are_enforced_by_name() {
         .json("POST", "/v1/chunks", T, json!({"chunks": [long]}))
         .await;
     assert_err(&r, 400, "too_many_tokens", "max_request_tokens");
+    // the limit is on the request's chunks together, each of them under it
+    let ids = |from: u32| json!({ "tokens": (from..from + 80).collect::<Vec<u32>>() });
+    let r = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            T,
+            json!({"chunks": [ids(10), ids(100), ids(300)]}),
+        )
+        .await;
+    assert_err(&r, 400, "too_many_tokens", "the request has 240 tokens");
     // byte bounds come before any tokenizing (issue 16, defect 6)
     let (doc, half) = ("d".repeat(5000), "h".repeat(3000));
     let r = app
@@ -274,6 +332,20 @@ async fn limits_are_enforced_by_name() {
         )
         .await;
     assert_err(&r, 400, "text_too_large", "max_text_bytes");
+    // stop strings are text the request carries too (they once slipped past every limit)
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [msg], "stop": [half, half]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "stop": ["s".repeat(9000)]}),
+        ),
+    ] {
+        let r = app.json("POST", path, T, body).await;
+        assert_err(&r, 400, "text_too_large", "max_text_bytes");
+    }
     let r = app
         .json(
             "POST",

@@ -126,9 +126,10 @@ impl DecodePoolSpec {
     pub fn budget_at(&self, step: usize) -> usize {
         match self.schedule {
             Schedule::Slide => self.budget,
-            Schedule::Adaptive | Schedule::Discontinuous => {
-                (self.recent + step / self.delta()).min(self.budget)
-            }
+            Schedule::Adaptive | Schedule::Discontinuous => self
+                .recent
+                .saturating_add(step / self.delta())
+                .min(self.budget),
         }
     }
 

@@ -269,9 +269,13 @@ pub struct Regions {
 }
 
 impl Regions {
-    /// Whether row `t` of a `tokens`-row cache is always kept.
+    /// Whether row `t` of a `tokens`-row cache is always kept. Any `sinks` and `recent`, up
+    /// to `usize::MAX`, are taken as given (a window wider than the cache covers all of it;
+    /// test `tests::a_window_wider_than_any_cache_keeps_everything`).
     pub fn contains(&self, t: usize, tokens: usize) -> bool {
-        t < self.sinks || t + self.recent >= tokens || self.protected.iter().any(|r| r.contains(&t))
+        t < self.sinks
+            || tokens.saturating_sub(t) <= self.recent
+            || self.protected.iter().any(|r| r.contains(&t))
     }
 
     /// How many of a `tokens`-row cache's rows are always kept.

@@ -108,6 +108,38 @@ fn h2o_normalises_by_the_queries_that_see_each_token() {
 }
 
 #[test]
+fn a_window_wider_than_any_cache_keeps_everything() {
+    // `t + recent` once wrapped for a window near `usize::MAX`: the regions counted ~1 row
+    // and a budget far below them was applied instead of refused
+    for recent in [usize::MAX, usize::MAX - 3, 1 << 63] {
+        let r = Regions {
+            sinks: 0,
+            recent,
+            protected: Vec::new(),
+        };
+        assert_eq!(r.count(100), 100, "recent {recent}");
+        assert!(r.contains(0, 100) && r.contains(99, 100));
+    }
+    let huge = SageKv {
+        recent: usize::MAX,
+        ..SageKv::default()
+    };
+    let obs = rows_obs(vec![0.01; 100], 1);
+    let e = keep(&huge, obs, shape(100, 1, 1, 1), Budget::Entries(6)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PolicyError::BudgetTooSmall {
+                budget: 6,
+                needed: 100,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_budget_below_the_kept_regions_is_an_error_naming_the_limit() {
     let p = SageKv::default();
     let obs = rows_obs(vec![0.01; 100], 1);

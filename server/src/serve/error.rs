@@ -62,7 +62,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // shedding load (or a device out of memory, retried): the service working as
+            // configured, not a fault
+            tracing::warn!(code = self.code, message = %self.message, "request refused, retry later");
+        } else if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
         let kind = self.kind().to_string();

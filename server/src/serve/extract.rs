@@ -1,10 +1,11 @@
-//! Request-body extractors whose rejections are API errors (JSON, naming the problem)
-//! instead of axum's plain-text ones.
+//! Request extractors whose rejections are API errors (JSON, naming the problem) instead of
+//! axum's plain-text ones.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -40,6 +41,29 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
             .await
             .map(ApiBytes)
             .map_err(bytes_error)
+    }
+}
+
+/// A chunk id from the path (`/v1/chunks/{id}`), as text: one that is not even UTF-8 is
+/// an `invalid_chunk_id`, like any other malformed id.
+pub(crate) struct ChunkIdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChunkIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| ChunkIdPath(id))
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_chunk_id",
+                    format!(
+                        "a chunk id is 64 hexadecimal digits; this one could not be read ({})",
+                        e.body_text()
+                    ),
+                )
+            })
     }
 }
 

@@ -229,7 +229,8 @@ impl TextStream {
             end = text.trim_end_matches('\u{FFFD}').len();
         }
         for s in &self.stops {
-            for k in (1..s.len()).rev() {
+            // (a prefix longer than the text cannot end it)
+            for k in (1..s.len().min(end + 1)).rev() {
                 if s.is_char_boundary(k) && text[..end].ends_with(&s[..k]) {
                     end = end.min(text[..end].len() - k);
                     break;

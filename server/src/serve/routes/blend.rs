@@ -61,7 +61,9 @@ pub(crate) async fn blend(
             r.chunks = chunks;
             r
         }
-        (prefix, Some(suffix)) if body.question.is_none() && body.system.is_none() => {
+        (prefix, Some(suffix))
+            if body.question.is_none() && body.system.is_none() && body.instruction.is_none() =>
+        {
             BlendRequest::new(
                 prefix.clone().unwrap_or_default(),
                 chunks,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kvquilt_api::ChunkRef;
@@ -15,7 +15,7 @@ use kvquilt_kvstore::{Codec, EncodedObject};
 
 use super::chunk_ref::{check_text_bytes, check_tokens, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
-use crate::serve::extract::{ApiBytes, ApiJson};
+use crate::serve::extract::{ApiBytes, ApiJson, ChunkIdPath};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
 use crate::serve::tenants::{Caller, QuotaReservation, Tenant};
 use crate::serve::wire;
@@ -32,9 +32,8 @@ pub(crate) async fn create(
     }
     check_text_bytes(&s, req.chunks.iter().map(ChunkRef::text_len))?;
     let all = resolve_all(&s, &tenant, &req.chunks).await?;
-    for t in &all {
-        check_tokens(&s, t.len())?;
-    }
+    // the limit is per request (every chunk is a prefill on the one worker it holds)
+    check_tokens(&s, all.iter().map(Vec::len).sum())?;
     let codec = s.blender.codec(&tenant.namespace);
     let layout = *codec.layout();
     let new_bytes: u64 = all
@@ -123,7 +122,7 @@ pub(crate) fn check_quota(
 pub(crate) async fn info(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    Path(id): Path<String>,
+    ChunkIdPath(id): ChunkIdPath,
     q: Result<Query<ChunkInfoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
     let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
@@ -143,7 +142,7 @@ pub(crate) async fn info(
 pub(crate) async fn delete(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    Path(id): Path<String>,
+    ChunkIdPath(id): ChunkIdPath,
 ) -> ApiResult<StatusCode> {
     let key = Shared::parse_id(&id)?;
     s.require_owned(&tenant, &key).await?;
@@ -158,7 +157,7 @@ pub(crate) async fn delete(
 pub(crate) async fn get_kv(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    Path(id): Path<String>,
+    ChunkIdPath(id): ChunkIdPath,
 ) -> ApiResult<Response> {
     let key = Shared::parse_id(&id)?;
     s.require_owned(&tenant, &key).await?;
@@ -187,7 +186,7 @@ pub(crate) async fn get_kv(
 pub(crate) async fn put_kv(
     State(s): State<AppState>,
     Caller(tenant): Caller,
-    Path(id): Path<String>,
+    ChunkIdPath(id): ChunkIdPath,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, axum::Json<ChunkStatus>)> {
     let key = Shared::parse_id(&id)?;

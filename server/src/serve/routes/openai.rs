@@ -86,7 +86,8 @@ pub(crate) async fn chat(
             .documents
             .iter()
             .map(ChunkRef::text_len)
-            .chain(messages.iter().map(|m| m.content.len())),
+            .chain(messages.iter().map(|m| m.content.len()))
+            .chain([stop_bytes(body.common.stop.as_ref())]),
     )?;
     let ((mode, calibration), compress) =
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
@@ -103,10 +104,9 @@ pub(crate) async fn chat(
         )?)
     })
     .await?;
-    let top_k = if body.logprobs {
-        body.top_logprobs.unwrap_or(0).min(20)
-    } else {
-        0
+    let top_k = match body.logprobs {
+        true => alternatives("top_logprobs", body.top_logprobs)?,
+        false => 0,
     };
     let mut job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
     job.prepared.calibration = calibration;
@@ -136,7 +136,7 @@ pub(crate) async fn completions(
             .documents
             .iter()
             .map(ChunkRef::text_len)
-            .chain([prompt.len()]),
+            .chain([prompt.len(), stop_bytes(body.common.stop.as_ref())]),
     )?;
     let ((mode, calibration), compress) =
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
@@ -144,7 +144,7 @@ pub(crate) async fn completions(
     let tokenizer = Arc::clone(&s.tokenizer);
     let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
-    let top_k = body.logprobs.unwrap_or(0).min(20);
+    let top_k = alternatives("logprobs", body.logprobs)?;
     // OpenAI's default for legacy completions is 16 tokens
     let mut job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
     job.prepared.calibration = calibration;
@@ -164,6 +164,29 @@ pub(crate) async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum
             kvquilt: Some(wire::calibration(&s.blend_default)),
         }],
     })
+}
+
+/// Most alternatives per generated token a request may ask for (OpenAI's bound).
+const MAX_ALTERNATIVES: usize = 20;
+
+/// The alternatives per token asked for in `field`, refused above [`MAX_ALTERNATIVES`].
+fn alternatives(field: &str, n: Option<usize>) -> ApiResult<usize> {
+    match n.unwrap_or(0) {
+        n if n > MAX_ALTERNATIVES => Err(ApiError::bad_request(
+            "invalid_logprobs",
+            format!("`{field}` is {n}; at most {MAX_ALTERNATIVES} alternatives per token"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// Bytes of a request's stop strings (text it carries, counted in `limits.max_text_bytes`).
+fn stop_bytes(stop: Option<&Stop>) -> usize {
+    match stop {
+        None => 0,
+        Some(Stop::One(s)) => s.len(),
+        Some(Stop::Many(v)) => v.iter().map(String::len).sum(),
+    }
 }
 
 fn check_model(s: &Shared, c: &CommonFields) -> ApiResult<()> {
@@ -206,6 +229,12 @@ fn to_message(i: usize, m: &api::ChatMessage) -> ApiResult<ChatMessage> {
             for p in parts {
                 match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => out.push_str(t),
+                    ("text", None) => {
+                        return Err(ApiError::bad_request(
+                            "unsupported_content",
+                            format!("message {i} has a `text` part without its `text` field"),
+                        ));
+                    }
                     (kind, _) => {
                         return Err(ApiError::bad_request(
                             "unsupported_content",
