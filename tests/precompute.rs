@@ -209,3 +209,62 @@ fn a_read_only_store_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("read-only"), "{err}");
 }
+
+/// Arguments that cannot work are refused by name before any model or store is touched
+/// (found by a probe of the command line).
+#[test]
+fn bad_arguments_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl");
+    let corpus = "{\"id\": 1, \"text\": \"The tower is old.\"}\n";
+    std::fs::write(&input, corpus).unwrap();
+    let data = dir.path().join("data");
+    let precompute = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
+            .args(["precompute", "--model"])
+            .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [
+        (&["--tenant", ""][..], "--tenant \"\" is empty"),
+        (&["--tenant", " acme"][..], "white space"),
+        (&["--tenant", "a\nb"][..], "control character"),
+        (&["--overlap", "8"][..], "--overlap needs --chunk-tokens"),
+    ] {
+        let out = precompute(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("Stack backtrace"), "{err}");
+        assert!(!data.exists(), "{extra:?}: nothing may be written");
+    }
+    // a manifest that would overwrite the input is refused, the input kept
+    let out = precompute(&["--manifest", input.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is the input itself"), "{err}");
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), corpus);
+    // a reader gone from stdout is an error, not a panic (exit 101)
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
+        .args(["precompute", "--json", "--model"])
+        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing the summary to stdout"), "{err}");
+}

@@ -41,9 +41,15 @@ enum Harm {
     Truncate,
     /// Flip 16 bytes at 60% of its length (inside a value of a blob file).
     Flip,
+    /// Delete the file.
+    Delete,
 }
 
 fn harm(path: &Path, how: Harm) {
+    if let Harm::Delete = how {
+        std::fs::remove_file(path).unwrap();
+        return;
+    }
     let mut b = std::fs::read(path).unwrap();
     match how {
         Harm::Truncate => b.truncate(b.len() / 2),
@@ -53,6 +59,7 @@ fn harm(path: &Path, how: Harm) {
                 *x ^= 0x5a;
             }
         }
+        Harm::Delete => unreachable!("handled above"),
     }
     std::fs::write(path, b).unwrap();
 }
@@ -97,6 +104,8 @@ async fn damaged_files_at_rest_never_stop_the_tier() {
     for (pick, how) in [
         (".blob", Harm::Truncate),
         (".blob", Harm::Flip),
+        // a missing blob file once failed every read of its objects (and `serve`'s start-up)
+        (".blob", Harm::Delete),
         (".sst", Harm::Truncate),
         (".sst", Harm::Flip),
         ("MANIFEST", Harm::Flip),
@@ -123,17 +132,23 @@ async fn damaged_files_at_rest_never_stop_the_tier() {
     }
 }
 
-/// A blob file truncated under a running tier: reads of its objects are misses that drop
-/// them (not errors, and not again and again); the tier keeps storing.
+/// A blob file truncated or deleted under a running tier: reads of its objects are misses
+/// that drop them (not errors, and not again and again); the tier keeps storing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_file_truncated_while_serving_costs_misses() {
+    for how in [Harm::Truncate, Harm::Delete] {
+        blob_file_harmed_while_serving(how).await;
+    }
+}
+
+async fn blob_file_harmed_while_serving(how: Harm) {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("store");
     let objs = objects(1);
     let t = open(&dir);
     store_all(&t, &objs).await;
     for f in files(&dir, ".blob") {
-        harm(&f, Harm::Truncate);
+        harm(&f, how);
     }
     reads_are_right_or_missing(&t, &objs).await;
     assert!(t.stats().checksum_failures > 0, "the damage was counted");

@@ -47,7 +47,8 @@ impl Generation {
 /// Options of [`generate_greedy`].
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// Most tokens to generate (the stop token included); 0 generates nothing.
+    /// Most tokens to generate (the stop token included); 0 generates nothing. Generation
+    /// also ends (`Length`) when the model's context is full.
     pub max_tokens: usize,
     /// How many alternatives to report per token.
     pub top_k: usize,
@@ -98,6 +99,11 @@ pub fn continue_greedy(
         if tokens.len() == opts.max_tokens {
             break;
         }
+        // the model's context is full: a `length` finish, like `max_tokens`
+        let next_position = cache.positions.last().map_or(0, |&p| p as usize + 1);
+        if next_position >= model.config().context_length {
+            break;
+        }
         logits = model.decode_step(next, &mut cache, &mut ())?;
     }
     Ok(Generation {
@@ -120,15 +126,21 @@ pub fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// `ln Σ exp(logits)`, summed in f64 from the maximum: a token's log-probability is its
+/// logit minus this (one value for a row, so a token's log-probability and its entry among
+/// [`top_logprobs`] agree to the bit).
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    max + logits
+        .iter()
+        .map(|&x| ((x - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+}
+
 /// The `k` largest log-probabilities of `logits`, best first.
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max
-        + logits
-            .iter()
-            .map(|&x| ((x - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
+    let log_z = log_sum_exp(logits);
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
     if k == 0 {
@@ -155,6 +167,17 @@ mod tests {
     #[test]
     fn argmax_takes_first_of_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn a_tokens_log_probability_is_its_top_entry_to_the_bit() {
+        let l: Vec<f32> = (0..49_152)
+            .map(|i| ((i * 7919) % 1000) as f32 / 97.0)
+            .collect();
+        let z = log_sum_exp(&l);
+        for (id, lp) in top_logprobs(&l, 20) {
+            assert_eq!((l[id as usize] - z).to_bits(), lp.to_bits());
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub use device::{parse_device, settle_cpu_threads};
 pub use error::{ModelError, Result};
 pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,
-    top_logprobs,
+    log_sum_exp, top_logprobs,
 };
 pub use hook::{CollectProbes, FillLayers, HookError, LayerHook, LayerProbe};
 #[cfg(feature = "gpu")]

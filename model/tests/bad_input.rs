@@ -143,3 +143,23 @@ fn bad_token_ids_and_positions() {
     );
     assert_eq!(cache.len(), 2);
 }
+
+/// Asking for more tokens than the context holds ends generation with a `length` finish at
+/// the last position, the tokens kept (it once failed after thousands of tokens, keeping
+/// nothing).
+#[test]
+fn generation_stops_when_the_context_is_full() {
+    let m = common::tiny("llama");
+    let ctx = m.model.config().context_length;
+    let prompt: Vec<u32> = (0..ctx as u32 - 3).map(|i| 3 + i % 200).collect();
+    let opts = kvquilt_model::GenerateOptions {
+        max_tokens: 10,
+        top_k: 0,
+        stop_ids: vec![],
+    };
+    let g = kvquilt_model::generate_greedy(&m.model, &prompt, &opts, |_| {})
+        .expect("a full context is a finish, not an error");
+    assert_eq!(g.finish, kvquilt_model::FinishReason::Length);
+    // positions 0..ctx hold the prompt and every generated token but the last
+    assert_eq!(prompt.len() + g.tokens.len(), ctx + 1);
+}

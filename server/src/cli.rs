@@ -76,7 +76,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            // the message chain only: `{:?}` would add a backtrace under RUST_BACKTRACE
+            eprintln!("Error: {e:#}");
             ExitCode::FAILURE
         }
     }

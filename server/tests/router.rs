@@ -608,13 +608,20 @@ async fn openai_responses_parse_as_the_wire_types() {
             "POST",
             "/v1/chat/completions",
             None,
-            json!({"messages": [{"role": "user", "content": "hi"}], "documents": [DOCS[1]], "max_tokens": 3, "logprobs": true, "top_logprobs": 2}),
+            json!({"messages": [{"role": "user", "content": "hi"}], "documents": [DOCS[1]], "max_tokens": 24, "logprobs": true, "top_logprobs": 2}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    // greedy: each token is its own best alternative, with the very same log-probability
+    for t in v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("tokens")
+    {
+        assert_eq!(t["logprob"], t["top_logprobs"][0]["logprob"], "{t}");
+    }
     let chat: ChatResponse = serde_json::from_value(v).expect("a ChatResponse");
     assert_eq!(chat.object, "chat.completion");
-    assert!(chat.usage.completion_tokens >= 1 && chat.usage.completion_tokens <= 3);
+    assert!(chat.usage.completion_tokens >= 1 && chat.usage.completion_tokens <= 24);
     assert_eq!(chat.usage.prompt_tokens, chat.kvquilt.tokens);
     assert!(chat.choices[0].logprobs.is_some());
     let (status, v) = app

@@ -506,9 +506,10 @@ impl Inner {
         }
     }
 
-    /// When `e` says the object failed verification: counts it, logs it, drops the object
-    /// and returns true. An object from a newer format version counts as a miss but stays on
-    /// disk (true as well). Any other error: false, nothing done.
+    /// When `e` says the object failed verification, or that a database file holding it is
+    /// damaged or gone (a deleted or cut blob file, [`is_damage`]): counts it, logs it, drops
+    /// the object and returns true. An object from a newer format version counts as a miss
+    /// but stays on disk (true as well). Any other error: false, nothing done.
     fn drop_if_corrupt(&self, key: &ChunkKey, e: &StoreError) -> bool {
         match e {
             StoreError::NewerFormat { .. } => {
@@ -518,19 +519,23 @@ impl Inner {
             StoreError::Checksum { .. }
             | StoreError::Corrupt(_)
             | StoreError::Mismatch(_)
-            | StoreError::Damaged { .. } => {
-                TierStats::add(&self.stats.checksum_failures, 1);
-                tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
-                if let Err(e) = self.delete(key) {
-                    // (a read-only tier keeps the bytes; forgetting the object stops the
-                    // same miss from being met again and again)
-                    self.index.remove(key);
-                    tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object; forgotten for this run");
-                }
-            }
+            | StoreError::Damaged { .. } => self.drop_damaged(key, e),
+            StoreError::Db { .. } if is_damage(e) => self.drop_damaged(key, e),
             _ => return false,
         }
         true
+    }
+
+    /// Counts, logs and drops an object that cannot be read back (see `drop_if_corrupt`).
+    fn drop_damaged(&self, key: &ChunkKey, e: &StoreError) {
+        TierStats::add(&self.stats.checksum_failures, 1);
+        tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
+        if let Err(e) = self.delete(key) {
+            // (a read-only tier keeps the bytes; forgetting the object stops the same miss
+            // from being met again and again)
+            self.index.remove(key);
+            tracing::warn!(%key, error = %e, "SSD tier: could not drop a corrupt object; forgotten for this run");
+        }
     }
 
     /// Whether an object of `header` may be served: a lossy one only when the tier's

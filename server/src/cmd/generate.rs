@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kvquilt_model::{ChatMessage, ChatTemplate, GenerateOptions, generate_greedy};
 use serde::Serialize;
 
@@ -65,19 +65,25 @@ pub fn run(a: Args) -> Result<()> {
     let stream = !a.json;
     let mut printed = String::new();
     let mut so_far: Vec<u32> = Vec::new();
+    let mut stdout = std::io::stdout();
+    // a reader gone (`| head`) ends the printing; reported once generation returns
+    let mut write_failed: Option<std::io::Error> = None;
     let generation = generate_greedy(&m.model, &prompt, &opts, |t| {
-        if stream {
+        if stream && write_failed.is_none() {
             so_far.push(t);
             if let Ok(s) = tok.decode(&so_far, true)
                 && s.len() > printed.len()
                 && s.starts_with(printed.as_str())
             {
-                print!("{}", &s[printed.len()..]);
-                let _ = std::io::stdout().flush();
+                let r = write!(stdout, "{}", &s[printed.len()..]).and_then(|()| stdout.flush());
+                write_failed = r.err();
                 printed = s;
             }
         }
     })?;
+    if let Some(e) = write_failed {
+        return Err(anyhow::Error::new(e).context("writing the generated text to stdout"));
+    }
     let text = tok.decode(&generation.tokens, true)?;
     if a.json {
         let out = Output {
@@ -92,12 +98,12 @@ pub fn run(a: Args) -> Result<()> {
             tokens: generation.tokens,
             top_logprobs: generation.top_logprobs,
         };
-        println!("{}", serde_json::to_string(&out)?);
+        writeln!(stdout, "{}", serde_json::to_string(&out)?).context("writing to stdout")?;
     } else {
         if printed.len() < text.len() && text.starts_with(printed.as_str()) {
-            print!("{}", &text[printed.len()..]);
+            write!(stdout, "{}", &text[printed.len()..]).context("writing to stdout")?;
         }
-        println!();
+        writeln!(stdout).context("writing to stdout")?;
         eprintln!(
             "kvquilt: {} prompt tokens, TTFT {:.1} ms, {} tokens at {:.1} tokens/s",
             prompt.len(),

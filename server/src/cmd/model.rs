@@ -1,5 +1,7 @@
 //! `kvquilt model ...`: fetching and inspecting model files.
 
+use std::io::Write;
+
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
@@ -31,12 +33,19 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let path = fetch::fetch(spec, &fetch::cache_root(), |line| {
                 eprintln!("kvquilt: {line}")
             })?;
-            println!("{}", path.display());
+            writeln!(std::io::stdout(), "{}", path.display()).context("writing to stdout")?;
             Ok(())
         }
         ModelCommand::List => {
             for s in KNOWN_MODELS {
-                println!("{}\t{}\t{}", s.name, s.requirements(), s.file_name);
+                writeln!(
+                    std::io::stdout(),
+                    "{}\t{}\t{}",
+                    s.name,
+                    s.requirements(),
+                    s.file_name
+                )
+                .context("writing to stdout")?;
             }
             Ok(())
         }

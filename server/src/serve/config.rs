@@ -444,9 +444,18 @@ impl Config {
                 );
             }
         }
+        if self.log_level.parse::<tracing::Level>().is_err() {
+            bail!(
+                "log_level {:?}: expected error, warn, info, debug or trace",
+                self.log_level
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for t in &self.tenants {
-            if t.name.is_empty() || t.name == "default" || !names.insert(&t.name) {
+            if let Some(why) = crate::serve::tenants::tenant_name_problem(&t.name) {
+                bail!("tenant name {:?} {why}", t.name);
+            }
+            if t.name == "default" || !names.insert(&t.name) {
                 bail!(
                     "tenant names must be unique, non-empty and not `default` (got `{}`)",
                     t.name
@@ -531,6 +540,19 @@ mod tests {
         assert!(e.to_string().contains("store.host_policy"), "{e}");
         let e = parse("[store]\nstall_ms = 0\n").validate().unwrap_err();
         assert!(e.to_string().contains("store.stall_ms"), "{e}");
+    }
+
+    #[test]
+    fn log_levels_and_tenant_names_are_checked() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert!(parse("log_level = \"WARN\"\n").validate().is_ok());
+        let e = parse("log_level = \"verbose\"\n").validate().unwrap_err();
+        assert!(e.to_string().contains("verbose"), "{e}");
+        for (name, why) in [(" acme", "white space"), ("a\\u0007b", "control character")] {
+            let t = format!("[[tenants]]\nname = \"{name}\"\ntokens = [\"abcdefgh\"]\n");
+            let e = parse(&t).validate().unwrap_err();
+            assert!(e.to_string().contains(why), "{name:?}: {e}");
+        }
     }
 
     #[test]

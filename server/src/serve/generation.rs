@@ -7,7 +7,7 @@
 
 use kvquilt_blend::compress::PooledDecoder;
 use kvquilt_compression::policy::DecodePoolSpec;
-use kvquilt_model::{KvCache, Model, Tensor, Tokenizer, argmax, top_logprobs};
+use kvquilt_model::{KvCache, Model, Tensor, Tokenizer, argmax, log_sum_exp, top_logprobs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -186,9 +186,7 @@ fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
 }
 
 fn log_prob(row: &[f32], id: u32) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    row[id as usize] - max - z.ln() as f32
+    row[id as usize] - log_sum_exp(row)
 }
 
 /// Turns tokens into text released in final pieces, cut at the first stop string.

@@ -136,10 +136,14 @@ pub fn run(args: Args) -> Result<()> {
     rt.block_on(serve(config))
 }
 
-fn init_logging(level: &str) {
+/// Logs at `level` (a name [`Config`] validated; INFO otherwise) to stderr, coloured only
+/// when stderr is a terminal.
+pub(crate) fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let level = level.parse().unwrap_or(tracing::Level::INFO);
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -94,8 +94,15 @@ impl Shared {
             .collect();
         let mut n = 0;
         for key in keys {
-            let Some(found) = store.lookup(&key).await? else {
-                continue;
+            // an object that cannot be read is not served either: never a reason to refuse
+            // to start (a damaged file's objects are dropped by the tier as they are met)
+            let found = match store.lookup(&key).await {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "an unreadable stored object is not accounted to any tenant");
+                    continue;
+                }
             };
             for (t, codec) in &codecs {
                 if codec.key(&found.info.tokens) == key {

@@ -69,6 +69,26 @@ pub type NamespaceKey = [u8; 32];
 /// The file in the data directory holding the [`NamespaceKey`].
 pub const NAMESPACE_KEY_FILE: &str = "tenant-namespace.key";
 
+/// Longest tenant name, bytes.
+pub const MAX_TENANT_NAME_BYTES: usize = 128;
+
+/// Why `name` cannot name a tenant (empty, padded with spaces, a control character, longer
+/// than [`MAX_TENANT_NAME_BYTES`]), or `None`: one rule for `[[tenants]]` and
+/// `precompute --tenant`, so a job never stores under a name no sidecar can serve.
+pub fn tenant_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.trim() != name {
+        Some("begins or ends with white space")
+    } else if name.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else if name.len() > MAX_TENANT_NAME_BYTES {
+        Some("is longer than 128 bytes")
+    } else {
+        None
+    }
+}
+
 /// The namespace of a tenant's keys: empty for the default tenant (whose ids anyone may
 /// derive from a text, as the precompute job and clients do); for any other tenant a keyed
 /// BLAKE3 hash of its name under `key`, so that its chunk ids cannot be derived from a

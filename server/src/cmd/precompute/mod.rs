@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::model_source::ModelArgs;
-use crate::serve::tenants::{namespace_key, namespace_of};
+use crate::serve::tenants::{namespace_key, namespace_of, tenant_name_problem};
 use crate::store_setup::open_store;
 
 /// `kvquilt precompute` flags.
@@ -110,6 +110,9 @@ struct Summary {
     bytes_written: u64,
     wall_s: f64,
     interrupted: bool,
+    /// Distinct chunks of the input the durable tier does not hold after the job (evicted
+    /// as the job ran: the corpus is larger than the tier).
+    not_kept: usize,
     verified: Option<usize>,
 }
 
@@ -118,6 +121,15 @@ pub fn run(a: Args) -> Result<()> {
     if a.chunk_tokens > 0 && a.overlap >= a.chunk_tokens {
         bail!("--overlap must be smaller than --chunk-tokens");
     }
+    if a.chunk_tokens == 0 && a.overlap > 0 {
+        bail!("--overlap needs --chunk-tokens (each text is one chunk without it)");
+    }
+    if let Some(why) = tenant_name_problem(&a.tenant) {
+        bail!("--tenant {:?} {why}", a.tenant);
+    }
+    // the store's and the remote tier's warnings (a damaged store moved aside, a failed
+    // remote write) reach the operator
+    crate::serve::init_logging("warn");
     let start = Instant::now();
     let docs = input::read(&a.input)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -203,6 +215,12 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if let Some(m) = &a.manifest {
+        if same_file(m, &a.input) {
+            bail!(
+                "--manifest {} is the input itself: it would be overwritten",
+                m.display()
+            );
+        }
         write_manifest(m, &docs, &units)?;
     }
 
@@ -298,14 +316,25 @@ pub fn run(a: Args) -> Result<()> {
         bytes_written: bytes_written.into_inner(),
         wall_s: 0.0,
         interrupted: interrupted.load(Ordering::SeqCst),
+        not_kept: 0,
         verified: None,
     };
+    if !summary.interrupted {
+        summary.not_kept = not_kept(&store, &units);
+        if summary.not_kept > 0 {
+            eprintln!(
+                "kvquilt precompute: warning: {} chunk(s) are not in the store after the job: it evicted them to stay within its capacity (--ssd-bytes {}); they will be recomputed when met",
+                summary.not_kept, a.ssd_bytes
+            );
+        }
+    }
     if a.verify && !summary.interrupted {
         summary.verified = Some(verify(&rt, &store, &units)?);
     }
     summary.wall_s = start.elapsed().as_secs_f64();
     if a.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string(&summary)?)
+            .context("writing the summary to stdout")?;
     }
     eprintln!(
         "kvquilt precompute: {} documents, {} chunks: {} computed ({} tokens, {:.1} MiB), {} already stored, {:.1} s{}",
@@ -344,7 +373,15 @@ fn windows(tokens: &[u32], size: usize, overlap: usize) -> Vec<Vec<u32>> {
     }
 }
 
+/// Whether `a` and `b` name one existing file (or directory).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 fn write_manifest(path: &PathBuf, docs: &[input::Document], units: &[Unit]) -> Result<()> {
+    if path.is_dir() {
+        bail!("--manifest {} is a directory", path.display());
+    }
     let tmp = path.with_extension("tmp");
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
@@ -356,6 +393,16 @@ fn write_manifest(path: &PathBuf, docs: &[input::Document], units: &[Unit]) -> R
     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Distinct chunks of `units` the slowest (durable) tier does not hold (a presence check,
+/// no reads).
+fn not_kept(store: &kvquilt_kvstore::TieredStore, units: &[Unit]) -> usize {
+    let Some(disk) = store.tiers().last() else {
+        return 0;
+    };
+    let keys: HashSet<ChunkKey> = units.iter().map(|u| u.key).collect();
+    keys.iter().filter(|k| !disk.contains(k)).count()
 }
 
 /// Reads every chunk back whole from the slowest (durable) tier, each layer's checksum
