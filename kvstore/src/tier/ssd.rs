@@ -336,7 +336,10 @@ impl Inner {
     /// tier read-only for this run and leaves the [`DAMAGE_MARKER`] for the next start.
     fn write_err(&self, e: rocksdb::Error) -> StoreError {
         let e = self.db_err(e);
-        if let StoreError::Damaged { detail, .. } = &e {
+        // (a flush that needs a blob file that is gone fails the same way every time)
+        if let StoreError::Damaged { detail, .. } | StoreError::Db { detail, .. } = &e
+            && is_damage(&e)
+        {
             self.stop_writes(detail);
         }
         e

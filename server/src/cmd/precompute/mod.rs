@@ -416,6 +416,9 @@ fn verify(
         bail!("the store has no tiers");
     };
     let mut done = HashSet::new();
+    // read on past a missing chunk: every damaged one is dropped now, so one more run
+    // computes them all
+    let mut missing: Vec<ChunkKey> = Vec::new();
     for u in units {
         if !done.insert(u.key) {
             continue;
@@ -423,8 +426,14 @@ fn verify(
         match rt.block_on(disk.get(&u.key))? {
             Some(obj) if obj.tokens() == u.tokens.as_slice() => {}
             Some(_) => bail!("chunk {} holds other tokens than expected", u.key),
-            None => bail!("chunk {} is missing after the job", u.key),
+            None => missing.push(u.key),
         }
+    }
+    if let Some(first) = missing.first() {
+        bail!(
+            "{} chunk(s) are missing after the job (the first: {first}): evicted (see not_kept), or damaged on disk and dropped as they were read (see the warnings above); run the job again to compute them",
+            missing.len()
+        );
     }
     Ok(done.len())
 }
