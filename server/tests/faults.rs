@@ -6,6 +6,7 @@ mod common;
 use axum::http::StatusCode;
 use common::{TestApp, Tmpfs, assert_err};
 use kvquilt::serve::config::Config;
+use kvquilt::serve::tenants;
 use kvquilt_api::{ChunkOutcome, PutChunksResponse, Stats};
 use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
 use serde_json::json;
@@ -132,6 +133,12 @@ async fn a_read_only_data_directory_is_served_and_says_so() {
         .call("DELETE", &format!("/v1/chunks/{held}"), None, None, "")
         .await;
     assert_err(&r, 503, "store_read_only", "read-only");
+    // a read-only directory without a namespace key: the default tenant needs none, so
+    // `serve` starts (it once refused to); tenants' chunks would be unreachable: refused
+    let keyless = fs.path.join("store");
+    assert!(!keyless.join(tenants::NAMESPACE_KEY_FILE).exists());
+    assert!(tenants::serving_key(&keyless, false).is_ok());
+    assert!(tenants::serving_key(&keyless, true).is_err());
     assert!(fs.set_read_only(false));
 }
 

@@ -161,12 +161,13 @@ pub async fn serve(config: Config) -> Result<()> {
         move || -> Result<_> {
             let loaded = model_args.load()?;
             let store = open_store(&c.data_dir, &c.store)?;
-            let key = tenants::namespace_key(&c.data_dir).with_context(|| {
-                format!(
-                    "reading the tenant namespace key in {}",
-                    c.data_dir.display()
-                )
-            })?;
+            let key =
+                tenants::serving_key(&c.data_dir, !c.tenants.is_empty()).with_context(|| {
+                    format!(
+                        "reading the tenant namespace key in {}",
+                        c.data_dir.display()
+                    )
+                })?;
             Ok((loaded, store, key))
         }
     })

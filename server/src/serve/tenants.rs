@@ -102,6 +102,28 @@ pub fn namespace_of(tenant: &str, key: &NamespaceKey) -> Vec<u8> {
     }
 }
 
+/// The key `serve` salts tenant namespaces with: the data directory's
+/// ([`namespace_key`]); when that cannot be created because the directory is read-only
+/// and no tenant but the default one is configured, none is needed (the default tenant's
+/// namespace is empty), so a read-only store is served as is (test
+/// `server/tests/faults.rs::a_read_only_data_directory_is_served_and_says_so`). With tenants
+/// the failure stands: their stored chunks would be unreachable.
+pub fn serving_key(data_dir: &Path, has_tenants: bool) -> std::io::Result<NamespaceKey> {
+    match namespace_key(data_dir) {
+        Err(e)
+            if !has_tenants
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+                ) =>
+        {
+            tracing::warn!(dir = %data_dir.display(), error = %e, "no tenant namespace key and the data directory cannot be written: serving the default tenant only");
+            Ok([0; 32])
+        }
+        r => r,
+    }
+}
+
 /// The data directory's [`NamespaceKey`], created (32 bytes from the system's random
 /// source, mode 0600) on first use. Losing it makes other tenants' stored chunks
 /// unreachable (recomputed on demand), never wrong.
