@@ -1,7 +1,8 @@
 //! OpenAI-compatible completions (`/v1/chat/completions`, `/v1/completions`, `/v1/models`)
 //! with kvquilt's extensions: `documents` (chunks assembled through blend) in requests and
 //! `kvquilt` (the blend's [`BlendStats`]) in responses. Unknown OpenAI request fields are
-//! ignored, so OpenAI SDKs can send theirs.
+//! ignored, so OpenAI SDKs can send theirs; known ones that would change the answer and are
+//! not served (`n` > 1, penalties, `logit_bias`, `echo`, `best_of` > 1) are refused.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,6 +44,16 @@ pub struct CommonFields {
     /// Completions per request (only 1 is served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
+    /// Not served: only 0 (or absent) is accepted, anything else is refused rather than
+    /// ignored (it would change the answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Not served: only 0 (or absent) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// Not served: only an empty map (or absent) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
     /// kvquilt: retrieved documents, each a cached chunk of the prompt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub documents: Vec<ChunkRef>,
@@ -161,6 +172,12 @@ pub struct CompletionRequest {
     /// Legacy completions' `logprobs`: how many alternatives per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<usize>,
+    /// Not served: only `false` (or absent) is accepted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub echo: bool,
+    /// Not served: only 1 (or absent) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<usize>,
     /// Sampling, stopping, documents.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -172,6 +189,8 @@ impl CompletionRequest {
         Self {
             prompt: Prompt::One(prompt.into()),
             logprobs: None,
+            echo: false,
+            best_of: None,
             common: CommonFields::default(),
         }
     }

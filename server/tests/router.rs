@@ -218,6 +218,33 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
         )
         .await;
     assert_err(&r, 400, "unsupported_content", "without its `text` field");
+    // OpenAI fields that would change the answer and are not served are refused, not
+    // ignored; their no-op values pass
+    for (path, body, says) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}),
+            "frequency_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "echo": true}),
+            "echo",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "best_of": 3}),
+            "best_of",
+        ),
+    ] {
+        let r = app.json("POST", path, T, body).await;
+        assert_err(&r, 400, "unsupported_parameter", says);
+    }
     // more alternatives per token than OpenAI's 20 are refused, not quietly cut to 20
     let hi = json!({"role": "user", "content": "hi"});
     for (path, body, says) in [

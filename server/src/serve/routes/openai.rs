@@ -120,6 +120,12 @@ pub(crate) async fn completions(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
+    if body.echo || body.best_of.unwrap_or(1) != 1 {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`echo` and `best_of` other than 1 are not served",
+        ));
+    }
     let prompt = match &body.prompt {
         Prompt::One(p) => p.clone(),
         Prompt::Many(v) if v.len() == 1 => v[0].clone(),
@@ -262,6 +268,22 @@ fn job(
         return Err(ApiError::bad_request(
             "unsupported_parameter",
             "`n` must be 1",
+        ));
+    }
+    let penalties = [
+        ("frequency_penalty", c.frequency_penalty),
+        ("presence_penalty", c.presence_penalty),
+    ];
+    if let Some((field, _)) = penalties.iter().find(|(_, v)| v.is_some_and(|v| v != 0.0)) {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            format!("`{field}` is not served (only 0)"),
+        ));
+    }
+    if c.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`logit_bias` is not served",
         ));
     }
     let max_tokens = c
