@@ -38,6 +38,18 @@ fn write_input(path: &Path) -> usize {
     lines.len()
 }
 
+/// `kvquilt precompute` on the tiny chat model over `input`, storing into `data`.
+fn job(input: &Path, data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"));
+    c.args(["precompute", "--model"])
+        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
+        .arg("--input")
+        .arg(input)
+        .arg("--data-dir")
+        .arg(data);
+    c
+}
+
 /// One run of the job: its events, its summary (if it printed one) and exit code.
 struct Run {
     stored: Vec<String>,
@@ -49,13 +61,8 @@ struct Run {
 /// Runs `kvquilt precompute`; with `stop_after = Some((n, signal))`, sends `signal` once
 /// `n` chunks were stored by this run.
 fn run(input: &Path, data: &Path, extra: &[&str], stop_after: Option<(usize, i32)>) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
-        .args(["precompute", "--events", "--json", "--model"])
-        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
-        .arg("--input")
-        .arg(input)
-        .arg("--data-dir")
-        .arg(data)
+    let mut child = job(input, data)
+        .args(["--events", "--json"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -194,15 +201,7 @@ fn a_read_only_store_is_refused_by_name() {
         .arg(&mnt)
         .status()
         .is_ok_and(|s| s.success());
-    let out = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
-        .args(["precompute", "--model"])
-        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = job(&input, &data).output().unwrap();
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(remounted, "remount read-only");
     assert!(!out.status.success());
@@ -219,18 +218,7 @@ fn bad_arguments_are_refused_by_name() {
     let corpus = "{\"id\": 1, \"text\": \"The tower is old.\"}\n";
     std::fs::write(&input, corpus).unwrap();
     let data = dir.path().join("data");
-    let precompute = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
-            .args(["precompute", "--model"])
-            .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
-            .arg("--input")
-            .arg(&input)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let precompute = |extra: &[&str]| job(&input, &data).args(extra).output().unwrap();
     for (extra, says) in [
         (&["--tenant", ""][..], "--tenant \"\" is empty"),
         (&["--tenant", " acme"][..], "white space"),
@@ -251,13 +239,8 @@ fn bad_arguments_are_refused_by_name() {
     assert!(err.contains("is the input itself"), "{err}");
     assert_eq!(std::fs::read_to_string(&input).unwrap(), corpus);
     // a reader gone from stdout is an error, not a panic (exit 101)
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"))
-        .args(["precompute", "--json", "--model"])
-        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--data-dir")
-        .arg(&data)
+    let mut child = job(&input, &data)
+        .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -46,14 +46,19 @@ pub(crate) fn read(path: &Path) -> Result<Vec<Document>> {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // (a byte-order mark, as some editors write, is not part of the first line)
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
     let mut docs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let n = i + 1;
+        let Ok(line) = std::str::from_utf8(line) else {
+            bail!("{}:{n}: not UTF-8 text", path.display());
+        };
+        let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
-        let n = i + 1;
         let l: Line = serde_json::from_str(line)
             .with_context(|| format!("{}:{n}: not a valid input line", path.display()))?;
         let id = match l.id {
@@ -128,5 +133,16 @@ mod tests {
         assert!(e.contains(":2:"), "{e}");
         std::fs::write(&p, "{\"id\": 1, \"txt\": \"a\"}\n").unwrap();
         assert!(format!("{:#}", read(&p).unwrap_err()).contains(":1:"));
+        // a byte-order mark and CRLF line ends are read; bytes that are not UTF-8 are named
+        // by line
+        std::fs::write(&p, "\u{feff}{\"id\": 1, \"text\": \"a\"}\r\n").unwrap();
+        assert_eq!(read(&p).unwrap()[0].text.as_deref(), Some("a"));
+        std::fs::write(
+            &p,
+            b"{\"id\": 1, \"text\": \"a\"}\n{\"id\": 2, \"text\": \"\xff\"}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains(":2: not UTF-8"), "{e}");
     }
 }
