@@ -35,7 +35,7 @@ pub struct BlendRequest {
     /// Blend only: the fraction of chunk tokens recomputed, `0..=1` (default kvquilt's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f32>,
-    /// Alternatives reported for the first token (default 5, at most 20).
+    /// Alternatives reported for the first token (default 5, at most 20: more is a 400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<usize>,
     /// A token policy applied to the prompt's KV (reported in `stats.compression`; the first

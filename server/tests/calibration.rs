@@ -30,6 +30,7 @@ fn config(dir: &std::path::Path, uncalibrated: &str) -> Config {
         blend: BlendSettings {
             calibration_dir: Some(dir.to_path_buf()),
             uncalibrated: uncalibrated.into(),
+            ..BlendSettings::default()
         },
         ..Config::default()
     }

@@ -259,6 +259,12 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "invalid_logprobs",
             "`logprobs` is 100",
         ),
+        (
+            "/v1/blend",
+            json!({"question": "q?", "top_logprobs": 600}),
+            "invalid_logprobs",
+            "`top_logprobs` is 600",
+        ),
     ] {
         let r = app.json("POST", path, T, body).await;
         assert_err(&r, 400, code, says);
@@ -737,4 +743,26 @@ async fn metrics_count_attention_fallbacks() {
         text.contains("kvquilt_attention_fallbacks_total 0"),
         "{text}"
     );
+}
+
+/// `[blend] fall_back_to_full = false`: every request runs the mode it asks for, so a
+/// repeated approximate request gives the same first token and log-probabilities (with the
+/// fallback on, a correctness probe saw the same `reuse` request run as `reuse` or as full
+/// prefill depending on the cost model's state, and answer differently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_fallback_a_request_always_runs_its_mode() {
+    let mut config = Config::default();
+    config.blend.fall_back_to_full = false;
+    let app = TestApp::new(config);
+    // on the tiny model, the default runs this request as full prefill from the second
+    // time on (blending costs more than its 2 layers do)
+    let body = json!({"question": "When?", "chunks": DOCS, "mode": "blend", "ratio": 0.3});
+    let first = blend(&app, body.clone()).await;
+    assert!(!first.stats.fell_back_to_full, "{:?}", first.stats);
+    for _ in 0..12 {
+        let r = blend(&app, body.clone()).await;
+        assert!(!r.stats.fell_back_to_full, "{:?}", r.stats);
+        assert_eq!(r.stats.mode, first.stats.mode);
+        assert_eq!(r.top_logprobs, first.top_logprobs);
+    }
 }

@@ -47,6 +47,8 @@
 //! calibration_dir = "/var/lib/kvquilt/calibration"   # default: <cache root>/calibration
 //! uncalibrated = "prefix"              # a model without a calibration record serves `blend`
 //!                                      # (no ratio) as exact prefix reuse; "blend": opt in
+//! fall_back_to_full = true             # reuse/blend run as full prefill when that is
+//!                                      # estimated faster; false: always the asked mode
 //!
 //! [[tenants]]
 //! name = "acme"
@@ -373,6 +375,11 @@ pub struct BlendSettings {
     /// A model without a certified record: `prefix` (default) serves `blend` requests that
     /// give no ratio as exact prefix reuse; `blend` runs kvquilt's uncalibrated default.
     pub uncalibrated: String,
+    /// `reuse` and `blend` requests run as full prefill when the cost model estimates that
+    /// faster (default; the response says `fell_back_to_full`). Off: every request runs the
+    /// mode it asks for, so a repeated approximate request gives the same answer every time,
+    /// at the cost of the requests where the mode is slower than full prefill.
+    pub fall_back_to_full: bool,
 }
 
 impl Default for BlendSettings {
@@ -380,6 +387,7 @@ impl Default for BlendSettings {
         Self {
             calibration_dir: None,
             uncalibrated: "prefix".into(),
+            fall_back_to_full: true,
         }
     }
 }

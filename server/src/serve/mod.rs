@@ -243,7 +243,8 @@ pub fn app_state(
             if on_gpu { config.store.device_bytes } else { 0 },
             PolicyKind::Lru,
         )
-        .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms)),
+        .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms))
+        .with_fallback_to_full(config.blend.fall_back_to_full),
     );
     Ok(Arc::new(Shared {
         blender: Arc::clone(&blender),

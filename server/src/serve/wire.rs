@@ -268,3 +268,17 @@ pub(crate) fn tier_stats(t: &TierStatsSnapshot) -> api::ops::TierStats {
         extra: t.extra.clone(),
     }
 }
+
+/// Most alternatives per generated token a request may ask for (OpenAI's bound).
+pub(crate) const MAX_ALTERNATIVES: usize = 20;
+
+/// The alternatives per token asked for in `field`, refused above [`MAX_ALTERNATIVES`].
+pub(crate) fn alternatives(field: &str, n: Option<usize>) -> ApiResult<usize> {
+    match n.unwrap_or(0) {
+        n if n > MAX_ALTERNATIVES => Err(ApiError::bad_request(
+            "invalid_logprobs",
+            format!("`{field}` is {n}; at most {MAX_ALTERNATIVES} alternatives per token"),
+        )),
+        n => Ok(n),
+    }
+}

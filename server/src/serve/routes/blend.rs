@@ -28,7 +28,8 @@ pub(crate) async fn blend(
 ) -> ApiResult<axum::Json<BlendResponse>> {
     let (mode, calibration) = wire::mode(&s.blend_default, body.mode.as_deref(), body.ratio)?;
     let compress = wire::compression(body.compress.as_ref())?.without_decode("/v1/blend")?;
-    let k = body.top_logprobs.unwrap_or(5).clamp(1, 20);
+    // (the first token itself is always reported)
+    let k = wire::alternatives("top_logprobs", body.top_logprobs.or(Some(5)))?.max(1);
     let texts = [&body.question, &body.system, &body.instruction];
     check_text_bytes(
         &s,

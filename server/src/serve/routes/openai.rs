@@ -105,7 +105,7 @@ pub(crate) async fn chat(
     })
     .await?;
     let top_k = match body.logprobs {
-        true => alternatives("top_logprobs", body.top_logprobs)?,
+        true => wire::alternatives("top_logprobs", body.top_logprobs)?,
         false => 0,
     };
     let mut job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
@@ -150,7 +150,7 @@ pub(crate) async fn completions(
     let tokenizer = Arc::clone(&s.tokenizer);
     let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
-    let top_k = alternatives("logprobs", body.logprobs)?;
+    let top_k = wire::alternatives("logprobs", body.logprobs)?;
     // OpenAI's default for legacy completions is 16 tokens
     let mut job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
     job.prepared.calibration = calibration;
@@ -170,20 +170,6 @@ pub(crate) async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum
             kvquilt: Some(wire::calibration(&s.blend_default)),
         }],
     })
-}
-
-/// Most alternatives per generated token a request may ask for (OpenAI's bound).
-const MAX_ALTERNATIVES: usize = 20;
-
-/// The alternatives per token asked for in `field`, refused above [`MAX_ALTERNATIVES`].
-fn alternatives(field: &str, n: Option<usize>) -> ApiResult<usize> {
-    match n.unwrap_or(0) {
-        n if n > MAX_ALTERNATIVES => Err(ApiError::bad_request(
-            "invalid_logprobs",
-            format!("`{field}` is {n}; at most {MAX_ALTERNATIVES} alternatives per token"),
-        )),
-        n => Ok(n),
-    }
 }
 
 /// Bytes of a request's stop strings (text it carries, counted in `limits.max_text_bytes`).
