@@ -164,13 +164,12 @@ impl Tokenizer {
     ) -> Self {
         let mut literal = inner.clone();
         literal.set_encode_special_tokens(true);
-        let mut specials: Vec<String> = inner
+        let specials: Vec<String> = inner
             .get_added_tokens_decoder()
             .values()
             .filter(|t| t.special && !t.content.is_empty())
             .map(|t| t.content.clone())
             .collect();
-        specials.sort();
         Self {
             inner,
             literal,

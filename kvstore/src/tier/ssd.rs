@@ -532,7 +532,7 @@ impl Inner {
     /// Counts, logs and drops an object that cannot be read back (see `drop_if_corrupt`).
     fn drop_damaged(&self, key: &ChunkKey, e: &StoreError) {
         TierStats::add(&self.stats.checksum_failures, 1);
-        tracing::warn!(%key, error = %e, "SSD tier: object failed verification; dropped and treated as a miss");
+        tracing::warn!(%key, error = %e, "SSD tier: object failed verification or its file is gone; dropped and treated as a miss");
         if let Err(e) = self.delete(key) {
             // (a read-only tier keeps the bytes; forgetting the object stops the same miss
             // from being met again and again)

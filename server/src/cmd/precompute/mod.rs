@@ -127,6 +127,12 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(why) = tenant_name_problem(&a.tenant) {
         bail!("--tenant {:?} {why}", a.tenant);
     }
+    if let Some(m) = a.manifest.as_ref().filter(|m| same_file(m, &a.input)) {
+        bail!(
+            "--manifest {} is the input itself: it would be overwritten",
+            m.display()
+        );
+    }
     // the store's and the remote tier's warnings (a damaged store moved aside, a failed
     // remote write) reach the operator
     crate::serve::init_logging("warn");
@@ -215,12 +221,6 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if let Some(m) = &a.manifest {
-        if same_file(m, &a.input) {
-            bail!(
-                "--manifest {} is the input itself: it would be overwritten",
-                m.display()
-            );
-        }
         write_manifest(m, &docs, &units)?;
     }
 
