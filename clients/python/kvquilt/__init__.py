@@ -14,6 +14,7 @@ from .client import (
     ChunkInfo,
     ChunkStatus,
     Client,
+    KvquiltConnectionError,
     KvquiltError,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "ChunkInfo",
     "ChunkStatus",
     "Client",
+    "KvquiltConnectionError",
     "KvquiltError",
 ]

@@ -24,6 +24,35 @@ class KvquiltError(Exception):
         self.message = message
 
 
+class KvquiltConnectionError(KvquiltError):
+    """The server could not be reached or did not answer in time (``status`` 0, ``code``
+    ``unreachable`` or ``timeout``); the underlying ``httpx`` error is its ``__cause__``."""
+
+
+def _api_error(r: httpx.Response) -> KvquiltError:
+    """The error a failed response carries (its JSON ``error``, or its text)."""
+    try:
+        err = r.json()["error"]
+        return KvquiltError(r.status_code, err.get("code", ""), err.get("message", r.text))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return KvquiltError(r.status_code, "", r.text)
+
+
+def _check_id(chunk_id: str) -> str:
+    """A chunk id as the API names chunks: 64 hexadecimal digits."""
+    if not (isinstance(chunk_id, str) and len(chunk_id) == 64
+            and all(c in "0123456789abcdefABCDEF" for c in chunk_id)):
+        raise ValueError(f"a chunk id is 64 hexadecimal digits, not {chunk_id!r}")
+    return chunk_id
+
+
+def _chunk_list(chunks: Any, what: str) -> List[Any]:
+    """``chunks`` as a list; a bare string (one text, not a list of them) is refused."""
+    if isinstance(chunks, (str, bytes)):
+        raise TypeError(f"{what} takes a list of chunks (texts or {{'id': ...}}), not one string")
+    return list(chunks)
+
+
 @dataclass
 class ChunkStatus:
     id: str
@@ -72,7 +101,14 @@ class Client:
     ):
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = http or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        if http is None:
+            http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        else:
+            # a caller's own client (proxies, transports) still gets the URL and the token
+            if not str(http.base_url):
+                http.base_url = self.base_url
+            http.headers.update(headers)
+        self._http = http
 
     def close(self) -> None:
         self._http.close()
@@ -86,14 +122,15 @@ class Client:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self._http.request(method, path, **kw)
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
+        except httpx.TransportError as e:
+            raise KvquiltConnectionError(0, "unreachable", f"{self.base_url}: {e}") from e
         if r.is_success:
             return r
-        try:
-            err = r.json()["error"]
-            raise KvquiltError(r.status_code, err.get("code", ""), err.get("message", r.text))
-        except (ValueError, KeyError, TypeError):
-            raise KvquiltError(r.status_code, "", r.text) from None
+        raise _api_error(r)
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._request(method, path, **kw).json()
@@ -120,39 +157,39 @@ class Client:
 
     def put_chunks(self, chunks: Sequence[ChunkRef]) -> List[ChunkStatus]:
         """Precompute and store chunks' KV (a chunk already stored costs a lookup)."""
-        body = self._json("POST", "/v1/chunks", json={"chunks": list(chunks)})
+        body = self._json("POST", "/v1/chunks", json={"chunks": _chunk_list(chunks, "put_chunks")})
         return [ChunkStatus(**c) for c in body["chunks"]]
 
     def chunk(self, chunk_id: str, include_tokens: bool = False) -> Optional[ChunkInfo]:
         try:
             body = self._json(
                 "GET",
-                f"/v1/chunks/{chunk_id}",
+                f"/v1/chunks/{_check_id(chunk_id)}",
                 params={"include_tokens": "true" if include_tokens else "false"},
             )
         except KvquiltError as e:
-            if e.status == 404:
+            if e.code == "unknown_chunk":
                 return None
             raise
         return ChunkInfo(**body)
 
     def delete_chunk(self, chunk_id: str) -> bool:
         try:
-            self._request("DELETE", f"/v1/chunks/{chunk_id}")
+            self._request("DELETE", f"/v1/chunks/{_check_id(chunk_id)}")
             return True
         except KvquiltError as e:
-            if e.status == 404:
+            if e.code == "unknown_chunk":
                 return False
             raise
 
     def chunk_kv(self, chunk_id: str) -> bytes:
         """The chunk's KV object (kvquilt object format, version 1)."""
-        return self._request("GET", f"/v1/chunks/{chunk_id}/kv").content
+        return self._request("GET", f"/v1/chunks/{_check_id(chunk_id)}/kv").content
 
     def put_chunk_kv(self, chunk_id: str, data: bytes) -> ChunkStatus:
         body = self._json(
             "PUT",
-            f"/v1/chunks/{chunk_id}/kv",
+            f"/v1/chunks/{_check_id(chunk_id)}/kv",
             content=data,
             headers={"Content-Type": OBJECT_MEDIA_TYPE},
         )
@@ -174,7 +211,8 @@ class Client:
         ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) reports what a token
         policy would keep (``stats["compression"]``); the first token is the full prompt's.
         """
-        body: Dict[str, Any] = {"question": question, "chunks": list(chunks), "top_logprobs": top_logprobs}
+        body: Dict[str, Any] = {"question": question, "chunks": _chunk_list(chunks, "blend"),
+                                "top_logprobs": top_logprobs}
         if mode is not None:
             body["mode"] = mode
         if ratio is not None:
@@ -211,19 +249,31 @@ class Client:
         question_or_messages: Union[str, List[Dict[str, str]]],
         documents: Iterable[ChunkRef] = (),
         max_tokens: int = 128,
-        **kw: Any,
+        temperature: Optional[float] = None,
+        stop: Optional[List[str]] = None,
+        mode: Optional[str] = None,
+        ratio: Optional[float] = None,
+        compress: Optional[Dict[str, Any]] = None,
     ) -> Iterator[str]:
-        """Yields the answer's text pieces as the server streams them."""
+        """Yields the answer's text pieces as the server streams them (the options of
+        :meth:`chat`)."""
+        body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+                               compress)
+        body["stream"] = True
+        try:
+            yield from self._stream_pieces(body)
+        except httpx.TimeoutException as e:
+            raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
+        except httpx.TransportError as e:
+            raise KvquiltConnectionError(0, "unreachable", f"{self.base_url}: {e}") from e
+
+    def _stream_pieces(self, body: Dict[str, Any]) -> Iterator[str]:
         import json
 
-        body = self._chat_body(question_or_messages, documents, max_tokens, kw.get("temperature"),
-                               kw.get("stop"), kw.get("mode"), kw.get("ratio"), kw.get("compress"))
-        body["stream"] = True
         with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
             if not r.is_success:
                 r.read()
-                err = r.json().get("error", {})
-                raise KvquiltError(r.status_code, err.get("code", ""), err.get("message", ""))
+                raise _api_error(r)
             for line in r.iter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -245,7 +295,8 @@ class Client:
             if isinstance(question_or_messages, str)
             else list(question_or_messages)
         )
-        body: Dict[str, Any] = {"messages": messages, "documents": list(documents), "max_tokens": max_tokens}
+        body: Dict[str, Any] = {"messages": messages, "documents": _chunk_list(documents, "documents"),
+                                "max_tokens": max_tokens}
         if temperature is not None:
             body["temperature"] = temperature
         if stop:

@@ -10,18 +10,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict
 
-from .client import Client
+from .client import Client, KvquiltError
 
 CHUNK_ID = "kvquilt_chunk_id"
 
@@ -40,13 +41,34 @@ class KvquiltRetriever(BaseRetriever):
         docs = self.base.invoke(query, config={"callbacks": run_manager.get_child()})
         if not docs:
             return []
-        stored = self.client.put_chunks([d.page_content for d in docs])
+        stored = self._warm([d.page_content for d in docs])
         out = []
         for d, s in zip(docs, stored):
             meta = dict(d.metadata)
-            meta[CHUNK_ID] = s.id
-            meta["kvquilt_warm"] = s.status == "hit"
+            if s is not None:
+                meta[CHUNK_ID] = s.id
+            meta["kvquilt_warm"] = s is not None and s.status == "hit"
             out.append(Document(page_content=d.page_content, metadata=meta, id=d.id))
+        return out
+
+    def _warm(self, texts: List[str]) -> List[Any]:
+        """Each text's chunk status, ``None`` where the server refused it (over a limit):
+        warming is a speed-up, so a refusal leaves that document unwarmed (it is sent as
+        text) rather than failing the retrieval."""
+        try:
+            return list(self.client.put_chunks(texts))
+        except KvquiltError as e:
+            if e.status != 400 and e.status != 413:
+                raise
+        out: List[Any] = []
+        for t in texts:
+            try:
+                out.append(self.client.put_chunks([t])[0])
+            except KvquiltError as e:
+                if e.status != 400 and e.status != 413:
+                    raise
+                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=2)
+                out.append(None)
         return out
 
 
@@ -54,10 +76,25 @@ def _role(m: BaseMessage) -> str:
     return {"human": "user", "ai": "assistant", "system": "system"}.get(m.type, "user")
 
 
-def _document_ref(d: Any) -> Any:
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content blocks."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        else:
+            raise ValueError(f"kvquilt serves text only; got a content block {block!r}")
+    return "".join(parts)
+
+
+def _document_ref(d: Any, by_id: bool = True) -> Any:
     if isinstance(d, Document):
         cid = d.metadata.get(CHUNK_ID)
-        return {"id": cid} if cid else d.page_content
+        return {"id": cid} if cid and by_id else d.page_content
     return d
 
 
@@ -81,6 +118,24 @@ class ChatKvquilt(BaseChatModel):
     def _identifying_params(self) -> Dict[str, Any]:
         return {"base_url": self.client.base_url, "mode": self.mode, "ratio": self.ratio}
 
+    def _request(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: Dict[str, Any]
+                 ) -> Dict[str, Any]:
+        """The client's arguments: the model's settings, overridden per call (``max_tokens``,
+        ``temperature``, ``mode``, ``ratio``, ``compress``)."""
+        known = {"max_tokens", "temperature", "mode", "ratio", "compress"}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"ChatKvquilt does not take {sorted(unknown)} (it takes {sorted(known)})")
+        return {
+            "question_or_messages": [{"role": _role(m), "content": _text(m.content)} for m in messages],
+            "max_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "stop": stop,
+            "mode": kwargs.get("mode", self.mode),
+            "ratio": kwargs.get("ratio", self.ratio),
+            "compress": kwargs.get("compress"),
+        }
+
     def _generate(
         self,
         messages: List[BaseMessage],
@@ -89,15 +144,14 @@ class ChatKvquilt(BaseChatModel):
         documents: Sequence[Any] = (),
         **kwargs: Any,
     ) -> ChatResult:
-        result = self.client.chat(
-            [{"role": _role(m), "content": str(m.content)} for m in messages],
-            documents=[_document_ref(d) for d in documents],
-            max_tokens=kwargs.get("max_tokens", self.max_tokens),
-            temperature=self.temperature,
-            stop=stop,
-            mode=self.mode,
-            ratio=self.ratio,
-        )
+        args = self._request(messages, stop, kwargs)
+        try:
+            result = self.client.chat(documents=[_document_ref(d) for d in documents], **args)
+        except KvquiltError as e:
+            if e.code != "unknown_chunk":
+                raise
+            # a warmed document's chunk was evicted or deleted since: send its text
+            result = self.client.chat(documents=[_document_ref(d, by_id=False) for d in documents], **args)
         msg = AIMessage(
             content=result.text,
             response_metadata={"finish_reason": result.finish_reason, "kvquilt": result.stats},
@@ -108,6 +162,21 @@ class ChatKvquilt(BaseChatModel):
             },
         )
         return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    def _stream(
+        self,
+        messages: List[BaseMessage],
+        stop: Optional[List[str]] = None,
+        run_manager: Optional[CallbackManagerForLLMRun] = None,
+        documents: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        args = self._request(messages, stop, kwargs)
+        for piece in self.client.chat_stream(documents=[_document_ref(d) for d in documents], **args):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
 
 
 def rag_chain(retriever: BaseRetriever, llm: ChatKvquilt) -> Runnable:

@@ -7,9 +7,12 @@ import pathlib
 
 import openai
 import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from kvquilt import Client, KvquiltError
+from kvquilt import Client, KvquiltConnectionError, KvquiltError
 from kvquilt.langchain import CHUNK_ID, ChatKvquilt, KvquiltRetriever, rag_chain
 
 # the README's example: its passages and embedding serve these tests too
@@ -133,3 +136,52 @@ def test_readme_example_runs():
     assert out["answer"].strip(), out
     assert out["stats"]["misses"] == 0  # the second ask hits every document
     assert len(out["documents"]) == 2
+
+
+def test_client_mistakes_are_clear_errors(client):
+    """Found by a probe of the client: each of these once went wrong quietly."""
+    with pytest.raises(ValueError):
+        client.chunk("../health")  # was a request to another route, read as "not stored"
+    assert client.chunk("ab" * 32) is None  # unknown: None, only for `unknown_chunk`
+    with pytest.raises(TypeError):
+        client.put_chunks("one text")  # was stored as one chunk per character
+    with pytest.raises(KvquiltError) as e:  # was a 404 from another route read as "not stored"
+        Client(URL + "/v1", token=TOKEN).delete_chunk("ab" * 32)
+    assert e.value.code != "unknown_chunk"
+    with pytest.raises(KvquiltConnectionError) as e:  # was a raw httpx error
+        Client("http://127.0.0.1:1").health()
+    assert e.value.code == "unreachable"
+
+
+def test_chat_model_streams_and_reads_content_blocks(client):
+    llm = ChatKvquilt(client=client, max_tokens=8)
+    whole = llm.invoke("Where is the Zorblat Tower?", documents=PASSAGES)
+    pieces = list(llm.stream("Where is the Zorblat Tower?", documents=PASSAGES))
+    assert len(pieces) >= 2 and all(isinstance(p, AIMessageChunk) for p in pieces)
+    assert "".join(p.content for p in pieces) == whole.content
+    # a message of content blocks is its text, not their repr
+    blocks = llm.invoke([HumanMessage(content=[{"type": "text", "text": "Where is the Zorblat Tower?"}])],
+                        documents=PASSAGES)
+    assert blocks.content == whole.content
+    assert blocks.usage_metadata["input_tokens"] == whole.usage_metadata["input_tokens"]
+    # per-call options are honoured, unknown ones refused
+    assert llm.invoke("Where?", documents=PASSAGES, max_tokens=1).usage_metadata["output_tokens"] == 1
+    with pytest.raises(TypeError):
+        llm.invoke("Where?", documents=PASSAGES, temprature=0.5)
+    # a document whose stored chunk is gone is sent as its text
+    stale = Document(page_content=PASSAGES[0], metadata={CHUNK_ID: "cd" * 32})
+    assert llm.invoke("Where?", documents=[stale]).content
+
+
+class _Many(BaseRetriever):
+    """More documents than one request may carry (the server's `max_chunks`, 64)."""
+
+    def _get_relevant_documents(self, query, *, run_manager):
+        return [Document(page_content=f"Note {i}: the code is {i * 7}.") for i in range(65)]
+
+
+def test_warming_over_the_request_limit_still_retrieves(client):
+    docs = KvquiltRetriever(base=_Many(), client=client).invoke("code?")
+    assert len(docs) == 65  # was a `too_many_chunks` error for the whole retrieval
+    assert all(d.metadata.get(CHUNK_ID) for d in docs)
+
