@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
@@ -25,6 +26,8 @@ from pydantic import ConfigDict
 from .client import Client, KvquiltError
 
 CHUNK_ID = "kvquilt_chunk_id"
+
+T = TypeVar("T")
 
 
 class KvquiltRetriever(BaseRetriever):
@@ -55,17 +58,18 @@ class KvquiltRetriever(BaseRetriever):
         """Each text's chunk status, ``None`` where the server refused it (over a limit):
         warming is a speed-up, so a refusal leaves that document unwarmed (it is sent as
         text) rather than failing the retrieval."""
+        refused = (400, 413)
         try:
             return list(self.client.put_chunks(texts))
         except KvquiltError as e:
-            if e.status != 400 and e.status != 413:
+            if e.status not in refused:
                 raise
         out: List[Any] = []
         for t in texts:
             try:
                 out.append(self.client.put_chunks([t])[0])
             except KvquiltError as e:
-                if e.status != 400 and e.status != 413:
+                if e.status not in refused:
                     raise
                 warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=2)
                 out.append(None)
@@ -96,6 +100,17 @@ def _document_ref(d: Any, by_id: bool = True) -> Any:
         cid = d.metadata.get(CHUNK_ID)
         return {"id": cid} if cid and by_id else d.page_content
     return d
+
+
+def _by_id_or_text(call: Callable[[List[Any]], T], documents: Sequence[Any]) -> T:
+    """``call`` with the documents by chunk id; again with their texts when a warmed
+    document's chunk was evicted or deleted since (`unknown_chunk`)."""
+    try:
+        return call([_document_ref(d) for d in documents])
+    except KvquiltError as e:
+        if e.code != "unknown_chunk":
+            raise
+        return call([_document_ref(d, by_id=False) for d in documents])
 
 
 class ChatKvquilt(BaseChatModel):
@@ -145,13 +160,7 @@ class ChatKvquilt(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         args = self._request(messages, stop, kwargs)
-        try:
-            result = self.client.chat(documents=[_document_ref(d) for d in documents], **args)
-        except KvquiltError as e:
-            if e.code != "unknown_chunk":
-                raise
-            # a warmed document's chunk was evicted or deleted since: send its text
-            result = self.client.chat(documents=[_document_ref(d, by_id=False) for d in documents], **args)
+        result = _by_id_or_text(lambda refs: self.client.chat(documents=refs, **args), documents)
         msg = AIMessage(
             content=result.text,
             response_metadata={"finish_reason": result.finish_reason, "kvquilt": result.stats},
@@ -172,7 +181,14 @@ class ChatKvquilt(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         args = self._request(messages, stop, kwargs)
-        for piece in self.client.chat_stream(documents=[_document_ref(d) for d in documents], **args):
+
+        def started(refs: List[Any]) -> Iterator[str]:
+            # the server's refusal comes before the first piece: take it here
+            pieces = self.client.chat_stream(documents=refs, **args)
+            first = next(pieces, None)
+            return itertools.chain([] if first is None else [first], pieces)
+
+        for piece in _by_id_or_text(started, documents):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)

@@ -171,6 +171,7 @@ def test_chat_model_streams_and_reads_content_blocks(client):
     # a document whose stored chunk is gone is sent as its text
     stale = Document(page_content=PASSAGES[0], metadata={CHUNK_ID: "cd" * 32})
     assert llm.invoke("Where?", documents=[stale]).content
+    assert "".join(p.content for p in llm.stream("Where?", documents=[stale]))
 
 
 class _Many(BaseRetriever):
