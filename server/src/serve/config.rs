@@ -473,8 +473,20 @@ impl Config {
                 bail!("tenant `{}` has no tokens", t.name);
             }
         }
-        if self.limits.workers == 0 {
-            bail!("limits.workers must be at least 1");
+        let l = &self.limits;
+        // (max_queue may be 0: no request waits for a worker)
+        for (name, v) in [
+            ("workers", l.workers),
+            ("max_body_bytes", l.max_body_bytes),
+            ("max_request_tokens", l.max_request_tokens),
+            ("max_document_bytes", l.max_document_bytes),
+            ("max_text_bytes", l.max_text_bytes),
+            ("max_chunks", l.max_chunks),
+            ("max_new_tokens", l.max_new_tokens),
+        ] {
+            if v == 0 {
+                bail!("limits.{name} must be at least 1 (0 would refuse every request)");
+            }
         }
         self.store.host_policy()?;
         self.blend.blend_uncalibrated()?;
@@ -548,6 +560,18 @@ mod tests {
         assert!(e.to_string().contains("store.host_policy"), "{e}");
         let e = parse("[store]\nstall_ms = 0\n").validate().unwrap_err();
         assert!(e.to_string().contains("store.stall_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_refused_by_name() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        for name in ["workers", "max_body_bytes", "max_chunks", "max_new_tokens"] {
+            let e = parse(&format!("[limits]\n{name} = 0\n"))
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains(&format!("limits.{name}")), "{e}");
+        }
+        assert!(parse("[limits]\nmax_queue = 0\n").validate().is_ok());
     }
 
     #[test]

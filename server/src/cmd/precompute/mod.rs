@@ -205,8 +205,12 @@ pub fn run(a: Args) -> Result<()> {
         };
         for (index, tokens) in pieces.into_iter().enumerate() {
             if tokens.len() > ctx {
+                let hint = match doc.chunks {
+                    Some(_) => "cut it into smaller chunks",
+                    None => "use --chunk-tokens",
+                };
                 bail!(
-                    "document `{}` chunk {index} has {} tokens, more than the model's context of {ctx}; use --chunk-tokens",
+                    "document `{}` chunk {index} has {} tokens, more than the model's context of {ctx}; {hint}",
                     doc.id,
                     tokens.len()
                 );
