@@ -91,10 +91,17 @@ fn read_dir(path: &Path) -> Result<Vec<Document>> {
     let mut docs = Vec::new();
     for e in entries {
         let p = e.path();
-        if !p.is_file()
-            || p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
         {
+            continue;
+        }
+        if !p.is_file() {
+            // (not recursive: say what is left out rather than leave it out silently)
+            eprintln!(
+                "kvquilt precompute: skipping {} (not a regular file; directories are not read recursively)",
+                p.display()
+            );
             continue;
         }
         let text = std::fs::read_to_string(&p)
