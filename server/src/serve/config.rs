@@ -296,7 +296,7 @@ impl CodecSettings {
             .map_err(|e| anyhow::anyhow!("store.codecs.{tier}: {e}"))?;
         if codec.is_lossy() && !self.allow_lossy {
             bail!(
-                "store.codecs.{tier} = \"{name}\" is lossy: its KV is close to, not equal to, the chunk's (accuracy cost in BENCHMARKS.md §6); set store.codecs.allow_lossy = true to choose it"
+                "store.codecs.{tier} = \"{name}\" is lossy: its KV is close to, not equal to, the chunk's (accuracy cost in BENCHMARKS.md §6); set store.codecs.allow_lossy = true in the config (for `precompute`: --allow-lossy) to choose it"
             );
         }
         Ok(codec)
