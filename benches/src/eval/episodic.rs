@@ -36,6 +36,10 @@ use crate::bench::median;
 /// Tokens of each medoid segment in a scoring prompt (the embedder's window, 256).
 pub(crate) const MEDOID_TOKENS: usize = Embedder::MAX_TOKENS;
 
+/// Tokens a scoring prompt spends beside its medoid segments (the instruction, the chat
+/// markup, and a decode-then-encode round trip's slack), an upper bound.
+const PROMPT_OVERHEAD: usize = 128;
+
 /// Tokens per prefill block by default (the reference uses 2,048 for 8k budgets;
 /// conversations here are ~5.5k tokens); `--episodic-block` sets it.
 pub(crate) const BLOCK: usize = 512;
@@ -84,6 +88,8 @@ struct Report {
     model: String,
     device: String,
     block: usize,
+    /// Medoid segments per EpiCache scoring prompt.
+    medoids: usize,
     /// EpiCache's budget split over layers and heads.
     epicache_split: String,
     context_tokens_median: f64,
@@ -91,17 +97,20 @@ struct Report {
     details: Vec<Detail>,
 }
 
-/// How EpiCache cuts and groups a conversation (`--segment-utterances`).
+/// How EpiCache cuts and groups a conversation (`--segment-utterances`, `--medoids`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Segmenting {
     /// Utterances per segment (the reference's 4; 2 = one exchange).
     pub(crate) utterances: usize,
+    /// Medoid segments in each episode's scoring prompt (the reference's 4).
+    pub(crate) medoids: usize,
 }
 
 impl Default for Segmenting {
     fn default() -> Self {
         Self {
             utterances: SEGMENT_UTTERANCES,
+            medoids: MEDOIDS,
         }
     }
 }
@@ -189,8 +198,15 @@ pub(crate) fn routing(convs: &[Conversation], how: Segmenting) -> Result<()> {
         let e = Episodic::build(c, &embedder, how)?;
         let r = e.routed_right.iter().filter(|&&b| b).count();
         // what each episode holds: segments by the topic of their first utterance, `f` for
-        // a segment holding a planted fact
+        // a segment holding a planted fact, `*` for one of the episode's medoids (its
+        // scoring prompt)
         let per = how.utterances.max(1);
+        let medoids: Vec<usize> = e
+            .episodes
+            .medoids(&e.vectors, how.medoids)
+            .into_iter()
+            .flatten()
+            .collect();
         let facts: Vec<usize> = (0..c.labels.len())
             .filter_map(|t| c.fact_turn(t).map(|f| f / per))
             .collect();
@@ -201,7 +217,8 @@ pub(crate) fn routing(convs: &[Conversation], how: Segmenting) -> Result<()> {
                     .map(|s| {
                         let topic = c.turns.get(s * per).map_or(0, |t| t.topic);
                         let fact = if facts.contains(&s) { "f" } else { "" };
-                        format!("{topic}{fact}")
+                        let medoid = if medoids.contains(&s) { "*" } else { "" };
+                        format!("{topic}{fact}{medoid}")
                     })
                     .collect();
                 format!("[{}]", members.join(" "))
@@ -309,10 +326,20 @@ pub(crate) fn run(
         model.prefill(&item.context, &positions(0, len), &mut full)?;
         // episodes from the utterances; each question routed by its text
         let ep = Episodic::build(c, &embedder, how)?;
-        let medoids = ep.episodes.medoids(&ep.vectors, MEDOIDS);
+        let medoids = ep.episodes.medoids(&ep.vectors, how.medoids);
+        // the scoring prompt follows the whole conversation at its last block: its medoid
+        // segments share what is left of the context window (8 whole ones do not fit
+        // behind a 6k conversation in SmolLM2's 8k)
+        let room = model
+            .config()
+            .context_length
+            .saturating_sub(len + PROMPT_OVERHEAD);
         let prompts: Vec<Vec<u32>> = medoids
             .iter()
-            .map(|m| scoring_prompt(&ep.segs, m, template, tokenizer))
+            .map(|m| {
+                let per = MEDOID_TOKENS.min(room / m.len().max(1));
+                scoring_prompt(&ep.segs, m, per, template, tokenizer)
+            })
             .collect::<Result<_>>()?;
         let mut reference: Vec<Reference> = Vec::new();
         for (mi, (method, fraction)) in methods.iter().enumerate() {
@@ -424,6 +451,7 @@ pub(crate) fn run(
         model: model_name,
         device,
         block: run.block,
+        medoids: how.medoids,
         epicache_split: format!("{epicache_split:?}"),
         context_tokens_median: median(
             &items
@@ -455,9 +483,13 @@ fn label(method: &str, fraction: Option<f32>) -> String {
 
 /// An episode's scoring prompt: a user turn asking about its medoid segments (in time
 /// order), and the assistant's opening, as the chat template continues a conversation.
+/// An episode's scoring prompt: an instruction and its `medoids` segments, each cut to its
+/// first `per_medoid` tokens (at most what the embedder saw of it,
+/// [`MEDOID_TOKENS`]), in one user turn.
 fn scoring_prompt(
     segs: &[String],
     medoids: &[usize],
+    per_medoid: usize,
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
 ) -> Result<Vec<u32>> {
@@ -466,7 +498,7 @@ fn scoring_prompt(
     let mut text = String::new();
     for seg in medoids.iter().filter_map(|&m| segs.get(m)) {
         let ids = ChunkCodec::tokenize(tokenizer, seg)?;
-        let head = &ids[..ids.len().min(MEDOID_TOKENS)];
+        let head = &ids[..ids.len().min(per_medoid)];
         text.push_str(&tokenizer.decode(head, false)?);
         text.push('\n');
     }
@@ -528,7 +560,14 @@ mod tests {
         let embedder = load_embedder()?;
         let (mut by_exchange, mut by_four, mut total) = (0, 0, 0);
         for c in &convs {
-            let two = Episodic::build(c, &embedder, Segmenting { utterances: 2 })?;
+            let two = Episodic::build(
+                c,
+                &embedder,
+                Segmenting {
+                    utterances: 2,
+                    ..Segmenting::default()
+                },
+            )?;
             let four = Episodic::build(c, &embedder, Segmenting::default())?;
             by_exchange += two.routed_right.iter().filter(|&&b| b).count();
             by_four += four.routed_right.iter().filter(|&&b| b).count();

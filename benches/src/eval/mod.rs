@@ -103,6 +103,10 @@ pub struct Args {
     /// `--episodic`: utterances per EpiCache segment (the reference's 4; 2 = one exchange).
     #[arg(long, default_value_t = kvquilt_compression::policy::episodes::SEGMENT_UTTERANCES)]
     segment_utterances: usize,
+    /// `--episodic`: medoid segments per EpiCache scoring prompt (the reference's arguments
+    /// say 4, its scripts pass 8).
+    #[arg(long, default_value_t = kvquilt_compression::policy::episodes::MEDOIDS)]
+    medoids: usize,
     /// `--episodic`: report EpiCache's routing accuracy per conversation and stop (embeds
     /// only; no model runs).
     #[arg(long)]
@@ -437,8 +441,12 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
     if a.episodic_block == 0 {
         bail!("--episodic-block must be at least 1 token");
     }
+    if a.medoids == 0 {
+        bail!("--medoids must be at least 1");
+    }
     let segmenting = episodic::Segmenting {
         utterances: a.segment_utterances,
+        medoids: a.medoids,
     };
     if let Some(bad) = a
         .episodic_methods
