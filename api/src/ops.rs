@@ -112,10 +112,14 @@ pub struct Stats {
     /// Every tier a request reads, fastest first: store-wide figures, shown to the default
     /// tenant (the operator) only; empty for any other tenant.
     pub tiers: Vec<TierStats>,
-    /// The model pool.
-    pub pool: PoolStats,
+    /// The model pool: server-wide, shown to the default tenant only (its counts follow
+    /// other tenants' requests); absent for any other tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStats>,
     /// The caller's tenant.
     pub tenant: TenantUsage,
-    /// Measured prefill time of 1,000 tokens, seconds (absent before the first prefill).
+    /// Measured prefill time of 1,000 tokens, seconds: learned from every tenant's requests,
+    /// so shown to the default tenant only; absent before the first prefill and for any
+    /// other tenant.
     pub prefill_s_per_1k_tokens: Option<f64>,
 }

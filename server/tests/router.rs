@@ -471,8 +471,14 @@ async fn tenants_are_isolated_and_quotas_hold() {
     assert_eq!(b.stats.stored_back, 0);
     assert_eq!(stats(&app, acme).await.tenant.used_bytes, used);
     // store-wide figures are the operator's (the default tenant's) alone
-    assert!(stats(&app, acme).await.tiers.is_empty());
-    assert!(!stats(&app, T).await.tiers.is_empty());
+    // server-wide figures are the operator's: a tenant sees neither the tiers nor the pool
+    // nor the prefill cost learned from everyone's requests
+    let theirs = stats(&app, acme).await;
+    assert!(theirs.tiers.is_empty());
+    assert_eq!((theirs.pool, theirs.prefill_s_per_1k_tokens), (None, None));
+    let operators = stats(&app, T).await;
+    assert!(!operators.tiers.is_empty());
+    assert!(operators.pool.is_some() && operators.prefill_s_per_1k_tokens.is_some());
     let r = app.call("GET", "/metrics", acme, None, "").await;
     assert_err(&r, 403, "operator_only", "default tenant");
 }
@@ -765,4 +771,58 @@ async fn without_the_fallback_a_request_always_runs_its_mode() {
         assert_eq!(r.stats.mode, first.stats.mode);
         assert_eq!(r.top_logprobs, first.top_logprobs);
     }
+}
+
+/// A client that leaves while its completion waits for a model worker costs no model work:
+/// the job leaves the queue (its place free for the next request) and never runs; before,
+/// every abandoned completion ran its prefill, decode and store-back once a worker was free
+/// (found by a resource probe: five abandoned requests cost five times one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_the_queue_costs_no_model_work() {
+    let mut config = Config::default();
+    config.limits.max_queue = 1;
+    let app = TestApp::new(config);
+    // the only worker is busy until `release`
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let state = app.state.clone();
+    let busy = tokio::spawn(async move { state.pool.run(move || held.recv().ok()).await });
+    while app.state.pool.running() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let body = json!({
+        "messages": [{"role": "user", "content": "When was the tower finished?"}],
+        "documents": [DOCS[0]],
+        "max_tokens": 4
+    });
+    let asked = app.json("POST", "/v1/chat/completions", None, body.clone());
+    // the client gives up while the request waits
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), asked)
+            .await
+            .is_err(),
+        "the request waits for the busy worker"
+    );
+    for _ in 0..200 {
+        if app.state.pool.waiting() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(app.state.pool.waiting(), 0, "the queue place is given back");
+    release.send(()).expect("the worker waits");
+    assert!(busy.await.expect("joined").is_ok());
+    // nothing ran for it: no tokens generated, nothing stored; the next request is served
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let metrics = String::from_utf8(metrics).expect("utf-8");
+    assert!(
+        metrics.contains("kvquilt_abandoned_requests_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kvquilt_generated_tokens_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(objects(&stats(&app, None).await), 0, "nothing stored back");
+    let (status, v) = app.json("POST", "/v1/chat/completions", None, body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
 }

@@ -446,6 +446,14 @@ impl Config {
             if t.len() < 8 {
                 bail!("an API token is shorter than 8 characters");
             }
+            // what an `Authorization: Bearer` header can carry and match exactly: a token
+            // with spaces (trimmed when it arrives) or other bytes could never authenticate,
+            // or would authenticate as another tenant's token without them
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!(
+                    "an API token holds a space or a character that is not visible ASCII; a token travels in an `Authorization: Bearer` header, so it may hold only visible ASCII"
+                );
+            }
             if !seen.insert(t) {
                 bail!(
                     "an API token is given twice (tokens identify tenants, so each must be unique)"
@@ -585,6 +593,30 @@ mod tests {
             let e = parse(&t).validate().unwrap_err();
             assert!(e.to_string().contains(why), "{name:?}: {e}");
         }
+    }
+
+    /// A token that differs from another only by white space authenticated as the other
+    /// (the header is trimmed), and one with spaces around it never authenticated (found by a
+    /// security probe): both are refused at start.
+    #[test]
+    fn tokens_a_header_cannot_carry_exactly_are_refused() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        for bad in [
+            "abcdefgh1 ",
+            " abcdefgh1",
+            "abcd efgh1",
+            "        ",
+            "abcdefgh\t",
+            "abcdéfgh1",
+        ] {
+            let t = format!(
+                "api_tokens = [\"abcdefgh1\"]\n[[tenants]]\nname = \"b\"\ntokens = [\"{bad}\"]\n"
+            );
+            let e = parse(&t).validate().unwrap_err();
+            assert!(e.to_string().contains("visible ASCII"), "{bad:?}: {e}");
+        }
+        let ok = "api_tokens = [\"abcdefgh1\"]\n[[tenants]]\nname = \"b\"\ntokens = [\"abc-DEF_gh.2~+/=\"]\n";
+        assert!(parse(ok).validate().is_ok());
     }
 
     #[test]

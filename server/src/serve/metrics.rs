@@ -70,6 +70,8 @@ pub struct Metrics {
     pub kv_entries_kept: Counter,
     /// Times a decode pool was reselected (`kvquilt.compress.decode`).
     pub decode_pool_reselections: Counter,
+    /// Completions whose client left before a model worker took them (never computed).
+    pub abandoned_requests: Counter,
 }
 
 impl Metrics {
@@ -92,6 +94,12 @@ impl Metrics {
         let kv_entries_before = Counter::default();
         let kv_entries_kept = Counter::default();
         let decode_pool_reselections = Counter::default();
+        let abandoned_requests = Counter::default();
+        registry.register(
+            "abandoned_requests",
+            "Completions whose client left while they waited for a model worker (dropped before any model work)",
+            abandoned_requests.clone(),
+        );
         registry.register(
             "decode_pool_reselections",
             "Times a request's decode pool was reselected (generated tokens' KV evicted to its budget)",
@@ -155,6 +163,7 @@ impl Metrics {
             kv_entries_before,
             kv_entries_kept,
             decode_pool_reselections,
+            abandoned_requests,
         }
     }
 

@@ -1,7 +1,9 @@
 //! The model pool: model work (prefill, blend, decode) runs on blocking threads, at most
 //! `workers` at once, off the async runtime, so `/health` and lookups never wait on it.
 //! Waiters queue first come, first served (tokio's semaphore is fair); past `max_queue`
-//! waiting requests a new one is refused with 503 instead of piling up.
+//! waiting requests a new one is refused with 503 instead of piling up. A waiter that stops
+//! waiting (its client left, its future dropped) gives its place back at once (test
+//! `tests::a_waiter_that_leaves_gives_its_place_back`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,8 +59,9 @@ impl ModelPool {
                 ),
             ));
         }
+        let waiter = Waiter(&self.waiting);
         let permit = Arc::clone(&self.permits).acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(waiter);
         let permit = permit.map_err(|_| ApiError::internal("the model pool is closed"))?;
         let running = Arc::clone(&self.running);
         running.fetch_add(1, Ordering::SeqCst);
@@ -70,6 +73,16 @@ impl ModelPool {
         })
         .await
         .map_err(|e| ApiError::internal(format!("a model worker failed: {e}")))
+    }
+}
+
+/// One place in the queue, counted while it lives: given back when the waiter gets a worker
+/// or is dropped while waiting.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -96,5 +109,35 @@ mod tests {
         tx.send(()).unwrap();
         assert!(busy.await.unwrap().is_ok());
         assert_eq!(queued.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_that_leaves_gives_its_place_back() {
+        let pool = Arc::new(ModelPool::new(1, 1));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let p = Arc::clone(&pool);
+        let busy = tokio::spawn(async move { p.run(move || rx.recv().ok()).await });
+        while pool.running() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // a request that waits, then is dropped (its client left)
+        let p = Arc::clone(&pool);
+        let left = tokio::spawn(async move { p.run(|| 1).await });
+        while pool.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        left.abort();
+        assert!(left.await.unwrap_err().is_cancelled());
+        assert_eq!(pool.waiting(), 0, "the place is given back");
+        // the next request queues instead of being refused as if the queue were full
+        let p = Arc::clone(&pool);
+        let queued = tokio::spawn(async move { p.run(|| 2).await });
+        while pool.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tx.send(()).unwrap();
+        assert!(busy.await.unwrap().is_ok());
+        assert_eq!(queued.await.unwrap().unwrap(), 2);
+        assert_eq!((pool.waiting(), pool.running()), (0, 0));
     }
 }

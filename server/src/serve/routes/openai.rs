@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -331,15 +332,40 @@ fn job(
     })
 }
 
-/// Starts the job on the model pool; events arrive on the returned channel.
+/// Starts the job on the model pool; events arrive on the returned channel. If the
+/// receiver is dropped (the client left) before a worker takes the job, the job leaves the
+/// queue and never runs (counted in `abandoned_requests`); once it runs, it runs to its end
+/// and stores its misses (test `server/tests/router.rs::a_client_that_leaves_the_queue_costs_no_model_work`).
 fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let st = Arc::clone(&s);
         let tx2 = tx.clone();
-        let r = s
-            .pool
-            .run(move || -> ApiResult<()> {
+        // WAITING until a worker takes the job (STARTED) or the client leaves first (LEFT)
+        const WAITING: u8 = 0;
+        const STARTED: u8 = 1;
+        const LEFT: u8 = 2;
+        let state = Arc::new(AtomicU8::new(WAITING));
+        let leave = |state: &AtomicU8, st: &AppState| {
+            if state
+                .compare_exchange(WAITING, LEFT, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                st.metrics.abandoned_requests.inc();
+            }
+        };
+        let job_state = Arc::clone(&state);
+        let work = s.pool.run(move || -> ApiResult<()> {
+            if tx2.is_closed() {
+                leave(&job_state, &st);
+            }
+            if job_state
+                .compare_exchange(WAITING, STARTED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                return Ok(());
+            }
+            {
                 let (out, work) = job.prepared.run(&st, &tenant)?;
                 // the store-back (prefilling and storing the prompt's misses) waits for the
                 // answer, and runs whatever became of it: the next request still hits
@@ -373,8 +399,16 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                     stats: Box::new(stats),
                 });
                 Ok(())
-            })
-            .await;
+            }
+        });
+        let r = tokio::select! {
+            r = work => r,
+            () = tx.closed() => {
+                // a job already running goes on (its worker is a blocking thread)
+                leave(&state, &s);
+                return;
+            }
+        };
         if let Err(e) | Ok(Err(e)) = r {
             let _ = tx.send(GenEvent::Failed(e)).await;
         }
