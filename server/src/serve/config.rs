@@ -8,7 +8,11 @@
 //! api_tokens = ["secret"]             # tokens of the default tenant
 //!
 //! [limits]
-//! max_body_bytes = 67108864
+//! max_body_bytes = 16777216            # a JSON request body
+//! # max_kv_body_bytes = 402653184      # an uploaded KV object; unset: the largest object
+//!                                      #   of max_request_tokens tokens of this model
+//! # body_budget_bytes = 1073741824     # bodies being read + KV exports being sent, at
+//!                                      #   once; unset: 1 GiB or twice the largest limit
 //! max_request_tokens = 8192
 //! max_document_bytes = 262144          # one document's text, checked before tokenizing
 //! max_text_bytes = 1048576             # all text of one request, checked first
@@ -16,6 +20,11 @@
 //! max_new_tokens = 512
 //! workers = 1                          # model requests computed at once
 //! max_queue = 64                       # model requests waiting; more get 503
+//! header_timeout_s = 30                # a request head must arrive within it; idle
+//!                                      #   keep-alive connections close after it
+//! body_timeout_s = 60                  # a request body must arrive within it (408)
+//! max_connections = 1024               # connections served at once (more wait)
+//! shutdown_grace_s = 30                # a stop waits this long for requests in flight
 //!
 //! [store]
 //! host_bytes = 2147483648
@@ -109,8 +118,14 @@ pub struct TenantConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest request body, bytes (uploaded KV objects included).
+    /// Largest JSON request body, bytes.
     pub max_body_bytes: usize,
+    /// Largest uploaded KV object (`PUT /v1/chunks/{id}/kv`), bytes; `None`: the size of
+    /// this model's object of `max_request_tokens` tokens (plus 1 MiB of header room).
+    pub max_kv_body_bytes: Option<usize>,
+    /// Bytes that request bodies being read and KV objects being sent may hold at once;
+    /// more wait. `None`: 1 GiB, or twice the largest body limit when that is more.
+    pub body_budget_bytes: Option<u64>,
     /// Most prompt tokens in one request (all chunks, prefix and question).
     pub max_request_tokens: usize,
     /// Most bytes of one document's text, checked before it is tokenized.
@@ -128,6 +143,16 @@ pub struct Limits {
     pub max_queue: usize,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
+    /// Seconds a request head may take to arrive; an idle keep-alive connection is closed
+    /// after as long.
+    pub header_timeout_s: u64,
+    /// Seconds a request body may take to arrive in full (then 408).
+    pub body_timeout_s: u64,
+    /// Connections served at once; more wait to be accepted (lowered at start to fit the
+    /// open-file limit).
+    pub max_connections: usize,
+    /// Seconds a stop waits for requests in flight before it drops their connections.
+    pub shutdown_grace_s: u64,
 }
 
 /// Store capacities.
@@ -325,7 +350,9 @@ impl Default for Config {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_body_bytes: 64 << 20,
+            max_body_bytes: 16 << 20,
+            max_kv_body_bytes: None,
+            body_budget_bytes: None,
             max_request_tokens: 8192,
             max_document_bytes: 256 << 10,
             max_text_bytes: 1 << 20,
@@ -334,6 +361,10 @@ impl Default for Limits {
             workers: 1,
             max_queue: 64,
             default_quota_bytes: None,
+            header_timeout_s: 30,
+            body_timeout_s: 60,
+            max_connections: 1024,
+            shutdown_grace_s: 30,
         }
     }
 }
@@ -491,9 +522,21 @@ impl Config {
             ("max_text_bytes", l.max_text_bytes),
             ("max_chunks", l.max_chunks),
             ("max_new_tokens", l.max_new_tokens),
+            ("max_connections", l.max_connections),
+            ("header_timeout_s", l.header_timeout_s as usize),
+            ("body_timeout_s", l.body_timeout_s as usize),
         ] {
             if v == 0 {
                 bail!("limits.{name} must be at least 1 (0 would refuse every request)");
+            }
+        }
+        for (name, v) in [
+            ("header_timeout_s", l.header_timeout_s),
+            ("body_timeout_s", l.body_timeout_s),
+            ("shutdown_grace_s", l.shutdown_grace_s),
+        ] {
+            if v > 86_400 {
+                bail!("limits.{name} must be at most 86400 (a day; got {v})");
             }
         }
         self.store.host_policy()?;
@@ -573,7 +616,15 @@ mod tests {
     #[test]
     fn a_limit_of_zero_is_refused_by_name() {
         let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
-        for name in ["workers", "max_body_bytes", "max_chunks", "max_new_tokens"] {
+        for name in [
+            "workers",
+            "max_body_bytes",
+            "max_chunks",
+            "max_new_tokens",
+            "max_connections",
+            "header_timeout_s",
+            "body_timeout_s",
+        ] {
             let e = parse(&format!("[limits]\n{name} = 0\n"))
                 .validate()
                 .unwrap_err();

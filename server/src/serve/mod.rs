@@ -5,7 +5,9 @@
 //! and flushes the store. Model work runs on [`pool::ModelPool`], never on the async
 //! workers, so `/health` and chunk lookups stay fast under load.
 
+pub mod bodies;
 pub mod config;
+pub mod connections;
 pub mod error;
 mod extract;
 mod generation;
@@ -191,9 +193,14 @@ pub async fn serve(config: Config) -> Result<()> {
     );
     // the line scripts and tests wait for
     eprintln!("kvquilt: listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let l = &config.limits;
+    let limits = connections::ConnectionLimits {
+        header_timeout: std::time::Duration::from_secs(l.header_timeout_s),
+        // the store's table files, the model's, the log: a few hundred descriptors
+        max_connections: connections::fit_to_descriptor_limit(l.max_connections, 512),
+        shutdown_grace: std::time::Duration::from_secs(l.shutdown_grace_s),
+    };
+    connections::serve_connections(listener, app, limits, shutdown_signal()).await;
     tracing::info!("shutting down: flushing the store");
     // Every acknowledged object is already durable (synced WAL); a flush that fails (a full
     // disk) loses only access times and pins' last state, so the stop stays clean.
@@ -232,6 +239,22 @@ pub fn app_state(
     let tokenizer = loaded.tokenizer()?.clone();
     let template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     let on_gpu = !loaded.model.device().is_cpu();
+    let l = &config.limits;
+    let kv_body_limit = match l.max_kv_body_bytes {
+        Some(n) => n,
+        None => usize::try_from(identity.layout.object_bytes(l.max_request_tokens))
+            .unwrap_or(usize::MAX)
+            .saturating_add(1 << 20),
+    };
+    let largest = kv_body_limit.max(l.max_body_bytes) as u64;
+    let budget = l
+        .body_budget_bytes
+        .unwrap_or_else(|| (1u64 << 30).max(largest.saturating_mul(2)));
+    if budget < largest {
+        anyhow::bail!(
+            "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
+        );
+    }
     let blender = Arc::new(
         Blender::new(
             Arc::new(loaded.model),
@@ -254,6 +277,8 @@ pub fn app_state(
         blend_default,
         tenants: Tenants::from_config(config, namespace_key),
         limits: config.limits.clone(),
+        kv_body_limit,
+        body_budget: bodies::BodyBudget::new(budget),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         metrics: Metrics::new(blender),
         started: Instant::now(),
@@ -340,7 +365,6 @@ pub fn routes() -> Vec<RouteEntry> {
 /// matched route, a JSON 404 for anything else and a JSON 405 (with `Allow`) for a known
 /// path asked with another method.
 pub fn router(state: AppState) -> Router {
-    let limit = state.limits.max_body_bytes;
     let mut by_path: Vec<(&'static str, MethodRouter<AppState>, Vec<Method>)> = Vec::new();
     for r in routes() {
         match by_path.iter_mut().find(|(p, ..)| *p == r.path) {
@@ -355,12 +379,16 @@ pub fn router(state: AppState) -> Router {
     for (path, handler, methods) in by_path {
         app = app.route(path, handler.merge(method_not_allowed(&methods)));
     }
-    app.route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
-        .fallback(|| async {
-            ApiError::not_found("no_such_route", "no such route; see /openapi.json")
-        })
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+    // bodies are read (limited, timed, budgeted) by `bodies` before a handler runs; the
+    // extractors then take them from memory
+    app.route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        bodies::read_within_limits,
+    ))
+    .route_layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+    .fallback(|| async { ApiError::not_found("no_such_route", "no such route; see /openapi.json") })
+    .layer(DefaultBodyLimit::disable())
+    .with_state(state)
 }
 
 /// A JSON 405 naming the methods `path` takes (in `Allow` and in the message).

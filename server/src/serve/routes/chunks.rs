@@ -171,8 +171,12 @@ pub(crate) async fn get_kv(
             format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
         ));
     }
-    let bytes = obj.encode(Codec::Raw)?.to_bytes();
-    let mut resp = bytes.into_response();
+    // the encoded copy counts against the body budget until it is handed to the connection
+    let share = s.body_budget.share(obj.raw_len()).await;
+    let bytes = axum::body::Bytes::from(obj.encode(Codec::Raw)?.to_bytes());
+    let length = HeaderValue::from(bytes.len());
+    let mut resp = crate::serve::bodies::budgeted_body(bytes, share).into_response();
+    resp.headers_mut().insert(header::CONTENT_LENGTH, length);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(OBJECT_MEDIA_TYPE),

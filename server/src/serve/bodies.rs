@@ -1,0 +1,183 @@
+//! Request bodies, read in full before a handler sees them: after the caller is
+//! authenticated, within the route's size limit (a `Content-Length` over it is refused
+//! before a byte is read), within `limits.body_timeout_s`, and inside a server-wide budget of
+//! bytes held by bodies being read and KV objects being sent ([`BodyBudget`]), so memory
+//! stays bounded however many clients send at once.
+//!
+//! Before, a body was read by the handler's extractor under one 64 MiB limit for every
+//! route, with no deadline: a body sent a byte a second held its connection (and a stop)
+//! for as long as the client liked, sixteen clients sending 60 MB bodies took the process
+//! from 0.7 to 1.8 GB, and a chunk's own KV export (92 MB for 2,000 SmolLM2 tokens) could not
+//! be uploaded back (found by a resource probe). Pinned by `server/tests/bodies.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
+use http_body_util::{BodyExt, Limited};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::ApiError;
+use super::state::AppState;
+
+/// Budget units: KiB (a semaphore counts permits in `u32` per acquisition).
+const UNIT: u64 = 1024;
+
+/// Bytes held at once by request bodies being read and KV objects being sent, counted in
+/// KiB; a request waits for its share (never refused for it alone: its share is at most the
+/// budget, which start-up checks against every limit).
+#[derive(Debug)]
+pub struct BodyBudget {
+    units: Arc<Semaphore>,
+    total: u64,
+}
+
+/// A share of the [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BudgetShare(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl BodyBudget {
+    /// A budget of `bytes` (at least one unit).
+    pub fn new(bytes: u64) -> Self {
+        let total = bytes.div_ceil(UNIT).clamp(1, u64::from(u32::MAX));
+        Self {
+            units: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits for `bytes` of the budget (capped at the whole budget). `None` only if the
+    /// budget were closed, which it never is.
+    pub async fn share(&self, bytes: u64) -> Option<BudgetShare> {
+        let units = bytes.div_ceil(UNIT).clamp(1, self.total) as u32;
+        Arc::clone(&self.units)
+            .acquire_many_owned(units)
+            .await
+            .ok()
+            .map(BudgetShare)
+    }
+}
+
+/// Reads a POST or PUT body as the module says, then hands the request on with the body in
+/// memory; other methods pass through (their handlers read no body).
+pub(crate) async fn read_within_limits(
+    State(s): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.method() != Method::POST && req.method() != Method::PUT {
+        return next.run(req).await;
+    }
+    // an unauthenticated caller gets its 401 before its body costs anything
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = s.tenants.authenticate(authorization) {
+        return e.into_response();
+    }
+    let (limit, what) = if req.method() == Method::PUT {
+        (s.kv_body_limit, "limits.max_kv_body_bytes")
+    } else {
+        (s.limits.max_body_bytes, "limits.max_body_bytes")
+    };
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is larger than this server's limit of {limit} bytes ({what})"
+            ),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let _share = s.body_budget.share(declared.unwrap_or(limit as u64)).await;
+    let deadline = Duration::from_secs(s.limits.body_timeout_s);
+    let bytes: Bytes =
+        match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Ok(Err(e)) => {
+                return ApiError::bad_request(
+                    "unreadable_body",
+                    format!("the request body could not be read: {e}"),
+                )
+                .into_response();
+            }
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {} s (limits.body_timeout_s)",
+                        s.limits.body_timeout_s
+                    ),
+                )
+                .into_response();
+            }
+        };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// A response body of `bytes` that holds `share` until its last piece is handed to the
+/// connection (a KV export's memory stays counted while it is sent).
+pub(crate) fn budgeted_body(bytes: Bytes, share: Option<BudgetShare>) -> Body {
+    const PIECE: usize = 1 << 20;
+    let pieces: Vec<Bytes> = (0..bytes.len().div_ceil(PIECE))
+        .map(|i| bytes.slice(i * PIECE..((i + 1) * PIECE).min(bytes.len())))
+        .collect();
+    let stream = futures_util::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>)).chain(
+        futures_util::stream::once(async move {
+            drop(share);
+            Ok(Bytes::new())
+        }),
+    );
+    Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_share_waits_until_the_budget_has_room() {
+        let budget = Arc::new(BodyBudget::new(4 * UNIT));
+        let first = budget.share(3 * UNIT).await;
+        // 2 KiB more do not fit beside 3 of 4
+        let b = Arc::clone(&budget);
+        let waiting = tokio::spawn(async move { b.share(2 * UNIT).await.is_some() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        assert!(waiting.await.unwrap());
+        // a request larger than the whole budget takes all of it instead of waiting forever
+        assert!(budget.share(100 * UNIT).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_budgeted_body_holds_its_share_until_sent() {
+        let budget = BodyBudget::new(2 * UNIT);
+        let share = budget.share(2 * UNIT).await;
+        let data = Bytes::from(vec![7u8; (1 << 20) + 5]);
+        let body = budgeted_body(data.clone(), share);
+        assert_eq!(budget.units.available_permits(), 0);
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(sent, data);
+        assert_eq!(budget.units.available_permits(), 2);
+    }
+}

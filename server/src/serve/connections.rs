@@ -1,0 +1,130 @@
+//! Accepting and serving HTTP/1 connections with the limits `axum::serve` does not set.
+//!
+//! `axum::serve` gives hyper no timer, so a client that sends half a request head (or
+//! nothing) holds its connection, a file descriptor and a task forever, and a stop waits
+//! for it: a thousand such clients made the sidecar unreachable before any token was
+//! checked (found by a resource probe). Here:
+//! - a request head must arrive within [`ConnectionLimits::header_timeout`], and an idle
+//!   keep-alive connection is closed after the same time (hyper starts the head timer again
+//!   after each response);
+//! - at most [`ConnectionLimits::max_connections`] connections are served at once; past
+//!   that, new ones wait in the listen backlog (never accepted and dropped);
+//! - on the shutdown signal the listener closes at once, each connection finishes the
+//!   request it is serving, and after [`ConnectionLimits::shutdown_grace`] the rest are
+//!   dropped, so a stop always ends.
+//!
+//! A body that arrives too slowly is the router's business (`bodies`), since only a
+//! handler knows it wants one. Pinned by `server/tests/connections.rs`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connection-level limits ([`serve_connections`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Time a request head may take to arrive, and an idle keep-alive connection may wait.
+    pub header_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time a stop waits for requests in flight before dropping their connections.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains as the module says.
+/// Returns once every connection has ended or the grace period is over.
+pub async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // out of file descriptors, or a connection reset before it was
+                    // accepted: the listener stays usable; wait a moment, not a busy loop
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // a connection's end (closed, timed out, reset) is the client's business
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(open, "stopping: waiting for requests in flight");
+    }
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = limits.shutdown_grace.as_secs_f64(),
+            "stopping: connections still open after the grace period are dropped"
+        );
+    }
+}
+
+/// `wanted`, lowered so the connections leave room under the process's file-descriptor
+/// limit for the store's files (RocksDB keeps its table files open) and the model's:
+/// `reserve` descriptors stay free. Logs when it lowers.
+pub fn fit_to_descriptor_limit(wanted: usize, reserve: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return wanted;
+    }
+    let room = usize::try_from(lim.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(reserve)
+        .max(1);
+    if room < wanted {
+        tracing::warn!(
+            wanted,
+            serving = room,
+            descriptor_limit = lim.rlim_cur,
+            "limits.max_connections lowered to fit the open-file limit (raise it with `ulimit -n`)"
+        );
+        room
+    } else {
+        wanted
+    }
+}
