@@ -527,7 +527,13 @@ impl Config {
             ("body_timeout_s", l.body_timeout_s as usize),
         ] {
             if v == 0 {
-                bail!("limits.{name} must be at least 1 (0 would refuse every request)");
+                // the one limit a flag also sets is named by both
+                let also = if name == "workers" {
+                    " (--workers, KVQUILT_WORKERS)"
+                } else {
+                    ""
+                };
+                bail!("limits.{name}{also} must be at least 1 (0 would refuse every request)");
             }
         }
         for (name, v) in [

@@ -89,9 +89,12 @@ impl Drop for Waiter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::task::JoinHandle;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn refuses_past_the_queue_limit() {
+    type Job<T> = JoinHandle<Result<T, ApiError>>;
+
+    /// A pool of one worker and a queue of one, its worker busy until the sender sends.
+    async fn busy_pool() -> (Arc<ModelPool>, std::sync::mpsc::Sender<()>, Job<Option<()>>) {
         let pool = Arc::new(ModelPool::new(1, 1));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let p = Arc::clone(&pool);
@@ -99,11 +102,23 @@ mod tests {
         while pool.running() == 0 {
             tokio::task::yield_now().await;
         }
-        let p = Arc::clone(&pool);
-        let queued = tokio::spawn(async move { p.run(|| 1).await });
+        (pool, tx, busy)
+    }
+
+    /// A request that returns `v`, once it waits in `pool`'s queue.
+    async fn queued(pool: &Arc<ModelPool>, v: i32) -> Job<i32> {
+        let p = Arc::clone(pool);
+        let job = tokio::spawn(async move { p.run(move || v).await });
         while pool.waiting() == 0 {
             tokio::task::yield_now().await;
         }
+        job
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_past_the_queue_limit() {
+        let (pool, tx, busy) = busy_pool().await;
+        let queued = queued(&pool, 1).await;
         let refused = pool.run(|| 2).await.unwrap_err();
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         tx.send(()).unwrap();
@@ -113,31 +128,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiter_that_leaves_gives_its_place_back() {
-        let pool = Arc::new(ModelPool::new(1, 1));
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let p = Arc::clone(&pool);
-        let busy = tokio::spawn(async move { p.run(move || rx.recv().ok()).await });
-        while pool.running() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let (pool, tx, busy) = busy_pool().await;
         // a request that waits, then is dropped (its client left)
-        let p = Arc::clone(&pool);
-        let left = tokio::spawn(async move { p.run(|| 1).await });
-        while pool.waiting() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let left = queued(&pool, 1).await;
         left.abort();
         assert!(left.await.unwrap_err().is_cancelled());
         assert_eq!(pool.waiting(), 0, "the place is given back");
         // the next request queues instead of being refused as if the queue were full
-        let p = Arc::clone(&pool);
-        let queued = tokio::spawn(async move { p.run(|| 2).await });
-        while pool.waiting() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let next = queued(&pool, 2).await;
         tx.send(()).unwrap();
         assert!(busy.await.unwrap().is_ok());
-        assert_eq!(queued.await.unwrap().unwrap(), 2);
+        assert_eq!(next.await.unwrap().unwrap(), 2);
         assert_eq!((pool.waiting(), pool.running()), (0, 0));
     }
 }
