@@ -365,41 +365,39 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
             {
                 return Ok(());
             }
-            {
-                let (out, work) = job.prepared.run(&st, &tenant)?;
-                // the store-back (prefilling and storing the prompt's misses) waits for the
-                // answer, and runs whatever became of it: the next request still hits
-                let mut stats = out.stats;
-                let store = |stats: &mut BlendStats| {
-                    stats.stored_back = job.prepared.store_back(&st, &tenant, work).len();
-                };
-                if tx2.blocking_send(GenEvent::Started).is_err() {
-                    store(&mut stats);
-                    return Ok(());
-                }
-                let model = st.blender.model();
-                let decoded = decode(
-                    model,
-                    &st.tokenizer,
-                    out.cache,
-                    out.logits,
-                    job.decode_pool,
-                    &job.sampling,
-                    &job.stopping,
-                    job.top_k,
-                    |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
-                );
+            let (out, work) = job.prepared.run(&st, &tenant)?;
+            // the store-back (prefilling and storing the prompt's misses) waits for the
+            // answer, and runs whatever became of it: the next request still hits
+            let mut stats = out.stats;
+            let store = |stats: &mut BlendStats| {
+                stats.stored_back = job.prepared.store_back(&st, &tenant, work).len();
+            };
+            if tx2.blocking_send(GenEvent::Started).is_err() {
                 store(&mut stats);
-                let (finish, produced, evictions) = decoded?;
-                st.metrics.generated_tokens.inc_by(produced as u64);
-                st.metrics.decode_pool_reselections.inc_by(evictions as u64);
-                let _ = tx2.blocking_send(GenEvent::Done {
-                    finish,
-                    produced,
-                    stats: Box::new(stats),
-                });
-                Ok(())
+                return Ok(());
             }
+            let model = st.blender.model();
+            let decoded = decode(
+                model,
+                &st.tokenizer,
+                out.cache,
+                out.logits,
+                job.decode_pool,
+                &job.sampling,
+                &job.stopping,
+                job.top_k,
+                |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
+            );
+            store(&mut stats);
+            let (finish, produced, evictions) = decoded?;
+            st.metrics.generated_tokens.inc_by(produced as u64);
+            st.metrics.decode_pool_reselections.inc_by(evictions as u64);
+            let _ = tx2.blocking_send(GenEvent::Done {
+                finish,
+                produced,
+                stats: Box::new(stats),
+            });
+            Ok(())
         });
         let r = tokio::select! {
             r = work => r,
