@@ -102,7 +102,7 @@ pub async fn serve_connections(
 
 /// `wanted`, lowered so the connections leave room under the process's file-descriptor
 /// limit for the store's files (RocksDB keeps its table files open) and the model's:
-/// `reserve` descriptors stay free. Logs when it lowers.
+/// `reserve` descriptors stay free, or half the limit when it is small. Logs when it lowers.
 pub fn fit_to_descriptor_limit(wanted: usize, reserve: usize) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -112,10 +112,8 @@ pub fn fit_to_descriptor_limit(wanted: usize, reserve: usize) -> usize {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return wanted;
     }
-    let room = usize::try_from(lim.rlim_cur)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(reserve)
-        .max(1);
+    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    let room = room_under(limit, reserve);
     if room < wanted {
         tracing::warn!(
             wanted,
@@ -126,5 +124,25 @@ pub fn fit_to_descriptor_limit(wanted: usize, reserve: usize) -> usize {
         room
     } else {
         wanted
+    }
+}
+
+/// Connections that fit under a descriptor `limit` keeping `reserve` free (or half of it).
+fn room_under(limit: usize, reserve: usize) -> usize {
+    limit.saturating_sub(reserve.min(limit / 2)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small open-file limit (256, as a probe ran it) still serves half of it, not one.
+    #[test]
+    fn connections_fit_under_the_descriptor_limit() {
+        assert_eq!(room_under(256, 512), 128);
+        assert_eq!(room_under(1024, 512), 512);
+        assert_eq!(room_under(20_000, 512), 19_488);
+        assert_eq!(room_under(1, 512), 1);
+        assert!(fit_to_descriptor_limit(4, 0) <= 4);
     }
 }
