@@ -40,9 +40,10 @@ pub(crate) const MEDOID_TOKENS: usize = Embedder::MAX_TOKENS;
 /// markup, and a decode-then-encode round trip's slack), an upper bound.
 const PROMPT_OVERHEAD: usize = 128;
 
-/// Tokens per prefill block by default (the reference uses 2,048 for 8k budgets;
-/// conversations here are ~5.5k tokens); `--episodic-block` sets it.
-pub(crate) const BLOCK: usize = 512;
+/// Tokens per prefill block by default (the reference's 2,048; with 8 medoids it keeps
+/// ≥ 0.93 of full KV at every budget here, 512 kept 0.885: BENCHMARKS §9);
+/// `--episodic-block` sets it.
+pub(crate) const BLOCK: usize = 2048;
 
 /// Block of the sensitivity profile's restricted prefill (the reference: 4,096 on samples of
 /// tens of thousands of tokens; here a conversation of ~5.5k).

@@ -103,8 +103,8 @@ pub struct Args {
     /// `--episodic`: utterances per EpiCache segment (the reference's 4; 2 = one exchange).
     #[arg(long, default_value_t = kvquilt_compression::policy::episodes::SEGMENT_UTTERANCES)]
     segment_utterances: usize,
-    /// `--episodic`: medoid segments per EpiCache scoring prompt (the reference's arguments
-    /// say 4, its scripts pass 8).
+    /// `--episodic`: medoid segments per EpiCache scoring prompt (the reference's scripts
+    /// pass 8, its arguments say 4).
     #[arg(long, default_value_t = kvquilt_compression::policy::episodes::MEDOIDS)]
     medoids: usize,
     /// `--episodic`: report EpiCache's routing accuracy per conversation and stop (embeds
@@ -127,7 +127,7 @@ pub struct Args {
     #[arg(long)]
     episodic_row_max: bool,
     /// `--episodic`: tokens per prefill block of block-prefill SnapKV and EpiCache (the
-    /// reference's 2,048 is a quarter of its 8k budgets).
+    /// reference's 2,048).
     #[arg(long, default_value_t = episodic::BLOCK)]
     episodic_block: usize,
     /// `--task longgen`: decode pools as fractions of `--new-tokens`.
