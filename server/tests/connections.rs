@@ -61,6 +61,7 @@ async fn silent_and_slow_clients_are_cut_off_the_cap_holds_and_a_stop_ends() {
     let limits = ConnectionLimits {
         header_timeout: Duration::from_millis(400),
         max_connections: 3,
+        send_timeout: Duration::from_secs(1),
         shutdown_grace: Duration::from_millis(500),
     };
     let server = tokio::spawn(serve_connections(
@@ -276,4 +277,58 @@ async fn a_kv_export_larger_than_the_json_limit_uploads_back() {
     );
     let (status, again) = app.bytes("GET", &url, Some(TOKEN), None).await;
     assert_eq!((status, again), (StatusCode::OK, kv));
+}
+
+/// Bodies wait for a share of the body budget at most `limits.body_timeout_s`, then get a
+/// 503 with a retry hint (they waited without end, behind any client that held the budget),
+/// and KV exports draw on a budget of their own (clients that stopped reading exports held
+/// up every POST, found by a re-probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
+    let app = TestApp::new(config(1));
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            Some(TOKEN),
+            json!({"chunks": ["A short chunk."]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let id = v["chunks"][0]["id"].as_str().unwrap().to_string();
+    // every byte of the body budget taken, as by bodies in flight
+    let held = app.state.body_budget.share(u64::MAX).await;
+    let t = Instant::now();
+    let got = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            Some(TOKEN),
+            json!({"chunks": ["Another chunk."]}),
+        )
+        .await;
+    assert_err(&got, 503, "server_busy", "limits.body_budget_bytes");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    let (status, _) = app
+        .bytes("GET", &format!("/v1/chunks/{id}/kv"), Some(TOKEN), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an export does not wait on request bodies"
+    );
+    drop(held);
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chunks",
+            Some(TOKEN),
+            json!({"chunks": ["Another chunk."]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
 }

@@ -1,8 +1,12 @@
 //! Request bodies, read in full before a handler sees them: after the caller is
 //! authenticated, within the route's size limit (a `Content-Length` over it is refused
 //! before a byte is read), within `limits.body_timeout_s`, and inside a server-wide budget of
-//! bytes held by bodies being read and KV objects being sent ([`BodyBudget`]), so memory
-//! stays bounded however many clients send at once.
+//! bytes held by bodies being read ([`BodyBudget`]), so memory stays bounded however many
+//! clients send at once. A request waits for its share at most `limits.body_timeout_s`
+//! (then 503 with a retry hint); a JSON body's share is given back once the body is in
+//! memory (before any model work), an uploaded object's once it is stored. KV exports draw
+//! on a budget of their own, so clients that stop reading their exports (their connections
+//! are closed after `limits.send_timeout_s`, `connections`) never hold up other requests.
 //!
 //! Before, a body was read by the handler's extractor under one 64 MiB limit for every
 //! route, with no deadline: a body sent a byte a second held its connection (and a stop)
@@ -61,6 +65,14 @@ impl BodyBudget {
             .ok()
             .map(BudgetShare)
     }
+
+    /// [`BodyBudget::share`], waiting at most `wait`; `None` when the budget stays full.
+    pub async fn share_within(&self, bytes: u64, wait: Duration) -> Option<BudgetShare> {
+        tokio::time::timeout(wait, self.share(bytes))
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 /// Reads a POST or PUT body as the module says, then hands the request on with the body in
@@ -105,8 +117,14 @@ pub(crate) async fn read_within_limits(
         return too_large();
     }
     let (parts, body) = req.into_parts();
-    let _share = s.body_budget.share(declared.unwrap_or(limit as u64)).await;
     let deadline = Duration::from_secs(s.limits.body_timeout_s);
+    let Some(share) = s
+        .body_budget
+        .share_within(declared.unwrap_or(limit as u64), deadline)
+        .await
+    else {
+        return busy();
+    };
     let bytes: Bytes =
         match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -130,8 +148,32 @@ pub(crate) async fn read_within_limits(
                 .into_response();
             }
         };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    let upload = parts.method == Method::PUT;
+    if !upload {
+        // a JSON body is parsed and dropped early; its share must not wait on model work
+        drop(share);
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    }
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    drop(share);
+    resp
+}
+
+/// 503 when the body budget stays full for a whole body deadline.
+fn busy() -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_busy",
+        "request bodies in flight fill this server's budget (limits.body_budget_bytes); retry later",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    resp
 }
 
 /// A response body of `bytes` that holds `share` until its last piece is handed to the

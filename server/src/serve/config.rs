@@ -23,6 +23,7 @@
 //! header_timeout_s = 30                # a request head must arrive within it; idle
 //!                                      #   keep-alive connections close after it
 //! body_timeout_s = 60                  # a request body must arrive within it (408)
+//! send_timeout_s = 30                  # a client that stops reading this long is cut off
 //! max_connections = 1024               # connections served at once (more wait)
 //! shutdown_grace_s = 30                # a stop waits this long for requests in flight
 //!
@@ -148,6 +149,8 @@ pub struct Limits {
     pub header_timeout_s: u64,
     /// Seconds a request body may take to arrive in full (then 408).
     pub body_timeout_s: u64,
+    /// Seconds a response may wait for its client to read before the connection is closed.
+    pub send_timeout_s: u64,
     /// Connections served at once; more wait to be accepted (lowered at start to fit the
     /// open-file limit).
     pub max_connections: usize,
@@ -363,6 +366,7 @@ impl Default for Limits {
             default_quota_bytes: None,
             header_timeout_s: 30,
             body_timeout_s: 60,
+            send_timeout_s: 30,
             max_connections: 1024,
             shutdown_grace_s: 30,
         }
@@ -525,6 +529,7 @@ impl Config {
             ("max_connections", l.max_connections),
             ("header_timeout_s", l.header_timeout_s as usize),
             ("body_timeout_s", l.body_timeout_s as usize),
+            ("send_timeout_s", l.send_timeout_s as usize),
         ] {
             if v == 0 {
                 // the one limit a flag also sets is named by both
@@ -539,6 +544,7 @@ impl Config {
         for (name, v) in [
             ("header_timeout_s", l.header_timeout_s),
             ("body_timeout_s", l.body_timeout_s),
+            ("send_timeout_s", l.send_timeout_s),
             ("shutdown_grace_s", l.shutdown_grace_s),
         ] {
             if v > 86_400 {

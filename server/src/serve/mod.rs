@@ -198,6 +198,7 @@ pub async fn serve(config: Config) -> Result<()> {
         header_timeout: std::time::Duration::from_secs(l.header_timeout_s),
         // the store's table files, the model's, the log: a few hundred descriptors
         max_connections: connections::fit_to_descriptor_limit(l.max_connections, 512),
+        send_timeout: std::time::Duration::from_secs(l.send_timeout_s),
         shutdown_grace: std::time::Duration::from_secs(l.shutdown_grace_s),
     };
     connections::serve_connections(listener, app, limits, shutdown_signal()).await;
@@ -279,6 +280,7 @@ pub fn app_state(
         limits: config.limits.clone(),
         kv_body_limit,
         body_budget: bodies::BodyBudget::new(budget),
+        export_budget: bodies::BodyBudget::new(budget),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         metrics: Metrics::new(blender),
         started: Instant::now(),

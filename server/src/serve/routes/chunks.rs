@@ -171,8 +171,23 @@ pub(crate) async fn get_kv(
             format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
         ));
     }
-    // the encoded copy counts against the body budget until it is handed to the connection
-    let share = s.body_budget.share(obj.raw_len()).await;
+    // the encoded copy counts against the export budget until it is handed to the
+    // connection (a client that stops reading is cut off after limits.send_timeout_s)
+    let Some(share) = s
+        .export_budget
+        .share_within(
+            obj.raw_len(),
+            std::time::Duration::from_secs(s.limits.body_timeout_s),
+        )
+        .await
+    else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            "KV exports in flight fill this server's budget (limits.body_budget_bytes); retry later",
+        ));
+    };
+    let share = Some(share);
     let bytes = axum::body::Bytes::from(obj.encode(Codec::Raw)?.to_bytes());
     let length = HeaderValue::from(bytes.len());
     let mut resp = crate::serve::bodies::budgeted_body(bytes, share).into_response();
