@@ -322,6 +322,9 @@ async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
         "an export does not wait on request bodies"
     );
     drop(held);
+    // and the other way round: KV transfers filling their budget (stalled uploads, exports
+    // nobody reads) hold up no JSON request
+    let transfers = app.state.kv_budget.share(u64::MAX).await;
     let (status, v) = app
         .json(
             "POST",
@@ -331,4 +334,5 @@ async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    drop(transfers);
 }

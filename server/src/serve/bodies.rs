@@ -4,9 +4,10 @@
 //! bytes held by bodies being read ([`BodyBudget`]), so memory stays bounded however many
 //! clients send at once. A request waits for its share at most `limits.body_timeout_s`
 //! (then 503 with a retry hint); a JSON body's share is given back once the body is in
-//! memory (before any model work), an uploaded object's once it is stored. KV exports draw
-//! on a budget of their own, so clients that stop reading their exports (their connections
-//! are closed after `limits.send_timeout_s`, `connections`) never hold up other requests.
+//! memory (before any model work), an uploaded object's once it is stored. KV objects —
+//! uploads being read and exports being sent — draw on a budget of their own, so stalled
+//! uploads or clients that stop reading their exports (their connections are closed after
+//! `limits.send_timeout_s`, `connections`) never hold up model requests.
 //!
 //! Before, a body was read by the handler's extractor under one 64 MiB limit for every
 //! route, with no deadline: a body sent a byte a second held its connection (and a stop)
@@ -116,10 +117,15 @@ pub(crate) async fn read_within_limits(
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large();
     }
+    let req_is_upload = req.method() == Method::PUT;
     let (parts, body) = req.into_parts();
     let deadline = Duration::from_secs(s.limits.body_timeout_s);
-    let Some(share) = s
-        .body_budget
+    let budget = if req_is_upload {
+        &s.kv_budget
+    } else {
+        &s.body_budget
+    };
+    let Some(share) = budget
         .share_within(declared.unwrap_or(limit as u64), deadline)
         .await
     else {
@@ -148,8 +154,7 @@ pub(crate) async fn read_within_limits(
                 .into_response();
             }
         };
-    let upload = parts.method == Method::PUT;
-    if !upload {
+    if !req_is_upload {
         // a JSON body is parsed and dropped early; its share must not wait on model work
         drop(share);
         return next
@@ -168,7 +173,7 @@ fn busy() -> Response {
     let mut resp = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_busy",
-        "request bodies in flight fill this server's budget (limits.body_budget_bytes); retry later",
+        "bodies in flight fill this server's budget for them (limits.body_budget_bytes); retry later",
     )
     .into_response();
     resp.headers_mut()

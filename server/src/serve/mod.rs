@@ -280,7 +280,7 @@ pub fn app_state(
         limits: config.limits.clone(),
         kv_body_limit,
         body_budget: bodies::BodyBudget::new(budget),
-        export_budget: bodies::BodyBudget::new(budget),
+        kv_budget: bodies::BodyBudget::new(budget),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         metrics: Metrics::new(blender),
         started: Instant::now(),

@@ -36,10 +36,11 @@ pub struct Shared {
     pub limits: Limits,
     /// Largest uploaded KV object, bytes (`limits.max_kv_body_bytes`, or sized to the model).
     pub kv_body_limit: usize,
-    /// Bytes of request bodies held at once.
+    /// Bytes of JSON request bodies being read at once.
     pub body_budget: super::bodies::BodyBudget,
-    /// Bytes of KV exports held at once (a budget of their own, the same size).
-    pub export_budget: super::bodies::BodyBudget,
+    /// Bytes of KV objects in flight at once: uploads being read and exports being sent (a
+    /// budget of the same size, apart, so bulk KV transfers never hold up model requests).
+    pub kv_budget: super::bodies::BodyBudget,
     /// The bounded pool model work runs on.
     pub pool: ModelPool,
     /// Prometheus metrics.

@@ -171,10 +171,10 @@ pub(crate) async fn get_kv(
             format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
         ));
     }
-    // the encoded copy counts against the export budget until it is handed to the
+    // the encoded copy counts against the KV budget until it is handed to the
     // connection (a client that stops reading is cut off after limits.send_timeout_s)
     let Some(share) = s
-        .export_budget
+        .kv_budget
         .share_within(
             obj.raw_len(),
             std::time::Duration::from_secs(s.limits.body_timeout_s),
