@@ -279,6 +279,12 @@ async fn a_kv_export_larger_than_the_json_limit_uploads_back() {
     assert_eq!((status, again), (StatusCode::OK, kv));
 }
 
+/// `POST /v1/chunks` of one text.
+async fn store(app: &TestApp, text: &str) -> (StatusCode, Value) {
+    app.json("POST", "/v1/chunks", Some(TOKEN), json!({"chunks": [text]}))
+        .await
+}
+
 /// Bodies wait for a share of the body budget at most `limits.body_timeout_s`, then get a
 /// 503 with a retry hint (they waited without end, behind any client that held the budget),
 /// and KV exports draw on a budget of their own (clients that stopped reading exports held
@@ -286,27 +292,13 @@ async fn a_kv_export_larger_than_the_json_limit_uploads_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
     let app = TestApp::new(config(1));
-    let (status, v) = app
-        .json(
-            "POST",
-            "/v1/chunks",
-            Some(TOKEN),
-            json!({"chunks": ["A short chunk."]}),
-        )
-        .await;
+    let (status, v) = store(&app, "A short chunk.").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let id = v["chunks"][0]["id"].as_str().unwrap().to_string();
     // every byte of the body budget taken, as by bodies in flight
     let held = app.state.body_budget.share(u64::MAX).await;
     let t = Instant::now();
-    let got = app
-        .json(
-            "POST",
-            "/v1/chunks",
-            Some(TOKEN),
-            json!({"chunks": ["Another chunk."]}),
-        )
-        .await;
+    let got = store(&app, "Another chunk.").await;
     assert_err(&got, 503, "server_busy", "limits.body_budget_bytes");
     assert!(
         t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3),
@@ -325,14 +317,7 @@ async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
     // and the other way round: KV transfers filling their budget (stalled uploads, exports
     // nobody reads) hold up no JSON request
     let transfers = app.state.kv_budget.share(u64::MAX).await;
-    let (status, v) = app
-        .json(
-            "POST",
-            "/v1/chunks",
-            Some(TOKEN),
-            json!({"chunks": ["Another chunk."]}),
-        )
-        .await;
+    let (status, v) = store(&app, "Another chunk.").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     drop(transfers);
 }

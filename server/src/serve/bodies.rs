@@ -94,10 +94,16 @@ pub(crate) async fn read_within_limits(
     if let Err(e) = s.tenants.authenticate(authorization) {
         return e.into_response();
     }
-    let (limit, what) = if req.method() == Method::PUT {
-        (s.kv_body_limit, "limits.max_kv_body_bytes")
+    // a PUT is a KV upload (`/v1/chunks/{id}/kv`, the only one); every POST is JSON
+    let upload = req.method() == Method::PUT;
+    let (limit, what, budget) = if upload {
+        (s.kv_body_limit, "limits.max_kv_body_bytes", &s.kv_budget)
     } else {
-        (s.limits.max_body_bytes, "limits.max_body_bytes")
+        (
+            s.limits.max_body_bytes,
+            "limits.max_body_bytes",
+            &s.body_budget,
+        )
     };
     let too_large = || {
         ApiError::new(
@@ -117,14 +123,8 @@ pub(crate) async fn read_within_limits(
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large();
     }
-    let req_is_upload = req.method() == Method::PUT;
     let (parts, body) = req.into_parts();
     let deadline = Duration::from_secs(s.limits.body_timeout_s);
-    let budget = if req_is_upload {
-        &s.kv_budget
-    } else {
-        &s.body_budget
-    };
     let Some(share) = budget
         .share_within(declared.unwrap_or(limit as u64), deadline)
         .await
@@ -154,7 +154,7 @@ pub(crate) async fn read_within_limits(
                 .into_response();
             }
         };
-    if !req_is_upload {
+    if !upload {
         // a JSON body is parsed and dropped early; its share must not wait on model work
         drop(share);
         return next
