@@ -123,6 +123,7 @@ pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{
     DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, MemoryTier,
-    PutOutcome, RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier, TierKind,
+    PutOutcome, RecordLayout, RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier,
+    TierKind,
 };
 pub use tiered::{Found, LayerStream, StoreBuilder, StoreConfig, TieredStore, WritePolicy};

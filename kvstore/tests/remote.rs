@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use cluster::Cluster;
 use common::{layout, object};
-use kvquilt_kvstore::tier::remote::{BreakerState, ObjectNames, namespace_hash};
+use kvquilt_kvstore::tier::remote::{BreakerState, NAMING_VERSION, ObjectNames, namespace_hash};
 use kvquilt_kvstore::{
-    KvDType, KvLayout, KvObject, RemoteConfig, RemoteTier, StoreConfig, Tier, TierKind, TieredStore,
+    KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, StoreConfig, Tier,
+    TierKind, TieredStore,
 };
 
 /// Small stripes, so that every record spans several values; short breaker and deadlines.
@@ -61,6 +62,20 @@ fn header_key(obj: &KvObject) -> String {
     ObjectNames::new(&namespace_hash("default"), obj.key()).header()
 }
 
+/// Every key of `obj` on the cluster (header and stripes, in either record layout).
+fn object_keys(c: &Cluster, obj: &KvObject) -> Vec<String> {
+    c.keys(&format!(
+        "kvq:{NAMING_VERSION}:{{{}:{}*",
+        namespace_hash("default"),
+        obj.key()
+    ))
+}
+
+/// The hash tag of a key.
+fn tag(k: &str) -> &str {
+    &k[k.find('{').unwrap()..=k.find('}').unwrap()]
+}
+
 fn extra(t: &RemoteTier, name: &str) -> u64 {
     t.stats().extra.get(name).copied().unwrap_or(0)
 }
@@ -82,16 +97,18 @@ async fn one_process_stores_another_hits() {
     let whole = b.get(obj.key()).await.unwrap().unwrap();
     assert_eq!(whole.layers(), obj.layers());
     // the record keys are striped: 40 tokens × 2 heads × 8 dims × 4 B × 2 = 5120 B per layer
-    let keys = c.keys(&format!(
-        "kvq:1:{{{}:{}}}:*",
-        namespace_hash("default"),
-        obj.key()
-    ));
+    let keys = object_keys(&c, &obj);
     assert_eq!(
         keys.len(),
         1 + 6 * 6,
         "header + 6 stripes per layer: {keys:?}"
     );
+    // per layer (the default): each layer's stripes under a tag of their own, and the layers
+    // of this object on more than one primary
+    let tags: std::collections::BTreeSet<&str> = keys.iter().map(|k| tag(k)).collect();
+    assert_eq!(tags.len(), 1 + 6, "{tags:?}");
+    let primaries: std::collections::BTreeSet<u16> = keys.iter().map(|k| c.primary_of(k)).collect();
+    assert!(primaries.len() > 1, "{primaries:?}");
 
     let store = Arc::new(
         TieredStore::builder(StoreConfig::host_only(1 << 30))
@@ -125,12 +142,35 @@ async fn one_process_stores_another_hits() {
     assert_eq!(read_all(&b, &other).await.unwrap(), other.layers());
     // removing through the store unlinks every remote key
     assert!(store.remove(other.key()).await.unwrap());
-    let left = c.keys(&format!(
-        "kvq:1:{{{}:{}}}:*",
-        namespace_hash("default"),
-        other.key()
-    ));
+    let left = object_keys(&c, &other);
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// In one shard, an object's keys share the header's tag; a reader configured per layer
+/// reads it (the envelope, not the reader's setting, says where records are), and the
+/// other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_follow_the_writers_record_layout() {
+    let c = Cluster::start();
+    let one_shard = RemoteConfig {
+        layout: RecordLayout::OneShard,
+        ..config()
+    };
+    let (a, b) = (tier(&c, one_shard.clone()), tier(&c, config()));
+    let obj = object(1, 40, lay(6));
+    put(&a, &obj).await;
+    let keys = object_keys(&c, &obj);
+    assert_eq!(keys.len(), 1 + 6 * 6, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| tag(k) == tag(&header_key(&obj))),
+        "{keys:?}"
+    );
+    assert_eq!(read_all(&b, &obj).await.as_deref(), Some(obj.layers()));
+    let other = object(2, 40, lay(6));
+    put(&b, &other).await;
+    assert_eq!(read_all(&a, &other).await.as_deref(), Some(other.layers()));
+    assert!(a.remove(other.key()).await.unwrap(), "removed across tags");
+    assert!(object_keys(&c, &other).is_empty());
 }
 
 /// Each way a remote object can be bad is a counted miss, unlinks the object, and a new put
@@ -276,23 +316,40 @@ async fn a_remote_down_at_start_costs_nothing() {
     assert!(extra(&t, "breaker_opens") >= 1);
 }
 
-/// A primary paused for 5 s (SIGSTOP): reads of its objects time out within the deadline
-/// and are misses, its shard's breaker opens, nothing hangs, and objects on the other
-/// primaries keep hitting; after SIGCONT the shard is probed back and hits resume.
+/// A primary paused for 5 s (SIGSTOP), in each record layout: reads of objects with a key
+/// on it time out within the deadline and are misses, its shard's breaker opens, nothing
+/// hangs, and objects wholly on the other primaries keep hitting; after SIGCONT the shard is
+/// probed back and hits resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_primary_times_out_then_recovers() {
+    paused_primary(RecordLayout::PerLayer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_times_out_then_recovers_one_shard() {
+    paused_primary(RecordLayout::OneShard).await;
+}
+
+async fn paused_primary(layout: RecordLayout) {
     let c = Cluster::start();
-    let t = tier(&c, config());
+    let t = tier(&c, RemoteConfig { layout, ..config() });
     let obj = object(4, 40, lay(4));
     put(&t, &obj).await;
     assert!(read_all(&t, &obj).await.is_some());
     let port = c.primary_of(&header_key(&obj));
-    // an object on another primary
-    let other = (500..)
-        .map(|s| object(s, 40, lay(4)))
-        .find(|o| c.primary_of(&header_key(o)) != port)
-        .unwrap();
-    put(&t, &other).await;
+    // an object with no key on that primary: one layer (per layer, the tags of four or more
+    // layers fall in every third of the slot space: CRC16 is linear, and layer numbers that
+    // differ in their low bits move a tag's slot by multiples of 4,096)
+    let mut other = None;
+    for seed in 500..600 {
+        let o = object(seed, 40, lay(1));
+        put(&t, &o).await;
+        if object_keys(&c, &o).iter().all(|k| c.primary_of(k) != port) {
+            other = Some(o);
+            break;
+        }
+    }
+    let other = other.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await; // the tier learns the topology
     c.signal(port, "-STOP");
     let paused = Instant::now();
@@ -388,11 +445,7 @@ async fn a_hit_refreshes_the_time_to_live_of_what_it_read() {
     let (a, b) = (tier(&c, config.clone()), tier(&c, config));
     let obj = object(3, 40, lay(4));
     put(&a, &obj).await;
-    let keys = c.keys(&format!(
-        "kvq:1:{{{}:{}}}:*",
-        namespace_hash("default"),
-        obj.key()
-    ));
+    let keys = object_keys(&c, &obj);
     assert_eq!(keys.len(), 1 + 4 * 6, "header + 6 stripes per layer");
     let ttl =
         |k: &str| -> i64 { c.on_primary(k, |conn| redis::cmd("TTL").arg(k).query(conn).unwrap()) };

@@ -106,7 +106,9 @@ async fn one_sidecar_stores_the_other_hits() {
 
 /// A primary killed (SIGKILL) while a sidecar serves requests that read the remote: every
 /// answer is the one recompute gives (the chunks' KV is the same bytes either way), none
-/// fails, and each ends within a bound.
+/// fails, and each ends within a bound; once the replica has taken over, remote hits resume
+/// (records are spread per layer, so until then every object has a layer on the killed
+/// primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_load_changes_no_answer() {
     let c = Cluster::start();
@@ -118,10 +120,18 @@ async fn a_primary_killed_under_load_changes_no_answer() {
     let reference = blend(&sidecar_local(dr.path())).await.token;
 
     let victim = c.base; // the script's first node is a primary
-    let mut after_kill = Vec::new();
-    for round in 0..6 {
+    let mut remote_hits_after_kill = 0;
+    let mut killed = None;
+    for round in 0.. {
         if round == 2 {
             c.signal(victim, "-9");
+            killed = Some(Instant::now());
+        }
+        if round >= 6
+            && (remote_hits_after_kill > 0
+                || killed.is_some_and(|k| k.elapsed() > Duration::from_secs(30)))
+        {
+            break;
         }
         // three fresh sidecars a round (nothing promoted yet): every request reads the remote
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -136,15 +146,11 @@ async fn a_primary_killed_under_load_changes_no_answer() {
         for r in [r1, r2, r3] {
             assert_eq!(r.token, reference, "round {round}: {:?}", r.stats);
             if round >= 2 {
-                after_kill.push(r);
+                remote_hits_after_kill += r.stats.hits_remote;
             }
         }
     }
-    let remote_hits: usize = after_kill.iter().map(|r| r.stats.hits_remote).sum();
-    assert!(
-        remote_hits > 0,
-        "the other primaries (or the promoted replica) serve on"
-    );
+    assert!(remote_hits_after_kill > 0, "the promoted replica serves on");
 }
 
 /// A sidecar with no remote tier (host memory only).

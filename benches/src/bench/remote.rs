@@ -29,8 +29,8 @@ use bytes::Bytes;
 use kvquilt::model_source::ModelArgs;
 use kvquilt_blend::{BlendRequest, Blender, Mode, SegmentSource};
 use kvquilt_kvstore::{
-    KvDType, KvLayout, KvObject, RemoteConfig, RemoteTier, RopeScalingSpec, SsdConfig, StoreConfig,
-    Tier, TieredStore,
+    KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, RopeScalingSpec,
+    SsdConfig, StoreConfig, Tier, TieredStore,
 };
 use serde::Serialize;
 
@@ -58,6 +58,10 @@ pub struct RemoteBenchArgs {
     /// Megabytes moved per throughput cell (each direction).
     #[arg(long, default_value_t = 256)]
     cell_mb: usize,
+    /// Record layouts the tier's throughput is measured with (`per-layer`, `one-shard`),
+    /// each beside the same raw run; the TTFT part uses the first.
+    #[arg(long, value_delimiter = ',', default_value = "per-layer")]
+    record_layouts: Vec<RecordLayout>,
     /// Chunk lengths of the TTFT part, tokens.
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     chunk_tokens: Vec<usize>,
@@ -91,6 +95,7 @@ pub struct RemoteBenchArgs {
 struct ThroughputRow {
     value_kib: usize,
     concurrency: usize,
+    record_layout: String,
     raw_set_mb_s: f64,
     tier_put_mb_s: f64,
     put_vs_raw: f64,
@@ -160,9 +165,14 @@ impl Drop for Started {
 }
 
 pub(crate) fn run(a: RemoteBenchArgs) -> Result<()> {
+    ensure!(
+        !a.record_layouts.is_empty(),
+        "--record-layouts: at least one"
+    );
+    // as many workers as the sidecar's runtime (one per core): the tier verifies every
+    // byte it reads, and a runtime smaller than the machine would bound that, not the link
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .worker_threads(2)
         .build()?;
     let (seeds, started) = if a.seeds.is_empty() {
         let dir = tempfile::tempdir()?;
@@ -205,20 +215,28 @@ pub(crate) fn run(a: RemoteBenchArgs) -> Result<()> {
     };
     for &kib in &a.sizes_kib {
         for &c in &a.concurrency {
-            let row = rt.block_on(throughput(&seeds, kib << 10, c, a.cell_mb << 20))?;
-            eprintln!(
-                "{:>5} KiB × {:>2}: SET {:>7.0} MB/s, tier put {:>7.0} MB/s ({:.2}); GET {:>7.0} MB/s, tier read {:>7.0} MB/s ({:.2})",
-                kib,
+            let rows = rt.block_on(throughput(
+                &seeds,
+                kib << 10,
                 c,
-                row.raw_set_mb_s,
-                row.tier_put_mb_s,
-                row.put_vs_raw,
-                row.raw_get_mb_s,
-                row.tier_get_mb_s,
-                row.get_vs_raw
-            );
-            report.throughput.push(row);
-            rt.block_on(flushall(&seeds))?;
+                a.cell_mb << 20,
+                &a.record_layouts,
+            ))?;
+            for row in rows {
+                eprintln!(
+                    "{:>5} KiB × {:>2} {:>9}: SET {:>7.0} MB/s, tier put {:>7.0} MB/s ({:.2}); GET {:>7.0} MB/s, tier read {:>7.0} MB/s ({:.2})",
+                    kib,
+                    c,
+                    row.record_layout,
+                    row.raw_set_mb_s,
+                    row.tier_put_mb_s,
+                    row.put_vs_raw,
+                    row.raw_get_mb_s,
+                    row.tier_get_mb_s,
+                    row.get_vs_raw
+                );
+                report.throughput.push(row);
+            }
         }
     }
     if !a.no_model {
@@ -279,7 +297,8 @@ async fn throughput(
     value: usize,
     conc: usize,
     cell: usize,
-) -> Result<ThroughputRow> {
+    layouts: &[RecordLayout],
+) -> Result<Vec<ThroughputRow>> {
     // the tier moves objects of 8 layer records of `value` bytes; raw moves as many values
     let objects = (cell / (8 * value)).max(conc).div_ceil(conc) * conc;
     let ops = objects * 8;
@@ -328,13 +347,45 @@ async fn throughput(
     };
     let set_s = run_raw(false).await?;
     let get_s = run_raw(true).await?;
-    // the tier: objects of the same size
+    flushall(seeds).await?;
+    let mb = |bytes: usize, s: f64| bytes as f64 / s / 1e6;
+    let (rs, rg) = (mb(value * ops, set_s), mb(value * ops, get_s));
+    let mut rows = Vec::new();
+    for &layout in layouts {
+        let (put_s, read_s, moved) = tier_throughput(seeds, value, conc, objects, layout).await?;
+        flushall(seeds).await?;
+        let (tp, tg) = (mb(moved, put_s), mb(moved, read_s));
+        rows.push(ThroughputRow {
+            value_kib: value >> 10,
+            concurrency: conc,
+            record_layout: layout.to_string(),
+            raw_set_mb_s: rs,
+            tier_put_mb_s: tp,
+            put_vs_raw: tp / rs,
+            raw_get_mb_s: rg,
+            tier_get_mb_s: tg,
+            get_vs_raw: tg / rg,
+        });
+    }
+    Ok(rows)
+}
+
+/// The tier writing `objects` objects of 8 records of `value` bytes (`conc` writes at once),
+/// then `conc` tasks reading them back, every layer verified: seconds of each and the bytes.
+async fn tier_throughput(
+    seeds: &[String],
+    value: usize,
+    conc: usize,
+    objects: usize,
+    layout: RecordLayout,
+) -> Result<(f64, f64, usize)> {
     // generous deadlines: this part measures throughput, not the handling of a slow remote
     let config = RemoteConfig {
         queue: objects + 1,
         write_concurrency: conc,
         op_timeout_min: Duration::from_secs(1),
         op_timeout_max: Duration::from_secs(30),
+        layout,
         ..RemoteConfig::default()
     };
     let tier = RemoteTier::redis(config, seeds, &[])?;
@@ -371,21 +422,7 @@ async fn throughput(
     for t in tasks {
         t.await??;
     }
-    let read_s = t.elapsed().as_secs_f64();
-    let mb = |bytes: usize, s: f64| bytes as f64 / s / 1e6;
-    let raw_bytes = value * ops;
-    let (rs, rg) = (mb(raw_bytes, set_s), mb(raw_bytes, get_s));
-    let (tp, tg) = (mb(moved, put_s), mb(moved, read_s));
-    Ok(ThroughputRow {
-        value_kib: value >> 10,
-        concurrency: conc,
-        raw_set_mb_s: rs,
-        tier_put_mb_s: tp,
-        put_vs_raw: tp / rs,
-        raw_get_mb_s: rg,
-        tier_get_mb_s: tg,
-        get_vs_raw: tg / rg,
-    })
+    Ok((put_s, t.elapsed().as_secs_f64(), moved))
 }
 
 /// What `chooser` (a blender that may recompute) decides for `req` once it has served
@@ -504,7 +541,10 @@ fn ttft(
         0,
         SsdConfig::new(dir.path().join("ssd"), u64::MAX),
     )))?);
-    let remote_config = RemoteConfig::default();
+    let remote_config = RemoteConfig {
+        layout: a.record_layouts[0],
+        ..RemoteConfig::default()
+    };
     let deadline_ms = remote_config.op_timeout_max.as_secs_f64() * 1e3;
     let writer = RemoteTier::redis(remote_config.clone(), seeds, &[])?;
     let remote_store = |config: RemoteConfig| -> Result<Arc<TieredStore>> {

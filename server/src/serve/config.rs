@@ -43,7 +43,9 @@
 //! address_map = {}                     # announced node "host:port" -> reachable "host:port"
 //! namespace = "default"                # processes share chunks within one namespace
 //! stripe_bytes = 4194304               # larger records are striped over several values
-//! window = 4                           # layers fetched ahead of the one being read
+//! window = 4                           # calls in flight per object: layers read ahead, write pipelines
+//! record_layout = "per-layer"          # each layer on its own shard (bandwidth); "one-shard":
+//!                                      #   an object on one shard (a shard down costs only its objects)
 //! connect_timeout_ms = 500
 //! op_timeout_min_ms = 100              # each call's deadline: from measured RTT and
 //! op_timeout_max_ms = 2000             #   bandwidth, within these bounds
@@ -197,8 +199,10 @@ pub struct RemoteSettings {
     pub namespace: String,
     /// Most bytes of one value.
     pub stripe_bytes: usize,
-    /// Layers fetched ahead.
+    /// Calls in flight per object.
     pub window: usize,
+    /// Where written objects' records go: `per-layer` or `one-shard`.
+    pub record_layout: String,
     /// Connect timeout, ms.
     pub connect_timeout_ms: u64,
     /// Lower bound of a call's deadline, ms.
@@ -226,6 +230,7 @@ impl Default for RemoteSettings {
             namespace: d.namespace,
             stripe_bytes: d.stripe_bytes,
             window: d.window,
+            record_layout: d.layout.to_string(),
             connect_timeout_ms: d.connect_timeout.as_millis() as u64,
             op_timeout_min_ms: d.op_timeout_min.as_millis() as u64,
             op_timeout_max_ms: d.op_timeout_max.as_millis() as u64,
@@ -258,6 +263,10 @@ impl RemoteSettings {
             namespace: self.namespace.clone(),
             stripe_bytes: self.stripe_bytes,
             window: self.window,
+            layout: self
+                .record_layout
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("store.remote.record_layout: {e}"))?,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
             op_timeout_min: Duration::from_millis(self.op_timeout_min_ms),
             op_timeout_max: Duration::from_millis(self.op_timeout_max_ms),
@@ -680,6 +689,29 @@ mod tests {
         }
         let ok = "api_tokens = [\"abcdefgh1\"]\n[[tenants]]\nname = \"b\"\ntokens = [\"abc-DEF_gh.2~+/=\"]\n";
         assert!(parse(ok).validate().is_ok());
+    }
+
+    #[test]
+    fn the_remote_record_layout_is_checked() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        let remote = |layout: &str| {
+            format!("[store.remote]\nseeds = [\"127.0.0.1:7000\"]\nrecord_layout = \"{layout}\"\n")
+        };
+        let c = parse(&remote("one-shard"));
+        let r = c.store.remote.config(&c.store.codecs).unwrap().unwrap();
+        assert_eq!(r.layout, kvquilt_kvstore::RecordLayout::OneShard);
+        let c = parse("[store.remote]\nseeds = [\"127.0.0.1:7000\"]\n");
+        let r = c.store.remote.config(&c.store.codecs).unwrap().unwrap();
+        assert_eq!(
+            r.layout,
+            kvquilt_kvstore::RecordLayout::PerLayer,
+            "the default"
+        );
+        let e = parse(&remote("striped")).validate().unwrap_err();
+        assert!(
+            format!("{e:#}").contains("record_layout") && format!("{e:#}").contains("striped"),
+            "{e:#}"
+        );
     }
 
     #[test]

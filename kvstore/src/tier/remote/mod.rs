@@ -40,7 +40,10 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
 pub use health::{Breaker, BreakerState, Health};
-pub use names::{NAMING_VERSION, ObjectNames, Records, envelope, namespace_hash, parse_envelope};
+pub use names::{
+    NAMING_VERSION, ObjectNames, Placement, RecordLayout, Records, envelope, namespace_hash,
+    parse_envelope,
+};
 pub use redis_cluster::RedisCluster;
 
 use reader::{Opened, RemoteReader};
@@ -74,8 +77,9 @@ pub enum RemoteError {
 }
 
 /// A distributed key-value engine as the remote tier sees it: byte values under string keys.
-/// Every call's keys belong to one object (one hash tag), so an engine that shards by hash
-/// tag answers it from one shard.
+/// Reads and writes on the request path name keys of one hash tag (one layer's stripes, or a
+/// header), so an engine that shards by hash tag answers them from one shard; `delete` and
+/// `expire` may name an object's keys across tags, and such an engine splits them.
 #[async_trait]
 pub trait RemoteStore: Send + Sync + 'static {
     /// The engine's name (logs).
@@ -134,9 +138,12 @@ pub struct RemoteConfig {
     pub namespace: String,
     /// Most bytes of one value; larger records are striped.
     pub stripe_bytes: usize,
-    /// Layers fetched ahead of the one being read (fewer when they would hold more than four
-    /// stripes' bytes).
+    /// Calls in flight per object: layers fetched ahead of the one being read (fewer when
+    /// they would hold more than four stripes' bytes), and record pipelines of one write.
     pub window: usize,
+    /// How written objects' records are placed over the engine's shards (readers follow
+    /// what each object's envelope says).
+    pub layout: RecordLayout,
     /// Connecting may take this long.
     pub connect_timeout: Duration,
     /// Lower bound of a call's deadline.
@@ -169,6 +176,7 @@ impl Default for RemoteConfig {
             namespace: "default".into(),
             stripe_bytes: 4 << 20,
             window: 4,
+            layout: RecordLayout::default(),
             connect_timeout: Duration::from_millis(500),
             op_timeout_min: Duration::from_millis(100),
             op_timeout_max: Duration::from_secs(2),
@@ -345,44 +353,51 @@ impl Inner {
         Arc::clone(budget).acquire_many_owned(mib).await.ok()
     }
 
-    /// The shard holding `key`'s object, when the engine knows its topology.
+    /// The shard holding `key`'s header, when the engine knows its topology.
     fn shard(&self, key: &ChunkKey) -> Option<String> {
         self.store.shard(&ObjectNames::new(&self.ns, key).header())
     }
 
-    /// Runs one engine call on the request path about the object of `key` (`None`: no
-    /// object) under its shard's breaker and a deadline for `bytes` bytes
-    /// ([`Health::deadline`]); a timeout or a lost connection counts against the breaker,
-    /// an answer (even an engine error) for it.
+    /// Whether reads of `key`'s object would find a shard marked down: its header's, or,
+    /// when this tier spreads records over every shard, any.
+    fn object_down(&self, key: &ChunkKey) -> bool {
+        self.health.is_down(self.shard(key).as_deref())
+            || (self.config.layout == RecordLayout::PerLayer && self.health.shards_down() > 0)
+    }
+
+    /// Runs one engine call on the request path whose keys share `route`'s hash tag
+    /// (`None`: no key) under the breaker of the shard serving it and a deadline for `bytes`
+    /// bytes ([`Health::deadline`]); a timeout or a lost connection counts against the
+    /// breaker, an answer (even an engine error) for it.
     async fn call<T>(
         &self,
-        key: Option<&ChunkKey>,
+        route: Option<&str>,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        self.call_within(None, key, bytes, fut).await
+        self.call_within(None, route, bytes, fut).await
     }
 
     /// [`Inner::call`] for a write off the request path: its deadline is the upper bound
     /// (a slow write costs no request time; abandoning it wastes the work done).
     async fn call_off_path<T>(
         &self,
-        key: &ChunkKey,
+        route: &str,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        self.call_within(Some(self.config.op_timeout_max), Some(key), bytes, fut)
+        self.call_within(Some(self.config.op_timeout_max), Some(route), bytes, fut)
             .await
     }
 
     async fn call_within<T>(
         &self,
         deadline: Option<Duration>,
-        key: Option<&ChunkKey>,
+        route: Option<&str>,
         bytes: usize,
         fut: impl Future<Output = std::result::Result<T, RemoteError>>,
     ) -> std::result::Result<T, RemoteError> {
-        let shard = key.and_then(|k| self.shard(k));
+        let shard = route.and_then(|k| self.store.shard(k));
         let breaker = self.health.breaker(shard.as_deref());
         let global = self.health.global();
         let allowed = match shard {
@@ -454,12 +469,14 @@ impl Inner {
             return None;
         }
         let names = ObjectNames::new(&self.ns, key);
+        let header_key = names.header();
         let t = Instant::now();
         let got = self
             .call(
-                Some(key),
+                Some(&header_key),
                 0,
-                self.store.get_touch(&[names.header()], self.config.ttl),
+                self.store
+                    .get_touch(std::slice::from_ref(&header_key), self.config.ttl),
             )
             .await;
         let value = match got {
@@ -480,7 +497,7 @@ impl Inner {
             return None;
         };
         match parse_envelope(&bytes, key) {
-            Ok((header, stripe_bytes)) => {
+            Ok((header, placement)) => {
                 if header.codec.is_lossy() && !self.config.serve_lossy {
                     tracing::debug!(%key, codec = %header.codec, "remote tier: lossy object not served");
                     TierStats::add(&self.stats.misses, 1);
@@ -490,7 +507,11 @@ impl Inner {
                 TierStats::add(&self.stats.hits, 1);
                 self.stats.hit_codec(header.codec);
                 self.stats.get_latency.record(t.elapsed());
-                let records = names.records(&bytes[names::ENVELOPE_LEN..], stripe_bytes);
+                let records = names.records(
+                    &bytes[names::ENVELOPE_LEN..],
+                    placement.stripe_bytes,
+                    placement.layout,
+                );
                 Some(Opened {
                     header: Arc::new(header),
                     records: Arc::new(records),
@@ -506,7 +527,7 @@ impl Inner {
                 TierStats::add(&self.stats.checksum_failures, 1);
                 TierStats::add(&self.stats.misses, 1);
                 tracing::warn!(%key, error = %e, "remote tier: header failed verification; unlinked, a miss");
-                self.forget(key, vec![names.header()]).await;
+                self.forget(key, vec![header_key]).await;
                 None
             }
         }
@@ -516,7 +537,8 @@ impl Inner {
     async fn forget(&self, key: &ChunkKey, keys: Vec<String>) {
         self.absent.insert(*key, ());
         self.present.invalidate(key);
-        if let Err(e) = self.call(Some(key), 0, self.store.delete(&keys)).await {
+        let route = ObjectNames::new(&self.ns, key).header();
+        if let Err(e) = self.call(Some(&route), 0, self.store.delete(&keys)).await {
             tracing::debug!(%key, error = %e, "remote tier: unlinking a bad object failed (its TTL removes it)");
         }
     }
@@ -577,7 +599,7 @@ impl Tier for RemoteTier {
 
     fn contains(&self, key: &ChunkKey) -> bool {
         let s = &self.0;
-        s.present.contains_key(key) && !s.health.is_down(s.shard(key).as_deref())
+        s.present.contains_key(key) && !s.object_down(key)
     }
 
     async fn probe(&self, key: &ChunkKey) -> bool {
@@ -591,7 +613,7 @@ impl Tier for RemoteTier {
         }
         let t = Instant::now();
         let header = ObjectNames::new(&s.ns, key).header();
-        match s.call(Some(key), 0, s.store.exists(&header)).await {
+        match s.call(Some(&header), 0, s.store.exists(&header)).await {
             Ok(true) => {
                 s.health.record_rtt(t.elapsed());
                 s.present.insert(*key, ());
@@ -662,7 +684,7 @@ impl Tier for RemoteTier {
             // lossy values are never encoded again; a present object needs no write
             return Ok(PutOutcome::default());
         }
-        if s.health.is_down(s.shard(obj.key()).as_deref()) {
+        if s.object_down(obj.key()) {
             TierStats::add(&s.counters.dropped_puts, 1);
             return Ok(PutOutcome::default());
         }
@@ -679,14 +701,23 @@ impl Tier for RemoteTier {
         let s = &self.0;
         s.present.invalidate(key);
         let names = ObjectNames::new(&s.ns, key);
-        let mut keys = vec![names.header()];
-        let got = s.call(Some(key), 0, s.store.get(&[names.header()])).await;
+        let header_key = names.header();
+        let mut keys = vec![header_key.clone()];
+        let got = s
+            .call(
+                Some(&header_key),
+                0,
+                s.store.get(std::slice::from_ref(&header_key)),
+            )
+            .await;
         let existed = match got {
             Ok(mut v) => match v.pop().flatten() {
                 Some(b) => {
-                    if let Ok((h, stripe)) = parse_envelope(&b, key) {
-                        keys = names.records(&b[names::ENVELOPE_LEN..], stripe).all(&h);
-                        keys.push(names.header());
+                    if let Ok((h, p)) = parse_envelope(&b, key) {
+                        keys = names
+                            .records(&b[names::ENVELOPE_LEN..], p.stripe_bytes, p.layout)
+                            .all(&h);
+                        keys.push(header_key.clone());
                     }
                     true
                 }
@@ -698,7 +729,7 @@ impl Tier for RemoteTier {
             }
         };
         s.absent.insert(*key, ());
-        if let Err(e) = s.call(Some(key), 0, s.store.delete(&keys)).await {
+        if let Err(e) = s.call(Some(&header_key), 0, s.store.delete(&keys)).await {
             tracing::warn!(%key, error = %e, "remote tier: unlinking failed (the remote may still serve it until its TTL)");
             return Ok(false);
         }

@@ -57,7 +57,7 @@ impl Inner {
             .ok_or(Fail::Call(RemoteError::Down))?;
         let parts = self
             .call(
-                Some(&header.info.key),
+                keys.first().map(String::as_str),
                 len,
                 self.store.get_touch(&keys, self.config.ttl),
             )

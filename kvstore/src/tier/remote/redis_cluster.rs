@@ -1,8 +1,10 @@
 //! The Redis Cluster backend of the remote tier (Valkey speaks the same protocol), on the
 //! `redis` crate's cluster-async client.
 //!
-//! Every call of [`RemoteStore`] touches keys of one hash tag (one object), so a call is one
-//! pipeline to one shard. The client follows `MOVED`/`ASK` redirections and refreshes its
+//! A call's keys are pipelined per cluster slot (Redis refuses a pipeline that crosses
+//! slots): the tier's reads and writes name one hash tag each, so they are one pipeline to
+//! one shard; an object's deletion or refresh may span tags and goes out as one pipeline
+//! per slot, at once. The client follows `MOVED`/`ASK` redirections and refreshes its
 //! slot map after a failover; its own retries are kept few and short, because the tier
 //! bounds every call by a deadline and would rather recompute than wait.
 
@@ -158,6 +160,76 @@ impl RedisCluster {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(conns[i % conns.len()].clone())
     }
+
+    /// One value per key, the command for each built by `cmd`: a pipeline per slot, all at
+    /// once, the values back in the keys' order.
+    async fn read(
+        &self,
+        keys: &[String],
+        cmd: impl Fn(&mut redis::Pipeline, &str),
+    ) -> Result<Vec<Option<Bytes>>, RemoteError> {
+        let groups = by_slot(keys.iter().map(String::as_str));
+        let calls = groups.iter().map(|g| {
+            let mut p = redis::pipe();
+            for &i in g {
+                cmd(&mut p, &keys[i]);
+            }
+            async move {
+                let mut c = self.conn().await?;
+                p.query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                    .await
+                    .map_err(engine)
+            }
+        });
+        let replies = futures_util::future::try_join_all(calls).await?;
+        let mut out = vec![None; keys.len()];
+        for (g, vals) in groups.iter().zip(replies) {
+            if vals.len() != g.len() {
+                return Err(RemoteError::Engine(format!(
+                    "{} replies to {} reads",
+                    vals.len(),
+                    g.len()
+                )));
+            }
+            for (&i, v) in g.iter().zip(vals) {
+                out[i] = v.map(Bytes::from);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commands with no reply to keep, the one for key `i` built by `cmd`: a pipeline per
+    /// slot, all at once.
+    async fn write<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a str>,
+        cmd: impl Fn(&mut redis::Pipeline, usize),
+    ) -> Result<(), RemoteError> {
+        let calls = by_slot(keys).into_iter().map(|g| {
+            let mut p = redis::pipe();
+            for i in g {
+                cmd(&mut p, i);
+            }
+            async move {
+                let mut c = self.conn().await?;
+                p.query_async::<()>(&mut c).await.map_err(engine)
+            }
+        });
+        futures_util::future::try_join_all(calls).await.map(|_| ())
+    }
+}
+
+/// The indices of `keys` grouped by cluster slot, each group in the keys' order.
+fn by_slot<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, k) in keys.enumerate() {
+        let slot = slot_of(k);
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, g)) => g.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
 }
 
 fn engine(e: redis::RedisError) -> RemoteError {
@@ -177,13 +249,10 @@ impl RemoteStore for RedisCluster {
     }
 
     async fn get(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, RemoteError> {
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
-        for k in keys {
+        self.read(keys, |p, k| {
             p.get(k);
-        }
-        let v: Vec<Option<Vec<u8>>> = p.query_async(&mut c).await.map_err(engine)?;
-        Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
+        })
+        .await
     }
 
     /// `GETEX key EX ttl` per key, pipelined: the read and the refresh in one command
@@ -193,21 +262,17 @@ impl RemoteStore for RedisCluster {
         keys: &[String],
         ttl: Duration,
     ) -> Result<Vec<Option<Bytes>>, RemoteError> {
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
         let ttl_s = ttl.as_secs().max(1);
-        for k in keys {
+        self.read(keys, |p, k| {
             p.cmd("GETEX").arg(k).arg("EX").arg(ttl_s);
-        }
-        let v: Vec<Option<Vec<u8>>> = p.query_async(&mut c).await.map_err(engine)?;
-        Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
+        })
+        .await
     }
 
     async fn set_nx(&self, items: &[(String, Bytes)], ttl: Duration) -> Result<(), RemoteError> {
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
         let ttl_s = ttl.as_secs().max(1);
-        for (k, v) in items {
+        self.write(items.iter().map(|(k, _)| k.as_str()), |p, i| {
+            let (k, v) = &items[i];
             p.cmd("SET")
                 .arg(k)
                 .arg(v.as_ref())
@@ -215,8 +280,8 @@ impl RemoteStore for RedisCluster {
                 .arg("EX")
                 .arg(ttl_s)
                 .ignore();
-        }
-        p.query_async::<()>(&mut c).await.map_err(engine)
+        })
+        .await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, RemoteError> {
@@ -230,15 +295,10 @@ impl RemoteStore for RedisCluster {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), RemoteError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
-        for k in keys {
-            p.cmd("UNLINK").arg(k).ignore();
-        }
-        p.query_async::<()>(&mut c).await.map_err(engine)
+        self.write(keys.iter().map(String::as_str), |p, i| {
+            p.cmd("UNLINK").arg(&keys[i]).ignore();
+        })
+        .await
     }
 
     fn shard(&self, key: &str) -> Option<String> {
@@ -264,15 +324,11 @@ impl RemoteStore for RedisCluster {
     }
 
     async fn expire(&self, keys: &[String], ttl: Duration) -> Result<(), RemoteError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
-        for k in keys {
-            p.cmd("EXPIRE").arg(k).arg(ttl.as_secs().max(1)).ignore();
-        }
-        p.query_async::<()>(&mut c).await.map_err(engine)
+        let ttl_s = ttl.as_secs().max(1);
+        self.write(keys.iter().map(String::as_str), |p, i| {
+            p.cmd("EXPIRE").arg(&keys[i]).arg(ttl_s).ignore();
+        })
+        .await
     }
 }
 
@@ -294,5 +350,13 @@ mod tests {
             "empty tag: whole key"
         );
         assert_eq!(slot_of("a{b}c"), slot_of("b"));
+    }
+
+    #[test]
+    fn keys_group_by_slot_in_order() {
+        let keys = ["{a}1", "{b}1", "{a}2", "{c}1", "{b}2"];
+        let g = by_slot(keys.iter().copied());
+        assert_eq!(g, vec![vec![0, 2], vec![1, 4], vec![3]]);
+        assert!(by_slot(std::iter::empty()).is_empty());
     }
 }

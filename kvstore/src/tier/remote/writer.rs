@@ -6,10 +6,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::Inner;
-use super::names::{ObjectNames, envelope};
+use super::names::{ObjectNames, RecordLayout, Records, envelope};
 use crate::key::ChunkKey;
 use crate::object::KvObject;
 use crate::stats::TierStats;
@@ -36,7 +37,8 @@ pub(super) async fn writer(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver
 
 impl Inner {
     /// Writes `obj` (called by the writer task): skipped when this process knows the remote
-    /// has it, records in pipelines of about `stripe_bytes` (at least 1 MiB), the header last.
+    /// has it, records in pipelines of about `stripe_bytes` (at least 1 MiB) that never mix
+    /// hash tags, the header last.
     async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
         let key = *obj.key();
         let names = ObjectNames::new(&self.ns, &key);
@@ -62,34 +64,23 @@ impl Inner {
         };
         let t = Instant::now();
         let stripe = self.config.stripe_bytes;
-        let records = names.records(&enc.header_bytes, stripe);
-        // one pipeline carries about one stripe (at least 1 MiB): small records batch
-        // together, and what a write keeps in flight (and in the engine's replication
-        // buffers) stays bounded
-        let batch_limit = stripe.max(1 << 20);
-        let mut batch: Vec<(String, Bytes)> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut stored = enc.header_bytes.len() as u64;
-        for (l, rec) in enc.records.iter().enumerate() {
-            stored += rec.len() as u64;
-            for (s, k) in records.stripes(l, rec.len()).into_iter().enumerate() {
-                let lo = (s * stripe).min(rec.len());
-                let hi = ((s + 1) * stripe).min(rec.len());
-                batch_bytes += hi - lo;
-                batch.push((k, rec.slice(lo..hi)));
-                if batch_bytes >= batch_limit {
-                    let items = std::mem::take(&mut batch);
-                    if !self.set(&key, &items, batch_bytes).await {
-                        return;
-                    }
-                    batch_bytes = 0;
-                }
+        let layout = self.config.layout;
+        let records = names.records(&enc.header_bytes, stripe, layout);
+        let stored =
+            enc.header_bytes.len() as u64 + enc.records.iter().map(|r| r.len() as u64).sum::<u64>();
+        // records first, `window` pipelines in flight (per layer, they go to every shard at
+        // once); the first failure stops the write before its header
+        let calls = pipelines(&records, &enc.records, stripe.max(1 << 20));
+        let mut sets = futures_util::stream::iter(calls)
+            .map(|(items, bytes)| async move { self.set(&key, &items, bytes).await })
+            .buffer_unordered(self.config.window.max(1));
+        while let Some(ok) = sets.next().await {
+            if !ok {
+                return;
             }
         }
-        if !batch.is_empty() && !self.set(&key, &batch, batch_bytes).await {
-            return;
-        }
-        let env = Bytes::from(envelope(&enc.header_bytes, stripe));
+        drop(sets);
+        let env = Bytes::from(envelope(&enc.header_bytes, stripe, layout));
         if !self.set(&key, &[(names.header(), env)], 0).await {
             return;
         }
@@ -100,13 +91,17 @@ impl Inner {
         self.stats.put_latency.record(t.elapsed());
     }
 
-    /// One `SET NX` pipeline of a write; false (counted, logged) when it failed.
+    /// One `SET NX` pipeline of a write (its keys share a hash tag); false (counted,
+    /// logged) when it failed.
     async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
         let Some(_budget) = self.budget_share(&self.write_budget, bytes).await else {
             return false;
         };
+        let Some((route, _)) = items.first() else {
+            return true;
+        };
         match self
-            .call_off_path(key, bytes, self.store.set_nx(items, self.config.ttl))
+            .call_off_path(route, bytes, self.store.set_nx(items, self.config.ttl))
             .await
         {
             Ok(()) => true,
@@ -115,6 +110,94 @@ impl Inner {
                 tracing::warn!(%key, error = %e, "remote tier: write failed; the object is not committed (its records expire)");
                 false
             }
+        }
+    }
+}
+
+/// The `SET` pipelines of an object's records: stripes in order, a new pipeline when the
+/// hash tag changes (per layer: every layer) or the pipeline holds `limit` bytes (small
+/// records batch together; what a write keeps in flight, and in the engine's replication
+/// buffers, stays bounded). Each with its bytes.
+fn pipelines(
+    records: &Records,
+    data: &[Bytes],
+    limit: usize,
+) -> Vec<(Vec<(String, Bytes)>, usize)> {
+    let stripe = records.stripe_bytes;
+    let mut out = Vec::new();
+    let mut batch: Vec<(String, Bytes)> = Vec::new();
+    let mut bytes = 0usize;
+    for (l, rec) in data.iter().enumerate() {
+        if records.layout == RecordLayout::PerLayer && !batch.is_empty() {
+            out.push((std::mem::take(&mut batch), std::mem::replace(&mut bytes, 0)));
+        }
+        for (s, k) in records.stripes(l, rec.len()).into_iter().enumerate() {
+            let lo = (s * stripe).min(rec.len());
+            let hi = ((s + 1) * stripe).min(rec.len());
+            bytes += hi - lo;
+            batch.push((k, rec.slice(lo..hi)));
+            if bytes >= limit {
+                out.push((std::mem::take(&mut batch), std::mem::replace(&mut bytes, 0)));
+            }
+        }
+    }
+    if !batch.is_empty() {
+        out.push((batch, bytes));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::ChunkKey;
+    use crate::tier::remote::names::ObjectNames;
+
+    fn tag(k: &str) -> &str {
+        &k[k.find('{').unwrap()..=k.find('}').unwrap()]
+    }
+
+    /// Every stripe is written once, a pipeline never mixes hash tags, small records batch
+    /// together in one shard and never across layers per layer.
+    #[test]
+    fn pipelines_keep_to_one_hash_tag() {
+        let names = ObjectNames::new("00", &ChunkKey([5; 32]));
+        let data: Vec<Bytes> = [10usize, 3, 0, 25]
+            .iter()
+            .map(|&n| Bytes::from(vec![1u8; n]))
+            .collect();
+        for (layout, calls) in [(RecordLayout::PerLayer, 5), (RecordLayout::OneShard, 3)] {
+            let records = names.records(&[7u8; 40], 8, layout);
+            let p = pipelines(&records, &data, 16);
+            let keys: Vec<&String> = p
+                .iter()
+                .flat_map(|(items, _)| items.iter().map(|(k, _)| k))
+                .collect();
+            let want: Vec<String> = data
+                .iter()
+                .enumerate()
+                .flat_map(|(l, d)| records.stripes(l, d.len()))
+                .collect();
+            assert_eq!(keys.len(), want.len(), "{layout}");
+            assert!(
+                keys.iter().zip(&want).all(|(a, b)| *a == b),
+                "{layout}: in order"
+            );
+            for (items, bytes) in &p {
+                assert!(
+                    items.iter().all(|(k, _)| tag(k) == tag(&items[0].0)),
+                    "{layout}: {items:?}"
+                );
+                assert_eq!(*bytes, items.iter().map(|(_, v)| v.len()).sum::<usize>());
+            }
+            assert_eq!(
+                p.len(),
+                calls,
+                "{layout}: {:?}",
+                p.iter().map(|(i, b)| (i.len(), *b)).collect::<Vec<_>>()
+            );
+            let total: usize = p.iter().map(|(_, b)| b).sum();
+            assert_eq!(total, 38);
         }
     }
 }
