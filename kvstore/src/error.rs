@@ -112,5 +112,36 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// Whether this is a tier refusing an object larger than its whole capacity (a tier of
+    /// 0 bytes, or one long chunk of a large model): it will never fit there, so callers
+    /// storing many such objects log it quietly instead of once per object.
+    pub fn never_fits(&self) -> bool {
+        matches!(self, Self::NoRoom { needed, capacity, .. } if needed > capacity)
+    }
+}
+
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_object_larger_than_the_tier_never_fits() {
+        let no_room = |needed, capacity| StoreError::NoRoom {
+            tier: "host".into(),
+            needed,
+            available: 0,
+            capacity,
+        };
+        assert!(no_room(10, 0).never_fits());
+        assert!(no_room(10, 9).never_fits());
+        assert!(
+            !no_room(10, 10).never_fits(),
+            "fits once others are evicted"
+        );
+        assert!(!StoreError::Invalid("x".into()).never_fits());
+    }
+}

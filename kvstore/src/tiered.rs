@@ -464,7 +464,11 @@ impl TieredStore {
                     if newly_dirty {
                         self.dirty.lock().remove(&key);
                     }
-                    tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
+                    if e.never_fits() {
+                        tracing::debug!(%key, tier = ?t.kind(), error = %e, "put skipped a tier it cannot fit");
+                    } else {
+                        tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
+                    }
                     Err(e)
                 }
             };

@@ -523,14 +523,23 @@ fn ttft(
 
     let dir = tempfile::tempdir()?;
     let _guard = rt.enter();
+    // `fallback`: a blender as a sidecar runs it (it may recompute, and a layer slower than
+    // the stall deadline is recomputed); without, one that measures the source it is given:
+    // it always loads, and waits for a slow link (a fresh blender's stall deadline assumes a
+    // fast tier, so a 3 MB layer over a 10 MB/s link would count as a stall)
     let blender = |store: Arc<TieredStore>, fallback: bool| {
-        Blender::new(
+        let b = Blender::new(
             Arc::clone(&model),
             identity.clone(),
             store,
             rt.handle().clone(),
         )
-        .with_fallback_to_full(fallback)
+        .with_fallback_to_full(fallback);
+        if fallback {
+            b
+        } else {
+            b.with_stall_floor(Duration::from_secs(120))
+        }
     };
     let no_promote = |c: StoreConfig| StoreConfig {
         promote_on_hit: false,

@@ -139,6 +139,9 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
         let bytes = obj.layout().object_bytes(tokens);
         match b.rt.block_on(b.store.put(obj, cost_s)) {
             Ok(()) => stored.push(StoredObject { key, tokens, bytes }),
+            Err(e) if e.never_fits() => {
+                tracing::debug!(%key, error = %e, "a computed chunk is larger than the store's tier")
+            }
             Err(e) => tracing::warn!(%key, error = %e, "storing a computed chunk failed"),
         }
     }

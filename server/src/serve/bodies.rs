@@ -181,25 +181,60 @@ fn busy() -> Response {
     resp
 }
 
-/// A response body of `bytes` that holds `share` until its last piece is handed to the
-/// connection (a KV export's memory stays counted while it is sent).
-pub(crate) fn budgeted_body(bytes: Bytes, share: Option<BudgetShare>) -> Body {
-    const PIECE: usize = 1 << 20;
-    let pieces: Vec<Bytes> = (0..bytes.len().div_ceil(PIECE))
-        .map(|i| bytes.slice(i * PIECE..((i + 1) * PIECE).min(bytes.len())))
-        .collect();
-    let stream = futures_util::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>)).chain(
-        futures_util::stream::once(async move {
+/// A response body of `parts`, one after another, that holds `share` until its last piece
+/// is handed to the connection (a KV export's memory stays counted while it is sent). Parts
+/// are sent in pieces of at most 1 MiB that share their memory: nothing is copied.
+pub(crate) fn budgeted_body(parts: Vec<Bytes>, share: Option<BudgetShare>) -> Body {
+    let stream = futures_util::stream::iter(pieces(parts).into_iter().map(Ok::<_, std::io::Error>))
+        .chain(futures_util::stream::once(async move {
             drop(share);
             Ok(Bytes::new())
-        }),
-    );
+        }));
     Body::from_stream(stream)
 }
+
+/// `parts` cut into pieces of at most [`PIECE`] bytes (slices of the parts, no copies);
+/// empty parts are left out.
+fn pieces(parts: Vec<Bytes>) -> Vec<Bytes> {
+    parts
+        .into_iter()
+        .flat_map(|p| {
+            (0..p.len().div_ceil(PIECE))
+                .map(move |i| p.slice(i * PIECE..((i + 1) * PIECE).min(p.len())))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Most bytes of one piece of a budgeted body.
+const PIECE: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pieces are slices of the parts (the export's object is not copied), in order, none
+    /// longer than a piece.
+    #[test]
+    fn pieces_are_slices_of_the_parts_in_order() {
+        let parts = vec![
+            Bytes::from(vec![1u8; 10]),
+            Bytes::new(),
+            Bytes::from((0..(2 * PIECE + 5)).map(|i| i as u8).collect::<Vec<_>>()),
+        ];
+        let p = pieces(parts.clone());
+        assert_eq!(p.len(), 1 + 3);
+        assert!(p.iter().all(|x| !x.is_empty() && x.len() <= PIECE));
+        let joined: Vec<u8> = p.iter().flat_map(|x| x.iter().copied()).collect();
+        let want: Vec<u8> = parts.iter().flat_map(|x| x.iter().copied()).collect();
+        assert_eq!(joined, want);
+        let big = &parts[2];
+        let inside = |x: &Bytes| {
+            let (a, b) = (big.as_ptr() as usize, x.as_ptr() as usize);
+            b >= a && b + x.len() <= a + big.len()
+        };
+        assert!(p[1..].iter().all(inside), "no copies");
+    }
 
     #[tokio::test]
     async fn a_share_waits_until_the_budget_has_room() {
@@ -221,7 +256,7 @@ mod tests {
         let budget = BodyBudget::new(2 * UNIT);
         let share = budget.share(2 * UNIT).await;
         let data = Bytes::from(vec![7u8; (1 << 20) + 5]);
-        let body = budgeted_body(data.clone(), share);
+        let body = budgeted_body(vec![data.clone()], share);
         assert_eq!(budget.units.available_permits(), 0);
         let sent = body.collect().await.unwrap().to_bytes();
         assert_eq!(sent, data);

@@ -188,9 +188,14 @@ pub(crate) async fn get_kv(
         ));
     };
     let share = Some(share);
-    let bytes = axum::body::Bytes::from(obj.encode(Codec::Raw)?.to_bytes());
-    let length = HeaderValue::from(bytes.len());
-    let mut resp = crate::serve::bodies::budgeted_body(bytes, share).into_response();
+    // the header, then the records: raw records are the object's own layer bytes, so the
+    // export holds no second copy of the object
+    let enc = obj.encode(Codec::Raw)?;
+    let mut parts = Vec::with_capacity(1 + enc.records.len());
+    parts.push(enc.header_bytes);
+    parts.extend(enc.records);
+    let length = HeaderValue::from(parts.iter().map(|p| p.len()).sum::<usize>());
+    let mut resp = crate::serve::bodies::budgeted_body(parts, share).into_response();
     resp.headers_mut().insert(header::CONTENT_LENGTH, length);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
