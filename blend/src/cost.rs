@@ -147,6 +147,12 @@ impl CostModel {
         lat + bytes as f64 / bw
     }
 
+    /// Whether `tier`'s load estimate rests on measurements: two loads measured (the first
+    /// is provisional, [`CostModel::record_load`]); before that it is a default guess.
+    pub fn load_is_measured(&self, tier: TierKind) -> bool {
+        self.inner.lock().loads.get(&tier).copied().unwrap_or(0) >= 2
+    }
+
     /// Seconds `bytes` take from `tier` when it is healthy: at the highest bandwidth measured
     /// (the default before any), no open latency. What stall deadlines are multiples of.
     pub fn healthy_load_s(&self, tier: TierKind, bytes: usize) -> f64 {

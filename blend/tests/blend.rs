@@ -616,6 +616,48 @@ fn never_slower_than_full_prefill() {
     assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
 }
 
+/// The first loads from a tier are planned with a guessed load time (its default
+/// bandwidth): measuring such a request as a sample of its mode would skew the correction
+/// that decides when a mode falls back to full prefill (a remote behind a slow link was sent
+/// to full prefill although loading it was 1.3× faster: BENCHMARKS.md §8). Once the tier is
+/// measured, requests are samples again.
+#[test]
+fn a_guessed_load_time_is_no_sample_of_the_mode() {
+    let s = setup_with(tiny("qwen2"), true);
+    let b = &s.blender;
+    let r = req(
+        vec![],
+        vec![toks(80, 40, 512)],
+        toks(81, 4, 512),
+        Mode::Reuse,
+    );
+    b.precompute(b"", &toks(82, 40, 512)).unwrap(); // a prefill measured
+    b.precompute(b"", &r.chunks[0]).unwrap();
+    let probe = 0.5;
+    for run in 0..2 {
+        assert!(!b.costs().load_is_measured(TierKind::HOST), "run {run}");
+        let out = b.run(b"", &r).unwrap();
+        assert_eq!(
+            (out.stats.mode, out.stats.hits_host),
+            ("reuse", 1),
+            "run {run}"
+        );
+        assert_eq!(
+            b.costs().mode_s(PlannedMode::Reuse, probe),
+            probe,
+            "run {run}: no sample from a guessed load time"
+        );
+    }
+    assert!(b.costs().load_is_measured(TierKind::HOST));
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.hits_host, 1);
+    assert_ne!(
+        b.costs().mode_s(PlannedMode::Reuse, probe),
+        probe,
+        "measured: a sample"
+    );
+}
+
 #[test]
 fn bad_requests_are_rejected() {
     let s = setup(tiny("llama"));

@@ -30,7 +30,7 @@ use kvquilt::model_source::ModelArgs;
 use kvquilt_blend::{BlendRequest, Blender, Mode, SegmentSource};
 use kvquilt_kvstore::{
     KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, RopeScalingSpec,
-    SsdConfig, StoreConfig, Tier, TieredStore,
+    SsdConfig, StoreConfig, Tier, TierKind, TieredStore,
 };
 use serde::Serialize;
 
@@ -447,6 +447,15 @@ fn choice(
         || o.stats
             .segments
             .contains(&SegmentSource::RecomputedForSpeed);
+    // what it weighed (its own estimates after that traffic), so a wrong choice shows why
+    let tokens: usize = req.chunks.iter().map(Vec::len).sum();
+    let bytes = chooser.codec(b"").layout().object_bytes(tokens) as usize;
+    let costs = chooser.costs();
+    eprintln!(
+        "  cost model after its traffic: load {:.1} ms vs prefill {:.1} ms of {tokens} tokens",
+        costs.load_s(TierKind::REMOTE, bytes) * 1e3,
+        costs.prefill_s(tokens).unwrap_or(f64::NAN) * 1e3
+    );
     Ok(if recomputed { "recompute" } else { "load" })
 }
 

@@ -82,6 +82,10 @@ pub(crate) struct Entry<'a> {
     /// Loaded although recomputing was estimated faster, to measure its tier
     /// ([`CostModel::explore`]).
     pub(crate) explores: bool,
+    /// Loaded from a store tier whose load estimate is still a guess
+    /// ([`CostModel::load_is_measured`]): the request's estimate is no basis for
+    /// correcting the mode's estimates ([`Plan::estimate_is_guess`]).
+    pub(crate) guessed: bool,
 }
 
 impl<'a> Entry<'a> {
@@ -102,6 +106,7 @@ impl<'a> Entry<'a> {
         let bytes = usize::try_from(layout.object_bytes(tokens.len())).unwrap_or(usize::MAX);
         let recompute_s = costs.prefill_s(tokens.len());
         let mut explores = false;
+        let guessed = matches!(held, Some(Held::Store(t)) if !costs.load_is_measured(t));
         let (origin, cost_s) = match held {
             Some(Held::Device) => (Origin::Device, costs.load_s(TierKind::GPU, bytes)),
             Some(Held::Store(tier)) => {
@@ -124,12 +129,14 @@ impl<'a> Entry<'a> {
             Origin::Compute(why) if in_pass => (Origin::InPass(why), 0.0),
             _ => (origin, cost_s),
         };
+        let guessed = guessed && matches!(origin, Origin::Load(_));
         Self {
             key,
             tokens,
             origin,
             cost_s,
             explores,
+            guessed,
         }
     }
 }
@@ -231,6 +238,13 @@ impl<'a> Plan<'a> {
         let m = (self.in_pass_tokens() as f64 / cached as f64).min(1.0);
         let share = m + (1.0 - m) * recompute_share;
         Some(self.estimate_s() + share * full_s + suffix_s)
+    }
+
+    /// Whether the plan's estimate rests on a guessed load time (a store tier not yet
+    /// measured twice): such a request is not recorded as a sample of its mode, or its
+    /// guess would skew the mode's correction ([`CostModel::mode_s`]) for the requests after.
+    pub(crate) fn estimate_is_guess(&self) -> bool {
+        self.entries.iter().any(|e| e.guessed)
     }
 
     /// Whether the request should run as full prefill: never slower than full prefill.

@@ -31,7 +31,8 @@ pub(super) struct Assembly<'r> {
     /// The request's mode, as the cost model knows it.
     mode: PlannedMode,
     /// What the plan estimated the request to take to its first token (`None` before any
-    /// prefill was measured); its measured time corrects such estimates.
+    /// prefill was measured, or when it rests on a guessed load time); its measured time
+    /// corrects such estimates.
     estimate_s: Option<f64>,
 }
 
@@ -105,7 +106,8 @@ pub(super) fn prepare<'r>(
         sources,
         stats,
         mode,
-        estimate_s,
+        // a guessed load time makes no sample of the mode's correction
+        estimate_s: estimate_s.filter(|_| !plan.estimate_is_guess()),
     })))
 }
 
