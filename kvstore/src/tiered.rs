@@ -417,7 +417,10 @@ impl TieredStore {
     ///
     /// `Ok` means the last local tier written holds the object (the SSD tier when written
     /// through: durable); an error means no tier answers for it as a result of this call.
-    /// A remote tier is handed the object too, but writes it off the request path.
+    /// A tier smaller than the object (it can never hold it: `ssd_bytes = 0`, a long chunk
+    /// of a large model) is skipped rather than failing the put; when no tier can hold it
+    /// and no remote is handed it, that is the error. A remote tier is handed the object
+    /// too, but writes it off the request path.
     pub async fn put(&self, obj: KvObject, cost_s: f64) -> Result<()> {
         let obj = Arc::new(obj);
         let key = *obj.key();
@@ -431,6 +434,10 @@ impl TieredStore {
         let newly_dirty = write_back && self.dirty.lock().insert(key);
         let mut written = Vec::new();
         let mut last = Ok(());
+        // a tier the object can never fit (smaller than the object: `ssd_bytes = 0`, a long
+        // chunk of a large model) is skipped, not a failure: the others still hold it
+        let mut never_fit = None;
+        let (mut accepted, mut to_remote) = (false, false);
         for (i, t) in targets.iter().enumerate() {
             if i > 0 && t.read_only() {
                 // a read-only tier serves what it holds: the object stays in the tiers
@@ -443,13 +450,17 @@ impl TieredStore {
                 if last.is_err() {
                     continue;
                 }
-                if let Err(e) = t.put(Arc::clone(&obj), cost_s).await {
-                    tracing::debug!(%key, tier = %t.kind(), error = %e, "remote put not queued");
+                match t.put(Arc::clone(&obj), cost_s).await {
+                    Ok(_) => to_remote = true,
+                    Err(e) => {
+                        tracing::debug!(%key, tier = %t.kind(), error = %e, "remote put not queued")
+                    }
                 }
                 continue;
             }
             last = match t.put(Arc::clone(&obj), cost_s).await {
                 Ok(out) => {
+                    accepted = true;
                     if newly_dirty && !out.written {
                         // already held: whoever stored it owns its dirtiness
                         self.dirty.lock().remove(&key);
@@ -460,18 +471,29 @@ impl TieredStore {
                     self.demote(&out.evicted).await;
                     Ok(())
                 }
+                Err(e) if e.never_fits() => {
+                    tracing::debug!(%key, tier = ?t.kind(), error = %e, "put skipped a tier it cannot fit");
+                    never_fit.get_or_insert(e);
+                    continue;
+                }
                 Err(e) => {
                     if newly_dirty {
                         self.dirty.lock().remove(&key);
                     }
-                    if e.never_fits() {
-                        tracing::debug!(%key, tier = ?t.kind(), error = %e, "put skipped a tier it cannot fit");
-                    } else {
-                        tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
-                    }
+                    tracing::warn!(%key, tier = ?t.kind(), error = %e, "put failed");
                     Err(e)
                 }
             };
+        }
+        if !accepted
+            && !to_remote
+            && let Some(e) = never_fit
+        {
+            // no tier holds it nor will
+            if newly_dirty {
+                self.dirty.lock().remove(&key);
+            }
+            return Err(e);
         }
         // The put stands or falls with the last tier written (the durable one, written
         // through): a faster tier without room is only a slower first hit, but copies of an

@@ -5,7 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{Tmpfs, layout, object};
-use kvquilt_kvstore::{Codec, KvDType, Pin, Pins, SsdConfig, SsdTier, StoreError, Tier};
+use kvquilt_kvstore::{
+    Codec, KvDType, Pin, Pins, SsdConfig, SsdTier, StoreConfig, StoreError, Tier, TierKind,
+    TieredStore,
+};
 
 fn config(dir: &std::path::Path, capacity: u64, codec: Codec) -> SsdConfig {
     SsdConfig {
@@ -293,4 +296,40 @@ fn full_disk_child() {
     let o = rt.block_on(fill_until_full(std::path::PathBuf::from(dir).join("db")));
     assert!(o.written > 0 && o.disk_full, "{}", o.error);
     println!("FULL-DISK-OK");
+}
+
+/// A tier the object can never fit is skipped, not a failed put: with `ssd_bytes = 0` the
+/// host tier keeps what is stored (before, the SSD's refusal failed every put and removed
+/// the host's copy, so such a store held nothing); with a host of 0 bytes the SSD holds it;
+/// and an object no tier can hold is still an error.
+#[tokio::test]
+async fn a_tier_too_small_for_an_object_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = object(1, 40, layout(KvDType::F32, 4));
+    let no_ssd = TieredStore::open(StoreConfig::with_ssd(
+        1 << 20,
+        config(&dir.path().join("a"), 0, Codec::Raw),
+    ))
+    .unwrap();
+    no_ssd.put(o.clone(), 1.0).await.unwrap();
+    assert_eq!(no_ssd.locate(o.key()), Some(TierKind::HOST));
+    let (got, tier) = no_ssd.get(o.key()).await.unwrap().unwrap();
+    assert_eq!((got.layers(), tier), (o.layers(), TierKind::HOST));
+
+    let no_host = TieredStore::open(StoreConfig::with_ssd(
+        0,
+        config(&dir.path().join("b"), 1 << 30, Codec::Raw),
+    ))
+    .unwrap();
+    no_host.put(o.clone(), 1.0).await.unwrap();
+    assert_eq!(no_host.locate(o.key()), Some(TierKind::SSD));
+
+    let nothing = TieredStore::open(StoreConfig::with_ssd(
+        0,
+        config(&dir.path().join("c"), 0, Codec::Raw),
+    ))
+    .unwrap();
+    let e = nothing.put(o.clone(), 1.0).await.unwrap_err();
+    assert!(e.never_fits(), "{e}");
+    assert_eq!(nothing.locate(o.key()), None);
 }
