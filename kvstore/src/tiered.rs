@@ -406,7 +406,12 @@ impl TieredStore {
             let Some(obj) = obj else { continue };
             for t in &self.tiers[1..] {
                 if let Err(e) = t.put(Arc::clone(obj), 0.0).await {
-                    tracing::warn!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object failed; it is lost from this tier");
+                    if t.is_remote() || e.never_fits() {
+                        // a remote that is down or busy counts its dropped puts itself
+                        tracing::debug!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object skipped this tier");
+                    } else {
+                        tracing::warn!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object failed; it is lost from this tier");
+                    }
                 }
             }
         }
@@ -438,6 +443,8 @@ impl TieredStore {
         // chunk of a large model) is skipped, not a failure: the others still hold it
         let mut never_fit = None;
         let (mut accepted, mut to_remote) = (false, false);
+        // why a remote did not take the object (down, queue full)
+        let mut remote_refused = None;
         for (i, t) in targets.iter().enumerate() {
             if i > 0 && t.read_only() {
                 // a read-only tier serves what it holds: the object stays in the tiers
@@ -453,7 +460,8 @@ impl TieredStore {
                 match t.put(Arc::clone(&obj), cost_s).await {
                     Ok(_) => to_remote = true,
                     Err(e) => {
-                        tracing::debug!(%key, tier = %t.kind(), error = %e, "remote put not queued")
+                        tracing::debug!(%key, tier = %t.kind(), error = %e, "remote put not queued");
+                        remote_refused.get_or_insert(e);
                     }
                 }
                 continue;
@@ -487,9 +495,9 @@ impl TieredStore {
         }
         if !accepted
             && !to_remote
-            && let Some(e) = never_fit
+            && let Some(e) = remote_refused.or(never_fit)
         {
-            // no tier holds it nor will
+            // no tier holds it nor will (a remote's refusal says more than a tier too small)
             if newly_dirty {
                 self.dirty.lock().remove(&key);
             }

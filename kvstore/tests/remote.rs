@@ -307,12 +307,23 @@ async fn a_remote_down_at_start_costs_nothing() {
     assert_eq!(t.breaker(), BreakerState::Open, "after {probes} probes");
     let t2 = Instant::now();
     assert!(t.reader(obj.key()).await.unwrap().is_none());
-    t.put(Arc::new(obj.clone()), 1.0).await.unwrap();
+    // the put is refused, not acknowledged: a store with no local room says so
+    let e = t.put(Arc::new(obj.clone()), 1.0).await.unwrap_err();
+    assert!(e.to_string().contains("marked down"), "{e}");
     assert!(
         t2.elapsed() < Duration::from_millis(20),
         "open breaker: no waiting"
     );
     assert_eq!(extra(&t, "dropped_puts"), 1);
+    // a remote-only store (no room in its local tiers) fails the put instead of saying
+    // "stored" (found by a probe of remote-only sidecars)
+    let remote_only = TieredStore::builder(StoreConfig::host_only(0))
+        .unwrap()
+        .tier(Arc::new(t.clone()))
+        .build();
+    let e = remote_only.put(obj.clone(), 1.0).await.unwrap_err();
+    assert!(e.to_string().contains("marked down"), "{e}");
+    assert_eq!(extra(&t, "dropped_puts"), 2);
     assert!(extra(&t, "breaker_opens") >= 1);
 }
 

@@ -52,6 +52,7 @@ async fn one_sidecar_stores_the_other_hits() {
         .json("POST", "/v1/chunks", None, json!({"chunks": DOCS}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["chunks"][0]["id"].as_str().unwrap().to_string();
     let on_a = blend(&a).await; // stores the prompt's prefix segment too
     let segments = on_a.stats.segments.len();
     assert_eq!(segments, 4, "{:?}", on_a.stats);
@@ -90,6 +91,30 @@ async fn one_sidecar_stores_the_other_hits() {
         text.contains("kvquilt_store_breaker_state{tier=\"remote\"} 0"),
         "{text}"
     );
+
+    // a chunk id A stored works on any sidecar of the cluster: a fresh one finds it on the
+    // remote and adopts it (found by a probe of remote-only sidecars: an id worked only on
+    // the sidecar that stored it, and not there after a restart)
+    let dd = tempfile::tempdir().unwrap();
+    let d = sidecar(dd.path(), &c.seeds);
+    let by_id = d
+        .blend(json!({"question": "When was the tower finished?", "chunks": [{"id": id}], "mode": "reuse"}))
+        .await;
+    assert_eq!(by_id.stats.hits_remote, 2, "{:?}", by_id.stats); // the prefix and the chunk
+    let (s, info) = d
+        .json("GET", &format!("/v1/chunks/{id}"), None, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{info}");
+    // an id no sidecar stored is still unknown
+    let (s, _) = d
+        .json(
+            "GET",
+            &format!("/v1/chunks/{}", "ab".repeat(32)),
+            None,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 
     // the cluster goes away: a third sidecar recomputes within its deadlines
     drop(c);

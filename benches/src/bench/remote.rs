@@ -4,7 +4,8 @@
 //!    `redis` crate at concurrency 1/4/16 (one request at a time per task), beside the
 //!    remote tier's put (queued, `EXISTS`, `SET NX` pipelines, header last) and read (header,
 //!    then every layer verified, a window in flight) of objects whose 8 layer records are
-//!    values of that size, on the same cluster: the same bytes in values of the same size.
+//!    values of that size, on the same cluster: the same bytes in values of the same size;
+//!    `--cell-rounds` rounds of raw and tier alternating, each rate the median of its rounds.
 //! 2. **Time to first token** of a `reuse` request over one chunk of 128–2,048 tokens and over
 //!    a 10-chunk RAG prompt (the default model on this machine), the chunks coming from the
 //!    host tier, the SSD tier (page cache warm), the remote tier, or recomputed (a miss);
@@ -58,6 +59,10 @@ pub struct RemoteBenchArgs {
     /// Megabytes moved per throughput cell (each direction).
     #[arg(long, default_value_t = 256)]
     cell_mb: usize,
+    /// Rounds per throughput cell, raw and tier alternating: each rate is the median of its
+    /// rounds (one run of a cell scatters by ±25% on a small machine).
+    #[arg(long, default_value_t = 3)]
+    cell_rounds: usize,
     /// Record layouts the tier's throughput is measured with (`per-layer`, `one-shard`),
     /// each beside the same raw run; the TTFT part uses the first.
     #[arg(long, value_delimiter = ',', default_value = "per-layer")]
@@ -221,6 +226,7 @@ pub(crate) fn run(a: RemoteBenchArgs) -> Result<()> {
                 c,
                 a.cell_mb << 20,
                 &a.record_layouts,
+                a.cell_rounds.max(1),
             ))?;
             for row in rows {
                 eprintln!(
@@ -298,6 +304,7 @@ async fn throughput(
     conc: usize,
     cell: usize,
     layouts: &[RecordLayout],
+    rounds: usize,
 ) -> Result<Vec<ThroughputRow>> {
     // the tier moves objects of 8 layer records of `value` bytes; raw moves as many values
     let objects = (cell / (8 * value)).max(conc).div_ceil(conc) * conc;
@@ -345,16 +352,27 @@ async fn throughput(
             Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64())
         }
     };
-    let set_s = run_raw(false).await?;
-    let get_s = run_raw(true).await?;
-    flushall(seeds).await?;
     let mb = |bytes: usize, s: f64| bytes as f64 / s / 1e6;
-    let (rs, rg) = (mb(value * ops, set_s), mb(value * ops, get_s));
-    let mut rows = Vec::new();
-    for &layout in layouts {
-        let (put_s, read_s, moved) = tier_throughput(seeds, value, conc, objects, layout).await?;
+    // rounds of raw then each layout, so that drift on the machine meets all of them alike;
+    // each rate is the median of its rounds
+    let (mut raw_set, mut raw_get) = (Vec::new(), Vec::new());
+    let mut tier: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); layouts.len()];
+    for _ in 0..rounds {
+        raw_set.push(mb(value * ops, run_raw(false).await?));
+        raw_get.push(mb(value * ops, run_raw(true).await?));
         flushall(seeds).await?;
-        let (tp, tg) = (mb(moved, put_s), mb(moved, read_s));
+        for (i, &layout) in layouts.iter().enumerate() {
+            let (put_s, read_s, moved) =
+                tier_throughput(seeds, value, conc, objects, layout).await?;
+            flushall(seeds).await?;
+            tier[i].0.push(mb(moved, put_s));
+            tier[i].1.push(mb(moved, read_s));
+        }
+    }
+    let (rs, rg) = (median(&raw_set), median(&raw_get));
+    let mut rows = Vec::new();
+    for (&layout, (puts, reads)) in layouts.iter().zip(&tier) {
+        let (tp, tg) = (median(puts), median(reads));
         rows.push(ThroughputRow {
             value_kib: value >> 10,
             concurrency: conc,

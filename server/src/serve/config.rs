@@ -247,6 +247,11 @@ impl RemoteSettings {
     /// The remote tier's config, `None` without seeds; values out of range are errors.
     pub fn config(&self, codecs: &CodecSettings) -> Result<Option<kvquilt_kvstore::RemoteConfig>> {
         use std::time::Duration;
+        // checked with or without seeds: a typo must not wait for the day seeds are added
+        let layout = self
+            .record_layout
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("store.remote.record_layout: {e}"))?;
         if self.seeds.is_empty() {
             return Ok(None);
         }
@@ -263,10 +268,7 @@ impl RemoteSettings {
             namespace: self.namespace.clone(),
             stripe_bytes: self.stripe_bytes,
             window: self.window,
-            layout: self
-                .record_layout
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("store.remote.record_layout: {e}"))?,
+            layout,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
             op_timeout_min: Duration::from_millis(self.op_timeout_min_ms),
             op_timeout_max: Duration::from_millis(self.op_timeout_max_ms),
@@ -571,6 +573,14 @@ impl Config {
         self.store.codecs.ssd_codec()?;
         self.store.codecs.host_codec()?;
         self.store.remote.config(&self.store.codecs)?;
+        if self.store.host_bytes == 0
+            && self.store.ssd_bytes == 0
+            && self.store.remote.seeds.is_empty()
+        {
+            bail!(
+                "store.host_bytes and store.ssd_bytes are both 0 and no [store.remote] seeds are set: no tier could keep a chunk (give one of them room)"
+            );
+        }
         Ok(())
     }
 }
@@ -712,6 +722,29 @@ mod tests {
             format!("{e:#}").contains("record_layout") && format!("{e:#}").contains("striped"),
             "{e:#}"
         );
+        // a typo is refused without seeds too (found by a probe: it waited for the seeds)
+        let e = parse("[store.remote]\nrecord_layout = \"per_layer\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("per_layer"), "{e:#}");
+    }
+
+    /// A store with no room anywhere and no remote would answer every upload with 507 and
+    /// keep nothing (found by a probe): refused at start.
+    #[test]
+    fn a_store_that_could_keep_nothing_is_refused() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        let e = parse("[store]\nhost_bytes = 0\nssd_bytes = 0\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("no tier could keep a chunk"), "{e}");
+        for ok in [
+            "[store]\nhost_bytes = 0\n",
+            "[store]\nssd_bytes = 0\n",
+            "[store]\nhost_bytes = 0\nssd_bytes = 0\n[store.remote]\nseeds = [\"127.0.0.1:7000\"]\n",
+        ] {
+            assert!(parse(ok).validate().is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -65,8 +65,16 @@ impl Shared {
     /// tenant's id costs what an id never stored costs: no timing oracle), and the id must
     /// be the tenant's own key of the object's tokens. Another tenant's id is "unknown",
     /// exactly like an id never stored.
+    ///
+    /// With a remote tier, chunks also come from other sidecars (and from this one before a
+    /// restart: the remote lists no keys at start): an id not known here is looked up, and
+    /// adopted when it is the tenant's own key of the stored tokens. Another tenant's id is
+    /// then still "unknown", but its lookup costs a remote read (ids are keys salted by the
+    /// tenant's secret namespace: one cannot be guessed, only leaked).
     pub async fn owned_info(&self, tenant: &Tenant, key: &ChunkKey) -> ApiResult<Option<Found>> {
-        if !tenant.owns(key) {
+        let known = tenant.owns(key);
+        let shared = self.blender.store().tiers().iter().any(|t| t.is_remote());
+        if !known && !shared {
             return Ok(None);
         }
         let Some(found) = self.blender.store().lookup(key).await? else {
@@ -75,6 +83,9 @@ impl Shared {
         let codec = self.blender.codec(&tenant.namespace);
         if codec.key(&found.info.tokens) != *key || found.info.layout != *codec.layout() {
             return Ok(None);
+        }
+        if !known {
+            tenant.add(*key, found.info.raw_len());
         }
         Ok(Some(found))
     }

@@ -686,13 +686,18 @@ impl Tier for RemoteTier {
         }
         if s.object_down(obj.key()) {
             TierStats::add(&s.counters.dropped_puts, 1);
-            return Ok(PutOutcome::default());
+            return Err(StoreError::Remote(
+                "remote tier marked down: the chunk was not written there".into(),
+            ));
         }
         s.pending.fetch_add(1, Relaxed);
         if s.queue.try_send(obj).is_err() {
             s.pending.fetch_sub(1, Relaxed);
             TierStats::add(&s.counters.dropped_puts, 1);
             tracing::debug!("remote tier: write queue full; put dropped");
+            return Err(StoreError::Remote(
+                "remote tier's write queue is full: the chunk was not written there".into(),
+            ));
         }
         Ok(PutOutcome::default())
     }

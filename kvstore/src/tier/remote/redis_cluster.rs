@@ -22,6 +22,8 @@ pub struct RedisCluster {
     client: ClusterClient,
     seeds: Vec<String>,
     connect_timeout: Duration,
+    /// The client's own bound on one reply (what a timeout it reports waited).
+    response_timeout: Duration,
     /// The connections once made, [`CONNECTIONS`] of them (each multiplexes the calls given
     /// to it: one TCP connection per node); empty until then, and connecting is tried again
     /// by the next call after a failure. Calls after that take no lock.
@@ -131,6 +133,7 @@ impl RedisCluster {
             client,
             seeds: seeds.to_vec(),
             connect_timeout,
+            response_timeout,
             conns: tokio::sync::OnceCell::new(),
             next: std::sync::atomic::AtomicUsize::new(0),
             slots: parking_lot::RwLock::new(Vec::new()),
@@ -178,7 +181,7 @@ impl RedisCluster {
                 let mut c = self.conn().await?;
                 p.query_async::<Vec<Option<Vec<u8>>>>(&mut c)
                     .await
-                    .map_err(engine)
+                    .map_err(|e| engine(e, self.response_timeout))
             }
         });
         let replies = futures_util::future::try_join_all(calls).await?;
@@ -212,7 +215,9 @@ impl RedisCluster {
             }
             async move {
                 let mut c = self.conn().await?;
-                p.query_async::<()>(&mut c).await.map_err(engine)
+                p.query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| engine(e, self.response_timeout))
             }
         });
         futures_util::future::try_join_all(calls).await.map(|_| ())
@@ -232,9 +237,10 @@ fn by_slot<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
     groups.into_iter().map(|(_, g)| g).collect()
 }
 
-fn engine(e: redis::RedisError) -> RemoteError {
+/// A client error as the tier's; a timeout is the client's own (`response_timeout`).
+fn engine(e: redis::RedisError, response_timeout: Duration) -> RemoteError {
     if e.is_timeout() {
-        RemoteError::Timeout(Duration::ZERO)
+        RemoteError::Timeout(response_timeout)
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         RemoteError::Unavailable(e.to_string())
     } else {
@@ -290,7 +296,7 @@ impl RemoteStore for RedisCluster {
             .arg(key)
             .query_async(&mut c)
             .await
-            .map_err(engine)?;
+            .map_err(|e| engine(e, self.response_timeout))?;
         Ok(n > 0)
     }
 
@@ -316,7 +322,7 @@ impl RemoteStore for RedisCluster {
             .arg("SLOTS")
             .query_async(&mut c)
             .await
-            .map_err(engine)?;
+            .map_err(|e| engine(e, self.response_timeout))?;
         let slots = parse_slots(&v)
             .ok_or_else(|| RemoteError::Engine("unexpected CLUSTER SLOTS reply".into()))?;
         *self.slots.write() = slots;
