@@ -114,8 +114,10 @@ pub struct ChunkStatus {
     /// The tier that held it (hits only).
     pub tier: Option<Tier>,
     /// Whether the chunk is held where it survives a restart (the SSD or remote tier).
-    /// False: in memory only (the sidecar has no SSD tier, or its data directory is
-    /// read-only). Absent in answers of older sidecars, which always wrote through: true.
+    /// False: not yet, or not here — in memory only (no SSD tier, or a read-only data
+    /// directory), or, on a sidecar without local room, only queued for the remote tier
+    /// (written there after the answer). Absent in answers of older sidecars, which always
+    /// wrote through: true.
     #[serde(default = "durable_by_default")]
     pub durable: bool,
 }

@@ -88,6 +88,9 @@ async fn one_process_stores_another_hits() {
     let (a, b) = (tier(&c, config()), tier(&c, config()));
     let obj = object(1, 40, lay(6));
     assert!(!b.probe(obj.key()).await, "not there yet");
+    // a remote that was asked and lacked it counts a miss (found by a probe: the remote's
+    // miss counter stayed 0 while requests missed)
+    assert_eq!(b.stats().misses, 1);
     put(&a, &obj).await;
     assert!(a.contains(obj.key()), "the writer knows");
     tokio::time::sleep(Duration::from_millis(250)).await; // b's negative entry expires

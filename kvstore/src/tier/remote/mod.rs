@@ -602,10 +602,13 @@ impl Tier for RemoteTier {
         s.present.contains_key(key) && !s.object_down(key)
     }
 
+    /// A `false` answer counts as a miss of this tier (a store asks the remote only for
+    /// what its local tiers lack, so each is a lookup the remote could not serve).
     async fn probe(&self, key: &ChunkKey) -> bool {
         let s = &self.0;
         if s.absent.contains_key(key) {
             TierStats::add(&s.counters.negative_hits, 1);
+            TierStats::add(&s.stats.misses, 1);
             return false;
         }
         if self.contains(key) {
@@ -622,9 +625,13 @@ impl Tier for RemoteTier {
             Ok(false) => {
                 s.health.record_rtt(t.elapsed());
                 s.absent.insert(*key, ());
+                TierStats::add(&s.stats.misses, 1);
                 false
             }
-            Err(_) => false,
+            Err(_) => {
+                TierStats::add(&s.stats.misses, 1);
+                false
+            }
         }
     }
 
