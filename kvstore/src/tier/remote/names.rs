@@ -258,12 +258,7 @@ pub fn parse_envelope(bytes: &Bytes, expected: &ChunkKey) -> Result<(ObjectHeade
 mod tests {
     use super::*;
 
-    /// The hash tag of `key`, as a cluster reads it: between the first `{` and the next `}`.
-    fn tag(key: &str) -> &str {
-        let open = key.find('{').unwrap();
-        let close = key[open..].find('}').unwrap();
-        &key[open + 1..open + close]
-    }
+    use crate::tier::remote::redis_cluster::hash_tag as tag;
 
     #[test]
     fn stripes_cover_a_record() {

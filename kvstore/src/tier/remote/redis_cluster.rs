@@ -38,20 +38,22 @@ pub struct RedisCluster {
 /// object's pipeline does not hold up the replies of every other call on one socket per node.
 const CONNECTIONS: usize = 4;
 
+/// What Redis Cluster hashes of `key`: the text between its first `{` and the next `}` when
+/// that is not empty (its hash tag), else the whole key.
+pub(super) fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.find('}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key)
+}
+
 /// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (or of the whole key when it
 /// has none) modulo 16384, as Redis Cluster computes it.
 pub(super) fn slot_of(key: &str) -> u16 {
-    let b = key.as_bytes();
-    let tag = b
-        .iter()
-        .position(|&c| c == b'{')
-        .and_then(|open| {
-            let rest = &b[open + 1..];
-            let close = rest.iter().position(|&c| c == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(b);
-    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
+    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key).as_bytes()) % 16384
 }
 
 /// Slot ranges from a `CLUSTER SLOTS` reply: `[start, end, [ip, port, ...], replicas...]`.

@@ -152,10 +152,7 @@ mod tests {
     use super::*;
     use crate::key::ChunkKey;
     use crate::tier::remote::names::ObjectNames;
-
-    fn tag(k: &str) -> &str {
-        &k[k.find('{').unwrap()..=k.find('}').unwrap()]
-    }
+    use crate::tier::remote::redis_cluster::hash_tag as tag;
 
     /// Every stripe is written once, a pipeline never mixes hash tags, small records batch
     /// together in one shard and never across layers per layer.
