@@ -126,7 +126,11 @@ impl RedisCluster {
         let client = builder
             .connection_timeout(connect_timeout)
             .response_timeout(response_timeout)
-            .retries(1)
+            // two: right after a failover a call meets the dead node (a reconnect) and then
+            // the MOVED that points at its replica; with one retry that redirect surfaced as
+            // an error and a recompute (seen by a probe). The tier's deadline bounds the whole
+            // call whatever the client retries.
+            .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(100)
             .build()
