@@ -63,6 +63,9 @@ pub struct RemoteBenchArgs {
     /// rounds (one run of a cell scatters by ±25% on a small machine).
     #[arg(long, default_value_t = 3)]
     cell_rounds: usize,
+    /// The tier's calls in flight per object (`[store.remote] window`) in the throughput part.
+    #[arg(long, default_value_t = RemoteConfig::default().window)]
+    window: usize,
     /// Record layouts the tier's throughput is measured with (`per-layer`, `one-shard`),
     /// each beside the same raw run; the TTFT part uses the first.
     #[arg(long, value_delimiter = ',', default_value = "per-layer")]
@@ -227,6 +230,7 @@ pub(crate) fn run(a: RemoteBenchArgs) -> Result<()> {
                 a.cell_mb << 20,
                 &a.record_layouts,
                 a.cell_rounds.max(1),
+                a.window.max(1),
             ))?;
             for row in rows {
                 eprintln!(
@@ -305,6 +309,7 @@ async fn throughput(
     cell: usize,
     layouts: &[RecordLayout],
     rounds: usize,
+    window: usize,
 ) -> Result<Vec<ThroughputRow>> {
     // the tier moves objects of 8 layer records of `value` bytes; raw moves as many values
     let objects = (cell / (8 * value)).max(conc).div_ceil(conc) * conc;
@@ -363,7 +368,7 @@ async fn throughput(
         flushall(seeds).await?;
         for (i, &layout) in layouts.iter().enumerate() {
             let (put_s, read_s, moved) =
-                tier_throughput(seeds, value, conc, objects, layout).await?;
+                tier_throughput(seeds, value, conc, objects, layout, window).await?;
             flushall(seeds).await?;
             tier[i].0.push(mb(moved, put_s));
             tier[i].1.push(mb(moved, read_s));
@@ -396,6 +401,7 @@ async fn tier_throughput(
     conc: usize,
     objects: usize,
     layout: RecordLayout,
+    window: usize,
 ) -> Result<(f64, f64, usize)> {
     // generous deadlines: this part measures throughput, not the handling of a slow remote
     let config = RemoteConfig {
@@ -404,6 +410,7 @@ async fn tier_throughput(
         op_timeout_min: Duration::from_secs(1),
         op_timeout_max: Duration::from_secs(30),
         layout,
+        window,
         ..RemoteConfig::default()
     };
     let tier = RemoteTier::redis(config, seeds, &[])?;
