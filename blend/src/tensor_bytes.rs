@@ -60,9 +60,10 @@ pub fn layer_from_bytes(
     Ok(LayerKv::new(k, v))
 }
 
-/// One layer of `tokens` tokens from its stored `record` of `codec`: an 8-bit codec's record
-/// is uploaded as it is (a quarter of f32's bytes, half of bf16's, across PCIe) and
-/// dequantised where the model runs (`kvquilt_model::dequant`: the kernel on CUDA, the
+/// One layer of `tokens` tokens from its stored `record` of `codec`: a record with a device
+/// layout (`CodecSpec::record_plan`: fp8, int8, KIVI, each without lz4) is uploaded as it is
+/// (8-bit: a quarter of f32's bytes, half of bf16's; KIVI-4 about an eighth and a quarter)
+/// and dequantised where the model runs (`kvquilt_model::dequant`: the kernel on CUDA, the
 /// same formula on the CPU); any other record is decoded on the CPU and uploaded decoded.
 pub fn layer_from_record(
     codec: Codec,
@@ -84,7 +85,7 @@ pub fn layer_from_record(
         },
     };
     let plan = codec
-        .scaled8(&shape)
+        .record_plan(&shape)
         .filter(|p| !device.is_cuda() || dequant::decodes_on_device(device, p));
     let Some(plan) = plan else {
         let raw = codec
@@ -97,7 +98,7 @@ pub fn layer_from_record(
         None => Tensor::from_raw_buffer(record, DType::U8, &[record.len()], device)?,
     };
     let kv = dequant::dequantize(&rec, &plan, dtype)?;
-    let elems = plan.half;
+    let elems = plan.half();
     let dims = (shape.tokens, shape.kv_heads, shape.head_dim);
     Ok(LayerKv::new(
         kv.narrow(0, 0, elems)?.reshape(dims)?,

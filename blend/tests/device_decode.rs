@@ -1,4 +1,4 @@
-//! Records of the 8-bit codecs handed over encoded and dequantised where the model runs
+//! Records of the device-decoded codecs (fp8, int8, KIVI) handed over encoded and dequantised where the model runs
 //! (`Blender::with_device_decode`; on CUDA the kernel in `model/src/kernels/dequant.cu`, here
 //! the same formula on the CPU): the same bits as the store's own decode, every failure of
 //! an encoded record still a recompute.
@@ -64,7 +64,15 @@ fn bits(t: &Tensor) -> Vec<u32> {
 #[test]
 fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
     for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
-        for (tokens, heads, dim) in [(1, 1, 4), (13, 2, 8), (40, 3, 64)] {
+        // (KIVI quantises only whole groups ahead of its 32 exact tokens: 70 and 100 tokens
+        // have quantised rows)
+        for (tokens, heads, dim) in [
+            (1, 1, 4),
+            (13, 2, 8),
+            (40, 3, 64),
+            (70, 2, 16),
+            (100, 1, 48),
+        ] {
             let layout = KvLayout {
                 num_layers: 1,
                 num_kv_heads: heads,
@@ -106,7 +114,15 @@ fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
                 raw.narrow(0, n, n).unwrap(),
             );
             let raw = kvquilt_blend::layer_to_bytes(&kv).unwrap();
-            for name in ["fp8", "int8", "int8/g16", "kivi4"] {
+            for name in [
+                "fp8",
+                "int8",
+                "int8/g16",
+                "kivi2",
+                "kivi4",
+                "kivi8",
+                "kivi4+lz4",
+            ] {
                 let codec = CodecSpec::parse(name).unwrap();
                 let record = bytes::Bytes::from(codec.encode(&shape, &raw).unwrap());
                 let decoded = bytes::Bytes::from(codec.decode(&shape, &record).unwrap());
@@ -132,7 +148,15 @@ fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
 fn requests_over_records_kept_encoded_give_the_same_logits() {
     let chunks = [toks(1, 24), toks(2, 30), toks(3, 18)];
     let suffix = toks(4, 6);
-    for codec in ["fp8", "int8", "int8/g16"].map(|c| Codec::parse(c).unwrap()) {
+    // (KIVI with groups of 8 and 4 exact tokens, so that these short chunks have quantised rows)
+    let kivi = |bits| Codec::Kivi {
+        bits,
+        group: 8,
+        residual: 4,
+        lz4: false,
+    };
+    let codecs = ["fp8", "int8", "int8/g16"].map(|c| Codec::parse(c).unwrap());
+    for codec in codecs.into_iter().chain([kivi(4), kivi(2)]) {
         let dir = tempfile::tempdir().unwrap();
         let key = {
             let rt = Runtime::new().unwrap();

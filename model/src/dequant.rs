@@ -1,20 +1,23 @@
-//! Stored 8-bit KV records decoded where the model runs ([`dequantize`]): on CUDA by
-//! kvquilt's kernel (`kernels/dequant.cu`), so an encoded layer crosses PCIe at a quarter
-//! (bf16: half) of its decoded size; elsewhere by the codec's own formula on the CPU.
+//! Stored KV records decoded where the model runs ([`dequantize`]): on CUDA by kvquilt's
+//! kernel (`kernels/dequant.cu`), so an encoded layer crosses PCIe at its stored size (8-bit:
+//! a quarter of f32, half of bf16; KIVI-4 about an eighth of f32, a quarter of bf16);
+//! elsewhere by the codec's own formula on the CPU.
 //!
-//! The record's layout comes from the codec ([`Scaled8`]); both paths compute
-//! `value(code) · scale` in f32 and round once to the output type, so they agree bit for bit
-//! (checked on the H200 by `kvquilt bench codec --device cuda`).
+//! The record's layout comes from the codec ([`RecordPlan`]: `fp8`/`int8` as `Scaled8`, KIVI
+//! as `KiviRecord`); both paths follow its formula in f32 with the same roundings and round
+//! once to the output type, so they agree bit for bit (checked on the H200 by
+//! `kvquilt bench codec --device cuda`).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use kvquilt_compression::codec::{ElemType, Scaled8};
+use kvquilt_compression::codec::{ElemType, RecordPlan};
 
 use crate::error::{Result, invalid_input};
 
-/// Decodes `record` (a 1-D u8 tensor holding one layer's record as [`Scaled8`] describes it)
-/// into that layer's K‖V: a 1-D tensor of `2 · plan.half` elements of `dtype` (f32, f16 or
-/// bf16) on the record's device.
-pub fn dequantize(record: &Tensor, plan: &Scaled8, dtype: DType) -> Result<Tensor> {
+/// Decodes `record` (a 1-D u8 tensor holding one layer's record as `plan` describes it)
+/// into that layer's K‖V: a 1-D tensor of `2 · plan.half()` elements of `dtype` (f32, f16 or
+/// bf16; KIVI: the layer's own element type, [`RecordPlan::fixed_elem`]) on the record's
+/// device.
+pub fn dequantize(record: &Tensor, plan: &RecordPlan, dtype: DType) -> Result<Tensor> {
     if record.dtype() != DType::U8 || record.rank() != 1 {
         return Err(invalid_input(format!(
             "a record is a 1-D u8 tensor, not {:?} {:?}",
@@ -30,13 +33,23 @@ pub fn dequantize(record: &Tensor, plan: &Scaled8, dtype: DType) -> Result<Tenso
         )));
     }
     let elem = elem_of(dtype)?;
+    if let Some(fixed) = plan.fixed_elem().filter(|&f| f != elem) {
+        return Err(invalid_input(format!(
+            "this record's exact rows are {fixed:?}; it cannot decode into {dtype:?}"
+        )));
+    }
+    plan.check().map_err(|e| invalid_input(e.to_string()))?;
     Ok(record.apply_op1_no_bwd(&Dequant { plan: *plan, elem })?)
 }
 
 /// Whether [`dequantize`] runs on the device for this layout (CUDA, 4-element-aligned halves
-/// of under 2³⁰ elements); otherwise it decodes on the CPU and copies the result over.
-pub fn decodes_on_device(device: &candle_core::Device, plan: &Scaled8) -> bool {
-    device.is_cuda() && plan.half.is_multiple_of(4) && plan.half < 1 << 30
+/// of under 2³⁰ elements, records under 2³² bytes); otherwise it decodes on the CPU and
+/// copies the result over.
+pub fn decodes_on_device(device: &candle_core::Device, plan: &RecordPlan) -> bool {
+    device.is_cuda()
+        && plan.half().is_multiple_of(4)
+        && plan.half() < 1 << 30
+        && (plan.record_len() as u64) < 1 << 32
 }
 
 fn elem_of(dtype: DType) -> Result<ElemType> {
@@ -50,13 +63,13 @@ fn elem_of(dtype: DType) -> Result<ElemType> {
 
 /// The op: the record in, K‖V out.
 pub(crate) struct Dequant {
-    pub(crate) plan: Scaled8,
+    pub(crate) plan: RecordPlan,
     pub(crate) elem: ElemType,
 }
 
 impl CustomOp1 for Dequant {
     fn name(&self) -> &'static str {
-        "kvquilt-dequant8"
+        "kvquilt-dequant"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -66,7 +79,7 @@ impl CustomOp1 for Dequant {
         let Some(record) = l.contiguous_offsets().and_then(|(a, b)| all.get(a..b)) else {
             candle_core::bail!("a record must be contiguous");
         };
-        let n = 2 * self.plan.half;
+        let n = 2 * self.plan.half();
         let mut bytes = vec![0u8; n * self.elem.size()];
         self.plan
             .decode_into(self.elem, record, &mut bytes)

@@ -1,5 +1,5 @@
-//! `kvquilt bench codec`, device section: the 8-bit codecs' records dequantised where the
-//! model runs (`kvquilt_model::dequant`: the CUDA kernel on a GPU, the same formula on the
+//! `kvquilt bench codec`, device section: the records of the codecs with a device layout
+//! (fp8, int8, KIVI) dequantised where the model runs (`kvquilt_model::dequant`: the CUDA kernel on a GPU, the same formula on the
 //! CPU). Per codec and element type, on the real model's layers and (bf16) on layers of the
 //! 8B shape (5,120 tokens × 8 KV heads × 128, random values): whether every decoded element
 //! has the bits of the codec's own CPU decoder, the decode throughput beside a
@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use super::median;
 
-/// The codecs measured (each has a device layout: `CodecSpec::has_scaled8`).
-const CODECS: [&str; 3] = ["fp8", "int8", "int8/g64"];
+/// The codecs measured (each has a device layout: `CodecSpec::has_record_plan`).
+const CODECS: [&str; 6] = ["fp8", "int8", "int8/g64", "kivi4", "kivi2", "kivi8"];
 
 #[derive(Serialize)]
 pub(crate) struct DeviceRow {
@@ -129,7 +129,7 @@ fn measure(
     let mut expected = Vec::new();
     for (shape, raw) in layers {
         let rec = codec.encode(shape, raw)?;
-        let Some(plan) = codec.scaled8(shape) else {
+        let Some(plan) = codec.record_plan(shape) else {
             anyhow::bail!("{codec} has no device layout");
         };
         expected.push(codec.decode(shape, &rec)?);

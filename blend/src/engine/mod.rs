@@ -80,11 +80,11 @@ pub struct Blender {
     device_codecs: KeepEncoded,
 }
 
-/// The codecs [`Blender::with_device_decode`] keeps encoded up to the model's device: the
-/// 8-bit ones stored without lz4 (`CodecSpec::has_scaled8`: their records are what the
-/// dequant kernel reads).
+/// The codecs [`Blender::with_device_decode`] keeps encoded up to the model's device: fp8,
+/// int8 and KIVI stored without lz4 (`CodecSpec::has_record_plan`: their records are what
+/// the dequant kernel reads).
 pub fn device_decoded(codec: kvquilt_kvstore::Codec) -> bool {
-    codec.has_scaled8()
+    codec.has_record_plan()
 }
 
 impl Blender {
@@ -123,10 +123,11 @@ impl Blender {
         }
     }
 
-    /// Whether stored layers of an 8-bit codec ([`device_decoded`]) cross to the model's
-    /// device as stored and are dequantised there (`kvquilt_model::dequant`), instead of
-    /// being decoded on the CPU by the store. Default: on for a CUDA model (a quarter of
-    /// f32's bytes, half of bf16's, over PCIe, and no CPU decode on the path), off on the CPU
+    /// Whether stored layers of a device-decoded codec ([`device_decoded`]: fp8, int8, KIVI)
+    /// cross to the model's device as stored and are dequantised there
+    /// (`kvquilt_model::dequant`), instead of being decoded on the CPU by the store. Default:
+    /// on for a CUDA model (8-bit: a quarter of f32's bytes, half of bf16's, over PCIe; KIVI-4
+    /// about half of that again; and no CPU decode on the path), off on the CPU
     /// (on, the CPU runs the same formula after the read instead of inside it; both give the
     /// same bits, pinned by `blend/tests/device_decode.rs`).
     pub fn with_device_decode(mut self, on: bool) -> Self {

@@ -14,7 +14,7 @@
 
 use half::f16;
 
-use super::{CodecError, LayerShape, Result};
+use super::{CodecError, KiviRecord, LayerShape, Result};
 
 /// The record's geometry for one shape and parameter set.
 pub(super) struct Params {
@@ -37,6 +37,16 @@ impl Params {
             group: g,
             tq,
             v_groups: shape.head_dim.div_ceil(g),
+        }
+    }
+
+    /// The record's layout as [`KiviRecord`] describes it.
+    pub(super) fn record(&self) -> KiviRecord {
+        KiviRecord {
+            shape: self.shape,
+            bits: self.bits as u8,
+            group: self.group,
+            quantized: self.tq,
         }
     }
 

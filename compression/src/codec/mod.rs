@@ -25,6 +25,8 @@ mod elems;
 mod fp8;
 mod int8;
 mod kivi;
+mod kivi_record;
+mod record_plan;
 mod scaled8;
 
 use std::fmt;
@@ -33,6 +35,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use elems::ElemType;
+pub use kivi_record::KiviRecord;
+pub use record_plan::RecordPlan;
 pub use scaled8::{Code8, ScaleMap, Scaled8};
 
 /// What a layer holds: `tokens` rows of `kv_heads × head_dim` elements of `elem`, for K
@@ -476,3 +480,19 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 
 #[cfg(test)]
 mod tests;
+
+/// Deterministic values in [-1, 1] for layout tests, with an outlier (×12) every 37th element,
+/// as real K has outlier channels.
+#[cfg(test)]
+fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let x = (s % 20_001) as f32 / 10_000.0 - 1.0;
+            if i % 37 == 3 { 12.0 * x } else { x }
+        })
+        .collect()
+}

@@ -205,20 +205,6 @@ impl CodecSpec {
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                let x = (s % 20_001) as f32 / 10_000.0 - 1.0;
-                // a few outlier channels, as real K has
-                if i % 37 == 3 { 12.0 * x } else { x }
-            })
-            .collect()
-    }
-
     #[test]
     fn scaled8_matches_each_codec_s_own_decoder() {
         for elem in [ElemType::F32, ElemType::F16, ElemType::Bf16] {
@@ -230,7 +216,10 @@ mod tests {
                     elem,
                 };
                 let mut raw = vec![0u8; shape.raw_bytes()];
-                elem.put_all(&values(2 * shape.half_elems(), tokens as u32), &mut raw);
+                elem.put_all(
+                    &super::super::test_values(2 * shape.half_elems(), tokens as u32),
+                    &mut raw,
+                );
                 for name in ["fp8", "int8", "int8/g32", "int8/g5"] {
                     let codec = CodecSpec::parse(name).unwrap();
                     let record = codec.encode(&shape, &raw).unwrap();
