@@ -122,8 +122,8 @@ pub use object::{
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{
-    DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, LayerReader, MemoryTier,
-    PutOutcome, RecordLayout, RemoteConfig, RemoteStore, RemoteTier, SsdConfig, SsdTier, Tier,
-    TierKind,
+    DAMAGE_MARKER, DEFAULT_MAX_OPEN_FILES, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier,
+    LayerReader, MemoryTier, PutOutcome, RecordLayout, RemoteConfig, RemoteStore, RemoteTier,
+    SsdConfig, SsdTier, Tier, TierKind,
 };
 pub use tiered::{Found, LayerStream, StoreBuilder, StoreConfig, TieredStore, WritePolicy};

@@ -21,7 +21,7 @@ use bytes::Bytes;
 pub use host::{HostMemory, HostTier};
 pub use memory::MemoryTier;
 pub use remote::{RecordLayout, RemoteConfig, RemoteStore, RemoteTier};
-pub use ssd::{DAMAGE_MARKER, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
+pub use ssd::{DAMAGE_MARKER, DEFAULT_MAX_OPEN_FILES, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 
 use crate::error::Result;
 use crate::index::Lease;

@@ -68,7 +68,17 @@ pub struct SsdConfig {
     /// Off by default: a lossy copy never stands in for an exact one unless the deployment
     /// chose it (its accuracy cost is measured in BENCHMARKS.md §6).
     pub serve_lossy: bool,
+    /// Files RocksDB keeps open at once, table and blob files together (default
+    /// [`DEFAULT_MAX_OPEN_FILES`]; RocksDB raises anything below 20 to 20). Beyond it files are
+    /// opened per read and closed again (least recently used first), so a store of thousands
+    /// of files stays within a process's descriptor limit — the sidecar reserves descriptors
+    /// for the store on that assumption (`limits.max_connections`).
+    pub max_open_files: u32,
 }
+
+/// Default of [`SsdConfig::max_open_files`]: a quarter of the common 1,024-descriptor soft
+/// limit, half of what the sidecar keeps free of connections for the store and the model.
+pub const DEFAULT_MAX_OPEN_FILES: u32 = 256;
 
 /// Default of [`SsdConfig::min_free_bytes`]: 64 MiB of headroom for RocksDB's logs,
 /// compactions and the meta column family.
@@ -85,6 +95,7 @@ impl SsdConfig {
             sync_writes: true,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             serve_lossy: false,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
         }
     }
 }
@@ -742,8 +753,15 @@ fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
 
 /// Options of the whole database (column families have their own, in
 /// [`SsdTier::open_as_is`]).
-fn db_options() -> Options {
+fn db_options(config: &SsdConfig) -> Options {
     let mut o = Options::default();
+    let max_open = i32::try_from(config.max_open_files.max(20)).unwrap_or(i32::MAX);
+    o.set_max_open_files(max_open);
+    // RocksDB's table cache (table and blob files) keeps `max_open − 10` files, split over
+    // 2^bits shards of which each may keep at least one: with its default 64 shards a bound
+    // of 20 still kept 64 files open. Shards of at least 8 files each make the bound hold.
+    let cached = (max_open - 10).max(1);
+    o.set_table_cache_num_shard_bits((cached / 8).max(1).ilog2().min(6) as i32);
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     o.set_compression_type(DBCompressionType::None);
@@ -918,9 +936,9 @@ impl SsdTier {
             ColumnFamilyDescriptor::new(META_CF, meta_opts),
         ];
         let db = if read_only {
-            DB::open_cf_descriptors_read_only(&db_options(), &config.path, cfs, false)
+            DB::open_cf_descriptors_read_only(&db_options(&config), &config.path, cfs, false)
         } else {
-            DB::open_cf_descriptors(&db_options(), &config.path, cfs)
+            DB::open_cf_descriptors(&db_options(&config), &config.path, cfs)
         }
         .map_err(|e| classify(&config.path, e))?;
         let index = Arc::new(TierIndex::new(
