@@ -204,15 +204,28 @@ fn requests_over_records_kept_encoded_give_the_same_logits() {
 fn an_encoded_record_that_fails_verification_is_recomputed() {
     let chunks = [toks(5, 20), toks(6, 28)];
     let suffix = toks(7, 5);
-    let codec = Codec::Int8 {
-        lz4: false,
-        group: 0,
-    };
+    for codec in [
+        Codec::Int8 {
+            lz4: false,
+            group: 0,
+        },
+        Codec::Kivi {
+            bits: 4,
+            group: 8,
+            residual: 4,
+            lz4: false,
+        },
+    ] {
+        a_corrupt_record_is_recomputed(codec, &chunks, &suffix);
+    }
+}
+
+fn a_corrupt_record_is_recomputed(codec: Codec, chunks: &[Vec<u32>; 2], suffix: &[u32]) {
     let dir = tempfile::tempdir().unwrap();
     let key = {
         let rt = Runtime::new().unwrap();
         let b = blender(dir.path(), &rt, codec, true);
-        for c in &chunks {
+        for c in chunks {
             b.precompute(b"", c).unwrap();
         }
         rt.block_on(b.store().flush()).unwrap();
@@ -221,10 +234,11 @@ fn an_encoded_record_that_fails_verification_is_recomputed() {
     support::corrupt(dir.path(), &key, 1);
     let rt = Runtime::new().unwrap();
     let b = blender(dir.path(), &rt, codec, true);
-    let req = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Reuse);
+    let req = BlendRequest::new(vec![], chunks.to_vec(), suffix.to_vec(), Mode::Reuse);
     let out = b.run(b"", &req).unwrap();
     assert_eq!(
         out.stats.segments,
-        vec![SegmentSource::Unusable, SegmentSource::Hit(TierKind::SSD)]
+        vec![SegmentSource::Unusable, SegmentSource::Hit(TierKind::SSD)],
+        "{codec}"
     );
 }

@@ -116,3 +116,47 @@ impl CustomOp1 for Dequant {
         crate::kernels::dequant(self, s, l)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use kvquilt_compression::{CodecSpec, LayerShape};
+
+    use super::*;
+
+    #[test]
+    fn a_kivi_record_decodes_into_its_own_element_type_only() {
+        // 80 tokens: 32 quantised (one group), 48 exact
+        let shape = LayerShape {
+            tokens: 80,
+            kv_heads: 2,
+            head_dim: 8,
+            elem: ElemType::F16,
+        };
+        let codec = CodecSpec::kivi(4);
+        let values: Vec<f32> = (0..2 * shape.half_elems())
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let raw: Vec<u8> = values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        let record = codec.encode(&shape, &raw).unwrap();
+        let plan = codec.record_plan(&shape).unwrap();
+        let t = Tensor::from_raw_buffer(&record, DType::U8, &[record.len()], &Device::Cpu).unwrap();
+        let err = dequantize(&t, &plan, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("cannot decode into"), "{err}");
+        let got = dequantize(&t, &plan, DType::F16).unwrap();
+        let want = codec.decode(&shape, &record).unwrap();
+        let got: Vec<u8> = got
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert!(got == want, "the op decodes what the codec does");
+        // a record of another length is refused before any decoding
+        let short = t.narrow(0, 0, record.len() - 1).unwrap();
+        assert!(dequantize(&short, &plan, DType::F16).is_err());
+    }
+}
