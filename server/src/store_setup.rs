@@ -23,6 +23,7 @@ pub fn open_store(data_dir: &Path, settings: &StoreSettings) -> Result<TieredSto
     let ssd = SsdConfig {
         codec: codecs.ssd_codec()?,
         serve_lossy: codecs.allow_lossy,
+        max_open_files: settings.ssd_open_files,
         ..SsdConfig::new(path.clone(), settings.ssd_bytes)
     };
     let config = StoreConfig {

@@ -31,6 +31,7 @@
 //! host_bytes = 2147483648
 //! device_bytes = 4294967296            # chunk KV kept in GPU memory (CUDA devices only)
 //! ssd_bytes = 68719476736
+//! ssd_open_files = 256                 # store files kept open at once (the rest reopened per read)
 //!
 //! [store.codecs]
 //! ssd = "raw"                          # lz4; lossy: fp8, int8, kivi4, kivi2 (+lz4)
@@ -171,6 +172,10 @@ pub struct StoreSettings {
     pub device_bytes: u64,
     /// SSD tier, stored bytes.
     pub ssd_bytes: u64,
+    /// Files of the SSD tier kept open at once (`kvquilt_kvstore::SsdConfig::max_open_files`,
+    /// 20 or more); the sidecar keeps twice as many descriptors free of connections, for the
+    /// store, the model and the log.
+    pub ssd_open_files: u32,
     /// How the host tier chooses what leaves: `s3fifo` (the default: the best hit rate on
     /// a RAG query stream, BENCHMARKS.md §10), `lfu`, `cost-aware` or `lru`.
     pub host_policy: String,
@@ -402,6 +407,7 @@ impl Default for StoreSettings {
             host_bytes: 2 << 30,
             device_bytes: 4 << 30,
             ssd_bytes: 64 << 30,
+            ssd_open_files: kvquilt_kvstore::DEFAULT_MAX_OPEN_FILES,
             host_policy: "s3fifo".into(),
             stall_ms: kvquilt_blend::DEFAULT_STALL_FLOOR.as_millis() as u64,
             codecs: CodecSettings::default(),
@@ -568,6 +574,12 @@ impl Config {
             bail!(
                 "store.stall_ms must be 1..=600000 milliseconds (got {})",
                 self.store.stall_ms
+            );
+        }
+        if !(20..=1 << 20).contains(&self.store.ssd_open_files) {
+            bail!(
+                "store.ssd_open_files must be 20..=1048576 (got {})",
+                self.store.ssd_open_files
             );
         }
         self.store.codecs.ssd_codec()?;
@@ -745,6 +757,22 @@ mod tests {
         ] {
             assert!(parse(ok).validate().is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn the_store_s_open_file_bound_is_checked() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert_eq!(
+            Config::default().store.ssd_open_files,
+            kvquilt_kvstore::DEFAULT_MAX_OPEN_FILES
+        );
+        for bad in ["0", "19", "2000000"] {
+            let e = parse(&format!("[store]\nssd_open_files = {bad}\n"))
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains("store.ssd_open_files"), "{e}");
+        }
+        assert!(parse("[store]\nssd_open_files = 20\n").validate().is_ok());
     }
 
     #[test]

@@ -196,11 +196,11 @@ pub async fn serve(config: Config) -> Result<()> {
     let l = &config.limits;
     let limits = connections::ConnectionLimits {
         header_timeout: std::time::Duration::from_secs(l.header_timeout_s),
-        // the store's files (at most `kvquilt_kvstore::DEFAULT_MAX_OPEN_FILES`, 256), the
-        // model's, the log, remote connections: 512 descriptors kept free
+        // the store's files (at most `store.ssd_open_files`), the model's, the log, remote
+        // connections: twice the store's bound kept free
         max_connections: connections::fit_to_descriptor_limit(
             l.max_connections,
-            2 * kvquilt_kvstore::DEFAULT_MAX_OPEN_FILES as usize,
+            2 * config.store.ssd_open_files as usize,
         ),
         send_timeout: std::time::Duration::from_secs(l.send_timeout_s),
         shutdown_grace: std::time::Duration::from_secs(l.shutdown_grace_s),
