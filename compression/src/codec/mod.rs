@@ -480,19 +480,3 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 
 #[cfg(test)]
 mod tests;
-
-/// Deterministic values in [-1, 1] for layout tests, with an outlier (×12) every 37th element,
-/// as real K has outlier channels.
-#[cfg(test)]
-fn test_values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            let x = (s % 20_001) as f32 / 10_000.0 - 1.0;
-            if i % 37 == 3 { 12.0 * x } else { x }
-        })
-        .collect()
-}

@@ -94,6 +94,76 @@ impl CodecSpec {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [-1, 1] with an outlier (×12) every 37th element, as real K
+    /// has outlier channels.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let x = (s % 20_001) as f32 / 10_000.0 - 1.0;
+                if i % 37 == 3 { 12.0 * x } else { x }
+            })
+            .collect()
+    }
+
+    /// What a device decoder must reproduce: each plan's formula (`Scaled8`, `KiviRecord`)
+    /// decodes every record to the codec's own decoder's bytes.
+    #[test]
+    fn record_plans_match_each_codec_s_own_decoder() {
+        let kivi = |bits, group, residual| CodecSpec::Kivi {
+            bits,
+            group,
+            residual,
+            lz4: false,
+        };
+        let mut codecs: Vec<CodecSpec> = ["fp8", "int8", "int8/g32", "int8/g5"]
+            .map(|c| CodecSpec::parse(c).unwrap())
+            .to_vec();
+        // KIVI: defaults, a group not dividing D with a short residual, groups of one
+        codecs.extend([kivi(2, 32, 32), kivi(4, 32, 32), kivi(8, 32, 32)]);
+        codecs.extend([kivi(4, 5, 3), kivi(2, 1, 0)]);
+        for elem in [ElemType::F32, ElemType::F16, ElemType::Bf16] {
+            // one token; fewer tokens than KIVI's residual; partial groups; D = 48, 128
+            for (tokens, heads, dim) in [
+                (1, 1, 4),
+                (7, 3, 8),
+                (64, 2, 64),
+                (70, 2, 64),
+                (33, 5, 128),
+                (97, 5, 48),
+            ] {
+                let shape = LayerShape {
+                    tokens,
+                    kv_heads: heads,
+                    head_dim: dim,
+                    elem,
+                };
+                let mut raw = vec![0u8; shape.raw_bytes()];
+                elem.put_all(&values(2 * shape.half_elems(), tokens as u32), &mut raw);
+                for &codec in &codecs {
+                    let record = codec.encode(&shape, &raw).unwrap();
+                    let plan = codec.record_plan(&shape).unwrap();
+                    assert_eq!(plan.record_len(), record.len(), "{codec} {shape:?}");
+                    let want = codec.decode(&shape, &record).unwrap();
+                    let mut got = vec![0u8; shape.raw_bytes()];
+                    plan.decode_into(elem, &record, &mut got).unwrap();
+                    assert!(
+                        got == want,
+                        "{codec} {shape:?}: differs from the codec's decoder"
+                    );
+                    // a truncated record is refused, not read short
+                    assert!(
+                        plan.decode_into(elem, &record[1..], &mut got).is_err(),
+                        "{codec}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn only_codecs_stored_without_lz4_and_not_raw_have_a_record_plan() {
         let shape = LayerShape {

@@ -35,6 +35,14 @@ pub(crate) fn dequant(
     }
     plan.check()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    // a KIVI record's exact rows are copied as they are: only into their own type (another
+    // size would read past the record)
+    if let Some(fixed) = plan.fixed_elem().filter(|&f| f != op.elem) {
+        candle_core::bail!(
+            "this record's exact rows are {fixed:?}; it cannot decode into {:?}",
+            op.elem
+        );
+    }
     // (`check` above: no zero divisor, every index within the record)
     let (kernel, fields): (&str, Vec<usize>) = match plan {
         RecordPlan::Scaled8(p) => {
@@ -60,9 +68,6 @@ pub(crate) fn dequant(
             (kernel, fields)
         }
         RecordPlan::Kivi(p) => {
-            if p.shape.elem != op.elem {
-                candle_core::bail!("a KIVI record decodes to its own element type only");
-            }
             let kernel = match p.bits {
                 2 => "dequant_kivi2",
                 4 => "dequant_kivi4",
