@@ -140,26 +140,25 @@ impl KiviRecord {
         let mask = ((1u16 << bits) - 1) as u8;
         let f16_at = |at: usize| f16::from_bits(u16::from_le_bytes([record[at], record[at + 1]]));
         let mut value = [0f32; 1];
+        let (k_pairs, v_groups) = (self.k_pairs(), self.v_groups());
         for h in 0..2 {
+            // this half's codes and exact rows
+            let codes = self.codes_at() + h * self.code_bytes();
+            let exact = self.residual_at() + h * self.residual_bytes();
             for i in 0..half {
                 let o = (h * half + i) * esize;
                 let (t, c) = (i / row, i % row);
                 if t >= self.quantized {
-                    let at = self.residual_at()
-                        + h * self.residual_bytes()
-                        + (i - self.quantized * row) * esize;
+                    let at = exact + (i - self.quantized * row) * esize;
                     out[o..o + esize].copy_from_slice(&record[at..at + esize]);
                     continue;
                 }
                 let bit = i * bits;
-                let code =
-                    (record[self.codes_at() + h * self.code_bytes() + bit / 8] >> (bit % 8)) & mask;
+                let code = (record[codes + bit / 8] >> (bit % 8)) & mask;
                 let p = if h == 0 {
                     (t / self.group) * row + c
                 } else {
-                    self.k_pairs()
-                        + (t * self.shape.kv_heads + c / d) * self.v_groups()
-                        + (c % d) / self.group
+                    k_pairs + (t * self.shape.kv_heads + c / d) * v_groups + (c % d) / self.group
                 };
                 let (min, step) = (f16_at(4 * p).to_f32(), f16_at(4 * p + 2).to_f32());
                 value[0] = min + code as f32 * step;
