@@ -94,8 +94,15 @@ case "${1:-perf}" in
     python3 benches/hf_prefill.py --shape smollm2-135m --tokens 6240 --repeats 5 --decode 32 \
       --decode-context 4096 --json "$OUT/hf_small.json" || echo "hf small failed"
     "$bench" blend --random smollm2-135m --device cuda --chunks 12 --chunk-tokens 512 \
-      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --phases --repeats 5 \
-      --json "$OUT/blend_small.json" || echo "blend small failed"
+      --ratios 0.15,0.3 --variants cacheblend,query --device-tier --eager-too --phases \
+      --repeats 5 --json "$OUT/blend_small.json" || echo "blend small failed"
+    # short passes replayed as CUDA graphs: bit-equality with the eager pass (exit status 1
+    # on a mismatch), then their speed (question and decode)
+    for r in 32 1; do
+      "$bench" graph --check --rows "$r" --json "$OUT/graph_small_$r.json" || echo "graph check FAILED"
+    done
+    "$bench" graph --check --shape llama3.1-8b --keys 5184 --repeats 5 \
+      --json "$OUT/graph_8b.json" || echo "graph check FAILED"
     # what the host pays per op of one SmolLM2-shape layer (a question pass, blend's recompute)
     "$bench" ops --rows 32 --json "$OUT/ops_small_32.json" || echo "ops failed"
     "$bench" ops --rows 931 --json "$OUT/ops_small_931.json" || echo "ops failed"

@@ -30,6 +30,7 @@ mod cost;
 mod device_tier;
 mod engine;
 mod error;
+mod graphs;
 mod identity;
 mod phases;
 mod pinned_host;

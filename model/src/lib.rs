@@ -65,4 +65,6 @@ pub use load::{LoadedModel, default_dtype, load};
 pub use rope::{Rope, RopeTables};
 pub use rows::RowReplacement;
 pub use tokenizer::Tokenizer;
+#[cfg(feature = "gpu")]
+pub use transformer::GraphedCache;
 pub use transformer::{LayersOutput, Model, Rows};

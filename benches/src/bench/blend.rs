@@ -46,6 +46,10 @@ pub struct BlendBenchArgs {
     /// warm-up run makes them resident), beside the host-tier rows.
     #[arg(long)]
     device_tier: bool,
+    /// With `--device-tier`, the device-tier rows once more with CUDA graphs off (tier
+    /// `gpu-eager`): the question issued op by op, the baseline of the graphed rows.
+    #[arg(long)]
+    eager_too: bool,
     /// After each blend row's timed runs, one more run with per-phase timing (device
     /// synchronised at each phase change) for a breakdown of where the time goes; and the
     /// compute floor of each CacheBlend ratio (its rows recomputed over a resident cache,
@@ -189,6 +193,17 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         .with_fallback_to_full(false)
         .with_device_tier(u64::MAX, PolicyKind::Lru)
     });
+    let resident_eager = (a.device_tier && a.eager_too).then(|| {
+        Blender::new(
+            Arc::clone(&model),
+            identity.clone(),
+            Arc::clone(blender.store()),
+            rt.handle().clone(),
+        )
+        .with_fallback_to_full(false)
+        .with_device_tier(u64::MAX, PolicyKind::Lru)
+        .with_graphs(false)
+    });
     let mut reusing = vec![(Mode::Reuse, None, None)];
     for v in &a.variants {
         for &r in &a.ratios {
@@ -202,6 +217,13 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             reusing
                 .iter()
                 .map(|(m, r, v)| (b, "host", m.clone(), *r, v.clone(), Some((*codec, *held)))),
+        );
+    }
+    if let Some(b) = &resident_eager {
+        modes.extend(
+            reusing
+                .iter()
+                .map(|(m, r, v)| (b, "gpu-eager", m.clone(), *r, v.clone(), None)),
         );
     }
     if let Some(b) = &resident {

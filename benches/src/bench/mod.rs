@@ -9,6 +9,7 @@ mod codec;
 mod codec_cold;
 mod codec_device;
 mod decode;
+mod graph;
 mod load;
 mod model;
 mod ops;
@@ -35,6 +36,9 @@ pub enum BenchCommand {
     Decode(decode::DecodeBenchArgs),
     /// Prefill throughput at several prompt lengths and decode throughput.
     Model(model::ModelBenchArgs),
+    /// Short passes (a reuse question, decode steps) replayed as CUDA graphs beside the same
+    /// passes issued op by op.
+    Graph(graph::GraphBenchArgs),
     /// Host issuing time of one decoder layer's operations beside their end-to-end time.
     Ops(ops::OpsBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
@@ -60,6 +64,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Codec(a) => codec::run(a),
         BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Model(a) => model::run(a),
+        BenchCommand::Graph(a) => graph::run(a),
         BenchCommand::Ops(a) => ops::run(a),
         BenchCommand::Blend(a) => blend::run(a),
         BenchCommand::Store(a) => store::run(a),

@@ -218,11 +218,29 @@ impl<'r> Sources<'r> {
         self.room = rows;
     }
 
-    /// Writes layer `l` of the assembled context into `kv`: every unique source's layer `l`
-    /// (each read once; duplicates share it), placed in prompt order, then the suffix rows
-    /// when set. Call once per layer, in increasing layer order (streams yield layers in
-    /// order).
+    /// Writes layer `l` of the assembled context into `kv`: [`Sources::layer_parts`] joined.
+    /// Call once per layer, in increasing layer order (streams yield layers in order).
     pub(crate) fn fill(&mut self, b: &Blender, l: usize, kv: &mut LayerKv) -> Result<()> {
+        let parts = self.layer_parts(b, l)?;
+        let parts: Vec<&LayerKv> = parts.iter().collect();
+        *kv = match self.room {
+            0 => LayerKv::cat(&parts)?,
+            room => LayerKv::cat_with_room(&parts, room)?,
+        };
+        Ok(())
+    }
+
+    /// Whether some segment streams from a store tier (its layers arrive one by one, which
+    /// the forward pass overlaps with compute by filling layer by layer).
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+    pub(crate) fn streams(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s, Source::Stream(_)))
+    }
+
+    /// Layer `l` of the assembled context as parts in prompt order: every unique source's
+    /// layer `l` (each read once; duplicates share it), then the suffix rows when set. Call
+    /// once per layer, in increasing layer order (streams yield layers in order).
+    pub(crate) fn layer_parts(&mut self, b: &Blender, l: usize) -> Result<Vec<LayerKv>> {
         let mut layer_of: Vec<LayerKv> = Vec::with_capacity(self.sources.len());
         for i in 0..self.sources.len() {
             let (key, tokens) = self.segments[i];
@@ -248,15 +266,15 @@ impl<'r> Sources<'r> {
             };
             layer_of.push(layer);
         }
-        let mut parts: Vec<&LayerKv> = self.placement.iter().map(|&i| &layer_of[i]).collect();
+        let mut parts: Vec<LayerKv> = self
+            .placement
+            .iter()
+            .map(|&i| layer_of[i].clone())
+            .collect();
         if let Some(suffix) = &self.suffix {
-            parts.push(suffix);
+            parts.push(suffix.clone());
         }
-        *kv = match self.room {
-            0 => LayerKv::cat(&parts)?,
-            room => LayerKv::cat_with_room(&parts, room)?,
-        };
-        Ok(())
+        Ok(parts)
     }
 
     /// After a request's first token: makes the chunks it read from the store or computed

@@ -207,6 +207,9 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   for (int ks = 0; ks < D / 16; ++ks)
     ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 +
                             (lane >> 4) * 8);
+  // Only keys below k_end are ever read: slots past it may hold keys no row of the tile sees,
+  // or no key at all (u32::MAX positions of a captured graph's cache of fixed capacity, whose
+  // rotation would index outside the tables); they load as zeros, masked.
   const int k_end = bounds[0], k_free = bounds[1];
   __syncthreads();  // Qs is overwritten by the first K tile
 
@@ -216,19 +219,19 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
 
   auto k_row = [&](int kbase) {
     return [=](int j) -> const T * {
-      return kbase + j < t ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
+      return kbase + j < k_end ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
     };
   };
   auto v_row = [&](int kbase) {
     return [=](int j) -> const T * {
-      return kbase + j < t ? v + static_cast<size_t>(kbase + j) * v_stride + kh * D : nullptr;
+      return kbase + j < k_end ? v + static_cast<size_t>(kbase + j) * v_stride + kh * D : nullptr;
     };
   };
   auto issue_k = [&](int kt) {  // async K tile + its positions (padding: masked by index)
     const int kbase = kt * BN;
     copy_async<T, D>(Ks, BN, k_row(kbase), k);
     for (int j = threadIdx.x; j < BN; j += NTHREADS)
-      kp_s[j] = kbase + j < t ? k_pos[kbase + j] : 0xffffffffu;
+      kp_s[j] = kbase + j < k_end ? k_pos[kbase + j] : 0xffffffffu;
   };
   if (!ROT_K && kt_begin < kt_end) {
     issue_k(kt_begin);
@@ -257,13 +260,13 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
       for (int item = threadIdx.x; item < BN * (D / 8); item += NTHREADS) {
         const int j = item / (D / 8), c = item % (D / 8);
         uint4 x = make_uint4(0, 0, 0, 0);  // padding keys must hold zeros, not NaN garbage
-        if (kbase + j < t)
+        if (kbase + j < k_end)
           x = *reinterpret_cast<const uint4 *>(v + static_cast<size_t>(kbase + j) * v_stride +
                                                kh * D + 8 * c);
         *reinterpret_cast<uint4 *>(Vs + j * LD + 8 * c) = x;
       }
       for (int j = threadIdx.x; j < BN; j += NTHREADS)
-        kp_s[j] = kbase + j < t ? k_pos[kbase + j] : 0xffffffffu;
+        kp_s[j] = kbase + j < k_end ? k_pos[kbase + j] : 0xffffffffu;
     } else {
       cp_async_wait_all_but_one();  // K(kt) has landed; V(kt) may be in flight
     }

@@ -108,6 +108,31 @@ impl FusedAttention {
         head_dim: usize,
         device: &Device,
     ) -> Result<Self> {
+        Self::on_device(
+            Tensor::new(q_pos, device)?,
+            Tensor::new(k_pos, device)?,
+            cos,
+            sin,
+            num_heads,
+            kv_heads,
+            head_dim,
+        )
+    }
+
+    /// [`FusedAttention::new`] over positions already on the device (`[n]` and `[t]` u32):
+    /// what a captured CUDA graph uses, whose positions change in place between replays. Key
+    /// slots holding `u32::MAX` past the real keys are never read: the kernel attends to the
+    /// keys at positions ≤ each query tile's last, found by binary search over `k_pos`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_device(
+        q_pos: Tensor,
+        k_pos: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        num_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         if !HEAD_DIMS.contains(&head_dim) {
             return Err(invalid_input(format!(
                 "fused attention supports head dims {HEAD_DIMS:?}, not {head_dim}"
@@ -118,11 +143,12 @@ impl FusedAttention {
                 "fused attention needs heads ({num_heads}) a multiple of kv heads ({kv_heads}), at most {BM} per group"
             )));
         }
+        let (num_queries, num_keys) = (q_pos.dims1()?, k_pos.dims1()?);
         let group = num_heads / kv_heads;
-        let q_tiles = q_pos.len().div_ceil(BM / group);
+        let q_tiles = num_queries.div_ceil(BM / group);
         let ctas = q_tiles * kv_heads;
-        let key_tiles = k_pos.len().div_ceil(BN);
-        let resident = CTAS_PER_SM * sm_count(device);
+        let key_tiles = num_keys.div_ceil(BN);
+        let resident = CTAS_PER_SM * sm_count(q_pos.device());
         // each split's fixed cost (its Q tile, its partials, their merge) wants enough key
         // tiles behind it; a single query tile (decode) has little of the first
         let min_tiles = if q_tiles == 1 { 2 } else { MIN_TILES_PER_SPLIT };
@@ -134,18 +160,25 @@ impl FusedAttention {
                 .clamp(1, (key_tiles / min_tiles).max(1))
         };
         Ok(Self {
-            q_pos: Tensor::new(q_pos, device)?,
-            k_pos: Tensor::new(k_pos, device)?,
+            q_pos,
+            k_pos,
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
             num_heads,
             kv_heads,
             head_dim,
-            num_queries: q_pos.len(),
-            num_keys: k_pos.len(),
+            num_queries,
+            num_keys,
             splits,
             rotate_first: q_tiles >= ROTATE_FIRST_TILES,
         })
+    }
+
+    /// Query rows of one call above which K is rotated once per call (over every key slot)
+    /// rather than per tile as it loads: a call over key slots that are not all real keys
+    /// (a captured graph's cache of fixed capacity) must stay at or below it.
+    pub(crate) fn most_rows_rotating_per_tile(num_heads: usize, kv_heads: usize) -> usize {
+        (ROTATE_FIRST_TILES - 1) * (BM / (num_heads / kv_heads).max(1))
     }
 
     /// Attention of pre-RoPE `q` `[n, num_heads * head_dim]` (rows may be strided, e.g. a view

@@ -235,7 +235,28 @@ pub(crate) fn cat_rows(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
 /// Writes `src`'s rows (passing [`rows_supported`]) into `dst` (packed, same row shape and
 /// dtype) at rows `at..at + src rows`, in one launch.
 pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
-    Ok(dst.inplace_op2(src, &PutRows { at })?)
+    Ok(dst.inplace_op2(
+        src,
+        &PutRows {
+            at,
+            rest: Vec::new(),
+        },
+    )?)
+}
+
+/// [`put_rows`] of several parts one after the other (each passing [`rows_supported`], at
+/// most [`CAT_MAX_PARTS`]), from row `at` on, in one launch.
+pub(crate) fn put_parts(dst: &Tensor, at: usize, parts: &[&Tensor]) -> Result<()> {
+    let Some(first) = parts.first() else {
+        return Ok(());
+    };
+    Ok(dst.inplace_op2(
+        first,
+        &PutRows {
+            at,
+            rest: parts[1..].iter().map(|t| (*t).clone()).collect(),
+        },
+    )?)
 }
 
 /// One part's address, row count and row stride (elements).
@@ -414,9 +435,11 @@ impl CustomOp1 for CatRows {
     }
 }
 
-/// [`put_rows`] as an in-place op on the destination.
+/// [`put_rows`] and [`put_parts`] as an in-place op on the destination (candle hands the
+/// first part's storage over; the others are read through their own storage).
 struct PutRows {
     at: usize,
+    rest: Vec<Tensor>,
 }
 
 impl InplaceOp2 for PutRows {
@@ -449,12 +472,27 @@ impl InplaceOp2 for PutRows {
         let size = dst.dtype().size_in_bytes();
         let dev = dst.device().clone();
         let stream = dev.cuda_stream();
-        let p = part(src, ls, &dims[1..], dst.dtype(), &stream)?;
-        if self.at + p.rows > dims[0] {
+        if self.rest.len() + 1 > CAT_MAX_PARTS {
+            candle_core::bail!(
+                "put_rows: {} parts, at most {CAT_MAX_PARTS}",
+                self.rest.len() + 1
+            );
+        }
+        let mut parts = Vec::with_capacity(self.rest.len() + 1);
+        parts.push(part(src, ls, &dims[1..], dst.dtype(), &stream)?);
+        for t in &self.rest {
+            let (g, pl) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*g else {
+                candle_core::bail!("put_rows: a part is not on CUDA");
+            };
+            parts.push(part(cs, pl, &dims[1..], dst.dtype(), &stream)?);
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        if self.at + rows > dims[0] {
             candle_core::bail!(
                 "put_rows: rows {}..{} of a {}-row buffer",
                 self.at,
-                self.at + p.rows,
+                self.at + rows,
                 dims[0]
             );
         }
@@ -480,7 +518,7 @@ impl InplaceOp2 for PutRows {
             }
             other => candle_core::bail!("put_rows: bf16, f16 or f32, not {other:?}"),
         };
-        launch_cat(&dev, base, self.at, &[p], row, size)
+        launch_cat(&dev, base, self.at, &parts, row, size)
     }
 }
 

@@ -23,6 +23,11 @@ use crate::rows::RowReplacement;
 use crate::weights::{LayerWeights, Weights};
 
 mod attention_choice;
+#[cfg(feature = "gpu")]
+mod graph;
+
+#[cfg(feature = "gpu")]
+pub use graph::GraphedCache;
 
 /// How the query tokens of a [`Model::run_layers`] call relate to the cache.
 #[derive(Debug, Clone, Copy)]
@@ -416,18 +421,7 @@ impl Model {
             let heads = pruned.map(|p| (&p.layers[l], p.rows));
             let (attn, seen) = self.attend_layer(&how, &q, &kv, heads)?;
             hook.after_attention(l, seen)?;
-            let (h, x) = self.add_norm(&hidden, &linear(&attn, &w.wo, None)?, &w.mlp_norm)?;
-            let gate_up = linear(&x, &w.wgate_up, None)?;
-            let act = self.swiglu(&gate_up)?;
-            let down = linear(&act, &w.wdown, None)?;
-            hidden = match self.weights.layers.get(l + 1).filter(|_| l + 1 < end) {
-                Some(next) => {
-                    let (h, x) = self.add_norm(&h, &down, &next.attn_norm)?;
-                    normed = Some(x);
-                    h
-                }
-                None => (h + down)?,
-            };
+            (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
             new_layers.push((l, kv));
         }
         for (l, kv) in new_layers {
@@ -438,6 +432,33 @@ impl Model {
             hidden,
             attention: Vec::new(),
         })
+    }
+
+    /// Layer `l` after its attention `attn` (`[n, heads * head_dim]`): the output projection,
+    /// the residual add with the MLP's norm, the MLP, and the second residual add — fused with
+    /// layer `l + 1`'s input norm when `l + 1 < end` runs next, whose normed input is then
+    /// returned beside the residual stream. `l` must be a layer of the model.
+    fn finish_layer(
+        &self,
+        l: usize,
+        end: usize,
+        hidden: &Tensor,
+        attn: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let w = self.layer(l)?;
+        let (h, x) = self.add_norm(hidden, &linear(attn, &w.wo, None)?, &w.mlp_norm)?;
+        let gate_up = linear(&x, &w.wgate_up, None)?;
+        let act = self.swiglu(&gate_up)?;
+        let down = linear(&act, &w.wdown, None)?;
+        Ok(
+            match self.weights.layers.get(l + 1).filter(|_| l + 1 < end) {
+                Some(next) => {
+                    let (h, x) = self.add_norm(&h, &down, &next.attn_norm)?;
+                    (h, Some(x))
+                }
+                None => ((h + down)?, None),
+            },
+        )
     }
 
     fn layer(&self, layer: usize) -> Result<&LayerWeights> {

@@ -133,6 +133,20 @@ impl Assembly<'_> {
         cache: KvCache,
         recomputed: usize,
     ) -> Result<Ran> {
+        self.finish_then(b, req, start, logits, || Ok(cache), recomputed)
+    }
+
+    /// [`Assembly::finish`] with the cache made by `cache` once the time to the first token
+    /// is taken (work the second token needs, not the first).
+    pub(super) fn finish_then(
+        self,
+        b: &Blender,
+        req: &BlendRequest,
+        start: Instant,
+        logits: Tensor,
+        cache: impl FnOnce() -> Result<KvCache>,
+        recomputed: usize,
+    ) -> Result<Ran> {
         let mut stats = self.stats;
         for (how, lossy) in self.sources.placed() {
             stats.count(how);
@@ -145,6 +159,7 @@ impl Assembly<'_> {
         }
         stats.recomputed_tokens = recomputed;
         stats.recompute_fraction = fraction(recomputed, self.tokens.len() - req.suffix.len());
+        let cache = cache()?;
         let work = self.sources.finish(b, req);
         Ok((BlendOutput::new(logits, cache, stats), work))
     }

@@ -27,10 +27,18 @@ pub(crate) fn run(
         b.model.device(),
         "assemble",
     ));
-    let mut a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start)? {
+    let a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
+    #[cfg(feature = "gpu")]
+    if let Some(pool) = &b.graphs
+        && !a.sources.streams()
+        && req.suffix.len() <= kvquilt_model::GraphedCache::most_rows_of(b.model.config())
+        && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
+    {
+        return graphed(b, pool, a, req, start, clock);
+    }
     let num_layers = b.model.config().num_layers;
     let non_suffix = a.tokens.len() - req.suffix.len();
     // the cached segments only: the suffix's rows are appended by the forward pass
@@ -38,6 +46,7 @@ pub(crate) fn run(
     let hidden = b.model.embed(&req.suffix)?;
     let pos = positions(non_suffix, req.suffix.len());
     // the forward pass appends the suffix's rows in place after each filled layer
+    let mut a = a;
     a.sources.leave_room(req.suffix.len());
     clock.borrow_mut().enter("suffix layers")?;
     let mut fill = |l: usize, kv: &mut LayerKv| {
@@ -63,3 +72,63 @@ pub(crate) fn run(
     out.stats.phases = phases;
     Ok((out, work))
 }
+
+/// [`run`] with the question replayed as a CUDA graph (`crate::graphs`): every layer of the
+/// context put into a pooled graphed cache (one launch per tensor per layer), the question
+/// appended by the cache's graph for its length (captured on first use), and the request's
+/// cache copied out of the pooled one after the first token, with room to decode.
+#[cfg(feature = "gpu")]
+fn graphed(
+    b: &Blender,
+    pool: &crate::graphs::GraphPool,
+    mut a: super::assembly::Assembly<'_>,
+    req: &BlendRequest,
+    start: Instant,
+    clock: RefCell<PhaseClock>,
+) -> Result<Ran> {
+    let num_layers = b.model.config().num_layers;
+    let non_suffix = a.tokens.len() - req.suffix.len();
+    let mut g = pool.take(&b.model, a.tokens.len())?;
+    let mut run = || -> Result<kvquilt_model::Tensor> {
+        clock.borrow_mut().enter("load")?;
+        for l in 0..num_layers {
+            let parts = a.sources.layer_parts(b, l)?;
+            g.put_layer(l, &parts.iter().collect::<Vec<_>>())?;
+        }
+        g.set_positions(&positions(0, non_suffix))?;
+        clock.borrow_mut().enter("suffix layers")?;
+        Ok(g.append(&req.suffix, &positions(non_suffix, req.suffix.len()))?)
+    };
+    let logits = match run() {
+        Ok(logits) => logits,
+        Err(e) => {
+            pool.give_back(g);
+            return Err(e);
+        }
+    };
+    let phases = clock.into_inner().finish()?;
+    let copied = a.finish_then(
+        b,
+        req,
+        start,
+        logits,
+        || {
+            let views = g.cache()?;
+            let layers = views
+                .layers
+                .iter()
+                .map(|l| Ok(LayerKv::cat_with_room(&[l], DECODE_ROOM)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(kvquilt_model::KvCache::new(layers, views.positions))
+        },
+        0,
+    );
+    pool.give_back(g);
+    let (mut out, work) = copied?;
+    out.stats.phases = phases;
+    Ok((out, work))
+}
+
+/// Rows of room the cache copied out of a graphed one leaves for decoding in place.
+#[cfg(feature = "gpu")]
+const DECODE_ROOM: usize = 256;

@@ -1,0 +1,330 @@
+//! `kvquilt bench graph`: short passes replayed as CUDA graphs ([`GraphedCache`]) beside the
+//! same passes issued op by op, on one cache.
+//!
+//! Three rows, each the median of `--repeats`: `load` (a context of `--keys` rows put into
+//! the cache, what a reuse request's assembly costs), `question` (load, then `--rows` tokens
+//! appended and the first token read back: a reuse request's compute), and `decode` (greedy
+//! steps after it, each reading its token back: tokens/s). The eager rows run exactly what
+//! the forward pass runs today (the cache assembled with room, the question appended in
+//! place). `--check` compares the graph's logits, cache rows and greedy tokens against the
+//! eager pass and fails past bf16 tolerance.
+//!
+//! [`GraphedCache`]: kvquilt_model::GraphedCache
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct GraphBenchArgs {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Random weights of this shape: smollm2-135m or llama3.1-8b.
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    /// Cached context rows the question attends over.
+    #[arg(long, default_value_t = 6208)]
+    keys: usize,
+    /// Question rows appended after the context.
+    #[arg(long, default_value_t = 32)]
+    rows: usize,
+    /// Greedy decode steps after the question.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Timed runs per row (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Compare the graph's results against the eager pass; exit non-zero past tolerance.
+    #[arg(long)]
+    check: bool,
+    /// Issue the "graphed" passes op by op through the same buffers instead of capturing
+    /// them (diagnosis: separates the capture from the pass).
+    #[arg(long)]
+    no_capture: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub(crate) fn run(a: GraphBenchArgs) -> Result<()> {
+    imp::run(a)
+}
+
+#[cfg(not(feature = "gpu"))]
+mod imp {
+    pub(super) fn run(_: super::GraphBenchArgs) -> anyhow::Result<()> {
+        anyhow::bail!("`bench graph` measures CUDA graphs: build with `--features gpu`")
+    }
+}
+
+#[cfg(feature = "gpu")]
+mod imp {
+    use std::time::Instant;
+
+    use anyhow::{Result, bail};
+    use kvquilt_model::{DType, GraphedCache, KvCache, LayerKv, Model, Tensor};
+
+    use serde::Serialize;
+
+    use super::super::{random_shape, write_report};
+    use super::GraphBenchArgs;
+
+    #[derive(Serialize)]
+    struct GraphReport {
+        device: String,
+        shape: String,
+        keys: usize,
+        rows: usize,
+        steps: usize,
+        dtype: String,
+        /// Median ms: the context put into the cache.
+        load_ms: Timing,
+        /// Median ms: load, the question appended, its first token read back.
+        question_ms: Timing,
+        /// Median tokens/s over `steps` greedy steps.
+        decode_tokens_per_s: Timing,
+        check: Option<Check>,
+    }
+
+    #[derive(Serialize)]
+    struct Timing {
+        eager: f64,
+        graph: f64,
+    }
+
+    #[derive(Serialize)]
+    struct Check {
+        /// Largest |graph − eager| over the question's last-row logits.
+        logits_max_abs: f32,
+        /// Largest |graph − eager| over the question's K and V rows, every layer.
+        rows_max_abs: f32,
+        /// Greedy tokens (question's first + decode steps) equal in both.
+        tokens_equal: usize,
+        tokens: usize,
+        passed: bool,
+    }
+
+    pub(super) fn run(a: GraphBenchArgs) -> Result<()> {
+        if a.rows == 0 || a.keys == 0 || a.repeats == 0 {
+            bail!("--rows, --keys and --repeats must be positive");
+        }
+        let device = kvquilt_model::parse_device(&a.device)?;
+        if !device.is_cuda() {
+            bail!("`bench graph` runs on CUDA (--device cuda)");
+        }
+        let (config, shape_name) = random_shape(&a.shape)?;
+        let capacity = a.keys + a.rows + a.steps;
+        if capacity > config.context_length {
+            bail!(
+                "{} keys + {} rows + {} steps exceed the shape's context of {}",
+                a.keys,
+                a.rows,
+                a.steps,
+                config.context_length
+            );
+        }
+        let dtype = DType::BF16;
+        let model = std::sync::Arc::new(Model::random(config.clone(), &device, dtype)?);
+        let c = &config;
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?)
+        };
+        let context = KvCache::new(
+            (0..c.num_layers)
+                .map(|_| {
+                    Ok(LayerKv::new(
+                        randn(&[a.keys, c.num_kv_heads, c.head_dim])?,
+                        randn(&[a.keys, c.num_kv_heads, c.head_dim])?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            (0..a.keys as u32).collect(),
+        );
+        let tokens: Vec<u32> = (0..a.rows as u32)
+            .map(|j| (j * 7919 + 13) % c.vocab_size as u32)
+            .collect();
+        let q_pos: Vec<u32> = (a.keys as u32..(a.keys + a.rows) as u32).collect();
+        let mut graphed = GraphedCache::new(model.clone(), capacity)?;
+        graphed.set_capture(!a.no_capture);
+        if a.rows > graphed.most_rows() {
+            bail!(
+                "--rows {} above the {} a graphed pass takes",
+                a.rows,
+                graphed.most_rows()
+            );
+        }
+
+        // eager: what reuse runs today (assembly with room, the question appended in place)
+        let eager_load = || -> Result<KvCache> {
+            let layers = context
+                .layers
+                .iter()
+                .map(|l| Ok(LayerKv::cat_with_room(&[l], a.rows + a.steps)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(KvCache::new(layers, context.positions.clone()))
+        };
+        let eager_question = |cache: &mut KvCache| -> Result<(Tensor, u32)> {
+            let logits = model.prefill(&tokens, &q_pos, cache)?;
+            let first = logits.argmax(0)?.to_scalar::<u32>()?;
+            Ok((logits, first))
+        };
+        let eager_decode = |cache: &mut KvCache, mut tok: u32| -> Result<Vec<u32>> {
+            let mut out = Vec::with_capacity(a.steps);
+            for _ in 0..a.steps {
+                tok = model
+                    .decode_step(tok, cache, &mut ())?
+                    .argmax(0)?
+                    .to_scalar::<u32>()?;
+                out.push(tok);
+            }
+            Ok(out)
+        };
+        let graph_question = |g: &mut GraphedCache| -> Result<(Tensor, u32)> {
+            g.load(&context)?;
+            let logits = g.append(&tokens, &q_pos)?;
+            let first = logits.argmax(0)?.to_scalar::<u32>()?;
+            Ok((logits, first))
+        };
+        let graph_decode = |g: &mut GraphedCache, mut tok: u32| -> Result<Vec<u32>> {
+            let mut out = Vec::with_capacity(a.steps);
+            for _ in 0..a.steps {
+                let pos = g.len() as u32;
+                tok = g.append(&[tok], &[pos])?.argmax(0)?.to_scalar::<u32>()?;
+                out.push(tok);
+            }
+            Ok(out)
+        };
+
+        let check = if a.check {
+            let mut cache = eager_load()?;
+            let (le, first_e) = eager_question(&mut cache)?;
+            let (lg, first_g) = graph_question(&mut graphed)?;
+            let logits_max_abs = max_abs(&le, &lg)?;
+            let gc = graphed.cache()?;
+            let mut rows_max_abs = 0f32;
+            for (e, g) in cache.layers.iter().zip(&gc.layers) {
+                for (x, y) in [(&e.k, &g.k), (&e.v, &g.v)] {
+                    let d = max_abs(&x.narrow(0, a.keys, a.rows)?, &y.narrow(0, a.keys, a.rows)?)?;
+                    rows_max_abs = rows_max_abs.max(d);
+                }
+            }
+            let mut te = vec![first_e];
+            te.extend(eager_decode(&mut cache, first_e)?);
+            let mut tg = vec![first_g];
+            tg.extend(graph_decode(&mut graphed, first_e)?);
+            let tokens_equal = te.iter().zip(&tg).take_while(|(x, y)| x == y).count();
+            // bf16: one rounding of a logit of magnitude ~10 is 0.06; rows are the
+            // projection's own output (same kernels), so they should agree to rounding too
+            let passed = logits_max_abs <= 0.25 && rows_max_abs <= 0.05 && first_e == first_g;
+            println!(
+                "check: logits max |Δ| {logits_max_abs:.4}, K/V rows max |Δ| {rows_max_abs:.4}, \
+                 greedy tokens equal {tokens_equal}/{} — {}",
+                te.len(),
+                if passed { "pass" } else { "FAIL" }
+            );
+            Some(Check {
+                logits_max_abs,
+                rows_max_abs,
+                tokens_equal,
+                tokens: te.len(),
+                passed,
+            })
+        } else {
+            None
+        };
+
+        let median = |mut v: Vec<f64>| -> f64 {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let sync = || -> Result<()> { Ok(device.synchronize()?) };
+        let mut load = (Vec::new(), Vec::new());
+        let mut question = (Vec::new(), Vec::new());
+        let mut decode = (Vec::new(), Vec::new());
+        for i in 0..=a.repeats {
+            let keep = i > 0;
+            // eager
+            sync()?;
+            let t0 = Instant::now();
+            drop(eager_load()?);
+            sync()?;
+            let t_load = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let mut cache = eager_load()?;
+            let (_, first) = eager_question(&mut cache)?;
+            let t_q = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            eager_decode(&mut cache, first)?;
+            let t_d = t0.elapsed().as_secs_f64();
+            if keep {
+                load.0.push(t_load * 1e3);
+                question.0.push(t_q * 1e3);
+                decode.0.push(a.steps as f64 / t_d);
+            }
+            // graphed
+            sync()?;
+            let t0 = Instant::now();
+            graphed.load(&context)?;
+            sync()?;
+            let t_load = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let (_, first) = graph_question(&mut graphed)?;
+            let t_q = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            graph_decode(&mut graphed, first)?;
+            let t_d = t0.elapsed().as_secs_f64();
+            if keep {
+                load.1.push(t_load * 1e3);
+                question.1.push(t_q * 1e3);
+                decode.1.push(a.steps as f64 / t_d);
+            }
+        }
+        let timing = |(e, g): (Vec<f64>, Vec<f64>)| Timing {
+            eager: median(e),
+            graph: median(g),
+        };
+        let report = GraphReport {
+            device: a.device,
+            shape: shape_name,
+            keys: a.keys,
+            rows: a.rows,
+            steps: a.steps,
+            dtype: format!("{dtype:?}"),
+            load_ms: timing(load),
+            question_ms: timing(question),
+            decode_tokens_per_s: timing(decode),
+            check,
+        };
+        println!(
+            "{} keys, {} rows ({}):\n  load            eager {:>8.3} ms   graph {:>8.3} ms\n  \
+             load + question eager {:>8.3} ms   graph {:>8.3} ms   ({:.2}× faster)\n  \
+             decode          eager {:>8.1} tok/s graph {:>8.1} tok/s ({:.2}×)",
+            report.keys,
+            report.rows,
+            report.shape,
+            report.load_ms.eager,
+            report.load_ms.graph,
+            report.question_ms.eager,
+            report.question_ms.graph,
+            report.question_ms.eager / report.question_ms.graph,
+            report.decode_tokens_per_s.eager,
+            report.decode_tokens_per_s.graph,
+            report.decode_tokens_per_s.graph / report.decode_tokens_per_s.eager,
+        );
+        let failed = report.check.as_ref().is_some_and(|c| !c.passed);
+        write_report(&report, a.json.as_deref())?;
+        if failed {
+            bail!("the graphed pass differs from the eager pass past tolerance");
+        }
+        Ok(())
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    }
+}

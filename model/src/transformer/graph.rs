@@ -1,0 +1,463 @@
+//! Short passes replayed as CUDA graphs over a cache of fixed capacity (feature `gpu`).
+//!
+//! A small model's short passes — a reuse request's question, a decode step — are bound by
+//! the host issuing kernels, not by the GPU (BENCHMARKS §5: SmolLM2's 32-row question pass
+//! over 6k cached tokens issues ~11 kernels per layer at 6–14 µs of host time each). A
+//! [`GraphedCache`] holds a request's KV in buffers of fixed capacity and runs "append `n`
+//! tokens, return the last one's logits" as one CUDA graph: captured the first time `n` is
+//! seen, replayed after. Everything a replay needs that changes between calls lives in device
+//! memory the graph reads, written before each launch:
+//! - the tokens, their positions and the cache rows they go to (`inputs`, `[3n]` u32);
+//! - the key positions (`k_pos`, `[capacity]` u32): slots past the cache's length hold
+//!   `u32::MAX`, which the attention kernel's causal bound (keys at positions ≤ the tile's
+//!   last query, found by binary search) never reaches, so one graph serves every length.
+//!
+//! Invariants: the graph's kernels read and write only the cache buffers, the inputs, the
+//! logits buffer and the model's weights (all outliving it) and memory the graph allocates and
+//! frees itself (every temporary of the capture is dropped before it ends); the rows a call
+//! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
+//! upload). Pinned by `kvquilt-bench graph --check` on the GPU machine: the graph's logits and
+//! cache rows against the eager pass over the same cache (BENCHMARKS §5).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
+
+use super::Model;
+use crate::error::{ModelError, Result, invalid_input};
+use crate::kernels::FusedAttention;
+use crate::kernels::put_parts;
+use crate::kv::{KvCache, LayerKv, check_increasing};
+use crate::rows::SetRows;
+
+/// A KV cache in buffers of fixed capacity on one CUDA device, and the captured graphs that
+/// append to it (one per row count). Holds the model whose weights the graphs read.
+pub struct GraphedCache {
+    model: Arc<Model>,
+    capacity: usize,
+    /// Per layer, K and V `[capacity, kv_heads, head_dim]`; rows `len..` are not keys yet.
+    layers: Vec<LayerKv>,
+    /// `[capacity]` u32: the key positions, `u32::MAX` past the cache's length.
+    k_pos: Tensor,
+    /// The key positions on the host (`len` of them).
+    positions: Vec<u32>,
+    graphs: HashMap<usize, Captured>,
+    /// Whether passes are captured and replayed (else issued op by op: a diagnosis switch).
+    capture: bool,
+}
+
+/// One captured pass of `n` rows.
+struct Captured {
+    /// `None` when passes are issued op by op ([`GraphedCache::set_capture`]).
+    graph: Option<CudaGraph>,
+    /// `[3n]` u32: token ids, their positions, the cache rows they are written to.
+    inputs: Tensor,
+    /// `[vocab]` f32: the last row's logits, written by every replay.
+    logits: Tensor,
+}
+
+// SAFETY: a `CudaGraph` is raw driver handles, which CUDA lets any thread use as long as
+// calls on one graph are serialised: every use here goes through `&mut self` or `&self` of a
+// value that is moved, not shared, between threads (no `Sync`). What the graphs read lives in
+// this value (buffers, model) or in candle's process-wide parameter cache, never in the
+// capturing thread's own storage (see `GraphedCache::capture`).
+unsafe impl Send for GraphedCache {}
+
+impl GraphedCache {
+    /// An empty cache of `capacity` rows for `model`, which must run on CUDA in bf16 or f16
+    /// with the fused attention kernel's head dims.
+    pub fn new(model: Arc<Model>, capacity: usize) -> Result<Self> {
+        let c = model.config();
+        if !model.device().is_cuda() || !matches!(model.dtype(), DType::BF16 | DType::F16) {
+            return Err(invalid_input(format!(
+                "graphed passes run on CUDA in bf16 or f16, not {:?} on {:?}",
+                model.dtype(),
+                model.device()
+            )));
+        }
+        if let Some(why) = model.fused_attention_unsupported() {
+            return Err(invalid_input(format!("graphed passes need {why}")));
+        }
+        if capacity == 0 || capacity > c.context_length {
+            return Err(invalid_input(format!(
+                "a graphed cache of {capacity} rows (the model's context is {})",
+                c.context_length
+            )));
+        }
+        let zeros = || {
+            Tensor::zeros(
+                (capacity, c.num_kv_heads, c.head_dim),
+                model.dtype(),
+                model.device(),
+            )
+        };
+        let layers = (0..c.num_layers)
+            .map(|_| Ok(LayerKv::new(zeros()?, zeros()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let k_pos = Tensor::new(vec![u32::MAX; capacity], model.device())?;
+        Ok(Self {
+            model,
+            capacity,
+            layers,
+            k_pos,
+            positions: Vec::new(),
+            graphs: HashMap::new(),
+            capture: true,
+        })
+    }
+
+    /// With `false`, every pass is issued op by op on the stream, through the same buffers a
+    /// graph uses, instead of being captured and replayed: the same kernels with the same
+    /// arguments, so a difference between the two modes is the capture's. For diagnosis.
+    pub fn set_capture(&mut self, on: bool) {
+        if on != self.capture {
+            self.graphs.clear();
+            self.capture = on;
+        }
+    }
+
+    /// The model whose weights the graphs read.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Rows the cache holds.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether the cache holds no rows.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Rows the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Replaces the cache's contents with `cache`'s rows (unpruned, this model's shape, at
+    /// most the capacity): one launch per tensor per layer and one upload of the positions.
+    /// Captured graphs stay valid.
+    pub fn load(&mut self, cache: &KvCache) -> Result<()> {
+        let c = self.model.config();
+        cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
+        if cache.is_pruned() {
+            return Err(invalid_input("a graphed cache holds unpruned KV only"));
+        }
+        for (l, layer) in cache.layers.iter().enumerate() {
+            self.put_layer(l, &[layer])?;
+        }
+        self.set_positions(&cache.positions)
+    }
+
+    /// Writes layer `l`'s rows `0..` from `parts` one after the other (K and V each in one
+    /// launch; at most 48 non-empty parts, rows of this model's KV shape and dtype). The
+    /// cache's positions are set apart ([`GraphedCache::set_positions`]), after every layer
+    /// holds its rows.
+    pub fn put_layer(&mut self, l: usize, parts: &[&LayerKv]) -> Result<()> {
+        let Some(dst) = self.layers.get(l) else {
+            return Err(invalid_input(format!(
+                "layer {l} of a {}-layer graphed cache",
+                self.layers.len()
+            )));
+        };
+        let filled: Vec<&LayerKv> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+        let rows: usize = filled.iter().map(|p| p.len()).sum();
+        if rows > self.capacity {
+            return Err(invalid_input(format!(
+                "{rows} rows into a graphed cache of {}",
+                self.capacity
+            )));
+        }
+        let ks: Vec<&Tensor> = filled.iter().map(|p| &p.k).collect();
+        let vs: Vec<&Tensor> = filled.iter().map(|p| &p.v).collect();
+        put_parts(&dst.k, 0, &ks)?;
+        put_parts(&dst.v, 0, &vs)?;
+        Ok(())
+    }
+
+    /// The cache holds the rows at `positions` (strictly increasing, below the model's
+    /// context and at most the capacity), which every layer's rows `0..positions.len()`
+    /// hold ([`GraphedCache::put_layer`]): one upload of the key positions.
+    pub fn set_positions(&mut self, positions: &[u32]) -> Result<()> {
+        let c = self.model.config();
+        check_increasing(positions)?;
+        if positions.len() > self.capacity {
+            return Err(invalid_input(format!(
+                "{} rows in a graphed cache of {}",
+                positions.len(),
+                self.capacity
+            )));
+        }
+        if let Some(&max) = positions.last()
+            && max as usize >= c.context_length
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: max as usize + 1,
+                context: c.context_length,
+            });
+        }
+        let mut k_pos = positions.to_vec();
+        k_pos.resize(self.capacity, u32::MAX);
+        self.k_pos.inplace_op1(&Upload {
+            data: &k_pos,
+            at: 0,
+        })?;
+        self.positions = positions.to_vec();
+        Ok(())
+    }
+
+    /// The cache's rows as a [`KvCache`] (views of the buffers, no copy): what an eager pass
+    /// or a store-back reads. Appending to it copies (the buffers' frontier is not its own).
+    pub fn cache(&self) -> Result<KvCache> {
+        let len = self.len();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(LayerKv::new(l.k.narrow(0, 0, len)?, l.v.narrow(0, 0, len)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache::new(layers, self.positions.clone()))
+    }
+
+    /// Appends `tokens` at `positions` (strictly increasing, after the cache's last position)
+    /// and returns the last token's f32 logits `[vocab]`: the same pass as
+    /// [`Model::prefill`], replayed from a graph captured on this call's row count's first
+    /// use. The row count is at most [`GraphedCache::most_rows`]. On error the cache holds the
+    /// rows it held.
+    pub fn append(&mut self, tokens: &[u32], positions: &[u32]) -> Result<Tensor> {
+        let n = tokens.len();
+        let c = self.model.config();
+        if n == 0 || positions.len() != n {
+            return Err(invalid_input(format!(
+                "{n} tokens at {} positions",
+                positions.len()
+            )));
+        }
+        if n > self.most_rows() {
+            return Err(invalid_input(format!(
+                "a graphed pass of {n} rows (at most {})",
+                self.most_rows()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(invalid_input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        check_increasing(positions)?;
+        if let (Some(&last), Some(&first)) = (self.positions.last(), positions.first())
+            && first <= last
+        {
+            return Err(invalid_input(format!(
+                "new tokens start at position {first}, not after the cache's last position {last}"
+            )));
+        }
+        if let Some(&max) = positions.last()
+            && max as usize >= c.context_length
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: max as usize + 1,
+                context: c.context_length,
+            });
+        }
+        let len = self.len();
+        if len + n > self.capacity {
+            return Err(invalid_input(format!(
+                "{n} rows after {len} in a graphed cache of {}",
+                self.capacity
+            )));
+        }
+        let mut captured = match self.graphs.remove(&n) {
+            Some(c) => c,
+            None => self.buffers(n)?,
+        };
+        let mut inputs = Vec::with_capacity(3 * n);
+        inputs.extend_from_slice(tokens);
+        inputs.extend_from_slice(positions);
+        inputs.extend((len..len + n).map(|r| r as u32));
+        let ran = self.upload_and_run(n, &inputs, positions, &mut captured);
+        self.graphs.insert(n, captured);
+        ran?;
+        self.positions.extend_from_slice(positions);
+        let Some(captured) = self.graphs.get(&n) else {
+            return Err(invalid_input("a captured pass went missing"));
+        };
+        Ok(captured.logits.copy()?)
+    }
+
+    /// Uploads one call's inputs and runs its pass: the graph's replay, or on a row count's
+    /// first use the pass issued op by op (this call's result) and then captured.
+    fn upload_and_run(
+        &self,
+        n: usize,
+        inputs: &[u32],
+        positions: &[u32],
+        captured: &mut Captured,
+    ) -> Result<()> {
+        captured.inputs.inplace_op1(&Upload {
+            data: inputs,
+            at: 0,
+        })?;
+        self.k_pos.inplace_op1(&Upload {
+            data: positions,
+            at: self.len(),
+        })?;
+        if let Some(graph) = &captured.graph {
+            return Ok(graph.launch().w()?);
+        }
+        if !self.capture {
+            return self.issue(n, &captured.inputs, &captured.logits);
+        }
+        captured.graph = Some(self.capture(n, &captured.inputs, &captured.logits)?);
+        Ok(())
+    }
+
+    /// The most rows one graphed pass appends ([`GraphedCache::most_rows_of`]).
+    pub fn most_rows(&self) -> usize {
+        Self::most_rows_of(self.model.config())
+    }
+
+    /// The most rows one graphed pass of a model of this shape appends: the attention kernel
+    /// rotates K per tile as it loads (not once over every key slot, most of which are not
+    /// keys) up to this many (63 for SmolLM2's 9 heads over 3, 48 for 32 over 8).
+    pub fn most_rows_of(config: &crate::ModelConfig) -> usize {
+        FusedAttention::most_rows_rotating_per_tile(config.num_heads, config.num_kv_heads)
+    }
+
+    /// The input and output buffers of the pass of `n` rows (its graph comes on first use).
+    fn buffers(&self, n: usize) -> Result<Captured> {
+        let device = self.model.device();
+        Ok(Captured {
+            graph: None,
+            inputs: Tensor::zeros(3 * n, DType::U32, device)?,
+            logits: Tensor::zeros(self.model.config().vocab_size, DType::F32, device)?,
+        })
+    }
+
+    /// Runs the pass of `n` rows op by op over the uploaded inputs, then captures it.
+    ///
+    /// candle uploads some ops' shapes and strides from host memory as it issues them; a
+    /// graph would replay such a copy from a host buffer long freed. With candle's upload
+    /// cache on (a guard for this thread), the first run leaves every such upload in device
+    /// buffers kept for the thread's life, keyed by content, and the capture copies from
+    /// those (device to device); it fails rather than capture an upload the run did not
+    /// make. The first run is also what loads every kernel the capture launches.
+    fn capture(&self, n: usize, inputs: &Tensor, logits: &Tensor) -> Result<CudaGraph> {
+        let cuda = self.model.device().as_cuda_device()?;
+        let _uploads_cached = cuda.enable_cuda_graph_htod_cache();
+        self.issue(n, inputs, logits)?;
+        let stream = cuda.cuda_stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let issued = self.issue(n, inputs, logits);
+        let graph = end_capture(&stream);
+        issued?;
+        let graph = graph?;
+        graph.upload().w()?;
+        Ok(graph)
+    }
+
+    /// Issues the pass of `n` rows: every temporary is dropped before this returns, so a
+    /// graph capturing it frees what it allocates.
+    fn issue(&self, n: usize, inputs: &Tensor, logits: &Tensor) -> Result<()> {
+        let model = &*self.model;
+        let c = model.config();
+        let ids = inputs.narrow(0, 0, n)?;
+        let q_pos = inputs.narrow(0, n, n)?;
+        let rows = inputs.narrow(0, 2 * n, n)?;
+        let attention = FusedAttention::on_device(
+            q_pos,
+            self.k_pos.clone(),
+            model.rope_tables.cos(),
+            model.rope_tables.sin(),
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+        )?;
+        let end = c.num_layers;
+        let mut hidden = model.weights.embed.index_select(&ids, 0)?;
+        let mut normed: Option<Tensor> = None;
+        for (l, kv) in self.layers.iter().enumerate() {
+            let w = model.layer(l)?;
+            let x = match normed.take() {
+                Some(x) => x,
+                None => model.norm(&hidden, &w.attn_norm)?,
+            };
+            let (q, k_new, v_new) = model.qkv(w, &x)?;
+            kv.k.inplace_op3(&k_new, &rows, &SetRows)?;
+            kv.v.inplace_op3(&v_new, &rows, &SetRows)?;
+            let attn = attention.attend(&q, &kv.k, &kv.v)?;
+            (hidden, normed) = model.finish_layer(l, end, &hidden, &attn)?;
+        }
+        let last = hidden.narrow(0, n - 1, 1)?;
+        let out = model.logits(&last)?.squeeze(0)?;
+        logits.slice_set(&out, 0, 0)?;
+        Ok(())
+    }
+}
+
+/// Ends the stream's capture and instantiates the graph (also after a failed issue, so that
+/// the stream leaves capture mode either way).
+fn end_capture(stream: &std::sync::Arc<CudaStream>) -> Result<CudaGraph> {
+    stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .w()?
+        .ok_or_else(|| invalid_input("the captured pass issued nothing"))
+}
+
+/// Writes `data` into a u32 tensor at element `at` (an in-place candle op: the tensor keeps
+/// its buffer, which a captured graph reads).
+struct Upload<'a> {
+    data: &'a [u32],
+    at: usize,
+}
+
+impl Upload<'_> {
+    fn range(&self, l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+        let end = self.at + self.data.len();
+        if !l.is_contiguous() || end > l.shape().elem_count() {
+            candle_core::bail!(
+                "upload of {} values at {} into {:?}",
+                self.data.len(),
+                self.at,
+                l.shape()
+            );
+        }
+        Ok(l.start_offset() + self.at..l.start_offset() + end)
+    }
+}
+
+impl InplaceOp1 for Upload<'_> {
+    fn name(&self) -> &'static str {
+        "kvquilt-upload"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let range = self.range(l)?;
+        match s {
+            CpuStorage::U32(v) => {
+                v[range].copy_from_slice(self.data);
+                Ok(())
+            }
+            _ => candle_core::bail!("upload into a u32 tensor only"),
+        }
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let range = self.range(l)?;
+        let stream = s.device().cuda_stream();
+        let mut dst = s.as_cuda_slice_mut::<u32>()?.slice_mut(range);
+        stream.memcpy_htod(self.data, &mut dst).w()?;
+        Ok(())
+    }
+}
