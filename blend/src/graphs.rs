@@ -11,9 +11,9 @@
 #[cfg(feature = "gpu")]
 use std::sync::{Arc, Mutex};
 
-use kvquilt_model::{DType, ModelConfig};
 #[cfg(feature = "gpu")]
-use kvquilt_model::{GraphedCache, Model};
+use kvquilt_model::GraphedCache;
+use kvquilt_model::{DType, KvCache, Model, ModelConfig, Tensor};
 
 #[cfg(feature = "gpu")]
 use crate::error::Result;
@@ -93,6 +93,103 @@ impl std::fmt::Debug for GraphPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let idle = self.idle.lock().map(|i| i.len()).unwrap_or(0);
         f.debug_struct("GraphPool").field("idle", &idle).finish()
+    }
+}
+
+/// Decode steps over one request's cache ([`crate::Blender::decode_steps`]): replayed from
+/// a pooled graphed cache where the blender runs graphs, else [`Model::decode_step`]. Both
+/// give the same bits (the graphed pass is the eager one: ARCHITECTURE "Invariants").
+pub enum DecodeSteps {
+    /// `Model::decode_step` over the cache.
+    Eager(KvCache),
+    /// A graphed cache taken from a pool, given back when the steps end.
+    #[cfg(feature = "gpu")]
+    Graphed(Graphed),
+}
+
+/// A graphed cache taken from a pool for one request's decode steps (given back on drop).
+#[cfg(feature = "gpu")]
+pub struct Graphed {
+    cache: Option<GraphedCache>,
+    pool: Arc<GraphPool>,
+}
+
+#[cfg(feature = "gpu")]
+impl Drop for Graphed {
+    fn drop(&mut self) {
+        if let Some(g) = self.cache.take() {
+            self.pool.give_back(g);
+        }
+    }
+}
+
+/// Decode steps planned below this many are run eagerly: a graphed cache costs a copy of the
+/// request's cache in and, on a pool's first decode, a capture (about two steps).
+#[cfg(feature = "gpu")]
+pub(crate) const LEAST_GRAPHED_STEPS: usize = 4;
+
+impl DecodeSteps {
+    /// Steps over `cache` eagerly.
+    pub fn eager(cache: KvCache) -> Self {
+        Self::Eager(cache)
+    }
+
+    /// Steps over `cache`'s rows loaded into a graphed cache of `pool` with room for
+    /// `steps` more; eager when the cache does not go into one (pruned, too long).
+    #[cfg(feature = "gpu")]
+    pub(crate) fn graphed(
+        model: &Arc<Model>,
+        pool: &Arc<GraphPool>,
+        cache: KvCache,
+        steps: usize,
+    ) -> Self {
+        if steps < LEAST_GRAPHED_STEPS
+            || cache.is_pruned()
+            || cache.len() + steps > model.config().context_length
+        {
+            return Self::Eager(cache);
+        }
+        let loaded = pool
+            .take(model, cache.len() + steps)
+            .and_then(|mut g| match g.load(&cache) {
+                Ok(()) => Ok(g),
+                Err(e) => {
+                    pool.give_back(g);
+                    Err(e.into())
+                }
+            });
+        match loaded {
+            Ok(g) => Self::Graphed(Graphed {
+                cache: Some(g),
+                pool: Arc::clone(pool),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "decoding eagerly: the cache did not go into a graphed one");
+                Self::Eager(cache)
+            }
+        }
+    }
+
+    /// Appends `token` at the position after the cache's last and returns the next token's
+    /// f32 logits `[vocab]`.
+    pub fn step(&mut self, model: &Model, token: u32) -> crate::Result<Tensor> {
+        match self {
+            Self::Eager(cache) => Ok(model.decode_step(token, cache, &mut ())?),
+            #[cfg(feature = "gpu")]
+            Self::Graphed(Graphed { cache: Some(g), .. }) => {
+                let pos = g.positions().last().map_or(0, |p| p + 1);
+                Ok(g.append(&[token], &[pos])?)
+            }
+            #[cfg(feature = "gpu")]
+            Self::Graphed(Graphed { cache: None, .. }) => Err(crate::error::invalid(
+                "decode steps after their cache went back",
+            )),
+        }
+    }
+
+    /// Whether the steps replay a CUDA graph.
+    pub fn is_graphed(&self) -> bool {
+        !matches!(self, Self::Eager(_))
     }
 }
 

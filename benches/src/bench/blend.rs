@@ -50,6 +50,11 @@ pub struct BlendBenchArgs {
     /// `gpu-eager`): the question issued op by op, the baseline of the graphed rows.
     #[arg(long)]
     eager_too: bool,
+    /// After each row's timed runs, this many greedy decode steps over its last run's cache
+    /// through `Blender::decode_steps` (what the sidecar's decode loop runs: a CUDA graph per
+    /// step on the `gpu` rows of a launch-bound model, eager on `gpu-eager`), as tokens/s.
+    #[arg(long, default_value_t = 0)]
+    decode_steps: usize,
     /// After each blend row's timed runs, one more run with per-phase timing (device
     /// synchronised at each phase change) for a breakdown of where the time goes; and the
     /// compute floor of each CacheBlend ratio (its rows recomputed over a resident cache,
@@ -89,6 +94,9 @@ struct Row {
     ttft_ms_median: f64,
     speedup_vs_full: f64,
     runs_ms: Vec<f64>,
+    /// `--decode-steps` greedy steps after the last run, tokens/s (setup included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_tokens_per_s: Option<f64>,
     /// With `--phases`: one extra run's per-phase times (blend rows).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     phases: Vec<kvquilt_blend::PhaseTime>,
@@ -242,10 +250,11 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             ..base.clone()
         };
         let mut runs = Vec::new();
+        let mut last = None;
         for i in 0..=a.repeats.max(1) {
             let t = std::time::Instant::now();
             let out = blender.run(b"", &req)?;
-            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+            let first = out.logits.argmax(0)?.to_scalar::<u32>()?;
             sync()?;
             // a row measures reads: a chunk that failed to load (and was recomputed) voids it
             if let Some(bad) = out
@@ -262,8 +271,33 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             if i > 0 {
                 runs.push(t.elapsed().as_secs_f64() * 1e3);
             }
+            last = Some((out.cache, first));
         }
         let m = median(&runs);
+        let decode_tokens_per_s = match last {
+            Some((cache, mut token)) if a.decode_steps > 0 => {
+                let t = std::time::Instant::now();
+                let mut steps = blender.decode_steps(cache, a.decode_steps);
+                for _ in 0..a.decode_steps {
+                    token = steps
+                        .step(blender.model(), token)?
+                        .argmax(0)?
+                        .to_scalar::<u32>()?;
+                }
+                let rate = a.decode_steps as f64 / t.elapsed().as_secs_f64();
+                eprintln!(
+                    "         decode: {rate:.1} tokens/s over {} steps ({})",
+                    a.decode_steps,
+                    if steps.is_graphed() {
+                        "graphed"
+                    } else {
+                        "eager"
+                    }
+                );
+                Some(rate)
+            }
+            _ => None,
+        };
         eprintln!(
             "{:<6} {:<4} {:<6} {:<10} {:>5}: TTFT median {m:.1} ms",
             mode.name(),
@@ -305,6 +339,7 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             ttft_ms_median: m,
             speedup_vs_full: 0.0,
             runs_ms: runs,
+            decode_tokens_per_s,
             phases,
         });
     }

@@ -80,7 +80,7 @@ pub struct Blender {
     device_codecs: KeepEncoded,
     /// Graphed caches kept between requests ([`Blender::with_graphs`]); `None`: off.
     #[cfg(feature = "gpu")]
-    graphs: Option<crate::graphs::GraphPool>,
+    graphs: Option<Arc<crate::graphs::GraphPool>>,
 }
 
 /// Whether graphs pay for `model` by default ([`Blender::with_graphs`]).
@@ -149,7 +149,7 @@ impl Blender {
         #[cfg(feature = "gpu")]
         {
             let can = self.model.fused_attention_unsupported().is_none();
-            self.graphs = (on && can).then(crate::graphs::GraphPool::default);
+            self.graphs = (on && can).then(Arc::default);
         }
         #[cfg(not(feature = "gpu"))]
         let _ = on;
@@ -205,6 +205,21 @@ impl Blender {
     pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
         let on_device = self.device_tier.as_ref().is_some_and(|d| d.remove(key));
         Ok(self.store.remove(key).await? || on_device)
+    }
+
+    /// Decode steps over a request's cache (its prompt's, from [`Blender::run`]), for up to
+    /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
+    /// blender runs graphs ([`Blender::with_graphs`]; the cache copied into a graphed one
+    /// first, steps enough to pay for it), else `Model::decode_step`. The same bits either way.
+    pub fn decode_steps(&self, cache: KvCache, steps: usize) -> crate::graphs::DecodeSteps {
+        #[cfg(feature = "gpu")]
+        if let Some(pool) = &self.graphs
+            && self.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
+        {
+            return crate::graphs::DecodeSteps::graphed(&self.model, pool, cache, steps);
+        }
+        let _ = steps;
+        crate::graphs::DecodeSteps::eager(cache)
     }
 
     /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to

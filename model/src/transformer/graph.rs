@@ -128,6 +128,11 @@ impl GraphedCache {
         &self.model
     }
 
+    /// The positions of the rows the cache holds.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
     /// Rows the cache holds.
     pub fn len(&self) -> usize {
         self.positions.len()

@@ -6,6 +6,7 @@
 //! stop string that may still complete.
 
 use kvquilt_blend::compress::PooledDecoder;
+use kvquilt_blend::{Blender, DecodeSteps};
 use kvquilt_compression::policy::DecodePoolSpec;
 use kvquilt_model::{KvCache, Model, Tensor, Tokenizer, argmax, log_sum_exp, top_logprobs};
 use rand::rngs::StdRng;
@@ -67,7 +68,7 @@ impl Finish {
 /// empty) and how many times the decode pool was reselected.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode(
-    model: &Model,
+    blender: &Blender,
     tokenizer: &Tokenizer,
     cache: KvCache,
     mut logits: Tensor,
@@ -78,7 +79,11 @@ pub(crate) fn decode(
     mut on_step: impl FnMut(Step) -> bool,
 ) -> ApiResult<(Finish, usize, usize)> {
     // with a decode pool, generated tokens' KV is held to its budget (SCOPE)
-    let mut steps = Steps::new(model, cache, pool)?;
+    let model = blender.model();
+    let mut steps = match pool {
+        None => Steps::Plain(blender.decode_steps(cache, stopping.max_tokens)),
+        Some(spec) => Steps::Pooled(Box::new(PooledDecoder::new(model, cache, spec)?)),
+    };
     let mut rng = match sampling.seed {
         Some(s) => StdRng::seed_from_u64(s),
         None => StdRng::from_os_rng(),
@@ -123,23 +128,17 @@ pub(crate) fn decode(
     Ok((Finish::Length, produced, steps.evictions()))
 }
 
-/// One decode step at a time: over the cache as it is, or under a decode pool.
+/// One decode step at a time: over the cache as it is (replayed as a CUDA graph where the
+/// blender runs graphs: `Blender::decode_steps`), or under a decode pool.
 enum Steps {
-    Plain(KvCache),
+    Plain(DecodeSteps),
     Pooled(Box<PooledDecoder>),
 }
 
 impl Steps {
-    fn new(model: &Model, cache: KvCache, pool: Option<DecodePoolSpec>) -> ApiResult<Self> {
-        Ok(match pool {
-            None => Self::Plain(cache),
-            Some(spec) => Self::Pooled(Box::new(PooledDecoder::new(model, cache, spec)?)),
-        })
-    }
-
     fn step(&mut self, model: &Model, token: u32) -> ApiResult<Tensor> {
         Ok(match self {
-            Self::Plain(cache) => model.decode_step(token, cache, &mut ())?,
+            Self::Plain(steps) => steps.step(model, token)?,
             Self::Pooled(d) => d.step(model, token)?,
         })
     }

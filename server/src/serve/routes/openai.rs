@@ -376,9 +376,8 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                 store(&mut stats);
                 return Ok(());
             }
-            let model = st.blender.model();
             let decoded = decode(
-                model,
+                &st.blender,
                 &st.tokenizer,
                 out.cache,
                 out.logits,
