@@ -43,7 +43,14 @@ pub(crate) fn launch_bound(c: &ModelConfig, dtype: DType) -> bool {
 #[derive(Default)]
 pub(crate) struct GraphPool {
     idle: Mutex<Vec<GraphedCache>>,
+    /// Graphed passes that failed (each request then ran eagerly).
+    failures: std::sync::atomic::AtomicUsize,
 }
+
+/// Failed graphed passes after which a pool is no longer used (a capture that fails once,
+/// e.g. on an op that cannot be captured, fails again; an allocation may not).
+#[cfg(feature = "gpu")]
+const MOST_FAILURES: usize = 3;
 
 /// Idle caches kept; a cache given back beyond it drops the smallest.
 #[cfg(feature = "gpu")]
@@ -72,6 +79,25 @@ impl GraphPool {
         Ok(GraphedCache::new(Arc::clone(model), capacity)?)
     }
 
+    /// Whether graphed passes are still tried ([`MOST_FAILURES`]).
+    pub(crate) fn usable(&self) -> bool {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed) < MOST_FAILURES
+    }
+
+    /// Counts a graphed pass that failed (its request runs eagerly), with a warning; past
+    /// [`MOST_FAILURES`] the pool is not used again.
+    pub(crate) fn failed(&self, error: &crate::BlendError) {
+        let n = self
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(%error, failures = n, "a graphed pass failed; running it eagerly");
+        if n == MOST_FAILURES {
+            tracing::warn!("CUDA graphs off for this model after {n} failures");
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
     /// Keeps `g` for a later request (dropping the smallest idle cache past [`KEEP`]).
     pub(crate) fn give_back(&self, g: GraphedCache) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,6 +120,23 @@ impl std::fmt::Debug for GraphPool {
         let idle = self.idle.lock().map(|i| i.len()).unwrap_or(0);
         f.debug_struct("GraphPool").field("idle", &idle).finish()
     }
+}
+
+/// Rows of room a cache copied out of a graphed one leaves for decoding in place.
+#[cfg(feature = "gpu")]
+const DECODE_ROOM: usize = 256;
+
+/// `g`'s rows copied into a cache of their own, with room to decode in place: what a request
+/// keeps once its graphed cache goes back to the pool.
+#[cfg(feature = "gpu")]
+pub(crate) fn copy_out(g: &GraphedCache) -> Result<KvCache> {
+    let views = g.cache()?;
+    let layers = views
+        .layers
+        .iter()
+        .map(|l| Ok(kvquilt_model::LayerKv::cat_with_room(&[l], DECODE_ROOM)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KvCache::new(layers, views.positions))
 }
 
 /// Decode steps over one request's cache ([`crate::Blender::decode_steps`]): replayed from
@@ -144,6 +187,7 @@ impl DecodeSteps {
         steps: usize,
     ) -> Self {
         if steps < LEAST_GRAPHED_STEPS
+            || !pool.usable()
             || cache.is_pruned()
             || cache.len() + steps > model.config().context_length
         {
@@ -171,19 +215,30 @@ impl DecodeSteps {
     }
 
     /// Appends `token` at the position after the cache's last and returns the next token's
-    /// f32 logits `[vocab]`.
+    /// f32 logits `[vocab]`. A graphed step that fails is counted by the pool and run
+    /// eagerly, over the graphed cache's rows copied out, as are all later steps.
     pub fn step(&mut self, model: &Model, token: u32) -> crate::Result<Tensor> {
+        #[cfg(feature = "gpu")]
+        if let Self::Graphed(graphed) = self {
+            let Some(g) = graphed.cache.as_mut() else {
+                return Err(crate::error::invalid(
+                    "decode steps after their cache went back",
+                ));
+            };
+            let pos = g.positions().last().map_or(0, |p| p + 1);
+            match g.append(&[token], &[pos]) {
+                Ok(logits) => return Ok(logits),
+                Err(e) => {
+                    graphed.pool.failed(&e.into());
+                    let cache = copy_out(g)?;
+                    *self = Self::Eager(cache);
+                }
+            }
+        }
         match self {
             Self::Eager(cache) => Ok(model.decode_step(token, cache, &mut ())?),
             #[cfg(feature = "gpu")]
-            Self::Graphed(Graphed { cache: Some(g), .. }) => {
-                let pos = g.positions().last().map_or(0, |p| p + 1);
-                Ok(g.append(&[token], &[pos])?)
-            }
-            #[cfg(feature = "gpu")]
-            Self::Graphed(Graphed { cache: None, .. }) => Err(crate::error::invalid(
-                "decode steps after their cache went back",
-            )),
+            Self::Graphed(_) => Err(crate::error::invalid("a graphed step fell through")),
         }
     }
 

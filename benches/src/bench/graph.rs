@@ -101,6 +101,9 @@ mod imp {
         rows_max_abs: f32,
         /// Greedy tokens (question's first + decode steps) equal in both.
         tokens_equal: usize,
+        /// Appends of bad input (a token outside the vocabulary, a position not after the
+        /// cache's last, positions of another count) were refused, the cache unchanged.
+        refused: bool,
         tokens: usize,
         passed: bool,
     }
@@ -211,15 +214,26 @@ mod imp {
             }
             let mut te = vec![first_e];
             te.extend(eager_decode(&mut cache, first_e)?);
+            // bad input is refused and leaves the cache as it was (the decode below then
+            // still matches the eager one step for step)
+            let next = graphed.len() as u32;
+            let refused = graphed.append(&[c.vocab_size as u32], &[next]).is_err()
+                && graphed.append(&[0], &[0]).is_err()
+                && graphed.append(&[0, 1], &[next]).is_err()
+                && graphed.len() == next as usize;
             let mut tg = vec![first_g];
             tg.extend(graph_decode(&mut graphed, first_e)?);
             let tokens_equal = te.iter().zip(&tg).take_while(|(x, y)| x == y).count();
             // bf16: one rounding of a logit of magnitude ~10 is 0.06; rows are the
             // projection's own output (same kernels), so they should agree to rounding too
-            let passed = logits_max_abs <= 0.25 && rows_max_abs <= 0.05 && first_e == first_g;
+            let passed = logits_max_abs <= 0.25
+                && rows_max_abs <= 0.05
+                && first_e == first_g
+                && refused
+                && tokens_equal == te.len();
             println!(
                 "check: logits max |Δ| {logits_max_abs:.4}, K/V rows max |Δ| {rows_max_abs:.4}, \
-                 greedy tokens equal {tokens_equal}/{} — {}",
+                 greedy tokens equal {tokens_equal}/{}, bad input refused: {refused} — {}",
                 te.len(),
                 if passed { "pass" } else { "FAIL" }
             );
@@ -227,6 +241,7 @@ mod imp {
                 logits_max_abs,
                 rows_max_abs,
                 tokens_equal,
+                refused,
                 tokens: te.len(),
                 passed,
             })

@@ -32,12 +32,18 @@ pub(crate) fn run(
         Prepared::Ready(a) => *a,
     };
     #[cfg(feature = "gpu")]
-    if let Some(pool) = &b.graphs
+    let mut a = a;
+    #[cfg(feature = "gpu")]
+    if let Some(pool) = b.graphs.as_ref().filter(|p| p.usable())
         && !a.sources.streams()
         && req.suffix.len() <= kvquilt_model::GraphedCache::most_rows_of(b.model.config())
         && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
     {
-        return graphed(b, pool, a, req, start, clock);
+        match graphed_question(b, pool, &mut a, req, &clock) {
+            Ok((g, logits)) => return finish_graphed(b, pool, a, g, logits, req, start, clock),
+            // counted; the request runs eagerly below (its sources are all in memory)
+            Err(e) => pool.failed(&e),
+        }
     }
     let num_layers = b.model.config().num_layers;
     let non_suffix = a.tokens.len() - req.suffix.len();
@@ -73,19 +79,18 @@ pub(crate) fn run(
     Ok((out, work))
 }
 
-/// [`run`] with the question replayed as a CUDA graph (`crate::graphs`): every layer of the
-/// context put into a pooled graphed cache (one launch per tensor per layer), the question
-/// appended by the cache's graph for its length (captured on first use), and the request's
-/// cache copied out of the pooled one after the first token, with room to decode.
+/// [`run`]'s question replayed as a CUDA graph (`crate::graphs`): every layer of the context
+/// put into a pooled graphed cache (one launch per tensor per layer), then the question
+/// appended by the cache's graph for its length (captured on first use). Returns the cache
+/// (taken from `pool`) and the last token's logits; on error the cache is given back.
 #[cfg(feature = "gpu")]
-fn graphed(
+fn graphed_question(
     b: &Blender,
     pool: &crate::graphs::GraphPool,
-    mut a: super::assembly::Assembly<'_>,
+    a: &mut super::assembly::Assembly<'_>,
     req: &BlendRequest,
-    start: Instant,
-    clock: RefCell<PhaseClock>,
-) -> Result<Ran> {
+    clock: &RefCell<PhaseClock>,
+) -> Result<(kvquilt_model::GraphedCache, kvquilt_model::Tensor)> {
     let num_layers = b.model.config().num_layers;
     let non_suffix = a.tokens.len() - req.suffix.len();
     let mut g = pool.take(&b.model, a.tokens.len())?;
@@ -99,36 +104,36 @@ fn graphed(
         clock.borrow_mut().enter("suffix layers")?;
         Ok(g.append(&req.suffix, &positions(non_suffix, req.suffix.len()))?)
     };
-    let logits = match run() {
-        Ok(logits) => logits,
+    match run() {
+        Ok(logits) => Ok((g, logits)),
         Err(e) => {
             pool.give_back(g);
-            return Err(e);
+            Err(e)
         }
-    };
-    let phases = clock.into_inner().finish()?;
-    let copied = a.finish_then(
-        b,
-        req,
-        start,
-        logits,
-        || {
-            let views = g.cache()?;
-            let layers = views
-                .layers
-                .iter()
-                .map(|l| Ok(LayerKv::cat_with_room(&[l], DECODE_ROOM)?))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(kvquilt_model::KvCache::new(layers, views.positions))
-        },
-        0,
-    );
-    pool.give_back(g);
-    let (mut out, work) = copied?;
-    out.stats.phases = phases;
-    Ok((out, work))
+    }
 }
 
-/// Rows of room the cache copied out of a graphed one leaves for decoding in place.
+/// After a graphed question: the request's output, its cache copied out of the pooled one
+/// once the first token's time is taken; the pooled cache goes back either way.
 #[cfg(feature = "gpu")]
-const DECODE_ROOM: usize = 256;
+#[allow(clippy::too_many_arguments)]
+fn finish_graphed(
+    b: &Blender,
+    pool: &crate::graphs::GraphPool,
+    a: super::assembly::Assembly<'_>,
+    g: kvquilt_model::GraphedCache,
+    logits: kvquilt_model::Tensor,
+    req: &BlendRequest,
+    start: Instant,
+    clock: RefCell<PhaseClock>,
+) -> Result<Ran> {
+    let phases = clock.into_inner().finish();
+    let copied = phases.and_then(|phases| {
+        let (mut out, work) =
+            a.finish_then(b, req, start, logits, || crate::graphs::copy_out(&g), 0)?;
+        out.stats.phases = phases;
+        Ok((out, work))
+    });
+    pool.give_back(g);
+    copied
+}
