@@ -23,6 +23,18 @@ use crate::error::Result;
 /// cache and its graphs).
 const CAPACITY_STEP: usize = 1024;
 
+/// What a blender's CUDA graphs did ([`crate::Blender::graph_stats`]; zeros where graphs
+/// are off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// `reuse` questions replayed as a graph.
+    pub questions: u64,
+    /// Requests whose decode steps replayed a graph.
+    pub decodes: u64,
+    /// Graphed passes that failed (their request ran eagerly).
+    pub failures: u64,
+}
+
 /// Weight bytes per layer up to which a short pass is bound by launching its kernels rather
 /// than by reading its weights: at ~4.8 TB/s, 64 MB is ~13 µs of reads per layer against
 /// ~100 µs of host time issuing the layer's ~11 kernels eagerly (BENCHMARKS §5).
@@ -45,6 +57,10 @@ pub(crate) struct GraphPool {
     idle: Mutex<Vec<GraphedCache>>,
     /// Graphed passes that failed (each request then ran eagerly).
     failures: std::sync::atomic::AtomicUsize,
+    /// `reuse` questions replayed.
+    questions: std::sync::atomic::AtomicU64,
+    /// Requests whose decode steps replayed a graph.
+    decodes: std::sync::atomic::AtomicU64,
 }
 
 /// Failed graphed passes after which a pool is no longer used (a capture that fails once,
@@ -79,6 +95,22 @@ impl GraphPool {
         Ok(GraphedCache::new(Arc::clone(model), capacity)?)
     }
 
+    /// What the pool's graphs did so far.
+    pub(crate) fn stats(&self) -> GraphStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        GraphStats {
+            questions: self.questions.load(Relaxed),
+            decodes: self.decodes.load(Relaxed),
+            failures: self.failures.load(Relaxed) as u64,
+        }
+    }
+
+    /// Counts a `reuse` question replayed as a graph.
+    pub(crate) fn count_question(&self) {
+        self.questions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether graphed passes are still tried ([`MOST_FAILURES`]).
     pub(crate) fn usable(&self) -> bool {
         self.failures.load(std::sync::atomic::Ordering::Relaxed) < MOST_FAILURES
@@ -98,8 +130,16 @@ impl GraphPool {
         }
     }
 
-    /// Keeps `g` for a later request (dropping the smallest idle cache past [`KEEP`]).
+    /// Keeps `g` for a later request (dropping the smallest idle cache past [`KEEP`]), once
+    /// the work issued on it has finished: the next request may run on another thread,
+    /// whose stream would not wait for this one's (the copy out of `g` may still be in
+    /// flight when a request gives it back). A cache whose device fails to synchronise is
+    /// dropped instead.
     pub(crate) fn give_back(&self, g: GraphedCache) {
+        if let Err(error) = g.model().device().synchronize() {
+            tracing::warn!(%error, "dropping a graphed cache: its device did not synchronise");
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(g);
         if idle.len() > KEEP
@@ -203,10 +243,14 @@ impl DecodeSteps {
                 }
             });
         match loaded {
-            Ok(g) => Self::Graphed(Graphed {
-                cache: Some(g),
-                pool: Arc::clone(pool),
-            }),
+            Ok(g) => {
+                pool.decodes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Self::Graphed(Graphed {
+                    cache: Some(g),
+                    pool: Arc::clone(pool),
+                })
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "decoding eagerly: the cache did not go into a graphed one");
                 Self::Eager(cache)

@@ -48,9 +48,9 @@ pub use engine::{
     Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack, device_decoded,
 };
 pub use error::{BlendError, Result};
-pub use graphs::DecodeSteps;
 #[cfg(feature = "gpu")]
 pub use graphs::Graphed;
+pub use graphs::{DecodeSteps, GraphStats};
 pub use identity::{ModelIdentity, layout_of, prompt_opening};
 pub use phases::PhaseTime;
 pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource, StoredObject};

@@ -749,6 +749,10 @@ async fn metrics_count_attention_fallbacks() {
         text.contains("kvquilt_attention_fallbacks_total 0"),
         "{text}"
     );
+    // CUDA graphs run on a GPU only: counted, and zero here
+    for name in ["graphed_questions", "graphed_decodes", "graph_failures"] {
+        assert!(text.contains(&format!("kvquilt_{name}_total 0")), "{text}");
+    }
 }
 
 /// `[blend] fall_back_to_full = false`: every request runs the mode it asks for, so a

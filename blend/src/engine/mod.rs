@@ -207,6 +207,15 @@ impl Blender {
         Ok(self.store.remove(key).await? || on_device)
     }
 
+    /// What this blender's CUDA graphs did ([`Blender::with_graphs`]); zeros when off.
+    pub fn graph_stats(&self) -> crate::graphs::GraphStats {
+        #[cfg(feature = "gpu")]
+        if let Some(pool) = &self.graphs {
+            return pool.stats();
+        }
+        crate::graphs::GraphStats::default()
+    }
+
     /// Decode steps over a request's cache (its prompt's, from [`Blender::run`]), for up to
     /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
     /// blender runs graphs ([`Blender::with_graphs`]; the cache copied into a graphed one

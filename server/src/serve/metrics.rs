@@ -360,6 +360,27 @@ impl Collector for StoreCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(self.0.model().attention_fallbacks()).encode(fallbacks)?;
+        let graphs = self.0.graph_stats();
+        for (name, help, value) in [
+            (
+                "graphed_questions",
+                "reuse questions replayed as a CUDA graph",
+                graphs.questions,
+            ),
+            (
+                "graphed_decodes",
+                "Requests whose decode steps replayed a CUDA graph",
+                graphs.decodes,
+            ),
+            (
+                "graph_failures",
+                "Graphed passes that failed and ran eagerly (graphs stop after 3)",
+                graphs.failures,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(m)?;
+        }
         Ok(())
     }
 }

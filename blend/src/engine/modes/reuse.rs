@@ -40,7 +40,10 @@ pub(crate) fn run(
         && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
     {
         match graphed_question(b, pool, &mut a, req, &clock) {
-            Ok((g, logits)) => return finish_graphed(b, pool, a, g, logits, req, start, clock),
+            Ok((g, logits)) => {
+                pool.count_question();
+                return finish_graphed(b, pool, a, g, logits, req, start, clock);
+            }
             // counted; the request runs eagerly below (its sources are all in memory)
             Err(e) => pool.failed(&e),
         }
