@@ -191,7 +191,8 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         hosts.push((codec, b, held));
     }
     let blender = &hosts[0].1;
-    let resident = a.device_tier.then(|| {
+    // device-tier blenders over the same store (the warm-up run makes the chunks resident)
+    let on_device = || {
         Blender::new(
             Arc::clone(&model),
             identity.clone(),
@@ -200,18 +201,9 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         )
         .with_fallback_to_full(false)
         .with_device_tier(u64::MAX, PolicyKind::Lru)
-    });
-    let resident_eager = (a.device_tier && a.eager_too).then(|| {
-        Blender::new(
-            Arc::clone(&model),
-            identity.clone(),
-            Arc::clone(blender.store()),
-            rt.handle().clone(),
-        )
-        .with_fallback_to_full(false)
-        .with_device_tier(u64::MAX, PolicyKind::Lru)
-        .with_graphs(false)
-    });
+    };
+    let resident = a.device_tier.then(on_device);
+    let resident_eager = (a.device_tier && a.eager_too).then(|| on_device().with_graphs(false));
     let mut reusing = vec![(Mode::Reuse, None, None)];
     for v in &a.variants {
         for &r in &a.ratios {

@@ -235,13 +235,7 @@ pub(crate) fn cat_rows(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
 /// Writes `src`'s rows (passing [`rows_supported`]) into `dst` (packed, same row shape and
 /// dtype) at rows `at..at + src rows`, in one launch.
 pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
-    Ok(dst.inplace_op2(
-        src,
-        &PutRows {
-            at,
-            rest: Vec::new(),
-        },
-    )?)
+    put_parts(dst, at, &[src])
 }
 
 /// [`put_rows`] of several parts one after the other (each passing [`rows_supported`], at
@@ -302,6 +296,35 @@ fn part(
         rows: pl.shape().dims()[0],
         stride,
     })
+}
+
+/// The parts of one `cat_rows_w*` launch: `first` (the storage candle handed an op) then
+/// `rest`, each checked against the row shape and dtype, at most [`CAT_MAX_PARTS`]. Each
+/// part's storage lock is held only while reading its address: the op holds the tensors, so
+/// their memory outlives the launch.
+fn parts_of(
+    first: (&CudaStorage, &Layout),
+    rest: &[Tensor],
+    row_dims: &[usize],
+    dtype: DType,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> candle_core::Result<Vec<Part>> {
+    if rest.len() + 1 > CAT_MAX_PARTS {
+        candle_core::bail!(
+            "cat_rows: {} parts, at most {CAT_MAX_PARTS}",
+            rest.len() + 1
+        );
+    }
+    let mut parts = Vec::with_capacity(rest.len() + 1);
+    parts.push(part(first.0, first.1, row_dims, dtype, stream)?);
+    for t in rest {
+        let (g, pl) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*g else {
+            candle_core::bail!("cat_rows: a part is not on CUDA");
+        };
+        parts.push(part(cs, pl, row_dims, dtype, stream)?);
+    }
+    Ok(parts)
 }
 
 /// Launches `cat_rows_w*` copying `parts` to `dst` (a device address) from row `at` on:
@@ -386,12 +409,6 @@ impl CustomOp1 for CatRows {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        if self.rest.len() + 1 > CAT_MAX_PARTS {
-            candle_core::bail!(
-                "cat_rows: {} parts, at most {CAT_MAX_PARTS}",
-                self.rest.len() + 1
-            );
-        }
         let dims = l.shape().dims().to_vec();
         if dims.len() < 2 {
             candle_core::bail!("cat_rows: parts need rows (rank ≥ 2)");
@@ -400,17 +417,7 @@ impl CustomOp1 for CatRows {
         let size = s.dtype().size_in_bytes();
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        // each part's storage lock is held only while reading its address: the op holds the
-        // tensors, so their memory outlives the launch
-        let mut parts = Vec::with_capacity(self.rest.len() + 1);
-        parts.push(part(s, l, &dims[1..], s.dtype(), &stream)?);
-        for t in &self.rest {
-            let (g, pl) = t.storage_and_layout();
-            let candle_core::Storage::Cuda(cs) = &*g else {
-                candle_core::bail!("cat_rows: a part is not on CUDA");
-            };
-            parts.push(part(cs, pl, &dims[1..], s.dtype(), &stream)?);
-        }
+        let parts = parts_of((s, l), &self.rest, &dims[1..], s.dtype(), &stream)?;
         let total: usize = parts.iter().map(|p| p.rows).sum();
         let capacity = self.capacity.max(total);
         macro_rules! go {
@@ -472,21 +479,7 @@ impl InplaceOp2 for PutRows {
         let size = dst.dtype().size_in_bytes();
         let dev = dst.device().clone();
         let stream = dev.cuda_stream();
-        if self.rest.len() + 1 > CAT_MAX_PARTS {
-            candle_core::bail!(
-                "put_rows: {} parts, at most {CAT_MAX_PARTS}",
-                self.rest.len() + 1
-            );
-        }
-        let mut parts = Vec::with_capacity(self.rest.len() + 1);
-        parts.push(part(src, ls, &dims[1..], dst.dtype(), &stream)?);
-        for t in &self.rest {
-            let (g, pl) = t.storage_and_layout();
-            let candle_core::Storage::Cuda(cs) = &*g else {
-                candle_core::bail!("put_rows: a part is not on CUDA");
-            };
-            parts.push(part(cs, pl, &dims[1..], dst.dtype(), &stream)?);
-        }
+        let parts = parts_of((src, ls), &self.rest, &dims[1..], dst.dtype(), &stream)?;
         let rows: usize = parts.iter().map(|p| p.rows).sum();
         if self.at + rows > dims[0] {
             candle_core::bail!(

@@ -33,7 +33,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::kernels::FusedAttention;
-use crate::kernels::put_parts;
+use crate::kernels::{CAT_MAX_PARTS, put_parts};
 use crate::kv::{KvCache, LayerKv, check_increasing};
 use crate::rows::SetRows;
 
@@ -164,7 +164,7 @@ impl GraphedCache {
     }
 
     /// Writes layer `l`'s rows `0..` from `parts` one after the other (K and V each in one
-    /// launch; at most 48 non-empty parts, rows of this model's KV shape and dtype). The
+    /// launch per 48 non-empty parts; rows of this model's KV shape and dtype). The
     /// cache's positions are set apart ([`GraphedCache::set_positions`]), after every layer
     /// holds its rows.
     pub fn put_layer(&mut self, l: usize, parts: &[&LayerKv]) -> Result<()> {
@@ -182,10 +182,16 @@ impl GraphedCache {
                 self.capacity
             )));
         }
-        let ks: Vec<&Tensor> = filled.iter().map(|p| &p.k).collect();
-        let vs: Vec<&Tensor> = filled.iter().map(|p| &p.v).collect();
-        put_parts(&dst.k, 0, &ks)?;
-        put_parts(&dst.v, 0, &vs)?;
+        // one launch per tensor for up to CAT_MAX_PARTS parts (a request of more segments
+        // takes a launch per CAT_MAX_PARTS)
+        let mut at = 0;
+        for group in filled.chunks(CAT_MAX_PARTS) {
+            let ks: Vec<&Tensor> = group.iter().map(|p| &p.k).collect();
+            let vs: Vec<&Tensor> = group.iter().map(|p| &p.v).collect();
+            put_parts(&dst.k, at, &ks)?;
+            put_parts(&dst.v, at, &vs)?;
+            at += group.iter().map(|p| p.len()).sum::<usize>();
+        }
         Ok(())
     }
 
@@ -289,14 +295,13 @@ impl GraphedCache {
         inputs.extend_from_slice(tokens);
         inputs.extend_from_slice(positions);
         inputs.extend((len..len + n).map(|r| r as u32));
-        let ran = self.upload_and_run(n, &inputs, positions, &mut captured);
+        let ran = self
+            .upload_and_run(n, &inputs, positions, &mut captured)
+            .and_then(|()| Ok(captured.logits.copy()?));
         self.graphs.insert(n, captured);
-        ran?;
+        let logits = ran?;
         self.positions.extend_from_slice(positions);
-        let Some(captured) = self.graphs.get(&n) else {
-            return Err(invalid_input("a captured pass went missing"));
-        };
-        Ok(captured.logits.copy()?)
+        Ok(logits)
     }
 
     /// Uploads one call's inputs and runs its pass: the graph's replay, or on a row count's
@@ -447,15 +452,8 @@ impl InplaceOp1 for Upload<'_> {
         "kvquilt-upload"
     }
 
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let range = self.range(l)?;
-        match s {
-            CpuStorage::U32(v) => {
-                v[range].copy_from_slice(self.data);
-                Ok(())
-            }
-            _ => candle_core::bail!("upload into a u32 tensor only"),
-        }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("graphed caches live on CUDA")
     }
 
     fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
