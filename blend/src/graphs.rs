@@ -140,6 +140,9 @@ impl GraphPool {
             tracing::warn!(%error, "dropping a graphed cache: its device did not synchronise");
             return;
         }
+        if !self.usable() {
+            return; // graphs are off: its memory goes back to the device
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(g);
         if idle.len() > KEEP
@@ -181,7 +184,8 @@ pub(crate) fn copy_out(g: &GraphedCache) -> Result<KvCache> {
 
 /// Decode steps over one request's cache ([`crate::Blender::decode_steps`]): replayed from
 /// a pooled graphed cache where the blender runs graphs, else [`Model::decode_step`]. Both
-/// give the same bits (the graphed pass is the eager one: ARCHITECTURE "Invariants").
+/// compute the same pass (ARCHITECTURE "Invariants": bit-identical where the attention's
+/// split-KV partition coincides, else equal to f32 summation order).
 pub enum DecodeSteps {
     /// `Model::decode_step` over the cache.
     Eager(KvCache),

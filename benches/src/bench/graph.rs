@@ -38,6 +38,11 @@ pub struct GraphBenchArgs {
     /// Compare the graph's results against the eager pass; exit non-zero past tolerance.
     #[arg(long)]
     check: bool,
+    /// Rows of the graphed cache (default: context + question + steps, exactly). The
+    /// engine's pooled caches are rounded up to 1,024 rows; a capacity that plans another
+    /// split-KV count than the eager pass gives results equal to rounding, not bit for bit.
+    #[arg(long)]
+    capacity: Option<usize>,
     /// Issue the "graphed" passes op by op through the same buffers instead of capturing
     /// them (diagnosis: separates the capture from the pass).
     #[arg(long)]
@@ -117,10 +122,15 @@ mod imp {
             bail!("`bench graph` runs on CUDA (--device cuda)");
         }
         let (config, shape_name) = random_shape(&a.shape)?;
-        let capacity = a.keys + a.rows + a.steps;
+        let needed = a.keys + a.rows + a.steps;
+        let capacity = a.capacity.unwrap_or(needed);
+        if capacity < needed {
+            bail!("--capacity {capacity} below the {needed} rows the bench appends");
+        }
         if capacity > config.context_length {
             bail!(
-                "{} keys + {} rows + {} steps exceed the shape's context of {}",
+                "a cache of {capacity} rows ({} keys + {} rows + {} steps, or --capacity) \
+                 exceeds the shape's context of {}",
                 a.keys,
                 a.rows,
                 a.steps,

@@ -137,7 +137,7 @@ impl Blender {
 
     /// Whether a `reuse` request whose chunks are all on the model's device already (the
     /// device tier, or computed now) runs its question as a CUDA graph replayed from a pool
-    /// kept between requests (`graphs.rs`): the same kernels and bits, no per-kernel host
+    /// kept between requests (`graphs.rs`): the same kernels, no per-kernel host
     /// cost. It runs where it can (a `gpu` build, a CUDA model in bf16 or f16 whose attention
     /// runs fused); a question longer than a graph takes, or chunks streaming from a store
     /// tier (whose layers the eager pass overlaps with compute), run eagerly as before.
@@ -219,7 +219,7 @@ impl Blender {
     /// Decode steps over a request's cache (its prompt's, from [`Blender::run`]), for up to
     /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
     /// blender runs graphs ([`Blender::with_graphs`]; the cache copied into a graphed one
-    /// first, steps enough to pay for it), else `Model::decode_step`. The same bits either way.
+    /// first, steps enough to pay for it), else `Model::decode_step`.
     pub fn decode_steps(&self, cache: KvCache, steps: usize) -> crate::graphs::DecodeSteps {
         #[cfg(feature = "gpu")]
         if let Some(pool) = &self.graphs

@@ -16,8 +16,11 @@
 //! logits buffer and the model's weights (all outliving it) and memory the graph allocates and
 //! frees itself (every temporary of the capture is dropped before it ends); the rows a call
 //! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
-//! upload). Pinned by `kvquilt-bench graph --check` on the GPU machine: the graph's logits and
-//! cache rows against the eager pass over the same cache (BENCHMARKS §5).
+//! upload). A replay runs the eager pass's kernels with the same arguments but the key count
+//! (the capacity), which also plans the attention's split-KV partition: bit-identical to
+//! `Model::prefill` over the same cache where the split counts coincide, else the same
+//! arithmetic summed over other key ranges. Pinned by `kvquilt-bench graph --check` on the
+//! GPU machine (BENCHMARKS §5, "Seventh pass").
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +51,9 @@ pub struct GraphedCache {
     k_pos: Tensor,
     /// The key positions on the host (`len` of them).
     positions: Vec<u32>,
+    /// Rows each layer's last [`GraphedCache::put_layer`] wrote (`None`: none since the last
+    /// [`GraphedCache::set_positions`]), which the next positions must match.
+    written: Vec<Option<usize>>,
     graphs: HashMap<usize, Captured>,
     /// Whether passes are captured and replayed (else issued op by op: a diagnosis switch).
     capture: bool,
@@ -66,8 +72,11 @@ struct Captured {
 // SAFETY: a `CudaGraph` is raw driver handles, which CUDA lets any thread use as long as
 // calls on one graph are serialised: every use here goes through `&mut self` or `&self` of a
 // value that is moved, not shared, between threads (no `Sync`). What the graphs read lives in
-// this value (buffers, model) or in candle's process-wide parameter cache, never in the
-// capturing thread's own storage (see `GraphedCache::capture`).
+// this value (buffers, model) or in candle's process-wide parameter cache (the shapes and
+// strides its ops upload, `params_from_vec`). candle's upload guard also routes
+// `CudaDevice::clone_htod`/`memcpy_htod` through a cache local to the capturing thread,
+// freed when that thread exits: no op of the captured pass uploads that way today (all
+// reach the parameter cache); one that did would tie its graphs to the capturing thread.
 unsafe impl Send for GraphedCache {}
 
 impl GraphedCache {
@@ -102,12 +111,14 @@ impl GraphedCache {
             .map(|_| Ok(LayerKv::new(zeros()?, zeros()?)))
             .collect::<Result<Vec<_>>>()?;
         let k_pos = Tensor::new(vec![u32::MAX; capacity], model.device())?;
+        let written = vec![None; layers.len()];
         Ok(Self {
             model,
             capacity,
             layers,
             k_pos,
             positions: Vec::new(),
+            written,
             graphs: HashMap::new(),
             capture: true,
         })
@@ -192,14 +203,28 @@ impl GraphedCache {
             put_parts(&dst.v, at, &vs)?;
             at += group.iter().map(|p| p.len()).sum::<usize>();
         }
+        self.written[l] = Some(rows);
         Ok(())
     }
 
     /// The cache holds the rows at `positions` (strictly increasing, below the model's
     /// context and at most the capacity), which every layer's rows `0..positions.len()`
-    /// hold ([`GraphedCache::put_layer`]): one upload of the key positions.
+    /// hold: each layer must have been written by [`GraphedCache::put_layer`] since the last
+    /// call, with exactly that many rows (else attention would read an earlier request's
+    /// rows). One upload of the key positions.
     pub fn set_positions(&mut self, positions: &[u32]) -> Result<()> {
         let c = self.model.config();
+        if let Some((l, rows)) = self
+            .written
+            .iter()
+            .enumerate()
+            .find(|(_, w)| **w != Some(positions.len()))
+        {
+            return Err(invalid_input(format!(
+                "{} positions, but layer {l} of the graphed cache was written with {rows:?} rows",
+                positions.len()
+            )));
+        }
         check_increasing(positions)?;
         if positions.len() > self.capacity {
             return Err(invalid_input(format!(
@@ -223,6 +248,7 @@ impl GraphedCache {
             at: 0,
         })?;
         self.positions = positions.to_vec();
+        self.written.fill(None);
         Ok(())
     }
 
@@ -299,9 +325,24 @@ impl GraphedCache {
             .upload_and_run(n, &inputs, positions, &mut captured)
             .and_then(|()| Ok(captured.logits.copy()?));
         self.graphs.insert(n, captured);
-        let logits = ran?;
-        self.positions.extend_from_slice(positions);
-        Ok(logits)
+        match ran {
+            Ok(logits) => {
+                self.positions.extend_from_slice(positions);
+                Ok(logits)
+            }
+            Err(e) => {
+                // the slots of the rows not appended go back to "no key" (a later append
+                // of other positions must not find these among the keys)
+                let cleared = self.k_pos.inplace_op1(&Upload {
+                    data: &vec![u32::MAX; n],
+                    at: len,
+                });
+                if let Err(c) = cleared {
+                    tracing::warn!(error = %c, "could not clear a failed append's key positions");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Uploads one call's inputs and runs its pass: the graph's replay, or on a row count's
@@ -416,13 +457,34 @@ impl GraphedCache {
     }
 }
 
-/// Ends the stream's capture and instantiates the graph (also after a failed issue, so that
-/// the stream leaves capture mode either way).
+/// Ends the stream's capture and instantiates the graph, also after a failed issue, so that
+/// this thread's stream leaves capture mode either way. cudarc keeps one error slot per
+/// context, and its `end_capture` reports an error found there instead of ending the
+/// capture; a failed capture fills it (its temporaries' `free_async` fails on an invalidated
+/// capture), so the slot is drained first, and again while the stream still captures.
 fn end_capture(stream: &std::sync::Arc<CudaStream>) -> Result<CudaGraph> {
-    stream
-        .end_capture(CUgraphInstantiate_flags(0))
-        .w()?
-        .ok_or_else(|| invalid_input("the captured pass issued nothing"))
+    let mut last = None;
+    for _ in 0..3 {
+        if let Err(stale) = stream.context().check_err() {
+            tracing::debug!(error = %stale, "an error recorded while capturing");
+        }
+        match stream.end_capture(CUgraphInstantiate_flags(0)) {
+            Ok(Some(graph)) => return Ok(graph),
+            Ok(None) => return Err(invalid_input("the captured pass issued nothing")),
+            Err(e) => last = Some(e),
+        }
+        let _ = stream.context().check_err();
+        let capturing = stream.capture_status().is_ok_and(|s| {
+            s != candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        });
+        if !capturing {
+            break;
+        }
+    }
+    Err(match last {
+        Some(e) => candle_core::Error::Cuda(Box::new(e)).into(),
+        None => invalid_input("ending a capture failed"),
+    })
 }
 
 /// Writes `data` into a u32 tensor at element `at` (an in-place candle op: the tensor keeps
