@@ -35,8 +35,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 
 use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
-use crate::kernels::FusedAttention;
-use crate::kernels::{CAT_MAX_PARTS, put_parts};
+use crate::kernels::{CAT_MAX_PARTS, FusedAttention, put_parts};
 use crate::kv::{KvCache, LayerKv, check_increasing};
 use crate::rows::SetRows;
 
