@@ -1,7 +1,8 @@
-//! CUDA graphs kept between requests (feature `gpu`): a pool of `kvquilt_model::GraphedCache`s, each with
-//! the graphs captured for the question lengths its requests appended, so that a `reuse`
-//! request's question over a small model replays one graph instead of issuing ~11 kernels
-//! per layer (BENCHMARKS §5, "CUDA graphs").
+//! CUDA graphs kept between requests (feature `gpu`): a pool of
+//! `kvquilt_model::GraphedCache`s, each with the graphs captured for the row counts its
+//! requests appended, so that a `reuse` request's question and a served request's decode
+//! steps over a small model replay one graph instead of issuing ~11 kernels per layer
+//! (BENCHMARKS §5, "Seventh pass"). `launch_bound` decides for which models that pays.
 //!
 //! A graphed cache is taken for one request and given back after it; capturing costs about
 //! two passes, so a graph pays from its second replay on, and the pool keeps the caches (and
