@@ -97,10 +97,13 @@ case "${1:-perf}" in
       --ratios 0.15,0.3 --variants cacheblend,query --device-tier --eager-too --phases \
       --repeats 5 --json "$OUT/blend_small.json" || echo "blend small failed"
     # short passes replayed as CUDA graphs: bit-equality with the eager pass (exit status 1
-    # on a mismatch), then their speed (question and decode)
+    # on a mismatch), at the exact capacity and at the engine's pooled one (rounded up to
+    # 1,024 rows), then their speed (question and decode)
     for r in 32 1; do
       "$bench" graph --check --rows "$r" --json "$OUT/graph_small_$r.json" || echo "graph check FAILED"
     done
+    "$bench" graph --check --capacity 7168 --json "$OUT/graph_small_pooled.json" \
+      || echo "graph check FAILED"
     "$bench" graph --check --shape llama3.1-8b --keys 5184 --repeats 5 \
       --json "$OUT/graph_8b.json" || echo "graph check FAILED"
     # what the host pays per op of one SmolLM2-shape layer (a question pass, blend's recompute)

@@ -75,15 +75,19 @@ const KEEP: usize = 2;
 
 #[cfg(feature = "gpu")]
 impl GraphPool {
-    /// A graphed cache of `model` for `rows` rows: the smallest idle one that holds them,
-    /// else a new one of `rows` rounded up to [`CAPACITY_STEP`] (at most the model's context).
+    /// A graphed cache of `model` for `rows` rows: the smallest idle one that holds them
+    /// and lends no rows (a request still holding its views keeps its cache from being
+    /// reloaded), else a new one of `rows` rounded up to [`CAPACITY_STEP`] (at most the
+    /// model's context).
     pub(crate) fn take(&self, model: &Arc<Model>, rows: usize) -> Result<GraphedCache> {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             let fits = idle
                 .iter()
                 .enumerate()
-                .filter(|(_, g)| g.capacity() >= rows && Arc::ptr_eq(g.model(), model))
+                .filter(|(_, g)| {
+                    g.capacity() >= rows && !g.is_lent() && Arc::ptr_eq(g.model(), model)
+                })
                 .min_by_key(|(_, g)| g.capacity())
                 .map(|(i, _)| i);
             if let Some(i) = fits {
@@ -94,6 +98,28 @@ impl GraphPool {
             .next_multiple_of(CAPACITY_STEP)
             .min(model.config().context_length);
         Ok(GraphedCache::new(Arc::clone(model), capacity)?)
+    }
+
+    /// The idle cache whose rows `cache` is ([`GraphedCache::holds`]: a request's cache
+    /// from its graphed question) when it has room for `rows` more, taken with `cache`
+    /// dropped, so that decoding appends in place; `cache` back when no idle cache holds it
+    /// with that room.
+    pub(crate) fn take_holding(
+        &self,
+        cache: KvCache,
+        rows: usize,
+    ) -> std::result::Result<GraphedCache, KvCache> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let holder = idle
+            .iter()
+            .position(|g| g.len() + rows <= g.capacity() && g.holds(&cache));
+        match holder {
+            Some(i) => {
+                drop(cache);
+                Ok(idle.swap_remove(i))
+            }
+            None => Err(cache),
+        }
     }
 
     /// What the pool's graphs did so far.
@@ -131,7 +157,8 @@ impl GraphPool {
         }
     }
 
-    /// Keeps `g` for a later request (dropping the smallest idle cache past [`KEEP`]), once
+    /// Keeps `g` for a later request (past [`KEEP`] dropping the smallest idle cache that
+    /// lends no rows, else the smallest: a lent one is what its request decodes in), once
     /// the work issued on it has finished: the next request may run on another thread,
     /// whose stream would not wait for this one's (the copy out of `g` may still be in
     /// flight when a request gives it back). A cache whose device fails to synchronise is
@@ -150,7 +177,7 @@ impl GraphPool {
             && let Some(i) = idle
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, g)| g.capacity())
+                .min_by_key(|(_, g)| (g.is_lent(), g.capacity()))
                 .map(|(i, _)| i)
         {
             idle.swap_remove(i);
@@ -166,27 +193,9 @@ impl std::fmt::Debug for GraphPool {
     }
 }
 
-/// Rows of room a cache copied out of a graphed one leaves for decoding in place.
-#[cfg(feature = "gpu")]
-const DECODE_ROOM: usize = 256;
-
-/// `g`'s rows copied into a cache of their own, with room to decode in place: what a request
-/// keeps once its graphed cache goes back to the pool.
-#[cfg(feature = "gpu")]
-pub(crate) fn copy_out(g: &GraphedCache) -> Result<KvCache> {
-    let views = g.cache()?;
-    let layers = views
-        .layers
-        .iter()
-        .map(|l| Ok(kvquilt_model::LayerKv::cat_with_room(&[l], DECODE_ROOM)?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(KvCache::new(layers, views.positions))
-}
-
 /// Decode steps over one request's cache ([`crate::Blender::decode_steps`]): replayed from
 /// a pooled graphed cache where the blender runs graphs, else [`Model::decode_step`]. Both
-/// compute the same pass (ARCHITECTURE "Invariants": bit-identical where the attention's
-/// split-KV partition coincides, else equal to f32 summation order).
+/// compute the same pass, bit for bit (ARCHITECTURE "Invariants").
 pub enum DecodeSteps {
     /// `Model::decode_step` over the cache.
     Eager(KvCache),
@@ -222,8 +231,10 @@ impl DecodeSteps {
         Self::Eager(cache)
     }
 
-    /// Steps over `cache`'s rows loaded into a graphed cache of `pool` with room for
-    /// `steps` more; eager when the cache does not go into one (pruned, too long).
+    /// Steps over `cache` in a graphed cache of `pool`: the one `cache` is a view of when
+    /// it came from a graphed question and that cache has room for `steps` more (no copy),
+    /// else one `cache`'s rows are loaded into; eager when the cache does not go into one
+    /// (pruned, too long).
     #[cfg(feature = "gpu")]
     pub(crate) fn graphed(
         model: &Arc<Model>,
@@ -238,6 +249,10 @@ impl DecodeSteps {
         {
             return Self::Eager(cache);
         }
+        let cache = match pool.take_holding(cache, steps) {
+            Ok(g) => return Self::taken(pool, g),
+            Err(cache) => cache,
+        };
         let loaded = pool
             .take(model, cache.len() + steps)
             .and_then(|mut g| match g.load(&cache) {
@@ -248,14 +263,7 @@ impl DecodeSteps {
                 }
             });
         match loaded {
-            Ok(g) => {
-                pool.decodes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Self::Graphed(Graphed {
-                    cache: Some(g),
-                    pool: Arc::clone(pool),
-                })
-            }
+            Ok(g) => Self::taken(pool, g),
             Err(e) => {
                 tracing::warn!(error = %e, "decoding eagerly: the cache did not go into a graphed one");
                 Self::Eager(cache)
@@ -263,9 +271,21 @@ impl DecodeSteps {
         }
     }
 
+    /// Steps in `g`, taken from `pool` (given back when the steps end).
+    #[cfg(feature = "gpu")]
+    fn taken(pool: &Arc<GraphPool>, g: GraphedCache) -> Self {
+        pool.decodes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self::Graphed(Graphed {
+            cache: Some(g),
+            pool: Arc::clone(pool),
+        })
+    }
+
     /// Appends `token` at the position after the cache's last and returns the next token's
     /// f32 logits `[vocab]`. A graphed step that fails is counted by the pool and run
-    /// eagerly, over the graphed cache's rows copied out, as are all later steps.
+    /// eagerly, over views of the graphed cache's rows (the first eager append copies
+    /// them), as are all later steps.
     pub fn step(&mut self, model: &Model, token: u32) -> crate::Result<Tensor> {
         #[cfg(feature = "gpu")]
         if let Self::Graphed(graphed) = self {
@@ -279,7 +299,7 @@ impl DecodeSteps {
                 Ok(logits) => return Ok(logits),
                 Err(e) => {
                     graphed.pool.failed(&e.into());
-                    let cache = copy_out(g)?;
+                    let cache = g.cache()?;
                     *self = Self::Eager(cache);
                 }
             }

@@ -50,6 +50,27 @@ pub struct LayerKv {
     pub v: Tensor,
     /// The buffers `k` and `v` are views of, when they came from [`LayerKv::append`].
     growth: Option<GrowthRef>,
+    /// The owner that lent the buffers `k` and `v` are views of, when lent.
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))] // lent by graphed caches only
+    lent: Option<LentRef>,
+}
+
+/// An owner of KV buffers that lends views of their first rows (a graphed cache's
+/// `cache()`): while a view or a clone of one lives (the `Arc`'s count above one), the owner
+/// rewrites none of the rows it lent (it may write rows past them).
+#[derive(Debug, Default)]
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // lent by graphed caches only
+pub(crate) struct Lender;
+
+/// A view's hold on its lender, with the layer it was lent as and the ids of the exact
+/// `k`/`v` tensors handed out (a layer whose `k` or `v` was reassigned is no longer the
+/// lender's view, though it still holds the lender).
+#[derive(Debug, Clone)]
+struct LentRef {
+    lender: Arc<Lender>,
+    layer: usize,
+    k_id: TensorId,
+    v_id: TensorId,
 }
 
 /// Preallocated K/V rows, `[capacity, kv_heads, head_dim]` each.
@@ -90,7 +111,41 @@ struct GrowthRef {
 impl LayerKv {
     /// A layer holding `k` and `v` (`[tokens, kv_heads, head_dim]` each).
     pub fn new(k: Tensor, v: Tensor) -> Self {
-        Self { k, v, growth: None }
+        Self {
+            k,
+            v,
+            growth: None,
+            lent: None,
+        }
+    }
+
+    /// Views `k` and `v` of buffers `lender` owns, lent as its layer `layer`. Appending to
+    /// them copies (the lender's buffers are never written through a view).
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+    pub(crate) fn lent(k: Tensor, v: Tensor, lender: &Arc<Lender>, layer: usize) -> Self {
+        let lent = Some(LentRef {
+            lender: Arc::clone(lender),
+            layer,
+            k_id: k.id(),
+            v_id: v.id(),
+        });
+        Self {
+            k,
+            v,
+            growth: None,
+            lent,
+        }
+    }
+
+    /// Whether this layer is exactly the view `lender` lent as its layer `layer`.
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+    pub(crate) fn is_lent_by(&self, lender: &Arc<Lender>, layer: usize) -> bool {
+        self.lent.as_ref().is_some_and(|r| {
+            Arc::ptr_eq(&r.lender, lender)
+                && r.layer == layer
+                && r.k_id == self.k.id()
+                && r.v_id == self.v.id()
+        })
     }
 
     /// An empty layer (zero tokens).
@@ -146,7 +201,12 @@ impl LayerKv {
             v_id: v.id(),
             buf,
         });
-        Ok(Self { k, v, growth })
+        Ok(Self {
+            k,
+            v,
+            growth,
+            lent: None,
+        })
     }
 
     /// This layer's keys rotated to `positions` (one per row), `[tokens, kv_heads, head_dim]`;
@@ -675,6 +735,44 @@ mod tests {
         assert_eq!(big.len(), GROWTH_ROWS + 5);
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    /// Views lent by an owner (a graphed cache's rows): they count on the lender while they
+    /// or their clones live, are recognised as the lender's own only unchanged and at their
+    /// layer, and appending to them copies instead of writing into the lender's buffers.
+    /// Pins ARCHITECTURE "Lent rows do not change" on the CPU side (the GPU side:
+    /// `kvquilt-bench graph --check`).
+    #[test]
+    fn lent_views_hold_their_lender_and_never_write_into_it() -> Result<()> {
+        let lender = Arc::new(Lender);
+        let buffer = rows(0.0, 8);
+        let view = LayerKv::lent(buffer.narrow(0, 0, 3)?, buffer.narrow(0, 0, 3)?, &lender, 2);
+        assert_eq!(Arc::strong_count(&lender), 2);
+        assert!(view.is_lent_by(&lender, 2));
+        assert!(!view.is_lent_by(&lender, 1), "another layer's view");
+        assert!(
+            !view.is_lent_by(&Arc::new(Lender), 2),
+            "another lender's view"
+        );
+        let clone = view.clone();
+        assert_eq!(Arc::strong_count(&lender), 3);
+        let mut changed = clone.clone();
+        changed.k = changed.k.copy()?;
+        assert!(
+            !changed.is_lent_by(&lender, 2),
+            "a view whose k was replaced"
+        );
+        drop((clone, changed));
+        assert_eq!(Arc::strong_count(&lender), 2);
+        // an append copies: the lender's rows past the view stay as they were
+        let before: Vec<f32> = buffer.flatten_all()?.to_vec1()?;
+        let grown = view.append(&rows(100.0, 2), &rows(100.0, 2))?;
+        assert_eq!(values(&grown)[6..], [100.0, 101.0, 102.0, 103.0]);
+        assert_eq!(buffer.flatten_all()?.to_vec1::<f32>()?, before);
+        assert!(!grown.is_lent_by(&lender, 2));
+        drop((view, grown));
+        assert_eq!(Arc::strong_count(&lender), 1);
         Ok(())
     }
 

@@ -111,6 +111,19 @@ __device__ __forceinline__ int count_le(const uint32_t *pos, int len, uint32_t x
   return lo;
 }
 
+// The split-KV count of a call: the host's plan (`split_cap`, from the CTA count, clamped to
+// the key tiles over `min_tiles`) over the call's real keys — slots holding u32::MAX (past a
+// captured graph's cache length) are not keys. Where every slot is a key this is the host's
+// own count; over a cache of fixed capacity it is the count an eager call over the same keys
+// launches, so both sum the same partials in the same order (bit-identical results). Never
+// more than the `launched` splits.
+__device__ __forceinline__ int planned_splits(const uint32_t *k_pos, int t, int split_cap,
+                                              int min_tiles, int launched) {
+  const int keys = count_le(k_pos, t, 0xfffffffeu);
+  const int tiles = (keys + BN - 1) / BN;
+  return max(1, min(min(split_cap, max(tiles / min_tiles, 1)), launched));
+}
+
 // Rotates 8 pairs (x1[i], x2[i]) = (dim 8c+i, dim D/2+8c+i) by the angles whose cos/sin are
 // given, in f32, rounding once: r1 = x1 cos - x2 sin, r2 = x2 cos + x1 sin.
 template <typename T>
@@ -164,8 +177,14 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
                                          const T *__restrict__ cos, const T *__restrict__ sin,
                                          T *__restrict__ out, float *__restrict__ ws_o,
                                          float *__restrict__ ws_ml, float *__restrict__ lse,
-                                         int n, int t, int H, int kvh, float scale_log2) {
+                                         int n, int t, int H, int kvh, float scale_log2,
+                                         int split_cap, int min_tiles) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
+  // splits past the call's plan have no keys and nothing to write (the combine reads the
+  // plan's splits only); uniform across the CTA, so it may leave before any barrier
+  const int split = blockIdx.z;
+  const int splits = planned_splits(k_pos, t, split_cap, min_tiles, gridDim.z);
+  if (split >= splits) return;
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Vs[BN * LD];
   __shared__ uint32_t kp_s[BN];
@@ -175,7 +194,7 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   const int G = H / kvh;
   const int QT = BM / G;  // queries per tile
   const int tile = gridDim.x - 1 - blockIdx.x;  // the tiles with the most keys start first
-  const int kh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int kh = blockIdx.y;
   const int q0 = tile * QT;
   const int qn = min(QT, n - q0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -411,23 +430,48 @@ __device__ __forceinline__ void rope_rows(const T *__restrict__ k, int stride,
   }
 }
 
-// Merges split-KV partials: one block per (query, head) row, one thread per dimension.
+// Merges split-KV partials: one block per (query, head) row, one thread per dimension. Merges
+// the call's planned splits of the `launched` (planned_splits); with one, the attention kernel
+// wrote the rows itself. The splits' (m, l) pairs are staged in shared memory by the block at
+// once (up to COMBINE_STAGED splits), so that each thread's loop reads only its dimension's
+// partials from global memory, unrolled so their loads overlap; the arithmetic and its order
+// are the same either way.
+#define COMBINE_STAGED 512
 template <typename T>
 __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
                                              const float *__restrict__ ws_ml, T *__restrict__ out,
                                              float *__restrict__ lse, int rows, int D,
-                                             int splits) {
+                                             int launched, const uint32_t *__restrict__ k_pos,
+                                             int t, int split_cap, int min_tiles) {
+  __shared__ float ml[2 * COMBINE_STAGED];
   const int row = blockIdx.x, d = threadIdx.x;
+  const int splits = planned_splits(k_pos, t, split_cap, min_tiles, launched);
+  if (splits == 1) return;
+  const bool staged = splits <= COMBINE_STAGED;
+  if (staged) {
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+      const size_t at = (static_cast<size_t>(s) * rows + row) * 2;
+      ml[2 * s] = ws_ml[at];
+      ml[2 * s + 1] = ws_ml[at + 1];
+    }
+  }
+  __syncthreads();
   if (d >= D) return;
+  auto m_of = [&](int s) {
+    return staged ? ml[2 * s] : ws_ml[(static_cast<size_t>(s) * rows + row) * 2];
+  };
+  auto l_of = [&](int s) {
+    return staged ? ml[2 * s + 1] : ws_ml[(static_cast<size_t>(s) * rows + row) * 2 + 1];
+  };
   float mx = NEG_INF;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ws_ml[(static_cast<size_t>(s) * rows + row) * 2]);
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, m_of(s));
   float num = 0.f, den = 0.f;
   if (mx != NEG_INF) {
+#pragma unroll 8
     for (int s = 0; s < splits; ++s) {
-      const size_t at = static_cast<size_t>(s) * rows + row;
-      const float w = exp2f(ws_ml[at * 2] - mx);
-      den += w * ws_ml[at * 2 + 1];
-      num += w * ws_o[at * D + d];
+      const float w = exp2f(m_of(s) - mx);
+      den += w * l_of(s);
+      num += w * ws_o[(static_cast<size_t>(s) * rows + row) * D + d];
     }
   }
   out[static_cast<size_t>(row) * D + d] = Elem<T>::from_float(den > 0.f ? num / den : 0.f);
@@ -523,9 +567,10 @@ COLSUM_ENTRY(__half, f16, 128)
       const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \
       const uint32_t *q_pos, const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows,   \
       const T *cos, const T *sin, T *out, float *ws_o, float *ws_ml, float *lse, int n, int t,   \
-      int H, int kvh, float scale_log2) {                                                        \
+      int H, int kvh, float scale_log2, int split_cap, int min_tiles) {                          \
     attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, k_head_pos,       \
-                          head_rows, cos, sin, out, ws_o, ws_ml, lse, n, t, H, kvh, scale_log2); \
+                          head_rows, cos, sin, out, ws_o, ws_ml, lse, n, t, H, kvh, scale_log2,  \
+                          split_cap, min_tiles);                                                 \
   }
 
 ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)
@@ -550,11 +595,15 @@ ROPE_ENTRY(rope_rows_f16_d128, __half, 128)
 
 extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_ml,
                                              __nv_bfloat16 *out, float *lse, int rows, int D,
-                                             int splits) {
-  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, splits);
+                                             int splits, const uint32_t *k_pos, int t,
+                                             int split_cap, int min_tiles) {
+  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, splits, k_pos, t, split_cap,
+                              min_tiles);
 }
 
 extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
-                                            float *lse, int rows, int D, int splits) {
-  attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, splits);
+                                            float *lse, int rows, int D, int splits,
+                                            const uint32_t *k_pos, int t, int split_cap,
+                                            int min_tiles) {
+  attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, splits, k_pos, t, split_cap, min_tiles);
 }

@@ -25,10 +25,15 @@ const BN: usize = 64;
 /// SM the kernel waits on memory instead of overlapping it (blend's 936 recomputed rows of
 /// SmolLM2, 135 CTAs, ran at 33 TFLOP/s before this).
 const CTAS_PER_SM: usize = 3;
-/// Key tiles each split gets at least when a call has several query tiles. Measured on the
-/// H200 (BENCHMARKS §5, "Fourth pass"): 2 slowed the 8B shape's 32-row question pass by a
-/// quarter, 8 slowed decode; 4 kept both and sped blend's recompute up.
+/// Key tiles each split gets at least when a call rotates K once for the call (several query
+/// tiles: blend's recompute). Measured on the H200 (BENCHMARKS §5, "Fourth pass").
 const MIN_TILES_PER_SPLIT: usize = 4;
+/// The same for a call of few query tiles, whose kernel rotates K per tile as it loads it,
+/// without overlapping the loads (a decode step, a question): more, shorter splits hide that
+/// latency. Measured on the H200 (BENCHMARKS §5, "Eighth pass"): a 32-row question over
+/// 6,240 keys, graphed, load + question 1.80 / 1.73 / 1.59 / 1.64 ms with 4 / 3 / 2 / 1 on
+/// SmolLM2's shape, 8.25 / 7.88 / 7.86 / 7.85 ms on the 8B shape.
+const MIN_TILES_PER_SPLIT_ROTATING: usize = 2;
 /// SMs assumed when the device does not say (an H200's).
 const DEFAULT_SMS: usize = 132;
 /// From this many query tiles on, K is rotated once per call instead of per tile.
@@ -86,7 +91,13 @@ pub(crate) struct FusedAttention {
     head_dim: usize,
     num_queries: usize,
     num_keys: usize,
+    /// Split-KV partitions launched, planned from `num_keys` (the kernels use fewer over a
+    /// cache whose key slots are not all keys: `planned_splits` in attention.cu).
     splits: usize,
+    /// The plan's split count before the key tiles bound it (1 when the CTAs fill the GPU).
+    split_cap: usize,
+    /// Key tiles each split gets at least.
+    min_tiles: usize,
     /// Rotate K once per call into a scratch buffer and stream it with `cp.async`
     /// (`attn_rot_*`), rather than rotating each tile as it loads (`attn_pos_*`): pays when
     /// several query tiles read the same keys.
@@ -150,15 +161,20 @@ impl FusedAttention {
         let key_tiles = num_keys.div_ceil(BN);
         let resident = CTAS_PER_SM * sm_count(q_pos.device());
         // each split's fixed cost (its Q tile, its partials, their merge) wants enough key
-        // tiles behind it; a single query tile (decode) has little of the first
-        let min_tiles = if q_tiles == 1 { 2 } else { MIN_TILES_PER_SPLIT };
-        let splits = if ctas >= resident {
+        // tiles behind it; a call rotating K per tile loads its tiles without overlap, and
+        // gains more from short splits
+        let min_tiles = if q_tiles < ROTATE_FIRST_TILES {
+            MIN_TILES_PER_SPLIT_ROTATING
+        } else {
+            MIN_TILES_PER_SPLIT
+        };
+        // the kernels redo this plan over the real keys (`planned_splits` in attention.cu)
+        let split_cap = if ctas >= resident {
             1
         } else {
-            resident
-                .div_ceil(ctas)
-                .clamp(1, (key_tiles / min_tiles).max(1))
+            resident.div_ceil(ctas)
         };
+        let splits = split_cap.clamp(1, (key_tiles / min_tiles).max(1));
         Ok(Self {
             q_pos,
             k_pos,
@@ -170,6 +186,8 @@ impl FusedAttention {
             num_queries,
             num_keys,
             splits,
+            split_cap,
+            min_tiles,
             rotate_first: q_tiles >= ROTATE_FIRST_TILES,
         })
     }
@@ -300,12 +318,14 @@ impl FusedAttention {
         let group = h / kvh;
         let q_tiles = n.div_ceil(BM / group);
         let splits = self.splits;
-        // SAFETY: every element of `out` is written by the kernel (splits == 1) or the combine
-        // kernel (splits > 1): each (query, head) row is owned by exactly one tile.
+        // SAFETY: every element of `out` is written by the kernel (one planned split) or the
+        // combine kernel (more): each (query, head) row is owned by exactly one tile, and both
+        // kernels derive the same planned count from the same key positions.
         let out = unsafe { dev.alloc::<T>(n * h * d)? };
         let partials = if splits > 1 { splits * n * h } else { 1 };
-        // SAFETY: with splits > 1 every split writes its rows' partials (empty splits write
-        // m = -inf, l = 0); with splits == 1 the buffers are never read.
+        // SAFETY: with more than one planned split every planned split writes its rows'
+        // partials (empty ones write m = -inf, l = 0), and the combine reads only those; with
+        // one the buffers are never read.
         let ws_o = unsafe { dev.alloc::<f32>(partials * if splits > 1 { d } else { 1 })? };
         // SAFETY: as above.
         let ws_ml = unsafe { dev.alloc::<f32>(partials * 2)? };
@@ -373,6 +393,9 @@ impl FusedAttention {
         b.arg(&h_i);
         b.arg(&kvh_i);
         b.arg(&scale_log2);
+        let (split_cap_i, min_tiles_i) = (self.split_cap as i32, self.min_tiles as i32);
+        b.arg(&split_cap_i);
+        b.arg(&min_tiles_i);
         let cfg = LaunchConfig {
             grid_dim: (q_tiles as u32, kvh as u32, splits as u32),
             block_dim: (128, 1, 1),
@@ -400,6 +423,10 @@ impl FusedAttention {
             b.arg(&rows_i);
             b.arg(&d_i);
             b.arg(&splits_i);
+            b.arg(&kp);
+            b.arg(&t_i);
+            b.arg(&split_cap_i);
+            b.arg(&min_tiles_i);
             let cfg = LaunchConfig {
                 grid_dim: ((n * h) as u32, 1, 1),
                 block_dim: (d as u32, 1, 1),

@@ -77,27 +77,28 @@ extern "C" __global__ void set_rows_w2(uint16_t *dst, const uint16_t *src, const
   set_rows(dst, src, idx, n, words, src_stride);
 }
 
-// Concatenation along rows in one launch: part p (blockIdx.y) copies `words[p]` words of type W
-// from `src[p]` to `dst + dst_word[p]`, reading rows of `row_words` words that start
-// `src_stride[p]` words apart (== row_words: a packed part, copied flat; larger: a strided view
-// such as K or V inside the fused QKV projection). The table travels as a kernel parameter.
-// The same kernel writes into a fresh buffer (a concatenation) or an existing one (rows put at
-// an offset of a preallocated cache).
-#define CAT_MAX_PARTS 48
+// Row copies in one launch: copy p (blockIdx.y) moves `words[p]` words of type W from `src[p]`
+// to `dst[p]` (both absolute addresses), reading rows of `row_words[p]` words that start
+// `src_stride[p]` words apart (== row_words: a packed source, copied flat; larger: a strided
+// view such as K or V inside the fused QKV projection) and writing them packed. The table
+// travels as a kernel parameter (under the 4 KiB limit). One launch serves a concatenation
+// (every copy into one fresh buffer), rows put into a preallocated cache, or a whole model's
+// layers loaded at once (each copy into its own buffer).
+#define CAT_MAX_PARTS 96
 struct CatTable {
   unsigned long long src[CAT_MAX_PARTS];
-  unsigned long long dst_word[CAT_MAX_PARTS];
+  unsigned long long dst[CAT_MAX_PARTS];
   unsigned long long words[CAT_MAX_PARTS];
   unsigned long long src_stride[CAT_MAX_PARTS];
-  unsigned long long row_words;
+  unsigned long long row_words[CAT_MAX_PARTS];
 };
 
 template <typename W>
-__device__ __forceinline__ void cat_rows(W *dst, const CatTable &t) {
+__device__ __forceinline__ void cat_rows(const CatTable &t) {
   const int p = blockIdx.y;
   const W *src = reinterpret_cast<const W *>(t.src[p]);
-  W *out = dst + t.dst_word[p];
-  const size_t words = t.words[p], row = t.row_words, stride = t.src_stride[p];
+  W *out = reinterpret_cast<W *>(t.dst[p]);
+  const size_t words = t.words[p], row = t.row_words[p], stride = t.src_stride[p];
   const size_t step = static_cast<size_t>(gridDim.x) * blockDim.x;
   if (stride == row) {
     for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words; i += step) {
@@ -111,9 +112,9 @@ __device__ __forceinline__ void cat_rows(W *dst, const CatTable &t) {
   }
 }
 
-extern "C" __global__ void cat_rows_w16(uint4 *dst, const CatTable t) { cat_rows(dst, t); }
-extern "C" __global__ void cat_rows_w4(uint32_t *dst, const CatTable t) { cat_rows(dst, t); }
-extern "C" __global__ void cat_rows_w2(uint16_t *dst, const CatTable t) { cat_rows(dst, t); }
+extern "C" __global__ void cat_rows_w16(const CatTable t) { cat_rows<uint4>(t); }
+extern "C" __global__ void cat_rows_w4(const CatTable t) { cat_rows<uint32_t>(t); }
+extern "C" __global__ void cat_rows_w2(const CatTable t) { cat_rows<uint16_t>(t); }
 
 // RMSNorm of each row, optionally after a residual add; one block per row. With `r`: h_out = h +
 // r (rounded to T once) and x_out = norm(h_out); without (`r` and `h_out` null): x_out = norm(h).

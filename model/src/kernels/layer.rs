@@ -176,18 +176,19 @@ pub(crate) fn set_rows(
     Ok(())
 }
 
-/// Most parts [`cat_rows`] copies in one launch (`CAT_MAX_PARTS` in layer.cu).
-pub(crate) const CAT_MAX_PARTS: usize = 48;
+/// Most copies one `cat_rows_w*` launch makes (`CAT_MAX_PARTS` in layer.cu: its table is a
+/// kernel parameter, under the 4 KiB limit); more take a launch per this many.
+pub(crate) const CAT_MAX_PARTS: usize = 96;
 
-/// The per-part table of `cat_rows_w*`, passed by value (`CatTable` in layer.cu).
+/// The per-copy table of `cat_rows_w*`, passed by value (`CatTable` in layer.cu).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct CatTable {
     src: [u64; CAT_MAX_PARTS],
-    dst_word: [u64; CAT_MAX_PARTS],
+    dst: [u64; CAT_MAX_PARTS],
     words: [u64; CAT_MAX_PARTS],
     src_stride: [u64; CAT_MAX_PARTS],
-    row_words: u64,
+    row_words: [u64; CAT_MAX_PARTS],
 }
 
 // SAFETY: plain old data with the C layout of `CatTable` in layer.cu.
@@ -218,10 +219,10 @@ fn row_stride(l: &Layout) -> Option<usize> {
     Some(if dims[0] > 1 { strides[0] } else { row })
 }
 
-/// `parts` (rows of one shape and dtype on CUDA, each passing [`rows_supported`]; at most
-/// [`CAT_MAX_PARTS`]) one after the other along dim 0, in one launch, into a fresh buffer of
-/// `capacity` rows (at least the parts' total): rows past the total are left unwritten, for
-/// the caller to fill before it reads them.
+/// `parts` (rows of one shape and dtype on CUDA, each passing [`rows_supported`]) one after
+/// the other along dim 0, into a fresh buffer of `capacity` rows (at least the parts' total),
+/// in one launch per [`CAT_MAX_PARTS`] parts: rows past the total are left unwritten, for the
+/// caller to fill before it reads them.
 pub(crate) fn cat_rows(parts: &[&Tensor], capacity: usize) -> Result<Tensor> {
     let first = parts
         .first()
@@ -238,9 +239,9 @@ pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
     put_parts(dst, at, &[src])
 }
 
-/// [`put_rows`] of several parts one after the other (each passing [`rows_supported`], at
-/// most [`CAT_MAX_PARTS`]), from row `at` on, in one launch.
-pub(crate) fn put_parts(dst: &Tensor, at: usize, parts: &[&Tensor]) -> Result<()> {
+/// [`put_rows`] of several parts one after the other (each passing [`rows_supported`]), from
+/// row `at` on, in one launch per [`CAT_MAX_PARTS`] parts.
+fn put_parts(dst: &Tensor, at: usize, parts: &[&Tensor]) -> Result<()> {
     let Some(first) = parts.first() else {
         return Ok(());
     };
@@ -251,6 +252,84 @@ pub(crate) fn put_parts(dst: &Tensor, at: usize, parts: &[&Tensor]) -> Result<()
             rest: parts[1..].iter().map(|t| (*t).clone()).collect(),
         },
     )?)
+}
+
+/// One copy of [`put_many`]: every row of `src` into `dst` from row `at` on.
+pub(crate) struct RowsInto<'a> {
+    pub(crate) dst: &'a Tensor,
+    pub(crate) at: usize,
+    pub(crate) src: &'a Tensor,
+}
+
+/// Every copy of `copies` in one launch per [`CAT_MAX_PARTS`] of them, whatever buffers they
+/// write (a whole model's layers loaded into a preallocated cache: 2 × layers × parts copies
+/// in a handful of launches instead of two per layer). Each `dst` is packed on CUDA; each
+/// `src` passes [`rows_supported`], has `dst`'s row shape and dtype, and its rows fit at
+/// `at`.
+///
+/// The caller owns every destination for the call: no other reader or writer of the rows
+/// written may run concurrently, and no destination row is also a source row (the copies
+/// run in parallel, in no order).
+pub(crate) fn put_many(copies: &[RowsInto<'_>]) -> Result<()> {
+    let Some(first) = copies.first() else {
+        return Ok(());
+    };
+    let candle_core::Device::Cuda(dev) = first.dst.device() else {
+        return Err(crate::error::invalid_input("put_many runs on CUDA only"));
+    };
+    let stream = dev.cuda_stream();
+    let mut planned = Vec::with_capacity(copies.len());
+    // consecutive copies into one buffer (a layer's parts) read its address once
+    let mut last_dst: Option<(candle_core::TensorId, Part)> = None;
+    for c in copies {
+        let dims = c.dst.dims();
+        if dims.len() < 2 || !c.dst.is_contiguous() {
+            return Err(crate::error::invalid_input(format!(
+                "put_many: a packed destination with rows, not {dims:?}"
+            )));
+        }
+        let dst = match last_dst.take() {
+            Some((id, part)) if id == c.dst.id() => part,
+            _ => address_of(c.dst, &dims[1..], c.dst.dtype(), &stream)?,
+        };
+        let src = address_of(c.src, &dims[1..], c.dst.dtype(), &stream)?;
+        if c.at + src.rows > dst.rows {
+            return Err(crate::error::invalid_input(format!(
+                "put_many: rows {}..{} of a {}-row buffer",
+                c.at,
+                c.at + src.rows,
+                dst.rows
+            )));
+        }
+        let row = dims[1..].iter().product::<usize>();
+        let size = c.dst.dtype().size_in_bytes();
+        planned.push(Copy {
+            src: src.ptr,
+            dst: dst.ptr + (c.at * row * size) as u64,
+            rows: src.rows,
+            src_stride: src.stride * size,
+            row: row * size,
+        });
+        last_dst = Some((c.dst.id(), dst));
+    }
+    Ok(launch_cat(dev, &planned)?)
+}
+
+/// The address, row count and row stride of `t` (see [`part`]), through its storage's lock
+/// held only while reading them.
+fn address_of(
+    t: &Tensor,
+    row_dims: &[usize],
+    dtype: DType,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<Part> {
+    let (g, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*g else {
+        return Err(crate::error::invalid_input(
+            "put_many: a tensor is not on CUDA",
+        ));
+    };
+    Ok(part(cs, l, row_dims, dtype, stream)?)
 }
 
 /// One part's address, row count and row stride (elements).
@@ -298,10 +377,10 @@ fn part(
     })
 }
 
-/// The parts of one `cat_rows_w*` launch: `first` (the storage candle handed an op) then
-/// `rest`, each checked against the row shape and dtype, at most [`CAT_MAX_PARTS`]. Each
-/// part's storage lock is held only while reading its address: the op holds the tensors, so
-/// their memory outlives the launch.
+/// The parts of a [`CatRows`] or [`PutRows`] op: `first` (the storage candle handed the op)
+/// then `rest`, each checked against the row shape and dtype. Each part's storage lock is
+/// held only while reading its address: the op holds the tensors, so their memory outlives
+/// the launch.
 fn parts_of(
     first: (&CudaStorage, &Layout),
     rest: &[Tensor],
@@ -309,12 +388,6 @@ fn parts_of(
     dtype: DType,
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
 ) -> candle_core::Result<Vec<Part>> {
-    if rest.len() + 1 > CAT_MAX_PARTS {
-        candle_core::bail!(
-            "cat_rows: {} parts, at most {CAT_MAX_PARTS}",
-            rest.len() + 1
-        );
-    }
     let mut parts = Vec::with_capacity(rest.len() + 1);
     parts.push(part(first.0, first.1, row_dims, dtype, stream)?);
     for t in rest {
@@ -327,68 +400,94 @@ fn parts_of(
     Ok(parts)
 }
 
-/// Launches `cat_rows_w*` copying `parts` to `dst` (a device address) from row `at` on:
-/// chooses the widest word dividing every address, stride and row, and fills the table.
-fn launch_cat(
-    dev: &candle_core::CudaDevice,
+/// One copy of a `cat_rows_w*` launch, in bytes: `rows` rows of `row` bytes from `src`
+/// (rows `src_stride` bytes apart) to `dst` (packed).
+struct Copy {
+    src: u64,
     dst: u64,
-    at: usize,
-    parts: &[Part],
+    rows: usize,
+    src_stride: usize,
     row: usize,
-    size: usize,
-) -> candle_core::Result<()> {
-    let mut bytes = vec![row * size, dst as usize, at * row * size];
-    for p in parts {
-        bytes.extend([p.ptr as usize, p.stride * size]);
-    }
-    let word = word_bytes(&bytes);
-    if word < 2 {
-        candle_core::bail!("cat_rows: unaligned parts");
-    }
-    let row_words = row * size / word;
-    let mut table = CatTable {
-        src: [0; CAT_MAX_PARTS],
-        dst_word: [0; CAT_MAX_PARTS],
-        words: [0; CAT_MAX_PARTS],
-        src_stride: [0; CAT_MAX_PARTS],
-        row_words: row_words as u64,
-    };
+}
+
+/// The copies of `parts` written one after the other into the packed buffer at `base` from
+/// row `at` on (rows of `row` elements of `size` bytes).
+fn copies_into(base: u64, at: usize, parts: &[Part], row: usize, size: usize) -> Vec<Copy> {
     let mut next = at;
-    for (i, p) in parts.iter().enumerate() {
-        table.src[i] = p.ptr;
-        table.dst_word[i] = (next * row_words) as u64;
-        table.words[i] = (p.rows * row_words) as u64;
-        table.src_stride[i] = (p.stride * size / word) as u64;
-        next += p.rows;
+    parts
+        .iter()
+        .map(|p| {
+            let c = Copy {
+                src: p.ptr,
+                dst: base + (next * row * size) as u64,
+                rows: p.rows,
+                src_stride: p.stride * size,
+                row: row * size,
+            };
+            next += p.rows;
+            c
+        })
+        .collect()
+}
+
+/// Launches `cat_rows_w*` for `copies`, [`CAT_MAX_PARTS`] per launch: each launch takes the
+/// widest word dividing every address, stride and row of its copies and fills the table.
+fn launch_cat(dev: &candle_core::CudaDevice, copies: &[Copy]) -> candle_core::Result<()> {
+    for group in copies.chunks(CAT_MAX_PARTS) {
+        let mut bytes = Vec::with_capacity(4 * group.len());
+        for c in group {
+            bytes.extend([c.src as usize, c.dst as usize, c.src_stride, c.row]);
+        }
+        let word = word_bytes(&bytes);
+        if word < 2 {
+            candle_core::bail!("cat_rows: unaligned parts");
+        }
+        let mut table = CatTable {
+            src: [0; CAT_MAX_PARTS],
+            dst: [0; CAT_MAX_PARTS],
+            words: [0; CAT_MAX_PARTS],
+            src_stride: [0; CAT_MAX_PARTS],
+            row_words: [0; CAT_MAX_PARTS],
+        };
+        for (i, c) in group.iter().enumerate() {
+            table.src[i] = c.src;
+            table.dst[i] = c.dst;
+            table.words[i] = (c.rows * c.row / word) as u64;
+            table.src_stride[i] = (c.src_stride / word) as u64;
+            table.row_words[i] = (c.row / word) as u64;
+        }
+        let most = group
+            .iter()
+            .map(|c| c.rows * c.row / word)
+            .max()
+            .unwrap_or(0);
+        if most == 0 {
+            continue;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                most.div_ceil(256).clamp(1, 1024) as u32,
+                group.len() as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = match word {
+            16 => "cat_rows_w16",
+            4 => "cat_rows_w4",
+            _ => "cat_rows_w2",
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&table);
+        // SAFETY: matches `cat_rows_w*` in layer.cu. Copy `i` reads `words / row_words` rows
+        // of `row_words` words, `src_stride` words apart, from live storage whose layout was
+        // checked (packed rows, that stride, that many rows), and writes them packed at
+        // `dst`, inside a buffer its caller checked holds them. Sources outlive the launch in
+        // stream order (a freed tensor is released on this stream, after it).
+        unsafe { b.launch(cfg) }.w()?;
     }
-    let most = parts.iter().map(|p| p.rows).max().unwrap_or(0) * row_words;
-    if most == 0 {
-        return Ok(());
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (
-            most.div_ceil(256).clamp(1, 1024) as u32,
-            parts.len() as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let name = match word {
-        16 => "cat_rows_w16",
-        4 => "cat_rows_w4",
-        _ => "cat_rows_w2",
-    };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&dst);
-    b.arg(&table);
-    // SAFETY: matches `cat_rows_w*` in layer.cu. Part `i` reads `rows` rows of `row_words`
-    // words, `src_stride` words apart, from its own live storage (its layout was checked:
-    // packed rows, that stride, that many rows), and writes them packed at its row offset of
-    // `dst`, which the callers size to hold row `at + Σ rows` (checked there). The parts
-    // outlive the launch in stream order (a freed part is released on this stream, after it).
-    unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
 
@@ -426,7 +525,7 @@ impl CustomOp1 for CatRows {
                 // the caller's to write before reading (`cat_rows`'s contract).
                 let out = unsafe { dev.alloc::<$t>(capacity * row)? };
                 let dst = out.device_ptr(&stream).0;
-                launch_cat(&dev, dst, 0, &parts, row, size)?;
+                launch_cat(&dev, &copies_into(dst, 0, &parts, row, size))?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -511,7 +610,7 @@ impl InplaceOp2 for PutRows {
             }
             other => candle_core::bail!("put_rows: bf16, f16 or f32, not {other:?}"),
         };
-        launch_cat(&dev, base, self.at, &parts, row, size)
+        launch_cat(&dev, &copies_into(base, self.at, &parts, row, size))
     }
 }
 

@@ -22,7 +22,7 @@ pub(crate) use dequant::dequant;
 pub(crate) use flash::FusedAttention;
 #[cfg(feature = "gpu")]
 pub(crate) use layer::{
-    CAT_MAX_PARTS, add_rms_norm, cat_rows, norm_supported, put_parts, put_rows, rms_norm,
+    CAT_MAX_PARTS, RowsInto, add_rms_norm, cat_rows, norm_supported, put_many, put_rows, rms_norm,
     rows_supported, set_rows, swiglu, swiglu_supported,
 };
 #[cfg(feature = "gpu")]

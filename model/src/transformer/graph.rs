@@ -12,15 +12,21 @@
 //!   `u32::MAX`, which the attention kernel's causal bound (keys at positions ≤ the tile's
 //!   last query, found by binary search) never reaches, so one graph serves every length.
 //!
+//! A request keeps its rows as views of the buffers ([`GraphedCache::cache`], no copy): the
+//! cache is then lent, refuses to load other rows while any view lives, and appends only past
+//! them, so a view's rows never change under it; the request's decode steps take the same
+//! cache back ([`GraphedCache::holds`]) and append in place.
+//!
 //! Invariants: the graph's kernels read and write only the cache buffers, the inputs, the
 //! logits buffer and the model's weights (all outliving it) and memory the graph allocates and
 //! frees itself (every temporary of the capture is dropped before it ends); the rows a call
 //! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
 //! upload). A replay runs the eager pass's kernels with the same arguments but the key count
-//! (the capacity), which also plans the attention's split-KV partition: bit-identical to
-//! `Model::prefill` over the same cache where the split counts coincide, else the same
-//! arithmetic summed over other key ranges. Pinned by `kvquilt-bench graph --check` on the
-//! GPU machine (BENCHMARKS §5, "Seventh pass").
+//! (the capacity); the attention kernels plan their split-KV partition from the real keys
+//! (slots below `u32::MAX`), as the eager pass plans it from its key count, so a replay is
+//! bit-identical to `Model::prefill` over the same cache, whatever the capacity. Pinned by
+//! `kvquilt-bench graph --check [--capacity N]` on the GPU machine (BENCHMARKS §5, "Seventh"
+//! and "Eighth pass").
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +41,8 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 
 use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
-use crate::kernels::{CAT_MAX_PARTS, FusedAttention, put_parts};
-use crate::kv::{KvCache, LayerKv, check_increasing};
+use crate::kernels::{FusedAttention, RowsInto, put_many};
+use crate::kv::{KvCache, LayerKv, Lender, check_increasing};
 use crate::rows::SetRows;
 
 /// A KV cache in buffers of fixed capacity on one CUDA device, and the captured graphs that
@@ -50,9 +56,11 @@ pub struct GraphedCache {
     k_pos: Tensor,
     /// The key positions on the host (`len` of them).
     positions: Vec<u32>,
-    /// Rows each layer's last [`GraphedCache::put_layer`] wrote (`None`: none since the last
-    /// [`GraphedCache::set_positions`]), which the next positions must match.
-    written: Vec<Option<usize>>,
+    /// Whether every `k_pos` slot past `len` is known to hold `u32::MAX` (false after a
+    /// failed load or a failed clear, until the next append rewrites them all).
+    k_pos_clean: bool,
+    /// What views of the rows hold while lent ([`GraphedCache::cache`]).
+    lender: Arc<Lender>,
     graphs: HashMap<usize, Captured>,
     /// Whether passes are captured and replayed (else issued op by op: a diagnosis switch).
     capture: bool,
@@ -110,14 +118,14 @@ impl GraphedCache {
             .map(|_| Ok(LayerKv::new(zeros()?, zeros()?)))
             .collect::<Result<Vec<_>>>()?;
         let k_pos = Tensor::new(vec![u32::MAX; capacity], model.device())?;
-        let written = vec![None; layers.len()];
         Ok(Self {
             model,
             capacity,
             layers,
             k_pos,
             positions: Vec::new(),
-            written,
+            k_pos_clean: true,
+            lender: Arc::new(Lender),
             graphs: HashMap::new(),
             capture: true,
         })
@@ -159,79 +167,56 @@ impl GraphedCache {
     }
 
     /// Replaces the cache's contents with `cache`'s rows (unpruned, this model's shape, at
-    /// most the capacity): one launch per tensor per layer and one upload of the positions.
-    /// Captured graphs stay valid.
+    /// most the capacity): [`GraphedCache::load_parts`] with one part per layer.
     pub fn load(&mut self, cache: &KvCache) -> Result<()> {
         let c = self.model.config();
         cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
         if cache.is_pruned() {
             return Err(invalid_input("a graphed cache holds unpruned KV only"));
         }
-        for (l, layer) in cache.layers.iter().enumerate() {
-            self.put_layer(l, &[layer])?;
-        }
-        self.set_positions(&cache.positions)
+        let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
+        self.load_parts(&layers, &cache.positions)
     }
 
-    /// Writes layer `l`'s rows `0..` from `parts` one after the other (K and V each in one
-    /// launch per 48 non-empty parts; rows of this model's KV shape and dtype). The
-    /// cache's positions are set apart ([`GraphedCache::set_positions`]), after every layer
-    /// holds its rows.
-    pub fn put_layer(&mut self, l: usize, parts: &[&LayerKv]) -> Result<()> {
-        let Some(dst) = self.layers.get(l) else {
+    /// Replaces the cache's contents: layer `l`'s rows become `layers[l]`'s parts one after
+    /// the other (rows of this model's KV shape and dtype), at `positions` (one per row,
+    /// strictly increasing, below the model's context, at most the capacity): one upload of
+    /// the key positions, then every layer's K and V in one launch per 96 non-empty parts (a
+    /// 30-layer context of 12 chunks in 8). Captured graphs stay valid. Refused while views of the rows are lent ([`GraphedCache::is_lent`]). On
+    /// error the cache holds no rows.
+    pub fn load_parts(&mut self, layers: &[Vec<LayerKv>], positions: &[u32]) -> Result<()> {
+        let c = self.model.config();
+        if self.is_lent() {
+            return Err(invalid_input(
+                "loading a graphed cache whose rows are still lent out",
+            ));
+        }
+        if layers.len() != self.layers.len() {
             return Err(invalid_input(format!(
-                "layer {l} of a {}-layer graphed cache",
+                "{} layers into a {}-layer graphed cache",
+                layers.len(),
                 self.layers.len()
             )));
-        };
-        let filled: Vec<&LayerKv> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-        let rows: usize = filled.iter().map(|p| p.len()).sum();
-        if rows > self.capacity {
-            return Err(invalid_input(format!(
-                "{rows} rows into a graphed cache of {}",
-                self.capacity
-            )));
         }
-        // one launch per tensor for up to CAT_MAX_PARTS parts (a request of more segments
-        // takes a launch per CAT_MAX_PARTS)
-        let mut at = 0;
-        for group in filled.chunks(CAT_MAX_PARTS) {
-            let ks: Vec<&Tensor> = group.iter().map(|p| &p.k).collect();
-            let vs: Vec<&Tensor> = group.iter().map(|p| &p.v).collect();
-            put_parts(&dst.k, at, &ks)?;
-            put_parts(&dst.v, at, &vs)?;
-            at += group.iter().map(|p| p.len()).sum::<usize>();
-        }
-        self.written[l] = Some(rows);
-        Ok(())
-    }
-
-    /// The cache holds the rows at `positions` (strictly increasing, below the model's
-    /// context and at most the capacity), which every layer's rows `0..positions.len()`
-    /// hold: each layer must have been written by [`GraphedCache::put_layer`] since the last
-    /// call, with exactly that many rows (else attention would read an earlier request's
-    /// rows). One upload of the key positions.
-    pub fn set_positions(&mut self, positions: &[u32]) -> Result<()> {
-        let c = self.model.config();
-        if let Some((l, rows)) = self
-            .written
-            .iter()
-            .enumerate()
-            .find(|(_, w)| **w != Some(positions.len()))
-        {
-            return Err(invalid_input(format!(
-                "{} positions, but layer {l} of the graphed cache was written with {rows:?} rows",
-                positions.len()
-            )));
-        }
-        check_increasing(positions)?;
         if positions.len() > self.capacity {
             return Err(invalid_input(format!(
-                "{} rows in a graphed cache of {}",
+                "{} rows into a graphed cache of {}",
                 positions.len(),
                 self.capacity
             )));
         }
+        if let Some((l, rows)) = layers
+            .iter()
+            .map(|parts| parts.iter().map(LayerKv::len).sum::<usize>())
+            .enumerate()
+            .find(|(_, rows)| *rows != positions.len())
+        {
+            return Err(invalid_input(format!(
+                "{} positions, but layer {l}'s parts hold {rows} rows",
+                positions.len()
+            )));
+        }
+        check_increasing(positions)?;
         if let Some(&max) = positions.last()
             && max as usize >= c.context_length
         {
@@ -240,27 +225,90 @@ impl GraphedCache {
                 context: c.context_length,
             });
         }
-        let mut k_pos = positions.to_vec();
-        k_pos.resize(self.capacity, u32::MAX);
-        self.k_pos.inplace_op1(&Upload {
-            data: &k_pos,
-            at: 0,
-        })?;
+        self.positions.clear();
+        self.k_pos_clean = false;
+        // the positions go first: an upload from pageable memory waits for the stream, which
+        // would otherwise hold the copies below
+        self.upload_k_pos(positions)?;
+        let mut copies = Vec::with_capacity(2 * layers.iter().map(Vec::len).sum::<usize>());
+        for (dst, parts) in self.layers.iter().zip(layers) {
+            // a buffer's copies one after the other (`put_many` reads its address once)
+            let filled: Vec<&LayerKv> = parts.iter().filter(|p| !p.is_empty()).collect();
+            for (buffer, keys) in [(&dst.k, true), (&dst.v, false)] {
+                let mut at = 0;
+                for p in &filled {
+                    let src = if keys { &p.k } else { &p.v };
+                    copies.push(RowsInto {
+                        dst: buffer,
+                        at,
+                        src,
+                    });
+                    at += p.len();
+                }
+            }
+        }
+        // SAFETY of the copies (`put_many`'s contract): `&mut self` and no lent views (checked
+        // above) make this call the buffers' only user; no part is a view of them (a view
+        // lent by this cache would have made it lent).
+        put_many(&copies)?;
         self.positions = positions.to_vec();
-        self.written.fill(None);
+        self.k_pos_clean = true;
         Ok(())
     }
 
-    /// The cache's rows as a [`KvCache`] (views of the buffers, no copy): what an eager pass
-    /// or a store-back reads. Appending to it copies (the buffers' frontier is not its own).
+    /// Writes every key-position slot: `positions`, then `u32::MAX` (no key). The slots are
+    /// clean once the cache's own positions are `positions`.
+    fn upload_k_pos(&self, positions: &[u32]) -> Result<()> {
+        let mut k_pos = positions.to_vec();
+        k_pos.resize(self.capacity, u32::MAX);
+        Ok(self.k_pos.inplace_op1(&Upload {
+            data: &k_pos,
+            at: 0,
+        })?)
+    }
+
+    /// The cache's rows as a [`KvCache`], views of its buffers (no copy) lent by this
+    /// cache: what a request keeps once its first token is out, for an eager pass, a
+    /// store-back, or decoding on in this cache ([`GraphedCache::holds`]). While any view (or
+    /// a clone of one) lives, the cache is lent ([`GraphedCache::is_lent`]): it refuses to
+    /// load other rows, and appends only past them, so a view's rows never change under it.
+    /// Appending to a view copies.
     pub fn cache(&self) -> Result<KvCache> {
         let len = self.len();
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok(LayerKv::new(l.k.narrow(0, 0, len)?, l.v.narrow(0, 0, len)?)))
+            .enumerate()
+            .map(|(i, l)| {
+                Ok(LayerKv::lent(
+                    l.k.narrow(0, 0, len)?,
+                    l.v.narrow(0, 0, len)?,
+                    &self.lender,
+                    i,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache::new(layers, self.positions.clone()))
+    }
+
+    /// Whether views of this cache's rows ([`GraphedCache::cache`]) are alive.
+    pub fn is_lent(&self) -> bool {
+        Arc::strong_count(&self.lender) > 1
+    }
+
+    /// Whether `cache` is this cache's own rows as lent — every layer the view
+    /// [`GraphedCache::cache`] made of it, covering every row, at the same positions — so
+    /// that once it is dropped, appends to this cache go on from where it ends (a request's
+    /// decode after its graphed question, with no copy).
+    pub fn holds(&self, cache: &KvCache) -> bool {
+        !cache.is_pruned()
+            && cache.positions == self.positions
+            && cache.layers.len() == self.layers.len()
+            && cache
+                .layers
+                .iter()
+                .enumerate()
+                .all(|(l, kv)| kv.len() == self.len() && kv.is_lent_by(&self.lender, l))
     }
 
     /// Appends `tokens` at `positions` (strictly increasing, after the cache's last position)
@@ -312,6 +360,10 @@ impl GraphedCache {
                 self.capacity
             )));
         }
+        if !self.k_pos_clean {
+            self.upload_k_pos(&self.positions)?;
+            self.k_pos_clean = true;
+        }
         let mut captured = match self.graphs.remove(&n) {
             Some(c) => c,
             None => self.buffers(n)?,
@@ -338,6 +390,7 @@ impl GraphedCache {
                 });
                 if let Err(c) = cleared {
                     tracing::warn!(error = %c, "could not clear a failed append's key positions");
+                    self.k_pos_clean = false;
                 }
                 Err(e)
             }

@@ -83,9 +83,10 @@ pub(crate) fn run(
 }
 
 /// [`run`]'s question replayed as a CUDA graph (`crate::graphs`): every layer of the context
-/// put into a pooled graphed cache (one launch per tensor per layer), then the question
-/// appended by the cache's graph for its length (captured on first use). Returns the cache
-/// (taken from `pool`) and the last token's logits; on error the cache is given back.
+/// loaded into a pooled graphed cache (all layers' parts in a few launches), then the
+/// question appended by the cache's graph for its length (captured on first use). Returns
+/// the cache (taken from `pool`) and the last token's logits; on error the cache is given
+/// back.
 #[cfg(feature = "gpu")]
 fn graphed_question(
     b: &Blender,
@@ -99,11 +100,10 @@ fn graphed_question(
     let mut g = pool.take(&b.model, a.tokens.len())?;
     let mut run = || -> Result<kvquilt_model::Tensor> {
         clock.borrow_mut().enter("load")?;
-        for l in 0..num_layers {
-            let parts = a.sources.layer_parts(b, l)?;
-            g.put_layer(l, &parts.iter().collect::<Vec<_>>())?;
-        }
-        g.set_positions(&positions(0, non_suffix))?;
+        let layers = (0..num_layers)
+            .map(|l| a.sources.layer_parts(b, l))
+            .collect::<Result<Vec<_>>>()?;
+        g.load_parts(&layers, &positions(0, non_suffix))?;
         clock.borrow_mut().enter("suffix layers")?;
         Ok(g.append(&req.suffix, &positions(non_suffix, req.suffix.len()))?)
     };
@@ -116,8 +116,9 @@ fn graphed_question(
     }
 }
 
-/// After a graphed question: the request's output, its cache copied out of the pooled one
-/// once the first token's time is taken; the pooled cache goes back either way.
+/// After a graphed question: the request's output, its cache views of the pooled one's rows
+/// (no copy: the pooled cache goes back lent, and is not reloaded while they live; the
+/// request's decode steps take it back and append in place, `graphs::DecodeSteps`).
 #[cfg(feature = "gpu")]
 #[allow(clippy::too_many_arguments)]
 fn finish_graphed(
@@ -132,8 +133,7 @@ fn finish_graphed(
 ) -> Result<Ran> {
     let phases = clock.into_inner().finish();
     let copied = phases.and_then(|phases| {
-        let (mut out, work) =
-            a.finish_then(b, req, start, logits, || crate::graphs::copy_out(&g), 0)?;
+        let (mut out, work) = a.finish_then(b, req, start, logits, || Ok(g.cache()?), 0)?;
         out.stats.phases = phases;
         Ok((out, work))
     });
