@@ -160,8 +160,9 @@ impl GraphPool {
     /// Keeps `g` for a later request (past [`KEEP`] dropping the smallest idle cache that
     /// lends no rows, else the smallest: a lent one is what its request decodes in), once
     /// the work issued on it has finished: the next request may run on another thread,
-    /// whose stream would not wait for this one's (the copy out of `g` may still be in
-    /// flight when a request gives it back). A cache whose device fails to synchronise is
+    /// whose stream would not wait for this one's (the question's replay may still be in
+    /// flight when a request gives it back; work queued later on the views it lent is
+    /// waited for by the cache's next load). A cache whose device fails to synchronise is
     /// dropped instead.
     pub(crate) fn give_back(&self, g: GraphedCache) {
         if let Err(error) = g.model().device().synchronize() {
@@ -221,7 +222,8 @@ impl Drop for Graphed {
 }
 
 /// Decode steps planned below this many are run eagerly: a graphed cache costs a copy of the
-/// request's cache in and, on a pool's first decode, a capture (about two steps).
+/// request's cache in (none when the cache is a graphed question's views) and, on a cache's
+/// first decode, a capture (about two steps).
 #[cfg(feature = "gpu")]
 pub(crate) const LEAST_GRAPHED_STEPS: usize = 4;
 

@@ -42,6 +42,10 @@ pub fn positions(start: usize, len: usize) -> Vec<u32> {
 /// Only the view that ends at the buffers' written frontier appends in place; any other
 /// (an older clone, or a layer whose `k`/`v` were reassigned) copies into new buffers, so a
 /// view's rows never change under it (pinned by `appends_in_place_without_disturbing_clones`).
+///
+/// A layer lent by a graphed cache (views of its rows) holds the cache's lease, as do its
+/// clones and narrowings; a `k` or `v` tensor cloned out on its own does not: keep the layer
+/// while reading them.
 #[derive(Debug, Clone)]
 pub struct LayerKv {
     /// Keys before RoPE, `[tokens, num_kv_heads, head_dim]`.
@@ -56,18 +60,100 @@ pub struct LayerKv {
 }
 
 /// An owner of KV buffers that lends views of their first rows (a graphed cache's
-/// `cache()`): while a view or a clone of one lives (the `Arc`'s count above one), the owner
-/// rewrites none of the rows it lent (it may write rows past them).
+/// `cache()`): every lending is a [`Lease`] holding the lender, so while one lives (the
+/// `Arc`'s count above one) the owner rewrites none of the rows it lent (it may write rows
+/// past them). On CUDA an ended lease leaves an event behind that the owner's next rewrite
+/// waits on (`Lender::wait_for_leases`): the views' readers may have queued work on another
+/// thread's stream.
 #[derive(Debug, Default)]
 #[cfg_attr(not(feature = "gpu"), allow(dead_code))] // lent by graphed caches only
-pub(crate) struct Lender;
+pub(crate) struct Lender {
+    /// Per ended lease, an event recorded on the stream of the thread that dropped its last
+    /// view, after the work that thread queued.
+    #[cfg(feature = "gpu")]
+    ended: Mutex<Vec<candle_core::cuda_backend::cudarc::driver::CudaEvent>>,
+    /// Set when an ended lease could not record its event: the next rewrite then waits for
+    /// every stream of the device.
+    #[cfg(feature = "gpu")]
+    unrecorded: std::sync::atomic::AtomicBool,
+}
 
-/// A view's hold on its lender, with the layer it was lent as and the ids of the exact
+#[cfg(feature = "gpu")]
+impl Lender {
+    /// Makes `stream` wait (on the device, not the host) for the work queued before every
+    /// lease that ended since the last call; a lease that failed to record its event makes
+    /// the host wait for the whole device instead.
+    pub(crate) fn wait_for_leases(
+        &self,
+        stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::WrapErr;
+        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(|e| e.into_inner()));
+        for event in &ended {
+            stream.wait(event).w()?;
+        }
+        if self.unrecorded.swap(false, Ordering::AcqRel) {
+            stream.context().synchronize().w()?;
+        }
+        Ok(())
+    }
+}
+
+/// One lending of a [`Lender`]'s rows: every view one call made holds it (through
+/// [`LayerKv::lent`]); the last view's drop ends it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // lent by graphed caches only
+pub(crate) struct Lease {
+    lender: Arc<Lender>,
+    /// The device's stream handle, where the drop records its event: candle's handle for
+    /// the calling thread's default stream, so the event follows the dropping thread's work.
+    #[cfg(feature = "gpu")]
+    stream: Option<Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
+}
+
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))] // lent by graphed caches only
+impl Lease {
+    /// A lease of `lender`'s rows; on CUDA, `stream` is the device's stream handle.
+    pub(crate) fn new(
+        lender: &Arc<Lender>,
+        #[cfg(feature = "gpu")] stream: Option<
+            Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        >,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            lender: Arc::clone(lender),
+            #[cfg(feature = "gpu")]
+            stream,
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        #[cfg(feature = "gpu")]
+        if let Some(stream) = &self.stream {
+            match stream.record_event(None) {
+                Ok(event) => self
+                    .lender
+                    .ended
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(event),
+                Err(error) => {
+                    tracing::warn!(%error, "a lease of graphed rows ended without its event; the next reload waits for the device");
+                    self.lender.unrecorded.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+/// A view's hold on its lease, with the layer it was lent as and the ids of the exact
 /// `k`/`v` tensors handed out (a layer whose `k` or `v` was reassigned is no longer the
-/// lender's view, though it still holds the lender).
+/// lender's view, though it still holds the lease).
 #[derive(Debug, Clone)]
 struct LentRef {
-    lender: Arc<Lender>,
+    lease: Arc<Lease>,
     layer: usize,
     k_id: TensorId,
     v_id: TensorId,
@@ -119,12 +205,12 @@ impl LayerKv {
         }
     }
 
-    /// Views `k` and `v` of buffers `lender` owns, lent as its layer `layer`. Appending to
-    /// them copies (the lender's buffers are never written through a view).
+    /// Views `k` and `v` of rows lent under `lease`, as the lender's layer `layer`.
+    /// Appending to them copies (the lender's buffers are never written through a view).
     #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
-    pub(crate) fn lent(k: Tensor, v: Tensor, lender: &Arc<Lender>, layer: usize) -> Self {
+    pub(crate) fn lent(k: Tensor, v: Tensor, lease: &Arc<Lease>, layer: usize) -> Self {
         let lent = Some(LentRef {
-            lender: Arc::clone(lender),
+            lease: Arc::clone(lease),
             layer,
             k_id: k.id(),
             v_id: v.id(),
@@ -137,11 +223,11 @@ impl LayerKv {
         }
     }
 
-    /// Whether this layer is exactly the view `lender` lent as its layer `layer`.
+    /// Whether this layer is exactly a view `lender` lent as its layer `layer`.
     #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
     pub(crate) fn is_lent_by(&self, lender: &Arc<Lender>, layer: usize) -> bool {
         self.lent.as_ref().is_some_and(|r| {
-            Arc::ptr_eq(&r.lender, lender)
+            Arc::ptr_eq(&r.lease.lender, lender)
                 && r.layer == layer
                 && r.k_id == self.k.id()
                 && r.v_id == self.v.id()
@@ -304,10 +390,20 @@ impl LayerKv {
 
     /// Tokens `start..start+len` of this layer.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self::new(
-            self.k.narrow(0, start, len)?,
-            self.v.narrow(0, start, len)?,
-        ))
+        let (k, v) = (self.k.narrow(0, start, len)?, self.v.narrow(0, start, len)?);
+        // a view of lent rows goes on holding their lease (as the view of the rows it is)
+        let lent = self.lent.as_ref().map(|r| LentRef {
+            lease: Arc::clone(&r.lease),
+            layer: r.layer,
+            k_id: k.id(),
+            v_id: v.id(),
+        });
+        Ok(Self {
+            k,
+            v,
+            growth: None,
+            lent,
+        })
     }
 
     /// This layer with row `rows[j]` replaced by row `j` of `new`, given the replacement of
@@ -346,6 +442,10 @@ impl LayerKv {
 
     /// The layers' tokens one after the other.
     pub fn cat(parts: &[&LayerKv]) -> Result<Self> {
+        if let [one] = parts {
+            // nothing to join: the layer itself (a lent view keeps its lease)
+            return Ok((*one).clone());
+        }
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
         let vs: Vec<&Tensor> = parts.iter().map(|p| &p.v).collect();
         Ok(Self::new(concat(&ks)?, concat(&vs)?))
@@ -745,25 +845,32 @@ mod tests {
     /// `kvquilt-bench graph --check`).
     #[test]
     fn lent_views_hold_their_lender_and_never_write_into_it() -> Result<()> {
-        let lender = Arc::new(Lender);
+        let lender = Arc::new(Lender::default());
+        #[cfg(feature = "gpu")]
+        let lease = Lease::new(&lender, None);
+        #[cfg(not(feature = "gpu"))]
+        let lease = Lease::new(&lender);
         let buffer = rows(0.0, 8);
-        let view = LayerKv::lent(buffer.narrow(0, 0, 3)?, buffer.narrow(0, 0, 3)?, &lender, 2);
-        assert_eq!(Arc::strong_count(&lender), 2);
+        let view = LayerKv::lent(buffer.narrow(0, 0, 3)?, buffer.narrow(0, 0, 3)?, &lease, 2);
+        drop(lease);
+        assert_eq!(Arc::strong_count(&lender), 2, "the lease lives in the view");
         assert!(view.is_lent_by(&lender, 2));
         assert!(!view.is_lent_by(&lender, 1), "another layer's view");
         assert!(
-            !view.is_lent_by(&Arc::new(Lender), 2),
+            !view.is_lent_by(&Arc::new(Lender::default()), 2),
             "another lender's view"
         );
-        let clone = view.clone();
-        assert_eq!(Arc::strong_count(&lender), 3);
-        let mut changed = clone.clone();
+        let mut changed = view.clone();
         changed.k = changed.k.copy()?;
         assert!(
             !changed.is_lent_by(&lender, 2),
             "a view whose k was replaced"
         );
-        drop((clone, changed));
+        // narrowing and a one-part concatenation are views of the same rows: they hold it
+        let narrowed = view.narrow(0, 2)?;
+        let joined = LayerKv::cat(&[&view])?;
+        assert!(joined.is_lent_by(&lender, 2));
+        drop((view.clone(), changed, joined));
         assert_eq!(Arc::strong_count(&lender), 2);
         // an append copies: the lender's rows past the view stay as they were
         let before: Vec<f32> = buffer.flatten_all()?.to_vec1()?;
@@ -772,6 +879,12 @@ mod tests {
         assert_eq!(buffer.flatten_all()?.to_vec1::<f32>()?, before);
         assert!(!grown.is_lent_by(&lender, 2));
         drop((view, grown));
+        assert_eq!(
+            Arc::strong_count(&lender),
+            2,
+            "the narrowed view still holds it"
+        );
+        drop(narrowed);
         assert_eq!(Arc::strong_count(&lender), 1);
         Ok(())
     }

@@ -218,8 +218,9 @@ impl Blender {
 
     /// Decode steps over a request's cache (its prompt's, from [`Blender::run`]), for up to
     /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
-    /// blender runs graphs ([`Blender::with_graphs`]; the cache copied into a graphed one
-    /// first, steps enough to pay for it), else `Model::decode_step`.
+    /// blender runs graphs ([`Blender::with_graphs`]; in the graphed cache the cache is a
+    /// view of, after a graphed question, else copied into one first, steps enough to pay
+    /// for it), else `Model::decode_step`.
     pub fn decode_steps(&self, cache: KvCache, steps: usize) -> crate::graphs::DecodeSteps {
         #[cfg(feature = "gpu")]
         if let Some(pool) = &self.graphs

@@ -119,7 +119,8 @@ __device__ __forceinline__ int count_le(const uint32_t *pos, int len, uint32_t x
 // more than the `launched` splits.
 __device__ __forceinline__ int planned_splits(const uint32_t *k_pos, int t, int split_cap,
                                               int min_tiles, int launched) {
-  const int keys = count_le(k_pos, t, 0xfffffffeu);
+  // every slot a key (an eager call): no search
+  const int keys = t == 0 || k_pos[t - 1] != 0xffffffffu ? t : count_le(k_pos, t, 0xfffffffeu);
   const int tiles = (keys + BN - 1) / BN;
   return max(1, min(min(split_cap, max(tiles / min_tiles, 1)), launched));
 }
@@ -595,15 +596,16 @@ ROPE_ENTRY(rope_rows_f16_d128, __half, 128)
 
 extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_ml,
                                              __nv_bfloat16 *out, float *lse, int rows, int D,
-                                             int splits, const uint32_t *k_pos, int t,
+                                             int launched, const uint32_t *k_pos, int t,
                                              int split_cap, int min_tiles) {
-  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, splits, k_pos, t, split_cap,
+  attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
                               min_tiles);
 }
 
 extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
-                                            float *lse, int rows, int D, int splits,
+                                            float *lse, int rows, int D, int launched,
                                             const uint32_t *k_pos, int t, int split_cap,
                                             int min_tiles) {
-  attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, splits, k_pos, t, split_cap, min_tiles);
+  attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
+                       min_tiles);
 }

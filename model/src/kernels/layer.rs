@@ -274,9 +274,20 @@ pub(crate) fn put_many(copies: &[RowsInto<'_>]) -> Result<()> {
     let Some(first) = copies.first() else {
         return Ok(());
     };
-    let candle_core::Device::Cuda(dev) = first.dst.device() else {
+    let device = first.dst.device();
+    let candle_core::Device::Cuda(dev) = device else {
         return Err(crate::error::invalid_input("put_many runs on CUDA only"));
     };
+    if let Some(c) = copies
+        .iter()
+        .find(|c| !c.dst.device().same_device(device) || !c.src.device().same_device(device))
+    {
+        return Err(crate::error::invalid_input(format!(
+            "put_many: a copy between {:?} and {:?}, launched on {device:?}",
+            c.src.device(),
+            c.dst.device()
+        )));
+    }
     let stream = dev.cuda_stream();
     let mut planned = Vec::with_capacity(copies.len());
     // consecutive copies into one buffer (a layer's parts) read its address once

@@ -42,7 +42,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::kernels::{FusedAttention, RowsInto, put_many};
-use crate::kv::{KvCache, LayerKv, Lender, check_increasing};
+use crate::kv::{KvCache, LayerKv, Lease, Lender, check_increasing};
 use crate::rows::SetRows;
 
 /// A KV cache in buffers of fixed capacity on one CUDA device, and the captured graphs that
@@ -125,7 +125,7 @@ impl GraphedCache {
             k_pos,
             positions: Vec::new(),
             k_pos_clean: true,
-            lender: Arc::new(Lender),
+            lender: Arc::new(Lender::default()),
             graphs: HashMap::new(),
             capture: true,
         })
@@ -182,8 +182,10 @@ impl GraphedCache {
     /// the other (rows of this model's KV shape and dtype), at `positions` (one per row,
     /// strictly increasing, below the model's context, at most the capacity): one upload of
     /// the key positions, then every layer's K and V in one launch per 96 non-empty parts (a
-    /// 30-layer context of 12 chunks in 8). Captured graphs stay valid. Refused while views of the rows are lent ([`GraphedCache::is_lent`]). On
-    /// error the cache holds no rows.
+    /// 30-layer context of 12 chunks in 8). Captured graphs stay valid. Refused while views
+    /// of the rows are lent ([`GraphedCache::is_lent`]); the writes wait (on the device) for
+    /// the work queued on earlier views. Invalid input leaves the cache as it was; a failure
+    /// while writing leaves it empty.
     pub fn load_parts(&mut self, layers: &[Vec<LayerKv>], positions: &[u32]) -> Result<()> {
         let c = self.model.config();
         if self.is_lent() {
@@ -225,6 +227,10 @@ impl GraphedCache {
                 context: c.context_length,
             });
         }
+        // the views lent before may have been read on another thread's stream: this
+        // stream's writes wait for that work (on the device)
+        let stream = self.model.device().as_cuda_device()?.cuda_stream();
+        self.lender.wait_for_leases(&stream)?;
         self.positions.clear();
         self.k_pos_clean = false;
         // the positions go first: an upload from pageable memory waits for the stream, which
@@ -275,6 +281,8 @@ impl GraphedCache {
     /// Appending to a view copies.
     pub fn cache(&self) -> Result<KvCache> {
         let len = self.len();
+        let stream = self.model.device().as_cuda_device()?.cuda_stream();
+        let lease = Lease::new(&self.lender, Some(stream));
         let layers = self
             .layers
             .iter()
@@ -283,7 +291,7 @@ impl GraphedCache {
                 Ok(LayerKv::lent(
                     l.k.narrow(0, 0, len)?,
                     l.v.narrow(0, 0, len)?,
-                    &self.lender,
+                    &lease,
                     i,
                 ))
             })

@@ -132,11 +132,11 @@ fn finish_graphed(
     clock: RefCell<PhaseClock>,
 ) -> Result<Ran> {
     let phases = clock.into_inner().finish();
-    let copied = phases.and_then(|phases| {
+    let finished = phases.and_then(|phases| {
         let (mut out, work) = a.finish_then(b, req, start, logits, || Ok(g.cache()?), 0)?;
         out.stats.phases = phases;
         Ok((out, work))
     });
     pool.give_back(g);
-    copied
+    finished
 }
