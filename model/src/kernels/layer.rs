@@ -333,14 +333,12 @@ fn address_of(
     row_dims: &[usize],
     dtype: DType,
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-) -> Result<Part> {
+) -> candle_core::Result<Part> {
     let (g, l) = t.storage_and_layout();
     let candle_core::Storage::Cuda(cs) = &*g else {
-        return Err(crate::error::invalid_input(
-            "put_many: a tensor is not on CUDA",
-        ));
+        candle_core::bail!("row copies: a tensor is not on CUDA");
     };
-    Ok(part(cs, l, row_dims, dtype, stream)?)
+    part(cs, l, row_dims, dtype, stream)
 }
 
 /// One part's address, row count and row stride (elements).
@@ -402,11 +400,7 @@ fn parts_of(
     let mut parts = Vec::with_capacity(rest.len() + 1);
     parts.push(part(first.0, first.1, row_dims, dtype, stream)?);
     for t in rest {
-        let (g, pl) = t.storage_and_layout();
-        let candle_core::Storage::Cuda(cs) = &*g else {
-            candle_core::bail!("cat_rows: a part is not on CUDA");
-        };
-        parts.push(part(cs, pl, row_dims, dtype, stream)?);
+        parts.push(address_of(t, row_dims, dtype, stream)?);
     }
     Ok(parts)
 }
