@@ -442,8 +442,10 @@ impl LayerKv {
 
     /// The layers' tokens one after the other.
     pub fn cat(parts: &[&LayerKv]) -> Result<Self> {
-        if let [one] = parts {
-            // nothing to join: the layer itself (a lent view keeps its lease)
+        if let [one] = parts
+            && one.lent.is_some()
+        {
+            // nothing to join: a lent view goes on holding its lease
             return Ok((*one).clone());
         }
         let ks: Vec<&Tensor> = parts.iter().map(|p| &p.k).collect();
