@@ -300,3 +300,105 @@ fn verify_meets_damage_and_the_next_run_restores_every_chunk() {
         assert!(s["computed"].as_u64().unwrap() >= 1, "{s}");
     }
 }
+
+/// What a probe of the job found (each failed before its fix): a manifest's temporary
+/// file took the name of a file beside it (the input, once: deleted); a store written with
+/// a lossy codec and run again without lossy objects allowed never converged (its chunks
+/// counted as stored, `--verify` failing every run); a tier too small for any chunk, a
+/// remote tier that is down, and chunks longer than the model's context less the sink
+/// they are prefilled behind all exited 0 or failed part-way; `--jobs` had no bound.
+#[test]
+fn the_probes_findings_fail_clearly_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl");
+    let corpus =
+        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n";
+    std::fs::write(&input, corpus).unwrap();
+    let data = dir.path().join("data");
+    let precompute = |data: &Path, extra: &[&str]| job(&input, data).args(extra).output().unwrap();
+    let fails_with = |out: std::process::Output, says: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{says}: {err}");
+        assert!(err.contains(says), "{says}: {err}");
+    };
+
+    // a file named like the old temporary name survives the manifest's write
+    let manifest = dir.path().join("ids.jsonl");
+    let neighbour = dir.path().join("ids.tmp");
+    std::fs::write(&neighbour, "important").unwrap();
+    let out = precompute(&data, &["--manifest", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&neighbour).unwrap(), "important");
+    assert_eq!(
+        std::fs::read_to_string(&manifest).unwrap().lines().count(),
+        2
+    );
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), corpus);
+
+    // lossy objects the next run does not serve are computed again, exactly, once
+    let lossy = dir.path().join("lossy");
+    let out = precompute(&lossy, &["--ssd-codec", "int8", "--allow-lossy", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for computed in [2, 0] {
+        let out = precompute(&lossy, &["--verify", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (s["computed"].as_u64(), s["verified"].as_u64()),
+            (Some(computed), Some(2)),
+            "{s}"
+        );
+    }
+
+    // a tier that can hold no chunk, and a remote tier that is down, fail the job
+    fails_with(
+        precompute(&dir.path().join("tiny-ssd"), &["--ssd-bytes", "1"]),
+        "smaller than one chunk's object",
+    );
+    let remote = dir.path().join("remote");
+    fails_with(
+        precompute(&remote, &["--remote-seeds", "127.0.0.1:1"]),
+        "the remote tier (--remote-seeds 127.0.0.1:1) does not hold 2 of the chunks",
+    );
+    // ... keeping what it stored locally
+    let out = precompute(&remote, &["--verify", "--json"]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (s["computed"].as_u64(), s["verified"].as_u64()),
+        (Some(0), Some(2)),
+        "{s}"
+    );
+
+    // windows as long as the context cannot be prefilled behind the sink; --jobs is bounded
+    fails_with(
+        precompute(&data, &["--chunk-tokens", "4096"]),
+        "at most 4095",
+    );
+    let out = precompute(&data, &["--jobs", "100000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("1..=256"), "{err}");
+
+    // ids given twice, and pre-cut documents beside --chunk-tokens, are run as given, with
+    // a warning
+    let twice = dir.path().join("twice.jsonl");
+    std::fs::write(
+        &twice,
+        "{\"id\": 1, \"text\": \"One.\"}\n{\"id\": \"1\", \"chunks\": [\"Two.\"]}\n",
+    )
+    .unwrap();
+    let out = job(&twice, &data)
+        .args(["--chunk-tokens", "64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("1 document(s) repeat an earlier id (the first: `1`)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("does not cut the 1 document(s) given as `chunks`"),
+        "{err}"
+    );
+}

@@ -122,6 +122,34 @@ pub struct CalibrationTarget {
     pub min_full_accuracy: f64,
 }
 
+impl CalibrationTarget {
+    /// Why this target cannot gate anything, if it cannot: both accuracy fractions must lie
+    /// in (0, 1] and the KL bound must be a finite number ≥ 0 (NaN, a negative or an
+    /// infinite bound would certify whatever was measured).
+    pub fn problem(&self) -> Option<String> {
+        let fraction = |x: f64| x.is_finite() && x > 0.0 && x <= 1.0;
+        if !fraction(self.accuracy_vs_full) {
+            return Some(format!(
+                "the accuracy target {} is not a fraction in (0, 1]",
+                self.accuracy_vs_full
+            ));
+        }
+        if !fraction(self.min_full_accuracy) {
+            return Some(format!(
+                "the least full-prefill accuracy {} is not a fraction in (0, 1]",
+                self.min_full_accuracy
+            ));
+        }
+        if !(self.max_first_token_kl.is_finite() && self.max_first_token_kl >= 0.0) {
+            return Some(format!(
+                "the first-token KL bound {} is not a finite number ≥ 0",
+                self.max_first_token_kl
+            ));
+        }
+        None
+    }
+}
+
 impl Default for CalibrationTarget {
     /// 95% of full's needle accuracy; first-token KL ≤ 0.05 nats (query-aware selection at
     /// r = 0.15 measured 0.031, reuse 0.13, CacheBlend at 0.15 0.11 on SmolLM2: the bound
@@ -203,7 +231,32 @@ impl CalibrationRecord {
                 r.key
             )));
         }
+        if let Some(why) = r.problem() {
+            return Err(invalid(format!(
+                "calibration record {source} is not a valid record: {why}; run `kvquilt calibrate` again"
+            )));
+        }
         Ok(r)
+    }
+
+    /// Why the record's contents cannot stand behind its verdict, if they cannot: its target
+    /// ([`CalibrationTarget::problem`]), no exactness checks, or a ladder whose ratios are not
+    /// ascending fractions in (0, 1].
+    fn problem(&self) -> Option<String> {
+        if let Some(why) = self.target.problem() {
+            return Some(why);
+        }
+        if self.checks.is_empty() {
+            return Some("it holds no exactness checks".into());
+        }
+        let ratio_ok = |r: f32| r.is_finite() && r > 0.0 && r <= 1.0;
+        if let Some(r) = self.ladder.iter().find(|r| !ratio_ok(r.ratio)) {
+            return Some(format!("its ladder has ratio {}, outside (0, 1]", r.ratio));
+        }
+        if self.ladder.windows(2).any(|w| w[0].ratio >= w[1].ratio) {
+            return Some("its ladder's ratios are not ascending".into());
+        }
+        None
     }
 
     /// Writes the record as `<dir>/<key>.json` (a temporary file renamed into place, so a
@@ -245,6 +298,12 @@ pub fn decide(
     needle_examples: usize,
 ) -> (Option<f32>, String) {
     const EPS: f64 = 1e-9;
+    if let Some(why) = target.problem() {
+        return (None, format!("nothing certified: {why}"));
+    }
+    if checks.is_empty() {
+        return (None, "nothing certified: no exactness check ran".into());
+    }
     let bar = target.accuracy_vs_full * full.needle_accuracy;
     let one = 1.0 / needle_examples.max(1) as f64;
     for r in ladder.iter_mut() {

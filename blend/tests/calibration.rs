@@ -40,7 +40,7 @@ fn record(key: &str, certified: Option<BlendConfig>) -> CalibrationRecord {
             prompt_tokens_median: 100.0,
         },
         target: CalibrationTarget::default(),
-        checks: Vec::new(),
+        checks: vec![check(true)],
         full: FullReference {
             needle_accuracy: 1.0,
             ttft_ms_median: 1.0,
@@ -141,6 +141,30 @@ fn damaged_foreign_or_future_records_are_refused_by_name() {
         .unwrap();
         let m = invalid(calibration::find(Some(dir.path()), &id));
         assert!(m.contains("cannot run"), "{m}");
+    }
+
+    // contents that cannot stand behind a verdict: a target that gates nothing, no
+    // exactness checks, a ladder outside (0, 1] or not ascending
+    let mut bad_target = record(&key, None);
+    bad_target.target.min_full_accuracy = -1.0;
+    let mut no_checks = record(&key, None);
+    no_checks.checks.clear();
+    let mut ratio_7 = record(&key, None);
+    ratio_7.ladder = vec![rung(7.0, 0.8, 0.01)];
+    let mut descending = record(&key, None);
+    descending.ladder = vec![rung(0.3, 0.8, 0.01), rung(0.15, 0.8, 0.01)];
+    for (bad, why) in [
+        (bad_target, "least full-prefill accuracy"),
+        (no_checks, "no exactness checks"),
+        (ratio_7, "outside (0, 1]"),
+        (descending, "not ascending"),
+    ] {
+        std::fs::write(&path, serde_json::to_string(&bad).unwrap()).unwrap();
+        let m = invalid(calibration::find(Some(dir.path()), &id));
+        assert!(
+            m.contains(why) && m.contains("not a valid record"),
+            "{why}: {m}"
+        );
     }
 
     let mut future = record(&key, None);
@@ -299,6 +323,29 @@ fn the_decision_takes_the_smallest_ratio_that_holds_above_it() {
     };
     let mut l = vec![rung(0.3, 0.1, 0.01)];
     assert_eq!(decide(&mut l, &[check(true)], &blind), None);
+    // no checks, or a target that gates nothing (NaN, negative, infinite), certify nothing
+    let mut l = vec![rung(0.3, 0.8, 0.01)];
+    assert_eq!(decide(&mut l, &[], &full), None);
+    for bad in [
+        CalibrationTarget {
+            min_full_accuracy: f64::NAN,
+            ..t
+        },
+        CalibrationTarget {
+            accuracy_vs_full: -5.0,
+            ..t
+        },
+        CalibrationTarget {
+            max_first_token_kl: f64::INFINITY,
+            ..t
+        },
+    ] {
+        assert!(bad.problem().is_some());
+        let (ratio, verdict) = calibration::decide(&[check(true)], &full, &mut l, &bad, 30);
+        assert_eq!(ratio, None);
+        assert!(verdict.contains("nothing certified"), "{verdict}");
+    }
+    assert_eq!(t.problem(), None);
 }
 
 /// The default model as the CPU serves it (f32) finds its built-in record; a change to

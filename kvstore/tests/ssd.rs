@@ -122,6 +122,34 @@ async fn lossy_codec_tier_reads_back_close_values_or_stores_raw() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("serve_lossy"), "{e}");
+    // a tier that does not serve the lossy object takes the exact one in its place (the
+    // precompute job run without lossy objects allowed over a store written with them); an
+    // exact object held is kept as it is
+    let exact_only =
+        SsdTier::open(config(dir.path(), 1 << 30, Codec::Raw), Pins::default()).unwrap();
+    assert!(
+        exact_only
+            .put(Arc::new(sane.clone()), 1.0)
+            .await
+            .unwrap()
+            .written
+    );
+    let got = exact_only.get(sane.key()).await.unwrap().unwrap();
+    assert_eq!((*got == sane, got.lossy()), (true, None));
+    assert!(
+        !exact_only
+            .put(Arc::new(sane.clone()), 1.0)
+            .await
+            .unwrap()
+            .written
+    );
+    assert!(
+        !exact_only
+            .put(Arc::new(hostile.clone()), 1.0)
+            .await
+            .unwrap()
+            .written
+    );
 }
 
 /// Corrupt one stored value behind the tier's back: the read is a miss, counted, and the

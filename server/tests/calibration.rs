@@ -12,8 +12,8 @@ use kvquilt::serve::config::{BlendSettings, Config};
 use kvquilt_api::BlendResponse;
 use kvquilt_api::openai::ModelList;
 use kvquilt_blend::calibration::{
-    CalibrationRecord, CalibrationSet, CalibrationTarget, FullReference, RECORD_FORMAT,
-    calibration_key,
+    CalibrationRecord, CalibrationSet, CalibrationTarget, ExactnessCheck, FullReference,
+    RECORD_FORMAT, calibration_key,
 };
 use kvquilt_blend::{BlendConfig, ModelIdentity};
 use kvquilt_kvstore::{StoreConfig, TieredStore};
@@ -63,7 +63,15 @@ fn record(key: String, ratio: Option<f32>) -> CalibrationRecord {
             prompt_tokens_median: 0.0,
         },
         target: CalibrationTarget::default(),
-        checks: Vec::new(),
+        checks: vec![ExactnessCheck {
+            name: "shift".into(),
+            what: String::new(),
+            first_token_kl: 0.0,
+            max_abs_logit_diff: 0.0,
+            same_first_token: true,
+            kl_tolerance: 1e-4,
+            pass: true,
+        }],
         full: FullReference {
             needle_accuracy: 0.8,
             ttft_ms_median: 1.0,

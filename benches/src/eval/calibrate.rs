@@ -316,6 +316,12 @@ fn finish(a: &Args, record: &CalibrationRecord) -> Result<()> {
 
 /// Runs the calibration and writes the record.
 pub fn run(a: Args) -> Result<()> {
+    // flags that would make the gate certify anything fail before any work
+    if let Some(why) = target(&a).problem() {
+        bail!("--target-accuracy / --min-full-accuracy / --max-kl: {why}");
+    }
+    ensure!(a.max_tokens > 0, "--max-tokens must be at least 1");
+    super::check_gib("--host-gib", a.host_gib)?;
     if let Some(path) = &a.from_record {
         check_writable(&out_dir(&a))?;
         let record = redecide(&a, path)?;

@@ -18,7 +18,7 @@ pub(crate) mod presets;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, RagPrompt};
 use kvquilt_blend::{Blender, ChunkCodec, ChunkEncoding, Mode, ModelIdentity};
@@ -398,6 +398,46 @@ pub(crate) fn write_json(
     Ok(())
 }
 
+/// Fails unless `gib` is a positive, finite number of GiB (`flag` names it).
+pub(crate) fn check_gib(flag: &str, gib: f64) -> Result<()> {
+    if !(gib.is_finite() && gib > 0.0) {
+        bail!("{flag} must be a positive number of GiB, not {gib}");
+    }
+    Ok(())
+}
+
+/// Checks, before any work, that an output file (`flag`'s `path`) is not the input (writing
+/// it would overwrite the data) and can be created where it is asked for: an evaluation
+/// that runs for an hour must not fail at its last step.
+pub(crate) fn check_output(
+    flag: &str,
+    path: &std::path::Path,
+    input: &std::path::Path,
+) -> Result<()> {
+    if matches!((path.canonicalize(), input.canonicalize()), (Ok(x), Ok(y)) if x == y) {
+        bail!(
+            "{flag} {} is the input itself: it would be overwritten",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("{flag} {} is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    tempfile::NamedTempFile::new_in(dir)
+        .map(drop)
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot write in {}",
+                path.display(),
+                dir.display()
+            )
+        })
+}
+
 fn dump_examples(a: &Args, examples: &impl serde::Serialize) -> Result<()> {
     write_json(examples, a.dump_examples.as_deref())
 }
@@ -511,6 +551,16 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
 
 /// Runs the evaluation: stores every example's chunks (untimed), then runs each mode from the store and prints the table.
 pub fn run(a: Args) -> Result<()> {
+    for (flag, path) in [("--json", &a.json), ("--dump-examples", &a.dump_examples)] {
+        if let Some(p) = path {
+            check_output(flag, p, &a.input)?;
+        }
+    }
+    if a.json.is_some() && a.json == a.dump_examples {
+        bail!("--json and --dump-examples name the same file");
+    }
+    ensure!(a.max_tokens > 0, "--max-tokens must be at least 1");
+    check_gib("--host-gib", a.host_gib)?;
     let mut examples = data::load(&a.input)?;
     if a.task == "conv" {
         // (--limit and --skip count conversations, built from every example)
@@ -844,5 +894,36 @@ fn print_table(r: &Report) {
                 .map_or_else(|| "–".to_string(), |v| format!("{v:.4}")),
             opt(row.agreement_vs_raw),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_gib, check_output};
+
+    /// `eval --json` or `--dump-examples` naming the input overwrote the data set, and one
+    /// in a missing folder failed only after the whole evaluation (found by a probe).
+    #[test]
+    fn outputs_are_checked_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.json");
+        std::fs::write(&input, "[]").unwrap();
+        let e = check_output("--json", &input, &input).unwrap_err();
+        assert!(e.to_string().contains("is the input itself"), "{e}");
+        // the same file by another name
+        let other = dir.path().join(".").join("in.json");
+        assert!(check_output("--dump-examples", &other, &input).is_err());
+        let e = check_output("--json", &dir.path().join("nodir/out.json"), &input).unwrap_err();
+        assert!(e.to_string().contains("cannot write in"), "{e}");
+        assert!(
+            check_output("--json", dir.path(), &input).is_err(),
+            "a directory"
+        );
+        check_output("--json", &dir.path().join("out.json"), &input).unwrap();
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), "[]");
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(check_gib("--host-gib", bad).is_err(), "{bad}");
+        }
+        check_gib("--host-gib", 0.5).unwrap();
     }
 }

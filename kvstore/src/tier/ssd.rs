@@ -626,7 +626,19 @@ impl Inner {
     fn put_blocking(&self, obj: &KvObject, cost_s: f64) -> Result<PutOutcome> {
         let key = *obj.key();
         if self.index.contains(&key) {
-            return Ok(PutOutcome::default());
+            // held already, unless what is held is a lossy object this tier does not serve
+            // (a store written with a lossy codec, opened without lossy objects allowed):
+            // the exact object replaces it (a lossy codec is only configured when lossy
+            // objects are served, so `obj` is stored exactly)
+            let unserved = matches!(
+                self.read_header(&key, &self.data_read_opts()),
+                Ok(Some(h)) if !self.usable(&h)
+            );
+            if !unserved {
+                return Ok(PutOutcome::default());
+            }
+            self.check_writable()?;
+            self.delete(&key)?;
         }
         self.check_writable()?;
         let enc = obj.encode_or_raw(self.config.codec)?;

@@ -53,9 +53,9 @@ pub struct Args {
     /// Tokens shared by consecutive chunks when cutting.
     #[arg(long, default_value_t = 0)]
     overlap: usize,
-    /// Chunks computed at once (each compute is itself multi-threaded).
-    #[arg(long, default_value_t = 1)]
-    jobs: usize,
+    /// Chunks computed at once (each compute is itself multi-threaded), 1 to 256.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: u16,
     /// Write `{"id", "chunk", "chunk_id", "tokens"}` lines here.
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -110,9 +110,13 @@ struct Summary {
     bytes_written: u64,
     wall_s: f64,
     interrupted: bool,
-    /// Distinct chunks of the input the durable tier does not hold after the job (evicted
-    /// as the job ran: the corpus is larger than the tier).
+    /// Distinct chunks of the input the durable local tier does not hold after the job
+    /// (evicted as the job ran: the corpus is larger than the tier).
     not_kept: usize,
+    /// With a remote tier: distinct chunks of the input it does not hold after the job
+    /// (down, unreachable, or refusing writes); the job then fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_missing: Option<usize>,
     verified: Option<usize>,
 }
 
@@ -138,6 +142,7 @@ pub fn run(a: Args) -> Result<()> {
     crate::serve::init_logging("warn");
     let start = Instant::now();
     let docs = input::read(&a.input)?;
+    warn_about_input(&docs, a.chunk_tokens);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -184,6 +189,24 @@ pub fn run(a: Args) -> Result<()> {
     let namespace = namespace_of(&a.tenant, &key);
     let codec = blender.codec(&namespace);
     let ctx = blender.model().config().context_length;
+    // a chunk is prefilled behind the model's sink tokens (the chunk contract), which take
+    // their positions out of the context
+    let sink = match codec.encoding() {
+        kvquilt_blend::ChunkEncoding::Sink(s) => s.len(),
+        kvquilt_blend::ChunkEncoding::Alone => 0,
+    };
+    if a.chunk_tokens + sink > ctx {
+        bail!(
+            "--chunk-tokens {} is more than this model's chunks can hold: at most {} (its context of {ctx}{})",
+            a.chunk_tokens,
+            ctx.saturating_sub(sink),
+            if sink > 0 {
+                format!(", less the {sink} sink token(s) each chunk is prefilled behind")
+            } else {
+                String::new()
+            }
+        );
+    }
 
     // Tokenise and cut everything first: bad input fails before any compute.
     let mut units = Vec::new();
@@ -204,13 +227,14 @@ pub fn run(a: Args) -> Result<()> {
             (None, None) => unreachable!("input::read rejects documents without text"),
         };
         for (index, tokens) in pieces.into_iter().enumerate() {
-            if tokens.len() > ctx {
+            let room = ctx - codec.encoding().sink_for(&tokens).len();
+            if tokens.len() > room {
                 let hint = match doc.chunks {
                     Some(_) => "cut it into smaller chunks",
                     None => "use --chunk-tokens",
                 };
                 bail!(
-                    "document `{}` chunk {index} has {} tokens, more than the model's context of {ctx}; {hint}",
+                    "document `{}` chunk {index} has {} tokens, more than a chunk of this model holds ({room}: its context of {ctx} less the sink it is prefilled behind); {hint}",
                     doc.id,
                     tokens.len()
                 );
@@ -255,7 +279,7 @@ pub fn run(a: Args) -> Result<()> {
     let stdout = Mutex::new(std::io::stdout());
     let layout = *codec.layout();
     std::thread::scope(|scope| {
-        for _ in 0..a.jobs.max(1) {
+        for _ in 0..a.jobs {
             scope.spawn(|| {
                 loop {
                     if interrupted.load(Ordering::SeqCst) || failure.lock().is_some() {
@@ -321,16 +345,26 @@ pub fn run(a: Args) -> Result<()> {
         wall_s: 0.0,
         interrupted: interrupted.load(Ordering::SeqCst),
         not_kept: 0,
+        remote_missing: None,
         verified: None,
     };
     if !summary.interrupted {
         summary.not_kept = not_kept(&store, &units);
+        let distinct = units.iter().map(|u| u.key).collect::<HashSet<_>>().len();
+        if summary.not_kept > 0 && summary.not_kept == distinct {
+            bail!(
+                "none of the {distinct} chunk(s) is in the store after the job: --ssd-bytes {} is smaller than one chunk's object ({} bytes for the first chunk)",
+                a.ssd_bytes,
+                layout.object_bytes(units.first().map_or(0, |u| u.tokens.len()))
+            );
+        }
         if summary.not_kept > 0 {
             eprintln!(
                 "kvquilt precompute: warning: {} chunk(s) are not in the store after the job: it evicted them to stay within its capacity (--ssd-bytes {}); they will be recomputed when met",
                 summary.not_kept, a.ssd_bytes
             );
         }
+        summary.remote_missing = rt.block_on(share_with_remote(&store, &units))?;
     }
     if a.verify && !summary.interrupted {
         summary.verified = Some(verify(&rt, &store, &units)?);
@@ -359,7 +393,81 @@ pub fn run(a: Args) -> Result<()> {
         drop(rt);
         std::process::exit(130);
     }
+    if let Some(missing) = summary.remote_missing.filter(|&m| m > 0) {
+        bail!(
+            "the remote tier (--remote-seeds {}) does not hold {missing} of the chunks after the job: it is down, unreachable or refusing writes (see the warnings above); the chunks kept locally (all but not_kept) are uploaded by the job run again once it is reachable",
+            a.remote_seeds.join(",")
+        );
+    }
     Ok(())
+}
+
+/// With a remote tier: makes sure it holds every chunk of `units`, uploading from the local
+/// tiers what it lacks (chunks an earlier run stored while the remote was down are found
+/// locally and not computed again, so they are shared from here). Returns how many it
+/// still lacks; `None` without a remote tier.
+async fn share_with_remote(
+    store: &kvquilt_kvstore::TieredStore,
+    units: &[Unit],
+) -> Result<Option<usize>> {
+    let Some(remote) = store.tiers().iter().find(|t| t.is_remote()) else {
+        return Ok(None);
+    };
+    let keys: Vec<ChunkKey> = units
+        .iter()
+        .map(|u| u.key)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let lacking = |keys: Vec<ChunkKey>| async move {
+        let held = futures_util::future::join_all(keys.iter().map(|k| remote.probe(k))).await;
+        keys.into_iter()
+            .zip(held)
+            .filter_map(|(k, h)| (!h).then_some(k))
+            .collect::<Vec<_>>()
+    };
+    let missing = lacking(keys).await;
+    for key in &missing {
+        let local = store
+            .tiers()
+            .iter()
+            .filter(|t| !t.is_remote())
+            .map(|t| t.get(key));
+        for get in local {
+            if let Some(obj) = get.await? {
+                if let Err(e) = remote.put(obj, 0.0).await {
+                    tracing::warn!(%key, error = %e, "the remote tier did not take a chunk");
+                }
+                break;
+            }
+        }
+    }
+    remote.flush().await.context("flushing the remote tier")?;
+    Ok(Some(lacking(missing).await.len()))
+}
+
+/// Warns of input the job runs as given but that may not be what was meant: ids given more
+/// than once (the manifest then lists each occurrence under the same id), and documents
+/// given as `chunks` when `--chunk-tokens` asks for cutting (they are stored as given).
+fn warn_about_input(docs: &[input::Document], chunk_tokens: usize) {
+    let mut seen = HashSet::new();
+    let repeated: Vec<&str> = docs
+        .iter()
+        .filter(|d| !seen.insert(d.id.as_str()))
+        .map(|d| d.id.as_str())
+        .collect();
+    if let Some(first) = repeated.first() {
+        eprintln!(
+            "kvquilt precompute: warning: {} document(s) repeat an earlier id (the first: `{first}`); each is stored, and the manifest lists each under that id",
+            repeated.len()
+        );
+    }
+    let pre_cut = docs.iter().filter(|d| d.chunks.is_some()).count();
+    if chunk_tokens > 0 && pre_cut > 0 {
+        eprintln!(
+            "kvquilt precompute: warning: --chunk-tokens does not cut the {pre_cut} document(s) given as `chunks`: their chunks are stored as given"
+        );
+    }
 }
 
 /// Windows of `size` tokens, consecutive ones sharing `overlap`; the last may be shorter.
@@ -386,38 +494,51 @@ fn write_manifest(path: &PathBuf, docs: &[input::Document], units: &[Unit]) -> R
     if path.is_dir() {
         bail!("--manifest {} is a directory", path.display());
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-    );
+    // a temporary file of its own beside the manifest (never a name another file may hold),
+    // renamed into place: a reader sees the old manifest or the whole new one
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let mut f = std::io::BufWriter::new(tmp);
     for u in units {
         let line = json!({"id": docs[u.doc].id, "chunk": u.index, "chunk_id": u.key.to_hex(), "tokens": u.tokens.len()});
         writeln!(f, "{line}")?;
     }
-    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    let tmp = f.into_inner().map_err(|e| e.into_error())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-/// Distinct chunks of `units` the slowest (durable) tier does not hold (a presence check,
-/// no reads).
+/// The slowest local tier (the durable one: a remote tier is accounted for apart).
+fn durable_tier(store: &kvquilt_kvstore::TieredStore) -> Option<&Arc<dyn kvquilt_kvstore::Tier>> {
+    store.tiers().iter().rev().find(|t| !t.is_remote())
+}
+
+/// Distinct chunks of `units` the slowest local (durable) tier does not hold (a presence
+/// check, no reads).
 fn not_kept(store: &kvquilt_kvstore::TieredStore, units: &[Unit]) -> usize {
-    let Some(disk) = store.tiers().last() else {
+    let Some(disk) = durable_tier(store) else {
         return 0;
     };
     let keys: HashSet<ChunkKey> = units.iter().map(|u| u.key).collect();
     keys.iter().filter(|k| !disk.contains(k)).count()
 }
 
-/// Reads every chunk back whole from the slowest (durable) tier, each layer's checksum
-/// verified on the way.
+/// Reads every chunk back whole from the slowest local (durable) tier, each layer's
+/// checksum verified on the way.
 fn verify(
     rt: &tokio::runtime::Runtime,
     store: &kvquilt_kvstore::TieredStore,
     units: &[Unit],
 ) -> Result<usize> {
-    let Some(disk) = store.tiers().last() else {
-        bail!("the store has no tiers");
+    let Some(disk) = durable_tier(store) else {
+        bail!("the store has no local tiers");
     };
     let mut done = HashSet::new();
     // read on past a missing chunk: every damaged one is dropped now, so one more run
