@@ -59,6 +59,14 @@ fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
         if line.trim().is_empty() {
             continue;
         }
+        // (an array would deserialize positionally as `[id, text]`: only objects name
+        // their fields)
+        if !line.trim_start().starts_with('{') {
+            bail!(
+                "{}:{n}: not a JSON object (`{{\"id\": ..., \"text\": ...}}`)",
+                path.display()
+            );
+        }
         let l: Line = serde_json::from_str(line)
             .with_context(|| format!("{}:{n}: not a valid input line", path.display()))?;
         let id = match l.id {
@@ -151,5 +159,9 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", read(&p).unwrap_err());
         assert!(e.contains(":2: not UTF-8"), "{e}");
+        // an array is not read positionally as id and text
+        std::fs::write(&p, "{\"id\": 1, \"text\": \"a\"}\n[\"x\", \"hello\"]\n").unwrap();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains(":2: not a JSON object"), "{e}");
     }
 }

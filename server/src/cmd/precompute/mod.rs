@@ -402,6 +402,9 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// Remote presence checks in flight at once after the job.
+const REMOTE_PROBE_BATCH: usize = 256;
+
 /// With a remote tier: makes sure it holds every chunk of `units`, uploading from the local
 /// tiers what it lacks (chunks an earlier run stored while the remote was down are found
 /// locally and not computed again, so they are shared from here). Returns how many it
@@ -419,12 +422,19 @@ async fn share_with_remote(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    // presence checks in batches (a corpus may hold millions of chunks)
     let lacking = |keys: Vec<ChunkKey>| async move {
-        let held = futures_util::future::join_all(keys.iter().map(|k| remote.probe(k))).await;
-        keys.into_iter()
-            .zip(held)
-            .filter_map(|(k, h)| (!h).then_some(k))
-            .collect::<Vec<_>>()
+        let mut out = Vec::new();
+        for batch in keys.chunks(REMOTE_PROBE_BATCH) {
+            let held = futures_util::future::join_all(batch.iter().map(|k| remote.probe(k))).await;
+            out.extend(
+                batch
+                    .iter()
+                    .zip(held)
+                    .filter_map(|(k, h)| (!h).then_some(*k)),
+            );
+        }
+        out
     };
     let missing = lacking(keys).await;
     for key in &missing {
