@@ -171,6 +171,12 @@ impl CodecSpec {
         }
     }
 
+    /// Whether the codec recorded as header id `id` ([`CodecSpec::id`]) is lossy: every id
+    /// but raw's and lz4's (an unknown id counts as lossy).
+    pub fn id_is_lossy(id: u8) -> bool {
+        !matches!(id, 0 | 1)
+    }
+
     /// The name without parameters: raw, lz4, fp8, int8, kivi.
     pub fn family(self) -> &'static str {
         Self::FAMILIES[self.id() as usize]

@@ -12,7 +12,7 @@
 //! or an error. What it is not trusted with: the bytes themselves, which are checked against
 //! BLAKE3 checksums on every read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -322,6 +322,10 @@ struct Inner {
     /// tier then serves what it can read and stores nothing new until the next start moves
     /// it aside ([`DAMAGE_MARKER`]).
     writes_stopped: Mutex<Option<String>>,
+    /// Objects held with a lossy codec while lossy objects are not served (found at open:
+    /// a tier that does not serve them never writes them): misses left on disk, which a put
+    /// of the exact object replaces.
+    unserved_lossy: Mutex<HashSet<ChunkKey>>,
 }
 
 /// The SSD tier. Cheap to clone.
@@ -620,6 +624,7 @@ impl Inner {
             .map_err(|e| self.write_err(e))?;
         self.index.remove(key);
         self.touched.lock().remove(key);
+        self.unserved_lossy.lock().remove(key);
         Ok(existed)
     }
 
@@ -630,11 +635,7 @@ impl Inner {
             // (a store written with a lossy codec, opened without lossy objects allowed):
             // the exact object replaces it (a lossy codec is only configured when lossy
             // objects are served, so `obj` is stored exactly)
-            let unserved = matches!(
-                self.read_header(&key, &self.data_read_opts()),
-                Ok(Some(h)) if !self.usable(&h)
-            );
-            if !unserved {
+            if !self.unserved_lossy.lock().contains(&key) {
                 return Ok(PutOutcome::default());
             }
             self.check_writable()?;
@@ -970,6 +971,7 @@ impl SsdTier {
             clock: AtomicU64::new(0),
             opened_read_only: read_only,
             writes_stopped: Mutex::new(None),
+            unserved_lossy: Mutex::new(HashSet::new()),
         };
         let mut metas = Vec::new();
         for item in inner.db.iterator_cf(inner.meta(), IteratorMode::Start) {
@@ -996,6 +998,9 @@ impl SsdTier {
         }
         for (key, m) in metas {
             inner.index.restore(key, m.stored, m.cost_s);
+            if !inner.config.serve_lossy && Codec::id_is_lossy(m.codec_id) {
+                inner.unserved_lossy.lock().insert(key);
+            }
             if let Some(p) = m.pin {
                 inner.pins.set(key, p);
             }
