@@ -272,16 +272,14 @@ impl Blender {
     pub fn precompute(&self, namespace: &[u8], tokens: &[u32]) -> Result<Precomputed> {
         let codec = self.codec(namespace);
         let key = codec.key(tokens);
-        // held, and served as the store is configured: a lossy object the store does not
-        // serve, or one found damaged as its header is read, is computed again (and the
-        // exact object replaces it)
-        if let Some(Some(tier)) = self.rt.block_on(self.store.probe(&[key])).pop()
-            && self.rt.block_on(self.store.lookup(&key))?.is_some()
-        {
+        // held, and served as the store is configured (its header read and verified, remote
+        // tiers asked too): a lossy object the store does not serve, or one found damaged,
+        // is computed again (and the exact object replaces it)
+        if let Some(found) = self.rt.block_on(self.store.lookup(&key))? {
             return Ok(Precomputed {
                 key,
                 tokens: tokens.len(),
-                found_in: Some(tier),
+                found_in: Some(found.tier),
             });
         }
         let (obj, took) = codec.encode(&self.model, tokens)?;
