@@ -12,7 +12,10 @@
 // tiles are loaded once for all G heads that read them; a warp owns 16 rows. Keys stream in
 // tiles of BN = 64. Tensor cores: mma.sync m16n8k16 (bf16 or f16 in, f32 accumulate); the
 // softmax is FlashAttention-2's online form in base 2. Split-KV (gridDim.z > 1) gives each split
-// a contiguous range of key tiles and writes unnormalised partials that attn_combine merges.
+// a contiguous range of key tiles and writes unnormalised partials that attn_combine merges:
+// either one split count for the call, each tile's keys cut evenly, or (a per-tile plan, given
+// as `tile_splits`) pieces of `piece` key tiles, so that a tile with many keys gets more splits
+// than one with few and the longest CTA of a sparse call is not its last tile's share.
 //
 // Built to PTX by model/build.rs (feature `gpu`) and launched from model/src/kernels/flash.rs.
 #include <cuda_bf16.h>
@@ -179,12 +182,19 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
                                          T *__restrict__ out, float *__restrict__ ws_o,
                                          float *__restrict__ ws_ml, float *__restrict__ lse,
                                          int n, int t, int H, int kvh, float scale_log2,
-                                         int split_cap, int min_tiles) {
+                                         int split_cap, int min_tiles,
+                                         const uint32_t *__restrict__ tile_splits, int piece) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
-  // splits past the call's plan have no keys and nothing to write (the combine reads the
-  // plan's splits only); uniform across the CTA, so it may leave before any barrier
+  const int G = H / kvh;
+  const int QT = BM / G;  // queries per tile
+  const int tile = gridDim.x - 1 - blockIdx.x;  // the tiles with the most keys start first
+  // splits past the call's plan (or past this tile's own count, under a per-tile plan) have
+  // no keys and nothing to write (the combine reads the planned splits only); uniform across
+  // the CTA, so it may leave before any barrier
   const int split = blockIdx.z;
-  const int splits = planned_splits(k_pos, t, split_cap, min_tiles, gridDim.z);
+  const int splits = tile_splits != nullptr
+                         ? static_cast<int>(tile_splits[tile])
+                         : planned_splits(k_pos, t, split_cap, min_tiles, gridDim.z);
   if (split >= splits) return;
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Vs[BN * LD];
@@ -192,9 +202,6 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   __shared__ int bounds[2];
   T *Qs = Ks;  // Q is staged through the K buffer once, before the first key tile
 
-  const int G = H / kvh;
-  const int QT = BM / G;  // queries per tile
-  const int tile = gridDim.x - 1 - blockIdx.x;  // the tiles with the most keys start first
   const int kh = blockIdx.y;
   const int q0 = tile * QT;
   const int qn = min(QT, n - q0);
@@ -234,7 +241,10 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   __syncthreads();  // Qs is overwritten by the first K tile
 
   const int n_tiles = (k_end + BN - 1) / BN;
-  const int per = (n_tiles + splits - 1) / splits;
+  // a per-tile plan cuts every tile's keys into pieces of `piece` key tiles (the host counted
+  // them: tile_splits[tile] = ceil(n_tiles / piece)); otherwise the call's split count cuts
+  // each tile's keys evenly
+  const int per = tile_splits != nullptr ? piece : (n_tiles + splits - 1) / splits;
   const int kt_begin = split * per, kt_end = min(n_tiles, kt_begin + per);
 
   auto k_row = [&](int kbase) {
@@ -443,10 +453,14 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
                                              const float *__restrict__ ws_ml, T *__restrict__ out,
                                              float *__restrict__ lse, int rows, int D,
                                              int launched, const uint32_t *__restrict__ k_pos,
-                                             int t, int split_cap, int min_tiles) {
+                                             int t, int split_cap, int min_tiles,
+                                             const uint32_t *__restrict__ tile_splits,
+                                             int rows_per_tile) {
   __shared__ float ml[2 * COMBINE_STAGED];
   const int row = blockIdx.x, d = threadIdx.x;
-  const int splits = planned_splits(k_pos, t, split_cap, min_tiles, launched);
+  const int splits = tile_splits != nullptr
+                         ? static_cast<int>(tile_splits[row / rows_per_tile])
+                         : planned_splits(k_pos, t, split_cap, min_tiles, launched);
   if (splits == 1) return;
   const bool staged = splits <= COMBINE_STAGED;
   if (staged) {
@@ -568,10 +582,11 @@ COLSUM_ENTRY(__half, f16, 128)
       const T *q, int q_stride, const T *k, int k_stride, const T *v, int v_stride,              \
       const uint32_t *q_pos, const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows,   \
       const T *cos, const T *sin, T *out, float *ws_o, float *ws_ml, float *lse, int n, int t,   \
-      int H, int kvh, float scale_log2, int split_cap, int min_tiles) {                          \
+      int H, int kvh, float scale_log2, int split_cap, int min_tiles,                            \
+      const uint32_t *tile_splits, int piece) {                                                  \
     attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, k_head_pos,       \
                           head_rows, cos, sin, out, ws_o, ws_ml, lse, n, t, H, kvh, scale_log2,  \
-                          split_cap, min_tiles);                                                 \
+                          split_cap, min_tiles, tile_splits, piece);                             \
   }
 
 ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)
@@ -597,15 +612,17 @@ ROPE_ENTRY(rope_rows_f16_d128, __half, 128)
 extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_ml,
                                              __nv_bfloat16 *out, float *lse, int rows, int D,
                                              int launched, const uint32_t *k_pos, int t,
-                                             int split_cap, int min_tiles) {
+                                             int split_cap, int min_tiles,
+                                             const uint32_t *tile_splits, int rows_per_tile) {
   attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
-                              min_tiles);
+                              min_tiles, tile_splits, rows_per_tile);
 }
 
 extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
                                             float *lse, int rows, int D, int launched,
                                             const uint32_t *k_pos, int t, int split_cap,
-                                            int min_tiles) {
+                                            int min_tiles, const uint32_t *tile_splits,
+                                            int rows_per_tile) {
   attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
-                       min_tiles);
+                       min_tiles, tile_splits, rows_per_tile);
 }

@@ -102,6 +102,20 @@ pub(crate) struct FusedAttention {
     /// (`attn_rot_*`), rather than rotating each tile as it loads (`attn_pos_*`): pays when
     /// several query tiles read the same keys.
     rotate_first: bool,
+    /// A per-tile split plan ([`TilePlan`]), when it shortens the longest split.
+    tile_plan: Option<TilePlan>,
+}
+
+/// Splits planned per query tile: tile `i`'s keys go in pieces of `piece` key tiles, so a
+/// tile that sees few keys takes one CTA and the prompt's last tiles several. With one split
+/// count for the call, a sparse call (blend's recomputed rows, spread over the prompt) gives
+/// its last tile's share ~2× the average work, and that CTA sets the kernel's time.
+#[derive(Debug)]
+struct TilePlan {
+    /// Key tiles per piece.
+    piece: usize,
+    /// `[q_tiles]` u32: each query tile's split count, `max(1, ceil(key tiles / piece))`.
+    splits: Tensor,
 }
 
 impl FusedAttention {
@@ -119,7 +133,7 @@ impl FusedAttention {
         head_dim: usize,
         device: &Device,
     ) -> Result<Self> {
-        Self::on_device(
+        let mut a = Self::on_device(
             Tensor::new(q_pos, device)?,
             Tensor::new(k_pos, device)?,
             cos,
@@ -127,7 +141,33 @@ impl FusedAttention {
             num_heads,
             kv_heads,
             head_dim,
-        )
+        )?;
+        // only where K is rotated first: a call of fewer query tiles may be the eager twin of
+        // a captured graph's, which plans from device positions (`on_device`), and both must
+        // sum the same partials in the same order
+        if a.rotate_first && a.splits > 1 {
+            let per_query_tile = BM / (num_heads / kv_heads);
+            let key_tiles: Vec<usize> = q_pos
+                .chunks(per_query_tile)
+                .map(|tile| {
+                    let last = tile.last().copied().unwrap_or(0);
+                    k_pos.partition_point(|&p| p <= last).div_ceil(BN)
+                })
+                .collect();
+            let longest = key_tiles.iter().copied().max().unwrap_or(0);
+            let uniform = longest.div_ceil(a.splits);
+            let resident = CTAS_PER_SM * sm_count(device);
+            if let Some((piece, splits)) =
+                super::split_plan::tile_pieces(&key_tiles, kv_heads, resident, a.min_tiles, uniform)
+            {
+                a.splits = longest.div_ceil(piece).max(1);
+                a.tile_plan = Some(TilePlan {
+                    piece,
+                    splits: Tensor::new(splits, device)?,
+                });
+            }
+        }
+        Ok(a)
     }
 
     /// [`FusedAttention::new`] over positions already on the device (`[n]` and `[t]` u32):
@@ -189,6 +229,7 @@ impl FusedAttention {
             split_cap,
             min_tiles,
             rotate_first: q_tiles >= ROTATE_FIRST_TILES,
+            tile_plan: None,
         })
     }
 
@@ -320,7 +361,8 @@ impl FusedAttention {
         let splits = self.splits;
         // SAFETY: every element of `out` is written by the kernel (one planned split) or the
         // combine kernel (more): each (query, head) row is owned by exactly one tile, and both
-        // kernels derive the same planned count from the same key positions.
+        // kernels derive the same planned count from the same key positions (or read the same
+        // per-tile counts).
         let out = unsafe { dev.alloc::<T>(n * h * d)? };
         let partials = if splits > 1 { splits * n * h } else { 1 };
         // SAFETY: with more than one planned split every planned split writes its rows'
@@ -396,6 +438,26 @@ impl FusedAttention {
         let (split_cap_i, min_tiles_i) = (self.split_cap as i32, self.min_tiles as i32);
         b.arg(&split_cap_i);
         b.arg(&min_tiles_i);
+        // a per-tile plan's split counts, or a null `uint32_t*` (one count for the call)
+        let plan_guard = self
+            .tile_plan
+            .as_ref()
+            .map(|p| (p.splits.storage_and_layout(), p.piece as i32));
+        let plan_view = match &plan_guard {
+            Some(((g, l), _)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
+            None => None,
+        };
+        let no_piece: i32 = 0;
+        match (&plan_view, &plan_guard) {
+            (Some(view), Some((_, piece))) => {
+                b.arg(view);
+                b.arg(piece);
+            }
+            _ => {
+                b.arg(&null_pos);
+                b.arg(&no_piece);
+            }
+        }
         let cfg = LaunchConfig {
             grid_dim: (q_tiles as u32, kvh as u32, splits as u32),
             block_dim: (128, 1, 1),
@@ -427,6 +489,12 @@ impl FusedAttention {
             b.arg(&t_i);
             b.arg(&split_cap_i);
             b.arg(&min_tiles_i);
+            let rows_per_tile = ((BM / group) * h) as i32;
+            match &plan_view {
+                Some(view) => b.arg(view),
+                None => b.arg(&null_pos),
+            };
+            b.arg(&rows_per_tile);
             let cfg = LaunchConfig {
                 grid_dim: ((n * h) as u32, 1, 1),
                 block_dim: (d as u32, 1, 1),

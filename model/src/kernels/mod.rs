@@ -15,6 +15,7 @@ mod dequant;
 mod flash;
 #[cfg(feature = "gpu")]
 mod layer;
+mod split_plan;
 
 #[cfg(feature = "gpu")]
 pub(crate) use dequant::dequant;
