@@ -104,9 +104,18 @@ __device__ __forceinline__ void copy_async(T *dst, int rows, Src src, const T *b
   }
 }
 
-// Number of entries of the strictly increasing `pos[0..len)` that are <= x.
+// Number of entries of the strictly increasing `pos[0..len)` that are <= x. Strictly
+// increasing integers give pos[i] >= pos[0] + i, so no entry past g = x - pos[0] is <= x, and
+// when pos[g] == x the count is g + 1: keys without holes (a prompt's, a graphed cache's rows)
+// take two dependent loads instead of a binary search's ~log2(len) (each an L2 round trip on
+// the critical path of every CTA's start).
 __device__ __forceinline__ int count_le(const uint32_t *pos, int len, uint32_t x) {
-  int lo = 0, hi = len;
+  if (len == 0) return 0;
+  const uint32_t first = pos[0];
+  if (x < first) return 0;
+  const uint32_t g = x - first;
+  if (g < static_cast<uint32_t>(len) && pos[g] == x) return static_cast<int>(g) + 1;
+  int lo = 0, hi = g < static_cast<uint32_t>(len) ? static_cast<int>(g) + 1 : len;
   while (lo < hi) {
     int mid = (lo + hi) >> 1;
     if (pos[mid] <= x) lo = mid + 1; else hi = mid;
@@ -119,11 +128,13 @@ __device__ __forceinline__ int count_le(const uint32_t *pos, int len, uint32_t x
 // captured graph's cache length) are not keys. Where every slot is a key this is the host's
 // own count; over a cache of fixed capacity it is the count an eager call over the same keys
 // launches, so both sum the same partials in the same order (bit-identical results). Never
-// more than the `launched` splits.
-__device__ __forceinline__ int planned_splits(const uint32_t *k_pos, int t, int split_cap,
-                                              int min_tiles, int launched) {
+// more than the `launched` splits. A graphed call appends its rows after the cache's, so its
+// real keys are exactly those at or before its last query (`q_last`): counted by position,
+// which count_le finds in two loads when the keys have no holes.
+__device__ __forceinline__ int planned_splits(const uint32_t *k_pos, int t, uint32_t q_last,
+                                              int split_cap, int min_tiles, int launched) {
   // every slot a key (an eager call): no search
-  const int keys = t == 0 || k_pos[t - 1] != 0xffffffffu ? t : count_le(k_pos, t, 0xfffffffeu);
+  const int keys = t == 0 || k_pos[t - 1] != 0xffffffffu ? t : count_le(k_pos, t, q_last);
   const int tiles = (keys + BN - 1) / BN;
   return max(1, min(min(split_cap, max(tiles / min_tiles, 1)), launched));
 }
@@ -194,7 +205,8 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
   const int split = blockIdx.z;
   const int splits = tile_splits != nullptr
                          ? static_cast<int>(tile_splits[tile])
-                         : planned_splits(k_pos, t, split_cap, min_tiles, gridDim.z);
+                         : planned_splits(k_pos, t, q_pos[n - 1], split_cap, min_tiles,
+                                          gridDim.z);
   if (split >= splits) return;
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Vs[BN * LD];
@@ -455,12 +467,14 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
                                              int launched, const uint32_t *__restrict__ k_pos,
                                              int t, int split_cap, int min_tiles,
                                              const uint32_t *__restrict__ tile_splits,
-                                             int rows_per_tile) {
+                                             int rows_per_tile,
+                                             const uint32_t *__restrict__ q_pos, int heads) {
   __shared__ float ml[2 * COMBINE_STAGED];
   const int row = blockIdx.x, d = threadIdx.x;
   const int splits = tile_splits != nullptr
                          ? static_cast<int>(tile_splits[row / rows_per_tile])
-                         : planned_splits(k_pos, t, split_cap, min_tiles, launched);
+                         : planned_splits(k_pos, t, q_pos[rows / heads - 1], split_cap,
+                                          min_tiles, launched);
   if (splits == 1) return;
   const bool staged = splits <= COMBINE_STAGED;
   if (staged) {
@@ -613,16 +627,18 @@ extern "C" __global__ void attn_combine_bf16(const float *ws_o, const float *ws_
                                              __nv_bfloat16 *out, float *lse, int rows, int D,
                                              int launched, const uint32_t *k_pos, int t,
                                              int split_cap, int min_tiles,
-                                             const uint32_t *tile_splits, int rows_per_tile) {
+                                             const uint32_t *tile_splits, int rows_per_tile,
+                                             const uint32_t *q_pos, int heads) {
   attn_combine<__nv_bfloat16>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
-                              min_tiles, tile_splits, rows_per_tile);
+                              min_tiles, tile_splits, rows_per_tile, q_pos, heads);
 }
 
 extern "C" __global__ void attn_combine_f16(const float *ws_o, const float *ws_ml, __half *out,
                                             float *lse, int rows, int D, int launched,
                                             const uint32_t *k_pos, int t, int split_cap,
                                             int min_tiles, const uint32_t *tile_splits,
-                                            int rows_per_tile) {
+                                            int rows_per_tile, const uint32_t *q_pos,
+                                            int heads) {
   attn_combine<__half>(ws_o, ws_ml, out, lse, rows, D, launched, k_pos, t, split_cap,
-                       min_tiles, tile_splits, rows_per_tile);
+                       min_tiles, tile_splits, rows_per_tile, q_pos, heads);
 }

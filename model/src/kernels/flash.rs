@@ -495,6 +495,8 @@ impl FusedAttention {
                 None => b.arg(&null_pos),
             };
             b.arg(&rows_per_tile);
+            b.arg(&qp);
+            b.arg(&h_i);
             let cfg = LaunchConfig {
                 grid_dim: ((n * h) as u32, 1, 1),
                 block_dim: (d as u32, 1, 1),
