@@ -30,6 +30,9 @@ const CAPACITY_STEP: usize = 1024;
 pub struct GraphStats {
     /// `reuse` questions replayed as a graph.
     pub questions: u64,
+    /// Query-aware `blend` requests whose query pass (the question over the cached chunks,
+    /// summing the attention each token receives) replayed as a graph.
+    pub query_passes: u64,
     /// Requests whose decode steps replayed a graph.
     pub decodes: u64,
     /// Graphed passes that failed (their request ran eagerly).
@@ -60,6 +63,8 @@ pub(crate) struct GraphPool {
     failures: std::sync::atomic::AtomicUsize,
     /// `reuse` questions replayed.
     questions: std::sync::atomic::AtomicU64,
+    /// `blend` query passes replayed.
+    query_passes: std::sync::atomic::AtomicU64,
     /// Requests whose decode steps replayed a graph.
     decodes: std::sync::atomic::AtomicU64,
 }
@@ -127,6 +132,7 @@ impl GraphPool {
         use std::sync::atomic::Ordering::Relaxed;
         GraphStats {
             questions: self.questions.load(Relaxed),
+            query_passes: self.query_passes.load(Relaxed),
             decodes: self.decodes.load(Relaxed),
             failures: self.failures.load(Relaxed) as u64,
         }
@@ -135,6 +141,12 @@ impl GraphPool {
     /// Counts a `reuse` question replayed as a graph.
     pub(crate) fn count_question(&self) {
         self.questions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a `blend` query pass replayed as a graph.
+    pub(crate) fn count_query_pass(&self) {
+        self.query_passes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 

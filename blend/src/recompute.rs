@@ -27,7 +27,11 @@ pub(crate) struct Recomputed {
 /// layer `l` (cached segments plus placeholder suffix rows) and is called once per layer, in
 /// layer order, just before the layer is needed. On return `cache` holds the blended KV.
 /// `clock` is charged the query pass, the layers before the first check, the check layers
-/// (scoring and selection), the recompute layers and the head.
+/// (scoring and selection), the recompute layers and the head. `query`, when given, is the
+/// query-aware signal already computed (the suffix's attention per token, `[tokens]`, as
+/// [`suffix_attention`] returns it: a graphed pass, `crate::graphs`); otherwise a
+/// query-aware configuration runs that pass here.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn blend(
     model: &Model,
     tokens: &[u32],
@@ -36,10 +40,14 @@ pub(crate) fn blend(
     cache: &mut KvCache,
     fill: &mut dyn FnMut(usize, &mut LayerKv) -> Result<()>,
     clock: &RefCell<PhaseClock>,
+    query: Option<Vec<f32>>,
 ) -> Result<Recomputed> {
     cfg.validate(model.config().num_layers)?;
+    if query.as_ref().is_some_and(|q| q.len() != tokens.len()) {
+        return Err(invalid("a query signal not of the prompt's length"));
+    }
     with_fill(model.config().num_layers, fill, |fill_once| {
-        run(model, tokens, roles, cfg, cache, fill_once, clock)
+        run(model, tokens, roles, cfg, cache, fill_once, clock, query)
     })
 }
 
@@ -71,6 +79,7 @@ pub(crate) fn with_fill<T>(
 }
 
 /// The blend proper, under `fill_once` (see [`blend`]).
+#[allow(clippy::too_many_arguments)]
 fn run(
     model: &Model,
     tokens: &[u32],
@@ -79,13 +88,18 @@ fn run(
     cache: &mut KvCache,
     fill_once: &mut dyn FnMut(usize, &mut LayerKv) -> kvquilt_model::Result<()>,
     clock: &RefCell<PhaseClock>,
+    query: Option<Vec<f32>>,
 ) -> Result<Recomputed> {
     let num_layers = model.config().num_layers;
     let n = tokens.len();
     let non_suffix = n - roles.suffix_len();
     let enter = |phase: &'static str| clock.borrow_mut().enter(phase).map(|_| ());
 
-    let attention = if cfg.query_weight > 0.0 {
+    let attention = if cfg.query_weight <= 0.0 {
+        None
+    } else if let Some(q) = query {
+        Some(q)
+    } else {
         enter("query pass")?;
         let layers = match cfg.query_layers {
             0 => num_layers,
@@ -94,8 +108,6 @@ fn run(
         Some(suffix_attention(
             model, tokens, non_suffix, layers, roles, cache, fill_once,
         )?)
-    } else {
-        None
     };
     let mut active: Vec<usize> = (0..n).collect();
     let mut hidden = model.embed(tokens)?;

@@ -750,7 +750,12 @@ async fn metrics_count_attention_fallbacks() {
         "{text}"
     );
     // CUDA graphs run on a GPU only: counted, and zero here
-    for name in ["graphed_questions", "graphed_decodes", "graph_failures"] {
+    for name in [
+        "graphed_questions",
+        "graphed_query_passes",
+        "graphed_decodes",
+        "graph_failures",
+    ] {
         assert!(text.contains(&format!("kvquilt_{name}_total 0")), "{text}");
     }
 }

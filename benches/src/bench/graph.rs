@@ -68,7 +68,9 @@ mod imp {
     use std::time::Instant;
 
     use anyhow::{Result, bail};
-    use kvquilt_model::{DType, GraphedCache, KvCache, LayerKv, Model, Tensor};
+    use kvquilt_model::{
+        CollectProbes, DType, GraphedCache, KvCache, LayerKv, Model, ProbeRequest, Rows, Tensor,
+    };
 
     use serde::Serialize;
 
@@ -109,6 +111,12 @@ mod imp {
         /// Appends of bad input (a token outside the vocabulary, a position not after the
         /// cache's last, positions of another count) were refused, the cache unchanged.
         refused: bool,
+        /// The pass that also sums column attention (query-aware blend's): largest
+        /// |graph − eager| over its logits (the same kernels: 0 expected) ...
+        sums_logits_max_abs: f32,
+        /// ... and over its per-key sums, relative to the largest eager sum (the sums add
+        /// heads with float atomics in any order: equal to f32 rounding, not bit for bit).
+        sums_max_rel: f32,
         tokens: usize,
         passed: bool,
     }
@@ -236,6 +244,48 @@ mod imp {
             let mut tg = vec![first_g];
             tg.extend(graph_decode(&mut graphed, first_e)?);
             let tokens_equal = te.iter().zip(&tg).take_while(|(x, y)| x == y).count();
+            // the pass summing column attention, against the eager forward pass's summed
+            // probe (what query-aware blend runs without graphs), layer sums added in order
+            let (sums_logits_max_abs, sums_max_rel) = {
+                let mut cache = eager_load()?;
+                let mut hook = CollectProbes::new(Some(ProbeRequest::summed_over_all(a.rows)));
+                let out = model.run_layers_with(
+                    0..c.num_layers,
+                    model.embed(&tokens)?,
+                    Rows::Append(&q_pos),
+                    &mut cache,
+                    &mut hook,
+                )?;
+                let le = model
+                    .logits(&out.hidden.narrow(0, a.rows - 1, 1)?)?
+                    .squeeze(0)?;
+                let mut eager: Option<Tensor> = None;
+                for p in hook.layers {
+                    let Some(s) = p.rows else {
+                        bail!("the summed probe reported nothing");
+                    };
+                    eager = Some(match eager {
+                        None => s,
+                        Some(t) => (t + s)?,
+                    });
+                }
+                let Some(eager) = eager else {
+                    bail!("no layer reported a probe");
+                };
+                let mut g = GraphedCache::new(model.clone(), capacity)?;
+                g.set_capture(!a.no_capture);
+                g.load(&context)?;
+                // twice: the first call captures, the second replays
+                g.append_with_column_sums(&tokens, &q_pos)?;
+                g.load(&context)?;
+                let (lg, sums) = g.append_with_column_sums(&tokens, &q_pos)?;
+                let scale = eager
+                    .abs()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
+                    .max(f32::MIN_POSITIVE);
+                (max_abs(&le, &lg)?, max_abs(&eager, &sums)? / scale)
+            };
             // the replay runs the eager pass's kernels with the eager pass's split plan
             // (ARCHITECTURE.md, "A graphed pass is the eager pass"): bit-identical, so any
             // difference at all fails
@@ -243,10 +293,14 @@ mod imp {
                 && rows_max_abs == 0.0
                 && first_e == first_g
                 && refused
-                && tokens_equal == te.len();
+                && tokens_equal == te.len()
+                && sums_logits_max_abs == 0.0
+                && sums_max_rel <= 1e-4;
             println!(
                 "check: logits max |Δ| {logits_max_abs:e}, K/V rows max |Δ| {rows_max_abs:e}, \
-                 greedy tokens equal {tokens_equal}/{}, bad input refused: {refused} — {}",
+                 greedy tokens equal {tokens_equal}/{}, bad input refused: {refused}; \
+                 with column sums: logits max |Δ| {sums_logits_max_abs:e}, sums max rel |Δ| \
+                 {sums_max_rel:e} — {}",
                 te.len(),
                 if passed { "pass" } else { "FAIL" }
             );
@@ -255,6 +309,8 @@ mod imp {
                 rows_max_abs,
                 tokens_equal,
                 refused,
+                sums_logits_max_abs,
+                sums_max_rel,
                 tokens: te.len(),
                 passed,
             })

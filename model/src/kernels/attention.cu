@@ -426,7 +426,9 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
 }
 
 // Rotates rows of pre-RoPE keys to their positions once per call: out[j, h] = rope(k[j, h],
-// pos[j]); k rows have stride `stride`, out is [t, kvh, D] packed.
+// pos[j]); k rows have stride `stride`, out is [t, kvh, D] packed. A slot at position
+// u32::MAX (a graphed cache's capacity past its length) is no key: written as zeros, its
+// row never read (its rotation would index past the tables).
 template <typename T, int D>
 __device__ __forceinline__ void rope_rows(const T *__restrict__ k, int stride,
                                           const uint32_t *__restrict__ pos,
@@ -442,6 +444,11 @@ __device__ __forceinline__ void rope_rows(const T *__restrict__ k, int stride,
     const size_t j = jh / kvh;
     const T *src = k + j * stride + h * D;
     T *dst = out + jh * D;
+    if (pos[j] == 0xffffffffu) {
+      *reinterpret_cast<uint4 *>(dst + 8 * c) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4 *>(dst + HALF + 8 * c) = make_uint4(0, 0, 0, 0);
+      continue;
+    }
     const size_t at = static_cast<size_t>(pos[j]) * HALF + 8 * c;
     uint4 o1, o2;
     rotate8<T>(*reinterpret_cast<const uint4 *>(src + 8 * c),

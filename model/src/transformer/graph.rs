@@ -46,7 +46,8 @@ use crate::kv::{KvCache, LayerKv, Lease, Lender, check_increasing};
 use crate::rows::SetRows;
 
 /// A KV cache in buffers of fixed capacity on one CUDA device, and the captured graphs that
-/// append to it (one per row count). Holds the model whose weights the graphs read.
+/// append to it (one per row count, and per whether the pass sums the attention each key
+/// receives). Holds the model whose weights the graphs read.
 pub struct GraphedCache {
     model: Arc<Model>,
     capacity: usize,
@@ -61,7 +62,8 @@ pub struct GraphedCache {
     k_pos_clean: bool,
     /// What views of the rows hold while lent ([`GraphedCache::cache`]).
     lender: Arc<Lender>,
-    graphs: HashMap<usize, Captured>,
+    /// Keyed by (rows, whether the pass sums column attention).
+    graphs: HashMap<(usize, bool), Captured>,
     /// Whether passes are captured and replayed (else issued op by op: a diagnosis switch).
     capture: bool,
 }
@@ -74,6 +76,10 @@ struct Captured {
     inputs: Tensor,
     /// `[vocab]` f32: the last row's logits, written by every replay.
     logits: Tensor,
+    /// `[capacity]` f32, for a pass that sums column attention: each key slot's attention
+    /// probability summed over the pass's rows, heads and layers (0 for slots that are not
+    /// keys), written by every replay.
+    sums: Option<Tensor>,
 }
 
 // SAFETY: a `CudaGraph` is raw driver handles, which CUDA lets any thread use as long as
@@ -325,6 +331,32 @@ impl GraphedCache {
     /// use. The row count is at most [`GraphedCache::most_rows`]. On error the cache holds the
     /// rows it held.
     pub fn append(&mut self, tokens: &[u32], positions: &[u32]) -> Result<Tensor> {
+        Ok(self.append_pass(tokens, positions, false)?.0)
+    }
+
+    /// [`GraphedCache::append`], also returning the attention each key receives from the
+    /// appended rows, summed over them, every head and every layer, `[len]` f32 (len after
+    /// the call: the appended rows are keys too) — query-aware blend's signal, as
+    /// [`Model::run_layers_with`] reports it under `ProbeRequest::summed_over_all` layer by
+    /// layer (here added up on the device, in layer order). A separate graph from `append`'s
+    /// for the same row count.
+    pub fn append_with_column_sums(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+    ) -> Result<(Tensor, Tensor)> {
+        let (logits, sums) = self.append_pass(tokens, positions, true)?;
+        let sums = sums.ok_or_else(|| invalid_input("the pass summed no column attention"))?;
+        Ok((logits, sums))
+    }
+
+    /// The pass of [`GraphedCache::append`], with column sums when `sums`.
+    fn append_pass(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        sums: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let n = tokens.len();
         let c = self.model.config();
         if n == 0 || positions.len() != n {
@@ -372,9 +404,9 @@ impl GraphedCache {
             self.upload_k_pos(&self.positions)?;
             self.k_pos_clean = true;
         }
-        let mut captured = match self.graphs.remove(&n) {
+        let mut captured = match self.graphs.remove(&(n, sums)) {
             Some(c) => c,
-            None => self.buffers(n)?,
+            None => self.buffers(n, sums)?,
         };
         let mut inputs = Vec::with_capacity(3 * n);
         inputs.extend_from_slice(tokens);
@@ -382,12 +414,18 @@ impl GraphedCache {
         inputs.extend((len..len + n).map(|r| r as u32));
         let ran = self
             .upload_and_run(n, &inputs, positions, &mut captured)
-            .and_then(|()| Ok(captured.logits.copy()?));
-        self.graphs.insert(n, captured);
+            .and_then(|()| {
+                let sums = match &captured.sums {
+                    Some(s) => Some(s.narrow(0, 0, len + n)?.copy()?),
+                    None => None,
+                };
+                Ok((captured.logits.copy()?, sums))
+            });
+        self.graphs.insert((n, sums), captured);
         match ran {
-            Ok(logits) => {
+            Ok(out) => {
                 self.positions.extend_from_slice(positions);
-                Ok(logits)
+                Ok(out)
             }
             Err(e) => {
                 // the slots of the rows not appended go back to "no key" (a later append
@@ -426,9 +464,9 @@ impl GraphedCache {
             return Ok(graph.launch().w()?);
         }
         if !self.capture {
-            return self.issue(n, &captured.inputs, &captured.logits);
+            return self.issue(n, captured);
         }
-        captured.graph = Some(self.capture(n, &captured.inputs, &captured.logits)?);
+        captured.graph = Some(self.capture(n, captured)?);
         Ok(())
     }
 
@@ -444,13 +482,18 @@ impl GraphedCache {
         FusedAttention::most_rows_rotating_per_tile(config.num_heads, config.num_kv_heads)
     }
 
-    /// The input and output buffers of the pass of `n` rows (its graph comes on first use).
-    fn buffers(&self, n: usize) -> Result<Captured> {
+    /// The input and output buffers of the pass of `n` rows, with column sums when `sums`
+    /// (its graph comes on first use).
+    fn buffers(&self, n: usize, sums: bool) -> Result<Captured> {
         let device = self.model.device();
         Ok(Captured {
             graph: None,
             inputs: Tensor::zeros(3 * n, DType::U32, device)?,
             logits: Tensor::zeros(self.model.config().vocab_size, DType::F32, device)?,
+            sums: match sums {
+                true => Some(Tensor::zeros(self.capacity, DType::F32, device)?),
+                false => None,
+            },
         })
     }
 
@@ -462,15 +505,15 @@ impl GraphedCache {
     /// buffers kept for the thread's life, keyed by content, and the capture copies from
     /// those (device to device); it fails rather than capture an upload the run did not
     /// make. The first run is also what loads every kernel the capture launches.
-    fn capture(&self, n: usize, inputs: &Tensor, logits: &Tensor) -> Result<CudaGraph> {
+    fn capture(&self, n: usize, captured: &Captured) -> Result<CudaGraph> {
         let cuda = self.model.device().as_cuda_device()?;
         let _uploads_cached = cuda.enable_cuda_graph_htod_cache();
-        self.issue(n, inputs, logits)?;
+        self.issue(n, captured)?;
         let stream = cuda.cuda_stream();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
-        let issued = self.issue(n, inputs, logits);
+        let issued = self.issue(n, captured);
         let graph = end_capture(&stream);
         issued?;
         let graph = graph?;
@@ -478,9 +521,10 @@ impl GraphedCache {
         Ok(graph)
     }
 
-    /// Issues the pass of `n` rows: every temporary is dropped before this returns, so a
-    /// graph capturing it frees what it allocates.
-    fn issue(&self, n: usize, inputs: &Tensor, logits: &Tensor) -> Result<()> {
+    /// Issues the pass of `n` rows into `captured`'s outputs: every temporary is dropped
+    /// before this returns, so a graph capturing it frees what it allocates.
+    fn issue(&self, n: usize, captured: &Captured) -> Result<()> {
+        let (inputs, logits) = (&captured.inputs, &captured.logits);
         let model = &*self.model;
         let c = model.config();
         let ids = inputs.narrow(0, 0, n)?;
@@ -498,6 +542,7 @@ impl GraphedCache {
         let end = c.num_layers;
         let mut hidden = model.weights.embed.index_select(&ids, 0)?;
         let mut normed: Option<Tensor> = None;
+        let mut total: Option<Tensor> = None;
         for (l, kv) in self.layers.iter().enumerate() {
             let w = model.layer(l)?;
             let x = match normed.take() {
@@ -507,12 +552,25 @@ impl GraphedCache {
             let (q, k_new, v_new) = model.qkv(w, &x)?;
             kv.k.inplace_op3(&k_new, &rows, &SetRows)?;
             kv.v.inplace_op3(&v_new, &rows, &SetRows)?;
-            let attn = attention.attend(&q, &kv.k, &kv.v)?;
+            let attn = match captured.sums {
+                None => attention.attend(&q, &kv.k, &kv.v)?,
+                Some(_) => {
+                    let (attn, sums) = attention.attend_and_column_sums(&q, &kv.k, &kv.v)?;
+                    total = Some(match total.take() {
+                        None => sums,
+                        Some(t) => (t + sums)?,
+                    });
+                    attn
+                }
+            };
             (hidden, normed) = model.finish_layer(l, end, &hidden, &attn)?;
         }
         let last = hidden.narrow(0, n - 1, 1)?;
         let out = model.logits(&last)?.squeeze(0)?;
         logits.slice_set(&out, 0, 0)?;
+        if let (Some(buffer), Some(total)) = (&captured.sums, total) {
+            buffer.slice_set(&total, 0, 0)?;
+        }
         Ok(())
     }
 }

@@ -368,6 +368,11 @@ impl Collector for StoreCollector {
                 graphs.questions,
             ),
             (
+                "graphed_query_passes",
+                "Query-aware blend query passes replayed as a CUDA graph",
+                graphs.query_passes,
+            ),
+            (
                 "graphed_decodes",
                 "Requests whose decode steps replayed a CUDA graph",
                 graphs.decodes,

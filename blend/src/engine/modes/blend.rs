@@ -40,8 +40,6 @@ pub(crate) fn run(
         Prepared::Ready(a) => *a,
     };
     let mut cache = placeholder_cache(&b.model, a.tokens.len())?;
-    a.sources
-        .append_suffix(zero_rows(&b.model, req.suffix.len())?);
     let roles = roles(
         &a.segments,
         &a.sources.computed_in_pass(),
@@ -49,6 +47,12 @@ pub(crate) fn run(
         cfg.chunk_start,
         a.codec.encoding(),
     );
+    #[cfg(feature = "gpu")]
+    let query = graphed_query(b, &mut a, req, cfg, &roles, &clock);
+    #[cfg(not(feature = "gpu"))]
+    let query = None;
+    a.sources
+        .append_suffix(zero_rows(&b.model, req.suffix.len())?);
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
         a.sources.fill(b, l, kv)?;
@@ -56,12 +60,71 @@ pub(crate) fn run(
         Ok(())
     };
     let r = blend(
-        &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock,
+        &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock, query,
     )?;
     let phases = clock.into_inner().finish()?;
     let (mut out, work) = a.finish(b, req, start, r.logits, cache, r.recomputed)?;
     out.stats.phases = phases;
     Ok((out, work))
+}
+
+/// Query-aware blend's query pass — the question over every layer of the cached chunks,
+/// summing the attention each token receives — replayed as a CUDA graph (`crate::graphs`),
+/// like `reuse`'s question: the context loaded into a pooled graphed cache, the question
+/// appended by the cache's graph that also sums column attention (captured on first use).
+/// Only where that pass is the one `recompute` would run (every layer, no token computed in
+/// the pass, every source in memory, the fused kernel); `None` otherwise, and on a failed
+/// graphed pass (counted; `recompute` then runs the pass eagerly). Call before the suffix's
+/// placeholder rows join the sources.
+#[cfg(feature = "gpu")]
+fn graphed_query(
+    b: &Blender,
+    a: &mut super::assembly::Assembly<'_>,
+    req: &BlendRequest,
+    cfg: &BlendConfig,
+    roles: &TokenRoles,
+    clock: &RefCell<PhaseClock>,
+) -> Option<Vec<f32>> {
+    let c = b.model.config();
+    let pool = b.graphs.as_ref().filter(|p| p.usable())?;
+    let eligible = cfg.query_weight > 0.0
+        && (cfg.query_layers == 0 || cfg.query_layers >= c.num_layers)
+        && !roles.computed.iter().any(|&x| x)
+        && !a.sources.streams()
+        && req.suffix.len() <= kvquilt_model::GraphedCache::most_rows_of(c)
+        && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference;
+    if !eligible {
+        return None;
+    }
+    let non_suffix = a.tokens.len() - req.suffix.len();
+    let mut run = || -> Result<Vec<f32>> {
+        clock.borrow_mut().enter("query pass")?;
+        let mut g = pool.take(&b.model, a.tokens.len())?;
+        let mut pass = || -> Result<Vec<f32>> {
+            let layers = (0..c.num_layers)
+                .map(|l| a.sources.layer_parts(b, l))
+                .collect::<Result<Vec<_>>>()?;
+            g.load_parts(&layers, &kvquilt_model::positions(0, non_suffix))?;
+            let (_, sums) = g.append_with_column_sums(
+                &req.suffix,
+                &kvquilt_model::positions(non_suffix, req.suffix.len()),
+            )?;
+            Ok(sums.to_vec1::<f32>()?)
+        };
+        let sums = pass();
+        pool.give_back(g);
+        sums
+    };
+    match run() {
+        Ok(sums) => {
+            pool.count_query_pass();
+            Some(sums)
+        }
+        Err(e) => {
+            pool.failed(&e);
+            None
+        }
+    }
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`
