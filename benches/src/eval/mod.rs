@@ -142,6 +142,13 @@ pub struct Args {
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
+    /// Keep chunks resident in the model's device memory after their first read (the
+    /// blender's device tier, unbounded), as the sidecar does on a GPU: later rows read them
+    /// from there — on a launch-bound model with graphs, `reuse`'s question and query-aware
+    /// `blend`'s query pass then replay as CUDA graphs. Raw chunks only (a codec's rows read
+    /// its SSD tier).
+    #[arg(long)]
+    device_tier: bool,
     /// Every this-many-th document of each prompt (the 1st, the (n+1)-th, …) is not stored
     /// when the `reuse` and `blend` rows run (0: all stored), so they meet misses: `blend`
     /// computes them in its own pass, `reuse` prefills them alone first. Nothing is stored
@@ -696,16 +703,20 @@ pub fn run(a: Args) -> Result<()> {
             }
         };
         let store = Arc::new(TieredStore::open(config)?);
-        blenders.push((
-            codec,
-            Blender::new(
+        blenders.push((codec, {
+            let b = Blender::new(
                 Arc::clone(&model),
                 identity.clone(),
                 store,
                 rt.handle().clone(),
             )
-            .with_fallback_to_full(false),
-        ));
+            .with_fallback_to_full(false);
+            if a.device_tier && codec == CodecSpec::Raw {
+                b.with_device_tier(u64::MAX, kvquilt_kvstore::PolicyKind::Lru)
+            } else {
+                b
+            }
+        }));
     }
     let stop_ids = line_break_ids(&tokenizer)?;
     let opts = GenerateOptions {
@@ -821,6 +832,15 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    for (codec, b) in &blenders {
+        let g = b.graph_stats();
+        if g != kvquilt_blend::GraphStats::default() {
+            eprintln!(
+                "{codec}: CUDA graphs replayed {} reuse questions, {} query passes; {} failed",
+                g.questions, g.query_passes, g.failures
+            );
+        }
+    }
 
     let full = &tallies[0];
     let (full_f1, full_acc, full_ttft) = (mean(&full.f1), mean(&full.acc), median(&full.ttft_ms));

@@ -74,11 +74,14 @@ fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
             Value::Number(x) => x.to_string(),
             _ => bail!("{}:{n}: `id` must be a string or a number", path.display()),
         };
+        // (text that is only whitespace is no document: a directory's such files are
+        // skipped with a note, a line naming one is refused)
+        let has_text = |t: &str| !t.trim().is_empty();
         match (&l.text, &l.chunks) {
-            (Some(t), None) if !t.is_empty() => {}
-            (None, Some(c)) if !c.is_empty() && c.iter().all(|s| !s.is_empty()) => {}
+            (Some(t), None) if has_text(t) => {}
+            (None, Some(c)) if !c.is_empty() && c.iter().all(|s| has_text(s)) => {}
             _ => bail!(
-                "{}:{n}: give a non-empty `text` or a non-empty `chunks` list (not both)",
+                "{}:{n}: give a `text` or a `chunks` list (not both), not empty nor only whitespace",
                 path.display()
             ),
         }
@@ -115,6 +118,10 @@ fn read_dir(path: &Path) -> Result<Vec<Document>> {
         let text = std::fs::read_to_string(&p)
             .with_context(|| format!("reading {} (text files only)", p.display()))?;
         if text.trim().is_empty() {
+            eprintln!(
+                "kvquilt precompute: skipping {} (empty or only whitespace)",
+                p.display()
+            );
             continue;
         }
         docs.push(Document {
@@ -163,5 +170,22 @@ mod tests {
         std::fs::write(&p, "{\"id\": 1, \"text\": \"a\"}\n[\"x\", \"hello\"]\n").unwrap();
         let e = format!("{:#}", read(&p).unwrap_err());
         assert!(e.contains(":2: not a JSON object"), "{e}");
+        // text, or a chunk, that is only whitespace is refused by line (a directory's
+        // whitespace-only file is skipped: no document either way)
+        for bad in [
+            "{\"id\": 2, \"text\": \" \\n\\t \"}",
+            "{\"id\": 2, \"chunks\": [\"x\", \"  \"]}",
+        ] {
+            std::fs::write(&p, format!("{{\"id\": 1, \"text\": \"a\"}}\n{bad}\n")).unwrap();
+            let e = format!("{:#}", read(&p).unwrap_err());
+            assert!(e.contains(":2:") && e.contains("whitespace"), "{bad}: {e}");
+        }
+        let docs = dir.path().join("docs");
+        std::fs::create_dir(&docs).unwrap();
+        std::fs::write(docs.join("a.txt"), "hello").unwrap();
+        std::fs::write(docs.join("b.txt"), " \n\t").unwrap();
+        let d = read(&docs).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].id, "a.txt");
     }
 }

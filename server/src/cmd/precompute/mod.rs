@@ -107,7 +107,9 @@ struct Summary {
     /// Chunks already stored (earlier runs, or duplicates within the input).
     skipped: usize,
     tokens_computed: u64,
-    bytes_written: u64,
+    /// Raw K‖V bytes of the chunks computed (the model's layout, before any tier's codec:
+    /// an SSD tier with a codec stores fewer; its own stats say what it holds).
+    kv_bytes_computed: u64,
     wall_s: f64,
     interrupted: bool,
     /// Distinct chunks of the input the durable local tier does not hold after the job
@@ -273,7 +275,7 @@ pub fn run(a: Args) -> Result<()> {
     let computed = AtomicUsize::new(0);
     let skipped = AtomicUsize::new(0);
     let tokens_computed = AtomicU64::new(0);
-    let bytes_written = AtomicU64::new(0);
+    let kv_bytes_computed = AtomicU64::new(0);
     let seen: Mutex<HashSet<ChunkKey>> = Mutex::new(HashSet::new());
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let stdout = Mutex::new(std::io::stdout());
@@ -301,7 +303,7 @@ pub fn run(a: Args) -> Result<()> {
                                 computed.fetch_add(1, Ordering::SeqCst);
                                 tokens_computed.fetch_add(u.tokens.len() as u64, Ordering::SeqCst);
                                 let b = layout.object_bytes(u.tokens.len());
-                                bytes_written.fetch_add(b, Ordering::SeqCst);
+                                kv_bytes_computed.fetch_add(b, Ordering::SeqCst);
                             } else {
                                 skipped.fetch_add(1, Ordering::SeqCst);
                             }
@@ -341,7 +343,7 @@ pub fn run(a: Args) -> Result<()> {
         computed: computed.into_inner(),
         skipped: skipped.into_inner(),
         tokens_computed: tokens_computed.into_inner(),
-        bytes_written: bytes_written.into_inner(),
+        kv_bytes_computed: kv_bytes_computed.into_inner(),
         wall_s: 0.0,
         interrupted: interrupted.load(Ordering::SeqCst),
         not_kept: 0,
@@ -375,12 +377,12 @@ pub fn run(a: Args) -> Result<()> {
             .context("writing the summary to stdout")?;
     }
     eprintln!(
-        "kvquilt precompute: {} documents, {} chunks: {} computed ({} tokens, {:.1} MiB), {} already stored, {:.1} s{}",
+        "kvquilt precompute: {} documents, {} chunks: {} computed ({} tokens, {:.1} MiB of raw KV), {} already stored, {:.1} s{}",
         summary.documents,
         summary.chunks,
         summary.computed,
         summary.tokens_computed,
-        summary.bytes_written as f64 / (1u64 << 20) as f64,
+        summary.kv_bytes_computed as f64 / (1u64 << 20) as f64,
         summary.skipped,
         summary.wall_s,
         if summary.interrupted {
