@@ -133,66 +133,64 @@ pub fn select(
     }
     order.sort_by(rank);
 
-    if spread != Spread::Global {
-        let mut quota = vec![0usize; roles.segments];
-        match spread {
-            Spread::ByLength => {
-                let mut len = vec![0usize; roles.segments];
-                let mut forced_in = vec![0usize; roles.segments];
-                for (i, &t) in active.iter().enumerate() {
-                    let s = roles.segment[t];
-                    if s != suffix && !roles.exact[t] && !roles.computed[t] {
-                        len[s] += 1;
-                        forced_in[s] += keep[i] as usize;
-                    }
-                }
-                for s in 0..roles.segments {
-                    quota[s] =
-                        ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
+    // the global ranking returned above: spread the budget over the segments first
+    let mut quota = vec![0usize; roles.segments];
+    match spread {
+        Spread::ByLength => {
+            let mut len = vec![0usize; roles.segments];
+            let mut forced_in = vec![0usize; roles.segments];
+            for (i, &t) in active.iter().enumerate() {
+                let s = roles.segment[t];
+                if s != suffix && !roles.exact[t] && !roles.computed[t] {
+                    len[s] += 1;
+                    forced_in[s] += keep[i] as usize;
                 }
             }
-            Spread::ByMass | Spread::TopWhole(_) => {
-                let mut mass = vec![0f64; roles.segments];
-                let mut len = vec![0usize; roles.segments];
-                for &i in &order {
-                    if !roles.exact[active[i]] {
-                        mass[roles.segment[active[i]]] += scores[i].max(0.0) as f64;
-                        len[roles.segment[active[i]]] += 1;
-                    }
-                }
-                if let Spread::TopWhole(n) = spread {
-                    // segments by mass, ties by order; none without positive mass
-                    let mut by_mass: Vec<usize> =
-                        (0..roles.segments).filter(|&s| mass[s] > 0.0).collect();
-                    by_mass.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]).then(a.cmp(&b)));
-                    for &s in by_mass.iter().take(n) {
-                        quota[s] = len[s];
-                    }
-                }
-                let total: f64 = if spread == Spread::ByMass {
-                    mass.iter().sum()
-                } else {
-                    0.0
-                };
-                let left = budget.saturating_sub(used) as f64;
-                if total > 0.0 {
-                    for s in 0..roles.segments {
-                        quota[s] = (left * mass[s] / total).floor() as usize;
-                    }
-                }
+            for s in 0..roles.segments {
+                quota[s] = ((ratio * len[s] as f32).floor() as usize).saturating_sub(forced_in[s]);
             }
-            Spread::Global => {}
         }
-        for &i in &order {
-            if used >= budget {
-                break;
+        Spread::ByMass | Spread::TopWhole(_) => {
+            let mut mass = vec![0f64; roles.segments];
+            let mut len = vec![0usize; roles.segments];
+            for &i in &order {
+                if !roles.exact[active[i]] {
+                    mass[roles.segment[active[i]]] += scores[i].max(0.0) as f64;
+                    len[roles.segment[active[i]]] += 1;
+                }
             }
-            let s = roles.segment[active[i]];
-            if !roles.exact[active[i]] && quota[s] > 0 {
-                quota[s] -= 1;
-                keep[i] = true;
-                used += 1;
+            if let Spread::TopWhole(n) = spread {
+                // segments by mass, ties by order; none without positive mass
+                let mut by_mass: Vec<usize> =
+                    (0..roles.segments).filter(|&s| mass[s] > 0.0).collect();
+                by_mass.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]).then(a.cmp(&b)));
+                for &s in by_mass.iter().take(n) {
+                    quota[s] = len[s];
+                }
             }
+            let total: f64 = if spread == Spread::ByMass {
+                mass.iter().sum()
+            } else {
+                0.0
+            };
+            let left = budget.saturating_sub(used) as f64;
+            if total > 0.0 {
+                for s in 0..roles.segments {
+                    quota[s] = (left * mass[s] / total).floor() as usize;
+                }
+            }
+        }
+        Spread::Global => {} // (returned above)
+    }
+    for &i in &order {
+        if used >= budget {
+            break;
+        }
+        let s = roles.segment[active[i]];
+        if !roles.exact[active[i]] && quota[s] > 0 {
+            quota[s] -= 1;
+            keep[i] = true;
+            used += 1;
         }
     }
     for &i in &order {

@@ -91,8 +91,9 @@ pub(crate) struct FusedAttention {
     head_dim: usize,
     num_queries: usize,
     num_keys: usize,
-    /// Split-KV partitions launched, planned from `num_keys` (the kernels use fewer over a
-    /// cache whose key slots are not all keys: `planned_splits` in attention.cu).
+    /// Split-KV partitions launched (grid z): planned from `num_keys` (the kernels use fewer
+    /// over a cache whose key slots are not all keys: `planned_splits` in attention.cu), or
+    /// under a [`TilePlan`] the most any query tile takes.
     splits: usize,
     /// The plan's split count before the key tiles bound it (1 when the CTAs fill the GPU).
     split_cap: usize,
@@ -173,7 +174,10 @@ impl FusedAttention {
     /// [`FusedAttention::new`] over positions already on the device (`[n]` and `[t]` u32):
     /// what a captured CUDA graph uses, whose positions change in place between replays. Key
     /// slots holding `u32::MAX` past the real keys are never read: the kernel attends to the
-    /// keys at positions ≤ each query tile's last, found by binary search over `k_pos`.
+    /// keys at positions ≤ each query tile's last, found by binary search over `k_pos`. Over
+    /// such slots the queries must be the call's newest keys (a graphed cache's append): the
+    /// kernels count the real keys, for their split plan, as those at or before the last
+    /// query's position.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_device(
         q_pos: Tensor,

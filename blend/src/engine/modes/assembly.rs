@@ -120,6 +120,24 @@ fn held(b: &Blender, key: &kvquilt_kvstore::ChunkKey) -> Option<Held> {
 }
 
 impl Assembly<'_> {
+    /// The blender's pool of graphed caches when a short pass of `rows` rows over this
+    /// assembly can replay a CUDA graph (`crate::graphs`): graphs on and still usable, every
+    /// source in memory (a stream's layers arrive one by one), a question short enough for
+    /// the kernel's per-tile rotation (`GraphedCache::most_rows_of`), the fused attention.
+    /// `reuse`'s question and query-aware `blend`'s query pass ask.
+    #[cfg(feature = "gpu")]
+    pub(super) fn graph_pool<'b>(
+        &self,
+        b: &'b Blender,
+        rows: usize,
+    ) -> Option<&'b crate::graphs::GraphPool> {
+        let pool = b.graphs.as_ref().filter(|p| p.usable())?;
+        (!self.sources.streams()
+            && rows <= kvquilt_model::GraphedCache::most_rows_of(b.model.config())
+            && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference)
+            .then_some(pool)
+    }
+
     /// After the first token: records how each segment's KV was obtained, the time to the
     /// token and `recomputed` (non-suffix tokens recomputed in context) in the stats, makes
     /// the sources resident in the device tier, stores back what was computed, and returns

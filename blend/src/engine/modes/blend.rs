@@ -72,10 +72,13 @@ pub(crate) fn run(
 /// summing the attention each token receives — replayed as a CUDA graph (`crate::graphs`),
 /// like `reuse`'s question: the context loaded into a pooled graphed cache, the question
 /// appended by the cache's graph that also sums column attention (captured on first use).
-/// Only where that pass is the one `recompute` would run (every layer, no token computed in
-/// the pass, every source in memory, the fused kernel); `None` otherwise, and on a failed
-/// graphed pass (counted; `recompute` then runs the pass eagerly). Call before the suffix's
-/// placeholder rows join the sources.
+/// Only where that pass sums what `recompute`'s would (every layer, no token computed in
+/// the pass; `Assembly::graph_pool`'s conditions) and nothing else of the eager pass
+/// matters: the eager pass also leaves its K/V in the suffix's rows, which the check
+/// layer's deviation then compares against, and `Deviation::Kv` normalises by means over
+/// every active row, suffix included — so not under `Kv`. `None` otherwise, and on a
+/// failed graphed pass (counted; `recompute` then runs the pass eagerly). Call before the
+/// suffix's placeholder rows join the sources.
 #[cfg(feature = "gpu")]
 fn graphed_query(
     b: &Blender,
@@ -86,13 +89,11 @@ fn graphed_query(
     clock: &RefCell<PhaseClock>,
 ) -> Option<Vec<f32>> {
     let c = b.model.config();
-    let pool = b.graphs.as_ref().filter(|p| p.usable())?;
+    let pool = a.graph_pool(b, req.suffix.len())?;
     let eligible = cfg.query_weight > 0.0
         && (cfg.query_layers == 0 || cfg.query_layers >= c.num_layers)
-        && !roles.computed.iter().any(|&x| x)
-        && !a.sources.streams()
-        && req.suffix.len() <= kvquilt_model::GraphedCache::most_rows_of(c)
-        && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference;
+        && cfg.deviation != crate::select::Deviation::Kv
+        && !roles.computed.iter().any(|&x| x);
     if !eligible {
         return None;
     }

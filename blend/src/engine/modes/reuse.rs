@@ -34,11 +34,7 @@ pub(crate) fn run(
     #[cfg(feature = "gpu")]
     let mut a = a;
     #[cfg(feature = "gpu")]
-    if let Some(pool) = b.graphs.as_ref().filter(|p| p.usable())
-        && !a.sources.streams()
-        && req.suffix.len() <= kvquilt_model::GraphedCache::most_rows_of(b.model.config())
-        && b.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
-    {
+    if let Some(pool) = a.graph_pool(b, req.suffix.len()) {
         match graphed_question(b, pool, &mut a, req, &clock) {
             Ok((g, logits)) => {
                 pool.count_question();
