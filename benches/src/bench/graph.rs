@@ -89,6 +89,10 @@ mod imp {
         load_ms: Timing,
         /// Median ms: load, the question appended, its first token read back.
         question_ms: Timing,
+        /// Median ms: load, the question appended summing the attention each key receives
+        /// (query-aware blend's query pass; eager: the forward pass's summed probe), the
+        /// first token read back.
+        query_pass_ms: Timing,
         /// Median tokens/s over `steps` greedy steps.
         decode_tokens_per_s: Timing,
         check: Option<Check>,
@@ -207,6 +211,39 @@ mod imp {
             let first = logits.argmax(0)?.to_scalar::<u32>()?;
             Ok((logits, first))
         };
+        // query-aware blend's query pass without graphs: the summed probe, layer sums added
+        // in order; returns the logits and the sums
+        let eager_query_pass = |cache: &mut KvCache| -> Result<(Tensor, Tensor)> {
+            let mut hook = CollectProbes::new(Some(ProbeRequest::summed_over_all(a.rows)));
+            let out = model.run_layers_with(
+                0..c.num_layers,
+                model.embed(&tokens)?,
+                Rows::Append(&q_pos),
+                cache,
+                &mut hook,
+            )?;
+            let logits = model
+                .logits(&out.hidden.narrow(0, a.rows - 1, 1)?)?
+                .squeeze(0)?;
+            let mut sums: Option<Tensor> = None;
+            for p in hook.layers {
+                let Some(s) = p.rows else {
+                    bail!("the summed probe reported nothing");
+                };
+                sums = Some(match sums {
+                    None => s,
+                    Some(t) => (t + s)?,
+                });
+            }
+            let Some(sums) = sums else {
+                bail!("no layer reported a probe");
+            };
+            Ok((logits, sums))
+        };
+        let graph_query_pass = |g: &mut GraphedCache| -> Result<(Tensor, Tensor)> {
+            g.load(&context)?;
+            Ok(g.append_with_column_sums(&tokens, &q_pos)?)
+        };
         let graph_decode = |g: &mut GraphedCache, mut tok: u32| -> Result<Vec<u32>> {
             let mut out = Vec::with_capacity(a.steps);
             for _ in 0..a.steps {
@@ -247,38 +284,12 @@ mod imp {
             // the pass summing column attention, against the eager forward pass's summed
             // probe (what query-aware blend runs without graphs), layer sums added in order
             let (sums_logits_max_abs, sums_max_rel) = {
-                let mut cache = eager_load()?;
-                let mut hook = CollectProbes::new(Some(ProbeRequest::summed_over_all(a.rows)));
-                let out = model.run_layers_with(
-                    0..c.num_layers,
-                    model.embed(&tokens)?,
-                    Rows::Append(&q_pos),
-                    &mut cache,
-                    &mut hook,
-                )?;
-                let le = model
-                    .logits(&out.hidden.narrow(0, a.rows - 1, 1)?)?
-                    .squeeze(0)?;
-                let mut eager: Option<Tensor> = None;
-                for p in hook.layers {
-                    let Some(s) = p.rows else {
-                        bail!("the summed probe reported nothing");
-                    };
-                    eager = Some(match eager {
-                        None => s,
-                        Some(t) => (t + s)?,
-                    });
-                }
-                let Some(eager) = eager else {
-                    bail!("no layer reported a probe");
-                };
+                let (le, eager) = eager_query_pass(&mut eager_load()?)?;
                 let mut g = GraphedCache::new(model.clone(), capacity)?;
                 g.set_capture(!a.no_capture);
-                g.load(&context)?;
                 // twice: the first call captures, the second replays
-                g.append_with_column_sums(&tokens, &q_pos)?;
-                g.load(&context)?;
-                let (lg, sums) = g.append_with_column_sums(&tokens, &q_pos)?;
+                graph_query_pass(&mut g)?;
+                let (lg, sums) = graph_query_pass(&mut g)?;
                 let scale = eager
                     .abs()?
                     .max(0)?
@@ -326,6 +337,7 @@ mod imp {
         let mut load = (Vec::new(), Vec::new());
         let mut question = (Vec::new(), Vec::new());
         let mut decode = (Vec::new(), Vec::new());
+        let mut query_pass = (Vec::new(), Vec::new());
         for i in 0..=a.repeats {
             let keep = i > 0;
             // eager
@@ -363,6 +375,20 @@ mod imp {
                 question.1.push(t_q * 1e3);
                 decode.1.push(a.steps as f64 / t_d);
             }
+            // the query pass, eager then graphed
+            sync()?;
+            let t0 = Instant::now();
+            let (logits, _) = eager_query_pass(&mut eager_load()?)?;
+            logits.argmax(0)?.to_scalar::<u32>()?;
+            let t_e = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let (logits, _) = graph_query_pass(&mut graphed)?;
+            logits.argmax(0)?.to_scalar::<u32>()?;
+            let t_g = t0.elapsed().as_secs_f64();
+            if keep {
+                query_pass.0.push(t_e * 1e3);
+                query_pass.1.push(t_g * 1e3);
+            }
         }
         let timing = |(e, g): (Vec<f64>, Vec<f64>)| Timing {
             eager: median(e),
@@ -377,12 +403,14 @@ mod imp {
             dtype: format!("{dtype:?}"),
             load_ms: timing(load),
             question_ms: timing(question),
+            query_pass_ms: timing(query_pass),
             decode_tokens_per_s: timing(decode),
             check,
         };
         println!(
             "{} keys, {} rows ({}):\n  load            eager {:>8.3} ms   graph {:>8.3} ms\n  \
              load + question eager {:>8.3} ms   graph {:>8.3} ms   ({:.2}× faster)\n  \
+             load + query pass eager {:>6.3} ms   graph {:>8.3} ms   ({:.2}× faster)\n  \
              decode          eager {:>8.1} tok/s graph {:>8.1} tok/s ({:.2}×)",
             report.keys,
             report.rows,
@@ -392,6 +420,9 @@ mod imp {
             report.question_ms.eager,
             report.question_ms.graph,
             report.question_ms.eager / report.question_ms.graph,
+            report.query_pass_ms.eager,
+            report.query_pass_ms.graph,
+            report.query_pass_ms.eager / report.query_pass_ms.graph,
             report.decode_tokens_per_s.eager,
             report.decode_tokens_per_s.graph,
             report.decode_tokens_per_s.graph / report.decode_tokens_per_s.eager,

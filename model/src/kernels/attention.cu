@@ -178,6 +178,32 @@ __device__ __forceinline__ void load_rotated(T *dst, int rows, Src src, Pos pos,
   }
 }
 
+// Stages a query tile into smem (row stride D + 8), rotated to the queries' positions: row r
+// < G * qn is query q0 + r / G under head kh * G + r % G (GQA packing); the rest are zeros.
+template <typename T, int D>
+__device__ __forceinline__ void stage_q_tile(T *Qs, const T *q, int q_stride,
+                                             const uint32_t *q_pos, int q0, int qn, int G, int kh,
+                                             const T *cos, const T *sin) {
+  load_rotated<T, D>(
+      Qs, BM,
+      [&](int r) -> const T * {
+        return r < G * qn ? q + static_cast<size_t>(q0 + r / G) * q_stride + (kh * G + r % G) * D
+                          : nullptr;
+      },
+      [&](int r) { return q_pos[q0 + min(r / G, qn - 1)]; }, cos, sin);
+}
+
+// This warp's 16 rows of a staged Q tile as mma A fragments, one per 16 dimensions.
+template <typename T, int D>
+__device__ __forceinline__ void q_fragments(uint32_t (&qf)[D / 16][4], const T *Qs, int warp,
+                                            int lane) {
+  constexpr int LD = D + 8;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 +
+                            (lane >> 4) * 8);
+}
+
 // ROT_K: K arrives pre-RoPE and is rotated on load (synchronous loads; decode and other calls
 // with few query tiles). Otherwise K was rotated once for the call (rope_rows) and K/V tiles
 // stream with cp.async: K(kt+1) loads during tile kt's softmax and PV, V(kt+1) during tile
@@ -233,19 +259,10 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
     bounds[0] = count_le(k_pos, t, last_pos);   // keys any row of the tile can see
     bounds[1] = count_le(k_pos, t, q_pos[q0]);  // keys every row sees (no mask needed)
   }
-  load_rotated<T, D>(
-      Qs, BM,
-      [&](int r) -> const T * {
-        return r < G * qn ? q + static_cast<size_t>(q0 + r / G) * q_stride + (kh * G + r % G) * D
-                          : nullptr;
-      },
-      [&](int r) { return q_pos[q0 + min(r / G, qn - 1)]; }, cos, sin);
+  stage_q_tile<T, D>(Qs, q, q_stride, q_pos, q0, qn, G, kh, cos, sin);
   __syncthreads();
   uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks)
-    ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 +
-                            (lane >> 4) * 8);
+  q_fragments<T, D>(qf, Qs, warp, lane);
   // Only keys below k_end are ever read: slots past it may hold keys no row of the tile sees,
   // or no key at all (u32::MAX positions of a captured graph's cache of fixed capacity, whose
   // rotation would index outside the tables); they load as zeros, masked.
@@ -516,81 +533,121 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 
 // Query-aware scoring (blend's suffix pass) needs, per key, the attention probability summed
 // over the probed query rows and all heads. The attention kernel (or the split-KV combine)
-// leaves each (row, head)'s log2-sum-exp2 of scaled scores in `lse`; attn_colsum, over rotated
-// Q and K (rope_rows outputs, packed), adds exp2(s - lse) for each key.
-
-// One thread per (key, head): acc[key] += sum over the rows that see the key of
-// exp2(scaled score - lse). The block's rows of Q (its head h) are staged in shared memory as
-// f32, COLSUM_ROWS at a time, and read as float4 broadcasts (every thread of the block reads
-// the same row); the key's row is read in 16-byte loads; four partial dot products keep the
-// FMA pipes busy.
-constexpr int COLSUM_ROWS = 32;
-
+// leaves each (row, head)'s log2-sum-exp2 of scaled scores in `lse`; attn_colsum, over the
+// same pre-RoPE Q and K, adds exp2(s - lse) for each key into `acc`.
+//
+// One CTA per (key tile of BN keys, KV head), laid out as the attention kernel's with the roles
+// turned: the K tile is loaded once (rotated), and the rows of its G query heads (the same GQA
+// packing, BM rows per tile) stream past it. Scores come from the same tensor-core products as
+// the attention's (so exp2(s - lse) over a row's keys adds up to 1 to f32 rounding); each
+// thread sums its probabilities per key column over its rows, the warp over its 16 rows by
+// shuffles, the CTA over its warps in shared memory, and one atomic add per key lands in `acc`
+// (which accumulates: a caller wanting one call's sums passes zeros). Row tiles whose queries
+// all precede the tile's first key see none of it and are skipped. Key slots at u32::MAX (a
+// graphed cache's capacity past its length, always after its keys) are no keys: left
+// untouched, and a CTA whose tile starts on one exits at once.
 template <typename T, int D>
-__device__ __forceinline__ void attn_colsum(const T *__restrict__ q_rot,
-                                            const T *__restrict__ k_rot,
+__device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
+                                            const T *__restrict__ k, int k_stride,
                                             const uint32_t *__restrict__ q_pos,
                                             const uint32_t *__restrict__ k_pos,
+                                            const T *__restrict__ cos, const T *__restrict__ sin,
                                             const float *__restrict__ lse, float *__restrict__ acc,
                                             int n, int t, int H, int kvh, float scale_log2) {
-  __shared__ float4 qs[COLSUM_ROWS * D / 4];
-  __shared__ float ls[COLSUM_ROWS];
-  __shared__ uint32_t qps[COLSUM_ROWS];
-  const int j = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y;
-  const bool live = j < t;  // no early return: every thread takes part in the staging
-  const int kh = h / (H / kvh);
-  float kf[D];
-  uint32_t kp = 0;
-  if (live) {
-    // the key's row in 16-byte loads (rows are D * 2 bytes, so 16-byte aligned)
-    const uint4 *kr = reinterpret_cast<const uint4 *>(k_rot + (static_cast<size_t>(j) * kvh + kh) * D);
+  constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
+  const int G = H / kvh;
+  const int QT = BM / G;  // queries per row tile
+  const int kbase = blockIdx.x * BN, kh = blockIdx.y;
+  if (k_pos[kbase] == 0xffffffffu) return;  // uniform: the whole tile is past the keys
+  __shared__ __align__(16) T Ks[BN * LD];
+  __shared__ __align__(16) T Qs[BM * LD];
+  __shared__ uint32_t kp_s[BN];
+  __shared__ float red[NTHREADS / 32][BN];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int kn = min(BN, t - kbase);
+  auto is_key = [&](int j) { return j < kn && k_pos[kbase + j] != 0xffffffffu; };
+  for (int j = threadIdx.x; j < BN; j += NTHREADS)
+    kp_s[j] = is_key(j) ? k_pos[kbase + j] : 0xffffffffu;
+  load_rotated<T, D>(
+      Ks, BN,
+      [&](int j) -> const T * {
+        return is_key(j) ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
+      },
+      [&](int j) { return k_pos[kbase + j]; }, cos, sin);
+
+  float col[BN / 8][2];  // this thread's sums for key columns nt * 8 + tq * 2 + {0, 1}
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
-      const uint4 u = kr[c];
-      const T *e = reinterpret_cast<const T *>(&u);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) kf[8 * c + i] = Elem<T>::to_float(e[i]) * scale_log2;
-    }
-    kp = k_pos[j];
-  }
-  float sum = 0.f;
-  for (int r0 = 0; r0 < n; r0 += COLSUM_ROWS) {
-    const int rows = min(COLSUM_ROWS, n - r0);
-    __syncthreads();  // the previous rows are no longer read
-    float *qf = reinterpret_cast<float *>(qs);
-    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
-      const int r = i / D, x = i % D;
-      qf[i] = Elem<T>::to_float(q_rot[(static_cast<size_t>(r0 + r) * H + h) * D + x]);
-    }
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-      ls[r] = lse[static_cast<size_t>(r0 + r) * H + h];
-      qps[r] = q_pos[r0 + r];
-    }
+  for (int nt = 0; nt < BN / 8; ++nt) col[nt][0] = col[nt][1] = 0.f;
+  // queries before the tile's first key see none of it
+  const uint32_t first = k_pos[kbase];
+  const int before = first == 0 ? 0 : count_le(q_pos, n, first - 1);
+  const int q_tiles = (n + QT - 1) / QT;
+  for (int qt = before / QT; qt < q_tiles; ++qt) {
+    const int q0 = qt * QT, qn = min(QT, n - q0);
+    __syncthreads();  // the previous tile's Qs reads are done (first time: Ks, kp_s written)
+    stage_q_tile<T, D>(Qs, q, q_stride, q_pos, q0, qn, G, kh, cos, sin);
     __syncthreads();
-    if (!live) continue;
-    for (int r = 0; r < rows; ++r) {
-      if (qps[r] < kp) continue;
-      const float4 *qr = qs + r * (D / 4);
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    uint32_t qf[D / 16][4];
+    q_fragments<T, D>(qf, Qs, warp, lane);
+    // this thread's two rows: warp*16 + g and + 8
+    bool live[2];
+    uint32_t qp[2];
+    float ls[2];
 #pragma unroll
-      for (int x = 0; x < D / 4; ++x) {
-        const float4 qv = qr[x];
-        s0 += qv.x * kf[4 * x];
-        s1 += qv.y * kf[4 * x + 1];
-        s2 += qv.z * kf[4 * x + 2];
-        s3 += qv.w * kf[4 * x + 3];
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = warp * 16 + g + rr * 8;
+      live[rr] = r < G * qn;
+      const int qi = q0 + (live[rr] ? r / G : 0);
+      qp[rr] = live[rr] ? q_pos[qi] : 0;
+      ls[rr] = live[rr] ? lse[static_cast<size_t>(qi) * H + kh * G + r % G] : 0.f;
+    }
+    // S = Q K^T for this warp's 16 rows x BN keys (the attention kernel's products)
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ks += 2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Ks + (nt * 8 + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
+        Elem<T>::mma(s, qf[ks], kb[0], kb[1]);
+        Elem<T>::mma(s, qf[ks + 1], kb[2], kb[3]);
       }
-      sum += exp2f((s0 + s1) + (s2 + s3) - ls[r]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e >> 1;
+        if (live[rr] && kp_s[nt * 8 + tq * 2 + (e & 1)] <= qp[rr])
+          col[nt][e & 1] += exp2f(s[e] * scale_log2 - ls[rr]);
+      }
     }
   }
-  if (live) atomicAdd(acc + j, sum);
+  // the warp's 16 rows: lanes of one tq hold the same columns
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float v = col[nt][c];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (g == 0) red[warp][nt * 8 + tq * 2 + c] = v;
+    }
+  __syncthreads();
+  for (int j = threadIdx.x; j < BN; j += NTHREADS) {
+    if (kp_s[j] == 0xffffffffu) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NTHREADS / 32; ++w) v += red[w][j];
+    atomicAdd(acc + kbase + j, v);
+  }
 }
 
 #define COLSUM_ENTRY(T, SUF, D)                                                                  \
   extern "C" __global__ void attn_colsum_##SUF##_d##D(                                           \
-      const T *q_rot, const T *k_rot, const uint32_t *q_pos, const uint32_t *k_pos,             \
-      const float *lse, float *acc, int n, int t, int H, int kvh, float scale_log2) {           \
-    attn_colsum<T, D>(q_rot, k_rot, q_pos, k_pos, lse, acc, n, t, H, kvh, scale_log2);          \
+      const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
+      const uint32_t *k_pos, const T *cos, const T *sin, const float *lse, float *acc, int n,   \
+      int t, int H, int kvh, float scale_log2) {                                                \
+    attn_colsum<T, D>(q, q_stride, k, k_stride, q_pos, k_pos, cos, sin, lse, acc, n, t, H, kvh, \
+                      scale_log2);                                                              \
   }
 
 COLSUM_ENTRY(__nv_bfloat16, bf16, 64)

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Shape,
     Storage, Tensor,
 };
 
@@ -565,6 +565,22 @@ impl FusedAttention {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let sums = Tensor::zeros(self.num_keys, DType::F32, q.device())?;
+        let out = self.attend_and_add_column_sums(q, k, v, &sums)?;
+        Ok((out, sums))
+    }
+
+    /// [`FusedAttention::attend_and_column_sums`], adding the sums into `sums` (`[t]` f32)
+    /// in place instead of into a fresh buffer: a pass over many layers (the graphed query
+    /// pass) keeps one running total, with no buffer and no addition per layer. The adds
+    /// are atomic, so their order (and the last bits of a total) is not fixed.
+    pub(crate) fn attend_and_add_column_sums(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sums: &Tensor,
+    ) -> Result<Tensor> {
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
         let op = Launch::new(self, true);
@@ -574,18 +590,20 @@ impl FusedAttention {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
-        let sums = q.apply_op2_no_bwd(&k, &ColumnSums(self, &lse))?;
-        Ok((out, sums))
+        sums.inplace_op3(q, &k, &ColumnSums(self, &lse))?;
+        Ok(out)
     }
 
+    /// Launches `attn_colsum` over pre-RoPE `q` and `k` (the kernel rotates them as it reads),
+    /// adding into `acc`.
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
-        dev: &CudaDevice,
+        (acc, la): (&mut CudaStorage, &Layout),
         (q, lq): (&CudaStorage, &Layout),
         (k, lk): (&CudaStorage, &Layout),
         lse: &CudaSlice<f32>,
         suffix: &str,
-    ) -> candle_core::Result<CudaStorage> {
+    ) -> candle_core::Result<()> {
         let (n, t, h, kvh, d) = (
             self.num_queries,
             self.num_keys,
@@ -593,45 +611,63 @@ impl FusedAttention {
             self.kv_heads,
             self.head_dim,
         );
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
         let q_stride = row_stride(lq, &[n, h * d], "q")?;
         let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
+        if la.dims() != [t] || !la.is_contiguous() {
+            candle_core::bail!(
+                "column sums: the sums are {:?}, expected [{t}] contiguous",
+                la.dims()
+            );
+        }
         if [lq.start_offset(), lk.start_offset(), q_stride, k_stride]
             .iter()
             .any(|s| !s.is_multiple_of(8))
         {
             candle_core::bail!("column sums: q/k offsets and strides must be multiples of 8");
         }
+        let dev = q.device().clone();
         let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
         let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+        let mut sums = acc
+            .as_cuda_slice_mut::<f32>()?
+            .slice_mut(la.start_offset()..);
         call_views!(self, T, qp, kp, cos, sin);
-        let q_rot = rope_rows(dev, suffix, d, &qs, q_stride, &qp, &cos, &sin, n, h)?;
-        let k_rot = rope_rows(dev, suffix, d, &ks, k_stride, &kp, &cos, &sin, t, kvh)?;
-        let acc = dev.alloc_zeros::<f32>(t)?;
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        let (q_stride_i, k_stride_i) = (q_stride as i32, k_stride as i32);
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
         let f = dev.get_or_load_custom_func(&format!("attn_colsum_{suffix}_d{d}"), MODULE, PTX)?;
         let mut b = f.builder();
-        b.arg(&q_rot);
-        b.arg(&k_rot);
+        b.arg(&qs);
+        b.arg(&q_stride_i);
+        b.arg(&ks);
+        b.arg(&k_stride_i);
         b.arg(&qp);
         b.arg(&kp);
+        b.arg(&cos);
+        b.arg(&sin);
         b.arg(lse);
-        b.arg(&acc);
+        b.arg(&mut sums);
         b.arg(&n_i);
         b.arg(&t_i);
         b.arg(&h_i);
         b.arg(&kvh_i);
         b.arg(&scale_log2);
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(128) as u32, h as u32, 1),
+            grid_dim: (t.div_ceil(BN) as u32, kvh as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `COLSUM_ENTRY` (one thread per key and head): packed q_rot
-        // [n, h, d] and k_rot [t, kvh, d], positions n / t, lse n * h (written by the
-        // attention launch of this call), acc t.
+        // SAFETY: matches `COLSUM_ENTRY` (one CTA of 128 threads per key tile and KV head,
+        // static shared memory): pre-RoPE q [n, h, d]
+        // rows of `q_stride` and k [t, kvh, d] rows of `k_stride` (offsets and strides
+        // 16-byte aligned, checked above), positions n / t with the tables covering every
+        // position but u32::MAX (checked by the forward pass; those slots are skipped), lse
+        // n * h (written by the attention launch of this call), acc t (checked above).
         unsafe { b.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(acc, dev.clone()))
+        Ok(())
     }
 }
 
@@ -716,45 +752,48 @@ impl CustomOp3 for Launch<'_> {
     }
 }
 
-/// The column sums of [`FusedAttention::attend_and_column_sums`] as a candle op over (q, k),
-/// with the log-sum-exp its attention launch left.
+/// The column sums of [`FusedAttention::attend_and_column_sums`] as an in-place candle op over
+/// (sums, q, k), with the log-sum-exp its attention launch left.
 struct ColumnSums<'a>(&'a FusedAttention, &'a CudaSlice<f32>);
 
-impl CustomOp2 for ColumnSums<'_> {
+impl InplaceOp3 for ColumnSums<'_> {
     fn name(&self) -> &'static str {
         "kvquilt-attention-column-sums"
     }
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
+        _: &mut CpuStorage,
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
         candle_core::bail!("attention column sums run on CUDA only")
     }
 
     fn cuda_fwd(
         &self,
+        acc: &mut CudaStorage,
+        la: &Layout,
         q: &CudaStorage,
         lq: &Layout,
         k: &CudaStorage,
         lk: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = q.device().clone();
-        let out = match q.dtype() {
+    ) -> candle_core::Result<()> {
+        let acc = (acc, la);
+        match q.dtype() {
             DType::BF16 => {
                 self.0
-                    .launch_column_sums::<half::bf16>(&dev, (q, lq), (k, lk), self.1, "bf16")?
+                    .launch_column_sums::<half::bf16>(acc, (q, lq), (k, lk), self.1, "bf16")
             }
             DType::F16 => {
                 self.0
-                    .launch_column_sums::<half::f16>(&dev, (q, lq), (k, lk), self.1, "f16")?
+                    .launch_column_sums::<half::f16>(acc, (q, lq), (k, lk), self.1, "f16")
             }
             other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
-        };
-        Ok((out, Shape::from(self.0.num_keys)))
+        }
     }
 }
 

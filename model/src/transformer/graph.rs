@@ -78,7 +78,7 @@ struct Captured {
     logits: Tensor,
     /// `[capacity]` f32, for a pass that sums column attention: each key slot's attention
     /// probability summed over the pass's rows, heads and layers (0 for slots that are not
-    /// keys), written by every replay.
+    /// keys), zeroed and then added into by every replay.
     sums: Option<Tensor>,
 }
 
@@ -338,8 +338,9 @@ impl GraphedCache {
     /// appended rows, summed over them, every head and every layer, `[len]` f32 (len after
     /// the call: the appended rows are keys too) — query-aware blend's signal, as
     /// [`Model::run_layers_with`] reports it under `ProbeRequest::summed_over_all` layer by
-    /// layer (here added up on the device, in layer order). A separate graph from `append`'s
-    /// for the same row count.
+    /// layer (here added up on the device into one running total, atomically: equal to the
+    /// layer-by-layer sum up to f32 rounding). A separate graph from `append`'s for the same
+    /// row count.
     pub fn append_with_column_sums(
         &mut self,
         tokens: &[u32],
@@ -542,7 +543,10 @@ impl GraphedCache {
         let end = c.num_layers;
         let mut hidden = model.weights.embed.index_select(&ids, 0)?;
         let mut normed: Option<Tensor> = None;
-        let mut total: Option<Tensor> = None;
+        if let Some(sums) = &captured.sums {
+            // one running total over the layers, added into by each layer's column sums
+            sums.zero_set()?;
+        }
         for (l, kv) in self.layers.iter().enumerate() {
             let w = model.layer(l)?;
             let x = match normed.take() {
@@ -552,25 +556,15 @@ impl GraphedCache {
             let (q, k_new, v_new) = model.qkv(w, &x)?;
             kv.k.inplace_op3(&k_new, &rows, &SetRows)?;
             kv.v.inplace_op3(&v_new, &rows, &SetRows)?;
-            let attn = match captured.sums {
+            let attn = match &captured.sums {
                 None => attention.attend(&q, &kv.k, &kv.v)?,
-                Some(_) => {
-                    let (attn, sums) = attention.attend_and_column_sums(&q, &kv.k, &kv.v)?;
-                    total = Some(match total.take() {
-                        None => sums,
-                        Some(t) => (t + sums)?,
-                    });
-                    attn
-                }
+                Some(sums) => attention.attend_and_add_column_sums(&q, &kv.k, &kv.v, sums)?,
             };
             (hidden, normed) = model.finish_layer(l, end, &hidden, &attn)?;
         }
         let last = hidden.narrow(0, n - 1, 1)?;
         let out = model.logits(&last)?.squeeze(0)?;
         logits.slice_set(&out, 0, 0)?;
-        if let (Some(buffer), Some(total)) = (&captured.sums, total) {
-            buffer.slice_set(&total, 0, 0)?;
-        }
         Ok(())
     }
 }
