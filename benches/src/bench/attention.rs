@@ -443,8 +443,8 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
         (128, 14, 2, 500, 0, true, "sparse30", 1.0),
         (64, 9, 3, 1000, 0, false, "all", 1.0),
         (64, 9, 3, 2000, 0, true, "sparse15", 2.0),
-        // blend's recompute on SmolLM2's shape: split per query tile (`split_plan`), in one
-        // wave (r 0.15) and in several (r 0.3)
+        // blend's recompute on SmolLM2's shape: split per query tile (`split_plan`), on the
+        // H200 (132 SMs) in one wave (r 0.15) and in several (r 0.3)
         (64, 9, 3, 6240, 0, true, "sparse15", 1.0),
         (64, 9, 3, 6240, 0, true, "sparse30", 1.0),
         (64, 9, 3, 3000, 0, false, "last", 1.0),

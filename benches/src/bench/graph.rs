@@ -118,8 +118,9 @@ mod imp {
         /// The pass that also sums column attention (query-aware blend's): largest
         /// |graph − eager| over its logits (the same kernels: 0 expected) ...
         sums_logits_max_abs: f32,
-        /// ... and over its per-key sums, relative to the largest eager sum (the sums add
-        /// heads with float atomics in any order: equal to f32 rounding, not bit for bit).
+        /// ... and over its per-key sums, max |Δ| over the largest eager sum (KV heads, and in
+        /// the graph layers too, add with float atomics in any order: equal to f32 rounding,
+        /// not bit for bit).
         sums_max_rel: f32,
         tokens: usize,
         passed: bool,
@@ -378,9 +379,11 @@ mod imp {
             // the query pass, eager then graphed
             sync()?;
             let t0 = Instant::now();
-            let (logits, _) = eager_query_pass(&mut eager_load()?)?;
+            let mut cache = eager_load()?;
+            let (logits, _) = eager_query_pass(&mut cache)?;
             logits.argmax(0)?.to_scalar::<u32>()?;
             let t_e = t0.elapsed().as_secs_f64();
+            drop(cache);
             let t0 = Instant::now();
             let (logits, _) = graph_query_pass(&mut graphed)?;
             logits.argmax(0)?.to_scalar::<u32>()?;

@@ -545,7 +545,9 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // (which accumulates: a caller wanting one call's sums passes zeros). Row tiles whose queries
 // all precede the tile's first key see none of it and are skipped. Key slots at u32::MAX (a
 // graphed cache's capacity past its length, always after its keys) are no keys: left
-// untouched, and a CTA whose tile starts on one exits at once.
+// untouched, and a CTA whose tile starts on one exits at once. Sized for short passes (a
+// question's rows): every CTA streams all row tiles past its keys, so a long pass (thousands
+// of rows) re-reads Q once per key tile.
 template <typename T, int D>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
                                             const T *__restrict__ k, int k_stride,
@@ -642,7 +644,7 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
 }
 
 #define COLSUM_ENTRY(T, SUF, D)                                                                  \
-  extern "C" __global__ void attn_colsum_##SUF##_d##D(                                           \
+  extern "C" __global__ void __launch_bounds__(NTHREADS) attn_colsum_##SUF##_d##D(              \
       const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
       const uint32_t *k_pos, const T *cos, const T *sin, const float *lse, float *acc, int n,   \
       int t, int H, int kvh, float scale_log2) {                                                \

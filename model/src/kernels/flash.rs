@@ -103,14 +103,18 @@ pub(crate) struct FusedAttention {
     /// (`attn_rot_*`), rather than rotating each tile as it loads (`attn_pos_*`): pays when
     /// several query tiles read the same keys.
     rotate_first: bool,
-    /// A per-tile split plan ([`TilePlan`]), when it shortens the longest split.
+    /// A per-tile split plan ([`TilePlan`]), where `split_plan`'s waves × (piece +
+    /// overhead) model prefers it to the uniform plan.
     tile_plan: Option<TilePlan>,
 }
 
 /// Splits planned per query tile: tile `i`'s keys go in pieces of `piece` key tiles, so a
 /// tile that sees few keys takes one CTA and the prompt's last tiles several. With one split
 /// count for the call, a sparse call (blend's recomputed rows, spread over the prompt) gives
-/// its last tile's share ~2× the average work, and that CTA sets the kernel's time.
+/// its last tile's share ~2× the average work, and that CTA sets the kernel's time. The
+/// launch's split dimension is the most splits any tile takes, and the split-KV workspace is
+/// sized for it over every row (`splits × rows × heads × head_dim` f32 for the call, freed
+/// after it: 34 MB at SmolLM2's r 0.3 with 8 splits), though short tiles use one split.
 #[derive(Debug)]
 struct TilePlan {
     /// Key tiles per piece.
@@ -573,7 +577,9 @@ impl FusedAttention {
     /// [`FusedAttention::attend_and_column_sums`], adding the sums into `sums` (`[t]` f32)
     /// in place instead of into a fresh buffer: a pass over many layers (the graphed query
     /// pass) keeps one running total, with no buffer and no addition per layer. The adds
-    /// are atomic, so their order (and the last bits of a total) is not fixed.
+    /// are atomic (per KV head, in either method), so their order (and the last bits of a
+    /// sum) is not fixed. `attn_colsum` is sized for short passes (a question's rows): each
+    /// of its `t / 64 × kv_heads` CTAs streams every query row tile past its keys.
     pub(crate) fn attend_and_add_column_sums(
         &self,
         q: &Tensor,
@@ -581,6 +587,14 @@ impl FusedAttention {
         v: &Tensor,
         sums: &Tensor,
     ) -> Result<Tensor> {
+        if sums.dims() != [self.num_keys] || sums.dtype() != DType::F32 {
+            return Err(invalid_input(format!(
+                "column sums go into [{}] f32, not {:?} {:?}",
+                self.num_keys,
+                sums.dims(),
+                sums.dtype()
+            )));
+        }
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
         let op = Launch::new(self, true);
@@ -661,7 +675,8 @@ impl FusedAttention {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `COLSUM_ENTRY` (one CTA of 128 threads per key tile and KV head,
-        // static shared memory): pre-RoPE q [n, h, d]
+        // static shared memory; G = h / kvh in 1..=64, checked by `on_device`): pre-RoPE q
+        // [n, h, d]
         // rows of `q_stride` and k [t, kvh, d] rows of `k_stride` (offsets and strides
         // 16-byte aligned, checked above), positions n / t with the tables covering every
         // position but u32::MAX (checked by the forward pass; those slots are skipped), lse

@@ -28,6 +28,9 @@ pub(crate) fn tile_pieces(
     than: usize,
 ) -> Option<(usize, Vec<u32>)> {
     let most = key_tiles.iter().copied().max()?;
+    if resident == 0 {
+        return None;
+    }
     let ctas = |piece: usize| -> usize {
         key_tiles
             .iter()
@@ -130,12 +133,16 @@ mod tests {
         let even = vec![10; 8];
         assert_eq!(tile_pieces(&even, 1, 16, 2, 6), Some((5, vec![2; 8])));
         assert_eq!(tile_pieces(&even, 1, 16, 2, 5), None, "not shorter than 5");
-        // more tiles than resident CTAs: several waves, taken only against a longer uniform
-        // split (three waves of one tile cost 9, a uniform split of 1 tile costs 3)
+        // more tiles than resident CTAs (synthetic: the engine plans only calls whose tiles
+        // fit one wave): several waves, taken only against a longer uniform split (three
+        // waves of one tile cost 9, a uniform split of 1 tile costs 3)
         assert_eq!(tile_pieces(&[1; 40], 1, 16, 1, 99), Some((1, vec![1; 40])));
         assert_eq!(tile_pieces(&[1; 40], 1, 16, 1, 1), None);
-        // more CTAs than the most waves allowed
+        // more CTAs than the most waves allowed, or no slots at all
         assert_eq!(tile_pieces(&[1; 80], 1, 16, 1, 99), None);
+        assert_eq!(tile_pieces(&[4, 8], 1, 0, 1, 8), None);
+        // a tie between waves goes to fewer: one wave of 14 (16) against two of 6 (16)
+        assert_eq!(tile_pieces(&[14, 18], 1, 3, 3, 18), Some((14, vec![1, 2])));
         // tiles with no keys still take one CTA each
         assert_eq!(
             tile_pieces(&[0, 0, 8], 1, 6, 1, 8),

@@ -17,9 +17,10 @@
 //! them, so a view's rows never change under it; the request's decode steps take the same
 //! cache back ([`GraphedCache::holds`]) and append in place.
 //!
-//! Invariants: the graph's kernels read and write only the cache buffers, the inputs, the
-//! logits buffer and the model's weights (all outliving it) and memory the graph allocates and
-//! frees itself (every temporary of the capture is dropped before it ends); the rows a call
+//! Invariants: the graph's kernels read and write only the cache buffers, the key positions,
+//! the inputs, the logits buffer, the sums buffer of a pass that sums column attention (zeroed
+//! by the graph, then added into atomically) and the model's weights (all outliving it) and
+//! memory the graph allocates and frees itself (every temporary of the capture is dropped before it ends); the rows a call
 //! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
 //! upload). A replay runs the eager pass's kernels with the same arguments but the key count
 //! (the capacity); the attention kernels plan their split-KV partition from the real keys
@@ -338,8 +339,9 @@ impl GraphedCache {
     /// appended rows, summed over them, every head and every layer, `[len]` f32 (len after
     /// the call: the appended rows are keys too) — query-aware blend's signal, as
     /// [`Model::run_layers_with`] reports it under `ProbeRequest::summed_over_all` layer by
-    /// layer (here added up on the device into one running total, atomically: equal to the
-    /// layer-by-layer sum up to f32 rounding). A separate graph from `append`'s for the same
+    /// layer (here added up on the device into one running total; the adds are atomic, per
+    /// KV head as in the eager pass and here per layer too, so the two agree to f32
+    /// rounding, not bit for bit). A separate graph from `append`'s for the same
     /// row count.
     pub fn append_with_column_sums(
         &mut self,
