@@ -41,6 +41,11 @@ const QUERY_TILE: usize = 128;
 /// ... and for calls under [`LONG_CALL`] queries, where smaller tiles keep every core busy.
 const SHORT_QUERY_TILE: usize = 64;
 const LONG_CALL: usize = 2048;
+/// A query tile spans fewer positions than [`QUERY_TILE`] (or its short twin) or than the
+/// keys its first query sees over this, whichever is more: sparse queries (blend's
+/// recomputed rows) then fill their tiles — larger `gemm` products, K and V read fewer
+/// times — while the keys a row computes only to mask stay a small share of what it sees.
+const SPAN_PER_KEYS: usize = 16;
 /// Keys per tile: the score tile of a unit is `rows × KEY_TILE` f32.
 const KEY_TILE: usize = 512;
 /// A call with fewer units than this many per thread (a decode step: one unit per KV head) cuts
@@ -88,7 +93,11 @@ impl TiledPlan {
         let mut q_start = 0;
         while q_start < q_pos.len() {
             let limit = (q_start + tile).min(q_pos.len());
-            let span_end = q_pos[q_start].saturating_add(tile as u32);
+            // a row computes (and masks) the keys between its own position and the tile's
+            // last: bound that by a sixteenth of what the first row sees, at least `tile`
+            let seen = k_pos.partition_point(|&p| p <= q_pos[q_start]);
+            let span = tile.max(seen / SPAN_PER_KEYS) as u32;
+            let span_end = q_pos[q_start].saturating_add(span);
             let q_end = q_start + q_pos[q_start..limit].partition_point(|&p| p < span_end);
             tiles.push(QueryTile {
                 q_start,
@@ -685,6 +694,61 @@ mod tests {
         let want = naive(&q, &k, &v, &qp, &kp);
         for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// Sparse queries over many keys (blend's recomputed rows): tiles fill up to their query
+    /// count over wider spans, bounded by a sixteenth of the keys their first query sees, and
+    /// the output and per-key sums still match the naive ones.
+    #[test]
+    fn sparse_queries_fill_wider_tiles_and_match_naive() {
+        let kp: Vec<u32> = (0..3000u32).filter(|p| p % 13 != 7).collect();
+        // every third position (blend at r ~0.3) and the last 8 (the question)
+        let qp: Vec<u32> = kp
+            .iter()
+            .copied()
+            .filter(|p| p % 3 == 1 || *p >= 2990)
+            .collect();
+        let plan = TiledPlan::new(&qp, &kp).unwrap();
+        let mut wider = 0;
+        for t in &plan.tiles {
+            let span = (qp[t.q_end - 1] - qp[t.q_start]) as usize;
+            let seen = kp.partition_point(|&p| p <= qp[t.q_start]);
+            assert!(span < SHORT_QUERY_TILE.max(seen / SPAN_PER_KEYS), "{t:?}");
+            assert!(t.q_end - t.q_start <= SHORT_QUERY_TILE);
+            wider += usize::from(span >= SHORT_QUERY_TILE);
+        }
+        // a span of 64 positions holds ~21 of these queries; the later tiles hold more
+        assert!(
+            wider >= plan.tiles.len() / 3,
+            "{wider} of {}",
+            plan.tiles.len()
+        );
+        let fullest = plan.tiles.iter().map(|t| t.q_end - t.q_start).max();
+        assert!(fullest >= Some(40), "{fullest:?}");
+        let (h, kvh, d) = (6, 2, 16);
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let (got, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
+        let want = naive(&q, &k, &v, &qp, &kp);
+        for (a, b) in got
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(&want)
+        {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let want_sums = naive_key_sums(&q, &k, &qp, &kp);
+        for (a, b) in sums.to_vec1::<f32>().unwrap().iter().zip(&want_sums) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-4 * b.abs().max(1.0),
+                "{a} vs {b}"
+            );
         }
     }
 
