@@ -80,8 +80,10 @@ pub(crate) struct TiledPlan {
 
 impl TiledPlan {
     /// Both position lists strictly increasing, a key at or before the first query.
-    /// A tile holds at most `tile` queries spanning fewer than `tile` positions, so sparse
-    /// queries waste no more masked work than contiguous ones.
+    /// A tile holds at most `tile` queries spanning fewer positions than `tile` or than a
+    /// [`SPAN_PER_KEYS`]th of the keys its first query sees, whichever is more, so a row's
+    /// masked work stays a small share of what it sees while sparse queries fill their
+    /// tiles.
     pub(crate) fn new(q_pos: &[u32], k_pos: &[u32]) -> Result<Self> {
         check_visible(q_pos, k_pos)?;
         let tile = if q_pos.len() >= LONG_CALL {
@@ -95,15 +97,15 @@ impl TiledPlan {
             let limit = (q_start + tile).min(q_pos.len());
             // a row computes (and masks) the keys between its own position and the tile's
             // last: bound that by a sixteenth of what the first row sees, at least `tile`
-            let seen = k_pos.partition_point(|&p| p <= q_pos[q_start]);
-            let span = tile.max(seen / SPAN_PER_KEYS) as u32;
+            let k_free = k_pos.partition_point(|&p| p <= q_pos[q_start]);
+            let span = tile.max(k_free / SPAN_PER_KEYS) as u32;
             let span_end = q_pos[q_start].saturating_add(span);
             let q_end = q_start + q_pos[q_start..limit].partition_point(|&p| p < span_end);
             tiles.push(QueryTile {
                 q_start,
                 q_end,
                 k_len: k_pos.partition_point(|&p| p <= q_pos[q_end - 1]),
-                k_free: k_pos.partition_point(|&p| p <= q_pos[q_start]),
+                k_free,
             });
             q_start = q_end;
         }

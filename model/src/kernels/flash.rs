@@ -642,7 +642,7 @@ impl FusedAttention {
         {
             candle_core::bail!("column sums: q/k offsets and strides must be multiples of 8");
         }
-        let dev = q.device().clone();
+        let dev = q.device();
         let qs = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
         let ks = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
         let mut sums = acc
@@ -675,12 +675,12 @@ impl FusedAttention {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `COLSUM_ENTRY` (one CTA of 128 threads per key tile and KV head,
-        // static shared memory; G = h / kvh in 1..=64, checked by `on_device`): pre-RoPE q
-        // [n, h, d]
-        // rows of `q_stride` and k [t, kvh, d] rows of `k_stride` (offsets and strides
-        // 16-byte aligned, checked above), positions n / t with the tables covering every
-        // position but u32::MAX (checked by the forward pass; those slots are skipped), lse
-        // n * h (written by the attention launch of this call), acc t (checked above).
+        // static shared memory; G = h / kvh in 1..=64, checked by `on_device`): pre-RoPE
+        // q [n, h, d] in rows of `q_stride` and k [t, kvh, d] in rows of `k_stride` (offsets
+        // and strides 16-byte aligned, checked above), positions n / t with the tables
+        // covering every position but u32::MAX (checked by the forward pass; those slots are
+        // skipped), lse n * h (written by the attention launch of this call), acc t (checked
+        // above).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
