@@ -125,6 +125,21 @@ pub struct BlendConfig {
     pub whole_segments: bool,
     /// Tokens at the start of each segment left out of its mean under `whole_segments`.
     pub chunk_sink: usize,
+    /// APE's correction (`kvquilt_model::ParallelContext`): the queries after the chunks (the
+    /// suffix, then every decoded token) attend to the chunks' keys with this temperature and
+    /// scale; recomputed rows attend exactly. Those queries run the reference attention (no
+    /// kernel applies the correction). `None`: off.
+    pub parallel: Option<ParallelCorrection>,
+}
+
+/// APE's temperature `T` and scale `S` (Yang et al., ICLR 2025; its reference code's demo
+/// uses 0.9 and 0.9). Both finite, in `(0, kvquilt_model::ParallelContext::MAX_FACTOR]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ParallelCorrection {
+    /// Divides the logits of the chunks' keys (below 1 sharpens).
+    pub temperature: f32,
+    /// Multiplies, with `temperature`, the log-sum-exp of the chunks' share of the softmax.
+    pub scale: f32,
 }
 
 impl Default for BlendConfig {
@@ -162,6 +177,7 @@ impl BlendConfig {
             span: 0,
             whole_segments: false,
             chunk_sink: 4,
+            parallel: None,
         }
     }
 
@@ -206,6 +222,16 @@ impl BlendConfig {
         }
         if !(self.gradual >= 1.0 && self.gradual.is_finite()) {
             return Err(invalid(format!("gradual factor {} below 1", self.gradual)));
+        }
+        if let Some(p) = self.parallel {
+            let most = kvquilt_model::ParallelContext::MAX_FACTOR;
+            for (name, v) in [("temperature", p.temperature), ("scale", p.scale)] {
+                if !(v.is_finite() && v > 0.0 && v <= most) {
+                    return Err(invalid(format!(
+                        "parallel correction {name} {v} outside (0, {most}]"
+                    )));
+                }
+            }
         }
         Ok(())
     }

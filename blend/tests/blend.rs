@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use kvquilt_blend::{
     BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, Deviation, Mode, ModelIdentity,
-    PlannedMode, SegmentSource, StoredObject,
+    ParallelCorrection, PlannedMode, SegmentSource, StoredObject,
 };
 use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore};
-use kvquilt_model::{DType, Device, KvCache, LoadedModel, Tensor, load, positions};
+use kvquilt_model::{
+    DType, Device, KvCache, LoadedModel, ParallelContext, Tensor, load, positions,
+};
 use tokio::runtime::Runtime;
 
 fn tiny(kind: &str) -> LoadedModel {
@@ -198,6 +200,72 @@ fn blend_at_ratio_one_equals_full() {
         ] {
             assert!(phases.contains(&want), "{want} missing from {phases:?}");
         }
+    }
+}
+
+/// APE's correction in a blend at ratio 1: every chunk row is recomputed exactly, so the
+/// blend equals a full prefill of the context, marked as a parallel context, with the suffix
+/// prefilled over it — corrected as it attends to the chunks (and unit settings equal full
+/// prefill). The output cache keeps the mark for the decode steps; bad settings are refused.
+#[test]
+fn a_parallel_correction_applies_to_the_suffix_over_the_chunks() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let (prefix, chunks, suffix) = (
+        toks(1, 9, 512),
+        vec![toks(2, 40, 512), toks(3, 25, 512)],
+        toks(5, 7, 512),
+    );
+    let with = |t: f32, s: f32| {
+        Mode::Blend(BlendConfig {
+            parallel: Some(ParallelCorrection {
+                temperature: t,
+                scale: s,
+            }),
+            ..BlendConfig::cacheblend(1.0)
+        })
+    };
+    let r = req(
+        prefix.clone(),
+        chunks.clone(),
+        suffix.clone(),
+        with(1.0, 1.0),
+    );
+    assert_close(
+        &b.run(b"", &r).unwrap().logits,
+        &full(b, &r),
+        1e-4,
+        "T = S = 1",
+    );
+
+    let out = b.run(b"", &with_mode(&r, with(0.6, 0.8))).unwrap();
+    let m = b.model();
+    let context: Vec<u32> = prefix
+        .iter()
+        .chain(chunks.concat().iter())
+        .copied()
+        .collect();
+    let mut cache = m.empty_cache().unwrap();
+    m.prefill(&context, &positions(0, context.len()), &mut cache)
+        .unwrap();
+    let marked = ParallelContext::new(9..74, 0.6, 0.8).unwrap();
+    cache.set_parallel_context(Some(marked.clone()));
+    let want = m
+        .prefill(&suffix, &positions(context.len(), suffix.len()), &mut cache)
+        .unwrap();
+    assert_close(&out.logits, &want, 1e-4, "T 0.6, S 0.8 by hand");
+    assert!(
+        vec1(&out.logits)
+            .iter()
+            .zip(vec1(&full(b, &r)))
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "the correction changed nothing"
+    );
+    assert_eq!(out.cache.parallel_context(), Some(&marked));
+
+    for bad in [with(0.0, 0.9), with(0.9, f32::NAN), with(9.0, 0.9)] {
+        let e = b.run(b"", &with_mode(&r, bad)).unwrap_err().to_string();
+        assert!(e.contains("parallel correction"), "{e}");
     }
 }
 

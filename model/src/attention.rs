@@ -14,6 +14,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Result, invalid_input};
 use crate::kv::check_increasing;
+use crate::parallel::ParallelContext;
 
 /// One block of queries and the keys it may see.
 #[derive(Debug)]
@@ -29,6 +30,9 @@ struct Block {
     /// The probed rows in this block: their places in the request, and their rows within
     /// the block (`None` when that is every row in order).
     probe: Option<(Vec<usize>, Option<Tensor>)>,
+    /// With a parallel context: the first row of the block (within it) that attends to it
+    /// corrected; every later row does too.
+    corrected_from: Option<usize>,
 }
 
 /// Which keys each query may attend to, precomputed for one forward call.
@@ -42,6 +46,8 @@ pub(crate) struct AttentionPlan {
     probe_order: Option<Tensor>,
     /// Whether the probe asked for per-KV-head column sums.
     column_sums: bool,
+    /// A parallel context and the indices of its keys.
+    parallel: Option<(ParallelContext, std::ops::Range<usize>)>,
 }
 
 /// Which attention implementation a forward pass uses ([`crate::Model::set_attention_kernel`]).
@@ -93,7 +99,9 @@ pub(crate) fn check_visible(q_pos: &[u32], k_pos: &[u32]) -> Result<()> {
 impl AttentionPlan {
     /// `q_pos` and `k_pos` must be strictly increasing; every query must see at least one key.
     /// `score_budget` bounds `num_heads × block × keys` elements per block. With `probe`, the
-    /// gathers of its rows are prepared here, once for every layer that uses the plan.
+    /// gathers of its rows are prepared here, once for every layer that uses the plan. With
+    /// `parallel`, queries after that context attend to its keys corrected.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         q_pos: &[u32],
         k_pos: &[u32],
@@ -102,6 +110,7 @@ impl AttentionPlan {
         dtype: DType,
         device: &Device,
         probe: Option<&ProbeRequest>,
+        parallel: Option<&ParallelContext>,
     ) -> Result<Self> {
         check_visible(q_pos, k_pos)?;
         if let Some(&bad) = probe.and_then(|p| p.rows.iter().find(|&&r| r >= q_pos.len())) {
@@ -139,12 +148,18 @@ impl AttentionPlan {
                 Some(p) => block_probe(p, q_start, q_end, device)?,
                 None => None,
             };
+            let corrected_from = parallel.and_then(|p| {
+                let rows = &q_pos[q_start..q_end];
+                let from = rows.partition_point(|&qp| !p.corrects(qp));
+                (from < rows.len()).then_some(from)
+            });
             blocks.push(Block {
                 q_start,
                 q_end,
                 k_len,
                 mask,
                 probe,
+                corrected_from,
             });
             q_start = q_end;
         }
@@ -168,6 +183,7 @@ impl AttentionPlan {
             num_keys: k_pos.len(),
             probe_order,
             column_sums: probe.is_some_and(|p| p.column_sums),
+            parallel: parallel.map(|p| (p.clone(), p.key_range(k_pos))),
         })
     }
 }
@@ -330,6 +346,17 @@ pub(crate) fn attend(
         if let Some(bias) = &key_bias {
             scores = scores.broadcast_add(&bias.narrow(2, 0, b.k_len)?)?;
         }
+        if let (Some(from), Some((parallel, keys))) = (b.corrected_from, &plan.parallel) {
+            // rows from `from` on come after the context, which they all see whole
+            let s4 = scores.reshape((kv_heads, group, nb, b.k_len))?;
+            let tail = parallel.adjust(&s4.narrow(2, from, nb - from)?, keys.clone())?;
+            let s4 = if from == 0 {
+                tail
+            } else {
+                Tensor::cat(&[&s4.narrow(2, 0, from)?, &tail], 2)?
+            };
+            scores = s4.reshape((kv_heads, group * nb, b.k_len))?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         if plan.column_sums {
             let sums = probs
@@ -426,7 +453,8 @@ pub(crate) mod tests {
         let want = naive(&q, &k, &v, &qp, &kp);
         for budget in [1, 50, 200, 10_000] {
             let probe = ProbeRequest::rows(vec![4, 0]);
-            let plan = AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev, Some(&probe))?;
+            let plan =
+                AttentionPlan::new(&qp, &kp, h, budget, DType::F32, &dev, Some(&probe), None)?;
             // a block holds at most `block` queries within `block` positions
             let block = (budget / (h * kp.len())).clamp(1, qp.len());
             for b in &plan.blocks {
@@ -460,7 +488,7 @@ pub(crate) mod tests {
 
     #[test]
     fn query_without_visible_key_is_rejected() {
-        let r = AttentionPlan::new(&[1], &[2, 3], 1, 100, DType::F32, &Device::Cpu, None);
+        let r = AttentionPlan::new(&[1], &[2, 3], 1, 100, DType::F32, &Device::Cpu, None, None);
         assert!(r.is_err());
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::error::{Result, invalid_input};
+use crate::parallel::ParallelContext;
 use crate::rows::{
     RowReplacement, SetRows, concat, concat_with_room, put_rows, set_rows_supported,
 };
@@ -496,6 +497,8 @@ pub struct KvCache {
     pub positions: Vec<u32>,
     /// Per-(layer, KV head) positions of the first rows, when the cache was pruned.
     pruned: Option<Arc<Pruned>>,
+    /// A context encoded in parallel whose attention later queries correct (APE).
+    parallel: Option<ParallelContext>,
 }
 
 /// The per-head part of a pruned cache: its first `rows` rows of every layer.
@@ -530,7 +533,21 @@ impl KvCache {
             layers,
             positions,
             pruned: None,
+            parallel: None,
         }
+    }
+
+    /// Marks a context encoded in parallel: queries after it, in this and every later call
+    /// over the cache, attend to it with APE's correction (`crate::parallel`); `None`
+    /// clears it. Such calls run the reference attention (the fused and tiled kernels do not
+    /// apply the correction), and a pruned cache refuses them.
+    pub fn set_parallel_context(&mut self, parallel: Option<ParallelContext>) {
+        self.parallel = parallel;
+    }
+
+    /// The context marked by [`KvCache::set_parallel_context`].
+    pub fn parallel_context(&self) -> Option<&ParallelContext> {
+        self.parallel.as_ref()
     }
 
     /// Whether [`KvCache::retain`] pruned this cache per layer and head.
@@ -656,6 +673,7 @@ impl KvCache {
                 rows,
                 layers: pruned,
             })),
+            parallel: self.parallel.clone(),
         })
     }
 
@@ -719,6 +737,7 @@ impl KvCache {
                 .collect::<Result<_>>()?,
             positions: self.positions[start..start + len].to_vec(),
             pruned: None,
+            parallel: self.parallel.clone(),
         })
     }
 

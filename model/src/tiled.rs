@@ -616,7 +616,7 @@ mod tests {
             let want = naive(&q, &k, &v, &qp, &kp);
             // the reference attention in f32 on the same inputs sets the tolerance
             let rotated_plan = crate::attention::AttentionPlan::new(
-                &qp, &kp, h, 1 << 16, DType::F32, &dev, None,
+                &qp, &kp, h, 1 << 16, DType::F32, &dev, None, None,
             ).unwrap();
             let reference = crate::attention::attend(&rotated_plan, &q, &k, &v, None)
                 .unwrap()

@@ -58,7 +58,8 @@ pub struct Args {
     ratios: Vec<f32>,
     /// Token-selection variants of blend (see `presets.rs`): cacheblend, starts, kv,
     /// gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts,
-    /// qgradual, qperchunk, qmass, qtop, qgtop, kvquilt.
+    /// qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S] (APE's correction,
+    /// temperature and scale 0.9 unless given), kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,
     /// How chunks are prefilled for storage: `auto` (the model's default: behind the special

@@ -1,7 +1,7 @@
 //! Named token-selection variants of blend, for comparing against CacheBlend.
 
 use anyhow::{Result, bail};
-use kvquilt_blend::{BlendConfig, Deviation};
+use kvquilt_blend::{BlendConfig, Deviation, ParallelCorrection};
 
 /// The blend settings a variant name stands for, at recompute ratio `r`.
 pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
@@ -107,6 +107,34 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             ratio: r,
             ..BlendConfig::default()
         },
+        // APE's correction of the attention paid to the chunks, on CacheBlend's ranking (`ape`)
+        // or the query-aware one (`qape`); `ape:T:S` / `qape:T:S` set its temperature and
+        // scale, the reference code's demo values (0.9, 0.9) otherwise
+        other if other.starts_with("ape") || other.starts_with("qape") => {
+            let mut parts = other.split(':');
+            let query = match parts.next() {
+                Some("ape") => 0.0,
+                Some("qape") => 1.0,
+                _ => bail!("unknown blend variant `{other}` (APE: ape, qape, ape:T:S, qape:T:S)"),
+            };
+            let mut factor = |what: &str| -> Result<f32> {
+                match parts.next() {
+                    None => Ok(0.9),
+                    Some(v) => v.parse().map_err(|_| {
+                        anyhow::anyhow!("variant `{other}`: {what} `{v}` is not a number")
+                    }),
+                }
+            };
+            let (temperature, scale) = (factor("temperature")?, factor("scale")?);
+            if parts.next().is_some() {
+                bail!("variant `{other}`: expected at most a temperature and a scale");
+            }
+            BlendConfig {
+                query_weight: query,
+                parallel: Some(ParallelCorrection { temperature, scale }),
+                ..base
+            }
+        }
         // query-aware with the suffix pass over the first N layers only (`query8`: 8)
         other
             if other
@@ -120,7 +148,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S] or kvquilt)"
         ),
     })
 }

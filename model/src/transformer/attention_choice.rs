@@ -11,6 +11,7 @@ use crate::attention::{AttentionKernel, AttentionPlan, ProbeRequest, attend, che
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::LayerProbe;
 use crate::kv::{LayerKv, Pruned, PrunedLayer};
+use crate::parallel::ParallelContext;
 use crate::rope::RopeTables;
 
 /// How one forward call attends (chosen once per call, used by every layer).
@@ -163,7 +164,7 @@ impl Model {
             return Err(invalid_input(format!("fused attention unavailable: {why}")));
         }
         let probe = summed.then(|| ProbeRequest::summed_over_all(n));
-        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None)?;
+        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None, None)?;
         let q2 = q.reshape((n, h * d))?;
         let kv = LayerKv::new(k.clone(), v.clone());
         let (out, probe) = self.attend_layer(&how, &q2, &kv, None)?;
@@ -173,7 +174,8 @@ impl Model {
     /// Chooses and prepares the attention of one forward call. Over a pruned cache (per-head
     /// positions) keys are rotated before attending (each pruned row by its own position) and
     /// the fused kernel, where it runs, rotates only Q; padded heads and column sums need the
-    /// reference.
+    /// reference. Queries after a `parallel` context attend to it corrected, which only the
+    /// reference does (not over a pruned cache, whose rows are not at their positions).
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -181,8 +183,16 @@ impl Model {
         probe: Option<&ProbeRequest>,
         kernel: AttentionKernel,
         pruned: Option<&Pruned>,
+        parallel: Option<&ParallelContext>,
     ) -> Result<LayerAttention> {
         check_visible(q_pos, k_pos)?;
+        // only calls with a query after the context are corrected
+        let parallel = parallel.filter(|p| q_pos.last().is_some_and(|&q| p.corrects(q)));
+        if parallel.is_some() && pruned.is_some() {
+            return Err(invalid_input(
+                "a parallel context's correction over a cache pruned per head (its rows are not at their positions)",
+            ));
+        }
         let c = &self.config;
         if let Some(&max) = q_pos.iter().chain(k_pos).max()
             && max as usize >= c.context_length
@@ -204,6 +214,10 @@ impl Model {
                 AttentionKernel::Auto if self.device.is_cpu() => false,
                 AttentionKernel::Auto | AttentionKernel::Fused => {
                     match self.fused_attention_unsupported() {
+                        None if parallel.is_some() => {
+                            self.note_fallback("the kernel has no parallel-context correction");
+                            false
+                        }
                         None => true,
                         Some(why) => {
                             self.note_fallback(&why);
@@ -239,6 +253,7 @@ impl Model {
         // probe of every row (not over a pruned cache, as on the GPU).
         if (probe.is_none() || (summed && pruned.is_none()))
             && !padded
+            && parallel.is_none()
             && kernel == AttentionKernel::Auto
             && self.device.is_cpu()
             && self.dtype == DType::F32
@@ -260,6 +275,7 @@ impl Model {
                 self.dtype,
                 &self.device,
                 probe,
+                parallel,
             )?,
             q_tables: self.tables(q_pos)?,
             k_tables: self.tables(k_pos)?,
@@ -484,6 +500,7 @@ mod tests {
             Some(&ProbeRequest::summed_over_all(qp.len())),
             AttentionKernel::Auto,
             None,
+            None,
         )?;
         assert!(matches!(how, LayerAttention::Tiled { summed: true, .. }));
         let (out, sums) = m.attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Auto)?;
@@ -525,7 +542,7 @@ mod tests {
         let q_pos = [12u32, 13];
         let q = Tensor::randn(0f32, 1.0, (2, heads * d), &dev)?;
         let p = pruned.pruned().unwrap();
-        let how = m.layer_attention(&q_pos, &k_pos, None, AttentionKernel::Auto, Some(p))?;
+        let how = m.layer_attention(&q_pos, &k_pos, None, AttentionKernel::Auto, Some(p), None)?;
         let (got, _) = m.attend_layer(&how, &q, &layer, Some((&p.layers[0], p.rows)))?;
         let got = got.to_vec2::<f32>()?;
 

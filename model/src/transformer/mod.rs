@@ -386,6 +386,7 @@ impl Model {
             probe.as_ref(),
             self.attention_kernel,
             pruned,
+            cache.parallel_context(),
         )?;
         let replace_index = match rows {
             Rows::Replace(idx) => Some(RowReplacement::new(cache.len(), idx, &self.device)?),

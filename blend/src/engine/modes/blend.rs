@@ -5,12 +5,12 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use kvquilt_model::LayerKv;
+use kvquilt_model::{LayerKv, ParallelContext};
 
 use super::Ran;
 use super::assembly::{Prepared, placeholder_cache, prepare, zero_rows};
 use crate::chunk::ChunkEncoding;
-use crate::config::BlendConfig;
+use crate::config::{BlendConfig, ParallelCorrection};
 use crate::cost::PlannedMode;
 use crate::engine::Blender;
 use crate::engine::plan::recompute_share;
@@ -40,6 +40,7 @@ pub(crate) fn run(
         Prepared::Ready(a) => *a,
     };
     let mut cache = placeholder_cache(&b.model, a.tokens.len())?;
+    cache.set_parallel_context(parallel_context(req, cfg.parallel)?);
     let roles = roles(
         &a.segments,
         &a.sources.computed_in_pass(),
@@ -93,6 +94,7 @@ fn graphed_query(
     let eligible = cfg.query_weight > 0.0
         && (cfg.query_layers == 0 || cfg.query_layers >= c.num_layers)
         && cfg.deviation != crate::select::Deviation::Kv
+        && cfg.parallel.is_none()
         && !roles.computed.iter().any(|&x| x);
     if !eligible {
         return None;
@@ -126,6 +128,27 @@ fn graphed_query(
             None
         }
     }
+}
+
+/// The chunks of `req` (every prompt position after the prefix, before the suffix) as the
+/// context `correction` applies to; `None` without a correction or without chunks.
+fn parallel_context(
+    req: &BlendRequest,
+    correction: Option<ParallelCorrection>,
+) -> Result<Option<ParallelContext>> {
+    let Some(c) = correction else {
+        return Ok(None);
+    };
+    let start = req.prefix.len() as u32;
+    let end = start + req.chunks.iter().map(Vec::len).sum::<usize>() as u32;
+    if start == end {
+        return Ok(None);
+    }
+    Ok(Some(ParallelContext::new(
+        start..end,
+        c.temperature,
+        c.scale,
+    )?))
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`

@@ -1,0 +1,133 @@
+//! A cache marked with a parallel context (APE's correction, `KvCache::set_parallel_context`)
+//! on tiny random models: the correction reaches the queries after the context, in a prefill
+//! and in every decode step, and nothing else.
+
+mod common;
+
+use common::{max_diff, positions};
+use kvquilt_model::{KvCache, LoadedModel, Model, ParallelContext, Rows, Tensor};
+
+fn models() -> Vec<LoadedModel> {
+    vec![common::tiny("llama"), common::tiny("qwen2")]
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 41 + 7) % 500).collect()
+}
+
+/// The first 24 tokens prefilled, marked as a context at positions `4..20`.
+fn context_cache(model: &Model, t: f32, s: f32) -> KvCache {
+    let mut cache = model.empty_cache().unwrap();
+    model
+        .prefill(&prompt(24), &positions(24), &mut cache)
+        .unwrap();
+    cache.set_parallel_context(Some(ParallelContext::new(4..20, t, s).unwrap()));
+    cache
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_diff(a, b).0
+}
+
+/// `T = S = 1` is exact attention; other settings move every later step's logits.
+#[test]
+fn unit_settings_are_exact_and_others_change_what_follows() {
+    for m in models() {
+        let model = &m.model;
+        let mut plain = context_cache(model, 1.0, 1.0);
+        plain.set_parallel_context(None);
+        let mut unit = context_cache(model, 1.0, 1.0);
+        let mut ape = context_cache(model, 0.5, 0.8);
+        for token in [3u32, 77, 150] {
+            let want = model.decode_step(token, &mut plain, &mut ()).unwrap();
+            let got = model.decode_step(token, &mut unit, &mut ()).unwrap();
+            let moved = model.decode_step(token, &mut ape, &mut ()).unwrap();
+            let (d, scale) = max_diff(&got, &want);
+            assert!(
+                d <= 1e-4 * scale.max(1e-3),
+                "T = S = 1: {d} (scale {scale})"
+            );
+            assert!(diff(&moved, &want) > 1e-3, "T 0.5, S 0.8 changed nothing");
+        }
+        assert_eq!(ape.parallel_context().map(|p| p.positions()), Some(4..20));
+    }
+}
+
+/// Several tokens appended at once attend as the same tokens appended one by one (every one
+/// of them after the context, each corrected); a call whose queries all sit inside the
+/// context (blend's recomputed rows) is not corrected at all.
+#[test]
+fn appended_rows_are_corrected_and_rows_inside_are_not() {
+    for m in models() {
+        let model = &m.model;
+        let tail = [9u32, 31, 250];
+        let mut at_once = context_cache(model, 0.6, 0.9);
+        let hidden = model.embed(&tail).unwrap();
+        let out = model
+            .run_layers(
+                0..model.config().num_layers,
+                hidden,
+                Rows::Append(&[24, 25, 26]),
+                &mut at_once,
+                None,
+            )
+            .unwrap();
+        let mut one_by_one = context_cache(model, 0.6, 0.9);
+        let mut last = None;
+        for &tok in &tail {
+            let pos = one_by_one.positions.last().unwrap() + 1;
+            let h = model.embed(&[tok]).unwrap();
+            let o = model
+                .run_layers(
+                    0..model.config().num_layers,
+                    h,
+                    Rows::Append(&[pos]),
+                    &mut one_by_one,
+                    None,
+                )
+                .unwrap();
+            last = Some(o.hidden);
+        }
+        let all = out.hidden.narrow(0, 2, 1).unwrap();
+        let (d, scale) = max_diff(&all, &last.unwrap());
+        assert!(d <= 1e-4 * scale.max(1e-3), "at once vs one by one: {d}");
+
+        // rows 5, 9, 17 (inside the context) recomputed: the same with or without it
+        let rows = [5usize, 9, 17];
+        let toks: Vec<u32> = rows.iter().map(|&r| prompt(24)[r]).collect();
+        let run = |cache: &mut KvCache| {
+            let h = model.embed(&toks).unwrap();
+            model
+                .run_layers(
+                    0..model.config().num_layers,
+                    h,
+                    Rows::Replace(&rows),
+                    cache,
+                    None,
+                )
+                .unwrap()
+                .hidden
+        };
+        let mut marked = context_cache(model, 0.6, 0.9);
+        let mut unmarked = context_cache(model, 0.6, 0.9);
+        unmarked.set_parallel_context(None);
+        let (d, scale) = max_diff(&run(&mut marked), &run(&mut unmarked));
+        assert!(d <= 1e-4 * scale.max(1e-3), "rows inside the context: {d}");
+    }
+}
+
+/// A pruned cache's rows are not at their positions: correcting it is refused, the cache
+/// left as it was.
+#[test]
+fn a_pruned_cache_refuses_the_correction() {
+    let m = common::tiny("llama");
+    let model = &m.model;
+    let cache = context_cache(model, 0.9, 0.9);
+    let heads = cache.layers[0].k.dims()[1];
+    let keep = vec![vec![vec![0u32, 1, 2, 10, 22, 23]; heads]; cache.layers.len()];
+    let mut pruned = cache.retain(&keep).unwrap();
+    let before = pruned.len();
+    let e = model.decode_step(5, &mut pruned, &mut ()).unwrap_err();
+    assert!(e.to_string().contains("pruned"), "{e}");
+    assert_eq!(pruned.len(), before);
+}
