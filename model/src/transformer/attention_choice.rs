@@ -34,6 +34,15 @@ pub(super) enum LayerAttention {
         k_pos: Vec<u32>,
         summed: bool,
     },
+    /// Rows `0..from` attend exactly by `exact` (fused, tiled or reference), rows `from..` —
+    /// those after a parallel context — corrected by `corrected` (the reference), so a call
+    /// of many rows and a few corrected ones (blend's recomputed rows beside its suffix)
+    /// materialises scores for the corrected rows only. No probe.
+    Split {
+        from: usize,
+        exact: Box<LayerAttention>,
+        corrected: Box<LayerAttention>,
+    },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
     /// the probabilities per key when `summed` (a summed probe of every row).
     #[cfg(feature = "gpu")]
@@ -175,7 +184,9 @@ impl Model {
     /// positions) keys are rotated before attending (each pruned row by its own position) and
     /// the fused kernel, where it runs, rotates only Q; padded heads and column sums need the
     /// reference. Queries after a `parallel` context attend to it corrected, which only the
-    /// reference does (not over a pruned cache, whose rows are not at their positions).
+    /// reference does (not over a pruned cache, whose rows are not at their positions): a
+    /// call without a probe whose other rows come before them splits (`LayerAttention::Split`),
+    /// the rest of a call with a probe runs the reference too.
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -192,6 +203,22 @@ impl Model {
             return Err(invalid_input(
                 "a parallel context's correction over a cache pruned per head (its rows are not at their positions)",
             ));
+        }
+        if let Some(p) = parallel
+            && probe.is_none()
+        {
+            let from = q_pos.partition_point(|&q| !p.corrects(q));
+            if from > 0 {
+                let exact =
+                    self.layer_attention(&q_pos[..from], k_pos, None, kernel, None, None)?;
+                let corrected =
+                    self.layer_attention(&q_pos[from..], k_pos, None, kernel, None, Some(p))?;
+                return Ok(LayerAttention::Split {
+                    from,
+                    exact: Box::new(exact),
+                    corrected: Box::new(corrected),
+                });
+            }
         }
         let c = &self.config;
         if let Some(&max) = q_pos.iter().chain(k_pos).max()
@@ -361,6 +388,17 @@ impl Model {
     ) -> Result<(Tensor, LayerProbe)> {
         let v = &kv.v;
         match how {
+            LayerAttention::Split {
+                from,
+                exact,
+                corrected,
+            } => {
+                let n = q.dims()[0];
+                let (a, _) = self.attend_layer(exact, &q.narrow(0, 0, *from)?, kv, pruned)?;
+                let (b, _) =
+                    self.attend_layer(corrected, &q.narrow(0, *from, n - from)?, kv, pruned)?;
+                Ok((Tensor::cat(&[&a, &b], 0)?, LayerProbe::default()))
+            }
             LayerAttention::Reference {
                 plan,
                 q_tables,
@@ -515,6 +553,67 @@ mod tests {
             (total - (qp.len() * 4) as f32).abs() < 1e-3,
             "every row sums to 1: {total}"
         );
+        Ok(())
+    }
+
+    /// A call whose rows sit both inside and after a parallel context splits: the rows inside
+    /// on the CPU's tiled attention, the rows after through the corrected reference — the
+    /// same output as the corrected reference over every row.
+    #[test]
+    fn rows_after_a_parallel_context_split_off_to_the_corrected_reference() -> Result<()> {
+        let m = model();
+        let dev = Device::Cpu;
+        let kp: Vec<u32> = (0..48).collect();
+        let qp: Vec<u32> = vec![2, 7, 15, 29, 40, 41, 47];
+        let p = ParallelContext::new(5..40, 0.7, 1.2)?;
+        let q = Tensor::randn(0f32, 1.0, (qp.len(), 4 * 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
+        let kv = LayerKv::new(k, v);
+        let how = m.layer_attention(&qp, &kp, None, AttentionKernel::Auto, None, Some(&p))?;
+        let LayerAttention::Split {
+            from,
+            exact,
+            corrected,
+        } = &how
+        else {
+            panic!("expected a split call");
+        };
+        assert_eq!(*from, 4);
+        assert!(matches!(**exact, LayerAttention::Tiled { .. }));
+        assert!(matches!(**corrected, LayerAttention::Reference { .. }));
+        let (got, _) = m.attend_layer(&how, &q, &kv, None)?;
+
+        let plan = AttentionPlan::new(&qp, &kp, 4, 1 << 20, DType::F32, &dev, None, Some(&p))?;
+        let q_rot = m.rotate(&q.reshape((qp.len(), 4, 8))?, &qp)?;
+        let k_rot = m.rotate(&kv.k, &kp)?;
+        let want = attend(&plan, &q_rot, &k_rot, &kv.v, None)?.out;
+        let diff = (&got - &want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "split vs corrected reference: {diff}");
+        // and the correction did reach the rows after the context
+        let plain = m.attention(
+            &q.reshape((qp.len(), 4, 8))?,
+            &kv.k,
+            &kv.v,
+            &qp,
+            &kp,
+            AttentionKernel::Reference,
+        )?;
+        let moved = (&got - &plain)?
+            .abs()?
+            .narrow(0, 4, 3)?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let kept = (&got - &plain)?
+            .abs()?
+            .narrow(0, 0, 4)?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(moved > 1e-3 && kept < 1e-5, "moved {moved}, kept {kept}");
         Ok(())
     }
 
