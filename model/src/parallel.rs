@@ -72,6 +72,13 @@ impl ParallelContext {
         self.scale
     }
 
+    /// Whether the correction keeps the context's share of the softmax (`S·T = 1` to f32
+    /// rounding): then it is a temperature on the context keys' logits alone, which every
+    /// attention implementation applies to those keys scaled by `1 / T`.
+    pub fn keeps_mass(&self) -> bool {
+        (f64::from(self.scale) * f64::from(self.temperature) - 1.0).abs() <= 1e-6
+    }
+
     /// Whether a query at `q_pos` is corrected (it comes after the whole context).
     pub(crate) fn corrects(&self, q_pos: u32) -> bool {
         q_pos >= self.positions.end

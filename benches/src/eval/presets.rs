@@ -135,6 +135,21 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
                 ..base
             }
         }
+        // APE with the chunks' mass kept (S = 1 / T): a temperature T on the chunk keys'
+        // logits for the question's rows, on the query-aware ranking (`qtemp:0.9`)
+        other if other.starts_with("qtemp:") => {
+            let t: f32 = other["qtemp:".len()..].parse().map_err(|_| {
+                anyhow::anyhow!("variant `{other}`: the temperature is not a number")
+            })?;
+            BlendConfig {
+                query_weight: 1.0,
+                parallel: Some(ParallelCorrection {
+                    temperature: t,
+                    scale: 1.0 / t,
+                }),
+                ..base
+            }
+        }
         // query-aware with the suffix pass over the first N layers only (`query8`: 8)
         other
             if other
@@ -148,7 +163,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S] or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S], qtemp:T or kvquilt)"
         ),
     })
 }

@@ -14,6 +14,11 @@ use crate::kv::{LayerKv, Pruned, PrunedLayer};
 use crate::parallel::ParallelContext;
 use crate::rope::RopeTables;
 
+/// Calls of fewer corrected rows than this (a decode step) keep the reference on the CPU
+/// rather than `LayerAttention::ScaledKeys`: their few score rows cost less than copying and
+/// rotating every key of the layer again.
+const SCALED_KEYS_LEAST_CPU_ROWS: usize = 8;
+
 /// How one forward call attends (chosen once per call, used by every layer).
 pub(super) enum LayerAttention {
     /// Materialised scores per query block, over keys rotated by `k_tables`; a probe's
@@ -42,6 +47,15 @@ pub(super) enum LayerAttention {
         from: usize,
         exact: Box<LayerAttention>,
         corrected: Box<LayerAttention>,
+    },
+    /// Every row after a parallel context whose correction keeps the context's mass
+    /// (`ParallelContext::keeps_mass`): `inner` (fused, tiled or reference, probe included)
+    /// over a copy of the layer whose context keys `keys` are scaled by `factor` (`1 / T`;
+    /// RoPE is linear, so scaling pre-RoPE keys scales their logits).
+    ScaledKeys {
+        inner: Box<LayerAttention>,
+        keys: std::ops::Range<usize>,
+        factor: f64,
     },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
     /// the probabilities per key when `summed` (a summed probe of every row).
@@ -219,6 +233,20 @@ impl Model {
                     corrected: Box::new(corrected),
                 });
             }
+        }
+        // every row corrected, the context's mass kept: a temperature on its keys' logits,
+        // which any implementation applies to keys scaled by 1 / T
+        if let Some(p) = parallel
+            && p.keeps_mass()
+            && q_pos.first().is_some_and(|&q| p.corrects(q))
+            && !(self.device.is_cpu() && q_pos.len() < SCALED_KEYS_LEAST_CPU_ROWS)
+        {
+            let inner = self.layer_attention(q_pos, k_pos, probe, kernel, None, None)?;
+            return Ok(LayerAttention::ScaledKeys {
+                inner: Box::new(inner),
+                keys: p.key_range(k_pos),
+                factor: 1.0 / f64::from(p.temperature()),
+            });
         }
         let c = &self.config;
         if let Some(&max) = q_pos.iter().chain(k_pos).max()
@@ -399,6 +427,23 @@ impl Model {
                     self.attend_layer(corrected, &q.narrow(0, *from, n - from)?, kv, pruned)?;
                 Ok((Tensor::cat(&[&a, &b], 0)?, LayerProbe::default()))
             }
+            LayerAttention::ScaledKeys {
+                inner,
+                keys,
+                factor,
+            } => {
+                let t = kv.k.dims()[0];
+                let mut parts = Vec::with_capacity(3);
+                if keys.start > 0 {
+                    parts.push(kv.k.narrow(0, 0, keys.start)?);
+                }
+                parts.push((kv.k.narrow(0, keys.start, keys.len())? * *factor)?);
+                if keys.end < t {
+                    parts.push(kv.k.narrow(0, keys.end, t - keys.end)?);
+                }
+                let scaled = LayerKv::new(Tensor::cat(&parts, 0)?, kv.v.clone());
+                self.attend_layer(inner, q, &scaled, pruned)
+            }
             LayerAttention::Reference {
                 plan,
                 q_tables,
@@ -557,44 +602,19 @@ mod tests {
     }
 
     /// A call whose rows sit both inside and after a parallel context splits: the rows inside
-    /// on the CPU's tiled attention, the rows after through the corrected reference — the
-    /// same output as the corrected reference over every row.
+    /// on the CPU's tiled attention, the rows after corrected — through the reference, or,
+    /// when the correction keeps the context's mass, the tiled attention over keys scaled by
+    /// `1 / T` — the same output as the corrected reference over every row.
     #[test]
     fn rows_after_a_parallel_context_split_off_to_the_corrected_reference() -> Result<()> {
         let m = model();
         let dev = Device::Cpu;
-        let kp: Vec<u32> = (0..48).collect();
-        let qp: Vec<u32> = vec![2, 7, 15, 29, 40, 41, 47];
-        let p = ParallelContext::new(5..40, 0.7, 1.2)?;
+        let kp: Vec<u32> = (0..56).collect();
+        let qp: Vec<u32> = [2u32, 7, 15, 29].into_iter().chain(40..52).collect();
         let q = Tensor::randn(0f32, 1.0, (qp.len(), 4 * 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (kp.len(), 2, 8), &dev)?;
         let kv = LayerKv::new(k, v);
-        let how = m.layer_attention(&qp, &kp, None, AttentionKernel::Auto, None, Some(&p))?;
-        let LayerAttention::Split {
-            from,
-            exact,
-            corrected,
-        } = &how
-        else {
-            panic!("expected a split call");
-        };
-        assert_eq!(*from, 4);
-        assert!(matches!(**exact, LayerAttention::Tiled { .. }));
-        assert!(matches!(**corrected, LayerAttention::Reference { .. }));
-        let (got, _) = m.attend_layer(&how, &q, &kv, None)?;
-
-        let plan = AttentionPlan::new(&qp, &kp, 4, 1 << 20, DType::F32, &dev, None, Some(&p))?;
-        let q_rot = m.rotate(&q.reshape((qp.len(), 4, 8))?, &qp)?;
-        let k_rot = m.rotate(&kv.k, &kp)?;
-        let want = attend(&plan, &q_rot, &k_rot, &kv.v, None)?.out;
-        let diff = (&got - &want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "split vs corrected reference: {diff}");
-        // and the correction did reach the rows after the context
         let plain = m.attention(
             &q.reshape((qp.len(), 4, 8))?,
             &kv.k,
@@ -603,17 +623,52 @@ mod tests {
             &kp,
             AttentionKernel::Reference,
         )?;
-        let moved = (&got - &plain)?
-            .abs()?
-            .narrow(0, 4, 3)?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        let kept = (&got - &plain)?
-            .abs()?
-            .narrow(0, 0, 4)?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(moved > 1e-3 && kept < 1e-5, "moved {moved}, kept {kept}");
+        for (t, s, scaled) in [(0.7, 1.2, false), (0.8, 1.25, true)] {
+            let p = ParallelContext::new(5..40, t, s)?;
+            assert_eq!(p.keeps_mass(), scaled);
+            let how = m.layer_attention(&qp, &kp, None, AttentionKernel::Auto, None, Some(&p))?;
+            let LayerAttention::Split {
+                from,
+                exact,
+                corrected,
+            } = &how
+            else {
+                panic!("expected a split call");
+            };
+            assert_eq!(*from, 4);
+            assert!(matches!(**exact, LayerAttention::Tiled { .. }));
+            match &**corrected {
+                LayerAttention::ScaledKeys { inner, keys, .. } if scaled => {
+                    assert!(matches!(**inner, LayerAttention::Tiled { .. }));
+                    assert_eq!(*keys, 5..40);
+                }
+                LayerAttention::Reference { .. } if !scaled => {}
+                _ => panic!("T {t}, S {s}: unexpected corrected attention"),
+            }
+            let (got, _) = m.attend_layer(&how, &q, &kv, None)?;
+
+            let plan = AttentionPlan::new(&qp, &kp, 4, 1 << 20, DType::F32, &dev, None, Some(&p))?;
+            let q_rot = m.rotate(&q.reshape((qp.len(), 4, 8))?, &qp)?;
+            let k_rot = m.rotate(&kv.k, &kp)?;
+            let want = attend(&plan, &q_rot, &k_rot, &kv.v, None)?.out;
+            let diff = (&got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "T {t}, S {s}: split vs corrected reference: {diff}"
+            );
+            // the correction reached the rows after the context and only those
+            let d = (&got - &plain)?.abs()?;
+            let moved = d
+                .narrow(0, 4, qp.len() - 4)?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            let kept = d.narrow(0, 0, 4)?.max_all()?.to_scalar::<f32>()?;
+            assert!(moved > 1e-3 && kept < 1e-5, "moved {moved}, kept {kept}");
+        }
         Ok(())
     }
 
