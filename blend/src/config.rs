@@ -127,8 +127,9 @@ pub struct BlendConfig {
     pub chunk_sink: usize,
     /// APE's correction (`kvquilt_model::ParallelContext`): the queries after the chunks (the
     /// suffix, then every decoded token) attend to the chunks' keys with this temperature and
-    /// scale; recomputed rows attend exactly. Those queries run the reference attention (no
-    /// kernel applies the correction). `None`: off.
+    /// scale; recomputed rows attend exactly. A correction with `S·T = 1` (a temperature alone)
+    /// runs on the usual attention over scaled keys; any other runs the reference attention
+    /// for those queries; neither runs the graphed passes. `None`: off.
     pub parallel: Option<ParallelCorrection>,
 }
 
@@ -224,14 +225,8 @@ impl BlendConfig {
             return Err(invalid(format!("gradual factor {} below 1", self.gradual)));
         }
         if let Some(p) = self.parallel {
-            let most = kvquilt_model::ParallelContext::MAX_FACTOR;
-            for (name, v) in [("temperature", p.temperature), ("scale", p.scale)] {
-                if !(v.is_finite() && v > 0.0 && v <= most) {
-                    return Err(invalid(format!(
-                        "parallel correction {name} {v} outside (0, {most}]"
-                    )));
-                }
-            }
+            kvquilt_model::ParallelContext::check_factors(p.temperature, p.scale)
+                .map_err(|e| invalid(format!("parallel correction: {e}")))?;
         }
         Ok(())
     }

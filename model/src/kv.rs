@@ -539,8 +539,8 @@ impl KvCache {
 
     /// Marks a context encoded in parallel: queries after it, in this and every later call
     /// over the cache, attend to it with APE's correction (`crate::parallel`); `None`
-    /// clears it. Such calls run the reference attention (the fused and tiled kernels do not
-    /// apply the correction), and a pruned cache refuses them.
+    /// clears it. A pruned cache refuses such calls; which attention runs them is
+    /// `transformer/attention_choice.rs`'s choice.
     pub fn set_parallel_context(&mut self, parallel: Option<ParallelContext>) {
         self.parallel = parallel;
     }

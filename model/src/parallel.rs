@@ -42,6 +42,16 @@ impl ParallelContext {
                 "parallel context at positions {positions:?}: empty"
             )));
         }
+        Self::check_factors(temperature, scale)?;
+        Ok(Self {
+            positions,
+            temperature,
+            scale,
+        })
+    }
+
+    /// Checks a temperature and a scale as [`ParallelContext::new`] does.
+    pub fn check_factors(temperature: f32, scale: f32) -> Result<()> {
         for (name, v) in [("temperature", temperature), ("scale", scale)] {
             if !(v.is_finite() && v > 0.0 && v <= Self::MAX_FACTOR) {
                 return Err(invalid_input(format!(
@@ -50,11 +60,7 @@ impl ParallelContext {
                 )));
             }
         }
-        Ok(Self {
-            positions,
-            temperature,
-            scale,
-        })
+        Ok(())
     }
 
     /// The context's absolute positions.

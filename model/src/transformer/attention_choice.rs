@@ -40,9 +40,9 @@ pub(super) enum LayerAttention {
         summed: bool,
     },
     /// Rows `0..from` attend exactly by `exact` (fused, tiled or reference), rows `from..` —
-    /// those after a parallel context — corrected by `corrected` (the reference), so a call
-    /// of many rows and a few corrected ones (blend's recomputed rows beside its suffix)
-    /// materialises scores for the corrected rows only. No probe.
+    /// those after a parallel context — corrected by `corrected` (`ScaledKeys` or the
+    /// reference), so the exact rows of a call (blend's recomputed rows beside its suffix)
+    /// keep their fast attention. No probe.
     Split {
         from: usize,
         exact: Box<LayerAttention>,
@@ -197,10 +197,11 @@ impl Model {
     /// Chooses and prepares the attention of one forward call. Over a pruned cache (per-head
     /// positions) keys are rotated before attending (each pruned row by its own position) and
     /// the fused kernel, where it runs, rotates only Q; padded heads and column sums need the
-    /// reference. Queries after a `parallel` context attend to it corrected, which only the
-    /// reference does (not over a pruned cache, whose rows are not at their positions): a
-    /// call without a probe whose other rows come before them splits (`LayerAttention::Split`),
-    /// the rest of a call with a probe runs the reference too.
+    /// reference. Queries after a `parallel` context attend to it corrected (not over a pruned
+    /// cache, whose rows are not at their positions): a call without a probe whose other rows
+    /// come before them splits (`LayerAttention::Split`); corrected rows run any attention
+    /// over scaled keys when the correction is a temperature alone (`ScaledKeys`), else the
+    /// reference — which also runs a probed call's exact rows beside its corrected ones.
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -432,6 +433,9 @@ impl Model {
                 keys,
                 factor,
             } => {
+                if keys.is_empty() {
+                    return self.attend_layer(inner, q, kv, pruned);
+                }
                 let t = kv.k.dims()[0];
                 let mut parts = Vec::with_capacity(3);
                 if keys.start > 0 {
