@@ -16,7 +16,7 @@ use kvquilt_compression::policy::{
 };
 use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Rows, Tensor};
 
-use crate::error::{BlendError, Result};
+use crate::error::{BlendError, Result, invalid};
 
 /// A [`LayerHook`] that keeps, per layer, what a set of policies reads: the mean attention of
 /// the call's last `w` query rows per query head for each window `w` (and their maximum when
@@ -568,6 +568,11 @@ impl LayerHook for StepAttention {
 impl PooledDecoder {
     /// Decoding over `cache` (the whole prompt: its rows are the prefill region).
     pub fn new(model: &Model, cache: KvCache, spec: DecodePoolSpec) -> Result<Self> {
+        if cache.parallel_context().is_some() {
+            return Err(invalid(
+                "a decode pool prunes its cache, and a cache with a parallel context (APE) cannot be pruned",
+            ));
+        }
         let c = model.config();
         let pool = DecodePool::new(spec, cache.len(), c.num_layers, c.num_kv_heads)?;
         Ok(Self {

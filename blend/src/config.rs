@@ -127,9 +127,13 @@ pub struct BlendConfig {
     pub chunk_sink: usize,
     /// APE's correction (`kvquilt_model::ParallelContext`): the queries after the chunks (the
     /// suffix, then every decoded token) attend to the chunks' keys with this temperature and
-    /// scale; recomputed rows attend exactly. A correction with `S·T = 1` (a temperature alone)
-    /// runs on the usual attention over scaled keys; any other runs the reference attention
-    /// for those queries; neither runs the graphed passes. `None`: off.
+    /// scale; recomputed rows attend exactly. The whole chunk span is corrected, chunks
+    /// computed in the pass included: the correction changes the question's attention, it
+    /// does not repair stale KV (so blend at ratio 1 is no longer full prefill). A correction
+    /// with `S·T = 1` (a temperature alone) runs the usual attention over scaled keys (on the
+    /// CPU for calls of 8 rows or more; a decode step there, and any other correction, runs
+    /// the reference attention for the corrected rows); no graphed pass runs, and the cache
+    /// cannot be pruned by a token policy. `None`: off.
     pub parallel: Option<ParallelCorrection>,
 }
 

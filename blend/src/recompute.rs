@@ -243,6 +243,8 @@ fn suffix_attention(
     )?;
     let placeholder = LayerKv::new(zeros.clone(), zeros);
     let mut held_cache = KvCache::new(vec![placeholder; cache.layers.len()], positions);
+    // the held rows keep their positions, so the context's correction applies as it would
+    held_cache.set_parallel_context(cache.parallel_context().cloned());
     let mut fill_held = |l: usize, kv: &mut LayerKv| -> kvquilt_model::Result<()> {
         fill_once(l, &mut cache.layers[l])?;
         let parts = held

@@ -350,10 +350,11 @@ pub(crate) fn attend(
             // rows from `from` on come after the context, which they all see whole
             let s4 = scores.reshape((kv_heads, group, nb, b.k_len))?;
             let tail = parallel.adjust(&s4.narrow(2, from, nb - from)?, keys.clone())?;
+            // f32 from here to the softmax (`ParallelContext::adjust`)
             let s4 = if from == 0 {
                 tail
             } else {
-                Tensor::cat(&[&s4.narrow(2, 0, from)?, &tail], 2)?
+                Tensor::cat(&[&s4.narrow(2, 0, from)?.to_dtype(DType::F32)?, &tail], 2)?
             };
             scores = s4.reshape((kv_heads, group * nb, b.k_len))?;
         }
@@ -373,9 +374,13 @@ pub(crate) fn attend(
             if let Some(index) = index {
                 r = r.index_select(index, 2)?;
             }
-            probed.push(r.pad_with_zeros(D::Minus1, 0, t - b.k_len)?);
+            // f32 per block: a corrected block's probabilities already are
+            probed.push(
+                r.to_dtype(DType::F32)?
+                    .pad_with_zeros(D::Minus1, 0, t - b.k_len)?,
+            );
         }
-        let ob = probs.matmul(&vb)?; // [kv_heads, group*nb, d]
+        let ob = probs.to_dtype(vb.dtype())?.matmul(&vb)?; // [kv_heads, group*nb, d]
         let ob = ob
             .reshape((num_heads, nb, d))?
             .transpose(0, 1)?

@@ -577,8 +577,14 @@ impl KvCache {
     /// Each layer and KV head keeping only rows `keep[layer][head]` (strictly increasing,
     /// each below `len()`, at least one per head), K still pre-RoPE and rotated by each
     /// entry's own position. Every layer gets `max` kept rows; heads keeping fewer are padded
-    /// and masked. Works on an already pruned cache too (rows index its current rows).
+    /// and masked. Works on an already pruned cache too (rows index its current rows). Refuses
+    /// a cache with a parallel context: its correction needs every row at its position.
     pub fn retain(&self, keep: &[Vec<Vec<u32>>]) -> Result<Self> {
+        if self.parallel.is_some() {
+            return Err(invalid_input(
+                "a cache with a parallel context cannot be pruned per head (its corrected attention needs every row at its position)",
+            ));
+        }
         let Some(first) = self.layers.first() else {
             return Err(invalid_input("retaining from a cache with no layers"));
         };
@@ -673,7 +679,7 @@ impl KvCache {
                 rows,
                 layers: pruned,
             })),
-            parallel: self.parallel.clone(),
+            parallel: None,
         })
     }
 
@@ -720,7 +726,8 @@ impl KvCache {
         self.positions.is_empty()
     }
 
-    /// Tokens `start..start+len`, positions included (not for a pruned cache).
+    /// Tokens `start..start+len`, positions included (not for a pruned cache); a parallel
+    /// context is kept as it is (by position: the rows of it that remain stay corrected).
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         self.unpruned("narrowing")?;
         if start + len > self.len() {
@@ -742,7 +749,7 @@ impl KvCache {
     }
 
     /// The same keys and values placed at other positions (pre-RoPE K makes this free; not
-    /// for a pruned cache).
+    /// for a pruned cache). A parallel context, marked at the old positions, is dropped.
     pub fn with_positions(mut self, positions: Vec<u32>) -> Result<Self> {
         self.unpruned("re-positioning")?;
         if positions.len() != self.len() {
@@ -754,10 +761,12 @@ impl KvCache {
         }
         check_increasing(&positions)?;
         self.positions = positions;
+        self.parallel = None;
         Ok(self)
     }
 
     /// Caches one after the other; their positions must continue to increase (none pruned).
+    /// The result has no parallel context (mark it on the whole, if one applies).
     pub fn cat(parts: &[&KvCache]) -> Result<Self> {
         let Some(first) = parts.first() else {
             return Err(invalid_input("concatenating zero caches"));

@@ -98,19 +98,16 @@ impl ParallelContext {
         start..end
     }
 
-    /// Corrected logits: `scores` `[.., rows, keys]` with the context's keys at columns
-    /// `keys` (every one of them visible to every row, so no `-inf` among them). The
-    /// log-sum-exp is taken in f32 whatever the scores' dtype.
+    /// Corrected logits, in f32 whatever the scores' dtype (shifted logits in bf16 would lose
+    /// the differences between keys): `scores` `[.., rows, keys]` with the context's keys at
+    /// columns `keys` (every one of them visible to every row, so no `-inf` among them).
     pub(crate) fn adjust(&self, scores: &Tensor, keys: Range<usize>) -> Result<Tensor> {
+        let scores = scores.to_dtype(DType::F32)?;
         if keys.is_empty() {
-            return Ok(scores.clone());
+            return Ok(scores);
         }
         let t = scores.dim(D::Minus1)?;
-        let dtype = scores.dtype();
-        let x = (scores
-            .narrow(D::Minus1, keys.start, keys.len())?
-            .to_dtype(DType::F32)?
-            / f64::from(self.temperature))?;
+        let x = (scores.narrow(D::Minus1, keys.start, keys.len())? / f64::from(self.temperature))?;
         let max = x.max_keepdim(D::Minus1)?;
         let lse = (x
             .broadcast_sub(&max)?
@@ -119,7 +116,7 @@ impl ParallelContext {
             .log()?
             + &max)?;
         let shift = (lse * f64::from(self.scale * self.temperature - 1.0))?;
-        let z = x.broadcast_add(&shift)?.to_dtype(dtype)?;
+        let z = x.broadcast_add(&shift)?;
         let mut parts = Vec::with_capacity(3);
         if keys.start > 0 {
             parts.push(scores.narrow(D::Minus1, 0, keys.start)?);
@@ -197,6 +194,19 @@ mod tests {
             };
             assert!((g as f64 - want).abs() < 1e-6, "key {i}: {g} vs {want}");
         }
+    }
+
+    /// bf16 scores come back as f32 logits, the shift computed from them as f32 would.
+    #[test]
+    fn bf16_scores_are_adjusted_in_f32() {
+        let p = ParallelContext::new(0..1, 0.5, 3.0).unwrap();
+        let row = Tensor::new(&[[7.5f32, 9.0, 8.25, -1.0, 12.0]], &Device::Cpu).unwrap();
+        let bf = row.to_dtype(DType::BF16).unwrap();
+        let got = p.adjust(&bf, 1..4).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let want = p.adjust(&bf.to_dtype(DType::F32).unwrap(), 1..4).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }
 
     #[test]

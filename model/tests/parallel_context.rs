@@ -116,8 +116,8 @@ fn appended_rows_are_corrected_and_rows_inside_are_not() {
     }
 }
 
-/// A pruned cache's rows are not at their positions: correcting it is refused, the cache
-/// left as it was.
+/// A pruned cache's rows are not at their positions: pruning a marked cache is refused, and
+/// marking a pruned one fails its next call, the cache left as it was.
 #[test]
 fn a_pruned_cache_refuses_the_correction() {
     let m = common::tiny("llama");
@@ -125,9 +125,71 @@ fn a_pruned_cache_refuses_the_correction() {
     let cache = context_cache(model, 0.9, 0.9);
     let heads = cache.layers[0].k.dims()[1];
     let keep = vec![vec![vec![0u32, 1, 2, 10, 22, 23]; heads]; cache.layers.len()];
-    let mut pruned = cache.retain(&keep).unwrap();
+    let e = cache.retain(&keep).unwrap_err();
+    assert!(e.to_string().contains("parallel context"), "{e}");
+
+    let mut unmarked = cache.clone();
+    unmarked.set_parallel_context(None);
+    let mut pruned = unmarked.retain(&keep).unwrap();
+    pruned.set_parallel_context(cache.parallel_context().cloned());
     let before = pruned.len();
     let e = model.decode_step(5, &mut pruned, &mut ()).unwrap_err();
     assert!(e.to_string().contains("pruned"), "{e}");
     assert_eq!(pruned.len(), before);
+}
+
+/// Narrowing keeps the mark (by position); re-positioning drops it (it named the old
+/// positions); concatenating gives an unmarked cache.
+#[test]
+fn cache_operations_keep_or_drop_the_mark_by_position() {
+    let m = common::tiny("llama");
+    let cache = context_cache(&m.model, 0.9, 0.9);
+    assert!(cache.narrow(2, 10).unwrap().parallel_context().is_some());
+    let moved = cache.clone().with_positions(positions(24)).unwrap();
+    assert!(moved.parallel_context().is_none());
+    let joined = KvCache::cat(&[
+        &cache.narrow(0, 12).unwrap(),
+        &cache.narrow(12, 12).unwrap(),
+    ]);
+    assert!(joined.unwrap().parallel_context().is_none());
+}
+
+/// The reference attention corrects by block: a call whose rows sit inside and after the
+/// context, run with a probe (so it does not split) under a score budget small enough for
+/// blocks to mix corrected and exact rows, gives what the split call gives.
+#[test]
+fn blocks_that_mix_corrected_and_exact_rows_match_the_split_call() {
+    for m in models() {
+        let mut model = m.model;
+        let rows = [5usize, 9, 17, 19, 20, 22, 23]; // 19 and 20 share a block
+        let toks: Vec<u32> = rows.iter().map(|&r| prompt(24)[r]).collect();
+        let layers = 0..model.config().num_layers;
+        let mut split = context_cache(&model, 0.6, 1.3);
+        let want = model
+            .run_layers(
+                layers.clone(),
+                model.embed(&toks).unwrap(),
+                Rows::Replace(&rows),
+                &mut split,
+                None,
+            )
+            .unwrap()
+            .hidden;
+        // 2 rows (within 2 positions) x every head x 24 keys per block
+        model.set_score_budget(2 * model.config().num_heads * 24);
+        let mut probed = context_cache(&model, 0.6, 1.3);
+        let probe = kvquilt_model::ProbeRequest::rows(vec![0, 6]);
+        let got = model
+            .run_layers(
+                layers,
+                model.embed(&toks).unwrap(),
+                Rows::Replace(&rows),
+                &mut probed,
+                Some(&probe),
+            )
+            .unwrap()
+            .hidden;
+        let (d, scale) = max_diff(&got, &want);
+        assert!(d <= 1e-4 * scale.max(1e-3), "mixed blocks vs split: {d}");
+    }
 }

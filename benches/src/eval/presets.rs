@@ -136,7 +136,8 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         // APE with the chunks' mass kept (S = 1 / T): a temperature T on the chunk keys'
-        // logits for the question's rows, on the query-aware ranking (`qtemp:0.9`)
+        // logits for the question's rows, on the query-aware ranking (`qtemp:0.9`); T at least
+        // 1 / ParallelContext::MAX_FACTOR, so that S stays within it
         other if other.starts_with("qtemp:") => {
             let t: f32 = other["qtemp:".len()..].parse().map_err(|_| {
                 anyhow::anyhow!("variant `{other}`: the temperature is not a number")

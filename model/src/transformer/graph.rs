@@ -181,6 +181,11 @@ impl GraphedCache {
         if cache.is_pruned() {
             return Err(invalid_input("a graphed cache holds unpruned KV only"));
         }
+        if cache.parallel_context().is_some() {
+            return Err(invalid_input(
+                "a graphed cache attends exactly: a cache with a parallel context stays eager",
+            ));
+        }
         let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
         self.load_parts(&layers, &cache.positions)
     }
