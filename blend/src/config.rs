@@ -132,8 +132,10 @@ pub struct BlendConfig {
     /// does not repair stale KV (so blend at ratio 1 is no longer full prefill). A correction
     /// with `S·T = 1` (a temperature alone) runs the usual attention over scaled keys (on the
     /// CPU for calls of 8 rows or more; a decode step there, and any other correction, runs
-    /// the reference attention for the corrected rows); no graphed pass runs, and the cache
-    /// cannot be pruned by a token policy. `None`: off.
+    /// the reference attention for the corrected rows); of the graphed passes only the query
+    /// pass runs (over keys scaled by `1 / T`, when `S·T = 1`), and a cache left marked (a
+    /// correction of the answer) decodes eagerly and cannot be pruned by a token policy. The correction's `scope` may limit it to the
+    /// ranking or to the answer, its `layers` to a band. `None`: off.
     pub parallel: Option<ParallelCorrection>,
 }
 
@@ -145,6 +147,53 @@ pub struct ParallelCorrection {
     pub temperature: f32,
     /// Multiplies, with `temperature`, the log-sum-exp of the chunks' share of the softmax.
     pub scale: f32,
+    /// Which of blend's passes the correction applies to.
+    #[serde(default)]
+    pub scope: CorrectionScope,
+    /// Layers corrected, `[first, end)`; `None`: every layer. Checked against the model
+    /// (`end` at most its layer count, `first < end`).
+    #[serde(default)]
+    pub layers: Option<(usize, usize)>,
+}
+
+impl ParallelCorrection {
+    /// A temperature and a scale applied everywhere, in every layer.
+    pub fn new(temperature: f32, scale: f32) -> Self {
+        Self {
+            temperature,
+            scale,
+            scope: CorrectionScope::Everywhere,
+            layers: None,
+        }
+    }
+}
+
+/// The passes of a blend that a [`ParallelCorrection`] applies to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorrectionScope {
+    /// The query pass (the ranking), the question's rows in the last layers (the first
+    /// token) and every decoded token.
+    #[default]
+    Everywhere,
+    /// The query pass alone: it changes which tokens are recomputed, and the answer attends
+    /// exactly (blend at ratio 1 stays full prefill).
+    Selection,
+    /// The answer alone (the question's rows in the last layers and decoding); the ranking
+    /// comes from exact attention.
+    Answer,
+}
+
+impl CorrectionScope {
+    /// Whether the query pass is corrected.
+    pub fn in_selection(self) -> bool {
+        matches!(self, Self::Everywhere | Self::Selection)
+    }
+
+    /// Whether the answer (last layers, decoding) is corrected.
+    pub fn in_answer(self) -> bool {
+        matches!(self, Self::Everywhere | Self::Answer)
+    }
 }
 
 impl Default for BlendConfig {
@@ -231,6 +280,13 @@ impl BlendConfig {
         if let Some(p) = self.parallel {
             kvquilt_model::ParallelContext::check_factors(p.temperature, p.scale)
                 .map_err(|e| invalid(format!("parallel correction: {e}")))?;
+            if let Some((first, end)) = p.layers
+                && !(first < end && end <= num_layers)
+            {
+                return Err(invalid(format!(
+                    "parallel correction in layers [{first}, {end}) of a {num_layers}-layer model"
+                )));
+            }
         }
         Ok(())
     }

@@ -41,7 +41,7 @@ pub mod select;
 mod tensor_bytes;
 
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
-pub use config::{BlendConfig, Mode, ParallelCorrection};
+pub use config::{BlendConfig, CorrectionScope, Mode, ParallelCorrection};
 pub use cost::{CostModel, PlannedMode};
 pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{

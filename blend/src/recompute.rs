@@ -95,6 +95,9 @@ fn run(
     let non_suffix = n - roles.suffix_len();
     let enter = |phase: &'static str| clock.borrow_mut().enter(phase).map(|_| ());
 
+    // the cache's parallel context (APE), held off the passes its scope leaves exact
+    let scope = cfg.parallel.map(|p| p.scope).unwrap_or_default();
+    let context = cache.parallel_context().cloned();
     let attention = if cfg.query_weight <= 0.0 {
         None
     } else if let Some(q) = query {
@@ -105,10 +108,12 @@ fn run(
             0 => num_layers,
             n => n.min(num_layers),
         };
+        cache.set_parallel_context(context.clone().filter(|_| scope.in_selection()));
         Some(suffix_attention(
             model, tokens, non_suffix, layers, roles, cache, fill_once,
         )?)
     };
+    cache.set_parallel_context(context.filter(|_| scope.in_answer()));
     let mut active: Vec<usize> = (0..n).collect();
     let mut hidden = model.embed(tokens)?;
     let mut cursor = 0;

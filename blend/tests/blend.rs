@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvquilt_blend::{
-    BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, Deviation, Mode, ModelIdentity,
-    ParallelCorrection, PlannedMode, SegmentSource, StoredObject,
+    BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, CorrectionScope, Deviation,
+    Mode, ModelIdentity, ParallelCorrection, PlannedMode, SegmentSource, StoredObject,
 };
 use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore};
 use kvquilt_model::{
@@ -218,10 +218,7 @@ fn a_parallel_correction_applies_to_the_suffix_over_the_chunks() {
     );
     let with = |t: f32, s: f32| {
         Mode::Blend(BlendConfig {
-            parallel: Some(ParallelCorrection {
-                temperature: t,
-                scale: s,
-            }),
+            parallel: Some(ParallelCorrection::new(t, s)),
             ..BlendConfig::cacheblend(1.0)
         })
     };
@@ -267,6 +264,103 @@ fn a_parallel_correction_applies_to_the_suffix_over_the_chunks() {
         let e = b.run(b"", &with_mode(&r, bad)).unwrap_err().to_string();
         assert!(e.contains("parallel correction"), "{e}");
     }
+}
+
+/// A correction's scope: `Selection` corrects the ranking's pass alone (at ratio 1 the blend
+/// is full prefill and the output cache is unmarked; below it the ranking, and so the logits,
+/// move), `Answer` the answer alone (at ratio 1 the by-hand corrected prefill, the mark kept
+/// for decoding); a layer band past the model is refused.
+#[test]
+fn a_correction_scope_limits_it_to_the_ranking_or_the_answer() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let (prefix, chunks, suffix) = (
+        toks(1, 9, 512),
+        vec![toks(2, 40, 512), toks(3, 25, 512)],
+        toks(5, 7, 512),
+    );
+    let with = |ratio: f32, scope: CorrectionScope, layers: Option<(usize, usize)>| {
+        Mode::Blend(BlendConfig {
+            query_weight: 1.0,
+            parallel: Some(ParallelCorrection {
+                scope,
+                layers,
+                ..ParallelCorrection::new(0.25, 4.0)
+            }),
+            ..BlendConfig::cacheblend(ratio)
+        })
+    };
+    let r = req(
+        prefix.clone(),
+        chunks.clone(),
+        suffix.clone(),
+        with(1.0, CorrectionScope::Selection, None),
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert_close(
+        &out.logits,
+        &full(b, &r),
+        1e-4,
+        "selection scope at ratio 1",
+    );
+    assert_eq!(out.cache.parallel_context(), None);
+
+    let answer = b
+        .run(
+            b"",
+            &with_mode(&r, with(1.0, CorrectionScope::Answer, None)),
+        )
+        .unwrap();
+    let everywhere = b
+        .run(
+            b"",
+            &with_mode(&r, with(1.0, CorrectionScope::Everywhere, None)),
+        )
+        .unwrap();
+    assert_close(
+        &answer.logits,
+        &everywhere.logits,
+        1e-5,
+        "answer scope at ratio 1",
+    );
+    assert!(answer.cache.parallel_context().is_some());
+
+    // a temperature keeps each row's order of keys, so a ranking by attention alone may
+    // not move on a tiny random model: mixed with V deviation (half and half), the sharper
+    // attention's larger spread moves it (the model has 3 layers: with 2, the rows
+    // recomputed after the check layer would feed no later layer)
+    let mixed = |parallel: Option<ParallelCorrection>| {
+        Mode::Blend(BlendConfig {
+            query_weight: 0.5,
+            parallel,
+            ..BlendConfig::cacheblend(0.3)
+        })
+    };
+    let selection = ParallelCorrection {
+        scope: CorrectionScope::Selection,
+        ..ParallelCorrection::new(0.25, 4.0)
+    };
+    let exact = b.run(b"", &with_mode(&r, mixed(None))).unwrap();
+    let ranked = b.run(b"", &with_mode(&r, mixed(Some(selection)))).unwrap();
+    assert!(
+        vec1(&ranked.logits)
+            .iter()
+            .zip(vec1(&exact.logits))
+            .any(|(a, b)| (a - b).abs() > 1e-4),
+        "a corrected ranking changed nothing"
+    );
+    let layers = b.model().config().num_layers;
+    let e = b
+        .run(
+            b"",
+            &with_mode(
+                &r,
+                with(0.3, CorrectionScope::Everywhere, Some((0, layers + 1))),
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parallel correction in layers"), "{e}");
 }
 
 #[test]

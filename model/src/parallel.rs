@@ -11,7 +11,9 @@
 //! how [`ParallelContext::adjust`] applies it. `T = S = 1` is exact attention.
 //!
 //! Queries inside the context (blend's recomputed rows) attend exactly; so do keys outside it
-//! (the prefix before it, the suffix and decoded tokens after it).
+//! (the prefix before it, the suffix and decoded tokens after it). A context may limit the
+//! correction to a band of layers ([`ParallelContext::with_layers`]); the other layers attend
+//! exactly.
 
 use std::ops::Range;
 
@@ -27,6 +29,8 @@ pub struct ParallelContext {
     positions: Range<u32>,
     temperature: f32,
     scale: f32,
+    /// Layers corrected; `None`: every layer.
+    layers: Option<Range<usize>>,
 }
 
 impl ParallelContext {
@@ -47,7 +51,32 @@ impl ParallelContext {
             positions,
             temperature,
             scale,
+            layers: None,
         })
+    }
+
+    /// The same correction in `layers` only (not empty); the model's other layers attend
+    /// exactly. Layers past the model's last are never run, so they correct nothing.
+    pub fn with_layers(self, layers: Range<usize>) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(invalid_input(format!(
+                "parallel context corrected in layers {layers:?}: empty"
+            )));
+        }
+        Ok(Self {
+            layers: Some(layers),
+            ..self
+        })
+    }
+
+    /// The layers corrected, `None` for every layer.
+    pub fn layers(&self) -> Option<Range<usize>> {
+        self.layers.clone()
+    }
+
+    /// Whether layer `l`'s attention is corrected.
+    pub fn corrects_layer(&self, l: usize) -> bool {
+        self.layers.as_ref().is_none_or(|r| r.contains(&l))
     }
 
     /// Checks a temperature and a scale as [`ParallelContext::new`] does.
@@ -151,6 +180,11 @@ mod tests {
         assert_eq!(p.key_range(&[0, 1, 4, 5, 9, 10, 11]), 2..5);
         assert_eq!(p.key_range(&[0, 1, 2]), 3..3);
         assert!(!p.corrects(9) && p.corrects(10));
+        assert!(p.corrects_layer(0) && p.corrects_layer(1000));
+        let banded = p.with_layers(3..5).unwrap();
+        assert!(!banded.corrects_layer(2) && banded.corrects_layer(3));
+        assert!(banded.corrects_layer(4) && !banded.corrects_layer(5));
+        assert!(banded.with_layers(2..2).is_err());
     }
 
     /// The corrected softmax gives the context `exp(S·T·LSE(x/T))` of the mass against

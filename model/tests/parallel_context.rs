@@ -193,3 +193,59 @@ fn blocks_that_mix_corrected_and_exact_rows_match_the_split_call() {
         assert!(d <= 1e-4 * scale.max(1e-3), "mixed blocks vs split: {d}");
     }
 }
+
+/// A correction limited to a band of layers corrects exactly those layers' attention: after
+/// three tokens appended, a layer's KV depends only on the layers below it, so with the band
+/// at layer 1 the layer-0 and layer-1 rows equal exact attention's and the logits do not;
+/// with the band at layer 0, layer 0's rows equal exact's and layer 1's the unbanded
+/// correction's. A band over every layer is the unbanded correction, bit for bit.
+#[test]
+fn a_layer_band_corrects_only_its_layers() {
+    for m in models() {
+        let model = &m.model;
+        let layers = model.config().num_layers;
+        assert!(layers >= 2, "the test needs two layers");
+        let tail = [9u32, 31, 250];
+        let run = |band: Option<std::ops::Range<usize>>, corrected: bool| {
+            let mut cache = context_cache(model, 0.6, 1.0 / 0.6);
+            match (corrected, band) {
+                (false, _) => cache.set_parallel_context(None),
+                (true, Some(b)) => {
+                    let p = cache.parallel_context().unwrap().clone();
+                    cache.set_parallel_context(Some(p.with_layers(b).unwrap()));
+                }
+                (true, None) => {}
+            }
+            let out = model
+                .run_layers(
+                    0..layers,
+                    model.embed(&tail).unwrap(),
+                    Rows::Append(&[24, 25, 26]),
+                    &mut cache,
+                    None,
+                )
+                .unwrap();
+            (cache, out.hidden)
+        };
+        let rows = |c: &KvCache, l: usize| c.layers[l].narrow(24, 3).unwrap();
+        let (exact, exact_out) = run(None, false);
+        let (all, all_out) = run(None, true);
+        let (wide, wide_out) = run(Some(0..layers + 5), true);
+        assert_eq!(diff(&wide_out, &all_out), 0.0, "a band over every layer");
+        for l in 0..layers {
+            assert_eq!(diff(&rows(&wide, l).k, &rows(&all, l).k), 0.0);
+        }
+        let (top, top_out) = run(Some(1..2), true);
+        let (bottom, _) = run(Some(0..1), true);
+        for l in 0..2 {
+            assert_eq!(diff(&rows(&top, l).v, &rows(&exact, l).v), 0.0, "layer {l}");
+        }
+        assert!(
+            diff(&top_out, &exact_out) > 1e-4,
+            "the band at layer 1 changed nothing"
+        );
+        assert_eq!(diff(&rows(&bottom, 0).v, &rows(&exact, 0).v), 0.0);
+        assert_eq!(diff(&rows(&bottom, 1).v, &rows(&all, 1).v), 0.0);
+        assert!(diff(&rows(&bottom, 1).v, &rows(&exact, 1).v) > 1e-5);
+    }
+}

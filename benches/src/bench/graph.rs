@@ -69,7 +69,8 @@ mod imp {
 
     use anyhow::{Result, bail};
     use kvquilt_model::{
-        CollectProbes, DType, GraphedCache, KvCache, LayerKv, Model, ProbeRequest, Rows, Tensor,
+        CollectProbes, DType, GraphedCache, KvCache, LayerKv, Model, ParallelContext, ProbeRequest,
+        Rows, Tensor,
     };
 
     use serde::Serialize;
@@ -122,6 +123,16 @@ mod imp {
         /// the graph layers too, add with float atomics in any order: equal to f32 rounding,
         /// not bit for bit).
         sums_max_rel: f32,
+        /// The same pass with a temperature of 0.9 on the first half of the keys (APE with
+        /// the mass kept, the graphed cache's keys scaled by `1 / T`), against the eager pass
+        /// over a cache marked with that parallel context: |Δ| of the logits over the
+        /// largest logit ...
+        corrected_logits_max_rel: f32,
+        /// ... and of the per-key sums, as `sums_max_rel`.
+        corrected_sums_max_rel: f32,
+        /// Largest change the correction made to the eager sums, over the largest sum (it
+        /// must move them for the two checks above to mean anything).
+        correction_moved_rel: f32,
         tokens: usize,
         passed: bool,
     }
@@ -298,6 +309,37 @@ mod imp {
                     .max(f32::MIN_POSITIVE);
                 (max_abs(&le, &lg)?, max_abs(&eager, &sums)? / scale)
             };
+            // the query pass with a temperature on the first half of the keys: the eager pass
+            // over a marked cache (keys scaled in the attention call) against the graphed one
+            // over keys scaled in place
+            let (corrected_logits_max_rel, corrected_sums_max_rel, correction_moved_rel) = {
+                let t = 0.9f32;
+                let half = (a.keys / 2).max(1);
+                let context_of = |keys: usize| -> Result<ParallelContext> {
+                    Ok(ParallelContext::new(0..keys as u32, t, 1.0 / t)?)
+                };
+                let mut marked = eager_load()?;
+                marked.set_parallel_context(Some(context_of(half)?));
+                let (le, eager) = eager_query_pass(&mut marked)?;
+                let (_, plain) = eager_query_pass(&mut eager_load()?)?;
+                let mut g = GraphedCache::new(model.clone(), capacity)?;
+                g.set_capture(!a.no_capture);
+                let pass = |g: &mut GraphedCache| -> Result<(Tensor, Tensor)> {
+                    g.load(&context)?;
+                    g.scale_keys(0..c.num_layers, 0..half, 1.0 / f64::from(t))?;
+                    Ok(g.append_with_column_sums(&tokens, &q_pos)?)
+                };
+                pass(&mut g)?;
+                let (lg, sums) = pass(&mut g)?;
+                let largest = |x: &Tensor| -> Result<f32> {
+                    Ok(x.abs()?.max(0)?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE))
+                };
+                (
+                    max_abs(&le, &lg)? / largest(&le)?,
+                    max_abs(&eager, &sums)? / largest(&eager)?,
+                    max_abs(&eager, &plain)? / largest(&eager)?,
+                )
+            };
             // the replay runs the eager pass's kernels with the eager pass's split plan
             // (ARCHITECTURE.md, "A graphed pass is the eager pass"): bit-identical, so any
             // difference at all fails
@@ -307,12 +349,17 @@ mod imp {
                 && refused
                 && tokens_equal == te.len()
                 && sums_logits_max_abs == 0.0
-                && sums_max_rel <= 1e-4;
+                && sums_max_rel <= 1e-4
+                && corrected_logits_max_rel <= 1e-2
+                && corrected_sums_max_rel <= 1e-3
+                && correction_moved_rel > 1e-3;
             println!(
                 "check: logits max |Δ| {logits_max_abs:e}, K/V rows max |Δ| {rows_max_abs:e}, \
                  greedy tokens equal {tokens_equal}/{}, bad input refused: {refused}; \
                  with column sums: logits max |Δ| {sums_logits_max_abs:e}, sums max rel |Δ| \
-                 {sums_max_rel:e} — {}",
+                 {sums_max_rel:e}; corrected (T 0.9): logits max rel |Δ| \
+                 {corrected_logits_max_rel:e}, sums max rel |Δ| {corrected_sums_max_rel:e}, \
+                 the correction moved the sums by {correction_moved_rel:e} — {}",
                 te.len(),
                 if passed { "pass" } else { "FAIL" }
             );
@@ -323,6 +370,9 @@ mod imp {
                 refused,
                 sums_logits_max_abs,
                 sums_max_rel,
+                corrected_logits_max_rel,
+                corrected_sums_max_rel,
+                correction_moved_rel,
                 tokens: te.len(),
                 passed,
             })

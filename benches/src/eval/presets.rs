@@ -1,7 +1,7 @@
 //! Named token-selection variants of blend, for comparing against CacheBlend.
 
 use anyhow::{Result, bail};
-use kvquilt_blend::{BlendConfig, Deviation, ParallelCorrection};
+use kvquilt_blend::{BlendConfig, CorrectionScope, Deviation, ParallelCorrection};
 
 /// The blend settings a variant name stands for, at recompute ratio `r`.
 pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
@@ -131,26 +131,23 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
             BlendConfig {
                 query_weight: query,
-                parallel: Some(ParallelCorrection { temperature, scale }),
+                parallel: Some(ParallelCorrection::new(temperature, scale)),
                 ..base
             }
         }
         // APE with the chunks' mass kept (S = 1 / T): a temperature T on the chunk keys'
         // logits for the question's rows, on the query-aware ranking (`qtemp:0.9`); T at least
-        // 1 / ParallelContext::MAX_FACTOR, so that S stays within it
-        other if other.starts_with("qtemp:") => {
-            let t: f32 = other["qtemp:".len()..].parse().map_err(|_| {
-                anyhow::anyhow!("variant `{other}`: the temperature is not a number")
-            })?;
-            BlendConfig {
-                query_weight: 1.0,
-                parallel: Some(ParallelCorrection {
-                    temperature: t,
-                    scale: 1.0 / t,
-                }),
-                ..base
-            }
-        }
+        // 1 / ParallelContext::MAX_FACTOR, so that S stays within it. `qtemp:T:select` corrects
+        // the ranking's pass alone, `qtemp:T:answer` the answer alone; `@A-B` limits it to
+        // layers A..B (`qtemp:0.9@10-20`)
+        other if other.starts_with("qtemp:") => BlendConfig {
+            query_weight: 1.0,
+            parallel: Some(
+                temperature_variant(&other["qtemp:".len()..])
+                    .map_err(|e| anyhow::anyhow!("variant `{other}`: {e}"))?,
+            ),
+            ..base
+        },
         // query-aware with the suffix pass over the first N layers only (`query8`: 8)
         other
             if other
@@ -164,7 +161,61 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S], qtemp:T or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S], qtemp:T[:select|:answer][@A-B] or kvquilt)"
         ),
     })
+}
+
+/// `T[:select|:answer][@A-B]` of a `qtemp` variant: a temperature with the mass kept.
+fn temperature_variant(spec: &str) -> Result<ParallelCorrection> {
+    let (spec, layers) = match spec.split_once('@') {
+        None => (spec, None),
+        Some((spec, band)) => {
+            let parsed = band
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            match parsed {
+                Some((a, b)) if a < b => (spec, Some((a, b))),
+                _ => bail!("layers `{band}`: expected A-B with A < B"),
+            }
+        }
+    };
+    let (t, scope) = match spec.split_once(':') {
+        None => (spec, CorrectionScope::Everywhere),
+        Some((t, "select")) => (t, CorrectionScope::Selection),
+        Some((t, "answer")) => (t, CorrectionScope::Answer),
+        Some((_, s)) => bail!("scope `{s}`: expected select or answer"),
+    };
+    let t: f32 = t
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the temperature `{t}` is not a number"))?;
+    Ok(ParallelCorrection {
+        scope,
+        layers,
+        ..ParallelCorrection::new(t, 1.0 / t)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temperature_variants_parse_scope_and_layers() {
+        let p = temperature_variant("0.9:select@10-20").unwrap();
+        assert_eq!(
+            (p.temperature, p.scope, p.layers),
+            (0.9, CorrectionScope::Selection, Some((10, 20)))
+        );
+        assert!((p.scale * p.temperature - 1.0).abs() < 1e-6);
+        let p = temperature_variant("0.8").unwrap();
+        assert_eq!((p.scope, p.layers), (CorrectionScope::Everywhere, None));
+        assert_eq!(
+            temperature_variant("0.9:answer").unwrap().scope,
+            CorrectionScope::Answer
+        );
+        for bad in ["x", "0.9:both", "0.9@3-3", "0.9@a-4", "0.9@4"] {
+            assert!(temperature_variant(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -274,6 +274,60 @@ impl GraphedCache {
         Ok(())
     }
 
+    /// Multiplies the keys of rows `rows` in layers `layers` by `factor`, in place: a
+    /// throw-away cache's form of a temperature `T` on those keys' logits (APE with the
+    /// context's mass kept, [`crate::ParallelContext::keeps_mass`]; `factor` = `1 / T`), so
+    /// that a pass over this cache attends as the corrected reference does (keys are stored
+    /// before RoPE, which is linear). Views lent later show the scaled keys: load the cache
+    /// again before it serves anything else. Layers past the model's end are ignored; `rows`
+    /// must be held, `factor` finite and positive. Refused while lent; captured graphs stay
+    /// valid (the buffers do not move).
+    pub fn scale_keys(
+        &mut self,
+        layers: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+        factor: f64,
+    ) -> Result<()> {
+        if self.is_lent() {
+            return Err(invalid_input(
+                "scaling the keys of a graphed cache whose rows are still lent out",
+            ));
+        }
+        if rows.end > self.len() || !(factor.is_finite() && factor > 0.0) {
+            return Err(invalid_input(format!(
+                "scaling keys of rows {rows:?} of {} by {factor}",
+                self.len()
+            )));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let scaled = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(l, _)| layers.contains(l))
+            .map(|(_, kv)| {
+                Ok((
+                    &kv.k,
+                    kv.k.narrow(0, rows.start, rows.len())?
+                        .affine(factor, 0.0)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let copies: Vec<RowsInto<'_>> = scaled
+            .iter()
+            .map(|(dst, src)| RowsInto {
+                dst,
+                at: rows.start,
+                src,
+            })
+            .collect();
+        // SAFETY of the copies (`put_many`'s contract): `&mut self` and no lent views make this
+        // call the buffers' only user; each source is a new tensor, not a view of them.
+        put_many(&copies)
+    }
+
     /// Writes every key-position slot: `positions`, then `u32::MAX` (no key). The slots are
     /// clean once the cache's own positions are `positions`.
     fn upload_k_pos(&self, positions: &[u32]) -> Result<()> {

@@ -380,14 +380,27 @@ impl Model {
         // checks positions against each other and the context, for either attention
         let probe = hook.probe().cloned();
         let pruned = cache.pruned();
+        let parallel = cache.parallel_context();
         let how = self.layer_attention(
             &q_pos,
             &k_pos,
             probe.as_ref(),
             self.attention_kernel,
             pruned,
-            cache.parallel_context(),
+            parallel,
         )?;
+        // a correction limited to a band of layers: the others attend exactly
+        let exact_how = match parallel {
+            Some(p) if layers.clone().any(|l| !p.corrects_layer(l)) => Some(self.layer_attention(
+                &q_pos,
+                &k_pos,
+                probe.as_ref(),
+                self.attention_kernel,
+                pruned,
+                None,
+            )?),
+            _ => None,
+        };
         let replace_index = match rows {
             Rows::Replace(idx) => Some(RowReplacement::new(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
@@ -420,7 +433,11 @@ impl Model {
                 Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
             };
             let heads = pruned.map(|p| (&p.layers[l], p.rows));
-            let (attn, seen) = self.attend_layer(&how, &q, &kv, heads)?;
+            let how = match (&exact_how, parallel) {
+                (Some(exact), Some(p)) if !p.corrects_layer(l) => exact,
+                _ => &how,
+            };
+            let (attn, seen) = self.attend_layer(how, &q, &kv, heads)?;
             hook.after_attention(l, seen)?;
             (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
             new_layers.push((l, kv));

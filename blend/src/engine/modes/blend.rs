@@ -78,8 +78,10 @@ pub(crate) fn run(
 /// matters: the eager pass also leaves its K/V in the suffix's rows, which the check
 /// layer's deviation then compares against, and `Deviation::Kv` normalises by means over
 /// every active row, suffix included — so not under `Kv`. `None` otherwise, and on a
-/// failed graphed pass (counted; `recompute` then runs the pass eagerly). Call before the
-/// suffix's placeholder rows join the sources.
+/// failed graphed pass (counted; `recompute` then runs the pass eagerly). A correction of
+/// the ranking (`BlendConfig::parallel` in the selection scope) runs here only when it keeps
+/// the chunks' mass: their keys are scaled by `1 / T` in the graphed cache, a throw-away
+/// copy. Call before the suffix's placeholder rows join the sources.
 #[cfg(feature = "gpu")]
 fn graphed_query(
     b: &Blender,
@@ -91,10 +93,16 @@ fn graphed_query(
 ) -> Option<Vec<f32>> {
     let c = b.model.config();
     let pool = a.graph_pool(b, req.suffix.len())?;
+    // a correction of the ranking runs in the graph only as keys scaled by 1 / T
+    let correction = parallel_context(req, cfg.parallel.filter(|p| p.scope.in_selection()));
+    let correction = match correction {
+        Ok(None) => None,
+        Ok(Some(p)) if p.keeps_mass() => Some(p),
+        _ => return None,
+    };
     let eligible = cfg.query_weight > 0.0
         && (cfg.query_layers == 0 || cfg.query_layers >= c.num_layers)
         && cfg.deviation != crate::select::Deviation::Kv
-        && cfg.parallel.is_none()
         && !roles.computed.iter().any(|&x| x);
     if !eligible {
         return None;
@@ -108,6 +116,14 @@ fn graphed_query(
                 .map(|l| a.sources.layer_parts(b, l))
                 .collect::<Result<Vec<_>>>()?;
             g.load_parts(&layers, &kvquilt_model::positions(0, non_suffix))?;
+            if let Some(p) = &correction {
+                let rows = p.positions();
+                g.scale_keys(
+                    p.layers().unwrap_or(0..c.num_layers),
+                    rows.start as usize..rows.end as usize,
+                    1.0 / f64::from(p.temperature()),
+                )?;
+            }
             let (_, sums) = g.append_with_column_sums(
                 &req.suffix,
                 &kvquilt_model::positions(non_suffix, req.suffix.len()),
@@ -144,11 +160,11 @@ fn parallel_context(
     if start == end {
         return Ok(None);
     }
-    Ok(Some(ParallelContext::new(
-        start..end,
-        c.temperature,
-        c.scale,
-    )?))
+    let context = ParallelContext::new(start..end, c.temperature, c.scale)?;
+    Ok(Some(match c.layers {
+        Some((first, end)) => context.with_layers(first..end)?,
+        None => context,
+    }))
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`
