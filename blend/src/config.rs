@@ -134,8 +134,9 @@ pub struct BlendConfig {
     /// CPU for calls of 8 rows or more; a decode step there, and any other correction, runs
     /// the reference attention for the corrected rows); of the graphed passes only the query
     /// pass runs (over keys scaled by `1 / T`, when `S·T = 1`), and a cache left marked (a
-    /// correction of the answer) decodes eagerly and cannot be pruned by a token policy. The correction's `scope` may limit it to the
-    /// ranking or to the answer, its `layers` to a band. `None`: off.
+    /// correction of the answer) decodes eagerly and cannot be pruned by a token policy.
+    /// The correction's `scope` may limit it to the ranking or to the answer, its `layers`
+    /// to a band. `None`: off.
     pub parallel: Option<ParallelCorrection>,
 }
 
