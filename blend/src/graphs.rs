@@ -248,8 +248,9 @@ impl DecodeSteps {
     /// Steps over `cache` in a graphed cache of `pool`: the one `cache` is a view of when
     /// it came from a graphed question and that cache has room for `steps` more (no copy),
     /// else one `cache`'s rows are loaded into; eager when the cache does not go into one
-    /// (pruned, too long) or its attention is corrected (a parallel context: the graphs run
-    /// the fused kernel).
+    /// (pruned, too long) or its attention is corrected other than by a temperature (a
+    /// parallel context whose correction moves the context's mass: the graphs' kernel
+    /// applies a temperature alone).
     #[cfg(feature = "gpu")]
     pub(crate) fn graphed(
         model: &Arc<Model>,
@@ -260,7 +261,7 @@ impl DecodeSteps {
         if steps < LEAST_GRAPHED_STEPS
             || !pool.usable()
             || cache.is_pruned()
-            || cache.parallel_context().is_some()
+            || cache.parallel_context().is_some_and(|p| !p.keeps_mass())
             || cache.len() + steps > model.config().context_length
         {
             return Self::Eager(cache);

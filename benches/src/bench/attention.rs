@@ -1,7 +1,8 @@
 //! `kvquilt bench attention`: the fused attention kernel beside the reference attention.
 //!
 //! `--check` runs random cases (head dims, GQA ratios, sparse queries, holes in positions, a
-//! query that sees one key, decode, split-KV) and compares the fused kernel in bf16 with the
+//! query that sees one key, decode, split-KV; APE's temperature on a context's keys for the
+//! rows after it, mixed with exact rows) and compares the fused kernel in bf16 with the
 //! reference computed in f32, against the error of the reference itself in bf16; any mismatch,
 //! NaN or run-to-run difference makes the command fail. This is the kernel's test on the GPU
 //! machine, which has no Rust toolchain: the one carried binary tests and measures. It also
@@ -35,6 +36,10 @@ pub struct AttentionBenchArgs {
     /// Compare fused with reference on random cases; fail on a mismatch.
     #[arg(long)]
     check: bool,
+    /// With `--check`, run the fused kernel this many more times per case, each run
+    /// compared bit for bit with the first (a determinism stress).
+    #[arg(long, default_value_t = 1)]
+    reruns: usize,
     /// Shapes to time (Llama-3.1-8B heads): prefillN, decodeN (one query after N keys),
     /// blendNrP (N keys, P% of them recomputed plus the last 32).
     #[arg(
@@ -109,7 +114,7 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
         timings: Vec::new(),
     };
     if a.check {
-        report.checks = check(&device)?;
+        report.checks = check(&device, a.reruns.max(1))?;
         report.row_checks = check_rows(&device)?;
     }
     let heads = parse_heads(&a.heads)?;
@@ -424,7 +429,7 @@ fn query_positions(pattern: &str, kp: &[u32], rng: &mut Rng) -> Vec<u32> {
 /// (head_dim, heads, kv_heads, keys, first key position, holes, query pattern, input scale)
 type Case = (usize, usize, usize, usize, u32, bool, &'static str, f64);
 
-fn check(device: &Device) -> Result<Vec<CaseReport>> {
+fn check(device: &Device, reruns: usize) -> Result<Vec<CaseReport>> {
     #[rustfmt::skip]
     let cases: &[Case] = &[
         (128, 32, 8, 1, 0, false, "all", 1.0),
@@ -434,6 +439,7 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
         (128, 32, 8, 1000, 0, false, "all", 3.0),
         (128, 32, 8, 5216, 0, false, "sparse15", 1.0),
         (128, 32, 8, 5216, 0, true, "sparse5", 1.0),
+        (128, 32, 8, 5216, 0, true, "sparse30", 2.0),
         (128, 32, 8, 4096, 0, false, "last", 1.0),
         (128, 32, 8, 4096, 0, false, "suffix32", 1.0),
         (128, 32, 8, 777, 1000, true, "first", 1.0),
@@ -453,83 +459,163 @@ fn check(device: &Device) -> Result<Vec<CaseReport>> {
         (64, 1, 1, 17, 0, false, "all", 1.0),
         (64, 64, 1, 200, 0, false, "all", 1.0),
     ];
+    // APE's temperature (`ParallelContext`, S·T = 1) over the keys between the first 64
+    // and the last 32: the kernel scales those logits for the rows after them (a blend's
+    // suffix beside its recomputed rows, a decode step), in one launch with the exact rows
+    #[rustfmt::skip]
+    let corrected: &[(Case, f32)] = &[
+        ((64, 9, 3, 6240, 0, true, "sparse15", 1.0), 0.9),
+        ((64, 9, 3, 6240, 0, false, "suffix32", 1.0), 0.9),
+        ((64, 9, 3, 6240, 0, false, "last", 1.0), 0.5),
+        ((128, 32, 8, 5216, 0, true, "sparse30", 2.0), 0.8),
+        ((128, 32, 8, 1000, 0, false, "all", 1.0), 0.9),
+    ];
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut out = Vec::new();
-    for &(d, h, kvh, t, start, holes, pattern, scale) in cases {
-        let m32 = attention_model(h, kvh, d, DType::F32, device)?;
-        let m16 = attention_model(h, kvh, d, DType::BF16, device)?;
-        let kp = key_positions(t, start, holes, &mut rng);
-        let qp = query_positions(pattern, &kp, &mut rng);
-        let n = qp.len();
-        let q = (Tensor::randn(0f32, 1.0, (n, h, d), device)? * scale)?;
-        let k = (Tensor::randn(0f32, 1.0, (t, kvh, d), device)? * scale)?;
-        let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?;
-        let reference = m32.attention(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)?;
-        let (q16, k16, v16) = (
-            q.to_dtype(DType::BF16)?,
-            k.to_dtype(DType::BF16)?,
-            v.to_dtype(DType::BF16)?,
-        );
-        let ref16 = m16.attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Reference)?;
-        let fused = m16
-            .attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)
-            .context("fused attention")?;
-        let again = m16.attention(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)?;
-        let deterministic = fused
-            .to_dtype(DType::F32)?
-            .eq(&again.to_dtype(DType::F32)?)?
-            .to_dtype(DType::F32)?
-            .mean_all()?
-            .to_scalar::<f32>()?
-            == 1.0;
-        let err = |x: &Tensor| -> Result<(f32, f32)> {
-            let e = (x.to_dtype(DType::F32)? - &reference)?.abs()?;
-            Ok((
-                e.max_all()?.to_scalar::<f32>()?,
-                e.mean_all()?.to_scalar::<f32>()?,
-            ))
-        };
-        let (fmax, fmean) = err(&fused)?;
-        let (rmax, rmean) = err(&ref16)?;
-        let (_, sums_ref) =
-            m32.attention_column_sums(&q, &k, &v, &qp, &kp, AttentionKernel::Reference)?;
-        let (_, sums) =
-            m16.attention_column_sums(&q16, &k16, &v16, &qp, &kp, AttentionKernel::Fused)?;
-        let scale = sums_ref
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?
-            .max(f32::MIN_POSITIVE);
-        let sums_err = (sums - &sums_ref)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
-        let pass = fmax.is_finite()
-            && sums_err.is_finite()
-            && sums_err <= 2e-2
-            && fmean.is_finite()
-            && fmax <= 2.0 * rmax + 1e-3
-            && fmean <= 2.0 * rmean + 1e-4
-            && deterministic;
-        let case = format!(
-            "d{d} h{h}/{kvh} t{t}@{start}{} q={pattern} x{scale}",
-            if holes { " holes" } else { "" }
-        );
-        eprintln!(
-            "{} {case}: fused max {fmax:.2e} mean {fmean:.2e} | reference bf16 max {rmax:.2e} mean {rmean:.2e} | column sums {sums_err:.1e}",
-            if pass { "ok  " } else { "FAIL" }
-        );
-        out.push(CaseReport {
+    for &case in cases {
+        out.push(check_case(device, &mut rng, case, None, reruns)?);
+    }
+    for &(case, temperature) in corrected {
+        out.push(check_case(
+            device,
+            &mut rng,
             case,
-            queries: n,
-            keys: t,
-            fused_max_err: fmax,
-            reference_bf16_max_err: rmax,
-            fused_mean_err: fmean,
-            reference_bf16_mean_err: rmean,
-            deterministic,
-            column_sums_max_rel_err: sums_err,
-            pass,
-        });
+            Some(temperature),
+            reruns,
+        )?);
     }
     Ok(out)
+}
+
+/// One case: the fused kernel in bf16 against the reference in f32, beside the reference in
+/// bf16; with `temperature`, both corrected by a `ParallelContext` over the keys between the
+/// first 64 and the last 32 (S·T = 1).
+fn check_case(
+    device: &Device,
+    rng: &mut Rng,
+    (d, h, kvh, t, start, holes, pattern, scale): Case,
+    temperature: Option<f32>,
+    reruns: usize,
+) -> Result<CaseReport> {
+    let m32 = attention_model(h, kvh, d, DType::F32, device)?;
+    let m16 = attention_model(h, kvh, d, DType::BF16, device)?;
+    let kp = key_positions(t, start, holes, rng);
+    let qp = query_positions(pattern, &kp, rng);
+    let n = qp.len();
+    let context = match temperature {
+        Some(temp) if t > 96 => Some(kvquilt_model::ParallelContext::new(
+            kp[64]..kp[t - 32],
+            temp,
+            1.0 / temp,
+        )?),
+        Some(_) => bail!("a corrected case needs more than 96 keys"),
+        None => None,
+    };
+    let q = (Tensor::randn(0f32, 1.0, (n, h, d), device)? * scale)?;
+    let k = (Tensor::randn(0f32, 1.0, (t, kvh, d), device)? * scale)?;
+    let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?;
+    // (output, column sums) of one implementation
+    let attend =
+        |m: &Model, q: &Tensor, k: &Tensor, v: &Tensor, kernel| -> Result<(Tensor, Tensor)> {
+            Ok(match &context {
+                Some(c) => {
+                    let (out, sums) = m.attention_corrected(q, k, v, &qp, &kp, kernel, c, true)?;
+                    (out, sums.context("no column sums came back")?)
+                }
+                None => m.attention_column_sums(q, k, v, &qp, &kp, kernel)?,
+            })
+        };
+    let plain = |m: &Model, q: &Tensor, k: &Tensor, v: &Tensor, kernel| -> Result<Tensor> {
+        Ok(match &context {
+            Some(c) => {
+                m.attention_corrected(q, k, v, &qp, &kp, kernel, c, false)?
+                    .0
+            }
+            None => m.attention(q, k, v, &qp, &kp, kernel)?,
+        })
+    };
+    let reference = plain(&m32, &q, &k, &v, AttentionKernel::Reference)?;
+    let (q16, k16, v16) = (
+        q.to_dtype(DType::BF16)?,
+        k.to_dtype(DType::BF16)?,
+        v.to_dtype(DType::BF16)?,
+    );
+    let ref16 = plain(&m16, &q16, &k16, &v16, AttentionKernel::Reference)?;
+    let fused = plain(&m16, &q16, &k16, &v16, AttentionKernel::Fused).context("fused attention")?;
+    let mut deterministic = true;
+    for run in 1..=reruns {
+        let again = plain(&m16, &q16, &k16, &v16, AttentionKernel::Fused)?;
+        // rows [n, heads * d] where a rerun differs from the first run
+        let differing: Vec<u32> = fused
+            .to_dtype(DType::F32)?
+            .ne(&again.to_dtype(DType::F32)?)?
+            .to_dtype(DType::F32)?
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c > 0.0)
+            .map(|(i, _)| i as u32)
+            .collect();
+        if !differing.is_empty() {
+            deterministic = false;
+            eprintln!(
+                "rerun {run} differs in {} of {n} rows, e.g. rows {:?} at positions {:?}",
+                differing.len(),
+                &differing[..differing.len().min(8)],
+                differing
+                    .iter()
+                    .take(8)
+                    .map(|&r| qp[r as usize])
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+    let err = |x: &Tensor| -> Result<(f32, f32)> {
+        let e = (x.to_dtype(DType::F32)? - &reference)?.abs()?;
+        Ok((
+            e.max_all()?.to_scalar::<f32>()?,
+            e.mean_all()?.to_scalar::<f32>()?,
+        ))
+    };
+    let (fmax, fmean) = err(&fused)?;
+    let (rmax, rmean) = err(&ref16)?;
+    let (_, sums_ref) = attend(&m32, &q, &k, &v, AttentionKernel::Reference)?;
+    let (_, sums) = attend(&m16, &q16, &k16, &v16, AttentionKernel::Fused)?;
+    let sums_scale = sums_ref
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?
+        .max(f32::MIN_POSITIVE);
+    let sums_err = (sums - &sums_ref)?.abs()?.max_all()?.to_scalar::<f32>()? / sums_scale;
+    let pass = fmax.is_finite()
+        && sums_err.is_finite()
+        && sums_err <= 2e-2
+        && fmean.is_finite()
+        && fmax <= 2.0 * rmax + 1e-3
+        && fmean <= 2.0 * rmean + 1e-4
+        && deterministic;
+    let case = format!(
+        "d{d} h{h}/{kvh} t{t}@{start}{} q={pattern} x{scale}{}",
+        if holes { " holes" } else { "" },
+        temperature.map_or(String::new(), |t| format!(" T{t}"))
+    );
+    eprintln!(
+        "{} {case}: fused max {fmax:.2e} mean {fmean:.2e} | reference bf16 max {rmax:.2e} mean {rmean:.2e} | column sums {sums_err:.1e}",
+        if pass { "ok  " } else { "FAIL" }
+    );
+    Ok(CaseReport {
+        case,
+        queries: n,
+        keys: t,
+        fused_max_err: fmax,
+        reference_bf16_max_err: rmax,
+        fused_mean_err: fmean,
+        reference_bf16_mean_err: rmean,
+        deterministic,
+        column_sums_max_rel_err: sums_err,
+        pass,
+    })
 }
 
 /// Parses `prefillN`, `decodeN` or `blendNrP` into (query positions, key positions).

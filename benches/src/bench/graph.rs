@@ -124,15 +124,21 @@ mod imp {
         /// not bit for bit).
         sums_max_rel: f32,
         /// The same pass with a temperature of 0.9 on the first half of the keys (APE with
-        /// the mass kept, the graphed cache's keys scaled by `1 / T`), against the eager pass
-        /// over a cache marked with that parallel context: |Δ| of the logits over the
-        /// largest logit ...
+        /// the mass kept; the graphed cache given that parallel context, its kernel scaling
+        /// those logits), against the eager pass over a cache marked with it: |Δ| of the
+        /// logits over the largest logit (the same kernels: 0 expected) ...
         corrected_logits_max_rel: f32,
         /// ... and of the per-key sums, as `sums_max_rel`.
         corrected_sums_max_rel: f32,
         /// Largest change the correction made to the eager sums, over the largest sum (it
         /// must move them for the two checks above to mean anything).
         correction_moved_rel: f32,
+        /// A marked cache loaded into a graphed one (the mark with it): the question's
+        /// logits against the eager question over the marked cache (0 expected; infinite
+        /// when the graphed cache's views lose the mark) ...
+        corrected_decode_logits_max_abs: f32,
+        /// ... and greedy tokens equal, step for step, decoding on in each.
+        corrected_tokens_equal: usize,
         tokens: usize,
         passed: bool,
     }
@@ -310,14 +316,15 @@ mod imp {
                 (max_abs(&le, &lg)?, max_abs(&eager, &sums)? / scale)
             };
             // the query pass with a temperature on the first half of the keys: the eager pass
-            // over a marked cache (keys scaled in the attention call) against the graphed one
-            // over keys scaled in place
+            // over a marked cache against the graphed one over a cache given the same context
+            // (both apply it in the attention kernel); then the question and decoding over a
+            // marked cache loaded with its mark
+            let t = 0.9f32;
+            let half = (a.keys / 2).max(1);
+            let context_of = |keys: usize| -> Result<ParallelContext> {
+                Ok(ParallelContext::new(0..keys as u32, t, 1.0 / t)?)
+            };
             let (corrected_logits_max_rel, corrected_sums_max_rel, correction_moved_rel) = {
-                let t = 0.9f32;
-                let half = (a.keys / 2).max(1);
-                let context_of = |keys: usize| -> Result<ParallelContext> {
-                    Ok(ParallelContext::new(0..keys as u32, t, 1.0 / t)?)
-                };
                 let mut marked = eager_load()?;
                 marked.set_parallel_context(Some(context_of(half)?));
                 let (le, eager) = eager_query_pass(&mut marked)?;
@@ -326,7 +333,7 @@ mod imp {
                 g.set_capture(!a.no_capture);
                 let pass = |g: &mut GraphedCache| -> Result<(Tensor, Tensor)> {
                     g.load(&context)?;
-                    g.scale_keys(0..c.num_layers, 0..half, 1.0 / f64::from(t))?;
+                    g.set_parallel_context(Some(context_of(half)?))?;
                     Ok(g.append_with_column_sums(&tokens, &q_pos)?)
                 };
                 pass(&mut g)?;
@@ -340,6 +347,30 @@ mod imp {
                     max_abs(&eager, &plain)? / largest(&eager)?,
                 )
             };
+            let (corrected_decode_logits_max_abs, corrected_tokens_equal) = {
+                let mut marked = eager_load()?;
+                marked.set_parallel_context(Some(context_of(half)?));
+                let (le, first) = eager_question(&mut marked)?;
+                let mut te = vec![first];
+                te.extend(eager_decode(&mut marked, first)?);
+                let mut marked_context = context.clone();
+                marked_context.set_parallel_context(Some(context_of(half)?));
+                let mut g = GraphedCache::new(model.clone(), capacity)?;
+                g.set_capture(!a.no_capture);
+                g.load(&marked_context)?;
+                let lg = g.append(&tokens, &q_pos)?;
+                let mut tg = vec![lg.argmax(0)?.to_scalar::<u32>()?];
+                tg.extend(graph_decode(&mut g, first)?);
+                let marked_views = g.cache()?.parallel_context() == marked.parallel_context();
+                (
+                    if marked_views {
+                        max_abs(&le, &lg)?
+                    } else {
+                        f32::INFINITY
+                    },
+                    te.iter().zip(&tg).take_while(|(x, y)| x == y).count(),
+                )
+            };
             // the replay runs the eager pass's kernels with the eager pass's split plan
             // (ARCHITECTURE.md, "A graphed pass is the eager pass"): bit-identical, so any
             // difference at all fails
@@ -350,16 +381,21 @@ mod imp {
                 && tokens_equal == te.len()
                 && sums_logits_max_abs == 0.0
                 && sums_max_rel <= 1e-4
-                && corrected_logits_max_rel <= 1e-2
-                && corrected_sums_max_rel <= 1e-3
-                && correction_moved_rel > 1e-3;
+                && corrected_logits_max_rel == 0.0
+                && corrected_sums_max_rel <= 1e-4
+                && correction_moved_rel > 1e-3
+                && corrected_decode_logits_max_abs == 0.0
+                && corrected_tokens_equal == te.len();
             println!(
                 "check: logits max |Δ| {logits_max_abs:e}, K/V rows max |Δ| {rows_max_abs:e}, \
                  greedy tokens equal {tokens_equal}/{}, bad input refused: {refused}; \
                  with column sums: logits max |Δ| {sums_logits_max_abs:e}, sums max rel |Δ| \
                  {sums_max_rel:e}; corrected (T 0.9): logits max rel |Δ| \
                  {corrected_logits_max_rel:e}, sums max rel |Δ| {corrected_sums_max_rel:e}, \
-                 the correction moved the sums by {correction_moved_rel:e} — {}",
+                 the correction moved the sums by {correction_moved_rel:e}; over a marked cache: \
+                 question logits max |Δ| {corrected_decode_logits_max_abs:e}, greedy tokens \
+                 equal {corrected_tokens_equal}/{} — {}",
+                te.len(),
                 te.len(),
                 if passed { "pass" } else { "FAIL" }
             );
@@ -373,6 +409,8 @@ mod imp {
                 corrected_logits_max_rel,
                 corrected_sums_max_rel,
                 correction_moved_rel,
+                corrected_decode_logits_max_abs,
+                corrected_tokens_equal,
                 tokens: te.len(),
                 passed,
             })

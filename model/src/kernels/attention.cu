@@ -17,6 +17,14 @@
 // as `tile_splits`) pieces of `piece` key tiles, so that a tile with many keys gets more splits
 // than one with few and the longest CTA of a sparse call is not its last tile's share.
 //
+// A temperature on some keys' logits (APE's correction of a question's attention to chunks
+// encoded apart, `ParallelContext` in model/src/parallel.rs): `corr` gives the query rows from
+// `from` on, over the key slots [lo, hi), their logits multiplied by `factor` (1 / T) — what
+// attending over a copy of the keys scaled by 1 / T computes (RoPE is linear), without the
+// copy. `factor == 1` (or an empty range) is no correction. A captured CUDA graph passes the
+// four values in device memory instead (`corr_dev`: from, lo, hi, the factor's f32 bits), so
+// that one graph serves any correction, or none, written before each replay.
+//
 // Built to PTX by model/build.rs (feature `gpu`) and launched from model/src/kernels/flash.rs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +34,26 @@
 #define BN 64
 #define NTHREADS 128
 #define NEG_INF __int_as_float(0xff800000)
+
+// A temperature on the logits of query rows q >= from over key slots lo <= j < hi (see above).
+struct KeyScale {
+  int from, lo, hi;
+  float factor;
+  // whether a key tile [kbase, kbase + BN) holds a scaled key (uniform across the CTA)
+  __device__ __forceinline__ bool touches(int kbase) const {
+    return factor != 1.f && kbase < hi && kbase + BN > lo;
+  }
+  __device__ __forceinline__ bool scales(int row, int key) const {
+    return row >= from && key >= lo && key < hi;
+  }
+  // the by-value correction, or the one in device memory where `dev` is given
+  static __device__ __forceinline__ KeyScale of(int from, int lo, int hi, float factor,
+                                                const uint32_t *dev) {
+    if (dev == nullptr) return KeyScale{from, lo, hi, factor};
+    return KeyScale{static_cast<int>(dev[0]), static_cast<int>(dev[1]),
+                    static_cast<int>(dev[2]), __uint_as_float(dev[3])};
+  }
+};
 
 template <typename T> struct Elem;
 
@@ -220,7 +248,8 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
                                          float *__restrict__ ws_ml, float *__restrict__ lse,
                                          int n, int t, int H, int kvh, float scale_log2,
                                          int split_cap, int min_tiles,
-                                         const uint32_t *__restrict__ tile_splits, int piece) {
+                                         const uint32_t *__restrict__ tile_splits, int piece,
+                                         KeyScale corr) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
   const int G = H / kvh;
   const int QT = BM / G;  // queries per tile
@@ -345,11 +374,14 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
       }
     }
     const bool need_mask = kbase + BN > k_free;
+    const bool scaled = corr.touches(kbase);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = s[nt][e] * scale_log2;
+        if (scaled && corr.scales(qi[e >> 1], kbase + nt * 8 + tq * 2 + (e & 1)))
+          x *= corr.factor;
         if (need_mask && kp_s[nt * 8 + tq * 2 + (e & 1)] > qp[e >> 1]) x = NEG_INF;
         s[nt][e] = x;
       }
@@ -555,7 +587,8 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
                                             const uint32_t *__restrict__ k_pos,
                                             const T *__restrict__ cos, const T *__restrict__ sin,
                                             const float *__restrict__ lse, float *__restrict__ acc,
-                                            int n, int t, int H, int kvh, float scale_log2) {
+                                            int n, int t, int H, int kvh, float scale_log2,
+                                            KeyScale corr) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
   const int G = H / kvh;
   const int QT = BM / G;  // queries per row tile
@@ -567,6 +600,7 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   __shared__ float red[NTHREADS / 32][BN];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int kn = min(BN, t - kbase);
+  const bool scaled = corr.touches(kbase);
   auto is_key = [&](int j) { return j < kn && k_pos[kbase + j] != 0xffffffffu; };
   for (int j = threadIdx.x; j < BN; j += NTHREADS)
     kp_s[j] = is_key(j) ? k_pos[kbase + j] : 0xffffffffu;
@@ -595,13 +629,14 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     bool live[2];
     uint32_t qp[2];
     float ls[2];
+    int qi[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int r = warp * 16 + g + rr * 8;
       live[rr] = r < G * qn;
-      const int qi = q0 + (live[rr] ? r / G : 0);
-      qp[rr] = live[rr] ? q_pos[qi] : 0;
-      ls[rr] = live[rr] ? lse[static_cast<size_t>(qi) * H + kh * G + r % G] : 0.f;
+      qi[rr] = q0 + (live[rr] ? r / G : 0);
+      qp[rr] = live[rr] ? q_pos[qi[rr]] : 0;
+      ls[rr] = live[rr] ? lse[static_cast<size_t>(qi[rr]) * H + kh * G + r % G] : 0.f;
     }
     // S = Q K^T for this warp's 16 rows x BN keys (the attention kernel's products)
 #pragma unroll
@@ -617,8 +652,12 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int rr = e >> 1;
-        if (live[rr] && kp_s[nt * 8 + tq * 2 + (e & 1)] <= qp[rr])
-          col[nt][e & 1] += exp2f(s[e] * scale_log2 - ls[rr]);
+        const int j = nt * 8 + tq * 2 + (e & 1);
+        if (live[rr] && kp_s[j] <= qp[rr]) {
+          float x = s[e] * scale_log2;
+          if (scaled && corr.scales(qi[rr], kbase + j)) x *= corr.factor;
+          col[nt][e & 1] += exp2f(x - ls[rr]);
+        }
       }
     }
   }
@@ -647,9 +686,11 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   extern "C" __global__ void __launch_bounds__(NTHREADS) attn_colsum_##SUF##_d##D(              \
       const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
       const uint32_t *k_pos, const T *cos, const T *sin, const float *lse, float *acc, int n,   \
-      int t, int H, int kvh, float scale_log2) {                                                \
+      int t, int H, int kvh, float scale_log2, int corr_from, int corr_lo, int corr_hi,         \
+      float corr_factor, const uint32_t *corr_dev) {                                            \
     attn_colsum<T, D>(q, q_stride, k, k_stride, q_pos, k_pos, cos, sin, lse, acc, n, t, H, kvh, \
-                      scale_log2);                                                              \
+                      scale_log2,                                                               \
+                      KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor, corr_dev));        \
   }
 
 COLSUM_ENTRY(__nv_bfloat16, bf16, 64)
@@ -663,10 +704,12 @@ COLSUM_ENTRY(__half, f16, 128)
       const uint32_t *q_pos, const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows,   \
       const T *cos, const T *sin, T *out, float *ws_o, float *ws_ml, float *lse, int n, int t,   \
       int H, int kvh, float scale_log2, int split_cap, int min_tiles,                            \
-      const uint32_t *tile_splits, int piece) {                                                  \
+      const uint32_t *tile_splits, int piece, int corr_from, int corr_lo, int corr_hi,          \
+      float corr_factor, const uint32_t *corr_dev) {                                             \
     attn_pos<T, D, ROT_K>(q, q_stride, k, k_stride, v, v_stride, q_pos, k_pos, k_head_pos,       \
                           head_rows, cos, sin, out, ws_o, ws_ml, lse, n, t, H, kvh, scale_log2,  \
-                          split_cap, min_tiles, tile_splits, piece);                             \
+                          split_cap, min_tiles, tile_splits, piece,                              \
+                          KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor, corr_dev));     \
   }
 
 ATTN_ENTRY(attn_pos_bf16_d64, __nv_bfloat16, 64, true)

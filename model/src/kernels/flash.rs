@@ -80,7 +80,7 @@ macro_rules! call_views {
 }
 
 /// Fused attention for one forward call: the positions on the device and the RoPE tables.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct FusedAttention {
     q_pos: Tensor,
     k_pos: Tensor,
@@ -106,6 +106,23 @@ pub(crate) struct FusedAttention {
     /// A per-tile split plan ([`TilePlan`]), where `split_plan`'s waves × (piece +
     /// overhead) model prefers it to the uniform plan.
     tile_plan: Option<TilePlan>,
+    /// A temperature on some keys' logits for the call's later rows
+    /// ([`FusedAttention::with_key_scale`]); `None`: exact attention.
+    key_scale: Option<KeyScale>,
+    /// The same in device memory, `[4]` u32 (first corrected row, first and end key slot,
+    /// the factor's f32 bits), read by the kernels at each launch (and each graph replay);
+    /// takes precedence over `key_scale` ([`FusedAttention::with_key_scale_at`]).
+    key_scale_at: Option<Tensor>,
+}
+
+/// Query rows `from..` of a call see the logits of key slots `keys` multiplied by `factor`:
+/// a temperature `1 / factor` on those keys (APE's correction, `ParallelContext`), applied by
+/// the kernels to the scores they compute, as if the keys were scaled by `factor`.
+#[derive(Debug, Clone)]
+struct KeyScale {
+    from: usize,
+    keys: std::ops::Range<usize>,
+    factor: f32,
 }
 
 /// Splits planned per query tile: tile `i`'s keys go in pieces of `piece` key tiles, so a
@@ -115,7 +132,7 @@ pub(crate) struct FusedAttention {
 /// launch's split dimension is the most splits any tile takes, and the split-KV workspace is
 /// sized for it over every row (`splits × rows × heads × head_dim` f32 for the call, freed
 /// after it: 34 MB at SmolLM2's r 0.3 with 8 splits), though short tiles use one split.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct TilePlan {
     /// Key tiles per piece.
     piece: usize,
@@ -238,7 +255,64 @@ impl FusedAttention {
             min_tiles,
             rotate_first: q_tiles >= ROTATE_FIRST_TILES,
             tile_plan: None,
+            key_scale: None,
+            key_scale_at: None,
         })
+    }
+
+    /// The same attention with its key scale ([`FusedAttention::with_key_scale`]) read from
+    /// device memory at each launch: `scale` is `[4]` u32 — the first corrected row, the
+    /// first and end key slot, the factor's f32 bits (`[0, 0, 0, 1.0f32.to_bits()]`: none).
+    /// What a captured graph launches, so that one graph serves whatever correction is
+    /// written there before a replay. The kernels trust these values as they trust the
+    /// positions: the writer keeps the slots within the call's keys and the factor
+    /// positive and finite.
+    pub(crate) fn with_key_scale_at(mut self, scale: Tensor) -> Result<Self> {
+        if scale.dims() != [4] || scale.dtype() != DType::U32 {
+            return Err(invalid_input(format!(
+                "a key scale in device memory is [4] u32, not {:?} {:?}",
+                scale.dims(),
+                scale.dtype()
+            )));
+        }
+        self.key_scale_at = Some(scale);
+        Ok(self)
+    }
+
+    /// The same attention, except that query rows `from..` see the logits of key slots
+    /// `keys` multiplied by `factor` (a temperature `1 / factor` on them; the column sums
+    /// too): what attending those rows over a copy of the keys whose `keys` rows are scaled
+    /// by `factor` gives (RoPE is linear), without the copy. `keys` is clamped to the call's
+    /// keys; an empty range, `from` past the rows or a factor of 1 leave the call exact.
+    pub(crate) fn with_key_scale(
+        mut self,
+        from: usize,
+        keys: std::ops::Range<usize>,
+        factor: f32,
+    ) -> Result<Self> {
+        if !factor.is_finite() || factor <= 0.0 {
+            return Err(invalid_input(format!(
+                "a key scale must be positive and finite, not {factor}"
+            )));
+        }
+        let keys = keys.start.min(self.num_keys)..keys.end.min(self.num_keys);
+        self.key_scale = (from < self.num_queries && !keys.is_empty() && factor != 1.0)
+            .then_some(KeyScale { from, keys, factor });
+        Ok(self)
+    }
+
+    /// The kernels' `corr_from, corr_lo, corr_hi, corr_factor` arguments (no correction:
+    /// an empty range and a factor of 1).
+    fn key_scale_args(&self) -> (i32, i32, i32, f32) {
+        match &self.key_scale {
+            Some(c) => (
+                c.from as i32,
+                c.keys.start as i32,
+                c.keys.end as i32,
+                c.factor,
+            ),
+            None => (0, 0, 0, 1.0),
+        }
     }
 
     /// Query rows of one call above which K is rotated once per call (over every key slot)
@@ -466,6 +540,20 @@ impl FusedAttention {
                 b.arg(&no_piece);
             }
         }
+        let (corr_from, corr_lo, corr_hi, corr_factor) = self.key_scale_args();
+        b.arg(&corr_from);
+        b.arg(&corr_lo);
+        b.arg(&corr_hi);
+        b.arg(&corr_factor);
+        let scale_guard = self.key_scale_at.as_ref().map(|t| t.storage_and_layout());
+        let scale_view = match &scale_guard {
+            Some((g, l)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
+            None => None,
+        };
+        match &scale_view {
+            Some(view) => b.arg(view),
+            None => b.arg(&null_pos),
+        };
         let cfg = LaunchConfig {
             grid_dim: (q_tiles as u32, kvh as u32, splits as u32),
             block_dim: (128, 1, 1),
@@ -474,7 +562,8 @@ impl FusedAttention {
         // SAFETY: argument list matches `ATTN_ENTRY` in attention.cu; bounds: q rows `n` of
         // `q_stride`, k/v rows `t` of their strides (checked against the layouts above), positions
         // `n`/`t` (their tensors were built from slices of those lengths), tables indexed by
-        // positions below the context (checked by the forward pass).
+        // positions below the context (checked by the forward pass), a key scale in device
+        // memory of 4 u32 (checked by `with_key_scale_at`; its values are only compared).
         unsafe { b.launch(cfg) }.w()?;
 
         if splits > 1 {
@@ -669,6 +758,21 @@ impl FusedAttention {
         b.arg(&h_i);
         b.arg(&kvh_i);
         b.arg(&scale_log2);
+        let (corr_from, corr_lo, corr_hi, corr_factor) = self.key_scale_args();
+        b.arg(&corr_from);
+        b.arg(&corr_lo);
+        b.arg(&corr_hi);
+        b.arg(&corr_factor);
+        let null_scale: u64 = 0; // a null `uint32_t*`: the by-value key scale applies
+        let scale_guard = self.key_scale_at.as_ref().map(|t| t.storage_and_layout());
+        let scale_view = match &scale_guard {
+            Some((g, l)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
+            None => None,
+        };
+        match &scale_view {
+            Some(view) => b.arg(view),
+            None => b.arg(&null_scale),
+        };
         let cfg = LaunchConfig {
             grid_dim: (t.div_ceil(BN) as u32, kvh as u32, 1),
             block_dim: (128, 1, 1),
@@ -680,7 +784,7 @@ impl FusedAttention {
         // and strides 16-byte aligned, checked above), positions n / t with the tables
         // covering every position but u32::MAX (checked by the forward pass; those slots are
         // skipped), lse n * h (written by the attention launch of this call), acc t (checked
-        // above).
+        // above), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

@@ -132,7 +132,9 @@ impl Model {
         k_pos: &[u32],
         kernel: AttentionKernel,
     ) -> Result<Tensor> {
-        Ok(self.attention_with(q, k, v, q_pos, k_pos, kernel, false)?.0)
+        Ok(self
+            .attention_with(q, k, v, q_pos, k_pos, kernel, false, None)?
+            .0)
     }
 
     /// [`Model::attention`] and each key's probability summed over every query and head,
@@ -146,9 +148,27 @@ impl Model {
         k_pos: &[u32],
         kernel: AttentionKernel,
     ) -> Result<(Tensor, Tensor)> {
-        let (out, sums) = self.attention_with(q, k, v, q_pos, k_pos, kernel, true)?;
+        let (out, sums) = self.attention_with(q, k, v, q_pos, k_pos, kernel, true, None)?;
         let sums = sums.ok_or_else(|| invalid_input("no column sums came back"))?;
         Ok((out, sums))
+    }
+
+    /// [`Model::attention`] (and, with `summed`, its column sums) with queries after
+    /// `parallel`'s context attending to it corrected, as a forward pass over a cache marked
+    /// with that context does: for checks of the corrected kernels against the reference.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_corrected(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        kernel: AttentionKernel,
+        parallel: &ParallelContext,
+        summed: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.attention_with(q, k, v, q_pos, k_pos, kernel, summed, Some(parallel))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -161,6 +181,7 @@ impl Model {
         k_pos: &[u32],
         kernel: AttentionKernel,
         summed: bool,
+        parallel: Option<&ParallelContext>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.config;
         let (n, h, d) = q.dims3()?;
@@ -187,7 +208,7 @@ impl Model {
             return Err(invalid_input(format!("fused attention unavailable: {why}")));
         }
         let probe = summed.then(|| ProbeRequest::summed_over_all(n));
-        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None, None)?;
+        let how = self.layer_attention(q_pos, k_pos, probe.as_ref(), kernel, None, parallel)?;
         let q2 = q.reshape((n, h * d))?;
         let kv = LayerKv::new(k.clone(), v.clone());
         let (out, probe) = self.attend_layer(&how, &q2, &kv, None)?;
@@ -201,7 +222,9 @@ impl Model {
     /// cache, whose rows are not at their positions): a call without a probe whose other rows
     /// come before them splits (`LayerAttention::Split`); corrected rows run any attention
     /// over scaled keys when the correction is a temperature alone (`ScaledKeys`), else the
-    /// reference — which also runs a probed call's exact rows beside its corrected ones.
+    /// reference — which also runs a probed call's exact rows beside its corrected ones. On
+    /// the GPU a temperature alone runs in the fused kernel instead (exact and corrected
+    /// rows, column sums included, in one launch over the unscaled keys).
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -218,6 +241,15 @@ impl Model {
             return Err(invalid_input(
                 "a parallel context's correction over a cache pruned per head (its rows are not at their positions)",
             ));
+        }
+        // on the GPU a temperature alone rides in the fused kernel: exact and corrected rows
+        // in one launch, no scaled copy of the keys
+        #[cfg(feature = "gpu")]
+        if let Some(p) = parallel
+            && p.keeps_mass()
+            && let Some(how) = self.fused_with_key_scale(q_pos, k_pos, probe, kernel, p)?
+        {
+            return Ok(how);
         }
         if let Some(p) = parallel
             && probe.is_none()
@@ -338,6 +370,44 @@ impl Model {
             k_pos: k_pos.to_vec(),
             summed: probe.is_some_and(|p| p.summed),
         })
+    }
+
+    /// The fused kernel over a temperature-only correction (`ParallelContext::keeps_mass`):
+    /// the call's exact attention with the rows after the context seeing the context keys'
+    /// logits times `1 / T` (`FusedAttention::with_key_scale`), or `None` where the exact
+    /// call would not run fused (the CPU, the reference asked for, a per-row probe, an
+    /// unsupported shape: the caller's other forms apply).
+    #[cfg(feature = "gpu")]
+    fn fused_with_key_scale(
+        &self,
+        q_pos: &[u32],
+        k_pos: &[u32],
+        probe: Option<&ProbeRequest>,
+        kernel: AttentionKernel,
+        p: &ParallelContext,
+    ) -> Result<Option<LayerAttention>> {
+        if kernel == AttentionKernel::Reference
+            || self.device.is_cpu()
+            || self.fused_attention_unsupported().is_some()
+        {
+            return Ok(None);
+        }
+        match self.layer_attention(q_pos, k_pos, probe, kernel, None, None)? {
+            LayerAttention::Fused {
+                kernel: fused,
+                summed,
+                tail_tables: None,
+            } => {
+                let from = q_pos.partition_point(|&q| !p.corrects(q));
+                let factor = 1.0 / p.temperature();
+                Ok(Some(LayerAttention::Fused {
+                    kernel: fused.with_key_scale(from, p.key_range(k_pos), factor)?,
+                    summed,
+                    tail_tables: None,
+                }))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Counts a fallback to the reference attention; warns on the first one.

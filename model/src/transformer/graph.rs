@@ -10,7 +10,11 @@
 //! - the tokens, their positions and the cache rows they go to (`inputs`, `[3n]` u32);
 //! - the key positions (`k_pos`, `[capacity]` u32): slots past the cache's length hold
 //!   `u32::MAX`, which the attention kernel's causal bound (keys at positions ≤ the tile's
-//!   last query, found by binary search) never reaches, so one graph serves every length.
+//!   last query, found by binary search) never reaches, so one graph serves every length;
+//! - each layer's key scale (`key_scales`, `[layers × 4]` u32): APE's temperature on a
+//!   parallel context's keys for the appended rows, or none
+//!   ([`GraphedCache::set_parallel_context`]), so one graph serves corrected and exact
+//!   passes alike.
 //!
 //! A request keeps its rows as views of the buffers ([`GraphedCache::cache`], no copy): the
 //! cache is then lent, refuses to load other rows while any view lives, and appends only past
@@ -18,7 +22,7 @@
 //! cache back ([`GraphedCache::holds`]) and append in place.
 //!
 //! Invariants: the graph's kernels read and write only the cache buffers, the key positions,
-//! the inputs, the logits buffer, the sums buffer of a pass that sums column attention (zeroed
+//! the key scales, the inputs, the logits buffer, the sums buffer of a pass that sums column attention (zeroed
 //! by the graph, then added into atomically) and the model's weights (all outliving it) and
 //! memory the graph allocates and frees itself (every temporary of the capture is dropped before it ends); the rows a call
 //! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
@@ -44,6 +48,7 @@ use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::kernels::{FusedAttention, RowsInto, put_many};
 use crate::kv::{KvCache, LayerKv, Lease, Lender, check_increasing};
+use crate::parallel::ParallelContext;
 use crate::rows::SetRows;
 
 /// A KV cache in buffers of fixed capacity on one CUDA device, and the captured graphs that
@@ -61,6 +66,13 @@ pub struct GraphedCache {
     /// Whether every `k_pos` slot past `len` is known to hold `u32::MAX` (false after a
     /// failed load or a failed clear, until the next append rewrites them all).
     k_pos_clean: bool,
+    /// `[layers × 4]` u32: per layer the attention kernel's key scale (first corrected row,
+    /// first and end key slot, the factor's f32 bits), read by every pass.
+    key_scales: Tensor,
+    /// The parallel context the appended rows attend to corrected.
+    context: Option<ParallelContext>,
+    /// Whether `key_scales` holds `context`'s scales (written before the next pass if not).
+    key_scales_written: bool,
     /// What views of the rows hold while lent ([`GraphedCache::cache`]).
     lender: Arc<Lender>,
     /// Keyed by (rows, whether the pass sums column attention).
@@ -125,6 +137,7 @@ impl GraphedCache {
             .map(|_| Ok(LayerKv::new(zeros()?, zeros()?)))
             .collect::<Result<Vec<_>>>()?;
         let k_pos = Tensor::new(vec![u32::MAX; capacity], model.device())?;
+        let key_scales = Tensor::new(key_scales_of(None, &[], c.num_layers), model.device())?;
         Ok(Self {
             model,
             capacity,
@@ -132,6 +145,9 @@ impl GraphedCache {
             k_pos,
             positions: Vec::new(),
             k_pos_clean: true,
+            key_scales,
+            context: None,
+            key_scales_written: true,
             lender: Arc::new(Lender::default()),
             graphs: HashMap::new(),
             capture: true,
@@ -181,13 +197,12 @@ impl GraphedCache {
         if cache.is_pruned() {
             return Err(invalid_input("a graphed cache holds unpruned KV only"));
         }
-        if cache.parallel_context().is_some() {
-            return Err(invalid_input(
-                "a graphed cache attends exactly: a cache with a parallel context stays eager",
-            ));
+        if let Some(p) = cache.parallel_context() {
+            check_temperature_only(p)?;
         }
         let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
-        self.load_parts(&layers, &cache.positions)
+        self.load_parts(&layers, &cache.positions)?;
+        self.set_parallel_context(cache.parallel_context().cloned())
     }
 
     /// Replaces the cache's contents: layer `l`'s rows become `layers[l]`'s parts one after
@@ -245,6 +260,9 @@ impl GraphedCache {
         self.lender.wait_for_leases(&stream)?;
         self.positions.clear();
         self.k_pos_clean = false;
+        if self.context.take().is_some() {
+            self.key_scales_written = false;
+        }
         // the positions go first: an upload from pageable memory waits for the stream, which
         // would otherwise hold the copies below
         self.upload_k_pos(positions)?;
@@ -274,58 +292,48 @@ impl GraphedCache {
         Ok(())
     }
 
-    /// Multiplies the keys of rows `rows` in layers `layers` by `factor`, in place: a
-    /// throw-away cache's form of a temperature `T` on those keys' logits (APE with the
-    /// context's mass kept, [`crate::ParallelContext::keeps_mass`]; `factor` = `1 / T`), so
-    /// that a pass over this cache attends as the corrected reference does (keys are stored
-    /// before RoPE, which is linear). Views lent later show the scaled keys: load the cache
-    /// again before it serves anything else. Layers past the model's end are ignored; `rows`
-    /// must be held, `factor` finite and positive. Refused while lent; captured graphs stay
-    /// valid (the buffers do not move).
-    pub fn scale_keys(
-        &mut self,
-        layers: std::ops::Range<usize>,
-        rows: std::ops::Range<usize>,
-        factor: f64,
-    ) -> Result<()> {
-        if self.is_lent() {
-            return Err(invalid_input(
-                "scaling the keys of a graphed cache whose rows are still lent out",
-            ));
+    /// Rows appended from now on attend to `context`'s keys corrected, as rows appended to a
+    /// [`KvCache`] marked with it do (`KvCache::set_parallel_context`), in the corrected
+    /// layers; `None`: exactly. The correction must be a temperature alone
+    /// ([`ParallelContext::keeps_mass`]), which the attention kernel applies to the scores
+    /// (`FusedAttention::with_key_scale_at`), and the context must end within the rows held
+    /// (every appended row comes after it). Every load clears it; views lent later
+    /// ([`GraphedCache::cache`]) carry it as their mark. Captured graphs stay valid.
+    pub fn set_parallel_context(&mut self, context: Option<ParallelContext>) -> Result<()> {
+        if let Some(p) = &context {
+            check_temperature_only(p)?;
+            let end = p.positions().end;
+            if self.positions.last().is_none_or(|&last| last + 1 < end) {
+                return Err(invalid_input(format!(
+                    "a parallel context at positions {:?} past a graphed cache's rows (last position {:?})",
+                    p.positions(),
+                    self.positions.last()
+                )));
+            }
         }
-        if rows.end > self.len() || !(factor.is_finite() && factor > 0.0) {
-            return Err(invalid_input(format!(
-                "scaling keys of rows {rows:?} of {} by {factor}",
-                self.len()
-            )));
-        }
-        if rows.is_empty() {
+        self.context = context;
+        self.key_scales_written = false;
+        self.write_key_scales()
+    }
+
+    /// The parallel context appended rows attend to corrected
+    /// ([`GraphedCache::set_parallel_context`]).
+    pub fn parallel_context(&self) -> Option<&ParallelContext> {
+        self.context.as_ref()
+    }
+
+    /// Writes `context`'s key scales where the graphs read them, unless written already.
+    fn write_key_scales(&mut self) -> Result<()> {
+        if self.key_scales_written {
             return Ok(());
         }
-        let scaled = self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(l, _)| layers.contains(l))
-            .map(|(_, kv)| {
-                Ok((
-                    &kv.k,
-                    kv.k.narrow(0, rows.start, rows.len())?
-                        .affine(factor, 0.0)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let copies: Vec<RowsInto<'_>> = scaled
-            .iter()
-            .map(|(dst, src)| RowsInto {
-                dst,
-                at: rows.start,
-                src,
-            })
-            .collect();
-        // SAFETY of the copies (`put_many`'s contract): `&mut self` and no lent views make this
-        // call the buffers' only user; each source is a new tensor, not a view of them.
-        put_many(&copies)
+        let scales = key_scales_of(self.context.as_ref(), &self.positions, self.layers.len());
+        self.key_scales.inplace_op1(&Upload {
+            data: &scales,
+            at: 0,
+        })?;
+        self.key_scales_written = true;
+        Ok(())
     }
 
     /// Writes every key-position slot: `positions`, then `u32::MAX` (no key). The slots are
@@ -362,7 +370,9 @@ impl GraphedCache {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache::new(layers, self.positions.clone()))
+        let mut cache = KvCache::new(layers, self.positions.clone());
+        cache.set_parallel_context(self.context.clone());
+        Ok(cache)
     }
 
     /// Whether views of this cache's rows ([`GraphedCache::cache`]) are alive.
@@ -377,6 +387,7 @@ impl GraphedCache {
     pub fn holds(&self, cache: &KvCache) -> bool {
         !cache.is_pruned()
             && cache.positions == self.positions
+            && cache.parallel_context() == self.context.as_ref()
             && cache.layers.len() == self.layers.len()
             && cache
                 .layers
@@ -466,6 +477,7 @@ impl GraphedCache {
             self.upload_k_pos(&self.positions)?;
             self.k_pos_clean = true;
         }
+        self.write_key_scales()?;
         let mut captured = match self.graphs.remove(&(n, sums)) {
             Some(c) => c,
             None => self.buffers(n, sums)?,
@@ -617,6 +629,11 @@ impl GraphedCache {
             let (q, k_new, v_new) = model.qkv(w, &x)?;
             kv.k.inplace_op3(&k_new, &rows, &SetRows)?;
             kv.v.inplace_op3(&v_new, &rows, &SetRows)?;
+            // this layer's key scale, read from device memory at each replay
+            let attention =
+                attention
+                    .clone()
+                    .with_key_scale_at(self.key_scales.narrow(0, 4 * l, 4)?)?;
             let attn = match &captured.sums {
                 None => attention.attend(&q, &kv.k, &kv.v)?,
                 Some(sums) => attention.attend_and_add_column_sums(&q, &kv.k, &kv.v, sums)?,
@@ -628,6 +645,41 @@ impl GraphedCache {
         logits.slice_set(&out, 0, 0)?;
         Ok(())
     }
+}
+
+/// Refuses a correction other than a temperature alone: the only one the kernel applies.
+fn check_temperature_only(p: &ParallelContext) -> Result<()> {
+    if p.keeps_mass() {
+        return Ok(());
+    }
+    Err(invalid_input(format!(
+        "a graphed cache corrects with a temperature alone (S·T = 1), not T {} and S {}",
+        p.temperature(),
+        p.scale()
+    )))
+}
+
+/// The attention kernel's key scale per layer, `[layers × 4]` u32, for rows appended after
+/// keys at `positions`: `context`'s keys among them with their logits times `1 / T` in the
+/// layers it corrects (every appended row corrected: it comes after the context), else
+/// none (`[0, 0, 0, 1.0f32.to_bits()]`). The factor is computed as the eager pass computes
+/// it (`1.0f32 / T`), so both give the same bits.
+fn key_scales_of(context: Option<&ParallelContext>, positions: &[u32], layers: usize) -> Vec<u32> {
+    let none = [0, 0, 0, 1.0f32.to_bits()];
+    (0..layers)
+        .flat_map(|l| match context {
+            Some(p) if p.corrects_layer(l) => {
+                let keys = p.key_range(positions);
+                [
+                    0,
+                    keys.start as u32,
+                    keys.end as u32,
+                    (1.0f32 / p.temperature()).to_bits(),
+                ]
+            }
+            _ => none,
+        })
+        .collect()
 }
 
 /// Ends the stream's capture and instantiates the graph, also after a failed issue, so that

@@ -80,8 +80,9 @@ pub(crate) fn run(
 /// every active row, suffix included — so not under `Kv`. `None` otherwise, and on a
 /// failed graphed pass (counted; `recompute` then runs the pass eagerly). A correction of
 /// the ranking (`BlendConfig::parallel` in the selection scope) runs here only when it keeps
-/// the chunks' mass: their keys are scaled by `1 / T` in the graphed cache, a throw-away
-/// copy. Call before the suffix's placeholder rows join the sources.
+/// the chunks' mass: a temperature, which the graphed cache's attention applies to the
+/// chunks' logits (`GraphedCache::set_parallel_context`). Call before the suffix's
+/// placeholder rows join the sources.
 #[cfg(feature = "gpu")]
 fn graphed_query(
     b: &Blender,
@@ -93,7 +94,7 @@ fn graphed_query(
 ) -> Option<Vec<f32>> {
     let c = b.model.config();
     let pool = a.graph_pool(b, req.suffix.len())?;
-    // a correction of the ranking runs in the graph only as keys scaled by 1 / T
+    // a correction of the ranking runs in the graph only as a temperature
     let correction = parallel_context(req, cfg.parallel.filter(|p| p.scope.in_selection()));
     let correction = match correction {
         Ok(None) => None,
@@ -116,14 +117,7 @@ fn graphed_query(
                 .map(|l| a.sources.layer_parts(b, l))
                 .collect::<Result<Vec<_>>>()?;
             g.load_parts(&layers, &kvquilt_model::positions(0, non_suffix))?;
-            if let Some(p) = &correction {
-                let rows = p.positions();
-                g.scale_keys(
-                    p.layers().unwrap_or(0..c.num_layers),
-                    rows.start as usize..rows.end as usize,
-                    1.0 / f64::from(p.temperature()),
-                )?;
-            }
+            g.set_parallel_context(correction.clone())?;
             let (_, sums) = g.append_with_column_sums(
                 &req.suffix,
                 &kvquilt_model::positions(non_suffix, req.suffix.len()),
