@@ -79,6 +79,30 @@ macro_rules! call_views {
     };
 }
 
+/// Pushes a call's key scale onto launch builder `$b`: the four by-value arguments, then
+/// the scale in device memory or a null pointer (`corr_from, corr_lo, corr_hi, corr_factor,
+/// corr_dev` of `ATTN_ENTRY` and `COLSUM_ENTRY`). The locals it binds live to the end of
+/// the caller's scope, past the launch.
+macro_rules! push_key_scale {
+    ($self:ident, $b:ident) => {
+        let (corr_from, corr_lo, corr_hi, corr_factor) = $self.key_scale_args();
+        $b.arg(&corr_from);
+        $b.arg(&corr_lo);
+        $b.arg(&corr_hi);
+        $b.arg(&corr_factor);
+        let null_scale: u64 = 0; // a null `uint32_t*`: the by-value key scale applies
+        let scale_guard = $self.key_scale_at.as_ref().map(|t| t.storage_and_layout());
+        let scale_view = match &scale_guard {
+            Some((g, l)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
+            None => None,
+        };
+        match &scale_view {
+            Some(view) => $b.arg(view),
+            None => $b.arg(&null_scale),
+        };
+    };
+}
+
 /// Fused attention for one forward call: the positions on the device and the RoPE tables.
 #[derive(Debug, Clone)]
 pub(crate) struct FusedAttention {
@@ -540,20 +564,7 @@ impl FusedAttention {
                 b.arg(&no_piece);
             }
         }
-        let (corr_from, corr_lo, corr_hi, corr_factor) = self.key_scale_args();
-        b.arg(&corr_from);
-        b.arg(&corr_lo);
-        b.arg(&corr_hi);
-        b.arg(&corr_factor);
-        let scale_guard = self.key_scale_at.as_ref().map(|t| t.storage_and_layout());
-        let scale_view = match &scale_guard {
-            Some((g, l)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
-            None => None,
-        };
-        match &scale_view {
-            Some(view) => b.arg(view),
-            None => b.arg(&null_pos),
-        };
+        push_key_scale!(self, b);
         let cfg = LaunchConfig {
             grid_dim: (q_tiles as u32, kvh as u32, splits as u32),
             block_dim: (128, 1, 1),
@@ -758,21 +769,7 @@ impl FusedAttention {
         b.arg(&h_i);
         b.arg(&kvh_i);
         b.arg(&scale_log2);
-        let (corr_from, corr_lo, corr_hi, corr_factor) = self.key_scale_args();
-        b.arg(&corr_from);
-        b.arg(&corr_lo);
-        b.arg(&corr_hi);
-        b.arg(&corr_factor);
-        let null_scale: u64 = 0; // a null `uint32_t*`: the by-value key scale applies
-        let scale_guard = self.key_scale_at.as_ref().map(|t| t.storage_and_layout());
-        let scale_view = match &scale_guard {
-            Some((g, l)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
-            None => None,
-        };
-        match &scale_view {
-            Some(view) => b.arg(view),
-            None => b.arg(&null_scale),
-        };
+        push_key_scale!(self, b);
         let cfg = LaunchConfig {
             grid_dim: (t.div_ceil(BN) as u32, kvh as u32, 1),
             block_dim: (128, 1, 1),
