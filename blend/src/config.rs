@@ -130,11 +130,12 @@ pub struct BlendConfig {
     /// scale; recomputed rows attend exactly. The whole chunk span is corrected, chunks
     /// computed in the pass included: the correction changes the question's attention, it
     /// does not repair stale KV (so blend at ratio 1 is no longer full prefill). A correction
-    /// with `S·T = 1` (a temperature alone) runs the usual attention over scaled keys (on the
-    /// CPU for calls of 8 rows or more; a decode step there, and any other correction, runs
-    /// the reference attention for the corrected rows); of the graphed passes only the query
-    /// pass runs (over keys scaled by `1 / T`, when `S·T = 1`), and a cache left marked (a
-    /// correction of the answer) decodes eagerly and cannot be pruned by a token policy.
+    /// with `S·T = 1` (a temperature alone) runs in the fused attention kernel on the GPU
+    /// (the context keys' logits scaled, graphed passes included: the query pass and
+    /// decoding over a cache left marked) and over scaled keys on the CPU (calls of 8 rows or
+    /// more; a decode step there, and any other correction anywhere, runs the reference
+    /// attention for the corrected rows, and a cache marked with one decodes eagerly). A
+    /// marked cache cannot be pruned by a token policy.
     /// The correction's `scope` may limit it to the ranking or to the answer, its `layers`
     /// to a band. `None`: off.
     pub parallel: Option<ParallelCorrection>,

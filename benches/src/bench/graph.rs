@@ -351,8 +351,8 @@ mod imp {
                 let mut marked = eager_load()?;
                 marked.set_parallel_context(Some(context_of(half)?));
                 let (le, first) = eager_question(&mut marked)?;
-                let mut te = vec![first];
-                te.extend(eager_decode(&mut marked, first)?);
+                let mut te_marked = vec![first];
+                te_marked.extend(eager_decode(&mut marked, first)?);
                 let mut marked_context = context.clone();
                 marked_context.set_parallel_context(Some(context_of(half)?));
                 let mut g = GraphedCache::new(model.clone(), capacity)?;
@@ -368,7 +368,11 @@ mod imp {
                     } else {
                         f32::INFINITY
                     },
-                    te.iter().zip(&tg).take_while(|(x, y)| x == y).count(),
+                    te_marked
+                        .iter()
+                        .zip(&tg)
+                        .take_while(|(x, y)| x == y)
+                        .count(),
                 )
             };
             // the replay runs the eager pass's kernels with the eager pass's split plan

@@ -49,9 +49,10 @@ pub(super) enum LayerAttention {
         corrected: Box<LayerAttention>,
     },
     /// Every row after a parallel context whose correction keeps the context's mass
-    /// (`ParallelContext::keeps_mass`): `inner` (fused, tiled or reference, probe included)
-    /// over a copy of the layer whose context keys `keys` are scaled by `factor` (`1 / T`;
-    /// RoPE is linear, so scaling pre-RoPE keys scales their logits).
+    /// (`ParallelContext::keeps_mass`): `inner` (tiled or reference, probe included; on CUDA
+    /// the fused kernel scales the logits itself instead) over a copy of the layer whose
+    /// context keys `keys` are scaled by `factor` (`1 / T`; RoPE is linear, so scaling
+    /// pre-RoPE keys scales their logits).
     ScaledKeys {
         inner: Box<LayerAttention>,
         keys: std::ops::Range<usize>,
@@ -303,7 +304,9 @@ impl Model {
                 AttentionKernel::Auto | AttentionKernel::Fused => {
                     match self.fused_attention_unsupported() {
                         None if parallel.is_some() => {
-                            self.note_fallback("the kernel has no parallel-context correction");
+                            self.note_fallback(
+                                "the kernel corrects with a temperature alone (S·T = 1)",
+                            );
                             false
                         }
                         None => true,

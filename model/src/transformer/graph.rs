@@ -27,7 +27,7 @@
 //! memory the graph allocates and frees itself (every temporary of the capture is dropped before it ends); the rows a call
 //! writes are `len..len + n`, distinct and below the capacity (checked on the host before the
 //! upload). A replay runs the eager pass's kernels with the same arguments but the key count
-//! (the capacity); the attention kernels plan their split-KV partition from the real keys
+//! (the capacity) and the key scale (read from device memory, the same values); the attention kernels plan their split-KV partition from the real keys
 //! (slots below `u32::MAX`), as the eager pass plans it from its key count, so a replay is
 //! bit-identical to `Model::prefill` over the same cache, whatever the capacity. Pinned by
 //! `kvquilt-bench graph --check [--capacity N]` on the GPU machine (BENCHMARKS §5, "Seventh"
@@ -198,7 +198,7 @@ impl GraphedCache {
             return Err(invalid_input("a graphed cache holds unpruned KV only"));
         }
         if let Some(p) = cache.parallel_context() {
-            check_temperature_only(p)?;
+            check_context_fits(p, &cache.positions)?;
         }
         let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
         self.load_parts(&layers, &cache.positions)?;
@@ -301,15 +301,7 @@ impl GraphedCache {
     /// ([`GraphedCache::cache`]) carry it as their mark. Captured graphs stay valid.
     pub fn set_parallel_context(&mut self, context: Option<ParallelContext>) -> Result<()> {
         if let Some(p) = &context {
-            check_temperature_only(p)?;
-            let end = p.positions().end;
-            if self.positions.last().is_none_or(|&last| last + 1 < end) {
-                return Err(invalid_input(format!(
-                    "a parallel context at positions {:?} past a graphed cache's rows (last position {:?})",
-                    p.positions(),
-                    self.positions.last()
-                )));
-            }
+            check_context_fits(p, &self.positions)?;
         }
         self.context = context;
         self.key_scales_written = false;
@@ -647,16 +639,28 @@ impl GraphedCache {
     }
 }
 
-/// Refuses a correction other than a temperature alone: the only one the kernel applies.
-fn check_temperature_only(p: &ParallelContext) -> Result<()> {
-    if p.keeps_mass() {
-        return Ok(());
+/// Refuses a correction other than a temperature alone (the only one the kernel applies)
+/// and a context that does not end within rows at `positions` (rows appended after them
+/// must all come after it).
+fn check_context_fits(p: &ParallelContext, positions: &[u32]) -> Result<()> {
+    if !p.keeps_mass() {
+        return Err(invalid_input(format!(
+            "a graphed cache corrects with a temperature alone (S·T = 1), not T {} and S {}",
+            p.temperature(),
+            p.scale()
+        )));
     }
-    Err(invalid_input(format!(
-        "a graphed cache corrects with a temperature alone (S·T = 1), not T {} and S {}",
-        p.temperature(),
-        p.scale()
-    )))
+    if positions
+        .last()
+        .is_none_or(|&last| last + 1 < p.positions().end)
+    {
+        return Err(invalid_input(format!(
+            "a parallel context at positions {:?} past a graphed cache's rows (last position {:?})",
+            p.positions(),
+            positions.last()
+        )));
+    }
+    Ok(())
 }
 
 /// The attention kernel's key scale per layer, `[layers × 4]` u32, for rows appended after
