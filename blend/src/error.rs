@@ -26,6 +26,9 @@ pub enum BlendError {
     /// A token policy could not compress (bad budget or parameter, missing observation).
     #[error(transparent)]
     Policy(#[from] kvquilt_compression::policy::PolicyError),
+    /// The decode batcher could not run a step (stopped, or a step panicked).
+    #[error("decode batcher: {0}")]
+    Batcher(String),
     /// Reading the model's weights failed.
     #[error("reading the model's weights for its fingerprint: {0}")]
     Io(#[from] std::io::Error),

@@ -212,6 +212,8 @@ impl std::fmt::Debug for GraphPool {
 pub enum DecodeSteps {
     /// `Model::decode_step` over the cache.
     Eager(KvCache),
+    /// In batches with other requests' steps ([`crate::Blender::with_decode_batching`]).
+    Batched(crate::batcher::BatchedSteps),
     /// A graphed cache taken from a pool, given back when the steps end.
     #[cfg(feature = "gpu")]
     Graphed(Graphed),
@@ -222,6 +224,8 @@ pub enum DecodeSteps {
 pub struct Graphed {
     cache: Option<GraphedCache>,
     pool: Arc<GraphPool>,
+    /// Counts this request among the decoding ones while it lives (with decode batching on).
+    pub(crate) live: Option<crate::batcher::LiveGuard>,
 }
 
 #[cfg(feature = "gpu")]
@@ -296,6 +300,7 @@ impl DecodeSteps {
         Self::Graphed(Graphed {
             cache: Some(g),
             pool: Arc::clone(pool),
+            live: None,
         })
     }
 
@@ -323,6 +328,7 @@ impl DecodeSteps {
         }
         match self {
             Self::Eager(cache) => Ok(model.decode_step(token, cache, &mut ())?),
+            Self::Batched(b) => b.step(token),
             #[cfg(feature = "gpu")]
             Self::Graphed(_) => Err(crate::error::invalid("a graphed step fell through")),
         }
@@ -330,7 +336,12 @@ impl DecodeSteps {
 
     /// Whether the steps replay a CUDA graph.
     pub fn is_graphed(&self) -> bool {
-        !matches!(self, Self::Eager(_))
+        !matches!(self, Self::Eager(_) | Self::Batched(_))
+    }
+
+    /// Whether the steps run in batches with other requests' ([`crate::Blender::with_decode_batching`]).
+    pub fn is_batched(&self) -> bool {
+        matches!(self, Self::Batched(_))
     }
 }
 

@@ -21,6 +21,7 @@
 //!   memory), above the store's host and SSD tiers; on a GPU the host tier holds its objects
 //!   in page-locked memory (`pinned_host.rs`), so its hits upload by DMA.
 
+mod batcher;
 pub mod block_prefill;
 pub mod calibration;
 mod chunk;
@@ -40,6 +41,7 @@ mod request;
 pub mod select;
 mod tensor_bytes;
 
+pub use batcher::{BatchStats, BatchedSteps, DEFAULT_GATHER, DecodeBatcher, LiveGuard};
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, CorrectionScope, Mode, ParallelCorrection};
 pub use cost::{CostModel, PlannedMode};

@@ -69,4 +69,4 @@ pub use rows::RowReplacement;
 pub use tokenizer::Tokenizer;
 #[cfg(feature = "gpu")]
 pub use transformer::GraphedCache;
-pub use transformer::{LayersOutput, Model, Rows};
+pub use transformer::{BatchStep, LayersOutput, Model, Rows};

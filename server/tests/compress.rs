@@ -272,3 +272,55 @@ async fn a_decode_pool_holds_generated_kv_to_its_budget() {
         .expect("the counter");
     assert!(reselections > 0, "{text}");
 }
+
+/// Concurrent chat completions decode through the decode batcher (`limits.workers = 4`, so
+/// `decode_batch` 4), compressed caches beside full ones: each answer is the one the request
+/// gets alone, every decode step went through the batcher, and no session is left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_completions_decode_in_batches_and_answer_as_alone() {
+    let mut config = Config::default();
+    config.limits.workers = 4;
+    let app = TestApp::new(config);
+    let mut bodies = vec![
+        chat(json!({"policy": "snapkv", "window": 4, "compression": 4})),
+        chat(json!({"policy": "streaming", "sinks": 4, "compression": 2})),
+        chat(Value::Null),
+        chat(Value::Null),
+    ];
+    bodies[3]["messages"][0]["content"] = json!("Which town is on the northern coast?");
+    for b in &mut bodies {
+        b["max_tokens"] = json!(32);
+    }
+    let answer = |v: &Value| {
+        (
+            v["choices"][0]["message"]["content"].clone(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let mut alone = Vec::new();
+    for b in &bodies {
+        let (s, v) = app
+            .json("POST", "/v1/chat/completions", None, b.clone())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        alone.push(answer(&v));
+    }
+    let before = app.state.blender.decode_batch_stats().expect("batching on");
+    let together = futures_util::future::join_all(
+        bodies
+            .iter()
+            .map(|b| app.json("POST", "/v1/chat/completions", None, b.clone())),
+    )
+    .await;
+    let mut steps = 0;
+    for (i, ((s, v), want)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*s, StatusCode::OK, "{v}");
+        assert_eq!(&answer(v), want, "request {i}");
+        // the first token comes from the prompt's logits, each later one from a step
+        steps += want.1 - 1;
+    }
+    let after = app.state.blender.decode_batch_stats().unwrap();
+    assert_eq!(after.steps - before.steps, steps, "{before:?} → {after:?}");
+    assert_eq!(after.sessions, 0);
+    assert_eq!(after.split, 0);
+}

@@ -4,17 +4,24 @@
 //! One prefill of `--context` tokens observes what the policy reads; the full cache and the
 //! pruned copy each decode `--steps` tokens (one warm-up, then `--repeats` timed runs). The
 //! prompt is pseudo-random tokens: decode speed depends on the cache's size, not its words.
+//!
+//! With `--batch B`, B sequences decode together (`Model::decode_batch`: one read of the
+//! weights per step for all of them, attention per sequence), each over its own copy of the
+//! cache, as a server decoding B requests at once does; tokens/s counts every sequence's
+//! tokens. Each timed run starts from fresh copies after one untimed step, so the copy a
+//! clone makes on its first append is not timed.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kvquilt_blend::compress::{compress, observe_prefill};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec};
-use kvquilt_model::{AttentionKernel, KvCache, Model, argmax};
+use kvquilt_model::{AttentionKernel, BatchStep, KvCache, Model, argmax};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
-use super::{machine, median, timed, write_report};
+use super::{machine, median, write_report};
 use kvquilt::model_source::ModelArgs;
 
 #[derive(clap::Args)]
@@ -40,6 +47,10 @@ pub struct DecodeBenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Sequences decoded together per step, each over its own copy of the cache (a list
+    /// measures each size; 1 is `decode_step`, one sequence alone).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -49,6 +60,8 @@ pub struct DecodeBenchArgs {
 struct Row {
     /// `full` or the compression factor.
     cache: String,
+    /// Sequences decoded together.
+    batch: usize,
     kv_bytes: usize,
     /// The first step's logits with the chosen attention against the reference attention
     /// over the same cache: largest absolute difference, and whether the argmax agrees.
@@ -144,52 +157,84 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         pruned.push((n, c, checked));
     }
     let model = &model;
-    let decode = |base: &KvCache| -> Result<Vec<f64>> {
-        timed(a.repeats, || {
-            let mut cache = base.clone();
-            for i in 0..steps {
-                let token = (i as u32 * 31 + 7) % vocab as u32;
-                model.decode_step(token, &mut cache, &mut ())?;
+    let token = |i: usize, b: usize| ((i * 31 + b * 17 + 7) as u64 % vocab) as u32;
+    // `steps` steps of `batch` sequences over copies of `base`, after an untimed first one
+    let decode = |base: &KvCache, batch: usize| -> Result<Vec<f64>> {
+        let mut runs = Vec::with_capacity(a.repeats + 1);
+        for _ in 0..=a.repeats.max(1) {
+            let mut caches = vec![base.clone(); batch];
+            let mut step = |i: usize| -> Result<()> {
+                if batch == 1 {
+                    model.decode_step(token(i, 0), &mut caches[0], &mut ())?;
+                } else {
+                    let mut steps: Vec<BatchStep<'_>> = caches
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(b, c)| BatchStep::new(token(i, b), c))
+                        .collect();
+                    model.decode_batch(&mut steps)?;
+                }
+                Ok(())
+            };
+            step(0)?;
+            model.device().synchronize()?;
+            let t = Instant::now();
+            for i in 1..=steps {
+                step(i)?;
             }
-            Ok(model.device().synchronize()?)
-        })
+            model.device().synchronize()?;
+            runs.push(t.elapsed().as_secs_f64());
+        }
+        // the first run warms up
+        runs.remove(0);
+        Ok(runs)
     };
-    let full_runs = decode(&full)?;
-    let full_tps = steps as f64 / median(&full_runs);
-    eprintln!("full cache ({} tokens): {full_tps:.1} tokens/s", full.len());
-    let mut rows = vec![Row {
-        cache: "full".into(),
-        kv_bytes: full.len() * c.num_kv_heads * c.num_layers * entry_bytes,
-        check_max_abs_diff: full_check.0,
-        check_same_argmax: full_check.1,
-        tokens_per_s: full_tps,
-        speedup_vs_full: 1.0,
-        runs_s: full_runs,
-    }];
-    for (n, pruned, checked) in pruned {
-        let runs = decode(&pruned.cache)?;
-        let tps = steps as f64 / median(&runs);
+    let mut rows = Vec::new();
+    for &batch in &a.batch {
+        anyhow::ensure!(batch >= 1, "--batch {batch}: at least one sequence");
+        let full_runs = decode(&full, batch)?;
+        let full_tps = (batch * steps) as f64 / median(&full_runs);
         eprintln!(
-            "{spec} {n}×: {tps:.1} tokens/s ({:.2}× full)",
-            tps / full_tps
+            "batch {batch}, full cache ({} tokens): {full_tps:.1} tokens/s",
+            full.len()
         );
         rows.push(Row {
-            cache: format!("{n}x"),
-            kv_bytes: pruned.stats.kv_bytes_after,
-            check_max_abs_diff: checked.0,
-            check_same_argmax: checked.1,
-            tokens_per_s: tps,
-            speedup_vs_full: tps / full_tps,
-            runs_s: runs,
+            cache: "full".into(),
+            batch,
+            kv_bytes: batch * full.len() * c.num_kv_heads * c.num_layers * entry_bytes,
+            check_max_abs_diff: full_check.0,
+            check_same_argmax: full_check.1,
+            tokens_per_s: full_tps,
+            speedup_vs_full: 1.0,
+            runs_s: full_runs,
         });
+        for (n, pruned, checked) in &pruned {
+            let runs = decode(&pruned.cache, batch)?;
+            let tps = (batch * steps) as f64 / median(&runs);
+            eprintln!(
+                "batch {batch}, {spec} {n}×: {tps:.1} tokens/s ({:.2}× full)",
+                tps / full_tps
+            );
+            rows.push(Row {
+                cache: format!("{n}x"),
+                batch,
+                kv_bytes: batch * pruned.stats.kv_bytes_after,
+                check_max_abs_diff: checked.0,
+                check_same_argmax: checked.1,
+                tokens_per_s: tps,
+                speedup_vs_full: tps / full_tps,
+                runs_s: runs,
+            });
+        }
     }
     println!(
-        "| cache | KV MB | decode tok/s | vs full | max abs Δlogit vs reference | same argmax |"
+        "| batch | cache | KV MB | decode tok/s | vs full | max abs Δlogit vs reference | same argmax |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {:.2}× | {:.4} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.4} | {} |",
+            r.batch,
             r.cache,
             r.kv_bytes as f64 / 1e6,
             r.tokens_per_s,

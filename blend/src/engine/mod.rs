@@ -29,6 +29,7 @@ use kvquilt_model::staging::Uploader;
 use kvquilt_model::{KvCache, Model};
 use tokio::runtime::Handle;
 
+use crate::batcher::DecodeBatcher;
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
 use crate::cost::CostModel;
@@ -81,6 +82,9 @@ pub struct Blender {
     /// Graphed caches kept between requests ([`Blender::with_graphs`]); `None`: off.
     #[cfg(feature = "gpu")]
     graphs: Option<Arc<crate::graphs::GraphPool>>,
+    /// Concurrent requests' decode steps run together ([`Blender::with_decode_batching`]);
+    /// `None`: off.
+    batcher: Option<DecodeBatcher>,
 }
 
 /// Whether graphs pay for `model` by default ([`Blender::with_graphs`]).
@@ -130,6 +134,7 @@ impl Blender {
             device_codecs,
             #[cfg(feature = "gpu")]
             graphs: None,
+            batcher: None,
         };
         let launch_bound = graphs_pay(&b.model);
         b.with_graphs(launch_bound)
@@ -220,16 +225,61 @@ impl Blender {
     /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
     /// blender runs graphs ([`Blender::with_graphs`]; in the graphed cache the cache is a
     /// view of, after a graphed question, else copied into one first, steps enough to pay
-    /// for it), else `Model::decode_step`.
+    /// for it) and no other request is decoding; else, with decode batching on
+    /// ([`Blender::with_decode_batching`]), in batches with the other requests' steps; else
+    /// `Model::decode_step`.
     pub fn decode_steps(&self, cache: KvCache, steps: usize) -> crate::graphs::DecodeSteps {
+        use crate::graphs::DecodeSteps;
+        let alone = self.batcher.as_ref().is_none_or(|b| b.live() == 0);
         #[cfg(feature = "gpu")]
-        if let Some(pool) = &self.graphs
-            && self.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference
-        {
-            return crate::graphs::DecodeSteps::graphed(&self.model, pool, cache, steps);
+        let cache = match &self.graphs {
+            Some(pool)
+                if alone
+                    && self.model.attention_kernel()
+                        != kvquilt_model::AttentionKernel::Reference =>
+            {
+                match DecodeSteps::graphed(&self.model, pool, cache, steps) {
+                    DecodeSteps::Eager(cache) => cache,
+                    mut graphed => {
+                        // a graphed session is company for later ones: they batch
+                        if let (DecodeSteps::Graphed(g), Some(b)) = (&mut graphed, &self.batcher) {
+                            g.live = Some(b.live_guard());
+                        }
+                        return graphed;
+                    }
+                }
+            }
+            _ => cache,
+        };
+        let _ = (steps, alone);
+        match &self.batcher {
+            Some(b) => DecodeSteps::Batched(b.session(cache)),
+            None => DecodeSteps::eager(cache),
         }
-        let _ = steps;
-        crate::graphs::DecodeSteps::eager(cache)
+    }
+
+    /// Whether concurrent requests' decode steps run together, at most `max_batch` sequences
+    /// per model step (`batcher.rs`: every weight read once per step for all of them,
+    /// attention per sequence; where the cache's bytes dominate a step — long contexts, many
+    /// requests — this is what a token policy's compression speeds up). 0 or 1: off (the
+    /// default). With graphs ([`Blender::with_graphs`]) a request that decodes alone still
+    /// replays its graph; requests that start while another decodes join the batches.
+    /// Requests decoding under a decode pool (SCOPE) step alone.
+    pub fn with_decode_batching(mut self, max_batch: usize) -> Result<Self> {
+        self.batcher = match max_batch {
+            0 | 1 => None,
+            n => Some(DecodeBatcher::start(
+                Arc::clone(&self.model),
+                n,
+                crate::batcher::DEFAULT_GATHER,
+            )?),
+        };
+        Ok(self)
+    }
+
+    /// What the decode batcher did ([`Blender::with_decode_batching`]); `None` when off.
+    pub fn decode_batch_stats(&self) -> Option<crate::batcher::BatchStats> {
+        self.batcher.as_ref().map(|b| b.stats())
     }
 
     /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to

@@ -17,17 +17,22 @@ use crate::attention::{AttentionKernel, ProbeRequest};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::{CollectProbes, LayerHook};
-use crate::kv::{KvCache, LayerKv, check_increasing};
+use crate::kv::{KvCache, LayerKv, Pruned, check_increasing};
+use crate::parallel::ParallelContext;
 use crate::rope::{Rope, RopeTables};
 use crate::rows::RowReplacement;
 use crate::weights::{LayerWeights, Weights};
 
 mod attention_choice;
+mod batch;
 #[cfg(feature = "gpu")]
 mod graph;
 
 #[cfg(feature = "gpu")]
 pub use graph::GraphedCache;
+
+use attention_choice::LayerAttention;
+pub use batch::BatchStep;
 
 /// How the query tokens of a [`Model::run_layers`] call relate to the cache.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +55,19 @@ pub struct LayersOutput {
     /// probabilities (query head `kv_head * group + g`), or with a summed probe
     /// `[cache tokens]` (summed over the probed rows and every head).
     pub attention: Vec<Tensor>,
+}
+
+/// One forward call's checked rows and chosen attention, over the cache it was planned on.
+struct CallPlan<'c> {
+    /// The cache's positions after the call.
+    k_pos: Vec<u32>,
+    how: LayerAttention,
+    /// Layers outside a parallel context's band of corrected layers attend by this.
+    exact_how: Option<LayerAttention>,
+    /// With [`Rows::Replace`]: where the fresh rows go.
+    replace_index: Option<RowReplacement>,
+    pruned: Option<&'c Pruned>,
+    parallel: Option<&'c ParallelContext>,
 }
 
 /// Default score-matrix budget per attention block, in elements.
@@ -328,9 +346,47 @@ impl Model {
                 c.hidden_size
             )));
         }
+        let call = self.plan_call(&layers, n, rows, cache, hook.probe())?;
+        let mut new_layers: Vec<(usize, LayerKv)> = Vec::with_capacity(layers.len());
+        // the next layer's normed input, when the previous layer's residual add produced it
+        let mut normed: Option<Tensor> = None;
+        let end = layers.end;
+        for l in layers {
+            let w = &self.weights.layers[l];
+            let x = match normed.take() {
+                Some(x) => x,
+                None => self.norm(&hidden, &w.attn_norm)?,
+            };
+            let (q, k_new, v_new) = self.qkv(w, &x)?;
+            let (attn, kv) = self.attend_call(&call, l, cache, &q, k_new, v_new, hook)?;
+            (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
+            new_layers.push((l, kv));
+        }
+        let k_pos = call.k_pos;
+        for (l, kv) in new_layers {
+            cache.layers[l] = kv;
+        }
+        cache.positions = k_pos;
+        Ok(LayersOutput {
+            hidden,
+            attention: Vec::new(),
+        })
+    }
+
+    /// Checks one forward call's rows against `cache` and chooses how each layer attends;
+    /// `n` is the number of query tokens.
+    fn plan_call<'c>(
+        &self,
+        layers: &Range<usize>,
+        n: usize,
+        rows: Rows<'_>,
+        cache: &'c KvCache,
+        probe: Option<&ProbeRequest>,
+    ) -> Result<CallPlan<'c>> {
+        let c = &self.config;
         let (q_pos, k_pos): (Vec<u32>, Vec<u32>) = match rows {
             Rows::Append(pos) => {
-                if layers != (0..c.num_layers) {
+                if *layers != (0..c.num_layers) {
                     return Err(invalid_input(
                         "appending tokens requires running every layer",
                     ));
@@ -378,13 +434,12 @@ impl Model {
             }
         };
         // checks positions against each other and the context, for either attention
-        let probe = hook.probe().cloned();
         let pruned = cache.pruned();
         let parallel = cache.parallel_context();
         let how = self.layer_attention(
             &q_pos,
             &k_pos,
-            probe.as_ref(),
+            probe,
             self.attention_kernel,
             pruned,
             parallel,
@@ -394,7 +449,7 @@ impl Model {
             Some(p) if layers.clone().any(|l| !p.corrects_layer(l)) => Some(self.layer_attention(
                 &q_pos,
                 &k_pos,
-                probe.as_ref(),
+                probe,
                 self.attention_kernel,
                 pruned,
                 None,
@@ -405,51 +460,54 @@ impl Model {
             Rows::Replace(idx) => Some(RowReplacement::new(cache.len(), idx, &self.device)?),
             Rows::Append(_) => None,
         };
-
-        let mut new_layers: Vec<(usize, LayerKv)> = Vec::with_capacity(layers.len());
-        // the next layer's normed input, when the previous layer's residual add produced it
-        let mut normed: Option<Tensor> = None;
-        let end = layers.end;
-        for l in layers {
-            let w = &self.weights.layers[l];
-            let x = match normed.take() {
-                Some(x) => x,
-                None => self.norm(&hidden, &w.attn_norm)?,
-            };
-            let (q, k_new, v_new) = self.qkv(w, &x)?;
-            let mut supplied = cache.layers[l].clone();
-            hook.before_layer(l, &mut supplied)?;
-            let want = [cache.len(), c.num_kv_heads, c.head_dim];
-            if supplied.k.dims() != want || supplied.v.dims() != want {
-                return Err(invalid_input(format!(
-                    "layer {l} KV supplied as K {:?} / V {:?}, expected {want:?}",
-                    supplied.k.dims(),
-                    supplied.v.dims()
-                )));
-            }
-            let old = &supplied;
-            let kv = match &replace_index {
-                None => old.append(&k_new, &v_new)?,
-                Some(index) => old.replace_rows(index, &LayerKv::new(k_new, v_new))?,
-            };
-            let heads = pruned.map(|p| (&p.layers[l], p.rows));
-            let how = match (&exact_how, parallel) {
-                (Some(exact), Some(p)) if !p.corrects_layer(l) => exact,
-                _ => &how,
-            };
-            let (attn, seen) = self.attend_layer(how, &q, &kv, heads)?;
-            hook.after_attention(l, seen)?;
-            (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
-            new_layers.push((l, kv));
-        }
-        for (l, kv) in new_layers {
-            cache.layers[l] = kv;
-        }
-        cache.positions = k_pos;
-        Ok(LayersOutput {
-            hidden,
-            attention: Vec::new(),
+        Ok(CallPlan {
+            k_pos,
+            how,
+            exact_how,
+            replace_index,
+            pruned,
+            parallel,
         })
+    }
+
+    /// Layer `l` of one call up to its attention output: the layer's cached KV as `hook`
+    /// supplies it, with the call's fresh rows `k_new`/`v_new` appended or replaced, and the
+    /// attention of `q` over it. Returns the attention `[n, heads * head_dim]` and the
+    /// layer's new KV (not yet in `cache`: a call commits every layer at its end).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_call(
+        &self,
+        call: &CallPlan<'_>,
+        l: usize,
+        cache: &KvCache,
+        q: &Tensor,
+        k_new: Tensor,
+        v_new: Tensor,
+        hook: &mut dyn LayerHook,
+    ) -> Result<(Tensor, LayerKv)> {
+        let c = &self.config;
+        let mut supplied = cache.layers[l].clone();
+        hook.before_layer(l, &mut supplied)?;
+        let want = [cache.len(), c.num_kv_heads, c.head_dim];
+        if supplied.k.dims() != want || supplied.v.dims() != want {
+            return Err(invalid_input(format!(
+                "layer {l} KV supplied as K {:?} / V {:?}, expected {want:?}",
+                supplied.k.dims(),
+                supplied.v.dims()
+            )));
+        }
+        let kv = match &call.replace_index {
+            None => supplied.append(&k_new, &v_new)?,
+            Some(index) => supplied.replace_rows(index, &LayerKv::new(k_new, v_new))?,
+        };
+        let heads = call.pruned.map(|p| (&p.layers[l], p.rows));
+        let how = match (&call.exact_how, call.parallel) {
+            (Some(exact), Some(p)) if !p.corrects_layer(l) => exact,
+            _ => &call.how,
+        };
+        let (attn, seen) = self.attend_layer(how, q, &kv, heads)?;
+        hook.after_attention(l, seen)?;
+        Ok((attn, kv))
     }
 
     /// Layer `l` after its attention `attn` (`[n, heads * head_dim]`): the output projection,

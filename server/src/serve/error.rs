@@ -105,7 +105,7 @@ impl From<BlendError> for ApiError {
             BlendError::Invalid(m) => Self::bad_request("invalid_request", m),
             BlendError::Mismatch { .. } => Self::bad_request("object_mismatch", e.to_string()),
             BlendError::Policy(_) => Self::bad_request("invalid_compression", e.to_string()),
-            BlendError::Io(_) => Self::internal(e.to_string()),
+            BlendError::Io(_) | BlendError::Batcher(_) => Self::internal(e.to_string()),
         }
     }
 }

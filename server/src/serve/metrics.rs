@@ -386,6 +386,34 @@ impl Collector for StoreCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(m)?;
         }
+        let batches = self.0.decode_batch_stats().unwrap_or_default();
+        for (name, help, value) in [
+            (
+                "decode_batches",
+                "Model steps of the decode batcher (limits.decode_batch), each one or more requests' tokens",
+                batches.batches,
+            ),
+            (
+                "decode_batched_steps",
+                "Requests' decode steps run by the decode batcher (over decode_batches: the mean batch)",
+                batches.steps,
+            ),
+            (
+                "decode_batch_splits",
+                "Decode batches that failed and ran again one request at a time",
+                batches.split,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(m)?;
+        }
+        let m = encoder.encode_descriptor(
+            "decode_batch_sessions",
+            "Requests decoding through the decode batcher now",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(batches.sessions as i64).encode(m)?;
         Ok(())
     }
 }

@@ -1,0 +1,137 @@
+//! Batched decoding: one decode step for several sequences at once.
+//!
+//! At batch 1 a decode step reads every weight of the model to produce one token, so on a
+//! GPU it is bound by weight bytes, not by the cache. A batched step runs each layer's
+//! projections and MLP once over one row per sequence (every weight read once for the whole
+//! batch) and only attention per sequence, over that sequence's own cache: what a server
+//! decoding many requests at once runs, and where the cache's bytes — and so a token
+//! policy's compression — set the step's time.
+//!
+//! Each sequence's step is the step [`Model::decode_step`] takes, with the same checks,
+//! attention choice and hook calls; the batch shares only the row-wise work, so a sequence's
+//! logits match its own decode step up to the order of floating-point sums in the matmuls
+//! (pinned by `tests/batch.rs::a_batched_step_matches_each_sequences_own_step`).
+
+use candle_core::Tensor;
+
+use super::{CallPlan, Model, Rows};
+use crate::error::{Result, invalid_input};
+use crate::hook::LayerHook;
+use crate::kv::{KvCache, LayerKv};
+
+/// One sequence of a batched decode step ([`Model::decode_batch`]).
+pub struct BatchStep<'a> {
+    /// The token to append, at the position after the cache's last.
+    pub token: u32,
+    /// The sequence's cache; the token's KV is appended to it.
+    pub cache: &'a mut KvCache,
+    /// Called around each layer of this sequence, as [`Model::decode_step`]'s hook is.
+    pub hook: Option<&'a mut dyn LayerHook>,
+}
+
+impl<'a> BatchStep<'a> {
+    /// A step appending `token` to `cache`, with no hook.
+    pub fn new(token: u32, cache: &'a mut KvCache) -> Self {
+        Self {
+            token,
+            cache,
+            hook: None,
+        }
+    }
+
+    /// The same step observed by `hook`.
+    pub fn with_hook(mut self, hook: &'a mut dyn LayerHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+}
+
+impl Model {
+    /// One decode step for every sequence of `batch`: each token at the position after its
+    /// cache's last, appended to that cache. Returns the next tokens' f32 logits
+    /// `[batch.len(), vocab]`, row `b` for `batch[b]`.
+    ///
+    /// Caches may differ in length, pruning and parallel-context marks; each attends as its
+    /// own [`Model::decode_step`] would. On any error (a bad token or cache, a hook's) every
+    /// cache is left as it was.
+    pub fn decode_batch(&self, batch: &mut [BatchStep<'_>]) -> Result<Tensor> {
+        let c = &self.config;
+        if batch.is_empty() {
+            return Err(invalid_input("a decode batch of zero sequences"));
+        }
+        let n = batch.len();
+        let tokens: Vec<u32> = batch.iter().map(|s| s.token).collect();
+        let positions: Vec<u32> = batch
+            .iter()
+            .map(|s| s.cache.positions.last().map_or(0, |p| p + 1))
+            .collect();
+        for s in batch.iter() {
+            s.cache
+                .check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
+        }
+        let layers = 0..c.num_layers;
+        // `()` observes nothing: the hook of a sequence given none
+        let mut nones = vec![(); n];
+        let mut hooks: Vec<&mut dyn LayerHook> = Vec::with_capacity(n);
+        let mut caches: Vec<&KvCache> = Vec::with_capacity(n);
+        for (s, none) in batch.iter_mut().zip(&mut nones) {
+            caches.push(&*s.cache);
+            hooks.push(match s.hook.as_deref_mut() {
+                Some(h) => h,
+                None => none,
+            });
+        }
+        let plans = caches
+            .iter()
+            .zip(&positions)
+            .zip(&hooks)
+            .map(|((cache, pos), hook)| {
+                self.plan_call(
+                    &layers,
+                    1,
+                    Rows::Append(std::slice::from_ref(pos)),
+                    cache,
+                    hook.probe(),
+                )
+            })
+            .collect::<Result<Vec<CallPlan<'_>>>>()?;
+
+        let mut hidden = self.embed(&tokens)?;
+        let mut new_layers: Vec<Vec<LayerKv>> =
+            (0..n).map(|_| Vec::with_capacity(c.num_layers)).collect();
+        let mut normed: Option<Tensor> = None;
+        let end = layers.end;
+        for l in layers {
+            let w = &self.weights.layers[l];
+            let x = match normed.take() {
+                Some(x) => x,
+                None => self.norm(&hidden, &w.attn_norm)?,
+            };
+            let (q, k_new, v_new) = self.qkv(w, &x)?;
+            let mut attn = Vec::with_capacity(plans.len());
+            for (b, plan) in plans.iter().enumerate() {
+                let (a, kv) = self.attend_call(
+                    plan,
+                    l,
+                    caches[b],
+                    &q.narrow(0, b, 1)?,
+                    k_new.narrow(0, b, 1)?,
+                    v_new.narrow(0, b, 1)?,
+                    &mut *hooks[b],
+                )?;
+                attn.push(a);
+                new_layers[b].push(kv);
+            }
+            let attn = Tensor::cat(&attn, 0)?;
+            (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
+        }
+        let logits = self.logits(&hidden)?;
+        let k_pos: Vec<Vec<u32>> = plans.into_iter().map(|p| p.k_pos).collect();
+        drop((hooks, caches));
+        for ((s, layers), k_pos) in batch.iter_mut().zip(new_layers).zip(k_pos) {
+            s.cache.layers = layers;
+            s.cache.positions = k_pos;
+        }
+        Ok(logits)
+    }
+}
