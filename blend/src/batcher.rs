@@ -8,6 +8,13 @@
 //! runs them as one [`Model::decode_batch`] — each weight read once per step for all of
 //! them, attention per sequence — and hands each cache back with its logits.
 //!
+//! **Streams.** candle runs each host thread's CUDA work on that thread's own default stream,
+//! and a cache crosses threads here, so each side synchronizes its stream at the hand-off:
+//! a session before handing its cache over (its last writes to the cache are done), the
+//! batcher after a batch and before answering (the new rows and the logits are written, and
+//! nothing it queued still reads a buffer a session may free). A session waits for its
+//! logits anyway, so the batcher's wait costs a decode loop nothing.
+//!
 //! Invariants:
 //! - A step's result is its sequence's own: batching changes the order of sums inside the
 //!   matmuls, nothing else (`kvquilt_model`'s `tests/batch.rs`; end to end
@@ -247,6 +254,16 @@ impl Shared {
                     .collect()
             }
         };
+        // everything the batch queued is done before any session reads or frees it
+        let rows: Vec<Result<Tensor>> = match self.model.device().synchronize() {
+            Ok(()) => rows,
+            Err(e) => {
+                let e = e.to_string();
+                rows.into_iter()
+                    .map(|_| Err(BlendError::Batcher(format!("after a decode batch: {e}"))))
+                    .collect()
+            }
+        };
         for ((cache, row), (_, reply)) in caches.into_iter().zip(rows).zip(rest) {
             // a session that went away no longer wants its cache
             let _ = reply.send((cache, row));
@@ -286,6 +303,14 @@ impl BatchedSteps {
             .cache
             .take()
             .ok_or_else(|| BlendError::Batcher("a batched session lost its cache".into()))?;
+        // the cache's last writes, queued on this thread's stream, are done before the
+        // batcher's stream reads it
+        if let Err(e) = self.shared.model.device().synchronize() {
+            self.cache = Some(cache);
+            return Err(BlendError::Batcher(format!(
+                "before handing a step to the batcher: {e}"
+            )));
+        }
         let (reply, answer) = mpsc::channel();
         {
             let mut st = self.shared.state.lock();
@@ -304,6 +329,9 @@ impl BatchedSteps {
             .recv()
             .map_err(|_| BlendError::Batcher("the decode batcher stopped during a step".into()))?;
         self.cache = Some(cache);
+        // this thread now holds device tensors made on the batcher's: it may be the one to
+        // free them
+        kvquilt_model::bind_to_thread(self.shared.model.device())?;
         logits
     }
 
@@ -315,6 +343,10 @@ impl BatchedSteps {
 
 impl Drop for BatchedSteps {
     fn drop(&mut self) {
+        // the cache's buffers are freed here (`bind_to_thread`'s docs)
+        if let Err(e) = kvquilt_model::bind_to_thread(self.shared.model.device()) {
+            tracing::warn!(error = %e, "binding the device before freeing a decode session's cache");
+        }
         self.shared.state.lock().sessions -= 1;
         self.shared.changed.notify_all();
     }

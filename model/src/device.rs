@@ -47,6 +47,24 @@ fn skip_event_tracking(_: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Makes `device`'s CUDA context current on the calling thread (nothing elsewhere). With
+/// event tracking off (`skip_event_tracking`) cudarc frees a tensor's memory in its `Drop`
+/// without binding the context, so on a thread whose first CUDA work is dropping a tensor
+/// made on another thread the free fails, and the failure surfaces later as an unrelated
+/// call's `CUDA_ERROR_INVALID_CONTEXT`. A thread handed tensors by another (a decode
+/// batcher's session) binds first.
+pub fn bind_to_thread(device: &Device) -> Result<()> {
+    #[cfg(feature = "gpu")]
+    if let Device::Cuda(d) = device {
+        d.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| ModelError::Candle(candle_core::Error::wrap(e)))?;
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Fixes the CPU thread count candle's matmul uses, at candle's own default (physical cores),
 /// by setting `RAYON_NUM_THREADS` when it is unset. Without it candle asks for the count on
 /// every CPU matmul and, on Linux, re-reads `/proc/cpuinfo` each time: 7% of a SmolLM2 decode

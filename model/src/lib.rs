@@ -52,7 +52,7 @@ pub use attention::{AttentionKernel, ProbeRequest};
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use device::{parse_device, settle_cpu_threads};
+pub use device::{bind_to_thread, parse_device, settle_cpu_threads};
 pub use error::{ModelError, Result};
 pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,

@@ -101,6 +101,72 @@ fn exp2_nonpositive(x: f32) -> f32 {
 /// Rows of a SwiGLU call handled per rayon task.
 const SWIGLU_ROWS_PER_TASK: usize = 16;
 
+/// Most rows [`few_rows_linear`] takes: past them a general matmul's packing pays for itself.
+pub(crate) const FEW_ROWS_LINEAR_MAX: usize = 8;
+
+/// Output features of one [`few_rows_linear`] task.
+const LINEAR_OUTPUTS_PER_TASK: usize = 64;
+
+/// `x · wᵀ` for few rows `x` `[n, in]` and a weight `w` `[out, in]` (f32, CPU, `w` packed):
+/// `[n, out]`. Each weight row is read once for all `n` rows, with no packing: a decode
+/// step's projections (one row per sequence of a batch), where a general matmul packs the
+/// whole weight on every call and so reads it about twice. Output features are spread over
+/// rayon's pool. Pinned against candle's matmul by `tests::few_rows_linear_matches_matmul`.
+pub(crate) fn few_rows_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    let (out, d_w) = w.dims2()?;
+    if d != d_w
+        || n > FEW_ROWS_LINEAR_MAX
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !x.device().is_cpu()
+        || !w.device().is_cpu()
+        || !w.is_contiguous()
+    {
+        return Err(invalid_input(format!(
+            "few-rows linear takes f32 [n <= {FEW_ROWS_LINEAR_MAX}, in] and a packed [out, in] on the CPU, got {:?} {:?} and {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            w.dims(),
+            w.dtype()
+        )));
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
+        return Err(invalid_input("few-rows linear takes CPU tensors"));
+    };
+    let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n * d];
+    let wv = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * d];
+    // each task: `n` rows of its outputs, output-major within the task's block
+    let blocks: Vec<Vec<f32>> = wv
+        .par_chunks(LINEAR_OUTPUTS_PER_TASK * d)
+        .map(|wb| {
+            let cols = wb.len() / d;
+            let mut block = vec![0f32; n * cols];
+            FewRows {
+                rows: n,
+                w: cols,
+                d,
+                kv_stride: d,
+                score_stride: cols,
+            }
+            .scores(&mut block, xv, wb);
+            block
+        })
+        .collect();
+    drop((xs, ws));
+    let mut y = vec![0f32; n * out];
+    for (i, block) in blocks.iter().enumerate() {
+        let (j0, cols) = (i * LINEAR_OUTPUTS_PER_TASK, block.len() / n.max(1));
+        for r in 0..n {
+            y[r * out + j0..][..cols].copy_from_slice(&block[r * cols..][..cols]);
+        }
+    }
+    Ok(Tensor::from_vec(y, (n, out), &Device::Cpu)?)
+}
+
 /// `silu(gate) * up` of a fused gate/up projection `[n, 2 * inter]` (f32, CPU): `[n, inter]`,
 /// one pass over the input, rows spread over rayon's pool. `silu(x) = x · σ(x)` with `σ` from
 /// `2^(−|x| log2 e)`, so the exponent is never positive (relative error about 2e-7, as the
@@ -396,6 +462,31 @@ mod tests {
                 assert!((got - want).abs() < 1e-4, "out ({r}, {x}): {got} vs {want}");
             }
         }
+    }
+
+    /// Few-row projections against candle's matmul: 1 to 8 rows, a weight whose output
+    /// count is not a multiple of a task's, an input width with a tail past sixteen lanes.
+    #[test]
+    fn few_rows_linear_matches_matmul() {
+        let (out, d) = (150, 37);
+        let w = Tensor::randn(0f32, 1.0, (out, d), &Device::Cpu).unwrap();
+        for n in [1, 2, 3, 8] {
+            let x = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = few_rows_linear(&x, &w).unwrap();
+            assert_eq!(got.dims(), [n, out]);
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{n} rows: max diff {diff}");
+        }
+        let x = Tensor::zeros((9, d), DType::F32, &Device::Cpu).unwrap();
+        assert!(few_rows_linear(&x, &w).is_err(), "9 rows are not few");
     }
 
     /// The fused SwiGLU against candle's `silu(gate) * up` on values across the range the

@@ -10,12 +10,19 @@
 //! cache, as a server decoding B requests at once does; tokens/s counts every sequence's
 //! tokens. Each timed run starts from fresh copies after one untimed step, so the copy a
 //! clone makes on its first append is not timed.
+//!
+//! With `--sessions N`, N threads decode at once, each its own sequence as a request of the
+//! sidecar does: once each with `decode_step` on its own thread (the sidecar with
+//! `limits.decode_batch = 0`), once through a `DecodeBatcher` (the sidecar's default with N
+//! workers): the batcher's thread hand-offs and gathering included.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kvquilt_blend::compress::{compress, observe_prefill};
+use kvquilt_blend::{DEFAULT_GATHER, DecodeBatcher};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec};
 use kvquilt_model::{AttentionKernel, BatchStep, KvCache, Model, argmax};
 use serde::Serialize;
@@ -51,6 +58,10 @@ pub struct DecodeBenchArgs {
     /// measures each size; 1 is `decode_step`, one sequence alone).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
+    /// Concurrent sessions (threads) decoding each alone and then through a decode batcher
+    /// (a list measures each count; none by default).
+    #[arg(long, value_delimiter = ',')]
+    sessions: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -83,6 +94,84 @@ struct Report {
     steps: usize,
     repeats: usize,
     rows: Vec<Row>,
+    sessions: Vec<SessionsRow>,
+}
+
+#[derive(Serialize)]
+struct SessionsRow {
+    /// `full` or the compression factor.
+    cache: String,
+    sessions: usize,
+    /// Every session's tokens per second, each decoding alone on its thread (median run).
+    alone_tokens_per_s: f64,
+    /// The same through a decode batcher.
+    batched_tokens_per_s: f64,
+    /// Mean sequences per model step of the batcher.
+    mean_batch: f64,
+    alone_runs_s: Vec<f64>,
+    batched_runs_s: Vec<f64>,
+}
+
+/// `sessions` threads each decoding `steps` tokens over its own copy of `base`, all at once
+/// (after one untimed step each): through `batcher` when given, else each `decode_step` on
+/// its own thread. Seconds of each timed run, after one warm-up run.
+fn concurrent(
+    model: &Arc<Model>,
+    base: &KvCache,
+    sessions: usize,
+    steps: usize,
+    repeats: usize,
+    batcher: Option<&DecodeBatcher>,
+    token: &(dyn Fn(usize, usize) -> u32 + Sync),
+) -> Result<Vec<f64>> {
+    let mut runs = Vec::with_capacity(repeats + 1);
+    for _ in 0..=repeats.max(1) {
+        let start = Barrier::new(sessions + 1);
+        let done = Barrier::new(sessions + 1);
+        let t = std::thread::scope(|s| -> Result<f64> {
+            let handles: Vec<_> = (0..sessions)
+                .map(|b| {
+                    let (start, done) = (&start, &done);
+                    let mut session = batcher.map(|bt| bt.session(base.clone()));
+                    let mut cache = base.clone();
+                    s.spawn(move || -> Result<()> {
+                        let mut step = |i: usize| -> Result<()> {
+                            match session.as_mut() {
+                                Some(sn) => drop(sn.step(token(i, b))?),
+                                None => {
+                                    drop(model.decode_step(token(i, b), &mut cache, &mut ())?)
+                                }
+                            }
+                            Ok(())
+                        };
+                        // every thread reaches both barriers, whatever fails
+                        let sync = || -> Result<()> { Ok(model.device().synchronize()?) };
+                        let first = step(0).and_then(|()| sync());
+                        start.wait();
+                        let rest = match first {
+                            Ok(()) => (1..=steps).try_for_each(&mut step).and_then(|()| sync()),
+                            Err(_) => Ok(()),
+                        };
+                        done.wait();
+                        first.and(rest)
+                    })
+                })
+                .collect();
+            start.wait();
+            let t = Instant::now();
+            done.wait();
+            let secs = t.elapsed().as_secs_f64();
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a decode session panicked"))??;
+            }
+            Ok(secs)
+        })?;
+        runs.push(t);
+    }
+    // the first run warms up
+    runs.remove(0);
+    Ok(runs)
 }
 
 /// One decode step over `base` with `kernel` against the reference attention: the largest
@@ -156,7 +245,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         );
         pruned.push((n, c, checked));
     }
-    let model = &model;
+    let model = Arc::new(model);
     let token = |i: usize, b: usize| ((i * 31 + b * 17 + 7) as u64 % vocab) as u32;
     // `steps` steps of `batch` sequences over copies of `base`, after an untimed first one
     let decode = |base: &KvCache, batch: usize| -> Result<Vec<f64>> {
@@ -243,7 +332,53 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
             r.check_same_argmax
         );
     }
+    // the caches the sessions' threads copy were written on this thread's stream
+    model.device().synchronize()?;
+    let mut sessions_rows = Vec::new();
+    for &n in &a.sessions {
+        anyhow::ensure!(n >= 1, "--sessions {n}: at least one");
+        let caches = std::iter::once(("full".to_string(), &full))
+            .chain(pruned.iter().map(|(f, p, _)| (format!("{f}x"), &p.cache)));
+        for (label, base) in caches {
+            let alone = concurrent(&model, base, n, steps, a.repeats, None, &token)?;
+            let batcher = DecodeBatcher::start(Arc::clone(&model), n.max(2), DEFAULT_GATHER)?;
+            let batched = concurrent(&model, base, n, steps, a.repeats, Some(&batcher), &token)?;
+            let st = batcher.stats();
+            let row = SessionsRow {
+                cache: label,
+                sessions: n,
+                alone_tokens_per_s: (n * steps) as f64 / median(&alone),
+                batched_tokens_per_s: (n * steps) as f64 / median(&batched),
+                mean_batch: st.steps as f64 / st.batches.max(1) as f64,
+                alone_runs_s: alone,
+                batched_runs_s: batched,
+            };
+            eprintln!(
+                "{} sessions, {}: alone {:.1} tokens/s, batched {:.1} tokens/s (mean batch {:.2})",
+                n, row.cache, row.alone_tokens_per_s, row.batched_tokens_per_s, row.mean_batch
+            );
+            sessions_rows.push(row);
+        }
+    }
+    if !sessions_rows.is_empty() {
+        println!(
+            "| sessions | cache | alone tok/s | batched tok/s | batched / alone | mean batch |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for r in &sessions_rows {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.2} |",
+                r.sessions,
+                r.cache,
+                r.alone_tokens_per_s,
+                r.batched_tokens_per_s,
+                r.batched_tokens_per_s / r.alone_tokens_per_s,
+                r.mean_batch
+            );
+        }
+    }
     let report = Report {
+        sessions: sessions_rows,
         model: name,
         device: format!("{:?}", model.device()),
         dtype: format!("{:?}", model.dtype()),

@@ -122,7 +122,8 @@ impl Model {
                 attn.push(a);
                 new_layers[b].push(kv);
             }
-            let attn = Tensor::cat(&attn, 0)?;
+            // one launch on CUDA, not one per sequence
+            let attn = crate::rows::concat(&attn.iter().collect::<Vec<_>>())?;
             (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
         }
         let logits = self.logits(&hidden)?;

@@ -20,8 +20,8 @@
 //! max_new_tokens = 512
 //! workers = 1                          # model requests computed at once
 //! max_queue = 64                       # model requests waiting; more get 503
-//! # decode_batch = 1                   # requests decoding together in one model step;
-//!                                      #   unset: workers (0 or 1: each decodes alone)
+//! decode_batch = 0                     # requests decoding together in one model step
+//!                                      #   (at most workers decode at once; 0 or 1: each alone)
 //! header_timeout_s = 30                # a request head must arrive within it; idle
 //!                                      #   keep-alive connections close after it
 //! body_timeout_s = 60                  # a request body must arrive within it (408)
@@ -147,10 +147,13 @@ pub struct Limits {
     pub workers: usize,
     /// Model requests allowed to wait for a worker; more are refused with 503.
     pub max_queue: usize,
-    /// Requests decoding together in one model step (`kvquilt_blend::Blender::with_decode_batching`);
-    /// `None`: `workers` (each worker's request can be decoding); 0 or 1: each request
-    /// decodes alone.
-    pub decode_batch: Option<usize>,
+    /// Requests decoding together in one model step
+    /// (`kvquilt_blend::Blender::with_decode_batching`; at most `workers` requests decode at
+    /// once). 0 or 1 (the default): each request decodes alone. Opt-in: it pays with several
+    /// requests decoding at once on a GPU, and with batches of 4 or more on the CPU, where two
+    /// requests decoding side by side on their own threads are faster than one batch of two
+    /// (BENCHMARKS §9, "Batched decoding").
+    pub decode_batch: usize,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
     /// Seconds a request head may take to arrive; an idle keep-alive connection is closed
@@ -385,7 +388,7 @@ impl Default for Limits {
             max_new_tokens: 512,
             workers: 1,
             max_queue: 64,
-            decode_batch: None,
+            decode_batch: 0,
             default_quota_bytes: None,
             header_timeout_s: 30,
             body_timeout_s: 60,
@@ -393,13 +396,6 @@ impl Default for Limits {
             max_connections: 1024,
             shutdown_grace_s: 30,
         }
-    }
-}
-
-impl Limits {
-    /// Requests decoding together in one model step ([`Limits::decode_batch`]).
-    pub fn decode_batch(&self) -> usize {
-        self.decode_batch.unwrap_or(self.workers)
     }
 }
 

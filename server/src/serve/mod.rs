@@ -273,7 +273,7 @@ pub fn app_state(
         )
         .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms))
         .with_fallback_to_full(config.blend.fall_back_to_full)
-        .with_decode_batching(config.limits.decode_batch())
+        .with_decode_batching(config.limits.decode_batch)
         .context("starting the decode batcher")?,
     );
     Ok(Arc::new(Shared {
