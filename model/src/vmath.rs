@@ -143,16 +143,8 @@ pub(crate) fn few_rows_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let blocks: Vec<Vec<f32>> = wv
         .par_chunks(LINEAR_OUTPUTS_PER_TASK * d)
         .map(|wb| {
-            let cols = wb.len() / d;
-            let mut block = vec![0f32; n * cols];
-            FewRows {
-                rows: n,
-                w: cols,
-                d,
-                kv_stride: d,
-                score_stride: cols,
-            }
-            .scores(&mut block, xv, wb);
+            let mut block = vec![0f32; n * (wb.len() / d)];
+            rows_times_block(xv, wb, d, &mut block);
             block
         })
         .collect();
@@ -165,6 +157,75 @@ pub(crate) fn few_rows_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(y, (n, out), &Device::Cpu)?)
+}
+
+/// `out[r * cols + c] = x[r] · w[c]` for the `n = x.len() / d` rows of `x` and the
+/// `cols = w.len() / d` rows of `w` (1 ≤ n ≤ [`FEW_ROWS_LINEAR_MAX`]): every row's
+/// accumulators advance together over each sixteen-element piece of a weight row, so the
+/// weight is read once and the rows' sums are independent chains of FMAs.
+fn rows_times_block(x: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    macro_rules! dispatch {
+        ($($n:literal)*) => {
+            match x.len() / d {
+                $($n => {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        if std::arch::is_x86_feature_detected!("avx512f") {
+                            // SAFETY: the CPU has AVX-512F, the only feature it is compiled for.
+                            return unsafe { rows_times_block_avx512::<$n>(x, w, d, out) };
+                        }
+                        if std::arch::is_x86_feature_detected!("avx2")
+                            && std::arch::is_x86_feature_detected!("fma")
+                        {
+                            // SAFETY: the CPU has AVX2 and FMA, the features it is compiled for.
+                            return unsafe { rows_times_block_avx2::<$n>(x, w, d, out) };
+                        }
+                    }
+                    rows_times::<$n>(x, w, d, out)
+                })*
+                n => panic!("rows_times_block: {n} rows (1..={FEW_ROWS_LINEAR_MAX})"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn rows_times_block_avx512<const N: usize>(x: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    rows_times::<N>(x, w, d, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_times_block_avx2<const N: usize>(x: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    rows_times::<N>(x, w, d, out)
+}
+
+#[inline(always)]
+fn rows_times<const N: usize>(x: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    let cols = w.len() / d;
+    let (full, tail) = (d / 16 * 16, d % 16);
+    for c in 0..cols {
+        if c + PREFETCH_ROWS < cols {
+            prefetch(&w[(c + PREFETCH_ROWS) * d..][..d]);
+        }
+        let wr = &w[c * d..][..d];
+        let mut acc = [[0f32; 16]; N];
+        for k in (0..full).step_by(16) {
+            let wk = &wr[k..k + 16];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xk = &x[r * d + k..][..16];
+                for i in 0..16 {
+                    a[i] += wk[i] * xk[i];
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let t: f32 = (0..tail).map(|i| wr[full + i] * x[r * d + full + i]).sum();
+            out[r * cols + c] = a.iter().sum::<f32>() + t;
+        }
+    }
 }
 
 /// `silu(gate) * up` of a fused gate/up projection `[n, 2 * inter]` (f32, CPU): `[n, inter]`,
