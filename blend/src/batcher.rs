@@ -356,21 +356,12 @@ impl Drop for BatchedSteps {
 mod tests {
     use std::thread;
 
-    use kvquilt_model::{DType, Device, ModelConfig, argmax, positions};
+    use kvquilt_model::{argmax, positions};
 
     use super::*;
 
     fn model(context: usize) -> Arc<Model> {
-        let mut c = ModelConfig::smollm2_135m();
-        c.num_layers = 2;
-        c.hidden_size = 64;
-        c.intermediate_size = 32;
-        c.num_heads = 4;
-        c.num_kv_heads = 2;
-        c.head_dim = 16;
-        c.vocab_size = 64;
-        c.context_length = context;
-        Arc::new(Model::random(c, &Device::Cpu, DType::F32).unwrap())
+        Arc::new(crate::test_model::tiny_random(context))
     }
 
     fn prompt_cache(m: &Model, n: usize, salt: u32) -> KvCache {

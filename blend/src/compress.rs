@@ -363,20 +363,12 @@ fn shape(model: &Model, tokens: usize) -> Shape {
 #[cfg(test)]
 mod tests {
     use kvquilt_compression::policy::{SageKv, Schedule, Scorer, StreamingLlm};
-    use kvquilt_model::{DType, Device, ModelConfig};
+    use kvquilt_model::ModelConfig;
 
     use super::*;
 
     fn model() -> Model {
-        let mut c = ModelConfig::smollm2_135m();
-        c.num_layers = 2;
-        c.hidden_size = 64;
-        c.intermediate_size = 32;
-        c.num_heads = 4;
-        c.num_kv_heads = 2;
-        c.head_dim = 16;
-        c.vocab_size = 64;
-        Model::random(c, &Device::Cpu, DType::F32).unwrap()
+        crate::test_model::tiny_random(ModelConfig::smollm2_135m().context_length)
     }
 
     fn prompt_cache(m: &Model, n: usize) -> (Vec<u32>, KvCache) {

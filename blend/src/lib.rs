@@ -40,6 +40,8 @@ mod recompute;
 mod request;
 pub mod select;
 mod tensor_bytes;
+#[cfg(test)]
+mod test_model;
 
 pub use batcher::{BatchStats, BatchedSteps, DEFAULT_GATHER, DecodeBatcher, LiveGuard};
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};

@@ -102,12 +102,7 @@ impl Model {
         let mut normed: Option<Tensor> = None;
         let end = layers.end;
         for l in layers {
-            let w = &self.weights.layers[l];
-            let x = match normed.take() {
-                Some(x) => x,
-                None => self.norm(&hidden, &w.attn_norm)?,
-            };
-            let (q, k_new, v_new) = self.qkv(w, &x)?;
+            let (q, k_new, v_new) = self.layer_qkv(l, &hidden, normed.take())?;
             let mut attn = Vec::with_capacity(plans.len());
             for (b, plan) in plans.iter().enumerate() {
                 let (a, kv) = self.attend_call(

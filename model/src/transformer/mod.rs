@@ -352,12 +352,7 @@ impl Model {
         let mut normed: Option<Tensor> = None;
         let end = layers.end;
         for l in layers {
-            let w = &self.weights.layers[l];
-            let x = match normed.take() {
-                Some(x) => x,
-                None => self.norm(&hidden, &w.attn_norm)?,
-            };
-            let (q, k_new, v_new) = self.qkv(w, &x)?;
+            let (q, k_new, v_new) = self.layer_qkv(l, &hidden, normed.take())?;
             let (attn, kv) = self.attend_call(&call, l, cache, &q, k_new, v_new, hook)?;
             (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
             new_layers.push((l, kv));
@@ -508,6 +503,22 @@ impl Model {
         let (attn, seen) = self.attend_layer(how, q, &kv, heads)?;
         hook.after_attention(l, seen)?;
         Ok((attn, kv))
+    }
+
+    /// Pre-RoPE Q, K and V of layer `l` (a layer of the model) for the residual stream
+    /// `hidden`, from its normed input when the previous layer's residual add already made it.
+    fn layer_qkv(
+        &self,
+        l: usize,
+        hidden: &Tensor,
+        normed: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let w = self.layer(l)?;
+        let x = match normed {
+            Some(x) => x,
+            None => self.norm(hidden, &w.attn_norm)?,
+        };
+        self.qkv(w, &x)
     }
 
     /// Layer `l` after its attention `attn` (`[n, heads * head_dim]`): the output projection,
