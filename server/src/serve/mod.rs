@@ -260,6 +260,13 @@ pub fn app_state(
             "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
         );
     }
+    if config.limits.decode_batch >= 2 && config.limits.workers < 2 {
+        tracing::warn!(
+            decode_batch = config.limits.decode_batch,
+            workers = config.limits.workers,
+            "limits.decode_batch has no effect with one worker: one request decodes at a time"
+        );
+    }
     let blender = Arc::new(
         Blender::new(
             Arc::new(loaded.model),
