@@ -280,7 +280,7 @@ async fn a_decode_pool_holds_generated_kv_to_its_budget() {
 async fn concurrent_completions_decode_in_batches_and_answer_as_alone() {
     let mut config = Config::default();
     config.limits.workers = 4;
-    config.limits.decode_batch = 4;
+    config.limits.decode_batch = Some(4);
     let app = TestApp::new(config);
     let mut bodies = vec![
         chat(json!({"policy": "snapkv", "window": 4, "compression": 4})),

@@ -260,9 +260,10 @@ pub fn app_state(
             "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
         );
     }
-    if config.limits.decode_batch >= 2 && config.limits.workers < 2 {
+    let decode_batch = config.limits.decode_batch_for(on_gpu);
+    if config.limits.decode_batch.is_some_and(|n| n >= 2) && config.limits.workers < 2 {
         tracing::warn!(
-            decode_batch = config.limits.decode_batch,
+            decode_batch,
             workers = config.limits.workers,
             "limits.decode_batch has no effect with one worker: one request decodes at a time"
         );
@@ -280,7 +281,7 @@ pub fn app_state(
         )
         .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms))
         .with_fallback_to_full(config.blend.fall_back_to_full)
-        .with_decode_batching(config.limits.decode_batch)
+        .with_decode_batching(decode_batch)
         .context("starting the decode batcher")?,
     );
     Ok(Arc::new(Shared {
