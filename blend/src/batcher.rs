@@ -6,7 +6,8 @@
 //! and cache to the batcher's thread and waits; that thread gathers the steps of every live
 //! session (waiting at most [`DEFAULT_GATHER`] after the first for the others' next step),
 //! runs them as one [`Model::decode_batch`] — each weight read once per step for all of
-//! them, attention per sequence — and hands each cache back with its logits.
+//! them, attention per sequence — and hands each cache back with its logits. A session that
+//! is the batcher's only one steps on its own thread (nothing to batch with; no hand-off).
 //!
 //! **Streams.** candle runs each host thread's CUDA work on that thread's own default stream,
 //! and a cache crosses threads here, so each side synchronizes its stream at the hand-off:
@@ -28,7 +29,7 @@
 //! - Every cache handed to the batcher comes back, also when a step fails or panics.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,7 +47,8 @@ pub const DEFAULT_GATHER: Duration = Duration::from_millis(2);
 /// What a batcher did ([`crate::Blender::decode_batch_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// Model steps run (each one or more sequences).
+    /// Model steps run (each one or more sequences; a lone session's steps, run on its own
+    /// thread, count as batches of one).
     pub batches: u64,
     /// Sequence steps run (the sum of the batches' sizes).
     pub steps: u64,
@@ -81,9 +83,6 @@ struct Shared {
     batches: AtomicU64,
     steps: AtomicU64,
     split: AtomicU64,
-    /// Every decode session of the blender that owns this batcher, batched or not
-    /// ([`DecodeBatcher::live`]).
-    live: Arc<AtomicUsize>,
 }
 
 /// The thread that runs concurrent sessions' decode steps together, at most `max_batch` in
@@ -121,7 +120,6 @@ impl DecodeBatcher {
             batches: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             split: AtomicU64::new(0),
-            live: Arc::new(AtomicUsize::new(0)),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -147,20 +145,7 @@ impl DecodeBatcher {
         BatchedSteps {
             shared: Arc::clone(&self.shared),
             cache: Some(cache),
-            _live: self.live_guard(),
         }
-    }
-
-    /// Decode sessions of the owning blender live now, batched or not.
-    pub fn live(&self) -> usize {
-        self.shared.live.load(Ordering::Relaxed)
-    }
-
-    /// Counts a decode session that runs outside the batcher (a graphed one) for as long as
-    /// the guard lives, so that later sessions know they have company.
-    pub fn live_guard(&self) -> LiveGuard {
-        self.shared.live.fetch_add(1, Ordering::Relaxed);
-        LiveGuard(Arc::clone(&self.shared.live))
     }
 
     /// What the batcher did so far.
@@ -182,16 +167,6 @@ impl Drop for DecodeBatcher {
             // a panic inside was already reported to its sessions
             let _ = t.join();
         }
-    }
-}
-
-/// A live decode session, counted until dropped ([`DecodeBatcher::live_guard`]).
-#[derive(Debug)]
-pub struct LiveGuard(Arc<AtomicUsize>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -291,7 +266,6 @@ pub struct BatchedSteps {
     shared: Arc<Shared>,
     /// `None` only while a step is out with the batcher.
     cache: Option<KvCache>,
-    _live: LiveGuard,
 }
 
 impl BatchedSteps {
@@ -299,6 +273,17 @@ impl BatchedSteps {
     /// f32 logits `[vocab]`, computed in a batch with whatever other sessions step now. On
     /// error the cache is as it was.
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
+        if self.alone() {
+            // nobody to batch with: no hand-off (a one-sequence batch is this step anyway)
+            let cache = self
+                .cache
+                .as_mut()
+                .ok_or_else(|| BlendError::Batcher("a batched session lost its cache".into()))?;
+            let logits = self.shared.model.decode_step(token, cache, &mut ())?;
+            self.shared.batches.fetch_add(1, Ordering::Relaxed);
+            self.shared.steps.fetch_add(1, Ordering::Relaxed);
+            return Ok(logits);
+        }
         let cache = self
             .cache
             .take()
@@ -333,6 +318,14 @@ impl BatchedSteps {
         // free them
         kvquilt_model::bind_to_thread(self.shared.model.device())?;
         logits
+    }
+
+    /// Whether this is the batcher's only session and nothing waits in its queue: a step
+    /// then runs on the session's own thread. A session that registers meanwhile waits at
+    /// most the gather time for this one's next step, once.
+    fn alone(&self) -> bool {
+        let st = self.shared.state.lock();
+        st.sessions == 1 && st.queue.is_empty() && !st.shutdown
     }
 
     /// The session's cache (every step so far appended).
@@ -431,7 +424,29 @@ mod tests {
             "no step ran batched: {st:?} (the gather time is generous)"
         );
         assert_eq!(st.sessions, 0, "every session ended");
-        assert_eq!(batcher.live(), 0);
+    }
+
+    /// A session with no company steps on its own thread: the logits `decode_step` gives,
+    /// counted as batches of one.
+    #[test]
+    fn a_lone_session_steps_as_decode_step_does() {
+        let m = model(64);
+        let batcher = DecodeBatcher::start(Arc::clone(&m), 4, Duration::from_millis(500)).unwrap();
+        let cache = prompt_cache(&m, 9, 3);
+        let mut alone = cache.clone();
+        let want = greedy(1, 6, |t| Ok(m.decode_step(t, &mut alone, &mut ())?)).unwrap();
+        let mut steps = batcher.session(cache);
+        let t = Instant::now();
+        let got = greedy(1, 6, |t| steps.step(t)).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "no step waited for a gather: {:?}",
+            t.elapsed()
+        );
+        assert_eq!(got, want);
+        assert_eq!(steps.cache().unwrap().len(), alone.len());
+        let st = batcher.stats();
+        assert_eq!((st.batches, st.steps, st.sessions), (6, 6, 1));
     }
 
     /// A sequence at the end of the model's context fails its step; the others in its batch

@@ -224,8 +224,6 @@ pub enum DecodeSteps {
 pub struct Graphed {
     cache: Option<GraphedCache>,
     pool: Arc<GraphPool>,
-    /// Counts this request among the decoding ones while it lives (with decode batching on).
-    pub(crate) live: Option<crate::batcher::LiveGuard>,
 }
 
 #[cfg(feature = "gpu")]
@@ -300,7 +298,6 @@ impl DecodeSteps {
         Self::Graphed(Graphed {
             cache: Some(g),
             pool: Arc::clone(pool),
-            live: None,
         })
     }
 

@@ -43,7 +43,7 @@ mod tensor_bytes;
 #[cfg(test)]
 mod test_model;
 
-pub use batcher::{BatchStats, BatchedSteps, DEFAULT_GATHER, DecodeBatcher, LiveGuard};
+pub use batcher::{BatchStats, BatchedSteps, DEFAULT_GATHER, DecodeBatcher};
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, CorrectionScope, Mode, ParallelCorrection};
 pub use cost::{CostModel, PlannedMode};

@@ -14,7 +14,10 @@
 //! With `--sessions N`, N threads decode at once, each its own sequence as a request of the
 //! sidecar does: once each with `decode_step` on its own thread (the sidecar with
 //! `limits.decode_batch = 0`), once through a `DecodeBatcher` (the sidecar's default with N
-//! workers): the batcher's thread hand-offs and gathering included.
+//! workers on a GPU): the batcher's thread hand-offs and gathering included. In a `gpu` build
+//! on CUDA, the full cache's sessions also run each in its own `GraphedCache`, a graph
+//! replayed per step (what the sidecar's decoding requests do on a blender with graphs and
+//! no batching).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
@@ -106,22 +109,78 @@ struct SessionsRow {
     alone_tokens_per_s: f64,
     /// The same through a decode batcher.
     batched_tokens_per_s: f64,
+    /// The same each alone in its own graphed cache, a graph replayed per step (`gpu` builds
+    /// on CUDA, full caches only: a pruned cache does not go into one).
+    graphed_tokens_per_s: Option<f64>,
     /// Mean sequences per model step of the batcher.
     mean_batch: f64,
     alone_runs_s: Vec<f64>,
     batched_runs_s: Vec<f64>,
+    graphed_runs_s: Vec<f64>,
+}
+
+/// How each session of [`concurrent`] decodes.
+#[derive(Clone, Copy)]
+enum Sessions<'a> {
+    /// `Model::decode_step` on its own thread.
+    Alone,
+    /// Through a decode batcher.
+    Batched(&'a DecodeBatcher),
+    /// In its own graphed cache, a graph replayed per step.
+    #[cfg(feature = "gpu")]
+    Graphed,
+}
+
+/// One session's steps: the cache it decodes over, as [`Sessions`] says.
+enum Session {
+    Alone(KvCache),
+    Batched(kvquilt_blend::BatchedSteps),
+    #[cfg(feature = "gpu")]
+    Graphed(kvquilt_model::GraphedCache),
+}
+
+impl Session {
+    fn new(how: Sessions<'_>, model: &Arc<Model>, base: &KvCache, steps: usize) -> Result<Self> {
+        #[cfg(not(feature = "gpu"))]
+        let _ = (model, steps);
+        Ok(match how {
+            Sessions::Alone => Self::Alone(base.clone()),
+            Sessions::Batched(b) => Self::Batched(b.session(base.clone())),
+            #[cfg(feature = "gpu")]
+            Sessions::Graphed => {
+                // the untimed first step and `steps` more
+                let mut g =
+                    kvquilt_model::GraphedCache::new(Arc::clone(model), base.len() + steps + 1)?;
+                g.load(base)?;
+                Self::Graphed(g)
+            }
+        })
+    }
+
+    fn step(&mut self, model: &Model, token: u32) -> Result<()> {
+        match self {
+            Self::Alone(cache) => drop(model.decode_step(token, cache, &mut ())?),
+            Self::Batched(b) => drop(b.step(token)?),
+            #[cfg(feature = "gpu")]
+            Self::Graphed(g) => {
+                let pos = g.positions().last().map_or(0, |p| p + 1);
+                drop(g.append(&[token], &[pos])?)
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `sessions` threads each decoding `steps` tokens over its own copy of `base`, all at once
-/// (after one untimed step each): through `batcher` when given, else each `decode_step` on
-/// its own thread. Seconds of each timed run, after one warm-up run.
+/// (after one untimed step each), as `how` says. Seconds of each timed run, after one
+/// warm-up run.
 fn concurrent(
     model: &Arc<Model>,
     base: &KvCache,
     sessions: usize,
     steps: usize,
     repeats: usize,
-    batcher: Option<&DecodeBatcher>,
+    how: Sessions<'_>,
     token: &(dyn Fn(usize, usize) -> u32 + Sync),
 ) -> Result<Vec<f64>> {
     let mut runs = Vec::with_capacity(repeats + 1);
@@ -132,17 +191,13 @@ fn concurrent(
             let handles: Vec<_> = (0..sessions)
                 .map(|b| {
                     let (start, done) = (&start, &done);
-                    let mut session = batcher.map(|bt| bt.session(base.clone()));
-                    let mut cache = base.clone();
                     s.spawn(move || -> Result<()> {
+                        let mut session = Session::new(how, model, base, steps);
                         let mut step = |i: usize| -> Result<()> {
                             match session.as_mut() {
-                                Some(sn) => drop(sn.step(token(i, b))?),
-                                None => {
-                                    drop(model.decode_step(token(i, b), &mut cache, &mut ())?)
-                                }
+                                Ok(sn) => sn.step(model, token(i, b)),
+                                Err(e) => Err(anyhow::anyhow!("{e:#}")),
                             }
-                            Ok(())
                         };
                         // every thread reaches both barriers, whatever fails
                         let sync = || -> Result<()> { Ok(model.device().synchronize()?) };
@@ -153,6 +208,9 @@ fn concurrent(
                             Err(_) => Ok(()),
                         };
                         done.wait();
+                        // this thread frees its buffers: bound, as cudarc frees unbound
+                        kvquilt_model::bind_to_thread(model.device())?;
+                        drop(session);
                         first.and(rest)
                     })
                 })
@@ -340,40 +398,58 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         let caches = std::iter::once(("full".to_string(), &full))
             .chain(pruned.iter().map(|(f, p, _)| (format!("{f}x"), &p.cache)));
         for (label, base) in caches {
-            let alone = concurrent(&model, base, n, steps, a.repeats, None, &token)?;
+            let run = |how| concurrent(&model, base, n, steps, a.repeats, how, &token);
+            let alone = run(Sessions::Alone)?;
             let batcher = DecodeBatcher::start(Arc::clone(&model), n.max(2), DEFAULT_GATHER)?;
-            let batched = concurrent(&model, base, n, steps, a.repeats, Some(&batcher), &token)?;
+            let batched = run(Sessions::Batched(&batcher))?;
             let st = batcher.stats();
+            #[cfg(feature = "gpu")]
+            let graphed = match model.device().is_cuda() && !base.is_pruned() {
+                true => run(Sessions::Graphed)?,
+                false => Vec::new(),
+            };
+            #[cfg(not(feature = "gpu"))]
+            let graphed = Vec::new();
             let row = SessionsRow {
                 cache: label,
                 sessions: n,
                 alone_tokens_per_s: (n * steps) as f64 / median(&alone),
                 batched_tokens_per_s: (n * steps) as f64 / median(&batched),
+                graphed_tokens_per_s: (!graphed.is_empty())
+                    .then(|| (n * steps) as f64 / median(&graphed)),
                 mean_batch: st.steps as f64 / st.batches.max(1) as f64,
                 alone_runs_s: alone,
                 batched_runs_s: batched,
+                graphed_runs_s: graphed,
             };
             eprintln!(
-                "{} sessions, {}: alone {:.1} tokens/s, batched {:.1} tokens/s (mean batch {:.2})",
-                n, row.cache, row.alone_tokens_per_s, row.batched_tokens_per_s, row.mean_batch
+                "{} sessions, {}: alone {:.1} tokens/s, batched {:.1} tokens/s (mean batch {:.2}), graphed {:?}",
+                n,
+                row.cache,
+                row.alone_tokens_per_s,
+                row.batched_tokens_per_s,
+                row.mean_batch,
+                row.graphed_tokens_per_s
             );
             sessions_rows.push(row);
         }
     }
     if !sessions_rows.is_empty() {
         println!(
-            "| sessions | cache | alone tok/s | batched tok/s | batched / alone | mean batch |"
+            "| sessions | cache | alone tok/s | batched tok/s | batched / alone | mean batch | graphed alone tok/s |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for r in &sessions_rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.2} |",
+                "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.2} | {} |",
                 r.sessions,
                 r.cache,
                 r.alone_tokens_per_s,
                 r.batched_tokens_per_s,
                 r.batched_tokens_per_s / r.alone_tokens_per_s,
-                r.mean_batch
+                r.mean_batch,
+                r.graphed_tokens_per_s
+                    .map_or("–".into(), |t| format!("{t:.1}"))
             );
         }
     }

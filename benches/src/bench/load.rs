@@ -1,11 +1,13 @@
 //! `kvquilt bench load`: HTTP load against a real `kvquilt serve` child process.
 //!
-//! Starts the server (the `kvquilt` binary beside this one) on loopback with a fresh data directory, stores a set of
-//! chunks, then drives chunk lookups (`GET /v1/chunks/{id}`) and blend requests
-//! (`POST /v1/blend` over stored chunks) at each concurrency for a fixed time. Reports
-//! throughput, p50/p99 latency, errors (non-2xx or transport) and the server's RSS before
-//! and after. The load generator shares the machine with the server: the numbers are what
-//! both together reach on it.
+//! Starts the server (the `kvquilt` binary beside this one) on loopback with a fresh data
+//! directory, stores a set of chunks, then drives chunk lookups (`GET /v1/chunks/{id}`),
+//! blend requests (`POST /v1/blend` over stored chunks) and, with `--completion-s`, chat
+//! completions over stored chunks that decode up to `--max-tokens` tokens each (optionally
+//! over a prompt KV compressed by `--compress`) at each concurrency for a fixed time.
+//! Reports throughput (and generated tokens per second), p50/p99 latency, errors (non-2xx or
+//! transport) and the server's RSS before and after. The load generator shares the machine
+//! with the server: the numbers are what both together reach on it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kvquilt_client::{BlendRequest, ChunkRef, Client};
+use kvquilt_client::api::CompressSpec;
+use kvquilt_client::{BlendRequest, ChatMessage, ChatRequest, ChunkRef, Client, ModeSpec};
 use serde::Serialize;
 
 use super::write_report;
@@ -39,9 +42,23 @@ pub struct LoadBenchArgs {
     /// Blend mode of the blend requests (`reuse`, `blend`, `full`).
     #[arg(long, default_value = "blend")]
     mode: String,
+    /// Seconds per chat-completion level (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    completion_s: f64,
+    /// Most tokens each chat completion generates.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// The chat completions' prompt KV compressed by this token policy, N× (`snapkv:4`;
+    /// none by default).
+    #[arg(long)]
+    compress: Option<String>,
     /// Model requests the server computes at once.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// One more argument for `kvquilt serve` (repeat it: `--serve-arg=--device
+    /// --serve-arg=cuda`).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -62,6 +79,10 @@ struct Level {
     p99_ms: f64,
     /// `/health` probed every 50 ms during the level: its slowest answer, ms.
     health_max_ms: f64,
+    /// Tokens the requests generated (chat completions; 0 for the other kinds).
+    generated_tokens: usize,
+    /// Generated tokens per second over the level.
+    generated_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +92,12 @@ struct Report {
     chunk_tokens_mean: f64,
     blend_mode: String,
     server_workers: usize,
+    /// `kvquilt serve`'s extra arguments (`--serve-arg`).
+    serve_args: Vec<String>,
+    /// Most tokens per chat completion.
+    max_tokens: usize,
+    /// The chat completions' token policy (`--compress`).
+    compress: Option<String>,
     rss_mib_before: f64,
     rss_mib_after: f64,
     levels: Vec<Level>,
@@ -93,6 +120,7 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
         .arg(a.workers.to_string())
         .arg("--data-dir")
         .arg(dir.path())
+        .args(&a.serve_args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -118,12 +146,12 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
         .build()?;
     let report = rt.block_on(drive(&a, &url, pid))?;
     eprintln!(
-        "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12}",
-        "kind", "conc", "requests", "errors", "per s", "p50 ms", "p99 ms", "health max"
+        "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>12}",
+        "kind", "conc", "requests", "errors", "per s", "p50 ms", "p99 ms", "health max", "tokens/s"
     );
     for l in &report.levels {
         eprintln!(
-            "{:<8} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>12.3}",
+            "{:<8} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>12.3} {:>12.1}",
             l.kind,
             l.concurrency,
             l.requests,
@@ -131,7 +159,8 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
             l.per_s,
             l.p50_ms,
             l.p99_ms,
-            l.health_max_ms
+            l.health_max_ms,
+            l.generated_per_s
         );
     }
     eprintln!(
@@ -186,12 +215,25 @@ async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
         l.health_max_ms = probe.finish().await;
         levels.push(l);
     }
+    let compress = a.compress.as_deref().map(compress_spec).transpose()?;
+    for &c in &a.concurrency {
+        if a.completion_s <= 0.0 {
+            break;
+        }
+        let probe = health_probe(&http, url);
+        let mut l = completions(&client, &ids, c, a, compress.clone()).await;
+        l.health_max_ms = probe.finish().await;
+        levels.push(l);
+    }
     Ok(Report {
         machine: super::machine(),
         chunks: ids.len(),
         chunk_tokens_mean: tokens as f64 / ids.len().max(1) as f64,
         blend_mode: a.mode.clone(),
         server_workers: a.workers,
+        serve_args: a.serve_args.clone(),
+        max_tokens: a.max_tokens,
+        compress: a.compress.clone(),
         rss_mib_before: rss_before,
         rss_mib_after: rss_mib(pid),
         levels,
@@ -222,7 +264,7 @@ async fn lookups(url: &str, ids: &Arc<Vec<String>>, conc: usize, secs: f64) -> L
                     errors += usize::from(!ok);
                     i += conc;
                 }
-                (lat, errors)
+                (lat, errors, 0)
             })
         })
         .collect();
@@ -286,17 +328,68 @@ async fn blends(
         let req =
             BlendRequest::question("Which year was the harbour rebuilt?", refs).mode(&mode, None);
         let client = client.clone();
-        async move { client.blend(&req).await.is_ok() }
+        async move { client.blend(&req).await.ok().map(|_| 0) }
     })
     .await
 }
 
-/// Runs `conc` tasks for `secs` seconds, each sending `request(i)` (true: success) for its
-/// own sequence of `i` (task `t` sends `t`, `t + conc`, ...), and measures them.
+/// `--compress POLICY:N` as the request field.
+fn compress_spec(s: &str) -> Result<CompressSpec> {
+    let (policy, n) = s
+        .rsplit_once(':')
+        .context("--compress POLICY:N (e.g. snapkv:4)")?;
+    let n: f32 = n.parse().context("--compress POLICY:N: N a number")?;
+    Ok(CompressSpec {
+        policy: Some(policy.to_string()),
+        compression: Some(n),
+        ..CompressSpec::default()
+    })
+}
+
+/// Chat completions over `a.chunks_per_blend` stored chunks, each generating up to
+/// `a.max_tokens` tokens (a request for a long answer, so that most reach the limit).
+async fn completions(
+    client: &Client,
+    ids: &Arc<Vec<String>>,
+    conc: usize,
+    a: &LoadBenchArgs,
+    compress: Option<CompressSpec>,
+) -> Level {
+    let (client, ids) = (client.clone(), Arc::clone(ids));
+    let (per, max_tokens) = (a.chunks_per_blend, a.max_tokens);
+    level("chat", conc, a.completion_s, move |i| {
+        let mut req = ChatRequest::new(vec![ChatMessage::user(
+            "Write a long, detailed history of every harbour in these passages, one paragraph each.",
+        )]);
+        req.common.documents = (0..per)
+            .map(|j| ChunkRef::id(&ids[(i * 7 + j * 13) % ids.len()]))
+            .collect();
+        req.common.max_tokens = Some(max_tokens);
+        req.common.kvquilt = Some(ModeSpec {
+            compress: compress.clone(),
+            ..ModeSpec::default()
+        });
+        let client = client.clone();
+        async move {
+            match client.chat(&req).await {
+                Ok(r) => Some(r.usage.completion_tokens),
+                Err(e) => {
+                    eprintln!("chat completion failed: {e}");
+                    None
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `conc` tasks for `secs` seconds, each sending `request(i)` (`Some(tokens
+/// generated)`: success) for its own sequence of `i` (task `t` sends `t`, `t + conc`, ...),
+/// and measures them.
 async fn level<F, Fut>(kind: &'static str, conc: usize, secs: f64, request: F) -> Level
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = Option<usize>> + Send,
 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -305,16 +398,17 @@ where
             let request = request.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
-                let mut errors = 0;
+                let (mut errors, mut tokens) = (0, 0);
                 let mut i = t;
                 while Instant::now() < deadline {
                     let t0 = Instant::now();
-                    let ok = request(i).await;
+                    let got = request(i).await;
                     lat.push(t0.elapsed().as_secs_f64());
-                    errors += usize::from(!ok);
+                    errors += usize::from(got.is_none());
+                    tokens += got.unwrap_or(0);
                     i += conc;
                 }
-                (lat, errors)
+                (lat, errors, tokens)
             })
         })
         .collect();
@@ -324,16 +418,17 @@ where
 async fn collect(
     kind: &'static str,
     conc: usize,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, usize)>>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, usize, usize)>>,
     start: Instant,
 ) -> Level {
     let mut lat = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut tokens) = (0, 0);
     for t in tasks {
         match t.await {
-            Ok((l, e)) => {
+            Ok((l, e, n)) => {
                 lat.extend(l);
                 errors += e;
+                tokens += n;
             }
             Err(_) => errors += 1,
         }
@@ -357,6 +452,8 @@ async fn collect(
         p50_ms: q(0.50),
         p99_ms: q(0.99),
         health_max_ms: f64::NAN,
+        generated_tokens: tokens,
+        generated_per_s: tokens as f64 / seconds,
     }
 }
 

@@ -225,33 +225,25 @@ impl Blender {
     /// `steps` tokens: each step replays a CUDA graph from the pool `reuse` uses where this
     /// blender runs graphs ([`Blender::with_graphs`]; in the graphed cache the cache is a
     /// view of, after a graphed question, else copied into one first, steps enough to pay
-    /// for it) and no other request is decoding; else, with decode batching on
-    /// ([`Blender::with_decode_batching`]), in batches with the other requests' steps; else
-    /// `Model::decode_step`.
+    /// for it), whatever other requests decode meanwhile (on the H200 concurrent graphed
+    /// requests decode 2.7–3.4× the tokens per second of the same requests batched,
+    /// BENCHMARKS §9); else, with decode batching on ([`Blender::with_decode_batching`]), in
+    /// batches with the other requests' steps; else `Model::decode_step`.
     pub fn decode_steps(&self, cache: KvCache, steps: usize) -> crate::graphs::DecodeSteps {
         use crate::graphs::DecodeSteps;
-        let alone = self.batcher.as_ref().is_none_or(|b| b.live() == 0);
         #[cfg(feature = "gpu")]
         let cache = match &self.graphs {
             Some(pool)
-                if alone
-                    && self.model.attention_kernel()
-                        != kvquilt_model::AttentionKernel::Reference =>
+                if self.model.attention_kernel() != kvquilt_model::AttentionKernel::Reference =>
             {
                 match DecodeSteps::graphed(&self.model, pool, cache, steps) {
                     DecodeSteps::Eager(cache) => cache,
-                    mut graphed => {
-                        // a graphed session is company for later ones: they batch
-                        if let (DecodeSteps::Graphed(g), Some(b)) = (&mut graphed, &self.batcher) {
-                            g.live = Some(b.live_guard());
-                        }
-                        return graphed;
-                    }
+                    graphed => return graphed,
                 }
             }
             _ => cache,
         };
-        let _ = (steps, alone);
+        let _ = steps;
         match &self.batcher {
             Some(b) => DecodeSteps::Batched(b.session(cache)),
             None => DecodeSteps::eager(cache),
@@ -262,9 +254,10 @@ impl Blender {
     /// per model step (`batcher.rs`: every weight read once per step for all of them,
     /// attention per sequence; where the cache's bytes dominate a step — long contexts, many
     /// requests — this is what a token policy's compression speeds up). 0 or 1: off (the
-    /// default). With graphs ([`Blender::with_graphs`]) a request that decodes alone still
-    /// replays its graph; requests that start while another decodes join the batches.
-    /// Requests decoding under a decode pool (SCOPE) step alone.
+    /// default). With graphs ([`Blender::with_graphs`]) a request whose cache goes into a
+    /// graphed one replays its graph instead; the batches take the others (pruned caches,
+    /// corrections a graph cannot apply, a model without graphs). Requests decoding under a
+    /// decode pool (SCOPE) step alone.
     pub fn with_decode_batching(mut self, max_batch: usize) -> Result<Self> {
         self.batcher = match max_batch {
             0 | 1 => None,

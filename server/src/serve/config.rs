@@ -151,10 +151,12 @@ pub struct Limits {
     /// Requests decoding together in one model step
     /// (`kvquilt_blend::Blender::with_decode_batching`; at most `workers` requests decode at
     /// once). 0 or 1: each request decodes alone. Unset (the default): `workers` on a GPU,
-    /// where requests decoding side by side on their own threads take turns and a batch of 4
-    /// decodes 2.3–2.5× their tokens per second; each alone on the CPU, where two requests on
-    /// their own threads already fill a 2-core machine and batching pays only from 4
-    /// (BENCHMARKS §9, "Batched decoding").
+    /// where requests decoding side by side on their own threads take turns (H200, 4
+    /// requests at 8k on the 8B shape: 1.4–1.6× their tokens per second in batches; a
+    /// request whose cache goes into a CUDA graph — the small model's — replays it instead,
+    /// which is faster still); each alone on the CPU, where two requests on their own threads
+    /// already fill a 2-core machine and batching pays only from 4 (BENCHMARKS §9, "Batched
+    /// decoding").
     pub decode_batch: Option<usize>,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
