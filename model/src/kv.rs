@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor, TensorId};
 use crate::error::{Result, invalid_input};
 use crate::parallel::ParallelContext;
 use crate::rows::{
-    RowReplacement, SetRows, concat, concat_with_room, put_rows, set_rows_supported,
+    RowReplacement, RowsAt, SetRows, concat, concat_with_room, put_rows, set_rows_supported,
 };
 
 /// Appends reserve room for at least this many rows (and round capacity up to it).
@@ -246,6 +246,19 @@ impl LayerKv {
     /// with room to grow (capacity at least doubles, in multiples of 256 rows). `self` still
     /// reads its own rows afterwards either way.
     pub fn append(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (layer, writes) = self.append_later(k, v)?;
+        for w in &writes {
+            put_rows(&w.dst, w.at, &w.src)?;
+        }
+        Ok(layer)
+    }
+
+    /// [`LayerKv::append`], leaving an in-place append's two copies to the caller: where
+    /// this layer owns its buffers' frontier and they have room, the rows are reserved and
+    /// the copies returned; the view returned reads them, so the caller makes them (several
+    /// layers' at once: `crate::rows::put_rows_many`) before anything reads it, and drops the
+    /// view if a copy fails. Else the same as `append` (copied now, nothing returned).
+    pub(crate) fn append_later(&self, k: &Tensor, v: &Tensor) -> Result<(Self, Vec<RowsAt>)> {
         let (len, n) = (self.len(), k.dims()[0]);
         let row = &self.k.dims()[1..];
         if &k.dims()[1..] != row || v.dims() != k.dims() {
@@ -264,9 +277,19 @@ impl LayerKv {
                 .compare_exchange(len, len + n, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            put_rows(&g.buf.k, len, k)?;
-            put_rows(&g.buf.v, len, v)?;
-            return Self::view(Arc::clone(&g.buf), len + n);
+            let writes = vec![
+                RowsAt {
+                    dst: g.buf.k.clone(),
+                    at: len,
+                    src: k.clone(),
+                },
+                RowsAt {
+                    dst: g.buf.v.clone(),
+                    at: len,
+                    src: v.clone(),
+                },
+            ];
+            return Ok((Self::view(Arc::clone(&g.buf), len + n)?, writes));
         }
         let cap = (len + n).max(2 * len).next_multiple_of(GROWTH_ROWS);
         // rows len + n.. are written by later appends before any view covers them
@@ -276,7 +299,7 @@ impl LayerKv {
             frontier: AtomicUsize::new(len + n),
             rotated: Mutex::new(None),
         };
-        Self::view(Arc::new(buf), len + n)
+        Ok((Self::view(Arc::new(buf), len + n)?, Vec::new()))
     }
 
     /// Rows `0..len` of `buf`, linked to it.

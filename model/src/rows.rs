@@ -149,6 +149,40 @@ pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {
     Ok(dst.slice_set(&src.contiguous()?, 0, at)?)
 }
 
+/// Rows to write into a buffer at `at..` ([`put_rows_many`]).
+pub(crate) struct RowsAt {
+    pub(crate) dst: Tensor,
+    pub(crate) at: usize,
+    pub(crate) src: Tensor,
+}
+
+/// Every write of `writes`, as [`put_rows`] makes each: on CUDA in one launch per 96 of them
+/// (where every source's rows are packed, `crate::kernels::put_many`), else one by one. The
+/// caller owns every destination row written, and no destination row is a source row.
+pub(crate) fn put_rows_many(writes: &[RowsAt]) -> Result<()> {
+    #[cfg(feature = "gpu")]
+    if writes.first().is_some_and(|w| w.dst.device().is_cuda())
+        && writes.iter().all(|w| {
+            crate::kernels::rows_supported(&w.src)
+                && w.dst.is_contiguous()
+                && w.dst.dtype() == w.src.dtype()
+        })
+    {
+        let copies: Vec<crate::kernels::RowsInto<'_>> = writes
+            .iter()
+            .map(|w| crate::kernels::RowsInto {
+                dst: &w.dst,
+                at: w.at,
+                src: &w.src,
+            })
+            .collect();
+        return crate::kernels::put_many(&copies);
+    }
+    writes
+        .iter()
+        .try_for_each(|w| put_rows(&w.dst, w.at, &w.src))
+}
+
 /// `dst[rows[j], ..] = src[j, ..]` in place: `dst` `[len, ...]` and `src` `[n, ...]` with the
 /// same row shape, `rows` `[n]` u32 (distinct, each `< len`; [`RowReplacement`] checks).
 pub(crate) struct SetRows;

@@ -193,3 +193,45 @@ fn a_failed_batch_leaves_every_cache_as_it_was() {
         assert!(err.contains("zero sequences"), "{err}");
     }
 }
+
+/// Sequences sharing one cache's buffers (clones of one prompt's cache, as concurrent
+/// requests over one cached prompt are) each get their own rows: only one of them may append
+/// in place, the others copy, and every step equals that sequence's own steps.
+#[test]
+fn sequences_cloned_from_one_cache_append_their_own_rows() {
+    for m in models() {
+        let model = &m.model;
+        let mut base = model.empty_cache().unwrap();
+        model
+            .prefill(&prompt(17, 9), &positions(17), &mut base)
+            .unwrap();
+        // a first step makes the cache's growable buffers, which the clones then share
+        model.decode_step(5, &mut base, &mut ()).unwrap();
+        let mut alone = vec![base.clone(); 4];
+        let mut batched = vec![base.clone(); 4];
+        for step in 0..5u32 {
+            let tokens: Vec<u32> = (0..4).map(|b| 20 + 7 * b + step).collect();
+            let want: Vec<Tensor> = alone
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(c, &t)| model.decode_step(t, c, &mut ()).unwrap())
+                .collect();
+            let mut batch: Vec<BatchStep<'_>> = batched
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(c, &t)| BatchStep::new(t, c))
+                .collect();
+            let got = model.decode_batch(&mut batch).unwrap();
+            for (b, w) in want.iter().enumerate() {
+                close(
+                    &got.get(b).unwrap(),
+                    w,
+                    &format!("step {step}, sequence {b}"),
+                );
+            }
+        }
+        for (b, (x, y)) in batched.iter().zip(&alone).enumerate() {
+            same_cache(x, y, &format!("clone {b}"));
+        }
+    }
+}

@@ -81,6 +81,10 @@ struct Row {
     /// over the same cache: largest absolute difference, and whether the argmax agrees.
     check_max_abs_diff: f32,
     check_same_argmax: bool,
+    /// With a batch of several sequences: three batched steps against each sequence's own
+    /// `decode_step`s over the same cache, the largest logit difference and whether every
+    /// argmax agreed (`None` at batch 1).
+    batch_check: Option<(f32, bool)>,
     tokens_per_s: f64,
     speedup_vs_full: f64,
     runs_s: Vec<f64>,
@@ -336,6 +340,37 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         runs.remove(0);
         Ok(runs)
     };
+    // three steps of `batch` copies of `base` batched against each one's own steps
+    let batch_check = |base: &KvCache, batch: usize| -> Result<Option<(f32, bool)>> {
+        if batch < 2 {
+            return Ok(None);
+        }
+        let mut alone = vec![base.clone(); batch];
+        let mut together = vec![base.clone(); batch];
+        let (mut worst, mut same) = (0f32, true);
+        for i in 0..3 {
+            let mut steps: Vec<BatchStep<'_>> = together
+                .iter_mut()
+                .enumerate()
+                .map(|(b, c)| BatchStep::new(token(i, b), c))
+                .collect();
+            let got = model.decode_batch(&mut steps)?;
+            for (b, c) in alone.iter_mut().enumerate() {
+                let want = model
+                    .decode_step(token(i, b), c, &mut ())?
+                    .to_vec1::<f32>()?;
+                let row = got.get(b)?.to_vec1::<f32>()?;
+                let d = row
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                worst = worst.max(d);
+                same &= argmax(&row) == argmax(&want);
+            }
+        }
+        Ok(Some((worst, same)))
+    };
     let mut rows = Vec::new();
     for &batch in &a.batch {
         anyhow::ensure!(batch >= 1, "--batch {batch}: at least one sequence");
@@ -350,6 +385,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
             batch,
             kv_bytes: batch * full.len() * c.num_kv_heads * c.num_layers * entry_bytes,
             check_max_abs_diff: full_check.0,
+            batch_check: batch_check(&full, batch)?,
             check_same_argmax: full_check.1,
             tokens_per_s: full_tps,
             speedup_vs_full: 1.0,
@@ -367,6 +403,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
                 batch,
                 kv_bytes: batch * pruned.stats.kv_bytes_after,
                 check_max_abs_diff: checked.0,
+                batch_check: batch_check(&pruned.cache, batch)?,
                 check_same_argmax: checked.1,
                 tokens_per_s: tps,
                 speedup_vs_full: tps / full_tps,
@@ -375,19 +412,21 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         }
     }
     println!(
-        "| batch | cache | KV MB | decode tok/s | vs full | max abs Δlogit vs reference | same argmax |"
+        "| batch | cache | KV MB | decode tok/s | vs full | max abs Δlogit vs reference | same argmax | batched vs own steps: max abs Δlogit, same argmax |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.4} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.4} | {} | {} |",
             r.batch,
             r.cache,
             r.kv_bytes as f64 / 1e6,
             r.tokens_per_s,
             r.speedup_vs_full,
             r.check_max_abs_diff,
-            r.check_same_argmax
+            r.check_same_argmax,
+            r.batch_check
+                .map_or("–".into(), |(d, same)| format!("{d:.4}, {same}"))
         );
     }
     // the caches the sessions' threads copy were written on this thread's stream

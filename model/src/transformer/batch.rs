@@ -18,6 +18,7 @@ use super::{CallPlan, Model, Rows};
 use crate::error::{Result, invalid_input};
 use crate::hook::LayerHook;
 use crate::kv::{KvCache, LayerKv};
+use crate::rows::put_rows_many;
 
 /// One sequence of a batched decode step ([`Model::decode_batch`]).
 pub struct BatchStep<'a> {
@@ -103,19 +104,27 @@ impl Model {
         let end = layers.end;
         for l in layers {
             let (q, k_new, v_new) = self.layer_qkv(l, &hidden, normed.take())?;
+            // every sequence's new row written into its layer at once (on CUDA one launch
+            // for the batch, not two per sequence), before any attention reads them
+            let mut writes = Vec::with_capacity(2 * n);
+            for b in 0..n {
+                let supplied = self.supply_layer(l, caches[b], &mut *hooks[b])?;
+                let (kv, w) =
+                    supplied.append_later(&k_new.narrow(0, b, 1)?, &v_new.narrow(0, b, 1)?)?;
+                writes.extend(w);
+                new_layers[b].push(kv);
+            }
+            put_rows_many(&writes)?;
             let mut attn = Vec::with_capacity(plans.len());
             for (b, plan) in plans.iter().enumerate() {
-                let (a, kv) = self.attend_call(
+                let a = self.attend_supplied(
                     plan,
                     l,
-                    caches[b],
                     &q.narrow(0, b, 1)?,
-                    k_new.narrow(0, b, 1)?,
-                    v_new.narrow(0, b, 1)?,
+                    &new_layers[b][l],
                     &mut *hooks[b],
                 )?;
                 attn.push(a);
-                new_layers[b].push(kv);
             }
             // one launch on CUDA, not one per sequence
             let attn = crate::rows::concat(&attn.iter().collect::<Vec<_>>())?;

@@ -480,6 +480,17 @@ impl Model {
         v_new: Tensor,
         hook: &mut dyn LayerHook,
     ) -> Result<(Tensor, LayerKv)> {
+        let supplied = self.supply_layer(l, cache, hook)?;
+        let kv = match &call.replace_index {
+            None => supplied.append(&k_new, &v_new)?,
+            Some(index) => supplied.replace_rows(index, &LayerKv::new(k_new, v_new))?,
+        };
+        let attn = self.attend_supplied(call, l, q, &kv, hook)?;
+        Ok((attn, kv))
+    }
+
+    /// Layer `l`'s cached KV as `hook` supplies it (checked against the cache's shape).
+    fn supply_layer(&self, l: usize, cache: &KvCache, hook: &mut dyn LayerHook) -> Result<LayerKv> {
         let c = &self.config;
         let mut supplied = cache.layers[l].clone();
         hook.before_layer(l, &mut supplied)?;
@@ -491,18 +502,27 @@ impl Model {
                 supplied.v.dims()
             )));
         }
-        let kv = match &call.replace_index {
-            None => supplied.append(&k_new, &v_new)?,
-            Some(index) => supplied.replace_rows(index, &LayerKv::new(k_new, v_new))?,
-        };
+        Ok(supplied)
+    }
+
+    /// The attention of `q` over layer `l`'s KV `kv` (the call's rows in it), as `call`
+    /// planned it; `hook` sees what it observed.
+    fn attend_supplied(
+        &self,
+        call: &CallPlan<'_>,
+        l: usize,
+        q: &Tensor,
+        kv: &LayerKv,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Tensor> {
         let heads = call.pruned.map(|p| (&p.layers[l], p.rows));
         let how = match (&call.exact_how, call.parallel) {
             (Some(exact), Some(p)) if !p.corrects_layer(l) => exact,
             _ => &call.how,
         };
-        let (attn, seen) = self.attend_layer(how, q, &kv, heads)?;
+        let (attn, seen) = self.attend_layer(how, q, kv, heads)?;
         hook.after_attention(l, seen)?;
-        Ok((attn, kv))
+        Ok(attn)
     }
 
     /// Pre-RoPE Q, K and V of layer `l` (a layer of the model) for the residual stream
