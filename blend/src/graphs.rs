@@ -59,6 +59,8 @@ pub(crate) fn launch_bound(c: &ModelConfig, dtype: DType) -> bool {
 #[derive(Default)]
 pub(crate) struct GraphPool {
     idle: Mutex<Vec<GraphedCache>>,
+    /// Idle caches kept (at least [`KEEP`]; [`GraphPool::keep`]).
+    keep: std::sync::atomic::AtomicUsize,
     /// Graphed passes that failed (each request then ran eagerly).
     failures: std::sync::atomic::AtomicUsize,
     /// `reuse` questions replayed.
@@ -74,12 +76,21 @@ pub(crate) struct GraphPool {
 #[cfg(feature = "gpu")]
 const MOST_FAILURES: usize = 3;
 
-/// Idle caches kept; a cache given back beyond it drops the smallest.
+/// Idle caches kept by default; a cache given back beyond the pool's number drops the
+/// smallest.
 #[cfg(feature = "gpu")]
 const KEEP: usize = 2;
 
 #[cfg(feature = "gpu")]
 impl GraphPool {
+    /// Keeps up to `keep` idle caches (at least [`KEEP`]): as many as requests decode at
+    /// once, so that concurrent requests reuse caches and their captured graphs instead of
+    /// allocating and capturing anew each time.
+    pub(crate) fn keep(&self, keep: usize) {
+        self.keep
+            .store(keep.max(KEEP), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A graphed cache of `model` for `rows` rows: the smallest idle one that holds them
     /// and lends no rows (a request still holding its views keeps its cache from being
     /// reloaded), else a new one of `rows` rounded up to [`CAPACITY_STEP`] (at most the
@@ -169,7 +180,7 @@ impl GraphPool {
         }
     }
 
-    /// Keeps `g` for a later request (past [`KEEP`] dropping the smallest idle cache that
+    /// Keeps `g` for a later request (past the pool's number dropping the smallest idle cache that
     /// lends no rows, else the smallest: a lent one is what its request decodes in), once
     /// the work issued on it has finished: the next request may run on another thread,
     /// whose stream would not wait for this one's (the question's replay may still be in
@@ -186,7 +197,11 @@ impl GraphPool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(g);
-        if idle.len() > KEEP
+        if idle.len()
+            > self
+                .keep
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(KEEP)
             && let Some(i) = idle
                 .iter()
                 .enumerate()

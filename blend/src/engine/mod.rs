@@ -212,6 +212,22 @@ impl Blender {
         Ok(self.store.remove(key).await? || on_device)
     }
 
+    /// Graphed caches kept idle between requests when this blender runs graphs
+    /// ([`Blender::with_graphs`]): as many as requests decode at once (the sidecar's workers;
+    /// at least 2, the default), so that concurrent requests each find one with its graphs
+    /// captured instead of allocating a cache and capturing anew. Each idle cache holds its
+    /// capacity of KV in device memory (a request's rows rounded up to 1,024). Call it after
+    /// [`Blender::with_graphs`], which starts a new pool.
+    pub fn with_idle_graphs(self, keep: usize) -> Self {
+        #[cfg(feature = "gpu")]
+        if let Some(pool) = &self.graphs {
+            pool.keep(keep);
+        }
+        #[cfg(not(feature = "gpu"))]
+        let _ = keep;
+        self
+    }
+
     /// What this blender's CUDA graphs did ([`Blender::with_graphs`]); zeros when off.
     pub fn graph_stats(&self) -> crate::graphs::GraphStats {
         #[cfg(feature = "gpu")]
