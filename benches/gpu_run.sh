@@ -14,6 +14,11 @@
 #   benches/gpu_run.sh policies N # token policies beside full KV, needle + MuSiQue, N examples
 #                                # each (SmolLM2, f32); decode over compressed caches (8B shape)
 #   benches/gpu_run.sh longgen N # SCOPE and decoding baselines, 1,024-token generations (SmolLM2)
+#   benches/gpu_run.sh decode    # batched decoding (BENCHMARKS §9): the 8B shape at 8k and
+#                                # SmolLM2's at 6k, batches of 1-16 (each checked against its
+#                                # sequences' own steps), concurrent sessions alone, batched
+#                                # and graphed; then the sidecar under chat completions
+#                                # (needs $KVQ_MODEL), batching on vs off, full and SnapKV 4x
 #   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
@@ -48,6 +53,26 @@ case "${1:-perf}" in
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --real \
       --corpus-limit 600 --queries 480 --warmup 160 --window 80 --zipf 0.8 \
       --policies lru,s3fifo --hit-threads 1 --json "$OUT/trace_8b_real.json"
+    ;;
+  decode)
+    "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 4 \
+      --context 8192 --steps 32 --repeats 3 --batch 1,4,8,16 --sessions 4,8 \
+      --json "$OUT/decode_8b.json"
+    "$bench" decode --random smollm2-135m --device cuda --policy snapkv --compression 4 \
+      --context 6000 --steps 64 --repeats 3 --batch 1,8 --sessions 1,2,4,8 \
+      --json "$OUT/decode_smollm2.json"
+    printf '[limits]\n' > "$OUT/batching_on.toml"
+    printf '[limits]\ndecode_batch = 0\n' > "$OUT/batching_off.toml"
+    for cfg in on off; do
+      for compress in none snapkv:4; do
+        extra=(); [[ $compress != none ]] && extra=(--compress "$compress")
+        "$bench" load --concurrency 1,4,8 --lookup-s 0.2 --blend-s 0.2 --completion-s 12 \
+          --max-tokens 128 --chunks-per-blend 16 --workers 8 "${extra[@]}" \
+          --serve-arg=--config --serve-arg="$OUT/batching_$cfg.toml" --serve-arg=--device \
+          --serve-arg=cuda --serve-arg=--model --serve-arg="${KVQ_MODEL:?}" \
+          --out "$OUT/load_${cfg}_${compress/:/}.json"
+      done
+    done
     ;;
   codecs)
     "$bench" codec --model "$KVQ_MODEL" --device cuda --codecs fp8,int8 --cold-codecs "" \

@@ -270,8 +270,9 @@ pub struct BatchedSteps {
 
 impl BatchedSteps {
     /// Appends `token` at the position after the cache's last and returns the next token's
-    /// f32 logits `[vocab]`, computed in a batch with whatever other sessions step now. On
-    /// error the cache is as it was.
+    /// f32 logits `[vocab]`, computed in a batch with whatever other sessions step now (on
+    /// this thread, as a batch of one, when this is the batcher's only session). On error
+    /// (a panic included) the cache is as it was.
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
         if self.alone() {
             // nobody to batch with: no hand-off (a one-sequence batch is this step anyway)
@@ -279,10 +280,12 @@ impl BatchedSteps {
                 .cache
                 .as_mut()
                 .ok_or_else(|| BlendError::Batcher("a batched session lost its cache".into()))?;
-            let logits = self.shared.model.decode_step(token, cache, &mut ())?;
             self.shared.batches.fetch_add(1, Ordering::Relaxed);
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
-            return Ok(logits);
+            let model = &self.shared.model;
+            return self
+                .shared
+                .guarded(|| Ok(model.decode_step(token, cache, &mut ())?));
         }
         let cache = self
             .cache
@@ -447,6 +450,53 @@ mod tests {
         assert_eq!(steps.cache().unwrap().len(), alone.len());
         let st = batcher.stats();
         assert_eq!((st.batches, st.steps, st.sessions), (6, 6, 1));
+    }
+
+    /// A session that decodes alone, then beside another, then alone again decodes what it
+    /// decodes by itself throughout; the steps with company ran batched.
+    #[test]
+    fn a_session_alone_then_in_company_then_alone_decodes_as_alone() {
+        let m = model(128);
+        let batcher = DecodeBatcher::start(Arc::clone(&m), 4, Duration::from_millis(500)).unwrap();
+        let (a, b) = (prompt_cache(&m, 11, 1), prompt_cache(&m, 6, 2));
+        let mut own = a.clone();
+        let want = greedy(1, 9, |t| Ok(m.decode_step(t, &mut own, &mut ())?)).unwrap();
+        let mut first = batcher.session(a);
+        let mut got = greedy(1, 3, |t| first.step(t)).unwrap();
+        let lone = batcher.stats();
+        assert_eq!((lone.batches, lone.steps), (3, 3));
+        let mut other = batcher.session(b);
+        let next = got.last().unwrap().0;
+        thread::scope(|s| {
+            let h = s.spawn(|| greedy(7, 3, |t| other.step(t)).unwrap());
+            got.extend(greedy(next, 3, |t| first.step(t)).unwrap());
+            h.join().unwrap();
+        });
+        let together = batcher.stats();
+        assert!(
+            together.batches - lone.batches < together.steps - lone.steps,
+            "the steps in company ran batched: {together:?}"
+        );
+        drop(other);
+        let next = got.last().unwrap().0;
+        got.extend(greedy(next, 3, |t| first.step(t)).unwrap());
+        let after = batcher.stats();
+        assert_eq!(after.steps - together.steps, 3);
+        assert_eq!(
+            after.batches - together.batches,
+            3,
+            "alone again: batches of one"
+        );
+        assert_eq!(got.len(), want.len());
+        for (j, ((tg, rg), (tw, rw))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(tg, tw, "step {j}");
+            let d = rg
+                .iter()
+                .zip(rw)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "step {j}: logits differ by {d}");
+        }
     }
 
     /// A sequence at the end of the model's context fails its step; the others in its batch

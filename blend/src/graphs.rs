@@ -6,8 +6,10 @@
 //!
 //! A graphed cache is taken for one request and given back after it; capturing costs about
 //! two passes, so a graph pays from its second replay on, and the pool keeps the caches (and
-//! their graphs) of the last few requests. Each idle cache holds its capacity of KV on the
-//! device (SmolLM2 in bf16: 23 KiB per row; 7,168 rows ≈ 165 MB).
+//! their graphs) of the last requests: at least two, as many as requests decode at once with
+//! `Blender::with_idle_graphs` (the sidecar's workers). Each idle cache holds its capacity of
+//! KV on the device, outside the device tier's budget (SmolLM2 in bf16: 23 KiB per row;
+//! 7,168 rows ≈ 165 MB).
 
 #[cfg(feature = "gpu")]
 use std::sync::{Arc, Mutex};
@@ -89,6 +91,13 @@ impl GraphPool {
     pub(crate) fn keep(&self, keep: usize) {
         self.keep
             .store(keep.max(KEEP), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many idle caches the pool keeps.
+    pub(crate) fn kept(&self) -> usize {
+        self.keep
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(KEEP)
     }
 
     /// A graphed cache of `model` for `rows` rows: the smallest idle one that holds them
@@ -197,11 +206,7 @@ impl GraphPool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(g);
-        if idle.len()
-            > self
-                .keep
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .max(KEEP)
+        if idle.len() > self.kept()
             && let Some(i) = idle
                 .iter()
                 .enumerate()

@@ -25,7 +25,8 @@ use candle_core::{DType, Device, Tensor, TensorId};
 use crate::error::{Result, invalid_input};
 use crate::parallel::ParallelContext;
 use crate::rows::{
-    RowReplacement, RowsAt, SetRows, concat, concat_with_room, put_rows, set_rows_supported,
+    RowReplacement, RowsAt, SetRows, concat, concat_with_room, put_rows, put_rows_many,
+    set_rows_supported,
 };
 
 /// Appends reserve room for at least this many rows (and round capacity up to it).
@@ -247,9 +248,7 @@ impl LayerKv {
     /// reads its own rows afterwards either way.
     pub fn append(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
         let (layer, writes) = self.append_later(k, v)?;
-        for w in &writes {
-            put_rows(&w.dst, w.at, &w.src)?;
-        }
+        put_rows_many(&writes)?;
         Ok(layer)
     }
 

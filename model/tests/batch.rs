@@ -211,17 +211,18 @@ fn sequences_cloned_from_one_cache_append_their_own_rows() {
         let mut batched = vec![base.clone(); 4];
         for step in 0..5u32 {
             let tokens: Vec<u32> = (0..4).map(|b| 20 + 7 * b + step).collect();
-            let want: Vec<Tensor> = alone
-                .iter_mut()
-                .zip(&tokens)
-                .map(|(c, &t)| model.decode_step(t, c, &mut ()).unwrap())
-                .collect();
+            // the batch first: its first sequence takes the shared frontier, the others copy
             let mut batch: Vec<BatchStep<'_>> = batched
                 .iter_mut()
                 .zip(&tokens)
                 .map(|(c, &t)| BatchStep::new(t, c))
                 .collect();
             let got = model.decode_batch(&mut batch).unwrap();
+            let want: Vec<Tensor> = alone
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(c, &t)| model.decode_step(t, c, &mut ()).unwrap())
+                .collect();
             for (b, w) in want.iter().enumerate() {
                 close(
                     &got.get(b).unwrap(),

@@ -275,7 +275,8 @@ async fn a_decode_pool_holds_generated_kv_to_its_budget() {
 
 /// Concurrent chat completions decode through the decode batcher (`limits.workers = 4`,
 /// `limits.decode_batch = 4`), compressed caches beside full ones: each answer is the one the request
-/// gets alone, every decode step went through the batcher, and no session is left open.
+/// gets alone, every decode step went through the batcher (in a batch, or as a batch of one
+/// on its own thread while it had no company), and no session is left open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_completions_decode_in_batches_and_answer_as_alone() {
     let mut config = Config::default();

@@ -61,8 +61,9 @@ pub struct DecodeBenchArgs {
     /// measures each size; 1 is `decode_step`, one sequence alone).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
-    /// Concurrent sessions (threads) decoding each alone and then through a decode batcher
-    /// (a list measures each count; none by default).
+    /// Concurrent sessions (threads) decoding each alone, then through a decode batcher, then
+    /// (a `gpu` build on CUDA, full caches) each in its own graphed cache (a list measures each
+    /// count; none by default).
     #[arg(long, value_delimiter = ',')]
     sessions: Vec<usize>,
     /// Write the results as JSON here.

@@ -114,6 +114,24 @@ impl Drop for ServerChild {
 }
 
 pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
+    // every argument checked before the server starts
+    anyhow::ensure!(a.chunks >= 1, "--chunks {}: at least one", a.chunks);
+    anyhow::ensure!(
+        a.chunks_per_blend >= 1,
+        "--chunks-per-blend {}: at least one",
+        a.chunks_per_blend
+    );
+    anyhow::ensure!(
+        a.concurrency.iter().all(|&c| c >= 1),
+        "--concurrency {:?}: at least one client per level",
+        a.concurrency
+    );
+    anyhow::ensure!(
+        a.max_tokens >= 1,
+        "--max-tokens {}: at least one",
+        a.max_tokens
+    );
+    let compress = a.compress.as_deref().map(compress_spec).transpose()?;
     let dir = tempfile::tempdir().context("a scratch data directory")?;
     let mut child = Command::new(crate::kvquilt_binary()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--workers"])
@@ -144,7 +162,7 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(drive(&a, &url, pid))?;
+    let report = rt.block_on(drive(&a, &url, pid, compress))?;
     eprintln!(
         "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>12}",
         "kind", "conc", "requests", "errors", "per s", "p50 ms", "p99 ms", "health max", "tokens/s"
@@ -177,7 +195,12 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
+async fn drive(
+    a: &LoadBenchArgs,
+    url: &str,
+    pid: u32,
+    compress: Option<CompressSpec>,
+) -> Result<Report> {
     let client = Client::new(url);
     // distinct passages of ~60 tokens
     let texts: Vec<String> = (0..a.chunks)
@@ -215,15 +238,13 @@ async fn drive(a: &LoadBenchArgs, url: &str, pid: u32) -> Result<Report> {
         l.health_max_ms = probe.finish().await;
         levels.push(l);
     }
-    let compress = a.compress.as_deref().map(compress_spec).transpose()?;
-    for &c in &a.concurrency {
-        if a.completion_s <= 0.0 {
-            break;
+    if a.completion_s > 0.0 {
+        for &c in &a.concurrency {
+            let probe = health_probe(&http, url);
+            let mut l = completions(&client, &ids, c, a, compress.clone()).await;
+            l.health_max_ms = probe.finish().await;
+            levels.push(l);
         }
-        let probe = health_probe(&http, url);
-        let mut l = completions(&client, &ids, c, a, compress.clone()).await;
-        l.health_max_ms = probe.finish().await;
-        levels.push(l);
     }
     Ok(Report {
         machine: super::machine(),
@@ -339,6 +360,10 @@ fn compress_spec(s: &str) -> Result<CompressSpec> {
         .rsplit_once(':')
         .context("--compress POLICY:N (e.g. snapkv:4)")?;
     let n: f32 = n.parse().context("--compress POLICY:N: N a number")?;
+    anyhow::ensure!(
+        n.is_finite() && n > 1.0,
+        "--compress {s}: N× less KV, N a number above 1"
+    );
     Ok(CompressSpec {
         policy: Some(policy.to_string()),
         compression: Some(n),

@@ -154,7 +154,12 @@ impl Blender {
         #[cfg(feature = "gpu")]
         {
             let can = self.model.fused_attention_unsupported().is_none();
-            self.graphs = (on && can).then(Arc::default);
+            // a new pool keeps as many idle caches as the one it replaces
+            let keep = self.graphs.as_ref().map(|p| p.kept());
+            self.graphs = (on && can).then(Arc::<crate::graphs::GraphPool>::default);
+            if let (Some(pool), Some(keep)) = (&self.graphs, keep) {
+                pool.keep(keep);
+            }
         }
         #[cfg(not(feature = "gpu"))]
         let _ = on;
@@ -216,8 +221,8 @@ impl Blender {
     /// ([`Blender::with_graphs`]): as many as requests decode at once (the sidecar's workers;
     /// at least 2, the default), so that concurrent requests each find one with its graphs
     /// captured instead of allocating a cache and capturing anew. Each idle cache holds its
-    /// capacity of KV in device memory (a request's rows rounded up to 1,024). Call it after
-    /// [`Blender::with_graphs`], which starts a new pool.
+    /// capacity of KV in device memory (a request's rows rounded up to 1,024), outside the
+    /// device tier's budget.
     pub fn with_idle_graphs(self, keep: usize) -> Self {
         #[cfg(feature = "gpu")]
         if let Some(pool) = &self.graphs {
@@ -272,8 +277,9 @@ impl Blender {
     /// requests — this is what a token policy's compression speeds up). 0 or 1: off (the
     /// default). With graphs ([`Blender::with_graphs`]) a request whose cache goes into a
     /// graphed one replays its graph instead; the batches take the others (pruned caches,
-    /// corrections a graph cannot apply, a model without graphs). Requests decoding under a
-    /// decode pool (SCOPE) step alone.
+    /// corrections a graph cannot apply, fewer than 4 steps, a cache too long for the
+    /// context, a pool off after failed captures, the reference attention, a model without
+    /// graphs). Requests decoding under a decode pool (SCOPE) step alone.
     pub fn with_decode_batching(mut self, max_batch: usize) -> Result<Self> {
         self.batcher = match max_batch {
             0 | 1 => None,

@@ -26,7 +26,9 @@ pub struct BatchStep<'a> {
     pub token: u32,
     /// The sequence's cache; the token's KV is appended to it.
     pub cache: &'a mut KvCache,
-    /// Called around each layer of this sequence, as [`Model::decode_step`]'s hook is.
+    /// Called around each layer of this sequence, as [`Model::decode_step`]'s hook is. Within
+    /// a layer every sequence's `before_layer` runs before any sequence's `after_attention`
+    /// (hooks sharing state across sequences see that order).
     pub hook: Option<&'a mut dyn LayerHook>,
 }
 
@@ -121,7 +123,9 @@ impl Model {
                     plan,
                     l,
                     &q.narrow(0, b, 1)?,
-                    &new_layers[b][l],
+                    new_layers[b]
+                        .last()
+                        .ok_or_else(|| invalid_input("a batched layer without its KV"))?,
                     &mut *hooks[b],
                 )?;
                 attn.push(a);

@@ -144,7 +144,10 @@ pub struct Limits {
     pub max_chunks: usize,
     /// Most tokens one completion may generate.
     pub max_new_tokens: usize,
-    /// Model requests computed at once.
+    /// Model requests computed at once. On a GPU with CUDA graphs (a small model) the
+    /// sidecar also keeps up to this many graphed caches idle between requests, each holding
+    /// its capacity of KV in device memory outside `store.device_bytes` (SmolLM2 in bf16: 23
+    /// KiB per row, a request's rows rounded up to 1,024).
     pub workers: usize,
     /// Model requests allowed to wait for a worker; more are refused with 503.
     pub max_queue: usize,

@@ -390,12 +390,12 @@ impl Collector for StoreCollector {
         for (name, help, value) in [
             (
                 "decode_batches",
-                "Model steps of the decode batcher (limits.decode_batch), each one or more requests' tokens",
+                "Model steps of the decode batcher (limits.decode_batch), each one or more requests' tokens (a lone request's steps count as batches of one)",
                 batches.batches,
             ),
             (
                 "decode_batched_steps",
-                "Requests' decode steps run by the decode batcher (over decode_batches: the mean batch)",
+                "Requests' decode steps run through the decode batcher (over decode_batches: the mean batch)",
                 batches.steps,
             ),
             (
