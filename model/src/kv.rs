@@ -394,6 +394,25 @@ impl LayerKv {
         Ok(r.k.narrow(0, 0, t)?)
     }
 
+    /// Gives the last `n` rows of this view back to its buffers when this view still holds
+    /// their frontier: a view [`LayerKv::append_later`] returned whose rows will never be
+    /// read (the call that appended them failed), so that the layer it was appended to
+    /// appends in place again instead of copying. The view must not be read afterwards.
+    /// Nothing happens when another view has appended since or `n` exceeds the view.
+    pub(crate) fn unreserve(&self, n: usize) {
+        let len = self.len();
+        if let Some(g) = &self.growth
+            && g.k_id == self.k.id()
+            && g.v_id == self.v.id()
+            && n <= len
+        {
+            let _ =
+                g.buf
+                    .frontier
+                    .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
     /// Rows the buffers behind this layer hold (its own length when it has none).
     pub fn capacity(&self) -> usize {
         self.growth
@@ -887,6 +906,35 @@ mod tests {
         assert_eq!(big.len(), GROWTH_ROWS + 5);
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    /// Rows reserved by `append_later` and given back (`unreserve`) let the layer they were
+    /// reserved on append in place again; not given back, it copies.
+    #[test]
+    fn rows_given_back_let_the_layer_append_in_place_again() -> Result<()> {
+        let empty = LayerKv::empty(1, 2, DType::F32, &Device::Cpu)?;
+        let a = empty.append(&rows(0.0, 3), &rows(0.0, 3))?;
+        let same = |x: &LayerKv, y: &LayerKv| match (&x.growth, &y.growth) {
+            (Some(p), Some(q)) => Arc::ptr_eq(&p.buf, &q.buf),
+            _ => false,
+        };
+        let (failed, writes) = a.append_later(&rows(100.0, 1), &rows(100.0, 1))?;
+        assert_eq!(writes.len(), 2, "reserved in place");
+        assert!(same(&failed, &a));
+        failed.unreserve(1);
+        let b = a.append(&rows(200.0, 1), &rows(200.0, 1))?;
+        assert!(same(&b, &a), "in place again");
+        assert_eq!(values(&b)[6..], [200.0, 201.0]);
+        // a reservation not given back: the next append to `a` copies
+        let (_kept, writes) = b.append_later(&rows(300.0, 1), &rows(300.0, 1))?;
+        assert_eq!(writes.len(), 2);
+        let c = b.append(&rows(400.0, 1), &rows(400.0, 1))?;
+        assert!(!same(&c, &b), "copied");
+        // a view that no longer holds the frontier gives nothing back
+        a.unreserve(1);
+        let d = c.append(&rows(500.0, 1), &rows(500.0, 1))?;
+        assert!(same(&d, &c));
         Ok(())
     }
 

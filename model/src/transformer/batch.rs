@@ -56,7 +56,8 @@ impl Model {
     ///
     /// Caches may differ in length, pruning and parallel-context marks; each attends as its
     /// own [`Model::decode_step`] would. On any error (a bad token or cache, a hook's) every
-    /// cache is left as it was.
+    /// cache is left as it was, the rows reserved in its buffers given back (its next step
+    /// appends in place, not by copying the cache).
     pub fn decode_batch(&self, batch: &mut [BatchStep<'_>]) -> Result<Tensor> {
         let c = &self.config;
         if batch.is_empty() {
@@ -99,9 +100,49 @@ impl Model {
             })
             .collect::<Result<Vec<CallPlan<'_>>>>()?;
 
-        let mut hidden = self.embed(&tokens)?;
         let mut new_layers: Vec<Vec<LayerKv>> =
             (0..n).map(|_| Vec::with_capacity(c.num_layers)).collect();
+        let ran = self.batch_layers(
+            layers,
+            &tokens,
+            &plans,
+            &caches,
+            &mut hooks,
+            &mut new_layers,
+        );
+        let logits = match ran {
+            Ok(logits) => logits,
+            Err(e) => {
+                // the rows reserved in the caches' buffers go back, so that a sequence
+                // stepped again (alone, by the batcher) appends in place, not by a copy
+                for kv in new_layers.iter().flatten() {
+                    kv.unreserve(1);
+                }
+                return Err(e);
+            }
+        };
+        let k_pos: Vec<Vec<u32>> = plans.into_iter().map(|p| p.k_pos).collect();
+        drop((hooks, caches));
+        for ((s, layers), k_pos) in batch.iter_mut().zip(new_layers).zip(k_pos) {
+            s.cache.layers = layers;
+            s.cache.positions = k_pos;
+        }
+        Ok(logits)
+    }
+
+    /// The layers of a decode batch (one row per sequence, `tokens[b]` of sequence `b`),
+    /// each sequence's new layers pushed to `new_layers[b]`; the logits `[n, vocab]`.
+    fn batch_layers(
+        &self,
+        layers: std::ops::Range<usize>,
+        tokens: &[u32],
+        plans: &[CallPlan<'_>],
+        caches: &[&KvCache],
+        hooks: &mut [&mut dyn LayerHook],
+        new_layers: &mut [Vec<LayerKv>],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        let mut hidden = self.embed(tokens)?;
         let mut normed: Option<Tensor> = None;
         let end = layers.end;
         for l in layers {
@@ -134,13 +175,6 @@ impl Model {
             let attn = crate::rows::concat(&attn.iter().collect::<Vec<_>>())?;
             (hidden, normed) = self.finish_layer(l, end, &hidden, &attn)?;
         }
-        let logits = self.logits(&hidden)?;
-        let k_pos: Vec<Vec<u32>> = plans.into_iter().map(|p| p.k_pos).collect();
-        drop((hooks, caches));
-        for ((s, layers), k_pos) in batch.iter_mut().zip(new_layers).zip(k_pos) {
-            s.cache.layers = layers;
-            s.cache.positions = k_pos;
-        }
-        Ok(logits)
+        self.logits(&hidden)
     }
 }
