@@ -383,6 +383,20 @@ mod tests {
         Ok(out)
     }
 
+    /// `got` is `want`: the same tokens, logits within 1e-4.
+    fn same_steps(got: &[(u32, Vec<f32>)], want: &[(u32, Vec<f32>)], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: steps");
+        for (j, ((tg, rg), (tw, rw))) in got.iter().zip(want).enumerate() {
+            assert_eq!(tg, tw, "{what}, step {j}");
+            let d = rg
+                .iter()
+                .zip(rw)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "{what}, step {j}: logits differ by {d}");
+        }
+    }
+
     /// Six sessions on six threads, through a batcher of at most four per step: each
     /// decodes the tokens and logits it decodes alone, and the steps did run in batches.
     #[test]
@@ -410,15 +424,7 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-            for (j, ((ta, ra), (tb, rb))) in a.iter().zip(b).enumerate() {
-                assert_eq!(ta, tb, "sequence {i}, step {j}");
-                let d = ra
-                    .iter()
-                    .zip(rb)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
-                assert!(d < 1e-4, "sequence {i}, step {j}: logits differ by {d}");
-            }
+            same_steps(b, a, &format!("sequence {i}"));
         }
         let st = batcher.stats();
         assert_eq!(st.steps, 6 * 12);
@@ -487,16 +493,7 @@ mod tests {
             3,
             "alone again: batches of one"
         );
-        assert_eq!(got.len(), want.len());
-        for (j, ((tg, rg), (tw, rw))) in got.iter().zip(&want).enumerate() {
-            assert_eq!(tg, tw, "step {j}");
-            let d = rg
-                .iter()
-                .zip(rw)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(d < 1e-4, "step {j}: logits differ by {d}");
-        }
+        same_steps(&got, &want, "the session");
     }
 
     /// A sequence at the end of the model's context fails its step; the others in its batch

@@ -157,7 +157,7 @@ pub(crate) struct RowsAt {
 }
 
 /// Every write of `writes`, as [`put_rows`] makes each: on CUDA in one launch per 96 of them
-/// (where every source's rows are packed, `crate::kernels::put_many`), else one by one. The
+/// (where every source passes `rows_supported`: `crate::kernels::put_many`), else one by one. The
 /// caller owns every destination row written, and no destination row is a source row.
 pub(crate) fn put_rows_many(writes: &[RowsAt]) -> Result<()> {
     #[cfg(feature = "gpu")]
