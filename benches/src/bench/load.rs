@@ -48,6 +48,10 @@ pub struct LoadBenchArgs {
     /// Most tokens each chat completion generates.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// Stream the chat completions (server-sent events) and report time to first token and
+    /// time per output token after it.
+    #[arg(long)]
+    stream: bool,
     /// The chat completions' prompt KV compressed by this token policy, N× (`snapkv:4`;
     /// none by default).
     #[arg(long)]
@@ -83,6 +87,34 @@ struct Level {
     generated_tokens: usize,
     /// Generated tokens per second over the level.
     generated_per_s: f64,
+    /// Streamed chat completions: time to the first content, median and 99th percentile, ms.
+    ttft_p50_ms: Option<f64>,
+    ttft_p99_ms: Option<f64>,
+    /// Streamed chat completions: time per output token after the first, median, ms.
+    tpot_p50_ms: Option<f64>,
+}
+
+/// What one level's task measured.
+#[derive(Default)]
+struct TaskResult {
+    /// Each request's latency, seconds.
+    lat: Vec<f64>,
+    errors: usize,
+    /// Tokens generated.
+    tokens: usize,
+    /// Streamed requests: seconds to the first content.
+    ttft: Vec<f64>,
+    /// Streamed requests: seconds per output token after the first.
+    tpot: Vec<f64>,
+}
+
+/// One successful request: tokens generated and, when streamed, its first-token time and
+/// time per output token after it (seconds).
+#[derive(Default)]
+struct Outcome {
+    tokens: usize,
+    ttft: Option<f64>,
+    tpot: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +130,8 @@ struct Report {
     max_tokens: usize,
     /// The chat completions' token policy (`--compress`).
     compress: Option<String>,
+    /// Chat completions streamed (`--stream`).
+    stream: bool,
     rss_mib_before: f64,
     rss_mib_after: f64,
     levels: Vec<Level>,
@@ -164,12 +198,24 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
         .build()?;
     let report = rt.block_on(drive(&a, &url, pid, compress))?;
     eprintln!(
-        "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>12}",
-        "kind", "conc", "requests", "errors", "per s", "p50 ms", "p99 ms", "health max", "tokens/s"
+        "{:<8} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "kind",
+        "conc",
+        "requests",
+        "errors",
+        "per s",
+        "p50 ms",
+        "p99 ms",
+        "health max",
+        "tokens/s",
+        "ttft p50",
+        "ttft p99",
+        "tpot p50"
     );
+    let ms = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
     for l in &report.levels {
         eprintln!(
-            "{:<8} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>12.3} {:>12.1}",
+            "{:<8} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>12.3} {:>12.1} {:>10} {:>10} {:>10}",
             l.kind,
             l.concurrency,
             l.requests,
@@ -178,7 +224,10 @@ pub(crate) fn run(a: LoadBenchArgs) -> Result<()> {
             l.p50_ms,
             l.p99_ms,
             l.health_max_ms,
-            l.generated_per_s
+            l.generated_per_s,
+            ms(l.ttft_p50_ms),
+            ms(l.ttft_p99_ms),
+            ms(l.tpot_p50_ms)
         );
     }
     eprintln!(
@@ -241,7 +290,7 @@ async fn drive(
     if a.completion_s > 0.0 {
         for &c in &a.concurrency {
             let probe = health_probe(&http, url);
-            let mut l = completions(&client, &ids, c, a, compress.clone()).await;
+            let mut l = completions(&client, url, &ids, c, a, compress.clone()).await;
             l.health_max_ms = probe.finish().await;
             levels.push(l);
         }
@@ -255,6 +304,7 @@ async fn drive(
         serve_args: a.serve_args.clone(),
         max_tokens: a.max_tokens,
         compress: a.compress.clone(),
+        stream: a.stream,
         rss_mib_before: rss_before,
         rss_mib_after: rss_mib(pid),
         levels,
@@ -274,18 +324,17 @@ async fn lookups(url: &str, ids: &Arc<Vec<String>>, conc: usize, secs: f64) -> L
         .map(|t| {
             let (host, paths) = (Arc::clone(&host), Arc::clone(&paths));
             tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0;
+                let mut r = TaskResult::default();
                 let mut conn = None;
                 let mut i = t;
                 while Instant::now() < deadline {
                     let t0 = Instant::now();
                     let ok = lookup_once(&mut conn, &host, &paths[i % paths.len()]).await;
-                    lat.push(t0.elapsed().as_secs_f64());
-                    errors += usize::from(!ok);
+                    r.lat.push(t0.elapsed().as_secs_f64());
+                    r.errors += usize::from(!ok);
                     i += conc;
                 }
-                (lat, errors, 0)
+                r
             })
         })
         .collect();
@@ -349,7 +398,7 @@ async fn blends(
         let req =
             BlendRequest::question("Which year was the harbour rebuilt?", refs).mode(&mode, None);
         let client = client.clone();
-        async move { client.blend(&req).await.ok().map(|_| 0) }
+        async move { client.blend(&req).await.ok().map(|_| Outcome::default()) }
     })
     .await
 }
@@ -375,13 +424,16 @@ fn compress_spec(s: &str) -> Result<CompressSpec> {
 /// `a.max_tokens` tokens (a request for a long answer, so that most reach the limit).
 async fn completions(
     client: &Client,
+    url: &str,
     ids: &Arc<Vec<String>>,
     conc: usize,
     a: &LoadBenchArgs,
     compress: Option<CompressSpec>,
 ) -> Level {
     let (client, ids) = (client.clone(), Arc::clone(ids));
-    let (per, max_tokens) = (a.chunks_per_blend, a.max_tokens);
+    let (per, max_tokens, stream) = (a.chunks_per_blend, a.max_tokens, a.stream);
+    let http = reqwest::Client::new();
+    let url = format!("{url}/v1/chat/completions");
     level("chat", conc, a.completion_s, move |i| {
         let mut req = ChatRequest::new(vec![ChatMessage::user(
             "Write a long, detailed history of every harbour in these passages, one paragraph each.",
@@ -394,27 +446,92 @@ async fn completions(
             compress: compress.clone(),
             ..ModeSpec::default()
         });
-        let client = client.clone();
+        let (client, http, url) = (client.clone(), http.clone(), url.clone());
         async move {
-            match client.chat(&req).await {
-                Ok(r) => Some(r.usage.completion_tokens),
-                Err(e) => {
-                    eprintln!("chat completion failed: {e}");
-                    None
-                }
-            }
+            let got = match stream {
+                true => streamed(&http, &url, req).await,
+                false => client.chat(&req).await.map_err(|e| e.to_string()).map(|r| Outcome {
+                    tokens: r.usage.completion_tokens,
+                    ..Outcome::default()
+                }),
+            };
+            got.map_err(|e| eprintln!("chat completion failed: {e}")).ok()
         }
     })
     .await
 }
 
-/// Runs `conc` tasks for `secs` seconds, each sending `request(i)` (`Some(tokens
-/// generated)`: success) for its own sequence of `i` (task `t` sends `t`, `t + conc`, ...),
-/// and measures them.
+/// One chat completion streamed as server-sent events: its tokens (the last event's usage),
+/// the time to its first content and the time per output token after it.
+async fn streamed(
+    http: &reqwest::Client,
+    url: &str,
+    mut req: ChatRequest,
+) -> std::result::Result<Outcome, String> {
+    req.common.stream = true;
+    req.common.stream_options = Some(kvquilt_client::api::openai::StreamOptions {
+        include_usage: true,
+    });
+    let t0 = Instant::now();
+    let mut resp = http
+        .post(url)
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    let (mut first, mut last, mut tokens) = (None, None, None);
+    let mut pending = String::new();
+    while let Some(bytes) = resp.chunk().await.map_err(|e| e.to_string())? {
+        pending.push_str(&String::from_utf8_lossy(&bytes));
+        // complete events only: each ends with a blank line
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(data).map_err(|e| format!("an event: {e}"))?;
+                if let Some(e) = v.get("error") {
+                    return Err(format!("error event: {e}"));
+                }
+                let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+                if !content.is_empty() {
+                    let t = t0.elapsed().as_secs_f64();
+                    first.get_or_insert(t);
+                    last = Some(t);
+                }
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    tokens = Some(n as usize);
+                }
+            }
+        }
+    }
+    let tokens = tokens.ok_or("a stream without usage")?;
+    let tpot = match (first, last) {
+        (Some(f), Some(l)) if tokens >= 2 => Some((l - f) / (tokens - 1) as f64),
+        _ => None,
+    };
+    Ok(Outcome {
+        tokens,
+        ttft: first,
+        tpot,
+    })
+}
+
+/// Runs `conc` tasks for `secs` seconds, each sending `request(i)` (`Some`: success) for
+/// its own sequence of `i` (task `t` sends `t`, `t + conc`, ...), and measures them.
 async fn level<F, Fut>(kind: &'static str, conc: usize, secs: f64, request: F) -> Level
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Option<usize>> + Send,
+    Fut: std::future::Future<Output = Option<Outcome>> + Send,
 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -422,18 +539,23 @@ where
         .map(|t| {
             let request = request.clone();
             tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let (mut errors, mut tokens) = (0, 0);
+                let mut r = TaskResult::default();
                 let mut i = t;
                 while Instant::now() < deadline {
                     let t0 = Instant::now();
                     let got = request(i).await;
-                    lat.push(t0.elapsed().as_secs_f64());
-                    errors += usize::from(got.is_none());
-                    tokens += got.unwrap_or(0);
+                    r.lat.push(t0.elapsed().as_secs_f64());
+                    match got {
+                        Some(o) => {
+                            r.tokens += o.tokens;
+                            r.ttft.extend(o.ttft);
+                            r.tpot.extend(o.tpot);
+                        }
+                        None => r.errors += 1,
+                    }
                     i += conc;
                 }
-                (lat, errors, tokens)
+                r
             })
         })
         .collect();
@@ -443,30 +565,37 @@ where
 async fn collect(
     kind: &'static str,
     conc: usize,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, usize, usize)>>,
+    tasks: Vec<tokio::task::JoinHandle<TaskResult>>,
     start: Instant,
 ) -> Level {
-    let mut lat = Vec::new();
-    let (mut errors, mut tokens) = (0, 0);
+    let mut all = TaskResult::default();
     for t in tasks {
         match t.await {
-            Ok((l, e, n)) => {
-                lat.extend(l);
-                errors += e;
-                tokens += n;
+            Ok(r) => {
+                all.lat.extend(r.lat);
+                all.errors += r.errors;
+                all.tokens += r.tokens;
+                all.ttft.extend(r.ttft);
+                all.tpot.extend(r.tpot);
             }
-            Err(_) => errors += 1,
+            Err(_) => all.errors += 1,
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        if lat.is_empty() {
-            f64::NAN
-        } else {
-            lat[((lat.len() - 1) as f64 * p).round() as usize] * 1e3
-        }
+    let TaskResult {
+        mut lat,
+        errors,
+        tokens,
+        mut ttft,
+        mut tpot,
+    } = all;
+    // the `p` quantile of `v`, ms (None when empty)
+    let quantile = |v: &mut Vec<f64>, p: f64| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        let last = v.len().checked_sub(1)?;
+        Some(v[(last as f64 * p).round() as usize] * 1e3)
     };
+    let (p50, p99) = (quantile(&mut lat, 0.50), quantile(&mut lat, 0.99));
     Level {
         kind,
         concurrency: conc,
@@ -474,11 +603,14 @@ async fn collect(
         errors,
         seconds,
         per_s: lat.len() as f64 / seconds,
-        p50_ms: q(0.50),
-        p99_ms: q(0.99),
+        p50_ms: p50.unwrap_or(f64::NAN),
+        p99_ms: p99.unwrap_or(f64::NAN),
         health_max_ms: f64::NAN,
         generated_tokens: tokens,
         generated_per_s: tokens as f64 / seconds,
+        ttft_p50_ms: quantile(&mut ttft, 0.50),
+        ttft_p99_ms: quantile(&mut ttft, 0.99),
+        tpot_p50_ms: quantile(&mut tpot, 0.50),
     }
 }
 
