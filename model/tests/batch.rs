@@ -57,6 +57,20 @@ fn caches(model: &Model) -> Vec<KvCache> {
     vec![a, b, c]
 }
 
+/// One batched step of every cache of `caches`, cache `b` appending `tokens[b]`.
+fn step_all(
+    model: &Model,
+    caches: &mut [KvCache],
+    tokens: &[u32],
+) -> kvquilt_model::Result<Tensor> {
+    let mut batch: Vec<BatchStep<'_>> = caches
+        .iter_mut()
+        .zip(tokens)
+        .map(|(c, &t)| BatchStep::new(t, c))
+        .collect();
+    model.decode_batch(&mut batch)
+}
+
 fn same_cache(a: &KvCache, b: &KvCache, what: &str) {
     assert_eq!(a.positions, b.positions, "{what}: positions");
     for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
@@ -79,12 +93,7 @@ fn a_batched_step_matches_each_sequences_own_step() {
                 .zip(tokens)
                 .map(|(c, &t)| model.decode_step(t, c, &mut ()).unwrap())
                 .collect();
-            let mut batch: Vec<BatchStep<'_>> = batched
-                .iter_mut()
-                .zip(tokens)
-                .map(|(c, &t)| BatchStep::new(t, c))
-                .collect();
-            let got = model.decode_batch(&mut batch).unwrap();
+            let got = step_all(model, &mut batched, tokens).unwrap();
             assert_eq!(got.dims(), [3, model.config().vocab_size]);
             for (b, w) in want.iter().enumerate() {
                 close(
@@ -164,12 +173,9 @@ fn a_failed_batch_leaves_every_cache_as_it_was() {
         let base = caches(model);
         let vocab = model.config().vocab_size as u32;
         let mut caches = base.clone();
-        let mut batch: Vec<BatchStep<'_>> = caches
-            .iter_mut()
-            .zip([1, vocab, 2])
-            .map(|(c, t)| BatchStep::new(t, c))
-            .collect();
-        let err = model.decode_batch(&mut batch).unwrap_err().to_string();
+        let err = step_all(model, &mut caches, &[1, vocab, 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outside the vocabulary"), "{err}");
         for (b, (x, y)) in caches.iter().zip(&base).enumerate() {
             same_cache(x, y, &format!("after a bad token, sequence {b}"));
@@ -212,12 +218,7 @@ fn sequences_cloned_from_one_cache_append_their_own_rows() {
         for step in 0..5u32 {
             let tokens: Vec<u32> = (0..4).map(|b| 20 + 7 * b + step).collect();
             // the batch first: its first sequence takes the shared frontier, the others copy
-            let mut batch: Vec<BatchStep<'_>> = batched
-                .iter_mut()
-                .zip(&tokens)
-                .map(|(c, &t)| BatchStep::new(t, c))
-                .collect();
-            let got = model.decode_batch(&mut batch).unwrap();
+            let got = step_all(model, &mut batched, &tokens).unwrap();
             let want: Vec<Tensor> = alone
                 .iter_mut()
                 .zip(&tokens)
