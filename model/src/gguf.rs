@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::quant::BlockRows;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 
@@ -55,7 +56,7 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
     let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
     let chat_template = meta.string("tokenizer.chat_template").ok();
 
-    let mut source = |hf_name: &str| -> Result<Option<Tensor>> {
+    let mut source = |hf_name: &str| -> Result<Option<(Tensor, Option<BlockRows>)>> {
         let Some(gguf_name) = gguf_name(hf_name) else {
             return Ok(None);
         };
@@ -66,18 +67,29 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
             .tensor(&mut reader, &gguf_name, &Device::Cpu)
             .map_err(|e| invalid(format!("tensor `{gguf_name}`: {e}")))?;
         let t = q.dequantize(&Device::Cpu)?;
-        let t = if architecture == Architecture::Llama {
-            if gguf_name.ends_with("attn_q.weight") || gguf_name.ends_with("attn_q.bias") {
-                unpermute_rows(&t, config.num_heads)?
-            } else if gguf_name.ends_with("attn_k.weight") || gguf_name.ends_with("attn_k.bias") {
-                unpermute_rows(&t, config.num_kv_heads)?
-            } else {
-                t
+        let blocks = BlockRows::from_qtensor(&q)?;
+        let heads = match architecture {
+            Architecture::Llama
+                if gguf_name.ends_with("attn_q.weight") || gguf_name.ends_with("attn_q.bias") =>
+            {
+                Some(config.num_heads)
             }
-        } else {
-            t
+            Architecture::Llama
+                if gguf_name.ends_with("attn_k.weight") || gguf_name.ends_with("attn_k.bias") =>
+            {
+                Some(config.num_kv_heads)
+            }
+            _ => None,
         };
-        Ok(Some(t))
+        Ok(Some(match heads {
+            Some(heads) => (
+                unpermute_rows(&t, heads)?,
+                blocks
+                    .map(|b| b.permute_rows(&unpermuted_order(b.rows(), heads)))
+                    .transpose()?,
+            ),
+            None => (t, blocks),
+        }))
     };
     let weights = Weights::load(&config, dtype, device, path, &mut source)?;
     Ok(GgufModel {
@@ -118,6 +130,16 @@ pub(crate) fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
+}
+
+/// Row `i` of [`unpermute_rows`]'s result is row `order[i]` of its input (`rows` rows of
+/// `heads` heads).
+fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads / 2;
+    // out (h, j, i) <- in (h, i, j): [heads, half, 2] transposed to [heads, 2, half]
+    (0..heads)
+        .flat_map(|h| (0..2).flat_map(move |j| (0..half).map(move |i| h * 2 * half + i * 2 + j)))
+        .collect()
 }
 
 fn gguf_name(hf: &str) -> Option<String> {
@@ -232,6 +254,21 @@ fn config_from_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The row order kept blocks are permuted in is the one `unpermute_rows` applies.
+    #[test]
+    fn unpermuted_order_is_unpermute_rows_order() -> Result<()> {
+        let (heads, rows, cols) = (3, 24, 5);
+        let t = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?.reshape((rows, cols))?;
+        let want: Vec<Vec<f32>> = unpermute_rows(&t, heads)?.to_vec2()?;
+        let all: Vec<Vec<f32>> = t.to_vec2()?;
+        let got: Vec<Vec<f32>> = unpermuted_order(rows, heads)
+            .into_iter()
+            .map(|r| all[r].clone())
+            .collect();
+        assert_eq!(got, want);
+        Ok(())
+    }
 
     /// unpermute_rows inverts llama.cpp's permute: reshape(h, 2, d/2, in).swap(1, 2).
     #[test]

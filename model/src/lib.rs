@@ -39,6 +39,7 @@ mod kernels;
 mod kv;
 mod load;
 mod parallel;
+mod quant;
 mod rope;
 mod rows;
 pub mod staging;

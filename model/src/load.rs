@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat::ChatTemplate;
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
+use crate::quant::BlockRows;
 use crate::tokenizer::Tokenizer;
 use crate::transformer::Model;
 use crate::weights::Weights;
@@ -104,12 +105,13 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
     // loaded, and each tensor is copied out (converted to the compute dtype) before use.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| invalid(format!("safetensors: {e}")))?;
-    let mut source = |name: &str| -> Result<Option<Tensor>> {
+    let mut source = |name: &str| -> Result<Option<(Tensor, Option<BlockRows>)>> {
         match st.get(name) {
-            Ok(_) => Ok(Some(
+            Ok(_) => Ok(Some((
                 st.load(name, &Device::Cpu)
                     .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?,
-            )),
+                None,
+            ))),
             Err(_) => Ok(None),
         }
     };

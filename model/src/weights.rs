@@ -5,10 +5,13 @@
 //! checks every shape against the config and fuses Q/K/V and gate/up into single matrices so
 //! that a layer needs three matrix products before attention and two after.
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::quant::BlockRows;
 
 /// One decoder layer's parameters.
 #[derive(Debug, Clone)]
@@ -39,10 +42,16 @@ pub(crate) struct Weights {
     pub norm: Tensor,
     /// Output projection, `[vocab, hidden]` (the embedding matrix when tied).
     pub lm_head: Tensor,
+    /// The projections whose GGUF blocks are kept beside their f32 copies (a CPU model in
+    /// f32 loaded from Q4_1/Q8_0 tensors), by the f32 tensor's id: a decode step's few rows
+    /// read the blocks ([`BlockRows::linear`]).
+    pub blocks: HashMap<TensorId, BlockRows>,
 }
 
-/// Looks a tensor up by HF name; `Ok(None)` when the source does not have it.
-pub(crate) type TensorSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
+/// Looks a tensor up by HF name (with its GGUF blocks where it has kept ones); `Ok(None)`
+/// when the source does not have it.
+pub(crate) type TensorSource<'a> =
+    dyn FnMut(&str) -> Result<Option<(Tensor, Option<BlockRows>)>> + 'a;
 
 impl Weights {
     /// Builds the weights from a source of HF-named tensors, converting to `dtype` on `device`.
@@ -54,8 +63,11 @@ impl Weights {
         origin: &std::path::Path,
         source: &mut TensorSource<'_>,
     ) -> Result<Self> {
+        // blocks serve f32 projections on the CPU only
+        let keep_blocks = dtype == DType::F32 && device.is_cpu();
+        let mut got_blocks: HashMap<String, BlockRows> = HashMap::new();
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = source(name)?.ok_or_else(|| ModelError::InvalidModel {
+            let (t, blocks) = source(name)?.ok_or_else(|| ModelError::InvalidModel {
                 path: origin.to_path_buf(),
                 reason: format!("missing tensor `{name}`"),
             })?;
@@ -67,6 +79,9 @@ impl Weights {
                         t.dims()
                     ),
                 });
+            }
+            if let (true, Some(b)) = (keep_blocks, blocks) {
+                got_blocks.insert(name.to_string(), b);
             }
             Ok(t.to_dtype(dtype)?.to_device(device)?)
         };
@@ -114,11 +129,41 @@ impl Weights {
         } else {
             get("lm_head.weight", &[cfg.vocab_size, h])?
         };
+        // each projection's blocks, stacked as its f32 copy was
+        let mut blocks = HashMap::new();
+        let mut keep = |t: &Tensor, parts: &[String]| {
+            let found: Option<Vec<&BlockRows>> = parts.iter().map(|p| got_blocks.get(p)).collect();
+            if let Some(b) = found.and_then(|f| BlockRows::cat(&f))
+                && b.rows() == t.dims()[0]
+            {
+                blocks.insert(t.id(), b);
+            }
+        };
+        for (i, l) in layers.iter().enumerate() {
+            let p = |m: &str| format!("model.layers.{i}.{m}.weight");
+            keep(
+                &l.wqkv,
+                &[
+                    p("self_attn.q_proj"),
+                    p("self_attn.k_proj"),
+                    p("self_attn.v_proj"),
+                ],
+            );
+            keep(&l.wo, &[p("self_attn.o_proj")]);
+            keep(&l.wgate_up, &[p("mlp.gate_proj"), p("mlp.up_proj")]);
+            keep(&l.wdown, &[p("mlp.down_proj")]);
+        }
+        let head = match cfg.tie_word_embeddings {
+            true => "model.embed_tokens.weight",
+            false => "lm_head.weight",
+        };
+        keep(&lm_head, &[head.to_string()]);
         Ok(Self {
             embed,
             layers,
             norm,
             lm_head,
+            blocks,
         })
     }
 
@@ -159,6 +204,7 @@ impl Weights {
             layers,
             norm: ones(h)?,
             lm_head,
+            blocks: HashMap::new(),
         })
     }
 }

@@ -230,10 +230,16 @@ impl Model {
         Ok(self.weights.embed.index_select(&ids, 0)?)
     }
 
+    /// The GGUF blocks kept for the projection `w` (`weights.rs`), if any.
+    fn blocks_of(&self, w: &Tensor) -> Option<&crate::quant::BlockRows> {
+        self.weights.blocks.get(&w.id())
+    }
+
     /// Final norm and output projection: `[n, hidden]` → `[n, vocab]` f32 logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = self.norm(hidden, &self.weights.norm)?;
-        Ok(linear(&x, &self.weights.lm_head, None)?.to_dtype(DType::F32)?)
+        let head = &self.weights.lm_head;
+        Ok(linear(&x, head, None, self.blocks_of(head))?.to_dtype(DType::F32)?)
     }
 
     /// Rotates pre-RoPE keys `[tokens, heads, head_dim]` to the given absolute positions
@@ -553,10 +559,11 @@ impl Model {
         attn: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let w = self.layer(l)?;
-        let (h, x) = self.add_norm(hidden, &linear(attn, &w.wo, None)?, &w.mlp_norm)?;
-        let gate_up = linear(&x, &w.wgate_up, None)?;
+        let o = linear(attn, &w.wo, None, self.blocks_of(&w.wo))?;
+        let (h, x) = self.add_norm(hidden, &o, &w.mlp_norm)?;
+        let gate_up = linear(&x, &w.wgate_up, None, self.blocks_of(&w.wgate_up))?;
         let act = self.swiglu(&gate_up)?;
-        let down = linear(&act, &w.wdown, None)?;
+        let down = linear(&act, &w.wdown, None, self.blocks_of(&w.wdown))?;
         Ok(
             match self.weights.layers.get(l + 1).filter(|_| l + 1 < end) {
                 Some(next) => {
@@ -583,7 +590,7 @@ impl Model {
     fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let n = x.dims()[0];
-        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref())?;
+        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref(), self.blocks_of(&w.wqkv))?;
         let q = qkv.narrow(1, 0, c.num_heads * c.head_dim)?;
         let heads = qkv.reshape((n, c.num_heads + 2 * c.num_kv_heads, c.head_dim))?;
         let k = heads.narrow(1, c.num_heads, c.num_kv_heads)?;
@@ -617,7 +624,24 @@ impl Model {
 /// packs the whole weight on every call); a general matmul otherwise (one row included: a
 /// lone decode step's matmul measured as fast, and it leaves rayon's pool to concurrent
 /// requests).
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    blocks: Option<&crate::quant::BlockRows>,
+) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if let Some(blocks) = blocks
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && (1..=crate::quant::MOST_ROWS).contains(&rows)
+    {
+        let y = blocks.linear(x)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
     let few = x.device().is_cpu()
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
