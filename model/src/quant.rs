@@ -267,7 +267,8 @@ unsafe fn rows_times_blocks_avx2(
     rows_times_blocks_any(kind, x, n, w, rb, out)
 }
 
-/// The kernel's body, compiled into each of the wrappers above (vectorised for their unit).
+/// The kernel's body, compiled into each of the wrappers above (vectorised for their unit),
+/// for each row count up to [`MOST_ROWS`].
 #[inline(always)]
 fn rows_times_blocks_any(
     kind: BlockKind,
@@ -277,21 +278,42 @@ fn rows_times_blocks_any(
     rb: usize,
     out: &mut [f32],
 ) {
-    let d = x.len() / n;
+    macro_rules! dispatch {
+        ($($n:literal)*) => {
+            match n {
+                $($n => rows_times_blocks_n::<$n>(kind, x, w, rb, out),)*
+                _ => unreachable!("at most {MOST_ROWS} rows (checked by the caller)"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8)
+}
+
+/// [`rows_times_blocks_any`] for `N` rows: every row's accumulators advance together over
+/// each dequantised block, so the block is dequantised once for all of them.
+#[inline(always)]
+fn rows_times_blocks_n<const N: usize>(
+    kind: BlockKind,
+    x: &[f32],
+    w: &[u8],
+    rb: usize,
+    out: &mut [f32],
+) {
+    let d = x.len() / N;
     let mut vals = [0f32; BLOCK];
     for (c, row) in w.chunks_exact(rb).enumerate() {
-        let mut acc = [[0f32; BLOCK]; MOST_ROWS];
+        let mut acc = [[0f32; BLOCK]; N];
         for (k, b) in row.chunks_exact(kind.bytes()).enumerate() {
             dequantize_block(kind, b, &mut vals);
-            for (r, a) in acc.iter_mut().enumerate().take(n) {
+            for (r, a) in acc.iter_mut().enumerate() {
                 let xs = &x[r * d + k * BLOCK..][..BLOCK];
                 for j in 0..BLOCK {
                     a[j] = vals[j].mul_add(xs[j], a[j]);
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate().take(n) {
-            out[c * n + r] = a.iter().sum();
+        for (r, a) in acc.iter().enumerate() {
+            out[c * N + r] = a.iter().sum();
         }
     }
 }
