@@ -22,7 +22,7 @@
 //! max_queue = 64                       # model requests waiting; more get 503
 //! # decode_batch = 4                   # requests decoding together in one model step (at most
 //!                                      #   workers decode at once; 0 or 1: each alone); unset:
-//!                                      #   workers on a GPU, each alone on the CPU
+//!                                      #   workers
 //! header_timeout_s = 30                # a request head must arrive within it; idle
 //!                                      #   keep-alive connections close after it
 //! body_timeout_s = 60                  # a request body must arrive within it (408)
@@ -153,13 +153,12 @@ pub struct Limits {
     pub max_queue: usize,
     /// Requests decoding together in one model step
     /// (`kvquilt_blend::Blender::with_decode_batching`; at most `workers` requests decode at
-    /// once). 0 or 1: each request decodes alone. Unset (the default): `workers` on a GPU,
-    /// where requests decoding side by side on their own threads take turns (H200, 4
-    /// requests at 8k on the 8B shape: 1.4–1.6× their tokens per second in batches; a
-    /// request whose cache goes into a CUDA graph — the small model's — replays it instead,
-    /// which is faster still); each alone on the CPU, where two requests on their own threads
-    /// already fill a 2-core machine and batching pays only from 4 (BENCHMARKS §9, "Batched
-    /// decoding").
+    /// once). 0 or 1: each request decodes alone. Unset (the default): `workers`. Requests
+    /// decoding side by side on their own threads compete for the same weights' reads:
+    /// batched, 4 requests at 8k on the 8B shape decode 1.4–1.6× their tokens per second on
+    /// the H200, and 2–4 on the 2-core CPU VM 1.25–2.1× (a request whose cache goes into a
+    /// CUDA graph — the small model's on a GPU — replays it instead, which is faster still;
+    /// BENCHMARKS §9, "Batched decoding").
     pub decode_batch: Option<usize>,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
@@ -383,14 +382,10 @@ impl Default for Config {
 }
 
 impl Limits {
-    /// Requests decoding together in one model step on a model on a GPU (`on_gpu`) or the
-    /// CPU: `decode_batch` when set, else `workers` on a GPU and 0 (each alone) on the CPU.
-    pub fn decode_batch_for(&self, on_gpu: bool) -> usize {
-        match self.decode_batch {
-            Some(n) => n,
-            None if on_gpu => self.workers,
-            None => 0,
-        }
+    /// Requests decoding together in one model step: `decode_batch` when set, else
+    /// `workers` (every request that can decode at once).
+    pub fn effective_decode_batch(&self) -> usize {
+        self.decode_batch.unwrap_or(self.workers)
     }
 }
 
@@ -805,19 +800,20 @@ mod tests {
     }
 
     #[test]
-    fn decode_batching_defaults_to_the_workers_on_a_gpu_only() {
+    fn decode_batching_defaults_to_the_workers() {
         let parse = |t: &str| toml::from_str::<Config>(t).unwrap().limits;
         let unset = parse("[limits]\nworkers = 4\n");
         assert_eq!(unset.decode_batch, None);
-        assert_eq!(unset.decode_batch_for(true), 4);
-        assert_eq!(unset.decode_batch_for(false), 0);
-        let off = parse("[limits]\nworkers = 4\ndecode_batch = 0\n");
-        assert_eq!(off.decode_batch_for(true), 0);
-        let set = parse("[limits]\nworkers = 8\ndecode_batch = 3\n");
+        assert_eq!(unset.effective_decode_batch(), 4);
         assert_eq!(
-            (set.decode_batch_for(true), set.decode_batch_for(false)),
-            (3, 3)
+            Limits::default().effective_decode_batch(),
+            1,
+            "one worker: alone"
         );
+        let off = parse("[limits]\nworkers = 4\ndecode_batch = 0\n");
+        assert_eq!(off.effective_decode_batch(), 0);
+        let set = parse("[limits]\nworkers = 8\ndecode_batch = 3\n");
+        assert_eq!(set.effective_decode_batch(), 3);
     }
 
     #[test]

@@ -260,7 +260,7 @@ pub fn app_state(
             "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
         );
     }
-    let decode_batch = config.limits.decode_batch_for(on_gpu);
+    let decode_batch = config.limits.effective_decode_batch();
     if config.limits.decode_batch.is_some_and(|n| n >= 2) && config.limits.workers < 2 {
         tracing::warn!(
             decode_batch,
