@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Result, invalid_input};
@@ -159,24 +159,19 @@ impl BlockRows {
                 x.dtype()
             )));
         }
-        let x = x.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let Storage::Cpu(xc) = &*xs else {
-            return Err(invalid_input("block projection takes a CPU tensor"));
-        };
-        let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n * d];
         let rb = self.row_bytes();
         // each task: its rows' outputs for every input row, output-major
-        let blocks: Vec<Vec<f32>> = self
-            .data
-            .par_chunks(ROWS_PER_TASK * rb)
-            .map(|w| {
-                let mut out = vec![0f32; n * (w.len() / rb)];
-                rows_times_blocks(self.kind, xv, n, w, rb, &mut out);
-                out
-            })
-            .collect();
-        drop(xs);
+        let blocks: Vec<Vec<f32>> = crate::vmath::with_cpu_f32(x, |xv| {
+            Ok(self
+                .data
+                .par_chunks(ROWS_PER_TASK * rb)
+                .map(|w| {
+                    let mut out = vec![0f32; n * (w.len() / rb)];
+                    rows_times_blocks(self.kind, xv, n, w, rb, &mut out);
+                    out
+                })
+                .collect())
+        })?;
         let mut y = vec![0f32; n * self.rows];
         for (i, block) in blocks.iter().enumerate() {
             let (j0, cols) = (i * ROWS_PER_TASK, block.len() / n);

@@ -107,6 +107,20 @@ pub(crate) const FEW_ROWS_LINEAR_MAX: usize = 8;
 /// Output features of one [`few_rows_linear`] task.
 const LINEAR_OUTPUTS_PER_TASK: usize = 64;
 
+/// `f` over the f32 values of `t` (a CPU tensor, made contiguous first), in row-major order.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(invalid_input(format!(
+            "f32 values of a CPU tensor, not one on {:?}",
+            t.device()
+        )));
+    };
+    let start = layout.start_offset();
+    f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
+}
+
 /// `x · wᵀ` for few rows `x` `[n, in]` and a weight `w` `[out, in]` (f32, CPU, `w` packed):
 /// `[n, out]`. Each weight row is read once for all `n` rows, with no packing: a decode
 /// step's projections (one row per sequence of a batch), where a general matmul packs the
@@ -131,24 +145,19 @@ pub(crate) fn few_rows_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.dtype()
         )));
     }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
-        return Err(invalid_input("few-rows linear takes CPU tensors"));
-    };
-    let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n * d];
-    let wv = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * d];
     // each task: `n` rows of its outputs, output-major within the task's block
-    let blocks: Vec<Vec<f32>> = wv
-        .par_chunks(LINEAR_OUTPUTS_PER_TASK * d)
-        .map(|wb| {
-            let mut block = vec![0f32; n * (wb.len() / d)];
-            rows_times_block(xv, wb, d, &mut block);
-            block
+    let blocks: Vec<Vec<f32>> = with_cpu_f32(x, |xv| {
+        with_cpu_f32(w, |wv| {
+            Ok(wv
+                .par_chunks(LINEAR_OUTPUTS_PER_TASK * d)
+                .map(|wb| {
+                    let mut block = vec![0f32; n * (wb.len() / d)];
+                    rows_times_block(xv, wb, d, &mut block);
+                    block
+                })
+                .collect())
         })
-        .collect();
-    drop((xs, ws));
+    })?;
     let mut y = vec![0f32; n * out];
     for (i, block) in blocks.iter().enumerate() {
         let (j0, cols) = (i * LINEAR_OUTPUTS_PER_TASK, block.len() / n.max(1));
@@ -244,22 +253,18 @@ pub(crate) fn swiglu(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
             gate_up.device()
         )));
     }
-    let gate_up = gate_up.contiguous()?;
-    let (storage, layout) = gate_up.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(invalid_input("CPU SwiGLU takes a CPU tensor"));
-    };
-    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * width];
     let mut out = vec![0f32; n * inter];
-    out.par_chunks_mut(inter * SWIGLU_ROWS_PER_TASK)
-        .zip(src.par_chunks(width * SWIGLU_ROWS_PER_TASK))
-        .for_each(|(o, s)| {
-            for (o, row) in o.chunks_exact_mut(inter).zip(s.chunks_exact(width)) {
-                let (g, u) = row.split_at(inter);
-                swiglu_row(g, u, o);
-            }
-        });
-    drop(storage);
+    with_cpu_f32(gate_up, |src| {
+        out.par_chunks_mut(inter * SWIGLU_ROWS_PER_TASK)
+            .zip(src.par_chunks(width * SWIGLU_ROWS_PER_TASK))
+            .for_each(|(o, s)| {
+                for (o, row) in o.chunks_exact_mut(inter).zip(s.chunks_exact(width)) {
+                    let (g, u) = row.split_at(inter);
+                    swiglu_row(g, u, o);
+                }
+            });
+        Ok(())
+    })?;
     Ok(Tensor::from_vec(out, (n, inter), &Device::Cpu)?)
 }
 
