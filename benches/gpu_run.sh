@@ -19,6 +19,9 @@
 #                                # sequences' own steps), concurrent sessions alone, batched
 #                                # and graphed; then the sidecar under chat completions
 #                                # (needs $KVQ_MODEL), batching on vs off, full and SnapKV 4x
+#   benches/gpu_run.sh ttft      # time to first token under concurrent decoding (needs
+#                                # $KVQ_MODEL): streamed chat completions, decode steps
+#                                # yielding to prompts (limits.decode_yield_ms 100) vs not (0)
 #   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
@@ -71,6 +74,19 @@ case "${1:-perf}" in
           --serve-arg=--config --serve-arg="$OUT/batching_$cfg.toml" --serve-arg=--device \
           --serve-arg=cuda --serve-arg=--model --serve-arg="${KVQ_MODEL:?}" \
           --out "$OUT/load_${cfg}_${compress/:/}.json"
+      done
+    done
+    ;;
+  ttft)
+    for y in 100 0; do
+      printf '[limits]\ndecode_yield_ms = %s\n' "$y" > "$OUT/yield_$y.toml"
+      for compress in none snapkv:4; do
+        extra=(); [[ $compress != none ]] && extra=(--compress "$compress")
+        "$bench" load --concurrency 1,4,8 --lookup-s 0.1 --blend-s 0.1 --completion-s 10 \
+          --max-tokens 128 --chunks-per-blend 16 --workers 8 --stream "${extra[@]}" \
+          --serve-arg=--config --serve-arg="$OUT/yield_$y.toml" --serve-arg=--device \
+          --serve-arg=cuda --serve-arg=--model --serve-arg="${KVQ_MODEL:?}" \
+          --out "$OUT/ttft_yield${y}_${compress/:/}.json"
       done
     done
     ;;

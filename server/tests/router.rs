@@ -835,3 +835,60 @@ async fn a_client_that_leaves_the_queue_costs_no_model_work() {
     let (status, v) = app.json("POST", "/v1/chat/completions", None, body).await;
     assert_eq!(status, StatusCode::OK, "{v}");
 }
+
+/// Decode steps yield to prompts on their way to a first token (`limits.decode_yield_ms`):
+/// while a prompt's turn is held, each decode step of a completion waits the bound (its own
+/// prompt never waits) and the answer is the one it gets without waiting; with no prompt
+/// running, nothing waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_steps_yield_to_prompts_on_their_way_to_a_first_token() {
+    let mut config = Config::default();
+    config.limits.decode_yield_ms = 40;
+    let app = TestApp::new(config);
+    let body = json!({
+        "messages": [{"role": "user", "content": "When was the tower finished?"}],
+        "documents": [DOCS[0]],
+        "max_tokens": 6
+    });
+    let yields = |app: &TestApp| {
+        let stats = app.state.blender.prompt_priority_stats();
+        (stats.yields, stats.waited_s)
+    };
+    let answer = |v: &Value| {
+        (
+            v["choices"][0]["message"]["content"].clone(),
+            v["usage"]["completion_tokens"].as_u64().expect("usage"),
+        )
+    };
+    let (status, alone) = app
+        .json("POST", "/v1/chat/completions", None, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{alone}");
+    assert_eq!(yields(&app), (0, 0.0), "no prompt ran beside it");
+    let blender = std::sync::Arc::clone(&app.state.blender);
+    let turn = blender.prompt_turn();
+    let started = std::time::Instant::now();
+    let (status, behind) = app
+        .json("POST", "/v1/chat/completions", None, body.clone())
+        .await;
+    let took = started.elapsed();
+    drop(turn);
+    assert_eq!(status, StatusCode::OK, "{behind}");
+    assert_eq!(answer(&behind), answer(&alone));
+    // the first token comes from the prompt's logits, each later one from a step
+    let steps = answer(&alone).1 - 1;
+    assert!(steps > 0, "{alone}");
+    let (n, waited) = yields(&app);
+    assert_eq!(n, steps, "every step waited");
+    assert!(waited >= 0.04 * steps as f64, "{waited}");
+    assert!(took.as_secs_f64() >= waited, "{took:?} {waited}");
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let metrics = String::from_utf8(metrics).expect("utf-8");
+    assert!(
+        metrics.contains(&format!("kvquilt_decode_yields_total {steps}")),
+        "{metrics}"
+    );
+    let (status, after) = app.json("POST", "/v1/chat/completions", None, body).await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(yields(&app).0, steps, "the turn ended: nothing waits");
+}

@@ -37,6 +37,7 @@ use crate::device_tier::DeviceTier;
 use crate::error::{Result, invalid};
 use crate::identity::ModelIdentity;
 use crate::pinned_host::PinnedHost;
+use crate::priority::{DEFAULT_PROMPT_PRIORITY, PromptPriority};
 use crate::request::{BlendOutput, BlendRequest, StoredObject};
 
 /// Default of [`Blender::with_stall_floor`]: a local read never legitimately takes this
@@ -85,6 +86,9 @@ pub struct Blender {
     /// Concurrent requests' decode steps run together ([`Blender::with_decode_batching`]);
     /// `None`: off.
     batcher: Option<DecodeBatcher>,
+    /// Prompts on their way to a first token, which decode steps yield to
+    /// ([`Blender::with_prompt_priority`]).
+    priority: PromptPriority,
 }
 
 /// Whether graphs pay for `model` by default ([`Blender::with_graphs`]).
@@ -135,6 +139,7 @@ impl Blender {
             #[cfg(feature = "gpu")]
             graphs: None,
             batcher: None,
+            priority: PromptPriority::new(DEFAULT_PROMPT_PRIORITY),
         };
         let launch_bound = graphs_pay(&b.model);
         b.with_graphs(launch_bound)
@@ -292,6 +297,34 @@ impl Blender {
         Ok(self)
     }
 
+    /// How long, at most, each decode step of a request waits while other requests' prompts
+    /// run to their first token ([`Blender::yield_to_prompts`], `priority.rs`); zero: decode
+    /// steps never wait. Default [`DEFAULT_PROMPT_PRIORITY`].
+    pub fn with_prompt_priority(mut self, max_wait: Duration) -> Self {
+        self.priority = PromptPriority::new(max_wait);
+        self
+    }
+
+    /// Waits while other requests' prompts run to their first token ([`Blender::run_deferring`]
+    /// holds a turn), at most the bound of [`Blender::with_prompt_priority`]; returns how long
+    /// it waited. A decode loop calls it before each step (never inside a prompt's pass).
+    pub fn yield_to_prompts(&self) -> Duration {
+        self.priority.yield_to_prompts()
+    }
+
+    /// A prompt's turn: decode steps yield ([`Blender::yield_to_prompts`]) until it is
+    /// dropped. [`Blender::run_deferring`] holds one for its pass; a caller holds its own
+    /// over other work on the way to a first token (a token policy compressing the cache
+    /// before the answer starts).
+    pub fn prompt_turn(&self) -> crate::priority::PromptTurn<'_> {
+        self.priority.turn()
+    }
+
+    /// What decode steps gave to prompts ([`Blender::with_prompt_priority`]).
+    pub fn prompt_priority_stats(&self) -> crate::priority::YieldStats {
+        self.priority.stats()
+    }
+
     /// What the decode batcher did ([`Blender::with_decode_batching`]); `None` when off.
     pub fn decode_batch_stats(&self) -> Option<crate::batcher::BatchStats> {
         self.batcher.as_ref().map(|b| b.stats())
@@ -368,7 +401,8 @@ impl Blender {
     /// Runs one prompt up to its first token's logits, and returns the store-back it leaves
     /// (prefilling alone the misses it computed in its pass, storing what it computed):
     /// run it with [`Blender::store_back`] once the answer is on its way; until then the
-    /// output's `stored` is empty.
+    /// output's `stored` is empty. Other requests' decode steps yield to the pass
+    /// ([`Blender::with_prompt_priority`]).
     ///
     /// When the device runs out of memory the request fails (the error says so:
     /// [`BlendError::is_out_of_device_memory`]) and the device tier sheds its unpinned
@@ -379,6 +413,8 @@ impl Blender {
         req: &BlendRequest,
     ) -> Result<(BlendOutput, StoreBack)> {
         let start = Instant::now();
+        // decode steps of other requests yield until this pass has its first token
+        let _turn = self.priority.turn();
         self.validate(req)?;
         let out = match &req.mode {
             Mode::Full => modes::full::run(self, req, start),

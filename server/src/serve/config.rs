@@ -23,6 +23,8 @@
 //! # decode_batch = 4                   # requests decoding together in one model step (at most
 //!                                      #   workers decode at once; 0 or 1: each alone); unset:
 //!                                      #   workers
+//! decode_yield_ms = 100                # a decode step waits at most this long while other
+//!                                      #   requests' prompts run to their first token (0: never)
 //! header_timeout_s = 30                # a request head must arrive within it; idle
 //!                                      #   keep-alive connections close after it
 //! body_timeout_s = 60                  # a request body must arrive within it (408)
@@ -160,6 +162,12 @@ pub struct Limits {
     /// CUDA graph — the small model's on a GPU — replays it instead, which is faster still;
     /// BENCHMARKS §9, "Batched decoding").
     pub decode_batch: Option<usize>,
+    /// Milliseconds a decode step waits, at most, while other requests' prompts run to their
+    /// first token (`kvquilt_blend::Blender::with_prompt_priority`): first tokens come before
+    /// further tokens, as a scheduler that runs waiting prefills before decode steps does.
+    /// On the H200, 7 requests decoding beside a new one made its 10 ms prompt take 375 ms
+    /// without it (BENCHMARKS §9). 0: decode steps never wait.
+    pub decode_yield_ms: u64,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
     /// Seconds a request head may take to arrive; an idle keep-alive connection is closed
@@ -403,6 +411,7 @@ impl Default for Limits {
             workers: 1,
             max_queue: 64,
             decode_batch: None,
+            decode_yield_ms: 100,
             default_quota_bytes: None,
             header_timeout_s: 30,
             body_timeout_s: 60,
@@ -591,6 +600,12 @@ impl Config {
             if v > 86_400 {
                 bail!("limits.{name} must be at most 86400 (a day; got {v})");
             }
+        }
+        if l.decode_yield_ms > 60_000 {
+            bail!(
+                "limits.decode_yield_ms must be at most 60000 (a minute per decode step; got {})",
+                l.decode_yield_ms
+            );
         }
         self.store.host_policy()?;
         self.blend.blend_uncalibrated()?;
@@ -814,6 +829,17 @@ mod tests {
         assert_eq!(off.effective_decode_batch(), 0);
         let set = parse("[limits]\nworkers = 8\ndecode_batch = 3\n");
         assert_eq!(set.effective_decode_batch(), 3);
+    }
+
+    #[test]
+    fn decode_yields_are_bounded() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert_eq!(Limits::default().decode_yield_ms, 100);
+        assert!(parse("[limits]\ndecode_yield_ms = 0\n").validate().is_ok());
+        let e = parse("[limits]\ndecode_yield_ms = 60001\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("limits.decode_yield_ms"), "{e}");
     }
 
     #[test]

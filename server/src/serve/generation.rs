@@ -123,6 +123,8 @@ pub(crate) fn decode(
         if length {
             break;
         }
+        // other requests' first tokens come first (`limits.decode_yield_ms`)
+        blender.yield_to_prompts();
         logits = steps.step(model, id)?;
     }
     Ok((Finish::Length, produced, steps.evictions()))

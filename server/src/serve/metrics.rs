@@ -414,6 +414,28 @@ impl Collector for StoreCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(batches.sessions as i64).encode(m)?;
+        let yields = self.0.prompt_priority_stats();
+        let m = encoder.encode_descriptor(
+            "decode_yields",
+            "Decode steps that waited for other requests' prompts to reach their first token (limits.decode_yield_ms)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(yields.yields).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "decode_yield_seconds",
+            "Time decode steps waited for other requests' prompts",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(yields.waited_s).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "prompts_in_flight",
+            "Prompts on their way to their first token now",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(yields.prompts as i64).encode(m)?;
         Ok(())
     }
 }

@@ -182,6 +182,8 @@ impl Prepared {
     /// With a token policy, the returned cache is the compressed one (or, if the policy
     /// failed, the uncompressed one: counted, never an error).
     pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<(BlendOutput, StoreBack)> {
+        // decode steps of other requests yield until the answer can start, compression included
+        let _turn = s.blender.prompt_turn();
         let (mut out, work) = s.blender.run_deferring(&tenant.namespace, &self.req)?;
         out.stats.calibration = self.calibration.clone();
         if let Some(plan) = &self.compress {

@@ -1,0 +1,214 @@
+//! First tokens before decode steps ([`PromptPriority`], set by
+//! [`crate::Blender::with_prompt_priority`]).
+//!
+//! Time to first token is what kvquilt exists to cut, and concurrent requests that are
+//! decoding compete with a new prompt's pass for the device and for the host threads that
+//! launch its work: on the H200, a SmolLM2 prompt whose pass takes 10 ms alone took 92 ms
+//! behind 4 requests decoding and 375 ms behind 8 (BENCHMARKS §9). So decoding yields, as a
+//! scheduler that runs waiting prefills before decode steps does: a prompt's pass holds a
+//! [`PromptTurn`] from its start to its first token's logits, and before each decode step a
+//! request calls [`PromptPriority::yield_to_prompts`], which waits while any turn is held,
+//! at most `max_wait` per step — a stream of prompts slows decoding, it never stops it.
+//!
+//! Invariants:
+//! - A step never waits longer than `max_wait`, and not at all when no prompt runs or when
+//!   `max_wait` is zero (`tests::a_step_waits_at_most_the_bound`,
+//!   `tests::off_or_idle_it_never_waits`).
+//! - A step waiting for prompts goes on as soon as the last of them ends
+//!   (`tests::a_step_goes_on_when_the_prompts_end`).
+//! - A turn ends when its guard drops: when the pass returns, fails or panics
+//!   (`tests::a_turn_ends_with_its_guard_also_on_panic`).
+//! - Only prompts make steps wait: a decode step never waits for another decode step, and a
+//!   prompt never waits for anything here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// Default of [`crate::Blender::with_prompt_priority`]: longer than a typical prompt's pass on
+/// a GPU (SmolLM2's blend ~10 ms, the 8B shape's ~66 ms on the H200), so a step usually waits
+/// for the whole pass; short enough that decoding keeps at least ten steps a second under a
+/// stream of prompts.
+pub const DEFAULT_PROMPT_PRIORITY: Duration = Duration::from_millis(100);
+
+/// Prompts on their way to a first token, and the decode steps waiting for them.
+#[derive(Debug)]
+pub struct PromptPriority {
+    /// The longest one decode step waits; zero: steps never wait.
+    max_wait: Duration,
+    /// Turns held now, and steps waiting for them.
+    state: Mutex<State>,
+    /// Notified when the last turn ends.
+    idle: Condvar,
+    /// Decode steps that waited.
+    yields: AtomicU64,
+    /// Their total wait, nanoseconds.
+    waited_ns: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    prompts: usize,
+    waiting: usize,
+}
+
+/// What decode steps gave to prompts ([`PromptPriority::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct YieldStats {
+    /// Decode steps that waited for a prompt.
+    pub yields: u64,
+    /// Their total wait, seconds.
+    pub waited_s: f64,
+    /// Prompts on their way to a first token now.
+    pub prompts: usize,
+    /// Decode steps waiting for them now.
+    pub waiting: usize,
+}
+
+/// A prompt's pass on its way to a first token; decode steps yield while it lives.
+#[derive(Debug)]
+#[must_use = "the turn ends when it is dropped"]
+pub struct PromptTurn<'a> {
+    of: &'a PromptPriority,
+}
+
+impl Drop for PromptTurn<'_> {
+    fn drop(&mut self) {
+        let mut s = self.of.state.lock();
+        s.prompts = s.prompts.saturating_sub(1);
+        if s.prompts == 0 {
+            self.of.idle.notify_all();
+        }
+    }
+}
+
+impl PromptPriority {
+    /// Decode steps wait at most `max_wait` each for prompts; zero: they never wait.
+    pub fn new(max_wait: Duration) -> Self {
+        Self {
+            max_wait,
+            state: Mutex::new(State::default()),
+            idle: Condvar::new(),
+            yields: AtomicU64::new(0),
+            waited_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The longest one decode step waits.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// Starts a prompt's turn: decode steps yield until it is dropped.
+    pub fn turn(&self) -> PromptTurn<'_> {
+        self.state.lock().prompts += 1;
+        PromptTurn { of: self }
+    }
+
+    /// Waits while any prompt holds its turn, at most `max_wait`; returns how long it
+    /// waited (zero without a wait). Call before each decode step, never inside a turn.
+    pub fn yield_to_prompts(&self) -> Duration {
+        if self.max_wait.is_zero() {
+            return Duration::ZERO;
+        }
+        let mut s = self.state.lock();
+        if s.prompts == 0 {
+            return Duration::ZERO;
+        }
+        let start = Instant::now();
+        let deadline = start + self.max_wait;
+        s.waiting += 1;
+        while s.prompts > 0 {
+            if self.idle.wait_until(&mut s, deadline).timed_out() {
+                break;
+            }
+        }
+        s.waiting -= 1;
+        drop(s);
+        let waited = start.elapsed();
+        self.yields.fetch_add(1, Ordering::Relaxed);
+        self.waited_ns.fetch_add(
+            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        waited
+    }
+
+    /// What decode steps gave to prompts so far.
+    pub fn stats(&self) -> YieldStats {
+        let s = self.state.lock();
+        YieldStats {
+            yields: self.yields.load(Ordering::Relaxed),
+            waited_s: self.waited_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            prompts: s.prompts,
+            waiting: s.waiting,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn off_or_idle_it_never_waits() {
+        let idle = PromptPriority::new(Duration::from_secs(5));
+        assert_eq!(idle.yield_to_prompts(), Duration::ZERO);
+        let off = PromptPriority::new(Duration::ZERO);
+        let _turn = off.turn();
+        let start = Instant::now();
+        assert_eq!(off.yield_to_prompts(), Duration::ZERO);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(idle.stats().yields + off.stats().yields, 0);
+        assert_eq!(off.stats().prompts, 1);
+    }
+
+    #[test]
+    fn a_step_waits_at_most_the_bound() {
+        let p = PromptPriority::new(Duration::from_millis(50));
+        let _turn = p.turn();
+        let waited = p.yield_to_prompts();
+        assert!(waited >= Duration::from_millis(50), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        let s = p.stats();
+        assert_eq!((s.yields, s.prompts), (1, 1));
+        assert!(s.waited_s >= 0.05);
+    }
+
+    #[test]
+    fn a_step_goes_on_when_the_prompts_end() {
+        let p = Arc::new(PromptPriority::new(Duration::from_secs(30)));
+        let (first, second) = (p.turn(), p.turn());
+        let q = Arc::clone(&p);
+        let step = std::thread::spawn(move || q.yield_to_prompts());
+        while p.stats().waiting != 1 {
+            std::thread::yield_now();
+        }
+        drop(first);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!step.is_finished(), "one prompt still runs");
+        assert_eq!(p.stats().waiting, 1);
+        drop(second);
+        let waited = step.join().unwrap();
+        assert!(waited >= Duration::from_millis(20), "{waited:?}");
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
+        let s = p.stats();
+        assert_eq!((s.prompts, s.waiting, s.yields), (0, 0, 1));
+    }
+
+    #[test]
+    fn a_turn_ends_with_its_guard_also_on_panic() {
+        let p = PromptPriority::new(Duration::from_secs(30));
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _turn = p.turn();
+            panic!("a pass that panics");
+        }));
+        assert!(failed.is_err());
+        assert_eq!(p.stats().prompts, 0);
+        let start = Instant::now();
+        assert_eq!(p.yield_to_prompts(), Duration::ZERO);
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+}
