@@ -269,10 +269,11 @@ impl DecodeSteps {
 
     /// Steps over `cache` in a graphed cache of `pool`: the one `cache` is a view of when
     /// it came from a graphed question and that cache has room for `steps` more (no copy),
-    /// else one `cache`'s rows are loaded into; eager when the cache does not go into one
-    /// (pruned, too long) or its attention is corrected other than by a temperature (a
-    /// parallel context whose correction moves the context's mass: the graphs' kernel
-    /// applies a temperature alone).
+    /// else one `cache`'s rows are loaded into (a pruned cache too, its per-head positions
+    /// with it); eager when the cache does not go into one (pruned with padding, too long)
+    /// or its attention is corrected other than by a temperature (a parallel context whose
+    /// correction moves the context's mass: the graphs' kernel applies a temperature
+    /// alone).
     #[cfg(feature = "gpu")]
     pub(crate) fn graphed(
         model: &Arc<Model>,
@@ -282,7 +283,7 @@ impl DecodeSteps {
     ) -> Self {
         if steps < LEAST_GRAPHED_STEPS
             || !pool.usable()
-            || cache.is_pruned()
+            || cache.is_padded()
             || cache.parallel_context().is_some_and(|p| !p.keeps_mass())
             || cache.len() + steps > model.config().context_length
         {

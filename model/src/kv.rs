@@ -601,6 +601,28 @@ impl KvCache {
         self.pruned.as_deref()
     }
 
+    /// The per-head part of a pruned cache, shared.
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))] // graphed caches only
+    pub(crate) fn pruned_shared(&self) -> Option<&Arc<Pruned>> {
+        self.pruned.as_ref()
+    }
+
+    /// This cache with `pruned` as its per-head part: its first `pruned.rows` rows are the
+    /// per-head rows `pruned` describes (a graphed cache's views of a pruned cache it holds).
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))] // graphed caches only
+    pub(crate) fn with_pruned(mut self, pruned: Option<Arc<Pruned>>) -> Self {
+        self.pruned = pruned;
+        self
+    }
+
+    /// Whether the cache was pruned with heads keeping different numbers of rows (the
+    /// shorter ones padded and masked: only the reference attention runs over it).
+    pub fn is_padded(&self) -> bool {
+        self.pruned
+            .as_ref()
+            .is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()))
+    }
+
     /// Entries held per layer and KV head (padding excluded): what a pruned cache stores,
     /// `len()` for every head of an unpruned one.
     pub fn entries_per_head(&self) -> Vec<Vec<usize>> {

@@ -15,8 +15,8 @@
 //! sidecar does: once each with `decode_step` on its own thread (the sidecar with
 //! `limits.decode_batch = 0`), once through a `DecodeBatcher` (the sidecar's default with N
 //! workers on a GPU): the batcher's thread hand-offs and gathering included. In a `gpu` build
-//! on CUDA, the full cache's sessions also run each in its own `GraphedCache`, a graph
-//! replayed per step (what the sidecar's decoding requests do on a blender with graphs and
+//! on CUDA, the sessions also run each in its own `GraphedCache` (full caches and caches
+//! pruned without padding), a graph replayed per step (what the sidecar's decoding requests do on a blender with graphs and
 //! no batching).
 
 use std::path::PathBuf;
@@ -62,7 +62,7 @@ pub struct DecodeBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// Concurrent sessions (threads) decoding each alone, then through a decode batcher, then
-    /// (a `gpu` build on CUDA, full caches) each in its own graphed cache (a list measures each
+    /// (a `gpu` build on CUDA; not over a cache pruned with padding) each in its own graphed cache (a list measures each
     /// count; none by default).
     #[arg(long, value_delimiter = ',')]
     sessions: Vec<usize>,
@@ -444,7 +444,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
             let batched = run(Sessions::Batched(&batcher))?;
             let st = batcher.stats();
             #[cfg(feature = "gpu")]
-            let graphed = match model.device().is_cuda() && !base.is_pruned() {
+            let graphed = match model.device().is_cuda() && !base.is_padded() {
                 true => run(Sessions::Graphed)?,
                 false => Vec::new(),
             };

@@ -139,6 +139,17 @@ mod imp {
         corrected_decode_logits_max_abs: f32,
         /// ... and greedy tokens equal, step for step, decoding on in each.
         corrected_tokens_equal: usize,
+        /// A pruned cache (each layer and KV head keeping its own half of the keys) loaded
+        /// into a graphed one: largest |graph − eager| over every decode step's logits (0
+        /// expected: the same kernel, `attend_pruned`) ...
+        pruned_logits_max_abs: f32,
+        /// ... greedy tokens equal, step for step ...
+        pruned_tokens_equal: usize,
+        /// ... one eager step over the graphed cache's views (pruned, as lent) against the
+        /// eager cache's next step (0 expected) ...
+        pruned_view_step_max_abs: f32,
+        /// ... and a cache pruned with padding (heads keeping different counts) refused.
+        padded_refused: bool,
         tokens: usize,
         passed: bool,
     }
@@ -375,6 +386,65 @@ mod imp {
                         .count(),
                 )
             };
+            // a pruned cache: each layer and KV head keeps its own half of the keys (as many
+            // per head: no padding), decoded eagerly and graphed from its first token on
+            let (
+                pruned_logits_max_abs,
+                pruned_tokens_equal,
+                pruned_view_step_max_abs,
+                padded_refused,
+            ) = {
+                let keep = |padded: bool| -> Vec<Vec<Vec<u32>>> {
+                    (0..c.num_layers)
+                        .map(|l| {
+                            (0..c.num_kv_heads)
+                                .map(|h| {
+                                    let mut rows: Vec<u32> = (0..a.keys as u32)
+                                        .filter(|r| (*r as usize + l + h).is_multiple_of(2))
+                                        .take((a.keys / 2).max(1))
+                                        .collect();
+                                    if padded && h == 0 && rows.len() > 1 {
+                                        rows.pop();
+                                    }
+                                    rows
+                                })
+                                .collect()
+                        })
+                        .collect()
+                };
+                let pruned = context.retain(&keep(false))?;
+                let padded = context.retain(&keep(true))?;
+                let next_pos = |positions: &[u32]| positions.last().map_or(0, |p| p + 1);
+                let mut eager = pruned.clone();
+                let mut g = GraphedCache::new(model.clone(), capacity)?;
+                g.set_capture(!a.no_capture);
+                let padded_refused = g.load(&padded).is_err();
+                g.load(&pruned)?;
+                let (mut tok_e, mut tok_g) = (tokens[0], tokens[0]);
+                let (mut worst, mut equal, mut steps_done) = (0f32, 0, 0);
+                for _ in 0..a.steps {
+                    let le = model.decode_step(tok_e, &mut eager, &mut ())?;
+                    let pos = next_pos(g.positions());
+                    let lg = g.append(&[tok_g], &[pos])?;
+                    worst = worst.max(max_abs(&le, &lg)?);
+                    tok_e = le.argmax(0)?.to_scalar::<u32>()?;
+                    tok_g = lg.argmax(0)?.to_scalar::<u32>()?;
+                    // greedy tokens equal step for step, up to the first difference
+                    if tok_e == tok_g && equal == steps_done {
+                        equal += 1;
+                    }
+                    steps_done += 1;
+                }
+                let mut view = g.cache()?;
+                let view_step = if view.is_pruned() {
+                    let lv = model.decode_step(tok_g, &mut view, &mut ())?;
+                    let le = model.decode_step(tok_e, &mut eager, &mut ())?;
+                    max_abs(&le, &lv)?
+                } else {
+                    f32::INFINITY
+                };
+                (worst, equal, view_step, padded_refused)
+            };
             // the replay runs the eager pass's kernels with the eager pass's split plan
             // (ARCHITECTURE.md, "A graphed pass is the eager pass"): bit-identical, so any
             // difference at all fails
@@ -389,7 +459,11 @@ mod imp {
                 && corrected_sums_max_rel <= 1e-4
                 && correction_moved_rel > 1e-3
                 && corrected_decode_logits_max_abs == 0.0
-                && corrected_tokens_equal == te.len();
+                && corrected_tokens_equal == te.len()
+                && pruned_logits_max_abs == 0.0
+                && pruned_tokens_equal == a.steps
+                && pruned_view_step_max_abs == 0.0
+                && padded_refused;
             println!(
                 "check: logits max |Δ| {logits_max_abs:e}, K/V rows max |Δ| {rows_max_abs:e}, \
                  greedy tokens equal {tokens_equal}/{}, bad input refused: {refused}; \
@@ -398,9 +472,13 @@ mod imp {
                  {corrected_logits_max_rel:e}, sums max rel |Δ| {corrected_sums_max_rel:e}, \
                  the correction moved the sums by {correction_moved_rel:e}; over a marked cache: \
                  question logits max |Δ| {corrected_decode_logits_max_abs:e}, greedy tokens \
-                 equal {corrected_tokens_equal}/{} — {}",
+                 equal {corrected_tokens_equal}/{}; pruned: decode logits max |Δ| \
+                 {pruned_logits_max_abs:e}, greedy tokens equal {pruned_tokens_equal}/{}, a step \
+                 over its views max |Δ| {pruned_view_step_max_abs:e}, padded refused: \
+                 {padded_refused} — {}",
                 te.len(),
                 te.len(),
+                a.steps,
                 if passed { "pass" } else { "FAIL" }
             );
             Some(Check {
@@ -415,6 +493,10 @@ mod imp {
                 correction_moved_rel,
                 corrected_decode_logits_max_abs,
                 corrected_tokens_equal,
+                pruned_logits_max_abs,
+                pruned_tokens_equal,
+                pruned_view_step_max_abs,
+                padded_refused,
                 tokens: te.len(),
                 passed,
             })

@@ -281,8 +281,8 @@ impl Blender {
     /// attention per sequence; where the cache's bytes dominate a step — long contexts, many
     /// requests — this is what a token policy's compression speeds up). 0 or 1: off (the
     /// default). With graphs ([`Blender::with_graphs`]) a request whose cache goes into a
-    /// graphed one replays its graph instead; the batches take the others (pruned caches,
-    /// corrections a graph cannot apply, fewer than 4 steps, a cache too long for the
+    /// graphed one replays its graph instead; the batches take the others (caches pruned
+    /// with padding, corrections a graph cannot apply, fewer than 4 steps, a cache too long for the
     /// context, a pool off after failed captures, the reference attention, a model without
     /// graphs). Requests decoding under a decode pool (SCOPE) step alone.
     pub fn with_decode_batching(mut self, max_batch: usize) -> Result<Self> {

@@ -16,6 +16,12 @@
 //!   ([`GraphedCache::set_parallel_context`]), so one graph serves corrected and exact
 //!   passes alike.
 //!
+//! A pruned cache (`KvCache::retain`, every KV head keeping as many rows: no padding) loads
+//! too: its per-(row, KV head) positions go to `head_pos`, which the attention kernel rotates
+//! the first rows' keys by (as the eager decode step does, `FusedAttention::attend_pruned`).
+//! Their count is an argument of the kernels, so graphs are kept per (rows appended, column
+//! sums, per-head rows): a pruned request's decode captures its own on its first step.
+//!
 //! A request keeps its rows as views of the buffers ([`GraphedCache::cache`], no copy): the
 //! cache is then lent, refuses to load other rows while any view lives, and appends only past
 //! them, so a view's rows never change under it; the request's decode steps take the same
@@ -47,7 +53,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use super::Model;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::kernels::{FusedAttention, RowsInto, put_many};
-use crate::kv::{KvCache, LayerKv, Lease, Lender, check_increasing};
+use crate::kv::{KvCache, LayerKv, Lease, Lender, Pruned, check_increasing};
 use crate::parallel::ParallelContext;
 use crate::rows::SetRows;
 
@@ -75,11 +81,26 @@ pub struct GraphedCache {
     key_scales_written: bool,
     /// What views of the rows hold while lent ([`GraphedCache::cache`]).
     lender: Arc<Lender>,
-    /// Keyed by (rows, whether the pass sums column attention).
-    graphs: HashMap<(usize, bool), Captured>,
+    /// The per-head part of the pruned cache loaded, if one was: its first `rows` rows are
+    /// per (row, KV head), at the positions in `head_pos`.
+    pruned: Option<Arc<Pruned>>,
+    /// `[layers × capacity × kv_heads]` u32, allocated on the first pruned load: layer `l`'s
+    /// per-head positions at `l × rows × kv_heads`, `rows × kv_heads` of them (row-major
+    /// (row, KV head)).
+    head_pos: Option<Tensor>,
+    /// Keyed by (rows, whether the pass sums column attention, per-head rows — 0 unpruned).
+    graphs: HashMap<GraphKey, Captured>,
     /// Whether passes are captured and replayed (else issued op by op: a diagnosis switch).
     capture: bool,
 }
+
+/// What a captured pass is kept under: (rows it appends, whether it sums column attention,
+/// the pruned rows it rotates per head — 0 for an unpruned cache).
+type GraphKey = (usize, bool, usize);
+
+/// Most graphs of pruned caches kept: each pruned request's row count needs its own, so
+/// older ones are dropped past this many.
+const MOST_PRUNED_GRAPHS: usize = 4;
 
 /// One captured pass of `n` rows.
 struct Captured {
@@ -149,6 +170,8 @@ impl GraphedCache {
             context: None,
             key_scales_written: true,
             lender: Arc::new(Lender::default()),
+            pruned: None,
+            head_pos: None,
             graphs: HashMap::new(),
             capture: true,
         })
@@ -189,20 +212,63 @@ impl GraphedCache {
         self.capacity
     }
 
-    /// Replaces the cache's contents with `cache`'s rows (unpruned, this model's shape, at
-    /// most the capacity): [`GraphedCache::load_parts`] with one part per layer.
+    /// Replaces the cache's contents with `cache`'s rows (this model's shape, at most the
+    /// capacity; pruned only without padding, [`KvCache::is_padded`]):
+    /// [`GraphedCache::load_parts`] with one part per layer, then a pruned cache's per-head
+    /// positions. A failure after the checks leaves the cache empty.
     pub fn load(&mut self, cache: &KvCache) -> Result<()> {
         let c = self.model.config();
         cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
-        if cache.is_pruned() {
-            return Err(invalid_input("a graphed cache holds unpruned KV only"));
+        if cache.is_padded() {
+            return Err(invalid_input(
+                "a graphed cache holds a pruned cache only when every KV head keeps as many rows (no padding)",
+            ));
         }
         if let Some(p) = cache.parallel_context() {
             check_context_fits(p, &cache.positions)?;
         }
         let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
         self.load_parts(&layers, &cache.positions)?;
+        if let Some(pruned) = cache.pruned_shared()
+            && let Err(e) = self.load_head_positions(pruned)
+        {
+            self.positions.clear();
+            return Err(e);
+        }
         self.set_parallel_context(cache.parallel_context().cloned())
+    }
+
+    /// Writes a pruned cache's per-head positions where the graphs read them (allocating
+    /// that buffer on first use) and marks the rows loaded as pruned.
+    fn load_head_positions(&mut self, pruned: &Arc<Pruned>) -> Result<()> {
+        let kvh = self.model.config().num_kv_heads;
+        let table: Vec<u32> = pruned
+            .layers
+            .iter()
+            .flat_map(|l| l.host_positions.iter().copied())
+            .collect();
+        if table.len() != self.layers.len() * pruned.rows * kvh {
+            return Err(invalid_input(format!(
+                "per-head positions of {} entries for {} layers of {} rows × {kvh} KV heads",
+                table.len(),
+                self.layers.len(),
+                pruned.rows
+            )));
+        }
+        let head_pos = match &self.head_pos {
+            Some(t) => t,
+            None => self.head_pos.insert(Tensor::zeros(
+                self.layers.len() * self.capacity * kvh,
+                DType::U32,
+                self.model.device(),
+            )?),
+        };
+        head_pos.inplace_op1(&Upload {
+            data: &table,
+            at: 0,
+        })?;
+        self.pruned = Some(Arc::clone(pruned));
+        Ok(())
     }
 
     /// Replaces the cache's contents: layer `l`'s rows become `layers[l]`'s parts one after
@@ -259,6 +325,7 @@ impl GraphedCache {
         let stream = self.model.device().as_cuda_device()?.cuda_stream();
         self.lender.wait_for_leases(&stream)?;
         self.positions.clear();
+        self.pruned = None;
         self.k_pos_clean = false;
         if self.context.take().is_some() {
             self.key_scales_written = false;
@@ -362,7 +429,8 @@ impl GraphedCache {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut cache = KvCache::new(layers, self.positions.clone());
+        let mut cache =
+            KvCache::new(layers, self.positions.clone()).with_pruned(self.pruned.clone());
         cache.set_parallel_context(self.context.clone());
         Ok(cache)
     }
@@ -377,7 +445,12 @@ impl GraphedCache {
     /// that once it is dropped, appends to this cache go on from where it ends (a request's
     /// decode after its graphed question, with no copy).
     pub fn holds(&self, cache: &KvCache) -> bool {
-        !cache.is_pruned()
+        let same_pruned = match (cache.pruned_shared(), &self.pruned) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same_pruned
             && cache.positions == self.positions
             && cache.parallel_context() == self.context.as_ref()
             && cache.layers.len() == self.layers.len()
@@ -436,6 +509,11 @@ impl GraphedCache {
                 self.most_rows()
             )));
         }
+        if sums && self.pruned.is_some() {
+            return Err(invalid_input(
+                "column sums over a pruned graphed cache (a query pass runs over full KV)",
+            ));
+        }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(invalid_input(format!(
                 "token id {bad} is outside the vocabulary of {}",
@@ -470,9 +548,13 @@ impl GraphedCache {
             self.k_pos_clean = true;
         }
         self.write_key_scales()?;
-        let mut captured = match self.graphs.remove(&(n, sums)) {
+        let key = (n, sums, self.pruned.as_ref().map_or(0, |p| p.rows));
+        let mut captured = match self.graphs.remove(&key) {
             Some(c) => c,
-            None => self.buffers(n, sums)?,
+            None => {
+                self.drop_old_pruned_graphs();
+                self.buffers(n, sums)?
+            }
         };
         let mut inputs = Vec::with_capacity(3 * n);
         inputs.extend_from_slice(tokens);
@@ -487,7 +569,7 @@ impl GraphedCache {
                 };
                 Ok((captured.logits.copy()?, sums))
             });
-        self.graphs.insert((n, sums), captured);
+        self.graphs.insert(key, captured);
         match ran {
             Ok(out) => {
                 self.positions.extend_from_slice(positions);
@@ -534,6 +616,20 @@ impl GraphedCache {
         }
         captured.graph = Some(self.capture(n, captured)?);
         Ok(())
+    }
+
+    /// Keeps fewer than [`MOST_PRUNED_GRAPHS`] graphs of pruned caches (dropping those of the
+    /// most per-head rows first: any order would do, each request has its own count), so a
+    /// new one fits.
+    fn drop_old_pruned_graphs(&mut self) {
+        let mut pruned: Vec<GraphKey> = self.graphs.keys().filter(|k| k.2 > 0).copied().collect();
+        if pruned.len() < MOST_PRUNED_GRAPHS {
+            return;
+        }
+        pruned.sort_by_key(|k| std::cmp::Reverse(k.2));
+        for k in &pruned[..pruned.len() + 1 - MOST_PRUNED_GRAPHS] {
+            self.graphs.remove(k);
+        }
     }
 
     /// The most rows one graphed pass appends ([`GraphedCache::most_rows_of`]).
@@ -606,6 +702,16 @@ impl GraphedCache {
             c.head_dim,
         )?;
         let end = c.num_layers;
+        // a pruned cache's first rows, rotated per (row, KV head) by `head_pos`
+        let head_rows = match (&self.pruned, &self.head_pos) {
+            (Some(p), Some(t)) => Some((p.rows, t)),
+            (Some(_), None) => {
+                return Err(invalid_input(
+                    "a pruned graphed cache without its per-head positions",
+                ));
+            }
+            (None, _) => None,
+        };
         let mut hidden = model.weights.embed.index_select(&ids, 0)?;
         let mut normed: Option<Tensor> = None;
         if let Some(sums) = &captured.sums {
@@ -626,9 +732,19 @@ impl GraphedCache {
                 attention
                     .clone()
                     .with_key_scale_at(self.key_scales.narrow(0, 4 * l, 4)?)?;
-            let attn = match &captured.sums {
-                None => attention.attend(&q, &kv.k, &kv.v)?,
-                Some(sums) => attention.attend_and_add_column_sums(&q, &kv.k, &kv.v, sums)?,
+            let attn = match (&captured.sums, head_rows) {
+                (None, None) => attention.attend(&q, &kv.k, &kv.v)?,
+                (None, Some((rows, table))) => {
+                    let per = rows * c.num_kv_heads;
+                    let layer_pos = table.narrow(0, l * per, per)?;
+                    attention.attend_pruned(&q, &kv.k, &kv.v, &layer_pos, rows)?
+                }
+                (Some(sums), None) => {
+                    attention.attend_and_add_column_sums(&q, &kv.k, &kv.v, sums)?
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid_input("column sums over a pruned graphed cache"));
+                }
             };
             (hidden, normed) = model.finish_layer(l, end, &hidden, &attn)?;
         }
