@@ -24,9 +24,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvquilt_blend::compress::{compress, observe_prefill};
+use kvquilt_blend::compress::{compress, observe_last_rows, observe_prefill};
 use kvquilt_blend::{DEFAULT_GATHER, DecodeBatcher};
-use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec};
+use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, TokenPolicy};
 use kvquilt_model::{AttentionKernel, BatchStep, KvCache, Model, argmax};
 use serde::Serialize;
 
@@ -103,6 +103,25 @@ struct Report {
     repeats: usize,
     rows: Vec<Row>,
     sessions: Vec<SessionsRow>,
+    /// What compressing the context's cache costs on the sidecar's path, per factor.
+    compress: Vec<CompressCost>,
+}
+
+/// What the sidecar's `compress_for_decode` costs a request before its first token is out:
+/// medians over the repeats (after one untimed run), ms.
+#[derive(Serialize)]
+struct CompressCost {
+    /// The compression factor.
+    factor: f32,
+    /// Recomputing the prompt's last rows with the policy's probes
+    /// (`compress::observe_last_rows`).
+    observe_ms: f64,
+    /// The policy choosing each layer and KV head's keep set.
+    policy_ms: f64,
+    /// Gathering the kept rows (`KvCache::retain`).
+    prune_ms: f64,
+    /// All three, as one request runs them, device work included.
+    total_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -115,7 +134,7 @@ struct SessionsRow {
     /// The same through a decode batcher.
     batched_tokens_per_s: f64,
     /// The same each alone in its own graphed cache, a graph replayed per step (`gpu` builds
-    /// on CUDA, full caches only: a pruned cache does not go into one).
+    /// on CUDA; not over a cache pruned with padding, which does not go into one).
     graphed_tokens_per_s: Option<f64>,
     /// Mean sequences per model step of the batcher.
     mean_batch: f64,
@@ -307,6 +326,17 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
             checked.0, checked.1
         );
         pruned.push((n, c, checked));
+    }
+    let compress_costs = a
+        .compression
+        .iter()
+        .map(|&n| compress_cost(&model, &ctx, &full, policy, n, a.repeats))
+        .collect::<Result<Vec<_>>>()?;
+    for cc in &compress_costs {
+        eprintln!(
+            "compressing for decode {}×: {:.2} ms (observe {:.2}, policy {:.2}, prune {:.2})",
+            cc.factor, cc.total_ms, cc.observe_ms, cc.policy_ms, cc.prune_ms
+        );
     }
     let model = Arc::new(model);
     let token = |i: usize, b: usize| ((i * 31 + b * 17 + 7) as u64 % vocab) as u32;
@@ -504,6 +534,51 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         steps,
         repeats: a.repeats,
         rows,
+        compress: compress_costs,
     };
     write_report(&report, a.json.as_deref())
+}
+
+/// What [`kvquilt_blend::compress::compress_for_decode`] costs over `full` (the cache of
+/// `tokens`) at factor `n`, phase by phase, `repeats` timed runs after one untimed.
+fn compress_cost(
+    model: &Model,
+    tokens: &[u32],
+    full: &KvCache,
+    policy: &dyn TokenPolicy,
+    n: f32,
+    repeats: usize,
+) -> Result<CompressCost> {
+    let (mut observe, mut select, mut prune, mut total) = (vec![], vec![], vec![], vec![]);
+    for run in 0..=repeats.max(1) {
+        let mut cache = full.clone();
+        model.device().synchronize()?;
+        let t = Instant::now();
+        let observations = observe_last_rows(model, tokens, &mut cache, &[policy.needs()])?;
+        model.device().synchronize()?;
+        let observed = t.elapsed().as_secs_f64() * 1e3;
+        let c = compress(
+            model,
+            &cache,
+            &observations,
+            policy,
+            Budget::Compression(n),
+            &BudgetSplit::Uniform,
+        )?;
+        model.device().synchronize()?;
+        let all = t.elapsed().as_secs_f64() * 1e3;
+        if run > 0 {
+            observe.push(observed);
+            select.push(c.stats.policy_ms);
+            prune.push(c.stats.prune_ms);
+            total.push(all);
+        }
+    }
+    Ok(CompressCost {
+        factor: n,
+        observe_ms: median(&observe),
+        policy_ms: median(&select),
+        prune_ms: median(&prune),
+        total_ms: median(&total),
+    })
 }

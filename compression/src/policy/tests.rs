@@ -287,3 +287,43 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
         assert!(matches!(e, PolicyError::BadParameter { .. }), "{bad}: {e}");
     }
 }
+
+/// Layers are selected on several threads: the keep set is each layer's own selection in
+/// layer order, and the error is the first failing layer's, as one thread would report.
+#[test]
+fn many_layers_select_as_each_alone_and_the_first_failure_is_reported() {
+    let (tokens, heads, group, layers) = (40, 2, 2, 37);
+    let s = shape(tokens, heads, group, layers);
+    let snap = SnapKv {
+        window: 4,
+        ..SnapKv::default()
+    };
+    let obs: Vec<Observation> = (0..layers)
+        .map(|l| {
+            let probs = (0..heads * group * tokens)
+                .map(|i| ((i * 7919 + l * 104_729) % 1000) as f32 / 1000.0)
+                .collect();
+            rows_obs(probs, 4)
+        })
+        .collect();
+    let all = select(&snap, &obs, &s, Budget::Entries(12), &BudgetSplit::Uniform).unwrap();
+    assert_eq!(all.layers.len(), layers);
+    for (l, o) in obs.iter().enumerate() {
+        let alone = keep(
+            &snap,
+            o.clone(),
+            shape(tokens, heads, group, 1),
+            Budget::Entries(12),
+        );
+        assert_eq!(all.layers[l], alone.unwrap(), "layer {l}");
+    }
+    assert!(all.layers.windows(2).any(|w| w[0] != w[1]), "layers differ");
+    // layers 20 and 30 are misshaped: the error names layer 20
+    let mut bad = obs;
+    bad[30] = rows_obs(vec![0.1; 3], 4);
+    bad[20] = rows_obs(vec![0.1; 5], 4);
+    match select(&snap, &bad, &s, Budget::Entries(12), &BudgetSplit::Uniform) {
+        Err(PolicyError::BadObservation { layer, .. }) => assert_eq!(layer, 20),
+        other => panic!("{other:?}"),
+    }
+}
