@@ -232,7 +232,9 @@ impl GraphedCache {
         if let Some(pruned) = cache.pruned_shared()
             && let Err(e) = self.load_head_positions(pruned)
         {
+            // empty, and the key positions just written are no longer the cache's
             self.positions.clear();
+            self.k_pos_clean = false;
             return Err(e);
         }
         self.set_parallel_context(cache.parallel_context().cloned())
