@@ -28,6 +28,8 @@ pub struct Observer {
     windows: Vec<usize>,
     /// Whether each window's maximum over its rows is kept too.
     row_max: bool,
+    /// Query rows of the observed call.
+    call_rows: usize,
     /// One entry per layer run, in order.
     observations: Vec<Observation>,
 }
@@ -47,15 +49,32 @@ impl Observer {
         let widest = windows.last().copied().unwrap_or(0);
         let probe = (widest > 0 || column_sums).then(|| ProbeRequest {
             rows: (rows - widest..rows).collect(),
-            summed: false,
             column_sums,
+            ..ProbeRequest::default()
         });
         Self {
             probe,
             windows,
             row_max,
+            call_rows: rows,
             observations: Vec::new(),
         }
+    }
+
+    /// With `on`, and when what the policies read is one window of every row of the call
+    /// (no maximum, no column sums: what [`observe_last_rows`] observes for SnapKV), asks the
+    /// attention for each query head's sums over the call's rows instead of every row's
+    /// probabilities: the fused kernel computes those on the GPU without materialising a
+    /// probability (`ProbeRequest::head_sums_over_all`); the window's mean is the sum over
+    /// its rows. The reference attention computes the same from its probabilities.
+    pub fn with_head_sums(mut self, on: bool) -> Self {
+        let rows = self.call_rows;
+        let one_window = self.windows.len() == 1 && self.windows[0] == rows;
+        let column_sums = self.probe.as_ref().is_some_and(|p| p.column_sums);
+        if on && rows > 0 && one_window && !self.row_max && !column_sums {
+            self.probe = Some(ProbeRequest::head_sums_over_all(rows));
+        }
+        self
     }
 
     /// What was observed, one entry per layer.
@@ -68,6 +87,14 @@ impl Observer {
         p: LayerProbe,
     ) -> std::result::Result<Observation, kvquilt_model::CandleError> {
         let mut windows = Vec::with_capacity(self.windows.len());
+        if let (Some(sums), Some(&rows)) = (p.head_sums, self.windows.first()) {
+            // [kv_heads, group, keys] summed over the call's rows: the one window's
+            windows.push(WindowMean {
+                rows,
+                probs: (sums / rows as f64)?.flatten_all()?.to_vec1::<f32>()?,
+                max: None,
+            });
+        }
         if let Some(rows) = p.rows {
             // [kv_heads, group, widest, keys]
             let widest = rows.dims()[2];
@@ -268,13 +295,27 @@ pub fn observe_last_rows(
             cache.len()
         )));
     }
+    // on the GPU, the window's per-head sums come from the fused kernel (no probabilities)
+    observe_rows(model, tokens, cache, needs, model.device().is_cuda())
+}
+
+/// [`observe_last_rows`] after its checks, asking for per-head sums
+/// ([`Observer::with_head_sums`]) when `head_sums`.
+fn observe_rows(
+    model: &Model,
+    tokens: &[u32],
+    cache: &mut KvCache,
+    needs: &[ProbeNeeds],
+    head_sums: bool,
+) -> Result<Vec<Observation>> {
+    let n = tokens.len();
     let widest = needs.iter().map(|x| x.last_rows.min(n)).max().unwrap_or(0);
     let layers = model.config().num_layers;
     if widest == 0 {
         return Ok(vec![Observation::default(); layers]);
     }
     let rows: Vec<usize> = (n - widest..n).collect();
-    let mut observer = Observer::new(widest, needs);
+    let mut observer = Observer::new(widest, needs).with_head_sums(head_sums);
     let hidden = model.embed(&tokens[n - widest..])?;
     model.run_layers_with(
         0..layers,
@@ -402,6 +443,64 @@ mod tests {
         // decoding goes on over the pruned cache
         let mut pruned = pruned;
         m.decode_step(5, &mut pruned, &mut ()).unwrap();
+    }
+
+    /// A window's per-head sums (what the GPU's fused kernel reports) observe what its rows'
+    /// probabilities do, to f32 rounding (here both through the reference attention, the
+    /// CPU's), and give SnapKV the same keep set; a window of fewer rows than the call, or
+    /// several windows, keeps the rows' probabilities.
+    #[test]
+    fn per_head_sums_observe_what_the_rows_probabilities_do() {
+        let m = model();
+        let (tokens, cache) = prompt_cache(&m, 40);
+        let snap = kvquilt_compression::policy::SnapKv {
+            window: 8,
+            ..Default::default()
+        };
+        let needs = [snap.needs()];
+        let rows = observe_rows(&m, &tokens, &mut cache.clone(), &needs, false).unwrap();
+        let sums = observe_rows(&m, &tokens, &mut cache.clone(), &needs, true).unwrap();
+        assert_eq!(rows.len(), sums.len());
+        for (a, b) in rows.iter().zip(&sums) {
+            let (a, b) = (&a.windows[0], &b.windows[0]);
+            assert_eq!((a.rows, b.rows), (8, 8));
+            assert_eq!(a.probs.len(), b.probs.len());
+            let worst = a
+                .probs
+                .iter()
+                .zip(&b.probs)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{worst}");
+        }
+        let keep = |obs: &[Observation]| {
+            compress(
+                &m,
+                &cache,
+                obs,
+                &snap,
+                Budget::Entries(16),
+                &BudgetSplit::Uniform,
+            )
+            .unwrap()
+            .cache
+            .entries_per_head()
+        };
+        assert_eq!(keep(&rows), keep(&sums));
+        // what the sums cannot give keeps the rows
+        let narrower = Observer::new(10, &needs).with_head_sums(true);
+        assert!(!narrower.probe.as_ref().unwrap().head_sums);
+        let two = [
+            needs[0],
+            ProbeNeeds {
+                last_rows: 4,
+                ..needs[0]
+            },
+        ];
+        let mixed = Observer::new(8, &two).with_head_sums(true);
+        assert!(!mixed.probe.as_ref().unwrap().head_sums);
+        let alone = Observer::new(8, &needs).with_head_sums(true);
+        assert!(alone.probe.unwrap().head_sums);
     }
 
     fn pool(budget: usize, recent: usize, scorer: Scorer, schedule: Schedule) -> DecodePoolSpec {

@@ -46,6 +46,8 @@ pub(crate) struct AttentionPlan {
     probe_order: Option<Tensor>,
     /// Whether the probe asked for per-KV-head column sums.
     column_sums: bool,
+    /// Whether the probe asked for per-query-head sums over every row.
+    head_sums: bool,
     /// A parallel context and the indices of its keys.
     parallel: Option<(ParallelContext, std::ops::Range<usize>)>,
 }
@@ -145,6 +147,8 @@ impl AttentionPlan {
                 Some(Tensor::from_vec(m, (rows, k_len), device)?.to_dtype(dtype)?)
             };
             let probe = match probe {
+                // per-head sums (of every row) need no row's probabilities kept
+                Some(p) if p.head_sums && !p.summed => None,
                 Some(p) => block_probe(p, q_start, q_end, device)?,
                 None => None,
             };
@@ -183,6 +187,7 @@ impl AttentionPlan {
             num_keys: k_pos.len(),
             probe_order,
             column_sums: probe.is_some_and(|p| p.column_sums),
+            head_sums: probe.is_some_and(|p| p.head_sums),
             parallel: parallel.map(|p| (p.clone(), p.key_range(k_pos))),
         })
     }
@@ -239,6 +244,11 @@ pub struct ProbeRequest {
     /// row of the call and the query heads of its KV head, reduced block by block (no
     /// `rows × keys` matrix is kept).
     pub column_sums: bool,
+    /// Also report `[kv_heads, group, keys]` f32: each key's probability summed over every
+    /// query row of the call, per query head (a window's mean attention, times its rows,
+    /// when the call's rows are the window). Asked alone for every row in order
+    /// ([`ProbeRequest::head_sums_over_all`]), it runs on the fused kernel path.
+    pub head_sums: bool,
 }
 
 impl ProbeRequest {
@@ -255,8 +265,27 @@ impl ProbeRequest {
         Self {
             rows: (0..n).collect(),
             summed: true,
-            column_sums: false,
+            ..Self::default()
         }
+    }
+
+    /// Each key's probability summed over every one of `n` query rows, per query head.
+    pub fn head_sums_over_all(n: usize) -> Self {
+        Self {
+            rows: (0..n).collect(),
+            head_sums: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether this asks for per-head sums over all `n` rows of a call, in order, and
+    /// nothing else.
+    pub(crate) fn is_head_summed_over_all(&self, n: usize) -> bool {
+        self.head_sums
+            && !self.summed
+            && !self.column_sums
+            && self.rows.len() == n
+            && self.rows.iter().enumerate().all(|(i, &r)| i == r)
     }
 
     /// This request, also asking for per-KV-head column sums over every row.
@@ -269,6 +298,7 @@ impl ProbeRequest {
     pub(crate) fn is_summed_over_all(&self, n: usize) -> bool {
         self.summed
             && !self.column_sums
+            && !self.head_sums
             && self.rows.len() == n
             && self.rows.iter().enumerate().all(|(i, &r)| i == r)
     }
@@ -282,6 +312,8 @@ pub(crate) struct Attended {
     pub(crate) rows: Option<Tensor>,
     /// `[kv_heads, t]` f32 column sums over every query and the group.
     pub(crate) column_sums: Option<Tensor>,
+    /// `[kv_heads, group, t]` f32 sums over every query, per query head.
+    pub(crate) head_sums: Option<Tensor>,
 }
 
 /// Computes `softmax(q kᵀ / √d + mask) v`.
@@ -328,6 +360,7 @@ pub(crate) fn attend(
     let mut outs = Vec::with_capacity(plan.blocks.len());
     let mut probed: Vec<Tensor> = Vec::new();
     let mut column_sums: Option<Tensor> = None;
+    let mut head_sums: Option<Tensor> = None;
     for b in &plan.blocks {
         let nb = b.q_end - b.q_start;
         let qb = q
@@ -369,6 +402,17 @@ pub(crate) fn attend(
                 Some(acc) => (acc + sums)?,
             });
         }
+        if plan.head_sums {
+            let sums = probs
+                .to_dtype(DType::F32)?
+                .reshape((kv_heads, group, nb, b.k_len))?
+                .sum(2)?
+                .pad_with_zeros(2, 0, t - b.k_len)?;
+            head_sums = Some(match head_sums {
+                None => sums,
+                Some(acc) => (acc + sums)?,
+            });
+        }
         if let Some((_, index)) = &b.probe {
             let mut r = probs.reshape((kv_heads, group, nb, b.k_len))?;
             if let Some(index) = index {
@@ -403,6 +447,7 @@ pub(crate) fn attend(
         out,
         rows: probe_out,
         column_sums,
+        head_sums,
     })
 }
 

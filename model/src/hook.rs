@@ -56,6 +56,9 @@ pub struct LayerProbe {
     /// With `column_sums`: `[kv_heads, keys]` f32, each key's probability summed over every
     /// query row of the call and the query heads of its KV head.
     pub column_sums: Option<Tensor>,
+    /// With `head_sums`: `[kv_heads, group, keys]` f32, each key's probability summed over
+    /// every query row of the call, per query head.
+    pub head_sums: Option<Tensor>,
 }
 
 /// Callbacks around each layer of a forward pass; see the module docs.

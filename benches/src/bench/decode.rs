@@ -122,6 +122,13 @@ struct CompressCost {
     prune_ms: f64,
     /// All three, as one request runs them, device work included.
     total_ms: f64,
+    /// The observations with the chosen attention (on CUDA: per-head sums from the fused
+    /// kernel) against the reference attention's: largest |Δ| of the window's mean
+    /// attention ...
+    observed_vs_reference_max_abs: f32,
+    /// ... and the share of the reference's kept entries the chosen attention's keep set
+    /// also keeps (1: the same keep set).
+    keep_agreement: f64,
 }
 
 #[derive(Serialize)]
@@ -327,16 +334,19 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         );
         pruned.push((n, c, checked));
     }
-    let compress_costs = a
-        .compression
-        .iter()
-        .map(|&n| compress_cost(&model, &ctx, &full, policy, n, a.repeats))
-        .collect::<Result<Vec<_>>>()?;
-    for cc in &compress_costs {
+    let mut compress_costs = Vec::with_capacity(a.compression.len());
+    for &n in &a.compression {
+        let (max_abs, agreement) =
+            observed_like_reference(&mut model, kernel, &ctx, &full, policy, n)?;
+        let mut cc = compress_cost(&model, &ctx, &full, policy, n, a.repeats)?;
+        cc.observed_vs_reference_max_abs = max_abs;
+        cc.keep_agreement = agreement;
         eprintln!(
-            "compressing for decode {}×: {:.2} ms (observe {:.2}, policy {:.2}, prune {:.2})",
-            cc.factor, cc.total_ms, cc.observe_ms, cc.policy_ms, cc.prune_ms
+            "compressing for decode {}×: {:.2} ms (observe {:.2}, policy {:.2}, prune {:.2}); \
+             against the reference attention's observations: max |Δ| {:e}, keep sets agree on {:.4}",
+            cc.factor, cc.total_ms, cc.observe_ms, cc.policy_ms, cc.prune_ms, max_abs, agreement
         );
+        compress_costs.push(cc);
     }
     let model = Arc::new(model);
     let token = |i: usize, b: usize| ((i * 31 + b * 17 + 7) as u64 % vocab) as u32;
@@ -539,6 +549,64 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
     write_report(&report, a.json.as_deref())
 }
 
+/// The sidecar's observations of `full` (the cache of `tokens`) with `kernel` against the
+/// reference attention's: the largest |Δ| of any window mean, and the share of the
+/// reference keep set's entries (SnapKV at factor `n`, …) that `kernel`'s keeps too.
+fn observed_like_reference(
+    model: &mut Model,
+    kernel: AttentionKernel,
+    tokens: &[u32],
+    full: &KvCache,
+    policy: &dyn TokenPolicy,
+    n: f32,
+) -> Result<(f32, f64)> {
+    let mut observe =
+        |k: AttentionKernel| -> Result<Vec<kvquilt_compression::policy::Observation>> {
+            model.set_attention_kernel(k);
+            Ok(observe_last_rows(
+                model,
+                tokens,
+                &mut full.clone(),
+                &[policy.needs()],
+            )?)
+        };
+    let want = observe(AttentionKernel::Reference)?;
+    let got = observe(kernel)?;
+    model.set_attention_kernel(kernel);
+    let mut worst = 0f32;
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.windows.iter().zip(&g.windows) {
+            for (x, y) in a.probs.iter().zip(&b.probs) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    let shape = kvquilt_compression::policy::Shape {
+        tokens: full.len(),
+        kv_heads: model.config().num_kv_heads,
+        group: model.config().group_size(),
+        layers: model.config().num_layers,
+    };
+    let keep = |obs: &[kvquilt_compression::policy::Observation]| {
+        kvquilt_compression::policy::select(
+            policy,
+            obs,
+            &shape,
+            Budget::Compression(n),
+            &BudgetSplit::Uniform,
+        )
+    };
+    let (a, b) = (keep(&want)?, keep(&got)?);
+    let (mut shared, mut total) = (0usize, 0usize);
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for (ha, hb) in la.iter().zip(lb) {
+            total += ha.len();
+            shared += ha.iter().filter(|r| hb.binary_search(r).is_ok()).count();
+        }
+    }
+    Ok((worst, shared as f64 / total.max(1) as f64))
+}
+
 /// What [`kvquilt_blend::compress::compress_for_decode`] costs over `full` (the cache of
 /// `tokens`) at factor `n`, phase by phase, `repeats` timed runs after one untimed.
 fn compress_cost(
@@ -580,5 +648,7 @@ fn compress_cost(
         policy_ms: median(&select),
         prune_ms: median(&prune),
         total_ms: median(&total),
+        observed_vs_reference_max_abs: 0.0,
+        keep_agreement: 1.0,
     })
 }

@@ -580,7 +580,12 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // untouched, and a CTA whose tile starts on one exits at once. Sized for short passes (a
 // question's rows): every CTA streams all row tiles past its keys, so a long pass (thousands
 // of rows) re-reads Q once per key tile.
-template <typename T, int D>
+//
+// PER_HEAD (attn_colsum_heads): each probability goes to its own query head's row instead,
+// `acc` being [H, t] (head kh * G + r % G of a tile row r): added into a shared-memory row
+// per head of the CTA's KV head (G <= 8, checked by the host), then one atomic add per
+// (head, key) into `acc`.
+template <typename T, int D, bool PER_HEAD>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
                                             const T *__restrict__ k, int k_stride,
                                             const uint32_t *__restrict__ q_pos,
@@ -598,7 +603,10 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   __shared__ __align__(16) T Qs[BM * LD];
   __shared__ uint32_t kp_s[BN];
   __shared__ float red[NTHREADS / 32][BN];
+  __shared__ float heads_s[PER_HEAD ? 8 : 1][BN];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  if (PER_HEAD)
+    for (int i = threadIdx.x; i < G * BN; i += NTHREADS) heads_s[i / BN][i % BN] = 0.f;
   const int kn = min(BN, t - kbase);
   const bool scaled = corr.touches(kbase);
   auto is_key = [&](int j) { return j < kn && k_pos[kbase + j] != 0xffffffffu; };
@@ -629,12 +637,13 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     bool live[2];
     uint32_t qp[2];
     float ls[2];
-    int qi[2];
+    int qi[2], qh[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int r = warp * 16 + g + rr * 8;
       live[rr] = r < G * qn;
       qi[rr] = q0 + (live[rr] ? r / G : 0);
+      qh[rr] = r % G;
       qp[rr] = live[rr] ? q_pos[qi[rr]] : 0;
       ls[rr] = live[rr] ? lse[static_cast<size_t>(qi[rr]) * H + kh * G + r % G] : 0.f;
     }
@@ -656,10 +665,22 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
         if (live[rr] && kp_s[j] <= qp[rr]) {
           float x = s[e] * scale_log2;
           if (scaled && corr.scales(qi[rr], kbase + j)) x *= corr.factor;
-          col[nt][e & 1] += exp2f(x - ls[rr]);
+          if (PER_HEAD)
+            atomicAdd(&heads_s[qh[rr]][j], exp2f(x - ls[rr]));
+          else
+            col[nt][e & 1] += exp2f(x - ls[rr]);
         }
       }
     }
+  }
+  if (PER_HEAD) {
+    __syncthreads();  // every row tile's adds are in
+    for (int i = threadIdx.x; i < G * BN; i += NTHREADS) {
+      const int hg = i / BN, j = i % BN;
+      if (kp_s[j] == 0xffffffffu) continue;
+      atomicAdd(acc + static_cast<size_t>(kh * G + hg) * t + kbase + j, heads_s[hg][j]);
+    }
+    return;
   }
   // the warp's 16 rows: lanes of one tq hold the same columns
 #pragma unroll
@@ -682,21 +703,26 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   }
 }
 
-#define COLSUM_ENTRY(T, SUF, D)                                                                  \
-  extern "C" __global__ void __launch_bounds__(NTHREADS) attn_colsum_##SUF##_d##D(              \
+#define COLSUM_ENTRY(NAME, PER_HEAD, T, SUF, D)                                                  \
+  extern "C" __global__ void __launch_bounds__(NTHREADS) NAME##_##SUF##_d##D(                    \
       const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
       const uint32_t *k_pos, const T *cos, const T *sin, const float *lse, float *acc, int n,   \
       int t, int H, int kvh, float scale_log2, int corr_from, int corr_lo, int corr_hi,         \
       float corr_factor, const uint32_t *corr_dev) {                                            \
-    attn_colsum<T, D>(q, q_stride, k, k_stride, q_pos, k_pos, cos, sin, lse, acc, n, t, H, kvh, \
-                      scale_log2,                                                               \
-                      KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor, corr_dev));        \
+    attn_colsum<T, D, PER_HEAD>(q, q_stride, k, k_stride, q_pos, k_pos, cos, sin, lse, acc, n,  \
+                                t, H, kvh, scale_log2,                                          \
+                                KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor,          \
+                                             corr_dev));                                        \
   }
 
-COLSUM_ENTRY(__nv_bfloat16, bf16, 64)
-COLSUM_ENTRY(__nv_bfloat16, bf16, 128)
-COLSUM_ENTRY(__half, f16, 64)
-COLSUM_ENTRY(__half, f16, 128)
+COLSUM_ENTRY(attn_colsum, false, __nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(attn_colsum, false, __nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(attn_colsum, false, __half, f16, 64)
+COLSUM_ENTRY(attn_colsum, false, __half, f16, 128)
+COLSUM_ENTRY(attn_colsum_heads, true, __nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(attn_colsum_heads, true, __nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(attn_colsum_heads, true, __half, f16, 64)
+COLSUM_ENTRY(attn_colsum_heads, true, __half, f16, 128)
 
 #define ATTN_ENTRY(NAME, T, D, ROT_K)                                                            \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \

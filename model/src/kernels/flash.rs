@@ -674,6 +674,38 @@ impl FusedAttention {
         Ok((out, sums))
     }
 
+    /// [`FusedAttention::attend`], plus each key's attention probability summed over every
+    /// query row, per query head: `[num_heads, t]` f32 (head `h` reads KV head `h / group`),
+    /// without materialising the probabilities (`attn_colsum_heads`: as `attn_colsum`, each
+    /// probability added into its own head's row). What a token policy reading a window's
+    /// mean attention per query head needs when the call's rows are that window. GQA groups
+    /// of at most 8 query heads.
+    pub(crate) fn attend_and_head_sums(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.num_heads > MOST_HEAD_SUM_GROUP * self.kv_heads {
+            return Err(invalid_input(format!(
+                "per-head sums take GQA groups of at most {MOST_HEAD_SUM_GROUP} query heads, not {}",
+                self.num_heads / self.kv_heads
+            )));
+        }
+        let sums = Tensor::zeros((self.num_heads, self.num_keys), DType::F32, q.device())?;
+        let k = contiguous_rows(k)?;
+        let v = contiguous_rows(v)?;
+        let op = Launch::new(self, true);
+        let out = q.apply_op3_no_bwd(&k, &v, &op)?;
+        let lse = op
+            .lse
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
+        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, true))?;
+        Ok((out, sums))
+    }
+
     /// [`FusedAttention::attend_and_column_sums`], adding the sums into `sums` (`[t]` f32)
     /// in place instead of into a fresh buffer: a pass over many layers (the graphed query
     /// pass) keeps one running total, with no buffer and no addition per layer. The adds
@@ -704,12 +736,12 @@ impl FusedAttention {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
-        sums.inplace_op3(q, &k, &ColumnSums(self, &lse))?;
+        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, false))?;
         Ok(out)
     }
 
-    /// Launches `attn_colsum` over pre-RoPE `q` and `k` (the kernel rotates them as it reads),
-    /// adding into `acc`.
+    /// Launches `attn_colsum` (or, `per_head`, `attn_colsum_heads`) over pre-RoPE `q` and
+    /// `k` (the kernel rotates them as it reads), adding into `acc` (`[t]`, or `[h, t]`).
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
         (acc, la): (&mut CudaStorage, &Layout),
@@ -717,6 +749,7 @@ impl FusedAttention {
         (k, lk): (&CudaStorage, &Layout),
         lse: &CudaSlice<f32>,
         suffix: &str,
+        per_head: bool,
     ) -> candle_core::Result<()> {
         let (n, t, h, kvh, d) = (
             self.num_queries,
@@ -730,11 +763,15 @@ impl FusedAttention {
         }
         let q_stride = row_stride(lq, &[n, h * d], "q")?;
         let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
-        if la.dims() != [t] || !la.is_contiguous() {
+        let want: &[usize] = if per_head { &[h, t] } else { &[t] };
+        if la.dims() != want || !la.is_contiguous() {
             candle_core::bail!(
-                "column sums: the sums are {:?}, expected [{t}] contiguous",
+                "column sums: the sums are {:?}, expected {want:?} contiguous",
                 la.dims()
             );
+        }
+        if per_head && h > MOST_HEAD_SUM_GROUP * kvh {
+            candle_core::bail!("per-head sums: GQA groups of at most {MOST_HEAD_SUM_GROUP}");
         }
         if [lq.start_offset(), lk.start_offset(), q_stride, k_stride]
             .iter()
@@ -752,7 +789,12 @@ impl FusedAttention {
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (q_stride_i, k_stride_i) = (q_stride as i32, k_stride as i32);
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
-        let f = dev.get_or_load_custom_func(&format!("attn_colsum_{suffix}_d{d}"), MODULE, PTX)?;
+        let name = if per_head {
+            "attn_colsum_heads"
+        } else {
+            "attn_colsum"
+        };
+        let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}_d{d}"), MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&qs);
         b.arg(&q_stride_i);
@@ -776,16 +818,22 @@ impl FusedAttention {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `COLSUM_ENTRY` (one CTA of 128 threads per key tile and KV head,
-        // static shared memory; G = h / kvh in 1..=64, checked by `on_device`): pre-RoPE
+        // static shared memory; G = h / kvh in 1..=64, checked by `on_device`, and at most 8
+        // for the per-head entry, checked above): pre-RoPE
         // q [n, h, d] in rows of `q_stride` and k [t, kvh, d] in rows of `k_stride` (offsets
         // and strides 16-byte aligned, checked above), positions n / t with the tables
         // covering every position but u32::MAX (checked by the forward pass; those slots are
         // skipped), lse n * h (written by the attention launch of this call), acc t (checked
-        // above), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
+        // above; h * t per head), a key scale in device memory of 4 u32 (checked by
+        // `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
 }
+
+/// Most query heads per KV head [`FusedAttention::attend_and_head_sums`] takes (the kernel's
+/// shared-memory rows, `attn_colsum_heads`).
+const MOST_HEAD_SUM_GROUP: usize = 8;
 
 /// How a launch's keys are rotated.
 #[derive(Clone, Copy)]
@@ -868,9 +916,10 @@ impl CustomOp3 for Launch<'_> {
     }
 }
 
-/// The column sums of [`FusedAttention::attend_and_column_sums`] as an in-place candle op over
-/// (sums, q, k), with the log-sum-exp its attention launch left.
-struct ColumnSums<'a>(&'a FusedAttention, &'a CudaSlice<f32>);
+/// The column sums of [`FusedAttention::attend_and_column_sums`] (per head:
+/// [`FusedAttention::attend_and_head_sums`]) as an in-place candle op over (sums, q, k), with
+/// the log-sum-exp its attention launch left.
+struct ColumnSums<'a>(&'a FusedAttention, &'a CudaSlice<f32>, bool);
 
 impl InplaceOp3 for ColumnSums<'_> {
     fn name(&self) -> &'static str {
@@ -900,13 +949,17 @@ impl InplaceOp3 for ColumnSums<'_> {
     ) -> candle_core::Result<()> {
         let acc = (acc, la);
         match q.dtype() {
-            DType::BF16 => {
-                self.0
-                    .launch_column_sums::<half::bf16>(acc, (q, lq), (k, lk), self.1, "bf16")
-            }
+            DType::BF16 => self.0.launch_column_sums::<half::bf16>(
+                acc,
+                (q, lq),
+                (k, lk),
+                self.1,
+                "bf16",
+                self.2,
+            ),
             DType::F16 => {
                 self.0
-                    .launch_column_sums::<half::f16>(acc, (q, lq), (k, lk), self.1, "f16")
+                    .launch_column_sums::<half::f16>(acc, (q, lq), (k, lk), self.1, "f16", self.2)
             }
             other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
         }

@@ -59,11 +59,13 @@ pub(super) enum LayerAttention {
         factor: f64,
     },
     /// The fused kernel, rotating pre-RoPE Q and K as it loads them; with column sums of
-    /// the probabilities per key when `summed` (a summed probe of every row).
+    /// the probabilities per key when `summed` (a summed probe of every row), per query head
+    /// when `head_summed` (a per-head summed probe of every row).
     #[cfg(feature = "gpu")]
     Fused {
         kernel: crate::kernels::FusedAttention,
         summed: bool,
+        head_summed: bool,
         /// Over a pruned cache: the tables of the rows appended after pruning (keys are then
         /// rotated before the kernel, each pruned row by its own position).
         tail_tables: Option<(usize, RopeTables)>,
@@ -294,9 +296,10 @@ impl Model {
         // Per-row probes need the probabilities, which only the reference materialises; a
         // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum).
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
+        let head_summed = probe.is_some_and(|p| p.is_head_summed_over_all(q_pos.len()));
         let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
-        let fused = (probe.is_none() || summed)
-            && !(summed && pruned.is_some())
+        let fused = (probe.is_none() || summed || head_summed)
+            && !((summed || head_summed) && pruned.is_some())
             && !padded
             && match kernel {
                 AttentionKernel::Reference => false,
@@ -336,6 +339,7 @@ impl Model {
             return Ok(LayerAttention::Fused {
                 kernel,
                 summed,
+                head_summed,
                 tail_tables,
             });
         }
@@ -399,6 +403,7 @@ impl Model {
             LayerAttention::Fused {
                 kernel: fused,
                 summed,
+                head_summed,
                 tail_tables: None,
             } => {
                 let from = q_pos.partition_point(|&q| !p.corrects(q));
@@ -406,6 +411,7 @@ impl Model {
                 Ok(Some(LayerAttention::Fused {
                     kernel: fused.with_key_scale(from, p.key_range(k_pos), factor)?,
                     summed,
+                    head_summed,
                     tail_tables: None,
                 }))
             }
@@ -543,6 +549,7 @@ impl Model {
                     LayerProbe {
                         rows,
                         column_sums: a.column_sums,
+                        head_sums: a.head_sums,
                     },
                 ))
             }
@@ -568,7 +575,7 @@ impl Model {
                         out,
                         LayerProbe {
                             rows: Some(sums),
-                            column_sums: None,
+                            ..LayerProbe::default()
                         },
                     ));
                 }
@@ -579,11 +586,14 @@ impl Model {
             LayerAttention::Fused {
                 kernel,
                 summed,
+                head_summed,
                 tail_tables,
             } => {
                 let k = &kv.k;
                 if let Some((layer, rows)) = pruned {
-                    let (Some((_, tail)), false, None) = (tail_tables, *summed, &layer.bias) else {
+                    let (Some((_, tail)), false, None) =
+                        (tail_tables, *summed || *head_summed, &layer.bias)
+                    else {
                         return Err(invalid_input(
                             "fused attention over a pruned cache needs unpadded heads, no probe and its tail tables",
                         ));
@@ -603,7 +613,18 @@ impl Model {
                         out,
                         LayerProbe {
                             rows: Some(sums),
-                            column_sums: None,
+                            ..LayerProbe::default()
+                        },
+                    ))
+                } else if *head_summed {
+                    let (out, sums) = kernel.attend_and_head_sums(q, k, v)?;
+                    let c = &self.config;
+                    let group = c.num_heads / c.num_kv_heads;
+                    Ok((
+                        out,
+                        LayerProbe {
+                            head_sums: Some(sums.reshape((c.num_kv_heads, group, ()))?),
+                            ..LayerProbe::default()
                         },
                     ))
                 } else {

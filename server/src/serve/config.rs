@@ -165,8 +165,10 @@ pub struct Limits {
     /// Milliseconds a decode step waits, at most, while other requests' prompts run to their
     /// first token (`kvquilt_blend::Blender::with_prompt_priority`): first tokens come before
     /// further tokens, as a scheduler that runs waiting prefills before decode steps does.
-    /// On the H200, 7 requests decoding beside a new one made its 10 ms prompt take 375 ms
-    /// without it (BENCHMARKS §9). 0: decode steps never wait.
+    /// On the H200, with 7 requests decoding beside a new one, its first token took 387 ms
+    /// without it and 10 ms with the default (BENCHMARKS §9); each decoding request's steps
+    /// take longer while prompts run (2.1 → 3.4 ms per token there). 0: decode steps never
+    /// wait.
     pub decode_yield_ms: u64,
     /// Quota of the default tenant, bytes (`None`: unlimited).
     pub default_quota_bytes: Option<u64>,
