@@ -147,8 +147,8 @@ impl AttentionPlan {
                 Some(Tensor::from_vec(m, (rows, k_len), device)?.to_dtype(dtype)?)
             };
             let probe = match probe {
-                // per-head sums (of every row) need no row's probabilities kept
-                Some(p) if p.head_sums && !p.summed => None,
+                // per-head sums alone (of every row) keep no row's probabilities
+                Some(p) if p.is_head_summed_over_all(q_pos.len()) => None,
                 Some(p) => block_probe(p, q_start, q_end, device)?,
                 None => None,
             };

@@ -693,16 +693,7 @@ impl FusedAttention {
             )));
         }
         let sums = Tensor::zeros((self.num_heads, self.num_keys), DType::F32, q.device())?;
-        let k = contiguous_rows(k)?;
-        let v = contiguous_rows(v)?;
-        let op = Launch::new(self, true);
-        let out = q.apply_op3_no_bwd(&k, &v, &op)?;
-        let lse = op
-            .lse
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
-        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, true))?;
+        let out = self.attend_then_sum(q, k, v, &sums, true)?;
         Ok((out, sums))
     }
 
@@ -727,6 +718,19 @@ impl FusedAttention {
                 sums.dtype()
             )));
         }
+        self.attend_then_sum(q, k, v, sums, false)
+    }
+
+    /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (per head:
+    /// `attn_colsum_heads`) adding into `sums` (shape checked by the launch).
+    fn attend_then_sum(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sums: &Tensor,
+        per_head: bool,
+    ) -> Result<Tensor> {
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
         let op = Launch::new(self, true);
@@ -736,7 +740,7 @@ impl FusedAttention {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
-        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, false))?;
+        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, per_head))?;
         Ok(out)
     }
 
@@ -833,7 +837,7 @@ impl FusedAttention {
 
 /// Most query heads per KV head [`FusedAttention::attend_and_head_sums`] takes (the kernel's
 /// shared-memory rows, `attn_colsum_heads`).
-const MOST_HEAD_SUM_GROUP: usize = 8;
+pub(crate) const MOST_HEAD_SUM_GROUP: usize = 8;
 
 /// How a launch's keys are rotated.
 #[derive(Clone, Copy)]

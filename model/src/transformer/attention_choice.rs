@@ -296,7 +296,9 @@ impl Model {
         // Per-row probes need the probabilities, which only the reference materialises; a
         // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum).
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
-        let head_summed = probe.is_some_and(|p| p.is_head_summed_over_all(q_pos.len()));
+        // (the kernel's per-head sums take GQA groups of at most 8; the reference any)
+        let head_summed = probe.is_some_and(|p| p.is_head_summed_over_all(q_pos.len()))
+            && c.num_heads <= 8 * c.num_kv_heads;
         let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
         let fused = (probe.is_none() || summed || head_summed)
             && !((summed || head_summed) && pruned.is_some())
