@@ -285,7 +285,9 @@ impl DecodeSteps {
             || !pool.usable()
             || cache.is_padded()
             || cache.parallel_context().is_some_and(|p| !p.keeps_mass())
-            || cache.len() + steps > model.config().context_length
+            // (a pruned cache's last position may lie far past its length)
+            || cache.positions.last().map_or(0, |&p| p as usize + 1) + steps
+                > model.config().context_length
         {
             return Self::Eager(cache);
         }

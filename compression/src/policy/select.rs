@@ -39,22 +39,29 @@ pub fn select(
     } else {
         let per = shape.layers.div_ceil(threads);
         std::thread::scope(|scope| {
+            // a part whose thread cannot be started runs here, after the others start
             let parts: Vec<_> = (0..shape.layers)
                 .step_by(per)
                 .map(|from| {
                     let one = &one;
-                    scope.spawn(move || {
+                    let part = move || {
                         (from..(from + per).min(shape.layers))
                             .map(one)
                             .collect::<Vec<_>>()
-                    })
+                    };
+                    std::thread::Builder::new()
+                        .spawn_scoped(scope, part)
+                        .map_err(|_| part)
                 })
                 .collect();
             parts
                 .into_iter()
-                .flat_map(|p| match p.join() {
-                    Ok(layers) => layers,
-                    Err(panic) => std::panic::resume_unwind(panic),
+                .flat_map(|p| match p {
+                    Ok(thread) => match thread.join() {
+                        Ok(layers) => layers,
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    Err(part) => part(),
                 })
                 .collect()
         })

@@ -182,12 +182,13 @@ impl Prepared {
     /// With a token policy, the returned cache is the compressed one (or, if the policy
     /// failed, the uncompressed one: counted, never an error).
     pub(crate) fn run(&self, s: &Shared, tenant: &Tenant) -> ApiResult<(BlendOutput, StoreBack)> {
-        // decode steps of other requests yield until the answer can start, compression included
-        let _turn = s.blender.prompt_turn();
+        // decode steps of other requests yield until the answer can start: the blender holds a
+        // turn over its pass, this one over the compression after it
         let (mut out, work) = s.blender.run_deferring(&tenant.namespace, &self.req)?;
         out.stats.calibration = self.calibration.clone();
         if let Some(plan) = &self.compress {
             let tokens = self.req.tokens();
+            let _turn = s.blender.prompt_turn();
             let (cache, report) = compress_for_decode(s.blender.model(), &tokens, out.cache, plan);
             out.cache = cache;
             s.metrics.record_compression(plan.spec.name(), &report);
