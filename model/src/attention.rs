@@ -281,11 +281,7 @@ impl ProbeRequest {
     /// Whether this asks for per-head sums over all `n` rows of a call, in order, and
     /// nothing else.
     pub(crate) fn is_head_summed_over_all(&self, n: usize) -> bool {
-        self.head_sums
-            && !self.summed
-            && !self.column_sums
-            && self.rows.len() == n
-            && self.rows.iter().enumerate().all(|(i, &r)| i == r)
+        self.head_sums && !self.summed && !self.column_sums && self.is_every_row(n)
     }
 
     /// This request, also asking for per-KV-head column sums over every row.
@@ -296,11 +292,12 @@ impl ProbeRequest {
 
     /// Whether this asks for the sum over all `n` rows of a call, in order, and nothing else.
     pub(crate) fn is_summed_over_all(&self, n: usize) -> bool {
-        self.summed
-            && !self.column_sums
-            && !self.head_sums
-            && self.rows.len() == n
-            && self.rows.iter().enumerate().all(|(i, &r)| i == r)
+        self.summed && !self.column_sums && !self.head_sums && self.is_every_row(n)
+    }
+
+    /// Whether `rows` are all `n` rows of a call, in order.
+    fn is_every_row(&self, n: usize) -> bool {
+        self.rows.len() == n && self.rows.iter().enumerate().all(|(i, &r)| i == r)
     }
 }
 
