@@ -81,6 +81,39 @@ impl AttentionKernel {
     }
 }
 
+/// The precision of the CPU's tiled attention products (`tiled.rs`); the CUDA kernel has its
+/// own (the model's dtype). The library's default is the reference's f32; the `kvquilt`
+/// binaries ask for bf16 unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuAttentionPrecision {
+    /// f32 products, as the reference computes them.
+    #[default]
+    F32,
+    /// Q, K, V and the probabilities rounded to bf16, products and sums in f32 (the GPU
+    /// kernel's precision), on CPUs with AVX-512 BF16 (twice the f32 products' rate there)
+    /// for calls of at least 16 queries; f32 elsewhere, so it never fails.
+    Bf16,
+}
+
+impl CpuAttentionPrecision {
+    /// `f32` or `bf16`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(invalid_input(format!(
+                "unknown CPU attention precision `{other}` (expected f32 or bf16)"
+            ))),
+        }
+    }
+
+    /// Whether this CPU runs [`Self::Bf16`]'s bf16 products for head dimension `d` (false
+    /// means such calls run f32 products).
+    pub fn bf16_available(d: usize) -> bool {
+        crate::bf16dot::available(d)
+    }
+}
+
 /// Checks what every attention implementation assumes: at least one query, both position
 /// lists strictly increasing, and a key at or before the first query (so every query sees one).
 pub(crate) fn check_visible(q_pos: &[u32], k_pos: &[u32]) -> Result<()> {

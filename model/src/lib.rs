@@ -25,6 +25,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod attention;
+mod bf16dot;
 mod chat;
 mod config;
 pub mod dequant;
@@ -49,7 +50,7 @@ mod transformer;
 mod vmath;
 mod weights;
 
-pub use attention::{AttentionKernel, ProbeRequest};
+pub use attention::{AttentionKernel, CpuAttentionPrecision, ProbeRequest};
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};

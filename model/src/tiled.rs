@@ -21,6 +21,13 @@
 //! head) cuts each unit's keys into parts run in parallel and merges their softmax states
 //! (pinned by `tests::split_units_match_naive`).
 //!
+//! The products run in f32 (`gemm`, [`FewRows`]) or, when the plan asks for
+//! [`CpuAttentionPrecision::Bf16`], the call has at least [`BF16_LEAST_QUERIES`] queries and
+//! the CPU has AVX-512 BF16, in bf16 with f32 sums (`bf16dot.rs`: K and V packed once per
+//! call, each row's probabilities written straight to bf16 by its softmax step; the maxima
+//! and sums of the online softmax stay f32). Pinned by
+//! `tests::bf16_products_stay_within_bf16_error_of_naive`.
+//!
 //! [`attend_summed`] also returns each key's probability summed over every query and head
 //! (query-aware blend's question pass): once a unit knows its rows' final maxima and sums, a
 //! second sweep recomputes `Q Kᵀ` tile by tile and adds `2^(s - max) / sum` per key, so the
@@ -30,14 +37,19 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::attention::check_visible;
+use crate::attention::{CpuAttentionPrecision, check_visible};
+use crate::bf16dot::{self, PackedKv};
 use crate::error::{Result, invalid_input};
 use crate::vmath::{FewRows, exp2_in_place, max_of};
 
 /// Query positions per tile (rows per unit are `group ×` this) for long calls, where fewer,
-/// larger tiles read K and V fewer times (measured on SmolLM2's shape at 8,192 tokens: 128
-/// beat 64 and 256)...
+/// larger tiles read K and V fewer times (measured on SmolLM2's shape at 8,192 tokens with
+/// f32 products: 128 beat 64 and 256)...
 const QUERY_TILE: usize = 128;
+/// ... with bf16 products, whose kernels read K and V without packing them: the smaller
+/// score tile (`rows × KEY_TILE` f32, 384 KiB for SmolLM2's GQA group of 3) stays in L2
+/// (measured at 8,192 tokens: 64 took 0.8–0.9× the time of 128; 32 no better than 64).
+const BF16_QUERY_TILE: usize = 64;
 /// ... and for calls under [`LONG_CALL`] queries, where smaller tiles keep every core busy.
 const SHORT_QUERY_TILE: usize = 64;
 const LONG_CALL: usize = 2048;
@@ -57,6 +69,10 @@ const SPLIT_KEYS: usize = 2 * KEY_TILE;
 /// ([`FewRows`]) instead of `gemm`, whose packing of K and V dominates at this shape
 /// (measured: SmolLM2 decode at 6k context, BENCHMARKS §5).
 const FEW_ROWS: usize = 8;
+/// Calls of fewer queries than this (a decode step, a few-token question) keep f32 products
+/// under [`CpuAttentionPrecision::Bf16`]: packing the call's K and V to bf16 costs as much as
+/// their few rows' products.
+const BF16_LEAST_QUERIES: usize = 16;
 
 /// One query tile and the keys it may see.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +92,8 @@ pub(crate) struct TiledPlan {
     q_pos: Vec<u32>,
     k_pos: Vec<u32>,
     tiles: Vec<QueryTile>,
+    /// The products' precision asked for.
+    precision: CpuAttentionPrecision,
 }
 
 impl TiledPlan {
@@ -84,12 +102,19 @@ impl TiledPlan {
     /// [`SPAN_PER_KEYS`]th of the keys its first query sees, whichever is more, so a row's
     /// masked work stays a small share of what it sees while sparse queries fill their
     /// tiles.
-    pub(crate) fn new(q_pos: &[u32], k_pos: &[u32]) -> Result<Self> {
+    /// Products run in `precision` where the call can (see [`CpuAttentionPrecision::Bf16`]).
+    pub(crate) fn new(
+        q_pos: &[u32],
+        k_pos: &[u32],
+        precision: CpuAttentionPrecision,
+    ) -> Result<Self> {
         check_visible(q_pos, k_pos)?;
-        let tile = if q_pos.len() >= LONG_CALL {
-            QUERY_TILE
-        } else {
+        let tile = if q_pos.len() < LONG_CALL {
             SHORT_QUERY_TILE
+        } else if precision == CpuAttentionPrecision::Bf16 && bf16dot::available(16) {
+            BF16_QUERY_TILE
+        } else {
+            QUERY_TILE
         };
         let mut tiles = Vec::with_capacity(q_pos.len().div_ceil(tile));
         let mut q_start = 0;
@@ -113,7 +138,15 @@ impl TiledPlan {
             q_pos: q_pos.to_vec(),
             k_pos: k_pos.to_vec(),
             tiles,
+            precision,
         })
+    }
+
+    /// Whether a call of this plan with head dimension `d` runs bf16 products.
+    fn bf16_products(&self, d: usize) -> bool {
+        self.precision == CpuAttentionPrecision::Bf16
+            && self.q_pos.len() >= BF16_LEAST_QUERIES
+            && bf16dot::available(d)
     }
 }
 
@@ -174,13 +207,19 @@ fn run(
     let split = !sums
         && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
         && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
+    let bf16 = plan.bf16_products(d);
     let results: Vec<(Vec<f32>, Vec<f32>)> = with_slices(&q, &k, &v, |qs, ks, vs| {
+        let packed = bf16.then(|| PackedKv::new(ks, vs, t, kv_heads, d));
+        let ops = match &packed {
+            Some(packed) => Operands::Bf16(packed),
+            None => Operands::F32 { k: ks, v: vs },
+        };
         if split {
-            split_units(plan, shape, &units, qs, ks, vs)
+            split_units(plan, shape, &units, qs, ops)
         } else {
             units
                 .par_iter()
-                .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ks, vs, sums))
+                .map(|&(kh, tile)| unit(plan, shape, kh, tile, qs, ops, sums))
                 .collect()
         }
     })?;
@@ -201,6 +240,134 @@ fn run(
         Tensor::from_vec(out, (n, num_heads * d), &Device::Cpu)?,
         key_sums,
     ))
+}
+
+/// What one call's products read: the f32 K and V rows, or their bf16 packing (`bf16dot`),
+/// chosen once per call.
+#[derive(Clone, Copy)]
+enum Operands<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    Bf16(&'a PackedKv),
+}
+
+/// One unit's two products over key tiles: its scaled queries in the operands' precision
+/// and, for bf16, the probability tile's pairs.
+struct UnitProducts<'a> {
+    ops: Operands<'a>,
+    s: Shape,
+    kh: usize,
+    rows: usize,
+    /// `[rows, d]` f32, scaled (see [`scaled_queries`]); empty for bf16 products.
+    q: Vec<f32>,
+    /// `[rows, d / 2]` bf16 pairs of the same; empty for f32 products.
+    q_pairs: Vec<u32>,
+    /// `[rows, KEY_TILE / 2]` bf16 pairs of the probability tile (bf16 products only).
+    p_pairs: Vec<u32>,
+}
+
+impl<'a> UnitProducts<'a> {
+    fn new(ops: Operands<'a>, s: Shape, kh: usize, tile: QueryTile, q: &[f32]) -> Self {
+        let rows = s.group * (tile.q_end - tile.q_start);
+        let qt = scaled_queries(s, kh, tile, q);
+        match ops {
+            Operands::F32 { .. } => Self {
+                ops,
+                s,
+                kh,
+                rows,
+                q: qt,
+                q_pairs: Vec::new(),
+                p_pairs: Vec::new(),
+            },
+            Operands::Bf16(_) => Self {
+                ops,
+                s,
+                kh,
+                rows,
+                q: Vec::new(),
+                q_pairs: bf16dot::pairs_of_rows(&qt, rows, s.d),
+                p_pairs: vec![0; rows * KEY_TILE / 2],
+            },
+        }
+    }
+
+    /// The score tile (row stride `KEY_TILE`) of keys `k0..k0 + w`.
+    fn scores(&self, k0: usize, w: usize, scores: &mut [f32]) {
+        let (d, kv_stride) = (self.s.d, self.s.kv_heads * self.s.d);
+        match self.ops {
+            Operands::F32 { k, .. } => score_tile(
+                scores,
+                &self.q,
+                &k[k0 * kv_stride + self.kh * d..],
+                self.rows,
+                w,
+                d,
+                kv_stride,
+            ),
+            Operands::Bf16(packed) => {
+                packed.scores(self.kh, k0, w, &self.q_pairs, self.rows, scores, KEY_TILE)
+            }
+        }
+    }
+
+    /// One row's online-softmax step over the score tile's keys `0..w`, of which it sees
+    /// `0..visible`: its probabilities relative to `m = max(m_old, its scores)` (in the score
+    /// tile for f32 products, as bf16 pairs for bf16 ones), the rest zero. Returns `m` and
+    /// the probabilities' sum, or `None` when the row sees none of these keys.
+    fn probabilities(
+        &mut self,
+        r: usize,
+        scores: &mut [f32],
+        w: usize,
+        visible: usize,
+        m_old: f32,
+    ) -> Option<(f32, f32)> {
+        let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
+        match self.ops {
+            Operands::F32 { .. } => {
+                row[visible..].fill(0.0);
+                if visible == 0 {
+                    return None;
+                }
+                let seen = &mut row[..visible];
+                let m = m_old.max(max_of(seen));
+                Some((m, exp2_in_place(seen, m)))
+            }
+            Operands::Bf16(_) => {
+                let pairs = &mut self.p_pairs[r * KEY_TILE / 2..][..KEY_TILE / 2];
+                if visible == 0 {
+                    pairs[..w.div_ceil(2)].fill(0);
+                    return None;
+                }
+                Some(bf16dot::probabilities_to_pairs(
+                    &row[..visible],
+                    m_old,
+                    w,
+                    pairs,
+                ))
+            }
+        }
+    }
+
+    /// `out += P V` for the keys `k0..k0 + w` after [`Self::probabilities`] of every row: the
+    /// probability tile `p` (row stride `KEY_TILE`) for f32 products, the pairs for bf16.
+    fn add_weighted(&mut self, k0: usize, w: usize, p: &[f32], out: &mut [f32]) {
+        let (d, kv_stride) = (self.s.d, self.s.kv_heads * self.s.d);
+        match self.ops {
+            Operands::F32 { v, .. } => add_weighted(
+                out,
+                p,
+                &v[k0 * kv_stride + self.kh * d..],
+                self.rows,
+                w,
+                d,
+                kv_stride,
+            ),
+            Operands::Bf16(packed) => {
+                packed.add_weighted(self.kh, k0, w, &self.p_pairs, KEY_TILE / 2, self.rows, out);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -259,8 +426,7 @@ fn split_units(
     s: Shape,
     units: &[(usize, QueryTile)],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    ops: Operands<'_>,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let parts: Vec<(usize, std::ops::Range<usize>)> = units
         .iter()
@@ -274,8 +440,8 @@ fn split_units(
         .par_iter()
         .map(|(u, keys)| {
             let (kh, tile) = units[*u];
-            let qt = scaled_queries(s, kh, tile, q);
-            partial(plan, s, kh, tile, &qt, k, v, keys.clone())
+            let mut products = UnitProducts::new(ops, s, kh, tile, q);
+            partial(plan, tile, &mut products, keys.clone())
         })
         .collect();
     let mut merged: Vec<Option<Partial>> = (0..units.len()).map(|_| None).collect();
@@ -350,23 +516,20 @@ fn scaled_queries(s: Shape, kh: usize, tile: QueryTile, q: &[f32]) -> Vec<f32> {
 /// One KV head × one query tile: returns `[group * nb, d]`, row `g * nb + i` for query
 /// `q_start + i` of head `kh * group + g`; with `sums`, also the unit's probabilities summed
 /// per key over its rows, `[k_len]` (empty otherwise).
-#[allow(clippy::too_many_arguments)]
 fn unit(
     plan: &TiledPlan,
     s: Shape,
     kh: usize,
     tile: QueryTile,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    ops: Operands<'_>,
     sums: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let nb = tile.q_end - tile.q_start;
     let rows = s.group * nb;
     let d = s.d;
-    let kv_stride = s.kv_heads * d;
-    let qt = scaled_queries(s, kh, tile, q);
-    let mut state = partial(plan, s, kh, tile, &qt, k, v, 0..tile.k_len);
+    let mut products = UnitProducts::new(ops, s, kh, tile, q);
+    let mut state = partial(plan, tile, &mut products, 0..tile.k_len);
     if !sums {
         return (state.normalised(d), Vec::new());
     }
@@ -379,15 +542,7 @@ fn unit(
     let mut k0 = 0;
     while k0 < tile.k_len {
         let w = KEY_TILE.min(tile.k_len - k0);
-        score_tile(
-            &mut scores,
-            &qt,
-            &k[k0 * kv_stride + kh * d..],
-            rows,
-            w,
-            d,
-            kv_stride,
-        );
+        products.scores(k0, w, &mut scores);
         for r in 0..rows {
             let visible = visible_keys(plan, tile, k0, w, r % nb);
             let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
@@ -402,49 +557,38 @@ fn unit(
 }
 
 /// The online-softmax state of one unit over keys `keys` (a whole unit: `0..k_len`; a
-/// split unit's part: a range of whole key tiles), from its scaled queries `qt`.
-#[allow(clippy::too_many_arguments)]
+/// split unit's part: a range of whole key tiles), through the unit's `products`.
 fn partial(
     plan: &TiledPlan,
-    s: Shape,
-    kh: usize,
     tile: QueryTile,
-    qt: &[f32],
-    k: &[f32],
-    v: &[f32],
+    products: &mut UnitProducts<'_>,
     keys: std::ops::Range<usize>,
 ) -> Partial {
     let nb = tile.q_end - tile.q_start;
-    let rows = s.group * nb;
-    let d = s.d;
+    let rows = products.rows;
+    let d = products.s.d;
     let mut out = vec![0f32; rows * d];
     let mut row_max = vec![f32::NEG_INFINITY; rows];
     let mut row_sum = vec![0f32; rows];
     let mut scores = vec![0f32; rows * KEY_TILE];
-    let kv_stride = s.kv_heads * d;
     let mut k0 = keys.start;
     while k0 < keys.end {
         let w = KEY_TILE.min(keys.end - k0);
-        let kt = &k[k0 * kv_stride + kh * d..];
-        let vt = &v[k0 * kv_stride + kh * d..];
-        score_tile(&mut scores, qt, kt, rows, w, d, kv_stride);
+        products.scores(k0, w, &mut scores);
         for r in 0..rows {
-            let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
             let visible = visible_keys(plan, tile, k0, w, r % nb);
-            row[visible..].fill(0.0);
-            if visible == 0 {
+            let Some((m_new, sum)) = products.probabilities(r, &mut scores, w, visible, row_max[r])
+            else {
                 continue; // nothing seen here; the row's state is unchanged
-            }
-            let seen = &mut row[..visible];
-            let m_new = row_max[r].max(max_of(seen));
+            };
             let alpha = (row_max[r] - m_new).exp2(); // 0 on the first tile (max was -inf)
-            row_sum[r] = row_sum[r] * alpha + exp2_in_place(seen, m_new);
+            row_sum[r] = row_sum[r] * alpha + sum;
             row_max[r] = m_new;
             if alpha != 1.0 {
                 out[r * d..(r + 1) * d].iter_mut().for_each(|o| *o *= alpha);
             }
         }
-        add_weighted(&mut out, &scores, vt, rows, w, d, kv_stride);
+        products.add_weighted(k0, w, &scores, &mut out);
         k0 += w;
     }
     Partial {
@@ -611,7 +755,7 @@ mod tests {
             let q = (Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap() * seed_scale).unwrap();
             let k = (Tensor::randn(0f32, 1.0, (kp.len(), kv_heads, d), &dev).unwrap() * seed_scale).unwrap();
             let v = Tensor::randn(0f32, 1.0, (kp.len(), kv_heads, d), &dev).unwrap();
-            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
             let got = attend(&plan, &q, &k, &v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = naive(&q, &k, &v, &qp, &kp);
             // the reference attention in f32 on the same inputs sets the tolerance
@@ -686,7 +830,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
-        let plan = TiledPlan::new(&qp, &kp).unwrap();
+        let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
         assert!(
             plan.tiles
                 .iter()
@@ -711,7 +855,7 @@ mod tests {
             .copied()
             .filter(|p| p % 3 == 1 || *p >= 2990)
             .collect();
-        let plan = TiledPlan::new(&qp, &kp).unwrap();
+        let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
         let mut wider = 0;
         for t in &plan.tiles {
             let span = (qp[t.q_end - 1] - qp[t.q_start]) as usize;
@@ -766,7 +910,7 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
-            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
             assert!(
                 plan.tiles
                     .iter()
@@ -798,7 +942,7 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
-            let plan = TiledPlan::new(&qp, &kp).unwrap();
+            let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
             assert!(plan.tiles.len() * kvh < SPLIT_BELOW_UNITS_PER_THREAD);
             let got = attend(&plan, &q, &k, &v).unwrap().flatten_all().unwrap();
             let want = naive(&q, &k, &v, &qp, &kp);
@@ -808,17 +952,111 @@ mod tests {
         }
     }
 
+    /// bf16 products (where the CPU has them) on the paths a call can take — long calls'
+    /// larger tiles, sparse queries, a split unit, the summed probe, a call too short for
+    /// bf16 — stay within bf16's error of the naive softmax, and calls of 16+ queries really
+    /// ran them (their output differs from the f32 products').
+    #[test]
+    fn bf16_products_stay_within_bf16_error_of_naive() {
+        let bf16 = bf16dot::available(64);
+        if !bf16 {
+            eprintln!("this CPU has no AVX-512 BF16: bf16 plans must run f32 products");
+        }
+        let kp: Vec<u32> = (0..2600u32).filter(|p| p % 7 != 3).collect();
+        let last = *kp.last().unwrap();
+        let dev = Device::Cpu;
+        let cases: Vec<(&str, Vec<u32>, usize, usize)> = vec![
+            ("long", (0..2600u32).filter(|p| p % 11 != 5).collect(), 9, 3),
+            (
+                "sparse",
+                (0..2600u32).filter(|p| p % 13 == 0).collect(),
+                4,
+                2,
+            ),
+            ("split", (last - 40..=last).collect(), 4, 1),
+            ("short", vec![3, 900, last], 4, 2),
+        ];
+        for (name, qp, h, kvh) in cases {
+            let d = 64;
+            let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+            let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::Bf16).unwrap();
+            let exact = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
+            let got = attend(&plan, &q, &k, &v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let f32_out = attend(&exact, &q, &k, &v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = naive(&q, &k, &v, &qp, &kp);
+            let runs_bf16 = bf16 && qp.len() >= BF16_LEAST_QUERIES;
+            assert_eq!(runs_bf16, plan.bf16_products(d), "{name}");
+            assert!(
+                (got != f32_out) == runs_bf16,
+                "{name}: bf16 products ran iff expected"
+            );
+            // bf16 keeps 8 significant bits: scores and probabilities off by ~2^-9 relative.
+            // Measured on these cases: max 0.7e-3–8.4e-3, mean ≤ 1.8e-4 (the f32 products:
+            // ~1e-6); the bounds leave 2.4× and 2.8×
+            let errs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+            let max = errs.iter().fold(0f32, |a, &b| a.max(b));
+            let mean = errs.iter().sum::<f32>() / errs.len() as f32;
+            assert!(max < 2e-2 && mean < 5e-4, "{name}: max {max}, mean {mean}");
+            if name == "split" {
+                assert!(
+                    plan.tiles.len() * kvh < SPLIT_BELOW_UNITS_PER_THREAD,
+                    "a split call"
+                );
+            }
+            if name == "long" {
+                assert!(
+                    plan.tiles
+                        .iter()
+                        .all(|t| t.q_end - t.q_start <= BF16_QUERY_TILE)
+                        || !bf16
+                );
+            }
+            // the summed probe (never split): the same output up to summation order and
+            // rounding, each key's sums within bf16's error
+            let (out, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
+            let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let apart = out
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // (bf16 split parts round probabilities relative to their own maxima)
+            let bound = if runs_bf16 { 2e-3 } else { 1e-5 };
+            assert!(apart < bound, "{name}: summed probe's output {apart} apart");
+            let sums = sums.to_vec1::<f32>().unwrap();
+            let want = naive_key_sums(&q, &k, &qp, &kp);
+            for (j, (g, w)) in sums.iter().zip(&want).enumerate() {
+                assert!(
+                    ((*g as f64) - w).abs() <= 2e-2 * w.max(1.0),
+                    "{name}: key {j}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn rejects_what_the_reference_rejects() {
         assert!(
-            TiledPlan::new(&[1], &[2, 3]).is_err(),
+            TiledPlan::new(&[1], &[2, 3], CpuAttentionPrecision::F32).is_err(),
             "no key at or before the query"
         );
         assert!(
-            TiledPlan::new(&[3, 2], &[0, 1]).is_err(),
+            TiledPlan::new(&[3, 2], &[0, 1], CpuAttentionPrecision::F32).is_err(),
             "queries out of order"
         );
-        let plan = TiledPlan::new(&[0, 1], &[0, 1]).unwrap();
+        let plan = TiledPlan::new(&[0, 1], &[0, 1], CpuAttentionPrecision::F32).unwrap();
         let x = Tensor::zeros((3, 2, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(
             attend(&plan, &x, &x, &x).is_err(),

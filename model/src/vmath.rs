@@ -78,7 +78,7 @@ fn exp2_portable(x: &mut [f32], m: f32) -> f32 {
 /// `[-0.5, 0.5]`); below -126 it returns `2^-126`, which is 0 for every sum it enters.
 /// Branch-free so that loops over it vectorise.
 #[inline(always)]
-fn exp2_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp2_nonpositive(x: f32) -> f32 {
     // round to nearest by the float trick: adding 1.5 × 2^23 leaves no fraction bits
     const ROUND: f32 = 12_582_912.0;
     let x = if x < -126.0 { -126.0 } else { x };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
-use kvquilt_model::{AttentionKernel, DType, Device, LoadedModel};
+use kvquilt_model::{AttentionKernel, CpuAttentionPrecision, DType, Device, LoadedModel, Model};
 
 /// `--model` and `--device` as given on the command line.
 #[derive(clap::Args, Debug, Clone)]
@@ -24,6 +24,10 @@ pub struct ModelArgs {
     /// or fused.
     #[arg(long, env = "KVQ_ATTENTION", default_value = "auto")]
     pub attention: String,
+    /// Precision of the CPU's tiled attention products: bf16 (bf16 inputs, f32 sums; on CPUs
+    /// with AVX-512 BF16, calls of 16+ queries; f32 elsewhere) or f32.
+    #[arg(long, env = "KVQ_CPU_ATTENTION", default_value = "bf16")]
+    pub cpu_attention: String,
 }
 
 impl ModelArgs {
@@ -45,6 +49,18 @@ impl ModelArgs {
         Ok(AttentionKernel::parse(&self.attention)?)
     }
 
+    /// The precision named by `--cpu-attention`.
+    pub fn cpu_attention_precision(&self) -> Result<CpuAttentionPrecision> {
+        Ok(CpuAttentionPrecision::parse(&self.cpu_attention)?)
+    }
+
+    /// Applies `--attention` and `--cpu-attention` to a model.
+    pub fn configure(&self, model: &mut Model) -> Result<()> {
+        model.set_attention_kernel(self.attention_kernel()?);
+        model.set_cpu_attention_precision(self.cpu_attention_precision()?);
+        Ok(())
+    }
+
     /// The model file or directory, fetching the named or default model when needed.
     pub fn path(&self) -> Result<PathBuf> {
         let name = self.model.as_deref().unwrap_or(SMOLLM2_135M_INSTRUCT.name);
@@ -60,11 +76,10 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
-        let kernel = self.attention_kernel()?;
         let path = self.path()?;
         let mut loaded = kvquilt_model::load(&path, &device, dtype)
             .with_context(|| format!("loading {}", path.display()))?;
-        loaded.model.set_attention_kernel(kernel);
+        self.configure(&mut loaded.model)?;
         Ok(loaded)
     }
 }

@@ -19,17 +19,22 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use kvquilt_model::{AttentionKernel, DType, Device, Model, ModelConfig, Tensor};
+use kvquilt_model::{
+    AttentionKernel, CpuAttentionPrecision, DType, Device, Model, ModelConfig, Tensor,
+};
 use serde::Serialize;
 
 use super::{median, write_report};
 
 #[derive(clap::Args)]
 pub struct AttentionBenchArgs {
-    /// cuda or cuda:N (the fused kernel); cpu times the tiled CPU attention in f32 instead
+    /// cuda or cuda:N (the fused kernel); cpu times the tiled CPU attention instead
     /// (`--check` is CUDA only).
     #[arg(long, default_value = "cuda")]
     device: String,
+    /// On the CPU, the tiled attention's product precision: f32 or bf16.
+    #[arg(long, env = "KVQ_CPU_ATTENTION", default_value = "f32")]
+    cpu_attention: String,
     /// Attention heads of the timed shapes: heads/kv_heads/head_dim (SmolLM2: 9/3/64).
     #[arg(long, default_value = "32/8/128")]
     heads: String,
@@ -100,6 +105,7 @@ struct RowsReport {
 #[derive(Serialize)]
 struct AttentionBenchReport {
     device: String,
+    cpu_attention: String,
     checks: Vec<CaseReport>,
     row_checks: Vec<RowsReport>,
     timings: Vec<TimingReport>,
@@ -109,6 +115,7 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
     let device = kvquilt_model::parse_device(&a.device)?;
     let mut report = AttentionBenchReport {
         device: a.device.clone(),
+        cpu_attention: a.cpu_attention.clone(),
         checks: Vec::new(),
         row_checks: Vec::new(),
         timings: Vec::new(),
@@ -118,10 +125,11 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
         report.row_checks = check_rows(&device)?;
     }
     let heads = parse_heads(&a.heads)?;
+    let precision = CpuAttentionPrecision::parse(&a.cpu_attention)?;
     for shape in &a.shapes {
         report
             .timings
-            .push(time_shape(&device, heads, shape, a.repeats)?);
+            .push(time_shape(&device, heads, shape, a.repeats, precision)?);
     }
     write_report(&report, a.json.as_deref())?;
     let failed: Vec<&str> = report
@@ -671,6 +679,7 @@ fn time_shape(
     (h, kvh, d): (usize, usize, usize),
     shape: &str,
     repeats: usize,
+    precision: CpuAttentionPrecision,
 ) -> Result<TimingReport> {
     let (qp, kp) = shape_positions(shape)?;
     let (n, t) = (qp.len(), kp.len());
@@ -680,7 +689,8 @@ fn time_shape(
     } else {
         (DType::BF16, AttentionKernel::Fused)
     };
-    let m = attention_model(h, kvh, d, dtype, device)?;
+    let mut m = attention_model(h, kvh, d, dtype, device)?;
+    m.set_cpu_attention_precision(precision);
     let q = Tensor::randn(0f32, 1.0, (n, h, d), device)?.to_dtype(dtype)?;
     let k = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(dtype)?;
     let v = Tensor::randn(0f32, 1.0, (t, kvh, d), device)?.to_dtype(dtype)?;

@@ -133,7 +133,7 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         Some(shape) => {
             let (config, name) = super::random_shape(shape)?;
             let mut m = Model::random(config, &device, dtype)?;
-            m.set_attention_kernel(a.model.attention_kernel()?);
+            a.model.configure(&mut m)?;
             let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
             (m, id, name)
         }

@@ -49,6 +49,10 @@ struct ModelBenchReport {
     /// The attention implementation asked for, and how many calls fell back to the reference.
     attention: String,
     attention_fallbacks: u64,
+    /// The CPU's tiled attention precision asked for, and whether this CPU runs its bf16
+    /// products at this head dimension.
+    cpu_attention: String,
+    cpu_bf16_available: bool,
     threads: usize,
     repeats: usize,
     prefill: Vec<PrefillRow>,
@@ -64,7 +68,7 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
         Some(shape) => {
             let (config, name) = super::random_shape(shape)?;
             let mut m = Model::random(config, &device, dtype)?;
-            m.set_attention_kernel(a.model.attention_kernel()?);
+            a.model.configure(&mut m)?;
             (m, name)
         }
         None => {
@@ -119,6 +123,10 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
         dtype: format!("{:?}", model.dtype()),
         attention: format!("{:?}", model.attention_kernel()),
         attention_fallbacks: model.attention_fallbacks(),
+        cpu_attention: format!("{:?}", model.cpu_attention_precision()),
+        cpu_bf16_available: kvquilt_model::CpuAttentionPrecision::bf16_available(
+            model.config().head_dim,
+        ),
         threads: super::threads(),
         repeats: a.repeats,
         prefill,

@@ -512,7 +512,7 @@ fn ttft(
             let dtype = a.model.dtype(&device)?;
             let (config, _) = super::random_shape(shape)?;
             let mut m = kvquilt_model::Model::random(config, &device, dtype)?;
-            m.set_attention_kernel(a.model.attention_kernel()?);
+            a.model.configure(&mut m)?;
             let id = kvquilt_blend::ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
             let vocab = m.config().vocab_size as u64;
             let need = a.chunk_tokens.iter().sum::<usize>()

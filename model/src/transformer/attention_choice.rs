@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use candle_core::{DType, Tensor};
 
 use super::Model;
-use crate::attention::{AttentionKernel, AttentionPlan, ProbeRequest, attend, check_visible};
+use crate::attention::{
+    AttentionKernel, AttentionPlan, CpuAttentionPrecision, ProbeRequest, attend, check_visible,
+};
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::LayerProbe;
 use crate::kv::{LayerKv, Pruned, PrunedLayer};
@@ -82,6 +84,17 @@ impl Model {
     /// The attention implementation forward calls ask for.
     pub fn attention_kernel(&self) -> AttentionKernel {
         self.attention_kernel
+    }
+
+    /// Chooses the precision of the CPU's tiled attention products in later forward calls
+    /// (default [`CpuAttentionPrecision::F32`]).
+    pub fn set_cpu_attention_precision(&mut self, precision: CpuAttentionPrecision) {
+        self.cpu_attention_precision = precision;
+    }
+
+    /// The precision the CPU's tiled attention products are asked for.
+    pub fn cpu_attention_precision(&self) -> CpuAttentionPrecision {
+        self.cpu_attention_precision
     }
 
     /// Forward calls so far that wanted the fused attention kernel but ran the reference
@@ -356,7 +369,7 @@ impl Model {
             && self.dtype == DType::F32
         {
             return Ok(LayerAttention::Tiled {
-                plan: crate::tiled::TiledPlan::new(q_pos, k_pos)?,
+                plan: crate::tiled::TiledPlan::new(q_pos, k_pos, self.cpu_attention_precision)?,
                 q_tables: self.tables(q_pos)?,
                 k_tables: self.tables(k_pos)?,
                 k_pos: k_pos.to_vec(),

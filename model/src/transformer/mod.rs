@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicU64;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{AttentionKernel, ProbeRequest};
+use crate::attention::{AttentionKernel, CpuAttentionPrecision, ProbeRequest};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::{CollectProbes, LayerHook};
@@ -87,6 +87,8 @@ pub struct Model {
     dtype: DType,
     score_budget: usize,
     attention_kernel: AttentionKernel,
+    /// The precision of the CPU's tiled attention products.
+    cpu_attention_precision: CpuAttentionPrecision,
     /// Forward calls that wanted the fused attention kernel and ran the reference instead.
     attention_fallbacks: AtomicU64,
 }
@@ -110,6 +112,7 @@ impl Model {
             device,
             dtype,
             attention_kernel: AttentionKernel::default(),
+            cpu_attention_precision: CpuAttentionPrecision::default(),
             attention_fallbacks: AtomicU64::new(0),
         })
     }
@@ -134,6 +137,7 @@ impl Model {
         let mut m = Self::new(config, self.weights, self.device, self.dtype)?;
         m.score_budget = self.score_budget;
         m.attention_kernel = self.attention_kernel;
+        m.cpu_attention_precision = self.cpu_attention_precision;
         Ok(m)
     }
 

@@ -97,6 +97,10 @@ pub struct Config {
     /// Attention implementation: `auto` (the fused kernel on CUDA where it applies),
     /// `reference` or `fused`.
     pub attention: String,
+    /// Precision of the CPU's tiled attention products: `bf16` (bf16 inputs, f32 sums, on
+    /// CPUs with AVX-512 BF16; f32 elsewhere; the default: needle answers identical to f32's,
+    /// BENCHMARKS §5) or `f32`.
+    pub cpu_attention: String,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
     /// Tenants besides the default one.
@@ -381,6 +385,7 @@ impl Default for Config {
             device: "cpu".into(),
             dtype: None,
             attention: "auto".into(),
+            cpu_attention: "bf16".into(),
             api_tokens: Vec::new(),
             tenants: Vec::new(),
             limits: Limits::default(),
@@ -516,6 +521,7 @@ impl Config {
     /// Checks what cannot be served safely or at all.
     pub fn validate(&self) -> Result<()> {
         kvquilt_model::AttentionKernel::parse(&self.attention)?;
+        kvquilt_model::CpuAttentionPrecision::parse(&self.cpu_attention)?;
         let any_token =
             !self.api_tokens.is_empty() || self.tenants.iter().any(|t| !t.tokens.is_empty());
         if !self.listen.ip().is_loopback() && !any_token {

@@ -75,6 +75,9 @@ pub struct Args {
     /// Attention implementation: auto, reference or fused.
     #[arg(long, env = "KVQUILT_ATTENTION")]
     attention: Option<String>,
+    /// Precision of the CPU's tiled attention products: f32 or bf16.
+    #[arg(long, env = "KVQUILT_CPU_ATTENTION")]
+    cpu_attention: Option<String>,
     /// Seed nodes of the shared remote tier (Redis Cluster, `host:port`, comma-separated);
     /// the rest of `[store.remote]` comes from the config file.
     #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
@@ -115,6 +118,9 @@ impl Args {
         }
         if let Some(a) = &self.attention {
             c.attention = a.clone();
+        }
+        if let Some(p) = &self.cpu_attention {
+            c.cpu_attention = p.clone();
         }
         if !self.remote_seeds.is_empty() {
             c.store.remote.seeds = self.remote_seeds.clone();
@@ -157,6 +163,7 @@ pub async fn serve(config: Config) -> Result<()> {
         device: config.device.clone(),
         dtype: config.dtype.clone(),
         attention: config.attention.clone(),
+        cpu_attention: config.cpu_attention.clone(),
     };
     let (loaded, store, key) = tokio::task::spawn_blocking({
         let c = config.clone();

@@ -184,7 +184,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             }
             let device = a.model.device()?;
             let mut m = kvquilt_model::Model::random(config, &device, a.model.dtype(&device)?)?;
-            m.set_attention_kernel(a.model.attention_kernel()?);
+            a.model.configure(&mut m)?;
             let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
             (m, id, name, tokenizer)
         }
