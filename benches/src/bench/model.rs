@@ -1,6 +1,8 @@
-//! `kvquilt bench model`: prefill throughput at several prompt lengths, and decode.
+//! `kvquilt bench model`: prefill throughput at several prompt lengths (timed in rounds, with
+//! each length's rate over the first length's per round), and decode.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::Result;
 use kvquilt_model::Model;
@@ -25,7 +27,8 @@ pub struct ModelBenchArgs {
     decode: usize,
     #[arg(long, default_value_t = 512)]
     decode_context: usize,
-    /// Timed repetitions per measurement (after one warm-up).
+    /// Timed repetitions per measurement (after one warm-up). Prefill runs them as rounds:
+    /// each round times every length once, in the order given.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Write the results as JSON here.
@@ -38,7 +41,12 @@ struct PrefillRow {
     tokens: usize,
     median_s: f64,
     tokens_per_s: f64,
+    /// One time per round, in round order.
     runs_s: Vec<f64>,
+    /// Per round: this length's tokens/s over the first length's in the same round.
+    rate_vs_first_per_round: Vec<f64>,
+    /// The median of `rate_vs_first_per_round`.
+    rate_vs_first_median: f64,
 }
 
 #[derive(Serialize)]
@@ -78,25 +86,63 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
     };
     let sync = || -> Result<()> { Ok(model.device().synchronize()?) };
     let vocab = model.config().vocab_size as u64;
+    // Rounds, not blocks: every round times each length once (after one warm-up of each),
+    // so a slow minute of a shared VM slows every length alike and the rate ratios between
+    // lengths, taken within a round, do not depend on which length ran in it.
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> = a
+        .tokens
+        .iter()
+        .map(|&n| (pseudo_tokens(n, vocab), kvquilt_model::positions(0, n)))
+        .collect();
+    let prefill_once = |toks: &[u32], pos: &[u32]| -> Result<f64> {
+        let t = Instant::now();
+        let mut cache = model.empty_cache()?;
+        model.prefill(toks, pos, &mut cache)?;
+        sync()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for (toks, pos) in &prompts {
+        prefill_once(toks, pos)?;
+    }
+    let mut runs = vec![Vec::new(); prompts.len()];
+    for _ in 0..a.repeats.max(1) {
+        for ((toks, pos), runs) in prompts.iter().zip(&mut runs) {
+            runs.push(prefill_once(toks, pos)?);
+        }
+    }
     let mut prefill = Vec::new();
-    for &n in &a.tokens {
-        let toks = pseudo_tokens(n, vocab);
-        let pos = kvquilt_model::positions(0, n);
-        let runs = timed(a.repeats, || {
-            let mut cache = model.empty_cache()?;
-            model.prefill(&toks, &pos, &mut cache)?;
-            sync()
-        })?;
-        let median = median(&runs);
-        eprintln!(
-            "prefill {n:>6} tokens: median {median:.3} s, {:.0} tokens/s",
-            n as f64 / median
+    for (i, (&n, runs_s)) in a.tokens.iter().zip(runs.iter()).enumerate() {
+        let median_s = median(runs_s);
+        // this length's rate over the first length's, round by round
+        let ratios: Vec<f64> = runs_s
+            .iter()
+            .zip(&runs[0])
+            .map(|(t, t0)| (n as f64 / t) / (a.tokens[0] as f64 / t0))
+            .collect();
+        let rate_vs_first = median(&ratios);
+        eprint!(
+            "prefill {n:>6} tokens: median {median_s:.3} s, {:.0} tokens/s",
+            n as f64 / median_s
         );
+        if i > 0 {
+            eprint!(
+                "; rate / {}-token rate per round {}, median {rate_vs_first:.2}",
+                a.tokens[0],
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        eprintln!();
         prefill.push(PrefillRow {
             tokens: n,
-            median_s: median,
-            tokens_per_s: n as f64 / median,
-            runs_s: runs,
+            median_s,
+            tokens_per_s: n as f64 / median_s,
+            runs_s: runs_s.clone(),
+            rate_vs_first_per_round: ratios,
+            rate_vs_first_median: rate_vs_first,
         });
     }
     let ctx = pseudo_tokens(a.decode_context, vocab);
