@@ -20,8 +20,12 @@
 //!   (`tests::a_turn_ends_with_its_guard_also_on_panic`).
 //! - Only prompts make steps wait: a decode step never waits for another decode step, and a
 //!   prompt never waits for anything here.
+//! - A turn holds steps back only while its prompt computes: while the pass waits on a store
+//!   (a read from a slow disk or remote, up to the stall deadline) it pauses its turn
+//!   ([`PromptTurn::pause`]), and steps go on (`tests::a_paused_turn_lets_steps_go_on`,
+//!   `blend/tests/faults.rs::slow_disk::decode_steps_go_on_while_a_prompt_waits_on_a_slow_store`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -66,19 +70,59 @@ pub struct YieldStats {
     pub waiting: usize,
 }
 
-/// A prompt's pass on its way to a first token; decode steps yield while it lives.
+/// A prompt's pass on its way to a first token; decode steps yield while it lives, except
+/// while it is paused ([`PromptTurn::pause`]).
 #[derive(Debug)]
 #[must_use = "the turn ends when it is dropped"]
 pub struct PromptTurn<'a> {
     of: &'a PromptPriority,
+    /// Set while a [`PausedTurn`] of this turn lives (the turn is then not counted).
+    paused: AtomicBool,
+}
+
+impl PromptTurn<'_> {
+    /// Lets decode steps go on until the returned guard drops: the prompt waits on something
+    /// that is not the device (a store read), so holding steps back would slow them and
+    /// gain the prompt nothing. Pausing a paused turn gives a guard that does nothing.
+    pub fn pause(&self) -> PausedTurn<'_> {
+        let paused = !self.paused.swap(true, Ordering::AcqRel);
+        if paused {
+            self.of.end_one();
+        }
+        PausedTurn {
+            turn: paused.then_some(self),
+        }
+    }
+
+    /// Runs `wait` with this turn paused ([`PromptTurn::pause`]).
+    pub fn paused<T>(&self, wait: impl FnOnce() -> T) -> T {
+        let _paused = self.pause();
+        wait()
+    }
 }
 
 impl Drop for PromptTurn<'_> {
     fn drop(&mut self) {
-        let mut s = self.of.state.lock();
-        s.prompts = s.prompts.saturating_sub(1);
-        if s.prompts == 0 {
-            self.of.idle.notify_all();
+        // a paused turn is not counted (and cannot drop while paused: the guard borrows it)
+        if !self.paused.load(Ordering::Acquire) {
+            self.of.end_one();
+        }
+    }
+}
+
+/// A paused [`PromptTurn`]: it counts again when this drops.
+#[derive(Debug)]
+#[must_use = "the turn counts again when this is dropped"]
+pub struct PausedTurn<'t> {
+    /// The turn this guard paused; `None` when it was paused already.
+    turn: Option<&'t PromptTurn<'t>>,
+}
+
+impl Drop for PausedTurn<'_> {
+    fn drop(&mut self) {
+        if let Some(turn) = self.turn {
+            turn.of.state.lock().prompts += 1;
+            turn.paused.store(false, Ordering::Release);
         }
     }
 }
@@ -103,7 +147,19 @@ impl PromptPriority {
     /// Starts a prompt's turn: decode steps yield until it is dropped.
     pub fn turn(&self) -> PromptTurn<'_> {
         self.state.lock().prompts += 1;
-        PromptTurn { of: self }
+        PromptTurn {
+            of: self,
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    /// One turn no longer counts (ended or paused); waiting steps go on when none does.
+    fn end_one(&self) {
+        let mut s = self.state.lock();
+        s.prompts = s.prompts.saturating_sub(1);
+        if s.prompts == 0 {
+            self.idle.notify_all();
+        }
     }
 
     /// Waits while any prompt holds its turn, at most `max_wait`; returns how long it
@@ -196,6 +252,33 @@ mod tests {
         assert!(waited < Duration::from_secs(30), "{waited:?}");
         let s = p.stats();
         assert_eq!((s.prompts, s.waiting, s.yields), (0, 0, 1));
+    }
+
+    #[test]
+    fn a_paused_turn_lets_steps_go_on() {
+        let p = Arc::new(PromptPriority::new(Duration::from_secs(30)));
+        let turn = p.turn();
+        let paused = turn.pause();
+        assert_eq!(p.stats().prompts, 0);
+        // pausing again changes nothing, and its guard restores nothing
+        drop(turn.pause());
+        assert_eq!(p.stats().prompts, 0);
+        let start = Instant::now();
+        assert_eq!(p.yield_to_prompts(), Duration::ZERO);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        drop(paused);
+        assert_eq!(p.stats().prompts, 1, "the turn counts again");
+        // a step waiting on the turn goes on when it pauses
+        let q = Arc::clone(&p);
+        let step = std::thread::spawn(move || q.yield_to_prompts());
+        while p.stats().waiting != 1 {
+            std::thread::yield_now();
+        }
+        let waited = turn.paused(|| step.join().unwrap());
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
+        assert_eq!(p.stats().prompts, 1);
+        drop(turn);
+        assert_eq!(p.stats().prompts, 0);
     }
 
     #[test]

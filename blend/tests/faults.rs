@@ -292,4 +292,59 @@ mod slow_disk {
             }
         }
     }
+
+    /// A prompt waiting on a slow store does not hold other requests' decode steps back:
+    /// its turn is paused while the pass waits on a store, so a step yields only to the
+    /// pass's compute (`priority.rs`'s invariant). Before, a step waited out the whole
+    /// pass, reads included (up to the stall deadline on a hung tier).
+    #[test]
+    fn decode_steps_go_on_while_a_prompt_waits_on_a_slow_store() {
+        let chunks = [toks(1, 24), toks(2, 30), toks(3, 18)];
+        let suffix = toks(4, 6);
+        let zero = Duration::ZERO;
+        let patient = Duration::from_secs(60);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let rt = Runtime::new().unwrap();
+            let (b, _) = slow_blender(dir.path(), &rt, zero, zero, patient);
+            for c in &chunks {
+                b.precompute(b"", c).unwrap();
+            }
+            rt.block_on(b.store().flush()).unwrap();
+        }
+        let rt = Runtime::new().unwrap();
+        let layer_delay = Duration::from_millis(150);
+        let (b, _) = slow_blender(dir.path(), &rt, zero, layer_delay, patient);
+        let b = b
+            .with_fallback_to_full(false)
+            .with_prompt_priority(Duration::from_secs(30));
+        for mode in [Mode::Reuse, Mode::Blend(BlendConfig::default())] {
+            let req = BlendRequest::new(vec![], chunks.to_vec(), suffix.clone(), mode.clone());
+            let (out, took, steps) = std::thread::scope(|s| {
+                let prompt = s.spawn(|| {
+                    let t = Instant::now();
+                    let out = b.run(b"", &req).unwrap();
+                    (out, t.elapsed())
+                });
+                // another request's decode loop, stepping while the prompt runs
+                let mut steps = Vec::new();
+                while !prompt.is_finished() {
+                    steps.push(b.yield_to_prompts());
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let (out, took) = prompt.join().unwrap();
+                (out, took, steps)
+            });
+            assert_eq!(out.stats.hits_ssd, 3, "{mode:?}: {:?}", out.stats.segments);
+            // three layers read at 150 ms each: the pass is mostly waiting on the store
+            assert!(took >= 3 * layer_delay, "{mode:?}: took {took:?}");
+            let longest = steps.iter().max().copied().unwrap_or_default();
+            assert!(
+                longest < layer_delay,
+                "{mode:?}: a step waited {longest:?} of a {took:?} pass"
+            );
+            assert!(steps.len() >= 10, "{mode:?}: {} steps", steps.len());
+            assert_eq!(b.prompt_priority_stats().prompts, 0);
+        }
+    }
 }

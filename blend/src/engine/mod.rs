@@ -313,7 +313,8 @@ impl Blender {
     }
 
     /// A prompt's turn: decode steps yield ([`Blender::yield_to_prompts`]) until it is
-    /// dropped. [`Blender::run_deferring`] holds one for its pass; a caller holds its own
+    /// dropped. [`Blender::run_deferring`] holds one for its pass (paused while the pass
+    /// waits on a store: [`crate::PromptTurn::pause`]); a caller holds its own
     /// over other work on the way to a first token (a token policy compressing the cache
     /// before the answer starts).
     pub fn prompt_turn(&self) -> crate::priority::PromptTurn<'_> {
@@ -413,16 +414,17 @@ impl Blender {
         req: &BlendRequest,
     ) -> Result<(BlendOutput, StoreBack)> {
         let start = Instant::now();
-        // decode steps of other requests yield until this pass has its first token
-        let _turn = self.priority.turn();
+        // decode steps of other requests yield until this pass has its first token (but
+        // not while it waits on a store: the modes pause the turn around those waits)
+        let turn = self.priority.turn();
         self.validate(req)?;
         let out = match &req.mode {
             Mode::Full => modes::full::run(self, req, start),
-            Mode::Prefix => modes::prefix::run(self, namespace, req, start),
-            Mode::Reuse => modes::reuse::run(self, namespace, req, start),
+            Mode::Prefix => modes::prefix::run(self, namespace, req, start, &turn),
+            Mode::Reuse => modes::reuse::run(self, namespace, req, start, &turn),
             Mode::Blend(cfg) => {
                 cfg.validate(self.model.config().num_layers)?;
-                modes::blend::run(self, namespace, req, cfg, start)
+                modes::blend::run(self, namespace, req, cfg, start, &turn)
             }
         };
         if let Err(e) = &out

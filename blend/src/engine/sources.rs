@@ -25,6 +25,7 @@ use super::store_back::{Pending, StoreBack};
 use crate::chunk::ChunkCodec;
 use crate::device_tier::DeviceChunk;
 use crate::error::{BlendError, Result, invalid};
+use crate::priority::PromptTurn;
 use crate::request::{BlendRequest, SegmentSource};
 use crate::tensor_bytes::{layer_from_bytes, layer_from_record};
 
@@ -74,6 +75,7 @@ impl Streamed {
         b: &Blender,
         device: &Device,
         layout: &KvLayout,
+        turn: &PromptTurn<'_>,
     ) -> Result<LayerKv> {
         let t0 = Instant::now();
         let tier = self.stream.tier;
@@ -81,7 +83,8 @@ impl Streamed {
         let deadline = stall_deadline(b, tier, expected);
         // (the timer is made inside `block_on`: it needs the runtime's context)
         let next = async { tokio::time::timeout(deadline, self.stream.next_layer()).await };
-        let b_layer = match b.rt.block_on(next) {
+        // waiting on the store is no compute: decode steps need not yield to it
+        let b_layer = match turn.paused(|| b.rt.block_on(next)) {
             Ok(Some(r)) => r?,
             Ok(None) => {
                 return Err(invalid(format!(
@@ -165,12 +168,17 @@ impl<'r> Sources<'r> {
     /// Materialises every entry of `plan` in order (opening streams, taking device-tier
     /// hits, computing the rest; computed objects that should be stored are kept for
     /// [`Sources::finish`]).
-    pub(crate) fn open(b: &Blender, codec: &ChunkCodec, plan: &Plan<'r>) -> Result<Self> {
+    pub(crate) fn open(
+        b: &Blender,
+        codec: &ChunkCodec,
+        plan: &Plan<'r>,
+        turn: &PromptTurn<'_>,
+    ) -> Result<Self> {
         let mut pending = Pending::default();
         let mut sources = Vec::with_capacity(plan.entries.len());
         let mut how = Vec::with_capacity(plan.entries.len());
         for entry in &plan.entries {
-            let (source, h) = materialize(b, codec, entry, &mut pending)?;
+            let (source, h) = materialize(b, codec, entry, &mut pending, turn)?;
             sources.push(source);
             how.push(h);
         }
@@ -220,8 +228,14 @@ impl<'r> Sources<'r> {
 
     /// Writes layer `l` of the assembled context into `kv`: [`Sources::layer_parts`] joined.
     /// Call once per layer, in increasing layer order (streams yield layers in order).
-    pub(crate) fn fill(&mut self, b: &Blender, l: usize, kv: &mut LayerKv) -> Result<()> {
-        let parts = self.layer_parts(b, l)?;
+    pub(crate) fn fill(
+        &mut self,
+        b: &Blender,
+        l: usize,
+        kv: &mut LayerKv,
+        turn: &PromptTurn<'_>,
+    ) -> Result<()> {
+        let parts = self.layer_parts(b, l, turn)?;
         let parts: Vec<&LayerKv> = parts.iter().collect();
         *kv = match self.room {
             0 => LayerKv::cat(&parts)?,
@@ -240,7 +254,12 @@ impl<'r> Sources<'r> {
     /// Layer `l` of the assembled context as parts in prompt order: every unique source's
     /// layer `l` (each read once; duplicates share it), then the suffix rows when set. Call
     /// once per layer, in increasing layer order (streams yield layers in order).
-    pub(crate) fn layer_parts(&mut self, b: &Blender, l: usize) -> Result<Vec<LayerKv>> {
+    pub(crate) fn layer_parts(
+        &mut self,
+        b: &Blender,
+        l: usize,
+        turn: &PromptTurn<'_>,
+    ) -> Result<Vec<LayerKv>> {
         let mut layer_of: Vec<LayerKv> = Vec::with_capacity(self.sources.len());
         for i in 0..self.sources.len() {
             let (key, tokens) = self.segments[i];
@@ -249,7 +268,7 @@ impl<'r> Sources<'r> {
                 Source::Device(c) => c[l].clone(),
                 Source::InPass(zeros) => zeros.clone(),
                 Source::Stream(s) => {
-                    match s.next_layer(l, tokens.len(), b, &self.device, &self.layout) {
+                    match s.next_layer(l, tokens.len(), b, &self.device, &self.layout, turn) {
                         Ok(kv) => kv,
                         Err(e) => {
                             tracing::warn!(%key, layer = l, error = %e, "stored chunk failed mid-read; recomputing it");
@@ -318,6 +337,7 @@ fn materialize(
     codec: &ChunkCodec,
     entry: &Entry<'_>,
     pending: &mut Pending,
+    turn: &PromptTurn<'_>,
 ) -> Result<(Source, SegmentSource)> {
     if entry.origin == Origin::Device
         && let Some(chunk) = device_hit(b, entry)
@@ -330,7 +350,7 @@ fn materialize(
             return Ok((Source::InPass(rows), why.source()));
         }
         Origin::Compute(why) => why.source(),
-        Origin::Device | Origin::Load(_) => match open_stream(b, codec, entry) {
+        Origin::Device | Origin::Load(_) => match open_stream(b, codec, entry, turn) {
             Ok(streamed) => {
                 let tier = streamed.stream.tier;
                 return Ok((Source::Stream(streamed), SegmentSource::Hit(tier)));
@@ -362,6 +382,7 @@ fn open_stream(
     b: &Blender,
     codec: &ChunkCodec,
     entry: &Entry<'_>,
+    turn: &PromptTurn<'_>,
 ) -> Result<Streamed, SegmentSource> {
     let key = entry.key;
     let opened = Instant::now();
@@ -376,7 +397,7 @@ fn open_stream(
             .read_layers_keeping(&key, READ_AHEAD, b.device_codecs);
         tokio::time::timeout(deadline, read).await
     };
-    let read = b.rt.block_on(open);
+    let read = turn.paused(|| b.rt.block_on(open));
     let Ok(read) = read else {
         tracing::warn!(%key, %tier, ?deadline, "opening a stored chunk stalled; recomputing it");
         let waited = opened.elapsed().as_secs_f64();

@@ -13,6 +13,7 @@ use crate::engine::plan::{Held, Origin, Plan, Why};
 use crate::engine::sources::Sources;
 use crate::engine::{Blender, fraction, ms};
 use crate::error::Result;
+use crate::priority::PromptTurn;
 use crate::request::{BlendOutput, BlendRequest, BlendStats};
 
 /// A `reuse` or `blend` request ready for its forward pass.
@@ -57,6 +58,7 @@ pub(super) fn prepare<'r>(
     mode: PlannedMode,
     recompute_share: f64,
     start: Instant,
+    turn: &PromptTurn<'_>,
 ) -> Result<Prepared<'r>> {
     let in_pass = mode == PlannedMode::Blend;
     let codec = b.codec(namespace);
@@ -65,7 +67,7 @@ pub(super) fn prepare<'r>(
     // segments no local tier holds are asked of remote tiers (one round trip for all), so
     // that the plan can weigh loading them from there against recomputing
     let keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
-    b.rt.block_on(b.store.probe(&keys));
+    turn.paused(|| b.rt.block_on(b.store.probe(&keys)));
     let plan = Plan::build(
         &segments,
         |seg| codec.key(seg),
@@ -98,7 +100,7 @@ pub(super) fn prepare<'r>(
         )?)));
     }
     let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
-    let sources = Sources::open(b, &codec, &plan)?;
+    let sources = Sources::open(b, &codec, &plan, turn)?;
     Ok(Prepared::Ready(Box::new(Assembly {
         codec,
         segments,

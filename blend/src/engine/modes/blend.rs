@@ -16,6 +16,7 @@ use crate::engine::Blender;
 use crate::engine::plan::recompute_share;
 use crate::error::Result;
 use crate::phases::PhaseClock;
+use crate::priority::PromptTurn;
 use crate::recompute::blend;
 use crate::request::BlendRequest;
 use crate::select::TokenRoles;
@@ -28,6 +29,7 @@ pub(crate) fn run(
     req: &BlendRequest,
     cfg: &BlendConfig,
     start: Instant,
+    turn: &PromptTurn<'_>,
 ) -> Result<Ran> {
     let clock = RefCell::new(PhaseClock::new(
         req.time_phases,
@@ -35,7 +37,7 @@ pub(crate) fn run(
         "assemble",
     ));
     let share = recompute_share(Some(cfg), b.model.config().num_layers);
-    let mut a = match prepare(b, namespace, req, PlannedMode::Blend, share, start)? {
+    let mut a = match prepare(b, namespace, req, PlannedMode::Blend, share, start, turn)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
@@ -49,14 +51,14 @@ pub(crate) fn run(
         a.codec.encoding(),
     );
     #[cfg(feature = "gpu")]
-    let query = graphed_query(b, &mut a, req, cfg, &roles, &clock);
+    let query = graphed_query(b, &mut a, req, cfg, &roles, &clock, turn);
     #[cfg(not(feature = "gpu"))]
     let query = None;
     a.sources
         .append_suffix(zero_rows(&b.model, req.suffix.len())?);
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
-        a.sources.fill(b, l, kv)?;
+        a.sources.fill(b, l, kv, turn)?;
         clock.borrow_mut().enter(was)?;
         Ok(())
     };
@@ -91,6 +93,7 @@ fn graphed_query(
     cfg: &BlendConfig,
     roles: &TokenRoles,
     clock: &RefCell<PhaseClock>,
+    turn: &PromptTurn<'_>,
 ) -> Option<Vec<f32>> {
     let c = b.model.config();
     let pool = a.graph_pool(b, req.suffix.len())?;
@@ -114,7 +117,7 @@ fn graphed_query(
         let mut g = pool.take(&b.model, a.tokens.len())?;
         let mut pass = || -> Result<Vec<f32>> {
             let layers = (0..c.num_layers)
-                .map(|l| a.sources.layer_parts(b, l))
+                .map(|l| a.sources.layer_parts(b, l, turn))
                 .collect::<Result<Vec<_>>>()?;
             g.load_parts(&layers, &kvquilt_model::positions(0, non_suffix))?;
             g.set_parallel_context(correction.clone())?;

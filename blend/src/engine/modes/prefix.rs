@@ -13,6 +13,7 @@ use crate::config::Mode;
 use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, fraction, ms};
 use crate::error::Result;
+use crate::priority::PromptTurn;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
 /// Runs `req` by exact prefix reuse in `namespace`.
@@ -21,6 +22,7 @@ pub(crate) fn run(
     namespace: &[u8],
     req: &BlendRequest,
     start: Instant,
+    turn: &PromptTurn<'_>,
 ) -> Result<Ran> {
     let codec = b.codec(namespace);
     let segments = req.segments();
@@ -32,7 +34,7 @@ pub(crate) fn run(
     let mut pending = Pending::default();
     for (seg, key) in segments.iter().zip(&keys) {
         if reusing {
-            match load_link(b, &codec, key) {
+            match load_link(b, &codec, key, turn) {
                 Ok((link, tier)) => {
                     let link = link.with_positions(positions(at, seg.len()))?;
                     cache = KvCache::cat(&[&cache, &link])?;
@@ -68,8 +70,9 @@ fn load_link(
     b: &Blender,
     codec: &ChunkCodec,
     key: &ChunkKey,
+    turn: &PromptTurn<'_>,
 ) -> Result<(KvCache, TierKind), SegmentSource> {
-    match b.rt.block_on(b.store.get(key)) {
+    match turn.paused(|| b.rt.block_on(b.store.get(key))) {
         Ok(Some((obj, tier))) => match codec.to_cache(&b.model, &obj) {
             Ok(c) => Ok((c, tier)),
             Err(e) => {

@@ -12,6 +12,7 @@ use crate::cost::PlannedMode;
 use crate::engine::Blender;
 use crate::error::Result;
 use crate::phases::PhaseClock;
+use crate::priority::PromptTurn;
 use crate::recompute::with_fill;
 use crate::request::BlendRequest;
 
@@ -21,13 +22,14 @@ pub(crate) fn run(
     namespace: &[u8],
     req: &BlendRequest,
     start: Instant,
+    turn: &PromptTurn<'_>,
 ) -> Result<Ran> {
     let clock = RefCell::new(PhaseClock::new(
         req.time_phases,
         b.model.device(),
         "assemble",
     ));
-    let a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start)? {
+    let a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start, turn)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
@@ -35,7 +37,7 @@ pub(crate) fn run(
     let mut a = a;
     #[cfg(feature = "gpu")]
     if let Some(pool) = a.graph_pool(b, req.suffix.len()) {
-        match graphed_question(b, pool, &mut a, req, &clock) {
+        match graphed_question(b, pool, &mut a, req, &clock, turn) {
             Ok((g, logits)) => {
                 pool.count_question();
                 return finish_graphed(b, pool, a, g, logits, req, start, clock);
@@ -56,7 +58,7 @@ pub(crate) fn run(
     clock.borrow_mut().enter("suffix layers")?;
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
-        a.sources.fill(b, l, kv)?;
+        a.sources.fill(b, l, kv, turn)?;
         clock.borrow_mut().enter(was)?;
         Ok(())
     };
@@ -90,6 +92,7 @@ fn graphed_question(
     a: &mut super::assembly::Assembly<'_>,
     req: &BlendRequest,
     clock: &RefCell<PhaseClock>,
+    turn: &PromptTurn<'_>,
 ) -> Result<(kvquilt_model::GraphedCache, kvquilt_model::Tensor)> {
     let num_layers = b.model.config().num_layers;
     let non_suffix = a.tokens.len() - req.suffix.len();
@@ -97,7 +100,7 @@ fn graphed_question(
     let mut run = || -> Result<kvquilt_model::Tensor> {
         clock.borrow_mut().enter("load")?;
         let layers = (0..num_layers)
-            .map(|l| a.sources.layer_parts(b, l))
+            .map(|l| a.sources.layer_parts(b, l, turn))
             .collect::<Result<Vec<_>>>()?;
         g.load_parts(&layers, &positions(0, non_suffix))?;
         clock.borrow_mut().enter("suffix layers")?;
