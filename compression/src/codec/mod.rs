@@ -73,7 +73,7 @@ pub enum CodecError {
     UnknownId(u8),
     /// A codec name that does not parse.
     #[error(
-        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, kivi2, kivi4 or kivi8, optionally +lz4)"
+        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, kivi2, kivi4, kivi8 or kiviB/gGrR, optionally +lz4)"
     )]
     UnknownName(String),
     /// A parameter out of range or a parameter block of the wrong size; names the field.
@@ -316,7 +316,8 @@ impl CodecSpec {
 
     /// Parses `raw`, `lz4`, `fp8`, `int8` (one K scale per channel), `int8/gN` (K scales per
     /// channel and group of N ≥ 1 tokens), `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
-    /// R = 32), each lossy one optionally with `+lz4`.
+    /// R = 32) and `kiviB/gGrR` (KIVI of B bits with group G ≥ 1 and residual R, as
+    /// [`CodecSpec`]'s `Display` writes them), each lossy one optionally with `+lz4`.
     pub fn parse(name: &str) -> Result<Self> {
         let unknown = || CodecError::UnknownName(name.to_string());
         let (base, lz4) = match name.strip_suffix("+lz4") {
@@ -341,6 +342,26 @@ impl CodecSpec {
                 residual: KIVI_RESIDUAL,
                 lz4,
             },
+            b if b.starts_with("kivi") && b.contains("/g") => {
+                // kiviB/gGrR: every part plain decimal digits
+                let digits = |s: &str| -> Result<u16> {
+                    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+                        return Err(unknown());
+                    }
+                    s.parse().map_err(|_| unknown())
+                };
+                let (bits, params) = b["kivi".len()..].split_once("/g").ok_or_else(unknown)?;
+                let (group, residual) = params.split_once('r').ok_or_else(unknown)?;
+                let bits = digits(bits)?;
+                let spec = Self::Kivi {
+                    bits: u8::try_from(bits).map_err(|_| unknown())?,
+                    group: digits(group)?,
+                    residual: digits(residual)?,
+                    lz4,
+                };
+                spec.validate().map_err(|_| unknown())?;
+                spec
+            }
             _ => return Err(unknown()),
         };
         Ok(spec)
@@ -439,7 +460,7 @@ impl CodecSpec {
 
 impl fmt::Display for CodecSpec {
     /// The name [`CodecSpec::parse`] reads (KIVI with other than the default group and
-    /// residual shows them: `kivi4/g64r16`, which does not parse).
+    /// residual shows them: `kivi4/g64r16`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::Raw => f.write_str("raw")?,

@@ -199,6 +199,14 @@ fn names_and_headers_round_trip() {
     };
     assert_eq!(CodecSpec::from_header(4, &custom.params()).unwrap(), custom);
     assert_eq!(custom.to_string(), "kivi4/g64r16+lz4");
+    assert_eq!(CodecSpec::parse("kivi4/g64r16+lz4").unwrap(), custom);
+    // the defaults written out are the short name's codec
+    assert_eq!(
+        CodecSpec::parse("kivi8/g32r32").unwrap(),
+        CodecSpec::parse("kivi8").unwrap()
+    );
+    let no_residual = CodecSpec::parse("kivi8/g128r0").unwrap();
+    assert_eq!(no_residual.to_string(), "kivi8/g128r0");
     for bad in [
         "",
         "raw+lz4",
@@ -211,6 +219,15 @@ fn names_and_headers_round_trip() {
         "int8/g",
         "int8/gx",
         "int8/g70000",
+        "kivi4/g0r16",
+        "kivi3/g32r32",
+        "kivi4/g32",
+        "kivi4/gr16",
+        "kivi4/g32r",
+        "kivi4/g+32r16",
+        "kivi4/g32r70000",
+        "kivi/g32r32",
+        "kivi400/g32r32",
     ] {
         assert!(
             matches!(CodecSpec::parse(bad), Err(CodecError::UnknownName(_))),
