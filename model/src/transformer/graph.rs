@@ -214,8 +214,10 @@ impl GraphedCache {
 
     /// Replaces the cache's contents with `cache`'s rows (this model's shape, at most the
     /// capacity; pruned only without padding, [`KvCache::is_padded`]):
-    /// [`GraphedCache::load_parts`] with one part per layer, then a pruned cache's per-head
-    /// positions. A failure after the checks leaves the cache empty.
+    /// [`GraphedCache::load_parts`] with one part per layer and a pruned cache's per-head
+    /// positions (uploaded before the rows' copies). Invalid input (a per-head table that
+    /// does not fit, among the rest) leaves the cache as it was; a failure after the checks
+    /// leaves it empty.
     pub fn load(&mut self, cache: &KvCache) -> Result<()> {
         let c = self.model.config();
         cache.check_shape(c.num_layers, c.num_kv_heads, c.head_dim)?;
@@ -228,21 +230,16 @@ impl GraphedCache {
             check_context_fits(p, &cache.positions)?;
         }
         let layers: Vec<Vec<LayerKv>> = cache.layers.iter().map(|l| vec![l.clone()]).collect();
-        self.load_parts(&layers, &cache.positions)?;
-        if let Some(pruned) = cache.pruned_shared()
-            && let Err(e) = self.load_head_positions(pruned)
-        {
-            // empty, and the key positions just written are no longer the cache's
-            self.positions.clear();
-            self.k_pos_clean = false;
-            return Err(e);
-        }
+        let pruned = cache.pruned_shared();
+        let head_table = pruned.map(|p| self.head_table(p)).transpose()?;
+        self.write_parts(&layers, &cache.positions, head_table.as_deref())?;
+        self.pruned = pruned.map(Arc::clone);
         self.set_parallel_context(cache.parallel_context().cloned())
     }
 
-    /// Writes a pruned cache's per-head positions where the graphs read them (allocating
-    /// that buffer on first use) and marks the rows loaded as pruned.
-    fn load_head_positions(&mut self, pruned: &Arc<Pruned>) -> Result<()> {
+    /// A pruned cache's per-head positions as the graphs read them (layer, row, KV head),
+    /// checked against this cache's shape.
+    fn head_table(&self, pruned: &Pruned) -> Result<Vec<u32>> {
         let kvh = self.model.config().num_kv_heads;
         let table: Vec<u32> = pruned
             .layers
@@ -257,6 +254,13 @@ impl GraphedCache {
                 pruned.rows
             )));
         }
+        Ok(table)
+    }
+
+    /// Writes per-head positions ([`GraphedCache::head_table`]) where the graphs read them,
+    /// allocating that buffer on first use.
+    fn upload_head_positions(&mut self, table: &[u32]) -> Result<()> {
+        let kvh = self.model.config().num_kv_heads;
         let head_pos = match &self.head_pos {
             Some(t) => t,
             None => self.head_pos.insert(Tensor::zeros(
@@ -265,11 +269,7 @@ impl GraphedCache {
                 self.model.device(),
             )?),
         };
-        head_pos.inplace_op1(&Upload {
-            data: &table,
-            at: 0,
-        })?;
-        self.pruned = Some(Arc::clone(pruned));
+        head_pos.inplace_op1(&Upload { data: table, at: 0 })?;
         Ok(())
     }
 
@@ -282,6 +282,19 @@ impl GraphedCache {
     /// the work queued on earlier views. Invalid input leaves the cache as it was; a failure
     /// while writing leaves it empty.
     pub fn load_parts(&mut self, layers: &[Vec<LayerKv>], positions: &[u32]) -> Result<()> {
+        self.write_parts(layers, positions, None)
+    }
+
+    /// [`GraphedCache::load_parts`], with a pruned cache's per-head positions
+    /// ([`GraphedCache::head_table`]) uploaded beside the key positions, before the rows'
+    /// copies (an upload from pageable memory waits for the stream, which would otherwise
+    /// hold those copies). The caller marks the rows pruned once this succeeds.
+    fn write_parts(
+        &mut self,
+        layers: &[Vec<LayerKv>],
+        positions: &[u32],
+        head_table: Option<&[u32]>,
+    ) -> Result<()> {
         let c = self.model.config();
         if self.is_lent() {
             return Err(invalid_input(
@@ -335,6 +348,9 @@ impl GraphedCache {
         // the positions go first: an upload from pageable memory waits for the stream, which
         // would otherwise hold the copies below
         self.upload_k_pos(positions)?;
+        if let Some(table) = head_table {
+            self.upload_head_positions(table)?;
+        }
         let mut copies = Vec::with_capacity(2 * layers.iter().map(Vec::len).sum::<usize>());
         for (dst, parts) in self.layers.iter().zip(layers) {
             // a buffer's copies one after the other (`put_many` reads its address once)
