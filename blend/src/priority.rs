@@ -22,10 +22,13 @@
 //!   prompt never waits for anything here.
 //! - A turn holds steps back only while its prompt computes: while the pass waits on a store
 //!   (a read from a slow disk or remote, up to the stall deadline) it pauses its turn
-//!   ([`PromptTurn::pause`]), and steps go on (`tests::a_paused_turn_lets_steps_go_on`,
+//!   ([`PromptTurn::paused_while_pending`]: only a wait that is pending, so steps do not slip in
+//!   between layers read ahead), and steps go on (`tests::a_paused_turn_lets_steps_go_on`,
+//!   `tests::only_a_wait_that_is_pending_pauses_the_turn`,
 //!   `blend/tests/faults.rs::slow_disk::decode_steps_go_on_while_a_prompt_waits_on_a_slow_store`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -94,10 +97,20 @@ impl PromptTurn<'_> {
         }
     }
 
-    /// Runs `wait` with this turn paused ([`PromptTurn::pause`]).
-    pub fn paused<T>(&self, wait: impl FnOnce() -> T) -> T {
-        let _paused = self.pause();
-        wait()
+    /// Awaits `wait` (a store read, say), the turn paused while it is pending: a wait that
+    /// is over at its first poll (a layer already read ahead) keeps the turn held, so decode
+    /// steps do not slip in between a pass's layers, while a real wait lets them go on.
+    pub async fn paused_while_pending<F: Future>(&self, wait: F) -> F::Output {
+        let mut wait = std::pin::pin!(wait);
+        let mut paused = None;
+        std::future::poll_fn(|cx| match wait.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(out),
+            Poll::Pending => {
+                paused.get_or_insert_with(|| self.pause());
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -274,11 +287,33 @@ mod tests {
         while p.stats().waiting != 1 {
             std::thread::yield_now();
         }
-        let waited = turn.paused(|| step.join().unwrap());
+        let paused = turn.pause();
+        let waited = step.join().unwrap();
+        drop(paused);
         assert!(waited < Duration::from_secs(30), "{waited:?}");
         assert_eq!(p.stats().prompts, 1);
         drop(turn);
         assert_eq!(p.stats().prompts, 0);
+    }
+
+    #[test]
+    fn only_a_wait_that_is_pending_pauses_the_turn() {
+        let p = PromptPriority::new(Duration::from_secs(30));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let turn = p.turn();
+        // ready at once: held throughout
+        let held = rt.block_on(turn.paused_while_pending(async { p.stats().prompts }));
+        assert_eq!(held, 1);
+        // pending first: paused from then on, held again after
+        let during = rt.block_on(turn.paused_while_pending(async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            p.stats().prompts
+        }));
+        assert_eq!(during, 0);
+        assert_eq!(p.stats().prompts, 1);
     }
 
     #[test]

@@ -314,7 +314,7 @@ impl Blender {
 
     /// A prompt's turn: decode steps yield ([`Blender::yield_to_prompts`]) until it is
     /// dropped. [`Blender::run_deferring`] holds one for its pass (paused while the pass
-    /// waits on a store: [`crate::PromptTurn::pause`]); a caller holds its own
+    /// waits on a store: [`crate::PromptTurn::paused_while_pending`]); a caller holds its own
     /// over other work on the way to a first token (a token policy compressing the cache
     /// before the answer starts).
     pub fn prompt_turn(&self) -> crate::priority::PromptTurn<'_> {

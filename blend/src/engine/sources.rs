@@ -84,7 +84,7 @@ impl Streamed {
         // (the timer is made inside `block_on`: it needs the runtime's context)
         let next = async { tokio::time::timeout(deadline, self.stream.next_layer()).await };
         // waiting on the store is no compute: decode steps need not yield to it
-        let b_layer = match turn.paused(|| b.rt.block_on(next)) {
+        let b_layer = match b.rt.block_on(turn.paused_while_pending(next)) {
             Ok(Some(r)) => r?,
             Ok(None) => {
                 return Err(invalid(format!(
@@ -397,7 +397,7 @@ fn open_stream(
             .read_layers_keeping(&key, READ_AHEAD, b.device_codecs);
         tokio::time::timeout(deadline, read).await
     };
-    let read = turn.paused(|| b.rt.block_on(open));
+    let read = b.rt.block_on(turn.paused_while_pending(open));
     let Ok(read) = read else {
         tracing::warn!(%key, %tier, ?deadline, "opening a stored chunk stalled; recomputing it");
         let waited = opened.elapsed().as_secs_f64();

@@ -67,7 +67,7 @@ pub(super) fn prepare<'r>(
     // segments no local tier holds are asked of remote tiers (one round trip for all), so
     // that the plan can weigh loading them from there against recomputing
     let keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
-    turn.paused(|| b.rt.block_on(b.store.probe(&keys)));
+    b.rt.block_on(turn.paused_while_pending(b.store.probe(&keys)));
     let plan = Plan::build(
         &segments,
         |seg| codec.key(seg),

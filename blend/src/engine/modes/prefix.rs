@@ -72,7 +72,7 @@ fn load_link(
     key: &ChunkKey,
     turn: &PromptTurn<'_>,
 ) -> Result<(KvCache, TierKind), SegmentSource> {
-    match turn.paused(|| b.rt.block_on(b.store.get(key))) {
+    match b.rt.block_on(turn.paused_while_pending(b.store.get(key))) {
         Ok(Some((obj, tier))) => match codec.to_cache(&b.model, &obj) {
             Ok(c) => Ok((c, tier)),
             Err(e) => {
