@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
 use kvquilt_kvstore::{Codec, PolicyKind, StoreConfig, TieredStore};
-use kvquilt_model::{Model, Rows};
+use kvquilt_model::{KvCache, Model, Rows};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
@@ -64,6 +64,12 @@ pub struct BlendBenchArgs {
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Time the modes in rounds (each round runs every mode once, full prefill first)
+    /// instead of each mode's repeats one after another, and report each row's speed-up
+    /// over full prefill per round: on a machine whose speed drifts over minutes (a shared
+    /// VM) the ratios then compare runs minutes apart no longer.
+    #[arg(long)]
+    rounds: bool,
     /// Codecs the host tier holds the chunks in, one set of host rows each (`raw` first is
     /// the baseline; a lossy codec's rows read lossy KV).
     #[arg(long, value_delimiter = ',', default_value = "raw")]
@@ -94,6 +100,12 @@ struct Row {
     ttft_ms_median: f64,
     speedup_vs_full: f64,
     runs_ms: Vec<f64>,
+    /// With `--rounds`: full prefill's time over this row's, round by round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    speedup_vs_full_per_round: Vec<f64>,
+    /// Their median (with `--rounds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speedup_vs_full_per_round_median: Option<f64>,
     /// `--decode-steps` greedy steps after the last run, tokens/s (setup included).
     #[serde(skip_serializing_if = "Option::is_none")]
     decode_tokens_per_s: Option<f64>,
@@ -234,41 +246,75 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
         );
     }
     let sync = || -> Result<()> { Ok(blender.model().device().synchronize()?) };
+    // one request through `b`, timed to its first token (ms), with that token
+    let run_once = |b: &Blender, req: &BlendRequest, tier: &str| -> Result<(f64, KvCache, u32)> {
+        let t = std::time::Instant::now();
+        let out = b.run(b"", req)?;
+        let first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+        sync()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        // a row measures reads: a chunk that failed to load (and was recomputed) voids it
+        if let Some(bad) = out
+            .stats
+            .segments
+            .iter()
+            .find(|s| matches!(s, kvquilt_blend::SegmentSource::Unusable))
+        {
+            anyhow::bail!(
+                "{} over the {tier} tier: a stored chunk could not be used ({bad:?}); see the log",
+                req.mode.name()
+            );
+        }
+        Ok((ms, out.cache, first))
+    };
+    let request = |mode: &Mode| BlendRequest {
+        mode: mode.clone(),
+        ..base.clone()
+    };
+    // with --rounds, every mode's timed runs first, round by round (each run's cache
+    // dropped before the next, as a served request's is once answered)
+    let mut round_runs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    if a.rounds {
+        for (b, tier, mode, ..) in &modes {
+            run_once(b, &request(mode), tier)?;
+        }
+        for _ in 0..a.repeats.max(1) {
+            for ((b, tier, mode, ..), runs) in modes.iter().zip(&mut round_runs) {
+                runs.push(run_once(b, &request(mode), tier)?.0);
+            }
+        }
+    }
+    let full_rounds = round_runs[0].clone();
     let mut rows: Vec<Row> = Vec::new();
     let mut recomputed: Vec<(f32, usize)> = Vec::new();
-    for (blender, tier, mode, ratio, variant, held) in modes {
-        let req = BlendRequest {
-            mode: mode.clone(),
-            ..base.clone()
+    for ((blender, tier, mode, ratio, variant, held), runs) in modes.into_iter().zip(round_runs) {
+        let req = request(&mode);
+        let (runs, last) = if a.rounds {
+            // the cache decoding continues from
+            let last = if a.decode_steps > 0 {
+                let (_, cache, first) = run_once(blender, &req, tier)?;
+                Some((cache, first))
+            } else {
+                None
+            };
+            (runs, last)
+        } else {
+            let mut runs = Vec::new();
+            let mut last = None;
+            for i in 0..=a.repeats.max(1) {
+                // the previous run's cache goes first, as a served request's does once
+                // answered (a graphed reuse's cache is a view of the pooled one, which stays
+                // lent while it lives)
+                drop(last.take());
+                let (ms, cache, first) = run_once(blender, &req, tier)?;
+                if i > 0 {
+                    runs.push(ms);
+                }
+                last = Some((cache, first));
+            }
+            (runs, last)
         };
-        let mut runs = Vec::new();
-        let mut last = None;
-        for i in 0..=a.repeats.max(1) {
-            // the previous run's cache goes first, as a served request's does once answered
-            // (a graphed reuse's cache is a view of the pooled one, which stays lent while
-            // it lives)
-            drop(last.take());
-            let t = std::time::Instant::now();
-            let out = blender.run(b"", &req)?;
-            let first = out.logits.argmax(0)?.to_scalar::<u32>()?;
-            sync()?;
-            // a row measures reads: a chunk that failed to load (and was recomputed) voids it
-            if let Some(bad) = out
-                .stats
-                .segments
-                .iter()
-                .find(|s| matches!(s, kvquilt_blend::SegmentSource::Unusable))
-            {
-                anyhow::bail!(
-                    "{} over the {tier} tier: a stored chunk could not be used ({bad:?}); see the log",
-                    mode.name()
-                );
-            }
-            if i > 0 {
-                runs.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            last = Some((out.cache, first));
-        }
+        let per_round: Vec<f64> = full_rounds.iter().zip(&runs).map(|(f, r)| f / r).collect();
         let m = median(&runs);
         let decode_tokens_per_s = match last {
             Some((cache, mut token)) if a.decode_steps > 0 => {
@@ -294,13 +340,22 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             }
             _ => None,
         };
+        let per_round_median = (!per_round.is_empty()).then(|| median(&per_round));
         eprintln!(
-            "{:<6} {:<4} {:<6} {:<10} {:>5}: TTFT median {m:.1} ms",
+            "{:<6} {:<4} {:<6} {:<10} {:>5}: TTFT median {m:.1} ms{}",
             mode.name(),
             tier,
             held.map_or(String::new(), |(c, _)| c.to_string()),
             variant.as_deref().unwrap_or(""),
-            ratio.map_or(String::new(), |r| r.to_string())
+            ratio.map_or(String::new(), |r| r.to_string()),
+            per_round_median.map_or(String::new(), |s| format!(
+                "; full / this per round {}, median {s:.2}",
+                per_round
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
         );
         let mut phases = Vec::new();
         if a.phases && matches!(mode, Mode::Blend(_) | Mode::Reuse) {
@@ -335,6 +390,8 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             ttft_ms_median: m,
             speedup_vs_full: 0.0,
             runs_ms: runs,
+            speedup_vs_full_per_round: per_round,
+            speedup_vs_full_per_round_median: per_round_median,
             decode_tokens_per_s,
             phases,
         });
