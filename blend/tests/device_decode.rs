@@ -118,6 +118,8 @@ fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
                 "fp8",
                 "int8",
                 "int8/g16",
+                "int8sym",
+                "int8sym/g16",
                 "kivi2",
                 "kivi4",
                 "kivi8",
@@ -208,6 +210,7 @@ fn an_encoded_record_that_fails_verification_is_recomputed() {
         Codec::Int8 {
             lz4: false,
             group: 0,
+            zero_point: true,
         },
         Codec::Kivi {
             bits: 4,

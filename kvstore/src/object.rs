@@ -14,15 +14,20 @@ use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
 /// First eight bytes of every object.
 pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
 /// The newest format this code writes. It reads this one and every earlier one (v1 is v2
-/// with no codec parameters; v2 is v3 without grouped int8); a later version is refused
-/// with [`StoreError::NewerFormat`]. Each object is written in the oldest version that
-/// describes it ([`version_for`]), so older builds keep reading every object they can.
-pub const FORMAT_VERSION: u16 = 3;
+/// with no codec parameters; v2 is v3 without grouped int8; v3 is v4 without int8's zero
+/// points); a later version is refused with [`StoreError::NewerFormat`]. Each object is
+/// written in the oldest version that describes it ([`version_for`]), so older builds keep
+/// reading every object they can.
+pub const FORMAT_VERSION: u16 = 4;
 
-/// The oldest format version that can describe an object stored with `codec`: 3 for int8
-/// with K scales per group of tokens (its 3-byte parameter block), 2 otherwise.
+/// The oldest format version that can describe an object stored with `codec`: 4 for int8
+/// with K zero points (its flag bit 1), 3 for symmetric int8 with K scales per group of
+/// tokens (its 3-byte parameter block), 2 otherwise.
 pub fn version_for(codec: Codec) -> u16 {
     match codec {
+        Codec::Int8 {
+            zero_point: true, ..
+        } => 4,
         Codec::Int8 { group, .. } if group > 0 => 3,
         _ => 2,
     }

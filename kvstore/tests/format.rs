@@ -16,7 +16,7 @@ fn sane_object(seed: u64, tokens: usize, dtype: KvDType) -> kvquilt_kvstore::KvO
 /// crate's tests).
 fn all_codecs() -> Vec<Codec> {
     [
-        "raw", "lz4", "fp8", "int8+lz4", "int8/g16", "kivi4", "kivi2",
+        "raw", "lz4", "fp8", "int8+lz4", "int8/g16", "int8sym", "kivi4", "kivi2",
     ]
     .iter()
     .map(|n| Codec::parse(n).unwrap())
@@ -213,27 +213,27 @@ fn wrong_key_or_version_is_a_mismatch() {
         Err(StoreError::Mismatch(_))
     ));
     // a version from the future is its own error (skipped, not taken for corruption)
-    let mut v4 = bytes.clone();
-    v4[8] = 4;
+    let mut v5 = bytes.clone();
+    v5[8] = 5;
     assert!(matches!(
-        decode_header(&v4),
-        Err(StoreError::NewerFormat { version: 4, .. })
+        decode_header(&v5),
+        Err(StoreError::NewerFormat { version: 5, .. })
     ));
 }
 
-/// Objects are written in the oldest version that describes them: grouped int8 (its 3-byte
-/// parameter block) as v3, everything else as v2, so a v2 build still reads every object it
+/// Objects are written in the oldest version that describes them: grouped symmetric int8
+/// (its 3-byte parameter block) as v3, everything else but int8 with zero points as v2, so a v2 build still reads every object it
 /// can and meets a grouped one as a newer format (left in place), never as corruption. A v2
 /// header holding a grouped int8 block is corrupt.
 #[test]
 fn grouped_int8_objects_are_version_3_and_nothing_else_is() {
     let obj = sane_object(31, 40, KvDType::BF16);
     let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
-    for name in ["raw", "lz4", "fp8", "int8", "int8+lz4", "kivi4"] {
+    for name in ["raw", "lz4", "fp8", "int8sym", "int8sym+lz4", "kivi4"] {
         let bytes = obj.encode(Codec::parse(name).unwrap()).unwrap().to_bytes();
         assert_eq!(version(&bytes), 2, "{name}");
     }
-    for name in ["int8/g32", "int8/g7+lz4"] {
+    for name in ["int8sym/g32", "int8sym/g7+lz4"] {
         let codec = Codec::parse(name).unwrap();
         let bytes = obj.encode(codec).unwrap().to_bytes();
         assert_eq!(version(&bytes), 3, "{name}");
@@ -250,6 +250,51 @@ fn grouped_int8_objects_are_version_3_and_nothing_else_is() {
             matches!(decode_header(&v2), Err(StoreError::Corrupt(_))),
             "{name}"
         );
+    }
+}
+
+#[test]
+fn int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions() {
+    let obj = sane_object(32, 40, KvDType::F16);
+    let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
+    // re-stamps the version field and re-checksums the header
+    let claim = |bytes: &[u8], v: u16| {
+        let mut b = bytes.to_vec();
+        b[8..10].copy_from_slice(&v.to_le_bytes());
+        let h = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+        let sum = blake3::hash(&b[..h - 32]);
+        b[h - 32..h].copy_from_slice(sum.as_bytes());
+        b
+    };
+    for (name, oldest) in [
+        ("int8sym", 2),
+        ("int8sym/g16", 3),
+        ("int8", 4),
+        ("int8/g16", 4),
+        ("int8+lz4", 4),
+    ] {
+        let codec = Codec::parse(name).unwrap();
+        let bytes = obj.encode(codec).unwrap().to_bytes();
+        assert_eq!(version(&bytes), oldest, "{name}");
+        let parsed = EncodedObject::parse(&bytes, Some(obj.key())).unwrap();
+        assert_eq!(parsed.header.codec, codec, "{name}");
+        assert_eq!(parsed.decode().unwrap().layer(1).len(), obj.layer(1).len());
+        // a newer version describes it too; an older one that cannot is corrupt
+        assert!(decode_header(&claim(&bytes, 4)).is_ok(), "{name}");
+        for older in 2..oldest {
+            assert!(
+                matches!(
+                    decode_header(&claim(&bytes, older)),
+                    Err(StoreError::Corrupt(_))
+                ),
+                "{name} as v{older}"
+            );
+        }
+        // a version this build does not know: newer, left to the build that wrote it
+        assert!(matches!(
+            decode_header(&claim(&bytes, 5)),
+            Err(StoreError::NewerFormat { version: 5, .. })
+        ));
     }
 }
 

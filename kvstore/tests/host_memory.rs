@@ -130,6 +130,7 @@ async fn encoded_records_are_placed_and_handed_over_as_stored() {
     let int8 = Codec::Int8 {
         lz4: false,
         group: 0,
+        zero_point: true,
     };
     let config = StoreConfig {
         host_codec: int8,

@@ -587,6 +587,7 @@ async fn encoded_records_stream_from_the_remote_as_stored() {
     let int8 = Codec::Int8 {
         lz4: false,
         group: 0,
+        zero_point: true,
     };
     let lossy = RemoteConfig {
         codec: int8,

@@ -35,7 +35,7 @@ pub struct CodecBenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw,lz4,fp8,fp8+lz4,int8,int8+lz4,kivi8,kivi4,kivi4+lz4,kivi2"
+        default_value = "raw,lz4,fp8,fp8+lz4,int8,int8+lz4,int8sym,kivi8,kivi4,kivi4+lz4,kivi2"
     )]
     codecs: Vec<String>,
     /// Timed decode passes over all layers (median).

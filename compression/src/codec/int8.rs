@@ -1,17 +1,30 @@
-//! Symmetric int8: K per (head, channel) over the tokens, or over each group of `group`
-//! tokens (a few K channels are persistent outliers, so a channel's scale fits it; a group
-//! also follows how a channel's magnitude drifts along the chunk), V per (token, head).
-//! `x ≈ code · scale`, scale = amax / 127.
+//! int8: K per (head, channel) over the tokens, or over each group of `group` tokens (a few K
+//! channels are persistent outliers, so a channel's scale fits it; a group also follows how
+//! a channel's magnitude drifts along the chunk), V per (token, head).
+//!
+//! Each scale comes **with a zero point** (`int8`, the default) or is **symmetric**
+//! (`int8sym`, the codec's first form):
+//! - symmetric: `x ≈ code · scale`, scale = amax / 127;
+//! - zero point: `x ≈ code · scale + offset`, offset = (lo + hi) / 2, scale = (hi − lo) / 254,
+//!   the product rounded to f32 before the offset is added (no fused multiply-add, so the
+//!   device kernel gives the same bits).
+//!
+//! K channels carry offsets (a channel whose values lie in [5, 7] wastes most of a symmetric
+//! scale's codes on values it never takes), and V rows are not centred either: on MuSiQue
+//! (SmolLM2, f32) zero points on K alone left 3% of answer tokens changed, on both none
+//! (BENCHMARKS.md §6).
 //!
 //! Record: K's scales (`groups × kv_heads × head_dim`, group-major; one group when `group`
-//! is 0), then V's `tokens × kv_heads` scales (f32 LE), then K's codes and V's codes (i8) in
-//! the raw layout's order.
+//! is 0), V's `tokens × kv_heads` scales, then (zero point only) the offsets in the same
+//! order and number, all f32 LE; then K's codes and V's codes (i8) in the raw layout's order.
 
 use super::{CodecError, LayerShape, Result, f32_at};
 
-fn scale_of(amax: f32) -> f32 {
-    if amax > 0.0 && amax.is_finite() {
-        amax / 127.0
+/// Scale of a range `width` wide (symmetric: amax, 127 levels; zero point: hi − lo, 254);
+/// 1 when the range is empty or not finite (every code is then 0 or saturates).
+fn scale_of(width: f32, levels: f32) -> f32 {
+    if width > 0.0 && width.is_finite() {
+        width / levels
     } else {
         1.0
     }
@@ -40,7 +53,30 @@ pub(super) fn k_groups(tokens: usize, group: u16) -> usize {
     }
 }
 
-pub(super) fn encode(shape: &LayerShape, group: u16, raw: &[u8]) -> Vec<u8> {
+/// f32 values before the codes: K's and V's scales and (`zero_point`) their offsets.
+pub(super) fn floats(shape: &LayerShape, group: u16, zero_point: bool) -> usize {
+    let k = k_groups(shape.tokens, group) * shape.kv_heads * shape.head_dim;
+    (k + shape.tokens * shape.kv_heads) * (1 + usize::from(zero_point))
+}
+
+/// A scale and offset for values in `[lo, hi]` (`lo > hi`: no values).
+fn fit(lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
+    if lo > hi {
+        (1.0, 0.0)
+    } else if zero_point {
+        (scale_of(hi - lo, 254.0), lo / 2.0 + hi / 2.0)
+    } else {
+        (scale_of(lo.abs().max(hi.abs()), 127.0), 0.0)
+    }
+}
+
+/// The (lo, hi) of a run of values (NaNs ignored; (MAX, MIN) when there are none).
+fn range(xs: &[f32]) -> (f32, f32) {
+    xs.iter()
+        .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)))
+}
+
+pub(super) fn encode(shape: &LayerShape, group: u16, zero_point: bool, raw: &[u8]) -> Vec<u8> {
     let (t, h, d, half) = (
         shape.tokens,
         shape.kv_heads,
@@ -51,35 +87,66 @@ pub(super) fn encode(shape: &LayerShape, group: u16, raw: &[u8]) -> Vec<u8> {
     let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
     let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
     let g = group_len(t, group);
-    let mut k_amax = vec![0f32; k_groups(t, group) * hd];
+    let n = k_groups(t, group) * hd;
+    // each K scale's (lo, hi) over its group's tokens
+    let (mut lo, mut hi) = (vec![f32::MAX; n], vec![f32::MIN; n]);
     for (r, row) in k.chunks_exact(hd).enumerate() {
-        let amax = &mut k_amax[(r / g) * hd..][..hd];
-        for (a, x) in amax.iter_mut().zip(row) {
-            *a = a.max(x.abs());
+        let at = (r / g) * hd;
+        for ((l, u), &x) in lo[at..][..hd].iter_mut().zip(&mut hi[at..][..hd]).zip(row) {
+            *l = l.min(x);
+            *u = u.max(x);
         }
     }
-    let k_scale: Vec<f32> = k_amax.into_iter().map(scale_of).collect();
-    let v_scale: Vec<f32> = v
+    let (k_scale, k_offset): (Vec<f32>, Vec<f32>) = lo
+        .iter()
+        .zip(&hi)
+        .map(|(&l, &u)| fit(l, u, zero_point))
+        .unzip();
+    let (v_scale, v_offset): (Vec<f32>, Vec<f32>) = v
         .chunks_exact(d)
-        .map(|r| scale_of(r.iter().fold(0f32, |a, x| a.max(x.abs()))))
-        .collect();
-    let mut out = Vec::with_capacity(4 * (k_scale.len() + v_scale.len()) + 2 * half);
-    for s in k_scale.iter().chain(&v_scale) {
+        .map(|r| {
+            let (l, u) = range(r);
+            fit(l, u, zero_point)
+        })
+        .unzip();
+    let mut out = Vec::with_capacity(4 * floats(shape, group, zero_point) + 2 * half);
+    let offsets: [&[f32]; 2] = if zero_point {
+        [&k_offset, &v_offset]
+    } else {
+        [&[], &[]]
+    };
+    for s in k_scale
+        .iter()
+        .chain(&v_scale)
+        .chain(offsets[0])
+        .chain(offsets[1])
+    {
         out.extend_from_slice(&s.to_le_bytes());
     }
     let k_inv: Vec<f32> = k_scale.iter().map(|s| 1.0 / s).collect();
     for (r, row) in k.chunks_exact(hd).enumerate() {
-        let inv = &k_inv[(r / g) * hd..][..hd];
-        out.extend(row.iter().zip(inv).map(|(&x, &inv)| quantise(x, inv)));
+        let at = (r / g) * hd;
+        let (inv, off) = (&k_inv[at..][..hd], &k_offset[at..][..hd]);
+        out.extend(
+            row.iter()
+                .zip(inv.iter().zip(off))
+                .map(|(&x, (&inv, &o))| quantise(x - o, inv)),
+        );
     }
-    for (row, s) in v.chunks_exact(d).zip(&v_scale) {
+    for (row, (s, o)) in v.chunks_exact(d).zip(v_scale.iter().zip(&v_offset)) {
         let inv = 1.0 / s;
-        out.extend(row.iter().map(|&x| quantise(x, inv)));
+        out.extend(row.iter().map(|&x| quantise(x - o, inv)));
     }
     out
 }
 
-pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u8]) -> Result<()> {
+pub(super) fn decode(
+    shape: &LayerShape,
+    group: u16,
+    zero_point: bool,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
     let (t, h, d, half) = (
         shape.tokens,
         shape.kv_heads,
@@ -88,8 +155,8 @@ pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u
     );
     let hd = h * d;
     let k_scales = k_groups(t, group) * hd;
-    let scales = k_scales + t * h;
-    let want = 4 * scales + 2 * half;
+    let floats = floats(shape, group, zero_point);
+    let want = 4 * floats + 2 * half;
     if stored.len() != want {
         return Err(CodecError::Corrupt {
             codec: "int8",
@@ -97,8 +164,17 @@ pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u
         });
     }
     let k_scale: Vec<f32> = (0..k_scales).map(|i| f32_at(stored, i)).collect();
+    // where the offsets start (zero point only): K's, then V's
+    let k_offsets_at = k_scales + t * h;
+    let k_offset: Vec<f32> = if zero_point {
+        (k_offsets_at..k_offsets_at + k_scales)
+            .map(|i| f32_at(stored, i))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let g = group_len(t, group);
-    let codes = &stored[4 * scales..];
+    let codes = &stored[4 * floats..];
     let esize = shape.elem.size();
     let (k_out, v_out) = out.split_at_mut(half * esize);
     let mut row = vec![0f32; hd];
@@ -107,9 +183,17 @@ pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u
         .zip(k_out.chunks_exact_mut(hd * esize))
         .enumerate()
     {
-        let scale = &k_scale[(r / g) * hd..][..hd];
-        for ((x, &c), s) in row.iter_mut().zip(src).zip(scale) {
-            *x = (c as i8) as f32 * s;
+        let at = (r / g) * hd;
+        let scale = &k_scale[at..][..hd];
+        if zero_point {
+            let off = &k_offset[at..][..hd];
+            for (((x, &c), s), o) in row.iter_mut().zip(src).zip(scale).zip(off) {
+                *x = (c as i8) as f32 * s + o;
+            }
+        } else {
+            for ((x, &c), s) in row.iter_mut().zip(src).zip(scale) {
+                *x = (c as i8) as f32 * s;
+            }
         }
         shape.elem.put_all(&row, dst);
     }
@@ -120,8 +204,15 @@ pub(super) fn decode(shape: &LayerShape, group: u16, stored: &[u8], out: &mut [u
         .enumerate()
     {
         let s = f32_at(stored, k_scales + r);
-        for (x, &c) in row.iter_mut().zip(src) {
-            *x = (c as i8) as f32 * s;
+        if zero_point {
+            let o = f32_at(stored, k_offsets_at + k_scales + r);
+            for (x, &c) in row.iter_mut().zip(src) {
+                *x = (c as i8) as f32 * s + o;
+            }
+        } else {
+            for (x, &c) in row.iter_mut().zip(src) {
+                *x = (c as i8) as f32 * s;
+            }
         }
         shape.elem.put_all(row, dst);
     }

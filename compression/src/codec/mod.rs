@@ -12,9 +12,11 @@
 //! f16, 2⁻⁸·|x| for bf16):
 //! - `raw`, `lz4`: exact.
 //! - `fp8` (e4m3, scale `s` = amax/448 per K or V and head): `2⁻⁴·|x| + 2⁻¹⁰·s + ε`.
-//! - `int8` (symmetric, K per (head, channel) over all tokens or, `int8/gN`, over each group
-//!   of N tokens; V per (token, head)): `s/2 + ε` with `s` = amax/127 of that channel (in
-//!   that group) or row.
+//! - `int8` (K per (head, channel) over all tokens or, `int8/gN`, over each group of N
+//!   tokens; V per (token, head); each with a zero point): `s/2 + 2⁻²¹·(|o| + 127·s) + ε`
+//!   with `s` = (hi − lo)/254 and `o` = (lo + hi)/2 of that channel (in that group) or row.
+//!   `int8sym` (symmetric): `s/2 + ε` with `s` = amax/127 of that channel (in that group) or
+//!   row.
 //! - `kiviB` (asymmetric `B`-bit, K per (group of G tokens, head, channel), V per (token,
 //!   head, group of G channels); min and step stored as f16):
 //!   `step/2 + 2⁻¹⁰·(|min| + range) + 2⁻²⁵·2^B + ε` (the third term is f16's subnormal
@@ -73,7 +75,7 @@ pub enum CodecError {
     UnknownId(u8),
     /// A codec name that does not parse.
     #[error(
-        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, kivi2, kivi4, kivi8 or kiviB/gGrR, optionally +lz4)"
+        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, int8sym, int8sym/gN, kivi2, kivi4, kivi8 or kiviB/gGrR, optionally +lz4)"
     )]
     UnknownName(String),
     /// A parameter out of range or a parameter block of the wrong size; names the field.
@@ -125,13 +127,15 @@ pub enum CodecSpec {
         /// Followed by lz4.
         lz4: bool,
     },
-    /// Symmetric int8: K per (head, channel) over each group of `group` tokens (0: over all
-    /// the layer's tokens), V per (token, head).
+    /// int8: K per (head, channel) over each group of `group` tokens (0: over all the layer's
+    /// tokens), V per (token, head); each scale with a zero point or symmetric.
     Int8 {
         /// Followed by lz4.
         lz4: bool,
         /// Tokens sharing a K scale; 0: all of the layer's tokens (one scale per channel).
         group: u16,
+        /// A zero point beside every scale (`int8`); `false`: symmetric (`int8sym`).
+        zero_point: bool,
     },
     /// KIVI-style asymmetric quantisation: K per channel in groups of `group` tokens, V per
     /// token in groups of `group` channels, the last `residual` tokens exact.
@@ -148,6 +152,8 @@ pub enum CodecSpec {
 }
 
 const LZ4_FLAG: u8 = 1;
+/// int8's flag bit: every scale has a zero point.
+const ZERO_POINT_FLAG: u8 = 2;
 
 impl CodecSpec {
     /// KIVI with `bits` and the default group and residual.
@@ -200,9 +206,15 @@ impl CodecSpec {
     /// The parameter block recorded in an object header (empty for raw and lz4; fp8: flags;
     /// int8: flags, then group u16 LE when grouped (a 1-byte block: one group, as written
     /// before groups existed); KIVI: flags, bits, group u16 LE, residual u16 LE). Flags:
-    /// bit 0 = lz4 after.
+    /// bit 0 = lz4 after; bit 1 (int8 only) = zero points.
     pub fn params(self) -> Vec<u8> {
-        let flags = if self.lz4_after() { LZ4_FLAG } else { 0 };
+        let mut flags = if self.lz4_after() { LZ4_FLAG } else { 0 };
+        if let Self::Int8 {
+            zero_point: true, ..
+        } = self
+        {
+            flags |= ZERO_POINT_FLAG;
+        }
         match self {
             Self::Raw | Self::Lz4 => Vec::new(),
             Self::Fp8 { .. } | Self::Int8 { group: 0, .. } => vec![flags],
@@ -239,13 +251,16 @@ impl CodecSpec {
                 ))
             }
         };
-        let flags = |codec: &'static str| -> Result<bool> {
-            match params[0] {
-                0 => Ok(false),
-                LZ4_FLAG => Ok(true),
-                f => Err(bad(codec, "flags", format!("unknown bits {f:#04x}"))),
+        // the lz4 bit, and whether the other known bits (`extra`) are set; any other bit is an
+        // error
+        let flags_with = |codec: &'static str, extra: u8| -> Result<(bool, bool)> {
+            let f = params[0];
+            if f & !(LZ4_FLAG | extra) != 0 {
+                return Err(bad(codec, "flags", format!("unknown bits {f:#04x}")));
             }
+            Ok((f & LZ4_FLAG != 0, extra != 0 && f & extra == extra))
         };
+        let flags = |codec: &'static str| Ok(flags_with(codec, 0)?.0);
         let spec = match id {
             0 => {
                 need("raw", 0)?;
@@ -260,22 +275,22 @@ impl CodecSpec {
                 Self::Fp8 { lz4: flags("fp8")? }
             }
             3 => {
-                if params.len() == 3 {
+                let group = if params.len() == 3 {
                     let group = u16::from_le_bytes([params[1], params[2]]);
                     if group == 0 {
                         // one group is written as the 1-byte block: one encoding per meaning
                         return Err(bad("int8", "group", "0 in a grouped block".into()));
                     }
-                    Self::Int8 {
-                        lz4: flags("int8")?,
-                        group,
-                    }
+                    group
                 } else {
                     need("int8", 1)?;
-                    Self::Int8 {
-                        lz4: flags("int8")?,
-                        group: 0,
-                    }
+                    0
+                };
+                let (lz4, zero_point) = flags_with("int8", ZERO_POINT_FLAG)?;
+                Self::Int8 {
+                    lz4,
+                    group,
+                    zero_point,
                 }
             }
             4 => {
@@ -314,8 +329,9 @@ impl CodecSpec {
         Ok(())
     }
 
-    /// Parses `raw`, `lz4`, `fp8`, `int8` (one K scale per channel), `int8/gN` (K scales per
-    /// channel and group of N ≥ 1 tokens), `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
+    /// Parses `raw`, `lz4`, `fp8`, `int8` (one K scale and zero point per channel), `int8/gN`
+    /// (K scales and zero points per channel and group of N ≥ 1 tokens), `int8sym` and
+    /// `int8sym/gN` (the same, symmetric), `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
     /// R = 32) and `kiviB/gGrR` (KIVI of B bits with group G ≥ 1 and residual R, as
     /// [`CodecSpec`]'s `Display` writes them), each lossy one optionally with `+lz4`.
     pub fn parse(name: &str) -> Result<Self> {
@@ -328,13 +344,29 @@ impl CodecSpec {
             "raw" if !lz4 => Self::Raw,
             "lz4" if !lz4 => Self::Lz4,
             "fp8" => Self::Fp8 { lz4 },
-            "int8" => Self::Int8 { lz4, group: 0 },
-            b if b.starts_with("int8/g") => {
-                let group: u16 = b["int8/g".len()..].parse().map_err(|_| unknown())?;
-                if group == 0 {
-                    return Err(unknown());
+            b if b.starts_with("int8") => {
+                let (zero_point, rest) = match b.strip_prefix("int8sym") {
+                    Some(rest) => (false, rest),
+                    None => (true, &b["int8".len()..]),
+                };
+                let group = match rest {
+                    "" => 0,
+                    r => {
+                        let g = r.strip_prefix("/g").ok_or_else(unknown)?;
+                        if g.is_empty() || !g.bytes().all(|c| c.is_ascii_digit()) {
+                            return Err(unknown());
+                        }
+                        match g.parse::<u16>() {
+                            Ok(0) | Err(_) => return Err(unknown()),
+                            Ok(g) => g,
+                        }
+                    }
+                };
+                Self::Int8 {
+                    lz4,
+                    group,
+                    zero_point,
                 }
-                Self::Int8 { lz4, group }
             }
             "kivi2" | "kivi4" | "kivi8" => Self::Kivi {
                 bits: base[4..].parse().map_err(|_| unknown())?,
@@ -380,7 +412,9 @@ impl CodecSpec {
             Self::Raw => return Ok(raw.to_vec()),
             Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
             Self::Fp8 { .. } => fp8::encode(shape, raw),
-            Self::Int8 { group, .. } => int8::encode(shape, group, raw),
+            Self::Int8 {
+                group, zero_point, ..
+            } => int8::encode(shape, group, zero_point, raw),
             Self::Kivi {
                 bits,
                 group,
@@ -440,7 +474,9 @@ impl CodecSpec {
                 Ok(())
             }
             Self::Fp8 { .. } => fp8::decode(shape, inner, out),
-            Self::Int8 { group, .. } => int8::decode(shape, group, inner, out),
+            Self::Int8 {
+                group, zero_point, ..
+            } => int8::decode(shape, group, zero_point, inner, out),
             Self::Kivi {
                 bits,
                 group,
@@ -466,8 +502,14 @@ impl fmt::Display for CodecSpec {
             Self::Raw => f.write_str("raw")?,
             Self::Lz4 => f.write_str("lz4")?,
             Self::Fp8 { .. } => f.write_str("fp8")?,
-            Self::Int8 { group: 0, .. } => f.write_str("int8")?,
-            Self::Int8 { group, .. } => write!(f, "int8/g{group}")?,
+            Self::Int8 {
+                group, zero_point, ..
+            } => {
+                f.write_str(if zero_point { "int8" } else { "int8sym" })?;
+                if group > 0 {
+                    write!(f, "/g{group}")?;
+                }
+            }
             Self::Kivi {
                 bits,
                 group,

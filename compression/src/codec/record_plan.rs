@@ -119,9 +119,16 @@ mod tests {
             residual,
             lz4: false,
         };
-        let mut codecs: Vec<CodecSpec> = ["fp8", "int8", "int8/g32", "int8/g5"]
-            .map(|c| CodecSpec::parse(c).unwrap())
-            .to_vec();
+        let mut codecs: Vec<CodecSpec> = [
+            "fp8",
+            "int8",
+            "int8/g32",
+            "int8/g5",
+            "int8sym",
+            "int8sym/g5",
+        ]
+        .map(|c| CodecSpec::parse(c).unwrap())
+        .to_vec();
         // KIVI: defaults, a group not dividing D with a short residual, groups of one
         codecs.extend([kivi(2, 32, 32), kivi(4, 32, 32), kivi(8, 32, 32)]);
         codecs.extend([kivi(4, 5, 3), kivi(2, 1, 0)]);

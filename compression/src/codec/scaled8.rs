@@ -2,16 +2,18 @@
 //! decoders outside this crate: the GPU dequantisation kernel decodes a record where it is
 //! needed, on the device, from this description alone.
 //!
-//! A record is `scales` (f32 LE) then one code byte per element, K's then V's, in the raw
-//! layout's order. Element `i` (0-based within its half) of half `h` (0 = K, 1 = V) decodes as
+//! A record is `scales` f32 values (LE: the scales, and any zero points after them) then one
+//! code byte per element, K's then V's, in the raw layout's order. Element `i` (0-based within
+//! its half) of half `h` (0 = K, 1 = V) decodes, with `m = map[h]` and
+//! `j = (i / m.div) % m.modulo + (i / m.outer_div) · m.outer_stride`, as
 //!
 //! ```text
-//! value(code[codes_at + h · half + i]) · scale[m.base + (i / m.div) % m.modulo + (i / m.outer_div) · m.outer_stride]
+//! value(code[codes_at + h · half + i]) · f[m.base + j]                    (no zero points)
+//! value(code[codes_at + h · half + i]) · f[m.base + j] + f[m.offsets + j] (m.offsets set)
 //! ```
 //!
-//! with `m = map[h]`.
-//!
-//! computed in f32 and rounded once to the layer's element type. [`Scaled8::decode_into`] is
+//! where `f` is the record's f32 values, computed in f32 (the product rounded before the sum:
+//! no fused multiply-add) and rounded once to the layer's element type. [`Scaled8::decode_into`] is
 //! that formula on the CPU; the test `record_plans_match_each_codec_s_own_decoder` pins it to
 //! each codec's decoder byte for byte, so a kernel that follows the formula decodes what the
 //! codec would.
@@ -41,6 +43,9 @@ pub struct ScaleMap {
     pub outer_div: usize,
     /// Scales per outer block (0: one set of scales for the whole half).
     pub outer_stride: usize,
+    /// Where the half's zero points start among the record's f32 values (one per scale, in
+    /// the scales' order); `None`: no zero points. Never 0 (index 0 is K's first scale).
+    pub offsets: Option<usize>,
 }
 
 impl ScaleMap {
@@ -52,11 +57,17 @@ impl ScaleMap {
             modulo,
             outer_div: 1,
             outer_stride: 0,
+            offsets: None,
         }
     }
 
+    /// The scale's index past `base` for element `i`.
+    fn slot(&self, i: usize) -> usize {
+        (i / self.div) % self.modulo + (i / self.outer_div) * self.outer_stride
+    }
+
     fn index(&self, i: usize) -> usize {
-        self.base + (i / self.div) % self.modulo + (i / self.outer_div) * self.outer_stride
+        self.base + self.slot(i)
     }
 }
 
@@ -65,7 +76,7 @@ impl ScaleMap {
 pub struct Scaled8 {
     /// How codes read.
     pub code: Code8,
-    /// Number of f32 scales at the start of the record.
+    /// Number of f32 values at the start of the record: scales, then any zero points.
     pub scales: usize,
     /// Byte offset of the first code (`4 · scales`).
     pub codes_at: usize,
@@ -81,16 +92,23 @@ impl Scaled8 {
         self.codes_at + 2 * self.half
     }
 
-    /// Checks that every scale index the formula can form lies among the record's scales
-    /// and that no run or period is empty (what a decoder may rely on before indexing).
+    /// Checks that every scale and zero-point index the formula can form lies among the
+    /// record's f32 values and that no run or period is empty (what a decoder may rely on
+    /// before indexing).
     pub fn check(&self) -> Result<()> {
         for (h, m) in self.maps.iter().enumerate() {
-            let last = if self.half == 0 || m.div == 0 || m.modulo == 0 || m.outer_div == 0 {
+            let empty = m.div == 0 || m.modulo == 0 || m.outer_div == 0;
+            let last_slot = if self.half == 0 || empty {
                 0
             } else {
-                m.index(self.half - 1).max(m.base + m.modulo - 1)
+                m.slot(self.half - 1).max(m.modulo - 1)
             };
-            if m.div == 0 || m.modulo == 0 || m.outer_div == 0 || last >= self.scales {
+            let past = |start: usize| {
+                start
+                    .checked_add(last_slot)
+                    .is_none_or(|l| l >= self.scales)
+            };
+            if empty || past(m.base) || m.offsets.is_some_and(|o| o == 0 || past(o)) {
                 return Err(CodecError::BadParam {
                     codec: "scaled8",
                     field: if h == 0 { "K scale map" } else { "V scale map" },
@@ -139,12 +157,18 @@ impl Scaled8 {
         for (h, map) in self.maps.iter().enumerate() {
             let codes = &record[self.codes_at + h * self.half..][..self.half];
             row.clear();
-            row.extend(
-                codes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &c)| value(c) * scales[map.index(i)]),
-            );
+            match map.offsets {
+                None => row.extend(
+                    codes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &c)| value(c) * scales[map.index(i)]),
+                ),
+                Some(o) => row.extend(codes.iter().enumerate().map(|(i, &c)| {
+                    let j = map.slot(i);
+                    value(c) * scales[map.base + j] + scales[o + j]
+                })),
+            }
             elem.put_all(&row, &mut out[h * self.half * esize..][..self.half * esize]);
         }
         Ok(())
@@ -174,20 +198,27 @@ impl CodecSpec {
                 2 * h,
                 [ScaleMap::flat(0, d, h), ScaleMap::flat(h, d, h)],
             ),
-            // int8: K per (token group, head, channel), V per (token, head)
-            Self::Int8 { lz4: false, group } => {
+            // int8: K per (token group, head, channel), V per (token, head); any zero points
+            // after the scales, in their order
+            Self::Int8 {
+                lz4: false,
+                group,
+                zero_point,
+            } => {
                 let hd = h * d;
                 let k_scales = int8::k_groups(t, group) * hd;
+                let scales = k_scales + t * h;
                 let k = ScaleMap {
                     outer_div: int8::group_len(t, group) * hd,
                     outer_stride: hd,
+                    offsets: zero_point.then_some(scales),
                     ..ScaleMap::flat(0, 1, hd)
                 };
-                (
-                    Code8::Int8,
-                    k_scales + t * h,
-                    [k, ScaleMap::flat(k_scales, d, (t * h).max(1))],
-                )
+                let v = ScaleMap {
+                    offsets: zero_point.then_some(scales + k_scales),
+                    ..ScaleMap::flat(k_scales, d, (t * h).max(1))
+                };
+                (Code8::Int8, int8::floats(shape, group, zero_point), [k, v])
             }
             _ => return None,
         };
@@ -213,7 +244,7 @@ mod tests {
             head_dim: 4,
             elem: ElemType::F32,
         };
-        let good = CodecSpec::parse("int8/g2")
+        let good = CodecSpec::parse("int8sym/g2")
             .unwrap()
             .scaled8(&shape)
             .unwrap();
@@ -226,6 +257,22 @@ mod tests {
         let mut bad = good;
         bad.maps[0].div = 0;
         assert!(bad.check().is_err());
+        // zero points: K's (2 groups × 8) then V's (3 tokens × 2 heads) follow the scales
+        let good = CodecSpec::parse("int8/g2")
+            .unwrap()
+            .scaled8(&shape)
+            .unwrap();
+        assert!(good.check().is_ok());
+        assert_eq!(good.scales, 2 * (16 + 6));
+        assert_eq!(good.maps[0].offsets, Some(22));
+        assert_eq!(good.maps[1].offsets, Some(22 + 16));
+        for (h, last_slot) in [(0, 15), (1, 5)] {
+            for offsets in [Some(0), Some(good.scales - last_slot), Some(usize::MAX)] {
+                let mut bad = good;
+                bad.maps[h].offsets = offsets;
+                assert!(bad.check().is_err(), "{h} {offsets:?}");
+            }
+        }
     }
 
     #[test]
@@ -243,7 +290,7 @@ mod tests {
             assert_eq!(c.scaled8(&shape), None, "{c}");
             assert!(!c.has_scaled8(), "{c}");
         }
-        for c in ["fp8", "int8"] {
+        for c in ["fp8", "int8", "int8sym"] {
             assert!(
                 CodecSpec::parse(c).unwrap().scaled8(&shape).is_some(),
                 "{c}"

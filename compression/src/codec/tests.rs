@@ -4,7 +4,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-const ALL: [&str; 12] = [
+const ALL: [&str; 15] = [
     "raw",
     "lz4",
     "fp8",
@@ -13,13 +13,17 @@ const ALL: [&str; 12] = [
     "int8+lz4",
     "int8/g32",
     "int8/g7+lz4",
+    "int8sym",
+    "int8sym/g32",
+    "int8sym/g7+lz4",
     "kivi2",
     "kivi4",
     "kivi8",
     "kivi4+lz4",
 ];
 
-/// Values of a layer: normal-ish noise, with a few outlier K channels (as real K has).
+/// Values of a layer: normal-ish noise, with a few outlier K channels and a few K channels
+/// off centre (as real K has).
 fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let hd = shape.kv_heads * shape.head_dim;
@@ -30,7 +34,8 @@ fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
             x ^= x << 17;
             let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
             let outlier = i < shape.half_elems() && (i % hd) % 7 == 3;
-            u * scale * if outlier { 8.0 } else { 1.0 }
+            let shifted = i < shape.half_elems() && (i % hd) % 5 == 1;
+            (u * if outlier { 8.0 } else { 1.0 } + if shifted { 3.0 } else { 0.0 }) * scale
         })
         .collect()
 }
@@ -64,18 +69,28 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
                 .map(|i| x[i].abs() / 16.0 + m[(i / half) * h + (i / d) % h] / 448.0 / 1024.0)
                 .collect()
         }
-        CodecSpec::Int8 { group, .. } => (0..x.len())
+        CodecSpec::Int8 {
+            group, zero_point, ..
+        } => (0..x.len())
             .map(|i| {
-                let s = if i < half {
+                let members: Vec<f32> = if i >= half {
+                    let row = (i - half) / d;
+                    (0..d).map(|c| x[half + row * d + c]).collect()
+                } else {
                     // the channel over its group's tokens (group 0: every token)
                     let g = if group == 0 { t } else { group as usize };
                     let g0 = (i / hd) / g * g;
-                    amax(&mut (g0..(g0 + g).min(t)).map(|tt| x[tt * hd + i % hd]))
-                } else {
-                    let row = (i - half) / d;
-                    amax(&mut (0..d).map(|c| x[half + row * d + c]))
-                } / 127.0;
-                s / 2.0
+                    (g0..(g0 + g).min(t))
+                        .map(|tt| x[tt * hd + i % hd])
+                        .collect()
+                };
+                if !zero_point {
+                    return amax(&mut members.iter().copied()) / 127.0 / 2.0;
+                }
+                let lo = members.iter().copied().fold(f32::MAX, f32::min);
+                let hi = members.iter().copied().fold(f32::MIN, f32::max);
+                let s = (hi - lo) / 254.0;
+                s / 2.0 + ((lo + hi).abs() / 2.0 + 127.0 * s) / (1u32 << 21) as f32
             })
             .collect(),
         CodecSpec::Kivi {
@@ -219,6 +234,12 @@ fn names_and_headers_round_trip() {
         "int8/g",
         "int8/gx",
         "int8/g70000",
+        "int8sym/g0",
+        "int8sym/",
+        "int8sym/g",
+        "int8sy",
+        "int8/g+3",
+        "int8s",
         "kivi4/g0r16",
         "kivi3/g32r32",
         "kivi4/g32",
@@ -261,24 +282,43 @@ fn bad_headers_name_the_field() {
         field(CodecSpec::from_header(4, &[0, 4, 32, 0, 32])),
         "parameter block"
     );
-    // int8: a 1-byte block is one group (as written before groups), a 3-byte one names it
+    // int8: a 1-byte block is one group (as written before groups), a 3-byte one names it;
+    // flags bit 1 is K's zero points (its absence: symmetric, as written before them)
     assert_eq!(
         CodecSpec::from_header(3, &[0]).unwrap(),
         CodecSpec::Int8 {
             lz4: false,
-            group: 0
+            group: 0,
+            zero_point: false,
         }
     );
     assert_eq!(
         CodecSpec::from_header(3, &[1, 64, 0]).unwrap(),
         CodecSpec::Int8 {
             lz4: true,
-            group: 64
+            group: 64,
+            zero_point: false,
         }
     );
+    assert_eq!(
+        CodecSpec::from_header(3, &[3, 64, 0]).unwrap(),
+        CodecSpec::Int8 {
+            lz4: true,
+            group: 64,
+            zero_point: true,
+        }
+    );
+    assert_eq!(CodecSpec::from_header(3, &[2]).unwrap().to_string(), "int8");
     assert_eq!(field(CodecSpec::from_header(3, &[0, 0, 0])), "group");
     assert_eq!(field(CodecSpec::from_header(3, &[0, 1])), "parameter block");
     assert_eq!(field(CodecSpec::from_header(3, &[0x80, 8, 0])), "flags");
+    assert_eq!(field(CodecSpec::from_header(3, &[0x04])), "flags");
+    // the zero-point bit is int8's alone
+    assert_eq!(field(CodecSpec::from_header(2, &[2])), "flags");
+    assert_eq!(
+        field(CodecSpec::from_header(4, &[2, 4, 32, 0, 32, 0])),
+        "flags"
+    );
 }
 
 #[test]
@@ -330,7 +370,15 @@ fn ratios_against_f16_are_as_designed() {
                 .len() as f64
     };
     assert!((ratio("fp8") - 2.0).abs() < 0.01);
-    assert!((ratio("int8") - 1.95).abs() < 0.05);
+    assert!((ratio("int8sym") - 1.95).abs() < 0.05);
+    // zero points: 4 more bytes per K channel (over 512 tokens) and per V row (64 elements)
+    let int8_bytes = (1.0 + 8.0 / 512.0 + 1.0 + 8.0 / 64.0) / 2.0;
+    assert!(
+        (ratio("int8") - 2.0 / int8_bytes).abs() < 0.01,
+        "{}",
+        ratio("int8")
+    );
+    assert!(ratio("int8") < ratio("int8sym"));
     // KIVI-B at G = 32: B bits + 32 bits of (min, step) per 32 elements (K and V alike) for
     // the 480 quantised tokens, 16 bits for the R = 32 exact ones
     for (name, b) in [("kivi4", 4.0), ("kivi2", 2.0)] {
@@ -341,4 +389,43 @@ fn ratios_against_f16_are_as_designed() {
             ratio(name)
         );
     }
+}
+
+/// What K's zero points are for: K channels off centre (values in [c − 1, c + 1] for a
+/// channel centre c ≫ 1) lose most of a symmetric scale's codes; with a zero point the step
+/// follows the channel's range, not its magnitude.
+#[test]
+fn zero_points_follow_off_centre_k_channels() {
+    let shape = LayerShape {
+        tokens: 64,
+        kv_heads: 2,
+        head_dim: 16,
+        elem: ElemType::F32,
+    };
+    let hd = shape.kv_heads * shape.head_dim;
+    let x: Vec<f32> = values(&shape, 3, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if i < shape.half_elems() {
+                v + 12.0 * ((i % hd) % 3) as f32
+            } else {
+                v
+            }
+        })
+        .collect();
+    let raw = raw_of(&shape, &x);
+    let k_error = |name: &str| {
+        let c = CodecSpec::parse(name).unwrap();
+        let y = shape
+            .elem
+            .to_f32_vec(&c.decode(&shape, &c.encode(&shape, &raw).unwrap()).unwrap());
+        x[..shape.half_elems()]
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let (zero, sym) = (k_error("int8"), k_error("int8sym"));
+    assert!(zero * 4.0 < sym, "int8 {zero} vs int8sym {sym}");
 }

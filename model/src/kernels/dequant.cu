@@ -1,9 +1,11 @@
 // Dequantisation of stored KV records on the device: the 8-bit codecs (fp8, int8) and KIVI
 // (2, 4 and 8 bits). Built to PTX by model/build.rs (feature `gpu`), launched by dequant.rs.
 //
-// An 8-bit record (compression::codec::Scaled8) is `scales` f32 then 2 * half code bytes, K's then
-// V's. Element i of half h decodes as
-// value(code) * scale[base_h + (i / div_h) % mod_h + (i / odiv_h) * ostride_h],
+// An 8-bit record (compression::codec::Scaled8) is `scales` f32 values f (scales, then any zero
+// points) then 2 * half code bytes, K's then V's. Element i of half h decodes, with
+// s = (i / div_h) % mod_h + (i / odiv_h) * ostride_h, as
+// value(code) * f[base_h + s]                        (off_h == 0: no zero points)
+// value(code) * f[base_h + s] + f[off_h + s]         (otherwise; __fmul_rn then __fadd_rn)
 // computed in f32 and rounded once to the output type: the formula of the CPU decoder
 // (Scaled8::decode_into), so both give the same bits.
 //
@@ -50,9 +52,10 @@ template <> struct Out4<__half> {
 };
 
 // One half's scale map (ScaleMap in compression/src/codec/scaled8.rs).
+// off: where the half's zero points start, 0 when it has none (f[0] is always K's first scale).
 struct Map {
-  uint32_t base, div, mod, odiv, ostride;
-  __device__ __forceinline__ uint32_t index(uint32_t j) const { return base + (j / div) % mod + (j / odiv) * ostride; }
+  uint32_t base, div, mod, odiv, ostride, off;
+  __device__ __forceinline__ uint32_t slot(uint32_t j) const { return (j / div) % mod + (j / odiv) * ostride; }
 };
 
 template <typename T, bool FP8>
@@ -72,7 +75,9 @@ __device__ __forceinline__ void dequant8(const uint8_t *rec, uint32_t codes_at, 
     float x[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      x[e] = value<FP8>((c >> (8 * e)) & 0xFFu) * scales[m.index(j + e)];
+      const uint32_t s = m.slot(j + e);
+      const float v = __fmul_rn(value<FP8>((c >> (8 * e)) & 0xFFu), scales[m.base + s]);
+      x[e] = m.off ? __fadd_rn(v, scales[m.off + s]) : v;
     }
     out4[q] = Out4<T>::pack(x[0], x[1], x[2], x[3]);
   }
@@ -80,9 +85,9 @@ __device__ __forceinline__ void dequant8(const uint8_t *rec, uint32_t codes_at, 
 
 #define DEQUANT_ENTRY(NAME, T, FP8)                                                                            \
   extern "C" __global__ void NAME(const uint8_t *rec, uint32_t codes_at, uint32_t half, uint32_t kb,           \
-                                  uint32_t kd, uint32_t km, uint32_t kod, uint32_t kos, uint32_t vb, uint32_t vd, \
-                                  uint32_t vm, uint32_t vod, uint32_t vos, T *out) {                           \
-    dequant8<T, FP8>(rec, codes_at, half, Map{kb, kd, km, kod, kos}, Map{vb, vd, vm, vod, vos}, out);         \
+                                  uint32_t kd, uint32_t km, uint32_t kod, uint32_t kos, uint32_t ko, uint32_t vb, \
+                                  uint32_t vd, uint32_t vm, uint32_t vod, uint32_t vos, uint32_t vo, T *out) {  \
+    dequant8<T, FP8>(rec, codes_at, half, Map{kb, kd, km, kod, kos, ko}, Map{vb, vd, vm, vod, vos, vo}, out);  \
   }
 
 DEQUANT_ENTRY(dequant_int8_f32, float, false)

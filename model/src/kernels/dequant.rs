@@ -59,11 +59,13 @@ pub(crate) fn dequant(
                 k.modulo,
                 k.outer_div,
                 k.outer_stride,
+                k.offsets.unwrap_or(0),
                 v.base,
                 v.div,
                 v.modulo,
                 v.outer_div,
                 v.outer_stride,
+                v.offsets.unwrap_or(0),
             ];
             (kernel, fields)
         }
