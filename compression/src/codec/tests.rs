@@ -429,3 +429,46 @@ fn zero_points_follow_off_centre_k_channels() {
     let (zero, sym) = (k_error("int8"), k_error("int8sym"));
     assert!(zero * 4.0 < sym, "int8 {zero} vs int8sym {sym}");
 }
+
+/// Records are pinned byte for byte: `int8sym` writes what `int8` wrote before zero points
+/// (bytes taken from the build of `78c90f0`), so objects stored by earlier builds decode as
+/// they did; the zero-point record is pinned so that its layout cannot drift silently.
+#[test]
+fn int8_records_are_pinned() {
+    let shape = LayerShape {
+        tokens: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        elem: ElemType::F32,
+    };
+    let x = [
+        0.5f32, -1.25, 3.0, 2.75, 0.0, -0.5, 4.5, 2.5, 1.0, -2.0, 0.25, 0.75, -0.125, 0.375, -1.5,
+        2.0,
+    ];
+    let raw = raw_of(&shape, &x);
+    let before_zero_points: [u8; 40] = [
+        4, 2, 129, 59, 133, 66, 33, 60, 69, 34, 17, 61, 198, 98, 177, 60, 4, 2, 129, 60, 4, 2, 129,
+        60, 127, 129, 85, 127, 0, 205, 127, 115, 64, 129, 16, 48, 248, 24, 161, 127,
+    ];
+    let sym = CodecSpec::parse("int8sym").unwrap();
+    assert_eq!(sym.encode(&shape, &raw).unwrap(), before_zero_points);
+    // an old header's block (flags 0) is int8sym, and reads those bytes
+    assert_eq!(CodecSpec::from_header(3, &[0]).unwrap(), sym);
+    let back = shape
+        .elem
+        .to_f32_vec(&sym.decode(&shape, &before_zero_points).unwrap());
+    for (a, b) in x.iter().zip(&back) {
+        assert!((a - b).abs() <= 4.5 / 127.0 / 2.0 + 1e-6, "{a} {b}");
+    }
+    // scales (K per channel, V per row), then the midpoints: K channel 0 spans 0..0.5 (0.25),
+    // channel 1 −1.25..−0.5 (−0.875), …, V row 0 −2..1 (−0.5); then the codes (0.25 in V row 0
+    // is (0.25 + 0.5) / (3 / 254) = 63.5 → 64)
+    let with_zero_points: [u8; 64] = [
+        4, 2, 1, 59, 6, 131, 65, 59, 6, 131, 193, 59, 4, 2, 129, 58, 6, 131, 65, 60, 135, 195, 97,
+        60, 0, 0, 128, 62, 0, 0, 96, 191, 0, 0, 112, 64, 0, 0, 40, 64, 0, 0, 0, 191, 0, 0, 128, 62,
+        127, 129, 129, 127, 129, 127, 127, 129, 127, 129, 64, 106, 229, 9, 129, 127,
+    ];
+    let zero = CodecSpec::parse("int8").unwrap();
+    assert_eq!(zero.encode(&shape, &raw).unwrap(), with_zero_points);
+    assert_eq!(CodecSpec::from_header(3, &[2]).unwrap(), zero);
+}
