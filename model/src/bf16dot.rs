@@ -201,7 +201,7 @@ impl PackedKv {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! The register-blocked kernels: `R` rows × `C` key blocks of scores, `R` rows × `X`
     //! 16-wide column blocks of output, all accumulators in registers (≤ 24 of 32).
 
@@ -220,7 +220,7 @@ mod x86 {
     /// AVX-512F and AVX-512 BF16 present; `k` holds `nblocks` blocks of `half * 16`, `q`
     /// `rows * half` pairs, `scores` row `rows - 1` up to `nblocks * 16`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn scores(
+    pub(crate) unsafe fn scores(
         k: &[u32],
         half: usize,
         nblocks: usize,
@@ -473,15 +473,15 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn bf(x: f32) -> f32 {
+    pub(crate) fn bf(x: f32) -> f32 {
         bf16::from_f32(x).to_f32()
     }
 
     /// Pseudo-random values in [-2, 2).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -26,6 +26,7 @@
 
 mod attention;
 mod bf16dot;
+mod bf16linear;
 mod chat;
 mod config;
 pub mod dequant;
@@ -51,6 +52,7 @@ mod vmath;
 mod weights;
 
 pub use attention::{AttentionKernel, CpuAttentionPrecision, ProbeRequest};
+pub use bf16linear::CpuMatmulPrecision;
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
-use kvquilt_model::{AttentionKernel, CpuAttentionPrecision, DType, Device, LoadedModel, Model};
+use kvquilt_model::{
+    AttentionKernel, CpuAttentionPrecision, CpuMatmulPrecision, DType, Device, LoadedModel, Model,
+};
 
 /// `--model` and `--device` as given on the command line.
 #[derive(clap::Args, Debug, Clone)]
@@ -28,6 +30,11 @@ pub struct ModelArgs {
     /// with AVX-512 BF16, calls of 16+ queries; f32 elsewhere) or f32.
     #[arg(long, env = "KVQ_CPU_ATTENTION", default_value = "bf16")]
     pub cpu_attention: String,
+    /// Precision of the CPU's weight products over many rows (prefill, blend's recomputed
+    /// rows): f32, or bf16 (bf16 inputs and weights, f32 sums; an f32 model on a CPU with
+    /// AVX-512 BF16, which then holds a bf16 copy of its projections; f32 elsewhere).
+    #[arg(long, env = "KVQ_CPU_MATMUL", default_value = "f32")]
+    pub cpu_matmul: String,
 }
 
 impl ModelArgs {
@@ -54,10 +61,11 @@ impl ModelArgs {
         Ok(CpuAttentionPrecision::parse(&self.cpu_attention)?)
     }
 
-    /// Applies `--attention` and `--cpu-attention` to a model.
+    /// Applies `--attention`, `--cpu-attention` and `--cpu-matmul` to a model.
     pub fn configure(&self, model: &mut Model) -> Result<()> {
         model.set_attention_kernel(self.attention_kernel()?);
         model.set_cpu_attention_precision(self.cpu_attention_precision()?);
+        model.set_cpu_matmul_precision(CpuMatmulPrecision::parse(&self.cpu_matmul)?);
         Ok(())
     }
 

@@ -61,6 +61,8 @@ struct ModelBenchReport {
     /// products at this head dimension.
     cpu_attention: String,
     cpu_bf16_available: bool,
+    /// The CPU's weight-product precision in effect.
+    cpu_matmul: String,
     threads: usize,
     repeats: usize,
     prefill: Vec<PrefillRow>,
@@ -170,6 +172,7 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
         attention: format!("{:?}", model.attention_kernel()),
         attention_fallbacks: model.attention_fallbacks(),
         cpu_attention: format!("{:?}", model.cpu_attention_precision()),
+        cpu_matmul: format!("{:?}", model.cpu_matmul_precision()),
         cpu_bf16_available: kvquilt_model::CpuAttentionPrecision::bf16_available(
             model.config().head_dim,
         ),

@@ -8,12 +8,14 @@
 //!
 //! Shapes: hidden states are `[n, hidden_size]`; KV follows [`crate::kv`]; logits are f32.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{AttentionKernel, CpuAttentionPrecision, ProbeRequest};
+use crate::bf16linear::{CpuMatmulPrecision, PackedWeight};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::{CollectProbes, LayerHook};
@@ -89,6 +91,9 @@ pub struct Model {
     attention_kernel: AttentionKernel,
     /// The precision of the CPU's tiled attention products.
     cpu_attention_precision: CpuAttentionPrecision,
+    /// The projections packed for bf16 products, by the f32 tensor's id (empty unless
+    /// [`Model::set_cpu_matmul_precision`] asked for bf16 on a CPU that runs them).
+    packed: HashMap<candle_core::TensorId, PackedWeight>,
     /// Forward calls that wanted the fused attention kernel and ran the reference instead.
     attention_fallbacks: AtomicU64,
 }
@@ -113,6 +118,7 @@ impl Model {
             dtype,
             attention_kernel: AttentionKernel::default(),
             cpu_attention_precision: CpuAttentionPrecision::default(),
+            packed: HashMap::new(),
             attention_fallbacks: AtomicU64::new(0),
         })
     }
@@ -234,16 +240,63 @@ impl Model {
         Ok(self.weights.embed.index_select(&ids, 0)?)
     }
 
-    /// The GGUF blocks kept for the projection `w` (`weights.rs`), if any.
-    fn blocks_of(&self, w: &Tensor) -> Option<&crate::quant::BlockRows> {
-        self.weights.blocks.get(&w.id())
+    /// What is kept beside projection `w`'s f32 copy: its GGUF blocks (`weights.rs`), its
+    /// bf16 packing, if any.
+    fn kept(&self, w: &Tensor) -> Kept<'_> {
+        Kept {
+            blocks: self.weights.blocks.get(&w.id()),
+            packed: self.packed.get(&w.id()),
+        }
+    }
+
+    /// Chooses the precision of the CPU's weight products over many rows (prefill, blend's
+    /// recomputed rows) in later forward calls (default [`CpuMatmulPrecision::F32`]). `Bf16`
+    /// packs every layer's projections in bf16 once (half their f32 bytes again, held while
+    /// it is chosen) when the model is f32 on a CPU with AVX-512 BF16; elsewhere it is `F32`.
+    /// Returns the precision in effect.
+    pub fn set_cpu_matmul_precision(
+        &mut self,
+        precision: CpuMatmulPrecision,
+    ) -> CpuMatmulPrecision {
+        self.packed.clear();
+        if precision == CpuMatmulPrecision::F32 || !self.device.is_cpu() || self.dtype != DType::F32
+        {
+            return CpuMatmulPrecision::F32;
+        }
+        for l in &self.weights.layers {
+            for w in [&l.wqkv, &l.wo, &l.wgate_up, &l.wdown] {
+                let (out, inp) = match w.dims() {
+                    &[out, inp] => (out, inp),
+                    _ => continue,
+                };
+                let values = w.flatten_all().and_then(|t| t.to_vec1::<f32>());
+                if let (true, Ok(values)) = (PackedWeight::available(out, inp), values) {
+                    self.packed
+                        .insert(w.id(), PackedWeight::new(&values, out, inp));
+                }
+            }
+        }
+        if self.packed.is_empty() {
+            CpuMatmulPrecision::F32
+        } else {
+            CpuMatmulPrecision::Bf16
+        }
+    }
+
+    /// The precision of the CPU's weight products over many rows in effect.
+    pub fn cpu_matmul_precision(&self) -> CpuMatmulPrecision {
+        if self.packed.is_empty() {
+            CpuMatmulPrecision::F32
+        } else {
+            CpuMatmulPrecision::Bf16
+        }
     }
 
     /// Final norm and output projection: `[n, hidden]` → `[n, vocab]` f32 logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = self.norm(hidden, &self.weights.norm)?;
         let head = &self.weights.lm_head;
-        Ok(linear(&x, head, None, self.blocks_of(head))?.to_dtype(DType::F32)?)
+        Ok(linear(&x, head, None, self.kept(head))?.to_dtype(DType::F32)?)
     }
 
     /// Rotates pre-RoPE keys `[tokens, heads, head_dim]` to the given absolute positions
@@ -563,11 +616,11 @@ impl Model {
         attn: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let w = self.layer(l)?;
-        let o = linear(attn, &w.wo, None, self.blocks_of(&w.wo))?;
+        let o = linear(attn, &w.wo, None, self.kept(&w.wo))?;
         let (h, x) = self.add_norm(hidden, &o, &w.mlp_norm)?;
-        let gate_up = linear(&x, &w.wgate_up, None, self.blocks_of(&w.wgate_up))?;
+        let gate_up = linear(&x, &w.wgate_up, None, self.kept(&w.wgate_up))?;
         let act = self.swiglu(&gate_up)?;
-        let down = linear(&act, &w.wdown, None, self.blocks_of(&w.wdown))?;
+        let down = linear(&act, &w.wdown, None, self.kept(&w.wdown))?;
         Ok(
             match self.weights.layers.get(l + 1).filter(|_| l + 1 < end) {
                 Some(next) => {
@@ -594,7 +647,7 @@ impl Model {
     fn qkv(&self, w: &LayerWeights, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let n = x.dims()[0];
-        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref(), self.blocks_of(&w.wqkv))?;
+        let qkv = linear(x, &w.wqkv, w.bqkv.as_ref(), self.kept(&w.wqkv))?;
         let q = qkv.narrow(1, 0, c.num_heads * c.head_dim)?;
         let heads = qkv.reshape((n, c.num_heads + 2 * c.num_kv_heads, c.head_dim))?;
         let k = heads.narrow(1, c.num_heads, c.num_kv_heads)?;
@@ -622,20 +675,42 @@ impl Model {
     }
 }
 
-/// `x @ wᵀ (+ b)` for `x` `[n, in]` and `w` `[out, in]`: on the CPU in f32, 2 to 8 rows (a
+/// What a projection keeps beside its f32 copy ([`Model::kept`]).
+#[derive(Clone, Copy)]
+struct Kept<'a> {
+    /// The GGUF blocks: a decode step's few rows read them.
+    blocks: Option<&'a crate::quant::BlockRows>,
+    /// The bf16 packing: many rows multiply it.
+    packed: Option<&'a PackedWeight>,
+}
+
+/// Rows from which a projection packed in bf16 multiplies by the packing (fewer go to the
+/// blocks or the few-rows product, which read the weights once).
+const PACKED_FROM_ROWS: usize = 16;
+
+/// `x @ wᵀ (+ b)` for `x` `[n, in]` and `w` `[out, in]`: on the CPU in f32, 16+ rows of a
+/// projection packed in bf16 by the packing (`bf16linear`), 2 to 8 rows (a
 /// decode batch, a short question) read each weight row once for all of them
 /// (`vmath::few_rows_linear`: twice the throughput of candle's matmul for a batch of 2, which
 /// packs the whole weight on every call); a general matmul otherwise (one row included: a
 /// lone decode step's matmul measured as fast, and it leaves rayon's pool to concurrent
 /// requests).
-fn linear(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    blocks: Option<&crate::quant::BlockRows>,
-) -> Result<Tensor> {
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kept: Kept<'_>) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
-    if let Some(blocks) = blocks
+    if let Some(packed) = kept.packed
+        && rows >= PACKED_FROM_ROWS
+        && x.rank() == 2
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+    {
+        let y = crate::vmath::with_cpu_f32(x, |values| Ok(packed.matmul(values, rows)))?;
+        let y = Tensor::from_vec(y, (rows, packed.out()), x.device())?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    if let Some(blocks) = kept.blocks
         && x.device().is_cpu()
         && x.dtype() == DType::F32
         && (1..=crate::quant::MOST_ROWS).contains(&rows)

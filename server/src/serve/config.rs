@@ -101,6 +101,10 @@ pub struct Config {
     /// CPUs with AVX-512 BF16; f32 elsewhere; the default: needle answers identical to f32's,
     /// BENCHMARKS §5) or `f32`.
     pub cpu_attention: String,
+    /// Precision of the CPU's weight products over many rows (prefill, blend's recomputed
+    /// rows): `f32` (the default) or `bf16` (bf16 inputs and weights, f32 sums, an f32 model
+    /// on a CPU with AVX-512 BF16, holding a bf16 copy of its projections; f32 elsewhere).
+    pub cpu_matmul: String,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
     /// Tenants besides the default one.
@@ -386,6 +390,7 @@ impl Default for Config {
             dtype: None,
             attention: "auto".into(),
             cpu_attention: "bf16".into(),
+            cpu_matmul: "f32".into(),
             api_tokens: Vec::new(),
             tenants: Vec::new(),
             limits: Limits::default(),
@@ -522,6 +527,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         kvquilt_model::AttentionKernel::parse(&self.attention)?;
         kvquilt_model::CpuAttentionPrecision::parse(&self.cpu_attention)?;
+        kvquilt_model::CpuMatmulPrecision::parse(&self.cpu_matmul)?;
         let any_token =
             !self.api_tokens.is_empty() || self.tenants.iter().any(|t| !t.tokens.is_empty());
         if !self.listen.ip().is_loopback() && !any_token {

@@ -78,6 +78,9 @@ pub struct Args {
     /// Precision of the CPU's tiled attention products: f32 or bf16.
     #[arg(long, env = "KVQUILT_CPU_ATTENTION")]
     cpu_attention: Option<String>,
+    /// Precision of the CPU's weight products over many rows: f32 or bf16.
+    #[arg(long, env = "KVQUILT_CPU_MATMUL")]
+    cpu_matmul: Option<String>,
     /// Seed nodes of the shared remote tier (Redis Cluster, `host:port`, comma-separated);
     /// the rest of `[store.remote]` comes from the config file.
     #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
@@ -122,6 +125,9 @@ impl Args {
         if let Some(p) = &self.cpu_attention {
             c.cpu_attention = p.clone();
         }
+        if let Some(p) = &self.cpu_matmul {
+            c.cpu_matmul = p.clone();
+        }
         if !self.remote_seeds.is_empty() {
             c.store.remote.seeds = self.remote_seeds.clone();
         }
@@ -164,6 +170,7 @@ pub async fn serve(config: Config) -> Result<()> {
         dtype: config.dtype.clone(),
         attention: config.attention.clone(),
         cpu_attention: config.cpu_attention.clone(),
+        cpu_matmul: config.cpu_matmul.clone(),
     };
     let (loaded, store, key) = tokio::task::spawn_blocking({
         let c = config.clone();
