@@ -42,8 +42,17 @@ impl CpuMatmulPrecision {
 
 /// Output features per block (one AVX-512 register of f32 sums).
 const BLOCK: usize = 16;
-/// Rows per rayon task: the task's rows (bf16) stay in L2 while every weight block passes.
+/// Most rows per rayon task: the task's rows (bf16) stay in L2 while every weight block passes.
 const ROWS_PER_TASK: usize = 96;
+/// Rows per rayon task for a call of `rows` rows on `threads` threads: at most
+/// [`ROWS_PER_TASK`], split evenly over a multiple of `threads` tasks (a question's 32 rows on
+/// two threads: two tasks of 16, not one of 32 and an idle thread).
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    let tasks = rows
+        .div_ceil(ROWS_PER_TASK)
+        .next_multiple_of(threads.max(1));
+    rows.div_ceil(tasks).clamp(1, ROWS_PER_TASK)
+}
 
 /// A weight `[out, inp]` packed for [`PackedWeight::matmul`].
 pub(crate) struct PackedWeight {
@@ -101,8 +110,9 @@ impl PackedWeight {
         assert!(x.len() == rows * self.inp);
         let (half, blocks) = (self.inp / 2, self.out / BLOCK);
         let mut y = vec![0f32; rows * self.out];
-        y.par_chunks_mut(ROWS_PER_TASK * self.out)
-            .zip(x.par_chunks(ROWS_PER_TASK * self.inp))
+        let per_task = rows_per_task(rows, rayon::current_num_threads());
+        y.par_chunks_mut(per_task * self.out)
+            .zip(x.par_chunks(per_task * self.inp))
             .for_each(|(y, x)| {
                 let r = x.len() / self.inp;
                 let q = bf16dot::pairs_of_rows(x, r, self.inp);
@@ -130,6 +140,24 @@ impl PackedWeight {
 mod tests {
     use super::*;
     use crate::bf16dot::tests::{bf, values};
+
+    #[test]
+    fn tasks_split_the_rows_over_every_thread() {
+        for threads in [1, 2, 3, 16] {
+            for rows in [1, 5, 16, 32, 95, 96, 97, 782, 5216] {
+                let per = rows_per_task(rows, threads);
+                assert!((1..=ROWS_PER_TASK).contains(&per));
+                // no task larger than an even share of the rows over the threads
+                assert!(
+                    per <= rows.div_ceil(threads),
+                    "{rows} rows, {threads} threads: {per}"
+                );
+            }
+        }
+        assert_eq!(rows_per_task(32, 2), 16);
+        assert_eq!(rows_per_task(782, 2), 79);
+        assert_eq!(rows_per_task(5216, 2), 94);
+    }
 
     #[test]
     fn products_equal_f32_products_of_rounded_inputs() {
@@ -210,6 +238,10 @@ mod tests {
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
         assert!(worst > 0.0, "the products were not taken in bf16");
         assert!(worst <= 0.02 * scale, "{worst} of {scale}");
+        // a model rebuilt with another RoPE base keeps its packing
+        let mut m = m.with_rope_theta(10_000.0).unwrap();
+        assert_eq!(m.cpu_matmul_precision(), CpuMatmulPrecision::Bf16);
+        assert!(run(&m) == rounded);
         assert_eq!(
             m.set_cpu_matmul_precision(CpuMatmulPrecision::F32),
             CpuMatmulPrecision::F32

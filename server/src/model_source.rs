@@ -31,9 +31,9 @@ pub struct ModelArgs {
     #[arg(long, env = "KVQ_CPU_ATTENTION", default_value = "bf16")]
     pub cpu_attention: String,
     /// Precision of the CPU's weight products over many rows (prefill, blend's recomputed
-    /// rows): f32, or bf16 (bf16 inputs and weights, f32 sums; an f32 model on a CPU with
-    /// AVX-512 BF16, which then holds a bf16 copy of its projections; f32 elsewhere).
-    #[arg(long, env = "KVQ_CPU_MATMUL", default_value = "f32")]
+    /// rows): bf16 (bf16 inputs and weights, f32 sums; an f32 model on a CPU with AVX-512
+    /// BF16, which then holds a bf16 copy of its projections; f32 elsewhere) or f32.
+    #[arg(long, env = "KVQ_CPU_MATMUL", default_value = "bf16")]
     pub cpu_matmul: String,
 }
 

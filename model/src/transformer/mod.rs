@@ -144,6 +144,7 @@ impl Model {
         m.score_budget = self.score_budget;
         m.attention_kernel = self.attention_kernel;
         m.cpu_attention_precision = self.cpu_attention_precision;
+        m.packed = self.packed;
         Ok(m)
     }
 
@@ -269,18 +270,16 @@ impl Model {
                     &[out, inp] => (out, inp),
                     _ => continue,
                 };
-                let values = w.flatten_all().and_then(|t| t.to_vec1::<f32>());
-                if let (true, Ok(values)) = (PackedWeight::available(out, inp), values) {
-                    self.packed
-                        .insert(w.id(), PackedWeight::new(&values, out, inp));
+                if !PackedWeight::available(out, inp) {
+                    continue;
+                }
+                let packed = crate::vmath::with_cpu_f32(w, |v| Ok(PackedWeight::new(v, out, inp)));
+                if let Ok(packed) = packed {
+                    self.packed.insert(w.id(), packed);
                 }
             }
         }
-        if self.packed.is_empty() {
-            CpuMatmulPrecision::F32
-        } else {
-            CpuMatmulPrecision::Bf16
-        }
+        self.cpu_matmul_precision()
     }
 
     /// The precision of the CPU's weight products over many rows in effect.

@@ -102,8 +102,9 @@ pub struct Config {
     /// BENCHMARKS §5) or `f32`.
     pub cpu_attention: String,
     /// Precision of the CPU's weight products over many rows (prefill, blend's recomputed
-    /// rows): `f32` (the default) or `bf16` (bf16 inputs and weights, f32 sums, an f32 model
-    /// on a CPU with AVX-512 BF16, holding a bf16 copy of its projections; f32 elsewhere).
+    /// rows): `bf16` (bf16 inputs and weights, f32 sums, an f32 model on a CPU with AVX-512
+    /// BF16, holding a bf16 copy of its projections; f32 elsewhere; the default: needle and
+    /// MuSiQue scores as f32's, BENCHMARKS §5) or `f32`.
     pub cpu_matmul: String,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
@@ -390,7 +391,7 @@ impl Default for Config {
             dtype: None,
             attention: "auto".into(),
             cpu_attention: "bf16".into(),
-            cpu_matmul: "f32".into(),
+            cpu_matmul: "bf16".into(),
             api_tokens: Vec::new(),
             tenants: Vec::new(),
             limits: Limits::default(),
