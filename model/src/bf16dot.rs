@@ -41,7 +41,7 @@ pub(crate) fn available(d: usize) -> bool {
 }
 
 /// Two bf16 (rounded to nearest even) in one `u32`, `lo` in the low half.
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(bf16::from_f32(lo).to_bits()) | (u32::from(bf16::from_f32(hi).to_bits()) << 16)
 }
 

@@ -8,7 +8,6 @@
 //! sum f32 — the GPU's bf16 matmul precision. Pinned against f32 products of the rounded
 //! inputs by `tests::products_equal_f32_products_of_rounded_inputs`.
 
-use half::bf16;
 use rayon::prelude::*;
 
 use crate::bf16dot;
@@ -71,10 +70,6 @@ impl std::fmt::Debug for PackedWeight {
     }
 }
 
-fn pair(lo: f32, hi: f32) -> u32 {
-    u32::from(bf16::from_f32(lo).to_bits()) | (u32::from(bf16::from_f32(hi).to_bits()) << 16)
-}
-
 impl PackedWeight {
     /// Whether this CPU runs the products, for a weight of `out` × `inp` (`out` a multiple of
     /// 16, `inp` even).
@@ -94,7 +89,7 @@ impl PackedWeight {
         for (c, row) in w.chunks_exact(inp).enumerate() {
             let block = &mut packed[(c / BLOCK) * half * BLOCK..][..half * BLOCK];
             for j in 0..half {
-                block[j * BLOCK + c % BLOCK] = pair(row[2 * j], row[2 * j + 1]);
+                block[j * BLOCK + c % BLOCK] = bf16dot::pair(row[2 * j], row[2 * j + 1]);
             }
         }
         Self { out, inp, packed }
