@@ -696,38 +696,23 @@ const PACKED_FROM_ROWS: usize = 16;
 /// requests).
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kept: Kept<'_>) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
-    if let Some(packed) = kept.packed
-        && rows >= PACKED_FROM_ROWS
-        && x.rank() == 2
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    let y = if let Some(packed) = kept
+        .packed
+        .filter(|_| cpu_f32 && rows >= PACKED_FROM_ROWS && x.rank() == 2)
     {
         let y = crate::vmath::with_cpu_f32(x, |values| Ok(packed.matmul(values, rows)))?;
-        let y = Tensor::from_vec(y, (rows, packed.out()), x.device())?;
-        return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
-    }
-    if let Some(blocks) = kept.blocks
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && (1..=crate::quant::MOST_ROWS).contains(&rows)
+        Tensor::from_vec(y, (rows, packed.out()), x.device())?
+    } else if let Some(blocks) = kept
+        .blocks
+        .filter(|_| cpu_f32 && (1..=crate::quant::MOST_ROWS).contains(&rows))
     {
-        let y = blocks.linear(x)?;
-        return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
-    }
-    let few = x.device().is_cpu()
-        && x.dtype() == DType::F32
+        blocks.linear(x)?
+    } else if cpu_f32
         && w.dtype() == DType::F32
         && w.is_contiguous()
-        && x.dims()
-            .first()
-            .is_some_and(|&n| (2..=crate::vmath::FEW_ROWS_LINEAR_MAX).contains(&n));
-    let y = if few {
+        && (2..=crate::vmath::FEW_ROWS_LINEAR_MAX).contains(&rows)
+    {
         crate::vmath::few_rows_linear(x, w)?
     } else {
         x.matmul(&w.t()?)?
