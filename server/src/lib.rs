@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod cli;
 pub mod cmd;
 pub mod model_source;

@@ -1,7 +1,10 @@
-//! The `kvquilt` command line for the end-to-end tests: the same one-line `main` as
+//! The `kvquilt` command line for the end-to-end tests: the same `main` as
 //! `server/src/main.rs`, built in this package so cargo builds it for these tests and hands
 //! them its path (`CARGO_BIN_EXE_kvquilt-under-test`).
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { kvquilt_model::settle_cpu_threads() };
+    kvquilt::allocator::settle();
     kvquilt::cli::main()
 }
