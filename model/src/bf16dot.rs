@@ -21,9 +21,14 @@
 //! `tests::products_equal_f32_products_of_rounded_inputs`.
 
 use half::bf16;
+use rayon::prelude::*;
 
 /// Keys per block of the key layout (one AVX-512 register of f32 scores).
 const KEY_BLOCK: usize = 16;
+
+/// Key blocks (or value pairs) one packing task takes at least: enough work per task to
+/// repay rayon's scheduling, few enough that a 1k-token call still splits.
+const PACK_MIN_CHUNKS: usize = 32;
 
 /// Whether this CPU runs the bf16 products, for head dimension `d` (a multiple of 16 up to
 /// 128, whose value rows fit the kernels' registers).
@@ -96,26 +101,34 @@ impl PackedKv {
         assert!(d.is_multiple_of(KEY_BLOCK) && k.len() >= t * kv_heads * d && v.len() >= k.len());
         let (blocks, pairs) = (t.div_ceil(KEY_BLOCK), t.div_ceil(2));
         let half = d / 2;
+        // split over rayon's threads by key block and value pair: packed on one thread, this
+        // was the largest part of a reuse's question (32 rows over 5k cached tokens)
         let mut keys = vec![0u32; kv_heads * blocks * half * KEY_BLOCK];
-        let mut values = vec![0u32; kv_heads * pairs * d];
-        for kh in 0..kv_heads {
-            let kdst = &mut keys[kh * blocks * half * KEY_BLOCK..][..blocks * half * KEY_BLOCK];
-            for c in 0..t {
-                let row = &k[(c * kv_heads + kh) * d..][..d];
-                let block = &mut kdst[(c / KEY_BLOCK) * half * KEY_BLOCK..][..half * KEY_BLOCK];
-                for j in 0..half {
-                    block[j * KEY_BLOCK + c % KEY_BLOCK] = pair(row[2 * j], row[2 * j + 1]);
+        keys.par_chunks_mut(half * KEY_BLOCK)
+            .with_min_len(PACK_MIN_CHUNKS)
+            .enumerate()
+            .for_each(|(at, block)| {
+                let (kh, b) = (at / blocks, at % blocks);
+                for c in b * KEY_BLOCK..t.min((b + 1) * KEY_BLOCK) {
+                    let row = &k[(c * kv_heads + kh) * d..][..d];
+                    for j in 0..half {
+                        block[j * KEY_BLOCK + c % KEY_BLOCK] = pair(row[2 * j], row[2 * j + 1]);
+                    }
                 }
-            }
-            let vdst = &mut values[kh * pairs * d..][..pairs * d];
-            for (p, out) in vdst.chunks_exact_mut(d).enumerate() {
+            });
+        let mut values = vec![0u32; kv_heads * pairs * d];
+        values
+            .par_chunks_mut(d)
+            .with_min_len(PACK_MIN_CHUNKS)
+            .enumerate()
+            .for_each(|(at, out)| {
+                let (kh, p) = (at / pairs, at % pairs);
                 let a = &v[(2 * p * kv_heads + kh) * d..][..d];
                 let b = (2 * p + 1 < t).then(|| &v[((2 * p + 1) * kv_heads + kh) * d..][..d]);
                 for (x, o) in out.iter_mut().enumerate() {
                     *o = pair(a[x], b.map_or(0.0, |b| b[x]));
                 }
-            }
-        }
+            });
         Self {
             d,
             blocks,
