@@ -27,8 +27,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: the first statement of `main`: no other thread exists yet.
-    unsafe { kvquilt_model::settle_cpu_threads() };
-    kvquilt::allocator::settle();
+    unsafe { kvquilt::process::settle() };
     // warnings of the engine (a failed remote write, a recompute) on stderr
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)

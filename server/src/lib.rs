@@ -12,9 +12,9 @@
 
 #![warn(missing_docs)]
 
-pub mod allocator;
 pub mod cli;
 pub mod cmd;
 pub mod model_source;
+pub mod process;
 pub mod serve;
 pub mod store_setup;

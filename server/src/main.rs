@@ -2,7 +2,6 @@
 
 fn main() -> std::process::ExitCode {
     // SAFETY: the first statement of `main`: no other thread exists yet.
-    unsafe { kvquilt_model::settle_cpu_threads() };
-    kvquilt::allocator::settle();
+    unsafe { kvquilt::process::settle() };
     kvquilt::cli::main()
 }
