@@ -37,6 +37,7 @@ pub mod fetch;
 mod generate;
 mod gguf;
 mod hook;
+mod intdot;
 mod kernels;
 mod kv;
 mod load;
@@ -63,6 +64,7 @@ pub use generate::{
     log_sum_exp, top_logprobs,
 };
 pub use hook::{CollectProbes, FillLayers, HookError, LayerHook, LayerProbe};
+pub use intdot::CpuDecodePrecision;
 #[cfg(feature = "gpu")]
 pub use kernels::{NormErrors, norm_kernel_errors};
 pub use kv::{KvCache, LayerKv, positions};

@@ -17,9 +17,10 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Result, invalid_input};
+use crate::intdot::{CpuDecodePrecision, Rounded};
 
 /// Values per block (both kinds).
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 
 /// Output rows handled per rayon task.
 const ROWS_PER_TASK: usize = 32;
@@ -39,7 +40,7 @@ pub(crate) enum BlockKind {
 
 impl BlockKind {
     /// Bytes per block of 32 values.
-    fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         match self {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
@@ -97,8 +98,21 @@ impl BlockRows {
         self.rows
     }
 
-    fn row_bytes(&self) -> usize {
+    /// Bytes per row.
+    pub(crate) fn row_bytes(&self) -> usize {
         self.cols / BLOCK * self.kind.bytes()
+    }
+
+    /// The block layout.
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> BlockKind {
+        self.kind
+    }
+
+    /// The blocks, row-major.
+    #[cfg(test)]
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.data
     }
 
     /// Row `i` of the result is row `from[i]` of this one.
@@ -140,9 +154,11 @@ impl BlockRows {
     }
 
     /// `x · wᵀ` for `x` `[n, cols]` (f32, CPU, 1 ≤ n ≤ [`MOST_ROWS`]): `[n, rows]`. Output
-    /// features are spread over rayon's pool; each block is dequantised once for all `n`
-    /// rows.
-    pub(crate) fn linear(&self, x: &Tensor) -> Result<Tensor> {
+    /// features are spread over rayon's pool; each block is read once for all `n` rows. At
+    /// `Q16` or `Q8` (on a CPU that runs them, [`crate::intdot::available`]) the rows are
+    /// rounded to integers per block and multiplied in integers ([`crate::intdot`]); at `F32`
+    /// each block is dequantised with the loader's formula and multiplied in f32.
+    pub(crate) fn linear(&self, x: &Tensor, precision: CpuDecodePrecision) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         if d != self.cols
             || n == 0
@@ -162,12 +178,16 @@ impl BlockRows {
         let rb = self.row_bytes();
         // each task: its rows' outputs for every input row, output-major
         let blocks: Vec<Vec<f32>> = crate::vmath::with_cpu_f32(x, |xv| {
+            let rounded = Rounded::new(precision, xv, n, d);
             Ok(self
                 .data
                 .par_chunks(ROWS_PER_TASK * rb)
                 .map(|w| {
                     let mut out = vec![0f32; n * (w.len() / rb)];
-                    rows_times_blocks(self.kind, xv, n, w, rb, &mut out);
+                    match &rounded {
+                        Some(q) => q.times_blocks(self.kind, w, rb, &mut out),
+                        None => rows_times_blocks(self.kind, xv, n, w, rb, &mut out),
+                    }
                     out
                 })
                 .collect())
@@ -478,7 +498,7 @@ mod tests {
             assert_eq!(b.dequantize(), want, "{kind:?} values");
             for n in 1..=MOST_ROWS {
                 let x = Tensor::randn(0f32, 1.0, (n, 96), &Device::Cpu).unwrap();
-                let got = b.linear(&x).unwrap();
+                let got = b.linear(&x, CpuDecodePrecision::F32).unwrap();
                 let expect = x.matmul(&deq.t().unwrap()).unwrap();
                 let diff = (got - &expect)
                     .unwrap()
@@ -505,8 +525,8 @@ mod tests {
         let (q, _) = quantized(GgmlDType::Q8_0, 4, 32, 1);
         let b = BlockRows::from_qtensor(&q).unwrap().unwrap();
         let wide = Tensor::zeros((MOST_ROWS + 1, 32), DType::F32, &Device::Cpu).unwrap();
-        assert!(b.linear(&wide).is_err());
+        assert!(b.linear(&wide, CpuDecodePrecision::F32).is_err());
         let narrow = Tensor::zeros((1, 31), DType::F32, &Device::Cpu).unwrap();
-        assert!(b.linear(&narrow).is_err());
+        assert!(b.linear(&narrow, CpuDecodePrecision::Q8).is_err());
     }
 }

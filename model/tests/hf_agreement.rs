@@ -7,7 +7,7 @@
 mod common;
 
 use common::{RefPrompt, positions, reference};
-use kvquilt_model::{GenerateOptions, LoadedModel, generate_greedy};
+use kvquilt_model::{CpuDecodePrecision, GenerateOptions, LoadedModel, generate_greedy};
 
 fn agree(m: &LoadedModel, prompts: &[RefPrompt], check_tokenizer: bool) {
     for p in prompts {
@@ -82,6 +82,24 @@ fn smollm2_gguf_matches_transformers() {
     let m = common::smollm2();
     let r = reference("hf_smollm2.json");
     agree(&m, &r.prompts, true);
+}
+
+/// With the 16-bit integer products over the GGUF's blocks (the binaries' default for the
+/// logits row and decode steps) the real model still meets the logits bound and HF's greedy
+/// tokens; a model without blocks (tiny, random) keeps f32.
+#[test]
+fn smollm2_gguf_with_16_bit_block_products_matches_transformers() {
+    let mut m = common::smollm2();
+    if m.model.set_cpu_decode_precision(CpuDecodePrecision::Q16) != CpuDecodePrecision::Q16 {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    agree(&m, &reference("hf_smollm2.json").prompts, false);
+    let mut tiny = common::tiny("llama");
+    assert_eq!(
+        tiny.model.set_cpu_decode_precision(CpuDecodePrecision::Q16),
+        CpuDecodePrecision::F32
+    );
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use kvquilt_model::fetch::{self, KNOWN_MODELS, SMOLLM2_135M_INSTRUCT};
 use kvquilt_model::{
-    AttentionKernel, CpuAttentionPrecision, CpuMatmulPrecision, DType, Device, LoadedModel, Model,
+    AttentionKernel, CpuAttentionPrecision, CpuDecodePrecision, CpuMatmulPrecision, DType, Device,
+    LoadedModel, Model,
 };
 
 /// `--model` and `--device` as given on the command line.
@@ -35,6 +36,12 @@ pub struct ModelArgs {
     /// BF16, which then holds a bf16 copy of its projections; f32 elsewhere) or f32.
     #[arg(long, env = "KVQ_CPU_MATMUL", default_value = "bf16")]
     pub cpu_matmul: String,
+    /// Precision of the CPU's weight products over the GGUF's blocks (decode steps, the
+    /// logits row): q16 or q8 (the rows rounded to 16 or 8 bits per 32 values, integer
+    /// products — q8 is llama.cpp's CPU scheme; an f32 model on a CPU with AVX-512 VNNI; f32
+    /// elsewhere) or f32 (the blocks dequantised, f32 products).
+    #[arg(long, env = "KVQ_CPU_DECODE", default_value = "q16")]
+    pub cpu_decode: String,
 }
 
 impl ModelArgs {
@@ -61,11 +68,12 @@ impl ModelArgs {
         Ok(CpuAttentionPrecision::parse(&self.cpu_attention)?)
     }
 
-    /// Applies `--attention`, `--cpu-attention` and `--cpu-matmul` to a model.
+    /// Applies `--attention`, `--cpu-attention`, `--cpu-matmul` and `--cpu-decode` to a model.
     pub fn configure(&self, model: &mut Model) -> Result<()> {
         model.set_attention_kernel(self.attention_kernel()?);
         model.set_cpu_attention_precision(self.cpu_attention_precision()?);
         model.set_cpu_matmul_precision(CpuMatmulPrecision::parse(&self.cpu_matmul)?);
+        model.set_cpu_decode_precision(CpuDecodePrecision::parse(&self.cpu_decode)?);
         Ok(())
     }
 

@@ -63,6 +63,8 @@ struct ModelBenchReport {
     cpu_bf16_available: bool,
     /// The CPU's weight-product precision in effect.
     cpu_matmul: String,
+    /// The precision of the CPU's products over the GGUF's blocks in effect.
+    cpu_decode: String,
     threads: usize,
     repeats: usize,
     prefill: Vec<PrefillRow>,
@@ -173,6 +175,7 @@ pub(crate) fn run(a: ModelBenchArgs) -> Result<()> {
         attention_fallbacks: model.attention_fallbacks(),
         cpu_attention: format!("{:?}", model.cpu_attention_precision()),
         cpu_matmul: format!("{:?}", model.cpu_matmul_precision()),
+        cpu_decode: format!("{:?}", model.cpu_decode_precision()),
         cpu_bf16_available: kvquilt_model::CpuAttentionPrecision::bf16_available(
             model.config().head_dim,
         ),

@@ -19,6 +19,7 @@ use crate::bf16linear::{CpuMatmulPrecision, PackedWeight};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::{CollectProbes, LayerHook};
+use crate::intdot::CpuDecodePrecision;
 use crate::kv::{KvCache, LayerKv, Pruned, check_increasing};
 use crate::parallel::ParallelContext;
 use crate::rope::{Rope, RopeTables};
@@ -94,6 +95,9 @@ pub struct Model {
     /// The projections packed for bf16 products, by the f32 tensor's id (empty unless
     /// [`Model::set_cpu_matmul_precision`] asked for bf16 on a CPU that runs them).
     packed: HashMap<candle_core::TensorId, PackedWeight>,
+    /// The precision of the products over the GGUF's blocks in effect
+    /// ([`Model::set_cpu_decode_precision`]).
+    decode_precision: CpuDecodePrecision,
     /// Forward calls that wanted the fused attention kernel and ran the reference instead.
     attention_fallbacks: AtomicU64,
 }
@@ -119,6 +123,7 @@ impl Model {
             attention_kernel: AttentionKernel::default(),
             cpu_attention_precision: CpuAttentionPrecision::default(),
             packed: HashMap::new(),
+            decode_precision: CpuDecodePrecision::F32,
             attention_fallbacks: AtomicU64::new(0),
         })
     }
@@ -145,6 +150,7 @@ impl Model {
         m.attention_kernel = self.attention_kernel;
         m.cpu_attention_precision = self.cpu_attention_precision;
         m.packed = self.packed;
+        m.decode_precision = self.decode_precision;
         Ok(m)
     }
 
@@ -247,7 +253,34 @@ impl Model {
         Kept {
             blocks: self.weights.blocks.get(&w.id()),
             packed: self.packed.get(&w.id()),
+            decode: self.decode_precision,
         }
+    }
+
+    /// Chooses the precision of the CPU's weight products over the GGUF's blocks (a decode
+    /// step's or batch's 1–8 rows, the last row's logits) in later forward calls (default
+    /// [`CpuDecodePrecision::F32`]). `Q16` and `Q8` take effect for an f32 model on a CPU
+    /// with AVX-512 VNNI whose file kept its blocks ([`crate::intdot`]); elsewhere the
+    /// precision is `F32`. Returns the precision in effect.
+    pub fn set_cpu_decode_precision(
+        &mut self,
+        precision: CpuDecodePrecision,
+    ) -> CpuDecodePrecision {
+        let runs = self.device.is_cpu()
+            && self.dtype == DType::F32
+            && !self.weights.blocks.is_empty()
+            && crate::intdot::available();
+        self.decode_precision = if runs {
+            precision
+        } else {
+            CpuDecodePrecision::F32
+        };
+        self.decode_precision
+    }
+
+    /// The precision of the CPU's weight products over the GGUF's blocks in effect.
+    pub fn cpu_decode_precision(&self) -> CpuDecodePrecision {
+        self.decode_precision
     }
 
     /// Chooses the precision of the CPU's weight products over many rows (prefill, blend's
@@ -681,6 +714,8 @@ struct Kept<'a> {
     blocks: Option<&'a crate::quant::BlockRows>,
     /// The bf16 packing: many rows multiply it.
     packed: Option<&'a PackedWeight>,
+    /// The blocks' products' precision.
+    decode: CpuDecodePrecision,
 }
 
 /// Rows from which a projection packed in bf16 multiplies by the packing (fewer go to the
@@ -707,7 +742,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kept: Kept<'_>) -> Result<
         .blocks
         .filter(|_| cpu_f32 && (1..=crate::quant::MOST_ROWS).contains(&rows))
     {
-        blocks.linear(x)?
+        blocks.linear(x, kept.decode)?
     } else if cpu_f32
         && w.dtype() == DType::F32
         && w.is_contiguous()

@@ -106,6 +106,12 @@ pub struct Config {
     /// BF16, holding a bf16 copy of its projections; f32 elsewhere; the default: needle and
     /// MuSiQue scores as f32's, BENCHMARKS §5) or `f32`.
     pub cpu_matmul: String,
+    /// Precision of the CPU's weight products over the GGUF's blocks (decode steps and
+    /// batches, the logits row): `q16` or `q8` (the rows rounded to 16 or 8 bits per 32
+    /// values, integer products, an f32 model on a CPU with AVX-512 VNNI; f32 elsewhere;
+    /// `q16` is the default, BENCHMARKS §9) or `f32` (each block dequantised, f32
+    /// products).
+    pub cpu_decode: String,
     /// Bearer tokens of the default tenant.
     pub api_tokens: Vec<String>,
     /// Tenants besides the default one.
@@ -392,6 +398,7 @@ impl Default for Config {
             attention: "auto".into(),
             cpu_attention: "bf16".into(),
             cpu_matmul: "bf16".into(),
+            cpu_decode: "q16".into(),
             api_tokens: Vec::new(),
             tenants: Vec::new(),
             limits: Limits::default(),
@@ -529,6 +536,7 @@ impl Config {
         kvquilt_model::AttentionKernel::parse(&self.attention)?;
         kvquilt_model::CpuAttentionPrecision::parse(&self.cpu_attention)?;
         kvquilt_model::CpuMatmulPrecision::parse(&self.cpu_matmul)?;
+        kvquilt_model::CpuDecodePrecision::parse(&self.cpu_decode)?;
         let any_token =
             !self.api_tokens.is_empty() || self.tenants.iter().any(|t| !t.tokens.is_empty());
         if !self.listen.ip().is_loopback() && !any_token {
@@ -728,6 +736,27 @@ mod tests {
             assert!(e.to_string().contains(&format!("limits.{name}")), "{e}");
         }
         assert!(parse("[limits]\nmax_queue = 0\n").validate().is_ok());
+    }
+
+    #[test]
+    fn cpu_precisions_are_checked() {
+        let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert_eq!(Config::default().cpu_decode, "q16");
+        for ok in [
+            "cpu_decode = \"f32\"",
+            "cpu_decode = \"q8\"",
+            "cpu_matmul = \"f32\"",
+        ] {
+            assert!(parse(ok).validate().is_ok(), "{ok}");
+        }
+        for (bad, word) in [
+            ("cpu_decode = \"q4\"", "decode"),
+            ("cpu_matmul = \"f16\"", "matmul"),
+            ("cpu_attention = \"q8\"", "attention"),
+        ] {
+            let e = parse(bad).validate().unwrap_err();
+            assert!(e.to_string().contains(word), "{bad}: {e}");
+        }
     }
 
     #[test]

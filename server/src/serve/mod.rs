@@ -81,6 +81,10 @@ pub struct Args {
     /// Precision of the CPU's weight products over many rows: f32 or bf16.
     #[arg(long, env = "KVQUILT_CPU_MATMUL")]
     cpu_matmul: Option<String>,
+    /// Precision of the CPU's weight products over the GGUF's blocks (decode): q16, q8 or
+    /// f32.
+    #[arg(long, env = "KVQUILT_CPU_DECODE")]
+    cpu_decode: Option<String>,
     /// Seed nodes of the shared remote tier (Redis Cluster, `host:port`, comma-separated);
     /// the rest of `[store.remote]` comes from the config file.
     #[arg(long, env = "KVQUILT_REMOTE_SEEDS", value_delimiter = ',')]
@@ -128,6 +132,9 @@ impl Args {
         if let Some(p) = &self.cpu_matmul {
             c.cpu_matmul = p.clone();
         }
+        if let Some(p) = &self.cpu_decode {
+            c.cpu_decode = p.clone();
+        }
         if !self.remote_seeds.is_empty() {
             c.store.remote.seeds = self.remote_seeds.clone();
         }
@@ -171,6 +178,7 @@ pub async fn serve(config: Config) -> Result<()> {
         attention: config.attention.clone(),
         cpu_attention: config.cpu_attention.clone(),
         cpu_matmul: config.cpu_matmul.clone(),
+        cpu_decode: config.cpu_decode.clone(),
     };
     let (loaded, store, key) = tokio::task::spawn_blocking({
         let c = config.clone();
