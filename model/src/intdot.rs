@@ -456,28 +456,15 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     use super::*;
+    use crate::bf16dot::tests::values;
     use crate::quant::BlockRows;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
+    /// `quant`'s test weights as blocks, and their dequantised values.
     fn blocks(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (BlockRows, Vec<f32>) {
-        let t = Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, kind).unwrap();
-        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let (q, deq) = crate::quant::tests::quantized(kind, rows, cols, seed);
         let deq: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
         (BlockRows::from_qtensor(&q).unwrap().unwrap(), deq)
     }

@@ -435,12 +435,19 @@ unsafe fn rows_times_blocks_avx512_n<const N: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::quantized::QTensor;
 
     use super::*;
 
-    fn quantized(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QTensor, Tensor) {
+    /// A `[rows, cols]` tensor of values in [-1, 1] quantised to `kind`, and its
+    /// dequantisation.
+    pub(crate) fn quantized(
+        kind: GgmlDType,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> (QTensor, Tensor) {
         let mut s = seed;
         let v: Vec<f32> = (0..rows * cols)
             .map(|_| {
