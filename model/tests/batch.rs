@@ -237,3 +237,45 @@ fn sequences_cloned_from_one_cache_append_their_own_rows() {
         }
     }
 }
+
+/// Records whether each layer ran on a thread of rayon's pool.
+#[derive(Default)]
+struct PoolThreads(Vec<bool>);
+
+impl LayerHook for PoolThreads {
+    fn before_layer(&mut self, _layer: usize, _kv: &mut LayerKv) -> Result<(), HookError> {
+        self.0.push(rayon::current_thread_index().is_some());
+        Ok(())
+    }
+}
+
+/// On the CPU a decode step, alone or batched, runs on rayon's pool even when called from a
+/// thread outside it (one hand-off per step instead of one per parallel product:
+/// `Model::on_pool`), and its results are those of the same step taken inside the pool.
+#[test]
+fn cpu_decode_steps_run_on_the_pool() {
+    for m in models() {
+        let model = &m.model;
+        let base = caches(model);
+        assert!(rayon::current_thread_index().is_none(), "a test thread");
+        let mut alone = PoolThreads::default();
+        let mut cache = base[0].clone();
+        let got = model.decode_step(11, &mut cache, &mut alone).unwrap();
+        assert_eq!(alone.0.len(), model.config().num_layers);
+        assert!(alone.0.iter().all(|&on| on), "{:?}", alone.0);
+        let want = rayon::scope(|_| model.decode_step(11, &mut base[0].clone(), &mut ())).unwrap();
+        close(&got, &want, "a step called from outside the pool");
+        let (mut first, mut second) = (PoolThreads::default(), PoolThreads::default());
+        let mut caches = base.clone();
+        let (a, rest) = caches.split_at_mut(1);
+        let mut batch = [
+            BatchStep::new(11, &mut a[0]).with_hook(&mut first),
+            BatchStep::new(12, &mut rest[0]).with_hook(&mut second),
+        ];
+        model.decode_batch(&mut batch).unwrap();
+        for seen in [&first.0, &second.0] {
+            assert_eq!(seen.len(), model.config().num_layers);
+            assert!(seen.iter().all(|&on| on), "{seen:?}");
+        }
+    }
+}

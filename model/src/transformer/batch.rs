@@ -28,8 +28,9 @@ pub struct BatchStep<'a> {
     pub cache: &'a mut KvCache,
     /// Called around each layer of this sequence, as [`Model::decode_step`]'s hook is. Within
     /// a layer every sequence's `before_layer` runs before any sequence's `after_attention`
-    /// (hooks sharing state across sequences see that order).
-    pub hook: Option<&'a mut dyn LayerHook>,
+    /// (hooks sharing state across sequences see that order). `Send`: on the CPU the step
+    /// runs on rayon's pool, as [`Model::decode_step`] does.
+    pub hook: Option<&'a mut (dyn LayerHook + Send)>,
 }
 
 impl<'a> BatchStep<'a> {
@@ -43,7 +44,7 @@ impl<'a> BatchStep<'a> {
     }
 
     /// The same step observed by `hook`.
-    pub fn with_hook(mut self, hook: &'a mut dyn LayerHook) -> Self {
+    pub fn with_hook(mut self, hook: &'a mut (dyn LayerHook + Send)) -> Self {
         self.hook = Some(hook);
         self
     }
@@ -59,6 +60,11 @@ impl Model {
     /// cache is left as it was, the rows reserved in its buffers given back (its next step
     /// appends in place, not by copying the cache).
     pub fn decode_batch(&self, batch: &mut [BatchStep<'_>]) -> Result<Tensor> {
+        self.on_pool(|| self.decode_batch_here(batch))
+    }
+
+    /// [`Model::decode_batch`] on the calling thread.
+    fn decode_batch_here(&self, batch: &mut [BatchStep<'_>]) -> Result<Tensor> {
         let c = &self.config;
         if batch.is_empty() {
             return Err(invalid_input("a decode batch of zero sequences"));

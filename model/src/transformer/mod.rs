@@ -384,14 +384,32 @@ impl Model {
     /// One decode step: `token` at the position after `cache`'s last, appended to it;
     /// returns the next token's f32 logits `[vocab]`. The one step every decode loop runs
     /// (`generate`, the server), with `hook` around each layer.
+    ///
+    /// On the CPU the step runs on a thread of rayon's pool ([`Model::on_pool`]), so `hook`
+    /// is `Send` and must not wait for work of that pool.
     pub fn decode_step(
         &self,
         token: u32,
         cache: &mut KvCache,
-        hook: &mut dyn LayerHook,
+        hook: &mut (dyn LayerHook + Send),
     ) -> Result<Tensor> {
         let pos = cache.positions.last().map_or(0, |p| p + 1);
-        self.prefill_with(&[token], &[pos], cache, hook)
+        self.on_pool(|| self.prefill_with(&[token], &[pos], cache, hook))
+    }
+
+    /// Runs `f` on a thread of rayon's pool when this model computes on the CPU (here when
+    /// called from one, or on a GPU). A decode step is ~150 parallel products of a few
+    /// microseconds each; called from a thread outside the pool, each of them is handed to
+    /// the pool and waited for (two thread wake-ups), which cost SmolLM2's CPU decode a
+    /// fifth of its time. From inside, the pool's threads split each product by work
+    /// stealing, and the caller sleeps once per step. Throughput: BENCHMARKS §9 "One hand-off
+    /// per decode step".
+    pub(crate) fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.device.is_cpu() {
+            rayon::scope(|_| f())
+        } else {
+            f()
+        }
     }
 
     /// Runs decoder layers `layers` for the query tokens whose residual stream entering
