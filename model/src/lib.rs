@@ -34,6 +34,8 @@ mod device;
 pub mod embed;
 mod error;
 pub mod fetch;
+#[cfg(target_arch = "x86_64")]
+mod few_rows_avx512;
 mod generate;
 mod gguf;
 mod hook;

@@ -330,6 +330,10 @@ impl FewRows {
         self.check(scores, q.len(), k.len());
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::few_rows_avx512::takes(&self) {
+                // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
+                return unsafe { crate::few_rows_avx512::scores(self, scores, q, k) };
+            }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
                 return unsafe { few_scores_avx512(self, scores, q, k) };
@@ -349,6 +353,10 @@ impl FewRows {
         self.check(p, out.len(), v.len());
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::few_rows_avx512::takes(&self) {
+                // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
+                return unsafe { crate::few_rows_avx512::add_weighted(self, out, p, v) };
+            }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
                 return unsafe { few_weighted_avx512(self, out, p, v) };
