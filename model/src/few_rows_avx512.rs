@@ -5,8 +5,8 @@
 //! - **Scores**, sixteen keys at a time: each query row's dot products with the block's keys
 //!   in sixteen independent FMA chains (the query row in registers), then one transposing
 //!   reduction turns the sixteen 16-lane sums into sixteen scores written together — ~3
-//!   instructions per key and row where a horizontal sum per key took ~20. Rows run inside the
-//!   key block, so a block's keys are read from memory once for all of them.
+//!   instructions of reduction per key and row where a horizontal sum per key took ~20. Rows
+//!   run inside the key block, so a block's keys are read from memory once for all of them.
 //! - **Weighted sums**: the output rows stay in registers for the whole tile (up to 24
 //!   vectors: six rows of 64, three of 128, a larger unit in several passes), each value row
 //!   loaded once per pass and multiplied into every row by its broadcast weight. A zero
@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::vmath::FewRows;
+use crate::vmath::{FewRows, prefetch};
 
 /// Whether [`scores`] and [`add_weighted`] take this shape: AVX-512F and a head dim of 64 or
 /// 128.
@@ -62,15 +62,16 @@ pub(crate) unsafe fn add_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[f
 unsafe fn scores_d<const D: usize>(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
     let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
     let blocks = s.w / 16 * 16;
-    // SAFETY: every load and store below stays within its slice: key `c < w` spans `c·kv_stride .. c·kv_stride + d`
-    // of `k`, query row `r < rows` spans `r·d .. (r + 1)·d` of `q` and score `(r, c)` sits at
-    // `r·score_stride + c` of `scores`, all within the slices (`FewRows::check`).
+    // SAFETY: every load and store below stays within its slice: key `c < w` spans
+    // `c·kv_stride .. c·kv_stride + d` of `k`, query row `r < rows` spans `r·d .. (r + 1)·d`
+    // of `q` and score `(r, c)` sits at `r·score_stride + c` of `scores` (`FewRows::check`);
+    // the intrinsics need AVX-512F, which the caller has.
     unsafe {
         let mut c0 = 0;
         while c0 < blocks {
             // the next block's keys on their way while this one's are multiplied
             for j in c0 + 16..(c0 + 32).min(s.w) {
-                prefetch::<D>(kp.add(j * s.kv_stride));
+                prefetch(&k[j * s.kv_stride..][..s.d]);
             }
             for r in 0..s.rows {
                 let row = query_row::<D>(qp.add(r * s.d));
@@ -95,15 +96,6 @@ unsafe fn scores_d<const D: usize>(s: FewRows, scores: &mut [f32], q: &[f32], k:
 /// Value rows ahead of the one multiplied that [`weighted_rows`] asks for.
 const AHEAD: usize = 8;
 
-/// Asks for the cache lines of a row of `16·D` floats (a hint: it reads nothing).
-#[inline(always)]
-unsafe fn prefetch<const D: usize>(row: *const f32) {
-    for i in 0..D {
-        // SAFETY: a prefetch has no architectural effect; the address is within the row.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(16 * i).cast()) };
-    }
-}
-
 /// A query row of `16·D` floats in registers.
 #[inline(always)]
 unsafe fn query_row<const D: usize>(q: *const f32) -> [__m512; D] {
@@ -125,10 +117,14 @@ unsafe fn dot_lanes<const D: usize>(row: &[__m512; D], key: *const f32) -> __m51
 }
 
 /// Lane `j` of the result is the sum of `v[j]`'s sixteen lanes: a tree of additions with the
-/// transposing shuffles between its levels (15 additions in all instead of 15 per vector).
+/// transposing shuffles between its levels (15 vector additions for the sixteen sums, where
+/// summing each vector alone takes 15 scalar ones per vector).
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[inline(always)]
-fn sum_each(v: [__m512; 16]) -> __m512 {
-    // SAFETY: register-only operations of AVX-512F, which the caller's build enables.
+unsafe fn sum_each(v: [__m512; 16]) -> __m512 {
+    // SAFETY: register-only operations of AVX-512F, which the caller has.
     unsafe {
         // level 1: the two 256-bit halves of each vector added, two vectors per result:
         // b[i] = [v[2i] 8 partials | v[2i+1] 8 partials]
@@ -199,15 +195,16 @@ unsafe fn weighted_rows<const D: usize, const R: usize>(
     v: &[f32],
 ) {
     let (op, pp, vp) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
-    // SAFETY: every access stays within its slice: output row `r` spans `r·d .. (r + 1)·d` of `out`, weight `(r, c)`
-    // sits at `r·score_stride + c` of `p`, value `c < w` spans `c·kv_stride .. + d` of `v`
-    // (`FewRows::check`), and `r0 + R <= rows`.
+    // SAFETY: every access stays within its slice: output row `r` spans `r·d .. (r + 1)·d`
+    // of `out`, weight `(r, c)` sits at `r·score_stride + c` of `p`, value `c < w` spans
+    // `c·kv_stride .. + d` of `v` (`FewRows::check`), and `r0 + R <= rows`; the intrinsics
+    // need AVX-512F, which the caller has.
     unsafe {
         let mut acc: [[__m512; D]; R] =
             std::array::from_fn(|r| query_row::<D>(op.add((r0 + r) * s.d)));
         for c in 0..s.w {
             if c + AHEAD < s.w {
-                prefetch::<D>(vp.add((c + AHEAD) * s.kv_stride));
+                prefetch(&v[(c + AHEAD) * s.kv_stride..][..s.d]);
             }
             let row = vp.add(c * s.kv_stride);
             let vals: [__m512; D] = std::array::from_fn(|i| _mm512_loadu_ps(row.add(16 * i)));

@@ -411,7 +411,7 @@ const PREFETCH_ROWS: usize = 8;
 
 /// Asks the CPU to bring `row`'s cache lines in (a hint; no effect on results).
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+pub(crate) fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in row.chunks(16) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
