@@ -230,6 +230,7 @@ unsafe fn weighted_rows<const D: usize, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmath::tests::few_rows_match_f64;
 
     /// Both kernels against f64 loops over every row count a unit can have, both head dims,
     /// tiles of whole blocks, a tail and none at all, strided rows, score rows wider than the
@@ -239,59 +240,25 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let val = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
         for d in [64, 128] {
             for rows in 1..=8 {
                 for w in [0, 5, 16, 37, 64] {
-                    let (kv_stride, score_stride) = (3 * d + 5, 70);
-                    let s = FewRows {
+                    let shape = FewRows {
                         rows,
                         w,
                         d,
-                        kv_stride,
-                        score_stride,
+                        kv_stride: 3 * d + 5,
+                        score_stride: 70,
                     };
-                    assert!(takes(&s));
-                    let q: Vec<f32> = (0..rows * d).map(val).collect();
-                    let kv: Vec<f32> = (0..(w + 1) * kv_stride).map(|i| val(i + 17)).collect();
-                    let mut got = vec![f32::NAN; rows * score_stride];
-                    // SAFETY: AVX-512F checked above; the slices fit the shape.
-                    unsafe { scores(s, &mut got, &q, &kv) };
-                    for r in 0..rows {
-                        for c in 0..w {
-                            let want: f64 = (0..d)
-                                .map(|x| q[r * d + x] as f64 * kv[c * kv_stride + x] as f64)
-                                .sum();
-                            let g = got[r * score_stride + c] as f64;
-                            assert!(
-                                (g - want).abs() < 1e-4,
-                                "d {d} rows {rows} w {w} ({r}, {c}): {g} vs {want}"
-                            );
-                        }
-                    }
-                    let p: Vec<f32> = (0..rows * score_stride)
-                        .map(|i| if i % 5 == 0 { 0.0 } else { val(i + 3).abs() })
-                        .collect();
-                    let before: Vec<f32> = (0..rows * d).map(|i| val(i + 11)).collect();
-                    let mut out = before.clone();
-                    // SAFETY: as above.
-                    unsafe { add_weighted(s, &mut out, &p, &kv) };
-                    for r in 0..rows {
-                        for x in 0..d {
-                            let want = before[r * d + x] as f64
-                                + (0..w)
-                                    .map(|c| {
-                                        p[r * score_stride + c] as f64
-                                            * kv[c * kv_stride + x] as f64
-                                    })
-                                    .sum::<f64>();
-                            let g = out[r * d + x] as f64;
-                            assert!(
-                                (g - want).abs() < 1e-4,
-                                "d {d} rows {rows} w {w} out ({r}, {x}): {g} vs {want}"
-                            );
-                        }
-                    }
+                    assert!(takes(&shape));
+                    few_rows_match_f64(
+                        shape,
+                        // SAFETY: AVX-512F checked above, a head dim of 64 or 128, and the
+                        // helper's slices fit the shape.
+                        |s, out, q, k| unsafe { scores(s, out, q, k) },
+                        // SAFETY: as above.
+                        |s, out, p, v| unsafe { add_weighted(s, out, p, v) },
+                    );
                 }
             }
         }

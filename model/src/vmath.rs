@@ -473,7 +473,7 @@ fn few_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -494,46 +494,69 @@ mod tests {
     /// the sixteen lanes, strided rows and a score row wider than the tile.
     #[test]
     fn few_rows_match_plain_loops() {
-        let (rows, w, d, kv_stride, score_stride) = (3, 37, 70, 3 * 70 + 5, 40);
         let shape = FewRows {
+            rows: 3,
+            w: 37,
+            d: 70,
+            kv_stride: 3 * 70 + 5,
+            score_stride: 40,
+        };
+        few_rows_match_f64(
+            shape,
+            |s, out, q, k| s.scores(out, q, k),
+            |s, out, p, v| s.add_weighted(out, p, v),
+        );
+    }
+
+    /// Checks an implementation of [`FewRows::scores`] and [`FewRows::add_weighted`] at
+    /// `shape` against f64 loops: weights with zero (masked) entries, sums added onto what the
+    /// output rows held.
+    pub(crate) fn few_rows_match_f64(
+        shape: FewRows,
+        scores: impl Fn(FewRows, &mut [f32], &[f32], &[f32]),
+        add_weighted: impl Fn(FewRows, &mut [f32], &[f32], &[f32]),
+    ) {
+        let FewRows {
             rows,
             w,
             d,
             kv_stride,
             score_stride,
-        };
+        } = shape;
         let val = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
         let q: Vec<f32> = (0..rows * d).map(val).collect();
-        let kv: Vec<f32> = (0..w * kv_stride).map(|i| val(i + 17)).collect();
-        let mut scores = vec![f32::NAN; rows * score_stride];
-        shape.scores(&mut scores, &q, &kv);
+        let kv: Vec<f32> = (0..w.max(1) * kv_stride).map(|i| val(i + 17)).collect();
+        let mut got = vec![f32::NAN; rows * score_stride];
+        scores(shape, &mut got, &q, &kv);
         for r in 0..rows {
             for c in 0..w {
                 let want: f64 = (0..d)
                     .map(|x| q[r * d + x] as f64 * kv[c * kv_stride + x] as f64)
                     .sum();
-                let got = scores[r * score_stride + c] as f64;
+                let g = got[r * score_stride + c] as f64;
                 assert!(
-                    (got - want).abs() < 1e-4,
-                    "score ({r}, {c}): {got} vs {want}"
+                    (g - want).abs() < 1e-4,
+                    "{shape:?} score ({r}, {c}): {g} vs {want}"
                 );
             }
         }
-        // weights with masked (zero) entries, added onto what `out` holds
         let p: Vec<f32> = (0..rows * score_stride)
             .map(|i| if i % 5 == 0 { 0.0 } else { val(i + 3).abs() })
             .collect();
-        let mut out: Vec<f32> = (0..rows * d).map(|i| val(i + 11)).collect();
-        let before = out.clone();
-        shape.add_weighted(&mut out, &p, &kv);
+        let before: Vec<f32> = (0..rows * d).map(|i| val(i + 11)).collect();
+        let mut out = before.clone();
+        add_weighted(shape, &mut out, &p, &kv);
         for r in 0..rows {
             for x in 0..d {
                 let want = before[r * d + x] as f64
                     + (0..w)
                         .map(|c| p[r * score_stride + c] as f64 * kv[c * kv_stride + x] as f64)
                         .sum::<f64>();
-                let got = out[r * d + x] as f64;
-                assert!((got - want).abs() < 1e-4, "out ({r}, {x}): {got} vs {want}");
+                let g = out[r * d + x] as f64;
+                assert!(
+                    (g - want).abs() < 1e-4,
+                    "{shape:?} out ({r}, {x}): {g} vs {want}"
+                );
             }
         }
     }
