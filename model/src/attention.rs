@@ -91,7 +91,10 @@ pub enum CpuAttentionPrecision {
     F32,
     /// Q, K, V and the probabilities rounded to bf16, products and sums in f32 (the GPU
     /// kernel's precision), on CPUs with AVX-512 BF16 (twice the f32 products' rate there)
-    /// for calls of at least 16 queries; f32 elsewhere, so it never fails.
+    /// for calls of at least 16 queries; and decode steps (at most 8 rows per KV head) read
+    /// K and V rounded to bf16, kept laid out by head, products and sums in f32, on CPUs with
+    /// AVX-512F for head dims 64 and 128 (`LayerKv::decode_rows`: half the bytes a step
+    /// reads); f32 elsewhere, so it never fails.
     Bf16,
 }
 

@@ -18,12 +18,17 @@
 
 use std::arch::x86_64::*;
 
-use crate::vmath::{FewRows, prefetch};
+use crate::vmath::{FewRows, KvElement, prefetch};
 
 /// Whether [`scores`] and [`add_weighted`] take this shape: AVX-512F and a head dim of 64 or
 /// 128.
 pub(crate) fn takes(s: &FewRows) -> bool {
-    matches!(s.d, 64 | 128) && std::arch::is_x86_feature_detected!("avx512f")
+    takes_head_dim(s.d)
+}
+
+/// Whether the kernels take rows of head dim `d` on this CPU.
+pub(crate) fn takes_head_dim(d: usize) -> bool {
+    matches!(d, 64 | 128) && std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// [`FewRows::scores`] for a shape [`takes`] accepts.
@@ -32,12 +37,12 @@ pub(crate) fn takes(s: &FewRows) -> bool {
 /// The CPU has AVX-512F, `s.d` is 64 or 128, and the slices hold what `FewRows::check`
 /// requires.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn scores(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+pub(crate) unsafe fn scores<T: KvElement>(s: FewRows, scores: &mut [f32], q: &[f32], k: &[T]) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match s.d {
-            64 => scores_d::<4>(s, scores, q, k),
-            _ => scores_d::<8>(s, scores, q, k),
+            64 => scores_d::<4, T>(s, scores, q, k),
+            _ => scores_d::<8, T>(s, scores, q, k),
         }
     }
 }
@@ -47,19 +52,24 @@ pub(crate) unsafe fn scores(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]
 /// # Safety
 /// As for [`scores`].
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn add_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+pub(crate) unsafe fn add_weighted<T: KvElement>(s: FewRows, out: &mut [f32], p: &[f32], v: &[T]) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match s.d {
-            64 => weighted_d::<4>(s, out, p, v),
-            _ => weighted_d::<8>(s, out, p, v),
+            64 => weighted_d::<4, T>(s, out, p, v),
+            _ => weighted_d::<8, T>(s, out, p, v),
         }
     }
 }
 
 /// Scores with `D` vectors of 16 per row (`d = 16·D`).
 #[inline(always)]
-unsafe fn scores_d<const D: usize>(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+unsafe fn scores_d<const D: usize, T: KvElement>(
+    s: FewRows,
+    scores: &mut [f32],
+    q: &[f32],
+    k: &[T],
+) {
     let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
     let blocks = s.w / 16 * 16;
     // SAFETY: every load and store below stays within its slice: key `c < w` spans
@@ -77,7 +87,7 @@ unsafe fn scores_d<const D: usize>(s: FewRows, scores: &mut [f32], q: &[f32], k:
                 let row = query_row::<D>(qp.add(r * s.d));
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = dot_lanes::<D>(&row, kp.add((c0 + j) * s.kv_stride));
+                    *a = dot_lanes::<D, T>(&row, kp.add((c0 + j) * s.kv_stride));
                 }
                 _mm512_storeu_ps(sp.add(r * s.score_stride + c0), sum_each(acc));
             }
@@ -86,7 +96,7 @@ unsafe fn scores_d<const D: usize>(s: FewRows, scores: &mut [f32], q: &[f32], k:
         for c in blocks..s.w {
             for r in 0..s.rows {
                 let row = query_row::<D>(qp.add(r * s.d));
-                let lanes = dot_lanes::<D>(&row, kp.add(c * s.kv_stride));
+                let lanes = dot_lanes::<D, T>(&row, kp.add(c * s.kv_stride));
                 *sp.add(r * s.score_stride + c) = _mm512_reduce_add_ps(lanes);
             }
         }
@@ -105,12 +115,12 @@ unsafe fn query_row<const D: usize>(q: *const f32) -> [__m512; D] {
 
 /// The 16 lane sums of `row · key` (`key` 16·D floats).
 #[inline(always)]
-unsafe fn dot_lanes<const D: usize>(row: &[__m512; D], key: *const f32) -> __m512 {
-    // SAFETY: the caller's key holds 16·D floats.
+unsafe fn dot_lanes<const D: usize, T: KvElement>(row: &[__m512; D], key: *const T) -> __m512 {
+    // SAFETY: the caller's key holds 16·D elements.
     unsafe {
-        let mut a = _mm512_mul_ps(row[0], _mm512_loadu_ps(key));
+        let mut a = _mm512_mul_ps(row[0], T::load16(key));
         for (i, &x) in row.iter().enumerate().skip(1) {
-            a = _mm512_fmadd_ps(x, _mm512_loadu_ps(key.add(16 * i)), a);
+            a = _mm512_fmadd_ps(x, T::load16(key.add(16 * i)), a);
         }
         a
     }
@@ -165,7 +175,12 @@ unsafe fn sum_each(v: [__m512; 16]) -> __m512 {
 
 /// Weighted sums with `D` vectors of 16 per row, the rows in passes of at most `24 / D`.
 #[inline(always)]
-unsafe fn weighted_d<const D: usize>(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+unsafe fn weighted_d<const D: usize, T: KvElement>(
+    s: FewRows,
+    out: &mut [f32],
+    p: &[f32],
+    v: &[T],
+) {
     let per_pass = 24 / D;
     let mut r0 = 0;
     while r0 < s.rows {
@@ -173,12 +188,12 @@ unsafe fn weighted_d<const D: usize>(s: FewRows, out: &mut [f32], p: &[f32], v: 
         // SAFETY: forwarded; rows r0..r0 + n are within `rows`.
         unsafe {
             match n {
-                1 => weighted_rows::<D, 1>(s, r0, out, p, v),
-                2 => weighted_rows::<D, 2>(s, r0, out, p, v),
-                3 => weighted_rows::<D, 3>(s, r0, out, p, v),
-                4 => weighted_rows::<D, 4>(s, r0, out, p, v),
-                5 => weighted_rows::<D, 5>(s, r0, out, p, v),
-                _ => weighted_rows::<D, 6>(s, r0, out, p, v),
+                1 => weighted_rows::<D, 1, T>(s, r0, out, p, v),
+                2 => weighted_rows::<D, 2, T>(s, r0, out, p, v),
+                3 => weighted_rows::<D, 3, T>(s, r0, out, p, v),
+                4 => weighted_rows::<D, 4, T>(s, r0, out, p, v),
+                5 => weighted_rows::<D, 5, T>(s, r0, out, p, v),
+                _ => weighted_rows::<D, 6, T>(s, r0, out, p, v),
             }
         }
         r0 += n;
@@ -187,12 +202,12 @@ unsafe fn weighted_d<const D: usize>(s: FewRows, out: &mut [f32], p: &[f32], v: 
 
 /// Rows `r0..r0 + R` of a weighted sum, their outputs in `R·D` registers.
 #[inline(always)]
-unsafe fn weighted_rows<const D: usize, const R: usize>(
+unsafe fn weighted_rows<const D: usize, const R: usize, T: KvElement>(
     s: FewRows,
     r0: usize,
     out: &mut [f32],
     p: &[f32],
-    v: &[f32],
+    v: &[T],
 ) {
     let (op, pp, vp) = (out.as_mut_ptr(), p.as_ptr(), v.as_ptr());
     // SAFETY: every access stays within its slice: output row `r` spans `r·d .. (r + 1)·d`
@@ -207,7 +222,7 @@ unsafe fn weighted_rows<const D: usize, const R: usize>(
                 prefetch(&v[(c + AHEAD) * s.kv_stride..][..s.d]);
             }
             let row = vp.add(c * s.kv_stride);
-            let vals: [__m512; D] = std::array::from_fn(|i| _mm512_loadu_ps(row.add(16 * i)));
+            let vals: [__m512; D] = std::array::from_fn(|i| T::load16(row.add(16 * i)));
             for (r, a) in acc.iter_mut().enumerate() {
                 let w = *pp.add((r0 + r) * s.score_stride + c);
                 if w == 0.0 {
@@ -234,7 +249,7 @@ mod tests {
 
     /// Both kernels against f64 loops over every row count a unit can have, both head dims,
     /// tiles of whole blocks, a tail and none at all, strided rows, score rows wider than the
-    /// tile and zero weights.
+    /// tile and zero weights; f32 rows and bf16 ones.
     #[test]
     fn kernels_match_f64_loops() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
@@ -253,11 +268,20 @@ mod tests {
                     assert!(takes(&shape));
                     few_rows_match_f64(
                         shape,
+                        |x| x,
                         // SAFETY: AVX-512F checked above, a head dim of 64 or 128, and the
                         // helper's slices fit the shape.
-                        |s, out, q, k| unsafe { scores(s, out, q, k) },
+                        |s, out, q, k| unsafe { scores::<f32>(s, out, q, k) },
                         // SAFETY: as above.
-                        |s, out, p, v| unsafe { add_weighted(s, out, p, v) },
+                        |s, out, p, v| unsafe { add_weighted::<f32>(s, out, p, v) },
+                    );
+                    few_rows_match_f64(
+                        shape,
+                        half::bf16::from_f32,
+                        // SAFETY: as above.
+                        |s, out, q, k| unsafe { scores::<half::bf16>(s, out, q, k) },
+                        // SAFETY: as above.
+                        |s, out, p, v| unsafe { add_weighted::<half::bf16>(s, out, p, v) },
                     );
                 }
             }

@@ -171,6 +171,9 @@ struct Growth {
     /// The keys rotated to the positions they were last attended at, when a caller asked
     /// for them ([`LayerKv::rotated_keys`]); filled lazily.
     rotated: Mutex<Option<Rotated>>,
+    /// Head-major copies of the rotated keys and the values for CPU decode steps
+    /// ([`LayerKv::decode_rows`]); filled lazily. Locked after `rotated` when both are.
+    mirror: Mutex<Option<Mirror>>,
 }
 
 /// Rotated copies of a [`Growth`] buffer's leading keys: row `i < positions.len()` of `k`
@@ -186,6 +189,33 @@ struct Rotated {
     /// A pruned layer's per-head positions its first rows were rotated by (see
     /// [`PrunedLayer::host_positions`]); `None` for a layer of tokens.
     per_head: Option<Vec<u32>>,
+}
+
+/// A [`Growth`] buffer's leading rows laid out by head for a CPU decode step's attention:
+/// row `i < positions.len()` of head `h` in `k` (`[kv_heads, capacity, head_dim]`, f32 or
+/// bf16) is the buffer's pre-RoPE key row `i`, head `h`, rotated to `positions[i]`, and the
+/// same row of `v` its value. Each head's rows are contiguous, so a step's attention reads
+/// them as one stream per head instead of a third of every row of `[tokens, kv_heads,
+/// head_dim]` (BENCHMARKS §9 "Decode reads its cache by head"). As with [`Rotated`], rows are
+/// written once, past `positions.len()`; a call at other positions, per-head positions or
+/// dtype starts new buffers.
+#[derive(Debug)]
+struct Mirror {
+    k: Tensor,
+    v: Tensor,
+    positions: Vec<u32>,
+    per_head: Option<Vec<u32>>,
+}
+
+/// What [`LayerKv::decode_rows`] hands a decode step: a layer's rows laid out by head (see
+/// [`Mirror`]), `[kv_heads, capacity, head_dim]`, of which the first `len()` of the layer it
+/// came from are valid.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadRows {
+    /// Rotated keys.
+    pub(crate) k: Tensor,
+    /// Values.
+    pub(crate) v: Tensor,
 }
 
 /// A view's link to its buffers, with the ids of the exact `k`/`v` tensors it handed out.
@@ -297,6 +327,7 @@ impl LayerKv {
             v: concat_with_room(&[&self.v, v], cap)?,
             frontier: AtomicUsize::new(len + n),
             rotated: Mutex::new(None),
+            mirror: Mutex::new(None),
         };
         Ok((Self::view(Arc::new(buf), len + n)?, Vec::new()))
     }
@@ -394,6 +425,118 @@ impl LayerKv {
         Ok(r.k.narrow(0, 0, t)?)
     }
 
+    /// This layer's rotated keys and its values laid out by head in `dtype` (f32 or bf16),
+    /// for a CPU decode step's attention, or `None` for a layer without growth buffers
+    /// (whose rows [`LayerKv::rotated_keys`] rotates per call anyway). `positions` and
+    /// `per_head` and `rotate` mean what they mean there. Kept beside the buffers like the
+    /// rotated keys: a later call over the same rows at the same positions converts only
+    /// the rows appended since (a decode step's one row). A first call takes what
+    /// `rotated_keys` kept (its rows are the same) and then lets it go, so a decoding layer
+    /// holds the mirror instead of an f32 copy of its rotated keys. In f32 the rows equal
+    /// `rotated_keys`'s and `v`'s bit for bit (pinned by
+    /// `kv::tests::decode_rows_mirror_the_rotated_keys_by_head`).
+    pub(crate) fn decode_rows(
+        &self,
+        positions: &[u32],
+        per_head: Option<&[u32]>,
+        dtype: DType,
+        rotate: impl Fn(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Option<HeadRows>> {
+        let t = self.len();
+        if positions.len() != t {
+            return Err(invalid_input(format!(
+                "{} positions for a layer of {t} rows",
+                positions.len()
+            )));
+        }
+        if !matches!(dtype, DType::F32 | DType::BF16) || !self.k.device().is_cpu() {
+            return Err(invalid_input(format!(
+                "decode rows are f32 or bf16 on the CPU, asked for {dtype:?} on {:?}",
+                self.k.device()
+            )));
+        }
+        let Some(g) = self
+            .growth
+            .as_ref()
+            .filter(|g| g.k_id == self.k.id() && g.v_id == self.v.id())
+        else {
+            return Ok(None);
+        };
+        let cap = g.buf.k.dims()[0];
+        // lock order: rotated, then mirror; a panic while they were held left at worst rows
+        // past `positions` written
+        let mut rotated = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = match slot.as_ref() {
+            Some(m) if m.per_head.as_deref() == per_head && m.k.dtype() == dtype => m
+                .positions
+                .iter()
+                .zip(positions)
+                .take_while(|(a, b)| a == b)
+                .count(),
+            _ => 0,
+        };
+        if let Some(m) = slot.as_ref()
+            && kept == t
+        {
+            return Ok(Some(HeadRows {
+                k: m.k.clone(),
+                v: m.v.clone(),
+            }));
+        }
+        let appends = slot
+            .as_ref()
+            .is_some_and(|m| kept == m.positions.len() && kept > 0);
+        if !appends {
+            // new buffers: every row, the leading ones from the rotated keys kept when they
+            // were rotated to these positions
+            let (_, heads, d) = self.k.dims3()?;
+            let zeros = || Tensor::zeros((heads, cap, d), dtype, self.k.device());
+            let m = Mirror {
+                k: zeros()?,
+                v: zeros()?,
+                positions: Vec::new(),
+                per_head: per_head.map(<[u32]>::to_vec),
+            };
+            let reused = match rotated.take() {
+                Some(r) if r.per_head.as_deref() == per_head => {
+                    let n = r
+                        .positions
+                        .iter()
+                        .zip(positions)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    (n > 0).then(|| r.k.narrow(0, 0, n)).transpose()?
+                }
+                _ => None,
+            };
+            let from = reused.as_ref().map_or(0, |k| k.dims()[0]);
+            if let Some(k) = &reused {
+                write_by_head(&m.k, 0, k)?;
+                write_by_head(&m.v, 0, &self.v.narrow(0, 0, from)?)?;
+            }
+            *slot = Some(Mirror {
+                positions: positions[..from].to_vec(),
+                ..m
+            });
+        }
+        let m = slot
+            .as_mut()
+            .ok_or_else(|| invalid_input("decode rows went missing"))?;
+        let from = m.positions.len();
+        if from < t {
+            // rows past `from` were never handed out: written in place
+            let fresh = rotate(&self.k.narrow(0, from, t - from)?, from)?;
+            write_by_head(&m.k, from, &fresh)?;
+            write_by_head(&m.v, from, &self.v.narrow(0, from, t - from)?)?;
+            m.positions.extend_from_slice(&positions[from..]);
+        }
+        Ok(Some(HeadRows {
+            k: m.k.clone(),
+            v: m.v.clone(),
+        }))
+    }
+
     /// Gives the last `n` rows of this view back to its buffers when this view still holds
     /// their frontier: a view [`LayerKv::append_later`] returned whose rows will never be
     /// read (the call that appended them failed), so that the layer it was appended to
@@ -401,15 +544,28 @@ impl LayerKv {
     /// Nothing happens when another view has appended since or `n` exceeds the view.
     pub(crate) fn unreserve(&self, n: usize) {
         let len = self.len();
-        if let Some(g) = &self.growth
-            && g.k_id == self.k.id()
-            && g.v_id == self.v.id()
-            && n <= len
-        {
-            let _ =
-                g.buf
-                    .frontier
-                    .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire);
+        let Some(g) = self
+            .growth
+            .as_ref()
+            .filter(|g| g.k_id == self.k.id() && g.v_id == self.v.id() && n <= len)
+        else {
+            return;
+        };
+        let given_back = g
+            .buf
+            .frontier
+            .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if given_back {
+            // the next append may write other rows there: what was kept of them goes
+            let mut rotated = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = rotated.as_mut() {
+                r.positions.truncate(len - n);
+            }
+            let mut mirror = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = mirror.as_mut() {
+                m.positions.truncate(len - n);
+            }
         }
     }
 
@@ -523,6 +679,7 @@ impl LayerKv {
             v: concat_with_room(&vs, cap)?,
             frontier: AtomicUsize::new(len),
             rotated: Mutex::new(None),
+            mirror: Mutex::new(None),
         };
         Self::view(Arc::new(buf), len)
     }
@@ -887,6 +1044,16 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Writes `rows` (`[n, kv_heads, head_dim]`, f32) into `dst` (`[kv_heads, capacity,
+/// head_dim]`) at rows `at..at + n` of every head, in `dst`'s dtype.
+fn write_by_head(dst: &Tensor, at: usize, rows: &Tensor) -> Result<()> {
+    if rows.dims()[0] == 0 {
+        return Ok(());
+    }
+    let by_head = rows.to_dtype(dst.dtype())?.transpose(0, 1)?.contiguous()?;
+    Ok(dst.slice_set(&by_head, 1, at)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1086,6 +1253,111 @@ mod tests {
         assert_eq!(rotate_all(&b, &[3, 9])?, 0);
         assert_eq!(rotate_all(&b, &[3, 8])?, 5);
         assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 5));
+        Ok(())
+    }
+
+    /// Decode rows are the rotated keys and the values laid out by head: bit for bit in f32,
+    /// rounded in bf16; a decode step converts only its own row, in place; the rotated keys
+    /// kept before are taken and let go; other positions start new buffers; rows given back
+    /// are converted again when appended anew; a layer without growth buffers has none.
+    #[test]
+    fn decode_rows_mirror_the_rotated_keys_by_head() -> Result<()> {
+        use std::cell::Cell;
+        let dev = &Device::Cpu;
+        let rotated_rows = &Cell::new(0);
+        // a stand-in rotation that depends on the row's position: adds it to the row
+        let rotate = |pos: &[u32]| {
+            let pos = pos.to_vec();
+            move |rows: &Tensor, start: usize| -> Result<Tensor> {
+                let n = rows.dims()[0];
+                rotated_rows.set(rotated_rows.get() + n);
+                let p: Vec<f32> = pos[start..start + n].iter().map(|&p| p as f32).collect();
+                Ok(rows.broadcast_add(&Tensor::from_vec(p, (n, 1, 1), dev)?)?)
+            }
+        };
+        // rows by head, the first `t` of each, as `[t, heads, d]` f32
+        let by_token = |x: &Tensor, t: usize| -> Result<Vec<f32>> {
+            Ok(x.narrow(1, 0, t)?
+                .transpose(0, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1()?) };
+        let layer_rows = |n: usize, salt: f32| -> Result<Tensor> {
+            Ok((Tensor::randn(0f32, 1.0, (n, 3, 4), dev)? + f64::from(salt))?)
+        };
+        let empty = LayerKv::empty(3, 4, DType::F32, dev)?;
+        let a = empty.append(&layer_rows(5, 0.0)?, &layer_rows(5, 0.5)?)?;
+        let p5: Vec<u32> = (0..5).collect();
+        let want = a.rotated_keys(&p5, None, rotate(&p5))?;
+        rotated_rows.set(0);
+        let rows = a
+            .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+            .expect("a grown layer");
+        assert_eq!(rotated_rows.get(), 0, "the kept rotation was taken");
+        assert_eq!(by_token(&rows.k, 5)?, flat(&want)?);
+        assert_eq!(by_token(&rows.v, 5)?, flat(&a.v)?);
+        let g = &a.growth.as_ref().expect("grown").buf;
+        assert!(g.rotated.lock().unwrap().is_none(), "and let go");
+        // a decode step: one more row, converted alone, in place
+        let b = a.append(&layer_rows(1, 3.0)?, &layer_rows(1, 4.0)?)?;
+        let p6: Vec<u32> = (0..6).collect();
+        let again = b
+            .decode_rows(&p6, None, DType::F32, rotate(&p6))?
+            .expect("a grown layer");
+        assert_eq!(rotated_rows.get(), 1);
+        assert!(again.k.id() == rows.k.id() && again.v.id() == rows.v.id());
+        let want6 = flat(&rotate(&p6)(&b.k, 0)?)?;
+        assert_eq!(by_token(&again.k, 6)?, want6);
+        assert_eq!(by_token(&again.v, 6)?, flat(&b.v)?);
+        // the shorter view reads the same buffers' first rows
+        rotated_rows.set(0);
+        let shorter = a
+            .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+            .expect("grown");
+        assert!(shorter.k.id() == rows.k.id() && rotated_rows.get() == 0);
+        // bf16: new buffers, every value rounded once
+        let half = b
+            .decode_rows(&p6, None, DType::BF16, rotate(&p6))?
+            .expect("a grown layer");
+        assert_eq!(half.k.dtype(), DType::BF16);
+        let rounded = |x: Vec<f32>| -> Vec<f32> {
+            x.into_iter()
+                .map(|y| half::bf16::from_f32(y).to_f32())
+                .collect()
+        };
+        assert_eq!(by_token(&half.k, 6)?, rounded(want6.clone()));
+        assert_eq!(by_token(&half.v, 6)?, rounded(flat(&b.v)?));
+        // other positions start over, leaving what was handed out as it was
+        let moved: Vec<u32> = (10..16).collect();
+        let elsewhere = b
+            .decode_rows(&moved, None, DType::F32, rotate(&moved))?
+            .expect("a grown layer");
+        assert!(elsewhere.k.id() != again.k.id());
+        assert_eq!(by_token(&elsewhere.k, 6)?, flat(&rotate(&moved)(&b.k, 0)?)?);
+        assert_eq!(by_token(&again.k, 6)?, want6);
+        // a row given back and appended anew with other values is converted anew
+        let p7: Vec<u32> = (0..7).collect();
+        let (failed, writes) = b.append_later(&layer_rows(1, 50.0)?, &layer_rows(1, 60.0)?)?;
+        put_rows_many(&writes)?;
+        failed.decode_rows(&p7, None, DType::F32, rotate(&p7))?;
+        failed.unreserve(1);
+        let c = b.append(&layer_rows(1, -50.0)?, &layer_rows(1, -60.0)?)?;
+        let last = c
+            .decode_rows(&p7, None, DType::F32, rotate(&p7))?
+            .expect("grown");
+        assert_eq!(by_token(&last.k, 7)?, flat(&rotate(&p7)(&c.k, 0)?)?);
+        assert_eq!(by_token(&last.v, 7)?, flat(&c.v)?);
+        // a layer without growth buffers has none; bad requests are refused
+        let plain = LayerKv::new(layer_rows(5, 0.0)?, layer_rows(5, 0.0)?);
+        assert!(
+            plain
+                .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+                .is_none()
+        );
+        assert!(c.decode_rows(&p5, None, DType::F32, rotate(&p5)).is_err());
+        assert!(c.decode_rows(&p7, None, DType::F16, rotate(&p7)).is_err());
         Ok(())
     }
 

@@ -28,6 +28,13 @@
 //! and sums of the online softmax stay f32). Pinned by
 //! `tests::bf16_products_stay_within_bf16_error_of_naive`.
 //!
+//! [`attend_by_head`] takes a decode step's K and V laid out by head instead
+//! (`crate::kv::HeadRows`, `[kv_heads, capacity, d]`, f32 or bf16): each unit then reads its
+//! head's rows as one stream, where rows by token give it a third (for SmolLM2's three KV
+//! heads) of every row; bf16 rows are widened to f32 as the row-by-row kernels load them
+//! (BENCHMARKS §9 "Decode reads its cache by head"). Pinned by
+//! `tests::rows_by_head_attend_like_rows_by_token`.
+//!
 //! [`attend_summed`] also returns each key's probability summed over every query and head
 //! (query-aware blend's question pass): once a unit knows its rows' final maxima and sums, a
 //! second sweep recomputes `Q Kᵀ` tile by tile and adds `2^(s - max) / sum` per key, so the
@@ -35,6 +42,7 @@
 //! same test).
 
 use candle_core::{DType, Device, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::attention::{CpuAttentionPrecision, check_visible};
@@ -152,7 +160,7 @@ impl TiledPlan {
 
 /// `softmax(q kᵀ / √d) v` with the exact position mask of `plan`; see the module docs.
 pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    Ok(run(plan, q, k, v, false)?.0)
+    Ok(run(plan, q, Kv::ByToken { k, v }, false)?.0)
 }
 
 /// [`attend`], plus each key's attention probability summed over every query row and head,
@@ -163,23 +171,58 @@ pub(crate) fn attend_summed(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (out, sums) = run(plan, q, k, v, true)?;
+    let (out, sums) = run(plan, q, Kv::ByToken { k, v }, true)?;
     let t = sums.len();
     Ok((out, Tensor::from_vec(sums, t, &Device::Cpu)?))
 }
 
-/// The units of one call on rayon's pool; with `sums`, the per-key probability sums too
-/// (`[t]`; empty without).
-fn run(
+/// [`attend`] over a layer's rows laid out by head (`crate::kv::HeadRows`): `k` and `v`
+/// `[kv_heads, capacity, d]`, f32 or bf16, the first `plan`'s key count of each head's rows
+/// read. For calls whose units take the products row by row ([`reads_by_head`]): a decode
+/// step's. Products and sums are f32 whatever the rows hold; over f32 rows the result equals
+/// [`attend`]'s over the same rows token-major bit for bit (pinned by
+/// `tests::rows_by_head_attend_like_rows_by_token`).
+pub(crate) fn attend_by_head(
     plan: &TiledPlan,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    sums: bool,
-) -> Result<(Tensor, Vec<f32>)> {
+) -> Result<Tensor> {
+    Ok(run(plan, q, Kv::ByHead { k, v }, false)?.0)
+}
+
+/// Whether [`attend_by_head`] takes calls of `plan` for GQA groups of `group` query heads:
+/// every unit few enough rows for the row-by-row products (such calls never pack K and V
+/// to bf16: they have fewer than [`BF16_LEAST_QUERIES`] queries).
+pub(crate) fn reads_by_head(plan: &TiledPlan, group: usize) -> bool {
+    plan.q_pos.len() * group <= FEW_ROWS
+}
+
+const _: () = assert!(FEW_ROWS < BF16_LEAST_QUERIES);
+
+/// The K and V rows of one call: token-major `[t, kv_heads, d]` f32 (a layer's own), or
+/// head-major `[kv_heads, capacity, d]` f32 or bf16 (a decode mirror's, the first `t` rows of
+/// each head read).
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    ByToken { k: &'a Tensor, v: &'a Tensor },
+    ByHead { k: &'a Tensor, v: &'a Tensor },
+}
+
+/// The units of one call on rayon's pool; with `sums`, the per-key probability sums too
+/// (`[t]`; empty without).
+fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: bool) -> Result<(Tensor, Vec<f32>)> {
     let (n, num_heads, d) = q.dims3()?;
-    let (t, kv_heads, dk) = k.dims3()?;
-    if n != plan.q_pos.len() || t != plan.k_pos.len() || dk != d || v.dims() != k.dims() {
+    let t = plan.k_pos.len();
+    let (k, v, by_head) = match kv {
+        Kv::ByToken { k, v } => (k, v, false),
+        Kv::ByHead { k, v } => (k, v, true),
+    };
+    let (kv_heads, dk, fits) = match k.dims3()? {
+        (rows, heads, dk) if !by_head => (heads, dk, rows == t),
+        (heads, capacity, dk) => (heads, dk, t <= capacity),
+    };
+    if n != plan.q_pos.len() || !fits || dk != d || v.dims() != k.dims() {
         return Err(invalid_input(format!(
             "tiled attention planned for {}x{} keys used with q {:?}, k {:?}, v {:?}",
             plan.q_pos.len(),
@@ -196,23 +239,45 @@ fn run(
     }
     let shape = Shape {
         num_heads,
-        kv_heads,
         group: num_heads / kv_heads,
         d,
     };
-    let (q, k, v) = (contiguous_f32(q)?, contiguous_f32(k)?, contiguous_f32(v)?);
+    if by_head && (sums || !reads_by_head(plan, shape.group)) {
+        return Err(invalid_input(format!(
+            "rows by head are read by calls of at most {FEW_ROWS} rows per unit without sums, not {} queries × {} heads{}",
+            n,
+            shape.group,
+            if sums { " with sums" } else { "" }
+        )));
+    }
+    let q = contiguous_f32(q)?;
+    let (k, v) = if by_head {
+        (k.contiguous()?, v.contiguous()?)
+    } else {
+        (contiguous_f32(k)?, contiguous_f32(v)?)
+    };
     let units: Vec<(usize, QueryTile)> = (0..kv_heads)
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
     let split = !sums
         && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
         && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
-    let bf16 = plan.bf16_products(d);
-    let results: Vec<(Vec<f32>, Vec<f32>)> = with_slices(&q, &k, &v, |qs, ks, vs| {
-        let packed = bf16.then(|| PackedKv::new(ks, vs, t, kv_heads, d));
-        let ops = match &packed {
-            Some(packed) => Operands::Bf16(packed),
-            None => Operands::F32 { k: ks, v: vs },
+    let bf16 = !by_head && plan.bf16_products(d);
+    // key c of KV head kh starts at kh·head + c·row
+    let (row, head) = if by_head {
+        (d, k.dims()[1] * d)
+    } else {
+        (kv_heads * d, d)
+    };
+    let results: Vec<(Vec<f32>, Vec<f32>)> = with_slices(&q, &k, &v, |qs, kv| {
+        let packed = match (bf16, kv) {
+            (true, Slices::F32(ks, vs)) => Some(PackedKv::new(ks, vs, t, kv_heads, d)),
+            _ => None,
+        };
+        let ops = match (&packed, kv) {
+            (Some(packed), _) => Operands::Bf16(packed),
+            (None, Slices::F32(k, v)) => Operands::F32(Strided { k, v, row, head }),
+            (None, Slices::Bf16(k, v)) => Operands::Bf16Rows(Strided { k, v, row, head }),
         };
         if split {
             split_units(plan, shape, &units, qs, ops)
@@ -242,12 +307,35 @@ fn run(
     ))
 }
 
-/// What one call's products read: the f32 K and V rows, or their bf16 packing (`bf16dot`),
-/// chosen once per call.
+/// What one call's products read: the K and V rows as they are (f32, or a decode mirror's
+/// bf16 rows, whose products are f32 over rows widened as they load), or their bf16 packing
+/// (`bf16dot`), chosen once per call.
 #[derive(Clone, Copy)]
 enum Operands<'a> {
-    F32 { k: &'a [f32], v: &'a [f32] },
+    F32(Strided<'a, f32>),
+    Bf16Rows(Strided<'a, bf16>),
     Bf16(&'a PackedKv),
+}
+
+/// K and V rows in place: key (value) `c` of KV head `kh` starts at `kh·head + c·row`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    row: usize,
+    head: usize,
+}
+
+impl<'a, T> Strided<'a, T> {
+    /// Keys of head `kh` from key `k0` on.
+    fn keys(&self, kh: usize, k0: usize) -> &'a [T] {
+        &self.k[kh * self.head + k0 * self.row..]
+    }
+
+    /// Values of head `kh` from value `k0` on.
+    fn values(&self, kh: usize, k0: usize) -> &'a [T] {
+        &self.v[kh * self.head + k0 * self.row..]
+    }
 }
 
 /// One unit's two products over key tiles: its scaled queries in the operands' precision
@@ -270,7 +358,7 @@ impl<'a> UnitProducts<'a> {
         let rows = s.group * (tile.q_end - tile.q_start);
         let qt = scaled_queries(s, kh, tile, q);
         match ops {
-            Operands::F32 { .. } => Self {
+            Operands::F32(_) | Operands::Bf16Rows(_) => Self {
                 ops,
                 s,
                 kh,
@@ -293,17 +381,20 @@ impl<'a> UnitProducts<'a> {
 
     /// The score tile (row stride `KEY_TILE`) of keys `k0..k0 + w`.
     fn scores(&self, k0: usize, w: usize, scores: &mut [f32]) {
-        let (d, kv_stride) = (self.s.d, self.s.kv_heads * self.s.d);
+        let d = self.s.d;
         match self.ops {
-            Operands::F32 { k, .. } => score_tile(
+            Operands::F32(kv) => score_tile(
                 scores,
                 &self.q,
-                &k[k0 * kv_stride + self.kh * d..],
+                kv.keys(self.kh, k0),
                 self.rows,
                 w,
                 d,
-                kv_stride,
+                kv.row,
             ),
+            Operands::Bf16Rows(kv) => {
+                few_rows(self.rows, w, d, kv.row).scores(scores, &self.q, kv.keys(self.kh, k0))
+            }
             Operands::Bf16(packed) => {
                 packed.scores(self.kh, k0, w, &self.q_pairs, self.rows, scores, KEY_TILE)
             }
@@ -324,7 +415,7 @@ impl<'a> UnitProducts<'a> {
     ) -> Option<(f32, f32)> {
         let row = &mut scores[r * KEY_TILE..r * KEY_TILE + w];
         match self.ops {
-            Operands::F32 { .. } => {
+            Operands::F32(_) | Operands::Bf16Rows(_) => {
                 row[visible..].fill(0.0);
                 if visible == 0 {
                     return None;
@@ -352,17 +443,14 @@ impl<'a> UnitProducts<'a> {
     /// `out += P V` for the keys `k0..k0 + w` after [`Self::probabilities`] of every row: the
     /// probability tile `p` (row stride `KEY_TILE`) for f32 products, the pairs for bf16.
     fn add_weighted(&mut self, k0: usize, w: usize, p: &[f32], out: &mut [f32]) {
-        let (d, kv_stride) = (self.s.d, self.s.kv_heads * self.s.d);
+        let d = self.s.d;
         match self.ops {
-            Operands::F32 { v, .. } => add_weighted(
-                out,
-                p,
-                &v[k0 * kv_stride + self.kh * d..],
-                self.rows,
-                w,
-                d,
-                kv_stride,
-            ),
+            Operands::F32(kv) => {
+                add_weighted(out, p, kv.values(self.kh, k0), self.rows, w, d, kv.row)
+            }
+            Operands::Bf16Rows(kv) => {
+                few_rows(self.rows, w, d, kv.row).add_weighted(out, p, kv.values(self.kh, k0))
+            }
             Operands::Bf16(packed) => {
                 packed.add_weighted(self.kh, k0, w, &self.p_pairs, KEY_TILE / 2, self.rows, out);
             }
@@ -373,7 +461,6 @@ impl<'a> UnitProducts<'a> {
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     num_heads: usize,
-    kv_heads: usize,
     group: usize,
     d: usize,
 }
@@ -389,30 +476,39 @@ fn contiguous_f32(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?)
 }
 
-/// Runs `f` over the f32 contents of three contiguous CPU tensors.
+/// The K and V of one call on the host: f32, or bf16 (a decode mirror's rows).
+#[derive(Clone, Copy)]
+enum Slices<'a> {
+    F32(&'a [f32], &'a [f32]),
+    Bf16(&'a [bf16], &'a [bf16]),
+}
+
+/// Runs `f` over the contents of three contiguous CPU tensors: `q` f32, `k` and `v` both f32
+/// or both bf16.
 fn with_slices<R>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    f: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
+    f: impl FnOnce(&[f32], Slices<'_>) -> R,
 ) -> Result<R> {
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
+    fn slice<'a, T: candle_core::WithDType>(
+        s: &'a candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        len: usize,
+    ) -> candle_core::Result<&'a [T]> {
+        Ok(&s.as_slice::<T>()?[l.start_offset()..l.start_offset() + len])
+    }
     match (&*qs, &*ks, &*vs) {
         (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => {
-            fn slice<'a>(
-                s: &'a candle_core::CpuStorage,
-                l: &candle_core::Layout,
-                len: usize,
-            ) -> candle_core::Result<&'a [f32]> {
-                Ok(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + len])
-            }
-            Ok(f(
-                slice(qs, ql, q.elem_count())?,
-                slice(ks, kl, k.elem_count())?,
-                slice(vs, vl, v.elem_count())?,
-            ))
+            let (kn, vn) = (k.elem_count(), v.elem_count());
+            let kv = match k.dtype() {
+                DType::BF16 => Slices::Bf16(slice(ks, kl, kn)?, slice(vs, vl, vn)?),
+                _ => Slices::F32(slice(ks, kl, kn)?, slice(vs, vl, vn)?),
+            };
+            Ok(f(slice(qs, ql, q.elem_count())?, kv))
         }
         _ => Err(invalid_input("tiled attention takes CPU tensors")),
     }
@@ -611,8 +707,8 @@ fn score_tile(
 ) {
     assert!(scores.len() >= rows * KEY_TILE && w <= KEY_TILE && qt.len() >= rows * d);
     assert!(w == 0 || kt.len() >= (w - 1) * kv_stride + d);
-    if let Some(shape) = few_rows(rows, w, d, kv_stride) {
-        return shape.scores(scores, qt, kt);
+    if rows <= FEW_ROWS {
+        return few_rows(rows, w, d, kv_stride).scores(scores, qt, kt);
     }
     // SAFETY: dst has rows × KEY_TILE elements (row stride KEY_TILE ≥ w); lhs is rows × d
     // with row stride d; rhs element (x, c) is kt[c * kv_stride + x], and the last one read,
@@ -642,16 +738,15 @@ fn score_tile(
     }
 }
 
-/// The row-by-row products of a tile of at most [`FEW_ROWS`] rows (score rows `KEY_TILE`
-/// apart), or `None` for a larger tile, which `gemm` takes.
-fn few_rows(rows: usize, w: usize, d: usize, kv_stride: usize) -> Option<FewRows> {
-    (rows <= FEW_ROWS).then_some(FewRows {
+/// The row-by-row products of a tile (score rows `KEY_TILE` apart).
+fn few_rows(rows: usize, w: usize, d: usize, kv_stride: usize) -> FewRows {
+    FewRows {
         rows,
         w,
         d,
         kv_stride,
         score_stride: KEY_TILE,
-    })
+    }
 }
 
 /// `out[rows, d] += P[rows, w] · V` for the probability tile `p` (row stride `KEY_TILE`) and
@@ -667,8 +762,8 @@ fn add_weighted(
 ) {
     assert!(p.len() >= rows * KEY_TILE && w <= KEY_TILE && out.len() >= rows * d);
     assert!(w == 0 || vt.len() >= (w - 1) * kv_stride + d);
-    if let Some(shape) = few_rows(rows, w, d, kv_stride) {
-        return shape.add_weighted(out, p, vt);
+    if rows <= FEW_ROWS {
+        return few_rows(rows, w, d, kv_stride).add_weighted(out, p, vt);
     }
     // SAFETY: dst is rows × d with row stride d (asserted above); lhs is the probability
     // tile (row stride KEY_TILE, w columns); rhs element (c, x) is vt[c * kv_stride + x],
@@ -950,6 +1045,71 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{qp:?}: {a} vs {b}");
             }
         }
+    }
+
+    /// Rows laid out by head (a decode mirror's, with spare capacity) attend exactly as the
+    /// same rows by token: f32 rows bit for bit, bf16 rows bit for bit against f32 rows
+    /// holding the same rounded values; split and unsplit units, SmolLM2's head shape and
+    /// a small one; calls too large for them are refused.
+    #[test]
+    fn rows_by_head_attend_like_rows_by_token() {
+        let dev = Device::Cpu;
+        let flat = |x: Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (h, kvh, d) in [(9, 3, 64), (6, 2, 16)] {
+            for t in [700usize, 2600] {
+                let kp: Vec<u32> = (0..t as u32).map(|p| p * 2).collect();
+                let last = *kp.last().unwrap();
+                for qp in [vec![last + 1], vec![last - 2, last + 1]] {
+                    if qp.len() * (h / kvh) > FEW_ROWS {
+                        continue;
+                    }
+                    let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+                    let k = Tensor::randn(0f32, 1.0, (t, kvh, d), &dev).unwrap();
+                    let v = Tensor::randn(0f32, 1.0, (t, kvh, d), &dev).unwrap();
+                    let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::Bf16).unwrap();
+                    assert!(reads_by_head(&plan, h / kvh));
+                    // by head with room: [kv_heads, capacity, d]
+                    let by_head = |x: &Tensor, dtype: DType| {
+                        let room = Tensor::zeros((kvh, t + 300, d), dtype, &dev).unwrap();
+                        let rows = x.to_dtype(dtype).unwrap().transpose(0, 1).unwrap();
+                        room.slice_set(&rows.contiguous().unwrap(), 1, 0).unwrap();
+                        room
+                    };
+                    let want = flat(attend(&plan, &q, &k, &v).unwrap());
+                    let got = attend_by_head(
+                        &plan,
+                        &q,
+                        &by_head(&k, DType::F32),
+                        &by_head(&v, DType::F32),
+                    )
+                    .unwrap();
+                    assert_eq!(flat(got), want, "f32, d {d}, {t} keys, {qp:?}");
+                    let round = |x: &Tensor| {
+                        x.to_dtype(DType::BF16)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                    };
+                    let want = flat(attend(&plan, &q, &round(&k), &round(&v)).unwrap());
+                    let got = attend_by_head(
+                        &plan,
+                        &q,
+                        &by_head(&k, DType::BF16),
+                        &by_head(&v, DType::BF16),
+                    )
+                    .unwrap();
+                    assert_eq!(flat(got), want, "bf16, d {d}, {t} keys, {qp:?}");
+                }
+            }
+        }
+        // more rows per unit than the row-by-row products take
+        let kp: Vec<u32> = (0..40).collect();
+        let qp: Vec<u32> = (37..40).collect();
+        let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
+        assert!(!reads_by_head(&plan, 3));
+        let q = Tensor::zeros((3, 9, 64), DType::F32, &dev).unwrap();
+        let kv = Tensor::zeros((3, 64, 64), DType::F32, &dev).unwrap();
+        assert!(attend_by_head(&plan, &q, &kv, &kv).is_err());
     }
 
     /// bf16 products (where the CPU has them) on the paths a call can take — long calls'

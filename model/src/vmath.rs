@@ -326,49 +326,25 @@ pub(crate) struct FewRows {
 
 impl FewRows {
     /// `scores[r * score_stride + c] = q[r] · k[c * kv_stride..][..d]` for `r < rows`, `c < w`.
-    pub(crate) fn scores(self, scores: &mut [f32], q: &[f32], k: &[f32]) {
+    pub(crate) fn scores<T: KvElement>(self, scores: &mut [f32], q: &[f32], k: &[T]) {
         self.check(scores, q.len(), k.len());
         #[cfg(target_arch = "x86_64")]
-        {
-            if crate::few_rows_avx512::takes(&self) {
-                // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
-                return unsafe { crate::few_rows_avx512::scores(self, scores, q, k) };
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
-                return unsafe { few_scores_avx512(self, scores, q, k) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
-                return unsafe { few_scores_avx2(self, scores, q, k) };
-            }
+        if crate::few_rows_avx512::takes(&self) {
+            // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
+            return unsafe { crate::few_rows_avx512::scores(self, scores, q, k) };
         }
-        few_scores(self, scores, q, k)
+        T::few_scores(self, scores, q, k)
     }
 
     /// `out[r * d..][..d] += Σ_c p[r * score_stride + c] · v[c * kv_stride..][..d]`.
-    pub(crate) fn add_weighted(self, out: &mut [f32], p: &[f32], v: &[f32]) {
+    pub(crate) fn add_weighted<T: KvElement>(self, out: &mut [f32], p: &[f32], v: &[T]) {
         self.check(p, out.len(), v.len());
         #[cfg(target_arch = "x86_64")]
-        {
-            if crate::few_rows_avx512::takes(&self) {
-                // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
-                return unsafe { crate::few_rows_avx512::add_weighted(self, out, p, v) };
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
-                return unsafe { few_weighted_avx512(self, out, p, v) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
-                return unsafe { few_weighted_avx2(self, out, p, v) };
-            }
+        if crate::few_rows_avx512::takes(&self) {
+            // SAFETY: `takes` checked the CPU and the head dim; `check` the slices.
+            return unsafe { crate::few_rows_avx512::add_weighted(self, out, p, v) };
         }
-        few_weighted(self, out, p, v)
+        T::few_weighted(self, out, p, v)
     }
 
     /// Panics unless every slice holds what the shape reads or writes (a caller's bug).
@@ -377,6 +353,128 @@ impl FewRows {
         assert!(scores.len() >= self.rows.saturating_sub(1) * self.score_stride + self.w);
         assert!(rows_len >= self.rows * self.d);
         assert!(self.w == 0 || kv_len >= (self.w - 1) * self.kv_stride + self.d);
+    }
+}
+
+/// Whether [`FewRows`]' products over bf16 rows of head dim `d` run in vector kernels that
+/// widen sixteen elements per instruction (elsewhere each element is widened alone, slower
+/// than reading f32 rows).
+pub(crate) fn few_rows_widen_bf16(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::few_rows_avx512::takes_head_dim(d);
+    #[cfg(not(target_arch = "x86_64"))]
+    return {
+        let _ = d;
+        false
+    };
+}
+
+/// What a key or value row of [`FewRows`] holds: f32 (a layer's own rows), or bf16 (the
+/// decode mirror of a layer, `kv::DecodeMirror`). Products and sums are f32 either way: a
+/// bf16 element widens to f32 exactly.
+pub(crate) trait KvElement: Copy + Send + Sync + 'static {
+    /// The element as f32 (exact for both).
+    fn to_f32(self) -> f32;
+
+    /// Sixteen elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at sixteen readable elements; the caller is compiled for AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// [`FewRows::scores`] where the AVX-512 kernels do not take the shape.
+    fn few_scores(s: FewRows, scores: &mut [f32], q: &[f32], k: &[Self]) {
+        let mut key = vec![0f32; s.d];
+        for c in 0..s.w {
+            for (x, y) in key.iter_mut().zip(&k[c * s.kv_stride..][..s.d]) {
+                *x = y.to_f32();
+            }
+            for r in 0..s.rows {
+                scores[r * s.score_stride + c] = dot(&q[r * s.d..][..s.d], &key);
+            }
+        }
+    }
+
+    /// [`FewRows::add_weighted`] where the AVX-512 kernels do not take the shape.
+    fn few_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[Self]) {
+        for c in 0..s.w {
+            let value = &v[c * s.kv_stride..][..s.d];
+            for r in 0..s.rows {
+                let weight = p[r * s.score_stride + c];
+                if weight == 0.0 {
+                    continue; // a masked key (or one whose 2^x underflowed)
+                }
+                for (o, x) in out[r * s.d..][..s.d].iter_mut().zip(value) {
+                    *o += weight * x.to_f32();
+                }
+            }
+        }
+    }
+}
+
+impl KvElement for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+
+    fn few_scores(s: FewRows, scores: &mut [f32], q: &[f32], k: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+                return unsafe { few_scores_avx512(s, scores, q, k) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
+                return unsafe { few_scores_avx2(s, scores, q, k) };
+            }
+        }
+        few_scores(s, scores, q, k)
+    }
+
+    fn few_weighted(s: FewRows, out: &mut [f32], p: &[f32], v: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+                return unsafe { few_weighted_avx512(s, out, p, v) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA, the features the function is compiled for.
+                return unsafe { few_weighted_avx2(s, out, p, v) };
+            }
+        }
+        few_weighted(s, out, p, v)
+    }
+}
+
+impl KvElement for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller; a bf16 is the high half of the f32 it widens to
+        // (`bf16` is a transparent `u16`).
+        unsafe {
+            let halves = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+        }
     }
 }
 
@@ -411,12 +509,12 @@ const PREFETCH_ROWS: usize = 8;
 
 /// Asks the CPU to bring `row`'s cache lines in (a hint; no effect on results).
 #[inline(always)]
-pub(crate) fn prefetch(row: &[f32]) {
+pub(crate) fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for at in (0..std::mem::size_of_val(row)).step_by(64) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         // SAFETY: a prefetch reads nothing architecturally; the address is within `row`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().cast::<i8>().add(at)) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = row;
@@ -491,7 +589,7 @@ pub(crate) mod tests {
     }
 
     /// Few-row scores and weighted sums against f64 loops, at a head size with a tail past
-    /// the sixteen lanes, strided rows and a score row wider than the tile.
+    /// the sixteen lanes, strided rows and a score row wider than the tile; f32 and bf16 rows.
     #[test]
     fn few_rows_match_plain_loops() {
         let shape = FewRows {
@@ -503,6 +601,13 @@ pub(crate) mod tests {
         };
         few_rows_match_f64(
             shape,
+            |x| x,
+            |s, out, q, k| s.scores(out, q, k),
+            |s, out, p, v| s.add_weighted(out, p, v),
+        );
+        few_rows_match_f64(
+            shape,
+            half::bf16::from_f32,
             |s, out, q, k| s.scores(out, q, k),
             |s, out, p, v| s.add_weighted(out, p, v),
         );
@@ -511,10 +616,11 @@ pub(crate) mod tests {
     /// Checks an implementation of [`FewRows::scores`] and [`FewRows::add_weighted`] at
     /// `shape` against f64 loops: weights with zero (masked) entries, sums added onto what the
     /// output rows held.
-    pub(crate) fn few_rows_match_f64(
+    pub(crate) fn few_rows_match_f64<T: KvElement>(
         shape: FewRows,
-        scores: impl Fn(FewRows, &mut [f32], &[f32], &[f32]),
-        add_weighted: impl Fn(FewRows, &mut [f32], &[f32], &[f32]),
+        element: impl Fn(f32) -> T,
+        scores: impl Fn(FewRows, &mut [f32], &[f32], &[T]),
+        add_weighted: impl Fn(FewRows, &mut [f32], &[f32], &[T]),
     ) {
         let FewRows {
             rows,
@@ -525,13 +631,15 @@ pub(crate) mod tests {
         } = shape;
         let val = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
         let q: Vec<f32> = (0..rows * d).map(val).collect();
-        let kv: Vec<f32> = (0..w.max(1) * kv_stride).map(|i| val(i + 17)).collect();
+        let kv: Vec<T> = (0..w.max(1) * kv_stride)
+            .map(|i| element(val(i + 17)))
+            .collect();
         let mut got = vec![f32::NAN; rows * score_stride];
         scores(shape, &mut got, &q, &kv);
         for r in 0..rows {
             for c in 0..w {
                 let want: f64 = (0..d)
-                    .map(|x| q[r * d + x] as f64 * kv[c * kv_stride + x] as f64)
+                    .map(|x| q[r * d + x] as f64 * kv[c * kv_stride + x].to_f32() as f64)
                     .sum();
                 let g = got[r * score_stride + c] as f64;
                 assert!(
@@ -550,7 +658,9 @@ pub(crate) mod tests {
             for x in 0..d {
                 let want = before[r * d + x] as f64
                     + (0..w)
-                        .map(|c| p[r * score_stride + c] as f64 * kv[c * kv_stride + x] as f64)
+                        .map(|c| {
+                            p[r * score_stride + c] as f64 * kv[c * kv_stride + x].to_f32() as f64
+                        })
                         .sum::<f64>();
                 let g = out[r * d + x] as f64;
                 assert!(

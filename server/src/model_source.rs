@@ -28,7 +28,8 @@ pub struct ModelArgs {
     #[arg(long, env = "KVQ_ATTENTION", default_value = "auto")]
     pub attention: String,
     /// Precision of the CPU's tiled attention products: bf16 (bf16 inputs, f32 sums; on CPUs
-    /// with AVX-512 BF16, calls of 16+ queries; f32 elsewhere) or f32.
+    /// with AVX-512 BF16, calls of 16+ queries; decode steps read K and V in bf16 on CPUs with
+    /// AVX-512F; f32 elsewhere) or f32.
     #[arg(long, env = "KVQ_CPU_ATTENTION", default_value = "bf16")]
     pub cpu_attention: String,
     /// Precision of the CPU's weight products over many rows (prefill, blend's recomputed

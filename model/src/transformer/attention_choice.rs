@@ -12,7 +12,7 @@ use crate::attention::{
 };
 use crate::error::{ModelError, Result, invalid_input};
 use crate::hook::LayerProbe;
-use crate::kv::{LayerKv, Pruned, PrunedLayer};
+use crate::kv::{HeadRows, LayerKv, Pruned, PrunedLayer};
 use crate::parallel::ParallelContext;
 use crate::rope::RopeTables;
 
@@ -455,27 +455,60 @@ impl Model {
         pruned: Option<(&PrunedLayer, usize)>,
     ) -> Result<Tensor> {
         let t = kv.len();
-        let cpu = self.device.is_cpu();
+        if self.device.is_cpu() {
+            let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
+            return kv.rotated_keys(k_pos, per_head, self.key_rotation(kv, k_tables, pruned));
+        }
         match pruned {
-            None if cpu => kv.rotated_keys(k_pos, None, |part, start| {
-                k_tables.narrow(start, part.dims()[0])?.apply(part)
-            }),
             None => k_tables.apply(&kv.k),
-            Some((layer, rows)) if cpu => {
-                kv.rotated_keys(k_pos, Some(&layer.host_positions), |part, start| {
-                    if start >= rows {
-                        // rows appended after pruning: shared positions
-                        return k_tables.narrow(start, part.dims()[0])?.apply(part);
-                    }
-                    let tail = k_tables.narrow(rows, t - rows)?;
-                    let all = self.rotate_pruned(&kv.k, layer, rows, &tail)?;
-                    Ok(all.narrow(0, start, t - start)?)
-                })
-            }
             Some((layer, rows)) => {
                 self.rotate_pruned(&kv.k, layer, rows, &k_tables.narrow(rows, t - rows)?)
             }
         }
+    }
+
+    /// How the CPU's kept copies of a layer's keys ([`LayerKv::rotated_keys`],
+    /// [`LayerKv::decode_rows`]) rotate its pre-RoPE rows `start..` (`part`, running to the
+    /// layer's end): by `k_tables`, except a pruned layer's first rows, each by its own
+    /// (layer, head) position.
+    fn key_rotation<'a>(
+        &'a self,
+        kv: &'a LayerKv,
+        k_tables: &'a RopeTables,
+        pruned: Option<(&'a PrunedLayer, usize)>,
+    ) -> impl Fn(&Tensor, usize) -> Result<Tensor> + 'a {
+        move |part, start| match pruned {
+            Some((layer, rows)) if start < rows => {
+                let t = kv.len();
+                let tail = k_tables.narrow(rows, t - rows)?;
+                let all = self.rotate_pruned(&kv.k, layer, rows, &tail)?;
+                Ok(all.narrow(0, start, t - start)?)
+            }
+            // rows of tokens, or appended after pruning: shared positions
+            _ => k_tables.narrow(start, part.dims()[0])?.apply(part),
+        }
+    }
+
+    /// A CPU decode step's rows of `kv` laid out by head ([`LayerKv::decode_rows`]): bf16
+    /// under [`CpuAttentionPrecision::Bf16`] where the CPU has AVX-512F (whose kernels widen
+    /// them as they load), f32 otherwise; `None` for a layer without growth buffers.
+    fn decode_rows(
+        &self,
+        kv: &LayerKv,
+        k_tables: &RopeTables,
+        k_pos: &[u32],
+        pruned: Option<(&PrunedLayer, usize)>,
+    ) -> Result<Option<HeadRows>> {
+        let bf16 = self.cpu_attention_precision == CpuAttentionPrecision::Bf16
+            && crate::vmath::few_rows_widen_bf16(self.config.head_dim);
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
+        kv.decode_rows(
+            k_pos,
+            per_head,
+            dtype,
+            self.key_rotation(kv, k_tables, pruned),
+        )
     }
 
     /// A pruned layer's keys rotated: rows `0..rows` per head by `layer`'s positions, the
@@ -583,6 +616,14 @@ impl Model {
                 let c = &self.config;
                 let q = q.reshape((q.dims()[0], c.num_heads, c.head_dim))?;
                 let q_rot = q_tables.apply(&q)?;
+                // a decode step reads its layer's rows by head
+                if !*summed
+                    && crate::tiled::reads_by_head(plan, c.num_heads / c.num_kv_heads)
+                    && let Some(rows) = self.decode_rows(kv, k_tables, k_pos, pruned)?
+                {
+                    let out = crate::tiled::attend_by_head(plan, &q_rot, &rows.k, &rows.v)?;
+                    return Ok((out, LayerProbe::default()));
+                }
                 let k_rot = self.rotate_keys(kv, k_tables, k_pos, pruned)?;
                 if *summed {
                     let (out, sums) = crate::tiled::attend_summed(plan, &q_rot, &k_rot, v)?;
