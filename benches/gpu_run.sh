@@ -96,7 +96,7 @@ case "${1:-perf}" in
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
       --ratios 0.15 --host-codecs raw,int8,fp8 --phases --repeats 7 --json "$OUT/blend_codecs.json"
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
-      --ratios 0.15 --host-codecs raw,int8,fp8 --cpu-decode --phases --repeats 7 \
+      --ratios 0.15 --host-codecs raw,int8,fp8 --decode-in-store --phases --repeats 7 \
       --json "$OUT/blend_codecs_cpu_decode.json"
     for task in needle musique; do
       for att in fused reference; do

@@ -39,3 +39,17 @@ fn main() -> anyhow::Result<()> {
         Command::Calibrate(a) => kvquilt_bench::eval::calibrate::run(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are well formed: unique names and flags (a bench's own
+    /// flag named like one of the shared model arguments left `bench blend` unable to parse
+    /// any command line), valid defaults.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -117,3 +117,17 @@ fn bench_binary() -> Result<PathBuf> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are well formed (unique names and flags, valid defaults):
+    /// clap checks this only in debug builds, so a clash would otherwise surface as a release
+    /// binary that cannot parse the subcommand.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -77,7 +77,7 @@ pub struct BlendBenchArgs {
     /// With a lossy host codec, decode its records on the CPU (in the store) instead of on
     /// the model's device.
     #[arg(long)]
-    cpu_decode: bool,
+    decode_in_store: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -194,7 +194,7 @@ pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
             rt.handle().clone(),
         )
         .with_fallback_to_full(false)
-        .with_device_decode(!a.cpu_decode && model.device().is_cuda());
+        .with_device_decode(!a.decode_in_store && model.device().is_cuda());
         for seg in base.segments() {
             b.precompute(b"", seg)?;
         }
