@@ -51,12 +51,20 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// Rows of f32 as bf16 pairs: `rows` rows of `d` (even) from `src` (row stride `d`), each
-/// `d / 2` pairs.
+/// `d / 2` pairs. Where the CPU has AVX-512 BF16, sixteen values per instruction
+/// (`vcvtneps2bf16`: the same rounding as [`pair`] for every value but denormals, which it
+/// flushes to zero; pinned by `tests::rows_convert_as_pairs_do`) — a bf16 weight product's
+/// rows are converted per call, as many values as the call's activations.
 pub(crate) fn pairs_of_rows(src: &[f32], rows: usize, d: usize) -> Vec<u32> {
-    src[..rows * d]
-        .chunks_exact(2)
-        .map(|p| pair(p[0], p[1]))
-        .collect()
+    let src = &src[..rows * d];
+    #[cfg(target_arch = "x86_64")]
+    if available(16) {
+        let mut dst = vec![0u32; src.len() / 2];
+        // SAFETY: `available` checked AVX-512F and AVX-512 BF16; `dst` holds half of `src`.
+        unsafe { x86::to_pairs(src, &mut dst) };
+        return dst;
+    }
+    src.chunks_exact(2).map(|p| pair(p[0], p[1])).collect()
 }
 
 /// One row of an online softmax step, straight to bf16: `m = max(m_old, max(seen))`, then
@@ -385,6 +393,32 @@ pub(crate) mod x86 {
         }
     }
 
+    /// `src` (even length) as bf16 pairs into `dst` (half its length), sixteen values per
+    /// conversion, the tail by [`super::pair`].
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn to_pairs(src: &[f32], dst: &mut [u32]) {
+        assert!(src.len().is_multiple_of(2) && dst.len() == src.len() / 2);
+        let mut chunks = src.chunks_exact(16);
+        for (c, out) in (&mut chunks).zip(dst.chunks_exact_mut(8)) {
+            // SAFETY: `c` is 16 f32 and `out` 8 u32 (256 bits).
+            unsafe {
+                let packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(c.as_ptr()));
+                _mm256_storeu_si256(
+                    out.as_mut_ptr().cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(packed),
+                );
+            }
+        }
+        let rest = chunks.remainder();
+        let tail = &mut dst[(src.len() - rest.len()) / 2..];
+        for (o, p) in tail.iter_mut().zip(rest.chunks_exact(2)) {
+            *o = super::pair(p[0], p[1]);
+        }
+    }
+
     /// See [`super::probabilities_to_pairs`] (lengths checked there).
     ///
     /// # Safety
@@ -506,6 +540,50 @@ pub(crate) mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
             })
             .collect()
+    }
+
+    /// Rows converted sixteen values at a time equal [`pair`]'s rounding bit for bit — ties
+    /// to even, values that round up to the next binade, ±0, ±infinity, the largest finite
+    /// values (rounding to infinity), NaN staying NaN — on lengths with and without a tail;
+    /// denormals (below 2^-126) may come out as zero of their sign.
+    #[test]
+    fn rows_convert_as_pairs_do() {
+        let mut src = values(1000, 7);
+        let tie = f32::from_bits(0x3f80_8000); // exactly between two bf16: to even (down)
+        let up = f32::from_bits(0x3f81_8000); // between two bf16, odd below: up
+        let carry = f32::from_bits(0x3fff_ffff); // rounds into the next binade
+        src[..10].copy_from_slice(&[
+            tie,
+            up,
+            carry,
+            -carry,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+        ]);
+        for len in [1000, 998, 34, 16, 2] {
+            let got = pairs_of_rows(&src, 1, len);
+            let want: Vec<u32> = src[..len]
+                .chunks_exact(2)
+                .map(|p| pair(p[0], p[1]))
+                .collect();
+            assert_eq!(got, want, "{len} values");
+        }
+        let nan = pairs_of_rows(&[f32::NAN, -f32::NAN], 1, 2)[0];
+        for half in [nan & 0xffff, nan >> 16] {
+            assert!(bf16::from_bits(half as u16).is_nan());
+        }
+        let tiny = pairs_of_rows(&[1e-39, -1e-39], 1, 2)[0];
+        for (half, want) in [
+            (tiny & 0xffff, pair(1e-39, 0.0)),
+            (tiny >> 16, pair(-1e-39, 0.0)),
+        ] {
+            let got = bf16::from_bits(half as u16);
+            assert!(got.to_bits() == want as u16 || got.to_f32() == 0.0, "{got}");
+        }
     }
 
     /// Both products, every supported head dimension, row and key counts off the register
