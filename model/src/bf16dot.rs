@@ -50,6 +50,20 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(bf16::from_f32(lo).to_bits()) | (u32::from(bf16::from_f32(hi).to_bits()) << 16)
 }
 
+/// `src` (even length) as bf16 pairs into `dst` (half its length): by `vcvtneps2bf16` when
+/// `vector` (the caller checked [`available`]), else by [`pair`].
+fn convert_pairs(vector: bool, src: &[f32], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the caller checked AVX-512F and AVX-512 BF16; lengths as documented.
+        return unsafe { x86::to_pairs(src, dst) };
+    }
+    let _ = vector;
+    for (o, p) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *o = pair(p[0], p[1]);
+    }
+}
+
 /// Rows of f32 as bf16 pairs: `rows` rows of `d` (even) from `src` (row stride `d`), each
 /// `d / 2` pairs. Where the CPU has AVX-512 BF16, sixteen values per instruction
 /// (`vcvtneps2bf16`: the same rounding as [`pair`] for every value but denormals, which it
@@ -57,14 +71,9 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 /// rows are converted per call, as many values as the call's activations.
 pub(crate) fn pairs_of_rows(src: &[f32], rows: usize, d: usize) -> Vec<u32> {
     let src = &src[..rows * d];
-    #[cfg(target_arch = "x86_64")]
-    if available(16) {
-        let mut dst = vec![0u32; src.len() / 2];
-        // SAFETY: `available` checked AVX-512F and AVX-512 BF16; `dst` holds half of `src`.
-        unsafe { x86::to_pairs(src, &mut dst) };
-        return dst;
-    }
-    src.chunks_exact(2).map(|p| pair(p[0], p[1])).collect()
+    let mut dst = vec![0u32; src.len() / 2];
+    convert_pairs(available(16), src, &mut dst);
+    dst
 }
 
 /// One row of an online softmax step, straight to bf16: `m = max(m_old, max(seen))`, then
@@ -111,16 +120,22 @@ impl PackedKv {
         let half = d / 2;
         // split over rayon's threads by key block and value pair: packed on one thread, this
         // was the largest part of a reuse's question (32 rows over 5k cached tokens)
+        // sixteen values per conversion where the CPU has the instruction (as it does
+        // wherever the products run), one at a time otherwise; the same pairs either way
+        let vector = available(d);
         let mut keys = vec![0u32; kv_heads * blocks * half * KEY_BLOCK];
         keys.par_chunks_mut(half * KEY_BLOCK)
             .with_min_len(PACK_MIN_CHUNKS)
             .enumerate()
             .for_each(|(at, block)| {
                 let (kh, b) = (at / blocks, at % blocks);
+                let mut row_pairs = [0u32; 64];
                 for c in b * KEY_BLOCK..t.min((b + 1) * KEY_BLOCK) {
                     let row = &k[(c * kv_heads + kh) * d..][..d];
-                    for j in 0..half {
-                        block[j * KEY_BLOCK + c % KEY_BLOCK] = pair(row[2 * j], row[2 * j + 1]);
+                    let row_pairs = &mut row_pairs[..half];
+                    convert_pairs(vector, row, row_pairs);
+                    for (j, &p) in row_pairs.iter().enumerate() {
+                        block[j * KEY_BLOCK + c % KEY_BLOCK] = p;
                     }
                 }
             });
@@ -133,6 +148,12 @@ impl PackedKv {
                 let (kh, p) = (at / pairs, at % pairs);
                 let a = &v[(2 * p * kv_heads + kh) * d..][..d];
                 let b = (2 * p + 1 < t).then(|| &v[((2 * p + 1) * kv_heads + kh) * d..][..d]);
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: `available` checked AVX-512F and AVX-512 BF16 and `d` a
+                    // multiple of 16; `a`, `b` and `out` are `d` long.
+                    return unsafe { x86::interleave_pairs(a, b, out) };
+                }
                 for (x, o) in out.iter_mut().enumerate() {
                     *o = pair(a[x], b.map_or(0.0, |b| b[x]));
                 }
@@ -419,6 +440,32 @@ pub(crate) mod x86 {
         }
     }
 
+    /// `out[x] = pair(a[x], b[x])` (`b` absent: 0), sixteen at a time.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 present; `a`, `b` and `out` the same length, a multiple of
+    /// 16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave_pairs(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
+        assert!(out.len().is_multiple_of(16) && a.len() == out.len());
+        assert!(b.is_none_or(|b| b.len() == out.len()));
+        // 16 values as bf16, each in the low half of a 32-bit lane
+        let lanes = |x: &[f32]| {
+            // SAFETY: `x` is 16 f32; the features are enabled here.
+            unsafe {
+                let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr()));
+                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h))
+            }
+        };
+        for (i, o) in out.chunks_exact_mut(16).enumerate() {
+            let lo = lanes(&a[16 * i..][..16]);
+            let hi = b.map_or(_mm512_setzero_si512(), |b| lanes(&b[16 * i..][..16]));
+            let both = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            // SAFETY: `o` is 16 u32.
+            unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), both) };
+        }
+    }
+
     /// See [`super::probabilities_to_pairs`] (lengths checked there).
     ///
     /// # Safety
@@ -583,6 +630,44 @@ pub(crate) mod tests {
         ] {
             let got = bf16::from_bits(half as u16);
             assert!(got.to_bits() == want as u16 || got.to_f32() == 0.0, "{got}");
+        }
+    }
+
+    /// `PackedKv` holds the same pairs as packing pair by pair: keys by blocks of 16, values
+    /// by key pairs, an odd key count's last value paired with zero.
+    #[test]
+    fn kv_packs_as_pair_by_pair() {
+        if !available(64) {
+            eprintln!("this CPU has no AVX-512 BF16");
+            return;
+        }
+        for (t, kv_heads, d) in [(37usize, 3usize, 64usize), (16, 1, 16), (5, 2, 128)] {
+            let k = values(t * kv_heads * d, 3);
+            let v = values(t * kv_heads * d, 4);
+            let packed = PackedKv::new(&k, &v, t, kv_heads, d);
+            let (blocks, pairs, half) = (t.div_ceil(KEY_BLOCK), t.div_ceil(2), d / 2);
+            for kh in 0..kv_heads {
+                for c in 0..t {
+                    let row = &k[(c * kv_heads + kh) * d..][..d];
+                    for j in 0..half {
+                        let at = (kh * blocks + c / KEY_BLOCK) * half * KEY_BLOCK
+                            + j * KEY_BLOCK
+                            + c % KEY_BLOCK;
+                        assert_eq!(packed.keys[at], pair(row[2 * j], row[2 * j + 1]));
+                    }
+                }
+                for p in 0..pairs {
+                    let a = &v[(2 * p * kv_heads + kh) * d..][..d];
+                    for x in 0..d {
+                        let b = if 2 * p + 1 < t {
+                            v[((2 * p + 1) * kv_heads + kh) * d + x]
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(packed.values[(kh * pairs + p) * d + x], pair(a[x], b));
+                    }
+                }
+            }
         }
     }
 
