@@ -172,7 +172,7 @@ struct Growth {
     /// for them ([`LayerKv::rotated_keys`]); filled lazily.
     rotated: Mutex<Option<Rotated>>,
     /// Head-major copies of the rotated keys and the values for CPU decode steps
-    /// ([`LayerKv::decode_rows`]); filled lazily. Locked after `rotated` when both are.
+    /// ([`LayerKv::decode_rows`]); filled lazily. Never locked while `rotated` is.
     mirror: Mutex<Option<Mirror>>,
 }
 
@@ -382,12 +382,7 @@ impl LayerKv {
         // a panic while the lock was held left at worst rows past `positions` written
         let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
-            Some(r) if r.per_head.as_deref() == per_head => r
-                .positions
-                .iter()
-                .zip(positions)
-                .take_while(|(a, b)| a == b)
-                .count(),
+            Some(r) if r.per_head.as_deref() == per_head => common_prefix(&r.positions, positions),
             _ => 0,
         };
         if let Some(r) = slot.as_ref()
@@ -430,9 +425,10 @@ impl LayerKv {
     /// (whose rows [`LayerKv::rotated_keys`] rotates per call anyway). `positions` and
     /// `per_head` and `rotate` mean what they mean there. Kept beside the buffers like the
     /// rotated keys: a later call over the same rows at the same positions converts only
-    /// the rows appended since (a decode step's one row). A first call takes what
-    /// `rotated_keys` kept (its rows are the same) and then lets it go, so a decoding layer
-    /// holds the mirror instead of an f32 copy of its rotated keys. In f32 the rows equal
+    /// the rows appended since (a decode step's one row). Every call takes what
+    /// `rotated_keys` kept (a first call converts its rows instead of rotating them again)
+    /// and lets it go, so a decoding layer holds the mirror instead of an f32 copy of its
+    /// rotated keys. In f32 the rows equal
     /// `rotated_keys`'s and `v`'s bit for bit (pinned by
     /// `kv::tests::decode_rows_mirror_the_rotated_keys_by_head`).
     pub(crate) fn decode_rows(
@@ -463,17 +459,20 @@ impl LayerKv {
             return Ok(None);
         };
         let cap = g.buf.k.dims()[0];
-        // lock order: rotated, then mirror; a panic while they were held left at worst rows
-        // past `positions` written
-        let mut rotated = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+        // the f32 rotated keys go whatever this call does (a longer call since the last step
+        // rotated them again): the mirror stands in for them from here on
+        let rotation = g
+            .buf
+            .rotated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // a panic while the mirror was locked left at worst rows past `positions` written
         let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
-            Some(m) if m.per_head.as_deref() == per_head && m.k.dtype() == dtype => m
-                .positions
-                .iter()
-                .zip(positions)
-                .take_while(|(a, b)| a == b)
-                .count(),
+            Some(m) if m.per_head.as_deref() == per_head && m.k.dtype() == dtype => {
+                common_prefix(&m.positions, positions)
+            }
             _ => 0,
         };
         if let Some(m) = slot.as_ref()
@@ -498,14 +497,9 @@ impl LayerKv {
                 positions: Vec::new(),
                 per_head: per_head.map(<[u32]>::to_vec),
             };
-            let reused = match rotated.take() {
+            let reused = match rotation {
                 Some(r) if r.per_head.as_deref() == per_head => {
-                    let n = r
-                        .positions
-                        .iter()
-                        .zip(positions)
-                        .take_while(|(a, b)| a == b)
-                        .count();
+                    let n = common_prefix(&r.positions, positions);
                     (n > 0).then(|| r.k.narrow(0, 0, n)).transpose()?
                 }
                 _ => None,
@@ -558,12 +552,22 @@ impl LayerKv {
             .is_ok();
         if given_back {
             // the next append may write other rows there: what was kept of them goes
-            let mut rotated = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(r) = rotated.as_mut() {
+            if let Some(r) = g
+                .buf
+                .rotated
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
                 r.positions.truncate(len - n);
             }
-            let mut mirror = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(m) = mirror.as_mut() {
+            if let Some(m) = g
+                .buf
+                .mirror
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
                 m.positions.truncate(len - n);
             }
         }
@@ -1044,6 +1048,12 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// How many leading positions `kept` and `asked` share: the rows of a kept copy a call at
+/// `asked` can read.
+fn common_prefix(kept: &[u32], asked: &[u32]) -> usize {
+    kept.iter().zip(asked).take_while(|(a, b)| a == b).count()
+}
+
 /// Writes `rows` (`[n, kv_heads, head_dim]`, f32) into `dst` (`[kv_heads, capacity,
 /// head_dim]`) at rows `at..at + n` of every head, in `dst`'s dtype.
 fn write_by_head(dst: &Tensor, at: usize, rows: &Tensor) -> Result<()> {
@@ -1311,6 +1321,10 @@ mod tests {
         let want6 = flat(&rotate(&p6)(&b.k, 0)?)?;
         assert_eq!(by_token(&again.k, 6)?, want6);
         assert_eq!(by_token(&again.v, 6)?, flat(&b.v)?);
+        // rotated keys kept again (a longer call between steps) go at the next step
+        b.rotated_keys(&p6, None, rotate(&p6))?;
+        b.decode_rows(&p6, None, DType::F32, rotate(&p6))?;
+        assert!(g.rotated.lock().unwrap().is_none());
         // the shorter view reads the same buffers' first rows
         rotated_rows.set(0);
         let shorter = a
