@@ -14,6 +14,13 @@ use crate::{cmd, serve};
 /// Name of the harness binary `bench`, `eval` and `calibrate` run.
 pub const BENCH_BINARY: &str = "kvquilt-bench";
 
+/// The `kvquilt` command line as clap describes it: for checks of the documentation's command
+/// lines against the flags that exist.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+}
+
 #[derive(Parser)]
 #[command(
     name = "kvquilt",
