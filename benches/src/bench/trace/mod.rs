@@ -157,7 +157,13 @@ struct Report {
 
 pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     if a.k == 0 || a.queries <= a.warmup || a.window == 0 || !a.warmup.is_multiple_of(a.window) {
-        bail!("need k ≥ 1, queries > warmup, and warmup a multiple of window");
+        bail!(
+            "need --k ≥ 1, --queries > --warmup, and --warmup a multiple of --window (got k {}, queries {}, warmup {}, window {})",
+            a.k,
+            a.queries,
+            a.warmup,
+            a.window
+        );
     }
     if !(0.0..1.0).contains(&a.novel) || a.host_capacity <= 0.0 || a.ssd_capacity < 0.0 {
         bail!("novel must be in [0, 1), host capacity > 0, SSD capacity ≥ 0");
