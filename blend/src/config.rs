@@ -82,8 +82,11 @@ impl Mode {
 pub struct BlendConfig {
     /// Fraction of the non-suffix tokens recomputed after the last check layer (0..=1).
     pub ratio: f32,
-    /// Layers at which tokens are re-ranked, increasing, each in `1..num_layers`. Layers
-    /// before the first are computed for every token (CacheBlend: layer 0, check at 1).
+    /// Layers at which tokens are re-ranked, increasing, each in `0..num_layers`. Layers
+    /// before the first are computed for every token (CacheBlend: layer 0, check at 1). A
+    /// check at layer 0 ranks before any layer runs, so only the selected rows are ever
+    /// computed; it has no deviation to rank by (a layer's stored KV before any layer ran
+    /// is exact: it depends on the token alone) and so needs `query_weight` 1.
     pub check_layers: Vec<usize>,
     /// Gradual filtering: the first check layer keeps `ratio · gradual` (capped at 1) and the
     /// ratio falls linearly to `ratio` at the last check layer. 1 = no filtering schedule.
@@ -248,10 +251,17 @@ impl BlendConfig {
         if self.check_layers.windows(2).any(|w| w[0] >= w[1]) {
             return Err(invalid("check layers must be strictly increasing"));
         }
-        if self.check_layers[0] == 0 || *self.check_layers.last().unwrap_or(&0) >= num_layers {
+        if *self.check_layers.last().unwrap_or(&0) >= num_layers {
             return Err(invalid(format!(
-                "check layers {:?} must lie in 1..{num_layers}",
+                "check layers {:?} must lie in 0..{num_layers}",
                 self.check_layers
+            )));
+        }
+        if self.check_layers[0] == 0 && self.query_weight < 1.0 {
+            return Err(invalid(format!(
+                "a check at layer 0 ranks by the question alone (query weight 1, not {}): \
+                 no layer has run, so there is no deviation to rank by",
+                self.query_weight
             )));
         }
         if !(0.0..=1.0).contains(&self.query_weight) {

@@ -1,6 +1,8 @@
 //! CacheBlend's forward pass: layer 0 for every token, then at each check layer keep the
-//! tokens whose cached KV deviates most from their fresh KV, and recompute only those on
-//! the layers after, attending over the full-length cache with the exact causal mask.
+//! tokens whose cached KV deviates most from their fresh KV (or, query-aware, those the
+//! question attends to most), and recompute only those on the layers after, attending over
+//! the full-length cache with the exact causal mask. A check at layer 0 (query-aware only)
+//! ranks before any layer runs, so no layer is computed for every token.
 
 use std::cell::RefCell;
 
@@ -124,39 +126,54 @@ fn run(
         .copied()
         .zip(cfg.schedule().into_iter().map(Some))
         .chain(std::iter::once((num_layers, None)));
-    for (check, ratio) in spans {
-        enter(if cursor == 0 {
-            "layers before check"
-        } else {
-            "recompute layers"
-        })?;
-        hidden = model
-            .run_layers_with(
-                cursor..check,
-                hidden,
-                Rows::Replace(&active),
-                cache,
-                &mut FillLayers(&mut *fill_once),
-            )?
-            .hidden;
+    for (i, (check, ratio)) in spans.enumerate() {
+        if cursor < check {
+            enter(if i == 0 {
+                "layers before check"
+            } else {
+                "recompute layers"
+            })?;
+            hidden = model
+                .run_layers_with(
+                    cursor..check,
+                    hidden,
+                    Rows::Replace(&active),
+                    cache,
+                    &mut FillLayers(&mut *fill_once),
+                )?
+                .hidden;
+        }
         let Some(ratio) = ratio else { break };
-        fill_once(check, &mut cache.layers[check])?;
+        if check > 0 {
+            fill_once(check, &mut cache.layers[check])?;
+        }
         enter("check layer")?;
-        let fresh = model.kv_projection(check, &hidden)?;
-        let cached = if active.len() == n {
-            // every row is active (the first check): the layer as it is, no gather
-            cache.layers[check].clone()
+        // A check at layer 0 ranks by the question alone (validated): no layer has run, and
+        // layer 0's stored KV is what the tokens alone give, so nothing is projected and no
+        // row replaced.
+        let mut scores = if check == 0 {
+            vec![0.0; active.len()]
         } else {
-            let rows = Tensor::new(
-                active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                model.device(),
-            )?;
-            LayerKv::new(
-                cache.layers[check].k.index_select(&rows, 0)?,
-                cache.layers[check].v.index_select(&rows, 0)?,
-            )
+            let fresh = model.kv_projection(check, &hidden)?;
+            let cached = if active.len() == n {
+                // every row is active (the first check): the layer as it is, no gather
+                cache.layers[check].clone()
+            } else {
+                let rows = Tensor::new(
+                    active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    model.device(),
+                )?;
+                LayerKv::new(
+                    cache.layers[check].k.index_select(&rows, 0)?,
+                    cache.layers[check].v.index_select(&rows, 0)?,
+                )
+            };
+            let scores = deviation(&fresh, &cached, cfg.deviation)?;
+            // CacheBlend's check layer attends with fresh K/V for every token it scored.
+            let index = RowReplacement::new(n, &active, model.device())?;
+            cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
+            scores
         };
-        let mut scores = deviation(&fresh, &cached, cfg.deviation)?;
         if let Some(att) = &attention {
             mix(&mut scores, &active, att, roles, cfg.query_weight);
         }
@@ -166,9 +183,6 @@ fn run(
         if cfg.whole_segments {
             scores = by_segment(&scores, &active, roles, cfg.chunk_sink);
         }
-        // CacheBlend's check layer attends with fresh K/V for every token it scored.
-        let index = RowReplacement::new(n, &active, model.device())?;
-        cache.layers[check] = cache.layers[check].replace_rows(&index, &fresh)?;
         let budget = (ratio * roles.cached_len() as f32).floor() as usize;
         let kept = select(&active, &scores, roles, budget, ratio, cfg.spread());
         let pick: Vec<u32> = active

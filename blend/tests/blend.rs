@@ -203,6 +203,96 @@ fn blend_at_ratio_one_equals_full() {
     }
 }
 
+/// A check at layer 0 ranks by the question before any layer runs: no layer is computed for
+/// every token, so at ratio 0 the blend is `reuse` (only the question's rows computed, over
+/// the stored KV), at ratio 1 it is full prefill, and in between it recomputes exactly its
+/// budget. The default (check at layer 1, layer 0 for every token) differs from reuse at
+/// ratio 0 — the test would not tell the two apart otherwise. Without the question's
+/// ranking a check at layer 0 has nothing to rank by and is refused.
+#[test]
+fn a_check_at_layer_zero_computes_only_the_selected_rows() {
+    for kind in ["llama", "qwen2"] {
+        let s = setup(tiny(kind));
+        let b = &s.blender;
+        let (p, a, c, q) = (
+            toks(31, 9, 512),
+            toks(32, 40, 512),
+            toks(33, 27, 512),
+            toks(34, 6, 512),
+        );
+        let r = req(
+            p.clone(),
+            vec![a.clone(), c.clone()],
+            q.clone(),
+            Mode::Reuse,
+        );
+        b.run(b"", &r).unwrap(); // stores every segment
+        let at_zero = |ratio: f32| BlendConfig {
+            ratio,
+            check_layers: vec![0],
+            ..BlendConfig::default()
+        };
+        let reuse = reuse_by_hand(b, &[&p, &a, &c], &q);
+        let out = b
+            .run(b"", &with_mode(&r, Mode::Blend(at_zero(0.0))))
+            .unwrap();
+        assert_eq!(out.stats.misses, 0, "{kind}");
+        assert_eq!(out.stats.recompute_fraction, 0.0, "{kind}");
+        assert_close(&out.logits, &reuse, 1e-5, "check at 0, ratio 0 = reuse");
+        let default_at_zero = BlendConfig {
+            ratio: 0.0,
+            ..BlendConfig::default()
+        };
+        let out = b
+            .run(b"", &with_mode(&r, Mode::Blend(default_at_zero)))
+            .unwrap();
+        let (x, y) = (vec1(&out.logits), vec1(&reuse));
+        let diff = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff > 1e-3,
+            "{kind}: layer 0 for every token changed nothing ({diff})"
+        );
+
+        let out = b
+            .run(b"", &with_mode(&r, Mode::Blend(at_zero(1.0))))
+            .unwrap();
+        assert_close(
+            &out.logits,
+            &full(b, &r),
+            1e-4,
+            "check at 0, ratio 1 = full",
+        );
+
+        let timed = BlendRequest {
+            time_phases: true,
+            ..with_mode(&r, Mode::Blend(at_zero(0.5)))
+        };
+        let out = b.run(b"", &timed).unwrap();
+        let cached = (p.len() + a.len() + c.len()) as f64;
+        assert_eq!(
+            out.stats.recompute_fraction,
+            (0.5 * cached).floor() / cached,
+            "{kind}"
+        );
+        let phases: Vec<&str> = out.stats.phases.iter().map(|p| p.phase).collect();
+        assert!(phases.contains(&"recompute layers"), "{phases:?}");
+        assert!(!phases.contains(&"layers before check"), "{phases:?}");
+
+        let mixed = BlendConfig {
+            query_weight: 0.5,
+            ..at_zero(0.3)
+        };
+        let e = b
+            .run(b"", &with_mode(&r, Mode::Blend(mixed)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 0"), "{e}");
+    }
+}
+
 /// APE's correction in a blend at ratio 1: every chunk row is recomputed exactly, so the
 /// blend equals a full prefill of the context, marked as a parallel context, with the suffix
 /// prefilled over it — corrected as it attends to the chunks (and unit settings equal full

@@ -58,7 +58,7 @@ pub struct Args {
     ratios: Vec<f32>,
     /// Token-selection variants of blend (see `presets.rs`): cacheblend, starts, kv,
     /// gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts,
-    /// qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S] (APE's correction,
+    /// qzero, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S] (APE's correction,
     /// temperature and scale 0.9 unless given), qtemp:T (APE with S = 1 / T), kvquilt.
     #[arg(long, value_delimiter = ',', default_value = "cacheblend")]
     variants: Vec<String>,

@@ -63,6 +63,13 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             chunk_start: 4,
             ..base
         },
+        // query-aware, ranked before layer 0: only the selected rows are ever computed (no
+        // layer for every token, no check layer's fresh K/V)
+        "qzero" => BlendConfig {
+            query_weight: 1.0,
+            check_layers: vec![0],
+            ..base
+        },
         // query-aware, re-ranked at layers 1..=3 from 2r down to r
         "qgradual" => BlendConfig {
             query_weight: 1.0,
@@ -161,7 +168,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             }
         }
         other => bail!(
-            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S], qtemp:T[:select|:answer][@A-B] or kvquilt)"
+            "unknown blend variant `{other}` (expected cacheblend, starts, kv, gradual, perchunk, query, queryN, qspan, qspan4, qchunk, vchunk, mixed, qstarts, qzero, qgradual, qperchunk, qmass, qtop, qgtop, ape[:T:S], qape[:T:S], qtemp:T[:select|:answer][@A-B] or kvquilt)"
         ),
     })
 }
