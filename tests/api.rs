@@ -41,6 +41,8 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
             .expect("calibration in /v1/models");
         assert!(cal.calibrated, "{}", cal.note);
         assert_eq!(cal.blend_ratio, Some(0.3));
+        // on the CPU (f32) its record ranks by the question before layer 0
+        assert_eq!(cal.selection.as_deref(), Some("qzero"), "{}", cal.note);
         let doc = c.openapi().await.unwrap();
         assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
 

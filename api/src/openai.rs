@@ -346,6 +346,12 @@ pub struct ModelCalibration {
     /// The ratio `blend` runs when a request names none; absent when such requests are
     /// served as `prefix` (uncalibrated, not opted in).
     pub blend_ratio: Option<f32>,
+    /// How that blend selects the tokens it recomputes: the record's selection variant
+    /// (`qzero`: ranked by the question before layer 0; `kvquilt`: after layer 0 for every
+    /// token; names as `kvquilt eval --variants`), `kvquilt` for the uncalibrated default;
+    /// absent when such requests are served as `prefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
     /// The record's file (or `built-in …`), when calibrated.
     pub record: Option<String>,
     /// One line for people.

@@ -437,6 +437,9 @@ pub enum BlendDefault {
         config: BlendConfig,
         /// Where the record came from.
         source: String,
+        /// The selection the record measured (its `variant`, an eval preset name:
+        /// `kvquilt`, `qzero`, …).
+        variant: String,
     },
     /// No record certifies blending for this model.
     Uncalibrated {
@@ -461,6 +464,7 @@ impl BlendDefault {
                 Some(config) => Self::Calibrated {
                     config: config.clone(),
                     source: f.source.clone(),
+                    variant: f.record.variant.clone(),
                 },
                 None => uncalibrated(format!(
                     "the calibration record ({}) certifies no ratio: {}",
@@ -490,9 +494,16 @@ impl BlendDefault {
             return Ok((asked, None));
         }
         Ok(match self {
-            Self::Calibrated { config, source } => (
+            Self::Calibrated {
+                config,
+                source,
+                variant,
+            } => (
                 asked,
-                Some(format!("calibrated: ratio {} from {source}", config.ratio)),
+                Some(format!(
+                    "calibrated: ratio {} ({variant}) from {source}",
+                    config.ratio
+                )),
             ),
             Self::Uncalibrated {
                 opt_in: Some(c),

@@ -216,7 +216,7 @@ fn a_certified_record_sets_blend_and_a_failed_one_does_not() {
     assert_eq!(d.ratio(), Some(0.15));
     let (mode, note) = d.mode(None, None).unwrap();
     assert_eq!(mode, Mode::Blend(cfg.clone()));
-    assert!(note.unwrap().contains("ratio 0.15 from here"));
+    assert!(note.unwrap().contains("ratio 0.15 (kvquilt) from here"));
     // an explicit ratio keeps the record's selection, replaces its ratio
     let (mode, _) = d.mode(Some("blend"), Some(0.5)).unwrap();
     assert_eq!(mode, Mode::Blend(BlendConfig { ratio: 0.5, ..cfg }));

@@ -124,6 +124,7 @@ async fn an_uncalibrated_model_serves_blend_as_prefix_and_says_so() {
         .kvquilt
         .expect("calibration");
     assert!(!card.calibrated && card.blend_ratio.is_none() && card.record.is_none());
+    assert_eq!(card.selection, None);
     assert!(card.note.contains("served as prefix"), "{}", card.note);
 
     // no mode, and mode blend without a ratio: prefix, with the reason in the stats
@@ -158,6 +159,7 @@ async fn opting_in_blends_an_uncalibrated_model() {
     let card = models(&app).await.data.remove(0).kvquilt.unwrap();
     assert!(!card.calibrated);
     assert_eq!(card.blend_ratio, Some(BlendConfig::default().ratio));
+    assert_eq!(card.selection.as_deref(), Some("kvquilt"));
     let r = blend(&app, json!({})).await;
     assert_ne!(r.stats.mode, "prefix");
     assert!(r.stats.calibration.unwrap().contains("by configuration"));
@@ -171,6 +173,8 @@ async fn a_calibration_record_sets_what_blend_means() {
     let card = models(&app).await.data.remove(0).kvquilt.unwrap();
     assert!(card.calibrated);
     assert_eq!(card.blend_ratio, Some(1.0));
+    // the record's selection variant, named on the card
+    assert_eq!(card.selection.as_deref(), Some("kvquilt"));
     assert_eq!(
         card.record.as_deref(),
         Some(path.display().to_string().as_str())
@@ -181,7 +185,7 @@ async fn a_calibration_record_sets_what_blend_means() {
     assert!(["blend", "full"].contains(&r.stats.mode.as_str()));
     let note = r.stats.calibration.unwrap();
     assert!(
-        note.contains("ratio 1 from") && note.contains(&path.display().to_string()),
+        note.contains("ratio 1 (kvquilt) from") && note.contains(&path.display().to_string()),
         "{note}"
     );
 

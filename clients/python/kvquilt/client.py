@@ -147,7 +147,8 @@ class Client:
     def calibration(self) -> Dict[str, Any]:
         """What ``blend`` means for the served model (``kvquilt calibrate``): ``calibrated``,
         ``blend_ratio`` (``None``: a blend that names no ratio is served as exact prefix
-        reuse), ``record`` and a ``note`` for people."""
+        reuse), ``selection`` (how that blend picks the tokens it recomputes, e.g. ``qzero``),
+        ``record`` and a ``note`` for people."""
         return self._json("GET", "/v1/models")["data"][0].get("kvquilt") or {}
 
     def stats(self) -> Dict[str, Any]:

@@ -62,6 +62,7 @@ def test_the_default_model_is_calibrated(client):
     cal = client.calibration()
     assert cal["calibrated"] is True, cal
     assert cal["blend_ratio"] == pytest.approx(0.3), cal
+    assert cal["selection"] == "qzero", cal  # the CPU's record: ranked before layer 0
     assert cal["record"].startswith("built-in"), cal
     # a blend without a ratio runs the record's ratio and says so
     out = client.blend("What is the secret number?", ["The secret number is 4817."])

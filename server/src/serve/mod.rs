@@ -339,8 +339,13 @@ fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefau
     })?;
     let default = BlendDefault::from_record(found.as_ref(), config.blend.blend_uncalibrated()?);
     match &default {
-        BlendDefault::Calibrated { config, source } => tracing::info!(
+        BlendDefault::Calibrated {
+            config,
+            source,
+            variant,
+        } => tracing::info!(
             ratio = %config.ratio,
+            selection = %variant,
             record = %source,
             "calibrated: blend requests without a ratio recompute {:.0}% of chunk tokens",
             config.ratio * 100.0

@@ -75,18 +75,24 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
 /// The served model's calibration on the wire (`/v1/models`).
 pub(crate) fn calibration(d: &BlendDefault) -> api::openai::ModelCalibration {
     match d {
-        BlendDefault::Calibrated { config, source } => api::openai::ModelCalibration {
+        BlendDefault::Calibrated {
+            config,
+            source,
+            variant,
+        } => api::openai::ModelCalibration {
             calibrated: true,
             blend_ratio: Some(config.ratio),
+            selection: Some(variant.clone()),
             record: Some(source.clone()),
             note: format!(
-                "blend without a ratio recomputes {:.0}% of chunk tokens (calibrated)",
+                "blend without a ratio recomputes {:.0}% of chunk tokens, selected by {variant} (calibrated)",
                 config.ratio * 100.0
             ),
         },
         BlendDefault::Uncalibrated { reason, opt_in } => api::openai::ModelCalibration {
             calibrated: false,
             blend_ratio: opt_in.as_ref().map(|c| c.ratio),
+            selection: opt_in.as_ref().map(|_| "kvquilt".to_string()),
             record: None,
             note: match opt_in {
                 None => format!("{reason}: blend without a ratio is served as prefix (exact)"),
