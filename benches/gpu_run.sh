@@ -31,6 +31,9 @@
 #                                # device vs on the CPU; answer agreement of fp8/int8 beside the
 #                                # floor of exact arithmetic (reference vs fused attention over
 #                                # the same raw chunks), N examples per task (SmolLM2, bf16)
+#   benches/gpu_run.sh qzero     # ranking before layer 0 beside the default's ranking (8B and
+#                                # SmolLM2 shapes, device tier), then `calibrate --variant
+#                                # qzero` in bf16 (needs $KVQ_MODEL)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -105,6 +108,18 @@ case "${1:-perf}" in
           --codecs fp8,int8 --json "$OUT/eval_${task}_${att}.json"
       done
     done
+    ;;
+  qzero)
+    # ranking before layer 0 (BENCHMARKS §12 "Ranking before layer 0"): TTFT beside the
+    # default's ranking on both shapes (device tier, phases), then the bf16 calibration of
+    # the default model with it (the record that would replace blend/calibrations/33f5cf6b…)
+    "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
+      --ratios 0.15,0.3 --variants query,qzero --device-tier --phases --repeats 7 --rounds \
+      --json "$OUT/blend_qzero_8b.json"
+    "$bench" blend --random smollm2-135m --device cuda --chunks 12 --chunk-tokens 512 \
+      --ratios 0.15,0.3 --variants query,qzero --device-tier --phases --repeats 10 --rounds \
+      --json "$OUT/blend_qzero_smol.json"
+    "$bench" calibrate --model "$KVQ_MODEL" --device cuda --variant qzero --out "$OUT"
     ;;
   perf)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
