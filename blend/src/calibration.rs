@@ -475,8 +475,9 @@ impl BlendDefault {
         }
     }
 
-    /// The settings an explicit ratio applies to.
-    fn base(&self) -> BlendConfig {
+    /// The settings `blend` runs on this model: a certified record's, the opted-in default,
+    /// or (served as `prefix`) the default that an explicit ratio applies to.
+    pub fn config(&self) -> BlendConfig {
         match self {
             Self::Calibrated { config, .. } => config.clone(),
             Self::Uncalibrated {
@@ -489,7 +490,7 @@ impl BlendDefault {
     /// The mode a request gets for `mode` (default `blend`) and `ratio`, with a note when
     /// the calibration decided it (a `blend` without a ratio). Errors as [`Mode::parse`].
     pub fn mode(&self, mode: Option<&str>, ratio: Option<f32>) -> Result<(Mode, Option<String>)> {
-        let asked = Mode::parse_with(mode.unwrap_or("blend"), ratio, self.base())?;
+        let asked = Mode::parse_with(mode.unwrap_or("blend"), ratio, self.config())?;
         if !matches!(asked, Mode::Blend(_)) || ratio.is_some() {
             return Ok((asked, None));
         }

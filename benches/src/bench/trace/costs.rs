@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode};
+use kvquilt_blend::{BlendRequest, Blender, Mode};
 use kvquilt_kvstore::{SsdConfig, SsdTier, Tier};
 use serde::Serialize;
 
@@ -75,6 +75,7 @@ pub(super) fn measure(
     rt: &tokio::runtime::Runtime,
     chunks: &[Vec<u32>],
     question: &[u32],
+    blend: &super::Blend,
 ) -> Result<Costs> {
     let repeats = a.repeats.max(1);
     let codec = blender.codec(b"");
@@ -112,13 +113,13 @@ pub(super) fn measure(
             for c in &picked {
                 blender.precompute(b"", c)?;
             }
-            let blend = BlendRequest {
-                mode: Mode::Blend(BlendConfig::default()),
+            let warm_req = BlendRequest {
+                mode: Mode::Blend(blend.config.clone()),
                 ..req
             };
-            let warm = time(&blend)?;
+            let warm = time(&warm_req)?;
             fractions.push(warm / full);
-            miss_points.push((0.0, warm, blend.tokens().len()));
+            miss_points.push((0.0, warm, warm_req.tokens().len()));
             // the first j chunks replaced by chunks never stored (taken from the corpus's
             // end), and nothing stored back, so every run misses them alike
             for j in [n.div_ceil(3), (2 * n).div_ceil(3)] {
@@ -134,7 +135,7 @@ pub(super) fn measure(
                         vec![],
                         mixed,
                         question.to_vec(),
-                        Mode::Blend(BlendConfig::default()),
+                        Mode::Blend(blend.config.clone()),
                     )
                 };
                 let m = missed as f64 / retrieved as f64;
@@ -180,7 +181,7 @@ pub(super) fn measure(
         blend_per_missed,
         ssd_bytes_per_s: median(&rates[1..]),
         bytes_per_token,
-        blend: "default (query-aware, ratio 0.3)".into(),
+        blend: blend.label.clone(),
     })
 }
 

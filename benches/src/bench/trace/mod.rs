@@ -22,6 +22,11 @@
 //! own pass), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
 //! fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
 //! that is faster: `Plan::full_is_faster`).
+//!
+//! "The default blend" is what `serve` runs for this model without a ratio: its calibration
+//! record's settings (`qzero` at 0.3 for the default model on the CPU), or, for a model
+//! without a certified record (the random shapes), the uncalibrated default; the report's
+//! `costs.blend` names which.
 
 mod costs;
 mod replay;
@@ -32,7 +37,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use kvquilt::model_source::ModelArgs;
-use kvquilt_blend::{Blender, ModelIdentity};
+use kvquilt_blend::calibration::{self, BlendDefault};
+use kvquilt_blend::{BlendConfig, Blender, ModelIdentity};
 use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::DType;
 use serde::Serialize;
@@ -155,6 +161,13 @@ struct Report {
     runs: Vec<Run>,
 }
 
+/// The blend every query runs: what `serve` runs for this model without a ratio.
+struct Blend {
+    config: BlendConfig,
+    /// Where it came from (the calibration record, or why there is none).
+    label: String,
+}
+
 pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     if a.k == 0 || a.queries <= a.warmup || a.window == 0 || !a.warmup.is_multiple_of(a.window) {
         bail!(
@@ -217,7 +230,25 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         "measuring the model and the SSD on this corpus ({} chunks)…",
         chunks.len()
     );
-    let costs = measure(&a, &blender, &rt, &chunks, &question)?;
+    // the blend `serve` would run for this model: its calibration record's, else the
+    // uncalibrated default (the random shapes have no record)
+    let served = BlendDefault::from_record(calibration::find(None, &identity)?.as_ref(), true);
+    let blend = Blend {
+        label: match &served {
+            BlendDefault::Calibrated {
+                config,
+                source,
+                variant,
+            } => format!("calibrated: {variant} at ratio {} ({source})", config.ratio),
+            BlendDefault::Uncalibrated { reason, .. } => format!(
+                "uncalibrated ({reason}): the default, query-aware at ratio {}",
+                served.config().ratio
+            ),
+        },
+        config: served.config(),
+    };
+    eprintln!("blend: {}", blend.label);
+    let costs = measure(&a, &blender, &rt, &chunks, &question, &blend)?;
     let corpus_tokens: usize = chunks.iter().map(Vec::len).sum();
     let layout = scaled_layout(costs.bytes_per_token);
     let corpus_bytes: u64 = chunks.iter().map(|c| layout.object_bytes(c.len())).sum();
@@ -246,7 +277,16 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         for (pname, policy) in &policies {
             let (windows, seconds, hit_throughput) = if a.real {
                 replay_real(
-                    &a, &model, &identity, &rt, *policy, &queries, &chunks, &question, &costs,
+                    &a,
+                    &model,
+                    &identity,
+                    &rt,
+                    *policy,
+                    &queries,
+                    &chunks,
+                    &question,
+                    &costs,
+                    &blend.config,
                 )?
             } else {
                 replay(

@@ -134,6 +134,7 @@ pub(super) fn replay_real(
     chunks: &[Vec<u32>],
     question: &[u32],
     costs: &Costs,
+    blend: &BlendConfig,
 ) -> Result<Replayed> {
     let real_corpus: u64 = chunks
         .iter()
@@ -173,7 +174,7 @@ pub(super) fn replay_real(
                 vec![],
                 picked.clone(),
                 question.to_vec(),
-                Mode::Blend(BlendConfig::default()),
+                Mode::Blend(blend.clone()),
             );
             // what the store holds when the query arrives (the engine may still recompute a
             // held chunk, or run full prefill, when its cost model says that is faster)
