@@ -116,6 +116,7 @@ fn a_layer_decoded_from_its_record_is_the_store_s_decode_bit_for_bit() {
             let raw = kvquilt_blend::layer_to_bytes(&kv).unwrap();
             for name in [
                 "fp8",
+                "fp8sym",
                 "int8",
                 "int8/g16",
                 "int8sym",

@@ -4,7 +4,8 @@
 //! - [`codec`]: how one stored layer's K‖V bytes are encoded at rest. [`CodecSpec`] names a
 //!   codec and its parameters (what an object header records); [`CodecSpec::encode`] and
 //!   [`CodecSpec::decode_into`] run it over a [`LayerShape`]. Lossless: `raw`, `lz4`. Lossy:
-//!   `fp8` (e4m3, one scale per head), `int8` (K per channel, V per token) and KIVI-style
+//!   `fp8` (e4m3 with zero points: K per channel, V per token; `fp8sym`: one scale per head),
+//!   `int8` (K per channel, V per token; `int8sym` without zero points) and KIVI-style
 //!   `kivi4` / `kivi2` (K per channel and V per token in groups of G, the last R tokens
 //!   exact); each lossy codec optionally followed by lz4 (`int8+lz4`).
 //!

@@ -13,7 +13,7 @@
 //! header and every layer record carries a BLAKE3 checksum, verified on every read. A
 //! mismatch is a miss (counted in `checksum_failures`, logged, the object dropped), never data.
 //!
-//! # Object format, version 4
+//! # Object format, version 5
 //!
 //! All integers little-endian; checksums are BLAKE3-256. `T` = token count, `L` = layers,
 //! `S` = bytes of the optional statistics block, `P` = bytes of the codec's parameter block.
@@ -21,7 +21,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVQUILT\0` |
-//! | 8 | 2 | format version (`2`, `3` or `4`: the oldest that describes the object; `1` is read too, see below) |
+//! | 8 | 2 | format version (`2` to `5`: the oldest that describes the object; `1` is read too, see below) |
 //! | 10 | 2 | flags (0) |
 //! | 12 | 4 | header length `H` in bytes, checksum included |
 //! | 16 | 32 | chunk key the object was stored under |
@@ -41,7 +41,7 @@
 //! | 92 | 4 | `S` (0 when absent) |
 //! | 96 | 4·T | token ids, u32 |
 //! | 96+4T | S | statistics: kind u8, 3 zero bytes, f32 values (a multiple of `T`) |
-//! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8: flags u8 (bit 0: lz4 after); int8: flags u8 (bit 0: lz4 after; v4: bit 1, zero points), then (v3, K scales per group of tokens) group u16 ≥ 1; KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
+//! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8: flags u8 (bit 0: lz4 after; v5: bit 1, zero points); int8: flags u8 (bit 0: lz4 after; v4: bit 1, zero points), then (v3, K scales per group of tokens) group u16 ≥ 1; KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
 //! | 96+4T+S+P | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
 //! | H−32 | 32 | BLAKE3 of bytes `0..H−32` |
 //! | H | … | payload: the `L` records in layer order |
@@ -80,7 +80,15 @@
 //!   [`StoreError::NewerFormat`] (a miss, left in place) rather than as unknown flag bits
 //!   (corrupt, dropped); every other object is written as before, byte for byte. This build
 //!   reads all four; a v3 or older header holding the zero-point bit is corrupt. Test:
-//!   `tests/format.rs::int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions`.
+//!   `tests/format.rs::zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions`.
+//! - **4 → 5** (2026-12-05): fp8 gained zero points the same way (flags bit 1; the record is
+//!   then int8's layout with e4m3 codes: K scales and offsets per channel, V's per row,
+//!   `kvquilt-compression` `codec/fp8.rs`), and the name `fp8` now means it (the per-head
+//!   symmetric form is `fp8sym`). Only fp8 objects with zero points are written as v5: a v4
+//!   build meets them as [`StoreError::NewerFormat`] (a miss, left in place); every other
+//!   object is written as before, byte for byte. A v4 or older header holding fp8's
+//!   zero-point bit is corrupt. Test:
+//!   `tests/format.rs::zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions`.
 //!
 //! ## What a crash leaves
 //!

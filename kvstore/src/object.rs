@@ -15,16 +15,20 @@ use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
 pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
 /// The newest format this code writes. It reads this one and every earlier one (v1 is v2
 /// with no codec parameters; v2 is v3 without grouped int8; v3 is v4 without int8's zero
-/// points); a later version is refused with [`StoreError::NewerFormat`]. Each object is
-/// written in the oldest version that describes it ([`version_for`]), so older builds keep
-/// reading every object they can.
-pub const FORMAT_VERSION: u16 = 4;
+/// points; v4 is v5 without fp8's); a later version is refused with
+/// [`StoreError::NewerFormat`]. Each object is written in the oldest version that describes
+/// it ([`version_for`]), so older builds keep reading every object they can.
+pub const FORMAT_VERSION: u16 = 5;
 
-/// The oldest format version that can describe an object stored with `codec`: 4 for int8
-/// with K zero points (its flag bit 1), 3 for symmetric int8 with K scales per group of
-/// tokens (its 3-byte parameter block), 2 otherwise.
+/// The oldest format version that can describe an object stored with `codec`: 5 for fp8
+/// with zero points (its flag bit 1), 4 for int8 with zero points (its flag bit 1), 3 for
+/// symmetric int8 with K scales per group of tokens (its 3-byte parameter block), 2
+/// otherwise.
 pub fn version_for(codec: Codec) -> u16 {
     match codec {
+        Codec::Fp8 {
+            zero_point: true, ..
+        } => 5,
         Codec::Int8 {
             zero_point: true, ..
         } => 4,

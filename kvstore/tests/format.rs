@@ -16,7 +16,7 @@ fn sane_object(seed: u64, tokens: usize, dtype: KvDType) -> kvquilt_kvstore::KvO
 /// crate's tests).
 fn all_codecs() -> Vec<Codec> {
     [
-        "raw", "lz4", "fp8", "int8+lz4", "int8/g16", "int8sym", "kivi4", "kivi2",
+        "raw", "lz4", "fp8", "fp8sym", "int8+lz4", "int8/g16", "int8sym", "kivi4", "kivi2",
     ]
     .iter()
     .map(|n| Codec::parse(n).unwrap())
@@ -213,23 +213,24 @@ fn wrong_key_or_version_is_a_mismatch() {
         Err(StoreError::Mismatch(_))
     ));
     // a version from the future is its own error (skipped, not taken for corruption)
-    let mut v5 = bytes.clone();
-    v5[8] = 5;
+    let mut v6 = bytes.clone();
+    v6[8] = 6;
     assert!(matches!(
-        decode_header(&v5),
-        Err(StoreError::NewerFormat { version: 5, .. })
+        decode_header(&v6),
+        Err(StoreError::NewerFormat { version: 6, .. })
     ));
 }
 
 /// Objects are written in the oldest version that describes them: grouped symmetric int8
-/// (its 3-byte parameter block) as v3, everything else but int8 with zero points as v2, so a v2 build still reads every object it
+/// (its 3-byte parameter block) as v3, everything else but the zero-point codecs (int8, fp8)
+/// as v2, so a v2 build still reads every object it
 /// can and meets a grouped one as a newer format (left in place), never as corruption. A v2
 /// header holding a grouped int8 block is corrupt.
 #[test]
 fn grouped_int8_objects_are_version_3_and_nothing_else_is() {
     let obj = sane_object(31, 40, KvDType::BF16);
     let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
-    for name in ["raw", "lz4", "fp8", "int8sym", "int8sym+lz4", "kivi4"] {
+    for name in ["raw", "lz4", "fp8sym", "int8sym", "int8sym+lz4", "kivi4"] {
         let bytes = obj.encode(Codec::parse(name).unwrap()).unwrap().to_bytes();
         assert_eq!(version(&bytes), 2, "{name}");
     }
@@ -254,7 +255,7 @@ fn grouped_int8_objects_are_version_3_and_nothing_else_is() {
 }
 
 #[test]
-fn int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions() {
+fn zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions() {
     let obj = sane_object(32, 40, KvDType::F16);
     let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
     // re-stamps the version field and re-checksums the header
@@ -272,6 +273,10 @@ fn int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions() {
         ("int8", 4),
         ("int8/g16", 4),
         ("int8+lz4", 4),
+        ("fp8sym", 2),
+        ("fp8sym+lz4", 2),
+        ("fp8", 5),
+        ("fp8+lz4", 5),
     ] {
         let codec = Codec::parse(name).unwrap();
         let bytes = obj.encode(codec).unwrap().to_bytes();
@@ -280,7 +285,7 @@ fn int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions() {
         assert_eq!(parsed.header.codec, codec, "{name}");
         assert_eq!(parsed.decode().unwrap().layer(1).len(), obj.layer(1).len());
         // a newer version describes it too; an older one that cannot is corrupt
-        assert!(decode_header(&claim(&bytes, 4)).is_ok(), "{name}");
+        assert!(decode_header(&claim(&bytes, 5)).is_ok(), "{name}");
         for older in 2..oldest {
             assert!(
                 matches!(
@@ -292,8 +297,8 @@ fn int8_with_zero_points_is_version_4_and_older_objects_keep_their_versions() {
         }
         // a version this build does not know: newer, left to the build that wrote it
         assert!(matches!(
-            decode_header(&claim(&bytes, 5)),
-            Err(StoreError::NewerFormat { version: 5, .. })
+            decode_header(&claim(&bytes, 6)),
+            Err(StoreError::NewerFormat { version: 6, .. })
         ));
     }
 }

@@ -19,7 +19,15 @@ use proptest::prelude::*;
 fn encoded(seed: u64, tokens: usize, codec: usize) -> (KvObject, Vec<u8>) {
     let dtype = [KvDType::F32, KvDType::F16, KvDType::BF16][seed as usize % 3];
     let o = sane(&object(seed, tokens, layout(dtype, 2)), seed);
-    let codecs = ["raw", "lz4", "fp8", "int8+lz4", "kivi4", "kivi2+lz4"];
+    let codecs = [
+        "raw",
+        "lz4",
+        "fp8",
+        "fp8sym",
+        "int8+lz4",
+        "kivi4",
+        "kivi2+lz4",
+    ];
     let c = Codec::parse(codecs[codec % codecs.len()]).unwrap();
     let bytes = o.encode(c).unwrap().to_bytes();
     (o, bytes)

@@ -30,12 +30,12 @@ pub struct CodecBenchArgs {
     /// Tokens per chunk (a chunk's text is cut to this).
     #[arg(long, default_value_t = 512)]
     chunk_tokens: usize,
-    /// Codecs to measure (raw, lz4, fp8, int8, kivi2, kivi4, kivi8, each lossy one with an
-    /// optional +lz4).
+    /// Codecs to measure (raw, lz4, fp8, fp8sym, int8, int8sym, kivi2, kivi4, kivi8, each lossy
+    /// one with an optional +lz4).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw,lz4,fp8,fp8+lz4,int8,int8+lz4,int8sym,kivi8,kivi4,kivi4+lz4,kivi2"
+        default_value = "raw,lz4,fp8,fp8+lz4,fp8sym,int8,int8+lz4,int8sym,kivi8,kivi4,kivi4+lz4,kivi2"
     )]
     codecs: Vec<String>,
     /// Timed decode passes over all layers (median).

@@ -16,8 +16,8 @@ use serde::Serialize;
 use super::median;
 
 /// The codecs measured (each has a device layout: `CodecSpec::has_record_plan`).
-const CODECS: [&str; 7] = [
-    "fp8", "int8", "int8/g64", "int8sym", "kivi4", "kivi2", "kivi8",
+const CODECS: [&str; 8] = [
+    "fp8", "fp8sym", "int8", "int8/g64", "int8sym", "kivi4", "kivi2", "kivi8",
 ];
 
 #[derive(Serialize)]

@@ -1,13 +1,19 @@
-//! fp8 e4m3 ("fn": bias 7, max 448, no infinities, 0x7F/0xFF NaN) with one f32 scale per
-//! K/V and head: `x ≈ decode(code) · scale`, scale = amax / 448 over that head's values.
-//!
-//! Record: `2 × kv_heads` scales (f32 LE; K's heads, then V's), then one code per element
-//! in the raw layout's order.
+//! fp8 e4m3 ("fn": bias 7, max 448, no infinities, 0x7F/0xFF NaN), in two forms:
+//! - `fp8sym` (the codec's first form; this module): one f32 scale per K/V and head,
+//!   `x ≈ decode(code) · scale`, scale = amax / 448 over that head's values. Record:
+//!   `2 × kv_heads` scales (f32 LE; K's heads, then V's), then one code per element in the
+//!   raw layout's order.
+//! - `fp8` (the default): **zero points**, int8's layout with e4m3 codes (`int8.rs`, one K
+//!   group): K per (head, channel) and V per (token, head), `x ≈ decode(code) · scale +
+//!   offset`, offset the midpoint of the range and scale its width / 896. e4m3 keeps 3
+//!   mantissa bits of each value, so its error is relative to the value coded: a K channel
+//!   whose values sit around a large mean (the persistent outlier channels) loses its
+//!   variation to the mean's rounding unless the mean is taken out first.
 
 use super::{CodecError, LayerShape, Result, f32_at};
 
 /// Largest finite e4m3fn value.
-const MAX: f32 = 448.0;
+pub(super) const MAX: f32 = 448.0;
 
 /// The f32 value of each of the 256 codes (NaN for 0x7F and 0xFF).
 pub(super) fn table() -> [f32; 256] {

@@ -2,6 +2,9 @@
 //! channels are persistent outliers, so a channel's scale fits it; a group also follows how
 //! a channel's magnitude drifts along the chunk), V per (token, head).
 //!
+//! The same layout carries fp8 e4m3 codes for `fp8` with zero points ([`Code8::E4m3`]; one K
+//! group): only the code and the scale's levels differ (`fp8.rs`).
+//!
 //! Each scale comes **with a zero point** (`int8`, the default) or is **symmetric**
 //! (`int8sym`, the codec's first form):
 //! - symmetric: `x ≈ code · scale`, scale = amax / 127;
@@ -18,10 +21,10 @@
 //! is 0), V's `tokens × kv_heads` scales, then (zero point only) the offsets in the same
 //! order and number, all f32 LE; then K's codes and V's codes (i8) in the raw layout's order.
 
-use super::{CodecError, LayerShape, Result, f32_at};
+use super::{Code8, CodecError, LayerShape, Result, f32_at, fp8};
 
-/// Scale of a range `width` wide (symmetric: amax, 127 levels; zero point: hi − lo, 254);
-/// 1 when the range is empty or not finite (every code is then 0 or saturates).
+/// Scale of a range `width` wide (`width / levels`); 1 when the range is empty or not
+/// finite (every code is then 0 or saturates).
 fn scale_of(width: f32, levels: f32) -> f32 {
     if width > 0.0 && width.is_finite() {
         width / levels
@@ -30,8 +33,25 @@ fn scale_of(width: f32, levels: f32) -> f32 {
     }
 }
 
-fn quantise(x: f32, inv: f32) -> u8 {
-    ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8
+/// What one code's scale spans: int8 amax / 127 (symmetric) or (hi − lo) / 254 (zero point);
+/// e4m3 amax / 448 or (hi − lo) / 896 (its largest value, 448, on either side of the centre).
+fn levels(code: Code8, zero_point: bool) -> f32 {
+    let half_range = match code {
+        Code8::Int8 => 127.0,
+        Code8::E4m3 => fp8::MAX,
+    };
+    if zero_point {
+        2.0 * half_range
+    } else {
+        half_range
+    }
+}
+
+fn quantise(code: Code8, x: f32, inv: f32) -> u8 {
+    match code {
+        Code8::Int8 => ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8,
+        Code8::E4m3 => fp8::encode_one(x * inv),
+    }
 }
 
 /// Tokens per K scale group for a layer of `tokens` tokens (`group` 0: all of them, at
@@ -60,13 +80,14 @@ pub(super) fn floats(shape: &LayerShape, group: u16, zero_point: bool) -> usize 
 }
 
 /// A scale and offset for values in `[lo, hi]` (`lo > hi`: no values).
-fn fit(lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
+fn fit(code: Code8, lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
+    let levels = levels(code, zero_point);
     if lo > hi {
         (1.0, 0.0)
     } else if zero_point {
-        (scale_of(hi - lo, 254.0), lo / 2.0 + hi / 2.0)
+        (scale_of(hi - lo, levels), lo / 2.0 + hi / 2.0)
     } else {
-        (scale_of(lo.abs().max(hi.abs()), 127.0), 0.0)
+        (scale_of(lo.abs().max(hi.abs()), levels), 0.0)
     }
 }
 
@@ -76,7 +97,14 @@ fn range(xs: &[f32]) -> (f32, f32) {
         .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)))
 }
 
-pub(super) fn encode(shape: &LayerShape, group: u16, zero_point: bool, raw: &[u8]) -> Vec<u8> {
+/// Encodes a layer with `code`s (int8, or e4m3 for centred fp8).
+pub(super) fn encode(
+    shape: &LayerShape,
+    code: Code8,
+    group: u16,
+    zero_point: bool,
+    raw: &[u8],
+) -> Vec<u8> {
     let (t, h, d, half) = (
         shape.tokens,
         shape.kv_heads,
@@ -100,13 +128,13 @@ pub(super) fn encode(shape: &LayerShape, group: u16, zero_point: bool, raw: &[u8
     let (k_scale, k_offset): (Vec<f32>, Vec<f32>) = lo
         .iter()
         .zip(&hi)
-        .map(|(&l, &u)| fit(l, u, zero_point))
+        .map(|(&l, &u)| fit(code, l, u, zero_point))
         .unzip();
     let (v_scale, v_offset): (Vec<f32>, Vec<f32>) = v
         .chunks_exact(d)
         .map(|r| {
             let (l, u) = range(r);
-            fit(l, u, zero_point)
+            fit(code, l, u, zero_point)
         })
         .unzip();
     let mut out = Vec::with_capacity(4 * floats(shape, group, zero_point) + 2 * half);
@@ -130,22 +158,46 @@ pub(super) fn encode(shape: &LayerShape, group: u16, zero_point: bool, raw: &[u8
         out.extend(
             row.iter()
                 .zip(inv.iter().zip(off))
-                .map(|(&x, (&inv, &o))| quantise(x - o, inv)),
+                .map(|(&x, (&inv, &o))| quantise(code, x - o, inv)),
         );
     }
     for (row, (s, o)) in v.chunks_exact(d).zip(v_scale.iter().zip(&v_offset)) {
         let inv = 1.0 / s;
-        out.extend(row.iter().map(|&x| quantise(x - o, inv)));
+        out.extend(row.iter().map(|&x| quantise(code, x - o, inv)));
     }
     out
 }
 
+/// Decodes a record of `code`s written by [`encode`].
 pub(super) fn decode(
+    shape: &LayerShape,
+    code: Code8,
+    group: u16,
+    zero_point: bool,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    match code {
+        Code8::Int8 => decode_with(shape, group, zero_point, stored, out, "int8", |c| {
+            (c as i8) as f32
+        }),
+        Code8::E4m3 => {
+            let t = fp8::table();
+            decode_with(shape, group, zero_point, stored, out, "fp8", |c| {
+                t[c as usize]
+            })
+        }
+    }
+}
+
+fn decode_with(
     shape: &LayerShape,
     group: u16,
     zero_point: bool,
     stored: &[u8],
     out: &mut [u8],
+    codec: &'static str,
+    value: impl Fn(u8) -> f32,
 ) -> Result<()> {
     let (t, h, d, half) = (
         shape.tokens,
@@ -159,7 +211,7 @@ pub(super) fn decode(
     let want = 4 * floats + 2 * half;
     if stored.len() != want {
         return Err(CodecError::Corrupt {
-            codec: "int8",
+            codec,
             why: format!("{} bytes, expected {want}", stored.len()),
         });
     }
@@ -188,11 +240,11 @@ pub(super) fn decode(
         if zero_point {
             let off = &k_offset[at..][..hd];
             for (((x, &c), s), o) in row.iter_mut().zip(src).zip(scale).zip(off) {
-                *x = (c as i8) as f32 * s + o;
+                *x = value(c) * s + o;
             }
         } else {
             for ((x, &c), s) in row.iter_mut().zip(src).zip(scale) {
-                *x = (c as i8) as f32 * s;
+                *x = value(c) * s;
             }
         }
         shape.elem.put_all(&row, dst);
@@ -207,11 +259,11 @@ pub(super) fn decode(
         if zero_point {
             let o = f32_at(stored, k_offsets_at + k_scales + r);
             for (x, &c) in row.iter_mut().zip(src) {
-                *x = (c as i8) as f32 * s + o;
+                *x = value(c) * s + o;
             }
         } else {
             for (x, &c) in row.iter_mut().zip(src) {
-                *x = (c as i8) as f32 * s;
+                *x = value(c) * s;
             }
         }
         shape.elem.put_all(row, dst);

@@ -11,7 +11,10 @@
 //! layer decoded back to its element type, `ε` that type's rounding (0 for f32, 2⁻¹¹·|x| for
 //! f16, 2⁻⁸·|x| for bf16):
 //! - `raw`, `lz4`: exact.
-//! - `fp8` (e4m3, scale `s` = amax/448 per K or V and head): `2⁻⁴·|x| + 2⁻¹⁰·s + ε`.
+//! - `fp8` (e4m3 with zero points: int8's scales, K per (head, channel) over all tokens and
+//!   V per (token, head), offset `o` = (lo + hi)/2, `s` = (hi − lo)/896):
+//!   `2⁻⁴·|x − o| + 2⁻¹⁰·s + 2⁻²¹·(|o| + 448·s) + ε`. `fp8sym` (scale `s` = amax/448 per K or
+//!   V and head): `2⁻⁴·|x| + 2⁻¹⁰·s + ε`.
 //! - `int8` (K per (head, channel) over all tokens or, `int8/gN`, over each group of N
 //!   tokens; V per (token, head); each with a zero point): `s/2 + 2⁻²¹·(|o| + 127·s) + ε`
 //!   with `s` = (hi − lo)/254 and `o` = (lo + hi)/2 of that channel (in that group) or row.
@@ -75,7 +78,7 @@ pub enum CodecError {
     UnknownId(u8),
     /// A codec name that does not parse.
     #[error(
-        "unknown codec `{0}` (expected raw, lz4, fp8, int8, int8/gN, int8sym, int8sym/gN, kivi2, kivi4, kivi8 or kiviB/gGrR, optionally +lz4)"
+        "unknown codec `{0}` (expected raw, lz4, fp8, fp8sym, int8, int8/gN, int8sym, int8sym/gN, kivi2, kivi4, kivi8 or kiviB/gGrR, optionally +lz4)"
     )]
     UnknownName(String),
     /// A parameter out of range or a parameter block of the wrong size; names the field.
@@ -122,10 +125,15 @@ pub enum CodecSpec {
     Raw,
     /// LZ4 block format, lossless.
     Lz4,
-    /// fp8 e4m3 (OCP "fn": max 448, no infinities) with one f32 scale per K/V and head.
+    /// fp8 e4m3 (OCP "fn": max 448, no infinities): with zero points (`fp8`), K per (head,
+    /// channel) and V per (token, head), each scale with its offset; or symmetric (`fp8sym`),
+    /// one f32 scale per K/V and head.
     Fp8 {
         /// Followed by lz4.
         lz4: bool,
+        /// Scales and zero points per K channel and V row (`fp8`); `false`: one symmetric
+        /// scale per K/V and head (`fp8sym`).
+        zero_point: bool,
     },
     /// int8: K per (head, channel) over each group of `group` tokens (0: over all the layer's
     /// tokens), V per (token, head); each scale with a zero point or symmetric.
@@ -196,23 +204,34 @@ impl CodecSpec {
         !matches!(self, Self::Raw | Self::Lz4)
     }
 
+    /// Whether each scale comes with a zero point (`fp8`, `int8`; not `fp8sym`, `int8sym`).
+    pub fn has_zero_points(self) -> bool {
+        matches!(
+            self,
+            Self::Fp8 {
+                zero_point: true,
+                ..
+            } | Self::Int8 {
+                zero_point: true,
+                ..
+            }
+        )
+    }
+
     fn lz4_after(self) -> bool {
         match self {
             Self::Raw | Self::Lz4 => false,
-            Self::Fp8 { lz4 } | Self::Int8 { lz4, .. } | Self::Kivi { lz4, .. } => lz4,
+            Self::Fp8 { lz4, .. } | Self::Int8 { lz4, .. } | Self::Kivi { lz4, .. } => lz4,
         }
     }
 
     /// The parameter block recorded in an object header (empty for raw and lz4; fp8: flags;
     /// int8: flags, then group u16 LE when grouped (a 1-byte block: one group, as written
     /// before groups existed); KIVI: flags, bits, group u16 LE, residual u16 LE). Flags:
-    /// bit 0 = lz4 after; bit 1 (int8 only) = zero points.
+    /// bit 0 = lz4 after; bit 1 (fp8 and int8) = zero points.
     pub fn params(self) -> Vec<u8> {
         let mut flags = if self.lz4_after() { LZ4_FLAG } else { 0 };
-        if let Self::Int8 {
-            zero_point: true, ..
-        } = self
-        {
+        if self.has_zero_points() {
             flags |= ZERO_POINT_FLAG;
         }
         match self {
@@ -272,7 +291,8 @@ impl CodecSpec {
             }
             2 => {
                 need("fp8", 1)?;
-                Self::Fp8 { lz4: flags("fp8")? }
+                let (lz4, zero_point) = flags_with("fp8", ZERO_POINT_FLAG)?;
+                Self::Fp8 { lz4, zero_point }
             }
             3 => {
                 let group = if params.len() == 3 {
@@ -329,7 +349,8 @@ impl CodecSpec {
         Ok(())
     }
 
-    /// Parses `raw`, `lz4`, `fp8`, `int8` (one K scale and zero point per channel), `int8/gN`
+    /// Parses `raw`, `lz4`, `fp8` (a scale and zero point per K channel and per V row),
+    /// `fp8sym` (one scale per K/V and head), `int8` (one K scale and zero point per channel), `int8/gN`
     /// (K scales and zero points per channel and group of N ≥ 1 tokens), `int8sym` and
     /// `int8sym/gN` (the same, symmetric), `kivi2`, `kivi4`, `kivi8` (KIVI with G = 32,
     /// R = 32) and `kiviB/gGrR` (KIVI of B bits with group G ≥ 1 and residual R, as
@@ -343,7 +364,14 @@ impl CodecSpec {
         let spec = match base {
             "raw" if !lz4 => Self::Raw,
             "lz4" if !lz4 => Self::Lz4,
-            "fp8" => Self::Fp8 { lz4 },
+            "fp8" => Self::Fp8 {
+                lz4,
+                zero_point: true,
+            },
+            "fp8sym" => Self::Fp8 {
+                lz4,
+                zero_point: false,
+            },
             b if b.starts_with("int8") => {
                 let (zero_point, rest) = match b.strip_prefix("int8sym") {
                     Some(rest) => (false, rest),
@@ -411,10 +439,13 @@ impl CodecSpec {
         let inner = match self {
             Self::Raw => return Ok(raw.to_vec()),
             Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
+            Self::Fp8 {
+                zero_point: true, ..
+            } => int8::encode(shape, Code8::E4m3, 0, true, raw),
             Self::Fp8 { .. } => fp8::encode(shape, raw),
             Self::Int8 {
                 group, zero_point, ..
-            } => int8::encode(shape, group, zero_point, raw),
+            } => int8::encode(shape, Code8::Int8, group, zero_point, raw),
             Self::Kivi {
                 bits,
                 group,
@@ -473,10 +504,13 @@ impl CodecSpec {
                 }
                 Ok(())
             }
+            Self::Fp8 {
+                zero_point: true, ..
+            } => int8::decode(shape, Code8::E4m3, 0, true, inner, out),
             Self::Fp8 { .. } => fp8::decode(shape, inner, out),
             Self::Int8 {
                 group, zero_point, ..
-            } => int8::decode(shape, group, zero_point, inner, out),
+            } => int8::decode(shape, Code8::Int8, group, zero_point, inner, out),
             Self::Kivi {
                 bits,
                 group,
@@ -501,7 +535,9 @@ impl fmt::Display for CodecSpec {
         match *self {
             Self::Raw => f.write_str("raw")?,
             Self::Lz4 => f.write_str("lz4")?,
-            Self::Fp8 { .. } => f.write_str("fp8")?,
+            Self::Fp8 { zero_point, .. } => {
+                f.write_str(if zero_point { "fp8" } else { "fp8sym" })?
+            }
             Self::Int8 {
                 group, zero_point, ..
             } => {

@@ -121,6 +121,7 @@ mod tests {
         };
         let mut codecs: Vec<CodecSpec> = [
             "fp8",
+            "fp8sym",
             "int8",
             "int8/g32",
             "int8/g5",

@@ -181,7 +181,7 @@ impl CodecSpec {
     pub fn has_scaled8(self) -> bool {
         matches!(
             self,
-            Self::Fp8 { lz4: false } | Self::Int8 { lz4: false, .. }
+            Self::Fp8 { lz4: false, .. } | Self::Int8 { lz4: false, .. }
         )
     }
 
@@ -192,19 +192,29 @@ impl CodecSpec {
         let (t, h, d) = (shape.tokens, shape.kv_heads, shape.head_dim);
         let half = shape.half_elems();
         let (code, scales, maps) = match self {
-            // fp8: one scale per K/V and head
-            Self::Fp8 { lz4: false } => (
+            // fp8sym: one scale per K/V and head
+            Self::Fp8 {
+                lz4: false,
+                zero_point: false,
+            } => (
                 Code8::E4m3,
                 2 * h,
                 [ScaleMap::flat(0, d, h), ScaleMap::flat(h, d, h)],
             ),
-            // int8: K per (token group, head, channel), V per (token, head); any zero points
-            // after the scales, in their order
-            Self::Int8 {
+            // int8, and fp8 with zero points (int8's layout, one K group): K per (token
+            // group, head, channel), V per (token, head); any zero points after the scales,
+            // in their order
+            Self::Fp8 {
                 lz4: false,
-                group,
-                zero_point,
-            } => {
+                zero_point: true,
+            }
+            | Self::Int8 { lz4: false, .. } => {
+                let (code, group, zero_point) = match self {
+                    Self::Int8 {
+                        group, zero_point, ..
+                    } => (Code8::Int8, group, zero_point),
+                    _ => (Code8::E4m3, 0, true),
+                };
                 let hd = h * d;
                 let k_scales = int8::k_groups(t, group) * hd;
                 let scales = k_scales + t * h;
@@ -218,7 +228,7 @@ impl CodecSpec {
                     offsets: zero_point.then_some(scales + k_scales),
                     ..ScaleMap::flat(k_scales, d, (t * h).max(1))
                 };
-                (Code8::Int8, int8::floats(shape, group, zero_point), [k, v])
+                (code, int8::floats(shape, group, zero_point), [k, v])
             }
             _ => return None,
         };

@@ -4,11 +4,13 @@ use proptest::prelude::*;
 
 use super::*;
 
-const ALL: [&str; 15] = [
+const ALL: [&str; 17] = [
     "raw",
     "lz4",
     "fp8",
     "fp8+lz4",
+    "fp8sym",
+    "fp8sym+lz4",
     "int8",
     "int8+lz4",
     "int8/g32",
@@ -58,6 +60,24 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
     let amax = |it: &mut dyn Iterator<Item = f32>| it.fold(0f32, |a, v| a.max(v.abs()));
     match spec {
         CodecSpec::Raw | CodecSpec::Lz4 => vec![0.0; x.len()],
+        CodecSpec::Fp8 {
+            zero_point: true, ..
+        } => (0..x.len())
+            .map(|i| {
+                // int8's groups (K: the channel over every token; V: the row), e4m3's relative
+                // step around the offset
+                let members: Vec<f32> = if i >= half {
+                    let row = (i - half) / d;
+                    (0..d).map(|c| x[half + row * d + c]).collect()
+                } else {
+                    (0..t).map(|tt| x[tt * hd + i % hd]).collect()
+                };
+                let lo = members.iter().copied().fold(f32::MAX, f32::min);
+                let hi = members.iter().copied().fold(f32::MIN, f32::max);
+                let (s, o) = ((hi - lo) / 896.0, (lo + hi) / 2.0);
+                (x[i] - o).abs() / 16.0 + s / 1024.0 + (o.abs() + 448.0 * s) / (1u32 << 21) as f32
+            })
+            .collect(),
         CodecSpec::Fp8 { .. } => {
             // amax per (K/V, head)
             let mut m = vec![0f32; 2 * h];
@@ -313,8 +333,19 @@ fn bad_headers_name_the_field() {
     assert_eq!(field(CodecSpec::from_header(3, &[0, 1])), "parameter block");
     assert_eq!(field(CodecSpec::from_header(3, &[0x80, 8, 0])), "flags");
     assert_eq!(field(CodecSpec::from_header(3, &[0x04])), "flags");
-    // the zero-point bit is int8's alone
-    assert_eq!(field(CodecSpec::from_header(2, &[2])), "flags");
+    // fp8: flags bit 1 is zero points too; a block without it (as written before them) is
+    // fp8sym
+    assert_eq!(
+        CodecSpec::from_header(2, &[0]).unwrap().to_string(),
+        "fp8sym"
+    );
+    assert_eq!(CodecSpec::from_header(2, &[2]).unwrap().to_string(), "fp8");
+    assert_eq!(
+        CodecSpec::from_header(2, &[3]).unwrap().to_string(),
+        "fp8+lz4"
+    );
+    assert_eq!(field(CodecSpec::from_header(2, &[4])), "flags");
+    // KIVI has no zero-point bit (it is asymmetric by construction)
     assert_eq!(
         field(CodecSpec::from_header(4, &[2, 4, 32, 0, 32, 0])),
         "flags"
@@ -369,7 +400,7 @@ fn ratios_against_f16_are_as_designed() {
                 .unwrap()
                 .len() as f64
     };
-    assert!((ratio("fp8") - 2.0).abs() < 0.01);
+    assert!((ratio("fp8sym") - 2.0).abs() < 0.01);
     assert!((ratio("int8sym") - 1.95).abs() < 0.05);
     // zero points: 4 more bytes per K channel (over 512 tokens) and per V row (64 elements)
     let int8_bytes = (1.0 + 8.0 / 512.0 + 1.0 + 8.0 / 64.0) / 2.0;
@@ -379,6 +410,8 @@ fn ratios_against_f16_are_as_designed() {
         ratio("int8")
     );
     assert!(ratio("int8") < ratio("int8sym"));
+    // fp8 with zero points: int8's layout, e4m3 codes
+    assert_eq!(ratio("fp8"), ratio("int8"));
     // KIVI-B at G = 32: B bits + 32 bits of (min, step) per 32 elements (K and V alike) for
     // the 480 quantised tokens, 16 bits for the R = 32 exact ones
     for (name, b) in [("kivi4", 4.0), ("kivi2", 2.0)] {
@@ -428,6 +461,10 @@ fn zero_points_follow_off_centre_k_channels() {
     };
     let (zero, sym) = (k_error("int8"), k_error("int8sym"));
     assert!(zero * 4.0 < sym, "int8 {zero} vs int8sym {sym}");
+    // e4m3's error is relative to the value coded: without the offset it is relative to the
+    // channel's centre
+    let (zero, sym) = (k_error("fp8"), k_error("fp8sym"));
+    assert!(zero * 4.0 < sym, "fp8 {zero} vs fp8sym {sym}");
 }
 
 /// Records are pinned byte for byte: `int8sym` writes what `int8` wrote before zero points
@@ -471,4 +508,51 @@ fn int8_records_are_pinned() {
     let zero = CodecSpec::parse("int8").unwrap();
     assert_eq!(zero.encode(&shape, &raw).unwrap(), with_zero_points);
     assert_eq!(CodecSpec::from_header(3, &[2]).unwrap(), zero);
+}
+
+/// `fp8sym` writes what `fp8` wrote before zero points (its encoder is the one of the builds
+/// before them), so objects stored by earlier builds decode as they did; the zero-point
+/// record (int8's layout: K scales per channel, V's per row, then the midpoints, then e4m3
+/// codes) is pinned so that its layout cannot drift silently.
+#[test]
+fn fp8_records_are_pinned() {
+    let shape = LayerShape {
+        tokens: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        elem: ElemType::F32,
+    };
+    let x = [
+        0.5f32, -1.25, 3.0, 2.75, 0.0, -0.5, 4.5, 2.5, 1.0, -2.0, 0.25, 0.75, -0.125, 0.375, -1.5,
+        2.0,
+    ];
+    let raw = raw_of(&shape, &x);
+    // K's scale (amax 4.5 / 448), V's (2 / 448), then the codes
+    let before_zero_points: [u8; 24] = [
+        73, 146, 36, 60, 37, 73, 146, 59, 100, 240, 121, 121, 0, 228, 126, 120, 118, 254, 102, 114,
+        222, 106, 250, 126,
+    ];
+    let sym = CodecSpec::parse("fp8sym").unwrap();
+    assert_eq!(sym.encode(&shape, &raw).unwrap(), before_zero_points);
+    // an old header's block (flags 0) is fp8sym
+    assert_eq!(CodecSpec::from_header(2, &[0]).unwrap(), sym);
+    // K channel 0 spans 0..0.5: scale 0.5 / 896, midpoint 0.25; both ends code as ±448
+    // (0x7E / 0xFE) and decode exactly
+    let with_zero_points: [u8; 64] = [
+        37, 73, 18, 58, 183, 109, 91, 58, 183, 109, 219, 58, 37, 73, 146, 57, 183, 109, 91, 59, 0,
+        0, 128, 59, 0, 0, 128, 62, 0, 0, 96, 191, 0, 0, 112, 64, 0, 0, 40, 64, 0, 0, 0, 191, 0, 0,
+        128, 62, 126, 254, 254, 126, 254, 126, 126, 254, 126, 254, 118, 124, 236, 96, 254, 126,
+    ];
+    let zero = CodecSpec::parse("fp8").unwrap();
+    assert_eq!(zero.encode(&shape, &raw).unwrap(), with_zero_points);
+    assert_eq!(CodecSpec::from_header(2, &[2]).unwrap(), zero);
+    let back = shape
+        .elem
+        .to_f32_vec(&zero.decode(&shape, &with_zero_points).unwrap());
+    for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+        // these values land on codes exactly but V row 0's 0.75: 1.25 above its row's
+        // midpoint −0.5, within e4m3's half step of 2⁻⁴ of that
+        let allowed = if i == 11 { 1.25 / 16.0 } else { 0.0 };
+        assert!((a - b).abs() <= allowed, "{i}: {a} {b}");
+    }
 }

@@ -39,7 +39,7 @@
 //! ssd_open_files = 256                 # store files kept open at once (the rest reopened per read)
 //!
 //! [store.codecs]
-//! ssd = "raw"                          # lz4; lossy: int8 (8 bits, best), fp8, kivi4, kivi2 (+lz4)
+//! ssd = "raw"                          # lz4; lossy: int8 (8 bits, best), fp8, fp8sym, kivi4, kivi2 (+lz4)
 //! host = "raw"                         # raw: decoded; a lossy one holds more chunks
 //! allow_lossy = false                  # lossy codecs cost accuracy: opt in
 //! remote = "raw"                       # the remote tier's codec
@@ -336,7 +336,8 @@ impl RemoteSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct CodecSettings {
     /// The SSD tier's codec: `raw`, `lz4`, or a lossy one (`int8`, `fp8`, `kivi4`, `kivi2`,
-    /// `kivi8`, `int8sym`, each optionally `+lz4`; `CodecSpec::parse`), which needs `allow_lossy`.
+    /// `kivi8`, `int8sym`, `fp8sym`, each optionally `+lz4`; `CodecSpec::parse`), which needs
+    /// `allow_lossy`.
     pub ssd: String,
     /// The host tier's codec (the same names): a lossy one holds several times more chunks
     /// in the same memory, each read decoding its layers on the CPU.
