@@ -94,18 +94,20 @@ case "${1:-perf}" in
     done
     ;;
   codecs)
-    "$bench" codec --model "$KVQ_MODEL" --device cuda --codecs fp8,int8 --cold-codecs "" \
+    # (fp8 has zero points since 2026-12-05; fp8sym is the per-head form measured before: the
+    # codec run checks both against the CPU decoder bit for bit, on real layers and the 8B shape)
+    "$bench" codec --model "$KVQ_MODEL" --device cuda --codecs fp8,fp8sym,int8 --cold-codecs "" \
       --json "$OUT/codec_device.json"
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
-      --ratios 0.15 --host-codecs raw,int8,fp8 --phases --repeats 7 --json "$OUT/blend_codecs.json"
+      --ratios 0.15 --host-codecs raw,int8,fp8,fp8sym --phases --repeats 7 --json "$OUT/blend_codecs.json"
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
-      --ratios 0.15 --host-codecs raw,int8,fp8 --decode-in-store --phases --repeats 7 \
+      --ratios 0.15 --host-codecs raw,int8,fp8,fp8sym --decode-in-store --phases --repeats 7 \
       --json "$OUT/blend_codecs_cpu_decode.json"
     for task in needle musique; do
       for att in fused reference; do
         "$bench" eval --model "$KVQ_MODEL" --device cuda --attention "$att" --task "$task" \
           --limit "${2:-30}" --modes full,reuse,blend --variants kvquilt --ratios 0.3 \
-          --codecs fp8,int8 --json "$OUT/eval_${task}_${att}.json"
+          --codecs fp8,fp8sym,int8 --json "$OUT/eval_${task}_${att}.json"
       done
     done
     ;;

@@ -58,22 +58,32 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
     );
     let hd = h * d;
     let amax = |it: &mut dyn Iterator<Item = f32>| it.fold(0f32, |a, v| a.max(v.abs()));
+    let range = |m: &[f32]| {
+        m.iter()
+            .fold((f32::MAX, f32::MIN), |(l, u), &v| (l.min(v), u.max(v)))
+    };
+    // the values sharing element i's scale in int8's layout: V's row, or K's channel over its
+    // group's tokens (group 0: every token)
+    let members = |i: usize, group: u16| -> Vec<f32> {
+        if i >= half {
+            let row = (i - half) / d;
+            (0..d).map(|c| x[half + row * d + c]).collect()
+        } else {
+            let g = if group == 0 { t } else { group as usize };
+            let g0 = (i / hd) / g * g;
+            (g0..(g0 + g).min(t))
+                .map(|tt| x[tt * hd + i % hd])
+                .collect()
+        }
+    };
     match spec {
         CodecSpec::Raw | CodecSpec::Lz4 => vec![0.0; x.len()],
         CodecSpec::Fp8 {
             zero_point: true, ..
         } => (0..x.len())
             .map(|i| {
-                // int8's groups (K: the channel over every token; V: the row), e4m3's relative
-                // step around the offset
-                let members: Vec<f32> = if i >= half {
-                    let row = (i - half) / d;
-                    (0..d).map(|c| x[half + row * d + c]).collect()
-                } else {
-                    (0..t).map(|tt| x[tt * hd + i % hd]).collect()
-                };
-                let lo = members.iter().copied().fold(f32::MAX, f32::min);
-                let hi = members.iter().copied().fold(f32::MIN, f32::max);
+                // int8's scales (one K group), e4m3's relative step around the offset
+                let (lo, hi) = range(&members(i, 0));
                 let (s, o) = ((hi - lo) / 896.0, (lo + hi) / 2.0);
                 (x[i] - o).abs() / 16.0 + s / 1024.0 + (o.abs() + 448.0 * s) / (1u32 << 21) as f32
             })
@@ -93,22 +103,11 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
             group, zero_point, ..
         } => (0..x.len())
             .map(|i| {
-                let members: Vec<f32> = if i >= half {
-                    let row = (i - half) / d;
-                    (0..d).map(|c| x[half + row * d + c]).collect()
-                } else {
-                    // the channel over its group's tokens (group 0: every token)
-                    let g = if group == 0 { t } else { group as usize };
-                    let g0 = (i / hd) / g * g;
-                    (g0..(g0 + g).min(t))
-                        .map(|tt| x[tt * hd + i % hd])
-                        .collect()
-                };
+                let members = members(i, group);
                 if !zero_point {
                     return amax(&mut members.iter().copied()) / 127.0 / 2.0;
                 }
-                let lo = members.iter().copied().fold(f32::MAX, f32::min);
-                let hi = members.iter().copied().fold(f32::MIN, f32::max);
+                let (lo, hi) = range(&members);
                 let s = (hi - lo) / 254.0;
                 s / 2.0 + ((lo + hi).abs() / 2.0 + 127.0 * s) / (1u32 << 21) as f32
             })
@@ -467,11 +466,8 @@ fn zero_points_follow_off_centre_k_channels() {
     assert!(zero * 4.0 < sym, "fp8 {zero} vs fp8sym {sym}");
 }
 
-/// Records are pinned byte for byte: `int8sym` writes what `int8` wrote before zero points
-/// (bytes taken from the build of `78c90f0`), so objects stored by earlier builds decode as
-/// they did; the zero-point record is pinned so that its layout cannot drift silently.
-#[test]
-fn int8_records_are_pinned() {
+/// The layer the pinned records encode: 2 tokens of one head of 4, K then V.
+fn pinned_layer() -> (LayerShape, [f32; 16]) {
     let shape = LayerShape {
         tokens: 2,
         kv_heads: 1,
@@ -482,6 +478,15 @@ fn int8_records_are_pinned() {
         0.5f32, -1.25, 3.0, 2.75, 0.0, -0.5, 4.5, 2.5, 1.0, -2.0, 0.25, 0.75, -0.125, 0.375, -1.5,
         2.0,
     ];
+    (shape, x)
+}
+
+/// Records are pinned byte for byte: `int8sym` writes what `int8` wrote before zero points
+/// (bytes taken from the build of `78c90f0`), so objects stored by earlier builds decode as
+/// they did; the zero-point record is pinned so that its layout cannot drift silently.
+#[test]
+fn int8_records_are_pinned() {
+    let (shape, x) = pinned_layer();
     let raw = raw_of(&shape, &x);
     let before_zero_points: [u8; 40] = [
         4, 2, 129, 59, 133, 66, 33, 60, 69, 34, 17, 61, 198, 98, 177, 60, 4, 2, 129, 60, 4, 2, 129,
@@ -516,16 +521,7 @@ fn int8_records_are_pinned() {
 /// codes) is pinned so that its layout cannot drift silently.
 #[test]
 fn fp8_records_are_pinned() {
-    let shape = LayerShape {
-        tokens: 2,
-        kv_heads: 1,
-        head_dim: 4,
-        elem: ElemType::F32,
-    };
-    let x = [
-        0.5f32, -1.25, 3.0, 2.75, 0.0, -0.5, 4.5, 2.5, 1.0, -2.0, 0.25, 0.75, -0.125, 0.375, -1.5,
-        2.0,
-    ];
+    let (shape, x) = pinned_layer();
     let raw = raw_of(&shape, &x);
     // K's scale (amax 4.5 / 448), V's (2 / 448), then the codes
     let before_zero_points: [u8; 24] = [
