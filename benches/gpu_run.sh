@@ -25,12 +25,13 @@
 #   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
-#   benches/gpu_run.sh codecs N  # issue 13 on the GPU: the dequant kernel (bits vs the CPU
-#                                # decoder, throughput beside a device copy and pinned PCIe);
-#                                # host-tier hits of the 8B shape per codec, dequantised on the
-#                                # device vs on the CPU; answer agreement of fp8/int8 beside the
-#                                # floor of exact arithmetic (reference vs fused attention over
-#                                # the same raw chunks), N examples per task (SmolLM2, bf16)
+#   benches/gpu_run.sh codecs N  # issue 13 on the GPU: codecs-kernel, then codecs-eval N
+#   benches/gpu_run.sh codecs-kernel # the dequant kernel (bits vs the CPU decoder, throughput
+#                                # beside a device copy and pinned PCIe); host-tier hits of the
+#                                # 8B shape per codec, dequantised on the device vs on the CPU
+#   benches/gpu_run.sh codecs-eval N # answer agreement of fp8/int8 beside the floor of exact
+#                                # arithmetic (reference vs fused attention over the same raw
+#                                # chunks), N examples per task (SmolLM2, bf16)
 #   benches/gpu_run.sh qzero     # ranking before layer 0 beside the default's ranking (8B and
 #                                # SmolLM2 shapes, device tier), then `calibrate --variant
 #                                # qzero` in bf16 (needs $KVQ_MODEL)
@@ -94,6 +95,10 @@ case "${1:-perf}" in
     done
     ;;
   codecs)
+    bash "$0" codecs-kernel
+    bash "$0" codecs-eval "${2:-30}"
+    ;;
+  codecs-kernel)
     # (fp8 has zero points since 2026-12-05; fp8sym is the per-head form measured before: the
     # codec run checks both against the CPU decoder bit for bit, on real layers and the 8B shape)
     "$bench" codec --model "$KVQ_MODEL" --device cuda --codecs fp8,fp8sym,int8 --cold-codecs "" \
@@ -103,6 +108,8 @@ case "${1:-perf}" in
     "$bench" blend --random llama3.1-8b --device cuda --chunks 10 --chunk-tokens 512 \
       --ratios 0.15 --host-codecs raw,int8,fp8,fp8sym --decode-in-store --phases --repeats 7 \
       --json "$OUT/blend_codecs_cpu_decode.json"
+    ;;
+  codecs-eval)
     for task in needle musique; do
       for att in fused reference; do
         "$bench" eval --model "$KVQ_MODEL" --device cuda --attention "$att" --task "$task" \

@@ -31,7 +31,7 @@ pub const RECORD_FORMAT: u32 = 1;
 /// Records shipped with kvquilt: the default model (SmolLM2-135M-Instruct Q4_1, chunks
 /// behind its prompt opening `<|im_start|>`, also its BOS) in f32 (the CPU default; measured
 /// on the CPU VM with the binaries' bf16 products, variant `qzero`: BENCHMARKS.md §12) and
-/// bf16 (the GPU default; measured on the H200, variant `kvquilt`: §11). File name = key.
+/// bf16 (the GPU default; measured on the H200, variant `qzero`: §12). File name = key.
 const BUILT_IN: &[(&str, &str)] = &[
     (
         "72bd773b96852793ebe93920387b09c62a30d3ed5f8970c3c778fede33fca1d3.json",
