@@ -78,8 +78,8 @@
 //!   the name `int8` now means it (the symmetric form is `int8sym`). Only int8 objects with
 //!   zero points are written as v4, so a v3 build meets them as
 //!   [`StoreError::NewerFormat`] (a miss, left in place) rather than as unknown flag bits
-//!   (corrupt, dropped); every other object is written as before, byte for byte. This build
-//!   reads all four; a v3 or older header holding the zero-point bit is corrupt. Test:
+//!   (corrupt, dropped); every other object is written as before, byte for byte. A v3 or
+//!   older header holding int8's zero-point bit is corrupt. Test:
 //!   `tests/format.rs::zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions`.
 //! - **4 → 5** (2026-12-05): fp8 gained zero points the same way (flags bit 1; the record is
 //!   then int8's layout with e4m3 codes: K scales and offsets per channel, V's per row,
@@ -89,6 +89,7 @@
 //!   object is written as before, byte for byte. A v4 or older header holding fp8's
 //!   zero-point bit is corrupt. Test:
 //!   `tests/format.rs::zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions`.
+//!   This build reads versions 1 to 5.
 //!
 //! ## What a crash leaves
 //!

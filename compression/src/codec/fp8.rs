@@ -10,7 +10,7 @@
 //!   whose values sit around a large mean (the persistent outlier channels) loses its
 //!   variation to the mean's rounding unless the mean is taken out first.
 
-use super::{CodecError, LayerShape, Result, f32_at};
+use super::{CodecError, LayerShape, Result, f32_at, int8};
 
 /// Largest finite e4m3fn value.
 pub(super) const MAX: f32 = 448.0;
@@ -58,32 +58,33 @@ pub(super) fn encode_one(x: f32) -> u8 {
     sign | code
 }
 
-fn scales(shape: &LayerShape, raw: &[u8]) -> Vec<f32> {
+/// One scale per K/V and head (`amax / 448`, [`int8::scale_of`]'s rule for an empty or
+/// vanishing range); NaN or ±∞ among the values is refused as [`int8::check_values`] does.
+fn scales(shape: &LayerShape, raw: &[u8]) -> Result<Vec<f32>> {
     let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
     let mut amax = vec![0f32; 2 * h];
     for kv in 0..2 {
         for i in 0..half {
             let head = (i / d) % h;
             let a = shape.elem.get(raw, kv * half + i).abs();
+            if !a.is_finite() {
+                return Err(CodecError::BadParam {
+                    codec: "fp8sym",
+                    field: "values",
+                    why: "a value that is NaN or infinite".into(),
+                });
+            }
             if a > amax[kv * h + head] {
                 amax[kv * h + head] = a;
             }
         }
     }
-    amax.into_iter()
-        .map(|a| {
-            if a > 0.0 && a.is_finite() {
-                a / MAX
-            } else {
-                1.0
-            }
-        })
-        .collect()
+    Ok(amax.into_iter().map(|a| int8::scale_of(a, MAX)).collect())
 }
 
-pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Vec<u8> {
+pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
     let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
-    let s = scales(shape, raw);
+    let s = scales(shape, raw)?;
     let mut out = Vec::with_capacity(8 * h + 2 * half);
     for v in &s {
         out.extend_from_slice(&v.to_le_bytes());
@@ -94,7 +95,7 @@ pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Vec<u8> {
             out.push(encode_one(shape.elem.get(raw, kv * half + i) * inv));
         }
     }
-    out
+    Ok(out)
 }
 
 pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Result<()> {

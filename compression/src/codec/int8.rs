@@ -23,13 +23,36 @@
 
 use super::{Code8, CodecError, LayerShape, Result, f32_at, fp8};
 
-/// Scale of a range `width` wide (`width / levels`); 1 when the range is empty or not
-/// finite (every code is then 0 or saturates).
-fn scale_of(width: f32, levels: f32) -> f32 {
-    if width > 0.0 && width.is_finite() {
-        width / levels
+/// Scale of a range `width` wide (`width / levels`); 1 when the range is empty, or so narrow
+/// that the scale would be subnormal (its reciprocal overflows, and `0 · ∞` would code a
+/// value at the midpoint as NaN): every code is then 0, i.e. the midpoint, within `width / 2`.
+pub(super) fn scale_of(width: f32, levels: f32) -> f32 {
+    let s = width / levels;
+    if s >= f32::MIN_POSITIVE && s.is_finite() {
+        s
     } else {
         1.0
+    }
+}
+
+/// Refuses values an 8-bit code cannot stand for: NaN or ±∞ (a scale over them would turn
+/// every finite value of its channel or row into ∞ or NaN), and — with zero points — ranges
+/// wider than f32 holds. The caller stores such a layer raw (`KvObject::encode_or_raw`).
+pub(super) fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()> {
+    let bad = if xs.iter().any(|x| !x.is_finite()) {
+        Some("a value that is NaN or infinite".to_string())
+    } else {
+        let (lo, hi) = range(xs);
+        (zero_point && !xs.is_empty() && !(hi - lo).is_finite())
+            .then(|| format!("values spanning {lo}..{hi}, wider than f32 holds"))
+    };
+    match bad {
+        Some(why) => Err(CodecError::BadParam {
+            codec,
+            field: "values",
+            why,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -97,14 +120,15 @@ fn range(xs: &[f32]) -> (f32, f32) {
         .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)))
 }
 
-/// Encodes a layer with `code`s (int8, or e4m3 for centred fp8).
+/// Encodes a layer with `code`s (int8, or e4m3 for centred fp8); refuses values no scale
+/// can hold ([`check_values`]).
 pub(super) fn encode(
     shape: &LayerShape,
     code: Code8,
     group: u16,
     zero_point: bool,
     raw: &[u8],
-) -> Vec<u8> {
+) -> Result<Vec<u8>> {
     let (t, h, d, half) = (
         shape.tokens,
         shape.kv_heads,
@@ -114,6 +138,12 @@ pub(super) fn encode(
     let hd = h * d;
     let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
     let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
+    let name = match code {
+        Code8::Int8 => "int8",
+        Code8::E4m3 => "fp8",
+    };
+    check_values(name, &k, zero_point)?;
+    check_values(name, &v, zero_point)?;
     let g = group_len(t, group);
     let n = k_groups(t, group) * hd;
     // each K scale's (lo, hi) over its group's tokens
@@ -165,7 +195,7 @@ pub(super) fn encode(
         let inv = 1.0 / s;
         out.extend(row.iter().map(|&x| quantise(code, x - o, inv)));
     }
-    out
+    Ok(out)
 }
 
 /// Decodes a record of `code`s written by [`encode`].

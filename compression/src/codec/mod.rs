@@ -441,11 +441,11 @@ impl CodecSpec {
             Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
             Self::Fp8 {
                 zero_point: true, ..
-            } => int8::encode(shape, Code8::E4m3, 0, true, raw),
-            Self::Fp8 { .. } => fp8::encode(shape, raw),
+            } => int8::encode(shape, Code8::E4m3, 0, true, raw)?,
+            Self::Fp8 { .. } => fp8::encode(shape, raw)?,
             Self::Int8 {
                 group, zero_point, ..
-            } => int8::encode(shape, Code8::Int8, group, zero_point, raw),
+            } => int8::encode(shape, Code8::Int8, group, zero_point, raw)?,
             Self::Kivi {
                 bits,
                 group,

@@ -16,7 +16,8 @@
 //! no fused multiply-add) and rounded once to the layer's element type. [`Scaled8::decode_into`] is
 //! that formula on the CPU; the test `record_plans_match_each_codec_s_own_decoder` pins it to
 //! each codec's decoder byte for byte, so a kernel that follows the formula decodes what the
-//! codec would.
+//! codec would (a NaN code — e4m3's 0x7F / 0xFF, which no encoder writes — decodes to a NaN,
+//! not necessarily the same NaN's bits).
 
 use super::{CodecError, CodecSpec, ElemType, LayerShape, Result, f32_at, fp8, int8};
 
@@ -103,12 +104,16 @@ impl Scaled8 {
             } else {
                 m.slot(self.half - 1).max(m.modulo - 1)
             };
+            // a record of no elements forms no index (a zero-token layer: its V map, or
+            // with token groups every map, starts where the f32 values end)
             let past = |start: usize| {
-                start
-                    .checked_add(last_slot)
-                    .is_none_or(|l| l >= self.scales)
+                self.half > 0
+                    && start
+                        .checked_add(last_slot)
+                        .is_none_or(|l| l >= self.scales)
             };
-            if empty || past(m.base) || m.offsets.is_some_and(|o| o == 0 || past(o)) {
+            let bad_offsets = |o: usize| self.half > 0 && (o == 0 || past(o));
+            if empty || past(m.base) || m.offsets.is_some_and(bad_offsets) {
                 return Err(CodecError::BadParam {
                     codec: "scaled8",
                     field: if h == 0 { "K scale map" } else { "V scale map" },
@@ -294,13 +299,20 @@ mod tests {
             elem: ElemType::Bf16,
         };
         for c in [
-            "raw", "lz4", "fp8+lz4", "int8+lz4", "kivi8", "kivi4", "kivi2",
+            "raw",
+            "lz4",
+            "fp8+lz4",
+            "fp8sym+lz4",
+            "int8+lz4",
+            "kivi8",
+            "kivi4",
+            "kivi2",
         ] {
             let c = CodecSpec::parse(c).unwrap();
             assert_eq!(c.scaled8(&shape), None, "{c}");
             assert!(!c.has_scaled8(), "{c}");
         }
-        for c in ["fp8", "int8", "int8sym"] {
+        for c in ["fp8", "fp8sym", "int8", "int8/g32", "int8sym"] {
             assert!(
                 CodecSpec::parse(c).unwrap().scaled8(&shape).is_some(),
                 "{c}"

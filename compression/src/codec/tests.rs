@@ -380,6 +380,86 @@ fn wrong_raw_lengths_and_hostile_values_are_errors() {
             .encode(&shape, &raw_of(&shape, &v))
             .is_err()
     );
+    // no 8-bit scale stands for NaN or ±∞ (it would turn a whole K channel or V row into
+    // ∞ / NaN), nor, with zero points, for a range wider than f32: refused, naming the field
+    let eight = [
+        "fp8",
+        "fp8sym",
+        "int8",
+        "int8/g32",
+        "int8sym",
+        "int8sym/g32",
+    ];
+    for (at, bad) in [(5, f32::NAN), (5, f32::INFINITY), (300, f32::NEG_INFINITY)] {
+        let mut v = vec![0.5f32; 2 * shape.half_elems()];
+        v[at] = bad;
+        for name in eight {
+            let e = CodecSpec::parse(name)
+                .unwrap()
+                .encode(&shape, &raw_of(&shape, &v));
+            assert!(
+                matches!(
+                    e,
+                    Err(CodecError::BadParam {
+                        field: "values",
+                        ..
+                    })
+                ),
+                "{name} {bad}: {e:?}"
+            );
+        }
+    }
+    let mut v = vec![0f32; 2 * shape.half_elems()];
+    (v[1], v[5]) = (-3e38, 3e38);
+    for name in eight {
+        let spec = CodecSpec::parse(name).unwrap();
+        let e = spec.encode(&shape, &raw_of(&shape, &v));
+        if spec.has_zero_points() {
+            assert!(
+                matches!(
+                    e,
+                    Err(CodecError::BadParam {
+                        field: "values",
+                        ..
+                    })
+                ),
+                "{name}: {e:?}"
+            );
+        } else {
+            // symmetric: the scale is amax / levels, finite
+            let back = spec.decode(&shape, &e.unwrap()).unwrap();
+            let back = shape.elem.to_f32_vec(&back);
+            assert!(back.iter().all(|x| x.is_finite()), "{name}");
+        }
+    }
+}
+
+/// A channel or row whose range is so narrow that its scale would be subnormal (the
+/// reciprocal overflows) decodes to its midpoint, never to NaN (`0 · ∞`).
+#[test]
+fn vanishing_ranges_decode_near_their_midpoint() {
+    let shape = LayerShape {
+        tokens: 4,
+        kv_heads: 1,
+        head_dim: 4,
+        elem: ElemType::F32,
+    };
+    let tiny = [-1e-40f32, 0.0, 1e-40, 0.0];
+    let v: Vec<f32> = tiny
+        .iter()
+        .cycle()
+        .take(2 * shape.half_elems())
+        .copied()
+        .collect();
+    for name in ["fp8", "fp8sym", "int8", "int8/g2", "int8sym"] {
+        let spec = CodecSpec::parse(name).unwrap();
+        let back = spec
+            .decode(&shape, &spec.encode(&shape, &raw_of(&shape, &v)).unwrap())
+            .unwrap();
+        for (x, y) in v.iter().zip(shape.elem.to_f32_vec(&back)) {
+            assert!((x - y).abs() <= 1e-40, "{name}: {x} -> {y}");
+        }
+    }
 }
 
 #[test]

@@ -7,7 +7,8 @@
 // value(code) * f[base_h + s]                        (off_h == 0: no zero points)
 // value(code) * f[base_h + s] + f[off_h + s]         (otherwise; __fmul_rn then __fadd_rn)
 // computed in f32 and rounded once to the output type: the formula of the CPU decoder
-// (Scaled8::decode_into), so both give the same bits.
+// (Scaled8::decode_into), so both give the same bits (a NaN code, which no encoder writes,
+// decodes to a NaN on both, not necessarily the same NaN).
 //
 // Four elements per thread: half % 4 == 0 and the record 4-byte aligned (checked by the
 // launcher), so codes are read as one u32 and outputs written as one vector.
