@@ -59,7 +59,7 @@ pub(super) fn encode_one(x: f32) -> u8 {
 }
 
 /// One scale per K/V and head (`amax / 448`, [`int8::scale_of`]'s rule for an empty or
-/// vanishing range); NaN or ±∞ among the values is refused as [`int8::check_values`] does.
+/// vanishing range); NaN or ±∞ among the values is refused as [`super::check_values`] does.
 fn scales(shape: &LayerShape, raw: &[u8]) -> Result<Vec<f32>> {
     let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
     let mut amax = vec![0f32; 2 * h];

@@ -21,7 +21,7 @@
 //! is 0), V's `tokens × kv_heads` scales, then (zero point only) the offsets in the same
 //! order and number, all f32 LE; then K's codes and V's codes (i8) in the raw layout's order.
 
-use super::{Code8, CodecError, LayerShape, Result, f32_at, fp8};
+use super::{Code8, CodecError, LayerShape, Result, check_values, f32_at, fp8};
 
 /// Scale of a range `width` wide (`width / levels`); 1 when the range is empty, or so narrow
 /// that the scale would be subnormal (its reciprocal overflows, and `0 · ∞` would code a
@@ -32,27 +32,6 @@ pub(super) fn scale_of(width: f32, levels: f32) -> f32 {
         s
     } else {
         1.0
-    }
-}
-
-/// Refuses values an 8-bit code cannot stand for: NaN or ±∞ (a scale over them would turn
-/// every finite value of its channel or row into ∞ or NaN), and — with zero points — ranges
-/// wider than f32 holds. The caller stores such a layer raw (`KvObject::encode_or_raw`).
-pub(super) fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()> {
-    let bad = if xs.iter().any(|x| !x.is_finite()) {
-        Some("a value that is NaN or infinite".to_string())
-    } else {
-        let (lo, hi) = range(xs);
-        (zero_point && !xs.is_empty() && !(hi - lo).is_finite())
-            .then(|| format!("values spanning {lo}..{hi}, wider than f32 holds"))
-    };
-    match bad {
-        Some(why) => Err(CodecError::BadParam {
-            codec,
-            field: "values",
-            why,
-        }),
-        None => Ok(()),
     }
 }
 

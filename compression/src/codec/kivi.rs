@@ -14,7 +14,7 @@
 
 use half::f16;
 
-use super::{CodecError, KiviRecord, LayerShape, Result};
+use super::{CodecError, KiviRecord, LayerShape, Result, check_values};
 
 /// The record's geometry for one shape and parameter set.
 pub(super) struct Params {
@@ -76,6 +76,9 @@ impl Params {
         let raw_half = raw.len() / 2;
         let k = s.elem.to_f32_vec(&raw[..raw_half]);
         let v = s.elem.to_f32_vec(&raw[raw_half..]);
+        // the quantised tokens (the residual's are kept exact, NaN and ∞ included)
+        check_values("kivi", &k[..self.tq * hd], false)?;
+        check_values("kivi", &v[..self.tq * hd], false)?;
         let (_, _, code_bytes, _) = self.sizes();
         let mut pairs = Vec::new();
         let mut k_codes = vec![0u8; code_bytes];

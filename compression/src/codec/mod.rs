@@ -578,6 +578,30 @@ impl From<CodecSpec> for String {
     }
 }
 
+/// Refuses values no scale can stand for: NaN or ±∞ (a scale over them would turn every
+/// finite value of its channel, row or group into ∞ or NaN, or code them as its minimum),
+/// and — with zero points — ranges wider than f32 holds. The store keeps such a layer raw
+/// (`KvObject::encode_or_raw` in kvstore).
+fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()> {
+    let bad = if xs.iter().any(|x| !x.is_finite()) {
+        Some("a value that is NaN or infinite".to_string())
+    } else {
+        let (lo, hi) = xs
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)));
+        (zero_point && !xs.is_empty() && !(hi - lo).is_finite())
+            .then(|| format!("values spanning {lo}..{hi}, wider than f32 holds"))
+    };
+    match bad {
+        Some(why) => Err(CodecError::BadParam {
+            codec,
+            field: "values",
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Reads the `i`-th little-endian f32 of `b` (callers check lengths first).
 fn f32_at(b: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
