@@ -85,8 +85,10 @@ pub struct BlendConfig {
     /// Layers at which tokens are re-ranked, increasing, each in `0..num_layers`. Layers
     /// before the first are computed for every token (CacheBlend: layer 0, check at 1). A
     /// check at layer 0 ranks before any layer runs, so only the selected rows are ever
-    /// computed; it has no deviation to rank by (a layer's stored KV before any layer ran
-    /// is exact: it depends on the token alone) and so needs `query_weight` 1.
+    /// computed; it has no deviation to rank by (layer 0's stored KV depends on the token
+    /// alone: exact when stored losslessly; a lossy codec's decoded values then stay in place
+    /// for the tokens not selected, where a later check would have recomputed them) and so
+    /// needs `query_weight` 1.
     pub check_layers: Vec<usize>,
     /// Gradual filtering: the first check layer keeps `ratio · gradual` (capped at 1) and the
     /// ratio falls linearly to `ratio` at the last check layer. 1 = no filtering schedule.
@@ -202,10 +204,11 @@ impl CorrectionScope {
 }
 
 impl Default for BlendConfig {
-    /// kvquilt's uncalibrated default — what `[blend] uncalibrated = "blend"` runs and what the
-    /// default model's calibration records certify (a served model's `blend` comes from its
-    /// record, `crate::calibration::BlendDefault`): query-aware ranking at ratio 0.3, the
-    /// smallest measured ratio whose
+    /// kvquilt's uncalibrated default — what `[blend] uncalibrated = "blend"` runs for a model
+    /// without a record (a served model's `blend` comes from its record,
+    /// `crate::calibration::BlendDefault`; the default model's records certify the same ranking
+    /// checked at layer 0 instead, `check_layers = [0]`: variant `qzero`, BENCHMARKS.md §12):
+    /// query-aware ranking checked at layer 1 at ratio 0.3, the smallest measured ratio whose
     /// needle accuracy reaches 95% of full prefill's (0.767 vs 0.800 with chunks encoded
     /// behind the BOS sink; CacheBlend's ranking: 0.467 at 0.3, 0.50 at 0.15), with MuSiQue
     /// first-token KL 0.016 (CacheBlend at 0.15: 0.109) and F1 0.97 of full's. Its TTFT is

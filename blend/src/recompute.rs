@@ -149,8 +149,8 @@ fn run(
         }
         enter("check layer")?;
         // A check at layer 0 ranks by the question alone (validated): no layer has run, and
-        // layer 0's stored KV is what the tokens alone give, so nothing is projected and no
-        // row replaced.
+        // layer 0's stored KV is what the tokens alone give (as decoded, when a lossy codec
+        // stored it), so nothing is projected and no row replaced.
         let mut scores = if check == 0 {
             vec![0.0; active.len()]
         } else {

@@ -204,8 +204,9 @@ fn blend_at_ratio_one_equals_full() {
 }
 
 /// A check at layer 0 ranks by the question before any layer runs: no layer is computed for
-/// every token, so at ratio 0 the blend is `reuse` (only the question's rows computed, over
-/// the stored KV), at ratio 1 it is full prefill, and in between it recomputes exactly its
+/// every token, so at ratio 0 — every chunk stored, no forced chunk starts — the blend is
+/// `reuse` (only the question's rows computed, over the stored KV), at ratio 1 it is full
+/// prefill, and in between it recomputes exactly its
 /// budget. The default (check at layer 1, layer 0 for every token) differs from reuse at
 /// ratio 0 — the test would not tell the two apart otherwise. Without the question's
 /// ranking a check at layer 0 has nothing to rank by and is refused.

@@ -109,7 +109,7 @@ pub(crate) fn preset(name: &str, r: f32) -> Result<BlendConfig> {
             span: 4,
             ..base
         },
-        // kvquilt's default
+        // kvquilt's uncalibrated default (the shipped records' `qzero` checks at layer 0)
         "kvquilt" => BlendConfig {
             ratio: r,
             ..BlendConfig::default()
