@@ -10,7 +10,7 @@
 //!   whose values sit around a large mean (the persistent outlier channels) loses its
 //!   variation to the mean's rounding unless the mean is taken out first.
 
-use super::{CodecError, LayerShape, Result, f32_at, int8};
+use super::{CodecError, LayerShape, Result, f32_at, int8, non_finite};
 
 /// Largest finite e4m3fn value.
 pub(super) const MAX: f32 = 448.0;
@@ -68,11 +68,7 @@ fn scales(shape: &LayerShape, raw: &[u8]) -> Result<Vec<f32>> {
             let head = (i / d) % h;
             let a = shape.elem.get(raw, kv * half + i).abs();
             if !a.is_finite() {
-                return Err(CodecError::BadParam {
-                    codec: "fp8sym",
-                    field: "values",
-                    why: "a value that is NaN or infinite".into(),
-                });
+                return Err(non_finite("fp8sym"));
             }
             if a > amax[kv * h + head] {
                 amax[kv * h + head] = a;

@@ -117,12 +117,8 @@ pub(super) fn encode(
     let hd = h * d;
     let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
     let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
-    let name = match code {
-        Code8::Int8 => "int8",
-        Code8::E4m3 => "fp8",
-    };
-    check_values(name, &k, zero_point)?;
-    check_values(name, &v, zero_point)?;
+    check_values(code.codec(), &k, zero_point)?;
+    check_values(code.codec(), &v, zero_point)?;
     let g = group_len(t, group);
     let n = k_groups(t, group) * hd;
     // each K scale's (lo, hi) over its group's tokens
@@ -186,13 +182,14 @@ pub(super) fn decode(
     stored: &[u8],
     out: &mut [u8],
 ) -> Result<()> {
+    let codec = code.codec();
     match code {
-        Code8::Int8 => decode_with(shape, group, zero_point, stored, out, "int8", |c| {
+        Code8::Int8 => decode_with(shape, group, zero_point, stored, out, codec, |c| {
             (c as i8) as f32
         }),
         Code8::E4m3 => {
             let t = fp8::table();
-            decode_with(shape, group, zero_point, stored, out, "fp8", |c| {
+            decode_with(shape, group, zero_point, stored, out, codec, |c| {
                 t[c as usize]
             })
         }

@@ -583,9 +583,10 @@ impl From<CodecSpec> for String {
 /// and — with zero points — ranges wider than f32 holds. The store keeps such a layer raw
 /// (`KvObject::encode_or_raw` in kvstore).
 fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()> {
-    let bad = if xs.iter().any(|x| !x.is_finite()) {
-        Some("a value that is NaN or infinite".to_string())
-    } else {
+    if xs.iter().any(|x| !x.is_finite()) {
+        return Err(non_finite(codec));
+    }
+    let bad = {
         let (lo, hi) = xs
             .iter()
             .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)));
@@ -599,6 +600,15 @@ fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()>
             why,
         }),
         None => Ok(()),
+    }
+}
+
+/// The refusal of a NaN or ±∞ among the values to encode ([`check_values`]).
+fn non_finite(codec: &'static str) -> CodecError {
+    CodecError::BadParam {
+        codec,
+        field: "values",
+        why: "a value that is NaN or infinite".into(),
     }
 }
 

@@ -30,6 +30,16 @@ pub enum Code8 {
     E4m3,
 }
 
+impl Code8 {
+    /// The codec whose records use these codes, for errors.
+    pub(super) fn codec(self) -> &'static str {
+        match self {
+            Self::Int8 => "int8",
+            Self::E4m3 => "fp8",
+        }
+    }
+}
+
 /// Which scale an element `i` of one half (K or V) uses:
 /// `base + (i / div) % modulo + (i / outer_div) · outer_stride`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,16 +114,16 @@ impl Scaled8 {
             } else {
                 m.slot(self.half - 1).max(m.modulo - 1)
             };
-            // a record of no elements forms no index (a zero-token layer: its V map, or
-            // with token groups every map, starts where the f32 values end)
             let past = |start: usize| {
-                self.half > 0
-                    && start
-                        .checked_add(last_slot)
-                        .is_none_or(|l| l >= self.scales)
+                start
+                    .checked_add(last_slot)
+                    .is_none_or(|l| l >= self.scales)
             };
-            let bad_offsets = |o: usize| self.half > 0 && (o == 0 || past(o));
-            if empty || past(m.base) || m.offsets.is_some_and(bad_offsets) {
+            // a record of no elements forms no index (a zero-token layer: its V map, or with
+            // token groups every map, starts where the f32 values end)
+            let indexed = self.half > 0;
+            let out_of_range = past(m.base) || m.offsets.is_some_and(|o| o == 0 || past(o));
+            if empty || (indexed && out_of_range) {
                 return Err(CodecError::BadParam {
                     codec: "scaled8",
                     field: if h == 0 { "K scale map" } else { "V scale map" },
