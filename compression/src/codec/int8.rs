@@ -94,7 +94,7 @@ fn fit(code: Code8, lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
 }
 
 /// The (lo, hi) of a run of values (NaNs ignored; (MAX, MIN) when there are none).
-fn range(xs: &[f32]) -> (f32, f32) {
+pub(super) fn range(xs: &[f32]) -> (f32, f32) {
     xs.iter()
         .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)))
 }

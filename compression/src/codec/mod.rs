@@ -587,9 +587,7 @@ fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()>
         return Err(non_finite(codec));
     }
     let bad = {
-        let (lo, hi) = xs
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)));
+        let (lo, hi) = int8::range(xs);
         (zero_point && !xs.is_empty() && !(hi - lo).is_finite())
             .then(|| format!("values spanning {lo}..{hi}, wider than f32 holds"))
     };
