@@ -218,6 +218,12 @@ impl CodecSpec {
         )
     }
 
+    /// Whether lz4 codes the bytes (`lz4`, or any codec followed by it): the stored size
+    /// then depends on the values, not on the layout alone.
+    pub fn uses_lz4(self) -> bool {
+        self == Self::Lz4 || self.lz4_after()
+    }
+
     fn lz4_after(self) -> bool {
         match self {
             Self::Raw | Self::Lz4 => false,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kvquilt_blend::{BlendRequest, Blender, Mode};
-use kvquilt_kvstore::{SsdConfig, SsdTier, Tier};
+use kvquilt_kvstore::{KvLayout, SsdConfig, SsdTier, Tier};
 use serde::Serialize;
 
 use super::TraceBenchArgs;
@@ -21,19 +21,39 @@ pub(super) struct Costs {
     /// A chunk prefilled alone (a miss): `chunk_fixed_s + chunk_per_token_s · n`.
     pub(super) chunk_fixed_s: f64,
     pub(super) chunk_per_token_s: f64,
-    /// The default blend's TTFT with every chunk in the host tier, over full prefill's.
-    pub(super) warm_blend_fraction: f64,
-    /// The default blend's TTFT over full prefill's when a fraction `m` of the retrieved
-    /// tokens are misses (computed in the blend's pass; their store-back comes after the
-    /// first token): `blend_fixed + blend_per_missed · m` (fit at m = 0, ⅓, ⅔).
-    pub(super) blend_fixed: f64,
-    pub(super) blend_per_missed: f64,
+    /// The default blend over a host tier of each `--host-codecs` codec, in that order.
+    pub(super) blends: Vec<BlendCost>,
     /// Real-size SSD reads (RocksDB, warm page cache), bytes per second.
     pub(super) ssd_bytes_per_s: f64,
     /// Real KV bytes per token of the model.
     pub(super) bytes_per_token: u64,
+    /// The model's KV layout (what a stored chunk holds).
+    pub(super) layout: KvLayout,
     /// The blend configuration timed.
     pub(super) blend: String,
+}
+
+/// The default blend's cost over a host tier holding its chunks in one codec (a hit's
+/// decode included: on the CPU the store decodes it, on a GPU the device does).
+#[derive(Serialize, Clone)]
+pub(super) struct BlendCost {
+    /// The host tier's codec (`raw`: held decoded).
+    pub(super) host_codec: String,
+    /// TTFT with every chunk a host hit, over full prefill's.
+    pub(super) warm_fraction: f64,
+    /// TTFT over full prefill's when a fraction `m` of the retrieved tokens are misses
+    /// (computed in the blend's pass; their store-back comes after the first token):
+    /// `fixed + per_missed · m` (fit at m = 0, ⅓, ⅔).
+    pub(super) fixed: f64,
+    pub(super) per_missed: f64,
+}
+
+impl BlendCost {
+    /// TTFT over full prefill's with a fraction `missed` of the retrieved tokens missing
+    /// (before any SSD reads).
+    pub(super) fn fraction(&self, missed: f64) -> f64 {
+        (self.fixed + self.per_missed * missed).max(0.0)
+    }
 }
 
 impl Costs {
@@ -43,12 +63,6 @@ impl Costs {
 
     pub(super) fn chunk_s(&self, n: usize) -> f64 {
         (self.chunk_fixed_s + self.chunk_per_token_s * n as f64).max(0.0)
-    }
-
-    /// The default blend's TTFT over full prefill's with a fraction `missed` of the retrieved
-    /// tokens missing (before any SSD reads).
-    pub(super) fn blend_fraction(&self, missed: f64) -> f64 {
-        (self.blend_fixed + self.blend_per_missed * missed).max(0.0)
     }
 }
 
@@ -68,10 +82,13 @@ fn affine(points: &[(f64, f64)]) -> (f64, f64) {
     (my - b * mx, b)
 }
 
-/// Times the real model and store on this corpus (see the module doc).
+/// Times the real model and store on this corpus (see the module doc): full prefill and a
+/// chunk's prefill on `blender`, the default blend on each of `hosts` (a blender over a host
+/// tier of one codec, named beside it).
 pub(super) fn measure(
     a: &TraceBenchArgs,
     blender: &Blender,
+    hosts: &[(String, Blender)],
     rt: &tokio::runtime::Runtime,
     chunks: &[Vec<u32>],
     question: &[u32],
@@ -90,66 +107,99 @@ pub(super) fn measure(
     }
     let (chunk_fixed_s, chunk_per_token_s) = affine(&chunk_points);
     // full prefill at k/2, k and 3k/2 chunks; the default blend over stored chunks at k
-    let time = |req: &BlendRequest| -> Result<f64> {
-        let mut runs = Vec::new();
-        for _ in 0..=repeats {
-            let t = Instant::now();
-            let out = blender.run(b"", req)?;
-            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
-            blender.model().device().synchronize()?;
-            runs.push(t.elapsed().as_secs_f64());
-        }
-        Ok(median(&runs[1..]))
+    let once = |blender: &Blender, req: &BlendRequest| -> Result<f64> {
+        let t = Instant::now();
+        let out = blender.run(b"", req)?;
+        let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+        blender.model().device().synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
     };
     let mut full_points = Vec::new();
-    let mut fractions = Vec::new();
-    let mut miss_points = Vec::new();
+    // per host codec: the warm blend over full prefill measured beside it, and (miss
+    // fraction, seconds, prompt tokens) of each blend
+    let mut warm = vec![0.0; hosts.len()];
+    let mut miss_points = vec![Vec::new(); hosts.len()];
     for (i, n) in [a.k / 2, a.k, a.k + a.k / 2].into_iter().enumerate() {
         let picked: Vec<Vec<u32>> = chunks.iter().skip(i * 37).take(n.max(1)).cloned().collect();
         let req = BlendRequest::new(vec![], picked.clone(), question.to_vec(), Mode::Full);
-        let full = time(&req)?;
+        let runs = (0..=repeats)
+            .map(|_| once(blender, &req))
+            .collect::<Result<Vec<_>>>()?;
+        let full = median(&runs[1..]);
         full_points.push((req.tokens().len() as f64, full));
-        if n == a.k {
+        if n != a.k {
+            continue;
+        }
+        for (_, host) in hosts {
             for c in &picked {
-                blender.precompute(b"", c)?;
+                host.precompute(b"", c)?;
             }
-            let warm_req = BlendRequest {
+        }
+        // every chunk stored, then the first j chunks replaced by chunks never stored
+        // (taken from the corpus's end) and nothing stored back, so every run misses them
+        let mut blends = vec![(
+            0.0,
+            BlendRequest {
                 mode: Mode::Blend(blend.config.clone()),
                 ..req
+            },
+        )];
+        for j in [n.div_ceil(3), (2 * n).div_ceil(3)] {
+            let mut mixed = picked.clone();
+            for (slot, fresh) in mixed.iter_mut().zip(chunks.iter().rev()).take(j) {
+                *slot = fresh.clone();
+            }
+            let missed: usize = mixed.iter().take(j).map(Vec::len).sum();
+            let retrieved: usize = mixed.iter().map(Vec::len).sum();
+            let req = BlendRequest {
+                store_back: false,
+                ..BlendRequest::new(
+                    vec![],
+                    mixed,
+                    question.to_vec(),
+                    Mode::Blend(blend.config.clone()),
+                )
             };
-            let warm = time(&warm_req)?;
-            fractions.push(warm / full);
-            miss_points.push((0.0, warm, warm_req.tokens().len()));
-            // the first j chunks replaced by chunks never stored (taken from the corpus's
-            // end), and nothing stored back, so every run misses them alike
-            for j in [n.div_ceil(3), (2 * n).div_ceil(3)] {
-                let mut mixed = picked.clone();
-                for (slot, fresh) in mixed.iter_mut().zip(chunks.iter().rev()).take(j) {
-                    *slot = fresh.clone();
+            blends.push((missed as f64 / retrieved as f64, req));
+        }
+        for (m, req) in &blends {
+            // the host tiers' runs interleaved, so that this machine's drift over the
+            // measurement lands on every codec alike (the first round warms up)
+            let mut runs = vec![Vec::new(); hosts.len()];
+            for _ in 0..=repeats {
+                for (h, (_, host)) in hosts.iter().enumerate() {
+                    runs[h].push(once(host, req)?);
                 }
-                let missed: usize = mixed.iter().take(j).map(Vec::len).sum();
-                let retrieved: usize = mixed.iter().map(Vec::len).sum();
-                let req = BlendRequest {
-                    store_back: false,
-                    ..BlendRequest::new(
-                        vec![],
-                        mixed,
-                        question.to_vec(),
-                        Mode::Blend(blend.config.clone()),
-                    )
-                };
-                let m = missed as f64 / retrieved as f64;
-                miss_points.push((m, time(&req)?, req.tokens().len()));
+            }
+            for (h, runs) in runs.iter().enumerate() {
+                let t = median(&runs[1..]);
+                if *m == 0.0 {
+                    warm[h] = t / full;
+                }
+                miss_points[h].push((*m, t, req.tokens().len()));
             }
         }
     }
     let (full_fixed_s, full_per_token_s) = affine(&full_points);
-    // each blend over full prefill's fitted time at its own length
-    let miss_points: Vec<(f64, f64)> = miss_points
-        .into_iter()
-        .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
+    let blends = hosts
+        .iter()
+        .zip(warm)
+        .zip(miss_points)
+        .map(|(((name, _), warm_fraction), points)| {
+            // each blend over full prefill's fitted time at its own length
+            let points: Vec<(f64, f64)> = points
+                .into_iter()
+                .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
+                .collect();
+            let (fixed, per_missed) = affine(&points);
+            BlendCost {
+                host_codec: name.clone(),
+                warm_fraction,
+                fixed,
+                per_missed,
+            }
+        })
         .collect();
-    let (blend_fixed, blend_per_missed) = affine(&miss_points);
     // real-size objects read back from an SSD tier
     let dir = tempfile::tempdir()?;
     let ssd = SsdTier::open(SsdConfig::new(dir.path(), u64::MAX), Default::default())?;
@@ -176,11 +226,10 @@ pub(super) fn measure(
         full_per_token_s,
         chunk_fixed_s,
         chunk_per_token_s,
-        warm_blend_fraction: median(&fractions),
-        blend_fixed,
-        blend_per_missed,
+        blends,
         ssd_bytes_per_s: median(&rates[1..]),
         bytes_per_token,
+        layout: *codec.layout(),
         blend: blend.label.clone(),
     })
 }

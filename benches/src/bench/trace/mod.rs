@@ -11,15 +11,19 @@
 //! are real reads, promoted from the SSD), then stores its misses, as the sidecar's
 //! store-back does.
 //!
-//! Objects are held at 1/`SCALE` of their real size (a layout of the same bytes per token
-//! over 60), so a trace of thousands of queries runs in seconds; capacities scale with
-//! them, and bytes reported are real-size. Model time comes from the measured cost model,
+//! Objects are held at 1/(the model's layer count) of their real size (one layer of the
+//! model's layout, synthetic values), so a trace of thousands of queries runs in seconds;
+//! capacities scale with them, and bytes reported are real-size. With `--host-codecs`
+//! the host tier holds the chunks in each codec in turn (one set of runs each): a codec
+//! without an entropy coder stores one such layer in the bytes it stores a real one in,
+//! so the tier holds as many chunks as it would of real KV. Model time comes from the measured cost model,
 //! not from running the model per query: at start the real model (and blender) is timed on
 //! real prompts of this corpus — full prefill at three lengths (an affine fit), a chunk's
 //! prefill alone (fit: what a miss's store-back costs), the default blend with every chunk
 //! in the host tier and with a third and two thirds of them missing (its fraction of full
 //! prefill, fit against the fraction of tokens missed: a blend computes its misses in its
-//! own pass), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
+//! own pass; measured over a host tier of each `--host-codecs` codec, so a hit's decode is
+//! in it), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
 //! fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
 //! that is faster: `Plan::full_is_faster`).
 //!
@@ -39,13 +43,13 @@ use anyhow::{Context, Result, bail};
 use kvquilt::model_source::ModelArgs;
 use kvquilt_blend::calibration::{self, BlendDefault};
 use kvquilt_blend::{BlendConfig, Blender, ModelIdentity};
-use kvquilt_kvstore::{PolicyKind, StoreConfig, TieredStore};
+use kvquilt_kvstore::{Codec, PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::DType;
 use serde::Serialize;
 
 use super::{machine, median, write_report};
 use costs::{Costs, measure};
-use replay::{SCALE, Window, replay, replay_real, scaled_layout};
+use replay::{Window, replay, replay_real, scaled_layout};
 use stream::{StreamSpec, corpus, stream};
 
 #[derive(clap::Args)]
@@ -98,6 +102,11 @@ pub struct TraceBenchArgs {
         default_value = "lru,lfu,s3fifo,cost-aware"
     )]
     policies: Vec<String>,
+    /// Codecs the host tier holds exact chunks in, one set of runs each (a lossy one's
+    /// hits read lossy KV: its accuracy cost is in BENCHMARKS.md §6). The modelled trace
+    /// takes codecs without lz4 (its values are synthetic); `--real` takes any.
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    host_codecs: Vec<String>,
     /// Seed of the ranking, the query stream and the novel chunks.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -123,6 +132,7 @@ pub struct TraceBenchArgs {
 struct Run {
     zipf: f64,
     policy: String,
+    host_codec: String,
     windows: Vec<Window>,
     /// Over the queries after warm-up.
     host_hit_rate: f64,
@@ -154,8 +164,8 @@ struct Report {
     ssd_capacity: f64,
     scale: u64,
     costs: Costs,
-    /// Full prefill's TTFT over a query's with every chunk a host hit.
-    ideal_speedup: f64,
+    /// Full prefill's TTFT over a query's with every chunk a host hit, per host codec.
+    ideal_speedup: Vec<(String, f64)>,
     /// Whether each query ran the real blender (`--real`) or the cost model.
     real_blends: bool,
     runs: Vec<Run>,
@@ -190,6 +200,21 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 .with_context(|| format!("unknown policy `{p}`"))
         })
         .collect::<Result<_>>()?;
+    let host_codecs: Vec<Codec> = a
+        .host_codecs
+        .iter()
+        .map(|c| Codec::parse(c).with_context(|| format!("--host-codecs {c}")))
+        .collect::<Result<_>>()?;
+    if host_codecs.is_empty() {
+        bail!("--host-codecs names no codec");
+    }
+    if !a.real
+        && let Some(c) = host_codecs.iter().find(|c| c.uses_lz4())
+    {
+        bail!(
+            "--host-codecs {c}: the modelled trace stores synthetic values, on which an entropy coder's ratio means nothing; use --real"
+        );
+    }
     let (model, identity, name, tokenizer) = match a.random.as_deref() {
         // random weights of a shape; the corpus is tokenized by the model file's tokenizer
         // (loaded on the CPU, its weights dropped): its ids are valid in the shape's vocab
@@ -248,22 +273,53 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         config: served.config(),
     };
     eprintln!("blend: {}", blend.label);
-    let costs = measure(&a, &blender, &rt, &chunks, &question, &blend)?;
+    // the default blend timed over a host tier of each codec
+    let hosts: Vec<(String, Blender)> = host_codecs
+        .iter()
+        .map(|&codec| {
+            let config = StoreConfig {
+                host_codec: codec,
+                ..StoreConfig::host_only(64 << 30)
+            };
+            let b = Blender::new(
+                Arc::clone(&model),
+                identity.clone(),
+                Arc::new(TieredStore::open(config)?),
+                rt.handle().clone(),
+            )
+            .with_fallback_to_full(false);
+            Ok((codec.to_string(), b))
+        })
+        .collect::<Result<_>>()?;
+    let costs = measure(&a, &blender, &hosts, &rt, &chunks, &question, &blend)?;
+    drop(hosts);
     let corpus_tokens: usize = chunks.iter().map(Vec::len).sum();
-    let layout = scaled_layout(costs.bytes_per_token);
+    let layout = scaled_layout(&costs.layout);
+    let scale = u64::from(costs.layout.num_layers);
     let corpus_bytes: u64 = chunks.iter().map(|c| layout.object_bytes(c.len())).sum();
-    let ideal_speedup = 1.0 / costs.warm_blend_fraction;
     eprintln!(
-        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; warm blend {:.2} of full (ideal speedup {ideal_speedup:.2}×); blend with a fraction m of tokens missed {:.2} + {:.2}·m of full; SSD {:.2} GB/s",
+        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; SSD {:.2} GB/s",
         costs.full_fixed_s * 1e3,
         costs.full_per_token_s * 1e3,
         costs.chunk_fixed_s * 1e3,
         costs.chunk_per_token_s * 1e3,
-        costs.warm_blend_fraction,
-        costs.blend_fixed,
-        costs.blend_per_missed,
         costs.ssd_bytes_per_s / 1e9
     );
+    let ideal_speedup: Vec<(String, f64)> = costs
+        .blends
+        .iter()
+        .map(|b| (b.host_codec.clone(), 1.0 / b.warm_fraction))
+        .collect();
+    for b in &costs.blends {
+        eprintln!(
+            "host tier {}: warm blend {:.2} of full (ideal speedup {:.2}×); with a fraction m of tokens missed {:.2} + {:.2}·m of full",
+            b.host_codec,
+            b.warm_fraction,
+            1.0 / b.warm_fraction,
+            b.fixed,
+            b.per_missed
+        );
+    }
     let mut runs = Vec::new();
     for &s in &a.zipf {
         let spec = StreamSpec {
@@ -274,14 +330,17 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             seed: a.seed,
         };
         let queries = stream(spec, chunks.len());
-        for (pname, policy) in &policies {
+        for ((pname, policy), (&codec, cost)) in policies
+            .iter()
+            .flat_map(|p| host_codecs.iter().zip(&costs.blends).map(move |c| (p, c)))
+        {
             let (windows, seconds, hit_throughput) = if a.real {
                 replay_real(
                     &a,
                     &model,
                     &identity,
                     &rt,
-                    *policy,
+                    (*policy, codec),
                     &queries,
                     &chunks,
                     &question,
@@ -292,11 +351,11 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 replay(
                     &a,
                     &rt,
-                    *policy,
+                    (*policy, codec),
                     &queries,
                     &chunks,
                     question.len(),
-                    &costs,
+                    (&costs, cost),
                     corpus_bytes,
                 )?
             };
@@ -315,6 +374,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             let run = Run {
                 zipf: s,
                 policy: pname.clone(),
+                host_codec: codec.to_string(),
                 host_hit_rate: mean(&|w| w.host_hit_rate),
                 hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
                 speedup_median: median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>()),
@@ -326,7 +386,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 hit_throughput,
             };
             eprintln!(
-                "zipf {s:<4} {pname:<10} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                "zipf {s:<4} {pname:<10} {codec:<6} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
                 run.host_hit_rate,
                 run.hit_rate,
                 run.speedup_median,
@@ -346,7 +406,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         machine: machine(),
         corpus_chunks: chunks.len(),
         corpus_tokens,
-        corpus_bytes: corpus_bytes * SCALE,
+        corpus_bytes: corpus_bytes * scale,
         chunk_tokens: a.chunk_tokens,
         queries: a.queries,
         warmup: a.warmup,
@@ -354,7 +414,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         novel: a.novel,
         host_capacity: a.host_capacity,
         ssd_capacity: a.ssd_capacity,
-        scale: SCALE,
+        scale,
         costs,
         ideal_speedup,
         real_blends: a.real,

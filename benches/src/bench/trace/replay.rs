@@ -1,6 +1,7 @@
 //! Replaying a query stream against a fresh store: modelled (scaled objects, the measured
 //! cost model) or with real blends (`--real`), tallied per window.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,18 +9,16 @@ use anyhow::Result;
 use bytes::Bytes;
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
 use kvquilt_kvstore::{
-    ChunkKey, KeyContext, KvDType, KvLayout, KvObject, PolicyKind, RopeScalingSpec, SsdConfig,
-    StoreConfig, TieredStore,
+    ChunkKey, Codec, KeyContext, KvDType, KvLayout, KvObject, PolicyKind, SsdConfig, StoreConfig,
+    TieredStore,
 };
 use serde::Serialize;
 
 use super::TraceBenchArgs;
-use super::costs::Costs;
+use super::costs::{BlendCost, Costs};
 use super::stream::{Pick, pick_tokens};
 use crate::bench::median;
-
-/// Stored objects are this many times smaller than the real model's.
-pub(super) const SCALE: u64 = 60;
+use crate::eval::data::SplitMix;
 
 #[derive(Serialize)]
 pub(super) struct Window {
@@ -42,30 +41,49 @@ pub(super) struct Window {
     fell_back_to_full: f64,
 }
 
-/// The layout of the trace's stored objects: the model's bytes per token over [`SCALE`].
-pub(super) fn scaled_layout(bytes_per_token: u64) -> KvLayout {
-    let heads = (bytes_per_token / SCALE / (2 * 16 * 4)).max(1) as u32;
+/// The layout of the modelled trace's stored objects: one layer of the model's, so an
+/// object is the model's over its layer count and a codec's ratio is the model's.
+pub(super) fn scaled_layout(model: &KvLayout) -> KvLayout {
     KvLayout {
         num_layers: 1,
-        num_kv_heads: heads,
-        head_dim: 16,
-        dtype: KvDType::F32,
-        k_pre_rope: true,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScalingSpec::None,
+        ..*model
     }
 }
 
-/// The store a trace runs on: a host tier of `host` bytes evicting by `policy`, and an SSD
-/// tier of `ssd` bytes (LRU) in `dir` when `ssd` > 0.
+/// One layer of `tokens` tokens of synthetic K/V in `layout`'s dtype: seeded values spread
+/// like activations (a sum of uniforms, a few per mille of large ones). Codecs without an
+/// entropy coder store it in the same bytes as real KV (their records are sized by the
+/// layout alone); an entropy coder's ratio on it means nothing (`replay` refuses lz4).
+fn synthetic_layer(layout: &KvLayout, tokens: usize, seed: u64) -> Bytes {
+    let elems = layout.layer_bytes(tokens) / layout.dtype.size();
+    let mut rng = SplitMix(seed);
+    let mut out = Vec::with_capacity(elems * layout.dtype.size());
+    for _ in 0..elems {
+        let mut v = (rng.unit() + rng.unit() + rng.unit() - 1.5) as f32;
+        if rng.below(1000) < 3 {
+            v *= 40.0;
+        }
+        match layout.dtype {
+            KvDType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            KvDType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            KvDType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The store a trace runs on: a host tier of `host` bytes evicting by `policy` and holding
+/// exact objects in `codec`, and an SSD tier of `ssd` bytes (LRU) in `dir` when `ssd` > 0.
 fn trace_store(
     dir: &std::path::Path,
     policy: PolicyKind,
+    codec: Codec,
     host: u64,
     ssd: u64,
 ) -> Result<TieredStore> {
     let mut config = StoreConfig {
         host_policy: policy,
+        host_codec: codec,
         ..StoreConfig::host_only(host)
     };
     if ssd > 0 {
@@ -122,14 +140,14 @@ fn rejections(s: &TieredStore) -> u64 {
 pub(super) type Replayed = (Vec<Window>, f64, Vec<(usize, f64)>);
 
 /// Replays `queries` with the real blender over a fresh store of real chunk KV whose host
-/// tier evicts by `policy` (see `--real`).
+/// tier evicts by `policy` and holds exact objects in `host_codec` (see `--real`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn replay_real(
     a: &TraceBenchArgs,
     model: &Arc<kvquilt_model::Model>,
     identity: &ModelIdentity,
     rt: &tokio::runtime::Runtime,
-    policy: PolicyKind,
+    (policy, host_codec): (PolicyKind, Codec),
     queries: &[Vec<Pick>],
     chunks: &[Vec<u32>],
     question: &[u32],
@@ -144,6 +162,7 @@ pub(super) fn replay_real(
     let store = Arc::new(trace_store(
         dir.path(),
         policy,
+        host_codec,
         (a.host_capacity * real_corpus as f64) as u64,
         (a.ssd_capacity * real_corpus as f64) as u64,
     )?);
@@ -209,28 +228,33 @@ pub(super) fn replay_real(
     Ok((windows, started.elapsed().as_secs_f64(), Vec::new()))
 }
 
-/// Replays `queries` against a fresh store whose host tier evicts by `policy`.
+/// Replays `queries` against a fresh store whose host tier evicts by `policy` and holds
+/// exact objects in `host_codec` (one without lz4: the values are synthetic), the model's
+/// time from `costs` and `blend` (the blend's cost over that codec's host tier).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn replay(
     a: &TraceBenchArgs,
     rt: &tokio::runtime::Runtime,
-    policy: PolicyKind,
+    (policy, host_codec): (PolicyKind, Codec),
     queries: &[Vec<Pick>],
     chunks: &[Vec<u32>],
     question_tokens: usize,
-    costs: &Costs,
+    (costs, blend): (&Costs, &BlendCost),
     corpus_bytes: u64,
 ) -> Result<Replayed> {
     let vocab = u32::MAX;
-    let layout = scaled_layout(costs.bytes_per_token);
+    let layout = scaled_layout(&costs.layout);
     let context = KeyContext::new(b"trace", &[1; 32], &[2; 32], &layout);
     let dir = tempfile::tempdir()?;
     let store = trace_store(
         dir.path(),
         policy,
+        host_codec,
         (a.host_capacity * corpus_bytes as f64) as u64,
         (a.ssd_capacity * corpus_bytes as f64) as u64,
     )?;
+    // one synthetic layer per chunk length, shared by the objects of that length
+    let mut values: HashMap<usize, Bytes> = HashMap::new();
     let pick_tokens = |p: &Pick| pick_tokens(p, chunks, vocab);
     let rejections = |s: &TieredStore| -> u64 {
         s.stats()
@@ -276,17 +300,14 @@ pub(super) fn replay(
             // misses are computed in the blend's own pass (their store-back after the first
             // token): the blend's measured fraction of full prefill at this miss fraction
             let retrieved = total - question_tokens;
-            ttft += costs.blend_fraction(missed_tokens as f64 / retrieved.max(1) as f64) * full;
+            ttft += blend.fraction(missed_tokens as f64 / retrieved.max(1) as f64) * full;
             tally.speedups.push(full / ttft.min(full));
             for (key, t) in missing {
-                let per = layout.layer_bytes(t.len());
-                let obj = KvObject::new(
-                    key,
-                    layout,
-                    t.clone(),
-                    vec![Bytes::from(vec![(t.len() % 251) as u8; per])],
-                    None,
-                )?;
+                let layer = values
+                    .entry(t.len())
+                    .or_insert_with(|| synthetic_layer(&layout, t.len(), a.seed ^ t.len() as u64))
+                    .clone();
+                let obj = KvObject::new(key, layout, t.clone(), vec![layer], None)?;
                 tally.written += costs.bytes_per_token * t.len() as u64;
                 rt.block_on(store.put(obj, costs.chunk_s(t.len())))?;
             }
@@ -342,4 +363,53 @@ fn lookups_per_s(
         workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
     });
     Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The modelled trace's premise: one synthetic layer is 1/(layer count) of a real
+    /// object, and a codec without lz4 stores it in the bytes it stores any other layer of
+    /// that shape in, so a host tier of that codec holds as many chunks as of real KV.
+    #[test]
+    fn a_synthetic_layer_encodes_to_the_size_of_any_other() {
+        for dtype in [KvDType::F32, KvDType::BF16] {
+            let real = KvLayout {
+                num_layers: 30,
+                num_kv_heads: 3,
+                head_dim: 64,
+                dtype,
+                k_pre_rope: true,
+                rope_theta: 100_000.0,
+                rope_scaling: kvquilt_kvstore::RopeScalingSpec::None,
+            };
+            let one = scaled_layout(&real);
+            let tokens: Vec<u32> = (0..100).collect();
+            assert_eq!(one.object_bytes(100) * 30, real.object_bytes(100));
+            // another layer of the shape: a ramp over a wider range
+            let elems = one.layer_bytes(100) / dtype.size();
+            let ramp: Vec<u8> = (0..elems)
+                .flat_map(|i| {
+                    let v = (i % 977) as f32 * 0.02 - 9.0;
+                    match dtype {
+                        KvDType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes().to_vec(),
+                    }
+                })
+                .collect();
+            let key = KeyContext::new(b"t", &[1; 32], &[2; 32], &one).chunk_key(&tokens);
+            let object = |layer: Bytes| KvObject::new(key, one, tokens.clone(), vec![layer], None);
+            let synthetic = object(synthetic_layer(&one, 100, 7)).unwrap();
+            let other = object(Bytes::from(ramp)).unwrap();
+            for name in ["raw", "int8", "int8sym", "fp8", "fp8sym", "kivi4", "kivi2"] {
+                let codec = Codec::parse(name).unwrap();
+                let size = |o: &KvObject| o.encode(codec).unwrap().header.payload_len();
+                assert_eq!(size(&synthetic), size(&other), "{name} {dtype:?}");
+                assert!(!codec.uses_lz4());
+            }
+            assert!(Codec::parse("int8+lz4").unwrap().uses_lz4());
+            assert!(Codec::parse("lz4").unwrap().uses_lz4());
+        }
+    }
 }
