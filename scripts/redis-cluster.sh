@@ -74,8 +74,18 @@ case "$cmd" in
         --client-output-buffer-limit "replica 1gb 512mb 60" \
         --daemonize yes --pidfile "$dir/$p.pid" --logfile "$dir/$p.log"
     done
+    # every node answers a ping (100 tries 0.1 s apart), or the start fails with what its log
+    # says (a port taken between the caller's check and the bind reads "Address already in
+    # use" there, which the tests' harness answers by trying other ports)
     for p in "${ports[@]}"; do
-      for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+      up=0
+      for _ in $(seq 100); do timeout 1 redis-cli -p "$p" ping >/dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+      if [ "$up" -ne 1 ]; then
+        echo "redis-cluster: node $p did not answer 100 pings 0.1 s apart; its log ends:" >&2
+        tail -n 5 "$dir/$p.log" >&2 2>/dev/null || true
+        stop_nodes
+        exit 1
+      fi
     done
     addrs=()
     for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
