@@ -43,7 +43,8 @@ pub(super) struct BlendCost {
     pub(super) warm_fraction: f64,
     /// TTFT over full prefill's when a fraction `m` of the retrieved tokens are misses
     /// (computed in the blend's pass; their store-back comes after the first token):
-    /// `fixed + per_missed · m` (fit at m = 0, ⅓, ⅔).
+    /// `fixed + per_missed · m`, fit at m = 0, ⅓, ⅔ with one slope for every codec (a miss
+    /// is computed alike whatever the codec of the hits; the codec moves the intercept).
     pub(super) fixed: f64,
     pub(super) per_missed: f64,
 }
@@ -80,6 +81,28 @@ fn affine(points: &[(f64, f64)]) -> (f64, f64) {
     }
     let b = if sxx > 0.0 { sxy / sxx } else { my / mx };
     (my - b * mx, b)
+}
+
+/// Fits `y = a_g + b·x` over groups of points: one slope, an intercept per group (least
+/// squares on the deviations from each group's means). One group: [`affine`].
+fn affine_shared_slope(groups: &[Vec<(f64, f64)>]) -> (Vec<f64>, f64) {
+    let means: Vec<(f64, f64)> = groups
+        .iter()
+        .map(|g| {
+            let n = g.len().max(1) as f64;
+            let (sx, sy) = g.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+            (sx / n, sy / n)
+        })
+        .collect();
+    let (mut sxx, mut sxy) = (0.0, 0.0);
+    for (g, &(mx, my)) in groups.iter().zip(&means) {
+        for &(x, y) in g {
+            sxx += (x - mx) * (x - mx);
+            sxy += (x - mx) * (y - my);
+        }
+    }
+    let b = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (means.iter().map(|&(mx, my)| my - b * mx).collect(), b)
 }
 
 /// Times the real model and store on this corpus (see the module doc): full prefill and a
@@ -127,7 +150,8 @@ pub(super) fn measure(
             .collect::<Result<Vec<_>>>()?;
         let full = median(&runs[1..]);
         full_points.push((req.tokens().len() as f64, full));
-        if n != a.k {
+        // the blends at k chunks (the middle size: with k = 1 the sizes are 0, 1, 1)
+        if i != 1 {
             continue;
         }
         for (_, host) in hosts {
@@ -181,23 +205,26 @@ pub(super) fn measure(
         }
     }
     let (full_fixed_s, full_per_token_s) = affine(&full_points);
+    // each blend over full prefill's fitted time at its own length
+    let groups: Vec<Vec<(f64, f64)>> = miss_points
+        .into_iter()
+        .map(|points| {
+            points
+                .into_iter()
+                .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
+                .collect()
+        })
+        .collect();
+    let (intercepts, per_missed) = affine_shared_slope(&groups);
     let blends = hosts
         .iter()
         .zip(warm)
-        .zip(miss_points)
-        .map(|(((name, _), warm_fraction), points)| {
-            // each blend over full prefill's fitted time at its own length
-            let points: Vec<(f64, f64)> = points
-                .into_iter()
-                .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
-                .collect();
-            let (fixed, per_missed) = affine(&points);
-            BlendCost {
-                host_codec: name.clone(),
-                warm_fraction,
-                fixed,
-                per_missed,
-            }
+        .zip(intercepts)
+        .map(|(((name, _), warm_fraction), fixed)| BlendCost {
+            host_codec: name.clone(),
+            warm_fraction,
+            fixed,
+            per_missed,
         })
         .collect();
     // real-size objects read back from an SSD tier
@@ -242,5 +269,23 @@ mod tests {
     fn affine_fit_recovers_a_line() {
         let (a, b) = affine(&[(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)]);
         assert!((a - 1.0).abs() < 1e-9 && (b - 2.0).abs() < 1e-9, "{a} {b}");
+    }
+
+    #[test]
+    fn a_shared_slope_keeps_each_groups_intercept() {
+        let line = |a: f64, b: f64| vec![(0.0, a), (0.3, a + 0.3 * b), (0.7, a + 0.7 * b)];
+        let (a, b) = affine_shared_slope(&[line(0.4, 0.5), line(0.45, 0.5)]);
+        assert!((b - 0.5).abs() < 1e-9, "{b}");
+        assert!(
+            (a[0] - 0.4).abs() < 1e-9 && (a[1] - 0.45).abs() < 1e-9,
+            "{a:?}"
+        );
+        // slopes 0.4 and 0.6: the shared one between them, one group alone is `affine`'s
+        let (_, b) = affine_shared_slope(&[line(0.4, 0.4), line(0.4, 0.6)]);
+        assert!((b - 0.5).abs() < 1e-9, "{b}");
+        let one = line(0.2, 0.9);
+        let (a, b) = affine_shared_slope(std::slice::from_ref(&one));
+        let (a1, b1) = affine(&one);
+        assert!((a[0] - a1).abs() < 1e-9 && (b - b1).abs() < 1e-9);
     }
 }

@@ -1,12 +1,13 @@
 //! `kvquilt bench trace`: a stream of RAG queries over a corpus made from the vendored data,
-//! replayed against the real store once per host-tier eviction policy.
+//! replayed against the real store once per host-tier eviction policy and host codec.
 //!
 //! The corpus is the vendored MuSiQue passages (each as the document text the RAG prompt
 //! uses), tokenized by the model's tokenizer and cut into chunks of `--chunk-tokens`. Each
 //! query retrieves `--k` distinct chunks: with probability `--novel` a chunk never seen
 //! before (a new document), otherwise a corpus chunk drawn by Zipf(s) popularity over a
 //! seeded random ranking. The store is a real [`TieredStore`]: a host tier of
-//! `--host-capacity` × the corpus's bytes under the policy tried, and with
+//! `--host-capacity` × the corpus's raw KV bytes (the model's dtype; the tier weighs what it
+//! holds in its codec's bytes) under the policy tried, and with
 //! `--ssd-capacity` > 0 an SSD tier (RocksDB, LRU) below it. A query reads its chunks (hits
 //! are real reads, promoted from the SSD), then stores its misses, as the sidecar's
 //! store-back does.
@@ -15,15 +16,17 @@
 //! model's layout, synthetic values), so a trace of thousands of queries runs in seconds;
 //! capacities scale with them, and bytes reported are real-size. With `--host-codecs`
 //! the host tier holds the chunks in each codec in turn (one set of runs each): a codec
-//! without an entropy coder stores one such layer in the bytes it stores a real one in,
-//! so the tier holds as many chunks as it would of real KV. Model time comes from the measured cost model,
-//! not from running the model per query: at start the real model (and blender) is timed on
+//! without an entropy coder stores one such layer in the bytes it stores a real one in (an
+//! encoded object's header, weighed with it, is amortised over one layer instead of all:
+//! about 1% of an int8 chunk, so the tier holds about 1% fewer chunks than of real KV; a
+//! raw tier weighs no header). Model time comes from the measured cost model, not from
+//! running the model per query: at start the real model (and blender) is timed on
 //! real prompts of this corpus — full prefill at three lengths (an affine fit), a chunk's
 //! prefill alone (fit: what a miss's store-back costs), the default blend with every chunk
 //! in the host tier and with a third and two thirds of them missing (its fraction of full
 //! prefill, fit against the fraction of tokens missed: a blend computes its misses in its
 //! own pass; measured over a host tier of each `--host-codecs` codec, so a hit's decode is
-//! in it), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
+//! in it, the codecs' runs interleaved, one slope for all), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
 //! fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
 //! that is faster: `Plan::full_is_faster`).
 //!
@@ -49,7 +52,7 @@ use serde::Serialize;
 
 use super::{machine, median, write_report};
 use costs::{Costs, measure};
-use replay::{Window, replay, replay_real, scaled_layout};
+use replay::{Window, check_codec, replay, replay_real, scaled_layout};
 use stream::{StreamSpec, corpus, stream};
 
 #[derive(clap::Args)]
@@ -89,7 +92,8 @@ pub struct TraceBenchArgs {
     /// Probability that a retrieved chunk is a new document, never seen before.
     #[arg(long, default_value_t = 0.2)]
     novel: f64,
-    /// Host tier capacity as a fraction of the corpus's KV bytes.
+    /// Host tier capacity as a fraction of the corpus's raw KV bytes (whatever the host
+    /// codec: the tier weighs what it holds in that codec's bytes).
     #[arg(long, default_value_t = 0.2)]
     host_capacity: f64,
     /// SSD tier capacity as a fraction of the corpus's KV bytes (0: no SSD tier).
@@ -103,7 +107,8 @@ pub struct TraceBenchArgs {
     )]
     policies: Vec<String>,
     /// Codecs the host tier holds exact chunks in, one set of runs each (a lossy one's
-    /// hits read lossy KV: its accuracy cost is in BENCHMARKS.md §6). The modelled trace
+    /// hits read lossy KV: its accuracy cost is in BENCHMARKS.md §6, for the served blend
+    /// under int8 in §12 "Under a lossy codec"). The modelled trace
     /// takes codecs without lz4 (its values are synthetic); `--real` takes any.
     #[arg(long, value_delimiter = ',', default_value = "raw")]
     host_codecs: Vec<String>,
@@ -291,6 +296,12 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             Ok((codec.to_string(), b))
         })
         .collect::<Result<_>>()?;
+    if !a.real {
+        let layout = scaled_layout(blender.codec(b"").layout());
+        for &codec in &host_codecs {
+            check_codec(&layout, codec, a.chunk_tokens)?;
+        }
+    }
     let costs = measure(&a, &blender, &hosts, &rt, &chunks, &question, &blend)?;
     drop(hosts);
     let corpus_tokens: usize = chunks.iter().map(Vec::len).sum();
@@ -386,7 +397,8 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 hit_throughput,
             };
             eprintln!(
-                "zipf {s:<4} {pname:<10} {codec:<6} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                "zipf {s:<4} {pname:<10} {:<6} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                run.host_codec,
                 run.host_hit_rate,
                 run.hit_rate,
                 run.speedup_median,

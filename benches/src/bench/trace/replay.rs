@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
 use kvquilt_kvstore::{
@@ -70,6 +70,19 @@ fn synthetic_layer(layout: &KvLayout, tokens: usize, seed: u64) -> Bytes {
         }
     }
     Bytes::from(out)
+}
+
+/// Fails unless `codec` encodes a synthetic layer of `layout` (a codec that could not would
+/// leave the host tier holding the modelled trace's objects decoded: its runs would be
+/// raw's under its name).
+pub(super) fn check_codec(layout: &KvLayout, codec: Codec, tokens: usize) -> Result<()> {
+    let ids: Vec<u32> = (0..tokens as u32).collect();
+    let key = KeyContext::new(b"trace", &[1; 32], &[2; 32], layout).chunk_key(&ids);
+    let layer = synthetic_layer(layout, tokens, 1);
+    KvObject::new(key, *layout, ids, vec![layer], None)?
+        .encode(codec)
+        .with_context(|| format!("--host-codecs {codec}: the trace's objects do not encode"))?;
+    Ok(())
 }
 
 /// The store a trace runs on: a host tier of `host` bytes evicting by `policy` and holding
@@ -374,7 +387,7 @@ mod tests {
     /// that shape in, so a host tier of that codec holds as many chunks as of real KV.
     #[test]
     fn a_synthetic_layer_encodes_to_the_size_of_any_other() {
-        for dtype in [KvDType::F32, KvDType::BF16] {
+        for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
             let real = KvLayout {
                 num_layers: 30,
                 num_kv_heads: 3,
@@ -393,8 +406,9 @@ mod tests {
                 .flat_map(|i| {
                     let v = (i % 977) as f32 * 0.02 - 9.0;
                     match dtype {
+                        KvDType::F32 => v.to_le_bytes().to_vec(),
+                        KvDType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
                         KvDType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
-                        _ => v.to_le_bytes().to_vec(),
                     }
                 })
                 .collect();
@@ -402,7 +416,10 @@ mod tests {
             let object = |layer: Bytes| KvObject::new(key, one, tokens.clone(), vec![layer], None);
             let synthetic = object(synthetic_layer(&one, 100, 7)).unwrap();
             let other = object(Bytes::from(ramp)).unwrap();
-            for name in ["raw", "int8", "int8sym", "fp8", "fp8sym", "kivi4", "kivi2"] {
+            for name in [
+                "raw", "int8", "int8/g32", "int8sym", "fp8", "fp8sym", "kivi8", "kivi4", "kivi2",
+            ] {
+                check_codec(&one, Codec::parse(name).unwrap(), 100).unwrap();
                 let codec = Codec::parse(name).unwrap();
                 let size = |o: &KvObject| o.encode(codec).unwrap().header.payload_len();
                 assert_eq!(size(&synthetic), size(&other), "{name} {dtype:?}");
