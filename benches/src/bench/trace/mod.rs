@@ -26,8 +26,8 @@
 //! in the host tier and with a third and two thirds of them missing (its fraction of full
 //! prefill, fit against the fraction of tokens missed: a blend computes its misses in its
 //! own pass; measured over a host tier of each `--host-codecs` codec, so a hit's decode is
-//! in it, the codecs' runs interleaved, one slope for all), and real-size SSD reads — and a query's TTFT is that blend at the query's miss
-//! fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
+//! in it, the codecs' runs interleaved, one slope for all), and real-size SSD reads — and a
+//! query's TTFT is that blend at the query's miss fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
 //! that is faster: `Plan::full_is_faster`).
 //!
 //! "The default blend" is what `serve` runs for this model without a ratio: its calibration
@@ -168,9 +168,8 @@ struct Report {
     host_capacity: f64,
     ssd_capacity: f64,
     scale: u64,
+    /// (The ideal speed-up, every chunk a host hit, is `1 / costs.blends[i].warm_fraction`.)
     costs: Costs,
-    /// Full prefill's TTFT over a query's with every chunk a host hit, per host codec.
-    ideal_speedup: Vec<(String, f64)>,
     /// Whether each query ran the real blender (`--real`) or the cost model.
     real_blends: bool,
     runs: Vec<Run>,
@@ -316,11 +315,6 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         costs.chunk_per_token_s * 1e3,
         costs.ssd_bytes_per_s / 1e9
     );
-    let ideal_speedup: Vec<(String, f64)> = costs
-        .blends
-        .iter()
-        .map(|b| (b.host_codec.clone(), 1.0 / b.warm_fraction))
-        .collect();
     for b in &costs.blends {
         eprintln!(
             "host tier {}: warm blend {:.2} of full (ideal speedup {:.2}×); with a fraction m of tokens missed {:.2} + {:.2}·m of full",
@@ -428,7 +422,6 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         ssd_capacity: a.ssd_capacity,
         scale,
         costs,
-        ideal_speedup,
         real_blends: a.real,
         runs,
     };
