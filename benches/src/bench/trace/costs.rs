@@ -69,22 +69,13 @@ impl Costs {
 
 /// Fits `y = a + b·x` by least squares.
 fn affine(points: &[(f64, f64)]) -> (f64, f64) {
-    let n = points.len() as f64;
-    let (sx, sy) = points
-        .iter()
-        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
-    let (mx, my) = (sx / n, sy / n);
-    let (mut sxx, mut sxy) = (0.0, 0.0);
-    for &(x, y) in points {
-        sxx += (x - mx) * (x - mx);
-        sxy += (x - mx) * (y - my);
-    }
-    let b = if sxx > 0.0 { sxy / sxx } else { my / mx };
-    (my - b * mx, b)
+    let (a, b) = affine_shared_slope(&[points.to_vec()]);
+    (a[0], b)
 }
 
 /// Fits `y = a_g + b·x` over groups of points: one slope, an intercept per group (least
-/// squares on the deviations from each group's means). One group: [`affine`].
+/// squares on the deviations from each group's means). One group: [`affine`]. With no
+/// spread in x the slope is the means' ratio (a line through the origin).
 fn affine_shared_slope(groups: &[Vec<(f64, f64)>]) -> (Vec<f64>, f64) {
     let means: Vec<(f64, f64)> = groups
         .iter()
@@ -101,7 +92,14 @@ fn affine_shared_slope(groups: &[Vec<(f64, f64)>]) -> (Vec<f64>, f64) {
             sxy += (x - mx) * (y - my);
         }
     }
-    let b = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    let b = if sxx > 0.0 {
+        sxy / sxx
+    } else {
+        let (mx, my) = means
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        my / mx
+    };
     (means.iter().map(|&(mx, my)| my - b * mx).collect(), b)
 }
 
