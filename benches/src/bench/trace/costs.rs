@@ -25,8 +25,6 @@ pub(super) struct Costs {
     pub(super) blends: Vec<BlendCost>,
     /// Real-size SSD reads (RocksDB, warm page cache), bytes per second.
     pub(super) ssd_bytes_per_s: f64,
-    /// Real KV bytes per token of the model.
-    pub(super) bytes_per_token: u64,
     /// The model's KV layout (what a stored chunk holds).
     pub(super) layout: KvLayout,
     /// The blend configuration timed.
@@ -58,6 +56,11 @@ impl BlendCost {
 }
 
 impl Costs {
+    /// Real KV bytes per token of the model (raw).
+    pub(super) fn bytes_per_token(&self) -> u64 {
+        self.layout.object_bytes(1)
+    }
+
     pub(super) fn full_s(&self, n: usize) -> f64 {
         self.full_fixed_s + self.full_per_token_s * n as f64
     }
@@ -245,7 +248,6 @@ pub(super) fn measure(
         }
         rates.push(bytes as f64 / t.elapsed().as_secs_f64());
     }
-    let bytes_per_token = codec.layout().object_bytes(1);
     Ok(Costs {
         full_fixed_s,
         full_per_token_s,
@@ -253,7 +255,6 @@ pub(super) fn measure(
         chunk_per_token_s,
         blends,
         ssd_bytes_per_s: median(&rates[1..]),
-        bytes_per_token,
         layout: *codec.layout(),
         blend: blend.label.clone(),
     })

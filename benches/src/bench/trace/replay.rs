@@ -169,7 +169,7 @@ pub(super) fn replay_real(
 ) -> Result<Replayed> {
     let real_corpus: u64 = chunks
         .iter()
-        .map(|c| costs.bytes_per_token * c.len() as u64)
+        .map(|c| costs.bytes_per_token() * c.len() as u64)
         .sum();
     let dir = tempfile::tempdir()?;
     let store = Arc::new(trace_store(
@@ -299,8 +299,8 @@ pub(super) fn replay(
                     Some((_, tier)) if tier.name() == "host" => tally.host_hits += 1,
                     Some(_) => {
                         tally.ssd_hits += 1;
-                        ttft +=
-                            (costs.bytes_per_token * t.len() as u64) as f64 / costs.ssd_bytes_per_s;
+                        ttft += (costs.bytes_per_token() * t.len() as u64) as f64
+                            / costs.ssd_bytes_per_s;
                     }
                     None => {
                         tally.misses += 1;
@@ -321,7 +321,7 @@ pub(super) fn replay(
                     .or_insert_with(|| synthetic_layer(&layout, t.len(), a.seed ^ t.len() as u64))
                     .clone();
                 let obj = KvObject::new(key, layout, t.clone(), vec![layer], None)?;
-                tally.written += costs.bytes_per_token * t.len() as u64;
+                tally.written += costs.bytes_per_token() * t.len() as u64;
                 rt.block_on(store.put(obj, costs.chunk_s(t.len())))?;
             }
         }
