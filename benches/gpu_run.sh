@@ -25,6 +25,9 @@
 #   benches/gpu_run.sh trace     # the RAG query stream (bench trace): costs of the 8B shape
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
+#   benches/gpu_run.sh trace-codecs # the same stream with 512-token chunks over a host tier
+#                                # per codec (raw, int8, kivi4; decoded on the device), then
+#                                # real blends over raw and int8 (s3fifo)
 #   benches/gpu_run.sh codecs N  # issue 13 on the GPU: codecs-kernel, then codecs-eval N
 #   benches/gpu_run.sh codecs-kernel # the dequant kernel (bits vs the CPU decoder, throughput
 #                                # beside a device copy and pinned PCIe); host-tier hits of the
@@ -69,6 +72,15 @@ case "${1:-perf}" in
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --real \
       --corpus-limit 600 --queries 480 --warmup 160 --window 80 --zipf 0.8 \
       --policies lru,s3fifo --hit-threads 1 --json "$OUT/trace_8b_real.json"
+    ;;
+  trace-codecs)
+    "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
+      --policies lru,s3fifo --host-codecs raw,int8,kivi4 --repeats 5 --hit-threads 1 \
+      --json "$OUT/trace_8b_codecs.json"
+    "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
+      --real --corpus-limit 300 --queries 320 --warmup 160 --window 80 --zipf 0.8 \
+      --policies s3fifo --host-codecs raw,int8 --hit-threads 1 \
+      --json "$OUT/trace_8b_codecs_real.json"
     ;;
   decode)
     "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 4 \
