@@ -53,7 +53,7 @@ pub(super) fn scaled_layout(model: &KvLayout) -> KvLayout {
 /// One layer of `tokens` tokens of synthetic K/V in `layout`'s dtype: seeded values spread
 /// like activations (a sum of uniforms, a few per mille of large ones). Codecs without an
 /// entropy coder store it in the same bytes as real KV (their records are sized by the
-/// layout alone); an entropy coder's ratio on it means nothing (`replay` refuses lz4).
+/// layout alone); an entropy coder's ratio on it means nothing (the modelled trace refuses lz4).
 fn synthetic_layer(layout: &KvLayout, tokens: usize, seed: u64) -> Bytes {
     let elems = layout.layer_bytes(tokens) / layout.dtype.size();
     let mut rng = SplitMix(seed);
@@ -63,13 +63,18 @@ fn synthetic_layer(layout: &KvLayout, tokens: usize, seed: u64) -> Bytes {
         if rng.below(1000) < 3 {
             v *= 40.0;
         }
-        match layout.dtype {
-            KvDType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            KvDType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-            KvDType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-        }
+        push_value(&mut out, layout.dtype, v);
     }
     Bytes::from(out)
+}
+
+/// Appends `v` to `out` as one little-endian element of `dtype`.
+fn push_value(out: &mut Vec<u8>, dtype: KvDType, v: f32) {
+    match dtype {
+        KvDType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+        KvDType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+        KvDType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+    }
 }
 
 /// Fails unless `codec` encodes a synthetic layer of `layout` (a codec that could not would
@@ -402,16 +407,10 @@ mod tests {
             assert_eq!(one.object_bytes(100) * 30, real.object_bytes(100));
             // another layer of the shape: a ramp over a wider range
             let elems = one.layer_bytes(100) / dtype.size();
-            let ramp: Vec<u8> = (0..elems)
-                .flat_map(|i| {
-                    let v = (i % 977) as f32 * 0.02 - 9.0;
-                    match dtype {
-                        KvDType::F32 => v.to_le_bytes().to_vec(),
-                        KvDType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
-                        KvDType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
-                    }
-                })
-                .collect();
+            let mut ramp = Vec::with_capacity(elems * dtype.size());
+            for i in 0..elems {
+                push_value(&mut ramp, dtype, (i % 977) as f32 * 0.02 - 9.0);
+            }
             let key = KeyContext::new(b"t", &[1; 32], &[2; 32], &one).chunk_key(&tokens);
             let object = |layer: Bytes| KvObject::new(key, one, tokens.clone(), vec![layer], None);
             let synthetic = object(synthetic_layer(&one, 100, 7)).unwrap();
