@@ -114,6 +114,42 @@ async fn blend_reports_compression_and_keeps_the_uncompressed_first_token() {
     assert_eq!(packed.token.id, plain.token.id);
 }
 
+/// A spec that parses but that this prompt cannot hold (its N× budget, known only once the
+/// prompt is tokenized, is below what the policy always keeps) is refused like a bad spec:
+/// 400 `invalid_compression` naming both numbers, before anything runs or is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_this_prompt_cannot_hold_is_refused_before_anything_runs() {
+    let app = TestApp::new(Config::default());
+    // 4 sinks + 1,000 recent rows do not fit half of this prompt
+    let spec = json!({"policy": "sage", "sinks": 4, "window": 1000, "compression": 2});
+    let (s, v) = app
+        .json("POST", "/v1/chat/completions", None, chat(spec))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_compression", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("below the") && message.contains("4 sinks + 1000 recent"),
+        "{message}"
+    );
+
+    // the same spec over a prompt long enough for it runs
+    let spec = json!({"policy": "sage", "sinks": 4, "window": 8, "compression": 2});
+    let (s, v) = app
+        .json("POST", "/v1/chat/completions", None, chat(spec))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["kvquilt"]["compression"]["applied"], true, "{v}");
+
+    let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        text.contains("kvquilt_compressed_requests_total{policy=\"sage\",outcome=\"applied\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("outcome=\"fell_back\""), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_compression_specs_are_refused_before_anything_runs() {
     let app = TestApp::new(Config::default());

@@ -37,7 +37,8 @@ pub struct Args {
     #[arg(long, default_value = "data/musique_dev.json")]
     input: PathBuf,
     /// `musique`: the examples as given; `needle`: plant a 4-digit value in one passage of
-    /// each example and ask for it.
+    /// each example and ask for it; `longgen`: long generations under decode pools (token
+    /// policies); `conv`: multi-topic conversations answered over one compressed cache.
     #[arg(long, default_value = "musique")]
     task: String,
     /// Seed of the needle task.
