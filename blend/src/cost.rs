@@ -2,7 +2,8 @@
 //! recomputing it cost, so a request never takes longer than its full prefill would.
 //!
 //! Estimates are exponentially weighted moving averages of what this process measured:
-//! prefill seconds per token (every prefill the blender runs) and bytes per second per tier
+//! prefill seconds against its work (every prefill the blender runs; tokens plus query–key
+//! pairs weighed by the model's κ, [`CostModel::prefill_work`]) and bytes per second per tier
 //! (per object stream: its bytes over the time the request spent waiting for and converting
 //! its layers, i.e. what loading adds to the critical path while reads run ahead of compute).
 //! Before a tier has been measured a conservative default applies; before any prefill has
@@ -59,6 +60,13 @@ pub enum PlannedMode {
 #[derive(Debug, Default)]
 pub struct CostModel {
     inner: Mutex<Costs>,
+    /// κ: a model's attention work per query–key pair over its weights' work per token
+    /// (0 when unknown). A prefill of `t` tokens is fitted as `t + κ·t(t+1)/2` units of work
+    /// ([`CostModel::prefill_work`]), so that short chunk prefills predict a long prompt's:
+    /// attention grows with the square of the length, which a fit affine in tokens extends
+    /// from 512-token chunks to a 5k-token prompt at about half its measured cost (BENCHMARKS.md
+    /// §10, "512-token chunks, real blends").
+    pair_work: f64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -92,12 +100,34 @@ fn ewma(old: Option<f64>, new: f64) -> f64 {
 }
 
 impl CostModel {
+    /// A cost model whose prefill fit weighs a query–key pair as `pair_work` tokens' weight
+    /// products (κ; [`pair_work`] computes it from a model's shape). Non-finite or negative
+    /// values are taken as 0 (work = tokens).
+    pub fn with_pair_work(pair_work: f64) -> Self {
+        Self {
+            inner: Mutex::default(),
+            pair_work: if pair_work.is_finite() && pair_work > 0.0 {
+                pair_work
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// Units of work of a causal prefill of `tokens` tokens: one per token for its weight
+    /// products, plus κ per query–key pair of its attention (`tokens·(tokens+1)/2` pairs).
+    pub fn prefill_work(&self, tokens: usize) -> f64 {
+        let t = tokens as f64;
+        t + self.pair_work * t * (t + 1.0) / 2.0
+    }
+
     /// Records a prefill of `tokens` tokens that took `seconds`.
     pub fn record_prefill(&self, tokens: usize, seconds: f64) {
         if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
             return;
         }
-        self.inner.lock().prefill.add(tokens as f64, seconds);
+        let work = self.prefill_work(tokens);
+        self.inner.lock().prefill.add(work, seconds);
     }
 
     /// Records `bytes` read from `tier` in `seconds`.
@@ -186,7 +216,8 @@ impl CostModel {
 
     /// Seconds to prefill `tokens` tokens, if any prefill has been measured.
     pub fn prefill_s(&self, tokens: usize) -> Option<f64> {
-        self.inner.lock().prefill.predict(tokens as f64)
+        let work = self.prefill_work(tokens);
+        self.inner.lock().prefill.predict(work)
     }
 
     /// Records that a request run in `mode`, planned at `estimated_s` seconds, took
@@ -226,13 +257,37 @@ impl CostModel {
     }
 }
 
+/// κ of a decoder of this shape: attention multiply-adds per query–key pair over weight
+/// multiply-adds per token, both per layer — `2·heads·head_dim` (the score and the weighted
+/// sum) over the projections' and MLP's weights (`hidden·(heads + 2·kv_heads)·head_dim`
+/// for Q, K and V, `heads·head_dim·hidden` for O, `3·hidden·intermediate` for a gated MLP).
+/// SmolLM2-135M: 1,152 / 3.54 M = 3.3·10⁻⁴; 0 for a shape without weights.
+pub(crate) fn pair_work(
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+) -> f64 {
+    let (h, d) = (hidden as f64, head_dim as f64);
+    let weights = h * (heads + 2 * kv_heads) as f64 * d
+        + heads as f64 * d * h
+        + 3.0 * h * intermediate as f64;
+    if weights > 0.0 {
+        2.0 * heads as f64 * d / weights
+    } else {
+        0.0
+    }
+}
+
 /// Weight of the newest sample in the fits (a window of about ten samples).
 const FIT_ALPHA: f64 = 0.1;
 
 /// `y = a + b·x` fitted by exponentially weighted least squares over recent samples: prefill
-/// seconds against tokens (a prefill has a fixed part — kernel launches, per-layer work
-/// independent of length — that a cost per token alone spreads over the tokens: it then
-/// under-estimates short chunks and over-estimates long ones), or a mode's measured seconds
+/// seconds against work ([`CostModel::prefill_work`]; a prefill has a fixed part — kernel
+/// launches, per-layer work independent of length — that a cost per token alone spreads
+/// over the tokens: it then under-estimates short chunks and over-estimates long ones), or
+/// a mode's measured seconds
 /// against its estimate. Until samples of more than one `x` were seen, the fit is
 /// proportional.
 #[derive(Debug, Default, Clone)]
@@ -279,6 +334,35 @@ impl Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunk prefills (128–512 tokens) of a machine whose prefill is `a + b·(t + κ·t²/2)`
+    /// predict its 5,300-token prompt within a few percent once the fit weighs pairs by the
+    /// model's κ; affine in tokens, the same samples predict it at about 60% of its cost —
+    /// the under-estimate that sent faster blends to full prefill.
+    #[test]
+    fn chunk_prefills_predict_a_long_prompt_with_the_pairs_weighed() {
+        let kappa = pair_work(576, 9, 3, 64, 1536); // SmolLM2-135M's shape
+        assert!((kappa - 3.255e-4).abs() < 1e-6, "{kappa}");
+        // this VM's measured rate: attention a bit slower per unit than the products
+        let truth = |t: f64| 0.043 + 6.2e-4 * (t + 1.2 * kappa * t * (t + 1.0) / 2.0);
+        let shaped = CostModel::with_pair_work(kappa);
+        let affine = CostModel::default();
+        for t in [512, 384, 512, 128, 512, 256, 512, 512, 448, 512] {
+            shaped.record_prefill(t, truth(t as f64));
+            affine.record_prefill(t, truth(t as f64));
+        }
+        let long = truth(5300.0);
+        let shaped_s = shaped.prefill_s(5300).unwrap();
+        let affine_s = affine.prefill_s(5300).unwrap();
+        assert!((shaped_s / long - 1.0).abs() < 0.1, "{shaped_s} vs {long}");
+        assert!(affine_s / long < 0.7, "{affine_s} vs {long}");
+        // the chunks themselves are still predicted as measured
+        assert!((shaped.prefill_s(512).unwrap() / truth(512.0) - 1.0).abs() < 0.02);
+        // no κ (unknown or nonsense): work is tokens
+        assert_eq!(CostModel::with_pair_work(f64::NAN).prefill_work(10), 10.0);
+        assert_eq!(CostModel::with_pair_work(-1.0).prefill_work(10), 10.0);
+        assert_eq!(pair_work(0, 0, 0, 0, 0), 0.0);
+    }
 
     #[test]
     fn estimates_follow_measurements() {

@@ -125,12 +125,20 @@ impl Blender {
             let pinned = PinnedHost::new(Arc::clone(&uploader), model.device().clone());
             store.set_host_memory(Arc::new(pinned));
         }
+        let c = model.config();
+        let costs = CostModel::with_pair_work(crate::cost::pair_work(
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.intermediate_size,
+        ));
         let b = Self {
             model,
             identity,
             store,
             rt,
-            costs: CostModel::default(),
+            costs,
             fallback_to_full: true,
             device_tier: None,
             uploader,
