@@ -114,19 +114,25 @@ impl CostModel {
         }
     }
 
-    /// Units of work of a causal prefill of `tokens` tokens: one per token for its weight
-    /// products, plus κ per query–key pair of its attention (`tokens·(tokens+1)/2` pairs).
-    pub fn prefill_work(&self, tokens: usize) -> f64 {
-        let t = tokens as f64;
-        t + self.pair_work * t * (t + 1.0) / 2.0
+    /// Units of work of a causal prefill of `tokens` tokens after `context` cached rows: one
+    /// per token for its weight products, plus κ per query–key pair of its attention
+    /// (`tokens·context` over the cached rows, `tokens·(tokens+1)/2` among its own).
+    pub fn prefill_work(&self, context: usize, tokens: usize) -> f64 {
+        let (c, t) = (context as f64, tokens as f64);
+        t + self.pair_work * t * (c + (t + 1.0) / 2.0)
     }
 
-    /// Records a prefill of `tokens` tokens that took `seconds`.
+    /// Records a prefill of `tokens` tokens from an empty cache that took `seconds`.
     pub fn record_prefill(&self, tokens: usize, seconds: f64) {
+        self.record_prefill_after(0, tokens, seconds);
+    }
+
+    /// Records a prefill of `tokens` tokens after `context` cached rows that took `seconds`.
+    pub fn record_prefill_after(&self, context: usize, tokens: usize, seconds: f64) {
         if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
             return;
         }
-        let work = self.prefill_work(tokens);
+        let work = self.prefill_work(context, tokens);
         self.inner.lock().prefill.add(work, seconds);
     }
 
@@ -214,9 +220,16 @@ impl CostModel {
         false
     }
 
-    /// Seconds to prefill `tokens` tokens, if any prefill has been measured.
+    /// Seconds to prefill `tokens` tokens from an empty cache, if any prefill has been
+    /// measured.
     pub fn prefill_s(&self, tokens: usize) -> Option<f64> {
-        let work = self.prefill_work(tokens);
+        self.prefill_after_s(0, tokens)
+    }
+
+    /// Seconds to prefill `tokens` tokens after `context` cached rows, if any prefill has
+    /// been measured.
+    pub fn prefill_after_s(&self, context: usize, tokens: usize) -> Option<f64> {
+        let work = self.prefill_work(context, tokens);
         self.inner.lock().prefill.predict(work)
     }
 
@@ -336,7 +349,7 @@ mod tests {
     use super::*;
 
     /// Chunk prefills (128–512 tokens) of a machine whose prefill is `a + b·(t + κ·t²/2)`
-    /// predict its 5,300-token prompt within a few percent once the fit weighs pairs by the
+    /// predict its 5,300-token prompt within 10% once the fit weighs pairs by the
     /// model's κ; affine in tokens, the same samples predict it at about 60% of its cost —
     /// the under-estimate that sent faster blends to full prefill.
     #[test]
@@ -359,8 +372,21 @@ mod tests {
         // the chunks themselves are still predicted as measured
         assert!((shaped.prefill_s(512).unwrap() / truth(512.0) - 1.0).abs() < 0.02);
         // no κ (unknown or nonsense): work is tokens
-        assert_eq!(CostModel::with_pair_work(f64::NAN).prefill_work(10), 10.0);
-        assert_eq!(CostModel::with_pair_work(-1.0).prefill_work(10), 10.0);
+        assert_eq!(
+            CostModel::with_pair_work(f64::NAN).prefill_work(5, 10),
+            10.0
+        );
+        assert_eq!(CostModel::with_pair_work(-1.0).prefill_work(5, 10), 10.0);
+        // a segment after cached rows attends to them too (a prefix's link is recorded so),
+        // and a prompt's work is that of its parts in order
+        let after = shaped.prefill_after_s(4800, 512).unwrap();
+        assert!(after > 1.5 * shaped.prefill_s(512).unwrap(), "{after}");
+        assert!(
+            (shaped.prefill_work(4800, 512) + shaped.prefill_work(0, 4800)
+                - shaped.prefill_work(0, 5312))
+            .abs()
+                < 1e-6
+        );
         assert_eq!(pair_work(0, 0, 0, 0, 0), 0.0);
     }
 

@@ -133,7 +133,7 @@ async fn a_budget_this_prompt_cannot_hold_is_refused_before_anything_runs() {
         "{message}"
     );
 
-    // the same spec over a prompt long enough for it runs
+    // the same prompt with a window its half can hold runs
     let spec = json!({"policy": "sage", "sinks": 4, "window": 8, "compression": 2});
     let (s, v) = app
         .json("POST", "/v1/chat/completions", None, chat(spec))

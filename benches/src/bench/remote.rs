@@ -479,10 +479,17 @@ fn choice(
     let tokens: usize = req.chunks.iter().map(Vec::len).sum();
     let bytes = chooser.codec(b"").layout().object_bytes(tokens) as usize;
     let costs = chooser.costs();
+    // each chunk is weighed alone (prefilled alone, it attends to itself only)
+    let prefill_s: f64 = req
+        .chunks
+        .iter()
+        .map(|c| costs.prefill_s(c.len()).unwrap_or(f64::NAN))
+        .sum();
     eprintln!(
-        "  cost model after its traffic: load {:.1} ms vs prefill {:.1} ms of {tokens} tokens",
+        "  cost model after its traffic: load {:.1} ms vs prefill {:.1} ms of {tokens} tokens in {} chunks",
         costs.load_s(TierKind::REMOTE, bytes) * 1e3,
-        costs.prefill_s(tokens).unwrap_or(f64::NAN) * 1e3
+        prefill_s * 1e3,
+        req.chunks.len()
     );
     Ok(if recomputed { "recompute" } else { "load" })
 }

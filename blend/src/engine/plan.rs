@@ -220,7 +220,7 @@ impl<'a> Plan<'a> {
     /// The plan's estimate of the whole request in its mode, seconds to the first token:
     /// `estimate_s + share · full_s + suffix_s`, where `full_s` and `suffix_s` are the
     /// estimated prefill seconds of the whole prompt (`prompt_tokens`) and of its suffix
-    /// (`suffix_tokens`), and `share = m + (1 − m) · recompute_share`: the share of a full
+    /// (`suffix_tokens`, after the rest of the prompt), and `share = m + (1 − m) · recompute_share`: the share of a full
     /// prefill the mode spends recomputing held tokens ([`recompute_share`]), with the
     /// fraction `m` of the non-suffix tokens computed in the pass
     /// ([`Plan::in_pass_tokens`]) run through every layer. `None` before any prefill was
@@ -233,8 +233,8 @@ impl<'a> Plan<'a> {
         recompute_share: f64,
     ) -> Option<f64> {
         let full_s = costs.prefill_s(prompt_tokens)?;
-        let suffix_s = costs.prefill_s(suffix_tokens).unwrap_or(0.0);
         let cached = prompt_tokens.saturating_sub(suffix_tokens).max(1);
+        let suffix_s = costs.prefill_after_s(cached, suffix_tokens).unwrap_or(0.0);
         let m = (self.in_pass_tokens() as f64 / cached as f64).min(1.0);
         let share = m + (1.0 - m) * recompute_share;
         Some(self.estimate_s() + share * full_s + suffix_s)
@@ -423,6 +423,34 @@ mod tests {
         let plan = Plan::build(&segments, key_of, device, &layout(), &costs, true, false);
         assert!(plan.holds_any() && !full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.0));
         assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.9));
+    }
+
+    /// BENCHMARKS.md §10's case: a 5,184-token blend with half of its ten 512-token chunks
+    /// missed runs in 0.62 of full prefill (0.40 + 0.44·m), yet a blender whose prefills were
+    /// chunks alone sent it to full prefill: fitted affine in tokens, those chunks put a
+    /// 5,184-token prefill at about half its cost. Fitted over work (κ from the shape), it
+    /// blends; the affine fit (κ = 0) still falls back.
+    #[test]
+    fn chunk_prefills_alone_do_not_send_a_faster_long_blend_to_full_prefill() {
+        let kappa = crate::cost::pair_work(576, 9, 3, 64, 1536); // SmolLM2-135M
+        let truth = |t: f64| 0.043 + 6.2e-4 * (t + 1.2 * kappa * t * (t + 1.0) / 2.0);
+        let chunks: Vec<Vec<u32>> = (1..=10).map(|i| vec![i; 512]).collect();
+        let segments: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
+        let held = |k: &ChunkKey| (k.0[0] > 5).then_some(Held::Store(TierKind::HOST));
+        let (prompt, suffix) = (5184, 64);
+        let blend_s = 0.62 * truth(prompt as f64);
+        let falls_back = |costs: &CostModel| {
+            for t in [512, 384, 512, 128, 512, 256, 512, 512] {
+                costs.record_prefill(t, truth(t as f64));
+            }
+            let plan = Plan::build(&segments, key_of, held, &layout(), costs, true, true);
+            assert_eq!(plan.in_pass_tokens(), 5 * 512);
+            let estimate = plan.mode_estimate_s(costs, prompt, suffix, 0.3).unwrap();
+            costs.record_mode(PlannedMode::Blend, estimate, blend_s);
+            full_wins(&plan, costs, PlannedMode::Blend, prompt, suffix, 0.3)
+        };
+        assert!(!falls_back(&CostModel::with_pair_work(kappa)));
+        assert!(falls_back(&CostModel::default()));
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn compute_link(
     let t0 = Instant::now();
     b.model.prefill(seg, &positions(at, seg.len()), cache)?;
     let took = device_elapsed(&b.model, t0)?.as_secs_f64();
-    b.costs.record_prefill(seg.len(), took);
+    b.costs.record_prefill_after(at, seg.len(), took);
     let part = cache
         .narrow(at, seg.len())?
         .with_positions(positions(0, seg.len()))?;
