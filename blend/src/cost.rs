@@ -300,9 +300,8 @@ const FIT_ALPHA: f64 = 0.1;
 /// seconds against work ([`CostModel::prefill_work`]; a prefill has a fixed part — kernel
 /// launches, per-layer work independent of length — that a cost per token alone spreads
 /// over the tokens: it then under-estimates short chunks and over-estimates long ones), or
-/// a mode's measured seconds
-/// against its estimate. Until samples of more than one `x` were seen, the fit is
-/// proportional.
+/// a mode's measured seconds against its estimate. Until samples of more than one `x` were
+/// seen, the fit is proportional.
 #[derive(Debug, Default, Clone)]
 struct Affine {
     w: f64,

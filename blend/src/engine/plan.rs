@@ -220,10 +220,10 @@ impl<'a> Plan<'a> {
     /// The plan's estimate of the whole request in its mode, seconds to the first token:
     /// `estimate_s + share · full_s + suffix_s`, where `full_s` and `suffix_s` are the
     /// estimated prefill seconds of the whole prompt (`prompt_tokens`) and of its suffix
-    /// (`suffix_tokens`, after the rest of the prompt), and `share = m + (1 − m) · recompute_share`: the share of a full
-    /// prefill the mode spends recomputing held tokens ([`recompute_share`]), with the
-    /// fraction `m` of the non-suffix tokens computed in the pass
-    /// ([`Plan::in_pass_tokens`]) run through every layer. `None` before any prefill was
+    /// (`suffix_tokens`, after the rest of the prompt), and `share = m + (1 − m) ·
+    /// recompute_share`: the share of a full prefill the mode spends recomputing held
+    /// tokens ([`recompute_share`]), with the fraction `m` of the non-suffix tokens computed
+    /// in the pass ([`Plan::in_pass_tokens`]) run through every layer. `None` before any prefill was
     /// measured.
     pub(crate) fn mode_estimate_s(
         &self,
