@@ -101,8 +101,8 @@ fn ewma(old: Option<f64>, new: f64) -> f64 {
 
 impl CostModel {
     /// A cost model whose prefill fit weighs a query–key pair as `pair_work` tokens' weight
-    /// products (κ; [`pair_work`] computes it from a model's shape). Non-finite or negative
-    /// values are taken as 0 (work = tokens).
+    /// products (κ; the crate's `cost::pair_work` computes it from a model's shape).
+    /// Non-finite or negative values are taken as 0 (work = tokens).
     pub fn with_pair_work(pair_work: f64) -> Self {
         Self {
             inner: Mutex::default(),
