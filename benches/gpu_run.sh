@@ -26,8 +26,12 @@
 #                                # (random weights, bf16; corpus tokenized by $KVQ_MODEL),
 #                                # then a short trace of real blends, lru vs s3fifo
 #   benches/gpu_run.sh trace-codecs # the same stream with 512-token chunks over a host tier
-#                                # per codec (raw, int8, kivi4; decoded on the device), then
-#                                # real blends over raw and int8 (s3fifo)
+#                                # per codec (raw, int8, kivi4; decoded on the device), s3fifo
+#                                # at Zipf 0.8 (~5 min on the H200: a lossy tier's replay is
+#                                # ~2 min, its 24k gets each decoding a 2 MB layer on the CPU)
+#   benches/gpu_run.sh trace-real CODEC # real blends of that stream over a host tier of CODEC
+#                                # (300 chunks, 160 queries, the first 80 a warm-up; raw:
+#                                # 3 min on the H200), one codec per call (the 10-min limit)
 #   benches/gpu_run.sh codecs N  # issue 13 on the GPU: codecs-kernel, then codecs-eval N
 #   benches/gpu_run.sh codecs-kernel # the dequant kernel (bits vs the CPU decoder, throughput
 #                                # beside a device copy and pinned PCIe); host-tier hits of the
@@ -75,12 +79,14 @@ case "${1:-perf}" in
     ;;
   trace-codecs)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
-      --policies lru,s3fifo --host-codecs raw,int8,kivi4 --repeats 5 --hit-threads 1 \
-      --json "$OUT/trace_8b_codecs.json"
+      --policies s3fifo --zipf 0.8 --host-codecs raw,int8,kivi4 --repeats 3 --hit-threads 1 \
+      --json "$OUT/trace_8b_codecs.json" 2> "$OUT/trace_8b_codecs.log"
+    ;;
+  trace-real)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
-      --real --corpus-limit 300 --queries 320 --warmup 160 --window 80 --zipf 0.8 \
-      --policies s3fifo --host-codecs raw,int8 --hit-threads 1 \
-      --json "$OUT/trace_8b_codecs_real.json"
+      --real --corpus-limit 300 --queries 160 --warmup 80 --window 40 --zipf 0.8 \
+      --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 --hit-threads 1 \
+      --json "$OUT/trace_8b_real_$2.json" 2> "$OUT/trace_8b_real_$2.log"
     ;;
   decode)
     "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 4 \

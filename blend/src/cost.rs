@@ -118,8 +118,12 @@ impl CostModel {
     /// per token for its weight products, plus κ per query–key pair of its attention
     /// (`tokens·context` over the cached rows, `tokens·(tokens+1)/2` among its own).
     pub fn prefill_work(&self, context: usize, tokens: usize) -> f64 {
-        let (c, t) = (context as f64, tokens as f64);
-        t + self.pair_work * t * (c + (t + 1.0) / 2.0)
+        prefill_work(self.pair_work, context, tokens)
+    }
+
+    /// κ, as given to [`CostModel::with_pair_work`] (0 when unknown).
+    pub fn pair_work(&self) -> f64 {
+        self.pair_work
     }
 
     /// Records a prefill of `tokens` tokens from an empty cache that took `seconds`.
@@ -268,6 +272,15 @@ impl CostModel {
         }
         false
     }
+}
+
+/// Units of work of a causal prefill of `tokens` tokens after `context` cached rows, for a
+/// model whose query–key pair weighs `pair_work` (κ) tokens' weight products: `t + κ·t·(c +
+/// (t+1)/2)` ([`CostModel::prefill_work`] with that model's κ). Seconds are affine in it on
+/// one device (test `chunk_prefills_predict_a_long_prompt_with_the_pairs_weighed`).
+pub fn prefill_work(pair_work: f64, context: usize, tokens: usize) -> f64 {
+    let (c, t) = (context as f64, tokens as f64);
+    t + pair_work * t * (c + (t + 1.0) / 2.0)
 }
 
 /// κ of a decoder of this shape: attention multiply-adds per query–key pair over weight

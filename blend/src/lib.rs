@@ -47,7 +47,7 @@ mod test_model;
 pub use batcher::{BatchStats, BatchedSteps, DEFAULT_GATHER, DecodeBatcher};
 pub use chunk::{CHUNK_ENCODING, ChunkCodec, ChunkEncoding};
 pub use config::{BlendConfig, CorrectionScope, Mode, ParallelCorrection};
-pub use cost::{CostModel, PlannedMode};
+pub use cost::{CostModel, PlannedMode, prefill_work};
 pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{
     Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack, device_decoded,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvquilt_blend::{BlendRequest, Blender, Mode};
+use kvquilt_blend::{BlendRequest, Blender, Mode, prefill_work};
 use kvquilt_kvstore::{KvLayout, SsdConfig, SsdTier, Tier};
 use serde::Serialize;
 
@@ -15,12 +15,18 @@ use crate::bench::median;
 /// What the real model and store cost, measured at start (seconds).
 #[derive(Serialize, Clone)]
 pub(super) struct Costs {
-    /// Full prefill of an n-token prompt: `full_fixed_s + full_per_token_s · n`.
+    /// κ, the model's attention work per query–key pair in tokens' weight products (the
+    /// blender's, from the model's shape): an n-token prefill is `w(n) = n + κ·n(n+1)/2`
+    /// units of work, and the prefill times below are affine in it, as the blender's own
+    /// cost model fits them (affine in tokens, a fit over 2.6k–7.8k-token prompts
+    /// over-states the middle one's full prefill by ~8% on the CPU: BENCHMARKS.md §10).
+    pub(super) pair_work: f64,
+    /// Full prefill of an n-token prompt: `full_fixed_s + full_per_work_s · w(n)`.
     pub(super) full_fixed_s: f64,
-    pub(super) full_per_token_s: f64,
-    /// A chunk prefilled alone (a miss): `chunk_fixed_s + chunk_per_token_s · n`.
+    pub(super) full_per_work_s: f64,
+    /// A chunk prefilled alone (a miss): `chunk_fixed_s + chunk_per_work_s · w(n)`.
     pub(super) chunk_fixed_s: f64,
-    pub(super) chunk_per_token_s: f64,
+    pub(super) chunk_per_work_s: f64,
     /// The default blend over a host tier of each `--host-codecs` codec, in that order.
     pub(super) blends: Vec<BlendCost>,
     /// Real-size SSD reads (RocksDB, warm page cache), bytes per second.
@@ -61,13 +67,28 @@ impl Costs {
         self.layout.object_bytes(1)
     }
 
+    /// Units of work of an n-token prefill from an empty cache.
+    pub(super) fn work(&self, n: usize) -> f64 {
+        prefill_work(self.pair_work, 0, n)
+    }
+
     pub(super) fn full_s(&self, n: usize) -> f64 {
-        self.full_fixed_s + self.full_per_token_s * n as f64
+        self.full_fixed_s + self.full_per_work_s * self.work(n)
     }
 
     pub(super) fn chunk_s(&self, n: usize) -> f64 {
-        (self.chunk_fixed_s + self.chunk_per_token_s * n as f64).max(0.0)
+        (self.chunk_fixed_s + self.chunk_per_work_s * self.work(n)).max(0.0)
     }
+}
+
+/// Fits prefill seconds as `a + b·w(n)` over (tokens, seconds) points, `w` the work of an
+/// n-token prefill for a model of κ = `pair_work` ([`Costs::pair_work`]).
+fn prefill_fit(pair_work: f64, points: &[(usize, f64)]) -> (f64, f64) {
+    let by_work: Vec<(f64, f64)> = points
+        .iter()
+        .map(|&(n, s)| (prefill_work(pair_work, 0, n), s))
+        .collect();
+    affine(&by_work)
 }
 
 /// Fits `y = a + b·x` by least squares.
@@ -120,6 +141,7 @@ pub(super) fn measure(
 ) -> Result<Costs> {
     let repeats = a.repeats.max(1);
     let codec = blender.codec(b"");
+    let pair_work = blender.costs().pair_work();
     // a chunk prefilled alone, at the corpus's lengths
     let mut chunk_points = Vec::new();
     for c in chunks.iter().step_by((chunks.len() / 12).max(1)).take(12) {
@@ -127,9 +149,9 @@ pub(super) fn measure(
         for _ in 0..=repeats {
             runs.push(codec.prefill(blender.model(), c)?.1.as_secs_f64());
         }
-        chunk_points.push((c.len() as f64, median(&runs[1..])));
+        chunk_points.push((c.len(), median(&runs[1..])));
     }
-    let (chunk_fixed_s, chunk_per_token_s) = affine(&chunk_points);
+    let (chunk_fixed_s, chunk_per_work_s) = prefill_fit(pair_work, &chunk_points);
     // full prefill at k/2, k and 3k/2 chunks; the default blend over stored chunks at k
     let once = |blender: &Blender, req: &BlendRequest| -> Result<f64> {
         let t = Instant::now();
@@ -150,7 +172,7 @@ pub(super) fn measure(
             .map(|_| once(blender, &req))
             .collect::<Result<Vec<_>>>()?;
         let full = median(&runs[1..]);
-        full_points.push((req.tokens().len() as f64, full));
+        full_points.push((req.tokens().len(), full));
         // the blends at k chunks (the middle size: with k = 1 the sizes are 0, 1, 1)
         if i != 1 {
             continue;
@@ -205,14 +227,17 @@ pub(super) fn measure(
             }
         }
     }
-    let (full_fixed_s, full_per_token_s) = affine(&full_points);
+    let (full_fixed_s, full_per_work_s) = prefill_fit(pair_work, &full_points);
     // each blend over full prefill's fitted time at its own length
     let groups: Vec<Vec<(f64, f64)>> = miss_points
         .into_iter()
         .map(|points| {
             points
                 .into_iter()
-                .map(|(m, t, n)| (m, t / (full_fixed_s + full_per_token_s * n as f64)))
+                .map(|(m, t, n)| {
+                    let full = full_fixed_s + full_per_work_s * prefill_work(pair_work, 0, n);
+                    (m, t / full)
+                })
                 .collect()
         })
         .collect();
@@ -249,10 +274,11 @@ pub(super) fn measure(
         rates.push(bytes as f64 / t.elapsed().as_secs_f64());
     }
     Ok(Costs {
+        pair_work,
         full_fixed_s,
-        full_per_token_s,
+        full_per_work_s,
         chunk_fixed_s,
-        chunk_per_token_s,
+        chunk_per_work_s,
         blends,
         ssd_bytes_per_s: median(&rates[1..]),
         layout: *codec.layout(),
@@ -268,6 +294,22 @@ mod tests {
     fn affine_fit_recovers_a_line() {
         let (a, b) = affine(&[(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)]);
         assert!((a - 1.0).abs() < 1e-9 && (b - 2.0).abs() < 1e-9, "{a} {b}");
+    }
+
+    #[test]
+    fn full_prefill_fit_over_work_predicts_the_middle_prompt() {
+        // prefills whose attention grows with the square (κ of the trace's CPU fit, §10),
+        // timed at the modelled trace's three lengths of 512-token-chunk prompts
+        let (kappa, a, b) = (3.9e-4, 0.05, 6.5e-4 / 2.0);
+        let secs = |n: usize| a + b * prefill_work(kappa, 0, n);
+        let points: Vec<(usize, f64)> = [2_600, 5_200, 7_800].map(|n| (n, secs(n))).to_vec();
+        let (fa, fb) = prefill_fit(kappa, &points);
+        assert!((fa - a).abs() < 1e-9 && (fb - b).abs() < 1e-12, "{fa} {fb}");
+        // affine in tokens, the same points over-state the middle prompt's prefill by ~8%:
+        // the modelled trace read every blend that much cheaper against full prefill
+        let (ta, tb) = prefill_fit(0.0, &points);
+        let over = (ta + tb * 5_200.0) / secs(5_200);
+        assert!(over > 1.05, "{over}");
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! about 1% of an int8 chunk, so the tier holds about 1% fewer chunks than of real KV; a
 //! raw tier weighs no header). Model time comes from the measured cost model, not from
 //! running the model per query: at start the real model (and blender) is timed on
-//! real prompts of this corpus — full prefill at three lengths (an affine fit), a chunk's
-//! prefill alone (fit: what a miss's store-back costs), the default blend with every chunk
+//! real prompts of this corpus — full prefill at three lengths and a chunk's prefill alone
+//! (what a miss's store-back costs), each fit affine in the prefill's work (tokens plus κ
+//! per query–key pair, as the blender's cost model weighs them), the default blend with every chunk
 //! in the host tier and with a third and two thirds of them missing (its fraction of full
 //! prefill, fit against the fraction of tokens missed: a blend computes its misses in its
 //! own pass; measured over a host tier of each `--host-codecs` codec, so a hit's decode is
@@ -308,11 +309,13 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     let scale = u64::from(costs.layout.num_layers);
     let corpus_bytes: u64 = chunks.iter().map(|c| layout.object_bytes(c.len())).sum();
     eprintln!(
-        "full prefill {:.2} ms + {:.3} ms/token; chunk prefill {:.2} + {:.3} ms/token; SSD {:.2} GB/s",
+        "prefill of t tokens as work w = t + κ·t(t+1)/2 (κ = {:.2e}): full {:.2} ms + {:.3} ms/w; \
+         chunk {:.2} + {:.3} ms/w; SSD {:.2} GB/s",
+        costs.pair_work,
         costs.full_fixed_s * 1e3,
-        costs.full_per_token_s * 1e3,
+        costs.full_per_work_s * 1e3,
         costs.chunk_fixed_s * 1e3,
-        costs.chunk_per_token_s * 1e3,
+        costs.chunk_per_work_s * 1e3,
         costs.ssd_bytes_per_s / 1e9
     );
     for b in &costs.blends {
