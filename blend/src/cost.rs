@@ -72,6 +72,10 @@ pub struct CostModel {
 #[derive(Debug, Default, Clone)]
 struct Costs {
     prefill: Affine,
+    /// Whole prompts prefilled from an empty cache only (full prefill and fallbacks to it):
+    /// what full prefill is predicted from once any was measured
+    /// ([`CostModel::full_prefill_s`]).
+    full: Affine,
     bandwidth: HashMap<TierKind, f64>,
     /// The highest bandwidth measured per tier: what it does when healthy (stall
     /// deadlines are set from it, so a stall never lengthens the next one's wait).
@@ -138,6 +142,19 @@ impl CostModel {
         }
         let work = self.prefill_work(context, tokens);
         self.inner.lock().prefill.add(work, seconds);
+    }
+
+    /// Records a whole prompt of `tokens` tokens prefilled from an empty cache (a `full`
+    /// request, or a fallback to it) that took `seconds`: a sample of the prefill fit, and
+    /// of full prefill's own ([`CostModel::full_prefill_s`]).
+    pub fn record_full_prefill(&self, tokens: usize, seconds: f64) {
+        if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
+            return;
+        }
+        let work = self.prefill_work(0, tokens);
+        let mut c = self.inner.lock();
+        c.prefill.add(work, seconds);
+        c.full.add(work, seconds);
     }
 
     /// Records `bytes` read from `tier` in `seconds`.
@@ -228,6 +245,18 @@ impl CostModel {
     /// measured.
     pub fn prefill_s(&self, tokens: usize) -> Option<f64> {
         self.prefill_after_s(0, tokens)
+    }
+
+    /// Seconds to prefill a whole prompt of `tokens` tokens: fitted over the whole prompts
+    /// measured ([`CostModel::record_full_prefill`]) once there is one, else the prefill
+    /// fit's [`CostModel::prefill_s`]. A blender that mostly blends feeds the prefill fit with
+    /// chunk prefills, whose rate can under-state a long prompt's (attention's share grows
+    /// with length, and a device's attention kernel can run at less of its peak than κ
+    /// assumes): one full prefill measured is the better predictor of the next.
+    pub fn full_prefill_s(&self, tokens: usize) -> Option<f64> {
+        let work = self.prefill_work(0, tokens);
+        let c = self.inner.lock();
+        c.full.predict(work).or_else(|| c.prefill.predict(work))
     }
 
     /// Seconds to prefill `tokens` tokens after `context` cached rows, if any prefill has
@@ -400,6 +429,41 @@ mod tests {
                 < 1e-6
         );
         assert_eq!(pair_work(0, 0, 0, 0, 0), 0.0);
+    }
+
+    /// A device whose attention runs at a fifth of the rate κ assumes (the H200 trace's
+    /// case, BENCHMARKS.md §10): its chunk prefills under-state a 5,184-token prompt by a
+    /// quarter; one whole prompt measured predicts the next one's prefill, and chunks alone
+    /// still predict chunks.
+    #[test]
+    fn a_measured_full_prefill_predicts_the_next_one() {
+        let kappa = pair_work(4096, 32, 8, 128, 14336); // Llama-3.1-8B's shape
+        let truth = |t: f64| 0.003 + 2.2e-5 * (t + 5.0 * kappa * t * (t + 1.0) / 2.0);
+        let c = CostModel::with_pair_work(kappa);
+        assert_eq!(c.full_prefill_s(100), None, "nothing measured");
+        for t in [512, 384, 512, 128, 512, 256, 512, 512] {
+            c.record_prefill(t, truth(t as f64));
+        }
+        let chunk_fit = c.full_prefill_s(5184).unwrap();
+        assert_eq!(
+            Some(chunk_fit),
+            c.prefill_s(5184),
+            "no prompt measured: the prefill fit"
+        );
+        assert!(chunk_fit < 0.8 * truth(5184.0), "{chunk_fit}");
+        c.record_full_prefill(5184, truth(5184.0));
+        let full = c.full_prefill_s(5184).unwrap();
+        assert!((full / truth(5184.0) - 1.0).abs() < 1e-9, "{full}");
+        let near = c.full_prefill_s(5000).unwrap();
+        assert!((near / truth(5000.0) - 1.0).abs() < 0.05, "{near}");
+        // more chunk prefills after it leave full prefill's fit as measured
+        for t in [512, 256, 512] {
+            c.record_prefill(t, truth(t as f64));
+        }
+        assert_eq!(c.full_prefill_s(5184), Some(full));
+        c.record_full_prefill(0, 1.0); // ignored
+        c.record_full_prefill(10, f64::NAN); // ignored
+        assert_eq!(c.full_prefill_s(5184), Some(full));
     }
 
     #[test]

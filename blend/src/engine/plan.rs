@@ -249,6 +249,9 @@ impl<'a> Plan<'a> {
 
     /// Whether the request should run as full prefill: never slower than full prefill.
     ///
+    /// Full prefill's time is [`CostModel::full_prefill_s`]: what whole prompts measured once
+    /// one was, so that a mode's corrected estimate (measured seconds) is weighed against
+    /// measured seconds too, not against a rate learnt from chunks.
     /// The rule: only once a prefill rate has been measured (before that, never), and never
     /// when a load is taken to measure its tier ([`Entry::explores`]). Then full
     /// prefill runs when no entry is held (computing chunks alone cannot beat computing
@@ -265,7 +268,8 @@ impl<'a> Plan<'a> {
         prompt_tokens: usize,
         estimate_s: Option<f64>,
     ) -> bool {
-        let (Some(full_s), Some(estimate)) = (costs.prefill_s(prompt_tokens), estimate_s) else {
+        let (Some(full_s), Some(estimate)) = (costs.full_prefill_s(prompt_tokens), estimate_s)
+        else {
             return false;
         };
         if self.entries.iter().any(|e| e.explores) {
@@ -451,6 +455,36 @@ mod tests {
         };
         assert!(!falls_back(&CostModel::with_pair_work(kappa)));
         assert!(falls_back(&CostModel::default()));
+    }
+
+    /// The H200 trace's case (BENCHMARKS.md §10, the 8B shape): a 5,184-token blend with
+    /// six of its ten chunks missed runs in 0.85 of full prefill, but the device's attention
+    /// runs at a fifth of the rate κ assumes, so its chunk prefills put full prefill at
+    /// three quarters of its cost and the blend went to full prefill. Once one whole prompt
+    /// was measured, the plan weighs the blend against that and blends.
+    #[test]
+    fn a_measured_full_prefill_keeps_a_faster_blend_from_falling_back() {
+        let kappa = crate::cost::pair_work(4096, 32, 8, 128, 14336); // Llama-3.1-8B
+        let truth = |t: f64| 0.003 + 2.2e-5 * (t + 5.0 * kappa * t * (t + 1.0) / 2.0);
+        let chunks: Vec<Vec<u32>> = (1..=10).map(|i| vec![i; 512]).collect();
+        let segments: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
+        let held = |k: &ChunkKey| (k.0[0] > 6).then_some(Held::Store(TierKind::HOST));
+        let (prompt, suffix) = (5184, 64);
+        let blend_s = 0.85 * truth(prompt as f64);
+        let costs = CostModel::with_pair_work(kappa);
+        let falls_back = |costs: &CostModel| {
+            for t in [512, 384, 512, 128, 512, 256, 512, 512] {
+                costs.record_prefill(t, truth(t as f64));
+            }
+            let plan = Plan::build(&segments, key_of, held, &layout(), costs, true, true);
+            assert_eq!(plan.in_pass_tokens(), 6 * 512);
+            let estimate = plan.mode_estimate_s(costs, prompt, suffix, 0.3).unwrap();
+            costs.record_mode(PlannedMode::Blend, estimate, blend_s);
+            full_wins(&plan, costs, PlannedMode::Blend, prompt, suffix, 0.3)
+        };
+        assert!(falls_back(&costs), "weighed against the chunks' rate");
+        costs.record_full_prefill(prompt, truth(prompt as f64));
+        assert!(!falls_back(&costs), "weighed against the prompt measured");
     }
 
     #[test]

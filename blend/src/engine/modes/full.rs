@@ -64,7 +64,7 @@ fn prefill_all(
         .model
         .prefill(&tokens, &positions(0, tokens.len()), &mut cache)?;
     b.costs
-        .record_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
+        .record_full_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
     let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
     stats.fell_back_to_full = fell_back;
     stats.recomputed_tokens = tokens.len() - req.suffix.len();
