@@ -96,6 +96,12 @@ struct Costs {
 /// (a remote that was slow may be fast now; the cost is one slower request in this many).
 pub(crate) const EXPLORE_EVERY: u64 = 32;
 
+/// Whether a prefill of `tokens` tokens in `seconds` is a sample the fits take (tokens
+/// computed, a finite positive time).
+fn is_prefill_sample(tokens: usize, seconds: f64) -> bool {
+    tokens > 0 && seconds.is_finite() && seconds > 0.0
+}
+
 fn ewma(old: Option<f64>, new: f64) -> f64 {
     match old {
         Some(o) => o + ALPHA * (new - o),
@@ -137,24 +143,22 @@ impl CostModel {
 
     /// Records a prefill of `tokens` tokens after `context` cached rows that took `seconds`.
     pub fn record_prefill_after(&self, context: usize, tokens: usize, seconds: f64) {
-        if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
-            return;
+        if is_prefill_sample(tokens, seconds) {
+            let work = self.prefill_work(context, tokens);
+            self.inner.lock().prefill.add(work, seconds);
         }
-        let work = self.prefill_work(context, tokens);
-        self.inner.lock().prefill.add(work, seconds);
     }
 
     /// Records a whole prompt of `tokens` tokens prefilled from an empty cache (a `full`
     /// request, or a fallback to it) that took `seconds`: a sample of the prefill fit, and
     /// of full prefill's own ([`CostModel::full_prefill_s`]).
     pub fn record_full_prefill(&self, tokens: usize, seconds: f64) {
-        if tokens == 0 || !seconds.is_finite() || seconds <= 0.0 {
-            return;
+        if is_prefill_sample(tokens, seconds) {
+            let work = self.prefill_work(0, tokens);
+            let mut c = self.inner.lock();
+            c.prefill.add(work, seconds);
+            c.full.add(work, seconds);
         }
-        let work = self.prefill_work(0, tokens);
-        let mut c = self.inner.lock();
-        c.prefill.add(work, seconds);
-        c.full.add(work, seconds);
     }
 
     /// Records `bytes` read from `tier` in `seconds`.
