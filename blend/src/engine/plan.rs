@@ -429,6 +429,30 @@ mod tests {
         assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.9));
     }
 
+    /// §10's trace cases: a 5,184-token blend of ten 512-token chunks (the first `missed`
+    /// of them missed, the rest held in the host tier; 64 suffix tokens) measured at `share`
+    /// of full prefill, on a blender whose prefills so far were chunk prefills of a machine
+    /// taking `truth(t)` seconds for `t` tokens: whether the plan sends it to full prefill.
+    fn long_blend_falls_back(
+        costs: &CostModel,
+        truth: &dyn Fn(f64) -> f64,
+        missed: u8,
+        share: f64,
+    ) -> bool {
+        let chunks: Vec<Vec<u32>> = (1..=10).map(|i| vec![i; 512]).collect();
+        let segments: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
+        let held = |k: &ChunkKey| (k.0[0] > missed).then_some(Held::Store(TierKind::HOST));
+        let (prompt, suffix) = (5184, 64);
+        for t in [512, 384, 512, 128, 512, 256, 512, 512] {
+            costs.record_prefill(t, truth(t as f64));
+        }
+        let plan = Plan::build(&segments, key_of, held, &layout(), costs, true, true);
+        assert_eq!(plan.in_pass_tokens(), usize::from(missed) * 512);
+        let estimate = plan.mode_estimate_s(costs, prompt, suffix, 0.3).unwrap();
+        costs.record_mode(PlannedMode::Blend, estimate, share * truth(prompt as f64));
+        full_wins(&plan, costs, PlannedMode::Blend, prompt, suffix, 0.3)
+    }
+
     /// BENCHMARKS.md §10's case: a 5,184-token blend with half of its ten 512-token chunks
     /// missed runs in 0.62 of full prefill (0.40 + 0.44·m), yet a blender whose prefills were
     /// chunks alone sent it to full prefill: fitted affine in tokens, those chunks put a
@@ -438,21 +462,7 @@ mod tests {
     fn chunk_prefills_alone_do_not_send_a_faster_long_blend_to_full_prefill() {
         let kappa = crate::cost::pair_work(576, 9, 3, 64, 1536); // SmolLM2-135M
         let truth = |t: f64| 0.043 + 6.2e-4 * (t + 1.2 * kappa * t * (t + 1.0) / 2.0);
-        let chunks: Vec<Vec<u32>> = (1..=10).map(|i| vec![i; 512]).collect();
-        let segments: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
-        let held = |k: &ChunkKey| (k.0[0] > 5).then_some(Held::Store(TierKind::HOST));
-        let (prompt, suffix) = (5184, 64);
-        let blend_s = 0.62 * truth(prompt as f64);
-        let falls_back = |costs: &CostModel| {
-            for t in [512, 384, 512, 128, 512, 256, 512, 512] {
-                costs.record_prefill(t, truth(t as f64));
-            }
-            let plan = Plan::build(&segments, key_of, held, &layout(), costs, true, true);
-            assert_eq!(plan.in_pass_tokens(), 5 * 512);
-            let estimate = plan.mode_estimate_s(costs, prompt, suffix, 0.3).unwrap();
-            costs.record_mode(PlannedMode::Blend, estimate, blend_s);
-            full_wins(&plan, costs, PlannedMode::Blend, prompt, suffix, 0.3)
-        };
+        let falls_back = |costs: &CostModel| long_blend_falls_back(costs, &truth, 5, 0.62);
         assert!(!falls_back(&CostModel::with_pair_work(kappa)));
         assert!(falls_back(&CostModel::default()));
     }
@@ -466,24 +476,10 @@ mod tests {
     fn a_measured_full_prefill_keeps_a_faster_blend_from_falling_back() {
         let kappa = crate::cost::pair_work(4096, 32, 8, 128, 14336); // Llama-3.1-8B
         let truth = |t: f64| 0.003 + 2.2e-5 * (t + 5.0 * kappa * t * (t + 1.0) / 2.0);
-        let chunks: Vec<Vec<u32>> = (1..=10).map(|i| vec![i; 512]).collect();
-        let segments: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
-        let held = |k: &ChunkKey| (k.0[0] > 6).then_some(Held::Store(TierKind::HOST));
-        let (prompt, suffix) = (5184, 64);
-        let blend_s = 0.85 * truth(prompt as f64);
         let costs = CostModel::with_pair_work(kappa);
-        let falls_back = |costs: &CostModel| {
-            for t in [512, 384, 512, 128, 512, 256, 512, 512] {
-                costs.record_prefill(t, truth(t as f64));
-            }
-            let plan = Plan::build(&segments, key_of, held, &layout(), costs, true, true);
-            assert_eq!(plan.in_pass_tokens(), 6 * 512);
-            let estimate = plan.mode_estimate_s(costs, prompt, suffix, 0.3).unwrap();
-            costs.record_mode(PlannedMode::Blend, estimate, blend_s);
-            full_wins(&plan, costs, PlannedMode::Blend, prompt, suffix, 0.3)
-        };
+        let falls_back = |costs: &CostModel| long_blend_falls_back(costs, &truth, 6, 0.85);
         assert!(falls_back(&costs), "weighed against the chunks' rate");
-        costs.record_full_prefill(prompt, truth(prompt as f64));
+        costs.record_full_prefill(5184, truth(5184.0));
         assert!(!falls_back(&costs), "weighed against the prompt measured");
     }
 
