@@ -31,7 +31,8 @@
 #                                # ~2 min, its 24k gets each decoding a 2 MB layer on the CPU)
 #   benches/gpu_run.sh trace-real CODEC # real blends of that stream over a host tier of CODEC
 #                                # (300 chunks, 160 queries, the first 80 a warm-up; raw:
-#                                # 3 min on the H200), one codec per call (the 10-min limit)
+#                                # 3 min on the H200), then over the corpus precomputed (the
+#                                # stream's warm-store reference), one codec per call
 #   benches/gpu_run.sh codecs N  # issue 13 on the GPU: codecs-kernel, then codecs-eval N
 #   benches/gpu_run.sh codecs-kernel # the dequant kernel (bits vs the CPU decoder, throughput
 #                                # beside a device copy and pinned PCIe); host-tier hits of the
@@ -85,7 +86,7 @@ case "${1:-perf}" in
   trace-real)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
       --real --corpus-limit 300 --queries 160 --warmup 80 --window 40 --zipf 0.8 \
-      --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 --hit-threads 1 \
+      --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 --hit-threads 1 --reference \
       --json "$OUT/trace_8b_real_$2.json" 2> "$OUT/trace_8b_real_$2.log"
     ;;
   decode)

@@ -53,7 +53,7 @@ use serde::Serialize;
 
 use super::{machine, median, write_report};
 use costs::{Costs, measure};
-use replay::{Window, check_codec, replay, replay_real, scaled_layout};
+use replay::{Window, check_codec, replay, replay_precomputed, replay_real, scaled_layout};
 use stream::{StreamSpec, corpus, stream};
 
 #[derive(clap::Args)]
@@ -123,6 +123,11 @@ pub struct TraceBenchArgs {
     /// blend and a full prefill.
     #[arg(long)]
     real: bool,
+    /// With `--real`: also replay each host codec's stream over a store holding the whole
+    /// corpus precomputed (room for all of it; new documents computed, not stored), the
+    /// stream's warm-store reference. The modelled trace always models it, per query.
+    #[arg(long)]
+    reference: bool,
     /// After each replay: host-tier hit throughput with this many threads reading the warm
     /// store at once (each a list; empty: skipped).
     #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
@@ -144,11 +149,22 @@ struct Run {
     host_hit_rate: f64,
     hit_rate: f64,
     speedup_median: f64,
-    /// The first window after warm-up (the warm cache's speedup), the lowest later window,
-    /// and their ratio (the target: ≥ 0.8).
+    /// The first window after warm-up, the lowest later window, and their ratio (whether
+    /// the steady state decays).
     warm_speedup: f64,
     lowest_later_speedup: f64,
     kept_fraction: f64,
+    /// `speedup_median` over the warm-cache ratio (every retrieved chunk a host hit:
+    /// `1 / costs.blends[i].warm_fraction`), which a stream with new documents cannot reach.
+    of_warm_cache: f64,
+    /// The same queries' median speedup (after warm-up) over a store holding the whole
+    /// corpus precomputed, and `speedup_median` over it: how much of what this stream can
+    /// get from a warm store the bounded store keeps. Modelled per query in the modelled
+    /// trace; with `--real`, measured by `--reference` (else `None`).
+    precomputed_speedup: Option<f64>,
+    of_precomputed: Option<f64>,
+    /// The `--reference` replay's windows (`--real` only).
+    precomputed_windows: Vec<Window>,
     seconds: f64,
     /// Lookups per second on the warm store by thread count (`--hit-threads`).
     hit_throughput: Vec<(usize, f64)>,
@@ -183,6 +199,12 @@ struct Blend {
     label: String,
 }
 
+/// The median over the windows after warm-up of `f` (`None` when a window has none).
+fn after_warmup_median(windows: &[Window], f: impl Fn(&Window) -> Option<f64>) -> Option<f64> {
+    let xs: Option<Vec<f64>> = windows.iter().filter(|w| !w.warmup).map(f).collect();
+    xs.filter(|v| !v.is_empty()).map(|v| median(&v))
+}
+
 pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     if a.k == 0 || a.queries <= a.warmup || a.window == 0 || !a.warmup.is_multiple_of(a.window) {
         bail!(
@@ -195,6 +217,9 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     }
     if !(0.0..1.0).contains(&a.novel) || a.host_capacity <= 0.0 || a.ssd_capacity < 0.0 {
         bail!("novel must be in [0, 1), host capacity > 0, SSD capacity ≥ 0");
+    }
+    if a.reference && !a.real {
+        bail!("--reference is for --real (the modelled trace models the reference per query)");
     }
     let policies: Vec<(String, PolicyKind)> = a
         .policies
@@ -379,16 +404,24 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 .map(|w| w.speedup_median)
                 .reduce(f64::min)
                 .unwrap_or(warm_speedup);
+            let speedup_median =
+                median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>());
+            let precomputed_speedup =
+                after_warmup_median(&windows, |w| w.precomputed_speedup_median);
             let run = Run {
                 zipf: s,
                 policy: pname.clone(),
                 host_codec: codec.to_string(),
                 host_hit_rate: mean(&|w| w.host_hit_rate),
                 hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
-                speedup_median: median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>()),
+                speedup_median,
                 warm_speedup,
                 lowest_later_speedup,
                 kept_fraction: lowest_later_speedup / warm_speedup,
+                of_warm_cache: speedup_median * cost.warm_fraction,
+                precomputed_speedup,
+                of_precomputed: precomputed_speedup.map(|p| speedup_median / p),
+                precomputed_windows: Vec::new(),
                 windows,
                 seconds,
                 hit_throughput,
@@ -408,6 +441,47 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 eprintln!("    {n} thread(s): {:.0} lookups/s", rate);
             }
             runs.push(run);
+        }
+        // the stream's warm-store reference, measured once per codec (any policy: nothing
+        // is evicted) and set beside each of this stream's runs in that codec
+        if a.real && a.reference {
+            for &codec in &host_codecs {
+                let (windows, _, _) = replay_precomputed(
+                    &a,
+                    &model,
+                    &identity,
+                    &rt,
+                    codec,
+                    &queries,
+                    &chunks,
+                    &question,
+                    &costs,
+                    &blend.config,
+                )?;
+                let reference = after_warmup_median(&windows, |w| Some(w.speedup_median));
+                for run in runs
+                    .iter_mut()
+                    .filter(|r| r.zipf == s && r.host_codec == codec.to_string())
+                {
+                    run.precomputed_speedup = reference;
+                    run.of_precomputed = reference.map(|p| run.speedup_median / p);
+                    run.precomputed_windows = windows.clone();
+                }
+            }
+        }
+        for run in runs.iter().filter(|r| r.zipf == s) {
+            eprintln!(
+                "zipf {s:<4} {:<10} {:<6} speedup {:.2}× = {:.2} of the warm-cache ratio; {}",
+                run.policy,
+                run.host_codec,
+                run.speedup_median,
+                run.of_warm_cache,
+                match (run.precomputed_speedup, run.of_precomputed) {
+                    (Some(p), Some(of)) =>
+                        format!("{of:.2} of the precomputed corpus's {p:.2}× on this stream"),
+                    _ => "no precomputed reference (--real without --reference)".to_string(),
+                }
+            );
         }
     }
     let report = Report {

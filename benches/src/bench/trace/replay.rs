@@ -20,7 +20,7 @@ use super::stream::{Pick, pick_tokens};
 use crate::bench::median;
 use crate::eval::data::SplitMix;
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 pub(super) struct Window {
     /// First query of the window (0-based).
     from: usize,
@@ -39,6 +39,11 @@ pub(super) struct Window {
     admission_rejections: u64,
     /// Fraction of the window's queries the engine ran as full prefill (`--real`).
     fell_back_to_full: f64,
+    /// The same queries' median speedup over a store holding the whole corpus, precomputed
+    /// (only their new documents computed): the warm store this stream can have. Modelled
+    /// per query in the modelled trace; `None` in a real replay (`--reference` replays it
+    /// apart).
+    pub(super) precomputed_speedup_median: Option<f64>,
 }
 
 /// The layout of the modelled trace's stored objects: one layer of the model's, so an
@@ -124,6 +129,8 @@ struct Tally {
     speedups: Vec<f64>,
     /// Queries the engine ran as full prefill (`--real` only).
     fell_back: usize,
+    /// Each query's modelled speedup over a store holding the whole corpus (modelled only).
+    precomputed: Vec<f64>,
 }
 
 impl Tally {
@@ -142,6 +149,8 @@ impl Tally {
             bytes_written: self.written,
             admission_rejections,
             fell_back_to_full: self.fell_back as f64 / n,
+            precomputed_speedup_median: (!self.precomputed.is_empty())
+                .then(|| median(&self.precomputed)),
         }
     }
 }
@@ -190,75 +199,191 @@ pub(super) fn replay_real(
         Arc::clone(&store),
         rt.handle().clone(),
     );
-    // full prefill of each prompt runs beside it on its own blender (an empty store), so the
-    // measurement teaches the served blender's cost model nothing
-    let baseline = Blender::new(
+    let real = RealQueries {
+        a,
+        model,
+        identity,
+        rt,
+        label: host_codec.to_string(),
+        chunks,
+        question,
+        blend,
+    };
+    real.run(&blender, &store, queries, true)
+}
+
+/// Replays `queries` with the real blender over a store holding every corpus chunk,
+/// precomputed into a host tier of `host_codec` with room for all of them (the precompute
+/// job run over the corpus): only the queries' new documents are computed, and they are not
+/// stored back, so the store stays the corpus. Its speedups are the stream's warm-store
+/// reference (`--reference`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn replay_precomputed(
+    a: &TraceBenchArgs,
+    model: &Arc<kvquilt_model::Model>,
+    identity: &ModelIdentity,
+    rt: &tokio::runtime::Runtime,
+    host_codec: Codec,
+    queries: &[Vec<Pick>],
+    chunks: &[Vec<u32>],
+    question: &[u32],
+    costs: &Costs,
+    blend: &BlendConfig,
+) -> Result<Replayed> {
+    let real_corpus: u64 = chunks
+        .iter()
+        .map(|c| costs.bytes_per_token() * c.len() as u64)
+        .sum();
+    let store = Arc::new(TieredStore::open(StoreConfig {
+        host_codec,
+        // room for the corpus with every object's header (the tier weighs encoded bytes,
+        // never more than raw's plus a header)
+        ..StoreConfig::host_only(2 * real_corpus + (64 << 20))
+    })?);
+    let blender = Blender::new(
         Arc::clone(model),
         identity.clone(),
-        Arc::new(TieredStore::open(StoreConfig::host_only(0))?),
+        Arc::clone(&store),
         rt.handle().clone(),
     );
-    let vocab = model.config().vocab_size as u32;
-    let codec = blender.codec(b"");
     let started = Instant::now();
-    let mut windows = Vec::new();
-    for (w, batch) in queries.chunks(a.window.max(1)).enumerate() {
-        let mut t = Tally::default();
-        let rejected_before = rejections(&store);
-        for q in batch {
-            let picked: Vec<Vec<u32>> = q.iter().map(|p| pick_tokens(p, chunks, vocab)).collect();
-            let req = BlendRequest::new(
-                vec![],
-                picked.clone(),
-                question.to_vec(),
-                Mode::Blend(blend.clone()),
-            );
-            // what the store holds when the query arrives (the engine may still recompute a
-            // held chunk, or run full prefill, when its cost model says that is faster)
-            for c in &picked {
-                t.tokens += c.len();
-                match store.locate(&codec.key(c)) {
-                    Some(tier) if tier.name() == "host" => t.host_hits += 1,
-                    Some(_) => t.ssd_hits += 1,
-                    None => {
-                        t.misses += 1;
-                        t.recomputed += c.len();
+    for c in chunks {
+        blender.precompute(b"", c)?;
+    }
+    let held = chunks
+        .iter()
+        .filter(|c| store.locate(&blender.codec(b"").key(c)).is_some())
+        .count();
+    if held != chunks.len() {
+        anyhow::bail!(
+            "the precomputed reference store holds {held} of {} corpus chunks",
+            chunks.len()
+        );
+    }
+    eprintln!(
+        "  {host_codec} reference: {} corpus chunks precomputed in {:.1} s",
+        chunks.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let real = RealQueries {
+        a,
+        model,
+        identity,
+        rt,
+        label: format!("{host_codec} (precomputed corpus)"),
+        chunks,
+        question,
+        blend,
+    };
+    real.run(&blender, &store, queries, false)
+}
+
+/// What a replay of real blends runs each query with.
+struct RealQueries<'a> {
+    a: &'a TraceBenchArgs,
+    model: &'a Arc<kvquilt_model::Model>,
+    identity: &'a ModelIdentity,
+    rt: &'a tokio::runtime::Runtime,
+    /// Names the replay in the progress lines.
+    label: String,
+    chunks: &'a [Vec<u32>],
+    question: &'a [u32],
+    blend: &'a BlendConfig,
+}
+
+impl RealQueries<'_> {
+    /// Runs `queries` through `blender` (over `store`), each followed by full prefill of
+    /// the same prompt on a blender of its own; with `store_back` the misses are stored
+    /// after the first token as the sidecar does, without it nothing is stored.
+    fn run(
+        &self,
+        blender: &Blender,
+        store: &TieredStore,
+        queries: &[Vec<Pick>],
+        store_back: bool,
+    ) -> Result<Replayed> {
+        let a = self.a;
+        // full prefill of each prompt runs beside it on its own blender (an empty store), so
+        // the measurement teaches the served blender's cost model nothing
+        let baseline = Blender::new(
+            Arc::clone(self.model),
+            self.identity.clone(),
+            Arc::new(TieredStore::open(StoreConfig::host_only(0))?),
+            self.rt.handle().clone(),
+        );
+        let vocab = self.model.config().vocab_size as u32;
+        let codec = blender.codec(b"");
+        let started = Instant::now();
+        let mut windows = Vec::new();
+        for (w, batch) in queries.chunks(a.window.max(1)).enumerate() {
+            let mut t = Tally::default();
+            let rejected_before = rejections(store);
+            for q in batch {
+                let picked: Vec<Vec<u32>> = q
+                    .iter()
+                    .map(|p| pick_tokens(p, self.chunks, vocab))
+                    .collect();
+                let req = BlendRequest::new(
+                    vec![],
+                    picked.clone(),
+                    self.question.to_vec(),
+                    Mode::Blend(self.blend.clone()),
+                );
+                // what the store holds when the query arrives (the engine may still recompute
+                // a held chunk, or run full prefill, when its cost model says that is faster)
+                for c in &picked {
+                    t.tokens += c.len();
+                    match store.locate(&codec.key(c)) {
+                        Some(tier) if tier.name() == "host" => t.host_hits += 1,
+                        Some(_) => t.ssd_hits += 1,
+                        None => {
+                            t.misses += 1;
+                            t.recomputed += c.len();
+                        }
                     }
                 }
+                let (out, work) = blender.run_deferring(b"", &req)?;
+                let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
+                if store_back {
+                    t.written += blender
+                        .store_back(work)
+                        .iter()
+                        .map(|o| o.bytes)
+                        .sum::<u64>();
+                } else {
+                    drop(work); // nothing stored
+                }
+                // full prefill of the same prompt, right after: on a shared machine a fit
+                // made at start drifts by more than the gains measured here
+                let full = baseline.run(
+                    b"",
+                    &BlendRequest {
+                        mode: Mode::Full,
+                        ..req
+                    },
+                )?;
+                t.speedups.push(full.stats.ttft_ms / out.stats.ttft_ms);
+                t.fell_back += usize::from(out.stats.fell_back_to_full);
             }
-            let out = blender.run(b"", &req)?;
-            let _first = out.logits.argmax(0)?.to_scalar::<u32>()?;
-            // full prefill of the same prompt, right after: on a shared machine a fit made
-            // at start drifts by more than the gains measured here
-            let full = baseline.run(
-                b"",
-                &BlendRequest {
-                    mode: Mode::Full,
-                    ..req
-                },
-            )?;
-            t.speedups.push(full.stats.ttft_ms / out.stats.ttft_ms);
-            t.fell_back += usize::from(out.stats.fell_back_to_full);
-            t.written += out.stored.iter().map(|o| o.bytes).sum::<u64>();
+            let window = t.window(w * a.window, a.warmup, rejections(store) - rejected_before);
+            // real windows take minutes each: report each as it closes, so a run cut short
+            // still says what it measured
+            eprintln!(
+                "  {} queries {}–{}: host hits {:.3}, recomputed {:.3}, speedup median {:.2}×, \
+                 full prefill {:.0}%, {:.1} s",
+                self.label,
+                window.from,
+                (window.from + a.window).min(queries.len()) - 1,
+                window.host_hit_rate,
+                window.recompute_fraction,
+                window.speedup_median,
+                100.0 * window.fell_back_to_full,
+                started.elapsed().as_secs_f64()
+            );
+            windows.push(window);
         }
-        let window = t.window(w * a.window, a.warmup, rejections(&store) - rejected_before);
-        // real windows take minutes each: report each as it closes, so a run cut short
-        // still says what it measured
-        eprintln!(
-            "  {} queries {}–{}: host hits {:.3}, recomputed {:.3}, speedup median {:.2}×, \
-             full prefill {:.0}%, {:.1} s",
-            host_codec,
-            window.from,
-            (window.from + a.window).min(queries.len()) - 1,
-            window.host_hit_rate,
-            window.recompute_fraction,
-            window.speedup_median,
-            100.0 * window.fell_back_to_full,
-            started.elapsed().as_secs_f64()
-        );
-        windows.push(window);
+        Ok((windows, started.elapsed().as_secs_f64(), Vec::new()))
     }
-    Ok((windows, started.elapsed().as_secs_f64(), Vec::new()))
 }
 
 /// Replays `queries` against a fresh store whose host tier evicts by `policy` and holds
@@ -289,12 +414,6 @@ pub(super) fn replay(
     // one synthetic layer per chunk length, shared by the objects of that length
     let mut values: HashMap<usize, Bytes> = HashMap::new();
     let pick_tokens = |p: &Pick| pick_tokens(p, chunks, vocab);
-    let rejections = |s: &TieredStore| -> u64 {
-        s.stats()
-            .iter()
-            .filter_map(|t| t.extra.get("admission_rejections"))
-            .sum()
-    };
     let started = Instant::now();
     let mut windows = Vec::new();
     for (w, batch) in queries.chunks(a.window.max(1)).enumerate() {
@@ -333,8 +452,19 @@ pub(super) fn replay(
             // misses are computed in the blend's own pass (their store-back after the first
             // token): the blend's measured fraction of full prefill at this miss fraction
             let retrieved = total - question_tokens;
-            ttft += blend.fraction(missed_tokens as f64 / retrieved.max(1) as f64) * full;
+            let share = |tokens: usize| tokens as f64 / retrieved.max(1) as f64;
+            ttft += blend.fraction(share(missed_tokens)) * full;
             tally.speedups.push(full / ttft.min(full));
+            // the same query over a store holding the whole corpus: its new documents alone
+            // computed, every corpus chunk a host hit
+            let novel_tokens: usize = q
+                .iter()
+                .zip(&picked)
+                .filter(|(p, _)| matches!(p, Pick::Novel(..)))
+                .map(|(_, (_, t))| t.len())
+                .sum();
+            let warm = blend.fraction(share(novel_tokens)) * full;
+            tally.precomputed.push(full / warm.min(full));
             for (key, t) in missing {
                 let layer = values
                     .entry(t.len())
@@ -401,6 +531,110 @@ fn lookups_per_s(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::trace::costs::BlendCost;
+    use crate::bench::trace::stream::{StreamSpec, stream};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: TraceBenchArgs,
+    }
+
+    /// The modelled stream's warm-store reference: a store with room for everything it saw
+    /// keeps exactly the speedup of the corpus precomputed (once the warm-up has drawn every
+    /// chunk), and only its new documents cost it anything; a bounded store keeps less.
+    #[test]
+    fn a_store_that_keeps_everything_it_saw_matches_the_precomputed_corpus() {
+        use clap::Parser;
+        let chunks: Vec<Vec<u32>> = (0..12)
+            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
+            .collect();
+        let layout = KvLayout {
+            num_layers: 30,
+            num_kv_heads: 3,
+            head_dim: 64,
+            dtype: KvDType::F32,
+            k_pre_rope: true,
+            rope_theta: 100_000.0,
+            rope_scaling: kvquilt_kvstore::RopeScalingSpec::None,
+        };
+        let blend = BlendCost {
+            host_codec: "raw".into(),
+            warm_fraction: 0.4,
+            fixed: 0.4,
+            per_missed: 0.6,
+        };
+        let costs = Costs {
+            pair_work: 0.0,
+            full_fixed_s: 0.05,
+            full_per_work_s: 1e-3,
+            chunk_fixed_s: 0.01,
+            chunk_per_work_s: 1e-3,
+            blends: vec![blend.clone()],
+            ssd_bytes_per_s: 1e9,
+            layout,
+            blend: String::new(),
+        };
+        let corpus_bytes: u64 = chunks
+            .iter()
+            .map(|c| scaled_layout(&layout).object_bytes(c.len()))
+            .sum();
+        let spec = StreamSpec {
+            queries: 80,
+            k: 10,
+            novel: 0.2,
+            s: 0.8,
+            seed: 3,
+        };
+        let queries = stream(spec, chunks.len());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let run = |capacity: &str| {
+            let args = [
+                "trace",
+                "--host-capacity",
+                capacity,
+                "--warmup",
+                "40",
+                "--window",
+                "20",
+                "--hit-threads",
+                "0",
+            ];
+            let a = Cli::parse_from(args).a;
+            let codec = (PolicyKind::Lru, Codec::Raw);
+            replay(
+                &a,
+                &rt,
+                codec,
+                &queries,
+                &chunks,
+                16,
+                (&costs, &blend),
+                corpus_bytes,
+            )
+            .unwrap()
+            .0
+        };
+        let ideal = 1.0 / blend.warm_fraction;
+        // room for the corpus and every new document
+        for w in run("100").iter().filter(|w| !w.warmup) {
+            let p = w.precomputed_speedup_median.unwrap();
+            assert!(
+                (w.speedup_median - p).abs() < 1e-9,
+                "{} {p}",
+                w.speedup_median
+            );
+            assert!(
+                p > 1.2 && p < ideal - 0.1,
+                "new documents cost: {p} of {ideal}"
+            );
+        }
+        // room for a quarter of the corpus: misses beyond the new documents
+        for w in run("0.25").iter().filter(|w| !w.warmup) {
+            let p = w.precomputed_speedup_median.unwrap();
+            assert!(w.speedup_median < 0.9 * p, "{} {p}", w.speedup_median);
+        }
+    }
 
     /// The modelled trace's premise: one synthetic layer is 1/(layer count) of a real
     /// object, and a codec without lz4 stores it in the bytes it stores any other layer of
