@@ -31,6 +31,14 @@
 //! query's TTFT is that blend at the query's miss fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
 //! that is faster: `Plan::full_is_faster`).
 //!
+//! Beside every run stands the stream's warm-store reference: the same queries over a store
+//! holding the whole corpus precomputed (the precompute job run over it), only their new
+//! documents computed — modelled per query (their share of tokens as the miss fraction), or
+//! with `--real --reference` replayed with real blends. The bounded store's speedup over it
+//! says how much of what this stream can get from a warm store the store keeps; the
+//! warm-cache ratio (every retrieved chunk a hit) is reported too, and no store reaches it on
+//! a stream with new documents.
+//!
 //! "The default blend" is what `serve` runs for this model without a ratio: its calibration
 //! record's settings (`qzero` at 0.3 for the default model on the CPU), or, for a model
 //! without a certified record (the random shapes), the uncalibrated default; the report's
