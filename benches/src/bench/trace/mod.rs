@@ -61,7 +61,7 @@ use serde::Serialize;
 
 use super::{machine, median, write_report};
 use costs::{Costs, measure};
-use replay::{Window, check_codec, replay, replay_precomputed, replay_real, scaled_layout};
+use replay::{RealQueries, Window, check_codec, replay, scaled_layout};
 use stream::{StreamSpec, corpus, stream};
 
 #[derive(clap::Args)]
@@ -361,6 +361,16 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             b.per_missed
         );
     }
+    let real = RealQueries {
+        a: &a,
+        model: &model,
+        identity: &identity,
+        rt: &rt,
+        costs: &costs,
+        chunks: &chunks,
+        question: &question,
+        blend: &blend.config,
+    };
     let mut runs = Vec::new();
     for &s in &a.zipf {
         let spec = StreamSpec {
@@ -376,18 +386,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             .flat_map(|p| host_codecs.iter().zip(&costs.blends).map(move |c| (p, c)))
         {
             let (windows, seconds, hit_throughput) = if a.real {
-                replay_real(
-                    &a,
-                    &model,
-                    &identity,
-                    &rt,
-                    (*policy, codec),
-                    &queries,
-                    &chunks,
-                    &question,
-                    &costs,
-                    &blend.config,
-                )?
+                real.replay((*policy, codec), &queries)?
             } else {
                 replay(
                     &a,
@@ -454,18 +453,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         // is evicted) and set beside each of this stream's runs in that codec
         if a.real && a.reference {
             for &codec in &host_codecs {
-                let (windows, _, _) = replay_precomputed(
-                    &a,
-                    &model,
-                    &identity,
-                    &rt,
-                    codec,
-                    &queries,
-                    &chunks,
-                    &question,
-                    &costs,
-                    &blend.config,
-                )?;
+                let (windows, _, _) = real.replay_precomputed(codec, &queries)?;
                 let reference = after_warmup_median(&windows, |w| Some(w.speedup_median));
                 for run in runs
                     .iter_mut()

@@ -166,137 +166,105 @@ fn rejections(s: &TieredStore) -> u64 {
 /// the warm store by thread count.
 pub(super) type Replayed = (Vec<Window>, f64, Vec<(usize, f64)>);
 
-/// Replays `queries` with the real blender over a fresh store of real chunk KV whose host
-/// tier evicts by `policy` and holds exact objects in `host_codec` (see `--real`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn replay_real(
-    a: &TraceBenchArgs,
-    model: &Arc<kvquilt_model::Model>,
-    identity: &ModelIdentity,
-    rt: &tokio::runtime::Runtime,
-    (policy, host_codec): (PolicyKind, Codec),
-    queries: &[Vec<Pick>],
-    chunks: &[Vec<u32>],
-    question: &[u32],
-    costs: &Costs,
-    blend: &BlendConfig,
-) -> Result<Replayed> {
-    let real_corpus: u64 = chunks
-        .iter()
-        .map(|c| costs.bytes_per_token() * c.len() as u64)
-        .sum();
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(trace_store(
-        dir.path(),
-        policy,
-        host_codec,
-        (a.host_capacity * real_corpus as f64) as u64,
-        (a.ssd_capacity * real_corpus as f64) as u64,
-    )?);
-    let blender = Blender::new(
-        Arc::clone(model),
-        identity.clone(),
-        Arc::clone(&store),
-        rt.handle().clone(),
-    );
-    let real = RealQueries {
-        a,
-        model,
-        identity,
-        rt,
-        label: host_codec.to_string(),
-        chunks,
-        question,
-        blend,
-    };
-    real.run(&blender, &store, queries, true)
-}
-
-/// Replays `queries` with the real blender over a store holding every corpus chunk,
-/// precomputed into a host tier of `host_codec` with room for all of them (the precompute
-/// job run over the corpus): only the queries' new documents are computed, and they are not
-/// stored back, so the store stays the corpus. Its speedups are the stream's warm-store
-/// reference (`--reference`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn replay_precomputed(
-    a: &TraceBenchArgs,
-    model: &Arc<kvquilt_model::Model>,
-    identity: &ModelIdentity,
-    rt: &tokio::runtime::Runtime,
-    host_codec: Codec,
-    queries: &[Vec<Pick>],
-    chunks: &[Vec<u32>],
-    question: &[u32],
-    costs: &Costs,
-    blend: &BlendConfig,
-) -> Result<Replayed> {
-    let real_corpus: u64 = chunks
-        .iter()
-        .map(|c| costs.bytes_per_token() * c.len() as u64)
-        .sum();
-    let store = Arc::new(TieredStore::open(StoreConfig {
-        host_codec,
-        // room for the corpus with every object's header (the tier weighs encoded bytes,
-        // never more than raw's plus a header)
-        ..StoreConfig::host_only(2 * real_corpus + (64 << 20))
-    })?);
-    let blender = Blender::new(
-        Arc::clone(model),
-        identity.clone(),
-        Arc::clone(&store),
-        rt.handle().clone(),
-    );
-    let started = Instant::now();
-    for c in chunks {
-        blender.precompute(b"", c)?;
-    }
-    let held = chunks
-        .iter()
-        .filter(|c| store.locate(&blender.codec(b"").key(c)).is_some())
-        .count();
-    if held != chunks.len() {
-        anyhow::bail!(
-            "the precomputed reference store holds {held} of {} corpus chunks",
-            chunks.len()
-        );
-    }
-    eprintln!(
-        "  {host_codec} reference: {} corpus chunks precomputed in {:.1} s",
-        chunks.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let real = RealQueries {
-        a,
-        model,
-        identity,
-        rt,
-        label: format!("{host_codec} (precomputed corpus)"),
-        chunks,
-        question,
-        blend,
-    };
-    real.run(&blender, &store, queries, false)
-}
-
-/// What a replay of real blends runs each query with.
-struct RealQueries<'a> {
-    a: &'a TraceBenchArgs,
-    model: &'a Arc<kvquilt_model::Model>,
-    identity: &'a ModelIdentity,
-    rt: &'a tokio::runtime::Runtime,
-    /// Names the replay in the progress lines.
-    label: String,
-    chunks: &'a [Vec<u32>],
-    question: &'a [u32],
-    blend: &'a BlendConfig,
+/// What a replay of real blends runs each query with (`--real`).
+pub(super) struct RealQueries<'a> {
+    pub(super) a: &'a TraceBenchArgs,
+    pub(super) model: &'a Arc<kvquilt_model::Model>,
+    pub(super) identity: &'a ModelIdentity,
+    pub(super) rt: &'a tokio::runtime::Runtime,
+    pub(super) costs: &'a Costs,
+    pub(super) chunks: &'a [Vec<u32>],
+    pub(super) question: &'a [u32],
+    pub(super) blend: &'a BlendConfig,
 }
 
 impl RealQueries<'_> {
+    /// The corpus's real KV bytes (raw).
+    fn corpus_bytes(&self) -> u64 {
+        self.chunks
+            .iter()
+            .map(|c| self.costs.bytes_per_token() * c.len() as u64)
+            .sum()
+    }
+
+    fn blender(&self, store: &Arc<TieredStore>) -> Blender {
+        Blender::new(
+            Arc::clone(self.model),
+            self.identity.clone(),
+            Arc::clone(store),
+            self.rt.handle().clone(),
+        )
+    }
+
+    /// Replays `queries` over a fresh store of real chunk KV whose host tier evicts by
+    /// `policy` and holds exact objects in `host_codec`, misses stored back as served.
+    pub(super) fn replay(
+        &self,
+        (policy, host_codec): (PolicyKind, Codec),
+        queries: &[Vec<Pick>],
+    ) -> Result<Replayed> {
+        let a = self.a;
+        let corpus = self.corpus_bytes() as f64;
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(trace_store(
+            dir.path(),
+            policy,
+            host_codec,
+            (a.host_capacity * corpus) as u64,
+            (a.ssd_capacity * corpus) as u64,
+        )?);
+        let label = host_codec.to_string();
+        self.run(&label, &self.blender(&store), &store, queries, true)
+    }
+
+    /// Replays `queries` over a store holding every corpus chunk, precomputed into a host
+    /// tier of `host_codec` with room for all of them (the precompute job run over the
+    /// corpus): only the queries' new documents are computed, and they are not stored
+    /// back, so the store stays the corpus. Its speedups are the stream's warm-store
+    /// reference (`--reference`).
+    pub(super) fn replay_precomputed(
+        &self,
+        host_codec: Codec,
+        queries: &[Vec<Pick>],
+    ) -> Result<Replayed> {
+        let store = Arc::new(TieredStore::open(StoreConfig {
+            host_codec,
+            // room for the corpus with every object's header (the tier weighs encoded
+            // bytes, never more than raw's plus a header)
+            ..StoreConfig::host_only(2 * self.corpus_bytes() + (64 << 20))
+        })?);
+        let blender = self.blender(&store);
+        let started = Instant::now();
+        for c in self.chunks {
+            blender.precompute(b"", c)?;
+        }
+        let codec = blender.codec(b"");
+        let held = self
+            .chunks
+            .iter()
+            .filter(|c| store.locate(&codec.key(c)).is_some())
+            .count();
+        if held != self.chunks.len() {
+            anyhow::bail!(
+                "the precomputed reference store holds {held} of {} corpus chunks",
+                self.chunks.len()
+            );
+        }
+        eprintln!(
+            "  {host_codec} reference: {} corpus chunks precomputed in {:.1} s",
+            self.chunks.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let label = format!("{host_codec} (precomputed corpus)");
+        self.run(&label, &blender, &store, queries, false)
+    }
+
     /// Runs `queries` through `blender` (over `store`), each followed by full prefill of
     /// the same prompt on a blender of its own; with `store_back` the misses are stored
     /// after the first token as the sidecar does, without it nothing is stored.
     fn run(
         &self,
+        label: &str,
         blender: &Blender,
         store: &TieredStore,
         queries: &[Vec<Pick>],
@@ -371,7 +339,7 @@ impl RealQueries<'_> {
             eprintln!(
                 "  {} queries {}–{}: host hits {:.3}, recomputed {:.3}, speedup median {:.2}×, \
                  full prefill {:.0}%, {:.1} s",
-                self.label,
+                label,
                 window.from,
                 (window.from + a.window).min(queries.len()) - 1,
                 window.host_hit_rate,
