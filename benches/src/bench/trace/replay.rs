@@ -502,6 +502,19 @@ mod tests {
     use crate::bench::trace::costs::BlendCost;
     use crate::bench::trace::stream::{StreamSpec, stream};
 
+    /// SmolLM2-135M's KV layout in `dtype`.
+    fn smollm2_layout(dtype: KvDType) -> KvLayout {
+        KvLayout {
+            num_layers: 30,
+            num_kv_heads: 3,
+            head_dim: 64,
+            dtype,
+            k_pre_rope: true,
+            rope_theta: 100_000.0,
+            rope_scaling: kvquilt_kvstore::RopeScalingSpec::None,
+        }
+    }
+
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -517,15 +530,7 @@ mod tests {
         let chunks: Vec<Vec<u32>> = (0..12)
             .map(|i| (0..64).map(|t| i * 1000 + t).collect())
             .collect();
-        let layout = KvLayout {
-            num_layers: 30,
-            num_kv_heads: 3,
-            head_dim: 64,
-            dtype: KvDType::F32,
-            k_pre_rope: true,
-            rope_theta: 100_000.0,
-            rope_scaling: kvquilt_kvstore::RopeScalingSpec::None,
-        };
+        let layout = smollm2_layout(KvDType::F32);
         let blend = BlendCost {
             host_codec: "raw".into(),
             warm_fraction: 0.4,
@@ -610,15 +615,7 @@ mod tests {
     #[test]
     fn a_synthetic_layer_encodes_to_the_size_of_any_other() {
         for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
-            let real = KvLayout {
-                num_layers: 30,
-                num_kv_heads: 3,
-                head_dim: 64,
-                dtype,
-                k_pre_rope: true,
-                rope_theta: 100_000.0,
-                rope_scaling: kvquilt_kvstore::RopeScalingSpec::None,
-            };
+            let real = smollm2_layout(dtype);
             let one = scaled_layout(&real);
             let tokens: Vec<u32> = (0..100).collect();
             assert_eq!(one.object_bytes(100) * 30, real.object_bytes(100));
