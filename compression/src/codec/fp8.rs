@@ -10,7 +10,7 @@
 //!   whose values sit around a large mean (the persistent outlier channels) loses its
 //!   variation to the mean's rounding unless the mean is taken out first.
 
-use super::{CodecError, LayerShape, Result, f32_at, int8, non_finite};
+use super::{CodecError, LayerShape, Result, check_finite, f32_at, int8};
 
 /// Largest finite e4m3fn value.
 pub(super) const MAX: f32 = 448.0;
@@ -33,67 +33,75 @@ pub(super) fn table() -> [f32; 256] {
 }
 
 /// The nearest code to `x` (ties to even), saturating at ±448; NaN maps to 0x7F.
+///
+/// Branch-free, so that a loop over it vectorises: both the subnormal and the normal code
+/// are computed and one is chosen. Pinned to the branchy definition over a sweep of f32 bit
+/// patterns by `codec::tests::fp8_codes_match_the_definition_everywhere`.
+#[inline(always)]
 pub(super) fn encode_one(x: f32) -> u8 {
-    if x.is_nan() {
-        return 0x7F;
-    }
-    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let sign = (x.to_bits() >> 24) & 0x80;
     let a = x.abs().min(MAX);
-    let code = if a < 1.0 / 64.0 {
-        // subnormals continue into the first normal binade: code = round(a · 2⁹)
-        let q = a * 512.0;
-        let r = q.round_ties_even();
-        r as u8
+    // below 2⁻⁶ the subnormals continue into the first normal binade: round(a · 2⁹), ties
+    // to even, by the addition of 1.5 · 2²³ (exact below 2²², and a · 2⁹ ≤ 448 · 2⁹ is)
+    let subnormal = (a * 512.0 + 12_582_912.0)
+        .to_bits()
+        .wrapping_sub(0x4B40_0000);
+    // from 2⁻⁶ on: the exponent rebased (bias 127 → 7) and 3 mantissa bits, rounded to
+    // nearest, ties to even, by integer addition (a carry moves into the next binade)
+    let bits = a.to_bits();
+    let rounded = bits.wrapping_add(0x7_FFFF + ((bits >> 20) & 1)) >> 20;
+    let normal = rounded.wrapping_sub(120 << 3).min(0x7E);
+    let code = if a < 1.0 / 64.0 { subnormal } else { normal };
+    if x.is_nan() {
+        0x7F
     } else {
-        let bits = a.to_bits();
-        let e = ((bits >> 23) & 0xFF) as i32 - 127 + 7; // 1..=15
-        let m = bits & 0x7F_FFFF;
-        let mut q = m >> 20;
-        let rem = m & 0xF_FFFF;
-        if rem > 0x8_0000 || (rem == 0x8_0000 && q & 1 == 1) {
-            q += 1; // a carry into the exponent is the next binade's code
-        }
-        ((e as u32) << 3).wrapping_add(q).min(0x7E) as u8
-    };
-    sign | code
+        (sign | code) as u8
+    }
 }
 
 /// One scale per K/V and head (`amax / 448`, [`int8::scale_of`]'s rule for an empty or
-/// vanishing range); NaN or ±∞ among the values is refused as [`super::check_values`] does.
-fn scales(shape: &LayerShape, raw: &[u8]) -> Result<Vec<f32>> {
-    let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
+/// vanishing range) over `values` (K's, then V's, each `[tokens, kv_heads, head_dim]`); NaN
+/// or ±∞ among them is refused as [`super::check_finite`] does.
+#[inline(always)]
+fn scales(shape: &LayerShape, values: [&[f32]; 2]) -> Result<Vec<f32>> {
+    let (h, d) = (shape.kv_heads, shape.head_dim);
     let mut amax = vec![0f32; 2 * h];
-    for kv in 0..2 {
-        for i in 0..half {
-            let head = (i / d) % h;
-            let a = shape.elem.get(raw, kv * half + i).abs();
-            if !a.is_finite() {
-                return Err(non_finite("fp8sym"));
-            }
-            if a > amax[kv * h + head] {
-                amax[kv * h + head] = a;
-            }
+    for (kv, xs) in values.into_iter().enumerate() {
+        check_finite("fp8sym", xs)?;
+        for (r, row) in xs.chunks_exact(d).enumerate() {
+            let (lo, hi) = int8::range(row);
+            let a = &mut amax[kv * h + r % h];
+            *a = a.max(lo.abs()).max(hi.abs());
         }
     }
     Ok(amax.into_iter().map(|a| int8::scale_of(a, MAX)).collect())
 }
 
+#[inline(always)]
 pub(super) fn encode(shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
     let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
-    let s = scales(shape, raw)?;
+    let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
+    let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
+    let s = scales(shape, [&k, &v])?;
     let mut out = Vec::with_capacity(8 * h + 2 * half);
     for v in &s {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    for kv in 0..2 {
-        for i in 0..half {
-            let inv = 1.0 / s[kv * h + (i / d) % h];
-            out.push(encode_one(shape.elem.get(raw, kv * half + i) * inv));
+    for (kv, xs) in [&k, &v].into_iter().enumerate() {
+        for (r, row) in xs.chunks_exact(d).enumerate() {
+            let inv = 1.0 / s[kv * h + r % h];
+            // a plain loop over slices (see `int8::quantise_into`)
+            let at = out.len();
+            out.resize(at + row.len(), 0);
+            for (c, &x) in out[at..].iter_mut().zip(row) {
+                *c = encode_one(x * inv);
+            }
         }
     }
     Ok(out)
 }
 
+#[inline(always)]
 pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Result<()> {
     let (h, d, half) = (shape.kv_heads, shape.head_dim, shape.half_elems());
     let want = 8 * h + 2 * half;

@@ -21,11 +21,12 @@
 //! is 0), V's `tokens × kv_heads` scales, then (zero point only) the offsets in the same
 //! order and number, all f32 LE; then K's codes and V's codes (i8) in the raw layout's order.
 
-use super::{Code8, CodecError, LayerShape, Result, check_values, f32_at, fp8};
+use super::{Code8, CodecError, LayerShape, Result, check_finite, check_span, f32_at, fp8};
 
 /// Scale of a range `width` wide (`width / levels`); 1 when the range is empty, or so narrow
 /// that the scale would be subnormal (its reciprocal overflows, and `0 · ∞` would code a
 /// value at the midpoint as NaN): every code is then 0, i.e. the midpoint, within `width / 2`.
+#[inline(always)]
 pub(super) fn scale_of(width: f32, levels: f32) -> f32 {
     let s = width / levels;
     if s >= f32::MIN_POSITIVE && s.is_finite() {
@@ -49,10 +50,63 @@ fn levels(code: Code8, zero_point: bool) -> f32 {
     }
 }
 
-fn quantise(code: Code8, x: f32, inv: f32) -> u8 {
+/// The int8 code of `x · inv` (rounded half away from zero, saturating at ±127).
+#[inline(always)]
+fn int8_code(x: f32, inv: f32) -> u8 {
+    small_int_byte((x * inv).round().clamp(-127.0, 127.0))
+}
+
+/// The low byte of an integer-valued `x` with |x| < 2²², as two's complement: added to
+/// 1.5 · 2²³ the integer lands in the mantissa's low bits (the sum is exact). A bit
+/// operation where `x as i8` is a saturating conversion the compiler does one value at a
+/// time.
+#[inline(always)]
+pub(super) fn small_int_byte(x: f32) -> u8 {
+    (x + 12_582_912.0).to_bits() as u8
+}
+
+/// Appends the codes of `(x − offset) · inv` for one run of values, each with its own
+/// reciprocal scale and offset. One plain loop per code over slices, so that the compiler
+/// vectorises each (iterator adapters end in calls that the vectorised builds of
+/// `dispatch.rs` do not inline).
+#[inline(always)]
+fn quantise_into(out: &mut Vec<u8>, code: Code8, xs: &[f32], inv: &[f32], offset: &[f32]) {
+    let at = out.len();
+    out.resize(at + xs.len(), 0);
+    let each = out[at..]
+        .iter_mut()
+        .zip(xs.iter().zip(inv.iter().zip(offset)));
     match code {
-        Code8::Int8 => ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8,
-        Code8::E4m3 => fp8::encode_one(x * inv),
+        Code8::Int8 => {
+            for (c, (&x, (&i, &o))) in each {
+                *c = int8_code(x - o, i);
+            }
+        }
+        Code8::E4m3 => {
+            for (c, (&x, (&i, &o))) in each {
+                *c = fp8::encode_one((x - o) * i);
+            }
+        }
+    }
+}
+
+/// [`quantise_into`] with one reciprocal scale and offset for the whole run.
+#[inline(always)]
+fn quantise_row_into(out: &mut Vec<u8>, code: Code8, xs: &[f32], inv: f32, offset: f32) {
+    let at = out.len();
+    out.resize(at + xs.len(), 0);
+    let each = out[at..].iter_mut().zip(xs);
+    match code {
+        Code8::Int8 => {
+            for (c, &x) in each {
+                *c = int8_code(x - offset, inv);
+            }
+        }
+        Code8::E4m3 => {
+            for (c, &x) in each {
+                *c = fp8::encode_one((x - offset) * inv);
+            }
+        }
     }
 }
 
@@ -82,6 +136,7 @@ pub(super) fn floats(shape: &LayerShape, group: u16, zero_point: bool) -> usize 
 }
 
 /// A scale and offset for values in `[lo, hi]` (`lo > hi`: no values).
+#[inline(always)]
 fn fit(code: Code8, lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
     let levels = levels(code, zero_point);
     if lo > hi {
@@ -93,14 +148,49 @@ fn fit(code: Code8, lo: f32, hi: f32, zero_point: bool) -> (f32, f32) {
     }
 }
 
-/// The (lo, hi) of a run of values (NaNs ignored; (MAX, MIN) when there are none).
+/// `x` below `lo` and above `hi` widen the range: comparisons a vector `min`/`max` does in
+/// one instruction, for values already checked finite (`f32::min` also orders NaNs, which
+/// costs a compare and a blend per step).
+#[inline(always)]
+pub(super) fn widen(lo: &mut f32, hi: &mut f32, x: f32) {
+    *lo = if x < *lo { x } else { *lo };
+    *hi = if x > *hi { x } else { *hi };
+}
+
+/// The (lo, hi) of a run of finite values ((MAX, MIN) when there are none): sixteen lanes
+/// each, folded by halves, so that the compiler keeps each in one vector register.
+#[inline(always)]
 pub(super) fn range(xs: &[f32]) -> (f32, f32) {
-    xs.iter()
-        .fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)))
+    const LANES: usize = 16;
+    let (mut lo, mut hi) = ([f32::MAX; LANES], [f32::MIN; LANES]);
+    let blocks = xs.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    for x in blocks {
+        for (l, &x) in lo.iter_mut().zip(x) {
+            *l = if x < *l { x } else { *l };
+        }
+        for (h, &x) in hi.iter_mut().zip(x) {
+            *h = if x > *h { x } else { *h };
+        }
+    }
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for j in 0..n {
+            lo[j] = if lo[j + n] < lo[j] { lo[j + n] } else { lo[j] };
+            hi[j] = if hi[j + n] > hi[j] { hi[j + n] } else { hi[j] };
+        }
+    }
+    let (mut l, mut h) = (lo[0], hi[0]);
+    for &x in tail {
+        widen(&mut l, &mut h, x);
+    }
+    (l, h)
 }
 
 /// Encodes a layer with `code`s (int8, or e4m3 for centred fp8); refuses values no scale
-/// can hold ([`check_values`]).
+/// can hold ([`check_finite`], [`check_span`]).
+#[inline(always)]
 pub(super) fn encode(
     shape: &LayerShape,
     code: Code8,
@@ -117,8 +207,8 @@ pub(super) fn encode(
     let hd = h * d;
     let k = shape.elem.to_f32_vec(&raw[..raw.len() / 2]);
     let v = shape.elem.to_f32_vec(&raw[raw.len() / 2..]);
-    check_values(code.codec(), &k, zero_point)?;
-    check_values(code.codec(), &v, zero_point)?;
+    let codec = code.codec();
+    check_finite(codec, &k)?;
     let g = group_len(t, group);
     let n = k_groups(t, group) * hd;
     // each K scale's (lo, hi) over its group's tokens
@@ -126,22 +216,31 @@ pub(super) fn encode(
     for (r, row) in k.chunks_exact(hd).enumerate() {
         let at = (r / g) * hd;
         for ((l, u), &x) in lo[at..][..hd].iter_mut().zip(&mut hi[at..][..hd]).zip(row) {
-            *l = l.min(x);
-            *u = u.max(x);
+            widen(l, u, x);
         }
+    }
+    if zero_point {
+        check_span(codec, range(&lo).0, range(&hi).1)?;
     }
     let (k_scale, k_offset): (Vec<f32>, Vec<f32>) = lo
         .iter()
         .zip(&hi)
         .map(|(&l, &u)| fit(code, l, u, zero_point))
         .unzip();
-    let (v_scale, v_offset): (Vec<f32>, Vec<f32>) = v
-        .chunks_exact(d)
-        .map(|r| {
-            let (l, u) = range(r);
-            fit(code, l, u, zero_point)
-        })
-        .unzip();
+    check_finite(codec, &v)?;
+    let (mut v_scale, mut v_offset) = (Vec::with_capacity(t * h), Vec::with_capacity(t * h));
+    let (mut v_lo, mut v_hi) = (f32::MAX, f32::MIN);
+    for row in v.chunks_exact(d) {
+        let (l, u) = range(row);
+        widen(&mut v_lo, &mut v_hi, l);
+        widen(&mut v_lo, &mut v_hi, u);
+        let (s, o) = fit(code, l, u, zero_point);
+        v_scale.push(s);
+        v_offset.push(o);
+    }
+    if zero_point {
+        check_span(codec, v_lo, v_hi)?;
+    }
     let mut out = Vec::with_capacity(4 * floats(shape, group, zero_point) + 2 * half);
     let offsets: [&[f32]; 2] = if zero_point {
         [&k_offset, &v_offset]
@@ -159,21 +258,22 @@ pub(super) fn encode(
     let k_inv: Vec<f32> = k_scale.iter().map(|s| 1.0 / s).collect();
     for (r, row) in k.chunks_exact(hd).enumerate() {
         let at = (r / g) * hd;
-        let (inv, off) = (&k_inv[at..][..hd], &k_offset[at..][..hd]);
-        out.extend(
-            row.iter()
-                .zip(inv.iter().zip(off))
-                .map(|(&x, (&inv, &o))| quantise(code, x - o, inv)),
+        quantise_into(
+            &mut out,
+            code,
+            row,
+            &k_inv[at..][..hd],
+            &k_offset[at..][..hd],
         );
     }
     for (row, (s, o)) in v.chunks_exact(d).zip(v_scale.iter().zip(&v_offset)) {
-        let inv = 1.0 / s;
-        out.extend(row.iter().map(|&x| quantise(code, x - o, inv)));
+        quantise_row_into(&mut out, code, row, 1.0 / s, *o);
     }
     Ok(out)
 }
 
 /// Decodes a record of `code`s written by [`encode`].
+#[inline(always)]
 pub(super) fn decode(
     shape: &LayerShape,
     code: Code8,
@@ -196,6 +296,7 @@ pub(super) fn decode(
     }
 }
 
+#[inline(always)]
 fn decode_with(
     shape: &LayerShape,
     group: u16,

@@ -14,7 +14,17 @@
 
 use half::f16;
 
-use super::{CodecError, KiviRecord, LayerShape, Result, check_values};
+use super::{CodecError, KiviRecord, LayerShape, Result, check_finite, int8};
+
+/// The code of `x` in a group of minimum `min` and step `step` (the stored values, as f32):
+/// `(x − min) / step` rounded half away from zero and clamped to `0..=levels`; 0 when the
+/// step is not positive (a group of one value). Branch-free, so that a loop over it
+/// vectorises.
+#[inline(always)]
+fn code(x: f32, min: f32, step: f32, levels: f32) -> u8 {
+    let q = int8::small_int_byte(((x - min) / step).round().clamp(0.0, levels));
+    if step > 0.0 { q } else { 0 }
+}
 
 /// The record's geometry for one shape and parameter set.
 pub(super) struct Params {
@@ -69,6 +79,7 @@ impl Params {
         4 * (kp + vp) + 2 * codes + 2 * res
     }
 
+    #[inline(always)]
     pub(super) fn encode(&self, raw: &[u8]) -> Result<Vec<u8>> {
         let s = &self.shape;
         let (h, d, half) = (s.kv_heads, s.head_dim, s.half_elems());
@@ -76,41 +87,51 @@ impl Params {
         let raw_half = raw.len() / 2;
         let k = s.elem.to_f32_vec(&raw[..raw_half]);
         let v = s.elem.to_f32_vec(&raw[raw_half..]);
+        let (kq, vq) = (&k[..self.tq * hd], &v[..self.tq * hd]);
         // the quantised tokens (the residual's are kept exact, NaN and ∞ included)
-        check_values("kivi", &k[..self.tq * hd], false)?;
-        check_values("kivi", &v[..self.tq * hd], false)?;
-        let (_, _, code_bytes, _) = self.sizes();
-        let mut pairs = Vec::new();
-        let mut k_codes = vec![0u8; code_bytes];
-        let mut v_codes = vec![0u8; code_bytes];
-        // K: per (token group, head, channel)
-        for g0 in (0..self.tq).step_by(self.group) {
+        check_finite("kivi", kq)?;
+        check_finite("kivi", vq)?;
+        let (k_pairs, v_pairs, _, _) = self.sizes();
+        let levels = self.levels();
+        let mut pairs = Vec::with_capacity(k_pairs + v_pairs);
+        // one code per byte here, packed below (plain loops over slices: iterator adapters
+        // end in calls that the vectorised builds of `dispatch.rs` do not inline)
+        let mut k_codes = vec![0u8; kq.len()];
+        let mut v_codes = vec![0u8; vq.len()];
+        // K: per (token group, head, channel), row by row over each group's tokens
+        let (mut lo, mut hi) = (vec![0f32; hd], vec![0f32; hd]);
+        let (mut mins, mut steps) = (vec![0f32; hd], vec![0f32; hd]);
+        let k_rows = kq.chunks_exact(self.group * hd);
+        for (rows, codes) in k_rows.zip(k_codes.chunks_exact_mut(self.group * hd)) {
+            lo.fill(f32::MAX);
+            hi.fill(f32::MIN);
+            for row in rows.chunks_exact(hd) {
+                for ((l, u), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                    int8::widen(l, u, x);
+                }
+            }
             for c in 0..hd {
-                let idx = |t: usize| t * hd + c;
-                let (lo, hi) = (g0..g0 + self.group)
-                    .map(|t| k[idx(t)])
-                    .fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(x), b.max(x)));
-                let (min, step) = self.pair(lo, hi)?;
+                let (min, step) = self.pair(lo[c], hi[c])?;
                 pairs.push((min, step));
-                for t in g0..g0 + self.group {
-                    self.put_code(&mut k_codes, idx(t), self.code(k[idx(t)], min, step));
+                (mins[c], steps[c]) = (min.to_f32(), step.to_f32());
+            }
+            for (row, out) in rows.chunks_exact(hd).zip(codes.chunks_exact_mut(hd)) {
+                for (o, (&x, (&m, &st))) in
+                    out.iter_mut().zip(row.iter().zip(mins.iter().zip(&steps)))
+                {
+                    *o = code(x, m, st, levels);
                 }
             }
         }
         // V: per (token, head, channel group)
-        for t in 0..self.tq {
-            for head in 0..h {
-                for c0 in (0..d).step_by(self.group) {
-                    let c1 = (c0 + self.group).min(d);
-                    let base = t * hd + head * d;
-                    let (lo, hi) = v[base + c0..base + c1]
-                        .iter()
-                        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-                    let (min, step) = self.pair(lo, hi)?;
-                    pairs.push((min, step));
-                    for c in c0..c1 {
-                        self.put_code(&mut v_codes, base + c, self.code(v[base + c], min, step));
-                    }
+        for (head, codes) in vq.chunks_exact(d).zip(v_codes.chunks_exact_mut(d)) {
+            for (group, out) in head.chunks(self.group).zip(codes.chunks_mut(self.group)) {
+                let (lo, hi) = int8::range(group);
+                let (min, step) = self.pair(lo, hi)?;
+                pairs.push((min, step));
+                let (m, st) = (min.to_f32(), step.to_f32());
+                for (o, &x) in out.iter_mut().zip(group) {
+                    *o = code(x, m, st, levels);
                 }
             }
         }
@@ -119,8 +140,8 @@ impl Params {
             out.extend_from_slice(&min.to_bits().to_le_bytes());
             out.extend_from_slice(&step.to_bits().to_le_bytes());
         }
-        out.extend_from_slice(&k_codes);
-        out.extend_from_slice(&v_codes);
+        self.pack_into(&k_codes, &mut out);
+        self.pack_into(&v_codes, &mut out);
         let esize = s.elem.size();
         out.extend_from_slice(&raw[self.tq * hd * esize..half * esize]);
         out.extend_from_slice(&raw[raw_half + self.tq * hd * esize..]);
@@ -128,7 +149,36 @@ impl Params {
         Ok(out)
     }
 
+    /// Appends `codes` (one per byte, each below 2^bits) bit-packed: element `i` at bit
+    /// `i·bits`, low bits first.
+    #[inline(always)]
+    fn pack_into(&self, codes: &[u8], out: &mut Vec<u8>) {
+        if self.bits == 8 {
+            out.extend_from_slice(codes);
+            return;
+        }
+        let per_byte = 8 / self.bits;
+        let at = out.len();
+        out.resize(at + codes.len().div_ceil(per_byte), 0);
+        let packed = &mut out[at..];
+        let whole = codes.len() / per_byte;
+        let (full, tail) = codes.split_at(whole * per_byte);
+        if self.bits == 4 {
+            for (b, p) in packed.iter_mut().zip(full.chunks_exact(2)) {
+                *b = p[0] | (p[1] << 4);
+            }
+        } else {
+            for (b, q) in packed.iter_mut().zip(full.chunks_exact(4)) {
+                *b = q[0] | (q[1] << 2) | (q[2] << 4) | (q[3] << 6);
+            }
+        }
+        for (j, &c) in tail.iter().enumerate() {
+            packed[whole] |= c << (self.bits * j);
+        }
+    }
+
     /// The stored (min, step) of a group spanning `lo..=hi`.
+    #[inline(always)]
     fn pair(&self, lo: f32, hi: f32) -> Result<(f16, f16)> {
         let min = f16::from_f32(lo);
         let step = f16::from_f32((hi - lo) / self.levels());
@@ -142,17 +192,8 @@ impl Params {
         Ok((min, step))
     }
 
-    fn code(&self, x: f32, min: f16, step: f16) -> u8 {
-        let step = step.to_f32();
-        if step <= 0.0 {
-            return 0;
-        }
-        ((x - min.to_f32()) / step)
-            .round()
-            .clamp(0.0, self.levels()) as u8
-    }
-
     /// The codes of elements `first..first + out.len()`.
+    #[inline(always)]
     fn unpack(&self, codes: &[u8], first: usize, out: &mut [u8]) {
         let bit = first * self.bits;
         if bit.is_multiple_of(8) {
@@ -192,11 +233,7 @@ impl Params {
         }
     }
 
-    fn put_code(&self, codes: &mut [u8], i: usize, code: u8) {
-        let bit = i * self.bits;
-        codes[bit / 8] |= code << (bit % 8);
-    }
-
+    #[inline(always)]
     pub(super) fn decode(&self, stored: &[u8], out: &mut [u8]) -> Result<()> {
         let want = self.record_len();
         if stored.len() != want {

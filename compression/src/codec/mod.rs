@@ -26,6 +26,7 @@
 //!   spacing, for tiny values); the last `R` tokens (and any tokens short of a full group
 //!   before them) are stored exactly.
 
+mod dispatch;
 mod elems;
 mod fp8;
 mod int8;
@@ -433,9 +434,26 @@ impl CodecSpec {
         Ok(spec)
     }
 
+    /// Refuses a shape without elements per token (no heads, or heads of no elements): the
+    /// codecs walk layers by token row and head.
+    fn check_shape(self, shape: &LayerShape) -> Result<()> {
+        if shape.kv_heads == 0 || shape.head_dim == 0 {
+            return Err(CodecError::BadParam {
+                codec: self.family(),
+                field: "shape",
+                why: format!(
+                    "{} KV heads of {} elements: a layer needs at least one of each",
+                    shape.kv_heads, shape.head_dim
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Encodes one layer's raw K‖V bytes of `shape`.
     pub fn encode(self, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
         self.validate()?;
+        self.check_shape(shape)?;
         if raw.len() != shape.raw_bytes() {
             return Err(CodecError::RawLength {
                 got: raw.len(),
@@ -445,19 +463,7 @@ impl CodecSpec {
         let inner = match self {
             Self::Raw => return Ok(raw.to_vec()),
             Self::Lz4 => return Ok(lz4_flex::block::compress(raw)),
-            Self::Fp8 {
-                zero_point: true, ..
-            } => int8::encode(shape, Code8::E4m3, 0, true, raw)?,
-            Self::Fp8 { .. } => fp8::encode(shape, raw)?,
-            Self::Int8 {
-                group, zero_point, ..
-            } => int8::encode(shape, Code8::Int8, group, zero_point, raw)?,
-            Self::Kivi {
-                bits,
-                group,
-                residual,
-                ..
-            } => kivi::Params::new(shape, bits, group, residual).encode(raw)?,
+            _ => dispatch::quantise(self, shape, raw)?,
         };
         Ok(if self.lz4_after() {
             lz4_flex::block::compress_prepend_size(&inner)
@@ -469,6 +475,7 @@ impl CodecSpec {
     /// Decodes a stored layer of `shape` into `out`, which must be `shape.raw_bytes()` long.
     pub fn decode_into(self, shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Result<()> {
         self.validate()?;
+        self.check_shape(shape)?;
         if out.len() != shape.raw_bytes() {
             return Err(CodecError::RawLength {
                 got: out.len(),
@@ -510,19 +517,7 @@ impl CodecSpec {
                 }
                 Ok(())
             }
-            Self::Fp8 {
-                zero_point: true, ..
-            } => int8::decode(shape, Code8::E4m3, 0, true, inner, out),
-            Self::Fp8 { .. } => fp8::decode(shape, inner, out),
-            Self::Int8 {
-                group, zero_point, ..
-            } => int8::decode(shape, Code8::Int8, group, zero_point, inner, out),
-            Self::Kivi {
-                bits,
-                group,
-                residual,
-                ..
-            } => kivi::Params::new(shape, bits, group, residual).decode(inner, out),
+            _ => dispatch::dequantise(self, shape, inner, out),
         }
     }
 
@@ -584,30 +579,36 @@ impl From<CodecSpec> for String {
     }
 }
 
-/// Refuses values no scale can stand for: NaN or ±∞ (a scale over them would turn every
-/// finite value of its channel, row or group into ∞ or NaN, or code them as its minimum),
-/// and — with zero points — ranges wider than f32 holds. The store keeps such a layer raw
+/// Refuses NaN or ±∞ among the values to encode: a scale over them would turn every finite
+/// value of its channel, row or group into ∞ or NaN. The store keeps such a layer raw
 /// (`KvObject::encode_or_raw` in kvstore).
-fn check_values(codec: &'static str, xs: &[f32], zero_point: bool) -> Result<()> {
-    if xs.iter().any(|x| !x.is_finite()) {
+#[inline(always)]
+fn check_finite(codec: &'static str, xs: &[f32]) -> Result<()> {
+    // the largest exponent field, all ones only for NaN and ±∞: an integer maximum, a loop
+    // the compiler vectorises (a search with an early exit is not)
+    let top = xs
+        .iter()
+        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7F80_0000));
+    if top == 0x7F80_0000 {
         return Err(non_finite(codec));
     }
-    let bad = {
-        let (lo, hi) = int8::range(xs);
-        (zero_point && !xs.is_empty() && !(hi - lo).is_finite())
-            .then(|| format!("values spanning {lo}..{hi}, wider than f32 holds"))
-    };
-    match bad {
-        Some(why) => Err(CodecError::BadParam {
-            codec,
-            field: "values",
-            why,
-        }),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
-/// The refusal of a NaN or ±∞ among the values to encode ([`check_values`]).
+/// Refuses finite values spanning `lo..=hi` wider than f32 holds (`hi − lo` overflows: a
+/// zero point's scale over them would be ∞); `lo > hi` is no values.
+fn check_span(codec: &'static str, lo: f32, hi: f32) -> Result<()> {
+    if lo <= hi && !(hi - lo).is_finite() {
+        return Err(CodecError::BadParam {
+            codec,
+            field: "values",
+            why: format!("values spanning {lo}..{hi}, wider than f32 holds"),
+        });
+    }
+    Ok(())
+}
+
+/// The refusal of a NaN or ±∞ among the values to encode ([`check_finite`]).
 fn non_finite(codec: &'static str) -> CodecError {
     CodecError::BadParam {
         codec,
@@ -621,5 +622,7 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
 }
 
+#[cfg(test)]
+mod definition_tests;
 #[cfg(test)]
 mod tests;

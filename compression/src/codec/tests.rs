@@ -26,7 +26,7 @@ const ALL: [&str; 17] = [
 
 /// Values of a layer: normal-ish noise, with a few outlier K channels and a few K channels
 /// off centre (as real K has).
-fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
+pub(super) fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let hd = shape.kv_heads * shape.head_dim;
     (0..2 * shape.half_elems())
@@ -42,7 +42,7 @@ fn values(shape: &LayerShape, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn raw_of(shape: &LayerShape, v: &[f32]) -> Vec<u8> {
+pub(super) fn raw_of(shape: &LayerShape, v: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; v.len() * shape.elem.size()];
     shape.elem.put_all(v, &mut out);
     out
@@ -147,7 +147,7 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
     }
 }
 
-fn shape_strategy() -> impl Strategy<Value = LayerShape> {
+pub(super) fn shape_strategy() -> impl Strategy<Value = LayerShape> {
     (
         1usize..90,
         1usize..4,
