@@ -179,6 +179,21 @@ pub struct BlendResponse {
     pub stats: BlendStats,
 }
 
+/// Why a `reuse` or `blend` request ran as full prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// No chunk of the prompt would be loaded (none held, or recomputing each was estimated
+    /// faster than loading it).
+    NothingLoaded,
+    /// The plan's estimate of the mode was no less than full prefill's.
+    Estimated,
+    /// The estimate, corrected by what the mode measured on this machine, was no less than
+    /// full prefill's.
+    Measured,
+}
+
 /// How one cached segment's KV was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -200,8 +215,12 @@ pub enum SegmentSource {
 pub struct BlendStats {
     /// The mode that ran: the requested one, or `full` after a fallback.
     pub mode: String,
-    /// True when the request asked for reuse but full prefill was estimated faster.
+    /// True when the request asked for reuse or blend but ran as full prefill, estimated
+    /// faster (`fallback` says why).
     pub fell_back_to_full: bool,
+    /// Why the request ran as full prefill (absent unless `fell_back_to_full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
     /// Prompt tokens.
     pub tokens: usize,
     /// Tokens after the chunks (the question), always computed.

@@ -22,8 +22,8 @@ pub mod ops;
 mod routes;
 
 pub use blend::{
-    BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, DecodeSpec, ModeSpec,
-    SegmentSource, TokenLogprob,
+    BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, DecodeSpec, Fallback,
+    ModeSpec, SegmentSource, TokenLogprob,
 };
 pub use chunks::{
     ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout,

@@ -15,7 +15,8 @@
 //! is most of it. So each mode's estimates are corrected by what its requests then took to
 //! their first token (an affine fit of measured over estimated seconds, [`PlannedMode`]), and a
 //! request the corrected estimate sends to full prefill runs its mode anyway now and then
-//! ([`CostModel::explore_mode`]), so the correction follows the machine.
+//! ([`CostModel::explore_mode`]: soon after the correction changes its mind, then ever more
+//! rarely while it holds), so the correction follows the machine.
 
 use std::collections::HashMap;
 
@@ -90,11 +91,21 @@ struct Costs {
     modes: HashMap<PlannedMode, Affine>,
     /// Per mode, requests sent to full prefill by the correction since one last ran it.
     modes_declined: HashMap<PlannedMode, u64>,
+    /// Per mode, the declines after which the next exploration runs
+    /// ([`CostModel::explore_mode`]); absent: `EXPLORE_FIRST` (2).
+    modes_explore_at: HashMap<PlannedMode, u64>,
 }
 
 /// After this many loads declined in a row, one is taken anyway to measure the tier again
 /// (a remote that was slow may be fast now; the cost is one slower request in this many).
+/// Also the longest a mode the correction declines waits to be measured again.
 pub(crate) const EXPLORE_EVERY: u64 = 32;
+
+/// Declines of a mode after which the first exploration runs, once the correction starts
+/// sending it to full prefill; each further exploration waits twice as many, up to
+/// `EXPLORE_EVERY` (32). One slow stretch measured (a busy host, a cold cache) then costs a few
+/// fallbacks, not a run of 32 (BENCHMARKS.md §10, "a burst of fallbacks").
+pub(crate) const EXPLORE_FIRST: u64 = 2;
 
 /// Whether a prefill of `tokens` tokens in `seconds` is a sample the fits take (tokens
 /// computed, a finite positive time).
@@ -229,7 +240,7 @@ impl CostModel {
     /// Whether a load from `tier` that recomputing is estimated to beat should be taken
     /// anyway, to measure the tier: always until two loads were measured (its default
     /// estimate is a guess, and a guess that always loses is never corrected; the first
-    /// measurement is provisional), then once every [`EXPLORE_EVERY`] declines. Counts the
+    /// measurement is provisional), then once every `EXPLORE_EVERY` (32) declines. Counts the
     /// decline otherwise.
     pub fn explore(&self, tier: TierKind) -> bool {
         let mut c = self.inner.lock();
@@ -293,17 +304,31 @@ impl CostModel {
     }
 
     /// Whether a request of `mode` that the correction alone sends to full prefill should run
-    /// its mode anyway, to measure it again: once every [`EXPLORE_EVERY`] such requests.
-    /// Counts the decline otherwise.
+    /// its mode anyway, to measure it again: after `EXPLORE_FIRST` (2) such requests, then after
+    /// twice as many each time, up to `EXPLORE_EVERY` (32), until the correction lets the mode
+    /// run again ([`CostModel::mode_kept`]). Counts the decline otherwise.
     pub fn explore_mode(&self, mode: PlannedMode) -> bool {
         let mut c = self.inner.lock();
+        let at = c
+            .modes_explore_at
+            .get(&mode)
+            .copied()
+            .unwrap_or(EXPLORE_FIRST);
         let n = c.modes_declined.entry(mode).or_insert(0);
         *n += 1;
-        if *n >= EXPLORE_EVERY {
+        if *n >= at {
             *n = 0;
+            c.modes_explore_at.insert(mode, (2 * at).min(EXPLORE_EVERY));
             return true;
         }
         false
+    }
+
+    /// Records that the correction let a request of `mode` run (its corrected estimate below
+    /// full prefill's): should it change its mind again, the next exploration comes after
+    /// `EXPLORE_FIRST` (2) declines.
+    pub fn mode_kept(&self, mode: PlannedMode) {
+        self.inner.lock().modes_explore_at.remove(&mode);
     }
 }
 
@@ -523,14 +548,20 @@ mod tests {
         c.record_mode(PlannedMode::Reuse, 0.0, 1.0); // ignored
         c.record_mode(PlannedMode::Reuse, 0.010, f64::NAN); // ignored
         assert_eq!(c.mode_s(PlannedMode::Reuse, 0.030), 0.030);
-        // declined requests run the mode once in EXPLORE_EVERY; a measurement resets it
-        let taken = (0..2 * EXPLORE_EVERY)
+        // declined requests run the mode after EXPLORE_FIRST (2) declines, then after 4, 8
+        // and 16, then once in EXPLORE_EVERY (32)
+        let taken: Vec<u64> = (1..=2 * EXPLORE_EVERY)
             .filter(|_| c.explore_mode(PlannedMode::Blend))
-            .count();
-        assert_eq!(taken, 2);
+            .collect();
+        assert_eq!(taken, [2, 6, 14, 30, 62]);
         assert!(!c.explore_mode(PlannedMode::Blend));
+        // a measurement resets the count, not the schedule
         c.record_mode(PlannedMode::Blend, 0.010, 0.030);
         assert!((1..EXPLORE_EVERY).all(|_| !c.explore_mode(PlannedMode::Blend)));
+        assert!(c.explore_mode(PlannedMode::Blend));
+        // the mode let run by the correction: the schedule starts again
+        c.mode_kept(PlannedMode::Blend);
+        assert!(!c.explore_mode(PlannedMode::Blend));
         assert!(c.explore_mode(PlannedMode::Blend));
     }
 

@@ -59,6 +59,6 @@ pub use graphs::{DecodeSteps, GraphStats};
 pub use identity::{ModelIdentity, layout_of, prompt_opening};
 pub use phases::PhaseTime;
 pub use priority::{DEFAULT_PROMPT_PRIORITY, PausedTurn, PromptPriority, PromptTurn, YieldStats};
-pub use request::{BlendOutput, BlendRequest, BlendStats, SegmentSource, StoredObject};
+pub use request::{BlendOutput, BlendRequest, BlendStats, Fallback, SegmentSource, StoredObject};
 pub use select::{Deviation, Spread};
 pub use tensor_bytes::{layer_from_bytes, layer_from_record, layer_to_bytes};

@@ -72,13 +72,32 @@ pub enum SegmentSource {
     Unusable,
 }
 
+/// Why a `reuse` or `blend` request ran as full prefill ([`BlendStats::fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// No chunk of the prompt would be loaded (none held, or recomputing each was estimated
+    /// faster than loading it): computing the chunks apart cannot beat computing them
+    /// together.
+    NothingLoaded,
+    /// The plan's own estimate of the mode was no less than full prefill's.
+    Estimated,
+    /// The estimate, corrected by what requests of the mode measured on this machine
+    /// ([`crate::CostModel::mode_s`]), was no less than full prefill's.
+    Measured,
+}
+
 /// What a blend did, for the API's stats and the evaluation harness.
 #[derive(Debug, Clone, Serialize)]
 pub struct BlendStats {
     /// The mode that ran: the requested one, or `full` after a fallback.
     pub mode: &'static str,
-    /// True when the request asked for reuse but full prefill was estimated faster.
+    /// True when the request asked for reuse or blend but ran as full prefill, estimated
+    /// faster (`fallback` says why).
     pub fell_back_to_full: bool,
+    /// Why the request ran as full prefill instead of its mode (`Some` exactly when
+    /// `fell_back_to_full`).
+    pub fallback: Option<Fallback>,
     /// Tokens in the prompt (prefix, chunks and suffix).
     pub tokens: usize,
     /// Tokens in the suffix.
@@ -126,6 +145,7 @@ impl BlendStats {
         Self {
             mode: mode.name(),
             fell_back_to_full: false,
+            fallback: None,
             tokens,
             suffix_tokens,
             segments: Vec::new(),

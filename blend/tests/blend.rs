@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use kvquilt_blend::{
     BlendConfig, BlendRequest, Blender, ChunkCodec, ChunkEncoding, CorrectionScope, Deviation,
-    Mode, ModelIdentity, ParallelCorrection, PlannedMode, SegmentSource, StoredObject,
+    Fallback, Mode, ModelIdentity, ParallelCorrection, PlannedMode, SegmentSource, StoredObject,
 };
 use kvquilt_kvstore::{KvObject, PolicyKind, StoreConfig, TierKind, TieredStore};
 use kvquilt_model::{
@@ -830,17 +830,21 @@ fn never_slower_than_full_prefill() {
     b.precompute(b"", &toks(73, 40, 512)).unwrap();
     let cold = b.run(b"", &r).unwrap();
     assert!(cold.stats.fell_back_to_full);
+    assert_eq!(cold.stats.fallback, Some(Fallback::NothingLoaded));
     assert_eq!((cold.stats.misses, cold.stats.stored_back), (2, 2));
     assert_eq!(cold.stored.len(), 2);
     assert_close(&cold.logits, &full(b, &r), 1e-6, "cold");
     let warm = b.run(b"", &r).unwrap();
     assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 2));
+    assert_eq!(warm.stats.fallback, None);
     // pretend recompute is nearly free: loading cannot win
     for _ in 0..100 {
         b.costs().record_prefill(1_000_000_000, 1e-9);
     }
     let out = b.run(b"", &r).unwrap();
     assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
+    // (every chunk recomputed rather than loaded)
+    assert_eq!(out.stats.fallback, Some(Fallback::NothingLoaded));
     assert_eq!(out.stats.mode, "full");
     assert_eq!(
         out.stats.segments,
@@ -867,6 +871,7 @@ fn never_slower_than_full_prefill() {
     }
     let out = b.run(b"", &rb).unwrap();
     assert!(out.stats.fell_back_to_full, "{:?}", out.stats);
+    assert_eq!(out.stats.fallback, Some(Fallback::Measured));
 }
 
 /// The first loads from a tier are planned with a guessed load time (its default

@@ -340,7 +340,7 @@ impl Blender {
     }
 
     /// Whether `reuse` and `blend` requests run as full prefill when that is estimated to
-    /// reach the first token sooner (default true; the rule: `Plan::full_is_faster` in
+    /// reach the first token sooner (default true; the rule: `Plan::fallback` in
     /// `engine/plan.rs`), and stored chunks are recomputed when that is estimated faster than
     /// loading them. Off, a request always runs its mode and loads every stored chunk: for
     /// tests and measurements of the modes themselves (e.g. reads through a lossy codec).

@@ -1,7 +1,7 @@
 //! The plan of a `reuse` or `blend` request, made before anything is read or computed: for
 //! every unique segment of the prompt, where its KV will come from and what that is
 //! estimated to cost; the placement of every prompt segment onto those entries; and the rule
-//! that runs the whole request as full prefill instead ([`Plan::full_is_faster`]).
+//! that runs the whole request as full prefill instead ([`Plan::fallback`]).
 //!
 //! Planning reads the cost estimates and where chunks are held; it changes nothing.
 
@@ -11,7 +11,7 @@ use kvquilt_kvstore::{ChunkKey, KvLayout, TierKind};
 
 use crate::config::BlendConfig;
 use crate::cost::{CostModel, PlannedMode};
-use crate::request::SegmentSource;
+use crate::request::{Fallback, SegmentSource};
 
 /// Where a chunk is held when the plan is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub(crate) struct Entry<'a> {
     /// Estimated seconds to obtain its KV by `origin` before the pass: load time (object
     /// bytes over the tier's measured bandwidth) or prefill time; 0 for a miss before any
     /// prefill has been measured, and for a segment computed in the pass (its cost is the
-    /// pass's: [`Plan::full_is_faster`]).
+    /// pass's: [`Plan::fallback`]).
     pub(crate) cost_s: f64,
     /// Loaded although recomputing was estimated faster, to measure its tier
     /// ([`CostModel::explore`]).
@@ -247,7 +247,8 @@ impl<'a> Plan<'a> {
         self.entries.iter().any(|e| e.guessed)
     }
 
-    /// Whether the request should run as full prefill: never slower than full prefill.
+    /// Whether the request should run as full prefill, and why: never slower than full
+    /// prefill.
     ///
     /// Full prefill's time is [`CostModel::full_prefill_s`]: what whole prompts measured once
     /// one was, so that a mode's corrected estimate (measured seconds) is weighed against
@@ -259,29 +260,34 @@ impl<'a> Plan<'a> {
     /// mode's estimate ([`Plan::mode_estimate_s`]) is no less than full prefill's, once
     /// corrected by what requests of `mode` measured ([`CostModel::mode_s`]) — except
     /// that a request only the correction sends to full runs its mode now and then, to
-    /// measure it again ([`CostModel::explore_mode`]).
+    /// measure it again ([`CostModel::explore_mode`]; a mode the correction lets run
+    /// resets that schedule, [`CostModel::mode_kept`]).
     /// `estimate_s` is [`Plan::mode_estimate_s`]'s (`None`: no prefill measured yet).
-    pub(crate) fn full_is_faster(
+    pub(crate) fn fallback(
         &self,
         costs: &CostModel,
         mode: PlannedMode,
         prompt_tokens: usize,
         estimate_s: Option<f64>,
-    ) -> bool {
+    ) -> Option<Fallback> {
         let (Some(full_s), Some(estimate)) = (costs.full_prefill_s(prompt_tokens), estimate_s)
         else {
-            return false;
+            return None;
         };
         if self.entries.iter().any(|e| e.explores) {
-            return false; // a load taken to measure its tier is not overruled
+            return None; // a load taken to measure its tier is not overruled
         }
         if !self.holds_any() {
-            return true;
+            return Some(Fallback::NothingLoaded);
         }
         if estimate >= full_s {
-            return true;
+            return Some(Fallback::Estimated);
         }
-        costs.mode_s(mode, estimate) >= full_s && !costs.explore_mode(mode)
+        if costs.mode_s(mode, estimate) < full_s {
+            costs.mode_kept(mode);
+            return None;
+        }
+        (!costs.explore_mode(mode)).then_some(Fallback::Measured)
     }
 }
 
@@ -318,7 +324,7 @@ mod tests {
         }
     }
 
-    /// [`Plan::full_is_faster`] on the plan's own estimate.
+    /// [`Plan::fallback`] on the plan's own estimate.
     fn full_wins(
         plan: &Plan<'_>,
         costs: &CostModel,
@@ -328,7 +334,7 @@ mod tests {
         share: f64,
     ) -> bool {
         let estimate = plan.mode_estimate_s(costs, prompt, suffix, share);
-        plan.full_is_faster(costs, mode, prompt, estimate)
+        plan.fallback(costs, mode, prompt, estimate).is_some()
     }
 
     /// A key named by a segment's first token.
@@ -515,9 +521,15 @@ mod tests {
         }
         assert!(!full_wins(&plan, &costs, PlannedMode::Blend, 264, 4, 0.3));
         assert!(full_wins(&plan, &costs, PlannedMode::Blend, 264, 4, 0.99));
+        let estimate = plan.mode_estimate_s(&costs, 264, 4, 0.99);
+        let why = plan.fallback(&costs, PlannedMode::Blend, 264, estimate);
+        assert_eq!(why, Some(Fallback::Estimated));
         // nothing held: full prefill, as for misses prefilled alone
         let none = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, true);
         assert!(full_wins(&none, &costs, PlannedMode::Blend, 264, 4, 0.0));
+        let estimate = none.mode_estimate_s(&costs, 264, 4, 0.0);
+        let why = none.fallback(&costs, PlannedMode::Blend, 264, estimate);
+        assert_eq!(why, Some(Fallback::NothingLoaded));
     }
 
     #[test]
@@ -532,17 +544,35 @@ mod tests {
         // half of 204 ms recomputed, 4 ms of suffix and the loads: well under full prefill
         assert!(estimate < 0.204 && estimate > 0.106, "{estimate}");
         assert!(!full_wins(&plan, &costs, PlannedMode::Blend, 204, 4, 0.5));
-        // blends measured at twice their estimates: full prefill, but for one request in
-        // EXPLORE_EVERY, which runs the blend to measure it again
-        for x in [0.05, 0.1, 0.2] {
-            costs.record_mode(PlannedMode::Blend, x, 2.0 * x);
-        }
-        let fulls = (0..crate::cost::EXPLORE_EVERY)
-            .filter(|_| full_wins(&plan, &costs, PlannedMode::Blend, 204, 4, 0.5))
-            .count() as u64;
-        assert_eq!(fulls, crate::cost::EXPLORE_EVERY - 1);
+        // blends measured at twice their estimates: full prefill, with the reason, but for
+        // the requests that run the blend to measure it again: after 2 declines, then 4, 8
+        // and 16, then every EXPLORE_EVERY (32)
+        let measured_at = |costs: &CostModel, factor: f64| {
+            for x in [0.05, 0.1, 0.2] {
+                costs.record_mode(PlannedMode::Blend, x, factor * x);
+            }
+        };
+        measured_at(&costs, 2.0);
+        let why = plan.fallback(&costs, PlannedMode::Blend, 204, Some(estimate));
+        assert_eq!(why, Some(Fallback::Measured));
+        let explored = |costs: &CostModel, n: u64| -> Vec<u64> {
+            (1..=n)
+                .filter(|_| !full_wins(&plan, costs, PlannedMode::Blend, 204, 4, 0.5))
+                .collect()
+        };
+        assert_eq!(explored(&costs, 100), [1, 5, 13, 29, 61, 93]);
         // reuse has measurements of its own
         assert!(!full_wins(&plan, &costs, PlannedMode::Reuse, 204, 4, 0.5));
+        // blends measured faster again: the blend runs, and a later change of mind is
+        // explored early again
+        for _ in 0..8 {
+            measured_at(&costs, 0.5);
+        }
+        assert!(!full_wins(&plan, &costs, PlannedMode::Blend, 204, 4, 0.5));
+        for _ in 0..8 {
+            measured_at(&costs, 3.0);
+        }
+        assert_eq!(explored(&costs, 40), [2, 6, 14, 30]);
     }
 
     #[test]

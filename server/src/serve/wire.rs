@@ -5,7 +5,7 @@
 use kvquilt_api as api;
 use kvquilt_blend::calibration::BlendDefault;
 use kvquilt_blend::compress::{CompressPlan, CompressReport};
-use kvquilt_blend::{BlendStats, Mode, SegmentSource};
+use kvquilt_blend::{BlendStats, Fallback, Mode, SegmentSource};
 use kvquilt_compression::policy::{Budget, DecodePoolSpec, PolicySpec};
 use kvquilt_kvstore::{HistogramSnapshot, KvDType, KvLayout, TierKind, TierStatsSnapshot};
 
@@ -49,11 +49,21 @@ pub(crate) fn segment(s: SegmentSource) -> api::SegmentSource {
     }
 }
 
+/// Why a request fell back to full prefill, on the wire.
+pub(crate) fn fallback(f: Fallback) -> api::Fallback {
+    match f {
+        Fallback::NothingLoaded => api::Fallback::NothingLoaded,
+        Fallback::Estimated => api::Fallback::Estimated,
+        Fallback::Measured => api::Fallback::Measured,
+    }
+}
+
 /// A blend's stats on the wire.
 pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
     api::BlendStats {
         mode: s.mode.to_string(),
         fell_back_to_full: s.fell_back_to_full,
+        fallback: s.fallback.map(fallback),
         tokens: s.tokens,
         suffix_tokens: s.suffix_tokens,
         segments: s.segments.iter().copied().map(segment).collect(),

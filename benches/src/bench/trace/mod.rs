@@ -29,7 +29,7 @@
 //! own pass; measured over a host tier of each `--host-codecs` codec, so a hit's decode is
 //! in it, the codecs' runs interleaved, one slope for all), and real-size SSD reads — and a
 //! query's TTFT is that blend at the query's miss fraction plus the SSD reads, capped at full prefill (the engine falls back to full when
-//! that is faster: `Plan::full_is_faster`).
+//! that is faster: `Plan::fallback`).
 //!
 //! Beside every run stands the stream's warm-store reference: the same queries over a store
 //! holding the whole corpus precomputed (the precompute job run over it), only their new

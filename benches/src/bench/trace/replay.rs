@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity};
+use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Fallback, Mode, ModelIdentity};
 use kvquilt_kvstore::{
     ChunkKey, Codec, KeyContext, KvDType, KvLayout, KvObject, PolicyKind, SsdConfig, StoreConfig,
     TieredStore,
@@ -39,6 +39,9 @@ pub(super) struct Window {
     admission_rejections: u64,
     /// Fraction of the window's queries the engine ran as full prefill (`--real`).
     fell_back_to_full: f64,
+    /// The same by reason: nothing loaded, the plan's estimate, the estimate as corrected by
+    /// what blends measured (`kvquilt_blend::Fallback`; they sum to `fell_back_to_full`).
+    fell_back_by_reason: [f64; 3],
     /// The same queries' median speedup over a store holding the whole corpus, precomputed
     /// (only their new documents computed): the warm store this stream can have. Modelled
     /// per query in the modelled trace; `None` in a real replay (`--reference` replays it
@@ -127,8 +130,8 @@ struct Tally {
     recomputed: usize,
     written: u64,
     speedups: Vec<f64>,
-    /// Queries the engine ran as full prefill (`--real` only).
-    fell_back: usize,
+    /// Queries the engine ran as full prefill (`--real` only), by [`reason_index`].
+    fell_back: [usize; 3],
     /// Each query's modelled speedup over a store holding the whole corpus (modelled only).
     precomputed: Vec<f64>,
 }
@@ -148,10 +151,21 @@ impl Tally {
             speedup_mean: self.speedups.iter().sum::<f64>() / n,
             bytes_written: self.written,
             admission_rejections,
-            fell_back_to_full: self.fell_back as f64 / n,
+            fell_back_to_full: self.fell_back.iter().sum::<usize>() as f64 / n,
+            fell_back_by_reason: self.fell_back.map(|k| k as f64 / n),
             precomputed_speedup_median: (!self.precomputed.is_empty())
                 .then(|| median(&self.precomputed)),
         }
+    }
+}
+
+/// Where a fallback's reason is counted in [`Tally::fell_back`] and
+/// [`Window::fell_back_by_reason`].
+fn reason_index(why: Fallback) -> usize {
+    match why {
+        Fallback::NothingLoaded => 0,
+        Fallback::Estimated => 1,
+        Fallback::Measured => 2,
     }
 }
 
@@ -331,14 +345,17 @@ impl RealQueries<'_> {
                     },
                 )?;
                 t.speedups.push(full.stats.ttft_ms / out.stats.ttft_ms);
-                t.fell_back += usize::from(out.stats.fell_back_to_full);
+                if let Some(why) = out.stats.fallback {
+                    t.fell_back[reason_index(why)] += 1;
+                }
             }
             let window = t.window(w * a.window, a.warmup, rejections(store) - rejected_before);
             // real windows take minutes each: report each as it closes, so a run cut short
             // still says what it measured
             eprintln!(
                 "  {} queries {}–{}: host hits {:.3}, recomputed {:.3}, speedup median {:.2}×, \
-                 full prefill {:.0}%, {:.1} s",
+                 full prefill {:.0}% (nothing loaded {:.0}%, estimated {:.0}%, measured {:.0}%), \
+                 {:.1} s",
                 label,
                 window.from,
                 (window.from + a.window).min(queries.len()) - 1,
@@ -346,6 +363,9 @@ impl RealQueries<'_> {
                 window.recompute_fraction,
                 window.speedup_median,
                 100.0 * window.fell_back_to_full,
+                100.0 * window.fell_back_by_reason[0],
+                100.0 * window.fell_back_by_reason[1],
+                100.0 * window.fell_back_by_reason[2],
                 started.elapsed().as_secs_f64()
             );
             windows.push(window);

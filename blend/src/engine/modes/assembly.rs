@@ -79,8 +79,12 @@ pub(super) fn prepare<'r>(
     );
     let estimate_s =
         plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
-    let fall_back =
-        b.fallback_to_full && plan.full_is_faster(&b.costs, mode, tokens.len(), estimate_s);
+    let fallback = if b.fallback_to_full {
+        plan.fallback(&b.costs, mode, tokens.len(), estimate_s)
+    } else {
+        None
+    };
+    let fall_back = fallback.is_some();
     // held chunks this request uses without reading them (recomputed because that is
     // faster, or the whole request run as full prefill) still count as used for eviction
     let unread: Vec<_> = plan
@@ -94,9 +98,9 @@ pub(super) fn prepare<'r>(
         .map(|e| e.key)
         .collect();
     b.store.touch(&unread);
-    if fall_back {
+    if let Some(why) = fallback {
         return Ok(Prepared::FellBack(Box::new(full::fall_back(
-            b, &codec, req, &plan, start,
+            b, &codec, req, &plan, why, start,
         )?)));
     }
     let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());

@@ -12,17 +12,18 @@ use crate::engine::plan::Plan;
 use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, ms};
 use crate::error::Result;
-use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
+use crate::request::{BlendOutput, BlendRequest, BlendStats, Fallback, SegmentSource};
 
 /// Runs `req` as full prefill: every prompt token at positions `0..N`. Stores nothing.
 pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<Ran> {
-    let (logits, cache, stats) = prefill_all(b, req, start, false)?;
+    let (logits, cache, stats) = prefill_all(b, req, start, None)?;
     let work = StoreBack::new(req, Pending::default());
     Ok((BlendOutput::new(logits, cache, stats), work))
 }
 
 /// Runs a planned `reuse` or `blend` request as full prefill (the plan said it is no
-/// slower: `Plan::full_is_faster`). Its stats say so: mode `full`, `fell_back_to_full`, and
+/// slower, for the reason `why`: `Plan::fallback`). Its stats say so: mode `full`,
+/// `fell_back_to_full` and `fallback`, and
 /// per segment `Miss` for a planned miss and `RecomputedForSpeed` for any other. Planned
 /// misses are still prefilled alone by the chunk contract (in the store-back, after the
 /// first token) and stored back, so the next request can reuse them.
@@ -31,9 +32,10 @@ pub(crate) fn fall_back(
     codec: &ChunkCodec,
     req: &BlendRequest,
     plan: &Plan<'_>,
+    why: Fallback,
     start: Instant,
 ) -> Result<Ran> {
-    let (logits, cache, mut stats) = prefill_all(b, req, start, true)?;
+    let (logits, cache, mut stats) = prefill_all(b, req, start, Some(why))?;
     let mut work = StoreBack::new(req, Pending::default());
     for e in plan.entries.iter().filter(|e| e.origin.is_miss()) {
         work.defer(codec, e.key, e.tokens);
@@ -49,13 +51,13 @@ pub(crate) fn fall_back(
 }
 
 /// Prefills the whole prompt (recording the prefill rate); returns the last token's logits,
-/// the prompt's KV and the stats of a `full` run (`fell_back` marks a fallback), the time
-/// to the first token included.
+/// the prompt's KV and the stats of a `full` run (`fallback`: a fallback's reason), the
+/// time to the first token included.
 fn prefill_all(
     b: &Blender,
     req: &BlendRequest,
     start: Instant,
-    fell_back: bool,
+    fallback: Option<Fallback>,
 ) -> Result<(Tensor, KvCache, BlendStats)> {
     let tokens = req.tokens();
     let mut cache = b.model.empty_cache()?;
@@ -66,7 +68,8 @@ fn prefill_all(
     b.costs
         .record_full_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
     let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
-    stats.fell_back_to_full = fell_back;
+    stats.fell_back_to_full = fallback.is_some();
+    stats.fallback = fallback;
     stats.recomputed_tokens = tokens.len() - req.suffix.len();
     stats.recompute_fraction = 1.0;
     stats.ttft_ms = ms(&b.model, start)?;
