@@ -258,3 +258,55 @@ pub struct BlendStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(fallback: Option<Fallback>) -> BlendStats {
+        BlendStats {
+            mode: "full".into(),
+            fell_back_to_full: fallback.is_some(),
+            fallback,
+            tokens: 10,
+            suffix_tokens: 2,
+            segments: vec![SegmentSource::Miss],
+            hits_gpu: 0,
+            hits_host: 0,
+            hits_ssd: 0,
+            hits_remote: 0,
+            lossy_hits: 0,
+            misses: 1,
+            stored_back: 1,
+            recomputed_tokens: 8,
+            recompute_fraction: 1.0,
+            ttft_ms: 1.5,
+            compression: None,
+            calibration: None,
+        }
+    }
+
+    /// A fallback's reason is written in snake case, only when there is one, and stats
+    /// without it (an older server's) still read.
+    #[test]
+    fn a_fallback_names_its_reason_and_older_stats_still_read() {
+        for (why, name) in [
+            (Fallback::NothingLoaded, "nothing_loaded"),
+            (Fallback::Estimated, "estimated"),
+            (Fallback::Measured, "measured"),
+        ] {
+            let json = serde_json::to_value(stats(Some(why))).unwrap();
+            assert_eq!(json["fallback"], name);
+            assert_eq!(
+                serde_json::from_value::<BlendStats>(json).unwrap().fallback,
+                Some(why)
+            );
+        }
+        let json = serde_json::to_value(stats(None)).unwrap();
+        assert!(json.get("fallback").is_none(), "{json}");
+        assert_eq!(
+            serde_json::from_value::<BlendStats>(json).unwrap(),
+            stats(None)
+        );
+    }
+}

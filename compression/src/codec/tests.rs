@@ -410,27 +410,46 @@ fn wrong_raw_lengths_and_hostile_values_are_errors() {
             );
         }
     }
-    let mut v = vec![0f32; 2 * shape.half_elems()];
-    (v[1], v[5]) = (-3e38, 3e38);
-    for name in eight {
-        let spec = CodecSpec::parse(name).unwrap();
-        let e = spec.encode(&shape, &raw_of(&shape, &v));
-        if spec.has_zero_points() {
-            assert!(
-                matches!(
-                    e,
-                    Err(CodecError::BadParam {
-                        field: "values",
-                        ..
-                    })
-                ),
-                "{name}: {e:?}"
-            );
-        } else {
-            // symmetric: the scale is amax / levels, finite
-            let back = spec.decode(&shape, &e.unwrap()).unwrap();
-            let back = shape.elem.to_f32_vec(&back);
-            assert!(back.iter().all(|x| x.is_finite()), "{name}");
+    // a span wider than f32 among K's values, then among V's (one row: 4 elements)
+    for (lo, hi) in [(1, 5), (321, 322)] {
+        let mut v = vec![0f32; 2 * shape.half_elems()];
+        (v[lo], v[hi]) = (-3e38, 3e38);
+        for name in eight {
+            let spec = CodecSpec::parse(name).unwrap();
+            let e = spec.encode(&shape, &raw_of(&shape, &v));
+            if spec.has_zero_points() {
+                assert!(
+                    matches!(
+                        e,
+                        Err(CodecError::BadParam {
+                            field: "values",
+                            ..
+                        })
+                    ),
+                    "{name}: {e:?}"
+                );
+            } else {
+                // symmetric: the scale is amax / levels, finite
+                let back = spec.decode(&shape, &e.unwrap()).unwrap();
+                let back = shape.elem.to_f32_vec(&back);
+                assert!(back.iter().all(|x| x.is_finite()), "{name}");
+            }
+        }
+    }
+    // a shape without elements per token: refused by name, never a division by zero
+    for (kv_heads, head_dim) in [(0, 4), (1, 0)] {
+        let empty = LayerShape {
+            tokens: 8,
+            kv_heads,
+            head_dim,
+            elem: ElemType::F32,
+        };
+        for name in ALL {
+            let spec = CodecSpec::parse(name).unwrap();
+            let shape_error = |e| matches!(e, CodecError::BadParam { field: "shape", .. });
+            assert!(shape_error(spec.encode(&empty, &[]).unwrap_err()), "{name}");
+            let e = spec.decode_into(&empty, &[0u8; 16], &mut []).unwrap_err();
+            assert!(shape_error(e), "{name}");
         }
     }
 }
