@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything CI checks: formatting, clippy with warnings denied, and every test of the
+# Everything CI checks: formatting, clippy and the API docs with warnings denied (broken or
+# private intra-doc links), and every test of the
 # workspace (the remote tier's against 6-node Redis Clusters on 127.0.0.1). Tests fetch
 # the real default model from PyPI on first use (cached under ~/.cache/kvquilt).
 # Dependencies are optimised in the test profile (see Cargo.toml).
@@ -12,5 +13,6 @@ scripts/redis-cluster.sh install
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 echo "test.sh: all checks passed in $(( $(date +%s) - start )) s (target dir $CARGO_TARGET_DIR)" >&2

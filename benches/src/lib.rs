@@ -2,7 +2,7 @@
 //! `kvquilt eval …` (the `kvquilt` binary hands its arguments to `kvquilt-bench`).
 //!
 //! Each benchmark repeats a measurement and reports the median with the baseline it is
-//! compared to, measured in the same run on the same data ([`bench`]). The evaluation
+//! compared to, measured in the same run on the same data ([`bench`](mod@bench)). The evaluation
 //! harness ([`eval`]) scores answer quality and time to first token of the reuse modes
 //! beside full prefill on real data. Results and the exact commands are in BENCHMARKS.md.
 

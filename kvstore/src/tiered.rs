@@ -544,7 +544,7 @@ impl TieredStore {
         self.tiers[1..].iter().any(|t| t.contains(key))
     }
 
-    /// Deletes `key` from every tier, slowest first (see [`TieredStore::promote`]); false if
+    /// Deletes `key` from every tier, slowest first (see `TieredStore::promote`); false if
     /// no tier held it.
     pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
         let mut any = false;

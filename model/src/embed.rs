@@ -69,7 +69,7 @@ impl std::fmt::Debug for Embedder {
 }
 
 impl Embedder {
-    /// Tokens per text, [CLS] and [SEP] included (sentence-transformers' `max_seq_length`
+    /// Tokens per text, `[CLS]` and `[SEP]` included (sentence-transformers' `max_seq_length`
     /// for all-MiniLM-L6-v2).
     pub const MAX_TOKENS: usize = 256;
 
@@ -159,7 +159,7 @@ impl Embedder {
         self.hidden
     }
 
-    /// Token ids of `text` as the encoder sees it ([CLS] … [SEP], truncated).
+    /// Token ids of `text` as the encoder sees it (`[CLS]` … `[SEP]`, truncated).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer

@@ -610,7 +610,7 @@ impl LayerKv {
 
     /// This layer with row `rows[j]` replaced by row `j` of `new`, given the replacement of
     /// `rows` (built once per call, reused per layer). `self` is left as it was: the result
-    /// is a copy of the layer with the new rows scattered into it (see [`crate::rows`]).
+    /// is a copy of the layer with the new rows scattered into it (see `rows.rs`).
     pub fn replace_rows(&self, r: &RowReplacement, new: &LayerKv) -> Result<Self> {
         if self.len() != r.len || new.len() != r.n || new.k.dims()[1..] != self.k.dims()[1..] {
             return Err(invalid_input(format!(

@@ -22,7 +22,7 @@ use candle_core::{D, DType, Tensor};
 use crate::error::{Result, invalid_input};
 
 /// A context encoded in parallel and APE's correction of the attention paid to it
-/// ([module docs](self)). Held by a [`crate::KvCache`], so every later call over the cache
+/// (the module docs). Held by a [`crate::KvCache`], so every later call over the cache
 /// (the rest of a prefill, each decode step) applies it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParallelContext {

@@ -62,7 +62,7 @@ pub struct Precomputed {
 /// A model, its identity and a store: everything a request needs.
 ///
 /// Shared by every request of a process; each request's own state lives in its runner
-/// ([`modes`]).
+/// (`engine/modes/`).
 pub struct Blender {
     model: Arc<Model>,
     identity: ModelIdentity,
@@ -160,7 +160,7 @@ impl Blender {
     /// runs fused); a question longer than a graph takes, or chunks streaming from a store
     /// tier (whose layers the eager pass overlaps with compute), run eagerly as before.
     /// Default: on for a model whose question pass is bound by launching kernels
-    /// ([`crate::graphs::launch_bound`]: SmolLM2's reuse 4.4 → 3.4 ms on the H200), off for
+    /// (`graphs::launch_bound`: SmolLM2's reuse 4.4 → 3.4 ms on the H200), off for
     /// one bound by its weights' reads (the 8B shape's: 8.1 → 11.7 ms, BENCHMARKS §5).
     #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
     pub fn with_graphs(mut self, on: bool) -> Self {
@@ -414,7 +414,7 @@ impl Blender {
     /// ([`Blender::with_prompt_priority`]).
     ///
     /// When the device runs out of memory the request fails (the error says so:
-    /// [`BlendError::is_out_of_device_memory`]) and the device tier sheds its unpinned
+    /// [`crate::BlendError::is_out_of_device_memory`]) and the device tier sheds its unpinned
     /// residents, so a retry finds the memory they held.
     pub fn run_deferring(
         &self,

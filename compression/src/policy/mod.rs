@@ -9,7 +9,7 @@
 //! The shape of this module follows one trait with few required methods:
 //! [`TokenPolicy::needs`] (what to observe) and [`TokenPolicy::score`] (a score per token and
 //! KV head, higher kept first); [`TokenPolicy::regions`] (entries always kept: sinks, a recent
-//! window) and [`TokenPolicy::keep_layer`] (top-n per head) are defaulted. [`select`] runs a
+//! window) is defaulted; the rest of each head's `n` rows are its best-scored. [`select`] runs a
 //! policy over every layer under a [`Budget`] and a [`BudgetSplit`].
 //!
 //! Budget convention (kvpress's, `../shared/research/compression.md` §1): "N× less KV" keeps

@@ -260,7 +260,7 @@ impl Model {
     /// Chooses the precision of the CPU's weight products over the GGUF's blocks (a decode
     /// step's or batch's 1–8 rows, the last row's logits) in later forward calls (default
     /// [`CpuDecodePrecision::F32`]). `Q16` and `Q8` take effect for an f32 model on a CPU
-    /// with AVX-512 VNNI whose file kept its blocks ([`crate::intdot`]); elsewhere the
+    /// with AVX-512 VNNI whose file kept its blocks (`intdot.rs`); elsewhere the
     /// precision is `F32`. Returns the precision in effect.
     pub fn set_cpu_decode_precision(
         &mut self,
@@ -385,7 +385,7 @@ impl Model {
     /// returns the next token's f32 logits `[vocab]`. The one step every decode loop runs
     /// (`generate`, the server), with `hook` around each layer.
     ///
-    /// On the CPU the step runs on a thread of rayon's pool ([`Model::on_pool`]), so `hook`
+    /// On the CPU the step runs on a thread of rayon's pool (`Model::on_pool`), so `hook`
     /// is `Send` and must not wait for work of that pool.
     pub fn decode_step(
         &self,

@@ -2,7 +2,7 @@
 //!
 //! Start-up loads the model, opens the data directory's store and counts each tenant's
 //! stored bytes; then the router serves until SIGINT/SIGTERM, finishes in-flight requests,
-//! and flushes the store. Model work runs on [`pool::ModelPool`], never on the async
+//! and flushes the store. Model work runs on `pool::ModelPool`, never on the async
 //! workers, so `/health` and chunk lookups stay fast under load.
 
 pub mod bodies;

@@ -261,7 +261,7 @@ impl Health {
         self.model.lock().bytes_per_s
     }
 
-    /// How long an operation moving `bytes` may take: [`SLACK`] times the expected time —
+    /// How long an operation moving `bytes` may take: `SLACK` times the expected time —
     /// a round trip plus its bytes and those of the calls already in flight (which share
     /// the connection) over the measured throughput — within the configured bounds; the
     /// upper bound before a round trip was measured, and for a call moving bytes before a
@@ -282,7 +282,7 @@ impl Health {
         d.clamp(self.min_deadline, self.max_deadline)
     }
 
-    /// Counts a call moving `bytes` as in flight until [`InFlight::done`] (or the guard
+    /// Counts a call moving `bytes` as in flight until `InFlight::done` (or the guard
     /// drops: a call that did not complete).
     pub fn in_flight(&self, bytes: usize) -> InFlight<'_> {
         let mut m = self.model.lock();
