@@ -7,84 +7,55 @@
 
 use super::{Code8, CodecError, CodecSpec, LayerShape, Result, fp8, int8, kivi};
 
-/// Runs `$portable(args…)` in the build for the widest vectors the CPU has.
+/// Defines `$name`, which runs `$portable` built for the widest vectors the CPU has: an
+/// AVX-512 and an AVX2 build of it (`$portable` is `#[inline(always)]`, so each build
+/// compiles its loops for those instructions), chosen at run time.
 macro_rules! widest {
-    ($avx512:ident, $avx2:ident, $portable:ident ($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
+    ($(#[$doc:meta])* fn $name:ident = $portable:ident ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $(#[$doc])*
+        pub(super) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
             {
-                // SAFETY: the CPU has AVX-512F and BW, the features the function is built for.
-                return unsafe { $avx512($($arg),*) };
+                #[target_feature(enable = "avx512f,avx512bw")]
+                fn avx512($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the CPU has AVX-512F and BW, the features `avx512` is built for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, the feature `avx2` is built for.
+                    return unsafe { avx2($($arg),*) };
+                }
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2, the feature the function is built for.
-                return unsafe { $avx2($($arg),*) };
-            }
+            $portable($($arg),*)
         }
-        $portable($($arg),*)
-    }};
+    };
 }
 
-/// Encodes one layer with a quantising `spec` (before any lz4); raw and lz4 are copied.
-pub(super) fn quantise(spec: CodecSpec, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
-    widest!(
-        quantise_avx512,
-        quantise_avx2,
-        quantise_portable(spec, shape, raw)
-    )
+widest! {
+    /// Encodes one layer with a quantising `spec` (before any lz4); raw and lz4 are copied.
+    fn quantise = quantise_portable(spec: CodecSpec, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>>
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn quantise_avx512(spec: CodecSpec, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
-    quantise_portable(spec, shape, raw)
+widest! {
+    /// Decodes one quantised layer (after any lz4) into `out`; raw and lz4 are copied.
+    fn dequantise = dequantise_portable(
+        spec: CodecSpec,
+        shape: &LayerShape,
+        stored: &[u8],
+        out: &mut [u8]
+    ) -> Result<()>
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantise_avx2(spec: CodecSpec, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
-    quantise_portable(spec, shape, raw)
-}
-
-/// Decodes one quantised layer (after any lz4) into `out`; raw and lz4 are copied.
-pub(super) fn dequantise(
-    spec: CodecSpec,
-    shape: &LayerShape,
-    stored: &[u8],
-    out: &mut [u8],
-) -> Result<()> {
-    widest!(
-        dequantise_avx512,
-        dequantise_avx2,
-        dequantise_portable(spec, shape, stored, out)
-    )
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn dequantise_avx512(
-    spec: CodecSpec,
-    shape: &LayerShape,
-    stored: &[u8],
-    out: &mut [u8],
-) -> Result<()> {
-    dequantise_portable(spec, shape, stored, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dequantise_avx2(
-    spec: CodecSpec,
-    shape: &LayerShape,
-    stored: &[u8],
-    out: &mut [u8],
-) -> Result<()> {
-    dequantise_portable(spec, shape, stored, out)
-}
-
-/// The decoders, inlined (with their loops) into each build above.
+/// The decoders, inlined (with their loops) into each build of [`dequantise`].
 #[inline(always)]
 fn dequantise_portable(
     spec: CodecSpec,
@@ -118,7 +89,7 @@ fn dequantise_portable(
     }
 }
 
-/// The encoders, inlined (with their loops) into each build above.
+/// The encoders, inlined (with their loops) into each build of [`quantise`].
 #[inline(always)]
 fn quantise_portable(spec: CodecSpec, shape: &LayerShape, raw: &[u8]) -> Result<Vec<u8>> {
     match spec {
