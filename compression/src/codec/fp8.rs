@@ -36,7 +36,7 @@ pub(super) fn table() -> [f32; 256] {
 ///
 /// Branch-free, so that a loop over it vectorises: both the subnormal and the normal code
 /// are computed and one is chosen. Pinned to the branchy definition over a sweep of f32 bit
-/// patterns by `codec::tests::fp8_codes_match_the_definition_everywhere`.
+/// patterns by `codec::definition_tests::fp8_codes_match_the_definition_everywhere`.
 #[inline(always)]
 pub(super) fn encode_one(x: f32) -> u8 {
     let sign = (x.to_bits() >> 24) & 0x80;
