@@ -28,7 +28,8 @@
 #   benches/gpu_run.sh trace-codecs # the same stream with 512-token chunks over a host tier
 #                                # per codec (raw, int8, kivi4; decoded on the device), s3fifo
 #                                # at Zipf 0.8 (~5 min on the H200: a lossy tier's replay is
-#                                # ~2 min, its 24k gets each decoding a 2 MB layer on the CPU)
+#                                # ~2 min, its 24k gets each decoding a 2 MB layer on the CPU),
+#                                # each codec's runs closed by the clairvoyant ceiling
 #   benches/gpu_run.sh trace-real CODEC # real blends of that stream over a host tier of CODEC
 #                                # (300 chunks, 160 queries, the first 80 a warm-up; raw:
 #                                # 3 min on the H200), then over the corpus precomputed (the
@@ -48,6 +49,7 @@
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
 #                                # starts no part after KVQ_DEADLINE_S seconds (default 480)
 #                                # and skips parts already in $OUT (a run can resume)
+# KVQ_HOST_CAPACITY sets the trace steps' host tier (fractions of the corpus; default 0.2).
 # KVQ_BIN overrides the binary (e.g. a CPU build when the cpu step runs on another machine).
 # KVQ_VARIANTS and KVQ_RATIOS override the blend variants and ratios of the eval steps.
 set -euo pipefail
@@ -81,12 +83,14 @@ case "${1:-perf}" in
   trace-codecs)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
       --policies s3fifo --zipf 0.8 --host-codecs raw,int8,kivi4 --repeats 3 --hit-threads 1 \
+      --host-capacity "${KVQ_HOST_CAPACITY:-0.2}" \
       --json "$OUT/trace_8b_codecs.json" 2> "$OUT/trace_8b_codecs.log"
     ;;
   trace-real)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
       --real --corpus-limit 300 --queries 160 --warmup 80 --window 40 --zipf 0.8 \
       --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 --hit-threads 1 --reference \
+      --host-capacity "${KVQ_HOST_CAPACITY:-0.2}" \
       --json "$OUT/trace_8b_real_$2.json" 2> "$OUT/trace_8b_real_$2.log"
     ;;
   decode)

@@ -223,8 +223,8 @@ impl<'a> Plan<'a> {
     /// (`suffix_tokens`, after the rest of the prompt), and `share = m + (1 − m) ·
     /// recompute_share`: the share of a full prefill the mode spends recomputing held
     /// tokens ([`recompute_share`]), with the fraction `m` of the non-suffix tokens computed
-    /// in the pass ([`Plan::in_pass_tokens`]) run through every layer. `None` before any prefill was
-    /// measured.
+    /// in the pass ([`Plan::in_pass_tokens`]) run through every layer. `None` before any
+    /// prefill was measured.
     pub(crate) fn mode_estimate_s(
         &self,
         costs: &CostModel,

@@ -39,12 +39,24 @@
 //! warm-cache ratio (every retrieved chunk a hit) is reported too, and no store reaches it on
 //! a stream with new documents.
 //!
+//! The modelled trace closes each stream's runs with three reference host tiers of the
+//! same bytes ([`oracle`]): `perfect-lfu` counts every pick ever made (unbounded memory,
+//! admission by count: what frequency learnt online can do), `popularity` keeps the chunks
+//! the stream's Zipf draw ranks most popular (the best online policy for independent
+//! draws), `clairvoyant` is Belady's cache, which knows every future query (the most hits
+//! any policy could have; the last two exactly so for chunks of one size). Between them and
+//! the precomputed corpus lies what only more bytes (a smaller codec, a larger tier) can
+//! close (not run with `--ssd-capacity`: they have no SSD tier below them).
+//! `--host-capacity` takes a list, so one measurement of the costs serves a sweep of
+//! capacities.
+//!
 //! "The default blend" is what `serve` runs for this model without a ratio: its calibration
 //! record's settings (`qzero` at 0.3 for the default model on the CPU), or, for a model
 //! without a certified record (the random shapes), the uncalibrated default; the report's
 //! `costs.blend` names which.
 
 mod costs;
+mod oracle;
 mod replay;
 mod stream;
 
@@ -61,8 +73,9 @@ use serde::Serialize;
 
 use super::{machine, median, write_report};
 use costs::{Costs, measure};
-use replay::{RealQueries, Window, check_codec, replay, scaled_layout};
-use stream::{StreamSpec, corpus, stream};
+use oracle::Oracle;
+use replay::{HostSpec, RealQueries, Window, check_codec, replay, replay_oracle, scaled_layout};
+use stream::{StreamSpec, corpus, popularity_ranks, stream};
 
 #[derive(clap::Args)]
 pub struct TraceBenchArgs {
@@ -101,14 +114,15 @@ pub struct TraceBenchArgs {
     /// Probability that a retrieved chunk is a new document, never seen before.
     #[arg(long, default_value_t = 0.2)]
     novel: f64,
-    /// Host tier capacity as a fraction of the corpus's raw KV bytes (whatever the host
-    /// codec: the tier weighs what it holds in that codec's bytes).
-    #[arg(long, default_value_t = 0.2)]
-    host_capacity: f64,
+    /// Host tier capacities as fractions of the corpus's raw KV bytes (whatever the host
+    /// codec: the tier weighs what it holds in that codec's bytes), one set of runs each.
+    #[arg(long, value_delimiter = ',', default_value = "0.2")]
+    host_capacity: Vec<f64>,
     /// SSD tier capacity as a fraction of the corpus's KV bytes (0: no SSD tier).
     #[arg(long, default_value_t = 0.0)]
     ssd_capacity: f64,
-    /// Host-tier eviction policies compared.
+    /// Host-tier eviction policies compared (the modelled trace adds its reference tiers
+    /// `perfect-lfu`, `popularity` and `clairvoyant` after them, unless `--ssd-capacity`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -150,8 +164,11 @@ pub struct TraceBenchArgs {
 #[derive(Serialize)]
 struct Run {
     zipf: f64,
+    /// A store policy's name, or `clairvoyant` (the modelled trace's ceiling).
     policy: String,
     host_codec: String,
+    /// The host tier's capacity as a fraction of the corpus's raw KV bytes.
+    host_capacity: f64,
     windows: Vec<Window>,
     /// Over the queries after warm-up.
     host_hit_rate: f64,
@@ -190,7 +207,7 @@ struct Report {
     warmup: usize,
     k: usize,
     novel: f64,
-    host_capacity: f64,
+    host_capacity: Vec<f64>,
     ssd_capacity: f64,
     scale: u64,
     /// (The ideal speed-up, every chunk a host hit, is `1 / costs.blends[i].warm_fraction`.)
@@ -198,6 +215,13 @@ struct Report {
     /// Whether each query ran the real blender (`--real`) or the cost model.
     real_blends: bool,
     runs: Vec<Run>,
+}
+
+/// What a run's host tier evicts by: a store policy, or an oracle (modelled only).
+#[derive(Clone, Copy)]
+enum HostPolicy {
+    Store(PolicyKind),
+    Oracle(Oracle),
 }
 
 /// The blend every query runs: what `serve` runs for this model without a ratio.
@@ -223,7 +247,11 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             a.window
         );
     }
-    if !(0.0..1.0).contains(&a.novel) || a.host_capacity <= 0.0 || a.ssd_capacity < 0.0 {
+    if !(0.0..1.0).contains(&a.novel)
+        || a.host_capacity.is_empty()
+        || a.host_capacity.iter().any(|&c| c.is_nan() || c <= 0.0)
+        || a.ssd_capacity < 0.0
+    {
         bail!("novel must be in [0, 1), host capacity > 0, SSD capacity ≥ 0");
     }
     if a.reference && !a.real {
@@ -381,23 +409,59 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
             seed: a.seed,
         };
         let queries = stream(spec, chunks.len());
-        for ((pname, policy), (&codec, cost)) in policies
+        let ranks = popularity_ranks(a.seed, chunks.len());
+        // the modelled trace closes each codec's runs with the reference host tiers (which
+        // have no SSD tier below them: not run beside one)
+        let oracles = if a.real || a.ssd_capacity > 0.0 {
+            vec![]
+        } else {
+            vec![Oracle::PerfectLfu, Oracle::Popularity, Oracle::Clairvoyant]
+        };
+        let tried = policies
             .iter()
-            .flat_map(|p| host_codecs.iter().zip(&costs.blends).map(move |c| (p, c)))
+            .map(|(n, p)| (n.clone(), HostPolicy::Store(*p)))
+            .chain(
+                oracles
+                    .into_iter()
+                    .map(|o| (o.name().to_string(), HostPolicy::Oracle(o))),
+            );
+        let hosts = a.host_capacity.iter().flat_map(|&capacity| {
+            host_codecs
+                .iter()
+                .zip(&costs.blends)
+                .map(move |(&codec, cost)| (codec, capacity, cost))
+        });
+        let hosts: Vec<_> = hosts.collect();
+        for ((pname, policy), &(codec, capacity, cost)) in
+            tried.flat_map(|p| hosts.iter().map(move |h| (p.clone(), h)))
         {
-            let (windows, seconds, hit_throughput) = if a.real {
-                real.replay((*policy, codec), &queries)?
-            } else {
-                replay(
+            let host = |policy| HostSpec {
+                policy,
+                codec,
+                capacity,
+            };
+            let (windows, seconds, hit_throughput) = match policy {
+                HostPolicy::Store(policy) if a.real => real.replay(host(policy), &queries)?,
+                HostPolicy::Store(policy) => replay(
                     &a,
                     &rt,
-                    (*policy, codec),
+                    host(policy),
                     &queries,
                     &chunks,
                     question.len(),
                     (&costs, cost),
                     corpus_bytes,
-                )?
+                )?,
+                HostPolicy::Oracle(oracle) => replay_oracle(
+                    &a,
+                    oracle,
+                    (codec, capacity),
+                    (&queries, &ranks),
+                    &chunks,
+                    question.len(),
+                    (&costs, cost),
+                    corpus_bytes,
+                )?,
             };
             let after: Vec<&Window> = windows.iter().filter(|w| !w.warmup).collect();
             let mean = |f: &dyn Fn(&Window) -> f64| {
@@ -419,6 +483,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 zipf: s,
                 policy: pname.clone(),
                 host_codec: codec.to_string(),
+                host_capacity: capacity,
                 host_hit_rate: mean(&|w| w.host_hit_rate),
                 hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
                 speedup_median,
@@ -434,8 +499,9 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                 hit_throughput,
             };
             eprintln!(
-                "zipf {s:<4} {pname:<10} {:<6} host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                "zipf {s:<4} {pname:<11} {:<6} host {:.2}  host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
                 run.host_codec,
+                run.host_capacity,
                 run.host_hit_rate,
                 run.hit_rate,
                 run.speedup_median,
@@ -467,9 +533,10 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         }
         for run in runs.iter().filter(|r| r.zipf == s) {
             eprintln!(
-                "zipf {s:<4} {:<10} {:<6} speedup {:.2}× = {:.2} of the warm-cache ratio; {}",
+                "zipf {s:<4} {:<11} {:<6} host {:.2}  speedup {:.2}× = {:.2} of the warm-cache ratio; {}",
                 run.policy,
                 run.host_codec,
+                run.host_capacity,
                 run.speedup_median,
                 run.of_warm_cache,
                 match (run.precomputed_speedup, run.of_precomputed) {
@@ -491,7 +558,7 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         warmup: a.warmup,
         k: a.k,
         novel: a.novel,
-        host_capacity: a.host_capacity,
+        host_capacity: a.host_capacity.clone(),
         ssd_capacity: a.ssd_capacity,
         scale,
         costs,

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::TraceBenchArgs;
 use super::costs::{BlendCost, Costs};
+use super::oracle::{Oracle, OracleCache};
 use super::stream::{Pick, pick_tokens};
 use crate::bench::median;
 use crate::eval::data::SplitMix;
@@ -47,6 +48,16 @@ pub(super) struct Window {
     /// per query in the modelled trace; `None` in a real replay (`--reference` replays it
     /// apart).
     pub(super) precomputed_speedup_median: Option<f64>,
+}
+
+/// The host tier a replay runs on.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HostSpec {
+    pub(super) policy: PolicyKind,
+    /// The codec it holds exact objects in.
+    pub(super) codec: Codec,
+    /// Its capacity as a fraction of the corpus's raw KV bytes (`--host-capacity`).
+    pub(super) capacity: f64,
 }
 
 /// The layout of the modelled trace's stored objects: one layer of the model's, so an
@@ -122,7 +133,7 @@ fn trace_store(
 
 /// Counters of one window while it runs.
 #[derive(Default)]
-struct Tally {
+pub(super) struct Tally {
     host_hits: usize,
     ssd_hits: usize,
     misses: usize,
@@ -137,7 +148,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
+    pub(super) fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
         let lookups = (self.host_hits + self.ssd_hits + self.misses).max(1) as f64;
         let n = self.speedups.len().max(1) as f64;
         Window {
@@ -210,24 +221,20 @@ impl RealQueries<'_> {
         )
     }
 
-    /// Replays `queries` over a fresh store of real chunk KV whose host tier evicts by
-    /// `policy` and holds exact objects in `host_codec`, misses stored back as served.
-    pub(super) fn replay(
-        &self,
-        (policy, host_codec): (PolicyKind, Codec),
-        queries: &[Vec<Pick>],
-    ) -> Result<Replayed> {
+    /// Replays `queries` over a fresh store of real chunk KV whose host tier is `host`,
+    /// misses stored back as served.
+    pub(super) fn replay(&self, host: HostSpec, queries: &[Vec<Pick>]) -> Result<Replayed> {
         let a = self.a;
         let corpus = self.corpus_bytes() as f64;
         let dir = tempfile::tempdir()?;
         let store = Arc::new(trace_store(
             dir.path(),
-            policy,
-            host_codec,
-            (a.host_capacity * corpus) as u64,
+            host.policy,
+            host.codec,
+            (host.capacity * corpus) as u64,
             (a.ssd_capacity * corpus) as u64,
         )?);
-        let label = host_codec.to_string();
+        let label = host.codec.to_string();
         self.run(&label, &self.blender(&store), &store, queries, true)
     }
 
@@ -374,14 +381,14 @@ impl RealQueries<'_> {
     }
 }
 
-/// Replays `queries` against a fresh store whose host tier evicts by `policy` and holds
-/// exact objects in `host_codec` (one without lz4: the values are synthetic), the model's
+/// Replays `queries` against a fresh store whose host tier is `host` (its codec one without
+/// lz4: the values are synthetic), the model's
 /// time from `costs` and `blend` (the blend's cost over that codec's host tier).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn replay(
     a: &TraceBenchArgs,
     rt: &tokio::runtime::Runtime,
-    (policy, host_codec): (PolicyKind, Codec),
+    host: HostSpec,
     queries: &[Vec<Pick>],
     chunks: &[Vec<u32>],
     question_tokens: usize,
@@ -394,9 +401,9 @@ pub(super) fn replay(
     let dir = tempfile::tempdir()?;
     let store = trace_store(
         dir.path(),
-        policy,
-        host_codec,
-        (a.host_capacity * corpus_bytes as f64) as u64,
+        host.policy,
+        host.codec,
+        (host.capacity * corpus_bytes as f64) as u64,
         (a.ssd_capacity * corpus_bytes as f64) as u64,
     )?;
     // one synthetic layer per chunk length, shared by the objects of that length
@@ -415,50 +422,34 @@ pub(super) fn replay(
                     (context.chunk_key(&t), t)
                 })
                 .collect();
-            let total: usize = picked.iter().map(|(_, t)| t.len()).sum::<usize>() + question_tokens;
-            let full = costs.full_s(total);
-            let mut ttft = 0.0;
-            let mut missing = Vec::new();
-            let mut missed_tokens = 0usize;
-            for (key, t) in &picked {
-                tally.tokens += t.len();
-                match rt.block_on(store.get(key))? {
-                    Some((_, tier)) if tier.name() == "host" => tally.host_hits += 1,
-                    Some(_) => {
-                        tally.ssd_hits += 1;
-                        ttft += (costs.bytes_per_token() * t.len() as u64) as f64
-                            / costs.ssd_bytes_per_s;
-                    }
-                    None => {
-                        tally.misses += 1;
-                        tally.recomputed += t.len();
-                        missed_tokens += t.len();
-                        missing.push((*key, t));
-                    }
-                }
+            let mut found = Vec::with_capacity(picked.len());
+            for (key, _) in &picked {
+                found.push(match rt.block_on(store.get(key))? {
+                    Some((_, tier)) if tier.name() == "host" => Found::Host,
+                    Some(_) => Found::Ssd,
+                    None => Found::Missing,
+                });
             }
-            // misses are computed in the blend's own pass (their store-back after the first
-            // token): the blend's measured fraction of full prefill at this miss fraction
-            let retrieved = total - question_tokens;
-            let share = |tokens: usize| tokens as f64 / retrieved.max(1) as f64;
-            ttft += blend.fraction(share(missed_tokens)) * full;
-            tally.speedups.push(full / ttft.min(full));
-            // the same query over a store holding the whole corpus: its new documents alone
-            // computed, every corpus chunk a host hit
-            let novel_tokens: usize = q
+            let tokens: Vec<usize> = picked.iter().map(|(_, t)| t.len()).collect();
+            model_query(
+                &mut tally,
+                q,
+                &tokens,
+                &found,
+                question_tokens,
+                (costs, blend),
+            );
+            let missing = picked
                 .iter()
-                .zip(&picked)
-                .filter(|(p, _)| matches!(p, Pick::Novel(..)))
-                .map(|(_, (_, t))| t.len())
-                .sum();
-            let warm = blend.fraction(share(novel_tokens)) * full;
-            tally.precomputed.push(full / warm.min(full));
+                .zip(&found)
+                .filter(|(_, f)| matches!(f, Found::Missing))
+                .map(|((key, t), _)| (key, t));
             for (key, t) in missing {
                 let layer = values
                     .entry(t.len())
                     .or_insert_with(|| synthetic_layer(&layout, t.len(), a.seed ^ t.len() as u64))
                     .clone();
-                let obj = KvObject::new(key, layout, t.clone(), vec![layer], None)?;
+                let obj = KvObject::new(*key, layout, t.clone(), vec![layer], None)?;
                 tally.written += costs.bytes_per_token() * t.len() as u64;
                 rt.block_on(store.put(obj, costs.chunk_s(t.len())))?;
             }
@@ -481,6 +472,145 @@ pub(super) fn replay(
         .map(|&n| Ok((n, lookups_per_s(rt, &store, &keys, n)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok((windows, seconds, throughput))
+}
+
+/// Replays `queries` against an [`OracleCache`] evicting by `oracle`'s knowledge, a host
+/// tier of `capacity` × `corpus_bytes` (no SSD tier; objects weighed as the host tier weighs
+/// them in `host_codec`), the model's time as in [`replay`]. `ranks` are the corpus chunks'
+/// popularity ranks in the stream's draw.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn replay_oracle(
+    a: &TraceBenchArgs,
+    oracle: Oracle,
+    (host_codec, capacity): (Codec, f64),
+    (queries, ranks): (&[Vec<Pick>], &[usize]),
+    chunks: &[Vec<u32>],
+    question_tokens: usize,
+    (costs, blend): (&Costs, &BlendCost),
+    corpus_bytes: u64,
+) -> Result<Replayed> {
+    let layout = scaled_layout(&costs.layout);
+    let mut cache = OracleCache::new((capacity * corpus_bytes as f64) as u64);
+    let keys = oracle.keys(queries, ranks);
+    // what the host tier weighs an object of n tokens at (`Held::size`), by n
+    let mut sizes: HashMap<usize, u64> = HashMap::new();
+    let mut size_of = |n: usize| -> Result<u64> {
+        if let Some(&s) = sizes.get(&n) {
+            return Ok(s);
+        }
+        let s = held_size(&layout, host_codec, n, a.seed)?;
+        sizes.insert(n, s);
+        Ok(s)
+    };
+    let started = Instant::now();
+    let mut windows = Vec::new();
+    for (w, batch) in queries.chunks(a.window.max(1)).enumerate() {
+        let mut tally = Tally::default();
+        let from = w * a.window;
+        for (q, keys) in batch.iter().zip(&keys[from..]) {
+            let found: Vec<Found> = q
+                .iter()
+                .zip(keys)
+                .map(|(p, &key)| {
+                    if cache.lookup(p, key) {
+                        Found::Host
+                    } else {
+                        Found::Missing
+                    }
+                })
+                .collect();
+            let tokens: Vec<usize> = q.iter().map(|p| pick_len(p, chunks)).collect();
+            model_query(
+                &mut tally,
+                q,
+                &tokens,
+                &found,
+                question_tokens,
+                (costs, blend),
+            );
+            for (((p, &key), f), &n) in q.iter().zip(keys).zip(&found).zip(&tokens) {
+                if *f == Found::Missing {
+                    tally.written += costs.bytes_per_token() * n as u64;
+                    cache.admit(*p, size_of(n)?, key);
+                }
+            }
+        }
+        windows.push(tally.window(from, a.warmup, 0));
+    }
+    Ok((windows, started.elapsed().as_secs_f64(), Vec::new()))
+}
+
+/// Tokens of a pick (a new document has its model chunk's length).
+fn pick_len(p: &Pick, chunks: &[Vec<u32>]) -> usize {
+    match *p {
+        Pick::Corpus(i) | Pick::Novel(_, i) => chunks[i].len(),
+    }
+}
+
+/// Bytes the host tier weighs an object of `tokens` tokens of `layout` at when it holds it in
+/// `codec`: decoded (raw) its values, encoded its header and records.
+fn held_size(layout: &KvLayout, codec: Codec, tokens: usize, seed: u64) -> Result<u64> {
+    if codec == Codec::Raw {
+        return Ok(layout.object_bytes(tokens));
+    }
+    let ids: Vec<u32> = (0..tokens as u32).collect();
+    let key = KeyContext::new(b"trace", &[1; 32], &[2; 32], layout).chunk_key(&ids);
+    let layer = synthetic_layer(layout, tokens, seed ^ tokens as u64);
+    let e = KvObject::new(key, *layout, ids, vec![layer], None)?.encode(codec)?;
+    Ok(e.header.stored_len(e.header_bytes.len()))
+}
+
+/// Where a query found one of its chunks when it arrived.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(super) enum Found {
+    Host,
+    Ssd,
+    Missing,
+}
+
+/// Tallies one query of the modelled trace: `q`'s picks of `tokens` tokens each, `found`
+/// where they were. Its TTFT is the blend at its missed share of the retrieved tokens
+/// (misses computed in the blend's own pass, their store-back after the first token) plus
+/// real-size SSD reads, capped at full prefill (the engine falls back to it); beside it, the
+/// same query over the corpus precomputed (only its new documents computed).
+pub(super) fn model_query(
+    tally: &mut Tally,
+    q: &[Pick],
+    tokens: &[usize],
+    found: &[Found],
+    question_tokens: usize,
+    (costs, blend): (&Costs, &BlendCost),
+) {
+    let retrieved: usize = tokens.iter().sum();
+    let full = costs.full_s(retrieved + question_tokens);
+    let mut ttft = 0.0;
+    let mut missed_tokens = 0usize;
+    for (&n, f) in tokens.iter().zip(found) {
+        tally.tokens += n;
+        match f {
+            Found::Host => tally.host_hits += 1,
+            Found::Ssd => {
+                tally.ssd_hits += 1;
+                ttft += (costs.bytes_per_token() * n as u64) as f64 / costs.ssd_bytes_per_s;
+            }
+            Found::Missing => {
+                tally.misses += 1;
+                tally.recomputed += n;
+                missed_tokens += n;
+            }
+        }
+    }
+    let share = |n: usize| n as f64 / retrieved.max(1) as f64;
+    ttft += blend.fraction(share(missed_tokens)) * full;
+    tally.speedups.push(full / ttft.min(full));
+    let novel_tokens: usize = q
+        .iter()
+        .zip(tokens)
+        .filter(|(p, _)| matches!(p, Pick::Novel(..)))
+        .map(|(_, &n)| n)
+        .sum();
+    let warm = blend.fraction(share(novel_tokens)) * full;
+    tally.precomputed.push(full / warm.min(full));
 }
 
 /// Lookups per second of `keys` (hits and misses as the store holds them) by `threads`
@@ -520,7 +650,7 @@ fn lookups_per_s(
 mod tests {
     use super::*;
     use crate::bench::trace::costs::BlendCost;
-    use crate::bench::trace::stream::{StreamSpec, stream};
+    use crate::bench::trace::stream::{StreamSpec, popularity_ranks, stream};
 
     /// SmolLM2-135M's KV layout in `dtype`.
     fn smollm2_layout(dtype: KvDType) -> KvLayout {
@@ -535,21 +665,9 @@ mod tests {
         }
     }
 
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        a: TraceBenchArgs,
-    }
-
-    /// The modelled stream's warm-store reference: a store with room for everything it saw
-    /// keeps exactly the speedup of the corpus precomputed (once the warm-up has drawn every
-    /// chunk), and only its new documents cost it anything; a bounded store keeps less.
-    #[test]
-    fn a_store_that_keeps_everything_it_saw_matches_the_precomputed_corpus() {
-        use clap::Parser;
-        let chunks: Vec<Vec<u32>> = (0..12)
-            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
-            .collect();
+    /// Costs of a SmolLM2-shaped model (f32) with a raw host tier's blend, and the scaled
+    /// bytes of `chunks`: what the modelled replays of these tests run on.
+    fn modelled(chunks: &[Vec<u32>]) -> (Costs, BlendCost, u64) {
         let layout = smollm2_layout(KvDType::F32);
         let blend = BlendCost {
             host_codec: "raw".into(),
@@ -568,10 +686,29 @@ mod tests {
             layout,
             blend: String::new(),
         };
-        let corpus_bytes: u64 = chunks
+        let corpus_bytes = chunks
             .iter()
             .map(|c| scaled_layout(&layout).object_bytes(c.len()))
             .sum();
+        (costs, blend, corpus_bytes)
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: TraceBenchArgs,
+    }
+
+    /// The modelled stream's warm-store reference: a store with room for everything it saw
+    /// keeps exactly the speedup of the corpus precomputed (once the warm-up has drawn every
+    /// chunk), and only its new documents cost it anything; a bounded store keeps less.
+    #[test]
+    fn a_store_that_keeps_everything_it_saw_matches_the_precomputed_corpus() {
+        use clap::Parser;
+        let chunks: Vec<Vec<u32>> = (0..12)
+            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
+            .collect();
+        let (costs, blend, corpus_bytes) = modelled(&chunks);
         let spec = StreamSpec {
             queries: 80,
             k: 10,
@@ -594,11 +731,15 @@ mod tests {
                 "0",
             ];
             let a = Cli::parse_from(args).a;
-            let codec = (PolicyKind::Lru, Codec::Raw);
+            let host = HostSpec {
+                policy: PolicyKind::Lru,
+                codec: Codec::Raw,
+                capacity: capacity.parse().unwrap(),
+            };
             replay(
                 &a,
                 &rt,
-                codec,
+                host,
                 &queries,
                 &chunks,
                 16,
@@ -626,6 +767,108 @@ mod tests {
         for w in run("0.25").iter().filter(|w| !w.warmup) {
             let p = w.precomputed_speedup_median.unwrap();
             assert!(w.speedup_median < 0.9 * p, "{} {p}", w.speedup_median);
+        }
+    }
+
+    /// The clairvoyant ceiling: with chunks of one size no policy of the store (nor the
+    /// other references) hits more often over a stream, whatever the capacity, and with
+    /// room for everything it reads the precomputed corpus's speedup once the warm-up has
+    /// drawn every chunk.
+    #[test]
+    fn no_policy_hits_more_often_than_the_clairvoyant_cache() {
+        use clap::Parser;
+        let chunks: Vec<Vec<u32>> = (0..40)
+            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
+            .collect();
+        let (costs, blend, corpus_bytes) = modelled(&chunks);
+        let spec = StreamSpec {
+            queries: 200,
+            k: 8,
+            novel: 0.2,
+            s: 0.8,
+            seed: 5,
+        };
+        let queries = stream(spec, chunks.len());
+        let ranks = popularity_ranks(spec.seed, chunks.len());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let oracle = |a: &TraceBenchArgs, oracle, capacity| {
+            replay_oracle(
+                a,
+                oracle,
+                (Codec::Raw, capacity),
+                (&queries, &ranks),
+                &chunks,
+                16,
+                (&costs, &blend),
+                corpus_bytes,
+            )
+            .unwrap()
+            .0
+        };
+        let args = |capacity: &str| {
+            let args = [
+                "trace",
+                "--host-capacity",
+                capacity,
+                "--warmup",
+                "100",
+                "--window",
+                "50",
+                "--hit-threads",
+                "0",
+            ];
+            Cli::parse_from(args).a
+        };
+        // hits over the whole stream
+        let hits = |w: &[Window]| w.iter().map(|w| w.host_hit_rate).sum::<f64>();
+        for capacity in ["0.1", "0.25", "0.5"] {
+            let a = args(capacity);
+            let c: f64 = capacity.parse().unwrap();
+            let ceiling = oracle(&a, Oracle::Clairvoyant, c);
+            for o in [Oracle::Popularity, Oracle::PerfectLfu] {
+                let run = oracle(&a, o, c);
+                assert!(hits(&run) <= hits(&ceiling) + 1e-9, "{o:?} at {capacity}");
+            }
+            for policy in [
+                PolicyKind::Lru,
+                PolicyKind::Lfu,
+                PolicyKind::S3Fifo,
+                PolicyKind::CostAware,
+            ] {
+                let host = HostSpec {
+                    policy,
+                    codec: Codec::Raw,
+                    capacity: c,
+                };
+                let run = replay(
+                    &a,
+                    &rt,
+                    host,
+                    &queries,
+                    &chunks,
+                    16,
+                    (&costs, &blend),
+                    corpus_bytes,
+                )
+                .unwrap()
+                .0;
+                assert!(
+                    hits(&run) <= hits(&ceiling) + 1e-9,
+                    "{policy:?} at {capacity}: {} > {}",
+                    hits(&run),
+                    hits(&ceiling)
+                );
+            }
+            assert!(hits(&ceiling) > 0.0);
+        }
+        let everything = oracle(&args("100"), Oracle::Clairvoyant, 100.0);
+        for w in everything.iter().filter(|w| !w.warmup) {
+            let p = w.precomputed_speedup_median.unwrap();
+            assert!(
+                (w.speedup_median - p).abs() < 1e-9,
+                "{} {p}",
+                w.speedup_median
+            );
         }
     }
 

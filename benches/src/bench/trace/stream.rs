@@ -9,7 +9,7 @@ use crate::eval::data::{self, SplitMix};
 
 /// One retrieved chunk: a corpus chunk (its index) or a new document (a serial number and
 /// the token count of the corpus chunk it borrows its length from).
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub(super) enum Pick {
     Corpus(usize),
     Novel(u64, usize),
@@ -38,11 +38,7 @@ pub(super) fn stream(spec: StreamSpec, corpus: usize) -> Vec<Vec<Pick>> {
         seed,
     } = spec;
     let mut rng = SplitMix(seed);
-    // popularity rank → corpus index: a seeded shuffle
-    let mut order: Vec<usize> = (0..corpus).collect();
-    for i in (1..corpus).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
+    let order = ranking(&mut rng, corpus);
     let mut cdf: Vec<f64> = (1..=corpus).map(|r| (r as f64).powf(-s)).collect();
     let total: f64 = cdf.iter().sum();
     let mut acc = 0.0;
@@ -70,6 +66,26 @@ pub(super) fn stream(spec: StreamSpec, corpus: usize) -> Vec<Vec<Pick>> {
             q
         })
         .collect()
+}
+
+/// Popularity rank → corpus index: a shuffle drawn from `rng`.
+fn ranking(rng: &mut SplitMix, corpus: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..corpus).collect();
+    for i in (1..corpus).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
+}
+
+/// Each corpus chunk's popularity rank (0: the most popular) in the streams of `seed`
+/// ([`stream`] draws corpus chunks by Zipf over these ranks).
+pub(super) fn popularity_ranks(seed: u64, corpus: usize) -> Vec<usize> {
+    let order = ranking(&mut SplitMix(seed), corpus);
+    let mut rank = vec![0; corpus];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i] = r;
+    }
+    rank
 }
 
 /// The vendored passages as document texts, tokenized and cut into chunks.
@@ -156,6 +172,14 @@ mod tests {
         }
         let top = counts.values().copied().max().unwrap_or(0);
         assert!(top > 20 * picks.len() / 1000, "top chunk drawn {top} times");
+        // and it is the chunk ranked most popular; the ranks order the draws
+        let ranks = popularity_ranks(spec.seed, 1000);
+        let by_rank = |r: usize| {
+            let i = ranks.iter().position(|&x| x == r).unwrap();
+            counts.get(&i).copied().unwrap_or(0)
+        };
+        assert_eq!(by_rank(0), top);
+        assert!(by_rank(1) + by_rank(2) > 10 * (by_rank(500) + by_rank(501) + 1));
         assert!(stream(spec, 1000) == q, "seeded: the same stream again");
         let other = StreamSpec { seed: 8, ..spec };
         assert!(stream(other, 1000) != q, "another seed, another stream");
