@@ -29,11 +29,14 @@
 #                                # per codec (raw, int8, kivi4; decoded on the device), s3fifo
 #                                # at Zipf 0.8 (~5 min on the H200: a lossy tier's replay is
 #                                # ~2 min, its 24k gets each decoding a 2 MB layer on the CPU),
-#                                # each codec's runs closed by the clairvoyant ceiling
+#                                # each codec's runs closed by the reference host tiers
 #   benches/gpu_run.sh trace-real CODEC # real blends of that stream over a host tier of CODEC
 #                                # (300 chunks, 160 queries, the first 80 a warm-up; raw:
 #                                # 3 min on the H200), then over the corpus precomputed (the
 #                                # stream's warm-store reference), one codec per call
+#   benches/gpu_run.sh trace-stream CODEC / trace-ref CODEC # the same in two calls: the
+#                                # stream alone, then its reference alone (--reference-only),
+#                                # for streams too long for one (KVQ_QUERIES, KVQ_WARMUP)
 #   benches/gpu_run.sh codecs N  # issue 13 on the GPU: codecs-kernel, then codecs-eval N
 #   benches/gpu_run.sh codecs-kernel # the dequant kernel (bits vs the CPU decoder, throughput
 #                                # beside a device copy and pinned PCIe); host-tier hits of the
@@ -86,12 +89,17 @@ case "${1:-perf}" in
       --host-capacity "${KVQ_HOST_CAPACITY:-0.2}" \
       --json "$OUT/trace_8b_codecs.json" 2> "$OUT/trace_8b_codecs.log"
     ;;
-  trace-real)
+  trace-real|trace-stream|trace-ref)
+    case "$1" in
+      trace-real) which=(--reference) ;;
+      trace-stream) which=() ;;
+      trace-ref) which=(--reference-only) ;;
+    esac
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" --chunk-tokens 512 \
-      --real --corpus-limit 300 --queries 160 --warmup 80 --window 40 --zipf 0.8 \
-      --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 --hit-threads 1 --reference \
-      --host-capacity "${KVQ_HOST_CAPACITY:-0.2}" \
-      --json "$OUT/trace_8b_real_$2.json" 2> "$OUT/trace_8b_real_$2.log"
+      --real --corpus-limit 300 --queries "${KVQ_QUERIES:-160}" --warmup "${KVQ_WARMUP:-80}" \
+      --window 40 --zipf 0.8 --policies s3fifo --host-codecs "${2:?codec}" --repeats 3 \
+      --hit-threads 1 "${which[@]}" --host-capacity "${KVQ_HOST_CAPACITY:-0.2}" \
+      --json "$OUT/${1}_8b_$2.json" 2> "$OUT/${1}_8b_$2.log"
     ;;
   decode)
     "$bench" decode --random llama3.1-8b --device cuda --policy snapkv --compression 4 \

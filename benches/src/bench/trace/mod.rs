@@ -72,7 +72,7 @@ use kvquilt_model::DType;
 use serde::Serialize;
 
 use super::{machine, median, write_report};
-use costs::{Costs, measure};
+use costs::{BlendCost, Costs, measure};
 use oracle::Oracle;
 use replay::{HostSpec, RealQueries, Window, check_codec, replay, replay_oracle, scaled_layout};
 use stream::{StreamSpec, corpus, popularity_ranks, stream};
@@ -150,6 +150,11 @@ pub struct TraceBenchArgs {
     /// stream's warm-store reference. The modelled trace always models it, per query.
     #[arg(long)]
     reference: bool,
+    /// With `--real`: replay only the precomputed corpus (`--reference` without the
+    /// policies' streams), reported as policy `precomputed-corpus` — the reference of a
+    /// stream too long for one call, run apart from it.
+    #[arg(long)]
+    reference_only: bool,
     /// After each replay: host-tier hit throughput with this many threads reading the warm
     /// store at once (each a list; empty: skipped).
     #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
@@ -164,11 +169,13 @@ pub struct TraceBenchArgs {
 #[derive(Serialize)]
 struct Run {
     zipf: f64,
-    /// A store policy's name, or `clairvoyant` (the modelled trace's ceiling).
+    /// A store policy's name, or a reference tier's (`perfect-lfu`, `popularity`,
+    /// `clairvoyant`: modelled only).
     policy: String,
     host_codec: String,
-    /// The host tier's capacity as a fraction of the corpus's raw KV bytes.
-    host_capacity: f64,
+    /// The host tier's capacity as a fraction of the corpus's raw KV bytes (`None`: the
+    /// precomputed corpus, room for all of it).
+    host_capacity: Option<f64>,
     windows: Vec<Window>,
     /// Over the queries after warm-up.
     host_hit_rate: f64,
@@ -237,6 +244,55 @@ fn after_warmup_median(windows: &[Window], f: impl Fn(&Window) -> Option<f64>) -
     xs.filter(|v| !v.is_empty()).map(|v| median(&v))
 }
 
+/// A run's summary from its windows: `(zipf, policy, host codec, host capacity)` names it,
+/// `cost` is the blend's over that codec's host tier (for the warm-cache ratio).
+fn summarize(
+    (zipf, policy, codec, host_capacity): (f64, &str, Codec, Option<f64>),
+    cost: &BlendCost,
+    windows: Vec<Window>,
+    seconds: f64,
+    hit_throughput: Vec<(usize, f64)>,
+) -> Run {
+    let after: Vec<&Window> = windows.iter().filter(|w| !w.warmup).collect();
+    let mean = |f: &dyn Fn(&Window) -> f64| {
+        after.iter().map(|w| f(w)).sum::<f64>() / after.len().max(1) as f64
+    };
+    let warm_speedup = after.first().map_or(f64::NAN, |w| w.speedup_median);
+    // (no later window: the warm one)
+    let lowest_later_speedup = after
+        .iter()
+        .skip(1)
+        .map(|w| w.speedup_median)
+        .reduce(f64::min)
+        .unwrap_or(warm_speedup);
+    let speedup_median = median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>());
+    let precomputed_speedup = after_warmup_median(&windows, |w| w.precomputed_speedup_median);
+    Run {
+        zipf,
+        policy: policy.to_string(),
+        host_codec: codec.to_string(),
+        host_capacity,
+        host_hit_rate: mean(&|w| w.host_hit_rate),
+        hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
+        speedup_median,
+        warm_speedup,
+        lowest_later_speedup,
+        kept_fraction: lowest_later_speedup / warm_speedup,
+        of_warm_cache: speedup_median * cost.warm_fraction,
+        precomputed_speedup,
+        of_precomputed: precomputed_speedup.map(|p| speedup_median / p),
+        precomputed_windows: Vec::new(),
+        windows,
+        seconds,
+        hit_throughput,
+    }
+}
+
+/// A host capacity as the log prints it (`all`: the precomputed corpus).
+fn capacity_label(c: Option<f64>) -> String {
+    c.map_or_else(|| "all ".to_string(), |c| format!("{c:.2}"))
+}
+
 pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     if a.k == 0 || a.queries <= a.warmup || a.window == 0 || !a.warmup.is_multiple_of(a.window) {
         bail!(
@@ -254,8 +310,10 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     {
         bail!("novel must be in [0, 1), host capacity > 0, SSD capacity ≥ 0");
     }
-    if a.reference && !a.real {
-        bail!("--reference is for --real (the modelled trace models the reference per query)");
+    if (a.reference || a.reference_only) && !a.real {
+        bail!(
+            "--reference and --reference-only are for --real (the modelled trace models the reference per query)"
+        );
     }
     let policies: Vec<(String, PolicyKind)> = a
         .policies
@@ -419,19 +477,23 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         };
         let tried = policies
             .iter()
+            .filter(|_| !a.reference_only)
             .map(|(n, p)| (n.clone(), HostPolicy::Store(*p)))
             .chain(
                 oracles
                     .into_iter()
                     .map(|o| (o.name().to_string(), HostPolicy::Oracle(o))),
             );
-        let hosts = a.host_capacity.iter().flat_map(|&capacity| {
-            host_codecs
-                .iter()
-                .zip(&costs.blends)
-                .map(move |(&codec, cost)| (codec, capacity, cost))
-        });
-        let hosts: Vec<_> = hosts.collect();
+        let hosts: Vec<_> = a
+            .host_capacity
+            .iter()
+            .flat_map(|&capacity| {
+                host_codecs
+                    .iter()
+                    .zip(&costs.blends)
+                    .map(move |(&codec, cost)| (codec, capacity, cost))
+            })
+            .collect();
         for ((pname, policy), &(codec, capacity, cost)) in
             tried.flat_map(|p| hosts.iter().map(move |h| (p.clone(), h)))
         {
@@ -463,45 +525,17 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
                     corpus_bytes,
                 )?,
             };
-            let after: Vec<&Window> = windows.iter().filter(|w| !w.warmup).collect();
-            let mean = |f: &dyn Fn(&Window) -> f64| {
-                after.iter().map(|w| f(w)).sum::<f64>() / after.len().max(1) as f64
-            };
-            let warm_speedup = after.first().map_or(f64::NAN, |w| w.speedup_median);
-            // (no later window: the warm one)
-            let lowest_later_speedup = after
-                .iter()
-                .skip(1)
-                .map(|w| w.speedup_median)
-                .reduce(f64::min)
-                .unwrap_or(warm_speedup);
-            let speedup_median =
-                median(&after.iter().map(|w| w.speedup_median).collect::<Vec<_>>());
-            let precomputed_speedup =
-                after_warmup_median(&windows, |w| w.precomputed_speedup_median);
-            let run = Run {
-                zipf: s,
-                policy: pname.clone(),
-                host_codec: codec.to_string(),
-                host_capacity: capacity,
-                host_hit_rate: mean(&|w| w.host_hit_rate),
-                hit_rate: mean(&|w| w.host_hit_rate + w.ssd_hit_rate),
-                speedup_median,
-                warm_speedup,
-                lowest_later_speedup,
-                kept_fraction: lowest_later_speedup / warm_speedup,
-                of_warm_cache: speedup_median * cost.warm_fraction,
-                precomputed_speedup,
-                of_precomputed: precomputed_speedup.map(|p| speedup_median / p),
-                precomputed_windows: Vec::new(),
+            let run = summarize(
+                (s, &pname, codec, Some(capacity)),
+                cost,
                 windows,
                 seconds,
                 hit_throughput,
-            };
+            );
             eprintln!(
-                "zipf {s:<4} {pname:<11} {:<6} host {:.2}  host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
+                "zipf {s:<4} {pname:<11} {:<6} host {}  host hits {:.3} all hits {:.3}  speedup median {:.2}× (warm {:.2}×, lowest later {:.2}×, kept {:.2})  {:.1} s",
                 run.host_codec,
-                run.host_capacity,
+                capacity_label(run.host_capacity),
                 run.host_hit_rate,
                 run.hit_rate,
                 run.speedup_median,
@@ -517,9 +551,22 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         }
         // the stream's warm-store reference, measured once per codec (any policy: nothing
         // is evicted) and set beside each of this stream's runs in that codec
-        if a.real && a.reference {
-            for &codec in &host_codecs {
-                let (windows, _, _) = real.replay_precomputed(codec, &queries)?;
+        if a.real && (a.reference || a.reference_only) {
+            for (&codec, cost) in host_codecs.iter().zip(&costs.blends) {
+                let (windows, seconds, _) = real.replay_precomputed(codec, &queries)?;
+                if a.reference_only {
+                    let mut run = summarize(
+                        (s, "precomputed-corpus", codec, None),
+                        cost,
+                        windows,
+                        seconds,
+                        Vec::new(),
+                    );
+                    run.precomputed_speedup = Some(run.speedup_median);
+                    run.of_precomputed = Some(1.0);
+                    runs.push(run);
+                    continue;
+                }
                 let reference = after_warmup_median(&windows, |w| Some(w.speedup_median));
                 for run in runs
                     .iter_mut()
@@ -533,10 +580,10 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
         }
         for run in runs.iter().filter(|r| r.zipf == s) {
             eprintln!(
-                "zipf {s:<4} {:<11} {:<6} host {:.2}  speedup {:.2}× = {:.2} of the warm-cache ratio; {}",
+                "zipf {s:<4} {:<11} {:<6} host {}  speedup {:.2}× = {:.2} of the warm-cache ratio; {}",
                 run.policy,
                 run.host_codec,
-                run.host_capacity,
+                capacity_label(run.host_capacity),
                 run.speedup_median,
                 run.of_warm_cache,
                 match (run.precomputed_speedup, run.of_precomputed) {

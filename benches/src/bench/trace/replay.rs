@@ -133,7 +133,7 @@ fn trace_store(
 
 /// Counters of one window while it runs.
 #[derive(Default)]
-pub(super) struct Tally {
+struct Tally {
     host_hits: usize,
     ssd_hits: usize,
     misses: usize,
@@ -148,7 +148,7 @@ pub(super) struct Tally {
 }
 
 impl Tally {
-    pub(super) fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
+    fn window(self, from: usize, warmup: usize, admission_rejections: u64) -> Window {
         let lookups = (self.host_hits + self.ssd_hits + self.misses).max(1) as f64;
         let n = self.speedups.len().max(1) as f64;
         Window {
@@ -562,7 +562,7 @@ fn held_size(layout: &KvLayout, codec: Codec, tokens: usize, seed: u64) -> Resul
 
 /// Where a query found one of its chunks when it arrived.
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(super) enum Found {
+enum Found {
     Host,
     Ssd,
     Missing,
@@ -573,7 +573,7 @@ pub(super) enum Found {
 /// (misses computed in the blend's own pass, their store-back after the first token) plus
 /// real-size SSD reads, capped at full prefill (the engine falls back to it); beside it, the
 /// same query over the corpus precomputed (only its new documents computed).
-pub(super) fn model_query(
+fn model_query(
     tally: &mut Tally,
     q: &[Pick],
     tokens: &[usize],
