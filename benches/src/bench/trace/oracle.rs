@@ -20,7 +20,7 @@
 //!   stream's length.
 //!
 //! The trace's chunks are mostly of one size (the `--chunk-tokens` pieces, a passage's last
-//! piece shorter), for which these are the standard references, not proven optima. Neither
+//! piece shorter), for which these are the standard references, not proven optima. None
 //! holds KV: they run beside the real policies' stores to say how much of the gap to the
 //! precomputed corpus any policy could close, and how much only more bytes (a smaller
 //! codec, a larger tier) can.
