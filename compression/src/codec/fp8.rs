@@ -15,7 +15,8 @@ use super::{CodecError, LayerShape, Result, check_finite, f32_at, int8};
 /// Largest finite e4m3fn value.
 pub(super) const MAX: f32 = 448.0;
 
-/// The f32 value of each of the 256 codes (NaN for 0x7F and 0xFF).
+/// The f32 value of each of the 256 codes (NaN for 0x7F and 0xFF): the definition the
+/// record formula (`scaled8.rs`) reads and [`decode_one`] is pinned to.
 pub(super) fn table() -> [f32; 256] {
     let mut t = [0f32; 256];
     for (c, v) in t.iter_mut().enumerate() {
@@ -30,6 +31,23 @@ pub(super) fn table() -> [f32; 256] {
         *v = if sign == 1 { -mag } else { mag };
     }
     t
+}
+
+/// The f32 value of code `c`, bit for bit [`table`]'s entry, without the table: a decoder's
+/// loop over it vectorises where a table lookup is a gather (pinned over all 256 codes by
+/// `tests::decode_one_is_the_table`).
+#[inline(always)]
+pub(super) fn decode_one(c: u8) -> f32 {
+    let c = u32::from(c);
+    let sign = (c & 0x80) << 24;
+    let mag = c & 0x7F;
+    // exponent e ≥ 1: rebased (bias 7 → 127: + 120), the 3 mantissa bits on top of f32's
+    let normal = f32::from_bits((mag + (120 << 3)) << 20);
+    // e = 0 (mag < 8): the subnormal m · 2⁻⁹, exact
+    let subnormal = mag as f32 * (1.0 / 512.0);
+    let v = if mag < 8 { subnormal } else { normal };
+    let v = if mag == 0x7F { f32::NAN } else { v };
+    f32::from_bits(v.to_bits() | sign)
 }
 
 /// The nearest code to `x` (ties to even), saturating at ±448; NaN maps to 0x7F.
@@ -111,7 +129,6 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
             why: format!("{} bytes, expected {want}", stored.len()),
         });
     }
-    let t = table();
     let codes = &stored[8 * h..];
     let esize = shape.elem.size();
     let mut row = vec![0f32; d];
@@ -123,7 +140,7 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
         let kv = r / (half / d);
         let scale = f32_at(stored, kv * h + r % h);
         for (x, &c) in row.iter_mut().zip(src) {
-            *x = t[c as usize] * scale;
+            *x = decode_one(c) * scale;
         }
         shape.elem.put_all(&row, dst);
     }
@@ -133,6 +150,18 @@ pub(super) fn decode(shape: &LayerShape, stored: &[u8], out: &mut [u8]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_one_is_the_table() {
+        let t = table();
+        for c in 0..=255u8 {
+            assert_eq!(
+                decode_one(c).to_bits(),
+                t[c as usize].to_bits(),
+                "code {c:#04x}"
+            );
+        }
+    }
 
     #[test]
     fn every_finite_code_round_trips_and_rounding_is_nearest() {

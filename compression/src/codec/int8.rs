@@ -287,12 +287,15 @@ pub(super) fn decode(
         Code8::Int8 => decode_with(shape, group, zero_point, stored, out, codec, |c| {
             (c as i8) as f32
         }),
-        Code8::E4m3 => {
-            let t = fp8::table();
-            decode_with(shape, group, zero_point, stored, out, codec, |c| {
-                t[c as usize]
-            })
-        }
+        Code8::E4m3 => decode_with(
+            shape,
+            group,
+            zero_point,
+            stored,
+            out,
+            codec,
+            fp8::decode_one,
+        ),
     }
 }
 

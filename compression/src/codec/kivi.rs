@@ -14,7 +14,7 @@
 
 use half::f16;
 
-use super::{CodecError, KiviRecord, LayerShape, Result, check_finite, int8};
+use super::{CodecError, ElemType, KiviRecord, LayerShape, Result, check_finite, int8};
 
 /// The code of `x` in a group of minimum `min` and step `step` (the stored values, as f32):
 /// `(x − min) / step` rounded half away from zero and clamped to `0..=levels`; 0 when the
@@ -247,14 +247,10 @@ impl Params {
         let hd = h * d;
         let esize = s.elem.size();
         let (kp, vp, code_bytes, res) = self.sizes();
-        let pair = |at: usize| -> (f32, f32) {
-            let b = &stored[4 * at..4 * at + 4];
-            (
-                f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-                f16::from_bits(u16::from_le_bytes([b[2], b[3]])).to_f32(),
-            )
-        };
         let codes_at = 4 * (kp + vp);
+        // every (min, step) pair as f32, converted in bulk
+        let pairs = ElemType::F16.to_f32_vec(&stored[..codes_at]);
+        let pair = |at: usize| (pairs[2 * at], pairs[2 * at + 1]);
         let k_codes = &stored[codes_at..codes_at + code_bytes];
         let v_codes = &stored[codes_at + code_bytes..codes_at + 2 * code_bytes];
         let residual = &stored[codes_at + 2 * code_bytes..];
