@@ -122,8 +122,7 @@ mod f16c {
     #[inline(always)]
     pub(super) fn put(values: &[f32], out: &mut [u8]) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if x86::available() {
             // SAFETY: the CPU has AVX and F16C, the features `x86::put` is built for.
             return unsafe { x86::put(values, out) };
         }
@@ -135,8 +134,7 @@ mod f16c {
     #[inline(always)]
     pub(super) fn get(raw: &[u8], out: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if x86::available() {
             // SAFETY: the CPU has AVX and F16C, the features `x86::get` is built for.
             return unsafe { x86::get(raw, out) };
         }
@@ -150,6 +148,13 @@ mod f16c {
             __m128i, _MM_FROUND_TO_NEAREST_INT, _mm_loadu_si128, _mm_storeu_si128, _mm256_cvtph_ps,
             _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
         };
+
+        /// Whether the CPU has what `put` and `get` are built for.
+        #[inline(always)]
+        pub(super) fn available() -> bool {
+            std::arch::is_x86_feature_detected!("avx")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
 
         #[target_feature(enable = "avx,f16c")]
         pub(super) fn put(values: &[f32], out: &mut [u8]) -> usize {
