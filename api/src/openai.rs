@@ -2,9 +2,11 @@
 //! with kvquilt's extensions: `documents` (chunks assembled through blend) in requests and
 //! `kvquilt` (the blend's [`BlendStats`]) in responses. Unknown OpenAI request fields are
 //! ignored, so OpenAI SDKs can send theirs; known ones that would change the answer and are
-//! not served (`n` > 1, penalties, `logit_bias`, `echo`, `best_of` > 1) are refused.
+//! not served (`n` > 1, penalties, `logit_bias`, `echo`, `best_of` > 1, `suffix`, tools and
+//! functions, a `response_format` other than text) are refused. `null` stands for an absent
+//! field everywhere, as OpenAI reads it.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::blend::{BlendStats, ModeSpec};
@@ -36,7 +38,12 @@ pub struct CommonFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
     /// Stream server-sent events.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub stream: bool,
     /// Streaming options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,11 +96,31 @@ pub struct ChatRequest {
     /// The conversation; the last message is the user's question.
     pub messages: Vec<ChatMessage>,
     /// Return each generated token's log-probability.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub logprobs: bool,
     /// Alternatives per generated token (with `logprobs`), at most 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<usize>,
+    /// Not served (tool calling): only absent or an empty list is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Value>,
+    /// Not served: only absent, `"none"` or `"auto"` is accepted (no tool is ever called).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    /// Not served (the older form of `tools`): only absent or an empty list is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Value>,
+    /// Not served: only absent, `"none"` or `"auto"` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<Value>,
+    /// Not served (structured output): only absent or `{"type": "text"}` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
     /// Sampling, stopping, documents.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -173,11 +200,19 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<usize>,
     /// Not served: only `false` (or absent) is accepted.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub echo: bool,
     /// Not served: only 1 (or absent) is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_of: Option<usize>,
+    /// Not served (text after the completion): only absent or empty is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
     /// Sampling, stopping, documents.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -191,6 +226,7 @@ impl CompletionRequest {
             logprobs: None,
             echo: false,
             best_of: None,
+            suffix: None,
             common: CommonFields::default(),
         }
     }
@@ -356,4 +392,14 @@ pub struct ModelCalibration {
     pub record: Option<String>,
     /// One line for people.
     pub note: String,
+}
+
+/// Reads `null` as the field's default (`false` for a flag): OpenAI takes `null` for any
+/// optional field, and some clients send it.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }

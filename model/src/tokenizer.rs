@@ -229,6 +229,26 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
+    /// The bytes token `id` stands for, also where it is a piece of a UTF-8 character (which
+    /// [`Tokenizer::decode`] of it alone turns into U+FFFD): a byte-level token's characters
+    /// mapped back to their bytes, a special token's text. Empty for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(token) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level && !self.specials.contains(&token) {
+            let bytes: Option<Vec<u8>> = token.chars().map(byte_of_char).collect();
+            if let Some(bytes) = bytes {
+                return bytes;
+            }
+        }
+        self.decode(&[id], false).unwrap_or_default().into_bytes()
+    }
+
     /// The beginning-of-sequence token, if the model defines one (whether or not
     /// [`Tokenizer::encode`] prepends it).
     pub fn bos_id(&self) -> Option<u32> {
@@ -253,6 +273,20 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer, serialisable as `tokenizer.json`.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's table): printable Latin-1 bytes
+/// (`!`..=`~`, `¡`..=`¬`, `®`..=`ÿ`) are their own character; the other 68 bytes, in order
+/// (0x00..=0x20, 0x7F..=0xA0, 0xAD), are U+0100..=U+0143. None for any other character.
+fn byte_of_char(c: char) -> Option<u8> {
+    let c = u32::from(c);
+    match c {
+        0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF => u8::try_from(c).ok(),
+        0x100..=0x120 => u8::try_from(c - 0x100).ok(),
+        0x121..=0x142 => u8::try_from(c - 0x121 + 0x7F).ok(),
+        0x143 => Some(0xAD),
+        _ => None,
     }
 }
 
@@ -292,6 +326,34 @@ mod tests {
             .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
         let path = std::path::PathBuf::from(root).join("tests/fixtures/tiny-chat/tokenizer.json");
         Tokenizer::from_file(&path, vec![2], None).expect("the tiny chat tokenizer")
+    }
+
+    /// A token's bytes are what it stands for, also where it holds part of a character; the
+    /// table is GPT-2's, checked against the `tokenizers` pre-tokenizer's own alphabet.
+    #[test]
+    fn token_bytes_are_the_tokens_bytes() -> Result<()> {
+        let t = tiny_chat();
+        let text = "Repeat: \u{1F409}\u{1F409} 你好, naïve\t\u{7f}\u{ad}\u{0}!";
+        let ids = t.encode_literal(text)?;
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.token_bytes(id)).collect();
+        assert_eq!(bytes, text.as_bytes());
+        let split = ids
+            .iter()
+            .filter(|&&id| t.decode(&[id], false).is_ok_and(|s| s.contains('\u{FFFD}')))
+            .count();
+        assert!(split > 0, "no token of {ids:?} holds part of a character");
+        let start = t.token_id("<|im_start|>").expect("a ChatML tokenizer");
+        assert_eq!(t.token_bytes(start), b"<|im_start|>");
+        assert!(t.token_bytes(u32::MAX).is_empty());
+        let alphabet = ByteLevel::alphabet();
+        let mut seen = std::collections::HashSet::new();
+        for c in &alphabet {
+            let b = byte_of_char(*c).expect("every character of the alphabet is a byte");
+            assert!(seen.insert(b), "{c:?} maps to a byte twice");
+        }
+        assert_eq!(seen.len(), 256);
+        assert_eq!(byte_of_char('\u{144}'), None);
+        Ok(())
     }
 
     #[test]

@@ -248,6 +248,50 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "best_of",
         ),
         (
+            "/v1/completions",
+            json!({"prompt": "p", "suffix": "end"}),
+            "unsupported_parameter",
+            "suffix",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "unsupported_parameter",
+            "`tools`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "tool_choice": "required"}),
+            "unsupported_parameter",
+            "`tool_choice`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "functions": [{"name": "f"}]}),
+            "unsupported_parameter",
+            "`functions`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "response_format": {"type": "json_object"}}),
+            "unsupported_parameter",
+            "`response_format`",
+        ),
+        // an empty document is refused as empty token ids are (it was stored as the
+        // document separator alone)
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "documents": [""]}),
+            "empty_chunk",
+            "chunk 0 has no text",
+        ),
+        (
+            "/v1/chunks",
+            json!({"chunks": ["x", ""]}),
+            "empty_chunk",
+            "chunk 1 has no text",
+        ),
+        (
             "/v1/chat/completions",
             json!({"messages": [hi], "logprobs": true, "top_logprobs": 21}),
             "invalid_logprobs",
@@ -366,6 +410,19 @@ async fn limits_are_enforced_by_name() {
         )
         .await;
     assert_err(&r, 400, "text_too_large", "max_text_bytes");
+    // each message counts its template markup beside its content: many empty messages are
+    // refused before tokenizing (a 16 MB body of them once took seconds and gigabytes to
+    // reach the context check)
+    let empty = json!({"role": "user"});
+    let r = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            T,
+            json!({"messages": vec![empty; 300]}),
+        )
+        .await;
+    assert_err(&r, 400, "text_too_large", "9600 bytes");
     // stop strings are text the request carries too (they once slipped past every limit)
     for (path, body) in [
         (
@@ -589,8 +646,12 @@ async fn uploaded_objects_are_verified_before_they_are_stored() {
     // the intact object goes back in, then is a hit
     let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv.clone())).await;
     assert_eq!(status, StatusCode::CREATED);
-    let (status, _) = app.bytes("PUT", &kv_url, T, Some(kv)).await;
-    assert_eq!(status, StatusCode::OK);
+    // a hit under the id in capitals answers with the id as every other reply writes it
+    let upper = format!("/v1/chunks/{}/kv", id.to_uppercase());
+    let r = to_json(app.bytes("PUT", &upper, T, Some(kv)).await);
+    assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+    assert_eq!(r.1["status"], "hit");
+    assert_eq!(r.1["id"], id.as_str());
     let (status, v) = app
         .call(
             "GET",
@@ -684,6 +745,112 @@ async fn openai_responses_parse_as_the_wire_types() {
         )
         .await;
     assert_err(&r, 404, "model_not_found", "gpt-9");
+    // a long input is not echoed back whole
+    let long = "é".repeat(50_000);
+    let r = app
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": "x", "model": long}),
+        )
+        .await;
+    assert_err(&r, 404, "model_not_found", "bytes)");
+    assert!(r.1["error"]["message"].as_str().unwrap().len() < 1100);
+}
+
+/// OpenAI's `null` for an optional field is read as its absence; the no-op values of the
+/// fields that are not served pass; a streamed completion with `include_usage` ends with
+/// OpenAI's usage chunk (no choices) after the finish chunk; a token's logprob `bytes` are
+/// its own bytes, also where it holds part of a character.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_nulls_no_op_fields_usage_chunk_and_token_bytes() {
+    let app = TestApp::new(Config::default());
+    let hi = json!({"role": "user", "content": "hi"});
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "max_tokens": 2, "stream": null, "logprobs": null}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "max_tokens": 2, "echo": null, "stream": null, "suffix": ""}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "max_tokens": 2, "tools": [], "tool_choice": "auto",
+                   "functions": null, "function_call": "none", "response_format": {"type": "text"}}),
+        ),
+    ] {
+        let (status, v) = app.json("POST", path, None, body).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {v}");
+    }
+
+    let body = json!({"messages": [hi], "max_tokens": 3, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let events = app.sse("/v1/chat/completions", body).await;
+    let n = events.len();
+    assert!(n >= 3, "{events:?}");
+    let (finish, usage) = (&events[n - 2], &events[n - 1]);
+    assert!(
+        finish["choices"][0]["finish_reason"].is_string(),
+        "{finish}"
+    );
+    assert!(finish.get("usage").is_none(), "{finish}");
+    assert_eq!(usage["choices"], json!([]), "{usage}");
+    assert_eq!(usage["object"], "chat.completion.chunk");
+    assert_eq!(usage["usage"]["completion_tokens"], 3, "{usage}");
+    assert!(
+        usage["kvquilt"].is_object(),
+        "the last chunk carries the blend's stats"
+    );
+    let events = app
+        .sse(
+            "/v1/chat/completions",
+            json!({"messages": [hi], "max_tokens": 2, "stream": true}),
+        )
+        .await;
+    let last = events.last().expect("events");
+    assert!(last["choices"][0]["finish_reason"].is_string() && last["kvquilt"].is_object());
+    assert!(
+        events.iter().all(|e| e.get("usage").is_none()),
+        "no usage unless asked"
+    );
+
+    // the tiny model's vocabulary is bytes: half of its tokens are pieces of characters
+    // (text U+FFFD), whose `bytes` must be the byte itself, not U+FFFD's three
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [hi], "max_tokens": 4, "logprobs": true, "top_logprobs": 20}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let tokens = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("tokens");
+    let alternatives: Vec<&Value> = tokens
+        .iter()
+        .flat_map(|t| t["top_logprobs"].as_array().expect("alternatives"))
+        .collect();
+    let pieces: Vec<&Value> = alternatives
+        .iter()
+        .copied()
+        .filter(|a| a["token"] == "\u{FFFD}")
+        .collect();
+    assert!(
+        !pieces.is_empty(),
+        "no piece of a character among {alternatives:?}"
+    );
+    for a in pieces {
+        let bytes = a["bytes"].as_array().expect("bytes");
+        assert!(
+            bytes.len() == 1 && bytes[0].as_u64().is_some_and(|b| b >= 0x80),
+            "{a}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

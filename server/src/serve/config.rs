@@ -155,7 +155,8 @@ pub struct Limits {
     /// Most bytes of one document's text, checked before it is tokenized.
     pub max_document_bytes: usize,
     /// Most bytes of text in one request (documents, question, system and instruction,
-    /// messages, prompt, stop strings), checked before anything is tokenized.
+    /// messages — each with 32 bytes for its template markup — prompt, stop strings),
+    /// checked before anything is tokenized.
     pub max_text_bytes: usize,
     /// Most chunks (documents) in one request.
     pub max_chunks: usize,

@@ -21,16 +21,31 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// The longest error message sent: messages quote the input they refuse (a model name, a
+/// policy spec), and a long input is not echoed back whole.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// A handler's result.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
-    /// An error with any status.
+    /// An error with any status. A message longer than [`MAX_MESSAGE_BYTES`] (one that
+    /// quotes a long input back) is cut there, saying so.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let total = message.len();
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(&format!("… (cut at {cut} of {total} bytes)"));
+        }
         Self {
             status,
             code,
-            message: message.into(),
+            message,
         }
     }
 

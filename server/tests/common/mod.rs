@@ -107,6 +107,30 @@ impl TestApp {
         .await
     }
 
+    /// A streamed completion (`body` asks for `stream`): its server-sent events' JSON, in
+    /// order, up to `data: [DONE]`, which must end it.
+    pub(crate) async fn sse(&self, uri: &str, body: Value) -> Vec<Value> {
+        let req = Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).expect("UTF-8 events");
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+        data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).expect("a JSON event"))
+            .collect()
+    }
+
     /// A request's raw response bytes and status (for binary bodies).
     pub(crate) async fn bytes(
         &self,

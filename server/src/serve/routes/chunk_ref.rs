@@ -59,6 +59,13 @@ pub(crate) fn check_token_ids(s: &Shared, what: &str, tokens: &[u32]) -> ApiResu
 
 /// Document `i`'s chunk tokens, after its size check, tokenized off the async workers.
 async fn text_tokens(s: &Shared, text: &str, i: usize) -> ApiResult<Vec<u32>> {
+    // refused as empty token ids are: a document's separator alone is no document
+    if text.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_chunk",
+            format!("chunk {i} has no text"),
+        ));
+    }
     let limit = s.limits.max_document_bytes;
     if text.len() > limit {
         return Err(ApiError::bad_request(

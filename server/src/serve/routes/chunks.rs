@@ -242,7 +242,7 @@ pub(crate) async fn put_kv(
         return Ok((
             StatusCode::OK,
             axum::Json(ChunkStatus {
-                id,
+                id: key.to_hex(),
                 tokens,
                 status: ChunkOutcome::Hit,
                 tier: Some(wire::tier(tier)),

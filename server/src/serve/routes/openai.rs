@@ -72,6 +72,7 @@ pub(crate) async fn chat(
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
+    check_unserved_chat(&body)?;
     let messages = body
         .messages
         .iter()
@@ -87,7 +88,11 @@ pub(crate) async fn chat(
             .documents
             .iter()
             .map(ChunkRef::text_len)
-            .chain(messages.iter().map(|m| m.content.len()))
+            .chain(
+                messages
+                    .iter()
+                    .map(|m| m.content.len() + MESSAGE_MARKUP_BYTES),
+            )
             .chain([stop_bytes(body.common.stop.as_ref())]),
     )?;
     let ((mode, calibration), compress) =
@@ -127,6 +132,12 @@ pub(crate) async fn completions(
             "`echo` and `best_of` other than 1 are not served",
         ));
     }
+    if body.suffix.as_ref().is_some_and(|x| !x.is_empty()) {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`suffix` is not served",
+        ));
+    }
     let prompt = match &body.prompt {
         Prompt::One(p) => p.clone(),
         Prompt::Many(v) if v.len() == 1 => v[0].clone(),
@@ -157,6 +168,43 @@ pub(crate) async fn completions(
     job.prepared.calibration = calibration;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
+}
+
+/// What one chat message adds to the rendered prompt beside its content (the template's
+/// turn markers and role: 28–33 bytes in ChatML), counted in `limits.max_text_bytes` so that
+/// a request of many empty messages is refused before it is tokenized, as much text is.
+const MESSAGE_MARKUP_BYTES: usize = 32;
+
+/// Refuses the chat fields that would change the answer and are not served (tools,
+/// functions, structured output); their no-op values pass: an empty list, `"none"` or
+/// `"auto"`, a `text` response format.
+fn check_unserved_chat(body: &ChatRequest) -> ApiResult<()> {
+    let no_list = |v: &Option<Value>| {
+        v.as_ref()
+            .is_none_or(|v| v.as_array().is_some_and(Vec::is_empty))
+    };
+    let no_call = |v: &Option<Value>| {
+        v.as_ref()
+            .is_none_or(|v| matches!(v.as_str(), Some("none" | "auto")))
+    };
+    let text = body
+        .response_format
+        .as_ref()
+        .is_none_or(|v| v.get("type").and_then(Value::as_str) == Some("text"));
+    let checks = [
+        ("tools", no_list(&body.tools)),
+        ("functions", no_list(&body.functions)),
+        ("tool_choice", no_call(&body.tool_choice)),
+        ("function_call", no_call(&body.function_call)),
+        ("response_format", text),
+    ];
+    match checks.iter().find(|(_, ok)| !ok) {
+        Some((field, _)) => Err(ApiError::bad_request(
+            "unsupported_parameter",
+            format!("`{field}` is not served (tools, functions and structured output are not)"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `GET /v1/models`.
@@ -537,13 +585,15 @@ impl Shape {
             return Value::Null;
         }
         let text = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
+        // a token's own bytes: a piece of a character keeps them (its text is U+FFFD)
+        let bytes = |id: u32| s.tokenizer.token_bytes(id);
         match self.kind {
             Kind::Chat => json!({"content": steps.iter().map(|st| json!({
                 "token": text(st.id),
                 "logprob": st.logprob,
-                "bytes": text(st.id).into_bytes(),
+                "bytes": bytes(st.id),
                 "top_logprobs": st.top.iter().map(|&(id, lp)| json!({
-                    "token": text(id), "logprob": lp, "bytes": text(id).into_bytes(),
+                    "token": text(id), "logprob": lp, "bytes": bytes(id),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()}),
             Kind::Text => json!({
@@ -656,21 +706,22 @@ fn stream_response(
                     produced,
                     stats,
                 }) => {
+                    // the finish chunk; with `include_usage`, OpenAI's last chunk after it:
+                    // no choices, the usage. The last chunk carries the blend's stats.
                     let mut body = shape.envelope(
                         vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
                         true,
                     );
+                    let mut events = Vec::new();
                     if include_usage {
+                        events.push(Event::default().data(Value::Object(body).to_string()));
+                        body = shape.envelope(Vec::new(), true);
                         body.insert("usage".into(), json!(shape.usage(produced)));
                     }
                     body.insert("kvquilt".into(), json!(wire::stats(&stats)));
-                    return Some((
-                        vec![
-                            Event::default().data(Value::Object(body).to_string()),
-                            Event::default().data("[DONE]"),
-                        ],
-                        (rx, true),
-                    ));
+                    events.push(Event::default().data(Value::Object(body).to_string()));
+                    events.push(Event::default().data("[DONE]"));
+                    return Some((events, (rx, true)));
                 }
                 Some(GenEvent::Failed(e)) => {
                     let body = json!(kvquilt_api::ErrorBody {
