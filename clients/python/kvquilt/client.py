@@ -284,7 +284,9 @@ class Client:
                 v = json.loads(data)
                 if "error" in v:
                     raise KvquiltError(200, v["error"].get("code", ""), v["error"].get("message", ""))
-                piece = v["choices"][0].get("delta", {}).get("content")
+                # OpenAI's usage chunk (`stream_options.include_usage`) has no choices
+                choices = v.get("choices") or [{}]
+                piece = choices[0].get("delta", {}).get("content")
                 if piece:
                     yield piece
 

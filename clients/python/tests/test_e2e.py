@@ -80,10 +80,15 @@ def test_openai_streaming_and_legacy_completion(client):
         # model's timings, so two blended requests may differ; a full prefill is exact
         extra_body={"documents": PASSAGES, "kvquilt": {"mode": "full"}},
     )
-    whole = oa.chat.completions.create(**ask).choices[0].message.content
+    first = oa.chat.completions.create(**ask)
+    whole = first.choices[0].message.content
     pieces = [c.choices[0].delta.content or "" for c in oa.chat.completions.create(stream=True, **ask) if c.choices]
     assert "".join(pieces) == whole  # greedy: streaming assembles the same text
     assert len([p for p in pieces if p]) >= 2
+    # with include_usage, OpenAI's last chunk: no choices, the usage the SDK reads
+    chunks = list(oa.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
+    assert chunks[-1].choices == [] and chunks[-1].usage == first.usage
+    assert all(c.usage is None for c in chunks[:-1])
     comp = oa.completions.create(model=model, prompt="The capital of France is", max_tokens=4)
     assert comp.choices[0].text.strip() != ""
 
