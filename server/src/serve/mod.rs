@@ -17,6 +17,7 @@ mod pool;
 mod routes;
 pub mod state;
 pub mod tenants;
+pub mod tokenizing;
 mod wire;
 
 use std::net::SocketAddr;
@@ -322,6 +323,7 @@ pub fn app_state(
         body_budget: bodies::BodyBudget::new(budget),
         kv_budget: bodies::BodyBudget::new(budget),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
+        tokenizing: tokenizing::Tokenizing::per_core(),
         metrics: Metrics::new(blender),
         started: Instant::now(),
     }))

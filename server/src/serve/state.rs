@@ -43,6 +43,8 @@ pub struct Shared {
     pub kv_budget: super::bodies::BodyBudget,
     /// The bounded pool model work runs on.
     pub pool: ModelPool,
+    /// Tokenizing, a bounded number of texts at once.
+    pub tokenizing: super::tokenizing::Tokenizing,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Start-up time (for `uptime_s`).

@@ -11,7 +11,7 @@ use kvquilt_blend::{BlendOutput, BlendRequest, StoreBack, StoredObject};
 use kvquilt_model::top_logprobs;
 
 use super::chunk_ref::{
-    check_chunk_count, check_text_bytes, check_token_ids, check_tokens, off_runtime, resolve_all,
+    check_chunk_count, check_text_bytes, check_token_ids, check_tokens, resolve_all,
 };
 use super::chunks::check_quota;
 use crate::serve::error::{ApiError, ApiResult};
@@ -58,7 +58,10 @@ pub(crate) async fn blend(
                 answer_hint: String::new(),
             };
             let tokenizer = Arc::clone(&s.tokenizer);
-            let mut r = off_runtime(move || Ok(prompt.request(&tokenizer, mode)?)).await?;
+            let mut r = s
+                .tokenizing
+                .run(move || Ok(prompt.request(&tokenizer, mode)?))
+                .await?;
             r.chunks = chunks;
             r
         }

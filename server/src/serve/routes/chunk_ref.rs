@@ -77,17 +77,9 @@ async fn text_tokens(s: &Shared, text: &str, i: usize) -> ApiResult<Vec<u32>> {
         ));
     }
     let (tokenizer, text) = (Arc::clone(&s.tokenizer), text.to_owned());
-    off_runtime(move || Ok(kvquilt_blend::rag::document_tokens(&tokenizer, &text)?)).await
-}
-
-/// Runs `f` (tokenizing) on a blocking thread: a long text must not hold an async worker,
-/// which would stall every request on it (`/health` included).
-pub(crate) async fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
+    s.tokenizing
+        .run(move || Ok(kvquilt_blend::rag::document_tokens(&tokenizer, &text)?))
         .await
-        .map_err(|e| ApiError::internal(format!("a tokenizer task failed: {e}")))?
 }
 
 /// Checks the bytes of text one request carries (`parts`: its documents, question,

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::blend::prepare;
-use super::chunk_ref::{check_text_bytes, off_runtime, resolve_all};
+use super::chunk_ref::{check_text_bytes, resolve_all};
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
@@ -99,17 +99,19 @@ pub(crate) async fn chat(
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let (template, tokenizer) = (Arc::clone(&s.template), Arc::clone(&s.tokenizer));
-    let req = off_runtime(move || {
-        Ok(chat_request(
-            &template,
-            &tokenizer,
-            &messages,
-            chunks,
-            DEFAULT_INSTRUCTION,
-            mode,
-        )?)
-    })
-    .await?;
+    let req = s
+        .tokenizing
+        .run(move || {
+            Ok(chat_request(
+                &template,
+                &tokenizer,
+                &messages,
+                chunks,
+                DEFAULT_INSTRUCTION,
+                mode,
+            )?)
+        })
+        .await?;
     let top_k = match body.logprobs {
         true => wire::alternatives("top_logprobs", body.top_logprobs)?,
         false => 0,
@@ -160,7 +162,10 @@ pub(crate) async fn completions(
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     let tokenizer = Arc::clone(&s.tokenizer);
-    let suffix = off_runtime(move || Ok(tokenizer.encode_piece(&prompt)?)).await?;
+    let suffix = s
+        .tokenizing
+        .run(move || Ok(tokenizer.encode_piece(&prompt)?))
+        .await?;
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = wire::alternatives("logprobs", body.logprobs)?;
     // OpenAI's default for legacy completions is 16 tokens
