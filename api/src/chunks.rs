@@ -1,13 +1,20 @@
 //! `/v1/chunks`: chunks named in requests, and what storing and looking them up returns.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// A chunk in a request: `"text"`, `{"text": ...}`, `{"tokens": [...]}` or `{"id": ...}`.
 ///
 /// Text is a document: the server tokenises it by the same rule the precompute job and chat
 /// `documents` use, so warming a chunk by any path hits in the others. Token ids are used as
 /// given. An id must name a chunk stored by the caller's tenant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read by hand rather than as an untagged enum, so that a bad chunk's error names what is
+/// wrong inside it (an unknown field, a token id that is no `u32`) instead of "did not match
+/// any variant".
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum ChunkRef {
@@ -45,6 +52,33 @@ impl ChunkRef {
             id: Some(id.into()),
             ..ChunkSpec::default()
         })
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Chunk;
+        impl<'de> Visitor<'de> for Chunk {
+            type Value = ChunkRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a document's text, or an object with one of `id`, `text`, `tokens`")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ChunkRef, E> {
+                Ok(ChunkRef::Text(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<ChunkRef, E> {
+                Ok(ChunkRef::Text(v))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ChunkRef, A::Error> {
+                ChunkSpec::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ChunkRef::Spec)
+            }
+        }
+        d.deserialize_any(Chunk)
     }
 }
 

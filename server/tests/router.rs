@@ -291,6 +291,26 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "empty_chunk",
             "chunk 1 has no text",
         ),
+        // a bad chunk's error names what is wrong inside it (it was "did not match any
+        // variant of untagged enum ChunkRef" for all three)
+        (
+            "/v1/chunks",
+            json!({"chunks": [{"text": "x", "foo": 1}]}),
+            "malformed_json",
+            "chunks[0].foo: unknown field `foo`",
+        ),
+        (
+            "/v1/chunks",
+            json!({"chunks": [{"tokens": [5, -1]}]}),
+            "malformed_json",
+            "integer `-1`",
+        ),
+        (
+            "/v1/blend",
+            json!({"question": "q?", "chunks": [["positional"]]}),
+            "malformed_json",
+            "expected a document's text, or an object with one of `id`, `text`, `tokens`",
+        ),
         (
             "/v1/chat/completions",
             json!({"messages": [hi], "logprobs": true, "top_logprobs": 21}),
