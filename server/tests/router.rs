@@ -181,6 +181,34 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
         )
         .await;
     assert_err(&r, 400, "invalid_role", "robot");
+    // a body the server would misread is a 415: compressed, or not UTF-8
+    let body = || json!({"question": "q?"}).to_string().into_bytes();
+    for (ct, says) in [
+        ("application/json; charset=latin-1", "charset `latin-1`"),
+        ("application/json; charset=\"UTF-16\"", "charset `utf-16`"),
+        (
+            "application/json;charset=iso-8859-1",
+            "charset `iso-8859-1`",
+        ),
+    ] {
+        let r = app
+            .call_with("POST", "/v1/blend", T, body(), &[("content-type", ct)])
+            .await;
+        assert_err(&r, 415, "unsupported_media_type", says);
+    }
+    let r = app
+        .call_with(
+            "POST",
+            "/v1/blend",
+            T,
+            vec![0x1f, 0x8b, 8, 0],
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+        )
+        .await;
+    assert_err(&r, 415, "unsupported_media_type", "Content-Encoding: gzip");
     // a known path with another method: a JSON 405 naming what it takes
     let r = app.call("PATCH", "/v1/blend", T, None, "").await;
     assert_err(&r, 405, "method_not_allowed", "POST");

@@ -17,6 +17,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        check_json_encoding(req.headers())?;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(JsonRejection::BytesRejection(b)) => Err(bytes_error(b)),
@@ -28,6 +29,46 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Err(e) => Err(ApiError::bad_request("malformed_json", e.body_text())),
         }
     }
+}
+
+/// Refuses a JSON body the server would misread: one compressed (`Content-Encoding` other
+/// than `identity`: no decoder is installed) or declared in a charset other than UTF-8 (the
+/// only one JSON has, RFC 8259) — a 415 rather than a parse error or a silent misreading.
+fn check_json_encoding(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let unsupported = |what: String| {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            what,
+        ))
+    };
+    if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING) {
+        let enc = String::from_utf8_lossy(enc.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        if enc != "identity" {
+            return unsupported(format!(
+                "`Content-Encoding: {enc}` is not accepted; send the JSON uncompressed"
+            ));
+        }
+    }
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase());
+    if let Some(ct) = content_type {
+        let charset = ct
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.trim().strip_prefix("charset="))
+            .map(|c| c.trim_matches('"'))
+            .find(|c| !matches!(*c, "utf-8" | "utf8"));
+        if let Some(c) = charset {
+            return unsupported(format!(
+                "the body's charset `{c}` is not accepted; JSON is UTF-8"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A raw body (uploaded KV objects).

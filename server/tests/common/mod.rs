@@ -82,6 +82,32 @@ impl TestApp {
         )
     }
 
+    /// A request with a body and headers of the caller's choosing: (status, JSON or `null`).
+    pub(crate) async fn call_with(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Body::from(body)).expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
     /// `POST /v1/blend` with `body`, which must succeed: its answer.
     pub(crate) async fn blend(&self, body: Value) -> kvquilt_api::BlendResponse {
         let (s, v) = self.json("POST", "/v1/blend", None, body).await;
