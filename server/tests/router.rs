@@ -333,6 +333,25 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "malformed_json",
             "integer `-1`",
         ),
+        // a request is an object: serde would read a struct's fields from an array in order
+        (
+            "/v1/blend",
+            json!([null, null, "What?"]),
+            "malformed_json",
+            "a JSON object",
+        ),
+        (
+            "/v1/chunks",
+            json!([["positional"]]),
+            "malformed_json",
+            "a JSON object",
+        ),
+        (
+            "/v1/chat/completions",
+            json!([[{"role": "user", "content": "hi"}]]),
+            "malformed_json",
+            "a JSON object",
+        ),
         (
             "/v1/blend",
             json!({"question": "q?", "chunks": [["positional"]]}),
