@@ -128,16 +128,11 @@ pub(crate) async fn completions(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
-    if body.echo || body.best_of.unwrap_or(1) != 1 {
+    let suffix = body.suffix.as_ref().is_some_and(|x| !x.is_empty());
+    if body.echo || body.best_of.unwrap_or(1) != 1 || suffix {
         return Err(ApiError::bad_request(
             "unsupported_parameter",
-            "`echo` and `best_of` other than 1 are not served",
-        ));
-    }
-    if body.suffix.as_ref().is_some_and(|x| !x.is_empty()) {
-        return Err(ApiError::bad_request(
-            "unsupported_parameter",
-            "`suffix` is not served",
+            "`echo`, `best_of` other than 1 and `suffix` are not served",
         ));
     }
     let prompt = match &body.prompt {
