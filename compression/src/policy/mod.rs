@@ -56,15 +56,18 @@ pub enum PolicyError {
     BadCompression(f32),
     /// The per-head budget cannot hold the entries the policy always keeps.
     #[error(
-        "policy {policy}: a budget of {budget} entries per KV head is below the {needed} it always keeps ({what})"
+        "policy {policy}: a budget of {budget} entries per KV head is below the {needed} it always keeps ({what}, of a cache of {tokens})"
     )]
     BudgetTooSmall {
         /// The policy.
         policy: String,
         /// Entries per KV head the budget allows.
         budget: usize,
-        /// Entries the policy keeps whatever the scores.
+        /// Entries the policy keeps whatever the scores (its regions, at most the cache's
+        /// `tokens`).
         needed: usize,
+        /// Entries per KV head the cache holds.
+        tokens: usize,
         /// Which regions those are (e.g. "4 sinks + 64 recent").
         what: String,
     },

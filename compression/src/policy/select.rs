@@ -179,6 +179,7 @@ fn check_room(
             policy: policy.name().into(),
             budget: n,
             needed,
+            tokens,
             what: regions.describe(),
         });
     }

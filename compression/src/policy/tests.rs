@@ -155,7 +155,11 @@ fn a_budget_below_the_kept_regions_is_an_error_naming_the_limit() {
         ),
         "{e}"
     );
-    assert!(e.to_string().contains("4 sinks + 64 recent"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("(4 sinks + 64 recent, of a cache of 100)"),
+        "{e}"
+    );
     for bad in [1.0, 0.5, f32::NAN, f32::INFINITY] {
         assert!(matches!(
             Budget::Compression(bad).validate(),
