@@ -40,7 +40,12 @@ pub struct BlendRequest {
     pub top_logprobs: Option<usize>,
     /// A token policy applied to the prompt's KV (reported in `stats.compression`; the first
     /// token is the uncompressed prompt's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::object::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<CompressSpec>"))]
     pub compress: Option<CompressSpec>,
 }
 
@@ -81,7 +86,12 @@ pub struct ModeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f32>,
     /// Compress the prompt's KV with a token policy before decoding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::object::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<CompressSpec>"))]
     pub compress: Option<CompressSpec>,
 }
 
@@ -110,7 +120,12 @@ pub struct CompressSpec {
     pub window: Option<usize>,
     /// Hold the KV of generated tokens to a budget while decoding (SCOPE); the prompt's KV
     /// is never evicted by it. Chat and text completions only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::object::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<DecodeSpec>"))]
     pub decode: Option<DecodeSpec>,
 }
 

@@ -17,6 +17,7 @@
 pub mod blend;
 pub mod chunks;
 pub mod error;
+pub mod object;
 pub mod openai;
 pub mod ops;
 mod routes;
@@ -30,6 +31,7 @@ pub use chunks::{
     PutChunksRequest, PutChunksResponse, Tier,
 };
 pub use error::{ErrorBody, ErrorDetail};
+pub use object::Object;
 pub use ops::{Health, Stats};
 pub use routes::{Method, ROUTES, Route};
 

@@ -46,7 +46,12 @@ pub struct CommonFields {
     #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub stream: bool,
     /// Streaming options.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::object::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<StreamOptions>"))]
     pub stream_options: Option<StreamOptions>,
     /// Completions per request (only 1 is served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,7 +70,12 @@ pub struct CommonFields {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub documents: Vec<ChunkRef>,
     /// kvquilt: how the documents are assembled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::object::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<ModeSpec>"))]
     pub kvquilt: Option<ModeSpec>,
 }
 

@@ -353,6 +353,19 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "a JSON object",
         ),
         (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "kvquilt": ["full"]}),
+            "malformed_json",
+            // (no path: `kvquilt` sits in the flattened common fields)
+            "invalid type: sequence, expected a JSON object",
+        ),
+        (
+            "/v1/blend",
+            json!({"question": "q?", "compress": ["snapkv", 4]}),
+            "malformed_json",
+            "compress: invalid type: sequence, expected a JSON object",
+        ),
+        (
             "/v1/blend",
             json!({"question": "q?", "chunks": [["positional"]]}),
             "malformed_json",

@@ -6,12 +6,8 @@ use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use std::fmt;
-use std::marker::PhantomData;
-
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{DeserializeOwned, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use kvquilt_api::Object;
+use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
@@ -23,6 +19,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         check_json_encoding(req.headers())?;
+        // an object only: serde would read a struct's fields from an array in order
         match axum::Json::<Object<T>>::from_request(req, state).await {
             Ok(axum::Json(Object(v))) => Ok(ApiJson(v)),
             Err(JsonRejection::BytesRejection(b)) => Err(bytes_error(b)),
@@ -33,28 +30,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             )),
             Err(e) => Err(ApiError::bad_request("malformed_json", e.body_text())),
         }
-    }
-}
-
-/// A request body read from a JSON object only: serde reads a struct from an array too (its
-/// fields in order), which no client means — `[null, null, "What?"]` once ran a blend.
-struct Object<T>(T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Fields<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
-            type Value = T;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(MapAccessDeserializer::new(map))
-            }
-        }
-        d.deserialize_map(Fields(PhantomData)).map(Object)
     }
 }
 
