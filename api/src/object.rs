@@ -2,7 +2,8 @@
 //!
 //! serde reads a struct from a sequence too (its fields in order), which no client means:
 //! `[null, null, "What?"]` was a blend request, `"kvquilt": []` a mode spec. [`Object`] and
-//! [`optional`] read a struct from a map or refuse with "expected a JSON object".
+//! `optional` (for optional fields) read a struct from a map or refuse with "expected a JSON
+//! object".
 
 use std::fmt;
 use std::marker::PhantomData;
