@@ -64,18 +64,11 @@ impl TestApp {
         body: Option<Body>,
         content_type: &str,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = match body {
-            Some(b) => req.header(header::CONTENT_TYPE, content_type).body(b),
-            None => req.body(Body::empty()),
-        }
-        .expect("request");
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let (body, headers) = match body {
+            Some(b) => (b, vec![(header::CONTENT_TYPE.as_str(), content_type)]),
+            None => (Body::empty(), Vec::new()),
+        };
+        let (status, bytes) = self.send(method, uri, token, body, &headers).await;
         (
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
@@ -91,6 +84,24 @@ impl TestApp {
         body: Vec<u8>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value) {
+        let (status, bytes) = self
+            .send(method, uri, token, Body::from(body), headers)
+            .await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// One request through the router: its status and body bytes.
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Body,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Vec<u8>) {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
@@ -98,14 +109,11 @@ impl TestApp {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let req = req.body(Body::from(body)).expect("request");
+        let req = req.body(body).expect("request");
         let resp = self.router.clone().oneshot(req).await.expect("infallible");
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        (status, bytes.to_vec())
     }
 
     /// `POST /v1/blend` with `body`, which must succeed: its answer.
@@ -136,16 +144,11 @@ impl TestApp {
     /// A streamed completion (`body` asks for `stream`): its server-sent events' JSON, in
     /// order, up to `data: [DONE]`, which must end it.
     pub(crate) async fn sse(&self, uri: &str, body: Value) -> Vec<Value> {
-        let req = Request::builder()
-            .method("POST")
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .expect("request");
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        assert_eq!(resp.status(), StatusCode::OK);
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        let text = String::from_utf8(bytes.to_vec()).expect("UTF-8 events");
+        let json = [(header::CONTENT_TYPE.as_str(), "application/json")];
+        let body = Body::from(body.to_string());
+        let (status, bytes) = self.send("POST", uri, None, body, &json).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(bytes).expect("UTF-8 events");
         let data: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
@@ -165,21 +168,14 @@ impl TestApp {
         token: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> (StatusCode, Vec<u8>) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        let object = [(
+            header::CONTENT_TYPE.as_str(),
+            kvquilt_api::OBJECT_MEDIA_TYPE,
+        )];
+        match body {
+            Some(b) => self.send(method, uri, token, Body::from(b), &object).await,
+            None => self.send(method, uri, token, Body::empty(), &[]).await,
         }
-        let req = match body {
-            Some(b) => req
-                .header(header::CONTENT_TYPE, kvquilt_api::OBJECT_MEDIA_TYPE)
-                .body(Body::from(b)),
-            None => req.body(Body::empty()),
-        }
-        .expect("request");
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, bytes.to_vec())
     }
 }
 

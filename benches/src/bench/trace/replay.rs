@@ -693,6 +693,75 @@ mod tests {
         (costs, blend, corpus_bytes)
     }
 
+    /// A modelled stream of `spec` over `n` chunks of 64 tokens, and the store's replay of
+    /// it: what the stream tests below share.
+    struct Fixture {
+        chunks: Vec<Vec<u32>>,
+        costs: Costs,
+        blend: BlendCost,
+        corpus_bytes: u64,
+        queries: Vec<Vec<Pick>>,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Fixture {
+        fn new(n: u32, spec: StreamSpec) -> Self {
+            let chunks: Vec<Vec<u32>> = (0..n)
+                .map(|i| (0..64).map(|t| i * 1000 + t).collect())
+                .collect();
+            let (costs, blend, corpus_bytes) = modelled(&chunks);
+            let queries = stream(spec, chunks.len());
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            Self {
+                chunks,
+                costs,
+                blend,
+                corpus_bytes,
+                queries,
+                rt,
+            }
+        }
+
+        /// The bench's arguments for a host tier of `capacity`, the warm-up and windows
+        /// given, hits loaded on the caller's thread.
+        fn args(capacity: &str, warmup: &str, window: &str) -> TraceBenchArgs {
+            use clap::Parser;
+            let args = [
+                "trace",
+                "--host-capacity",
+                capacity,
+                "--warmup",
+                warmup,
+                "--window",
+                window,
+                "--hit-threads",
+                "0",
+            ];
+            Cli::parse_from(args).a
+        }
+
+        /// The store's replay with a raw host tier of `policy` and `capacity`.
+        fn store(&self, a: &TraceBenchArgs, policy: PolicyKind, capacity: f64) -> Vec<Window> {
+            let host = HostSpec {
+                policy,
+                codec: Codec::Raw,
+                capacity,
+            };
+            replay(
+                a,
+                &self.rt,
+                host,
+                &self.queries,
+                &self.chunks,
+                16,
+                (&self.costs, &self.blend),
+                self.corpus_bytes,
+            )
+            .unwrap()
+            .0
+        }
+    }
+
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -704,11 +773,6 @@ mod tests {
     /// chunk), and only its new documents cost it anything; a bounded store keeps less.
     #[test]
     fn a_store_that_keeps_everything_it_saw_matches_the_precomputed_corpus() {
-        use clap::Parser;
-        let chunks: Vec<Vec<u32>> = (0..12)
-            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
-            .collect();
-        let (costs, blend, corpus_bytes) = modelled(&chunks);
         let spec = StreamSpec {
             queries: 80,
             k: 10,
@@ -716,40 +780,12 @@ mod tests {
             s: 0.8,
             seed: 3,
         };
-        let queries = stream(spec, chunks.len());
-        let rt = tokio::runtime::Runtime::new().unwrap();
+        let f = Fixture::new(12, spec);
         let run = |capacity: &str| {
-            let args = [
-                "trace",
-                "--host-capacity",
-                capacity,
-                "--warmup",
-                "40",
-                "--window",
-                "20",
-                "--hit-threads",
-                "0",
-            ];
-            let a = Cli::parse_from(args).a;
-            let host = HostSpec {
-                policy: PolicyKind::Lru,
-                codec: Codec::Raw,
-                capacity: capacity.parse().unwrap(),
-            };
-            replay(
-                &a,
-                &rt,
-                host,
-                &queries,
-                &chunks,
-                16,
-                (&costs, &blend),
-                corpus_bytes,
-            )
-            .unwrap()
-            .0
+            let a = Fixture::args(capacity, "40", "20");
+            f.store(&a, PolicyKind::Lru, capacity.parse().unwrap())
         };
-        let ideal = 1.0 / blend.warm_fraction;
+        let ideal = 1.0 / f.blend.warm_fraction;
         // room for the corpus and every new document
         for w in run("100").iter().filter(|w| !w.warmup) {
             let p = w.precomputed_speedup_median.unwrap();
@@ -776,11 +812,6 @@ mod tests {
     /// drawn every chunk.
     #[test]
     fn no_policy_hits_more_often_than_the_clairvoyant_cache() {
-        use clap::Parser;
-        let chunks: Vec<Vec<u32>> = (0..40)
-            .map(|i| (0..64).map(|t| i * 1000 + t).collect())
-            .collect();
-        let (costs, blend, corpus_bytes) = modelled(&chunks);
         let spec = StreamSpec {
             queries: 200,
             k: 8,
@@ -788,37 +819,23 @@ mod tests {
             s: 0.8,
             seed: 5,
         };
-        let queries = stream(spec, chunks.len());
-        let ranks = popularity_ranks(spec.seed, chunks.len());
-        let rt = tokio::runtime::Runtime::new().unwrap();
+        let f = Fixture::new(40, spec);
+        let ranks = popularity_ranks(spec.seed, f.chunks.len());
         let oracle = |a: &TraceBenchArgs, oracle, capacity| {
             replay_oracle(
                 a,
                 oracle,
                 (Codec::Raw, capacity),
-                (&queries, &ranks),
-                &chunks,
+                (&f.queries, &ranks),
+                &f.chunks,
                 16,
-                (&costs, &blend),
-                corpus_bytes,
+                (&f.costs, &f.blend),
+                f.corpus_bytes,
             )
             .unwrap()
             .0
         };
-        let args = |capacity: &str| {
-            let args = [
-                "trace",
-                "--host-capacity",
-                capacity,
-                "--warmup",
-                "100",
-                "--window",
-                "50",
-                "--hit-threads",
-                "0",
-            ];
-            Cli::parse_from(args).a
-        };
+        let args = |capacity: &str| Fixture::args(capacity, "100", "50");
         // hits over the whole stream
         let hits = |w: &[Window]| w.iter().map(|w| w.host_hit_rate).sum::<f64>();
         for capacity in ["0.1", "0.25", "0.5"] {
@@ -835,23 +852,7 @@ mod tests {
                 PolicyKind::S3Fifo,
                 PolicyKind::CostAware,
             ] {
-                let host = HostSpec {
-                    policy,
-                    codec: Codec::Raw,
-                    capacity: c,
-                };
-                let run = replay(
-                    &a,
-                    &rt,
-                    host,
-                    &queries,
-                    &chunks,
-                    16,
-                    (&costs, &blend),
-                    corpus_bytes,
-                )
-                .unwrap()
-                .0;
+                let run = f.store(&a, policy, c);
                 assert!(
                     hits(&run) <= hits(&ceiling) + 1e-9,
                     "{policy:?} at {capacity}: {} > {}",
