@@ -77,6 +77,40 @@ pub struct CommonFields {
     )]
     #[cfg_attr(feature = "schema", schemars(with = "Option<ModeSpec>"))]
     pub kvquilt: Option<ModeSpec>,
+    /// kvquilt's own fields written beside `kvquilt` instead of inside it.
+    #[serde(flatten)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    pub misplaced: Misplaced,
+}
+
+/// `mode`, `ratio` and `compress` at the top level of an OpenAI request: they belong inside
+/// `kvquilt`. Read only so that the server can refuse them with a 400 that says so; any other
+/// unknown field is ignored, and these would be too, silently running another mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Misplaced {
+    /// Belongs in `kvquilt.mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Value>,
+    /// Belongs in `kvquilt.ratio`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<Value>,
+    /// Belongs in `kvquilt.compress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<Value>,
+}
+
+impl Misplaced {
+    /// The first misplaced field present (`null` counts as absent, as elsewhere).
+    pub fn first(&self) -> Option<&'static str> {
+        let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        [
+            ("mode", present(&self.mode)),
+            ("ratio", present(&self.ratio)),
+            ("compress", present(&self.compress)),
+        ]
+        .into_iter()
+        .find_map(|(name, here)| here.then_some(name))
+    }
 }
 
 /// `stop`: one string or several.

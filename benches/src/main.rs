@@ -1,6 +1,6 @@
 //! `kvquilt-bench`: the harness binary behind `kvquilt bench …` and `kvquilt eval …`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -33,7 +33,13 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    // usage lines name the command typed: `kvquilt calibrate`, not `kvquilt bench calibrate`
+    let mut command = Cli::command();
+    if let Some(name) = std::env::var_os(kvquilt::cli::BENCH_INVOKED_AS) {
+        command = command.bin_name(name.to_string_lossy().into_owned());
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    match cli.command {
         Command::Bench(c) => kvquilt_bench::bench::run(c),
         Command::Eval(a) => kvquilt_bench::eval::run(*a),
         Command::Calibrate(a) => kvquilt_bench::eval::calibrate::run(a),
@@ -43,7 +49,6 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     /// Every subcommand's arguments are well formed: unique names and flags (a bench's own
     /// flag named like one of the shared model arguments left `bench blend` unable to parse

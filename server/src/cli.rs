@@ -14,6 +14,11 @@ use crate::{cmd, serve};
 /// Name of the harness binary `bench`, `eval` and `calibrate` run.
 pub const BENCH_BINARY: &str = "kvquilt-bench";
 
+/// Environment variable through which `kvquilt` tells the harness how it was invoked
+/// (`kvquilt bench`, or `kvquilt` for `eval` and `calibrate`), so that its usage lines name
+/// the command the user typed.
+pub const BENCH_INVOKED_AS: &str = "KVQUILT_BENCH_INVOKED_AS";
+
 /// The `kvquilt` command line as clap describes it: for checks of the documentation's command
 /// lines against the flags that exist.
 pub fn command() -> clap::Command {
@@ -93,7 +98,13 @@ pub fn main() -> ExitCode {
 /// Runs `kvquilt-bench [first] ARGS…` and passes its exit code on.
 fn run_bench(first: Option<&str>, args: Vec<OsString>) -> Result<ExitCode> {
     let bin = bench_binary()?;
+    let invoked_as = if first.is_some() {
+        "kvquilt"
+    } else {
+        "kvquilt bench"
+    };
     let status = std::process::Command::new(&bin)
+        .env(BENCH_INVOKED_AS, invoked_as)
         .args(first)
         .args(args)
         .status()

@@ -305,6 +305,26 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "unsupported_parameter",
             "`response_format`",
         ),
+        // kvquilt's fields beside `kvquilt` instead of inside it are refused, not ignored as
+        // other unknown fields are (a top-level ratio ran the default ratio)
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "ratio": 0.15}),
+            "misplaced_parameter",
+            "`ratio` goes inside `kvquilt`",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "mode": "reuse"}),
+            "misplaced_parameter",
+            "`mode` goes inside `kvquilt`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "kvquilt": {"mode": "blend"}, "compress": {"policy": "snapkv", "compression": 4}}),
+            "misplaced_parameter",
+            "`compress` goes inside `kvquilt`",
+        ),
         // an empty document is refused as empty token ids are (it was stored as the
         // document separator alone)
         (
@@ -854,7 +874,8 @@ async fn openai_nulls_no_op_fields_usage_chunk_and_token_bytes() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "p", "max_tokens": 2, "echo": null, "stream": null, "suffix": ""}),
+            json!({"prompt": "p", "max_tokens": 2, "echo": null, "stream": null, "suffix": "",
+                   "ratio": null}),
         ),
         (
             "/v1/chat/completions",

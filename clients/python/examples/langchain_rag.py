@@ -71,8 +71,10 @@ def main() -> None:
     stats = out["stats"]
     print(f"answer: {out['answer'].strip()}")
     print(f"documents: {[d.page_content[:40] for d in out['documents']]}")
+    # a blend of two short passages may be estimated slower than their full prefill
+    fell_back = f" (fell back: {stats.get('fallback')})" if stats.get("fell_back_to_full") else ""
     print(
-        f"kvquilt: mode {stats['mode']}, hits {stats['hits_host'] + stats['hits_ssd'] + stats['hits_gpu']},"
+        f"kvquilt: mode {stats['mode']}{fell_back}, hits {stats['hits_host'] + stats['hits_ssd'] + stats['hits_gpu']},"
         f" misses {stats['misses']}, recomputed {stats['recompute_fraction']:.0%}, TTFT {stats['ttft_ms']:.0f} ms"
     )
 

@@ -5,7 +5,7 @@
 //! listen = "127.0.0.1:8077"
 //! data_dir = "/var/lib/kvquilt"
 //! model = "smollm2-135m-instruct"     # a .gguf, an HF directory or a known name
-//! api_tokens = ["secret"]             # tokens of the default tenant
+//! api_tokens = ["change-me-0123"]     # tokens of the default tenant (8+ characters)
 //!
 //! [limits]
 //! max_body_bytes = 16777216            # a JSON request body
@@ -37,6 +37,8 @@
 //! device_bytes = 4294967296            # chunk KV kept in GPU memory (CUDA devices only)
 //! ssd_bytes = 68719476736
 //! ssd_open_files = 256                 # store files kept open at once (the rest reopened per read)
+//! host_policy = "s3fifo"               # what leaves the host tier: s3fifo, lfu, cost-aware, lru
+//! stall_ms = 250                       # a store read slower than this is recomputed instead
 //!
 //! [store.codecs]
 //! ssd = "raw"                          # lz4; lossy: int8 (8 bits, best), fp8, fp8sym, kivi4, kivi2 (+lz4)
@@ -664,6 +666,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The example in this module's documentation is a valid config, every key of it known.
+    #[test]
+    fn the_documented_example_parses_and_validates() {
+        let source = include_str!("config.rs");
+        let example: String = source
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| {
+                let line = l.strip_prefix("//! ").or_else(|| l.strip_prefix("//!"));
+                format!("{}\n", line.unwrap_or(l))
+            })
+            .collect();
+        assert!(example.contains("[store.remote]"), "{example}");
+        let c: Config = toml::from_str(&example).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.host_policy, "s3fifo");
+        assert_eq!(c.tenants.len(), 1);
+    }
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {

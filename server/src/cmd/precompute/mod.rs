@@ -74,9 +74,10 @@ pub struct Args {
     /// SSD tier capacity, bytes.
     #[arg(long, default_value_t = 64 << 30)]
     ssd_bytes: u64,
-    /// The SSD tier's codec (`raw`, `lz4`; lossy: `fp8`, `int8`, `kivi4`, `kivi2`, each
-    /// optionally `+lz4`, with --allow-lossy). The server serves lossy objects only when
-    /// its `store.codecs.allow_lossy` is set.
+    /// The SSD tier's codec: `raw`, `lz4`, or, with --allow-lossy, a lossy one (`int8`,
+    /// `int8/g32`, `int8sym`, `fp8`, `fp8sym`, `kivi8`, `kivi4`, `kivi2`, KIVI's group and
+    /// exact tail as `kiviB/gGrR`), each optionally `+lz4` (README, "Codecs"). The server
+    /// serves lossy objects only when its `store.codecs.allow_lossy` is set.
     #[arg(long, default_value = "raw")]
     ssd_codec: String,
     /// Seed nodes of a shared remote tier (Redis Cluster, `host:port`, comma-separated):

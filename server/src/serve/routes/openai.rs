@@ -72,6 +72,7 @@ pub(crate) async fn chat(
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
+    check_misplaced(&body.common)?;
     check_unserved_chat(&body)?;
     let messages = body
         .messages
@@ -128,6 +129,7 @@ pub(crate) async fn completions(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
+    check_misplaced(&body.common)?;
     let suffix = body.suffix.as_ref().is_some_and(|x| !x.is_empty());
     if body.echo || body.best_of.unwrap_or(1) != 1 || suffix {
         return Err(ApiError::bad_request(
@@ -227,6 +229,18 @@ fn stop_bytes(stop: Option<&Stop>) -> usize {
         None => 0,
         Some(Stop::One(s)) => s.len(),
         Some(Stop::Many(v)) => v.iter().map(String::len).sum(),
+    }
+}
+
+/// Refuses kvquilt's fields written at the top level (`mode`, `ratio`, `compress`), which
+/// would otherwise be ignored as unknown fields and run another mode than the caller meant.
+fn check_misplaced(c: &CommonFields) -> ApiResult<()> {
+    match c.misplaced.first() {
+        None => Ok(()),
+        Some(field) => Err(ApiError::bad_request(
+            "misplaced_parameter",
+            format!("`{field}` goes inside `kvquilt`: {{\"kvquilt\": {{\"{field}\": ...}}}}"),
+        )),
     }
 }
 
