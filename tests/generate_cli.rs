@@ -1,4 +1,5 @@
-//! The `kvquilt generate` command end to end with the real default model.
+//! The `kvquilt` command line end to end: `generate` with the real default model, and
+//! `serve --check-config`.
 
 use std::process::Command;
 
@@ -71,4 +72,54 @@ fn prompt_longer_than_context_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context window"), "{err}");
+}
+
+/// `serve --check-config` reports what a config resolves to and exits, loading no model (the
+/// file names one that does not exist); an invalid config exits 1 naming the setting. Tokens
+/// are counted, never printed.
+#[test]
+fn serve_check_config_reports_and_exits_without_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kvquilt.toml");
+    let check = |toml: &str| {
+        std::fs::write(&config, toml).unwrap();
+        kvquilt()
+            .args(["serve", "--check-config", "--config"])
+            .arg(&config)
+            .env_remove("KVQUILT_LISTEN")
+            .env_remove("KVQUILT_API_TOKENS")
+            .output()
+            .unwrap()
+    };
+    let good = check(
+        "listen = \"0.0.0.0:9000\"\nmodel = \"/nonexistent/model.gguf\"\n\
+         api_tokens = [\"token-one-1234\"]\n[store.remote]\nseeds = [\"10.0.0.5:6379\"]\n\
+         [[tenants]]\nname = \"acme\"\ntokens = [\"acme-secret-9\"]\n",
+    );
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    for want in [
+        "config OK",
+        "0.0.0.0:9000 (the default tenant's API tokens: 1)",
+        "/nonexistent/model.gguf",
+        "10.0.0.5:6379",
+        "acme (tokens: 1)",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    assert!(
+        !out.contains("token-one") && !out.contains("acme-secret"),
+        "{out}"
+    );
+
+    // off loopback without a token: refused, saying why
+    let bad = check("listen = \"0.0.0.0:9000\"\n");
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("needs at least one API token"), "{err}");
+    assert!(bad.stdout.is_empty());
 }

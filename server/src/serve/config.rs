@@ -535,6 +535,62 @@ impl Config {
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
 
+    /// What this configuration resolves to, a few lines for an operator (`serve
+    /// --check-config`): where it listens and stores, the model, the tiers, the remote and the
+    /// tenants — token counts, never tokens.
+    pub fn summary(&self) -> String {
+        let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
+        let (store, codecs) = (&self.store, &self.store.codecs);
+        let remote = match store.remote.seeds.is_empty() {
+            true => "off".to_string(),
+            false => format!(
+                "{} (namespace {:?}, codec {})",
+                store.remote.seeds.join(","),
+                store.remote.namespace,
+                codecs.remote
+            ),
+        };
+        let tenants: Vec<String> = self
+            .tenants
+            .iter()
+            .map(|t| format!("{} (tokens: {})", t.name, t.tokens.len()))
+            .collect();
+        format!(
+            "config OK\n\
+             listen    {} (the default tenant's API tokens: {})\n\
+             data_dir  {}\n\
+             model     {} on {}{}\n\
+             store     host {} ({}, {}), ssd {} ({}), device {} (GPU only); lossy codecs {}\n\
+             remote    {}\n\
+             tenants   {}\n",
+            self.listen,
+            self.api_tokens.len(),
+            self.data_dir.display(),
+            self.model.as_deref().unwrap_or("the default model"),
+            self.device,
+            self.dtype
+                .as_deref()
+                .map_or(String::new(), |d| format!(" in {d}")),
+            gib(store.host_bytes),
+            codecs.host,
+            store.host_policy,
+            gib(store.ssd_bytes),
+            codecs.ssd,
+            gib(store.device_bytes),
+            if codecs.allow_lossy {
+                "allowed"
+            } else {
+                "refused"
+            },
+            remote,
+            if tenants.is_empty() {
+                "none besides the default".to_string()
+            } else {
+                tenants.join(", ")
+            },
+        )
+    }
+
     /// Checks what cannot be served safely or at all.
     pub fn validate(&self) -> Result<()> {
         kvquilt_model::AttentionKernel::parse(&self.attention)?;

@@ -94,6 +94,11 @@ pub struct Args {
     /// `<cache root>/calibration`, then the built-in records).
     #[arg(long, env = "KVQUILT_CALIBRATION_DIR")]
     calibration_dir: Option<PathBuf>,
+    /// Check the configuration (defaults, file, environment, flags: every check `serve`
+    /// makes before it loads the model), print what it resolves to, and exit: 0 when it is
+    /// valid, 1 with the error naming the setting otherwise. Loads no model, opens no store.
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl Args {
@@ -150,6 +155,10 @@ impl Args {
 /// `kvquilt serve`: merges the configuration, starts logging and a tokio runtime, and serves until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<()> {
     let config = args.config()?;
+    if args.check_config {
+        print!("{}", config.summary());
+        return Ok(());
+    }
     init_logging(&config.log_level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
