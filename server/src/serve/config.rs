@@ -541,14 +541,15 @@ impl Config {
     pub fn summary(&self) -> String {
         let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
         let (store, codecs) = (&self.store, &self.store.codecs);
-        let remote = match store.remote.seeds.is_empty() {
-            true => "off".to_string(),
-            false => format!(
+        let remote = if store.remote.seeds.is_empty() {
+            "off".to_string()
+        } else {
+            format!(
                 "{} (namespace {:?}, codec {})",
                 store.remote.seeds.join(","),
                 store.remote.namespace,
                 codecs.remote
-            ),
+            )
         };
         let tenants: Vec<String> = self
             .tenants
