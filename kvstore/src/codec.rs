@@ -4,8 +4,8 @@
 //! store errors. The object header records the codec id and its parameter block (format v2,
 //! `lib.rs`), so a reader always knows how a layer was encoded; ids are never reused.
 //!
-//! Lossy codecs can be set programmatically (`SsdConfig::codec`); the sidecar's configuration
-//! does not offer them until a lossy hit is reported as such (issue 13).
+//! Lossy codecs are set per tier (`SsdConfig::codec`, `StoreConfig::host_codec`, the remote's
+//! config; the sidecar's `[store.codecs]`), and read only where lossy objects are allowed.
 
 pub use kvquilt_compression::CodecSpec as Codec;
 use kvquilt_compression::{CodecError, ElemType, LayerShape};

@@ -752,6 +752,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
         )));
     }
     let raw_len = layout.layer_bytes(t as usize) as u64;
+    // what the codec can store for a layer of this shape: a longer record is corrupt, and
+    // readers may size buffers and name stripes by this length before any record is verified
+    let most = codec.max_stored_len(&crate::codec::shape_of(&layout, t as usize)) as u64;
     let mut layers = Vec::with_capacity(num_layers as usize);
     let mut next = 0u64;
     for i in 0..num_layers {
@@ -763,6 +766,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
         };
         if e.offset != next || e.raw_len != raw_len {
             return Err(corrupt(format!("layer {i} table entry {e:?} inconsistent")));
+        }
+        if e.stored_len > most {
+            return Err(corrupt(format!(
+                "{key}: layer {i} stores {} bytes, more than {codec} can take for it ({most})",
+                e.stored_len
+            )));
         }
         next = e
             .offset

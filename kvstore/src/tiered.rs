@@ -588,21 +588,45 @@ impl TieredStore {
     /// Writes dirty objects down (write-back) and makes every tier durable.
     ///
     /// A key leaves the dirty set only once it is written below, so an eviction racing the
-    /// flush still finds it dirty and demotes it (a double write is a no-op).
+    /// flush still finds it dirty and demotes it (a double write is a no-op). As when
+    /// evicted objects are written down, a remote that refuses (down, its queue full) and a tier the object
+    /// can never fit are skipped; any other failure is returned after every other object and
+    /// tier had its turn, so one failing write never leaves the rest unwritten.
     pub async fn flush(&self) -> Result<()> {
+        let mut first_error = None;
         let dirty: Vec<ChunkKey> = self.dirty.lock().iter().copied().collect();
         for key in dirty {
-            if let Some(obj) = self.tiers[0].get(&key).await? {
-                for t in &self.tiers[1..] {
-                    t.put(Arc::clone(&obj), 0.0).await?;
+            let obj = match self.tiers[0].get(&key).await {
+                Ok(Some(obj)) => obj,
+                Ok(None) => continue,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
                 }
+            };
+            let mut written = true;
+            for t in &self.tiers[1..] {
+                match t.put(Arc::clone(&obj), 0.0).await {
+                    Ok(_) => {}
+                    Err(e) if t.is_remote() || e.never_fits() => {
+                        tracing::debug!(%key, error = %e, tier = ?t.kind(), "flush skipped this tier");
+                    }
+                    Err(e) => {
+                        written = false;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if written {
                 self.dirty.lock().remove(&key);
             }
         }
         for t in &self.tiers {
-            t.flush().await?;
+            if let Err(e) = t.flush().await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Statistics of every tier, fastest first.

@@ -116,6 +116,49 @@ fn check(bytes: &[u8], want: &KvObject, exact: bool) {
     }
 }
 
+/// A forged header whose last layer claims more bytes than its codec can store for it (the
+/// checksum recomputed, as anyone can) is refused before a reader sizes a buffer or names
+/// stripes by that length: a remote reader would otherwise allocate or list keys for it.
+#[test]
+fn forged_record_lengths_past_what_the_codec_stores_are_refused() {
+    use kvquilt_kvstore::StoreError;
+    use kvquilt_kvstore::object::{CHECKSUM_LEN, LAYER_ENTRY_LEN};
+    for codec in 0..7 {
+        let (_, good) = encoded(7, 33, codec);
+        let h = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+        // the last layer's entry (offset, stored_len, raw_len, checksum): its length moves
+        // no later offset
+        let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
+        let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
+        let (header, _) = decode_header(&good).unwrap();
+        let shape = kvquilt_compression::LayerShape {
+            tokens: header.info.tokens.len(),
+            kv_heads: header.info.layout.num_kv_heads as usize,
+            head_dim: header.info.layout.head_dim as usize,
+            elem: match header.info.layout.dtype {
+                KvDType::F32 => kvquilt_compression::ElemType::F32,
+                KvDType::F16 => kvquilt_compression::ElemType::F16,
+                KvDType::BF16 => kvquilt_compression::ElemType::Bf16,
+            },
+        };
+        let most = header.codec.max_stored_len(&shape) as u64;
+        assert!(
+            stored <= most,
+            "{}: a real record past the bound",
+            header.codec
+        );
+        for claimed in [most + 1, 1 << 50, u64::MAX / 2] {
+            let mut forged = good.clone();
+            forged[at..at + 8].copy_from_slice(&claimed.to_le_bytes());
+            reseal(&mut forged);
+            match decode_header(&forged) {
+                Err(StoreError::Corrupt(m)) => assert!(m.contains("more than"), "{m}"),
+                other => panic!("{}: {claimed} bytes read as {other:?}", header.codec),
+            }
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {

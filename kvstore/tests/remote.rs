@@ -15,8 +15,8 @@ use cluster::Cluster;
 use common::{layout, object};
 use kvquilt_kvstore::tier::remote::{BreakerState, NAMING_VERSION, ObjectNames, namespace_hash};
 use kvquilt_kvstore::{
-    KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, StoreConfig, Tier,
-    TierKind, TieredStore,
+    KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, SsdConfig, StoreConfig,
+    Tier, TierKind, TieredStore, WritePolicy,
 };
 
 /// Small stripes, so that every record spans several values; short breaker and deadlines.
@@ -286,6 +286,36 @@ async fn two_writers_of_one_key() {
     }
 }
 
+/// A removal wins over a write of the same key still in the queue: the write does not
+/// commit the object afterwards (it once did, bringing a deleted chunk back for every
+/// process), and a put after the removal stores it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_wins_over_a_queued_write() {
+    let c = Cluster::start();
+    let one_writer = RemoteConfig {
+        write_concurrency: 1,
+        ..config()
+    };
+    let a = tier(&c, one_writer);
+    // a large object first, so that the small one waits behind it in the queue
+    let big = object(300, 2000, lay(8));
+    let small = object(301, 40, lay(4));
+    a.put(Arc::new(big.clone()), 1.0).await.unwrap();
+    a.put(Arc::new(small.clone()), 1.0).await.unwrap();
+    assert!(!a.remove(small.key()).await.unwrap(), "not committed yet");
+    assert!(a.drain(Duration::from_secs(20)).await, "writes drained");
+    let b = tier(&c, config());
+    assert!(
+        read_all(&b, &small).await.is_none(),
+        "removed: never committed after"
+    );
+    assert_eq!(read_all(&b, &big).await.as_deref(), Some(big.layers()));
+    // stored again by a put after the removal
+    put(&a, &small).await;
+    let d = tier(&c, config());
+    assert_eq!(read_all(&d, &small).await.as_deref(), Some(small.layers()));
+}
+
 /// Every node down from the start: the tier is created at once, the first calls fail within
 /// the connect timeout, the breaker opens, reads are misses and puts are dropped (counted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +358,30 @@ async fn a_remote_down_at_start_costs_nothing() {
     assert!(e.to_string().contains("marked down"), "{e}");
     assert_eq!(extra(&t, "dropped_puts"), 2);
     assert!(extra(&t, "breaker_opens") >= 1);
+    // write-back: flushing dirty objects past a remote that is down still writes every one
+    // of them to the SSD tier and makes it durable (the remote's refusal was once the
+    // flush's error: the objects after the first and the tiers' own flushes were skipped)
+    let dir = tempfile::tempdir().unwrap();
+    let write_back = TieredStore::builder(StoreConfig {
+        write: WritePolicy::WriteBack,
+        ..StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir.path(), 1 << 30))
+    })
+    .unwrap()
+    .tier(Arc::new(t.clone()))
+    .build();
+    let objs: Vec<KvObject> = (10..13).map(|s| object(s, 40, lay(4))).collect();
+    for o in &objs {
+        write_back.put(o.clone(), 1.0).await.unwrap();
+    }
+    write_back.flush().await.unwrap();
+    let ssd = &write_back.tiers()[1];
+    assert_eq!(ssd.kind(), TierKind::SSD);
+    for o in &objs {
+        assert!(
+            ssd.get(o.key()).await.unwrap().is_some(),
+            "flushed to the SSD"
+        );
+    }
 }
 
 /// A primary paused for 5 s (SIGSTOP), in each record layout: reads of objects with a key

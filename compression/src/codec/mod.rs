@@ -225,6 +225,54 @@ impl CodecSpec {
         self == Self::Lz4 || self.lz4_after()
     }
 
+    /// The most bytes a stored layer of `shape` can take: the record's exact length for raw
+    /// and the quantising codecs, lz4's worst case over that (its 4-byte size prefix
+    /// included where it has one) for the `+lz4` forms and `lz4`. A reader bounds a length
+    /// read from a header by it before it allocates or names anything by that length.
+    pub fn max_stored_len(self, shape: &LayerShape) -> usize {
+        let unpacked = match self {
+            Self::Raw | Self::Lz4 => shape.raw_bytes(),
+            Self::Fp8 { .. } | Self::Int8 { .. } | Self::Kivi { .. } => self
+                .without_lz4()
+                .record_plan(shape)
+                .map_or(shape.raw_bytes(), |p| p.record_len()),
+        };
+        match self {
+            Self::Lz4 => lz4_flex::block::get_maximum_output_size(unpacked),
+            _ if self.lz4_after() => lz4_flex::block::get_maximum_output_size(unpacked) + 4,
+            _ => unpacked,
+        }
+    }
+
+    /// The same codec without its trailing lz4.
+    fn without_lz4(self) -> Self {
+        match self {
+            Self::Fp8 { zero_point, .. } => Self::Fp8 {
+                lz4: false,
+                zero_point,
+            },
+            Self::Int8 {
+                group, zero_point, ..
+            } => Self::Int8 {
+                lz4: false,
+                group,
+                zero_point,
+            },
+            Self::Kivi {
+                bits,
+                group,
+                residual,
+                ..
+            } => Self::Kivi {
+                bits,
+                group,
+                residual,
+                lz4: false,
+            },
+            other => other,
+        }
+    }
+
     fn lz4_after(self) -> bool {
         match self {
             Self::Raw | Self::Lz4 => false,

@@ -166,7 +166,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Every codec decodes within its documented bound (lossless ones exactly), at several
-    /// value scales, for every element type.
+    /// value scales, for every element type; every record's length is within
+    /// `max_stored_len` (equal to it without lz4).
     #[test]
     fn round_trips_within_the_documented_bounds(
         shape in shape_strategy(),
@@ -183,6 +184,12 @@ proptest! {
         specs.push(CodecSpec::Kivi { bits: 2, group, residual, lz4: false });
         for spec in specs {
             let stored = spec.encode(&shape, &raw).unwrap();
+            // the bound readers hold a header's record lengths to: exact without lz4
+            let most = spec.max_stored_len(&shape);
+            prop_assert!(stored.len() <= most, "{} stored {} > {}", spec, stored.len(), most);
+            if !spec.uses_lz4() {
+                prop_assert_eq!(stored.len(), most, "{}", spec);
+            }
             let back = spec.decode(&shape, &stored).unwrap();
             if !spec.is_lossy() {
                 prop_assert!(back == raw, "{} not exact", spec);

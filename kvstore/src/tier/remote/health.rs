@@ -66,17 +66,25 @@ impl Breaker {
         }
     }
 
-    /// Whether a call may go now. In the half-open state only one caller gets `true` until
-    /// [`Breaker::success`] or [`Breaker::failure`] settles it.
-    pub fn allow(&self) -> bool {
-        match self.state() {
-            BreakerState::Closed => true,
-            BreakerState::Open => false,
-            BreakerState::HalfOpen => self
-                .probing
-                .compare_exchange(false, true, Relaxed, Relaxed)
-                .is_ok(),
-        }
+    /// Leave for a call to go now, or `None`. In the half-open state only one caller gets
+    /// leave — the probe — until [`Breaker::success`] or [`Breaker::failure`] settles it, or
+    /// until its [`Pass`] is dropped unsettled (the call was cancelled): then the next caller
+    /// probes, so a cancelled probe never leaves the breaker half-open with no probe in flight.
+    pub fn allow(&self) -> Option<Pass<'_>> {
+        let probe = match self.state() {
+            BreakerState::Closed => false,
+            BreakerState::Open => return None,
+            BreakerState::HalfOpen => {
+                self.probing
+                    .compare_exchange(false, true, Relaxed, Relaxed)
+                    .ok()?;
+                true
+            }
+        };
+        Some(Pass {
+            breaker: self,
+            probe,
+        })
     }
 
     /// A call succeeded: the breaker closes.
@@ -119,6 +127,31 @@ impl Breaker {
         }
         *g = Some(Instant::now() + self.open_for);
         self.probing.store(false, Relaxed);
+    }
+}
+
+/// Leave for one call through a [`Breaker`]. Settle the call through the breaker, then
+/// [`Pass::settled`]; a pass dropped before that belongs to a call that never answered (its
+/// future was dropped) and, if it was the half-open probe, gives the probe slot back.
+#[must_use = "a pass dropped at once releases a probe slot before the call is made"]
+#[derive(Debug)]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+}
+
+impl Pass<'_> {
+    /// The call's outcome was reported ([`Breaker::success`] / [`Breaker::failure`]).
+    pub fn settled(mut self) {
+        self.probe = false;
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.probing.store(false, Relaxed);
+        }
     }
 }
 
@@ -356,23 +389,58 @@ mod tests {
             Duration::from_secs(1),
         );
         let b = h.breaker(None);
-        assert!(b.allow());
+        b.allow().expect("closed").settled();
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed);
         b.failure();
         assert_eq!(h.state(), BreakerState::Open);
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(b.allow(), "one probe");
-        assert!(!b.allow(), "only one probe");
+        let probe = b.allow().expect("one probe");
+        assert!(b.allow().is_none(), "only one probe");
         b.failure();
+        probe.settled();
         assert_eq!(b.state(), BreakerState::Open, "a failed probe re-opens");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
+        let probe = b.allow().expect("a probe after the open period");
         b.success();
+        probe.settled();
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(h.opens(), 2);
+    }
+
+    #[test]
+    fn a_probe_dropped_unsettled_gives_its_slot_back() {
+        let h = Health::new(
+            1,
+            Duration::from_millis(20),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        );
+        let b = h.breaker(Some("10.0.0.1:7000"));
+        b.failure();
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = b.allow().expect("half-open: one probe");
+        assert!(b.allow().is_none(), "while it is in flight, no other");
+        // the probing call's future is dropped (a reader dropped, a timeout around it)
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let probe = b.allow().expect("the next call probes instead");
+        b.success();
+        probe.settled();
+        assert_eq!(b.state(), BreakerState::Closed);
+        // a settled probe's pass never releases a later caller's probe
+        b.failure();
+        std::thread::sleep(Duration::from_millis(30));
+        let first = b.allow().expect("probe");
+        b.failure();
+        first.settled();
+        std::thread::sleep(Duration::from_millis(30));
+        let second = b.allow().expect("the next probe");
+        assert!(b.allow().is_none());
+        drop(second);
+        assert!(b.allow().is_some());
     }
 
     #[test]

@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
-pub use health::{Breaker, BreakerState, Health};
+pub use health::{Breaker, BreakerState, Health, Pass};
 pub use names::{
     NAMING_VERSION, ObjectNames, Placement, RecordLayout, Records, envelope, namespace_hash,
     parse_envelope,
@@ -223,7 +223,12 @@ struct Inner {
     present: moka::sync::Cache<ChunkKey, ()>,
     /// Keys seen absent or bad, answered as misses without a call.
     absent: moka::sync::Cache<ChunkKey, ()>,
-    queue: mpsc::Sender<Arc<KvObject>>,
+    /// Objects accepted by `put`, with when they were queued.
+    queue: mpsc::Sender<(Arc<KvObject>, Instant)>,
+    /// Keys removed here, with when: a write queued before its key's removal must not
+    /// commit it afterwards (or leaves nothing if it did; `writer.rs`). Kept longer than a
+    /// queued write can wait ([`REMOVED_FOR`]).
+    removed: moka::sync::Cache<ChunkKey, Instant>,
     /// Objects accepted by `put` and not yet written or given up.
     pending: AtomicU64,
     /// Record reads in flight across every reader, in MiB ([`BUDGET_STRIPES`]): many
@@ -234,6 +239,10 @@ struct Inner {
     /// The same for record writes.
     write_budget: Arc<Semaphore>,
 }
+
+/// How long a removal is remembered against writes queued before it (at least; also 16
+/// call deadlines): far longer than a write waits in the queue and runs.
+const REMOVED_FOR: Duration = Duration::from_secs(600);
 
 /// Stripes' worth of record bytes all readers (and, separately, all writers) of a tier keep
 /// in flight at most (and at least 16 MiB).
@@ -282,6 +291,10 @@ impl RemoteTier {
                 .time_to_live(config.negative_ttl)
                 .build(),
             queue: tx,
+            removed: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(REMOVED_FOR.max(config.op_timeout_max * 16))
+                .build(),
             pending: AtomicU64::new(0),
             read_budget: Arc::new(Semaphore::new(budget_mib(&config) as usize)),
             write_budget: Arc::new(Semaphore::new(budget_mib(&config) as usize)),
@@ -400,22 +413,24 @@ impl Inner {
         let shard = route.and_then(|k| self.store.shard(k));
         let breaker = self.health.breaker(shard.as_deref());
         let global = self.health.global();
-        let allowed = match shard {
+        let pass = match shard {
             // a shard's call goes unless the remote as a whole is marked down
-            Some(_) => global.state() != BreakerState::Open && breaker.allow(),
-            None => breaker.allow(),
+            Some(_) if global.state() == BreakerState::Open => None,
+            _ => breaker.allow(),
         };
-        if !allowed {
+        let Some(pass) = pass else {
             TierStats::add(&self.counters.skipped_down, 1);
             return Err(RemoteError::Down);
-        }
+        };
         let deadline = deadline.unwrap_or_else(|| self.health.deadline(bytes));
         let in_flight = self.health.in_flight(bytes);
+        // (dropped here, before it settles, the pass gives a half-open probe's slot back)
         let r = self.settle(
             tokio::time::timeout(deadline, fut).await,
             deadline,
             &breaker,
         );
+        pass.settled();
         if r.is_ok() {
             in_flight.done();
         }
@@ -698,7 +713,7 @@ impl Tier for RemoteTier {
             ));
         }
         s.pending.fetch_add(1, Relaxed);
-        if s.queue.try_send(obj).is_err() {
+        if s.queue.try_send((obj, Instant::now())).is_err() {
             s.pending.fetch_sub(1, Relaxed);
             TierStats::add(&s.counters.dropped_puts, 1);
             tracing::debug!("remote tier: write queue full; put dropped");
@@ -711,6 +726,9 @@ impl Tier for RemoteTier {
 
     async fn remove(&self, key: &ChunkKey) -> Result<bool> {
         let s = &self.0;
+        // before anything else: a write of this key still queued or running will not
+        // commit it after this (test `a_removal_wins_over_a_queued_write`)
+        s.removed.insert(*key, Instant::now());
         s.present.invalidate(key);
         let names = ObjectNames::new(&s.ns, key);
         let header_key = names.header();

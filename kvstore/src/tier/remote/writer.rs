@@ -17,18 +17,21 @@ use crate::stats::TierStats;
 
 /// The write queue's consumer: writes objects, `write_concurrency` at once, until the tier
 /// is dropped.
-pub(super) async fn writer(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Arc<KvObject>>) {
+pub(super) async fn writer(
+    inner: std::sync::Weak<Inner>,
+    mut rx: mpsc::Receiver<(Arc<KvObject>, Instant)>,
+) {
     let permits = match inner.upgrade() {
         Some(i) => Arc::new(Semaphore::new(i.config.write_concurrency.max(1))),
         None => return,
     };
-    while let Some(obj) = rx.recv().await {
+    while let Some((obj, queued)) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
         tokio::spawn(async move {
-            inner.write(obj).await;
+            inner.write(obj, queued).await;
             inner.pending.fetch_sub(1, Relaxed);
             drop(permit);
         });
@@ -36,10 +39,12 @@ pub(super) async fn writer(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver
 }
 
 impl Inner {
-    /// Writes `obj` (called by the writer task): skipped when this process knows the remote
-    /// has it, records in pipelines of about `stripe_bytes` (at least 1 MiB) that never mix
-    /// hash tags, the header last.
-    async fn write(self: &Arc<Self>, obj: Arc<KvObject>) {
+    /// Writes `obj`, queued at `queued` (called by the writer task): skipped when this
+    /// process knows the remote has it, records in pipelines of about `stripe_bytes` (at
+    /// least 1 MiB) that never mix hash tags, the header last — unless the key was removed
+    /// since it was queued: then the header is not written, or, removed while it was being
+    /// written, the object is unlinked again.
+    async fn write(self: &Arc<Self>, obj: Arc<KvObject>, queued: Instant) {
         let key = *obj.key();
         let names = ObjectNames::new(&self.ns, &key);
         // no existence check first: a sidecar puts what it just computed as a miss, so the
@@ -80,8 +85,18 @@ impl Inner {
             }
         }
         drop(sets);
+        if self.removed_since(&key, queued) {
+            // (its records expire with their TTL, as a failed write's do)
+            return;
+        }
         let env = Bytes::from(envelope(&enc.header_bytes, stripe, layout));
         if !self.set(&key, &[(names.header(), env)], 0).await {
+            return;
+        }
+        if self.removed_since(&key, queued) {
+            let mut keys = records.all(&enc.header);
+            keys.push(names.header());
+            self.forget(&key, keys).await;
             return;
         }
         self.present.insert(key, ());
@@ -89,6 +104,11 @@ impl Inner {
         TierStats::add(&self.stats.puts, 1);
         TierStats::add(&self.stats.bytes_in, stored);
         self.stats.put_latency.record(t.elapsed());
+    }
+
+    /// Whether `key` was removed here at or after `since`.
+    fn removed_since(&self, key: &ChunkKey, since: Instant) -> bool {
+        self.removed.get(key).is_some_and(|at| at >= since)
     }
 
     /// One `SET NX` pipeline of a write (its keys share a hash tag); false (counted,
