@@ -15,8 +15,8 @@ use cluster::Cluster;
 use common::{layout, object};
 use kvquilt_kvstore::tier::remote::{BreakerState, NAMING_VERSION, ObjectNames, namespace_hash};
 use kvquilt_kvstore::{
-    KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, SsdConfig, StoreConfig,
-    Tier, TierKind, TieredStore, WritePolicy,
+    Codec, KvDType, KvLayout, KvObject, RecordLayout, RemoteConfig, RemoteTier, SsdConfig,
+    StoreConfig, Tier, TierKind, TieredStore, WritePolicy,
 };
 
 /// Small stripes, so that every record spans several values; short breaker and deadlines.
@@ -284,6 +284,28 @@ async fn two_writers_of_one_key() {
         assert_eq!(read_all(&a, &obj).await.as_deref(), Some(obj.layers()));
         assert_eq!(read_all(&b, &obj).await.as_deref(), Some(obj.layers()));
     }
+    // writers of one key with different encodings: the first header wins; the other write's
+    // records, which no header names, are unlinked (they were once left for their TTL while
+    // the write counted as a put)
+    let obj = object(210, 40, lay(4));
+    put(&a, &obj).await;
+    let pattern = format!("*{}*", obj.key());
+    let mut first = c.keys(&pattern);
+    first.sort();
+    assert!(first.len() > 4, "header and records: {first:?}");
+    let lz4 = tier(
+        &c,
+        RemoteConfig {
+            codec: Codec::Lz4,
+            ..config()
+        },
+    );
+    put(&lz4, &obj).await;
+    let mut after = c.keys(&pattern);
+    after.sort();
+    assert_eq!(first, after, "the losing write's records unlinked");
+    assert_eq!(lz4.stats().puts, 0, "no object of its own");
+    assert_eq!(read_all(&lz4, &obj).await.as_deref(), Some(obj.layers()));
 }
 
 /// A removal wins over a write of the same key still in the queue: the write does not

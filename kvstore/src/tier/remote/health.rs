@@ -67,9 +67,10 @@ impl Breaker {
     }
 
     /// Leave for a call to go now, or `None`. In the half-open state only one caller gets
-    /// leave — the probe — until [`Breaker::success`] or [`Breaker::failure`] settles it, or
-    /// until its [`Pass`] is dropped unsettled (the call was cancelled): then the next caller
-    /// probes, so a cancelled probe never leaves the breaker half-open with no probe in flight.
+    /// leave — the probe — until its [`Pass`] is dropped: after its outcome was reported
+    /// ([`Breaker::success`] closes the breaker, [`Breaker::failure`] re-opens it), or
+    /// unreported because the call was cancelled, when the next caller probes instead. So a
+    /// cancelled probe never leaves the breaker half-open with no probe in flight.
     pub fn allow(&self) -> Option<Pass<'_>> {
         let probe = match self.state() {
             BreakerState::Closed => false,
@@ -95,28 +96,29 @@ impl Breaker {
             tracing::info!(breaker = %self.name, "remote tier: answers again; breaker closed");
         }
         *g = None;
-        self.probing.store(false, Relaxed);
     }
 
     /// A call failed (timed out, connection lost): after enough in a row, or a failed
-    /// half-open probe, the breaker opens.
+    /// half-open probe, the breaker opens. A failure reported while it is open (a call that
+    /// began before it opened) does not extend the open period.
     pub fn failure(&self) {
         let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         let mut g = self.open_until.lock();
-        let half_open = g.is_some_and(|t| Instant::now() >= t);
-        if n >= self.failures_to_open || half_open {
-            if g.is_none_or(|t| Instant::now() >= t) {
-                self.opens.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    breaker = %self.name,
-                    failures = n,
-                    open_ms = self.open_for.as_millis() as u64,
-                    "remote tier: marking it down"
-                );
-            }
-            *g = Some(Instant::now() + self.open_for);
+        let now = Instant::now();
+        let (open, half_open) = match *g {
+            Some(t) => (now < t, now >= t),
+            None => (false, false),
+        };
+        if !open && (n >= self.failures_to_open || half_open) {
+            self.opens.fetch_add(1, Relaxed);
+            tracing::warn!(
+                breaker = %self.name,
+                failures = n,
+                open_ms = self.open_for.as_millis() as u64,
+                "remote tier: marking it down"
+            );
+            *g = Some(now + self.open_for);
         }
-        self.probing.store(false, Relaxed);
     }
 
     /// Opens the breaker now (the remote was found unreachable outright, e.g. at start).
@@ -126,25 +128,17 @@ impl Breaker {
             self.opens.fetch_add(1, Relaxed);
         }
         *g = Some(Instant::now() + self.open_for);
-        self.probing.store(false, Relaxed);
     }
 }
 
-/// Leave for one call through a [`Breaker`]. Settle the call through the breaker, then
-/// [`Pass::settled`]; a pass dropped before that belongs to a call that never answered (its
-/// future was dropped) and, if it was the half-open probe, gives the probe slot back.
-#[must_use = "a pass dropped at once releases a probe slot before the call is made"]
+/// Leave for one call through a [`Breaker`], held while the call runs: report its outcome
+/// to the breaker, then drop the pass. The half-open probe's pass frees the probe slot when
+/// dropped — after the outcome, or without one when the call's future was dropped.
+#[must_use = "a pass dropped at once frees a probe slot before the call is made"]
 #[derive(Debug)]
 pub struct Pass<'a> {
     breaker: &'a Breaker,
     probe: bool,
-}
-
-impl Pass<'_> {
-    /// The call's outcome was reported ([`Breaker::success`] / [`Breaker::failure`]).
-    pub fn settled(mut self) {
-        self.probe = false;
-    }
 }
 
 impl Drop for Pass<'_> {
@@ -389,7 +383,7 @@ mod tests {
             Duration::from_secs(1),
         );
         let b = h.breaker(None);
-        b.allow().expect("closed").settled();
+        assert!(b.allow().is_some());
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed);
         b.failure();
@@ -400,12 +394,12 @@ mod tests {
         let probe = b.allow().expect("one probe");
         assert!(b.allow().is_none(), "only one probe");
         b.failure();
-        probe.settled();
+        drop(probe);
         assert_eq!(b.state(), BreakerState::Open, "a failed probe re-opens");
         std::thread::sleep(Duration::from_millis(40));
         let probe = b.allow().expect("a probe after the open period");
         b.success();
-        probe.settled();
+        drop(probe);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(h.opens(), 2);
     }
@@ -423,23 +417,42 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         let probe = b.allow().expect("half-open: one probe");
         assert!(b.allow().is_none(), "while it is in flight, no other");
+        let opens = h.opens();
         // the probing call's future is dropped (a reader dropped, a timeout around it)
         drop(probe);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         let probe = b.allow().expect("the next call probes instead");
         b.success();
-        probe.settled();
+        drop(probe);
         assert_eq!(b.state(), BreakerState::Closed);
-        // a settled probe's pass never releases a later caller's probe
+        assert_eq!(h.opens(), opens);
+    }
+
+    #[test]
+    fn late_failures_neither_extend_an_open_breaker_nor_free_the_probe() {
+        let h = Health::new(
+            1,
+            Duration::from_millis(40),
+            Duration::from_millis(1),
+            Duration::from_secs(1),
+        );
+        let b = h.breaker(None);
         b.failure();
-        std::thread::sleep(Duration::from_millis(30));
-        let first = b.allow().expect("probe");
+        assert_eq!(b.state(), BreakerState::Open);
+        std::thread::sleep(Duration::from_millis(25));
+        // a call begun before it opened fails late: the open period is not extended
         b.failure();
-        first.settled();
-        std::thread::sleep(Duration::from_millis(30));
-        let second = b.allow().expect("the next probe");
-        assert!(b.allow().is_none());
-        drop(second);
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(b.state(), BreakerState::HalfOpen, "opened once, for 40 ms");
+        assert_eq!(h.opens(), 1);
+        let probe = b.allow().expect("probe");
+        // an older call fails while the probe is in flight: the probe keeps its slot
+        b.failure();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(b.allow().is_none(), "one probe at a time");
+        b.success();
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow().is_some());
     }
 

@@ -88,12 +88,13 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// The values of `keys`, `None` for a missing key.
     async fn get(&self, keys: &[String]) -> std::result::Result<Vec<Option<Bytes>>, RemoteError>;
 
-    /// Sets every `(key, value)` that does not exist yet, expiring after `ttl`.
+    /// Sets every `(key, value)` that does not exist yet, expiring after `ttl`; for each
+    /// item in order, whether it was set (`false`: the key existed, its value unchanged).
     async fn set_nx(
         &self,
         items: &[(String, Bytes)],
         ttl: Duration,
-    ) -> std::result::Result<(), RemoteError>;
+    ) -> std::result::Result<Vec<bool>, RemoteError>;
 
     /// Whether `key` exists.
     async fn exists(&self, key: &str) -> std::result::Result<bool, RemoteError>;
@@ -424,13 +425,13 @@ impl Inner {
         };
         let deadline = deadline.unwrap_or_else(|| self.health.deadline(bytes));
         let in_flight = self.health.in_flight(bytes);
-        // (dropped here, before it settles, the pass gives a half-open probe's slot back)
+        // (dropped at this await, unsettled, the pass frees a half-open probe's slot)
         let r = self.settle(
             tokio::time::timeout(deadline, fut).await,
             deadline,
             &breaker,
         );
-        pass.settled();
+        drop(pass);
         if r.is_ok() {
             in_flight.done();
         }

@@ -177,34 +177,50 @@ impl RedisCluster {
         keys: &[String],
         cmd: impl Fn(&mut redis::Pipeline, &str),
     ) -> Result<Vec<Option<Bytes>>, RemoteError> {
-        let groups = by_slot(keys.iter().map(String::as_str));
+        let replies = self
+            .replies::<Option<Vec<u8>>>(keys.iter().map(String::as_str), |p, i| cmd(p, &keys[i]))
+            .await?;
+        Ok(replies.into_iter().map(|v| v.map(Bytes::from)).collect())
+    }
+
+    /// One reply per key, the command for key `i` built by `cmd`: a pipeline per slot, all
+    /// at once, the replies back in the keys' order.
+    async fn replies<'a, T: redis::FromRedisValue>(
+        &self,
+        keys: impl Iterator<Item = &'a str>,
+        cmd: impl Fn(&mut redis::Pipeline, usize),
+    ) -> Result<Vec<T>, RemoteError> {
+        let groups = by_slot(keys);
+        let n = groups.iter().map(Vec::len).sum();
         let calls = groups.iter().map(|g| {
             let mut p = redis::pipe();
             for &i in g {
-                cmd(&mut p, &keys[i]);
+                cmd(&mut p, i);
             }
             async move {
                 let mut c = self.conn().await?;
-                p.query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                p.query_async::<Vec<T>>(&mut c)
                     .await
                     .map_err(|e| engine(e, self.response_timeout))
             }
         });
         let replies = futures_util::future::try_join_all(calls).await?;
-        let mut out = vec![None; keys.len()];
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
         for (g, vals) in groups.iter().zip(replies) {
             if vals.len() != g.len() {
                 return Err(RemoteError::Engine(format!(
-                    "{} replies to {} reads",
+                    "{} replies to {} commands",
                     vals.len(),
                     g.len()
                 )));
             }
             for (&i, v) in g.iter().zip(vals) {
-                out[i] = v.map(Bytes::from);
+                out[i] = Some(v);
             }
         }
-        Ok(out)
+        out.into_iter()
+            .map(|v| v.ok_or_else(|| RemoteError::Engine("a command without a reply".into())))
+            .collect()
     }
 
     /// Commands with no reply to keep, the one for key `i` built by `cmd`: a pipeline per
@@ -281,19 +297,28 @@ impl RemoteStore for RedisCluster {
         .await
     }
 
-    async fn set_nx(&self, items: &[(String, Bytes)], ttl: Duration) -> Result<(), RemoteError> {
+    async fn set_nx(
+        &self,
+        items: &[(String, Bytes)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, RemoteError> {
         let ttl_s = ttl.as_secs().max(1);
-        self.write(items.iter().map(|(k, _)| k.as_str()), |p, i| {
-            let (k, v) = &items[i];
-            p.cmd("SET")
-                .arg(k)
-                .arg(v.as_ref())
-                .arg("NX")
-                .arg("EX")
-                .arg(ttl_s)
-                .ignore();
-        })
-        .await
+        let replies = self
+            .replies::<redis::Value>(items.iter().map(|(k, _)| k.as_str()), |p, i| {
+                let (k, v) = &items[i];
+                p.cmd("SET")
+                    .arg(k)
+                    .arg(v.as_ref())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl_s);
+            })
+            .await?;
+        // `OK` when set, nil when the key existed
+        Ok(replies
+            .into_iter()
+            .map(|r| !matches!(r, redis::Value::Nil))
+            .collect())
     }
 
     async fn exists(&self, key: &str) -> Result<bool, RemoteError> {

@@ -79,8 +79,8 @@ impl Inner {
         let mut sets = futures_util::stream::iter(calls)
             .map(|(items, bytes)| async move { self.set(&key, &items, bytes).await })
             .buffer_unordered(self.config.window.max(1));
-        while let Some(ok) = sets.next().await {
-            if !ok {
+        while let Some(set) = sets.next().await {
+            if set.is_none() {
                 return;
             }
         }
@@ -90,7 +90,32 @@ impl Inner {
             return;
         }
         let env = Bytes::from(envelope(&enc.header_bytes, stripe, layout));
-        if !self.set(&key, &[(names.header(), env)], 0).await {
+        let header = names.header();
+        let Some(set) = self.set(&key, &[(header.clone(), env.clone())], 0).await else {
+            return;
+        };
+        if set.first() == Some(&false) {
+            // another writer committed the key first: with another encoding (codec, stripe
+            // size), no header names this write's records; unlinked now, not left to expire
+            // (test `two_writers_of_one_key`)
+            let theirs = self
+                .call_off_path(&header, 0, self.store.get(std::slice::from_ref(&header)))
+                .await;
+            let Ok(theirs) = theirs else { return };
+            let theirs = theirs.into_iter().next().flatten();
+            if theirs.as_ref() != Some(&env) {
+                let keys = records.all(&enc.header);
+                if let Err(e) = self
+                    .call_off_path(&header, 0, self.store.delete(&keys))
+                    .await
+                {
+                    tracing::debug!(%key, error = %e, "remote tier: unlinking a write that lost its key failed (its TTL removes it)");
+                }
+            }
+            if theirs.is_some() {
+                self.present.insert(key, ());
+                self.absent.invalidate(&key);
+            }
             return;
         }
         if self.removed_since(&key, queued) {
@@ -111,24 +136,27 @@ impl Inner {
         self.removed.get(key).is_some_and(|at| at >= since)
     }
 
-    /// One `SET NX` pipeline of a write (its keys share a hash tag); false (counted,
-    /// logged) when it failed.
-    async fn set(&self, key: &ChunkKey, items: &[(String, Bytes)], bytes: usize) -> bool {
-        let Some(_budget) = self.budget_share(&self.write_budget, bytes).await else {
-            return false;
-        };
+    /// One `SET NX` pipeline of a write (its keys share a hash tag): for each item whether
+    /// it was set (`false`: the key existed); `None` (counted, logged) when it failed.
+    async fn set(
+        &self,
+        key: &ChunkKey,
+        items: &[(String, Bytes)],
+        bytes: usize,
+    ) -> Option<Vec<bool>> {
+        let _budget = self.budget_share(&self.write_budget, bytes).await?;
         let Some((route, _)) = items.first() else {
-            return true;
+            return Some(Vec::new());
         };
         match self
             .call_off_path(route, bytes, self.store.set_nx(items, self.config.ttl))
             .await
         {
-            Ok(()) => true,
+            Ok(set) => Some(set),
             Err(e) => {
                 TierStats::add(&self.counters.put_failures, 1);
                 tracing::warn!(%key, error = %e, "remote tier: write failed; the object is not committed (its records expire)");
-                false
+                None
             }
         }
     }
