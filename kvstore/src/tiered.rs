@@ -400,11 +400,16 @@ impl TieredStore {
             return;
         }
         for (key, obj) in evicted {
-            if !self.dirty.lock().remove(key) {
+            // the key stays dirty until it is written below, so a flush meanwhile writes it
+            // too (a double write is a no-op) instead of returning before it is down
+            if !self.dirty.lock().contains(key) {
                 continue;
             }
-            let Some(obj) = obj else { continue };
-            for t in &self.tiers[1..] {
+            let Some(obj) = obj else {
+                self.dirty.lock().remove(key);
+                continue;
+            };
+            for t in self.tiers[1..].iter().filter(|t| !t.read_only()) {
                 if let Err(e) = t.put(Arc::clone(obj), 0.0).await {
                     if t.is_remote() || e.never_fits() {
                         // a remote that is down or busy counts its dropped puts itself
@@ -414,6 +419,7 @@ impl TieredStore {
                     }
                 }
             }
+            self.dirty.lock().remove(key);
         }
     }
 
@@ -605,7 +611,8 @@ impl TieredStore {
                 }
             };
             let mut written = true;
-            for t in &self.tiers[1..] {
+            // a read-only tier is never written, as by `put`
+            for t in self.tiers[1..].iter().filter(|t| !t.read_only()) {
                 match t.put(Arc::clone(&obj), 0.0).await {
                     Ok(_) => {}
                     Err(e) if t.is_remote() || e.never_fits() => {

@@ -9,7 +9,9 @@ mod common;
 use std::path::Path;
 
 use common::{Tmpfs, layout, object};
-use kvquilt_kvstore::{KvDType, KvObject, SsdConfig, StoreConfig, StoreError, TieredStore};
+use kvquilt_kvstore::{
+    KvDType, KvObject, SsdConfig, StoreConfig, StoreError, TieredStore, WritePolicy,
+};
 
 fn store(dir: &Path) -> kvquilt_kvstore::Result<TieredStore> {
     TieredStore::open(StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir, 1 << 30)))
@@ -60,6 +62,20 @@ async fn a_read_only_directory_is_served_and_new_objects_stay_in_memory() {
     s.flush()
         .await
         .expect("a flush of a read-only store is a no-op");
+    drop(s);
+    // write-back over the read-only tier: a new object stays in memory and a flush is still
+    // no error (it once wrote every dirty object to the read-only tier and failed each time)
+    let s = TieredStore::open(StoreConfig {
+        write: WritePolicy::WriteBack,
+        ..StoreConfig::with_ssd(1 << 30, SsdConfig::new(&db, 1 << 30))
+    })
+    .expect("a read-only store opens for write-back too");
+    s.put(obj(9), 1.0).await.unwrap();
+    s.flush()
+        .await
+        .expect("a write-back flush over a read-only tier");
+    assert!(s.get(obj(9).key()).await.unwrap().is_some());
+    assert!(!s.held_durably(obj(9).key()));
     drop(s);
 
     // writable again: the next open writes, and what was held is still there

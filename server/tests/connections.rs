@@ -319,5 +319,26 @@ async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
     let transfers = app.state.kv_budget.share(u64::MAX).await;
     let (status, v) = store(&app, "Another chunk.").await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    // an export waits for its share before it reads the object (it once read it first, so
+    // exports waiting on a full budget each held a copy of their object, uncounted)
+    let read = |app: &TestApp| -> u64 {
+        app.state
+            .blender
+            .store()
+            .stats()
+            .iter()
+            .map(|t| t.bytes_out)
+            .sum()
+    };
+    let before = read(&app);
+    let got = app
+        .bytes("GET", &format!("/v1/chunks/{id}/kv"), Some(TOKEN), None)
+        .await;
+    assert_eq!(got.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        read(&app),
+        before,
+        "no bytes read for an export without its share"
+    );
     drop(transfers);
 }

@@ -484,15 +484,19 @@ impl Inner {
         })
     }
 
-    /// Every layer of the object. Large objects are read by several threads at once (a cold
-    /// read then keeps several requests in flight on the device); each layer is verified as
-    /// soon as it arrives.
-    fn read_all_layers(self: &Arc<Self>, header: &ObjectHeader) -> Result<Vec<Bytes>> {
+    /// Every layer of the object, read at `snap` (where its header was read). Large objects
+    /// are read by several threads at once (a cold read then keeps several requests in
+    /// flight on the device); each layer is verified as soon as it arrives.
+    fn read_all_layers(
+        self: &Arc<Self>,
+        header: &ObjectHeader,
+        snap: &PinnedSnapshot,
+    ) -> Result<Vec<Bytes>> {
         let n = header.layers.len();
         let bytes = header.payload_len();
         let readers = ((bytes >> 19) as usize).clamp(1, READ_THREADS).min(n);
         if readers == 1 {
-            let opts = self.data_read_opts();
+            let opts = snap.read_opts();
             return (0..n)
                 .map(|l| self.read_decoded(header, l, &opts))
                 .collect();
@@ -504,7 +508,7 @@ impl Inner {
             for (t, slot) in slots.into_iter().enumerate() {
                 let first = t * n.div_ceil(readers);
                 scope.spawn(move || {
-                    let opts = self.data_read_opts();
+                    let opts = snap.read_opts();
                     for (j, cell) in slot.iter_mut().enumerate() {
                         *cell = Some(self.read_decoded(header, first + j, &opts));
                     }
@@ -1136,11 +1140,14 @@ impl Tier for SsdTier {
         let key = *key;
         self.blocking(move |s| {
             let t = Instant::now();
+            // header and layers read at one snapshot, as a reader's are: an eviction or a
+            // DELETE between them would otherwise read as a damaged object (and drop it)
+            let snap = PinnedSnapshot::take(s);
             let r = s
-                .read_header(&key, &s.data_read_opts())
+                .read_header(&key, &snap.read_opts())
                 .and_then(|h| match h {
                     Some(h) if s.usable(&h) => {
-                        let layers = s.read_all_layers(&h)?;
+                        let layers = s.read_all_layers(&h, &snap)?;
                         Ok(Some((KvObject::from_parts(&h, layers)?, h.codec)))
                     }
                     _ => Ok(None),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::http::StatusCode;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 
 use super::error::ApiError;
 
@@ -48,31 +48,57 @@ impl ModelPool {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_busy",
-                format!(
-                    "{} model requests are already waiting; retry later",
-                    self.max_queue
-                ),
-            ));
-        }
-        let waiter = Waiter(&self.waiting);
-        let permit = Arc::clone(&self.permits).acquire_owned().await;
-        drop(waiter);
-        let permit = permit.map_err(|_| ApiError::internal("the model pool is closed"))?;
-        let running = Arc::clone(&self.running);
-        running.fetch_add(1, Ordering::SeqCst);
+        let closed = || ApiError::internal("the model pool is closed");
+        // a free worker is taken at once: only a request that has to wait counts against
+        // `max_queue` (0 means none waits; it once refused every request). The semaphore is
+        // fair, so this never passes a waiter.
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(closed()),
+            Err(TryAcquireError::NoPermits) => {
+                if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_busy",
+                        format!(
+                            "{} model requests are already waiting; retry later",
+                            self.max_queue
+                        ),
+                    ));
+                }
+                let waiter = Waiter(&self.waiting);
+                let permit = Arc::clone(&self.permits).acquire_owned().await;
+                drop(waiter);
+                permit.map_err(|_| closed())?
+            }
+        };
+        let running = Running::start(Arc::clone(&self.running));
         tokio::task::spawn_blocking(move || {
             let out = work();
-            running.fetch_sub(1, Ordering::SeqCst);
+            drop(running);
             drop(permit);
             out
         })
         .await
         .map_err(|e| ApiError::internal(format!("a model worker failed: {e}")))
+    }
+}
+
+/// One request being computed, counted while it lives (a panicking worker is uncounted as
+/// it unwinds).
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn start(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -124,6 +150,34 @@ mod tests {
         tx.send(()).unwrap();
         assert!(busy.await.unwrap().is_ok());
         assert_eq!(queued.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_of_none_serves_free_workers_and_refuses_waiting() {
+        // `limits.max_queue = 0`: no request waits, but a free worker still serves
+        let pool = Arc::new(ModelPool::new(1, 0));
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let p = Arc::clone(&pool);
+        let busy = tokio::spawn(async move { p.run(move || rx.recv().ok()).await });
+        while pool.running() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = pool.run(|| 8).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        tx.send(()).unwrap();
+        assert!(busy.await.unwrap().is_ok());
+        assert_eq!(pool.run(|| 9).await.unwrap(), 9);
+        assert_eq!((pool.waiting(), pool.running()), (0, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_worker_is_no_longer_counted() {
+        let pool = ModelPool::new(1, 1);
+        let e = pool.run::<()>(|| panic!("a bug")).await.unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(pool.running(), 0);
+        assert_eq!(pool.run(|| 1).await.unwrap(), 1, "its worker is free again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,26 +41,30 @@ pub(crate) async fn create(
         .filter(|t| s.blender.store().locate(&codec.key(t)).is_none())
         .map(|t| layout.object_bytes(t.len()))
         .sum();
-    let _quota = check_quota(&s, &tenant, new_bytes)?;
+    let quota = check_quota(&s, &tenant, new_bytes)?;
     let st = Arc::clone(&s);
     let tenant2 = Arc::clone(&tenant);
-    // stops at the first failure (a full disk: 507); what was stored before it is counted
+    // stops at the first failure (a full disk: 507); what was stored before it is counted.
+    // The reservation and the accounting go with the work: once it runs it finishes even if
+    // the client leaves (the handler's future dropped), and what it stored is charged to the
+    // tenant all the same (it was once charged only by the handler, after the work)
     let (results, failed) = s
         .pool
         .run(move || {
+            let _quota = quota;
             let mut done = Vec::with_capacity(all.len());
             for t in &all {
                 match st.blender.precompute(&tenant2.namespace, t) {
-                    Ok(p) => done.push(p),
+                    Ok(p) => {
+                        tenant2.add(p.key, layout.object_bytes(p.tokens));
+                        done.push(p);
+                    }
                     Err(e) => return (done, Some(e)),
                 }
             }
             (done, None)
         })
         .await?;
-    for p in &results {
-        tenant.add(p.key, layout.object_bytes(p.tokens));
-    }
     if let Some(e) = failed {
         let mut err = ApiError::from(e);
         if !results.is_empty() {
@@ -160,23 +164,14 @@ pub(crate) async fn get_kv(
     ChunkIdPath(id): ChunkIdPath,
 ) -> ApiResult<Response> {
     let key = Shared::parse_id(&id)?;
-    s.require_owned(&tenant, &key).await?;
-    let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
-        return Err(unknown_chunk(&key));
-    };
-    if let Some(codec) = obj.lossy() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "lossy_object",
-            format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
-        ));
-    }
-    // the encoded copy counts against the KV budget until it is handed to the
-    // connection (a client that stops reading is cut off after limits.send_timeout_s)
+    let found = s.require_owned(&tenant, &key).await?;
+    // the object counts against the KV budget from before it is read (an export read from
+    // the SSD or the remote is a new copy in memory) until it is handed to the connection
+    // (a client that stops reading is cut off after limits.send_timeout_s)
     let Some(share) = s
         .kv_budget
         .share_within(
-            obj.raw_len(),
+            found.info.raw_len(),
             std::time::Duration::from_secs(s.limits.body_timeout_s),
         )
         .await
@@ -187,6 +182,16 @@ pub(crate) async fn get_kv(
             "KV exports in flight fill this server's budget (limits.body_budget_bytes); retry later",
         ));
     };
+    let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
+        return Err(unknown_chunk(&key));
+    };
+    if let Some(codec) = obj.lossy() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "lossy_object",
+            format!("chunk {key} is stored only as {codec} (lossy); its exact KV is not held here"),
+        ));
+    }
     let share = Some(share);
     // the header, then the records: raw records are the object's own layer bytes, so the
     // export holds no second copy of the object
@@ -251,10 +256,19 @@ pub(crate) async fn put_kv(
         ));
     }
     let bytes = codec.layout().object_bytes(tokens);
-    let _quota = check_quota(&s, &tenant, bytes)?;
+    let quota = check_quota(&s, &tenant, bytes)?;
     let obj = encoded.decode()?;
-    s.blender.store().put(obj, 0.0).await?;
-    tenant.add(key, bytes);
+    // the put and its accounting run as a task of their own: a client that leaves mid-put
+    // (the handler's future dropped) cannot leave the object stored and uncharged
+    let (st, tenant2) = (Arc::clone(&s), Arc::clone(&tenant));
+    tokio::spawn(async move {
+        let _quota = quota;
+        st.blender.store().put(obj, 0.0).await?;
+        tenant2.add(key, bytes);
+        Ok::<_, kvquilt_kvstore::StoreError>(())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("storing the object failed: {e}")))??;
     Ok((
         StatusCode::CREATED,
         axum::Json(ChunkStatus {
