@@ -79,6 +79,13 @@ pub struct Found {
     pub tier: TierKind,
 }
 
+/// Whether a write-down's failure on `tier` skips that tier rather than failing: a remote
+/// that refuses (down, its queue full; it counts its dropped puts itself), or a tier the
+/// object can never fit.
+fn skipped_by(tier: &dyn Tier, e: &StoreError) -> bool {
+    tier.is_remote() || e.never_fits()
+}
+
 /// Layers of one object arriving in order, read ahead by a background task.
 pub struct LayerStream {
     /// What the object holds; the stream yields its `info.layout.num_layers` layers in
@@ -411,8 +418,7 @@ impl TieredStore {
             };
             for t in self.tiers[1..].iter().filter(|t| !t.read_only()) {
                 if let Err(e) = t.put(Arc::clone(obj), 0.0).await {
-                    if t.is_remote() || e.never_fits() {
-                        // a remote that is down or busy counts its dropped puts itself
+                    if skipped_by(t.as_ref(), &e) {
                         tracing::debug!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object skipped this tier");
                     } else {
                         tracing::warn!(%key, error = %e, tier = ?t.kind(), "write-back of an evicted object failed; it is lost from this tier");
@@ -595,9 +601,9 @@ impl TieredStore {
     ///
     /// A key leaves the dirty set only once it is written below, so an eviction racing the
     /// flush still finds it dirty and demotes it (a double write is a no-op). As when
-    /// evicted objects are written down, a remote that refuses (down, its queue full) and a tier the object
-    /// can never fit are skipped; any other failure is returned after every other object and
-    /// tier had its turn, so one failing write never leaves the rest unwritten.
+    /// evicted objects are written down, read-only tiers, a remote that refuses (down, its
+    /// queue full) and a tier the object can never fit are skipped; any other failure is returned after every other object and tier had its
+    /// turn, so one failing write never leaves the rest unwritten.
     pub async fn flush(&self) -> Result<()> {
         let mut first_error = None;
         let dirty: Vec<ChunkKey> = self.dirty.lock().iter().copied().collect();
@@ -615,7 +621,7 @@ impl TieredStore {
             for t in self.tiers[1..].iter().filter(|t| !t.read_only()) {
                 match t.put(Arc::clone(&obj), 0.0).await {
                     Ok(_) => {}
-                    Err(e) if t.is_remote() || e.never_fits() => {
+                    Err(e) if skipped_by(t.as_ref(), &e) => {
                         tracing::debug!(%key, error = %e, tier = ?t.kind(), "flush skipped this tier");
                     }
                     Err(e) => {
