@@ -176,3 +176,52 @@ async fn encoded_records_are_placed_and_handed_over_as_stored() {
     }
     assert!(kept.next_layer().await.is_none());
 }
+
+/// Places records with one byte flipped: memory that went bad under an encoded object.
+#[derive(Debug)]
+struct Flipping;
+
+impl HostMemory for Flipping {
+    fn place(&self, layers: &[Bytes]) -> Result<Vec<Bytes>, String> {
+        Ok(layers
+            .iter()
+            .map(|l| {
+                let mut v = l.to_vec();
+                let mid = v.len() / 2;
+                if let Some(b) = v.get_mut(mid) {
+                    *b ^= 0x40;
+                }
+                Bytes::from(v)
+            })
+            .collect())
+    }
+
+    fn holds(&self, _bytes: &Bytes) -> bool {
+        false
+    }
+}
+
+/// An encoded host-tier object that no longer decodes is a miss, counted and dropped, and
+/// the store serves the object from the SSD tier (it was once an error for the whole read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_object_gone_bad_in_memory_is_a_miss_served_from_below() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TieredStore::open(StoreConfig {
+        host_codec: kvquilt_kvstore::Codec::Lz4,
+        ..StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir.path(), 1 << 30))
+    })
+    .unwrap();
+    assert!(s.set_host_memory(Arc::new(Flipping)));
+    let o = object(5, 64, layout(KvDType::F32, 3));
+    s.put(o.clone(), 1.0).await.unwrap();
+    let host = &s.tiers()[0];
+    assert!(
+        host.get(o.key()).await.unwrap().is_none(),
+        "a miss, not an error"
+    );
+    assert_eq!(host.stats().checksum_failures, 1);
+    assert!(host.get(o.key()).await.unwrap().is_none(), "dropped");
+    let (got, tier) = s.get(o.key()).await.unwrap().expect("served from below");
+    assert_eq!(tier.name(), "ssd");
+    assert!(*got == o, "the exact object");
+}

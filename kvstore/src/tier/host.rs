@@ -226,7 +226,17 @@ impl Tier for HostTier {
         };
         let stats = self.slots.counters();
         TierStats::add(&stats.bytes_out, held.size());
-        let o = held.decoded()?;
+        let o = match held.decoded() {
+            Ok(o) => o,
+            Err(e) => {
+                // an encoded copy that no longer decodes (memory gone bad, a codec bug) is a
+                // miss and is dropped, as a damaged object on disk is: the tiers below serve
+                tracing::warn!(%key, error = %e, "host tier: a held object failed to decode; dropped");
+                TierStats::add(&stats.checksum_failures, 1);
+                self.slots.remove(key);
+                return Ok(None);
+            }
+        };
         stats.get_latency.record(t.elapsed());
         Ok(Some(o))
     }
