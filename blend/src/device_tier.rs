@@ -69,6 +69,7 @@ impl DeviceTier {
         let chunk = Arc::new(layers);
         let size = chunk_bytes(&chunk);
         // evicted chunks are dropped here (requests still using one hold their `Arc`)
+        // (a concurrent put of the key that got there first leaves that chunk resident)
         self.chunks.insert(key, chunk, size, cost_s).is_ok()
     }
 

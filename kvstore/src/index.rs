@@ -81,7 +81,12 @@ impl Pins {
 
 struct Entry {
     size: u64,
+    /// Seconds recomputing the object would take (what cost-aware policies weigh).
+    cost_s: f64,
     leases: u32,
+    /// Which admission of the key this entry is (unique per index): a lease names it, so a
+    /// lease taken before a remove and a re-put never releases the new entry's.
+    generation: u64,
     /// Admitted but not yet committed: the object is still being written, so it cannot be
     /// chosen as a victim (its eviction would find nothing to delete or demote).
     writing: bool,
@@ -96,6 +101,8 @@ impl Entry {
 struct Inner {
     entries: HashMap<ChunkKey, Entry>,
     used: u64,
+    /// The last [`Entry::generation`] handed out.
+    generation: u64,
     policy: Box<dyn EvictionPolicy>,
 }
 
@@ -133,16 +140,35 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// An object [`TierIndex::admit`] evicted to make room: forgotten by the index, to be
+/// deleted by the tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Victim {
+    /// The evicted object.
+    pub key: ChunkKey,
+    /// Bytes it held.
+    pub size: u64,
+    /// Seconds recomputing it would take (what it was admitted with).
+    pub cost_s: f64,
+}
+
 /// A read lease: while it lives, the object cannot be evicted from this tier.
+///
+/// It holds the object it was taken on, not its key: once that object is removed, dropping
+/// the lease changes nothing, whatever was stored under the key since (pinned by
+/// `tests::a_lease_outliving_its_object_leaves_the_next_one_alone`).
 pub struct Lease {
     index: Arc<TierIndex>,
     key: ChunkKey,
+    generation: u64,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut g = self.index.inner.lock();
-        if let Some(e) = g.entries.get_mut(&self.key) {
+        if let Some(e) = g.entries.get_mut(&self.key)
+            && e.generation == self.generation
+        {
             e.leases = e.leases.saturating_sub(1);
         }
     }
@@ -159,6 +185,7 @@ impl TierIndex {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
                 used: 0,
+                generation: 0,
                 policy: policy.build(),
             }),
         }
@@ -198,9 +225,12 @@ impl TierIndex {
     /// Records an object already present (when a tier is reopened), in eviction order.
     pub fn restore(&self, key: ChunkKey, size: u64, cost_s: f64) {
         let mut g = self.inner.lock();
+        g.generation += 1;
         let entry = Entry {
             size,
+            cost_s,
             leases: 0,
+            generation: g.generation,
             writing: false,
         };
         if g.entries.insert(key, entry).is_none() {
@@ -210,7 +240,7 @@ impl TierIndex {
     }
 
     /// Makes room for `size` bytes under `key` and reserves them. Returns the reservation and
-    /// the victims (with their sizes), which the caller must delete. Fails, evicting
+    /// the victims, which the caller must delete (or [`TierIndex::restore`] when it cannot). Fails, evicting
     /// nothing, when the object cannot fit: larger than the tier, or too much is pinned or
     /// leased. An object already held is replaced.
     pub fn admit(
@@ -218,7 +248,7 @@ impl TierIndex {
         key: ChunkKey,
         size: u64,
         cost_s: f64,
-    ) -> Result<(Reservation<'_>, Vec<(ChunkKey, u64)>)> {
+    ) -> Result<(Reservation<'_>, Vec<Victim>)> {
         let now = now_unix_s();
         let mut g = self.inner.lock();
         let g = &mut *g;
@@ -257,18 +287,26 @@ impl TierIndex {
             g.policy.remove(&v);
             let e = g.entries.remove(&v).expect("victims are tracked");
             g.used -= e.size;
-            victims.push((v, e.size));
+            victims.push(Victim {
+                key: v,
+                size: e.size,
+                cost_s: e.cost_s,
+            });
         }
         match g.entries.get_mut(&key) {
             Some(e) => {
                 g.used = g.used - e.size + size;
                 e.size = size;
+                e.cost_s = cost_s;
                 e.writing = true;
             }
             None => {
+                g.generation += 1;
                 let entry = Entry {
                     size,
+                    cost_s,
                     leases: 0,
+                    generation: g.generation,
                     writing: true,
                 };
                 g.entries.insert(key, entry);
@@ -308,6 +346,7 @@ impl TierIndex {
         Some(Lease {
             index: Arc::clone(self),
             key: *key,
+            generation: e.generation,
         })
     }
 
@@ -325,6 +364,11 @@ mod tests {
         ChunkKey([i; 32])
     }
 
+    /// Victims as (key, size).
+    fn ks(v: &[Victim]) -> Vec<(ChunkKey, u64)> {
+        v.iter().map(|v| (v.key, v.size)).collect()
+    }
+
     #[test]
     fn admission_evicts_but_respects_pins_and_leases() {
         let pins = Pins::default();
@@ -338,7 +382,7 @@ mod tests {
         let lease = idx.lease(&k(2)).unwrap();
         let (r, v) = idx.admit(k(5), 25, 1.0).unwrap();
         r.commit();
-        assert_eq!(v, vec![(k(3), 25)]);
+        assert_eq!(ks(&v), vec![(k(3), 25)]);
         // 1 pinned, 2 leased, 4 and 5 free: 50 bytes can go, 60 cannot
         assert!(matches!(
             idx.admit(k(6), 60, 1.0),
@@ -360,7 +404,7 @@ mod tests {
         idx.admit(k(1), 10, 1.0).unwrap().0.commit();
         pins.set(k(1), Pin::Soft { until_unix_s: 1 });
         let (_r, v) = idx.admit(k(2), 10, 1.0).unwrap();
-        assert_eq!(v, vec![(k(1), 10)]);
+        assert_eq!(ks(&v), vec![(k(1), 10)]);
     }
 
     #[test]
@@ -381,7 +425,7 @@ mod tests {
         let (writing, _) = idx.admit(k(2), 10, 1.0).unwrap();
         // k(2) is the only other entry once k(1) goes, but it is not written yet
         let (r, v) = idx.admit(k(3), 10, 1.0).unwrap();
-        assert_eq!(v, vec![(k(1), 10)]);
+        assert_eq!(ks(&v), vec![(k(1), 10)]);
         r.commit();
         assert!(matches!(
             idx.admit(k(4), 20, 1.0),
@@ -390,6 +434,28 @@ mod tests {
         writing.commit();
         let (_r, v) = idx.admit(k(4), 20, 1.0).unwrap();
         assert_eq!(v.len(), 2, "committed, it can go");
+    }
+
+    #[test]
+    fn a_lease_outliving_its_object_leaves_the_next_one_alone() {
+        let idx = Arc::new(TierIndex::new("t", 20, PolicyKind::Lru, Pins::default()));
+        idx.admit(k(1), 10, 1.0).unwrap().0.commit();
+        let old = idx.lease(&k(1)).unwrap();
+        idx.remove(&k(1));
+        idx.admit(k(1), 10, 1.0).unwrap().0.commit();
+        let new = idx.lease(&k(1)).unwrap();
+        drop(old);
+        assert_eq!(
+            idx.leases(&k(1)),
+            1,
+            "the old object's lease is not the new one's"
+        );
+        assert!(
+            matches!(idx.admit(k(2), 20, 1.0), Err(StoreError::NoRoom { .. })),
+            "the leased object is still protected"
+        );
+        drop(new);
+        assert_eq!(idx.leases(&k(1)), 0);
     }
 
     #[test]

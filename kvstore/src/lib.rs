@@ -140,7 +140,7 @@ pub use object::{
 pub use policy::PolicyKind;
 pub use stats::{HistogramSnapshot, TierStatsSnapshot};
 pub use tier::{
-    DAMAGE_MARKER, DEFAULT_MAX_OPEN_FILES, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier,
+    DAMAGE_MARKER, DEFAULT_MAX_OPEN_FILES, DEFAULT_MIN_FREE_BYTES, HostMemory, HostTier, Insertion,
     LayerReader, MemoryTier, PutOutcome, RecordLayout, RemoteConfig, RemoteStore, RemoteTier,
     SsdConfig, SsdTier, Tier, TierKind,
 };

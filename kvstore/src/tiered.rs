@@ -438,6 +438,11 @@ impl TieredStore {
     /// of a large model) is skipped rather than failing the put; when no tier can hold it
     /// and no remote is handed it, that is the error. A remote tier is handed the object
     /// too, but writes it off the request path.
+    ///
+    /// Not cancel-safe: a put dropped while a slower tier writes leaves the faster tiers'
+    /// copies in place whether or not that write lands (the clean-up of a refused write
+    /// above never runs). Run it to completion where the caller may go away: the sidecar's
+    /// uploads run in a task of their own, the engine's store-back under `block_on`.
     pub async fn put(&self, obj: KvObject, cost_s: f64) -> Result<()> {
         let obj = Arc::new(obj);
         let key = *obj.key();

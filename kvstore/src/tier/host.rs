@@ -251,9 +251,12 @@ impl Tier for HostTier {
         let size = held.size();
         // an encoded entry gives no copy: a host codec requires write-through, where nothing
         // is demoted (`TieredStore::open`)
-        let evicted = self
-            .slots
-            .insert(key, held, size, cost_s)?
+        let done = self.slots.insert(key, held, size, cost_s)?;
+        if !done.inserted {
+            return Ok(PutOutcome::default()); // a concurrent put of the key got there first
+        }
+        let evicted = done
+            .evicted
             .into_iter()
             .map(|(k, v)| match v {
                 Some(Held::Decoded(o)) => (k, Some(o)),

@@ -5,9 +5,11 @@
 //! policy, pins and leases honoured), counted in [`TierStats`].
 //!
 //! Invariants (pinned by `tests::admission_evicts_and_counts`): an entry is in the map iff
-//! the index holds it as committed; bytes held stay within the capacity (the index's
-//! admission under one lock); an evicted value is handed back to the caller (to demote it
-//! or drop it), never silently kept.
+//! the index holds it (both change under the map's write lock, so an insert and a remove
+//! of one key cannot interleave; the window that once split them was nanoseconds wide, too
+//! narrow for a test to hit);
+//! bytes held stay within the capacity (the index's admission under one lock); an evicted
+//! value is handed back to the caller (to demote it or drop it), never silently kept.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +21,16 @@ use crate::index::{Lease, Pins, TierIndex};
 use crate::key::ChunkKey;
 use crate::policy::PolicyKind;
 use crate::stats::{TierStats, TierStatsSnapshot};
+
+/// What [`MemoryTier::insert`] did.
+#[derive(Debug, PartialEq)]
+pub struct Insertion<V> {
+    /// Whether the value was admitted (false: the key was held already, and keeps its value).
+    pub inserted: bool,
+    /// Entries evicted to make room, with their values (`None`: gone from the map already),
+    /// for the caller to demote or drop.
+    pub evicted: Vec<(ChunkKey, Option<V>)>,
+}
 
 /// Values of type `V` in memory, bounded in bytes, evicting by a policy.
 pub struct MemoryTier<V> {
@@ -71,34 +83,44 @@ impl<V: Clone> MemoryTier<V> {
     }
 
     /// Admits `value` (`size` bytes; recomputing it would cost `cost_s` seconds) under
-    /// `key`, not held yet, evicting by the policy; returns the evicted entries. Refused
-    /// ([`crate::StoreError::NoRoom`]), evicting nothing, when it cannot fit (larger than the
-    /// tier, or the rest pinned, leased or being written).
-    pub fn insert(
-        &self,
-        key: ChunkKey,
-        value: V,
-        size: u64,
-        cost_s: f64,
-    ) -> Result<Vec<(ChunkKey, Option<V>)>> {
-        let (reservation, victims) = self.index.admit(key, size, cost_s)?;
+    /// `key`, evicting by the policy. A key already held keeps its value (`inserted`
+    /// false, nothing evicted). Refused ([`crate::StoreError::NoRoom`]), evicting nothing,
+    /// when it cannot fit (larger than the tier, or the rest pinned, leased or being
+    /// written).
+    pub fn insert(&self, key: ChunkKey, value: V, size: u64, cost_s: f64) -> Result<Insertion<V>> {
         let evicted: Vec<(ChunkKey, Option<V>)> = {
             let mut map = self.entries.write();
-            let out = victims.iter().map(|(v, _)| (*v, map.remove(v))).collect();
+            if map.contains_key(&key) {
+                return Ok(Insertion {
+                    inserted: false,
+                    evicted: Vec::new(),
+                });
+            }
+            let (reservation, victims) = self.index.admit(key, size, cost_s)?;
+            let out = victims
+                .iter()
+                .map(|v| (v.key, map.remove(&v.key)))
+                .collect();
             map.insert(key, value);
+            reservation.commit();
             out
         };
-        reservation.commit();
         TierStats::add(&self.stats.evictions, evicted.len() as u64);
         TierStats::add(&self.stats.puts, 1);
         TierStats::add(&self.stats.bytes_in, size);
-        Ok(evicted)
+        Ok(Insertion {
+            inserted: true,
+            evicted,
+        })
     }
 
     /// Drops `key`; false if it was not held.
     pub fn remove(&self, key: &ChunkKey) -> bool {
-        let removed = self.entries.write().remove(key).is_some();
-        self.index.remove(key);
+        let removed = {
+            let mut map = self.entries.write();
+            self.index.remove(key);
+            map.remove(key).is_some()
+        };
         if removed {
             TierStats::add(&self.stats.removes, 1);
         }
@@ -137,10 +159,18 @@ mod tests {
         let t: MemoryTier<&'static str> =
             MemoryTier::new("m", 30, PolicyKind::Lru, Pins::default());
         for (i, v) in [(1, "a"), (2, "b"), (3, "c")] {
-            assert!(t.insert(k(i), v, 10, 1.0).unwrap().is_empty());
+            assert!(t.insert(k(i), v, 10, 1.0).unwrap().evicted.is_empty());
         }
+        assert_eq!(
+            t.insert(k(1), "z", 10, 1.0).unwrap(),
+            Insertion {
+                inserted: false,
+                evicted: vec![]
+            },
+            "a held key keeps its value"
+        );
         assert_eq!(t.get(&k(1)), Some("a")); // 1 is now the most recent
-        let out = t.insert(k(4), "d", 10, 1.0).unwrap();
+        let out = t.insert(k(4), "d", 10, 1.0).unwrap().evicted;
         assert_eq!(
             out,
             vec![(k(2), Some("b"))],
@@ -148,7 +178,7 @@ mod tests {
         );
         assert!(!t.contains(&k(2)) && t.contains(&k(4)));
         let lease = t.lease(&k(3)).unwrap();
-        let out = t.insert(k(5), "e", 20, 1.0).unwrap();
+        let out = t.insert(k(5), "e", 20, 1.0).unwrap().evicted;
         assert!(
             out.iter().all(|(key, _)| *key != k(3)),
             "a leased entry stays"

@@ -9,6 +9,7 @@
 //! read answered as a miss: wrong bytes are never handed out.
 
 mod host;
+mod key_locks;
 mod memory;
 pub mod remote;
 mod ssd;
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use host::{HostMemory, HostTier};
-pub use memory::MemoryTier;
+pub use memory::{Insertion, MemoryTier};
 pub use remote::{RecordLayout, RemoteConfig, RemoteStore, RemoteTier};
 pub use ssd::{DAMAGE_MARKER, DEFAULT_MAX_OPEN_FILES, DEFAULT_MIN_FREE_BYTES, SsdConfig, SsdTier};
 

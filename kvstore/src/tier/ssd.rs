@@ -26,10 +26,11 @@ use rocksdb::{
     ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions,
 };
 
+use super::key_locks::KeyLocks;
 use super::{LayerReader, PutOutcome, Tier, TierKind};
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
-use crate::index::{Lease, Pin, Pins, TierIndex};
+use crate::index::{Lease, Pin, Pins, TierIndex, Victim};
 use crate::key::ChunkKey;
 use crate::object::{
     KeepEncoded, KvObject, ObjectHeader, ObjectInfo, StreamLayer, decode_all, decode_header,
@@ -326,6 +327,10 @@ struct Inner {
     /// a tier that does not serve them never writes them): misses left on disk, which a put
     /// of the exact object replaces.
     unserved_lossy: Mutex<HashSet<ChunkKey>>,
+    /// One writer per object: a put, a delete and a rewrite of its `meta` record hold the
+    /// object's key from their first look at the index to their last write, so none of
+    /// them acts on what another is halfway through (pinned by `races.rs`).
+    writers: KeyLocks,
 }
 
 /// The SSD tier. Cheap to clone.
@@ -599,7 +604,15 @@ impl Inner {
         }
     }
 
+    /// Deletes `key`'s object (header, records, meta) and forgets it; whether it was on
+    /// disk. Takes the key's writer lock.
     fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        let _writer = self.writers.lock(*key);
+        self.delete_locked(key)
+    }
+
+    /// [`Inner::delete`] by the holder of `key`'s writer lock.
+    fn delete_locked(&self, key: &ChunkKey) -> Result<bool> {
         if self.is_read_only() && !self.index.contains(key) {
             return Ok(false); // nothing of it here to refuse
         }
@@ -615,14 +628,7 @@ impl Inner {
                 .map_err(|e| self.db_err(e))?
                 .is_some();
         let mut b = WriteBatch::default();
-        b.delete_cf(self.meta(), key.0);
-        b.delete_cf(self.data(), header_key(key));
-        let mut lo = [0u8; 33];
-        lo[..32].copy_from_slice(&key.0);
-        lo[32] = b'l';
-        let mut hi = lo;
-        hi[32] = b'm';
-        b.delete_range_cf(self.data(), lo, hi);
+        self.delete_into(&mut b, key);
         self.db
             .write_opt(b, &self.write_opts())
             .map_err(|e| self.write_err(e))?;
@@ -632,8 +638,12 @@ impl Inner {
         Ok(existed)
     }
 
+    /// Stores `obj` unless held. Holds the key's writer lock throughout: a second put of the
+    /// key waits, then finds it held (acknowledged only once the first is on disk), and a
+    /// delete waits for the write to land before removing it.
     fn put_blocking(&self, obj: &KvObject, cost_s: f64) -> Result<PutOutcome> {
         let key = *obj.key();
+        let _writer = self.writers.lock(key);
         if self.index.contains(&key) {
             // held already, unless what is held is a lossy object this tier does not serve
             // (a store written with a lossy codec, opened without lossy objects allowed):
@@ -643,16 +653,14 @@ impl Inner {
                 return Ok(PutOutcome::default());
             }
             self.check_writable()?;
-            self.delete(&key)?;
+            self.delete_locked(&key)?;
         }
         self.check_writable()?;
         let enc = obj.encode_or_raw(self.config.codec)?;
         let stored = enc.header.stored_len(enc.header_bytes.len());
         self.check_free_space(stored)?;
         let (reservation, victims) = self.index.admit(key, stored, cost_s)?;
-        for (v, _) in &victims {
-            self.delete(v)?;
-        }
+        self.delete_victims(&victims)?;
         let now = self.now_ns();
         let meta = Meta {
             stored,
@@ -678,8 +686,60 @@ impl Inner {
         TierStats::add(&self.stats.bytes_in, stored);
         Ok(PutOutcome {
             written: true,
-            evicted: victims.into_iter().map(|(k, _)| (k, None)).collect(),
+            evicted: victims.into_iter().map(|v| (v.key, None)).collect(),
         })
+    }
+
+    /// Deletes the objects a put's admission evicted, in one batch: all of them or, when
+    /// the batch fails, none, and then the index holds them again (on disk and counted, as
+    /// before the put). A victim put again since its eviction (by a put that took its key
+    /// in between) is left alone.
+    ///
+    /// Called holding the putting key's writer lock; takes each victim's. That cannot
+    /// deadlock: a thread waits while holding a lock only here, for a key its own admission
+    /// evicted, and a key can be evicted only while no admission of it is still writing. So
+    /// each waiter waits for a put admitted after its own, and no chain of waiters closes
+    /// into a circle.
+    fn delete_victims(&self, victims: &[Victim]) -> Result<()> {
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let mut held = Vec::with_capacity(victims.len());
+        for v in victims {
+            let guard = self.writers.lock(v.key);
+            if !self.index.contains(&v.key) {
+                held.push((v, guard));
+            }
+        }
+        let mut b = WriteBatch::default();
+        for (v, _) in &held {
+            self.delete_into(&mut b, &v.key);
+        }
+        if let Err(e) = self.db.write_opt(b, &self.write_opts()) {
+            for (v, _) in &held {
+                self.index.restore(v.key, v.size, v.cost_s);
+            }
+            return Err(self.write_err(e));
+        }
+        let mut touched = self.touched.lock();
+        let mut unserved = self.unserved_lossy.lock();
+        for (v, _) in &held {
+            touched.remove(&v.key);
+            unserved.remove(&v.key);
+        }
+        Ok(())
+    }
+
+    /// Adds the deletion of `key`'s header, records and meta to `b`.
+    fn delete_into(&self, b: &mut WriteBatch, key: &ChunkKey) {
+        b.delete_cf(self.meta(), key.0);
+        b.delete_cf(self.data(), header_key(key));
+        let mut lo = [0u8; 33];
+        lo[..32].copy_from_slice(&key.0);
+        lo[32] = b'l';
+        let mut hi = lo;
+        hi[32] = b'm';
+        b.delete_range_cf(self.data(), lo, hi);
     }
 
     /// Refuses a write of `stored` bytes that would leave less than
@@ -710,6 +770,32 @@ impl Inner {
         })
     }
 
+    /// Rewrites `key`'s `meta` record, if it has one, changed by `change` and with the pin
+    /// it has now, under the key's writer lock (a rewrite racing a delete would otherwise
+    /// bring back the meta record of a deleted object: pinned by
+    /// `races.rs::meta_rewrites_never_bring_back_a_removed_object`).
+    fn rewrite_meta(
+        &self,
+        key: &ChunkKey,
+        opts: &WriteOptions,
+        change: impl FnOnce(&mut Meta),
+    ) -> Result<()> {
+        let _writer = self.writers.lock(*key);
+        let Some(raw) = self
+            .db
+            .get_pinned_cf(self.meta(), key.0)
+            .map_err(|e| self.db_err(e))?
+        else {
+            return Ok(());
+        };
+        let mut m = Meta::decode(&raw)?;
+        change(&mut m);
+        m.pin = self.pins.get(key);
+        self.db
+            .put_cf_opt(self.meta(), key.0, m.encode(), opts)
+            .map_err(|e| self.write_err(e))
+    }
+
     fn flush_blocking(&self) -> Result<()> {
         if self.is_read_only() {
             // nothing was written; recent access times are not persisted
@@ -717,23 +803,17 @@ impl Inner {
             return Ok(());
         }
         let touched: Vec<(ChunkKey, u64)> = self.touched.lock().drain().collect();
-        let mut b = WriteBatch::default();
+        let mut unsynced = WriteOptions::default();
+        unsynced.set_sync(false);
         for (key, at) in touched {
-            if let Some(raw) = self
-                .db
-                .get_pinned_cf(self.meta(), key.0)
-                .map_err(|e| self.db_err(e))?
-            {
-                let mut m = Meta::decode(&raw)?;
+            // one object at a time, under its writer lock: a delete meanwhile either lands
+            // first (no meta to rewrite) or after the rewrite (and removes it)
+            self.rewrite_meta(&key, &unsynced, |m| {
                 m.last_access_ns = m.last_access_ns.max(at);
-                m.pin = self.pins.get(&key);
-                b.put_cf(self.meta(), key.0, m.encode());
-            }
+            })?;
         }
-        let mut w = WriteOptions::default();
-        w.set_sync(true);
-        self.db.write_opt(b, &w).map_err(|e| self.write_err(e))?;
-        // memtables to disk: values move to blob files, the WAL can be recycled
+        // memtables to disk (the rewrites' log synced with them): values move to blob
+        // files, the WAL can be recycled
         self.db
             .flush_cf(self.data())
             .map_err(|e| self.write_err(e))?;
@@ -976,6 +1056,7 @@ impl SsdTier {
             opened_read_only: read_only,
             writes_stopped: Mutex::new(None),
             unserved_lossy: Mutex::new(HashSet::new()),
+            writers: KeyLocks::default(),
         };
         let mut metas = Vec::new();
         for item in inner.db.iterator_cf(inner.meta(), IteratorMode::Start) {
@@ -1030,16 +1111,7 @@ impl SsdTier {
                 return Ok(()); // held in memory only: so is its pin
             }
             s.check_writable()?;
-            if let Some(raw) =
-                s.db.get_pinned_cf(s.meta(), key.0)
-                    .map_err(|e| s.db_err(e))?
-            {
-                let mut m = Meta::decode(&raw)?;
-                m.pin = s.pins.get(&key);
-                s.db.put_cf_opt(s.meta(), key.0, m.encode(), &s.write_opts())
-                    .map_err(|e| s.write_err(e))?;
-            }
-            Ok(())
+            s.rewrite_meta(&key, &s.write_opts(), |_| {})
         })
         .await
     }
