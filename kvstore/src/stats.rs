@@ -62,7 +62,11 @@ pub struct HistogramSnapshot {
 /// Live counters of one tier.
 #[derive(Debug, Default)]
 pub struct TierStats {
-    /// Lookups that found the object.
+    /// Lookups that found the object. A layer reader's is counted when it opens (its header
+    /// verified): a layer that fails later is counted in `checksum_failures` (or, on the
+    /// remote tier, `partial_reads` for a stripe found missing) and not taken back from
+    /// here, as counters only grow; whole-object reads count a hit only when every layer
+    /// verified.
     pub hits: AtomicU64,
     /// Lookups that did not (failed verifications included).
     pub misses: AtomicU64,
@@ -76,7 +80,8 @@ pub struct TierStats {
     pub removes: AtomicU64,
     /// Objects evicted to make room.
     pub evictions: AtomicU64,
-    /// Reads that found bytes failing their checksum (counted as misses too).
+    /// Reads that found bytes failing their checksum (a whole-object read's counted as a
+    /// miss too; a layer reader's after its hit, see `hits`).
     pub checksum_failures: AtomicU64,
     /// Times the tier found its own files damaged (at open, or writes stopped by damage in
     /// the last run) and moved them aside, starting empty.

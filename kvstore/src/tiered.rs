@@ -227,6 +227,19 @@ impl TieredStore {
             .map(|t| t.kind())
     }
 
+    /// Objects that have left a tier of this store so far (evicted, removed, dropped as
+    /// damaged): when it has not moved, every object held before is still held (a remote
+    /// tier's own expiries excepted: its engine evicts without telling).
+    pub fn departures(&self) -> u64 {
+        self.tiers
+            .iter()
+            .map(|t| {
+                let s = t.stats();
+                s.evictions + s.removes + s.checksum_failures
+            })
+            .sum()
+    }
+
     /// Where each of `keys` is held, asking remote tiers about keys no local tier holds
     /// (concurrently: one round trip for the lot, each within the remote's deadline).
     /// Afterwards [`TieredStore::locate`] answers the same for keys found remote.

@@ -342,3 +342,74 @@ async fn a_full_body_budget_answers_busy_and_exports_have_their_own() {
     );
     drop(transfers);
 }
+
+/// A JSON request keeps its share of the body budget (cut to its length) until its texts
+/// are tokens: requests waiting for a tokenizing turn hold their parsed bodies, which the
+/// budget must count (they were outside it). The share is back once the answer is given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_stays_counted_until_it_is_tokenized() {
+    let mut config = config(1);
+    config.limits.max_body_bytes = 64 << 10;
+    config.limits.body_budget_bytes = Some(8 << 20);
+    let app = TestApp::new(config);
+    assert!(whole(&app).await, "the budget starts free");
+    // every tokenizing turn taken
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(held));
+    let mut turns = Vec::new();
+    while app.state.tokenizing.free_turns() > 0 {
+        let held = std::sync::Arc::clone(&held);
+        let tokenizing = app.state.tokenizing.clone();
+        turns.push(tokio::spawn(async move {
+            tokenizing
+                .run(move || {
+                    let _ = held.lock().unwrap().recv();
+                    Ok(())
+                })
+                .await
+        }));
+        tokio::task::yield_now().await;
+    }
+    // a chunk upload of 40 KB (mostly JSON whitespace) waits for a turn
+    let body = format!(
+        "{{\"chunks\": [\"A chunk that waits to be tokenized.\"]{}}}",
+        " ".repeat(40 << 10)
+    );
+    let app2 = TestApp {
+        state: app.state.clone(),
+        router: app.router.clone(),
+    };
+    let waiting = tokio::spawn(async move {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/chunks")
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        send(&app2, req).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !whole(&app).await,
+        "the waiting body's share is still taken"
+    );
+    for _ in 0..turns.len() {
+        release.send(()).unwrap();
+    }
+    for t in turns {
+        t.await.unwrap().unwrap();
+    }
+    let (status, v) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(whole(&app).await, "and given back");
+}
+
+/// Whether the whole body budget is free (taken and given back within 50 ms).
+async fn whole(app: &TestApp) -> bool {
+    app.state
+        .body_budget
+        .share_within(u64::MAX, Duration::from_millis(50))
+        .await
+        .is_some()
+}

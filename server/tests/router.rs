@@ -1104,6 +1104,53 @@ async fn a_client_that_leaves_the_queue_costs_no_model_work() {
     assert_eq!(status, StatusCode::OK, "{v}");
 }
 
+/// A streaming client that reads nothing holds no worker: the answer is generated into its
+/// channel whatever the client does, and is all there when it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_stream_holds_no_worker() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let app = TestApp::new(Config::default());
+    let max_tokens = 150;
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me about the tower."}],
+        "documents": [DOCS[0]],
+        "max_tokens": max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true}
+    });
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .expect("request");
+    // the response's head arrives once the blend succeeded; its body is not read yet
+    let resp = app.router.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let freed = async {
+        while app.state.pool.running() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), freed)
+        .await
+        .expect("the worker finishes while the client reads nothing");
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).expect("UTF-8 events");
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "the whole answer was kept");
+    let usage: Value = serde_json::from_str(data[data.len() - 2]).expect("usage");
+    let produced = usage["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("counted");
+    // (more tokens than the old 64-event channel held, or the test would show nothing)
+    assert!(produced > 64, "{produced} tokens: {usage}");
+}
+
 /// Decode steps yield to prompts on their way to a first token (`limits.decode_yield_ms`):
 /// while a prompt's turn is held, each decode step of a completion waits the bound (its own
 /// prompt never waits) and the answer is the one it gets without waiting; with no prompt

@@ -3,8 +3,10 @@
 //! before a byte is read), within `limits.body_timeout_s`, and inside a server-wide budget of
 //! bytes held by bodies being read ([`BodyBudget`]), so memory stays bounded however many
 //! clients send at once. A request waits for its share at most `limits.body_timeout_s`
-//! (then 503 with a retry hint); a JSON body's share is given back once the body is in
-//! memory (before any model work), an uploaded object's once it is stored. KV objects —
+//! (then 503 with a retry hint); a JSON body's share, cut to the body's length, stays with
+//! the request until its texts are tokens ([`HeldBody`]: waiting for a tokenizing turn, the
+//! parsed body is still memory this budget must count) and is given back before any model
+//! work; an uploaded object's once it is stored. KV objects —
 //! uploads being read and exports being sent — draw on a budget of their own, so stalled
 //! uploads or clients that stop reading their exports (their connections are closed after
 //! `limits.send_timeout_s`, `connections`) never hold up model requests.
@@ -13,7 +15,7 @@
 //! route, with no deadline: a body sent a byte a second held its connection (and a stop)
 //! for as long as the client liked, sixteen clients sending 60 MB bodies took the process
 //! from 0.7 to 1.8 GB, and a chunk's own KV export (92 MB for 2,000 SmolLM2 tokens) could not
-//! be uploaded back (found by a resource probe). Pinned by `server/tests/bodies.rs`.
+//! be uploaded back (found by a resource probe). Pinned by `server/tests/connections.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +46,45 @@ pub struct BodyBudget {
 
 /// A share of the [`BodyBudget`], given back when dropped.
 #[derive(Debug)]
-pub struct BudgetShare(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct BudgetShare(OwnedSemaphorePermit);
+
+impl BudgetShare {
+    /// Gives back all of the share beyond `bytes` (whole KiB, at least one).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let keep = bytes.div_ceil(UNIT).max(1) as usize;
+        let held = self.0.num_permits();
+        if held > keep {
+            drop(self.0.split(held - keep));
+        }
+    }
+}
+
+/// Where the body middleware leaves a JSON request's share for its handler (a request
+/// extension must be `Clone`; the share is taken out once).
+#[derive(Debug, Clone)]
+struct ShareSlot(Arc<parking_lot::Mutex<Option<BudgetShare>>>);
+
+/// A JSON request's share of the body budget, taken by its handler (an extractor: put it
+/// before the body's) and dropped once the request's texts are tokens. A handler that does
+/// not take it gives the share back as its body is parsed (the request, with its
+/// extensions, is dropped then). Empty for a request that did not pass the body middleware.
+#[derive(Debug)]
+pub(crate) struct HeldBody(#[allow(dead_code)] Option<BudgetShare>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HeldBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let share = parts
+            .extensions
+            .remove::<ShareSlot>()
+            .and_then(|slot| slot.0.lock().take());
+        Ok(Self(share))
+    }
+}
 
 impl BodyBudget {
     /// A budget of `bytes` (at least one unit).
@@ -123,9 +163,9 @@ pub(crate) async fn read_within_limits(
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large();
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let deadline = Duration::from_secs(s.limits.body_timeout_s);
-    let Some(share) = budget
+    let Some(mut share) = budget
         .share_within(declared.unwrap_or(limit as u64), deadline)
         .await
     else {
@@ -155,8 +195,12 @@ pub(crate) async fn read_within_limits(
             }
         };
     if !upload {
-        // a JSON body is parsed and dropped early; its share must not wait on model work
-        drop(share);
+        // a JSON body's share goes with the request until its handler has tokenized it
+        // (`HeldBody`); it never waits on model work
+        share.shrink_to(bytes.len() as u64);
+        parts
+            .extensions
+            .insert(ShareSlot(Arc::new(parking_lot::Mutex::new(Some(share)))));
         return next
             .run(Request::from_parts(parts, Body::from(bytes)))
             .await;

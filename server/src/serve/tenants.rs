@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
@@ -43,7 +44,14 @@ struct Usage {
     by_key: HashMap<ChunkKey, u64>,
     /// Bytes reserved by writes in flight ([`QuotaReservation`]).
     reserved: u64,
+    /// The last sweep of `by_key` for keys the store no longer holds: the store's
+    /// departures count then, and when.
+    swept: Option<(u64, Instant)>,
 }
+
+/// How long a sweep's answer stands while the store's departures count has not moved (a
+/// remote tier's expiries move no counter: the engine evicts on its own).
+const RESWEEP_AFTER: Duration = Duration::from_secs(5);
 
 /// Bytes a write reserved against its tenant's quota before writing
 /// ([`Tenant::reserve`]); released when dropped, by which time the write has added what it
@@ -211,9 +219,16 @@ impl Tenant {
     /// what is stored and what other writes have reserved. Keys the store has evicted since
     /// they were counted are dropped from the count first (`held` says whether a key is
     /// still stored). A tenant without a quota always gets a reservation.
+    ///
+    /// That sweep asks `held` of every key the tenant has, under the tenant's lock: it runs
+    /// only when the store's `departures` (objects that have left it so far,
+    /// `TieredStore::departures`) moved since the last sweep, or [`RESWEEP_AFTER`] passed,
+    /// so a tenant writing over its quota again and again does not walk its whole key list
+    /// each time (pinned by `tests::an_over_quota_tenant_sweeps_only_when_the_store_lost_objects`).
     pub fn reserve(
         self: &Arc<Self>,
         extra: u64,
+        departures: u64,
         held: impl Fn(&ChunkKey) -> bool,
     ) -> Option<QuotaReservation> {
         let reservation = |bytes| QuotaReservation {
@@ -225,7 +240,11 @@ impl Tenant {
         };
         let mut u = self.usage.lock();
         let fits = |u: &Usage| self.used_bytes() + u.reserved + extra <= quota;
-        if !fits(&u) {
+        let stale = u
+            .swept
+            .is_none_or(|(d, at)| d != departures || at.elapsed() >= RESWEEP_AFTER);
+        if !fits(&u) && stale {
+            u.swept = Some((departures, Instant::now()));
             u.by_key.retain(|k, b| {
                 let keep = held(k);
                 if !keep {
@@ -233,9 +252,9 @@ impl Tenant {
                 }
                 keep
             });
-            if !fits(&u) {
-                return None;
-            }
+        }
+        if !fits(&u) {
+            return None;
         }
         u.reserved += extra;
         drop(u);
@@ -387,10 +406,32 @@ mod tests {
         t.add(ChunkKey([1; 32]), 60);
         t.add(ChunkKey([1; 32]), 60);
         assert_eq!(t.used_bytes(), 60);
-        assert!(t.reserve(40, |_| true).is_some());
-        assert!(t.reserve(41, |_| true).is_none());
-        assert!(t.reserve(41, |_| false).is_some()); // the counted key was evicted
+        assert!(t.reserve(40, 0, |_| true).is_some());
+        assert!(t.reserve(41, 0, |_| true).is_none());
+        assert!(t.reserve(41, 1, |_| false).is_some()); // the counted key was evicted
         assert_eq!(t.used_bytes(), 0);
+    }
+
+    #[test]
+    fn an_over_quota_tenant_sweeps_only_when_the_store_lost_objects() {
+        let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
+        for i in 0..10 {
+            t.add(ChunkKey([i; 32]), 10);
+        }
+        let asked = std::cell::Cell::new(0);
+        let held = |_: &ChunkKey| {
+            asked.set(asked.get() + 1);
+            true
+        };
+        assert!(t.reserve(1, 7, held).is_none());
+        assert_eq!(asked.get(), 10, "the first refusal sweeps");
+        assert!(t.reserve(1, 7, held).is_none());
+        assert_eq!(asked.get(), 10, "nothing left the store since: no sweep");
+        assert!(t.reserve(1, 8, held).is_none());
+        assert_eq!(asked.get(), 20, "something left the store: swept again");
+        // the sweep finds what left
+        assert!(t.reserve(1, 9, |k| k.0[0] != 3).is_some());
+        assert_eq!(t.used_bytes(), 90);
     }
 
     #[test]
@@ -417,13 +458,16 @@ mod tests {
     #[test]
     fn reservations_count_until_dropped() {
         let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
-        let a = t.reserve(70, |_| true).expect("fits");
-        assert!(t.reserve(31, |_| true).is_none(), "70 reserved + 31 > 100");
-        let b = t.reserve(30, |_| true).expect("70 + 30 fits");
+        let a = t.reserve(70, 0, |_| true).expect("fits");
+        assert!(
+            t.reserve(31, 0, |_| true).is_none(),
+            "70 reserved + 31 > 100"
+        );
+        let b = t.reserve(30, 0, |_| true).expect("70 + 30 fits");
         drop(a);
-        assert!(t.reserve(70, |_| true).is_some(), "released");
+        assert!(t.reserve(70, 0, |_| true).is_some(), "released");
         drop(b);
         let unlimited = Arc::new(Tenant::new("default", None, &[0; 32]));
-        assert!(unlimited.reserve(u64::MAX, |_| true).is_some());
+        assert!(unlimited.reserve(u64::MAX, 0, |_| true).is_some());
     }
 }

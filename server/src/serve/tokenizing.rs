@@ -31,6 +31,11 @@ impl Tokenizing {
         Self::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
     }
 
+    /// Turns free now (tokenizations that would start at once).
+    pub fn free_turns(&self) -> usize {
+        self.permits.available_permits()
+    }
+
     /// Runs `f` (tokenizing) on a blocking thread once a turn is free: a long text must not
     /// hold an async worker, which would stall every request on it (`/health` included).
     pub async fn run<T: Send + 'static>(

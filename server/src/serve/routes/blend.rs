@@ -14,6 +14,7 @@ use super::chunk_ref::{
     check_chunk_count, check_text_bytes, check_token_ids, check_tokens, resolve_all,
 };
 use super::chunks::check_quota;
+use crate::serve::bodies::HeldBody;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::state::{AppState, Shared};
@@ -24,6 +25,7 @@ use crate::serve::wire;
 pub(crate) async fn blend(
     State(s): State<AppState>,
     Caller(tenant): Caller,
+    held: HeldBody,
     ApiJson(body): ApiJson<BlendBody>,
 ) -> ApiResult<axum::Json<BlendResponse>> {
     let (mode, calibration) = wire::mode(&s.blend_default, body.mode.as_deref(), body.ratio)?;
@@ -82,6 +84,7 @@ pub(crate) async fn blend(
             ));
         }
     };
+    drop(held);
     let chunk_ids = {
         let codec = s.blender.codec(&tenant.namespace);
         req.chunks.iter().map(|c| codec.key(c).to_hex()).collect()

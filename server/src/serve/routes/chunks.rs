@@ -14,6 +14,7 @@ use kvquilt_api::{
 use kvquilt_kvstore::{Codec, EncodedObject};
 
 use super::chunk_ref::{check_text_bytes, check_tokens, resolve_all};
+use crate::serve::bodies::HeldBody;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::{ApiBytes, ApiJson, ChunkIdPath};
 use crate::serve::state::{AppState, Shared, unknown_chunk};
@@ -25,6 +26,7 @@ use crate::serve::wire;
 pub(crate) async fn create(
     State(s): State<AppState>,
     Caller(tenant): Caller,
+    held: HeldBody,
     ApiJson(req): ApiJson<PutChunksRequest>,
 ) -> ApiResult<axum::Json<PutChunksResponse>> {
     if req.chunks.is_empty() {
@@ -32,6 +34,7 @@ pub(crate) async fn create(
     }
     check_text_bytes(&s, req.chunks.iter().map(ChunkRef::text_len))?;
     let all = resolve_all(&s, &tenant, &req.chunks).await?;
+    drop((held, req));
     // the limit is per request (every chunk is a prefill on the one worker it holds)
     check_tokens(&s, all.iter().map(Vec::len).sum())?;
     let codec = s.blender.codec(&tenant.namespace);
@@ -106,7 +109,8 @@ pub(crate) fn check_quota(
     tenant: &Arc<Tenant>,
     extra: u64,
 ) -> ApiResult<QuotaReservation> {
-    if let Some(r) = tenant.reserve(extra, |k| s.blender.store().locate(k).is_some()) {
+    let store = s.blender.store();
+    if let Some(r) = tenant.reserve(extra, store.departures(), |k| store.locate(k).is_some()) {
         return Ok(r);
     }
     Err(ApiError::new(

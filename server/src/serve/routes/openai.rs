@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use super::blend::prepare;
 use super::chunk_ref::{check_text_bytes, resolve_all};
+use crate::serve::bodies::HeldBody;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
@@ -69,6 +70,7 @@ struct Job {
 pub(crate) async fn chat(
     State(s): State<AppState>,
     Caller(tenant): Caller,
+    held: HeldBody,
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
@@ -113,6 +115,7 @@ pub(crate) async fn chat(
             )?)
         })
         .await?;
+    drop(held);
     let top_k = match body.logprobs {
         true => wire::alternatives("top_logprobs", body.top_logprobs)?,
         false => 0,
@@ -126,6 +129,7 @@ pub(crate) async fn chat(
 pub(crate) async fn completions(
     State(s): State<AppState>,
     Caller(tenant): Caller,
+    held: HeldBody,
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
@@ -163,6 +167,7 @@ pub(crate) async fn completions(
         .tokenizing
         .run(move || Ok(tokenizer.encode_piece(&prompt)?))
         .await?;
+    drop(held);
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = wire::alternatives("logprobs", body.logprobs)?;
     // OpenAI's default for legacy completions is 16 tokens
@@ -398,8 +403,13 @@ fn job(
 /// receiver is dropped (the client left) before a worker takes the job, the job leaves the
 /// queue and never runs (counted in `abandoned_requests`); once it runs, it runs to its end
 /// and stores its misses (test `server/tests/router.rs::a_client_that_leaves_the_queue_costs_no_model_work`).
+///
+/// The channel holds the whole answer (`max_tokens` steps, the start and the end): a worker
+/// never waits on its client, so a client reading its stream slowly holds a few hundred
+/// bytes per token, not a worker and its KV cache (test
+/// `server/tests/router.rs::a_slow_reader_of_a_stream_holds_no_worker`).
 fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent> {
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(job.stopping.max_tokens + 2);
     tokio::spawn(async move {
         let st = Arc::clone(&s);
         let tx2 = tx.clone();
