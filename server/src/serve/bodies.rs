@@ -4,7 +4,7 @@
 //! bytes held by bodies being read ([`BodyBudget`]), so memory stays bounded however many
 //! clients send at once. A request waits for its share at most `limits.body_timeout_s`
 //! (then 503 with a retry hint); a JSON body's share, cut to the body's length, stays with
-//! the request until its texts are tokens ([`HeldBody`]: waiting for a tokenizing turn, the
+//! the request until its texts are tokens (`HeldBody`: waiting for a tokenizing turn, the
 //! parsed body is still memory this budget must count) and is given back before any model
 //! work; an uploaded object's once it is stored. KV objects —
 //! uploads being read and exports being sent — draw on a budget of their own, so stalled

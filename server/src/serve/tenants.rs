@@ -222,7 +222,7 @@ impl Tenant {
     ///
     /// That sweep asks `held` of every key the tenant has, under the tenant's lock: it runs
     /// only when the store's `departures` (objects that have left it so far,
-    /// `TieredStore::departures`) moved since the last sweep, or [`RESWEEP_AFTER`] passed,
+    /// `TieredStore::departures`) moved since the last sweep, or `RESWEEP_AFTER` (5 s) passed,
     /// so a tenant writing over its quota again and again does not walk its whole key list
     /// each time (pinned by `tests::an_over_quota_tenant_sweeps_only_when_the_store_lost_objects`).
     pub fn reserve(
