@@ -184,24 +184,35 @@ impl DecodePool {
     /// Records one decode step that appended one row: `attention[layer][head][row]` is the
     /// step's attention over every current row (summed over the KV head's query heads), or
     /// empty for a scorer that reads none.
+    /// A step whose attention is missing or misshapen is refused before anything changes
+    /// (the pool stays as it was: `tests::a_refused_step_changes_nothing`).
     pub fn observe(&mut self, attention: &[Vec<Vec<f32>>]) -> Result<(), PolicyError> {
-        self.step += 1;
         let rows = self.rows() + 1;
+        if self.spec.reads_attention() {
+            for (l, layer) in self.scores.iter().enumerate() {
+                for h in 0..layer.len() {
+                    let fits = attention
+                        .get(l)
+                        .and_then(|x| x.get(h))
+                        .is_some_and(|a| a.len() == rows);
+                    if !fits {
+                        return Err(PolicyError::BadObservation {
+                            policy: "decode pool".into(),
+                            layer: l,
+                            why: format!("no attention over {rows} rows for KV head {h}"),
+                        });
+                    }
+                }
+            }
+        }
+        self.step += 1;
         for (l, layer) in self.scores.iter_mut().enumerate() {
             for (h, s) in layer.iter_mut().enumerate() {
                 s.push(0.0);
                 if !self.spec.reads_attention() {
                     continue;
                 }
-                let a = attention
-                    .get(l)
-                    .and_then(|x| x.get(h))
-                    .filter(|a| a.len() == rows)
-                    .ok_or_else(|| PolicyError::BadObservation {
-                        policy: "decode pool".into(),
-                        layer: l,
-                        why: format!("no attention over {rows} rows for KV head {h}"),
-                    })?;
+                let a = &attention[l][h];
                 match self.spec.scorer {
                     Scorer::Instantaneous => s.copy_from_slice(a),
                     Scorer::Cumulative => s.iter_mut().zip(a).for_each(|(x, y)| *x += y),
@@ -296,6 +307,20 @@ mod tests {
         };
         assert_eq!(slide.budget_at(0), 512);
         assert!(DecodePoolSpec { recent: 512, ..s }.validate().is_err());
+    }
+
+    #[test]
+    fn a_refused_step_changes_nothing() {
+        // prefill 2 rows, two layers of one head; the step brings attention for layer 0 only
+        let mut p = DecodePool::new(spec(Scorer::Cumulative, Schedule::Slide), 2, 2, 1).unwrap();
+        assert!(p.observe(&[vec![vec![0.5; 3]]]).is_err());
+        assert_eq!(p.rows(), 2, "no row was added");
+        assert!(p.observe(&[vec![vec![0.5; 3]], vec![vec![0.5; 3]]]).is_ok());
+        assert_eq!(p.rows(), 3);
+        assert!(
+            p.scores.iter().all(|l| l[0].len() == 3),
+            "every layer alike"
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ impl TokenPolicy for H2o {
     ) -> Result<Vec<Vec<f32>>, PolicyError> {
         let sums = obs.column_sums(self.name(), layer, shape)?;
         let t = shape.tokens;
+        if t == 0 {
+            return Ok(vec![Vec::new(); shape.kv_heads]);
+        }
         Ok(sums
             .chunks(t)
             .map(|head| {

@@ -160,7 +160,7 @@ fn layer_budgets(
             }
             let all = (n * shape.layers) as f64;
             Ok(w.iter()
-                .map(|&x| ((all * x as f64 / total).round() as usize).clamp(1, shape.tokens))
+                .map(|&x| ((all * x as f64 / total).round() as usize).clamp(1, shape.tokens.max(1)))
                 .collect())
         }
     }

@@ -331,3 +331,32 @@ fn many_layers_select_as_each_alone_and_the_first_failure_is_reported() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn an_empty_cache_keeps_nothing_and_never_panics() {
+    // a zero-token shape once panicked in `clamp(1, 0)` (layer budgets) and `chunks(0)` (H2O)
+    let s = shape(0, 2, 1, 1);
+    let layers = BudgetSplit::PerLayer(vec![1.0]);
+    let kept = select(
+        &StreamingLlm::default(),
+        &[Observation::default()],
+        &s,
+        Budget::Entries(1),
+        &layers,
+    )
+    .unwrap();
+    assert_eq!(kept.layers, vec![vec![Vec::<u32>::new(); 2]]);
+    let sums = Observation {
+        column_sums: Some(Vec::new()),
+        ..Observation::default()
+    };
+    let kept = select(
+        &H2o::default(),
+        &[sums],
+        &s,
+        Budget::Entries(1),
+        &BudgetSplit::Uniform,
+    )
+    .unwrap();
+    assert_eq!(kept.layers, vec![vec![Vec::<u32>::new(); 2]]);
+}
