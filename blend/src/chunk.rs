@@ -215,9 +215,10 @@ impl ChunkCodec {
         Ok(())
     }
 
-    /// A stored object's KV at positions `0..T` on the model's device.
-    pub fn to_cache(&self, model: &Model, obj: &KvObject) -> Result<KvCache> {
-        self.check(obj.info(), obj.tokens())?;
+    /// A stored object's KV at positions `0..T` on the model's device, checked to be this
+    /// model's KV of `tokens` (the segment it was looked up for).
+    pub fn to_cache(&self, model: &Model, obj: &KvObject, tokens: &[u32]) -> Result<KvCache> {
+        self.check(obj.info(), tokens)?;
         let t = obj.tokens().len();
         let layers = (0..obj.num_layers())
             .map(|l| layer_from_bytes(obj.layer(l), self.layout(), t, model.device(), None))

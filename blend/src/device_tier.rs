@@ -61,11 +61,21 @@ impl DeviceTier {
 
     /// Makes `layers` resident under `key` (recompute cost `cost_s` seconds, for cost-aware
     /// eviction). Returns false, evicting nothing, when it cannot fit (larger than the tier,
-    /// or the rest is pinned); an entry already resident is kept as it is.
+    /// or the rest is pinned) or cannot be copied; an entry already resident is kept as it
+    /// is. The tier holds a packed copy ([`LayerKv::packed`]): a computed chunk's layers are
+    /// views of buffers with growth room (256 rows for a 20-token chunk) and its sink row,
+    /// which the bytes charged would not count.
     pub fn put(&self, key: ChunkKey, layers: Vec<LayerKv>, cost_s: f64) -> bool {
         if self.contains(&key) {
             return true;
         }
+        let layers: Vec<LayerKv> = match layers.iter().map(LayerKv::packed).collect() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "device tier: a chunk could not be copied; not resident");
+                return false;
+            }
+        };
         let chunk = Arc::new(layers);
         let size = chunk_bytes(&chunk);
         // evicted chunks are dropped here (requests still using one hold their `Arc`)

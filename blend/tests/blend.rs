@@ -1211,3 +1211,23 @@ fn chunks_are_encoded_behind_the_token_prompts_open_with() {
         &ChunkEncoding::Alone
     );
 }
+
+/// A prompt of nothing but its question (no prefix, no chunks) is served by every mode as
+/// its full prefill ("concatenating zero layers" failed `reuse` and `blend` on it).
+#[test]
+fn a_prompt_without_chunks_is_served_by_every_mode() {
+    let s = setup(tiny("qwen2"));
+    let b = &s.blender;
+    let question = toks(9, 7, 200);
+    let want = full(b, &req(vec![], vec![], question.clone(), Mode::Full));
+    for mode in [
+        Mode::Reuse,
+        Mode::Prefix,
+        Mode::Blend(BlendConfig::default()),
+    ] {
+        let out = b
+            .run(b"", &req(vec![], vec![], question.clone(), mode.clone()))
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert_close(&out.logits, &want, 1e-4, &format!("{mode:?}"));
+    }
+}

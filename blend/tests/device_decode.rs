@@ -246,3 +246,70 @@ fn a_corrupt_record_is_recomputed(codec: Codec, chunks: &[Vec<u32>; 2], suffix: 
         "{codec}"
     );
 }
+
+/// `prefix` mode over a lossy SSD tier (lossy objects served): every link read is counted
+/// a lossy hit, and a link computed over lossy links is used but never stored as the
+/// prefix's exact KV. (It counted no lossy hit, and stored such links as exact.)
+#[test]
+fn prefix_links_read_lossy_are_counted_and_nothing_computed_over_them_is_stored() {
+    let chunks = [toks(11, 20), toks(12, 24), toks(13, 16)];
+    let suffix = toks(14, 5);
+    let int8 = Codec::parse("int8").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first_two = BlendRequest::new(vec![], chunks[..2].to_vec(), suffix.clone(), Mode::Prefix);
+    {
+        let rt = Runtime::new().unwrap();
+        let out = blender(dir.path(), &rt, int8, false)
+            .run(b"", &first_two)
+            .unwrap();
+        assert_eq!(out.stats.misses, 2);
+        assert_eq!(out.stored.len(), 2, "the exact links are stored");
+        assert_eq!(out.stats.lossy_hits, 0);
+    }
+    let rt = Runtime::new().unwrap();
+    let b = blender(dir.path(), &rt, int8, false);
+    let all = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Prefix);
+    let out = b.run(b"", &all).unwrap();
+    assert_eq!(out.stats.hits_ssd, 2);
+    assert_eq!(out.stats.lossy_hits, 2, "both links were decoded from int8");
+    assert_eq!(out.stats.misses, 1);
+    assert_eq!(
+        out.stored.len(),
+        0,
+        "the third link attended over lossy KV: not stored"
+    );
+}
+
+/// A first chunk read from a lossy codec is not taken for exact KV at position 0: its
+/// first `chunk_start` tokens are recomputed like every other loaded chunk's. (It was
+/// marked exact: neither forced nor recomputed.)
+#[test]
+fn a_lossy_first_chunk_is_not_exact_at_the_start() {
+    let chunks = [toks(21, 20), toks(22, 24), toks(23, 16)];
+    let suffix = toks(24, 5);
+    let int8 = Codec::parse("int8").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let rt = Runtime::new().unwrap();
+        let b = blender(dir.path(), &rt, int8, false);
+        for c in &chunks {
+            b.precompute(b"", c).unwrap();
+        }
+        rt.block_on(b.store().flush()).unwrap();
+    }
+    let rt = Runtime::new().unwrap();
+    let b = blender(dir.path(), &rt, int8, false);
+    let cfg = BlendConfig {
+        ratio: 0.0,
+        chunk_start: 4,
+        ..BlendConfig::default()
+    };
+    let req = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Blend(cfg));
+    let out = b.run(b"", &req).unwrap();
+    assert_eq!(out.stats.lossy_hits, 3, "{:?}", out.stats.segments);
+    assert_eq!(
+        out.stats.recomputed_tokens,
+        3 * 4,
+        "every chunk's first 4 tokens, the first one's too"
+    );
+}

@@ -171,6 +171,9 @@ mod slow_disk {
             }))
         }
         async fn get(&self, key: &ChunkKey) -> Result<Option<Arc<KvObject>>> {
+            // a whole-object read (`prefix` mode's) opens the object first
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.open_delay).await;
             self.inner.get(key).await
         }
         async fn put(&self, obj: Arc<KvObject>, cost_s: f64) -> Result<PutOutcome> {
@@ -346,5 +349,78 @@ mod slow_disk {
             assert!(steps.len() >= 10, "{mode:?}: {} steps", steps.len());
             assert_eq!(b.prompt_priority_stats().prompts, 0);
         }
+    }
+
+    /// A chunk deleted while a request streams it from the store is not made resident in
+    /// the device tier when the request finishes: the request placed what it had read after
+    /// the removal had emptied the device tier, so a deleted chunk (404 to `GET`) went on
+    /// serving device-tier hits.
+    #[test]
+    fn a_chunk_deleted_while_a_request_reads_it_is_not_made_resident() {
+        let chunks = [toks(1, 24), toks(2, 30)];
+        let suffix = toks(4, 6);
+        let (zero, patient) = (Duration::ZERO, Duration::from_secs(60));
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let rt = Runtime::new().unwrap();
+            let (b, _) = slow_blender(dir.path(), &rt, zero, zero, patient);
+            for c in &chunks {
+                b.precompute(b"", c).unwrap();
+            }
+            rt.block_on(b.store().flush()).unwrap();
+        }
+        let rt = Runtime::new().unwrap();
+        let (b, _) = slow_blender(dir.path(), &rt, zero, Duration::from_millis(100), patient);
+        let b = b
+            .with_fallback_to_full(false)
+            .with_device_tier(1 << 30, kvquilt_kvstore::PolicyKind::Lru);
+        let (gone, kept) = (b.codec(b"").key(&chunks[0]), b.codec(b"").key(&chunks[1]));
+        let req = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Reuse);
+        let out = std::thread::scope(|s| {
+            let run = s.spawn(|| b.run(b"", &req).unwrap());
+            // the streams are open and their layers still arriving
+            std::thread::sleep(Duration::from_millis(150));
+            assert!(rt.block_on(b.remove(&gone)).unwrap());
+            run.join().unwrap()
+        });
+        assert_eq!(
+            out.stats.hits_ssd, 2,
+            "both read (a stream reads its snapshot)"
+        );
+        let device = b.device_tier().expect("on");
+        assert!(!device.contains(&gone), "deleted: not made resident");
+        assert!(device.contains(&kept), "the other chunk is");
+    }
+
+    /// `prefix` mode reading a hung disk recomputes after the stall deadline, as the
+    /// streamed modes do (its whole-object read had no deadline: it waited for the disk).
+    #[test]
+    fn a_stalled_disk_costs_prefix_mode_a_recompute() {
+        let chunks = [toks(1, 24), toks(2, 30)];
+        let suffix = toks(4, 6);
+        let (zero, floor) = (Duration::ZERO, Duration::from_millis(100));
+        let dir = tempfile::tempdir().unwrap();
+        let req = BlendRequest::new(vec![], chunks.to_vec(), suffix, Mode::Prefix);
+        let clean = {
+            let rt = Runtime::new().unwrap();
+            let (b, _) = slow_blender(dir.path(), &rt, zero, zero, floor);
+            let out = b.run(b"", &req).unwrap();
+            assert_eq!(out.stored.len(), 2, "both links stored");
+            rt.block_on(b.store().flush()).unwrap();
+            out.logits
+        };
+        let rt = Runtime::new().unwrap();
+        let hung = Duration::from_secs(30);
+        let (b, _) = slow_blender(dir.path(), &rt, hung, zero, floor);
+        let t = Instant::now();
+        let out = b.run(b"", &req).unwrap();
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        assert_eq!(
+            out.stats.segments,
+            vec![SegmentSource::Unusable, SegmentSource::Miss]
+        );
+        let d = max_diff(&out.logits, &clean);
+        assert!(d < 1e-4, "logits moved by {d}");
     }
 }

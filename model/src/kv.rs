@@ -573,6 +573,16 @@ impl LayerKv {
         }
     }
 
+    /// This layer in buffers of exactly its rows (a copy of K and V): what a long-lived
+    /// holder keeps, so that it holds no growth room, sink row or other rows of a larger
+    /// buffer it is a view of (pinned by `tests::a_packed_layer_owns_exactly_its_rows`).
+    pub fn packed(&self) -> Result<Self> {
+        Ok(Self::new(
+            self.k.force_contiguous()?,
+            self.v.force_contiguous()?,
+        ))
+    }
+
     /// Rows the buffers behind this layer hold (its own length when it has none).
     pub fn capacity(&self) -> usize {
         self.growth
@@ -1105,6 +1115,31 @@ mod tests {
         assert_eq!(big.len(), GROWTH_ROWS + 5);
         assert!(big.capacity() >= 2 * 5 && big.capacity() >= GROWTH_ROWS + 5);
         assert_eq!(values(&big)[..10], values(&b)[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_packed_layer_owns_exactly_its_rows() -> Result<()> {
+        // elements of the CPU buffer behind a tensor
+        fn held(t: &Tensor) -> usize {
+            let (storage, _) = t.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_or(0, <[f32]>::len),
+                _ => 0,
+            }
+        }
+        let grown =
+            LayerKv::empty(1, 2, DType::F32, &Device::Cpu)?.append(&rows(0.0, 4), &rows(0.0, 4))?;
+        // three rows of the four (as a chunk narrowed past its sink row)
+        let view = grown.narrow(1, 3)?;
+        assert_eq!(
+            held(&view.k),
+            GROWTH_ROWS * 2,
+            "a view holds its whole buffer"
+        );
+        let packed = view.packed()?;
+        assert_eq!((held(&packed.k), held(&packed.v)), (6, 6));
+        assert_eq!(values(&packed), values(&view));
         Ok(())
     }
 

@@ -224,10 +224,15 @@ impl Blender {
         all
     }
 
-    /// Deletes a chunk from the device tier and every store tier; false if none held it.
+    /// Deletes a chunk from every store tier, then from the device tier; false if none held
+    /// it. Store first: a request that read the chunk from the store makes it resident only
+    /// if the store still holds it after (`Sources::finish`), so either that check sees the
+    /// removal or this removal reaches the device tier after the chunk landed there (pinned
+    /// by `blend/tests/faults.rs::a_chunk_deleted_while_a_request_reads_it_is_not_made_resident`).
     pub async fn remove(&self, key: &ChunkKey) -> Result<bool> {
+        let in_store = self.store.remove(key).await?;
         let on_device = self.device_tier.as_ref().is_some_and(|d| d.remove(key));
-        Ok(self.store.remove(key).await? || on_device)
+        Ok(in_store || on_device)
     }
 
     /// Graphed caches kept idle between requests when this blender runs graphs

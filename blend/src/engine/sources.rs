@@ -128,7 +128,7 @@ impl Streamed {
 /// How long a read of `bytes` from `tier` may take before it counts as stalled: the
 /// blender's floor, or [`STALL_FACTOR`] times what the tier takes when healthy
 /// ([`CostModel::healthy_load_s`](crate::CostModel::healthy_load_s)) when longer.
-fn stall_deadline(b: &Blender, tier: TierKind, bytes: usize) -> Duration {
+pub(crate) fn stall_deadline(b: &Blender, tier: TierKind, bytes: usize) -> Duration {
     let estimate = b.costs.healthy_load_s(tier, bytes) * STALL_FACTOR;
     b.stall_floor
         .max(Duration::from_secs_f64(estimate.min(3600.0)))
@@ -237,9 +237,14 @@ impl<'r> Sources<'r> {
     ) -> Result<()> {
         let parts = self.layer_parts(b, l, turn)?;
         let parts: Vec<&LayerKv> = parts.iter().collect();
-        *kv = match self.room {
-            0 => LayerKv::cat(&parts)?,
-            room => LayerKv::cat_with_room(&parts, room)?,
+        *kv = match (self.room, parts.is_empty()) {
+            // a prompt of nothing but its question: the pass appends to an empty layer
+            (_, true) => {
+                let c = b.model.config();
+                LayerKv::empty(c.num_kv_heads, c.head_dim, b.model.dtype(), &self.device)?
+            }
+            (0, false) => LayerKv::cat(&parts)?,
+            (room, false) => LayerKv::cat_with_room(&parts, room)?,
         };
         Ok(())
     }
@@ -312,17 +317,21 @@ impl<'r> Sources<'r> {
         };
         let num_layers = b.model.config().num_layers;
         for (&(key, tokens), source) in self.segments.iter().zip(self.sources) {
-            let layers = match source {
+            let (layers, read) = match source {
                 Source::Stream(Streamed {
                     kept: Some(kept), ..
-                }) => kept,
+                }) => (kept, true),
                 // (a lossy stream keeps nothing: `kept` is `None`)
-                Source::Memory(cache) => cache.layers,
+                Source::Memory(cache) => (cache.layers, false),
                 Source::Stream(_) | Source::Device(_) | Source::InPass(_) => continue,
             };
             if layers.len() == num_layers {
                 let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
-                tier.put(key, layers, cost_s);
+                // a chunk read from the store and deleted meanwhile is not brought back
+                // here (`Blender::remove` empties the store first, then this tier)
+                if tier.put(key, layers, cost_s) && read && b.store.locate(&key).is_none() {
+                    tier.remove(&key);
+                }
             }
         }
         work

@@ -43,9 +43,11 @@ pub(crate) fn run(
     };
     let mut cache = placeholder_cache(&b.model, a.tokens.len())?;
     cache.set_parallel_context(parallel_context(req, cfg.parallel)?);
+    let lossy: Vec<bool> = a.sources.placed().map(|(_, lossy)| lossy).collect();
     let roles = roles(
         &a.segments,
         &a.sources.computed_in_pass(),
+        &lossy,
         req.suffix.len(),
         cfg.chunk_start,
         a.codec.encoding(),
@@ -167,11 +169,12 @@ fn parallel_context(
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`
 /// suffix tokens (always recomputed). A segment the pass computes (`computed`, parallel to
 /// `segments`) has every token computed; otherwise a segment at position 0 whose stored KV
-/// is exact there (`encoding`) is marked exact, and in every other segment the first
-/// `chunk_start` tokens are forced.
+/// is exact there (`encoding`, and not decoded from a lossy codec: `lossy`, parallel too)
+/// is marked exact, and in every other segment the first `chunk_start` tokens are forced.
 fn roles(
     segments: &[&[u32]],
     computed: &[bool],
+    lossy: &[bool],
     suffix: usize,
     chunk_start: usize,
     encoding: &ChunkEncoding,
@@ -183,7 +186,8 @@ fn roles(
     let mut in_pass = Vec::with_capacity(n);
     let mut start = 0usize;
     for (i, (seg, &computed)) in segments.iter().zip(computed).enumerate() {
-        let is_exact = !computed && start == 0 && encoding.exact_at_start(seg);
+        let lossy = lossy.get(i).copied().unwrap_or(false);
+        let is_exact = !computed && !lossy && start == 0 && encoding.exact_at_start(seg);
         for j in 0..seg.len() {
             segment.push(i);
             forced.push(!computed && !is_exact && j < chunk_start);
