@@ -90,7 +90,8 @@ fn file_reference(span: &str) -> Option<(&str, Option<&str>)> {
     (named && !file.starts_with('/') && !file.starts_with("../")).then_some((file, item))
 }
 
-/// What the repository defines: `fn` and `mod` names per Rust file, and the text of CUDA
+/// What the repository defines: `fn` and `mod` names per Rust file, `def` and `class` names
+/// per Python file, and the text of CUDA
 /// files (their kernels are looked up as words).
 struct Definitions {
     files: Vec<String>,
@@ -103,7 +104,7 @@ impl Definitions {
         let mut by_file = BTreeMap::new();
         for file in files
             .iter()
-            .filter(|f| f.ends_with(".rs") || f.ends_with(".cu"))
+            .filter(|f| f.ends_with(".rs") || f.ends_with(".cu") || f.ends_with(".py"))
         {
             let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
             let mut names = BTreeSet::new();
@@ -112,7 +113,8 @@ impl Definitions {
                 .filter(|w| !w.is_empty())
                 .collect();
             for pair in words.windows(2) {
-                if file.ends_with(".cu") || pair[0] == "fn" || pair[0] == "mod" {
+                let python = file.ends_with(".py") && (pair[0] == "def" || pair[0] == "class");
+                if file.ends_with(".cu") || pair[0] == "fn" || pair[0] == "mod" || python {
                     names.insert(pair[1].to_string());
                 }
             }
@@ -206,6 +208,10 @@ fn the_checker_finds_what_is_missing() {
     assert!(!defs.defines_in("tests/docs.rs", "no_such_test_anywhere"));
     assert!(!defs.defines_under(Some("no_such_module"), "spans"));
     assert!(defs.matching("kvstore/src/no_such_file.rs").is_empty());
+    // Python tests are `def`s of their file.
+    let py = "clients/python/tests/test_unit.py";
+    assert!(defs.defines_in(py, "test_a_refusal_says_when_to_retry"));
+    assert!(!defs.defines_in(py, "no_such_test_anywhere"));
     // Spans: inline code only, wrapped spans and fenced blocks skipped, lines counted.
     let text = "a `x.rs::f` b\n```\n`y.rs`\n```\n`two\nlines` `z.rs`";
     let got = spans(text);

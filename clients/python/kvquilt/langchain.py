@@ -23,7 +23,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict
 
-from .client import Client, KvquiltError
+from .client import Client, KvquiltError, StreamEvent
 
 CHUNK_ID = "kvquilt_chunk_id"
 
@@ -55,22 +55,22 @@ class KvquiltRetriever(BaseRetriever):
         return out
 
     def _warm(self, texts: List[str]) -> List[Any]:
-        """Each text's chunk status, ``None`` where the server refused it (over a limit):
-        warming is a speed-up, so a refusal leaves that document unwarmed (it is sent as
-        text) rather than failing the retrieval."""
-        refused = (400, 413)
+        """Each text's chunk status, ``None`` where it was not warmed: warming is a
+        speed-up, so no refusal fails the retrieval — the document is then sent as text.
+        A refusal of one document (400, 413: over a limit) is found by warming the texts one
+        by one; one of the whole batch (403 over the tenant's quota, 503 busy, 507 store
+        full, the sidecar unreachable) leaves every document unwarmed."""
         try:
             return list(self.client.put_chunks(texts))
         except KvquiltError as e:
-            if e.status not in refused:
-                raise
+            if e.status not in (400, 413) or len(texts) == 1:
+                warnings.warn(f"kvquilt: documents were not warmed: {e}", stacklevel=2)
+                return [None] * len(texts)
         out: List[Any] = []
         for t in texts:
             try:
                 out.append(self.client.put_chunks([t])[0])
             except KvquiltError as e:
-                if e.status not in refused:
-                    raise
                 warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=2)
                 out.append(None)
         return out
@@ -120,7 +120,8 @@ class ChatKvquilt(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     client: Client
-    max_tokens: int = 128
+    #: ``None``: the server's default
+    max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     mode: Optional[str] = None
     ratio: Optional[float] = None
@@ -182,17 +183,33 @@ class ChatKvquilt(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         args = self._request(messages, stop, kwargs)
 
-        def started(refs: List[Any]) -> Iterator[str]:
-            # the server's refusal comes before the first piece: take it here
-            pieces = self.client.chat_stream(documents=refs, **args)
-            first = next(pieces, None)
-            return itertools.chain([] if first is None else [first], pieces)
+        def started(refs: List[Any]) -> Iterator[StreamEvent]:
+            # the server's refusal comes before the first event: take it here
+            events = self.client.chat_events(documents=refs, **args)
+            first = next(events, None)
+            return itertools.chain([] if first is None else [first], events)
 
-        for piece in _by_id_or_text(started, documents):
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if run_manager:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+        for e in _by_id_or_text(started, documents):
+            if e.text:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=e.text))
+                if run_manager:
+                    run_manager.on_llm_new_token(e.text, chunk=chunk)
+                yield chunk
+                continue
+            # the end (always sent, so an empty answer is a generation too): what `invoke`
+            # reports, merged into the streamed message
+            usage = e.usage or {}
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content="",
+                    response_metadata={"finish_reason": e.finish_reason, "kvquilt": e.stats or {}},
+                    usage_metadata={
+                        "input_tokens": usage.get("prompt_tokens", 0),
+                        "output_tokens": usage.get("completion_tokens", 0),
+                        "total_tokens": usage.get("total_tokens", 0),
+                    },
+                )
+            )
 
 
 def rag_chain(retriever: BaseRetriever, llm: ChatKvquilt) -> Runnable:

@@ -165,6 +165,12 @@ def test_chat_model_streams_and_reads_content_blocks(client):
     pieces = list(llm.stream("Where is the Zorblat Tower?", documents=PASSAGES))
     assert len(pieces) >= 2 and all(isinstance(p, AIMessageChunk) for p in pieces)
     assert "".join(p.content for p in pieces) == whole.content
+    # the streamed message carries what `invoke` reports: usage and the blend's stats
+    merged = pieces[0]
+    for p in pieces[1:]:
+        merged = merged + p
+    assert merged.usage_metadata["output_tokens"] == whole.usage_metadata["output_tokens"]
+    assert merged.response_metadata["kvquilt"]["tokens"] == whole.response_metadata["kvquilt"]["tokens"]
     # a message of content blocks is its text, not their repr
     blocks = llm.invoke([HumanMessage(content=[{"type": "text", "text": "Where is the Zorblat Tower?"}])],
                         documents=PASSAGES)

@@ -261,7 +261,14 @@ pub fn run(a: Args) -> Result<()> {
         rt.spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 flag.store(true, Ordering::SeqCst);
-                eprintln!("kvquilt: interrupted; finishing the chunks in flight");
+                eprintln!(
+                    "kvquilt: interrupted; finishing the chunks in flight (Ctrl-C again stops now)"
+                );
+            }
+            // (the handler replaced the signal's default action: a second one exits here)
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("kvquilt: stopped; every chunk reported stored is on disk");
+                std::process::exit(130);
             }
         });
     }
@@ -298,6 +305,20 @@ pub fn run(a: Args) -> Result<()> {
                     } else {
                         Ok(false)
                     };
+                    // a put the SSD tier no longer took (its filesystem turned read-only,
+                    // RocksDB stopped writes after damage) is held in memory only: not stored
+                    let outcome = outcome.and_then(|stored| {
+                        if stored && !store.writes_durable() {
+                            Err(kvquilt_blend::BlendError::Store(
+                                kvquilt_kvstore::StoreError::ReadOnly {
+                                    path: data_dir.display().to_string(),
+                                    detail: "the store stopped taking writes during the job (read-only filesystem or directory, or damage RocksDB found): this chunk and any after it are not stored".into(),
+                                },
+                            ))
+                        } else {
+                            Ok(stored)
+                        }
+                    });
                     match outcome {
                         Ok(stored) => {
                             if stored {
@@ -367,10 +388,12 @@ pub fn run(a: Args) -> Result<()> {
                 summary.not_kept, a.ssd_bytes
             );
         }
-        summary.remote_missing = rt.block_on(share_with_remote(&store, &units))?;
+        summary.remote_missing = rt.block_on(share_with_remote(&store, &units, &interrupted))?;
+        summary.interrupted = interrupted.load(Ordering::SeqCst);
     }
     if a.verify && !summary.interrupted {
-        summary.verified = Some(verify(&rt, &store, &units)?);
+        summary.verified = verify(&rt, &store, &units, &interrupted)?;
+        summary.interrupted = interrupted.load(Ordering::SeqCst);
     }
     summary.wall_s = start.elapsed().as_secs_f64();
     if a.json {
@@ -411,10 +434,11 @@ const REMOTE_PROBE_BATCH: usize = 256;
 /// With a remote tier: makes sure it holds every chunk of `units`, uploading from the local
 /// tiers what it lacks (chunks an earlier run stored while the remote was down are found
 /// locally and not computed again, so they are shared from here). Returns how many it
-/// still lacks; `None` without a remote tier.
+/// still lacks; `None` without a remote tier. Stops uploading once `interrupted` is set.
 async fn share_with_remote(
     store: &kvquilt_kvstore::TieredStore,
     units: &[Unit],
+    interrupted: &AtomicBool,
 ) -> Result<Option<usize>> {
     let Some(remote) = store.tiers().iter().find(|t| t.is_remote()) else {
         return Ok(None);
@@ -441,6 +465,9 @@ async fn share_with_remote(
     };
     let missing = lacking(keys).await;
     for key in &missing {
+        if interrupted.load(Ordering::SeqCst) {
+            break;
+        }
         let local = store
             .tiers()
             .iter()
@@ -544,12 +571,13 @@ fn not_kept(store: &kvquilt_kvstore::TieredStore, units: &[Unit]) -> usize {
 }
 
 /// Reads every chunk back whole from the slowest local (durable) tier, each layer's
-/// checksum verified on the way.
+/// checksum verified on the way; how many (`None`: stopped by `interrupted`).
 fn verify(
     rt: &tokio::runtime::Runtime,
     store: &kvquilt_kvstore::TieredStore,
     units: &[Unit],
-) -> Result<usize> {
+    interrupted: &AtomicBool,
+) -> Result<Option<usize>> {
     let Some(disk) = durable_tier(store) else {
         bail!("the store has no local tiers");
     };
@@ -558,6 +586,9 @@ fn verify(
     // computes them all
     let mut missing: Vec<ChunkKey> = Vec::new();
     for u in units {
+        if interrupted.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         if !done.insert(u.key) {
             continue;
         }
@@ -573,7 +604,7 @@ fn verify(
             missing.len()
         );
     }
-    Ok(done.len())
+    Ok(Some(done.len()))
 }
 
 #[cfg(test)]
