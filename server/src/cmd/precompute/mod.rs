@@ -464,7 +464,7 @@ async fn share_with_remote(
         out
     };
     let missing = lacking(keys).await;
-    for key in &missing {
+    'upload: for key in &missing {
         if interrupted.load(Ordering::SeqCst) {
             break;
         }
@@ -474,12 +474,19 @@ async fn share_with_remote(
             .filter(|t| !t.is_remote())
             .map(|t| t.get(key));
         for get in local {
-            if let Some(obj) = get.await? {
+            let Some(obj) = get.await? else { continue };
+            if remote.put(Arc::clone(&obj), 0.0).await.is_err() {
+                // its write queue is full (this loop reads faster than the remote writes)
+                // or it is down: wait for the queue to drain, then try once more; a second
+                // refusal ends the uploads (the rest are `remote_missing`, uploaded by the
+                // next run) instead of reading every missing chunk for nothing
+                remote.flush().await.context("flushing the remote tier")?;
                 if let Err(e) = remote.put(obj, 0.0).await {
-                    tracing::warn!(%key, error = %e, "the remote tier did not take a chunk");
+                    tracing::warn!(%key, error = %e, "the remote tier refuses writes; stopping the uploads");
+                    break 'upload;
                 }
-                break;
             }
+            break;
         }
     }
     remote.flush().await.context("flushing the remote tier")?;
