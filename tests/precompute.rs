@@ -402,3 +402,49 @@ fn the_probes_findings_fail_clearly_and_lose_nothing() {
         "{err}"
     );
 }
+
+#[path = "../kvstore/tests/support/cluster.rs"]
+mod cluster;
+
+/// Chunks another data directory's run shared through the remote tier are found there and
+/// copied into this store: not computed, not counted missing. (They were found, never
+/// copied, so a fresh directory over a shared remote failed the job: "smaller than one
+/// chunk's object", and `--verify` failed on every run.)
+#[test]
+fn chunks_found_on_the_remote_are_copied_here() {
+    let c = cluster::Cluster::start();
+    let seeds = c.seeds.join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n",
+    )
+    .unwrap();
+    let summary = |data: &Path, extra: &[&str]| -> Value {
+        let out = job(&input, data)
+            .args(["--remote-seeds", &seeds, "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        serde_json::from_slice(&out.stdout).expect("a summary")
+    };
+    let first = summary(&dir.path().join("a"), &[]);
+    assert_eq!(
+        (first["computed"].as_u64(), first["remote_missing"].as_u64()),
+        (Some(2), Some(0)),
+        "{first}"
+    );
+    let second = summary(&dir.path().join("b"), &["--verify"]);
+    assert_eq!(
+        (
+            second["computed"].as_u64(),
+            second["not_kept"].as_u64(),
+            second["verified"].as_u64()
+        ),
+        (Some(0), Some(0), Some(2)),
+        "{second}"
+    );
+}

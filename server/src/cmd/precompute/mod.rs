@@ -25,7 +25,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvquilt_blend::{Blender, ModelIdentity};
-use kvquilt_kvstore::ChunkKey;
+use kvquilt_kvstore::{ChunkKey, TierKind};
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::json;
@@ -299,9 +299,17 @@ pub fn run(a: Args) -> Result<()> {
                     let Some(u) = units.get(i) else { return };
                     // a duplicate within the input is stored by its first occurrence
                     let outcome = if seen.lock().insert(u.key) {
-                        blender
-                            .precompute(&namespace, &u.tokens)
-                            .map(|p| p.found_in.is_none())
+                        blender.precompute(&namespace, &u.tokens).map(|p| {
+                            // found only on a remote tier: read it, which copies it into
+                            // the local tiers (promotion), so this store holds it too
+                            // (cheaper than computing it; `not_kept` says if it did not)
+                            if p.found_in.is_some_and(|t| t != TierKind::HOST && t != TierKind::SSD)
+                                && let Err(e) = rt.block_on(store.get(&p.key))
+                            {
+                                tracing::warn!(key = %p.key, error = %e, "a chunk held remotely could not be copied here");
+                            }
+                            p.found_in.is_none()
+                        })
                     } else {
                         Ok(false)
                     };
