@@ -413,3 +413,41 @@ async fn whole(app: &TestApp) -> bool {
         .await
         .is_some()
 }
+
+/// One tenant's bodies hold at most its part of the body budget (`limits.tenant_body_share`,
+/// half by default with tenants configured): with its part taken, as by its own slow
+/// bodies, its next body waits and gets 503, while another tenant's is served. (One tenant
+/// could fill the whole budget.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_take_the_whole_body_budget() {
+    const ACME: &str = "acme-token-1";
+    let mut config = config(1);
+    config.tenants = vec![kvquilt::serve::config::TenantConfig {
+        name: "acme".into(),
+        tokens: vec![ACME.into()],
+        quota_bytes: None,
+    }];
+    config.limits.body_budget_bytes = Some(8 << 20);
+    let app = TestApp::new(config);
+    // acme's half of the budget
+    let held = app.state.body_budget.share_for("acme", 4 << 20).await;
+    let as_tenant = |token: &'static str| {
+        app.json(
+            "POST",
+            "/v1/chunks",
+            Some(token),
+            json!({"chunks": ["A short chunk."]}),
+        )
+    };
+    assert_err(
+        &as_tenant(ACME).await,
+        503,
+        "server_busy",
+        "limits.body_budget_bytes",
+    );
+    let (status, v) = as_tenant(TOKEN).await;
+    assert_eq!(status, StatusCode::OK, "another tenant is served: {v}");
+    drop(held);
+    let (status, v) = as_tenant(ACME).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}

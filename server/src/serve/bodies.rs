@@ -17,6 +17,7 @@
 //! from 0.7 to 1.8 GB, and a chunk's own KV export (92 MB for 2,000 SmolLM2 tokens) could not
 //! be uploaded back (found by a resource probe). Pinned by `server/tests/connections.rs`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,24 +38,42 @@ const UNIT: u64 = 1024;
 
 /// Bytes held at once by request bodies being read and KV objects being sent, counted in
 /// KiB; a request waits for its share (never refused for it alone: its share is at most the
-/// budget, which start-up checks against every limit).
+/// budget, which start-up checks against every limit). With a per-tenant bound
+/// ([`BodyBudget::with_tenant_share`]) a tenant's shares together hold at most its part:
+/// one tenant's slow bodies leave the others room (pinned by
+/// `server/tests/connections.rs::one_tenant_cannot_take_the_whole_body_budget`).
 #[derive(Debug)]
 pub struct BodyBudget {
     units: Arc<Semaphore>,
     total: u64,
+    /// `None`: no per-tenant bound.
+    per_tenant: Option<TenantParts>,
 }
 
-/// A share of the [`BodyBudget`], given back when dropped.
+/// Most units one tenant holds, and each tenant's semaphore of that many (made on its first
+/// body).
 #[derive(Debug)]
-pub struct BudgetShare(OwnedSemaphorePermit);
+struct TenantParts {
+    part: u64,
+    by_name: parking_lot::Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A share of the [`BodyBudget`] (and of its tenant's part), given back when dropped.
+#[derive(Debug)]
+pub struct BudgetShare {
+    global: OwnedSemaphorePermit,
+    tenant: Option<OwnedSemaphorePermit>,
+}
 
 impl BudgetShare {
     /// Gives back all of the share beyond `bytes` (whole KiB, at least one).
     pub fn shrink_to(&mut self, bytes: u64) {
         let keep = bytes.div_ceil(UNIT).max(1) as usize;
-        let held = self.0.num_permits();
-        if held > keep {
-            drop(self.0.split(held - keep));
+        for permit in std::iter::once(&mut self.global).chain(self.tenant.as_mut()) {
+            let held = permit.num_permits();
+            if held > keep {
+                drop(permit.split(held - keep));
+            }
         }
     }
 }
@@ -87,29 +106,79 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HeldBody {
 }
 
 impl BodyBudget {
-    /// A budget of `bytes` (at least one unit).
+    /// A budget of `bytes` (at least one unit), with no per-tenant bound.
     pub fn new(bytes: u64) -> Self {
         let total = bytes.div_ceil(UNIT).clamp(1, u64::from(u32::MAX));
         Self {
             units: Arc::new(Semaphore::new(total as usize)),
             total,
+            per_tenant: None,
         }
+    }
+
+    /// The budget with each tenant's shares bounded to `fraction` of it together (at least
+    /// one unit; 1 or more: no bound). A share larger than a tenant's part takes the whole
+    /// part.
+    pub fn with_tenant_share(mut self, fraction: f64) -> Self {
+        self.per_tenant = (fraction < 1.0).then(|| {
+            let part = ((self.total as f64 * fraction) as u64).clamp(1, self.total);
+            TenantParts {
+                part,
+                by_name: parking_lot::Mutex::new(HashMap::new()),
+            }
+        });
+        self
     }
 
     /// Waits for `bytes` of the budget (capped at the whole budget). `None` only if the
     /// budget were closed, which it never is.
     pub async fn share(&self, bytes: u64) -> Option<BudgetShare> {
         let units = bytes.div_ceil(UNIT).clamp(1, self.total) as u32;
-        Arc::clone(&self.units)
+        let global = Arc::clone(&self.units)
             .acquire_many_owned(units)
             .await
-            .ok()
-            .map(BudgetShare)
+            .ok()?;
+        Some(BudgetShare {
+            global,
+            tenant: None,
+        })
+    }
+
+    /// [`BodyBudget::share`] for `tenant`: its part first (when bounded), then the budget.
+    pub async fn share_for(&self, tenant: &str, bytes: u64) -> Option<BudgetShare> {
+        let Some(TenantParts { part, by_name }) = &self.per_tenant else {
+            return self.share(bytes).await;
+        };
+        let own = Arc::clone(
+            by_name
+                .lock()
+                .entry(tenant.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(*part as usize))),
+        );
+        let units = bytes.div_ceil(UNIT).clamp(1, *part) as u32;
+        let tenant = own.acquire_many_owned(units).await.ok()?;
+        let mut share = self.share(bytes).await?;
+        share.tenant = Some(tenant);
+        Some(share)
     }
 
     /// [`BodyBudget::share`], waiting at most `wait`; `None` when the budget stays full.
     pub async fn share_within(&self, bytes: u64, wait: Duration) -> Option<BudgetShare> {
         tokio::time::timeout(wait, self.share(bytes))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// [`BodyBudget::share_for`], waiting at most `wait`; `None` when the tenant's part or
+    /// the budget stays full.
+    pub async fn share_for_within(
+        &self,
+        tenant: &str,
+        bytes: u64,
+        wait: Duration,
+    ) -> Option<BudgetShare> {
+        tokio::time::timeout(wait, self.share_for(tenant, bytes))
             .await
             .ok()
             .flatten()
@@ -131,9 +200,10 @@ pub(crate) async fn read_within_limits(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(e) = s.tenants.authenticate(authorization) {
-        return e.into_response();
-    }
+    let tenant = match s.tenants.authenticate(authorization) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     // a PUT is a KV upload (`/v1/chunks/{id}/kv`, the only one); every POST is JSON
     let upload = req.method() == Method::PUT;
     let (limit, what, budget) = if upload {
@@ -166,7 +236,7 @@ pub(crate) async fn read_within_limits(
     let (mut parts, body) = req.into_parts();
     let deadline = Duration::from_secs(s.limits.body_timeout_s);
     let Some(mut share) = budget
-        .share_within(declared.unwrap_or(limit as u64), deadline)
+        .share_for_within(&tenant.name, declared.unwrap_or(limit as u64), deadline)
         .await
     else {
         return busy();
@@ -217,7 +287,7 @@ fn busy() -> Response {
     let mut resp = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_busy",
-        "bodies in flight fill this server's budget for them (limits.body_budget_bytes); retry later",
+        "bodies in flight fill this server's budget for them, or this tenant's part of it (limits.body_budget_bytes, limits.tenant_body_share); retry later",
     )
     .into_response();
     resp.headers_mut()

@@ -13,6 +13,8 @@
 //!                                      #   of max_request_tokens tokens of this model
 //! # body_budget_bytes = 1073741824     # bodies being read + KV exports being sent, at
 //!                                      #   once; unset: 1 GiB or twice the largest limit
+//! tenant_body_share = 0.5              # most of each body budget one tenant holds (with
+//!                                      #   tenants configured; 1: no bound)
 //! max_request_tokens = 8192
 //! max_document_bytes = 262144          # one document's text, checked before tokenizing
 //! max_text_bytes = 1048576             # all text of one request, checked first
@@ -152,6 +154,11 @@ pub struct Limits {
     /// Bytes that request bodies being read and KV objects being sent may hold at once;
     /// more wait. `None`: 1 GiB, or twice the largest body limit when that is more.
     pub body_budget_bytes: Option<u64>,
+    /// Fraction of each body budget (JSON bodies, KV transfers) one tenant may hold when
+    /// tenants are configured (default 0.5; 1: no bound), so one tenant's slow or large
+    /// bodies leave the others room. A body larger than a tenant's part takes the whole
+    /// part (it is never refused for it alone).
+    pub tenant_body_share: f64,
     /// Most prompt tokens in one request (all chunks, prefix and question).
     pub max_request_tokens: usize,
     /// Most bytes of one document's text, checked before it is tokenized.
@@ -427,6 +434,7 @@ impl Default for Limits {
             max_body_bytes: 16 << 20,
             max_kv_body_bytes: None,
             body_budget_bytes: None,
+            tenant_body_share: 0.5,
             max_request_tokens: 8192,
             max_document_bytes: 256 << 10,
             max_text_bytes: 1 << 20,
@@ -684,6 +692,12 @@ impl Config {
             if v > 86_400 {
                 bail!("limits.{name} must be at most 86400 (a day; got {v})");
             }
+        }
+        if !(l.tenant_body_share > 0.0 && l.tenant_body_share <= 1.0) {
+            bail!(
+                "limits.tenant_body_share must be a fraction in (0, 1] (got {})",
+                l.tenant_body_share
+            );
         }
         if l.decode_yield_ms > 60_000 {
             bail!(

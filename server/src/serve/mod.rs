@@ -292,6 +292,12 @@ pub fn app_state(
             "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
         );
     }
+    // (one tenant alone has nobody to leave room for)
+    let tenant_share = if config.tenants.is_empty() {
+        1.0
+    } else {
+        l.tenant_body_share
+    };
     let decode_batch = config.limits.effective_decode_batch();
     if config.limits.decode_batch.is_some_and(|n| n >= 2) && config.limits.workers < 2 {
         tracing::warn!(
@@ -329,8 +335,8 @@ pub fn app_state(
         tenants: Tenants::from_config(config, namespace_key),
         limits: config.limits.clone(),
         kv_body_limit,
-        body_budget: bodies::BodyBudget::new(budget),
-        kv_budget: bodies::BodyBudget::new(budget),
+        body_budget: bodies::BodyBudget::new(budget).with_tenant_share(tenant_share),
+        kv_budget: bodies::BodyBudget::new(budget).with_tenant_share(tenant_share),
         pool: ModelPool::new(config.limits.workers, config.limits.max_queue),
         tokenizing: tokenizing::Tokenizing::per_core(),
         metrics: Metrics::new(blender),

@@ -174,7 +174,8 @@ pub(crate) async fn get_kv(
     // (a client that stops reading is cut off after limits.send_timeout_s)
     let Some(share) = s
         .kv_budget
-        .share_within(
+        .share_for_within(
+            &tenant.name,
             found.info.raw_len(),
             std::time::Duration::from_secs(s.limits.body_timeout_s),
         )
