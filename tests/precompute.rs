@@ -448,3 +448,40 @@ fn chunks_found_on_the_remote_are_copied_here() {
         "{second}"
     );
 }
+
+/// A store written with a lossy SSD codec while the remote tier was down: the next run,
+/// with the remote up, computes each chunk's exact object again and uploads it (lossy
+/// values are never uploaded, so the job failed with `remote_missing` on every run).
+#[test]
+fn chunks_stored_lossy_reach_the_remote_exactly() {
+    let c = cluster::Cluster::start();
+    let seeds = c.seeds.join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let lossy = ["--ssd-codec", "int8", "--allow-lossy", "--json"];
+    let down = job(&input, &data)
+        .args(lossy)
+        .args(["--remote-seeds", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1), "the remote is down");
+    let up = job(&input, &data)
+        .args(lossy)
+        .args(["--remote-seeds", &seeds])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert_eq!(up.status.code(), Some(0), "{err}");
+    let s: Value = serde_json::from_slice(&up.stdout).unwrap();
+    assert_eq!(
+        (s["computed"].as_u64(), s["remote_missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+}

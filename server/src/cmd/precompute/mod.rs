@@ -15,7 +15,7 @@
 
 mod input;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -396,7 +396,13 @@ pub fn run(a: Args) -> Result<()> {
                 summary.not_kept, a.ssd_bytes
             );
         }
-        summary.remote_missing = rt.block_on(share_with_remote(&store, &units, &interrupted))?;
+        let exact = |u: &Unit| {
+            codec
+                .encode(blender.model(), &u.tokens)
+                .map(|(obj, _)| Arc::new(obj))
+        };
+        summary.remote_missing =
+            rt.block_on(share_with_remote(&store, &units, &exact, &interrupted))?;
         summary.interrupted = interrupted.load(Ordering::SeqCst);
     }
     if a.verify && !summary.interrupted {
@@ -441,13 +447,19 @@ const REMOTE_PROBE_BATCH: usize = 256;
 
 /// With a remote tier: makes sure it holds every chunk of `units`, uploading from the local
 /// tiers what it lacks (chunks an earlier run stored while the remote was down are found
-/// locally and not computed again, so they are shared from here). Returns how many it
-/// still lacks; `None` without a remote tier. Stops uploading once `interrupted` is set.
-async fn share_with_remote(
+/// locally and not computed again, so they are shared from here). A local copy of a lossy
+/// codec is never uploaded (lossy values are not encoded again): that chunk's exact object
+/// is computed again by `exact` and uploaded. Returns how many it still lacks; `None`
+/// without a remote tier. Stops uploading once `interrupted` is set.
+async fn share_with_remote<E>(
     store: &kvquilt_kvstore::TieredStore,
     units: &[Unit],
+    exact: &dyn Fn(&Unit) -> std::result::Result<Arc<kvquilt_kvstore::KvObject>, E>,
     interrupted: &AtomicBool,
-) -> Result<Option<usize>> {
+) -> Result<Option<usize>>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     let Some(remote) = store.tiers().iter().find(|t| t.is_remote()) else {
         return Ok(None);
     };
@@ -472,6 +484,7 @@ async fn share_with_remote(
         out
     };
     let missing = lacking(keys).await;
+    let by_key: HashMap<ChunkKey, &Unit> = units.iter().map(|u| (u.key, u)).collect();
     'upload: for key in &missing {
         if interrupted.load(Ordering::SeqCst) {
             break;
@@ -482,7 +495,11 @@ async fn share_with_remote(
             .filter(|t| !t.is_remote())
             .map(|t| t.get(key));
         for get in local {
-            let Some(obj) = get.await? else { continue };
+            let Some(mut obj) = get.await? else { continue };
+            if obj.lossy().is_some() {
+                let Some(u) = by_key.get(key) else { break };
+                obj = exact(u).context("computing a chunk's exact object for the remote tier")?;
+            }
             if remote.put(Arc::clone(&obj), 0.0).await.is_err() {
                 // its write queue is full (this loop reads faster than the remote writes)
                 // or it is down: wait for the queue to drain, then try once more; a second
