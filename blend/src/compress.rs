@@ -664,6 +664,13 @@ impl PooledDecoder {
                 "a decode pool prunes its cache, and a cache with a parallel context (APE) cannot be pruned",
             ));
         }
+        if cache.is_padded() {
+            // the pool keeps every prompt row of every head, and a head's padding rows hold
+            // no key (`KvCache::retain` refuses them)
+            return Err(invalid(
+                "a decode pool keeps every prompt row of every head: it cannot run over a cache pruned to different counts per head (a per-head budget split)",
+            ));
+        }
         let c = model.config();
         let pool = DecodePool::new(spec, cache.len(), c.num_layers, c.num_kv_heads)?;
         Ok(Self {

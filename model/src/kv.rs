@@ -545,32 +545,36 @@ impl LayerKv {
         else {
             return;
         };
-        let given_back = g
+        if g.buf.frontier.load(Ordering::Acquire) != len {
+            return; // another view appended since: the rows are not this view's to give
+        }
+        // What was kept of the rows goes first, then the frontier: once the frontier is
+        // back, another view may append other rows there and read them at once, and must
+        // not find this view's rotations or mirror rows kept for them. (Dropping kept rows
+        // is always safe: they are a cache, made again when asked for.)
+        if let Some(r) = g
+            .buf
+            .rotated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            r.positions.truncate(len - n);
+        }
+        if let Some(m) = g
+            .buf
+            .mirror
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            m.positions.truncate(len - n);
+        }
+        // (fails harmlessly when another view appended in between)
+        let _ = g
             .buf
             .frontier
-            .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if given_back {
-            // the next append may write other rows there: what was kept of them goes
-            if let Some(r) = g
-                .buf
-                .rotated
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                r.positions.truncate(len - n);
-            }
-            if let Some(m) = g
-                .buf
-                .mirror
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                m.positions.truncate(len - n);
-            }
-        }
+            .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// This layer in buffers of exactly its rows (a copy of K and V): what a long-lived
@@ -851,6 +855,20 @@ impl KvCache {
                         "layer {l} head {h}: kept rows must be strictly increasing and below {len}"
                     )));
                 }
+                // a padded head's stand-in rows hold no key: keeping one would turn a copy
+                // of its last entry into an unmasked key at position 0
+                if let Some(p) = &self.pruned {
+                    let real = p.layers[l].counts[h];
+                    if let Some(&t) = rows
+                        .iter()
+                        .find(|&&t| (real..p.rows).contains(&(t as usize)))
+                    {
+                        return Err(invalid_input(format!(
+                            "layer {l} head {h}: row {t} is padding (the head holds {real} of the {} pruned rows)",
+                            p.rows
+                        )));
+                    }
+                }
             }
         }
         let rows = keep.iter().flatten().map(Vec::len).max().unwrap_or(0);
@@ -904,8 +922,11 @@ impl KvCache {
                 bias,
             });
         }
-        // stand-in positions: strictly increasing, ending at the last kept position
-        let start = last + 1 - rows as u32;
+        // stand-in positions: strictly increasing, ending at the last kept position (a head
+        // keeping `rows` real entries, each at its own position, puts `last` ≥ rows − 1)
+        let start = (last + 1)
+            .checked_sub(rows as u32)
+            .ok_or_else(|| invalid_input(format!("{rows} kept rows end at position {last}")))?;
         Ok(Self {
             layers,
             positions: positions(start as usize, rows),

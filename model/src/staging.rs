@@ -122,7 +122,15 @@ impl Uploader {
 }
 
 fn check_len(bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<()> {
-    let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
+    // (checked: a shape whose size wraps must not pass for a short buffer's)
+    let want = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
+    let Some(want) = want else {
+        return Err(invalid_input(format!(
+            "a {dtype:?} tensor of shape {shape:?} is larger than memory can address"
+        )));
+    };
     if bytes.len() != want {
         return Err(invalid_input(format!(
             "{} bytes for a {dtype:?} tensor of shape {shape:?} ({want} bytes)",

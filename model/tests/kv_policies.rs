@@ -70,6 +70,7 @@ fn a_pruned_cache_attends_like_the_reference_over_its_kept_keys() {
 /// keeps composing positions; the unpruned full keep set changes nothing.
 #[test]
 fn ragged_and_repeated_pruning() {
+    let mut padded_seen = false;
     for m in models() {
         let model = &m.model;
         let toks = prompt(30);
@@ -110,14 +111,36 @@ fn ragged_and_repeated_pruning() {
                 .iter()
                 .all(|x| x.is_finite())
         );
-        // prune the pruned cache again: row 0 of every head and the decoded token
         let rows = ragged.len() as u32;
+        // a padded head's stand-in rows hold no key: keeping one is refused (it became an
+        // unmasked copy of the head's last entry at position 0)
+        let every_row: Vec<u32> = (0..rows).collect();
+        let refused = ragged
+            .retain(&vec![vec![every_row; heads]; layers])
+            .is_err();
+        assert_eq!(refused, ragged.is_padded(), "{heads} heads");
+        padded_seen |= ragged.is_padded();
+        // keeping every real entry (each head's kept rows, then the decoded token) changes
+        // nothing
+        let real: Vec<Vec<Vec<u32>>> = (0..layers)
+            .map(|l| {
+                (0..heads)
+                    .map(|h| (0..counts[l][h] as u32).chain([rows - 1]).collect())
+                    .collect()
+            })
+            .collect();
+        let mut kept = ragged.retain(&real).unwrap();
+        let x = model.decode_step(5, &mut kept, &mut ()).unwrap();
+        let y = model.decode_step(5, &mut ragged.clone(), &mut ()).unwrap();
+        close(&x, &y, "keeping every real entry of a pruned cache");
+        // prune the pruned cache again: row 0 of every head and the decoded token
         let again = ragged
             .retain(&vec![vec![vec![0, rows - 1]; heads]; layers])
             .unwrap();
         assert_eq!(again.len(), 2);
         assert_eq!(again.positions.last(), Some(&30));
     }
+    assert!(padded_seen, "some model's heads kept different counts");
 }
 
 #[test]
@@ -226,11 +249,21 @@ fn the_hook_sees_every_layer_and_column_sums_add_up_the_rows() {
         fail_at: Some(1),
     };
     let before = cache.len();
+    let kept = cache.clone();
     let e = model
         .prefill_with(&[3, 4], &[n as u32, n as u32 + 1], &mut cache, &mut hook)
         .unwrap_err();
     assert!(matches!(e, ModelError::Hook(_)), "{e}");
     assert_eq!(cache.len(), before);
+    // no layer committed what the failed call computed (its layer 0 ran before the hook
+    // failed), and the cache decodes as the one it was
+    assert!(
+        cache.layers.iter().all(|l| l.len() == before),
+        "a layer grew"
+    );
+    let after_failure = model.decode_step(5, &mut cache, &mut ()).unwrap();
+    let untouched = model.decode_step(5, &mut kept.clone(), &mut ()).unwrap();
+    close(&after_failure, &untouched, "decoding after the failed call");
 }
 
 /// The same cache's layers as plain tensors (no growth buffers): attention then rotates
