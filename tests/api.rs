@@ -65,6 +65,27 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
         assert!(!c.chunk_exists(&ids[1]).await.unwrap());
         assert!(!c.delete_chunk(&ids[1]).await.unwrap());
         assert_eq!(
+            c.chunk(&ids[1], false).await.unwrap(),
+            None,
+            "unknown_chunk"
+        );
+        // only `unknown_chunk` is an absent chunk: a base URL the server has no routes
+        // under answers 404 `no_such_route`, an error (it read as "not stored")
+        let wrong_base = Client::new(&format!("{}/v1", server.url));
+        let e = wrong_base.delete_chunk(&ids[0]).await.unwrap_err();
+        assert_eq!(e.code(), Some("no_such_route"), "{e}");
+        assert!(wrong_base.chunk(&ids[0], false).await.is_err());
+        // an id that is not one is refused before anything is sent
+        for bad in ["", "12ab", &format!("{}?", &ids[0][..63])] {
+            assert!(
+                matches!(
+                    c.chunk(bad, false).await,
+                    Err(kvquilt_client::Error::Decode(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
             c.put_chunk_kv(&ids[1], kv.clone()).await.unwrap().status,
             ChunkOutcome::Stored
         );
@@ -133,18 +154,27 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
         // the first request computed the new passage (and may have run as full prefill, as
         // the cost model saw fit); streaming now must give what the same request does
         // without streaming
-        let (pieces, last) = c.chat_stream(&chat).await.unwrap();
+        let streamed = c.chat_stream(&chat).await.unwrap();
         let again = c.chat(&chat).await.unwrap();
         for mode in [
-            last["kvquilt"]["mode"].as_str(),
+            streamed.stats["mode"].as_str(),
             Some(again.kvquilt.mode.as_str()),
         ] {
             assert!(matches!(mode, Some("blend" | "full")), "{mode:?}");
         }
-        assert_eq!(pieces.concat(), again.choices[0].message.content);
+        assert_eq!(streamed.pieces.concat(), again.choices[0].message.content);
         assert_eq!(
-            last["kvquilt"]["misses"], 0,
+            streamed.stats["misses"], 0,
             "the new passage was stored back"
+        );
+        // the stream ends with what the plain answer reports (its usage was dropped)
+        assert_eq!(
+            streamed.usage.as_ref().map(|u| u.completion_tokens),
+            Some(again.usage.completion_tokens)
+        );
+        assert_eq!(
+            streamed.finish_reason.as_deref(),
+            Some(again.choices[0].finish_reason.as_str())
         );
         let comp = c
             .completion(&CompletionRequest {
@@ -186,4 +216,47 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
         assert_eq!(b.stats.misses, 0);
         assert_eq!(b.stats.hits_ssd + b.stats.hits_host, 4, "{:?}", b.stats);
     });
+}
+
+/// What the client makes of answers the server gives under load or a proxy gives when it
+/// cuts a stream, from a one-answer stub on loopback: a 503's `Retry-After` is kept (it was
+/// dropped), and a stream without `[DONE]` is an error, not a whole answer.
+#[test]
+fn the_client_keeps_retry_after_and_refuses_a_cut_stream() {
+    use std::io::{Read, Write};
+    // answers one request with `response`, whatever it was
+    let stub = |response: &'static str| -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 65536];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(response.as_bytes());
+        });
+        url
+    };
+    let rt = rt();
+    let busy = stub(concat!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n",
+        "retry-after: 7\r\nconnection: close\r\ncontent-length: 71\r\n\r\n",
+        r#"{"error":{"code":"server_busy","message":"queue full","type":"server"}}"#
+    ));
+    let e = rt
+        .block_on(Client::new(&busy).put_chunks(&[ChunkRef::text("a")]))
+        .unwrap_err();
+    assert_eq!(e.code(), Some("server_busy"), "{e}");
+    assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(7)));
+    let cut = stub(concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Par\"}}]}\n\n"
+    ));
+    let chat = ChatRequest {
+        messages: vec![ChatMessage::user("q")],
+        ..ChatRequest::default()
+    };
+    let e = rt
+        .block_on(Client::new(&cut).chat_stream(&chat))
+        .unwrap_err();
+    assert!(matches!(e, kvquilt_client::Error::Decode(_)), "{e}");
 }

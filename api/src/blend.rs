@@ -207,6 +207,11 @@ pub enum Fallback {
     /// The estimate, corrected by what the mode measured on this machine, was no less than
     /// full prefill's.
     Measured,
+    /// A reason a newer server names that this version does not know (never sent by this
+    /// version).
+    #[serde(other)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    Unknown,
 }
 
 /// How one cached segment's KV was obtained.
@@ -222,6 +227,11 @@ pub enum SegmentSource {
     RecomputedForSpeed,
     /// Stored, but the object failed verification or did not match: prefilled instead.
     Unusable,
+    /// A source a newer server names that this version does not know (never sent by this
+    /// version; a newer tier inside `hit` reads as `{"hit": "unknown"}`).
+    #[serde(other)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    Unknown,
 }
 
 /// What an assembled request did (`/v1/blend`'s `stats`, the completions' `kvquilt`).
@@ -299,6 +309,26 @@ mod tests {
             compression: None,
             calibration: None,
         }
+    }
+
+    /// A newer server's stats read here: values this version does not know (a new tier, a
+    /// new fallback reason, a new segment source) read as `unknown` (they failed the whole
+    /// answer).
+    #[test]
+    fn values_a_newer_server_adds_still_read() {
+        let mut json = serde_json::to_value(stats(Some(Fallback::Measured))).unwrap();
+        json["fallback"] = "over_budget".into();
+        json["segments"] = serde_json::json!([{"hit": "cxl"}, "prefetched", {"hit": "ssd"}]);
+        let read: BlendStats = serde_json::from_value(json).unwrap();
+        assert_eq!(read.fallback, Some(Fallback::Unknown));
+        assert_eq!(
+            read.segments,
+            vec![
+                SegmentSource::Hit(Tier::Unknown),
+                SegmentSource::Unknown,
+                SegmentSource::Hit(Tier::Ssd)
+            ]
+        );
     }
 
     /// A fallback's reason is written in snake case, only when there is one, and stats

@@ -122,6 +122,11 @@ pub enum Tier {
     /// The remote tier shared by several sidecars (Redis Cluster); any tier other than
     /// the three local ones is reported as this.
     Remote,
+    /// A tier a newer server names that this version does not know (never sent by this
+    /// version: an older client still reads a newer server's answers).
+    #[serde(other)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    Unknown,
 }
 
 /// What storing one chunk did.
@@ -133,6 +138,11 @@ pub enum ChunkOutcome {
     Hit,
     /// Computed (or uploaded) and stored now.
     Stored,
+    /// An outcome a newer server names that this version does not know (never sent by
+    /// this version).
+    #[serde(other)]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    Unknown,
 }
 
 /// One chunk after `POST /v1/chunks` or a KV upload.

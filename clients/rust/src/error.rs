@@ -12,6 +12,9 @@ pub enum Error {
         code: String,
         /// The sentence naming the problem.
         message: String,
+        /// When the server said to try again (its `Retry-After`: a 503 for a full queue,
+        /// a busy body budget, a device out of memory). Nothing is retried for the caller.
+        retry_after: Option<std::time::Duration>,
     },
     /// The request did not complete (connection, timeout, ...).
     #[error("HTTP error: {0}")]
@@ -26,6 +29,14 @@ impl Error {
     pub fn code(&self) -> Option<&str> {
         match self {
             Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// When the server said to try again, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Api { retry_after, .. } => *retry_after,
             _ => None,
         }
     }

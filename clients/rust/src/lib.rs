@@ -12,7 +12,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every API error arrives as [`Error::Api`] with the server's status, code and message.
+//! Every API error arrives as [`Error::Api`] with the server's status, code and message
+//! (and `Retry-After`, when the server gave one). A chunk id that is not 64 hexadecimal
+//! digits is refused before anything is sent.
 
 #![warn(missing_docs)]
 
@@ -46,11 +48,24 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// Most time to open a connection ([`Client::new`]'s HTTP client).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most time [`Client::new`]'s HTTP client waits for the next bytes of an answer (not a
+/// bound on the whole answer, which a long completion may take).
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Client {
-    /// `base_url` like `http://127.0.0.1:8077` (no trailing `/v1`).
+    /// `base_url` like `http://127.0.0.1:8077` (no trailing `/v1`). Connecting may take
+    /// [`CONNECT_TIMEOUT`], and an answer may pause [`READ_TIMEOUT`] between bytes: a server
+    /// that stops answering is an error, not a hang.
     pub fn new(base_url: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
         Self {
-            http: reqwest::Client::new(),
+            http,
             base: base_url.trim_end_matches('/').to_string(),
             token: None,
         }
@@ -62,7 +77,9 @@ impl Client {
         self
     }
 
-    /// Uses a configured `reqwest::Client` (timeouts, pools).
+    /// Uses a configured `reqwest::Client` (pools, proxies, TLS — this crate builds reqwest
+    /// without it — and its own timeouts: prefer `read_timeout` to `timeout`, which bounds a
+    /// whole answer, streamed or not).
     pub fn with_http(mut self, http: reqwest::Client) -> Self {
         self.http = http;
         self
@@ -140,18 +157,21 @@ impl Client {
         self.post("/v1/chunks", &body).await
     }
 
-    /// `GET /v1/chunks/{id}`; `None` when the id is unknown (to this tenant).
+    /// `GET /v1/chunks/{id}`; `None` when the id is unknown (to this tenant: the server's
+    /// `unknown_chunk`; any other 404, such as a base URL with a path the server does not
+    /// serve, is an error).
     pub async fn chunk(&self, id: &str, include_tokens: bool) -> Result<Option<ChunkInfo>, Error> {
         let r = self
-            .request(Method::GET, &format!("/v1/chunks/{id}"))
+            .request(Method::GET, &format!("/v1/chunks/{}", chunk_id(id)?))
             .query(&[("include_tokens", include_tokens)]);
-        not_found_as_none(self.json(r).await)
+        unknown_chunk_as_none(self.json(r).await)
     }
 
-    /// `HEAD /v1/chunks/{id}`.
+    /// `HEAD /v1/chunks/{id}`. (A `HEAD` answer has no body to tell an unknown chunk from
+    /// an unknown route: a base URL with a wrong path reads as `false` here; `chunk` tells.)
     pub async fn chunk_exists(&self, id: &str) -> Result<bool, Error> {
         let resp = self
-            .request(Method::HEAD, &format!("/v1/chunks/{id}"))
+            .request(Method::HEAD, &format!("/v1/chunks/{}", chunk_id(id)?))
             .send()
             .await?;
         match resp.status() {
@@ -161,34 +181,30 @@ impl Client {
                 status: s.as_u16(),
                 code: String::new(),
                 message: format!("HEAD answered {s}"),
+                retry_after: retry_after(&resp),
             }),
         }
     }
 
-    /// `DELETE /v1/chunks/{id}`; false when it was not stored.
+    /// `DELETE /v1/chunks/{id}`; false when it was not stored (`unknown_chunk`).
     pub async fn delete_chunk(&self, id: &str) -> Result<bool, Error> {
-        let r = self.request(Method::DELETE, &format!("/v1/chunks/{id}"));
-        match check(r.send().await?).await {
-            Ok(_) => Ok(true),
-            Err(Error::Api { status: 404, .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        let r = self.request(Method::DELETE, &format!("/v1/chunks/{}", chunk_id(id)?));
+        Ok(unknown_chunk_as_none(check(r.send().await?).await)?.is_some())
     }
 
-    /// `GET /v1/chunks/{id}/kv`: the KV object's bytes.
+    /// `GET /v1/chunks/{id}/kv`: the KV object's bytes; `None` when the id is unknown.
     pub async fn chunk_kv(&self, id: &str) -> Result<Option<Bytes>, Error> {
-        let r = self.request(Method::GET, &format!("/v1/chunks/{id}/kv"));
-        match check(r.send().await?).await {
-            Ok(resp) => Ok(Some(resp.bytes().await?)),
-            Err(Error::Api { status: 404, .. }) => Ok(None),
-            Err(e) => Err(e),
+        let r = self.request(Method::GET, &format!("/v1/chunks/{}/kv", chunk_id(id)?));
+        match unknown_chunk_as_none(check(r.send().await?).await)? {
+            Some(resp) => Ok(Some(resp.bytes().await?)),
+            None => Ok(None),
         }
     }
 
     /// `PUT /v1/chunks/{id}/kv`: stores an object (verified by the server).
     pub async fn put_chunk_kv(&self, id: &str, object: Bytes) -> Result<ChunkStatus, Error> {
         let r = self
-            .request(Method::PUT, &format!("/v1/chunks/{id}/kv"))
+            .request(Method::PUT, &format!("/v1/chunks/{}/kv", chunk_id(id)?))
             .header(reqwest::header::CONTENT_TYPE, OBJECT_MEDIA_TYPE)
             .body(object);
         self.json(r).await
@@ -209,11 +225,13 @@ impl Client {
         self.post("/v1/completions", req).await
     }
 
-    /// `POST /v1/chat/completions` with `stream: true`: the content pieces in order, and the
-    /// final chunk (finish reason, usage, stats).
-    pub async fn chat_stream(&self, req: &ChatRequest) -> Result<(Vec<String>, Value), Error> {
-        let mut body = req.clone();
-        body.common.stream = true;
+    /// `POST /v1/chat/completions` with `stream: true` (and the usage event asked for):
+    /// the whole streamed answer once it ended — its pieces in order, the finish reason,
+    /// the usage and the blend's stats. A stream that ends before `[DONE]` is an error.
+    pub async fn chat_stream(&self, req: &ChatRequest) -> Result<StreamedChat, Error> {
+        let mut body = serde_json::to_value(req).map_err(|e| Error::Decode(e.to_string()))?;
+        body["stream"] = Value::Bool(true);
+        body["stream_options"] = serde_json::json!({ "include_usage": true });
         let resp = check(
             self.request(Method::POST, "/v1/chat/completions")
                 .json(&body)
@@ -222,14 +240,13 @@ impl Client {
         )
         .await?;
         let text = resp.text().await?;
-        let mut pieces = Vec::new();
-        let mut last = Value::Null;
+        let mut out = StreamedChat::default();
         for line in text.lines() {
             let Some(data) = line.strip_prefix("data: ") else {
                 continue;
             };
             if data == "[DONE]" {
-                return Ok((pieces, last));
+                return Ok(out);
             }
             let v: Value = serde_json::from_str(data).map_err(|e| Error::Decode(e.to_string()))?;
             if let Some(e) = v.get("error") {
@@ -237,16 +254,31 @@ impl Client {
                     status: 200,
                     code: e["code"].as_str().unwrap_or_default().to_string(),
                     message: e["message"].as_str().unwrap_or_default().to_string(),
+                    retry_after: None,
                 });
             }
-            if let Some(c) = v["choices"][0]["delta"]["content"].as_str()
+            let choice = &v["choices"][0];
+            if let Some(c) = choice["delta"]["content"].as_str()
                 && !c.is_empty()
             {
-                pieces.push(c.to_string());
+                out.pieces.push(c.to_string());
             }
-            last = v;
+            if let Some(f) = choice["finish_reason"].as_str() {
+                out.finish_reason = Some(f.to_string());
+            }
+            if v.get("usage").is_some_and(|u| !u.is_null()) {
+                out.usage = Some(
+                    serde_json::from_value(v["usage"].clone())
+                        .map_err(|e| Error::Decode(format!("the usage event: {e}")))?,
+                );
+            }
+            if let Some(stats) = v.get("kvquilt").filter(|s| !s.is_null()) {
+                out.stats = stats.clone();
+            }
         }
-        Err(Error::Decode("the stream ended without [DONE]".into()))
+        Err(Error::Decode(
+            "the stream ended before [DONE]: the answer is not whole".into(),
+        ))
     }
 
     /// Any request, for endpoints and fields this client does not model.
@@ -260,8 +292,49 @@ impl Client {
         if let Some(b) = body {
             r = r.json(b);
         }
-        self.json(r).await
+        // (an answer without a body, as `DELETE`'s 204, is `null`)
+        let bytes = check(r.send().await?).await?.bytes().await?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
     }
+}
+
+/// A streamed chat completion, whole ([`Client::chat_stream`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamedChat {
+    /// The content pieces, in the order they arrived.
+    pub pieces: Vec<String>,
+    /// Why generation ended (`stop`, `length`).
+    pub finish_reason: Option<String>,
+    /// The usage event's counts.
+    pub usage: Option<Usage>,
+    /// The blend's stats (`kvquilt`), as sent (`Value::Null` if none came).
+    pub stats: Value,
+}
+
+/// `id` when it is a chunk id (64 hexadecimal digits), else [`Error::Decode`] before
+/// anything is sent (an empty or odd id would address another route).
+fn chunk_id(id: &str) -> Result<&str, Error> {
+    if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(Error::Decode(format!(
+            "a chunk id is 64 hexadecimal digits, not {id:?}"
+        )))
+    }
+}
+
+/// The `Retry-After` of `resp`, in its delta-seconds form (what the server sends).
+fn retry_after(resp: &Response) -> Option<std::time::Duration> {
+    let v = resp.headers().get(reqwest::header::RETRY_AFTER)?;
+    v.to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_secs)
 }
 
 /// Turns a non-success response into [`Error::Api`] with the server's code and message.
@@ -270,19 +343,23 @@ async fn check(resp: Response) -> Result<Response, Error> {
     if status.is_success() {
         return Ok(resp);
     }
+    let retry_after = retry_after(&resp);
     let text = resp.text().await.unwrap_or_default();
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     Err(Error::Api {
         status: status.as_u16(),
         code: v["error"]["code"].as_str().unwrap_or_default().to_string(),
         message: v["error"]["message"].as_str().map_or(text, str::to_string),
+        retry_after,
     })
 }
 
-fn not_found_as_none<T>(r: Result<T, Error>) -> Result<Option<T>, Error> {
+/// `None` for the server's `unknown_chunk`; any other error stays one (a 404 for an unknown
+/// route is not an absent chunk).
+fn unknown_chunk_as_none<T>(r: Result<T, Error>) -> Result<Option<T>, Error> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(Error::Api { status: 404, .. }) => Ok(None),
+        Err(e) if e.code() == Some("unknown_chunk") => Ok(None),
         Err(e) => Err(e),
     }
 }
