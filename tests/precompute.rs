@@ -406,6 +406,18 @@ fn the_probes_findings_fail_clearly_and_lose_nothing() {
 #[path = "../kvstore/tests/support/cluster.rs"]
 mod cluster;
 
+/// A temporary directory holding `docs.jsonl`: two one-sentence documents.
+fn two_documents() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n",
+    )
+    .unwrap();
+    (dir, input)
+}
+
 /// Chunks another data directory's run shared through the remote tier are found there and
 /// copied into this store: not computed, not counted missing. (They were found, never
 /// copied, so a fresh directory over a shared remote failed the job: "smaller than one
@@ -414,13 +426,7 @@ mod cluster;
 fn chunks_found_on_the_remote_are_copied_here() {
     let c = cluster::Cluster::start();
     let seeds = c.seeds.join(",");
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("docs.jsonl");
-    std::fs::write(
-        &input,
-        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n",
-    )
-    .unwrap();
+    let (dir, input) = two_documents();
     let summary = |data: &Path, extra: &[&str]| -> Value {
         let out = job(&input, data)
             .args(["--remote-seeds", &seeds, "--json"])
@@ -456,13 +462,7 @@ fn chunks_found_on_the_remote_are_copied_here() {
 fn chunks_stored_lossy_reach_the_remote_exactly() {
     let c = cluster::Cluster::start();
     let seeds = c.seeds.join(",");
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("docs.jsonl");
-    std::fs::write(
-        &input,
-        "{\"id\": 1, \"text\": \"The tower is old.\"}\n{\"id\": 2, \"text\": \"A river runs.\"}\n",
-    )
-    .unwrap();
+    let (dir, input) = two_documents();
     let data = dir.path().join("data");
     let lossy = ["--ssd-codec", "int8", "--allow-lossy", "--json"];
     let down = job(&input, &data)

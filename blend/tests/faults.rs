@@ -228,6 +228,20 @@ mod slow_disk {
         (b, reads)
     }
 
+    /// A directory whose SSD tier holds `chunks`, precomputed and flushed (closed again:
+    /// the runtime that served the store is dropped).
+    fn stored(chunks: &[Vec<u32>]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new().unwrap();
+        let zero = Duration::ZERO;
+        let (b, _) = slow_blender(dir.path(), &rt, zero, zero, Duration::from_secs(60));
+        for c in chunks {
+            b.precompute(b"", c).unwrap();
+        }
+        rt.block_on(b.store().flush()).unwrap();
+        dir
+    }
+
     /// A disk that stops answering while a request reads it costs that request a recompute
     /// of the stalled chunks (the answer unchanged) plus one stall wait each — never the
     /// request, never a hang — and the cost model then stops reading from it.
@@ -306,15 +320,7 @@ mod slow_disk {
         let suffix = toks(4, 6);
         let zero = Duration::ZERO;
         let patient = Duration::from_secs(60);
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let rt = Runtime::new().unwrap();
-            let (b, _) = slow_blender(dir.path(), &rt, zero, zero, patient);
-            for c in &chunks {
-                b.precompute(b"", c).unwrap();
-            }
-            rt.block_on(b.store().flush()).unwrap();
-        }
+        let dir = stored(&chunks);
         let rt = Runtime::new().unwrap();
         let layer_delay = Duration::from_millis(150);
         let (b, _) = slow_blender(dir.path(), &rt, zero, layer_delay, patient);
@@ -360,15 +366,7 @@ mod slow_disk {
         let chunks = [toks(1, 24), toks(2, 30)];
         let suffix = toks(4, 6);
         let (zero, patient) = (Duration::ZERO, Duration::from_secs(60));
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let rt = Runtime::new().unwrap();
-            let (b, _) = slow_blender(dir.path(), &rt, zero, zero, patient);
-            for c in &chunks {
-                b.precompute(b"", c).unwrap();
-            }
-            rt.block_on(b.store().flush()).unwrap();
-        }
+        let dir = stored(&chunks);
         let rt = Runtime::new().unwrap();
         let (b, _) = slow_blender(dir.path(), &rt, zero, Duration::from_millis(100), patient);
         let b = b
