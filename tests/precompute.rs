@@ -485,3 +485,57 @@ fn chunks_stored_lossy_reach_the_remote_exactly() {
         "{s}"
     );
 }
+
+/// `--config` takes the sidecar's `[store]` section, so chunks land where `serve` looks
+/// them up: its remote namespace (a run without it wrote to the `default` namespace, which
+/// a sidecar of another namespace never reads), its capacities, its `data_dir`. The store
+/// flags are refused beside it.
+#[test]
+fn the_sidecar_config_says_where_chunks_go() {
+    let c = cluster::Cluster::start();
+    let (dir, input) = two_documents();
+    let config = dir.path().join("kvquilt.toml");
+    let data = dir.path().join("from-config");
+    let seeds: Vec<String> = c.seeds.iter().map(|s| format!("{s:?}")).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[store.remote]\nseeds = [{}]\nnamespace = \"team-a\"\n",
+            seeds.join(", ")
+        ),
+    )
+    .unwrap();
+    let run = |cmd: &mut Command| -> (Option<i32>, Value, String) {
+        let out = cmd.arg("--json").output().unwrap();
+        let summary = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), summary, err)
+    };
+    // the config's data_dir and namespace (no --data-dir: `job` names one, so build it here)
+    let mut with_config = Command::new(env!("CARGO_BIN_EXE_kvquilt-under-test"));
+    with_config
+        .args(["precompute", "--model"])
+        .arg(repo_root().join("model/tests/fixtures/tiny-chat"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--config")
+        .arg(&config);
+    let (code, s, err) = run(&mut with_config);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s["computed"], 2, "{s}");
+    assert!(data.exists(), "the config's data_dir was used");
+    let written = c.keys("kvq:*").len();
+    assert!(written >= 4, "{written} keys");
+    // the default namespace holds none of them: a run without the config computes both
+    let (code, s, err) =
+        run(job(&input, &dir.path().join("flags")).args(["--remote-seeds", &c.seeds.join(",")]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s["computed"], 2, "another namespace: {s}");
+    assert_eq!(c.keys("kvq:*").len(), 2 * written);
+    // store flags beside the config are refused
+    let out = job(&input, &dir.path().join("x"))
+        .args(["--config", config.to_str().unwrap(), "--ssd-bytes", "5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

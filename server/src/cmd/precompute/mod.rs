@@ -41,9 +41,17 @@ pub struct Args {
     /// `text`) or a directory of text files.
     #[arg(long)]
     input: PathBuf,
-    /// Data directory of the store (the one `kvquilt serve --data-dir` uses).
+    /// Data directory of the store (the one `kvquilt serve --data-dir` uses; default: the
+    /// config's `data_dir` with --config).
     #[arg(long, env = "KVQUILT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The sidecar's TOML config (`kvquilt serve --config`): its `[store]` section —
+    /// capacities, codecs and the remote tier with its namespace — stores the chunks where
+    /// `serve` looks them up, and its `data_dir` is the default. The store flags below are
+    /// refused beside it. The model is still named by --model/--device/--dtype or their
+    /// `KVQUILT_*` variables.
+    #[arg(long, env = "KVQUILT_CONFIG", conflicts_with_all = ["host_bytes", "ssd_bytes", "ssd_codec", "remote_seeds", "allow_lossy"])]
+    config: Option<PathBuf>,
     /// Tenant whose key namespace the chunks go into.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -153,11 +161,20 @@ pub fn run(a: Args) -> Result<()> {
     let loaded = a.model.load()?;
     let tokenizer = loaded.tokenizer()?.clone();
     let identity = ModelIdentity::of(&loaded)?;
+    let config = match &a.config {
+        Some(path) => {
+            let c = crate::serve::config::Config::from_file(path)?;
+            c.store.host_policy()?;
+            Some(c)
+        }
+        None => None,
+    };
     let data_dir = a
         .data_dir
         .clone()
+        .or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
         .unwrap_or_else(crate::serve::config::default_data_dir);
-    let settings = crate::serve::config::StoreSettings {
+    let from_flags = crate::serve::config::StoreSettings {
         host_bytes: a.host_bytes,
         ssd_bytes: a.ssd_bytes,
         codecs: crate::serve::config::CodecSettings {
@@ -171,6 +188,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         ..Default::default()
     };
+    let settings = config.map_or(from_flags, |c| c.store);
     let store = {
         let _rt = rt.enter(); // the remote tier's tasks run on the job's runtime
         Arc::new(open_store(&data_dir, &settings)?)
@@ -386,14 +404,14 @@ pub fn run(a: Args) -> Result<()> {
         if summary.not_kept > 0 && summary.not_kept == distinct {
             bail!(
                 "none of the {distinct} chunk(s) is in the store after the job: --ssd-bytes {} is smaller than one chunk's object ({} bytes for the first chunk)",
-                a.ssd_bytes,
+                settings.ssd_bytes,
                 layout.object_bytes(units.first().map_or(0, |u| u.tokens.len()))
             );
         }
         if summary.not_kept > 0 {
             eprintln!(
                 "kvquilt precompute: warning: {} chunk(s) are not in the store after the job: it evicted them to stay within its capacity (--ssd-bytes {}); they will be recomputed when met",
-                summary.not_kept, a.ssd_bytes
+                summary.not_kept, settings.ssd_bytes
             );
         }
         let exact = |u: &Unit| {
@@ -436,7 +454,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(missing) = summary.remote_missing.filter(|&m| m > 0) {
         bail!(
             "the remote tier (--remote-seeds {}) does not hold {missing} of the chunks after the job: it is down, unreachable or refusing writes (see the warnings above); the chunks kept locally (all but not_kept) are uploaded by the job run again once it is reachable",
-            a.remote_seeds.join(",")
+            settings.remote.seeds.join(",")
         );
     }
     Ok(())
