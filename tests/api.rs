@@ -80,7 +80,7 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
             assert!(
                 matches!(
                     c.chunk(bad, false).await,
-                    Err(kvquilt_client::Error::Decode(_))
+                    Err(kvquilt_client::Error::InvalidInput(_))
                 ),
                 "{bad:?}"
             );

@@ -519,7 +519,9 @@ fn the_sidecar_config_says_where_chunks_go() {
         .arg("--input")
         .arg(&input)
         .arg("--config")
-        .arg(&config);
+        .arg(&config)
+        // a service's environment names the seeds too: layered over the file, not refused
+        .env("KVQUILT_REMOTE_SEEDS", c.seeds.join(","));
     let (code, s, err) = run(&mut with_config);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(s["computed"], 2, "{s}");

@@ -61,26 +61,38 @@ impl DeviceTier {
 
     /// Makes `layers` resident under `key` (recompute cost `cost_s` seconds, for cost-aware
     /// eviction). Returns false, evicting nothing, when it cannot fit (larger than the tier,
-    /// or the rest is pinned) or cannot be copied; an entry already resident is kept as it
-    /// is. The tier holds a packed copy ([`LayerKv::packed`]): a computed chunk's layers are
-    /// views of buffers with growth room (256 rows for a 20-token chunk) and its sink row,
-    /// which the bytes charged would not count.
+    /// or the rest is pinned); an entry already resident is kept as it is. The layers must
+    /// own exactly their rows (a stream's uploads do): the tier charges their rows' bytes.
+    /// Views of larger buffers go through [`DeviceTier::put_packed`].
     pub fn put(&self, key: ChunkKey, layers: Vec<LayerKv>, cost_s: f64) -> bool {
         if self.contains(&key) {
             return true;
         }
-        let layers: Vec<LayerKv> = match layers.iter().map(LayerKv::packed).collect() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(%key, error = %e, "device tier: a chunk could not be copied; not resident");
-                return false;
-            }
-        };
         let chunk = Arc::new(layers);
         let size = chunk_bytes(&chunk);
         // evicted chunks are dropped here (requests still using one hold their `Arc`)
         // (a concurrent put of the key that got there first leaves that chunk resident)
         self.chunks.insert(key, chunk, size, cost_s).is_ok()
+    }
+
+    /// [`DeviceTier::put`] of a packed copy of `layers` ([`LayerKv::packed`]): a computed
+    /// chunk's layers are views of buffers with growth room (256 rows for a 20-token chunk)
+    /// and its sink row, which the bytes charged would not count. No copy is made for a
+    /// chunk already resident or larger than the tier; false as well when copying fails.
+    pub fn put_packed(&self, key: ChunkKey, layers: &[LayerKv], cost_s: f64) -> bool {
+        if self.contains(&key) {
+            return true;
+        }
+        if chunk_bytes(layers) > self.chunks.capacity() {
+            return false;
+        }
+        match layers.iter().map(LayerKv::packed).collect() {
+            Ok(packed) => self.put(key, packed, cost_s),
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "device tier: a chunk could not be copied; not resident");
+                false
+            }
+        }
     }
 
     /// Drops `key`; false if it was not resident.

@@ -165,3 +165,60 @@ async fn meta_rewrites_never_bring_back_a_removed_object() {
     t.persist_pin(*objs[0].key()).await.unwrap();
     assert!(t.keys().is_empty());
 }
+
+/// Puts that evict one another (a tier of five objects — room for the four being written
+/// and one more — eight objects put by four tasks in different orders): every put finishes — a put waits for a victim's lock holding only
+/// its own, so two puts that each evicted the other's key cannot wait on each other — and
+/// index and disk still agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn puts_evicting_one_another_finish_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let objs = objects(8);
+    let one = {
+        let t = open(dir.path(), false);
+        t.put(Arc::clone(&objs[0]), 1.0).await.unwrap();
+        let used = t.stats().used_bytes;
+        t.remove(objs[0].key()).await.unwrap();
+        used
+    };
+    let t = SsdTier::open(
+        SsdConfig {
+            sync_writes: false,
+            ..SsdConfig::new(dir.path(), 5 * one + one / 2)
+        },
+        Pins::default(),
+    )
+    .unwrap();
+    let workers: Vec<_> = (0..4usize)
+        .map(|w| {
+            let (t, objs) = (t.clone(), objs.clone());
+            tokio::spawn(async move {
+                for i in 0..200usize {
+                    let o = &objs[(i * (w + 1) + w) % objs.len()];
+                    t.put(Arc::clone(o), 1.0).await.unwrap();
+                    if (i + w) % 5 == 0 {
+                        t.remove(o.key()).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let all = async {
+        for w in workers {
+            w.await.unwrap();
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(120), all)
+        .await
+        .is_err()
+    {
+        // (a deadlocked blocking thread would also hang the runtime's shutdown)
+        eprintln!("puts evicting one another deadlocked");
+        std::process::abort();
+    }
+    assert!(t.stats().used_bytes <= 5 * one + one / 2);
+    assert!(t.stats().evictions > 0, "the puts evicted one another");
+    let before = held_and_readable(&t).await;
+    let t = reopen(t, dir.path()).await;
+    assert_eq!(held_and_readable(&t).await, before);
+}

@@ -317,21 +317,27 @@ impl<'r> Sources<'r> {
         };
         let num_layers = b.model.config().num_layers;
         for (&(key, tokens), source) in self.segments.iter().zip(self.sources) {
-            let (layers, read) = match source {
-                Source::Stream(Streamed {
-                    kept: Some(kept), ..
-                }) => (kept, true),
+            let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
+            match source {
                 // (a lossy stream keeps nothing: `kept` is `None`)
-                Source::Memory(cache) => (cache.layers, false),
-                Source::Stream(_) | Source::Device(_) | Source::InPass(_) => continue,
-            };
-            if layers.len() == num_layers {
-                let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
-                // a chunk read from the store and deleted meanwhile is not brought back
-                // here (`Blender::remove` empties the store first, then this tier)
-                if tier.put(key, layers, cost_s) && read && b.store.locate(&key).is_none() {
-                    tier.remove(&key);
+                Source::Stream(Streamed {
+                    kept: Some(kept),
+                    stream,
+                    ..
+                }) if kept.len() == num_layers => {
+                    // read from a local tier and deleted meanwhile: not brought back here
+                    // (`Blender::remove` empties the store first, then this tier). A remote
+                    // tier's presence is a hint that may lapse: not asked.
+                    let local = stream.tier == TierKind::HOST || stream.tier == TierKind::SSD;
+                    if tier.put(key, kept, cost_s) && local && b.store.locate(&key).is_none() {
+                        tier.remove(&key);
+                    }
                 }
+                // computed here: views of the pass's buffers, made resident as copies
+                Source::Memory(cache) if cache.layers.len() == num_layers => {
+                    tier.put_packed(key, &cache.layers, cost_s);
+                }
+                _ => {}
             }
         }
         work

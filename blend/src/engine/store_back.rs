@@ -117,7 +117,7 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
                 }
             };
             if let Some(tier) = &b.device_tier {
-                tier.put(d.key, cache.layers.clone(), cost_s);
+                tier.put_packed(d.key, &cache.layers, cost_s);
             }
             pending.push(&d.codec, d.key, &d.tokens, cache, cost_s);
         }

@@ -1,7 +1,8 @@
 //! The client's error type.
 
-/// What a call can fail with.
+/// What a call can fail with. More kinds may come: match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The server refused the request; `code` is the API's stable error code.
     #[error("kvquilt API error {status} ({code}): {message}")]
@@ -22,6 +23,9 @@ pub enum Error {
     /// The response was not what the API documents.
     #[error("unexpected response: {0}")]
     Decode(String),
+    /// The call was refused before anything was sent (a chunk id that is not one).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
 
 impl Error {
@@ -46,7 +50,7 @@ impl Error {
         match self {
             Error::Api { status, .. } => Some(*status),
             Error::Http(e) => e.status().map(|s| s.as_u16()),
-            Error::Decode(_) => None,
+            Error::Decode(_) | Error::InvalidInput(_) => None,
         }
     }
 }

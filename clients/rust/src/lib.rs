@@ -314,13 +314,13 @@ pub struct StreamedChat {
     pub stats: Value,
 }
 
-/// `id` when it is a chunk id (64 hexadecimal digits), else [`Error::Decode`] before
+/// `id` when it is a chunk id (64 hexadecimal digits), else [`Error::InvalidInput`] before
 /// anything is sent (an empty or odd id would address another route).
 fn chunk_id(id: &str) -> Result<&str, Error> {
     if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(id)
     } else {
-        Err(Error::Decode(format!(
+        Err(Error::InvalidInput(format!(
             "a chunk id is 64 hexadecimal digits, not {id:?}"
         )))
     }

@@ -29,8 +29,8 @@ impl KeyLocks {
     /// Waits until no one holds `key`'s lock, then takes it.
     ///
     /// Not reentrant: a thread holding `key` that asks for it again waits forever. A thread
-    /// may hold several keys only in the order the SSD tier's put takes them (its own key,
-    /// then its victims'; see `Inner::delete_victims` there for why that cannot deadlock).
+    /// waits for a key while holding at most one other, its own (the SSD tier's put, for a
+    /// victim; see `Inner::delete_victims` there for why that cannot deadlock).
     pub(super) fn lock(&self, key: ChunkKey) -> KeyGuard<'_> {
         let mut held = self.held.lock();
         while held.contains(&key) {
@@ -38,6 +38,14 @@ impl KeyLocks {
         }
         held.insert(key);
         KeyGuard { locks: self, key }
+    }
+
+    /// `key`'s lock if no one holds it, without waiting.
+    pub(super) fn try_lock(&self, key: ChunkKey) -> Option<KeyGuard<'_>> {
+        // (the guard is made only when the key was free: a guard made and dropped would
+        // free the holder's key)
+        let taken = self.held.lock().insert(key);
+        taken.then(|| KeyGuard { locks: self, key })
     }
 }
 
@@ -77,5 +85,19 @@ mod tests {
             t.join().unwrap();
         }
         assert!(locks.held.lock().is_empty(), "every guard released its key");
+    }
+
+    #[test]
+    fn try_lock_takes_a_free_key_only_and_frees_nothing() {
+        let locks = KeyLocks::default();
+        let held = locks.lock(ChunkKey([1; 32]));
+        assert!(locks.try_lock(ChunkKey([1; 32])).is_none());
+        assert!(
+            locks.held.lock().contains(&ChunkKey([1; 32])),
+            "a failed try keeps the holder's key"
+        );
+        let other = locks.try_lock(ChunkKey([2; 32])).expect("free");
+        drop((held, other));
+        assert!(locks.held.lock().is_empty());
     }
 }

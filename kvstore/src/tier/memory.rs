@@ -52,6 +52,11 @@ impl<V: Clone> MemoryTier<V> {
         }
     }
 
+    /// Most bytes the tier holds.
+    pub fn capacity(&self) -> u64 {
+        self.index.capacity()
+    }
+
     /// Whether `key` is held (no statistics).
     pub fn contains(&self, key: &ChunkKey) -> bool {
         self.entries.read().contains_key(key)
@@ -96,6 +101,8 @@ impl<V: Clone> MemoryTier<V> {
                     evicted: Vec::new(),
                 });
             }
+            // (under the map's write lock, so map and index change together; readers wait
+            // for the admission, an O(entries) scan only when the tier must evict)
             let (reservation, victims) = self.index.admit(key, size, cost_s)?;
             let out = victims
                 .iter()

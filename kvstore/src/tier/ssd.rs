@@ -660,7 +660,7 @@ impl Inner {
         let stored = enc.header.stored_len(enc.header_bytes.len());
         self.check_free_space(stored)?;
         let (reservation, victims) = self.index.admit(key, stored, cost_s)?;
-        self.delete_victims(&victims)?;
+        let evicted = self.delete_victims(&victims)?;
         let now = self.now_ns();
         let meta = Meta {
             stored,
@@ -681,7 +681,7 @@ impl Inner {
             .write_opt(b, &self.write_opts())
             .map_err(|e| self.write_err(e))?;
         reservation.commit();
-        TierStats::add(&self.stats.evictions, victims.len() as u64);
+        TierStats::add(&self.stats.evictions, evicted as u64);
         TierStats::add(&self.stats.puts, 1);
         TierStats::add(&self.stats.bytes_in, stored);
         Ok(PutOutcome {
@@ -690,40 +690,73 @@ impl Inner {
         })
     }
 
-    /// Deletes the objects a put's admission evicted, in one batch: all of them or, when
-    /// the batch fails, none, and then the index holds them again (on disk and counted, as
-    /// before the put). A victim put again since its eviction (by a put that took its key
-    /// in between) is left alone.
+    /// Deletes the objects a put's admission evicted; returns how many it deleted (a victim
+    /// put again since its eviction, by a put that took its key in between, is left alone).
+    /// When every victim's lock is free, in one batch: all of them or, when the batch fails,
+    /// none, and the index holds them again (on disk and counted, as before the put).
+    /// Otherwise one at a time, waiting for each lock; a failure indexes that victim and
+    /// the ones after it again.
     ///
-    /// Called holding the putting key's writer lock; takes each victim's. That cannot
-    /// deadlock: a thread waits while holding a lock only here, for a key its own admission
-    /// evicted, and a key can be evicted only while no admission of it is still writing. So
-    /// each waiter waits for a put admitted after its own, and no chain of waiters closes
-    /// into a circle.
-    fn delete_victims(&self, victims: &[Victim]) -> Result<()> {
+    /// Called holding the putting key's writer lock. That cannot deadlock: a thread waits
+    /// for a key only here, holding no other lock than its own key's (the batch path waits
+    /// for none), and only for a key its own admission evicted — which no admission still
+    /// writing can be. So each waiter waits for a put admitted after its own, and no chain
+    /// of waiters closes into a circle. (Holding one victim's lock while waiting for the
+    /// next could: two puts may each have evicted the other's key.)
+    fn delete_victims(&self, victims: &[Victim]) -> Result<usize> {
+        let free: Option<Vec<_>> = victims
+            .iter()
+            .map(|v| self.writers.try_lock(v.key).map(|g| (v, g)))
+            .collect();
+        if let Some(held) = free {
+            let gone: Vec<&Victim> = held
+                .iter()
+                .filter(|(v, _)| !self.index.contains(&v.key))
+                .map(|(v, _)| *v)
+                .collect();
+            self.delete_victim_batch(&gone)?;
+            return Ok(gone.len());
+        }
+        let mut deleted = 0;
+        for (i, v) in victims.iter().enumerate() {
+            let writer = self.writers.lock(v.key);
+            if self.index.contains(&v.key) {
+                continue;
+            }
+            if let Err(e) = self.delete_victim_batch(&[v]) {
+                drop(writer);
+                for rest in &victims[i + 1..] {
+                    let _w = self.writers.lock(rest.key);
+                    if !self.index.contains(&rest.key) {
+                        self.index.restore(rest.key, rest.size, rest.cost_s);
+                    }
+                }
+                return Err(e);
+            }
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes `victims` (whose writer locks the caller holds) in one batch; on failure the
+    /// index holds them again.
+    fn delete_victim_batch(&self, victims: &[&Victim]) -> Result<()> {
         if victims.is_empty() {
             return Ok(());
         }
-        let mut held = Vec::with_capacity(victims.len());
-        for v in victims {
-            let guard = self.writers.lock(v.key);
-            if !self.index.contains(&v.key) {
-                held.push((v, guard));
-            }
-        }
         let mut b = WriteBatch::default();
-        for (v, _) in &held {
+        for v in victims {
             self.delete_into(&mut b, &v.key);
         }
         if let Err(e) = self.db.write_opt(b, &self.write_opts()) {
-            for (v, _) in &held {
+            for v in victims {
                 self.index.restore(v.key, v.size, v.cost_s);
             }
             return Err(self.write_err(e));
         }
         let mut touched = self.touched.lock();
         let mut unserved = self.unserved_lossy.lock();
-        for (v, _) in &held {
+        for v in victims {
             touched.remove(&v.key);
             unserved.remove(&v.key);
         }

@@ -6,7 +6,9 @@
 //! (then 503 with a retry hint); a JSON body's share, cut to the body's length, stays with
 //! the request until its texts are tokens (`HeldBody`: waiting for a tokenizing turn, the
 //! parsed body is still memory this budget must count) and is given back before any model
-//! work; an uploaded object's once it is stored. KV objects —
+//! work — from there the request, its parsed body with it, is one of at most
+//! `limits.workers + limits.max_queue` in the model queue; an uploaded object's once it is
+//! stored. KV objects —
 //! uploads being read and exports being sent — draw on a budget of their own, so stalled
 //! uploads or clients that stop reading their exports (their connections are closed after
 //! `limits.send_timeout_s`, `connections`) never hold up model requests.

@@ -228,7 +228,7 @@ impl Tenant {
     pub fn reserve(
         self: &Arc<Self>,
         extra: u64,
-        departures: u64,
+        departures: impl FnOnce() -> u64,
         held: impl Fn(&ChunkKey) -> bool,
     ) -> Option<QuotaReservation> {
         let reservation = |bytes| QuotaReservation {
@@ -240,11 +240,14 @@ impl Tenant {
         };
         let mut u = self.usage.lock();
         let fits = |u: &Usage| self.used_bytes() + u.reserved + extra <= quota;
-        let stale = u
-            .swept
-            .is_none_or(|(d, at)| d != departures || at.elapsed() >= RESWEEP_AFTER);
-        if !fits(&u) && stale {
-            u.swept = Some((departures, Instant::now()));
+        // (the store's count is asked for only by a write that does not fit)
+        let departures = if fits(&u) { None } else { Some(departures()) };
+        let stale = |d: u64, u: &Usage| {
+            u.swept
+                .is_none_or(|(then, at)| then != d || at.elapsed() >= RESWEEP_AFTER)
+        };
+        if let Some(d) = departures.filter(|&d| stale(d, &u)) {
+            u.swept = Some((d, Instant::now()));
             u.by_key.retain(|k, b| {
                 let keep = held(k);
                 if !keep {
@@ -406,9 +409,9 @@ mod tests {
         t.add(ChunkKey([1; 32]), 60);
         t.add(ChunkKey([1; 32]), 60);
         assert_eq!(t.used_bytes(), 60);
-        assert!(t.reserve(40, 0, |_| true).is_some());
-        assert!(t.reserve(41, 0, |_| true).is_none());
-        assert!(t.reserve(41, 1, |_| false).is_some()); // the counted key was evicted
+        assert!(t.reserve(40, || 0, |_| true).is_some());
+        assert!(t.reserve(41, || 0, |_| true).is_none());
+        assert!(t.reserve(41, || 1, |_| false).is_some()); // the counted key was evicted
         assert_eq!(t.used_bytes(), 0);
     }
 
@@ -423,14 +426,14 @@ mod tests {
             asked.set(asked.get() + 1);
             true
         };
-        assert!(t.reserve(1, 7, held).is_none());
+        assert!(t.reserve(1, || 7, held).is_none());
         assert_eq!(asked.get(), 10, "the first refusal sweeps");
-        assert!(t.reserve(1, 7, held).is_none());
+        assert!(t.reserve(1, || 7, held).is_none());
         assert_eq!(asked.get(), 10, "nothing left the store since: no sweep");
-        assert!(t.reserve(1, 8, held).is_none());
+        assert!(t.reserve(1, || 8, held).is_none());
         assert_eq!(asked.get(), 20, "something left the store: swept again");
         // the sweep finds what left
-        assert!(t.reserve(1, 9, |k| k.0[0] != 3).is_some());
+        assert!(t.reserve(1, || 9, |k| k.0[0] != 3).is_some());
         assert_eq!(t.used_bytes(), 90);
     }
 
@@ -458,16 +461,16 @@ mod tests {
     #[test]
     fn reservations_count_until_dropped() {
         let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
-        let a = t.reserve(70, 0, |_| true).expect("fits");
+        let a = t.reserve(70, || 0, |_| true).expect("fits");
         assert!(
-            t.reserve(31, 0, |_| true).is_none(),
+            t.reserve(31, || 0, |_| true).is_none(),
             "70 reserved + 31 > 100"
         );
-        let b = t.reserve(30, 0, |_| true).expect("70 + 30 fits");
+        let b = t.reserve(30, || 0, |_| true).expect("70 + 30 fits");
         drop(a);
-        assert!(t.reserve(70, 0, |_| true).is_some(), "released");
+        assert!(t.reserve(70, || 0, |_| true).is_some(), "released");
         drop(b);
         let unlimited = Arc::new(Tenant::new("default", None, &[0; 32]));
-        assert!(unlimited.reserve(u64::MAX, 0, |_| true).is_some());
+        assert!(unlimited.reserve(u64::MAX, || 0, |_| true).is_some());
     }
 }

@@ -45,12 +45,13 @@ pub struct Args {
     /// config's `data_dir` with --config).
     #[arg(long, env = "KVQUILT_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The sidecar's TOML config (`kvquilt serve --config`): its `[store]` section —
-    /// capacities, codecs and the remote tier with its namespace — stores the chunks where
-    /// `serve` looks them up, and its `data_dir` is the default. The store flags below are
-    /// refused beside it. The model is still named by --model/--device/--dtype or their
-    /// `KVQUILT_*` variables.
-    #[arg(long, env = "KVQUILT_CONFIG", conflicts_with_all = ["host_bytes", "ssd_bytes", "ssd_codec", "remote_seeds", "allow_lossy"])]
+    /// The sidecar's TOML config (`kvquilt serve --config`), layered as `serve` layers it:
+    /// its `[store]` section — capacities, codecs and the remote tier with its namespace —
+    /// stores the chunks where `serve` looks them up (--remote-seeds / its variable still
+    /// name the seeds), its `data_dir`, `model`, `dtype` and `device` are the defaults of
+    /// the flags (a --device other than `cpu` wins). The other store flags are refused
+    /// beside it.
+    #[arg(long, env = "KVQUILT_CONFIG", conflicts_with_all = ["host_bytes", "ssd_bytes", "ssd_codec", "allow_lossy"])]
     config: Option<PathBuf>,
     /// Tenant whose key namespace the chunks go into.
     #[arg(long, default_value = "default")]
@@ -132,7 +133,7 @@ struct Summary {
 }
 
 /// Runs the batch job: chunks the input, computes what the store lacks, prints a summary (exit 130 after Ctrl-C, with what was done kept).
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     if a.chunk_tokens > 0 && a.overlap >= a.chunk_tokens {
         bail!("--overlap must be smaller than --chunk-tokens");
     }
@@ -158,17 +159,29 @@ pub fn run(a: Args) -> Result<()> {
         .enable_all()
         .worker_threads(2)
         .build()?;
-    let loaded = a.model.load()?;
-    let tokenizer = loaded.tokenizer()?.clone();
-    let identity = ModelIdentity::of(&loaded)?;
     let config = match &a.config {
         Some(path) => {
             let c = crate::serve::config::Config::from_file(path)?;
             c.store.host_policy()?;
+            // the file's model where no flag or variable names one (as `serve` takes it);
+            // its device unless --device/KVQUILT_DEVICE names one other than the default
+            let m = &mut a.model;
+            if m.model.is_none() {
+                m.model = c.model.clone();
+            }
+            if m.dtype.is_none() {
+                m.dtype = c.dtype.clone();
+            }
+            if m.device == "cpu" {
+                m.device = c.device.clone();
+            }
             Some(c)
         }
         None => None,
     };
+    let loaded = a.model.load()?;
+    let tokenizer = loaded.tokenizer()?.clone();
+    let identity = ModelIdentity::of(&loaded)?;
     let data_dir = a
         .data_dir
         .clone()
@@ -188,7 +201,15 @@ pub fn run(a: Args) -> Result<()> {
         },
         ..Default::default()
     };
-    let settings = config.map_or(from_flags, |c| c.store);
+    // the file's [store], with KVQUILT_REMOTE_SEEDS / --remote-seeds over its seeds (as
+    // `serve` layers them)
+    let settings = config.map_or(from_flags, |c| {
+        let mut store = c.store;
+        if !a.remote_seeds.is_empty() {
+            store.remote.seeds = a.remote_seeds.clone();
+        }
+        store
+    });
     let store = {
         let _rt = rt.enter(); // the remote tier's tasks run on the job's runtime
         Arc::new(open_store(&data_dir, &settings)?)

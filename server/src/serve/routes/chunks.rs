@@ -110,7 +110,7 @@ pub(crate) fn check_quota(
     extra: u64,
 ) -> ApiResult<QuotaReservation> {
     let store = s.blender.store();
-    if let Some(r) = tenant.reserve(extra, store.departures(), |k| store.locate(k).is_some()) {
+    if let Some(r) = tenant.reserve(extra, || store.departures(), |k| store.locate(k).is_some()) {
         return Ok(r);
     }
     Err(ApiError::new(
