@@ -7,8 +7,8 @@ mod common;
 
 use common::{Server, rt};
 use kvquilt_client::{
-    BlendRequest, ChatMessage, ChatRequest, ChunkOutcome, ChunkRef, Client, CommonFields,
-    CompletionRequest, ModeSpec, Stats, Tier,
+    BlendRequest, ChatEvent, ChatMessage, ChatRequest, ChunkOutcome, ChunkRef, Client,
+    CommonFields, CompletionRequest, ModeSpec, Stats, Tier,
 };
 use kvquilt_kvstore::EncodedObject;
 
@@ -259,4 +259,110 @@ fn the_client_keeps_retry_after_and_refuses_a_cut_stream() {
         .block_on(Client::new(&cut).chat_stream(&chat))
         .unwrap_err();
     assert!(matches!(e, kvquilt_client::Error::Decode(_)), "{e}");
+}
+
+/// A streamed answer is read as it comes: the first piece reaches the caller while the
+/// server still holds the rest (the client once buffered the whole stream), and the end
+/// carries the finish reason, the usage and the stats.
+#[test]
+fn streamed_pieces_arrive_before_the_stream_ends() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (go_on, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 65536];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(
+            concat!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Par\"}}]}\n\n"
+            )
+            .as_bytes(),
+        );
+        let _ = s.flush();
+        // the rest only once the caller has the first piece (or after 10 s)
+        let _ = wait.recv_timeout(std::time::Duration::from_secs(10));
+        let _ = s.write_all(
+            concat!(
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"is\"},\"finish_reason\":\"stop\"}]}\n\n",
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5},\"kvquilt\":{\"mode\":\"full\"}}\n\n",
+                "data: [DONE]\n\n"
+            )
+            .as_bytes(),
+        );
+    });
+    let chat = ChatRequest {
+        messages: vec![ChatMessage::user("q")],
+        ..ChatRequest::default()
+    };
+    let rt = rt();
+    rt.block_on(async {
+        let client = Client::new(&url);
+        let mut stream = client.chat_events(&chat).await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+            .await
+            .expect("the first piece before the stream ended");
+        assert_eq!(first.unwrap().unwrap(), ChatEvent::Piece("Par".into()));
+        go_on.send(()).unwrap();
+        assert_eq!(
+            stream.next().await.unwrap().unwrap(),
+            ChatEvent::Piece("is".into())
+        );
+        match stream.next().await.unwrap().unwrap() {
+            ChatEvent::End {
+                finish_reason,
+                usage,
+                stats,
+            } => {
+                assert_eq!(finish_reason.as_deref(), Some("stop"));
+                assert_eq!(usage.unwrap().total_tokens, 5);
+                assert_eq!(stats["mode"], "full");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(stream.next().await.is_none(), "nothing after the end");
+    });
+}
+
+/// Server-sent events as a proxy may cut them: one byte at a time, CRLF line ends, a
+/// character of several bytes split between reads, `data:` without its space, and a last
+/// `[DONE]` without a line break — the same answer.
+#[test]
+fn a_stream_read_byte_by_byte_with_crlf_reads_whole() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 65536];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        );
+        let body = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Zürich\"}}]}\r\n\r\n",
+            ": a comment line\r\n",
+            "data:{\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \u{2713}\"},\"finish_reason\":\"stop\"}]}\r\n\r\n",
+            "data: [DONE]"
+        );
+        for b in body.as_bytes() {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            let _ = s.flush();
+        }
+    });
+    let chat = ChatRequest {
+        messages: vec![ChatMessage::user("q")],
+        ..ChatRequest::default()
+    };
+    let got = rt().block_on(Client::new(&url).chat_stream(&chat)).unwrap();
+    assert_eq!(
+        got.pieces,
+        vec!["Zürich".to_string(), " \u{2713}".to_string()]
+    );
+    assert_eq!(got.finish_reason.as_deref(), Some("stop"));
 }

@@ -225,10 +225,12 @@ impl Client {
         self.post("/v1/completions", req).await
     }
 
-    /// `POST /v1/chat/completions` with `stream: true` (and the usage event asked for):
-    /// the whole streamed answer once it ended — its pieces in order, the finish reason,
-    /// the usage and the blend's stats. A stream that ends before `[DONE]` is an error.
-    pub async fn chat_stream(&self, req: &ChatRequest) -> Result<StreamedChat, Error> {
+    /// `POST /v1/chat/completions` with `stream: true` (and the usage event asked for),
+    /// read as it comes: [`ChatStream::next`] yields each piece of the answer when the
+    /// server sends it, then one [`ChatEvent::End`] with the finish reason, the usage and
+    /// the blend's stats. A stream that ends before `[DONE]` yields an error instead of
+    /// the end.
+    pub async fn chat_events(&self, req: &ChatRequest) -> Result<ChatStream, Error> {
         let mut body = serde_json::to_value(req).map_err(|e| Error::Decode(e.to_string()))?;
         body["stream"] = Value::Bool(true);
         body["stream_options"] = serde_json::json!({ "include_usage": true });
@@ -239,46 +241,39 @@ impl Client {
                 .await?,
         )
         .await?;
-        let text = resp.text().await?;
-        let mut out = StreamedChat::default();
-        for line in text.lines() {
-            let Some(data) = line.strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                return Ok(out);
-            }
-            let v: Value = serde_json::from_str(data).map_err(|e| Error::Decode(e.to_string()))?;
-            if let Some(e) = v.get("error") {
-                return Err(Error::Api {
-                    status: 200,
-                    code: e["code"].as_str().unwrap_or_default().to_string(),
-                    message: e["message"].as_str().unwrap_or_default().to_string(),
-                    retry_after: None,
-                });
-            }
-            let choice = &v["choices"][0];
-            if let Some(c) = choice["delta"]["content"].as_str()
-                && !c.is_empty()
-            {
-                out.pieces.push(c.to_string());
-            }
-            if let Some(f) = choice["finish_reason"].as_str() {
-                out.finish_reason = Some(f.to_string());
-            }
-            if v.get("usage").is_some_and(|u| !u.is_null()) {
-                out.usage = Some(
-                    serde_json::from_value(v["usage"].clone())
-                        .map_err(|e| Error::Decode(format!("the usage event: {e}")))?,
-                );
-            }
-            if let Some(stats) = v.get("kvquilt").filter(|s| !s.is_null()) {
-                out.stats = stats.clone();
+        Ok(ChatStream {
+            resp,
+            buf: Vec::new(),
+            end: StreamedChat::default(),
+            done: false,
+            eof: false,
+        })
+    }
+
+    /// [`Client::chat_events`] read to its end: the whole streamed answer — its pieces in
+    /// order, the finish reason, the usage and the blend's stats. A stream that ends before
+    /// `[DONE]` is an error.
+    pub async fn chat_stream(&self, req: &ChatRequest) -> Result<StreamedChat, Error> {
+        let mut stream = self.chat_events(req).await?;
+        let mut pieces = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event? {
+                ChatEvent::Piece(p) => pieces.push(p),
+                ChatEvent::End {
+                    finish_reason,
+                    usage,
+                    stats,
+                } => {
+                    return Ok(StreamedChat {
+                        pieces,
+                        finish_reason,
+                        usage,
+                        stats,
+                    });
+                }
             }
         }
-        Err(Error::Decode(
-            "the stream ended before [DONE]: the answer is not whole".into(),
-        ))
+        Err(Error::Decode("the stream yielded no end".into()))
     }
 
     /// Any request, for endpoints and fields this client does not model.
@@ -298,6 +293,123 @@ impl Client {
             return Ok(Value::Null);
         }
         serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
+    }
+}
+
+/// One event of a streamed chat completion ([`ChatStream::next`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatEvent {
+    /// A piece of the answer's text, as the server sent it (never empty).
+    Piece(String),
+    /// The end of a whole answer (after `[DONE]`), last and once.
+    End {
+        /// Why generation ended (`stop`, `length`).
+        finish_reason: Option<String>,
+        /// The usage event's counts.
+        usage: Option<Usage>,
+        /// The blend's stats (`kvquilt`), as sent (`Value::Null` if none came).
+        stats: Value,
+    },
+}
+
+/// A streamed chat completion being read ([`Client::chat_events`]).
+#[derive(Debug)]
+pub struct ChatStream {
+    resp: Response,
+    /// Bytes received and not yet read as whole lines.
+    buf: Vec<u8>,
+    /// What the events so far said of the end (its `pieces` unused).
+    end: StreamedChat,
+    /// Whether the end or an error was yielded: nothing more comes.
+    done: bool,
+    /// Whether the body ended (what is left in `buf` is all there is).
+    eof: bool,
+}
+
+impl ChatStream {
+    /// The next event: a piece as soon as its line arrives, then the end; `None` after the
+    /// end or an error. An error event of the server (`{"error": …}` in the stream), a line
+    /// that is not JSON, a read that fails or a stream cut before `[DONE]` is an error, and
+    /// the last event.
+    pub async fn next(&mut self) -> Option<Result<ChatEvent, Error>> {
+        if self.done {
+            return None;
+        }
+        let event = self.read_event().await;
+        if !matches!(event, Ok(ChatEvent::Piece(_))) {
+            self.done = true;
+        }
+        Some(event)
+    }
+
+    async fn read_event(&mut self) -> Result<ChatEvent, Error> {
+        loop {
+            while let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim_end().strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.strip_prefix(' ').unwrap_or(data);
+                if data == "[DONE]" {
+                    let end = std::mem::take(&mut self.end);
+                    return Ok(ChatEvent::End {
+                        finish_reason: end.finish_reason,
+                        usage: end.usage,
+                        stats: end.stats,
+                    });
+                }
+                if let Some(piece) = self.read_data(data)? {
+                    return Ok(ChatEvent::Piece(piece));
+                }
+            }
+            if self.eof {
+                return Err(Error::Decode(
+                    "the stream ended before [DONE]: the answer is not whole".into(),
+                ));
+            }
+            match self.resp.chunk().await? {
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                None => {
+                    // a last line without its line break is still read
+                    self.eof = true;
+                    if !self.buf.is_empty() {
+                        self.buf.push(b'\n');
+                    }
+                }
+            }
+        }
+    }
+
+    /// One event's JSON: its piece of text, if any; the finish reason, usage and stats are
+    /// kept for the end.
+    fn read_data(&mut self, data: &str) -> Result<Option<String>, Error> {
+        let v: Value = serde_json::from_str(data).map_err(|e| Error::Decode(e.to_string()))?;
+        if let Some(e) = v.get("error") {
+            return Err(Error::Api {
+                status: 200,
+                code: e["code"].as_str().unwrap_or_default().to_string(),
+                message: e["message"].as_str().unwrap_or_default().to_string(),
+                retry_after: None,
+            });
+        }
+        let choice = &v["choices"][0];
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.end.finish_reason = Some(f.to_string());
+        }
+        if v.get("usage").is_some_and(|u| !u.is_null()) {
+            self.end.usage = Some(
+                serde_json::from_value(v["usage"].clone())
+                    .map_err(|e| Error::Decode(format!("the usage event: {e}")))?,
+            );
+        }
+        if let Some(stats) = v.get("kvquilt").filter(|s| !s.is_null()) {
+            self.end.stats = stats.clone();
+        }
+        Ok(choice["delta"]["content"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .map(str::to_string))
     }
 }
 
