@@ -119,7 +119,8 @@ pub struct CompressSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<usize>,
     /// Hold the KV of generated tokens to a budget while decoding (SCOPE); the prompt's KV
-    /// is never evicted by it. Chat and text completions only.
+    /// is never evicted by it (`sage`: but for its last `budget` rows). Chat and text
+    /// completions only.
     #[serde(
         default,
         deserialize_with = "crate::object::optional",
@@ -134,13 +135,21 @@ pub struct CompressSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DecodeSpec {
-    /// `scope-slide`, `scope-adaptive`, `scope-discontinuous`, `h2o` or `streaming`.
+    /// `scope-slide`, `scope-adaptive`, `scope-discontinuous`, `h2o`, `streaming`, or `sage`
+    /// (SAGE-KV's decode rule: the window the `sage` prompt policy kept rolls, so the cache
+    /// keeps its size; it needs that policy, and its budget is the policy's `window`; if the
+    /// policy fails inside the request, the uncompressed prompt's last rows roll).
     pub policy: String,
     /// Pool rows per KV head (`D`).
     pub budget: usize,
     /// Newest rows always kept (`R`, default `budget / 2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recent: Option<usize>,
+    /// Rows the pool may hold over its budget before it is reselected, that many evicted at
+    /// once (default 0: every token over the budget, the rules as published). Each
+    /// reselection rebuilds the cache: a slack of `k` pays for it once per `k + 1` tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<usize>,
 }
 
 /// What a request's token policy did.

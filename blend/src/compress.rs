@@ -11,8 +11,8 @@
 use std::time::Instant;
 
 use kvquilt_compression::policy::{
-    Budget, BudgetSplit, DecodePool, DecodePoolSpec, Observation, PolicyError, PolicySpec,
-    ProbeNeeds, Shape, TokenPolicy, WindowMean, check_budget, select,
+    Budget, BudgetSplit, DecodePool, DecodePoolSpec, KeptPositions, Observation, PolicyError,
+    PolicySpec, ProbeNeeds, Shape, TokenPolicy, WindowMean, check_budget, select,
 };
 use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Rows, Tensor};
 
@@ -184,7 +184,8 @@ pub struct CompressStats {
     pub prune_ms: f64,
 }
 
-/// `cache` (of the prompt the observations came from) pruned by `policy` to `budget`.
+/// `cache` (of the prompt the observations came from) pruned by `policy` to `budget`, the
+/// kept entries placed where the policy says ([`TokenPolicy::positions`]).
 /// A policy error (a budget below what it always keeps, a missing observation) is
 /// [`BlendError::Policy`], and `cache` is untouched either way.
 pub fn compress(
@@ -201,7 +202,10 @@ pub fn compress(
     let keep = select(policy, observations, &shape, budget, split)?;
     let policy_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let pruned = cache.retain(&keep.layers)?;
+    let mut pruned = cache.retain(&keep.layers)?;
+    if policy.positions() == KeptPositions::Compact {
+        pruned = pruned.with_compact_positions()?;
+    }
     let prune_ms = t1.elapsed().as_secs_f64() * 1e3;
     let entry_bytes = 2 * c.head_dim * model.dtype().size_in_bytes();
     let entries_before = shape.tokens * shape.kv_heads * shape.layers;
@@ -510,7 +514,73 @@ mod tests {
             max_new: 40,
             scorer,
             schedule,
+            from_prompt: false,
+            slack: 0,
         }
+    }
+
+    /// StreamingLLM's `positions=compact` renumbers what it keeps from zero (decoding goes on
+    /// after it); the default leaves the kept entries at their prompt positions.
+    #[test]
+    fn streaming_renumbers_what_it_keeps_when_asked() {
+        let m = model();
+        let (tokens, cache) = prompt_cache(&m, 40);
+        let plan = |text: &str| CompressPlan::new(text.parse().unwrap(), Budget::Entries(10));
+        let compact_plan = plan("streaming:sinks=4:positions=compact").unwrap();
+        let (mut compact, r) = compress_for_decode(&m, &tokens, cache.clone(), &compact_plan);
+        assert_eq!(r.error, None);
+        assert_eq!(r.policy, "streaming:sinks=4:positions=compact");
+        assert_eq!(compact.positions, kvquilt_model::positions(0, 10));
+        let (mut original, _) =
+            compress_for_decode(&m, &tokens, cache, &plan("streaming:sinks=4").unwrap());
+        assert_eq!(original.positions.last(), Some(&39));
+        let a = m.decode_step(5, &mut compact, &mut ()).unwrap();
+        let b = m.decode_step(5, &mut original, &mut ()).unwrap();
+        assert_eq!(compact.positions.last(), Some(&10));
+        assert_eq!(original.positions.last(), Some(&40));
+        let diff = a
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(&b.to_vec1::<f32>().unwrap())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff > 1e-4, "the numbering changed nothing");
+    }
+
+    /// SAGE-KV whole: the prompt pruned to sinks + one-time top-k + a recent window, then
+    /// the `sage` decode pool rolls that window, so the cache keeps its size while decoding.
+    #[test]
+    fn sage_decodes_at_a_constant_size() {
+        let m = model();
+        let (tokens, cache) = prompt_cache(&m, 40);
+        let plan = CompressPlan::new(
+            PolicySpec::Sage(SageKv {
+                sinks: 2,
+                recent: 4,
+            }),
+            Budget::Entries(10),
+        )
+        .unwrap();
+        let (pruned, report) = compress_for_decode(&m, &tokens, cache, &plan);
+        assert_eq!(report.error, None);
+        assert_eq!(pruned.len(), 10);
+        let spec = DecodePoolSpec::named("sage", 4, None, 40).unwrap();
+        let mut d = PooledDecoder::new(&m, pruned, spec).unwrap();
+        for t in 0..20u32 {
+            d.step(&m, (t * 5 + 1) % 64).unwrap();
+            assert_eq!(d.cache().len(), 10, "step {t}");
+            assert_eq!(d.cache().positions.last(), Some(&(40 + t)));
+        }
+        assert_eq!(d.peak_rows(), 11, "one row over, for one step");
+        assert_eq!(d.evictions(), 20);
+        assert!(
+            d.cache()
+                .entries_per_head()
+                .iter()
+                .flatten()
+                .all(|&n| n == 10)
+        );
     }
 
     #[test]
@@ -611,10 +681,13 @@ mod tests {
     }
 }
 
-/// Decoding with a decode pool (SCOPE, H2O or StreamingLLM decoding): each step appends its
-/// token, the pool observes the step's attention per KV head, and when the pool is due the
-/// cache is pruned to its selection ([`KvCache::retain`]). The prompt's rows are never
-/// evicted; the cache holds at most prompt + pool budget rows (+ `δ` for `discontinuous`).
+/// Decoding with a decode pool (SCOPE, H2O, StreamingLLM or SAGE-KV decoding): each step
+/// appends its token, the pool observes the step's attention per KV head, and when the pool
+/// is due the cache is pruned to its selection ([`KvCache::retain`]). The prompt's rows are
+/// never evicted — except, for a pool [`DecodePoolSpec::from_prompt`] (`sage`), its last
+/// `budget` rows, which roll as a window — and the cache holds at most prompt + pool budget
+/// rows (+ `δ` for `discontinuous`; for `sage`, the larger of the prompt's rows and the budget, + 1
+/// during a step).
 #[derive(Debug)]
 pub struct PooledDecoder {
     pool: DecodePool,
@@ -657,7 +730,8 @@ impl LayerHook for StepAttention {
 }
 
 impl PooledDecoder {
-    /// Decoding over `cache` (the whole prompt: its rows are the prefill region).
+    /// Decoding over `cache` (the whole prompt, pruned or not: its rows are the prefill
+    /// region, the last `budget` of them the pool's for a `sage` pool).
     pub fn new(model: &Model, cache: KvCache, spec: DecodePoolSpec) -> Result<Self> {
         if cache.parallel_context().is_some() {
             return Err(invalid(

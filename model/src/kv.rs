@@ -1020,6 +1020,50 @@ impl KvCache {
         Ok(self)
     }
 
+    /// The same entries renumbered in cache order (StreamingLLM's positions within the
+    /// cache: kvpress keeps the original ones): every KV head's `j`-th entry at position
+    /// `j`. In a pruned cache each head's entries are numbered on their own, so a head that
+    /// kept fewer than the pruned rows has a gap before the rows appended after the prune
+    /// (shared by every head, at their row index). Pre-RoPE K makes this free: keys are
+    /// rotated by their new positions from the next call on. Refuses a cache with a
+    /// parallel context (its correction is marked by position).
+    pub fn with_compact_positions(mut self) -> Result<Self> {
+        if self.parallel.is_some() {
+            return Err(invalid_input(
+                "a cache with a parallel context cannot be renumbered (its correction is marked by position)",
+            ));
+        }
+        let Some(p) = self.pruned.take() else {
+            let n = self.len();
+            return self.with_positions(positions(0, n));
+        };
+        let layers = p
+            .layers
+            .iter()
+            .map(|l| {
+                let heads = l.counts.len();
+                let host_positions: Vec<u32> = (0..p.rows * heads)
+                    .map(|i| {
+                        let (r, h) = (i / heads, i % heads);
+                        if r < l.counts[h] { r as u32 } else { 0 }
+                    })
+                    .collect();
+                Ok(PrunedLayer {
+                    positions: Tensor::new(host_positions.as_slice(), l.positions.device())?,
+                    host_positions,
+                    counts: l.counts.clone(),
+                    bias: l.bias.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.positions = positions(0, self.len());
+        self.pruned = Some(Arc::new(Pruned {
+            rows: p.rows,
+            layers,
+        }));
+        Ok(self)
+    }
+
     /// Caches one after the other; their positions must continue to increase (none pruned).
     /// The result has no parallel context (mark it on the whole, if one applies).
     pub fn cat(parts: &[&KvCache]) -> Result<Self> {

@@ -66,6 +66,74 @@ fn a_pruned_cache_attends_like_the_reference_over_its_kept_keys() {
     }
 }
 
+/// Renumbered in cache order (StreamingLLM's positions within the cache), a pruned cache
+/// attends like a dense cache of its kept rows at 0, 1, 2, …: straight after the prune, and
+/// with a row decoded after the prune before renumbering.
+#[test]
+fn compact_positions_attend_like_a_dense_cache_numbered_from_zero() {
+    for m in models() {
+        let model = &m.model;
+        let toks = prompt(40);
+        let mut cache = model.empty_cache().unwrap();
+        model.prefill(&toks, &positions(40), &mut cache).unwrap();
+        let kept: Vec<u32> = vec![0, 1, 2, 3, 30, 33, 36, 37, 38, 39];
+        let heads = cache.layers[0].k.dims()[1];
+        let keep = vec![vec![kept.clone(); heads]; cache.layers.len()];
+        let idx = Tensor::new(kept.as_slice(), model.device()).unwrap();
+        let dense_layers: Vec<LayerKv> = cache
+            .layers
+            .iter()
+            .map(|l| {
+                LayerKv::new(
+                    l.k.index_select(&idx, 0).unwrap(),
+                    l.v.index_select(&idx, 0).unwrap(),
+                )
+            })
+            .collect();
+        let n = kept.len();
+        let mut dense = KvCache::new(dense_layers, positions(n));
+        let mut compact = cache
+            .retain(&keep)
+            .unwrap()
+            .with_compact_positions()
+            .unwrap();
+        assert_eq!(compact.positions, positions(n));
+        let a = model.decode_step(7, &mut compact, &mut ()).unwrap();
+        let b = model.prefill(&[7], &[n as u32], &mut dense).unwrap();
+        close(&a, &b, "renumbered after the prune");
+        // the original positions attend differently (else the test could not fail)
+        let mut original = cache.retain(&keep).unwrap();
+        let c = model.decode_step(7, &mut original, &mut ()).unwrap();
+        assert!(max_diff(&a, &c).0 > 1e-3, "positions make no difference");
+        // renumbered after a row decoded at the original positions: as a dense cache of the
+        // same rows (the decoded one computed alike) renumbered
+        let mut at_original = KvCache::new(
+            cache
+                .layers
+                .iter()
+                .map(|l| {
+                    LayerKv::new(
+                        l.k.index_select(&idx, 0).unwrap(),
+                        l.v.index_select(&idx, 0).unwrap(),
+                    )
+                })
+                .collect(),
+            kept.clone(),
+        );
+        model.prefill(&[7], &[40], &mut at_original).unwrap();
+        let mut dense_again = at_original.with_positions(positions(n + 1)).unwrap();
+        let mut again = original.with_compact_positions().unwrap();
+        let a = model.decode_step(9, &mut again, &mut ()).unwrap();
+        let b = model.decode_step(9, &mut dense_again, &mut ()).unwrap();
+        close(&a, &b, "renumbered after a decoded row");
+        assert_eq!(again.positions.last(), Some(&(n as u32 + 1)));
+        // an unpruned cache is numbered from zero as it stands
+        let plain = cache.clone().with_compact_positions().unwrap();
+        assert_eq!(plain.positions, positions(40));
+        assert!(!plain.is_pruned());
+    }
+}
+
 /// Heads keeping different rows (padded and masked) decode without error, and pruning again
 /// keeps composing positions; the unpruned full keep set changes nothing.
 #[test]

@@ -193,6 +193,19 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
             json!({"policy": "snapkv", "compression": 2, "window": u64::MAX}),
             "recent",
         ),
+        // a `sage` pool rolls the `sage` policy's window: without it, or at another size
+        (
+            json!({"policy": "snapkv", "compression": 2, "decode": {"policy": "sage", "budget": 4}}),
+            "give `\"policy\": \"sage\"`",
+        ),
+        (
+            json!({"decode": {"policy": "sage", "budget": 4}}),
+            "give `\"policy\": \"sage\"`",
+        ),
+        (
+            json!({"policy": "sage", "window": 8, "budget": 16, "decode": {"policy": "sage", "budget": 4}}),
+            "that window (8), not 4",
+        ),
     ];
     for (spec, says) in cases {
         let r = app
@@ -299,14 +312,53 @@ async fn a_decode_pool_holds_generated_kv_to_its_budget() {
         assert_eq!(s, StatusCode::OK, "{policy}: {v}");
         assert_eq!(v["kvquilt"]["compression"]["applied"], true, "{v}");
     }
+    let before = reselections(&app).await;
+    assert!(before > 0);
+    // SAGE-KV whole: its window rolls on every step after the first token (the cache keeps
+    // its size), where a pool that started empty would wait until its budget filled
+    let (s, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            ask(
+                json!({"policy": "sage", "sinks": 2, "window": 4, "budget": 12,
+                "decode": {"policy": "sage", "budget": 4}}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["kvquilt"]["compression"]["applied"], true, "{v}");
+    let generated = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(generated > 4, "{v}");
+    let after = reselections(&app).await;
+    assert_eq!(after - before, generated - 1, "one per decode step");
+    // with a slack of 3 the window is rebuilt once per 4 steps
+    let (s, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            ask(
+                json!({"policy": "sage", "sinks": 2, "window": 4, "budget": 12,
+                "decode": {"policy": "sage", "budget": 4, "slack": 3}}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let steps = v["usage"]["completion_tokens"].as_u64().unwrap() - 1;
+    let last = reselections(&app).await;
+    assert_eq!(last - after, steps / 4, "{steps} steps");
+}
+
+/// `kvquilt_decode_pool_reselections_total` as `/metrics` reports it now.
+async fn reselections(app: &TestApp) -> u64 {
     let (_, metrics) = app.bytes("GET", "/metrics", None, None).await;
     let text = String::from_utf8(metrics).unwrap();
-    let reselections: u64 = text
-        .lines()
+    text.lines()
         .find_map(|l| l.strip_prefix("kvquilt_decode_pool_reselections_total "))
         .and_then(|n| n.trim().parse().ok())
-        .expect("the counter");
-    assert!(reselections > 0, "{text}");
+        .unwrap_or_else(|| panic!("no reselection counter in {text}"))
 }
 
 /// Concurrent chat completions decode through the decode batcher (`limits.workers = 4`,

@@ -129,8 +129,8 @@ pub(crate) struct EpisodicRun {
     pub(crate) row_max: bool,
     /// Tokens per prefill block of block-prefill SnapKV and EpiCache.
     pub(crate) block: usize,
-    /// How EpiCache spreads its budget over each layer's heads (`--budget-split`; replaced
-    /// by per-layer weights under `layer_budgets`). Block-prefill SnapKV stays uniform.
+    /// How EpiCache spreads its budget over each layer's heads (`--budget-split`; under
+    /// `layer_budgets`, over each layer's own budget). Block-prefill SnapKV stays uniform.
     pub(crate) split: BudgetSplit,
 }
 
@@ -308,7 +308,8 @@ pub(crate) fn run(
                     .map(|x| (x * 100.0).round() / 100.0)
                     .collect::<Vec<_>>()
             );
-            BudgetSplit::PerLayer(w)
+            // over each layer's heads as `--budget-split` says (`per-head:0`: the `pair` split)
+            run.split.with_layer_weights(w)
         }
         _ => run.split.clone(),
     };
@@ -349,7 +350,7 @@ pub(crate) fn run(
             let (caches, peak): (Vec<KvCache>, usize) = match (method.as_str(), budget) {
                 ("full", _) => (vec![full.clone()], len),
                 ("streaming", Some(n)) => {
-                    let p = StreamingLlm { sinks };
+                    let p = StreamingLlm::with_sinks(sinks);
                     let obs = vec![Default::default(); model.config().num_layers];
                     let c = compress(
                         model,

@@ -9,14 +9,19 @@
 //! prompt's KV untouched; per step it scores top-1 agreement with the reference token and
 //! KL(full ‖ variant) of the next-token distribution. Tokens/s are of the whole teacher-forced
 //! loop (decode steps, observation and eviction).
+//!
+//! With `--prompt-policy SPEC`, every variant starts from the prompt's KV pruned by that
+//! policy to `--compression` (its first factor) as a served request's is (the prompt's last
+//! rows observed over its cache, `compress_for_decode`): `--prompt-policy sage --policies
+//! sage` is SAGE-KV whole (one-time top-k, then the recent window rolls at a constant size).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kvquilt_blend::Mode;
-use kvquilt_blend::compress::PooledDecoder;
+use kvquilt_blend::compress::{CompressPlan, PooledDecoder, compress_for_decode};
 use kvquilt_blend::rag::RagPrompt;
-use kvquilt_compression::policy::DecodePoolSpec;
+use kvquilt_compression::policy::{DecodePoolSpec, PolicySpec};
 use kvquilt_model::{Model, Tokenizer, argmax};
 use serde::Serialize;
 
@@ -34,6 +39,10 @@ pub(crate) struct LonggenArgs {
     pub(crate) pools: Vec<f32>,
     pub(crate) new_tokens: usize,
     pub(crate) passages: usize,
+    /// Prunes the prompt's KV before every variant decodes.
+    pub(crate) prompt: Option<CompressPlan>,
+    /// Every pool's slack (`DecodePoolSpec::slack`).
+    pub(crate) slack: usize,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -64,6 +73,12 @@ struct Report {
     device: String,
     new_tokens: usize,
     prompt_tokens_median: f64,
+    /// The policy the variants' prompt KV was pruned by, with every parameter.
+    prompt_policy: Option<String>,
+    /// Rows of the pruned prompt (mean over examples).
+    prompt_rows_kept_mean: Option<f64>,
+    /// Every pool's slack.
+    pool_slack: usize,
     rows: Vec<Row>,
 }
 
@@ -81,18 +96,35 @@ pub(crate) fn run(
     if variants.is_empty() || a.pools.is_empty() || a.new_tokens < 2 {
         bail!("--task longgen needs decode policies, --decode-pool fractions and --new-tokens ≥ 2");
     }
-    let mut specs: Vec<(usize, f32, DecodePoolSpec)> = Vec::new();
+    // a `sage` pool after the `sage` prompt policy rolls exactly the window that policy kept
+    // (SAGE-KV whole), whatever the pool fractions
+    let sage_window = a.prompt.as_ref().and_then(|p| match &p.spec {
+        PolicySpec::Sage(s) => Some(s.recent.max(1)),
+        _ => None,
+    });
+    let mut specs: Vec<(usize, Option<f32>, DecodePoolSpec)> = Vec::new();
     for (vi, name) in variants.iter().enumerate() {
+        if let Some(w) = sage_window
+            && DecodePoolSpec::named(name, w + 1, None, a.new_tokens).is_ok_and(|s| s.from_prompt)
+        {
+            let spec = DecodePoolSpec::named(name, w, None, a.new_tokens)
+                .with_context(|| format!("--policies {name} over the prompt's window of {w}"))?
+                .with_slack(a.slack);
+            specs.push((vi, None, spec));
+            continue;
+        }
         for &f in &a.pools {
             let budget = ((a.new_tokens as f32 * f).round() as usize).max(2);
             let spec = DecodePoolSpec::named(name, budget, None, a.new_tokens)
-                .with_context(|| format!("--policies {name} with --decode-pool {f}"))?;
-            specs.push((vi, f, spec));
+                .with_context(|| format!("--policies {name} with --decode-pool {f}"))?
+                .with_slack(a.slack);
+            specs.push((vi, Some(f), spec));
         }
     }
     let mut full = Tally::default();
     let mut tallies = vec![Tally::default(); specs.len()];
     let mut prompt_tokens = Vec::new();
+    let mut kept_rows = Vec::new();
     for (ei, ex) in examples.iter().enumerate() {
         let mut prompt = RagPrompt {
             question: REQUEST.into(),
@@ -115,7 +147,17 @@ pub(crate) fn run(
             &kvquilt_model::positions(0, tokens.len()),
             &mut cache,
         )?;
-        let prompt_cache = cache.clone();
+        let prompt_cache = match &a.prompt {
+            None => cache.clone(),
+            Some(plan) => {
+                let (pruned, report) = compress_for_decode(model, &tokens, cache.clone(), plan);
+                if let Some(e) = report.error {
+                    bail!("example {ei}: --prompt-policy {}: {e}", report.policy);
+                }
+                kept_rows.push(pruned.len() as f64);
+                pruned
+            }
+        };
         // the reference: greedy with end-of-turn suppressed, every step's logits kept
         let mut ref_logits = vec![first.to_vec1::<f32>()?];
         let mut ref_tokens = Vec::with_capacity(a.new_tokens);
@@ -147,7 +189,7 @@ pub(crate) fn run(
             tokens.len(),
             ref_tokens.len()
         );
-        for (si, (vi, f, spec)) in specs.iter().enumerate() {
+        for (si, (vi, _, spec)) in specs.iter().enumerate() {
             let mut d = PooledDecoder::new(model, prompt_cache.clone(), *spec)?;
             let (mut agree, mut kl) = (0usize, 0f64);
             let t0 = Instant::now();
@@ -166,8 +208,9 @@ pub(crate) fn run(
             t.peak_rows.push(d.peak_rows() as f64);
             t.evictions.push(d.evictions() as f64);
             eprintln!(
-                "  {} pool {f}: agreement {:.3}, KL {:.4}",
+                "  {} pool {}: agreement {:.3}, KL {:.4}",
                 variants[*vi],
+                spec.budget,
                 agree as f64 / steps,
                 kl / steps
             );
@@ -186,7 +229,7 @@ pub(crate) fn run(
     for ((vi, f, spec), t) in specs.iter().zip(&tallies) {
         rows.push(Row {
             policy: variants[*vi].clone(),
-            pool_fraction: Some(*f),
+            pool_fraction: *f,
             pool_rows: Some(spec.budget),
             top1_agreement: mean(&t.agreement),
             kl: mean(&t.kl),
@@ -202,6 +245,9 @@ pub(crate) fn run(
         device,
         new_tokens: a.new_tokens,
         prompt_tokens_median: median(&prompt_tokens),
+        prompt_policy: a.prompt.as_ref().map(|p| p.spec.to_string()),
+        prompt_rows_kept_mean: (!kept_rows.is_empty()).then(|| mean(&kept_rows)),
+        pool_slack: a.slack,
         rows,
     };
     println!(
@@ -212,6 +258,15 @@ pub(crate) fn run(
         report.model,
         report.device
     );
+    if report.pool_slack > 0 {
+        println!(
+            "every pool reselected only {} rows over its budget",
+            report.pool_slack
+        );
+    }
+    if let (Some(p), Some(kept)) = (&report.prompt_policy, report.prompt_rows_kept_mean) {
+        println!("every variant's prompt KV pruned by {p} to {kept:.0} rows (mean)");
+    }
     println!(
         "| policy | decode pool | pool rows | top-1 agreement | KL | tok/s | peak rows | reselections |"
     );

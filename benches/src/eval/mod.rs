@@ -141,6 +141,15 @@ pub struct Args {
     /// `--task longgen`: passages of each example in the prompt.
     #[arg(long, default_value_t = 5)]
     passages: usize,
+    /// `--task longgen`: prune the prompt's KV by this token policy (to `--compression`'s
+    /// first factor) before every variant decodes; `sage` with `--policies sage` is SAGE-KV
+    /// whole.
+    #[arg(long)]
+    prompt_policy: Option<String>,
+    /// `--task longgen`: rows every decode pool may hold over its budget before it is
+    /// reselected (`DecodePoolSpec::slack`; 0 = every token, the rules as published).
+    #[arg(long, default_value_t = 0)]
+    pool_slack: usize,
     /// Host-tier capacity for the precomputed chunks, GiB.
     #[arg(long, default_value_t = 4.0)]
     host_gib: f64,
@@ -560,6 +569,10 @@ fn run_conv(a: &Args, examples: &[data::Example]) -> Result<()> {
 
 /// Runs the evaluation: stores every example's chunks (untimed), then runs each mode from the store and prints the table.
 pub fn run(a: Args) -> Result<()> {
+    ensure!(
+        a.prompt_policy.is_none() || a.task == "longgen",
+        "--prompt-policy is for --task longgen (other tasks take --policies)"
+    );
     for (flag, path) in [("--json", &a.json), ("--dump-examples", &a.dump_examples)] {
         if let Some(p) = path {
             check_output(flag, p, &a.input)?;
@@ -598,6 +611,24 @@ pub fn run(a: Args) -> Result<()> {
             pools: a.decode_pool.clone(),
             new_tokens: a.new_tokens,
             passages: a.passages,
+            slack: a.pool_slack,
+            prompt: match &a.prompt_policy {
+                None => None,
+                Some(p) => {
+                    let factor = *a
+                        .compression
+                        .first()
+                        .context("--prompt-policy needs a --compression factor")?;
+                    let spec = p.parse().with_context(|| format!("--prompt-policy {p}"))?;
+                    Some(
+                        kvquilt_blend::compress::CompressPlan::new(
+                            spec,
+                            kvquilt_compression::policy::Budget::Compression(factor),
+                        )
+                        .with_context(|| format!("--prompt-policy {p}"))?,
+                    )
+                }
+            },
         };
         let loaded = a.model.load()?;
         let tokenizer = loaded.tokenizer()?.clone();

@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, bail};
 use kvquilt_blend::Mode;
 use kvquilt_blend::compress::{compress, observe_prefill};
-use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, Shape, check_budget};
+use kvquilt_compression::policy::{
+    Budget, BudgetSplit, KeptPositions, PolicySpec, Shape, check_budget,
+};
 use kvquilt_model::{GenerateOptions, KvCache, Model, Tensor, Tokenizer, continue_greedy};
 use serde::Serialize;
 
@@ -307,8 +309,16 @@ pub(crate) fn run(
                     for (qi, (rest, (_, answers))) in rests.iter().zip(&item.questions).enumerate()
                     {
                         let (ref_logits, ref_tokens) = &reference[qi];
+                        // what follows goes on after the kept entries where they were
+                        // renumbered (`positions=compact`), else at its own position
+                        let start = match policy.positions() {
+                            KeptPositions::Compact => {
+                                c.cache.positions.last().map_or(split, |&p| p as usize + 1)
+                            }
+                            KeptPositions::Original => split,
+                        };
                         let (first, toks, rate) =
-                            answer(model, c.cache.clone(), rest, split, opts)?;
+                            answer(model, c.cache.clone(), rest, start, opts)?;
                         let prediction = prediction(tokenizer, &toks)?;
                         let correct = metrics::contains_gold(&prediction, answers);
                         let kl = metrics::kl_divergence(ref_logits, &first);
@@ -322,7 +332,7 @@ pub(crate) fn run(
                         details.push(Detail {
                             example: skip + ei,
                             question: qi,
-                            config: format!("{} {n}x aware={aware}", spec.name()),
+                            config: format!("{spec} {n}x aware={aware}"),
                             prediction,
                             answers: answers.clone(),
                             correct,

@@ -16,6 +16,14 @@
 //! one (attention summed since the row arrived: H2O's decode rule), and recency (StreamingLLM:
 //! the pool is a sliding window). Scores are per KV head (summed over its query heads), so
 //! heads keep different rows; every head keeps the same count.
+//!
+//! SAGE-KV's decode rule (`sage`) is a pool that starts inside the prompt
+//! ([`DecodePoolSpec::from_prompt`]): the prompt's last `D` rows — the recent window its
+//! prompt policy kept — are the pool, a sliding window, and everything before them (sinks and
+//! the one-time top-k) is protected and never scored again. Each new token enters the window
+//! and the window's oldest row leaves, so the cache keeps the size the prompt's policy left
+//! it (`s + k + w` rows with `D = w`; ../shared/research/compression.md §1, tagged
+//! unverified there: no reference code was found).
 
 use super::PolicyError;
 
@@ -54,12 +62,23 @@ pub struct DecodePoolSpec {
     pub scorer: Scorer,
     /// When the pool is reselected.
     pub schedule: Schedule,
+    /// Whether the pool starts as the prompt's last `budget` rows (SAGE-KV's rolling recent
+    /// window: the cache keeps its size) instead of empty (SCOPE: the prompt's rows are never
+    /// evicted).
+    pub from_prompt: bool,
+    /// Rows the pool may hold over its budget before it is reselected, each reselection then
+    /// dropping `slack + 1` or more at once (0: whenever the budget is exceeded, the rules as
+    /// published). A reselection rebuilds the cache, so a slack of `k` pays that once per
+    /// `k + 1` tokens instead of every token, for at most `k` more rows; recency pools
+    /// (`streaming`, `sage`) keep the same rows at each reselection as without it.
+    pub slack: usize,
 }
 
 impl DecodePoolSpec {
     /// The pool of a named decode policy — `scope-slide`, `scope-adaptive`,
     /// `scope-discontinuous`, `scope-cumulative` (slide with the cumulative scorer), `h2o`
-    /// (the same: H2O's decode rule) or `streaming` (a sliding window) — with budget `D`,
+    /// (the same: H2O's decode rule), `streaming` (a sliding window) or `sage` (a sliding
+    /// window that starts as the prompt's last `D` rows: SAGE-KV's decode rule) — with budget `D`,
     /// `recent` rows (default `D / 2`, SCOPE's D = 512, R = 256 ratio) and `max_new` tokens;
     /// validated.
     pub fn named(
@@ -68,18 +87,19 @@ impl DecodePoolSpec {
         recent: Option<usize>,
         max_new: usize,
     ) -> Result<Self, PolicyError> {
-        let (scorer, schedule) = match name {
-            "scope-slide" => (Scorer::Instantaneous, Schedule::Slide),
-            "scope-adaptive" => (Scorer::Instantaneous, Schedule::Adaptive),
-            "scope-discontinuous" => (Scorer::Instantaneous, Schedule::Discontinuous),
-            "scope-cumulative" | "h2o" => (Scorer::Cumulative, Schedule::Slide),
-            "streaming" => (Scorer::Recency, Schedule::Slide),
+        let (scorer, schedule, from_prompt) = match name {
+            "scope-slide" => (Scorer::Instantaneous, Schedule::Slide, false),
+            "scope-adaptive" => (Scorer::Instantaneous, Schedule::Adaptive, false),
+            "scope-discontinuous" => (Scorer::Instantaneous, Schedule::Discontinuous, false),
+            "scope-cumulative" | "h2o" => (Scorer::Cumulative, Schedule::Slide, false),
+            "streaming" => (Scorer::Recency, Schedule::Slide, false),
+            "sage" | "sage-kv" | "sagekv" => (Scorer::Recency, Schedule::Slide, true),
             other => {
                 return Err(PolicyError::BadParameter {
                     policy: other.into(),
                     field: "decode policy".into(),
                     why: "unknown (expected scope-slide, scope-adaptive, scope-discontinuous, \
-                          scope-cumulative, h2o or streaming)"
+                          scope-cumulative, h2o, streaming or sage)"
                         .into(),
                 });
             }
@@ -90,9 +110,16 @@ impl DecodePoolSpec {
             max_new,
             scorer,
             schedule,
+            from_prompt,
+            slack: 0,
         };
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// `self` with [`DecodePoolSpec::slack`] `slack`.
+    pub fn with_slack(self, slack: usize) -> Self {
+        Self { slack, ..self }
     }
 
     /// Checks `R < D` and `T ≥ 1`.
@@ -143,16 +170,19 @@ impl DecodePoolSpec {
 #[derive(Debug, Clone)]
 pub struct DecodePool {
     spec: DecodePoolSpec,
-    /// Rows of the prefill region, never evicted.
-    prefill: usize,
-    /// `scores[layer][head][row]` for every current cache row (prefill rows unused).
+    /// Rows never evicted: the whole prompt, or (a pool [`DecodePoolSpec::from_prompt`])
+    /// what comes before the prompt's last `budget` rows.
+    protected: usize,
+    /// `scores[layer][head][row]` for every current cache row (protected rows' unused).
     scores: Vec<Vec<Vec<f32>>>,
     /// Tokens generated so far (decode steps observed).
     step: usize,
 }
 
 impl DecodePool {
-    /// A pool after a `prefill`-row prompt, for a model of `layers` × `kv_heads`.
+    /// A pool after a `prefill`-row prompt, for a model of `layers` × `kv_heads`. A pool
+    /// [`DecodePoolSpec::from_prompt`] starts holding the prompt's last `budget` rows (all
+    /// of a shorter prompt).
     pub fn new(
         spec: DecodePoolSpec,
         prefill: usize,
@@ -160,9 +190,13 @@ impl DecodePool {
         kv_heads: usize,
     ) -> Result<Self, PolicyError> {
         spec.validate()?;
+        let protected = match spec.from_prompt {
+            true => prefill.saturating_sub(spec.budget),
+            false => prefill,
+        };
         Ok(Self {
             spec,
-            prefill,
+            protected,
             scores: vec![vec![vec![0.0; prefill]; kv_heads]; layers],
             step: 0,
         })
@@ -173,7 +207,7 @@ impl DecodePool {
         &self.spec
     }
 
-    /// Rows the cache should hold now (prefill + pool).
+    /// Rows the cache should hold now (protected + pool).
     pub fn rows(&self) -> usize {
         self.scores
             .first()
@@ -225,11 +259,15 @@ impl DecodePool {
 
     /// Whether the pool is to be reselected now.
     pub fn due(&self) -> bool {
-        let pool = self.rows() - self.prefill;
-        let budget = self.spec.budget_at(self.step);
+        let pool = self.rows() - self.protected;
+        let over = pool
+            > self
+                .spec
+                .budget_at(self.step)
+                .saturating_add(self.spec.slack);
         match self.spec.schedule {
-            Schedule::Slide | Schedule::Adaptive => pool > budget,
-            Schedule::Discontinuous => pool > budget && self.step.is_multiple_of(self.spec.delta()),
+            Schedule::Slide | Schedule::Adaptive => over,
+            Schedule::Discontinuous => over && self.step.is_multiple_of(self.spec.delta()),
         }
     }
 
@@ -238,13 +276,13 @@ impl DecodePool {
     pub fn select(&mut self) -> Vec<Vec<Vec<u32>>> {
         let rows = self.rows();
         let budget = self.spec.budget_at(self.step);
-        let recent_from = rows.saturating_sub(self.spec.recent).max(self.prefill);
+        let recent_from = rows.saturating_sub(self.spec.recent).max(self.protected);
         let pick = budget.saturating_sub(rows - recent_from);
         let mut keep_all = Vec::with_capacity(self.scores.len());
         for layer in &mut self.scores {
             let mut keep_layer = Vec::with_capacity(layer.len());
             for s in layer.iter_mut() {
-                let mut middle: Vec<u32> = (self.prefill as u32..recent_from as u32).collect();
+                let mut middle: Vec<u32> = (self.protected as u32..recent_from as u32).collect();
                 if pick < middle.len() {
                     let order = |a: &u32, b: &u32| match self.spec.scorer {
                         Scorer::Recency => b.cmp(a),
@@ -256,7 +294,7 @@ impl DecodePool {
                     middle.truncate(pick);
                     middle.sort_unstable();
                 }
-                let keep: Vec<u32> = (0..self.prefill as u32)
+                let keep: Vec<u32> = (0..self.protected as u32)
                     .chain(middle)
                     .chain(recent_from as u32..rows as u32)
                     .collect();
@@ -280,6 +318,8 @@ mod tests {
             max_new: 10,
             scorer,
             schedule,
+            from_prompt: false,
+            slack: 0,
         }
     }
 
@@ -296,6 +336,8 @@ mod tests {
             max_new: 4096,
             scorer: Scorer::Instantaneous,
             schedule: Schedule::Adaptive,
+            from_prompt: false,
+            slack: 0,
         };
         assert_eq!(s.delta(), 15);
         assert_eq!(s.budget_at(0), 256);
@@ -385,6 +427,65 @@ mod tests {
             }
         }
         assert_eq!(adaptive, vec![3, 5, 6, 7, 9]);
+    }
+
+    /// SAGE-KV's decode rule: the prompt's last `D` rows roll as a window, what comes before
+    /// them stays, and the cache keeps its size step after step.
+    #[test]
+    fn a_sage_pool_rolls_the_prompts_window_and_keeps_the_size() {
+        // a pruned prompt of 7 rows: 2 sinks, 2 selected, a window of 3
+        let spec = DecodePoolSpec::named("sage", 3, None, 10).unwrap();
+        assert!(spec.from_prompt && !spec.reads_attention());
+        let mut p = DecodePool::new(spec, 7, 2, 2).unwrap();
+        assert_eq!(p.rows(), 7);
+        assert!(!p.due(), "the prompt as it was left");
+        for step in 1..=5 {
+            p.observe(&[]).unwrap();
+            assert!(p.due(), "step {step}: one row over the window");
+            let keep = p.select();
+            // rows 0..4 stay; the window is the newest 3 of rows 4..8
+            let want: Vec<u32> = vec![0, 1, 2, 3, 5, 6, 7];
+            assert!(keep.iter().flatten().all(|h| *h == want), "{keep:?}");
+            assert_eq!(p.rows(), 7, "step {step}");
+        }
+        // a prompt shorter than the window: it all rolls, growing to the window first
+        let mut short = DecodePool::new(spec, 2, 1, 1).unwrap();
+        short.observe(&[]).unwrap();
+        assert!(!short.due());
+        short.observe(&[]).unwrap();
+        assert!(short.due());
+        assert_eq!(short.select(), vec![vec![vec![1, 2, 3]]]);
+    }
+
+    /// With a slack of 2, a window is rebuilt every third token and then holds the tokens it
+    /// would hold without one.
+    #[test]
+    fn a_slack_reselects_less_often_and_keeps_the_same_rows() {
+        let spec = DecodePoolSpec::named("sage", 3, None, 20).unwrap();
+        let mut exact = DecodePool::new(spec, 7, 1, 1).unwrap();
+        let mut slack = DecodePool::new(spec.with_slack(2), 7, 1, 1).unwrap();
+        // each pool's cache as the tokens it holds (the prompt's are 0..7, token t is 6 + t)
+        let mut exact_rows: Vec<u32> = (0..7).collect();
+        let mut slack_rows = exact_rows.clone();
+        let mut due_at = Vec::new();
+        for step in 1..=9 {
+            exact.observe(&[]).unwrap();
+            slack.observe(&[]).unwrap();
+            exact_rows.push(6 + step);
+            slack_rows.push(6 + step);
+            assert!(exact.due(), "exact: every step");
+            let keep = exact.select();
+            exact_rows = keep[0][0].iter().map(|&r| exact_rows[r as usize]).collect();
+            if slack.due() {
+                due_at.push(step);
+                let keep = slack.select();
+                slack_rows = keep[0][0].iter().map(|&r| slack_rows[r as usize]).collect();
+                assert_eq!(slack_rows, exact_rows, "step {step}");
+            } else {
+                assert!(slack.rows() <= 7 + 2);
+            }
+        }
+        assert_eq!(due_at, vec![3, 6, 9]);
     }
 
     #[test]

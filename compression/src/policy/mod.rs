@@ -258,6 +258,42 @@ pub enum BudgetSplit {
         /// The fraction of `n` every head keeps at least.
         floor: f32,
     },
+    /// Both: layer `l` gets `n_l` per head from the weights, as [`BudgetSplit::PerLayer`],
+    /// and keeps `n_l · kv_heads` entries chosen across its heads, as
+    /// [`BudgetSplit::PerHead`] (EpiCache's default `pair` split over its per-layer budgets:
+    /// `floor` 0).
+    PerLayerAndHead {
+        /// One weight per layer.
+        weights: Vec<f32>,
+        /// The fraction of `n_l` every head keeps at least.
+        floor: f32,
+    },
+}
+
+impl BudgetSplit {
+    /// The per-layer weights, when the split has them.
+    pub fn layer_weights(&self) -> Option<&[f32]> {
+        match self {
+            Self::PerLayer(w) | Self::PerLayerAndHead { weights: w, .. } => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The per-head floor, when heads keep different counts.
+    pub fn head_floor(&self) -> Option<f32> {
+        match self {
+            Self::PerHead { floor } | Self::PerLayerAndHead { floor, .. } => Some(*floor),
+            _ => None,
+        }
+    }
+
+    /// `self` with per-layer `weights` added: per-head splits keep their floor.
+    pub fn with_layer_weights(&self, weights: Vec<f32>) -> Self {
+        match self.head_floor() {
+            Some(floor) => Self::PerLayerAndHead { weights, floor },
+            None => Self::PerLayer(weights),
+        }
+    }
 }
 
 /// Entries a policy keeps whatever the scores, in a `tokens`-row cache with budget `n`.
@@ -326,6 +362,17 @@ impl KeepSet {
     }
 }
 
+/// Where a pruned cache's kept entries sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeptPositions {
+    /// Each at its position in the prompt (kvpress's choice for every policy).
+    #[default]
+    Original,
+    /// Renumbered 0, 1, 2, … in cache order, each KV head on its own (StreamingLLM's
+    /// paper; free with pre-RoPE keys). Decoding goes on after the last one.
+    Compact,
+}
+
 /// A token policy: what it observes and how it scores tokens; see the module docs.
 pub trait TokenPolicy: fmt::Debug + Send + Sync {
     /// The policy's name (`snapkv`, `sage`, …).
@@ -346,6 +393,11 @@ pub trait TokenPolicy: fmt::Debug + Send + Sync {
     /// The rows kept whatever the scores when `n` entries per head are allowed.
     fn regions(&self, _shape: &Shape, _n: usize) -> Regions {
         Regions::default()
+    }
+
+    /// Where the kept entries sit after pruning (their prompt positions by default).
+    fn positions(&self) -> KeptPositions {
+        KeptPositions::Original
     }
 }
 

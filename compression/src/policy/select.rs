@@ -89,9 +89,9 @@ fn select_layer(
             why: format!("scores shaped {} heads for {shape:?}", scores.len()),
         });
     }
-    Ok(match split {
-        BudgetSplit::PerHead { floor } => ragged(&scores, &regions, n_l, *floor),
-        _ => scores.iter().map(|s| top_n(s, &regions, n_l)).collect(),
+    Ok(match split.head_floor() {
+        Some(floor) => ragged(&scores, &regions, n_l, floor),
+        None => scores.iter().map(|s| top_n(s, &regions, n_l)).collect(),
     })
 }
 
@@ -133,37 +133,34 @@ fn layer_budgets(
         field: field.into(),
         why,
     };
-    match split {
-        BudgetSplit::Uniform => Ok(vec![n; shape.layers]),
-        BudgetSplit::PerHead { floor } => {
-            if !(0.0..=1.0).contains(floor) {
-                return Err(bad("floor", format!("{floor} is outside 0..=1")));
-            }
-            Ok(vec![n; shape.layers])
-        }
-        BudgetSplit::PerLayer(w) => {
-            if w.len() != shape.layers {
-                return Err(bad(
-                    "layer weights",
-                    format!("{} weights for {} layers", w.len(), shape.layers),
-                ));
-            }
-            if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-                return Err(bad(
-                    "layer weights",
-                    "weights must be finite and ≥ 0".into(),
-                ));
-            }
-            let total: f64 = w.iter().map(|&x| x as f64).sum();
-            if total <= 0.0 {
-                return Err(bad("layer weights", "weights sum to 0".into()));
-            }
-            let all = (n * shape.layers) as f64;
-            Ok(w.iter()
-                .map(|&x| ((all * x as f64 / total).round() as usize).clamp(1, shape.tokens.max(1)))
-                .collect())
-        }
+    if let Some(floor) = split.head_floor()
+        && !(0.0..=1.0).contains(&floor)
+    {
+        return Err(bad("floor", format!("{floor} is outside 0..=1")));
     }
+    let Some(w) = split.layer_weights() else {
+        return Ok(vec![n; shape.layers]);
+    };
+    if w.len() != shape.layers {
+        return Err(bad(
+            "layer weights",
+            format!("{} weights for {} layers", w.len(), shape.layers),
+        ));
+    }
+    if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+        return Err(bad(
+            "layer weights",
+            "weights must be finite and ≥ 0".into(),
+        ));
+    }
+    let total: f64 = w.iter().map(|&x| x as f64).sum();
+    if total <= 0.0 {
+        return Err(bad("layer weights", "weights sum to 0".into()));
+    }
+    let all = (n * shape.layers) as f64;
+    Ok(w.iter()
+        .map(|&x| ((all * x as f64 / total).round() as usize).clamp(1, shape.tokens.max(1)))
+        .collect())
 }
 
 fn check_room(

@@ -3,12 +3,15 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{GroupReduce, H2o, PolicyError, Pooling, SageKv, SnapKv, StreamingLlm, TokenPolicy};
+use super::{
+    GroupReduce, H2o, KeptPositions, PolicyError, Pooling, SageKv, SnapKv, StreamingLlm,
+    TokenPolicy,
+};
 
 /// A token policy by name, with its parameters (defaults as each policy documents).
 ///
 /// Text form: `name[:key=value]*`. Names and keys: `full` (keeps everything);
-/// `streaming` (`sinks`); `h2o` (`recent` fraction, `normalise` true|false); `snapkv`
+/// `streaming` (`sinks`, `positions` original|compact); `h2o` (`recent` fraction, `normalise` true|false); `snapkv`
 /// (`window`, `kernel`, `pool` avg|max, `group` mean|max); `sage` (`sinks`, `recent`). Unknown names or keys and
 /// out-of-range values are errors naming them.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +93,15 @@ impl PolicySpec {
         };
         match (self, key) {
             (Self::Streaming(p), "sinks") => p.sinks = count(0)?,
+            (Self::Streaming(p), "positions") => {
+                p.positions = match value {
+                    "original" => KeptPositions::Original,
+                    "compact" => KeptPositions::Compact,
+                    other => {
+                        return Err(bad(format!("`{other}` (expected original or compact)")));
+                    }
+                }
+            }
             (Self::Sage(p), "sinks") => p.sinks = count(0)?,
             (Self::Sage(p), "recent") => p.recent = count(1)?,
             (Self::SnapKv(p), "window") => p.window = count(1)?,
@@ -139,7 +151,13 @@ impl fmt::Display for PolicySpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Full => write!(f, "full"),
-            Self::Streaming(p) => write!(f, "streaming:sinks={}", p.sinks),
+            // `positions=original` is the default and left out (the form older reports used)
+            Self::Streaming(p) => match p.positions {
+                KeptPositions::Original => write!(f, "streaming:sinks={}", p.sinks),
+                KeptPositions::Compact => {
+                    write!(f, "streaming:sinks={}:positions=compact", p.sinks)
+                }
+            },
             Self::H2o(p) => write!(
                 f,
                 "h2o:recent={}:normalise={}",

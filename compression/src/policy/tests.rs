@@ -36,7 +36,7 @@ fn keep(
 
 #[test]
 fn streaming_keeps_sinks_and_the_most_recent() {
-    let p = StreamingLlm { sinks: 2 };
+    let p = StreamingLlm::with_sinks(2);
     let k = keep(
         &p,
         Observation::default(),
@@ -195,7 +195,7 @@ fn missing_or_misshaped_observations_are_errors() {
     let e = keep(&snap, rows_obs(vec![0.1; 6], 3), s, Budget::Entries(3));
     assert!(matches!(e, Err(PolicyError::BadObservation { .. })));
     let two_layers = select(
-        &StreamingLlm { sinks: 1 },
+        &StreamingLlm::with_sinks(1),
         &[Observation::default()],
         &shape(6, 1, 1, 2),
         Budget::Entries(3),
@@ -239,7 +239,7 @@ fn per_head_budgets_follow_scores_across_heads_above_a_floor() {
 #[test]
 fn per_layer_weights_scale_each_layers_budget() {
     let set = select(
-        &StreamingLlm { sinks: 0 },
+        &StreamingLlm::with_sinks(0),
         &[Observation::default(), Observation::default()],
         &shape(10, 1, 1, 2),
         Budget::Entries(3),
@@ -258,11 +258,49 @@ fn per_layer_weights_scale_each_layers_budget() {
     assert!(matches!(bad, Err(PolicyError::BadParameter { .. })));
 }
 
+/// EpiCache's `pair` split over per-layer budgets: each layer's budget from its weight, then
+/// chosen across that layer's heads by score.
+#[test]
+fn per_layer_budgets_split_across_heads_together() {
+    let s0 = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0];
+    let s1 = [0.5, 0.1, 0.4, 0.1, 0.3, 0.1, 0.2, 0.1];
+    let sums: Vec<f32> = s0.iter().chain(&s1).copied().collect();
+    let obs = Observation {
+        windows: Vec::new(),
+        column_sums: Some(sums),
+    };
+    let raw = H2o {
+        normalise: false,
+        recent_fraction: 0.0,
+    };
+    let split = BudgetSplit::Uniform.with_layer_weights(vec![1.0, 3.0]);
+    assert_eq!(split, BudgetSplit::PerLayer(vec![1.0, 3.0]));
+    let split = BudgetSplit::PerHead { floor: 0.0 }.with_layer_weights(vec![1.0, 3.0]);
+    let set = select(
+        &raw,
+        &[obs.clone(), obs],
+        &shape(8, 2, 1, 2),
+        Budget::Entries(2),
+        &split,
+    )
+    .unwrap();
+    // 2 per head over 2 layers = 4 per head: layer 0 gets 1 (2 entries), layer 1 gets 3
+    // (6 entries); every head keeps its last row (H2O's recent 1), the rest go to head 0
+    assert_eq!(set.layers[0], vec![vec![7], vec![7]]);
+    assert_eq!(set.layers[1], vec![vec![0, 1, 2, 3, 7], vec![7]]);
+    let bad = BudgetSplit::PerLayerAndHead {
+        weights: vec![1.0, 1.0],
+        floor: 1.5,
+    };
+    assert!(check_budget(&raw, &shape(8, 2, 1, 2), Budget::Entries(2), &bad).is_err());
+}
+
 #[test]
 fn specs_parse_print_and_reject_what_they_do_not_know() {
     for text in [
         "full",
         "streaming:sinks=4",
+        "streaming:sinks=2:positions=compact",
         "h2o:recent=0.5:normalise=true",
         "snapkv:window=32:kernel=7:pool=max:group=mean",
         "snapkv:window=8:kernel=7:pool=max:group=max",
@@ -273,6 +311,10 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
         assert_eq!(spec.to_string().parse::<PolicySpec>().unwrap(), spec);
     }
     assert_eq!("snapkv".parse::<PolicySpec>().unwrap().name(), "snapkv");
+    assert_eq!(
+        "streaming:positions=original".parse::<PolicySpec>(),
+        "streaming:sinks=4".parse::<PolicySpec>()
+    );
     assert!(matches!(
         "pyramid".parse::<PolicySpec>(),
         Err(PolicyError::UnknownPolicy(_))
@@ -286,6 +328,8 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
         "h2o:recent=1.5",
         "streaming:sinks=-1",
         "streaming:sinks",
+        "streaming:positions=shifted",
+        "snapkv:positions=compact",
     ] {
         let e = bad.parse::<PolicySpec>().unwrap_err();
         assert!(matches!(e, PolicyError::BadParameter { .. }), "{bad}: {e}");

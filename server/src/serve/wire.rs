@@ -146,7 +146,7 @@ impl Compression {
             return Ok(None);
         };
         DecodePoolSpec::named(&d.policy, d.budget, d.recent, max_new)
-            .map(Some)
+            .map(|s| Some(s.with_slack(d.slack.unwrap_or(0))))
             .map_err(|e| ApiError::bad_request("invalid_compression", e.to_string()))
     }
 
@@ -191,10 +191,40 @@ pub(crate) fn compression(spec: Option<&api::CompressSpec>) -> ApiResult<Compres
         }
         None => return Err(bad("give a `policy`, a `decode` pool, or both".into())),
     };
+    if let Some(d) = &c.decode {
+        sage_pool_follows_its_policy(d, prompt.as_ref()).map_err(bad)?;
+    }
     Ok(Compression {
         prompt,
         decode: c.decode.clone(),
     })
+}
+
+/// A `sage` decode pool rolls the recent window the `sage` prompt policy keeps (SAGE-KV's
+/// decode rule): it needs that policy, and its budget is that window. Over any other cache
+/// it would roll rows nobody chose as recent (sinks and selected rows of another policy,
+/// or the prompt itself).
+fn sage_pool_follows_its_policy(
+    d: &api::DecodeSpec,
+    prompt: Option<&CompressPlan>,
+) -> Result<(), String> {
+    let from_prompt =
+        DecodePoolSpec::named(&d.policy, d.budget, d.recent, 1).is_ok_and(|s| s.from_prompt);
+    if !from_prompt {
+        return Ok(());
+    }
+    match prompt.map(|p| &p.spec) {
+        Some(PolicySpec::Sage(s)) if s.recent.max(1) == d.budget => Ok(()),
+        Some(PolicySpec::Sage(s)) => Err(format!(
+            "a `sage` decode pool rolls the recent window the `sage` policy keeps: its budget is that window ({}), not {}",
+            s.recent.max(1),
+            d.budget
+        )),
+        _ => Err(
+            "a `sage` decode pool rolls the recent window of the `sage` prompt policy: give `\"policy\": \"sage\"` too"
+                .into(),
+        ),
+    }
 }
 
 /// The prompt policy `policy` with the spec's budget and overrides.
