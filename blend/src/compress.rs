@@ -687,7 +687,7 @@ mod tests {
 /// never evicted — except, for a pool [`DecodePoolSpec::from_prompt`] (`sage`), its last
 /// `budget` rows, which roll as a window — and the cache holds at most prompt + pool budget
 /// rows (+ `δ` for `discontinuous`; for `sage`, the larger of the prompt's rows and the budget, + 1
-/// during a step).
+/// during a step; every pool + its `slack`).
 #[derive(Debug)]
 pub struct PooledDecoder {
     pool: DecodePool,

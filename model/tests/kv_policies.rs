@@ -22,6 +22,23 @@ fn prompt(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + 11) % 500).collect()
 }
 
+/// A dense (unpruned) cache of `cache`'s rows `rows` in every layer and head, at `at`.
+fn dense_rows(cache: &KvCache, rows: &[u32], at: Vec<u32>) -> KvCache {
+    let device = cache.layers[0].k.device();
+    let idx = Tensor::new(rows, device).unwrap();
+    let layers = cache
+        .layers
+        .iter()
+        .map(|l| {
+            LayerKv::new(
+                l.k.index_select(&idx, 0).unwrap(),
+                l.v.index_select(&idx, 0).unwrap(),
+            )
+        })
+        .collect();
+    KvCache::new(layers, at)
+}
+
 /// The same rows kept by every head of every layer must behave exactly like a dense cache of
 /// those rows at their own positions (holes included): one decode step, a multi-token
 /// append, and another step.
@@ -38,18 +55,7 @@ fn a_pruned_cache_attends_like_the_reference_over_its_kept_keys() {
         let mut pruned = cache.retain(&keep).unwrap();
         assert!(pruned.is_pruned());
         assert_eq!(pruned.len(), kept.len());
-        let idx = Tensor::new(kept.as_slice(), model.device()).unwrap();
-        let layers = cache
-            .layers
-            .iter()
-            .map(|l| {
-                LayerKv::new(
-                    l.k.index_select(&idx, 0).unwrap(),
-                    l.v.index_select(&idx, 0).unwrap(),
-                )
-            })
-            .collect();
-        let mut dense = KvCache::new(layers, kept.clone());
+        let mut dense = dense_rows(&cache, &kept, kept.clone());
 
         let a = model.decode_step(7, &mut pruned, &mut ()).unwrap();
         let b = model.prefill(&[7], &[40], &mut dense).unwrap();
@@ -79,19 +85,8 @@ fn compact_positions_attend_like_a_dense_cache_numbered_from_zero() {
         let kept: Vec<u32> = vec![0, 1, 2, 3, 30, 33, 36, 37, 38, 39];
         let heads = cache.layers[0].k.dims()[1];
         let keep = vec![vec![kept.clone(); heads]; cache.layers.len()];
-        let idx = Tensor::new(kept.as_slice(), model.device()).unwrap();
-        let dense_layers: Vec<LayerKv> = cache
-            .layers
-            .iter()
-            .map(|l| {
-                LayerKv::new(
-                    l.k.index_select(&idx, 0).unwrap(),
-                    l.v.index_select(&idx, 0).unwrap(),
-                )
-            })
-            .collect();
         let n = kept.len();
-        let mut dense = KvCache::new(dense_layers, positions(n));
+        let mut dense = dense_rows(&cache, &kept, positions(n));
         let mut compact = cache
             .retain(&keep)
             .unwrap()
@@ -107,19 +102,7 @@ fn compact_positions_attend_like_a_dense_cache_numbered_from_zero() {
         assert!(max_diff(&a, &c).0 > 1e-3, "positions make no difference");
         // renumbered after a row decoded at the original positions: as a dense cache of the
         // same rows (the decoded one computed alike) renumbered
-        let mut at_original = KvCache::new(
-            cache
-                .layers
-                .iter()
-                .map(|l| {
-                    LayerKv::new(
-                        l.k.index_select(&idx, 0).unwrap(),
-                        l.v.index_select(&idx, 0).unwrap(),
-                    )
-                })
-                .collect(),
-            kept.clone(),
-        );
+        let mut at_original = dense_rows(&cache, &kept, kept.clone());
         model.prefill(&[7], &[40], &mut at_original).unwrap();
         let mut dense_again = at_original.with_positions(positions(n + 1)).unwrap();
         let mut again = original.with_compact_positions().unwrap();

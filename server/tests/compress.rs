@@ -206,6 +206,12 @@ async fn bad_compression_specs_are_refused_before_anything_runs() {
             json!({"policy": "sage", "window": 8, "budget": 16, "decode": {"policy": "sage", "budget": 4}}),
             "that window (8), not 4",
         ),
+        // a slack past the budget would hold the pool to nothing
+        (
+            json!({"policy": "sage", "window": 4, "budget": 16,
+                "decode": {"policy": "sage", "budget": 4, "slack": 5}}),
+            "at most its budget (4)",
+        ),
     ];
     for (spec, says) in cases {
         let r = app

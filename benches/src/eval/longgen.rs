@@ -105,7 +105,7 @@ pub(crate) fn run(
     let mut specs: Vec<(usize, Option<f32>, DecodePoolSpec)> = Vec::new();
     for (vi, name) in variants.iter().enumerate() {
         if let Some(w) = sage_window
-            && DecodePoolSpec::named(name, w + 1, None, a.new_tokens).is_ok_and(|s| s.from_prompt)
+            && DecodePoolSpec::named(name, w, None, a.new_tokens).is_ok_and(|s| s.from_prompt)
         {
             let spec = DecodePoolSpec::named(name, w, None, a.new_tokens)
                 .with_context(|| format!("--policies {name} over the prompt's window of {w}"))?

@@ -171,10 +171,21 @@ pub(crate) fn compression(spec: Option<&api::CompressSpec>) -> ApiResult<Compres
         return Ok(Compression::default());
     };
     let bad = |msg: String| ApiError::bad_request("invalid_compression", msg);
-    if let Some(d) = &c.decode {
-        // the name, budget and recent rows are checked now; `max_new` per request
-        DecodePoolSpec::named(&d.policy, d.budget, d.recent, 1).map_err(|e| bad(e.to_string()))?;
-    }
+    // the name, budget, recent rows and slack are checked now; `max_new` per request
+    let pool = match &c.decode {
+        Some(d) => {
+            let pool = DecodePoolSpec::named(&d.policy, d.budget, d.recent, 1)
+                .map_err(|e| bad(e.to_string()))?;
+            if d.slack.is_some_and(|k| k > d.budget) {
+                return Err(bad(format!(
+                    "a decode pool's `slack` is at most its budget ({}): more would hold nothing to it",
+                    d.budget
+                )));
+            }
+            Some((d, pool.from_prompt))
+        }
+        None => None,
+    };
     let prompt = match &c.policy {
         Some(p) => Some(prompt_plan(c, p).map_err(bad)?),
         None if c.decode.is_some() => {
@@ -191,7 +202,7 @@ pub(crate) fn compression(spec: Option<&api::CompressSpec>) -> ApiResult<Compres
         }
         None => return Err(bad("give a `policy`, a `decode` pool, or both".into())),
     };
-    if let Some(d) = &c.decode {
+    if let Some((d, true)) = pool {
         sage_pool_follows_its_policy(d, prompt.as_ref()).map_err(bad)?;
     }
     Ok(Compression {
@@ -200,19 +211,14 @@ pub(crate) fn compression(spec: Option<&api::CompressSpec>) -> ApiResult<Compres
     })
 }
 
-/// A `sage` decode pool rolls the recent window the `sage` prompt policy keeps (SAGE-KV's
-/// decode rule): it needs that policy, and its budget is that window. Over any other cache
-/// it would roll rows nobody chose as recent (sinks and selected rows of another policy,
-/// or the prompt itself).
+/// A `sage` decode pool (one [`DecodePoolSpec::from_prompt`]) rolls the recent window the
+/// `sage` prompt policy keeps (SAGE-KV's decode rule): it needs that policy, and its budget
+/// is that window. Over any other cache it would roll rows nobody chose as recent (sinks and
+/// selected rows of another policy, or the prompt itself).
 fn sage_pool_follows_its_policy(
     d: &api::DecodeSpec,
     prompt: Option<&CompressPlan>,
 ) -> Result<(), String> {
-    let from_prompt =
-        DecodePoolSpec::named(&d.policy, d.budget, d.recent, 1).is_ok_and(|s| s.from_prompt);
-    if !from_prompt {
-        return Ok(());
-    }
     match prompt.map(|p| &p.spec) {
         Some(PolicySpec::Sage(s)) if s.recent.max(1) == d.budget => Ok(()),
         Some(PolicySpec::Sage(s)) => Err(format!(
