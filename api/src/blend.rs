@@ -147,8 +147,7 @@ pub struct DecodeSpec {
     pub recent: Option<usize>,
     /// Rows the pool may hold over its budget before it is reselected, that many evicted at
     /// once (default 0: every token over the budget, the rules as published; at most
-    /// `budget`). Each reselection rebuilds the cache: a slack of `k` pays for it once per
-    /// `k + 1` tokens.
+    /// `budget`): a slack of `k` reselects once per `k + 1` tokens, for up to `k` more rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack: Option<usize>,
 }

@@ -683,7 +683,8 @@ mod tests {
 
 /// Decoding with a decode pool (SCOPE, H2O, StreamingLLM or SAGE-KV decoding): each step
 /// appends its token, the pool observes the step's attention per KV head, and when the pool
-/// is due the cache is pruned to its selection ([`KvCache::retain`]). The prompt's rows are
+/// is due the cache is pruned to its selection in place ([`KvCache::retain_in_place`] on the
+/// decoder's own copy of the cache: only the pool's rows move). The prompt's rows are
 /// never evicted — except, for a pool [`DecodePoolSpec::from_prompt`] (`sage`), its last
 /// `budget` rows, which roll as a window — and the cache holds at most prompt + pool budget
 /// rows (+ `δ` for `discontinuous`; for `sage`, the larger of the prompt's rows and the budget, + 1
@@ -747,6 +748,11 @@ impl PooledDecoder {
         }
         let c = model.config();
         let pool = DecodePool::new(spec, cache.len(), c.num_layers, c.num_kv_heads)?;
+        // the decoder's own copy, with room for what the pool adds: each reselection then
+        // moves the pool's rows within it (views the caller holds of the prompt's rows read
+        // them as they were), and each step appends in place
+        let room = spec.budget + spec.slack + spec.delta() + 1;
+        let cache = cache.owned_with_room(room)?;
         Ok(Self {
             peak_rows: cache.len(),
             pool,
@@ -770,13 +776,15 @@ impl PooledDecoder {
         self.pool.observe(&hook.per_layer)?;
         if self.pool.due() {
             let keep = self.pool.select();
-            self.cache = self.cache.retain(&keep)?;
+            // the pool's rows move within the decoder's own buffers
+            self.cache.retain_in_place(&keep)?;
             self.evictions += 1;
         }
         Ok(logits)
     }
 
-    /// The cache as it stands.
+    /// The cache as it stands. Its rows are rewritten in place by later steps: keep no
+    /// narrowed view or tensor of it across a step ([`KvCache::retain_in_place`]).
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

@@ -577,6 +577,121 @@ impl LayerKv {
             .compare_exchange(len, len - n, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Whether this layer is the only view of its growth buffers and holds their frontier
+    /// (no clone of it alive, nothing lent): what [`LayerKv::compact`] rewrites.
+    fn owns_buffers(&self) -> bool {
+        self.lent.is_none()
+            && self.growth.as_ref().is_some_and(|g| {
+                g.k_id == self.k.id()
+                    && g.v_id == self.v.id()
+                    && Arc::strong_count(&g.buf) == 1
+                    && g.buf.frontier.load(Ordering::Acquire) == self.len()
+            })
+    }
+
+    /// Rows `keep[h]` of each KV head (every head as many; rows `0..from` kept where they
+    /// are) gathered into the first rows of this layer's own buffers, which it must own
+    /// ([`LayerKv::owns_buffers`]); returns the view of them. The rotated keys and decode
+    /// mirror kept beside the buffers move with their rows when they were kept for exactly
+    /// `was` (positions, per-head positions), and are then kept for `now`; otherwise they are
+    /// dropped (made again when asked for). See [`KvCache::retain_in_place`].
+    fn compact(
+        &self,
+        from: usize,
+        keep: &[Vec<u32>],
+        was: (&[u32], Option<&[u32]>),
+        now: (&[u32], &[u32]),
+    ) -> Result<Self> {
+        let Some(g) = self.growth.as_ref().filter(|_| self.owns_buffers()) else {
+            return Err(invalid_input(
+                "compacting a layer in place that does not own its buffers",
+            ));
+        };
+        let (len, heads, d) = self.k.dims3()?;
+        let rows = now.0.len();
+        let n = rows - from;
+        let device = self.k.device();
+        // (row, head) of rows from.. over [len * heads, d]
+        let flat: Vec<u32> = (from..rows)
+            .flat_map(|r| (0..heads).map(move |h| (r, h)))
+            .map(|(r, h)| keep[h][r] * heads as u32 + h as u32)
+            .collect();
+        let flat = Tensor::new(flat, device)?;
+        // every moved row is gathered (copied out) before any is written
+        let moved = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.narrow(0, 0, len)?
+                .contiguous()?
+                .reshape((len * heads, d))?
+                .index_select(&flat, 0)?
+                .reshape((n, heads, d))?)
+        };
+        let kept_for =
+            |positions: &[u32], per_head: Option<&[u32]>| positions == was.0 && per_head == was.1;
+        if n > 0 {
+            let (k, v) = (moved(&g.buf.k)?, moved(&g.buf.v)?);
+            put_rows_many(&[
+                RowsAt {
+                    dst: g.buf.k.clone(),
+                    at: from,
+                    src: k,
+                },
+                RowsAt {
+                    dst: g.buf.v.clone(),
+                    at: from,
+                    src: v,
+                },
+            ])?;
+        }
+        {
+            // taken while its rows move: an error leaves nothing kept, not stale rows
+            let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(mut r) = slot
+                .take()
+                .filter(|r| kept_for(&r.positions, r.per_head.as_deref()) && r.k.is_contiguous())
+            {
+                if n > 0 {
+                    put_rows(&r.k, from, &moved(&r.k)?)?;
+                }
+                r.positions = now.0.to_vec();
+                r.per_head = Some(now.1.to_vec());
+                *slot = Some(r);
+            }
+        }
+        {
+            let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(mut m) = slot
+                .take()
+                .filter(|m| kept_for(&m.positions, m.per_head.as_deref()))
+            {
+                if n > 0 {
+                    // [kv_heads, capacity, d]: (head, row) of rows from..
+                    let cap = m.k.dims()[1];
+                    let flat: Vec<u32> = keep
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(h, kept)| {
+                            kept[from..].iter().map(move |&t| (h * cap) as u32 + t)
+                        })
+                        .collect();
+                    let flat = Tensor::new(flat, device)?;
+                    let by_head = |x: &Tensor| -> Result<Tensor> {
+                        Ok(x.reshape((heads * cap, d))?
+                            .index_select(&flat, 0)?
+                            .reshape((heads, n, d))?)
+                    };
+                    let (k, v) = (by_head(&m.k)?, by_head(&m.v)?);
+                    m.k.slice_set(&k, 1, from)?;
+                    m.v.slice_set(&v, 1, from)?;
+                }
+                m.positions = now.0.to_vec();
+                m.per_head = Some(now.1.to_vec());
+                *slot = Some(m);
+            }
+        }
+        g.buf.frontier.store(rows, Ordering::Release);
+        Self::view(Arc::clone(&g.buf), rows)
+    }
+
     /// This layer in buffers of exactly its rows (a copy of K and V): what a long-lived
     /// holder keeps, so that it holds no growth room, sink row or other rows of a larger
     /// buffer it is a view of (pinned by `tests::a_packed_layer_owns_exactly_its_rows`).
@@ -818,59 +933,11 @@ impl KvCache {
     /// and masked. Works on an already pruned cache too (rows index its current rows). Refuses
     /// a cache with a parallel context: its correction needs every row at its position.
     pub fn retain(&self, keep: &[Vec<Vec<u32>>]) -> Result<Self> {
-        if self.parallel.is_some() {
-            return Err(invalid_input(
-                "a cache with a parallel context cannot be pruned per head (its corrected attention needs every row at its position)",
-            ));
-        }
+        let (len, heads) = self.check_keep(keep)?;
         let Some(first) = self.layers.first() else {
             return Err(invalid_input("retaining from a cache with no layers"));
         };
-        let (len, heads, dev, dtype) = (
-            self.len(),
-            first.k.dims()[1],
-            first.k.device().clone(),
-            first.k.dtype(),
-        );
-        if keep.len() != self.layers.len() {
-            return Err(invalid_input(format!(
-                "a keep set of {} layers for a cache of {}",
-                keep.len(),
-                self.layers.len()
-            )));
-        }
-        for (l, per_head) in keep.iter().enumerate() {
-            if per_head.len() != heads {
-                return Err(invalid_input(format!(
-                    "layer {l}: a keep set of {} KV heads for {heads}",
-                    per_head.len()
-                )));
-            }
-            for (h, rows) in per_head.iter().enumerate() {
-                if rows.is_empty() {
-                    return Err(invalid_input(format!("layer {l} head {h} keeps nothing")));
-                }
-                if rows.windows(2).any(|w| w[0] >= w[1]) || rows[rows.len() - 1] as usize >= len {
-                    return Err(invalid_input(format!(
-                        "layer {l} head {h}: kept rows must be strictly increasing and below {len}"
-                    )));
-                }
-                // a padded head's stand-in rows hold no key: keeping one would turn a copy
-                // of its last entry into an unmasked key at position 0
-                if let Some(p) = &self.pruned {
-                    let real = p.layers[l].counts[h];
-                    if let Some(&t) = rows
-                        .iter()
-                        .find(|&&t| (real..p.rows).contains(&(t as usize)))
-                    {
-                        return Err(invalid_input(format!(
-                            "layer {l} head {h}: row {t} is padding (the head holds {real} of the {} pruned rows)",
-                            p.rows
-                        )));
-                    }
-                }
-            }
-        }
+        let (dev, dtype) = (first.k.device().clone(), first.k.dtype());
         let rows = keep.iter().flatten().map(Vec::len).max().unwrap_or(0);
         let mut layers = Vec::with_capacity(keep.len());
         let mut pruned = Vec::with_capacity(keep.len());
@@ -922,20 +989,145 @@ impl KvCache {
                 bias,
             });
         }
-        // stand-in positions: strictly increasing, ending at the last kept position (a head
-        // keeping `rows` real entries, each at its own position, puts `last` ≥ rows − 1)
-        let start = (last + 1)
-            .checked_sub(rows as u32)
-            .ok_or_else(|| invalid_input(format!("{rows} kept rows end at position {last}")))?;
         Ok(Self {
             layers,
-            positions: positions(start as usize, rows),
+            positions: stand_in_positions(last, rows)?,
             pruned: Some(Arc::new(Pruned {
                 rows,
                 layers: pruned,
             })),
             parallel: None,
         })
+    }
+
+    /// [`KvCache::retain`] written into this cache's own buffers: the leading rows `0..p`
+    /// that every head of every layer keeps stay where they are, the kept rows after them are
+    /// gathered down behind them, and the keys each layer keeps rotated beside its buffers
+    /// ([`LayerKv::rotated_keys`], [`LayerKv::decode_rows`]) move with their rows instead of
+    /// being rotated again (a kept row keeps its position). What a decode pool evicting a few
+    /// rows per step wants: it moves the pool's rows, not the whole cache's, and the next
+    /// append still writes in place.
+    ///
+    /// Runs in place where every head keeps the same number of rows and every layer is the
+    /// only view of its growth buffers at their frontier (no clone of the layer alive);
+    /// otherwise it is `retain` into new buffers. Returns whether it ran in place. Either way
+    /// the cache then reads as `retain`'s result would (pinned by
+    /// `kv_policies::evicting_in_place_decodes_as_retain_does`).
+    ///
+    /// **Rows change under views that do not hold the layer**: a cache or layer narrowed from
+    /// this one, or a `k`/`v` tensor cloned out of it, reads the moved rows afterwards. Call
+    /// it only on a cache whose rows no such view reads (a decode pool's own cache after its
+    /// first `retain`). An error (a device failure) may leave rows partly moved: drop the
+    /// cache.
+    pub fn retain_in_place(&mut self, keep: &[Vec<Vec<u32>>]) -> Result<bool> {
+        let (_, heads) = self.check_keep(keep)?;
+        let rows = keep.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        let in_place = keep.iter().flatten().all(|k| k.len() == rows)
+            && self.layers.iter().all(LayerKv::owns_buffers);
+        if !in_place {
+            *self = self.retain(keep)?;
+            return Ok(false);
+        }
+        // rows 0..from are kept where they are by every layer and head
+        let from = keep
+            .iter()
+            .flatten()
+            .map(|k| k.iter().zip(0u32..).take_while(|(t, r)| *t == r).count())
+            .min()
+            .unwrap_or(0);
+        let mut host = Vec::with_capacity(keep.len());
+        let mut last = 0u32;
+        for (l, per_head) in keep.iter().enumerate() {
+            let at: Vec<u32> = (0..rows)
+                .flat_map(|r| (0..heads).map(move |h| (r, h)))
+                .map(|(r, h)| self.head_position(l, h, per_head[h][r] as usize))
+                .collect();
+            last = at.iter().copied().fold(last, u32::max);
+            host.push(at);
+        }
+        let stand_ins = stand_in_positions(last, rows)?;
+        let mut layers = Vec::with_capacity(keep.len());
+        let mut pruned = Vec::with_capacity(keep.len());
+        for (l, (per_head, host_positions)) in keep.iter().zip(host).enumerate() {
+            let layer = &self.layers[l];
+            let was = self
+                .pruned
+                .as_ref()
+                .map(|p| p.layers[l].host_positions.as_slice());
+            let moved = layer.compact(
+                from,
+                per_head,
+                (&self.positions, was),
+                (&stand_ins, &host_positions),
+            )?;
+            pruned.push(PrunedLayer {
+                positions: Tensor::new(host_positions.as_slice(), layer.k.device())?,
+                host_positions,
+                counts: vec![rows; heads],
+                bias: None,
+            });
+            layers.push(moved);
+        }
+        self.layers = layers;
+        self.positions = stand_ins;
+        self.pruned = Some(Arc::new(Pruned {
+            rows,
+            layers: pruned,
+        }));
+        Ok(true)
+    }
+
+    /// Checks a keep set for [`KvCache::retain`]; returns the cache's rows and KV heads.
+    fn check_keep(&self, keep: &[Vec<Vec<u32>>]) -> Result<(usize, usize)> {
+        if self.parallel.is_some() {
+            return Err(invalid_input(
+                "a cache with a parallel context cannot be pruned per head (its corrected attention needs every row at its position)",
+            ));
+        }
+        let Some(first) = self.layers.first() else {
+            return Err(invalid_input("retaining from a cache with no layers"));
+        };
+        let (len, heads) = (self.len(), first.k.dims()[1]);
+        if keep.len() != self.layers.len() {
+            return Err(invalid_input(format!(
+                "a keep set of {} layers for a cache of {}",
+                keep.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, per_head) in keep.iter().enumerate() {
+            if per_head.len() != heads {
+                return Err(invalid_input(format!(
+                    "layer {l}: a keep set of {} KV heads for {heads}",
+                    per_head.len()
+                )));
+            }
+            for (h, rows) in per_head.iter().enumerate() {
+                if rows.is_empty() {
+                    return Err(invalid_input(format!("layer {l} head {h} keeps nothing")));
+                }
+                if rows.windows(2).any(|w| w[0] >= w[1]) || rows[rows.len() - 1] as usize >= len {
+                    return Err(invalid_input(format!(
+                        "layer {l} head {h}: kept rows must be strictly increasing and below {len}"
+                    )));
+                }
+                // a padded head's stand-in rows hold no key: keeping one would turn a copy
+                // of its last entry into an unmasked key at position 0
+                if let Some(p) = &self.pruned {
+                    let real = p.layers[l].counts[h];
+                    if let Some(&t) = rows
+                        .iter()
+                        .find(|&&t| (real..p.rows).contains(&(t as usize)))
+                    {
+                        return Err(invalid_input(format!(
+                            "layer {l} head {h}: row {t} is padding (the head holds {real} of the {} pruned rows)",
+                            p.rows
+                        )));
+                    }
+                }
+            }
+        }
+        Ok((len, heads))
     }
 
     /// The absolute position of row `row` of KV head `head` in layer `layer`.
@@ -1064,6 +1256,22 @@ impl KvCache {
         Ok(self)
     }
 
+    /// A copy of this cache in buffers of its own with room for `room` more rows (positions,
+    /// per-head part and parallel context as they are): what a caller that rewrites rows in
+    /// place ([`KvCache::retain_in_place`]) starts from, since no view of the new buffers
+    /// exists but the copy's.
+    pub fn owned_with_room(&self, room: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerKv::cat_with_room(&[l], room))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            ..self.clone()
+        })
+    }
+
     /// Caches one after the other; their positions must continue to increase (none pruned).
     /// The result has no parallel context (mark it on the whole, if one applies).
     pub fn cat(parts: &[&KvCache]) -> Result<Self> {
@@ -1125,6 +1333,16 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
 
 /// How many leading positions `kept` and `asked` share: the rows of a kept copy a call at
 /// `asked` can read.
+/// Stand-in positions of `rows` pruned rows whose last kept entry sits at `last`: strictly
+/// increasing and ending there (a head keeping `rows` real entries, each at its own
+/// position, puts `last` ≥ rows − 1).
+fn stand_in_positions(last: u32, rows: usize) -> Result<Vec<u32>> {
+    let start = (last + 1)
+        .checked_sub(rows as u32)
+        .ok_or_else(|| invalid_input(format!("{rows} kept rows end at position {last}")))?;
+    Ok(positions(start as usize, rows))
+}
+
 fn common_prefix(kept: &[u32], asked: &[u32]) -> usize {
     kept.iter().zip(asked).take_while(|(a, b)| a == b).count()
 }

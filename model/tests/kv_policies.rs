@@ -373,3 +373,100 @@ fn kept_rotations_decode_exactly_as_fresh_ones() {
         }
     }
 }
+
+/// A decode pool's keep set over a cache of `rows` rows: the first 20 rows, 6 of the rows
+/// between them and the newest 2 (a different 6 per layer, head and step), the newest 2.
+fn pool_keep(layers: usize, heads: usize, rows: u32, step: usize) -> Vec<Vec<Vec<u32>>> {
+    (0..layers)
+        .map(|l| {
+            (0..heads)
+                .map(|h| {
+                    let mut middle: Vec<u32> = (20..rows - 2).collect();
+                    middle.sort_by_key(|&t| ((t as usize) * 7 + h * 3 + l + step) % 11);
+                    middle.truncate(6);
+                    middle.sort_unstable();
+                    (0..20).chain(middle).chain([rows - 2, rows - 1]).collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Eviction written into a decode pool's own buffers ([`KvCache::retain_in_place`]) decodes
+/// bit for bit as the same keep sets copied out by `retain`: the leading rows stay, the pool's
+/// rows move per head, and the rotated keys and by-head mirror kept beside the buffers move
+/// with them (steps with an attention probe read the former, steps without the latter). A
+/// cache whose layers are cloned is copied instead, the clone's rows untouched; a copy made
+/// by `owned_with_room` evicts in place from its first reselection, though the rows it
+/// copied are still read through the original.
+#[test]
+fn evicting_in_place_decodes_as_retain_does() {
+    // the real model too: its head dim takes the CPU's by-head decode kernels
+    for m in models().into_iter().chain([common::smollm2()]) {
+        let model = &m.model;
+        let mut prompt_cache = model.empty_cache().unwrap();
+        model
+            .prefill(&prompt(30), &positions(30), &mut prompt_cache)
+            .unwrap();
+        let heads = prompt_cache.layers[0].k.dims()[1];
+        let layers = prompt_cache.layers.len();
+        let snapshot = |c: &KvCache| {
+            c.layers[1]
+                .k
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let prompt_rows = snapshot(&prompt_cache);
+        let mut copied = prompt_cache.clone();
+        let mut moved = prompt_cache.owned_with_room(16).unwrap();
+        let mut capacity = None;
+        for step in 0..12 {
+            let tok = 100 + step as u32;
+            let probe = |c: &mut KvCache| {
+                let mut hook = Counting {
+                    probe: ProbeRequest::rows(vec![0]),
+                    before: Vec::new(),
+                    after: Vec::new(),
+                    fail_at: None,
+                };
+                // two steps with a probe (reading the rotated keys), two without (the mirror)
+                match step % 4 {
+                    0 | 1 => model.decode_step(tok, c, &mut hook).unwrap(),
+                    _ => model.decode_step(tok, c, &mut ()).unwrap(),
+                }
+            };
+            let (a, b) = (probe(&mut copied), probe(&mut moved));
+            assert_eq!(max_diff(&a, &b).0, 0.0, "step {step}");
+            let keep = pool_keep(layers, heads, moved.len() as u32, step);
+            copied = copied.retain(&keep).unwrap();
+            if step == 6 {
+                let other = moved.clone();
+                let before = snapshot(&other);
+                assert!(!moved.retain_in_place(&keep).unwrap(), "a cloned layer");
+                assert_eq!(snapshot(&other), before);
+                capacity = None;
+                continue;
+            }
+            assert!(moved.retain_in_place(&keep).unwrap(), "step {step}");
+            // the same buffers, written in place
+            let cap = moved.layers[0].capacity();
+            assert!(
+                capacity.is_none_or(|c| c == cap),
+                "step {step}: new buffers"
+            );
+            capacity = Some(cap);
+            assert_eq!(moved.positions, copied.positions);
+            assert_eq!(moved.entries_per_head(), copied.entries_per_head());
+        }
+        // a question appended after the last eviction reads the same rows too
+        let next = copied.positions.last().unwrap() + 1;
+        let q = [5u32, 6, 8];
+        let pos = [next, next + 1, next + 2];
+        let a = model.prefill(&q, &pos, &mut copied).unwrap();
+        let b = model.prefill(&q, &pos, &mut moved).unwrap();
+        assert_eq!(max_diff(&a, &b).0, 0.0, "appended question");
+        assert_eq!(snapshot(&prompt_cache), prompt_rows, "the original's rows");
+    }
+}

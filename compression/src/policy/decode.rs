@@ -68,8 +68,9 @@ pub struct DecodePoolSpec {
     pub from_prompt: bool,
     /// Rows the pool may hold over its budget before it is reselected, each reselection then
     /// dropping `slack + 1` or more at once (0: whenever the budget is exceeded, the rules as
-    /// published). A reselection rebuilds the cache, so a slack of `k` pays that once per
-    /// `k + 1` tokens instead of every token, for at most `k` more rows; recency pools
+    /// published). A slack of `k` reselects once per `k + 1` tokens instead of every
+    /// token (each reselection scores and sorts the pool and moves its rows), for at most
+    /// `k` more rows; recency pools
     /// (`streaming`, `sage`) keep the same rows at each reselection as without it.
     pub slack: usize,
 }
