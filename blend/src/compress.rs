@@ -716,13 +716,12 @@ impl LayerHook for StepAttention {
         _layer: usize,
         probe: LayerProbe,
     ) -> std::result::Result<(), HookError> {
-        let Some(rows) = probe.rows else {
+        let Some(per_head) = probe.head_sums else {
             return Ok(());
         };
-        // [kv_heads, group, 1, keys] → [kv_heads, keys]
-        let sums = rows
+        // [kv_heads, group, keys] → [kv_heads, keys]
+        let sums = per_head
             .sum(1)
-            .and_then(|s| s.squeeze(1))
             .and_then(|s| s.to_vec2::<f32>())
             .map_err(HookError::new)?;
         self.per_layer.push(sums);
@@ -768,7 +767,9 @@ impl PooledDecoder {
                 .pool
                 .spec()
                 .reads_attention()
-                .then(|| ProbeRequest::rows(vec![0])),
+                // the step's one row, per query head: on the CPU the tiled attention
+                // answers it over the cache's rows by head, no probabilities kept
+                .then(|| ProbeRequest::head_sums_over_all(1)),
             per_layer: Vec::new(),
         };
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;

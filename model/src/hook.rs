@@ -61,6 +61,16 @@ pub struct LayerProbe {
     pub head_sums: Option<Tensor>,
 }
 
+impl LayerProbe {
+    /// A probe that reports per-head sums alone.
+    pub(crate) fn head_sums(sums: Tensor) -> Self {
+        Self {
+            head_sums: Some(sums),
+            ..Self::default()
+        }
+    }
+}
+
 /// Callbacks around each layer of a forward pass; see the module docs.
 pub trait LayerHook {
     /// What to observe in every layer's attention (`None`: nothing; the fastest attention

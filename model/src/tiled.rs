@@ -160,7 +160,19 @@ impl TiledPlan {
 
 /// `softmax(q kᵀ / √d) v` with the exact position mask of `plan`; see the module docs.
 pub(crate) fn attend(plan: &TiledPlan, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    Ok(run(plan, q, Kv::ByToken { k, v }, false)?.0)
+    Ok(run(plan, q, Kv::ByToken { k, v }, Sums::None)?.0)
+}
+
+/// Which probability sums a call reports beside its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sums {
+    /// None.
+    None,
+    /// Each key's, over every query row and head: `[t]`.
+    Total,
+    /// Each key's over every query row, per query head: `[num_heads, t]` (head
+    /// `kh · group + g`), what [`crate::attention::ProbeRequest::head_sums_over_all`] asks.
+    PerHead,
 }
 
 /// [`attend`], plus each key's attention probability summed over every query row and head,
@@ -171,9 +183,35 @@ pub(crate) fn attend_summed(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (out, sums) = run(plan, q, Kv::ByToken { k, v }, true)?;
+    let (out, sums) = run(plan, q, Kv::ByToken { k, v }, Sums::Total)?;
     let t = sums.len();
     Ok((out, Tensor::from_vec(sums, t, &Device::Cpu)?))
+}
+
+/// [`attend`], plus each key's attention probability summed over every query row, per query
+/// head: `[kv_heads, group, t]` f32 (what
+/// [`crate::attention::ProbeRequest::head_sums_over_all`] asks for; a decode pool's per-head
+/// scores). Over `k`/`v` token-major (`[t, kv_heads, d]` f32) or, with `by_head`, a decode
+/// mirror's rows ([`attend_by_head`]'s). Pinned by `tests::head_sums_match_naive`.
+pub(crate) fn attend_head_summed(
+    plan: &TiledPlan,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    by_head: bool,
+) -> Result<(Tensor, Tensor)> {
+    let kv = match by_head {
+        true => Kv::ByHead { k, v },
+        false => Kv::ByToken { k, v },
+    };
+    let kv_heads = if by_head { k.dims()[0] } else { k.dims()[1] };
+    let (out, sums) = run(plan, q, kv, Sums::PerHead)?;
+    let (heads, t) = (q.dims()[1], plan.k_pos.len());
+    let group = heads / kv_heads.max(1);
+    Ok((
+        out,
+        Tensor::from_vec(sums, (kv_heads, group, t), &Device::Cpu)?,
+    ))
 }
 
 /// [`attend`] over a layer's rows laid out by head (`crate::kv::HeadRows`): `k` and `v`
@@ -188,7 +226,7 @@ pub(crate) fn attend_by_head(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<Tensor> {
-    Ok(run(plan, q, Kv::ByHead { k, v }, false)?.0)
+    Ok(run(plan, q, Kv::ByHead { k, v }, Sums::None)?.0)
 }
 
 /// Whether [`attend_by_head`] takes calls of `plan` for GQA groups of `group` query heads:
@@ -210,8 +248,8 @@ enum Kv<'a> {
 }
 
 /// The units of one call on rayon's pool; with `sums`, the per-key probability sums too
-/// (`[t]`; empty without).
-fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: bool) -> Result<(Tensor, Vec<f32>)> {
+/// (see [`Sums`]; empty without).
+fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: Sums) -> Result<(Tensor, Vec<f32>)> {
     let (n, num_heads, d) = q.dims3()?;
     let t = plan.k_pos.len();
     let (k, v, by_head) = match kv {
@@ -242,12 +280,10 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: bool) -> Result<(Tensor, 
         group: num_heads / kv_heads,
         d,
     };
-    if by_head && (sums || !reads_by_head(plan, shape.group)) {
+    if by_head && !reads_by_head(plan, shape.group) {
         return Err(invalid_input(format!(
-            "rows by head are read by calls of at most {FEW_ROWS} rows per unit without sums, not {} queries × {} heads{}",
-            n,
+            "rows by head are read by calls of at most {FEW_ROWS} rows per unit, not {n} queries × {} heads",
             shape.group,
-            if sums { " with sums" } else { "" }
         )));
     }
     let q = contiguous_f32(q)?;
@@ -259,7 +295,7 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: bool) -> Result<(Tensor, 
     let units: Vec<(usize, QueryTile)> = (0..kv_heads)
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
-    let split = !sums
+    let split = sums == Sums::None
         && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
         && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
     let bf16 = !by_head && plan.bf16_products(d);
@@ -290,9 +326,24 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: bool) -> Result<(Tensor, 
     })?;
     // scatter each unit's rows (g, i) to output row q_start + i, head kh * group + g
     let mut out = vec![0f32; n * num_heads * d];
-    let mut key_sums = if sums { vec![0f32; t] } else { Vec::new() };
+    let mut key_sums = match sums {
+        Sums::None => Vec::new(),
+        Sums::Total => vec![0f32; t],
+        Sums::PerHead => vec![0f32; num_heads * t],
+    };
     for (&(kh, tile), (o, col)) in units.iter().zip(&results) {
-        key_sums.iter_mut().zip(col).for_each(|(a, b)| *a += b);
+        match sums {
+            Sums::None => {}
+            Sums::Total => key_sums.iter_mut().zip(col).for_each(|(a, b)| *a += b),
+            // the unit's `[group, k_len]` into heads kh·group.., keys 0..k_len
+            Sums::PerHead => {
+                for (g, part) in col.chunks(tile.k_len.max(1)).enumerate() {
+                    let at = (kh * shape.group + g) * t;
+                    let dst = &mut key_sums[at..at + part.len()];
+                    dst.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
         let nb = tile.q_end - tile.q_start;
         for g in 0..shape.group {
             for i in 0..nb {
@@ -537,7 +588,7 @@ fn split_units(
         .map(|(u, keys)| {
             let (kh, tile) = units[*u];
             let mut products = UnitProducts::new(ops, s, kh, tile, q);
-            partial(plan, tile, &mut products, keys.clone())
+            partial(plan, tile, &mut products, keys.clone(), None)
         })
         .collect();
     let mut merged: Vec<Option<Partial>> = (0..units.len()).map(|_| None).collect();
@@ -619,22 +670,37 @@ fn unit(
     tile: QueryTile,
     q: &[f32],
     ops: Operands<'_>,
-    sums: bool,
+    sums: Sums,
 ) -> (Vec<f32>, Vec<f32>) {
     let nb = tile.q_end - tile.q_start;
     let rows = s.group * nb;
     let d = s.d;
     let mut products = UnitProducts::new(ops, s, kh, tile, q);
-    let mut state = partial(plan, tile, &mut products, 0..tile.k_len);
-    if !sums {
+    // a few f32 rows (a decode step's) keep their probabilities from the first sweep
+    let mut kept = (sums != Sums::None && rows <= FEW_ROWS && !matches!(ops, Operands::Bf16(_)))
+        .then(|| Kept::new(rows, tile.k_len));
+    let mut state = partial(plan, tile, &mut products, 0..tile.k_len, kept.as_mut());
+    if sums == Sums::None {
         return (state.normalised(d), Vec::new());
     }
     let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
     let row_max = std::mem::take(&mut state.max);
     let out = state.normalised(d);
+    let per_head = sums == Sums::PerHead;
+    let mut col = vec![0f32; if per_head { s.group } else { 1 } * tile.k_len];
+    if let Some(kept) = kept {
+        kept.add_sums(
+            &row_max,
+            &inv,
+            |r| if per_head { (r / nb) * tile.k_len } else { 0 },
+            &mut col,
+        );
+        return (out, col);
+    }
     // second sweep: each row's probabilities, now that its max and sum are final, added per key
+    // rows are (g, i): query head kh·group + g, query tile.q_start + i; per head, a column
+    // of k_len per g
     let mut scores = vec![0f32; rows * KEY_TILE];
-    let mut col = vec![0f32; tile.k_len];
     let mut k0 = 0;
     while k0 < tile.k_len {
         let w = KEY_TILE.min(tile.k_len - k0);
@@ -643,7 +709,8 @@ fn unit(
             let visible = visible_keys(plan, tile, k0, w, r % nb);
             let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
             exp2_in_place(seen, row_max[r]);
-            for (c, p) in col[k0..k0 + visible].iter_mut().zip(seen.iter()) {
+            let at = if per_head { (r / nb) * tile.k_len } else { 0 } + k0;
+            for (c, p) in col[at..at + visible].iter_mut().zip(seen.iter()) {
                 *c += p * inv[r];
             }
         }
@@ -652,13 +719,70 @@ fn unit(
     (out, col)
 }
 
+/// A unit's probabilities as its one sweep left them, for the per-key sums without a
+/// second sweep: row `r`'s over key `c` in `p[r · k_len + c]`, relative to the row's
+/// running max when its key tile was seen (`tile_max[r · tiles + tile]`; −∞ where the row
+/// saw none of the tile, whose probabilities are 0). Only f32 probabilities are kept (not
+/// the bf16 products' pairs).
+struct Kept {
+    k_len: usize,
+    tiles: usize,
+    p: Vec<f32>,
+    tile_max: Vec<f32>,
+}
+
+impl Kept {
+    fn new(rows: usize, k_len: usize) -> Self {
+        let tiles = k_len.div_ceil(KEY_TILE);
+        Self {
+            k_len,
+            tiles,
+            p: vec![0.0; rows * k_len],
+            tile_max: vec![f32::NEG_INFINITY; rows * tiles],
+        }
+    }
+
+    /// Records the score tile's probabilities of keys `k0..k0 + w` (row stride `KEY_TILE`)
+    /// and each row's max they are relative to.
+    fn record(&mut self, k0: usize, w: usize, scores: &[f32], row_max: &[f32]) {
+        let tile = k0 / KEY_TILE;
+        for (r, m) in row_max.iter().enumerate() {
+            self.p[r * self.k_len + k0..][..w].copy_from_slice(&scores[r * KEY_TILE..][..w]);
+            self.tile_max[r * self.tiles + tile] = *m;
+        }
+    }
+
+    /// Adds each row's final probabilities (its max `row_max`, `inv` = 1 / its sum) into
+    /// `col` at `at(row)` + key.
+    fn add_sums(&self, row_max: &[f32], inv: &[f32], at: impl Fn(usize) -> usize, col: &mut [f32]) {
+        for (r, (&m, &inv)) in row_max.iter().zip(inv).enumerate() {
+            let base = at(r);
+            for tile in 0..self.tiles {
+                let seen = self.tile_max[r * self.tiles + tile];
+                if seen == f32::NEG_INFINITY {
+                    continue;
+                }
+                let f = (seen - m).exp2() * inv;
+                let k0 = tile * KEY_TILE;
+                let w = KEY_TILE.min(self.k_len - k0);
+                let p = &self.p[r * self.k_len + k0..][..w];
+                for (c, p) in col[base + k0..][..w].iter_mut().zip(p) {
+                    *c += p * f;
+                }
+            }
+        }
+    }
+}
+
 /// The online-softmax state of one unit over keys `keys` (a whole unit: `0..k_len`; a
-/// split unit's part: a range of whole key tiles), through the unit's `products`.
+/// split unit's part: a range of whole key tiles), through the unit's `products`; with
+/// `kept`, each tile's probabilities recorded in it (a whole unit's only).
 fn partial(
     plan: &TiledPlan,
     tile: QueryTile,
     products: &mut UnitProducts<'_>,
     keys: std::ops::Range<usize>,
+    mut kept: Option<&mut Kept>,
 ) -> Partial {
     let nb = tile.q_end - tile.q_start;
     let rows = products.rows;
@@ -683,6 +807,9 @@ fn partial(
             if alpha != 1.0 {
                 out[r * d..(r + 1) * d].iter_mut().for_each(|o| *o *= alpha);
             }
+        }
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.record(k0, w, &scores, &row_max);
         }
         products.add_weighted(k0, w, &scores, &mut out);
         k0 += w;
@@ -884,11 +1011,19 @@ mod tests {
     /// Each key's softmax probability summed over every query and head, in f64 (`q`, `k`
     /// rotated; query head `h` reads KV head `h / group`).
     fn naive_key_sums(q: &Tensor, k: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<f64> {
+        let per_head = naive_head_sums(q, k, qp, kp);
+        (0..kp.len())
+            .map(|j| per_head.iter().map(|h| h[j]).sum())
+            .collect()
+    }
+
+    /// Each key's probability summed over every query row, per query head: `[h][keys]`.
+    fn naive_head_sums(q: &Tensor, k: &Tensor, qp: &[u32], kp: &[u32]) -> Vec<Vec<f64>> {
         let (n, h, d) = q.dims3().unwrap();
         let kvh = k.dims()[1];
         let q = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let k = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut sums = vec![0f64; kp.len()];
+        let mut sums = vec![vec![0f64; kp.len()]; h];
         for i in 0..n {
             let seen = kp.partition_point(|&p| p <= qp[i]);
             for head in 0..h {
@@ -907,11 +1042,62 @@ mod tests {
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for (j, x) in s.iter().enumerate() {
-                    sums[j] += (x - m).exp() / z;
+                    sums[head][j] += (x - m).exp() / z;
                 }
             }
         }
         sums
+    }
+
+    /// Per-head sums ([`attend_head_summed`]) equal the naive per-head probabilities summed
+    /// over the rows, token-major and over a decode mirror's rows by head (f32 and bf16,
+    /// with room past the keys), and the output equals [`attend`]'s bit for bit.
+    #[test]
+    fn head_sums_match_naive() {
+        let dev = Device::Cpu;
+        let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (h, kvh, d) in [(9, 3, 64), (6, 2, 16)] {
+            let kp: Vec<u32> = (0..900u32).filter(|p| p % 7 != 3).collect();
+            let last = *kp.last().unwrap();
+            let long: Vec<u32> = (0..last + 2).filter(|p| p % 5 != 1).collect();
+            for qp in [vec![last + 1], vec![40, last - 2, last + 1], long] {
+                let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
+                let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+                let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
+                let want = naive_head_sums(&q, &k, &qp, &kp);
+                let check = |sums: &Tensor, what: &str| {
+                    assert_eq!(sums.dims(), &[kvh, h / kvh, kp.len()], "{what}");
+                    let got = flat(sums);
+                    for (head, row) in want.iter().enumerate() {
+                        for (j, w) in row.iter().enumerate() {
+                            let g = got[head * kp.len() + j] as f64;
+                            assert!(
+                                (g - w).abs() < 2e-4,
+                                "{what}: head {head} key {j}: {g} vs {w}"
+                            );
+                        }
+                    }
+                };
+                let (out, sums) = attend_head_summed(&plan, &q, &k, &v, false).unwrap();
+                assert_eq!(flat(&out), flat(&attend(&plan, &q, &k, &v).unwrap()));
+                check(&sums, &format!("token-major, {} queries", qp.len()));
+                if !reads_by_head(&plan, h / kvh) {
+                    continue;
+                }
+                let by_head = |x: &Tensor| {
+                    let room = Tensor::zeros((kvh, kp.len() + 50, d), DType::F32, &dev).unwrap();
+                    let rows = x.transpose(0, 1).unwrap().contiguous().unwrap();
+                    room.slice_set(&rows, 1, 0).unwrap();
+                    room
+                };
+                let (out, sums) =
+                    attend_head_summed(&plan, &q, &by_head(&k), &by_head(&v), true).unwrap();
+                let plain = attend_by_head(&plan, &q, &by_head(&k), &by_head(&v)).unwrap();
+                assert_eq!(flat(&out), flat(&plain));
+                check(&sums, &format!("by head, {} queries", qp.len()));
+            }
+        }
     }
 
     /// A call long enough for the larger query tiles, keys with holes.

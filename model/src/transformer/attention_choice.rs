@@ -32,14 +32,16 @@ pub(super) enum LayerAttention {
         k_pos: Vec<u32>,
         summed: bool,
     },
-    /// Tiled online-softmax attention on the CPU (f32; no probe, or a summed probe of every
-    /// row when `summed`): keys rotated by `k_tables`, no score matrix beyond one tile.
+    /// Tiled online-softmax attention on the CPU (f32; no probe, a summed probe of every
+    /// row when `summed`, or per-head sums over every row when `head_summed`): keys rotated
+    /// by `k_tables`, no score matrix beyond one tile.
     Tiled {
         plan: crate::tiled::TiledPlan,
         q_tables: RopeTables,
         k_tables: RopeTables,
         k_pos: Vec<u32>,
         summed: bool,
+        head_summed: bool,
     },
     /// Rows `0..from` attend exactly by `exact` (fused, tiled or reference), rows `from..` —
     /// those after a parallel context — corrected by `corrected` (`ScaledKeys` or the
@@ -359,9 +361,11 @@ impl Model {
             });
         }
         debug_assert!(!fused || !cfg!(feature = "gpu"));
-        // The CPU's own fused path: tiled online softmax, for calls with no probe or a summed
-        // probe of every row (not over a pruned cache, as on the GPU).
-        if (probe.is_none() || (summed && pruned.is_none()))
+        // The CPU's own fused path: tiled online softmax, for calls with no probe, a summed
+        // probe of every row (not over a pruned cache, as on the GPU) or per-head sums over
+        // every row (a decode pool's scores: over its pruned cache too, the keys rotated
+        // first).
+        if (probe.is_none() || (summed && pruned.is_none()) || head_summed)
             && !padded
             && parallel.is_none()
             && kernel == AttentionKernel::Auto
@@ -374,6 +378,7 @@ impl Model {
                 k_tables: self.tables(k_pos)?,
                 k_pos: k_pos.to_vec(),
                 summed,
+                head_summed,
             });
         }
         Ok(LayerAttention::Reference {
@@ -607,6 +612,7 @@ impl Model {
                 k_tables,
                 k_pos,
                 summed,
+                head_summed,
             } => {
                 if pruned.is_some_and(|(l, _)| l.bias.is_some()) {
                     return Err(invalid_input(
@@ -621,10 +627,20 @@ impl Model {
                     && crate::tiled::reads_by_head(plan, c.num_heads / c.num_kv_heads)
                     && let Some(rows) = self.decode_rows(kv, k_tables, k_pos, pruned)?
                 {
+                    if *head_summed {
+                        let (out, sums) =
+                            crate::tiled::attend_head_summed(plan, &q_rot, &rows.k, &rows.v, true)?;
+                        return Ok((out, LayerProbe::head_sums(sums)));
+                    }
                     let out = crate::tiled::attend_by_head(plan, &q_rot, &rows.k, &rows.v)?;
                     return Ok((out, LayerProbe::default()));
                 }
                 let k_rot = self.rotate_keys(kv, k_tables, k_pos, pruned)?;
+                if *head_summed {
+                    let (out, sums) =
+                        crate::tiled::attend_head_summed(plan, &q_rot, &k_rot, v, false)?;
+                    return Ok((out, LayerProbe::head_sums(sums)));
+                }
                 if *summed {
                     let (out, sums) = crate::tiled::attend_summed(plan, &q_rot, &k_rot, v)?;
                     return Ok((
