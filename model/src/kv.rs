@@ -1003,7 +1003,7 @@ impl KvCache {
     /// [`KvCache::retain`] written into this cache's own buffers: the leading rows `0..p`
     /// that every head of every layer keeps stay where they are, the kept rows after them are
     /// gathered down behind them, and the keys each layer keeps rotated beside its buffers
-    /// ([`LayerKv::rotated_keys`], [`LayerKv::decode_rows`]) move with their rows instead of
+    /// (`LayerKv::rotated_keys`, `LayerKv::decode_rows`) move with their rows instead of
     /// being rotated again (a kept row keeps its position). What a decode pool evicting a few
     /// rows per step wants: it moves the pool's rows, not the whole cache's, and the next
     /// append still writes in place.
