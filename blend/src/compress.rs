@@ -66,7 +66,8 @@ impl Observer {
     /// attention for each query head's sums over the call's rows instead of every row's
     /// probabilities: the fused kernel computes those on the GPU without materialising a
     /// probability (`ProbeRequest::head_sums_over_all`); the window's mean is the sum over
-    /// its rows. The reference attention computes the same from its probabilities.
+    /// its rows. On the CPU the tiled attention computes the same (`tiled::attend_head_summed`),
+    /// the reference attention from its probabilities.
     pub fn with_head_sums(mut self, on: bool) -> Self {
         let rows = self.call_rows;
         let one_window = self.windows.len() == 1 && self.windows[0] == rows;
@@ -450,8 +451,8 @@ mod tests {
     }
 
     /// A window's per-head sums (what the GPU's fused kernel reports) observe what its rows'
-    /// probabilities do, to f32 rounding (here both through the reference attention, the
-    /// CPU's), and give SnapKV the same keep set; a window of fewer rows than the call, or
+    /// probabilities do, to f32 rounding (here the sums through the CPU's tiled attention, the
+    /// rows' probabilities through the reference), and give SnapKV the same keep set; a window of fewer rows than the call, or
     /// several windows, keeps the rows' probabilities.
     #[test]
     fn per_head_sums_observe_what_the_rows_probabilities_do() {

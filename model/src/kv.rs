@@ -43,7 +43,9 @@ pub fn positions(start: usize, len: usize) -> Vec<u32> {
 /// next append writes in place instead of copying the layer (capacity doubles when full).
 /// Only the view that ends at the buffers' written frontier appends in place; any other
 /// (an older clone, or a layer whose `k`/`v` were reassigned) copies into new buffers, so a
-/// view's rows never change under it (pinned by `appends_in_place_without_disturbing_clones`).
+/// view's rows never change under it (pinned by `appends_in_place_without_disturbing_clones`)
+/// — except under [`KvCache::retain_in_place`], which rewrites the rows of buffers whose only
+/// linked view is its cache's own layer (a decode pool's copy): see there.
 ///
 /// A layer lent by a graphed cache (views of its rows) holds the cache's lease, as do its
 /// clones and narrowings; a `k` or `v` tensor cloned out on its own does not: keep the layer
@@ -181,7 +183,8 @@ struct Growth {
 /// capacity) is the buffer's pre-RoPE key row `i` rotated to `positions[i]`. Rows are written
 /// once, past `positions.len()`: a call at other positions (or other per-head positions)
 /// starts a new buffer, so a view handed out never changes under its reader (the buffer's own
-/// key rows below the frontier never change either).
+/// key rows below the frontier never change either) — except under
+/// [`KvCache::retain_in_place`], which moves these rows with the buffer's.
 #[derive(Debug)]
 struct Rotated {
     k: Tensor,
@@ -198,7 +201,7 @@ struct Rotated {
 /// them as one stream per head instead of a third of every row of `[tokens, kv_heads,
 /// head_dim]` (BENCHMARKS §9 "Decode reads its cache by head"). As with [`Rotated`], rows are
 /// written once, past `positions.len()`; a call at other positions, per-head positions or
-/// dtype starts new buffers.
+/// dtype starts new buffers (and [`KvCache::retain_in_place`] moves them with the buffer's).
 #[derive(Debug)]
 struct Mirror {
     k: Tensor,
@@ -627,6 +630,22 @@ impl LayerKv {
         };
         let kept_for =
             |positions: &[u32], per_head: Option<&[u32]>| positions == was.0 && per_head == was.1;
+        // both kept copies are taken before any row moves and put back only once theirs
+        // have: an error leaves nothing kept (made again when asked for), never stale rows
+        let rotated = g
+            .buf
+            .rotated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|r| kept_for(&r.positions, r.per_head.as_deref()) && r.k.is_contiguous());
+        let mirror = g
+            .buf
+            .mirror
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|m| kept_for(&m.positions, m.per_head.as_deref()));
         if n > 0 {
             let (k, v) = (moved(&g.buf.k)?, moved(&g.buf.v)?);
             put_rows_many(&[
@@ -642,51 +661,36 @@ impl LayerKv {
                 },
             ])?;
         }
-        {
-            // taken while its rows move: an error leaves nothing kept, not stale rows
-            let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(mut r) = slot
-                .take()
-                .filter(|r| kept_for(&r.positions, r.per_head.as_deref()) && r.k.is_contiguous())
-            {
-                if n > 0 {
-                    put_rows(&r.k, from, &moved(&r.k)?)?;
-                }
-                r.positions = now.0.to_vec();
-                r.per_head = Some(now.1.to_vec());
-                *slot = Some(r);
+        if let Some(mut r) = rotated {
+            if n > 0 {
+                put_rows(&r.k, from, &moved(&r.k)?)?;
             }
+            r.positions = now.0.to_vec();
+            r.per_head = Some(now.1.to_vec());
+            *g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         }
-        {
-            let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(mut m) = slot
-                .take()
-                .filter(|m| kept_for(&m.positions, m.per_head.as_deref()))
-            {
-                if n > 0 {
-                    // [kv_heads, capacity, d]: (head, row) of rows from..
-                    let cap = m.k.dims()[1];
-                    let flat: Vec<u32> = keep
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(h, kept)| {
-                            kept[from..].iter().map(move |&t| (h * cap) as u32 + t)
-                        })
-                        .collect();
-                    let flat = Tensor::new(flat, device)?;
-                    let by_head = |x: &Tensor| -> Result<Tensor> {
-                        Ok(x.reshape((heads * cap, d))?
-                            .index_select(&flat, 0)?
-                            .reshape((heads, n, d))?)
-                    };
-                    let (k, v) = (by_head(&m.k)?, by_head(&m.v)?);
-                    m.k.slice_set(&k, 1, from)?;
-                    m.v.slice_set(&v, 1, from)?;
-                }
-                m.positions = now.0.to_vec();
-                m.per_head = Some(now.1.to_vec());
-                *slot = Some(m);
+        if let Some(mut m) = mirror {
+            if n > 0 {
+                // [kv_heads, capacity, d]: (head, row) of rows from..
+                let cap = m.k.dims()[1];
+                let flat: Vec<u32> = keep
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(h, kept)| kept[from..].iter().map(move |&t| (h * cap) as u32 + t))
+                    .collect();
+                let flat = Tensor::new(flat, device)?;
+                let by_head = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.reshape((heads * cap, d))?
+                        .index_select(&flat, 0)?
+                        .reshape((heads, n, d))?)
+                };
+                let (k, v) = (by_head(&m.k)?, by_head(&m.v)?);
+                m.k.slice_set(&k, 1, from)?;
+                m.v.slice_set(&v, 1, from)?;
             }
+            m.positions = now.0.to_vec();
+            m.per_head = Some(now.1.to_vec());
+            *g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         }
         g.buf.frontier.store(rows, Ordering::Release);
         Self::view(Arc::clone(&g.buf), rows)
@@ -1016,9 +1020,10 @@ impl KvCache {
     ///
     /// **Rows change under views that do not hold the layer**: a cache or layer narrowed from
     /// this one, or a `k`/`v` tensor cloned out of it, reads the moved rows afterwards. Call
-    /// it only on a cache whose rows no such view reads (a decode pool's own cache after its
-    /// first `retain`). An error (a device failure) may leave rows partly moved: drop the
-    /// cache.
+    /// it only on a cache whose rows no such view reads (a decode pool's own copy,
+    /// [`KvCache::owned_with_room`]). An error once rows have started moving (a device
+    /// failure) leaves the cache with no layers, which every later call refuses
+    /// ([`KvCache::check_shape`]), rather than rows half moved.
     pub fn retain_in_place(&mut self, keep: &[Vec<Vec<u32>>]) -> Result<bool> {
         let (_, heads) = self.check_keep(keep)?;
         let rows = keep.iter().flatten().map(Vec::len).max().unwrap_or(0);
@@ -1048,25 +1053,35 @@ impl KvCache {
         let stand_ins = stand_in_positions(last, rows)?;
         let mut layers = Vec::with_capacity(keep.len());
         let mut pruned = Vec::with_capacity(keep.len());
-        for (l, (per_head, host_positions)) in keep.iter().zip(host).enumerate() {
-            let layer = &self.layers[l];
-            let was = self
-                .pruned
-                .as_ref()
-                .map(|p| p.layers[l].host_positions.as_slice());
-            let moved = layer.compact(
-                from,
-                per_head,
-                (&self.positions, was),
-                (&stand_ins, &host_positions),
-            )?;
-            pruned.push(PrunedLayer {
-                positions: Tensor::new(host_positions.as_slice(), layer.k.device())?,
-                host_positions,
-                counts: vec![rows; heads],
-                bias: None,
-            });
-            layers.push(moved);
+        let compact_all = || -> Result<()> {
+            for (l, (per_head, host_positions)) in keep.iter().zip(host).enumerate() {
+                let layer = &self.layers[l];
+                let was = self
+                    .pruned
+                    .as_ref()
+                    .map(|p| p.layers[l].host_positions.as_slice());
+                let moved = layer.compact(
+                    from,
+                    per_head,
+                    (&self.positions, was),
+                    (&stand_ins, &host_positions),
+                )?;
+                pruned.push(PrunedLayer {
+                    positions: Tensor::new(host_positions.as_slice(), layer.k.device())?,
+                    host_positions,
+                    counts: vec![rows; heads],
+                    bias: None,
+                });
+                layers.push(moved);
+            }
+            Ok(())
+        };
+        if let Err(e) = compact_all() {
+            // some layers' rows may have moved: nothing of this cache is to be read again
+            self.layers.clear();
+            self.positions.clear();
+            self.pruned = None;
+            return Err(e);
         }
         self.layers = layers;
         self.positions = stand_ins;
@@ -1331,8 +1346,6 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// How many leading positions `kept` and `asked` share: the rows of a kept copy a call at
-/// `asked` can read.
 /// Stand-in positions of `rows` pruned rows whose last kept entry sits at `last`: strictly
 /// increasing and ending there (a head keeping `rows` real entries, each at its own
 /// position, puts `last` ≥ rows − 1).
@@ -1343,6 +1356,8 @@ fn stand_in_positions(last: u32, rows: usize) -> Result<Vec<u32>> {
     Ok(positions(start as usize, rows))
 }
 
+/// How many leading positions `kept` and `asked` share: the rows of a kept copy a call at
+/// `asked` can read.
 fn common_prefix(kept: &[u32], asked: &[u32]) -> usize {
     kept.iter().zip(asked).take_while(|(a, b)| a == b).count()
 }
@@ -1588,6 +1603,66 @@ mod tests {
     /// rounded in bf16; a decode step converts only its own row, in place; the rotated keys
     /// kept before are taken and let go; other positions start new buffers; rows given back
     /// are converted again when appended anew; a layer without growth buffers has none.
+    /// In-place eviction moves the kept rotated keys and the decode mirror with their rows:
+    /// a call over the evicted cache rotates nothing and reads each head's kept rows
+    /// (`KvCache::retain_in_place`).
+    #[test]
+    fn evicting_in_place_moves_what_was_rotated() -> Result<()> {
+        use std::cell::Cell;
+        let dev = &Device::Cpu;
+        let rotated_rows = &Cell::new(0);
+        // a stand-in rotation that counts the rows it rotates (and leaves them as they are)
+        let rotate = |rows: &Tensor, _start: usize| -> Result<Tensor> {
+            rotated_rows.set(rotated_rows.get() + rows.dims()[0]);
+            Ok(rows.copy()?)
+        };
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1()?) };
+        // every head keeps 5 rows, the first 3 in place
+        let keep: Vec<Vec<u32>> = vec![
+            vec![0, 1, 2, 5, 9],
+            vec![0, 1, 2, 7, 8],
+            vec![0, 1, 2, 3, 4],
+        ];
+        let p10: Vec<u32> = (0..10).collect();
+        for mirror in [false, true] {
+            let empty = LayerKv::empty(3, 4, DType::F32, dev)?;
+            let k = Tensor::randn(0f32, 1.0, (10, 3, 4), dev)?;
+            let layer = empty.append(&k, &(&k + 0.5)?)?;
+            let before = flat(&k)?;
+            let mut cache = KvCache::new(vec![layer], p10.clone());
+            match mirror {
+                false => drop(cache.layers[0].rotated_keys(&p10, None, rotate)?),
+                true => drop(cache.layers[0].decode_rows(&p10, None, DType::F32, rotate)?),
+            }
+            assert!(cache.retain_in_place(std::slice::from_ref(&keep))?);
+            // row r of head h: the old row keep[h][r] of that head
+            let want: Vec<f32> = (0..5)
+                .flat_map(|r| (0..3).map(move |h| (r, h)))
+                .flat_map(|(r, h)| {
+                    let at = (keep[h][r] as usize * 3 + h) * 4;
+                    before[at..at + 4].to_vec()
+                })
+                .collect();
+            assert_eq!(flat(&cache.layers[0].k)?, want, "the buffer's rows");
+            let per_head = cache.pruned().expect("pruned").layers[0]
+                .host_positions
+                .clone();
+            rotated_rows.set(0);
+            let got = match mirror {
+                false => cache.layers[0].rotated_keys(&cache.positions, Some(&per_head), rotate)?,
+                true => {
+                    let rows = cache.layers[0]
+                        .decode_rows(&cache.positions, Some(&per_head), DType::F32, rotate)?
+                        .expect("a grown layer");
+                    rows.k.narrow(1, 0, 5)?.transpose(0, 1)?.contiguous()?
+                }
+            };
+            assert_eq!(rotated_rows.get(), 0, "mirror {mirror}: rotated again");
+            assert_eq!(flat(&got)?, want, "mirror {mirror}: the kept copy's rows");
+        }
+        Ok(())
+    }
+
     #[test]
     fn decode_rows_mirror_the_rotated_keys_by_head() -> Result<()> {
         use std::cell::Cell;

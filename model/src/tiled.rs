@@ -1051,12 +1051,22 @@ mod tests {
 
     /// Per-head sums ([`attend_head_summed`]) equal the naive per-head probabilities summed
     /// over the rows, token-major and over a decode mirror's rows by head (f32 and bf16,
-    /// with room past the keys), and the output equals [`attend`]'s bit for bit.
+    /// with room past the keys), and the output equals [`attend`]'s bit for bit (below
+    /// `SPLIT_KEYS` keys, where the unprobed call splits no unit either; a probed call never
+    /// splits).
     #[test]
     fn head_sums_match_naive() {
         let dev = Device::Cpu;
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (h, kvh, d) in [(9, 3, 64), (6, 2, 16)] {
+        let round = |x: &Tensor| {
+            x.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        // groups of 3 and 2: a decode step's units keep their probabilities (`Kept`) with one
+        // query and, for the group of 2, with 3 queries per unit too
+        for (h, kvh, d) in [(9, 3, 64), (4, 2, 16)] {
             let kp: Vec<u32> = (0..900u32).filter(|p| p % 7 != 3).collect();
             let last = *kp.last().unwrap();
             let long: Vec<u32> = (0..last + 2).filter(|p| p % 5 != 1).collect();
@@ -1065,8 +1075,8 @@ mod tests {
                 let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
                 let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
                 let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
-                let want = naive_head_sums(&q, &k, &qp, &kp);
-                let check = |sums: &Tensor, what: &str| {
+                let check = |sums: &Tensor, k: &Tensor, what: &str| {
+                    let want = naive_head_sums(&q, k, &qp, &kp);
                     assert_eq!(sums.dims(), &[kvh, h / kvh, kp.len()], "{what}");
                     let got = flat(sums);
                     for (head, row) in want.iter().enumerate() {
@@ -1080,22 +1090,36 @@ mod tests {
                     }
                 };
                 let (out, sums) = attend_head_summed(&plan, &q, &k, &v, false).unwrap();
+                // (fewer than SPLIT_KEYS keys: the unprobed call splits no unit either)
                 assert_eq!(flat(&out), flat(&attend(&plan, &q, &k, &v).unwrap()));
-                check(&sums, &format!("token-major, {} queries", qp.len()));
+                check(&sums, &k, &format!("token-major, {} queries", qp.len()));
                 if !reads_by_head(&plan, h / kvh) {
                     continue;
                 }
-                let by_head = |x: &Tensor| {
-                    let room = Tensor::zeros((kvh, kp.len() + 50, d), DType::F32, &dev).unwrap();
-                    let rows = x.transpose(0, 1).unwrap().contiguous().unwrap();
-                    room.slice_set(&rows, 1, 0).unwrap();
-                    room
-                };
-                let (out, sums) =
-                    attend_head_summed(&plan, &q, &by_head(&k), &by_head(&v), true).unwrap();
-                let plain = attend_by_head(&plan, &q, &by_head(&k), &by_head(&v)).unwrap();
-                assert_eq!(flat(&out), flat(&plain));
-                check(&sums, &format!("by head, {} queries", qp.len()));
+                // a decode mirror's rows, [kv_heads, capacity, d] with room, f32 and bf16
+                for dtype in [DType::F32, DType::BF16] {
+                    let by_head = |x: &Tensor| {
+                        let room = Tensor::zeros((kvh, kp.len() + 50, d), dtype, &dev).unwrap();
+                        let rows = x.to_dtype(dtype).unwrap().transpose(0, 1).unwrap();
+                        room.slice_set(&rows.contiguous().unwrap(), 1, 0).unwrap();
+                        room
+                    };
+                    let (out, sums) =
+                        attend_head_summed(&plan, &q, &by_head(&k), &by_head(&v), true).unwrap();
+                    let plain = attend_by_head(&plan, &q, &by_head(&k), &by_head(&v)).unwrap();
+                    assert_eq!(flat(&out), flat(&plain));
+                    // bf16 rows: the sums of the rounded keys' probabilities
+                    let seen = if dtype == DType::BF16 {
+                        round(&k)
+                    } else {
+                        k.clone()
+                    };
+                    check(
+                        &sums,
+                        &seen,
+                        &format!("by head {dtype:?}, {} queries", qp.len()),
+                    );
+                }
             }
         }
     }
