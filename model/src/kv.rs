@@ -1043,10 +1043,22 @@ impl KvCache {
         let mut host = Vec::with_capacity(keep.len());
         let mut last = 0u32;
         for (l, per_head) in keep.iter().enumerate() {
-            let at: Vec<u32> = (0..rows)
-                .flat_map(|r| (0..heads).map(move |h| (r, h)))
-                .map(|(r, h)| self.head_position(l, h, per_head[h][r] as usize))
-                .collect();
+            // rows 0..from keep their positions: the pruned ones' copied as they are
+            let mut at = Vec::with_capacity(rows * heads);
+            let copied = match &self.pruned {
+                Some(p) => {
+                    let n = p.rows.min(from);
+                    at.extend_from_slice(&p.layers[l].host_positions[..n * heads]);
+                    n
+                }
+                None => 0,
+            };
+            for &p in &self.positions[copied..from] {
+                at.extend(std::iter::repeat_n(p, heads));
+            }
+            for r in from..rows {
+                at.extend((0..heads).map(|h| self.head_position(l, h, per_head[h][r] as usize)));
+            }
             last = at.iter().copied().fold(last, u32::max);
             host.push(at);
         }

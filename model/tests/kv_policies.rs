@@ -398,7 +398,8 @@ fn pool_keep(layers: usize, heads: usize, rows: u32, step: usize) -> Vec<Vec<Vec
 /// with them (steps with an attention probe read the former, steps without the latter). A
 /// cache whose layers are cloned is copied instead, the clone's rows untouched; a copy made
 /// by `owned_with_room` evicts in place from its first reselection, though the rows it
-/// copied are still read through the original.
+/// copied are still read through the original; and the per-head positions it records rotate
+/// its keys afresh exactly as the moved copies hold them.
 #[test]
 fn evicting_in_place_decodes_as_retain_does() {
     // the real model too: its head dim takes the CPU's by-head decode kernels
@@ -437,8 +438,11 @@ fn evicting_in_place_decodes_as_retain_does() {
                     _ => model.decode_step(tok, c, &mut ()).unwrap(),
                 }
             };
+            // the moved cache's positions rotate its keys afresh as its kept copies have them
+            let fresh = probe(&mut without_growth(&moved));
             let (a, b) = (probe(&mut copied), probe(&mut moved));
             assert_eq!(max_diff(&a, &b).0, 0.0, "step {step}");
+            assert_eq!(max_diff(&fresh, &b).0, 0.0, "step {step}: rotated afresh");
             let keep = pool_keep(layers, heads, moved.len() as u32, step);
             copied = copied.retain(&keep).unwrap();
             if step == 6 {
