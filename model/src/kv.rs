@@ -1056,9 +1056,11 @@ impl KvCache {
             for &p in &self.positions[copied..from] {
                 at.extend(std::iter::repeat_n(p, heads));
             }
-            for r in from..rows {
-                at.extend((0..heads).map(|h| self.head_position(l, h, per_head[h][r] as usize)));
-            }
+            at.extend(
+                (from..rows)
+                    .flat_map(|r| (0..heads).map(move |h| (r, h)))
+                    .map(|(r, h)| self.head_position(l, h, per_head[h][r] as usize)),
+            );
             last = at.iter().copied().fold(last, u32::max);
             host.push(at);
         }
