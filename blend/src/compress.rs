@@ -720,14 +720,32 @@ impl LayerHook for StepAttention {
         let Some(per_head) = probe.head_sums else {
             return Ok(());
         };
-        // [kv_heads, group, keys] → [kv_heads, keys]
-        let sums = per_head
-            .sum(1)
-            .and_then(|s| s.to_vec2::<f32>())
-            .map_err(HookError::new)?;
-        self.per_layer.push(sums);
+        self.per_layer
+            .push(group_sums(&per_head).map_err(HookError::new)?);
         Ok(())
     }
+}
+
+/// `[kv_heads, group, keys]` f32 → `[kv_heads][keys]`, summed over each KV head's query
+/// heads. On the CPU a plain loop: candle's reduction over the middle axis took as long
+/// as the step's attention (BENCHMARKS §9, "A decode pool's host work"); elsewhere the
+/// sum runs on the device and only the sums cross.
+fn group_sums(x: &Tensor) -> std::result::Result<Vec<Vec<f32>>, kvquilt_model::CandleError> {
+    if !x.device().is_cpu() {
+        return x.sum(1)?.to_vec2::<f32>();
+    }
+    let (heads, group, keys) = x.dims3()?;
+    let flat = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..heads)
+        .map(|h| {
+            let mut sum = vec![0f32; keys];
+            for g in 0..group {
+                let row = &flat[(h * group + g) * keys..][..keys];
+                sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+            }
+            sum
+        })
+        .collect())
 }
 
 impl PooledDecoder {

@@ -19,7 +19,8 @@
 //!
 //! A call with few units per thread (a decode step, a short question pass: one unit per KV
 //! head) cuts each unit's keys into parts run in parallel and merges their softmax states
-//! (pinned by `tests::split_units_match_naive`).
+//! (pinned by `tests::split_units_match_naive`); a probed decode step too, its parts
+//! keeping their probabilities for the sums (pinned by `tests::head_sums_match_naive`).
 //!
 //! The products run in f32 (`gemm`, [`FewRows`]) or, when the plan asks for
 //! [`CpuAttentionPrecision::Bf16`], the call has at least [`BF16_LEAST_QUERIES`] queries and
@@ -39,7 +40,8 @@
 //! (query-aware blend's question pass): once a unit knows its rows' final maxima and sums, a
 //! second sweep recomputes `Q Kᵀ` tile by tile and adds `2^(s - max) / sum` per key, so the
 //! probabilities are still never held beyond one tile (pinned against the naive sums by the
-//! same test).
+//! same test). Units of a few f32 rows (a decode step's) keep their one sweep's
+//! probabilities instead (`Kept`: `rows × keys` f32, a few rows' worth) and rescale them.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
@@ -295,10 +297,16 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: Sums) -> Result<(Tensor, 
     let units: Vec<(usize, QueryTile)> = (0..kv_heads)
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
-    let split = sums == Sums::None
+    let bf16 = !by_head && plan.bf16_products(d);
+    // a split unit's sums come from what its parts' sweeps kept (`Kept`): units of a few
+    // f32 rows, a decode step's, split with sums; others take their second sweep whole
+    let parts_keep = !bf16
+        && units
+            .iter()
+            .all(|(_, tile)| shape.group * (tile.q_end - tile.q_start) <= FEW_ROWS);
+    let split = (sums == Sums::None || parts_keep)
         && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
         && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
-    let bf16 = !by_head && plan.bf16_products(d);
     // key c of KV head kh starts at kh·head + c·row
     let (row, head) = if by_head {
         (d, k.dims()[1] * d)
@@ -316,7 +324,7 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: Sums) -> Result<(Tensor, 
             (None, Slices::Bf16(k, v)) => Operands::Bf16Rows(Strided { k, v, row, head }),
         };
         if split {
-            split_units(plan, shape, &units, qs, ops)
+            split_units(plan, shape, &units, qs, ops, sums)
         } else {
             units
                 .par_iter()
@@ -566,14 +574,16 @@ fn with_slices<R>(
 }
 
 /// Units with few of them per thread, each cut into parts of [`SPLIT_KEYS`] keys run on
-/// rayon's pool, then merged per unit: the same results as [`unit`] without sums, up to the
-/// order of the sums.
+/// rayon's pool, then merged per unit: the same results as [`unit`], up to the order of the
+/// sums. With `sums`, every part keeps its sweep's probabilities ([`Kept`]; units of a few
+/// f32 rows only), added once the merged maxima and sums are known.
 fn split_units(
     plan: &TiledPlan,
     s: Shape,
     units: &[(usize, QueryTile)],
     q: &[f32],
     ops: Operands<'_>,
+    sums: Sums,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let parts: Vec<(usize, std::ops::Range<usize>)> = units
         .iter()
@@ -583,25 +593,63 @@ fn split_units(
                 .map(move |p| (u, p * SPLIT_KEYS..((p + 1) * SPLIT_KEYS).min(tile.k_len)))
         })
         .collect();
-    let partials: Vec<Partial> = parts
+    let partials: Vec<(Partial, Option<Kept>)> = parts
         .par_iter()
         .map(|(u, keys)| {
             let (kh, tile) = units[*u];
             let mut products = UnitProducts::new(ops, s, kh, tile, q);
-            partial(plan, tile, &mut products, keys.clone(), None)
+            let mut kept = (sums != Sums::None).then(|| Kept::new(products.rows, keys.clone()));
+            let p = partial(plan, tile, &mut products, keys.clone(), kept.as_mut());
+            (p, kept)
         })
         .collect();
     let mut merged: Vec<Option<Partial>> = (0..units.len()).map(|_| None).collect();
-    for ((u, _), p) in parts.iter().zip(partials) {
+    let mut kept: Vec<Vec<Kept>> = (0..units.len()).map(|_| Vec::new()).collect();
+    for ((u, _), (p, k)) in parts.iter().zip(partials) {
         merged[*u] = Some(match merged[*u].take() {
             None => p,
             Some(acc) => acc.merge(p, s.d),
         });
+        kept[*u].extend(k);
     }
     merged
         .into_iter()
-        .map(|p| (p.map(|p| p.normalised(s.d)).unwrap_or_default(), Vec::new()))
+        .zip(kept)
+        .zip(units)
+        .map(|((p, kept), &(_, tile))| match p {
+            Some(p) => finish(p, &kept, s, tile, sums),
+            None => Default::default(),
+        })
         .collect()
+}
+
+/// A unit's output from its final softmax state and, with `sums`, its probabilities summed
+/// per key from what its sweeps kept (`[k_len]`, or `[group, k_len]` per head).
+fn finish(
+    mut state: Partial,
+    kept: &[Kept],
+    s: Shape,
+    tile: QueryTile,
+    sums: Sums,
+) -> (Vec<f32>, Vec<f32>) {
+    if sums == Sums::None {
+        return (state.normalised(s.d), Vec::new());
+    }
+    let nb = tile.q_end - tile.q_start;
+    let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
+    let row_max = std::mem::take(&mut state.max);
+    let out = state.normalised(s.d);
+    let per_head = sums == Sums::PerHead;
+    let mut col = vec![0f32; if per_head { s.group } else { 1 } * tile.k_len];
+    for part in kept {
+        part.add_sums(
+            &row_max,
+            &inv,
+            |r| if per_head { (r / nb) * tile.k_len } else { 0 },
+            &mut col,
+        );
+    }
+    (out, col)
 }
 
 /// One unit's online-softmax state over some of its keys: output not yet divided by the row
@@ -678,25 +726,16 @@ fn unit(
     let mut products = UnitProducts::new(ops, s, kh, tile, q);
     // a few f32 rows (a decode step's) keep their probabilities from the first sweep
     let mut kept = (sums != Sums::None && rows <= FEW_ROWS && !matches!(ops, Operands::Bf16(_)))
-        .then(|| Kept::new(rows, tile.k_len));
+        .then(|| Kept::new(rows, 0..tile.k_len));
     let mut state = partial(plan, tile, &mut products, 0..tile.k_len, kept.as_mut());
-    if sums == Sums::None {
-        return (state.normalised(d), Vec::new());
+    if sums == Sums::None || kept.is_some() {
+        return finish(state, kept.as_slice(), s, tile, sums);
     }
     let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
     let row_max = std::mem::take(&mut state.max);
     let out = state.normalised(d);
     let per_head = sums == Sums::PerHead;
     let mut col = vec![0f32; if per_head { s.group } else { 1 } * tile.k_len];
-    if let Some(kept) = kept {
-        kept.add_sums(
-            &row_max,
-            &inv,
-            |r| if per_head { (r / nb) * tile.k_len } else { 0 },
-            &mut col,
-        );
-        return (out, col);
-    }
     // second sweep: each row's probabilities, now that its max and sum are final, added per key
     // rows are (g, i): query head kh·group + g, query tile.q_start + i; per head, a column
     // of k_len per g
@@ -719,12 +758,14 @@ fn unit(
     (out, col)
 }
 
-/// A unit's probabilities as its one sweep left them, for the per-key sums without a
-/// second sweep: row `r`'s over key `c` in `p[r · k_len + c]`, relative to the row's
-/// running max when its key tile was seen (`tile_max[r · tiles + tile]`; −∞ where the row
-/// saw none of the tile, whose probabilities are 0). Only f32 probabilities are kept (not
-/// the bf16 products' pairs).
+/// A sweep's probabilities over keys `start..start + k_len` (a whole unit's, or a split
+/// unit's part: whole key tiles) as it left them, for the per-key sums without a second
+/// sweep: row `r`'s over key `start + c` in `p[r · k_len + c]`, relative to the row's
+/// running max (its part's) when its key tile was seen (`tile_max[r · tiles + tile]`; −∞
+/// where the row saw none of the tile, whose probabilities are 0). Only f32 probabilities
+/// are kept (not the bf16 products' pairs).
 struct Kept {
+    start: usize,
     k_len: usize,
     tiles: usize,
     p: Vec<f32>,
@@ -732,9 +773,12 @@ struct Kept {
 }
 
 impl Kept {
-    fn new(rows: usize, k_len: usize) -> Self {
+    /// Room for `rows` rows over `keys` (starting on a key tile).
+    fn new(rows: usize, keys: std::ops::Range<usize>) -> Self {
+        let k_len = keys.len();
         let tiles = k_len.div_ceil(KEY_TILE);
         Self {
+            start: keys.start,
             k_len,
             tiles,
             p: vec![0.0; rows * k_len],
@@ -745,15 +789,16 @@ impl Kept {
     /// Records the score tile's probabilities of keys `k0..k0 + w` (row stride `KEY_TILE`)
     /// and each row's max they are relative to.
     fn record(&mut self, k0: usize, w: usize, scores: &[f32], row_max: &[f32]) {
-        let tile = k0 / KEY_TILE;
+        let local = k0 - self.start;
+        let tile = local / KEY_TILE;
         for (r, m) in row_max.iter().enumerate() {
-            self.p[r * self.k_len + k0..][..w].copy_from_slice(&scores[r * KEY_TILE..][..w]);
+            self.p[r * self.k_len + local..][..w].copy_from_slice(&scores[r * KEY_TILE..][..w]);
             self.tile_max[r * self.tiles + tile] = *m;
         }
     }
 
-    /// Adds each row's final probabilities (its max `row_max`, `inv` = 1 / its sum) into
-    /// `col` at `at(row)` + key.
+    /// Adds each row's final probabilities (its max `row_max`, `inv` = 1 / its sum, over
+    /// every key of the unit) into `col` at `at(row)` + key.
     fn add_sums(&self, row_max: &[f32], inv: &[f32], at: impl Fn(usize) -> usize, col: &mut [f32]) {
         for (r, (&m, &inv)) in row_max.iter().zip(inv).enumerate() {
             let base = at(r);
@@ -766,7 +811,7 @@ impl Kept {
                 let k0 = tile * KEY_TILE;
                 let w = KEY_TILE.min(self.k_len - k0);
                 let p = &self.p[r * self.k_len + k0..][..w];
-                for (c, p) in col[base + k0..][..w].iter_mut().zip(p) {
+                for (c, p) in col[base + self.start + k0..][..w].iter_mut().zip(p) {
                     *c += p * f;
                 }
             }
@@ -776,7 +821,7 @@ impl Kept {
 
 /// The online-softmax state of one unit over keys `keys` (a whole unit: `0..k_len`; a
 /// split unit's part: a range of whole key tiles), through the unit's `products`; with
-/// `kept`, each tile's probabilities recorded in it (a whole unit's only).
+/// `kept` (made for `keys`), each tile's probabilities recorded in it.
 fn partial(
     plan: &TiledPlan,
     tile: QueryTile,
@@ -1051,9 +1096,9 @@ mod tests {
 
     /// Per-head sums ([`attend_head_summed`]) equal the naive per-head probabilities summed
     /// over the rows, token-major and over a decode mirror's rows by head (f32 and bf16,
-    /// with room past the keys), and the output equals [`attend`]'s bit for bit (below
-    /// `SPLIT_KEYS` keys, where the unprobed call splits no unit either; a probed call never
-    /// splits).
+    /// with room past the keys), and the output equals [`attend`]'s bit for bit: below
+    /// `SPLIT_KEYS` keys, where neither call splits a unit, and above, where a decode
+    /// step's units (a few rows) split in both and their parts keep the probabilities.
     #[test]
     fn head_sums_match_naive() {
         let dev = Device::Cpu;
@@ -1066,11 +1111,19 @@ mod tests {
         };
         // groups of 3 and 2: a decode step's units keep their probabilities (`Kept`) with one
         // query and, for the group of 2, with 3 queries per unit too
-        for (h, kvh, d) in [(9, 3, 64), (4, 2, 16)] {
-            let kp: Vec<u32> = (0..900u32).filter(|p| p % 7 != 3).collect();
+        // 771 keys: no unit splits; 2,228: a few rows' units split in parts (SPLIT_KEYS)
+        for ((h, kvh, d), keys) in [(9, 3, 64), (4, 2, 16)]
+            .into_iter()
+            .flat_map(|shape| [(shape, 900u32), (shape, 2600)])
+        {
+            let kp: Vec<u32> = (0..keys).filter(|p| p % 7 != 3).collect();
             let last = *kp.last().unwrap();
             let long: Vec<u32> = (0..last + 2).filter(|p| p % 5 != 1).collect();
-            for qp in [vec![last + 1], vec![40, last - 2, last + 1], long] {
+            let mut calls = vec![vec![last + 1], vec![40, last - 2, last + 1]];
+            if kp.len() < SPLIT_KEYS {
+                calls.push(long);
+            }
+            for qp in calls {
                 let q = Tensor::randn(0f32, 1.0, (qp.len(), h, d), &dev).unwrap();
                 let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
                 let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
@@ -1090,7 +1143,7 @@ mod tests {
                     }
                 };
                 let (out, sums) = attend_head_summed(&plan, &q, &k, &v, false).unwrap();
-                // (fewer than SPLIT_KEYS keys: the unprobed call splits no unit either)
+                // (the unprobed call splits the same units into the same parts)
                 assert_eq!(flat(&out), flat(&attend(&plan, &q, &k, &v).unwrap()));
                 check(&sums, &k, &format!("token-major, {} queries", qp.len()));
                 if !reads_by_head(&plan, h / kvh) {
@@ -1253,6 +1306,45 @@ mod tests {
             let want = naive(&q, &k, &v, &qp, &kp);
             for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "{qp:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A decode step's units split in parts report the per-head sums a whole unit does, to
+    /// f32 rounding of each key's probability (relative, where `head_sums_match_naive`'s
+    /// bound is absolute): SmolLM2's head shape, peaked softmaxes over four parts.
+    #[test]
+    fn split_head_sums_equal_whole_units() {
+        let dev = Device::Cpu;
+        let kp: Vec<u32> = (0..3600u32).collect();
+        let qp = vec![3600u32];
+        let (h, kvh, d) = (9, 3, 64);
+        let q = Tensor::randn(0f32, 3.0, (1, h, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
+        let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
+        let (_, split) = run(&plan, &q, Kv::ByToken { k: &k, v: &v }, Sums::PerHead).unwrap();
+        let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (qs, ks, vs) = (flat(&q), flat(&k), flat(&v));
+        let shape = Shape {
+            num_heads: h,
+            group: h / kvh,
+            d,
+        };
+        let ops = Operands::F32(Strided {
+            k: &ks,
+            v: &vs,
+            row: kvh * d,
+            head: d,
+        });
+        for kh in 0..kvh {
+            let (_, whole) = unit(&plan, shape, kh, plan.tiles[0], &qs, ops, Sums::PerHead);
+            let got = &split[kh * shape.group * kp.len()..][..whole.len()];
+            for (j, (g, w)) in got.iter().zip(&whole).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs() + 1e-12,
+                    "KV head {kh}, entry {j}: split {g} vs whole {w}"
+                );
             }
         }
     }
