@@ -594,14 +594,17 @@ impl LayerKv {
 
     /// Rows `keep[h]` of each KV head (every head as many; rows `0..from` kept where they
     /// are) gathered into the first rows of this layer's own buffers, which it must own
-    /// ([`LayerKv::owns_buffers`]); returns the view of them. The rotated keys and decode
-    /// mirror kept beside the buffers move with their rows when they were kept for exactly
-    /// `was` (positions, per-head positions), and are then kept for `now`; otherwise they are
-    /// dropped (made again when asked for). See [`KvCache::retain_in_place`].
+    /// ([`LayerKv::owns_buffers`]); returns the view of them. `gather` holds the moved
+    /// rows' flat indices ([`moved_rows`], on the layer's device; `None` when no row
+    /// moves). The rotated keys and decode mirror kept beside the buffers move with their
+    /// rows when they were kept for exactly `was` (positions, per-head positions), and are
+    /// then kept for `now`; otherwise they are dropped (made again when asked for). See
+    /// [`KvCache::retain_in_place`].
     fn compact(
         &self,
         from: usize,
         keep: &[Vec<u32>],
+        gather: Option<&Tensor>,
         was: (&[u32], Option<&[u32]>),
         now: (&[u32], &[u32]),
     ) -> Result<Self> {
@@ -614,18 +617,23 @@ impl LayerKv {
         let rows = now.0.len();
         let n = rows - from;
         let device = self.k.device();
-        // (row, head) of rows from.. over [len * heads, d]
-        let flat: Vec<u32> = (from..rows)
-            .flat_map(|r| (0..heads).map(move |h| (r, h)))
-            .map(|(r, h)| keep[h][r] * heads as u32 + h as u32)
-            .collect();
-        let flat = Tensor::new(flat, device)?;
+        let gather = match gather {
+            Some(g) if g.dims1()? == n * heads => Some(g),
+            None if n == 0 => None,
+            _ => {
+                return Err(invalid_input(format!(
+                    "compacting {n} moved rows of {heads} heads with {:?} gather indices",
+                    gather.map(Tensor::dims)
+                )));
+            }
+        };
         // every moved row is gathered (copied out) before any is written
         let moved = |x: &Tensor| -> Result<Tensor> {
+            let flat = gather.ok_or_else(|| invalid_input("no gather indices for moved rows"))?;
             Ok(x.narrow(0, 0, len)?
                 .contiguous()?
                 .reshape((len * heads, d))?
-                .index_select(&flat, 0)?
+                .index_select(flat, 0)?
                 .reshape((n, heads, d))?)
         };
         let kept_for =
@@ -1065,6 +1073,25 @@ impl KvCache {
             host.push(at);
         }
         let stand_ins = stand_in_positions(last, rows)?;
+        // every layer's gather indices and per-head positions go to the device in one copy
+        // each (a GPU's reselection then waits on two uploads, not two per layer); made
+        // before any row moves, so a failure here leaves the cache as it was
+        let device = match self.layers.first() {
+            Some(first) => first.k.device().clone(),
+            None => return Err(invalid_input("retaining from a cache with no layers")),
+        };
+        let (n, per_layer) = (rows - from, rows * heads);
+        let gathers = match n {
+            0 => None,
+            _ => {
+                let flat: Vec<u32> = keep
+                    .iter()
+                    .flat_map(|per_head| moved_rows(per_head, from..rows))
+                    .collect();
+                Some(Tensor::from_vec(flat, keep.len() * n * heads, &device)?)
+            }
+        };
+        let positions = Tensor::from_vec(host.concat(), keep.len() * per_layer, &device)?;
         let mut layers = Vec::with_capacity(keep.len());
         let mut pruned = Vec::with_capacity(keep.len());
         let compact_all = || -> Result<()> {
@@ -1074,14 +1101,19 @@ impl KvCache {
                     .pruned
                     .as_ref()
                     .map(|p| p.layers[l].host_positions.as_slice());
+                let gather = gathers
+                    .as_ref()
+                    .map(|g| g.narrow(0, l * n * heads, n * heads))
+                    .transpose()?;
                 let moved = layer.compact(
                     from,
                     per_head,
+                    gather.as_ref(),
                     (&self.positions, was),
                     (&stand_ins, &host_positions),
                 )?;
                 pruned.push(PrunedLayer {
-                    positions: Tensor::new(host_positions.as_slice(), layer.k.device())?,
+                    positions: positions.narrow(0, l * per_layer, per_layer)?,
                     host_positions,
                     counts: vec![rows; heads],
                     bias: None,
@@ -1363,6 +1395,14 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
 /// Stand-in positions of `rows` pruned rows whose last kept entry sits at `last`: strictly
 /// increasing and ending there (a head keeping `rows` real entries, each at its own
 /// position, puts `last` ≥ rows − 1).
+/// Flat indices over a layer's `[len * kv_heads, d]` rows of rows `rows` of `keep`
+/// (`keep[h]`: the rows KV head `h` keeps), row-major (row, head): what
+/// [`LayerKv::compact`] gathers.
+fn moved_rows(keep: &[Vec<u32>], rows: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
+    let heads = keep.len();
+    rows.flat_map(move |r| (0..heads).map(move |h| keep[h][r] * heads as u32 + h as u32))
+}
+
 fn stand_in_positions(last: u32, rows: usize) -> Result<Vec<u32>> {
     let start = (last + 1)
         .checked_sub(rows as u32)
