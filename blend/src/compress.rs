@@ -787,7 +787,8 @@ impl PooledDecoder {
                 .spec()
                 .reads_attention()
                 // the step's one row, per query head: on the CPU the tiled attention
-                // answers it over the cache's rows by head, no probabilities kept
+                // answers it over the cache's rows by head, from its one sweep's
+                // probabilities (a few rows' worth), no probability matrix
                 .then(|| ProbeRequest::head_sums_over_all(1)),
             per_layer: Vec::new(),
         };

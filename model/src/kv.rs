@@ -1392,9 +1392,6 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Stand-in positions of `rows` pruned rows whose last kept entry sits at `last`: strictly
-/// increasing and ending there (a head keeping `rows` real entries, each at its own
-/// position, puts `last` ≥ rows − 1).
 /// Flat indices over a layer's `[len * kv_heads, d]` rows of rows `rows` of `keep`
 /// (`keep[h]`: the rows KV head `h` keeps), row-major (row, head): what
 /// [`LayerKv::compact`] gathers.
@@ -1403,6 +1400,9 @@ fn moved_rows(keep: &[Vec<u32>], rows: std::ops::Range<usize>) -> impl Iterator<
     rows.flat_map(move |r| (0..heads).map(move |h| keep[h][r] * heads as u32 + h as u32))
 }
 
+/// Stand-in positions of `rows` pruned rows whose last kept entry sits at `last`: strictly
+/// increasing and ending there (a head keeping `rows` real entries, each at its own
+/// position, puts `last` ≥ rows − 1).
 fn stand_in_positions(last: u32, rows: usize) -> Result<Vec<u32>> {
     let start = (last + 1)
         .checked_sub(rows as u32)

@@ -585,6 +585,8 @@ fn split_units(
     ops: Operands<'_>,
     sums: Sums,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
+    // `Kept` holds probabilities, which the bf16 products keep as pairs instead
+    debug_assert!(sums == Sums::None || !matches!(ops, Operands::Bf16(_)));
     let parts: Vec<(usize, std::ops::Range<usize>)> = units
         .iter()
         .enumerate()
@@ -710,7 +712,8 @@ fn scaled_queries(s: Shape, kh: usize, tile: QueryTile, q: &[f32]) -> Vec<f32> {
 
 /// One KV head × one query tile: returns `[group * nb, d]`, row `g * nb + i` for query
 /// `q_start + i` of head `kh * group + g`; with `sums`, also the unit's probabilities summed
-/// per key over its rows, `[k_len]` (empty otherwise).
+/// per key over its rows, `[k_len]` (`Sums::Total`) or `[group, k_len]` (`Sums::PerHead`;
+/// empty without sums).
 fn unit(
     plan: &TiledPlan,
     s: Shape,
@@ -1111,7 +1114,7 @@ mod tests {
         };
         // groups of 3 and 2: a decode step's units keep their probabilities (`Kept`) with one
         // query and, for the group of 2, with 3 queries per unit too
-        // 771 keys: no unit splits; 2,228: a few rows' units split in parts (SPLIT_KEYS)
+        // 771 keys: no unit splits; 2,229: a few rows' units split in parts (SPLIT_KEYS)
         for ((h, kvh, d), keys) in [(9, 3, 64), (4, 2, 16)]
             .into_iter()
             .flat_map(|shape| [(shape, 900u32), (shape, 2600)])
@@ -1485,8 +1488,8 @@ mod tests {
                         || !bf16
                 );
             }
-            // the summed probe (never split): the same output up to summation order and
-            // rounding, each key's sums within bf16's error
+            // the summed probe (split only where its units are a few f32 rows): the same
+            // output up to summation order and rounding, each key's sums within bf16's error
             let (out, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
             let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let apart = out
