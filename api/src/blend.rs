@@ -171,8 +171,16 @@ pub struct CompressionStats {
     pub kv_bytes_before: usize,
     /// K and V bytes held after (padding of uneven heads included).
     pub kv_bytes_after: usize,
+    /// Time observing the prompt's last rows took, milliseconds: the policy's window
+    /// re-run over the prompt's KV with the attention probe it reads (0 for a policy that
+    /// reads no attention window).
+    #[serde(default)]
+    pub observe_ms: f64,
     /// Time the policy took to choose, milliseconds.
     pub policy_ms: f64,
+    /// Time gathering the kept entries into the pruned KV took, milliseconds.
+    #[serde(default)]
+    pub prune_ms: f64,
 }
 
 /// A token with its log-probability.

@@ -179,6 +179,10 @@ pub struct CompressStats {
     pub kv_bytes_before: usize,
     /// K and V bytes the pruned cache holds, padding of ragged heads included.
     pub kv_bytes_after: usize,
+    /// Time observing the prompt's last rows took, ms: re-running them over the cache with
+    /// the policy's probe ([`compress_for_decode`]); 0 where the observations came with the
+    /// prefill ([`observe_prefill`]).
+    pub observe_ms: f64,
     /// Time the policy took to choose (scoring and selection), ms.
     pub policy_ms: f64,
     /// Time gathering the kept entries took, ms.
@@ -215,6 +219,7 @@ pub fn compress(
         entries_kept: keep.entries(),
         kv_bytes_before: entries_before * entry_bytes,
         kv_bytes_after: pruned.len() * shape.kv_heads * shape.layers * entry_bytes,
+        observe_ms: 0.0,
         policy_ms,
         prune_ms,
     };
@@ -353,16 +358,20 @@ pub fn compress_for_decode(
             },
         );
     };
+    let t0 = Instant::now();
     let result =
         observe_last_rows(model, tokens, &mut cache, &[policy.needs()]).and_then(|observations| {
-            compress(
+            let observe_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let mut c = compress(
                 model,
                 &cache,
                 &observations,
                 policy,
                 plan.budget,
                 &BudgetSplit::Uniform,
-            )
+            )?;
+            c.stats.observe_ms = observe_ms;
+            Ok(c)
         });
     fall_back_on_error(cache, policy_name, result)
 }

@@ -53,6 +53,11 @@ async fn a_chat_completion_decodes_over_the_compressed_kv_and_says_what_it_kept(
     assert_eq!(before, tokens * per_token);
     assert_eq!(kept, tokens / 4 * per_token);
     assert!(c["kv_bytes_after"].as_u64().unwrap() < c["kv_bytes_before"].as_u64().unwrap());
+    // SnapKV's window was re-run over the prompt's KV to observe it: its time is reported
+    // beside the policy's choice and the pruning's
+    for time in ["observe_ms", "policy_ms", "prune_ms"] {
+        assert!(c[time].as_f64().is_some_and(|t| t > 0.0), "{time}: {c}");
+    }
     assert!(!v["choices"][0]["message"]["content"].is_null());
 
     // a budget in entries, and the other policies a request can run

@@ -125,7 +125,9 @@ fn compression_stats(r: &CompressReport) -> api::CompressionStats {
         entries_kept: s.map_or(0, |s| s.entries_kept),
         kv_bytes_before: s.map_or(0, |s| s.kv_bytes_before),
         kv_bytes_after: s.map_or(0, |s| s.kv_bytes_after),
+        observe_ms: s.map_or(0.0, |s| s.observe_ms),
         policy_ms: s.map_or(0.0, |s| s.policy_ms),
+        prune_ms: s.map_or(0.0, |s| s.prune_ms),
     }
 }
 
