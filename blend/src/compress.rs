@@ -305,8 +305,9 @@ pub fn observe_last_rows(
             cache.len()
         )));
     }
-    // on the GPU, the window's per-head sums come from the fused kernel (no probabilities)
-    observe_rows(model, tokens, cache, needs, model.device().is_cuda())
+    // a window's per-head sums come from the fused kernel on the GPU and the tiled
+    // attention on the CPU, neither materialising the window's probabilities
+    observe_rows(model, tokens, cache, needs, true)
 }
 
 /// [`observe_last_rows`] after its checks, asking for per-head sums
