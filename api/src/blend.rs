@@ -172,8 +172,8 @@ pub struct CompressionStats {
     /// K and V bytes held after (padding of uneven heads included).
     pub kv_bytes_after: usize,
     /// Time observing the prompt's last rows took, milliseconds: the policy's window
-    /// re-run over the prompt's KV with the attention probe it reads (0 for a policy that
-    /// reads no attention window).
+    /// re-run over the prompt's KV with the attention probe it reads (about 0 for a policy
+    /// that reads no attention window).
     #[serde(default)]
     pub observe_ms: f64,
     /// Time the policy took to choose, milliseconds.

@@ -211,6 +211,8 @@ pub fn compress(
     if policy.positions() == KeptPositions::Compact {
         pruned = pruned.with_compact_positions()?;
     }
+    // (the gathers run on the device: their time, not their launch's)
+    model.device().synchronize()?;
     let prune_ms = t1.elapsed().as_secs_f64() * 1e3;
     let entry_bytes = 2 * c.head_dim * model.dtype().size_in_bytes();
     let entries_before = shape.tokens * shape.kv_heads * shape.layers;
@@ -362,6 +364,8 @@ pub fn compress_for_decode(
     let t0 = Instant::now();
     let result =
         observe_last_rows(model, tokens, &mut cache, &[policy.needs()]).and_then(|observations| {
+            // (on a device, the last layer's work after its probe is still queued)
+            model.device().synchronize()?;
             let observe_ms = t0.elapsed().as_secs_f64() * 1e3;
             let mut c = compress(
                 model,
