@@ -19,8 +19,10 @@
 //!
 //! A call with few units per thread (a decode step, a short question pass: one unit per KV
 //! head) cuts each unit's keys into parts run in parallel and merges their softmax states
-//! (pinned by `tests::split_units_match_naive`); a probed decode step too, its parts
-//! keeping their probabilities for the sums (pinned by `tests::head_sums_match_naive`).
+//! (pinned by `tests::split_units_match_naive`), probed or not: a probed call's parts keep
+//! their probabilities for the sums (units of a few rows, a decode step's) or sweep their
+//! keys again once the merged maxima and sums are final (pinned by
+//! `tests::split_sums_equal_whole_units`).
 //!
 //! The products run in f32 (`gemm`, [`FewRows`]) or, when the plan asks for
 //! [`CpuAttentionPrecision::Bf16`], the call has at least [`BF16_LEAST_QUERIES`] queries and
@@ -298,14 +300,8 @@ fn run(plan: &TiledPlan, q: &Tensor, kv: Kv<'_>, sums: Sums) -> Result<(Tensor, 
         .flat_map(|kh| plan.tiles.iter().map(move |&tile| (kh, tile)))
         .collect();
     let bf16 = !by_head && plan.bf16_products(d);
-    // a split unit's sums come from what its parts' sweeps kept (`Kept`): units of a few
-    // f32 rows, a decode step's, split with sums; others take their second sweep whole
-    let parts_keep = !bf16
-        && units
-            .iter()
-            .all(|(_, tile)| shape.group * (tile.q_end - tile.q_start) <= FEW_ROWS);
-    let split = (sums == Sums::None || parts_keep)
-        && units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
+    // (a probed call splits as the unprobed one does: its sums are added part by part)
+    let split = units.len() < SPLIT_BELOW_UNITS_PER_THREAD * rayon::current_num_threads()
         && units.iter().any(|(_, tile)| tile.k_len > SPLIT_KEYS);
     // key c of KV head kh starts at kh·head + c·row
     let (row, head) = if by_head {
@@ -575,8 +571,9 @@ fn with_slices<R>(
 
 /// Units with few of them per thread, each cut into parts of [`SPLIT_KEYS`] keys run on
 /// rayon's pool, then merged per unit: the same results as [`unit`], up to the order of the
-/// sums. With `sums`, every part keeps its sweep's probabilities ([`Kept`]; units of a few
-/// f32 rows only), added once the merged maxima and sums are known.
+/// sums. With `sums`, a unit of a few f32 rows keeps its parts' probabilities ([`Kept`])
+/// and adds them once the merged maxima and sums are known; any other unit sweeps its
+/// parts a second time then, in parallel too (each part adds its own keys' sums).
 fn split_units(
     plan: &TiledPlan,
     s: Shape,
@@ -585,8 +582,6 @@ fn split_units(
     ops: Operands<'_>,
     sums: Sums,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
-    // `Kept` holds probabilities, which the bf16 products keep as pairs instead
-    debug_assert!(sums == Sums::None || !matches!(ops, Operands::Bf16(_)));
     let parts: Vec<(usize, std::ops::Range<usize>)> = units
         .iter()
         .enumerate()
@@ -595,12 +590,13 @@ fn split_units(
                 .map(move |p| (u, p * SPLIT_KEYS..((p + 1) * SPLIT_KEYS).min(tile.k_len)))
         })
         .collect();
+    let keeps = |u: usize| sums != Sums::None && keeps_probabilities(s, units[u].1, ops);
     let partials: Vec<(Partial, Option<Kept>)> = parts
         .par_iter()
         .map(|(u, keys)| {
             let (kh, tile) = units[*u];
             let mut products = UnitProducts::new(ops, s, kh, tile, q);
-            let mut kept = (sums != Sums::None).then(|| Kept::new(products.rows, keys.clone()));
+            let mut kept = keeps(*u).then(|| Kept::new(products.rows, keys.clone()));
             let p = partial(plan, tile, &mut products, keys.clone(), kept.as_mut());
             (p, kept)
         })
@@ -614,44 +610,125 @@ fn split_units(
         });
         kept[*u].extend(k);
     }
-    merged
+    let finished: Vec<Option<Finished>> = merged
         .into_iter()
-        .zip(kept)
-        .zip(units)
-        .map(|((p, kept), &(_, tile))| match p {
-            Some(p) => finish(p, &kept, s, tile, sums),
-            None => Default::default(),
+        .map(|p| p.map(|p| p.finished(s.d)))
+        .collect();
+    if sums == Sums::None {
+        return finished
+            .into_iter()
+            .map(|f| f.map(|f| (f.out, Vec::new())).unwrap_or_default())
+            .collect();
+    }
+    let per_head = sums == Sums::PerHead;
+    // the second sweeps, part by part, over keys whose rows' maxima and sums are final
+    let swept: Vec<Option<Vec<f32>>> = parts
+        .par_iter()
+        .map(|(u, keys)| {
+            let f = finished[*u].as_ref().filter(|_| !keeps(*u))?;
+            let (kh, tile) = units[*u];
+            let mut products = UnitProducts::new(ops, s, kh, tile, q);
+            Some(sweep_sums(
+                plan,
+                tile,
+                &mut products,
+                keys.clone(),
+                f,
+                per_head,
+            ))
         })
+        .collect();
+    let mut cols: Vec<Vec<f32>> = units
+        .iter()
+        .map(|(_, tile)| vec![0f32; sum_columns(s, sums) * tile.k_len])
+        .collect();
+    for ((u, keys), local) in parts.iter().zip(swept) {
+        let Some(local) = local else { continue };
+        let k_len = units[*u].1.k_len;
+        for (c, part) in local.chunks(keys.len().max(1)).enumerate() {
+            cols[*u][c * k_len + keys.start..][..part.len()].copy_from_slice(part);
+        }
+    }
+    for (u, kept) in kept.iter().enumerate() {
+        let (Some(f), tile) = (&finished[u], units[u].1) else {
+            continue;
+        };
+        let nb = tile.q_end - tile.q_start;
+        for part in kept {
+            part.add_sums(
+                &f.row_max,
+                &f.inv,
+                |r| if per_head { (r / nb) * tile.k_len } else { 0 },
+                &mut cols[u],
+            );
+        }
+    }
+    finished
+        .into_iter()
+        .zip(cols)
+        .map(|(f, col)| f.map(|f| (f.out, col)).unwrap_or_default())
         .collect()
 }
 
-/// A unit's output from its final softmax state and, with `sums`, its probabilities summed
-/// per key from what its sweeps kept (`[k_len]`, or `[group, k_len]` per head).
-fn finish(
-    mut state: Partial,
-    kept: &[Kept],
-    s: Shape,
+/// Whether a unit's sweep keeps its probabilities for the sums ([`Kept`]) rather than
+/// sweeping its keys a second time: a few f32 rows' (a decode step's), whose probabilities
+/// take little room and are at hand (the bf16 products keep them as pairs instead).
+fn keeps_probabilities(s: Shape, tile: QueryTile, ops: Operands<'_>) -> bool {
+    s.group * (tile.q_end - tile.q_start) <= FEW_ROWS && !matches!(ops, Operands::Bf16(_))
+}
+
+/// Columns of a unit's sums: one per query head of its group (`Sums::PerHead`), one in all
+/// (`Sums::Total`), none without sums.
+fn sum_columns(s: Shape, sums: Sums) -> usize {
+    match sums {
+        Sums::None => 0,
+        Sums::Total => 1,
+        Sums::PerHead => s.group,
+    }
+}
+
+/// A unit's final softmax state: its output, and each row's maximum (base 2) and 1 / sum,
+/// what its probabilities are relative to.
+struct Finished {
+    out: Vec<f32>,
+    row_max: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// The second sweep of a unit's keys `keys` (all of them, or a split unit's part): each
+/// row's probabilities, now that its maximum and sum are final (`f`), summed per key;
+/// returns `[columns, keys.len()]` (per head: column `g` for query head `kh·group + g`).
+fn sweep_sums(
+    plan: &TiledPlan,
     tile: QueryTile,
-    sums: Sums,
-) -> (Vec<f32>, Vec<f32>) {
-    if sums == Sums::None {
-        return (state.normalised(s.d), Vec::new());
-    }
+    products: &mut UnitProducts<'_>,
+    keys: std::ops::Range<usize>,
+    f: &Finished,
+    per_head: bool,
+) -> Vec<f32> {
     let nb = tile.q_end - tile.q_start;
-    let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
-    let row_max = std::mem::take(&mut state.max);
-    let out = state.normalised(s.d);
-    let per_head = sums == Sums::PerHead;
-    let mut col = vec![0f32; if per_head { s.group } else { 1 } * tile.k_len];
-    for part in kept {
-        part.add_sums(
-            &row_max,
-            &inv,
-            |r| if per_head { (r / nb) * tile.k_len } else { 0 },
-            &mut col,
-        );
+    let rows = products.rows;
+    let len = keys.len();
+    let columns = if per_head { products.s.group } else { 1 };
+    let mut col = vec![0f32; columns * len];
+    // rows are (g, i): query head kh·group + g, query tile.q_start + i
+    let mut scores = vec![0f32; rows * KEY_TILE];
+    let mut k0 = keys.start;
+    while k0 < keys.end {
+        let w = KEY_TILE.min(keys.end - k0);
+        products.scores(k0, w, &mut scores);
+        for r in 0..rows {
+            let visible = visible_keys(plan, tile, k0, w, r % nb);
+            let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
+            exp2_in_place(seen, f.row_max[r]);
+            let at = if per_head { (r / nb) * len } else { 0 } + (k0 - keys.start);
+            for (c, p) in col[at..at + visible].iter_mut().zip(seen.iter()) {
+                *c += p * f.inv[r];
+            }
+        }
+        k0 += w;
     }
-    (out, col)
+    col
 }
 
 /// One unit's online-softmax state over some of its keys: output not yet divided by the row
@@ -663,6 +740,17 @@ struct Partial {
 }
 
 impl Partial {
+    /// The final state: the output divided by the row sums, the maxima and 1 / the sums.
+    fn finished(mut self, d: usize) -> Finished {
+        let inv = self.sum.iter().map(|s| 1.0 / s).collect();
+        let row_max = std::mem::take(&mut self.max);
+        Finished {
+            out: self.normalised(d),
+            row_max,
+            inv,
+        }
+    }
+
     /// The state over both parts' keys.
     fn merge(mut self, other: Partial, d: usize) -> Partial {
         for r in 0..self.max.len() {
@@ -724,41 +812,31 @@ fn unit(
     sums: Sums,
 ) -> (Vec<f32>, Vec<f32>) {
     let nb = tile.q_end - tile.q_start;
-    let rows = s.group * nb;
-    let d = s.d;
     let mut products = UnitProducts::new(ops, s, kh, tile, q);
     // a few f32 rows (a decode step's) keep their probabilities from the first sweep
-    let mut kept = (sums != Sums::None && rows <= FEW_ROWS && !matches!(ops, Operands::Bf16(_)))
-        .then(|| Kept::new(rows, 0..tile.k_len));
-    let mut state = partial(plan, tile, &mut products, 0..tile.k_len, kept.as_mut());
-    if sums == Sums::None || kept.is_some() {
-        return finish(state, kept.as_slice(), s, tile, sums);
+    let mut kept = (sums != Sums::None && keeps_probabilities(s, tile, ops))
+        .then(|| Kept::new(products.rows, 0..tile.k_len));
+    let state = partial(plan, tile, &mut products, 0..tile.k_len, kept.as_mut());
+    if sums == Sums::None {
+        return (state.normalised(s.d), Vec::new());
     }
-    let inv: Vec<f32> = state.sum.iter().map(|s| 1.0 / s).collect();
-    let row_max = std::mem::take(&mut state.max);
-    let out = state.normalised(d);
+    let f = state.finished(s.d);
     let per_head = sums == Sums::PerHead;
-    let mut col = vec![0f32; if per_head { s.group } else { 1 } * tile.k_len];
-    // second sweep: each row's probabilities, now that its max and sum are final, added per key
-    // rows are (g, i): query head kh·group + g, query tile.q_start + i; per head, a column
-    // of k_len per g
-    let mut scores = vec![0f32; rows * KEY_TILE];
-    let mut k0 = 0;
-    while k0 < tile.k_len {
-        let w = KEY_TILE.min(tile.k_len - k0);
-        products.scores(k0, w, &mut scores);
-        for r in 0..rows {
-            let visible = visible_keys(plan, tile, k0, w, r % nb);
-            let seen = &mut scores[r * KEY_TILE..r * KEY_TILE + visible];
-            exp2_in_place(seen, row_max[r]);
-            let at = if per_head { (r / nb) * tile.k_len } else { 0 } + k0;
-            for (c, p) in col[at..at + visible].iter_mut().zip(seen.iter()) {
-                *c += p * inv[r];
-            }
+    let col = match kept {
+        Some(kept) => {
+            let mut col = vec![0f32; sum_columns(s, sums) * tile.k_len];
+            kept.add_sums(
+                &f.row_max,
+                &f.inv,
+                |r| if per_head { (r / nb) * tile.k_len } else { 0 },
+                &mut col,
+            );
+            col
         }
-        k0 += w;
-    }
-    (out, col)
+        // second sweep: the keys' sums once every row's maximum and sum are final
+        None => sweep_sums(plan, tile, &mut products, 0..tile.k_len, &f, per_head),
+    };
+    (f.out, col)
 }
 
 /// A sweep's probabilities over keys `start..start + k_len` (a whole unit's, or a split
@@ -1100,8 +1178,8 @@ mod tests {
     /// Per-head sums ([`attend_head_summed`]) equal the naive per-head probabilities summed
     /// over the rows, token-major and over a decode mirror's rows by head (f32 and bf16,
     /// with room past the keys), and the output equals [`attend`]'s bit for bit: below
-    /// `SPLIT_KEYS` keys, where neither call splits a unit, and above, where a decode
-    /// step's units (a few rows) split in both and their parts keep the probabilities.
+    /// `SPLIT_KEYS` keys, where neither call splits a unit, and above, where both split
+    /// (a decode step's parts keeping their probabilities, a few queries' sweeping again).
     #[test]
     fn head_sums_match_naive() {
         let dev = Device::Cpu;
@@ -1114,7 +1192,7 @@ mod tests {
         };
         // groups of 3 and 2: a decode step's units keep their probabilities (`Kept`) with one
         // query and, for the group of 2, with 3 queries per unit too
-        // 771 keys: no unit splits; 2,229: a few rows' units split in parts (SPLIT_KEYS)
+        // 771 keys: no unit splits; 2,229: the decode-like calls split their units in parts
         for ((h, kvh, d), keys) in [(9, 3, 64), (4, 2, 16)]
             .into_iter()
             .flat_map(|shape| [(shape, 900u32), (shape, 2600)])
@@ -1313,41 +1391,71 @@ mod tests {
         }
     }
 
-    /// A decode step's units split in parts report the per-head sums a whole unit does, to
-    /// f32 rounding of each key's probability (relative, where `head_sums_match_naive`'s
-    /// bound is absolute): SmolLM2's head shape, peaked softmaxes over four parts.
+    /// Units split in parts report the sums a whole unit does, to f32 rounding of each key's
+    /// probability (relative, where `head_sums_match_naive`'s bound is absolute), per head
+    /// and in total: SmolLM2's head shape, peaked softmaxes over four parts; a decode step's
+    /// units (their parts keep their probabilities) and a short question's (their parts
+    /// sweep again once the merged maxima and sums are final), with f32 products and, where
+    /// the CPU has them, bf16 products.
     #[test]
-    fn split_head_sums_equal_whole_units() {
+    fn split_sums_equal_whole_units() {
         let dev = Device::Cpu;
         let kp: Vec<u32> = (0..3600u32).collect();
-        let qp = vec![3600u32];
         let (h, kvh, d) = (9, 3, 64);
-        let q = Tensor::randn(0f32, 3.0, (1, h, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (kp.len(), kvh, d), &dev).unwrap();
-        let plan = TiledPlan::new(&qp, &kp, CpuAttentionPrecision::F32).unwrap();
-        let (_, split) = run(&plan, &q, Kv::ByToken { k: &k, v: &v }, Sums::PerHead).unwrap();
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (qs, ks, vs) = (flat(&q), flat(&k), flat(&v));
+        let (ks, vs) = (flat(&k), flat(&v));
         let shape = Shape {
             num_heads: h,
             group: h / kvh,
             d,
         };
-        let ops = Operands::F32(Strided {
-            k: &ks,
-            v: &vs,
-            row: kvh * d,
-            head: d,
-        });
-        for kh in 0..kvh {
-            let (_, whole) = unit(&plan, shape, kh, plan.tiles[0], &qs, ops, Sums::PerHead);
-            let got = &split[kh * shape.group * kp.len()..][..whole.len()];
-            for (j, (g, w)) in got.iter().zip(&whole).enumerate() {
+        let packed = PackedKv::new(&ks, &vs, kp.len(), kvh, d);
+        let cases = [
+            (vec![3600u32], CpuAttentionPrecision::F32),
+            ((3589..=3600).collect(), CpuAttentionPrecision::F32),
+            ((3581..=3600).collect(), CpuAttentionPrecision::Bf16),
+        ];
+        for (qp, precision) in cases {
+            let q = Tensor::randn(0f32, 3.0, (qp.len(), h, d), &dev).unwrap();
+            let qs = flat(&q);
+            let plan = TiledPlan::new(&qp, &kp, precision).unwrap();
+            assert_eq!(plan.tiles.len(), 1);
+            let ops = match plan.bf16_products(d) {
+                true => Operands::Bf16(&packed),
+                false => Operands::F32(Strided {
+                    k: &ks,
+                    v: &vs,
+                    row: kvh * d,
+                    head: d,
+                }),
+            };
+            let close = |g: f32, w: f32, what: &str| {
                 assert!(
                     (g - w).abs() <= 1e-4 * w.abs() + 1e-12,
-                    "KV head {kh}, entry {j}: split {g} vs whole {w}"
+                    "{} queries, {what}: split {g} vs whole {w}",
+                    qp.len()
                 );
+            };
+            let (_, split) = run(&plan, &q, Kv::ByToken { k: &k, v: &v }, Sums::PerHead).unwrap();
+            let (_, total) = run(&plan, &q, Kv::ByToken { k: &k, v: &v }, Sums::Total).unwrap();
+            let mut whole_total = vec![0f32; kp.len()];
+            for kh in 0..kvh {
+                let tile = plan.tiles[0];
+                let (_, whole) = unit(&plan, shape, kh, tile, &qs, ops, Sums::PerHead);
+                let got = &split[kh * shape.group * kp.len()..][..whole.len()];
+                for (j, (g, w)) in got.iter().zip(&whole).enumerate() {
+                    close(*g, *w, &format!("KV head {kh}, entry {j}"));
+                }
+                let (_, whole) = unit(&plan, shape, kh, tile, &qs, ops, Sums::Total);
+                whole_total
+                    .iter_mut()
+                    .zip(&whole)
+                    .for_each(|(a, b)| *a += b);
+            }
+            for (j, (g, w)) in total.iter().zip(&whole_total).enumerate() {
+                close(*g, *w, &format!("total, key {j}"));
             }
         }
     }
@@ -1488,7 +1596,7 @@ mod tests {
                         || !bf16
                 );
             }
-            // the summed probe (split only where its units are a few f32 rows): the same
+            // the summed probe (split as the unprobed call is): the same
             // output up to summation order and rounding, each key's sums within bf16's error
             let (out, sums) = attend_summed(&plan, &q, &k, &v).unwrap();
             let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
