@@ -620,7 +620,6 @@ fn split_units(
             .map(|f| f.map(|f| (f.out, Vec::new())).unwrap_or_default())
             .collect();
     }
-    let per_head = sums == Sums::PerHead;
     // the second sweeps, part by part, over keys whose rows' maxima and sums are final
     let swept: Vec<Option<Vec<f32>>> = parts
         .par_iter()
@@ -628,14 +627,7 @@ fn split_units(
             let f = finished[*u].as_ref().filter(|_| !keeps(*u))?;
             let (kh, tile) = units[*u];
             let mut products = UnitProducts::new(ops, s, kh, tile, q);
-            Some(sweep_sums(
-                plan,
-                tile,
-                &mut products,
-                keys.clone(),
-                f,
-                per_head,
-            ))
+            Some(sweep_sums(plan, tile, &mut products, keys.clone(), f, sums))
         })
         .collect();
     let mut cols: Vec<Vec<f32>> = units
@@ -650,17 +642,9 @@ fn split_units(
         }
     }
     for (u, kept) in kept.iter().enumerate() {
-        let (Some(f), tile) = (&finished[u], units[u].1) else {
-            continue;
-        };
-        let nb = tile.q_end - tile.q_start;
+        let Some(f) = &finished[u] else { continue };
         for part in kept {
-            part.add_sums(
-                &f.row_max,
-                &f.inv,
-                |r| if per_head { (r / nb) * tile.k_len } else { 0 },
-                &mut cols[u],
-            );
+            part.add_sums(f, units[u].1, sums, &mut cols[u]);
         }
     }
     finished
@@ -697,20 +681,21 @@ struct Finished {
 
 /// The second sweep of a unit's keys `keys` (all of them, or a split unit's part): each
 /// row's probabilities, now that its maximum and sum are final (`f`), summed per key;
-/// returns `[columns, keys.len()]` (per head: column `g` for query head `kh·group + g`).
+/// returns `[columns, keys.len()]` ([`sum_columns`]; per head, column `g` for query head
+/// `kh·group + g`).
 fn sweep_sums(
     plan: &TiledPlan,
     tile: QueryTile,
     products: &mut UnitProducts<'_>,
     keys: std::ops::Range<usize>,
     f: &Finished,
-    per_head: bool,
+    sums: Sums,
 ) -> Vec<f32> {
     let nb = tile.q_end - tile.q_start;
     let rows = products.rows;
     let len = keys.len();
-    let columns = if per_head { products.s.group } else { 1 };
-    let mut col = vec![0f32; columns * len];
+    let per_head = sums == Sums::PerHead;
+    let mut col = vec![0f32; sum_columns(products.s, sums) * len];
     // rows are (g, i): query head kh·group + g, query tile.q_start + i
     let mut scores = vec![0f32; rows * KEY_TILE];
     let mut k0 = keys.start;
@@ -811,7 +796,6 @@ fn unit(
     ops: Operands<'_>,
     sums: Sums,
 ) -> (Vec<f32>, Vec<f32>) {
-    let nb = tile.q_end - tile.q_start;
     let mut products = UnitProducts::new(ops, s, kh, tile, q);
     // a few f32 rows (a decode step's) keep their probabilities from the first sweep
     let mut kept = (sums != Sums::None && keeps_probabilities(s, tile, ops))
@@ -821,20 +805,14 @@ fn unit(
         return (state.normalised(s.d), Vec::new());
     }
     let f = state.finished(s.d);
-    let per_head = sums == Sums::PerHead;
     let col = match kept {
         Some(kept) => {
             let mut col = vec![0f32; sum_columns(s, sums) * tile.k_len];
-            kept.add_sums(
-                &f.row_max,
-                &f.inv,
-                |r| if per_head { (r / nb) * tile.k_len } else { 0 },
-                &mut col,
-            );
+            kept.add_sums(&f, tile, sums, &mut col);
             col
         }
         // second sweep: the keys' sums once every row's maximum and sum are final
-        None => sweep_sums(plan, tile, &mut products, 0..tile.k_len, &f, per_head),
+        None => sweep_sums(plan, tile, &mut products, 0..tile.k_len, &f, sums),
     };
     (f.out, col)
 }
@@ -878,11 +856,16 @@ impl Kept {
         }
     }
 
-    /// Adds each row's final probabilities (its max `row_max`, `inv` = 1 / its sum, over
-    /// every key of the unit) into `col` at `at(row)` + key.
-    fn add_sums(&self, row_max: &[f32], inv: &[f32], at: impl Fn(usize) -> usize, col: &mut [f32]) {
-        for (r, (&m, &inv)) in row_max.iter().zip(inv).enumerate() {
-            let base = at(r);
+    /// Adds each row's final probabilities (relative to `f`, the unit's final state over
+    /// all its keys) into the unit's `sums` (`[columns, k_len]` of `tile`'s keys).
+    fn add_sums(&self, f: &Finished, tile: QueryTile, sums: Sums, col: &mut [f32]) {
+        let nb = tile.q_end - tile.q_start;
+        for (r, (&m, &inv)) in f.row_max.iter().zip(&f.inv).enumerate() {
+            let base = if sums == Sums::PerHead {
+                (r / nb) * tile.k_len
+            } else {
+                0
+            };
             for tile in 0..self.tiles {
                 let seen = self.tile_max[r * self.tiles + tile];
                 if seen == f32::NEG_INFINITY {
