@@ -123,6 +123,7 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
     if a.check {
         report.checks = check(&device, a.reruns.max(1))?;
         report.row_checks = check_rows(&device)?;
+        report.row_checks.extend(check_pruned_probes(&device)?);
     }
     let heads = parse_heads(&a.heads)?;
     let precision = CpuAttentionPrecision::parse(&a.cpu_attention)?;
@@ -352,6 +353,103 @@ fn check_norms(device: &Device) -> Result<Vec<RowsReport>> {
 #[cfg(not(feature = "gpu"))]
 fn check_norms(_: &Device) -> Result<Vec<RowsReport>> {
     Ok(Vec::new())
+}
+
+/// A decode pool's steps (SCOPE, H2O: per-head sums of the step's row) over a cache pruned
+/// per head, fused against the reference in bf16 on one one-layer model: each step's
+/// per-head sums (max |Δ| over the largest reference sum) and logits (max |Δ| over the
+/// largest logit), the fused path counted as taken (no fallback). The budget is the same
+/// comparison over the unpruned cache (the kernel's path without per-head positions, checked
+/// by the cases above) on the same model and steps: bf16's own noise through the layer, twice
+/// over plus 5e-3. The kernel and the column sums rotate each kept key by its own (head)
+/// position and the steps' appended rows by theirs; a wrong rotation moves the sums by far
+/// more than that noise.
+fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
+    let mut rng = Rng(0x5EED_0000_0000_0099);
+    let mut out = Vec::new();
+    for (h, kvh, d, t, kept) in [
+        (9, 3, 64, 3000, 750),
+        (32, 8, 128, 2000, 1000),
+        (9, 3, 64, 90, 70),
+    ] {
+        let mut m = attention_model(h, kvh, d, DType::BF16, device)?;
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
+        };
+        let full = kvquilt_model::KvCache::new(
+            vec![kvquilt_model::LayerKv::new(
+                randn(&[t, kvh, d])?,
+                randn(&[t, kvh, d])?,
+            )],
+            kvquilt_model::positions(0, t),
+        );
+        // each KV head keeps its own `kept` keys (the same count: no padding)
+        let keep: Vec<Vec<u32>> = (0..kvh)
+            .map(|_| {
+                let mut all: Vec<u32> = (0..t as u32).collect();
+                for i in (1..t).rev() {
+                    all.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                let mut mine = all[..kept].to_vec();
+                mine.sort_unstable();
+                mine
+            })
+            .collect();
+        let pruned = full.retain(&[keep])?;
+        let fallbacks = m.attention_fallbacks();
+        let (sums_err, logits_err) = pool_steps_fused_vs_reference(&mut m, &pruned)?;
+        let took_fused = m.attention_fallbacks() == fallbacks;
+        let (sums_floor, logits_floor) = pool_steps_fused_vs_reference(&mut m, &full)?;
+        let pass = took_fused
+            && sums_err <= 2.0 * sums_floor + 5e-3
+            && logits_err <= 2.0 * logits_floor + 5e-3;
+        let case = format!(
+            "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: per-head sums {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}"
+        );
+        eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
+        out.push(RowsReport { case, pass });
+    }
+    Ok(out)
+}
+
+/// Four decode steps over copies of `cache`, each asking the step's per-head sums, once
+/// through the fused kernel and once through the reference: the largest |Δ| of the sums and
+/// of the logits, each over the reference's largest value.
+fn pool_steps_fused_vs_reference(
+    m: &mut Model,
+    cache: &kvquilt_model::KvCache,
+) -> Result<(f32, f32)> {
+    let (mut fused, mut reference) = (cache.clone(), cache.clone());
+    let (mut sums_err, mut logits_err) = (0f32, 0f32);
+    for step in 0..4u32 {
+        let token = 7 + 31 * step;
+        let mut run = |kernel, cache: &mut kvquilt_model::KvCache| -> Result<(Tensor, Tensor)> {
+            m.set_attention_kernel(kernel);
+            let mut hook = kvquilt_model::CollectProbes::new(Some(
+                kvquilt_model::ProbeRequest::head_sums_over_all(1),
+            ));
+            let logits = m.decode_step(token, cache, &mut hook)?;
+            let sums = hook
+                .layers
+                .pop()
+                .and_then(|p| p.head_sums)
+                .context("the step's probe reported no per-head sums")?;
+            Ok((logits.to_dtype(DType::F32)?, sums))
+        };
+        let (lf, sf) = run(AttentionKernel::Fused, &mut fused)?;
+        let (lr, sr) = run(AttentionKernel::Reference, &mut reference)?;
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let scale = b
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .max(f32::MIN_POSITIVE);
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+        };
+        sums_err = sums_err.max(rel(&sf, &sr)?);
+        logits_err = logits_err.max(rel(&lf, &lr)?);
+    }
+    Ok((sums_err, logits_err))
 }
 
 /// A one-layer model with the given attention heads (its weights are never used here).

@@ -585,11 +585,17 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // `acc` being [H, t] (head kh * G + r % G of a tile row r): added into a shared-memory row
 // per head of the CTA's KV head (G <= 8, checked by the host), then one atomic add per
 // (head, key) into `acc`.
+//
+// Over a pruned cache (a decode pool's probe), the first `head_rows` keys are rotated by their
+// own (row, KV head) position `k_head_pos`, as in the attention kernel; `k_pos` (the mask's
+// positions) stands in for them otherwise and is what the causal test reads.
 template <typename T, int D, bool PER_HEAD>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
                                             const T *__restrict__ k, int k_stride,
                                             const uint32_t *__restrict__ q_pos,
                                             const uint32_t *__restrict__ k_pos,
+                                            const uint32_t *__restrict__ k_head_pos,
+                                            int head_rows,
                                             const T *__restrict__ cos, const T *__restrict__ sin,
                                             const float *__restrict__ lse, float *__restrict__ acc,
                                             int n, int t, int H, int kvh, float scale_log2,
@@ -617,7 +623,11 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
       [&](int j) -> const T * {
         return is_key(j) ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
       },
-      [&](int j) { return k_pos[kbase + j]; }, cos, sin);
+      [&](int j) {
+        const int r = kbase + j;
+        return r < head_rows ? k_head_pos[static_cast<size_t>(r) * kvh + kh] : k_pos[r];
+      },
+      cos, sin);
 
   float col[BN / 8][2];  // this thread's sums for key columns nt * 8 + tq * 2 + {0, 1}
 #pragma unroll
@@ -706,11 +716,12 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
 #define COLSUM_ENTRY(NAME, PER_HEAD, T, SUF, D)                                                  \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME##_##SUF##_d##D(                    \
       const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
-      const uint32_t *k_pos, const T *cos, const T *sin, const float *lse, float *acc, int n,   \
-      int t, int H, int kvh, float scale_log2, int corr_from, int corr_lo, int corr_hi,         \
-      float corr_factor, const uint32_t *corr_dev) {                                            \
-    attn_colsum<T, D, PER_HEAD>(q, q_stride, k, k_stride, q_pos, k_pos, cos, sin, lse, acc, n,  \
-                                t, H, kvh, scale_log2,                                          \
+      const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows, const T *cos,           \
+      const T *sin, const float *lse, float *acc, int n, int t, int H, int kvh,                 \
+      float scale_log2, int corr_from, int corr_lo, int corr_hi, float corr_factor,             \
+      const uint32_t *corr_dev) {                                                               \
+    attn_colsum<T, D, PER_HEAD>(q, q_stride, k, k_stride, q_pos, k_pos, k_head_pos, head_rows,  \
+                                cos, sin, lse, acc, n, t, H, kvh, scale_log2,                   \
                                 KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor,          \
                                              corr_dev));                                        \
   }

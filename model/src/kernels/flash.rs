@@ -79,6 +79,35 @@ macro_rules! call_views {
     };
 }
 
+/// Pushes a pruned cache's per-head key positions onto launch builder `$b`: the positions'
+/// device view and how many rows they cover, or a null pointer and 0 rows (`k_head_pos,
+/// head_rows` of `ATTN_ENTRY` and `COLSUM_ENTRY`). `$head_pos` is an
+/// `Option<(&Tensor, usize)>`; the locals it binds live to the end of the caller's scope.
+macro_rules! push_head_pos {
+    ($b:ident, $head_pos:expr) => {
+        let head_guard =
+            $head_pos.map(|(t, rows): (&Tensor, usize)| (t.storage_and_layout(), rows as i32));
+        let head_view = match &head_guard {
+            Some(((g, l), rows)) => Some((
+                cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..),
+                *rows,
+            )),
+            None => None,
+        };
+        let (no_head_pos, no_head_rows): (u64, i32) = (0, 0); // a null `uint32_t*`, no rows
+        match &head_view {
+            Some((view, rows)) => {
+                $b.arg(view);
+                $b.arg(rows);
+            }
+            None => {
+                $b.arg(&no_head_pos);
+                $b.arg(&no_head_rows);
+            }
+        }
+    };
+}
+
 /// Pushes a call's key scale onto launch builder `$b`: the four by-value arguments, then
 /// the scale in device memory or a null pointer (`corr_from, corr_lo, corr_hi, corr_factor,
 /// corr_dev` of `ATTN_ENTRY` and `COLSUM_ENTRY`). The locals it binds live to the end of
@@ -368,6 +397,17 @@ impl FusedAttention {
         head_pos: &Tensor,
         rows: usize,
     ) -> Result<Tensor> {
+        self.check_head_pos(head_pos, rows)?;
+        let k = contiguous_rows(k)?;
+        let v = contiguous_rows(v)?;
+        let mut launch = Launch::new(self, false);
+        launch.head_pos = Some((head_pos, rows));
+        Ok(q.apply_op3_no_bwd(&k, &v, &launch)?)
+    }
+
+    /// Per-head key positions fit this call: `[rows * kv_heads]` for at most its keys, in a
+    /// call whose kernel rotates K per tile (not `rotate_first`).
+    fn check_head_pos(&self, head_pos: &Tensor, rows: usize) -> Result<()> {
         if self.rotate_first || head_pos.dims1()? != rows * self.kv_heads || rows > self.num_keys {
             return Err(invalid_input(format!(
                 "per-head key positions: {:?} for {rows} rows of {} KV heads (rotate first: {})",
@@ -376,11 +416,7 @@ impl FusedAttention {
                 self.rotate_first
             )));
         }
-        let k = contiguous_rows(k)?;
-        let v = contiguous_rows(v)?;
-        let mut launch = Launch::new(self, false);
-        launch.head_pos = Some((head_pos, rows));
-        Ok(q.apply_op3_no_bwd(&k, &v, &launch)?)
+        Ok(())
     }
 
     /// Whether K is rotated once per call (then a pruned cache's keys are rotated by the
@@ -506,26 +542,13 @@ impl FusedAttention {
         b.arg(&qp);
         b.arg(&kp);
         // per-head positions of a pruned cache's first rows (decode path only)
-        let head_guard = match keys {
-            KeyRotation::PerHead(t, rows) => Some((t.storage_and_layout(), rows as i32)),
-            _ => None,
-        };
-        let null_pos: u64 = 0; // a null `uint32_t*`: no per-head rows
-        let zero_rows: i32 = 0;
-        let head_view = match &head_guard {
-            Some(((g, l), _)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
-            None => None,
-        };
-        match (&head_view, &head_guard) {
-            (Some(view), Some((_, rows))) => {
-                b.arg(view);
-                b.arg(rows);
+        push_head_pos!(
+            b,
+            match keys {
+                KeyRotation::PerHead(t, rows) => Some((t, rows)),
+                _ => None,
             }
-            _ => {
-                b.arg(&null_pos);
-                b.arg(&zero_rows);
-            }
-        }
+        );
         b.arg(&cos);
         b.arg(&sin);
         b.arg(&out);
@@ -553,7 +576,7 @@ impl FusedAttention {
             Some(((g, l), _)) => Some(cuda(g)?.as_cuda_slice::<u32>()?.slice(l.start_offset()..)),
             None => None,
         };
-        let no_piece: i32 = 0;
+        let (null_pos, no_piece): (u64, i32) = (0, 0); // a null `uint32_t*`, no piece
         match (&plan_view, &plan_guard) {
             (Some(view), Some((_, piece))) => {
                 b.arg(view);
@@ -662,15 +685,18 @@ impl FusedAttention {
     /// [`FusedAttention::attend`], plus each key's attention probability summed over every
     /// query row and head, `[t]` f32: what query-aware blend ranks tokens by, without
     /// materialising the probabilities (the kernel leaves each row's log-sum-exp behind and
-    /// `attn_colsum` adds up `exp2(score - lse)` per key).
+    /// `attn_colsum` adds up `exp2(score - lse)` per key). Over a pruned cache, `pruned`
+    /// holds its per-head key positions and the rows they cover, as
+    /// [`FusedAttention::attend_pruned`] takes them (decode: not `rotate_first`).
     pub(crate) fn attend_and_column_sums(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        pruned: Option<(&Tensor, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let sums = Tensor::zeros(self.num_keys, DType::F32, q.device())?;
-        let out = self.attend_and_add_column_sums(q, k, v, &sums)?;
+        let out = self.attend_then_sum(q, k, v, &sums, false, pruned)?;
         Ok((out, sums))
     }
 
@@ -678,13 +704,15 @@ impl FusedAttention {
     /// query row, per query head: `[num_heads, t]` f32 (head `h` reads KV head `h / group`),
     /// without materialising the probabilities (`attn_colsum_heads`: as `attn_colsum`, each
     /// probability added into its own head's row). What a token policy reading a window's
-    /// mean attention per query head needs when the call's rows are that window. GQA groups
-    /// of at most 8 query heads.
+    /// mean attention per query head needs when the call's rows are that window (a decode
+    /// pool's step over its pruned cache: `pruned` as in
+    /// [`FusedAttention::attend_and_column_sums`]). GQA groups of at most 8 query heads.
     pub(crate) fn attend_and_head_sums(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        pruned: Option<(&Tensor, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         if self.num_heads > MOST_HEAD_SUM_GROUP * self.kv_heads {
             return Err(invalid_input(format!(
@@ -693,7 +721,7 @@ impl FusedAttention {
             )));
         }
         let sums = Tensor::zeros((self.num_heads, self.num_keys), DType::F32, q.device())?;
-        let out = self.attend_then_sum(q, k, v, &sums, true)?;
+        let out = self.attend_then_sum(q, k, v, &sums, true, pruned)?;
         Ok((out, sums))
     }
 
@@ -718,11 +746,12 @@ impl FusedAttention {
                 sums.dtype()
             )));
         }
-        self.attend_then_sum(q, k, v, sums, false)
+        self.attend_then_sum(q, k, v, sums, false, None)
     }
 
     /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (per head:
-    /// `attn_colsum_heads`) adding into `sums` (shape checked by the launch).
+    /// `attn_colsum_heads`) adding into `sums` (shape checked by the launch); both rotate a
+    /// pruned cache's first rows by their per-head positions when `pruned` gives them.
     fn attend_then_sum(
         &self,
         q: &Tensor,
@@ -730,31 +759,46 @@ impl FusedAttention {
         v: &Tensor,
         sums: &Tensor,
         per_head: bool,
+        pruned: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
+        if let Some((head_pos, rows)) = pruned {
+            self.check_head_pos(head_pos, rows)?;
+        }
         let k = contiguous_rows(k)?;
         let v = contiguous_rows(v)?;
-        let op = Launch::new(self, true);
+        let mut op = Launch::new(self, true);
+        op.head_pos = pruned;
         let out = q.apply_op3_no_bwd(&k, &v, &op)?;
         let lse = op
             .lse
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .ok_or_else(|| invalid_input("the attention kernel left no log-sum-exp"))?;
-        sums.inplace_op3(q, &k, &ColumnSums(self, &lse, per_head))?;
+        sums.inplace_op3(
+            q,
+            &k,
+            &ColumnSums {
+                attention: self,
+                lse: &lse,
+                per_head,
+                head_pos: pruned,
+            },
+        )?;
         Ok(out)
     }
 
     /// Launches `attn_colsum` (or, `per_head`, `attn_colsum_heads`) over pre-RoPE `q` and
-    /// `k` (the kernel rotates them as it reads), adding into `acc` (`[t]`, or `[h, t]`).
+    /// `k` (the kernel rotates them as it reads; a pruned cache's first rows by `head_pos`),
+    /// adding into `acc` (`[t]`, or `[h, t]`).
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
         (acc, la): (&mut CudaStorage, &Layout),
         (q, lq): (&CudaStorage, &Layout),
         (k, lk): (&CudaStorage, &Layout),
-        lse: &CudaSlice<f32>,
+        op: &ColumnSums<'_>,
         suffix: &str,
-        per_head: bool,
     ) -> candle_core::Result<()> {
+        let (lse, per_head) = (op.lse, op.per_head);
         let (n, t, h, kvh, d) = (
             self.num_queries,
             self.num_keys,
@@ -806,6 +850,7 @@ impl FusedAttention {
         b.arg(&k_stride_i);
         b.arg(&qp);
         b.arg(&kp);
+        push_head_pos!(b, op.head_pos);
         b.arg(&cos);
         b.arg(&sin);
         b.arg(lse);
@@ -827,7 +872,7 @@ impl FusedAttention {
         // q [n, h, d] in rows of `q_stride` and k [t, kvh, d] in rows of `k_stride` (offsets
         // and strides 16-byte aligned, checked above), positions n / t with the tables
         // covering every position but u32::MAX (checked by the forward pass; those slots are
-        // skipped), lse n * h (written by the attention launch of this call), acc t (checked
+        // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h (written by the attention launch of this call), acc t (checked
         // above; h * t per head), a key scale in device memory of 4 u32 (checked by
         // `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
@@ -921,9 +966,16 @@ impl CustomOp3 for Launch<'_> {
 }
 
 /// The column sums of [`FusedAttention::attend_and_column_sums`] (per head:
-/// [`FusedAttention::attend_and_head_sums`]) as an in-place candle op over (sums, q, k), with
-/// the log-sum-exp its attention launch left.
-struct ColumnSums<'a>(&'a FusedAttention, &'a CudaSlice<f32>, bool);
+/// [`FusedAttention::attend_and_head_sums`]) as an in-place candle op over (sums, q, k).
+struct ColumnSums<'a> {
+    attention: &'a FusedAttention,
+    /// The log-sum-exp its attention launch left.
+    lse: &'a CudaSlice<f32>,
+    /// Per query head (`attn_colsum_heads`), or summed over heads.
+    per_head: bool,
+    /// A pruned cache's per-head key positions and the rows they cover.
+    head_pos: Option<(&'a Tensor, usize)>,
+}
 
 impl InplaceOp3 for ColumnSums<'_> {
     fn name(&self) -> &'static str {
@@ -951,20 +1003,10 @@ impl InplaceOp3 for ColumnSums<'_> {
         k: &CudaStorage,
         lk: &Layout,
     ) -> candle_core::Result<()> {
-        let acc = (acc, la);
+        let (acc, a) = ((acc, la), self.attention);
         match q.dtype() {
-            DType::BF16 => self.0.launch_column_sums::<half::bf16>(
-                acc,
-                (q, lq),
-                (k, lk),
-                self.1,
-                "bf16",
-                self.2,
-            ),
-            DType::F16 => {
-                self.0
-                    .launch_column_sums::<half::f16>(acc, (q, lq), (k, lk), self.1, "f16", self.2)
-            }
+            DType::BF16 => a.launch_column_sums::<half::bf16>(acc, (q, lq), (k, lk), self, "bf16"),
+            DType::F16 => a.launch_column_sums::<half::f16>(acc, (q, lq), (k, lk), self, "f16"),
             other => candle_core::bail!("column sums support bf16 and f16, not {other:?}"),
         }
     }

@@ -70,8 +70,9 @@ pub(super) enum LayerAttention {
         kernel: crate::kernels::FusedAttention,
         summed: bool,
         head_summed: bool,
-        /// Over a pruned cache: the tables of the rows appended after pruning (keys are then
-        /// rotated before the kernel, each pruned row by its own position).
+        /// Over a pruned cache: the tables of the rows appended after pruning (for keys
+        /// rotated before a kernel that rotates K once per call; per tile, the kernel rotates
+        /// each pruned row by its own position).
         tail_tables: Option<(usize, RopeTables)>,
     },
 }
@@ -234,15 +235,17 @@ impl Model {
     }
 
     /// Chooses and prepares the attention of one forward call. Over a pruned cache (per-head
-    /// positions) keys are rotated before attending (each pruned row by its own position) and
-    /// the fused kernel, where it runs, rotates only Q; padded heads and column sums need the
-    /// reference. Queries after a `parallel` context attend to it corrected (not over a pruned
-    /// cache, whose rows are not at their positions): a call without a probe whose other rows
-    /// come before them splits (`LayerAttention::Split`); corrected rows run any attention
-    /// over scaled keys when the correction is a temperature alone (`ScaledKeys`), else the
-    /// reference — which also runs a probed call's exact rows beside its corrected ones. On
-    /// the GPU a temperature alone runs in the fused kernel instead (exact and corrected
-    /// rows, column sums included, in one launch over the unscaled keys).
+    /// positions) keys are rotated by their own positions: by the fused kernel as it loads
+    /// them when it rotates K per tile (decode; column sums included), else before attending
+    /// (the kernel then rotates only Q, and column sums take the reference); padded heads
+    /// need the reference. Queries after a `parallel` context attend to it corrected (not
+    /// over a pruned cache, whose rows are not at their positions): a call without a probe
+    /// whose other rows come before them splits (`LayerAttention::Split`); corrected rows
+    /// run any attention over scaled keys when the correction is a temperature alone
+    /// (`ScaledKeys`), else the reference — which also runs a probed call's exact rows beside
+    /// its corrected ones. On the GPU a temperature alone runs in the fused kernel instead
+    /// (exact and corrected rows, column sums included, in one launch over the unscaled
+    /// keys).
     pub(super) fn layer_attention(
         &self,
         q_pos: &[u32],
@@ -309,14 +312,14 @@ impl Model {
             });
         }
         // Per-row probes need the probabilities, which only the reference materialises; a
-        // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum).
+        // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum), over
+        // a pruned cache too when the kernel rotates K per tile (decode: a pool's probe).
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
         // (the kernel's per-head sums take GQA groups of at most 8; the reference any)
         let head_summed = probe.is_some_and(|p| p.is_head_summed_over_all(q_pos.len()))
             && c.num_heads <= 8 * c.num_kv_heads;
         let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
         let fused = (probe.is_none() || summed || head_summed)
-            && !((summed || head_summed) && pruned.is_some())
             && !padded
             && match kernel {
                 AttentionKernel::Reference => false,
@@ -349,22 +352,29 @@ impl Model {
                 c.head_dim,
                 &self.device,
             )?;
-            let tail_tables = match pruned {
-                Some(p) => Some((p.rows, self.tables(&k_pos[p.rows..])?)),
-                None => None,
-            };
-            return Ok(LayerAttention::Fused {
-                kernel,
-                summed,
-                head_summed,
-                tail_tables,
-            });
+            // the column sums rotate a pruned cache's rows by their per-head positions only
+            // in a kernel that rotates K per tile; calls of many query rows over one (none
+            // the pools make) take the reference
+            if (summed || head_summed) && pruned.is_some() && kernel.rotates_first() {
+                self.note_fallback("column sums over a pruned cache for many query rows");
+            } else {
+                let tail_tables = match pruned {
+                    Some(p) => Some((p.rows, self.tables(&k_pos[p.rows..])?)),
+                    None => None,
+                };
+                return Ok(LayerAttention::Fused {
+                    kernel,
+                    summed,
+                    head_summed,
+                    tail_tables,
+                });
+            }
         }
-        debug_assert!(!fused || !cfg!(feature = "gpu"));
+        #[cfg(not(feature = "gpu"))]
+        let _ = fused; // a build without the CUDA kernels has no fused path
         // The CPU's own fused path: tiled online softmax, for calls with no probe, a summed
-        // probe of every row (not over a pruned cache, as on the GPU) or per-head sums over
-        // every row (a decode pool's scores: over its pruned cache too, the keys rotated
-        // first).
+        // probe of every row (not over a pruned cache) or per-head sums over every row (a
+        // decode pool's scores: over its pruned cache too, the keys rotated first).
         if (probe.is_none() || (summed && pruned.is_none()) || head_summed)
             && !padded
             && parallel.is_none()
@@ -662,25 +672,30 @@ impl Model {
                 tail_tables,
             } => {
                 let k = &kv.k;
+                // a pruned cache's per-head positions, when the kernel rotates its rows
+                let mut head_pos = None;
                 if let Some((layer, rows)) = pruned {
-                    let (Some((_, tail)), false, None) =
-                        (tail_tables, *summed || *head_summed, &layer.bias)
-                    else {
+                    let (Some((_, tail)), None) = (tail_tables, &layer.bias) else {
                         return Err(invalid_input(
-                            "fused attention over a pruned cache needs unpadded heads, no probe and its tail tables",
+                            "fused attention over a pruned cache needs unpadded heads and its tail tables",
                         ));
                     };
-                    // decode: the kernel rotates each pruned row by its own position as it
-                    // loads; calls that rotate K once first get keys rotated here
+                    // decode: the kernel (and the column sums) rotate each pruned row by its
+                    // own position as they load; calls that rotate K once first get keys
+                    // rotated here (and no probe: `layer_attention` sends those elsewhere)
                     if !kernel.rotates_first() {
-                        let out = kernel.attend_pruned(q, k, v, &layer.positions, rows)?;
-                        return Ok((out, LayerProbe::default()));
+                        head_pos = Some((&layer.positions, rows));
+                    } else if *summed || *head_summed {
+                        return Err(invalid_input(
+                            "fused column sums over a pruned cache need a kernel rotating K per tile",
+                        ));
+                    } else {
+                        let k_rot = self.rotate_pruned(k, layer, rows, tail)?;
+                        return Ok((kernel.attend_rotated(q, &k_rot, v)?, LayerProbe::default()));
                     }
-                    let k_rot = self.rotate_pruned(k, layer, rows, tail)?;
-                    return Ok((kernel.attend_rotated(q, &k_rot, v)?, LayerProbe::default()));
                 }
                 if *summed {
-                    let (out, sums) = kernel.attend_and_column_sums(q, k, v)?;
+                    let (out, sums) = kernel.attend_and_column_sums(q, k, v, head_pos)?;
                     Ok((
                         out,
                         LayerProbe {
@@ -689,7 +704,7 @@ impl Model {
                         },
                     ))
                 } else if *head_summed {
-                    let (out, sums) = kernel.attend_and_head_sums(q, k, v)?;
+                    let (out, sums) = kernel.attend_and_head_sums(q, k, v, head_pos)?;
                     let c = &self.config;
                     let group = c.num_heads / c.num_kv_heads;
                     Ok((
@@ -699,6 +714,9 @@ impl Model {
                             ..LayerProbe::default()
                         },
                     ))
+                } else if let Some((positions, rows)) = head_pos {
+                    let out = kernel.attend_pruned(q, k, v, positions, rows)?;
+                    Ok((out, LayerProbe::default()))
                 } else {
                     Ok((kernel.attend(q, k, v)?, LayerProbe::default()))
                 }
