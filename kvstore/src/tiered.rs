@@ -277,17 +277,44 @@ impl TieredStore {
         Ok(None)
     }
 
-    /// The whole object from the fastest tier that has it; promoted to faster tiers.
+    /// The whole object from the fastest tier that has it; promoted to faster tiers before
+    /// this returns.
     pub async fn get(&self, key: &ChunkKey) -> Result<Option<(Arc<KvObject>, TierKind)>> {
+        let Some((found_at, obj)) = self.find(key).await? else {
+            return Ok(None);
+        };
+        if found_at > 0 && self.promote_on_hit {
+            self.promote(found_at, &obj).await;
+        }
+        Ok(Some((obj, self.tiers[found_at].kind())))
+    }
+
+    /// [`TieredStore::get`] for a request's path: a hit in a slower tier is promoted by a
+    /// spawned task after this returns, as a layer stream's is, so the caller waits for the
+    /// read alone — not for copies into faster tiers, nor the write-back of what they evict
+    /// (an SSD write; pinned by `streams::a_hits_promotion_does_not_hold_up_its_read`).
+    pub async fn get_promoting_later(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+    ) -> Result<Option<(Arc<KvObject>, TierKind)>> {
+        let Some((found_at, obj)) = self.find(key).await? else {
+            return Ok(None);
+        };
+        if found_at > 0 && self.promote_on_hit {
+            let (store, copy) = (Arc::clone(self), Arc::clone(&obj));
+            tokio::spawn(async move { store.promote(found_at, &copy).await });
+        }
+        Ok(Some((obj, self.tiers[found_at].kind())))
+    }
+
+    /// The whole object from the fastest tier that has it, and that tier's index.
+    async fn find(&self, key: &ChunkKey) -> Result<Option<(usize, Arc<KvObject>)>> {
         for (i, t) in self.tiers.iter().enumerate() {
             if !t.contains(key) && !t.is_remote() {
                 continue;
             }
             if let Some(obj) = t.get(key).await? {
-                if i > 0 && self.promote_on_hit {
-                    self.promote(i, &obj).await;
-                }
-                return Ok(Some((obj, t.kind())));
+                return Ok(Some((i, obj)));
             }
         }
         Ok(None)

@@ -91,3 +91,131 @@ async fn a_corrupt_record_ends_the_stream_with_an_error_and_drops_the_object() {
     let got = s.get(b.key()).await.unwrap().unwrap().0;
     assert_eq!(*got, b, "the other object is untouched");
 }
+
+/// A tier over a host tier under another name whose puts wait for `gate` (when given): a
+/// slow copy into a faster tier, as an SSD write of what a promotion evicts is.
+struct Gated {
+    inner: kvquilt_kvstore::HostTier,
+    kind: TierKind,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Gated {
+    fn new(name: &'static str, gate: Option<Arc<tokio::sync::Semaphore>>) -> Arc<Self> {
+        let inner = kvquilt_kvstore::HostTier::new(
+            1 << 30,
+            kvquilt_kvstore::PolicyKind::Lru,
+            kvquilt_kvstore::Pins::default(),
+        );
+        Arc::new(Self {
+            inner,
+            kind: TierKind::new(name),
+            gate,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl kvquilt_kvstore::Tier for Gated {
+    fn kind(&self) -> TierKind {
+        self.kind
+    }
+    fn contains(&self, key: &kvquilt_kvstore::ChunkKey) -> bool {
+        self.inner.contains(key)
+    }
+    fn keys(&self) -> Vec<kvquilt_kvstore::ChunkKey> {
+        self.inner.keys()
+    }
+    async fn info(
+        &self,
+        key: &kvquilt_kvstore::ChunkKey,
+    ) -> kvquilt_kvstore::Result<Option<Arc<kvquilt_kvstore::ObjectInfo>>> {
+        self.inner.info(key).await
+    }
+    async fn reader(
+        &self,
+        key: &kvquilt_kvstore::ChunkKey,
+    ) -> kvquilt_kvstore::Result<Option<Box<dyn kvquilt_kvstore::LayerReader>>> {
+        self.inner.reader(key).await
+    }
+    async fn get(
+        &self,
+        key: &kvquilt_kvstore::ChunkKey,
+    ) -> kvquilt_kvstore::Result<Option<Arc<KvObject>>> {
+        self.inner.get(key).await
+    }
+    async fn put(
+        &self,
+        obj: Arc<KvObject>,
+        cost_s: f64,
+    ) -> kvquilt_kvstore::Result<kvquilt_kvstore::PutOutcome> {
+        if let Some(gate) = &self.gate {
+            let _pass = gate.acquire().await;
+        }
+        self.inner.put(obj, cost_s).await
+    }
+    async fn remove(&self, key: &kvquilt_kvstore::ChunkKey) -> kvquilt_kvstore::Result<bool> {
+        self.inner.remove(key).await
+    }
+    fn lease(&self, key: &kvquilt_kvstore::ChunkKey) -> Option<kvquilt_kvstore::Lease> {
+        self.inner.lease(key)
+    }
+    fn stats(&self) -> kvquilt_kvstore::TierStatsSnapshot {
+        self.inner.stats()
+    }
+}
+
+/// A hit in a slow tier returns from `get_promoting_later` while its promotion into the
+/// faster tiers is still held up (a gate closed on the middle tier's puts), and the promotion
+/// lands once the gate opens; `get` waits for the promotion (it cannot return with the gate
+/// closed). The prefix path reads its links this way, so a link's stall deadline covers the
+/// read alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hits_promotion_does_not_hold_up_its_read() {
+    use std::time::Duration;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let far = Gated::new("far", None);
+    let s = Arc::new(
+        TieredStore::builder(StoreConfig::host_only(1 << 30))
+            .unwrap()
+            .tier(Gated::new("middle", Some(Arc::clone(&gate))))
+            .tier(far.clone())
+            .build(),
+    );
+    let obj = object(5, 24, layout(KvDType::F32, 4));
+    kvquilt_kvstore::Tier::put(far.as_ref(), Arc::new(obj.clone()), 1.0)
+        .await
+        .unwrap();
+    assert_eq!(s.locate(obj.key()), Some(TierKind::new("far")));
+
+    // `get` promotes first: with the middle tier's puts held, it does not return
+    let waited = tokio::time::timeout(Duration::from_millis(200), s.get(obj.key())).await;
+    assert!(
+        waited.is_err(),
+        "get returned before its promotion could land"
+    );
+
+    let (got, tier) =
+        tokio::time::timeout(Duration::from_secs(30), s.get_promoting_later(obj.key()))
+            .await
+            .expect("the read waited for its promotion")
+            .unwrap()
+            .unwrap();
+    assert_eq!(tier, TierKind::new("far"));
+    assert_eq!(got.layer(2), obj.layer(2));
+    assert!(
+        !s.tiers()[0].contains(obj.key()),
+        "promoted past a closed gate"
+    );
+
+    gate.add_permits(16);
+    let landed = async {
+        while !s.tiers()[0].contains(obj.key()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), landed)
+        .await
+        .expect("the promotion never reached the host tier");
+    assert_eq!(s.locate(obj.key()), Some(TierKind::HOST));
+}

@@ -89,7 +89,8 @@ fn load_link(
     let deadline = stall_deadline(b, tier, bytes);
     let t0 = Instant::now();
     // (the timer is made inside `block_on`: it needs the runtime's context)
-    let read = async { tokio::time::timeout(deadline, b.store.get(key)).await };
+    // (a hit from a slower tier is promoted after the read: the deadline covers the read)
+    let read = async { tokio::time::timeout(deadline, b.store.get_promoting_later(key)).await };
     let Ok(got) = b.rt.block_on(turn.paused_while_pending(read)) else {
         tracing::warn!(%key, %tier, ?deadline, "reading a stored prefix link stalled; recomputing from here");
         b.costs.record_load(tier, bytes, t0.elapsed().as_secs_f64());

@@ -187,7 +187,7 @@ pub(crate) async fn get_kv(
             "KV exports in flight fill this server's budget (limits.body_budget_bytes); retry later",
         ));
     };
-    let Some((obj, _tier)) = s.blender.store().get(&key).await? else {
+    let Some((obj, _tier)) = s.blender.store().get_promoting_later(&key).await? else {
         return Err(unknown_chunk(&key));
     };
     if let Some(codec) = obj.lossy() {
