@@ -355,9 +355,9 @@ fn check_norms(_: &Device) -> Result<Vec<RowsReport>> {
     Ok(Vec::new())
 }
 
-/// A decode pool's steps (SCOPE, H2O: per-head sums of the step's row) over a cache pruned
-/// per head, fused against the reference in bf16 on one one-layer model: each step's
-/// per-head sums (max |Δ| over the largest reference sum) and logits (max |Δ| over the
+/// A decode pool's steps (SCOPE, H2O: per-head sums of the step's row; and the same summed
+/// over heads) over a cache pruned per head, fused against the reference in bf16 on one
+/// one-layer model: each step's sums (max |Δ| over the largest reference sum) and logits (max |Δ| over the
 /// largest logit), the fused path counted as taken (no fallback). The budget is the same
 /// comparison over the unpruned cache (the kernel's path without per-head positions, checked
 /// by the cases above) on the same model and steps: bf16's own noise through the layer, twice
@@ -396,28 +396,35 @@ fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
             })
             .collect();
         let pruned = full.retain(&[keep])?;
-        let fallbacks = m.attention_fallbacks();
-        let (sums_err, logits_err) = pool_steps_fused_vs_reference(&mut m, &pruned)?;
-        let took_fused = m.attention_fallbacks() == fallbacks;
-        let (sums_floor, logits_floor) = pool_steps_fused_vs_reference(&mut m, &full)?;
-        let pass = took_fused
-            && sums_err <= 2.0 * sums_floor + 5e-3
-            && logits_err <= 2.0 * logits_floor + 5e-3;
-        let case = format!(
-            "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: per-head sums {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}"
-        );
-        eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
-        out.push(RowsReport { case, pass });
+        // per query head (a pool's probe), and summed over heads (`attn_colsum`)
+        for per_head in [true, false] {
+            let fallbacks = m.attention_fallbacks();
+            let (sums_err, logits_err) = pool_steps_fused_vs_reference(&mut m, &pruned, per_head)?;
+            let took_fused = m.attention_fallbacks() == fallbacks;
+            let (sums_floor, logits_floor) =
+                pool_steps_fused_vs_reference(&mut m, &full, per_head)?;
+            let pass = took_fused
+                && sums_err <= 2.0 * sums_floor + 5e-3
+                && logits_err <= 2.0 * logits_floor + 5e-3;
+            let what = if per_head { "per-head sums" } else { "sums" };
+            let case = format!(
+                "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: {what} {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}"
+            );
+            eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
+            out.push(RowsReport { case, pass });
+        }
     }
     Ok(out)
 }
 
-/// Four decode steps over copies of `cache`, each asking the step's per-head sums, once
-/// through the fused kernel and once through the reference: the largest |Δ| of the sums and
-/// of the logits, each over the reference's largest value.
+/// Four decode steps over copies of `cache`, each asking the step's attention summed per
+/// query head (`per_head`) or over every head, once through the fused kernel and once
+/// through the reference: the largest |Δ| of the sums and of the logits, each over the
+/// reference's largest value.
 fn pool_steps_fused_vs_reference(
     m: &mut Model,
     cache: &kvquilt_model::KvCache,
+    per_head: bool,
 ) -> Result<(f32, f32)> {
     let (mut fused, mut reference) = (cache.clone(), cache.clone());
     let (mut sums_err, mut logits_err) = (0f32, 0f32);
@@ -425,15 +432,18 @@ fn pool_steps_fused_vs_reference(
         let token = 7 + 31 * step;
         let mut run = |kernel, cache: &mut kvquilt_model::KvCache| -> Result<(Tensor, Tensor)> {
             m.set_attention_kernel(kernel);
-            let mut hook = kvquilt_model::CollectProbes::new(Some(
-                kvquilt_model::ProbeRequest::head_sums_over_all(1),
-            ));
+            let probe = if per_head {
+                kvquilt_model::ProbeRequest::head_sums_over_all(1)
+            } else {
+                kvquilt_model::ProbeRequest::summed_over_all(1)
+            };
+            let mut hook = kvquilt_model::CollectProbes::new(Some(probe));
             let logits = m.decode_step(token, cache, &mut hook)?;
             let sums = hook
                 .layers
                 .pop()
-                .and_then(|p| p.head_sums)
-                .context("the step's probe reported no per-head sums")?;
+                .and_then(|p| if per_head { p.head_sums } else { p.rows })
+                .context("the step's probe reported no sums")?;
             Ok((logits.to_dtype(DType::F32)?, sums))
         };
         let (lf, sf) = run(AttentionKernel::Fused, &mut fused)?;
