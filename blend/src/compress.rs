@@ -464,6 +464,41 @@ mod tests {
         m.decode_step(5, &mut pruned, &mut ()).unwrap();
     }
 
+    /// A device's per-layer sums, left as `[kv_heads, rows]` tensors and read once after the
+    /// step (`StepAttention::into_sums`: stacked, one copy), come out as the CPU's loop
+    /// (`group_sums`) sums each layer as it reports: `[layer][kv_head][row]`, layer by
+    /// layer in order. (Run here over CPU tensors: the stacking and its order are the
+    /// device-independent part.)
+    #[test]
+    fn sums_read_after_the_step_are_each_layers_group_sums_in_order() {
+        let layers: Vec<Tensor> = (0..3u32)
+            .map(|l| {
+                let v: Vec<f32> = (0..2 * 3 * 5u32)
+                    .map(|i| ((i * 7 + l * 13) % 11) as f32 / 16.0)
+                    .collect();
+                Tensor::from_vec(v, (2, 3, 5), &kvquilt_model::Device::Cpu).unwrap()
+            })
+            .collect();
+        let want: Vec<Vec<Vec<f32>>> = layers.iter().map(|x| group_sums(x).unwrap()).collect();
+        let step = StepAttention {
+            probe: None,
+            scored: 0..5,
+            per_layer: Vec::new(),
+            on_device: layers.iter().map(|x| x.sum(1).unwrap()).collect(),
+        };
+        let got = step.into_sums().unwrap();
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.len(), 2);
+            for (gh, wh) in g.iter().zip(w) {
+                assert_eq!(gh.len(), 5);
+                for (a, b) in gh.iter().zip(wh) {
+                    assert!((a - b).abs() <= 1e-6, "{got:?} vs {want:?}");
+                }
+            }
+        }
+    }
+
     /// A window's per-head sums (what the GPU's fused kernel reports) observe what its rows'
     /// probabilities do, to f32 rounding (here the sums through the CPU's tiled attention, the
     /// rows' probabilities through the reference), and give SnapKV the same keep set; a window of fewer rows than the call, or
@@ -717,8 +752,27 @@ pub struct PooledDecoder {
 /// A step's attention over every cache row, summed over each KV head's query heads.
 struct StepAttention {
     probe: Option<ProbeRequest>,
-    /// `[layer][kv_head][row]`.
+    /// The rows whose attention the pool reads ([`DecodePool::scored_rows`]): only these
+    /// are summed and kept.
+    scored: std::ops::Range<usize>,
+    /// `[layer][kv_head][row]`: the CPU's sums, as each layer reports them.
     per_layer: Vec<Vec<Vec<f32>>>,
+    /// On a device, each layer's `[kv_heads, rows]` sums, left there until the step is
+    /// done ([`StepAttention::into_sums`] reads them in one copy): reading each layer's as
+    /// it reports would make the host wait for that layer's work before it launches the
+    /// next one's, every layer of every step (BENCHMARKS §9, "Pools on the 8B
+    /// shape").
+    on_device: Vec<Tensor>,
+}
+
+impl StepAttention {
+    /// `[layer][kv_head][row]`, every layer's sums.
+    fn into_sums(self) -> std::result::Result<Vec<Vec<Vec<f32>>>, kvquilt_model::CandleError> {
+        if self.on_device.is_empty() {
+            return Ok(self.per_layer);
+        }
+        Tensor::stack(&self.on_device, 0)?.to_vec3::<f32>()
+    }
 }
 
 impl LayerHook for StepAttention {
@@ -734,20 +788,25 @@ impl LayerHook for StepAttention {
         let Some(per_head) = probe.head_sums else {
             return Ok(());
         };
-        self.per_layer
-            .push(group_sums(&per_head).map_err(HookError::new)?);
+        let scored = || -> std::result::Result<Tensor, kvquilt_model::CandleError> {
+            per_head.narrow(2, self.scored.start, self.scored.len())
+        };
+        if per_head.device().is_cpu() {
+            let sums = scored().and_then(|x| group_sums(&x));
+            self.per_layer.push(sums.map_err(HookError::new)?);
+        } else {
+            // the pool's rows alone, summed on the device, read after the step
+            let sums = scored().and_then(|x| x.sum(1));
+            self.on_device.push(sums.map_err(HookError::new)?);
+        }
         Ok(())
     }
 }
 
-/// `[kv_heads, group, keys]` f32 → `[kv_heads][keys]`, summed over each KV head's query
-/// heads. On the CPU a plain loop: candle's reduction over the middle axis took as long
-/// as the step's attention (BENCHMARKS §9, "A decode pool's host work"); elsewhere the
-/// sum runs on the device and only the sums cross.
+/// `[kv_heads, group, keys]` f32 on the CPU → `[kv_heads][keys]`, summed over each KV
+/// head's query heads by a plain loop: candle's reduction over the middle axis took as long
+/// as the step's attention (BENCHMARKS §9, "A decode pool's host work").
 fn group_sums(x: &Tensor) -> std::result::Result<Vec<Vec<f32>>, kvquilt_model::CandleError> {
-    if !x.device().is_cpu() {
-        return x.sum(1)?.to_vec2::<f32>();
-    }
     let (heads, group, keys) = x.dims3()?;
     let flat = x.flatten_all()?.to_vec1::<f32>()?;
     Ok((0..heads)
@@ -804,11 +863,13 @@ impl PooledDecoder {
                 // answers it over the cache's rows by head, from its one sweep's
                 // probabilities (a few rows' worth), no probability matrix
                 .then(|| ProbeRequest::head_sums_over_all(1)),
+            scored: self.pool.scored_rows(),
             per_layer: Vec::new(),
+            on_device: Vec::new(),
         };
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;
         self.peak_rows = self.peak_rows.max(self.cache.len());
-        self.pool.observe(&hook.per_layer)?;
+        self.pool.observe(&hook.into_sums()?)?;
         if self.pool.due() {
             let keep = self.pool.select();
             // the pool's rows move within the decoder's own buffers

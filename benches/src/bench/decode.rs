@@ -66,6 +66,16 @@ pub struct DecodeBenchArgs {
     /// count; none by default).
     #[arg(long, value_delimiter = ',')]
     sessions: Vec<usize>,
+    /// Decode pools, `NAME:ROWS` (`streaming:256`, `scope-slide:256`, `h2o:128`, …: the
+    /// policies of `eval --task longgen`), each decoding `--steps` tokens over the full
+    /// cache (the prompt's rows untouched) through `PooledDecoder`, which observes, reselects
+    /// and moves its rows in place as the sidecar's decoding does; beside the full cache's
+    /// own steps at batch 1. Random weights serve: a pool's cost does not depend on them.
+    #[arg(long, value_delimiter = ',')]
+    pools: Vec<String>,
+    /// Rows every pool may hold over its budget before reselecting (`DecodePoolSpec::slack`).
+    #[arg(long, default_value_t = 0)]
+    pool_slack: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -102,6 +112,7 @@ struct Report {
     steps: usize,
     repeats: usize,
     rows: Vec<Row>,
+    pools: Vec<PoolRow>,
     sessions: Vec<SessionsRow>,
     /// What compressing the context's cache costs on the sidecar's path, per factor.
     compress: Vec<CompressCost>,
@@ -129,6 +140,21 @@ struct CompressCost {
     /// ... and the share of the reference's kept entries the chosen attention's keep set
     /// also keeps (1: the same keep set).
     keep_agreement: f64,
+}
+
+/// One decode pool's steps beside the full cache's.
+#[derive(Serialize)]
+struct PoolRow {
+    /// `NAME:ROWS`.
+    pool: String,
+    tokens_per_s: f64,
+    /// Over the full cache's `decode_step` at batch 1, in the same run.
+    speedup_vs_full: f64,
+    /// Reselections in the last timed run (after its untimed first step).
+    reselections: usize,
+    /// Most rows the pool's cache held.
+    peak_rows: usize,
+    runs_s: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -470,6 +496,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
                 .map_or("–".into(), |(d, same)| format!("{d:.4}, {same}"))
         );
     }
+    let pools = pool_rows(&model, &full, &a, &rows, &token)?;
     // the caches the sessions' threads copy were written on this thread's stream
     model.device().synchronize()?;
     let mut sessions_rows = Vec::new();
@@ -544,9 +571,95 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         steps,
         repeats: a.repeats,
         rows,
+        pools,
         compress: compress_costs,
     };
     write_report(&report, a.json.as_deref())
+}
+
+/// `--pools`: each pool's `--steps` steps over a fresh decoder on `full` (one untimed step
+/// first; the decoder's copy of the cache is made outside the timing), `--repeats` timed runs
+/// after a warm-up, beside the full cache's batch-1 rate in `rows` (measured here when
+/// `--batch` left batch 1 out). Prints its table.
+fn pool_rows(
+    model: &Model,
+    full: &KvCache,
+    a: &DecodeBenchArgs,
+    rows: &[Row],
+    token: &dyn Fn(usize, usize) -> u32,
+) -> Result<Vec<PoolRow>> {
+    if a.pools.is_empty() {
+        return Ok(Vec::new());
+    }
+    let steps = a.steps.max(1);
+    let timed = |step: &mut dyn FnMut(u32) -> Result<()>| -> Result<f64> {
+        step(token(0, 0))?;
+        model.device().synchronize()?;
+        let t = Instant::now();
+        for i in 1..=steps {
+            step(token(i, 0))?;
+        }
+        model.device().synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let full_tps = match rows.iter().find(|r| r.batch == 1 && r.cache == "full") {
+        Some(r) => r.tokens_per_s,
+        None => {
+            let mut runs = Vec::new();
+            for _ in 0..=a.repeats.max(1) {
+                let mut cache = full.clone();
+                runs.push(timed(&mut |t| {
+                    drop(model.decode_step(t, &mut cache, &mut ())?);
+                    Ok(())
+                })?);
+            }
+            runs.remove(0);
+            steps as f64 / median(&runs)
+        }
+    };
+    let mut out = Vec::with_capacity(a.pools.len());
+    for p in &a.pools {
+        let (name, budget) = p
+            .split_once(':')
+            .and_then(|(n, r)| Some((n, r.parse::<usize>().ok()?)))
+            .with_context(|| format!("--pools takes NAME:ROWS (streaming:256), not `{p}`"))?;
+        let spec =
+            kvquilt_compression::policy::DecodePoolSpec::named(name, budget, None, steps + 1)
+                .with_context(|| format!("--pools {p}"))?
+                .with_slack(a.pool_slack);
+        let (mut runs, mut reselections, mut peak_rows) = (Vec::new(), 0, 0);
+        for _ in 0..=a.repeats.max(1) {
+            let mut d = kvquilt_blend::compress::PooledDecoder::new(model, full.clone(), spec)?;
+            runs.push(timed(&mut |t| {
+                drop(d.step(model, t)?);
+                Ok(())
+            })?);
+            (reselections, peak_rows) = (d.evictions(), d.peak_rows());
+        }
+        runs.remove(0);
+        let tps = steps as f64 / median(&runs);
+        eprintln!("pool {p}: {tps:.1} tokens/s ({:.2}× full)", tps / full_tps);
+        out.push(PoolRow {
+            pool: p.clone(),
+            tokens_per_s: tps,
+            speedup_vs_full: tps / full_tps,
+            reselections,
+            peak_rows,
+            runs_s: runs,
+        });
+    }
+    println!(
+        "| pool (slack {}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows |",
+        a.pool_slack
+    );
+    println!("|---|---|---|---|---|");
+    for r in &out {
+        println!(
+            "| {} | {:.1} | {:.2}× | {} | {} |",
+            r.pool, r.tokens_per_s, r.speedup_vs_full, r.reselections, r.peak_rows
+        );
+    }
+    Ok(out)
 }
 
 /// The sidecar's observations of `full` (the cache of `tokens`) with `kernel` against the

@@ -216,25 +216,39 @@ impl DecodePool {
             .map_or(0, Vec::len)
     }
 
-    /// Records one decode step that appended one row: `attention[layer][head][row]` is the
-    /// step's attention over every current row (summed over the KV head's query heads), or
+    /// The cache rows, once the next step has appended its own, whose attention
+    /// [`DecodePool::observe`] reads: the pool's, `protected..rows + 1` (the protected rows
+    /// are never ranked); empty for a scorer that reads none. A caller reading the step's
+    /// attention off a device brings only these across.
+    pub fn scored_rows(&self) -> std::ops::Range<usize> {
+        match self.spec.reads_attention() {
+            true => self.protected..self.rows() + 1,
+            false => 0..0,
+        }
+    }
+
+    /// Records one decode step that appended one row: `attention[layer][head][i]` is the
+    /// step's attention on row `scored_rows().start + i` (summed over the KV head's query
+    /// heads), for every row of [`DecodePool::scored_rows`] as it was before this call, or
     /// empty for a scorer that reads none.
     /// A step whose attention is missing or misshapen is refused before anything changes
     /// (the pool stays as it was: `tests::a_refused_step_changes_nothing`).
     pub fn observe(&mut self, attention: &[Vec<Vec<f32>>]) -> Result<(), PolicyError> {
-        let rows = self.rows() + 1;
+        let scored = self.scored_rows();
         if self.spec.reads_attention() {
             for (l, layer) in self.scores.iter().enumerate() {
                 for h in 0..layer.len() {
                     let fits = attention
                         .get(l)
                         .and_then(|x| x.get(h))
-                        .is_some_and(|a| a.len() == rows);
+                        .is_some_and(|a| a.len() == scored.len());
                     if !fits {
                         return Err(PolicyError::BadObservation {
                             policy: "decode pool".into(),
                             layer: l,
-                            why: format!("no attention over {rows} rows for KV head {h}"),
+                            why: format!(
+                                "no attention over the pool's rows {scored:?} for KV head {h}"
+                            ),
                         });
                     }
                 }
@@ -247,10 +261,10 @@ impl DecodePool {
                 if !self.spec.reads_attention() {
                     continue;
                 }
-                let a = &attention[l][h];
+                let (a, pool) = (&attention[l][h], &mut s[scored.start..]);
                 match self.spec.scorer {
-                    Scorer::Instantaneous => s.copy_from_slice(a),
-                    Scorer::Cumulative => s.iter_mut().zip(a).for_each(|(x, y)| *x += y),
+                    Scorer::Instantaneous => pool.copy_from_slice(a),
+                    Scorer::Cumulative => pool.iter_mut().zip(a).for_each(|(x, y)| *x += y),
                     Scorer::Recency => {}
                 }
             }
@@ -324,9 +338,10 @@ mod tests {
         }
     }
 
-    /// One layer, one head; `att` over the rows after the step's row is appended.
+    /// One layer, one head; `att` over every row after the step's row is appended (the
+    /// pool is given its scored rows' part).
     fn step(p: &mut DecodePool, att: &[f32]) {
-        p.observe(&[vec![att.to_vec()]]).unwrap();
+        p.observe(&[vec![att[p.scored_rows()].to_vec()]]).unwrap();
     }
 
     #[test]
@@ -354,11 +369,17 @@ mod tests {
 
     #[test]
     fn a_refused_step_changes_nothing() {
-        // prefill 2 rows, two layers of one head; the step brings attention for layer 0 only
+        // prefill 2 rows, two layers of one head; the step brings attention for layer 0 only,
+        // then for both but over every row instead of the pool's one (row 2)
         let mut p = DecodePool::new(spec(Scorer::Cumulative, Schedule::Slide), 2, 2, 1).unwrap();
-        assert!(p.observe(&[vec![vec![0.5; 3]]]).is_err());
+        assert_eq!(p.scored_rows(), 2..3);
+        assert!(p.observe(&[vec![vec![0.5; 1]]]).is_err());
+        assert!(
+            p.observe(&[vec![vec![0.5; 3]], vec![vec![0.5; 3]]])
+                .is_err()
+        );
         assert_eq!(p.rows(), 2, "no row was added");
-        assert!(p.observe(&[vec![vec![0.5; 3]], vec![vec![0.5; 3]]]).is_ok());
+        assert!(p.observe(&[vec![vec![0.5; 1]], vec![vec![0.5; 1]]]).is_ok());
         assert_eq!(p.rows(), 3);
         assert!(
             p.scores.iter().all(|l| l[0].len() == 3),
@@ -507,6 +528,9 @@ mod tests {
     #[test]
     fn missing_attention_is_an_error() {
         let mut p = DecodePool::new(spec(Scorer::Instantaneous, Schedule::Slide), 1, 1, 1).unwrap();
-        assert!(p.observe(&[vec![vec![0.5]]]).is_err());
+        assert!(p.observe(&[]).is_err());
+        assert!(p.observe(&[vec![vec![]]]).is_err());
+        assert!(p.observe(&[vec![vec![0.5, 0.5]]]).is_err());
+        assert!(p.observe(&[vec![vec![0.5]]]).is_ok());
     }
 }
