@@ -464,30 +464,47 @@ mod tests {
         m.decode_step(5, &mut pruned, &mut ()).unwrap();
     }
 
-    /// A device's per-layer sums, left as `[kv_heads, rows]` tensors and read once after the
-    /// step (`StepAttention::into_sums`: stacked, one copy), come out as the CPU's loop
-    /// (`group_sums`) sums each layer as it reports: `[layer][kv_head][row]`, layer by
-    /// layer in order. (Run here over CPU tensors: the stacking and its order are the
-    /// device-independent part.)
+    /// A step's sums read after the step (`defer_reads`, what a device does: each layer's
+    /// pool rows summed where they are, stacked and read in one copy) come out as the
+    /// CPU's loop sums them as each layer reports: `[layer][kv_head][row]` over the scored
+    /// rows alone, layer by layer in order. (Both over CPU tensors here: the narrowing,
+    /// stacking and order are the device-independent part.)
     #[test]
     fn sums_read_after_the_step_are_each_layers_group_sums_in_order() {
         let layers: Vec<Tensor> = (0..3u32)
             .map(|l| {
-                let v: Vec<f32> = (0..2 * 3 * 5u32)
+                let v: Vec<f32> = (0..2 * 3 * 7u32)
                     .map(|i| ((i * 7 + l * 13) % 11) as f32 / 16.0)
                     .collect();
-                Tensor::from_vec(v, (2, 3, 5), &kvquilt_model::Device::Cpu).unwrap()
+                Tensor::from_vec(v, (2, 3, 7), &kvquilt_model::Device::Cpu).unwrap()
             })
             .collect();
-        let want: Vec<Vec<Vec<f32>>> = layers.iter().map(|x| group_sums(x).unwrap()).collect();
-        let step = StepAttention {
-            probe: None,
-            scored: 0..5,
-            per_layer: Vec::new(),
-            on_device: layers.iter().map(|x| x.sum(1).unwrap()).collect(),
+        let sums = |defer_reads: bool| {
+            let mut step = StepAttention {
+                probe: None,
+                scored: 2..7,
+                defer_reads,
+                per_layer: Vec::new(),
+                on_device: Vec::new(),
+            };
+            for (l, x) in layers.iter().enumerate() {
+                let probe = LayerProbe {
+                    head_sums: Some(x.clone()),
+                    ..LayerProbe::default()
+                };
+                step.after_attention(l, probe).unwrap();
+            }
+            step.into_sums().unwrap()
         };
-        let got = step.into_sums().unwrap();
-        assert_eq!(got.len(), 3);
+        let (got, want) = (sums(true), sums(false));
+        assert_eq!(want.len(), 3);
+        let by_hand: f32 = (0..3)
+            .map(|g| layers[1].to_vec3::<f32>().unwrap()[1][g][2])
+            .sum();
+        assert!(
+            (want[1][1][0] - by_hand).abs() <= 1e-6,
+            "row 2 is the first scored"
+        );
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.len(), 2);
             for (gh, wh) in g.iter().zip(w) {
@@ -749,19 +766,21 @@ pub struct PooledDecoder {
     peak_rows: usize,
 }
 
-/// A step's attention over every cache row, summed over each KV head's query heads.
+/// A step's attention over the pool's rows, summed over each KV head's query heads.
 struct StepAttention {
     probe: Option<ProbeRequest>,
     /// The rows whose attention the pool reads ([`DecodePool::scored_rows`]): only these
     /// are summed and kept.
     scored: std::ops::Range<usize>,
-    /// `[layer][kv_head][row]`: the CPU's sums, as each layer reports them.
+    /// Whether the sums stay where the model computed them until the step is done (a
+    /// device): reading each layer's as it reports would make the host wait for that
+    /// layer's work before it launches the next one's, every layer of every step
+    /// (BENCHMARKS §9, "Pools on the 8B shape"). On the CPU they are summed as they come.
+    defer_reads: bool,
+    /// `[layer][kv_head][row]`: the sums summed as each layer reports them.
     per_layer: Vec<Vec<Vec<f32>>>,
-    /// On a device, each layer's `[kv_heads, rows]` sums, left there until the step is
-    /// done ([`StepAttention::into_sums`] reads them in one copy): reading each layer's as
-    /// it reports would make the host wait for that layer's work before it launches the
-    /// next one's, every layer of every step (BENCHMARKS §9, "Pools on the 8B
-    /// shape").
+    /// With `defer_reads`, each layer's `[kv_heads, rows]` sums, read in one copy by
+    /// [`StepAttention::into_sums`].
     on_device: Vec<Tensor>,
 }
 
@@ -791,13 +810,13 @@ impl LayerHook for StepAttention {
         let scored = || -> std::result::Result<Tensor, kvquilt_model::CandleError> {
             per_head.narrow(2, self.scored.start, self.scored.len())
         };
-        if per_head.device().is_cpu() {
-            let sums = scored().and_then(|x| group_sums(&x));
-            self.per_layer.push(sums.map_err(HookError::new)?);
-        } else {
-            // the pool's rows alone, summed on the device, read after the step
+        if self.defer_reads {
+            // the pool's rows alone, summed where they are, read after the step
             let sums = scored().and_then(|x| x.sum(1));
             self.on_device.push(sums.map_err(HookError::new)?);
+        } else {
+            let sums = scored().and_then(|x| group_sums(&x));
+            self.per_layer.push(sums.map_err(HookError::new)?);
         }
         Ok(())
     }
@@ -864,6 +883,7 @@ impl PooledDecoder {
                 // probabilities (a few rows' worth), no probability matrix
                 .then(|| ProbeRequest::head_sums_over_all(1)),
             scored: self.pool.scored_rows(),
+            defer_reads: !model.device().is_cpu(),
             per_layer: Vec::new(),
             on_device: Vec::new(),
         };

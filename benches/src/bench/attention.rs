@@ -7,7 +7,8 @@
 //! NaN or run-to-run difference makes the command fail. This is the kernel's test on the GPU
 //! machine, which has no Rust toolchain: the one carried binary tests and measures. It also
 //! checks the row scatter of selective recompute (`LayerKv::replace_rows`) bit for bit against
-//! a gather built here, per dtype and row width.
+//! a gather built here, per dtype and row width, and a decode pool's probe over a cache pruned
+//! per head (per-head and summed sums, fused against the reference).
 //!
 //! The timing part runs Llama-3.1-8B's attention shape (32 heads, 8 KV heads, head dim 128;
 //! `--heads` picks another) for a prefill, a blend's sparse recompute and a decode step. A
@@ -152,7 +153,7 @@ pub(crate) fn run(a: AttentionBenchArgs) -> Result<()> {
         .map(|c| c.case.as_str())
         .collect();
     if !failed.is_empty() {
-        bail!("row replacement mismatches: {failed:?}");
+        bail!("row or pool-probe check failures: {failed:?}");
     }
     Ok(())
 }

@@ -150,7 +150,7 @@ struct PoolRow {
     tokens_per_s: f64,
     /// Over the full cache's `decode_step` at batch 1, in the same run.
     speedup_vs_full: f64,
-    /// Reselections in the last timed run (after its untimed first step).
+    /// Reselections over the last run, its untimed first step included.
     reselections: usize,
     /// Most rows the pool's cache held.
     peak_rows: usize,
@@ -496,7 +496,15 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
                 .map_or("–".into(), |(d, same)| format!("{d:.4}, {same}"))
         );
     }
-    let pools = pool_rows(&model, &full, &a, &rows, &token)?;
+    let pools = match rows.iter().find(|r| r.batch == 1 && r.cache == "full") {
+        _ if a.pools.is_empty() => Vec::new(),
+        Some(r) => pool_rows(&model, &full, &a, r.tokens_per_s, &token)?,
+        // (`--batch` left batch 1 out)
+        None => {
+            let full_tps = steps as f64 / median(&decode(&full, 1)?);
+            pool_rows(&model, &full, &a, full_tps, &token)?
+        }
+    };
     // the caches the sessions' threads copy were written on this thread's stream
     model.device().synchronize()?;
     let mut sessions_rows = Vec::new();
@@ -579,44 +587,16 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
 
 /// `--pools`: each pool's `--steps` steps over a fresh decoder on `full` (one untimed step
 /// first; the decoder's copy of the cache is made outside the timing), `--repeats` timed runs
-/// after a warm-up, beside the full cache's batch-1 rate in `rows` (measured here when
-/// `--batch` left batch 1 out). Prints its table.
+/// after a warm-up, as the full cache's `decode` runs, beside its batch-1 rate `full_tps`.
+/// Prints its table.
 fn pool_rows(
     model: &Model,
     full: &KvCache,
     a: &DecodeBenchArgs,
-    rows: &[Row],
+    full_tps: f64,
     token: &dyn Fn(usize, usize) -> u32,
 ) -> Result<Vec<PoolRow>> {
-    if a.pools.is_empty() {
-        return Ok(Vec::new());
-    }
     let steps = a.steps.max(1);
-    let timed = |step: &mut dyn FnMut(u32) -> Result<()>| -> Result<f64> {
-        step(token(0, 0))?;
-        model.device().synchronize()?;
-        let t = Instant::now();
-        for i in 1..=steps {
-            step(token(i, 0))?;
-        }
-        model.device().synchronize()?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    let full_tps = match rows.iter().find(|r| r.batch == 1 && r.cache == "full") {
-        Some(r) => r.tokens_per_s,
-        None => {
-            let mut runs = Vec::new();
-            for _ in 0..=a.repeats.max(1) {
-                let mut cache = full.clone();
-                runs.push(timed(&mut |t| {
-                    drop(model.decode_step(t, &mut cache, &mut ())?);
-                    Ok(())
-                })?);
-            }
-            runs.remove(0);
-            steps as f64 / median(&runs)
-        }
-    };
     let mut out = Vec::with_capacity(a.pools.len());
     for p in &a.pools {
         let (name, budget) = p
@@ -630,10 +610,14 @@ fn pool_rows(
         let (mut runs, mut reselections, mut peak_rows) = (Vec::new(), 0, 0);
         for _ in 0..=a.repeats.max(1) {
             let mut d = kvquilt_blend::compress::PooledDecoder::new(model, full.clone(), spec)?;
-            runs.push(timed(&mut |t| {
-                drop(d.step(model, t)?);
-                Ok(())
-            })?);
+            d.step(model, token(0, 0))?;
+            model.device().synchronize()?;
+            let t = Instant::now();
+            for i in 1..=steps {
+                d.step(model, token(i, 0))?;
+            }
+            model.device().synchronize()?;
+            runs.push(t.elapsed().as_secs_f64());
             (reselections, peak_rows) = (d.evictions(), d.peak_rows());
         }
         runs.remove(0);

@@ -183,6 +183,15 @@ __device__ __forceinline__ void rotate8(const uint4 &x1, const uint4 &x2, const 
   }
 }
 
+// The position key row `r` of KV head `kh` is rotated to: a pruned cache's first `head_rows`
+// rows each by its own (row, KV head) position in `k_head_pos` ([rows, kvh]), the rest (and
+// every row of a cache that is not pruned: head_rows 0) by `k_pos`, the mask's positions.
+__device__ __forceinline__ uint32_t key_position(const uint32_t *k_pos,
+                                                 const uint32_t *k_head_pos, int head_rows,
+                                                 int kvh, int kh, int r) {
+  return r < head_rows ? k_head_pos[static_cast<size_t>(r) * kvh + kh] : k_pos[r];
+}
+
 // Loads `rows` rows of D pre-RoPE elements into smem (row stride D + 8), rotated to `pos(row)`.
 // `src(row)` returns the row's global pointer or nullptr for a padding row (written as zeros).
 template <typename T, int D, typename Src, typename Pos>
@@ -340,10 +349,7 @@ __device__ __forceinline__ void attn_pos(const T *__restrict__ q, int q_stride,
       // position; k_pos (the mask's positions) stands in for them otherwise
       load_rotated<T, D>(
           Ks, BN, k_row(kbase),
-          [&](int j) {
-            const int r = kbase + j;
-            return r < head_rows ? k_head_pos[static_cast<size_t>(r) * kvh + kh] : k_pos[r];
-          },
+          [&](int j) { return key_position(k_pos, k_head_pos, head_rows, kvh, kh, kbase + j); },
           cos, sin);
       for (int item = threadIdx.x; item < BN * (D / 8); item += NTHREADS) {
         const int j = item / (D / 8), c = item % (D / 8);
@@ -623,10 +629,7 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
       [&](int j) -> const T * {
         return is_key(j) ? k + static_cast<size_t>(kbase + j) * k_stride + kh * D : nullptr;
       },
-      [&](int j) {
-        const int r = kbase + j;
-        return r < head_rows ? k_head_pos[static_cast<size_t>(r) * kvh + kh] : k_pos[r];
-      },
+      [&](int j) { return key_position(k_pos, k_head_pos, head_rows, kvh, kh, kbase + j); },
       cos, sin);
 
   float col[BN / 8][2];  // this thread's sums for key columns nt * 8 + tq * 2 + {0, 1}

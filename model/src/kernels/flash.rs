@@ -872,9 +872,9 @@ impl FusedAttention {
         // q [n, h, d] in rows of `q_stride` and k [t, kvh, d] in rows of `k_stride` (offsets
         // and strides 16-byte aligned, checked above), positions n / t with the tables
         // covering every position but u32::MAX (checked by the forward pass; those slots are
-        // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h (written by the attention launch of this call), acc t (checked
-        // above; h * t per head), a key scale in device memory of 4 u32 (checked by
-        // `with_key_scale_at`).
+        // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h
+        // (written by the attention launch of this call), acc t (checked above; h * t per
+        // head), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

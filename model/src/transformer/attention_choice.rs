@@ -354,7 +354,7 @@ impl Model {
             )?;
             // the column sums rotate a pruned cache's rows by their per-head positions only
             // in a kernel that rotates K per tile; calls of many query rows over one (none
-            // the pools make) take the reference
+            // the pools make) take the reference, the kernel built for them unused
             if (summed || head_summed) && pruned.is_some() && kernel.rotates_first() {
                 self.note_fallback("column sums over a pruned cache for many query rows");
             } else {
