@@ -892,8 +892,10 @@ impl PooledDecoder {
         self.pool.observe(&hook.into_sums()?)?;
         if self.pool.due() {
             let keep = self.pool.select();
-            // the pool's rows move within the decoder's own buffers
-            self.cache.retain_in_place(&keep)?;
+            // the pool's rows move within the decoder's own buffers; the protected rows
+            // (the prompt's) stay where they are and cost nothing
+            self.cache
+                .retain_tail_in_place(keep.protected, &keep.pool)?;
             self.evictions += 1;
         }
         Ok(logits)

@@ -592,21 +592,22 @@ impl LayerKv {
             })
     }
 
-    /// Rows `keep[h]` of each KV head (every head as many; rows `0..from` kept where they
-    /// are) gathered into the first rows of this layer's own buffers, which it must own
+    /// Rows `0..from` kept where they are and rows `tails[h]` of each KV head (every head as
+    /// many) gathered behind them, in this layer's own buffers, which it must own
     /// ([`LayerKv::owns_buffers`]); returns the view of them. `gather` holds the moved
     /// rows' flat indices ([`moved_rows`], on the layer's device; `None` when no row
     /// moves). The rotated keys and decode mirror kept beside the buffers move with their
     /// rows when they were kept for exactly `was` (positions, per-head positions), and are
-    /// then kept for `now`; otherwise they are dropped (made again when asked for). See
+    /// then kept for `now` (its per-head positions in two parts, one after the other);
+    /// otherwise they are dropped (made again when asked for). See
     /// [`KvCache::retain_in_place`].
     fn compact(
         &self,
         from: usize,
-        keep: &[Vec<u32>],
+        tails: &[&[u32]],
         gather: Option<&Tensor>,
         was: (&[u32], Option<&[u32]>),
-        now: (&[u32], &[u32]),
+        now: (&[u32], [&[u32]; 2]),
     ) -> Result<Self> {
         let Some(g) = self.growth.as_ref().filter(|_| self.owns_buffers()) else {
             return Err(invalid_input(
@@ -674,17 +675,17 @@ impl LayerKv {
                 put_rows(&r.k, from, &moved(&r.k)?)?;
             }
             r.positions = now.0.to_vec();
-            r.per_head = Some(now.1.to_vec());
+            r.per_head = Some(now.1.concat());
             *g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         }
         if let Some(mut m) = mirror {
             if n > 0 {
                 // [kv_heads, capacity, d]: (head, row) of rows from..
                 let cap = m.k.dims()[1];
-                let flat: Vec<u32> = keep
+                let flat: Vec<u32> = tails
                     .iter()
                     .enumerate()
-                    .flat_map(|(h, kept)| kept[from..].iter().map(move |&t| (h * cap) as u32 + t))
+                    .flat_map(|(h, kept)| kept.iter().map(move |&t| (h * cap) as u32 + t))
                     .collect();
                 let flat = Tensor::new(flat, device)?;
                 let by_head = |x: &Tensor| -> Result<Tensor> {
@@ -697,7 +698,7 @@ impl LayerKv {
                 m.v.slice_set(&v, 1, from)?;
             }
             m.positions = now.0.to_vec();
-            m.per_head = Some(now.1.to_vec());
+            m.per_head = Some(now.1.concat());
             *g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         }
         g.buf.frontier.store(rows, Ordering::Release);
@@ -851,6 +852,10 @@ pub(crate) struct Pruned {
     pub(crate) rows: usize,
     /// One entry per layer.
     pub(crate) layers: Vec<PrunedLayer>,
+    /// `[layers, capacity * kv_heads]` u32 on the cache's device, when every layer's
+    /// `positions` is the start of its row of this one table (made by
+    /// [`KvCache::retain_in_place`], which then rewrites only the entries that change).
+    pub(crate) table: Option<Tensor>,
 }
 
 /// One layer's per-head rows.
@@ -1007,6 +1012,7 @@ impl KvCache {
             pruned: Some(Arc::new(Pruned {
                 rows,
                 layers: pruned,
+                table: None,
             })),
             parallel: None,
         })
@@ -1048,94 +1054,314 @@ impl KvCache {
             .map(|k| k.iter().zip(0u32..).take_while(|(t, r)| *t == r).count())
             .min()
             .unwrap_or(0);
-        let mut host = Vec::with_capacity(keep.len());
-        let mut last = 0u32;
-        for (l, per_head) in keep.iter().enumerate() {
-            // rows 0..from keep their positions: the pruned ones' copied as they are
-            let mut at = Vec::with_capacity(rows * heads);
-            let copied = match &self.pruned {
-                Some(p) => {
-                    let n = p.rows.min(from);
-                    at.extend_from_slice(&p.layers[l].host_positions[..n * heads]);
-                    n
-                }
-                None => 0,
-            };
-            for &p in &self.positions[copied..from] {
-                at.extend(std::iter::repeat_n(p, heads));
-            }
-            at.extend(
-                (from..rows)
-                    .flat_map(|r| (0..heads).map(move |h| (r, h)))
-                    .map(|(r, h)| self.head_position(l, h, per_head[h][r] as usize)),
-            );
-            last = at.iter().copied().fold(last, u32::max);
-            host.push(at);
+        let tails: Vec<Vec<&[u32]>> = keep
+            .iter()
+            .map(|per_head| per_head.iter().map(|k| &k[from..]).collect())
+            .collect();
+        self.compact_after(from, &tails, heads)?;
+        Ok(true)
+    }
+
+    /// [`KvCache::retain_in_place`] of the keep set that keeps rows `0..from` of every layer
+    /// and KV head, then rows `tails[layer][head]` (strictly increasing, each in
+    /// `from..len()`): a decode pool's reselection, which names only its pool's rows. In
+    /// place, what it costs on the host follows the tails, not the cache: the per-head
+    /// positions of rows `0..from` are left where they are, on the host and on the device,
+    /// once the cache holds its own (from its second reselection on; pinned by
+    /// `tests::a_pool_reselection_rewrites_only_the_tails_positions`).
+    pub fn retain_tail_in_place(&mut self, from: usize, tails: &[Vec<Vec<u32>>]) -> Result<bool> {
+        let heads = self.check_tails(from, tails)?;
+        let n = tails.first().and_then(|l| l.first()).map_or(0, Vec::len);
+        let in_place = tails.iter().flatten().all(|t| t.len() == n)
+            && self.layers.iter().all(LayerKv::owns_buffers);
+        if !in_place {
+            let keep: Vec<Vec<Vec<u32>>> = tails
+                .iter()
+                .map(|per_head| {
+                    per_head
+                        .iter()
+                        .map(|t| (0..from as u32).chain(t.iter().copied()).collect())
+                        .collect()
+                })
+                .collect();
+            *self = self.retain(&keep)?;
+            return Ok(false);
         }
-        let stand_ins = stand_in_positions(last, rows)?;
-        // every layer's gather indices and per-head positions go to the device in one copy
-        // each (a GPU's reselection then waits on two uploads, not two per layer); made
-        // before any row moves, so a failure here leaves the cache as it was
+        let tails: Vec<Vec<&[u32]>> = tails
+            .iter()
+            .map(|per_head| per_head.iter().map(Vec::as_slice).collect())
+            .collect();
+        self.compact_after(from, &tails, heads)?;
+        Ok(true)
+    }
+
+    /// Checks [`KvCache::retain_tail_in_place`]'s keep set as [`KvCache::check_keep`] checks
+    /// a whole one; returns the cache's KV heads.
+    fn check_tails(&self, from: usize, tails: &[Vec<Vec<u32>>]) -> Result<usize> {
+        if self.parallel.is_some() {
+            return Err(invalid_input(
+                "a cache with a parallel context cannot be pruned per head (its corrected attention needs every row at its position)",
+            ));
+        }
+        let Some(first) = self.layers.first() else {
+            return Err(invalid_input("retaining from a cache with no layers"));
+        };
+        let (len, heads) = (self.len(), first.k.dims()[1]);
+        if tails.len() != self.layers.len() || from > len {
+            return Err(invalid_input(format!(
+                "keeping rows 0..{from} and tails of {} layers of a cache of {} layers and {len} rows",
+                tails.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, per_head) in tails.iter().enumerate() {
+            if per_head.len() != heads {
+                return Err(invalid_input(format!(
+                    "layer {l}: tails of {} KV heads for {heads}",
+                    per_head.len()
+                )));
+            }
+            for (h, rows) in per_head.iter().enumerate() {
+                if from == 0 && rows.is_empty() {
+                    return Err(invalid_input(format!("layer {l} head {h} keeps nothing")));
+                }
+                let inside = rows.first().is_none_or(|&t| t as usize >= from)
+                    && rows.last().is_none_or(|&t| (t as usize) < len);
+                if !inside || rows.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(invalid_input(format!(
+                        "layer {l} head {h}: kept rows after {from} must be strictly increasing, from {from} and below {len}"
+                    )));
+                }
+                // a padded head's stand-in rows hold no key (see `check_keep`)
+                if let Some(p) = &self.pruned {
+                    let real = p.layers[l].counts[h];
+                    let padding = real..p.rows;
+                    if let Some(t) =
+                        (real < from.min(p.rows))
+                            .then_some(real as u32)
+                            .or_else(|| {
+                                rows.iter()
+                                    .copied()
+                                    .find(|&t| padding.contains(&(t as usize)))
+                            })
+                    {
+                        return Err(invalid_input(format!(
+                            "layer {l} head {h}: row {t} is padding (the head holds {real} of the {} pruned rows)",
+                            p.rows
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(heads)
+    }
+
+    /// Writes a checked, in-place keep set — rows `0..from` of every layer and head where they
+    /// are, then `tails[layer][head]` (every head as many) — into the layers' own buffers;
+    /// see [`KvCache::retain_in_place`].
+    ///
+    /// Per-head positions: each layer's `[rows * heads]` slice of one device table of
+    /// `[layers, capacity * heads]` u32 ([`Pruned::table`]). When the cache already holds
+    /// such a table alone, only the tails' entries are written (one upload, one copy);
+    /// otherwise a new table is built whole. Relies on each head's positions increasing
+    /// with its rows (the stand-ins of the module doc): a head's last kept entry is its
+    /// largest.
+    fn compact_after(&mut self, from: usize, tails: &[Vec<&[u32]>], heads: usize) -> Result<()> {
+        let n = tails.first().and_then(|l| l.first()).map_or(0, |t| t.len());
+        let rows = from + n;
+        let layers_n = tails.len();
         let device = match self.layers.first() {
             Some(first) => first.k.device().clone(),
             None => return Err(invalid_input("retaining from a cache with no layers")),
         };
-        let (n, per_layer) = (rows - from, rows * heads);
+        // the tails' positions, (row, head) per layer, and the largest kept position
+        let tail_positions: Vec<Vec<u32>> = tails
+            .iter()
+            .enumerate()
+            .map(|(l, per_head)| {
+                (0..n)
+                    .flat_map(|r| (0..heads).map(move |h| (r, h)))
+                    .map(|(r, h)| self.head_position(l, h, per_head[h][r] as usize))
+                    .collect()
+            })
+            .collect();
+        let mut last = tail_positions.iter().flatten().copied().max().unwrap_or(0);
+        if from > 0 {
+            for l in 0..layers_n {
+                for h in 0..heads {
+                    last = last.max(self.head_position(l, h, from - 1));
+                }
+            }
+        }
+        let stand_ins = stand_in_positions(last, rows)?;
+        let stride = heads
+            * self
+                .layers
+                .iter()
+                .map(LayerKv::capacity)
+                .min()
+                .unwrap_or(rows);
+        // the table is written in place when this cache alone holds one of this shape and
+        // every row before `from` is per head already
+        let in_place_table = self
+            .pruned
+            .as_mut()
+            .and_then(Arc::get_mut)
+            .is_some_and(|p| {
+                p.rows >= from
+                    && p.layers.iter().all(|l| l.bias.is_none())
+                    && p.table
+                        .as_ref()
+                        .is_some_and(|t| t.dims() == [layers_n, stride])
+            });
+        // everything that goes to the device is made before any row moves, so a failure
+        // here leaves the cache as it was: the moved rows' gather indices (one copy for
+        // every layer) and the new positions (the tails', or the whole table)
         let gathers = match n {
             0 => None,
             _ => {
-                let flat: Vec<u32> = keep
+                let flat: Vec<u32> = tails
                     .iter()
-                    .flat_map(|per_head| moved_rows(per_head, from..rows))
+                    .flat_map(|per_head| moved_rows(per_head, 0..n))
                     .collect();
-                Some(Tensor::from_vec(flat, keep.len() * n * heads, &device)?)
+                Some(Tensor::from_vec(flat, layers_n * n * heads, &device)?)
             }
         };
-        let positions = Tensor::from_vec(host.concat(), keep.len() * per_layer, &device)?;
-        let mut layers = Vec::with_capacity(keep.len());
-        let mut pruned = Vec::with_capacity(keep.len());
-        let compact_all = || -> Result<()> {
-            for (l, (per_head, host_positions)) in keep.iter().zip(host).enumerate() {
-                let layer = &self.layers[l];
+        let mut whole: Option<(Tensor, Vec<Vec<u32>>)> = None;
+        let tail_upload = if in_place_table {
+            match n {
+                0 => None,
+                _ => Some(Tensor::from_vec(
+                    tail_positions.concat(),
+                    (layers_n, n * heads),
+                    &device,
+                )?),
+            }
+        } else {
+            let mut padded = Vec::with_capacity(layers_n * stride);
+            let mut host = Vec::with_capacity(layers_n);
+            for (l, tail) in tail_positions.iter().enumerate() {
+                let mut at = self.prefix_positions(l, from, heads);
+                at.extend_from_slice(tail);
+                padded.extend_from_slice(&at);
+                padded.resize((l + 1) * stride, 0);
+                host.push(at);
+            }
+            whole = Some((Tensor::from_vec(padded, (layers_n, stride), &device)?, host));
+            None
+        };
+        let mut layers = Vec::with_capacity(layers_n);
+        let mut move_rows = || -> Result<()> {
+            for (l, per_head) in tails.iter().enumerate() {
                 let was = self
                     .pruned
                     .as_ref()
                     .map(|p| p.layers[l].host_positions.as_slice());
+                let now: [&[u32]; 2] = match &whole {
+                    Some((_, host)) => [&host[l], &[]],
+                    None => {
+                        let kept = was.map_or(&[][..], |w| &w[..from * heads]);
+                        [kept, &tail_positions[l]]
+                    }
+                };
                 let gather = gathers
                     .as_ref()
                     .map(|g| g.narrow(0, l * n * heads, n * heads))
                     .transpose()?;
-                let moved = layer.compact(
+                layers.push(self.layers[l].compact(
                     from,
                     per_head,
                     gather.as_ref(),
                     (&self.positions, was),
-                    (&stand_ins, &host_positions),
-                )?;
-                pruned.push(PrunedLayer {
-                    positions: positions.narrow(0, l * per_layer, per_layer)?,
-                    host_positions,
-                    counts: vec![rows; heads],
-                    bias: None,
-                });
-                layers.push(moved);
+                    (&stand_ins, now),
+                )?);
+            }
+            if let (Some(up), Some(table)) = (
+                &tail_upload,
+                self.pruned.as_ref().and_then(|p| p.table.as_ref()),
+            ) {
+                table.slice_set(up, 1, from * heads)?;
             }
             Ok(())
         };
-        if let Err(e) = compact_all() {
-            // some layers' rows may have moved: nothing of this cache is to be read again
-            self.layers.clear();
-            self.positions.clear();
-            self.pruned = None;
-            return Err(e);
+        let moved = move_rows();
+        // the new per-head positions: the whole table built above, or this cache's own
+        // with the tails' entries rewritten (the table's were, by `move_rows`)
+        let finished = moved.and_then(|()| {
+            let (table, host) = match whole {
+                Some(built) => built,
+                None => {
+                    let own = self.pruned.as_mut().and_then(Arc::get_mut);
+                    let Some((p, table)) = own.and_then(|p| p.table.clone().map(|t| (p, t))) else {
+                        return Err(invalid_input(
+                            "a cache's own per-head positions went missing",
+                        ));
+                    };
+                    let host = p
+                        .layers
+                        .iter_mut()
+                        .zip(&tail_positions)
+                        .map(|(l, tail)| {
+                            let mut at = std::mem::take(&mut l.host_positions);
+                            at.truncate(from * heads);
+                            at.extend_from_slice(tail);
+                            at
+                        })
+                        .collect::<Vec<_>>();
+                    (table, host)
+                }
+            };
+            let layers = host
+                .into_iter()
+                .enumerate()
+                .map(|(l, host_positions)| {
+                    Ok(PrunedLayer {
+                        positions: table.get(l)?.narrow(0, 0, rows * heads)?,
+                        host_positions,
+                        counts: vec![rows; heads],
+                        bias: None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Pruned {
+                rows,
+                layers,
+                table: Some(table),
+            })
+        });
+        match finished {
+            Ok(pruned) => {
+                self.layers = layers;
+                self.positions = stand_ins;
+                self.pruned = Some(Arc::new(pruned));
+                Ok(())
+            }
+            Err(e) => {
+                // some layers' rows may have moved: nothing of this cache is to be read again
+                self.layers.clear();
+                self.positions.clear();
+                self.pruned = None;
+                Err(e)
+            }
         }
-        self.layers = layers;
-        self.positions = stand_ins;
-        self.pruned = Some(Arc::new(Pruned {
-            rows,
-            layers: pruned,
-        }));
-        Ok(true)
+    }
+
+    /// Layer `layer`'s per-head positions of rows `0..from`, row-major (row, head): the
+    /// pruned rows' as recorded, the rest repeated per head.
+    fn prefix_positions(&self, layer: usize, from: usize, heads: usize) -> Vec<u32> {
+        let mut at = Vec::with_capacity(from * heads);
+        let copied = match &self.pruned {
+            Some(p) => {
+                let n = p.rows.min(from);
+                at.extend_from_slice(&p.layers[layer].host_positions[..n * heads]);
+                n
+            }
+            None => 0,
+        };
+        for &p in &self.positions[copied..from] {
+            at.extend(std::iter::repeat_n(p, heads));
+        }
+        at
     }
 
     /// Checks a keep set for [`KvCache::retain`]; returns the cache's rows and KV heads.
@@ -1313,6 +1539,7 @@ impl KvCache {
         self.pruned = Some(Arc::new(Pruned {
             rows: p.rows,
             layers,
+            table: None,
         }));
         Ok(self)
     }
@@ -1395,7 +1622,10 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
 /// Flat indices over a layer's `[len * kv_heads, d]` rows of rows `rows` of `keep`
 /// (`keep[h]`: the rows KV head `h` keeps), row-major (row, head): what
 /// [`LayerKv::compact`] gathers.
-fn moved_rows(keep: &[Vec<u32>], rows: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
+fn moved_rows<'a>(
+    keep: &'a [&'a [u32]],
+    rows: std::ops::Range<usize>,
+) -> impl Iterator<Item = u32> + 'a {
     let heads = keep.len();
     rows.flat_map(move |r| (0..heads).map(move |h| keep[h][r] * heads as u32 + h as u32))
 }
@@ -1714,6 +1944,93 @@ mod tests {
             assert_eq!(rotated_rows.get(), 0, "mirror {mirror}: rotated again");
             assert_eq!(flat(&got)?, want, "mirror {mirror}: the kept copy's rows");
         }
+        Ok(())
+    }
+
+    /// A decode pool's reselection (`retain_tail_in_place`: rows `0..from` stay, the tails
+    /// follow) reads as `retain` of the whole keep set, step after step; from the second
+    /// reselection on it writes the tails' per-head positions into the table the cache
+    /// already holds (the same device tensor) instead of building a new one, and the device
+    /// table matches the host's. Bad tails are refused with the cache untouched.
+    #[test]
+    fn a_pool_reselection_rewrites_only_the_tails_positions() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (heads, d) = (2, 2);
+        let k = Tensor::randn(0f32, 1.0, (8, heads, d), dev)?;
+        let make = || -> Result<KvCache> {
+            let layers = (0..2)
+                .map(|l| {
+                    let k = (&k + l as f64)?;
+                    LayerKv::empty(heads, d, DType::F32, dev)?.append(&k, &(&k * 2.0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(KvCache::new(layers, positions(0, 8)))
+        };
+        let (mut pool, mut reference) = (make()?, make()?);
+        let table_id = |c: &KvCache| c.pruned().and_then(|p| p.table.as_ref().map(Tensor::id));
+        let mut first_table = None;
+        for step in 0..4u32 {
+            // rows 0..3 stay; each head keeps two of the rest, its own
+            let len = pool.len() as u32;
+            let tails = vec![vec![vec![4, len - 1], vec![3, len - 2]]; 2];
+            let full: Vec<Vec<Vec<u32>>> = tails
+                .iter()
+                .map(|l: &Vec<Vec<u32>>| {
+                    l.iter()
+                        .map(|t| (0..3).chain(t.iter().copied()).collect())
+                        .collect()
+                })
+                .collect();
+            assert!(pool.retain_tail_in_place(3, &tails)?, "step {step}");
+            reference = reference.retain(&full)?;
+            assert_eq!(pool.positions, reference.positions, "step {step}");
+            let (p, r) = (
+                pool.pruned().expect("pruned"),
+                reference.pruned().expect("pruned"),
+            );
+            for l in 0..2 {
+                let (a, b) = (&p.layers[l], &r.layers[l]);
+                assert_eq!(a.host_positions, b.host_positions, "step {step} layer {l}");
+                assert_eq!(a.positions.to_vec1::<u32>()?, a.host_positions);
+                assert_eq!(flat(&pool.layers[l].k)?, flat(&reference.layers[l].k)?);
+                assert_eq!(flat(&pool.layers[l].v)?, flat(&reference.layers[l].v)?);
+            }
+            match step {
+                0 => first_table = table_id(&pool),
+                _ => assert_eq!(table_id(&pool), first_table, "step {step}: a new table"),
+            }
+            // the next token's row, appended as a decode step appends it
+            let next = *pool.positions.last().expect("rows") + 1;
+            let row = Tensor::full(step as f32, (1, heads, d), dev)?;
+            for c in [&mut pool, &mut reference] {
+                for l in c.layers.iter_mut() {
+                    *l = l.append(&row, &row)?;
+                }
+                c.positions.push(next);
+            }
+        }
+        // refused, untouched: a tail row before `from`, out of order, past the end, rows
+        // past the cache, and a head keeping nothing at all
+        let len = pool.len() as u32;
+        let before = (pool.positions.clone(), flat(&pool.layers[0].k)?);
+        for (from, tail) in [
+            (3, vec![2, 4]),
+            (3, vec![5, 4]),
+            (3, vec![4, len]),
+            (len as usize + 1, vec![]),
+            (0, vec![]),
+        ] {
+            let tails = vec![vec![tail.clone(); heads]; 2];
+            assert!(
+                pool.retain_tail_in_place(from, &tails).is_err(),
+                "{from} {tail:?}"
+            );
+            assert_eq!((pool.positions.clone(), flat(&pool.layers[0].k)?), before);
+        }
+        // heads keeping different counts: copied out as `retain` would, not in place
+        let uneven = vec![vec![vec![4, 5], vec![5]]; 2];
+        assert!(!pool.retain_tail_in_place(3, &uneven)?);
+        assert_eq!(pool.entries_per_head(), vec![vec![5, 4]; 2]);
         Ok(())
     }
 

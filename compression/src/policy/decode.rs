@@ -174,7 +174,10 @@ pub struct DecodePool {
     /// Rows never evicted: the whole prompt, or (a pool [`DecodePoolSpec::from_prompt`])
     /// what comes before the prompt's last `budget` rows.
     protected: usize,
-    /// `scores[layer][head][row]` for every current cache row (protected rows' unused).
+    /// Rows the cache holds now (protected + pool).
+    rows: usize,
+    /// `scores[layer][head][i]` for pool row `protected + i` (`rows - protected` each): a
+    /// step and a reselection cost the pool's rows, not the cache's.
     scores: Vec<Vec<Vec<f32>>>,
     /// Tokens generated so far (decode steps observed).
     step: usize,
@@ -198,7 +201,8 @@ impl DecodePool {
         Ok(Self {
             spec,
             protected,
-            scores: vec![vec![vec![0.0; prefill]; kv_heads]; layers],
+            rows: prefill,
+            scores: vec![vec![vec![0.0; prefill - protected]; kv_heads]; layers],
             step: 0,
         })
     }
@@ -210,10 +214,12 @@ impl DecodePool {
 
     /// Rows the cache should hold now (protected + pool).
     pub fn rows(&self) -> usize {
-        self.scores
-            .first()
-            .and_then(|l| l.first())
-            .map_or(0, Vec::len)
+        self.rows
+    }
+
+    /// Rows never evicted, `0..protected`: every reselection keeps them where they are.
+    pub fn protected(&self) -> usize {
+        self.protected
     }
 
     /// The cache rows, once the next step has appended its own, whose attention
@@ -255,13 +261,15 @@ impl DecodePool {
             }
         }
         self.step += 1;
+        self.rows += 1;
         for (l, layer) in self.scores.iter_mut().enumerate() {
             for (h, s) in layer.iter_mut().enumerate() {
                 s.push(0.0);
                 if !self.spec.reads_attention() {
                     continue;
                 }
-                let (a, pool) = (&attention[l][h], &mut s[scored.start..]);
+                // the scored rows are the pool's: `s` is indexed from `protected` too
+                let (a, pool) = (&attention[l][h], &mut s[..]);
                 match self.spec.scorer {
                     Scorer::Instantaneous => pool.copy_from_slice(a),
                     Scorer::Cumulative => pool.iter_mut().zip(a).for_each(|(x, y)| *x += y),
@@ -286,22 +294,26 @@ impl DecodePool {
         }
     }
 
-    /// The rows to keep now, per layer and KV head (every current row is an index), and the
-    /// pool's scores compacted to them. Call when [`DecodePool::due`].
-    pub fn select(&mut self) -> Vec<Vec<Vec<u32>>> {
-        let rows = self.rows();
+    /// The rows to keep now — `0..protected` where they are, then the pool's kept rows per
+    /// layer and KV head ([`PoolKeep`]) — and the pool's scores compacted to them. Call when
+    /// [`DecodePool::due`]. Costs the pool's rows, not the cache's: a reselection over an
+    /// 8k-row prompt touches only the pool's few rows per head.
+    pub fn select(&mut self) -> PoolKeep {
+        let (rows, protected) = (self.rows, self.protected);
         let budget = self.spec.budget_at(self.step);
-        let recent_from = rows.saturating_sub(self.spec.recent).max(self.protected);
+        let recent_from = rows.saturating_sub(self.spec.recent).max(protected);
         let pick = budget.saturating_sub(rows - recent_from);
-        let mut keep_all = Vec::with_capacity(self.scores.len());
+        let mut pool = Vec::with_capacity(self.scores.len());
+        let mut kept_rows = rows;
         for layer in &mut self.scores {
             let mut keep_layer = Vec::with_capacity(layer.len());
             for s in layer.iter_mut() {
-                let mut middle: Vec<u32> = (self.protected as u32..recent_from as u32).collect();
+                let mut middle: Vec<u32> = (protected as u32..recent_from as u32).collect();
                 if pick < middle.len() {
+                    let score = |r: u32| s[r as usize - protected];
                     let order = |a: &u32, b: &u32| match self.spec.scorer {
                         Scorer::Recency => b.cmp(a),
-                        _ => s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b)),
+                        _ => score(*b).total_cmp(&score(*a)).then(a.cmp(b)),
                     };
                     if pick > 0 {
                         middle.select_nth_unstable_by(pick - 1, order);
@@ -309,16 +321,46 @@ impl DecodePool {
                     middle.truncate(pick);
                     middle.sort_unstable();
                 }
-                let keep: Vec<u32> = (0..self.protected as u32)
-                    .chain(middle)
-                    .chain(recent_from as u32..rows as u32)
-                    .collect();
-                *s = keep.iter().map(|&r| s[r as usize]).collect();
-                keep_layer.push(keep);
+                middle.extend(recent_from as u32..rows as u32);
+                *s = middle.iter().map(|&r| s[r as usize - protected]).collect();
+                kept_rows = protected + middle.len();
+                keep_layer.push(middle);
             }
-            keep_all.push(keep_layer);
+            pool.push(keep_layer);
         }
-        keep_all
+        self.rows = kept_rows;
+        PoolKeep { protected, pool }
+    }
+}
+
+/// What a reselection keeps: every layer and KV head keeps rows `0..protected` where they
+/// are, then rows `pool[layer][head]` (strictly increasing, each at least `protected`; every
+/// head as many). Row indices are the cache's rows before the reselection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKeep {
+    /// Leading rows every head keeps.
+    pub protected: usize,
+    /// `[layer][kv_head]`: the pool rows kept after them.
+    pub pool: Vec<Vec<Vec<u32>>>,
+}
+
+impl PoolKeep {
+    /// Every kept row per layer and KV head, the protected ones included: the keep set
+    /// `KvCache::retain` takes (as long as the cache is, where `pool` is as long as the pool).
+    pub fn full(&self) -> Vec<Vec<Vec<u32>>> {
+        self.pool
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|tail| {
+                        (0..self.protected as u32)
+                            .chain(tail.iter().copied())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 }
 
@@ -382,8 +424,8 @@ mod tests {
         assert!(p.observe(&[vec![vec![0.5; 1]], vec![vec![0.5; 1]]]).is_ok());
         assert_eq!(p.rows(), 3);
         assert!(
-            p.scores.iter().all(|l| l[0].len() == 3),
-            "every layer alike"
+            p.scores.iter().all(|l| l[0].len() == 1),
+            "every layer alike: the pool's one row"
         );
     }
 
@@ -399,7 +441,7 @@ mod tests {
         // a fifth pool row: rows 2..7, recent {5, 6}; the step's attention favours 3 and 2
         step(&mut p, &[0.0, 0.0, 0.3, 0.4, 0.1, 0.1, 0.1]);
         assert!(p.due());
-        let keep = p.select();
+        let keep = p.select().full();
         assert_eq!(keep, vec![vec![vec![0, 1, 2, 3, 5, 6]]]);
         assert_eq!(p.rows(), 6);
         assert!(!p.due());
@@ -416,7 +458,7 @@ mod tests {
         step(&mut p, &[0.4, 0.1, 0.0, 0.0, 0.0, 0.5]);
         // pool rows 1..6 scored .6 .6 .6 .6 .5; recent {4, 5}; best middle of 1..4: 1, 2
         assert!(p.due());
-        assert_eq!(p.select(), vec![vec![vec![0, 1, 2, 4, 5]]]);
+        assert_eq!(p.select().full(), vec![vec![vec![0, 1, 2, 4, 5]]]);
     }
 
     #[test]
@@ -426,7 +468,7 @@ mod tests {
             w.observe(&[]).unwrap();
         }
         assert!(w.due());
-        assert_eq!(w.select(), vec![vec![vec![0, 2, 3, 4, 5]]]);
+        assert_eq!(w.select().full(), vec![vec![vec![0, 2, 3, 4, 5]]]);
         // δ = ⌊(10 − 2) / (4 − 2)⌋ = 4: budget 2 + ⌊t/4⌋, reselected at steps 4, 8
         let mut d =
             DecodePool::new(spec(Scorer::Recency, Schedule::Discontinuous), 1, 1, 1).unwrap();
@@ -464,7 +506,7 @@ mod tests {
         for step in 1..=5 {
             p.observe(&[]).unwrap();
             assert!(p.due(), "step {step}: one row over the window");
-            let keep = p.select();
+            let keep = p.select().full();
             // rows 0..4 stay; the window is the newest 3 of rows 4..8
             let want: Vec<u32> = vec![0, 1, 2, 3, 5, 6, 7];
             assert!(keep.iter().flatten().all(|h| *h == want), "{keep:?}");
@@ -476,7 +518,7 @@ mod tests {
         assert!(!short.due());
         short.observe(&[]).unwrap();
         assert!(short.due());
-        assert_eq!(short.select(), vec![vec![vec![1, 2, 3]]]);
+        assert_eq!(short.select().full(), vec![vec![vec![1, 2, 3]]]);
     }
 
     /// With a slack of 2, a window is rebuilt every third token and then holds the tokens it
@@ -496,11 +538,11 @@ mod tests {
             exact_rows.push(6 + step);
             slack_rows.push(6 + step);
             assert!(exact.due(), "exact: every step");
-            let keep = exact.select();
+            let keep = exact.select().full();
             exact_rows = keep[0][0].iter().map(|&r| exact_rows[r as usize]).collect();
             if slack.due() {
                 due_at.push(step);
-                let keep = slack.select();
+                let keep = slack.select().full();
                 slack_rows = keep[0][0].iter().map(|&r| slack_rows[r as usize]).collect();
                 assert_eq!(slack_rows, exact_rows, "step {step}");
             } else {

@@ -39,7 +39,7 @@ use std::ops::Range;
 
 use thiserror::Error;
 
-pub use decode::{DecodePool, DecodePoolSpec, Schedule, Scorer};
+pub use decode::{DecodePool, DecodePoolSpec, PoolKeep, Schedule, Scorer};
 pub use episodic::Episodic;
 pub use h2o::H2o;
 pub use sage::SageKv;
