@@ -29,6 +29,10 @@ use crate::rows::{
     set_rows_supported,
 };
 
+/// Most runs of moved entries [`KvCache::move_kv_rows`] copies out as parts of one
+/// concatenation (one launch on CUDA: `kernels::CAT_MAX_PARTS`); more are gathered by index.
+const MOVE_RUNS: usize = 96;
+
 /// Appends reserve room for at least this many rows (and round capacity up to it).
 const GROWTH_ROWS: usize = 256;
 
@@ -592,11 +596,12 @@ impl LayerKv {
             })
     }
 
-    /// Rows `0..from` kept where they are and rows `tails[h]` of each KV head (every head as
-    /// many) gathered behind them, in this layer's own buffers, which it must own
-    /// ([`LayerKv::owns_buffers`]); returns the view of them. `gather` holds the moved
-    /// rows' flat indices ([`moved_rows`], on the layer's device; `None` when no row
-    /// moves). The rotated keys and decode mirror kept beside the buffers move with their
+    /// The view of this layer's own buffers (it must own them: [`LayerKv::owns_buffers`])
+    /// once rows `0..from` are kept where they are and rows `tails[h]` of each KV head
+    /// (every head as many) were gathered behind them — K and V by
+    /// [`KvCache::move_kv_rows`], before this is called. `gather` holds the moved rows'
+    /// flat indices ([`moved_rows`], on the layer's device; `None` when no row moves). The
+    /// rotated keys and decode mirror kept beside the buffers move with their
     /// rows when they were kept for exactly `was` (positions, per-head positions), and are
     /// then kept for `now` (its per-head positions in two parts, one after the other);
     /// otherwise they are dropped (made again when asked for). See
@@ -639,8 +644,9 @@ impl LayerKv {
         };
         let kept_for =
             |positions: &[u32], per_head: Option<&[u32]>| positions == was.0 && per_head == was.1;
-        // both kept copies are taken before any row moves and put back only once theirs
-        // have: an error leaves nothing kept (made again when asked for), never stale rows
+        // both kept copies are taken before any of their rows move and put back only once
+        // they have: an error leaves nothing kept (made again when asked for), never stale
+        // rows
         let rotated = g
             .buf
             .rotated
@@ -655,21 +661,6 @@ impl LayerKv {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .filter(|m| kept_for(&m.positions, m.per_head.as_deref()));
-        if n > 0 {
-            let (k, v) = (moved(&g.buf.k)?, moved(&g.buf.v)?);
-            put_rows_many(&[
-                RowsAt {
-                    dst: g.buf.k.clone(),
-                    at: from,
-                    src: k,
-                },
-                RowsAt {
-                    dst: g.buf.v.clone(),
-                    at: from,
-                    src: v,
-                },
-            ])?;
-        }
         if let Some(mut r) = rotated {
             if n > 0 {
                 put_rows(&r.k, from, &moved(&r.k)?)?;
@@ -1252,6 +1243,9 @@ impl KvCache {
         };
         let mut layers = Vec::with_capacity(layers_n);
         let mut move_rows = || -> Result<()> {
+            if let Some(g) = &gathers {
+                self.move_kv_rows(from, tails, g)?;
+            }
             for (l, per_head) in tails.iter().enumerate() {
                 let was = self
                     .pruned
@@ -1344,6 +1338,91 @@ impl KvCache {
                 Err(e)
             }
         }
+    }
+
+    /// Moves every layer's kept K and V rows into place in the layers' own buffers: row `r`
+    /// of head `h` from `from` on becomes old row `tails[layer][h][r - from]`. Each moved row
+    /// is copied out before any is written, then all are written by one
+    /// [`put_rows_many`] (on CUDA, one launch for ≤ 96 writes). Where the moved entries
+    /// form at most [`MOVE_RUNS`] runs of consecutive (row, head) entries over all layers
+    /// — a sliding window (`streaming`, `sage`) moves one run per layer — the copy out is one
+    /// [`concat`] of the runs (one launch on CUDA); otherwise every layer's K and V are
+    /// gathered by `gathers` ([`moved_rows`], `[layers * n * heads]`), two launches a layer.
+    /// Entries that stay where they are cost nothing in the first form.
+    fn move_kv_rows(&self, from: usize, tails: &[Vec<&[u32]>], gathers: &Tensor) -> Result<()> {
+        let n = tails.first().and_then(|l| l.first()).map_or(0, |t| t.len());
+        let mut buffers = Vec::with_capacity(2 * self.layers.len());
+        for layer in &self.layers {
+            let Some(g) = layer.growth.as_ref().filter(|_| layer.owns_buffers()) else {
+                return Err(invalid_input(
+                    "compacting a layer in place that does not own its buffers",
+                ));
+            };
+            for buf in [&g.buf.k, &g.buf.v] {
+                let (cap, heads, d) = buf.dims3()?;
+                buffers.push(buf.reshape((cap * heads, d))?);
+            }
+        }
+        let heads = self.layers.first().map_or(0, |l| l.k.dims()[1]);
+        // runs of (source entry, destination entry, entries), per layer; entries that stay
+        // put are left out
+        let runs: Vec<Vec<(usize, usize, usize)>> = tails
+            .iter()
+            .map(|per_head| {
+                let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+                for (i, src) in moved_rows(per_head, 0..n).enumerate() {
+                    let (src, dst) = (src as usize, from * heads + i);
+                    match runs.last_mut() {
+                        Some((s, d, len)) if *s + *len == src && *d + *len == dst => *len += 1,
+                        _ if src == dst => {}
+                        _ => runs.push((src, dst, 1)),
+                    }
+                }
+                runs
+            })
+            .collect();
+        let mut writes = Vec::new();
+        if 2 * runs.iter().map(Vec::len).sum::<usize>() <= MOVE_RUNS {
+            let mut parts = Vec::new();
+            for (l, layer_runs) in runs.iter().enumerate() {
+                for buf in &buffers[2 * l..2 * l + 2] {
+                    for &(s, _, len) in layer_runs {
+                        parts.push(buf.narrow(0, s, len)?);
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return Ok(());
+            }
+            // (K and V come in pairs: never one part, which `concat` would hand back as the
+            // view it is, not a copy)
+            let copied = concat(&parts.iter().collect::<Vec<_>>())?;
+            let mut at = 0;
+            for (l, layer_runs) in runs.iter().enumerate() {
+                for buf in &buffers[2 * l..2 * l + 2] {
+                    for &(_, d, len) in layer_runs {
+                        writes.push(RowsAt {
+                            dst: buf.clone(),
+                            at: d,
+                            src: copied.narrow(0, at, len)?,
+                        });
+                        at += len;
+                    }
+                }
+            }
+        } else {
+            for (l, pair) in buffers.chunks(2).enumerate() {
+                let index = gathers.narrow(0, l * n * heads, n * heads)?;
+                for buf in pair {
+                    writes.push(RowsAt {
+                        dst: buf.clone(),
+                        at: from * heads,
+                        src: buf.index_select(&index, 0)?,
+                    });
+                }
+            }
+        }
+        put_rows_many(&writes)
     }
 
     /// Layer `layer`'s per-head positions of rows `0..from`, row-major (row, head): the
@@ -1948,67 +2027,43 @@ mod tests {
     }
 
     /// A decode pool's reselection (`retain_tail_in_place`: rows `0..from` stay, the tails
-    /// follow) reads as `retain` of the whole keep set, step after step; from the second
-    /// reselection on it writes the tails' per-head positions into the table the cache
-    /// already holds (the same device tensor) instead of building a new one, and the device
-    /// table matches the host's. Bad tails are refused with the cache untouched.
+    /// follow) reads as `retain` of the whole keep set, step after step, whichever way its
+    /// K and V rows move (`move_kv_rows`: a window's one run per layer, a few runs with
+    /// entries that stay put, or so many runs that they are gathered by index); from the
+    /// second reselection on it writes the tails' per-head positions into the table the
+    /// cache already holds (the same device tensor) instead of building a new one, and the
+    /// device table matches the host's. Bad tails are refused with the cache untouched.
     #[test]
     fn a_pool_reselection_rewrites_only_the_tails_positions() -> Result<()> {
         let dev = &Device::Cpu;
         let (heads, d) = (2, 2);
-        let k = Tensor::randn(0f32, 1.0, (8, heads, d), dev)?;
-        let make = || -> Result<KvCache> {
+        let make = |k: &Tensor| -> Result<KvCache> {
             let layers = (0..2)
                 .map(|l| {
-                    let k = (&k + l as f64)?;
+                    let k = (k + l as f64)?;
                     LayerKv::empty(heads, d, DType::F32, dev)?.append(&k, &(&k * 2.0)?)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(KvCache::new(layers, positions(0, 8)))
+            Ok(KvCache::new(layers, positions(0, k.dims()[0])))
         };
-        let (mut pool, mut reference) = (make()?, make()?);
-        let table_id = |c: &KvCache| c.pruned().and_then(|p| p.table.as_ref().map(Tensor::id));
-        let mut first_table = None;
-        for step in 0..4u32 {
-            // rows 0..3 stay; each head keeps two of the rest, its own
-            let len = pool.len() as u32;
-            let tails = vec![vec![vec![4, len - 1], vec![3, len - 2]]; 2];
-            let full: Vec<Vec<Vec<u32>>> = tails
-                .iter()
-                .map(|l: &Vec<Vec<u32>>| {
-                    l.iter()
-                        .map(|t| (0..3).chain(t.iter().copied()).collect())
-                        .collect()
-                })
-                .collect();
-            assert!(pool.retain_tail_in_place(3, &tails)?, "step {step}");
-            reference = reference.retain(&full)?;
-            assert_eq!(pool.positions, reference.positions, "step {step}");
-            let (p, r) = (
-                pool.pruned().expect("pruned"),
-                reference.pruned().expect("pruned"),
-            );
-            for l in 0..2 {
-                let (a, b) = (&p.layers[l], &r.layers[l]);
-                assert_eq!(a.host_positions, b.host_positions, "step {step} layer {l}");
-                assert_eq!(a.positions.to_vec1::<u32>()?, a.host_positions);
-                assert_eq!(flat(&pool.layers[l].k)?, flat(&reference.layers[l].k)?);
-                assert_eq!(flat(&pool.layers[l].v)?, flat(&reference.layers[l].v)?);
-            }
-            match step {
-                0 => first_table = table_id(&pool),
-                _ => assert_eq!(table_id(&pool), first_table, "step {step}: a new table"),
-            }
-            // the next token's row, appended as a decode step appends it
-            let next = *pool.positions.last().expect("rows") + 1;
-            let row = Tensor::full(step as f32, (1, heads, d), dev)?;
-            for c in [&mut pool, &mut reference] {
-                for l in c.layers.iter_mut() {
-                    *l = l.append(&row, &row)?;
-                }
-                c.positions.push(next);
-            }
+        // rows 0..3 stay; the tails after them, per head, for a cache of `len` rows
+        type Tails = fn(u32) -> Vec<Vec<u32>>;
+        let window: Tails = |len| vec![(len - 4..len).collect(); 2];
+        let few: Tails = |len| vec![vec![4, len - 1], vec![3, len - 2]];
+        // every other row: each entry a run of its own, 2 layers × 2 × 2 heads × ⌊(len −
+        // 4) / 2⌋ of them — over `MOVE_RUNS` for the first reselections of 64 rows
+        let scattered: Tails = |len| vec![(4..len).step_by(2).collect(); 2];
+        for (name, tails_of, rows) in [("window", window, 8), ("few", few, 8)]
+            .into_iter()
+            .chain([("scattered", scattered, 64)])
+        {
+            let k = Tensor::randn(0f32, 1.0, (rows, heads, d), dev)?;
+            let (mut pool, mut reference) = (make(&k)?, make(&k)?);
+            pool_steps(name, &mut pool, &mut reference, tails_of)?;
         }
+        let k = Tensor::randn(0f32, 1.0, (8, heads, d), dev)?;
+        let mut pool = make(&k)?;
+        pool.retain_tail_in_place(3, &vec![few(8); 2])?;
         // refused, untouched: a tail row before `from`, out of order, past the end, rows
         // past the cache, and a head keeping nothing at all
         let len = pool.len() as u32;
@@ -2028,9 +2083,76 @@ mod tests {
             assert_eq!((pool.positions.clone(), flat(&pool.layers[0].k)?), before);
         }
         // heads keeping different counts: copied out as `retain` would, not in place
-        let uneven = vec![vec![vec![4, 5], vec![5]]; 2];
+        let uneven = vec![vec![vec![3, 4], vec![4]]; 2];
         assert!(!pool.retain_tail_in_place(3, &uneven)?);
         assert_eq!(pool.entries_per_head(), vec![vec![5, 4]; 2]);
+        Ok(())
+    }
+
+    /// Four reselections of `pool` (in place) and `reference` (`retain`) by the tails
+    /// `tails_of` gives for each length (rows `0..3` kept), a decode row appended after
+    /// each; both must read alike after every one.
+    fn pool_steps(
+        name: &str,
+        pool: &mut KvCache,
+        reference: &mut KvCache,
+        tails_of: fn(u32) -> Vec<Vec<u32>>,
+    ) -> Result<()> {
+        let table_id = |c: &KvCache| c.pruned().and_then(|p| p.table.as_ref().map(Tensor::id));
+        let mut first_table = None;
+        for step in 0..4u32 {
+            let len = pool.len() as u32;
+            let tails = vec![tails_of(len); pool.layers.len()];
+            let full: Vec<Vec<Vec<u32>>> = tails
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|t| (0..3).chain(t.iter().copied()).collect())
+                        .collect()
+                })
+                .collect();
+            assert!(pool.retain_tail_in_place(3, &tails)?, "{name} step {step}");
+            *reference = reference.retain(&full)?;
+            assert_eq!(pool.positions, reference.positions, "{name} step {step}");
+            let (p, r) = (
+                pool.pruned().expect("pruned"),
+                reference.pruned().expect("pruned"),
+            );
+            for l in 0..pool.layers.len() {
+                let (a, b) = (&p.layers[l], &r.layers[l]);
+                let at = format!("{name} step {step} layer {l}");
+                assert_eq!(a.host_positions, b.host_positions, "{at}");
+                assert_eq!(a.positions.to_vec1::<u32>()?, a.host_positions, "{at}");
+                assert_eq!(
+                    flat(&pool.layers[l].k)?,
+                    flat(&reference.layers[l].k)?,
+                    "{at}"
+                );
+                assert_eq!(
+                    flat(&pool.layers[l].v)?,
+                    flat(&reference.layers[l].v)?,
+                    "{at}"
+                );
+            }
+            match step {
+                0 => first_table = table_id(pool),
+                _ => assert_eq!(
+                    table_id(pool),
+                    first_table,
+                    "{name} step {step}: a new table"
+                ),
+            }
+            // the next token's row, appended as a decode step appends it
+            let next = *pool.positions.last().expect("rows") + 1;
+            let (heads, d) = (pool.layers[0].k.dims()[1], pool.layers[0].k.dims()[2]);
+            let row = Tensor::full(step as f32 + 0.5, (1, heads, d), &Device::Cpu)?;
+            for c in [&mut *pool, &mut *reference] {
+                for l in c.layers.iter_mut() {
+                    *l = l.append(&row, &row)?;
+                }
+                c.positions.push(next);
+            }
+        }
         Ok(())
     }
 
