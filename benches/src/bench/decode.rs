@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use kvquilt_blend::compress::{compress, observe_last_rows, observe_prefill};
 use kvquilt_blend::{DEFAULT_GATHER, DecodeBatcher};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, TokenPolicy};
-use kvquilt_model::{AttentionKernel, BatchStep, KvCache, Model, argmax};
+use kvquilt_model::{AttentionKernel, BatchStep, DType, KvCache, Model, argmax};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
@@ -154,6 +154,11 @@ struct PoolRow {
     reselections: usize,
     /// Most rows the pool's cache held.
     peak_rows: usize,
+    /// Largest |Δ| of any step's logits between the pool evicting in place (its own
+    /// buffers, as served) and the same pool whose every reselection copies the kept rows
+    /// out (`KvCache::retain`, forced by holding a view of its cache across each step):
+    /// the in-place row moves checked on this device (0 when they move the same values).
+    in_place_vs_copies_max_abs: f32,
     runs_s: Vec<f64>,
 }
 
@@ -622,28 +627,67 @@ fn pool_rows(
         }
         runs.remove(0);
         let tps = steps as f64 / median(&runs);
-        eprintln!("pool {p}: {tps:.1} tokens/s ({:.2}× full)", tps / full_tps);
+        let moved = in_place_vs_copies(model, full, spec, steps, token)?;
+        eprintln!(
+            "pool {p}: {tps:.1} tokens/s ({:.2}× full); in place vs copies: max |Δlogit| {moved:.2e}",
+            tps / full_tps
+        );
         out.push(PoolRow {
             pool: p.clone(),
             tokens_per_s: tps,
             speedup_vs_full: tps / full_tps,
             reselections,
             peak_rows,
+            in_place_vs_copies_max_abs: moved,
             runs_s: runs,
         });
     }
     println!(
-        "| pool (slack {}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows |",
+        "| pool (slack {}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows | in place vs copies, max abs Δlogit |",
         a.pool_slack
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for r in &out {
         println!(
-            "| {} | {:.1} | {:.2}× | {} | {} |",
-            r.pool, r.tokens_per_s, r.speedup_vs_full, r.reselections, r.peak_rows
+            "| {} | {:.1} | {:.2}× | {} | {} | {:.2e} |",
+            r.pool,
+            r.tokens_per_s,
+            r.speedup_vs_full,
+            r.reselections,
+            r.peak_rows,
+            r.in_place_vs_copies_max_abs
         );
     }
     Ok(out)
+}
+
+/// [`PoolRow::in_place_vs_copies_max_abs`]: `steps` tokens through two decoders of `spec`
+/// over `full`, one evicting in place, the other holding a clone of its cache across each
+/// step (its layers then do not own their buffers, so every reselection copies).
+fn in_place_vs_copies(
+    model: &Model,
+    full: &KvCache,
+    spec: kvquilt_compression::policy::DecodePoolSpec,
+    steps: usize,
+    token: &dyn Fn(usize, usize) -> u32,
+) -> Result<f32> {
+    use kvquilt_blend::compress::PooledDecoder;
+    let mut in_place = PooledDecoder::new(model, full.clone(), spec)?;
+    let mut copies = PooledDecoder::new(model, full.clone(), spec)?;
+    let mut worst = 0f32;
+    for i in 0..=steps {
+        let a = in_place.step(model, token(i, 0))?;
+        let held = copies.cache().clone();
+        let b = copies.step(model, token(i, 0))?;
+        drop(held);
+        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        worst = worst.max(d);
+    }
+    Ok(worst)
 }
 
 /// The sidecar's observations of `full` (the cache of `tokens`) with `kernel` against the
