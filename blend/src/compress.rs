@@ -479,7 +479,9 @@ mod tests {
                 Tensor::from_vec(v, (2, 3, 7), &kvquilt_model::Device::Cpu).unwrap()
             })
             .collect();
-        let sums = |defer_reads: bool| {
+        // the sums as a path reports them from key `from` on (the fused kernel: the pool's
+        // rows alone)
+        let sums = |defer_reads: bool, from: usize| {
             let mut step = StepAttention {
                 probe: None,
                 scored: 2..7,
@@ -489,14 +491,20 @@ mod tests {
             };
             for (l, x) in layers.iter().enumerate() {
                 let probe = LayerProbe {
-                    head_sums: Some(x.clone()),
+                    head_sums: Some(x.narrow(2, from, 7 - from).unwrap()),
+                    head_sums_from: from,
                     ..LayerProbe::default()
                 };
-                step.after_attention(l, probe).unwrap();
+                step.after_attention(l, probe)?;
             }
-            step.into_sums().unwrap()
+            step.into_sums().map_err(HookError::new)
         };
-        let (got, want) = (sums(true), sums(false));
+        let want = sums(false, 0).unwrap();
+        for (defer, from) in [(true, 0), (false, 2), (true, 2), (true, 1)] {
+            assert_eq!(sums(defer, from).unwrap(), want, "deferred {defer}, from {from}");
+        }
+        assert!(sums(true, 3).is_err(), "sums that miss a pool row");
+        let got = sums(true, 0).unwrap();
         assert_eq!(want.len(), 3);
         let by_hand: f32 = (0..3)
             .map(|g| layers[1].to_vec3::<f32>().unwrap()[1][g][2])
@@ -807,8 +815,15 @@ impl LayerHook for StepAttention {
         let Some(per_head) = probe.head_sums else {
             return Ok(());
         };
+        // the sums cover keys `head_sums_from..` (on a device, the pool's rows alone)
+        let Some(at) = self.scored.start.checked_sub(probe.head_sums_from) else {
+            return Err(HookError::new(kvquilt_model::CandleError::Msg(format!(
+                "attention sums from key {}, the pool's rows from {}",
+                probe.head_sums_from, self.scored.start
+            ))));
+        };
         let scored = || -> std::result::Result<Tensor, kvquilt_model::CandleError> {
-            per_head.narrow(2, self.scored.start, self.scored.len())
+            per_head.narrow(2, at, self.scored.len())
         };
         if self.defer_reads {
             // the pool's rows alone, summed where they are, read after the step
@@ -881,7 +896,10 @@ impl PooledDecoder {
                 // the step's one row, per query head: on the CPU the tiled attention
                 // answers it over the cache's rows by head, from its one sweep's
                 // probabilities (a few rows' worth), no probability matrix
-                .then(|| ProbeRequest::head_sums_over_all(1)),
+                .then(|| {
+                    ProbeRequest::head_sums_over_all(1)
+                        .with_head_sums_from(self.pool.scored_rows().start)
+                }),
             scored: self.pool.scored_rows(),
             defer_reads: !model.device().is_cpu(),
             per_layer: Vec::new(),

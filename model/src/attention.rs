@@ -285,6 +285,11 @@ pub struct ProbeRequest {
     /// when the call's rows are the window). Asked alone for every row in order
     /// ([`ProbeRequest::head_sums_over_all`]), it runs on the fused kernel path.
     pub head_sums: bool,
+    /// The first key whose per-head sum is wanted (0: every key). A hint: the fused
+    /// kernel then sums, and reads, no key before it (a decode pool ranks only its own
+    /// rows, the cache's last few); other paths report every key.
+    /// [`crate::LayerProbe::head_sums_from`] says which keys the sums cover.
+    pub head_sums_from: usize,
 }
 
 impl ProbeRequest {
@@ -312,6 +317,12 @@ impl ProbeRequest {
             head_sums: true,
             ..Self::default()
         }
+    }
+
+    /// This request, wanting per-head sums only of keys `from..` ([`ProbeRequest::head_sums_from`]).
+    pub fn with_head_sums_from(mut self, from: usize) -> Self {
+        self.head_sums_from = from;
+        self
     }
 
     /// Whether this asks for per-head sums over all `n` rows of a call, in order, and

@@ -56,9 +56,13 @@ pub struct LayerProbe {
     /// With `column_sums`: `[kv_heads, keys]` f32, each key's probability summed over every
     /// query row of the call and the query heads of its KV head.
     pub column_sums: Option<Tensor>,
-    /// With `head_sums`: `[kv_heads, group, keys]` f32, each key's probability summed over
-    /// every query row of the call, per query head.
+    /// With `head_sums`: `[kv_heads, group, keys - head_sums_from]` f32, each key's
+    /// probability summed over every query row of the call, per query head, for keys
+    /// `head_sums_from..`.
     pub head_sums: Option<Tensor>,
+    /// The first key `head_sums` covers: the request's
+    /// [`crate::ProbeRequest::head_sums_from`] where the fused kernel honoured it, else 0.
+    pub head_sums_from: usize,
 }
 
 impl LayerProbe {

@@ -397,19 +397,27 @@ fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
             })
             .collect();
         let pruned = full.retain(&[keep])?;
-        // per query head (a pool's probe), and summed over heads (`attn_colsum`)
-        for per_head in [true, false] {
+        // per query head (a pool's probe), per query head of the last 20 keys alone (a
+        // pool's own rows: the kernel reads no key before them), and summed over heads
+        // (`attn_colsum`)
+        for (per_head, tail) in [(true, None), (true, Some(20)), (false, None)] {
             let fallbacks = m.attention_fallbacks();
-            let (sums_err, logits_err) = pool_steps_fused_vs_reference(&mut m, &pruned, per_head)?;
+            let (sums_err, logits_err, narrowed) =
+                pool_steps_fused_vs_reference(&mut m, &pruned, per_head, tail)?;
             let took_fused = m.attention_fallbacks() == fallbacks;
-            let (sums_floor, logits_floor) =
-                pool_steps_fused_vs_reference(&mut m, &full, per_head)?;
+            let (sums_floor, logits_floor, _) =
+                pool_steps_fused_vs_reference(&mut m, &full, per_head, tail)?;
             let pass = took_fused
+                && narrowed
                 && sums_err <= 2.0 * sums_floor + 5e-3
                 && logits_err <= 2.0 * logits_floor + 5e-3;
-            let what = if per_head { "per-head sums" } else { "sums" };
+            let what = match (per_head, tail) {
+                (true, None) => "per-head sums".to_string(),
+                (true, Some(n)) => format!("per-head sums of the last {n} keys"),
+                (false, _) => "sums".to_string(),
+            };
             let case = format!(
-                "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: {what} {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}"
+                "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: {what} {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}, sums of the asked keys alone {narrowed}"
             );
             eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
             out.push(RowsReport { case, pass });
@@ -419,36 +427,60 @@ fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
 }
 
 /// Four decode steps over copies of `cache`, each asking the step's attention summed per
-/// query head (`per_head`) or over every head, once through the fused kernel and once
-/// through the reference: the largest |Δ| of the sums and of the logits, each over the
-/// reference's largest value.
+/// query head (`per_head`; of the last `tail` keys alone when given, which the fused kernel
+/// sums alone) or over every head, once through the fused kernel and once through the
+/// reference: the largest |Δ| of the sums (of the asked keys) and of the logits, each over
+/// the reference's largest value, and whether the fused kernel's sums covered exactly the
+/// keys asked (it reads no key before them).
 fn pool_steps_fused_vs_reference(
     m: &mut Model,
     cache: &kvquilt_model::KvCache,
     per_head: bool,
-) -> Result<(f32, f32)> {
+    tail: Option<usize>,
+) -> Result<(f32, f32, bool)> {
     let (mut fused, mut reference) = (cache.clone(), cache.clone());
-    let (mut sums_err, mut logits_err) = (0f32, 0f32);
+    let (mut sums_err, mut logits_err, mut narrowed) = (0f32, 0f32, true);
     for step in 0..4u32 {
         let token = 7 + 31 * step;
-        let mut run = |kernel, cache: &mut kvquilt_model::KvCache| -> Result<(Tensor, Tensor)> {
-            m.set_attention_kernel(kernel);
-            let probe = if per_head {
-                kvquilt_model::ProbeRequest::head_sums_over_all(1)
-            } else {
-                kvquilt_model::ProbeRequest::summed_over_all(1)
+        let mut run =
+            |kernel, cache: &mut kvquilt_model::KvCache| -> Result<(Tensor, Tensor, bool)> {
+                m.set_attention_kernel(kernel);
+                // the keys after this step's append
+                let keys = cache.len() + 1;
+                let from = tail.map_or(0, |n| keys.saturating_sub(n));
+                let probe = if per_head {
+                    kvquilt_model::ProbeRequest::head_sums_over_all(1).with_head_sums_from(from)
+                } else {
+                    kvquilt_model::ProbeRequest::summed_over_all(1)
+                };
+                let mut hook = kvquilt_model::CollectProbes::new(Some(probe));
+                let logits = m.decode_step(token, cache, &mut hook)?;
+                let layer = hook
+                    .layers
+                    .pop()
+                    .context("the step's probe reported nothing")?;
+                let exact = !per_head || layer.head_sums_from == from;
+                let sums = match per_head {
+                    true => {
+                        let sums = layer
+                            .head_sums
+                            .context("the step's probe reported no sums")?;
+                        // the asked keys, wherever the path's sums start
+                        let at = from.checked_sub(layer.head_sums_from).with_context(|| {
+                            format!(
+                                "sums from key {} for keys from {from}",
+                                layer.head_sums_from
+                            )
+                        })?;
+                        sums.narrow(2, at, keys - from)?
+                    }
+                    false => layer.rows.context("the step's probe reported no sums")?,
+                };
+                Ok((logits.to_dtype(DType::F32)?, sums, exact))
             };
-            let mut hook = kvquilt_model::CollectProbes::new(Some(probe));
-            let logits = m.decode_step(token, cache, &mut hook)?;
-            let sums = hook
-                .layers
-                .pop()
-                .and_then(|p| if per_head { p.head_sums } else { p.rows })
-                .context("the step's probe reported no sums")?;
-            Ok((logits.to_dtype(DType::F32)?, sums))
-        };
-        let (lf, sf) = run(AttentionKernel::Fused, &mut fused)?;
-        let (lr, sr) = run(AttentionKernel::Reference, &mut reference)?;
+        let (lf, sf, exact) = run(AttentionKernel::Fused, &mut fused)?;
+        let (lr, sr, _) = run(AttentionKernel::Reference, &mut reference)?;
+        narrowed &= exact;
         let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
             let scale = b
                 .abs()?
@@ -460,7 +492,7 @@ fn pool_steps_fused_vs_reference(
         sums_err = sums_err.max(rel(&sf, &sr)?);
         logits_err = logits_err.max(rel(&lf, &lr)?);
     }
-    Ok((sums_err, logits_err))
+    Ok((sums_err, logits_err, narrowed))
 }
 
 /// A one-layer model with the given attention heads (its weights are never used here).

@@ -595,6 +595,10 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // Over a pruned cache (a decode pool's probe), the first `head_rows` keys are rotated by their
 // own (row, KV head) position `k_head_pos`, as in the attention kernel; `k_pos` (the mask's
 // positions) stands in for them otherwise and is what the causal test reads.
+//
+// Only keys `key_from..t` are summed (a decode pool ranks only its own rows, the cache's
+// last few): key tiles start at `key_from`, and `acc` is [t - key_from] (per head:
+// [H, t - key_from]), key j at column j - key_from. The grid covers those keys alone.
 template <typename T, int D, bool PER_HEAD>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
                                             const T *__restrict__ k, int k_stride,
@@ -604,12 +608,13 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
                                             int head_rows,
                                             const T *__restrict__ cos, const T *__restrict__ sin,
                                             const float *__restrict__ lse, float *__restrict__ acc,
-                                            int n, int t, int H, int kvh, float scale_log2,
-                                            KeyScale corr) {
+                                            int n, int t, int key_from, int H, int kvh,
+                                            float scale_log2, KeyScale corr) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
   const int G = H / kvh;
   const int QT = BM / G;  // queries per row tile
-  const int kbase = blockIdx.x * BN, kh = blockIdx.y;
+  const int kbase = key_from + blockIdx.x * BN, kh = blockIdx.y;
+  const int width = t - key_from;  // acc's columns
   if (k_pos[kbase] == 0xffffffffu) return;  // uniform: the whole tile is past the keys
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Qs[BM * LD];
@@ -691,7 +696,8 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     for (int i = threadIdx.x; i < G * BN; i += NTHREADS) {
       const int hg = i / BN, j = i % BN;
       if (kp_s[j] == 0xffffffffu) continue;
-      atomicAdd(acc + static_cast<size_t>(kh * G + hg) * t + kbase + j, heads_s[hg][j]);
+      atomicAdd(acc + static_cast<size_t>(kh * G + hg) * width + (kbase - key_from) + j,
+                heads_s[hg][j]);
     }
     return;
   }
@@ -712,7 +718,7 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NTHREADS / 32; ++w) v += red[w][j];
-    atomicAdd(acc + kbase + j, v);
+    atomicAdd(acc + (kbase - key_from) + j, v);
   }
 }
 
@@ -720,11 +726,11 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME##_##SUF##_d##D(                    \
       const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
       const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows, const T *cos,           \
-      const T *sin, const float *lse, float *acc, int n, int t, int H, int kvh,                 \
+      const T *sin, const float *lse, float *acc, int n, int t, int key_from, int H, int kvh,   \
       float scale_log2, int corr_from, int corr_lo, int corr_hi, float corr_factor,             \
       const uint32_t *corr_dev) {                                                               \
     attn_colsum<T, D, PER_HEAD>(q, q_stride, k, k_stride, q_pos, k_pos, k_head_pos, head_rows,  \
-                                cos, sin, lse, acc, n, t, H, kvh, scale_log2,                   \
+                                cos, sin, lse, acc, n, t, key_from, H, kvh, scale_log2,         \
                                 KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor,          \
                                              corr_dev));                                        \
   }

@@ -696,7 +696,7 @@ impl FusedAttention {
         pruned: Option<(&Tensor, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let sums = Tensor::zeros(self.num_keys, DType::F32, q.device())?;
-        let out = self.attend_then_sum(q, k, v, &sums, false, pruned)?;
+        let out = self.attend_then_sum(q, k, v, &sums, false, pruned, 0)?;
         Ok((out, sums))
     }
 
@@ -707,12 +707,16 @@ impl FusedAttention {
     /// mean attention per query head needs when the call's rows are that window (a decode
     /// pool's step over its pruned cache: `pruned` as in
     /// [`FusedAttention::attend_and_column_sums`]). GQA groups of at most 8 query heads.
+    /// Only keys `keys_from..t` are summed (their columns alone: `[num_heads, t -
+    /// keys_from]`), and the sums' pass reads no key before them: a decode pool ranks only
+    /// its own rows, the cache's last few.
     pub(crate) fn attend_and_head_sums(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         pruned: Option<(&Tensor, usize)>,
+        keys_from: usize,
     ) -> Result<(Tensor, Tensor)> {
         if self.num_heads > MOST_HEAD_SUM_GROUP * self.kv_heads {
             return Err(invalid_input(format!(
@@ -720,8 +724,15 @@ impl FusedAttention {
                 self.num_heads / self.kv_heads
             )));
         }
-        let sums = Tensor::zeros((self.num_heads, self.num_keys), DType::F32, q.device())?;
-        let out = self.attend_then_sum(q, k, v, &sums, true, pruned)?;
+        if keys_from > self.num_keys {
+            return Err(invalid_input(format!(
+                "per-head sums from key {keys_from} of {}",
+                self.num_keys
+            )));
+        }
+        let width = self.num_keys - keys_from;
+        let sums = Tensor::zeros((self.num_heads, width), DType::F32, q.device())?;
+        let out = self.attend_then_sum(q, k, v, &sums, true, pruned, keys_from)?;
         Ok((out, sums))
     }
 
@@ -746,12 +757,14 @@ impl FusedAttention {
                 sums.dtype()
             )));
         }
-        self.attend_then_sum(q, k, v, sums, false, None)
+        self.attend_then_sum(q, k, v, sums, false, None, 0)
     }
 
     /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (per head:
-    /// `attn_colsum_heads`) adding into `sums` (shape checked by the launch); both rotate a
-    /// pruned cache's first rows by their per-head positions when `pruned` gives them.
+    /// `attn_colsum_heads`) adding the sums of keys `keys_from..` into `sums` (shape
+    /// checked by the launch); both rotate a pruned cache's first rows by their per-head
+    /// positions when `pruned` gives them.
+    #[allow(clippy::too_many_arguments)]
     fn attend_then_sum(
         &self,
         q: &Tensor,
@@ -760,6 +773,7 @@ impl FusedAttention {
         sums: &Tensor,
         per_head: bool,
         pruned: Option<(&Tensor, usize)>,
+        keys_from: usize,
     ) -> Result<Tensor> {
         if let Some((head_pos, rows)) = pruned {
             self.check_head_pos(head_pos, rows)?;
@@ -782,6 +796,7 @@ impl FusedAttention {
                 lse: &lse,
                 per_head,
                 head_pos: pruned,
+                keys_from,
             },
         )?;
         Ok(out)
@@ -789,7 +804,8 @@ impl FusedAttention {
 
     /// Launches `attn_colsum` (or, `per_head`, `attn_colsum_heads`) over pre-RoPE `q` and
     /// `k` (the kernel rotates them as it reads; a pruned cache's first rows by `head_pos`),
-    /// adding into `acc` (`[t]`, or `[h, t]`).
+    /// adding the sums of keys `keys_from..t` into `acc` (`[t - keys_from]`, or `[h, t -
+    /// keys_from]`).
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
         (acc, la): (&mut CudaStorage, &Layout),
@@ -798,7 +814,7 @@ impl FusedAttention {
         op: &ColumnSums<'_>,
         suffix: &str,
     ) -> candle_core::Result<()> {
-        let (lse, per_head) = (op.lse, op.per_head);
+        let (lse, per_head, keys_from) = (op.lse, op.per_head, op.keys_from);
         let (n, t, h, kvh, d) = (
             self.num_queries,
             self.num_keys,
@@ -806,12 +822,16 @@ impl FusedAttention {
             self.kv_heads,
             self.head_dim,
         );
-        if t == 0 || n == 0 {
+        if keys_from > t {
+            candle_core::bail!("column sums from key {keys_from} of {t}");
+        }
+        let width = t - keys_from;
+        if width == 0 || n == 0 {
             return Ok(());
         }
         let q_stride = row_stride(lq, &[n, h * d], "q")?;
         let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
-        let want: &[usize] = if per_head { &[h, t] } else { &[t] };
+        let want: &[usize] = if per_head { &[h, width] } else { &[width] };
         if la.dims() != want || !la.is_contiguous() {
             candle_core::bail!(
                 "column sums: the sums are {:?}, expected {want:?} contiguous",
@@ -837,6 +857,7 @@ impl FusedAttention {
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (q_stride_i, k_stride_i) = (q_stride as i32, k_stride as i32);
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
+        let from_i = keys_from as i32;
         let name = if per_head {
             "attn_colsum_heads"
         } else {
@@ -857,12 +878,13 @@ impl FusedAttention {
         b.arg(&mut sums);
         b.arg(&n_i);
         b.arg(&t_i);
+        b.arg(&from_i);
         b.arg(&h_i);
         b.arg(&kvh_i);
         b.arg(&scale_log2);
         push_key_scale!(self, b);
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(BN) as u32, kvh as u32, 1),
+            grid_dim: (width.div_ceil(BN) as u32, kvh as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -873,8 +895,9 @@ impl FusedAttention {
         // and strides 16-byte aligned, checked above), positions n / t with the tables
         // covering every position but u32::MAX (checked by the forward pass; those slots are
         // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h
-        // (written by the attention launch of this call), acc t (checked above; h * t per
-        // head), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
+        // (written by the attention launch of this call), acc t - keys_from (checked above;
+        // h * (t - keys_from) per head; CTA x covers keys keys_from + x * BN.., below t), a
+        // key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
@@ -975,6 +998,8 @@ struct ColumnSums<'a> {
     per_head: bool,
     /// A pruned cache's per-head key positions and the rows they cover.
     head_pos: Option<(&'a Tensor, usize)>,
+    /// The first key summed: the sums are `[t - keys_from]` (per head `[h, t - keys_from]`).
+    keys_from: usize,
 }
 
 impl InplaceOp3 for ColumnSums<'_> {

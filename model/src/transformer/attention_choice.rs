@@ -70,6 +70,8 @@ pub(super) enum LayerAttention {
         kernel: crate::kernels::FusedAttention,
         summed: bool,
         head_summed: bool,
+        /// With `head_summed`: the first key summed ([`ProbeRequest::head_sums_from`]).
+        head_sums_from: usize,
         /// Over a pruned cache: the tables of the rows appended after pruning (for keys
         /// rotated before a kernel that rotates K once per call; per tile, the kernel rotates
         /// each pruned row by its own position).
@@ -366,6 +368,7 @@ impl Model {
                     kernel,
                     summed,
                     head_summed,
+                    head_sums_from: probe.map_or(0, |p| p.head_sums_from.min(k_pos.len())),
                     tail_tables,
                 });
             }
@@ -434,6 +437,7 @@ impl Model {
                 kernel: fused,
                 summed,
                 head_summed,
+                head_sums_from,
                 tail_tables: None,
             } => {
                 let from = q_pos.partition_point(|&q| !p.corrects(q));
@@ -442,6 +446,7 @@ impl Model {
                     kernel: fused.with_key_scale(from, p.key_range(k_pos), factor)?,
                     summed,
                     head_summed,
+                    head_sums_from,
                     tail_tables: None,
                 }))
             }
@@ -613,6 +618,7 @@ impl Model {
                         rows,
                         column_sums: a.column_sums,
                         head_sums: a.head_sums,
+                        head_sums_from: 0,
                     },
                 ))
             }
@@ -669,6 +675,7 @@ impl Model {
                 kernel,
                 summed,
                 head_summed,
+                head_sums_from,
                 tail_tables,
             } => {
                 let k = &kv.k;
@@ -704,13 +711,15 @@ impl Model {
                         },
                     ))
                 } else if *head_summed {
-                    let (out, sums) = kernel.attend_and_head_sums(q, k, v, head_pos)?;
+                    let (out, sums) =
+                        kernel.attend_and_head_sums(q, k, v, head_pos, *head_sums_from)?;
                     let c = &self.config;
                     let group = c.num_heads / c.num_kv_heads;
                     Ok((
                         out,
                         LayerProbe {
                             head_sums: Some(sums.reshape((c.num_kv_heads, group, ()))?),
+                            head_sums_from: *head_sums_from,
                             ..LayerProbe::default()
                         },
                     ))
