@@ -501,7 +501,11 @@ mod tests {
         };
         let want = sums(false, 0).unwrap();
         for (defer, from) in [(true, 0), (false, 2), (true, 2), (true, 1)] {
-            assert_eq!(sums(defer, from).unwrap(), want, "deferred {defer}, from {from}");
+            assert_eq!(
+                sums(defer, from).unwrap(),
+                want,
+                "deferred {defer}, from {from}"
+            );
         }
         assert!(sums(true, 3).is_err(), "sums that miss a pool row");
         let got = sums(true, 0).unwrap();
@@ -758,8 +762,8 @@ mod tests {
 
 /// Decoding with a decode pool (SCOPE, H2O, StreamingLLM or SAGE-KV decoding): each step
 /// appends its token, the pool observes the step's attention per KV head, and when the pool
-/// is due the cache is pruned to its selection in place ([`KvCache::retain_in_place`] on the
-/// decoder's own copy of the cache: only the pool's rows move). The prompt's rows are
+/// is due the cache is pruned to its selection in place ([`KvCache::retain_tail_in_place`]
+/// on the decoder's own copy of the cache: only the pool's rows move). The prompt's rows are
 /// never evicted — except, for a pool [`DecodePoolSpec::from_prompt`] (`sage`), its last
 /// `budget` rows, which roll as a window — and the cache holds at most prompt + pool budget
 /// rows (+ `δ` for `discontinuous`; for `sage`, the larger of the prompt's rows and the budget, + 1
@@ -909,11 +913,15 @@ impl PooledDecoder {
         self.peak_rows = self.peak_rows.max(self.cache.len());
         self.pool.observe(&hook.into_sums()?)?;
         if self.pool.due() {
-            let keep = self.pool.select();
+            // selected on a copy (the pool's rows: cheap), kept only once the cache has
+            // followed, so a refused reselection leaves pool and cache agreeing
+            let mut pool = self.pool.clone();
+            let keep = pool.select();
             // the pool's rows move within the decoder's own buffers; the protected rows
             // (the prompt's) stay where they are and cost nothing
             self.cache
                 .retain_tail_in_place(keep.protected, &keep.pool)?;
+            self.pool = pool;
             self.evictions += 1;
         }
         Ok(logits)

@@ -29,8 +29,9 @@ use crate::rows::{
     set_rows_supported,
 };
 
-/// Most runs of moved entries [`KvCache::move_kv_rows`] copies out as parts of one
-/// concatenation (one launch on CUDA: `kernels::CAT_MAX_PARTS`); more are gathered by index.
+/// Most parts (runs of moved entries, each run a K part and a V part) that
+/// [`KvCache::move_kv_rows`] copies out in one concatenation (one launch on CUDA:
+/// `kernels::CAT_MAX_PARTS`); with more, it gathers by index.
 const MOVE_RUNS: usize = 96;
 
 /// Appends reserve room for at least this many rows (and round capacity up to it).
@@ -844,8 +845,9 @@ pub(crate) struct Pruned {
     /// One entry per layer.
     pub(crate) layers: Vec<PrunedLayer>,
     /// `[layers, capacity * kv_heads]` u32 on the cache's device, when every layer's
-    /// `positions` is the start of its row of this one table (made by
-    /// [`KvCache::retain_in_place`], which then rewrites only the entries that change).
+    /// `positions` is the start of its row of this one table (made by an in-place
+    /// reselection, [`KvCache::retain_tail_in_place`] or [`KvCache::retain_in_place`], whose
+    /// later calls then rewrite only the entries that change).
     pub(crate) table: Option<Tensor>,
 }
 
@@ -1056,10 +1058,14 @@ impl KvCache {
     /// [`KvCache::retain_in_place`] of the keep set that keeps rows `0..from` of every layer
     /// and KV head, then rows `tails[layer][head]` (strictly increasing, each in
     /// `from..len()`): a decode pool's reselection, which names only its pool's rows. In
-    /// place, what it costs on the host follows the tails, not the cache: the per-head
-    /// positions of rows `0..from` are left where they are, on the host and on the device,
-    /// once the cache holds its own (from its second reselection on; pinned by
-    /// `tests::a_pool_reselection_rewrites_only_the_tails_positions`).
+    /// place, the per-head positions of rows `0..from` are left where they are, on the host
+    /// and on the device, once the cache holds its own table (from its second reselection
+    /// on, while no clone or graphed copy shares its positions and its capacity stays;
+    /// otherwise the table is built whole; pinned by
+    /// `tests::a_pool_reselection_rewrites_only_the_tails_positions`). What it then costs
+    /// on the host follows the tails, not the cache — except an O(rows) stand-in position
+    /// list, and, where a layer keeps rotated keys or a by-head decode mirror beside its
+    /// buffers (the CPU's decode), the check and copy of their positions (`LayerKv::compact`).
     pub fn retain_tail_in_place(&mut self, from: usize, tails: &[Vec<Vec<u32>>]) -> Result<bool> {
         let heads = self.check_tails(from, tails)?;
         let n = tails.first().and_then(|l| l.first()).map_or(0, Vec::len);
@@ -1344,8 +1350,8 @@ impl KvCache {
     /// of head `h` from `from` on becomes old row `tails[layer][h][r - from]`. Each moved row
     /// is copied out before any is written, then all are written by one
     /// [`put_rows_many`] (on CUDA, one launch for ≤ 96 writes). Where the moved entries
-    /// form at most [`MOVE_RUNS`] runs of consecutive (row, head) entries over all layers
-    /// — a sliding window (`streaming`, `sage`) moves one run per layer — the copy out is one
+    /// form at most [`MOVE_RUNS`]` / 2` runs of consecutive (row, head) entries over all
+    /// layers — a sliding window (`streaming`, `sage`) moves one run per layer — the copy out is one
     /// [`concat`] of the runs (one launch on CUDA); otherwise every layer's K and V are
     /// gathered by `gathers` ([`moved_rows`], `[layers * n * heads]`), two launches a layer.
     /// Entries that stay where they are cost nothing in the first form.
@@ -1698,9 +1704,9 @@ pub(crate) fn check_increasing(positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Flat indices over a layer's `[len * kv_heads, d]` rows of rows `rows` of `keep`
-/// (`keep[h]`: the rows KV head `h` keeps), row-major (row, head): what
-/// [`LayerKv::compact`] gathers.
+/// Flat indices over a layer's `[len * kv_heads, d]` rows of entries `rows` of `keep`
+/// (`keep[h]`: the rows KV head `h` keeps after the ones left in place), row-major (row,
+/// head): what [`KvCache::move_kv_rows`] and [`LayerKv::compact`] gather.
 fn moved_rows<'a>(
     keep: &'a [&'a [u32]],
     rows: std::ops::Range<usize>,

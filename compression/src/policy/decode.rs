@@ -167,7 +167,7 @@ impl DecodePoolSpec {
     }
 }
 
-/// A decode pool's state over one generation: scores per layer, KV head and cache row.
+/// A decode pool's state over one generation: scores per layer, KV head and pool row.
 #[derive(Debug, Clone)]
 pub struct DecodePool {
     spec: DecodePoolSpec,

@@ -588,7 +588,7 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // of rows) re-reads Q once per key tile.
 //
 // PER_HEAD (attn_colsum_heads): each probability goes to its own query head's row instead,
-// `acc` being [H, t] (head kh * G + r % G of a tile row r): added into a shared-memory row
+// `acc` being [H, t - key_from] (head kh * G + r % G of a tile row r): added into a shared-memory row
 // per head of the CTA's KV head (G <= 8, checked by the host), then one atomic add per
 // (head, key) into `acc`.
 //
