@@ -1092,8 +1092,12 @@ impl KvCache {
         Ok(true)
     }
 
-    /// Checks [`KvCache::retain_tail_in_place`]'s keep set as [`KvCache::check_keep`] checks
-    /// a whole one; returns the cache's KV heads.
+    /// Checks a keep set of rows `0..from` kept in place then `tails[layer][head]`
+    /// ([`KvCache::retain_tail_in_place`]; with `from` 0, a whole keep set): the layers' and
+    /// heads' counts, each head keeping something, its rows strictly increasing, in
+    /// `from..len()`, and none a padded head's stand-in (which holds no key: keeping one
+    /// would turn a copy of its last entry into an unmasked key at position 0). Returns the
+    /// cache's KV heads.
     fn check_tails(&self, from: usize, tails: &[Vec<Vec<u32>>]) -> Result<usize> {
         if self.parallel.is_some() {
             return Err(invalid_input(
@@ -1106,7 +1110,7 @@ impl KvCache {
         let (len, heads) = (self.len(), first.k.dims()[1]);
         if tails.len() != self.layers.len() || from > len {
             return Err(invalid_input(format!(
-                "keeping rows 0..{from} and tails of {} layers of a cache of {} layers and {len} rows",
+                "a keep set (rows 0..{from}, then tails) of {} layers for a cache of {} layers and {len} rows",
                 tails.len(),
                 self.layers.len()
             )));
@@ -1114,7 +1118,7 @@ impl KvCache {
         for (l, per_head) in tails.iter().enumerate() {
             if per_head.len() != heads {
                 return Err(invalid_input(format!(
-                    "layer {l}: tails of {} KV heads for {heads}",
+                    "layer {l}: a keep set of {} KV heads for {heads}",
                     per_head.len()
                 )));
             }
@@ -1126,10 +1130,10 @@ impl KvCache {
                     && rows.last().is_none_or(|&t| (t as usize) < len);
                 if !inside || rows.windows(2).any(|w| w[0] >= w[1]) {
                     return Err(invalid_input(format!(
-                        "layer {l} head {h}: kept rows after {from} must be strictly increasing, from {from} and below {len}"
+                        "layer {l} head {h}: kept rows must be strictly increasing, from {from} and below {len}"
                     )));
                 }
-                // a padded head's stand-in rows hold no key (see `check_keep`)
+                // a padded head's stand-in rows hold no key
                 if let Some(p) = &self.pruned {
                     let real = p.layers[l].counts[h];
                     let padding = real..p.rows;
@@ -1449,57 +1453,12 @@ impl KvCache {
         at
     }
 
-    /// Checks a keep set for [`KvCache::retain`]; returns the cache's rows and KV heads.
+    /// Checks a keep set for [`KvCache::retain`] (every kept row named: no leading rows
+    /// kept in place, so [`KvCache::check_tails`] from row 0); returns the cache's rows and
+    /// KV heads.
     fn check_keep(&self, keep: &[Vec<Vec<u32>>]) -> Result<(usize, usize)> {
-        if self.parallel.is_some() {
-            return Err(invalid_input(
-                "a cache with a parallel context cannot be pruned per head (its corrected attention needs every row at its position)",
-            ));
-        }
-        let Some(first) = self.layers.first() else {
-            return Err(invalid_input("retaining from a cache with no layers"));
-        };
-        let (len, heads) = (self.len(), first.k.dims()[1]);
-        if keep.len() != self.layers.len() {
-            return Err(invalid_input(format!(
-                "a keep set of {} layers for a cache of {}",
-                keep.len(),
-                self.layers.len()
-            )));
-        }
-        for (l, per_head) in keep.iter().enumerate() {
-            if per_head.len() != heads {
-                return Err(invalid_input(format!(
-                    "layer {l}: a keep set of {} KV heads for {heads}",
-                    per_head.len()
-                )));
-            }
-            for (h, rows) in per_head.iter().enumerate() {
-                if rows.is_empty() {
-                    return Err(invalid_input(format!("layer {l} head {h} keeps nothing")));
-                }
-                if rows.windows(2).any(|w| w[0] >= w[1]) || rows[rows.len() - 1] as usize >= len {
-                    return Err(invalid_input(format!(
-                        "layer {l} head {h}: kept rows must be strictly increasing and below {len}"
-                    )));
-                }
-                // a padded head's stand-in rows hold no key: keeping one would turn a copy
-                // of its last entry into an unmasked key at position 0
-                if let Some(p) = &self.pruned {
-                    let real = p.layers[l].counts[h];
-                    if let Some(&t) = rows
-                        .iter()
-                        .find(|&&t| (real..p.rows).contains(&(t as usize)))
-                    {
-                        return Err(invalid_input(format!(
-                            "layer {l} head {h}: row {t} is padding (the head holds {real} of the {} pruned rows)",
-                            p.rows
-                        )));
-                    }
-                }
-            }
-        }
-        Ok((len, heads))
+        let heads = self.check_tails(0, keep)?;
+        Ok((self.len(), heads))
     }
 
     /// The absolute position of row `row` of KV head `head` in layer `layer`.
