@@ -480,8 +480,9 @@ mod tests {
             })
             .collect();
         // the sums as a path reports them from key `from` on (the fused kernel: the pool's
-        // rows alone)
-        let sums = |defer_reads: bool, from: usize| {
+        // rows alone), `grouped` each KV head's group summed (the fused kernel's
+        // `head_sums_grouped`)
+        let reported = |defer_reads: bool, from: usize, grouped: bool| {
             let mut step = StepAttention {
                 probe: None,
                 scored: 2..7,
@@ -490,8 +491,12 @@ mod tests {
                 on_device: Vec::new(),
             };
             for (l, x) in layers.iter().enumerate() {
+                let mut x = x.narrow(2, from, 7 - from).unwrap();
+                if grouped {
+                    x = x.sum_keepdim(1).unwrap();
+                }
                 let probe = LayerProbe {
-                    head_sums: Some(x.narrow(2, from, 7 - from).unwrap()),
+                    head_sums: Some(x),
                     head_sums_from: from,
                     ..LayerProbe::default()
                 };
@@ -499,6 +504,7 @@ mod tests {
             }
             step.into_sums().map_err(HookError::new)
         };
+        let sums = |defer_reads: bool, from: usize| reported(defer_reads, from, false);
         let want = sums(false, 0).unwrap();
         for (defer, from) in [(true, 0), (false, 2), (true, 2), (true, 1)] {
             assert_eq!(
@@ -508,6 +514,24 @@ mod tests {
             );
         }
         assert!(sums(true, 3).is_err(), "sums that miss a pool row");
+        for (defer, from) in [(true, 2), (true, 0), (false, 1)] {
+            let got = reported(defer, from, true).unwrap();
+            let close = got
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(want.iter().flatten().flatten());
+            assert!(
+                got.len() == 3 && close.clone().count() == 3 * 2 * 5,
+                "grouped {got:?}"
+            );
+            for (a, b) in close {
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "grouped, deferred {defer}, from {from}"
+                );
+            }
+        }
         let got = sums(true, 0).unwrap();
         assert_eq!(want.len(), 3);
         let by_hand: f32 = (0..3)
@@ -830,8 +854,12 @@ impl LayerHook for StepAttention {
             per_head.narrow(2, at, self.scored.len())
         };
         if self.defer_reads {
-            // the pool's rows alone, summed where they are, read after the step
-            let sums = scored().and_then(|x| x.sum(1));
+            // the pool's rows alone, summed where they are, read after the step (the fused
+            // kernel summed each KV head's group itself: no reduction to launch)
+            let sums = scored().and_then(|x| match x.dim(1)? {
+                1 => x.squeeze(1),
+                _ => x.sum(1),
+            });
             self.on_device.push(sums.map_err(HookError::new)?);
         } else {
             let sums = scored().and_then(|x| group_sums(&x));
@@ -903,6 +931,7 @@ impl PooledDecoder {
                 .then(|| {
                     ProbeRequest::head_sums_over_all(1)
                         .with_head_sums_from(self.pool.scored_rows().start)
+                        .with_grouped_head_sums()
                 }),
             scored: self.pool.scored_rows(),
             defer_reads: !model.device().is_cpu(),

@@ -290,6 +290,11 @@ pub struct ProbeRequest {
     /// rows, the cache's last few); other paths report every key.
     /// [`crate::LayerProbe::head_sums_from`] says which keys the sums cover.
     pub head_sums_from: usize,
+    /// With `head_sums`: the caller adds each KV head's query heads up anyway (a decode
+    /// pool ranks per KV head). A hint: the fused kernel then sums the group itself and
+    /// reports `[kv_heads, 1, keys]` (no reduction launched after it); other paths report
+    /// every query head. The group axis's length says which came.
+    pub head_sums_grouped: bool,
 }
 
 impl ProbeRequest {
@@ -322,6 +327,13 @@ impl ProbeRequest {
     /// This request, wanting per-head sums only of keys `from..` ([`ProbeRequest::head_sums_from`]).
     pub fn with_head_sums_from(mut self, from: usize) -> Self {
         self.head_sums_from = from;
+        self
+    }
+
+    /// This request, adding each KV head's per-head sums up anyway
+    /// ([`ProbeRequest::head_sums_grouped`]).
+    pub fn with_grouped_head_sums(mut self) -> Self {
+        self.head_sums_grouped = true;
         self
     }
 

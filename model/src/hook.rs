@@ -58,7 +58,8 @@ pub struct LayerProbe {
     pub column_sums: Option<Tensor>,
     /// With `head_sums`: `[kv_heads, group, keys - head_sums_from]` f32, each key's
     /// probability summed over every query row of the call, per query head, for keys
-    /// `head_sums_from..`.
+    /// `head_sums_from..`; `[kv_heads, 1, keys - head_sums_from]`, the group summed, where
+    /// the fused kernel honoured [`crate::ProbeRequest::head_sums_grouped`].
     pub head_sums: Option<Tensor>,
     /// The first key `head_sums` covers: the request's
     /// [`crate::ProbeRequest::head_sums_from`] where the fused kernel honoured it, else 0.

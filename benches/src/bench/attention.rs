@@ -397,27 +397,33 @@ fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
             })
             .collect();
         let pruned = full.retain(&[keep])?;
-        // per query head (a pool's probe), per query head of the last 20 keys alone (a
-        // pool's own rows: the kernel reads no key before them), and summed over heads
-        // (`attn_colsum`)
-        for (per_head, tail) in [(true, None), (true, Some(20)), (false, None)] {
+        // per query head, per query head of the last 20 keys alone (a pool's own rows: the
+        // kernel reads no key before them), per KV head of the last 20 keys (a pool's probe:
+        // the kernel sums each group), and summed over heads (`attn_colsum`)
+        for (per_head, tail, grouped) in [
+            (true, None, false),
+            (true, Some(20), false),
+            (true, Some(20), true),
+            (false, None, false),
+        ] {
             let fallbacks = m.attention_fallbacks();
             let (sums_err, logits_err, narrowed) =
-                pool_steps_fused_vs_reference(&mut m, &pruned, per_head, tail)?;
+                pool_steps_fused_vs_reference(&mut m, &pruned, per_head, tail, grouped)?;
             let took_fused = m.attention_fallbacks() == fallbacks;
             let (sums_floor, logits_floor, _) =
-                pool_steps_fused_vs_reference(&mut m, &full, per_head, tail)?;
+                pool_steps_fused_vs_reference(&mut m, &full, per_head, tail, grouped)?;
             let pass = took_fused
                 && narrowed
                 && sums_err <= 2.0 * sums_floor + 5e-3
                 && logits_err <= 2.0 * logits_floor + 5e-3;
-            let what = match (per_head, tail) {
-                (true, None) => "per-head sums".to_string(),
-                (true, Some(n)) => format!("per-head sums of the last {n} keys"),
-                (false, _) => "sums".to_string(),
+            let what = match (per_head, tail, grouped) {
+                (true, None, _) => "per-head sums".to_string(),
+                (true, Some(n), false) => format!("per-head sums of the last {n} keys"),
+                (true, Some(n), true) => format!("per-KV-head sums of the last {n} keys"),
+                (false, _, _) => "sums".to_string(),
             };
             let case = format!(
-                "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: {what} {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}, sums of the asked keys alone {narrowed}"
+                "pool probe h{h}/{kvh} d{d}, {t} keys pruned to {kept} per head, 4 steps: {what} {sums_err:.1e} (unpruned {sums_floor:.1e}), logits {logits_err:.1e} (unpruned {logits_floor:.1e}), fused {took_fused}, sums of the asked keys and heads alone {narrowed}"
             );
             eprintln!("{} {case}", if pass { "ok  " } else { "FAIL" });
             out.push(RowsReport { case, pass });
@@ -428,56 +434,70 @@ fn check_pruned_probes(device: &Device) -> Result<Vec<RowsReport>> {
 
 /// Four decode steps over copies of `cache`, each asking the step's attention summed per
 /// query head (`per_head`; of the last `tail` keys alone when given, which the fused kernel
-/// sums alone) or over every head, once through the fused kernel and once through the
-/// reference: the largest |Δ| of the sums (of the asked keys) and of the logits, each over
-/// the reference's largest value, and whether the fused kernel's sums covered exactly the
-/// keys asked (it reads no key before them).
+/// sums alone; `grouped`, each KV head's group summed, which the fused kernel sums itself)
+/// or over every head, once through the fused kernel and once through the reference: the
+/// largest |Δ| of the sums (of the asked keys, per KV head when `grouped`) and of the
+/// logits, each over the reference's largest value, and whether the fused kernel's sums
+/// covered exactly the keys asked (it reads no key before them) and, `grouped`, came one
+/// row per KV head.
 fn pool_steps_fused_vs_reference(
     m: &mut Model,
     cache: &kvquilt_model::KvCache,
     per_head: bool,
     tail: Option<usize>,
+    grouped: bool,
 ) -> Result<(f32, f32, bool)> {
     let (mut fused, mut reference) = (cache.clone(), cache.clone());
     let (mut sums_err, mut logits_err, mut narrowed) = (0f32, 0f32, true);
     for step in 0..4u32 {
         let token = 7 + 31 * step;
-        let mut run =
-            |kernel, cache: &mut kvquilt_model::KvCache| -> Result<(Tensor, Tensor, bool)> {
-                m.set_attention_kernel(kernel);
-                // the keys after this step's append
-                let keys = cache.len() + 1;
-                let from = tail.map_or(0, |n| keys.saturating_sub(n));
-                let probe = if per_head {
-                    kvquilt_model::ProbeRequest::head_sums_over_all(1).with_head_sums_from(from)
+        let mut run = |kernel,
+                       cache: &mut kvquilt_model::KvCache|
+         -> Result<(Tensor, Tensor, bool)> {
+            m.set_attention_kernel(kernel);
+            // the keys after this step's append
+            let keys = cache.len() + 1;
+            let from = tail.map_or(0, |n| keys.saturating_sub(n));
+            let probe = if per_head {
+                let p =
+                    kvquilt_model::ProbeRequest::head_sums_over_all(1).with_head_sums_from(from);
+                if grouped {
+                    p.with_grouped_head_sums()
                 } else {
-                    kvquilt_model::ProbeRequest::summed_over_all(1)
-                };
-                let mut hook = kvquilt_model::CollectProbes::new(Some(probe));
-                let logits = m.decode_step(token, cache, &mut hook)?;
-                let layer = hook
-                    .layers
-                    .pop()
-                    .context("the step's probe reported nothing")?;
-                let exact = !per_head || layer.head_sums_from == from;
-                let sums = match per_head {
-                    true => {
-                        let sums = layer
-                            .head_sums
-                            .context("the step's probe reported no sums")?;
-                        // the asked keys, wherever the path's sums start
-                        let at = from.checked_sub(layer.head_sums_from).with_context(|| {
-                            format!(
-                                "sums from key {} for keys from {from}",
-                                layer.head_sums_from
-                            )
-                        })?;
-                        sums.narrow(2, at, keys - from)?
-                    }
-                    false => layer.rows.context("the step's probe reported no sums")?,
-                };
-                Ok((logits.to_dtype(DType::F32)?, sums, exact))
+                    p
+                }
+            } else {
+                kvquilt_model::ProbeRequest::summed_over_all(1)
             };
+            let mut hook = kvquilt_model::CollectProbes::new(Some(probe));
+            let logits = m.decode_step(token, cache, &mut hook)?;
+            let layer = hook
+                .layers
+                .pop()
+                .context("the step's probe reported nothing")?;
+            let exact = !per_head
+                || (layer.head_sums_from == from
+                    && (!grouped || layer.head_sums.as_ref().is_some_and(|s| s.dims()[1] == 1)));
+            let sums = match per_head {
+                true => {
+                    let sums = layer
+                        .head_sums
+                        .context("the step's probe reported no sums")?;
+                    // the asked keys, wherever the path's sums start
+                    let at = from.checked_sub(layer.head_sums_from).with_context(|| {
+                        format!(
+                            "sums from key {} for keys from {from}",
+                            layer.head_sums_from
+                        )
+                    })?;
+                    let sums = sums.narrow(2, at, keys - from)?;
+                    // per KV head (the reference reports every query head)
+                    if grouped { sums.sum_keepdim(1)? } else { sums }
+                }
+                false => layer.rows.context("the step's probe reported no sums")?,
+            };
+            Ok((logits.to_dtype(DType::F32)?, sums, exact))
+        };
         let (lf, sf, exact) = run(AttentionKernel::Fused, &mut fused)?;
         let (lr, sr, _) = run(AttentionKernel::Reference, &mut reference)?;
         narrowed &= exact;

@@ -4,6 +4,8 @@
 //! One prefill of `--context` tokens observes what the policy reads; the full cache and the
 //! pruned copy each decode `--steps` tokens (one warm-up, then `--repeats` timed runs). The
 //! prompt is pseudo-random tokens: decode speed depends on the cache's size, not its words.
+//! The steps feed fixed pseudo-random tokens, never read back; with `--greedy` each batch-1
+//! step feeds the last one's argmax, read to the host, as served decoding does.
 //!
 //! With `--batch B`, B sequences decode together (`Model::decode_batch`: one read of the
 //! weights per step for all of them, attention per sequence), each over its own copy of the
@@ -27,7 +29,7 @@ use anyhow::{Context, Result};
 use kvquilt_blend::compress::{compress, observe_last_rows, observe_prefill};
 use kvquilt_blend::{DEFAULT_GATHER, DecodeBatcher};
 use kvquilt_compression::policy::{Budget, BudgetSplit, PolicySpec, TokenPolicy};
-use kvquilt_model::{AttentionKernel, BatchStep, DType, KvCache, Model, argmax};
+use kvquilt_model::{AttentionKernel, BatchStep, DType, KvCache, Model, Tensor, argmax};
 use serde::Serialize;
 
 use super::model::pseudo_tokens;
@@ -76,6 +78,13 @@ pub struct DecodeBenchArgs {
     /// Rows every pool may hold over its budget before reselecting (`DecodePoolSpec::slack`).
     #[arg(long, default_value_t = 0)]
     pool_slack: usize,
+    /// Decode as served: each batch-1 step (the caches' and the pools') feeds the argmax of
+    /// the last step's logits, read to the host, as the next token, instead of fixed
+    /// pseudo-random tokens that no step waits for. A sampler needs every step's logits, so
+    /// a served step waits for the device; without this, a full cache's steps queue up
+    /// unread while a scoring pool's read their attention sums every step.
+    #[arg(long)]
+    greedy: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +120,8 @@ struct Report {
     context: usize,
     steps: usize,
     repeats: usize,
+    /// `--greedy`: each batch-1 step's token was the last step's argmax, read to the host.
+    greedy: bool,
     rows: Vec<Row>,
     pools: Vec<PoolRow>,
     sessions: Vec<SessionsRow>,
@@ -386,9 +397,11 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         let mut runs = Vec::with_capacity(a.repeats + 1);
         for _ in 0..=a.repeats.max(1) {
             let mut caches = vec![base.clone(); batch];
+            let mut next = token(0, 0);
             let mut step = |i: usize| -> Result<()> {
                 if batch == 1 {
-                    model.decode_step(token(i, 0), &mut caches[0], &mut ())?;
+                    let logits = model.decode_step(next, &mut caches[0], &mut ())?;
+                    next = next_token(a.greedy, &logits, || token(i + 1, 0))?;
                 } else {
                     let mut steps: Vec<BatchStep<'_>> = caches
                         .iter_mut()
@@ -583,6 +596,7 @@ pub(crate) fn run(a: DecodeBenchArgs) -> Result<()> {
         context: a.context,
         steps,
         repeats: a.repeats,
+        greedy: a.greedy,
         rows,
         pools,
         compress: compress_costs,
@@ -615,11 +629,13 @@ fn pool_rows(
         let (mut runs, mut reselections, mut peak_rows) = (Vec::new(), 0, 0);
         for _ in 0..=a.repeats.max(1) {
             let mut d = kvquilt_blend::compress::PooledDecoder::new(model, full.clone(), spec)?;
-            d.step(model, token(0, 0))?;
+            let logits = d.step(model, token(0, 0))?;
+            let mut next = next_token(a.greedy, &logits, || token(1, 0))?;
             model.device().synchronize()?;
             let t = Instant::now();
             for i in 1..=steps {
-                d.step(model, token(i, 0))?;
+                let logits = d.step(model, next)?;
+                next = next_token(a.greedy, &logits, || token(i + 1, 0))?;
             }
             model.device().synchronize()?;
             runs.push(t.elapsed().as_secs_f64());
@@ -643,8 +659,9 @@ fn pool_rows(
         });
     }
     println!(
-        "| pool (slack {}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows | in place vs copies, max abs Δlogit |",
-        a.pool_slack
+        "| pool (slack {}{}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows | in place vs copies, max abs Δlogit |",
+        a.pool_slack,
+        if a.greedy { ", greedy" } else { "" }
     );
     println!("|---|---|---|---|---|---|");
     for r in &out {
@@ -659,6 +676,15 @@ fn pool_rows(
         );
     }
     Ok(out)
+}
+
+/// The next step's token: with `greedy`, the argmax of `logits` (`[vocab]`), read to the host
+/// as a sampler reads them; else `fixed()`, no read.
+fn next_token(greedy: bool, logits: &Tensor, fixed: impl FnOnce() -> u32) -> Result<u32> {
+    if !greedy {
+        return Ok(fixed());
+    }
+    Ok(argmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
 
 /// [`PoolRow::in_place_vs_copies_max_abs`]: `steps` tokens through two decoders of `spec`

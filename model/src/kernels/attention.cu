@@ -587,7 +587,12 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // question's rows): every CTA streams all row tiles past its keys, so a long pass (thousands
 // of rows) re-reads Q once per key tile.
 //
-// PER_HEAD (attn_colsum_heads): each probability goes to its own query head's row instead,
+// BY says how heads are summed: SUM_ALL (attn_colsum) adds every head's probability of a key
+// into one column; SUM_KV_HEAD (attn_colsum_kv_heads) adds only the G query heads of the CTA's
+// KV head, `acc` being [kvh, t - key_from] (one CTA per (key tile, KV head), so the group is
+// summed in registers and shared memory with no extra launch: a decode pool ranks per KV head).
+//
+// SUM_QUERY_HEAD (attn_colsum_heads): each probability goes to its own query head's row instead,
 // `acc` being [H, t - key_from] (head kh * G + r % G of a tile row r): added into a shared-memory row
 // per head of the CTA's KV head (G <= 8, checked by the host), then one atomic add per
 // (head, key) into `acc`.
@@ -599,7 +604,10 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // Only keys `key_from..t` are summed (a decode pool ranks only its own rows, the cache's
 // last few): key tiles start at `key_from`, and `acc` is [t - key_from] (per head:
 // [H, t - key_from]), key j at column j - key_from. The grid covers those keys alone.
-template <typename T, int D, bool PER_HEAD>
+#define SUM_ALL 0
+#define SUM_QUERY_HEAD 1
+#define SUM_KV_HEAD 2
+template <typename T, int D, int BY>
 __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_stride,
                                             const T *__restrict__ k, int k_stride,
                                             const uint32_t *__restrict__ q_pos,
@@ -611,6 +619,7 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
                                             int n, int t, int key_from, int H, int kvh,
                                             float scale_log2, KeyScale corr) {
   constexpr int LD = D + 8;  // smem row stride in elements: conflict-free ldmatrix
+  constexpr bool PER_HEAD = BY == SUM_QUERY_HEAD;
   const int G = H / kvh;
   const int QT = BM / G;  // queries per row tile
   const int kbase = key_from + blockIdx.x * BN, kh = blockIdx.y;
@@ -718,31 +727,36 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NTHREADS / 32; ++w) v += red[w][j];
-    atomicAdd(acc + (kbase - key_from) + j, v);
+    // SUM_KV_HEAD: this KV head's row; SUM_ALL: the one row every KV head's CTAs add into
+    const size_t row = BY == SUM_KV_HEAD ? static_cast<size_t>(kh) * width : 0;
+    atomicAdd(acc + row + (kbase - key_from) + j, v);
   }
 }
 
-#define COLSUM_ENTRY(NAME, PER_HEAD, T, SUF, D)                                                  \
+#define COLSUM_ENTRY(NAME, BY, T, SUF, D)                                                        \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME##_##SUF##_d##D(                    \
-      const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                \
-      const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows, const T *cos,           \
-      const T *sin, const float *lse, float *acc, int n, int t, int key_from, int H, int kvh,   \
-      float scale_log2, int corr_from, int corr_lo, int corr_hi, float corr_factor,             \
-      const uint32_t *corr_dev) {                                                               \
-    attn_colsum<T, D, PER_HEAD>(q, q_stride, k, k_stride, q_pos, k_pos, k_head_pos, head_rows,  \
-                                cos, sin, lse, acc, n, t, key_from, H, kvh, scale_log2,         \
-                                KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor,          \
-                                             corr_dev));                                        \
+      const T *q, int q_stride, const T *k, int k_stride, const uint32_t *q_pos,                 \
+      const uint32_t *k_pos, const uint32_t *k_head_pos, int head_rows, const T *cos,            \
+      const T *sin, const float *lse, float *acc, int n, int t, int key_from, int H, int kvh,    \
+      float scale_log2, int corr_from, int corr_lo, int corr_hi, float corr_factor,              \
+      const uint32_t *corr_dev) {                                                                \
+    attn_colsum<T, D, BY>(q, q_stride, k, k_stride, q_pos, k_pos, k_head_pos, head_rows,         \
+                          cos, sin, lse, acc, n, t, key_from, H, kvh, scale_log2,                \
+                          KeyScale::of(corr_from, corr_lo, corr_hi, corr_factor, corr_dev));     \
   }
 
-COLSUM_ENTRY(attn_colsum, false, __nv_bfloat16, bf16, 64)
-COLSUM_ENTRY(attn_colsum, false, __nv_bfloat16, bf16, 128)
-COLSUM_ENTRY(attn_colsum, false, __half, f16, 64)
-COLSUM_ENTRY(attn_colsum, false, __half, f16, 128)
-COLSUM_ENTRY(attn_colsum_heads, true, __nv_bfloat16, bf16, 64)
-COLSUM_ENTRY(attn_colsum_heads, true, __nv_bfloat16, bf16, 128)
-COLSUM_ENTRY(attn_colsum_heads, true, __half, f16, 64)
-COLSUM_ENTRY(attn_colsum_heads, true, __half, f16, 128)
+COLSUM_ENTRY(attn_colsum, SUM_ALL, __nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(attn_colsum, SUM_ALL, __nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(attn_colsum, SUM_ALL, __half, f16, 64)
+COLSUM_ENTRY(attn_colsum, SUM_ALL, __half, f16, 128)
+COLSUM_ENTRY(attn_colsum_heads, SUM_QUERY_HEAD, __nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(attn_colsum_heads, SUM_QUERY_HEAD, __nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(attn_colsum_heads, SUM_QUERY_HEAD, __half, f16, 64)
+COLSUM_ENTRY(attn_colsum_heads, SUM_QUERY_HEAD, __half, f16, 128)
+COLSUM_ENTRY(attn_colsum_kv_heads, SUM_KV_HEAD, __nv_bfloat16, bf16, 64)
+COLSUM_ENTRY(attn_colsum_kv_heads, SUM_KV_HEAD, __nv_bfloat16, bf16, 128)
+COLSUM_ENTRY(attn_colsum_kv_heads, SUM_KV_HEAD, __half, f16, 64)
+COLSUM_ENTRY(attn_colsum_kv_heads, SUM_KV_HEAD, __half, f16, 128)
 
 #define ATTN_ENTRY(NAME, T, D, ROT_K)                                                            \
   extern "C" __global__ void __launch_bounds__(NTHREADS) NAME(                                   \

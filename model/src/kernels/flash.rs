@@ -696,7 +696,7 @@ impl FusedAttention {
         pruned: Option<(&Tensor, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let sums = Tensor::zeros(self.num_keys, DType::F32, q.device())?;
-        let out = self.attend_then_sum(q, k, v, &sums, false, pruned, 0)?;
+        let out = self.attend_then_sum(q, k, v, &sums, None, pruned, 0)?;
         Ok((out, sums))
     }
 
@@ -709,7 +709,9 @@ impl FusedAttention {
     /// [`FusedAttention::attend_and_column_sums`]). GQA groups of at most 8 query heads.
     /// Only keys `keys_from..t` are summed (their columns alone: `[num_heads, t -
     /// keys_from]`), and the sums' pass reads no key before them: a decode pool ranks only
-    /// its own rows, the cache's last few.
+    /// its own rows, the cache's last few. [`HeadSums::PerKvHead`] adds each KV head's query
+    /// heads up in the kernel instead (`attn_colsum_kv_heads`): `[kv_heads, t - keys_from]`,
+    /// what a decode pool ranks by, with no reduction launched after it.
     pub(crate) fn attend_and_head_sums(
         &self,
         q: &Tensor,
@@ -717,8 +719,9 @@ impl FusedAttention {
         v: &Tensor,
         pruned: Option<(&Tensor, usize)>,
         keys_from: usize,
+        by: HeadSums,
     ) -> Result<(Tensor, Tensor)> {
-        if self.num_heads > MOST_HEAD_SUM_GROUP * self.kv_heads {
+        if by == HeadSums::PerQueryHead && self.num_heads > MOST_HEAD_SUM_GROUP * self.kv_heads {
             return Err(invalid_input(format!(
                 "per-head sums take GQA groups of at most {MOST_HEAD_SUM_GROUP} query heads, not {}",
                 self.num_heads / self.kv_heads
@@ -731,8 +734,12 @@ impl FusedAttention {
             )));
         }
         let width = self.num_keys - keys_from;
-        let sums = Tensor::zeros((self.num_heads, width), DType::F32, q.device())?;
-        let out = self.attend_then_sum(q, k, v, &sums, true, pruned, keys_from)?;
+        let rows = match by {
+            HeadSums::PerQueryHead => self.num_heads,
+            HeadSums::PerKvHead => self.kv_heads,
+        };
+        let sums = Tensor::zeros((rows, width), DType::F32, q.device())?;
+        let out = self.attend_then_sum(q, k, v, &sums, Some(by), pruned, keys_from)?;
         Ok((out, sums))
     }
 
@@ -757,13 +764,13 @@ impl FusedAttention {
                 sums.dtype()
             )));
         }
-        self.attend_then_sum(q, k, v, sums, false, None, 0)
+        self.attend_then_sum(q, k, v, sums, None, None, 0)
     }
 
-    /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (per head:
-    /// `attn_colsum_heads`) adding the sums of keys `keys_from..` into `sums` (shape
-    /// checked by the launch); both rotate a pruned cache's first rows by their per-head
-    /// positions when `pruned` gives them.
+    /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (`by` a
+    /// [`HeadSums`]: `attn_colsum_heads` or `attn_colsum_kv_heads`) adding the sums of keys
+    /// `keys_from..` into `sums` (shape checked by the launch); both rotate a pruned cache's
+    /// first rows by their per-head positions when `pruned` gives them.
     #[allow(clippy::too_many_arguments)]
     fn attend_then_sum(
         &self,
@@ -771,7 +778,7 @@ impl FusedAttention {
         k: &Tensor,
         v: &Tensor,
         sums: &Tensor,
-        per_head: bool,
+        by: Option<HeadSums>,
         pruned: Option<(&Tensor, usize)>,
         keys_from: usize,
     ) -> Result<Tensor> {
@@ -794,7 +801,7 @@ impl FusedAttention {
             &ColumnSums {
                 attention: self,
                 lse: &lse,
-                per_head,
+                by,
                 head_pos: pruned,
                 keys_from,
             },
@@ -802,9 +809,10 @@ impl FusedAttention {
         Ok(out)
     }
 
-    /// Launches `attn_colsum` (or, `per_head`, `attn_colsum_heads`) over pre-RoPE `q` and
-    /// `k` (the kernel rotates them as it reads; a pruned cache's first rows by `head_pos`),
-    /// adding the sums of keys `keys_from..t` into `acc` (`[t - keys_from]`, or `[h, t -
+    /// Launches `attn_colsum` (or, by [`HeadSums`], `attn_colsum_heads` /
+    /// `attn_colsum_kv_heads`) over pre-RoPE `q` and `k` (the kernel rotates them as it
+    /// reads; a pruned cache's first rows by `head_pos`), adding the sums of keys
+    /// `keys_from..t` into `acc` (`[t - keys_from]`, or `[h, t - keys_from]`, or `[kvh, t -
     /// keys_from]`).
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
@@ -814,7 +822,7 @@ impl FusedAttention {
         op: &ColumnSums<'_>,
         suffix: &str,
     ) -> candle_core::Result<()> {
-        let (lse, per_head, keys_from) = (op.lse, op.per_head, op.keys_from);
+        let (lse, by, keys_from) = (op.lse, op.by, op.keys_from);
         let (n, t, h, kvh, d) = (
             self.num_queries,
             self.num_keys,
@@ -831,14 +839,18 @@ impl FusedAttention {
         }
         let q_stride = row_stride(lq, &[n, h * d], "q")?;
         let k_stride = row_stride(lk, &[t, kvh, d], "k")?;
-        let want: &[usize] = if per_head { &[h, width] } else { &[width] };
+        let want: &[usize] = match by {
+            None => &[width],
+            Some(HeadSums::PerQueryHead) => &[h, width],
+            Some(HeadSums::PerKvHead) => &[kvh, width],
+        };
         if la.dims() != want || !la.is_contiguous() {
             candle_core::bail!(
                 "column sums: the sums are {:?}, expected {want:?} contiguous",
                 la.dims()
             );
         }
-        if per_head && h > MOST_HEAD_SUM_GROUP * kvh {
+        if by == Some(HeadSums::PerQueryHead) && h > MOST_HEAD_SUM_GROUP * kvh {
             candle_core::bail!("per-head sums: GQA groups of at most {MOST_HEAD_SUM_GROUP}");
         }
         if [lq.start_offset(), lk.start_offset(), q_stride, k_stride]
@@ -858,10 +870,10 @@ impl FusedAttention {
         let (q_stride_i, k_stride_i) = (q_stride as i32, k_stride as i32);
         let (n_i, t_i, h_i, kvh_i) = (n as i32, t as i32, h as i32, kvh as i32);
         let from_i = keys_from as i32;
-        let name = if per_head {
-            "attn_colsum_heads"
-        } else {
-            "attn_colsum"
+        let name = match by {
+            None => "attn_colsum",
+            Some(HeadSums::PerQueryHead) => "attn_colsum_heads",
+            Some(HeadSums::PerKvHead) => "attn_colsum_kv_heads",
         };
         let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}_d{d}"), MODULE, PTX)?;
         let mut b = f.builder();
@@ -896,16 +908,27 @@ impl FusedAttention {
         // covering every position but u32::MAX (checked by the forward pass; those slots are
         // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h
         // (written by the attention launch of this call), acc t - keys_from (checked above;
-        // h * (t - keys_from) per head; CTA x covers keys keys_from + x * BN.., below t), a
-        // key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
+        // h * (t - keys_from) per query head, kvh * (t - keys_from) per KV head, CTA (x, y)
+        // adding only into row y of the latter; CTA x covers keys keys_from + x * BN..,
+        // below t), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
 }
 
-/// Most query heads per KV head [`FusedAttention::attend_and_head_sums`] takes (the kernel's
-/// shared-memory rows, `attn_colsum_heads`).
+/// Most query heads per KV head [`FusedAttention::attend_and_head_sums`] takes per query
+/// head (the kernel's shared-memory rows, `attn_colsum_heads`).
 pub(crate) const MOST_HEAD_SUM_GROUP: usize = 8;
+
+/// How [`FusedAttention::attend_and_head_sums`] keeps heads apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeadSums {
+    /// One row per query head (`attn_colsum_heads`): `[num_heads, keys]`.
+    PerQueryHead,
+    /// One row per KV head, the sum over its query heads (`attn_colsum_kv_heads`):
+    /// `[kv_heads, keys]`.
+    PerKvHead,
+}
 
 /// How a launch's keys are rotated.
 #[derive(Clone, Copy)]
@@ -994,11 +1017,13 @@ struct ColumnSums<'a> {
     attention: &'a FusedAttention,
     /// The log-sum-exp its attention launch left.
     lse: &'a CudaSlice<f32>,
-    /// Per query head (`attn_colsum_heads`), or summed over heads.
-    per_head: bool,
+    /// Per query head (`attn_colsum_heads`), per KV head (`attn_colsum_kv_heads`), or
+    /// (`None`) summed over every head.
+    by: Option<HeadSums>,
     /// A pruned cache's per-head key positions and the rows they cover.
     head_pos: Option<(&'a Tensor, usize)>,
-    /// The first key summed: the sums are `[t - keys_from]` (per head `[h, t - keys_from]`).
+    /// The first key summed: the sums are `[t - keys_from]` (per query head `[h, t -
+    /// keys_from]`, per KV head `[kvh, t - keys_from]`).
     keys_from: usize,
 }
 

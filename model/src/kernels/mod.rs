@@ -20,7 +20,7 @@ mod split_plan;
 #[cfg(feature = "gpu")]
 pub(crate) use dequant::dequant;
 #[cfg(feature = "gpu")]
-pub(crate) use flash::FusedAttention;
+pub(crate) use flash::{FusedAttention, HeadSums};
 #[cfg(feature = "gpu")]
 pub(crate) use layer::{
     CAT_MAX_PARTS, RowsInto, add_rms_norm, cat_rows, norm_supported, put_many, put_rows, rms_norm,

@@ -72,6 +72,9 @@ pub(super) enum LayerAttention {
         head_summed: bool,
         /// With `head_summed`: the first key summed ([`ProbeRequest::head_sums_from`]).
         head_sums_from: usize,
+        /// With `head_summed`: one row per KV head, its group summed by the kernel
+        /// ([`ProbeRequest::head_sums_grouped`]).
+        head_sums_grouped: bool,
         /// Over a pruned cache: the tables of the rows appended after pruning (for keys
         /// rotated before a kernel that rotates K once per call; per tile, the kernel rotates
         /// each pruned row by its own position).
@@ -369,6 +372,7 @@ impl Model {
                     summed,
                     head_summed,
                     head_sums_from: probe.map_or(0, |p| p.head_sums_from.min(k_pos.len())),
+                    head_sums_grouped: probe.is_some_and(|p| p.head_sums_grouped),
                     tail_tables,
                 });
             }
@@ -438,6 +442,7 @@ impl Model {
                 summed,
                 head_summed,
                 head_sums_from,
+                head_sums_grouped,
                 tail_tables: None,
             } => {
                 let from = q_pos.partition_point(|&q| !p.corrects(q));
@@ -447,6 +452,7 @@ impl Model {
                     summed,
                     head_summed,
                     head_sums_from,
+                    head_sums_grouped,
                     tail_tables: None,
                 }))
             }
@@ -676,6 +682,7 @@ impl Model {
                 summed,
                 head_summed,
                 head_sums_from,
+                head_sums_grouped,
                 tail_tables,
             } => {
                 let k = &kv.k;
@@ -711,10 +718,17 @@ impl Model {
                         },
                     ))
                 } else if *head_summed {
+                    use crate::kernels::HeadSums;
+                    let (by, group) = match *head_sums_grouped {
+                        true => (HeadSums::PerKvHead, 1),
+                        false => (
+                            HeadSums::PerQueryHead,
+                            self.config.num_heads / self.config.num_kv_heads,
+                        ),
+                    };
                     let (out, sums) =
-                        kernel.attend_and_head_sums(q, k, v, head_pos, *head_sums_from)?;
+                        kernel.attend_and_head_sums(q, k, v, head_pos, *head_sums_from, by)?;
                     let c = &self.config;
-                    let group = c.num_heads / c.num_kv_heads;
                     Ok((
                         out,
                         LayerProbe {
