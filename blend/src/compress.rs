@@ -821,12 +821,17 @@ struct StepAttention {
 }
 
 impl StepAttention {
-    /// `[layer][kv_head][row]`, every layer's sums.
-    fn into_sums(self) -> std::result::Result<Vec<Vec<Vec<f32>>>, kvquilt_model::CandleError> {
-        if self.on_device.is_empty() {
+    /// `[layer][kv_head][row]`, every layer's sums (from a device: joined in one launch,
+    /// read in one copy).
+    fn into_sums(self) -> kvquilt_model::Result<Vec<Vec<Vec<f32>>>> {
+        let Some(first) = self.on_device.first() else {
             return Ok(self.per_layer);
-        }
-        Tensor::stack(&self.on_device, 0)?.to_vec3::<f32>()
+        };
+        let (heads, rows) = first.dims2()?;
+        let parts: Vec<&Tensor> = self.on_device.iter().collect();
+        Ok(kvquilt_model::concat(&parts)?
+            .reshape((parts.len(), heads, rows))?
+            .to_vec3::<f32>()?)
     }
 }
 

@@ -73,7 +73,7 @@ pub use kv::{KvCache, LayerKv, positions};
 pub use load::{LoadedModel, default_dtype, load};
 pub use parallel::ParallelContext;
 pub use rope::{Rope, RopeTables};
-pub use rows::RowReplacement;
+pub use rows::{RowReplacement, concat};
 pub use tokenizer::Tokenizer;
 #[cfg(feature = "gpu")]
 pub use transformer::GraphedCache;

@@ -588,9 +588,12 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // of rows) re-reads Q once per key tile.
 //
 // BY says how heads are summed: SUM_ALL (attn_colsum) adds every head's probability of a key
-// into one column; SUM_KV_HEAD (attn_colsum_kv_heads) adds only the G query heads of the CTA's
+// into one column; SUM_KV_HEAD (attn_colsum_kv_heads) sums only the G query heads of the CTA's
 // KV head, `acc` being [kvh, t - key_from] (one CTA per (key tile, KV head), so the group is
-// summed in registers and shared memory with no extra launch: a decode pool ranks per KV head).
+// summed in registers and shared memory with no extra launch: a decode pool ranks per KV
+// head). Each entry of that row has one writer, this CTA, so SUM_KV_HEAD *stores* every entry
+// of its tile's columns (0 for a slot that is no key, or a tile past the keys) instead of
+// adding: `acc` needs no zeroing launch before it.
 //
 // SUM_QUERY_HEAD (attn_colsum_heads): each probability goes to its own query head's row instead,
 // `acc` being [H, t - key_from] (head kh * G + r % G of a tile row r): added into a shared-memory row
@@ -624,7 +627,12 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
   const int QT = BM / G;  // queries per row tile
   const int kbase = key_from + blockIdx.x * BN, kh = blockIdx.y;
   const int width = t - key_from;  // acc's columns
-  if (k_pos[kbase] == 0xffffffffu) return;  // uniform: the whole tile is past the keys
+  if (k_pos[kbase] == 0xffffffffu) {  // uniform: the whole tile is past the keys
+    if (BY == SUM_KV_HEAD)
+      for (int j = threadIdx.x; j < min(BN, t - kbase); j += NTHREADS)
+        acc[static_cast<size_t>(kh) * width + (kbase - key_from) + j] = 0.f;
+    return;
+  }
   __shared__ __align__(16) T Ks[BN * LD];
   __shared__ __align__(16) T Qs[BM * LD];
   __shared__ uint32_t kp_s[BN];
@@ -723,13 +731,16 @@ __device__ __forceinline__ void attn_colsum(const T *__restrict__ q, int q_strid
     }
   __syncthreads();
   for (int j = threadIdx.x; j < BN; j += NTHREADS) {
+    if (BY == SUM_KV_HEAD && j < kn && kp_s[j] == 0xffffffffu)
+      acc[static_cast<size_t>(kh) * width + (kbase - key_from) + j] = 0.f;
     if (kp_s[j] == 0xffffffffu) continue;
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NTHREADS / 32; ++w) v += red[w][j];
-    // SUM_KV_HEAD: this KV head's row; SUM_ALL: the one row every KV head's CTAs add into
-    const size_t row = BY == SUM_KV_HEAD ? static_cast<size_t>(kh) * width : 0;
-    atomicAdd(acc + row + (kbase - key_from) + j, v);
+    if (BY == SUM_KV_HEAD)  // this KV head's row, written by this CTA alone
+      acc[static_cast<size_t>(kh) * width + (kbase - key_from) + j] = v;
+    else  // the one row every KV head's CTAs add into
+      atomicAdd(acc + (kbase - key_from) + j, v);
   }
 }
 

@@ -734,11 +734,13 @@ impl FusedAttention {
             )));
         }
         let width = self.num_keys - keys_from;
-        let rows = match by {
-            HeadSums::PerQueryHead => self.num_heads,
-            HeadSums::PerKvHead => self.kv_heads,
+        let sums = match by {
+            HeadSums::PerQueryHead => {
+                Tensor::zeros((self.num_heads, width), DType::F32, q.device())?
+            }
+            // `attn_colsum_kv_heads` stores every entry: no zeroing launch
+            HeadSums::PerKvHead => unwritten_f32((self.kv_heads, width), q.device())?,
         };
-        let sums = Tensor::zeros((rows, width), DType::F32, q.device())?;
         let out = self.attend_then_sum(q, k, v, &sums, Some(by), pruned, keys_from)?;
         Ok((out, sums))
     }
@@ -769,8 +771,9 @@ impl FusedAttention {
 
     /// The attention launch keeping each row's log-sum-exp, then `attn_colsum` (`by` a
     /// [`HeadSums`]: `attn_colsum_heads` or `attn_colsum_kv_heads`) adding the sums of keys
-    /// `keys_from..` into `sums` (shape checked by the launch); both rotate a pruned cache's
-    /// first rows by their per-head positions when `pruned` gives them.
+    /// `keys_from..` into `sums` (per KV head: storing every entry of it; shape checked by
+    /// the launch); both rotate a pruned cache's first rows by their per-head positions when
+    /// `pruned` gives them.
     #[allow(clippy::too_many_arguments)]
     fn attend_then_sum(
         &self,
@@ -812,8 +815,8 @@ impl FusedAttention {
     /// Launches `attn_colsum` (or, by [`HeadSums`], `attn_colsum_heads` /
     /// `attn_colsum_kv_heads`) over pre-RoPE `q` and `k` (the kernel rotates them as it
     /// reads; a pruned cache's first rows by `head_pos`), adding the sums of keys
-    /// `keys_from..t` into `acc` (`[t - keys_from]`, or `[h, t - keys_from]`, or `[kvh, t -
-    /// keys_from]`).
+    /// `keys_from..t` into `acc` (`[t - keys_from]`, or `[h, t - keys_from]`), or per KV head
+    /// storing them into every entry of `acc` (`[kvh, t - keys_from]`).
     fn launch_column_sums<T: CudaDType + DeviceRepr>(
         &self,
         (acc, la): (&mut CudaStorage, &Layout),
@@ -914,6 +917,23 @@ impl FusedAttention {
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
+}
+
+/// A fresh f32 buffer of `shape` on CUDA `device`, left unwritten: for a launch that writes
+/// every element before anything reads it (`attn_colsum_kv_heads`).
+fn unwritten_f32(shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    let Device::Cuda(dev) = device else {
+        return Err(invalid_input("fused attention's sums live on CUDA"));
+    };
+    let shape = shape.into();
+    // SAFETY: the caller's launch writes every element before any read (see above).
+    let slice = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }
 
 /// Most query heads per KV head [`FusedAttention::attend_and_head_sums`] takes per query
