@@ -129,6 +129,22 @@ pub struct TieredStore {
     promote_on_hit: bool,
     /// Objects in the fastest tier not yet written below it (write-back).
     dirty: Mutex<HashSet<ChunkKey>>,
+    /// Keys whose promotion after a read is under way ([`TieredStore::claim_promotion`]):
+    /// concurrent hits on one key in a slower tier make one promotion, not one each.
+    promoting: Mutex<HashSet<ChunkKey>>,
+}
+
+/// A claimed promotion of one key ([`TieredStore::claim_promotion`]); dropping it (the
+/// promotion done, failed or its task gone) frees the key for the next hit.
+struct Promoting {
+    store: Arc<TieredStore>,
+    key: ChunkKey,
+}
+
+impl Drop for Promoting {
+    fn drop(&mut self) {
+        self.store.promoting.lock().remove(&self.key);
+    }
 }
 
 /// Stacks tiers into a [`TieredStore`]: the host tier first, then the SSD tier the config
@@ -165,6 +181,7 @@ impl StoreBuilder {
             write: self.write,
             promote_on_hit: self.promote_on_hit,
             dirty: Mutex::new(HashSet::new()),
+            promoting: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -293,6 +310,8 @@ impl TieredStore {
     /// spawned task after this returns, as a layer stream's is, so the caller waits for the
     /// read alone — not for copies into faster tiers, nor the write-back of what they evict
     /// (an SSD write; pinned by `streams::a_hits_promotion_does_not_hold_up_its_read`).
+    /// Hits on a key whose promotion is already under way leave it to that one (pinned by
+    /// `streams::concurrent_hits_promote_once`).
     pub async fn get_promoting_later(
         self: &Arc<Self>,
         key: &ChunkKey,
@@ -300,11 +319,26 @@ impl TieredStore {
         let Some((found_at, obj)) = self.find(key).await? else {
             return Ok(None);
         };
-        if found_at > 0 && self.promote_on_hit {
-            let (store, copy) = (Arc::clone(self), Arc::clone(&obj));
-            tokio::spawn(async move { store.promote(found_at, &copy).await });
+        if found_at > 0
+            && self.promote_on_hit
+            && let Some(claim) = self.claim_promotion(key)
+        {
+            let copy = Arc::clone(&obj);
+            tokio::spawn(async move {
+                claim.store.promote(found_at, &copy).await;
+                drop(claim);
+            });
         }
         Ok(Some((obj, self.tiers[found_at].kind())))
+    }
+
+    /// Claims the promotion of `key`: `None` while another is under way. The claim is held
+    /// until its promotion ends (dropped with the task that runs it, even if it panics).
+    fn claim_promotion(self: &Arc<Self>, key: &ChunkKey) -> Option<Promoting> {
+        self.promoting.lock().insert(*key).then(|| Promoting {
+            store: Arc::clone(self),
+            key: *key,
+        })
     }
 
     /// The whole object from the fastest tier that has it, and that tier's index.
@@ -375,7 +409,11 @@ impl TieredStore {
                     }
                 }
                 drop(reader);
-                if i > 0 && store.promote_on_hit {
+                // (the decode below is skipped too when another read is promoting the key)
+                if i > 0
+                    && store.promote_on_hit
+                    && let Some(_claim) = store.claim_promotion(&info_task.key)
+                {
                     let i2 = &info_task;
                     let (layout, tokens) = (i2.layout, i2.tokens.len());
                     let decode = move || {

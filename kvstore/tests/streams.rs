@@ -93,11 +93,13 @@ async fn a_corrupt_record_ends_the_stream_with_an_error_and_drops_the_object() {
 }
 
 /// A tier over a host tier under another name whose puts wait for `gate` (when given): a
-/// slow copy into a faster tier, as an SSD write of what a promotion evicts is.
+/// slow copy into a faster tier, as an SSD write of what a promotion evicts is. Counts the
+/// puts it was asked for.
 struct Gated {
     inner: kvquilt_kvstore::HostTier,
     kind: TierKind,
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    puts: std::sync::atomic::AtomicUsize,
 }
 
 impl Gated {
@@ -111,6 +113,7 @@ impl Gated {
             inner,
             kind: TierKind::new(name),
             gate,
+            puts: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -149,6 +152,7 @@ impl kvquilt_kvstore::Tier for Gated {
         obj: Arc<KvObject>,
         cost_s: f64,
     ) -> kvquilt_kvstore::Result<kvquilt_kvstore::PutOutcome> {
+        self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(gate) = &self.gate {
             let _pass = gate.acquire().await;
         }
@@ -218,4 +222,82 @@ async fn a_hits_promotion_does_not_hold_up_its_read() {
         .await
         .expect("the promotion never reached the host tier");
     assert_eq!(s.locate(obj.key()), Some(TierKind::HOST));
+}
+
+/// Eight concurrent hits on one key in a slow tier make one promotion: while the first hit's
+/// copy into the middle tier waits at a closed gate, the others return without starting
+/// their own; once it lands the claim is freed, and a later hit (the faster copies removed)
+/// promotes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_hits_promote_once() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let middle = Gated::new("middle", Some(Arc::clone(&gate)));
+    let far = Gated::new("far", None);
+    let s = Arc::new(
+        TieredStore::builder(StoreConfig::host_only(1 << 30))
+            .unwrap()
+            .tier(middle.clone())
+            .tier(far.clone())
+            .build(),
+    );
+    let obj = object(6, 24, layout(KvDType::F32, 4));
+    kvquilt_kvstore::Tier::put(far.as_ref(), Arc::new(obj.clone()), 1.0)
+        .await
+        .unwrap();
+    let hits = (0..8).map(|_| {
+        let s = Arc::clone(&s);
+        let key = *obj.key();
+        tokio::spawn(async move { s.get_promoting_later(&key).await })
+    });
+    for hit in futures_util::future::join_all(hits).await {
+        let (got, tier) = hit.unwrap().unwrap().unwrap();
+        assert_eq!(tier, TierKind::new("far"));
+        assert_eq!(got.layer(1), obj.layer(1));
+    }
+    // the first promotion's put may still be on its way to the gate
+    let asked = async {
+        while middle.puts.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .expect("no promotion started");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        middle.puts.load(Ordering::SeqCst),
+        1,
+        "one promotion for eight hits"
+    );
+
+    gate.add_permits(64);
+    let landed = async {
+        while !s.tiers()[0].contains(obj.key()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), landed)
+        .await
+        .expect("the promotion never reached the host tier");
+    assert_eq!(middle.puts.load(Ordering::SeqCst), 1);
+
+    // the claim was freed: with the faster copies gone, the next hit promotes again
+    for t in &s.tiers()[..2] {
+        assert!(t.remove(obj.key()).await.unwrap());
+    }
+    let again = async {
+        loop {
+            s.get_promoting_later(obj.key()).await.unwrap().unwrap();
+            if s.tiers()[0].contains(obj.key()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), again)
+        .await
+        .expect("a later hit never promoted");
+    assert!(middle.puts.load(Ordering::SeqCst) >= 2);
 }
