@@ -25,8 +25,8 @@ use candle_core::{DType, Device, Tensor, TensorId};
 use crate::error::{Result, invalid_input};
 use crate::parallel::ParallelContext;
 use crate::rows::{
-    RowReplacement, RowsAt, SetRows, concat, concat_with_room, put_rows, put_rows_many,
-    set_rows_supported,
+    RowReplacement, RowsAt, SetRows, concat, concat_with_room, gather_many, put_rows,
+    put_rows_many, set_rows_supported,
 };
 
 /// Most parts (runs of moved entries, each run a K part and a V part) that
@@ -1357,7 +1357,8 @@ impl KvCache {
     /// form at most [`MOVE_RUNS`]` / 2` runs of consecutive (row, head) entries over all
     /// layers — a sliding window (`streaming`, `sage`) moves one run per layer — the copy out is one
     /// [`concat`] of the runs (one launch on CUDA); otherwise every layer's K and V are
-    /// gathered by `gathers` ([`moved_rows`], `[layers * n * heads]`), two launches a layer.
+    /// gathered by `gathers` ([`moved_rows`], `[layers * n * heads]`) in one [`gather_many`]
+    /// (on CUDA one launch for ≤ 64 buffers: 32 layers' K and V).
     /// Entries that stay where they are cost nothing in the first form.
     fn move_kv_rows(&self, from: usize, tails: &[Vec<&[u32]>], gathers: &Tensor) -> Result<()> {
         let n = tails.first().and_then(|l| l.first()).map_or(0, |t| t.len());
@@ -1421,15 +1422,22 @@ impl KvCache {
                 }
             }
         } else {
-            for (l, pair) in buffers.chunks(2).enumerate() {
-                let index = gathers.narrow(0, l * n * heads, n * heads)?;
-                for buf in pair {
-                    writes.push(RowsAt {
-                        dst: buf.clone(),
-                        at: from * heads,
-                        src: buf.index_select(&index, 0)?,
-                    });
-                }
+            // every layer's K and V gathered by its moved entries in one launch, then written
+            let index = (0..self.layers.len())
+                .map(|l| gathers.narrow(0, l * n * heads, n * heads))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let picks: Vec<(&Tensor, &Tensor)> = buffers
+                .iter()
+                .enumerate()
+                .map(|(b, buf)| (buf, &index[b / 2]))
+                .collect();
+            let gathered = gather_many(&picks)?;
+            for (b, buf) in buffers.iter().enumerate() {
+                writes.push(RowsAt {
+                    dst: buf.clone(),
+                    at: from * heads,
+                    src: gathered.narrow(0, b * n * heads, n * heads)?,
+                });
             }
         }
         put_rows_many(&writes)

@@ -142,6 +142,32 @@ pub(crate) fn concat_with_room(parts: &[&Tensor], capacity: usize) -> Result<Ten
     Ok(out)
 }
 
+/// For each `(src, index)` of `parts` (`src` `[rows, ...]`, `index` `[n]` u32, every index
+/// below its source's rows), the rows `index` names, one part after the other along dim 0:
+/// on CUDA in one launch per 64 parts where every source is packed (a decode pool's
+/// reselection gathers every layer's K and V at once), else `index_select` per part and
+/// [`concat`].
+pub(crate) fn gather_many(parts: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    #[cfg(feature = "gpu")]
+    if parts.first().is_some_and(|(s, _)| s.device().is_cuda())
+        && parts.iter().all(|(s, i)| {
+            crate::kernels::rows_supported(s)
+                && s.is_contiguous()
+                && i.is_contiguous()
+                && i.dtype() == DType::U32
+                && s.dtype() == parts[0].0.dtype()
+                && s.dims()[1..] == parts[0].0.dims()[1..]
+        })
+    {
+        return crate::kernels::gather_rows(parts);
+    }
+    let picked = parts
+        .iter()
+        .map(|(s, i)| s.index_select(i, 0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    concat(&picked.iter().collect::<Vec<_>>())
+}
+
 /// Writes `src`'s rows into `dst` (packed, same row shape) at rows `at..`: one launch on CUDA
 /// for any row stride of `src`; a copy into place otherwise.
 pub(crate) fn put_rows(dst: &Tensor, at: usize, src: &Tensor) -> Result<()> {

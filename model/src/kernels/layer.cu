@@ -116,6 +116,41 @@ extern "C" __global__ void cat_rows_w16(const CatTable t) { cat_rows<uint4>(t); 
 extern "C" __global__ void cat_rows_w4(const CatTable t) { cat_rows<uint32_t>(t); }
 extern "C" __global__ void cat_rows_w2(const CatTable t) { cat_rows<uint16_t>(t); }
 
+// Row gathers in one launch: gather p (blockIdx.y) writes `rows[p]` rows of `row_words[p]`
+// words of type W, packed at `dst[p]`, row r being row `index[p][r]` (u32) of the packed
+// source `src[p]` of `src_rows[p]` rows. An index past the source's rows writes a row of
+// zeros (the host built the indices; the kernel still reads nothing outside a source). One
+// launch moves every layer's K and V rows of a decode pool's reselection, where `index_select`
+// took one launch per buffer. The table travels as a kernel parameter (under 4 KiB).
+#define GATHER_MAX_PARTS 64
+struct GatherTable {
+  unsigned long long src[GATHER_MAX_PARTS];
+  unsigned long long index[GATHER_MAX_PARTS];
+  unsigned long long dst[GATHER_MAX_PARTS];
+  unsigned long long rows[GATHER_MAX_PARTS];
+  unsigned long long src_rows[GATHER_MAX_PARTS];
+  unsigned long long row_words[GATHER_MAX_PARTS];
+};
+
+template <typename W>
+__device__ __forceinline__ void gather_rows(const GatherTable &t) {
+  const int p = blockIdx.y;
+  const W *src = reinterpret_cast<const W *>(t.src[p]);
+  const uint32_t *index = reinterpret_cast<const uint32_t *>(t.index[p]);
+  W *out = reinterpret_cast<W *>(t.dst[p]);
+  const size_t row = t.row_words[p], words = t.rows[p] * row, src_rows = t.src_rows[p];
+  const size_t step = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words; i += step) {
+    const size_t r = i / row;
+    const size_t from = index[r];
+    out[i] = from < src_rows ? src[from * row + (i - r * row)] : W{};
+  }
+}
+
+extern "C" __global__ void gather_rows_w16(const GatherTable t) { gather_rows<uint4>(t); }
+extern "C" __global__ void gather_rows_w4(const GatherTable t) { gather_rows<uint32_t>(t); }
+extern "C" __global__ void gather_rows_w2(const GatherTable t) { gather_rows<uint16_t>(t); }
+
 // RMSNorm of each row, optionally after a residual add; one block per row. With `r`: h_out = h +
 // r (rounded to T once) and x_out = norm(h_out); without (`r` and `h_out` null): x_out = norm(h).
 // norm(y) = y * rsqrt(mean(y^2) + eps) * w, in f32 from the rounded y (what an unfused add then

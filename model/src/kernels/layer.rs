@@ -1,6 +1,6 @@
 //! Launching `layer.cu`: fused element-wise layer kernels (SwiGLU, residual add + RMSNorm),
 //! the row scatter of [`crate::rows::SetRows`], and row copies (concatenation, rows put into a
-//! preallocated cache).
+//! preallocated cache, rows gathered by index from many buffers).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
@@ -491,6 +491,191 @@ fn launch_cat(dev: &candle_core::CudaDevice, copies: &[Copy]) -> candle_core::Re
         // checked (packed rows, that stride, that many rows), and writes them packed at
         // `dst`, inside a buffer its caller checked holds them. Sources outlive the launch in
         // stream order (a freed tensor is released on this stream, after it).
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(())
+}
+
+/// Most gathers one `gather_rows_w*` launch makes (`GATHER_MAX_PARTS` in layer.cu: its table
+/// is a kernel parameter, under the 4 KiB limit); more take a launch per this many.
+pub(crate) const GATHER_MAX_PARTS: usize = 64;
+
+/// The per-gather table of `gather_rows_w*`, passed by value (`GatherTable` in layer.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatherTable {
+    src: [u64; GATHER_MAX_PARTS],
+    index: [u64; GATHER_MAX_PARTS],
+    dst: [u64; GATHER_MAX_PARTS],
+    rows: [u64; GATHER_MAX_PARTS],
+    src_rows: [u64; GATHER_MAX_PARTS],
+    row_words: [u64; GATHER_MAX_PARTS],
+}
+
+// SAFETY: plain old data with the C layout of `GatherTable` in layer.cu.
+unsafe impl DeviceRepr for GatherTable {}
+
+/// One gather of [`gather_rows`]: `rows` rows picked by the u32 indices at `index` from the
+/// packed source at `src` of `src_rows` rows.
+struct Gather {
+    src: u64,
+    index: u64,
+    rows: usize,
+    src_rows: usize,
+}
+
+/// For each `(src, index)` of `parts`, the rows of `src` that `index` names, one part after
+/// the other in one fresh packed buffer (`[Σ index lengths, ...]`): one launch per
+/// [`GATHER_MAX_PARTS`] parts, where `Tensor::index_select` takes one per part (a decode
+/// pool's reselection gathers every layer's K and V). Each `src` is packed (`[rows, ...]`,
+/// bf16, f16 or f32; one row shape and dtype for all), each `index` `[n]` u32, contiguous,
+/// all on one CUDA device; an index past its source's rows gathers a row of zeros (the kernel
+/// reads nothing outside a source).
+pub(crate) fn gather_rows(parts: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    use crate::error::invalid_input;
+    let Some((first, _)) = parts.first() else {
+        return Err(invalid_input("gathering rows of no parts"));
+    };
+    let device = first.device();
+    let candle_core::Device::Cuda(dev) = device else {
+        return Err(invalid_input("gather_rows runs on CUDA only"));
+    };
+    let dims = first.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(invalid_input("gather_rows: sources need rows (rank ≥ 2)"));
+    }
+    let (dtype, row) = (first.dtype(), dims[1..].iter().product::<usize>());
+    let stream = dev.cuda_stream();
+    let mut planned = Vec::with_capacity(parts.len());
+    for (src, index) in parts {
+        if !src.device().same_device(device) || !index.device().same_device(device) {
+            return Err(invalid_input("gather_rows: parts on different devices"));
+        }
+        if !src.is_contiguous() || !index.is_contiguous() || index.dtype() != DType::U32 {
+            return Err(invalid_input(format!(
+                "gather_rows: a packed source and contiguous u32 indices, not {:?} by {:?} {:?}",
+                src.dims(),
+                index.dims(),
+                index.dtype()
+            )));
+        }
+        let s = address_of(src, &dims[1..], dtype, &stream)?;
+        let (n, ptr) = {
+            let (g, l) = index.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*g else {
+                return Err(invalid_input("gather_rows: indices not on CUDA"));
+            };
+            let n = index.dims1()?;
+            let ptr = cs
+                .as_cuda_slice::<u32>()?
+                .slice(l.start_offset()..)
+                .device_ptr(&stream)
+                .0;
+            (n, ptr)
+        };
+        planned.push(Gather {
+            src: s.ptr,
+            index: ptr,
+            rows: n,
+            src_rows: s.rows,
+        });
+    }
+    let total: usize = planned.iter().map(|g| g.rows).sum();
+    let mut shape = dims;
+    shape[0] = total;
+    let size = dtype.size_in_bytes();
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: every row `0..total` is written by the launches below (gathered, or
+            // zeros for an index past its source).
+            let out = unsafe { dev.alloc::<$t>(total * row)? };
+            let dst = out.device_ptr(&stream).0;
+            launch_gather(dev, &planned, dst, row * size)?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match dtype {
+        DType::BF16 => go!(half::bf16),
+        DType::F16 => go!(half::f16),
+        DType::F32 => go!(f32),
+        other => {
+            return Err(invalid_input(format!(
+                "gather_rows: bf16, f16 or f32, not {other:?}"
+            )));
+        }
+    };
+    Ok(Tensor::from_storage(
+        candle_core::Storage::Cuda(out),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Launches `gather_rows_w*` for `gathers` written one after the other into the packed buffer
+/// at `base` (rows of `row` bytes), [`GATHER_MAX_PARTS`] per launch, in the widest word
+/// dividing every address and the row.
+fn launch_gather(
+    dev: &candle_core::CudaDevice,
+    gathers: &[Gather],
+    base: u64,
+    row: usize,
+) -> candle_core::Result<()> {
+    let mut next = base;
+    for group in gathers.chunks(GATHER_MAX_PARTS) {
+        let mut table = GatherTable {
+            src: [0; GATHER_MAX_PARTS],
+            index: [0; GATHER_MAX_PARTS],
+            dst: [0; GATHER_MAX_PARTS],
+            rows: [0; GATHER_MAX_PARTS],
+            src_rows: [0; GATHER_MAX_PARTS],
+            row_words: [0; GATHER_MAX_PARTS],
+        };
+        let mut sizes = vec![row, base as usize];
+        for (i, g) in group.iter().enumerate() {
+            sizes.push(g.src as usize);
+            table.src[i] = g.src;
+            table.index[i] = g.index;
+            table.dst[i] = next;
+            table.rows[i] = g.rows as u64;
+            table.src_rows[i] = g.src_rows as u64;
+            next += (g.rows * row) as u64;
+        }
+        let word = word_bytes(&sizes);
+        if word < 2 {
+            candle_core::bail!("gather_rows: unaligned parts");
+        }
+        for i in 0..group.len() {
+            table.row_words[i] = (row / word) as u64;
+        }
+        let most = group.iter().map(|g| g.rows * row / word).max().unwrap_or(0);
+        if most == 0 {
+            continue;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                most.div_ceil(256).clamp(1, 1024) as u32,
+                group.len() as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = match word {
+            16 => "gather_rows_w16",
+            4 => "gather_rows_w4",
+            _ => "gather_rows_w2",
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&table);
+        // SAFETY: matches `gather_rows_w*` in layer.cu. Gather `i` reads `rows` u32 indices at
+        // `index` (a live contiguous u32 tensor of that length) and, for each below
+        // `src_rows`, one row of `row_words` words of the packed source at `src` (live storage
+        // of `src_rows` rows, checked), writing `rows` packed rows at `dst` inside the fresh
+        // buffer sized for every gather (dst advances by each gather's rows). Sources and
+        // indices outlive the launch in stream order (a freed tensor is released on this
+        // stream, after it).
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(())

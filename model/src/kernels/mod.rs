@@ -23,8 +23,8 @@ pub(crate) use dequant::dequant;
 pub(crate) use flash::{FusedAttention, HeadSums};
 #[cfg(feature = "gpu")]
 pub(crate) use layer::{
-    CAT_MAX_PARTS, RowsInto, add_rms_norm, cat_rows, norm_supported, put_many, put_rows, rms_norm,
-    rows_supported, set_rows, swiglu, swiglu_supported,
+    CAT_MAX_PARTS, RowsInto, add_rms_norm, cat_rows, gather_rows, norm_supported, put_many,
+    put_rows, rms_norm, rows_supported, set_rows, swiglu, swiglu_supported,
 };
 #[cfg(feature = "gpu")]
 pub use layer::{NormErrors, norm_kernel_errors};
