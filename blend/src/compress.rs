@@ -465,10 +465,11 @@ mod tests {
     }
 
     /// A step's sums read after the step (`defer_reads`, what a device does: each layer's
-    /// pool rows summed where they are, stacked and read in one copy) come out as the
+    /// pool rows summed where they are — or already summed per KV head, as the fused kernel
+    /// reports a grouped probe — joined (`concat`) and read in one copy) come out as the
     /// CPU's loop sums them as each layer reports: `[layer][kv_head][row]` over the scored
     /// rows alone, layer by layer in order. (Both over CPU tensors here: the narrowing,
-    /// stacking and order are the device-independent part.)
+    /// joining and order are the device-independent part.)
     #[test]
     fn sums_read_after_the_step_are_each_layers_group_sums_in_order() {
         let layers: Vec<Tensor> = (0..3u32)

@@ -89,7 +89,7 @@ impl RowReplacement {
 }
 
 /// `parts` (rows of one shape and dtype) one after the other along dim 0: on CUDA in one
-/// launch per 96 parts where each part's rows are packed (a step's per-layer sums joined
+/// launch for up to 96 parts whose rows are each packed (a step's per-layer sums joined
 /// for one read: one launch, not one per layer as `Tensor::cat` makes); a single part is
 /// returned as it is.
 pub fn concat(parts: &[&Tensor]) -> Result<Tensor> {

@@ -580,10 +580,11 @@ __device__ __forceinline__ void attn_combine(const float *__restrict__ ws_o,
 // the attention's (so exp2(s - lse) over a row's keys adds up to 1 to f32 rounding); each
 // thread sums its probabilities per key column over its rows, the warp over its 16 rows by
 // shuffles, the CTA over its warps in shared memory, and one atomic add per key lands in `acc`
-// (which accumulates: a caller wanting one call's sums passes zeros). Row tiles whose queries
-// all precede the tile's first key see none of it and are skipped. Key slots at u32::MAX (a
-// graphed cache's capacity past its length, always after its keys) are no keys: left
-// untouched, and a CTA whose tile starts on one exits at once. Sized for short passes (a
+// (which accumulates: a caller wanting one call's sums passes zeros; SUM_KV_HEAD stores
+// instead, below). Row tiles whose queries all precede the tile's first key see none of it
+// and are skipped. Key slots at u32::MAX (a graphed cache's capacity past its length, always
+// after its keys) are no keys: left untouched (SUM_KV_HEAD: zeros), and a CTA whose tile
+// starts on one exits at once. Sized for short passes (a
 // question's rows): every CTA streams all row tiles past its keys, so a long pass (thousands
 // of rows) re-reads Q once per key tile.
 //

@@ -738,8 +738,12 @@ impl FusedAttention {
             HeadSums::PerQueryHead => {
                 Tensor::zeros((self.num_heads, width), DType::F32, q.device())?
             }
-            // `attn_colsum_kv_heads` stores every entry: no zeroing launch
-            HeadSums::PerKvHead => unwritten_f32((self.kv_heads, width), q.device())?,
+            // `attn_colsum_kv_heads` stores every entry: no zeroing launch (a call of no
+            // query rows launches nothing, so its sums are zeros)
+            HeadSums::PerKvHead if self.num_queries > 0 => {
+                unwritten_f32((self.kv_heads, width), q.device())?
+            }
+            HeadSums::PerKvHead => Tensor::zeros((self.kv_heads, width), DType::F32, q.device())?,
         };
         let out = self.attend_then_sum(q, k, v, &sums, Some(by), pruned, keys_from)?;
         Ok((out, sums))
@@ -912,7 +916,8 @@ impl FusedAttention {
         // skipped), per-head positions of `head_rows * kvh` (`check_head_pos`), lse n * h
         // (written by the attention launch of this call), acc t - keys_from (checked above;
         // h * (t - keys_from) per query head, kvh * (t - keys_from) per KV head, CTA (x, y)
-        // adding only into row y of the latter; CTA x covers keys keys_from + x * BN..,
+        // storing every entry of its tile's columns of row y of the latter, nothing else
+        // (what `unwritten_f32` relies on); CTA x covers keys keys_from + x * BN..,
         // below t), a key scale in device memory of 4 u32 (checked by `with_key_scale_at`).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
@@ -927,9 +932,10 @@ fn unwritten_f32(shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
     };
     let shape = shape.into();
     // SAFETY: the caller's launch writes every element before any read (see above).
-    let slice = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+    let (storage, _) =
+        unsafe { super::layer::unwritten_storage(dev, DType::F32, shape.elem_count())? };
     Ok(Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        Storage::Cuda(storage),
         shape,
         candle_core::op::BackpropOp::none(),
         false,

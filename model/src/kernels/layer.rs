@@ -357,10 +357,10 @@ fn part(
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
 ) -> candle_core::Result<Part> {
     if pl.shape().dims().get(1..) != Some(row_dims) || cs.dtype() != dtype {
-        candle_core::bail!("cat_rows: parts of different row shapes or dtypes");
+        candle_core::bail!("row copies: parts of different row shapes or dtypes");
     }
     let Some(stride) = row_stride(pl) else {
-        candle_core::bail!("cat_rows: a part's rows are not packed");
+        candle_core::bail!("row copies: a part's rows are not packed");
     };
     let at = pl.start_offset();
     let ptr = match cs.dtype() {
@@ -377,7 +377,7 @@ fn part(
                 .0
         }
         DType::F32 => cs.as_cuda_slice::<f32>()?.slice(at..).device_ptr(stream).0,
-        other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
+        other => candle_core::bail!("row copies: bf16, f16 or f32, not {other:?}"),
     };
     Ok(Part {
         ptr,
@@ -469,31 +469,76 @@ fn launch_cat(dev: &candle_core::CudaDevice, copies: &[Copy]) -> candle_core::Re
         if most == 0 {
             continue;
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                most.div_ceil(256).clamp(1, 1024) as u32,
-                group.len() as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = match word {
-            16 => "cat_rows_w16",
-            4 => "cat_rows_w4",
-            _ => "cat_rows_w2",
-        };
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&table);
         // SAFETY: matches `cat_rows_w*` in layer.cu. Copy `i` reads `words / row_words` rows
         // of `row_words` words, `src_stride` words apart, from live storage whose layout was
         // checked (packed rows, that stride, that many rows), and writes them packed at
         // `dst`, inside a buffer its caller checked holds them. Sources outlive the launch in
         // stream order (a freed tensor is released on this stream, after it).
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { launch_parts(dev, "cat_rows", word, most, group.len(), &table)? };
     }
     Ok(())
+}
+
+/// Launches `{kernel}_w16`, `_w4` or `_w2` (by `word`, in bytes) with `table` by value: grid
+/// row `y` is part `y` of `parts`, each with enough 256-thread CTAs (at most 1,024) for the
+/// largest part's `most` words.
+///
+/// # Safety
+///
+/// `table` must be the kernel's parameter, every address in it live (in stream order) for
+/// the launch, every write inside a buffer the caller owns and sized for it.
+unsafe fn launch_parts<T: DeviceRepr>(
+    dev: &candle_core::CudaDevice,
+    kernel: &str,
+    word: usize,
+    most: usize,
+    parts: usize,
+    table: &T,
+) -> candle_core::Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (most.div_ceil(256).clamp(1, 1024) as u32, parts as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let width = match word {
+        16 => 16,
+        4 => 4,
+        _ => 2,
+    };
+    let func = dev.get_or_load_custom_func(&format!("{kernel}_w{width}"), MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(table);
+    // SAFETY: the caller's (above).
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// A fresh buffer of `elems` elements of `dtype` (bf16, f16 or f32) on `dev`, left unwritten,
+/// and its device address.
+///
+/// # Safety
+///
+/// Every element the caller (or anything after it) reads must be written first.
+pub(super) unsafe fn unwritten_storage(
+    dev: &candle_core::CudaDevice,
+    dtype: DType,
+    elems: usize,
+) -> candle_core::Result<(CudaStorage, u64)> {
+    let stream = dev.cuda_stream();
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: the caller's (above).
+            let out = unsafe { dev.alloc::<$t>(elems)? };
+            let at = out.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(out, dev.clone()), at)
+        }};
+    }
+    Ok(match dtype {
+        DType::BF16 => go!(half::bf16),
+        DType::F16 => go!(half::f16),
+        DType::F32 => go!(f32),
+        other => candle_core::bail!("row copies: bf16, f16 or f32, not {other:?}"),
+    })
 }
 
 /// Most gathers one `gather_rows_w*` launch makes (`GATHER_MAX_PARTS` in layer.cu: its table
@@ -583,27 +628,10 @@ pub(crate) fn gather_rows(parts: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     let total: usize = planned.iter().map(|g| g.rows).sum();
     let mut shape = dims;
     shape[0] = total;
-    let size = dtype.size_in_bytes();
-    macro_rules! go {
-        ($t:ty) => {{
-            // SAFETY: every row `0..total` is written by the launches below (gathered, or
-            // zeros for an index past its source).
-            let out = unsafe { dev.alloc::<$t>(total * row)? };
-            let dst = out.device_ptr(&stream).0;
-            launch_gather(dev, &planned, dst, row * size)?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    let out = match dtype {
-        DType::BF16 => go!(half::bf16),
-        DType::F16 => go!(half::f16),
-        DType::F32 => go!(f32),
-        other => {
-            return Err(invalid_input(format!(
-                "gather_rows: bf16, f16 or f32, not {other:?}"
-            )));
-        }
-    };
+    // SAFETY: every row `0..total` is written by the launches below (gathered, or zeros for
+    // an index past its source).
+    let (out, dst) = unsafe { unwritten_storage(dev, dtype, total * row)? };
+    launch_gather(dev, &planned, dst, row * dtype.size_in_bytes())?;
     Ok(Tensor::from_storage(
         candle_core::Storage::Cuda(out),
         shape,
@@ -652,23 +680,6 @@ fn launch_gather(
         if most == 0 {
             continue;
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                most.div_ceil(256).clamp(1, 1024) as u32,
-                group.len() as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = match word {
-            16 => "gather_rows_w16",
-            4 => "gather_rows_w4",
-            _ => "gather_rows_w2",
-        };
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&table);
         // SAFETY: matches `gather_rows_w*` in layer.cu. Gather `i` reads `rows` u32 indices at
         // `index` (a live contiguous u32 tensor of that length) and, for each below
         // `src_rows`, one row of `row_words` words of the packed source at `src` (live storage
@@ -676,7 +687,7 @@ fn launch_gather(
         // buffer sized for every gather (dst advances by each gather's rows). Sources and
         // indices outlive the launch in stream order (a freed tensor is released on this
         // stream, after it).
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { launch_parts(dev, "gather_rows", word, most, group.len(), &table)? };
     }
     Ok(())
 }
@@ -709,22 +720,10 @@ impl CustomOp1 for CatRows {
         let parts = parts_of((s, l), &self.rest, &dims[1..], s.dtype(), &stream)?;
         let total: usize = parts.iter().map(|p| p.rows).sum();
         let capacity = self.capacity.max(total);
-        macro_rules! go {
-            ($t:ty) => {{
-                // SAFETY: rows `0..total` are written by the launch below; rows past it are
-                // the caller's to write before reading (`cat_rows`'s contract).
-                let out = unsafe { dev.alloc::<$t>(capacity * row)? };
-                let dst = out.device_ptr(&stream).0;
-                launch_cat(&dev, &copies_into(dst, 0, &parts, row, size))?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match s.dtype() {
-            DType::BF16 => go!(half::bf16),
-            DType::F16 => go!(half::f16),
-            DType::F32 => go!(f32),
-            other => candle_core::bail!("cat_rows: bf16, f16 or f32, not {other:?}"),
-        };
+        // SAFETY: rows `0..total` are written by the launch below; rows past it are the
+        // caller's to write before reading (`cat_rows`'s contract).
+        let (out, dst) = unsafe { unwritten_storage(&dev, s.dtype(), capacity * row)? };
+        launch_cat(&dev, &copies_into(dst, 0, &parts, row, size))?;
         let mut shape = dims;
         shape[0] = capacity;
         Ok((out, Shape::from(shape)))

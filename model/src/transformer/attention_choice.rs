@@ -320,9 +320,12 @@ impl Model {
         // summed probe of every row runs fused (the kernel's log-sum-exp + attn_colsum), over
         // a pruned cache too when the kernel rotates K per tile (decode: a pool's probe).
         let summed = probe.is_some_and(|p| p.is_summed_over_all(q_pos.len()));
-        // (the kernel's per-head sums take GQA groups of at most 8; the reference any)
-        let head_summed = probe.is_some_and(|p| p.is_head_summed_over_all(q_pos.len()))
-            && c.num_heads <= 8 * c.num_kv_heads;
+        // (the kernel's per-query-head sums take GQA groups of at most 8, its per-KV-head
+        // sums and the reference any)
+        let head_summed = probe.is_some_and(|p| {
+            p.is_head_summed_over_all(q_pos.len())
+                && (p.head_sums_grouped || c.num_heads <= 8 * c.num_kv_heads)
+        });
         let padded = pruned.is_some_and(|p| p.layers.iter().any(|l| l.bias.is_some()));
         let fused = (probe.is_none() || summed || head_summed)
             && !padded
@@ -719,12 +722,11 @@ impl Model {
                     ))
                 } else if *head_summed {
                     use crate::kernels::HeadSums;
-                    let (by, group) = match *head_sums_grouped {
-                        true => (HeadSums::PerKvHead, 1),
-                        false => (
-                            HeadSums::PerQueryHead,
-                            self.config.num_heads / self.config.num_kv_heads,
-                        ),
+                    let (by, group) = if *head_sums_grouped {
+                        (HeadSums::PerKvHead, 1)
+                    } else {
+                        let c = &self.config;
+                        (HeadSums::PerQueryHead, c.num_heads / c.num_kv_heads)
                     };
                     let (out, sums) =
                         kernel.attend_and_head_sums(q, k, v, head_pos, *head_sums_from, by)?;
