@@ -1431,12 +1431,11 @@ impl KvCache {
                 .enumerate()
                 .map(|(b, buf)| (buf, &index[b / 2]))
                 .collect();
-            let gathered = gather_many(&picks)?;
-            for (b, buf) in buffers.iter().enumerate() {
+            for (buf, src) in buffers.iter().zip(gather_many(&picks)?) {
                 writes.push(RowsAt {
                     dst: buf.clone(),
                     at: from * heads,
-                    src: gathered.narrow(0, b * n * heads, n * heads)?,
+                    src,
                 });
             }
         }

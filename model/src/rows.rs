@@ -143,11 +143,10 @@ pub(crate) fn concat_with_room(parts: &[&Tensor], capacity: usize) -> Result<Ten
 }
 
 /// For each `(src, index)` of `parts` (`src` `[rows, ...]`, `index` `[n]` u32, every index
-/// below its source's rows), the rows `index` names, one part after the other along dim 0:
-/// on CUDA in one launch per 64 parts where every source is packed (a decode pool's
-/// reselection gathers every layer's K and V at once), else `index_select` per part and
-/// [`concat`].
-pub(crate) fn gather_many(parts: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+/// below its source's rows), the rows `index` names: on CUDA gathered in one launch per 64
+/// parts into one buffer (each part a view of it) where every source is packed (a decode
+/// pool's reselection gathers every layer's K and V at once), else `index_select` per part.
+pub(crate) fn gather_many(parts: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> {
     #[cfg(feature = "gpu")]
     if parts.first().is_some_and(|(s, _)| s.device().is_cuda())
         && parts.iter().all(|(s, i)| {
@@ -159,13 +158,21 @@ pub(crate) fn gather_many(parts: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
                 && s.dims()[1..] == parts[0].0.dims()[1..]
         })
     {
-        return crate::kernels::gather_rows(parts);
+        let all = crate::kernels::gather_rows(parts)?;
+        let mut at = 0;
+        return parts
+            .iter()
+            .map(|(_, i)| {
+                let n = i.dims1()?;
+                at += n;
+                Ok(all.narrow(0, at - n, n)?)
+            })
+            .collect();
     }
-    let picked = parts
+    Ok(parts
         .iter()
         .map(|(s, i)| s.index_select(i, 0))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    concat(&picked.iter().collect::<Vec<_>>())
+        .collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 /// Writes `src`'s rows into `dst` (packed, same row shape) at rows `at..`: one launch on CUDA
