@@ -169,6 +169,19 @@ impl kvquilt_kvstore::Tier for Gated {
     }
 }
 
+/// Waits (up to 30 s, else fails) until the fastest tier of `s` holds `key`: a promotion
+/// spawned after a read has landed.
+async fn promoted_to_host(s: &TieredStore, key: &kvquilt_kvstore::ChunkKey) {
+    let landed = async {
+        while !s.tiers()[0].contains(key) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), landed)
+        .await
+        .expect("the promotion never reached the host tier");
+}
+
 /// A hit in a slow tier returns from `get_promoting_later` while its promotion into the
 /// faster tiers is still held up (a gate closed on the middle tier's puts), and the promotion
 /// lands once the gate opens; `get` waits for the promotion (it cannot return with the gate
@@ -213,14 +226,7 @@ async fn a_hits_promotion_does_not_hold_up_its_read() {
     );
 
     gate.add_permits(16);
-    let landed = async {
-        while !s.tiers()[0].contains(obj.key()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), landed)
-        .await
-        .expect("the promotion never reached the host tier");
+    promoted_to_host(&s, obj.key()).await;
     assert_eq!(s.locate(obj.key()), Some(TierKind::HOST));
 }
 
@@ -273,14 +279,7 @@ async fn concurrent_hits_promote_once() {
     );
 
     gate.add_permits(64);
-    let landed = async {
-        while !s.tiers()[0].contains(obj.key()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), landed)
-        .await
-        .expect("the promotion never reached the host tier");
+    promoted_to_host(&s, obj.key()).await;
     assert_eq!(middle.puts.load(Ordering::SeqCst), 1);
 
     // the claim was freed: with the faster copies gone, the next hit promotes again
