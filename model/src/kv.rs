@@ -192,6 +192,9 @@ struct Growth {
 /// [`KvCache::retain_in_place`], which moves these rows with the buffer's.
 #[derive(Debug)]
 struct Rotated {
+    /// The RoPE tables the rows were rotated by ([`crate::RopeTables::id`]): another model's
+    /// (another base or scaling) never reads them.
+    rope: TensorId,
     k: Tensor,
     positions: Vec<u32>,
     /// A pruned layer's per-head positions its first rows were rotated by (see
@@ -209,6 +212,8 @@ struct Rotated {
 /// dtype starts new buffers (and [`KvCache::retain_in_place`] moves them with the buffer's).
 #[derive(Debug)]
 struct Mirror {
+    /// The RoPE tables the keys were rotated by, as [`Rotated::rope`].
+    rope: TensorId,
     k: Tensor,
     v: Tensor,
     positions: Vec<u32>,
@@ -360,15 +365,17 @@ impl LayerKv {
     /// This layer's keys rotated to `positions` (one per row), `[tokens, kv_heads, head_dim]`;
     /// for a pruned layer, `per_head` names the per-head positions its first rows are rotated
     /// by ([`PrunedLayer::host_positions`]). `rotate(rows, start)` rotates the pre-RoPE key
-    /// rows `start..` (those that sit at `positions[start..start + rows.len()]`).
+    /// rows `start..` (those that sit at `positions[start..start + rows.len()]`) by the RoPE
+    /// tables `rope` names ([`crate::RopeTables::id`]).
     ///
     /// A layer backed by growth buffers keeps what it rotated beside them, so a later call
-    /// over the same rows at the same positions rotates only the rows appended since (a
-    /// decode step rotates one key, not the whole context); any other layer rotates every row
-    /// each call. The result equals `rotate(&self.k, 0)` whatever was kept (pinned by
+    /// over the same rows at the same positions and tables rotates only the rows appended
+    /// since (a decode step rotates one key, not the whole context); any other layer rotates
+    /// every row each call. The result equals `rotate(&self.k, 0)` whatever was kept (pinned by
     /// `kv::tests::rotated_keys_are_kept_per_position`).
     pub(crate) fn rotated_keys(
         &self,
+        rope: TensorId,
         positions: &[u32],
         per_head: Option<&[u32]>,
         rotate: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
@@ -390,7 +397,9 @@ impl LayerKv {
         // a panic while the lock was held left at worst rows past `positions` written
         let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
-            Some(r) if r.per_head.as_deref() == per_head => common_prefix(&r.positions, positions),
+            Some(r) if r.rope == rope && r.per_head.as_deref() == per_head => {
+                common_prefix(&r.positions, positions)
+            }
             _ => 0,
         };
         if let Some(r) = slot.as_ref()
@@ -416,6 +425,7 @@ impl LayerKv {
                     _ => fresh,
                 };
                 *slot = Some(Rotated {
+                    rope,
                     k,
                     positions: positions.to_vec(),
                     per_head: per_head.map(<[u32]>::to_vec),
@@ -430,7 +440,7 @@ impl LayerKv {
 
     /// This layer's rotated keys and its values laid out by head in `dtype` (f32 or bf16),
     /// for a CPU decode step's attention, or `None` for a layer without growth buffers
-    /// (whose rows [`LayerKv::rotated_keys`] rotates per call anyway). `positions` and
+    /// (whose rows [`LayerKv::rotated_keys`] rotates per call anyway). `rope`, `positions`,
     /// `per_head` and `rotate` mean what they mean there. Kept beside the buffers like the
     /// rotated keys: a later call over the same rows at the same positions converts only
     /// the rows appended since (a decode step's one row). Every call takes what
@@ -441,6 +451,7 @@ impl LayerKv {
     /// `kv::tests::decode_rows_mirror_the_rotated_keys_by_head`).
     pub(crate) fn decode_rows(
         &self,
+        rope: TensorId,
         positions: &[u32],
         per_head: Option<&[u32]>,
         dtype: DType,
@@ -478,7 +489,9 @@ impl LayerKv {
         // a panic while the mirror was locked left at worst rows past `positions` written
         let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
-            Some(m) if m.per_head.as_deref() == per_head && m.k.dtype() == dtype => {
+            Some(m)
+                if m.rope == rope && m.per_head.as_deref() == per_head && m.k.dtype() == dtype =>
+            {
                 common_prefix(&m.positions, positions)
             }
             _ => 0,
@@ -500,13 +513,14 @@ impl LayerKv {
             let (_, heads, d) = self.k.dims3()?;
             let zeros = || Tensor::zeros((heads, cap, d), dtype, self.k.device());
             let m = Mirror {
+                rope,
                 k: zeros()?,
                 v: zeros()?,
                 positions: Vec::new(),
                 per_head: per_head.map(<[u32]>::to_vec),
             };
             let reused = match rotation {
-                Some(r) if r.per_head.as_deref() == per_head => {
+                Some(r) if r.rope == rope && r.per_head.as_deref() == per_head => {
                     let n = common_prefix(&r.positions, positions);
                     (n > 0).then(|| r.k.narrow(0, 0, n)).transpose()?
                 }
@@ -1862,11 +1876,13 @@ mod tests {
     /// rotating every row.
     #[test]
     fn rotated_keys_are_kept_per_position() -> Result<()> {
+        // the tables the stand-in rotations below count as (any tensor's identity)
+        let rope = Tensor::zeros(1, DType::F32, &Device::Cpu)?.id();
         use std::cell::Cell;
         // a stand-in rotation that depends on position: adds it to every element
         let rotated_rows = Cell::new(0);
         let call = |l: &LayerKv, pos: &[u32]| -> Result<Vec<f32>> {
-            let k = l.rotated_keys(pos, None, |rows, start| {
+            let k = l.rotated_keys(rope, pos, None, |rows, start| {
                 let n = rows.dims()[0];
                 rotated_rows.set(rotated_rows.get() + n);
                 let p: Vec<f32> = pos[start..start + n].iter().map(|&p| p as f32).collect();
@@ -1896,7 +1912,9 @@ mod tests {
         let b = a.append(&rows(100.0, 2), &rows(100.0, 2))?;
         let p5: Vec<u32> = (0..5).collect();
         assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 2));
-        let before = b.rotated_keys(&p5, None, |_, _| Err(invalid_input("must not rotate")))?;
+        let before = b.rotated_keys(rope, &p5, None, |_, _| {
+            Err(invalid_input("must not rotate"))
+        })?;
         let before_values: Vec<f32> = before.flatten_all()?.to_vec1()?;
         // the older, shorter view reads the kept rows
         assert_eq!(count(&|| call(&a, &p3))?, (expect(&a, &p3), 0));
@@ -1917,11 +1935,14 @@ mod tests {
         let mut swapped = b.clone();
         swapped.k = (swapped.k.clone() + 1.0)?;
         assert_eq!(count(&|| call(&swapped, &p5))?, (expect(&swapped, &p5), 5));
-        assert!(b.rotated_keys(&p3, None, |r, _| Ok(r.clone())).is_err());
+        assert!(
+            b.rotated_keys(rope, &p3, None, |r, _| Ok(r.clone()))
+                .is_err()
+        );
         // a pruned layer's rows are kept only under the same per-head positions
         let rotate_all = |l: &LayerKv, heads: &[u32]| -> Result<usize> {
             rotated_rows.set(0);
-            l.rotated_keys(&p5, Some(heads), |rows, _| {
+            l.rotated_keys(rope, &p5, Some(heads), |rows, _| {
                 rotated_rows.set(rotated_rows.get() + rows.dims()[0]);
                 Ok(rows.clone())
             })?;
@@ -1931,6 +1952,15 @@ mod tests {
         assert_eq!(rotate_all(&b, &[3, 9])?, 0);
         assert_eq!(rotate_all(&b, &[3, 8])?, 5);
         assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 5));
+        assert_eq!(count(&|| call(&b, &p5))?, (expect(&b, &p5), 0));
+        // another model's tables (another RoPE base or scaling) never read what these kept
+        let other = Tensor::zeros(1, DType::F32, &Device::Cpu)?.id();
+        rotated_rows.set(0);
+        b.rotated_keys(other, &p5, None, |rows, _| {
+            rotated_rows.set(rotated_rows.get() + rows.dims()[0]);
+            Ok(rows.clone())
+        })?;
+        assert_eq!(rotated_rows.get(), 5, "kept rows read under other tables");
         Ok(())
     }
 
@@ -1943,6 +1973,8 @@ mod tests {
     /// (`KvCache::retain_in_place`).
     #[test]
     fn evicting_in_place_moves_what_was_rotated() -> Result<()> {
+        // the tables the stand-in rotations below count as (any tensor's identity)
+        let rope = Tensor::zeros(1, DType::F32, &Device::Cpu)?.id();
         use std::cell::Cell;
         let dev = &Device::Cpu;
         let rotated_rows = &Cell::new(0);
@@ -1966,8 +1998,8 @@ mod tests {
             let before = flat(&k)?;
             let mut cache = KvCache::new(vec![layer], p10.clone());
             match mirror {
-                false => drop(cache.layers[0].rotated_keys(&p10, None, rotate)?),
-                true => drop(cache.layers[0].decode_rows(&p10, None, DType::F32, rotate)?),
+                false => drop(cache.layers[0].rotated_keys(rope, &p10, None, rotate)?),
+                true => drop(cache.layers[0].decode_rows(rope, &p10, None, DType::F32, rotate)?),
             }
             assert!(cache.retain_in_place(std::slice::from_ref(&keep))?);
             // row r of head h: the old row keep[h][r] of that head
@@ -1984,10 +2016,12 @@ mod tests {
                 .clone();
             rotated_rows.set(0);
             let got = match mirror {
-                false => cache.layers[0].rotated_keys(&cache.positions, Some(&per_head), rotate)?,
+                false => {
+                    cache.layers[0].rotated_keys(rope, &cache.positions, Some(&per_head), rotate)?
+                }
                 true => {
                     let rows = cache.layers[0]
-                        .decode_rows(&cache.positions, Some(&per_head), DType::F32, rotate)?
+                        .decode_rows(rope, &cache.positions, Some(&per_head), DType::F32, rotate)?
                         .expect("a grown layer");
                     rows.k.narrow(1, 0, 5)?.transpose(0, 1)?.contiguous()?
                 }
@@ -2130,6 +2164,8 @@ mod tests {
 
     #[test]
     fn decode_rows_mirror_the_rotated_keys_by_head() -> Result<()> {
+        // the tables the stand-in rotations below count as (any tensor's identity)
+        let rope = Tensor::zeros(1, DType::F32, &Device::Cpu)?.id();
         use std::cell::Cell;
         let dev = &Device::Cpu;
         let rotated_rows = &Cell::new(0);
@@ -2158,10 +2194,10 @@ mod tests {
         let empty = LayerKv::empty(3, 4, DType::F32, dev)?;
         let a = empty.append(&layer_rows(5, 0.0)?, &layer_rows(5, 0.5)?)?;
         let p5: Vec<u32> = (0..5).collect();
-        let want = a.rotated_keys(&p5, None, rotate(&p5))?;
+        let want = a.rotated_keys(rope, &p5, None, rotate(&p5))?;
         rotated_rows.set(0);
         let rows = a
-            .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+            .decode_rows(rope, &p5, None, DType::F32, rotate(&p5))?
             .expect("a grown layer");
         assert_eq!(rotated_rows.get(), 0, "the kept rotation was taken");
         assert_eq!(by_token(&rows.k, 5)?, flat(&want)?);
@@ -2172,7 +2208,7 @@ mod tests {
         let b = a.append(&layer_rows(1, 3.0)?, &layer_rows(1, 4.0)?)?;
         let p6: Vec<u32> = (0..6).collect();
         let again = b
-            .decode_rows(&p6, None, DType::F32, rotate(&p6))?
+            .decode_rows(rope, &p6, None, DType::F32, rotate(&p6))?
             .expect("a grown layer");
         assert_eq!(rotated_rows.get(), 1);
         assert!(again.k.id() == rows.k.id() && again.v.id() == rows.v.id());
@@ -2180,18 +2216,18 @@ mod tests {
         assert_eq!(by_token(&again.k, 6)?, want6);
         assert_eq!(by_token(&again.v, 6)?, flat(&b.v)?);
         // rotated keys kept again (a longer call between steps) go at the next step
-        b.rotated_keys(&p6, None, rotate(&p6))?;
-        b.decode_rows(&p6, None, DType::F32, rotate(&p6))?;
+        b.rotated_keys(rope, &p6, None, rotate(&p6))?;
+        b.decode_rows(rope, &p6, None, DType::F32, rotate(&p6))?;
         assert!(g.rotated.lock().unwrap().is_none());
         // the shorter view reads the same buffers' first rows
         rotated_rows.set(0);
         let shorter = a
-            .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+            .decode_rows(rope, &p5, None, DType::F32, rotate(&p5))?
             .expect("grown");
         assert!(shorter.k.id() == rows.k.id() && rotated_rows.get() == 0);
         // bf16: new buffers, every value rounded once
         let half = b
-            .decode_rows(&p6, None, DType::BF16, rotate(&p6))?
+            .decode_rows(rope, &p6, None, DType::BF16, rotate(&p6))?
             .expect("a grown layer");
         assert_eq!(half.k.dtype(), DType::BF16);
         let rounded = |x: Vec<f32>| -> Vec<f32> {
@@ -2204,7 +2240,7 @@ mod tests {
         // other positions start over, leaving what was handed out as it was
         let moved: Vec<u32> = (10..16).collect();
         let elsewhere = b
-            .decode_rows(&moved, None, DType::F32, rotate(&moved))?
+            .decode_rows(rope, &moved, None, DType::F32, rotate(&moved))?
             .expect("a grown layer");
         assert!(elsewhere.k.id() != again.k.id());
         assert_eq!(by_token(&elsewhere.k, 6)?, flat(&rotate(&moved)(&b.k, 0)?)?);
@@ -2213,11 +2249,11 @@ mod tests {
         let p7: Vec<u32> = (0..7).collect();
         let (failed, writes) = b.append_later(&layer_rows(1, 50.0)?, &layer_rows(1, 60.0)?)?;
         put_rows_many(&writes)?;
-        failed.decode_rows(&p7, None, DType::F32, rotate(&p7))?;
+        failed.decode_rows(rope, &p7, None, DType::F32, rotate(&p7))?;
         failed.unreserve(1);
         let c = b.append(&layer_rows(1, -50.0)?, &layer_rows(1, -60.0)?)?;
         let last = c
-            .decode_rows(&p7, None, DType::F32, rotate(&p7))?
+            .decode_rows(rope, &p7, None, DType::F32, rotate(&p7))?
             .expect("grown");
         assert_eq!(by_token(&last.k, 7)?, flat(&rotate(&p7)(&c.k, 0)?)?);
         assert_eq!(by_token(&last.v, 7)?, flat(&c.v)?);
@@ -2225,11 +2261,17 @@ mod tests {
         let plain = LayerKv::new(layer_rows(5, 0.0)?, layer_rows(5, 0.0)?);
         assert!(
             plain
-                .decode_rows(&p5, None, DType::F32, rotate(&p5))?
+                .decode_rows(rope, &p5, None, DType::F32, rotate(&p5))?
                 .is_none()
         );
-        assert!(c.decode_rows(&p5, None, DType::F32, rotate(&p5)).is_err());
-        assert!(c.decode_rows(&p7, None, DType::F16, rotate(&p7)).is_err());
+        assert!(
+            c.decode_rows(rope, &p5, None, DType::F32, rotate(&p5))
+                .is_err()
+        );
+        assert!(
+            c.decode_rows(rope, &p7, None, DType::F16, rotate(&p7))
+                .is_err()
+        );
         Ok(())
     }
 

@@ -93,6 +93,13 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// These tables' identity (their cosines' tensor id): what keys rotated by them and
+    /// kept are keyed by ([`crate::LayerKv`]'s kept rotations), so keys rotated under
+    /// another model's tables (another base or scaling) are never read as these.
+    pub(crate) fn id(&self) -> candle_core::TensorId {
+        self.cos.id()
+    }
+
     /// The cosines, `[positions, head_dim / 2]`.
     #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
     pub(crate) fn cos(&self) -> &Tensor {

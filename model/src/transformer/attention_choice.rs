@@ -486,7 +486,8 @@ impl Model {
         let t = kv.len();
         if self.device.is_cpu() {
             let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
-            return kv.rotated_keys(k_pos, per_head, self.key_rotation(kv, k_tables, pruned));
+            let rotate = self.key_rotation(kv, k_tables, pruned);
+            return kv.rotated_keys(self.rope_tables.id(), k_pos, per_head, rotate);
         }
         match pruned {
             None => k_tables.apply(&kv.k),
@@ -533,6 +534,7 @@ impl Model {
         let dtype = if bf16 { DType::BF16 } else { DType::F32 };
         let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
         kv.decode_rows(
+            self.rope_tables.id(),
             k_pos,
             per_head,
             dtype,
