@@ -8,7 +8,7 @@
 //! copy for any number of policies and budgets: the eval harness compresses one prefill many
 //! ways, the sidecar once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvquilt_compression::policy::{
     Budget, BudgetSplit, DecodePool, DecodePoolSpec, KeptPositions, Observation, PolicyError,
@@ -801,6 +801,27 @@ pub struct PooledDecoder {
     evictions: usize,
     /// Most rows the cache held.
     peak_rows: usize,
+    /// Where the steps' wall time went.
+    times: PoolTimes,
+}
+
+/// Where a [`PooledDecoder`]'s steps spent their wall time (the host's clock), summed over
+/// its steps. On a device the model's work runs after its launch: `step` is the launching,
+/// and the wait for the step to finish falls in `read` (a scoring pool reads its sums after
+/// each step) or in whatever reads the logits next (a window, which reads nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PoolTimes {
+    /// Steps taken.
+    pub steps: usize,
+    /// `Model::decode_step`, the pool's attention probe included.
+    pub step: Duration,
+    /// Reading the step's attention sums to the host (a scoring pool).
+    pub read: Duration,
+    /// Observing the sums and selecting the rows to keep (host work alone).
+    pub select: Duration,
+    /// Moving the kept rows ([`KvCache::retain_tail_in_place`]: host bookkeeping, uploads and
+    /// launches).
+    pub retain: Duration,
 }
 
 /// A step's attention over the pool's rows, summed over each KV head's query heads.
@@ -921,6 +942,7 @@ impl PooledDecoder {
             pool,
             cache,
             evictions: 0,
+            times: PoolTimes::default(),
         })
     }
 
@@ -944,21 +966,35 @@ impl PooledDecoder {
             per_layer: Vec::new(),
             on_device: Vec::new(),
         };
+        let started = Instant::now();
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;
+        let stepped = Instant::now();
         self.peak_rows = self.peak_rows.max(self.cache.len());
-        self.pool.observe(&hook.into_sums()?)?;
+        let sums = hook.into_sums()?;
+        let read = Instant::now();
+        self.pool.observe(&sums)?;
+        let mut selected = Instant::now();
+        let mut retained = selected;
         if self.pool.due() {
             // selected on a copy (the pool's rows: cheap), kept only once the cache has
             // followed, so a refused reselection leaves pool and cache agreeing
             let mut pool = self.pool.clone();
             let keep = pool.select();
+            selected = Instant::now();
             // the pool's rows move within the decoder's own buffers; the protected rows
             // (the prompt's) stay where they are and cost nothing
             self.cache
                 .retain_tail_in_place(keep.protected, &keep.pool)?;
+            retained = Instant::now();
             self.pool = pool;
             self.evictions += 1;
         }
+        let t = &mut self.times;
+        t.steps += 1;
+        t.step += stepped - started;
+        t.read += read - stepped;
+        t.select += selected - read;
+        t.retain += retained - selected;
         Ok(logits)
     }
 
@@ -976,5 +1012,10 @@ impl PooledDecoder {
     /// The most rows the cache held at once.
     pub fn peak_rows(&self) -> usize {
         self.peak_rows
+    }
+
+    /// Where the steps so far spent their wall time.
+    pub fn times(&self) -> PoolTimes {
+        self.times
     }
 }

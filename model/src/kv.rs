@@ -1230,40 +1230,52 @@ impl KvCache {
                         .is_some_and(|t| t.dims() == [layers_n, stride])
             });
         // everything that goes to the device is made before any row moves, so a failure
-        // here leaves the cache as it was: the moved rows' gather indices (one copy for
-        // every layer) and the new positions (the tails', or the whole table)
-        let gathers = match n {
-            0 => None,
-            _ => {
-                let flat: Vec<u32> = tails
-                    .iter()
-                    .flat_map(|per_head| moved_rows(per_head, 0..n))
-                    .collect();
-                Some(Tensor::from_vec(flat, layers_n * n * heads, &device)?)
-            }
-        };
-        let mut whole: Option<(Tensor, Vec<Vec<u32>>)> = None;
-        let tail_upload = if in_place_table {
-            match n {
-                0 => None,
-                _ => Some(Tensor::from_vec(
-                    tail_positions.concat(),
-                    (layers_n, n * heads),
-                    &device,
-                )?),
-            }
+        // here leaves the cache as it was, and goes in one upload: the new positions (the
+        // tails', or the whole table) then the moved rows' gather indices (every layer's)
+        let moved = layers_n * n * heads;
+        let mut upload: Vec<u32>;
+        let mut host_table = None;
+        if in_place_table {
+            upload = Vec::with_capacity(2 * moved);
+            upload.extend(tail_positions.iter().flatten());
         } else {
-            let mut padded = Vec::with_capacity(layers_n * stride);
+            upload = Vec::with_capacity(layers_n * stride + moved);
             let mut host = Vec::with_capacity(layers_n);
             for (l, tail) in tail_positions.iter().enumerate() {
                 let mut at = self.prefix_positions(l, from, heads);
                 at.extend_from_slice(tail);
-                padded.extend_from_slice(&at);
-                padded.resize((l + 1) * stride, 0);
+                upload.extend_from_slice(&at);
+                upload.resize((l + 1) * stride, 0);
                 host.push(at);
             }
-            whole = Some((Tensor::from_vec(padded, (layers_n, stride), &device)?, host));
-            None
+            host_table = Some(host);
+        }
+        let positions_len = upload.len();
+        upload.extend(tails.iter().flat_map(|per_head| moved_rows(per_head, 0..n)));
+        let uploaded = match upload.is_empty() {
+            true => None,
+            false => Some(Tensor::from_vec(upload, positions_len + moved, &device)?),
+        };
+        let part =
+            |at: usize, len: usize| uploaded.as_ref().map(|u| u.narrow(0, at, len)).transpose();
+        let gathers = match n {
+            0 => None,
+            _ => part(positions_len, moved)?,
+        };
+        // (a view of the upload: it keeps the gather indices' few bytes beside the table)
+        let whole: Option<(Tensor, Vec<Vec<u32>>)> = match host_table {
+            Some(host) => {
+                let table = part(0, positions_len)?
+                    .ok_or_else(|| invalid_input("a cache's position table went missing"))?;
+                Some((table.reshape((layers_n, stride))?, host))
+            }
+            None => None,
+        };
+        let tail_upload = match (in_place_table, n) {
+            (true, 1..) => part(0, positions_len)?
+                .map(|t| t.reshape((layers_n, n * heads)))
+                .transpose()?,
+            _ => None,
         };
         let mut layers = Vec::with_capacity(layers_n);
         let mut move_rows = || -> Result<()> {

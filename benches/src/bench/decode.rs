@@ -170,7 +170,51 @@ struct PoolRow {
     /// out (`KvCache::retain`, forced by holding a view of its cache across each step):
     /// the in-place row moves checked on this device (0 when they move the same values).
     in_place_vs_copies_max_abs: f32,
+    /// Where a timed step's wall time went (`PooledDecoder::times`), per step, the median of
+    /// the timed runs.
+    phases_us: StepPhases,
     runs_s: Vec<f64>,
+}
+
+/// [`PoolTimes`](kvquilt_blend::compress::PoolTimes) per step, in µs. On a device `step` is
+/// the launching; the wait for the step's work falls in `read` (a scoring pool) or in the
+/// next read of the logits (outside the decoder, not here).
+#[derive(Serialize, Clone, Copy, Default)]
+struct StepPhases {
+    step: f64,
+    read: f64,
+    select: f64,
+    retain: f64,
+}
+
+impl StepPhases {
+    /// The steps taken from `before` to `after`, per step.
+    fn between(
+        before: kvquilt_blend::compress::PoolTimes,
+        after: kvquilt_blend::compress::PoolTimes,
+    ) -> Self {
+        let n = after.steps.saturating_sub(before.steps).max(1) as f64;
+        let us = |a: std::time::Duration, b: std::time::Duration| {
+            a.saturating_sub(b).as_secs_f64() * 1e6 / n
+        };
+        Self {
+            step: us(after.step, before.step),
+            read: us(after.read, before.read),
+            select: us(after.select, before.select),
+            retain: us(after.retain, before.retain),
+        }
+    }
+
+    /// Each phase's median over `runs`.
+    fn median(runs: &[Self]) -> Self {
+        let of = |f: fn(&Self) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        Self {
+            step: of(|p| p.step),
+            read: of(|p| p.read),
+            select: of(|p| p.select),
+            retain: of(|p| p.retain),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -627,11 +671,13 @@ fn pool_rows(
                 .with_context(|| format!("--pools {p}"))?
                 .with_slack(a.pool_slack);
         let (mut runs, mut reselections, mut peak_rows) = (Vec::new(), 0, 0);
+        let mut phases = Vec::new();
         for _ in 0..=a.repeats.max(1) {
             let mut d = kvquilt_blend::compress::PooledDecoder::new(model, full.clone(), spec)?;
             let logits = d.step(model, token(0, 0))?;
             let mut next = next_token(a.greedy, &logits, || token(1, 0))?;
             model.device().synchronize()?;
+            let before = d.times();
             let t = Instant::now();
             for i in 1..=steps {
                 let logits = d.step(model, next)?;
@@ -639,9 +685,12 @@ fn pool_rows(
             }
             model.device().synchronize()?;
             runs.push(t.elapsed().as_secs_f64());
+            phases.push(StepPhases::between(before, d.times()));
             (reselections, peak_rows) = (d.evictions(), d.peak_rows());
         }
         runs.remove(0);
+        phases.remove(0);
+        let phases = StepPhases::median(&phases);
         let tps = steps as f64 / median(&runs);
         let moved = in_place_vs_copies(model, full, spec, steps, token)?;
         eprintln!(
@@ -655,24 +704,30 @@ fn pool_rows(
             reselections,
             peak_rows,
             in_place_vs_copies_max_abs: moved,
+            phases_us: phases,
             runs_s: runs,
         });
     }
     println!(
-        "| pool (slack {}{}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows | in place vs copies, max abs Δlogit |",
+        "| pool (slack {}{}) | decode tok/s | vs full ({full_tps:.1}) | reselections | peak rows | in place vs copies, max abs Δlogit | µs a step: step / read / select / retain |",
         a.pool_slack,
         if a.greedy { ", greedy" } else { "" }
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for r in &out {
+        let p = &r.phases_us;
         println!(
-            "| {} | {:.1} | {:.2}× | {} | {} | {:.2e} |",
+            "| {} | {:.1} | {:.2}× | {} | {} | {:.2e} | {:.0} / {:.0} / {:.0} / {:.0} |",
             r.pool,
             r.tokens_per_s,
             r.speedup_vs_full,
             r.reselections,
             r.peak_rows,
-            r.in_place_vs_copies_max_abs
+            r.in_place_vs_copies_max_abs,
+            p.step,
+            p.read,
+            p.select,
+            p.retain
         );
     }
     Ok(out)
