@@ -14,7 +14,9 @@ use kvquilt_compression::policy::{
     Budget, BudgetSplit, DecodePool, DecodePoolSpec, KeptPositions, Observation, PolicyError,
     PolicySpec, ProbeNeeds, Shape, TokenPolicy, WindowMean, check_budget, select,
 };
-use kvquilt_model::{HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, Rows, Tensor};
+use kvquilt_model::{
+    HookError, KvCache, LayerHook, LayerProbe, Model, ProbeRequest, ReadBack, Rows, Tensor,
+};
 
 use crate::error::{BlendError, Result, invalid};
 
@@ -483,13 +485,18 @@ mod tests {
         // the sums as a path reports them from key `from` on (the fused kernel: the pool's
         // rows alone), `grouped` each KV head's group summed (the fused kernel's
         // `head_sums_grouped`)
-        let reported = |defer_reads: bool, from: usize, grouped: bool| {
+        // (deferred reads go through a `ReadBack` started by the last layer, as a decoder's do,
+        // or are read when the step is done: both ways here)
+        let reported_via = |defer_reads: bool, from: usize, grouped: bool, read_back: bool| {
+            let mut reader = ReadBack::new();
             let mut step = StepAttention {
                 probe: None,
                 scored: 2..7,
                 defer_reads,
                 per_layer: Vec::new(),
                 on_device: Vec::new(),
+                layers: layers.len(),
+                reader: read_back.then_some(&mut reader),
             };
             for (l, x) in layers.iter().enumerate() {
                 let mut x = x.narrow(2, from, 7 - from).unwrap();
@@ -503,7 +510,20 @@ mod tests {
                 };
                 step.after_attention(l, probe)?;
             }
+            if defer_reads && read_back {
+                assert!(step.reader.as_ref().is_some_and(|r| r.is_pending()));
+            }
             step.into_sums().map_err(HookError::new)
+        };
+        let reported = |defer_reads: bool, from: usize, grouped: bool| {
+            let read_back = reported_via(defer_reads, from, grouped, true);
+            let after = reported_via(defer_reads, from, grouped, false);
+            assert_eq!(
+                read_back.as_ref().ok(),
+                after.as_ref().ok(),
+                "read back vs after the step"
+            );
+            read_back
         };
         let sums = |defer_reads: bool, from: usize| reported(defer_reads, from, false);
         let want = sums(false, 0).unwrap();
@@ -803,6 +823,9 @@ pub struct PooledDecoder {
     peak_rows: usize,
     /// Where the steps' wall time went.
     times: PoolTimes,
+    /// Reads each step's attention sums back (on a device: behind the last layer's
+    /// attention, while the rest of the step runs).
+    reader: ReadBack,
 }
 
 /// Where a [`PooledDecoder`]'s steps spent their wall time (the host's clock), summed over
@@ -825,7 +848,7 @@ pub struct PoolTimes {
 }
 
 /// A step's attention over the pool's rows, summed over each KV head's query heads.
-struct StepAttention {
+struct StepAttention<'r> {
     probe: Option<ProbeRequest>,
     /// The rows whose attention the pool reads ([`DecodePool::scored_rows`]): only these
     /// are summed and kept.
@@ -840,24 +863,59 @@ struct StepAttention {
     /// With `defer_reads`, each layer's `[kv_heads, rows]` sums, read in one copy by
     /// [`StepAttention::into_sums`].
     on_device: Vec<Tensor>,
+    /// The model's layers, and where the sums go once the last has reported (with
+    /// `defer_reads`): joined in one launch, their copy queued at once behind the last
+    /// layer's attention, so the host waits for that copy, not for the rest of the step (the
+    /// last layer's MLP and the LM head run while the pool selects).
+    layers: usize,
+    reader: Option<&'r mut ReadBack>,
 }
 
-impl StepAttention {
+impl StepAttention<'_> {
     /// `[layer][kv_head][row]`, every layer's sums (from a device: joined in one launch,
     /// read in one copy).
-    fn into_sums(self) -> kvquilt_model::Result<Vec<Vec<Vec<f32>>>> {
-        let Some(first) = self.on_device.first() else {
-            return Ok(self.per_layer);
+    fn into_sums(mut self) -> kvquilt_model::Result<Vec<Vec<Vec<f32>>>> {
+        let started = self.reader.as_deref_mut().filter(|r| r.is_pending());
+        if let Some(reader) = started {
+            let Some((flat, dims)) = reader.finish()? else {
+                return Ok(Vec::new());
+            };
+            let &[layers, heads, rows] = dims.as_slice() else {
+                return Err(kvquilt_model::ModelError::InvalidInput(format!(
+                    "attention sums read back as {dims:?}"
+                )));
+            };
+            return Ok((0..layers)
+                .map(|l| {
+                    (0..heads)
+                        .map(|h| flat[(l * heads + h) * rows..][..rows].to_vec())
+                        .collect()
+                })
+                .collect());
+        }
+        match Self::joined(&self.on_device)? {
+            None => Ok(self.per_layer),
+            Some(all) => Ok(all.to_vec3::<f32>()?),
+        }
+    }
+
+    /// Every layer's `[kv_heads, rows]` sums as one `[layers, kv_heads, rows]` tensor (one
+    /// launch on a device); `None` before any layer reported.
+    fn joined(on_device: &[Tensor]) -> kvquilt_model::Result<Option<Tensor>> {
+        let Some(first) = on_device.first() else {
+            return Ok(None);
         };
         let (heads, rows) = first.dims2()?;
-        let parts: Vec<&Tensor> = self.on_device.iter().collect();
-        Ok(kvquilt_model::concat(&parts)?
-            .reshape((parts.len(), heads, rows))?
-            .to_vec3::<f32>()?)
+        let parts: Vec<&Tensor> = on_device.iter().collect();
+        Ok(Some(kvquilt_model::concat(&parts)?.reshape((
+            parts.len(),
+            heads,
+            rows,
+        ))?))
     }
 }
 
-impl LayerHook for StepAttention {
+impl LayerHook for StepAttention<'_> {
     fn probe(&self) -> Option<&ProbeRequest> {
         self.probe.as_ref()
     }
@@ -888,6 +946,15 @@ impl LayerHook for StepAttention {
                 _ => x.sum(1),
             });
             self.on_device.push(sums.map_err(HookError::new)?);
+            if self.on_device.len() == self.layers
+                && let Some(reader) = self.reader.as_deref_mut()
+            {
+                let start = Self::joined(&self.on_device).and_then(|all| match all {
+                    Some(all) => reader.start(&all),
+                    None => Ok(()),
+                });
+                start.map_err(HookError::new)?;
+            }
         } else {
             let sums = scored().and_then(|x| group_sums(&x));
             self.per_layer.push(sums.map_err(HookError::new)?);
@@ -943,6 +1010,7 @@ impl PooledDecoder {
             cache,
             evictions: 0,
             times: PoolTimes::default(),
+            reader: ReadBack::new(),
         })
     }
 
@@ -965,6 +1033,8 @@ impl PooledDecoder {
             defer_reads: !model.device().is_cpu(),
             per_layer: Vec::new(),
             on_device: Vec::new(),
+            layers: model.config().num_layers,
+            reader: Some(&mut self.reader),
         };
         let started = Instant::now();
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;
