@@ -824,8 +824,9 @@ pub struct PooledDecoder {
     /// Where the steps' wall time went.
     times: PoolTimes,
     /// Reads each step's attention sums back (on a device: behind the last layer's
-    /// attention, while the rest of the step runs).
-    reader: ReadBack,
+    /// attention, while the rest of the step runs); `None` reads them after the step
+    /// ([`PooledDecoder::reading_after_steps`]).
+    reader: Option<ReadBack>,
 }
 
 /// Where a [`PooledDecoder`]'s steps spent their wall time (the host's clock), summed over
@@ -1010,8 +1011,16 @@ impl PooledDecoder {
             cache,
             evictions: 0,
             times: PoolTimes::default(),
-            reader: ReadBack::new(),
+            reader: Some(ReadBack::new()),
         })
+    }
+
+    /// This decoder reading each step's attention sums once the step is done, as one read
+    /// of every layer's, instead of behind the last layer's attention: the same values by
+    /// another path (a check's reference; `bench decode --pools` compares the two).
+    pub fn reading_after_steps(mut self) -> Self {
+        self.reader = None;
+        self
     }
 
     /// Appends `token` and returns the next token's logits; prunes the pool when it is due.
@@ -1034,7 +1043,7 @@ impl PooledDecoder {
             per_layer: Vec::new(),
             on_device: Vec::new(),
             layers: model.config().num_layers,
-            reader: Some(&mut self.reader),
+            reader: self.reader.as_mut(),
         };
         let started = Instant::now();
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;

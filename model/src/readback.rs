@@ -22,6 +22,9 @@ pub struct ReadBack {
     pending: Option<Pending>,
     #[cfg(feature = "gpu")]
     pinned: Option<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>>,
+    /// The event recorded behind the last copy into `pinned`.
+    #[cfg(feature = "gpu")]
+    copied: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
 }
 
 #[derive(Debug)]
@@ -77,12 +80,16 @@ impl ReadBack {
         }
         let n: usize = p.dims.iter().product();
         #[cfg(feature = "gpu")]
-        if let Some(host) = &self.pinned {
+        if let (Some(host), Some(copied)) = (self.pinned.as_mut(), self.copied.take()) {
             use candle_core::cuda_backend::WrapErr;
-            // waits on the event behind the copy `start` queued
-            let all = host.as_slice().w()?;
-            if all.len() >= n {
-                return Ok(Some((all[..n].to_vec(), p.dims)));
+            // the copy `start` queued, and nothing after it
+            copied.synchronize().w()?;
+            let ptr = host.as_mut_ptr().w()?;
+            if host.len() >= n {
+                // SAFETY: `ptr` is `host`'s allocation of `host.len()` ≥ `n` f32, whose first
+                // `n` the completed copy wrote; nothing writes it while this borrow lives
+                let values = unsafe { std::slice::from_raw_parts(ptr, n) };
+                return Ok(Some((values.to_vec(), p.dims)));
             }
         }
         Err(invalid_input(format!(
@@ -95,10 +102,16 @@ impl ReadBack {
     fn copy_to_pinned(&mut self, dev: &candle_core::CudaDevice, x: &Tensor) -> Result<()> {
         use candle_core::Storage;
         use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, result};
 
         let x = x.contiguous()?;
         let n = x.elem_count();
         let stream = dev.cuda_stream();
+        // a copy still in flight into the buffer completes before the buffer is written again
+        // or freed
+        if let Some(earlier) = self.copied.take() {
+            earlier.synchronize().w()?;
+        }
         if self.pinned.as_ref().is_none_or(|b| b.len() < n) {
             self.pinned = None; // the smaller buffer goes first
             // room to grow: a decode pool's sums widen by a row a step
@@ -118,11 +131,30 @@ impl ReadBack {
         };
         let start = layout.start_offset();
         let src = s.as_cuda_slice::<f32>()?.slice(start..start + n);
-        // cudarc's pinned slice: the copy is asynchronous, and the slice records an event
-        // behind it, which `as_slice` (in `finish`) waits on; the copy itself first waits on
-        // the slice's previous event, so an earlier read is never overwritten mid-copy
-        stream.memcpy_dtoh(&src, host).w()?;
+        let ptr = host.as_mut_ptr().w()?;
+        {
+            // SAFETY: `ptr` is `host`'s allocation of at least `n` f32, with no copy in flight
+            // into it (waited for above); the host reads it only after the event below
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
+            let (src_ptr, _guard) = src.device_ptr(&stream);
+            // SAFETY: `src` holds `n` f32 on this stream's device; `dst` stays allocated (in
+            // `self.pinned`, freed only after waiting on `self.copied`) until the copy is done
+            unsafe { result::memcpy_dtoh_async(dst, src_ptr, stream.cu_stream()) }.w()?;
+        }
+        self.copied = Some(stream.record_event(None).w()?);
         Ok(())
+    }
+}
+
+/// A copy in flight into the page-locked buffer completes before the buffer is freed.
+#[cfg(feature = "gpu")]
+impl Drop for ReadBack {
+    fn drop(&mut self) {
+        if let Some(copied) = self.copied.take() {
+            // nothing to report to from a drop: a failed wait leaves the driver's error for
+            // the stream's next call
+            let _ = copied.synchronize();
+        }
     }
 }
 

@@ -165,10 +165,12 @@ struct PoolRow {
     reselections: usize,
     /// Most rows the pool's cache held.
     peak_rows: usize,
-    /// Largest |Δ| of any step's logits between the pool evicting in place (its own
-    /// buffers, as served) and the same pool whose every reselection copies the kept rows
-    /// out (`KvCache::retain`, forced by holding a view of its cache across each step):
-    /// the in-place row moves checked on this device (0 when they move the same values).
+    /// Largest |Δ| of any step's logits between the pool as served (evicting in place in
+    /// its own buffers, its attention sums read back behind the last layer's attention) and
+    /// the same pool whose every reselection copies the kept rows out (`KvCache::retain`,
+    /// forced by holding a view of its cache across each step) and which reads its sums
+    /// once each step is done (`PooledDecoder::reading_after_steps`): the in-place row
+    /// moves and the early reads checked on this device (0 when both give the same values).
     in_place_vs_copies_max_abs: f32,
     /// Where a timed step's wall time went (`PooledDecoder::times`), per step, the median of
     /// the timed runs.
@@ -743,8 +745,9 @@ fn next_token(greedy: bool, logits: &Tensor, fixed: impl FnOnce() -> u32) -> Res
 }
 
 /// [`PoolRow::in_place_vs_copies_max_abs`]: `steps` tokens through two decoders of `spec`
-/// over `full`, one evicting in place, the other holding a clone of its cache across each
-/// step (its layers then do not own their buffers, so every reselection copies).
+/// over `full`, one as served, the other holding a clone of its cache across each step (its
+/// layers then do not own their buffers, so every reselection copies) and reading its
+/// attention sums after each step.
 fn in_place_vs_copies(
     model: &Model,
     full: &KvCache,
@@ -754,7 +757,7 @@ fn in_place_vs_copies(
 ) -> Result<f32> {
     use kvquilt_blend::compress::PooledDecoder;
     let mut in_place = PooledDecoder::new(model, full.clone(), spec)?;
-    let mut copies = PooledDecoder::new(model, full.clone(), spec)?;
+    let mut copies = PooledDecoder::new(model, full.clone(), spec)?.reading_after_steps();
     let mut worst = 0f32;
     for i in 0..=steps {
         let a = in_place.step(model, token(i, 0))?;
