@@ -1025,11 +1025,11 @@ impl PooledDecoder {
 
     /// Appends `token` and returns the next token's logits; prunes the pool when it is due.
     pub fn step(&mut self, model: &Model, token: u32) -> Result<Tensor> {
+        // the step's attention, when the pool ranks its rows by it (SCOPE's instantaneous
+        // scorer: only the step before a reselection)
+        let reads = self.pool.reads_next_step();
         let mut hook = StepAttention {
-            probe: self
-                .pool
-                .spec()
-                .reads_attention()
+            probe: reads
                 // the step's one row, per query head: on the CPU the tiled attention
                 // answers it over the cache's rows by head, from its one sweep's
                 // probabilities (a few rows' worth), no probability matrix
@@ -1051,7 +1051,10 @@ impl PooledDecoder {
         self.peak_rows = self.peak_rows.max(self.cache.len());
         let sums = hook.into_sums()?;
         let read = Instant::now();
-        self.pool.observe(&sums)?;
+        match reads {
+            true => self.pool.observe(&sums)?,
+            false => self.pool.observe_unread()?,
+        }
         let mut selected = Instant::now();
         let mut retained = selected;
         if self.pool.due() {

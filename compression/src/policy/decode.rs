@@ -282,16 +282,52 @@ impl DecodePool {
 
     /// Whether the pool is to be reselected now.
     pub fn due(&self) -> bool {
-        let pool = self.rows() - self.protected;
-        let over = pool
-            > self
-                .spec
-                .budget_at(self.step)
-                .saturating_add(self.spec.slack);
+        self.due_at(self.rows, self.step)
+    }
+
+    /// [`DecodePool::due`] with `rows` cache rows after `step` steps.
+    fn due_at(&self, rows: usize, step: usize) -> bool {
+        let pool = rows - self.protected;
+        let over = pool > self.spec.budget_at(step).saturating_add(self.spec.slack);
         match self.spec.schedule {
             Schedule::Slide | Schedule::Adaptive => over,
-            Schedule::Discontinuous => over && self.step.is_multiple_of(self.spec.delta()),
+            Schedule::Discontinuous => over && step.is_multiple_of(self.spec.delta()),
         }
+    }
+
+    /// Whether the next step's attention is to be read (and given to
+    /// [`DecodePool::observe`]): every step's for the cumulative scorer (each adds to the
+    /// scores); for the instantaneous one only that of a step after which the pool is due,
+    /// since its scores are one step's attention and every earlier step's would be
+    /// overwritten unread (with `slack` or the `discontinuous` schedule, most steps); never
+    /// for recency. A step whose attention is not read is recorded by
+    /// [`DecodePool::observe_unread`]; the keep sets are the same either way (pinned by
+    /// `tests::unread_steps_select_what_read_steps_do`).
+    pub fn reads_next_step(&self) -> bool {
+        match self.spec.scorer {
+            Scorer::Cumulative => true,
+            Scorer::Instantaneous => self.due_at(self.rows + 1, self.step + 1),
+            Scorer::Recency => false,
+        }
+    }
+
+    /// Records one decode step that appended one row and whose attention was not read
+    /// ([`DecodePool::reads_next_step`] false): the row joins the pool unscored. Refused,
+    /// changing nothing, for a step whose attention the pool needs.
+    pub fn observe_unread(&mut self) -> Result<(), PolicyError> {
+        if self.reads_next_step() {
+            return Err(PolicyError::BadObservation {
+                policy: "decode pool".into(),
+                layer: 0,
+                why: "this step's attention ranks the pool's rows, and none was read".into(),
+            });
+        }
+        self.step += 1;
+        self.rows += 1;
+        for s in self.scores.iter_mut().flatten() {
+            s.push(0.0);
+        }
+        Ok(())
     }
 
     /// The rows to keep now — `0..protected` where they are, then the pool's kept rows per
@@ -445,6 +481,76 @@ mod tests {
         assert_eq!(keep, vec![vec![vec![0, 1, 2, 3, 5, 6]]]);
         assert_eq!(p.rows(), 6);
         assert!(!p.due());
+    }
+
+    /// The instantaneous scorer read only on the steps `reads_next_step` names keeps what it
+    /// keeps read on every step, at every reselection, with slack, adaptive and discontinuous
+    /// schedules; the cumulative scorer reads every step, recency none.
+    #[test]
+    fn unread_steps_select_what_read_steps_do() {
+        let attention = |p: &DecodePool, t: usize| -> Vec<Vec<Vec<f32>>> {
+            (0..2)
+                .map(|l| {
+                    (0..2)
+                        .map(|h| {
+                            p.scored_rows()
+                                .map(|r| ((r * 7 + t * 3 + l * 5 + h) % 11) as f32)
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        for (schedule, slack) in [
+            (Schedule::Slide, 0),
+            (Schedule::Slide, 3),
+            (Schedule::Adaptive, 2),
+            (Schedule::Discontinuous, 0),
+        ] {
+            let s = DecodePoolSpec {
+                budget: 6,
+                recent: 2,
+                max_new: 30,
+                scorer: Scorer::Instantaneous,
+                schedule,
+                from_prompt: false,
+                slack,
+            };
+            let mut every = DecodePool::new(s, 3, 2, 2).unwrap();
+            let mut some = every.clone();
+            let (mut reads, mut selections) = (0, 0);
+            for t in 0..30 {
+                let reads_now = some.reads_next_step();
+                every.observe(&attention(&every, t)).unwrap();
+                if reads_now {
+                    reads += 1;
+                    some.observe(&attention(&some, t)).unwrap();
+                } else {
+                    assert!(some.observe(&[]).is_err() || some.scored_rows().is_empty());
+                    some.observe_unread().unwrap();
+                }
+                assert_eq!(every.due(), some.due(), "{schedule:?} step {t}");
+                assert_eq!(
+                    some.due(),
+                    reads_now,
+                    "{schedule:?} step {t}: due after a read"
+                );
+                if every.due() {
+                    selections += 1;
+                    assert_eq!(every.select(), some.select(), "{schedule:?} step {t}");
+                }
+            }
+            assert!(selections > 0 && reads == selections, "{schedule:?}");
+            if slack > 0 || schedule == Schedule::Discontinuous {
+                assert!(reads < 30 / 2, "{schedule:?}: {reads} of 30 steps read");
+            }
+        }
+        let read_or_not = |scorer| {
+            let p = DecodePool::new(spec(scorer, Schedule::Slide), 2, 1, 1).unwrap();
+            (p.reads_next_step(), p.clone().observe_unread().is_ok())
+        };
+        assert_eq!(read_or_not(Scorer::Cumulative), (true, false));
+        assert_eq!(read_or_not(Scorer::Recency), (false, true));
     }
 
     #[test]
