@@ -497,6 +497,7 @@ mod tests {
                 on_device: Vec::new(),
                 layers: layers.len(),
                 reader: read_back.then_some(&mut reader),
+                read_back_failed: None,
             };
             for (l, x) in layers.iter().enumerate() {
                 let mut x = x.narrow(2, from, 7 - from).unwrap();
@@ -513,7 +514,9 @@ mod tests {
             if defer_reads && read_back {
                 assert!(step.reader.as_ref().is_some_and(|r| r.is_pending()));
             }
-            step.into_sums().map_err(HookError::new)
+            let (sums, failed) = step.into_sums().map_err(HookError::new)?;
+            assert_eq!(failed, None);
+            Ok::<_, HookError>(sums)
         };
         let reported = |defer_reads: bool, from: usize, grouped: bool| {
             let read_back = reported_via(defer_reads, from, grouped, true);
@@ -848,6 +851,10 @@ pub struct PoolTimes {
     pub retain: Duration,
 }
 
+/// `[layer][kv_head][row]`: a step's attention on each pool row, summed over the KV head's
+/// query heads.
+type StepSums = Vec<Vec<Vec<f32>>>;
+
 /// A step's attention over the pool's rows, summed over each KV head's query heads.
 struct StepAttention<'r> {
     probe: Option<ProbeRequest>,
@@ -870,34 +877,50 @@ struct StepAttention<'r> {
     /// last layer's MLP and the LM head run while the pool selects).
     layers: usize,
     reader: Option<&'r mut ReadBack>,
+    /// Why the early read could not be had (then the sums are read after the step).
+    read_back_failed: Option<String>,
 }
 
 impl StepAttention<'_> {
     /// `[layer][kv_head][row]`, every layer's sums (from a device: joined in one launch,
-    /// read in one copy).
-    fn into_sums(mut self) -> kvquilt_model::Result<Vec<Vec<Vec<f32>>>> {
+    /// read in one copy), and why the early read failed if it did (the sums then come from a
+    /// read after the step: a failed early read costs time, never the step).
+    fn into_sums(mut self) -> kvquilt_model::Result<(StepSums, Option<String>)> {
         let started = self.reader.as_deref_mut().filter(|r| r.is_pending());
-        if let Some(reader) = started {
-            let Some((flat, dims)) = reader.finish()? else {
-                return Ok(Vec::new());
-            };
-            let &[layers, heads, rows] = dims.as_slice() else {
-                return Err(kvquilt_model::ModelError::InvalidInput(format!(
-                    "attention sums read back as {dims:?}"
-                )));
-            };
-            return Ok((0..layers)
-                .map(|l| {
-                    (0..heads)
-                        .map(|h| flat[(l * heads + h) * rows..][..rows].to_vec())
-                        .collect()
-                })
-                .collect());
+        let early = started.map(|reader| reader.finish());
+        let mut failed = self.read_back_failed.take();
+        match early {
+            Some(Ok(Some((flat, dims)))) => return Ok((Self::split(flat, &dims)?, failed)),
+            Some(Err(e)) => failed = Some(e.to_string()),
+            Some(Ok(None)) | None => {}
         }
-        match Self::joined(&self.on_device)? {
-            None => Ok(self.per_layer),
-            Some(all) => Ok(all.to_vec3::<f32>()?),
+        let sums = match Self::joined(&self.on_device)? {
+            None => self.per_layer,
+            Some(all) => all.to_vec3::<f32>()?,
+        };
+        Ok((sums, failed))
+    }
+
+    /// `[layers, kv_heads, rows]` values, row-major, as `[layer][kv_head][row]`.
+    fn split(flat: Vec<f32>, dims: &[usize]) -> kvquilt_model::Result<StepSums> {
+        let &[layers, heads, rows] = dims else {
+            return Err(kvquilt_model::ModelError::InvalidInput(format!(
+                "attention sums read back as {dims:?}"
+            )));
+        };
+        if flat.len() != layers * heads * rows {
+            return Err(kvquilt_model::ModelError::InvalidInput(format!(
+                "{} attention sums read back as {dims:?}",
+                flat.len()
+            )));
         }
+        Ok((0..layers)
+            .map(|l| {
+                (0..heads)
+                    .map(|h| flat[(l * heads + h) * rows..][..rows].to_vec())
+                    .collect()
+            })
+            .collect())
     }
 
     /// Every layer's `[kv_heads, rows]` sums as one `[layers, kv_heads, rows]` tensor (one
@@ -954,7 +977,11 @@ impl LayerHook for StepAttention<'_> {
                     Some(all) => reader.start(&all),
                     None => Ok(()),
                 });
-                start.map_err(HookError::new)?;
+                if let Err(e) = start {
+                    // read after the step instead
+                    self.read_back_failed = Some(e.to_string());
+                    self.reader = None;
+                }
             }
         } else {
             let sums = scored().and_then(|x| group_sums(&x));
@@ -1044,12 +1071,20 @@ impl PooledDecoder {
             on_device: Vec::new(),
             layers: model.config().num_layers,
             reader: self.reader.as_mut(),
+            read_back_failed: None,
         };
         let started = Instant::now();
         let logits = model.decode_step(token, &mut self.cache, &mut hook)?;
         let stepped = Instant::now();
         self.peak_rows = self.peak_rows.max(self.cache.len());
-        let sums = hook.into_sums()?;
+        let (sums, read_back_failed) = hook.into_sums()?;
+        if let Some(why) = read_back_failed {
+            // from now on this decoder reads its sums after each step
+            tracing::warn!(
+                "reading a decode pool's attention sums early failed ({why}); reading them after each step"
+            );
+            self.reader = None;
+        }
         let read = Instant::now();
         match reads {
             true => self.pool.observe(&sums)?,
