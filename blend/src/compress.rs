@@ -497,6 +497,7 @@ mod tests {
                 on_device: Vec::new(),
                 layers: layers.len(),
                 reader: read_back.then_some(&mut reader),
+                read_started: false,
                 read_back_failed: None,
             };
             for (l, x) in layers.iter().enumerate() {
@@ -512,7 +513,7 @@ mod tests {
                 step.after_attention(l, probe)?;
             }
             if defer_reads && read_back {
-                assert!(step.reader.as_ref().is_some_and(|r| r.is_pending()));
+                assert!(step.read_started && step.reader.as_ref().is_some_and(|r| r.is_pending()));
             }
             let (sums, failed) = step.into_sums().map_err(HookError::new)?;
             assert_eq!(failed, None);
@@ -809,7 +810,8 @@ mod tests {
 }
 
 /// Decoding with a decode pool (SCOPE, H2O, StreamingLLM or SAGE-KV decoding): each step
-/// appends its token, the pool observes the step's attention per KV head, and when the pool
+/// appends its token, the pool observes the step's attention per KV head where its scorer
+/// ranks by it ([`DecodePool::reads_next_step`]), and when the pool
 /// is due the cache is pruned to its selection in place ([`KvCache::retain_tail_in_place`]
 /// on the decoder's own copy of the cache: only the pool's rows move). The prompt's rows are
 /// never evicted — except, for a pool [`DecodePoolSpec::from_prompt`] (`sage`), its last
@@ -833,16 +835,17 @@ pub struct PooledDecoder {
 }
 
 /// Where a [`PooledDecoder`]'s steps spent their wall time (the host's clock), summed over
-/// its steps. On a device the model's work runs after its launch: `step` is the launching,
-/// and the wait for the step to finish falls in `read` (a scoring pool reads its sums after
-/// each step) or in whatever reads the logits next (a window, which reads nothing).
+/// its steps. On a device the model's work runs after its launch: `step` is the launching;
+/// a step whose attention the pool reads waits in `read` for the device to reach the last
+/// layer's attention (or the whole step, [`PooledDecoder::reading_after_steps`]), and the
+/// rest of the step's work is waited for by whatever reads the logits next.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PoolTimes {
     /// Steps taken.
     pub steps: usize,
     /// `Model::decode_step`, the pool's attention probe included.
     pub step: Duration,
-    /// Reading the step's attention sums to the host (a scoring pool).
+    /// Reading the step's attention sums to the host (the steps a scorer reads).
     pub read: Duration,
     /// Observing the sums and selecting the rows to keep (host work alone).
     pub select: Duration,
@@ -861,8 +864,8 @@ struct StepAttention<'r> {
     /// The rows whose attention the pool reads ([`DecodePool::scored_rows`]): only these
     /// are summed and kept.
     scored: std::ops::Range<usize>,
-    /// Whether the sums stay where the model computed them until the step is done (a
-    /// device): reading each layer's as it reports would make the host wait for that
+    /// Whether the sums stay where the model computed them until every layer has reported
+    /// (a device): reading each layer's as it reports would make the host wait for that
     /// layer's work before it launches the next one's, every layer of every step
     /// (BENCHMARKS §9, "Pools on the 8B shape"). On the CPU they are summed as they come.
     defer_reads: bool,
@@ -877,6 +880,9 @@ struct StepAttention<'r> {
     /// last layer's MLP and the LM head run while the pool selects).
     layers: usize,
     reader: Option<&'r mut ReadBack>,
+    /// Whether this step started its read (a read left from an earlier, failed step is
+    /// never taken for this one's).
+    read_started: bool,
     /// Why the early read could not be had (then the sums are read after the step).
     read_back_failed: Option<String>,
 }
@@ -886,11 +892,14 @@ impl StepAttention<'_> {
     /// read in one copy), and why the early read failed if it did (the sums then come from a
     /// read after the step: a failed early read costs time, never the step).
     fn into_sums(mut self) -> kvquilt_model::Result<(StepSums, Option<String>)> {
-        let started = self.reader.as_deref_mut().filter(|r| r.is_pending());
+        let started = match self.read_started {
+            true => self.reader.as_deref_mut(),
+            false => None,
+        };
         let early = started.map(|reader| reader.finish());
         let mut failed = self.read_back_failed.take();
-        match early {
-            Some(Ok(Some((flat, dims)))) => return Ok((Self::split(flat, &dims)?, failed)),
+        match early.map(|r| r.and_then(|read| read.map(|(f, d)| Self::split(f, &d)).transpose())) {
+            Some(Ok(Some(sums))) => return Ok((sums, failed)),
             Some(Err(e)) => failed = Some(e.to_string()),
             Some(Ok(None)) | None => {}
         }
@@ -963,8 +972,9 @@ impl LayerHook for StepAttention<'_> {
             per_head.narrow(2, at, self.scored.len())
         };
         if self.defer_reads {
-            // the pool's rows alone, summed where they are, read after the step (the fused
-            // kernel summed each KV head's group itself: no reduction to launch)
+            // the pool's rows alone, summed where they are, read once every layer has
+            // reported (the fused kernel summed each KV head's group itself: no reduction
+            // to launch)
             let sums = scored().and_then(|x| match x.dim(1)? {
                 1 => x.squeeze(1),
                 _ => x.sum(1),
@@ -977,10 +987,13 @@ impl LayerHook for StepAttention<'_> {
                     Some(all) => reader.start(&all),
                     None => Ok(()),
                 });
-                if let Err(e) = start {
+                match start {
+                    Ok(()) => self.read_started = true,
                     // read after the step instead
-                    self.read_back_failed = Some(e.to_string());
-                    self.reader = None;
+                    Err(e) => {
+                        self.read_back_failed = Some(e.to_string());
+                        self.reader = None;
+                    }
                 }
             }
         } else {
@@ -1071,6 +1084,7 @@ impl PooledDecoder {
             on_device: Vec::new(),
             layers: model.config().num_layers,
             reader: self.reader.as_mut(),
+            read_started: false,
             read_back_failed: None,
         };
         let started = Instant::now();

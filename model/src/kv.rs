@@ -1265,9 +1265,12 @@ impl KvCache {
         // (a view of the upload: it keeps the gather indices' few bytes beside the table)
         let whole: Option<(Tensor, Vec<Vec<u32>>)> = match host_table {
             Some(host) => {
-                let table = part(0, positions_len)?
-                    .ok_or_else(|| invalid_input("a cache's position table went missing"))?;
-                Some((table.reshape((layers_n, stride))?, host))
+                let table = match part(0, positions_len)? {
+                    Some(t) => t.reshape((layers_n, stride))?,
+                    // nothing uploaded: an empty table
+                    None => Tensor::zeros((layers_n, stride), DType::U32, &device)?,
+                };
+                Some((table, host))
             }
             None => None,
         };

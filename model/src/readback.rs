@@ -80,10 +80,12 @@ impl ReadBack {
         }
         let n: usize = p.dims.iter().product();
         #[cfg(feature = "gpu")]
-        if let (Some(host), Some(copied)) = (self.pinned.as_mut(), self.copied.take()) {
+        if let (Some(host), Some(copied)) = (self.pinned.as_mut(), self.copied.as_ref()) {
             use candle_core::cuda_backend::WrapErr;
-            // the copy `start` queued, and nothing after it
+            // the copy `start` queued, and nothing after it (the event is let go only once
+            // waited for: a failed wait leaves `Drop` to wait before the buffer goes)
             copied.synchronize().w()?;
+            self.copied = None;
             let ptr = host.as_mut_ptr().w()?;
             if host.len() >= n {
                 // SAFETY: `ptr` is `host`'s allocation of `host.len()` ≥ `n` f32, whose first

@@ -82,7 +82,7 @@ pub struct DecodeBenchArgs {
     /// the last step's logits, read to the host, as the next token, instead of fixed
     /// pseudo-random tokens that no step waits for. A sampler needs every step's logits, so
     /// a served step waits for the device; without this, a full cache's steps queue up
-    /// unread while a scoring pool's read their attention sums every step.
+    /// unread while a scoring pool's wait for the attention sums they read.
     #[arg(long)]
     greedy: bool,
     /// Write the results as JSON here.
@@ -179,8 +179,9 @@ struct PoolRow {
 }
 
 /// [`PoolTimes`](kvquilt_blend::compress::PoolTimes) per step, in µs. On a device `step` is
-/// the launching; the wait for the step's work falls in `read` (a scoring pool) or in the
-/// next read of the logits (outside the decoder, not here).
+/// the launching; the wait for the step's work falls in `read` (up to the last layer's
+/// attention, on the steps a scorer reads) and in the next read of the logits (outside the
+/// decoder, not here).
 #[derive(Serialize, Clone, Copy, Default)]
 struct StepPhases {
     step: f64,
