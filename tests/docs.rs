@@ -9,9 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The repository's root: this package's folder is `tests/`.
+/// The repository's root: this package's folder is `tests/`. Cargo's run-time
+/// `CARGO_MANIFEST_DIR` comes first: this binary depends on no crate of the workspace, so a
+/// build made in another checkout sharing the target directory stays fresh here, and its
+/// compiled-in path would name that checkout (a local CI run failed so).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()

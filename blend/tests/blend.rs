@@ -65,6 +65,24 @@ fn setup_custom(
     Setup { blender, _rt: rt }
 }
 
+/// Gives `b`'s cost model a steady machine: 1 ms per unit of prefill work and host-tier loads
+/// at 10 GB/s with no latency, outweighing every wall-clock sample taken so far (a prefill
+/// fit keeps 0.9 of the old per sample, a tier's bandwidth 0.7: 0.9^100 ≈ 3e-5, 0.7^40 ≈
+/// 6e-7). Tests whose point is a decision on fixed numbers call it first: a tiny model's
+/// few real samples are wall-clock times, and on a busy host (CI runs tests in parallel on
+/// 2 cores) one stalled 8-token prefill or 15 KB load turns the fits' answer (a CI run
+/// failed so: a request served from the device tier fell back as `Estimated`).
+fn steady_costs(b: &Blender) {
+    let costs = b.costs();
+    for t in [8usize, 40, 92, 20, 64].iter().cycle().take(100) {
+        costs.record_full_prefill(*t, 1e-3 * costs.prefill_work(0, *t));
+    }
+    for _ in 0..40 {
+        costs.record_load(TierKind::HOST, 1 << 20, (1 << 20) as f64 / 10e9);
+        costs.record_latency(TierKind::HOST, 0.0);
+    }
+}
+
 /// Deterministic pseudo-random token ids in `1..vocab`.
 fn toks(seed: u32, n: usize, vocab: u32) -> Vec<u32> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
@@ -834,6 +852,7 @@ fn never_slower_than_full_prefill() {
     assert_eq!((cold.stats.misses, cold.stats.stored_back), (2, 2));
     assert_eq!(cold.stored.len(), 2);
     assert_close(&cold.logits, &full(b, &r), 1e-6, "cold");
+    steady_costs(b);
     let warm = b.run(b"", &r).unwrap();
     assert_eq!((warm.stats.mode, warm.stats.hits_host), ("reuse", 2));
     assert_eq!(warm.stats.fallback, None);
@@ -866,6 +885,7 @@ fn never_slower_than_full_prefill() {
     }
     let ran = b.run(b"", &rb).unwrap();
     assert_eq!((ran.stats.mode, ran.stats.hits_host), ("blend", 2));
+    steady_costs(b);
     for x in [1e-4, 1e-3, 1e-2] {
         b.costs().record_mode(PlannedMode::Blend, x, 100.0 * x);
     }
@@ -907,6 +927,7 @@ fn a_guessed_load_time_is_no_sample_of_the_mode() {
         );
     }
     assert!(b.costs().load_is_measured(TierKind::HOST));
+    steady_costs(b);
     let out = b.run(b"", &r).unwrap();
     assert_eq!(out.stats.hits_host, 1);
     assert_ne!(
@@ -1119,16 +1140,7 @@ fn a_request_served_from_the_device_tier_runs_its_mode() {
     let cold = b.run(b"", &r).unwrap();
     assert!(cold.stats.fell_back_to_full, "{:?}", cold.stats);
     assert_eq!(cold.stored.len(), 3);
-    // The cost model's fits now hold a few wall-clock samples of a tiny model: on a busy host
-    // (CI runs tests in parallel on 2 cores) one stalled 8-token prefill gives the fit an
-    // intercept above the whole prompt's time, and the request below would fall back as
-    // `Estimated` — a right decision on those numbers, not the one pinned here. So the fits
-    // are first given a steady machine (1 ms per unit of work) that outweighs the samples
-    // taken so far (each new sample keeps 0.9 of the old: 0.9^100 ≈ 3e-5).
-    let costs = b.costs();
-    for t in [8usize, 40, 92, 20, 64].iter().cycle().take(100) {
-        costs.record_full_prefill(*t, 1e-3 * costs.prefill_work(0, *t));
-    }
+    steady_costs(b);
     // its store-back prefilled the misses alone, stored them and made them resident
     let hot = b.run(b"", &r).unwrap();
     assert!(!hot.stats.fell_back_to_full, "{:?}", hot.stats);

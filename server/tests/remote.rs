@@ -67,7 +67,7 @@ async fn one_sidecar_stores_the_other_hits() {
     let mut remote_hits = first.stats.hits_remote;
     let mut second = blend(&b).await;
     remote_hits += second.stats.hits_remote;
-    for _ in 0..50 {
+    for _ in 0..500 {
         if second.stats.hits_host == segments {
             break;
         }
