@@ -198,8 +198,10 @@ struct Rotated {
     k: Tensor,
     positions: Vec<u32>,
     /// A pruned layer's per-head positions its first rows were rotated by (see
-    /// [`PrunedLayer::host_positions`]); `None` for a layer of tokens.
-    per_head: Option<Vec<u32>>,
+    /// [`PrunedLayer::host_positions`]: shared with the cache, not copied, so the check that
+    /// a later call asks for the same ones is a pointer comparison, [`same_heads`]); `None`
+    /// for a layer of tokens.
+    per_head: Option<Arc<Vec<u32>>>,
 }
 
 /// A [`Growth`] buffer's leading rows laid out by head for a CPU decode step's attention:
@@ -217,7 +219,20 @@ struct Mirror {
     k: Tensor,
     v: Tensor,
     positions: Vec<u32>,
-    per_head: Option<Vec<u32>>,
+    /// As [`Rotated::per_head`].
+    per_head: Option<Arc<Vec<u32>>>,
+}
+
+/// Whether a kept copy made under per-head positions `kept` serves a call under `asked`:
+/// both none (a layer of tokens), or the same positions — the same allocation (a cache's
+/// [`PrunedLayer::host_positions`], shared: O(1), what every decode step over a pruned cache
+/// asks), else equal entries (a copy made elsewhere: O(rows · heads)).
+fn same_heads(kept: Option<&Arc<Vec<u32>>>, asked: Option<&Arc<Vec<u32>>>) -> bool {
+    match (kept, asked) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        _ => false,
+    }
 }
 
 /// What [`LayerKv::decode_rows`] hands a decode step: a layer's rows laid out by head (see
@@ -377,7 +392,7 @@ impl LayerKv {
         &self,
         rope: TensorId,
         positions: &[u32],
-        per_head: Option<&[u32]>,
+        per_head: Option<&Arc<Vec<u32>>>,
         rotate: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let t = self.len();
@@ -397,7 +412,7 @@ impl LayerKv {
         // a panic while the lock was held left at worst rows past `positions` written
         let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
-            Some(r) if r.rope == rope && r.per_head.as_deref() == per_head => {
+            Some(r) if r.rope == rope && same_heads(r.per_head.as_ref(), per_head) => {
                 common_prefix(&r.positions, positions)
             }
             _ => 0,
@@ -428,7 +443,7 @@ impl LayerKv {
                     rope,
                     k,
                     positions: positions.to_vec(),
-                    per_head: per_head.map(<[u32]>::to_vec),
+                    per_head: per_head.cloned(),
                 });
             }
         }
@@ -453,7 +468,7 @@ impl LayerKv {
         &self,
         rope: TensorId,
         positions: &[u32],
-        per_head: Option<&[u32]>,
+        per_head: Option<&Arc<Vec<u32>>>,
         dtype: DType,
         rotate: impl Fn(&Tensor, usize) -> Result<Tensor>,
     ) -> Result<Option<HeadRows>> {
@@ -490,7 +505,9 @@ impl LayerKv {
         let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
         let kept = match slot.as_ref() {
             Some(m)
-                if m.rope == rope && m.per_head.as_deref() == per_head && m.k.dtype() == dtype =>
+                if m.rope == rope
+                    && same_heads(m.per_head.as_ref(), per_head)
+                    && m.k.dtype() == dtype =>
             {
                 common_prefix(&m.positions, positions)
             }
@@ -517,10 +534,10 @@ impl LayerKv {
                 k: zeros()?,
                 v: zeros()?,
                 positions: Vec::new(),
-                per_head: per_head.map(<[u32]>::to_vec),
+                per_head: per_head.cloned(),
             };
             let reused = match rotation {
-                Some(r) if r.rope == rope && r.per_head.as_deref() == per_head => {
+                Some(r) if r.rope == rope && same_heads(r.per_head.as_ref(), per_head) => {
                     let n = common_prefix(&r.positions, positions);
                     (n > 0).then(|| r.k.narrow(0, 0, n)).transpose()?
                 }
@@ -618,16 +635,18 @@ impl LayerKv {
     /// flat indices ([`moved_rows`], on the layer's device; `None` when no row moves). The
     /// rotated keys and decode mirror kept beside the buffers move with their
     /// rows when they were kept for exactly `was` (positions, per-head positions), and are
-    /// then kept for `now` (its per-head positions in two parts, one after the other);
-    /// otherwise they are dropped (made again when asked for). See
-    /// [`KvCache::retain_in_place`].
+    /// then kept for positions `now` and no per-head positions yet: they let go of `was`'s,
+    /// so that the cache may rewrite its own in place, and are given the new ones by
+    /// [`LayerKv::share_head_positions`] once it has (a kept copy is never read in between:
+    /// the cache is being rewritten, and is cleared if that fails). Copies not kept for
+    /// `was` are dropped (made again when asked for). See [`KvCache::retain_in_place`].
     fn compact(
         &self,
         from: usize,
         tails: &[&[u32]],
         gather: Option<&Tensor>,
-        was: (&[u32], Option<&[u32]>),
-        now: (&[u32], [&[u32]; 2]),
+        was: (&[u32], Option<&Arc<Vec<u32>>>),
+        now: &[u32],
     ) -> Result<Self> {
         let Some(g) = self.growth.as_ref().filter(|_| self.owns_buffers()) else {
             return Err(invalid_input(
@@ -635,7 +654,7 @@ impl LayerKv {
             ));
         };
         let (len, heads, d) = self.k.dims3()?;
-        let rows = now.0.len();
+        let rows = now.len();
         let n = rows - from;
         let device = self.k.device();
         let gather = match gather {
@@ -657,8 +676,9 @@ impl LayerKv {
                 .index_select(flat, 0)?
                 .reshape((n, heads, d))?)
         };
-        let kept_for =
-            |positions: &[u32], per_head: Option<&[u32]>| positions == was.0 && per_head == was.1;
+        let kept_for = |positions: &[u32], per_head: Option<&Arc<Vec<u32>>>| {
+            same_heads(per_head, was.1) && positions == was.0
+        };
         // both kept copies are taken before any of their rows move and put back only once
         // they have: an error leaves nothing kept (made again when asked for), never stale
         // rows
@@ -668,20 +688,20 @@ impl LayerKv {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .filter(|r| kept_for(&r.positions, r.per_head.as_deref()) && r.k.is_contiguous());
+            .filter(|r| kept_for(&r.positions, r.per_head.as_ref()) && r.k.is_contiguous());
         let mirror = g
             .buf
             .mirror
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .filter(|m| kept_for(&m.positions, m.per_head.as_deref()));
+            .filter(|m| kept_for(&m.positions, m.per_head.as_ref()));
         if let Some(mut r) = rotated {
             if n > 0 {
                 put_rows(&r.k, from, &moved(&r.k)?)?;
             }
-            r.positions = now.0.to_vec();
-            r.per_head = Some(now.1.concat());
+            r.positions = now.to_vec();
+            r.per_head = None;
             *g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         }
         if let Some(mut m) = mirror {
@@ -703,12 +723,38 @@ impl LayerKv {
                 m.k.slice_set(&k, 1, from)?;
                 m.v.slice_set(&v, 1, from)?;
             }
-            m.positions = now.0.to_vec();
-            m.per_head = Some(now.1.concat());
+            m.positions = now.to_vec();
+            m.per_head = None;
             *g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         }
         g.buf.frontier.store(rows, Ordering::Release);
         Self::view(Arc::clone(&g.buf), rows)
+    }
+
+    /// Gives the kept copies [`LayerKv::compact`] moved the per-head positions their rows
+    /// now sit at (the cache's own, shared).
+    fn share_head_positions(&self, per_head: &Arc<Vec<u32>>) {
+        let Some(g) = self.growth.as_ref() else {
+            return;
+        };
+        if let Some(r) = g
+            .buf
+            .rotated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            r.per_head = Some(Arc::clone(per_head));
+        }
+        if let Some(m) = g
+            .buf
+            .mirror
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            m.per_head = Some(Arc::clone(per_head));
+        }
     }
 
     /// This layer in buffers of exactly its rows (a copy of K and V): what a long-lived
@@ -869,8 +915,9 @@ pub(crate) struct Pruned {
 #[derive(Debug)]
 pub(crate) struct PrunedLayer {
     /// `[rows * kv_heads]`, row-major (row, head): each entry's absolute position (0 for
-    /// padding).
-    pub(crate) host_positions: Vec<u32>,
+    /// padding). Shared, never written once made: the layer's kept rotated keys and decode
+    /// mirror hold the same allocation ([`Rotated::per_head`]).
+    pub(crate) host_positions: Arc<Vec<u32>>,
     /// The same on the cache's device (u32), for gathering rotation tables.
     pub(crate) positions: Tensor,
     /// Entries each KV head holds (the rest of its rows are padding).
@@ -1008,7 +1055,7 @@ impl KvCache {
             };
             pruned.push(PrunedLayer {
                 positions: Tensor::new(host_positions.as_slice(), &dev)?,
-                host_positions,
+                host_positions: Arc::new(host_positions),
                 counts,
                 bias,
             });
@@ -1079,7 +1126,9 @@ impl KvCache {
     /// `tests::a_pool_reselection_rewrites_only_the_tails_positions`). What it then costs
     /// on the host follows the tails, not the cache — except an O(rows) stand-in position
     /// list, and, where a layer keeps rotated keys or a by-head decode mirror beside its
-    /// buffers (the CPU's decode), the check and copy of their positions (`LayerKv::compact`).
+    /// buffers (the CPU's decode), the check and copy of their O(rows) stand-in positions
+    /// (`LayerKv::compact`; their per-head positions are the cache's own, shared, not
+    /// compared or copied).
     pub fn retain_tail_in_place(&mut self, from: usize, tails: &[Vec<Vec<u32>>]) -> Result<bool> {
         let heads = self.check_tails(from, tails)?;
         let n = tails.first().and_then(|l| l.first()).map_or(0, Vec::len);
@@ -1246,7 +1295,7 @@ impl KvCache {
                 at.extend_from_slice(tail);
                 upload.extend_from_slice(&at);
                 upload.resize((l + 1) * stride, 0);
-                host.push(at);
+                host.push(Arc::new(at));
             }
             host_table = Some(host);
         }
@@ -1263,7 +1312,7 @@ impl KvCache {
             _ => part(positions_len, moved)?,
         };
         // (a view of the upload: it keeps the gather indices' few bytes beside the table)
-        let whole: Option<(Tensor, Vec<Vec<u32>>)> = match host_table {
+        let whole: Option<(Tensor, Vec<Arc<Vec<u32>>>)> = match host_table {
             Some(host) => {
                 let table = match part(0, positions_len)? {
                     Some(t) => t.reshape((layers_n, stride))?,
@@ -1286,17 +1335,7 @@ impl KvCache {
                 self.move_kv_rows(from, tails, g)?;
             }
             for (l, per_head) in tails.iter().enumerate() {
-                let was = self
-                    .pruned
-                    .as_ref()
-                    .map(|p| p.layers[l].host_positions.as_slice());
-                let now: [&[u32]; 2] = match &whole {
-                    Some((_, host)) => [&host[l], &[]],
-                    None => {
-                        let kept = was.map_or(&[][..], |w| &w[..from * heads]);
-                        [kept, &tail_positions[l]]
-                    }
-                };
+                let was = self.pruned.as_ref().map(|p| &p.layers[l].host_positions);
                 let gather = gathers
                     .as_ref()
                     .map(|g| g.narrow(0, l * n * heads, n * heads))
@@ -1306,7 +1345,7 @@ impl KvCache {
                     per_head,
                     gather.as_ref(),
                     (&self.positions, was),
-                    (&stand_ins, now),
+                    &stand_ins,
                 )?);
             }
             if let (Some(up), Some(table)) = (
@@ -1319,7 +1358,8 @@ impl KvCache {
         };
         let moved = move_rows();
         // the new per-head positions: the whole table built above, or this cache's own
-        // with the tails' entries rewritten (the table's were, by `move_rows`)
+        // with the tails' entries rewritten (the table's were, by `move_rows`; the host's in
+        // place, as the layers' kept copies let theirs go in `compact`)
         let finished = moved.and_then(|()| {
             let (table, host) = match whole {
                 Some(built) => built,
@@ -1336,14 +1376,19 @@ impl KvCache {
                         .zip(&tail_positions)
                         .map(|(l, tail)| {
                             let mut at = std::mem::take(&mut l.host_positions);
-                            at.truncate(from * heads);
-                            at.extend_from_slice(tail);
+                            // (unshared: copied only if something still held them)
+                            let v = Arc::make_mut(&mut at);
+                            v.truncate(from * heads);
+                            v.extend_from_slice(tail);
                             at
                         })
                         .collect::<Vec<_>>();
                     (table, host)
                 }
             };
+            for (layer, at) in layers.iter().zip(&host) {
+                layer.share_head_positions(at);
+            }
             let layers = host
                 .into_iter()
                 .enumerate()
@@ -1609,7 +1654,7 @@ impl KvCache {
                     .collect();
                 Ok(PrunedLayer {
                     positions: Tensor::new(host_positions.as_slice(), l.positions.device())?,
-                    host_positions,
+                    host_positions: Arc::new(host_positions),
                     counts: l.counts.clone(),
                     bias: l.bias.clone(),
                 })
@@ -1957,7 +2002,7 @@ mod tests {
         // a pruned layer's rows are kept only under the same per-head positions
         let rotate_all = |l: &LayerKv, heads: &[u32]| -> Result<usize> {
             rotated_rows.set(0);
-            l.rotated_keys(rope, &p5, Some(heads), |rows, _| {
+            l.rotated_keys(rope, &p5, Some(&Arc::new(heads.to_vec())), |rows, _| {
                 rotated_rows.set(rotated_rows.get() + rows.dims()[0]);
                 Ok(rows.clone())
             })?;
@@ -2043,6 +2088,59 @@ mod tests {
             };
             assert_eq!(rotated_rows.get(), 0, "mirror {mirror}: rotated again");
             assert_eq!(flat(&got)?, want, "mirror {mirror}: the kept copy's rows");
+            // the kept copy holds the cache's own per-head positions (what a decode step asks
+            // for is then found by a pointer comparison, `same_heads`), and a second
+            // reselection rewrites them in place (the kept copy lets go of them while the
+            // cache writes), then shares the new ones
+            let kept = |l: &LayerKv| -> Option<Arc<Vec<u32>>> {
+                let g = l.growth.as_ref()?;
+                match mirror {
+                    false => g.buf.rotated.lock().ok()?.as_ref()?.per_head.clone(),
+                    true => g.buf.mirror.lock().ok()?.as_ref()?.per_head.clone(),
+                }
+            };
+            let own =
+                |c: &KvCache| Arc::clone(&c.pruned().expect("pruned").layers[0].host_positions);
+            assert!(Arc::ptr_eq(
+                &kept(&cache.layers[0]).expect("kept"),
+                &own(&cache)
+            ));
+            drop(per_head);
+            let data = own(&cache).as_ptr();
+            assert!(cache.retain_tail_in_place(3, &[vec![vec![3, 4]; 3]])?);
+            assert_eq!(
+                own(&cache).as_ptr(),
+                data,
+                "mirror {mirror}: rewritten in place"
+            );
+            assert!(Arc::ptr_eq(
+                &kept(&cache.layers[0]).expect("kept"),
+                &own(&cache)
+            ));
+            rotated_rows.set(0);
+            let again = match mirror {
+                false => {
+                    let per_head = own(&cache);
+                    cache.layers[0].rotated_keys(rope, &cache.positions, Some(&per_head), rotate)?
+                }
+                true => {
+                    let per_head = own(&cache);
+                    let rows = cache.layers[0]
+                        .decode_rows(rope, &cache.positions, Some(&per_head), DType::F32, rotate)?
+                        .expect("a grown layer");
+                    rows.k.narrow(1, 0, 5)?.transpose(0, 1)?.contiguous()?
+                }
+            };
+            assert_eq!(
+                rotated_rows.get(),
+                0,
+                "mirror {mirror}: rotated after the second"
+            );
+            assert_eq!(
+                flat(&again)?,
+                want,
+                "mirror {mirror}: rows after the second"
+            );
         }
         Ok(())
     }
@@ -2143,7 +2241,7 @@ mod tests {
                 let (a, b) = (&p.layers[l], &r.layers[l]);
                 let at = format!("{name} step {step} layer {l}");
                 assert_eq!(a.host_positions, b.host_positions, "{at}");
-                assert_eq!(a.positions.to_vec1::<u32>()?, a.host_positions, "{at}");
+                assert_eq!(a.positions.to_vec1::<u32>()?, *a.host_positions, "{at}");
                 assert_eq!(
                     flat(&pool.layers[l].k)?,
                     flat(&reference.layers[l].k)?,

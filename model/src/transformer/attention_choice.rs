@@ -485,7 +485,7 @@ impl Model {
     ) -> Result<Tensor> {
         let t = kv.len();
         if self.device.is_cpu() {
-            let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
+            let per_head = pruned.map(|(layer, _)| &layer.host_positions);
             let rotate = self.key_rotation(kv, k_tables, pruned);
             return kv.rotated_keys(self.rope_tables.id(), k_pos, per_head, rotate);
         }
@@ -532,7 +532,7 @@ impl Model {
         let bf16 = self.cpu_attention_precision == CpuAttentionPrecision::Bf16
             && crate::vmath::few_rows_widen_bf16(self.config.head_dim);
         let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        let per_head = pruned.map(|(layer, _)| layer.host_positions.as_slice());
+        let per_head = pruned.map(|(layer, _)| &layer.host_positions);
         kv.decode_rows(
             self.rope_tables.id(),
             k_pos,
