@@ -200,7 +200,9 @@ struct Rotated {
     /// A pruned layer's per-head positions its first rows were rotated by (see
     /// [`PrunedLayer::host_positions`]: shared with the cache, not copied, so the check that
     /// a later call asks for the same ones is a pointer comparison, [`same_heads`]); `None`
-    /// for a layer of tokens.
+    /// for a layer of tokens — or, between [`LayerKv::compact`] and
+    /// [`LayerKv::share_head_positions`] of an in-place reselection, for rows whose new
+    /// per-head positions the cache is still writing (no call reads them then).
     per_head: Option<Arc<Vec<u32>>>,
 }
 
@@ -411,8 +413,11 @@ impl LayerKv {
         };
         // a panic while the lock was held left at worst rows past `positions` written
         let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = match slot.as_ref() {
+        let kept = match slot.as_mut() {
             Some(r) if r.rope == rope && same_heads(r.per_head.as_ref(), per_head) => {
+                // equal entries in another allocation: this one from now on, so that later
+                // calls compare pointers
+                r.per_head = per_head.cloned();
                 common_prefix(&r.positions, positions)
             }
             _ => 0,
@@ -503,12 +508,14 @@ impl LayerKv {
             .take();
         // a panic while the mirror was locked left at worst rows past `positions` written
         let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = match slot.as_ref() {
+        let kept = match slot.as_mut() {
             Some(m)
                 if m.rope == rope
                     && same_heads(m.per_head.as_ref(), per_head)
                     && m.k.dtype() == dtype =>
             {
+                // (as in `rotated_keys`: the asked allocation from now on)
+                m.per_head = per_head.cloned();
                 common_prefix(&m.positions, positions)
             }
             _ => 0,
@@ -638,7 +645,9 @@ impl LayerKv {
     /// then kept for positions `now` and no per-head positions yet: they let go of `was`'s,
     /// so that the cache may rewrite its own in place, and are given the new ones by
     /// [`LayerKv::share_head_positions`] once it has (a kept copy is never read in between:
-    /// the cache is being rewritten, and is cleared if that fails). Copies not kept for
+    /// the cache is being rewritten, and is cleared if that returns an error; after a panic
+    /// caught above, a copy left untagged matches no pruned cache's call and is made again).
+    /// Copies not kept for
     /// `was` are dropped (made again when asked for). See [`KvCache::retain_in_place`].
     fn compact(
         &self,
@@ -731,8 +740,8 @@ impl LayerKv {
         Self::view(Arc::clone(&g.buf), rows)
     }
 
-    /// Gives the kept copies [`LayerKv::compact`] moved the per-head positions their rows
-    /// now sit at (the cache's own, shared).
+    /// Gives the kept copies [`LayerKv::compact`] moved (those it left untagged) the
+    /// per-head positions their rows now sit at (the cache's own, shared).
     fn share_head_positions(&self, per_head: &Arc<Vec<u32>>) {
         let Some(g) = self.growth.as_ref() else {
             return;
@@ -743,6 +752,7 @@ impl LayerKv {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
+            .filter(|r| r.per_head.is_none())
         {
             r.per_head = Some(Arc::clone(per_head));
         }
@@ -752,6 +762,7 @@ impl LayerKv {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
+            .filter(|m| m.per_head.is_none())
         {
             m.per_head = Some(Arc::clone(per_head));
         }
@@ -915,8 +926,10 @@ pub(crate) struct Pruned {
 #[derive(Debug)]
 pub(crate) struct PrunedLayer {
     /// `[rows * kv_heads]`, row-major (row, head): each entry's absolute position (0 for
-    /// padding). Shared, never written once made: the layer's kept rotated keys and decode
-    /// mirror hold the same allocation ([`Rotated::per_head`]).
+    /// padding). Shared: the layer's kept rotated keys and decode mirror hold the same
+    /// allocation ([`Rotated::per_head`]). Written in place only by an in-place reselection
+    /// ([`KvCache::retain_tail_in_place`], through `Arc::make_mut`) while nothing else holds
+    /// it: a holder never sees it change.
     pub(crate) host_positions: Arc<Vec<u32>>,
     /// The same on the cache's device (u32), for gathering rotation tables.
     pub(crate) positions: Tensor,
@@ -1386,6 +1399,7 @@ impl KvCache {
                     (table, host)
                 }
             };
+            debug_assert_eq!(layers.len(), host.len(), "one layer per per-head table");
             for (layer, at) in layers.iter().zip(&host) {
                 layer.share_head_positions(at);
             }
@@ -2107,7 +2121,13 @@ mod tests {
             ));
             drop(per_head);
             let data = own(&cache).as_ptr();
-            assert!(cache.retain_tail_in_place(3, &[vec![vec![3, 4]; 3]])?);
+            // rows 0 and 1 stay, rows 3 and 4 move up (2 per-head rows: 12 entries, within the
+            // 15 the first reselection's vector holds, so written in place, not reallocated)
+            assert!(cache.retain_tail_in_place(2, &[vec![vec![3, 4]; 3]])?);
+            let want: Vec<f32> = [0, 1, 3, 4]
+                .iter()
+                .flat_map(|&r| want[r * 12..(r + 1) * 12].to_vec())
+                .collect();
             assert_eq!(
                 own(&cache).as_ptr(),
                 data,
@@ -2128,7 +2148,7 @@ mod tests {
                     let rows = cache.layers[0]
                         .decode_rows(rope, &cache.positions, Some(&per_head), DType::F32, rotate)?
                         .expect("a grown layer");
-                    rows.k.narrow(1, 0, 5)?.transpose(0, 1)?.contiguous()?
+                    rows.k.narrow(1, 0, 4)?.transpose(0, 1)?.contiguous()?
                 }
             };
             assert_eq!(
