@@ -73,9 +73,20 @@ impl Pins {
     pub fn get(&self, key: &ChunkKey) -> Option<Pin> {
         self.0.read().get(key).copied()
     }
+    /// The pins as they stand, read-locked while the result lives: for a caller that asks
+    /// about many keys at once (an admission's scan), one lock instead of one per key.
+    pub(crate) fn read(&self) -> PinsRead<'_> {
+        PinsRead(self.0.read())
+    }
+}
+
+/// Read access to [`Pins`] ([`Pins::read`]); pins cannot change while it lives.
+pub(crate) struct PinsRead<'a>(parking_lot::RwLockReadGuard<'a, HashMap<ChunkKey, Pin>>);
+
+impl PinsRead<'_> {
     /// Whether `key` has a pin that is active at `now_unix_s` (seconds since the Unix epoch).
     pub(crate) fn is_pinned(&self, key: &ChunkKey, now_unix_s: u64) -> bool {
-        self.0.read().get(key).is_some_and(|p| p.active(now_unix_s))
+        self.0.get(key).is_some_and(|p| p.active(now_unix_s))
     }
 }
 
@@ -255,15 +266,23 @@ impl TierIndex {
         let old = g.entries.get(&key).map_or(0, |e| e.size);
         let needed = size.saturating_sub(old);
         let free = self.capacity.saturating_sub(g.used);
+        // (one read of the pins for the scan and the victims, taken after the index's lock
+        // as everywhere)
+        let pins = self.pins.read();
         if needed > free {
-            // evictable bytes, not counting the object being replaced
-            let evictable: u64 = g
-                .entries
-                .iter()
-                .filter(|(k, e)| **k != key && e.evictable() && !self.pins.is_pinned(k, now))
-                .map(|(_, e)| e.size)
-                .sum();
-            if needed > free + evictable {
+            // evictable bytes, not counting the object being replaced: counted only until
+            // there are enough (the whole index is scanned only when the object cannot fit,
+            // not on every admission that evicts)
+            let mut evictable = 0u64;
+            for (k, e) in &g.entries {
+                if free.saturating_add(evictable) >= needed {
+                    break;
+                }
+                if *k != key && e.evictable() && !pins.is_pinned(k, now) {
+                    evictable = evictable.saturating_add(e.size);
+                }
+            }
+            if needed > free.saturating_add(evictable) {
                 return Err(StoreError::NoRoom {
                     tier: self.name.clone(),
                     needed: size,
@@ -275,7 +294,7 @@ impl TierIndex {
         let mut victims = Vec::new();
         while self.capacity.saturating_sub(g.used) < needed {
             let entries = &g.entries;
-            let pins = &self.pins;
+            let pins = &pins;
             let v = g
                 .policy
                 .victim(&mut |k| {
@@ -383,10 +402,15 @@ mod tests {
         let (r, v) = idx.admit(k(5), 25, 1.0).unwrap();
         r.commit();
         assert_eq!(ks(&v), vec![(k(3), 25)]);
-        // 1 pinned, 2 leased, 4 and 5 free: 50 bytes can go, 60 cannot
+        // 1 pinned, 2 leased, 4 and 5 free: 50 bytes can go, 60 cannot (the refusal counts
+        // every evictable byte: the scan that stops once enough are found runs to the end)
         assert!(matches!(
             idx.admit(k(6), 60, 1.0),
-            Err(StoreError::NoRoom { .. })
+            Err(StoreError::NoRoom {
+                available: 50,
+                needed: 60,
+                ..
+            })
         ));
         assert_eq!(idx.used(), 100, "a failed admission evicts nothing");
         drop(lease);

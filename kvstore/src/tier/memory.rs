@@ -102,7 +102,9 @@ impl<V: Clone> MemoryTier<V> {
                 });
             }
             // (under the map's write lock, so map and index change together; readers wait
-            // for the admission, an O(entries) scan only when the tier must evict)
+            // for the admission: when the tier must evict, a scan of the index that stops
+            // once enough bytes are evictable — the whole index only for an object that
+            // cannot fit — then the victims)
             let (reservation, victims) = self.index.admit(key, size, cost_s)?;
             let out = victims
                 .iter()
