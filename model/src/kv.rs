@@ -746,15 +746,18 @@ impl LayerKv {
         let Some(g) = self.growth.as_ref() else {
             return;
         };
+        let tag = |kept: &mut Option<Arc<Vec<u32>>>| {
+            kept.get_or_insert_with(|| Arc::clone(per_head));
+        };
+        // (one lock at a time, as everywhere)
         if let Some(r) = g
             .buf
             .rotated
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
-            .filter(|r| r.per_head.is_none())
         {
-            r.per_head = Some(Arc::clone(per_head));
+            tag(&mut r.per_head);
         }
         if let Some(m) = g
             .buf
@@ -762,9 +765,8 @@ impl LayerKv {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
-            .filter(|m| m.per_head.is_none())
         {
-            m.per_head = Some(Arc::clone(per_head));
+            tag(&mut m.per_head);
         }
     }
 
