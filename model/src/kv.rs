@@ -225,6 +225,68 @@ struct Mirror {
     per_head: Option<Arc<Vec<u32>>>,
 }
 
+/// Moves each head's kept rows of a CPU tensor laid out by head (`[kv_heads, capacity,
+/// head_dim]`, a [`Mirror`]'s) up in place: row `from + r` of head `h` becomes its row
+/// `tails[h][r]`. The rows of a head's tail strictly increase from `from` (as
+/// [`KvCache::retain_tail_in_place`] checks), so row `r`'s destination is at or before its
+/// source and before every later source: copied in order, no row is overwritten before it
+/// moves.
+struct CompactHeadRows<'a> {
+    from: usize,
+    tails: &'a [&'a [u32]],
+}
+
+impl CompactHeadRows<'_> {
+    fn apply<T: Copy>(&self, data: &mut [T], cap: usize, d: usize) -> candle_core::Result<()> {
+        for (h, kept) in self.tails.iter().enumerate() {
+            let head = &mut data[h * cap * d..(h + 1) * cap * d];
+            for (r, &src) in kept.iter().enumerate() {
+                let (src, dst) = (src as usize, self.from + r);
+                if src < dst || src >= cap {
+                    candle_core::bail!(
+                        "head {h}: row {src} cannot move to {dst} (rows increasing from {}, capacity {cap})",
+                        self.from
+                    );
+                }
+                if src != dst {
+                    head.copy_within(src * d..(src + 1) * d, dst * d);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp1 for CompactHeadRows<'_> {
+    fn name(&self) -> &'static str {
+        "kvquilt-compact-head-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as S;
+        let (heads, cap, d) = layout.shape().dims3()?;
+        if !layout.is_contiguous() || self.tails.len() != heads {
+            candle_core::bail!(
+                "compacting {} heads' rows of a {:?} tensor laid out by head",
+                self.tails.len(),
+                layout.shape()
+            );
+        }
+        let at = layout.start_offset()..layout.start_offset() + heads * cap * d;
+        let short = || candle_core::Error::Msg("a by-head tensor shorter than its shape".into());
+        match storage {
+            S::F32(v) => self.apply(v.get_mut(at).ok_or_else(short)?, cap, d),
+            S::BF16(v) => self.apply(v.get_mut(at).ok_or_else(short)?, cap, d),
+            S::F16(v) => self.apply(v.get_mut(at).ok_or_else(short)?, cap, d),
+            _ => candle_core::bail!("compacting by-head rows of a dtype other than f32/bf16/f16"),
+        }
+    }
+}
+
 /// Whether a kept copy made under per-head positions `kept` serves a call under `asked`:
 /// both none (a layer of tokens), or the same positions — the same allocation (a cache's
 /// [`PrunedLayer::host_positions`], shared: O(1), what every decode step over a pruned cache
@@ -665,7 +727,6 @@ impl LayerKv {
         let (len, heads, d) = self.k.dims3()?;
         let rows = now.len();
         let n = rows - from;
-        let device = self.k.device();
         let gather = match gather {
             Some(g) if g.dims1()? == n * heads => Some(g),
             None if n == 0 => None,
@@ -715,22 +776,11 @@ impl LayerKv {
         }
         if let Some(mut m) = mirror {
             if n > 0 {
-                // [kv_heads, capacity, d]: (head, row) of rows from..
-                let cap = m.k.dims()[1];
-                let flat: Vec<u32> = tails
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(h, kept)| kept.iter().map(move |&t| (h * cap) as u32 + t))
-                    .collect();
-                let flat = Tensor::new(flat, device)?;
-                let by_head = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.reshape((heads * cap, d))?
-                        .index_select(&flat, 0)?
-                        .reshape((heads, n, d))?)
-                };
-                let (k, v) = (by_head(&m.k)?, by_head(&m.v)?);
-                m.k.slice_set(&k, 1, from)?;
-                m.v.slice_set(&v, 1, from)?;
+                // [kv_heads, capacity, d]: each head's kept rows move up in place (one op a
+                // tensor: a reselection's per-layer candle ops were most of its host time)
+                let up = CompactHeadRows { from, tails };
+                m.k.inplace_op1(&up)?;
+                m.v.inplace_op1(&up)?;
             }
             m.positions = now.to_vec();
             m.per_head = None;
