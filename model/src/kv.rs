@@ -18,7 +18,7 @@
 //! `kv_policies::a_pruned_cache_attends_like_the_reference_over_its_kept_keys`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::{DType, Device, Tensor, TensorId};
 
@@ -97,7 +97,7 @@ impl Lender {
         stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
     ) -> Result<()> {
         use candle_core::cuda_backend::WrapErr;
-        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(|e| e.into_inner()));
+        let ended = std::mem::take(&mut *self.ended.relock());
         for event in &ended {
             stream.wait(event).w()?;
         }
@@ -142,12 +142,7 @@ impl Drop for Lease {
         #[cfg(feature = "gpu")]
         if let Some(stream) = &self.stream {
             match stream.record_event(None) {
-                Ok(event) => self
-                    .lender
-                    .ended
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(event),
+                Ok(event) => self.lender.ended.relock().push(event),
                 Err(error) => {
                     tracing::warn!(%error, "a lease of graphed rows ended without its event; the next reload waits for the device");
                     self.lender.unrecorded.store(true, Ordering::Release);
@@ -284,6 +279,19 @@ impl candle_core::InplaceOp1 for CompactHeadRows<'_> {
             S::F16(v) => self.apply(v.get_mut(at).ok_or_else(short)?, cap, d),
             _ => candle_core::bail!("compacting by-head rows of a dtype other than f32/bf16/f16"),
         }
+    }
+}
+
+/// A mutex's guard, also after a panic while it was held (what such a panic can have left
+/// is said where each lock is declared or taken: for the kept copies, at worst rows past
+/// their checked positions written).
+trait Relock<T> {
+    fn relock(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T> Relock<T> for Mutex<T> {
+    fn relock(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -474,7 +482,7 @@ impl LayerKv {
             return rotate(&self.k, 0);
         };
         // a panic while the lock was held left at worst rows past `positions` written
-        let mut slot = g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = g.buf.rotated.relock();
         let kept = match slot.as_mut() {
             Some(r) if r.rope == rope && same_heads(r.per_head.as_ref(), per_head) => {
                 // equal entries in another allocation: this one from now on, so that later
@@ -562,14 +570,9 @@ impl LayerKv {
         let cap = g.buf.k.dims()[0];
         // the f32 rotated keys go whatever this call does (a longer call since the last step
         // rotated them again): the mirror stands in for them from here on
-        let rotation = g
-            .buf
-            .rotated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let rotation = g.buf.rotated.relock().take();
         // a panic while the mirror was locked left at worst rows past `positions` written
-        let mut slot = g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = g.buf.mirror.relock();
         let kept = match slot.as_mut() {
             Some(m)
                 if m.rope == rope
@@ -660,22 +663,10 @@ impl LayerKv {
         // back, another view may append other rows there and read them at once, and must
         // not find this view's rotations or mirror rows kept for them. (Dropping kept rows
         // is always safe: they are a cache, made again when asked for.)
-        if let Some(r) = g
-            .buf
-            .rotated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(r) = g.buf.rotated.relock().as_mut() {
             r.positions.truncate(len - n);
         }
-        if let Some(m) = g
-            .buf
-            .mirror
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(m) = g.buf.mirror.relock().as_mut() {
             m.positions.truncate(len - n);
         }
         // (fails harmlessly when another view appended in between)
@@ -755,15 +746,13 @@ impl LayerKv {
         let rotated = g
             .buf
             .rotated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .relock()
             .take()
             .filter(|r| kept_for(&r.positions, r.per_head.as_ref()) && r.k.is_contiguous());
         let mirror = g
             .buf
             .mirror
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .relock()
             .take()
             .filter(|m| kept_for(&m.positions, m.per_head.as_ref()));
         if let Some(mut r) = rotated {
@@ -772,7 +761,7 @@ impl LayerKv {
             }
             r.positions = now.to_vec();
             r.per_head = None;
-            *g.buf.rotated.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            *g.buf.rotated.relock() = Some(r);
         }
         if let Some(mut m) = mirror {
             if n > 0 {
@@ -784,7 +773,7 @@ impl LayerKv {
             }
             m.positions = now.to_vec();
             m.per_head = None;
-            *g.buf.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+            *g.buf.mirror.relock() = Some(m);
         }
         g.buf.frontier.store(rows, Ordering::Release);
         Self::view(Arc::clone(&g.buf), rows)
@@ -800,22 +789,10 @@ impl LayerKv {
             kept.get_or_insert_with(|| Arc::clone(per_head));
         };
         // (one lock at a time, as everywhere)
-        if let Some(r) = g
-            .buf
-            .rotated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(r) = g.buf.rotated.relock().as_mut() {
             tag(&mut r.per_head);
         }
-        if let Some(m) = g
-            .buf
-            .mirror
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(m) = g.buf.mirror.relock().as_mut() {
             tag(&mut m.per_head);
         }
     }
