@@ -1071,14 +1071,23 @@ async fn a_client_that_leaves_the_queue_costs_no_model_work() {
         "documents": [DOCS[0]],
         "max_tokens": 4
     });
-    let asked = app.json("POST", "/v1/chat/completions", None, body.clone());
-    // the client gives up while the request waits
-    assert!(
-        tokio::time::timeout(std::time::Duration::from_millis(200), asked)
-            .await
-            .is_err(),
-        "the request waits for the busy worker"
-    );
+    let mut asked = Box::pin(app.json("POST", "/v1/chat/completions", None, body.clone()));
+    // the request is driven until it waits in the queue (however long its way there takes
+    // on a busy host), then the client gives up
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while app.state.pool.waiting() == 0 {
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(10), &mut asked)
+                .await
+                .is_err(),
+            "the request waits for the busy worker"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request reaches the queue"
+        );
+    }
+    drop(asked);
     for _ in 0..200 {
         if app.state.pool.waiting() == 0 {
             break;
