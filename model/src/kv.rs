@@ -1810,7 +1810,13 @@ fn stand_in_positions(last: u32, rows: usize) -> Result<Vec<u32>> {
 
 /// How many leading positions `kept` and `asked` share: the rows of a kept copy a call at
 /// `asked` can read.
+/// Usually all of the shorter one (a decode step's rows, 8k of them per layer): one
+/// `memcmp` first, the element-wise scan only when they differ.
 fn common_prefix(kept: &[u32], asked: &[u32]) -> usize {
+    let n = kept.len().min(asked.len());
+    if kept[..n] == asked[..n] {
+        return n;
+    }
     kept.iter().zip(asked).take_while(|(a, b)| a == b).count()
 }
 
@@ -1827,6 +1833,16 @@ fn write_by_head(dst: &Tensor, at: usize, rows: &Tensor) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_prefix_counts_the_shared_leading_positions() {
+        assert_eq!(common_prefix(&[], &[1, 2]), 0);
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 3]), 3);
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 3, 4]), 3);
+        assert_eq!(common_prefix(&[1, 2, 3, 4], &[1, 2]), 2);
+        assert_eq!(common_prefix(&[1, 2, 3, 4], &[1, 5, 3, 4]), 1);
+        assert_eq!(common_prefix(&[7, 2], &[1, 2, 3]), 0);
+    }
 
     fn rows(start: f32, n: usize) -> Tensor {
         Tensor::arange(start, start + (n * 2) as f32, &Device::Cpu)
