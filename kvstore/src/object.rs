@@ -754,7 +754,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
     let raw_len = layout.layer_bytes(t as usize) as u64;
     // what the codec can store for a layer of this shape: a longer record is corrupt, and
     // readers may size buffers and name stripes by this length before any record is verified
-    let most = codec.max_stored_len(&crate::codec::shape_of(&layout, t as usize)) as u64;
+    let shape = crate::codec::shape_of(&layout, t as usize);
+    let most = codec.max_stored_len(&shape) as u64;
+    // and a shorter one too: a decoder sizes its output by the layout, so a record this short
+    // cannot be this layer (a forged header could otherwise ask a reader for any amount of
+    // memory by naming a large layout over records of a few bytes)
+    let least = codec.min_stored_len(&shape) as u64;
     let mut layers = Vec::with_capacity(num_layers as usize);
     let mut next = 0u64;
     for i in 0..num_layers {
@@ -770,6 +775,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
         if e.stored_len > most {
             return Err(corrupt(format!(
                 "{key}: layer {i} stores {} bytes, more than {codec} can take for it ({most})",
+                e.stored_len
+            )));
+        }
+        if e.stored_len < least {
+            return Err(corrupt(format!(
+                "{key}: layer {i} stores {} bytes, fewer than {codec} needs for it ({least})",
                 e.stored_len
             )));
         }

@@ -11,7 +11,7 @@
 mod common;
 
 use common::{layout, object, sane};
-use kvquilt_kvstore::object::decode_header;
+use kvquilt_kvstore::object::{ObjectHeader, decode_header};
 use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, KvDType, KvObject};
 use proptest::prelude::*;
 
@@ -131,17 +131,7 @@ fn forged_record_lengths_past_what_the_codec_stores_are_refused() {
         let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
         let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
         let (header, _) = decode_header(&good).unwrap();
-        let shape = kvquilt_compression::LayerShape {
-            tokens: header.info.tokens.len(),
-            kv_heads: header.info.layout.num_kv_heads as usize,
-            head_dim: header.info.layout.head_dim as usize,
-            elem: match header.info.layout.dtype {
-                KvDType::F32 => kvquilt_compression::ElemType::F32,
-                KvDType::F16 => kvquilt_compression::ElemType::F16,
-                KvDType::BF16 => kvquilt_compression::ElemType::Bf16,
-            },
-        };
-        let most = header.codec.max_stored_len(&shape) as u64;
+        let most = header.codec.max_stored_len(&shape_of(&header)) as u64;
         assert!(
             stored <= most,
             "{}: a real record past the bound",
@@ -153,6 +143,54 @@ fn forged_record_lengths_past_what_the_codec_stores_are_refused() {
             reseal(&mut forged);
             match decode_header(&forged) {
                 Err(StoreError::Corrupt(m)) => assert!(m.contains("more than"), "{m}"),
+                other => panic!("{}: {claimed} bytes read as {other:?}", header.codec),
+            }
+        }
+    }
+}
+
+/// The codec's view of a header's layers.
+fn shape_of(header: &ObjectHeader) -> kvquilt_compression::LayerShape {
+    kvquilt_compression::LayerShape {
+        tokens: header.info.tokens.len(),
+        kv_heads: header.info.layout.num_kv_heads as usize,
+        head_dim: header.info.layout.head_dim as usize,
+        elem: match header.info.layout.dtype {
+            KvDType::F32 => kvquilt_compression::ElemType::F32,
+            KvDType::F16 => kvquilt_compression::ElemType::F16,
+            KvDType::BF16 => kvquilt_compression::ElemType::Bf16,
+        },
+    }
+}
+
+/// The other way round: a forged header whose layer claims fewer bytes than any record of its
+/// codec could decode from to the layout's size is refused too. A decoder sizes its output by
+/// the layout, so such a header — a large layout over records of a few bytes each — would
+/// otherwise make a reader allocate without bound (lz4 expands at most 255×; the quantising
+/// codecs' records have one exact length).
+#[test]
+fn forged_record_lengths_short_of_what_the_codec_stores_are_refused() {
+    use kvquilt_kvstore::StoreError;
+    use kvquilt_kvstore::object::{CHECKSUM_LEN, LAYER_ENTRY_LEN};
+    for codec in 0..7 {
+        let (_, good) = encoded(7, 33, codec);
+        let h = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+        let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
+        let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
+        let (header, _) = decode_header(&good).unwrap();
+        let least = header.codec.min_stored_len(&shape_of(&header)) as u64;
+        assert!(least > 0, "{}: a layer of 33 tokens", header.codec);
+        assert!(
+            stored >= least,
+            "{}: a real record below the bound",
+            header.codec
+        );
+        for claimed in [least - 1, 0] {
+            let mut forged = good.clone();
+            forged[at..at + 8].copy_from_slice(&claimed.to_le_bytes());
+            reseal(&mut forged);
+            match decode_header(&forged) {
+                Err(StoreError::Corrupt(m)) => assert!(m.contains("fewer than"), "{m}"),
                 other => panic!("{}: {claimed} bytes read as {other:?}", header.codec),
             }
         }

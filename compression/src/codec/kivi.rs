@@ -177,17 +177,28 @@ impl Params {
         }
     }
 
-    /// The stored (min, step) of a group spanning `lo..=hi`.
+    /// The stored (min, step) of a group spanning `lo..=hi`. In an f16 layer the step is
+    /// rounded down where needed so that the top code decodes within f16's range (`min +
+    /// levels · step` ≤ 65504: the step's rounding up could make a finite group's largest
+    /// value decode to ∞); that costs at most `levels` ulps of the step on the top values,
+    /// under half a step. Pinned by `codec::tests::an_f16_kivi_group_up_to_the_largest_value_stays_finite`.
     #[inline(always)]
     fn pair(&self, lo: f32, hi: f32) -> Result<(f16, f16)> {
         let min = f16::from_f32(lo);
-        let step = f16::from_f32((hi - lo) / self.levels());
+        let mut step = f16::from_f32((hi - lo) / self.levels());
         if !(min.is_finite() && step.is_finite() && lo.is_finite() && hi.is_finite()) {
             return Err(CodecError::BadParam {
                 codec: "kivi",
                 field: "values",
                 why: format!("a group spans {lo}..{hi}, beyond f16's range for its min and step"),
             });
+        }
+        if self.shape.elem == ElemType::F16 {
+            let top = |s: f16| min.to_f32() + self.levels() * s.to_f32();
+            // a positive finite f16's predecessor is the bits minus one
+            while step.to_f32() > 0.0 && top(step) > f16::MAX.to_f32() {
+                step = f16::from_bits(step.to_bits() - 1);
+            }
         }
         Ok((min, step))
     }

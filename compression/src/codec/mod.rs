@@ -45,6 +45,11 @@ pub use kivi_record::KiviRecord;
 pub use record_plan::RecordPlan;
 pub use scaled8::{Code8, ScaleMap, Scaled8};
 
+/// The most output bytes an lz4 block yields per stored byte: a sequence's match length
+/// grows by at most 255 per extra length byte, and every sequence costs a token and an
+/// offset besides (so no block reaches this ratio; a bound, not a typical figure).
+pub const LZ4_MOST_RATIO: usize = 255;
+
 /// What a layer holds: `tokens` rows of `kv_heads × head_dim` elements of `elem`, for K
 /// and again for V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +245,25 @@ impl CodecSpec {
         match self {
             Self::Lz4 => lz4_flex::block::get_maximum_output_size(unpacked),
             _ if self.lz4_after() => lz4_flex::block::get_maximum_output_size(unpacked) + 4,
+            _ => unpacked,
+        }
+    }
+
+    /// The fewest bytes a stored layer of `shape` can take: the record's exact length for
+    /// raw and the quantising codecs (as [`CodecSpec::max_stored_len`]); for lz4 and the
+    /// `+lz4` forms, the decoded length over [`LZ4_MOST_RATIO`] (plus the size prefix).
+    /// A reader refuses a header whose record is shorter before it decodes anything: a
+    /// decoder sizes its output by the shape, so a forged header with a few bytes a layer
+    /// could otherwise ask for any amount of memory (pinned by
+    /// `codec::tests::lz4_records_decode_to_no_more_than_their_ratio_allows`).
+    pub fn min_stored_len(self, shape: &LayerShape) -> usize {
+        let unpacked = match self {
+            Self::Raw | Self::Lz4 => shape.raw_bytes(),
+            _ => self.without_lz4().max_stored_len(shape),
+        };
+        match self {
+            Self::Lz4 => unpacked / LZ4_MOST_RATIO,
+            _ if self.lz4_after() => unpacked / LZ4_MOST_RATIO + 4,
             _ => unpacked,
         }
     }
@@ -536,8 +560,27 @@ impl CodecSpec {
         };
         let unpacked;
         let inner = if self.lz4_after() {
-            unpacked = lz4_flex::block::decompress_size_prepended(stored)
+            // the size prefix must be the record's length for this shape: it is not trusted
+            // to size the buffer
+            let want = self.without_lz4().max_stored_len(shape);
+            let (said, body) = stored
+                .split_first_chunk::<4>()
+                .ok_or_else(|| corrupt("lz4: no size prefix".into()))?;
+            let said = u32::from_le_bytes(*said) as usize;
+            if said != want {
+                return Err(corrupt(format!(
+                    "lz4: its prefix says {said} bytes, the record is {want}"
+                )));
+            }
+            let mut buf = vec![0u8; want];
+            let n = lz4_flex::block::decompress_into(body, &mut buf)
                 .map_err(|e| corrupt(format!("lz4: {e}")))?;
+            if n != want {
+                return Err(corrupt(format!(
+                    "lz4: decodes to {n} bytes, expected {want}"
+                )));
+            }
+            unpacked = buf;
             &unpacked[..]
         } else {
             stored

@@ -109,10 +109,15 @@ impl Scaled8 {
     pub fn check(&self) -> Result<()> {
         for (h, m) in self.maps.iter().enumerate() {
             let empty = m.div == 0 || m.modulo == 0 || m.outer_div == 0;
+            // the largest slot any element can form: each term at its own largest (the
+            // first term need not peak at the last element)
             let last_slot = if self.half == 0 || empty {
                 0
             } else {
-                m.slot(self.half - 1).max(m.modulo - 1)
+                let i = self.half - 1;
+                (m.modulo - 1)
+                    .min(i / m.div)
+                    .saturating_add((i / m.outer_div).saturating_mul(m.outer_stride))
             };
             let past = |start: usize| {
                 start
@@ -274,8 +279,9 @@ mod tests {
             .scaled8(&shape)
             .unwrap();
         assert!(good.check().is_ok());
+        // V's last scale one past the record's
         let mut bad = good;
-        bad.maps[1].modulo += 1;
+        bad.maps[1].base += 1;
         let record = vec![0u8; bad.record_len()];
         let mut out = vec![0u8; shape.raw_bytes()];
         assert!(bad.decode_into(ElemType::F32, &record, &mut out).is_err());

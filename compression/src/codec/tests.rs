@@ -149,9 +149,9 @@ fn bounds(spec: CodecSpec, shape: &LayerShape, x: &[f32]) -> Vec<f32> {
 
 pub(super) fn shape_strategy() -> impl Strategy<Value = LayerShape> {
     (
-        1usize..90,
+        0usize..90,
         1usize..4,
-        prop::sample::select(vec![4usize, 6, 16, 64]),
+        prop::sample::select(vec![4usize, 5, 6, 16, 64]),
         prop::sample::select(vec![ElemType::F32, ElemType::F16, ElemType::Bf16]),
     )
         .prop_map(|(tokens, kv_heads, head_dim, elem)| LayerShape {
@@ -187,6 +187,8 @@ proptest! {
             // the bound readers hold a header's record lengths to: exact without lz4
             let most = spec.max_stored_len(&shape);
             prop_assert!(stored.len() <= most, "{} stored {} > {}", spec, stored.len(), most);
+            let least = spec.min_stored_len(&shape);
+            prop_assert!(stored.len() >= least, "{} stored {} < {}", spec, stored.len(), least);
             if !spec.uses_lz4() {
                 prop_assert_eq!(stored.len(), most, "{}", spec);
             }
@@ -213,7 +215,10 @@ proptest! {
             let spec = CodecSpec::parse(name).unwrap();
             let stored = spec.encode(&shape, &raw).unwrap();
             let short = &stored[..stored.len().saturating_sub(cut)];
-            prop_assert!(spec.decode(&shape, short).is_err(), "{} accepted a cut record", name);
+            // (a raw layer of no tokens is no bytes: nothing to cut)
+            if !stored.is_empty() {
+                prop_assert!(spec.decode(&shape, short).is_err(), "{} accepted a cut record", name);
+            }
             let mut long = stored.clone();
             long.extend(std::iter::repeat_n(0u8, cut));
             prop_assert!(spec.decode(&shape, &long).is_err(), "{} accepted a padded record", name);
@@ -356,6 +361,111 @@ fn bad_headers_name_the_field() {
         field(CodecSpec::from_header(4, &[2, 4, 32, 0, 32, 0])),
         "flags"
     );
+}
+
+/// The most compressible layer (all zeros, 1 MiB) stays within `min_stored_len` under every
+/// lz4 form, and a `+lz4` record whose size prefix is not the record's length is refused,
+/// whatever the prefix says (it sized the buffer before).
+#[test]
+fn lz4_records_decode_to_no_more_than_their_ratio_allows() {
+    let shape = LayerShape {
+        tokens: 1024,
+        kv_heads: 2,
+        head_dim: 64,
+        elem: ElemType::F32,
+    };
+    let raw = vec![0u8; shape.raw_bytes()];
+    for name in ALL {
+        let spec = CodecSpec::parse(name).unwrap();
+        let stored = spec.encode(&shape, &raw).unwrap();
+        let least = spec.min_stored_len(&shape);
+        assert!(stored.len() >= least, "{name}: {} < {least}", stored.len());
+        if spec.uses_lz4() && spec != CodecSpec::Lz4 {
+            let real = u32::from_le_bytes(stored[..4].try_into().unwrap());
+            for said in [real - 1, real + 1, u32::MAX] {
+                let mut forged = stored.clone();
+                forged[..4].copy_from_slice(&said.to_le_bytes());
+                match spec.decode(&shape, &forged) {
+                    Err(CodecError::Corrupt { why, .. }) => {
+                        assert!(why.contains("prefix"), "{name} {said}: {why}")
+                    }
+                    other => panic!("{name} {said}: {other:?}"),
+                }
+            }
+            assert!(spec.decode(&shape, &stored[..3]).is_err(), "{name}");
+        }
+    }
+}
+
+/// A KIVI group of an f16 layer spanning up to f16's largest value decodes finite: the step,
+/// rounded up to f16, would put the top code at 65520 (∞ in f16).
+#[test]
+fn an_f16_kivi_group_up_to_the_largest_value_stays_finite() {
+    let shape = LayerShape {
+        tokens: 64,
+        kv_heads: 1,
+        head_dim: 4,
+        elem: ElemType::F16,
+    };
+    // K's channels span 0..65504 and −65504..65504 over the tokens; V's rows the same
+    let top = 65504f32;
+    let x: Vec<f32> = (0..2 * shape.half_elems())
+        .map(|i| match (i / 4 % 2, i % 4) {
+            (0, 0 | 1) => 0.0,
+            (0, _) => -top,
+            (_, 0) => -top,
+            _ => top,
+        })
+        .collect();
+    let raw = raw_of(&shape, &x);
+    for name in ["kivi2", "kivi4", "kivi8", "kivi4+lz4"] {
+        let spec = CodecSpec::parse(name).unwrap();
+        let back = spec
+            .decode(&shape, &spec.encode(&shape, &raw).unwrap())
+            .unwrap();
+        let y = shape.elem.to_f32_vec(&back);
+        let levels = match spec {
+            CodecSpec::Kivi { bits, .. } => ((1u32 << bits) - 1) as f32,
+            _ => unreachable!(),
+        };
+        for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
+            assert!(yi.is_finite(), "{name}: element {i} {xi} decoded {yi}");
+            // within half a step of the widest span (2 · 65504), and the rounding
+            let bound = 2.0 * top / levels * 0.5 * 1.02 + 64.0;
+            assert!(
+                (xi - yi).abs() <= bound,
+                "{name}: element {i} {xi} decoded {yi}"
+            );
+        }
+    }
+}
+
+/// `Scaled8::check` bounds the scale index each term of the map can reach, not only the last
+/// element's: here element 7 forms slot 3 + 4 = 7 while the last (8) forms 0 + 4.
+#[test]
+fn a_scale_map_whose_terms_peak_apart_is_bounded() {
+    let map = ScaleMap {
+        base: 0,
+        div: 1,
+        modulo: 4,
+        outer_div: 6,
+        outer_stride: 4,
+        offsets: None,
+    };
+    let plan = |scales: usize| Scaled8 {
+        code: Code8::Int8,
+        scales,
+        codes_at: 4 * scales,
+        half: 9,
+        maps: [map, map],
+    };
+    assert!(plan(7).check().is_err(), "slot 7 of 7 scales");
+    plan(8).check().unwrap();
+    let record = vec![0u8; plan(8).record_len()];
+    let mut out = vec![0u8; 2 * 9 * 4];
+    plan(8)
+        .decode_into(ElemType::F32, &record, &mut out)
+        .unwrap();
 }
 
 #[test]

@@ -145,9 +145,11 @@ impl DecodePoolSpec {
         Ok(())
     }
 
-    /// `δ = ⌊(T − R) / (D − R)⌋`, at least 1.
+    /// `δ = ⌊(T − R) / (D − R)⌋`, at least 1 (`D − R` taken as at least 1: a spec that
+    /// fails [`DecodePoolSpec::validate`] gets a number, not a panic).
     pub fn delta(&self) -> usize {
-        (self.max_new.saturating_sub(self.recent) / (self.budget - self.recent)).max(1)
+        let span = self.budget.saturating_sub(self.recent).max(1);
+        (self.max_new.saturating_sub(self.recent) / span).max(1)
     }
 
     /// The pool's budget after `step` generated tokens.

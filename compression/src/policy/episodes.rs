@@ -176,11 +176,29 @@ fn plus_plus(vectors: &[Vec<f32>], k: usize, rng: &mut SplitMix) -> Vec<Vec<f32>
     centres
 }
 
+/// Sets each centre that has members to their mean (computed in f64); an empty cluster's
+/// centre stays.
+fn set_means(vectors: &[Vec<f32>], assignment: &[usize], centres: &mut [Vec<f32>]) {
+    let dim = vectors.first().map_or(0, Vec::len);
+    for (c, centre) in centres.iter_mut().enumerate() {
+        let mut mean = vec![0f64; dim];
+        let mut members = 0usize;
+        for (v, _) in vectors.iter().zip(assignment).filter(|&(_, &a)| a == c) {
+            for (s, x) in mean.iter_mut().zip(v) {
+                *s += *x as f64;
+            }
+            members += 1;
+        }
+        if members > 0 {
+            *centre = mean.iter().map(|s| (s / members as f64) as f32).collect();
+        }
+    }
+}
+
 /// Lloyd's iterations from `centres` until assignments stop changing (or [`MAX_ITER`]); an
 /// emptied cluster takes the point farthest from its centre.
 fn lloyd(vectors: &[Vec<f32>], mut centres: Vec<Vec<f32>>) -> Episodes {
     let k = centres.len();
-    let dim = vectors[0].len();
     let mut assignment = vec![usize::MAX; vectors.len()];
     for _ in 0..MAX_ITER {
         let mut changed = false;
@@ -193,27 +211,7 @@ fn lloyd(vectors: &[Vec<f32>], mut centres: Vec<Vec<f32>>) -> Episodes {
                 changed = true;
             }
         }
-        for (c, centre) in centres.iter_mut().enumerate() {
-            let members: Vec<&Vec<f32>> = vectors
-                .iter()
-                .zip(&assignment)
-                .filter(|&(_, &a)| a == c)
-                .map(|(v, _)| v)
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let mut mean = vec![0f64; dim];
-            for m in &members {
-                for (s, x) in mean.iter_mut().zip(m.iter()) {
-                    *s += *x as f64;
-                }
-            }
-            *centre = mean
-                .iter()
-                .map(|s| (s / members.len() as f64) as f32)
-                .collect();
-        }
+        set_means(vectors, &assignment, &mut centres);
         // an empty cluster takes the point farthest from its own centre among clusters that
         // keep a member (there are at least k points, so one always exists)
         for c in 0..k {
@@ -239,6 +237,9 @@ fn lloyd(vectors: &[Vec<f32>], mut centres: Vec<Vec<f32>>) -> Episodes {
             break;
         }
     }
+    // every centre the mean of its members, also when the iterations ran out right after an
+    // emptied cluster took a point (the same means again when they converged)
+    set_means(vectors, &assignment, &mut centres);
     let inertia = vectors
         .iter()
         .zip(&assignment)
