@@ -32,6 +32,10 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The text of the tokenizer's BOS and EOS tokens (`bos_token`, `eos_token` in HF's
+    /// templates; empty when unknown).
+    bos_token: String,
+    eos_token: String,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
@@ -40,13 +44,39 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
 
 impl ChatTemplate {
     /// Compiles a Jinja template in HF's conventions (`messages`, `add_generation_prompt`,
-    /// `raise_exception`).
+    /// `bos_token`, `eos_token`, `raise_exception`, and Python's string and dict methods such
+    /// as `.strip()` that HF's Jinja allows).
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.add_function("raise_exception", raise_exception);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            bos_token: String::new(),
+            eos_token: String::new(),
+        })
+    }
+
+    /// `self` rendering `bos_token` and `eos_token` as these texts (the tokenizer's).
+    pub fn with_special_tokens(self, bos_token: &str, eos_token: &str) -> Self {
+        Self {
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            ..self
+        }
+    }
+
+    /// Renders a system and a user message as a request would: a template that cannot
+    /// (one that needs a variable kvquilt does not provide, or raises on these roles) is
+    /// found when the model loads, not by its first chat request.
+    pub fn check(&self) -> Result<()> {
+        let probe = [
+            ChatMessage::new("system", "You answer briefly."),
+            ChatMessage::new("user", "Hello?"),
+        ];
+        self.render(&probe, true).map(drop)
     }
 
     /// Plain ChatML (`<|im_start|>role\ncontent<|im_end|>\n`).
@@ -64,6 +94,8 @@ impl ChatTemplate {
         tmpl.render(context! {
             messages => messages_value(messages),
             add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
         })
         .map_err(|e| ModelError::ChatTemplate(e.to_string()))
     }
@@ -114,6 +146,31 @@ mod tests {
             s,
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
         );
+        Ok(())
+    }
+
+    /// Llama 3's stock template (its `bos_token +` opening), and Python string methods as
+    /// other models' templates use them; an undefined variable fails `check`.
+    #[test]
+    fn hf_template_conventions_render() -> Result<()> {
+        const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+        let t = ChatTemplate::new(LLAMA3)?.with_special_tokens("<|begin_of_text|>", "<|eot_id|>");
+        t.check()?;
+        let s = t.render(&[ChatMessage::new("user", " Hi? ")], true)?;
+        assert_eq!(
+            s,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let py = ChatTemplate::new(
+            "{% for m in messages %}{{ m['content'].strip().upper() }}{% if m['role'].startswith('u') %}{{ eos_token }}{% endif %}{% endfor %}",
+        )?
+        .with_special_tokens("<s>", "</s>");
+        assert_eq!(
+            py.render(&[ChatMessage::new("user", " hi ")], false)?,
+            "HI</s>"
+        );
+        let undefined = ChatTemplate::new("{{ missing_variable + 'x' }}")?;
+        assert!(undefined.check().is_err());
         Ok(())
     }
 

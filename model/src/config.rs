@@ -59,6 +59,58 @@ pub enum RopeScaling {
     },
 }
 
+/// The longest context a model may declare, in tokens: a model's RoPE tables are built for
+/// its whole context when it loads (4 Mi positions: 2 GiB of f32 tables at head dim 128).
+pub const MAX_CONTEXT: usize = 1 << 22;
+
+/// The most decoder layers a model may declare.
+pub const MAX_LAYERS: usize = 1024;
+
+/// The most elements of one weight matrix a model's sizes may imply (2^40).
+const MAX_MATRIX: usize = 1 << 40;
+
+impl RopeScaling {
+    /// Finite factors above 0; for Llama 3's, `high_freq_factor > low_freq_factor` (the
+    /// interpolation divides by their difference) and an original context above 0.
+    pub fn validate(&self) -> Result<(), String> {
+        let factor_ok = |f: f32| f.is_finite() && f > 0.0;
+        let ok = match *self {
+            Self::Linear { factor } => factor_ok(factor),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                [factor, low_freq_factor, high_freq_factor]
+                    .into_iter()
+                    .all(factor_ok)
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(match *self {
+            Self::Linear { factor } => {
+                format!("linear rope_scaling needs a finite factor > 0, not factor {factor}")
+            }
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => format!(
+                "llama3 rope_scaling needs finite factors > 0, high_freq_factor > \
+                 low_freq_factor and original_max_position_embeddings > 0: factor {factor}, \
+                 low {low_freq_factor}, high {high_freq_factor}, original \
+                 {original_max_position_embeddings}"
+            ),
+        })
+    }
+}
+
 /// Everything the forward pass needs to know about a model's shape.
 ///
 /// Units: all sizes are element counts; `rope_theta` is the RoPE base; `context_length` is in
@@ -133,6 +185,46 @@ impl ModelConfig {
                 "rope_theta {} must be finite and > 1",
                 self.rope_theta
             ));
+        }
+        // bounds on what sizes allocations before any tensor is read: the position tables
+        // (`context_length` rows) and the layer list
+        if self.context_length > MAX_CONTEXT {
+            return Err(format!(
+                "context_length {} is past the {MAX_CONTEXT} tokens kvquilt supports",
+                self.context_length
+            ));
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_layers {} is past the {MAX_LAYERS} kvquilt supports",
+                self.num_layers
+            ));
+        }
+        for (name, a, b) in [
+            (
+                "vocab_size × hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size × hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
+            ("num_heads × head_dim", self.num_heads, self.head_dim),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > MAX_MATRIX) {
+                return Err(format!("{name} = {a} × {b} is past what a tensor can hold"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} must be finite and ≥ 0",
+                self.rms_norm_eps
+            ));
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
         }
         Ok(())
     }
@@ -243,9 +335,10 @@ impl HfConfig {
             None => None,
         };
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        // (0 heads is refused by `validate` below, not divided by)
         let head_dim = self
             .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads);
+            .unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1));
         let cfg = ModelConfig {
             architecture,
             vocab_size: self.vocab_size,

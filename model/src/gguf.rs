@@ -45,7 +45,15 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
         })?
         .len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
+    // candle's parser divides by the file's `general.alignment` unchecked (candle-core
+    // 0.11.1): a file declaring 0 panics inside it, caught here as the malformed file it is
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Content::read(&mut reader)
+    }))
+    .map_err(|_| {
+        invalid("its header does not parse (the GGUF reader panicked; a `general.alignment` of 0 does this)".into())
+    })?
+    .map_err(|e| invalid(e.to_string()))?;
     check_extents(&content, file_len).map_err(invalid)?;
 
     let meta = Metadata(&content.metadata);
@@ -81,6 +89,19 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
             }
             _ => None,
         };
+        // (the shape is checked against the config once the tensor is returned; the row
+        // permutation below needs whole heads of row pairs already)
+        if let Some(heads) = heads
+            && !t
+                .dims()
+                .first()
+                .is_some_and(|&rows| rows > 0 && rows.is_multiple_of(2 * heads))
+        {
+            return Err(invalid(format!(
+                "tensor `{gguf_name}` of shape {:?}: its rows are not {heads} heads of row pairs",
+                t.dims()
+            )));
+        }
         Ok(Some(match heads {
             Some(heads) => (
                 unpermute_rows(&t, heads)?,
@@ -104,10 +125,22 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
 /// sizes, rather than half-way through loading.
 fn check_extents(content: &Content, file_len: u64) -> std::result::Result<(), String> {
     for (name, info) in &content.tensor_infos {
-        let elems = info.shape.elem_count();
+        // (sizes from the header, so every step checked: an overflow is a malformed file)
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
         let block = info.ggml_dtype.block_size();
-        let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-        let end = content.tensor_data_offset + info.offset + bytes;
+        let end = elems
+            .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size()))
+            .and_then(|bytes| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(bytes as u64)
+            })
+            .ok_or_else(|| format!("tensor `{name}`: its shape and offset overflow"))?;
         if end > file_len {
             return Err(format!(
                 "truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"

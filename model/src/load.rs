@@ -57,11 +57,8 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         return load_hf_dir(path, device, dtype);
     }
     let g = crate::gguf::load(path, dtype, device)?;
-    let chat_template = g
-        .chat_template
-        .as_deref()
-        .map(ChatTemplate::new)
-        .transpose()?;
+    check_vocab(&g.tokenizer, &g.config, path)?;
+    let chat_template = chat_template(g.chat_template.as_deref(), Some(&g.tokenizer), path)?;
     Ok(LoadedModel {
         model: Model::new(g.config, g.weights, device.clone(), dtype)?,
         tokenizer: Some(g.tokenizer),
@@ -129,17 +126,17 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
         None
     };
     let tc_path = dir.join("tokenizer_config.json");
-    let chat_template = match std::fs::read_to_string(&tc_path) {
-        Ok(s) => serde_json::from_str::<serde_json::Value>(&s)
-            .ok()
-            .and_then(|v| {
-                v.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .map(ChatTemplate::new)
-            })
-            .transpose()?,
-        Err(_) => None,
-    };
+    let source = std::fs::read_to_string(&tc_path).ok().and_then(|s| {
+        serde_json::from_str::<serde_json::Value>(&s)
+            .ok()?
+            .get("chat_template")?
+            .as_str()
+            .map(str::to_string)
+    });
+    if let Some(t) = &tokenizer {
+        check_vocab(t, &config, dir)?;
+    }
+    let chat_template = chat_template(source.as_deref(), tokenizer.as_ref(), dir)?;
     Ok(LoadedModel {
         model: Model::new(config, weights, device.clone(), dtype)?,
         tokenizer,
@@ -165,4 +162,49 @@ fn eos_ids(config_json: &str) -> Vec<u32> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// The model's chat template (`source`), rendering `bos_token` and `eos_token` as the
+/// tokenizer's, and rendered once here: a template that cannot render a system and a user
+/// message is logged now (every chat request would fail on it, naming the template's error),
+/// not found out by the first request. `None` without a source (plain ChatML then).
+fn chat_template(
+    source: Option<&str>,
+    tokenizer: Option<&Tokenizer>,
+    path: &Path,
+) -> Result<Option<ChatTemplate>> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let text = |id: Option<u32>| {
+        id.and_then(|id| tokenizer?.inner().id_to_token(id))
+            .unwrap_or_default()
+    };
+    let bos = text(tokenizer.and_then(Tokenizer::bos_id));
+    let eos = text(tokenizer.and_then(|t| t.eos_ids().first().copied()));
+    let template = ChatTemplate::new(source)?.with_special_tokens(&bos, &eos);
+    if let Err(e) = template.check() {
+        tracing::warn!(
+            model = %path.display(),
+            error = %e,
+            "the model's chat template does not render a system and a user message; chat requests will fail"
+        );
+    }
+    Ok(Some(template))
+}
+
+/// Every token id the tokenizer can produce has an embedding row: a tokenizer larger than
+/// the model's vocabulary is refused at load (its upper ids would fail requests one by one).
+fn check_vocab(tokenizer: &Tokenizer, config: &crate::ModelConfig, path: &Path) -> Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(ModelError::InvalidModel {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the tokenizer has {} tokens, the model's vocabulary {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        });
+    }
+    Ok(())
 }

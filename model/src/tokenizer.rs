@@ -108,7 +108,16 @@ impl Tokenizer {
                 split_then_bytes(QWEN2_SPLIT)?
             }
             "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytes(LLAMA3_SPLIT)?,
-            _ => byte_level(true).into(),
+            "gpt2" | "default" => byte_level(true).into(),
+            other => {
+                // the split decides which tokens a text becomes: another than the model's
+                // gives valid but unfamiliar token sequences, so say so once
+                tracing::warn!(
+                    pre = other,
+                    "unknown tokenizer.ggml.pre; splitting text as GPT-2 does (the model may see unusual tokens)"
+                );
+                byte_level(true).into()
+            }
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));

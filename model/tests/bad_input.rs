@@ -87,6 +87,82 @@ fn unknown_architecture_hf_dir() {
     );
 }
 
+/// Header values that would size allocations or divide by zero before any tensor is read,
+/// and RoPE or norm settings that would load a model computing NaN: each refused by name.
+#[test]
+fn absurd_config_values_are_refused_by_name() {
+    let src = common::fixture("tiny-llama");
+    let base: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    let d = scratch();
+    let cases: [(&str, serde_json::Value, &str); 7] = [
+        (
+            "num_attention_heads",
+            0.into(),
+            "num_heads must be positive",
+        ),
+        (
+            "max_position_embeddings",
+            (1u64 << 40).into(),
+            "context_length",
+        ),
+        ("num_hidden_layers", (1u64 << 36).into(), "num_layers"),
+        ("rms_norm_eps", (-1.0).into(), "rms_norm_eps"),
+        (
+            "vocab_size",
+            (1u64 << 62).into(),
+            "vocab_size × hidden_size",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "linear", "factor": 0.0, "rope_theta": 10000.0}),
+            "factor 0",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+                "rope_theta": 10000.0}),
+            "high_freq_factor > low_freq_factor",
+        ),
+    ];
+    for (i, (field, value, named)) in cases.into_iter().enumerate() {
+        let dir = at(&d, &format!("case-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg = base.clone();
+        cfg[field] = value;
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+        let e = load_err(&dir);
+        assert!(matches!(e, ModelError::InvalidModel { .. }), "{field}: {e}");
+        assert!(e.to_string().contains(named), "{field}: {e}");
+    }
+}
+
+/// A GGUF declaring `general.alignment = 0` (candle's reader divides by it) is a malformed
+/// file, not a panic that takes the process down.
+#[test]
+fn a_gguf_aligned_to_zero_is_malformed() {
+    let d = scratch();
+    let p = at(&d, "align0.gguf");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let arch = gguf_file::Value::String("llama".into());
+    let zero = gguf_file::Value::U32(0);
+    gguf_file::write(
+        &mut f,
+        &[
+            ("general.architecture", &arch),
+            ("general.alignment", &zero),
+        ],
+        &[],
+    )
+    .unwrap();
+    f.flush().unwrap();
+    let e = load_err(&p);
+    assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
+    assert!(e.to_string().contains("general.alignment"), "{e}");
+}
+
 #[test]
 fn truncated_safetensors() {
     let d = scratch();

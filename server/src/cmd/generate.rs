@@ -7,6 +7,7 @@ use kvquilt_model::{ChatMessage, ChatTemplate, GenerateOptions, generate_greedy}
 use serde::Serialize;
 
 use crate::model_source::ModelArgs;
+use crate::serve::generation::TextStream;
 
 /// `kvquilt generate` flags.
 #[derive(clap::Args)]
@@ -63,22 +64,20 @@ pub fn run(a: Args) -> Result<()> {
         stop_ids: tok.eos_ids().to_vec(),
     };
     let stream = !a.json;
-    let mut printed = String::new();
-    let mut so_far: Vec<u32> = Vec::new();
+    // pieces as the sidecar streams them: a character split over two tokens is printed once
+    // both arrived
+    let mut pieces = TextStream::new(Vec::new());
     let mut stdout = std::io::stdout();
     // a reader gone (`| head`) ends the printing; reported once generation returns
     let mut write_failed: Option<std::io::Error> = None;
     let generation = generate_greedy(&m.model, &prompt, &opts, |t| {
-        if stream && write_failed.is_none() {
-            so_far.push(t);
-            if let Ok(s) = tok.decode(&so_far, true)
-                && s.len() > printed.len()
-                && s.starts_with(printed.as_str())
-            {
-                let r = write!(stdout, "{}", &s[printed.len()..]).and_then(|()| stdout.flush());
-                write_failed = r.err();
-                printed = s;
-            }
+        if stream
+            && write_failed.is_none()
+            && let Ok((piece, _)) = pieces.push(tok, t)
+            && !piece.is_empty()
+        {
+            let r = write!(stdout, "{piece}").and_then(|()| stdout.flush());
+            write_failed = r.err();
         }
     })?;
     if let Some(e) = write_failed {
@@ -100,9 +99,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         writeln!(stdout, "{}", serde_json::to_string(&out)?).context("writing to stdout")?;
     } else {
-        if printed.len() < text.len() && text.starts_with(printed.as_str()) {
-            write!(stdout, "{}", &text[printed.len()..]).context("writing to stdout")?;
-        }
+        write!(stdout, "{}", pieces.finish(tok)?).context("writing to stdout")?;
         writeln!(stdout).context("writing to stdout")?;
         eprintln!(
             "kvquilt: {} prompt tokens, TTFT {:.1} ms, {} tokens at {:.1} tokens/s",

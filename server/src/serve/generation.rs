@@ -190,7 +190,9 @@ fn log_prob(row: &[f32], id: u32) -> f32 {
     row[id as usize] - log_sum_exp(row)
 }
 
-/// Turns tokens into text released in final pieces, cut at the first stop string.
+/// Turns tokens into text released in final pieces, cut at the first stop string; a piece
+/// never ends inside a character that later tokens complete (the served streams and
+/// `kvquilt generate` print these pieces).
 #[derive(Debug)]
 pub(crate) struct TextStream {
     tokens: Vec<u32>,
@@ -209,7 +211,11 @@ impl TextStream {
     }
 
     /// Adds a token; returns the text now final and whether a stop string ended the text.
-    pub(crate) fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> ApiResult<(String, bool)> {
+    pub(crate) fn push(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+    ) -> kvquilt_model::Result<(String, bool)> {
         self.tokens.push(id);
         let text = tokenizer.decode(&self.tokens, true)?;
         if let Some(at) = self
@@ -245,7 +251,7 @@ impl TextStream {
     }
 
     /// Everything not yet released (at the end of generation).
-    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> ApiResult<String> {
+    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> kvquilt_model::Result<String> {
         let text = tokenizer.decode(&self.tokens, true)?;
         let out = text.get(self.released..).unwrap_or("").to_string();
         self.released = text.len();

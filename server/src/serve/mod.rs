@@ -10,7 +10,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 mod extract;
-mod generation;
+pub(crate) mod generation;
 pub mod metrics;
 pub mod openapi;
 mod pool;
