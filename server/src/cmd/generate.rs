@@ -7,7 +7,7 @@ use kvquilt_model::{ChatMessage, ChatTemplate, GenerateOptions, generate_greedy}
 use serde::Serialize;
 
 use crate::model_source::ModelArgs;
-use crate::serve::generation::TextStream;
+use crate::serve::text_stream::TextStream;
 
 /// `kvquilt generate` flags.
 #[derive(clap::Args)]

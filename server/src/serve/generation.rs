@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::error::ApiResult;
+use super::text_stream::TextStream;
 
 /// How tokens are picked.
 #[derive(Debug, Clone)]
@@ -188,73 +189,4 @@ fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
 
 fn log_prob(row: &[f32], id: u32) -> f32 {
     row[id as usize] - log_sum_exp(row)
-}
-
-/// Turns tokens into text released in final pieces, cut at the first stop string; a piece
-/// never ends inside a character that later tokens complete (the served streams and
-/// `kvquilt generate` print these pieces).
-#[derive(Debug)]
-pub(crate) struct TextStream {
-    tokens: Vec<u32>,
-    /// Bytes of the decoded text already released.
-    released: usize,
-    stops: Vec<String>,
-}
-
-impl TextStream {
-    pub(crate) fn new(stops: Vec<String>) -> Self {
-        Self {
-            tokens: Vec::new(),
-            released: 0,
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-        }
-    }
-
-    /// Adds a token; returns the text now final and whether a stop string ended the text.
-    pub(crate) fn push(
-        &mut self,
-        tokenizer: &Tokenizer,
-        id: u32,
-    ) -> kvquilt_model::Result<(String, bool)> {
-        self.tokens.push(id);
-        let text = tokenizer.decode(&self.tokens, true)?;
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            let out = text.get(self.released..at).unwrap_or("").to_string();
-            self.released = at.max(self.released);
-            return Ok((out, true));
-        }
-        // hold back an incomplete character and any tail that could begin a stop string
-        let mut end = text.len();
-        if text.ends_with('\u{FFFD}') {
-            end = text.trim_end_matches('\u{FFFD}').len();
-        }
-        for s in &self.stops {
-            // (a prefix longer than the text cannot end it)
-            for k in (1..s.len().min(end + 1)).rev() {
-                if s.is_char_boundary(k) && text[..end].ends_with(&s[..k]) {
-                    end = end.min(text[..end].len() - k);
-                    break;
-                }
-            }
-        }
-        if end <= self.released {
-            return Ok((String::new(), false));
-        }
-        let out = text[self.released..end].to_string();
-        self.released = end;
-        Ok((out, false))
-    }
-
-    /// Everything not yet released (at the end of generation).
-    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> kvquilt_model::Result<String> {
-        let text = tokenizer.decode(&self.tokens, true)?;
-        let out = text.get(self.released..).unwrap_or("").to_string();
-        self.released = text.len();
-        Ok(out)
-    }
 }

@@ -10,13 +10,14 @@ pub mod config;
 pub mod connections;
 pub mod error;
 mod extract;
-pub(crate) mod generation;
+mod generation;
 pub mod metrics;
 pub mod openapi;
 mod pool;
 mod routes;
 pub mod state;
 pub mod tenants;
+pub(crate) mod text_stream;
 pub mod tokenizing;
 mod wire;
 

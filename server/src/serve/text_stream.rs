@@ -1,0 +1,230 @@
+//! Generated tokens as text, released in final pieces: what the served streams send and
+//! `kvquilt generate` prints.
+
+use kvquilt_model::{Result, Tokenizer};
+
+/// Turns tokens into text released in final pieces, cut at the first stop string. A piece
+/// never ends inside a character that later tokens complete, nor in a tail that could begin
+/// a stop string.
+///
+/// Each token costs O(1) decoding: only the tokens since the last complete character are
+/// decoded, together with the few before them (`prefix..read`), and the text they add is the
+/// difference — the incremental scheme of vLLM's detokenizer, which also keeps decoders that
+/// treat a sequence's first token specially (SentencePiece's leading space) right. Stop
+/// strings are looked for only where a new one could end. (Before: the whole generation was
+/// decoded again and searched at every token, quadratic in its length.) Pinned by
+/// `text_stream::tests::pieces_join_to_the_whole_decoding_and_never_split_a_character`.
+#[derive(Debug)]
+pub(crate) struct TextStream {
+    tokens: Vec<u32>,
+    /// `tokens[prefix..read]` are decoded again beside the new ones, as their context.
+    prefix: usize,
+    /// `tokens[..read]` have their text in `text`.
+    read: usize,
+    /// The text of `tokens[..read]`: whole characters only.
+    text: String,
+    /// Bytes of `text` already released.
+    released: usize,
+    stops: Vec<String>,
+    /// The longest stop string, in bytes.
+    longest_stop: usize,
+}
+
+impl TextStream {
+    /// A stream that ends at the first of `stops` (empty ones are ignored).
+    pub(crate) fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        Self {
+            tokens: Vec::new(),
+            prefix: 0,
+            read: 0,
+            text: String::new(),
+            released: 0,
+            longest_stop: stops.iter().map(String::len).max().unwrap_or(0),
+            stops,
+        }
+    }
+
+    /// Adds a token; returns the text now final and whether a stop string ended the text.
+    pub(crate) fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<(String, bool)> {
+        self.tokens.push(id);
+        self.advance(tokenizer, false)?;
+        if let Some(at) = self.first_stop() {
+            let out = self.text.get(self.released..at).unwrap_or("").to_string();
+            self.released = at.max(self.released);
+            return Ok((out, true));
+        }
+        // hold back any tail that could begin a stop string
+        let text = self.text.as_str();
+        let mut end = text.len();
+        for s in &self.stops {
+            // (a prefix longer than the text cannot end it)
+            for k in (1..s.len().min(end + 1)).rev() {
+                if s.is_char_boundary(k) && text[..end].ends_with(&s[..k]) {
+                    end -= k;
+                    break;
+                }
+            }
+        }
+        if end <= self.released {
+            return Ok((String::new(), false));
+        }
+        let out = text[self.released..end].to_string();
+        self.released = end;
+        Ok((out, false))
+    }
+
+    /// Everything not yet released (at the end of generation), an incomplete last
+    /// character included (as the tokenizer decodes it).
+    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        self.advance(tokenizer, true)?;
+        let out = self.text.get(self.released..).unwrap_or("").to_string();
+        self.released = self.text.len();
+        Ok(out)
+    }
+
+    /// Appends the text of the tokens past `read` once it ends a character (or always, with
+    /// `force`).
+    fn advance(&mut self, tokenizer: &Tokenizer, force: bool) -> Result<()> {
+        if self.read == self.tokens.len() {
+            return Ok(());
+        }
+        let before = tokenizer.decode(&self.tokens[self.prefix..self.read], true)?;
+        let now = tokenizer.decode(&self.tokens[self.prefix..], true)?;
+        let complete = !now.ends_with('\u{FFFD}');
+        match now.get(before.len()..) {
+            Some(new) if now.starts_with(before.as_str()) && (complete || force) => {
+                self.text.push_str(new);
+                self.prefix = self.read;
+                self.read = self.tokens.len();
+            }
+            // a decoder whose text of the context changed with the new tokens: the whole
+            // generation decoded once more, keeping what was released
+            _ if force || complete => {
+                let all = tokenizer.decode(&self.tokens, true)?;
+                if all.starts_with(&self.text[..self.released]) {
+                    self.text = all;
+                    self.prefix = self.tokens.len().saturating_sub(1);
+                    self.read = self.tokens.len();
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Where the first stop string begins, looking only where one could end in the text
+    /// appended since the last look (any earlier one would have ended the stream then).
+    fn first_stop(&self) -> Option<usize> {
+        if self.stops.is_empty() {
+            return None;
+        }
+        let mut from = self.released.saturating_sub(self.longest_stop);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let tail = &self.text[from..];
+        self.stops
+            .iter()
+            .filter_map(|s| tail.find(s.as_str()))
+            .min()
+            .map(|at| from + at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The tiny chat model's byte-level tokenizer (a character of several bytes is several
+    /// tokens).
+    fn tokenizer() -> Tokenizer {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../model/tests/fixtures/tiny-chat/tokenizer.json");
+        Tokenizer::from_file(&path, Vec::new(), None).expect("the fixture's tokenizer")
+    }
+
+    fn pieces(t: &Tokenizer, ids: &[u32], stops: &[&str]) -> (Vec<String>, bool) {
+        let mut s = TextStream::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = Vec::new();
+        for &id in ids {
+            let (piece, stopped) = s.push(t, id).unwrap();
+            out.push(piece);
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push(s.finish(t).unwrap());
+        (out, false)
+    }
+
+    #[test]
+    fn pieces_join_to_the_whole_decoding_and_never_split_a_character() {
+        let t = tokenizer();
+        for text in [
+            "plain words, then some more of them",
+            "héllo wörld — naïve 🎉 café 日本語",
+            "🎉🎉",
+            "",
+        ] {
+            let ids = t.encode_piece(text).unwrap();
+            let (out, stopped) = pieces(&t, &ids, &[]);
+            assert!(!stopped);
+            for p in &out {
+                assert!(!p.contains('\u{FFFD}'), "{text:?}: a piece {p:?}");
+            }
+            assert_eq!(out.concat(), t.decode(&ids, true).unwrap(), "{text:?}");
+            if text.contains('🎉') {
+                assert!(
+                    ids.len() > text.chars().count(),
+                    "characters of several tokens"
+                );
+            }
+        }
+        // an incomplete last character is flushed as the tokenizer decodes it
+        let ids = t.encode_piece("ok 🎉").unwrap();
+        let cut = &ids[..ids.len() - 1];
+        assert_eq!(
+            pieces(&t, cut, &[]).0.concat(),
+            t.decode(cut, true).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_stop_string_ends_the_text_before_it_and_its_beginning_is_held_back() {
+        let t = tokenizer();
+        let text = "héllo wörld, and then the END OF TEXT marker, and more";
+        let ids = t.encode_piece(text).unwrap();
+        for (stops, before) in [
+            (&["wör"][..], "héllo "),
+            (&["END OF TEXT", "never"][..], "héllo wörld, and then the "),
+            (&["never", "é"][..], "h"),
+        ] {
+            let (out, stopped) = pieces(&t, &ids, stops);
+            assert!(stopped, "{stops:?}");
+            assert_eq!(out.concat(), before, "{stops:?}");
+            // nothing of a stop string was ever released
+            for s in stops {
+                assert!(out.iter().all(|p| !p.contains(s)), "{s:?}");
+            }
+        }
+        // a stop string's beginning is held back until it is known not to be one
+        let (out, stopped) = pieces(&t, &ids, &["END OF TEXX"]);
+        assert!(!stopped);
+        assert_eq!(out.concat(), text);
+        let end_at = out
+            .iter()
+            .scan(0, |n, p| {
+                *n += p.len();
+                Some(*n)
+            })
+            .collect::<Vec<_>>();
+        let end = text.find("END OF TEX").unwrap();
+        assert!(
+            !end_at.contains(&(end + "END OF TEX".len())),
+            "a prefix of the stop string was released as it arrived"
+        );
+    }
+}
