@@ -58,7 +58,12 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     }
     let g = crate::gguf::load(path, dtype, device)?;
     check_vocab(&g.tokenizer, &g.config, path)?;
-    let chat_template = chat_template(g.chat_template.as_deref(), Some(&g.tokenizer), path)?;
+    let chat_template = chat_template(
+        g.chat_template.as_deref(),
+        chat_bos(Some(&g.tokenizer)),
+        chat_eos(Some(&g.tokenizer)),
+        path,
+    )?;
     Ok(LoadedModel {
         model: Model::new(g.config, g.weights, device.clone(), dtype)?,
         tokenizer: Some(g.tokenizer),
@@ -126,17 +131,27 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
         None
     };
     let tc_path = dir.join("tokenizer_config.json");
-    let source = std::fs::read_to_string(&tc_path).ok().and_then(|s| {
-        serde_json::from_str::<serde_json::Value>(&s)
-            .ok()?
-            .get("chat_template")?
-            .as_str()
+    let tc = std::fs::read_to_string(&tc_path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let field = |name: &str| -> Option<String> {
+        let v = tc.as_ref()?.get(name)?;
+        // a token is written as its text or as `{"content": text, ...}`
+        v.as_str()
+            .or_else(|| v.get("content")?.as_str())
             .map(str::to_string)
-    });
+    };
     if let Some(t) = &tokenizer {
         check_vocab(t, &config, dir)?;
     }
-    let chat_template = chat_template(source.as_deref(), tokenizer.as_ref(), dir)?;
+    // the template's `bos_token`/`eos_token` as tokenizer_config.json names them (an
+    // instruct model's end of turn, where config.json's EOS ids start with another token)
+    let chat_template = chat_template(
+        field("chat_template").as_deref(),
+        field("bos_token").or_else(|| chat_bos(tokenizer.as_ref())),
+        field("eos_token").or_else(|| chat_eos(tokenizer.as_ref())),
+        dir,
+    )?;
     Ok(LoadedModel {
         model: Model::new(config, weights, device.clone(), dtype)?,
         tokenizer,
@@ -164,25 +179,21 @@ fn eos_ids(config_json: &str) -> Vec<u32> {
     }
 }
 
-/// The model's chat template (`source`), rendering `bos_token` and `eos_token` as the
-/// tokenizer's, and rendered once here: a template that cannot render a system and a user
+/// The model's chat template (`source`), rendering `bos_token` and `eos_token` as `bos`
+/// and `eos` (empty when unknown), and rendered once here: a template that cannot render a system and a user
 /// message is logged now (every chat request would fail on it, naming the template's error),
 /// not found out by the first request. `None` without a source (plain ChatML then).
 fn chat_template(
     source: Option<&str>,
-    tokenizer: Option<&Tokenizer>,
+    bos: Option<String>,
+    eos: Option<String>,
     path: &Path,
 ) -> Result<Option<ChatTemplate>> {
     let Some(source) = source else {
         return Ok(None);
     };
-    let text = |id: Option<u32>| {
-        id.and_then(|id| tokenizer?.inner().id_to_token(id))
-            .unwrap_or_default()
-    };
-    let bos = text(tokenizer.and_then(Tokenizer::bos_id));
-    let eos = text(tokenizer.and_then(|t| t.eos_ids().first().copied()));
-    let template = ChatTemplate::new(source)?.with_special_tokens(&bos, &eos);
+    let template = ChatTemplate::new(source)?
+        .with_special_tokens(&bos.unwrap_or_default(), &eos.unwrap_or_default());
     if let Err(e) = template.check() {
         tracing::warn!(
             model = %path.display(),
@@ -191,6 +202,18 @@ fn chat_template(
         );
     }
     Ok(Some(template))
+}
+
+/// The text of the tokenizer's BOS token.
+fn chat_bos(tokenizer: Option<&Tokenizer>) -> Option<String> {
+    let t = tokenizer?;
+    t.inner().id_to_token(t.bos_id()?)
+}
+
+/// The text of the tokenizer's first EOS token.
+fn chat_eos(tokenizer: Option<&Tokenizer>) -> Option<String> {
+    let t = tokenizer?;
+    t.inner().id_to_token(*t.eos_ids().first()?)
 }
 
 /// Every token id the tokenizer can produce has an embedding row: a tokenizer larger than

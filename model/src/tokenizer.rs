@@ -238,6 +238,15 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
+    /// Whether the decoder is byte-level (GPT-2's): [`Tokenizer::token_bytes`] then gives
+    /// every token's own bytes, pieces of characters included.
+    pub fn is_byte_level(&self) -> bool {
+        matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        )
+    }
+
     /// The bytes token `id` stands for, also where it is a piece of a UTF-8 character (which
     /// [`Tokenizer::decode`] of it alone turns into U+FFFD): a byte-level token's characters
     /// mapped back to their bytes, a special token's text. Empty for an unknown id.
@@ -245,11 +254,7 @@ impl Tokenizer {
         let Some(token) = self.inner.id_to_token(id) else {
             return Vec::new();
         };
-        let byte_level = matches!(
-            self.inner.get_decoder(),
-            Some(tokenizers::DecoderWrapper::ByteLevel(_))
-        );
-        if byte_level && !self.specials.contains(&token) {
+        if self.is_byte_level() && !self.specials.contains(&token) {
             let bytes: Option<Vec<u8>> = token.chars().map(byte_of_char).collect();
             if let Some(bytes) = bytes {
                 return bytes;

@@ -131,6 +131,10 @@ fn absurd_config_values_are_refused_by_name() {
         std::fs::create_dir_all(&dir).unwrap();
         let mut cfg = base.clone();
         cfg[field] = value;
+        // (0 heads: without `head_dim`, which is then derived by dividing by them)
+        if field == "num_attention_heads" {
+            cfg.as_object_mut().unwrap().remove("head_dim");
+        }
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
         std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
         let e = load_err(&dir);

@@ -57,7 +57,13 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         a.prompt.clone()
     };
-    let prompt = tok.encode(&text)?;
+    // a rendered conversation opens as its template says (`bos_token` included where the
+    // template writes it), as the sidecar tokenizes it; a plain prompt gets the model's BOS
+    let prompt = if a.chat {
+        tok.encode_piece(&text)?
+    } else {
+        tok.encode(&text)?
+    };
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         top_k: 5,

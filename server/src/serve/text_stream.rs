@@ -75,11 +75,13 @@ impl TextStream {
     }
 
     /// Everything not yet released (at the end of generation), an incomplete last
-    /// character included (as the tokenizer decodes it).
+    /// character included (as the tokenizer decodes it), cut at a stop string that text
+    /// completes.
     pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
         self.advance(tokenizer, true)?;
-        let out = self.text.get(self.released..).unwrap_or("").to_string();
-        self.released = self.text.len();
+        let end = self.first_stop().unwrap_or(self.text.len());
+        let out = self.text.get(self.released..end).unwrap_or("").to_string();
+        self.released = end.max(self.released);
         Ok(out)
     }
 
@@ -91,24 +93,51 @@ impl TextStream {
         }
         let before = tokenizer.decode(&self.tokens[self.prefix..self.read], true)?;
         let now = tokenizer.decode(&self.tokens[self.prefix..], true)?;
-        let complete = !now.ends_with('\u{FFFD}');
+        let complete = if tokenizer.is_byte_level() {
+            // the new tokens' own bytes (the text before them ends a character): a U+FFFD
+            // the model wrote is a character like any other
+            let bytes: Vec<u8> = self.tokens[self.read..]
+                .iter()
+                .flat_map(|&id| tokenizer.token_bytes(id))
+                .collect();
+            !matches!(std::str::from_utf8(&bytes), Err(e) if e.error_len().is_none())
+        } else {
+            !now.ends_with('\u{FFFD}')
+        };
+        if !(complete || force) {
+            return Ok(());
+        }
         match now.get(before.len()..) {
-            Some(new) if now.starts_with(before.as_str()) && (complete || force) => {
+            Some(new) if now.starts_with(before.as_str()) => {
                 self.text.push_str(new);
-                self.prefix = self.read;
+                // the context of the next tokens: these, unless they decode to nothing
+                // (special tokens, skipped), whose context would then be none — a
+                // SentencePiece decoder would strip the next word's leading space
+                if !new.is_empty() {
+                    self.prefix = self.read;
+                }
                 self.read = self.tokens.len();
             }
             // a decoder whose text of the context changed with the new tokens: the whole
-            // generation decoded once more, keeping what was released
-            _ if force || complete => {
-                let all = tokenizer.decode(&self.tokens, true)?;
-                if all.starts_with(&self.text[..self.released]) {
-                    self.text = all;
-                    self.prefix = self.tokens.len().saturating_sub(1);
-                    self.read = self.tokens.len();
+            // generation decoded once more. Released text stays released: should the new
+            // decoding disagree with it (no decoder kvquilt loads does), the stream goes on
+            // from the same byte count rather than stalling.
+            _ => {
+                let mut all = tokenizer.decode(&self.tokens, true)?;
+                if !all.starts_with(&self.text[..self.released]) {
+                    tracing::warn!(
+                        "the tokenizer's text of earlier tokens changed; the stream goes on"
+                    );
+                    let mut at = self.released.min(all.len());
+                    while !all.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    all.replace_range(..at, &self.text[..self.released]);
                 }
+                self.text = all;
+                self.prefix = self.tokens.len().saturating_sub(1);
+                self.read = self.tokens.len();
             }
-            _ => {}
         }
         Ok(())
     }
@@ -190,6 +219,60 @@ mod tests {
             pieces(&t, cut, &[]).0.concat(),
             t.decode(cut, true).unwrap()
         );
+    }
+
+    /// A SentencePiece-style decoder (Metaspace: `▁` is a space, stripped at a text's
+    /// start) over a special token that decodes to nothing: the word after it keeps its
+    /// space, as decoding every token at once gives.
+    #[test]
+    fn a_skipped_special_token_leaves_the_next_word_its_space() {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 3, "content": "<sep>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+            "post_processor": null,
+            "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+            "model": {"type": "WordLevel", "vocab": {"▁Hello": 0, "▁world": 1, "<unk>": 2,
+                "<sep>": 3, "▁again": 4}, "unk_token": "<unk>"}}"#;
+        let path =
+            std::env::temp_dir().join(format!("kvquilt-metaspace-{}.json", std::process::id()));
+        std::fs::write(&path, json).unwrap();
+        let t = Tokenizer::from_file(&path, Vec::new(), None);
+        let _ = std::fs::remove_file(&path);
+        let t = t.expect("a Metaspace tokenizer");
+        assert!(!t.is_byte_level());
+        let ids = [0, 3, 1, 3, 3, 4];
+        let whole = t.decode(&ids, true).unwrap();
+        assert_eq!(whole, "Hello world again");
+        assert_eq!(pieces(&t, &ids, &[]).0.concat(), whole);
+        assert_eq!(pieces(&t, &ids, &["again"]).0.concat(), "Hello world ");
+    }
+
+    /// A U+FFFD the model writes (its three bytes, whole) is text like any other: released
+    /// at once, not held back as an unfinished character.
+    #[test]
+    fn a_written_replacement_character_is_released() {
+        let t = tokenizer();
+        let ids = t.encode_piece("a\u{FFFD}\u{FFFD}").unwrap();
+        let mut s = TextStream::new(Vec::new());
+        let mut out = String::new();
+        for &id in &ids {
+            out += &s.push(&t, id).unwrap().0;
+        }
+        assert_eq!(out, "a\u{FFFD}\u{FFFD}", "released before the end");
+    }
+
+    /// A stop string completed by the text an incomplete last character held back is cut
+    /// at the end too.
+    #[test]
+    fn the_flushed_end_is_cut_at_a_stop_string() {
+        let t = tokenizer();
+        let ids = t.encode_piece("say STOP🎉").unwrap();
+        let cut = &ids[..ids.len() - 1];
+        let (out, stopped) = pieces(&t, cut, &["P\u{FFFD}"]);
+        assert!(!stopped);
+        assert_eq!(out.concat(), "say STO");
     }
 
     #[test]
