@@ -64,6 +64,10 @@ def main():
             "agree": statistics.fmean(d["answer_token_agreement"] for d in ds),
             "ttft": statistics.median(d["ttft_ms"] for d in ds),
             "recompute": statistics.fmean(d["recompute_fraction"] for d in ds),
+            # a codec row's agreement with the same configuration read raw (parts written
+            # before these fields existed lack them: no column then, not a wrong one)
+            "kl_vs_raw": mean_or_none([d.get("kl_vs_raw") for d in ds]),
+            "agree_vs_raw": mean_or_none([d.get("agreement_vs_raw") for d in ds]),
         }
 
     full = stats(by_config["full"])
@@ -93,6 +97,8 @@ def main():
                 "ttft_ms_median": s["ttft"],
                 "ttft_speedup_vs_full": full["ttft"] / s["ttft"],
                 "recompute_fraction": s["recompute"],
+                "kl_vs_raw": s["kl_vs_raw"],
+                "agreement_vs_raw": s["agree_vs_raw"],
             }
         )
 
@@ -112,11 +118,27 @@ def main():
             f"{r['ttft_ms_median']:.0f} | {r['ttft_speedup_vs_full']:.1f}× | "
             f"{r['recompute_fraction']:.3f} |"
         )
+    against_raw = [r for r in rows if r["kl_vs_raw"] is not None]
+    if against_raw:
+        print()
+        print("| mode | codec | variant | ratio | KL vs raw | agreement vs raw |")
+        print("|---|---|---|---|---|---|")
+        for r in against_raw:
+            print(
+                f"| {r['mode']} | {r['codec']} | {r['variant'] or '–'} | "
+                f"{'–' if r['ratio'] is None else fmt_ratio(r['ratio'])} | "
+                f"{r['kl_vs_raw']:.4f} | {r['agreement_vs_raw']:.2f} |"
+            )
     if args.json:
         merged = dict(first, examples=examples, rows=rows, details=details)
         merged.pop("prompt_tokens_median", None)
         with open(args.json, "w") as f:
             json.dump(merged, f, indent=2)
+
+
+def mean_or_none(xs):
+    """The mean of `xs`, or None when any is missing."""
+    return None if not xs or any(x is None for x in xs) else statistics.fmean(xs)
 
 
 def fmt_ratio(r):

@@ -166,11 +166,7 @@ pub(crate) fn run(
         let mut decoding = Duration::ZERO;
         for _ in 0..a.new_tokens {
             let mut row = ref_logits[ref_logits.len() - 1].clone();
-            for &s in stop_ids {
-                if let Some(x) = row.get_mut(s as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
+            rule_out(&mut row, stop_ids);
             let next = argmax(&row);
             ref_tokens.push(next);
             if ref_tokens.len() == a.new_tokens {
@@ -201,7 +197,10 @@ pub(crate) fn run(
                 // (the logits' copy to the host waits for the step's work on a device)
                 let logits = d.step(model, ref_tokens[t])?.to_vec1::<f32>()?;
                 decoding += t0.elapsed();
-                agree += (argmax(&logits) == ref_tokens[t + 1]) as usize;
+                // (ranked as the reference was: end-of-turn ruled out)
+                let mut masked = logits.clone();
+                rule_out(&mut masked, stop_ids);
+                agree += (argmax(&masked) == ref_tokens[t + 1]) as usize;
                 kl += metrics::kl_divergence(&ref_logits[t + 1], &logits);
             }
             let steps = (a.new_tokens - 1) as f64;
@@ -290,4 +289,14 @@ pub(crate) fn run(
         );
     }
     super::write_json(&report, json)
+}
+
+/// Sets the logits of `ids` to −∞ (end-of-turn ruled out: the reference and every variant
+/// rank tokens alike).
+fn rule_out(row: &mut [f32], ids: &[u32]) {
+    for &id in ids {
+        if let Some(x) = row.get_mut(id as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
 }

@@ -60,7 +60,11 @@ pub(crate) fn contains_gold(prediction: &str, golds: &[String]) -> bool {
     })
 }
 
-/// KL(P‖Q) in nats between the softmax distributions of two logit rows.
+/// KL(P‖Q) in nats between the softmax distributions of two logit rows: P is the
+/// reference's (full prefill, full KV), Q the mode's. A token P gives no mass (a logit of
+/// −∞) adds nothing; one Q gives none where P gives some makes it +∞; a NaN logit in either
+/// row makes it NaN — never a perfect 0 (an average over examples then shows NaN, and the
+/// calibration gate's `KL ≤ bound` fails).
 pub(crate) fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let log_softmax = |x: &[f32]| -> Vec<f64> {
         let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
@@ -68,14 +72,24 @@ pub(crate) fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         x.iter().map(|&v| v as f64 - z).collect()
     };
     let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter()
+    let kl = lp
+        .iter()
         .zip(&lq)
-        .map(|(a, b)| a.exp() * (a - b))
-        .sum::<f64>()
-        .max(0.0)
+        .map(|(&a, &b)| {
+            if a == f64::NEG_INFINITY {
+                0.0
+            } else {
+                a.exp() * (a - b)
+            }
+        })
+        .sum::<f64>();
+    // (rounding leaves an exact match a hair below 0)
+    if kl.is_nan() { kl } else { kl.max(0.0) }
 }
 
-/// Fraction of the reference's tokens that the other sequence has at the same place.
+/// Positional token agreement: the positions where both sequences hold the same token, over
+/// the longer one's length (1 for two empty ones). Positions past a first difference count
+/// too, and a shorter answer costs the positions it lacks.
 pub(crate) fn token_agreement(reference: &[u32], other: &[u32]) -> f64 {
     if reference.is_empty() {
         return other.is_empty() as u8 as f64;
@@ -110,5 +124,16 @@ mod tests {
         assert_eq!(token_agreement(&[1, 2, 3, 4], &[1, 2, 9, 4]), 0.75);
         assert_eq!(token_agreement(&[1, 2], &[1, 2, 3, 4]), 0.5);
         assert_eq!(token_agreement(&[], &[]), 1.0);
+        // a token the reference rules out adds nothing; one the mode rules out is +∞; NaN
+        // is never a perfect score
+        let inf = f32::NEG_INFINITY;
+        assert!(kl_divergence(&[1.0, 2.0, inf], &[1.0, 2.0, 0.5]).is_finite());
+        assert!(kl_divergence(&[1.0, 2.0, inf], &[1.0, 2.0, inf]) < 1e-12);
+        assert_eq!(
+            kl_divergence(&[1.0, 2.0, 3.0], &[1.0, 2.0, inf]),
+            f64::INFINITY
+        );
+        assert!(kl_divergence(&p, &[1.0, f32::NAN, 3.0]).is_nan());
+        assert!(kl_divergence(&[1.0, f32::NAN, 3.0], &p).is_nan());
     }
 }

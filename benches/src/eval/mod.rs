@@ -250,6 +250,12 @@ struct Detail {
     answer_token_agreement: f64,
     ttft_ms: f64,
     recompute_fraction: f64,
+    /// A codec row's first-token KL and answer agreement against the same configuration
+    /// read raw (what a split run's merge averages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kl_vs_raw: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement_vs_raw: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -842,12 +848,17 @@ pub fn run(a: Args) -> Result<()> {
                 ..cfg.clone()
             }
             .label();
+            let mut vs_raw = None;
             if cfg.codec == 0 {
                 raw_rows.insert(base, (logits.clone(), generation.clone()));
             } else if let Some((l, toks)) = raw_rows.get(&base) {
-                t.kl_vs_raw.push(metrics::kl_divergence(l, &logits));
-                t.agreement_vs_raw
-                    .push(metrics::token_agreement(toks, &generation));
+                let (kl, agreement) = (
+                    metrics::kl_divergence(l, &logits),
+                    metrics::token_agreement(toks, &generation),
+                );
+                t.kl_vs_raw.push(kl);
+                t.agreement_vs_raw.push(agreement);
+                vs_raw = Some((kl, agreement));
             }
             details.push(Detail {
                 example: a.skip + ei,
@@ -860,6 +871,8 @@ pub fn run(a: Args) -> Result<()> {
                 answer_token_agreement: agreement,
                 ttft_ms: out.ttft_ms,
                 recompute_fraction: out.recompute_fraction,
+                kl_vs_raw: vs_raw.map(|v| v.0),
+                agreement_vs_raw: vs_raw.map(|v| v.1),
             });
             bar.inc(1);
         }
