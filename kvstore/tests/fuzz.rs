@@ -116,21 +116,38 @@ fn check(bytes: &[u8], want: &KvObject, exact: bool) {
     }
 }
 
-/// A forged header whose last layer claims more bytes than its codec can store for it (the
-/// checksum recomputed, as anyone can) is refused before a reader sizes a buffer or names
-/// stripes by that length: a remote reader would otherwise allocate or list keys for it.
+/// An encoded object of codec number `codec` (of [`encoded`]'s list), its header, where its
+/// last layer's stored length sits in the header (offset, stored_len, raw_len, checksum: that
+/// length moves no later offset) and the length itself.
+fn last_layer_length(codec: usize) -> (Vec<u8>, ObjectHeader, usize, u64) {
+    use kvquilt_kvstore::object::{CHECKSUM_LEN, LAYER_ENTRY_LEN};
+    let (_, good) = encoded(7, 33, codec);
+    let h = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+    let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
+    let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
+    let (header, _) = decode_header(&good).unwrap();
+    (good, header, at, stored)
+}
+
+/// `good` with the length at `at` set to `claimed` and the header resealed (as anyone can:
+/// BLAKE3 without a key) must be refused as corrupt, the message saying `why`.
+fn assert_forged_length_refused(good: &[u8], at: usize, claimed: u64, why: &str) {
+    let mut forged = good.to_vec();
+    forged[at..at + 8].copy_from_slice(&claimed.to_le_bytes());
+    reseal(&mut forged);
+    match decode_header(&forged) {
+        Err(kvquilt_kvstore::StoreError::Corrupt(m)) => assert!(m.contains(why), "{m}"),
+        other => panic!("{claimed} bytes read as {other:?}"),
+    }
+}
+
+/// A forged header whose last layer claims more bytes than its codec can store for it is
+/// refused before a reader sizes a buffer or names stripes by that length: a remote reader
+/// would otherwise allocate or list keys for it.
 #[test]
 fn forged_record_lengths_past_what_the_codec_stores_are_refused() {
-    use kvquilt_kvstore::StoreError;
-    use kvquilt_kvstore::object::{CHECKSUM_LEN, LAYER_ENTRY_LEN};
     for codec in 0..7 {
-        let (_, good) = encoded(7, 33, codec);
-        let h = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
-        // the last layer's entry (offset, stored_len, raw_len, checksum): its length moves
-        // no later offset
-        let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
-        let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
-        let (header, _) = decode_header(&good).unwrap();
+        let (good, header, at, stored) = last_layer_length(codec);
         let most = header.codec.max_stored_len(&shape_of(&header)) as u64;
         assert!(
             stored <= most,
@@ -138,13 +155,29 @@ fn forged_record_lengths_past_what_the_codec_stores_are_refused() {
             header.codec
         );
         for claimed in [most + 1, 1 << 50, u64::MAX / 2] {
-            let mut forged = good.clone();
-            forged[at..at + 8].copy_from_slice(&claimed.to_le_bytes());
-            reseal(&mut forged);
-            match decode_header(&forged) {
-                Err(StoreError::Corrupt(m)) => assert!(m.contains("more than"), "{m}"),
-                other => panic!("{}: {claimed} bytes read as {other:?}", header.codec),
-            }
+            assert_forged_length_refused(&good, at, claimed, "more than");
+        }
+    }
+}
+
+/// The other way round: a forged header whose layer claims fewer bytes than any record of its
+/// codec could decode from to the layout's size is refused too. A decoder sizes its output by
+/// the layout, so such a header — a large layout over records of a few bytes each — would
+/// otherwise make a reader allocate without bound (lz4 expands at most 255×; the quantising
+/// codecs' records have one exact length).
+#[test]
+fn forged_record_lengths_short_of_what_the_codec_stores_are_refused() {
+    for codec in 0..7 {
+        let (good, header, at, stored) = last_layer_length(codec);
+        let least = header.codec.min_stored_len(&shape_of(&header)) as u64;
+        assert!(least > 0, "{}: a layer of 33 tokens", header.codec);
+        assert!(
+            stored >= least,
+            "{}: a real record below the bound",
+            header.codec
+        );
+        for claimed in [least - 1, 0] {
+            assert_forged_length_refused(&good, at, claimed, "fewer than");
         }
     }
 }
@@ -160,40 +193,6 @@ fn shape_of(header: &ObjectHeader) -> kvquilt_compression::LayerShape {
             KvDType::F16 => kvquilt_compression::ElemType::F16,
             KvDType::BF16 => kvquilt_compression::ElemType::Bf16,
         },
-    }
-}
-
-/// The other way round: a forged header whose layer claims fewer bytes than any record of its
-/// codec could decode from to the layout's size is refused too. A decoder sizes its output by
-/// the layout, so such a header — a large layout over records of a few bytes each — would
-/// otherwise make a reader allocate without bound (lz4 expands at most 255×; the quantising
-/// codecs' records have one exact length).
-#[test]
-fn forged_record_lengths_short_of_what_the_codec_stores_are_refused() {
-    use kvquilt_kvstore::StoreError;
-    use kvquilt_kvstore::object::{CHECKSUM_LEN, LAYER_ENTRY_LEN};
-    for codec in 0..7 {
-        let (_, good) = encoded(7, 33, codec);
-        let h = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
-        let at = h - CHECKSUM_LEN - LAYER_ENTRY_LEN + 8;
-        let stored = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
-        let (header, _) = decode_header(&good).unwrap();
-        let least = header.codec.min_stored_len(&shape_of(&header)) as u64;
-        assert!(least > 0, "{}: a layer of 33 tokens", header.codec);
-        assert!(
-            stored >= least,
-            "{}: a real record below the bound",
-            header.codec
-        );
-        for claimed in [least - 1, 0] {
-            let mut forged = good.clone();
-            forged[at..at + 8].copy_from_slice(&claimed.to_le_bytes());
-            reseal(&mut forged);
-            match decode_header(&forged) {
-                Err(StoreError::Corrupt(m)) => assert!(m.contains("fewer than"), "{m}"),
-                other => panic!("{}: {claimed} bytes read as {other:?}", header.codec),
-            }
-        }
     }
 }
 
