@@ -4,26 +4,46 @@ use candle_core::Device;
 
 use crate::error::{ModelError, Result};
 
-/// `cpu`, `cuda` (GPU 0) or `cuda:N`. CUDA needs a build with the `gpu` feature.
+/// What a device name asks for (`cpu`, `cuda`/`gpu` for the first GPU, `cuda:N`), read
+/// without opening the device: a config is checked by it before any model loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    /// The host's CPU.
+    Cpu,
+    /// CUDA device number N.
+    Cuda(usize),
+}
+
+impl DeviceName {
+    /// Parses a device name.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Self::Cuda(i)),
+                _ => Err(ModelError::InvalidInput(format!(
+                    "unknown device `{name}` (expected cpu, cuda or cuda:N)"
+                ))),
+            },
+        }
+    }
+}
+
+/// `cpu`, `cuda` (GPU 0) or `cuda:N`, opened ([`DeviceName`]). CUDA needs a build with the
+/// `gpu` feature.
 pub fn parse_device(name: &str) -> Result<Device> {
-    let cuda = |i: usize| {
-        let device = Device::new_cuda(i).map_err(|e| {
-            ModelError::InvalidInput(format!(
-                "device `{name}`: {e} (CUDA needs a kvquilt built with `--features gpu` and a GPU)"
-            ))
-        })?;
-        skip_event_tracking(&device)?;
-        Ok(device)
-    };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => cuda(0),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i),
-            _ => Err(ModelError::InvalidInput(format!(
-                "unknown device `{name}` (expected cpu, cuda or cuda:N)"
-            ))),
-        },
+    match DeviceName::parse(name)? {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda(i) => {
+            let device = Device::new_cuda(i).map_err(|e| {
+                ModelError::InvalidInput(format!(
+                    "device `{name}`: {e} (CUDA needs a kvquilt built with `--features gpu` and a GPU)"
+                ))
+            })?;
+            skip_event_tracking(&device)?;
+            Ok(device)
+        }
     }
 }
 

@@ -60,7 +60,7 @@ pub use bf16linear::CpuMatmulPrecision;
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, MAX_CONTEXT, MAX_LAYERS, ModelConfig, RopeScaling};
-pub use device::{bind_to_thread, parse_device, settle_cpu_threads};
+pub use device::{DeviceName, bind_to_thread, parse_device, settle_cpu_threads};
 pub use error::{ModelError, Result};
 pub use generate::{
     FinishReason, GenerateOptions, Generation, argmax, continue_greedy, generate_greedy,

@@ -307,37 +307,78 @@ impl RemoteSettings {
             .record_layout
             .parse()
             .map_err(|e: String| anyhow::anyhow!("store.remote.record_layout: {e}"))?;
-        if self.seeds.is_empty() {
-            return Ok(None);
-        }
         if self.stripe_bytes < 4096 || self.stripe_bytes > 512 << 20 {
             bail!("store.remote.stripe_bytes must be between 4096 and 536870912");
         }
         if self.op_timeout_min_ms == 0 || self.op_timeout_min_ms > self.op_timeout_max_ms {
             bail!("store.remote: need 0 < op_timeout_min_ms <= op_timeout_max_ms");
         }
-        if self.window == 0 || self.queue == 0 || self.ttl_s == 0 {
-            bail!("store.remote: window, queue and ttl_s must be at least 1");
+        // each within what it can mean (and what the caches and queues built from it
+        // accept: moka refuses a time to live past 1,000 years, tokio a queue past 2^61)
+        const HOUR_MS: u64 = 3_600_000;
+        for (name, v, least, most) in [
+            ("op_timeout_max_ms", self.op_timeout_max_ms, 1, HOUR_MS),
+            ("connect_timeout_ms", self.connect_timeout_ms, 1, HOUR_MS),
+            ("negative_ttl_ms", self.negative_ttl_ms, 0, 24 * HOUR_MS),
+            ("breaker_open_ms", self.breaker_open_ms, 1, 24 * HOUR_MS),
+            ("ttl_s", self.ttl_s, 1, 10 * 365 * 86_400),
+            ("window", self.window as u64, 1, 4096),
+            ("queue", self.queue as u64, 1, 1_000_000),
+            (
+                "breaker_failures",
+                self.breaker_failures as u64,
+                1,
+                1_000_000,
+            ),
+        ] {
+            if !(least..=most).contains(&v) {
+                bail!("store.remote.{name} must be {least}..={most} (got {v})");
+            }
+        }
+        let codec = codecs.remote_codec()?;
+        for node in self
+            .seeds
+            .iter()
+            .chain(self.address_map.iter().flat_map(|(k, v)| [k, v]))
+        {
+            if !is_host_port(node) {
+                bail!("store.remote: {node:?} is not a `host:port` address (seeds, address_map)");
+            }
+        }
+        if self.seeds.is_empty() {
+            return Ok(None);
         }
         Ok(Some(kvquilt_kvstore::RemoteConfig {
             namespace: self.namespace.clone(),
             stripe_bytes: self.stripe_bytes,
             window: self.window,
             layout,
-            connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             op_timeout_min: Duration::from_millis(self.op_timeout_min_ms),
             op_timeout_max: Duration::from_millis(self.op_timeout_max_ms),
             ttl: Duration::from_secs(self.ttl_s),
             queue: self.queue,
             negative_ttl: Duration::from_millis(self.negative_ttl_ms),
-            breaker_failures: self.breaker_failures.max(1),
-            breaker_open: Duration::from_millis(self.breaker_open_ms.max(1)),
-            codec: codecs.remote_codec()?,
+            breaker_failures: self.breaker_failures,
+            breaker_open: Duration::from_millis(self.breaker_open_ms),
+            codec,
             serve_lossy: codecs.allow_lossy,
             ..kvquilt_kvstore::RemoteConfig::default()
         }))
     }
 }
+
+/// Whether `s` reads as `host:port`: a non-empty host, and a port number.
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// The most model workers a sidecar runs (each holds a model's working memory).
+const MAX_WORKERS: usize = 256;
+
+/// The most tokens a request may be allowed (16 Mi; a model's context is far below).
+const MAX_REQUEST_TOKENS: usize = 1 << 24;
 
 /// Codecs of the store's tiers: the SSD tier encodes what it writes with `ssd`; the host
 /// tier holds exact objects encoded with `host` (raw: decoded, the default). The device
@@ -658,7 +699,48 @@ impl Config {
                 bail!("tenant `{}` has no tokens", t.name);
             }
         }
+        kvquilt_model::DeviceName::parse(&self.device)?;
+        if let Some(d) = &self.dtype {
+            crate::model_source::parse_dtype(d)?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir is empty (it would mean the current directory); name a directory");
+        }
+        if self
+            .blend
+            .calibration_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            bail!(
+                "blend.calibration_dir is empty; name a directory, or leave it out for the default"
+            );
+        }
         let l = &self.limits;
+        // what sizes pools and per-request buffers: within what a host can hold
+        if l.workers > MAX_WORKERS {
+            bail!(
+                "limits.workers (--workers, KVQUILT_WORKERS) must be at most {MAX_WORKERS} (got {})",
+                l.workers
+            );
+        }
+        if l.max_request_tokens > MAX_REQUEST_TOKENS {
+            bail!(
+                "limits.max_request_tokens must be at most {MAX_REQUEST_TOKENS} (got {})",
+                l.max_request_tokens
+            );
+        }
+        if l.max_kv_body_bytes == Some(0) {
+            bail!("limits.max_kv_body_bytes must be at least 1 (0 would refuse every KV upload)");
+        }
+        if let Some(budget) = l.body_budget_bytes {
+            let largest = l.max_body_bytes.max(l.max_kv_body_bytes.unwrap_or(0)) as u64;
+            if budget < largest {
+                bail!(
+                    "limits.body_budget_bytes ({budget}) is below the largest body a request may send ({largest} bytes: limits.max_body_bytes, limits.max_kv_body_bytes)"
+                );
+            }
+        }
         // (max_queue may be 0: no request waits for a worker)
         for (name, v) in [
             ("workers", l.workers),
@@ -770,6 +852,67 @@ mod tests {
         assert_eq!(c.limits.max_request_tokens, 8192);
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("listne = \"x\"").is_err());
+    }
+
+    /// Values that would panic a cache or queue built from them, size pools past a host,
+    /// mean something else than they say, or fail only later: refused by `validate`
+    /// (`serve --check-config` and `precompute --config` run it) naming the key.
+    #[test]
+    fn out_of_range_settings_are_refused_by_name() {
+        let refused = |toml: &str, key: &str| {
+            let c: Config = toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            let e = c.validate().expect_err(toml).to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        };
+        for (toml, key) in [
+            (
+                "[store.remote]\nnegative_ttl_ms = 40000000000000\n",
+                "negative_ttl_ms",
+            ),
+            (
+                "[store.remote]\nop_timeout_max_ms = 2000000000000\n",
+                "op_timeout_max_ms",
+            ),
+            ("[store.remote]\nqueue = 4000000000000000000\n", "queue"),
+            ("[store.remote]\nttl_s = 9000000000000000000\n", "ttl_s"),
+            (
+                "[store.remote]\nconnect_timeout_ms = 0\n",
+                "connect_timeout_ms",
+            ),
+            ("[store.remote]\nbreaker_failures = 0\n", "breaker_failures"),
+            ("[store.remote]\nbreaker_open_ms = 0\n", "breaker_open_ms"),
+            // checked with no seeds too
+            ("[store.remote]\nwindow = 0\n", "window"),
+            ("[store.remote]\nstripe_bytes = 0\n", "stripe_bytes"),
+            ("[store.codecs]\nremote = \"int7\"\n", "int7"),
+            ("[store.remote]\nseeds = [\"\"]\n", "host:port"),
+            (
+                "[store.remote]\nseeds = [\"127.0.0.1:7000\"]\naddress_map = {\"x\" = \"y\"}\n",
+                "host:port",
+            ),
+            (
+                "[limits]\nworkers = 4000000000000000000\n",
+                "limits.workers",
+            ),
+            (
+                "[limits]\nmax_request_tokens = 1000000000000000\n",
+                "max_request_tokens",
+            ),
+            ("[limits]\nmax_kv_body_bytes = 0\n", "max_kv_body_bytes"),
+            ("[limits]\nbody_budget_bytes = 1024\n", "body_budget_bytes"),
+            ("device = \"gpu7\"\n", "gpu7"),
+            ("dtype = \"f64\"\n", "f64"),
+            ("data_dir = \"\"\n", "data_dir"),
+            ("[blend]\ncalibration_dir = \"\"\n", "calibration_dir"),
+        ] {
+            refused(toml, key);
+        }
+        // the bounds themselves are accepted
+        let c: Config = toml::from_str(
+            "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\"]\nnegative_ttl_ms = 0\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -162,7 +162,9 @@ pub fn run(mut a: Args) -> Result<()> {
     let config = match &a.config {
         Some(path) => {
             let c = crate::serve::config::Config::from_file(path)?;
-            c.store.host_policy()?;
+            // the checks `serve` makes of the same file
+            c.validate()
+                .with_context(|| format!("--config {}", path.display()))?;
             // the file's model where no flag or variable names one (as `serve` takes it);
             // its device unless --device/KVQUILT_DEVICE names one other than the default
             let m = &mut a.model;
