@@ -138,7 +138,9 @@ pub struct TenantConfig {
     pub name: String,
     /// Its bearer tokens.
     pub tokens: Vec<String>,
-    /// Most bytes of KV (decoded) this tenant's chunks may occupy; `None` is unlimited.
+    /// Most bytes of KV (decoded) this tenant's chunks may occupy; `None` is unlimited; 0:
+    /// the tenant stores nothing (every upload or store-back is over quota; its requests are
+    /// still served, their chunks computed).
     pub quota_bytes: Option<u64>,
 }
 
@@ -195,7 +197,8 @@ pub struct Limits {
     /// take longer while prompts run (2.1 → 3.4 ms per token there). 0: decode steps never
     /// wait.
     pub decode_yield_ms: u64,
-    /// Quota of the default tenant, bytes (`None`: unlimited).
+    /// Quota of the default tenant, bytes (`None`: unlimited; 0 as for a tenant's
+    /// `quota_bytes`).
     pub default_quota_bytes: Option<u64>,
     /// Seconds a request head may take to arrive; an idle keep-alive connection is closed
     /// after as long.
