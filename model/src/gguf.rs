@@ -53,7 +53,7 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
     .map_err(|_| {
         invalid("its header does not parse (the GGUF reader panicked; a `general.alignment` of 0 does this)".into())
     })?
-    .map_err(|e| invalid(e.to_string()))?;
+    .map_err(|e| invalid(header_error(&e.to_string())))?;
     check_extents(&content, file_len).map_err(invalid)?;
 
     let meta = Metadata(&content.metadata);
@@ -119,6 +119,17 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
         tokenizer,
         chat_template,
     })
+}
+
+/// The GGUF reader's error, said plainly where its own words mislead (candle names a
+/// tensor type it cannot read "unknown dtype for tensor N", N being the type's id).
+fn header_error(e: &str) -> String {
+    match e.strip_prefix("unknown dtype for tensor ") {
+        Some(id) => format!(
+            "a tensor is stored as GGML type {id}, which kvquilt cannot read (IQ and MXFP4 quantisations are not supported: use an F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or Qn_K file)"
+        ),
+        None => e.to_string(),
+    }
 }
 
 /// Every tensor's bytes must lie inside the file: a truncated download fails here, with the

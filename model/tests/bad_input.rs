@@ -167,6 +167,35 @@ fn a_gguf_aligned_to_zero_is_malformed() {
     assert!(e.to_string().contains("general.alignment"), "{e}");
 }
 
+/// A tensor of a GGML type candle cannot read (here 20, IQ4_NL) is named as a type, not as
+/// "unknown dtype for tensor 20" (the type's id read as a tensor's).
+#[test]
+fn an_unreadable_tensor_type_is_named_as_a_type() {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes()); // a string
+    string(&mut b, "llama");
+    string(&mut b, "token_embd.weight");
+    b.extend_from_slice(&1u32.to_le_bytes()); // dimensions
+    b.extend_from_slice(&32u64.to_le_bytes());
+    b.extend_from_slice(&20u32.to_le_bytes()); // GGML type 20
+    b.extend_from_slice(&0u64.to_le_bytes()); // offset
+    b.extend(std::iter::repeat_n(0u8, 256));
+    let d = scratch();
+    let p = at(&d, "iq4nl.gguf");
+    std::fs::write(&p, &b).unwrap();
+    let e = load_err(&p);
+    assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
+    assert!(e.to_string().contains("GGML type 20"), "{e}");
+}
+
 #[test]
 fn truncated_safetensors() {
     let d = scratch();
