@@ -234,7 +234,12 @@ impl Metadata<'_> {
             Value::U64(x) => *x,
             Value::I32(x) if *x >= 0 => *x as u64,
             Value::I64(x) if *x >= 0 => *x as u64,
-            other => return Err(format!("`{key}` is not a count: {other:?}")),
+            other => {
+                return Err(format!(
+                    "`{key}` is not a count: a {:?}",
+                    other.value_type()
+                ));
+            }
         };
         usize::try_from(n).map_err(|_| format!("`{key}` = {n} is too large"))
     }
@@ -242,7 +247,23 @@ impl Metadata<'_> {
         match self.get(key)? {
             Value::F32(x) => Ok(*x as f64),
             Value::F64(x) => Ok(*x),
-            other => Err(format!("`{key}` is not a float: {other:?}")),
+            other => Err(format!(
+                "`{key}` is not a float: a {:?}",
+                other.value_type()
+            )),
+        }
+    }
+    /// An optional key: absent is `None`; present but of the wrong type is an error (a
+    /// per-layer array where one number is expected, say), never the default.
+    fn optional<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&Self, &str) -> std::result::Result<T, String>,
+    ) -> std::result::Result<Option<T>, String> {
+        if self.0.contains_key(key) {
+            read(self, key).map(Some)
+        } else {
+            Ok(None)
         }
     }
 }
@@ -256,11 +277,15 @@ fn config_from_metadata(
     let key = |k: &str| format!("{a}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
-    let kv_heads = meta.usize(&key("attention.head_count_kv")).unwrap_or(heads);
-    let head_dim = meta
-        .usize(&key("attention.key_length"))
-        .or_else(|_| meta.usize(&key("rope.dimension_count")))
-        .unwrap_or(hidden / heads.max(1));
+    let kv_heads = meta
+        .optional(&key("attention.head_count_kv"), Metadata::usize)?
+        .unwrap_or(heads);
+    let head_dim = match meta.optional(&key("attention.key_length"), Metadata::usize)? {
+        Some(d) => d,
+        None => meta
+            .optional(&key("rope.dimension_count"), Metadata::usize)?
+            .unwrap_or(hidden / heads.max(1)),
+    };
     let vocab = match meta.get("tokenizer.ggml.tokens") {
         Ok(Value::Array(tokens)) => tokens.len(),
         _ => meta.usize(&key("vocab_size"))?,
@@ -268,7 +293,10 @@ fn config_from_metadata(
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         return Err("per-frequency RoPE factors (rope_freqs.weight) are not supported".into());
     }
-    let rope_scaling = match meta.string(&key("rope.scaling.type")).ok().as_deref() {
+    let rope_scaling = match meta
+        .optional(&key("rope.scaling.type"), Metadata::string)?
+        .as_deref()
+    {
         None | Some("none") => None,
         Some("linear") => Some(RopeScaling::Linear {
             factor: meta.f64(&key("rope.scaling.factor"))? as f32,
@@ -284,7 +312,9 @@ fn config_from_metadata(
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
-        rope_theta: meta.f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+        rope_theta: meta
+            .optional(&key("rope.freq_base"), Metadata::f64)?
+            .unwrap_or(10_000.0) as f32,
         rope_scaling,
         rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
         context_length: meta.usize(&key("context_length"))?,

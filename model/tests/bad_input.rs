@@ -167,6 +167,49 @@ fn a_gguf_aligned_to_zero_is_malformed() {
     assert!(e.to_string().contains("general.alignment"), "{e}");
 }
 
+/// An optional metadata key present with the wrong type (a per-layer array where one number
+/// is expected, a string) is an error naming it, not its default: a GGUF whose
+/// `head_count_kv` could not be read loaded as full multi-head attention and failed later,
+/// blaming `k_proj`'s shape; a string `rope.freq_base` loaded as 10,000.
+#[test]
+fn optional_metadata_of_the_wrong_type_is_named() {
+    let d = scratch();
+    let arch = gguf_file::Value::String("llama".into());
+    let n = |v: u32| gguf_file::Value::U32(v);
+    let (hidden, heads, vocab, ffn, layers) = (n(64), n(4), n(32), n(128), n(1));
+    for (key, bad) in [
+        (
+            "llama.attention.head_count_kv",
+            gguf_file::Value::Array(vec![n(2), n(2)]),
+        ),
+        (
+            "llama.rope.freq_base",
+            gguf_file::Value::String("1e4".into()),
+        ),
+    ] {
+        let p = at(&d, "typed.gguf");
+        let mut f = std::fs::File::create(&p).unwrap();
+        gguf_file::write(
+            &mut f,
+            &[
+                ("general.architecture", &arch),
+                ("llama.embedding_length", &hidden),
+                ("llama.attention.head_count", &heads),
+                ("llama.vocab_size", &vocab),
+                ("llama.feed_forward_length", &ffn),
+                ("llama.block_count", &layers),
+                (key, &bad),
+            ],
+            &[],
+        )
+        .unwrap();
+        f.flush().unwrap();
+        let e = load_err(&p);
+        assert!(matches!(e, ModelError::InvalidGguf { .. }), "{key}: {e}");
+        assert!(e.to_string().contains(key), "{key}: {e}");
+    }
+}
+
 /// A tensor of a GGML type candle cannot read (here 20, IQ4_NL) is named as a type, not as
 /// "unknown dtype for tensor 20" (the type's id read as a tensor's).
 #[test]
