@@ -1043,7 +1043,14 @@ impl PooledDecoder {
         // the decoder's own copy, with room for what the pool adds: each reselection then
         // moves the pool's rows within it (views the caller holds of the prompt's rows read
         // them as they were), and each step appends in place
-        let room = spec.budget + spec.slack + spec.delta() + 1;
+        // (at most what the decode can append: one row a generated token — a request's
+        // budget is not bounded by the generation it asks for, and sized this allocation)
+        let room = spec
+            .budget
+            .saturating_add(spec.slack)
+            .saturating_add(spec.delta())
+            .saturating_add(1)
+            .min(spec.max_new.saturating_add(1));
         let cache = cache.owned_with_room(room)?;
         Ok(Self {
             peak_rows: cache.len(),

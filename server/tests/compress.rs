@@ -299,6 +299,21 @@ async fn a_decode_pool_holds_generated_kv_to_its_budget() {
         roomy["choices"][0]["message"]["content"],
         plain["choices"][0]["message"]["content"]
     );
+    // a budget far past the generation reserves room for what the generation can add, not
+    // for the budget (which sized the decoder's cache: a billion rows aborted the process)
+    let (s, vast) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            ask(json!({"decode": {"policy": "scope-slide", "budget": 1_000_000_000u64}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{vast}");
+    assert_eq!(
+        vast["choices"][0]["message"]["content"],
+        plain["choices"][0]["message"]["content"]
+    );
     assert!(
         roomy["kvquilt"]["compression"].is_null(),
         "no prompt policy: {roomy}"

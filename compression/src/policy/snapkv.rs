@@ -31,7 +31,8 @@ pub enum GroupReduce {
 pub struct SnapKv {
     /// Observation window: the last rows observed (and always kept).
     pub window: usize,
-    /// Pooling width (odd; 1 disables smoothing).
+    /// Pooling width (odd, at most 127; 1 disables smoothing). The pooling costs
+    /// O(tokens × kernel) per query head and layer.
     pub kernel: usize,
     /// Pooling kind.
     pub pooling: Pooling,
@@ -99,6 +100,10 @@ impl TokenPolicy for SnapKv {
         }
     }
 }
+
+/// The widest pooling a spec may ask for: SnapKV uses 5–7; a request's kernel of thousands
+/// would cost thousands of times the default's work over a long prompt.
+pub(crate) const MAX_KERNEL: usize = 127;
 
 /// `kernel`-wide pooling with `kernel / 2` zero padding on each side, stride 1.
 fn pool(x: &[f32], kernel: usize, how: Pooling) -> Vec<f32> {

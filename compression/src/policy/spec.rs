@@ -110,6 +110,12 @@ impl PolicySpec {
                 if k % 2 == 0 {
                     return Err(bad(format!("{k} is even (the pool is centred)")));
                 }
+                if k > super::snapkv::MAX_KERNEL {
+                    return Err(bad(format!(
+                        "{k} is wider than {} (the pooling's cost grows with it)",
+                        super::snapkv::MAX_KERNEL
+                    )));
+                }
                 p.kernel = k;
             }
             (Self::SnapKv(p), "pool") => {

@@ -321,6 +321,7 @@ fn specs_parse_print_and_reject_what_they_do_not_know() {
     ));
     for bad in [
         "snapkv:kernel=4",
+        "snapkv:kernel=129",
         "snapkv:window=0",
         "snapkv:pool=median",
         "snapkv:group=sum",
