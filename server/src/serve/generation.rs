@@ -154,39 +154,152 @@ impl Steps {
     }
 }
 
+/// The next token: greedy at temperature 0, else sampled from the softmax of `row / T`
+/// restricted to its nucleus (the fewest most likely tokens holding `top_p` of the mass).
+/// O(vocabulary) a token: the nucleus is found among the k most likely tokens (a selection,
+/// k doubled until they hold the mass), never by sorting the whole vocabulary (before: a
+/// sort of every token at every step, even at `top_p = 1`). Pinned by
+/// `generation::tests::sampling_follows_the_softmax_within_the_nucleus`.
 fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
-    if s.temperature <= 0.0 {
+    if s.temperature <= 0.0 || row.is_empty() {
         return argmax(row);
     }
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f64)> = row
+    let weights: Vec<f64> = row
         .iter()
-        .enumerate()
-        .map(|(i, &x)| (i as u32, (((x - max) / s.temperature) as f64).exp()))
+        .map(|&x| (((x - max) / s.temperature) as f64).exp())
         .collect();
-    let z: f64 = probs.iter().map(|p| p.1).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut kept = 0.0;
-    let mut cut = probs.len();
-    for (i, p) in probs.iter().enumerate() {
-        kept += p.1 / z;
-        if kept >= s.top_p as f64 {
-            cut = i + 1;
-            break;
-        }
+    let z: f64 = weights.iter().sum();
+    if s.top_p >= 1.0 {
+        return draw(
+            (0..row.len() as u32).map(|i| (i, weights[i as usize])),
+            z,
+            rng,
+        );
     }
-    probs.truncate(cut);
-    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let n = row.len();
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let likelier = |a: &u32, b: &u32| weights[*b as usize].total_cmp(&weights[*a as usize]);
+    let mut k = n.min(64);
+    let cut = loop {
+        if k < n {
+            order.select_nth_unstable_by(k - 1, likelier);
+        }
+        order[..k].sort_unstable_by(likelier);
+        let mut kept = 0.0;
+        let found = order[..k].iter().position(|&id| {
+            kept += weights[id as usize] / z;
+            kept >= s.top_p as f64
+        });
+        match found {
+            Some(i) => break i + 1,
+            None if k == n => break n,
+            None => k = (2 * k).min(n),
+        }
+    };
+    let nucleus = &order[..cut];
+    let total: f64 = nucleus.iter().map(|&id| weights[id as usize]).sum();
+    draw(
+        nucleus.iter().map(|&id| (id, weights[id as usize])),
+        total,
+        rng,
+    )
+}
+
+/// One token of `(id, weight)`, with probability weight / `total`.
+fn draw(tokens: impl Iterator<Item = (u32, f64)>, total: f64, rng: &mut StdRng) -> u32 {
     let mut u = rng.random::<f64>() * total;
-    for (id, p) in &probs {
-        u -= p;
-        if u <= 0.0 {
-            return *id;
+    let mut last = 0;
+    for (id, w) in tokens {
+        if w > 0.0 {
+            last = id;
+        }
+        u -= w;
+        if u <= 0.0 && w > 0.0 {
+            return id;
         }
     }
-    probs.last().map_or(0, |p| p.0)
+    // (rounding left a hair of `u`: the last token with any weight)
+    last
 }
 
 fn log_prob(row: &[f32], id: u32) -> f32 {
     row[id as usize] - log_sum_exp(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f32, top_p: f32) -> Sampling {
+        Sampling {
+            temperature,
+            top_p,
+            seed: None,
+        }
+    }
+
+    /// Frequencies of 40,000 draws against the softmax, within the nucleus; seeded, so the
+    /// test draws the same numbers every run.
+    #[test]
+    fn sampling_follows_the_softmax_within_the_nucleus() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // probabilities 1/2, 1/4, 1/8, 1/8 at temperature 1
+        let row = [4f32.ln(), 2f32.ln(), 0.0, 0.0];
+        let counts = |s: &Sampling, rng: &mut StdRng| {
+            let mut c = [0usize; 4];
+            for _ in 0..40_000 {
+                c[pick(&row, s, rng) as usize] += 1;
+            }
+            c.map(|n| n as f64 / 40_000.0)
+        };
+        let f = counts(&sampling(1.0, 1.0), &mut rng);
+        for (got, want) in f.iter().zip([0.5, 0.25, 0.125, 0.125]) {
+            assert!((got - want).abs() < 0.01, "{f:?}");
+        }
+        // a nucleus of 0.7: the two likeliest, 2 : 1
+        let f = counts(&sampling(1.0, 0.7), &mut rng);
+        assert_eq!((f[2], f[3]), (0.0, 0.0), "{f:?}");
+        assert!((f[0] - 2.0 / 3.0).abs() < 0.01, "{f:?}");
+        // a nucleus of 0.5: the likeliest alone
+        assert_eq!(counts(&sampling(1.0, 0.5), &mut rng), [1.0, 0.0, 0.0, 0.0]);
+        // greedy
+        assert_eq!(counts(&sampling(0.0, 1.0), &mut rng), [1.0, 0.0, 0.0, 0.0]);
+        // a vocabulary-sized row: every draw lies in the nucleus a full sort finds
+        let row: Vec<f32> = (0..50_000u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 100.0)
+            .collect();
+        let s = sampling(0.7, 0.9);
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f64> = row
+            .iter()
+            .map(|&x| (((x - max) / 0.7) as f64).exp())
+            .collect();
+        let z: f64 = w.iter().sum();
+        let mut sorted: Vec<usize> = (0..row.len()).collect();
+        sorted.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+        let mut kept = 0.0;
+        let cut = sorted
+            .iter()
+            .position(|&i| {
+                kept += w[i] / z;
+                kept >= 0.9
+            })
+            .unwrap()
+            + 1;
+        // (ties at the cut's weight may fall on either side of it)
+        let floor = w[sorted[cut - 1]];
+        for _ in 0..300 {
+            let id = pick(&row, &s, &mut rng) as usize;
+            assert!(
+                w[id] >= floor,
+                "token {id} of weight {} below the nucleus",
+                w[id]
+            );
+        }
+        assert!(
+            cut > 64,
+            "the nucleus needs more than the first selection ({cut})"
+        );
+    }
 }
