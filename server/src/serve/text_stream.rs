@@ -54,12 +54,13 @@ impl TextStream {
             self.released = at.max(self.released);
             return Ok((out, true));
         }
-        // hold back any tail that could begin a stop string
+        // hold back any tail that could begin a stop string (a stop string never begins in
+        // released text, so only the unreleased tail's lengths are tried: a long stop string
+        // costs its own length a token, not its length times the text's)
         let text = self.text.as_str();
         let mut end = text.len();
         for s in &self.stops {
-            // (a prefix longer than the text cannot end it)
-            for k in (1..s.len().min(end + 1)).rev() {
+            for k in (1..s.len().min(end - self.released + 1)).rev() {
                 if s.is_char_boundary(k) && text[..end].ends_with(&s[..k]) {
                     end -= k;
                     break;
