@@ -60,14 +60,15 @@ def main():
         return {
             "f1": statistics.fmean(d["f1"] for d in ds),
             "acc": statistics.fmean(1.0 if d["correct"] else 0.0 for d in ds),
-            "kl": statistics.fmean(d["first_token_kl"] for d in ds),
+            # (a NaN KL is written as JSON's null: it stays NaN here)
+            "kl": statistics.fmean(nan_if_none(d["first_token_kl"]) for d in ds),
             "agree": statistics.fmean(d["answer_token_agreement"] for d in ds),
             "ttft": statistics.median(d["ttft_ms"] for d in ds),
             "recompute": statistics.fmean(d["recompute_fraction"] for d in ds),
             # a codec row's agreement with the same configuration read raw (parts written
             # before these fields existed lack them: no column then, not a wrong one)
-            "kl_vs_raw": mean_or_none([d.get("kl_vs_raw") for d in ds]),
-            "agree_vs_raw": mean_or_none([d.get("agreement_vs_raw") for d in ds]),
+            "kl_vs_raw": mean_or_none([optional_metric(d, "kl_vs_raw") for d in ds]),
+            "agree_vs_raw": mean_or_none([optional_metric(d, "agreement_vs_raw") for d in ds]),
         }
 
     full = stats(by_config["full"])
@@ -136,8 +137,18 @@ def main():
             json.dump(merged, f, indent=2)
 
 
+def nan_if_none(x):
+    """A metric as written: JSON's null (a NaN) read back as NaN."""
+    return float("nan") if x is None else x
+
+
+def optional_metric(d, name):
+    """An optional metric of a detail: None when absent, NaN when written as null."""
+    return nan_if_none(d[name]) if name in d else None
+
+
 def mean_or_none(xs):
-    """The mean of `xs`, or None when any is missing."""
+    """The mean of `xs`, or None when any part lacks them; a NaN one (null) stays NaN."""
     return None if not xs or any(x is None for x in xs) else statistics.fmean(xs)
 
 

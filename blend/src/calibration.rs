@@ -268,6 +268,14 @@ impl CalibrationRecord {
         let tmp = dir.join(format!(".{}.json.tmp-{}", self.key, std::process::id()));
         let json = serde_json::to_string_pretty(self)
             .map_err(|e| invalid(format!("serializing the calibration record: {e}")))?;
+        // what `serve` would read back: a NaN measurement (NaN logits) is written as JSON's
+        // `null`, which no reader takes — refused here rather than stopping `serve`
+        if serde_json::from_str::<Self>(&json).is_err() {
+            return Err(invalid(format!(
+                "the calibration record of {} holds a measurement that is not a number (the model computed NaN logits?); not written",
+                self.key
+            )));
+        }
         std::fs::write(&tmp, json)?;
         std::fs::rename(&tmp, &path)?;
         Ok(path)

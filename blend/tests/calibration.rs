@@ -85,6 +85,19 @@ fn a_record_is_found_by_its_model_identity_only() {
     );
     let found = calibration::find(Some(dir.path()), &a).unwrap().unwrap();
     assert_eq!(found.record, r);
+    // a NaN measurement (NaN logits) would be written as `null`, which no reader takes:
+    // not written, and the record already there stays
+    let mut nan = r.clone();
+    nan.full.ttft_ms_median = f64::NAN;
+    let e = nan.save(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("not a number"), "{e}");
+    assert_eq!(
+        calibration::find(Some(dir.path()), &a)
+            .unwrap()
+            .unwrap()
+            .record,
+        r
+    );
     assert_eq!(found.source, path.display().to_string());
     assert!(calibration::find(Some(dir.path()), &b).unwrap().is_none());
     assert!(

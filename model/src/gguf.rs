@@ -220,10 +220,10 @@ impl Metadata<'_> {
             .ok_or_else(|| format!("missing metadata `{key}`"))
     }
     fn string(&self, key: &str) -> std::result::Result<String, String> {
-        self.get(key)?
-            .to_string()
+        let v = self.get(key)?;
+        v.to_string()
             .cloned()
-            .map_err(|e| format!("`{key}`: {e}"))
+            .map_err(|_| format!("`{key}` is not a string: a {:?}", v.value_type()))
     }
     fn usize(&self, key: &str) -> std::result::Result<usize, String> {
         let v = self.get(key)?;

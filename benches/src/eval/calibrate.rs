@@ -128,13 +128,21 @@ impl Check {
     }
 
     fn compare(&mut self, reference: &[f32], other: &[f32]) {
-        self.kl = self.kl.max(metrics::kl_divergence(reference, other));
+        // (a NaN is kept: `f64::max` would drop it and call a NaN logit exact)
+        let worst = |a: f64, b: f64| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        };
+        self.kl = worst(self.kl, metrics::kl_divergence(reference, other));
         let d = reference
             .iter()
             .zip(other)
             .map(|(a, b)| (a - b).abs() as f64)
-            .fold(0.0, f64::max);
-        self.diff = self.diff.max(d);
+            .fold(0.0, worst);
+        self.diff = worst(self.diff, d);
         self.same &= argmax(reference) == argmax(other);
     }
 

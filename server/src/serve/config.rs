@@ -339,14 +339,16 @@ impl RemoteSettings {
             }
         }
         let codec = codecs.remote_codec()?;
-        for node in self
-            .seeds
+        if let Some(seed) = self.seeds.iter().find(|s| !is_seed(s)) {
+            bail!("store.remote.seeds: {seed:?} is not a `host:port` address or a `redis://` URL");
+        }
+        if let Some(node) = self
+            .address_map
             .iter()
-            .chain(self.address_map.iter().flat_map(|(k, v)| [k, v]))
+            .flat_map(|(k, v)| [k, v])
+            .find(|n| !is_host_port(n))
         {
-            if !is_host_port(node) {
-                bail!("store.remote: {node:?} is not a `host:port` address (seeds, address_map)");
-            }
+            bail!("store.remote.address_map: {node:?} is not a `host:port` address");
         }
         if self.seeds.is_empty() {
             return Ok(None);
@@ -375,6 +377,15 @@ impl RemoteSettings {
 fn is_host_port(s: &str) -> bool {
     s.rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// Whether a seed reads as `host:port` or as a URL (`redis://…`, `rediss://…`, which the
+/// client parses itself).
+fn is_seed(s: &str) -> bool {
+    match s.split_once("://") {
+        Some((scheme, rest)) => !scheme.is_empty() && !rest.is_empty(),
+        None => is_host_port(s),
+    }
 }
 
 /// The most model workers a sidecar runs (each holds a model's working memory).
@@ -706,9 +717,6 @@ impl Config {
         if let Some(d) = &self.dtype {
             crate::model_source::parse_dtype(d)?;
         }
-        if self.data_dir.as_os_str().is_empty() {
-            bail!("data_dir is empty (it would mean the current directory); name a directory");
-        }
         if self
             .blend
             .calibration_dir
@@ -790,8 +798,18 @@ impl Config {
                 l.decode_yield_ms
             );
         }
-        self.store.host_policy()?;
         self.blend.blend_uncalibrated()?;
+        self.validate_store()
+    }
+
+    /// The store's part of [`Config::validate`]: what `precompute --config` checks of the
+    /// same file (it listens nowhere, and layers its own flags and environment over the
+    /// file's model, device and remote seeds afterwards).
+    pub fn validate_store(&self) -> Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir is empty (it would mean the current directory); name a directory");
+        }
+        self.store.host_policy()?;
         if !(1..=600_000).contains(&self.store.stall_ms) {
             bail!(
                 "store.stall_ms must be 1..=600000 milliseconds (got {})",
@@ -889,6 +907,7 @@ mod tests {
             ("[store.remote]\nstripe_bytes = 0\n", "stripe_bytes"),
             ("[store.codecs]\nremote = \"int7\"\n", "int7"),
             ("[store.remote]\nseeds = [\"\"]\n", "host:port"),
+            ("[store.remote]\nseeds = [\"redis://\"]\n", "host:port"),
             (
                 "[store.remote]\nseeds = [\"127.0.0.1:7000\"]\naddress_map = {\"x\" = \"y\"}\n",
                 "host:port",
@@ -912,7 +931,7 @@ mod tests {
         }
         // the bounds themselves are accepted
         let c: Config = toml::from_str(
-            "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\"]\nnegative_ttl_ms = 0\n",
+            "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\", \"redis://redis-b\", \"rediss://c:6380/0\"]\nnegative_ttl_ms = 0\n",
         )
         .unwrap();
         c.validate().unwrap();

@@ -156,9 +156,10 @@ impl Steps {
 
 /// The next token: greedy at temperature 0, else sampled from the softmax of `row / T`
 /// restricted to its nucleus (the fewest most likely tokens holding `top_p` of the mass).
-/// O(vocabulary) a token: the nucleus is found among the k most likely tokens (a selection,
-/// k doubled until they hold the mass), never by sorting the whole vocabulary (before: a
-/// sort of every token at every step, even at `top_p = 1`). Pinned by
+/// One pass over the vocabulary at `top_p = 1`; below it, the nucleus is found among the k
+/// most likely tokens (a selection, k doubled until they hold the mass), so a peaked row —
+/// the usual one — costs O(vocabulary), and only a flat one whose nucleus is most of the
+/// vocabulary costs the full sort every token paid before. Pinned by
 /// `generation::tests::sampling_follows_the_softmax_within_the_nucleus`.
 fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
     if s.temperature <= 0.0 || row.is_empty() {
@@ -170,6 +171,11 @@ fn pick(row: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
         .map(|&x| (((x - max) / s.temperature) as f64).exp())
         .collect();
     let z: f64 = weights.iter().sum();
+    if !z.is_finite() {
+        // a +∞ or NaN logit (an overflow): the weights say nothing; greedy says what a
+        // temperature of 0 would
+        return argmax(row);
+    }
     if s.top_p >= 1.0 {
         return draw(
             (0..row.len() as u32).map(|i| (i, weights[i as usize])),
@@ -265,6 +271,11 @@ mod tests {
         assert_eq!(counts(&sampling(1.0, 0.5), &mut rng), [1.0, 0.0, 0.0, 0.0]);
         // greedy
         assert_eq!(counts(&sampling(0.0, 1.0), &mut rng), [1.0, 0.0, 0.0, 0.0]);
+        // an overflowed (+∞) logit is the one token, as greedy picks it
+        let inf = [0.0, 1.0, f32::INFINITY, 2.0];
+        for top_p in [1.0, 0.9] {
+            assert_eq!(pick(&inf, &sampling(1.0, top_p), &mut rng), 2);
+        }
         // a vocabulary-sized row: every draw lies in the nucleus a full sort finds
         let row: Vec<f32> = (0..50_000u32)
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 100.0)

@@ -162,8 +162,9 @@ pub fn run(mut a: Args) -> Result<()> {
     let config = match &a.config {
         Some(path) => {
             let c = crate::serve::config::Config::from_file(path)?;
-            // the checks `serve` makes of the same file
-            c.validate()
+            // the checks `serve` makes of the same file's store (its listen address and
+            // tokens are serve's alone)
+            c.validate_store()
                 .with_context(|| format!("--config {}", path.display()))?;
             // the file's model where no flag or variable names one (as `serve` takes it);
             // its device unless --device/KVQUILT_DEVICE names one other than the default
