@@ -214,6 +214,16 @@ pub(crate) async fn get_kv(
     Ok(resp)
 }
 
+/// Runs `work` on tokio's blocking pool (what `doing` is, for the error a panic in it gives).
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    doing: &str,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("{doing} failed: {e}")))
+}
+
 /// `PUT /v1/chunks/{id}/kv`: stores an object made elsewhere. It must parse, every checksum
 /// must hold, its layout must be this model's, and its tokens must derive `id` for this
 /// tenant and model (so nobody can plant KV under another chunk's id).
@@ -224,7 +234,13 @@ pub(crate) async fn put_kv(
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, axum::Json<ChunkStatus>)> {
     let key = Shared::parse_id(&id)?;
-    let encoded = EncodedObject::parse(&body, Some(&key))?;
+    // parsing verifies every record's checksum and decoding copies them, hundreds of MB for
+    // a long chunk: both off the async runtime's threads
+    let encoded = off_runtime(
+        move || EncodedObject::parse(&body, Some(&key)),
+        "parsing the object",
+    )
+    .await??;
     let codec = s.blender.codec(&tenant.namespace);
     let info = &encoded.header.info;
     if info.layout != *codec.layout() {
@@ -262,7 +278,7 @@ pub(crate) async fn put_kv(
     }
     let bytes = codec.layout().object_bytes(tokens);
     let quota = check_quota(&s, &tenant, bytes)?;
-    let obj = encoded.decode()?;
+    let obj = off_runtime(move || encoded.decode(), "decoding the object").await??;
     // the put and its accounting run as a task of their own: a client that leaves mid-put
     // (the handler's future dropped) cannot leave the object stored and uncharged
     let (st, tenant2) = (Arc::clone(&s), Arc::clone(&tenant));
