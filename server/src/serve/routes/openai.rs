@@ -71,11 +71,21 @@ pub(crate) async fn chat(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     held: HeldBody,
-    ApiJson(body): ApiJson<ChatRequest>,
+    ApiJson(mut body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
     check_misplaced(&body.common)?;
     check_unserved_chat(&body)?;
+    // their no-op values checked, they are let go: the request lives until its answer is
+    // sent, past the body budget it was read under, and a padded one could be large
+    (
+        body.tools,
+        body.functions,
+        body.tool_choice,
+        body.function_call,
+    ) = (None, None, None, None);
+    body.response_format = None;
+    body.common.misplaced = Default::default();
     let messages = body
         .messages
         .iter()
