@@ -349,6 +349,14 @@ pub fn app_state(
 /// then the built-in records), or `prefix` unless the configuration opts in. Logged once.
 fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefault> {
     let dir = config.blend.calibration_dir();
+    // a folder named in the config (or --calibration-dir) that is not there is most likely a
+    // typo: said, since the built-in records then answer in its place
+    if config.blend.calibration_dir.is_some() && !dir.is_dir() {
+        tracing::warn!(
+            folder = %dir.display(),
+            "the configured calibration folder does not exist; only the built-in records are consulted"
+        );
+    }
     let found = calibration::find(Some(&dir), identity).with_context(|| {
         format!(
             "reading the calibration record of this model (folder {})",
