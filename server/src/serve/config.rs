@@ -929,6 +929,16 @@ mod tests {
         ] {
             refused(toml, key);
         }
+        // `precompute --config` checks the store's part: a deployment file whose tokens come
+        // from the environment (KVQUILT_API_TOKENS) is one it must read
+        let c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n").unwrap();
+        assert!(c.validate().is_err());
+        c.validate_store().unwrap();
+        let c: Config = toml::from_str("[store.remote]\nqueue = 0\n").unwrap();
+        assert!(
+            c.validate_store().is_err(),
+            "the store's checks include the remote's"
+        );
         // the bounds themselves are accepted
         let c: Config = toml::from_str(
             "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\", \"redis://redis-b\", \"rediss://c:6380/0\"]\nnegative_ttl_ms = 0\n",
