@@ -85,7 +85,6 @@ pub(crate) async fn chat(
         body.function_call,
     ) = (None, None, None, None);
     body.response_format = None;
-    body.common.misplaced = Default::default();
     let messages = body
         .messages
         .iter()

@@ -5,15 +5,20 @@
 //! not served (`n` > 1, penalties, `logit_bias`, `echo`, `best_of` > 1, `suffix`, tools and
 //! functions, a `response_format` other than text) are refused. `null` stands for an absent
 //! field everywhere, as OpenAI reads it.
+//!
+//! The request types are read by hand ([`read`]), in one pass that holds only what the
+//! request keeps.
 
-use serde::{Deserialize, Deserializer, Serialize};
+mod read;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::blend::{BlendStats, ModeSpec};
 use crate::chunks::ChunkRef;
 
 /// Sampling, stopping and kvquilt fields both completion endpoints take.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CommonFields {
     /// The served model's name (optional; another name is a 404).
@@ -38,19 +43,11 @@ pub struct CommonFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
     /// Stream server-sent events.
-    #[serde(
-        default,
-        deserialize_with = "null_as_default",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub stream: bool,
     /// Streaming options.
-    #[serde(
-        default,
-        deserialize_with = "crate::object::optional",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<StreamOptions>"))]
     pub stream_options: Option<StreamOptions>,
     /// Completions per request (only 1 is served).
@@ -70,43 +67,36 @@ pub struct CommonFields {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub documents: Vec<ChunkRef>,
     /// kvquilt: how the documents are assembled.
-    #[serde(
-        default,
-        deserialize_with = "crate::object::optional",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<ModeSpec>"))]
     pub kvquilt: Option<ModeSpec>,
-    /// kvquilt's own fields written beside `kvquilt` instead of inside it.
-    #[serde(flatten)]
-    #[cfg_attr(feature = "schema", schemars(skip))]
+    /// kvquilt's own fields written beside `kvquilt` instead of inside it (read, never
+    /// written).
+    #[serde(skip)]
     pub misplaced: Misplaced,
 }
 
 /// `mode`, `ratio` and `compress` at the top level of an OpenAI request: they belong inside
-/// `kvquilt`. Read only so that the server can refuse them with a 400 that says so; any other
-/// unknown field is ignored, and these would be too, silently running another mode.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `kvquilt`. Noted (not kept) only so that the server can refuse them with a 400 that says
+/// so; any other unknown field is ignored, and these would be too, silently running another
+/// mode. `null` counts as absent, as elsewhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Misplaced {
-    /// Belongs in `kvquilt.mode`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<Value>,
-    /// Belongs in `kvquilt.ratio`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ratio: Option<Value>,
-    /// Belongs in `kvquilt.compress`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compress: Option<Value>,
+    /// `mode` was given (it belongs in `kvquilt.mode`).
+    pub mode: bool,
+    /// `ratio` was given (it belongs in `kvquilt.ratio`).
+    pub ratio: bool,
+    /// `compress` was given (it belongs in `kvquilt.compress`).
+    pub compress: bool,
 }
 
 impl Misplaced {
-    /// The first misplaced field present (`null` counts as absent, as elsewhere).
+    /// The first misplaced field given.
     pub fn first(&self) -> Option<&'static str> {
-        let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
         [
-            ("mode", present(&self.mode)),
-            ("ratio", present(&self.ratio)),
-            ("compress", present(&self.compress)),
+            ("mode", self.mode),
+            ("ratio", self.ratio),
+            ("compress", self.compress),
         ]
         .into_iter()
         .find_map(|(name, here)| here.then_some(name))
@@ -114,7 +104,7 @@ impl Misplaced {
 }
 
 /// `stop`: one string or several.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum Stop {
@@ -134,17 +124,13 @@ pub struct StreamOptions {
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatRequest {
     /// The conversation; the last message is the user's question.
     pub messages: Vec<ChatMessage>,
     /// Return each generated token's log-probability.
-    #[serde(
-        default,
-        deserialize_with = "null_as_default",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub logprobs: bool,
     /// Alternatives per generated token (with `logprobs`), at most 20.
@@ -212,7 +198,7 @@ impl ChatMessage {
 }
 
 /// A message's content: a string, or OpenAI's list of parts (text parts only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum Content {
@@ -235,7 +221,7 @@ pub struct ContentPart {
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CompletionRequest {
     /// The prompt (one string; a list of one string is accepted).
@@ -244,11 +230,7 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<usize>,
     /// Not served: only `false` (or absent) is accepted.
-    #[serde(
-        default,
-        deserialize_with = "null_as_default",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub echo: bool,
     /// Not served: only 1 (or absent) is accepted.
@@ -277,7 +259,7 @@ impl CompletionRequest {
 }
 
 /// `prompt`: one string, or a list of them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum Prompt {
@@ -436,14 +418,4 @@ pub struct ModelCalibration {
     pub record: Option<String>,
     /// One line for people.
     pub note: String,
-}
-
-/// Reads `null` as the field's default (`false` for a flag): OpenAI takes `null` for any
-/// optional field, and some clients send it.
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }

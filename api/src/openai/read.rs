@@ -1,0 +1,548 @@
+//! Reading the OpenAI request types, by hand and in one pass.
+//!
+//! serde's derive buffers every field a struct does not know into an in-memory tree when the
+//! struct `#[serde(flatten)]`s another (as the requests share [`CommonFields`]), and an
+//! untagged enum buffers its value before trying each variant. That tree costs 32 bytes a
+//! value: a body of small numbers in a field the server ignores grew about 16× (32× at its
+//! peak) while it was read, past the body budget it was admitted under. Here each known
+//! field is read straight into its type and every other field is skipped
+//! ([`IgnoredAny`]), so reading holds only what the request keeps
+//! (`tests/parse_memory.rs` pins it).
+//!
+//! As derive would: a field given twice is an error, a missing required field is named, and
+//! only a JSON object is a request (see [`crate::object`]). As OpenAI reads it: `null` is an
+//! absent field everywhere, a flag included.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use super::{ChatRequest, CommonFields, CompletionRequest, Content, ContentPart, Prompt, Stop};
+use crate::object::Object;
+
+/// The fields of one object read so far: a second one of a name is an error.
+#[derive(Default)]
+struct Seen(Vec<&'static str>);
+
+impl Seen {
+    /// Notes `name`, refusing it if it came before.
+    fn note<E: de::Error>(&mut self, name: &'static str) -> Result<(), E> {
+        if self.0.contains(&name) {
+            return Err(E::duplicate_field(name));
+        }
+        self.0.push(name);
+        Ok(())
+    }
+
+    /// Whether `name` was read.
+    fn has(&self, name: &str) -> bool {
+        self.0.contains(&name)
+    }
+
+    /// Reads the next value into `slot`.
+    fn read<'de, A, T>(
+        &mut self,
+        map: &mut A,
+        name: &'static str,
+        slot: &mut T,
+    ) -> Result<(), A::Error>
+    where
+        A: MapAccess<'de>,
+        T: Deserialize<'de>,
+    {
+        self.note(name)?;
+        *slot = map.next_value()?;
+        Ok(())
+    }
+
+    /// Reads the next value into `slot`, `null` as `T`'s default (`false` for a flag).
+    fn read_or_default<'de, A, T>(
+        &mut self,
+        map: &mut A,
+        name: &'static str,
+        slot: &mut T,
+    ) -> Result<(), A::Error>
+    where
+        A: MapAccess<'de>,
+        T: Default + Deserialize<'de>,
+    {
+        self.note(name)?;
+        *slot = map.next_value::<Option<T>>()?.unwrap_or_default();
+        Ok(())
+    }
+
+    /// Reads the next value into `slot` from a JSON object only (`null`: `None`).
+    fn read_object<'de, A, T>(
+        &mut self,
+        map: &mut A,
+        name: &'static str,
+        slot: &mut Option<T>,
+    ) -> Result<(), A::Error>
+    where
+        A: MapAccess<'de>,
+        T: Deserialize<'de>,
+    {
+        self.note(name)?;
+        *slot = map.next_value::<Option<Object<T>>>()?.map(|Object(t)| t);
+        Ok(())
+    }
+
+    /// Skips the next value, noting in `given` whether it was anything but `null`.
+    fn note_given<'de, A: MapAccess<'de>>(
+        &mut self,
+        map: &mut A,
+        name: &'static str,
+        given: &mut bool,
+    ) -> Result<(), A::Error> {
+        self.note(name)?;
+        *given = map.next_value::<Option<IgnoredAny>>()?.is_some();
+        Ok(())
+    }
+}
+
+/// Reads every field of an object: `field` takes the ones it knows (returning `true`), the
+/// rest are skipped unread.
+fn each_field<'de, A, F>(mut map: A, mut field: F) -> Result<Seen, A::Error>
+where
+    A: MapAccess<'de>,
+    F: FnMut(&str, &mut A, &mut Seen) -> Result<bool, A::Error>,
+{
+    let mut seen = Seen::default();
+    while let Some(key) = map.next_key::<String>()? {
+        if !field(&key, &mut map, &mut seen)? {
+            map.next_value::<IgnoredAny>()?;
+        }
+    }
+    Ok(seen)
+}
+
+impl CommonFields {
+    /// Reads `key`'s value if it is one of these fields (or a misplaced kvquilt field).
+    fn read_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut Seen,
+    ) -> Result<bool, A::Error> {
+        match key {
+            "model" => seen.read(map, "model", &mut self.model)?,
+            "max_tokens" => seen.read(map, "max_tokens", &mut self.max_tokens)?,
+            "max_completion_tokens" => seen.read(
+                map,
+                "max_completion_tokens",
+                &mut self.max_completion_tokens,
+            )?,
+            "temperature" => seen.read(map, "temperature", &mut self.temperature)?,
+            "top_p" => seen.read(map, "top_p", &mut self.top_p)?,
+            "seed" => seen.read(map, "seed", &mut self.seed)?,
+            "stop" => seen.read(map, "stop", &mut self.stop)?,
+            "stream" => seen.read_or_default(map, "stream", &mut self.stream)?,
+            "stream_options" => {
+                seen.read_object(map, "stream_options", &mut self.stream_options)?
+            }
+            "n" => seen.read(map, "n", &mut self.n)?,
+            "frequency_penalty" => {
+                seen.read(map, "frequency_penalty", &mut self.frequency_penalty)?
+            }
+            "presence_penalty" => seen.read(map, "presence_penalty", &mut self.presence_penalty)?,
+            "logit_bias" => seen.read(map, "logit_bias", &mut self.logit_bias)?,
+            "documents" => seen.read_or_default(map, "documents", &mut self.documents)?,
+            "kvquilt" => seen.read_object(map, "kvquilt", &mut self.kvquilt)?,
+            "mode" => seen.note_given(map, "mode", &mut self.misplaced.mode)?,
+            "ratio" => seen.note_given(map, "ratio", &mut self.misplaced.ratio)?,
+            "compress" => seen.note_given(map, "compress", &mut self.misplaced.compress)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// A [`Visitor`] of a JSON object, by its type's `from_map`.
+struct ObjectOf<T>(&'static str, PhantomData<T>);
+
+/// A request type read field by field from a map.
+trait FromMap: Sized {
+    /// What the type is, for "expected ..." errors.
+    const EXPECTING: &'static str;
+
+    /// Reads the type's fields from `map`.
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+impl<'de, T: FromMap> Visitor<'de> for ObjectOf<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_map(map)
+    }
+}
+
+/// Deserialises `T` from a JSON object.
+fn from_object<'de, D: Deserializer<'de>, T: FromMap>(d: D) -> Result<T, D::Error> {
+    d.deserialize_map(ObjectOf(T::EXPECTING, PhantomData))
+}
+
+impl FromMap for CommonFields {
+    const EXPECTING: &'static str = "a JSON object";
+
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        let mut common = CommonFields::default();
+        each_field(map, |key, map, seen| common.read_field(key, map, seen))?;
+        Ok(common)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommonFields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_object(d)
+    }
+}
+
+impl FromMap for ChatRequest {
+    const EXPECTING: &'static str = "a chat request (a JSON object)";
+
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        let mut r = ChatRequest::default();
+        let seen = each_field(map, |key, map, seen| {
+            match key {
+                "messages" => seen.read(map, "messages", &mut r.messages)?,
+                "logprobs" => seen.read_or_default(map, "logprobs", &mut r.logprobs)?,
+                "top_logprobs" => seen.read(map, "top_logprobs", &mut r.top_logprobs)?,
+                "tools" => seen.read(map, "tools", &mut r.tools)?,
+                "tool_choice" => seen.read(map, "tool_choice", &mut r.tool_choice)?,
+                "functions" => seen.read(map, "functions", &mut r.functions)?,
+                "function_call" => seen.read(map, "function_call", &mut r.function_call)?,
+                "response_format" => seen.read(map, "response_format", &mut r.response_format)?,
+                _ => return r.common.read_field(key, map, seen),
+            }
+            Ok(true)
+        })?;
+        if !seen.has("messages") {
+            return Err(de::Error::missing_field("messages"));
+        }
+        Ok(r)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChatRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_object(d)
+    }
+}
+
+impl FromMap for CompletionRequest {
+    const EXPECTING: &'static str = "a completion request (a JSON object)";
+
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        let mut prompt = None;
+        let mut r = CompletionRequest::new("");
+        each_field(map, |key, map, seen| {
+            match key {
+                "prompt" => seen.read(map, "prompt", &mut prompt)?,
+                "logprobs" => seen.read(map, "logprobs", &mut r.logprobs)?,
+                "echo" => seen.read_or_default(map, "echo", &mut r.echo)?,
+                "best_of" => seen.read(map, "best_of", &mut r.best_of)?,
+                "suffix" => seen.read(map, "suffix", &mut r.suffix)?,
+                _ => return r.common.read_field(key, map, seen),
+            }
+            Ok(true)
+        })?;
+        // `"prompt": null` is as absent as any other field
+        r.prompt = prompt.ok_or_else(|| de::Error::missing_field("prompt"))?;
+        Ok(r)
+    }
+}
+
+impl<'de> Deserialize<'de> for CompletionRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_object(d)
+    }
+}
+
+/// A string or a list: the one-or-many fields (`stop`, `prompt`, message `content`).
+trait OneOrMany<T>: Sized {
+    /// What the field holds, for "expected ..." errors.
+    const EXPECTING: &'static str;
+    /// One string.
+    fn one(s: String) -> Self;
+    /// A list.
+    fn many(v: Vec<T>) -> Self;
+}
+
+/// A [`Visitor`] of a [`OneOrMany`] field.
+struct OneOrManyOf<F, T>(PhantomData<(F, T)>);
+
+impl<'de, F: OneOrMany<T>, T: Deserialize<'de>> Visitor<'de> for OneOrManyOf<F, T> {
+    type Value = F;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(F::EXPECTING)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<F, E> {
+        Ok(F::one(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<F, E> {
+        Ok(F::one(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<F, A::Error> {
+        // the list's own length hint is not trusted for the reservation
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(x) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(F::many(v))
+    }
+}
+
+/// Deserialises a [`OneOrMany`] field.
+fn one_or_many<'de, D, F, T>(d: D) -> Result<F, D::Error>
+where
+    D: Deserializer<'de>,
+    F: OneOrMany<T>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_any(OneOrManyOf::<F, T>(PhantomData))
+}
+
+impl OneOrMany<String> for Stop {
+    const EXPECTING: &'static str = "a stop string or a list of them";
+
+    fn one(s: String) -> Self {
+        Stop::One(s)
+    }
+
+    fn many(v: Vec<String>) -> Self {
+        Stop::Many(v)
+    }
+}
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_or_many(d)
+    }
+}
+
+impl OneOrMany<String> for Prompt {
+    const EXPECTING: &'static str = "a prompt string or a list of them";
+
+    fn one(s: String) -> Self {
+        Prompt::One(s)
+    }
+
+    fn many(v: Vec<String>) -> Self {
+        Prompt::Many(v)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_or_many(d)
+    }
+}
+
+impl OneOrMany<ContentPart> for Content {
+    const EXPECTING: &'static str = "a message's text or a list of content parts";
+
+    fn one(s: String) -> Self {
+        Content::Text(s)
+    }
+
+    fn many(v: Vec<ContentPart>) -> Self {
+        Content::Parts(v)
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_or_many(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::{ChatMessage, StreamOptions};
+    use super::*;
+    use crate::blend::ModeSpec;
+    use crate::chunks::ChunkRef;
+
+    fn chat(v: serde_json::Value) -> Result<ChatRequest, String> {
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    fn completion(v: serde_json::Value) -> Result<CompletionRequest, String> {
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_written_request_reads_back_as_it_was() {
+        let c = ChatRequest {
+            logprobs: true,
+            top_logprobs: Some(3),
+            tools: Some(json!([])),
+            tool_choice: Some(json!("none")),
+            response_format: Some(json!({"type": "text"})),
+            messages: vec![
+                ChatMessage::system("s"),
+                ChatMessage {
+                    role: "user".into(),
+                    content: Some(Content::Parts(vec![ContentPart {
+                        kind: "text".into(),
+                        text: Some("q".into()),
+                    }])),
+                },
+            ],
+            common: CommonFields {
+                model: Some("m".into()),
+                max_tokens: Some(5),
+                max_completion_tokens: Some(6),
+                temperature: Some(0.5),
+                top_p: Some(0.9),
+                seed: Some(7),
+                stop: Some(Stop::Many(vec!["a".into(), "b".into()])),
+                stream: true,
+                stream_options: Some(StreamOptions {
+                    include_usage: true,
+                }),
+                n: Some(1),
+                frequency_penalty: Some(0.0),
+                presence_penalty: Some(0.0),
+                logit_bias: Some(serde_json::Map::new()),
+                documents: vec![ChunkRef::text("d"), ChunkRef::tokens(vec![1, 2])],
+                kvquilt: Some(ModeSpec {
+                    mode: Some("blend".into()),
+                    ..ModeSpec::default()
+                }),
+                ..CommonFields::default()
+            },
+            ..ChatRequest::default()
+        };
+        let back = chat(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let mut p = CompletionRequest::new("p");
+        (p.logprobs, p.echo, p.best_of, p.suffix) = (Some(2), true, Some(1), Some(String::new()));
+        p.common.stop = Some(Stop::One("x".into()));
+        let back = completion(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(
+            serde_json::from_value::<CommonFields>(serde_json::to_value(&c.common).unwrap())
+                .unwrap(),
+            c.common
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_null_is_absent() {
+        let r = chat(json!({
+            "messages": [{"role": "user", "content": null, "name": "x"}],
+            "user": "u", "metadata": {"a": [1, 2]}, "store": false,
+            "stream": null, "logprobs": null, "documents": null, "kvquilt": null,
+            "stop": null, "mode": null,
+        }))
+        .unwrap();
+        assert_eq!(
+            r,
+            ChatRequest::new(vec![ChatMessage {
+                role: "user".into(),
+                content: None
+            }])
+        );
+        assert_eq!(r.common.misplaced.first(), None);
+        let p = completion(json!({"prompt": ["a"], "echo": null, "suffix": null})).unwrap();
+        assert_eq!(p.prompt, Prompt::Many(vec!["a".into()]));
+    }
+
+    #[test]
+    fn misplaced_fields_are_noted_whatever_their_value() {
+        let r = chat(json!({"messages": [], "ratio": 0.15, "compress": {}})).unwrap();
+        assert!(r.common.misplaced.ratio && r.common.misplaced.compress);
+        assert!(!r.common.misplaced.mode);
+        assert_eq!(r.common.misplaced.first(), Some("ratio"));
+        let p = completion(json!({"prompt": "p", "mode": [1]})).unwrap();
+        assert_eq!(p.common.misplaced.first(), Some("mode"));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_naming_the_problem() {
+        let cases = [
+            (
+                chat(json!({"model": "m"})).map(drop),
+                "missing field `messages`",
+            ),
+            (
+                chat(json!({"messages": null})).map(drop),
+                "invalid type: null",
+            ),
+            (
+                completion(json!({"max_tokens": 3})).map(drop),
+                "missing field `prompt`",
+            ),
+            (
+                completion(json!({"prompt": null})).map(drop),
+                "missing field `prompt`",
+            ),
+            (
+                completion(json!({"prompt": 3})).map(drop),
+                "expected a prompt string or a list of them",
+            ),
+            (
+                completion(json!({"prompt": "p", "stop": 3})).map(drop),
+                "expected a stop string or a list",
+            ),
+            (
+                completion(json!({"prompt": "p", "stop": [3]})).map(drop),
+                "expected a string",
+            ),
+            (
+                chat(json!({"messages": [{"role": "user", "content": 3}]})).map(drop),
+                "expected a message's text or a list of content parts",
+            ),
+            (
+                chat(json!({"messages": [], "kvquilt": []})).map(drop),
+                "expected a JSON object",
+            ),
+            (
+                chat(json!({"messages": [], "stream_options": 1})).map(drop),
+                "expected a JSON object",
+            ),
+            (
+                chat(json!({"messages": [], "stream": "yes"})).map(drop),
+                "expected a boolean",
+            ),
+            (
+                chat(json!([[]])).map(drop),
+                "expected a chat request (a JSON object)",
+            ),
+            (
+                completion(json!(["p"])).map(drop),
+                "expected a completion request (a JSON object)",
+            ),
+        ];
+        for (i, (got, want)) in cases.into_iter().enumerate() {
+            let e = got.expect_err(&format!("case {i} was read"));
+            assert!(e.contains(want), "case {i}: {e}");
+        }
+        // a field given twice (serde_json's `json!` keeps one, so the text is read)
+        let twice = [
+            serde_json::from_str::<ChatRequest>(r#"{"messages": [], "seed": 1, "seed": 2}"#)
+                .map(drop),
+            serde_json::from_str::<ChatRequest>(r#"{"messages": [], "messages": []}"#).map(drop),
+            serde_json::from_str::<CompletionRequest>(r#"{"prompt": "p", "mode": 1, "mode": 2}"#)
+                .map(drop),
+        ];
+        for (i, got) in twice.into_iter().enumerate() {
+            let e = got.expect_err(&format!("twice {i} was read")).to_string();
+            assert!(e.contains("duplicate field"), "twice {i}: {e}");
+        }
+    }
+}
