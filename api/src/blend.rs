@@ -26,8 +26,8 @@ pub struct BlendRequest {
     /// Raw layout: token ids after the chunks (never empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix_tokens: Option<Vec<u32>>,
-    /// The chunks, in prompt order.
-    #[serde(default)]
+    /// The chunks, in prompt order (at most [`crate::chunks::MAX_CHUNKS`]).
+    #[serde(default, deserialize_with = "crate::bounded::chunk_list")]
     pub chunks: Vec<ChunkRef>,
     /// `full`, `prefix`, `reuse` or `blend` (default `blend`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -104,9 +104,14 @@ pub struct ChunkSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PutChunksRequest {
-    /// The chunks to precompute and store (at least one).
+    /// The chunks to precompute and store (at least one, at most [`MAX_CHUNKS`]).
+    #[serde(deserialize_with = "crate::bounded::chunk_list")]
     pub chunks: Vec<ChunkRef>,
 }
+
+/// Most chunks one request may name (`chunks`, `documents`): a longer list is refused as it
+/// is read (`crate::bounded`). The server's `limits.max_chunks` may only lower it.
+pub const MAX_CHUNKS: usize = 4096;
 
 /// A store tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

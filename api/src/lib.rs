@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod blend;
+pub mod bounded;
 pub mod chunks;
 pub mod error;
 pub mod object;
@@ -27,7 +28,7 @@ pub use blend::{
     ModeSpec, SegmentSource, TokenLogprob,
 };
 pub use chunks::{
-    ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout,
+    ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout, MAX_CHUNKS,
     PutChunksRequest, PutChunksResponse, Tier,
 };
 pub use error::{ErrorBody, ErrorDetail};

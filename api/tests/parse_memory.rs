@@ -1,8 +1,9 @@
-//! Reading a request holds no more memory than the fields the request keeps: unknown fields
-//! are skipped, not buffered, and `documents`, `stop` and message content are read straight
-//! into their types. serde's `flatten` and untagged enums buffered them in an in-memory tree
-//! first (32 bytes a value): a body of small numbers in a field the server ignores grew about
-//! 16× while it was read, past the body budget it was admitted under.
+//! Reading a request holds about what the request keeps: unknown fields are skipped, not
+//! buffered; fields read only to be checked (`tools`, ...) and lists the server limits
+//! (`documents`, `stop`, `prompt`) are refused past a count as they are read; kept text is
+//! read once into its type. serde's `flatten` and untagged enums buffered fields in an
+//! in-memory tree first (32 bytes a value): a body of small numbers in a field the server
+//! ignores grew 16–32× while it was read, past the body budget it was admitted under.
 //!
 //! One test function per file: the counting allocator below sees every thread's allocations.
 
@@ -101,12 +102,55 @@ fn reading_a_request_holds_about_what_it_keeps() {
         completion.len()
     );
 
-    // known fields cost what their values keep: N stop strings of one byte are N Strings,
-    // read once (24 bytes each and the allocator's smallest block), not first buffered
-    let stops = format!("[{}]", vec![r#""s""#; N].join(","));
-    let body = format!(r#"{{"prompt": "p", "stop": {stops}}}"#);
-    let kept = N * (std::mem::size_of::<String>() + 8);
-    let (read, peak) = peak_of(|| serde_json::from_str::<Object<CompletionRequest>>(&body));
-    assert!(read.is_ok());
-    assert!(peak < kept * 2, "stop: {peak} bytes held for {kept} kept");
+    // fields read only to be checked are refused past a count, not read whole (a 16×
+    // `serde_json::Value` tree); lists the server limits anyway are refused past the limit
+    let padded = [
+        ("tools", format!(r#"{{"messages": [], "tools": {pad}}}"#)),
+        (
+            "response_format",
+            format!(r#"{{"messages": [], "response_format": {{"type": "text", "x": {pad}}}}}"#),
+        ),
+        (
+            "logit_bias",
+            format!(r#"{{"messages": [], "logit_bias": {{"1": {pad}}}}}"#),
+        ),
+        (
+            "documents",
+            format!(
+                r#"{{"messages": [], "documents": [{}]}}"#,
+                vec![r#""""#; N].join(",")
+            ),
+        ),
+        (
+            "stop",
+            format!(
+                r#"{{"messages": [], "stop": [{}]}}"#,
+                vec![r#""""#; N].join(",")
+            ),
+        ),
+    ];
+    for (field, body) in padded {
+        let (read, peak) = peak_of(|| serde_json::from_str::<Object<ChatRequest>>(&body));
+        assert!(read.is_err(), "{field}: a padded body was read");
+        assert!(
+            peak < 1 << 20,
+            "{field}: {peak} bytes held reading {} bytes",
+            body.len()
+        );
+    }
+    let prompts = format!(r#"{{"prompt": [{}]}}"#, vec![r#""p""#; N].join(","));
+    let (read, peak) = peak_of(|| serde_json::from_str::<Object<CompletionRequest>>(&prompts));
+    assert!(read.is_err() && peak < 64 << 10, "prompts: {peak} bytes");
+
+    // text the request keeps costs what it keeps: N message texts of one byte are N
+    // messages, read once (not first buffered), within twice their size (a list's growth)
+    let messages = format!("[{}]", vec![r#"{"role":"u","content":"c"}"#; N].join(","));
+    let body = format!(r#"{{"messages": {messages}}}"#);
+    let (read, peak) = peak_of(|| serde_json::from_str::<Object<ChatRequest>>(&body));
+    let kept = N * (std::mem::size_of::<kvquilt_api::openai::ChatMessage>() + 2);
+    assert_eq!(read.expect("messages").0.messages.len(), N);
+    assert!(
+        peak < kept * 2 + (1 << 20),
+        "messages: {peak} bytes held for {kept} kept"
+    );
 }

@@ -305,6 +305,20 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "unsupported_parameter",
             "`response_format`",
         ),
+        // lists past what is served, and unserved fields past a count, are refused as the
+        // body is read (`kvquilt_api::bounded`: a body of tiny values held 10–30× its size)
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "stop": ["a", "b", "c", "d", "e"]}),
+            "malformed_json",
+            "stop: at most 4 stop sequences",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [hi], "tools": vec![0; 5000]}),
+            "malformed_json",
+            "`tools` holds more than 4096 values",
+        ),
         // kvquilt's fields beside `kvquilt` instead of inside it are refused, not ignored as
         // other unknown fields are (a top-level ratio ran the default ratio)
         (
@@ -376,8 +390,7 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "/v1/chat/completions",
             json!({"messages": [hi], "kvquilt": ["full"]}),
             "malformed_json",
-            // (no path: `kvquilt` sits in the flattened common fields)
-            "invalid type: sequence, expected a JSON object",
+            "kvquilt: invalid type: sequence, expected a JSON object",
         ),
         (
             "/v1/blend",

@@ -63,8 +63,10 @@ pub struct CommonFields {
     /// Not served: only an empty map (or absent) is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<serde_json::Map<String, Value>>,
-    /// kvquilt: retrieved documents, each a cached chunk of the prompt.
+    /// kvquilt: retrieved documents, each a cached chunk of the prompt (at most
+    /// [`crate::chunks::MAX_CHUNKS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<Vec<ChunkRef>>"))]
     pub documents: Vec<ChunkRef>,
     /// kvquilt: how the documents are assembled.
     #[serde(default, skip_serializing_if = "Option::is_none")]

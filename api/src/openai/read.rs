@@ -5,13 +5,14 @@
 //! untagged enum buffers its value before trying each variant. That tree costs 32 bytes a
 //! value: a body of small numbers in a field the server ignores grew about 16× (32× at its
 //! peak) while it was read, past the body budget it was admitted under. Here each known
-//! field is read straight into its type and every other field is skipped
-//! ([`IgnoredAny`]), so reading holds only what the request keeps
-//! (`tests/parse_memory.rs` pins it).
+//! field is read straight into its type, lists and checked fields within a count
+//! ([`crate::bounded`]), and every other field is skipped ([`IgnoredAny`]): an unknown field
+//! costs nothing however large (`tests/parse_memory.rs` pins it).
 //!
 //! As derive would: a field given twice is an error, a missing required field is named, and
 //! only a JSON object is a request (see [`crate::object`]). As OpenAI reads it: `null` is an
-//! absent field everywhere, a flag included.
+//! absent field everywhere, a flag included. Each reader takes its struct apart field by field
+//! (no `..`), so a field added to a request type does not compile until it is read here.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -19,7 +20,10 @@ use std::marker::PhantomData;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use serde_json::Value;
+
 use super::{ChatRequest, CommonFields, CompletionRequest, Content, ContentPart, Prompt, Stop};
+use crate::bounded::{self, ChunkList, read_list};
 use crate::object::Object;
 
 /// The fields of one object read so far: a second one of a name is an error.
@@ -89,6 +93,19 @@ impl Seen {
         Ok(())
     }
 
+    /// Reads the next value, one only checked and refused, into `slot` within
+    /// [`bounded::MAX_CHECKED_VALUES`] (`null`: `None`).
+    fn check<'de, A: MapAccess<'de>>(
+        &mut self,
+        map: &mut A,
+        name: &'static str,
+        slot: &mut Option<Value>,
+    ) -> Result<(), A::Error> {
+        self.note(name)?;
+        *slot = bounded::checked(map, name)?;
+        Ok(())
+    }
+
     /// Skips the next value, noting in `given` whether it was anything but `null`.
     fn note_given<'de, A: MapAccess<'de>>(
         &mut self,
@@ -126,33 +143,53 @@ impl CommonFields {
         map: &mut A,
         seen: &mut Seen,
     ) -> Result<bool, A::Error> {
+        let CommonFields {
+            model,
+            max_tokens,
+            max_completion_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            stream,
+            stream_options,
+            n,
+            frequency_penalty,
+            presence_penalty,
+            logit_bias,
+            documents,
+            kvquilt,
+            misplaced,
+        } = self;
         match key {
-            "model" => seen.read(map, "model", &mut self.model)?,
-            "max_tokens" => seen.read(map, "max_tokens", &mut self.max_tokens)?,
-            "max_completion_tokens" => seen.read(
-                map,
-                "max_completion_tokens",
-                &mut self.max_completion_tokens,
-            )?,
-            "temperature" => seen.read(map, "temperature", &mut self.temperature)?,
-            "top_p" => seen.read(map, "top_p", &mut self.top_p)?,
-            "seed" => seen.read(map, "seed", &mut self.seed)?,
-            "stop" => seen.read(map, "stop", &mut self.stop)?,
-            "stream" => seen.read_or_default(map, "stream", &mut self.stream)?,
-            "stream_options" => {
-                seen.read_object(map, "stream_options", &mut self.stream_options)?
+            "model" => seen.read(map, "model", model)?,
+            "max_tokens" => seen.read(map, "max_tokens", max_tokens)?,
+            "max_completion_tokens" => {
+                seen.read(map, "max_completion_tokens", max_completion_tokens)?
             }
-            "n" => seen.read(map, "n", &mut self.n)?,
-            "frequency_penalty" => {
-                seen.read(map, "frequency_penalty", &mut self.frequency_penalty)?
+            "temperature" => seen.read(map, "temperature", temperature)?,
+            "top_p" => seen.read(map, "top_p", top_p)?,
+            "seed" => seen.read(map, "seed", seed)?,
+            "stop" => seen.read(map, "stop", stop)?,
+            "stream" => seen.read_or_default(map, "stream", stream)?,
+            "stream_options" => seen.read_object(map, "stream_options", stream_options)?,
+            "n" => seen.read(map, "n", n)?,
+            "frequency_penalty" => seen.read(map, "frequency_penalty", frequency_penalty)?,
+            "presence_penalty" => seen.read(map, "presence_penalty", presence_penalty)?,
+            "logit_bias" => {
+                seen.note("logit_bias")?;
+                *logit_bias = bounded::checked(map, "logit_bias")?;
             }
-            "presence_penalty" => seen.read(map, "presence_penalty", &mut self.presence_penalty)?,
-            "logit_bias" => seen.read(map, "logit_bias", &mut self.logit_bias)?,
-            "documents" => seen.read_or_default(map, "documents", &mut self.documents)?,
-            "kvquilt" => seen.read_object(map, "kvquilt", &mut self.kvquilt)?,
-            "mode" => seen.note_given(map, "mode", &mut self.misplaced.mode)?,
-            "ratio" => seen.note_given(map, "ratio", &mut self.misplaced.ratio)?,
-            "compress" => seen.note_given(map, "compress", &mut self.misplaced.compress)?,
+            "documents" => {
+                seen.note("documents")?;
+                *documents = map
+                    .next_value::<Option<ChunkList>>()?
+                    .map_or_else(Vec::new, |l| l.0);
+            }
+            "kvquilt" => seen.read_object(map, "kvquilt", kvquilt)?,
+            "mode" => seen.note_given(map, "mode", &mut misplaced.mode)?,
+            "ratio" => seen.note_given(map, "ratio", &mut misplaced.ratio)?,
+            "compress" => seen.note_given(map, "compress", &mut misplaced.compress)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -209,17 +246,28 @@ impl FromMap for ChatRequest {
 
     fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
         let mut r = ChatRequest::default();
+        let ChatRequest {
+            messages,
+            logprobs,
+            top_logprobs,
+            tools,
+            tool_choice,
+            functions,
+            function_call,
+            response_format,
+            common,
+        } = &mut r;
         let seen = each_field(map, |key, map, seen| {
             match key {
-                "messages" => seen.read(map, "messages", &mut r.messages)?,
-                "logprobs" => seen.read_or_default(map, "logprobs", &mut r.logprobs)?,
-                "top_logprobs" => seen.read(map, "top_logprobs", &mut r.top_logprobs)?,
-                "tools" => seen.read(map, "tools", &mut r.tools)?,
-                "tool_choice" => seen.read(map, "tool_choice", &mut r.tool_choice)?,
-                "functions" => seen.read(map, "functions", &mut r.functions)?,
-                "function_call" => seen.read(map, "function_call", &mut r.function_call)?,
-                "response_format" => seen.read(map, "response_format", &mut r.response_format)?,
-                _ => return r.common.read_field(key, map, seen),
+                "messages" => seen.read(map, "messages", messages)?,
+                "logprobs" => seen.read_or_default(map, "logprobs", logprobs)?,
+                "top_logprobs" => seen.read(map, "top_logprobs", top_logprobs)?,
+                "tools" => seen.check(map, "tools", tools)?,
+                "tool_choice" => seen.check(map, "tool_choice", tool_choice)?,
+                "functions" => seen.check(map, "functions", functions)?,
+                "function_call" => seen.check(map, "function_call", function_call)?,
+                "response_format" => seen.check(map, "response_format", response_format)?,
+                _ => return common.read_field(key, map, seen),
             }
             Ok(true)
         })?;
@@ -240,21 +288,29 @@ impl FromMap for CompletionRequest {
     const EXPECTING: &'static str = "a completion request (a JSON object)";
 
     fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        let mut prompt = None;
+        let mut given_prompt = None;
         let mut r = CompletionRequest::new("");
+        let CompletionRequest {
+            prompt,
+            logprobs,
+            echo,
+            best_of,
+            suffix,
+            common,
+        } = &mut r;
         each_field(map, |key, map, seen| {
             match key {
-                "prompt" => seen.read(map, "prompt", &mut prompt)?,
-                "logprobs" => seen.read(map, "logprobs", &mut r.logprobs)?,
-                "echo" => seen.read_or_default(map, "echo", &mut r.echo)?,
-                "best_of" => seen.read(map, "best_of", &mut r.best_of)?,
-                "suffix" => seen.read(map, "suffix", &mut r.suffix)?,
-                _ => return r.common.read_field(key, map, seen),
+                "prompt" => seen.read(map, "prompt", &mut given_prompt)?,
+                "logprobs" => seen.read(map, "logprobs", logprobs)?,
+                "echo" => seen.read_or_default(map, "echo", echo)?,
+                "best_of" => seen.read(map, "best_of", best_of)?,
+                "suffix" => seen.read(map, "suffix", suffix)?,
+                _ => return common.read_field(key, map, seen),
             }
             Ok(true)
         })?;
         // `"prompt": null` is as absent as any other field
-        r.prompt = prompt.ok_or_else(|| de::Error::missing_field("prompt"))?;
+        *prompt = given_prompt.ok_or_else(|| de::Error::missing_field("prompt"))?;
         Ok(r)
     }
 }
@@ -269,6 +325,11 @@ impl<'de> Deserialize<'de> for CompletionRequest {
 trait OneOrMany<T>: Sized {
     /// What the field holds, for "expected ..." errors.
     const EXPECTING: &'static str;
+    /// Most elements of its list (the server serves no more: a longer list is refused as it
+    /// is read, `crate::bounded`).
+    const MAX: usize;
+    /// What a longer list breaks.
+    const TOO_MANY: &'static str;
     /// One string.
     fn one(s: String) -> Self;
     /// A list.
@@ -293,13 +354,8 @@ impl<'de, F: OneOrMany<T>, T: Deserialize<'de>> Visitor<'de> for OneOrManyOf<F, 
         Ok(F::one(v))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<F, A::Error> {
-        // the list's own length hint is not trusted for the reservation
-        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(x) = seq.next_element()? {
-            v.push(x);
-        }
-        Ok(F::many(v))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<F, A::Error> {
+        read_list(seq, F::MAX, || F::TOO_MANY.to_owned()).map(F::many)
     }
 }
 
@@ -315,6 +371,8 @@ where
 
 impl OneOrMany<String> for Stop {
     const EXPECTING: &'static str = "a stop string or a list of them";
+    const MAX: usize = 4;
+    const TOO_MANY: &'static str = "at most 4 stop sequences";
 
     fn one(s: String) -> Self {
         Stop::One(s)
@@ -333,6 +391,8 @@ impl<'de> Deserialize<'de> for Stop {
 
 impl OneOrMany<String> for Prompt {
     const EXPECTING: &'static str = "a prompt string or a list of them";
+    const MAX: usize = 1;
+    const TOO_MANY: &'static str = "`prompt` must be one string (batches are not supported)";
 
     fn one(s: String) -> Self {
         Prompt::One(s)
@@ -351,6 +411,9 @@ impl<'de> Deserialize<'de> for Prompt {
 
 impl OneOrMany<ContentPart> for Content {
     const EXPECTING: &'static str = "a message's text or a list of content parts";
+    // not bounded by count: every part carries its text and at least 15 bytes of JSON
+    const MAX: usize = usize::MAX;
+    const TOO_MANY: &'static str = "";
 
     fn one(s: String) -> Self {
         Content::Text(s)
@@ -532,6 +595,50 @@ mod tests {
             let e = got.expect_err(&format!("case {i} was read"));
             assert!(e.contains(want), "case {i}: {e}");
         }
+        // lists past what the server serves, and checked fields past their count, are
+        // refused as they are read
+        let many = |n: usize, v: serde_json::Value| serde_json::Value::Array(vec![v; n]);
+        let counted = [
+            (chat(json!({"messages": [], "stop": many(5, json!("s"))})).map(drop), "at most 4 stop sequences"),
+            (completion(json!({"prompt": ["a", "b"]})).map(drop), "batches are not supported"),
+            (chat(json!({"messages": [], "documents": many(4097, json!("d"))})).map(drop), "at most 4096 chunks"),
+            (
+                serde_json::from_value::<crate::BlendRequest>(json!({"chunks": many(4097, json!("d"))}))
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                "at most 4096 chunks",
+            ),
+            (
+                serde_json::from_value::<crate::PutChunksRequest>(json!({"chunks": many(4097, json!("d"))}))
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                "at most 4096 chunks",
+            ),
+            (chat(json!({"messages": [], "tools": many(4096, json!(0))})).map(drop), "`tools` holds more than 4096 values"),
+            (
+                chat(json!({"messages": [], "response_format": {"type": "text", "x": many(4095, json!({}))}})).map(drop),
+                "`response_format` holds more than 4096 values",
+            ),
+            (chat(json!({"messages": [], "logit_bias": []})).map(drop), "expected a map"),
+        ];
+        for (i, (got, want)) in counted.into_iter().enumerate() {
+            let e = got.expect_err(&format!("counted {i} was read"));
+            assert!(e.contains(want), "counted {i}: {e}");
+        }
+        // up to the count they read as before
+        let r = chat(json!({
+            "messages": [],
+            "stop": many(4, json!("s")),
+            "documents": many(4096, json!("d")),
+            "tools": many(4095, json!(0)),
+            "logit_bias": {"1": 0},
+        }))
+        .unwrap();
+        assert_eq!(r.common.stop, Some(Stop::Many(vec!["s".into(); 4])));
+        assert_eq!(r.common.documents.len(), 4096);
+        assert_eq!(r.tools, Some(many(4095, json!(0))));
+        assert_eq!(r.common.logit_bias.map(|m| m.len()), Some(1));
+
         // a field given twice (serde_json's `json!` keeps one, so the text is read)
         let twice = [
             serde_json::from_str::<ChatRequest>(r#"{"messages": [], "seed": 1, "seed": 2}"#)

@@ -169,7 +169,8 @@ pub struct Limits {
     /// messages — each with 32 bytes for its template markup — prompt, stop strings),
     /// checked before anything is tokenized.
     pub max_text_bytes: usize,
-    /// Most chunks (documents) in one request.
+    /// Most chunks (documents) in one request (at most `kvquilt_api::MAX_CHUNKS`, 4,096: a
+    /// longer list is refused as the body is read).
     pub max_chunks: usize,
     /// Most tokens one completion may generate.
     pub max_new_tokens: usize,
@@ -741,6 +742,13 @@ impl Config {
                 l.max_request_tokens
             );
         }
+        if l.max_chunks > kvquilt_api::MAX_CHUNKS {
+            bail!(
+                "limits.max_chunks must be at most {} (the most a request is read with; got {})",
+                kvquilt_api::MAX_CHUNKS,
+                l.max_chunks
+            );
+        }
         if l.max_kv_body_bytes == Some(0) {
             bail!("limits.max_kv_body_bytes must be at least 1 (0 would refuse every KV upload)");
         }
@@ -921,6 +929,7 @@ mod tests {
                 "max_request_tokens",
             ),
             ("[limits]\nmax_kv_body_bytes = 0\n", "max_kv_body_bytes"),
+            ("[limits]\nmax_chunks = 4097\n", "max_chunks"),
             ("[limits]\nbody_budget_bytes = 1024\n", "body_budget_bytes"),
             ("device = \"gpu7\"\n", "gpu7"),
             ("dtype = \"f64\"\n", "f64"),
