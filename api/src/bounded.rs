@@ -1,20 +1,22 @@
 //! Request values read within a count, so that what a parsed body holds stays near its size.
 //!
 //! A JSON value takes a few bytes of a body and tens in memory once read: an empty string in
-//! a list is 3 bytes of JSON and a 24-byte `String` (a chunk reference 72), a `0` in a
-//! `serde_json::Value` 32 bytes, and a growing list doubles its capacity. The body budget
-//! counts a body's bytes, so a body of many tiny values would hold 10–50× what it was
-//! admitted for while it is read. Two rules keep that bounded:
+//! a list is 3 bytes of JSON and a 24-byte `String` (a chunk reference 72, a chat message
+//! 48, and an allocator block for any text in it), a `0` in a `serde_json::Value` 32 bytes,
+//! and a growing list doubles its capacity. The body budget counts a body's bytes, so a body
+//! of many tiny values would hold 5–50× what it was admitted for while it is read. Three
+//! rules keep that bounded:
 //!
 //! - a list the server limits anyway is read only up to the API's ceiling for it
-//!   ([`read_list`]: chunks ([`crate::chunks::MAX_CHUNKS`]), stop strings, prompts), one
+//!   (`read_list`: chunks ([`crate::chunks::MAX_CHUNKS`]), stop strings, prompts), one
 //!   element past it refusing the body;
+//! - a chat request's messages and their content parts together are at most
+//!   [`MAX_MESSAGE_ITEMS`] (`openai/read.rs`);
 //! - a field read only to be checked and refused (`tools`, `response_format`, ...) is read
-//!   as a [`Value`] of at most [`MAX_CHECKED_VALUES`] values ([`checked_value`]).
+//!   as a [`Value`] of at most [`MAX_CHECKED_VALUES`] values each (`checked_value`).
 //!
-//! Text is not counted: a string takes in memory what it takes in the body. Lists of text the
-//! request keeps (messages, content parts) are not bounded by count; their every element
-//! carries at least its JSON punctuation.
+//! What is left unbounded by count is text (a long string takes in memory about what it
+//! takes in the body) and token-id lists (`0,` is 2 bytes of JSON and a 4-byte `u32`).
 
 use std::fmt;
 
@@ -26,8 +28,12 @@ use crate::chunks::{ChunkRef, MAX_CHUNKS};
 
 /// Most values one checked field (`tools`, `functions`, `tool_choice`, `function_call`,
 /// `response_format`, `logit_bias`) may hold: a tool list with its schemas fits, a padded one
-/// does not. 4,096 values are at most 128 KiB read.
+/// does not (4,096 values: a few hundred KiB read, lists' growth and map nodes included).
 pub const MAX_CHECKED_VALUES: usize = 4096;
+
+/// Most messages and content parts one chat request holds together (`limits.max_text_bytes`
+/// counts 32 bytes of markup a message, so its default of 1 MiB serves 32,768 messages).
+pub const MAX_MESSAGE_ITEMS: usize = 1 << 16;
 
 /// Reads a list of at most `max` elements; `too_many` says what a longer one breaks (the
 /// rest of the list is not read).
@@ -51,7 +57,8 @@ where
     Ok(v)
 }
 
-/// A list of at most [`MAX_CHUNKS`] chunk references (`null`: none).
+/// A list of at most [`MAX_CHUNKS`] chunk references (read as `Option<ChunkList>` where
+/// `null` is none).
 pub(crate) struct ChunkList(pub(crate) Vec<ChunkRef>);
 
 impl<'de> Deserialize<'de> for ChunkList {
@@ -66,7 +73,9 @@ impl<'de> Deserialize<'de> for ChunkList {
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<ChunkList, A::Error> {
                 read_list(seq, MAX_CHUNKS, || {
-                    format!("a request names at most {MAX_CHUNKS} chunks")
+                    format!(
+                        "more than {MAX_CHUNKS} chunks in one request (the API's ceiling; the server's limits.max_chunks may be lower)"
+                    )
                 })
                 .map(ChunkList)
             }

@@ -15,7 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod blend;
-pub mod bounded;
+mod bounded;
 pub mod chunks;
 pub mod error;
 pub mod object;
@@ -27,6 +27,7 @@ pub use blend::{
     BlendRequest, BlendResponse, BlendStats, CompressSpec, CompressionStats, DecodeSpec, Fallback,
     ModeSpec, SegmentSource, TokenLogprob,
 };
+pub use bounded::{MAX_CHECKED_VALUES, MAX_MESSAGE_ITEMS};
 pub use chunks::{
     ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout, MAX_CHUNKS,
     PutChunksRequest, PutChunksResponse, Tier,

@@ -11,7 +11,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvquilt_api::Object;
-use kvquilt_api::openai::{ChatRequest, CompletionRequest};
+use kvquilt_api::openai::{ChatMessage, ChatRequest, CompletionRequest};
 
 /// The system allocator, counting the bytes live and their peak.
 struct Counting;
@@ -142,15 +142,28 @@ fn reading_a_request_holds_about_what_it_keeps() {
     let (read, peak) = peak_of(|| serde_json::from_str::<Object<CompletionRequest>>(&prompts));
     assert!(read.is_err() && peak < 64 << 10, "prompts: {peak} bytes");
 
-    // text the request keeps costs what it keeps: N message texts of one byte are N
+    // a chat request's messages and content parts are counted: a body of a million tiny
+    // messages (6–9× its size once read) is refused within the count
+    let tiny = format!("[{}]", vec![r#"{"role":""}"#; N].join(","));
+    let body = format!(r#"{{"messages": {tiny}}}"#);
+    let (read, peak) = peak_of(|| serde_json::from_str::<Object<ChatRequest>>(&body));
+    assert!(read.is_err(), "a million messages were read");
+    let most = kvquilt_api::MAX_MESSAGE_ITEMS * (std::mem::size_of::<ChatMessage>() + 32);
+    assert!(
+        peak < most * 2,
+        "messages: {peak} bytes held, {most} at most"
+    );
+
+    // text the request keeps costs what it keeps: M message texts of one byte are M
     // messages, read once (not first buffered), within twice their size (a list's growth)
-    let messages = format!("[{}]", vec![r#"{"role":"u","content":"c"}"#; N].join(","));
+    let m = kvquilt_api::MAX_MESSAGE_ITEMS;
+    let messages = format!("[{}]", vec![r#"{"role":"u","content":"c"}"#; m].join(","));
     let body = format!(r#"{{"messages": {messages}}}"#);
     let (read, peak) = peak_of(|| serde_json::from_str::<Object<ChatRequest>>(&body));
-    let kept = N * (std::mem::size_of::<kvquilt_api::openai::ChatMessage>() + 2);
-    assert_eq!(read.expect("messages").0.messages.len(), N);
+    let kept = m * (std::mem::size_of::<ChatMessage>() + 2);
+    assert_eq!(read.expect("messages").0.messages.len(), m);
     assert!(
-        peak < kept * 2 + (1 << 20),
+        peak < kept * 2,
         "messages: {peak} bytes held for {kept} kept"
     );
 }

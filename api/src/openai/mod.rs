@@ -6,8 +6,8 @@
 //! functions, a `response_format` other than text) are refused. `null` stands for an absent
 //! field everywhere, as OpenAI reads it.
 //!
-//! The request types are read by hand ([`read`]), in one pass that holds only what the
-//! request keeps.
+//! The request types are read by hand (`read.rs`), in one pass that skips what the server
+//! ignores and reads lists within a count.
 
 mod read;
 

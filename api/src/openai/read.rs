@@ -11,19 +11,21 @@
 //!
 //! As derive would: a field given twice is an error, a missing required field is named, and
 //! only a JSON object is a request (see [`crate::object`]). As OpenAI reads it: `null` is an
-//! absent field everywhere, a flag included. Each reader takes its struct apart field by field
+//! absent optional field everywhere, a flag included. Each reader takes its struct apart field by field
 //! (no `..`), so a field added to a request type does not compile until it is read here.
 
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use serde_json::Value;
 
-use super::{ChatRequest, CommonFields, CompletionRequest, Content, ContentPart, Prompt, Stop};
-use crate::bounded::{self, ChunkList, read_list};
+use super::{
+    ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, ContentPart, Prompt, Stop,
+};
+use crate::bounded::{self, ChunkList, MAX_MESSAGE_ITEMS, read_list};
 use crate::object::Object;
 
 /// The fields of one object read so far: a second one of a name is an error.
@@ -259,7 +261,10 @@ impl FromMap for ChatRequest {
         } = &mut r;
         let seen = each_field(map, |key, map, seen| {
             match key {
-                "messages" => seen.read(map, "messages", messages)?,
+                "messages" => {
+                    seen.note("messages")?;
+                    *messages = map.next_value_seed(Messages)?;
+                }
                 "logprobs" => seen.read_or_default(map, "logprobs", logprobs)?,
                 "top_logprobs" => seen.read(map, "top_logprobs", top_logprobs)?,
                 "tools" => seen.check(map, "tools", tools)?,
@@ -318,6 +323,130 @@ impl FromMap for CompletionRequest {
 impl<'de> Deserialize<'de> for CompletionRequest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         from_object(d)
+    }
+}
+
+/// `messages`: its messages and their content parts together at most [`MAX_MESSAGE_ITEMS`]
+/// (a body of `{"role":""}` held 6–9× its size as messages).
+struct Messages;
+
+/// What is left of a chat request's [`MAX_MESSAGE_ITEMS`].
+struct Items(usize);
+
+impl Items {
+    /// Counts one more message or part.
+    fn take<E: de::Error>(&mut self) -> Result<(), E> {
+        self.0 = self.0.checked_sub(1).ok_or_else(|| {
+            E::custom(format_args!(
+                "a chat request holds at most {MAX_MESSAGE_ITEMS} messages and content parts"
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Messages {
+    type Value = Vec<ChatMessage>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<ChatMessage>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Messages {
+    type Value = Vec<ChatMessage>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<ChatMessage>, A::Error> {
+        let mut items = Items(MAX_MESSAGE_ITEMS);
+        let mut v = Vec::new();
+        while let Some(m) = seq.next_element_seed(Message(&mut items))? {
+            v.push(m);
+        }
+        Ok(v)
+    }
+}
+
+/// One message (a JSON object: `role`, `content`; other fields skipped), counted.
+struct Message<'a>(&'a mut Items);
+
+impl<'de> DeserializeSeed<'de> for Message<'_> {
+    type Value = ChatMessage;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<ChatMessage, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Message<'_> {
+    type Value = ChatMessage;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a message (a JSON object with `role` and `content`)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ChatMessage, A::Error> {
+        let Message(items) = self;
+        items.take()?;
+        let (mut role, mut content) = (None, None);
+        each_field(map, |key, map, seen| {
+            match key {
+                "role" => seen.read(map, "role", &mut role)?,
+                "content" => {
+                    seen.note("content")?;
+                    content = map.next_value_seed(Parts(&mut *items))?;
+                }
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(ChatMessage {
+            role: role.ok_or_else(|| de::Error::missing_field("role"))?,
+            content,
+        })
+    }
+}
+
+/// A message's `content` (`null`: none), its parts counted.
+struct Parts<'a>(&'a mut Items);
+
+impl<'de> DeserializeSeed<'de> for Parts<'_> {
+    type Value = Option<Content>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Content>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Parts<'_> {
+    type Value = Option<Content>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(<Content as OneOrMany<ContentPart>>::EXPECTING)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Option<Content>, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<Content>, E> {
+        Ok(Some(Content::Text(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Option<Content>, E> {
+        Ok(Some(Content::Text(v)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Content>, A::Error> {
+        let mut parts = Vec::new();
+        while let Some(p) = seq.next_element::<ContentPart>()? {
+            self.0.take()?;
+            parts.push(p);
+        }
+        Ok(Some(Content::Parts(parts)))
     }
 }
 
@@ -411,7 +540,7 @@ impl<'de> Deserialize<'de> for Prompt {
 
 impl OneOrMany<ContentPart> for Content {
     const EXPECTING: &'static str = "a message's text or a list of content parts";
-    // not bounded by count: every part carries its text and at least 15 bytes of JSON
+    // in a chat request the parts are counted with the messages (`Messages`)
     const MAX: usize = usize::MAX;
     const TOO_MANY: &'static str = "";
 
@@ -601,18 +730,18 @@ mod tests {
         let counted = [
             (chat(json!({"messages": [], "stop": many(5, json!("s"))})).map(drop), "at most 4 stop sequences"),
             (completion(json!({"prompt": ["a", "b"]})).map(drop), "batches are not supported"),
-            (chat(json!({"messages": [], "documents": many(4097, json!("d"))})).map(drop), "at most 4096 chunks"),
+            (chat(json!({"messages": [], "documents": many(4097, json!("d"))})).map(drop), "more than 4096 chunks in one request"),
             (
                 serde_json::from_value::<crate::BlendRequest>(json!({"chunks": many(4097, json!("d"))}))
                     .map(drop)
                     .map_err(|e| e.to_string()),
-                "at most 4096 chunks",
+                "more than 4096 chunks in one request",
             ),
             (
                 serde_json::from_value::<crate::PutChunksRequest>(json!({"chunks": many(4097, json!("d"))}))
                     .map(drop)
                     .map_err(|e| e.to_string()),
-                "at most 4096 chunks",
+                "more than 4096 chunks in one request",
             ),
             (chat(json!({"messages": [], "tools": many(4096, json!(0))})).map(drop), "`tools` holds more than 4096 values"),
             (
@@ -625,6 +754,67 @@ mod tests {
             let e = got.expect_err(&format!("counted {i} was read"));
             assert!(e.contains(want), "counted {i}: {e}");
         }
+        // messages and their parts are counted together
+        let msgs = |n: usize, m: serde_json::Value| chat(json!({"messages": many(n, m)})).map(drop);
+        let parts = |n: usize| json!({"role": "user", "content": many(n, json!({"type": "text", "text": "t"}))});
+        let limit = "at most 65536 messages and content parts";
+        for (i, (got, ok)) in [
+            (msgs(65536, json!({"role": "user"})), true),
+            (msgs(65537, json!({"role": "user"})), false),
+            (msgs(1, parts(65535)), true),
+            (msgs(1, parts(65536)), false),
+            (msgs(2, parts(32767)), true),
+            (msgs(2, parts(32768)), false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match got {
+                Ok(()) => assert!(ok, "items {i} was read"),
+                Err(e) => assert!(!ok && e.contains(limit), "items {i}: {e}"),
+            }
+        }
+        let r = chat(json!({"messages": [
+            {"role": "user", "content": null, "name": "n", "tool_calls": [1, 2]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            r.messages[0],
+            ChatMessage {
+                role: "user".into(),
+                content: None
+            }
+        );
+        assert_eq!(
+            r.messages[1].content,
+            Some(Content::Parts(vec![ContentPart {
+                kind: "text".into(),
+                text: Some("a".into())
+            }]))
+        );
+        for (i, (m, want)) in [
+            (json!({"content": "c"}), "missing field `role`"),
+            (json!(["user", "c"]), "expected a message"),
+            (
+                json!({"role": "user", "content": 3}),
+                "expected a message's text or a list",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let got = chat(json!({"messages": [m]}));
+            assert!(
+                got.as_ref().err().is_some_and(|e| e.contains(want)),
+                "message {i}: {got:?}"
+            );
+        }
+        let e =
+            serde_json::from_str::<ChatRequest>(r#"{"messages": [{"role": "a", "role": "b"}]}"#)
+                .expect_err("a role given twice");
+        assert!(e.to_string().contains("duplicate field `role`"), "{e}");
+
         // up to the count they read as before
         let r = chat(json!({
             "messages": [],

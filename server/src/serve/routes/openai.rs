@@ -91,6 +91,7 @@ pub(crate) async fn chat(
         .enumerate()
         .map(|(i, m)| to_message(i, m))
         .collect::<ApiResult<Vec<_>>>()?;
+    body.messages = Vec::new();
     if messages.is_empty() {
         return Err(ApiError::bad_request("no_messages", "`messages` is empty"));
     }
@@ -110,6 +111,8 @@ pub(crate) async fn chat(
     let ((mode, calibration), compress) =
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
+    // their texts are chunks now; the body lives until the answer is sent
+    body.common.documents = Vec::new();
     let (template, tokenizer) = (Arc::clone(&s.template), Arc::clone(&s.tokenizer));
     let req = s
         .tokenizing
@@ -139,7 +142,7 @@ pub(crate) async fn completions(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     held: HeldBody,
-    ApiJson(body): ApiJson<CompletionRequest>,
+    ApiJson(mut body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     check_model(&s, &body.common)?;
     check_misplaced(&body.common)?;
@@ -150,13 +153,15 @@ pub(crate) async fn completions(
             "`echo`, `best_of` other than 1 and `suffix` are not served",
         ));
     }
-    let prompt = match &body.prompt {
-        Prompt::One(p) => p.clone(),
-        Prompt::Many(v) if v.len() == 1 => v[0].clone(),
+    // taken out of the body, which lives until the answer is sent (past its body budget)
+    let prompt = match std::mem::replace(&mut body.prompt, Prompt::One(String::new())) {
+        Prompt::One(p) => p,
+        Prompt::Many(mut v) if v.len() == 1 => v.swap_remove(0),
+        // (a list of more than one is refused as the body is read: batches are not served)
         Prompt::Many(_) => {
             return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                "`prompt` must be one string (batches are not supported)",
+                "invalid_prompt",
+                "`prompt` is an empty list (give one string)",
             ));
         }
     };
@@ -171,6 +176,8 @@ pub(crate) async fn completions(
     let ((mode, calibration), compress) =
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
+    // their texts are chunks now; the body lives until the answer is sent
+    body.common.documents = Vec::new();
     let tokenizer = Arc::clone(&s.tokenizer);
     let suffix = s
         .tokenizing
