@@ -92,5 +92,9 @@ fn openai_package_and_langchain_chain_end_to_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{report}");
-    assert!(report.contains("22 passed"), "{report}");
+    // every test ran, none skipped (the end-to-end module skips itself without KVQUILT_URL)
+    assert!(
+        report.lines().any(|l| l.starts_with("33 passed")) && !report.contains("skipped"),
+        "{report}"
+    );
 }

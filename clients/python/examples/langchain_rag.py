@@ -3,7 +3,7 @@ vector store retrieves, kvquilt warms the retrieved chunks and answers over thei
 
 Run against a server (``scripts/run.sh`` starts one on 127.0.0.1:8077)::
 
-    pip install "./clients/python[langchain]"
+    pip install "./clients/python[example]"
     python clients/python/examples/langchain_rag.py --url http://127.0.0.1:8077
 
 The embedding is a hashed bag of words so the example needs no model download; use any

@@ -51,6 +51,13 @@ def _api_error(r: httpx.Response) -> KvquiltError:
     return KvquiltError(r.status_code, code, message, _retry_after(r))
 
 
+def _not_utf8(e: UnicodeEncodeError) -> ValueError:
+    """A request text Python cannot encode as UTF-8 (a lone surrogate, e.g. from a file
+    decoded with ``surrogateescape``), said as such."""
+    return ValueError(f"kvquilt: a request text is not valid Unicode ({e.reason} at index {e.start}: "
+                      f"{e.object[max(0, e.start - 10):e.end + 10]!r}); decode it with errors='replace'")
+
+
 def _check_id(chunk_id: str) -> str:
     """A chunk id as the API names chunks: 64 hexadecimal digits."""
     if not (isinstance(chunk_id, str) and len(chunk_id) == 64
@@ -129,9 +136,13 @@ class StreamEvent:
 class Client:
     """One kvquilt server. ``base_url`` like ``http://127.0.0.1:8077``.
 
-    ``timeout`` (seconds) applies to the ``httpx`` client built here; a client passed as
-    ``http`` keeps its own timeouts (``httpx``'s default is 5 s: too short for a long
-    answer). Nothing is retried: a refusal with ``retry_after`` says when to try again.
+    ``timeout`` (seconds) bounds reading an answer and ``connect_timeout`` reaching the
+    server (a host that drops packets fails in seconds, not after the read timeout), for the
+    ``httpx`` client built here. A client passed as ``http`` (proxies, transports) keeps its
+    own timeouts (``httpx``'s default is 5 s: too short for a long answer) and is not
+    changed: the URL and the token go with each request, so one ``httpx`` client can serve
+    several kvquilt clients; :meth:`close` leaves it open. Nothing is retried: a refusal
+    with ``retry_after`` says when to try again.
     """
 
     def __init__(
@@ -140,20 +151,19 @@ class Client:
         token: Optional[str] = None,
         timeout: float = 300.0,
         http: Optional[httpx.Client] = None,
+        connect_timeout: float = 5.0,
     ):
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._owns_http = http is None
         if http is None:
-            http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
-        else:
-            # a caller's own client (proxies, transports) still gets the URL and the token
-            if not str(http.base_url):
-                http.base_url = self.base_url
-            http.headers.update(headers)
+            http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)))
         self._http = http
 
     def close(self) -> None:
-        self._http.close()
+        """Closes the ``httpx`` client built here (one passed as ``http`` stays open)."""
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -163,9 +173,18 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _send_args(self, path: str, kw: Dict[str, Any]) -> Dict[str, Any]:
+        """The URL and headers of a request to ``path`` (this client's token with it)."""
+        kw = dict(kw)
+        kw["url"] = f"{self.base_url}{path}"
+        kw["headers"] = {**self._headers, **kw.get("headers", {})}
+        return kw
+
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            r = self._http.request(method, path, **kw)
+            r = self._http.request(method, **self._send_args(path, kw))
+        except UnicodeEncodeError as e:
+            raise _not_utf8(e) from e
         except httpx.TimeoutException as e:
             raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
         except httpx.TransportError as e:
@@ -275,15 +294,19 @@ class Client:
         mode: Optional[str] = None,
         ratio: Optional[float] = None,
         compress: Optional[Dict[str, Any]] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend.
         ``max_tokens`` left out: the server's default (its ``limits.max_new_tokens`` bound).
+        ``top_p`` and ``seed`` sample as OpenAI's do (the same seed and request: the same
+        tokens).
 
         ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) prunes the prompt's KV
         with a token policy before decoding; ``stats["compression"]`` says what was kept.
         """
         body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                               compress)
+                               compress, top_p, seed)
         r = self._json("POST", "/v1/chat/completions", json=body)
         choice = r["choices"][0]
         return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}))
@@ -298,11 +321,13 @@ class Client:
         mode: Optional[str] = None,
         ratio: Optional[float] = None,
         compress: Optional[Dict[str, Any]] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
     ) -> Iterator[str]:
         """Yields the answer's text pieces as the server streams them (the options of
         :meth:`chat`); :meth:`chat_events` also gives the end (finish reason, usage, stats)."""
         for e in self.chat_events(question_or_messages, documents, max_tokens, temperature, stop, mode,
-                                  ratio, compress):
+                                  ratio, compress, top_p, seed):
             if e.text:
                 yield e.text
 
@@ -316,17 +341,27 @@ class Client:
         mode: Optional[str] = None,
         ratio: Optional[float] = None,
         compress: Optional[Dict[str, Any]] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """A streamed chat completion as :class:`StreamEvent` s: the text pieces, then one
         event with the finish reason, the usage and the blend's stats. A stream that ends
-        before the server's ``[DONE]`` raises :class:`KvquiltConnectionError` (``truncated``):
-        what arrived is not the whole answer."""
+        before the server's ``[DONE]`` (or whose connection breaks) raises
+        :class:`KvquiltConnectionError` (``truncated``): what arrived is not the whole answer.
+        An error the server sends inside the stream (after its 200: e.g. the device ran out
+        of memory while decoding) raises :class:`KvquiltError` with the server's code and
+        ``status`` 200; an event that is not JSON, ``malformed_event``."""
         body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                               compress)
+                               compress, top_p, seed)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         try:
             yield from self._stream_events(body)
+        except UnicodeEncodeError as e:
+            raise _not_utf8(e) from e
+        except httpx.RemoteProtocolError as e:
+            # the connection closed mid-answer (the server or a proxy went away)
+            raise KvquiltConnectionError(0, "truncated", f"{self.base_url}: {e}") from e
         except httpx.TimeoutException as e:
             raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
         except httpx.TransportError as e:
@@ -334,20 +369,28 @@ class Client:
 
     def _stream_events(self, body: Dict[str, Any]) -> Iterator[StreamEvent]:
         end = StreamEvent()
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+        with self._http.stream("POST", **self._send_args("/v1/chat/completions", {"json": body})) as r:
             if not r.is_success:
                 r.read()
                 raise _api_error(r)
             for line in r.iter_lines():
-                if not line.startswith("data: "):
+                # `data:` with or without its one optional space (server-sent events)
+                if not line.startswith("data:"):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data:"):]
+                data = data[1:] if data.startswith(" ") else data
                 if data == "[DONE]":
                     yield end
                     return
-                v = json.loads(data)
+                try:
+                    v = json.loads(data)
+                except ValueError as e:
+                    raise KvquiltError(200, "malformed_event", f"an event of the stream is not JSON: {data[:80]!r}") from e
+                if not isinstance(v, dict):
+                    raise KvquiltError(200, "malformed_event", f"an event of the stream is not an object: {data[:80]!r}")
                 if "error" in v:
-                    raise KvquiltError(200, v["error"].get("code", ""), v["error"].get("message", ""))
+                    err = v["error"] if isinstance(v["error"], dict) else {"message": str(v["error"])}
+                    raise KvquiltError(200, str(err.get("code", "")), str(err.get("message", "")))
                 if v.get("usage"):
                     end.usage = v["usage"]
                 if v.get("kvquilt"):
@@ -364,7 +407,7 @@ class Client:
 
     @staticmethod
     def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                   compress=None) -> Dict[str, Any]:
+                   compress=None, top_p=None, seed=None) -> Dict[str, Any]:
         messages = (
             [{"role": "user", "content": question_or_messages}]
             if isinstance(question_or_messages, str)
@@ -375,6 +418,10 @@ class Client:
             body["max_tokens"] = max_tokens
         if temperature is not None:
             body["temperature"] = temperature
+        if top_p is not None:
+            body["top_p"] = top_p
+        if seed is not None:
+            body["seed"] = seed
         if stop:
             body["stop"] = stop
         ext = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("compress", compress)) if v is not None}

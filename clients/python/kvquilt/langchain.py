@@ -2,7 +2,9 @@
 
 - :class:`KvquiltRetriever` wraps any retriever: it returns the same documents with their
   kvquilt chunk id in ``metadata["kvquilt_chunk_id"]``, after making sure their KV is stored
-  (warming: the first sight precomputes, later ones are lookups).
+  (warming: the first sight precomputes, later ones are lookups). Warming never fails a
+  retrieval: a document it could not warm is returned without a chunk id (and sent as text).
+  Empty documents are neither warmed nor sent.
 - :class:`ChatKvquilt` is a chat model answering through kvquilt's blend completion; pass
   the retrieved documents as ``documents=`` (at ``invoke`` or with ``.bind``).
 - :func:`rag_chain` joins them: ``question -> retrieve -> answer``.
@@ -10,20 +12,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
-from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict
 
-from .client import Client, KvquiltError, StreamEvent
+from .client import Client, KvquiltError, StreamEvent, _chunk_list
 
 CHUNK_ID = "kvquilt_chunk_id"
 
@@ -42,9 +56,25 @@ class KvquiltRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun
     ) -> List[Document]:
         docs = self.base.invoke(query, config={"callbacks": run_manager.get_child()})
-        if not docs:
-            return []
-        stored = self._warm([d.page_content for d in docs])
+        return self._with_ids(docs, self._warm_docs(docs))
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+    ) -> List[Document]:
+        # the base retriever's own async path (some have no other); warming, a blocking
+        # HTTP call, in a worker thread
+        docs = await self.base.ainvoke(query, config={"callbacks": run_manager.get_child()})
+        stored = await asyncio.get_running_loop().run_in_executor(None, self._warm_docs, docs)
+        return self._with_ids(docs, stored)
+
+    def _warm_docs(self, docs: Sequence[Document]) -> List[Any]:
+        """Each document's chunk status (``None``: empty, or not warmed)."""
+        texts = [d.page_content for d in docs if d.page_content]
+        stored = iter(self._warm(texts) if texts else [])
+        return [next(stored) if d.page_content else None for d in docs]
+
+    @staticmethod
+    def _with_ids(docs: Sequence[Document], stored: List[Any]) -> List[Document]:
         out = []
         for d, s in zip(docs, stored):
             meta = dict(d.metadata)
@@ -57,27 +87,38 @@ class KvquiltRetriever(BaseRetriever):
     def _warm(self, texts: List[str]) -> List[Any]:
         """Each text's chunk status, ``None`` where it was not warmed: warming is a
         speed-up, so no refusal fails the retrieval — the document is then sent as text.
-        A refusal of one document (400, 413: over a limit) is found by warming the texts one
-        by one; one of the whole batch (403 over the tenant's quota, 503 busy, 507 store
-        full, the sidecar unreachable) leaves every document unwarmed."""
+        A batch refused for its size or for one document in it (400, 413: over a limit, such
+        as the server's ``max_chunks``) is warmed in halves, so a large retrieval takes a few
+        requests and one bad document costs about two per halving; a refusal of the whole
+        store (403 over the tenant's quota, 503 busy, 507 store full, the sidecar
+        unreachable) leaves every document unwarmed, as does a text that cannot be sent."""
         try:
             return list(self.client.put_chunks(texts))
         except KvquiltError as e:
             if e.status not in (400, 413) or len(texts) == 1:
-                warnings.warn(f"kvquilt: documents were not warmed: {e}", stacklevel=2)
+                warnings.warn(f"kvquilt: {len(texts)} document(s) were not warmed: {e}", stacklevel=3)
                 return [None] * len(texts)
-        out: List[Any] = []
-        for t in texts:
-            try:
-                out.append(self.client.put_chunks([t])[0])
-            except KvquiltError as e:
-                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=2)
-                out.append(None)
-        return out
+        except (ValueError, TypeError) as e:
+            if len(texts) == 1:
+                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=3)
+                return [None]
+        half = len(texts) // 2
+        return self._warm(texts[:half]) + self._warm(texts[half:])
 
 
 def _role(m: BaseMessage) -> str:
-    return {"human": "user", "ai": "assistant", "system": "system"}.get(m.type, "user")
+    """The API role of a LangChain message (its chunks included: ``AIMessageChunk`` is an
+    ``AIMessage``); tool and function messages are refused, as kvquilt calls no tools."""
+    if isinstance(m, ChatMessage):
+        role = {"human": "user", "ai": "assistant"}.get(m.role, m.role)
+        if role in ("system", "user", "assistant", "developer"):
+            return role
+        raise ValueError(f"kvquilt serves system, user and assistant messages; got role {m.role!r}")
+    for kind, role in ((HumanMessage, "user"), (AIMessage, "assistant"), (SystemMessage, "system")):
+        if isinstance(m, kind):
+            return role
+    raise ValueError(f"kvquilt serves system, user and assistant messages (no tool calling); "
+                     f"got a {type(m).__name__}")
 
 
 def _text(content: Any) -> str:
@@ -102,9 +143,19 @@ def _document_ref(d: Any, by_id: bool = True) -> Any:
     return d
 
 
-def _by_id_or_text(call: Callable[[List[Any]], T], documents: Sequence[Any]) -> T:
+def _is_empty(d: Any) -> bool:
+    """A document with no text (a retriever may return one; the server refuses it)."""
+    return (isinstance(d, Document) and not d.page_content) or (isinstance(d, str) and not d)
+
+
+def _by_id_or_text(call: Callable[[List[Any]], T], documents: Any) -> T:
     """``call`` with the documents by chunk id; again with their texts when a warmed
-    document's chunk was evicted or deleted since (`unknown_chunk`)."""
+    document's chunk was evicted or deleted since (`unknown_chunk`). One document on its
+    own (a string, a ``Document``, a dict) is refused, not taken apart; empty ones are
+    left out."""
+    if isinstance(documents, Document):
+        raise TypeError("documents takes a list of documents, not one: wrap it as [doc]")
+    documents = [d for d in _chunk_list(documents, "documents") if not _is_empty(d)]
     try:
         return call([_document_ref(d) for d in documents])
     except KvquiltError as e:
@@ -132,13 +183,15 @@ class ChatKvquilt(BaseChatModel):
 
     @property
     def _identifying_params(self) -> Dict[str, Any]:
-        return {"base_url": self.client.base_url, "mode": self.mode, "ratio": self.ratio}
+        # every setting that changes an answer: LangChain's LLM cache keys on these
+        return {"base_url": self.client.base_url, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "mode": self.mode, "ratio": self.ratio}
 
     def _request(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: Dict[str, Any]
                  ) -> Dict[str, Any]:
         """The client's arguments: the model's settings, overridden per call (``max_tokens``,
-        ``temperature``, ``mode``, ``ratio``, ``compress``)."""
-        known = {"max_tokens", "temperature", "mode", "ratio", "compress"}
+        ``temperature``, ``mode``, ``ratio``, ``compress``, ``top_p``, ``seed``)."""
+        known = {"max_tokens", "temperature", "mode", "ratio", "compress", "top_p", "seed"}
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"ChatKvquilt does not take {sorted(unknown)} (it takes {sorted(known)})")
@@ -150,6 +203,8 @@ class ChatKvquilt(BaseChatModel):
             "mode": kwargs.get("mode", self.mode),
             "ratio": kwargs.get("ratio", self.ratio),
             "compress": kwargs.get("compress"),
+            "top_p": kwargs.get("top_p"),
+            "seed": kwargs.get("seed"),
         }
 
     def _generate(

@@ -10,6 +10,7 @@ from operator import add
 import httpx
 import pytest
 from langchain_core.documents import Document
+from langchain_core.messages import AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.retrievers import BaseRetriever
 
 from kvquilt import Client, KvquiltConnectionError, KvquiltError
@@ -118,7 +119,8 @@ def test_a_refused_warming_still_retrieves(status, code):
         docs = KvquiltRetriever(base=_Two(), client=c).invoke("where?")
     assert [d.page_content for d in docs] == ["Paris is in France.", "Rome is in Italy."]
     assert not any(CHUNK_ID in d.metadata for d in docs)
-    assert caught, "the refusal is reported"
+    said = [str(w.message) for w in caught if "not warmed" in str(w.message)]
+    assert said and code in said[0], "the refusal is reported"
 
 
 def test_an_unreachable_sidecar_still_retrieves():
@@ -142,3 +144,164 @@ def test_a_streamed_answer_carries_usage_and_stats_even_when_empty():
     empty = ChatKvquilt(client=client(lambda r: sse(FINISH, USAGE)))
     merged = reduce(add, empty.stream("q"))  # (it raised "No generation chunks were returned")
     assert merged.content == "" and merged.usage_metadata["output_tokens"] == 2
+
+
+def answer_with(sent):
+    """A handler recording each request's JSON body and answering a chat completion (or,
+    for ``/v1/chunks``, storing every chunk)."""
+
+    def answer(r):
+        body = json.loads(r.content)
+        sent.append((r.url.path, body, r.headers.get("authorization")))
+        if r.url.path == "/v1/chunks":
+            return httpx.Response(200, json={"chunks": [
+                {"id": ID, "tokens": 3, "status": "stored"} for _ in body["chunks"]]})
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        })
+
+    return answer
+
+
+def test_one_document_is_refused_not_taken_apart_and_empty_ones_left_out():
+    sent = []
+    llm = ChatKvquilt(client=client(answer_with(sent)))
+    # one string was sent as one chunk per character; one Document as its fields
+    for one in ["Paris is in France.", Document(page_content="Paris is in France."), {"id": ID}]:
+        with pytest.raises(TypeError):
+            llm.invoke("Where?", documents=one)
+    assert not sent
+    llm.invoke("Where?", documents=[Document(page_content=""), "", Document(page_content="Rome.")])
+    assert sent[0][1]["documents"] == ["Rome."]  # an empty one was a 400 for the whole answer
+
+
+def test_messages_keep_their_roles():
+    sent = []
+    llm = ChatKvquilt(client=client(answer_with(sent)))
+    history = [
+        SystemMessage(content="s"),
+        HumanMessage(content="q"),
+        AIMessageChunk(content="a"),  # what merging a stream gives
+        ChatMessage(role="assistant", content="b"),
+        HumanMessage(content="q2"),
+    ]
+    llm.invoke(history)
+    assert [m["role"] for m in sent[0][1]["messages"]] == ["system", "user", "assistant", "assistant", "user"]
+    for bad in [ToolMessage(content="42", tool_call_id="t"), ChatMessage(role="tool", content="x")]:
+        with pytest.raises(ValueError):
+            llm.invoke([HumanMessage(content="q"), bad])
+    assert len(sent) == 1
+
+
+def test_settings_that_change_the_answer_key_the_cache():
+    c = client(answer_with([]))
+    a, b = ChatKvquilt(client=c, max_tokens=8), ChatKvquilt(client=c, max_tokens=512)
+    assert a._identifying_params != b._identifying_params
+    assert ChatKvquilt(client=c, temperature=0.0)._identifying_params != ChatKvquilt(
+        client=c, temperature=1.0)._identifying_params
+
+
+def test_per_call_sampling_options_are_sent():
+    sent = []
+    ChatKvquilt(client=client(answer_with(sent))).invoke("q", top_p=0.5, seed=7)
+    assert (sent[0][1]["top_p"], sent[0][1]["seed"]) == (0.5, 7)
+
+
+def test_a_shared_http_client_is_not_changed():
+    sent = []
+    shared = httpx.Client(transport=httpx.MockTransport(answer_with(sent)))
+    a = Client("http://a.test", token="token-a", http=shared)
+    b = Client("http://b.test", token="token-b", http=shared)
+    a.chat("q")
+    b.chat("q")
+    a.close()
+    a.chat("q")  # the shared client stays open
+    assert [t for _, _, t in sent] == ["Bearer token-a", "Bearer token-b", "Bearer token-a"]
+    assert "authorization" not in shared.headers
+
+
+class _Docs(BaseRetriever):
+    texts: list
+
+    def _get_relevant_documents(self, query, *, run_manager):
+        return [Document(page_content=t) for t in self.texts]
+
+
+def test_a_large_or_bad_batch_is_warmed_in_halves():
+    sent = []
+    store = answer_with(sent)
+
+    def at_most_16_and_no_bad(r):
+        chunks = json.loads(r.content)["chunks"]
+        if len(chunks) > 16 or "bad" in chunks:
+            sent.append(("refused", len(chunks), None))
+            return httpx.Response(400, json={"error": {"code": "too_many_chunks", "message": "no"}})
+        return store(r)
+
+    texts = [f"note {i}" for i in range(50)]
+    texts[37] = "bad"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = KvquiltRetriever(base=_Docs(texts=texts), client=client(at_most_16_and_no_bad)).invoke("q")
+    assert [CHUNK_ID in d.metadata for d in docs] == [t != "bad" for t in texts]
+    assert len(sent) < 16, f"{len(sent)} requests (one per document was {len(texts) + 1})"
+    assert sum("not warmed" in str(w.message) for w in caught) == 1
+
+
+def test_text_that_cannot_be_sent_does_not_fail_a_retrieval():
+    sent = []
+    texts = ["Paris is in France.", "caf\udce9 au lait", "", "Rome is in Italy."]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = KvquiltRetriever(base=_Docs(texts=texts), client=client(answer_with(sent))).invoke("q")
+    assert [CHUNK_ID in d.metadata for d in docs] == [True, False, False, True]
+    assert any("not valid Unicode" in str(w.message) for w in caught)
+    # the client names the problem
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        client(answer_with([])).put_chunks(["caf\udce9"])
+
+
+def test_the_async_retriever_uses_the_base_s_async_path():
+    class AsyncOnly(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager):
+            raise NotImplementedError("async only")
+
+        async def _aget_relevant_documents(self, query, *, run_manager):
+            return [Document(page_content="Paris is in France.")]
+
+    import asyncio
+
+    docs = asyncio.run(KvquiltRetriever(base=AsyncOnly(), client=client(answer_with([]))).ainvoke("q"))
+    assert docs[0].metadata[CHUNK_ID] == ID
+
+
+def test_stream_events_are_read_as_sse_allows():
+    no_space = httpx.Response(200, text="data:" + json.dumps(piece("Hi")) + "\n\ndata:[DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+    assert list(client(lambda r: no_space).chat_stream("q")) == ["Hi"]
+    garbled = httpx.Response(200, text="data: {not json\n\n", headers={"content-type": "text/event-stream"})
+    with pytest.raises(KvquiltError) as e:
+        list(client(lambda r: garbled).chat_stream("q"))
+    assert e.value.code == "malformed_event"
+    failed = sse(piece("Par"), {"error": {"code": "device_out_of_memory", "message": "oom"}}, done=False)
+    with pytest.raises(KvquiltError) as e:
+        list(client(lambda r: failed).chat_stream("q"))
+    assert (e.value.status, e.value.code) == (200, "device_out_of_memory")
+
+
+def test_a_connection_cut_mid_answer_is_a_truncated_answer():
+    class Cut(httpx.SyncByteStream):
+        def __iter__(self):
+            yield ("data: " + json.dumps(piece("Par")) + "\n\n").encode()
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    c = client(lambda r: httpx.Response(200, stream=Cut(), headers={"content-type": "text/event-stream"}))
+    with pytest.raises(KvquiltConnectionError) as e:
+        list(c.chat_stream("q"))
+    assert e.value.code == "truncated"
+
+
+def test_connecting_has_its_own_short_timeout():
+    c = Client("http://kvquilt.test", timeout=300.0)
+    assert (c._http.timeout.connect, c._http.timeout.read) == (5.0, 300.0)
