@@ -5,9 +5,11 @@
 >>> ids = [s.id for s in c.put_chunks(["Paris is in France."])]  # doctest: +SKIP
 >>> c.chat("Where is Paris?", documents=[{"id": ids[0]}]).text   # doctest: +SKIP
 
-The LangChain integration lives in :mod:`kvquilt.langchain` (needs ``langchain-core``).
+:class:`AsyncClient` (:mod:`kvquilt.aio`) is the same for ``asyncio`` code. The LangChain
+integration lives in :mod:`kvquilt.langchain` (needs ``langchain-core``).
 """
 
+from .aio import AsyncClient
 from .client import (
     BlendResult,
     ChatResult,
@@ -20,6 +22,7 @@ from .client import (
 )
 
 __all__ = [
+    "AsyncClient",
     "BlendResult",
     "ChatResult",
     "ChunkInfo",

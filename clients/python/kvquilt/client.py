@@ -173,22 +173,11 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _send_args(self, path: str, kw: Dict[str, Any]) -> Dict[str, Any]:
-        """The URL and headers of a request to ``path`` (this client's token with it)."""
-        kw = dict(kw)
-        kw["url"] = f"{self.base_url}{path}"
-        kw["headers"] = {**self._headers, **kw.get("headers", {})}
-        return kw
-
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            r = self._http.request(method, **self._send_args(path, kw))
-        except UnicodeEncodeError as e:
-            raise _not_utf8(e) from e
-        except httpx.TimeoutException as e:
-            raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
-        except httpx.TransportError as e:
-            raise KvquiltConnectionError(0, "unreachable", f"{self.base_url}: {e}") from e
+            r = self._http.request(method, **_send_args(self.base_url, self._headers, path, kw))
+        except (UnicodeEncodeError, httpx.TransportError) as e:
+            raise _sending_error(e, self.base_url) from e
         if r.is_success:
             return r
         raise _api_error(r)
@@ -305,11 +294,9 @@ class Client:
         ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) prunes the prompt's KV
         with a token policy before decoding; ``stats["compression"]`` says what was kept.
         """
-        body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                               compress, top_p, seed)
-        r = self._json("POST", "/v1/chat/completions", json=body)
-        choice = r["choices"][0]
-        return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}))
+        body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+                          compress, top_p, seed)
+        return _chat_result(self._json("POST", "/v1/chat/completions", json=body))
 
     def chat_stream(
         self,
@@ -351,80 +338,113 @@ class Client:
         An error the server sends inside the stream (after its 200: e.g. the device ran out
         of memory while decoding) raises :class:`KvquiltError` with the server's code and
         ``status`` 200; an event that is not JSON, ``malformed_event``."""
-        body = self._chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                               compress, top_p, seed)
+        body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+                          compress, top_p, seed, stream=True)
+        args = _send_args(self.base_url, self._headers, "/v1/chat/completions", {"json": body})
+        try:
+            with self._http.stream("POST", **args) as r:
+                if not r.is_success:
+                    r.read()
+                    raise _api_error(r)
+                events = _Events(self.base_url)
+                for line in r.iter_lines():
+                    yield from events.read(line)
+                    if events.done:
+                        return
+        except (UnicodeEncodeError, httpx.TransportError) as e:
+            raise _sending_error(e, self.base_url, streaming=True) from e
+        raise events.cut_short()
+
+
+def _send_args(base_url: str, headers: Dict[str, str], path: str, kw: Dict[str, Any]) -> Dict[str, Any]:
+    """The URL and headers of a request to ``path`` (the client's token with it)."""
+    kw = dict(kw)
+    kw["url"] = f"{base_url}{path}"
+    kw["headers"] = {**headers, **kw.get("headers", {})}
+    return kw
+
+
+def _sending_error(e: Exception, base_url: str, streaming: bool = False) -> Exception:
+    """What a request that could not be sent, or whose answer broke off, raises."""
+    if isinstance(e, UnicodeEncodeError):
+        return _not_utf8(e)
+    if streaming and isinstance(e, httpx.RemoteProtocolError):
+        # the connection closed mid-answer (the server or a proxy went away)
+        return KvquiltConnectionError(0, "truncated", f"{base_url}: {e}")
+    if isinstance(e, httpx.TimeoutException):
+        return KvquiltConnectionError(0, "timeout", f"{base_url}: {e}")
+    return KvquiltConnectionError(0, "unreachable", f"{base_url}: {e}")
+
+
+def _chat_result(r: Dict[str, Any]) -> ChatResult:
+    choice = r["choices"][0]
+    return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}))
+
+
+class _Events:
+    """A streamed chat completion's server-sent events, read line by line: the text pieces,
+    then, at the server's ``[DONE]``, the end (finish reason, usage, stats) and ``done``."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.end = StreamEvent()
+        self.done = False
+
+    def read(self, line: str) -> List[StreamEvent]:
+        # `data:` with or without its one optional space
+        if not line.startswith("data:"):
+            return []
+        data = line[len("data:"):]
+        data = data[1:] if data.startswith(" ") else data
+        if data == "[DONE]":
+            self.done = True
+            return [self.end]
+        try:
+            v = json.loads(data)
+        except ValueError as e:
+            raise KvquiltError(200, "malformed_event", f"an event of the stream is not JSON: {data[:80]!r}") from e
+        if not isinstance(v, dict):
+            raise KvquiltError(200, "malformed_event", f"an event of the stream is not an object: {data[:80]!r}")
+        if "error" in v:
+            err = v["error"] if isinstance(v["error"], dict) else {"message": str(v["error"])}
+            raise KvquiltError(200, str(err.get("code", "")), str(err.get("message", "")))
+        if v.get("usage"):
+            self.end.usage = v["usage"]
+        if v.get("kvquilt"):
+            self.end.stats = v["kvquilt"]
+        # OpenAI's usage chunk (`stream_options.include_usage`) has no choices
+        choice = (v.get("choices") or [{}])[0]
+        if choice.get("finish_reason"):
+            self.end.finish_reason = choice["finish_reason"]
+        piece = (choice.get("delta") or {}).get("content")
+        return [StreamEvent(text=piece)] if piece else []
+
+    def cut_short(self) -> KvquiltConnectionError:
+        return KvquiltConnectionError(0, "truncated", f"{self.base_url}: the answer's stream ended before [DONE]")
+
+
+def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
+               compress=None, top_p=None, seed=None, stream=False) -> Dict[str, Any]:
+    messages = (
+        [{"role": "user", "content": question_or_messages}]
+        if isinstance(question_or_messages, str)
+        else list(question_or_messages)
+    )
+    body: Dict[str, Any] = {"messages": messages, "documents": _chunk_list(documents, "documents")}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if top_p is not None:
+        body["top_p"] = top_p
+    if seed is not None:
+        body["seed"] = seed
+    if stop:
+        body["stop"] = stop
+    ext = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("compress", compress)) if v is not None}
+    if ext:
+        body["kvquilt"] = ext
+    if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        try:
-            yield from self._stream_events(body)
-        except UnicodeEncodeError as e:
-            raise _not_utf8(e) from e
-        except httpx.RemoteProtocolError as e:
-            # the connection closed mid-answer (the server or a proxy went away)
-            raise KvquiltConnectionError(0, "truncated", f"{self.base_url}: {e}") from e
-        except httpx.TimeoutException as e:
-            raise KvquiltConnectionError(0, "timeout", f"{self.base_url}: {e}") from e
-        except httpx.TransportError as e:
-            raise KvquiltConnectionError(0, "unreachable", f"{self.base_url}: {e}") from e
-
-    def _stream_events(self, body: Dict[str, Any]) -> Iterator[StreamEvent]:
-        end = StreamEvent()
-        with self._http.stream("POST", **self._send_args("/v1/chat/completions", {"json": body})) as r:
-            if not r.is_success:
-                r.read()
-                raise _api_error(r)
-            for line in r.iter_lines():
-                # `data:` with or without its one optional space (server-sent events)
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):]
-                data = data[1:] if data.startswith(" ") else data
-                if data == "[DONE]":
-                    yield end
-                    return
-                try:
-                    v = json.loads(data)
-                except ValueError as e:
-                    raise KvquiltError(200, "malformed_event", f"an event of the stream is not JSON: {data[:80]!r}") from e
-                if not isinstance(v, dict):
-                    raise KvquiltError(200, "malformed_event", f"an event of the stream is not an object: {data[:80]!r}")
-                if "error" in v:
-                    err = v["error"] if isinstance(v["error"], dict) else {"message": str(v["error"])}
-                    raise KvquiltError(200, str(err.get("code", "")), str(err.get("message", "")))
-                if v.get("usage"):
-                    end.usage = v["usage"]
-                if v.get("kvquilt"):
-                    end.stats = v["kvquilt"]
-                # OpenAI's usage chunk (`stream_options.include_usage`) has no choices
-                choice = (v.get("choices") or [{}])[0]
-                if choice.get("finish_reason"):
-                    end.finish_reason = choice["finish_reason"]
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    yield StreamEvent(text=piece)
-        raise KvquiltConnectionError(
-            0, "truncated", f"{self.base_url}: the answer's stream ended before [DONE]")
-
-    @staticmethod
-    def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                   compress=None, top_p=None, seed=None) -> Dict[str, Any]:
-        messages = (
-            [{"role": "user", "content": question_or_messages}]
-            if isinstance(question_or_messages, str)
-            else list(question_or_messages)
-        )
-        body: Dict[str, Any] = {"messages": messages, "documents": _chunk_list(documents, "documents")}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if temperature is not None:
-            body["temperature"] = temperature
-        if top_p is not None:
-            body["top_p"] = top_p
-        if seed is not None:
-            body["seed"] = seed
-        if stop:
-            body["stop"] = stop
-        ext = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("compress", compress)) if v is not None}
-        if ext:
-            body["kvquilt"] = ext
-        return body
+    return body

@@ -7,6 +7,10 @@
   Empty documents are neither warmed nor sent.
 - :class:`ChatKvquilt` is a chat model answering through kvquilt's blend completion; pass
   the retrieved documents as ``documents=`` (at ``invoke`` or with ``.bind``).
+
+Both take an optional ``async_client`` (:class:`kvquilt.aio.AsyncClient`): with it,
+``ainvoke``/``astream`` run on the event loop; without it, LangChain runs the synchronous
+client in worker threads.
 - :func:`rag_chain` joins them: ``question -> retrieve -> answer``.
 """
 
@@ -15,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
     AsyncCallbackManagerForRetrieverRun,
     CallbackManagerForLLMRun,
     CallbackManagerForRetrieverRun,
@@ -37,6 +42,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict
 
+from .aio import AsyncClient
 from .client import Client, KvquiltError, StreamEvent, _chunk_list
 
 CHUNK_ID = "kvquilt_chunk_id"
@@ -51,6 +57,8 @@ class KvquiltRetriever(BaseRetriever):
 
     base: BaseRetriever
     client: Client
+    #: warms on the event loop in ``ainvoke`` (``None``: in a worker thread)
+    async_client: Optional[AsyncClient] = None
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun
@@ -64,13 +72,24 @@ class KvquiltRetriever(BaseRetriever):
         # the base retriever's own async path (some have no other); warming, a blocking
         # HTTP call, in a worker thread
         docs = await self.base.ainvoke(query, config={"callbacks": run_manager.get_child()})
-        stored = await asyncio.get_running_loop().run_in_executor(None, self._warm_docs, docs)
-        return self._with_ids(docs, stored)
+        texts = [d.page_content for d in docs if d.page_content]
+        if not texts:
+            warmed: List[Any] = []
+        elif self.async_client is not None:
+            warmed = await self._awarm(texts)
+        else:
+            warmed = await asyncio.get_running_loop().run_in_executor(None, self._warm, texts)
+        return self._with_ids(docs, self._each(docs, warmed))
 
     def _warm_docs(self, docs: Sequence[Document]) -> List[Any]:
         """Each document's chunk status (``None``: empty, or not warmed)."""
         texts = [d.page_content for d in docs if d.page_content]
-        stored = iter(self._warm(texts) if texts else [])
+        return self._each(docs, self._warm(texts) if texts else [])
+
+    @staticmethod
+    def _each(docs: Sequence[Document], warmed: List[Any]) -> List[Any]:
+        """The statuses of the non-empty documents' texts, spread over all documents."""
+        stored = iter(warmed)
         return [next(stored) if d.page_content else None for d in docs]
 
     @staticmethod
@@ -104,6 +123,22 @@ class KvquiltRetriever(BaseRetriever):
                 return [None]
         half = len(texts) // 2
         return self._warm(texts[:half]) + self._warm(texts[half:])
+
+    async def _awarm(self, texts: List[str]) -> List[Any]:
+        """:meth:`_warm` through the async client."""
+        assert self.async_client is not None
+        try:
+            return list(await self.async_client.put_chunks(texts))
+        except KvquiltError as e:
+            if e.status not in (400, 413) or len(texts) == 1:
+                warnings.warn(f"kvquilt: {len(texts)} document(s) were not warmed: {e}", stacklevel=3)
+                return [None] * len(texts)
+        except (ValueError, TypeError) as e:
+            if len(texts) == 1:
+                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=3)
+                return [None]
+        half = len(texts) // 2
+        return await self._awarm(texts[:half]) + await self._awarm(texts[half:])
 
 
 def _role(m: BaseMessage) -> str:
@@ -148,20 +183,35 @@ def _is_empty(d: Any) -> bool:
     return (isinstance(d, Document) and not d.page_content) or (isinstance(d, str) and not d)
 
 
-def _by_id_or_text(call: Callable[[List[Any]], T], documents: Any) -> T:
-    """``call`` with the documents by chunk id; again with their texts when a warmed
-    document's chunk was evicted or deleted since (`unknown_chunk`). One document on its
-    own (a string, a ``Document``, a dict) is refused, not taken apart; empty ones are
-    left out."""
+def _documents(documents: Any) -> List[Any]:
+    """The documents of a call as a list: one on its own (a string, a ``Document``, a dict)
+    is refused, not taken apart; empty ones are left out."""
     if isinstance(documents, Document):
         raise TypeError("documents takes a list of documents, not one: wrap it as [doc]")
-    documents = [d for d in _chunk_list(documents, "documents") if not _is_empty(d)]
+    return [d for d in _chunk_list(documents, "documents") if not _is_empty(d)]
+
+
+def _by_id_or_text(call: Callable[[List[Any]], T], documents: Any) -> T:
+    """``call`` with the documents by chunk id; again with their texts when a warmed
+    document's chunk was evicted or deleted since (`unknown_chunk`)."""
+    documents = _documents(documents)
     try:
         return call([_document_ref(d) for d in documents])
     except KvquiltError as e:
         if e.code != "unknown_chunk":
             raise
         return call([_document_ref(d, by_id=False) for d in documents])
+
+
+async def _aby_id_or_text(call: Callable[[List[Any]], Awaitable[T]], documents: Any) -> T:
+    """:func:`_by_id_or_text` for a coroutine."""
+    documents = _documents(documents)
+    try:
+        return await call([_document_ref(d) for d in documents])
+    except KvquiltError as e:
+        if e.code != "unknown_chunk":
+            raise
+        return await call([_document_ref(d, by_id=False) for d in documents])
 
 
 class ChatKvquilt(BaseChatModel):
@@ -171,6 +221,8 @@ class ChatKvquilt(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     client: Client
+    #: answers ``ainvoke``/``astream`` on the event loop (``None``: in a worker thread)
+    async_client: Optional[AsyncClient] = None
     #: ``None``: the server's default
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
@@ -216,17 +268,20 @@ class ChatKvquilt(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         args = self._request(messages, stop, kwargs)
-        result = _by_id_or_text(lambda refs: self.client.chat(documents=refs, **args), documents)
-        msg = AIMessage(
-            content=result.text,
-            response_metadata={"finish_reason": result.finish_reason, "kvquilt": result.stats},
-            usage_metadata={
-                "input_tokens": result.usage["prompt_tokens"],
-                "output_tokens": result.usage["completion_tokens"],
-                "total_tokens": result.usage["total_tokens"],
-            },
-        )
-        return ChatResult(generations=[ChatGeneration(message=msg)])
+        return _chat_result(_by_id_or_text(lambda refs: self.client.chat(documents=refs, **args), documents))
+
+    async def _agenerate(
+        self,
+        messages: List[BaseMessage],
+        stop: Optional[List[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        documents: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.async_client is None:
+            return await super()._agenerate(messages, stop, run_manager, documents=documents, **kwargs)
+        ac, args = self.async_client, self._request(messages, stop, kwargs)
+        return _chat_result(await _aby_id_or_text(lambda refs: ac.chat(documents=refs, **args), documents))
 
     def _stream(
         self,
@@ -245,26 +300,76 @@ class ChatKvquilt(BaseChatModel):
             return itertools.chain([] if first is None else [first], events)
 
         for e in _by_id_or_text(started, documents):
-            if e.text:
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=e.text))
-                if run_manager:
-                    run_manager.on_llm_new_token(e.text, chunk=chunk)
+            chunk = _chunk(e)
+            if run_manager and e.text:
+                run_manager.on_llm_new_token(e.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: List[BaseMessage],
+        stop: Optional[List[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        documents: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        if self.async_client is None:
+            async for chunk in super()._astream(messages, stop, run_manager, documents=documents, **kwargs):
                 yield chunk
-                continue
-            # the end (always sent, so an empty answer is a generation too): what `invoke`
-            # reports, merged into the streamed message
-            usage = e.usage or {}
-            yield ChatGenerationChunk(
-                message=AIMessageChunk(
-                    content="",
-                    response_metadata={"finish_reason": e.finish_reason, "kvquilt": e.stats or {}},
-                    usage_metadata={
-                        "input_tokens": usage.get("prompt_tokens", 0),
-                        "output_tokens": usage.get("completion_tokens", 0),
-                        "total_tokens": usage.get("total_tokens", 0),
-                    },
-                )
-            )
+            return
+        ac, args = self.async_client, self._request(messages, stop, kwargs)
+
+        async def started(refs: List[Any]) -> AsyncIterator[StreamEvent]:
+            # the server's refusal comes before the first event: take it here
+            events = ac.chat_events(documents=refs, **args)
+            first = await events.__anext__()
+
+            async def chained() -> AsyncIterator[StreamEvent]:
+                yield first
+                async for e in events:
+                    yield e
+
+            return chained()
+
+        async for e in await _aby_id_or_text(started, documents):
+            chunk = _chunk(e)
+            if run_manager and e.text:
+                await run_manager.on_llm_new_token(e.text, chunk=chunk)
+            yield chunk
+
+
+def _chat_result(result: Any) -> ChatResult:
+    """LangChain's result of a kvquilt chat answer."""
+    msg = AIMessage(
+        content=result.text,
+        response_metadata={"finish_reason": result.finish_reason, "kvquilt": result.stats},
+        usage_metadata={
+            "input_tokens": result.usage["prompt_tokens"],
+            "output_tokens": result.usage["completion_tokens"],
+            "total_tokens": result.usage["total_tokens"],
+        },
+    )
+    return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+def _chunk(e: StreamEvent) -> ChatGenerationChunk:
+    """LangChain's chunk of a streamed event: a text piece, or the end (always sent, so an
+    empty answer is a generation too), which carries what ``invoke`` reports — usage and
+    ``response_metadata`` — to be merged into the streamed message."""
+    if e.text:
+        return ChatGenerationChunk(message=AIMessageChunk(content=e.text))
+    usage = e.usage or {}
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content="",
+            response_metadata={"finish_reason": e.finish_reason, "kvquilt": e.stats or {}},
+            usage_metadata={
+                "input_tokens": usage.get("prompt_tokens", 0),
+                "output_tokens": usage.get("completion_tokens", 0),
+                "total_tokens": usage.get("total_tokens", 0),
+            },
+        )
+    )
 
 
 def rag_chain(retriever: BaseRetriever, llm: ChatKvquilt) -> Runnable:

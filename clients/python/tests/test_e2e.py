@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessageChunk, HumanMessage
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from kvquilt import Client, KvquiltConnectionError, KvquiltError
+from kvquilt import AsyncClient, Client, KvquiltConnectionError, KvquiltError
 from kvquilt.langchain import CHUNK_ID, ChatKvquilt, KvquiltRetriever, rag_chain
 
 # the README's example: its passages and embedding serve these tests too
@@ -200,3 +200,25 @@ def test_warming_over_the_request_limit_still_retrieves(client):
     assert len(docs) == 65  # was a `too_many_chunks` error for the whole retrieval
     assert all(d.metadata.get(CHUNK_ID) for d in docs)
 
+
+
+def test_async_paths_answer_as_the_sync_ones(client):
+    import asyncio
+
+    # full prefill: exact, so the two paths must give the same tokens (a blend's plan
+    # follows the cost model's timings and may differ between two requests)
+    llm = ChatKvquilt(client=client, max_tokens=8, mode="full")
+    whole = llm.invoke("Where is the Zorblat Tower?", documents=PASSAGES)
+
+    async def run():
+        async with AsyncClient(URL, token=TOKEN) as ac:
+            allm = ChatKvquilt(client=client, async_client=ac, max_tokens=8, mode="full")
+            msg = await allm.ainvoke("Where is the Zorblat Tower?", documents=PASSAGES)
+            pieces = [p async for p in allm.astream("Where is the Zorblat Tower?", documents=PASSAGES)]
+            stored = await ac.put_chunks(PASSAGES[:1])
+            return msg, pieces, stored
+
+    msg, pieces, stored = asyncio.run(run())
+    assert msg.content == whole.content
+    assert "".join(p.content for p in pieces) == whole.content
+    assert stored[0].status == "hit"

@@ -13,7 +13,7 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.retrievers import BaseRetriever
 
-from kvquilt import Client, KvquiltConnectionError, KvquiltError
+from kvquilt import AsyncClient, Client, KvquiltConnectionError, KvquiltError
 from kvquilt.langchain import CHUNK_ID, ChatKvquilt, KvquiltRetriever
 
 ID = "ab" * 32
@@ -305,3 +305,81 @@ def test_a_connection_cut_mid_answer_is_a_truncated_answer():
 def test_connecting_has_its_own_short_timeout():
     c = Client("http://kvquilt.test", timeout=300.0)
     assert (c._http.timeout.connect, c._http.timeout.read) == (5.0, 300.0)
+
+
+def aclient(handler):
+    """An async client whose requests ``handler`` answers."""
+    return AsyncClient("http://kvquilt.test", http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+def no_sync_calls(r):
+    pytest.fail("the synchronous client was called on the async path")
+
+
+def test_the_async_client_answers_streams_and_fails_as_the_sync_one():
+    import asyncio
+
+    sent = []
+
+    async def run():
+        c = aclient(answer_with(sent))
+        [s] = await c.put_chunks(["a text"])
+        r = await c.chat("q", documents=[{"id": s.id}], top_p=0.5)
+        events = [e async for e in aclient(lambda r: sse(piece("Par"), piece("is"), FINISH, USAGE)).chat_events("q")]
+        with pytest.raises(KvquiltConnectionError) as cut:
+            [p async for p in aclient(lambda r: sse(piece("Par"), done=False)).chat_stream("q")]
+        busy = {"error": {"code": "server_busy", "message": "full"}}
+        with pytest.raises(KvquiltError) as refused:
+            await aclient(lambda r: httpx.Response(503, json=busy, headers={"retry-after": "2"})).chat("q")
+        with pytest.raises(TypeError):
+            await c.put_chunks("one string")
+        return s, r, events, cut.value, refused.value
+
+    s, r, events, cut, refused = asyncio.run(run())
+    assert (s.id, r.text, r.usage["total_tokens"]) == (ID, "hi", 4)
+    assert sent[1][1]["documents"] == [{"id": ID}] and sent[1][1]["top_p"] == 0.5
+    assert [e.text for e in events[:-1]] == ["Par", "is"] and events[-1].usage["completion_tokens"] == 2
+    assert cut.code == "truncated"
+    assert (refused.status, refused.code, refused.retry_after) == (503, "server_busy", 2.0)
+
+
+def test_the_chat_model_and_retriever_run_on_the_event_loop_with_an_async_client():
+    import asyncio
+
+    sent = []
+    stale = {"error": {"code": "unknown_chunk", "message": "gone"}}
+
+    def answer(r):
+        body = json.loads(r.content)
+        if r.url.path == "/v1/chat/completions" and {"id": ID} in body["documents"]:
+            sent.append("by id")
+            return httpx.Response(404, json=stale)
+        if body.get("stream"):
+            sent.append("stream")
+            return sse(piece("Par"), piece("is"), FINISH, USAGE)
+        return answer_with(sent)(r)
+
+    llm = ChatKvquilt(client=client(no_sync_calls), async_client=aclient(answer))
+    retriever = KvquiltRetriever(base=_Two(), client=client(no_sync_calls), async_client=aclient(answer))
+
+    async def run():
+        docs = await retriever.ainvoke("where?")
+        msg = await llm.ainvoke("Where?", documents=docs)
+        pieces = [p async for p in llm.astream("Where?", documents=docs)]
+        return docs, msg, pieces
+
+    docs, msg, pieces = asyncio.run(run())
+    assert all(d.metadata[CHUNK_ID] == ID for d in docs)
+    assert msg.content == "hi" and msg.usage_metadata["total_tokens"] == 4
+    merged = reduce(add, pieces)
+    assert merged.content == "Paris" and merged.usage_metadata["output_tokens"] == 2
+    # a stored chunk gone since warming: asked again with the documents' texts, both ways
+    assert sent.count("by id") == 2 and "stream" in sent
+
+
+def test_without_an_async_client_ainvoke_runs_the_sync_client():
+    import asyncio
+
+    sent = []
+    msg = asyncio.run(ChatKvquilt(client=client(answer_with(sent))).ainvoke("Where?"))
+    assert msg.content == "hi" and len(sent) == 1
