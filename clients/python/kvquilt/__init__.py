@@ -19,6 +19,7 @@ from .client import (
     KvquiltConnectionError,
     KvquiltError,
     StreamEvent,
+    UnsendableText,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "KvquiltConnectionError",
     "KvquiltError",
     "StreamEvent",
+    "UnsendableText",
 ]

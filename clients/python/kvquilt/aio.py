@@ -6,6 +6,7 @@ synchronous client's, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Union
 
 import httpx
@@ -19,6 +20,7 @@ from .client import (
     _chat_body,
     _chat_result,
     _chunk_list,
+    _auth,
     _Events,
     _from_json,
     _send_args,
@@ -29,7 +31,12 @@ from .client import (
 class AsyncClient:
     """One kvquilt server, for ``asyncio`` code (``base_url``, ``token``, ``timeout``,
     ``connect_timeout`` and ``http`` — an ``httpx.AsyncClient`` of your own, never changed
-    or closed here — as :class:`kvquilt.Client` takes them). Use it from one event loop."""
+    or closed here — as :class:`kvquilt.Client` takes them).
+
+    The ``httpx`` client built here is made on first use inside a running loop and made
+    again when used from another loop (its pooled connections belong to the loop that opened
+    them: an ``asyncio.run`` per request would otherwise meet "Event loop is closed"). One
+    passed as ``http`` is bound to its loop by ``httpx``: use it from that loop only."""
 
     def __init__(
         self,
@@ -40,16 +47,28 @@ class AsyncClient:
         connect_timeout: float = 5.0,
     ):
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._owns_http = http is None
-        if http is None:
-            http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)))
-        self._http = http
+        self._headers = _auth(token)
+        self._timeout = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
+        self._given = http
+        self._owned: Optional[httpx.AsyncClient] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def _client(self) -> httpx.AsyncClient:
+        """The ``httpx`` client for the running loop."""
+        if self._given is not None:
+            return self._given
+        loop = asyncio.get_running_loop()
+        if self._owned is None or self._loop is not loop:
+            # (a client of a loop that has ended cannot be closed from this one: its
+            # connections went with that loop)
+            self._owned, self._loop = httpx.AsyncClient(timeout=self._timeout), loop
+        return self._owned
 
     async def aclose(self) -> None:
         """Closes the ``httpx`` client built here (one passed as ``http`` stays open)."""
-        if self._owns_http:
-            await self._http.aclose()
+        if self._owned is not None and self._loop is asyncio.get_running_loop():
+            await self._owned.aclose()
+        self._owned = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -59,7 +78,7 @@ class AsyncClient:
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            r = await self._http.request(method, **_send_args(self.base_url, self._headers, path, kw))
+            r = await self._client().request(method, **_send_args(self.base_url, self._headers, path, kw))
         except (UnicodeEncodeError, httpx.TransportError) as e:
             raise _sending_error(e, self.base_url) from e
         if not r.is_success:
@@ -102,9 +121,14 @@ class AsyncClient:
     async def chat_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
         """The answer's text pieces as the server streams them (:meth:`chat_events`'s
         arguments)."""
-        async for e in self.chat_events(*args, **kwargs):
-            if e.text:
-                yield e.text
+        events = self.chat_events(*args, **kwargs)
+        try:
+            async for e in events:
+                if e.text:
+                    yield e.text
+        finally:
+            # a caller that stops early closes the answer's stream now, not at collection
+            await events.aclose()
 
     async def chat_events(
         self,
@@ -125,17 +149,18 @@ class AsyncClient:
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
                           compress, top_p, seed, stream=True)
         args = _send_args(self.base_url, self._headers, "/v1/chat/completions", {"json": body})
+        events = _Events(self.base_url)
         try:
-            async with self._http.stream("POST", **args) as r:
+            async with self._client().stream("POST", **args) as r:
                 if not r.is_success:
                     await r.aread()
                     raise _api_error(r)
-                events = _Events(self.base_url)
+                events.answering = True
                 async for line in r.aiter_lines():
                     for e in events.read(line):
                         yield e
                     if events.done:
                         return
         except (UnicodeEncodeError, httpx.TransportError) as e:
-            raise _sending_error(e, self.base_url, streaming=True) from e
+            raise _sending_error(e, self.base_url, answering=events.answering) from e
         raise events.cut_short()

@@ -51,11 +51,29 @@ def _api_error(r: httpx.Response) -> KvquiltError:
     return KvquiltError(r.status_code, code, message, _retry_after(r))
 
 
+class UnsendableText(ValueError):
+    """A request text that cannot be encoded as UTF-8 (a lone surrogate, e.g. from a file
+    decoded with ``surrogateescape``): nothing was sent."""
+
+
 def _not_utf8(e: UnicodeEncodeError) -> ValueError:
-    """A request text Python cannot encode as UTF-8 (a lone surrogate, e.g. from a file
-    decoded with ``surrogateescape``), said as such."""
-    return ValueError(f"kvquilt: a request text is not valid Unicode ({e.reason} at index {e.start}: "
-                      f"{e.object[max(0, e.start - 10):e.end + 10]!r}); decode it with errors='replace'")
+    """What an encoding failure while sending raises: the JSON body's text (UTF-8) is named
+    with its neighbourhood; anything else (a header) without its content, which may be the
+    token."""
+    if e.encoding.replace("-", "").lower() != "utf8":
+        return ValueError(f"kvquilt: a request header is not {e.encoding} ({e.reason})")
+    return UnsendableText(f"kvquilt: a request text is not valid Unicode ({e.reason} at index {e.start}: "
+                          f"{e.object[max(0, e.start - 10):e.end + 10]!r}); decode it with errors='replace'")
+
+
+def _auth(token: Optional[str]) -> Dict[str, str]:
+    """The ``Authorization`` header of ``token``; a token that is not printable ASCII (what a
+    header carries) is refused here, without repeating it."""
+    if not token:
+        return {}
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError("kvquilt: the API token must be printable ASCII")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _check_id(chunk_id: str) -> str:
@@ -154,7 +172,7 @@ class Client:
         connect_timeout: float = 5.0,
     ):
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = _auth(token)
         self._owns_http = http is None
         if http is None:
             http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)))
@@ -341,18 +359,19 @@ class Client:
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
                           compress, top_p, seed, stream=True)
         args = _send_args(self.base_url, self._headers, "/v1/chat/completions", {"json": body})
+        events = _Events(self.base_url)
         try:
             with self._http.stream("POST", **args) as r:
                 if not r.is_success:
                     r.read()
                     raise _api_error(r)
-                events = _Events(self.base_url)
+                events.answering = True
                 for line in r.iter_lines():
                     yield from events.read(line)
                     if events.done:
                         return
         except (UnicodeEncodeError, httpx.TransportError) as e:
-            raise _sending_error(e, self.base_url, streaming=True) from e
+            raise _sending_error(e, self.base_url, answering=events.answering) from e
         raise events.cut_short()
 
 
@@ -364,15 +383,16 @@ def _send_args(base_url: str, headers: Dict[str, str], path: str, kw: Dict[str, 
     return kw
 
 
-def _sending_error(e: Exception, base_url: str, streaming: bool = False) -> Exception:
-    """What a request that could not be sent, or whose answer broke off, raises."""
+def _sending_error(e: Exception, base_url: str, answering: bool = False) -> Exception:
+    """What a request that could not be sent, or whose streamed answer broke off once the
+    server had begun it (``answering``), raises."""
     if isinstance(e, UnicodeEncodeError):
         return _not_utf8(e)
-    if streaming and isinstance(e, httpx.RemoteProtocolError):
-        # the connection closed mid-answer (the server or a proxy went away)
-        return KvquiltConnectionError(0, "truncated", f"{base_url}: {e}")
     if isinstance(e, httpx.TimeoutException):
         return KvquiltConnectionError(0, "timeout", f"{base_url}: {e}")
+    if answering:
+        # the connection closed or reset mid-answer (the server or a proxy went away)
+        return KvquiltConnectionError(0, "truncated", f"{base_url}: {e}")
     return KvquiltConnectionError(0, "unreachable", f"{base_url}: {e}")
 
 
@@ -389,6 +409,8 @@ class _Events:
         self.base_url = base_url
         self.end = StreamEvent()
         self.done = False
+        #: the server accepted the request (its 200 arrived): a break from here cuts the answer
+        self.answering = False
 
     def read(self, line: str) -> List[StreamEvent]:
         # `data:` with or without its one optional space

@@ -16,7 +16,6 @@ client in worker threads.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import warnings
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
@@ -40,10 +39,11 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict
 
 from .aio import AsyncClient
-from .client import Client, KvquiltError, StreamEvent, _chunk_list
+from .client import Client, KvquiltError, StreamEvent, UnsendableText, _chunk_list
 
 CHUNK_ID = "kvquilt_chunk_id"
 
@@ -78,7 +78,7 @@ class KvquiltRetriever(BaseRetriever):
         elif self.async_client is not None:
             warmed = await self._awarm(texts)
         else:
-            warmed = await asyncio.get_running_loop().run_in_executor(None, self._warm, texts)
+            warmed = await run_in_executor(None, self._warm, texts)
         return self._with_ids(docs, self._each(docs, warmed))
 
     def _warm_docs(self, docs: Sequence[Document]) -> List[Any]:
@@ -110,17 +110,13 @@ class KvquiltRetriever(BaseRetriever):
         as the server's ``max_chunks``) is warmed in halves, so a large retrieval takes a few
         requests and one bad document costs about two per halving; a refusal of the whole
         store (403 over the tenant's quota, 503 busy, 507 store full, the sidecar
-        unreachable) leaves every document unwarmed, as does a text that cannot be sent."""
+        unreachable, an answer it cannot read) leaves every document unwarmed."""
         try:
             return list(self.client.put_chunks(texts))
-        except KvquiltError as e:
-            if e.status not in (400, 413) or len(texts) == 1:
-                warnings.warn(f"kvquilt: {len(texts)} document(s) were not warmed: {e}", stacklevel=3)
-                return [None] * len(texts)
-        except (ValueError, TypeError) as e:
-            if len(texts) == 1:
-                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=3)
-                return [None]
+        except Exception as e:  # warming is a speed-up: nothing it meets fails a retrieval
+            unwarmed = _unwarmed(e, len(texts))
+            if unwarmed is not None:
+                return unwarmed
         half = len(texts) // 2
         return self._warm(texts[:half]) + self._warm(texts[half:])
 
@@ -129,16 +125,23 @@ class KvquiltRetriever(BaseRetriever):
         assert self.async_client is not None
         try:
             return list(await self.async_client.put_chunks(texts))
-        except KvquiltError as e:
-            if e.status not in (400, 413) or len(texts) == 1:
-                warnings.warn(f"kvquilt: {len(texts)} document(s) were not warmed: {e}", stacklevel=3)
-                return [None] * len(texts)
-        except (ValueError, TypeError) as e:
-            if len(texts) == 1:
-                warnings.warn(f"kvquilt: a document was not warmed: {e}", stacklevel=3)
-                return [None]
+        except Exception as e:  # as in `_warm`
+            unwarmed = _unwarmed(e, len(texts))
+            if unwarmed is not None:
+                return unwarmed
         half = len(texts) // 2
         return await self._awarm(texts[:half]) + await self._awarm(texts[half:])
+
+
+def _unwarmed(e: Exception, n: int) -> Optional[List[Any]]:
+    """What a failed warming of ``n`` texts gives: all of them unwarmed (said in a warning),
+    or ``None`` where warming them in halves may store the rest — a refusal for the batch's
+    size or for one text in it (400, 413), or a text that cannot be sent."""
+    one_bad = (isinstance(e, KvquiltError) and e.status in (400, 413)) or isinstance(e, UnsendableText)
+    if one_bad and n > 1:
+        return None
+    warnings.warn(f"kvquilt: {n} document(s) were not warmed: {e}")
+    return [None] * n
 
 
 def _role(m: BaseMessage) -> str:
@@ -236,8 +239,10 @@ class ChatKvquilt(BaseChatModel):
     @property
     def _identifying_params(self) -> Dict[str, Any]:
         # every setting that changes an answer: LangChain's LLM cache keys on these
-        return {"base_url": self.client.base_url, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "mode": self.mode, "ratio": self.ratio}
+        return {"base_url": self.client.base_url,
+                "async_base_url": self.async_client.base_url if self.async_client else None,
+                "max_tokens": self.max_tokens, "temperature": self.temperature, "mode": self.mode,
+                "ratio": self.ratio}
 
     def _request(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: Dict[str, Any]
                  ) -> Dict[str, Any]:
@@ -325,9 +330,13 @@ class ChatKvquilt(BaseChatModel):
             first = await events.__anext__()
 
             async def chained() -> AsyncIterator[StreamEvent]:
-                yield first
-                async for e in events:
-                    yield e
+                try:
+                    yield first
+                    async for e in events:
+                        yield e
+                finally:
+                    # a caller that stops early closes the answer's stream now
+                    await events.aclose()
 
             return chained()
 

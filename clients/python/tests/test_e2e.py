@@ -222,3 +222,8 @@ def test_async_paths_answer_as_the_sync_ones(client):
     assert msg.content == whole.content
     assert "".join(p.content for p in pieces) == whole.content
     assert stored[0].status == "hit"
+    # one async client across event loops (an `asyncio.run` per request): its connections
+    # are the loop's, and it opens new ones in the next
+    ac = AsyncClient(URL, token=TOKEN)
+    for _ in range(2):
+        assert asyncio.run(ac.health())

@@ -301,6 +301,23 @@ def test_a_connection_cut_mid_answer_is_a_truncated_answer():
         list(c.chat_stream("q"))
     assert e.value.code == "truncated"
 
+    class Reset(httpx.SyncByteStream):
+        def __iter__(self):
+            yield ("data: " + json.dumps(piece("Par")) + "\n\n").encode()
+            raise httpx.ReadError("connection reset by peer")
+
+    c = client(lambda r: httpx.Response(200, stream=Reset(), headers={"content-type": "text/event-stream"}))
+    with pytest.raises(KvquiltConnectionError) as e:
+        list(c.chat_stream("q"))
+    assert e.value.code == "truncated"  # was "unreachable"
+
+    def gone(r):
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    with pytest.raises(KvquiltConnectionError) as e:
+        list(client(gone).chat_stream("q"))
+    assert e.value.code == "unreachable"  # nothing of an answer arrived: not a cut answer
+
 
 def test_connecting_has_its_own_short_timeout():
     c = Client("http://kvquilt.test", timeout=300.0)
@@ -383,3 +400,79 @@ def test_without_an_async_client_ainvoke_runs_the_sync_client():
     sent = []
     msg = asyncio.run(ChatKvquilt(client=client(answer_with(sent))).ainvoke("Where?"))
     assert msg.content == "hi" and len(sent) == 1
+
+
+def test_a_token_that_cannot_be_a_header_is_refused_without_repeating_it():
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError) as e:
+            make("http://kvquilt.test", token="tök-SECRETSECRET")
+        assert "SECRET" not in str(e.value)
+
+
+def test_an_unreadable_warming_answer_leaves_the_batch_unwarmed_in_one_request():
+    sent = []
+
+    def proxy_page(r):
+        sent.append(r)
+        return httpx.Response(200, text="<html>a captive portal</html>")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = KvquiltRetriever(base=_Two(), client=client(proxy_page)).invoke("where?")
+    assert len(docs) == 2 and not any(CHUNK_ID in d.metadata for d in docs)
+    assert len(sent) == 1, "no halving for a failure that is not one document's"
+    assert sum("not warmed" in str(w.message) for w in caught) == 1
+
+
+def test_async_warming_halves_past_a_bad_text_and_errors_map_as_sync():
+    import asyncio
+
+    sent = []
+    texts = ["Paris is in France.", "caf\udce9 au lait", "Rome is in Italy.", "Oslo is in Norway."]
+
+    def down(r):
+        raise httpx.ConnectError("refused")
+
+    async def run():
+        r = KvquiltRetriever(base=_Docs(texts=texts), client=client(no_sync_calls),
+                             async_client=aclient(answer_with(sent)))
+        docs = await r.ainvoke("q")
+        with pytest.raises(KvquiltConnectionError) as e:
+            await aclient(down).chat("q")
+        return docs, e.value
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs, err = asyncio.run(run())
+    assert [CHUNK_ID in d.metadata for d in docs] == [True, False, True, True]
+    assert sum("not warmed" in str(w.message) for w in caught) == 1
+    assert err.code == "unreachable"
+
+
+def test_astream_without_an_async_client_streams_through_the_sync_one():
+    import asyncio
+
+    llm = ChatKvquilt(client=client(lambda r: sse(piece("Par"), piece("is"), FINISH, USAGE)))
+
+    async def run():
+        return [p async for p in llm.astream("q")]
+
+    merged = reduce(add, asyncio.run(run()))
+    assert merged.content == "Paris" and merged.usage_metadata["output_tokens"] == 2
+
+
+def test_an_owned_async_client_follows_the_running_loop():
+    import asyncio
+
+    c = AsyncClient("http://kvquilt.test")
+
+    async def current():
+        return c._client()
+
+    first, second = asyncio.run(current()), asyncio.run(current())
+    assert first is not second  # a loop's pooled connections die with it
+
+    async def same():
+        return c._client() is c._client()
+
+    assert asyncio.run(same())
