@@ -177,10 +177,46 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
             streamed.finish_reason.as_deref(),
             Some(again.choices[0].finish_reason.as_str())
         );
+        // logprobs list the answer's tokens, not the end-of-turn token that ended it: their
+        // texts join to the answer (it was listed as `<|im_end|>`)
+        let short = ChatRequest {
+            messages: vec![ChatMessage::user(
+                "What is the capital of France? Answer with one word.",
+            )],
+            logprobs: true,
+            common: CommonFields {
+                max_tokens: Some(24),
+                ..CommonFields::default()
+            },
+            ..ChatRequest::default()
+        };
+        let r = c.chat(&short).await.unwrap();
+        assert_eq!(r.choices[0].finish_reason, "stop", "{:?}", r.choices[0]);
+        let tokens = r.choices[0].logprobs.as_ref().expect("logprobs")["content"]
+            .as_array()
+            .expect("content")
+            .clone();
+        let listed: String = tokens
+            .iter()
+            .map(|t| t["token"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(listed, r.choices[0].message.content);
+        // (the end-of-turn token is still counted as generated)
+        assert_eq!(tokens.len() + 1, r.usage.completion_tokens);
+        // `chat` reads a whole answer even when the request says `stream` (its SSE reply
+        // failed to decode as JSON)
+        let mut says_stream = chat.clone();
+        says_stream.common.stream = true;
+        let whole = c.chat(&says_stream).await.unwrap();
+        assert_eq!(
+            whole.choices[0].message.content,
+            again.choices[0].message.content
+        );
         let comp = c
             .completion(&CompletionRequest {
                 common: CommonFields {
                     max_tokens: Some(4),
+                    stream: true,
                     ..CommonFields::default()
                 },
                 ..CompletionRequest::new("The capital of France is")

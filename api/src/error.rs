@@ -1,5 +1,6 @@
 //! The error body every rejection carries, in OpenAI's shape so OpenAI clients surface the
-//! message: `{"error": {"message": "...", "type": "invalid_request_error", "code": "..."}}`.
+//! message: `{"error": {"message": "...", "type": "invalid_request_error", "code": "...",
+//! "param": null}}`.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,4 +24,8 @@ pub struct ErrorDetail {
     pub kind: String,
     /// A stable machine-readable code (`body_too_large`, `unknown_chunk`, ...).
     pub code: String,
+    /// The request field at fault, where one is named in `message` (OpenAI's `param`;
+    /// always written, `null` when none).
+    #[serde(default)]
+    pub param: Option<String>,
 }

@@ -64,6 +64,11 @@ pub const ROUTES: &[Route] = &[
     ),
     route(Method::Get, "/v1/models", "The served model (OpenAI shape)"),
     route(
+        Method::Get,
+        "/v1/models/{model}",
+        "The served model's card; another name is a 404 (OpenAI shape)",
+    ),
+    route(
         Method::Post,
         "/v1/chunks",
         "Precompute and store chunks; returns their ids",

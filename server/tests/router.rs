@@ -319,6 +319,14 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "malformed_json",
             "`tools` holds more than 4096 values",
         ),
+        // vLLM's and SGLang's extensions are refused unless they keep their defaults (they
+        // were ignored: `ignore_eos` benchmarks measured other lengths)
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "ignore_eos": true, "top_k": -1}),
+            "unsupported_parameter",
+            "`ignore_eos` (a vLLM/SGLang extension)",
+        ),
         // kvquilt's fields beside `kvquilt` instead of inside it are refused, not ignored as
         // other unknown fields are (a top-level ratio ran the default ratio)
         (
@@ -965,6 +973,76 @@ async fn openai_nulls_no_op_fields_usage_chunk_and_token_bytes() {
             "{a}"
         );
     }
+}
+
+/// What OpenAI-style clients send by default is served: no `max_tokens` beside a prompt near
+/// the context's end (the endpoint's default was counted whole against the context: a 400
+/// that OpenAI and vLLM do not give), a negative seed, a null `include_usage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_defaults_are_served() {
+    let defaults = Config::default();
+    let app = TestApp::new(Config {
+        limits: Limits {
+            max_request_tokens: 8192,
+            max_text_bytes: 1 << 20,
+            ..defaults.limits.clone()
+        },
+        ..defaults
+    });
+    // one token per byte: ~4,020 of the tiny model's 4,096 positions
+    let long = json!({"role": "user", "content": "a".repeat(4000)});
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [long]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (prompt, completion) = (
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(
+        prompt > 4000 && prompt + completion <= 4096,
+        "{prompt} + {completion}"
+    );
+    // asked for, the same length is still refused by name
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [long], "max_tokens": 512}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_tokens");
+    let hi = json!({"role": "user", "content": "hi"});
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [hi], "max_tokens": 2, "seed": -7, "temperature": 1.0,
+                   "stream_options": {"include_usage": null}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // `models.retrieve`: the served model's card, another name a 404 naming the served one
+    let (_, list) = app.call("GET", "/v1/models", None, None, "").await;
+    let name = list["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_string();
+    let (status, card) = app
+        .call("GET", &format!("/v1/models/{name}"), None, None, "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{card}");
+    assert_eq!(card, list["data"][0]);
+    let r = app.call("GET", "/v1/models/gpt-4o", None, None, "").await;
+    assert_err(&r, 404, "model_not_found", &name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,8 @@ pub struct CommonFields {
     /// Nucleus sampling mass, `(0, 1]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
-    /// Seed of the sampler (same seed, same request: same tokens).
+    /// Seed of the sampler (same seed, same request: same tokens); read from any JSON
+    /// integer, a negative one as its two's complement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Stop strings.
@@ -76,7 +77,47 @@ pub struct CommonFields {
     /// written).
     #[serde(skip)]
     pub misplaced: Misplaced,
+    /// The first of vLLM's and SGLang's request extensions (`top_k`, `min_p`,
+    /// `repetition_penalty`, `ignore_eos`, `guided_json`, ...; [`VLLM_EXTENSIONS`]) given
+    /// with another value than its default: not served, so refused rather than ignored (it
+    /// would change the answer). Read, never written.
+    #[serde(skip)]
+    pub unserved_extension: Option<&'static str>,
 }
+
+/// vLLM's and SGLang's sampling and decoding fields that kvquilt reads only to refuse any
+/// value but the one that changes nothing (absent and `null` always pass); what each
+/// accepts is in `read.rs`. `chat_template_kwargs`, `priority` and `request_id` are not
+/// among them: they are ignored, as other unknown fields are.
+pub const VLLM_EXTENSIONS: &[&str] = &[
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "length_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "stop_token_ids",
+    "bad_words",
+    "use_beam_search",
+    "prompt_logprobs",
+    "return_tokens_as_token_ids",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structural_tag",
+    "structured_outputs",
+    "regex",
+    "ebnf",
+    "json_schema",
+    "continue_final_message",
+    "add_generation_prompt",
+    "chat_template",
+    "logits_processors",
+];
 
 /// `mode`, `ratio` and `compress` at the top level of an OpenAI request: they belong inside
 /// `kvquilt`. Noted (not kept) only so that the server can refuse them with a 400 that says
@@ -120,8 +161,9 @@ pub enum Stop {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamOptions {
-    /// Send a last chunk with the token usage.
-    #[serde(default)]
+    /// Send a last chunk with the token usage (`null`: no).
+    #[serde(default, deserialize_with = "read::null_as_false")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub include_usage: bool,
 }
 

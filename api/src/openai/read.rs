@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use super::{
     ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, ContentPart, Prompt, Stop,
+    VLLM_EXTENSIONS,
 };
 use crate::bounded::{self, ChunkList, MAX_MESSAGE_ITEMS, read_list};
 use crate::object::Object;
@@ -162,6 +163,7 @@ impl CommonFields {
             documents,
             kvquilt,
             misplaced,
+            unserved_extension,
         } = self;
         match key {
             "model" => seen.read(map, "model", model)?,
@@ -171,7 +173,10 @@ impl CommonFields {
             }
             "temperature" => seen.read(map, "temperature", temperature)?,
             "top_p" => seen.read(map, "top_p", top_p)?,
-            "seed" => seen.read(map, "seed", seed)?,
+            "seed" => {
+                seen.note("seed")?;
+                *seed = map.next_value::<Option<Seed>>()?.map(|Seed(s)| s);
+            }
             "stop" => seen.read(map, "stop", stop)?,
             "stream" => seen.read_or_default(map, "stream", stream)?,
             "stream_options" => seen.read_object(map, "stream_options", stream_options)?,
@@ -192,7 +197,16 @@ impl CommonFields {
             "mode" => seen.note_given(map, "mode", &mut misplaced.mode)?,
             "ratio" => seen.note_given(map, "ratio", &mut misplaced.ratio)?,
             "compress" => seen.note_given(map, "compress", &mut misplaced.compress)?,
-            _ => return Ok(false),
+            key => match VLLM_EXTENSIONS.iter().find(|&&name| name == key) {
+                Some(&name) => {
+                    seen.note(name)?;
+                    let value = bounded::checked_value(map, name)?;
+                    if !is_no_op(name, &value) && unserved_extension.is_none() {
+                        *unserved_extension = Some(name);
+                    }
+                }
+                None => return Ok(false),
+            },
         }
         Ok(true)
     }
@@ -450,6 +464,66 @@ impl<'de> Visitor<'de> for Parts<'_> {
     }
 }
 
+/// Whether `value` of the vLLM/SGLang extension `name` is the one that changes nothing
+/// (vLLM's defaults): `null`, and per field a disabled sampler (`top_k` -1 or 0, `min_p` 0,
+/// penalties 1), zero, `false`, an empty list, or, for the flags on by default
+/// (`skip_special_tokens`, `spaces_between_special_tokens`, `add_generation_prompt`),
+/// `true`.
+fn is_no_op(name: &str, value: &Value) -> bool {
+    let number = |ok: &[f64]| value.as_f64().is_some_and(|v| ok.contains(&v));
+    value.is_null()
+        || match name {
+            "top_k" => number(&[-1.0, 0.0]),
+            "min_p" | "min_tokens" | "prompt_logprobs" => number(&[0.0]),
+            "repetition_penalty" | "length_penalty" => number(&[1.0]),
+            "skip_special_tokens" | "spaces_between_special_tokens" | "add_generation_prompt" => {
+                value.as_bool() == Some(true)
+            }
+            "stop_token_ids" | "bad_words" | "logits_processors" => {
+                value.as_array().is_some_and(Vec::is_empty)
+            }
+            "ignore_eos"
+            | "include_stop_str_in_output"
+            | "use_beam_search"
+            | "return_tokens_as_token_ids"
+            | "continue_final_message" => value.as_bool() == Some(false),
+            // guided decoding, structured outputs, a template of the caller's: no value is
+            // a no-op
+            _ => false,
+        }
+}
+
+/// `seed`: any JSON integer (OpenAI's SDKs and vLLM take negative ones); a negative seed is
+/// its two's complement as `u64`, so each integer is its own seed.
+struct Seed(u64);
+
+impl<'de> Deserialize<'de> for Seed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Integer;
+        impl<'de> Visitor<'de> for Integer {
+            type Value = Seed;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer seed")
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seed, E> {
+                Ok(Seed(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seed, E> {
+                Ok(Seed(v as u64))
+            }
+        }
+        d.deserialize_any(Integer)
+    }
+}
+
+/// For `#[serde(deserialize_with)]` on a flag: `null` is `false`, as OpenAI reads it.
+pub(super) fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 /// A string or a list: the one-or-many fields (`stop`, `prompt`, message `content`).
 trait OneOrMany<T>: Sized {
     /// What the field holds, for "expected ..." errors.
@@ -652,6 +726,18 @@ mod tests {
         assert_eq!(r.common.misplaced.first(), None);
         let p = completion(json!({"prompt": ["a"], "echo": null, "suffix": null})).unwrap();
         assert_eq!(p.prompt, Prompt::Many(vec!["a".into()]));
+        // what OpenAI's SDKs and vLLM take: a null flag inside an object, a negative seed
+        let r =
+            chat(json!({"messages": [], "stream_options": {"include_usage": null}, "seed": -1}))
+                .unwrap();
+        assert_eq!(
+            r.common.stream_options,
+            Some(StreamOptions {
+                include_usage: false
+            })
+        );
+        assert_eq!(r.common.seed, Some(u64::MAX));
+        assert!(chat(json!({"messages": [], "seed": 1.5})).is_err());
     }
 
     #[test]
@@ -814,6 +900,42 @@ mod tests {
             serde_json::from_str::<ChatRequest>(r#"{"messages": [{"role": "a", "role": "b"}]}"#)
                 .expect_err("a role given twice");
         assert!(e.to_string().contains("duplicate field `role`"), "{e}");
+
+        // vLLM's and SGLang's extensions: their defaults pass, anything else is noted
+        let ext = |v: serde_json::Value| chat(v).unwrap().common.unserved_extension;
+        assert_eq!(
+            ext(
+                json!({"messages": [], "top_k": -1, "min_p": 0, "repetition_penalty": 1.0,
+                       "ignore_eos": false, "skip_special_tokens": true, "stop_token_ids": [],
+                       "guided_json": null, "chat_template_kwargs": {"enable_thinking": false}})
+            ),
+            None
+        );
+        for (v, name) in [
+            (json!({"messages": [], "top_k": 40}), "top_k"),
+            (json!({"messages": [], "ignore_eos": true}), "ignore_eos"),
+            (
+                json!({"messages": [], "guided_json": {"type": "object"}}),
+                "guided_json",
+            ),
+            (
+                json!({"messages": [], "skip_special_tokens": false}),
+                "skip_special_tokens",
+            ),
+            (
+                json!({"messages": [], "min_p": 0.0, "repetition_penalty": 1.1}),
+                "repetition_penalty",
+            ),
+        ] {
+            assert_eq!(ext(v), Some(name));
+        }
+        assert!(
+            completion(json!({"prompt": "p", "min_tokens": 5}))
+                .unwrap()
+                .common
+                .unserved_extension
+                .is_some()
+        );
 
         // up to the count they read as before
         let r = chat(json!({

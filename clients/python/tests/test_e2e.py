@@ -36,6 +36,7 @@ def client():
 def test_openai_chat_completion_with_documents(client):
     oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
     model = oa.models.list().data[0].id
+    assert oa.models.retrieve(model).id == model
     resp = oa.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "What is the secret number? Answer with the number only."}],

@@ -215,13 +215,24 @@ impl Client {
         self.post("/v1/blend", req).await
     }
 
-    /// `POST /v1/chat/completions` (not streaming).
+    /// `POST /v1/chat/completions` (not streaming, whatever `req.common.stream` says).
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, Error> {
+        if req.common.stream {
+            // a streamed answer is no JSON body: this call reads the whole one
+            let mut whole = req.clone();
+            whole.common.stream = false;
+            return self.post("/v1/chat/completions", &whole).await;
+        }
         self.post("/v1/chat/completions", req).await
     }
 
-    /// `POST /v1/completions` (not streaming).
+    /// `POST /v1/completions` (not streaming, whatever `req.common.stream` says).
     pub async fn completion(&self, req: &CompletionRequest) -> Result<CompletionResponse, Error> {
+        if req.common.stream {
+            let mut whole = req.clone();
+            whole.common.stream = false;
+            return self.post("/v1/completions", &whole).await;
+        }
         self.post("/v1/completions", req).await
     }
 

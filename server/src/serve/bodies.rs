@@ -198,11 +198,7 @@ pub(crate) async fn read_within_limits(
         return next.run(req).await;
     }
     // an unauthenticated caller gets its 401 before its body costs anything
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let tenant = match s.tenants.authenticate(authorization) {
+    let tenant = match s.tenants.authenticate_headers(req.headers()) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };

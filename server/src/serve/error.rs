@@ -64,7 +64,8 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
 
-    fn kind(&self) -> &'static str {
+    /// OpenAI's error class of this error's status.
+    pub(crate) fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::NOT_FOUND => "not_found_error",
@@ -90,9 +91,19 @@ impl IntoResponse for ApiError {
                 message: self.message,
                 kind,
                 code: self.code.to_string(),
+                param: None,
             },
         };
         let mut resp = (self.status, Json(body)).into_response();
+        // OpenAI's SDKs retry every 5xx unless told not to: a shed request is worth retrying,
+        // a full store or a server fault is not (the next attempt meets the same)
+        if self.status.is_server_error() {
+            let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
+            resp.headers_mut().insert(
+                "x-should-retry",
+                axum::http::HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -265,5 +276,30 @@ mod tests {
         assert_eq!(api.code, "device_out_of_memory");
         let resp = api.into_response();
         assert_eq!(resp.headers()[axum::http::header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()["x-should-retry"], "true");
+    }
+
+    /// OpenAI's SDKs retry every 5xx unless `x-should-retry: false`: a full store or a fault
+    /// is not worth two more attempts; a client error gets no header (they do not retry it).
+    /// The body has OpenAI's `param` (null).
+    #[tokio::test]
+    async fn a_failure_says_whether_a_retry_can_help() {
+        use http_body_util::BodyExt as _;
+        for (err, retry) in [
+            (ApiError::from(no_room()), Some("false")),
+            (ApiError::internal("x"), Some("false")),
+            (ApiError::bad_request("invalid_request", "x"), None),
+        ] {
+            let resp = err.into_response();
+            let got = resp
+                .headers()
+                .get("x-should-retry")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(got.as_deref(), retry);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["param"], serde_json::Value::Null);
+            assert!(v["error"].as_object().unwrap().contains_key("param"));
+        }
     }
 }

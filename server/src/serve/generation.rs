@@ -42,6 +42,9 @@ pub(crate) struct Step {
     pub top: Vec<(u32, f32)>,
     /// Text that became final with this token (may be empty).
     pub text: String,
+    /// The end-of-sequence token: counted among the generated tokens, listed in no
+    /// logprobs (its text is not part of the answer, as OpenAI lists it).
+    pub eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +117,7 @@ pub(crate) fn decode(
                 top_logprobs(&row, top_k)
             },
             text: released,
+            eos,
         };
         if !on_step(step) {
             return Ok((Finish::Cancelled, produced, steps.evictions()));

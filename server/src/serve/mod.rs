@@ -422,6 +422,7 @@ pub fn routes() -> Vec<RouteEntry> {
         entry(Method::Get, "/openapi.json", get(ops::openapi)),
         entry(Method::Get, "/v1/stats", get(ops::stats)),
         entry(Method::Get, "/v1/models", get(openai::models)),
+        entry(Method::Get, "/v1/models/{model}", get(openai::model)),
         entry(Method::Post, "/v1/chunks", post(chunks::create)),
         entry(Method::Get, "/v1/chunks/{id}", get(chunks::info)),
         entry(Method::Head, "/v1/chunks/{id}", head(chunks::info)),

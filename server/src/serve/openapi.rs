@@ -3,7 +3,7 @@
 //! neither the bodies nor the routes can drift from what the server parses and serves.
 
 use kvquilt_api::openai::{
-    ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelList,
+    ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelCard, ModelList,
 };
 use kvquilt_api::{
     BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, Method,
@@ -70,6 +70,12 @@ fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
         },
         (Get, "/v1/stats") => op(None, json_response(json_body::<Stats>(g))),
         (Get, "/v1/models") => op(None, json_response(json_body::<ModelList>(g))),
+        (Get, "/v1/models/{model}") => Operation {
+            parameters: vec![
+                json!({"name": "model", "in": "path", "required": true, "description": "The served model's name (`GET /v1/models`)", "schema": {"type": "string"}}),
+            ],
+            ..op(None, json_response(json_body::<ModelCard>(g)))
+        },
         (Post, "/v1/chunks") => op(
             Some((JSON, json_body::<PutChunksRequest>(g))),
             json_response(json_body::<PutChunksResponse>(g)),

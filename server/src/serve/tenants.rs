@@ -303,6 +303,22 @@ impl Tenants {
         &self.all
     }
 
+    /// The tenant a request's headers name: `Authorization: Bearer <token>`, or, without
+    /// it, Azure OpenAI clients' `api-key: <token>`.
+    pub fn authenticate_headers(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Arc<Tenant>, ApiError> {
+        let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        match (
+            value(axum::http::header::AUTHORIZATION.as_str()),
+            value("api-key"),
+        ) {
+            (None, Some(key)) if !self.by_token.is_empty() => self.tenant_of(key),
+            (authorization, _) => self.authenticate(authorization),
+        }
+    }
+
     /// The tenant a request's `Authorization` header names. With no tokens configured
     /// (loopback only), every request is the default tenant.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Tenant>, ApiError> {
@@ -313,7 +329,7 @@ impl Tenants {
         let Some(value) = authorization else {
             return Err(unauthorized(
                 "missing_token",
-                "this server needs an API token: send `Authorization: Bearer <token>`",
+                "this server needs an API token: send `Authorization: Bearer <token>` (or `api-key: <token>`)",
             ));
         };
         // the scheme is case-insensitive (RFC 9110 §11.1)
@@ -326,10 +342,21 @@ impl Tenants {
                 ));
             }
         };
+        self.tenant_of(token)
+    }
+
+    /// The tenant of `token` (surrounding spaces ignored).
+    fn tenant_of(&self, token: &str) -> Result<Arc<Tenant>, ApiError> {
         self.by_token
             .get(&hash(token.trim()))
             .cloned()
-            .ok_or_else(|| unauthorized("invalid_token", "the API token is not valid"))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    "the API token is not valid",
+                )
+            })
     }
 }
 
@@ -344,11 +371,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        state.tenants.authenticate(header).map(Caller)
+        state
+            .tenants
+            .authenticate_headers(&parts.headers)
+            .map(Caller)
     }
 }
 
@@ -380,6 +406,28 @@ mod tests {
             b""
         );
         assert_eq!(t.authenticate(None).unwrap_err().code, "missing_token");
+        // Azure OpenAI clients send `api-key`; `Authorization` wins when both come
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let by_key = t.authenticate_headers(&headers(&[("api-key", "acme-token")]));
+        assert_eq!(by_key.unwrap().name, "acme");
+        let both = headers(&[("api-key", "acme-token"), ("authorization", "Bearer nope")]);
+        assert_eq!(
+            t.authenticate_headers(&both).unwrap_err().code,
+            "invalid_token"
+        );
+        let wrong = headers(&[("api-key", "nope")]);
+        assert_eq!(
+            t.authenticate_headers(&wrong).unwrap_err().code,
+            "invalid_token"
+        );
+        let none = t.authenticate_headers(&headers(&[]));
+        assert_eq!(none.unwrap_err().code, "missing_token");
         assert_eq!(
             t.authenticate(Some("Bearer nope")).unwrap_err().code,
             "invalid_token"

@@ -234,14 +234,38 @@ fn check_unserved_chat(body: &ChatRequest) -> ApiResult<()> {
 pub(crate) async fn models(State(s): State<AppState>, Caller(_): Caller) -> axum::Json<ModelList> {
     axum::Json(ModelList {
         object: "list".into(),
-        data: vec![ModelCard {
-            id: s.model_name.clone(),
-            object: "model".into(),
-            created: 0,
-            owned_by: "kvquilt".into(),
-            kvquilt: Some(wire::calibration(&s.blend_default)),
-        }],
+        data: vec![model_card(&s)],
     })
+}
+
+/// `GET /v1/models/{model}` (OpenAI SDKs' `models.retrieve`): the served model's card, or a
+/// 404 `model_not_found` naming what is served.
+pub(crate) async fn model(
+    State(s): State<AppState>,
+    Caller(_): Caller,
+    model: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<axum::Json<ModelCard>> {
+    let name = model
+        .map_err(|e| ApiError::bad_request("invalid_model", e.body_text()))?
+        .0;
+    check_model(
+        &s,
+        &CommonFields {
+            model: Some(name),
+            ..CommonFields::default()
+        },
+    )?;
+    Ok(axum::Json(model_card(&s)))
+}
+
+fn model_card(s: &Shared) -> ModelCard {
+    ModelCard {
+        id: s.model_name.clone(),
+        object: "model".into(),
+        created: 0,
+        owned_by: "kvquilt".into(),
+        kvquilt: Some(wire::calibration(&s.blend_default)),
+    }
 }
 
 /// Bytes of a request's stop strings (text it carries, counted in `limits.max_text_bytes`).
@@ -255,7 +279,17 @@ fn stop_bytes(stop: Option<&Stop>) -> usize {
 
 /// Refuses kvquilt's fields written at the top level (`mode`, `ratio`, `compress`), which
 /// would otherwise be ignored as unknown fields and run another mode than the caller meant.
+/// Also refuses vLLM's and SGLang's extensions given with a value that would change the
+/// answer (`kvquilt_api::openai::VLLM_EXTENSIONS`).
 fn check_misplaced(c: &CommonFields) -> ApiResult<()> {
+    if let Some(field) = c.unserved_extension {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            format!(
+                "`{field}` (a vLLM/SGLang extension) is not served: only its default value is accepted"
+            ),
+        ));
+    }
     match c.misplaced.first() {
         None => Ok(()),
         Some(field) => Err(ApiError::bad_request(
@@ -301,10 +335,16 @@ fn to_message(i: usize, m: &api::ChatMessage) -> ApiResult<ChatMessage> {
         None => String::new(),
         Some(Content::Text(t)) => t.clone(),
         Some(Content::Parts(parts)) => {
+            // text parts joined by a line break, as vLLM joins them
             let mut out = String::new();
-            for p in parts {
+            for (j, p) in parts.iter().enumerate() {
                 match (p.kind.as_str(), &p.text) {
-                    ("text", Some(t)) => out.push_str(t),
+                    ("text", Some(t)) => {
+                        if j > 0 {
+                            out.push('\n');
+                        }
+                        out.push_str(t);
+                    }
                     ("text", None) => {
                         return Err(ApiError::bad_request(
                             "unsupported_content",
@@ -356,11 +396,17 @@ fn job(
             "`logit_bias` is not served",
         ));
     }
-    let max_tokens = c
-        .max_completion_tokens
-        .or(c.max_tokens)
-        .unwrap_or(default_max.min(s.limits.max_new_tokens));
-    if max_tokens == 0 || max_tokens > s.limits.max_new_tokens {
+    let prompt_tokens = req.tokens().len();
+    let ctx = s.blender.model().config().context_length;
+    let asked = c.max_completion_tokens.or(c.max_tokens);
+    // left out: as much as fits beside the prompt, up to the endpoint's default (OpenAI and
+    // vLLM serve a prompt near the context's end; a fixed default refused it)
+    let max_tokens = asked.unwrap_or(
+        default_max
+            .min(s.limits.max_new_tokens)
+            .min(ctx.saturating_sub(prompt_tokens)),
+    );
+    if asked.is_some() && (max_tokens == 0 || max_tokens > s.limits.max_new_tokens) {
         return Err(ApiError::bad_request(
             "invalid_max_tokens",
             format!(
@@ -383,15 +429,16 @@ fn job(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    let prompt_tokens = req.tokens().len();
-    let ctx = s.blender.model().config().context_length;
-    if prompt_tokens + max_tokens > ctx {
-        return Err(ApiError::bad_request(
-            "too_many_tokens",
-            format!(
+    if max_tokens == 0 || prompt_tokens + max_tokens > ctx {
+        let why = match asked {
+            Some(_) => format!(
                 "{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's context of {ctx}"
             ),
-        ));
+            None => format!(
+                "{prompt_tokens} prompt tokens leave no room to answer in the model's context of {ctx}"
+            ),
+        };
+        return Err(ApiError::bad_request("too_many_tokens", why));
     }
     Ok(Job {
         decode_pool: compress.decode_pool(max_tokens)?,
@@ -622,6 +669,8 @@ impl Shape {
         let text = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
         // a token's own bytes: a piece of a character keeps them (its text is U+FFFD)
         let bytes = |id: u32| s.tokenizer.token_bytes(id);
+        // the answer's tokens: joined, their texts are its text
+        let steps: Vec<&Step> = steps.iter().filter(|st| !st.eos).collect();
         match self.kind {
             Kind::Chat => json!({"content": steps.iter().map(|st| json!({
                 "token": text(st.id),
@@ -732,7 +781,10 @@ fn stream_response(
                 // consumed by `respond` before streaming began; nothing to send
                 Some(GenEvent::Started) => return Some((Vec::new(), (rx, false))),
                 Some(GenEvent::Step(st)) => {
-                    let lp = shape.logprobs(&s, std::slice::from_ref(&st));
+                    let lp = match st.eos {
+                        true => Value::Null,
+                        false => shape.logprobs(&s, std::slice::from_ref(&st)),
+                    };
                     let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
                     Event::default().data(Value::Object(body).to_string())
                 }
@@ -761,9 +813,10 @@ fn stream_response(
                 Some(GenEvent::Failed(e)) => {
                     let body = json!(kvquilt_api::ErrorBody {
                         error: kvquilt_api::ErrorDetail {
+                            kind: e.kind().into(),
                             message: e.message,
-                            kind: "server_error".into(),
                             code: e.code.into(),
+                            param: None,
                         },
                     });
                     return Some((vec![Event::default().data(body.to_string())], (rx, true)));
