@@ -1030,6 +1030,48 @@ async fn client_defaults_are_served() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    // a prompt of token ids (vLLM's form; lm-eval sends it) is the prompt those ids spell:
+    // one byte a token in the tiny model
+    let (status, text) = app
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": "hi", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    for ids in [json!([104, 105]), json!([[104, 105]])] {
+        let (status, v) = app
+            .json(
+                "POST",
+                "/v1/completions",
+                None,
+                json!({"prompt": ids, "max_tokens": 3}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["usage"], text["usage"]);
+        assert_eq!(v["choices"][0]["text"], text["choices"][0]["text"]);
+    }
+    let r = app
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": [104, 9999]}),
+        )
+        .await;
+    assert_err(&r, 400, "invalid_token_id", "9999");
+    let r = app
+        .json(
+            "POST",
+            "/v1/completions",
+            None,
+            json!({"prompt": [[104], [105]]}),
+        )
+        .await;
+    assert_err(&r, 400, "malformed_json", "batches are not supported");
     // `models.retrieve`: the served model's card, another name a 404 naming the served one
     let (_, list) = app.call("GET", "/v1/models", None, None, "").await;
     let name = list["data"][0]["id"]

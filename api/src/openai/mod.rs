@@ -302,7 +302,8 @@ impl CompletionRequest {
     }
 }
 
-/// `prompt`: one string, or a list of them.
+/// `prompt`: one string, a list of them, or token ids (`[1, 2, 3]`, or a list of one such
+/// list: vLLM's form, which lm-eval's `local-completions` sends).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
@@ -311,6 +312,8 @@ pub enum Prompt {
     One(String),
     /// Several prompts (only one is served).
     Many(Vec<String>),
+    /// One prompt's token ids, used as given (the model's vocabulary).
+    Tokens(Vec<u32>),
 }
 
 /// Token counts of a completion.

@@ -592,25 +592,99 @@ impl<'de> Deserialize<'de> for Stop {
     }
 }
 
-impl OneOrMany<String> for Prompt {
-    const EXPECTING: &'static str = "a prompt string or a list of them";
-    const MAX: usize = 1;
-    const TOO_MANY: &'static str = "`prompt` must be one string (batches are not supported)";
+/// One element of a `prompt` list: a string, a token id, or a list of token ids.
+enum PromptItem {
+    Text(String),
+    Token(u32),
+    Tokens(Vec<u32>),
+}
 
-    fn one(s: String) -> Self {
-        Prompt::One(s)
-    }
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Item;
+        impl<'de> Visitor<'de> for Item {
+            type Value = PromptItem;
 
-    fn many(v: Vec<String>) -> Self {
-        Prompt::Many(v)
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt string, a token id or a list of token ids")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PromptItem, E> {
+                u32::try_from(v)
+                    .map(PromptItem::Token)
+                    .map_err(|_| E::custom(format_args!("token id {v} is past u32")))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PromptItem, E> {
+                Err(E::custom(format_args!("token id {v} is negative")))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PromptItem, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(t) = seq.next_element::<u32>()? {
+                    ids.push(t);
+                }
+                Ok(PromptItem::Tokens(ids))
+            }
+        }
+        d.deserialize_any(Item)
     }
 }
 
 impl<'de> Deserialize<'de> for Prompt {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        one_or_many(d)
+        struct P;
+        impl<'de> Visitor<'de> for P {
+            type Value = Prompt;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt string, a list of one, or token ids")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Prompt, E> {
+                Ok(Prompt::One(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Prompt, E> {
+                Ok(Prompt::One(v))
+            }
+
+            /// The first element says which list it is; a second prompt (a string or a
+            /// token list) is refused as it is read: batches are not served.
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+                let batch = || de::Error::custom(PROMPT_BATCH);
+                let prompt = match seq.next_element::<PromptItem>()? {
+                    None => return Ok(Prompt::Many(Vec::new())),
+                    Some(PromptItem::Text(t)) => Prompt::Many(vec![t]),
+                    Some(PromptItem::Tokens(ids)) => Prompt::Tokens(ids),
+                    Some(PromptItem::Token(first)) => {
+                        let mut ids = vec![first];
+                        while let Some(t) = seq.next_element::<u32>()? {
+                            ids.push(t);
+                        }
+                        return Ok(Prompt::Tokens(ids));
+                    }
+                };
+                match seq.next_element::<IgnoredAny>()? {
+                    None => Ok(prompt),
+                    Some(_) => Err(batch()),
+                }
+            }
+        }
+        d.deserialize_any(P)
     }
 }
+
+/// Why a `prompt` of several prompts is refused.
+const PROMPT_BATCH: &str = "`prompt` must be one prompt (batches are not supported)";
 
 impl OneOrMany<ContentPart> for Content {
     const EXPECTING: &'static str = "a message's text or a list of content parts";
@@ -726,6 +800,18 @@ mod tests {
         assert_eq!(r.common.misplaced.first(), None);
         let p = completion(json!({"prompt": ["a"], "echo": null, "suffix": null})).unwrap();
         assert_eq!(p.prompt, Prompt::Many(vec!["a".into()]));
+        // token ids, as vLLM takes them (and lm-eval sends them)
+        for v in [json!([1, 2, 3]), json!([[1, 2, 3]])] {
+            assert_eq!(
+                completion(json!({"prompt": v})).unwrap().prompt,
+                Prompt::Tokens(vec![1, 2, 3])
+            );
+        }
+        let p = CompletionRequest {
+            prompt: Prompt::Tokens(vec![7, 8]),
+            ..CompletionRequest::new("")
+        };
+        assert_eq!(completion(serde_json::to_value(&p).unwrap()).unwrap(), p);
         // what OpenAI's SDKs and vLLM take: a null flag inside an object, a negative seed
         let r =
             chat(json!({"messages": [], "stream_options": {"include_usage": null}, "seed": -1}))
@@ -771,7 +857,7 @@ mod tests {
             ),
             (
                 completion(json!({"prompt": 3})).map(drop),
-                "expected a prompt string or a list of them",
+                "expected a prompt string, a list of one, or token ids",
             ),
             (
                 completion(json!({"prompt": "p", "stop": 3})).map(drop),
@@ -816,6 +902,11 @@ mod tests {
         let counted = [
             (chat(json!({"messages": [], "stop": many(5, json!("s"))})).map(drop), "at most 4 stop sequences"),
             (completion(json!({"prompt": ["a", "b"]})).map(drop), "batches are not supported"),
+            (completion(json!({"prompt": [[1], [2]]})).map(drop), "batches are not supported"),
+            (completion(json!({"prompt": [1, "a"]})).map(drop), "invalid type: string"),
+            (completion(json!({"prompt": ["a", 1]})).map(drop), "batches are not supported"),
+            (completion(json!({"prompt": [-1]})).map(drop), "token id -1 is negative"),
+            (completion(json!({"prompt": [[4294967296u64]]})).map(drop), "u32"),
             (chat(json!({"messages": [], "documents": many(4097, json!("d"))})).map(drop), "more than 4096 chunks in one request"),
             (
                 serde_json::from_value::<crate::BlendRequest>(json!({"chunks": many(4097, json!("d"))}))

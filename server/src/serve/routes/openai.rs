@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::blend::prepare;
-use super::chunk_ref::{check_text_bytes, resolve_all};
+use super::chunk_ref::{check_text_bytes, check_token_ids, resolve_all};
 use crate::serve::bodies::HeldBody;
 use crate::serve::error::{ApiError, ApiResult};
 use crate::serve::extract::ApiJson;
@@ -153,17 +153,26 @@ pub(crate) async fn completions(
             "`echo`, `best_of` other than 1 and `suffix` are not served",
         ));
     }
-    // taken out of the body, which lives until the answer is sent (past its body budget)
+    // taken out of the body, which lives until the answer is sent (past its body budget);
+    // token ids are used as given
     let prompt = match std::mem::replace(&mut body.prompt, Prompt::One(String::new())) {
-        Prompt::One(p) => p,
-        Prompt::Many(mut v) if v.len() == 1 => v.swap_remove(0),
+        Prompt::One(p) => PromptIn::Text(p),
+        Prompt::Many(mut v) if v.len() == 1 => PromptIn::Text(v.swap_remove(0)),
+        Prompt::Tokens(ids) if !ids.is_empty() => {
+            check_token_ids(&s, "`prompt`", &ids)?;
+            PromptIn::Tokens(ids)
+        }
         // (a list of more than one is refused as the body is read: batches are not served)
-        Prompt::Many(_) => {
+        Prompt::Many(_) | Prompt::Tokens(_) => {
             return Err(ApiError::bad_request(
                 "invalid_prompt",
-                "`prompt` is an empty list (give one string)",
+                "`prompt` is an empty list (give one string or its token ids)",
             ));
         }
+    };
+    let prompt_bytes = match &prompt {
+        PromptIn::Text(t) => t.len(),
+        PromptIn::Tokens(_) => 0,
     };
     check_text_bytes(
         &s,
@@ -171,18 +180,22 @@ pub(crate) async fn completions(
             .documents
             .iter()
             .map(ChunkRef::text_len)
-            .chain([prompt.len(), stop_bytes(body.common.stop.as_ref())]),
+            .chain([prompt_bytes, stop_bytes(body.common.stop.as_ref())]),
     )?;
     let ((mode, calibration), compress) =
         wire::mode_spec(&s.blend_default, body.common.kvquilt.as_ref())?;
     let chunks = resolve_all(&s, &tenant, &body.common.documents).await?;
     // their texts are chunks now; the body lives until the answer is sent
     body.common.documents = Vec::new();
-    let tokenizer = Arc::clone(&s.tokenizer);
-    let suffix = s
-        .tokenizing
-        .run(move || Ok(tokenizer.encode_piece(&prompt)?))
-        .await?;
+    let suffix = match prompt {
+        PromptIn::Text(text) => {
+            let tokenizer = Arc::clone(&s.tokenizer);
+            s.tokenizing
+                .run(move || Ok(tokenizer.encode_piece(&text)?))
+                .await?
+        }
+        PromptIn::Tokens(ids) => ids,
+    };
     drop(held);
     let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = wire::alternatives("logprobs", body.logprobs)?;
@@ -191,6 +204,12 @@ pub(crate) async fn completions(
     job.prepared.calibration = calibration;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
+}
+
+/// A completion's prompt as given: text to tokenize, or token ids.
+enum PromptIn {
+    Text(String),
+    Tokens(Vec<u32>),
 }
 
 /// What one chat message adds to the rendered prompt beside its content (the template's
