@@ -19,7 +19,8 @@
 //! max_document_bytes = 262144          # one document's text, checked before tokenizing
 //! max_text_bytes = 1048576             # all text of one request, checked first
 //! max_chunks = 64
-//! max_new_tokens = 512
+//! max_new_tokens = 4096                # most tokens a completion may ask for (left out:
+//!                                      #   512 in chat, 16 in completions, within it)
 //! workers = 1                          # model requests computed at once
 //! max_queue = 64                       # model requests waiting; more get 503
 //! # decode_batch = 4                   # requests decoding together in one model step (at most
@@ -172,7 +173,10 @@ pub struct Limits {
     /// Most chunks (documents) in one request (at most `kvquilt_api::MAX_CHUNKS`, 4,096: a
     /// longer list is refused as the body is read).
     pub max_chunks: usize,
-    /// Most tokens one completion may generate.
+    /// Most tokens one completion may ask for (`max_tokens`; more is a 400). The default,
+    /// 4,096, takes what clients commonly ask (LangChain's 1,024, a long answer's 2,048);
+    /// a request that names none gets 512 (chat) or 16 (completions) within it, and never
+    /// more than fits beside its prompt.
     pub max_new_tokens: usize,
     /// Model requests computed at once. On a GPU with CUDA graphs (a small model) the
     /// sidecar also keeps up to this many graphed caches idle between requests, each holding
@@ -495,7 +499,7 @@ impl Default for Limits {
             max_document_bytes: 256 << 10,
             max_text_bytes: 1 << 20,
             max_chunks: 64,
-            max_new_tokens: 512,
+            max_new_tokens: 4096,
             workers: 1,
             max_queue: 64,
             decode_batch: None,
