@@ -24,8 +24,8 @@ pub struct ErrorDetail {
     pub kind: String,
     /// A stable machine-readable code (`body_too_large`, `unknown_chunk`, ...).
     pub code: String,
-    /// The request field at fault, where one is named in `message` (OpenAI's `param`;
-    /// always written, `null` when none).
+    /// OpenAI's `param`, for clients that read it: always written, and `null` (kvquilt
+    /// names the field at fault in `message`).
     #[serde(default)]
     pub param: Option<String>,
 }

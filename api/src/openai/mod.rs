@@ -117,6 +117,10 @@ pub const VLLM_EXTENSIONS: &[&str] = &[
     "add_generation_prompt",
     "chat_template",
     "logits_processors",
+    "truncate_prompt_tokens",
+    "allowed_token_ids",
+    "echo",
+    "no_stop_trim",
 ];
 
 /// `mode`, `ratio` and `compress` at the top level of an OpenAI request: they belong inside
@@ -302,7 +306,7 @@ impl CompletionRequest {
     }
 }
 
-/// `prompt`: one string, a list of them, or token ids (`[1, 2, 3]`, or a list of one such
+/// `prompt`: one string (a list of one is accepted), or token ids (`[1, 2, 3]`, or a list of one such
 /// list: vLLM's form, which lm-eval's `local-completions` sends).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

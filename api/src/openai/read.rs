@@ -474,7 +474,7 @@ fn is_no_op(name: &str, value: &Value) -> bool {
     value.is_null()
         || match name {
             "top_k" => number(&[-1.0, 0.0]),
-            "min_p" | "min_tokens" | "prompt_logprobs" => number(&[0.0]),
+            "min_p" | "min_tokens" => number(&[0.0]),
             "repetition_penalty" | "length_penalty" => number(&[1.0]),
             "skip_special_tokens" | "spaces_between_special_tokens" | "add_generation_prompt" => {
                 value.as_bool() == Some(true)
@@ -483,12 +483,15 @@ fn is_no_op(name: &str, value: &Value) -> bool {
                 value.as_array().is_some_and(Vec::is_empty)
             }
             "ignore_eos"
+            | "echo"
+            | "no_stop_trim"
             | "include_stop_str_in_output"
             | "use_beam_search"
             | "return_tokens_as_token_ids"
             | "continue_final_message" => value.as_bool() == Some(false),
-            // guided decoding, structured outputs, a template of the caller's: no value is
-            // a no-op
+            // guided decoding, structured outputs, a template of the caller's, prompt
+            // logprobs (vLLM returns them for any value, 0 too), a truncation or an allowed
+            // set: no value is a no-op
             _ => false,
         }
 }
@@ -1016,6 +1019,15 @@ mod tests {
             (
                 json!({"messages": [], "min_p": 0.0, "repetition_penalty": 1.1}),
                 "repetition_penalty",
+            ),
+            (
+                json!({"messages": [], "prompt_logprobs": 0}),
+                "prompt_logprobs",
+            ),
+            (json!({"messages": [], "echo": true}), "echo"),
+            (
+                json!({"messages": [], "truncate_prompt_tokens": 8}),
+                "truncate_prompt_tokens",
             ),
         ] {
             assert_eq!(ext(v), Some(name));

@@ -746,6 +746,12 @@ impl Config {
                 l.max_request_tokens
             );
         }
+        if l.max_new_tokens > MAX_REQUEST_TOKENS {
+            bail!(
+                "limits.max_new_tokens must be at most {MAX_REQUEST_TOKENS} (got {})",
+                l.max_new_tokens
+            );
+        }
         if l.max_chunks > kvquilt_api::MAX_CHUNKS {
             bail!(
                 "limits.max_chunks must be at most {} (the most a request is read with; got {})",
@@ -934,6 +940,10 @@ mod tests {
             ),
             ("[limits]\nmax_kv_body_bytes = 0\n", "max_kv_body_bytes"),
             ("[limits]\nmax_chunks = 4097\n", "max_chunks"),
+            (
+                "[limits]\nmax_new_tokens = 1000000000000000\n",
+                "max_new_tokens",
+            ),
             ("[limits]\nbody_budget_bytes = 1024\n", "body_budget_bytes"),
             ("device = \"gpu7\"\n", "gpu7"),
             ("dtype = \"f64\"\n", "f64"),

@@ -309,13 +309,22 @@ impl Tenants {
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<Arc<Tenant>, ApiError> {
-        let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        if self.by_token.is_empty() {
+            return Ok(Arc::clone(&self.default));
+        }
+        // a header that is present decides, readable or not (bytes that are no text are a
+        // token no tenant has)
+        let text = |v: &axum::http::HeaderValue| v.to_str().unwrap_or("\u{FFFD}").to_owned();
         match (
-            value(axum::http::header::AUTHORIZATION.as_str()),
-            value("api-key"),
+            headers.get(axum::http::header::AUTHORIZATION),
+            headers.get("api-key"),
         ) {
-            (None, Some(key)) if !self.by_token.is_empty() => self.tenant_of(key),
-            (authorization, _) => self.authenticate(authorization),
+            (None, Some(key)) => self.tenant_of(&text(key)),
+            (Some(authorization), _) => match authorization.to_str() {
+                Ok(a) => self.authenticate(Some(a)),
+                Err(_) => self.tenant_of(&text(authorization)),
+            },
+            (None, None) => self.authenticate(None),
         }
     }
 
@@ -428,6 +437,16 @@ mod tests {
         );
         let none = t.authenticate_headers(&headers(&[]));
         assert_eq!(none.unwrap_err().code, "missing_token");
+        // an Authorization header that is no text is still the one that decides
+        let mut unreadable = headers(&[("api-key", "acme-token")]);
+        unreadable.insert(
+            "authorization",
+            axum::http::HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
+        assert_eq!(
+            t.authenticate_headers(&unreadable).unwrap_err().code,
+            "invalid_token"
+        );
         assert_eq!(
             t.authenticate(Some("Bearer nope")).unwrap_err().code,
             "invalid_token"

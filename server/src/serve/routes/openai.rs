@@ -448,7 +448,7 @@ fn job(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if max_tokens == 0 || prompt_tokens + max_tokens > ctx {
+    if max_tokens == 0 || prompt_tokens.saturating_add(max_tokens) > ctx {
         let why = match asked {
             Some(_) => format!(
                 "{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's context of {ctx}"
@@ -799,6 +799,10 @@ fn stream_response(
             let ev = match rx.recv().await {
                 // consumed by `respond` before streaming began; nothing to send
                 Some(GenEvent::Started) => return Some((Vec::new(), (rx, false))),
+                // the end-of-turn token that released no held-back text: nothing to send
+                Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
+                    return Some((Vec::new(), (rx, false)));
+                }
                 Some(GenEvent::Step(st)) => {
                     let lp = match st.eos {
                         true => Value::Null,
