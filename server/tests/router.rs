@@ -1072,6 +1072,35 @@ async fn client_defaults_are_served() {
         )
         .await;
     assert_err(&r, 400, "malformed_json", "batches are not supported");
+    // legacy logprobs carry `text_offset`: each token's first character in the answer,
+    // continued across a stream's chunks
+    let offsets = |lp: &Value| -> Vec<(u64, String)> {
+        let tokens = lp["tokens"].as_array().expect("tokens");
+        let at = lp["text_offset"].as_array().expect("text_offset");
+        assert_eq!(tokens.len(), at.len(), "{lp}");
+        at.iter()
+            .zip(tokens)
+            .map(|(a, t)| (a.as_u64().unwrap(), t.as_str().unwrap().to_string()))
+            .collect()
+    };
+    let ask = json!({"prompt": "hi", "max_tokens": 5, "logprobs": 2});
+    let (status, v) = app.json("POST", "/v1/completions", None, ask.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let whole = offsets(&v["choices"][0]["logprobs"]);
+    let mut at = 0;
+    for (offset, token) in &whole {
+        assert_eq!(*offset, at);
+        at += token.chars().count() as u64;
+    }
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    let events = app.sse("/v1/completions", streamed).await;
+    let pieces: Vec<(u64, String)> = events
+        .iter()
+        .filter(|e| !e["choices"][0]["logprobs"].is_null())
+        .flat_map(|e| offsets(&e["choices"][0]["logprobs"]))
+        .collect();
+    assert_eq!(pieces, whole);
     // `models.retrieve`: the served model's card, another name a 404 naming the served one
     let (_, list) = app.call("GET", "/v1/models", None, None, "").await;
     let name = list["data"][0]["id"]

@@ -681,7 +681,9 @@ impl Shape {
     }
 
     /// Logprob entries of some steps, in the endpoint's format.
-    fn logprobs(&self, s: &Shared, steps: &[Step]) -> Value {
+    /// `offset`: characters of the answer before `steps` (legacy completions' `text_offset`),
+    /// advanced past them.
+    fn logprobs(&self, s: &Shared, steps: &[Step], offset: &mut usize) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -700,6 +702,11 @@ impl Shape {
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()}),
             Kind::Text => json!({
+                "text_offset": steps.iter().map(|st| {
+                    let at = *offset;
+                    *offset += text(st.id).chars().count();
+                    at
+                }).collect::<Vec<_>>(),
                 "tokens": steps.iter().map(|st| text(st.id)).collect::<Vec<_>>(),
                 "token_logprobs": steps.iter().map(|st| st.logprob).collect::<Vec<_>>(),
                 "top_logprobs": steps.iter().map(|st| st.top.iter()
@@ -764,7 +771,7 @@ async fn collect_response(
                 produced,
                 stats,
             } => {
-                let lp = shape.logprobs(s, &steps);
+                let lp = shape.logprobs(s, &steps, &mut 0);
                 let usage = shape.usage(produced);
                 return Ok(shape.response(text, finish.openai(), lp, usage, &stats));
             }
@@ -789,7 +796,8 @@ fn stream_response(
     } else {
         None
     };
-    let events = stream::unfold((rx, false), move |(mut rx, done)| {
+    // (the answer's characters sent so far: legacy logprobs' `text_offset`)
+    let events = stream::unfold((rx, false, 0), move |(mut rx, done, mut offset)| {
         let shape = shape.clone();
         let s = Arc::clone(&s);
         async move {
@@ -798,15 +806,15 @@ fn stream_response(
             }
             let ev = match rx.recv().await {
                 // consumed by `respond` before streaming began; nothing to send
-                Some(GenEvent::Started) => return Some((Vec::new(), (rx, false))),
+                Some(GenEvent::Started) => return Some((Vec::new(), (rx, false, offset))),
                 // the end-of-turn token that released no held-back text: nothing to send
                 Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
-                    return Some((Vec::new(), (rx, false)));
+                    return Some((Vec::new(), (rx, false, offset)));
                 }
                 Some(GenEvent::Step(st)) => {
                     let lp = match st.eos {
                         true => Value::Null,
-                        false => shape.logprobs(&s, std::slice::from_ref(&st)),
+                        false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
                     };
                     let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
                     Event::default().data(Value::Object(body).to_string())
@@ -831,7 +839,7 @@ fn stream_response(
                     body.insert("kvquilt".into(), json!(wire::stats(&stats)));
                     events.push(Event::default().data(Value::Object(body).to_string()));
                     events.push(Event::default().data("[DONE]"));
-                    return Some((events, (rx, true)));
+                    return Some((events, (rx, true, offset)));
                 }
                 Some(GenEvent::Failed(e)) => {
                     let body = json!(kvquilt_api::ErrorBody {
@@ -842,11 +850,14 @@ fn stream_response(
                             param: None,
                         },
                     });
-                    return Some((vec![Event::default().data(body.to_string())], (rx, true)));
+                    return Some((
+                        vec![Event::default().data(body.to_string())],
+                        (rx, true, offset),
+                    ));
                 }
                 None => return None,
             };
-            Some((vec![ev], (rx, false)))
+            Some((vec![ev], (rx, false, offset)))
         }
     })
     .flat_map(stream::iter);
