@@ -112,10 +112,12 @@ class AsyncClient:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (:meth:`kvquilt.Client.chat`)."""
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                          compress, top_p, seed)
+                          compress, top_p, seed, logprobs=logprobs, top_logprobs=top_logprobs)
         return _chat_result(await self._json("POST", "/v1/chat/completions", json=body))
 
     async def chat_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
@@ -142,12 +144,15 @@ class AsyncClient:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
     ) -> AsyncIterator[StreamEvent]:
         """A streamed chat completion as :class:`StreamEvent` s, ending with the finish
         reason, usage and stats; errors as :meth:`kvquilt.Client.chat_events` raises them
         (``truncated`` for a stream cut before ``[DONE]``)."""
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                          compress, top_p, seed, stream=True)
+                          compress, top_p, seed, stream=True, logprobs=logprobs,
+                          top_logprobs=top_logprobs)
         args = _send_args(self.base_url, self._headers, "/v1/chat/completions", {"json": body})
         events = _Events(self.base_url)
         try:

@@ -138,6 +138,9 @@ class ChatResult:
     finish_reason: str
     usage: Dict[str, int]
     stats: Dict[str, Any] = field(default_factory=dict)
+    #: with ``logprobs``: each generated token's ``{token, logprob, bytes, top_logprobs}``
+    #: (OpenAI's ``logprobs.content``; the end-of-turn token is not listed)
+    logprobs: Optional[List[Dict[str, Any]]] = None
 
 
 @dataclass
@@ -149,6 +152,8 @@ class StreamEvent:
     finish_reason: Optional[str] = None
     usage: Optional[Dict[str, int]] = None
     stats: Optional[Dict[str, Any]] = None
+    #: with ``logprobs``: the piece's tokens as :attr:`ChatResult.logprobs` lists them
+    logprobs: Optional[List[Dict[str, Any]]] = None
 
 
 class Client:
@@ -303,17 +308,20 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend.
         ``max_tokens`` left out: the server's default (its ``limits.max_new_tokens`` bound).
         ``top_p`` and ``seed`` sample as OpenAI's do (the same seed and request: the same
-        tokens).
+        tokens); ``logprobs`` (and ``top_logprobs``, up to 20 alternatives) fills
+        :attr:`ChatResult.logprobs`.
 
         ``compress`` (e.g. ``{"policy": "snapkv", "compression": 4}``) prunes the prompt's KV
         with a token policy before decoding; ``stats["compression"]`` says what was kept.
         """
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                          compress, top_p, seed)
+                          compress, top_p, seed, logprobs=logprobs, top_logprobs=top_logprobs)
         return _chat_result(self._json("POST", "/v1/chat/completions", json=body))
 
     def chat_stream(
@@ -328,11 +336,13 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
     ) -> Iterator[str]:
         """Yields the answer's text pieces as the server streams them (the options of
         :meth:`chat`); :meth:`chat_events` also gives the end (finish reason, usage, stats)."""
         for e in self.chat_events(question_or_messages, documents, max_tokens, temperature, stop, mode,
-                                  ratio, compress, top_p, seed):
+                                  ratio, compress, top_p, seed, logprobs, top_logprobs):
             if e.text:
                 yield e.text
 
@@ -348,6 +358,8 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """A streamed chat completion as :class:`StreamEvent` s: the text pieces, then one
         event with the finish reason, the usage and the blend's stats. A stream that ends
@@ -357,7 +369,8 @@ class Client:
         of memory while decoding) raises :class:`KvquiltError` with the server's code and
         ``status`` 200; an event that is not JSON, ``malformed_event``."""
         body = _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-                          compress, top_p, seed, stream=True)
+                          compress, top_p, seed, stream=True, logprobs=logprobs,
+                          top_logprobs=top_logprobs)
         args = _send_args(self.base_url, self._headers, "/v1/chat/completions", {"json": body})
         events = _Events(self.base_url)
         try:
@@ -398,7 +411,8 @@ def _sending_error(e: Exception, base_url: str, answering: bool = False) -> Exce
 
 def _chat_result(r: Dict[str, Any]) -> ChatResult:
     choice = r["choices"][0]
-    return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}))
+    return ChatResult(choice["message"]["content"], choice["finish_reason"], r["usage"], r.get("kvquilt", {}),
+                      (choice.get("logprobs") or {}).get("content"))
 
 
 class _Events:
@@ -439,14 +453,16 @@ class _Events:
         if choice.get("finish_reason"):
             self.end.finish_reason = choice["finish_reason"]
         piece = (choice.get("delta") or {}).get("content")
-        return [StreamEvent(text=piece)] if piece else []
+        listed = (choice.get("logprobs") or {}).get("content")
+        return [StreamEvent(text=piece, logprobs=listed)] if piece else []
 
     def cut_short(self) -> KvquiltConnectionError:
         return KvquiltConnectionError(0, "truncated", f"{self.base_url}: the answer's stream ended before [DONE]")
 
 
 def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-               compress=None, top_p=None, seed=None, stream=False) -> Dict[str, Any]:
+               compress=None, top_p=None, seed=None, stream=False, logprobs=False,
+               top_logprobs=None) -> Dict[str, Any]:
     messages = (
         [{"role": "user", "content": question_or_messages}]
         if isinstance(question_or_messages, str)
@@ -461,6 +477,10 @@ def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, m
         body["top_p"] = top_p
     if seed is not None:
         body["seed"] = seed
+    if logprobs or top_logprobs is not None:
+        body["logprobs"] = True
+    if top_logprobs is not None:
+        body["top_logprobs"] = top_logprobs
     if stop:
         body["stop"] = stop
     ext = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("compress", compress)) if v is not None}

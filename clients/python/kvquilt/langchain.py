@@ -228,6 +228,10 @@ class ChatKvquilt(BaseChatModel):
     async_client: Optional[AsyncClient] = None
     #: ``None``: the server's default
     max_tokens: Optional[int] = None
+    #: each token's log-probability in ``response_metadata["logprobs"]`` (OpenAI's
+    #: ``{"content": [...]}``, as ``ChatOpenAI`` gives it); ``top_logprobs`` alternatives
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
     temperature: Optional[float] = None
     mode: Optional[str] = None
     ratio: Optional[float] = None
@@ -242,13 +246,14 @@ class ChatKvquilt(BaseChatModel):
         return {"base_url": self.client.base_url,
                 "async_base_url": self.async_client.base_url if self.async_client else None,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "mode": self.mode,
-                "ratio": self.ratio}
+                "ratio": self.ratio, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def _request(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: Dict[str, Any]
                  ) -> Dict[str, Any]:
         """The client's arguments: the model's settings, overridden per call (``max_tokens``,
         ``temperature``, ``mode``, ``ratio``, ``compress``, ``top_p``, ``seed``)."""
-        known = {"max_tokens", "temperature", "mode", "ratio", "compress", "top_p", "seed"}
+        known = {"max_tokens", "temperature", "mode", "ratio", "compress", "top_p", "seed", "logprobs",
+                 "top_logprobs"}
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"ChatKvquilt does not take {sorted(unknown)} (it takes {sorted(known)})")
@@ -262,6 +267,8 @@ class ChatKvquilt(BaseChatModel):
             "compress": kwargs.get("compress"),
             "top_p": kwargs.get("top_p"),
             "seed": kwargs.get("seed"),
+            "logprobs": bool(kwargs.get("logprobs", self.logprobs)),
+            "top_logprobs": kwargs.get("top_logprobs", self.top_logprobs),
         }
 
     def _generate(
@@ -351,7 +358,11 @@ def _chat_result(result: Any) -> ChatResult:
     """LangChain's result of a kvquilt chat answer."""
     msg = AIMessage(
         content=result.text,
-        response_metadata={"finish_reason": result.finish_reason, "kvquilt": result.stats},
+        response_metadata={
+            "finish_reason": result.finish_reason,
+            "kvquilt": result.stats,
+            **({"logprobs": {"content": result.logprobs}} if result.logprobs is not None else {}),
+        },
         usage_metadata={
             "input_tokens": result.usage["prompt_tokens"],
             "output_tokens": result.usage["completion_tokens"],
@@ -366,7 +377,9 @@ def _chunk(e: StreamEvent) -> ChatGenerationChunk:
     empty answer is a generation too), which carries what ``invoke`` reports — usage and
     ``response_metadata`` — to be merged into the streamed message."""
     if e.text:
-        return ChatGenerationChunk(message=AIMessageChunk(content=e.text))
+        # (a piece's log-probabilities where ChatOpenAI puts them: its generation info)
+        info = {"logprobs": {"content": e.logprobs}} if e.logprobs is not None else None
+        return ChatGenerationChunk(message=AIMessageChunk(content=e.text), generation_info=info)
     usage = e.usage or {}
     return ChatGenerationChunk(
         message=AIMessageChunk(

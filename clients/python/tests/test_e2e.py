@@ -179,6 +179,11 @@ def test_chat_model_streams_and_reads_content_blocks(client):
                         documents=PASSAGES)
     assert blocks.content == whole.content
     assert blocks.usage_metadata["input_tokens"] == whole.usage_metadata["input_tokens"]
+    # log-probabilities as ChatOpenAI gives them: the answer's tokens, joined its text
+    scored = llm.invoke("Where is the Zorblat Tower?", documents=PASSAGES, logprobs=True, top_logprobs=2)
+    tokens = scored.response_metadata["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == scored.content
+    assert all(len(t["top_logprobs"]) == 2 for t in tokens)
     # per-call options are honoured, unknown ones refused
     assert llm.invoke("Where?", documents=PASSAGES, max_tokens=1).usage_metadata["output_tokens"] == 1
     with pytest.raises(TypeError):

@@ -476,3 +476,27 @@ def test_an_owned_async_client_follows_the_running_loop():
         return c._client() is c._client()
 
     assert asyncio.run(same())
+
+
+def test_logprobs_are_asked_for_and_read_as_chat_openai_gives_them():
+    sent = []
+    listed = [{"token": "hi", "logprob": -0.1, "bytes": [104, 105], "top_logprobs": []}]
+
+    def answer(r):
+        sent.append(json.loads(r.content))
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop", "logprobs": {"content": listed}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        })
+
+    r = client(answer).chat("q", logprobs=True, top_logprobs=3)
+    assert (sent[0]["logprobs"], sent[0]["top_logprobs"]) == (True, 3) and r.logprobs == listed
+    client(answer).chat("q")
+    assert "logprobs" not in sent[1]
+    msg = ChatKvquilt(client=client(answer), logprobs=True).invoke("q")
+    assert msg.response_metadata["logprobs"] == {"content": listed} and sent[2]["logprobs"] is True
+    stream = sse({"object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": {"content": listed}}]},
+                 FINISH, USAGE)
+    [first] = [e for e in client(lambda r: stream).chat_events("q", logprobs=True) if e.text]
+    assert first.logprobs == listed
