@@ -112,7 +112,7 @@ class AsyncClient:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
-        logprobs: bool = False,
+        logprobs: Optional[bool] = None,
         top_logprobs: Optional[int] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (:meth:`kvquilt.Client.chat`)."""
@@ -144,7 +144,7 @@ class AsyncClient:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
-        logprobs: bool = False,
+        logprobs: Optional[bool] = None,
         top_logprobs: Optional[int] = None,
     ) -> AsyncIterator[StreamEvent]:
         """A streamed chat completion as :class:`StreamEvent` s, ending with the finish

@@ -308,7 +308,7 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
-        logprobs: bool = False,
+        logprobs: Optional[bool] = None,
         top_logprobs: Optional[int] = None,
     ) -> ChatResult:
         """A chat completion over ``documents`` (texts or ``{"id": ...}``), through blend.
@@ -336,7 +336,7 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
-        logprobs: bool = False,
+        logprobs: Optional[bool] = None,
         top_logprobs: Optional[int] = None,
     ) -> Iterator[str]:
         """Yields the answer's text pieces as the server streams them (the options of
@@ -358,7 +358,7 @@ class Client:
         compress: Optional[Dict[str, Any]] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
-        logprobs: bool = False,
+        logprobs: Optional[bool] = None,
         top_logprobs: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """A streamed chat completion as :class:`StreamEvent` s: the text pieces, then one
@@ -452,16 +452,18 @@ class _Events:
         choice = (v.get("choices") or [{}])[0]
         if choice.get("finish_reason"):
             self.end.finish_reason = choice["finish_reason"]
-        piece = (choice.get("delta") or {}).get("content")
+        piece = (choice.get("delta") or {}).get("content") or ""
         listed = (choice.get("logprobs") or {}).get("content")
-        return [StreamEvent(text=piece, logprobs=listed)] if piece else []
+        # a token whose text is held back (a stop string's start, part of a character) comes
+        # with no text but its log-probability
+        return [StreamEvent(text=piece, logprobs=listed)] if piece or listed is not None else []
 
     def cut_short(self) -> KvquiltConnectionError:
         return KvquiltConnectionError(0, "truncated", f"{self.base_url}: the answer's stream ended before [DONE]")
 
 
 def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, mode, ratio,
-               compress=None, top_p=None, seed=None, stream=False, logprobs=False,
+               compress=None, top_p=None, seed=None, stream=False, logprobs=None,
                top_logprobs=None) -> Dict[str, Any]:
     messages = (
         [{"role": "user", "content": question_or_messages}]
@@ -477,7 +479,10 @@ def _chat_body(question_or_messages, documents, max_tokens, temperature, stop, m
         body["top_p"] = top_p
     if seed is not None:
         body["seed"] = seed
-    if logprobs or top_logprobs is not None:
+    # `logprobs` left out follows `top_logprobs`; given, it is sent as given
+    if logprobs is None:
+        logprobs = top_logprobs is not None
+    if logprobs:
         body["logprobs"] = True
     if top_logprobs is not None:
         body["top_logprobs"] = top_logprobs

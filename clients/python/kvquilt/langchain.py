@@ -267,7 +267,7 @@ class ChatKvquilt(BaseChatModel):
             "compress": kwargs.get("compress"),
             "top_p": kwargs.get("top_p"),
             "seed": kwargs.get("seed"),
-            "logprobs": bool(kwargs.get("logprobs", self.logprobs)),
+            "logprobs": kwargs.get("logprobs", self.logprobs),
             "top_logprobs": kwargs.get("top_logprobs", self.top_logprobs),
         }
 
@@ -376,7 +376,7 @@ def _chunk(e: StreamEvent) -> ChatGenerationChunk:
     """LangChain's chunk of a streamed event: a text piece, or the end (always sent, so an
     empty answer is a generation too), which carries what ``invoke`` reports — usage and
     ``response_metadata`` — to be merged into the streamed message."""
-    if e.text:
+    if e.text or e.logprobs is not None:
         # (a piece's log-probabilities where ChatOpenAI puts them: its generation info)
         info = {"logprobs": {"content": e.logprobs}} if e.logprobs is not None else None
         return ChatGenerationChunk(message=AIMessageChunk(content=e.text), generation_info=info)

@@ -500,3 +500,16 @@ def test_logprobs_are_asked_for_and_read_as_chat_openai_gives_them():
                  FINISH, USAGE)
     [first] = [e for e in client(lambda r: stream).chat_events("q", logprobs=True) if e.text]
     assert first.logprobs == listed
+    # a token whose text is held back still brings its log-probability (it was dropped)
+    held = {"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": {"content": listed}}]}
+    two = sse(held, {"object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": {"content": listed}}]},
+              FINISH, USAGE)
+    events = list(client(lambda r: two).chat_events("q", logprobs=True))
+    assert sum(len(e.logprobs or []) for e in events) == 2
+    merged = reduce(add, ChatKvquilt(client=client(lambda r: two), logprobs=True).stream("q"))
+    assert merged.content == "hi" and merged.usage_metadata["output_tokens"] == 2
+    # `logprobs=False` given wins over a model's `top_logprobs`
+    ChatKvquilt(client=client(answer), top_logprobs=3).invoke("q", logprobs=False)
+    assert "logprobs" not in sent[-1] and sent[-1]["top_logprobs"] == 3

@@ -162,8 +162,71 @@ impl TextStream {
     }
 }
 
+/// Character offsets of an answer's tokens (legacy completions' `text_offset`, counted from
+/// the answer's start as vLLM counts them): a token's offset is the number of whole
+/// characters its predecessors' bytes make, so a character split over tokens (each of which
+/// decodes alone to U+FFFD) counts once, from the token that completes it.
+#[derive(Debug, Default)]
+pub(crate) struct CharOffsets {
+    /// Whole characters so far.
+    chars: usize,
+    /// Bytes of a character not yet complete.
+    pending: Vec<u8>,
+}
+
+impl CharOffsets {
+    /// The offset of the next token, of `bytes`; then counts it.
+    pub(crate) fn next(&mut self, bytes: &[u8]) -> usize {
+        let at = self.chars;
+        self.pending.extend_from_slice(bytes);
+        loop {
+            let (valid, invalid) = match std::str::from_utf8(&self.pending) {
+                Ok(_) => (self.pending.len(), None),
+                Err(e) => (e.valid_up_to(), Some(e.error_len())),
+            };
+            self.chars += String::from_utf8_lossy(&self.pending[..valid])
+                .chars()
+                .count();
+            match invalid {
+                None => {
+                    self.pending.clear();
+                    return at;
+                }
+                // a character still incomplete at the end: its next bytes come later
+                Some(None) => {
+                    self.pending.drain(..valid);
+                    return at;
+                }
+                // bytes no character is made of: one U+FFFD, as the decoded text shows them
+                Some(Some(n)) => {
+                    self.chars += 1;
+                    self.pending.drain(..valid + n);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::CharOffsets;
+
+    /// A character split over tokens counts once: `"😀 ok"` as `[F0 9F] [98 80] [" ok"]`
+    /// is at 0, 0, 1 (each piece alone decodes to U+FFFD: counting those drifted to 3).
+    #[test]
+    fn char_offsets_count_a_split_character_once() {
+        let mut o = CharOffsets::default();
+        let at: Vec<usize> = [&b"\xF0\x9F"[..], b"\x98\x80", b" ok", b"!"]
+            .iter()
+            .map(|t| o.next(t))
+            .collect();
+        assert_eq!(at, [0, 0, 1, 4]);
+        // a byte no character is made of counts as the one U+FFFD it shows as
+        let mut o = CharOffsets::default();
+        let at: Vec<usize> = [&b"a\xFF"[..], b"b"].iter().map(|t| o.next(t)).collect();
+        assert_eq!(at, [0, 2]);
+    }
+
     use std::path::Path;
 
     use super::*;

@@ -34,6 +34,7 @@ use crate::serve::extract::ApiJson;
 use crate::serve::generation::{Finish, Sampling, Step, Stopping, decode};
 use crate::serve::state::{AppState, Shared};
 use crate::serve::tenants::{Caller, Tenant};
+use crate::serve::text_stream::CharOffsets;
 use crate::serve::wire;
 use crate::serve::wire::Compression;
 
@@ -128,9 +129,16 @@ pub(crate) async fn chat(
         })
         .await?;
     drop(held);
-    let top_k = match body.logprobs {
-        true => wire::alternatives("top_logprobs", body.top_logprobs)?,
-        false => 0,
+    let top_k = match (body.logprobs, body.top_logprobs) {
+        (true, n) => wire::alternatives("top_logprobs", n)?,
+        // as OpenAI and vLLM read it: alternatives are of the listed tokens
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::bad_request(
+                "invalid_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+        (false, _) => 0,
     };
     let mut job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
     job.prepared.calibration = calibration;
@@ -681,9 +689,9 @@ impl Shape {
     }
 
     /// Logprob entries of some steps, in the endpoint's format.
-    /// `offset`: characters of the answer before `steps` (legacy completions' `text_offset`),
-    /// advanced past them.
-    fn logprobs(&self, s: &Shared, steps: &[Step], offset: &mut usize) -> Value {
+    /// `offsets`: where the answer stands before `steps` (legacy completions'
+    /// `text_offset`), advanced past them.
+    fn logprobs(&self, s: &Shared, steps: &[Step], offsets: &mut CharOffsets) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -702,11 +710,7 @@ impl Shape {
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()}),
             Kind::Text => json!({
-                "text_offset": steps.iter().map(|st| {
-                    let at = *offset;
-                    *offset += text(st.id).chars().count();
-                    at
-                }).collect::<Vec<_>>(),
+                "text_offset": steps.iter().map(|st| offsets.next(&bytes(st.id))).collect::<Vec<_>>(),
                 "tokens": steps.iter().map(|st| text(st.id)).collect::<Vec<_>>(),
                 "token_logprobs": steps.iter().map(|st| st.logprob).collect::<Vec<_>>(),
                 "top_logprobs": steps.iter().map(|st| st.top.iter()
@@ -771,7 +775,7 @@ async fn collect_response(
                 produced,
                 stats,
             } => {
-                let lp = shape.logprobs(s, &steps, &mut 0);
+                let lp = shape.logprobs(s, &steps, &mut CharOffsets::default());
                 let usage = shape.usage(produced);
                 return Ok(shape.response(text, finish.openai(), lp, usage, &stats));
             }
@@ -797,69 +801,73 @@ fn stream_response(
         None
     };
     // (the answer's characters sent so far: legacy logprobs' `text_offset`)
-    let events = stream::unfold((rx, false, 0), move |(mut rx, done, mut offset)| {
-        let shape = shape.clone();
-        let s = Arc::clone(&s);
-        async move {
-            if done {
-                return None;
-            }
-            let ev = match rx.recv().await {
-                // consumed by `respond` before streaming began; nothing to send
-                Some(GenEvent::Started) => return Some((Vec::new(), (rx, false, offset))),
-                // the end-of-turn token that released no held-back text: nothing to send
-                Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
-                    return Some((Vec::new(), (rx, false, offset)));
+    let events = stream::unfold(
+        (rx, false, CharOffsets::default()),
+        move |(mut rx, done, mut offset)| {
+            let shape = shape.clone();
+            let s = Arc::clone(&s);
+            async move {
+                if done {
+                    return None;
                 }
-                Some(GenEvent::Step(st)) => {
-                    let lp = match st.eos {
-                        true => Value::Null,
-                        false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
-                    };
-                    let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
-                    Event::default().data(Value::Object(body).to_string())
-                }
-                Some(GenEvent::Done {
-                    finish,
-                    produced,
-                    stats,
-                }) => {
-                    // the finish chunk; with `include_usage`, OpenAI's last chunk after it:
-                    // no choices, the usage. The last chunk carries the blend's stats.
-                    let mut body = shape.envelope(
-                        vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
-                        true,
-                    );
-                    let mut events = Vec::new();
-                    if include_usage {
-                        events.push(Event::default().data(Value::Object(body).to_string()));
-                        body = shape.envelope(Vec::new(), true);
-                        body.insert("usage".into(), json!(shape.usage(produced)));
+                let ev = match rx.recv().await {
+                    // consumed by `respond` before streaming began; nothing to send
+                    Some(GenEvent::Started) => return Some((Vec::new(), (rx, false, offset))),
+                    // the end-of-turn token that released no held-back text: nothing to send
+                    Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
+                        return Some((Vec::new(), (rx, false, offset)));
                     }
-                    body.insert("kvquilt".into(), json!(wire::stats(&stats)));
-                    events.push(Event::default().data(Value::Object(body).to_string()));
-                    events.push(Event::default().data("[DONE]"));
-                    return Some((events, (rx, true, offset)));
-                }
-                Some(GenEvent::Failed(e)) => {
-                    let body = json!(kvquilt_api::ErrorBody {
-                        error: kvquilt_api::ErrorDetail {
-                            kind: e.kind().into(),
-                            message: e.message,
-                            code: e.code.into(),
-                            param: None,
-                        },
-                    });
-                    return Some((
-                        vec![Event::default().data(body.to_string())],
-                        (rx, true, offset),
-                    ));
-                }
-                None => return None,
-            };
-            Some((vec![ev], (rx, false, offset)))
-        }
-    })
+                    Some(GenEvent::Step(st)) => {
+                        let lp = match st.eos {
+                            true => Value::Null,
+                            false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
+                        };
+                        let body =
+                            shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
+                        Event::default().data(Value::Object(body).to_string())
+                    }
+                    Some(GenEvent::Done {
+                        finish,
+                        produced,
+                        stats,
+                    }) => {
+                        // the finish chunk; with `include_usage`, OpenAI's last chunk after it:
+                        // no choices, the usage. The last chunk carries the blend's stats.
+                        let mut body = shape.envelope(
+                            vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
+                            true,
+                        );
+                        let mut events = Vec::new();
+                        if include_usage {
+                            events.push(Event::default().data(Value::Object(body).to_string()));
+                            body = shape.envelope(Vec::new(), true);
+                            body.insert("usage".into(), json!(shape.usage(produced)));
+                        }
+                        body.insert("kvquilt".into(), json!(wire::stats(&stats)));
+                        events.push(Event::default().data(Value::Object(body).to_string()));
+                        events.push(Event::default().data("[DONE]"));
+                        return Some((events, (rx, true, offset)));
+                    }
+                    Some(GenEvent::Failed(e)) => {
+                        let body = json!(kvquilt_api::ErrorBody {
+                            error: kvquilt_api::ErrorDetail {
+                                kind: e.kind().into(),
+                                message: e.message,
+                                code: e.code.into(),
+                                param: None,
+                            },
+                        });
+                        return Some((
+                            vec![Event::default().data(body.to_string())],
+                            (rx, true, offset),
+                        ));
+                    }
+                    None => return None,
+                };
+                Some((vec![ev], (rx, false, offset)))
+            }
+        },
+    )
     .flat_map(stream::iter);
     let all = stream::iter(first).chain(events).map(Ok::<_, Infallible>);
     Sse::new(all)
