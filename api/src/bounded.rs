@@ -8,8 +8,8 @@
 //! rules keep that bounded:
 //!
 //! - a list the server limits anyway is read only up to the API's ceiling for it
-//!   (`read_list`: chunks ([`crate::chunks::MAX_CHUNKS`]), stop strings, prompts), one
-//!   element past it refusing the body;
+//!   (`read_list`: chunks ([`crate::chunks::MAX_CHUNKS`]), stop strings; a second prompt
+//!   in `openai/read.rs`), one element past it refusing the body;
 //! - a chat request's messages and their content parts together are at most
 //!   [`MAX_MESSAGE_ITEMS`] (`openai/read.rs`);
 //! - a field read only to be checked and refused (`tools`, `response_format`, ...) is read

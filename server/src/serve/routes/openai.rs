@@ -74,7 +74,7 @@ pub(crate) async fn chat(
     held: HeldBody,
     ApiJson(mut body): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
-    check_model(&s, &body.common)?;
+    check_model(&s, body.common.model.as_deref())?;
     check_misplaced(&body.common)?;
     check_unserved_chat(&body)?;
     // their no-op values checked, they are let go: the request lives until its answer is
@@ -152,7 +152,7 @@ pub(crate) async fn completions(
     held: HeldBody,
     ApiJson(mut body): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
-    check_model(&s, &body.common)?;
+    check_model(&s, body.common.model.as_deref())?;
     check_misplaced(&body.common)?;
     let suffix = body.suffix.as_ref().is_some_and(|x| !x.is_empty());
     if body.echo || body.best_of.unwrap_or(1) != 1 || suffix {
@@ -275,13 +275,7 @@ pub(crate) async fn model(
     let name = model
         .map_err(|e| ApiError::bad_request("invalid_model", e.body_text()))?
         .0;
-    check_model(
-        &s,
-        &CommonFields {
-            model: Some(name),
-            ..CommonFields::default()
-        },
-    )?;
+    check_model(&s, Some(&name))?;
     Ok(axum::Json(model_card(&s)))
 }
 
@@ -326,8 +320,9 @@ fn check_misplaced(c: &CommonFields) -> ApiResult<()> {
     }
 }
 
-fn check_model(s: &Shared, c: &CommonFields) -> ApiResult<()> {
-    match c.model.as_deref() {
+/// Refuses a request for a model this server does not serve (`None`: any, the served one).
+fn check_model(s: &Shared, model: Option<&str>) -> ApiResult<()> {
+    match model {
         None => Ok(()),
         Some(m) if m == s.model_name => Ok(()),
         Some(m) => Err(ApiError::not_found(
