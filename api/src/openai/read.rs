@@ -424,6 +424,9 @@ impl<'de> Visitor<'de> for Message<'_> {
     }
 }
 
+/// What a message's `content` is, for "expected ..." errors.
+const CONTENT_EXPECTED: &str = "a message's text or a list of content parts";
+
 /// A message's `content` (`null`: none), its parts counted.
 struct Parts<'a>(&'a mut Items);
 
@@ -439,7 +442,7 @@ impl<'de> Visitor<'de> for Parts<'_> {
     type Value = Option<Content>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(<Content as OneOrMany<ContentPart>>::EXPECTING)
+        f.write_str(CONTENT_EXPECTED)
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Option<Content>, E> {
@@ -527,71 +530,30 @@ pub(super) fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
-/// A string or a list: the one-or-many fields (`stop`, `prompt`, message `content`).
-trait OneOrMany<T>: Sized {
-    /// What the field holds, for "expected ..." errors.
-    const EXPECTING: &'static str;
-    /// Most elements of its list (the server serves no more: a longer list is refused as it
-    /// is read, `crate::bounded`).
-    const MAX: usize;
-    /// What a longer list breaks.
-    const TOO_MANY: &'static str;
-    /// One string.
-    fn one(s: String) -> Self;
-    /// A list.
-    fn many(v: Vec<T>) -> Self;
-}
-
-/// A [`Visitor`] of a [`OneOrMany`] field.
-struct OneOrManyOf<F, T>(PhantomData<(F, T)>);
-
-impl<'de, F: OneOrMany<T>, T: Deserialize<'de>> Visitor<'de> for OneOrManyOf<F, T> {
-    type Value = F;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(F::EXPECTING)
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<F, E> {
-        Ok(F::one(v.to_owned()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<F, E> {
-        Ok(F::one(v))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<F, A::Error> {
-        read_list(seq, F::MAX, || F::TOO_MANY.to_owned()).map(F::many)
-    }
-}
-
-/// Deserialises a [`OneOrMany`] field.
-fn one_or_many<'de, D, F, T>(d: D) -> Result<F, D::Error>
-where
-    D: Deserializer<'de>,
-    F: OneOrMany<T>,
-    T: Deserialize<'de>,
-{
-    d.deserialize_any(OneOrManyOf::<F, T>(PhantomData))
-}
-
-impl OneOrMany<String> for Stop {
-    const EXPECTING: &'static str = "a stop string or a list of them";
-    const MAX: usize = 4;
-    const TOO_MANY: &'static str = "at most 4 stop sequences";
-
-    fn one(s: String) -> Self {
-        Stop::One(s)
-    }
-
-    fn many(v: Vec<String>) -> Self {
-        Stop::Many(v)
-    }
-}
-
+/// `stop`: one string, or a list of at most 4 (a longer one is refused as it is read).
 impl<'de> Deserialize<'de> for Stop {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        one_or_many(d)
+        struct S;
+        impl<'de> Visitor<'de> for S {
+            type Value = Stop;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a stop string or a list of them")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
+                Ok(Stop::One(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Stop, E> {
+                Ok(Stop::One(v))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
+                read_list(seq, 4, || "at most 4 stop sequences".to_owned()).map(Stop::Many)
+            }
+        }
+        d.deserialize_any(S)
     }
 }
 
@@ -689,24 +651,13 @@ impl<'de> Deserialize<'de> for Prompt {
 /// Why a `prompt` of several prompts is refused.
 const PROMPT_BATCH: &str = "`prompt` must be one prompt (batches are not supported)";
 
-impl OneOrMany<ContentPart> for Content {
-    const EXPECTING: &'static str = "a message's text or a list of content parts";
-    // in a chat request the parts are counted with the messages (`Messages`)
-    const MAX: usize = usize::MAX;
-    const TOO_MANY: &'static str = "";
-
-    fn one(s: String) -> Self {
-        Content::Text(s)
-    }
-
-    fn many(v: Vec<ContentPart>) -> Self {
-        Content::Parts(v)
-    }
-}
-
+/// A message's content on its own, as a chat request's messages read it (`Parts`), its
+/// parts not counted.
 impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        one_or_many(d)
+        Parts(&mut Items(usize::MAX))
+            .deserialize(d)?
+            .ok_or_else(|| de::Error::invalid_type(de::Unexpected::Unit, &CONTENT_EXPECTED))
     }
 }
 
