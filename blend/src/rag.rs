@@ -166,7 +166,14 @@ fn tokenize_marked(tokenizer: &Tokenizer, text: &str, contents: &[&str]) -> Resu
 ///
 /// `chunks` are the documents' chunk tokens ([`document_tokens`] of each text, or a stored
 /// chunk's tokens). Without documents the instruction is left out and the whole conversation
-/// up to the last user message is the (cached) prefix. The last message must be the user's.
+/// up to the last user message is the (cached) prefix.
+///
+/// The documents go into the **last user message**, wherever it stands: messages after it
+/// (an assistant's earlier answer, a late system note) are rendered after it, in the suffix,
+/// and the template's assistant opening follows the last message as OpenAI and vLLM do
+/// (`add_generation_prompt`). A conversation without a user message is refused when it has
+/// documents (they have no turn to go into); without documents it is rendered whole, its last
+/// message's content in the suffix. Test `tests::documents_go_into_the_last_user_message`.
 pub fn chat_request(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
@@ -175,9 +182,16 @@ pub fn chat_request(
     instruction: &str,
     mode: Mode,
 ) -> Result<BlendRequest> {
-    if messages.last().is_none_or(|m| m.role != "user") {
-        return Err(invalid("the last message must have the role `user`"));
-    }
+    let anchor = match messages.iter().rposition(|m| m.role == "user") {
+        Some(i) => i,
+        None if chunks.is_empty() && !messages.is_empty() => messages.len() - 1,
+        None if messages.is_empty() => return Err(invalid("the conversation has no messages")),
+        None => {
+            return Err(invalid(
+                "documents go into a user message, and the conversation has none",
+            ));
+        }
+    };
     let internal = |t: &str| t.contains(DOCUMENTS_MARK) || t.contains(CONTENT_MARK);
     if messages.iter().any(|m| internal(&m.content)) || internal(instruction) {
         return Err(invalid(
@@ -199,14 +213,14 @@ pub fn chat_request(
             m.content = content_mark(i);
         }
     }
-    if let Some(m) = marked.last_mut() {
+    if let Some(m) = marked.get_mut(anchor) {
         m.content = format!("{lead}{DOCUMENTS_MARK}{}", m.content);
     }
     let text = template.render(&marked, true)?;
     let parts: Vec<&str> = text.split(DOCUMENTS_MARK).collect();
     let [prefix, suffix] = parts[..] else {
         return Err(invalid(
-            "the model's chat template does not keep the last user message verbatim",
+            "the model's chat template does not keep the documents' message verbatim",
         ));
     };
     let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
@@ -283,6 +297,73 @@ mod tests {
         assert!(!has_control(&r.chunks[0]));
         // a message carrying an internal marker is refused
         assert!(chat(&format!("x{CONTENT_MARK}0\u{1}")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn documents_go_into_the_last_user_message() -> Result<()> {
+        let t = tiny_chat_tokenizer();
+        let piece = |text: &str| t.encode_piece(text).expect("tokenizes");
+        let m = ChatMessage::new;
+        let chat = |messages: &[ChatMessage], chunks: Vec<Vec<u32>>| {
+            chat_request(
+                &ChatTemplate::chatml(),
+                &t,
+                messages,
+                chunks,
+                "I",
+                Mode::Full,
+            )
+        };
+        let end = "<|im_end|>\n<|im_start|>assistant\n";
+
+        // an assistant's answer after the last user message: rendered after it, in the suffix
+        let r = chat(
+            &[m("system", "S"), m("user", "Q"), m("assistant", "A")],
+            vec![vec![5]],
+        )?;
+        assert_eq!(
+            r.prefix,
+            piece("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nI\n\n")
+        );
+        assert_eq!(r.chunks, [vec![5]]);
+        assert_eq!(
+            r.suffix,
+            piece(&format!("Q<|im_end|>\n<|im_start|>assistant\nA{end}"))
+        );
+        // the cached prefix is the one the conversation had before that answer
+        let before = chat(&[m("system", "S"), m("user", "Q")], vec![vec![5]])?;
+        assert_eq!(before.prefix, r.prefix);
+        assert_eq!(before.suffix, piece(&format!("Q{end}")));
+
+        // the documents go into the later of two user turns; a system note may close it
+        let r = chat(
+            &[
+                m("user", "Q1"),
+                m("assistant", "A1"),
+                m("user", "Q2"),
+                m("system", "N"),
+            ],
+            vec![vec![5], vec![6]],
+        )?;
+        assert_eq!(
+            r.prefix,
+            piece(
+                "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nI\n\n"
+            )
+        );
+        assert_eq!(
+            r.suffix,
+            piece(&format!("Q2<|im_end|>\n<|im_start|>system\nN{end}"))
+        );
+
+        // no user message: rendered whole without documents, refused with them
+        let r = chat(&[m("system", "S")], Vec::new())?;
+        assert_eq!(r.prefix, piece("<|im_start|>system\n"));
+        assert_eq!(r.suffix, piece(&format!("S{end}")));
+        let err = chat(&[m("system", "S")], vec![vec![5]]).unwrap_err();
+        assert!(err.to_string().contains("has none"), "{err}");
+        assert!(chat(&[], Vec::new()).is_err());
         Ok(())
     }
 

@@ -854,6 +854,27 @@ async fn openai_responses_parse_as_the_wire_types() {
     assert!(chat.usage.completion_tokens >= 1 && chat.usage.completion_tokens <= 24);
     assert_eq!(chat.usage.prompt_tokens, chat.kvquilt.tokens);
     assert!(chat.choices[0].logprobs.is_some());
+    // a conversation may end with an assistant's or a system message, as OpenAI's does (the
+    // documents go into the last user turn; was a 400); without a user turn documents have
+    // nowhere to go
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}, {"role": "system", "content": "Be brief."}], "documents": [DOCS[1]], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let r = app
+        .json(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            json!({"messages": [{"role": "system", "content": "Be brief."}], "documents": [DOCS[1]], "max_tokens": 2}),
+        )
+        .await;
+    assert_err(&r, 400, "invalid_request", "has none");
     let (status, v) = app
         .json(
             "POST",

@@ -175,7 +175,7 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatRequest {
-    /// The conversation; the last message is the user's question.
+    /// The conversation; documents go into the last user message (any messages may follow it).
     pub messages: Vec<ChatMessage>,
     /// Return each generated token's log-probability.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
