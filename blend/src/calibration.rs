@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kvquilt_model::DeviceName;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BlendConfig, Mode};
@@ -260,6 +261,37 @@ impl CalibrationRecord {
         None
     }
 
+    /// Why the record's certified ratio is not the one its own measurements decide
+    /// ([`decide`] run again on its checks, full-prefill reference, ladder and target), if it
+    /// is not: an edited or merged record cannot certify a ratio nobody measured, or one a
+    /// failed check rules out. A record that certifies nothing is never refused for it
+    /// (prefix is exact). Test `blend/tests/calibration.rs::a_certificate_its_measurements_do_not_decide_is_refused`.
+    fn unsupported_certificate(&self) -> Option<String> {
+        let certified = self.certified.as_ref()?.ratio;
+        if self.set.needle_examples == 0 {
+            return Some(format!(
+                "it certifies ratio {certified} from no needle examples"
+            ));
+        }
+        let mut ladder = self.ladder.clone();
+        let (decided, _) = decide(
+            &self.checks,
+            &self.full,
+            &mut ladder,
+            &self.target,
+            self.set.needle_examples,
+        );
+        match decided {
+            Some(r) if r == certified => None,
+            Some(r) => Some(format!(
+                "it certifies ratio {certified}, but its measurements decide ratio {r}"
+            )),
+            None => Some(format!(
+                "it certifies ratio {certified}, but its measurements certify none"
+            )),
+        }
+    }
+
     /// Writes the record as `<dir>/<key>.json` (a temporary file renamed into place, so a
     /// reader never sees half a record); returns the path.
     pub fn save(&self, dir: &Path) -> Result<PathBuf> {
@@ -416,6 +448,11 @@ pub fn find(dir: Option<&Path>, identity: &ModelIdentity) -> Result<Option<Found
                 ))
             })?;
         }
+        if let Some(why) = record.unsupported_certificate() {
+            return Err(invalid(format!(
+                "calibration record {source} is not a valid record: {why}; run `kvquilt calibrate` again"
+            )));
+        }
         Ok(Some(FoundRecord { record, source }))
     };
     if let Some(dir) = dir {
@@ -432,6 +469,13 @@ pub fn find(dir: Option<&Path>, identity: &ModelIdentity) -> Result<Option<Found
         }
     }
     Ok(None)
+}
+
+/// Whether `measured` and `serving` ([`DeviceName`]s) are the same kind of device: both the
+/// CPU, or both CUDA devices (any index). A name that does not parse matches nothing.
+fn same_device_kind(measured: &str, serving: &str) -> bool {
+    let cpu = |name: &str| DeviceName::parse(name).map(|d| matches!(d, DeviceName::Cpu));
+    matches!((cpu(measured), cpu(serving)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// What `blend` means on a served model: a certified record's settings, or, without one,
@@ -460,14 +504,26 @@ pub enum BlendDefault {
 }
 
 impl BlendDefault {
-    /// The policy for a lookup's result; `opt_in` runs [`BlendConfig::default`] on a model
-    /// without a certified record.
-    pub fn from_record(found: Option<&FoundRecord>, opt_in: bool) -> Self {
+    /// The policy for a lookup's result on `device` (`cpu`, `cuda`, `cuda:N`: where the
+    /// model computes); `opt_in` runs [`BlendConfig::default`] on a model without a
+    /// certified record. A record holds only on the kind of device it was measured on (CPU
+    /// or CUDA: their kernels round differently, and the record's KL and accuracy are of
+    /// one of them); on the other kind the model counts as uncalibrated, and the reason
+    /// says so. Test `blend/tests/calibration.rs::a_record_holds_on_the_kind_of_device_it_was_measured_on`.
+    pub fn from_record(found: Option<&FoundRecord>, opt_in: bool, device: &str) -> Self {
         let uncalibrated = |reason: String| Self::Uncalibrated {
             reason,
             opt_in: opt_in.then(BlendConfig::default),
         };
         match found {
+            Some(f)
+                if f.record.certified.is_some() && !same_device_kind(&f.record.device, device) =>
+            {
+                uncalibrated(format!(
+                    "the calibration record ({}) was measured on `{}`, and this model computes on `{device}`; run `kvquilt calibrate` on this device",
+                    f.source, f.record.device
+                ))
+            }
             Some(f) => match &f.record.certified {
                 Some(config) => Self::Calibrated {
                     config: config.clone(),

@@ -46,7 +46,11 @@ fn record(key: &str, certified: Option<BlendConfig>) -> CalibrationRecord {
             ttft_ms_median: 1.0,
         },
         variant: "kvquilt".into(),
-        ladder: Vec::new(),
+        // a runnable certified ratio comes with the measurement that decides it
+        ladder: match &certified {
+            Some(c) if c.ratio > 0.0 && c.ratio <= 1.0 => vec![rung(c.ratio, 1.0, 0.0)],
+            _ => Vec::new(),
+        },
         verdict: "test".into(),
         certified,
     }
@@ -189,7 +193,7 @@ fn damaged_foreign_or_future_records_are_refused_by_name() {
 
 #[test]
 fn without_a_record_blend_is_served_as_prefix_unless_opted_in() {
-    let d = BlendDefault::from_record(None, false);
+    let d = BlendDefault::from_record(None, false, "cpu");
     let (mode, note) = d.mode(None, None).unwrap();
     assert_eq!(mode, Mode::Prefix);
     assert!(note.unwrap().contains("served as prefix"));
@@ -208,7 +212,7 @@ fn without_a_record_blend_is_served_as_prefix_unless_opted_in() {
     assert!(d.mode(Some("blend"), Some(1.5)).is_err());
     assert_eq!(d.ratio(), None);
 
-    let opted = BlendDefault::from_record(None, true);
+    let opted = BlendDefault::from_record(None, true, "cpu");
     let (mode, note) = opted.mode(None, None).unwrap();
     assert_eq!(mode, Mode::Blend(BlendConfig::default()));
     assert!(note.unwrap().contains("by configuration"));
@@ -225,7 +229,7 @@ fn a_certified_record_sets_blend_and_a_failed_one_does_not() {
         record: record("k", Some(cfg.clone())),
         source: "here".into(),
     };
-    let d = BlendDefault::from_record(Some(&found), false);
+    let d = BlendDefault::from_record(Some(&found), false, "cpu");
     assert_eq!(d.ratio(), Some(0.15));
     let (mode, note) = d.mode(None, None).unwrap();
     assert_eq!(mode, Mode::Blend(cfg.clone()));
@@ -238,7 +242,7 @@ fn a_certified_record_sets_blend_and_a_failed_one_does_not() {
         record: record("k", None),
         source: "there".into(),
     };
-    let d = BlendDefault::from_record(Some(&failed), false);
+    let d = BlendDefault::from_record(Some(&failed), false, "cpu");
     let (mode, note) = d.mode(None, None).unwrap();
     assert_eq!(mode, Mode::Prefix);
     let note = note.unwrap();
@@ -246,6 +250,93 @@ fn a_certified_record_sets_blend_and_a_failed_one_does_not() {
         note.contains("certifies no ratio") && note.contains("there"),
         "{note}"
     );
+}
+
+/// A record whose certified ratio its own measurements do not decide (edited by hand,
+/// merged from two runs, or from no needle examples) is refused by name, not served.
+#[test]
+fn a_certificate_its_measurements_do_not_decide_is_refused() {
+    let id = ModelIdentity::of(&tiny("llama")).unwrap();
+    let key = calibration_key(&id);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |ratio| BlendConfig {
+        ratio,
+        ..BlendConfig::default()
+    };
+    let mut below = record(&key, Some(cfg(0.15)));
+    below.ladder = vec![rung(0.15, 0.5, 0.01)];
+    let mut failed_check = record(&key, Some(cfg(0.15)));
+    failed_check.checks = vec![check(false)];
+    let mut smaller = record(&key, Some(cfg(0.15)));
+    smaller.ladder = vec![rung(0.1, 1.0, 0.0), rung(0.15, 1.0, 0.0)];
+    let mut unmeasured = record(&key, Some(cfg(0.15)));
+    unmeasured.ladder.clear();
+    let mut no_needles = record(&key, Some(cfg(0.15)));
+    no_needles.set.needle_examples = 0;
+    for (bad, why) in [
+        (below, "certify none"),
+        (failed_check, "certify none"),
+        (smaller, "decide ratio 0.1"),
+        (unmeasured, "certify none"),
+        (no_needles, "no needle examples"),
+    ] {
+        bad.save(dir.path()).unwrap();
+        let m = invalid(calibration::find(Some(dir.path()), &id));
+        assert!(
+            m.contains(why) && m.contains("not a valid record"),
+            "{why}: {m}"
+        );
+    }
+    // the same records' consistent forms are found; one certifying nothing always is
+    record(&key, Some(cfg(0.15))).save(dir.path()).unwrap();
+    assert!(calibration::find(Some(dir.path()), &id).unwrap().is_some());
+    let mut none = record(&key, None);
+    none.ladder = vec![rung(0.15, 1.0, 0.0)];
+    none.save(dir.path()).unwrap();
+    assert!(calibration::find(Some(dir.path()), &id).unwrap().is_some());
+}
+
+/// A record measured on the CPU does not certify blending on a GPU, nor the reverse (their
+/// kernels round differently); another GPU index is the same kind of device.
+#[test]
+fn a_record_holds_on_the_kind_of_device_it_was_measured_on() {
+    let cfg = BlendConfig {
+        ratio: 0.2,
+        ..BlendConfig::default()
+    };
+    let on = |device: &str| {
+        let mut r = record("k", Some(cfg.clone()));
+        r.device = device.into();
+        calibration::FoundRecord {
+            record: r,
+            source: "rec".into(),
+        }
+    };
+    for (measured, serving, holds) in [
+        ("cpu", "cpu", true),
+        ("cuda", "cuda:1", true),
+        ("cuda:0", "gpu", true),
+        ("cuda", "cpu", false),
+        ("cpu", "cuda", false),
+        ("tpu", "cpu", false),
+    ] {
+        let d = BlendDefault::from_record(Some(&on(measured)), false, serving);
+        let (mode, note) = d.mode(None, None).unwrap();
+        let note = note.unwrap();
+        if holds {
+            assert_eq!(mode, Mode::Blend(cfg.clone()), "{measured} on {serving}");
+        } else {
+            assert_eq!(mode, Mode::Prefix, "{measured} on {serving}");
+            assert!(
+                note.contains(&format!("measured on `{measured}`"))
+                    && note.contains(&format!("computes on `{serving}`")),
+                "{note}"
+            );
+            // an operator who opted in still blends, at the default
+            let opted = BlendDefault::from_record(Some(&on(measured)), true, serving);
+            assert_eq!(opted.ratio(), Some(BlendConfig::default().ratio));
+        }
+    }
 }
 
 #[test]
@@ -379,6 +470,6 @@ fn the_default_model_ships_its_record() {
         .unwrap()
         .expect("a built-in record for the default model");
     assert!(found.source.starts_with("built-in"), "{}", found.source);
-    let d = BlendDefault::from_record(Some(&found), false);
+    let d = BlendDefault::from_record(Some(&found), false, "cpu");
     assert_eq!(d.ratio(), Some(0.3));
 }

@@ -13,7 +13,7 @@ use kvquilt_api::BlendResponse;
 use kvquilt_api::openai::ModelList;
 use kvquilt_blend::calibration::{
     CalibrationRecord, CalibrationSet, CalibrationTarget, ExactnessCheck, FullReference,
-    RECORD_FORMAT, calibration_key,
+    RECORD_FORMAT, Rung, calibration_key,
 };
 use kvquilt_blend::{BlendConfig, ModelIdentity};
 use kvquilt_kvstore::{StoreConfig, TieredStore};
@@ -77,7 +77,19 @@ fn record(key: String, ratio: Option<f32>) -> CalibrationRecord {
             ttft_ms_median: 1.0,
         },
         variant: "kvquilt".into(),
-        ladder: Vec::new(),
+        // the rung that decides a certified ratio (a record's ratio must follow from it)
+        ladder: ratio
+            .map(|r| Rung {
+                ratio: r,
+                needle_accuracy: 0.8,
+                accuracy_vs_full: 1.0,
+                musique_first_token_kl: 0.0,
+                musique_agreement: 1.0,
+                ttft_speedup: 1.0,
+                meets_target: true,
+            })
+            .into_iter()
+            .collect(),
         certified: ratio.map(|r| BlendConfig {
             ratio: r,
             ..BlendConfig::default()

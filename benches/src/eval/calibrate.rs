@@ -34,7 +34,9 @@ use kvquilt_blend::calibration::{
     self, CalibrationRecord, CalibrationSet, CalibrationTarget, ExactnessCheck, FullReference,
     RECORD_FORMAT, Rung, calibration_key,
 };
-use kvquilt_blend::{BlendConfig, BlendRequest, Blender, ChunkEncoding, Mode, ModelIdentity};
+use kvquilt_blend::{
+    BlendConfig, BlendRequest, Blender, ChunkEncoding, Mode, ModelIdentity, SegmentSource,
+};
 use kvquilt_kvstore::{StoreConfig, TieredStore};
 use kvquilt_model::{
     CpuAttentionPrecision, CpuMatmulPrecision, DType, GenerateOptions, Model, Tokenizer, argmax,
@@ -476,6 +478,19 @@ pub fn run(a: Args) -> Result<()> {
                     ..base.clone()
                 };
                 let got = answer(&blender, &tokenizer, &opts, &req)?;
+                // a segment not read from the store is recomputed in every layer, outside the
+                // budget: the rung would measure more recompute than its ratio
+                if !got
+                    .segments
+                    .iter()
+                    .all(|s| matches!(s, SegmentSource::Hit(_)))
+                {
+                    bail!(
+                        "{task} example {ei} at ratio {}: its chunks were not all read from the store (segments {:?}); the host tier is too small for this model's examples, raise --host-gib",
+                        config.ratio,
+                        got.segments
+                    );
+                }
                 if needle {
                     tally.correct += metrics::contains_gold(&got.prediction, &ex.answers) as usize;
                 } else {

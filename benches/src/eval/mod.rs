@@ -378,6 +378,8 @@ pub(crate) struct Answer {
     pub(crate) ttft_ms: f64,
     /// Fraction of chunk tokens recomputed.
     pub(crate) recompute_fraction: f64,
+    /// Where each cached segment came from, in prompt order.
+    pub(crate) segments: Vec<kvquilt_blend::SegmentSource>,
 }
 
 /// Runs `req` on `blender` and decodes its answer greedily (up to `opts.max_tokens`,
@@ -406,6 +408,7 @@ pub(crate) fn answer(
         prediction: text.trim().lines().next().unwrap_or("").trim().to_string(),
         ttft_ms: out.stats.ttft_ms,
         recompute_fraction: out.stats.recompute_fraction,
+        segments: out.stats.segments,
     })
 }
 

@@ -363,7 +363,11 @@ fn blend_default(config: &Config, identity: &ModelIdentity) -> Result<BlendDefau
             dir.display()
         )
     })?;
-    let default = BlendDefault::from_record(found.as_ref(), config.blend.blend_uncalibrated()?);
+    let default = BlendDefault::from_record(
+        found.as_ref(),
+        config.blend.blend_uncalibrated()?,
+        &config.device,
+    );
     match &default {
         BlendDefault::Calibrated {
             config,

@@ -381,7 +381,11 @@ pub(crate) fn run(a: TraceBenchArgs) -> Result<()> {
     );
     // the blend `serve` would run for this model: its calibration record's, else the
     // uncalibrated default (the random shapes have no record)
-    let served = BlendDefault::from_record(calibration::find(None, &identity)?.as_ref(), true);
+    let served = BlendDefault::from_record(
+        calibration::find(None, &identity)?.as_ref(),
+        true,
+        &a.model.device,
+    );
     let blend = Blend {
         label: match &served {
             BlendDefault::Calibrated {
