@@ -20,6 +20,9 @@
 //!   with `s` = (hi − lo)/254 and `o` = (lo + hi)/2 of that channel (in that group) or row.
 //!   `int8sym` (symmetric): `s/2 + ε` with `s` = amax/127 of that channel (in that group) or
 //!   row.
+//! - For `fp8`, `fp8sym` and `int8*` alike: a channel or row whose scale would be below f32's
+//!   smallest normal (a range under ~10⁻³⁵: its reciprocal would overflow) is coded as its
+//!   midpoint (`sym`: 0), so its bound there is half its range (`sym`: its amax) instead.
 //! - `kiviB` (asymmetric `B`-bit, K per (group of G tokens, head, channel), V per (token,
 //!   head, group of G channels); min and step stored as f16):
 //!   `step/2 + 2⁻¹⁰·(|min| + range) + 2⁻²⁵·2^B + ε` (the third term is f16's subnormal
@@ -507,7 +510,10 @@ impl CodecSpec {
     }
 
     /// Refuses a shape without elements per token (no heads, or heads of no elements): the
-    /// codecs walk layers by token row and head.
+    /// codecs walk layers by token row and head; and, for a `+lz4` form, a layer whose
+    /// record would not fit lz4's 32-bit size prefix (4 GiB: the prefix would wrap, and the
+    /// record never read back; a store's `encode_or_raw` stores such a layer raw).
+    /// Test `tests::a_record_past_lz4_s_size_prefix_is_refused_before_encoding`.
     fn check_shape(self, shape: &LayerShape) -> Result<()> {
         if shape.kv_heads == 0 || shape.head_dim == 0 {
             return Err(CodecError::BadParam {
@@ -518,6 +524,18 @@ impl CodecSpec {
                     shape.kv_heads, shape.head_dim
                 ),
             });
+        }
+        if self.lz4_after() {
+            let inner = self.without_lz4().max_stored_len(shape);
+            if u32::try_from(inner).is_err() {
+                return Err(CodecError::BadParam {
+                    codec: self.family(),
+                    field: "lz4",
+                    why: format!(
+                        "a layer record of {inner} bytes does not fit lz4's 32-bit size prefix"
+                    ),
+                });
+            }
         }
         Ok(())
     }

@@ -136,11 +136,20 @@ impl Scaled8 {
                 });
             }
         }
-        if self.codes_at != 4 * self.scales {
+        // checked: the fields are public, and a wrapped product must not pass for a length
+        // (the device kernel indexes by them once this check holds)
+        let sized = self
+            .half
+            .checked_mul(2)
+            .and_then(|codes| codes.checked_add(self.codes_at));
+        if self.scales.checked_mul(4) != Some(self.codes_at) || sized.is_none() {
             return Err(CodecError::BadParam {
                 codec: "scaled8",
                 field: "codes_at",
-                why: format!("{} with {} scales", self.codes_at, self.scales),
+                why: format!(
+                    "{} with {} scales and {} codes per half",
+                    self.codes_at, self.scales, self.half
+                ),
             });
         }
         Ok(())

@@ -397,6 +397,56 @@ fn lz4_records_decode_to_no_more_than_their_ratio_allows() {
     }
 }
 
+/// A layer whose record would pass 4 GiB is refused by a `+lz4` form before anything is
+/// encoded (lz4's size prefix is 32 bits: it would wrap, and the record never read back);
+/// the forms without lz4 take the shape, and so does a `+lz4` form whose record fits.
+#[test]
+fn a_record_past_lz4_s_size_prefix_is_refused_before_encoding() {
+    let shape = |tokens| LayerShape {
+        tokens,
+        kv_heads: 8,
+        head_dim: 128,
+        elem: ElemType::F16,
+    };
+    // 2²¹ tokens: an 8-bit record holds 4 GiB of codes; KIVI-4's is a quarter of that
+    let big = shape(1 << 21);
+    for name in ALL {
+        let spec = CodecSpec::parse(name).unwrap();
+        let fits = u32::try_from(spec.without_lz4().max_stored_len(&big)).is_ok();
+        // no 4 GiB buffer: the shape is checked before the raw bytes' length
+        match spec.encode(&big, &[]) {
+            Err(CodecError::BadParam { field, why, .. }) => {
+                assert!(spec.lz4_after() && !fits, "{name}: {why}");
+                assert_eq!(field, "lz4", "{name}: {why}");
+                assert!(why.contains("32-bit size prefix"), "{name}: {why}");
+            }
+            Err(CodecError::RawLength { .. }) => assert!(!spec.lz4_after() || fits, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    for name in [
+        "fp8+lz4",
+        "fp8sym+lz4",
+        "int8+lz4",
+        "int8/g7+lz4",
+        "int8sym/g7+lz4",
+    ] {
+        let spec = CodecSpec::parse(name).unwrap();
+        assert!(
+            matches!(spec.encode(&big, &[]), Err(CodecError::BadParam { .. })),
+            "{name}"
+        );
+        // half the tokens: 2 GiB of codes, which the prefix holds
+        assert!(
+            matches!(
+                spec.encode(&shape(1 << 20), &[]),
+                Err(CodecError::RawLength { .. })
+            ),
+            "{name}"
+        );
+    }
+}
+
 /// A KIVI group of an f16 layer spanning up to f16's largest value decodes finite: the step,
 /// rounded up to f16, would put the top code at 65520 (∞ in f16).
 #[test]
@@ -461,6 +511,18 @@ fn a_scale_map_whose_terms_peak_apart_is_bounded() {
     };
     assert!(plan(7).check().is_err(), "slot 7 of 7 scales");
     plan(8).check().unwrap();
+    // sizes that wrap are refused, not taken modulo 2⁶⁴ (the fields are public)
+    let wrapped = Scaled8 {
+        scales: 1 << 62,
+        codes_at: 0,
+        ..plan(8)
+    };
+    assert!(wrapped.check().is_err());
+    let huge = Scaled8 {
+        half: usize::MAX / 2 + 1,
+        ..plan(8)
+    };
+    assert!(huge.check().is_err());
     let record = vec![0u8; plan(8).record_len()];
     let mut out = vec![0u8; 2 * 9 * 4];
     plan(8)
