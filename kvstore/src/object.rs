@@ -394,9 +394,17 @@ impl EncodedObject {
     }
 
     /// Parses and verifies a whole object (header checksum and every layer checksum).
-    /// With `expected`, the object must also carry that key.
+    /// With `expected`, the object must also carry that key. Copies the bytes once; a caller
+    /// that holds them in [`Bytes`] calls [`EncodedObject::parse_shared`] and copies nothing.
     pub fn parse(bytes: &[u8], expected: Option<&ChunkKey>) -> Result<Self> {
-        let (header, header_len) = decode_header(bytes)?;
+        Self::parse_shared(Bytes::copy_from_slice(bytes), expected)
+    }
+
+    /// [`EncodedObject::parse`] over bytes already shared: the header and every record are
+    /// views into `bytes` (which they keep alive), nothing is copied. Test
+    /// `tests/format.rs::parse_shared_copies_nothing`.
+    pub fn parse_shared(bytes: Bytes, expected: Option<&ChunkKey>) -> Result<Self> {
+        let (header, header_len) = decode_header(&bytes)?;
         if let Some(k) = expected
             && &header.info.key != k
         {
@@ -417,10 +425,10 @@ impl EncodedObject {
         for (i, e) in header.layers.iter().enumerate() {
             let rec = &payload[e.offset as usize..(e.offset + e.stored_len) as usize];
             verify_record(&header, i, rec)?;
-            records.push(Bytes::copy_from_slice(rec));
+            records.push(bytes.slice_ref(rec));
         }
         Ok(Self {
-            header_bytes: Bytes::copy_from_slice(&bytes[..header_len]),
+            header_bytes: bytes.slice(..header_len),
             header,
             records,
         })

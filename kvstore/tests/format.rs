@@ -46,6 +46,36 @@ fn lossy_codecs_round_trip_with_their_parameters() {
     }
 }
 
+/// Parsing bytes already shared copies nothing: the header and every record are views into
+/// them; the result equals [`EncodedObject::parse`]'s, and a cut or flipped byte is refused
+/// the same way.
+#[test]
+fn parse_shared_copies_nothing() {
+    let obj = sane_object(5, 23, KvDType::F16);
+    let bytes = bytes::Bytes::from(
+        obj.encode(Codec::parse("int8").unwrap())
+            .unwrap()
+            .to_bytes(),
+    );
+    let within = |b: &[u8]| {
+        let r = bytes.as_ptr_range();
+        r.start <= b.as_ptr() && b.as_ptr_range().end <= r.end
+    };
+    let shared = EncodedObject::parse_shared(bytes.clone(), Some(obj.key())).unwrap();
+    assert!(within(&shared.header_bytes));
+    assert!(shared.records.iter().all(|r| within(r)));
+    let copied = EncodedObject::parse(&bytes, Some(obj.key())).unwrap();
+    assert!(!within(&copied.header_bytes));
+    assert_eq!(shared.header_bytes, copied.header_bytes);
+    assert_eq!(shared.records, copied.records);
+    assert_eq!(shared.decode().unwrap(), copied.decode().unwrap());
+    assert!(EncodedObject::parse_shared(bytes.slice(..bytes.len() - 1), None).is_err());
+    let mut flipped = bytes.to_vec();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert!(EncodedObject::parse_shared(flipped.into(), None).is_err());
+}
+
 /// A version 1 object (as the previous format wrote: no codec parameters) still reads; a
 /// v1 header claiming parameter bytes, or a version from the future, does not.
 #[test]

@@ -234,10 +234,11 @@ pub(crate) async fn put_kv(
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, axum::Json<ChunkStatus>)> {
     let key = Shared::parse_id(&id)?;
-    // parsing verifies every record's checksum and decoding copies them, hundreds of MB for
-    // a long chunk: both off the async runtime's threads
+    // parsing verifies every record's checksum (its records are views into the body) and
+    // decoding copies them, hundreds of MB for a long chunk: both off the async runtime's
+    // threads
     let encoded = off_runtime(
-        move || EncodedObject::parse(&body, Some(&key)),
+        move || EncodedObject::parse_shared(body, Some(&key)),
         "parsing the object",
     )
     .await??;
