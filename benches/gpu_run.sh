@@ -47,6 +47,10 @@
 #   benches/gpu_run.sh qzero     # ranking before layer 0 beside the default's ranking (8B and
 #                                # SmolLM2 shapes, device tier), then `calibrate --variant
 #                                # qzero` in bf16 (needs $KVQ_MODEL)
+#   benches/gpu_run.sh sidecar   # the sidecar on CUDA (needs $KVQ_MODEL): `serve --device
+#                                # cuda`, then benches/sidecar_smoke.py against it; the
+#                                # server's log in $OUT/serve.log (KVQ_DEVICE=cpu: the same
+#                                # on the CPU)
 #   benches/gpu_run.sh cpu TASK FIRST END STEP
 #                                # the same eval on the host's CPU, examples FIRST..END in
 #                                # parts of STEP (one JSON each, merged by merge_eval.py);
@@ -76,6 +80,21 @@ bench=${KVQ_BENCH:-.devbin/kvquilt-bench}
 variants=${KVQ_VARIANTS:-cacheblend,starts,kv,gradual,perchunk}
 ratios=${KVQ_RATIOS:-0.05,0.15,0.3}
 case "${1:-perf}" in
+  sidecar)
+    data=$(mktemp -d)
+    "$bin" serve --device "${KVQ_DEVICE:-cuda}" --model "${KVQ_MODEL:?}" --listen 127.0.0.1:8077 \
+      --data-dir "$data" > "$OUT/serve.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 120); do
+      python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8077/health', timeout=1)" \
+        2>/dev/null && break
+      sleep 1
+    done
+    rc=0
+    python3 benches/sidecar_smoke.py http://127.0.0.1:8077 | tee "$OUT/sidecar_smoke.txt" || rc=$?
+    kill -INT "$pid"; wait "$pid" || true
+    exit "$rc"
+    ;;
   trace)
     "$bench" trace --random llama3.1-8b --device cuda --model "$KVQ_MODEL" \
       --json "$OUT/trace_8b.json"
