@@ -268,11 +268,6 @@ impl CalibrationRecord {
     /// (prefix is exact). Test `blend/tests/calibration.rs::a_certificate_its_measurements_do_not_decide_is_refused`.
     fn unsupported_certificate(&self) -> Option<String> {
         let certified = self.certified.as_ref()?.ratio;
-        if self.set.needle_examples == 0 {
-            return Some(format!(
-                "it certifies ratio {certified} from no needle examples"
-            ));
-        }
         let mut ladder = self.ladder.clone();
         let (decided, _) = decide(
             &self.checks,
@@ -329,8 +324,8 @@ pub fn default_dir() -> PathBuf {
 /// example of it (and within the KL bound): with 30 examples one example moves accuracy by
 /// 3.3%, so a single lucky rung below a run of failures certifies nothing, and one unlucky
 /// example above a passing rung does not undo it. Nothing is certified when an exactness
-/// check failed or full prefill finds fewer than `min_full_accuracy` of the needles.
-/// `ladder` must be sorted by ratio. Test: `blend/tests/calibration.rs`.
+/// check failed, no needle example ran, or full prefill finds fewer than `min_full_accuracy`
+/// of the needles. `ladder` must be sorted by ratio. Test: `blend/tests/calibration.rs`.
 pub fn decide(
     checks: &[ExactnessCheck],
     full: &FullReference,
@@ -345,8 +340,12 @@ pub fn decide(
     if checks.is_empty() {
         return (None, "nothing certified: no exactness check ran".into());
     }
+    if needle_examples == 0 {
+        // (and the one-example tolerance below would be the whole accuracy scale)
+        return (None, "nothing certified: no needle example ran".into());
+    }
     let bar = target.accuracy_vs_full * full.needle_accuracy;
-    let one = 1.0 / needle_examples.max(1) as f64;
+    let one = 1.0 / needle_examples as f64;
     for r in ladder.iter_mut() {
         r.meets_target =
             r.needle_accuracy + EPS >= bar && r.musique_first_token_kl <= target.max_first_token_kl;

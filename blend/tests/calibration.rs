@@ -278,7 +278,7 @@ fn a_certificate_its_measurements_do_not_decide_is_refused() {
         (failed_check, "certify none"),
         (smaller, "decide ratio 0.1"),
         (unmeasured, "certify none"),
-        (no_needles, "no needle examples"),
+        (no_needles, "certify none"),
     ] {
         bad.save(dir.path()).unwrap();
         let m = invalid(calibration::find(Some(dir.path()), &id));
@@ -427,9 +427,13 @@ fn the_decision_takes_the_smallest_ratio_that_holds_above_it() {
     };
     let mut l = vec![rung(0.3, 0.1, 0.01)];
     assert_eq!(decide(&mut l, &[check(true)], &blind), None);
-    // no checks, or a target that gates nothing (NaN, negative, infinite), certify nothing
+    // no checks, no needle examples (the one-example tolerance would span every accuracy),
+    // or a target that gates nothing (NaN, negative, infinite), certify nothing
     let mut l = vec![rung(0.3, 0.8, 0.01)];
     assert_eq!(decide(&mut l, &[], &full), None);
+    let (ratio, verdict) = calibration::decide(&[check(true)], &full, &mut l, &t, 0);
+    assert_eq!(ratio, None);
+    assert!(verdict.contains("no needle example"), "{verdict}");
     for bad in [
         CalibrationTarget {
             min_full_accuracy: f64::NAN,
