@@ -42,12 +42,20 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// What one render of a chat template may spend (minijinja's fuel: about one per
+/// instruction and per 64 bytes made): 2²⁴, so a template from a model file that loops
+/// without end fails its render (at load, [`ChatTemplate::check`]) within a fraction of a
+/// second and ~1 GiB, while a conversation of 65,536 messages needs a few million. Test
+/// `tests::a_template_that_runs_without_end_fails_its_render`.
+const TEMPLATE_FUEL: u64 = 1 << 24;
+
 impl ChatTemplate {
     /// Compiles a Jinja template in HF's conventions (`messages`, `add_generation_prompt`,
     /// `bos_token`, `eos_token`, `raise_exception`, and Python's string and dict methods such
     /// as `.strip()` that HF's Jinja allows).
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_string())
@@ -131,6 +139,18 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_template_that_runs_without_end_fails_its_render() {
+        let nested = "{% for a in range(50000) %}{% for b in range(50000) %}{% for c in range(50000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let e = ChatTemplate::new(nested).unwrap().check().unwrap_err();
+        assert!(matches!(e, ModelError::ChatTemplate(_)), "{e}");
+        // a long conversation stays well within the budget
+        let many: Vec<ChatMessage> = (0..65_536)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "hi"))
+            .collect();
+        ChatTemplate::chatml().render(&many, true).unwrap();
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub const MAX_LAYERS: usize = 1024;
 /// The most elements of one weight matrix a model's sizes may imply (2^40).
 const MAX_MATRIX: usize = 1 << 40;
 
+/// The most elements one RoPE table (cos or sin: `context_length` rows of `head_dim / 2`)
+/// may hold, 2²⁸ (1 GiB in f32): the tables are built at load for the whole context, before
+/// any tensor is read, so a small file must not size them (Llama-3.1-8B's 131,072 × 64 is
+/// 2²³).
+const MAX_ROPE_TABLE: usize = 1 << 28;
+
 impl RopeScaling {
     /// Finite factors above 0; for Llama 3's, `high_freq_factor > low_freq_factor` (the
     /// interpolation divides by their difference) and an original context above 0.
@@ -198,6 +204,17 @@ impl ModelConfig {
             return Err(format!(
                 "num_layers {} is past the {MAX_LAYERS} kvquilt supports",
                 self.num_layers
+            ));
+        }
+        let half = self.head_dim / 2;
+        if self
+            .context_length
+            .checked_mul(half)
+            .is_none_or(|n| n > MAX_ROPE_TABLE)
+        {
+            return Err(format!(
+                "context_length × head_dim / 2 = {} × {half} is past the {MAX_ROPE_TABLE} elements a RoPE table may hold",
+                self.context_length
             ));
         }
         for (name, a, b) in [

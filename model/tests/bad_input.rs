@@ -95,7 +95,7 @@ fn absurd_config_values_are_refused_by_name() {
     let base: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
     let d = scratch();
-    let cases: [(&str, serde_json::Value, &str); 7] = [
+    let cases: [(&str, serde_json::Value, &str); 8] = [
         (
             "num_attention_heads",
             0.into(),
@@ -107,6 +107,13 @@ fn absurd_config_values_are_refused_by_name() {
             "context_length",
         ),
         ("num_hidden_layers", (1u64 << 36).into(), "num_layers"),
+        // a small file whose RoPE tables (built for the whole context at load) would take
+        // tens of GiB: refused before they are built
+        (
+            "head_dim",
+            (1u64 << 22).into(),
+            "context_length × head_dim / 2",
+        ),
         ("rms_norm_eps", (-1.0).into(), "rms_norm_eps"),
         (
             "vocab_size",
