@@ -60,7 +60,8 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
     let arch_name = meta.string("general.architecture").map_err(invalid)?;
     let architecture = Architecture::from_name(&arch_name)
         .ok_or_else(|| ModelError::UnsupportedArchitecture(arch_name.clone()))?;
-    let config = config_from_metadata(&meta, &content, architecture).map_err(invalid)?;
+    let config =
+        config_from_metadata(&meta, &content, architecture, &arch_name).map_err(invalid)?;
     let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
     let chat_template = meta.string("tokenizer.chat_template").ok();
 
@@ -268,13 +269,15 @@ impl Metadata<'_> {
     }
 }
 
+/// The config of a GGUF whose `general.architecture` is `declared` (its metadata keys'
+/// prefix: a `mistral` file keeps `mistral.*` keys), run as `architecture`.
 fn config_from_metadata(
     meta: &Metadata<'_>,
     content: &Content,
     architecture: Architecture,
+    declared: &str,
 ) -> std::result::Result<ModelConfig, String> {
-    let a = architecture.name();
-    let key = |k: &str| format!("{a}.{k}");
+    let key = |k: &str| format!("{declared}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
     let kv_heads = meta

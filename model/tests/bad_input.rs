@@ -217,6 +217,40 @@ fn optional_metadata_of_the_wrong_type_is_named() {
     }
 }
 
+/// A `mistral` GGUF (run as Llama) is read under its own metadata keys: a bad
+/// `mistral.*` value is named, not a missing `llama.*` key.
+#[test]
+fn a_mistral_gguf_is_read_under_its_own_keys() {
+    let d = scratch();
+    let arch = gguf_file::Value::String("mistral".into());
+    let n = |v: u32| gguf_file::Value::U32(v);
+    let (hidden, heads, vocab, ffn, layers) = (n(64), n(4), n(32), n(128), n(1));
+    let bad = gguf_file::Value::Array(vec![n(2), n(2)]);
+    let p = at(&d, "mistral.gguf");
+    let mut f = std::fs::File::create(&p).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[
+            ("general.architecture", &arch),
+            ("mistral.embedding_length", &hidden),
+            ("mistral.attention.head_count", &heads),
+            ("mistral.vocab_size", &vocab),
+            ("mistral.feed_forward_length", &ffn),
+            ("mistral.block_count", &layers),
+            ("mistral.attention.head_count_kv", &bad),
+        ],
+        &[],
+    )
+    .unwrap();
+    f.flush().unwrap();
+    let e = load_err(&p);
+    assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
+    assert!(
+        e.to_string().contains("mistral.attention.head_count_kv"),
+        "{e}"
+    );
+}
+
 /// A tensor of a GGML type candle cannot read (here 20, IQ4_NL) is named as a type, not as
 /// "unknown dtype for tensor 20" (the type's id read as a tensor's).
 #[test]
