@@ -22,6 +22,28 @@ fn load_err(path: &std::path::Path) -> ModelError {
     load(path, &Device::Cpu, DType::F32).expect_err("loading should fail")
 }
 
+/// Writes a GGUF of no tensors at `path`: `general.architecture = arch`, the sizes a config
+/// needs under `{arch}.` keys (hidden 64, 4 heads, vocab 32, FFN 128, one block), and
+/// `extra` last.
+fn header_only_gguf(path: &std::path::Path, arch: &str, extra: (&str, &gguf_file::Value)) {
+    let n = |v: u32| gguf_file::Value::U32(v);
+    let name = gguf_file::Value::String(arch.into());
+    let sizes = [
+        ("embedding_length", n(64)),
+        ("attention.head_count", n(4)),
+        ("vocab_size", n(32)),
+        ("feed_forward_length", n(128)),
+        ("block_count", n(1)),
+    ]
+    .map(|(k, v)| (format!("{arch}.{k}"), v));
+    let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.architecture", &name)];
+    meta.extend(sizes.iter().map(|(k, v)| (k.as_str(), v)));
+    meta.push(extra);
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta, &[]).unwrap();
+    f.flush().unwrap();
+}
+
 #[test]
 fn missing_file() {
     let e = load_err(std::path::Path::new("/nonexistent/model.gguf"));
@@ -181,9 +203,7 @@ fn a_gguf_aligned_to_zero_is_malformed() {
 #[test]
 fn optional_metadata_of_the_wrong_type_is_named() {
     let d = scratch();
-    let arch = gguf_file::Value::String("llama".into());
     let n = |v: u32| gguf_file::Value::U32(v);
-    let (hidden, heads, vocab, ffn, layers) = (n(64), n(4), n(32), n(128), n(1));
     for (key, bad) in [
         (
             "llama.attention.head_count_kv",
@@ -195,22 +215,7 @@ fn optional_metadata_of_the_wrong_type_is_named() {
         ),
     ] {
         let p = at(&d, "typed.gguf");
-        let mut f = std::fs::File::create(&p).unwrap();
-        gguf_file::write(
-            &mut f,
-            &[
-                ("general.architecture", &arch),
-                ("llama.embedding_length", &hidden),
-                ("llama.attention.head_count", &heads),
-                ("llama.vocab_size", &vocab),
-                ("llama.feed_forward_length", &ffn),
-                ("llama.block_count", &layers),
-                (key, &bad),
-            ],
-            &[],
-        )
-        .unwrap();
-        f.flush().unwrap();
+        header_only_gguf(&p, "llama", (key, &bad));
         let e = load_err(&p);
         assert!(matches!(e, ModelError::InvalidGguf { .. }), "{key}: {e}");
         assert!(e.to_string().contains(key), "{key}: {e}");
@@ -222,27 +227,10 @@ fn optional_metadata_of_the_wrong_type_is_named() {
 #[test]
 fn a_mistral_gguf_is_read_under_its_own_keys() {
     let d = scratch();
-    let arch = gguf_file::Value::String("mistral".into());
     let n = |v: u32| gguf_file::Value::U32(v);
-    let (hidden, heads, vocab, ffn, layers) = (n(64), n(4), n(32), n(128), n(1));
     let bad = gguf_file::Value::Array(vec![n(2), n(2)]);
     let p = at(&d, "mistral.gguf");
-    let mut f = std::fs::File::create(&p).unwrap();
-    gguf_file::write(
-        &mut f,
-        &[
-            ("general.architecture", &arch),
-            ("mistral.embedding_length", &hidden),
-            ("mistral.attention.head_count", &heads),
-            ("mistral.vocab_size", &vocab),
-            ("mistral.feed_forward_length", &ffn),
-            ("mistral.block_count", &layers),
-            ("mistral.attention.head_count_kv", &bad),
-        ],
-        &[],
-    )
-    .unwrap();
-    f.flush().unwrap();
+    header_only_gguf(&p, "mistral", ("mistral.attention.head_count_kv", &bad));
     let e = load_err(&p);
     assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
     assert!(
