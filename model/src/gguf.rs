@@ -18,7 +18,7 @@ use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::quant::BlockRows;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::weights::{Weights, wrong_shape};
 
 /// What a GGUF file yields.
 pub(crate) struct GgufModel {
@@ -65,12 +65,17 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
     let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
     let chat_template = meta.string("tokenizer.chat_template").ok();
 
-    let mut source = |hf_name: &str| -> Result<Option<(Tensor, Option<BlockRows>)>> {
+    let mut source = |hf_name: &str,
+                      want: &[usize]|
+     -> Result<Option<(Tensor, Option<BlockRows>)>> {
         let Some(gguf_name) = gguf_name(hf_name) else {
             return Ok(None);
         };
-        if !content.tensor_infos.contains_key(&gguf_name) {
+        let Some(info) = content.tensor_infos.get(&gguf_name) else {
             return Ok(None);
+        };
+        if info.shape.dims() != want {
+            return Err(wrong_shape(path, hf_name, info.shape.dims(), want));
         }
         let q = content
             .tensor(&mut reader, &gguf_name, &Device::Cpu)
@@ -90,8 +95,8 @@ pub(crate) fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufMod
             }
             _ => None,
         };
-        // (the shape is checked against the config once the tensor is returned; the row
-        // permutation below needs whole heads of row pairs already)
+        // (the shape was checked against the config above; the row permutation below needs
+        // whole heads of row pairs, i.e. an even head_dim)
         if let Some(heads) = heads
             && !t
                 .dims()

@@ -11,7 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::quant::BlockRows;
 use crate::tokenizer::Tokenizer;
 use crate::transformer::Model;
-use crate::weights::Weights;
+use crate::weights::{Weights, wrong_shape};
 
 /// A model with what it needs to turn text into tokens and back.
 #[derive(Debug)]
@@ -107,8 +107,9 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
     // loaded, and each tensor is copied out (converted to the compute dtype) before use.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| invalid(format!("safetensors: {e}")))?;
-    let mut source = |name: &str| -> Result<Option<(Tensor, Option<BlockRows>)>> {
+    let mut source = |name: &str, want: &[usize]| -> Result<Option<(Tensor, Option<BlockRows>)>> {
         match st.get(name) {
+            Ok(view) if view.shape() != want => Err(wrong_shape(dir, name, view.shape(), want)),
             Ok(_) => Ok(Some((
                 st.load(name, &Device::Cpu)
                     .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?,
@@ -130,10 +131,17 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
     } else {
         None
     };
+    // optional; present but unreadable or not JSON is an error (its template and special
+    // tokens would otherwise be replaced by ChatML without a word)
     let tc_path = dir.join("tokenizer_config.json");
-    let tc = std::fs::read_to_string(&tc_path)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let tc = match std::fs::read_to_string(&tc_path) {
+        Ok(s) => Some(
+            serde_json::from_str::<serde_json::Value>(&s)
+                .map_err(|e| invalid(format!("tokenizer_config.json: {e}")))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(io(&tc_path)(source)),
+    };
     let field = |name: &str| -> Option<String> {
         let v = tc.as_ref()?.get(name)?;
         // a token is written as its text or as `{"content": text, ...}`
@@ -216,18 +224,21 @@ fn chat_eos(tokenizer: Option<&Tokenizer>) -> Option<String> {
     t.inner().id_to_token(*t.eos_ids().first()?)
 }
 
-/// Every token id the tokenizer can produce has an embedding row: a tokenizer larger than
-/// the model's vocabulary is refused at load (its upper ids would fail requests one by one).
+/// Every token id the tokenizer can produce has an embedding row: a tokenizer with an id at
+/// or past the model's vocabulary is refused at load (requests tokenizing to it would fail one
+/// by one). The largest id is checked, not the count: added tokens may sit past a gap.
 fn check_vocab(tokenizer: &Tokenizer, config: &crate::ModelConfig, path: &Path) -> Result<()> {
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(ModelError::InvalidModel {
+    let largest = tokenizer.inner().get_vocab(true).into_values().max();
+    match largest {
+        Some(id) if id as usize >= config.vocab_size => Err(ModelError::InvalidModel {
             path: path.to_path_buf(),
             reason: format!(
-                "the tokenizer has {} tokens, the model's vocabulary {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
+                "the tokenizer's largest token id is {id}, past the model's vocabulary of {} \
+                 (ids 0..{})",
+                config.vocab_size,
+                config.vocab_size.saturating_sub(1)
             ),
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -48,10 +48,26 @@ pub(crate) struct Weights {
     pub blocks: HashMap<TensorId, BlockRows>,
 }
 
-/// Looks a tensor up by HF name (with its GGUF blocks where it has kept ones); `Ok(None)`
-/// when the source does not have it.
+/// Looks a tensor up by HF name and the shape [`Weights::load`] expects of it (with its GGUF
+/// blocks where it has kept ones); `Ok(None)` when the source does not have it. A source
+/// refuses a tensor whose declared shape differs *before* reading or dequantising its data
+/// ([`wrong_shape`]): a wrong-shaped quantised tensor would otherwise grow ~8–12× first.
 pub(crate) type TensorSource<'a> =
-    dyn FnMut(&str) -> Result<Option<(Tensor, Option<BlockRows>)>> + 'a;
+    dyn FnMut(&str, &[usize]) -> Result<Option<(Tensor, Option<BlockRows>)>> + 'a;
+
+/// The error for tensor `name` of shape `got` where `want` was expected, in the file or
+/// directory `origin`.
+pub(crate) fn wrong_shape(
+    origin: &std::path::Path,
+    name: &str,
+    got: &[usize],
+    want: &[usize],
+) -> ModelError {
+    ModelError::InvalidModel {
+        path: origin.to_path_buf(),
+        reason: format!("tensor `{name}` has shape {got:?}, expected {want:?}"),
+    }
+}
 
 impl Weights {
     /// Builds the weights from a source of HF-named tensors, converting to `dtype` on `device`.
@@ -67,18 +83,13 @@ impl Weights {
         let keep_blocks = dtype == DType::F32 && device.is_cpu();
         let mut got_blocks: HashMap<String, BlockRows> = HashMap::new();
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let (t, blocks) = source(name)?.ok_or_else(|| ModelError::InvalidModel {
+            let (t, blocks) = source(name, shape)?.ok_or_else(|| ModelError::InvalidModel {
                 path: origin.to_path_buf(),
                 reason: format!("missing tensor `{name}`"),
             })?;
+            // (sources check declared shapes first; this holds whatever a source did)
             if t.dims() != shape {
-                return Err(ModelError::InvalidModel {
-                    path: origin.to_path_buf(),
-                    reason: format!(
-                        "tensor `{name}` has shape {:?}, expected {shape:?}",
-                        t.dims()
-                    ),
-                });
+                return Err(wrong_shape(origin, name, t.dims(), shape));
             }
             if let (true, Some(b)) = (keep_blocks, blocks) {
                 got_blocks.insert(name.to_string(), b);

@@ -26,6 +26,16 @@ fn load_err(path: &std::path::Path) -> ModelError {
 /// needs under `{arch}.` keys (hidden 64, 4 heads, vocab 32, FFN 128, one block), and
 /// `extra` last.
 fn header_only_gguf(path: &std::path::Path, arch: &str, extra: (&str, &gguf_file::Value)) {
+    tiny_gguf(path, arch, &[extra], &[]);
+}
+
+/// [`header_only_gguf`] with several `extra` keys and `tensors` (candle's shapes: rows first).
+fn tiny_gguf(
+    path: &std::path::Path,
+    arch: &str,
+    extra: &[(&str, &gguf_file::Value)],
+    tensors: &[(&str, &candle_core::quantized::QTensor)],
+) {
     let n = |v: u32| gguf_file::Value::U32(v);
     let name = gguf_file::Value::String(arch.into());
     let sizes = [
@@ -38,9 +48,9 @@ fn header_only_gguf(path: &std::path::Path, arch: &str, extra: (&str, &gguf_file
     .map(|(k, v)| (format!("{arch}.{k}"), v));
     let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.architecture", &name)];
     meta.extend(sizes.iter().map(|(k, v)| (k.as_str(), v)));
-    meta.push(extra);
+    meta.extend_from_slice(extra);
     let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &meta, &[]).unwrap();
+    gguf_file::write(&mut f, &meta, tensors).unwrap();
     f.flush().unwrap();
 }
 
@@ -266,6 +276,93 @@ fn an_unreadable_tensor_type_is_named_as_a_type() {
     let e = load_err(&p);
     assert!(matches!(e, ModelError::InvalidGguf { .. }), "{e}");
     assert!(e.to_string().contains("GGML type 20"), "{e}");
+}
+
+/// A tensor whose declared shape is not the config's is refused by its shape before its data
+/// is read or dequantised (a wrong-shaped quantised tensor grew ~12× first): here `attn_q`
+/// of 63 rows was dequantised and then named by its row pairs.
+#[test]
+fn a_wrong_shaped_tensor_is_refused_by_its_declared_shape() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let q = |rows: usize| {
+        let t = candle_core::Tensor::zeros((rows, 64), DType::F32, &Device::Cpu).unwrap();
+        QTensor::quantize(&t, GgmlDType::F32).unwrap()
+    };
+    let (embed, attn_q) = (q(32), q(63));
+    let d = scratch();
+    let p = at(&d, "wrong-shape.gguf");
+    let text = |s: String| gguf_file::Value::String(s);
+    let (gpt2, none) = (text("gpt2".into()), gguf_file::Value::Array(Vec::new()));
+    let (eps, ctx) = (gguf_file::Value::F32(1e-5), gguf_file::Value::U32(64));
+    let tokens = gguf_file::Value::Array((0..32).map(|i| text(format!("t{i}"))).collect());
+    tiny_gguf(
+        &p,
+        "llama",
+        &[
+            ("llama.attention.layer_norm_rms_epsilon", &eps),
+            ("llama.context_length", &ctx),
+            ("tokenizer.ggml.model", &gpt2),
+            ("tokenizer.ggml.tokens", &tokens),
+            ("tokenizer.ggml.merges", &none),
+        ],
+        &[
+            ("token_embd.weight", &embed),
+            ("blk.0.attn_q.weight", &attn_q),
+        ],
+    );
+    let e = load_err(&p);
+    assert!(matches!(e, ModelError::InvalidModel { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("has shape [63, 64], expected [64, 64]"),
+        "{e}"
+    );
+}
+
+/// A copy of the `tiny-chat` fixture (config, weights, tokenizer) in `dir`.
+fn tiny_chat_copy(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let src = common::fixture("tiny-chat");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}
+
+/// A `tokenizer_config.json` that is there but not JSON fails the load by name (it was
+/// skipped, and the model's own template and special tokens replaced by ChatML silently);
+/// an absent one is fine.
+#[test]
+fn a_corrupt_tokenizer_config_is_refused_by_name() {
+    let d = scratch();
+    let dir = at(&d, "tiny-chat");
+    tiny_chat_copy(&dir);
+    load(&dir, &Device::Cpu, DType::F32).expect("no tokenizer_config.json: loads");
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{{ x"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(matches!(e, ModelError::InvalidModel { .. }), "{e}");
+    assert!(e.to_string().contains("tokenizer_config.json"), "{e}");
+}
+
+/// The tokenizer's largest id is checked against the model's vocabulary, not its count: a
+/// token past a gap (id 600 of a 512-row model whose tokenizer has 260 tokens) is refused
+/// at load, not by the first request that tokenizes to it.
+#[test]
+fn a_token_id_past_the_vocabulary_is_refused_at_load() {
+    let d = scratch();
+    let dir = at(&d, "tiny-chat");
+    tiny_chat_copy(&dir);
+    let path = dir.join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    t["model"]["vocab"]["far"] = serde_json::json!(600);
+    std::fs::write(&path, t.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(matches!(e, ModelError::InvalidModel { .. }), "{e}");
+    assert!(e.to_string().contains("largest token id is 600"), "{e}");
 }
 
 #[test]
