@@ -18,8 +18,9 @@ use crate::select::{Deviation, TokenRoles, select};
 
 /// A blend's outcome before the caller adds its bookkeeping.
 pub(crate) struct Recomputed {
-    /// f32 logits of the last token, `[vocab]`.
-    pub(crate) logits: Tensor,
+    /// The suffix's last hidden rows, `[suffix tokens, hidden]` (before the final norm: the
+    /// head is the caller's, `crate::prompt_logprobs::suffix_head`).
+    pub(crate) suffix_hidden: Tensor,
     /// Non-suffix tokens recomputed after the last check layer.
     pub(crate) recomputed: usize,
 }
@@ -29,7 +30,7 @@ pub(crate) struct Recomputed {
 /// layer `l` (cached segments plus placeholder suffix rows) and is called once per layer, in
 /// layer order, just before the layer is needed. On return `cache` holds the blended KV.
 /// `clock` is charged the query pass, the layers before the first check, the check layers
-/// (scoring and selection), the recompute layers and the head. `query`, when given, is the
+/// (scoring and selection) and the recompute layers; it is left in the head's phase. `query`, when given, is the
 /// query-aware signal already computed (the suffix's attention per token, `[tokens]`, as
 /// [`suffix_attention`] returns it: a graphed pass, `crate::graphs`); otherwise a
 /// query-aware configuration runs that pass here.
@@ -196,13 +197,17 @@ fn run(
         cursor = check;
     }
     enter("head")?;
-    let last = hidden.narrow(0, hidden.dims()[0] - 1, 1)?;
-    let logits = model.logits(&last)?.squeeze(0)?;
+    // (the suffix is always active, and last)
+    let suffix = roles.suffix_len();
+    let suffix_hidden = hidden.narrow(0, hidden.dims()[0] - suffix, suffix)?;
     let recomputed = active
         .iter()
         .filter(|&&t| !roles_is_suffix(roles, t))
         .count();
-    Ok(Recomputed { logits, recomputed })
+    Ok(Recomputed {
+        suffix_hidden,
+        recomputed,
+    })
 }
 
 /// Attention the suffix pays each token, summed over layers `0..layers`, heads and suffix

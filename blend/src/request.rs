@@ -25,6 +25,10 @@ pub struct BlendRequest {
     /// Time the request's phases ([`BlendStats::phases`]; blend and reuse modes). Synchronises the
     /// device at each phase change, so leave off except to see where time goes.
     pub time_phases: bool,
+    /// Score the suffix's own tokens with this many alternatives each
+    /// ([`BlendOutput::prompt_logprobs`]); `None` scores nothing. Runs the suffix eagerly
+    /// (no CUDA graph replays it) and costs one output-head pass per suffix token.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl BlendRequest {
@@ -37,6 +41,7 @@ impl BlendRequest {
             mode,
             store_back: true,
             time_phases: false,
+            prompt_logprobs: None,
         }
     }
 
@@ -191,6 +196,10 @@ pub struct BlendOutput {
     /// The objects this request stored (store-back), in the order computed; empty when it
     /// stored nothing, or before its store-back ran ([`crate::Blender::run_deferring`]).
     pub stored: Vec<StoredObject>,
+    /// The suffix's tokens after its first, scored over the context as the mode built it
+    /// (blend: the recomputed cache, not full prefill's), when the request asked
+    /// ([`BlendRequest::prompt_logprobs`]); otherwise empty.
+    pub prompt_logprobs: Vec<crate::PromptLogprob>,
 }
 
 impl BlendOutput {
@@ -201,6 +210,7 @@ impl BlendOutput {
             cache,
             stats,
             stored: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 

@@ -1253,3 +1253,70 @@ fn a_prompt_without_chunks_is_served_by_every_mode() {
         assert_close(&out.logits, &want, 1e-4, &format!("{mode:?}"));
     }
 }
+
+/// The suffix's own tokens scored (`BlendRequest::prompt_logprobs`, OpenAI's `echo`): where a
+/// mode is exact (full, prefix — a miss, then a hit —, blend at ratio 1) each token's
+/// log-probability is what a prefill of the prompt up to it gives (one prefill per token,
+/// computed here); every mode lists suffix tokens 1.. with sorted alternatives; and scoring
+/// changes no mode's first-token logits.
+#[test]
+fn the_suffix_s_own_tokens_are_scored_as_prefill_scores_them() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let m = b.model();
+    let suffix = toks(23, 9, 512);
+    let base = req(
+        vec![],
+        vec![toks(21, 30, 512), toks(22, 17, 512)],
+        suffix.clone(),
+        Mode::Full,
+    );
+    let all = base.tokens();
+    let before = all.len() - suffix.len();
+    let want: Vec<f32> = (1..suffix.len())
+        .map(|i| {
+            let upto = &all[..before + i];
+            let mut c = m.empty_cache().unwrap();
+            let row = vec1(&m.prefill(upto, &positions(0, upto.len()), &mut c).unwrap());
+            row[suffix[i] as usize] - kvquilt_model::log_sum_exp(&row)
+        })
+        .collect();
+    let exact = |mode: &Mode| !matches!(mode, Mode::Reuse);
+    for mode in [
+        Mode::Full,
+        Mode::Prefix,
+        Mode::Prefix,
+        Mode::Reuse,
+        Mode::Blend(BlendConfig::cacheblend(1.0)),
+    ] {
+        let plain = b.run(b"", &with_mode(&base, mode.clone())).unwrap();
+        assert!(plain.prompt_logprobs.is_empty());
+        let scored = BlendRequest {
+            prompt_logprobs: Some(3),
+            ..with_mode(&base, mode.clone())
+        };
+        let out = b.run(b"", &scored).unwrap();
+        assert_close(
+            &out.logits,
+            &plain.logits,
+            1e-6,
+            &format!("{mode:?}: first token"),
+        );
+        let got = &out.prompt_logprobs;
+        assert_eq!(got.len(), suffix.len() - 1, "{mode:?}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.id, suffix[i + 1]);
+            assert_eq!(g.top.len(), 3);
+            assert!(g.top.windows(2).all(|p| p[0].1 >= p[1].1), "{mode:?}");
+            assert!(g.top[0].1 >= g.logprob, "{mode:?} token {i}");
+            if exact(&mode) {
+                assert!(
+                    (g.logprob - w).abs() < 1e-3,
+                    "{mode:?} token {}: {} vs {w}",
+                    i + 1,
+                    g.logprob
+                );
+            }
+        }
+    }
+}

@@ -264,10 +264,16 @@ async fn malformed_requests_name_the_problem_and_change_nothing() {
             "logit_bias",
         ),
         (
-            "/v1/completions",
-            json!({"prompt": "p", "echo": true}),
+            "/v1/chat/completions",
+            json!({"messages": [hi], "echo": true}),
             "unsupported_parameter",
             "echo",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "p", "max_tokens": 0}),
+            "invalid_max_tokens",
+            "1..=",
         ),
         (
             "/v1/completions",
@@ -1147,6 +1153,101 @@ async fn client_defaults_are_served() {
     assert_eq!(card, list["data"][0]);
     let r = app.call("GET", "/v1/models/gpt-4o", None, None, "").await;
     assert_err(&r, 404, "model_not_found", &name);
+}
+
+/// Legacy completions' `echo` (lm-eval's log-likelihood requests): the prompt comes back
+/// before the answer, and with `logprobs` its tokens first — the first `null`, each other's
+/// alternatives those the model gives at that place, as an answer's first token's are for
+/// the prompt cut there (the two head paths checked against each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_returns_the_prompt_scored_first() {
+    let app = TestApp::new(Config::default());
+    let ids = [104u32, 101, 108, 108, 111, 32, 119]; // "hello w", a byte a token
+    let ask = async |body: Value| {
+        let (status, v) = app.json("POST", "/v1/completions", None, body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    };
+    let v = ask(json!({"prompt": ids, "echo": true, "max_tokens": 0, "logprobs": 3})).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], "hello w", "{v}");
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    let lp = &c["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), ids.len(), "{lp}");
+    assert_eq!(lp["token_logprobs"][0], Value::Null);
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    let offsets: Vec<u64> = (0..ids.len() as u64).collect();
+    assert_eq!(lp["text_offset"], json!(offsets));
+    for i in 1..ids.len() {
+        // the prompt cut before token i, answered by one token with 3 alternatives
+        let cut = ask(json!({"prompt": ids[..i], "max_tokens": 1, "logprobs": 3})).await;
+        let want = cut["choices"][0]["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .clone();
+        let got = lp["top_logprobs"][i].as_object().unwrap();
+        // (keyed by text: tokens of one text, e.g. byte pieces shown as U+FFFD, share a key)
+        assert_eq!(got.len(), want.len(), "token {i}: {got:?} vs {want:?}");
+        let mut best = f64::MIN;
+        for (token, w) in &want {
+            let g = got[token].as_f64().unwrap();
+            assert!(
+                (g - w.as_f64().unwrap()).abs() < 1e-4,
+                "token {i} {token}: {g} vs {w}"
+            );
+            best = best.max(g);
+        }
+        let own = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(own <= best + 1e-6, "token {i}: {own} above the best {best}");
+    }
+    // with an answer after documents: the prompt (not the documents) then the answer, in the
+    // text and in the logprobs, whose offsets go on
+    let body = json!({"prompt": "hello w", "echo": true, "max_tokens": 3, "logprobs": 1,
+                      "documents": [DOCS[0]]});
+    let v = ask(body.clone()).await;
+    let c = &v["choices"][0];
+    let text = c["text"].as_str().unwrap();
+    assert!(text.starts_with("hello w"), "{text}");
+    let tokens = c["logprobs"]["tokens"].as_array().unwrap();
+    let produced = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(tokens.len(), ids.len() + produced, "{v}");
+    let joined: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(joined, text);
+    // streamed: the prompt is the first chunk, the rest as the whole answer had it
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = app.sse("/v1/completions", streamed).await;
+    assert_eq!(events[0]["choices"][0]["text"], "hello w");
+    let texts: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(texts, text);
+    let offsets: Vec<&Value> = events
+        .iter()
+        .filter(|e| !e["choices"][0]["logprobs"].is_null())
+        .flat_map(|e| {
+            e["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .unwrap()
+        })
+        .collect();
+    let whole: Vec<&Value> = c["logprobs"]["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(offsets, whole);
+    // echo without logprobs: the text alone
+    let v = ask(json!({"prompt": "hello w", "echo": true, "max_tokens": 1})).await;
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello w")
+    );
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

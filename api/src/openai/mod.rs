@@ -2,8 +2,8 @@
 //! with kvquilt's extensions: `documents` (chunks assembled through blend) in requests and
 //! `kvquilt` (the blend's [`BlendStats`]) in responses. Unknown OpenAI request fields are
 //! ignored, so OpenAI SDKs can send theirs; known ones that would change the answer and are
-//! not served (`n` > 1, penalties, `logit_bias`, `echo`, `best_of` > 1, `suffix`, tools and
-//! functions, a `response_format` other than text) are refused. `null` stands for an absent
+//! not served (`n` > 1, penalties, `logit_bias`, chat's `echo`, `best_of` > 1, `suffix`, tools
+//! and functions, a `response_format` other than text) are refused. `null` stands for an absent
 //! field everywhere, as OpenAI reads it.
 //!
 //! The request types are read by hand (`read.rs`), in one pass that skips what the server
@@ -277,7 +277,10 @@ pub struct CompletionRequest {
     /// Legacy completions' `logprobs`: how many alternatives per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<usize>,
-    /// Not served: only `false` (or absent) is accepted.
+    /// The prompt is returned before the answer (in `text`, and with `logprobs` its tokens
+    /// first: the first one's `null`, each other's log-probability after those before it,
+    /// computed over the context the mode built); `max_tokens` may then be 0. Documents are
+    /// not echoed, and the prompt's first token is not scored even after them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<bool>"))]
     pub echo: bool,

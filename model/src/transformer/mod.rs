@@ -366,6 +366,30 @@ impl Model {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<Tensor> {
+        let hidden = self.prefill_hidden_with(tokens, positions, cache, hook)?;
+        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// [`Model::prefill`] returning every token's last hidden state, `[n, hidden]` (before the
+    /// final norm: [`Model::logits`] of a row is that token's next-token logits), for
+    /// scoring a prompt's own tokens.
+    pub fn prefill_hidden(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.prefill_hidden_with(tokens, positions, cache, &mut ())
+    }
+
+    fn prefill_hidden_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(invalid_input("prefill of zero tokens"));
         }
@@ -377,8 +401,7 @@ impl Model {
             cache,
             hook,
         )?;
-        let last = out.hidden.narrow(0, tokens.len() - 1, 1)?;
-        Ok(self.logits(&last)?.squeeze(0)?)
+        Ok(out.hidden)
     }
 
     /// One decode step: `token` at the position after `cache`'s last, appended to it;

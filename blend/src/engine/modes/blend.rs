@@ -17,6 +17,7 @@ use crate::engine::plan::recompute_share;
 use crate::error::Result;
 use crate::phases::PhaseClock;
 use crate::priority::PromptTurn;
+use crate::prompt_logprobs::suffix_head;
 use crate::recompute::blend;
 use crate::request::BlendRequest;
 use crate::select::TokenRoles;
@@ -67,9 +68,11 @@ pub(crate) fn run(
     let r = blend(
         &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock, query,
     )?;
+    let (logits, scored) = suffix_head(&b.model, &r.suffix_hidden, req)?;
     let phases = clock.into_inner().finish()?;
-    let (mut out, work) = a.finish(b, req, start, r.logits, cache, r.recomputed)?;
+    let (mut out, work) = a.finish(b, req, start, logits, cache, r.recomputed)?;
     out.stats.phases = phases;
+    out.prompt_logprobs = scored;
     Ok((out, work))
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use kvquilt_model::{KvCache, Tensor, positions};
+use kvquilt_model::positions;
 
 use super::Ran;
 use crate::chunk::ChunkCodec;
@@ -12,13 +12,13 @@ use crate::engine::plan::Plan;
 use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, ms};
 use crate::error::Result;
+use crate::prompt_logprobs::suffix_head;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, Fallback, SegmentSource};
 
 /// Runs `req` as full prefill: every prompt token at positions `0..N`. Stores nothing.
 pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<Ran> {
-    let (logits, cache, stats) = prefill_all(b, req, start, None)?;
-    let work = StoreBack::new(req, Pending::default());
-    Ok((BlendOutput::new(logits, cache, stats), work))
+    let out = prefill_all(b, req, start, None)?;
+    Ok((out, StoreBack::new(req, Pending::default())))
 }
 
 /// Runs a planned `reuse` or `blend` request as full prefill (the plan said it is no
@@ -35,43 +35,48 @@ pub(crate) fn fall_back(
     why: Fallback,
     start: Instant,
 ) -> Result<Ran> {
-    let (logits, cache, mut stats) = prefill_all(b, req, start, Some(why))?;
+    let mut out = prefill_all(b, req, start, Some(why))?;
     let mut work = StoreBack::new(req, Pending::default());
     for e in plan.entries.iter().filter(|e| e.origin.is_miss()) {
         work.defer(codec, e.key, e.tokens);
     }
     for &i in &plan.placement {
-        stats.count(if plan.entries[i].origin.is_miss() {
+        out.stats.count(if plan.entries[i].origin.is_miss() {
             SegmentSource::Miss
         } else {
             SegmentSource::RecomputedForSpeed
         });
     }
-    Ok((BlendOutput::new(logits, cache, stats), work))
+    Ok((out, work))
 }
 
 /// Prefills the whole prompt (recording the prefill rate); returns the last token's logits,
-/// the prompt's KV and the stats of a `full` run (`fallback`: a fallback's reason), the
-/// time to the first token included.
+/// the prompt's KV, the suffix scored when asked and the stats of a `full` run
+/// (`fallback`: a fallback's reason), the time to the first token included.
 fn prefill_all(
     b: &Blender,
     req: &BlendRequest,
     start: Instant,
     fallback: Option<Fallback>,
-) -> Result<(Tensor, KvCache, BlendStats)> {
+) -> Result<BlendOutput> {
     let tokens = req.tokens();
     let mut cache = b.model.empty_cache()?;
     let t0 = Instant::now();
-    let logits = b
+    let hidden = b
         .model
-        .prefill(&tokens, &positions(0, tokens.len()), &mut cache)?;
+        .prefill_hidden(&tokens, &positions(0, tokens.len()), &mut cache)?;
+    // (the rate is the forward pass's: scoring the suffix, when asked, is not prefill)
     b.costs
         .record_full_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
+    let n = req.suffix.len();
+    let (logits, scored) = suffix_head(&b.model, &hidden.narrow(0, tokens.len() - n, n)?, req)?;
     let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
     stats.fell_back_to_full = fallback.is_some();
     stats.fallback = fallback;
     stats.recomputed_tokens = tokens.len() - req.suffix.len();
     stats.recompute_fraction = 1.0;
     stats.ttft_ms = ms(&b.model, start)?;
-    Ok((logits, cache, stats))
+    let mut out = BlendOutput::new(logits, cache, stats);
+    out.prompt_logprobs = scored;
+    Ok(out)
 }

@@ -15,6 +15,7 @@ use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, fraction, ms};
 use crate::error::Result;
 use crate::priority::PromptTurn;
+use crate::prompt_logprobs::suffix_head;
 use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
 /// Runs `req` by exact prefix reuse in `namespace`.
@@ -59,15 +60,15 @@ pub(crate) fn run(
         stats.recomputed_tokens += seg.len();
         at += seg.len();
     }
-    let logits = b
-        .model
-        .prefill(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
+    let hidden =
+        b.model
+            .prefill_hidden(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
+    let (logits, scored) = suffix_head(&b.model, &hidden, req)?;
     stats.ttft_ms = ms(&b.model, start)?;
     stats.recompute_fraction = fraction(stats.recomputed_tokens, at);
-    Ok((
-        BlendOutput::new(logits, cache, stats),
-        StoreBack::new(req, pending),
-    ))
+    let mut out = BlendOutput::new(logits, cache, stats);
+    out.prompt_logprobs = scored;
+    Ok((out, StoreBack::new(req, pending)))
 }
 
 /// The stored prefix object under `key` (the link of segment `seg`), as KV at positions

@@ -13,6 +13,7 @@ use crate::engine::Blender;
 use crate::error::Result;
 use crate::phases::PhaseClock;
 use crate::priority::PromptTurn;
+use crate::prompt_logprobs::suffix_head;
 use crate::recompute::with_fill;
 use crate::request::BlendRequest;
 
@@ -35,8 +36,12 @@ pub(crate) fn run(
     };
     #[cfg(feature = "gpu")]
     let mut a = a;
+    // (a graph replays the question to its last logits only: a scored suffix runs eagerly)
     #[cfg(feature = "gpu")]
-    if let Some(pool) = a.graph_pool(b, req.suffix.len()) {
+    if let Some(pool) = a
+        .graph_pool(b, req.suffix.len())
+        .filter(|_| req.prompt_logprobs.is_none())
+    {
         match graphed_question(b, pool, &mut a, req, &clock, turn) {
             Ok((g, logits)) => {
                 pool.count_question();
@@ -72,11 +77,11 @@ pub(crate) fn run(
         )?)
     })?;
     clock.borrow_mut().enter("head")?;
-    let last = out.hidden.narrow(0, req.suffix.len() - 1, 1)?;
-    let logits = b.model.logits(&last)?.squeeze(0)?;
+    let (logits, scored) = suffix_head(&b.model, &out.hidden, req)?;
     let phases = clock.into_inner().finish()?;
     let (mut out, work) = a.finish(b, req, start, logits, cache, 0)?;
     out.stats.phases = phases;
+    out.prompt_logprobs = scored;
     Ok((out, work))
 }
 

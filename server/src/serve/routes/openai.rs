@@ -20,7 +20,7 @@ use kvquilt_api::openai::{
     Stop, Usage,
 };
 use kvquilt_blend::rag::{DEFAULT_INSTRUCTION, chat_request};
-use kvquilt_blend::{BlendRequest, BlendStats};
+use kvquilt_blend::{BlendRequest, BlendStats, PromptLogprob};
 use kvquilt_compression::policy::DecodePoolSpec;
 use kvquilt_model::ChatMessage;
 use serde_json::{Value, json};
@@ -47,7 +47,8 @@ enum Kind {
 
 /// What a generation job reports, in order.
 enum GenEvent {
-    Started,
+    /// The prompt is computed; its suffix's tokens scored when the job asked (`echo`).
+    Started(Vec<PromptLogprob>),
     Step(Step),
     Done {
         finish: Finish,
@@ -65,6 +66,16 @@ struct Job {
     sampling: Sampling,
     stopping: Stopping,
     top_k: usize,
+    /// Legacy completions' `echo`: the prompt's text, returned before the answer.
+    echo: Option<String>,
+}
+
+/// How long an answer may be: `default_max` tokens when `max_tokens` is left out, and
+/// whether 0 is allowed (an echoed prompt alone, as lm-eval scores one).
+#[derive(Clone, Copy)]
+struct Length {
+    default_max: usize,
+    zero_ok: bool,
 }
 
 /// `POST /v1/chat/completions`.
@@ -140,7 +151,11 @@ pub(crate) async fn chat(
         }
         (false, _) => 0,
     };
-    let mut job = job(&s, &tenant, req, &body.common, 512, top_k, compress)?;
+    let length = Length {
+        default_max: 512,
+        zero_ok: false,
+    };
+    let mut job = job(&s, &tenant, req, &body.common, length, top_k, compress)?;
     job.prepared.calibration = calibration;
     respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
 }
@@ -155,10 +170,10 @@ pub(crate) async fn completions(
     check_model(&s, body.common.model.as_deref())?;
     check_misplaced(&body.common)?;
     let suffix = body.suffix.as_ref().is_some_and(|x| !x.is_empty());
-    if body.echo || body.best_of.unwrap_or(1) != 1 || suffix {
+    if body.best_of.unwrap_or(1) != 1 || suffix {
         return Err(ApiError::bad_request(
             "unsupported_parameter",
-            "`echo`, `best_of` other than 1 and `suffix` are not served",
+            "`best_of` other than 1 and `suffix` are not served",
         ));
     }
     // taken out of the body, which lives until the answer is sent (past its body budget);
@@ -182,6 +197,11 @@ pub(crate) async fn completions(
         PromptIn::Text(t) => t.len(),
         PromptIn::Tokens(_) => 0,
     };
+    // for `echo`: the prompt's text as given (`None`: token ids, echoed as they decode)
+    let given = body.echo.then(|| match &prompt {
+        PromptIn::Text(t) => Some(t.clone()),
+        PromptIn::Tokens(_) => None,
+    });
     check_text_bytes(
         &s,
         body.common
@@ -205,11 +225,32 @@ pub(crate) async fn completions(
         PromptIn::Tokens(ids) => ids,
     };
     drop(held);
-    let req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
+    let echo = match given {
+        None => None,
+        Some(Some(text)) => Some(text),
+        Some(None) => {
+            let (tokenizer, ids) = (Arc::clone(&s.tokenizer), suffix.clone());
+            Some(
+                s.tokenizing
+                    .run(move || Ok(tokenizer.decode(&ids, false)?))
+                    .await?,
+            )
+        }
+    };
+    let mut req = BlendRequest::new(Vec::new(), chunks, suffix, mode);
     let top_k = wire::alternatives("logprobs", body.logprobs)?;
-    // OpenAI's default for legacy completions is 16 tokens
-    let mut job = job(&s, &tenant, req, &body.common, 16, top_k, compress)?;
+    if echo.is_some() && body.logprobs.is_some() {
+        req.prompt_logprobs = Some(top_k);
+    }
+    // OpenAI's default for legacy completions is 16 tokens; an echoed prompt may be all
+    // the answer (`max_tokens: 0`)
+    let length = Length {
+        default_max: 16,
+        zero_ok: echo.is_some(),
+    };
+    let mut job = job(&s, &tenant, req, &body.common, length, top_k, compress)?;
     job.prepared.calibration = calibration;
+    job.echo = echo;
     let logprobs = body.logprobs.is_some();
     respond(s, tenant, job, Kind::Text, logprobs, &body.common).await
 }
@@ -392,7 +433,7 @@ fn job(
     tenant: &Arc<Tenant>,
     req: BlendRequest,
     c: &CommonFields,
-    default_max: usize,
+    length: Length,
     top_k: usize,
     compress: Compression,
 ) -> ApiResult<Job> {
@@ -424,15 +465,17 @@ fn job(
     // left out: as much as fits beside the prompt, up to the endpoint's default (OpenAI and
     // vLLM serve a prompt near the context's end; a fixed default refused it)
     let max_tokens = asked.unwrap_or(
-        default_max
+        length
+            .default_max
             .min(s.limits.max_new_tokens)
             .min(ctx.saturating_sub(prompt_tokens)),
     );
-    if asked.is_some() && (max_tokens == 0 || max_tokens > s.limits.max_new_tokens) {
+    let least = usize::from(!length.zero_ok);
+    if asked.is_some() && (max_tokens < least || max_tokens > s.limits.max_new_tokens) {
         return Err(ApiError::bad_request(
             "invalid_max_tokens",
             format!(
-                "max_tokens must be within 1..={} (limits.max_new_tokens)",
+                "max_tokens must be within {least}..={} (limits.max_new_tokens)",
                 s.limits.max_new_tokens
             ),
         ));
@@ -451,7 +494,8 @@ fn job(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if max_tokens == 0 || prompt_tokens.saturating_add(max_tokens) > ctx {
+    let no_room = max_tokens == 0 && !(length.zero_ok && asked == Some(0));
+    if no_room || prompt_tokens.saturating_add(max_tokens) > ctx {
         let why = match asked {
             Some(_) => format!(
                 "{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's context of {ctx}"
@@ -476,6 +520,7 @@ fn job(
             stop_strings,
         },
         top_k,
+        echo: None,
     })
 }
 
@@ -517,14 +562,15 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
             {
                 return Ok(());
             }
-            let (out, work) = job.prepared.run(&st, &tenant)?;
+            let (mut out, work) = job.prepared.run(&st, &tenant)?;
             // the store-back (prefilling and storing the prompt's misses) waits for the
             // answer, and runs whatever became of it: the next request still hits
             let mut stats = out.stats;
             let store = |stats: &mut BlendStats| {
                 stats.stored_back = job.prepared.store_back(&st, &tenant, work).len();
             };
-            if tx2.blocking_send(GenEvent::Started).is_err() {
+            let scored = std::mem::take(&mut out.prompt_logprobs);
+            if tx2.blocking_send(GenEvent::Started(scored)).is_err() {
                 store(&mut stats);
                 return Ok(());
             }
@@ -570,18 +616,23 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
 async fn respond(
     s: AppState,
     tenant: Arc<Tenant>,
-    job: Job,
+    mut job: Job,
     kind: Kind,
     logprobs: bool,
     c: &CommonFields,
 ) -> ApiResult<Response> {
     let prompt_tokens = job.prepared.req.tokens().len();
+    let echo = job
+        .echo
+        .take()
+        .map(|text| (text, job.prepared.req.suffix.clone()));
     let mut rx = spawn(Arc::clone(&s), tenant, job);
-    match rx.recv().await {
-        Some(GenEvent::Started) => {}
+    let scored = match rx.recv().await {
+        Some(GenEvent::Started(scored)) => scored,
         Some(GenEvent::Failed(e)) => return Err(e),
         _ => return Err(ApiError::internal("the generation ended before it started")),
-    }
+    };
+    let echo = echo.map(|(text, ids)| Echoed { text, ids, scored });
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -604,10 +655,43 @@ async fn respond(
     };
     if c.stream {
         let include_usage = c.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream_response(s, rx, shape, include_usage))
+        Ok(stream_response(s, rx, shape, echo, include_usage))
     } else {
-        collect_response(&s, rx, shape).await
+        collect_response(&s, rx, shape, echo).await
     }
+}
+
+/// An echoed prompt (legacy completions' `echo`): its text as given, its token ids, and
+/// all but its first token scored when `logprobs` was asked
+/// (`kvquilt_blend::BlendRequest::prompt_logprobs`).
+struct Echoed {
+    text: String,
+    ids: Vec<u32>,
+    scored: Vec<PromptLogprob>,
+}
+
+impl Echoed {
+    /// The prompt's tokens in legacy `logprobs`: the first one's log-probability and
+    /// alternatives are `null` (nothing before it is scored), as OpenAI lists them.
+    fn entries(&self) -> impl Iterator<Item = Entry<'_>> {
+        let first = self.ids.first().map(|&id| Entry {
+            id,
+            logprob: None,
+            top: None,
+        });
+        first.into_iter().chain(self.scored.iter().map(|p| Entry {
+            id: p.id,
+            logprob: Some(p.logprob),
+            top: Some(&p.top),
+        }))
+    }
+}
+
+/// One token of legacy completions' `logprobs`.
+struct Entry<'a> {
+    id: u32,
+    logprob: Option<f32>,
+    top: Option<&'a [(u32, f32)]>,
 }
 
 /// Response fields fixed for one completion.
@@ -687,6 +771,17 @@ impl Shape {
     /// `offsets`: where the answer stands before `steps` (legacy completions'
     /// `text_offset`), advanced past them.
     fn logprobs(&self, s: &Shared, steps: &[Step], offsets: &mut CharOffsets) -> Value {
+        self.logprobs_after(s, None, steps, offsets)
+    }
+
+    /// [`Shape::logprobs`] with an echoed prompt's tokens first (legacy completions).
+    fn logprobs_after(
+        &self,
+        s: &Shared,
+        echo: Option<&Echoed>,
+        steps: &[Step],
+        offsets: &mut CharOffsets,
+    ) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -704,15 +799,27 @@ impl Shape {
                     "token": text(id), "logprob": lp, "bytes": bytes(id),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()}),
-            Kind::Text => json!({
-                "text_offset": steps.iter().map(|st| offsets.next(&bytes(st.id))).collect::<Vec<_>>(),
-                "tokens": steps.iter().map(|st| text(st.id)).collect::<Vec<_>>(),
-                "token_logprobs": steps.iter().map(|st| st.logprob).collect::<Vec<_>>(),
-                "top_logprobs": steps.iter().map(|st| st.top.iter()
-                    .map(|&(id, lp)| (text(id), json!(lp)))
-                    .collect::<serde_json::Map<String, Value>>())
-                    .collect::<Vec<_>>(),
-            }),
+            Kind::Text => {
+                let answer = steps.iter().map(|st| Entry {
+                    id: st.id,
+                    logprob: Some(st.logprob),
+                    top: Some(&st.top),
+                });
+                let entries: Vec<Entry<'_>> = echo
+                    .into_iter()
+                    .flat_map(Echoed::entries)
+                    .chain(answer)
+                    .collect();
+                json!({
+                    "text_offset": entries.iter().map(|e| offsets.next(&bytes(e.id))).collect::<Vec<_>>(),
+                    "tokens": entries.iter().map(|e| text(e.id)).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": entries.iter().map(|e| e.top.map(|top| top.iter()
+                        .map(|&(id, lp)| (text(id), json!(lp)))
+                        .collect::<serde_json::Map<String, Value>>()))
+                        .collect::<Vec<_>>(),
+                })
+            }
         }
     }
 
@@ -754,12 +861,13 @@ async fn collect_response(
     s: &Shared,
     mut rx: mpsc::Receiver<GenEvent>,
     shape: Shape,
+    echo: Option<Echoed>,
 ) -> ApiResult<Response> {
     let mut steps = Vec::new();
-    let mut text = String::new();
+    let mut text = echo.as_ref().map(|e| e.text.clone()).unwrap_or_default();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Started => {}
+            GenEvent::Started(_) => {}
             GenEvent::Step(st) => {
                 text.push_str(&st.text);
                 steps.push(st);
@@ -770,7 +878,8 @@ async fn collect_response(
                 produced,
                 stats,
             } => {
-                let lp = shape.logprobs(s, &steps, &mut CharOffsets::default());
+                let lp =
+                    shape.logprobs_after(s, echo.as_ref(), &steps, &mut CharOffsets::default());
                 let usage = shape.usage(produced);
                 return Ok(shape.response(text, finish.openai(), lp, usage, &stats));
             }
@@ -783,86 +892,90 @@ fn stream_response(
     s: AppState,
     rx: mpsc::Receiver<GenEvent>,
     shape: Shape,
+    echo: Option<Echoed>,
     include_usage: bool,
 ) -> Response {
-    let first = if shape.kind == Kind::Chat {
+    // (the answer's characters sent so far: legacy logprobs' `text_offset`)
+    let mut offsets = CharOffsets::default();
+    let first = match (shape.kind, echo) {
         // OpenAI's first chunk names the role
-        let role = shape.envelope(
+        (Kind::Chat, _) => Some(shape.envelope(
             vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
             true,
-        );
-        Some(Event::default().data(Value::Object(role).to_string()))
-    } else {
-        None
+        )),
+        // an echoed prompt is the first chunk's text
+        (Kind::Text, Some(echo)) => {
+            let lp = shape.logprobs_after(&s, Some(&echo), &[], &mut offsets);
+            Some(shape.envelope(vec![shape.choice(&echo.text, None, lp, true)], true))
+        }
+        (Kind::Text, None) => None,
     };
-    // (the answer's characters sent so far: legacy logprobs' `text_offset`)
-    let events = stream::unfold(
-        (rx, false, CharOffsets::default()),
-        move |(mut rx, done, mut offset)| {
-            let shape = shape.clone();
-            let s = Arc::clone(&s);
-            async move {
-                if done {
-                    return None;
-                }
-                let ev = match rx.recv().await {
-                    // consumed by `respond` before streaming began; nothing to send
-                    Some(GenEvent::Started) => return Some((Vec::new(), (rx, false, offset))),
-                    // the end-of-turn token that released no held-back text: nothing to send
-                    Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
-                        return Some((Vec::new(), (rx, false, offset)));
-                    }
-                    Some(GenEvent::Step(st)) => {
-                        let lp = match st.eos {
-                            true => Value::Null,
-                            false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
-                        };
-                        let body =
-                            shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
-                        Event::default().data(Value::Object(body).to_string())
-                    }
-                    Some(GenEvent::Done {
-                        finish,
-                        produced,
-                        stats,
-                    }) => {
-                        // the finish chunk; with `include_usage`, OpenAI's last chunk after it:
-                        // no choices, the usage. The last chunk carries the blend's stats.
-                        let mut body = shape.envelope(
-                            vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
-                            true,
-                        );
-                        let mut events = Vec::new();
-                        if include_usage {
-                            events.push(Event::default().data(Value::Object(body).to_string()));
-                            body = shape.envelope(Vec::new(), true);
-                            body.insert("usage".into(), json!(shape.usage(produced)));
-                        }
-                        body.insert("kvquilt".into(), json!(wire::stats(&stats)));
-                        events.push(Event::default().data(Value::Object(body).to_string()));
-                        events.push(Event::default().data("[DONE]"));
-                        return Some((events, (rx, true, offset)));
-                    }
-                    Some(GenEvent::Failed(e)) => {
-                        let body = json!(kvquilt_api::ErrorBody {
-                            error: kvquilt_api::ErrorDetail {
-                                kind: e.kind().into(),
-                                message: e.message,
-                                code: e.code.into(),
-                                param: None,
-                            },
-                        });
-                        return Some((
-                            vec![Event::default().data(body.to_string())],
-                            (rx, true, offset),
-                        ));
-                    }
-                    None => return None,
-                };
-                Some((vec![ev], (rx, false, offset)))
+    let first = first.map(|body| Event::default().data(Value::Object(body).to_string()));
+    let events = stream::unfold((rx, false, offsets), move |(mut rx, done, mut offset)| {
+        let shape = shape.clone();
+        let s = Arc::clone(&s);
+        async move {
+            if done {
+                return None;
             }
-        },
-    )
+            let ev = match rx.recv().await {
+                // consumed by `respond` before streaming began; nothing to send
+                Some(GenEvent::Started(_)) => {
+                    return Some((Vec::new(), (rx, false, offset)));
+                }
+                // the end-of-turn token that released no held-back text: nothing to send
+                Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
+                    return Some((Vec::new(), (rx, false, offset)));
+                }
+                Some(GenEvent::Step(st)) => {
+                    let lp = match st.eos {
+                        true => Value::Null,
+                        false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
+                    };
+                    let body = shape.envelope(vec![shape.choice(&st.text, None, lp, true)], true);
+                    Event::default().data(Value::Object(body).to_string())
+                }
+                Some(GenEvent::Done {
+                    finish,
+                    produced,
+                    stats,
+                }) => {
+                    // the finish chunk; with `include_usage`, OpenAI's last chunk after it:
+                    // no choices, the usage. The last chunk carries the blend's stats.
+                    let mut body = shape.envelope(
+                        vec![shape.choice("", Some(finish.openai()), Value::Null, true)],
+                        true,
+                    );
+                    let mut events = Vec::new();
+                    if include_usage {
+                        events.push(Event::default().data(Value::Object(body).to_string()));
+                        body = shape.envelope(Vec::new(), true);
+                        body.insert("usage".into(), json!(shape.usage(produced)));
+                    }
+                    body.insert("kvquilt".into(), json!(wire::stats(&stats)));
+                    events.push(Event::default().data(Value::Object(body).to_string()));
+                    events.push(Event::default().data("[DONE]"));
+                    return Some((events, (rx, true, offset)));
+                }
+                Some(GenEvent::Failed(e)) => {
+                    let body = json!(kvquilt_api::ErrorBody {
+                        error: kvquilt_api::ErrorDetail {
+                            kind: e.kind().into(),
+                            message: e.message,
+                            code: e.code.into(),
+                            param: None,
+                        },
+                    });
+                    return Some((
+                        vec![Event::default().data(body.to_string())],
+                        (rx, true, offset),
+                    ));
+                }
+                None => return None,
+            };
+            Some((vec![ev], (rx, false, offset)))
+        }
+    })
     .flat_map(stream::iter);
     let all = stream::iter(first).chain(events).map(Ok::<_, Infallible>);
     Sse::new(all)
