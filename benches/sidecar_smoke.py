@@ -8,7 +8,8 @@ three times (the first computes them, the next two read them from the store: eve
 hit, the same answer twice, the logprobs' tokens joined equal to the content); the streamed
 answer equals the stored one and ends with usage and [DONE]; reuse, blend at 0.3 and full
 answer; a conversation ending with an assistant's message; a token-id completion whose
-`text_offset` has one entry per token; a text completion with a document; refusals (top_k,
+`text_offset` has one entry per token; a text completion with a document; `echo` as lm-eval's
+log-likelihood requests send it (the prompt scored, its first token null) and alone; refusals (top_k,
 n, an unknown role, max_tokens past the limit, a token id outside the vocabulary); stats and
 metrics answer.
 """
@@ -112,6 +113,28 @@ ok = s == 200 and len(v["choices"][0]["logprobs"]["text_offset"]) == len(v["choi
 check("token-id completion, text_offset", ok, v)
 s, v = call("POST", "/v1/completions", {"prompt": "The capital of France is", "documents": DOCS[:1], "max_tokens": 8})
 check("text completion with a document", s == 200, v)
+
+# lm-eval's log-likelihood request (`local-completions`): the prompt echoed and scored, one
+# token generated; lm-eval sums token_logprobs[ctxlen:-1] and calls it greedy where each equals
+# the best of its top_logprobs
+ctx, cont = [504, 3458, 314, 3316, 282], [2630, 314]
+s, v = call("POST", "/v1/completions", {"prompt": [ctx + cont], "max_tokens": 1, "logprobs": 1,
+                                        "echo": True, "temperature": 0})
+ok = s == 200
+if ok:
+    lp = v["choices"][0]["logprobs"]
+    n = len(ctx) + len(cont)
+    scored = lp["token_logprobs"][len(ctx):-1]
+    ok = (len(lp["tokens"]) == n + 1 and lp["token_logprobs"][0] is None
+          and lp["top_logprobs"][0] is None and len(scored) == len(cont)
+          and all(x is not None and x <= 0 for x in scored)
+          and all(x <= max(t.values()) + 1e-5 for x, t in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+          and abs(lp["token_logprobs"][-1] - max(lp["top_logprobs"][-1].values())) < 1e-5
+          and "".join(lp["tokens"]) == v["choices"][0]["text"])
+    v = {"text": v["choices"][0]["text"], "loglikelihood": sum(scored), "continuation": scored}
+check("echo with logprobs (lm-eval log-likelihood)", ok, v)
+s, v = call("POST", "/v1/completions", {"prompt": "The capital of France is", "echo": True, "max_tokens": 0})
+check("echo alone, max_tokens 0", s == 200 and v["choices"][0]["text"] == "The capital of France is", v)
 
 # refusals
 for body, want in [({"messages": Q, "top_k": 5}, "top_k"), ({"messages": Q, "n": 2}, "n"),
