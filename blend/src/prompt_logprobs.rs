@@ -62,19 +62,17 @@ pub(crate) fn score(
 
 /// The output head over a request's suffix: the last token's f32 logits `[vocab]` from
 /// `hidden`, the suffix's last hidden rows `[suffix.len(), hidden]` (before the final
-/// norm), and — when the request asked ([`BlendRequest::prompt_logprobs`]) — its tokens
-/// scored. Every mode ends here, so a request's first token does not depend on whether its
-/// prompt was scored.
+/// norm), and those rows again when the request asked to score them
+/// ([`BlendRequest::prompt_logprobs`]): [`crate::Blender::run_deferring`] scores them after
+/// the pass, outside the first token's time, the cost model's samples and the pass's turn
+/// before other requests' decode steps. Every mode ends here, so a request's first token
+/// does not depend on whether its prompt is scored.
 pub(crate) fn suffix_head(
     model: &Model,
     hidden: &Tensor,
     req: &BlendRequest,
-) -> Result<(Tensor, Vec<PromptLogprob>)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let last = hidden.narrow(0, req.suffix.len().saturating_sub(1), 1)?;
     let logits = model.logits(&last)?.squeeze(0)?;
-    let scored = match req.prompt_logprobs {
-        None => Vec::new(),
-        Some(k) => score(model, hidden, &req.suffix, k)?,
-    };
-    Ok((logits, scored))
+    Ok((logits, req.prompt_logprobs.map(|_| hidden.clone())))
 }

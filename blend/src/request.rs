@@ -1,10 +1,11 @@
 //! What a blend is asked to do and what it reports.
 
 use kvquilt_kvstore::{ChunkKey, TierKind};
-use kvquilt_model::{KvCache, Tensor};
+use kvquilt_model::{KvCache, Model, Tensor};
 use serde::Serialize;
 
 use crate::config::Mode;
+use crate::error::Result;
 
 /// One prompt: a prefix (cached like a chunk; it sits at position 0, so its cached KV is
 /// exact), retrieved chunks in prompt order, and a suffix (the question and the assistant
@@ -200,6 +201,9 @@ pub struct BlendOutput {
     /// (blend: the recomputed cache, not full prefill's), when the request asked
     /// ([`BlendRequest::prompt_logprobs`]); otherwise empty.
     pub prompt_logprobs: Vec<crate::PromptLogprob>,
+    /// The suffix's last hidden rows, kept by a mode for [`BlendOutput::score_suffix`] when
+    /// the request asked for its tokens' scores.
+    pub(crate) suffix_rows: Option<Tensor>,
 }
 
 impl BlendOutput {
@@ -211,7 +215,16 @@ impl BlendOutput {
             stats,
             stored: Vec::new(),
             prompt_logprobs: Vec::new(),
+            suffix_rows: None,
         }
+    }
+
+    /// Scores the suffix rows a mode kept (`prompt_logprobs`), once: `k` alternatives each.
+    pub(crate) fn score_suffix(&mut self, model: &Model, suffix: &[u32], k: usize) -> Result<()> {
+        if let Some(rows) = self.suffix_rows.take() {
+            self.prompt_logprobs = crate::prompt_logprobs::score(model, &rows, suffix, k)?;
+        }
+        Ok(())
     }
 
     /// Records what the request's store-back stored (`stats.stored_back` is its count).

@@ -1239,6 +1239,46 @@ async fn echo_returns_the_prompt_scored_first() {
         .iter()
         .collect();
     assert_eq!(offsets, whole);
+    // lm-eval's log-likelihood request (`[[ids]]`, `max_tokens: 1`, `logprobs: 1`) reads the
+    // continuation's scores as `token_logprobs[ctxlen:-1]`: the generated token is listed
+    // last even when it ends the answer (it was left out, and the slice lost the
+    // continuation's last token). This prompt's greedy next token is the tiny model's end
+    // of sequence (by 0.55 nats).
+    let ends = [238u32, 80, 114, 115];
+    let v = ask(
+        json!({"prompt": [ends], "max_tokens": 1, "logprobs": 1, "echo": true,
+                       "temperature": 0}),
+    )
+    .await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "the premise: {v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let scores = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(scores.len(), ends.len() + 1, "{lp}");
+    assert!(
+        scores[ends.len()].is_number(),
+        "the end of sequence is listed: {lp}"
+    );
+    let streamed = app
+        .sse(
+            "/v1/completions",
+            json!({"prompt": [ends], "max_tokens": 1, "logprobs": 1, "echo": true, "stream": true}),
+        )
+        .await;
+    let listed: Vec<&Value> = streamed
+        .iter()
+        .filter(|e| !e["choices"][0]["logprobs"].is_null())
+        .flat_map(|e| {
+            e["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(listed, scores.iter().collect::<Vec<_>>());
+    // an echoed prompt alone decodes nothing: a decode pool asked for is checked, not refused
+    let v = ask(json!({"prompt": "hello w", "echo": true, "max_tokens": 0,
+                       "kvquilt": {"compress": {"decode": {"policy": "scope-slide", "budget": 8}}}}))
+    .await;
+    assert_eq!(v["choices"][0]["text"], "hello w");
     // echo without logprobs: the text alone
     let v = ask(json!({"prompt": "hello w", "echo": true, "max_tokens": 1})).await;
     assert!(

@@ -431,7 +431,7 @@ impl Blender {
         // not while it waits on a store: the modes pause the turn around those waits)
         let turn = self.priority.turn();
         self.validate(req)?;
-        let out = match &req.mode {
+        let ran = match &req.mode {
             Mode::Full => modes::full::run(self, req, start),
             Mode::Prefix => modes::prefix::run(self, namespace, req, start, &turn),
             Mode::Reuse => modes::reuse::run(self, namespace, req, start, &turn),
@@ -440,14 +440,21 @@ impl Blender {
                 modes::blend::run(self, namespace, req, cfg, start, &turn)
             }
         };
-        if let Err(e) = &out
+        if let Err(e) = &ran
             && e.is_out_of_device_memory()
             && let Some(tier) = &self.device_tier
         {
             let shed = tier.shed();
             tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
         }
-        out
+        // the first token is ready: scoring the suffix's own tokens, when asked, is not the
+        // pass's work (other requests' decode steps go on)
+        drop(turn);
+        let (mut out, work) = ran?;
+        if let Some(k) = req.prompt_logprobs {
+            out.score_suffix(&self.model, &req.suffix, k)?;
+        }
+        Ok((out, work))
     }
 
     /// Prefills `tokens` alone by `codec`'s chunk contract and records the prefill rate in the

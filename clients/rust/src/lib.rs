@@ -33,9 +33,11 @@ pub use kvquilt_api::{
     Health, Layout, ModeSpec, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
     SegmentSource, Stats, Tier, TokenLogprob,
 };
+/// The HTTP method of a [`Client::raw`] request.
+pub use reqwest::Method;
 
 use bytes::Bytes;
-use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;

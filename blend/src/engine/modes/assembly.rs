@@ -177,7 +177,10 @@ impl Assembly<'_> {
             stats.lossy_hits += usize::from(lossy);
         }
         stats.ttft_ms = ms(&b.model, start)?;
-        if let Some(estimate) = self.estimate_s {
+        // (a scored request's reuse runs eagerly where a graph was estimated: not a sample)
+        if let Some(estimate) = self.estimate_s
+            && req.prompt_logprobs.is_none()
+        {
             b.costs
                 .record_mode(self.mode, estimate, stats.ttft_ms / 1e3);
         }

@@ -68,11 +68,11 @@ pub(crate) fn run(
     let r = blend(
         &b.model, &a.tokens, &roles, cfg, &mut cache, &mut fill, &clock, query,
     )?;
-    let (logits, scored) = suffix_head(&b.model, &r.suffix_hidden, req)?;
+    let (logits, rows) = suffix_head(&b.model, &r.suffix_hidden, req)?;
     let phases = clock.into_inner().finish()?;
     let (mut out, work) = a.finish(b, req, start, logits, cache, r.recomputed)?;
     out.stats.phases = phases;
-    out.prompt_logprobs = scored;
+    out.suffix_rows = rows;
     Ok((out, work))
 }
 

@@ -69,7 +69,7 @@ fn prefill_all(
     b.costs
         .record_full_prefill(tokens.len(), device_elapsed(&b.model, t0)?.as_secs_f64());
     let n = req.suffix.len();
-    let (logits, scored) = suffix_head(&b.model, &hidden.narrow(0, tokens.len() - n, n)?, req)?;
+    let (logits, rows) = suffix_head(&b.model, &hidden.narrow(0, tokens.len() - n, n)?, req)?;
     let mut stats = BlendStats::new(&Mode::Full, tokens.len(), req.suffix.len());
     stats.fell_back_to_full = fallback.is_some();
     stats.fallback = fallback;
@@ -77,6 +77,6 @@ fn prefill_all(
     stats.recompute_fraction = 1.0;
     stats.ttft_ms = ms(&b.model, start)?;
     let mut out = BlendOutput::new(logits, cache, stats);
-    out.prompt_logprobs = scored;
+    out.suffix_rows = rows;
     Ok(out)
 }

@@ -63,11 +63,11 @@ pub(crate) fn run(
     let hidden =
         b.model
             .prefill_hidden(&req.suffix, &positions(at, req.suffix.len()), &mut cache)?;
-    let (logits, scored) = suffix_head(&b.model, &hidden, req)?;
+    let (logits, rows) = suffix_head(&b.model, &hidden, req)?;
     stats.ttft_ms = ms(&b.model, start)?;
     stats.recompute_fraction = fraction(stats.recomputed_tokens, at);
     let mut out = BlendOutput::new(logits, cache, stats);
-    out.prompt_logprobs = scored;
+    out.suffix_rows = rows;
     Ok((out, StoreBack::new(req, pending)))
 }
 

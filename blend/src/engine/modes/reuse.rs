@@ -77,11 +77,11 @@ pub(crate) fn run(
         )?)
     })?;
     clock.borrow_mut().enter("head")?;
-    let (logits, scored) = suffix_head(&b.model, &out.hidden, req)?;
+    let (logits, rows) = suffix_head(&b.model, &out.hidden, req)?;
     let phases = clock.into_inner().finish()?;
     let (mut out, work) = a.finish(b, req, start, logits, cache, 0)?;
     out.stats.phases = phases;
-    out.prompt_logprobs = scored;
+    out.suffix_rows = rows;
     Ok((out, work))
 }
 

@@ -507,7 +507,10 @@ fn job(
         return Err(ApiError::bad_request("too_many_tokens", why));
     }
     Ok(Job {
-        decode_pool: compress.decode_pool(max_tokens)?,
+        // (checked as for one token; an echoed prompt alone decodes nothing)
+        decode_pool: compress
+            .decode_pool(max_tokens.max(1))?
+            .filter(|_| max_tokens > 0),
         prepared: prepare(s, tenant, req, compress.prompt)?,
         sampling: Sampling {
             temperature,
@@ -651,6 +654,7 @@ async fn respond(
         created,
         model: s.model_name.clone(),
         logprobs,
+        list_eos: echo.is_some(),
         prompt_tokens,
     };
     if c.stream {
@@ -702,6 +706,11 @@ struct Shape {
     created: u64,
     model: String,
     logprobs: bool,
+    /// Legacy logprobs list the answer's end-of-sequence token too (with `echo`: lm-eval
+    /// reads a prompt's scores as every entry but the last, the one generated token, which
+    /// may be the end of sequence); otherwise it is listed in no logprobs, so the listed
+    /// tokens' texts join to the answer.
+    list_eos: bool,
     prompt_tokens: usize,
 }
 
@@ -788,8 +797,9 @@ impl Shape {
         let text = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
         // a token's own bytes: a piece of a character keeps them (its text is U+FFFD)
         let bytes = |id: u32| s.tokenizer.token_bytes(id);
-        // the answer's tokens: joined, their texts are its text
-        let steps: Vec<&Step> = steps.iter().filter(|st| !st.eos).collect();
+        // the answer's tokens: joined, their texts are its text (with `list_eos`, and the
+        // end of sequence's)
+        let steps: Vec<&Step> = steps.iter().filter(|st| !st.eos || self.list_eos).collect();
         match self.kind {
             Kind::Chat => json!({"content": steps.iter().map(|st| json!({
                 "token": text(st.id),
@@ -923,12 +933,15 @@ fn stream_response(
                 Some(GenEvent::Started(_)) => {
                     return Some((Vec::new(), (rx, false, offset)));
                 }
-                // the end-of-turn token that released no held-back text: nothing to send
-                Some(GenEvent::Step(st)) if st.eos && st.text.is_empty() => {
+                // the end-of-turn token that released no held-back text: nothing to send,
+                // unless its logprobs are listed
+                Some(GenEvent::Step(st))
+                    if st.eos && st.text.is_empty() && !(shape.list_eos && shape.logprobs) =>
+                {
                     return Some((Vec::new(), (rx, false, offset)));
                 }
                 Some(GenEvent::Step(st)) => {
-                    let lp = match st.eos {
+                    let lp = match st.eos && !shape.list_eos {
                         true => Value::Null,
                         false => shape.logprobs(&s, std::slice::from_ref(&st), &mut offset),
                     };
