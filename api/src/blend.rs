@@ -290,6 +290,11 @@ pub struct BlendStats {
     pub recomputed_tokens: usize,
     /// `recomputed_tokens` over the chunk tokens, `0..=1`.
     pub recompute_fraction: f64,
+    /// Prompt tokens whose stored KV was used exactly as full prefill computes it (prefix
+    /// links; the prefix segment computed alone at position 0), as OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens` counts them; blended chunks are not.
+    #[serde(default)]
+    pub cached_tokens: usize,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,
     /// What the request's token policy did, when it asked for one.
@@ -322,6 +327,7 @@ mod tests {
             stored_back: 1,
             recomputed_tokens: 8,
             recompute_fraction: 1.0,
+            cached_tokens: 0,
             ttft_ms: 1.5,
             compression: None,
             calibration: None,

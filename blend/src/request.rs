@@ -132,6 +132,12 @@ pub struct BlendStats {
     pub recomputed_tokens: usize,
     /// `recomputed_tokens` over the non-suffix tokens.
     pub recompute_fraction: f64,
+    /// Prompt tokens whose stored KV was used exactly as full prefill computes it: the
+    /// links of `prefix` mode read from the store, and elsewhere the prefix segment read
+    /// as stored when it was computed alone at position 0 (it opens with the chunk
+    /// encoding's sink, or there is none). Chunks placed at new positions are not counted,
+    /// nor anything decoded from a lossy codec: OpenAI's `cached_tokens`.
+    pub cached_tokens: usize,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,
     /// Per-phase times when the request asked for them ([`BlendRequest::time_phases`]).
@@ -164,6 +170,7 @@ impl BlendStats {
             stored_back: 0,
             recomputed_tokens: 0,
             recompute_fraction: 0.0,
+            cached_tokens: 0,
             ttft_ms: 0.0,
             phases: Vec::new(),
             compression: None,

@@ -1320,3 +1320,60 @@ fn the_suffix_s_own_tokens_are_scored_as_prefill_scores_them() {
         }
     }
 }
+
+/// `cached_tokens` (OpenAI's `usage.prompt_tokens_details`) counts only tokens whose stored
+/// KV is exactly what full prefill computes: every link `prefix` mode reads, the prefix
+/// segment `reuse` and `blend` read (computed alone at position 0), never chunks placed at
+/// new positions, and nothing a request computed.
+#[test]
+fn cached_tokens_count_exact_reuse_only() {
+    let s = setup(tiny("llama"));
+    let b = &s.blender;
+    let (prefix, chunks) = (toks(31, 12, 512), vec![toks(32, 20, 512), toks(33, 9, 512)]);
+    let r = req(prefix.clone(), chunks, toks(34, 5, 512), Mode::Prefix);
+    let first = b.run(b"", &r).unwrap();
+    assert_eq!(first.stats.cached_tokens, 0, "nothing stored yet");
+    let again = b.run(b"", &r).unwrap();
+    assert_eq!(
+        again.stats.cached_tokens,
+        12 + 20 + 9,
+        "{:?}",
+        again.stats.segments
+    );
+    assert_eq!(
+        b.run(b"", &with_mode(&r, Mode::Full))
+            .unwrap()
+            .stats
+            .cached_tokens,
+        0
+    );
+    for (ns, mode) in [
+        (b"x", Mode::Reuse),
+        (b"y", Mode::Blend(BlendConfig::cacheblend(0.3))),
+    ] {
+        let cold = b.run(ns, &with_mode(&r, mode.clone())).unwrap();
+        assert_eq!(
+            cold.stats.cached_tokens, 0,
+            "{mode:?}: another namespace, all missed"
+        );
+        let out = b.run(ns, &with_mode(&r, mode.clone())).unwrap();
+        assert!(
+            out.stats
+                .segments
+                .iter()
+                .all(|s| matches!(s, SegmentSource::Hit(_)))
+        );
+        assert_eq!(
+            out.stats.cached_tokens,
+            prefix.len(),
+            "{mode:?}: the prefix alone"
+        );
+    }
+    // a prefix encoded behind a sink it does not open with is not prefill's KV
+    let s = setup_custom(tiny("llama"), false, Some(ChunkEncoding::Sink(vec![7])), 0);
+    let reuse = with_mode(&r, Mode::Reuse);
+    s.blender.run(b"", &reuse).unwrap();
+    let out = s.blender.run(b"", &reuse).unwrap();
+    assert!(matches!(out.stats.segments[0], SegmentSource::Hit(_)));
+    assert_eq!(out.stats.cached_tokens, 0);
+}

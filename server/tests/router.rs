@@ -1290,6 +1290,56 @@ async fn echo_returns_the_prompt_scored_first() {
     assert_eq!(v["choices"][0]["logprobs"], Value::Null);
 }
 
+/// `usage.prompt_tokens_details.cached_tokens` (what LiteLLM and LangChain read) counts the
+/// prompt tokens reused exactly, `kvquilt.cached_tokens`: none the first time, the stored
+/// conversation opening the next (never the blended documents), in the streamed usage too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_the_prompt_tokens_reused_exactly() {
+    // (every request runs its mode: on the tiny model a blend would fall back to full)
+    let mut config = Config::default();
+    config.blend.fall_back_to_full = false;
+    let app = TestApp::new(config);
+    let messages =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    for (mode, spec) in [
+        ("prefix", json!({"mode": "prefix"})),
+        ("blend", json!({"mode": "blend", "ratio": 0.5})),
+    ] {
+        let body = json!({"messages": messages, "documents": [DOCS[0], DOCS[2]], "max_tokens": 2,
+                          "kvquilt": spec});
+        let (status, first) = app
+            .json("POST", "/v1/chat/completions", None, body.clone())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        let (_, again) = app
+            .json("POST", "/v1/chat/completions", None, body.clone())
+            .await;
+        let n = again["kvquilt"]["cached_tokens"].as_u64().unwrap();
+        assert_eq!(cached(&again), json!(n), "{again}");
+        assert!(n > 0, "{mode}: {again}");
+        let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
+        match mode {
+            // every link of the chain: all but the question
+            "prefix" => assert_eq!(
+                n,
+                prompt - again["kvquilt"]["suffix_tokens"].as_u64().unwrap()
+            ),
+            // the opening alone: the documents are blended
+            _ => assert!(n < prompt - again["kvquilt"]["suffix_tokens"].as_u64().unwrap()),
+        }
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let events = app.sse("/v1/chat/completions", streamed).await;
+        let usage = events
+            .iter()
+            .find(|e| e["usage"].is_object())
+            .expect("a usage chunk");
+        assert_eq!(cached(usage), json!(n));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_serves_exactly_the_listed_routes() {
     let table: BTreeSet<_> = kvquilt::serve::routes()

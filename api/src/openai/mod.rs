@@ -333,15 +333,32 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// OpenAI's breakdown of the prompt tokens (always sent by kvquilt; absent in older
+    /// answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the cache exactly as a prefix cache serves them
+    /// ([`BlendStats::cached_tokens`]); chunks blended from the store count under `kvquilt`.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    /// Usage of `completion` tokens generated after `prompt` tokens.
-    pub fn new(prompt: usize, completion: usize) -> Self {
+    /// Usage of `completion` tokens generated after `prompt` tokens, `cached` of them
+    /// served from the cache exactly.
+    pub fn new(prompt: usize, completion: usize, cached: usize) -> Self {
         Self {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached,
+            }),
         }
     }
 }

@@ -136,7 +136,9 @@ class BlendResult:
 class ChatResult:
     text: str
     finish_reason: str
-    usage: Dict[str, int]
+    #: OpenAI's usage: token counts, and ``prompt_tokens_details.cached_tokens`` (the prompt
+    #: tokens reused exactly; blended documents count in ``stats``)
+    usage: Dict[str, Any]
     stats: Dict[str, Any] = field(default_factory=dict)
     #: with ``logprobs``: each generated token's ``{token, logprob, bytes, top_logprobs}``
     #: (OpenAI's ``logprobs.content``; the end-of-turn token is not listed)
@@ -150,7 +152,7 @@ class StreamEvent:
 
     text: str = ""
     finish_reason: Optional[str] = None
-    usage: Optional[Dict[str, int]] = None
+    usage: Optional[Dict[str, Any]] = None
     stats: Optional[Dict[str, Any]] = None
     #: with ``logprobs``: the piece's tokens as :attr:`ChatResult.logprobs` lists them
     logprobs: Optional[List[Dict[str, Any]]] = None

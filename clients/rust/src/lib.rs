@@ -26,7 +26,7 @@ pub use kvquilt_api as api;
 pub use kvquilt_api::openai::{
     AssistantMessage, ChatChoice, ChatMessage, ChatRequest, ChatResponse, CommonFields,
     CompletionChoice, CompletionRequest, CompletionResponse, Content, ModelCalibration, ModelList,
-    Stop, Usage,
+    PromptTokensDetails, Stop, Usage,
 };
 pub use kvquilt_api::{
     BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkOutcome, ChunkRef, ChunkStatus,

@@ -76,6 +76,7 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         stored_back: s.stored_back,
         recomputed_tokens: s.recomputed_tokens,
         recompute_fraction: s.recompute_fraction,
+        cached_tokens: s.cached_tokens,
         ttft_ms: s.ttft_ms,
         compression: s.compression.as_ref().map(compression_stats),
         calibration: s.calibration.clone(),

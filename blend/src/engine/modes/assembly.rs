@@ -14,7 +14,7 @@ use crate::engine::sources::Sources;
 use crate::engine::{Blender, fraction, ms};
 use crate::error::Result;
 use crate::priority::PromptTurn;
-use crate::request::{BlendOutput, BlendRequest, BlendStats};
+use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
 /// A `reuse` or `blend` request ready for its forward pass.
 pub(super) struct Assembly<'r> {
@@ -172,9 +172,15 @@ impl Assembly<'_> {
         recomputed: usize,
     ) -> Result<Ran> {
         let mut stats = self.stats;
-        for (how, lossy) in self.sources.placed() {
+        // (the prefix, when there is one, is the first segment placed)
+        let exact_prefix =
+            !req.prefix.is_empty() && self.codec.encoding().sink_for(&req.prefix).is_empty();
+        for (i, (how, lossy)) in self.sources.placed().enumerate() {
             stats.count(how);
             stats.lossy_hits += usize::from(lossy);
+            if i == 0 && exact_prefix && matches!(how, SegmentSource::Hit(_)) && !lossy {
+                stats.cached_tokens = req.prefix.len();
+            }
         }
         stats.ttft_ms = ms(&b.model, start)?;
         // (a scored request's reuse runs eagerly where a graph was estimated: not a sample)

@@ -46,6 +46,9 @@ pub(crate) fn run(
                     stats.count(SegmentSource::Hit(tier));
                     stats.lossy_hits += usize::from(lossy);
                     exact &= !lossy;
+                    if exact {
+                        stats.cached_tokens += seg.len();
+                    }
                     at += seg.len();
                     continue;
                 }

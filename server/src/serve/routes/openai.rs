@@ -723,8 +723,8 @@ impl Shape {
         }
     }
 
-    fn usage(&self, produced: usize) -> Usage {
-        Usage::new(self.prompt_tokens, produced)
+    fn usage(&self, produced: usize, stats: &BlendStats) -> Usage {
+        Usage::new(self.prompt_tokens, produced, stats.cached_tokens)
     }
 
     /// The whole (not streamed) answer.
@@ -890,7 +890,7 @@ async fn collect_response(
             } => {
                 let lp =
                     shape.logprobs_after(s, echo.as_ref(), &steps, &mut CharOffsets::default());
-                let usage = shape.usage(produced);
+                let usage = shape.usage(produced, &stats);
                 return Ok(shape.response(text, finish.openai(), lp, usage, &stats));
             }
         }
@@ -963,7 +963,7 @@ fn stream_response(
                     if include_usage {
                         events.push(Event::default().data(Value::Object(body).to_string()));
                         body = shape.envelope(Vec::new(), true);
-                        body.insert("usage".into(), json!(shape.usage(produced)));
+                        body.insert("usage".into(), json!(shape.usage(produced, &stats)));
                     }
                     body.insert("kvquilt".into(), json!(wire::stats(&stats)));
                     events.push(Event::default().data(Value::Object(body).to_string()));
