@@ -344,6 +344,13 @@ impl RemoteSettings {
             }
         }
         let codec = codecs.remote_codec()?;
+        if let Some(seed) = self.seeds.iter().find(|s| s.starts_with("rediss://")) {
+            bail!(
+                "store.remote.seeds: {seed:?} asks for TLS, which this build's Redis client does \
+                 not speak (plain TCP only): reach the cluster over a private network or a TLS \
+                 tunnel, and give its `redis://` or `host:port` address"
+            );
+        }
         if let Some(seed) = self.seeds.iter().find(|s| !is_seed(s)) {
             bail!("store.remote.seeds: {seed:?} is not a `host:port` address or a `redis://` URL");
         }
@@ -384,11 +391,11 @@ fn is_host_port(s: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
-/// Whether a seed reads as `host:port` or as a URL (`redis://…`, `rediss://…`, which the
-/// client parses itself).
+/// Whether a seed reads as `host:port` or as a `redis://…` URL (which the client parses
+/// itself; a cluster client takes no other scheme, and `rediss://` needs TLS, not built in).
 fn is_seed(s: &str) -> bool {
     match s.split_once("://") {
-        Some((scheme, rest)) => !scheme.is_empty() && !rest.is_empty(),
+        Some((scheme, rest)) => scheme == "redis" && !rest.is_empty(),
         None => is_host_port(s),
     }
 }
@@ -964,10 +971,22 @@ mod tests {
         );
         // the bounds themselves are accepted
         let c: Config = toml::from_str(
-            "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\", \"redis://redis-b\", \"rediss://c:6380/0\"]\nnegative_ttl_ms = 0\n",
+            "device = \"cuda:1\"\ndtype = \"bf16\"\n[limits]\nworkers = 256\n[store.remote]\nseeds = [\"redis-a:7000\", \"[::1]:7001\", \"redis://redis-b\", \"redis://c:6380/0\"]\nnegative_ttl_ms = 0\n",
         )
         .unwrap();
         c.validate().unwrap();
+        // a scheme the client cannot connect with is refused by name, not found out at the
+        // first remote read (TLS: the client was built without it)
+        for (seed, says) in [
+            ("rediss://c:6380/0", "TLS"),
+            ("unix:///tmp/redis.sock", "redis://"),
+            ("http://c:6379", "redis://"),
+        ] {
+            let c: Config =
+                toml::from_str(&format!("[store.remote]\nseeds = [{seed:?}]\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(seed) && e.contains(says), "{seed}: {e}");
+        }
     }
 
     #[test]
