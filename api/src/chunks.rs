@@ -233,4 +233,31 @@ pub struct ChunkInfo {
     /// The token ids, when asked for with `include_tokens=true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// Its pin, while one holds (`POST /v1/chunks/{id}/pin`); absent when it may be evicted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<Pinned>,
+}
+
+/// A chunk's pin: it is kept from eviction in every tier holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Pinned {
+    /// When the pin lapses (seconds since the Unix epoch); absent: held until unpinned or
+    /// the chunk is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_unix_s: Option<u64>,
+}
+
+/// The longest pin with a time to live: ten years, in seconds.
+pub const MAX_PIN_TTL_S: u64 = 315_360_000;
+
+/// `POST /v1/chunks/{id}/pin`'s body: `{}` pins until unpinned; `ttl_s` pins for that many
+/// seconds (1..=[`MAX_PIN_TTL_S`]). A new pin replaces the chunk's old one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    /// Seconds the pin holds; absent or `null`: until unpinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
 }

@@ -30,7 +30,7 @@ pub use blend::{
 pub use bounded::{MAX_CHECKED_VALUES, MAX_MESSAGE_ITEMS};
 pub use chunks::{
     ChunkInfo, ChunkInfoQuery, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout, MAX_CHUNKS,
-    PutChunksRequest, PutChunksResponse, Tier,
+    MAX_PIN_TTL_S, PinRequest, Pinned, PutChunksRequest, PutChunksResponse, Tier,
 };
 pub use error::{ErrorBody, ErrorDetail};
 pub use object::Object;

@@ -81,6 +81,16 @@ pub const ROUTES: &[Route] = &[
         "Remove a chunk from every tier",
     ),
     route(
+        Method::Post,
+        "/v1/chunks/{id}/pin",
+        "Keep a chunk from eviction in every tier, until unpinned or for `ttl_s` seconds",
+    ),
+    route(
+        Method::Delete,
+        "/v1/chunks/{id}/pin",
+        "Let a pinned chunk be evicted again",
+    ),
+    route(
         Method::Get,
         "/v1/chunks/{id}/kv",
         "The chunk's KV object (binary format)",

@@ -1340,6 +1340,92 @@ async fn usage_counts_the_prompt_tokens_reused_exactly() {
     }
 }
 
+/// `POST /v1/chunks/{id}/pin` keeps a chunk through evictions that take every unpinned one,
+/// `DELETE …/pin` lets it go; a pin's time to live is bounded, and only the owner's id
+/// reaches its chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_chunk_survives_evictions_until_unpinned() {
+    use kvquilt_kvstore::{StoreConfig, TieredStore};
+    // a host tier of ~5 chunks of 40–70 tokens (512 bytes a token in the tiny model), no
+    // tier below
+    let store = TieredStore::open(StoreConfig::host_only(192 * 1024)).unwrap();
+    let app = TestApp::with_store(limited(), store);
+    let pinned = put_text(&app, T, DOCS[0]).await.chunks[0].id.clone();
+    let loose = put_text(&app, T, DOCS[2]).await.chunks[0].id.clone();
+    let pin = |id: &str| format!("/v1/chunks/{id}/pin");
+    let (status, v) = app.json("POST", &pin(&pinned), T, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let info: ChunkInfo = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        info.pinned.map(|p| p.until_unix_s),
+        Some(None),
+        "held until unpinned"
+    );
+    for i in 0..12 {
+        let text =
+            format!("Filler passage number {i} about the weather in Quenmoor, which is mild.");
+        put_text(&app, T, &text).await;
+    }
+    let info = async |id: &str| {
+        app.json("GET", &format!("/v1/chunks/{id}"), T, Value::Null)
+            .await
+    };
+    let (status, v) = info(&pinned).await;
+    assert_eq!(status, StatusCode::OK, "the pinned chunk was evicted: {v}");
+    assert!(v["pinned"].is_object(), "{v}");
+    let (status, _) = info(&loose).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "an unpinned chunk of the same age stayed"
+    );
+    // a time to live: 1.. up to ten years; a pin replaces the one before
+    let r = app
+        .json("POST", &pin(&pinned), T, json!({"ttl_s": 0}))
+        .await;
+    assert_err(&r, 400, "invalid_ttl", "ttl_s");
+    let r = app
+        .json("POST", &pin(&pinned), T, json!({"ttl_s": u64::MAX}))
+        .await;
+    assert_err(&r, 400, "invalid_ttl", "ttl_s");
+    let r = app.json("POST", &pin(&pinned), T, json!({"ttl": 5})).await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST, "{}", r.1);
+    let (status, v) = app
+        .json("POST", &pin(&pinned), T, json!({"ttl_s": 3600}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let until = v["pinned"]["until_unix_s"].as_u64().expect("a lapse time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        until > now + 3500 && until <= now + 3601,
+        "{until} vs {now}"
+    );
+    // another tenant's id does not reach it; an unknown one is named
+    let r = app
+        .json("POST", &pin(&pinned), Some(ACME_TOKEN), json!({}))
+        .await;
+    assert_err(&r, 404, "unknown_chunk", "");
+    let r = app.json("DELETE", &pin(&loose), T, Value::Null).await;
+    assert_err(&r, 404, "unknown_chunk", "");
+    // unpinned, it is evicted like any other
+    let (status, v) = app.json("DELETE", &pin(&pinned), T, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v.get("pinned").is_none(), "{v}");
+    for i in 0..12 {
+        put_text(
+            &app,
+            T,
+            &format!("Another filler passage {i}, on the tides of the northern coast."),
+        )
+        .await;
+    }
+    let (status, _) = info(&pinned).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "unpinned, it stayed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_serves_exactly_the_listed_routes() {
     let table: BTreeSet<_> = kvquilt::serve::routes()

@@ -122,6 +122,8 @@ class ChunkInfo:
     bytes: int
     layout: Dict[str, Any]
     token_ids: Optional[List[int]] = None
+    #: while a pin holds: ``{}`` (until unpinned) or ``{"until_unix_s": t}``
+    pinned: Optional[Dict[str, int]] = None
 
 
 @dataclass
@@ -257,6 +259,24 @@ class Client:
             if e.code == "unknown_chunk":
                 return False
             raise
+
+    def pin(self, chunk_id: str, ttl_s: Optional[int] = None) -> Optional[ChunkInfo]:
+        """Keeps the chunk from eviction in every tier, until :meth:`unpin` or for ``ttl_s``
+        seconds; its metadata, ``None`` when the id is unknown."""
+        return self._pin("POST", chunk_id, {} if ttl_s is None else {"ttl_s": ttl_s})
+
+    def unpin(self, chunk_id: str) -> Optional[ChunkInfo]:
+        """Lets the chunk be evicted again; its metadata, ``None`` when the id is unknown."""
+        return self._pin("DELETE", chunk_id, None)
+
+    def _pin(self, method: str, chunk_id: str, body: Optional[Dict[str, Any]]) -> Optional[ChunkInfo]:
+        try:
+            out = self._json(method, f"/v1/chunks/{_check_id(chunk_id)}/pin", json=body)
+        except KvquiltError as e:
+            if e.code == "unknown_chunk":
+                return None
+            raise
+        return _from_json(ChunkInfo, out)
 
     def chunk_kv(self, chunk_id: str) -> bytes:
         """The chunk's KV object (kvquilt object format, version 1)."""

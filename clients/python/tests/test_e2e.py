@@ -131,6 +131,18 @@ def test_chat_with_a_token_policy(client):
     assert e.value.status == 400 and e.value.code == "invalid_compression"
 
 
+def test_pin_and_unpin(client):
+    cid = client.put_chunks(["The lighthouse at Quenmoor was built in 1902."])[0].id
+    assert client.chunk(cid).pinned is None
+    assert client.pin(cid).pinned == {}
+    assert client.pin(cid, ttl_s=60).pinned["until_unix_s"] > 0
+    assert client.chunk(cid).pinned is not None
+    assert client.unpin(cid).pinned is None
+    with pytest.raises(KvquiltError) as e:
+        client.pin(cid, ttl_s=0)
+    assert e.value.status == 400 and e.value.code == "invalid_ttl"
+
+
 def test_client_errors(client):
     with pytest.raises(KvquiltError) as e:
         client.blend("q?", [{"id": "00" * 32}])
@@ -150,6 +162,7 @@ def test_client_mistakes_are_clear_errors(client):
     with pytest.raises(ValueError):
         client.chunk("../health")  # was a request to another route, read as "not stored"
     assert client.chunk("ab" * 32) is None  # unknown: None, only for `unknown_chunk`
+    assert client.pin("ab" * 32) is None and client.unpin("ab" * 32) is None
     with pytest.raises(TypeError):
         client.put_chunks("one text")  # was stored as one chunk per character
     with pytest.raises(KvquiltError) as e:  # was a 404 from another route read as "not stored"

@@ -30,8 +30,8 @@ pub use kvquilt_api::openai::{
 };
 pub use kvquilt_api::{
     BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkOutcome, ChunkRef, ChunkStatus,
-    Health, Layout, ModeSpec, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
-    SegmentSource, Stats, Tier, TokenLogprob,
+    Health, Layout, ModeSpec, OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest,
+    PutChunksResponse, SegmentSource, Stats, Tier, TokenLogprob,
 };
 /// The HTTP method of a [`Client::raw`] request.
 pub use reqwest::Method;
@@ -192,6 +192,22 @@ impl Client {
     pub async fn delete_chunk(&self, id: &str) -> Result<bool, Error> {
         let r = self.request(Method::DELETE, &format!("/v1/chunks/{}", chunk_id(id)?));
         Ok(unknown_chunk_as_none(check(r.send().await?).await)?.is_some())
+    }
+
+    /// `POST /v1/chunks/{id}/pin`: keeps the chunk from eviction in every tier, until
+    /// [`Client::unpin`] or for `ttl_s` seconds; its metadata, `None` when the id is unknown.
+    pub async fn pin(&self, id: &str, ttl_s: Option<u64>) -> Result<Option<ChunkInfo>, Error> {
+        let r = self
+            .request(Method::POST, &format!("/v1/chunks/{}/pin", chunk_id(id)?))
+            .json(&PinRequest { ttl_s });
+        unknown_chunk_as_none(self.json(r).await)
+    }
+
+    /// `DELETE /v1/chunks/{id}/pin`: lets the chunk be evicted again; its metadata, `None`
+    /// when the id is unknown.
+    pub async fn unpin(&self, id: &str) -> Result<Option<ChunkInfo>, Error> {
+        let r = self.request(Method::DELETE, &format!("/v1/chunks/{}/pin", chunk_id(id)?));
+        unknown_chunk_as_none(self.json(r).await)
     }
 
     /// `GET /v1/chunks/{id}/kv`: the KV object's bytes; `None` when the id is unknown.

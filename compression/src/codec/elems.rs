@@ -34,6 +34,17 @@ impl ElemType {
         }
     }
 
+    /// Absolute rounding of a value stored in this type below its smallest normal (half the
+    /// subnormal step), where [`ElemType::rounding`]'s relative one undercounts: 0 for f32
+    /// (kept as computed), 2⁻²⁵ for f16, 2⁻¹³⁴ for bf16.
+    pub fn underflow(self) -> f32 {
+        match self {
+            Self::F32 => 0.0,
+            Self::F16 => 2f32.powi(-25),
+            Self::Bf16 => 2f32.powi(-134),
+        }
+    }
+
     /// Element `i` of `raw` as f32 (the tests' one-at-a-time reading; the codecs convert in
     /// bulk with [`ElemType::to_f32_vec`]).
     #[cfg(test)]

@@ -9,7 +9,8 @@
 //!
 //! Error bounds (each pinned by a property test in this module's files), per element `x` of a
 //! layer decoded back to its element type, `ε` that type's rounding (0 for f32, 2⁻¹¹·|x| for
-//! f16, 2⁻⁸·|x| for bf16):
+//! f16, 2⁻⁸·|x| for bf16, plus half the type's subnormal step where the result falls below
+//! its smallest normal: 2⁻²⁵ for f16, 2⁻¹³⁴ for bf16 — `ElemType::underflow`):
 //! - `raw`, `lz4`: exact.
 //! - `fp8` (e4m3 with zero points: int8's scales, K per (head, channel) over all tokens and
 //!   V per (token, head), offset `o` = (lo + hi)/2, `s` = (hi − lo)/896):

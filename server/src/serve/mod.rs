@@ -431,6 +431,8 @@ pub fn routes() -> Vec<RouteEntry> {
         entry(Method::Get, "/v1/chunks/{id}", get(chunks::info)),
         entry(Method::Head, "/v1/chunks/{id}", head(chunks::info)),
         entry(Method::Delete, "/v1/chunks/{id}", delete(chunks::delete)),
+        entry(Method::Post, "/v1/chunks/{id}/pin", post(chunks::pin)),
+        entry(Method::Delete, "/v1/chunks/{id}/pin", delete(chunks::unpin)),
         entry(Method::Get, "/v1/chunks/{id}/kv", get(chunks::get_kv)),
         entry(Method::Put, "/v1/chunks/{id}/kv", put(chunks::put_kv)),
         entry(Method::Post, "/v1/blend", post(blend::blend)),

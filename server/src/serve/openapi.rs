@@ -7,7 +7,7 @@ use kvquilt_api::openai::{
 };
 use kvquilt_api::{
     BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, Method,
-    OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
+    OBJECT_MEDIA_TYPE, PinRequest, PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
 };
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -95,6 +95,17 @@ fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
             ok: ("204", json!({"description": "Deleted"})),
             parameters: vec![id_param()],
             ..op(None, Value::Null)
+        },
+        (Post, "/v1/chunks/{id}/pin") => Operation {
+            parameters: vec![id_param()],
+            ..op(
+                Some((JSON, json_body::<PinRequest>(g))),
+                json_response(json_body::<ChunkInfo>(g)),
+            )
+        },
+        (Delete, "/v1/chunks/{id}/pin") => Operation {
+            parameters: vec![id_param()],
+            ..op(None, json_response(json_body::<ChunkInfo>(g)))
         },
         (Get, "/v1/chunks/{id}/kv") => Operation {
             parameters: vec![id_param()],

@@ -9,9 +9,10 @@ use axum::response::{IntoResponse, Response};
 use kvquilt_api::ChunkRef;
 use kvquilt_api::chunks::ChunkOutcome;
 use kvquilt_api::{
-    ChunkInfo, ChunkInfoQuery, ChunkStatus, OBJECT_MEDIA_TYPE, PutChunksRequest, PutChunksResponse,
+    ChunkInfo, ChunkInfoQuery, ChunkStatus, MAX_PIN_TTL_S, OBJECT_MEDIA_TYPE, PinRequest, Pinned,
+    PutChunksRequest, PutChunksResponse,
 };
-use kvquilt_kvstore::{Codec, EncodedObject};
+use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, Found, Pin};
 
 use super::chunk_ref::{check_text_bytes, check_tokens, resolve_all};
 use crate::serve::bodies::HeldBody;
@@ -136,14 +137,79 @@ pub(crate) async fn info(
     let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let key = Shared::parse_id(&id)?;
     let found = s.require_owned(&tenant, &key).await?;
-    Ok(axum::Json(ChunkInfo {
+    Ok(axum::Json(chunk_info(&s, &key, &found, q.include_tokens)))
+}
+
+/// What `GET /v1/chunks/{id}` says of a stored chunk.
+fn chunk_info(s: &Shared, key: &ChunkKey, found: &Found, include_tokens: bool) -> ChunkInfo {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let pinned = match s.blender.store().pins().get(key) {
+        Some(Pin::Hard) => Some(Pinned { until_unix_s: None }),
+        Some(Pin::Soft { until_unix_s }) if until_unix_s > now => Some(Pinned {
+            until_unix_s: Some(until_unix_s),
+        }),
+        _ => None,
+    };
+    ChunkInfo {
         id: key.to_hex(),
         tokens: found.info.tokens.len(),
         tier: wire::tier(found.tier),
         bytes: found.info.raw_len(),
         layout: wire::layout(&found.info.layout),
-        token_ids: q.include_tokens.then(|| found.info.tokens.clone()),
-    }))
+        token_ids: include_tokens.then(|| found.info.tokens.clone()),
+        pinned,
+    }
+}
+
+/// `POST /v1/chunks/{id}/pin`: keeps a stored chunk from eviction in every tier that holds
+/// it (the SSD tier persists the pin across restarts), until unpinned or for `ttl_s`
+/// seconds; a new pin replaces the old. A pinned chunk still counts in its tenant's quota
+/// as stored bytes do; a host tier full of pinned chunks admits nothing new (requests then
+/// read from the tiers below or recompute). Answers the chunk's metadata.
+pub(crate) async fn pin(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    ChunkIdPath(id): ChunkIdPath,
+    ApiJson(body): ApiJson<PinRequest>,
+) -> ApiResult<axum::Json<ChunkInfo>> {
+    let key = Shared::parse_id(&id)?;
+    let pin = match body.ttl_s {
+        None => Pin::Hard,
+        Some(t) if (1..=MAX_PIN_TTL_S).contains(&t) => Pin::soft(std::time::Duration::from_secs(t)),
+        Some(t) => {
+            return Err(ApiError::bad_request(
+                "invalid_ttl",
+                format!("`ttl_s` must be within 1..={MAX_PIN_TTL_S} seconds (got {t})"),
+            ));
+        }
+    };
+    s.require_owned(&tenant, &key).await?;
+    let store = s.blender.store();
+    store.pin(&key, pin).await?;
+    // deleted meanwhile: no pin is left behind for a chunk stored again later
+    let found = match s.require_owned(&tenant, &key).await {
+        Ok(found) => found,
+        Err(e) => {
+            store.unpin(&key).await?;
+            return Err(e);
+        }
+    };
+    Ok(axum::Json(chunk_info(&s, &key, &found, false)))
+}
+
+/// `DELETE /v1/chunks/{id}/pin`: lets a stored chunk be evicted again (a chunk without a
+/// pin is answered as it is). Answers the chunk's metadata.
+pub(crate) async fn unpin(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    ChunkIdPath(id): ChunkIdPath,
+) -> ApiResult<axum::Json<ChunkInfo>> {
+    let key = Shared::parse_id(&id)?;
+    let found = s.require_owned(&tenant, &key).await?;
+    s.blender.store().unpin(&key).await?;
+    Ok(axum::Json(chunk_info(&s, &key, &found, false)))
 }
 
 /// `DELETE /v1/chunks/{id}`: removes it from every tier.
