@@ -109,6 +109,42 @@ pub struct PutChunksRequest {
     pub chunks: Vec<ChunkRef>,
 }
 
+/// `POST /v1/chunks/lookup`: where chunks are held, computing and storing nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LookupChunksRequest {
+    /// The chunks to look up (at least one, at most [`MAX_CHUNKS`]; an `{"id": ...}` must
+    /// be stored).
+    #[serde(deserialize_with = "crate::bounded::chunk_list")]
+    pub chunks: Vec<ChunkRef>,
+    /// Also bring the ones held below the host tier (SSD, remote) up into it, after the
+    /// answer, so a request that follows reads them from memory.
+    #[serde(default)]
+    pub prefetch: bool,
+}
+
+/// One chunk of a lookup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ChunkLookup {
+    /// The chunk's id in the caller's tenant (64 hex digits), held or not.
+    pub id: String,
+    /// Its token count.
+    pub tokens: usize,
+    /// The fastest store tier holding it (a remote tier asked for keys no local tier
+    /// holds); `null` when none does.
+    pub tier: Option<Tier>,
+}
+
+/// `POST /v1/chunks/lookup`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct LookupChunksResponse {
+    /// One entry per requested chunk, in request order.
+    pub chunks: Vec<ChunkLookup>,
+}
+
 /// Most chunks one request may name (`chunks`, `documents`): a longer list is refused as it
 /// is read (`crate::bounded`). The server's `limits.max_chunks` may only lower it.
 pub const MAX_CHUNKS: usize = 4096;

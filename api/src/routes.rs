@@ -73,6 +73,11 @@ pub const ROUTES: &[Route] = &[
         "/v1/chunks",
         "Precompute and store chunks; returns their ids",
     ),
+    route(
+        Method::Post,
+        "/v1/chunks/lookup",
+        "Where chunks are held (by text, tokens or id), computing and charging nothing",
+    ),
     route(Method::Get, "/v1/chunks/{id}", "A stored chunk's metadata"),
     route(Method::Head, "/v1/chunks/{id}", "Whether a chunk is stored"),
     route(

@@ -1426,6 +1426,69 @@ async fn a_pinned_chunk_survives_evictions_until_unpinned() {
     assert_eq!(status, StatusCode::NOT_FOUND, "unpinned, it stayed");
 }
 
+/// `POST /v1/chunks/lookup` says where each chunk is held in the caller's tenant and computes,
+/// stores and charges nothing; with `prefetch` a chunk held on SSD is read up into the host
+/// tier after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_finds_chunks_without_computing_and_prefetches_them() {
+    use kvquilt_kvstore::{SsdConfig, StoreConfig, TieredStore};
+    let dir = tempfile::tempdir().unwrap();
+    // a host tier of about one chunk over an SSD tier: the older chunk is demoted
+    let ssd = SsdConfig::new(dir.path(), 1 << 30);
+    let store = TieredStore::open(StoreConfig::with_ssd(48 * 1024, ssd)).unwrap();
+    let app = TestApp::with_store(limited(), store);
+    let first = put_text(&app, T, DOCS[0]).await.chunks[0].id.clone();
+    put_text(&app, T, DOCS[2]).await;
+    let before = stats(&app, T).await;
+    let ask = json!({"chunks": [DOCS[0], DOCS[1], {"tokens": [104, 105]}]});
+    let (status, v) = app.json("POST", "/v1/chunks/lookup", T, ask.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let found = v["chunks"].as_array().unwrap();
+    assert_eq!(found[0]["id"], first.as_str());
+    assert_eq!(found[0]["tier"], "ssd", "{v}");
+    assert_eq!(found[1]["tier"], Value::Null);
+    assert_eq!(found[2]["tokens"], 2);
+    let after = stats(&app, T).await;
+    assert_eq!(objects(&after), objects(&before), "nothing was stored");
+    assert_eq!(after.tenant.used_bytes, before.tenant.used_bytes);
+    let (status, _) = app
+        .json(
+            "GET",
+            &format!("/v1/chunks/{}", found[1]["id"].as_str().unwrap()),
+            T,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // another tenant's ids differ, and it holds nothing
+    let (_, theirs) = app
+        .json("POST", "/v1/chunks/lookup", Some(ACME_TOKEN), ask.clone())
+        .await;
+    assert_ne!(theirs["chunks"][0]["id"], first.as_str());
+    assert_eq!(theirs["chunks"][0]["tier"], Value::Null);
+    // prefetched: in the host tier shortly after the answer
+    let mut prefetch = ask;
+    prefetch["prefetch"] = json!(true);
+    let (status, v) = app.json("POST", "/v1/chunks/lookup", T, prefetch).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut tier = Value::Null;
+    for _ in 0..100 {
+        let (_, info) = app
+            .json("GET", &format!("/v1/chunks/{first}"), T, Value::Null)
+            .await;
+        tier = info["tier"].clone();
+        if tier == "host" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(tier, "host");
+    let r = app
+        .json("POST", "/v1/chunks/lookup", T, json!({"chunks": []}))
+        .await;
+    assert_err(&r, 400, "no_chunks", "empty");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_serves_exactly_the_listed_routes() {
     let table: BTreeSet<_> = kvquilt::serve::routes()

@@ -127,6 +127,13 @@ class ChunkInfo:
 
 
 @dataclass
+class ChunkLookup:
+    id: str
+    tokens: int
+    tier: Optional[str] = None  #: the fastest tier holding it; ``None``: not held
+
+
+@dataclass
 class BlendResult:
     token: Dict[str, Any]
     top_logprobs: List[Dict[str, Any]]
@@ -237,6 +244,13 @@ class Client:
         """Precompute and store chunks' KV (a chunk already stored costs a lookup)."""
         body = self._json("POST", "/v1/chunks", json={"chunks": _chunk_list(chunks, "put_chunks")})
         return [_from_json(ChunkStatus, c) for c in body["chunks"]]
+
+    def lookup(self, chunks: Sequence[ChunkRef], prefetch: bool = False) -> List[ChunkLookup]:
+        """Where each chunk is held (``tier`` ``None``: nowhere), computing and storing
+        nothing; with ``prefetch`` those held below the host tier are read up into it."""
+        body = self._json("POST", "/v1/chunks/lookup",
+                          json={"chunks": _chunk_list(chunks, "lookup"), "prefetch": prefetch})
+        return [_from_json(ChunkLookup, c) for c in body["chunks"]]
 
     def chunk(self, chunk_id: str, include_tokens: bool = False) -> Optional[ChunkInfo]:
         try:

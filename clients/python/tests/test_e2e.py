@@ -131,6 +131,14 @@ def test_chat_with_a_token_policy(client):
     assert e.value.status == 400 and e.value.code == "invalid_compression"
 
 
+def test_lookup_computes_nothing(client):
+    held = "The harbour master of Quenmoor keeps the tide tables."
+    cid = client.put_chunks([held])[0].id
+    found = client.lookup([held, "A passage nobody stored, about the moon."])
+    assert [f.id for f in found][:1] == [cid] and found[0].tier is not None, found
+    assert found[1].tier is None and client.chunk(found[1].id) is None  # still not stored
+
+
 def test_pin_and_unpin(client):
     cid = client.put_chunks(["The lighthouse at Quenmoor was built in 1902."])[0].id
     assert client.chunk(cid).pinned is None

@@ -29,9 +29,10 @@ pub use kvquilt_api::openai::{
     PromptTokensDetails, Stop, Usage,
 };
 pub use kvquilt_api::{
-    BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkOutcome, ChunkRef, ChunkStatus,
-    Health, Layout, ModeSpec, OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest,
-    PutChunksResponse, SegmentSource, Stats, Tier, TokenLogprob,
+    BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkLookup, ChunkOutcome, ChunkRef,
+    ChunkStatus, Health, Layout, LookupChunksRequest, LookupChunksResponse, ModeSpec,
+    OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest, PutChunksResponse, SegmentSource,
+    Stats, Tier, TokenLogprob,
 };
 /// The HTTP method of a [`Client::raw`] request.
 pub use reqwest::Method;
@@ -192,6 +193,22 @@ impl Client {
     pub async fn delete_chunk(&self, id: &str) -> Result<bool, Error> {
         let r = self.request(Method::DELETE, &format!("/v1/chunks/{}", chunk_id(id)?));
         Ok(unknown_chunk_as_none(check(r.send().await?).await)?.is_some())
+    }
+
+    /// `POST /v1/chunks/lookup`: where each chunk is held (`tier` `None`: nowhere), computing
+    /// and storing nothing; with `prefetch`, those held below the host tier are read up into
+    /// it after the answer.
+    pub async fn lookup(
+        &self,
+        chunks: &[ChunkRef],
+        prefetch: bool,
+    ) -> Result<Vec<ChunkLookup>, Error> {
+        let body = LookupChunksRequest {
+            chunks: chunks.to_vec(),
+            prefetch,
+        };
+        let r: LookupChunksResponse = self.post("/v1/chunks/lookup", &body).await?;
+        Ok(r.chunks)
     }
 
     /// `POST /v1/chunks/{id}/pin`: keeps the chunk from eviction in every tier, until

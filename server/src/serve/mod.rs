@@ -428,6 +428,7 @@ pub fn routes() -> Vec<RouteEntry> {
         entry(Method::Get, "/v1/models", get(openai::models)),
         entry(Method::Get, "/v1/models/{model}", get(openai::model)),
         entry(Method::Post, "/v1/chunks", post(chunks::create)),
+        entry(Method::Post, "/v1/chunks/lookup", post(chunks::lookup)),
         entry(Method::Get, "/v1/chunks/{id}", get(chunks::info)),
         entry(Method::Head, "/v1/chunks/{id}", head(chunks::info)),
         entry(Method::Delete, "/v1/chunks/{id}", delete(chunks::delete)),

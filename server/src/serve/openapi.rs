@@ -6,8 +6,9 @@ use kvquilt_api::openai::{
     ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelCard, ModelList,
 };
 use kvquilt_api::{
-    BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, Method,
-    OBJECT_MEDIA_TYPE, PinRequest, PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
+    BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, LookupChunksRequest,
+    LookupChunksResponse, Method, OBJECT_MEDIA_TYPE, PinRequest, PutChunksRequest,
+    PutChunksResponse, ROUTES, Route, Stats,
 };
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -79,6 +80,10 @@ fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
         (Post, "/v1/chunks") => op(
             Some((JSON, json_body::<PutChunksRequest>(g))),
             json_response(json_body::<PutChunksResponse>(g)),
+        ),
+        (Post, "/v1/chunks/lookup") => op(
+            Some((JSON, json_body::<LookupChunksRequest>(g))),
+            json_response(json_body::<LookupChunksResponse>(g)),
         ),
         (Get, "/v1/chunks/{id}") => Operation {
             parameters: vec![

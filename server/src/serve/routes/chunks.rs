@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use kvquilt_api::ChunkRef;
 use kvquilt_api::chunks::ChunkOutcome;
 use kvquilt_api::{
-    ChunkInfo, ChunkInfoQuery, ChunkStatus, MAX_PIN_TTL_S, OBJECT_MEDIA_TYPE, PinRequest, Pinned,
-    PutChunksRequest, PutChunksResponse,
+    ChunkInfo, ChunkInfoQuery, ChunkLookup, ChunkStatus, LookupChunksRequest, LookupChunksResponse,
+    MAX_PIN_TTL_S, OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest, PutChunksResponse,
 };
-use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, Found, Pin};
+use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, Found, Pin, TierKind};
 
 use super::chunk_ref::{check_text_bytes, check_tokens, resolve_all};
 use crate::serve::bodies::HeldBody;
@@ -125,6 +125,56 @@ pub(crate) fn check_quota(
             tenant.reserved_bytes()
         ),
     ))
+}
+
+/// `POST /v1/chunks/lookup`: where each chunk is held in the caller's tenant — the fastest
+/// store tier, a remote tier asked (one round trip for the lot) about those no local tier
+/// holds — computing, storing and charging nothing: what a router asks each sidecar before
+/// sending a request where its documents are. With `prefetch`, chunks held below the host
+/// tier are read up into it after the answer (each verified as any read is; a failed read
+/// is logged, the chunk left where it was).
+pub(crate) async fn lookup(
+    State(s): State<AppState>,
+    Caller(tenant): Caller,
+    held: HeldBody,
+    ApiJson(req): ApiJson<LookupChunksRequest>,
+) -> ApiResult<axum::Json<LookupChunksResponse>> {
+    if req.chunks.is_empty() {
+        return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
+    }
+    check_text_bytes(&s, req.chunks.iter().map(ChunkRef::text_len))?;
+    let all = resolve_all(&s, &tenant, &req.chunks).await?;
+    drop(held);
+    let codec = s.blender.codec(&tenant.namespace);
+    let keys: Vec<ChunkKey> = all.iter().map(|t| codec.key(t)).collect();
+    let store = Arc::clone(s.blender.store());
+    let tiers = store.probe(&keys).await;
+    if req.prefetch {
+        let below: Vec<ChunkKey> = keys
+            .iter()
+            .zip(&tiers)
+            .filter(|(_, t)| t.is_some_and(|t| t != TierKind::GPU && t != TierKind::HOST))
+            .map(|(k, _)| *k)
+            .collect();
+        tokio::spawn(async move {
+            for key in below {
+                if let Err(e) = store.get(&key).await {
+                    tracing::warn!(%key, error = %e, "prefetching a chunk failed; left where it was");
+                }
+            }
+        });
+    }
+    let chunks = keys
+        .iter()
+        .zip(&all)
+        .zip(tiers)
+        .map(|((key, tokens), tier)| ChunkLookup {
+            id: key.to_hex(),
+            tokens: tokens.len(),
+            tier: tier.map(wire::tier),
+        })
+        .collect();
+    Ok(axum::Json(LookupChunksResponse { chunks }))
 }
 
 /// `GET /v1/chunks/{id}` (and `HEAD`, which axum answers from it without the body).
