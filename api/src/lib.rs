@@ -35,7 +35,7 @@ pub use chunks::{
 };
 pub use error::{ErrorBody, ErrorDetail};
 pub use object::Object;
-pub use ops::{Health, Stats};
+pub use ops::{Health, KeyIdentity, Stats};
 pub use routes::{Method, ROUTES, Route};
 
 /// Media type of a KV object's bytes (`GET`/`PUT /v1/chunks/{id}/kv`): the binary object

@@ -122,4 +122,25 @@ pub struct Stats {
     /// so shown to the default tenant only; absent before the first prefill and for any
     /// other tenant.
     pub prefill_s_per_1k_tokens: Option<f64>,
+    /// What this sidecar's chunk keys derive from beside the tenant's namespace: sidecars
+    /// share stored chunks (through a remote tier, or uploaded objects) exactly when these
+    /// are equal — compare them when two never hit each other's chunks. Absent in answers
+    /// of older sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_identity: Option<KeyIdentity>,
+}
+
+/// The parts of a sidecar's chunk keys that come from its model ([`Stats::key_identity`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct KeyIdentity {
+    /// BLAKE3 (64 hex digits) of the architecture, every config value, the weights, the
+    /// compute dtype and the chunk encoding.
+    pub model: String,
+    /// BLAKE3 (64 hex digits) of the tokenizer's serialized form.
+    pub tokenizer: String,
+    /// The layout of the KV it stores.
+    pub layout: crate::Layout,
+    /// How it prefills a chunk for storage.
+    pub chunk_encoding: String,
 }

@@ -1489,6 +1489,32 @@ async fn lookup_finds_chunks_without_computing_and_prefetches_them() {
     assert_err(&r, 400, "no_chunks", "empty");
 }
 
+/// `/v1/stats` says what chunk keys derive from (`key_identity`): the fingerprints the blend
+/// crate derives for the model, the same on two sidecars of one model — what an operator
+/// compares when sidecars sharing a remote tier never hit each other's chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_name_what_chunk_keys_derive_from() {
+    let app = TestApp::new(limited());
+    let id = stats(&app, T).await.key_identity.expect("key_identity");
+    let loaded = kvquilt_model::load(
+        &common::tiny_chat_model(),
+        &kvquilt_model::Device::Cpu,
+        kvquilt_model::DType::F32,
+    )
+    .unwrap();
+    let want = kvquilt_blend::ModelIdentity::of(&loaded).unwrap();
+    let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(id.model, hex(&want.model));
+    assert_eq!(id.tokenizer, hex(&want.tokenizer));
+    assert_eq!(id.chunk_encoding, want.encoding().descriptor());
+    assert_eq!(id.layout.num_layers, want.layout.num_layers);
+    // another tenant sees the same (its namespace is the other part of its keys)
+    let theirs = stats(&app, Some(ACME_TOKEN)).await.key_identity;
+    assert_eq!(theirs.as_ref(), Some(&id));
+    let again = TestApp::new(limited());
+    assert_eq!(stats(&again, T).await.key_identity, Some(id));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_serves_exactly_the_listed_routes() {
     let table: BTreeSet<_> = kvquilt::serve::routes()

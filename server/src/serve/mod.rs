@@ -220,6 +220,8 @@ pub async fn serve(config: Config) -> Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         model = %shared.model_name,
+        // what chunk keys derive from: sidecars sharing a remote tier must agree on it
+        key_model = %wire::key_identity(shared.blender.identity()).model,
         data_dir = %config.data_dir.display(),
         stored_chunks = counted,
         "kvquilt serving"

@@ -21,6 +21,17 @@ pub(crate) fn tier(t: TierKind) -> api::Tier {
     }
 }
 
+/// What a sidecar's chunk keys derive from, on the wire (`/v1/stats`).
+pub(crate) fn key_identity(id: &kvquilt_blend::ModelIdentity) -> api::KeyIdentity {
+    let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    api::KeyIdentity {
+        model: hex(&id.model),
+        tokenizer: hex(&id.tokenizer),
+        layout: layout(&id.layout),
+        chunk_encoding: id.encoding().descriptor(),
+    }
+}
+
 /// An object layout on the wire.
 pub(crate) fn layout(l: &KvLayout) -> api::Layout {
     api::Layout {

@@ -83,6 +83,7 @@ pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> 
         } else {
             None
         },
+        key_identity: Some(wire::key_identity(s.blender.identity())),
     })
 }
 
