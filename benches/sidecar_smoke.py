@@ -9,7 +9,9 @@ hit, the same answer twice, the logprobs' tokens joined equal to the content); t
 answer equals the stored one and ends with usage and [DONE]; reuse, blend at 0.3 and full
 answer; a conversation ending with an assistant's message; a token-id completion whose
 `text_offset` has one entry per token; a text completion with a document; `echo` as lm-eval's
-log-likelihood requests send it (the prompt scored, its first token null) and alone; refusals (top_k,
+log-likelihood requests send it (the prompt scored, its first token null) and alone; chunk
+lookup, pin and unpin; `usage.prompt_tokens_details.cached_tokens` of a prefix hit; the
+stats' key identity; refusals (top_k,
 n, an unknown role, max_tokens past the limit, a token id outside the vocabulary); stats and
 metrics answer.
 """
@@ -135,6 +137,23 @@ if ok:
 check("echo with logprobs (lm-eval log-likelihood)", ok, v)
 s, v = call("POST", "/v1/completions", {"prompt": "The capital of France is", "echo": True, "max_tokens": 0})
 check("echo alone, max_tokens 0", s == 200 and v["choices"][0]["text"] == "The capital of France is", v)
+
+# chunks: lookup computes nothing; a pin holds until unpinned; usage names exactly cached tokens
+s, v = call("POST", "/v1/chunks/lookup", {"chunks": DOCS + ["A passage nobody stored."]})
+check("lookup", s == 200 and all(c["tier"] for c in v["chunks"][:3]) and v["chunks"][3]["tier"] is None, v)
+if s == 200:
+    cid = v["chunks"][0]["id"]
+    s1, p = call("POST", f"/v1/chunks/{cid}/pin", {})
+    s2, u = call("DELETE", f"/v1/chunks/{cid}/pin")
+    check("pin and unpin", s1 == 200 and p.get("pinned") == {} and s2 == 200 and "pinned" not in u, (p, u))
+s, v = call("POST", "/v1/chat/completions", {"messages": Q, "documents": DOCS, "max_tokens": 4,
+                                             "kvquilt": {"mode": "prefix"}})
+s, v = call("POST", "/v1/chat/completions", {"messages": Q, "documents": DOCS, "max_tokens": 4,
+                                             "kvquilt": {"mode": "prefix"}})
+ok = s == 200 and v["usage"]["prompt_tokens_details"]["cached_tokens"] == v["kvquilt"]["cached_tokens"] > 0
+check("usage cached_tokens (prefix hit)", ok, (v.get("usage"), v.get("kvquilt", {}).get("cached_tokens")) if s == 200 else v)
+s, v = call("GET", "/v1/stats")
+check("stats key_identity", s == 200 and len(v.get("key_identity", {}).get("model", "")) == 64, v.get("key_identity") if s == 200 else v)
 
 # refusals
 for body, want in [({"messages": Q, "top_k": 5}, "top_k"), ({"messages": Q, "n": 2}, "n"),
