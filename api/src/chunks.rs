@@ -114,12 +114,13 @@ pub struct PutChunksRequest {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LookupChunksRequest {
-    /// The chunks to look up (at least one, at most [`MAX_CHUNKS`]; an `{"id": ...}` must
-    /// be stored).
+    /// The chunks to look up: texts or token ids (at least one, at most [`MAX_CHUNKS`]; an
+    /// id is looked up with `HEAD /v1/chunks/{id}`).
     #[serde(deserialize_with = "crate::bounded::chunk_list")]
     pub chunks: Vec<ChunkRef>,
     /// Also bring the ones held below the host tier (SSD, remote) up into it, after the
-    /// answer, so a request that follows reads them from memory.
+    /// answer, so a request that follows reads them from memory (one lookup's prefetch at a
+    /// time: asked while another runs, it is skipped).
     #[serde(default)]
     pub prefetch: bool,
 }
@@ -274,7 +275,8 @@ pub struct ChunkInfo {
     pub pinned: Option<Pinned>,
 }
 
-/// A chunk's pin: it is kept from eviction in every tier holding it.
+/// A chunk's pin: it is kept from eviction in every local tier holding it (a remote tier
+/// keeps objects by its own time to live).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Pinned {

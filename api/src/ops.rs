@@ -123,9 +123,9 @@ pub struct Stats {
     /// other tenant.
     pub prefill_s_per_1k_tokens: Option<f64>,
     /// What this sidecar's chunk keys derive from beside the tenant's namespace: sidecars
-    /// share stored chunks (through a remote tier, or uploaded objects) exactly when these
-    /// are equal — compare them when two never hit each other's chunks. Absent in answers
-    /// of older sidecars.
+    /// share stored chunks (uploaded objects; a remote tier's, whose keys also carry
+    /// `store.remote.namespace`) only when these are equal — compare them when two never
+    /// hit each other's chunks. Absent in answers of older sidecars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_identity: Option<KeyIdentity>,
 }

@@ -76,7 +76,7 @@ pub const ROUTES: &[Route] = &[
     route(
         Method::Post,
         "/v1/chunks/lookup",
-        "Where chunks are held (by text, tokens or id), computing and charging nothing",
+        "Where chunks are held (by text or tokens), computing and charging nothing",
     ),
     route(Method::Get, "/v1/chunks/{id}", "A stored chunk's metadata"),
     route(Method::Head, "/v1/chunks/{id}", "Whether a chunk is stored"),
@@ -88,12 +88,12 @@ pub const ROUTES: &[Route] = &[
     route(
         Method::Post,
         "/v1/chunks/{id}/pin",
-        "Keep a chunk from eviction in every tier, until unpinned or for `ttl_s` seconds",
+        "Keep a chunk from eviction in the local tiers, until unpinned or for `ttl_s` seconds (operator only)",
     ),
     route(
         Method::Delete,
         "/v1/chunks/{id}/pin",
-        "Let a pinned chunk be evicted again",
+        "Let a pinned chunk be evicted again (operator only)",
     ),
     route(
         Method::Get,

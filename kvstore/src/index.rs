@@ -73,6 +73,10 @@ impl Pins {
     pub fn get(&self, key: &ChunkKey) -> Option<Pin> {
         self.0.read().get(key).copied()
     }
+    /// `key`'s pin while it protects the object (a lapsed soft pin is `None`).
+    pub fn active(&self, key: &ChunkKey) -> Option<Pin> {
+        self.get(key).filter(|p| p.active(now_unix_s()))
+    }
     /// The pins as they stand, read-locked while the result lives: for a caller that asks
     /// about many keys at once (an admission's scan), one lock instead of one per key.
     pub(crate) fn read(&self) -> PinsRead<'_> {

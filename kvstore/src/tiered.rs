@@ -651,22 +651,37 @@ impl TieredStore {
         Ok(any)
     }
 
-    /// Protects `key` from eviction in every tier (persisted by the SSD tier).
+    /// Protects `key` from eviction in every local tier (persisted by the SSD tier; a remote
+    /// tier keeps objects by its own time to live). When persisting fails, the pin it had
+    /// is put back and the error returned.
     pub async fn pin(&self, key: &ChunkKey, pin: Pin) -> Result<()> {
+        let before = self.pins.get(key);
         self.pins.set(*key, pin);
-        if let Some(s) = &self.ssd {
-            s.persist_pin(*key).await?;
-        }
-        Ok(())
+        self.persist_pin_or_restore(key, before).await
     }
 
     /// Removes `key`'s pin, in memory and on the SSD tier; it is then evicted like any other.
+    /// When persisting fails, the pin is put back and the error returned.
     pub async fn unpin(&self, key: &ChunkKey) -> Result<()> {
-        self.pins.clear(key);
-        if let Some(s) = &self.ssd {
-            s.persist_pin(*key).await?;
+        let before = self.pins.clear(key);
+        self.persist_pin_or_restore(key, before).await
+    }
+
+    /// Persists `key`'s pin as it now stands (SSD tier); on failure restores `before`.
+    async fn persist_pin_or_restore(&self, key: &ChunkKey, before: Option<Pin>) -> Result<()> {
+        let Some(s) = &self.ssd else {
+            return Ok(());
+        };
+        let persisted = s.persist_pin(*key).await;
+        if persisted.is_err() {
+            match before {
+                Some(p) => self.pins.set(*key, p),
+                None => {
+                    self.pins.clear(key);
+                }
+            }
         }
-        Ok(())
+        persisted
     }
 
     /// The pins every tier honours (shared with tiers kept outside the store, e.g. blend's

@@ -1403,11 +1403,11 @@ async fn a_pinned_chunk_survives_evictions_until_unpinned() {
         until > now + 3500 && until <= now + 3601,
         "{until} vs {now}"
     );
-    // another tenant's id does not reach it; an unknown one is named
+    // pins are the operator's (they hold memory every tenant shares); an unknown id is named
     let r = app
         .json("POST", &pin(&pinned), Some(ACME_TOKEN), json!({}))
         .await;
-    assert_err(&r, 404, "unknown_chunk", "");
+    assert_err(&r, 403, "operator_only", "default tenant");
     let r = app.json("DELETE", &pin(&loose), T, Value::Null).await;
     assert_err(&r, 404, "unknown_chunk", "");
     // unpinned, it is evicted like any other
@@ -1487,6 +1487,16 @@ async fn lookup_finds_chunks_without_computing_and_prefetches_them() {
         .json("POST", "/v1/chunks/lookup", T, json!({"chunks": []}))
         .await;
     assert_err(&r, 400, "no_chunks", "empty");
+    // an id is looked up with HEAD (resolving it here could adopt a remote object: a charge)
+    let r = app
+        .json(
+            "POST",
+            "/v1/chunks/lookup",
+            T,
+            json!({"chunks": [{"id": first}]}),
+        )
+        .await;
+    assert_err(&r, 400, "invalid_chunk", "HEAD");
 }
 
 /// `/v1/stats` says what chunk keys derive from (`key_identity`): the fingerprints the blend
@@ -1503,7 +1513,7 @@ async fn stats_name_what_chunk_keys_derive_from() {
     )
     .unwrap();
     let want = kvquilt_blend::ModelIdentity::of(&loaded).unwrap();
-    let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let hex = |b: &[u8; 32]| kvquilt_kvstore::ChunkKey(*b).to_hex();
     assert_eq!(id.model, hex(&want.model));
     assert_eq!(id.tokenizer, hex(&want.tokenizer));
     assert_eq!(id.chunk_encoding, want.encoding().descriptor());

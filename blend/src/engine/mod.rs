@@ -440,21 +440,33 @@ impl Blender {
                 modes::blend::run(self, namespace, req, cfg, start, &turn)
             }
         };
-        if let Err(e) = &ran
-            && e.is_out_of_device_memory()
-            && let Some(tier) = &self.device_tier
-        {
-            let shed = tier.shed();
-            tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
+        if let Err(e) = &ran {
+            self.shed_on_out_of_memory(e);
         }
         // the first token is ready: scoring the suffix's own tokens, when asked, is not the
         // pass's work (other requests' decode steps go on)
         drop(turn);
         let (mut out, work) = ran?;
-        if let Some(k) = req.prompt_logprobs {
-            out.score_suffix(&self.model, &req.suffix, k)?;
+        if let Some(k) = req.prompt_logprobs
+            && let Err(e) = out.score_suffix(&self.model, &req.suffix, k)
+        {
+            // the request fails; what its pass computed is still stored for the next one
+            self.shed_on_out_of_memory(&e);
+            self.store_back(work);
+            return Err(e);
         }
         Ok((out, work))
+    }
+
+    /// When `e` says the device ran out of memory, the device tier sheds its unpinned
+    /// residents, so a retry finds the memory they held.
+    fn shed_on_out_of_memory(&self, e: &crate::BlendError) {
+        if e.is_out_of_device_memory()
+            && let Some(tier) = &self.device_tier
+        {
+            let shed = tier.shed();
+            tracing::warn!("the device ran out of memory; the device tier shed {shed} chunks");
+        }
     }
 
     /// Prefills `tokens` alone by `codec`'s chunk contract and records the prefill rate in the

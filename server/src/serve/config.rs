@@ -344,15 +344,10 @@ impl RemoteSettings {
             }
         }
         let codec = codecs.remote_codec()?;
-        if let Some(seed) = self.seeds.iter().find(|s| s.starts_with("rediss://")) {
-            bail!(
-                "store.remote.seeds: {seed:?} asks for TLS, which this build's Redis client does \
-                 not speak (plain TCP only): reach the cluster over a private network or a TLS \
-                 tunnel, and give its `redis://` or `host:port` address"
-            );
-        }
-        if let Some(seed) = self.seeds.iter().find(|s| !is_seed(s)) {
-            bail!("store.remote.seeds: {seed:?} is not a `host:port` address or a `redis://` URL");
+        for seed in &self.seeds {
+            if let Err(why) = check_seed(seed) {
+                bail!("store.remote.seeds: {seed:?} {why}");
+            }
         }
         if let Some(node) = self
             .address_map
@@ -391,12 +386,19 @@ fn is_host_port(s: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
-/// Whether a seed reads as `host:port` or as a `redis://…` URL (which the client parses
-/// itself; a cluster client takes no other scheme, and `rediss://` needs TLS, not built in).
-fn is_seed(s: &str) -> bool {
+/// Checks that a seed reads as `host:port` or as a `redis://…` URL (which the client parses
+/// itself; a cluster client takes no other scheme, and `rediss://` needs TLS, not built in);
+/// `Err` says what is wrong with it.
+fn check_seed(s: &str) -> Result<(), &'static str> {
     match s.split_once("://") {
-        Some((scheme, rest)) => scheme == "redis" && !rest.is_empty(),
-        None => is_host_port(s),
+        Some(("rediss", _)) => Err(
+            "asks for TLS, which this build's Redis client does not speak (plain TCP only): \
+             reach the cluster over a private network or a TLS tunnel, and give its `redis://` \
+             or `host:port` address",
+        ),
+        Some(("redis", rest)) if !rest.is_empty() => Ok(()),
+        None if is_host_port(s) => Ok(()),
+        _ => Err("is not a `host:port` address or a `redis://` URL"),
     }
 }
 

@@ -344,6 +344,7 @@ pub fn app_state(
         tokenizing: tokenizing::Tokenizing::per_core(),
         metrics: Metrics::new(blender),
         started: Instant::now(),
+        prefetching: Arc::new(tokio::sync::Semaphore::new(1)),
     }))
 }
 

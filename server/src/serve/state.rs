@@ -49,6 +49,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Start-up time (for `uptime_s`).
     pub started: Instant,
+    /// One permit: the lookup prefetch that may run (`POST /v1/chunks/lookup`).
+    pub prefetching: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {

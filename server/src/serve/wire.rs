@@ -23,7 +23,8 @@ pub(crate) fn tier(t: TierKind) -> api::Tier {
 
 /// What a sidecar's chunk keys derive from, on the wire (`/v1/stats`).
 pub(crate) fn key_identity(id: &kvquilt_blend::ModelIdentity) -> api::KeyIdentity {
-    let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // (both are BLAKE3 digests)
+    let hex = |b: &[u8; 32]| blake3::Hash::from_bytes(*b).to_hex().to_string();
     api::KeyIdentity {
         model: hex(&id.model),
         tokenizer: hex(&id.tokenizer),

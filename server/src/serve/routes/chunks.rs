@@ -127,12 +127,26 @@ pub(crate) fn check_quota(
     ))
 }
 
+/// Pins are the operator's: they hold memory every tenant shares.
+fn operator_pins(tenant: &Tenant) -> ApiResult<()> {
+    if tenant.name == "default" {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "operator_only",
+        "pins hold memory every tenant shares; only the default tenant's tokens may pin",
+    ))
+}
+
 /// `POST /v1/chunks/lookup`: where each chunk is held in the caller's tenant — the fastest
 /// store tier, a remote tier asked (one round trip for the lot) about those no local tier
 /// holds — computing, storing and charging nothing: what a router asks each sidecar before
-/// sending a request where its documents are. With `prefetch`, chunks held below the host
-/// tier are read up into it after the answer (each verified as any read is; a failed read
-/// is logged, the chunk left where it was).
+/// sending a request where its documents are. Texts and token ids only (an id is looked up
+/// with `HEAD /v1/chunks/{id}`). With `prefetch`, chunks held below the host tier are read
+/// up into it after the answer, as a request's hits are promoted (each verified as any read
+/// is, a key already being promoted left to that promotion, a failed read logged); at most
+/// one lookup's prefetch runs at a time, and one asked while another runs is skipped.
 pub(crate) async fn lookup(
     State(s): State<AppState>,
     Caller(tenant): Caller,
@@ -142,23 +156,38 @@ pub(crate) async fn lookup(
     if req.chunks.is_empty() {
         return Err(ApiError::bad_request("no_chunks", "`chunks` is empty"));
     }
+    if let Some(i) = req
+        .chunks
+        .iter()
+        .position(|c| matches!(c, ChunkRef::Spec(spec) if spec.id.is_some()))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_chunk",
+            format!("chunk {i} is an id: look ids up with HEAD /v1/chunks/{{id}}"),
+        ));
+    }
     check_text_bytes(&s, req.chunks.iter().map(ChunkRef::text_len))?;
     let all = resolve_all(&s, &tenant, &req.chunks).await?;
-    drop(held);
+    let prefetch = req.prefetch;
+    drop((held, req));
     let codec = s.blender.codec(&tenant.namespace);
     let keys: Vec<ChunkKey> = all.iter().map(|t| codec.key(t)).collect();
     let store = Arc::clone(s.blender.store());
     let tiers = store.probe(&keys).await;
-    if req.prefetch {
-        let below: Vec<ChunkKey> = keys
-            .iter()
-            .zip(&tiers)
-            .filter(|(_, t)| t.is_some_and(|t| t != TierKind::GPU && t != TierKind::HOST))
-            .map(|(k, _)| *k)
-            .collect();
+    let below: Vec<ChunkKey> = keys
+        .iter()
+        .zip(&tiers)
+        .filter(|(_, t)| t.is_some_and(|t| t != TierKind::HOST))
+        .map(|(k, _)| *k)
+        .collect();
+    if prefetch
+        && !below.is_empty()
+        && let Ok(permit) = Arc::clone(&s.prefetching).try_acquire_owned()
+    {
         tokio::spawn(async move {
+            let _permit = permit;
             for key in below {
-                if let Err(e) = store.get(&key).await {
+                if let Err(e) = store.get_promoting_later(&key).await {
                     tracing::warn!(%key, error = %e, "prefetching a chunk failed; left where it was");
                 }
             }
@@ -192,16 +221,12 @@ pub(crate) async fn info(
 
 /// What `GET /v1/chunks/{id}` says of a stored chunk.
 fn chunk_info(s: &Shared, key: &ChunkKey, found: &Found, include_tokens: bool) -> ChunkInfo {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let pinned = match s.blender.store().pins().get(key) {
-        Some(Pin::Hard) => Some(Pinned { until_unix_s: None }),
-        Some(Pin::Soft { until_unix_s }) if until_unix_s > now => Some(Pinned {
-            until_unix_s: Some(until_unix_s),
-        }),
-        _ => None,
-    };
+    let pinned = s.blender.store().pins().active(key).map(|p| Pinned {
+        until_unix_s: match p {
+            Pin::Hard => None,
+            Pin::Soft { until_unix_s } => Some(until_unix_s),
+        },
+    });
     ChunkInfo {
         id: key.to_hex(),
         tokens: found.info.tokens.len(),
@@ -213,17 +238,19 @@ fn chunk_info(s: &Shared, key: &ChunkKey, found: &Found, include_tokens: bool) -
     }
 }
 
-/// `POST /v1/chunks/{id}/pin`: keeps a stored chunk from eviction in every tier that holds
-/// it (the SSD tier persists the pin across restarts), until unpinned or for `ttl_s`
-/// seconds; a new pin replaces the old. A pinned chunk still counts in its tenant's quota
-/// as stored bytes do; a host tier full of pinned chunks admits nothing new (requests then
-/// read from the tiers below or recompute). Answers the chunk's metadata.
+/// `POST /v1/chunks/{id}/pin`: keeps a stored chunk from eviction in every local tier that
+/// holds it (the SSD tier persists the pin across restarts; a remote tier keeps objects by
+/// its own time to live), until unpinned or for `ttl_s` seconds; a new pin replaces the
+/// old. The operator's (the default tenant's) tokens only: pins hold memory every tenant
+/// shares, and a host tier full of pinned chunks admits nothing new (requests then read
+/// from the tiers below or recompute). Answers the chunk's metadata.
 pub(crate) async fn pin(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ChunkIdPath(id): ChunkIdPath,
     ApiJson(body): ApiJson<PinRequest>,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
+    operator_pins(&tenant)?;
     let key = Shared::parse_id(&id)?;
     let pin = match body.ttl_s {
         None => Pin::Hard,
@@ -250,12 +277,13 @@ pub(crate) async fn pin(
 }
 
 /// `DELETE /v1/chunks/{id}/pin`: lets a stored chunk be evicted again (a chunk without a
-/// pin is answered as it is). Answers the chunk's metadata.
+/// pin is answered as it is; the operator's tokens only). Answers the chunk's metadata.
 pub(crate) async fn unpin(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ChunkIdPath(id): ChunkIdPath,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
+    operator_pins(&tenant)?;
     let key = Shared::parse_id(&id)?;
     let found = s.require_owned(&tenant, &key).await?;
     s.blender.store().unpin(&key).await?;

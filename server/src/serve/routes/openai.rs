@@ -628,14 +628,18 @@ async fn respond(
     let echo = job
         .echo
         .take()
-        .map(|text| (text, job.prepared.req.suffix.clone()));
+        .map(|text| (text, job.prepared.req.suffix.first().copied()));
     let mut rx = spawn(Arc::clone(&s), tenant, job);
     let scored = match rx.recv().await {
         Some(GenEvent::Started(scored)) => scored,
         Some(GenEvent::Failed(e)) => return Err(e),
         _ => return Err(ApiError::internal("the generation ended before it started")),
     };
-    let echo = echo.map(|(text, ids)| Echoed { text, ids, scored });
+    let echo = echo.map(|(text, first)| Echoed {
+        text,
+        first,
+        scored,
+    });
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -665,12 +669,11 @@ async fn respond(
     }
 }
 
-/// An echoed prompt (legacy completions' `echo`): its text as given, its token ids, and
-/// all but its first token scored when `logprobs` was asked
-/// (`kvquilt_blend::BlendRequest::prompt_logprobs`).
+/// An echoed prompt (legacy completions' `echo`): its text as given, its first token, and
+/// the others scored when `logprobs` was asked (`kvquilt_blend::BlendRequest::prompt_logprobs`).
 struct Echoed {
     text: String,
-    ids: Vec<u32>,
+    first: Option<u32>,
     scored: Vec<PromptLogprob>,
 }
 
@@ -678,7 +681,7 @@ impl Echoed {
     /// The prompt's tokens in legacy `logprobs`: the first one's log-probability and
     /// alternatives are `null` (nothing before it is scored), as OpenAI lists them.
     fn entries(&self) -> impl Iterator<Item = Entry<'_>> {
-        let first = self.ids.first().map(|&id| Entry {
+        let first = self.first.map(|id| Entry {
             id,
             logprob: None,
             top: None,
