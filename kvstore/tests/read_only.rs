@@ -10,7 +10,7 @@ use std::path::Path;
 
 use common::{Tmpfs, layout, object};
 use kvquilt_kvstore::{
-    KvDType, KvObject, SsdConfig, StoreConfig, StoreError, TieredStore, WritePolicy,
+    KvDType, KvObject, Pin, SsdConfig, StoreConfig, StoreError, TieredStore, WritePolicy,
 };
 
 fn store(dir: &Path) -> kvquilt_kvstore::Result<TieredStore> {
@@ -58,6 +58,13 @@ async fn a_read_only_directory_is_served_and_new_objects_stay_in_memory() {
     assert!(matches!(e, StoreError::ReadOnly { .. }), "{e}");
     assert!(e.to_string().contains("read-only"), "{e}");
     assert!(s.get(obj(0).key()).await.unwrap().is_some());
+    // a pin the read-only tier cannot keep is refused and leaves the pin as it was (it was
+    // once left in force in memory behind the error); a memory-only object's pin holds
+    let e = s.pin(obj(1).key(), Pin::Hard).await.unwrap_err();
+    assert!(matches!(e, StoreError::ReadOnly { .. }), "{e}");
+    assert_eq!(s.pins().get(obj(1).key()), None);
+    s.pin(obj(7).key(), Pin::Hard).await.unwrap();
+    assert_eq!(s.pins().get(obj(7).key()), Some(Pin::Hard));
     assert!(s.remove(obj(7).key()).await.unwrap());
     s.flush()
         .await
