@@ -129,14 +129,7 @@ pub(crate) fn check_quota(
 
 /// Pins are the operator's: they hold memory every tenant shares.
 fn operator_pins(tenant: &Tenant) -> ApiResult<()> {
-    if tenant.name == "default" {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "operator_only",
-        "pins hold memory every tenant shares; only the default tenant's tokens may pin",
-    ))
+    super::ops::operator_only(tenant, "pins hold memory every tenant shares", "pin")
 }
 
 /// `POST /v1/chunks/lookup`: where each chunk is held in the caller's tenant — the fastest

@@ -27,7 +27,7 @@ pub(crate) async fn metrics(
     State(s): State<AppState>,
     Caller(tenant): Caller,
 ) -> Result<Response, ApiError> {
-    operator_only(&tenant, "/metrics")?;
+    operator_only(&tenant, "/metrics shows store-wide figures", "read it")?;
     let mut resp = s.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -36,16 +36,17 @@ pub(crate) async fn metrics(
     Ok(resp)
 }
 
-/// Refuses store-wide figures to a tenant other than the default (they would show it how
-/// much other tenants store, and when their objects come and go).
-fn operator_only(tenant: &Tenant, what: &str) -> Result<(), ApiError> {
+/// Refuses any tenant but the default one (the operator): `why` the operation is the
+/// operator's (store-wide figures would show a tenant how much others store, and when their
+/// objects come and go; pins hold memory all share), and `what` the others may not do.
+pub(super) fn operator_only(tenant: &Tenant, why: &str, what: &str) -> Result<(), ApiError> {
     if tenant.name == "default" {
         return Ok(());
     }
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         "operator_only",
-        format!("{what} shows store-wide figures; only the default tenant's tokens may read it"),
+        format!("{why}; only the default tenant's tokens may {what}"),
     ))
 }
 
@@ -54,7 +55,8 @@ fn operator_only(tenant: &Tenant, what: &str) -> Result<(), ApiError> {
 /// would show any other tenant when other tenants' requests run and their objects come and
 /// go (test `server/tests/router.rs::tenants_are_isolated_and_quotas_hold`).
 pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> axum::Json<Stats> {
-    let operator = operator_only(&tenant, "/v1/stats").is_ok();
+    let operator =
+        operator_only(&tenant, "/v1/stats shows store-wide figures", "read them").is_ok();
     let tiers = if operator {
         s.blender
             .tier_stats()
