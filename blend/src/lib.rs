@@ -51,7 +51,8 @@ pub use config::{BlendConfig, CorrectionScope, Mode, ParallelCorrection};
 pub use cost::{CostModel, PlannedMode, prefill_work};
 pub use device_tier::{DeviceChunk, DeviceTier};
 pub use engine::{
-    Blender, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack, device_decoded,
+    Blender, DEFAULT_PREFIX_PAGE, DEFAULT_STALL_FLOOR, Precomputed, STALL_FACTOR, StoreBack,
+    device_decoded,
 };
 pub use error::{BlendError, Result};
 #[cfg(feature = "gpu")]

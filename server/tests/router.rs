@@ -1340,6 +1340,49 @@ async fn usage_counts_the_prompt_tokens_reused_exactly() {
     }
 }
 
+/// A conversation's history is read from the turn before: each turn's prefix (every message
+/// before the last user turn) is stored as pages (`[blend] prefix_page`), and the next turn,
+/// whose prefix opens with this one's history, reads the pages they share — so the prompt
+/// tokens counted as cached grow with the conversation. With the prefix kept whole
+/// (`prefix_page = 0`) no turn reads anything of the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_reads_its_history_from_the_turn_before() {
+    let mut cached = Vec::new();
+    for page in [8, 0] {
+        let mut config = Config::default();
+        config.blend.fall_back_to_full = false;
+        config.blend.prefix_page = page;
+        let app = TestApp::new(config);
+        let mut messages = vec![json!({"role": "system", "content": "Be brief and exact."})];
+        let mut per_turn = Vec::new();
+        for q in [
+            "who wrote it?",
+            "and when was that?",
+            "where did they live?",
+        ] {
+            messages.push(json!({"role": "user", "content": q}));
+            let body = json!({"messages": messages, "documents": [DOCS[1]], "max_tokens": 6,
+                              "kvquilt": {"mode": "blend", "ratio": 0.5}});
+            let (status, v) = app.json("POST", "/v1/chat/completions", None, body).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            per_turn.push(
+                v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap(),
+            );
+            let answer = v["choices"][0]["message"]["content"].clone();
+            messages.push(json!({"role": "assistant", "content": answer}));
+        }
+        cached.push(per_turn);
+    }
+    let (paged, whole) = (&cached[0], &cached[1]);
+    assert!(
+        paged[1] > whole[1] && paged[2] > paged[1],
+        "paged {paged:?}, whole {whole:?}: the history read grows turn by turn"
+    );
+    assert!(paged[2] >= 16, "{paged:?}");
+}
+
 /// `POST /v1/chunks/{id}/pin` keeps a chunk through evictions that take every unpinned one,
 /// `DELETE …/pin` lets it go; a pin's time to live is bounded, and only the owner's id
 /// reaches its chunk.

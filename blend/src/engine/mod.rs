@@ -5,6 +5,8 @@
 //! blocking thread (`spawn_blocking`, a model pool), never from inside an async task.
 //!
 //! The steps of a request, one module each:
+//! - [`chain`]: prefix chains, exact KV stored link by link (`prefix` mode's prompt, and
+//!   a long prefix's pages in every mode).
 //! - [`plan`]: per unique segment, where its KV will come from and what that is estimated to
 //!   cost; and when the whole request runs as full prefill instead.
 //! - [`sources`]: materialising the plan (streams, device-tier hits, computed segments),
@@ -12,6 +14,7 @@
 //! - [`modes`]: one runner per [`Mode`].
 //! - [`store_back`]: storing what a request computed, after its first token.
 
+mod chain;
 mod modes;
 mod plan;
 mod sources;
@@ -47,6 +50,11 @@ pub const DEFAULT_STALL_FLOOR: Duration = Duration::from_millis(250);
 /// A store read counts as stalled past this many times its estimated duration (and past
 /// the floor).
 pub const STALL_FACTOR: f64 = 8.0;
+
+/// Default of [`Blender::with_prefix_page`], tokens: LMCache's chunk size. Large enough that
+/// a page's object overhead (header, per-record checksums, a store entry) is small beside
+/// its KV, small enough that a turn's new history is mostly in full pages.
+pub const DEFAULT_PREFIX_PAGE: usize = 256;
 
 /// What [`Blender::precompute`] did for one chunk.
 #[derive(Debug, Clone)]
@@ -89,6 +97,8 @@ pub struct Blender {
     /// Prompts on their way to a first token, which decode steps yield to
     /// ([`Blender::with_prompt_priority`]).
     priority: PromptPriority,
+    /// Tokens per page of a long prefix ([`Blender::with_prefix_page`]); 0: never paged.
+    prefix_page: usize,
 }
 
 /// Whether graphs pay for `model` by default ([`Blender::with_graphs`]).
@@ -148,6 +158,7 @@ impl Blender {
             graphs: None,
             batcher: None,
             priority: PromptPriority::new(DEFAULT_PROMPT_PRIORITY),
+            prefix_page: DEFAULT_PREFIX_PAGE,
         };
         let launch_bound = graphs_pay(&b.model);
         b.with_graphs(launch_bound)
@@ -316,6 +327,24 @@ impl Blender {
     pub fn with_prompt_priority(mut self, max_wait: Duration) -> Self {
         self.priority = PromptPriority::new(max_wait);
         self
+    }
+
+    /// Tokens per page of a long prefix (default [`DEFAULT_PREFIX_PAGE`]; 0: prefixes are
+    /// never paged). A prefix longer than a page is stored and read as a chain of pages
+    /// (`engine/chain.rs`) in every mode, so the next turn of a conversation reads the
+    /// history it shares with this one. Pages of another size name other objects: sidecars
+    /// sharing a remote tier share pages only at one size.
+    pub fn with_prefix_page(mut self, tokens: usize) -> Self {
+        self.prefix_page = tokens;
+        self
+    }
+
+    /// The pages `prefix` is kept as: `Some` (each page [`Blender::with_prefix_page`] tokens,
+    /// the last possibly shorter) when it is longer than one page, else `None` (one link,
+    /// or one chunk: kept whole).
+    pub(crate) fn prefix_pages<'p>(&self, prefix: &'p [u32]) -> Option<Vec<&'p [u32]>> {
+        (self.prefix_page > 0 && prefix.len() > self.prefix_page)
+            .then(|| prefix.chunks(self.prefix_page).collect())
     }
 
     /// Waits while other requests' prompts run to their first token ([`Blender::run_deferring`]

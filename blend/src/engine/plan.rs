@@ -86,6 +86,10 @@ pub(crate) struct Entry<'a> {
     /// ([`CostModel::load_is_measured`]): the request's estimate is no basis for
     /// correcting the mode's estimates ([`Plan::estimate_is_guess`]).
     pub(crate) guessed: bool,
+    /// The prompt's prefix kept as a chain of pages (`engine/chain.rs`): `key` names the
+    /// whole prefix (its last page's chain key), and its KV is read page by page, the
+    /// pages not stored computed over the ones read ([`Plan::page_prefix`]).
+    pub(crate) paged: bool,
 }
 
 impl<'a> Entry<'a> {
@@ -137,6 +141,7 @@ impl<'a> Entry<'a> {
             cost_s,
             explores,
             guessed,
+            paged: false,
         }
     }
 }
@@ -191,6 +196,26 @@ impl<'a> Plan<'a> {
             placement.push(i);
         }
         Self { entries, placement }
+    }
+
+    /// Makes the first entry — the prompt's prefix, which opens the prompt — a paged one
+    /// named `key` (its last page's chain key), held at `held` (where that page is): loaded
+    /// when held (a paged prefix is read page by page, never recomputed for speed: what is
+    /// read is exact), else computed before the pass, never in it (the pages it can read
+    /// are read, the rest computed over them). Estimated as the whole prefix's load or
+    /// prefill. A plan without segments is left as it is.
+    pub(crate) fn page_prefix(
+        &mut self,
+        key: ChunkKey,
+        held: Option<Held>,
+        layout: &KvLayout,
+        costs: &CostModel,
+    ) {
+        let Some(first) = self.entries.first_mut() else {
+            return;
+        };
+        *first = Entry::new(key, first.tokens, held, layout, costs, false, false);
+        first.paged = true;
     }
 
     /// The sum of the entries' estimates, seconds: what obtaining every unique segment's KV

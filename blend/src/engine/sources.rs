@@ -19,6 +19,7 @@ use kvquilt_model::{Device, KvCache, LayerKv};
 use super::{Blender, STALL_FACTOR};
 use kvquilt_kvstore::ChunkKey;
 
+use super::chain::{self, PrefixPages};
 use super::modes::assembly::zero_rows;
 use super::plan::{Entry, Origin, Plan};
 use super::store_back::{Pending, StoreBack};
@@ -162,23 +163,59 @@ pub(crate) struct Sources<'r> {
     layout: KvLayout,
     /// Where the layers are placed: the model's device.
     device: Device,
+    /// What reading a paged prefix (the first entry, when paged and not a device-tier hit)
+    /// came to.
+    paged: Option<PagedRead>,
+}
+
+/// What reading a paged prefix's chain came to (`engine/chain.rs`).
+#[derive(Debug, Clone, Copy)]
+struct PagedRead {
+    /// Prefix tokens read exactly (pages read before any lossy one).
+    cached_tokens: usize,
+    /// Whether some page was decoded from a lossy codec.
+    lossy: bool,
 }
 
 impl<'r> Sources<'r> {
     /// Materialises every entry of `plan` in order (opening streams, taking device-tier
     /// hits, computing the rest; computed objects that should be stored are kept for
-    /// [`Sources::finish`]).
+    /// [`Sources::finish`]). A paged entry (the prefix, `pages` its pages) not resident in
+    /// the device tier is read page by page, the pages not stored computed over the ones
+    /// read (`chain::run`).
     pub(crate) fn open(
         b: &Blender,
         codec: &ChunkCodec,
         plan: &Plan<'r>,
+        pages: Option<PrefixPages<'_>>,
         turn: &PromptTurn<'_>,
     ) -> Result<Self> {
         let mut pending = Pending::default();
         let mut sources = Vec::with_capacity(plan.entries.len());
         let mut how = Vec::with_capacity(plan.entries.len());
+        let mut paged = None;
         for entry in &plan.entries {
-            let (source, h) = materialize(b, codec, entry, &mut pending, turn)?;
+            let (source, h) = match &pages {
+                Some(p) if entry.paged => {
+                    let device = (entry.origin == Origin::Device)
+                        .then(|| device_hit(b, entry))
+                        .flatten();
+                    match device {
+                        Some(chunk) => (Source::Device(chunk), SegmentSource::Hit(TierKind::GPU)),
+                        None => {
+                            let got = chain::run(b, codec, &p.pages, &p.keys, turn)?;
+                            paged = Some(PagedRead {
+                                cached_tokens: got.cached_tokens,
+                                lossy: got.lossy(),
+                            });
+                            let how = got.source();
+                            pending.append(got.pending);
+                            (Source::Memory(got.cache), how)
+                        }
+                    }
+                }
+                _ => materialize(b, codec, entry, &mut pending, turn)?,
+            };
             sources.push(source);
             how.push(h);
         }
@@ -193,7 +230,13 @@ impl<'r> Sources<'r> {
             room: 0,
             layout: *codec.layout(),
             device: b.model.device().clone(),
+            paged,
         })
+    }
+
+    /// Prefix tokens read exactly when the prefix was read as pages; `None` otherwise.
+    pub(crate) fn paged_cached_tokens(&self) -> Option<usize> {
+        self.paged.map(|p| p.cached_tokens)
     }
 
     /// Whether each prompt segment, in prompt order, is computed by the pass (its rows are
@@ -208,8 +251,10 @@ impl<'r> Sources<'r> {
     /// How each prompt segment's KV was obtained, in prompt order (final once every layer
     /// was filled), and whether it was decoded from a lossy codec.
     pub(crate) fn placed(&self) -> impl Iterator<Item = (SegmentSource, bool)> + '_ {
-        self.placement.iter().map(|&i| {
-            let lossy = matches!(&self.sources[i], Source::Stream(s) if s.stream.lossy.is_some());
+        let paged_lossy = self.paged.is_some_and(|p| p.lossy);
+        self.placement.iter().map(move |&i| {
+            let lossy = matches!(&self.sources[i], Source::Stream(s) if s.stream.lossy.is_some())
+                || (i == 0 && paged_lossy);
             (self.how[i], lossy)
         })
     }
@@ -316,7 +361,12 @@ impl<'r> Sources<'r> {
             return work;
         };
         let num_layers = b.model.config().num_layers;
-        for (&(key, tokens), source) in self.segments.iter().zip(self.sources) {
+        // (a paged prefix read lossy is not exact KV: never resident)
+        let paged_lossy = self.paged.is_some_and(|p| p.lossy);
+        for (i, (&(key, tokens), source)) in self.segments.iter().zip(self.sources).enumerate() {
+            if i == 0 && paged_lossy {
+                continue;
+            }
             let cost_s = b.costs.prefill_s(tokens.len()).unwrap_or(0.0);
             match source {
                 // (a lossy stream keeps nothing: `kept` is `None`)

@@ -49,6 +49,11 @@ impl Pending {
         };
         self.chunks.push((c, cost_s));
     }
+
+    /// Queues everything in `other` after what is queued here.
+    pub(crate) fn append(&mut self, other: Pending) {
+        self.chunks.extend(other.chunks);
+    }
 }
 
 /// A miss to prefill alone after the first token.

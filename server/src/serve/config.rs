@@ -72,6 +72,8 @@
 //!                                      # (no ratio) as exact prefix reuse; "blend": opt in
 //! fall_back_to_full = true             # reuse/blend run as full prefill when that is
 //!                                      # estimated faster; false: always the asked mode
+//! prefix_page = 256                    # tokens per page of a long prefix (a conversation's
+//!                                      # history), stored and read page by page; 0: whole
 //!
 //! [[tenants]]
 //! name = "acme"
@@ -566,6 +568,12 @@ pub struct BlendSettings {
     /// mode it asks for, so a repeated approximate request gives the same answer every time,
     /// at the cost of the requests where the mode is slower than full prefill.
     pub fall_back_to_full: bool,
+    /// Tokens per page of a prefix longer than one (`kvquilt_blend::Blender::with_prefix_page`,
+    /// default [`kvquilt_blend::DEFAULT_PREFIX_PAGE`]): such a prefix — a conversation's
+    /// history — is stored and read page by page, so the next turn reads the pages it
+    /// shares with this one. 0: every prefix is one object. Sidecars sharing a remote tier
+    /// share pages only at one size.
+    pub prefix_page: usize,
 }
 
 impl Default for BlendSettings {
@@ -574,6 +582,7 @@ impl Default for BlendSettings {
             calibration_dir: None,
             uncalibrated: "prefix".into(),
             fall_back_to_full: true,
+            prefix_page: kvquilt_blend::DEFAULT_PREFIX_PAGE,
         }
     }
 }

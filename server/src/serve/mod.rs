@@ -322,6 +322,7 @@ pub fn app_state(
         )
         .with_stall_floor(std::time::Duration::from_millis(config.store.stall_ms))
         .with_fallback_to_full(config.blend.fall_back_to_full)
+        .with_prefix_page(config.blend.prefix_page)
         .with_idle_graphs(config.limits.workers)
         .with_prompt_priority(std::time::Duration::from_millis(
             config.limits.decode_yield_ms,

@@ -9,6 +9,7 @@ use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
 use super::{Ran, full};
 use crate::chunk::ChunkCodec;
 use crate::cost::PlannedMode;
+use crate::engine::chain::PrefixPages;
 use crate::engine::plan::{Held, Origin, Plan, Why};
 use crate::engine::sources::Sources;
 use crate::engine::{Blender, fraction, ms};
@@ -64,11 +65,17 @@ pub(super) fn prepare<'r>(
     let codec = b.codec(namespace);
     let segments = req.segments();
     let tokens = req.tokens();
+    // a long prefix is read and stored as pages (`engine/chain.rs`)
+    let pages = PrefixPages::of(b, &codec, &req.prefix);
     // segments no local tier holds are asked of remote tiers (one round trip for all), so
     // that the plan can weigh loading them from there against recomputing
-    let keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
+    let mut keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
+    if let Some(p) = &pages {
+        keys[0] = p.key;
+        keys.extend(&p.keys);
+    }
     b.rt.block_on(turn.paused_while_pending(b.store.probe(&keys)));
-    let plan = Plan::build(
+    let mut plan = Plan::build(
         &segments,
         |seg| codec.key(seg),
         |key| held(b, key),
@@ -77,6 +84,9 @@ pub(super) fn prepare<'r>(
         b.fallback_to_full,
         in_pass,
     );
+    if let Some(p) = &pages {
+        plan.page_prefix(p.key, held(b, &p.key), codec.layout(), &b.costs);
+    }
     let estimate_s =
         plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
     let fallback = if b.fallback_to_full {
@@ -100,11 +110,17 @@ pub(super) fn prepare<'r>(
     b.store.touch(&unread);
     if let Some(why) = fallback {
         return Ok(Prepared::FellBack(Box::new(full::fall_back(
-            b, &codec, req, &plan, why, start,
+            b,
+            &codec,
+            req,
+            &plan,
+            pages.as_ref(),
+            why,
+            start,
         )?)));
     }
     let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
-    let sources = Sources::open(b, &codec, &plan, turn)?;
+    let sources = Sources::open(b, &codec, &plan, pages, turn)?;
     Ok(Prepared::Ready(Box::new(Assembly {
         codec,
         segments,
@@ -181,6 +197,10 @@ impl Assembly<'_> {
             if i == 0 && exact_prefix && matches!(how, SegmentSource::Hit(_)) && !lossy {
                 stats.cached_tokens = req.prefix.len();
             }
+        }
+        // (a paged prefix: the pages read exactly, however many)
+        if let Some(cached) = self.sources.paged_cached_tokens() {
+            stats.cached_tokens = cached;
         }
         stats.ttft_ms = ms(&b.model, start)?;
         // (a scored request's reuse runs eagerly where a graph was estimated: not a sample)

@@ -8,6 +8,7 @@ use kvquilt_model::positions;
 use super::Ran;
 use crate::chunk::ChunkCodec;
 use crate::config::Mode;
+use crate::engine::chain::{self, PrefixPages};
 use crate::engine::plan::Plan;
 use crate::engine::store_back::{Pending, StoreBack};
 use crate::engine::{Blender, device_elapsed, ms};
@@ -26,18 +27,30 @@ pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<Ran
 /// `fell_back_to_full` and `fallback`, and
 /// per segment `Miss` for a planned miss and `RecomputedForSpeed` for any other. Planned
 /// misses are still prefilled alone by the chunk contract (in the store-back, after the
-/// first token) and stored back, so the next request can reuse them.
+/// first token) and stored back, so the next request can reuse them; a paged prefix
+/// (`pages`) not stored is not prefilled again: its pages not stored are taken from the full
+/// prefill's KV, which is theirs exactly.
 pub(crate) fn fall_back(
     b: &Blender,
     codec: &ChunkCodec,
     req: &BlendRequest,
     plan: &Plan<'_>,
+    pages: Option<&PrefixPages<'_>>,
     why: Fallback,
     start: Instant,
 ) -> Result<Ran> {
     let mut out = prefill_all(b, req, start, Some(why))?;
-    let mut work = StoreBack::new(req, Pending::default());
-    for e in plan.entries.iter().filter(|e| e.origin.is_miss()) {
+    let mut pending = Pending::default();
+    let paged_miss = plan.entries.iter().any(|e| e.paged && e.origin.is_miss());
+    if let Some(p) = pages.filter(|_| paged_miss) {
+        chain::queue_from(b, codec, &p.pages, &p.keys, &out.cache, &mut pending)?;
+    }
+    let mut work = StoreBack::new(req, pending);
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| !e.paged && e.origin.is_miss())
+    {
         work.defer(codec, e.key, e.tokens);
     }
     for &i in &plan.placement {

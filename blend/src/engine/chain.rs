@@ -1,0 +1,238 @@
+//! Prefix chains: KV that is exactly what full prefill computes, stored as links, each
+//! keyed by everything before it and its own tokens ([`ChunkCodec::prefix_keys`]).
+//!
+//! `prefix` mode runs its whole prompt (but the suffix) as one chain; `reuse` and `blend` run
+//! a long prefix as a chain of fixed-size pages ([`Blender::prefix_pages`]). A prefix is
+//! paged because a conversation's next turn renders this turn's history and then some: its
+//! prefix opens with this one's, so it reads the pages they share and computes only the
+//! rest, and stores only its new pages — where one object per prefix would be a new, longer
+//! object every turn that reuses nothing of the last (pinned by
+//! `blend/tests/pages.rs::a_conversation_s_next_turn_reads_the_pages_it_shares`).
+//!
+//! [`run`] loads the longest stored run of links from the start at their positions; every
+//! link after it is prefilled over the run at its absolute positions and queued for storing.
+//! A link decoded from a lossy codec is used, but nothing computed over it is stored (it is
+//! not the prefix's exact KV).
+
+use std::time::Instant;
+
+use kvquilt_kvstore::{ChunkKey, TierKind};
+use kvquilt_model::{KvCache, positions};
+
+use super::sources::stall_deadline;
+use super::store_back::Pending;
+use super::{Blender, device_elapsed};
+use crate::chunk::ChunkCodec;
+use crate::error::Result;
+use crate::priority::PromptTurn;
+use crate::request::SegmentSource;
+
+/// A `reuse` or `blend` prompt's prefix kept as pages: its links and their chain keys.
+///
+/// Invariants: `pages` and `keys` are parallel and non-empty; the pages joined are the
+/// prefix; `keys` are [`ChunkCodec::prefix_keys`] of `pages`, so the last names the whole
+/// prefix.
+pub(crate) struct PrefixPages<'r> {
+    /// The prefix's pages, in order.
+    pub(crate) pages: Vec<&'r [u32]>,
+    /// Each page's chain key.
+    pub(crate) keys: Vec<ChunkKey>,
+    /// The key naming the whole prefix: its last page's.
+    pub(crate) key: ChunkKey,
+}
+
+impl<'r> PrefixPages<'r> {
+    /// The pages of `prefix` in `codec`'s namespace when `b` pages it
+    /// ([`Blender::prefix_pages`]: longer than a page) and its KV at the start of a prompt
+    /// is what the chunk contract stores for it (`ChunkEncoding::exact_at_start`: a prefix
+    /// the contract would prefill behind a sink stays one chunk, as `reuse` and `blend`
+    /// have always kept it).
+    pub(crate) fn of(b: &Blender, codec: &ChunkCodec, prefix: &'r [u32]) -> Option<Self> {
+        if !codec.encoding().exact_at_start(prefix) {
+            return None;
+        }
+        let pages = b.prefix_pages(prefix)?;
+        let keys = codec.prefix_keys(&pages);
+        let key = *keys.last()?;
+        Some(Self { pages, keys, key })
+    }
+}
+
+/// What [`run`] made of a chain.
+pub(crate) struct Chain {
+    /// The KV of every link's tokens, in order, at positions `0..N`.
+    pub(crate) cache: KvCache,
+    /// How each link's KV was obtained, and whether it was decoded from a lossy codec.
+    pub(crate) links: Vec<(SegmentSource, bool)>,
+    /// Tokens of the links read from the store before any lossy one: KV exactly as full
+    /// prefill computes it (`BlendStats::cached_tokens`).
+    pub(crate) cached_tokens: usize,
+    /// Tokens of the links computed here.
+    pub(crate) computed_tokens: usize,
+    /// The links computed over an exact chain, to store.
+    pub(crate) pending: Pending,
+}
+
+impl Chain {
+    /// How the chain as a whole was obtained: a hit of the last link's tier when every link
+    /// was read, else how the first link not read was (`Miss` or `Unusable`).
+    pub(crate) fn source(&self) -> SegmentSource {
+        let first_not_read = self
+            .links
+            .iter()
+            .find(|(how, _)| !matches!(how, SegmentSource::Hit(_)));
+        match (first_not_read, self.links.last()) {
+            (Some(&(how, _)), _) => how,
+            (None, Some(&(how, _))) => how,
+            (None, None) => SegmentSource::Miss,
+        }
+    }
+
+    /// Whether some link was decoded from a lossy codec.
+    pub(crate) fn lossy(&self) -> bool {
+        self.links.iter().any(|&(_, lossy)| lossy)
+    }
+}
+
+/// Runs the chain of `links` (prompt order, each non-empty) named by `keys` (parallel:
+/// [`ChunkCodec::prefix_keys`] of `links`) in `codec`'s namespace: the longest stored run
+/// loaded, the rest prefilled over it and queued for storing while the chain below is exact.
+pub(crate) fn run(
+    b: &Blender,
+    codec: &ChunkCodec,
+    links: &[&[u32]],
+    keys: &[ChunkKey],
+    turn: &PromptTurn<'_>,
+) -> Result<Chain> {
+    let mut chain = Chain {
+        cache: b.model.empty_cache()?,
+        links: Vec::with_capacity(links.len()),
+        cached_tokens: 0,
+        computed_tokens: 0,
+        pending: Pending::default(),
+    };
+    let mut at = 0usize;
+    let mut reusing = true;
+    // once a link was decoded from a lossy codec, the links computed over it are not the
+    // prefix's exact KV: they are used, never stored (nothing is re-encoded from lossy values)
+    let mut exact = true;
+    for (seg, key) in links.iter().zip(keys) {
+        if reusing {
+            match load_link(b, codec, key, seg, turn) {
+                Ok((link, tier, lossy)) => {
+                    let link = link.with_positions(positions(at, seg.len()))?;
+                    chain.cache = KvCache::cat(&[&chain.cache, &link])?;
+                    chain.links.push((SegmentSource::Hit(tier), lossy));
+                    exact &= !lossy;
+                    if exact {
+                        chain.cached_tokens += seg.len();
+                    }
+                    at += seg.len();
+                    continue;
+                }
+                Err(how) => chain.links.push((how, false)),
+            }
+            reusing = false;
+        } else {
+            chain.links.push((SegmentSource::Miss, false));
+        }
+        let queue = exact.then_some(&mut chain.pending);
+        compute_link(b, codec, *key, seg, at, &mut chain.cache, queue)?;
+        chain.computed_tokens += seg.len();
+        at += seg.len();
+    }
+    Ok(chain)
+}
+
+/// Queues the links of `links` (named by `keys`, parallel) that no local tier holds for
+/// storing, their KV taken from `cache` (the exact KV of the prompt from position 0, e.g.
+/// a full prefill's); `cost_s` of a link is its estimated prefill time.
+pub(crate) fn queue_from(
+    b: &Blender,
+    codec: &ChunkCodec,
+    links: &[&[u32]],
+    keys: &[ChunkKey],
+    cache: &KvCache,
+    pending: &mut Pending,
+) -> Result<()> {
+    let mut at = 0usize;
+    for (seg, key) in links.iter().zip(keys) {
+        if b.store.locate(key).is_none() {
+            let part = cache
+                .narrow(at, seg.len())?
+                .with_positions(positions(0, seg.len()))?;
+            let cost_s = b.costs.prefill_s(seg.len()).unwrap_or(0.0);
+            pending.push(codec, *key, seg, part, cost_s);
+        }
+        at += seg.len();
+    }
+    Ok(())
+}
+
+/// The stored link under `key` (of tokens `seg`), as KV at positions `0..T`, the tier that
+/// held it, and whether it was decoded from a lossy codec (served only where the store's
+/// config allows lossy objects). `Err` says why the chain ends here: `Miss` (not stored) or
+/// `Unusable` (the read failed, stalled past the deadline a stream's layers get —
+/// `stall_deadline`, for the whole object — or the object is not this model's KV of `seg`;
+/// logged).
+fn load_link(
+    b: &Blender,
+    codec: &ChunkCodec,
+    key: &ChunkKey,
+    seg: &[u32],
+    turn: &PromptTurn<'_>,
+) -> Result<(KvCache, TierKind, bool), SegmentSource> {
+    // (no local tier holds it: a remote tier, asked whatever its hints say, is the one read)
+    let tier = b.store.locate(key).unwrap_or(TierKind::REMOTE);
+    let bytes = usize::try_from(codec.layout().object_bytes(seg.len())).unwrap_or(usize::MAX);
+    let deadline = stall_deadline(b, tier, bytes);
+    let t0 = Instant::now();
+    // (the timer is made inside `block_on`: it needs the runtime's context)
+    // (a hit from a slower tier is promoted after the read: the deadline covers the read)
+    let read = async { tokio::time::timeout(deadline, b.store.get_promoting_later(key)).await };
+    let Ok(got) = b.rt.block_on(turn.paused_while_pending(read)) else {
+        tracing::warn!(%key, %tier, ?deadline, "reading a stored prefix link stalled; recomputing from here");
+        b.costs.record_load(tier, bytes, t0.elapsed().as_secs_f64());
+        return Err(SegmentSource::Unusable);
+    };
+    match got {
+        Ok(Some((obj, tier))) => match codec.to_cache(&b.model, &obj, seg) {
+            Ok(c) => Ok((c, tier, obj.lossy().is_some())),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "stored prefix object unusable");
+                Err(SegmentSource::Unusable)
+            }
+        },
+        Ok(None) => Err(SegmentSource::Miss),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "prefix lookup failed");
+            Err(SegmentSource::Unusable)
+        }
+    }
+}
+
+/// Prefills link `seg` over `cache` (the KV of the prompt's first `at` tokens) at
+/// positions `at..at+T`, recording the prefill rate, and queues its rows (at `0..T`) as the
+/// link `key` in `pending` (when given: the cache below is exact).
+fn compute_link(
+    b: &Blender,
+    codec: &ChunkCodec,
+    key: ChunkKey,
+    seg: &[u32],
+    at: usize,
+    cache: &mut KvCache,
+    pending: Option<&mut Pending>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    b.model.prefill(seg, &positions(at, seg.len()), cache)?;
+    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
+    b.costs.record_prefill_after(at, seg.len(), took);
+    let Some(pending) = pending else {
+        return Ok(());
+    };
+    let part = cache
+        .narrow(at, seg.len())?
+        .with_positions(positions(0, seg.len()))?;
+    pending.push(codec, key, seg, part, took);
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! A long prefix kept as pages (`blend/src/engine/chain.rs`): a conversation's next turn,
+//! whose prefix opens with this turn's, reads the pages they share in every mode, computes
+//! only the rest, and stores only its new pages; what it reads is what computing the prefix
+//! gives. On the tiny random llama (no chat template: no sink, so every prefix is exact at
+//! the start) with 8-token pages.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
+use kvquilt_kvstore::{ChunkKey, PolicyKind, StoreConfig, TieredStore};
+use kvquilt_model::{DType, Device, LoadedModel, load};
+use tokio::runtime::Runtime;
+
+use support::max_diff;
+
+/// Tokens per page in these tests.
+const PAGE: usize = 8;
+
+fn tiny_llama() -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-llama");
+    load(&dir, &Device::Cpu, DType::F32).expect("loading the tiny llama")
+}
+
+struct Setup {
+    blender: Blender,
+    rt: Runtime,
+}
+
+/// A blender over a host tier with `PAGE`-token pages, its own mode always run
+/// (`fallback`: off), a device tier of `device_bytes` (0: off).
+fn setup(fallback: bool, device_bytes: u64) -> Setup {
+    let rt = Runtime::new().unwrap();
+    let loaded = tiny_llama();
+    let identity = ModelIdentity::of(&loaded).unwrap();
+    let store = TieredStore::open(StoreConfig::host_only(1 << 30)).unwrap();
+    let blender = Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(fallback)
+    .with_device_tier(device_bytes, PolicyKind::Lru)
+    .with_prefix_page(PAGE);
+    Setup { blender, rt }
+}
+
+/// `n` pseudo-random token ids in `1..512` from `seed`.
+fn toks(seed: u32, n: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            1 + x % 511
+        })
+        .collect()
+}
+
+/// The chain keys of `prefix`'s pages in `ns`.
+fn page_keys(b: &Blender, ns: &[u8], prefix: &[u32]) -> Vec<ChunkKey> {
+    let pages: Vec<&[u32]> = prefix.chunks(PAGE).collect();
+    b.codec(ns).prefix_keys(&pages)
+}
+
+fn modes() -> [(&'static [u8], Mode); 3] {
+    [
+        (b"p", Mode::Prefix),
+        (b"r", Mode::Reuse),
+        (b"b", Mode::Blend(BlendConfig::cacheblend(0.3))),
+    ]
+}
+
+/// Two turns of a conversation: turn 2's prefix is turn 1's (20 tokens: pages of 8, 8, 4)
+/// and 13 more (33: 8, 8, 8, 8, 1), beside one document each. Turn 2 reads the two full
+/// pages they share (16 tokens, counted as cached), computes the rest over them and stores
+/// only its own pages; no object of the whole prefix is stored. Its answer is what the same
+/// request gives with nothing stored, in every mode.
+#[test]
+fn a_conversation_s_next_turn_reads_the_pages_it_shares() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let history = toks(1, 20);
+    let turn1 = |mode| BlendRequest::new(history.clone(), vec![toks(2, 12)], toks(3, 5), mode);
+    let mut longer = history.clone();
+    longer.extend(toks(4, 13));
+    let turn2 = |mode| BlendRequest::new(longer.clone(), vec![toks(5, 10)], toks(6, 5), mode);
+    for (ns, mode) in modes() {
+        let codec = b.codec(ns);
+        let first = b.run(ns, &turn1(mode.clone())).unwrap();
+        assert_eq!(first.stats.cached_tokens, 0, "{mode:?}: nothing stored yet");
+        let stored: Vec<ChunkKey> = first.stored.iter().map(|o| o.key).collect();
+        for k in page_keys(b, ns, &history) {
+            assert!(stored.contains(&k), "{mode:?}: turn 1 stores its pages");
+        }
+        assert!(
+            b.store().locate(&codec.key(&history)).is_none(),
+            "{mode:?}: no object of the whole prefix"
+        );
+
+        // the reference: turn 2 on a blender that has stored nothing
+        let cold = setup(false, 0);
+        let want = cold.blender.run(ns, &turn2(mode.clone())).unwrap();
+        assert_eq!(want.stats.cached_tokens, 0);
+
+        let second = b.run(ns, &turn2(mode.clone())).unwrap();
+        assert_eq!(
+            second.stats.cached_tokens,
+            2 * PAGE,
+            "{mode:?}: the two full pages turn 1 stored: {:?}",
+            second.stats.segments
+        );
+        let diff = max_diff(&second.logits, &want.logits);
+        assert!(
+            diff < 1e-4,
+            "{mode:?}: reading pages changed logits by {diff}"
+        );
+        let new_pages = &page_keys(b, ns, &longer)[2..];
+        let stored: Vec<ChunkKey> = second.stored.iter().map(|o| o.key).collect();
+        for k in new_pages {
+            assert!(stored.contains(k), "{mode:?}: turn 2 stores its new pages");
+        }
+        let shared = &page_keys(b, ns, &history)[..2];
+        assert!(
+            !stored.iter().any(|k| shared.contains(k)),
+            "{mode:?}: nothing it read is stored again"
+        );
+
+        // the same turn again reads its whole prefix
+        let again = b.run(ns, &turn2(mode.clone())).unwrap();
+        // (`prefix` mode's document is a link of the chain too)
+        let links = if mode == Mode::Prefix { 10 } else { 0 };
+        assert_eq!(again.stats.cached_tokens, longer.len() + links, "{mode:?}");
+        assert!(matches!(again.stats.segments[0], SegmentSource::Hit(_)));
+        let diff = max_diff(&again.logits, &want.logits);
+        assert!(diff < 1e-4, "{mode:?}: {diff}");
+    }
+}
+
+/// Pages name the same objects in every mode: what `prefix` mode stored, `blend` reads
+/// (and the reverse); a prefix no longer than a page stays one object, as before.
+#[test]
+fn every_mode_reads_the_pages_another_stored() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let prefix = toks(11, 27);
+    let blend = Mode::Blend(BlendConfig::cacheblend(0.3));
+    let r = |p: &[u32], mode| BlendRequest::new(p.to_vec(), vec![toks(12, 9)], toks(13, 4), mode);
+    b.run(b"", &r(&prefix, Mode::Prefix)).unwrap();
+    let out = b.run(b"", &r(&prefix, blend.clone())).unwrap();
+    assert_eq!(out.stats.cached_tokens, prefix.len());
+    let other = toks(14, 30);
+    b.run(b"", &r(&other, Mode::Reuse)).unwrap();
+    let out = b.run(b"", &r(&other, Mode::Prefix)).unwrap();
+    assert_eq!(
+        out.stats.cached_tokens,
+        other.len(),
+        "the pages (`reuse` stored the document as a chunk, not a link)"
+    );
+    // short: the whole prefix is one chunk, as `reuse` always stored it
+    let short = toks(15, PAGE);
+    let out = b.run(b"", &r(&short, Mode::Reuse)).unwrap();
+    let keys: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+    assert!(keys.contains(&b.codec(b"").key(&short)));
+}
+
+/// A page that went missing ends what is read there: the pages after it are computed over
+/// the ones before (and stored again), and the answer is unchanged.
+#[test]
+fn a_missing_page_is_recomputed_from_there() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let prefix = toks(21, 36);
+    let r = BlendRequest::new(prefix.clone(), vec![toks(22, 7)], toks(23, 4), Mode::Reuse);
+    let first = b.run(b"", &r).unwrap();
+    let keys = page_keys(b, b"", &prefix);
+    assert!(s.rt.block_on(b.store().remove(&keys[2])).unwrap());
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.cached_tokens, 2 * PAGE);
+    assert_eq!(out.stats.segments[0], SegmentSource::Miss);
+    let diff = max_diff(&out.logits, &first.logits);
+    assert!(diff < 1e-4, "{diff}");
+    let stored: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+    assert_eq!(
+        stored,
+        keys[2..].to_vec(),
+        "the missing page and the ones after it"
+    );
+    assert_eq!(b.run(b"", &r).unwrap().stats.cached_tokens, prefix.len());
+}
+
+/// A request that runs as full prefill still leaves its prefix's pages, cut from the full
+/// prefill's KV (exactly theirs: `prefix` mode reading them equals full prefill).
+#[test]
+fn a_request_run_as_full_prefill_stores_its_prefix_s_pages() {
+    let s = setup(true, 0);
+    let b = &s.blender;
+    // (a request falls back only once a prefill rate was measured)
+    let other = BlendRequest::new(vec![], vec![toks(30, 6)], toks(34, 3), Mode::Full);
+    b.run(b"", &other).unwrap();
+    let prefix = toks(31, 19);
+    let r = BlendRequest::new(
+        prefix.clone(),
+        vec![toks(32, 11)],
+        toks(33, 5),
+        Mode::Blend(BlendConfig::cacheblend(0.3)),
+    );
+    let out = b.run(b"", &r).unwrap();
+    assert!(
+        out.stats.fell_back_to_full,
+        "nothing stored: nothing to load"
+    );
+    let stored: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+    for k in page_keys(b, b"", &prefix) {
+        assert!(stored.contains(&k));
+    }
+    let exact = BlendRequest {
+        mode: Mode::Prefix,
+        ..r.clone()
+    };
+    let read = b.run(b"", &exact).unwrap();
+    assert_eq!(
+        read.stats.cached_tokens,
+        prefix.len(),
+        "the document is a chunk"
+    );
+    let full = b
+        .run(
+            b"",
+            &BlendRequest {
+                mode: Mode::Full,
+                ..r
+            },
+        )
+        .unwrap();
+    let diff = max_diff(&read.logits, &full.logits);
+    assert!(diff < 1e-4, "{diff}");
+}
+
+/// With a device tier, a paged prefix read once is resident whole under its last page's
+/// key: the next request takes it from there, every token counted as cached.
+#[test]
+fn a_paged_prefix_is_resident_in_the_device_tier_whole() {
+    let s = setup(false, 64 << 20);
+    let b = &s.blender;
+    let prefix = toks(41, 25);
+    let r = BlendRequest::new(prefix.clone(), vec![toks(42, 6)], toks(43, 3), Mode::Reuse);
+    let first = b.run(b"", &r).unwrap();
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(
+        out.stats.segments[0],
+        SegmentSource::Hit(kvquilt_kvstore::TierKind::GPU)
+    );
+    assert_eq!(out.stats.cached_tokens, prefix.len());
+    let diff = max_diff(&out.logits, &first.logits);
+    assert!(diff < 1e-4, "{diff}");
+}
