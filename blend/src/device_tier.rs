@@ -10,10 +10,12 @@
 //! behaves as the store's tiers do.
 //!
 //! Invariants:
-//! - An entry holds the KV of exactly one stored chunk object, decoded: per layer, K before
-//!   RoPE and V, `[T, kv_heads, head_dim]`, at positions `0..T`, in the model's dtype. It
-//!   enters only after the blender has used the same KV for a request (read from a tier and
-//!   checked against the requested tokens, or computed by [`crate::ChunkCodec`]).
+//! - An entry holds the KV of exactly one stored chunk object, decoded — or, under its last
+//!   page's key, a whole paged prefix (`engine/chain.rs`: every page read or computed over
+//!   the ones before, exact) — per layer, K before RoPE and V, `[T, kv_heads, head_dim]`,
+//!   at positions `0..T`, in the model's dtype. It enters only after the blender has used
+//!   the same KV for a request (read from a tier and checked against the requested tokens,
+//!   or computed by [`crate::ChunkCodec`] or a chain), never from lossy values.
 //! - Capacity counts K and V bytes (the object's raw size), not allocator rounding.
 //! - An entry evicted while a request still uses it stays alive for that request (the
 //!   request holds an `Arc`); device memory may exceed the capacity by those entries.

@@ -135,8 +135,9 @@ pub struct BlendStats {
     /// Prompt tokens whose stored KV was used exactly as full prefill computes it: the
     /// links of `prefix` mode read from the store, and elsewhere the prefix segment read
     /// as stored when it was computed alone at position 0 (it opens with the chunk
-    /// encoding's sink, or there is none). Chunks placed at new positions are not counted,
-    /// nor anything decoded from a lossy codec: OpenAI's `cached_tokens`.
+    /// encoding's sink, or there is none) or, for a prefix kept as pages, the pages read
+    /// (a conversation's history). Chunks placed at new positions are not counted, nor
+    /// anything decoded from a lossy codec: OpenAI's `cached_tokens`.
     pub cached_tokens: usize,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,

@@ -259,3 +259,80 @@ fn a_paged_prefix_is_resident_in_the_device_tier_whole() {
     let diff = max_diff(&out.logits, &first.logits);
     assert!(diff < 1e-4, "{diff}");
 }
+
+/// With fallback to full prefill on (the sidecar's default), a turn whose documents are new
+/// but whose history is stored plans to read the history (the longest run of pages held),
+/// rather than counting the prefix a miss because its last page is new — which made every
+/// such turn "hold nothing" and run as full prefill, reading no history ever.
+#[test]
+fn with_fallback_on_the_next_turn_still_reads_its_history() {
+    let s = setup(true, 0);
+    let b = &s.blender;
+    // a steady machine: 1 ms per unit of prefill work, host loads at 10 GB/s
+    let costs = b.costs();
+    for t in [8usize, 40, 92, 20, 64].iter().cycle().take(100) {
+        costs.record_full_prefill(*t, 1e-3 * costs.prefill_work(0, *t));
+    }
+    for _ in 0..40 {
+        costs.record_load(
+            kvquilt_kvstore::TierKind::HOST,
+            1 << 20,
+            (1 << 20) as f64 / 10e9,
+        );
+        costs.record_latency(kvquilt_kvstore::TierKind::HOST, 0.0);
+    }
+    let history = toks(51, 40);
+    // (`reuse`: on a two-layer model a blend's pass is most of a full prefill anyway)
+    let mode = Mode::Reuse;
+    let turn1 = BlendRequest::new(
+        history.clone(),
+        vec![toks(52, 12)],
+        toks(53, 5),
+        mode.clone(),
+    );
+    let first = b.run(b"", &turn1).unwrap();
+    assert!(first.stats.fell_back_to_full, "turn 1 holds nothing");
+    let mut longer = history.clone();
+    longer.extend(toks(54, 20));
+    let turn2 = BlendRequest::new(longer, vec![toks(55, 12)], toks(56, 5), mode);
+    let out = b.run(b"", &turn2).unwrap();
+    assert!(
+        !out.stats.fell_back_to_full,
+        "the history is held: {:?}",
+        out.stats.fallback
+    );
+    assert_eq!(
+        out.stats.cached_tokens,
+        5 * PAGE,
+        "{:?}",
+        out.stats.segments
+    );
+}
+
+/// `prefix` mode's stats name segments as the other modes' do — the prefix, then each
+/// chunk — however many pages the prefix is: a prefix partly read is no hit (its pages read
+/// are in `cached_tokens`).
+#[test]
+fn prefix_mode_counts_a_paged_prefix_as_one_segment() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let prefix = toks(61, 30);
+    let r = BlendRequest::new(
+        prefix.clone(),
+        vec![toks(62, 9), toks(63, 7)],
+        toks(64, 3),
+        Mode::Prefix,
+    );
+    let cold = b.run(b"", &r).unwrap();
+    assert_eq!(cold.stats.segments, vec![SegmentSource::Miss; 3]);
+    assert_eq!(cold.stats.misses, 3);
+    let warm = b.run(b"", &r).unwrap();
+    assert_eq!(warm.stats.segments.len(), 3);
+    assert_eq!(warm.stats.hits_host, 3);
+    // the last page gone: the prefix is partly read, the chunks after it computed
+    let keys = page_keys(b, b"", &prefix);
+    assert!(s.rt.block_on(b.store().remove(&keys[3])).unwrap());
+    let part = b.run(b"", &r).unwrap();
+    assert_eq!(part.stats.segments, vec![SegmentSource::Miss; 3]);
+    assert_eq!(part.stats.cached_tokens, 3 * PAGE);
+}

@@ -1348,7 +1348,7 @@ async fn usage_counts_the_prompt_tokens_reused_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_reads_its_history_from_the_turn_before() {
     let mut cached = Vec::new();
-    for page in [8, 0] {
+    for page in [16, 0] {
         let mut config = Config::default();
         config.blend.fall_back_to_full = false;
         config.blend.prefix_page = page;

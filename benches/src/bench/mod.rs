@@ -5,6 +5,7 @@
 
 mod attention;
 mod blend;
+mod chat;
 mod codec;
 mod codec_cold;
 mod codec_device;
@@ -43,6 +44,9 @@ pub enum BenchCommand {
     Ops(ops::OpsBenchArgs),
     /// Time to first token of full, reuse and blend on a RAG-shaped prompt.
     Blend(blend::BlendBenchArgs),
+    /// A multi-turn RAG conversation replayed turn by turn: the history kept as pages
+    /// beside kept whole and beside full prefill (time to first token per turn).
+    Chat(chat::ChatBenchArgs),
     /// Store tiers against memcpy and raw file reads; put throughput; key hashing.
     Store(store::StoreBenchArgs),
     /// The remote tier on a real Redis Cluster: throughput beside the raw client, TTFT by
@@ -67,6 +71,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Graph(a) => graph::run(a),
         BenchCommand::Ops(a) => ops::run(a),
         BenchCommand::Blend(a) => blend::run(a),
+        BenchCommand::Chat(a) => chat::run(a),
         BenchCommand::Store(a) => store::run(a),
         BenchCommand::Load(a) => load::run(a),
         BenchCommand::Upload(a) => upload::run(a),

@@ -56,6 +56,16 @@ impl<'r> PrefixPages<'r> {
         let key = *keys.last()?;
         Some(Self { pages, keys, key })
     }
+
+    /// The longest run of pages the store holds from the start (remote tiers as far as
+    /// their hints say: probe first), each page's tier and length.
+    pub(crate) fn held_run(&self, b: &Blender) -> Vec<(TierKind, usize)> {
+        self.keys
+            .iter()
+            .zip(&self.pages)
+            .map_while(|(k, p)| Some((b.store.locate(k)?, p.len())))
+            .collect()
+    }
 }
 
 /// What [`run`] made of a chain.
@@ -74,24 +84,32 @@ pub(crate) struct Chain {
 }
 
 impl Chain {
-    /// How the chain as a whole was obtained: a hit of the last link's tier when every link
-    /// was read, else how the first link not read was (`Miss` or `Unusable`).
+    /// How the chain as a whole was obtained ([`summary`] of every link).
     pub(crate) fn source(&self) -> SegmentSource {
-        let first_not_read = self
-            .links
-            .iter()
-            .find(|(how, _)| !matches!(how, SegmentSource::Hit(_)));
-        match (first_not_read, self.links.last()) {
-            (Some(&(how, _)), _) => how,
-            (None, Some(&(how, _))) => how,
-            (None, None) => SegmentSource::Miss,
-        }
+        summary(&self.links).0
     }
 
     /// Whether some link was decoded from a lossy codec.
     pub(crate) fn lossy(&self) -> bool {
-        self.links.iter().any(|&(_, lossy)| lossy)
+        summary(&self.links).1
     }
+}
+
+/// How consecutive links taken as one segment (a paged prefix) were obtained: a hit of the
+/// last link's tier when every link was read, else how the first link not read was (`Miss`
+/// or `Unusable`: a prefix partly read is no hit; `cached_tokens` says how much was read);
+/// and whether some link was decoded from a lossy codec.
+pub(crate) fn summary(links: &[(SegmentSource, bool)]) -> (SegmentSource, bool) {
+    let lossy = links.iter().any(|&(_, lossy)| lossy);
+    let first_not_read = links
+        .iter()
+        .find(|(how, _)| !matches!(how, SegmentSource::Hit(_)));
+    let how = match (first_not_read, links.last()) {
+        (Some(&(how, _)), _) => how,
+        (None, Some(&(how, _))) => how,
+        (None, None) => SegmentSource::Miss,
+    };
+    (how, lossy)
 }
 
 /// Runs the chain of `links` (prompt order, each non-empty) named by `keys` (parallel:
@@ -113,6 +131,8 @@ pub(crate) fn run(
     };
     let mut at = 0usize;
     let mut reusing = true;
+    // the links read, joined into one cache once the run ends (one copy, not one per link)
+    let mut read: Vec<KvCache> = Vec::new();
     // once a link was decoded from a lossy codec, the links computed over it are not the
     // prefix's exact KV: they are used, never stored (nothing is re-encoded from lossy values)
     let mut exact = true;
@@ -120,8 +140,7 @@ pub(crate) fn run(
         if reusing {
             match load_link(b, codec, key, seg, turn) {
                 Ok((link, tier, lossy)) => {
-                    let link = link.with_positions(positions(at, seg.len()))?;
-                    chain.cache = KvCache::cat(&[&chain.cache, &link])?;
+                    read.push(link.with_positions(positions(at, seg.len()))?);
                     chain.links.push((SegmentSource::Hit(tier), lossy));
                     exact &= !lossy;
                     if exact {
@@ -133,6 +152,7 @@ pub(crate) fn run(
                 Err(how) => chain.links.push((how, false)),
             }
             reusing = false;
+            chain.cache = join(chain.cache, std::mem::take(&mut read))?;
         } else {
             chain.links.push((SegmentSource::Miss, false));
         }
@@ -141,7 +161,17 @@ pub(crate) fn run(
         chain.computed_tokens += seg.len();
         at += seg.len();
     }
+    chain.cache = join(chain.cache, read)?;
     Ok(chain)
+}
+
+/// `cache` followed by `read` (the links read after it, at their positions).
+fn join(cache: KvCache, read: Vec<KvCache>) -> Result<KvCache> {
+    if read.is_empty() {
+        return Ok(cache);
+    }
+    let parts: Vec<&KvCache> = std::iter::once(&cache).chain(&read).collect();
+    Ok(KvCache::cat(&parts)?)
 }
 
 /// Queues the links of `links` (named by `keys`, parallel) that no local tier holds for
@@ -197,7 +227,11 @@ fn load_link(
     };
     match got {
         Ok(Some((obj, tier))) => match codec.to_cache(&b.model, &obj, seg) {
-            Ok(c) => Ok((c, tier, obj.lossy().is_some())),
+            Ok(c) => {
+                // (what reading it took: the tier's measure, as a stream's layers record)
+                b.costs.record_load(tier, bytes, t0.elapsed().as_secs_f64());
+                Ok((c, tier, obj.lossy().is_some()))
+            }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "stored prefix object unusable");
                 Err(SegmentSource::Unusable)

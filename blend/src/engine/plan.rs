@@ -199,23 +199,45 @@ impl<'a> Plan<'a> {
     }
 
     /// Makes the first entry — the prompt's prefix, which opens the prompt — a paged one
-    /// named `key` (its last page's chain key), held at `held` (where that page is): loaded
-    /// when held (a paged prefix is read page by page, never recomputed for speed: what is
-    /// read is exact), else computed before the pass, never in it (the pages it can read
-    /// are read, the rest computed over them). Estimated as the whole prefix's load or
-    /// prefill. A plan without segments is left as it is.
+    /// named `key` (its last page's chain key). `device`: resident whole in the device tier
+    /// (taken from there). Else `run` is the longest run of its pages the store holds from
+    /// its start (each page's tier and length): with one or more, the entry is a load of
+    /// the tier holding the first, estimated as loading the run plus prefilling the rest
+    /// over it — so a conversation whose new turn holds most of its history plans to read it
+    /// (and a request holding it is not one that holds nothing); with none, a miss computed
+    /// before the pass, never in it. A paged prefix is never recomputed for speed: what is
+    /// read of it is exact. A plan without segments is left as it is.
     pub(crate) fn page_prefix(
         &mut self,
         key: ChunkKey,
-        held: Option<Held>,
+        device: bool,
+        run: &[(TierKind, usize)],
         layout: &KvLayout,
         costs: &CostModel,
     ) {
         let Some(first) = self.entries.first_mut() else {
             return;
         };
-        *first = Entry::new(key, first.tokens, held, layout, costs, false, false);
+        let tokens = first.tokens;
+        let held = match (device, run.first()) {
+            (true, _) => Some(Held::Device),
+            (false, Some(&(tier, _))) => Some(Held::Store(tier)),
+            (false, None) => None,
+        };
+        *first = Entry::new(key, tokens, held, layout, costs, false, false);
         first.paged = true;
+        if let Some(Held::Store(_)) = held {
+            let bytes = |n: usize| usize::try_from(layout.object_bytes(n)).unwrap_or(usize::MAX);
+            let read: usize = run.iter().map(|&(_, n)| n).sum();
+            let load_s: f64 = run.iter().map(|&(t, n)| costs.load_s(t, bytes(n))).sum();
+            let rest = tokens.len().saturating_sub(read);
+            let rest_s = match rest {
+                0 => 0.0,
+                n => costs.prefill_after_s(read, n).unwrap_or(0.0),
+            };
+            first.cost_s = load_s + rest_s;
+            first.guessed = run.iter().any(|&(t, _)| !costs.load_is_measured(t));
+        }
     }
 
     /// The sum of the entries' estimates, seconds: what obtaining every unique segment's KV

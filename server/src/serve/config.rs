@@ -552,6 +552,14 @@ impl Default for StoreSettings {
     }
 }
 
+/// The smallest page of a paged prefix `[blend] prefix_page` accepts, tokens: pages are
+/// read one by one, so a page of a few tokens makes a long history thousands of reads.
+pub const MIN_PREFIX_PAGE: usize = 16;
+
+/// The largest, tokens: a page is stored and read whole (no layer streaming), and a
+/// conversation reads only its history's full pages.
+pub const MAX_PREFIX_PAGE: usize = 65_536;
+
 /// `[blend]`: where calibration records are, and what an uncalibrated model does with
 /// `blend` requests that name no ratio.
 #[derive(Debug, Clone, Deserialize)]
@@ -835,6 +843,13 @@ impl Config {
             );
         }
         self.blend.blend_uncalibrated()?;
+        let page = self.blend.prefix_page;
+        if page != 0 && !(MIN_PREFIX_PAGE..=MAX_PREFIX_PAGE).contains(&page) {
+            bail!(
+                "blend.prefix_page must be 0 (prefixes kept whole) or {MIN_PREFIX_PAGE}..={MAX_PREFIX_PAGE} tokens \
+                 (a page is one stored object, read one after another; got {page})"
+            );
+        }
         self.validate_store()
     }
 
@@ -931,6 +946,7 @@ mod tests {
                 "op_timeout_max_ms",
             ),
             ("[store.remote]\nqueue = 4000000000000000000\n", "queue"),
+            ("[blend]\nprefix_page = 4\n", "prefix_page"),
             ("[store.remote]\nttl_s = 9000000000000000000\n", "ttl_s"),
             (
                 "[store.remote]\nconnect_timeout_ms = 0\n",

@@ -85,7 +85,8 @@ pub(super) fn prepare<'r>(
         in_pass,
     );
     if let Some(p) = &pages {
-        plan.page_prefix(p.key, held(b, &p.key), codec.layout(), &b.costs);
+        let device = b.device_tier.as_ref().is_some_and(|d| d.contains(&p.key));
+        plan.page_prefix(p.key, device, &p.held_run(b), codec.layout(), &b.costs);
     }
     let estimate_s =
         plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
@@ -108,6 +109,10 @@ pub(super) fn prepare<'r>(
         .map(|e| e.key)
         .collect();
     b.store.touch(&unread);
+    // (a paged prefix is read page by page: a fallback touches every page it holds)
+    if let Some(p) = pages.as_ref().filter(|_| fall_back) {
+        b.store.touch(&p.keys);
+    }
     if let Some(why) = fallback {
         return Ok(Prepared::FellBack(Box::new(full::fall_back(
             b,
@@ -193,7 +198,8 @@ impl Assembly<'_> {
             !req.prefix.is_empty() && self.codec.encoding().sink_for(&req.prefix).is_empty();
         for (i, (how, lossy)) in self.sources.placed().enumerate() {
             stats.count(how);
-            stats.lossy_hits += usize::from(lossy);
+            // (a paged prefix read lossy and then computed on is no hit)
+            stats.lossy_hits += usize::from(lossy && matches!(how, SegmentSource::Hit(_)));
             if i == 0 && exact_prefix && matches!(how, SegmentSource::Hit(_)) && !lossy {
                 stats.cached_tokens = req.prefix.len();
             }

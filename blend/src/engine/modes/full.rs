@@ -27,8 +27,8 @@ pub(crate) fn run(b: &Blender, req: &BlendRequest, start: Instant) -> Result<Ran
 /// `fell_back_to_full` and `fallback`, and
 /// per segment `Miss` for a planned miss and `RecomputedForSpeed` for any other. Planned
 /// misses are still prefilled alone by the chunk contract (in the store-back, after the
-/// first token) and stored back, so the next request can reuse them; a paged prefix
-/// (`pages`) not stored is not prefilled again: its pages not stored are taken from the full
+/// first token) and stored back, so the next request can reuse them; a paged prefix's
+/// (`pages`) pages not stored are not prefilled again: they are taken from the full
 /// prefill's KV, which is theirs exactly.
 pub(crate) fn fall_back(
     b: &Blender,
@@ -41,8 +41,8 @@ pub(crate) fn fall_back(
 ) -> Result<Ran> {
     let mut out = prefill_all(b, req, start, Some(why))?;
     let mut pending = Pending::default();
-    let paged_miss = plan.entries.iter().any(|e| e.paged && e.origin.is_miss());
-    if let Some(p) = pages.filter(|_| paged_miss) {
+    // (the pages held are left out)
+    if let Some(p) = pages {
         chain::queue_from(b, codec, &p.pages, &p.keys, &out.cache, &mut pending)?;
     }
     let mut work = StoreBack::new(req, pending);

@@ -15,7 +15,7 @@ use crate::engine::{Blender, chain, fraction, ms};
 use crate::error::Result;
 use crate::priority::PromptTurn;
 use crate::prompt_logprobs::suffix_head;
-use crate::request::{BlendOutput, BlendRequest, BlendStats};
+use crate::request::{BlendOutput, BlendRequest, BlendStats, SegmentSource};
 
 /// Runs `req` by exact prefix reuse in `namespace`.
 pub(crate) fn run(
@@ -26,13 +26,16 @@ pub(crate) fn run(
     turn: &PromptTurn<'_>,
 ) -> Result<Ran> {
     let codec = b.codec(namespace);
-    let links = chain_links(b, req);
+    let (links, pages) = chain_links(b, req);
     let keys = codec.prefix_keys(&links);
     let mut stats = BlendStats::new(&Mode::Prefix, req.tokens().len(), req.suffix.len());
     let chain = chain::run(b, &codec, &links, &keys, turn)?;
-    for &(how, lossy) in &chain.links {
+    // the stats name segments (the prefix, then each chunk): a paged prefix's pages are one
+    let (prefix, chunks) = chain.links.split_at(pages);
+    let segments = (pages > 0).then(|| chain::summary(prefix));
+    for (how, lossy) in segments.into_iter().chain(chunks.iter().copied()) {
         stats.count(how);
-        stats.lossy_hits += usize::from(lossy);
+        stats.lossy_hits += usize::from(lossy && matches!(how, SegmentSource::Hit(_)));
     }
     stats.cached_tokens = chain.cached_tokens;
     stats.recomputed_tokens = chain.computed_tokens;
@@ -49,14 +52,15 @@ pub(crate) fn run(
     Ok((out, StoreBack::new(req, chain.pending)))
 }
 
-/// The links of `req`'s chain: the prefix's pages (or the prefix whole, when short), then
-/// each chunk.
-fn chain_links<'r>(b: &Blender, req: &'r BlendRequest) -> Vec<&'r [u32]> {
+/// The links of `req`'s chain — the prefix's pages (or the prefix whole, when short), then
+/// each chunk — and how many of them are the prefix's.
+fn chain_links<'r>(b: &Blender, req: &'r BlendRequest) -> (Vec<&'r [u32]>, usize) {
     let mut links = match b.prefix_pages(&req.prefix) {
         Some(pages) => pages,
         None if req.prefix.is_empty() => Vec::new(),
         None => vec![req.prefix.as_slice()],
     };
+    let prefix = links.len();
     links.extend(req.chunks.iter().map(Vec::as_slice));
-    links
+    (links, prefix)
 }
