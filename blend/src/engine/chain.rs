@@ -9,8 +9,9 @@
 //! object every turn that reuses nothing of the last (pinned by
 //! `blend/tests/pages.rs::a_conversation_s_next_turn_reads_the_pages_it_shares`).
 //!
-//! [`run`] loads the longest stored run of links from the start at their positions; every
-//! link after it is prefilled over the run at its absolute positions and queued for storing.
+//! [`run`] loads the longest stored run of links from the start at their positions; the
+//! links after it are prefilled over the run at their absolute positions, in one pass, and
+//! queued for storing.
 //! A link decoded from a lossy codec is used, but nothing computed over it is stored (it is
 //! not the prefix's exact KV).
 
@@ -114,7 +115,8 @@ pub(crate) fn summary(links: &[(SegmentSource, bool)]) -> (SegmentSource, bool) 
 
 /// Runs the chain of `links` (prompt order, each non-empty) named by `keys` (parallel:
 /// [`ChunkCodec::prefix_keys`] of `links`) in `codec`'s namespace: the longest stored run
-/// loaded, the rest prefilled over it and queued for storing while the chain below is exact.
+/// loaded, the rest prefilled over it in one pass and queued for storing while the chain
+/// below is exact.
 pub(crate) fn run(
     b: &Blender,
     codec: &ChunkCodec,
@@ -130,38 +132,59 @@ pub(crate) fn run(
         pending: Pending::default(),
     };
     let mut at = 0usize;
-    let mut reusing = true;
     // the links read, joined into one cache once the run ends (one copy, not one per link)
     let mut read: Vec<KvCache> = Vec::new();
     // once a link was decoded from a lossy codec, the links computed over it are not the
     // prefix's exact KV: they are used, never stored (nothing is re-encoded from lossy values)
     let mut exact = true;
-    for (seg, key) in links.iter().zip(keys) {
-        if reusing {
-            match load_link(b, codec, key, seg, turn) {
-                Ok((link, tier, lossy)) => {
-                    read.push(link.with_positions(positions(at, seg.len()))?);
-                    chain.links.push((SegmentSource::Hit(tier), lossy));
-                    exact &= !lossy;
-                    if exact {
-                        chain.cached_tokens += seg.len();
-                    }
-                    at += seg.len();
-                    continue;
+    // the first link not read (all read: `links.len()`)
+    let mut first = links.len();
+    for (i, (seg, key)) in links.iter().zip(keys).enumerate() {
+        match load_link(b, codec, key, seg, turn) {
+            Ok((link, tier, lossy)) => {
+                read.push(link.with_positions(positions(at, seg.len()))?);
+                chain.links.push((SegmentSource::Hit(tier), lossy));
+                exact &= !lossy;
+                if exact {
+                    chain.cached_tokens += seg.len();
                 }
-                Err(how) => chain.links.push((how, false)),
+                at += seg.len();
             }
-            reusing = false;
-            chain.cache = join(chain.cache, std::mem::take(&mut read))?;
-        } else {
-            chain.links.push((SegmentSource::Miss, false));
+            Err(how) => {
+                chain.links.push((how, false));
+                first = i;
+                break;
+            }
         }
-        let queue = exact.then_some(&mut chain.pending);
-        compute_link(b, codec, *key, seg, at, &mut chain.cache, queue)?;
-        chain.computed_tokens += seg.len();
-        at += seg.len();
     }
     chain.cache = join(chain.cache, read)?;
+    // the links after the run: one prefill over it (a forward pass per link would read the
+    // weights once per link), each link's rows queued as its object
+    let rest = &links[first..];
+    if rest.is_empty() {
+        return Ok(chain);
+    }
+    chain
+        .links
+        .extend(rest.iter().skip(1).map(|_| (SegmentSource::Miss, false)));
+    let tokens: Vec<u32> = rest.concat();
+    let t0 = Instant::now();
+    b.model
+        .prefill(&tokens, &positions(at, tokens.len()), &mut chain.cache)?;
+    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
+    b.costs.record_prefill_after(at, tokens.len(), took);
+    chain.computed_tokens = tokens.len();
+    if exact {
+        for (seg, key) in rest.iter().zip(&keys[first..]) {
+            let part = chain
+                .cache
+                .narrow(at, seg.len())?
+                .with_positions(positions(0, seg.len()))?;
+            let cost_s = took * seg.len() as f64 / tokens.len() as f64;
+            chain.pending.push(codec, *key, seg, part, cost_s);
+            at += seg.len();
+        }
+    }
     Ok(chain)
 }
 
@@ -243,30 +266,4 @@ fn load_link(
             Err(SegmentSource::Unusable)
         }
     }
-}
-
-/// Prefills link `seg` over `cache` (the KV of the prompt's first `at` tokens) at
-/// positions `at..at+T`, recording the prefill rate, and queues its rows (at `0..T`) as the
-/// link `key` in `pending` (when given: the cache below is exact).
-fn compute_link(
-    b: &Blender,
-    codec: &ChunkCodec,
-    key: ChunkKey,
-    seg: &[u32],
-    at: usize,
-    cache: &mut KvCache,
-    pending: Option<&mut Pending>,
-) -> Result<()> {
-    let t0 = Instant::now();
-    b.model.prefill(seg, &positions(at, seg.len()), cache)?;
-    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
-    b.costs.record_prefill_after(at, seg.len(), took);
-    let Some(pending) = pending else {
-        return Ok(());
-    };
-    let part = cache
-        .narrow(at, seg.len())?
-        .with_positions(positions(0, seg.len()))?;
-    pending.push(codec, key, seg, part, took);
-    Ok(())
 }
