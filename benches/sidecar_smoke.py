@@ -10,7 +10,8 @@ answer equals the stored one and ends with usage and [DONE]; reuse, blend at 0.3
 answer; a conversation ending with an assistant's message; a token-id completion whose
 `text_offset` has one entry per token; a text completion with a document; `echo` as lm-eval's
 log-likelihood requests send it (the prompt scored, its first token null) and alone; chunk
-lookup, pin and unpin; `usage.prompt_tokens_details.cached_tokens` of a prefix hit; the
+lookup, pin and unpin; `usage.prompt_tokens_details.cached_tokens` of a prefix hit, and
+growing over a four-turn conversation (its history read page by page); the
 stats' key identity; refusals (top_k,
 n, an unknown role, max_tokens past the limit, a token id outside the vocabulary); stats and
 metrics answer.
@@ -152,6 +153,20 @@ s, v = call("POST", "/v1/chat/completions", {"messages": Q, "documents": DOCS, "
                                              "kvquilt": {"mode": "prefix"}})
 ok = s == 200 and v["usage"]["prompt_tokens_details"]["cached_tokens"] == v["kvquilt"]["cached_tokens"] > 0
 check("usage cached_tokens (prefix hit)", ok, (v.get("usage"), v.get("kvquilt", {}).get("cached_tokens")) if s == 200 else v)
+# a conversation whose history passes a page (256 tokens): from the third turn on, each
+# turn reads the history the turn before stored (`prefix` mode: no fallback to full prefill)
+history = [{"role": "system", "content": "You answer questions about European capitals. " * 30}]
+seen = []
+for q in ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Portugal?"]:
+    history.append({"role": "user", "content": q})
+    s, v = call("POST", "/v1/chat/completions", {"messages": history, "documents": DOCS[:1], "max_tokens": 24,
+                                                 "kvquilt": {"mode": "prefix"}})
+    if s != 200:
+        seen.append(v); break
+    seen.append(v["usage"]["prompt_tokens_details"]["cached_tokens"])
+    history.append({"role": "assistant", "content": v["choices"][0]["message"]["content"]})
+ok = len(seen) == 4 and all(isinstance(c, int) for c in seen) and seen[2] >= 256 and seen[3] >= seen[2]
+check("conversation reads its history (cached_tokens per turn)", ok, seen)
 s, v = call("GET", "/v1/stats")
 check("stats key_identity", s == 200 and len(v.get("key_identity", {}).get("model", "")) == 64, v.get("key_identity") if s == 200 else v)
 
