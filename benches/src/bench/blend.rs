@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use kvquilt_blend::{BlendRequest, Blender, Mode, ModelIdentity};
+use kvquilt_blend::{BlendRequest, Blender, Mode};
 use kvquilt_kvstore::{Codec, PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::{KvCache, Model, Rows};
 use serde::Serialize;
@@ -139,23 +139,7 @@ struct Report {
 }
 
 pub(crate) fn run(a: BlendBenchArgs) -> Result<()> {
-    let device = a.model.device()?;
-    let dtype = a.model.dtype(&device)?;
-    let (model, identity, name) = match a.random.as_deref() {
-        Some(shape) => {
-            let (config, name) = super::random_shape(shape)?;
-            let mut m = Model::random(config, &device, dtype)?;
-            a.model.configure(&mut m)?;
-            let id = ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
-            (m, id, name)
-        }
-        None => {
-            let m = a.model.load()?;
-            let id = ModelIdentity::of(&m)?;
-            let name = m.path.display().to_string();
-            (m.model, id, name)
-        }
-    };
+    let (model, identity, name) = super::bench_model(&a.model, a.random.as_deref())?;
     let codecs: Vec<Codec> = a
         .host_codecs
         .iter()

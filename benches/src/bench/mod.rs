@@ -96,6 +96,31 @@ pub(crate) fn random_shape(name: &str) -> Result<(kvquilt_model::ModelConfig, St
     }
 }
 
+/// The model a benchmark runs: random weights of the `random` shape (`random_shape`), or the
+/// model `args` name; with its identity and a name for reports.
+pub(crate) fn bench_model(
+    args: &kvquilt::model_source::ModelArgs,
+    random: Option<&str>,
+) -> Result<(kvquilt_model::Model, kvquilt_blend::ModelIdentity, String)> {
+    match random {
+        Some(shape) => {
+            let device = args.device()?;
+            let dtype = args.dtype(&device)?;
+            let (config, name) = random_shape(shape)?;
+            let mut m = kvquilt_model::Model::random(config, &device, dtype)?;
+            args.configure(&mut m)?;
+            let id = kvquilt_blend::ModelIdentity::for_weights(&m, &format!("random:{shape}"))?;
+            Ok((m, id, name))
+        }
+        None => {
+            let m = args.load()?;
+            let id = kvquilt_blend::ModelIdentity::of(&m)?;
+            let name = m.path.display().to_string();
+            Ok((m.model, id, name))
+        }
+    }
+}
+
 /// One warm-up, then `repeats` timed runs, in seconds.
 pub(crate) fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
