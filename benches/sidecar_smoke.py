@@ -4,8 +4,8 @@ SmolLM2). Python's standard library only. Each check prints PASS or FAIL with wh
 exit status is 1 when any failed. `benches/gpu_run.sh sidecar` runs it against the GPU build.
 
 What it checks: health and models (by id, an unknown one 404); a chat with three documents
-three times (the first computes them, the next two read them from the store: every segment a
-hit, the same answer twice, the logprobs' tokens joined equal to the content); the streamed
+three times (the first computes them, the next two hold them: every segment read, or the
+request estimated faster as full prefill, as a small model on a GPU is; the same answer twice, the logprobs' tokens joined equal to the content); the streamed
 answer equals the stored one and ends with usage and [DONE]; reuse, blend at 0.3 and full
 answer; a conversation ending with an assistant's message; a token-id completion whose
 `text_offset` has one entry per token; a text completion with a document; `echo` as lm-eval's
@@ -74,7 +74,10 @@ for attempt in range(3):
     else:
         check(f"chat #{attempt} same answer as #1", content == first, (content, first))
     if attempt > 0:
-        check(f"chat #{attempt} documents hit", k["misses"] == 0 and (k["hits_gpu"] + k["hits_host"] + k["hits_ssd"]) >= len(DOCS), k)
+        # held: read, or the whole request estimated faster as full prefill (a small model on
+        # a GPU: its prefill is a few launches), never recomputed as a miss
+        held = (k["hits_gpu"] + k["hits_host"] + k["hits_ssd"]) >= len(DOCS) or k.get("fallback") in ("estimated", "measured")
+        check(f"chat #{attempt} documents held", k["misses"] == 0 and held, k)
 print("  chat wall times (s):", [round(x, 3) for x in times], "answers (miss, hit):", repr(missed), repr(first))
 
 # stream: deltas joined = the non-streamed answer
@@ -155,7 +158,8 @@ ok = s == 200 and v["usage"]["prompt_tokens_details"]["cached_tokens"] == v["kvq
 check("usage cached_tokens (prefix hit)", ok, (v.get("usage"), v.get("kvquilt", {}).get("cached_tokens")) if s == 200 else v)
 # a conversation whose history passes a page (256 tokens): from the third turn on, each
 # turn reads the history the turn before stored (`prefix` mode: no fallback to full prefill)
-history = [{"role": "system", "content": "You answer questions about European capitals. " * 30}]
+# (the system prompt alone passes a page: every turn's prefix is paged, its first page shared)
+history = [{"role": "system", "content": "You answer questions about European capitals. " * 60}]
 seen = []
 for q in ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Portugal?"]:
     history.append({"role": "user", "content": q})
@@ -165,7 +169,7 @@ for q in ["What is the capital of France?", "And of Italy?", "And of Spain?", "A
         seen.append(v); break
     seen.append(v["usage"]["prompt_tokens_details"]["cached_tokens"])
     history.append({"role": "assistant", "content": v["choices"][0]["message"]["content"]})
-ok = len(seen) == 4 and all(isinstance(c, int) for c in seen) and seen[2] >= 256 and seen[3] >= seen[2]
+ok = len(seen) == 4 and all(isinstance(c, int) for c in seen) and seen[1] >= 256 and seen[3] >= seen[2] >= seen[1]
 check("conversation reads its history (cached_tokens per turn)", ok, seen)
 s, v = call("GET", "/v1/stats")
 check("stats key_identity", s == 200 and len(v.get("key_identity", {}).get("model", "")) == 64, v.get("key_identity") if s == 200 else v)
