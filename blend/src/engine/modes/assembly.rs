@@ -71,8 +71,8 @@ pub(super) fn prepare<'r>(
     // that the plan can weigh loading them from there against recomputing
     let mut keys: Vec<_> = segments.iter().map(|s| codec.key(s)).collect();
     if let Some(p) = &pages {
-        keys[0] = p.key;
-        keys.extend(&p.keys);
+        // (the pages stand for the prefix's own key, which is never read)
+        keys.splice(0..1, p.keys.iter().copied());
     }
     b.rt.block_on(turn.paused_while_pending(b.store.probe(&keys)));
     let mut plan = Plan::build(
@@ -85,7 +85,7 @@ pub(super) fn prepare<'r>(
         in_pass,
     );
     if let Some(p) = &pages {
-        let device = b.device_tier.as_ref().is_some_and(|d| d.contains(&p.key));
+        let device = held(b, &p.key) == Some(Held::Device);
         plan.page_prefix(p.key, device, &p.held_run(b), codec.layout(), &b.costs);
     }
     let estimate_s =
