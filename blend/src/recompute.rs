@@ -184,7 +184,7 @@ fn run(
         if cfg.whole_segments {
             scores = by_segment(&scores, &active, roles, cfg.chunk_sink);
         }
-        let budget = (ratio * roles.cached_len() as f32).floor() as usize;
+        let budget = (ratio * roles.blendable_len() as f32).floor() as usize;
         let kept = select(&active, &scores, roles, budget, ratio, cfg.spread());
         let pick: Vec<u32> = active
             .iter()

@@ -5,8 +5,12 @@
 //! budget is a ratio of the non-suffix tokens (`k = floor(r · (N − S))`, as CacheBlend's
 //! reference code counts it); suffix tokens are always kept on top of it. Tokens forced in
 //! for other reasons (chunk starts) count against the budget. Tokens with no cached KV (a
-//! segment computed in the pass) are kept on top of it too, and the budget is a ratio of the
-//! tokens that have cached KV.
+//! segment computed in the pass) are kept on top of it too. Tokens whose cached KV is exact
+//! (the prompt's opening segment, e.g. a conversation's history) are never candidates:
+//! recomputing them gives the values they hold. So the budget is a ratio of the tokens
+//! blending can change, those with cached KV that is not exact
+//! ([`TokenRoles::blendable_len`]): a long exact history does not spend the documents'
+//! budget (test `tests::exact_tokens_are_never_candidates_nor_counted`).
 
 use serde::{Deserialize, Serialize};
 
@@ -56,10 +60,11 @@ impl TokenRoles {
         self.segment.iter().filter(|&&s| s == self.segments).count()
     }
 
-    /// Number of non-suffix tokens with cached KV (what a ratio's budget is counted over).
-    pub fn cached_len(&self) -> usize {
+    /// Number of non-suffix tokens with cached KV that is not exact: the tokens a blend can
+    /// change, what a ratio's budget is counted over.
+    pub fn blendable_len(&self) -> usize {
         (0..self.len())
-            .filter(|&t| self.segment[t] != self.segments && !self.computed[t])
+            .filter(|&t| self.segment[t] != self.segments && !self.computed[t] && !self.exact[t])
             .count()
     }
 }
@@ -86,7 +91,8 @@ pub enum Spread {
 }
 
 /// Keeps a subset of `active` (sorted token indices): every forced and every computed token,
-/// then the highest-scoring others until `budget` tokens with cached KV are kept. Under a [`Spread`]
+/// then the highest-scoring others that are not exact until `budget` tokens with cached KV
+/// are kept. Under a [`Spread`]
 /// other than `Global`, each segment that is not exact first gets its share of the budget,
 /// filled from its own ranking; what is left goes to the global ranking. `scores[i]` belongs
 /// to `active[i]`. Returns sorted token indices.
@@ -114,8 +120,9 @@ pub fn select(
     }
     // candidates in descending score order; ties by position (a strict total order: the
     // kept set is unique)
+    // (exact tokens are no candidates: recomputed, they would give what they hold)
     let mut order: Vec<usize> = (0..active.len())
-        .filter(|&i| !keep[i] && roles.segment[active[i]] != suffix)
+        .filter(|&i| !keep[i] && roles.segment[active[i]] != suffix && !roles.exact[active[i]])
         .collect();
     let rank = |&a: &usize, &b: &usize| scores[b].total_cmp(&scores[a]).then(a.cmp(&b));
     if spread == Spread::Global {
@@ -312,13 +319,44 @@ mod tests {
     }
 
     #[test]
+    fn exact_tokens_are_never_candidates_nor_counted() {
+        // segment 0 is exact (a history at position 0) and scores highest: every spread
+        // spends the budget on segment 1 alone, and the budget counts segment 1's tokens
+        let mut r = roles(vec![0, 0, 0, 0, 1, 1, 1, 1, 2], 2);
+        for t in 0..4 {
+            r.exact[t] = true;
+        }
+        assert_eq!(r.blendable_len(), 4);
+        let active: Vec<usize> = (0..9).collect();
+        let scores = [50.0, 40.0, 30.0, 20.0, 1.0, 4.0, 3.0, 2.0, 0.0];
+        for spread in [
+            Spread::Global,
+            Spread::ByLength,
+            Spread::ByMass,
+            Spread::TopWhole(1),
+        ] {
+            assert_eq!(
+                select(&active, &scores, &r, 2, 0.5, spread),
+                vec![5, 6, 8],
+                "{spread:?}"
+            );
+            // a budget past the candidates keeps every one of them, and no exact token
+            assert_eq!(
+                select(&active, &scores, &r, 9, 1.0, spread),
+                vec![4, 5, 6, 7, 8],
+                "{spread:?}"
+            );
+        }
+    }
+
+    #[test]
     fn computed_tokens_are_kept_outside_the_budget() {
         // segment 1 is computed in the pass: its rows are kept whatever their scores (its
         // placeholder rows deviate most), and the budget of 2 goes to segments 0 and 2
         let mut r = roles(vec![0, 0, 1, 1, 2, 2, 3], 3);
         r.computed[2] = true;
         r.computed[3] = true;
-        assert_eq!(r.cached_len(), 4);
+        assert_eq!(r.blendable_len(), 4);
         let active: Vec<usize> = (0..7).collect();
         let scores = [0.1, 5.0, 90.0, 80.0, 3.0, 0.2, 0.0];
         for spread in [Spread::Global, Spread::ByLength, Spread::ByMass] {

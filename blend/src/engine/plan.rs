@@ -340,14 +340,21 @@ impl<'a> Plan<'a> {
 
 /// The share of a full prefill's compute a mode spends recomputing cached tokens, in `0..=1`:
 /// `reuse` (`cfg` = None) none; `blend` every token through the layers before the first check
-/// layer `f`, then `ratio` of them through the rest: `(f + ratio · (L − f)) / L` for a model
-/// of `L = num_layers` layers. `cfg` must be validated.
-pub(crate) fn recompute_share(cfg: Option<&BlendConfig>, num_layers: usize) -> f64 {
+/// layer `f`, then `ratio` of the tokens that are not exact through the rest: `(f + ratio ·
+/// (1 − e) · (L − f)) / L` for a model of `L = num_layers` layers, where `e` (clamped to
+/// `0..=1`) is the fraction of the cached tokens whose KV is exact (never selected:
+/// `crate::select`). `cfg` must be validated.
+pub(crate) fn recompute_share(
+    cfg: Option<&BlendConfig>,
+    num_layers: usize,
+    exact_fraction: f64,
+) -> f64 {
     match cfg {
         Some(c) => {
             let l = num_layers as f64;
             let first = c.check_layers.first().copied().unwrap_or(0) as f64;
-            (first + c.ratio as f64 * (l - first)) / l
+            let blendable = 1.0 - exact_fraction.clamp(0.0, 1.0);
+            (first + c.ratio as f64 * blendable * (l - first)) / l
         }
         None => 0.0,
     }
@@ -624,9 +631,13 @@ mod tests {
 
     #[test]
     fn blend_recomputes_the_layers_before_the_first_check_and_its_ratio_after() {
-        assert_eq!(recompute_share(None, 24), 0.0);
+        assert_eq!(recompute_share(None, 24, 0.0), 0.0);
         let cfg = BlendConfig::cacheblend(0.5);
         // (1 + 0.5 · 3) / 4
-        assert!((recompute_share(Some(&cfg), 4) - 0.625).abs() < 1e-12);
+        assert!((recompute_share(Some(&cfg), 4, 0.0) - 0.625).abs() < 1e-12);
+        // three quarters of the cached tokens exact: (1 + 0.5 · 0.25 · 3) / 4
+        assert!((recompute_share(Some(&cfg), 4, 0.75) - 0.34375).abs() < 1e-12);
+        // all exact: the layers before the check alone
+        assert!((recompute_share(Some(&cfg), 4, 1.0) - 0.25).abs() < 1e-12);
     }
 }
