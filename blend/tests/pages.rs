@@ -336,3 +336,63 @@ fn prefix_mode_counts_a_paged_prefix_as_one_segment() {
     assert_eq!(part.stats.segments, vec![SegmentSource::Miss; 3]);
     assert_eq!(part.stats.cached_tokens, 3 * PAGE);
 }
+
+/// A paged prefix held only in a tier that has become slow (a stalled disk or remote) is
+/// recomputed for speed, as any stored segment is, rather than read page by page against
+/// the tier's deadline on every request: the request runs its own mode over the rest (a
+/// document resident in the device tier), its logits are what computing the prefix gives,
+/// and only the pages no tier holds are stored.
+#[test]
+fn a_paged_prefix_on_a_slow_tier_is_recomputed_for_speed() {
+    use kvquilt_kvstore::TierKind;
+    let s = setup(true, 64 << 20);
+    let b = &s.blender;
+    let costs = b.costs();
+    let host = |seconds_per_mib: f64, latency_s: f64| {
+        for _ in 0..40 {
+            costs.record_load(TierKind::HOST, 1 << 20, seconds_per_mib);
+            costs.record_latency(TierKind::HOST, latency_s);
+        }
+    };
+    // a steady machine: 1 ms per unit of full prefill work, host loads at 10 GB/s
+    for t in [8usize, 40, 92, 20, 64].iter().cycle().take(100) {
+        costs.record_full_prefill(*t, 1e-3 * costs.prefill_work(0, *t));
+    }
+    host((1 << 20) as f64 / 10e9, 0.0);
+    let (history, doc) = (toks(71, 40), toks(72, 12));
+    let turn1 = BlendRequest::new(history.clone(), vec![doc.clone()], toks(73, 5), Mode::Reuse);
+    assert!(b.run(b"", &turn1).unwrap().stats.fell_back_to_full);
+    // read: the pages from the host tier, the document from the device tier (resident
+    // since the fallback computed it)
+    let read = b.run(b"", &turn1).unwrap();
+    assert_eq!(
+        read.stats.segments,
+        vec![
+            SegmentSource::Hit(TierKind::HOST),
+            SegmentSource::Hit(TierKind::GPU)
+        ]
+    );
+    assert_eq!(read.stats.cached_tokens, history.len());
+    // the host tier stalls: a second per MiB, a second to the first byte
+    host(1.0, 1.0);
+    let mut longer = history.clone();
+    longer.extend(toks(74, 20));
+    let turn2 = BlendRequest::new(longer.clone(), vec![doc.clone()], toks(75, 5), Mode::Reuse);
+    let out = b.run(b"", &turn2).unwrap();
+    assert!(!out.stats.fell_back_to_full, "{:?}", out.stats.fallback);
+    assert_eq!(
+        out.stats.segments,
+        vec![
+            SegmentSource::RecomputedForSpeed,
+            SegmentSource::Hit(TierKind::GPU)
+        ]
+    );
+    assert_eq!(out.stats.cached_tokens, 0, "no prefix token read");
+    let cold = setup(false, 0);
+    let want = cold.blender.run(b"", &turn2).unwrap();
+    let diff = max_diff(&out.logits, &want.logits);
+    assert!(diff < 1e-4, "{diff}");
+    let stored: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+    let keys = page_keys(b, b"", &longer);
+    assert_eq!(stored, keys[5..], "only the pages no tier held");
+}

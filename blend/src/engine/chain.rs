@@ -11,7 +11,8 @@
 //!
 //! [`run`] loads the longest stored run of links from the start at their positions; the
 //! links after it are prefilled over the run at their absolute positions, in one pass, and
-//! queued for storing.
+//! queued for storing. [`compute`] reads nothing: a paged prefix recomputed because that is
+//! faster than reading it.
 //! A link decoded from a lossy codec is used, but nothing computed over it is stored (it is
 //! not the prefix's exact KV).
 
@@ -168,11 +169,7 @@ pub(crate) fn run(
         .links
         .extend(rest.iter().skip(1).map(|_| (SegmentSource::Miss, false)));
     let tokens: Vec<u32> = rest.concat();
-    let t0 = Instant::now();
-    b.model
-        .prefill(&tokens, &positions(at, tokens.len()), &mut chain.cache)?;
-    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
-    b.costs.record_prefill_after(at, tokens.len(), took);
+    let took = prefill_over(b, &mut chain.cache, &tokens, at)?;
     chain.computed_tokens = tokens.len();
     if exact {
         for (seg, key) in rest.iter().zip(&keys[first..]) {
@@ -186,6 +183,41 @@ pub(crate) fn run(
         }
     }
     Ok(chain)
+}
+
+/// Computes the chain of `links` (named by `keys`, as [`run`] takes them) without reading
+/// any of it, in one prefill: a paged prefix recomputed because that is estimated faster
+/// than reading its pages (`Plan::page_prefix`). Every link is reported recomputed for
+/// speed; the links no local tier holds are queued for storing.
+pub(crate) fn compute(
+    b: &Blender,
+    codec: &ChunkCodec,
+    links: &[&[u32]],
+    keys: &[ChunkKey],
+) -> Result<Chain> {
+    let mut cache = b.model.empty_cache()?;
+    let tokens: Vec<u32> = links.concat();
+    prefill_over(b, &mut cache, &tokens, 0)?;
+    let mut pending = Pending::default();
+    queue_from(b, codec, links, keys, &cache, &mut pending)?;
+    Ok(Chain {
+        cache,
+        links: vec![(SegmentSource::RecomputedForSpeed, false); links.len()],
+        cached_tokens: 0,
+        computed_tokens: tokens.len(),
+        pending,
+    })
+}
+
+/// Prefills `tokens` at positions `at..` over `cache` (which holds `0..at`), recording the
+/// prefill in the cost model; returns its seconds.
+fn prefill_over(b: &Blender, cache: &mut KvCache, tokens: &[u32], at: usize) -> Result<f64> {
+    let t0 = Instant::now();
+    b.model
+        .prefill(tokens, &positions(at, tokens.len()), cache)?;
+    let took = device_elapsed(&b.model, t0)?.as_secs_f64();
+    b.costs.record_prefill_after(at, tokens.len(), took);
+    Ok(took)
 }
 
 /// `cache` followed by `read` (the links read after it, at their positions).

@@ -204,9 +204,13 @@ impl<'a> Plan<'a> {
     /// its start (each page's tier and length): with one or more, the entry is a load of
     /// the tier holding the first, estimated as loading the run plus prefilling the rest
     /// over it — so a conversation whose new turn holds most of its history plans to read it
-    /// (and a request holding it is not one that holds nothing); with none, a miss computed
-    /// before the pass, never in it. A paged prefix is never recomputed for speed: what is
-    /// read of it is exact. A plan without segments is left as it is.
+    /// (and a request holding it is not one that holds nothing) — unless `may_recompute`
+    /// and prefilling the whole prefix is estimated strictly faster (a slow or stalled tier),
+    /// when it is computed for speed like any stored segment (and the cost model may still
+    /// take the load to measure the tier: [`CostModel::explore`]). With no page held, a
+    /// miss. Computed either way, a paged prefix is prefilled before the pass, never in it
+    /// (its KV is then exact: what `blend` never recomputes). A plan without segments is
+    /// left as it is.
     pub(crate) fn page_prefix(
         &mut self,
         key: ChunkKey,
@@ -214,6 +218,7 @@ impl<'a> Plan<'a> {
         run: &[(TierKind, usize)],
         layout: &KvLayout,
         costs: &CostModel,
+        may_recompute: bool,
     ) {
         let Some(first) = self.entries.first_mut() else {
             return;
@@ -237,6 +242,18 @@ impl<'a> Plan<'a> {
             };
             first.cost_s = load_s + rest_s;
             first.guessed = run.iter().any(|&(t, _)| !costs.load_is_measured(t));
+            let faster = costs
+                .prefill_s(tokens.len())
+                .filter(|&r| may_recompute && r < first.cost_s);
+            if let (Some(recompute_s), Some(&(tier, _))) = (faster, run.first()) {
+                if costs.explore(tier) {
+                    first.explores = true;
+                } else {
+                    first.origin = Origin::Compute(Why::Faster);
+                    first.cost_s = recompute_s;
+                    first.guessed = false;
+                }
+            }
         }
     }
 

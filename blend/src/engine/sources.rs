@@ -21,7 +21,7 @@ use kvquilt_kvstore::ChunkKey;
 
 use super::chain::{self, PrefixPages};
 use super::modes::assembly::zero_rows;
-use super::plan::{Entry, Origin, Plan};
+use super::plan::{Entry, Origin, Plan, Why};
 use super::store_back::{Pending, StoreBack};
 use crate::chunk::ChunkCodec;
 use crate::device_tier::DeviceChunk;
@@ -182,7 +182,7 @@ impl<'r> Sources<'r> {
     /// hits, computing the rest; computed objects that should be stored are kept for
     /// [`Sources::finish`]). A paged entry (the prefix, `pages` its pages) not resident in
     /// the device tier is read page by page, the pages not stored computed over the ones
-    /// read (`chain::run`).
+    /// read (`chain::run`), or computed whole when planned so for speed (`chain::compute`).
     pub(crate) fn open(
         b: &Blender,
         codec: &ChunkCodec,
@@ -203,7 +203,11 @@ impl<'r> Sources<'r> {
                     match device {
                         Some(chunk) => (Source::Device(chunk), SegmentSource::Hit(TierKind::GPU)),
                         None => {
-                            let got = chain::run(b, codec, &p.pages, &p.keys, turn)?;
+                            let got = if entry.origin == Origin::Compute(Why::Faster) {
+                                chain::compute(b, codec, &p.pages, &p.keys)?
+                            } else {
+                                chain::run(b, codec, &p.pages, &p.keys, turn)?
+                            };
                             paged = Some(PagedRead {
                                 cached_tokens: got.cached_tokens,
                                 lossy: got.lossy(),

@@ -86,7 +86,14 @@ pub(super) fn prepare<'r>(
     );
     if let Some(p) = &pages {
         let device = held(b, &p.key) == Some(Held::Device);
-        plan.page_prefix(p.key, device, &p.held_run(b), codec.layout(), &b.costs);
+        plan.page_prefix(
+            p.key,
+            device,
+            &p.held_run(b),
+            codec.layout(),
+            &b.costs,
+            b.fallback_to_full,
+        );
     }
     let estimate_s =
         plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
@@ -109,8 +116,13 @@ pub(super) fn prepare<'r>(
         .map(|e| e.key)
         .collect();
     b.store.touch(&unread);
-    // (a paged prefix is read page by page: a fallback touches every page it holds)
-    if let Some(p) = pages.as_ref().filter(|_| fall_back) {
+    // (a paged prefix is read page by page: a fallback, or the prefix recomputed because
+    // that is faster, touches every page it holds)
+    let prefix_unread = plan
+        .entries
+        .first()
+        .is_some_and(|e| e.paged && (fall_back || e.origin == Origin::Compute(Why::Faster)));
+    if let Some(p) = pages.as_ref().filter(|_| prefix_unread) {
         b.store.touch(&p.keys);
     }
     if let Some(why) = fallback {
