@@ -396,3 +396,54 @@ fn a_paged_prefix_on_a_slow_tier_is_recomputed_for_speed() {
     let keys = page_keys(b, b"", &longer);
     assert_eq!(stored, keys[5..], "only the pages no tier held");
 }
+
+/// What a request is made of, as stored objects: in `reuse` and `blend` a paged prefix's
+/// pages then each chunk under its own key (duplicates once); in `prefix` mode the links
+/// of its chain. A conversation's next turn holds the pages it shares with the turn
+/// before, so what it lacks (what a quota check charges its store-back) is its new pages
+/// and chunks, not its whole history.
+#[test]
+fn a_request_is_made_of_its_pages_and_chunks() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let (history, doc) = (toks(81, 20), toks(82, 6));
+    let r = BlendRequest::new(
+        history.clone(),
+        vec![doc.clone(), doc.clone()],
+        toks(83, 3),
+        Mode::Reuse,
+    );
+    let codec = b.codec(b"t");
+    let mut want: Vec<(ChunkKey, usize)> = page_keys(b, b"t", &history)
+        .into_iter()
+        .zip([8, 8, 4])
+        .collect();
+    want.push((codec.key(&doc), doc.len()));
+    assert_eq!(b.objects_of(b"t", &r), want);
+    // prefix mode: the chain of the pages and the chunk (its second copy is another link)
+    let p = BlendRequest {
+        mode: Mode::Prefix,
+        ..r.clone()
+    };
+    let pages: Vec<&[u32]> = history.chunks(PAGE).collect();
+    let links: Vec<&[u32]> = pages.iter().copied().chain([&doc[..], &doc[..]]).collect();
+    let chain: Vec<(ChunkKey, usize)> = codec
+        .prefix_keys(&links)
+        .into_iter()
+        .zip(links.iter().map(|l| l.len()))
+        .collect();
+    assert_eq!(b.objects_of(b"t", &p), chain);
+    // after turn 1 ran, turn 2 lacks only its new pages and its document
+    b.run(b"t", &r).unwrap();
+    let mut longer = history.clone();
+    longer.extend(toks(84, 10));
+    let turn2 = BlendRequest::new(longer.clone(), vec![toks(85, 7)], toks(86, 3), Mode::Reuse);
+    let missing: Vec<usize> = b
+        .objects_of(b"t", &turn2)
+        .iter()
+        .filter(|(k, _)| b.store().locate(k).is_none())
+        .map(|&(_, n)| n)
+        .collect();
+    // pages of 8, 8, 8, 6: the first two are turn 1's
+    assert_eq!(missing, vec![8, 6, 7]);
+}

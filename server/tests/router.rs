@@ -1383,6 +1383,56 @@ async fn a_conversation_reads_its_history_from_the_turn_before() {
     assert!(paged[2] >= 16, "{paged:?}");
 }
 
+/// A conversation's next turn is charged against its tenant's quota for what it would
+/// store — its new pages and documents — not for its whole history, most of which the turn
+/// before stored: with a quota that holds both turns' objects exactly, the second turn
+/// still stores (it was refused when the whole history was charged), and the usage is
+/// what a tenant without a quota stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_s_next_turn_is_charged_for_its_new_pages() {
+    let acme = Some(ACME_TOKEN);
+    let turns = [
+        vec![
+            json!({"role": "system", "content": "Answer from the documents, briefly and exactly."}),
+            json!({"role": "user", "content": "who built it?"}),
+        ],
+        vec![
+            json!({"role": "system", "content": "Answer from the documents, briefly and exactly."}),
+            json!({"role": "user", "content": "who built it?"}),
+            json!({"role": "assistant", "content": "The town of Quenmoor did."}),
+            json!({"role": "user", "content": "and when?"}),
+        ],
+    ];
+    // (stored back, acme's usage) after each turn, on a server with acme's `quota`
+    let run = async |quota: Option<u64>| {
+        let mut config = limited();
+        config.blend.fall_back_to_full = false;
+        config.blend.prefix_page = 16;
+        config.limits.max_request_tokens = 1000;
+        config.tenants[0].quota_bytes = quota;
+        let app = TestApp::new(config);
+        let mut out = Vec::new();
+        for (messages, doc) in turns.iter().zip([DOCS[0], DOCS[2]]) {
+            let body = json!({"messages": messages, "documents": [doc], "max_tokens": 1,
+                              "kvquilt": {"mode": "reuse"}});
+            let (status, v) = app.json("POST", "/v1/chat/completions", acme, body).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            let stored = v["kvquilt"]["stored_back"].as_u64().expect("stats");
+            out.push((stored, stats(&app, acme).await.tenant.used_bytes));
+        }
+        out
+    };
+    let free = run(None).await;
+    let ((_, first), (stored, both)) = (free[0], free[1]);
+    assert!(
+        stored >= 2,
+        "turn 2 stores a new page and its document: {free:?}"
+    );
+    assert!(first > 0 && both > first, "{free:?}");
+    let tight = run(Some(both)).await;
+    assert_eq!(tight, free, "the quota holds both turns' objects exactly");
+}
+
 /// `POST /v1/chunks/{id}/pin` keeps a chunk through evictions that take every unpinned one,
 /// `DELETE …/pin` lets it go; a pin's time to live is bounded, and only the owner's id
 /// reaches its chunk.

@@ -408,6 +408,43 @@ impl Blender {
         ChunkCodec::new(self.identity.clone(), namespace)
     }
 
+    /// The stored objects `req` is made of in `namespace`, each object's key and tokens, in
+    /// prompt order, each key once: what the request reads where held and stores where not.
+    /// In `prefix` mode, the links of its chain (the prefix's pages or the prefix, then each
+    /// chunk); otherwise a paged prefix's pages (`engine/chain.rs`), then each other segment
+    /// under its chunk key. A quota check sizes a request's store-back from the ones not
+    /// held (a conversation's next turn stores only its new pages, not its whole history;
+    /// test `blend/tests/pages.rs::a_request_is_made_of_its_pages_and_chunks`).
+    pub fn objects_of(&self, namespace: &[u8], req: &BlendRequest) -> Vec<(ChunkKey, usize)> {
+        let codec = self.codec(namespace);
+        let mut objects: Vec<(ChunkKey, usize)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut push = |key: ChunkKey, tokens: usize| {
+            if seen.insert(key) {
+                objects.push((key, tokens));
+            }
+        };
+        if req.mode == Mode::Prefix {
+            let (links, _) = modes::prefix::chain_links(self, req);
+            for (key, link) in codec.prefix_keys(&links).into_iter().zip(&links) {
+                push(key, link.len());
+            }
+            return objects;
+        }
+        let pages = chain::PrefixPages::of(self, &codec, &req.prefix);
+        let mut segments = req.segments();
+        if let Some(p) = &pages {
+            for (key, page) in p.keys.iter().zip(&p.pages) {
+                push(*key, page.len());
+            }
+            segments.remove(0); // (the prefix, as its pages)
+        }
+        for seg in segments {
+            push(codec.key(seg), seg.len());
+        }
+        objects
+    }
+
     /// Makes sure a chunk's KV is stored: the precompute job's unit of work, and what the
     /// API's chunk upload runs. Content-addressed, so a chunk already held costs a lookup.
     pub fn precompute(&self, namespace: &[u8], tokens: &[u32]) -> Result<Precomputed> {

@@ -54,7 +54,7 @@ pub(crate) fn run(
 
 /// The links of `req`'s chain — the prefix's pages (or the prefix whole, when short), then
 /// each chunk — and how many of them are the prefix's.
-fn chain_links<'r>(b: &Blender, req: &'r BlendRequest) -> (Vec<&'r [u32]>, usize) {
+pub(crate) fn chain_links<'r>(b: &Blender, req: &'r BlendRequest) -> (Vec<&'r [u32]>, usize) {
     let mut links = match b.prefix_pages(&req.prefix) {
         Some(pages) => pages,
         None if req.prefix.is_empty() => Vec::new(),

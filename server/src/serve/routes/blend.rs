@@ -163,13 +163,15 @@ pub(crate) fn prepare(
             "the question (suffix) has no tokens",
         ));
     }
-    let codec = s.blender.codec(&tenant.namespace);
-    let layout = *codec.layout();
-    let extra: u64 = req
-        .segments()
+    // what its store-back may add: the objects it is made of that no tier holds (a
+    // conversation's next turn: its new pages, not its whole history)
+    let layout = s.blender.identity().layout;
+    let extra: u64 = s
+        .blender
+        .objects_of(&tenant.namespace, &req)
         .iter()
-        .filter(|seg| s.blender.store().locate(&codec.key(seg)).is_none())
-        .map(|seg| layout.object_bytes(seg.len()))
+        .filter(|(key, _)| s.blender.store().locate(key).is_none())
+        .map(|&(_, tokens)| layout.object_bytes(tokens))
         .sum();
     let quota = check_quota(s, tenant, extra).ok();
     req.store_back = quota.is_some();
