@@ -71,6 +71,9 @@ struct Turn {
     prefix_tokens: usize,
     /// Prompt tokens whose stored KV was used exactly (the last replay's).
     cached_tokens: usize,
+    /// Prompt tokens (but the question) recomputed in context (the last replay's): a
+    /// blend's selection, a full prefill's whole prompt, 0 in `reuse`.
+    recomputed_tokens: usize,
     ttft_ms_median: f64,
     runs_ms: Vec<f64>,
 }
@@ -177,8 +180,9 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
     }
     // one replay of the conversation in namespace `ns` of `b` (cold: nothing of the
     // conversation stored there but its documents): each turn's (prompt, prefix, cached,
-    // ttft ms)
-    let replay = |b: &Blender, ns: &[u8], mode: &Mode| -> Result<Vec<(usize, usize, usize, f64)>> {
+    // recomputed, ttft ms)
+    type Turned = (usize, usize, usize, usize, f64);
+    let replay = |b: &Blender, ns: &[u8], mode: &Mode| -> Result<Vec<Turned>> {
         for doc in conversation.documents() {
             b.precompute(ns, doc)?;
         }
@@ -191,6 +195,7 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
                 out.stats.tokens,
                 prefix.len(),
                 out.stats.cached_tokens,
+                out.stats.recomputed_tokens,
                 out.stats.ttft_ms,
             ));
         }
@@ -215,13 +220,14 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
         }
         let turns = (0..a.turns)
             .map(|t| {
-                let runs: Vec<f64> = replays.iter().map(|r| r[t].3).collect();
-                let (prompt_tokens, prefix_tokens, cached_tokens, _) =
+                let runs: Vec<f64> = replays.iter().map(|r| r[t].4).collect();
+                let (prompt_tokens, prefix_tokens, cached_tokens, recomputed_tokens, _) =
                     replays[replays.len() - 1][t];
                 Turn {
                     prompt_tokens,
                     prefix_tokens,
                     cached_tokens,
+                    recomputed_tokens,
                     ttft_ms_median: median(&runs),
                     runs_ms: runs,
                 }
@@ -260,7 +266,7 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
     full.speedup_vs_full_from_turn_3 = 1.0;
     rows.insert(0, full);
     println!(
-        "{:<12} {:<6} {:>5} | per turn: ttft ms median (cached/prompt tokens) | ×full ×whole (turns 3+)",
+        "{:<12} {:<6} {:>5} | per turn: ttft ms median (cached/recomputed/prompt tokens) | ×full ×whole (turns 3+)",
         "mode", "prefix", "page"
     );
     for r in &rows {
@@ -269,8 +275,8 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
             .iter()
             .map(|t| {
                 format!(
-                    "{:.0} ({}/{})",
-                    t.ttft_ms_median, t.cached_tokens, t.prompt_tokens
+                    "{:.0} ({}/{}/{})",
+                    t.ttft_ms_median, t.cached_tokens, t.recomputed_tokens, t.prompt_tokens
                 )
             })
             .collect();
