@@ -288,7 +288,8 @@ pub struct BlendStats {
     pub stored_back: usize,
     /// Chunk tokens whose KV was computed in this prompt's context.
     pub recomputed_tokens: usize,
-    /// `recomputed_tokens` over the chunk tokens, `0..=1`.
+    /// `recomputed_tokens` over the chunk tokens, `0..=1`. (A blend's ratio counts only the
+    /// tokens it can change, so behind a long exact history this comes out below it.)
     pub recompute_fraction: f64,
     /// Prompt tokens whose stored KV was used exactly as full prefill computes it (prefix
     /// links; the prefix segment computed alone at position 0), as OpenAI's

@@ -80,7 +80,10 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BlendConfig {
-    /// Fraction of the non-suffix tokens recomputed after the last check layer (0..=1).
+    /// Fraction of the tokens a blend can change recomputed after the last check layer
+    /// (0..=1): the non-suffix tokens with cached KV that is not exact (an exact opening
+    /// segment, e.g. a conversation's history, is never recomputed nor counted:
+    /// `crate::select`).
     pub ratio: f32,
     /// Layers at which tokens are re-ranked, increasing, each in `0..num_layers`. Layers
     /// before the first are computed for every token (CacheBlend: layer 0, check at 1). A

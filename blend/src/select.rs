@@ -2,8 +2,9 @@
 //!
 //! At a check layer every active token gets a deviation score (how far its freshly computed
 //! KV is from the cached one); the top of the ranking is kept for the layers after. The
-//! budget is a ratio of the non-suffix tokens (`k = floor(r · (N − S))`, as CacheBlend's
-//! reference code counts it); suffix tokens are always kept on top of it. Tokens forced in
+//! budget is a ratio `r` of the prompt's tokens (CacheBlend's reference code counts
+//! `k = floor(r · (N − S))`, the non-suffix tokens; the exceptions follow); suffix tokens
+//! are always kept on top of it. Tokens forced in
 //! for other reasons (chunk starts) count against the budget. Tokens with no cached KV (a
 //! segment computed in the pass) are kept on top of it too. Tokens whose cached KV is exact
 //! (the prompt's opening segment, e.g. a conversation's history) are never candidates:
@@ -37,7 +38,8 @@ pub struct TokenRoles {
     /// Tokens always recomputed: the suffix, and chunk starts when configured.
     pub forced: Vec<bool>,
     /// Tokens whose cached KV is exact (a segment at position 0 sees nothing before it):
-    /// never worth recomputing, so per-chunk budgets skip them.
+    /// never worth recomputing, so they are never candidates and the budget does not count
+    /// them ([`TokenRoles::blendable_len`]).
     pub exact: Vec<bool>,
     /// Tokens with no cached KV (their segment is computed in the pass, its rows
     /// placeholders): recomputed in every layer, outside the budget, never ranked.

@@ -447,3 +447,60 @@ fn a_request_is_made_of_its_pages_and_chunks() {
     // pages of 8, 8, 8, 6: the first two are turn 1's
     assert_eq!(missing, vec![8, 6, 7]);
 }
+
+/// Pages held only in a slower tier (here the SSD, after a restart left the host tier
+/// empty) that a request computes instead of reading — the tier estimated slower than
+/// prefilling them — are stored again into the fastest tier: otherwise, while that tier
+/// stays slow, every later turn of the conversation would compute its whole history again.
+#[test]
+fn pages_computed_because_their_tier_is_slow_are_copied_up() {
+    use kvquilt_kvstore::{SsdConfig, TierKind};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |rt: &Runtime| {
+        let loaded = tiny_llama();
+        let identity = ModelIdentity::of(&loaded).unwrap();
+        let mut config = StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir.path(), 1 << 30));
+        config.promote_on_hit = false;
+        Blender::new(
+            Arc::new(loaded.model),
+            identity,
+            Arc::new(TieredStore::open(config).unwrap()),
+            rt.handle().clone(),
+        )
+        .with_prefix_page(PAGE)
+    };
+    let rt = Runtime::new().unwrap();
+    let history = toks(91, 40);
+    let turn = BlendRequest::new(
+        history.clone(),
+        vec![toks(92, 12)],
+        toks(93, 5),
+        Mode::Reuse,
+    );
+    {
+        let b = open(&rt).with_fallback_to_full(false);
+        b.run(b"", &turn).unwrap();
+    }
+    // restarted: the pages are on the SSD alone, which has become slow
+    let b = open(&rt).with_fallback_to_full(true);
+    let keys = page_keys(&b, b"", &history);
+    assert!(
+        keys.iter()
+            .all(|k| b.store().locate(k) == Some(TierKind::SSD))
+    );
+    let costs = b.costs();
+    for t in [8usize, 40, 92, 20, 64].iter().cycle().take(100) {
+        costs.record_full_prefill(*t, 1e-3 * costs.prefill_work(0, *t));
+    }
+    for _ in 0..40 {
+        costs.record_load(TierKind::SSD, 1 << 20, 1.0);
+        costs.record_latency(TierKind::SSD, 1.0);
+    }
+    let out = b.run(b"", &turn).unwrap();
+    assert_eq!(out.stats.cached_tokens, 0, "{:?}", out.stats.segments);
+    let stored: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+    for k in &keys {
+        assert!(stored.contains(k), "every page stored again");
+        assert_eq!(b.store().locate(k), Some(TierKind::HOST));
+    }
+}

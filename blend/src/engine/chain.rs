@@ -188,7 +188,7 @@ pub(crate) fn run(
 /// Computes the chain of `links` (named by `keys`, as [`run`] takes them) without reading
 /// any of it, in one prefill: a paged prefix recomputed because that is estimated faster
 /// than reading its pages (`Plan::page_prefix`). Every link is reported recomputed for
-/// speed; the links no local tier holds are queued for storing.
+/// speed; the links the fastest tier does not hold are queued for storing ([`queue_from`]).
 pub(crate) fn compute(
     b: &Blender,
     codec: &ChunkCodec,
@@ -229,9 +229,13 @@ fn join(cache: KvCache, read: Vec<KvCache>) -> Result<KvCache> {
     Ok(KvCache::cat(&parts)?)
 }
 
-/// Queues the links of `links` (named by `keys`, parallel) that no local tier holds for
-/// storing, their KV taken from `cache` (the exact KV of the prompt from position 0, e.g.
-/// a full prefill's); `cost_s` of a link is its estimated prefill time.
+/// Queues the links of `links` (named by `keys`, parallel) that the store's fastest tier
+/// does not hold for storing, their KV taken from `cache` (the exact KV of the prompt from
+/// position 0, e.g. a full prefill's); `cost_s` of a link is its estimated prefill time. A
+/// link held only in a slower tier is queued too: computed because reading it was slower
+/// (a stalled disk or remote, `compute`; a fallback), it would otherwise be computed again
+/// on every turn of the conversation while that tier stays slow, as the device tier holds
+/// a paged prefix whole under a key the next turn never asks for.
 pub(crate) fn queue_from(
     b: &Blender,
     codec: &ChunkCodec,
@@ -240,9 +244,10 @@ pub(crate) fn queue_from(
     cache: &KvCache,
     pending: &mut Pending,
 ) -> Result<()> {
+    let fastest = b.store.tiers().first().map(|t| t.kind());
     let mut at = 0usize;
     for (seg, key) in links.iter().zip(keys) {
-        if b.store.locate(key).is_none() {
+        if fastest.is_none() || b.store.locate(key) != fastest {
             let part = cache
                 .narrow(at, seg.len())?
                 .with_positions(positions(0, seg.len()))?;

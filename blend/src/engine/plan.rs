@@ -359,8 +359,8 @@ impl<'a> Plan<'a> {
 /// `reuse` (`cfg` = None) none; `blend` every token through the layers before the first check
 /// layer `f`, then `ratio` of the tokens that are not exact through the rest: `(f + ratio ·
 /// (1 − e) · (L − f)) / L` for a model of `L = num_layers` layers, where `e` (clamped to
-/// `0..=1`) is the fraction of the cached tokens whose KV is exact (never selected:
-/// `crate::select`). `cfg` must be validated.
+/// `0..=1`) is the fraction of the held tokens (those not computed in the pass) whose KV is
+/// exact (never selected: `crate::select`). `cfg` must be validated.
 pub(crate) fn recompute_share(
     cfg: Option<&BlendConfig>,
     num_layers: usize,
@@ -476,6 +476,47 @@ mod tests {
         // ... unless the caller measures the mode as asked: then what is stored is loaded
         let plan = Plan::build(&segments, key_of, held, &layout(), &costs, false, false);
         assert_eq!(plan.entries[1].origin, Origin::Load(TierKind::SSD));
+    }
+
+    #[test]
+    fn a_paged_prefix_is_loaded_from_its_run_or_recomputed_when_that_is_faster() {
+        // a 40-token prefix (pages 16, 16, 8, the first two held on the SSD) and a chunk
+        let (prefix, chunk) = (vec![1; 40], vec![2; 10]);
+        let segments: Vec<&[u32]> = vec![&prefix, &chunk];
+        let run = [(TierKind::SSD, 16), (TierKind::SSD, 16)];
+        let last = ChunkKey([9; 32]);
+        let costs = CostModel::default();
+        costs.record_prefill(1, 1e-3); // 1 ms per token
+        let paged = |costs: &CostModel, run: &[(TierKind, usize)], may_recompute: bool| {
+            let mut plan = Plan::build(&segments, key_of, |_| None, &layout(), costs, true, false);
+            plan.page_prefix(last, false, run, &layout(), costs, may_recompute);
+            plan.entries[0].clone()
+        };
+        // loading the run (2 × 2,560 bytes) and prefilling the 8 tokens after it beats
+        // prefilling all 40
+        let e = paged(&costs, &run, true);
+        assert!(e.paged && e.key == last);
+        assert_eq!(e.origin, Origin::Load(TierKind::SSD));
+        // no page held: a miss, computed before the pass
+        assert_eq!(paged(&costs, &[], true).origin, Origin::Compute(Why::Miss));
+        // the SSD slows to 10 kB/s (a stalled disk): prefilling the whole prefix is faster
+        for _ in 0..40 {
+            costs.record_load(TierKind::SSD, 1_000_000, 100.0);
+        }
+        let e = paged(&costs, &run, true);
+        assert_eq!(e.origin, Origin::Compute(Why::Faster), "{e:?}");
+        assert_eq!(Some(e.cost_s), costs.prefill_s(40));
+        assert!(!e.explores && !e.guessed);
+        // a caller measuring its mode as asked reads what is stored, whatever it costs
+        assert_eq!(
+            paged(&costs, &run, false).origin,
+            Origin::Load(TierKind::SSD)
+        );
+        // every 32 declines one plan loads, to measure the tier again
+        let explored = (0..32)
+            .filter(|_| paged(&costs, &run, true).explores)
+            .count();
+        assert_eq!(explored, 1);
     }
 
     #[test]

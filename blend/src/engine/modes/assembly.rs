@@ -8,9 +8,10 @@ use kvquilt_model::{KvCache, LayerKv, Model, Tensor, positions};
 
 use super::{Ran, full};
 use crate::chunk::ChunkCodec;
+use crate::config::BlendConfig;
 use crate::cost::PlannedMode;
 use crate::engine::chain::PrefixPages;
-use crate::engine::plan::{Held, Origin, Plan, Why};
+use crate::engine::plan::{Held, Origin, Plan, Why, recompute_share};
 use crate::engine::sources::Sources;
 use crate::engine::{Blender, fraction, ms};
 use crate::error::Result;
@@ -48,7 +49,9 @@ pub(super) enum Prepared<'r> {
 
 /// Plans `req` (a `reuse` or `blend` request, validated) in `namespace`; runs it as full
 /// prefill when the blender allows fallback and the plan says full prefill is no slower
-/// (`recompute_share`: see `plan::recompute_share`); else opens every source and counts how
+/// (`blend`: a blend's selection settings, whose share of a full prefill the plan weighs —
+/// `plan::recompute_share`, over the tokens it can change: the opening segment is exact
+/// unless computed in the pass; `None` for `reuse`); else opens every source and counts how
 /// each segment's KV is obtained. In `blend` (`mode`), segments to compute are computed by
 /// the request's own pass (`plan::Origin::InPass`) instead of prefilled alone first; the
 /// request's time to its first token then corrects the cost model's estimates for `mode`.
@@ -57,7 +60,7 @@ pub(super) fn prepare<'r>(
     namespace: &[u8],
     req: &'r BlendRequest,
     mode: PlannedMode,
-    recompute_share: f64,
+    blend: Option<&BlendConfig>,
     start: Instant,
     turn: &PromptTurn<'_>,
 ) -> Result<Prepared<'r>> {
@@ -95,8 +98,24 @@ pub(super) fn prepare<'r>(
             b.fallback_to_full,
         );
     }
-    let estimate_s =
-        plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), recompute_share);
+    // (a segment read decoded from a lossy codec is not exact either: not known before it
+    // is opened, so the estimate takes the opening segment as exact)
+    let held = tokens.len() - req.suffix.len() - plan.in_pass_tokens();
+    let exact = match (segments.first(), plan.placement.first()) {
+        (Some(first), Some(&e))
+            if !matches!(plan.entries[e].origin, Origin::InPass(_))
+                && codec.encoding().exact_at_start(first) =>
+        {
+            first.len()
+        }
+        _ => 0,
+    };
+    let share = recompute_share(
+        blend,
+        b.model.config().num_layers,
+        exact as f64 / held.max(1) as f64,
+    );
+    let estimate_s = plan.mode_estimate_s(&b.costs, tokens.len(), req.suffix.len(), share);
     let fallback = if b.fallback_to_full {
         plan.fallback(&b.costs, mode, tokens.len(), estimate_s)
     } else {

@@ -13,7 +13,6 @@ use crate::chunk::ChunkEncoding;
 use crate::config::{BlendConfig, ParallelCorrection};
 use crate::cost::PlannedMode;
 use crate::engine::Blender;
-use crate::engine::plan::recompute_share;
 use crate::error::Result;
 use crate::phases::PhaseClock;
 use crate::priority::PromptTurn;
@@ -37,12 +36,15 @@ pub(crate) fn run(
         b.model.device(),
         "assemble",
     ));
-    let share = recompute_share(
+    let mut a = match prepare(
+        b,
+        namespace,
+        req,
+        PlannedMode::Blend,
         Some(cfg),
-        b.model.config().num_layers,
-        exact_fraction(req, b.identity().encoding()),
-    );
-    let mut a = match prepare(b, namespace, req, PlannedMode::Blend, share, start, turn)? {
+        start,
+        turn,
+    )? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
@@ -171,20 +173,6 @@ fn parallel_context(
         Some((first, end)) => context.with_layers(first..end)?,
         None => context,
     }))
-}
-
-/// The fraction of `req`'s non-suffix tokens whose stored KV is exact where the prompt
-/// puts it (its opening segment, when `encoding` stores it exactly at the start: [`roles`]
-/// marks it so unless it is read decoded from a lossy codec), for the plan's estimate.
-fn exact_fraction(req: &BlendRequest, encoding: &ChunkEncoding) -> f64 {
-    let segments = req.segments();
-    let cached: usize = segments.iter().map(|s| s.len()).sum();
-    match segments.first() {
-        Some(first) if cached > 0 && encoding.exact_at_start(first) => {
-            first.len() as f64 / cached as f64
-        }
-        _ => 0.0,
-    }
 }
 
 /// Roles of every prompt token for selection: `segments` in prompt order, then `suffix`

@@ -30,7 +30,7 @@ pub(crate) fn run(
         b.model.device(),
         "assemble",
     ));
-    let a = match prepare(b, namespace, req, PlannedMode::Reuse, 0.0, start, turn)? {
+    let a = match prepare(b, namespace, req, PlannedMode::Reuse, None, start, turn)? {
         Prepared::FellBack(out) => return Ok(*out),
         Prepared::Ready(a) => *a,
     };
