@@ -3,19 +3,18 @@
 //! the same formula on the CPU): the same bits as the store's own decode, every failure of
 //! an encoded record still a recompute.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use kvquilt_blend::{
-    BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource, device_decoded,
-    layer_from_bytes, layer_from_record,
+    BlendConfig, BlendRequest, Blender, Mode, SegmentSource, device_decoded, layer_from_bytes,
+    layer_from_record,
 };
 use kvquilt_compression::{CodecSpec, ElemType, LayerShape};
 use kvquilt_kvstore::{
-    Codec, KeepEncoded, KvDType, KvLayout, RopeScalingSpec, SsdConfig, StoreConfig, StreamLayer,
-    TierKind, TieredStore, decode_all,
+    Codec, KeepEncoded, KvDType, KvLayout, RopeScalingSpec, SsdConfig, StreamLayer, TierKind,
+    decode_all,
 };
-use kvquilt_model::{DType, Device, Tensor, load};
+use kvquilt_model::{DType, Device, Tensor};
 use tokio::runtime::Runtime;
 
 mod support;
@@ -23,25 +22,12 @@ mod support;
 /// A blender over the tiny qwen2 model and an SSD tier at `dir` storing with `codec`
 /// (lossy objects served, no promotion: every read comes from the disk).
 fn blender(dir: &Path, rt: &Runtime, codec: Codec, device_decode: bool) -> Blender {
-    let fixture = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
-    )
-    .join("../model/tests/fixtures/tiny-qwen2");
-    let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
-    let identity = ModelIdentity::of(&loaded).unwrap();
     let mut ssd = SsdConfig::new(dir, 1 << 30);
     ssd.codec = codec;
     ssd.serve_lossy = true;
-    let mut config = StoreConfig::with_ssd(1 << 30, ssd);
-    config.promote_on_hit = false;
-    Blender::new(
-        Arc::new(loaded.model),
-        identity,
-        Arc::new(TieredStore::open(config).unwrap()),
-        rt.handle().clone(),
-    )
-    .with_fallback_to_full(false)
-    .with_device_decode(device_decode)
+    support::over_ssd(support::tiny("qwen2"), ssd, rt)
+        .with_fallback_to_full(false)
+        .with_device_decode(device_decode)
 }
 
 fn toks(seed: u32, n: usize) -> Vec<u32> {

@@ -3,10 +3,9 @@
 //! an SSD tier.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
-use kvquilt_kvstore::{SsdConfig, StoreConfig, TierKind, TieredStore};
+use kvquilt_kvstore::{SsdConfig, TierKind};
 use kvquilt_model::{DType, Device, load};
 use tokio::runtime::Runtime;
 
@@ -16,22 +15,8 @@ use support::{corrupt, max_diff};
 /// A blender over the tiny qwen2 model and a store opened over the SSD tier at `dir`: its
 /// host tier starts empty, and with promotion off the objects on disk are read from there.
 fn blender(dir: &Path, rt: &Runtime) -> Blender {
-    let fixture = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
-    )
-    .join("../model/tests/fixtures/tiny-qwen2");
-    let loaded = load(&fixture, &Device::Cpu, DType::F32).unwrap();
-    let identity = ModelIdentity::of(&loaded).unwrap();
-    let mut config = StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir, 1 << 30));
-    config.promote_on_hit = false;
-    let store = TieredStore::open(config).unwrap();
-    Blender::new(
-        Arc::new(loaded.model),
-        identity,
-        Arc::new(store),
-        rt.handle().clone(),
-    )
-    .with_fallback_to_full(false)
+    support::over_ssd(support::tiny("qwen2"), SsdConfig::new(dir, 1 << 30), rt)
+        .with_fallback_to_full(false)
 }
 
 fn toks(seed: u32, n: usize) -> Vec<u32> {

@@ -6,12 +6,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
 use kvquilt_kvstore::{ChunkKey, PolicyKind, StoreConfig, TieredStore};
-use kvquilt_model::{DType, Device, LoadedModel, load};
+use kvquilt_model::LoadedModel;
 use tokio::runtime::Runtime;
 
 use support::max_diff;
@@ -20,8 +19,7 @@ use support::max_diff;
 const PAGE: usize = 8;
 
 fn tiny_llama() -> LoadedModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-llama");
-    load(&dir, &Device::Cpu, DType::F32).expect("loading the tiny llama")
+    support::tiny("llama")
 }
 
 struct Setup {
@@ -457,17 +455,8 @@ fn pages_computed_because_their_tier_is_slow_are_copied_up() {
     use kvquilt_kvstore::{SsdConfig, TierKind};
     let dir = tempfile::tempdir().unwrap();
     let open = |rt: &Runtime| {
-        let loaded = tiny_llama();
-        let identity = ModelIdentity::of(&loaded).unwrap();
-        let mut config = StoreConfig::with_ssd(1 << 30, SsdConfig::new(dir.path(), 1 << 30));
-        config.promote_on_hit = false;
-        Blender::new(
-            Arc::new(loaded.model),
-            identity,
-            Arc::new(TieredStore::open(config).unwrap()),
-            rt.handle().clone(),
-        )
-        .with_prefix_page(PAGE)
+        let ssd = SsdConfig::new(dir.path(), 1 << 30);
+        support::over_ssd(tiny_llama(), ssd, rt).with_prefix_page(PAGE)
     };
     let rt = Runtime::new().unwrap();
     let history = toks(91, 40);
