@@ -173,12 +173,16 @@ pub(crate) fn run(
     chain.computed_tokens = tokens.len();
     if exact {
         for (seg, key) in rest.iter().zip(&keys[first..]) {
-            let part = chain
-                .cache
-                .narrow(at, seg.len())?
-                .with_positions(positions(0, seg.len()))?;
             let cost_s = took * seg.len() as f64 / tokens.len() as f64;
-            chain.pending.push(codec, *key, seg, part, cost_s);
+            queue_link(
+                codec,
+                *key,
+                seg,
+                &chain.cache,
+                at,
+                cost_s,
+                &mut chain.pending,
+            )?;
             at += seg.len();
         }
     }
@@ -248,14 +252,30 @@ pub(crate) fn queue_from(
     let mut at = 0usize;
     for (seg, key) in links.iter().zip(keys) {
         if fastest.is_none() || b.store.locate(key) != fastest {
-            let part = cache
-                .narrow(at, seg.len())?
-                .with_positions(positions(0, seg.len()))?;
             let cost_s = b.costs.prefill_s(seg.len()).unwrap_or(0.0);
-            pending.push(codec, *key, seg, part, cost_s);
+            queue_link(codec, *key, seg, cache, at, cost_s, pending)?;
         }
         at += seg.len();
     }
+    Ok(())
+}
+
+/// Queues link `key` (tokens `seg`, whose KV is `cache`'s rows `at..at + T`) in `pending`,
+/// its rows moved to positions `0..T` as the object stores them; `cost_s` is what
+/// computing it took or would take.
+fn queue_link(
+    codec: &ChunkCodec,
+    key: ChunkKey,
+    seg: &[u32],
+    cache: &KvCache,
+    at: usize,
+    cost_s: f64,
+    pending: &mut Pending,
+) -> Result<()> {
+    let part = cache
+        .narrow(at, seg.len())?
+        .with_positions(positions(0, seg.len()))?;
+    pending.push(codec, key, seg, part, cost_s);
     Ok(())
 }
 
