@@ -25,7 +25,9 @@
 
 use std::time::{Duration, Instant};
 
-use kvquilt_kvstore::{ChunkKey, KeyContext, KvLayout, KvObject, ObjectInfo, prefix_key};
+use kvquilt_kvstore::{
+    ChainLink, ChunkKey, KeyContext, KvLayout, KvObject, ObjectInfo, prefix_key,
+};
 use kvquilt_model::{KvCache, Model, Tokenizer, positions};
 
 use crate::error::{BlendError, Result, invalid};
@@ -123,6 +125,31 @@ impl ChunkCodec {
         self.keys.chunk_key(tokens)
     }
 
+    /// The links of the chain named by `keys` ([`ChunkCodec::prefix_keys`]), parallel to
+    /// them: each link's parent is the key before it, the first's this codec's prefix root.
+    /// What a stored link records of its name ([`ChunkCodec::to_object`]).
+    pub fn chain(&self, keys: &[ChunkKey]) -> Vec<ChainLink> {
+        let root = self.keys.prefix_root();
+        std::iter::once(root)
+            .chain(keys.iter().copied())
+            .take(keys.len())
+            .map(|parent| ChainLink { root, parent })
+            .collect()
+    }
+
+    /// Whether `info`'s key is this codec's name for what it holds: the chunk key of its
+    /// tokens, or, for a link of a prefix chain, a link rooted in this codec's context (its
+    /// model and namespace) whose parent and tokens derive its key. A link written before
+    /// format v6 records no chain and is named by no codec.
+    pub fn names(&self, info: &ObjectInfo) -> bool {
+        match &info.chain {
+            Some(link) => {
+                link.root == self.keys.prefix_root() && link.key(&info.tokens) == info.key
+            }
+            None => self.key(&info.tokens) == info.key,
+        }
+    }
+
     /// Prefix-chained keys of consecutive segments: entry `i` names segments `0..=i`.
     pub fn prefix_keys(&self, segments: &[&[u32]]) -> Vec<ChunkKey> {
         let mut parent = self.keys.prefix_root();
@@ -163,8 +190,17 @@ impl ChunkCodec {
         Ok((cache, start.elapsed()))
     }
 
-    /// The object that stores `cache` (the KV of `tokens`) under `key`.
-    pub fn to_object(&self, key: ChunkKey, tokens: &[u32], cache: &KvCache) -> Result<KvObject> {
+    /// The object that stores `cache` (the KV of `tokens`) under `key`: a chunk, or with
+    /// `link` a link of a prefix chain, which records it (`key` must then be its key of
+    /// `tokens`, and its root this codec's). Every path that stores computed KV makes its
+    /// object here.
+    pub fn to_object(
+        &self,
+        key: ChunkKey,
+        tokens: &[u32],
+        cache: &KvCache,
+        link: Option<ChainLink>,
+    ) -> Result<KvObject> {
         if cache.len() != tokens.len() {
             return Err(invalid(format!(
                 "{} cached tokens for a chunk of {}",
@@ -177,20 +213,25 @@ impl ChunkCodec {
             .iter()
             .map(layer_to_bytes)
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvObject::new(
-            key,
-            self.identity.layout,
-            tokens.to_vec(),
-            layers,
-            None,
-        )?)
+        let obj = KvObject::new(key, self.identity.layout, tokens.to_vec(), layers, None)?;
+        match link {
+            None => Ok(obj),
+            Some(l) if l.root != self.keys.prefix_root() => Err(invalid(format!(
+                "link {key} of a chain rooted in another context ({})",
+                l.root
+            ))),
+            Some(l) => Ok(obj.with_chain(l)?),
+        }
     }
 
     /// Prefills a chunk and packs it: what the batch job, the API and store-back store.
     /// Returns the object and the prefill time (the chunk's recompute cost).
     pub fn encode(&self, model: &Model, tokens: &[u32]) -> Result<(KvObject, Duration)> {
         let (cache, took) = self.prefill(model, tokens)?;
-        Ok((self.to_object(self.key(tokens), tokens, &cache)?, took))
+        Ok((
+            self.to_object(self.key(tokens), tokens, &cache, None)?,
+            took,
+        ))
     }
 
     /// Checks that a stored object was made by this model for these tokens.

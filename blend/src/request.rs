@@ -141,6 +141,10 @@ pub struct BlendStats {
     pub cached_tokens: usize,
     /// Time from the request to the first token's logits, milliseconds.
     pub ttft_ms: f64,
+    /// Keys of the prefix-chain links the prompt is stored as ([`crate::Blender::links_of`]),
+    /// in order, whether stored or not: a paged prefix's pages, and in `prefix` mode every
+    /// link of its chain. Empty for `full`.
+    pub link_keys: Vec<kvquilt_kvstore::ChunkKey>,
     /// Per-phase times when the request asked for them ([`BlendRequest::time_phases`]).
     pub phases: Vec<crate::PhaseTime>,
     /// What a token policy did to the cache for decoding, when the request asked for one
@@ -173,6 +177,7 @@ impl BlendStats {
             recompute_fraction: 0.0,
             cached_tokens: 0,
             ttft_ms: 0.0,
+            link_keys: Vec::new(),
             phases: Vec::new(),
             compression: None,
             calibration: None,

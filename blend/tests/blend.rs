@@ -838,7 +838,9 @@ fn a_stored_object_that_does_not_match_is_recomputed() {
     let (a, other, q) = (toks(60, 20, 512), toks(61, 20, 512), toks(62, 5, 512));
     // an object under a's key that holds another chunk's tokens and KV
     let (cache, _) = codec.prefill(b.model(), &other).unwrap();
-    let forged: KvObject = codec.to_object(codec.key(&a), &other, &cache).unwrap();
+    let forged: KvObject = codec
+        .to_object(codec.key(&a), &other, &cache, None)
+        .unwrap();
     s._rt.block_on(b.store().put(forged, 0.0)).unwrap();
     let r = req(vec![], vec![a.clone()], q.clone(), Mode::Reuse);
     let out = b.run(b"", &r).unwrap();

@@ -65,6 +65,24 @@ fn page_keys(b: &Blender, ns: &[u8], prefix: &[u32]) -> Vec<ChunkKey> {
     b.codec(ns).prefix_keys(&pages)
 }
 
+/// Asserts that every page of `prefix` in `ns` is stored recording its place in its chain
+/// (object format v6): its root and parent, which name it for its own namespace only.
+#[track_caller]
+fn assert_linked(s: &Setup, ns: &[u8], prefix: &[u32]) {
+    let b = &s.blender;
+    let codec = b.codec(ns);
+    let keys = page_keys(b, ns, prefix);
+    for (i, (key, link)) in keys.iter().zip(codec.chain(&keys)).enumerate() {
+        let found = s.rt.block_on(b.store().lookup(key)).unwrap();
+        let info = found.expect("the page is stored").info;
+        assert_eq!(info.chain, Some(link), "page {i}");
+        let parent = if i == 0 { link.root } else { keys[i - 1] };
+        assert_eq!(link.parent, parent, "page {i}");
+        assert!(codec.names(&info), "page {i}");
+        assert!(!b.codec(b"another").names(&info), "page {i}");
+    }
+}
+
 fn modes() -> [(&'static [u8], Mode); 3] {
     [
         (b"p", Mode::Prefix),
@@ -95,6 +113,7 @@ fn a_conversation_s_next_turn_reads_the_pages_it_shares() {
         for k in page_keys(b, ns, &history) {
             assert!(stored.contains(&k), "{mode:?}: turn 1 stores its pages");
         }
+        assert_linked(&s, ns, &history);
         assert!(
             b.store().locate(&codec.key(&history)).is_none(),
             "{mode:?}: no object of the whole prefix"
@@ -191,6 +210,39 @@ fn a_missing_page_is_recomputed_from_there() {
     assert_eq!(b.run(b"", &r).unwrap().stats.cached_tokens, prefix.len());
 }
 
+/// A page stored under the right key but recording another chain (another tenant's root:
+/// planted, or a bug) is not read: the chain ends there, the rest is computed, and the
+/// answer is unchanged.
+#[test]
+fn a_page_recording_another_chain_is_not_read() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let prefix = toks(24, 30);
+    let r = BlendRequest::new(prefix.clone(), vec![toks(25, 7)], toks(26, 4), Mode::Reuse);
+    let first = b.run(b"", &r).unwrap();
+    let keys = page_keys(b, b"", &prefix);
+    let (obj, _) = s.rt.block_on(b.store().get(&keys[1])).unwrap().unwrap();
+    let mut link = obj.info().chain.expect("a link");
+    link.root = b.codec(b"another").chain(&keys)[0].root;
+    let planted = kvquilt_kvstore::KvObject::new(
+        keys[1],
+        *obj.layout(),
+        obj.tokens().to_vec(),
+        obj.layers().to_vec(),
+        None,
+    )
+    .unwrap()
+    .with_chain(link)
+    .unwrap();
+    assert!(s.rt.block_on(b.store().remove(&keys[1])).unwrap());
+    s.rt.block_on(b.store().put(planted, 0.0)).unwrap();
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.cached_tokens, PAGE, "read up to the planted page");
+    assert_eq!(out.stats.segments[0], SegmentSource::Unusable);
+    let diff = max_diff(&out.logits, &first.logits);
+    assert!(diff < 1e-4, "{diff}");
+}
+
 /// A request that runs as full prefill still leaves its prefix's pages, cut from the full
 /// prefill's KV (exactly theirs: `prefix` mode reading them equals full prefill).
 #[test]
@@ -216,6 +268,7 @@ fn a_request_run_as_full_prefill_stores_its_prefix_s_pages() {
     for k in page_keys(b, b"", &prefix) {
         assert!(stored.contains(&k));
     }
+    assert_linked(&s, b"", &prefix);
     let exact = BlendRequest {
         mode: Mode::Prefix,
         ..r.clone()
@@ -431,8 +484,18 @@ fn a_request_is_made_of_its_pages_and_chunks() {
         .zip(links.iter().map(|l| l.len()))
         .collect();
     assert_eq!(b.objects_of(b"t", &p), chain);
+    // its links are the pages (every link in prefix mode), and its stats name them
+    assert_eq!(b.links_of(b"t", &r), want[..3].to_vec());
+    assert_eq!(b.links_of(b"t", &p), chain);
+    let keys = |l: &[(ChunkKey, usize)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(b.run(b"t", &p).unwrap().stats.link_keys, keys(&chain));
+    // a prefix no longer than a page is a chunk: no links
+    let short = BlendRequest::new(toks(87, PAGE), vec![doc.clone()], toks(83, 3), Mode::Reuse);
+    assert!(b.links_of(b"t", &short).is_empty());
+    assert!(b.run(b"t", &short).unwrap().stats.link_keys.is_empty());
     // after turn 1 ran, turn 2 lacks only its new pages and its document
-    b.run(b"t", &r).unwrap();
+    let out = b.run(b"t", &r).unwrap();
+    assert_eq!(out.stats.link_keys, keys(&want[..3]));
     let mut longer = history.clone();
     longer.extend(toks(84, 10));
     let turn2 = BlendRequest::new(longer.clone(), vec![toks(85, 7)], toks(86, 3), Mode::Reuse);

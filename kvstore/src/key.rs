@@ -234,6 +234,42 @@ pub fn prefix_key(parent: &ChunkKey, tokens: &[u32]) -> ChunkKey {
     ChunkKey(c.finish())
 }
 
+/// Where a prefix key sits in its chain: what an object stored under a prefix key records
+/// of its name (object format v6), so that its key can be re-derived from the object alone
+/// ([`ChainLink::key`]) and its owner found without walking the chain (`root` names the
+/// context: model, tokenizer, layout and tenant namespace, never a tenant's name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainLink {
+    /// The chain's root, [`KeyContext::prefix_root`] of the context it was made in.
+    pub root: ChunkKey,
+    /// The key of the prefix this link extends: `root` for a chain's first link.
+    pub parent: ChunkKey,
+}
+
+impl ChainLink {
+    /// The key of this link when it holds `tokens`: [`prefix_key`]`(parent, tokens)`.
+    pub fn key(&self, tokens: &[u32]) -> ChunkKey {
+        prefix_key(&self.parent, tokens)
+    }
+}
+
+impl KeyContext {
+    /// The links of a chain of consecutive `segments` in this context, each beside its key
+    /// (the keys are [`KeyContext::prefix_chain`]'s when the segments are equal blocks).
+    pub fn prefix_links(&self, segments: &[&[u32]]) -> Vec<(ChunkKey, ChainLink)> {
+        let root = self.prefix_root();
+        let mut parent = root;
+        segments
+            .iter()
+            .map(|s| {
+                let link = ChainLink { root, parent };
+                parent = link.key(s);
+                (parent, link)
+            })
+            .collect()
+    }
+}
+
 /// Builds an opaque fingerprint from named fields, e.g. a model's architecture, its config
 /// values and the digest of its weights file.
 pub struct Fingerprint(Canonical);
@@ -361,6 +397,17 @@ mod tests {
         // the same block after a different prefix gets a different key
         let other = prefix_key(&prefix_key(&c.prefix_root(), &[9, 9, 9, 9]), &toks[4..8]);
         assert_ne!(chain[1], other);
+        // the links name the same keys, each with its parent and the context's root
+        let blocks: Vec<&[u32]> = toks.chunks(4).collect();
+        let links = c.prefix_links(&blocks);
+        let keys: Vec<ChunkKey> = links.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, chain);
+        assert_eq!(links[0].1.parent, c.prefix_root());
+        assert_eq!(links[2].1.parent, chain[1]);
+        assert!(links.iter().all(|(_, l)| l.root == c.prefix_root()));
+        assert_eq!(links[2].1.key(blocks[2]), chain[2]);
+        // another tenant's chain of the same tokens has another root
+        assert_ne!(ctx(b"x").prefix_links(&blocks)[2].1.root, c.prefix_root());
     }
 
     #[test]

@@ -13,18 +13,19 @@
 //! header and every layer record carries a BLAKE3 checksum, verified on every read. A
 //! mismatch is a miss (counted in `checksum_failures`, logged, the object dropped), never data.
 //!
-//! # Object format, version 5
+//! # Object format, version 6
 //!
 //! All integers little-endian; checksums are BLAKE3-256. `T` = token count, `L` = layers,
-//! `S` = bytes of the optional statistics block, `P` = bytes of the codec's parameter block.
+//! `S` = bytes of the optional statistics block, `P` = bytes of the codec's parameter block,
+//! `C` = bytes of the chain-link block (64 when flag bit 0 is set, else 0).
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVQUILT\0` |
-//! | 8 | 2 | format version (`2` to `5`: the oldest that describes the object; `1` is read too, see below) |
-//! | 10 | 2 | flags (0) |
+//! | 8 | 2 | format version (`2` to `6`: the oldest that describes the object; `1` is read too, see below) |
+//! | 10 | 2 | flags: bit 0 (v6), the object is a prefix-chain link and holds the chain-link block; every other bit 0, and all bits 0 before v6 |
 //! | 12 | 4 | header length `H` in bytes, checksum included |
-//! | 16 | 32 | chunk key the object was stored under |
+//! | 16 | 32 | key the object was stored under (a chunk key, or a prefix key for a chain link) |
 //! | 48 | 1 | codec id (0 raw, 1 LZ4 block, 2 fp8 e4m3, 3 int8, 4 KIVI; ids are never reused) |
 //! | 49 | 1 | reserved (0) |
 //! | 50 | 2 | `P` |
@@ -42,7 +43,8 @@
 //! | 96 | 4·T | token ids, u32 |
 //! | 96+4T | S | statistics: kind u8, 3 zero bytes, f32 values (a multiple of `T`) |
 //! | 96+4T+S | P | codec parameters (`kvquilt_compression::CodecSpec::params`): none for raw and lz4; fp8: flags u8 (bit 0: lz4 after; v5: bit 1, zero points); int8: flags u8 (bit 0: lz4 after; v4: bit 1, zero points), then (v3, K scales per group of tokens) group u16 ≥ 1; KIVI: flags u8, bits u8 (2, 4 or 8), group u16, residual u16 |
-//! | 96+4T+S+P | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
+//! | 96+4T+S+P | C | chain link (v6, flag bit 0): the chain's root key (32; `KeyContext::prefix_root` of the context the chain was made in: model, tokenizer, layout, tenant namespace), then the parent key (32; the root for a chain's first link). The object's key must be `prefix_key(parent, tokens)`: a header where it is not is corrupt |
+//! | 96+4T+S+P+C | 56·L | layer table, per layer: record offset from payload start u64, stored length u64, decoded length u64, BLAKE3 of the stored record (32) |
 //! | H−32 | 32 | BLAKE3 of bytes `0..H−32` |
 //! | H | … | payload: the `L` records in layer order |
 //!
@@ -89,7 +91,20 @@
 //!   object is written as before, byte for byte. A v4 or older header holding fp8's
 //!   zero-point bit is corrupt. Test:
 //!   `tests/format.rs::zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions`.
-//!   This build reads versions 1 to 5.
+//! - **5 → 6** (2026-12-07): an object stored under a prefix key (a page of a conversation's
+//!   history, a link of `prefix` mode's chain) records its place in the chain: flag bit 0
+//!   and a 64-byte block of root and parent keys after the codec parameters. Before, a
+//!   link's key could not be re-derived from the object (it hashes the parent, which the
+//!   object did not hold), so nothing could tell whose it was: a sidecar restarted over its
+//!   store charged no tenant for its pages, and no tenant could delete or pin one. Only
+//!   links are written as v6; a chunk is written as before, byte for byte, so a v5 build
+//!   keeps reading every chunk and meets a link as [`StoreError::NewerFormat`] (a miss,
+//!   left in place). A link written before v6 has no block and reads as before (its owner
+//!   unknown). Flags were written 0 by every version and are now checked: a header before
+//!   v6 with any flag, or a v6 header with an unknown one, is corrupt. Tests:
+//!   `tests/format.rs::chain_links_are_version_6_and_name_their_parent`,
+//!   `tests/format.rs::a_link_whose_key_is_not_its_parent_s_extension_is_corrupt`.
+//!   This build reads versions 1 to 6.
 //!
 //! ## What a crash leaves
 //!
@@ -103,7 +118,16 @@
 //!    a counted miss, the object dropped (never data); the codec's parameter block is inside
 //!    the header checksum, and a parameter out of range (bits, group, flags, codec id) is
 //!    caught by `CodecSpec::from_header` even if re-checksummed
-//!    (`tests/format.rs::bad_codec_parameters_name_the_field`).
+//!    (`tests/format.rs::bad_codec_parameters_name_the_field`); so is the chain-link block,
+//!    and a link whose key its parent and tokens do not derive is caught even if
+//!    re-checksummed.
+//!
+//! A chain's links are separate objects, each written whole or not at all, in chain order
+//! but in separate batches: a crash between two leaves a chain whose first links are
+//! stored and whose later ones are not, which a reader takes as a shorter held run (it
+//! loads the links it finds from the start and computes the rest). A later link may also
+//! outlive an earlier one (evicted or deleted first): it is unreachable until the earlier
+//! one is stored again, and still charged to its owner, whom its root names.
 //!
 //! # Why the tiers do their own eviction
 //!
@@ -131,7 +155,7 @@ mod tiered;
 pub use codec::Codec;
 pub use error::{Result, StoreError};
 pub use index::{Lease, Pin, Pins};
-pub use key::{ChunkKey, Fingerprint, KEY_FORMAT_VERSION, KeyContext, prefix_key};
+pub use key::{ChainLink, ChunkKey, Fingerprint, KEY_FORMAT_VERSION, KeyContext, prefix_key};
 pub use layout::{KvDType, KvLayout, RopeScalingSpec};
 pub use object::{
     EncodedObject, KeepEncoded, KvObject, ObjectHeader, ObjectInfo, StreamLayer, TokenStats,

@@ -8,17 +8,33 @@ use bytes::Bytes;
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
-use crate::key::ChunkKey;
+use crate::key::{ChainLink, ChunkKey};
 use crate::layout::{KvDType, KvLayout, RopeScalingSpec};
 
 /// First eight bytes of every object.
 pub const MAGIC: [u8; 8] = *b"KVQUILT\0";
 /// The newest format this code writes. It reads this one and every earlier one (v1 is v2
 /// with no codec parameters; v2 is v3 without grouped int8; v3 is v4 without int8's zero
-/// points; v4 is v5 without fp8's); a later version is refused with
-/// [`StoreError::NewerFormat`]. Each object is written in the oldest version that describes
-/// it ([`version_for`]), so older builds keep reading every object they can.
-pub const FORMAT_VERSION: u16 = 5;
+/// points; v4 is v5 without fp8's; v5 is v6 without chain links); a later version is
+/// refused with [`StoreError::NewerFormat`]. Each object is written in the oldest version
+/// that describes it ([`version_of`]), so older builds keep reading every object they can.
+pub const FORMAT_VERSION: u16 = 6;
+
+/// Header flag (bytes 10..12): the object is a link of a prefix chain and its header holds
+/// the [`ChainLink`] block (v6).
+pub const FLAG_CHAIN_LINK: u16 = 1;
+/// Bytes of the chain-link block: the root key, then the parent key.
+pub const CHAIN_LINK_LEN: usize = 64;
+
+/// The oldest format version that can describe `header`'s object: 6 for a chain link
+/// ([`ObjectInfo::chain`]), else [`version_for`] its codec.
+pub fn version_of(header: &ObjectHeader) -> u16 {
+    if header.info.chain.is_some() {
+        6
+    } else {
+        version_for(header.codec)
+    }
+}
 
 /// The oldest format version that can describe an object stored with `codec`: 5 for fp8
 /// with zero points (its flag bit 1), 4 for int8 with zero points (its flag bit 1), 3 for
@@ -80,6 +96,10 @@ pub struct ObjectInfo {
     pub tokens: Vec<u32>,
     /// Per-token statistics, if the writer kept any.
     pub stats: Option<TokenStats>,
+    /// Where the object sits in a prefix chain, when it is stored under a prefix key
+    /// (`key` is then [`ChainLink::key`] of `tokens`: checked when the object is made and
+    /// when its header is read); `None` for a chunk, and for a link written before v6.
+    pub chain: Option<ChainLink>,
 }
 
 impl ObjectInfo {
@@ -209,10 +229,25 @@ impl KvObject {
                 layout,
                 tokens,
                 stats,
+                chain: None,
             }),
             layers,
             lossy: None,
         })
+    }
+
+    /// The object as link `link` of a prefix chain (its header then records it, format v6).
+    /// Fails unless the object's key is the link's key of its tokens ([`ChainLink::key`]).
+    pub fn with_chain(mut self, link: ChainLink) -> Result<Self> {
+        let derived = link.key(&self.info.tokens);
+        if derived != self.info.key {
+            return Err(StoreError::Invalid(format!(
+                "{} is not the key of a link of these tokens after {} ({derived})",
+                self.info.key, link.parent
+            )));
+        }
+        Arc::make_mut(&mut self.info).chain = Some(link);
+        Ok(self)
     }
 
     /// The same object over other bytes of the same lengths (its layers placed in other
@@ -365,6 +400,9 @@ impl KvObject {
     pub fn from_parts(header: &ObjectHeader, layers: Vec<Bytes>) -> Result<Self> {
         let i = &header.info;
         let mut o = Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())?;
+        if let Some(link) = i.chain {
+            o = o.with_chain(link)?;
+        }
         o.lossy = header.codec.is_lossy().then_some(header.codec);
         Ok(o)
     }
@@ -555,12 +593,17 @@ pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
         + 4 * t
         + stats_len(&info.stats)
         + codec_params.len()
+        + info.chain.map_or(0, |_| CHAIN_LINK_LEN)
         + LAYER_ENTRY_LEN * h.layers.len()
         + CHECKSUM_LEN;
     let mut w = Writer(Vec::with_capacity(len));
     w.bytes(&MAGIC);
-    w.u16(version_for(h.codec));
-    w.u16(0); // flags
+    w.u16(version_of(h));
+    w.u16(if info.chain.is_some() {
+        FLAG_CHAIN_LINK
+    } else {
+        0
+    });
     w.u32(len as u32);
     w.bytes(&info.key.0);
     w.u8(h.codec.id());
@@ -593,6 +636,10 @@ pub fn encode_header(h: &ObjectHeader) -> Vec<u8> {
         }
     }
     w.bytes(&codec_params);
+    if let Some(link) = &info.chain {
+        w.bytes(&link.root.0);
+        w.bytes(&link.parent.0);
+    }
     for e in &h.layers {
         w.u64(e.offset);
         w.u64(e.stored_len);
@@ -676,7 +723,15 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
     if version == 0 {
         return Err(corrupt("object format version 0".into()));
     }
-    let _flags = r.u16()?;
+    let flags = r.u16()?;
+    // (every header before v6 was written with flags 0; v6 knows one)
+    let known = if version >= 6 { FLAG_CHAIN_LINK } else { 0 };
+    if flags & !known != 0 {
+        return Err(corrupt(format!(
+            "flags {flags:#06x} in a version {version} header (known: {known:#06x})"
+        )));
+    }
+    let chained = flags & FLAG_CHAIN_LINK != 0;
     let header_len = r.u32()? as usize;
     if header_len < FIXED_HEADER_LEN + CHECKSUM_LEN || header_len > bytes.len() {
         return Err(corrupt(format!(
@@ -730,6 +785,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
         + 4 * t as usize
         + s_len
         + params_len
+        + if chained { CHAIN_LINK_LEN } else { 0 }
         + LAYER_ENTRY_LEN * num_layers as usize
         + CHECKSUM_LEN;
     if expected != header_len {
@@ -759,6 +815,23 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
             version_for(codec)
         )));
     }
+    let chain = if chained {
+        let link = ChainLink {
+            root: ChunkKey(r.arr32()?),
+            parent: ChunkKey(r.arr32()?),
+        };
+        // a link's key is re-derived from the header alone: one whose key is not its
+        // parent's extension by its tokens is corrupt, whatever its checksum says
+        if link.key(&tokens) != key {
+            return Err(corrupt(format!(
+                "{key}: chain link whose key is not its parent {}'s extension by its tokens",
+                link.parent
+            )));
+        }
+        Some(link)
+    } else {
+        None
+    };
     let raw_len = layout.layer_bytes(t as usize) as u64;
     // what the codec can store for a layer of this shape: a longer record is corrupt, and
     // readers may size buffers and name stripes by this length before any record is verified
@@ -805,6 +878,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(ObjectHeader, usize)> {
                 layout,
                 tokens,
                 stats,
+                chain,
             },
             codec,
             layers,

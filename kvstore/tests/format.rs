@@ -243,11 +243,11 @@ fn wrong_key_or_version_is_a_mismatch() {
         Err(StoreError::Mismatch(_))
     ));
     // a version from the future is its own error (skipped, not taken for corruption)
-    let mut v6 = bytes.clone();
-    v6[8] = 6;
+    let mut v7 = bytes.clone();
+    v7[8] = 7;
     assert!(matches!(
-        decode_header(&v6),
-        Err(StoreError::NewerFormat { version: 6, .. })
+        decode_header(&v7),
+        Err(StoreError::NewerFormat { version: 7, .. })
     ));
 }
 
@@ -327,10 +327,144 @@ fn zero_points_are_versions_4_and_5_and_older_objects_keep_their_versions() {
         }
         // a version this build does not know: newer, left to the build that wrote it
         assert!(matches!(
-            decode_header(&claim(&bytes, 6)),
-            Err(StoreError::NewerFormat { version: 6, .. })
+            decode_header(&claim(&bytes, 7)),
+            Err(StoreError::NewerFormat { version: 7, .. })
         ));
     }
+}
+
+/// Re-stamps bytes `at..at + new.len()` of an object's header and re-checksums it: what a
+/// forger (or a bug that checksums what it wrote wrong) makes.
+fn restamp(bytes: &[u8], at: usize, new: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at..at + new.len()].copy_from_slice(new);
+    let h = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    let sum = blake3::hash(&b[..h - 32]);
+    b[h - 32..h].copy_from_slice(sum.as_bytes());
+    b
+}
+
+/// A link of a prefix chain carries its root and parent (v6, flag bit 0), whatever its
+/// codec; a chunk keeps its old version byte for byte. The parsed header names the link,
+/// and so does the object decoded from it.
+#[test]
+fn chain_links_are_version_6_and_name_their_parent() {
+    use kvquilt_kvstore::{ChainLink, object::CHAIN_LINK_LEN};
+    let sane = sane_object(33, 40, KvDType::F16);
+    let (l, tokens) = (*sane.layout(), sane.tokens().to_vec());
+    // the same KV as a chunk, with no statistics (the link below has none)
+    let plain = kvquilt_kvstore::KvObject::new(
+        *sane.key(),
+        l,
+        tokens.clone(),
+        sane.layers().to_vec(),
+        None,
+    )
+    .unwrap();
+    let link = ChainLink {
+        root: kvquilt_kvstore::ChunkKey([7; 32]),
+        parent: kvquilt_kvstore::ChunkKey([8; 32]),
+    };
+    let key = link.key(&tokens);
+    let obj = kvquilt_kvstore::KvObject::new(key, l, tokens.clone(), plain.layers().to_vec(), None)
+        .unwrap()
+        .with_chain(link)
+        .unwrap();
+    let version = |b: &[u8]| u16::from_le_bytes([b[8], b[9]]);
+    for name in ["raw", "lz4", "int8", "fp8", "kivi4"] {
+        let codec = Codec::parse(name).unwrap();
+        let bytes = obj.encode(codec).unwrap().to_bytes();
+        assert_eq!(version(&bytes), 6, "{name}");
+        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 1, "{name}");
+        let unlinked = plain.encode(codec).unwrap();
+        assert_eq!(
+            bytes.len(),
+            unlinked.to_bytes().len() + CHAIN_LINK_LEN,
+            "{name}"
+        );
+        assert_ne!(version(&unlinked.to_bytes()), 6, "{name}");
+        let parsed = EncodedObject::parse(&bytes, Some(&key)).unwrap();
+        assert_eq!(parsed.header.info.chain, Some(link), "{name}");
+        assert_eq!(parsed.decode().unwrap().info().chain, Some(link), "{name}");
+        // a v5 build meets it as newer, never as corrupt; claimed as v5 it is corrupt
+        assert!(
+            matches!(
+                decode_header(&restamp(&bytes, 8, &5u16.to_le_bytes())),
+                Err(StoreError::Corrupt(m)) if m.contains("flags")
+            ),
+            "{name}"
+        );
+    }
+    // a flag this build does not know is corrupt, in v6 and (any flag) before it
+    let bytes = obj.encode(Codec::Raw).unwrap().to_bytes();
+    assert!(matches!(
+        decode_header(&restamp(&bytes, 10, &3u16.to_le_bytes())),
+        Err(StoreError::Corrupt(m)) if m.contains("flags")
+    ));
+    let chunk = plain.encode(Codec::Raw).unwrap().to_bytes();
+    assert!(matches!(
+        decode_header(&restamp(&chunk, 10, &1u16.to_le_bytes())),
+        Err(StoreError::Corrupt(m)) if m.contains("flags")
+    ));
+    // a link whose key its parent and tokens do not derive cannot be made
+    let wrong = ChainLink {
+        parent: kvquilt_kvstore::ChunkKey([9; 32]),
+        ..link
+    };
+    let again =
+        kvquilt_kvstore::KvObject::new(key, l, tokens, plain.layers().to_vec(), None).unwrap();
+    assert!(matches!(
+        again.with_chain(wrong),
+        Err(StoreError::Invalid(m)) if m.contains(&key.to_hex())
+    ));
+}
+
+/// A link's key is re-derived from its header: one whose parent (or tokens) do not derive
+/// it is corrupt even with a good checksum, so a link can never be served as another's.
+#[test]
+fn a_link_whose_key_is_not_its_parent_s_extension_is_corrupt() {
+    use kvquilt_kvstore::{ChainLink, ChunkKey};
+    let plain = sane_object(34, 40, KvDType::BF16);
+    let tokens = plain.tokens().to_vec();
+    let link = ChainLink {
+        root: ChunkKey([1; 32]),
+        parent: ChunkKey([2; 32]),
+    };
+    let obj = kvquilt_kvstore::KvObject::new(
+        link.key(&tokens),
+        *plain.layout(),
+        tokens.clone(),
+        plain.layers().to_vec(),
+        None,
+    )
+    .unwrap()
+    .with_chain(link)
+    .unwrap();
+    let bytes = obj.encode(Codec::Raw).unwrap().to_bytes();
+    let h = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let layers = plain.layout().num_layers as usize;
+    // the block sits right before the layer table
+    let parent_at = h - 32 - 56 * layers - 32;
+    assert_eq!(bytes[parent_at..parent_at + 32], [2; 32]);
+    let forged = restamp(&bytes, parent_at, &[3; 32]);
+    assert!(matches!(
+        decode_header(&forged),
+        Err(StoreError::Corrupt(m)) if m.contains("chain link")
+    ));
+    // the root is not part of the key: another root re-checksummed still parses (the
+    // owner is named by the root, which only the sidecar writes; see the server's checks)
+    let rooted = restamp(&bytes, parent_at - 32, &[4; 32]);
+    assert_eq!(
+        decode_header(&rooted).unwrap().0.info.chain.unwrap().root,
+        ChunkKey([4; 32])
+    );
+    // and a token changed under the same key: corrupt
+    let tok_at = 96;
+    let forged = restamp(&bytes, tok_at, &(tokens[0] + 1).to_le_bytes());
+    assert!(matches!(
+        decode_header(&forged),
+        Err(StoreError::Corrupt(m)) if m.contains("chain link")
+    ));
 }
 
 #[test]

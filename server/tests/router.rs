@@ -1433,6 +1433,92 @@ async fn a_conversation_s_next_turn_is_charged_for_its_new_pages() {
     assert_eq!(tight, free, "the quota holds both turns' objects exactly");
 }
 
+/// A conversation's pages are its tenant's like its chunks (object format v6: each page
+/// records its chain's root and parent): after a restart over the same store they are
+/// charged to the tenant again (they were charged to nobody), the tenant's ids reach them
+/// (info, export, delete) and another tenant's do not, and an exported page imports only
+/// into its own tenant's chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
+    use kvquilt_kvstore::{ChunkKey, SsdConfig, StoreConfig, TieredStore};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |sub: &str| {
+        let ssd = SsdConfig::new(dir.path().join(sub), 1 << 30);
+        TieredStore::open(StoreConfig::with_ssd(1 << 20, ssd)).unwrap()
+    };
+    let mut config = limited();
+    config.blend.fall_back_to_full = false;
+    config.blend.prefix_page = 16;
+    config.limits.max_request_tokens = 1000;
+    config.tenants[0].quota_bytes = None;
+    let acme = Some(ACME_TOKEN);
+    let messages = json!([
+        {"role": "system", "content": "Answer from the documents, briefly and exactly."},
+        {"role": "user", "content": "who built it?"},
+    ]);
+    let (used, link_ids) = {
+        let app = TestApp::with_store(config.clone(), open("a"));
+        let body = json!({"messages": messages, "documents": [DOCS[0]], "max_tokens": 1,
+                          "kvquilt": {"mode": "reuse"}});
+        let (status, v) = app.json("POST", "/v1/chat/completions", acme, body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert!(v["kvquilt"]["stored_back"].as_u64().unwrap() >= 3, "{v}");
+        let ids: Vec<String> = serde_json::from_value(v["kvquilt"]["link_ids"].clone()).unwrap();
+        (stats(&app, acme).await.tenant.used_bytes, ids)
+    };
+    // the restarted sidecar accounts what it finds, as `serve` does at start
+    let app = TestApp::with_store(config.clone(), open("a"));
+    let store = app.state.blender.store();
+    let mut pages: Vec<(ChunkKey, u64)> = Vec::new();
+    for key in store.tiers().iter().flat_map(|t| t.keys()) {
+        let info = store.lookup(&key).await.unwrap().unwrap().info;
+        if info.chain.is_some() {
+            pages.push((key, info.raw_len()));
+        }
+    }
+    assert!(pages.len() >= 2, "the history is paged: {pages:?}");
+    // the stats named them: what a client deletes to forget the conversation
+    let mut named: Vec<String> = pages.iter().map(|(k, _)| k.to_hex()).collect();
+    named.sort();
+    let mut listed = link_ids.clone();
+    listed.sort();
+    assert_eq!(named, listed);
+    let objects = app.state.account_existing().await.unwrap();
+    assert_eq!(objects, pages.len() + 1, "every page and the document");
+    assert_eq!(stats(&app, acme).await.tenant.used_bytes, used);
+    assert_eq!(stats(&app, T).await.tenant.used_bytes, 0);
+    // its ids reach its pages; another tenant's are unknown
+    let page = ChunkKey::from_hex(&link_ids[0]).unwrap();
+    let bytes = pages.iter().find(|(k, _)| *k == page).unwrap().1;
+    let url = format!("/v1/chunks/{page}");
+    let (status, v) = app.json("GET", &url, acme, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["bytes"], bytes);
+    let r = app.json("GET", &url, T, Value::Null).await;
+    assert_err(&r, 404, "unknown_chunk", &page.to_hex());
+    // an exported page imports into another sidecar for the same tenant only
+    let (status, kv) = app.bytes("GET", &format!("{url}/kv"), acme, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let other = TestApp::with_store(config, open("b"));
+    let r = other
+        .bytes("PUT", &format!("{url}/kv"), T, Some(kv.clone()))
+        .await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&r.1).contains("key_mismatch"));
+    let r = other
+        .bytes("PUT", &format!("{url}/kv"), acme, Some(kv))
+        .await;
+    assert_eq!(r.0, StatusCode::CREATED);
+    assert_eq!(stats(&other, acme).await.tenant.used_bytes, bytes);
+    // deleted by its owner: gone, and no longer charged
+    let (status, _) = app.call("DELETE", &url, T, None, "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.call("DELETE", &url, acme, None, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(store.lookup(&page).await.unwrap().is_none());
+    assert_eq!(stats(&app, acme).await.tenant.used_bytes, used - bytes);
+}
+
 /// `POST /v1/chunks/{id}/pin` keeps a chunk through evictions that take every unpinned one,
 /// `DELETE …/pin` lets it go; a pin's time to live is bounded, and only the owner's id
 /// reaches its chunk.

@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use kvquilt_kvstore::{ChunkKey, TierKind};
+use kvquilt_kvstore::{ChainLink, ChunkKey, TierKind};
 use kvquilt_model::{KvCache, positions};
 
 use super::sources::stall_deadline;
@@ -140,10 +140,11 @@ pub(crate) fn run(
     let mut exact = true;
     // the first link not read (all read: `links.len()`)
     let mut first = links.len();
-    for (i, (seg, key)) in links.iter().zip(keys).enumerate() {
-        match load_link(b, codec, key, seg, turn) {
-            Ok((link, tier, lossy)) => {
-                read.push(link.with_positions(positions(at, seg.len()))?);
+    let chain_of = codec.chain(keys);
+    for (i, ((seg, key), link)) in links.iter().zip(keys).zip(&chain_of).enumerate() {
+        match load_link(b, codec, key, link, seg, turn) {
+            Ok((kv, tier, lossy)) => {
+                read.push(kv.with_positions(positions(at, seg.len()))?);
                 chain.links.push((SegmentSource::Hit(tier), lossy));
                 exact &= !lossy;
                 if exact {
@@ -172,11 +173,15 @@ pub(crate) fn run(
     let took = prefill_over(b, &mut chain.cache, &tokens, at)?;
     chain.computed_tokens = tokens.len();
     if exact {
-        for (seg, key) in rest.iter().zip(&keys[first..]) {
+        let named = keys[first..]
+            .iter()
+            .copied()
+            .zip(chain_of[first..].iter().copied());
+        for (seg, name) in rest.iter().zip(named) {
             let cost_s = took * seg.len() as f64 / tokens.len() as f64;
             queue_link(
                 codec,
-                *key,
+                name,
                 seg,
                 &chain.cache,
                 at,
@@ -250,22 +255,23 @@ pub(crate) fn queue_from(
 ) -> Result<()> {
     let fastest = b.store.tiers().first().map(|t| t.kind());
     let mut at = 0usize;
-    for (seg, key) in links.iter().zip(keys) {
-        if fastest.is_none() || b.store.locate(key) != fastest {
+    let named = keys.iter().copied().zip(codec.chain(keys));
+    for (seg, name) in links.iter().zip(named) {
+        if fastest.is_none() || b.store.locate(&name.0) != fastest {
             let cost_s = b.costs.prefill_s(seg.len()).unwrap_or(0.0);
-            queue_link(codec, *key, seg, cache, at, cost_s, pending)?;
+            queue_link(codec, name, seg, cache, at, cost_s, pending)?;
         }
         at += seg.len();
     }
     Ok(())
 }
 
-/// Queues link `key` (tokens `seg`, whose KV is `cache`'s rows `at..at + T`) in `pending`,
-/// its rows moved to positions `0..T` as the object stores them; `cost_s` is what
-/// computing it took or would take.
+/// Queues the link named `(key, link)` (tokens `seg`, whose KV is `cache`'s rows
+/// `at..at + T`) in `pending`, its rows moved to positions `0..T` as the object stores
+/// them; `cost_s` is what computing it took or would take.
 fn queue_link(
     codec: &ChunkCodec,
-    key: ChunkKey,
+    name: (ChunkKey, ChainLink),
     seg: &[u32],
     cache: &KvCache,
     at: usize,
@@ -275,7 +281,7 @@ fn queue_link(
     let part = cache
         .narrow(at, seg.len())?
         .with_positions(positions(0, seg.len()))?;
-    pending.push(codec, key, seg, part, cost_s);
+    pending.push(codec, (name.0, Some(name.1)), seg, part, cost_s);
     Ok(())
 }
 
@@ -283,12 +289,14 @@ fn queue_link(
 /// held it, and whether it was decoded from a lossy codec (served only where the store's
 /// config allows lossy objects). `Err` says why the chain ends here: `Miss` (not stored) or
 /// `Unusable` (the read failed, stalled past the deadline a stream's layers get —
-/// `stall_deadline`, for the whole object — or the object is not this model's KV of `seg`;
-/// logged).
+/// `stall_deadline`, for the whole object — or the object is not this model's KV of `seg`,
+/// or records another place in a chain than `link`; logged). A link written before format
+/// v6 records none and is taken on its key.
 fn load_link(
     b: &Blender,
     codec: &ChunkCodec,
     key: &ChunkKey,
+    link: &ChainLink,
     seg: &[u32],
     turn: &PromptTurn<'_>,
 ) -> Result<(KvCache, TierKind, bool), SegmentSource> {
@@ -306,6 +314,10 @@ fn load_link(
         return Err(SegmentSource::Unusable);
     };
     match got {
+        Ok(Some((obj, _))) if obj.info().chain.is_some_and(|c| c != *link) => {
+            tracing::warn!(%key, "stored prefix link records another chain; recomputing from here");
+            Err(SegmentSource::Unusable)
+        }
         Ok(Some((obj, tier))) => match codec.to_cache(&b.model, &obj, seg) {
             Ok(c) => {
                 // (what reading it took: the tier's measure, as a stream's layers record)

@@ -416,33 +416,45 @@ impl Blender {
     /// held (a conversation's next turn stores only its new pages, not its whole history;
     /// test `blend/tests/pages.rs::a_request_is_made_of_its_pages_and_chunks`).
     pub fn objects_of(&self, namespace: &[u8], req: &BlendRequest) -> Vec<(ChunkKey, usize)> {
-        let codec = self.codec(namespace);
-        let mut objects: Vec<(ChunkKey, usize)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut push = |key: ChunkKey, tokens: usize| {
-            if seen.insert(key) {
-                objects.push((key, tokens));
-            }
-        };
+        let mut objects = self.links_of(namespace, req);
         if req.mode == Mode::Prefix {
-            let (links, _) = modes::prefix::chain_links(self, req);
-            for (key, link) in codec.prefix_keys(&links).into_iter().zip(&links) {
-                push(key, link.len());
-            }
             return objects;
         }
-        let pages = chain::PrefixPages::of(self, &codec, &req.prefix);
+        let codec = self.codec(namespace);
+        let mut seen: std::collections::HashSet<ChunkKey> =
+            objects.iter().map(|&(key, _)| key).collect();
         let mut segments = req.segments();
-        if let Some(p) = &pages {
-            for (key, page) in p.keys.iter().zip(&p.pages) {
-                push(*key, page.len());
-            }
+        if !objects.is_empty() {
             segments.remove(0); // (the prefix, as its pages)
         }
         for seg in segments {
-            push(codec.key(seg), seg.len());
+            let key = codec.key(seg);
+            if seen.insert(key) {
+                objects.push((key, seg.len()));
+            }
         }
         objects
+    }
+
+    /// The prefix-chain links of [`Blender::objects_of`] (each key and token count, in
+    /// order): in `prefix` mode every link of the request's chain, otherwise its prefix's
+    /// pages when the prefix is paged (none when it is one chunk). Each names an object
+    /// that records its chain (format v6), so it is its tenant's like a chunk
+    /// ([`ChunkCodec::names`]).
+    pub fn links_of(&self, namespace: &[u8], req: &BlendRequest) -> Vec<(ChunkKey, usize)> {
+        let codec = self.codec(namespace);
+        let links = if req.mode == Mode::Prefix {
+            modes::prefix::chain_links(self, req).0
+        } else {
+            match chain::PrefixPages::of(self, &codec, &req.prefix) {
+                Some(p) => p.pages,
+                None => return Vec::new(),
+            }
+        };
+        let keys = codec.prefix_keys(&links);
+        keys.into_iter()
+            .zip(links.iter().map(|l| l.len()))
+            .collect()
     }
 
     /// Makes sure a chunk's KV is stored: the precompute job's unit of work, and what the
@@ -513,6 +525,9 @@ impl Blender {
         // pass's work (other requests' decode steps go on)
         drop(turn);
         let (mut out, work) = ran?;
+        if req.mode != Mode::Full {
+            out.stats.link_keys = self.links_of(namespace, req).iter().map(|l| l.0).collect();
+        }
         if let Some(k) = req.prompt_logprobs
             && let Err(e) = out.score_suffix(&self.model, &req.suffix, k)
         {

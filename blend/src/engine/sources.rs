@@ -521,7 +521,7 @@ fn compute(
     let store = how == SegmentSource::Miss
         || (how == SegmentSource::Unusable && b.store.locate(&key).is_none());
     if store {
-        pending.push(codec, key, tokens, cache.clone(), took_s);
+        pending.push(codec, (key, None), tokens, cache.clone(), took_s);
     }
     Ok(cache)
 }

@@ -6,7 +6,7 @@
 //! [`crate::Blender::run_deferring`] hands it back as a [`StoreBack`] for the caller to run
 //! when the answer is out ([`crate::Blender::store_back`]).
 
-use kvquilt_kvstore::{ChunkKey, KvObject};
+use kvquilt_kvstore::{ChainLink, ChunkKey, KvObject};
 use kvquilt_model::KvCache;
 
 use super::Blender;
@@ -20,23 +20,27 @@ pub(crate) struct Pending {
     chunks: Vec<(Computed, f64)>,
 }
 
-/// One computed chunk: its KV as computed (made an object after the first token).
+/// One computed chunk or chain link: its KV as computed (made an object after the first
+/// token).
 struct Computed {
     codec: ChunkCodec,
     key: ChunkKey,
     tokens: Vec<u32>,
     cache: KvCache,
+    /// Its place in a prefix chain, for a link; `None` for a chunk.
+    link: Option<ChainLink>,
 }
 
 impl Pending {
-    /// Queues chunk `key` of `tokens`, whose KV `cache` (positions `0..T`, the chunk
-    /// contract's) took `cost_s` seconds to compute; `codec` makes it an object later.
+    /// Queues chunk `key` of `tokens` — with `link`, that link of a prefix chain (`key` its
+    /// key of `tokens`), which its object records — whose KV `cache` (positions `0..T`, the
+    /// chunk contract's) took `cost_s` seconds to compute; `codec` makes it an object later.
     /// Holding the tensors until then is safe: a KV view's rows never change under it
     /// (`model/src/kv.rs::appends_in_place_without_disturbing_clones`).
     pub(crate) fn push(
         &mut self,
         codec: &ChunkCodec,
-        key: ChunkKey,
+        (key, link): (ChunkKey, Option<ChainLink>),
         tokens: &[u32],
         cache: KvCache,
         cost_s: f64,
@@ -46,6 +50,7 @@ impl Pending {
             key,
             tokens: tokens.to_vec(),
             cache,
+            link,
         };
         self.chunks.push((c, cost_s));
     }
@@ -124,7 +129,7 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
             if let Some(tier) = &b.device_tier {
                 tier.put_packed(d.key, &cache.layers, cost_s);
             }
-            pending.push(&d.codec, d.key, &d.tokens, cache, cost_s);
+            pending.push(&d.codec, (d.key, None), &d.tokens, cache, cost_s);
         }
     }
     if !store {
@@ -132,7 +137,7 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
     }
     let mut stored = Vec::with_capacity(pending.chunks.len());
     for (c, cost_s) in pending.chunks {
-        let obj: KvObject = match c.codec.to_object(c.key, &c.tokens, &c.cache) {
+        let obj: KvObject = match c.codec.to_object(c.key, &c.tokens, &c.cache, c.link) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(key = %c.key, error = %e, "a computed chunk could not be stored");

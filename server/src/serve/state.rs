@@ -67,8 +67,10 @@ impl Shared {
     /// What chunk `key` holds, if it is stored **and** belongs to `tenant`: the tenant must
     /// know it as its own ([`Tenant::owns`], checked in memory first, so that another
     /// tenant's id costs what an id never stored costs: no timing oracle), and the id must
-    /// be the tenant's own key of the object's tokens. Another tenant's id is "unknown",
-    /// exactly like an id never stored.
+    /// be the tenant's own name of the object ([`kvquilt_blend::ChunkCodec::names`]: its
+    /// chunk key of the object's tokens, or for a page of a conversation's history or a
+    /// link of `prefix` mode's chain, a link of the tenant's own chain). Another tenant's id
+    /// is "unknown", exactly like an id never stored.
     ///
     /// With a remote tier, chunks also come from other sidecars (and from this one before a
     /// restart: the remote lists no keys at start): an id not known here is looked up, and
@@ -85,7 +87,7 @@ impl Shared {
             return Ok(None);
         };
         let codec = self.blender.codec(&tenant.namespace);
-        if codec.key(&found.info.tokens) != *key || found.info.layout != *codec.layout() {
+        if !codec.names(&found.info) || found.info.layout != *codec.layout() {
             return Ok(None);
         }
         if !known {
@@ -101,8 +103,11 @@ impl Shared {
             .ok_or_else(|| unknown_chunk(key))
     }
 
-    /// Accounts every stored object to the tenant whose namespace derives its key (once, at
-    /// start-up, so quotas hold across restarts).
+    /// Accounts every stored object to the tenant whose namespace names it (once, at
+    /// start-up, so quotas hold across restarts): a chunk to the tenant whose key of its
+    /// tokens it is stored under, a chain link (a conversation's page) to the tenant whose
+    /// chain root it records ([`kvquilt_blend::ChunkCodec::names`]). A link written before
+    /// object format v6 records no root and is charged to nobody until written again.
     pub async fn account_existing(&self) -> ApiResult<usize> {
         let store = self.blender.store();
         let mut keys: Vec<ChunkKey> = store.tiers().iter().flat_map(|t| t.keys()).collect();
@@ -127,7 +132,7 @@ impl Shared {
                 }
             };
             for (t, codec) in &codecs {
-                if codec.key(&found.info.tokens) == key {
+                if codec.names(&found.info) && found.info.layout == *codec.layout() {
                     t.add(key, found.info.raw_len());
                     n += 1;
                     break;

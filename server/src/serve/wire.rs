@@ -92,6 +92,7 @@ pub(crate) fn stats(s: &BlendStats) -> api::BlendStats {
         ttft_ms: s.ttft_ms,
         compression: s.compression.as_ref().map(compression_stats),
         calibration: s.calibration.clone(),
+        link_ids: s.link_keys.iter().map(|k| k.to_hex()).collect(),
     }
 }
 

@@ -392,14 +392,17 @@ pub(crate) async fn put_kv(
         ));
     }
     check_tokens(&s, info.tokens.len())?;
-    let derived = codec.key(&info.tokens);
-    if derived != key {
-        return Err(ApiError::bad_request(
-            "key_mismatch",
-            format!(
-                "the object's tokens make chunk id {derived} for this model and tenant, not {key}"
+    if !codec.names(info) {
+        let why = match &info.chain {
+            None => format!(
+                "the object's tokens make chunk id {} for this model and tenant, not {key}",
+                codec.key(&info.tokens)
             ),
-        ));
+            Some(_) => format!(
+                "the object is a link of a prefix chain that is not this tenant's under this model, or whose parent and tokens do not make {key}"
+            ),
+        };
+        return Err(ApiError::bad_request("key_mismatch", why));
     }
     let tokens = info.tokens.len();
     if let Some(tier) = s.blender.store().locate(&key) {
