@@ -11,7 +11,8 @@ answer; a conversation ending with an assistant's message; a token-id completion
 `text_offset` has one entry per token; a text completion with a document; `echo` as lm-eval's
 log-likelihood requests send it (the prompt scored, its first token null) and alone; chunk
 lookup, pin and unpin; `usage.prompt_tokens_details.cached_tokens` of a prefix hit, and
-growing over a four-turn conversation (its history read page by page); the
+growing over a four-turn conversation (its history read page by page), and without
+documents reading the pages each answer left; the
 stats' key identity; refusals (top_k,
 n, an unknown role, max_tokens past the limit, a token id outside the vocabulary); stats and
 metrics answer.
@@ -171,6 +172,24 @@ for q in ["What is the capital of France?", "And of Italy?", "And of Spain?", "A
     history.append({"role": "assistant", "content": v["choices"][0]["message"]["content"]})
 ok = len(seen) == 4 and all(isinstance(c, int) for c in seen) and seen[1] >= 256 and seen[3] >= seen[2] >= seen[1]
 check("conversation reads its history (cached_tokens per turn)", ok, seen)
+# a conversation without documents: after each answer its pages (prompt and answer, in full
+# pages of 256) are stored, so the next turn reads at least those
+history = [{"role": "system", "content": "You answer questions about European rivers. " * 69}]
+turns = []
+for q in ["Which river flows through Paris?", "And through Rome?", "And through Vienna?", "And through London?"]:
+    history.append({"role": "user", "content": q})
+    s, v = call("POST", "/v1/chat/completions", {"messages": history, "max_tokens": 64, "temperature": 0,
+                                                 "kvquilt": {"mode": "prefix"}})
+    if s != 200:
+        turns.append(v); break
+    turns.append((v["usage"]["prompt_tokens"], v["usage"]["completion_tokens"],
+                  v["usage"]["prompt_tokens_details"]["cached_tokens"], len(v["kvquilt"].get("link_ids", []))))
+    history.append({"role": "assistant", "content": v["choices"][0]["message"]["content"]})
+ok = len(turns) == 4 and all(isinstance(t, tuple) for t in turns)
+if ok:
+    left = [256 * ((p + c - 1) // 256) for p, c, _, _ in turns[:-1]]
+    ok = all(t[2] >= w for t, w in zip(turns[1:], left))
+check("conversation without documents reads the answers' pages (prompt, completion, cached, link ids)", ok, turns)
 s, v = call("GET", "/v1/stats")
 check("stats key_identity", s == 200 and len(v.get("key_identity", {}).get("model", "")) == 64, v.get("key_identity") if s == 200 else v)
 

@@ -354,6 +354,20 @@ impl DecodeSteps {
         }
     }
 
+    /// The cache as the steps so far left it (every step's token appended): the request's
+    /// own tensors, or views of a graphed cache's rows lent to the caller (the graphed cache
+    /// keeps them unchanged while any view lives: `GraphedCache::cache`). `None` only when
+    /// it cannot be had (a batched session's cache out with a failed step, a graphed cache
+    /// already given back or refusing a view).
+    pub fn cache(&self) -> Option<KvCache> {
+        match self {
+            Self::Eager(cache) => Some(cache.clone()),
+            Self::Batched(b) => b.cache().cloned(),
+            #[cfg(feature = "gpu")]
+            Self::Graphed(graphed) => graphed.cache.as_ref().and_then(|g| g.cache().ok()),
+        }
+    }
+
     /// Whether the steps replay a CUDA graph.
     pub fn is_graphed(&self) -> bool {
         !matches!(self, Self::Eager(_) | Self::Batched(_))

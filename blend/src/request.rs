@@ -143,7 +143,8 @@ pub struct BlendStats {
     pub ttft_ms: f64,
     /// Keys of the prefix-chain links the prompt is stored as ([`crate::Blender::links_of`]),
     /// in order, whether stored or not: a paged prefix's pages, and in `prefix` mode every
-    /// link of its chain. Empty for `full`.
+    /// link of its chain. Empty for `full`. (A caller that stores the answer's pages,
+    /// [`crate::Blender::answer_pages`], adds theirs.)
     pub link_keys: Vec<kvquilt_kvstore::ChunkKey>,
     /// Per-phase times when the request asked for them ([`BlendRequest::time_phases`]).
     pub phases: Vec<crate::PhaseTime>,

@@ -210,6 +210,95 @@ fn a_missing_page_is_recomputed_from_there() {
     assert_eq!(b.run(b"", &r).unwrap().stats.cached_tokens, prefix.len());
 }
 
+/// Decodes `n` tokens greedily after `out`'s first: the tokens fed (all but the last
+/// produced) and the cache they leave.
+fn decode_greedy(
+    b: &Blender,
+    out: kvquilt_blend::BlendOutput,
+    n: usize,
+) -> (Vec<u32>, kvquilt_model::KvCache) {
+    let mut steps = b.decode_steps(out.cache, n);
+    let mut logits = out.logits;
+    let mut fed = Vec::new();
+    for _ in 1..n {
+        let id = kvquilt_model::argmax(&logits.to_vec1::<f32>().unwrap());
+        logits = steps.step(b.model(), id).unwrap();
+        fed.push(id);
+    }
+    (fed, steps.cache().expect("an eager decode's cache"))
+}
+
+/// A turn without documents leaves its answer as pages: the decode's cache holds the KV of
+/// the prompt and every answer token fed, exactly as prefilling them gives; its full pages
+/// not yet stored are stored (each recording its chain), and the next turn — whose prefix
+/// is this prompt, the answer and more — reads them all, computing only what follows, with
+/// the answer a cold store gives. A turn with a document, or that read lossy KV, leaves
+/// none.
+#[test]
+fn a_turn_without_documents_leaves_its_answer_as_pages() {
+    let s = setup(false, 0);
+    let b = &s.blender;
+    let (history, question) = (toks(91, 13), toks(92, 6));
+    for (ns, mode) in modes() {
+        let r = BlendRequest::new(history.clone(), vec![], question.clone(), mode.clone());
+        let out = b.run(ns, &r).unwrap();
+        let stats = out.stats.clone();
+        // 13 + 6 prompt tokens and 8 fed: 27, three full pages (the first the prompt's own)
+        let (fed, cache) = decode_greedy(b, out, 9);
+        assert_eq!(cache.len(), 27);
+        let work = b.answer_pages(ns, &r, &stats, &cache, &fed);
+        let mut all = r.tokens();
+        all.extend_from_slice(&fed);
+        let keys = page_keys(b, ns, &all[..24]);
+        let stored: Vec<ChunkKey> = b.store_back(work).iter().map(|o| o.key).collect();
+        assert_eq!(stored, keys[1..].to_vec(), "{mode:?}: the pages not held");
+        assert_linked(&s, ns, &all[..24]);
+        // again: every page is held, nothing to store
+        assert!(b.answer_pages(ns, &r, &stats, &cache, &fed).is_empty());
+
+        // the next turn reads them: the conversation so far and a closing token, then a
+        // new question
+        let mut next = all.clone();
+        next.push(7);
+        let turn2 = BlendRequest::new(next.clone(), vec![], toks(93, 5), mode.clone());
+        let want = setup(false, 0).blender.run(ns, &turn2).unwrap();
+        let got = b.run(ns, &turn2).unwrap();
+        assert_eq!(got.stats.cached_tokens, 24, "{mode:?}: {:?}", got.stats);
+        let diff = max_diff(&got.logits, &want.logits);
+        assert!(
+            diff < 1e-4,
+            "{mode:?}: reading the answer's pages changed logits by {diff}"
+        );
+    }
+    // with a document: nothing (the answer attended to it where the next prompt has none)
+    let r = BlendRequest::new(
+        history.clone(),
+        vec![toks(94, 6)],
+        question.clone(),
+        Mode::Reuse,
+    );
+    let out = b.run(b"d", &r).unwrap();
+    let stats = out.stats.clone();
+    let (fed, cache) = decode_greedy(b, out, 9);
+    assert!(b.answer_pages(b"d", &r, &stats, &cache, &fed).is_empty());
+    // read lossy, or a cache that is not the prompt's and the answer's: nothing
+    let r = BlendRequest::new(history.clone(), vec![], question.clone(), Mode::Reuse);
+    let out = b.run(b"l", &r).unwrap();
+    let stats = out.stats.clone();
+    let (fed, cache) = decode_greedy(b, out, 9);
+    assert!(
+        b.answer_pages(b"l", &r, &stats, &cache, &fed[..7])
+            .is_empty()
+    );
+    let lossy = kvquilt_blend::BlendStats {
+        lossy_hits: 1,
+        ..stats.clone()
+    };
+    assert!(b.answer_pages(b"l", &r, &lossy, &cache, &fed).is_empty());
+    // (the same request, exact and whole: its pages)
+    assert!(!b.answer_pages(b"l", &r, &stats, &cache, &fed).is_empty());
+}
+
 /// A page stored under the right key but recording another chain (another tenant's root:
 /// planted, or a bug) is not read: the chain ends there, the rest is computed, and the
 /// answer is unchanged.

@@ -1383,6 +1383,67 @@ async fn a_conversation_reads_its_history_from_the_turn_before() {
     assert!(paged[2] >= 16, "{paged:?}");
 }
 
+/// A conversation without documents keeps each answer as pages (`Blender::answer_pages`):
+/// a turn stores the full pages of its prompt and answer that the store lacks, charged to
+/// its tenant and listed among its `link_ids`, and the next turn, whose history is that
+/// prompt and answer, reads more than the turn's own history pages: at least the pages
+/// of the question. (The tiny model's answer is bytes that are no text: rendered again it
+/// is other tokens, so the pages holding it are not read; `blend/tests/pages.rs::
+/// a_turn_without_documents_leaves_its_answer_as_pages` reads them all, from token ids.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left() {
+    let acme = Some(ACME_TOKEN);
+    let mut config = limited();
+    config.blend.fall_back_to_full = false;
+    config.blend.prefix_page = 16;
+    config.limits.max_request_tokens = 1000;
+    config.tenants[0].quota_bytes = None;
+    let app = TestApp::new(config);
+    let mut messages = vec![
+        json!({"role": "system", "content": "Be brief and exact."}),
+        json!({"role": "user", "content": "who wrote it?"}),
+    ];
+    let body = |messages: &[Value]| {
+        json!({"messages": messages, "max_tokens": 12, "temperature": 0,
+               "kvquilt": {"mode": "reuse"}})
+    };
+    let (status, v) = app
+        .json("POST", "/v1/chat/completions", acme, body(&messages))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let produced = v["usage"]["completion_tokens"].as_u64().unwrap();
+    let history = prompt - v["kvquilt"]["suffix_tokens"].as_u64().unwrap();
+    let ids: Vec<String> = serde_json::from_value(v["kvquilt"]["link_ids"].clone()).unwrap();
+    // the history's pages (the last one short), then the prompt and every answer token but
+    // the last in full pages of 16, each stored and the tenant's
+    let pages = (prompt + produced - 1) / 16;
+    let mut full = 0;
+    for id in &ids {
+        let (status, info) = app
+            .json("GET", &format!("/v1/chunks/{id}"), acme, Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        full += u64::from(info["tokens"] == 16);
+    }
+    assert_eq!(full, pages, "{v}");
+    assert!(pages > history / 16, "{v}");
+    assert_eq!(v["kvquilt"]["stored_back"], ids.len(), "{v}");
+    let used = stats(&app, acme).await.tenant.used_bytes;
+    let answer = v["choices"][0]["message"]["content"].clone();
+    messages.push(json!({"role": "assistant", "content": answer}));
+    messages.push(json!({"role": "user", "content": "and when?"}));
+    let (status, v) = app
+        .json("POST", "/v1/chat/completions", acme, body(&messages))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 16 * (history / 16), "{v}");
+    assert!(stats(&app, acme).await.tenant.used_bytes > used);
+}
+
 /// A conversation's next turn is charged against its tenant's quota for what it would
 /// store — its new pages and documents — not for its whole history, most of which the turn
 /// before stored: with a quota that holds both turns' objects exactly, the second turn

@@ -8,6 +8,12 @@
 //! store-back after the answer is not in it), the prompt tokens reused exactly
 //! (`cached_tokens`), and the median over the turns from the third on of whole's and full
 //! prefill's time over paged's.
+//!
+//! With `--documents 0` (a chat without retrieval: no instruction either, as the sidecar
+//! renders it) a fourth row per mode, `answers`, also decodes each turn's answer (its
+//! tokens fed, as the sidecar's decode feeds what it samples) and stores the pages of the
+//! prompt and answer the next turn reads (`Blender::answer_pages`), as the sidecar does
+//! after a completion without documents; the decode is not in the turn's time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,7 +87,8 @@ struct Turn {
 #[derive(Serialize)]
 struct Row {
     mode: String,
-    /// `paged` (`page` tokens a page), `whole` (page 0) or `full` (full prefill, nothing
+    /// `paged` (`page` tokens a page), `answers` (paged, and each answer's pages stored
+    /// after its turn: `--documents 0`), `whole` (page 0) or `full` (full prefill, nothing
     /// reused).
     prefix: &'static str,
     page: usize,
@@ -113,6 +120,8 @@ type TurnPrompt = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
 /// The conversation, turn by turn.
 struct Conversation {
     turns: Vec<TurnPrompt>,
+    /// Each turn's answer: what the next turn's history holds after its question.
+    answers: Vec<Vec<u32>>,
 }
 
 impl Conversation {
@@ -126,7 +135,13 @@ impl Conversation {
         let n = a.system_tokens + a.instruction_tokens + a.turns * (per_turn + docs);
         let all = pseudo_tokens(n, vocab);
         let (system, rest) = all.split_at(a.system_tokens);
-        let (instruction, rest) = rest.split_at(a.instruction_tokens);
+        // (without documents the sidecar renders no instruction)
+        let instruction_tokens = if a.documents == 0 {
+            0
+        } else {
+            a.instruction_tokens
+        };
+        let (instruction, rest) = rest.split_at(instruction_tokens);
         let (history, documents) = rest.split_at(a.turns * per_turn);
         let turns = (0..a.turns)
             .map(|t| {
@@ -142,7 +157,10 @@ impl Conversation {
                 (prefix, docs, history[q..q + a.question_tokens].to_vec())
             })
             .collect();
-        Self { turns }
+        let answers = (0..a.turns)
+            .map(|t| history[t * per_turn + a.question_tokens..(t + 1) * per_turn].to_vec())
+            .collect();
+        Self { turns, answers }
     }
 
     /// Every document of the conversation.
@@ -182,12 +200,14 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
     // conversation stored there but its documents): each turn's (prompt, prefix, cached,
     // recomputed, ttft ms)
     type Turned = (usize, usize, usize, usize, f64);
-    let replay = |b: &Blender, ns: &[u8], mode: &Mode| -> Result<Vec<Turned>> {
+    // (`answers`: each turn's answer decoded after it, and its pages stored)
+    let replay = |b: &Blender, ns: &[u8], mode: &Mode, answers: bool| -> Result<Vec<Turned>> {
         for doc in conversation.documents() {
             b.precompute(ns, doc)?;
         }
         let mut turns = Vec::new();
-        for (prefix, docs, question) in &conversation.turns {
+        let asked = conversation.turns.iter().zip(&conversation.answers);
+        for ((prefix, docs, question), answer) in asked {
             let req =
                 BlendRequest::new(prefix.clone(), docs.clone(), question.clone(), mode.clone());
             let out = b.run(ns, &req)?;
@@ -198,12 +218,23 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
                 out.stats.recomputed_tokens,
                 out.stats.ttft_ms,
             ));
+            if answers {
+                let mut steps = b.decode_steps(out.cache, answer.len());
+                for &token in answer {
+                    steps.step(b.model(), token)?;
+                }
+                let cache = steps
+                    .cache()
+                    .ok_or_else(|| anyhow::anyhow!("the decode's cache could not be had"))?;
+                b.store_back(b.answer_pages(ns, &req, &out.stats, &cache, answer));
+            }
         }
         Ok(turns)
     };
     // one blender (and store) per row, a namespace per replay: graphs captured, kernels
     // loaded and buffers sized by the warm-up replay, not inside a timed turn
     let row = |label: String, prefix: &'static str, mode: &Mode, page: usize| -> Result<Row> {
+        let answers = prefix == "answers";
         let store = Arc::new(TieredStore::open(StoreConfig::host_only(64 << 30))?);
         let b = Blender::new(
             Arc::clone(&model),
@@ -213,10 +244,10 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
         )
         .with_fallback_to_full(false)
         .with_prefix_page(page);
-        replay(&b, b"warm-up", mode)?;
+        replay(&b, b"warm-up", mode, answers)?;
         let mut replays = Vec::new();
         for i in 0..a.repeats.max(1) {
-            replays.push(replay(&b, format!("replay {i}").as_bytes(), mode)?);
+            replays.push(replay(&b, format!("replay {i}").as_bytes(), mode, answers)?);
         }
         let turns = (0..a.turns)
             .map(|t| {
@@ -259,8 +290,17 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
         whole.speedup_vs_full_from_turn_3 = ratio_from_3(&full, &whole);
         paged.speedup_vs_full_from_turn_3 = ratio_from_3(&full, &paged);
         paged.speedup_vs_whole_from_turn_3 = Some(ratio_from_3(&whole, &paged));
+        let answers = if a.documents == 0 {
+            let mut r = row(label.clone(), "answers", mode, a.page)?;
+            r.speedup_vs_full_from_turn_3 = ratio_from_3(&full, &r);
+            r.speedup_vs_whole_from_turn_3 = Some(ratio_from_3(&whole, &r));
+            Some(r)
+        } else {
+            None
+        };
         rows.push(whole);
         rows.push(paged);
+        rows.extend(answers);
     }
     let mut full = full;
     full.speedup_vs_full_from_turn_3 = 1.0;

@@ -13,7 +13,9 @@
 //!   feeding the forward pass layer by layer, and making chunks resident afterwards.
 //! - [`modes`]: one runner per [`Mode`].
 //! - [`store_back`]: storing what a request computed, after its first token.
+//! - [`answer`]: a turn's answer kept as the pages the next turn of a conversation reads.
 
+mod answer;
 mod chain;
 mod modes;
 mod plan;

@@ -103,6 +103,18 @@ impl StoreBack {
     pub fn is_empty(&self) -> bool {
         self.prefill.is_empty() && self.pending.chunks.is_empty()
     }
+
+    /// Tokens of every object it may store (what a quota check sizes it by: an object's
+    /// bytes are its layout's per-token bytes times its tokens).
+    pub fn tokens(&self) -> usize {
+        let pending: usize = self
+            .pending
+            .chunks
+            .iter()
+            .map(|(c, _)| c.tokens.len())
+            .sum();
+        pending + self.prefill.iter().map(|d| d.tokens.len()).sum::<usize>()
+    }
 }
 
 /// Runs `work`: prefills its deferred misses (only when something keeps them: the request

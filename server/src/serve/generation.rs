@@ -65,11 +65,26 @@ impl Finish {
     }
 }
 
+/// What a decode did.
+pub(crate) struct Decoded {
+    /// Why it stopped.
+    pub finish: Finish,
+    /// Tokens produced (an end-of-sequence token counts, its text is empty).
+    pub produced: usize,
+    /// Times the decode pool was reselected.
+    pub evictions: usize,
+    /// The tokens fed to the model after the prompt, in order: every token produced but the
+    /// last (sampled from the last step's logits, never fed).
+    pub fed: Vec<u32>,
+    /// The cache after the last step — the prompt's KV and `fed`'s — when no decode pool
+    /// evicted from it (`None` under a pool: not the whole context's KV).
+    pub cache: Option<KvCache>,
+}
+
 /// Decodes from `logits` (of the prompt's last token at `cache`'s last position), over a
 /// decode pool when given. `on_step` sees every token with the text it made final (the last
-/// step also carries any held-back text); returning false stops generation. Returns why it
-/// stopped, how many tokens were produced (an end-of-sequence token counts, its text is
-/// empty) and how many times the decode pool was reselected.
+/// step also carries any held-back text); returning false stops generation. Returns what it
+/// did ([`Decoded`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode(
     blender: &Blender,
@@ -81,7 +96,7 @@ pub(crate) fn decode(
     stopping: &Stopping,
     top_k: usize,
     mut on_step: impl FnMut(Step) -> bool,
-) -> ApiResult<(Finish, usize, usize)> {
+) -> ApiResult<Decoded> {
     // with a decode pool, generated tokens' KV is held to its budget (SCOPE)
     let model = blender.model();
     let mut steps = match pool {
@@ -94,6 +109,14 @@ pub(crate) fn decode(
     };
     let mut text = TextStream::new(stopping.stop_strings.clone());
     let mut produced = 0;
+    let mut fed = Vec::new();
+    let done = |finish, produced, steps: Steps, fed| Decoded {
+        finish,
+        produced,
+        evictions: steps.evictions(),
+        fed,
+        cache: steps.cache(),
+    };
     while produced < stopping.max_tokens {
         let row = logits.to_vec1::<f32>()?;
         let id = pick(&row, sampling, &mut rng);
@@ -120,10 +143,10 @@ pub(crate) fn decode(
             eos,
         };
         if !on_step(step) {
-            return Ok((Finish::Cancelled, produced, steps.evictions()));
+            return Ok(done(Finish::Cancelled, produced, steps, fed));
         }
         if eos || stop_string {
-            return Ok((Finish::Stop, produced, steps.evictions()));
+            return Ok(done(Finish::Stop, produced, steps, fed));
         }
         if length {
             break;
@@ -131,8 +154,9 @@ pub(crate) fn decode(
         // other requests' first tokens come first (`limits.decode_yield_ms`)
         blender.yield_to_prompts();
         logits = steps.step(model, id)?;
+        fed.push(id);
     }
-    Ok((Finish::Length, produced, steps.evictions()))
+    Ok(done(Finish::Length, produced, steps, fed))
 }
 
 /// One decode step at a time: over the cache as it is (replayed as a CUDA graph where the
@@ -154,6 +178,15 @@ impl Steps {
         match self {
             Self::Plain(_) => 0,
             Self::Pooled(d) => d.evictions(),
+        }
+    }
+
+    /// The cache as the steps left it, unless a decode pool holds it (then it is not the
+    /// context's whole KV).
+    fn cache(&self) -> Option<KvCache> {
+        match self {
+            Self::Plain(steps) => steps.cache(),
+            Self::Pooled(_) => None,
         }
     }
 }

@@ -217,6 +217,35 @@ impl Prepared {
         Ok((out, work))
     }
 
+    /// Stores the pages of the prompt and its answer that a conversation's next turn reads
+    /// ([`kvquilt_blend::Blender::answer_pages`]: a prompt without documents, its KV
+    /// exact), when the tenant's quota holds them (blocking: on the model pool, after the
+    /// request's own store-back); charges the tenant and returns what was stored. Nothing
+    /// when a token policy compressed the cache: it is not the context's whole KV.
+    pub(crate) fn store_answer(
+        &self,
+        s: &Shared,
+        tenant: &Arc<Tenant>,
+        stats: &kvquilt_blend::BlendStats,
+        cache: &kvquilt_model::KvCache,
+        fed: &[u32],
+    ) -> Vec<StoredObject> {
+        if self.compress.is_some() {
+            return Vec::new();
+        }
+        let work = s
+            .blender
+            .answer_pages(&tenant.namespace, &self.req, stats, cache, fed);
+        if work.is_empty() {
+            return Vec::new();
+        }
+        let bytes = s.blender.identity().layout.object_bytes(work.tokens());
+        let Ok(_quota) = check_quota(s, tenant, bytes) else {
+            return Vec::new();
+        };
+        self.store_back(s, tenant, work)
+    }
+
     /// Runs the store-back of this request's blend (blocking: on the model pool) and charges
     /// the tenant for exactly what it stored (the quota reserved for it is released when
     /// `self` is dropped); returns what was stored.

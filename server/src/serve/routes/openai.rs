@@ -589,12 +589,26 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                 |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
             );
             store(&mut stats);
-            let (finish, produced, evictions) = decoded?;
-            st.metrics.generated_tokens.inc_by(produced as u64);
-            st.metrics.decode_pool_reselections.inc_by(evictions as u64);
+            let decoded = decoded?;
+            // a conversation's next turn reads this prompt and its answer as pages
+            if let Some(cache) = &decoded.cache {
+                let pages = job
+                    .prepared
+                    .store_answer(&st, &tenant, &stats, cache, &decoded.fed);
+                stats.stored_back += pages.len();
+                for p in pages {
+                    if !stats.link_keys.contains(&p.key) {
+                        stats.link_keys.push(p.key);
+                    }
+                }
+            }
+            st.metrics.generated_tokens.inc_by(decoded.produced as u64);
+            st.metrics
+                .decode_pool_reselections
+                .inc_by(decoded.evictions as u64);
             let _ = tx2.blocking_send(GenEvent::Done {
-                finish,
-                produced,
+                finish: decoded.finish,
+                produced: decoded.produced,
                 stats: Box::new(stats),
             });
             Ok(())
