@@ -308,7 +308,7 @@ pub struct BlendStats {
     /// Ids of the objects this prompt's prefix chain is stored as, in order: a prefix longer
     /// than a page (a conversation's history) as its pages, and in `prefix` mode every
     /// link of the chain (the chunks too: there each is named by everything before it);
-    /// after a completion without documents, also the pages of the prompt and its answer
+    /// after a chat completion without documents, also the pages of the prompt and its answer
     /// stored for the conversation's next turn. Each id is the caller's like a chunk id —
     /// `GET`, `DELETE` and `…/pin` on `/v1/chunks/{id}` take it — so a client can pin a
     /// long system prompt's pages, or forget a conversation's KV by deleting its pages.

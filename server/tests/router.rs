@@ -1442,6 +1442,21 @@ async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left(
         .unwrap();
     assert!(cached > 16 * (history / 16), "{v}");
     assert!(stats(&app, acme).await.tenant.used_bytes > used);
+    // a legacy completion's answer is not kept (one-off prompts would fill the store), even
+    // one that opens as a chat prompt does (`<|im_start|>`, the chunk encoding's sink)
+    let mut prompt = vec![257u32];
+    prompt.extend(b"user\nOnce upon a time, in a town by the river, a clockmaker".map(u32::from));
+    let (status, v) = app
+        .json(
+            "POST",
+            "/v1/completions",
+            acme,
+            json!({"prompt": prompt, "max_tokens": 40, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["kvquilt"]["stored_back"], 0, "{v}");
+    assert!(v["kvquilt"].get("link_ids").is_none(), "{v}");
 }
 
 /// A conversation's next turn is charged against its tenant's quota for what it would

@@ -13,7 +13,7 @@
 //! renders it) a fourth row per mode, `answers`, also decodes each turn's answer (its
 //! tokens fed, as the sidecar's decode feeds what it samples) and stores the pages of the
 //! prompt and answer the next turn reads (`Blender::answer_pages`), as the sidecar does
-//! after a completion without documents; the decode is not in the turn's time.
+//! after a chat completion without documents; the decode is not in the turn's time.
 
 use std::path::PathBuf;
 use std::sync::Arc;

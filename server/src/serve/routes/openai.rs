@@ -68,6 +68,10 @@ struct Job {
     top_k: usize,
     /// Legacy completions' `echo`: the prompt's text, returned before the answer.
     echo: Option<String>,
+    /// Whether the answer's pages are stored for a next turn (`Prepared::store_answer`): a
+    /// chat's, whose next turn renders this prompt and answer; never a legacy completion's
+    /// (one-off prompts, lm-eval's above all, would fill the store).
+    keep_answer: bool,
 }
 
 /// How long an answer may be: `default_max` tokens when `max_tokens` is left out, and
@@ -157,6 +161,7 @@ pub(crate) async fn chat(
     };
     let mut job = job(&s, &tenant, req, &body.common, length, top_k, compress)?;
     job.prepared.calibration = calibration;
+    job.keep_answer = true;
     respond(s, tenant, job, Kind::Chat, body.logprobs, &body.common).await
 }
 
@@ -524,6 +529,7 @@ fn job(
         },
         top_k,
         echo: None,
+        keep_answer: false,
     })
 }
 
@@ -591,7 +597,7 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
             store(&mut stats);
             let decoded = decoded?;
             // a conversation's next turn reads this prompt and its answer as pages
-            if let Some(cache) = &decoded.cache {
+            if let Some(cache) = decoded.cache.as_ref().filter(|_| job.keep_answer) {
                 let pages = job
                     .prepared
                     .store_answer(&st, &tenant, &stats, cache, &decoded.fed);
