@@ -246,15 +246,16 @@ fn a_turn_without_documents_leaves_its_answer_as_pages() {
         // 13 + 6 prompt tokens and 8 fed: 27, three full pages (the first the prompt's own)
         let (fed, cache) = decode_greedy(b, out, 9);
         assert_eq!(cache.len(), 27);
-        let work = b.answer_pages(ns, &r, &stats, &cache, &fed);
+        let (work, listed) = b.answer_pages(ns, &r, &stats, &cache, &fed);
         let mut all = r.tokens();
         all.extend_from_slice(&fed);
         let keys = page_keys(b, ns, &all[..24]);
+        assert_eq!(listed, keys, "{mode:?}: every full page, held or not");
         let stored: Vec<ChunkKey> = b.store_back(work).iter().map(|o| o.key).collect();
         assert_eq!(stored, keys[1..].to_vec(), "{mode:?}: the pages not held");
         assert_linked(&s, ns, &all[..24]);
         // again: every page is held, nothing to store
-        assert!(b.answer_pages(ns, &r, &stats, &cache, &fed).is_empty());
+        assert!(b.answer_pages(ns, &r, &stats, &cache, &fed).0.is_empty());
 
         // the next turn reads them: the conversation so far and a closing token, then a
         // new question
@@ -280,7 +281,7 @@ fn a_turn_without_documents_leaves_its_answer_as_pages() {
     let out = b.run(b"d", &r).unwrap();
     let stats = out.stats.clone();
     let (fed, cache) = decode_greedy(b, out, 9);
-    assert!(b.answer_pages(b"d", &r, &stats, &cache, &fed).is_empty());
+    assert!(b.answer_pages(b"d", &r, &stats, &cache, &fed).0.is_empty());
     // read lossy, or a cache that is not the prompt's and the answer's: nothing
     let r = BlendRequest::new(history.clone(), vec![], question.clone(), Mode::Reuse);
     let out = b.run(b"l", &r).unwrap();
@@ -288,15 +289,16 @@ fn a_turn_without_documents_leaves_its_answer_as_pages() {
     let (fed, cache) = decode_greedy(b, out, 9);
     assert!(
         b.answer_pages(b"l", &r, &stats, &cache, &fed[..7])
+            .0
             .is_empty()
     );
     let lossy = kvquilt_blend::BlendStats {
         lossy_hits: 1,
         ..stats.clone()
     };
-    assert!(b.answer_pages(b"l", &r, &lossy, &cache, &fed).is_empty());
+    assert!(b.answer_pages(b"l", &r, &lossy, &cache, &fed).0.is_empty());
     // (the same request, exact and whole: its pages)
-    assert!(!b.answer_pages(b"l", &r, &stats, &cache, &fed).is_empty());
+    assert!(!b.answer_pages(b"l", &r, &stats, &cache, &fed).0.is_empty());
 }
 
 /// A page stored under the right key but recording another chain (another tenant's root:

@@ -253,23 +253,6 @@ impl ChainLink {
     }
 }
 
-impl KeyContext {
-    /// The links of a chain of consecutive `segments` in this context, each beside its key
-    /// (the keys are [`KeyContext::prefix_chain`]'s when the segments are equal blocks).
-    pub fn prefix_links(&self, segments: &[&[u32]]) -> Vec<(ChunkKey, ChainLink)> {
-        let root = self.prefix_root();
-        let mut parent = root;
-        segments
-            .iter()
-            .map(|s| {
-                let link = ChainLink { root, parent };
-                parent = link.key(s);
-                (parent, link)
-            })
-            .collect()
-    }
-}
-
 /// Builds an opaque fingerprint from named fields, e.g. a model's architecture, its config
 /// values and the digest of its weights file.
 pub struct Fingerprint(Canonical);
@@ -397,17 +380,12 @@ mod tests {
         // the same block after a different prefix gets a different key
         let other = prefix_key(&prefix_key(&c.prefix_root(), &[9, 9, 9, 9]), &toks[4..8]);
         assert_ne!(chain[1], other);
-        // the links name the same keys, each with its parent and the context's root
-        let blocks: Vec<&[u32]> = toks.chunks(4).collect();
-        let links = c.prefix_links(&blocks);
-        let keys: Vec<ChunkKey> = links.iter().map(|(k, _)| *k).collect();
-        assert_eq!(keys, chain);
-        assert_eq!(links[0].1.parent, c.prefix_root());
-        assert_eq!(links[2].1.parent, chain[1]);
-        assert!(links.iter().all(|(_, l)| l.root == c.prefix_root()));
-        assert_eq!(links[2].1.key(blocks[2]), chain[2]);
-        // another tenant's chain of the same tokens has another root
-        assert_ne!(ctx(b"x").prefix_links(&blocks)[2].1.root, c.prefix_root());
+        // a link names its key from its parent and tokens
+        let link = ChainLink {
+            root: c.prefix_root(),
+            parent: chain[1],
+        };
+        assert_eq!(link.key(&toks[8..]), chain[2]);
     }
 
     #[test]

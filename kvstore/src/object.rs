@@ -395,14 +395,23 @@ impl KvObject {
         }
     }
 
+    /// Builds the object `info` describes (its key, layout, tokens, statistics and chain
+    /// link) over its decoded `layers`: how every reader rebuilds an object it read, so
+    /// nothing of what the header recorded is lost on the way (a page promoted from a
+    /// remote tier keeps its chain: `tests/remote.rs::a_link_keeps_its_chain_through_every_tier`).
+    pub fn from_info(info: &ObjectInfo, layers: Vec<Bytes>) -> Result<Self> {
+        let i = info;
+        let o = Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())?;
+        match i.chain {
+            Some(link) => o.with_chain(link),
+            None => Ok(o),
+        }
+    }
+
     /// Builds the object from a verified header and its decoded layers (marked lossy when
     /// the header's codec is).
     pub fn from_parts(header: &ObjectHeader, layers: Vec<Bytes>) -> Result<Self> {
-        let i = &header.info;
-        let mut o = Self::new(i.key, i.layout, i.tokens.clone(), layers, i.stats.clone())?;
-        if let Some(link) = i.chain {
-            o = o.with_chain(link)?;
-        }
+        let mut o = Self::from_info(&header.info, layers)?;
         o.lossy = header.codec.is_lossy().then_some(header.codec);
         Ok(o)
     }

@@ -433,13 +433,7 @@ impl TieredStore {
                     let Ok(layers) = decoded else {
                         return;
                     };
-                    if let Ok(obj) = KvObject::new(
-                        i2.key,
-                        i2.layout,
-                        i2.tokens.clone(),
-                        layers,
-                        i2.stats.clone(),
-                    ) {
+                    if let Ok(obj) = KvObject::from_info(i2, layers) {
                         store.promote(i, &Arc::new(obj.decoded_from(lossy))).await;
                     }
                 }

@@ -163,6 +163,99 @@ async fn one_process_stores_another_hits() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A link of a prefix chain keeps its chain (object format v6) through every tier and every
+/// way an object is read back: the remote's header and whole-object read, a layer stream
+/// promoted into the host tier, a whole read promoted, and the SSD tier. (The whole-object
+/// read and the stream's promotion once rebuilt objects without it: a page read from the
+/// remote then came back as nobody's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_keeps_its_chain_through_every_tier() {
+    use kvquilt_kvstore::{ChainLink, ChunkKey};
+    let c = Cluster::start();
+    let a = tier(&c, config());
+    let plain = object(3, 40, lay(3));
+    let link = ChainLink {
+        root: ChunkKey([5; 32]),
+        parent: ChunkKey([6; 32]),
+    };
+    let linked = |obj: &KvObject| {
+        KvObject::new(
+            link.key(obj.tokens()),
+            *obj.layout(),
+            obj.tokens().to_vec(),
+            obj.layers().to_vec(),
+            None,
+        )
+        .unwrap()
+        .with_chain(link)
+        .unwrap()
+    };
+    let obj = linked(&plain);
+    put(&a, &obj).await;
+    let b = tier(&c, config());
+    assert_eq!(b.info(obj.key()).await.unwrap().unwrap().chain, Some(link));
+    assert_eq!(
+        b.get(obj.key()).await.unwrap().unwrap().info().chain,
+        Some(link)
+    );
+    // a stream from the remote, promoted into the host tier
+    let dir = tempfile::tempdir().unwrap();
+    let ssd = SsdConfig::new(dir.path(), 1 << 30);
+    let store = Arc::new(
+        TieredStore::builder(StoreConfig::with_ssd(1 << 30, ssd))
+            .unwrap()
+            .tier(Arc::new(tier(&c, config())))
+            .build(),
+    );
+    let mut s = store.read_layers(obj.key(), 2).await.unwrap().unwrap();
+    while s.next().await.is_some() {}
+    let mut promoted = None;
+    for _ in 0..200 {
+        promoted = store.locate(obj.key());
+        if promoted != Some(TierKind::REMOTE) && promoted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        matches!(promoted, Some(TierKind::HOST | TierKind::SSD)),
+        "{promoted:?}"
+    );
+    for t in store.tiers() {
+        if let Some(info) = t.info(obj.key()).await.unwrap() {
+            assert_eq!(info.chain, Some(link), "{}", t.kind());
+        }
+    }
+    // a whole read promoted (`get_promoting_later`), on another store over the remote
+    let other = linked(&object(4, 40, lay(3)));
+    put(&a, &other).await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = Arc::new(
+        TieredStore::builder(StoreConfig::with_ssd(
+            1 << 30,
+            SsdConfig::new(dir2.path(), 1 << 30),
+        ))
+        .unwrap()
+        .tier(Arc::new(tier(&c, config())))
+        .build(),
+    );
+    let (got, _) = store2
+        .get_promoting_later(other.key())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.info().chain, Some(link));
+    for _ in 0..200 {
+        if store2.locate(other.key()) == Some(TierKind::HOST) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let found = store2.lookup(other.key()).await.unwrap().unwrap();
+    assert_ne!(found.tier, TierKind::REMOTE, "promoted");
+    assert_eq!(found.info.chain, Some(link));
+}
+
 /// In one shard, an object's keys share the header's tag; a reader configured per layer
 /// reads it (the envelope, not the reader's setting, says where records are), and the
 /// other way round.

@@ -1398,7 +1398,7 @@ async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left(
     config.blend.prefix_page = 16;
     config.limits.max_request_tokens = 1000;
     config.tenants[0].quota_bytes = None;
-    let app = TestApp::new(config);
+    let app = TestApp::new(config.clone());
     let mut messages = vec![
         json!({"role": "system", "content": "Be brief and exact."}),
         json!({"role": "user", "content": "who wrote it?"}),
@@ -1430,6 +1430,17 @@ async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left(
     assert!(pages > history / 16, "{v}");
     assert_eq!(v["kvquilt"]["stored_back"], ids.len(), "{v}");
     let used = stats(&app, acme).await.tenant.used_bytes;
+    // a quota that holds exactly the turn's pages, its own and the answer's, stores them
+    // all (the request's own reservation, charged by then, is not counted twice)
+    let mut tight = config;
+    tight.tenants[0].quota_bytes = Some(used);
+    let fresh = TestApp::new(tight);
+    let (status, again) = fresh
+        .json("POST", "/v1/chat/completions", acme, body(&messages))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["kvquilt"]["stored_back"], v["kvquilt"]["stored_back"]);
+    assert_eq!(stats(&fresh, acme).await.tenant.used_bytes, used);
     let answer = v["choices"][0]["message"]["content"].clone();
     messages.push(json!({"role": "assistant", "content": answer}));
     messages.push(json!({"role": "user", "content": "and when?"}));
@@ -1518,9 +1529,20 @@ async fn a_conversation_s_next_turn_is_charged_for_its_new_pages() {
 async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
     use kvquilt_kvstore::{ChunkKey, SsdConfig, StoreConfig, TieredStore};
     let dir = tempfile::tempdir().unwrap();
+    // (a restart: the request's task may hold the last sidecar's store a moment after its
+    // answer, and the disk's lock with it)
     let open = |sub: &str| {
         let ssd = SsdConfig::new(dir.path().join(sub), 1 << 30);
-        TieredStore::open(StoreConfig::with_ssd(1 << 20, ssd)).unwrap()
+        for _ in 0..200 {
+            match TieredStore::open(StoreConfig::with_ssd(1 << 20, ssd.clone())) {
+                Ok(store) => return store,
+                Err(kvquilt_kvstore::StoreError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(25))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the last sidecar's store stayed locked");
     };
     let mut config = limited();
     config.blend.fall_back_to_full = false;
@@ -1582,10 +1604,37 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
     assert_eq!(r.0, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&r.1).contains("key_mismatch"));
     let r = other
-        .bytes("PUT", &format!("{url}/kv"), acme, Some(kv))
+        .bytes("PUT", &format!("{url}/kv"), acme, Some(kv.clone()))
         .await;
     assert_eq!(r.0, StatusCode::CREATED);
     assert_eq!(stats(&other, acme).await.tenant.used_bytes, bytes);
+    // a link after a prefix the tenant does not hold (e.g. the default tenant's guessable
+    // chain) is refused: it could only block that tenant's page
+    let obj = EncodedObject::parse(&kv, None).unwrap().decode().unwrap();
+    let link = kvquilt_kvstore::ChainLink {
+        parent: ChunkKey([9; 32]),
+        ..obj.info().chain.unwrap()
+    };
+    let planted = KvObject::new(
+        link.key(obj.tokens()),
+        *obj.layout(),
+        obj.tokens().to_vec(),
+        obj.layers().to_vec(),
+        None,
+    )
+    .unwrap()
+    .with_chain(link)
+    .unwrap();
+    let r = other
+        .bytes(
+            "PUT",
+            &format!("/v1/chunks/{}/kv", planted.key()),
+            acme,
+            Some(planted.encode(Codec::Raw).unwrap().to_bytes()),
+        )
+        .await;
+    assert_eq!(r.0, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&r.1).contains("unknown_parent"));
     // deleted by its owner: gone, and no longer charged
     let (status, _) = app.call("DELETE", &url, T, None, "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -226,7 +226,7 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
                 let cache = steps
                     .cache()
                     .ok_or_else(|| anyhow::anyhow!("the decode's cache could not be had"))?;
-                b.store_back(b.answer_pages(ns, &req, &out.stats, &cache, answer));
+                b.store_back(b.answer_pages(ns, &req, &out.stats, &cache, answer).0);
             }
         }
         Ok(turns)

@@ -76,15 +76,18 @@ pub(crate) struct Decoded {
     /// The tokens fed to the model after the prompt, in order: every token produced but the
     /// last (sampled from the last step's logits, never fed).
     pub fed: Vec<u32>,
-    /// The cache after the last step — the prompt's KV and `fed`'s — when no decode pool
-    /// evicted from it (`None` under a pool: not the whole context's KV).
+    /// The cache after the last step — the prompt's KV and `fed`'s — when the caller asked
+    /// to keep it and it is what a next turn renders: `None` under a decode pool (not the
+    /// whole context's KV), after a stop string (the answer is cut before tokens `fed`
+    /// holds) or a client that left (no answer to render).
     pub cache: Option<KvCache>,
 }
 
 /// Decodes from `logits` (of the prompt's last token at `cache`'s last position), over a
 /// decode pool when given. `on_step` sees every token with the text it made final (the last
 /// step also carries any held-back text); returning false stops generation. Returns what it
-/// did ([`Decoded`]).
+/// did ([`Decoded`]); its cache only when `keep_cache` (holding it keeps the whole
+/// context's KV alive until the caller drops it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode(
     blender: &Blender,
@@ -95,6 +98,7 @@ pub(crate) fn decode(
     sampling: &Sampling,
     stopping: &Stopping,
     top_k: usize,
+    keep_cache: bool,
     mut on_step: impl FnMut(Step) -> bool,
 ) -> ApiResult<Decoded> {
     // with a decode pool, generated tokens' KV is held to its budget (SCOPE)
@@ -110,12 +114,12 @@ pub(crate) fn decode(
     let mut text = TextStream::new(stopping.stop_strings.clone());
     let mut produced = 0;
     let mut fed = Vec::new();
-    let done = |finish, produced, steps: Steps, fed| Decoded {
+    let done = |finish, produced, steps: Steps, fed, whole: bool| Decoded {
         finish,
         produced,
         evictions: steps.evictions(),
         fed,
-        cache: steps.cache(),
+        cache: steps.cache().filter(|_| keep_cache && whole),
     };
     while produced < stopping.max_tokens {
         let row = logits.to_vec1::<f32>()?;
@@ -143,10 +147,10 @@ pub(crate) fn decode(
             eos,
         };
         if !on_step(step) {
-            return Ok(done(Finish::Cancelled, produced, steps, fed));
+            return Ok(done(Finish::Cancelled, produced, steps, fed, false));
         }
         if eos || stop_string {
-            return Ok(done(Finish::Stop, produced, steps, fed));
+            return Ok(done(Finish::Stop, produced, steps, fed, !stop_string));
         }
         if length {
             break;
@@ -156,7 +160,7 @@ pub(crate) fn decode(
         logits = steps.step(model, id)?;
         fed.push(id);
     }
-    Ok(done(Finish::Length, produced, steps, fed))
+    Ok(done(Finish::Length, produced, steps, fed, true))
 }
 
 /// One decode step at a time: over the cache as it is (replayed as a CUDA graph where the

@@ -689,15 +689,7 @@ impl Tier for RemoteTier {
                 }
             }
         }
-        let info = r.info();
-        let obj = KvObject::new(
-            info.key,
-            info.layout,
-            info.tokens.clone(),
-            layers,
-            info.stats.clone(),
-        )?
-        .decoded_from(r.lossy());
+        let obj = KvObject::from_info(r.info(), layers)?.decoded_from(r.lossy());
         Ok(Some(Arc::new(obj)))
     }
 

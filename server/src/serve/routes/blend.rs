@@ -136,9 +136,10 @@ pub(crate) struct Prepared {
     compress: Option<CompressPlan>,
     /// How the calibration decided the mode ([`kvquilt_blend::BlendStats::calibration`]).
     pub calibration: Option<String>,
-    /// The quota its store-back reserved (`None`: it stores nothing); released when the
-    /// request is dropped, after [`Prepared::run`] added what was stored.
-    _quota: Option<QuotaReservation>,
+    /// The quota its store-back reserved (`None`: it stores nothing); released once
+    /// [`Prepared::store_back`] has charged what was stored (or when the request is
+    /// dropped), so a later check (the answer's pages) does not count it twice.
+    quota: parking_lot::Mutex<Option<QuotaReservation>>,
 }
 
 /// Checks a request's size and decides store-back: a tenant over its quota still gets its
@@ -179,7 +180,7 @@ pub(crate) fn prepare(
         req,
         compress,
         calibration: None,
-        _quota: quota,
+        quota: parking_lot::Mutex::new(quota),
     })
 }
 
@@ -217,11 +218,19 @@ impl Prepared {
         Ok((out, work))
     }
 
+    /// Whether its answer's pages may be stored ([`Prepared::store_answer`]): a prompt
+    /// without documents whose cache no token policy compresses (a decode pool is the
+    /// caller's to rule out).
+    pub(crate) fn keeps_answer(&self) -> bool {
+        self.req.chunks.is_empty() && self.compress.is_none()
+    }
+
     /// Stores the pages of the prompt and its answer that a conversation's next turn reads
     /// ([`kvquilt_blend::Blender::answer_pages`]: a prompt without documents, its KV
     /// exact), when the tenant's quota holds them (blocking: on the model pool, after the
-    /// request's own store-back); charges the tenant and returns what was stored. Nothing
-    /// when a token policy compressed the cache: it is not the context's whole KV.
+    /// request's own store-back); charges the tenant and returns what was stored and the
+    /// keys of every page of prompt ‖ answer (held before or stored now). Nothing when a
+    /// token policy compressed the cache: it is not the context's whole KV.
     pub(crate) fn store_answer(
         &self,
         s: &Shared,
@@ -229,21 +238,21 @@ impl Prepared {
         stats: &kvquilt_blend::BlendStats,
         cache: &kvquilt_model::KvCache,
         fed: &[u32],
-    ) -> Vec<StoredObject> {
-        if self.compress.is_some() {
-            return Vec::new();
+    ) -> (Vec<StoredObject>, Vec<kvquilt_kvstore::ChunkKey>) {
+        if !self.keeps_answer() {
+            return (Vec::new(), Vec::new());
         }
-        let work = s
+        let (work, keys) = s
             .blender
             .answer_pages(&tenant.namespace, &self.req, stats, cache, fed);
         if work.is_empty() {
-            return Vec::new();
+            return (Vec::new(), keys);
         }
         let bytes = s.blender.identity().layout.object_bytes(work.tokens());
         let Ok(_quota) = check_quota(s, tenant, bytes) else {
-            return Vec::new();
+            return (Vec::new(), keys);
         };
-        self.store_back(s, tenant, work)
+        (self.store_back(s, tenant, work), keys)
     }
 
     /// Runs the store-back of this request's blend (blocking: on the model pool) and charges
@@ -259,6 +268,8 @@ impl Prepared {
         for obj in &stored {
             tenant.add(obj.key, obj.bytes);
         }
+        // what was stored is charged now: the reservation made for it goes
+        drop(self.quota.lock().take());
         stored
     }
 }

@@ -362,8 +362,10 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 /// `PUT /v1/chunks/{id}/kv`: stores an object made elsewhere. It must parse, every checksum
-/// must hold, its layout must be this model's, and its tokens must derive `id` for this
-/// tenant and model (so nobody can plant KV under another chunk's id).
+/// must hold, its layout must be this model's, and it must be this tenant's object `id`
+/// for this model: its tokens' chunk key, or a link of the tenant's own chain after a
+/// prefix the tenant holds (so nobody can plant KV under another tenant's id, chunk or
+/// page).
 pub(crate) async fn put_kv(
     State(s): State<AppState>,
     Caller(tenant): Caller,
@@ -403,6 +405,22 @@ pub(crate) async fn put_kv(
             ),
         };
         return Err(ApiError::bad_request("key_mismatch", why));
+    }
+    // a link extends a prefix the tenant holds (or starts its chain): a link naming another
+    // tenant's prefix as its parent — whose key it could derive only for the default
+    // tenant's guessable chains — would sit under that tenant's next page key, refused
+    // there (it records another root) yet blocking the page from ever being stored
+    if let Some(link) = &info.chain
+        && link.parent != link.root
+        && s.owned_info(&tenant, &link.parent).await?.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "unknown_parent",
+            format!(
+                "the object is a link after prefix {}, which this tenant does not hold: upload a chain from its first link",
+                link.parent
+            ),
+        ));
     }
     let tokens = info.tokens.len();
     if let Some(tier) = s.blender.store().locate(&key) {

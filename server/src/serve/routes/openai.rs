@@ -583,6 +583,8 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                 store(&mut stats);
                 return Ok(());
             }
+            // (the decode keeps its cache only for a chat whose answer's pages may be stored)
+            let keep = job.keep_answer && job.decode_pool.is_none() && job.prepared.keeps_answer();
             let decoded = decode(
                 &st.blender,
                 &st.tokenizer,
@@ -592,19 +594,20 @@ fn spawn(s: AppState, tenant: Arc<Tenant>, job: Job) -> mpsc::Receiver<GenEvent>
                 &job.sampling,
                 &job.stopping,
                 job.top_k,
+                keep,
                 |step| tx2.blocking_send(GenEvent::Step(step)).is_ok(),
             );
             store(&mut stats);
             let decoded = decoded?;
             // a conversation's next turn reads this prompt and its answer as pages
-            if let Some(cache) = decoded.cache.as_ref().filter(|_| job.keep_answer) {
-                let pages = job
-                    .prepared
-                    .store_answer(&st, &tenant, &stats, cache, &decoded.fed);
-                stats.stored_back += pages.len();
-                for p in pages {
-                    if !stats.link_keys.contains(&p.key) {
-                        stats.link_keys.push(p.key);
+            if let Some(cache) = &decoded.cache {
+                let (stored, pages) =
+                    job.prepared
+                        .store_answer(&st, &tenant, &stats, cache, &decoded.fed);
+                stats.stored_back += stored.len();
+                for key in pages {
+                    if !stats.link_keys.contains(&key) {
+                        stats.link_keys.push(key);
                     }
                 }
             }
