@@ -232,6 +232,28 @@ pub struct ChunkInfoQuery {
     pub include_tokens: bool,
 }
 
+/// `DELETE /v1/chunks/{id}`'s query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeleteChunkQuery {
+    /// Also delete every object that extends this one: for a page of a conversation's
+    /// history (an id of the stats' `link_ids`), every later page of every conversation of
+    /// the caller's that went through it, as far as this server knows them. The answer is
+    /// then a [`DeleteChunkResponse`] (200) instead of an empty 204.
+    #[serde(default)]
+    pub descendants: bool,
+}
+
+/// `DELETE /v1/chunks/{id}?descendants=true`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct DeleteChunkResponse {
+    /// The ids deleted, the furthest from the given id first and the given id last (ids
+    /// already gone are not listed).
+    pub deleted: Vec<String>,
+}
+
 /// How a stored object's K and V bytes are laid out (see `kvstore`'s object format).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

@@ -29,9 +29,9 @@ pub use blend::{
 };
 pub use bounded::{MAX_CHECKED_VALUES, MAX_MESSAGE_ITEMS};
 pub use chunks::{
-    ChunkInfo, ChunkInfoQuery, ChunkLookup, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus, Layout,
-    LookupChunksRequest, LookupChunksResponse, MAX_CHUNKS, MAX_PIN_TTL_S, PinRequest, Pinned,
-    PutChunksRequest, PutChunksResponse, Tier,
+    ChunkInfo, ChunkInfoQuery, ChunkLookup, ChunkOutcome, ChunkRef, ChunkSpec, ChunkStatus,
+    DeleteChunkQuery, DeleteChunkResponse, Layout, LookupChunksRequest, LookupChunksResponse,
+    MAX_CHUNKS, MAX_PIN_TTL_S, PinRequest, Pinned, PutChunksRequest, PutChunksResponse, Tier,
 };
 pub use error::{ErrorBody, ErrorDetail};
 pub use object::Object;

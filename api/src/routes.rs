@@ -83,7 +83,7 @@ pub const ROUTES: &[Route] = &[
     route(
         Method::Delete,
         "/v1/chunks/{id}",
-        "Remove a chunk from every tier",
+        "Remove a chunk from every tier (with `descendants`, every page after it too)",
     ),
     route(
         Method::Post,

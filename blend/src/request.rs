@@ -258,4 +258,8 @@ pub struct StoredObject {
     /// Its uncompressed KV size in bytes, every layer's K and V
     /// ([`kvquilt_kvstore::KvLayout::object_bytes`]): what quotas count.
     pub bytes: u64,
+    /// For a chain link (a page of a conversation's history, a link of `prefix` mode's
+    /// chain), the key of the prefix it extends (its [`kvquilt_kvstore::ChainLink`]'s
+    /// parent); `None` for a chunk.
+    pub parent: Option<ChunkKey>,
 }

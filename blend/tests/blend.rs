@@ -663,6 +663,7 @@ fn store_back_makes_a_second_blend_all_hits() {
             key: codec.key(s),
             tokens: s.len(),
             bytes: layout.object_bytes(s.len()),
+            parent: None,
         })
         .collect();
     assert_eq!(first.stored, want);

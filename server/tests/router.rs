@@ -1470,6 +1470,117 @@ async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left(
     assert!(v["kvquilt"].get("link_ids").is_none(), "{v}");
 }
 
+/// `DELETE /v1/chunks/{id}?descendants=true` on a page forgets a conversation from that
+/// page on: every later page of every conversation of the tenant's through it, and no
+/// page before it or of a conversation that left it earlier. Two conversations share their
+/// system prompt's pages; deleting the first page of one's own leaves the other whole, and
+/// deleting a shared page takes both. Another tenant's delete of the same id is a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_page_with_its_descendants_forgets_the_conversation_from_there() {
+    let acme = Some(ACME_TOKEN);
+    let mut config = limited();
+    config.blend.fall_back_to_full = false;
+    config.blend.prefix_page = 16;
+    config.limits.max_request_tokens = 1000;
+    config.tenants[0].quota_bytes = None;
+    let app = TestApp::new(config);
+    let system = json!({"role": "system", "content": "Be brief and exact, and say where from."});
+    // a conversation's turn: every page id of its prompt and answer, in order
+    let turn = |messages: Vec<Value>| {
+        let app = &app;
+        async move {
+            let body = json!({"messages": messages, "max_tokens": 12, "temperature": 0,
+                              "kvquilt": {"mode": "reuse"}});
+            let (status, v) = app.json("POST", "/v1/chat/completions", acme, body).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            let ids: Vec<String> =
+                serde_json::from_value(v["kvquilt"]["link_ids"].clone()).unwrap();
+            (v["choices"][0]["message"]["content"].clone(), ids)
+        }
+    };
+    let question = json!({"role": "user", "content": "who wrote it?"});
+    let (answer, _) = turn(vec![system.clone(), question.clone()]).await;
+    let (_, a) = turn(vec![
+        system.clone(),
+        question,
+        json!({"role": "assistant", "content": answer}),
+        json!({"role": "user", "content": "and when?"}),
+    ])
+    .await;
+    let (_, b) = turn(vec![
+        system,
+        json!({"role": "user", "content": "what is the river called?"}),
+    ])
+    .await;
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(
+        shared >= 1 && a.len() > shared + 1 && b.len() > shared,
+        "{a:?} {b:?}"
+    );
+    let held = |id: &String| {
+        let app = &app;
+        let uri = format!("/v1/chunks/{id}");
+        async move { app.json("GET", &uri, acme, Value::Null).await.0 == StatusCode::OK }
+    };
+    for id in a.iter().chain(&b) {
+        assert!(held(id).await, "{id}");
+    }
+    let used = stats(&app, acme).await.tenant.used_bytes;
+    let delete = |id: &String, token| {
+        let app = &app;
+        let uri = format!("/v1/chunks/{id}?descendants=true");
+        async move { app.json("DELETE", &uri, token, Value::Null).await }
+    };
+    // another tenant's delete: unknown, nothing removed
+    assert_err(
+        &delete(&a[shared], T).await,
+        404,
+        "unknown_chunk",
+        "no chunk",
+    );
+    // the first page of conversation a's own: it and every page after it, the furthest
+    // first (with, where the first turn's answer re-tokenized otherwise, that turn's own
+    // answer pages after it too)
+    let (status, v) = delete(&a[shared], acme).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let deleted: Vec<String> = serde_json::from_value(v["deleted"].clone()).unwrap();
+    let mut want = a[shared..].to_vec();
+    want.reverse();
+    let of_a: Vec<String> = deleted
+        .iter()
+        .filter(|id| a.contains(id))
+        .cloned()
+        .collect();
+    assert_eq!(of_a, want, "{v}");
+    assert_eq!(deleted.last(), Some(&a[shared]));
+    for id in &a[shared..] {
+        assert!(!held(id).await, "{id}");
+    }
+    for id in a[..shared].iter().chain(&b) {
+        assert!(
+            held(id).await,
+            "{id} (before the page, or another conversation's)"
+        );
+    }
+    assert!(stats(&app, acme).await.tenant.used_bytes < used);
+    // a shared page: both conversations from there
+    let (status, v) = delete(&a[shared - 1], acme).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let deleted: Vec<String> = serde_json::from_value(v["deleted"].clone()).unwrap();
+    assert!(b[shared - 1..].iter().all(|id| deleted.contains(id)), "{v}");
+    assert_eq!(deleted.last(), Some(&a[shared - 1]));
+    for id in &b[shared - 1..] {
+        assert!(!held(id).await, "{id}");
+    }
+    for id in &a[..shared - 1] {
+        assert!(held(id).await, "{id}");
+    }
+    // the query is checked
+    let uri = format!("/v1/chunks/{}?descendants=maybe", a[0]);
+    let got = app.json("DELETE", &uri, acme, Value::Null).await;
+    assert_err(&got, 400, "invalid_query", "descendants");
+}
+
 /// A conversation's next turn is charged against its tenant's quota for what it would
 /// store — its new pages and documents — not for its whole history, most of which the turn
 /// before stored: with a quota that holds both turns' objects exactly, the second turn
@@ -1642,6 +1753,25 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(store.lookup(&page).await.unwrap().is_none());
     assert_eq!(stats(&app, acme).await.tenant.used_bytes, used - bytes);
+    // the next page with every page after it: the parents accounted at start are followed
+    let (status, v) = app
+        .json(
+            "DELETE",
+            &format!("/v1/chunks/{}?descendants=true", link_ids[1]),
+            acme,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut deleted: Vec<String> = serde_json::from_value(v["deleted"].clone()).unwrap();
+    deleted.sort();
+    named.retain(|id| *id != link_ids[0]);
+    assert_eq!(deleted, named);
+    let pages_bytes: u64 = pages.iter().map(|(_, b)| b).sum();
+    assert_eq!(
+        stats(&app, acme).await.tenant.used_bytes,
+        used - pages_bytes
+    );
 }
 
 /// `POST /v1/chunks/{id}/pin` keeps a chunk through evictions that take every unpinned one,

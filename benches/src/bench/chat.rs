@@ -221,7 +221,10 @@ pub(crate) fn run(a: ChatBenchArgs) -> Result<()> {
             if answers {
                 let mut steps = b.decode_steps(out.cache, answer.len());
                 for &token in answer {
-                    steps.step(b.model(), token)?;
+                    // each step's logits read back, as the sidecar's sampler does: the
+                    // decode is done, not still queued on the device, when the next
+                    // turn's clock starts
+                    steps.step(b.model(), token)?.to_vec1::<f32>()?;
                 }
                 let cache = steps
                     .cache()

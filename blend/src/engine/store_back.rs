@@ -159,8 +159,14 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
         let key = *obj.key();
         let tokens = obj.tokens().len();
         let bytes = obj.layout().object_bytes(tokens);
+        let parent = c.link.map(|l| l.parent);
         match b.rt.block_on(b.store.put(obj, cost_s)) {
-            Ok(()) => stored.push(StoredObject { key, tokens, bytes }),
+            Ok(()) => stored.push(StoredObject {
+                key,
+                tokens,
+                bytes,
+                parent,
+            }),
             Err(e) if e.never_fits() => {
                 tracing::debug!(%key, error = %e, "a computed chunk is larger than the store's tier")
             }

@@ -274,6 +274,21 @@ class Client:
                 return False
             raise
 
+    def delete_chain(self, page_id: str) -> Optional[List[str]]:
+        """Deletes a page of a conversation (an id of the stats' ``link_ids``) and every page
+        after it, in every conversation of this tenant's through it: the ids deleted, the
+        furthest first; ``None`` when the id is unknown. Deleting a conversation's first
+        page of its own forgets it and leaves conversations that share its opening."""
+        try:
+            body = self._json(
+                "DELETE", f"/v1/chunks/{_check_id(page_id)}", params={"descendants": "true"}
+            )
+        except KvquiltError as e:
+            if e.code == "unknown_chunk":
+                return None
+            raise
+        return list(body["deleted"])
+
     def pin(self, chunk_id: str, ttl_s: Optional[int] = None) -> Optional[ChunkInfo]:
         """Keeps the chunk from eviction in every tier, until :meth:`unpin` or for ``ttl_s``
         seconds; its metadata, ``None`` when the id is unknown."""

@@ -151,6 +151,22 @@ def test_pin_and_unpin(client):
     assert e.value.status == 400 and e.value.code == "invalid_ttl"
 
 
+def test_a_conversation_is_forgotten_from_its_first_page(client):
+    oa = openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)
+    model = oa.models.list().data[0].id
+    # a system prompt over one page (256 tokens): its pages are the conversation's
+    messages = [{"role": "system", "content": "You answer in one short sentence, kindly. " * 40},
+                {"role": "user", "content": "Name a colour of the sea."}]
+    resp = oa.chat.completions.create(model=model, messages=messages, max_tokens=8,
+                                      temperature=0)
+    ids = resp.model_extra["kvquilt"]["link_ids"]
+    assert ids and all(client.chunk(i) is not None for i in ids)
+    deleted = client.delete_chain(ids[0])
+    assert deleted is not None and deleted[-1] == ids[0] and set(ids) <= set(deleted)
+    assert all(client.chunk(i) is None for i in ids)
+    assert client.delete_chain(ids[0]) is None
+
+
 def test_client_errors(client):
     with pytest.raises(KvquiltError) as e:
         client.blend("q?", [{"id": "00" * 32}])

@@ -30,9 +30,9 @@ pub use kvquilt_api::openai::{
 };
 pub use kvquilt_api::{
     BlendRequest, BlendResponse, BlendStats, ChunkInfo, ChunkLookup, ChunkOutcome, ChunkRef,
-    ChunkStatus, Health, Layout, LookupChunksRequest, LookupChunksResponse, ModeSpec,
-    OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest, PutChunksResponse, SegmentSource,
-    Stats, Tier, TokenLogprob,
+    ChunkStatus, DeleteChunkResponse, Health, Layout, LookupChunksRequest, LookupChunksResponse,
+    ModeSpec, OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest, PutChunksResponse,
+    SegmentSource, Stats, Tier, TokenLogprob,
 };
 /// The HTTP method of a [`Client::raw`] request.
 pub use reqwest::Method;
@@ -193,6 +193,17 @@ impl Client {
     pub async fn delete_chunk(&self, id: &str) -> Result<bool, Error> {
         let r = self.request(Method::DELETE, &format!("/v1/chunks/{}", chunk_id(id)?));
         Ok(unknown_chunk_as_none(check(r.send().await?).await)?.is_some())
+    }
+
+    /// `DELETE /v1/chunks/{id}?descendants=true`: a page of a conversation (an id of the
+    /// stats' `link_ids`) and every page after it, in every conversation of this tenant's
+    /// through it; the ids deleted, the furthest first. `None` when the id is unknown.
+    pub async fn delete_chain(&self, id: &str) -> Result<Option<Vec<String>>, Error> {
+        let r = self
+            .request(Method::DELETE, &format!("/v1/chunks/{}", chunk_id(id)?))
+            .query(&[("descendants", true)]);
+        let answer: Option<DeleteChunkResponse> = unknown_chunk_as_none(self.json(r).await)?;
+        Ok(answer.map(|a| a.deleted))
     }
 
     /// `POST /v1/chunks/lookup`: where each chunk is held (`tier` `None`: nowhere), computing

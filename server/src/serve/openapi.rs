@@ -6,9 +6,9 @@ use kvquilt_api::openai::{
     ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelCard, ModelList,
 };
 use kvquilt_api::{
-    BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, ErrorBody, Health, LookupChunksRequest,
-    LookupChunksResponse, Method, OBJECT_MEDIA_TYPE, PinRequest, PutChunksRequest,
-    PutChunksResponse, ROUTES, Route, Stats,
+    BlendRequest, BlendResponse, ChunkInfo, ChunkStatus, DeleteChunkResponse, ErrorBody, Health,
+    LookupChunksRequest, LookupChunksResponse, Method, OBJECT_MEDIA_TYPE, PinRequest,
+    PutChunksRequest, PutChunksResponse, ROUTES, Route, Stats,
 };
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -20,6 +20,8 @@ struct Operation {
     request: Option<(&'static str, Value)>,
     /// Success status and its response (an OpenAPI response object).
     ok: (&'static str, Value),
+    /// Another success status the operation answers (by its query), and its response.
+    also: Option<(&'static str, Value)>,
     /// Path and query parameters.
     parameters: Vec<Value>,
     /// Answered without a bearer token.
@@ -46,6 +48,7 @@ fn op(request: Option<(&'static str, Value)>, ok: Value) -> Operation {
     Operation {
         request,
         ok: ("200", ok),
+        also: None,
         parameters: Vec::new(),
         public: false,
     }
@@ -98,7 +101,15 @@ fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
         },
         (Delete, "/v1/chunks/{id}") => Operation {
             ok: ("204", json!({"description": "Deleted"})),
-            parameters: vec![id_param()],
+            also: Some(("200", {
+                let mut r = json_response(json_body::<DeleteChunkResponse>(g));
+                r["description"] = json!("Deleted with `descendants`: the ids deleted");
+                r
+            })),
+            parameters: vec![
+                id_param(),
+                json!({"name": "descendants", "in": "query", "schema": {"type": "boolean"}, "description": "Also delete every page after this one (a conversation from this page on)"}),
+            ],
             ..op(None, Value::Null)
         },
         (Post, "/v1/chunks/{id}/pin") => Operation {
@@ -144,6 +155,9 @@ fn operation(route: &Route, g: &mut SchemaGenerator) -> Option<Operation> {
 fn render(route: &Route, o: Operation, error: &Value) -> Value {
     let mut responses = Map::new();
     responses.insert(o.ok.0.into(), o.ok.1);
+    if let Some((status, response)) = o.also {
+        responses.insert(status.into(), response);
+    }
     if o.ok.0 == "201" {
         // an upload of an object already held answers 200 with the same body
         responses.insert("200".into(), responses["201"].clone());

@@ -91,7 +91,11 @@ impl Shared {
             return Ok(None);
         }
         if !known {
-            tenant.add(*key, found.info.raw_len());
+            tenant.add(
+                *key,
+                found.info.raw_len(),
+                found.info.chain.map(|l| l.parent),
+            );
         }
         Ok(Some(found))
     }
@@ -133,7 +137,11 @@ impl Shared {
             };
             for (t, codec) in &codecs {
                 if codec.names(&found.info) && found.info.layout == *codec.layout() {
-                    t.add(key, found.info.raw_len());
+                    t.add(
+                        key,
+                        found.info.raw_len(),
+                        found.info.chain.map(|l| l.parent),
+                    );
                     n += 1;
                     break;
                 }

@@ -6,7 +6,7 @@
 //! re-derives it). The default tenant's namespace is empty, the same as the precompute
 //! job's default, so a corpus precomputed offline is what the default tenant hits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,13 +40,23 @@ pub struct Tenant {
 /// A tenant's accounting, under one lock so that a check and a reservation are one step.
 #[derive(Debug, Default)]
 struct Usage {
-    /// Its stored chunks, as far as this server knows: key → decoded bytes.
-    by_key: HashMap<ChunkKey, u64>,
+    /// Its stored objects, as far as this server knows.
+    by_key: HashMap<ChunkKey, Held>,
     /// Bytes reserved by writes in flight ([`QuotaReservation`]).
     reserved: u64,
     /// The last sweep of `by_key` for keys the store no longer holds: the store's
     /// departures count then, and when.
     swept: Option<(u64, Instant)>,
+}
+
+/// One stored object of a tenant's, as its accounting knows it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Its decoded KV bytes (what the quota counts).
+    bytes: u64,
+    /// For a chain link (a page of a conversation, a link of `prefix` mode's chain), the key
+    /// of the prefix it extends: what [`Tenant::descendants`] follows.
+    parent: Option<ChunkKey>,
 }
 
 /// How long a sweep's answer stands while the store's departures count has not moved (a
@@ -195,11 +205,46 @@ impl Tenant {
         self.usage.lock().reserved
     }
 
-    /// Records that `key` (of `bytes`) is stored for this tenant.
-    pub fn add(&self, key: ChunkKey, bytes: u64) {
-        if self.usage.lock().by_key.insert(key, bytes).is_none() {
+    /// Records that `key` (of `bytes`) is stored for this tenant; `parent` is, for a chain
+    /// link, the key of the prefix it extends (`None` for a chunk).
+    pub fn add(&self, key: ChunkKey, bytes: u64, parent: Option<ChunkKey>) {
+        let held = Held { bytes, parent };
+        if self.usage.lock().by_key.insert(key, held).is_none() {
             self.used.fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+
+    /// The chain links of this tenant's that extend `key`, as far as this server knows
+    /// them: those whose parent is `key`, theirs, and so on (for a page of a conversation,
+    /// every later page of every conversation that went through it), nearest first, each
+    /// once; `key` itself is not listed. Links stored by another sidecar and not yet met
+    /// here, and links written before object format v6 (which record no parent), are not
+    /// known. Pinned by `tests::descendants_follow_parents_nearest_first`.
+    pub fn descendants(&self, key: &ChunkKey) -> Vec<ChunkKey> {
+        let mut children: HashMap<ChunkKey, Vec<ChunkKey>> = HashMap::new();
+        for (k, held) in &self.usage.lock().by_key {
+            if let Some(parent) = held.parent {
+                children.entry(parent).or_default().push(*k);
+            }
+        }
+        // (keys hash their parents, so no chain loops; `seen` only keeps a damaged ledger
+        // from looping)
+        let mut seen = HashSet::from([*key]);
+        let mut out: Vec<ChunkKey> = Vec::new();
+        let mut next = 0;
+        let mut frontier = vec![*key];
+        while next < frontier.len() {
+            let mut kids = children.remove(&frontier[next]).unwrap_or_default();
+            kids.sort_unstable();
+            for kid in kids {
+                if seen.insert(kid) {
+                    out.push(kid);
+                    frontier.push(kid);
+                }
+            }
+            next += 1;
+        }
+        out
     }
 
     /// Whether this server knows `key` as one of this tenant's stored chunks (memory only:
@@ -210,8 +255,8 @@ impl Tenant {
 
     /// Stops counting `key` (deleted).
     pub fn forget(&self, key: &ChunkKey) {
-        if let Some(b) = self.usage.lock().by_key.remove(key) {
-            self.used.fetch_sub(b, Ordering::Relaxed);
+        if let Some(held) = self.usage.lock().by_key.remove(key) {
+            self.used.fetch_sub(held.bytes, Ordering::Relaxed);
         }
     }
 
@@ -248,10 +293,10 @@ impl Tenant {
         };
         if let Some(d) = departures.filter(|&d| stale(d, &u)) {
             u.swept = Some((d, Instant::now()));
-            u.by_key.retain(|k, b| {
+            u.by_key.retain(|k, h| {
                 let keep = held(k);
                 if !keep {
-                    self.used.fetch_sub(*b, Ordering::Relaxed);
+                    self.used.fetch_sub(h.bytes, Ordering::Relaxed);
                 }
                 keep
             });
@@ -473,8 +518,8 @@ mod tests {
     #[test]
     fn quota_counts_each_key_once_and_drops_evicted_keys() {
         let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
-        t.add(ChunkKey([1; 32]), 60);
-        t.add(ChunkKey([1; 32]), 60);
+        t.add(ChunkKey([1; 32]), 60, None);
+        t.add(ChunkKey([1; 32]), 60, None);
         assert_eq!(t.used_bytes(), 60);
         assert!(t.reserve(40, || 0, |_| true).is_some());
         assert!(t.reserve(41, || 0, |_| true).is_none());
@@ -486,7 +531,7 @@ mod tests {
     fn an_over_quota_tenant_sweeps_only_when_the_store_lost_objects() {
         let t = Arc::new(Tenant::new("acme", Some(100), &[0; 32]));
         for i in 0..10 {
-            t.add(ChunkKey([i; 32]), 10);
+            t.add(ChunkKey([i; 32]), 10, None);
         }
         let asked = std::cell::Cell::new(0);
         let held = |_: &ChunkKey| {
@@ -539,5 +584,31 @@ mod tests {
         drop(b);
         let unlimited = Arc::new(Tenant::new("default", None, &[0; 32]));
         assert!(unlimited.reserve(u64::MAX, || 0, |_| true).is_some());
+    }
+
+    #[test]
+    fn descendants_follow_parents_nearest_first() {
+        let t = Tenant::new("acme", None, &[0; 32]);
+        let k = |b: u8| ChunkKey([b; 32]);
+        let (root, other_root) = (k(100), k(101));
+        // two conversations through page 1 (pages 2 and 3 of one, page 2' of the other),
+        // a conversation of another chain, a chunk
+        t.add(k(1), 10, Some(root));
+        t.add(k(3), 10, Some(k(1)));
+        t.add(k(2), 10, Some(k(1)));
+        t.add(k(4), 10, Some(k(2)));
+        t.add(k(9), 10, Some(other_root));
+        t.add(k(50), 10, None);
+        assert_eq!(t.descendants(&k(1)), vec![k(2), k(3), k(4)]);
+        assert_eq!(t.descendants(&root), vec![k(1), k(2), k(3), k(4)]);
+        assert_eq!(t.descendants(&k(2)), vec![k(4)]);
+        assert!(t.descendants(&k(4)).is_empty());
+        assert!(t.descendants(&k(50)).is_empty());
+        t.forget(&k(2));
+        assert_eq!(
+            t.descendants(&k(1)),
+            vec![k(3)],
+            "a page forgotten cuts its chain"
+        );
     }
 }

@@ -266,7 +266,7 @@ impl Prepared {
     ) -> Vec<StoredObject> {
         let stored = s.blender.store_back(work);
         for obj in &stored {
-            tenant.add(obj.key, obj.bytes);
+            tenant.add(obj.key, obj.bytes, obj.parent);
         }
         // what was stored is charged now: the reservation made for it goes
         drop(self.quota.lock().take());

@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use kvquilt_api::ChunkRef;
 use kvquilt_api::chunks::ChunkOutcome;
 use kvquilt_api::{
-    ChunkInfo, ChunkInfoQuery, ChunkLookup, ChunkStatus, LookupChunksRequest, LookupChunksResponse,
-    MAX_PIN_TTL_S, OBJECT_MEDIA_TYPE, PinRequest, Pinned, PutChunksRequest, PutChunksResponse,
+    ChunkInfo, ChunkInfoQuery, ChunkLookup, ChunkStatus, DeleteChunkQuery, DeleteChunkResponse,
+    LookupChunksRequest, LookupChunksResponse, MAX_PIN_TTL_S, OBJECT_MEDIA_TYPE, PinRequest,
+    Pinned, PutChunksRequest, PutChunksResponse,
 };
 use kvquilt_kvstore::{ChunkKey, Codec, EncodedObject, Found, Pin, TierKind};
 
@@ -60,7 +61,7 @@ pub(crate) async fn create(
             for t in &all {
                 match st.blender.precompute(&tenant2.namespace, t) {
                     Ok(p) => {
-                        tenant2.add(p.key, layout.object_bytes(p.tokens));
+                        tenant2.add(p.key, layout.object_bytes(p.tokens), None);
                         done.push(p);
                     }
                     Err(e) => return (done, Some(e)),
@@ -283,19 +284,39 @@ pub(crate) async fn unpin(
     Ok(axum::Json(chunk_info(&s, &key, &found, false)))
 }
 
-/// `DELETE /v1/chunks/{id}`: removes it from every tier.
+/// `DELETE /v1/chunks/{id}`: removes it from every tier (204). With `descendants=true`,
+/// first every chain link of the tenant's that extends it ([`Tenant::descendants`]: a
+/// conversation from that page on), the furthest first, so that a failure part-way (a
+/// tier's error answers 500) leaves every remaining page reachable from its chain's start,
+/// never a page after a gap; answers the ids deleted (200). (A turn in flight may store a
+/// page after a deleted one meanwhile: no chain reaches it, and it is evicted in time.)
+///
+/// [`Tenant::descendants`]: crate::serve::tenants::Tenant::descendants
 pub(crate) async fn delete(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ChunkIdPath(id): ChunkIdPath,
-) -> ApiResult<StatusCode> {
+    q: Result<Query<DeleteChunkQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let key = Shared::parse_id(&id)?;
     s.require_owned(&tenant, &key).await?;
-    if !s.blender.remove(&key).await? {
-        return Err(unknown_chunk(&key));
+    if !q.descendants {
+        if !s.blender.remove(&key).await? {
+            return Err(unknown_chunk(&key));
+        }
+        tenant.forget(&key);
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    tenant.forget(&key);
-    Ok(StatusCode::NO_CONTENT)
+    let mut deleted = Vec::new();
+    for k in tenant.descendants(&key).iter().rev().chain([&key]) {
+        // (a page the store has evicted since is only forgotten)
+        if s.blender.remove(k).await? {
+            deleted.push(k.to_hex());
+        }
+        tenant.forget(k);
+    }
+    Ok(axum::Json(DeleteChunkResponse { deleted }).into_response())
 }
 
 /// `GET /v1/chunks/{id}/kv`: the object's bytes (raw codec; checksums included).
@@ -423,6 +444,7 @@ pub(crate) async fn put_kv(
         ));
     }
     let tokens = info.tokens.len();
+    let parent = info.chain.map(|l| l.parent);
     if let Some(tier) = s.blender.store().locate(&key) {
         return Ok((
             StatusCode::OK,
@@ -444,7 +466,7 @@ pub(crate) async fn put_kv(
     tokio::spawn(async move {
         let _quota = quota;
         st.blender.store().put(obj, 0.0).await?;
-        tenant2.add(key, bytes);
+        tenant2.add(key, bytes, parent);
         Ok::<_, kvquilt_kvstore::StoreError>(())
     })
     .await
