@@ -25,6 +25,17 @@ const DOCS: [&str; 3] = [
 
 /// Bearer tokens, small limits, and a tenant `acme` whose quota holds one short chunk of the
 /// tiny model (512 bytes of KV per token) but not two long ones.
+/// [`limited`] for conversations: pages of 16 tokens, no fallback to full prefill, prompts
+/// of up to 1,000 tokens, and no quota for acme.
+fn paged_conversations() -> Config {
+    let mut config = limited();
+    config.blend.fall_back_to_full = false;
+    config.blend.prefix_page = 16;
+    config.limits.max_request_tokens = 1000;
+    config.tenants[0].quota_bytes = None;
+    config
+}
+
 fn limited() -> Config {
     let defaults = Config::default();
     Config {
@@ -1393,11 +1404,7 @@ async fn a_conversation_reads_its_history_from_the_turn_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left() {
     let acme = Some(ACME_TOKEN);
-    let mut config = limited();
-    config.blend.fall_back_to_full = false;
-    config.blend.prefix_page = 16;
-    config.limits.max_request_tokens = 1000;
-    config.tenants[0].quota_bytes = None;
+    let config = paged_conversations();
     let app = TestApp::new(config.clone());
     let mut messages = vec![
         json!({"role": "system", "content": "Be brief and exact."}),
@@ -1478,11 +1485,7 @@ async fn a_conversation_without_documents_reads_the_answer_the_turn_before_left(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_page_with_its_descendants_forgets_the_conversation_from_there() {
     let acme = Some(ACME_TOKEN);
-    let mut config = limited();
-    config.blend.fall_back_to_full = false;
-    config.blend.prefix_page = 16;
-    config.limits.max_request_tokens = 1000;
-    config.tenants[0].quota_bytes = None;
+    let config = paged_conversations();
     let app = TestApp::new(config);
     let system = json!({"role": "system", "content": "Be brief and exact, and say where from."});
     // a conversation's turn: every page id of its prompt and answer, in order
