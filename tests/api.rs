@@ -225,6 +225,28 @@ fn rust_client_round_trips_every_endpoint_and_a_restart_keeps_chunks() {
             .unwrap();
         assert!(!comp.choices[0].text.is_empty());
         assert_eq!(comp.usage.completion_tokens, 4);
+        // a conversation without documents leaves its prompt and answer as pages (a system
+        // prompt over a page of 256 tokens); deleted from its first page on, none is left
+        let talk = ChatRequest {
+            messages: vec![
+                ChatMessage::system("You answer in one short sentence, kindly. ".repeat(40)),
+                ChatMessage::user("Name a colour of the sea."),
+            ],
+            common: CommonFields {
+                max_tokens: Some(4),
+                ..CommonFields::default()
+            },
+            ..ChatRequest::default()
+        };
+        let pages = c.chat(&talk).await.unwrap().kvquilt.link_ids;
+        assert!(!pages.is_empty());
+        let deleted = c.delete_chain(&pages[0]).await.unwrap().expect("held");
+        assert_eq!(deleted.last(), Some(&pages[0]));
+        for id in &pages {
+            assert!(deleted.contains(id), "{id}");
+            assert!(!c.chunk_exists(id).await.unwrap(), "{id}");
+        }
+        assert_eq!(c.delete_chain(&pages[0]).await.unwrap(), None);
 
         let stats = c.stats().await.unwrap();
         assert_eq!(stats.tiers.len(), 2);
