@@ -210,6 +210,35 @@ fn a_missing_page_is_recomputed_from_there() {
     assert_eq!(b.run(b"", &r).unwrap().stats.cached_tokens, prefix.len());
 }
 
+/// A page that cannot be stored ends its chain's store-back: the pages after it are not
+/// stored either (no read would reach them past the gap, yet they would be charged). A host
+/// tier that fits the prefix's short last page but not a full one stores nothing of it.
+#[test]
+fn a_page_not_stored_ends_its_chain_s_store_back() {
+    let rt = Runtime::new().unwrap();
+    let loaded = tiny_llama();
+    let identity = ModelIdentity::of(&loaded).unwrap();
+    let layout = identity.layout;
+    let fits = (layout.object_bytes(PAGE / 2) + layout.object_bytes(PAGE)) / 2;
+    let store = TieredStore::open(StoreConfig::host_only(fits)).unwrap();
+    let b = Blender::new(
+        Arc::new(loaded.model),
+        identity,
+        Arc::new(store),
+        rt.handle().clone(),
+    )
+    .with_fallback_to_full(false)
+    .with_prefix_page(PAGE);
+    // pages of 8, 8 and 4
+    let prefix = toks(41, 2 * PAGE + PAGE / 2);
+    let r = BlendRequest::new(prefix.clone(), Vec::new(), toks(42, 3), Mode::Reuse);
+    let out = b.run(b"", &r).unwrap();
+    assert_eq!(out.stats.misses, 1, "{:?}", out.stats);
+    assert!(out.stored.is_empty(), "{:?}", out.stored);
+    let keys = page_keys(&b, b"", &prefix);
+    assert_eq!(b.store().locate(&keys[2]), None, "the short last page");
+}
+
 /// Decodes `n` tokens greedily after `out`'s first: the tokens fed (all but the last
 /// produced) and the cache they leave.
 fn decode_greedy(

@@ -23,8 +23,6 @@ const DOCS: [&str; 3] = [
     "Quenmoor is a fishing town on the northern coast.",
 ];
 
-/// Bearer tokens, small limits, and a tenant `acme` whose quota holds one short chunk of the
-/// tiny model (512 bytes of KV per token) but not two long ones.
 /// [`limited`] for conversations: pages of 16 tokens, no fallback to full prefill, prompts
 /// of up to 1,000 tokens, and no quota for acme.
 fn paged_conversations() -> Config {
@@ -36,6 +34,8 @@ fn paged_conversations() -> Config {
     config
 }
 
+/// Bearer tokens, small limits, and a tenant `acme` whose quota holds one short chunk of the
+/// tiny model (512 bytes of KV per token) but not two long ones.
 fn limited() -> Config {
     let defaults = Config::default();
     Config {
@@ -1548,14 +1548,15 @@ async fn deleting_a_page_with_its_descendants_forgets_the_conversation_from_ther
     assert_eq!(status, StatusCode::OK, "{v}");
     let deleted: Vec<String> = serde_json::from_value(v["deleted"].clone()).unwrap();
     let mut want = a[shared..].to_vec();
-    want.reverse();
-    let of_a: Vec<String> = deleted
+    want.sort();
+    let mut of_a: Vec<String> = deleted
         .iter()
         .filter(|id| a.contains(id))
         .cloned()
         .collect();
+    of_a.sort();
     assert_eq!(of_a, want, "{v}");
-    assert_eq!(deleted.last(), Some(&a[shared]));
+    assert_eq!(deleted.last(), Some(&a[shared]), "the page named, last");
     for id in &a[shared..] {
         assert!(!held(id).await, "{id}");
     }
@@ -1606,10 +1607,7 @@ async fn a_conversation_s_next_turn_is_charged_for_its_new_pages() {
     ];
     // (stored back, acme's usage) after each turn, on a server with acme's `quota`
     let run = async |quota: Option<u64>| {
-        let mut config = limited();
-        config.blend.fall_back_to_full = false;
-        config.blend.prefix_page = 16;
-        config.limits.max_request_tokens = 1000;
+        let mut config = paged_conversations();
         config.tenants[0].quota_bytes = quota;
         let app = TestApp::new(config);
         let mut out = Vec::new();
@@ -1658,11 +1656,7 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
         }
         panic!("the last sidecar's store stayed locked");
     };
-    let mut config = limited();
-    config.blend.fall_back_to_full = false;
-    config.blend.prefix_page = 16;
-    config.limits.max_request_tokens = 1000;
-    config.tenants[0].quota_bytes = None;
+    let config = paged_conversations();
     let acme = Some(ACME_TOKEN);
     let messages = json!([
         {"role": "system", "content": "Answer from the documents, briefly and exactly."},

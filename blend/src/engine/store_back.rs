@@ -6,6 +6,8 @@
 //! [`crate::Blender::run_deferring`] hands it back as a [`StoreBack`] for the caller to run
 //! when the answer is out ([`crate::Blender::store_back`]).
 
+use std::collections::HashSet;
+
 use kvquilt_kvstore::{ChainLink, ChunkKey, KvObject};
 use kvquilt_model::KvCache;
 
@@ -148,11 +150,19 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
         return Vec::new();
     }
     let mut stored = Vec::with_capacity(pending.chunks.len());
+    // chain links not stored: a link after one is not stored either (queued in chain
+    // order), since no read would reach it past the gap
+    let mut broken: HashSet<ChunkKey> = HashSet::new();
     for (c, cost_s) in pending.chunks {
+        if c.link.is_some_and(|l| broken.contains(&l.parent)) {
+            broken.insert(c.key);
+            continue;
+        }
         let obj: KvObject = match c.codec.to_object(c.key, &c.tokens, &c.cache, c.link) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(key = %c.key, error = %e, "a computed chunk could not be stored");
+                broken.insert(c.key);
                 continue;
             }
         };
@@ -167,10 +177,14 @@ pub(crate) fn run(b: &Blender, work: StoreBack) -> Vec<StoredObject> {
                 bytes,
                 parent,
             }),
-            Err(e) if e.never_fits() => {
-                tracing::debug!(%key, error = %e, "a computed chunk is larger than the store's tier")
+            Err(e) => {
+                if e.never_fits() {
+                    tracing::debug!(%key, error = %e, "a computed chunk is larger than the store's tier");
+                } else {
+                    tracing::warn!(%key, error = %e, "storing a computed chunk failed");
+                }
+                broken.insert(key);
             }
-            Err(e) => tracing::warn!(%key, error = %e, "storing a computed chunk failed"),
         }
     }
     stored

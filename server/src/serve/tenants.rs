@@ -42,6 +42,9 @@ pub struct Tenant {
 struct Usage {
     /// Its stored objects, as far as this server knows.
     by_key: HashMap<ChunkKey, Held>,
+    /// The chain links of `by_key` by parent: every key listed under `p` is in `by_key`
+    /// with parent `p` (`p` itself need not be: a chain's root, or a page gone).
+    children: HashMap<ChunkKey, Vec<ChunkKey>>,
     /// Bytes reserved by writes in flight ([`QuotaReservation`]).
     reserved: u64,
     /// The last sweep of `by_key` for keys the store no longer holds: the store's
@@ -57,6 +60,49 @@ struct Held {
     /// For a chain link (a page of a conversation, a link of `prefix` mode's chain), the key
     /// of the prefix it extends: what [`Tenant::descendants`] follows.
     parent: Option<ChunkKey>,
+}
+
+impl Usage {
+    /// Adds `key` unless known; a link's parent learnt late (a page first met without one)
+    /// is recorded. Returns whether `key` is new.
+    fn insert(&mut self, key: ChunkKey, held: Held) -> bool {
+        let new = match self.by_key.get_mut(&key) {
+            None => {
+                self.by_key.insert(key, held);
+                true
+            }
+            Some(known) if known.parent.is_none() && held.parent.is_some() => {
+                known.parent = held.parent;
+                false
+            }
+            Some(_) => return false,
+        };
+        if let Some(parent) = held.parent {
+            self.children.entry(parent).or_default().push(key);
+        }
+        new
+    }
+
+    /// Removes `key`. Its links are handed to its own parent, so that a walk from an
+    /// earlier page still reaches them across the gap (a page deleted alone, or evicted).
+    fn remove(&mut self, key: &ChunkKey) -> Option<Held> {
+        let held = self.by_key.remove(key)?;
+        let kids = self.children.remove(key).unwrap_or_default();
+        for kid in &kids {
+            if let Some(h) = self.by_key.get_mut(kid) {
+                h.parent = held.parent;
+            }
+        }
+        if let Some(parent) = held.parent {
+            let siblings = self.children.entry(parent).or_default();
+            siblings.retain(|k| k != key);
+            siblings.extend(kids);
+            if siblings.is_empty() {
+                self.children.remove(&parent);
+            }
+        }
+        Some(held)
+    }
 }
 
 /// How long a sweep's answer stands while the store's departures count has not moved (a
@@ -208,25 +254,21 @@ impl Tenant {
     /// Records that `key` (of `bytes`) is stored for this tenant; `parent` is, for a chain
     /// link, the key of the prefix it extends (`None` for a chunk).
     pub fn add(&self, key: ChunkKey, bytes: u64, parent: Option<ChunkKey>) {
-        let held = Held { bytes, parent };
-        if self.usage.lock().by_key.insert(key, held).is_none() {
+        if self.usage.lock().insert(key, Held { bytes, parent }) {
             self.used.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
-    /// The chain links of this tenant's that extend `key`, as far as this server knows
+    /// The chain links of this tenant's that extend `key`, as far as this server accounts
     /// them: those whose parent is `key`, theirs, and so on (for a page of a conversation,
-    /// every later page of every conversation that went through it), nearest first, each
-    /// once; `key` itself is not listed. Links stored by another sidecar and not yet met
-    /// here, and links written before object format v6 (which record no parent), are not
-    /// known. Pinned by `tests::descendants_follow_parents_nearest_first`.
+    /// every later page of every conversation that went through it), each after its
+    /// parent, each once; `key` itself is not listed. A page deleted alone or evicted
+    /// leaves no gap: its links are walked on from its parent. Links this server never
+    /// accounted end the walk: read from a remote tier and not yet charged here (nor the
+    /// links after them), or written before object format v6 (which record no parent).
+    /// Pinned by `tests::descendants_follow_parents_across_gaps`.
     pub fn descendants(&self, key: &ChunkKey) -> Vec<ChunkKey> {
-        let mut children: HashMap<ChunkKey, Vec<ChunkKey>> = HashMap::new();
-        for (k, held) in &self.usage.lock().by_key {
-            if let Some(parent) = held.parent {
-                children.entry(parent).or_default().push(*k);
-            }
-        }
+        let u = self.usage.lock();
         // (keys hash their parents, so no chain loops; `seen` only keeps a damaged ledger
         // from looping)
         let mut seen = HashSet::from([*key]);
@@ -234,7 +276,7 @@ impl Tenant {
         let mut next = 0;
         let mut frontier = vec![*key];
         while next < frontier.len() {
-            let mut kids = children.remove(&frontier[next]).unwrap_or_default();
+            let mut kids = u.children.get(&frontier[next]).cloned().unwrap_or_default();
             kids.sort_unstable();
             for kid in kids {
                 if seen.insert(kid) {
@@ -255,7 +297,7 @@ impl Tenant {
 
     /// Stops counting `key` (deleted).
     pub fn forget(&self, key: &ChunkKey) {
-        if let Some(held) = self.usage.lock().by_key.remove(key) {
+        if let Some(held) = self.usage.lock().remove(key) {
             self.used.fetch_sub(held.bytes, Ordering::Relaxed);
         }
     }
@@ -293,13 +335,12 @@ impl Tenant {
         };
         if let Some(d) = departures.filter(|&d| stale(d, &u)) {
             u.swept = Some((d, Instant::now()));
-            u.by_key.retain(|k, h| {
-                let keep = held(k);
-                if !keep {
+            let gone: Vec<ChunkKey> = u.by_key.keys().filter(|k| !held(k)).copied().collect();
+            for key in gone {
+                if let Some(h) = u.remove(&key) {
                     self.used.fetch_sub(h.bytes, Ordering::Relaxed);
                 }
-                keep
-            });
+            }
         }
         if !fits(&u) {
             return None;
@@ -587,11 +628,11 @@ mod tests {
     }
 
     #[test]
-    fn descendants_follow_parents_nearest_first() {
+    fn descendants_follow_parents_across_gaps() {
         let t = Tenant::new("acme", None, &[0; 32]);
         let k = |b: u8| ChunkKey([b; 32]);
         let (root, other_root) = (k(100), k(101));
-        // two conversations through page 1 (pages 2 and 3 of one, page 2' of the other),
+        // two conversations through page 1 (pages 2 and 4 of one, page 3 of the other),
         // a conversation of another chain, a chunk
         t.add(k(1), 10, Some(root));
         t.add(k(3), 10, Some(k(1)));
@@ -604,11 +645,25 @@ mod tests {
         assert_eq!(t.descendants(&k(2)), vec![k(4)]);
         assert!(t.descendants(&k(4)).is_empty());
         assert!(t.descendants(&k(50)).is_empty());
+        // a page deleted alone: the pages after it are still reached from before it
         t.forget(&k(2));
-        assert_eq!(
-            t.descendants(&k(1)),
-            vec![k(3)],
-            "a page forgotten cuts its chain"
-        );
+        assert_eq!(t.descendants(&k(1)), vec![k(3), k(4)]);
+        assert_eq!(t.used_bytes(), 50);
+        // so is a page the store evicted (swept by a write over the quota)
+        let limited = Arc::new(Tenant::new("acme", Some(25), &[0; 32]));
+        limited.add(k(1), 10, Some(root));
+        limited.add(k(2), 10, Some(k(1)));
+        limited.add(k(3), 10, Some(k(2)));
+        assert!(limited.reserve(5, || 1, |key| *key != k(2)).is_some());
+        assert_eq!(limited.used_bytes(), 20);
+        assert_eq!(limited.descendants(&k(1)), vec![k(3)]);
+        assert_eq!(limited.descendants(&root), vec![k(1), k(3)]);
+        // a page first met without its parent (written before format v6) learns it
+        t.add(k(60), 10, None);
+        t.add(k(61), 10, Some(k(60)));
+        assert_eq!(t.descendants(&k(4)), Vec::<ChunkKey>::new());
+        t.add(k(60), 10, Some(k(4)));
+        assert_eq!(t.descendants(&k(4)), vec![k(60), k(61)]);
+        assert_eq!(t.used_bytes(), 70, "each key counted once");
     }
 }

@@ -288,8 +288,10 @@ pub(crate) async fn unpin(
 /// first every chain link of the tenant's that extends it ([`Tenant::descendants`]: a
 /// conversation from that page on), the furthest first, so that a failure part-way (a
 /// tier's error answers 500) leaves every remaining page reachable from its chain's start,
-/// never a page after a gap; answers the ids deleted (200). (A turn in flight may store a
-/// page after a deleted one meanwhile: no chain reaches it, and it is evicted in time.)
+/// never a page after a gap; answers the ids deleted (200), or 404 when none was held. (A
+/// turn in flight may store a page after a deleted one meanwhile: no read reaches it and
+/// neither does a later walk from an earlier page; it stays charged until deleted by its
+/// own id or evicted.)
 ///
 /// [`Tenant::descendants`]: crate::serve::tenants::Tenant::descendants
 pub(crate) async fn delete(
@@ -300,7 +302,11 @@ pub(crate) async fn delete(
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let key = Shared::parse_id(&id)?;
-    s.require_owned(&tenant, &key).await?;
+    // (a page the store evicted is still walked from while its tenant's ledger knows it:
+    // the pages after it may be held)
+    if !(q.descendants && tenant.owns(&key)) {
+        s.require_owned(&tenant, &key).await?;
+    }
     if !q.descendants {
         if !s.blender.remove(&key).await? {
             return Err(unknown_chunk(&key));
@@ -315,6 +321,9 @@ pub(crate) async fn delete(
             deleted.push(k.to_hex());
         }
         tenant.forget(k);
+    }
+    if deleted.is_empty() {
+        return Err(unknown_chunk(&key));
     }
     Ok(axum::Json(DeleteChunkResponse { deleted }).into_response())
 }
