@@ -239,6 +239,44 @@ fn a_page_not_stored_ends_its_chain_s_store_back() {
     assert_eq!(b.store().locate(&keys[2]), None, "the short last page");
 }
 
+/// `reuse` of a prefix and its question alone (a chat without documents) computes the
+/// prefix's pages not stored in the question's own pass (`chain::Tail`): the answer is full
+/// prefill's, those pages are stored as the ones a cold run stores (the next run reads the
+/// whole prefix and answers the same), and a device tier keeps the whole prefix resident.
+#[test]
+fn a_prefix_s_unstored_pages_are_computed_with_its_question() {
+    for device_bytes in [0, 1 << 30] {
+        let s = setup(false, device_bytes);
+        let b = &s.blender;
+        // pages of 8, 8 and 5
+        let prefix = toks(51, 2 * PAGE + 5);
+        let r = BlendRequest::new(prefix.clone(), vec![], toks(52, 3), Mode::Reuse);
+        let as_full = BlendRequest::new(prefix.clone(), vec![], toks(52, 3), Mode::Full);
+        let full = b.run(b"", &as_full).unwrap().logits;
+        let cold = b.run(b"", &r).unwrap();
+        let keys = page_keys(b, b"", &prefix);
+        for key in &keys[1..] {
+            assert!(s.rt.block_on(b.remove(key)).unwrap());
+        }
+        let out = b.run(b"", &r).unwrap();
+        assert_eq!(out.stats.cached_tokens, PAGE);
+        assert_eq!(out.stats.segments, vec![SegmentSource::Miss]);
+        let diff = max_diff(&out.logits, &full);
+        assert!(diff < 1e-4, "{diff}");
+        let stored: Vec<ChunkKey> = out.stored.iter().map(|o| o.key).collect();
+        assert_eq!(stored, keys[1..].to_vec(), "the pages after the one read");
+        assert_eq!(out.cache.len(), prefix.len() + 3);
+        assert_linked(&s, b"", &prefix);
+        let again = b.run(b"", &r).unwrap();
+        assert_eq!(again.stats.cached_tokens, prefix.len());
+        let diff = max_diff(&again.logits, &cold.logits);
+        assert!(diff < 1e-4, "{diff}");
+        if device_bytes > 0 {
+            assert_eq!(again.stats.hits_gpu, 1, "{:?}", again.stats);
+        }
+    }
+}
+
 /// Decodes `n` tokens greedily after `out`'s first: the tokens fed (all but the last
 /// produced) and the cache they leave.
 fn decode_greedy(

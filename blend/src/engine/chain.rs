@@ -11,8 +11,10 @@
 //!
 //! [`run`] loads the longest stored run of links from the start at their positions; the
 //! links after it are prefilled over the run at their absolute positions, in one pass, and
-//! queued for storing. [`compute`] reads nothing: a paged prefix recomputed because that is
-//! faster than reading it.
+//! queued for storing — or, when nothing lies between the prefix and the question (`reuse`
+//! without documents: a chat's next turn), left as a [`Tail`] that the question's own pass
+//! computes with it, one read of the weights instead of two. [`compute`] reads nothing: a
+//! paged prefix recomputed because that is faster than reading it.
 //! A link decoded from a lossy codec is used, but nothing computed over it is stored (it is
 //! not the prefix's exact KV).
 
@@ -83,6 +85,56 @@ pub(crate) struct Chain {
     pub(crate) computed_tokens: usize,
     /// The links computed over an exact chain, to store.
     pub(crate) pending: Pending,
+    /// The links after the run, left for the request's own pass ([`run`] with `defer`):
+    /// `cache` then holds the run only.
+    pub(crate) tail: Option<Tail>,
+}
+
+/// The links of a chain after its stored run, left uncomputed for the request's own pass
+/// to compute with its question (one pass, one read of the weights, where [`run`] would
+/// prefill them in a pass of their own first).
+///
+/// Invariants: `tokens` is the links joined; `links` holds each one's length and name, in
+/// order; the tokens sit at positions `at..` right after the run.
+pub(crate) struct Tail {
+    /// The first position of the tail: the tokens read before it.
+    at: usize,
+    /// The links' tokens, joined.
+    tokens: Vec<u32>,
+    /// Each link's length and name (its key and place in the chain).
+    links: Vec<(usize, (ChunkKey, ChainLink))>,
+}
+
+impl Tail {
+    /// The tail's tokens, at positions `at()..`.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The tail's first position.
+    pub(crate) fn at(&self) -> usize {
+        self.at
+    }
+
+    /// Queues every link of the tail for storing, its KV cut from `cache` (the prompt's from
+    /// position 0, the tail computed over the exact run), as [`run`] queues the links it
+    /// prefills; a link's cost is its estimated prefill time.
+    pub(crate) fn queue(
+        self,
+        b: &Blender,
+        codec: &ChunkCodec,
+        cache: &KvCache,
+        pending: &mut Pending,
+    ) -> Result<()> {
+        let mut at = self.at;
+        for (len, name) in self.links {
+            let seg = &self.tokens[at - self.at..at - self.at + len];
+            let cost_s = b.costs.prefill_s(len).unwrap_or(0.0);
+            queue_link(codec, name, seg, cache, at, cost_s, pending)?;
+            at += len;
+        }
+        Ok(())
+    }
 }
 
 impl Chain {
@@ -117,13 +169,15 @@ pub(crate) fn summary(links: &[(SegmentSource, bool)]) -> (SegmentSource, bool) 
 /// Runs the chain of `links` (prompt order, each non-empty) named by `keys` (parallel:
 /// [`ChunkCodec::prefix_keys`] of `links`) in `codec`'s namespace: the longest stored run
 /// loaded, the rest prefilled over it in one pass and queued for storing while the chain
-/// below is exact.
+/// below is exact. With `defer`, a rest after a non-empty exact run is not computed here:
+/// it is left as the chain's [`Tail`] for the request's own pass.
 pub(crate) fn run(
     b: &Blender,
     codec: &ChunkCodec,
     links: &[&[u32]],
     keys: &[ChunkKey],
     turn: &PromptTurn<'_>,
+    defer: bool,
 ) -> Result<Chain> {
     let mut chain = Chain {
         cache: b.model.empty_cache()?,
@@ -131,6 +185,7 @@ pub(crate) fn run(
         cached_tokens: 0,
         computed_tokens: 0,
         pending: Pending::default(),
+        tail: None,
     };
     let mut at = 0usize;
     // the links read, joined into one cache once the run ends (one copy, not one per link)
@@ -170,8 +225,20 @@ pub(crate) fn run(
         .links
         .extend(rest.iter().skip(1).map(|_| (SegmentSource::Miss, false)));
     let tokens: Vec<u32> = rest.concat();
-    let took = prefill_over(b, &mut chain.cache, &tokens, at)?;
     chain.computed_tokens = tokens.len();
+    if defer && exact && at > 0 {
+        let named = keys[first..]
+            .iter()
+            .copied()
+            .zip(chain_of[first..].iter().copied());
+        chain.tail = Some(Tail {
+            at,
+            tokens,
+            links: rest.iter().map(|l| l.len()).zip(named).collect(),
+        });
+        return Ok(chain);
+    }
+    let took = prefill_over(b, &mut chain.cache, &tokens, at)?;
     if exact {
         let named = keys[first..]
             .iter()
@@ -215,6 +282,7 @@ pub(crate) fn compute(
         cached_tokens: 0,
         computed_tokens: tokens.len(),
         pending,
+        tail: None,
     })
 }
 

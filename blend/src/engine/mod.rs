@@ -517,7 +517,16 @@ impl Blender {
             Mode::Reuse => modes::reuse::run(self, namespace, req, start, &turn),
             Mode::Blend(cfg) => {
                 cfg.validate(self.model.config().num_layers)?;
-                modes::blend::run(self, namespace, req, cfg, start, &turn)
+                // a prompt of a prefix and its question alone has nothing to blend: a
+                // prefix stored as full prefill computes it (exact at the start) is read as
+                // `reuse` reads it, exactly, its pages not stored computed in the question's
+                // pass (the stats still say `blend`, recomputing nothing)
+                let exact = self.codec(namespace).encoding().exact_at_start(&req.prefix);
+                if req.chunks.is_empty() && exact {
+                    modes::reuse::run(self, namespace, req, start, &turn)
+                } else {
+                    modes::blend::run(self, namespace, req, cfg, start, &turn)
+                }
             }
         };
         if let Err(e) = &ran {

@@ -19,7 +19,7 @@ use kvquilt_model::{Device, KvCache, LayerKv};
 use super::{Blender, STALL_FACTOR};
 use kvquilt_kvstore::ChunkKey;
 
-use super::chain::{self, PrefixPages};
+use super::chain::{self, PrefixPages, Tail};
 use super::modes::assembly::zero_rows;
 use super::plan::{Entry, Origin, Plan, Why};
 use super::store_back::{Pending, StoreBack};
@@ -166,6 +166,10 @@ pub(crate) struct Sources<'r> {
     /// What reading a paged prefix (the first entry, when paged and not a device-tier hit)
     /// came to.
     paged: Option<PagedRead>,
+    /// The paged prefix's links after its stored run, left for the request's pass
+    /// (`open`'s `defer_tail`), and the prefix's entry: its source holds the run only until
+    /// [`Sources::finish_tail`].
+    tail: Option<(usize, Tail)>,
 }
 
 /// What reading a paged prefix's chain came to (`engine/chain.rs`).
@@ -183,18 +187,23 @@ impl<'r> Sources<'r> {
     /// [`Sources::finish`]). A paged entry (the prefix, `pages` its pages) not resident in
     /// the device tier is read page by page, the pages not stored computed over the ones
     /// read (`chain::run`), or computed whole when planned so for speed (`chain::compute`).
+    /// With `defer_tail` (the request's pass computes the prefix's last tokens with its
+    /// question: nothing lies between them), the pages after the stored run are left as
+    /// [`Sources::tail`].
     pub(crate) fn open(
         b: &Blender,
         codec: &ChunkCodec,
         plan: &Plan<'r>,
         pages: Option<PrefixPages<'_>>,
         turn: &PromptTurn<'_>,
+        defer_tail: bool,
     ) -> Result<Self> {
         let mut pending = Pending::default();
         let mut sources = Vec::with_capacity(plan.entries.len());
         let mut how = Vec::with_capacity(plan.entries.len());
         let mut paged = None;
-        for entry in &plan.entries {
+        let mut tail = None;
+        for (i, entry) in plan.entries.iter().enumerate() {
             let (source, h) = match &pages {
                 Some(p) if entry.paged => {
                     let device = (entry.origin == Origin::Device)
@@ -206,13 +215,14 @@ impl<'r> Sources<'r> {
                             let got = if entry.origin == Origin::Compute(Why::Faster) {
                                 chain::compute(b, codec, &p.pages, &p.keys)?
                             } else {
-                                chain::run(b, codec, &p.pages, &p.keys, turn)?
+                                chain::run(b, codec, &p.pages, &p.keys, turn, defer_tail)?
                             };
                             paged = Some(PagedRead {
                                 cached_tokens: got.cached_tokens,
                                 lossy: got.lossy(),
                             });
                             let how = got.source();
+                            tail = got.tail.map(|t| (i, t));
                             pending.append(got.pending);
                             (Source::Memory(got.cache), how)
                         }
@@ -235,7 +245,27 @@ impl<'r> Sources<'r> {
             layout: *codec.layout(),
             device: b.model.device().clone(),
             paged,
+            tail,
         })
+    }
+
+    /// The paged prefix's tokens left for the request's pass, at positions `at()..` right
+    /// after the tokens this assembly fills ([`Sources::open`]'s `defer_tail`).
+    pub(crate) fn tail(&self) -> Option<&Tail> {
+        self.tail.as_ref().map(|(_, t)| t)
+    }
+
+    /// After the request's pass computed the tail: queues its pages for storing, cut from
+    /// `cache` (the prompt's KV from position 0), and makes the prefix's source its whole
+    /// KV (what the device tier keeps resident under the prefix's key). No tail: nothing.
+    pub(crate) fn finish_tail(&mut self, b: &Blender, cache: &KvCache) -> Result<()> {
+        let Some((i, tail)) = self.tail.take() else {
+            return Ok(());
+        };
+        let prefix = tail.at() + tail.tokens().len();
+        tail.queue(b, &self.codec, cache, &mut self.pending)?;
+        self.sources[i] = Source::Memory(cache.narrow(0, prefix)?);
+        Ok(())
     }
 
     /// Prefix tokens read exactly when the prefix was read as pages; `None` otherwise.

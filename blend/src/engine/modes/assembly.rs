@@ -156,7 +156,10 @@ pub(super) fn prepare<'r>(
         )?)));
     }
     let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
-    let sources = Sources::open(b, &codec, &plan, pages, turn)?;
+    // `reuse` of a prefix and its question alone (no documents between): the prefix's pages
+    // not stored are computed in the question's pass, not in a pass of their own
+    let defer_tail = mode == PlannedMode::Reuse && plan.placement.len() == 1;
+    let sources = Sources::open(b, &codec, &plan, pages, turn, defer_tail)?;
     Ok(Prepared::Ready(Box::new(Assembly {
         codec,
         segments,

@@ -29,7 +29,7 @@ pub(crate) fn run(
     let (links, pages) = chain_links(b, req);
     let keys = codec.prefix_keys(&links);
     let mut stats = BlendStats::new(&Mode::Prefix, req.tokens().len(), req.suffix.len());
-    let chain = chain::run(b, &codec, &links, &keys, turn)?;
+    let chain = chain::run(b, &codec, &links, &keys, turn, false)?;
     // the stats name segments (the prefix, then each chunk): a paged prefix's pages are one
     let (prefix, chunks) = chain.links.split_at(pages);
     let segments = (pages > 0).then(|| chain::summary(prefix));

@@ -1,6 +1,7 @@
 //! `reuse`: every segment's cached KV placed at its prompt positions (keys rotated there by
 //! attention's RoPE); only the suffix is computed, appended over the assembled cache.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -36,11 +37,12 @@ pub(crate) fn run(
     };
     #[cfg(feature = "gpu")]
     let mut a = a;
-    // (a graph replays the question to its last logits only: a scored suffix runs eagerly)
+    // (a graph replays the question to its last logits only: a scored suffix runs eagerly,
+    // and so does a question computed with the prefix's tail)
     #[cfg(feature = "gpu")]
     if let Some(pool) = a
         .graph_pool(b, req.suffix.len())
-        .filter(|_| req.prompt_logprobs.is_none())
+        .filter(|_| req.prompt_logprobs.is_none() && a.sources.tail().is_none())
     {
         match graphed_question(b, pool, &mut a, req, &clock, turn) {
             Ok((g, logits)) => {
@@ -52,14 +54,21 @@ pub(crate) fn run(
         }
     }
     let num_layers = b.model.config().num_layers;
-    let non_suffix = a.tokens.len() - req.suffix.len();
-    // the cached segments only: the suffix's rows are appended by the forward pass
-    let mut cache = placeholder_cache(&b.model, non_suffix)?;
-    let hidden = b.model.embed(&req.suffix)?;
-    let pos = positions(non_suffix, req.suffix.len());
-    // the forward pass appends the suffix's rows in place after each filled layer
+    // the rows the pass computes: the prefix's pages not stored (when the assembly left
+    // them to it: `Sources::tail`), then the suffix
+    let question: Cow<'_, [u32]> = match a.sources.tail() {
+        Some(t) => Cow::Owned([t.tokens(), &req.suffix[..]].concat()),
+        None => Cow::Borrowed(&req.suffix[..]),
+    };
+    let tail = question.len() - req.suffix.len();
+    let filled = a.tokens.len() - question.len();
+    // the cached segments only: the question's rows are appended by the forward pass
+    let mut cache = placeholder_cache(&b.model, filled)?;
+    let hidden = b.model.embed(&question)?;
+    let pos = positions(filled, question.len());
+    // the forward pass appends the question's rows in place after each filled layer
     let mut a = a;
-    a.sources.leave_room(req.suffix.len());
+    a.sources.leave_room(question.len());
     clock.borrow_mut().enter("suffix layers")?;
     let mut fill = |l: usize, kv: &mut LayerKv| {
         let was = clock.borrow_mut().enter("load")?;
@@ -77,7 +86,9 @@ pub(crate) fn run(
         )?)
     })?;
     clock.borrow_mut().enter("head")?;
-    let (logits, rows) = suffix_head(&b.model, &out.hidden, req)?;
+    let hidden = out.hidden.narrow(0, tail, req.suffix.len())?;
+    let (logits, rows) = suffix_head(&b.model, &hidden, req)?;
+    a.sources.finish_tail(b, &cache)?;
     let phases = clock.into_inner().finish()?;
     let (mut out, work) = a.finish(b, req, start, logits, cache, 0)?;
     out.stats.phases = phases;
