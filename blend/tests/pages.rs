@@ -8,7 +8,9 @@ mod support;
 
 use std::sync::Arc;
 
-use kvquilt_blend::{BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, SegmentSource};
+use kvquilt_blend::{
+    BlendConfig, BlendRequest, Blender, Mode, ModelIdentity, PlannedMode, SegmentSource,
+};
 use kvquilt_kvstore::{ChunkKey, PolicyKind, StoreConfig, TieredStore};
 use kvquilt_model::LoadedModel;
 use tokio::runtime::Runtime;
@@ -582,6 +584,12 @@ fn a_paged_prefix_on_a_slow_tier_is_recomputed_for_speed() {
         ]
     );
     assert_eq!(read.stats.cached_tokens, history.len());
+    // (still a steady machine: reuse takes what it is planned at, whatever the loaded test
+    // host took to time the read above — that one sample must not teach the correction
+    // that reuse is slower than full prefill)
+    for e in [0.002, 0.01, 0.05, 0.2].iter().cycle().take(40) {
+        costs.record_mode(PlannedMode::Reuse, *e, *e);
+    }
     // the host tier stalls: a second per MiB, a second to the first byte
     host(1.0, 1.0);
     let mut longer = history.clone();
