@@ -94,7 +94,7 @@ fn openai_package_and_langchain_chain_end_to_end() {
     assert!(out.status.success(), "pytest failed:\n{report}");
     // every test ran, none skipped (the end-to-end module skips itself without KVQUILT_URL)
     assert!(
-        report.lines().any(|l| l.starts_with("45 passed")) && !report.contains("skipped"),
+        report.lines().any(|l| l.starts_with("46 passed")) && !report.contains("skipped"),
         "{report}"
     );
 }
