@@ -281,6 +281,17 @@ impl CostModel {
         self.inner.lock().prefill.predict(work)
     }
 
+    /// Seconds that `tokens` rows after `context` cached rows add to a forward pass that
+    /// runs anyway: the prefill fit's part that grows with work, without its fixed part
+    /// (what every pass costs however few its rows: on a GPU, one read of the weights).
+    /// What a prefix's pages not stored add when they are computed in the question's pass
+    /// rather than in a pass of their own (`engine/chain.rs`'s deferred tail). `None` before
+    /// any prefill was measured.
+    pub fn prefill_rows_s(&self, context: usize, tokens: usize) -> Option<f64> {
+        let work = self.prefill_work(context, tokens);
+        self.inner.lock().prefill.variable(work)
+    }
+
     /// Records that a request run in `mode`, planned at `estimated_s` seconds, took
     /// `seconds` to its first token.
     pub fn record_mode(&self, mode: PlannedMode, estimated_s: f64, seconds: f64) {
@@ -395,12 +406,24 @@ impl Affine {
     }
 
     fn predict(&self, x: f64) -> Option<f64> {
+        self.fit().map(|(a, b)| a + b * x)
+    }
+
+    /// The fit's part that grows with `x` (`b·x`, without the fixed part `a`).
+    fn variable(&self, x: f64) -> Option<f64> {
+        self.fit().map(|(_, b)| b * x)
+    }
+
+    /// `(a, b)` of `y = a + b·x`; `a` is 0 (a proportional fit) while the samples' `x` are
+    /// too alike to tell a fixed part apart, or when the affine fit's `a` or `b` is
+    /// negative. `None` before any sample.
+    fn fit(&self) -> Option<(f64, f64)> {
         if self.w == 0.0 {
             return None;
         }
         let (mx, my) = (self.x / self.w, self.y / self.w);
         let var = self.xx / self.w - mx * mx;
-        let proportional = my / mx * x;
+        let proportional = (0.0, my / mx);
         // one length seen (or nearly): no fixed part can be told apart
         if var <= (0.05 * mx).powi(2) {
             return Some(proportional);
@@ -410,7 +433,7 @@ impl Affine {
         if b <= 0.0 || a < 0.0 {
             return Some(proportional);
         }
-        Some(a + b * x)
+        Some((a, b))
     }
 }
 
@@ -528,6 +551,14 @@ mod tests {
         let est = c.prefill_s(512).unwrap();
         assert!((est - (0.010 + 512e-4)).abs() < 1e-6, "{est}");
         assert!((c.prefill_s(64).unwrap() - (0.010 + 64e-4)).abs() < 1e-6);
+        // rows added to a pass that runs anyway cost the per-token part alone
+        let rows = c.prefill_rows_s(0, 64).unwrap();
+        assert!((rows - 64e-4).abs() < 1e-6, "{rows}");
+        // one length seen: no fixed part told apart, the rows cost what a prefill would
+        let one = CostModel::default();
+        assert_eq!(one.prefill_rows_s(0, 8), None);
+        one.record_prefill(100, 0.02);
+        assert_eq!(one.prefill_rows_s(0, 50), one.prefill_s(50));
     }
 
     #[test]

@@ -209,8 +209,15 @@ impl<'a> Plan<'a> {
     /// when it is computed for speed like any stored segment (and the cost model may still
     /// take the load to measure the tier: [`CostModel::explore`]). With no page held, a
     /// miss. Computed either way, a paged prefix is prefilled before the pass, never in it
-    /// (its KV is then exact: what `blend` never recomputes). A plan without segments is
-    /// left as it is.
+    /// (its KV is then exact: what `blend` never recomputes). With `tail_in_pass` the pages
+    /// after a held run are computed as the first rows of the question's pass
+    /// (`chain::Tail`), so they are estimated as the rows they add to that pass
+    /// ([`CostModel::prefill_rows_s`]), not as a prefill of their own: on a GPU a pass of
+    /// few rows costs a read of the weights (BENCHMARKS.md §13, "the answers' pages on the
+    /// GPU"; a run that turns out to be read through a lossy codec has its tail prefilled
+    /// before the pass after all, which the mode's correction learns). A plan without
+    /// segments is left as it is.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn page_prefix(
         &mut self,
         key: ChunkKey,
@@ -219,6 +226,7 @@ impl<'a> Plan<'a> {
         layout: &KvLayout,
         costs: &CostModel,
         may_recompute: bool,
+        tail_in_pass: bool,
     ) {
         let Some(first) = self.entries.first_mut() else {
             return;
@@ -237,9 +245,11 @@ impl<'a> Plan<'a> {
             let load_s: f64 = run.iter().map(|&(t, n)| costs.load_s(t, bytes(n))).sum();
             let rest = tokens.len().saturating_sub(read);
             let rest_s = match rest {
-                0 => 0.0,
-                n => costs.prefill_after_s(read, n).unwrap_or(0.0),
+                0 => None,
+                n if tail_in_pass => costs.prefill_rows_s(read, n),
+                n => costs.prefill_after_s(read, n),
             };
+            let rest_s = rest_s.unwrap_or(0.0);
             first.cost_s = load_s + rest_s;
             first.guessed = run.iter().any(|&(t, _)| !costs.load_is_measured(t));
             let faster = costs
@@ -489,7 +499,7 @@ mod tests {
         costs.record_prefill(1, 1e-3); // 1 ms per token
         let paged = |costs: &CostModel, run: &[(TierKind, usize)], may_recompute: bool| {
             let mut plan = Plan::build(&segments, key_of, |_| None, &layout(), costs, true, false);
-            plan.page_prefix(last, false, run, &layout(), costs, may_recompute);
+            plan.page_prefix(last, false, run, &layout(), costs, may_recompute, false);
             plan.entries[0].clone()
         };
         // loading the run (2 × 2,560 bytes) and prefilling the 8 tokens after it beats
@@ -517,6 +527,42 @@ mod tests {
             .filter(|_| paged(&costs, &run, true).explores)
             .count();
         assert_eq!(explored, 1);
+    }
+
+    #[test]
+    fn a_tail_computed_in_the_question_s_pass_costs_its_rows_not_a_pass() {
+        // a 40-token prefix (pages 16, 16, 8; the first two held on the SSD) and its question
+        // alone: the 8 tokens after the run are computed in the question's pass
+        let prefix = vec![1; 40];
+        let segments: Vec<&[u32]> = vec![&prefix];
+        let run = [(TierKind::SSD, 16), (TierKind::SSD, 16)];
+        let last = ChunkKey([9; 32]);
+        let costs = CostModel::default();
+        // a GPU-like pass: 5 ms however few its rows (a read of the weights) + 0.1 ms a row
+        costs.record_prefill(8, 5e-3 + 8e-4);
+        costs.record_prefill(64, 5e-3 + 64e-4);
+        // the SSD reads 2,560 bytes in 2.5 ms (a page in about 2 ms)
+        costs.record_load(TierKind::SSD, 2_560, 2.5e-3);
+        costs.record_load(TierKind::SSD, 2_560, 2.5e-3);
+        let paged = |tail_in_pass: bool| {
+            let mut plan = Plan::build(&segments, key_of, |_| None, &layout(), &costs, true, false);
+            plan.page_prefix(last, false, &run, &layout(), &costs, true, tail_in_pass);
+            plan.entries[0].clone()
+        };
+        let page_bytes = usize::try_from(layout().object_bytes(16)).unwrap();
+        let load_s = 2.0 * costs.load_s(TierKind::SSD, page_bytes);
+        // in a pass of its own the tail costs a pass: reading the run and prefilling the
+        // tail (5.0 + 5.8 ms) loses to prefilling all 40 tokens (9 ms)
+        let own = paged(false);
+        assert_eq!(own.origin, Origin::Compute(Why::Faster), "{own:?}");
+        assert!((costs.prefill_s(40).unwrap() - 9e-3).abs() < 1e-9);
+        // in the question's pass it costs its 8 rows (0.8 ms): the run is read
+        let in_pass = paged(true);
+        assert_eq!(in_pass.origin, Origin::Load(TierKind::SSD), "{in_pass:?}");
+        assert!(
+            (in_pass.cost_s - (load_s + 8e-4)).abs() < 1e-9,
+            "{in_pass:?}"
+        );
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub(super) fn prepare<'r>(
         b.fallback_to_full,
         in_pass,
     );
+    // `reuse` of a prefix and its question alone (no documents between): the prefix's pages
+    // not stored are computed in the question's pass, not in a pass of their own
+    let defer_tail = mode == PlannedMode::Reuse && plan.placement.len() == 1;
     if let Some(p) = &pages {
         let device = held(b, &p.key) == Some(Held::Device);
         plan.page_prefix(
@@ -96,6 +99,7 @@ pub(super) fn prepare<'r>(
             codec.layout(),
             &b.costs,
             b.fallback_to_full,
+            defer_tail,
         );
     }
     // (a segment read decoded from a lossy codec is not exact either: not known before it
@@ -156,9 +160,6 @@ pub(super) fn prepare<'r>(
         )?)));
     }
     let stats = BlendStats::new(&req.mode, tokens.len(), req.suffix.len());
-    // `reuse` of a prefix and its question alone (no documents between): the prefix's pages
-    // not stored are computed in the question's pass, not in a pass of their own
-    let defer_tail = mode == PlannedMode::Reuse && plan.placement.len() == 1;
     let sources = Sources::open(b, &codec, &plan, pages, turn, defer_tail)?;
     Ok(Prepared::Ready(Box::new(Assembly {
         codec,
