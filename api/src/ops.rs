@@ -99,6 +99,14 @@ pub struct TenantUsage {
     pub used_bytes: u64,
     /// Its quota, bytes; absent: unlimited.
     pub quota_bytes: Option<u64>,
+    /// Decoded KV bytes of its chunks pinned now (pins whose time to live lapsed not
+    /// counted).
+    #[serde(default)]
+    pub pinned_bytes: u64,
+    /// Most bytes it may keep pinned; absent: no limit (the operator, the default tenant);
+    /// 0: it may not pin.
+    #[serde(default)]
+    pub pin_bytes: Option<u64>,
 }
 
 /// `GET /v1/stats`.

@@ -88,12 +88,12 @@ pub const ROUTES: &[Route] = &[
     route(
         Method::Post,
         "/v1/chunks/{id}/pin",
-        "Keep a chunk from eviction in the local tiers, until unpinned or for `ttl_s` seconds (operator only)",
+        "Keep a chunk from eviction in the local tiers, until unpinned or for `ttl_s` seconds (the operator, or a tenant within its `pin_bytes`)",
     ),
     route(
         Method::Delete,
         "/v1/chunks/{id}/pin",
-        "Let a pinned chunk be evicted again (operator only)",
+        "Let a pinned chunk be evicted again (its owner)",
     ),
     route(
         Method::Get,

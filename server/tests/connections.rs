@@ -435,6 +435,7 @@ async fn one_tenant_cannot_take_the_whole_body_budget() {
         name: "acme".into(),
         tokens: vec![ACME.into()],
         quota_bytes: None,
+        pin_bytes: 0,
     }];
     config.limits.body_budget_bytes = Some(8 << 20);
     let app = TestApp::new(config);

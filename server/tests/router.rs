@@ -52,6 +52,7 @@ fn limited() -> Config {
             name: "acme".into(),
             tokens: vec![ACME_TOKEN.into()],
             quota_bytes: Some(20_000),
+            pin_bytes: 0,
         }],
         ..defaults
     }
@@ -1834,11 +1835,12 @@ async fn a_pinned_chunk_survives_evictions_until_unpinned() {
         until > now + 3500 && until <= now + 3601,
         "{until} vs {now}"
     );
-    // pins are the operator's (they hold memory every tenant shares); an unknown id is named
+    // pins are the operator's and those of tenants given a pin budget (they hold memory
+    // every tenant shares); an unknown id is named
     let r = app
         .json("POST", &pin(&pinned), Some(ACME_TOKEN), json!({}))
         .await;
-    assert_err(&r, 403, "operator_only", "default tenant");
+    assert_err(&r, 403, "operator_only", "pin budget");
     let r = app.json("DELETE", &pin(&loose), T, Value::Null).await;
     assert_err(&r, 404, "unknown_chunk", "");
     // unpinned, it is evicted like any other
@@ -1855,6 +1857,108 @@ async fn a_pinned_chunk_survives_evictions_until_unpinned() {
     }
     let (status, _) = info(&pinned).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "unpinned, it stayed");
+}
+
+/// A tenant given a pin budget (`pin_bytes`) pins its own chunks up to it: a pin that would
+/// pass it is refused (403 `pin_budget_exceeded`) and pins nothing; a chunk pinned again
+/// counts once; unpinning, or a time to live that lapsed, gives its bytes back; two pins
+/// sent at once never pass the budget together; `/v1/stats` shows what is pinned and the
+/// budget. A tenant without a budget may not pin, yet unpins what it owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_pins_within_its_pin_budget() {
+    const PINNER: &str = "pinner-token-42";
+    let p = Some(PINNER);
+    // the chunks' sizes (the same in every tenant: 512 bytes of KV a token)
+    let sizes = TestApp::new(limited());
+    let mut bytes = Vec::new();
+    for doc in &DOCS[..2] {
+        let id = put_text(&sizes, T, doc).await.chunks[0].id.clone();
+        let (status, v) = sizes
+            .json("GET", &format!("/v1/chunks/{id}"), T, Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        bytes.push(serde_json::from_value::<ChunkInfo>(v).unwrap().bytes);
+    }
+    let (a_bytes, b_bytes) = (bytes[0], bytes[1]);
+    // a budget for either chunk, not both
+    let budget = a_bytes.max(b_bytes);
+    let mut config = limited();
+    config.tenants.push(TenantConfig {
+        name: "pinner".into(),
+        tokens: vec![PINNER.into()],
+        quota_bytes: None,
+        pin_bytes: budget,
+    });
+    let app = TestApp::new(config);
+    let a = put_text(&app, p, DOCS[0]).await.chunks[0].id.clone();
+    let b = put_text(&app, p, DOCS[1]).await.chunks[0].id.clone();
+    let pin = |id: &str| format!("/v1/chunks/{id}/pin");
+    let pinned = async || {
+        let t = stats(&app, p).await.tenant;
+        assert_eq!(t.pin_bytes, Some(budget));
+        t.pinned_bytes
+    };
+    assert_eq!(pinned().await, 0);
+
+    // two pins at once: one is made, the other refused
+    let (pin_a, pin_b) = (pin(&a), pin(&b));
+    let (r1, r2) = tokio::join!(
+        app.json("POST", &pin_a, p, json!({})),
+        app.json("POST", &pin_b, p, json!({}))
+    );
+    let made: Vec<_> = [&r1, &r2]
+        .iter()
+        .filter(|r| r.0 == StatusCode::OK)
+        .map(|r| r.1["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(made.len(), 1, "{r1:?} {r2:?}");
+    let refused = if r1.0 == StatusCode::OK { &r2 } else { &r1 };
+    assert_err(refused, 403, "pin_budget_exceeded", "pin budget");
+    let (first, other) = if made[0] == a { (&a, &b) } else { (&b, &a) };
+    let first_bytes = if first == &a { a_bytes } else { b_bytes };
+    assert_eq!(pinned().await, first_bytes);
+    let (status, v) = app
+        .json("GET", &format!("/v1/chunks/{other}"), p, Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v.get("pinned").is_none(), "a refused pin pins nothing: {v}");
+    // pinned again (a time to live now): counted once
+    let (status, v) = app.json("POST", &pin(first), p, json!({"ttl_s": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(pinned().await, first_bytes);
+    // its time to live lapses: the other chunk fits
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(pinned().await, 0);
+    let (status, v) = app.json("POST", &pin(other), p, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let r = app.json("POST", &pin(first), p, json!({})).await;
+    assert_err(&r, 403, "pin_budget_exceeded", "pinner");
+    // unpinned: the first fits again
+    let (status, v) = app.json("DELETE", &pin(other), p, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(pinned().await, 0);
+    let (status, v) = app.json("POST", &pin(first), p, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(pinned().await, first_bytes);
+
+    // a tenant without a budget pins nothing; its unpin answers its chunk as it is
+    let acme = put_text(&app, Some(ACME_TOKEN), DOCS[1]).await.chunks[0]
+        .id
+        .clone();
+    let r = app
+        .json("POST", &pin(&acme), Some(ACME_TOKEN), json!({}))
+        .await;
+    assert_err(&r, 403, "operator_only", "pin_bytes");
+    let (status, v) = app
+        .json("DELETE", &pin(&acme), Some(ACME_TOKEN), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        stats(&app, Some(ACME_TOKEN)).await.tenant.pin_bytes,
+        Some(0)
+    );
+    // the operator's pins have no budget
+    assert_eq!(stats(&app, T).await.tenant.pin_bytes, None);
 }
 
 /// `POST /v1/chunks/lookup` says where each chunk is held in the caller's tenant and computes,

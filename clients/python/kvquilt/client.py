@@ -290,8 +290,10 @@ class Client:
         return list(body["deleted"])
 
     def pin(self, chunk_id: str, ttl_s: Optional[int] = None) -> Optional[ChunkInfo]:
-        """Keeps the chunk from eviction in every tier, until :meth:`unpin` or for ``ttl_s``
-        seconds; its metadata, ``None`` when the id is unknown."""
+        """Keeps the chunk from eviction in the local tiers, until :meth:`unpin` or for
+        ``ttl_s`` seconds; its metadata, ``None`` when the id is unknown. The operator's
+        tokens pin freely, a tenant's up to its ``pin_bytes`` (past it, a
+        :class:`KvquiltError` with code ``pin_budget_exceeded``)."""
         return self._pin("POST", chunk_id, {} if ttl_s is None else {"ttl_s": ttl_s})
 
     def unpin(self, chunk_id: str) -> Optional[ChunkInfo]:

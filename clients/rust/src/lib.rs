@@ -222,8 +222,10 @@ impl Client {
         Ok(r.chunks)
     }
 
-    /// `POST /v1/chunks/{id}/pin`: keeps the chunk from eviction in every tier, until
+    /// `POST /v1/chunks/{id}/pin`: keeps the chunk from eviction in the local tiers, until
     /// [`Client::unpin`] or for `ttl_s` seconds; its metadata, `None` when the id is unknown.
+    /// The operator's tokens pin freely, a tenant's up to its `pin_bytes` (past it, an API
+    /// error with code `pin_budget_exceeded`).
     pub async fn pin(&self, id: &str, ttl_s: Option<u64>) -> Result<Option<ChunkInfo>, Error> {
         let r = self
             .request(Method::POST, &format!("/v1/chunks/{}/pin", chunk_id(id)?))

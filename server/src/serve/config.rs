@@ -79,6 +79,7 @@
 //! name = "acme"
 //! tokens = ["acme-secret"]
 //! quota_bytes = 10737418240
+//! pin_bytes = 1073741824               # its chunks it may keep pinned; default 0: none
 //! ```
 
 use std::net::SocketAddr;
@@ -145,6 +146,11 @@ pub struct TenantConfig {
     /// the tenant stores nothing (every upload or store-back is over quota; its requests are
     /// still served, their chunks computed).
     pub quota_bytes: Option<u64>,
+    /// Most bytes of KV (decoded) of its chunks it may keep pinned at once (`POST
+    /// /v1/chunks/{id}/pin`); 0 (the default): it pins nothing, pins are then the
+    /// operator's alone. Pinned chunks still count against `quota_bytes`.
+    #[serde(default)]
+    pub pin_bytes: u64,
 }
 
 /// Request limits; every one is enforced with a 4xx that names it.

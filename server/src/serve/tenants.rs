@@ -31,6 +31,13 @@ pub struct Tenant {
     pub namespace: Vec<u8>,
     /// Most decoded KV bytes its chunks may occupy.
     pub quota_bytes: Option<u64>,
+    /// Most decoded KV bytes of its chunks it may keep pinned at once (0: none). The
+    /// default tenant, the operator, pins without a limit whatever this says.
+    pub pin_bytes: u64,
+    /// Held while a pin of this tenant's is checked against `pin_bytes` and made, so that
+    /// two pins never pass the budget together (the budget pinned by
+    /// `router::a_tenant_pins_within_its_pin_budget`).
+    pin_lock: tokio::sync::Mutex<()>,
     /// What its chunks occupy, and what writes in flight have reserved.
     usage: Mutex<Usage>,
     /// `usage.by_key`'s total, readable without the lock.
@@ -236,9 +243,41 @@ impl Tenant {
             name: name.to_string(),
             namespace: namespace_of(name, key),
             quota_bytes,
+            pin_bytes: 0,
+            pin_lock: tokio::sync::Mutex::new(()),
             usage: Mutex::new(Usage::default()),
             used: AtomicU64::new(0),
         }
+    }
+
+    /// The tenant with a pin budget of `bytes` ([`Tenant::pin_bytes`]).
+    pub fn with_pin_bytes(mut self, bytes: u64) -> Self {
+        self.pin_bytes = bytes;
+        self
+    }
+
+    /// Whether this is the default tenant: the operator's, whose tokens may see store-wide
+    /// figures and pin without a budget.
+    pub fn is_operator(&self) -> bool {
+        self.name == "default"
+    }
+
+    /// Waits for this tenant's other pin changes to end; a check of its pinned bytes and
+    /// the pin it allows are then one step, until the guard drops.
+    pub async fn pin_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.pin_lock.lock().await
+    }
+
+    /// Decoded KV bytes of this tenant's known chunks for which `pinned` holds (the
+    /// store's live pins: a lapsed time to live no longer counts). One pass over its
+    /// ledger.
+    pub fn pinned_bytes(&self, pinned: impl Fn(&ChunkKey) -> bool) -> u64 {
+        let u = self.usage.lock();
+        u.by_key
+            .iter()
+            .filter(|(k, _)| pinned(k))
+            .map(|(_, h)| h.bytes)
+            .sum()
     }
 
     /// Decoded KV bytes of this tenant's known chunks.
@@ -371,7 +410,8 @@ impl Tenants {
             by_token.insert(hash(t), Arc::clone(&default));
         }
         for tc in &c.tenants {
-            let t = Arc::new(Tenant::new(&tc.name, tc.quota_bytes, key));
+            let t =
+                Arc::new(Tenant::new(&tc.name, tc.quota_bytes, key).with_pin_bytes(tc.pin_bytes));
             for tok in &tc.tokens {
                 by_token.insert(hash(tok), Arc::clone(&t));
             }
@@ -486,6 +526,7 @@ mod tests {
                 name: "acme".into(),
                 tokens: vec!["acme-token".into()],
                 quota_bytes: Some(10),
+                pin_bytes: 0,
             }],
             ..Config::default()
         };

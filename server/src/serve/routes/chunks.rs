@@ -128,9 +128,40 @@ pub(crate) fn check_quota(
     ))
 }
 
-/// Pins are the operator's: they hold memory every tenant shares.
-fn operator_pins(tenant: &Tenant) -> ApiResult<()> {
-    super::ops::operator_only(tenant, "pins hold memory every tenant shares", "pin")
+/// Who may pin: the operator (the default tenant), and a tenant given a pin budget
+/// (`pin_bytes`): pins hold memory every tenant shares.
+fn may_pin(tenant: &Tenant) -> ApiResult<()> {
+    if tenant.pin_bytes > 0 {
+        return Ok(());
+    }
+    super::ops::operator_only(
+        tenant,
+        "pins hold memory every tenant shares, and this tenant has no pin budget (`pin_bytes`)",
+        "pin without one",
+    )
+}
+
+/// Refuses a pin of `key` (`bytes` decoded) that would take `tenant`'s pinned chunks past
+/// its `pin_bytes` (the operator's pins have no limit): 403 `pin_budget_exceeded`. A chunk
+/// already pinned (given a new time to live) counts once. Call under
+/// [`Tenant::pin_guard`].
+fn within_pin_budget(s: &Shared, tenant: &Tenant, key: &ChunkKey, bytes: u64) -> ApiResult<()> {
+    if tenant.is_operator() {
+        return Ok(());
+    }
+    let pins = s.blender.store().pins();
+    let others = tenant.pinned_bytes(|k| k != key && pins.active(k).is_some());
+    if others.saturating_add(bytes) <= tenant.pin_bytes {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "pin_budget_exceeded",
+        format!(
+            "pinning {bytes} more bytes would exceed tenant `{}`'s pin budget: {others} of {} bytes pinned (unpin a chunk, or pin for a time: `ttl_s`)",
+            tenant.name, tenant.pin_bytes
+        ),
+    ))
 }
 
 /// `POST /v1/chunks/lookup`: where each chunk is held in the caller's tenant — the fastest
@@ -235,16 +266,17 @@ fn chunk_info(s: &Shared, key: &ChunkKey, found: &Found, include_tokens: bool) -
 /// `POST /v1/chunks/{id}/pin`: keeps a stored chunk from eviction in every local tier that
 /// holds it (the SSD tier persists the pin across restarts; a remote tier keeps objects by
 /// its own time to live), until unpinned or for `ttl_s` seconds; a new pin replaces the
-/// old. The operator's (the default tenant's) tokens only: pins hold memory every tenant
-/// shares, and a host tier full of pinned chunks admits nothing new (requests then read
-/// from the tiers below or recompute). Answers the chunk's metadata.
+/// old. Pins hold memory every tenant shares, and a host tier full of pinned chunks admits
+/// nothing new (requests then read from the tiers below or recompute): the operator (the
+/// default tenant) pins without a limit, another tenant up to its `pin_bytes` of decoded
+/// KV at once (none by default; [`within_pin_budget`]). Answers the chunk's metadata.
 pub(crate) async fn pin(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ChunkIdPath(id): ChunkIdPath,
     ApiJson(body): ApiJson<PinRequest>,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
-    operator_pins(&tenant)?;
+    may_pin(&tenant)?;
     let key = Shared::parse_id(&id)?;
     let pin = match body.ttl_s {
         None => Pin::Hard,
@@ -256,7 +288,10 @@ pub(crate) async fn pin(
             ));
         }
     };
-    s.require_owned(&tenant, &key).await?;
+    // (one pin of the tenant's at a time: its check and its pin are one step)
+    let _one_at_a_time = tenant.pin_guard().await;
+    let found = s.require_owned(&tenant, &key).await?;
+    within_pin_budget(&s, &tenant, &key, found.info.raw_len())?;
     let store = s.blender.store();
     store.pin(&key, pin).await?;
     // deleted meanwhile: no pin is left behind for a chunk stored again later
@@ -271,13 +306,13 @@ pub(crate) async fn pin(
 }
 
 /// `DELETE /v1/chunks/{id}/pin`: lets a stored chunk be evicted again (a chunk without a
-/// pin is answered as it is; the operator's tokens only). Answers the chunk's metadata.
+/// pin is answered as it is; its owner's tokens, whatever its pin budget now). Answers the
+/// chunk's metadata.
 pub(crate) async fn unpin(
     State(s): State<AppState>,
     Caller(tenant): Caller,
     ChunkIdPath(id): ChunkIdPath,
 ) -> ApiResult<axum::Json<ChunkInfo>> {
-    operator_pins(&tenant)?;
     let key = Shared::parse_id(&id)?;
     let found = s.require_owned(&tenant, &key).await?;
     s.blender.store().unpin(&key).await?;

@@ -40,7 +40,7 @@ pub(crate) async fn metrics(
 /// operator's (store-wide figures would show a tenant how much others store, and when their
 /// objects come and go; pins hold memory all share), and `what` the others may not do.
 pub(super) fn operator_only(tenant: &Tenant, why: &str, what: &str) -> Result<(), ApiError> {
-    if tenant.name == "default" {
+    if tenant.is_operator() {
         return Ok(());
     }
     Err(ApiError::new(
@@ -79,6 +79,11 @@ pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> 
             name: tenant.name.clone(),
             used_bytes: tenant.used_bytes(),
             quota_bytes: tenant.quota_bytes,
+            pinned_bytes: {
+                let pins = s.blender.store().pins();
+                tenant.pinned_bytes(|k| pins.active(k).is_some())
+            },
+            pin_bytes: (!operator).then_some(tenant.pin_bytes),
         },
         prefill_s_per_1k_tokens: if operator {
             s.blender.costs().prefill_s(1000)
