@@ -1636,8 +1636,8 @@ async fn a_conversation_s_next_turn_is_charged_for_its_new_pages() {
 /// A conversation's pages are its tenant's like its chunks (object format v6: each page
 /// records its chain's root and parent): after a restart over the same store they are
 /// charged to the tenant again (they were charged to nobody), the tenant's ids reach them
-/// (info, export, delete) and another tenant's do not, and an exported page imports only
-/// into its own tenant's chain.
+/// (info, export, delete) and another tenant's do not, an exported page imports only
+/// into its own tenant's chain, and a page it pinned counts against its pin budget again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
     use kvquilt_kvstore::{ChunkKey, SsdConfig, StoreConfig, TieredStore};
@@ -1657,7 +1657,8 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
         }
         panic!("the last sidecar's store stayed locked");
     };
-    let config = paged_conversations();
+    let mut config = paged_conversations();
+    config.tenants[0].pin_bytes = 1 << 30;
     let acme = Some(ACME_TOKEN);
     let messages = json!([
         {"role": "system", "content": "Answer from the documents, briefly and exactly."},
@@ -1671,6 +1672,9 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
         assert_eq!(status, StatusCode::OK, "{v}");
         assert!(v["kvquilt"]["stored_back"].as_u64().unwrap() >= 3, "{v}");
         let ids: Vec<String> = serde_json::from_value(v["kvquilt"]["link_ids"].clone()).unwrap();
+        let pin = format!("/v1/chunks/{}/pin", ids[0]);
+        let (status, v) = app.json("POST", &pin, acme, json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
         (stats(&app, acme).await.tenant.used_bytes, ids)
     };
     // the restarted sidecar accounts what it finds, as `serve` does at start
@@ -1697,6 +1701,8 @@ async fn a_conversation_s_pages_are_its_tenant_s_across_a_restart() {
     // its ids reach its pages; another tenant's are unknown
     let page = ChunkKey::from_hex(&link_ids[0]).unwrap();
     let bytes = pages.iter().find(|(k, _)| *k == page).unwrap().1;
+    // the SSD tier kept the pin, the ledger the page: the budget counts it again
+    assert_eq!(stats(&app, acme).await.tenant.pinned_bytes, bytes);
     let url = format!("/v1/chunks/{page}");
     let (status, v) = app.json("GET", &url, acme, Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{v}");
