@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use kvquilt_kvstore::ChunkKey;
+use kvquilt_kvstore::{ChunkKey, Pins};
 use parking_lot::Mutex;
 
 use super::config::Config;
@@ -268,14 +268,14 @@ impl Tenant {
         self.pin_lock.lock().await
     }
 
-    /// Decoded KV bytes of this tenant's known chunks for which `pinned` holds (the
-    /// store's live pins: a lapsed time to live no longer counts). One pass over its
-    /// ledger.
-    pub fn pinned_bytes(&self, pinned: impl Fn(&ChunkKey) -> bool) -> u64 {
+    /// Decoded KV bytes of this tenant's known chunks that `pins` holds now (a lapsed time
+    /// to live no longer counts), `except` one key (a chunk about to be pinned again). One
+    /// pass over its ledger.
+    pub fn pinned_bytes(&self, pins: &Pins, except: Option<&ChunkKey>) -> u64 {
         let u = self.usage.lock();
         u.by_key
             .iter()
-            .filter(|(k, _)| pinned(k))
+            .filter(|(k, _)| Some(*k) != except && pins.active(k).is_some())
             .map(|(_, h)| h.bytes)
             .sum()
     }

@@ -149,8 +149,7 @@ fn within_pin_budget(s: &Shared, tenant: &Tenant, key: &ChunkKey, bytes: u64) ->
     if tenant.is_operator() {
         return Ok(());
     }
-    let pins = s.blender.store().pins();
-    let others = tenant.pinned_bytes(|k| k != key && pins.active(k).is_some());
+    let others = tenant.pinned_bytes(s.blender.store().pins(), Some(key));
     if others.saturating_add(bytes) <= tenant.pin_bytes {
         return Ok(());
     }

@@ -79,10 +79,7 @@ pub(crate) async fn stats(State(s): State<AppState>, Caller(tenant): Caller) -> 
             name: tenant.name.clone(),
             used_bytes: tenant.used_bytes(),
             quota_bytes: tenant.quota_bytes,
-            pinned_bytes: {
-                let pins = s.blender.store().pins();
-                tenant.pinned_bytes(|k| pins.active(k).is_some())
-            },
+            pinned_bytes: tenant.pinned_bytes(s.blender.store().pins(), None),
             pin_bytes: (!operator).then_some(tenant.pin_bytes),
         },
         prefill_s_per_1k_tokens: if operator {
